@@ -1,0 +1,40 @@
+"""Plain, obviously correct attention: dense logits, dense bias, mask, softmax (float32).
+
+``out_i = Σ_j softmax_j(scale · q_i·k_j + PE(i, j) + Mask(i, j)) · v_j``, with Mask = −∞ where
+``j > i`` in causal attention. A row with no visible key returns 0 (never NaN), and its gradients
+are 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..schemes.base import Scheme
+
+
+def visible(q_pos: Tensor, k_pos: Tensor, causal: bool) -> Tensor | None:
+    """Boolean ``[Lq, Lk]`` of visible pairs (``j ≤ i``), or None when everything is visible."""
+    if not causal:
+        return None
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None,
+                    scale: float) -> Tensor:
+    """Attention with an explicit dense bias ``[H, Lq, Lk]`` and visibility mask ``[Lq, Lk]``."""
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias.float()
+    if mask is not None:
+        # a finite floor (not −inf) keeps fully masked rows free of NaN in forward and backward
+        logits = logits.masked_fill(~mask, torch.finfo(torch.float32).min)
+    p = torch.softmax(logits, dim=-1)
+    if mask is not None:
+        p = p * mask.any(dim=-1, keepdim=True)
+    return torch.matmul(p, v.float()).to(q.dtype)
+
+
+def reference_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor, k_pos: Tensor,
+                     causal: bool, scale: float) -> Tensor:
+    return dense_attention(q, k, v, scheme.bias(q_pos, k_pos), visible(q_pos, k_pos, causal), scale)

@@ -1,0 +1,67 @@
+"""Shared learnable bias per offset (SPEC §2.1): ``PE(i, j) = u_{i−j}``, one scalar per offset and head.
+
+The textbook's point is its weakness: an offset never seen in training has no trained parameter.
+Practical form: a table of ``max_distance + 1`` entries per head; offsets ≥ ``max_distance`` are
+clipped to the last entry (``clip=True``, default). With ``clip=False`` the scheme shows the
+textbook's failure honestly: offsets ≥ ``max_distance`` have no parameter and get 0, the value every
+entry had before training. Bidirectional tables mirror the layout for negative offsets.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import ToeplitzScheme, check_int
+
+
+class OffsetBias(ToeplitzScheme):
+    name = "offset"
+    summary = "one learnable scalar per offset i-j and head, clipped at max_distance"
+    paper = "Shaw et al. 2018 (clipped relative positions); textbook §2 'shared bias per offset'"
+    learnable = True
+
+    def __init__(
+        self,
+        *,
+        n_heads: int,
+        head_dim: int,
+        max_distance: int = 128,
+        bidirectional: bool = False,
+        clip: bool = True,
+    ) -> None:
+        super().__init__(n_heads=n_heads, head_dim=head_dim)
+        self.max_distance = check_int("max_distance", max_distance, minimum=1)
+        self.bidirectional = bool(bidirectional)
+        self.clip = bool(clip)
+        # entries 0..D for offsets >= 0; in bidirectional use D more entries for offsets -1..-D
+        size = self.max_distance + 1 + (self.max_distance if self.bidirectional else 0)
+        self.table = nn.Parameter(torch.zeros(size, n_heads))
+
+    @property
+    def flat_beyond(self) -> int | None:
+        # clipped: every offset >= D reads entry D; unclipped: every offset > D reads 0
+        return self.max_distance if self.clip else self.max_distance + 1
+
+    def index(self, offset: Tensor) -> tuple[Tensor, Tensor]:
+        """Table index for each offset and a mask of offsets that have a trained entry."""
+        d = self.max_distance
+        if self.bidirectional:
+            mag = offset.abs().clamp(max=d)
+            idx = torch.where(offset >= 0, mag, d + mag)
+            inside = offset.abs() <= d
+        else:
+            # causal: j > i is masked; map it to offset 0 so the bias stays finite
+            idx = offset.clamp(min=0, max=d)
+            inside = offset <= d
+        return idx, inside
+
+    def bias_at(self, offset: Tensor) -> Tensor:
+        idx, inside = self.index(offset)
+        out = self.table.float()[idx]  # [*shape, H]
+        if not self.clip:
+            out = out * inside.unsqueeze(-1)
+        return out.movedim(-1, 0)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, max_distance={self.max_distance}, bidirectional={self.bidirectional}, clip={self.clip}"

@@ -1,0 +1,145 @@
+"""Rotary position embedding (SPEC §2.6, Su et al. 2021) and its long-context scalings.
+
+``θ_k = b^{−2(k−1)/d}``, k = 1..d/2, base ``b = 10000``. q and k are rotated by their positions, so
+``q_i·k_j`` depends on ``i − j`` only. Channel layout: ``layout="half"`` (default) pairs channel ``k``
+with ``k + d/2`` as HuggingFace's ``rotate_half`` does; ``layout="interleaved"`` pairs ``2k`` with
+``2k+1`` as the RoFormer paper writes it. Both give the same attention for matching q/k layouts.
+
+Scalings (``scaling=``), with ``factor = m / m_l`` (target over trained length ``train_len``):
+
+* ``"pi"`` position interpolation (Chen et al. 2023): positions × ``1/factor``;
+* ``"ntk"`` base scaling: ``θ'_k = (λb)^{−2(k−1)/d}``, ``λ = factor^{d/(d−2)}`` — the highest
+  frequency is untouched and the lowest is stretched by exactly ``factor``;
+* ``"dynamic-ntk"``: NTK with ``factor`` growing with the context: for a context of ``n > m_l``
+  tokens the base is ``b · (factor·n/m_l − (factor − 1))^{d/(d−2)}`` (HuggingFace's rule); plain
+  RoPE up to ``m_l``. The frequencies depend on the whole context length, so the keys are rotated
+  with the current length at every step (posbias rotates keys inside attention, which keeps
+  prefill + decode equal to a full forward);
+* ``"yarn"`` (Peng et al. 2023): per-frequency blend of interpolation and extrapolation with a
+  linear ramp between ``beta_fast = 32`` and ``beta_slow = 1`` rotations over ``m_l``, and
+  attention temperature ``(0.1 ln factor + 1)`` applied to both q and k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import Scheme, check_int, check_positive
+
+SCALINGS = (None, "pi", "ntk", "dynamic-ntk", "yarn")
+LAYOUTS = ("half", "interleaved")
+
+
+def rope_frequencies(head_dim: int, base: float = 10000.0) -> Tensor:
+    """Inverse frequencies ``θ_k = base^{−2(k−1)/d}``, float64 ``[head_dim/2]``."""
+    return base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+
+
+def ntk_lambda(factor: float, head_dim: int) -> float:
+    """Base multiplier of NTK-aware scaling: ``λ = factor^{d/(d−2)}`` (SPEC §2.6)."""
+    return factor ** (head_dim / (head_dim - 2))
+
+
+def yarn_frequencies(head_dim: int, base: float, factor: float, train_len: int,
+                     beta_fast: float = 32.0, beta_slow: float = 1.0) -> Tensor:
+    """YaRN's blended inverse frequencies (float64): interpolate low frequencies, keep high ones."""
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(train_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp  # 1: keep the frequency (fast dims), 0: interpolate (slow dims)
+    inv = rope_frequencies(head_dim, base)
+    return inv / factor * (1 - extrapolate) + inv * extrapolate
+
+
+class RoPE(Scheme):
+    name = "rope"
+    family = "rotary"
+    summary = "rotary embedding of q and k (base 10000); scalings: pi, ntk, dynamic-ntk, yarn"
+    paper = "Su et al. 2021, RoFormer; Chen et al. 2023 (PI); Peng et al. 2023 (YaRN)"
+
+    def __init__(
+        self,
+        *,
+        n_heads: int,
+        head_dim: int,
+        base: float = 10000.0,
+        layout: str = "half",
+        scaling: str | None = None,
+        factor: float = 1.0,
+        train_len: int | None = None,
+    ) -> None:
+        super().__init__(n_heads=n_heads, head_dim=head_dim)
+        if head_dim % 2 or head_dim < 4:
+            raise ValueError(f"rope needs an even head_dim >= 4, got {head_dim}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+        self.base = check_positive("base", base)
+        self.factor = check_positive("factor", factor)
+        if scaling is not None and self.factor < 1:
+            raise ValueError(f"factor (target length / trained length) must be >= 1, got {factor}")
+        if scaling in ("dynamic-ntk", "yarn"):
+            if train_len is None:
+                raise ValueError(f"scaling={scaling!r} needs train_len (the trained context length)")
+            check_int("train_len", train_len, minimum=1)
+        self.layout = layout
+        self.scaling = scaling
+        self.train_len = train_len
+        self.register_buffer("inv_freq", self._static_inv_freq().float(), persistent=False)
+
+    def _static_inv_freq(self) -> Tensor:
+        d = self.head_dim
+        if self.scaling == "ntk":
+            return rope_frequencies(d, self.base * ntk_lambda(self.factor, d))
+        if self.scaling == "yarn":
+            return yarn_frequencies(d, self.base, self.factor, self.train_len)  # type: ignore[arg-type]
+        return rope_frequencies(d, self.base)
+
+    def inv_frequencies(self, context_len: int | None = None) -> Tensor:
+        """The ``head_dim/2`` angular frequencies in use for a context of ``context_len`` tokens."""
+        if self.scaling == "dynamic-ntk" and context_len is not None and context_len > self.train_len:
+            f = self.factor * context_len / self.train_len - (self.factor - 1)
+            return rope_frequencies(self.head_dim, self.base * ntk_lambda(f, self.head_dim)).float().to(
+                self.inv_freq.device)
+        return self.inv_freq
+
+    @property
+    def attention_factor(self) -> float:
+        """YaRN's temperature applied to q and k (1 for the other scalings)."""
+        if self.scaling == "yarn" and self.factor > 1:
+            return 0.1 * math.log(self.factor) + 1.0
+        return 1.0
+
+    def angles(self, pos: Tensor, context_len: int | None = None) -> Tensor:
+        p = pos.to(torch.float32)
+        if self.scaling == "pi":
+            p = p / self.factor
+        return p[:, None] * self.inv_frequencies(context_len)[None, :]  # [len, d/2]
+
+    def rotate(self, x: Tensor, pos: Tensor, *, context_len: int | None = None) -> Tensor:
+        ang = self.angles(pos, context_len)
+        cos, sin = ang.cos(), ang.sin()
+        xf = x.float()
+        if self.layout == "half":
+            h = self.head_dim // 2
+            x1, x2 = xf[..., :h], xf[..., h:]
+            out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        else:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+        if self.attention_factor != 1.0:
+            out = out * self.attention_factor
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, base={self.base}, layout={self.layout!r}, "
+                f"scaling={self.scaling!r}, factor={self.factor}, train_len={self.train_len}")

@@ -1,0 +1,126 @@
+"""T5 bucketed relative bias (SPEC §2.2): ``PE(i, j) = u_{b(i−j)}``, ``num_buckets = n_b + 1`` scalars per head.
+
+Causal bucket function for an offset ``o ≥ 0`` with ``N = num_buckets``, ``D = max_distance``,
+``e = N // 2`` one-to-one buckets and ``m = N − e`` logarithmic ones::
+
+    b(o) = o                                                 if o < e
+    b(o) = min(N − 1, e + ⌊log(o / e) / log(D / e) · m⌋)     if o ≥ e
+
+The last bucket ``N − 1`` collects every offset past ``D`` (it starts a little before ``D``), so any
+length works. Bidirectional (encoder) form, from the canonical code: ``N' = N // 2`` buckets per
+direction, keys after the query (``j > i``) add ``N'``, and the rule above is applied to ``|i − j|``
+with ``N'``. Attention logits are not scaled (Raffel et al. 2020).
+
+:func:`t5_bucket` equals Mesh-TensorFlow / HuggingFace ``_relative_position_bucket`` bit for bit; the
+canonical code takes ``relative_position = j − i``, posbias takes ``offset = i − j``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import ToeplitzScheme, check_int
+
+__all__ = ["T5Bias", "t5_bucket", "check_t5", "t5_last_bucket_start"]
+
+
+def check_t5(num_buckets: int, max_distance: int, bidirectional: bool) -> None:
+    """Raise ValueError unless the bucket hyper-parameters define a valid bucket function."""
+    minimum = 4 if bidirectional else 2
+    check_int("num_buckets", num_buckets, minimum=minimum, hint=" (the count n_b + 1; "
+              f"{'bidirectional needs 2 per direction' if bidirectional else 'at least one exact and one log bucket'})")
+    per_dir = num_buckets // 2 if bidirectional else num_buckets
+    exact = per_dir // 2
+    check_int("max_distance", max_distance, minimum=exact + 1,
+              hint=f" (must exceed the one-to-one region of {exact} buckets for num_buckets={num_buckets})")
+
+
+def t5_bucket(
+    offset: Tensor | int,
+    *,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+    bidirectional: bool = False,
+) -> Tensor:
+    """Bucket index of each offset ``i − j`` (elementwise on an integer tensor of any shape).
+
+    ``num_buckets`` is the count of buckets (``n_b + 1`` in the textbook's notation). The log ratio is
+    computed in float32 and truncated, exactly as the canonical code does, so the results agree bit
+    for bit with ``transformers``' ``T5Attention._relative_position_bucket(j − i, ...)``.
+    """
+    check_t5(num_buckets, max_distance, bidirectional)
+    offset = torch.as_tensor(offset)
+    if offset.dtype.is_floating_point or offset.dtype == torch.bool:
+        raise ValueError(f"offsets must be an integer tensor, got dtype {offset.dtype}")
+    offset = offset.long()
+    n = num_buckets
+    if bidirectional:
+        n //= 2
+        # canonical: relative_position = j − i > 0 (key after query) adds n  ⇔  offset < 0
+        base = (offset < 0).long() * n
+        dist = offset.abs()
+    else:
+        base = torch.zeros_like(offset)
+        dist = offset.clamp(min=0)  # canonical: −min(j − i, 0)
+    exact = n // 2
+    is_small = dist < exact
+    # clamp(min=1) only keeps log(0) out of the branch `where` discards; identical for dist >= exact
+    large = exact + (
+        torch.log(dist.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (n - exact)
+    ).to(torch.long)
+    large = torch.minimum(large, torch.full_like(large, n - 1))
+    return base + torch.where(is_small, dist, large)
+
+
+def t5_last_bucket_start(num_buckets: int, max_distance: int, bidirectional: bool = False) -> int:
+    """Smallest distance ``w`` from which every larger distance lands in the final bucket."""
+    check_t5(num_buckets, max_distance, bidirectional)
+    n = num_buckets // 2 if bidirectional else num_buckets
+    # the bucket is monotone in distance: search in [0, max_distance]
+    d = torch.arange(0, max_distance + 1)
+    b = t5_bucket(d, num_buckets=n, max_distance=max_distance)
+    return int(torch.nonzero(b == n - 1)[0].item())
+
+
+class T5Bias(ToeplitzScheme):
+    name = "t5"
+    summary = "learned scalar per log-spaced bucket of i-j (num_buckets = n_b+1), unscaled logits"
+    paper = "Raffel et al. 2020, Exploring the Limits of Transfer Learning (T5)"
+    learnable = True
+    unscaled = True
+
+    def __init__(
+        self,
+        *,
+        n_heads: int,
+        head_dim: int,
+        num_buckets: int = 32,
+        max_distance: int = 128,
+        bidirectional: bool = False,
+    ) -> None:
+        super().__init__(n_heads=n_heads, head_dim=head_dim)
+        check_t5(num_buckets, max_distance, bidirectional)
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bool(bidirectional)
+        # one scalar per bucket and head: the count is num_buckets = n_b + 1, not n_b
+        self.table = nn.Parameter(torch.zeros(num_buckets, n_heads))
+        self._flat = t5_last_bucket_start(num_buckets, max_distance, self.bidirectional)
+
+    @property
+    def flat_beyond(self) -> int:
+        return self._flat
+
+    def buckets(self, offset: Tensor) -> Tensor:
+        return t5_bucket(offset, num_buckets=self.num_buckets, max_distance=self.max_distance,
+                         bidirectional=self.bidirectional)
+
+    def bias_at(self, offset: Tensor) -> Tensor:
+        return self.table.float()[self.buckets(offset)].movedim(-1, 0)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, num_buckets={self.num_buckets}, "
+                f"max_distance={self.max_distance}, bidirectional={self.bidirectional}")
