@@ -1,0 +1,227 @@
+"""The ``posbias`` command: parse arguments, build configs, call library functions, print.
+
+Scheme options are given as flags named after the scheme's keyword options
+(``posbias show t5 --num-buckets 32 --max-distance 128 --bidirectional``), so the CLI follows the
+registry without a list of its own. Errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .schemes import SCHEMES, build, get_scheme_class, scheme_options, t5_bucket
+from .schemes.t5 import check_t5
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _convert(value: str, default: Any, flag: str) -> Any:
+    if isinstance(default, bool):
+        low = value.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise CLIError(f"{flag} expects true/false, got {value!r}")
+    if default is None:
+        for typ in (int, float):
+            try:
+                return typ(value)
+            except ValueError:
+                pass
+        return None if value.lower() == "none" else value
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise CLIError(f"{flag} expects a {type(default).__name__}, got {value!r}") from None
+
+
+def parse_scheme_options(name: str, tokens: Sequence[str]) -> dict[str, Any]:
+    """Turn ``--num-buckets 32 --bidirectional`` into ``{"num_buckets": 32, "bidirectional": True}``."""
+    valid = scheme_options(name)
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--"):
+            raise CLIError(f"unexpected argument {tok!r}")
+        key, _, inline = tok[2:].partition("=")
+        opt = key.replace("-", "_")
+        if opt not in valid:
+            flags = ", ".join("--" + k.replace("_", "-") for k in valid) or "none"
+            raise CLIError(f"scheme {name!r} has no option --{key}; valid: {flags}")
+        default = valid[opt]
+        if inline:
+            value = inline
+        elif isinstance(default, bool) and (i + 1 == len(tokens) or tokens[i + 1].startswith("--")):
+            value = "true"
+        else:
+            if i + 1 == len(tokens):
+                raise CLIError(f"--{key} needs a value")
+            i += 1
+            value = tokens[i]
+        out[opt] = _convert(value, default, f"--{key}")
+        i += 1
+    return out
+
+
+# -- list -------------------------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace) -> None:
+    width = max(map(len, SCHEMES))
+    for name, cls in SCHEMES.items():
+        print(f"{name:<{width}}  {cls.family:<8}  {cls.summary}")
+
+
+# -- show -------------------------------------------------------------------------------------
+def bucket_table(num_buckets: int, max_distance: int, bidirectional: bool = False,
+                 span: int | None = None) -> list[tuple[int, int, int | None]]:
+    """``(bucket, first offset, last offset or None for unbounded)`` rows, causal direction
+    (offsets ≥ 0), as the textbook tabulates it."""
+    check_t5(num_buckets, max_distance, bidirectional)
+    span = span or 4 * max_distance
+    off = torch.arange(0, span + 1)
+    b = t5_bucket(off, num_buckets=num_buckets, max_distance=max_distance, bidirectional=bidirectional)
+    rows = []
+    for bucket in sorted(set(b.tolist())):
+        hits = off[b == bucket]
+        last = int(hits.max())
+        rows.append((bucket, int(hits.min()), None if last == span else last))
+    return rows
+
+
+def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> None:
+    options = parse_scheme_options(args.scheme, extra)
+    scheme = build(args.scheme, n_heads=args.heads, head_dim=args.head_dim, **options)
+    print(f"{scheme.name}: {scheme.summary}")
+    print(f"  {scheme.__class__.__name__}({scheme.extra_repr()})")
+    print(f"  paper: {scheme.paper}")
+    if args.scheme == "t5":
+        n, d, bi = scheme.num_buckets, scheme.max_distance, scheme.bidirectional
+        per_dir = n // 2 if bi else n
+        print(f"  {n} buckets (n_b + 1 = {n}, so n_b = {n - 1}); one-to-one for offsets < {per_dir // 2}; "
+              f"final bucket from offset {scheme.flat_beyond}")
+        if bi:
+            print(f"  bidirectional: {per_dir} buckets per direction; keys after the query (j > i) add {per_dir}")
+        print("  bucket  offsets i-j (keys at or before the query)")
+        for bucket, lo, hi in bucket_table(n, d, bi):
+            rng = f"{lo}" if hi == lo else (f"{lo}-{hi}" if hi is not None else f">= {lo}")
+            count = "" if hi is None else f"  ({hi - lo + 1})"
+            print(f"  {bucket:>6}  {rng}{count}")
+        return
+    pos_dist = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    if scheme.family != "additive":
+        print(f"  family {scheme.family!r}: no attention bias to tabulate")
+        return
+    from .plot import bias_versus_distance
+
+    b = bias_versus_distance(scheme, torch.tensor(pos_dist))
+    print("  bias by distance i-j (rows: heads)" + (" — learnable, values at initialisation" if scheme.learnable else ""))
+    print("  head " + "".join(f"{d:>9}" for d in pos_dist))
+    for h in range(b.shape[0]):
+        print(f"  {h:>4} " + "".join(f"{x + 0.0:>9.3f}" for x in b[h].tolist()))
+
+
+# -- plot -------------------------------------------------------------------------------------
+def cmd_plot(args: argparse.Namespace) -> None:
+    from . import plot
+
+    out = Path(args.out)
+    torch.manual_seed(args.seed)
+    heads, hd = args.heads, args.head_dim
+    written = [
+        plot.plot_bucket_map(out / "t5_bucket_map.png", num_buckets=args.num_buckets, max_distance=args.max_distance),
+        plot.plot_bucket_map(out / "t5_bucket_map_bidirectional.png", num_buckets=args.num_buckets,
+                             max_distance=args.max_distance, bidirectional=True),
+        plot.plot_t5_vs_alibi(out / "t5_vs_alibi.png"),
+    ]
+    schemes = [build(n, n_heads=heads, head_dim=hd) for n in args.schemes]
+    for s in schemes:  # illustrative tables (u = −log(1 + index) · head factor) instead of zeros
+        if s.name in ("t5", "offset"):
+            with torch.no_grad():
+                idx = torch.arange(s.table.shape[0], dtype=torch.float32)[:, None]
+                s.table.copy_(-torch.log1p(idx) * torch.linspace(0.5, 2.0, heads)[None, :])
+    for s in schemes:
+        if s.family == "additive":
+            written.append(plot.plot_bias_heatmaps(s, out / f"heatmap_{s.name}.png", length=args.length))
+    written.append(plot.plot_bias_curves(
+        schemes, out / "bias_vs_distance.png", max_distance=args.max_plot_distance,
+        title="bias versus distance (ALiBi fixed; KERPLE/FIRE at initialisation; T5/offset tables illustrative)"))
+    for p in written:
+        print(p)
+
+
+# -- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posbias", description="Relative positional biases for attention.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="the registered schemes, one line each")
+
+    s = sub.add_parser("show", help="a scheme's parameters; for t5 the bucket table",
+                       description="Scheme options follow as flags, e.g. --num-buckets 32 --max-distance 128.")
+    s.add_argument("scheme", help="a registered scheme name (see `posbias list`)")
+    s.add_argument("--heads", type=int, default=8)
+    s.add_argument("--head-dim", type=int, default=64)
+
+    pl = sub.add_parser("plot", help="write PNGs: bucket maps, bias heatmaps, curves, T5 vs ALiBi")
+    pl.add_argument("--out", default="plots")
+    pl.add_argument("--schemes", nargs="+", default=["offset", "t5", "alibi", "kerple-log", "kerple-power", "fire"])
+    pl.add_argument("--heads", type=int, default=8)
+    pl.add_argument("--head-dim", type=int, default=64)
+    pl.add_argument("--length", type=int, default=64, help="tokens in the heatmaps")
+    pl.add_argument("--num-buckets", type=int, default=32)
+    pl.add_argument("--max-distance", type=int, default=128)
+    pl.add_argument("--max-plot-distance", type=int, default=512)
+    pl.add_argument("--seed", type=int, default=0)
+
+    from .extrapolate import add_arguments as add_extrapolate
+
+    add_extrapolate(sub.add_parser("extrapolate", help="train short, test long: the length-generalization study"))
+    return p
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    for flag in ("heads", "head_dim", "length", "max_plot_distance"):
+        v = getattr(args, flag, None)
+        if v is not None and v < 1:
+            raise CLIError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    for name in getattr(args, "schemes", None) or []:
+        get_scheme_class(name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if extra and args.command != "show":
+            raise CLIError(f"unrecognized arguments: {' '.join(extra)}")
+        _check_common(args)
+        if args.command == "list":
+            cmd_list(args)
+        elif args.command == "show":
+            get_scheme_class(args.scheme)
+            cmd_show(args, extra)
+        elif args.command == "plot":
+            cmd_plot(args)
+        elif args.command == "extrapolate":
+            from .extrapolate import run_from_args
+
+            run_from_args(args)
+    except (CLIError, ValueError, FileNotFoundError) as exc:
+        print(f"posbias {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"posbias {args.command}: interrupted (finished work is saved; re-run to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Pictures of the schemes: bucket maps, bias heatmaps, bias-versus-distance curves, T5 vs ALiBi.
+
+matplotlib is imported inside the functions (it is the ``plot`` extra); every function writes one
+PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .schemes import Scheme, ToeplitzScheme, t5_bucket
+from .schemes.t5 import check_t5
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:  # pragma: no cover - exercised only without the extra
+        raise ValueError("plotting needs matplotlib: pip install 'posbias[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plot_bucket_map(path: str | Path, *, num_buckets: int = 32, max_distance: int = 128,
+                    bidirectional: bool = False, span: int | None = None) -> Path:
+    """Bucket index against offset ``i − j``: one-to-one, then logarithmic, then the final bucket."""
+    check_t5(num_buckets, max_distance, bidirectional)
+    plt = _pyplot()
+    span = span or 2 * max_distance
+    lo = -span if bidirectional else 0
+    off = torch.arange(lo, span + 1)
+    b = t5_bucket(off, num_buckets=num_buckets, max_distance=max_distance, bidirectional=bidirectional)
+    per_dir = num_buckets // 2 if bidirectional else num_buckets
+    exact = per_dir // 2
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    ax.step(off.numpy(), b.numpy(), where="post", color="tab:blue", lw=1.6, label="bucket b(i−j)")
+    ax.axvspan(0, exact, color="tab:green", alpha=0.12, label=f"one-to-one (offsets < {exact})")
+    ax.axvline(max_distance, color="tab:red", ls="--", lw=1, label=f"max_distance = {max_distance}")
+    if bidirectional:
+        ax.axvspan(-exact, 0, color="tab:green", alpha=0.12)
+        ax.axvline(-max_distance, color="tab:red", ls="--", lw=1)
+    ax.set_xlabel("offset i − j (query minus key)")
+    ax.set_ylabel("bucket index")
+    kind = "bidirectional" if bidirectional else "causal"
+    ax.set_title(f"T5 bucket map ({kind}): num_buckets = {num_buckets} (n_b + 1), max_distance = {max_distance}")
+    ax.set_yticks(range(0, num_buckets, max(1, num_buckets // 8)))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right" if not bidirectional else "upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def _causal_view(bias: torch.Tensor) -> torch.Tensor:
+    n = bias.shape[-1]
+    masked = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+    return bias.masked_fill(masked, float("nan"))
+
+
+def plot_bias_heatmaps(scheme: Scheme, path: str | Path, *, length: int = 64, causal: bool = True,
+                       max_heads: int = 8) -> Path:
+    """Per-head ``[length, length]`` heatmaps of ``PE(i, j)``; masked pairs are left blank."""
+    plt = _pyplot()
+    pos = torch.arange(length)
+    with torch.no_grad():
+        bias = scheme.bias(pos, pos)
+    if bias is None:
+        raise ValueError(f"scheme {scheme.name!r} adds no attention bias (family {scheme.family!r})")
+    bias = bias.float().cpu()
+    if causal:
+        bias = _causal_view(bias)
+    heads = min(scheme.n_heads, max_heads)
+    cols = min(4, heads)
+    rows = (heads + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for h in range(rows * cols):
+        ax = axes[h // cols][h % cols]
+        if h >= heads:
+            ax.axis("off")
+            continue
+        im = ax.imshow(bias[h].numpy(), cmap="viridis", interpolation="nearest")
+        ax.set_title(f"head {h}", fontsize=9)
+        ax.set_xlabel("key j", fontsize=8)
+        ax.set_ylabel("query i", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(f"{scheme.name}: bias PE(i, j) per head ({length} tokens)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def bias_versus_distance(scheme: Scheme, distances: torch.Tensor, *, query_pos: int | None = None) -> torch.Tensor:
+    """``[heads, len(distances)]`` bias at offsets ``i − j = distances``; FIRE needs a query position
+    (default: the largest distance, i.e. keys down to position 0)."""
+    with torch.no_grad():
+        if isinstance(scheme, ToeplitzScheme):
+            return scheme.bias_at(distances).float()
+        i = int(distances.max()) if query_pos is None else query_pos
+        q_pos = torch.tensor([i])
+        return scheme.bias(q_pos, i - distances)[:, 0, :].float()
+
+
+def plot_bias_curves(schemes: Sequence[Scheme], path: str | Path, *, max_distance: int = 512,
+                     title: str = "bias versus distance") -> Path:
+    """One panel per scheme, one line per head: ``PE`` against the distance ``i − j``."""
+    plt = _pyplot()
+    schemes = [s for s in schemes if s.family == "additive"]
+    if not schemes:
+        raise ValueError("no additive scheme to plot")
+    d = torch.arange(0, max_distance + 1)
+    cols = min(3, len(schemes))
+    rows = (len(schemes) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    for n, s in enumerate(schemes):
+        ax = axes[n // cols][n % cols]
+        b = bias_versus_distance(s, d)
+        cmap = plt.get_cmap("plasma")
+        for h in range(b.shape[0]):
+            ax.plot(d.numpy(), b[h].numpy(), color=cmap(h / max(1, b.shape[0] - 1) * 0.9), lw=1.2,
+                    label=f"head {h}" if b.shape[0] <= 8 else None)
+        ax.set_title(s.name, fontsize=10)
+        ax.set_xlabel("distance i − j")
+        ax.set_ylabel("bias")
+        ax.grid(alpha=0.3)
+        if n == 0 and b.shape[0] <= 8:
+            ax.legend(fontsize=6, ncol=2)
+    for n in range(len(schemes), rows * cols):
+        axes[n // cols][n % cols].axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_t5_vs_alibi(path: str | Path, *, length: int = 16, num_buckets: int = 8, max_distance: int = 12,
+                     slope: float = 0.5) -> Path:
+    """The textbook's side-by-side: which T5 parameter ``u_b`` each pair uses, and ALiBi's penalty."""
+    plt = _pyplot()
+    pos = torch.arange(length)
+    off = pos[:, None] - pos[None, :]
+    buckets = _causal_view(t5_bucket(off, num_buckets=num_buckets, max_distance=max_distance).float()[None])[0]
+    alibi = _causal_view((-slope * off.float())[None])[0]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 5))
+    im1 = a1.imshow(buckets.numpy(), cmap="tab20", interpolation="nearest", vmin=0, vmax=19)
+    im2 = a2.imshow(alibi.numpy(), cmap="magma", interpolation="nearest")
+    show_text = length <= 16
+    for i in range(length):
+        for j in range(i + 1):
+            if show_text:
+                a1.text(j, i, f"u{int(buckets[i, j])}", ha="center", va="center", fontsize=6)
+                a2.text(j, i, f"{alibi[i, j]:.1f}".replace("-0.0", "0"), ha="center", va="center",
+                        fontsize=6, color="white" if alibi[i, j] < alibi.nanmean() else "black")
+    a1.set_title(f"T5: pair (i, j) uses u_b(i−j)\nnum_buckets={num_buckets}, max_distance={max_distance}")
+    a2.set_title(f"ALiBi: −m·(i−j), m = {slope}")
+    for ax in (a1, a2):
+        ax.set_xlabel("key j")
+        ax.set_ylabel("query i")
+    fig.colorbar(im1, ax=a1, fraction=0.046, pad=0.04, label="bucket")
+    fig.colorbar(im2, ax=a2, fraction=0.046, pad=0.04, label="bias")
+    fig.suptitle("T5 bucketed bias (learned, shared per bucket) vs ALiBi (fixed linear penalty)")
+    fig.tight_layout()
+    return _save(fig, path)

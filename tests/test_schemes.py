@@ -1,0 +1,169 @@
+"""Contract tests over every registered scheme (the registry drives the parametrisation)."""
+
+import pytest
+import torch
+
+import posbias
+from posbias import SCHEMES, build
+from posbias.schemes import ToeplitzScheme
+
+ALL = list(SCHEMES)
+ADDITIVE = [n for n, c in SCHEMES.items() if c.family == "additive"]
+TOEPLITZ = [n for n, c in SCHEMES.items() if issubclass(c, ToeplitzScheme)]
+
+
+def randomize(scheme):
+    """Give learnable tables non-trivial values so equality tests mean something."""
+    with torch.no_grad():
+        for p in scheme.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return scheme
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_registry_entry(name):
+    cls = SCHEMES[name]
+    assert cls.name == name
+    assert cls.family in ("additive", "rotary", "absolute", "none")
+    assert cls.summary and cls.paper
+
+
+@pytest.mark.parametrize("name", ADDITIVE)
+def test_bias_shape_dtype_finite(name):
+    s = randomize(build(name, n_heads=3, head_dim=16))
+    q_pos, k_pos = torch.arange(5, 12), torch.arange(0, 12)
+    b = s.bias(q_pos, k_pos)
+    assert b.shape == (3, 7, 12) and b.dtype == torch.float32
+    assert torch.isfinite(b).all()
+
+
+@pytest.mark.parametrize("name", ADDITIVE)
+def test_short_bias_is_corner_of_long_bias(name):
+    s = randomize(build(name, n_heads=2, head_dim=16))
+    long = torch.arange(4096)
+    with torch.no_grad():
+        big = s.bias(long, long[:64])  # rows 0..4095, first 64 keys: avoid a 4096² tensor per head
+        small = s.bias(long[:64], long[:64])
+    torch.testing.assert_close(small, big[:, :64, :64], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", TOEPLITZ)
+def test_translation_invariance(name):
+    s = randomize(build(name, n_heads=2, head_dim=16))
+    p = torch.arange(40)
+    torch.testing.assert_close(s.bias(p, p), s.bias(p + 1000, p + 1000), rtol=0, atol=0)
+    torch.testing.assert_close(s.bias(p, p), s.bias_at(p[:, None] - p[None, :]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", TOEPLITZ)
+def test_flat_beyond_is_exact(name):
+    s = randomize(build(name, n_heads=2, head_dim=16))
+    w = s.flat_beyond
+    if w is None:
+        pytest.skip("no flat region")
+    far = torch.arange(w, w + 5000)
+    vals = s.bias_at(far)
+    assert (vals == vals[:, :1]).all()
+    neg = s.bias_at(-far)
+    assert (neg == neg[:, :1]).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_no_maximum_length(name):
+    s = build(name, n_heads=2, head_dim=16)
+    q = torch.randn(1, 2, 3, 16)
+    k = torch.randn(1, 2, 5, 16)
+    far = torch.arange(10**6, 10**6 + 5)
+    out = posbias.attention(q, k, k, s, q_pos=far[-3:], k_pos=far)
+    assert torch.isfinite(out).all()
+
+
+def test_fire_progressive_interpolation_in_unit_interval_at_100k():
+    s = build("fire", n_heads=2, head_dim=16)
+    with torch.no_grad():
+        s.c.fill_(0.37)
+        s.L_multiplier.fill_(0.01)  # threshold L = 5.12: normalisation by the query position is active
+    q_pos = torch.tensor([0, 1, 7, 1000, 54321, 99_999])
+    k_pos = torch.arange(0, 100_000, 97)
+    x = s.normalized_distance(q_pos, k_pos)
+    causal = k_pos[None, :] <= q_pos[:, None]
+    assert x[causal].min() >= 0 and x[causal].max() <= 1
+    assert x[-1, 0] > 0.99  # the farthest key maps to ~1: the whole range is used
+
+
+def test_fire_is_not_toeplitz():
+    s = build("fire", n_heads=2, head_dim=16, init_L=4.0)
+    p = torch.arange(30)
+    assert not torch.allclose(s.bias(p, p), s.bias(p + 100, p + 100))
+
+
+def test_kerple_power_gradient_finite_at_zero_distance():
+    s = build("kerple-power", n_heads=2, head_dim=16)
+    p = torch.arange(10)
+    s.bias(p, p).sum().backward()
+    assert torch.isfinite(s.r1.grad).all() and torch.isfinite(s.r2.grad).all()
+
+
+def test_kerple_clamps_keep_parameters_in_range():
+    s = build("kerple-power", n_heads=2, head_dim=16)
+    with torch.no_grad():
+        s.r1.fill_(-3.0)
+        s.r2.fill_(5.0)
+    r1, r2 = s.params()
+    assert (r1 > 0).all() and (r2 <= 2).all()
+
+
+def test_offset_clip_versus_untrained_entries():
+    clipped = randomize(build("offset", n_heads=1, head_dim=8, max_distance=4))
+    raw = build("offset", n_heads=1, head_dim=8, max_distance=4, clip=False)
+    raw.load_state_dict(clipped.state_dict())
+    o = torch.arange(0, 10)
+    assert torch.equal(clipped.bias_at(o)[0, 4:], clipped.table[4, 0].expand(6))
+    assert torch.equal(raw.bias_at(o)[0, 5:], torch.zeros(5))  # no trained parameter past the table
+    assert torch.equal(raw.bias_at(o)[0, :5], clipped.bias_at(o)[0, :5])
+
+
+def test_offset_bidirectional_mirrors():
+    s = randomize(build("offset", n_heads=1, head_dim=8, max_distance=3, bidirectional=True))
+    assert s.table.shape == (7, 1)
+    o = torch.tensor([-5, -3, -1, 0, 1, 3, 5])
+    idx, _ = s.index(o)
+    assert idx.tolist() == [6, 6, 4, 0, 1, 3, 3]
+
+
+def test_sinusoidal_embedding_values():
+    s = build("sinusoidal", n_heads=1, head_dim=8)
+    e = s.embed(torch.arange(3), 4)
+    # PE[p, 0] = sin(p), PE[p, 1] = cos(p), PE[p, 2] = sin(p/100), PE[p, 3] = cos(p/100)
+    p = torch.arange(3, dtype=torch.float64)
+    ref = torch.stack([p.sin(), p.cos(), (p / 100).sin(), (p / 100).cos()], 1).float()
+    torch.testing.assert_close(e, ref)
+
+
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        ("t5", {"num_buckets": 1}, "num_buckets must be >= 2, got 1"),
+        ("t5", {"num_buckets": 3, "bidirectional": True}, "num_buckets must be >= 4"),
+        ("t5", {"num_buckets": 32, "max_distance": 16}, "max_distance must be >= 17, got 16"),
+        ("t5", {"num_buckets": 32.5}, "num_buckets must be an integer"),
+        ("offset", {"max_distance": 0}, "max_distance must be >= 1, got 0"),
+        ("rope", {"scaling": "linear"}, "scaling must be one of"),
+        ("rope", {"scaling": "yarn", "factor": 4.0}, "needs train_len"),
+        ("rope", {"scaling": "ntk", "factor": 0.5}, "factor .* must be >= 1"),
+        ("fire", {"init_c": -1.0}, "init_c must be a positive"),
+        ("t5", {"buckets": 3}, "has no option"),
+    ],
+)
+def test_bad_hyperparameters(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        build(name, n_heads=2, head_dim=16, **options)
+
+
+def test_bad_heads_head_dim_and_names():
+    with pytest.raises(ValueError, match="n_heads must be >= 1, got 0"):
+        build("alibi", n_heads=0, head_dim=16)
+    with pytest.raises(ValueError, match="even head_dim"):
+        build("rope", n_heads=2, head_dim=15)
+    with pytest.raises(ValueError, match="unknown scheme 'xpos'; valid schemes: nope"):
+        build("xpos", n_heads=2, head_dim=16)
