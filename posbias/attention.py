@@ -52,7 +52,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, caus
 BACKENDS: dict[str, Kernel] = {"reference": reference_kernel}
 
 
-def choose_backend(scheme: Scheme, q: Tensor, k: Tensor) -> str:
+def choose_backend(scheme: Scheme, q: Tensor, k: Tensor, *, causal: bool) -> str:
     """The automatic backend choice (the only place that decides)."""
     return "reference"
 
@@ -68,5 +68,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
     q, k, q_pos, k_pos, scale = resolve(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale)
-    name = choose_backend(scheme, q, k) if backend == "auto" else backend
+    name = choose_backend(scheme, q, k, causal=causal) if backend == "auto" else backend
     return BACKENDS[name](q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)

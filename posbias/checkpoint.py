@@ -1,0 +1,85 @@
+"""Atomic checkpoints: a folder with ``model.safetensors``, ``config.json`` and ``trainer.pt``.
+
+A checkpoint is written to ``<dir>.tmp`` and swapped in by renames, so an interruption at any
+moment leaves either the previous checkpoint or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import ModelConfig, TransformerLM
+
+MODEL_FILE, CONFIG_FILE, TRAINER_FILE = "model.safetensors", "config.json", "trainer.pt"
+
+
+def save_checkpoint(path: str | Path, model: TransformerLM, *, extra: dict[str, Any] | None = None,
+                    trainer_state: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / MODEL_FILE))
+    meta = {"format": "posbias-checkpoint-1", "model": model.cfg.to_dict(), **(extra or {})}
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_FILE)
+    for f in tmp.iterdir():  # make the bytes durable before the rename makes them visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _resolve(path: Path) -> Path:
+    if (path / CONFIG_FILE).exists():
+        return path
+    old = path.with_name(path.name + ".old")  # interrupted between the two renames
+    if (old / CONFIG_FILE).exists():
+        return old
+    raise ValueError(f"{str(path)!r} is not a posbias checkpoint (no {CONFIG_FILE} with a model config)")
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    p = _resolve(Path(path))
+    try:
+        meta = json.loads((p / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(p / CONFIG_FILE)!r} is not valid JSON: {exc}") from None
+    if meta.get("format") != "posbias-checkpoint-1" or "model" not in meta:
+        raise ValueError(f"{str(p)!r} is not a posbias checkpoint")
+    return meta
+
+
+def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> TransformerLM:
+    p = _resolve(Path(path))
+    meta = read_meta(p)
+    model = TransformerLM(ModelConfig.from_dict(meta["model"]))
+    model.load_state_dict(load_file(str(p / MODEL_FILE), device=str(map_location)))
+    return model
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
+    p = _resolve(Path(path))
+    f = p / TRAINER_FILE
+    return torch.load(f, map_location="cpu", weights_only=False) if f.exists() else None
+
+
+def exists(path: str | Path) -> bool:
+    try:
+        _resolve(Path(path))
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,123 @@
+"""A small decoder-only Transformer LM that takes any registered positional scheme.
+
+Pre-norm blocks (LayerNorm → attention → residual, LayerNorm → MLP → residual), byte vocabulary by
+default. The positional scheme is injected: one scheme instance is shared by all layers (T5
+computes one table per stack), so attention knows nothing about which scheme it runs. Absolute
+position vectors are added to the embeddings only when the scheme is ``sinusoidal``.
+
+For unscaled schemes (T5) the query projection is initialised with an extra ``1/√head_dim`` factor,
+which is how Raffel et al. fold the attention scaling into the initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .attention import attention
+from .schemes import Scheme, build
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    scheme: str  # a name in posbias.SCHEMES
+    scheme_options: dict[str, Any] = field(default_factory=dict)  # keyword options of the scheme
+    vocab_size: int = 256  # bytes
+    d_model: int = 128  # residual width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads (head_dim = d_model / n_heads)
+    mlp_ratio: int = 4  # hidden width of the MLP = mlp_ratio · d_model
+    backend: str = "auto"  # attention backend (posbias.attention)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return cls(**d)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, unscaled: bool) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.backend = cfg.backend
+        if unscaled:
+            with torch.no_grad():
+                self.qkv.weight[: cfg.d_model].mul_(1.0 / math.sqrt(cfg.head_dim))
+
+    def forward(self, x: Tensor, scheme: Scheme, pos: Tensor, cache: dict | None = None) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k_pos = pos
+        if cache is not None:  # decoding: append the new keys/values (unrotated) to the cache
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+                k_pos = torch.cat([cache["pos"], pos])
+            cache.update(k=k, v=v, pos=k_pos)
+        y = attention(q, k, v, scheme, causal=True, q_pos=pos, k_pos=k_pos, backend=self.backend)
+        return self.proj(y.transpose(1, 2).reshape(b, n, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, unscaled: bool) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg, unscaled)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model), nn.GELU(),
+                                 nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model))
+
+    def forward(self, x: Tensor, scheme: Scheme, pos: Tensor, cache: dict | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), scheme, pos, cache)
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.scheme = build(cfg.scheme, n_heads=cfg.n_heads, head_dim=cfg.head_dim, **cfg.scheme_options)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, self.scheme.unscaled) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(self, idx: Tensor, *, start: int = 0, caches: list[dict] | None = None) -> Tensor:
+        """Logits ``[batch, len, vocab]`` for tokens at positions ``start … start+len−1``."""
+        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
+        x = self.embed(idx)
+        absolute = self.scheme.embed(pos, self.cfg.d_model)
+        if absolute is not None:
+            x = x + absolute.to(x.dtype)
+        for n, block in enumerate(self.blocks):
+            x = block(x, self.scheme, pos, None if caches is None else caches[n])
+        return self.head(self.ln_f(x))
+
+    def loss(self, idx: Tensor, targets: Tensor, *, reduction: str = "mean") -> Tensor:
+        logits = self(idx)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,155 @@
+"""Training: AdamW, linear warm-up then cosine decay, gradient clipping, periodic validation,
+atomic checkpoints and exact resumption (the batch of step s depends only on the seed and s).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (gloo on CPU,
+nccl on GPU) and each rank takes its share of every global batch, so the optimisation equals the
+single-process run up to floating-point reduction order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .data import batch_at
+from .model import ModelConfig, TransformerLM
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600  # optimizer steps
+    batch_size: int = 32  # sequences per step (global, over all ranks)
+    seq_len: int = 128  # training length
+    lr: float = 2e-3  # peak learning rate
+    warmup: int = 50  # linear warm-up steps
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 200  # steps between validation losses (0: only at the end)
+    eval_batches: int = 4
+    ckpt_every: int = 100  # steps between checkpoints
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def _dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+@torch.no_grad()
+def validation_loss(model: TransformerLM, tokens: Tensor, cfg: TrainConfig, device: torch.device) -> float:
+    model.eval()
+    losses = [model.loss(*(t.to(device) for t in batch_at(tokens, 10**9 + n, batch_size=cfg.batch_size,
+                                                          seq_len=cfg.seq_len, seed=cfg.seed)))
+              for n in range(cfg.eval_batches)]
+    model.train()
+    return float(torch.stack(losses).mean())
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_tokens: Tensor, out: str | Path,
+          *, device: str | torch.device = "cpu", progress: bool = True, extra_meta: dict | None = None,
+          stop_after: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) a model in ``out``; returns the history. ``out/final`` holds the result and
+    ``out/last`` the latest checkpoint. ``stop_after`` stops early (for tests of interruption)."""
+    out = Path(out)
+    device = torch.device(device)
+    rank, world = _dist_info()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
+    torch.manual_seed(cfg.seed)
+    model = TransformerLM(model_cfg).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "scheme" not in n]
+    other = [p for n, p in model.named_parameters() if p.dim() < 2 or "scheme" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    history: dict[str, Any] = {"train_loss": [], "val_loss": [], "tokens": 0, "wall_s": 0.0}
+    start = 0
+    last = out / "last"
+    if ckpt.exists(last):
+        state = ckpt.load_trainer_state(last)
+        if state is None:
+            raise ValueError(f"{str(last)!r} has no trainer state to resume from")
+        model.load_state_dict(ckpt.load_model(last).state_dict())
+        opt.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+        if state["train_config"] != asdict(cfg) or state["model_config"] != model_cfg.to_dict():
+            raise ValueError(f"checkpoint in {str(out)!r} was made with another configuration; "
+                             "use a new --out or delete it")
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    def save(step: int, where: Path) -> None:
+        if rank == 0:
+            ckpt.save_checkpoint(where, model, extra={"train": asdict(cfg), **(extra_meta or {})},
+                                 trainer_state={"step": step, "optimizer": opt.state_dict(), "history": history,
+                                                "train_config": asdict(cfg), "model_config": model_cfg.to_dict()})
+        if world > 1:
+            torch.distributed.barrier()
+
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, leave=False,
+               desc=f"train {model_cfg.scheme}", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    wall0 = history["wall_s"]
+    model.train()
+    step = start
+    for step in range(start, cfg.steps):
+        if stop_after is not None and step >= stop_after:
+            break
+        x, y = batch_at(train_tokens, step, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
+        x, y = x[rank::world].to(device), y[rank::world].to(device)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr_at(step)
+        logits = net(x)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        history["train_loss"].append(loss.item())
+        history["tokens"] += cfg.batch_size * cfg.seq_len
+        history["wall_s"] = wall0 + time.perf_counter() - t0
+        done = step + 1
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            history["val_loss"].append((done, validation_loss(model, val_tokens, cfg, device)))
+            if log and rank == 0:
+                log(f"{model_cfg.scheme} step {done}: val loss {history['val_loss'][-1][1]:.4f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{history['tokens'] / max(history['wall_s'], 1e-9):.0f}")
+        bar.update(1)
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            save(done, last)
+        step = done
+    bar.close()
+    if step >= cfg.steps and not ckpt.exists(out / "final"):
+        if rank == 0:
+            ckpt.save_checkpoint(out / "final", model, extra={"train": asdict(cfg), "history": history,
+                                                             **(extra_meta or {})})
+        if world > 1:
+            torch.distributed.barrier()
+    return history
