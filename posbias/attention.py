@@ -13,8 +13,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .kernels.alibi import alibi_kernel
+from .kernels.blockwise import blockwise_kernel
+from .kernels.flash import flash_available
 from .kernels.reference import reference_kernel
-from .schemes.base import Scheme, as_positions
+from .kernels.sdpa import sdpa_kernel
+from .kernels.windowed import windowed_kernel
+from .schemes.base import Scheme, ToeplitzScheme, as_positions
 
 Kernel = Callable[..., Tensor]
 
@@ -49,12 +54,57 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, caus
     return reference_kernel(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
 
 
-BACKENDS: dict[str, Kernel] = {"reference": reference_kernel}
+BACKENDS: dict[str, Kernel] = {
+    "reference": reference_kernel,
+    "sdpa": sdpa_kernel,
+    "windowed": windowed_kernel,
+    "alibi": alibi_kernel,
+    "blockwise": blockwise_kernel,
+}
 
 
-def choose_backend(scheme: Scheme, q: Tensor, k: Tensor, *, causal: bool) -> str:
-    """The automatic backend choice (the only place that decides)."""
-    return "reference"
+def _contiguous(pos: Tensor) -> bool:
+    return pos.numel() < 2 or bool((pos[1:] - pos[:-1] == 1).all())
+
+
+def _no_empty_rows(q_pos: Tensor, k_pos: Tensor, causal: bool) -> bool:
+    return not causal or (k_pos.numel() > 0 and bool(int(q_pos.min()) >= int(k_pos.min())))
+
+
+def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, causal: bool) -> str | None:
+    """None if backend ``name`` can run these inputs exactly, else the reason it cannot."""
+    if name in ("reference", "blockwise"):
+        return None
+    if name == "sdpa":
+        if scheme.family == "additive":
+            return "scheme adds a bias"
+        return None if _no_empty_rows(q_pos, k_pos, causal) else "rows without visible keys"
+    contiguous = _contiguous(q_pos) and _contiguous(k_pos)
+    if not flash_available(q):
+        return "needs the fused CPU flash kernel (CPU tensors)"
+    if not contiguous:
+        return "needs contiguous positions"
+    if name == "windowed":
+        return None if isinstance(scheme, ToeplitzScheme) and scheme.flat_beyond is not None else \
+            "needs a Toeplitz bias constant beyond a window"
+    if name == "alibi":
+        if not isinstance(scheme, ToeplitzScheme) or scheme.linear_slopes is None or not causal:
+            return "needs a causal linear bias (ALiBi)"
+        q0, k0 = int(q_pos[0]), int(k_pos[0])
+        if not (k0 <= q0 and q0 + q_pos.numel() <= k0 + k_pos.numel()):
+            return "needs every query position among the keys"
+        return None
+    return f"unknown backend {name!r}"
+
+
+def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, causal: bool) -> str:
+    """The automatic backend choice (the only place that decides): the fastest exact path."""
+    for name in ("sdpa", "alibi", "windowed"):
+        if usable(name, scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal) is None:
+            return name
+    if scheme.family != "additive":
+        return "reference"  # only rows with no visible key remain: the reference returns 0 for them
+    return "blockwise"
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool = True,
@@ -62,11 +112,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
               backend: str = "auto") -> Tensor:
     """Exact attention with a positional scheme; ``[batch, heads, Lq, head_dim]`` out.
 
-    ``backend="auto"`` picks the fastest exact path for the scheme and inputs; any name in
-    :data:`BACKENDS` forces that path (all are exact against ``"reference"``).
+    ``backend="auto"`` picks the fastest exact path for the scheme and inputs (see
+    :func:`choose_backend`); any name in :data:`BACKENDS` forces that path, and a forced path that
+    cannot run these inputs exactly raises ``ValueError`` with the reason.
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
     q, k, q_pos, k_pos, scale = resolve(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale)
-    name = choose_backend(scheme, q, k, causal=causal) if backend == "auto" else backend
+    if backend == "auto":
+        name = choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
+    else:
+        why = usable(backend, scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
+        if why is not None:
+            raise ValueError(f"backend {backend!r} cannot run this input exactly: {why}")
+        name = backend
     return BACKENDS[name](q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)

@@ -42,6 +42,10 @@ class ALiBi(ToeplitzScheme):
         self.symmetric = bool(symmetric)
         self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
 
+    @property
+    def linear_slopes(self) -> Tensor | None:
+        return None if self.symmetric else self.slopes
+
     def bias_at(self, offset: Tensor) -> Tensor:
         o = offset.to(torch.float32)
         if self.symmetric:

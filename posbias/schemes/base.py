@@ -130,5 +130,10 @@ class ToeplitzScheme(Scheme):
     def flat_beyond(self) -> int | None:
         return None
 
+    @property
+    def linear_slopes(self) -> Tensor | None:
+        """``m_h`` when the bias is exactly ``−m_h·(i − j)`` for every offset (causal ALiBi), else None."""
+        return None
+
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         return self.bias_at(q_pos[:, None] - k_pos[None, :])

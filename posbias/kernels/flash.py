@@ -1,0 +1,70 @@
+"""Helpers shared by the segment kernels: the fused CPU flash kernel with its log-sum-exp, dense
+segments with an explicit bias, and the exact merge of partial results.
+
+Attention over a key set split into parts merges exactly: with per-part log-sum-exps ``l_p`` and
+outputs ``o_p``, ``l = logsumexp_p(l_p)`` and ``o = Σ_p exp(l_p − l) · o_p``. A part whose bias is a
+per-head constant ``c`` is plain attention with ``l_p + c``. For the backward pass, the fused
+backward op called with the *merged* output and ``l − c`` gives that part's exact gradients (the
+probabilities it recomputes are the merged ones), as ring attention does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NEG = torch.finfo(torch.float32).min
+
+
+def flash_available(x: Tensor) -> bool:
+    return x.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """Fused attention (top-left causal when ``causal``) → (out, lse float32 ``[B, H, Lq]``)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse.float()
+
+
+def flash_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                   causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+
+
+def dense_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, visible: Tensor | None,
+                  scale: float) -> tuple[Tensor, Tensor]:
+    """Dense segment: logits with an explicit bias ``[H, Lq, Lk]`` → (out float32, lse float32)."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1).clamp(min=NEG))
+    return torch.matmul(p, v.float()), lse
+
+
+def merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Exact merge of (out, lse) parts; rows with no visible key get out 0 and lse −∞."""
+    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)
+    safe = lse.clamp(min=NEG)  # −∞ rows: every weight below becomes exp(−∞) = 0
+    out = sum(torch.exp(l - safe).unsqueeze(-1) * o.float() for o, l in parts)
+    return out, lse
+
+
+def dense_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, visible: Tensor | None,
+                   lse: Tensor, delta: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of a dense segment given the merged lse and ``delta = rowsum(dO ∘ O)``.
+
+    Returns (dq, dk, dv, dbias) with dbias summed over the batch, shaped like ``bias``.
+    """
+    qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale + bias
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
+    p = torch.exp(s - lse.unsqueeze(-1).clamp(min=NEG))
+    dv = torch.matmul(p.transpose(-1, -2), dof)
+    dp = torch.matmul(dof, vf.transpose(-1, -2))
+    ds = p * (dp - delta.unsqueeze(-1))
+    dq = torch.matmul(ds, kf) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
+    return dq, dk, dv, ds.sum(0)

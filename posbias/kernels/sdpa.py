@@ -1,0 +1,20 @@
+"""Schemes without an attention bias (RoPE after rotation, NoPE, absolute): PyTorch's fused
+``scaled_dot_product_attention``. Its ``is_causal`` is *upper-left* aligned, so it is used only when
+query and key positions coincide; otherwise (decoding) an explicit boolean mask is passed."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .reference import visible
+
+
+def sdpa_kernel(q: Tensor, k: Tensor, v: Tensor, scheme, *, q_pos: Tensor, k_pos: Tensor, causal: bool,
+                scale: float) -> Tensor:
+    if not causal:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if q_pos.shape == k_pos.shape and torch.equal(q_pos, k_pos):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible(q_pos, k_pos, True), scale=scale)

@@ -1,0 +1,168 @@
+"""Every backend against the reference: outputs, input gradients and bias-parameter gradients;
+causal and bidirectional; query offsets; lengths not divisible by any block size; empty rows."""
+
+import pytest
+import torch
+
+import posbias
+from posbias import SCHEMES, build
+from posbias.attention import BACKENDS, attention, attention_reference, choose_backend, resolve, usable
+
+
+def randomized(name, **options):
+    s = build(name, n_heads=3, head_dim=16, **options)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(torch.randn_like(p) * 0.7)
+    return s
+
+
+def compare(scheme, backend, *, causal=True, lq=None, lk=301, q0=None, dtype=torch.float32, block=None, atol=2e-4):
+    lq = lq or lk
+    q, k, v = (torch.randn(2, 3, n, 16, dtype=dtype, requires_grad=True) for n in (lq, lk, lk))
+    kw = {} if q0 is None else {"q_pos": torch.arange(q0, q0 + lq)}
+    out = attention(q, k, v, scheme, causal=causal, backend=backend, **kw)
+    ref = attention_reference(q, k, v, scheme, causal=causal, **kw)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=1e-4)
+    g = torch.randn_like(ref)
+    params = [p for p in scheme.parameters() if p.requires_grad]
+    got = torch.autograd.grad((out * g).sum(), [q, k, v] + params, allow_unused=True)
+    want = torch.autograd.grad((ref * g).sum(), [q, k, v] + params, allow_unused=True)
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None or not a.abs().any()
+            continue
+        torch.testing.assert_close(a.float(), b.float(), atol=atol * 10, rtol=1e-3)
+
+
+CASES = [
+    ("t5", "windowed", {"max_distance": 40}, True),
+    ("t5", "windowed", {"max_distance": 40, "bidirectional": True}, False),
+    ("t5", "windowed", {}, True),  # canonical 32/128: the window exceeds a block
+    ("offset", "windowed", {"max_distance": 17}, True),
+    ("offset", "windowed", {"max_distance": 17, "bidirectional": True}, False),
+    ("offset", "windowed", {"max_distance": 9, "clip": False}, True),
+    ("alibi", "alibi", {}, True),
+    ("kerple-log", "blockwise", {}, True),
+    ("kerple-power", "blockwise", {}, True),
+    ("fire", "blockwise", {"init_L": 32.0}, True),
+    ("fire", "blockwise", {}, False),
+    ("alibi", "blockwise", {"symmetric": True}, False),
+]
+
+
+@pytest.mark.parametrize("name, backend, options, causal", CASES)
+def test_backend_matches_reference(name, backend, options, causal):
+    compare(randomized(name, **options), backend, causal=causal)
+
+
+@pytest.mark.parametrize("name, backend, options, causal", CASES)
+def test_backend_with_query_offset(name, backend, options, causal):
+    """Chunked evaluation / KV cache: 37 queries at the end of 301 keys."""
+    compare(randomized(name, **options), backend, causal=causal, lq=37)
+
+
+@pytest.mark.parametrize("name", ["t5", "offset", "kerple-log", "fire"])
+def test_rows_without_visible_keys_are_zero_not_nan(name):
+    s = randomized(name)
+    backend = choose_backend(s, torch.zeros(1, 3, 1, 16), q_pos=torch.arange(-3, 9), k_pos=torch.arange(20),
+                             causal=True)
+    compare(s, backend, lq=12, lk=20, q0=-3)
+    q = torch.randn(1, 3, 12, 16)
+    k = torch.randn(1, 3, 20, 16)
+    out = attention(q, k, k, s, q_pos=torch.arange(-3, 9))
+    assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
+
+
+@pytest.mark.parametrize("lk", [1, 2, 255, 256, 257, 513, 1000])
+def test_odd_lengths_and_blocks(lk):
+    compare(randomized("t5", max_distance=20), "windowed", lk=lk)
+    compare(randomized("alibi"), "alibi", lk=lk)
+
+
+def test_alibi_long_sequence_stays_exact_in_float32():
+    s = build("alibi", n_heads=3, head_dim=16)
+    q, k, v = (torch.randn(1, 3, 4096, 16) for _ in range(3))
+    with torch.no_grad():
+        torch.testing.assert_close(attention(q, k, v, s, backend="alibi"), attention(q, k, v, s, backend="blockwise"),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_auto_matches_reference_for_every_scheme(name):
+    s = randomized(name)
+    compare(s, "auto", lk=130)
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_prefill_then_decode_equals_full_forward(name):
+    """Token-by-token decoding with a growing cache equals the full forward pass."""
+    s = randomized(name)
+    q, k, v = (torch.randn(1, 3, 40, 16) for _ in range(3))
+    with torch.no_grad():
+        full = attention(q, k, v, s)
+        steps = [attention(q[:, :, :25], k[:, :, :25], v[:, :, :25], s)]
+        for t in range(25, 40):
+            steps.append(attention(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], s))
+    torch.testing.assert_close(torch.cat(steps, 2), full, atol=2e-5, rtol=1e-5)
+
+
+def test_decoding_bias_is_linear_in_cache_length():
+    """One query against K keys: the blockwise path builds a [H, 1, K] bias, not [H, K, K]."""
+    s = randomized("kerple-log")
+    seen = []
+    orig = s.bias
+
+    def spy(qp, kp):
+        b = orig(qp, kp)
+        seen.append(tuple(b.shape))
+        return b
+
+    s.bias = spy
+    q, k = torch.randn(1, 3, 1, 16), torch.randn(1, 3, 5000, 16)
+    attention(q, k, k, s)
+    assert seen == [(3, 1, 5000)]
+
+
+@pytest.mark.parametrize("name", ["t5", "alibi", "kerple-log", "fire"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_close_to_fp32(name, dtype):
+    s = randomized(name)
+    q, k, v = (torch.randn(1, 3, 300, 16) for _ in range(3))
+    with torch.no_grad():
+        ref = attention_reference(q, k, v, s)
+        low = attention(q.to(dtype), k.to(dtype), v.to(dtype), s)
+    assert low.dtype == dtype
+    torch.testing.assert_close(low.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_bias_stays_float32_for_bf16_model():
+    s = build("alibi", n_heads=4, head_dim=8).to(torch.bfloat16)
+    p = torch.arange(4000, 4100)
+    b = s.bias(p, p)
+    assert b.dtype == torch.float32
+    assert len(torch.unique(b[-1, -1])) == 100  # adjacent keys keep distinct biases at position ~4k
+
+
+def test_forced_backend_that_cannot_run_raises():
+    s = build("kerple-log", n_heads=3, head_dim=16)
+    q = torch.randn(1, 3, 8, 16)
+    with pytest.raises(ValueError, match="backend 'windowed' cannot run this input exactly"):
+        attention(q, q, q, s, backend="windowed")
+    with pytest.raises(ValueError, match="contiguous positions"):
+        attention(q, q, q, build("t5", n_heads=3, head_dim=16), backend="windowed",
+                  q_pos=torch.arange(0, 16, 2), k_pos=torch.arange(0, 16, 2))
+
+
+def test_non_contiguous_positions_fall_back_exactly():
+    s = randomized("t5")
+    pos = torch.tensor([0, 3, 4, 10, 11, 50, 51, 52])
+    q = torch.randn(1, 3, 8, 16)
+    torch.testing.assert_close(attention(q, q, q, s, q_pos=pos, k_pos=pos),
+                               attention_reference(q, q, q, s, q_pos=pos, k_pos=pos))
+
+
+def test_every_backend_listed_is_tested():
+    assert set(BACKENDS) == {"reference", "sdpa", "windowed", "alibi", "blockwise"} | (
+        {"flex"} if "flex" in BACKENDS else set())
