@@ -20,16 +20,19 @@ def flash_available(x: Tensor) -> bool:
     return x.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    """Fused attention (top-left causal when ``causal``) → (out, lse float32 ``[B, H, Lq]``)."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+def flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
+                  mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Fused attention (top-left causal when ``causal``; ``mask`` an additive float bias with −∞ for
+    hidden pairs) → (out, lse float32 ``[B, H, Lq]``)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
+                                                                          scale=scale)
     return out, lse.float()
 
 
 def flash_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-                   causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   causal: bool, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        do.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+        do.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, causal, attn_mask=mask, scale=scale)
 
 
 def dense_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, visible: Tensor | None,

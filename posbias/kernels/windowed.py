@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..schemes.base import ToeplitzScheme
-from .flash import dense_backward, dense_forward, flash_backward, flash_forward, merge
+from .flash import dense_backward, flash_backward, flash_forward, merge
 
 BLOCK = 256
 
@@ -41,6 +41,7 @@ class _Windowed(torch.autograd.Function):
         out = torch.empty(bsz, h, lq, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(bsz, h, lq, dtype=torch.float32, device=q.device)
         shares = []  # per block: the flat parts' shares of the output, for the constants' gradient
+        band_mask = _BandMasks(vals.detach(), w, causal)
         c_left, c_right = vals[:, -1].view(1, h, 1), vals[:, 0].view(1, h, 1)
         for s in range(0, lq, block):
             e = min(s + block, lq)
@@ -53,8 +54,8 @@ class _Windowed(torch.autograd.Function):
                 parts.append((o, l + c_left))
                 flat.append(len(parts) - 1)
             if band_end > left:
-                bias, vis = _band(vals, qa, qb, k0 + left, k0 + band_end, w, causal)
-                parts.append(dense_forward(qb_, k[:, :, left:band_end], v[:, :, left:band_end], bias, vis, scale))
+                mask = band_mask(qa, qb, k0 + left, k0 + band_end)
+                parts.append(flash_forward(qb_, k[:, :, left:band_end], v[:, :, left:band_end], scale, False, mask))
             if not causal and band_end < lk:
                 o, l = flash_forward(qb_, k[:, :, band_end:], v[:, :, band_end:], scale, False)
                 parts.append((o, l + c_right))
@@ -71,7 +72,7 @@ class _Windowed(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, vals, out, lse)
         ctx.shares = shares
         ctx.args = (q0, k0, w, causal, scale, block)
-        return out.to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
@@ -84,6 +85,7 @@ class _Windowed(torch.autograd.Function):
         dv = torch.zeros_like(v, dtype=torch.float32)
         dvals = torch.zeros_like(vals, dtype=torch.float32)
         c_left, c_right = vals[:, -1].view(1, h, 1), vals[:, 0].view(1, h, 1)
+        band_mask = _BandMasks(vals.detach(), w, causal)
         dout = dout.float()
         for n, s in enumerate(range(0, lq, block)):
             if ctx.shares[n] is None:
@@ -106,7 +108,14 @@ class _Windowed(torch.autograd.Function):
                 dv[:, :, lo:hi] += gv
                 weight, part_out = next(shares)
                 dvals[:, col] += (weight * ((do * part_out).sum(-1) - delta)).sum((0, 2))
-            if band_end > left:
+            if band_end > left and not ctx.needs_input_grad[3]:  # fixed bias: fused backward
+                mask = band_mask(qa, qb, k0 + left, k0 + band_end)
+                gq, gk, gv = flash_backward(do.to(q.dtype), qb_, k[:, :, left:band_end], v[:, :, left:band_end],
+                                            o.to(q.dtype), l, scale, False, mask)
+                dq[:, :, s:e] += gq
+                dk[:, :, left:band_end] += gk
+                dv[:, :, left:band_end] += gv
+            elif band_end > left:
                 bias, vis = _band(vals, qa, qb, k0 + left, k0 + band_end, w, causal)
                 gq, gk, gv, gb = dense_backward(do, qb_, k[:, :, left:band_end], v[:, :, left:band_end], bias, vis,
                                                 l, delta, scale)
@@ -116,6 +125,23 @@ class _Windowed(torch.autograd.Function):
                 idx = _band_index(qa, qb, k0 + left, k0 + band_end, w, q.device)
                 dvals.scatter_add_(1, idx.flatten().expand(h, -1), gb.flatten(1))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dvals.to(vals.dtype), None, None, None, None, None, None
+
+
+class _BandMasks:
+    """Additive band masks (bias, −∞ where hidden), built once per (query − key start, shape): every
+    interior block has the same one, since the bias depends on the offset only."""
+
+    def __init__(self, vals: Tensor, w: int, causal: bool) -> None:
+        self.vals, self.w, self.causal, self.cache = vals, w, causal, {}
+
+    def __call__(self, qa: int, qb: int, ka: int, kb: int) -> Tensor:
+        key = (qa - ka, qb - qa, kb - ka)
+        if key not in self.cache:
+            bias, vis = _band(self.vals, qa, qb, ka, kb, self.w, self.causal)
+            if vis is not None:
+                bias = bias.masked_fill(~vis, float("-inf"))
+            self.cache[key] = bias.unsqueeze(0)
+        return self.cache[key]
 
 
 def _band_index(qa: int, qb: int, ka: int, kb: int, w: int, device: torch.device) -> Tensor:
@@ -139,5 +165,6 @@ def windowed_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, 
     assert w is not None
     w = max(int(w), 1)
     vals = scheme.bias_at(torch.arange(-w, w + 1, device=q.device))  # [H, 2w+1], differentiable
-    return _Windowed.apply(q.contiguous(), k.contiguous(), v.contiguous(), vals, int(q_pos[0]), int(k_pos[0]), w,
-                           causal, scale, block)
+    # float32 throughout: the band mask carries the bias, and a bf16 mask would round it
+    f = [t.float().contiguous() for t in (q, k, v)]
+    return _Windowed.apply(*f, vals, int(q_pos[0]), int(k_pos[0]), w, causal, scale, block).to(q.dtype)
