@@ -3,8 +3,7 @@ same run (absolute times drift on a shared machine; ratios hold).
 
 For each scheme and length: forward and forward+backward time of posbias (auto backend), and the
 anchors: dense-bias SDPA (the bias materialised as [H, N, N]), the HuggingFace-style T5 path
-(bucketing all N² pairs, embedding lookup, dense bias), and optionally compiled FlexAttention
-(--flex; on CPU it has no backward). Peak extra memory is measured in a child process per case
+(bucketing all N² pairs, embedding lookup, dense bias). A FlexAttention anchor is not yet included. Peak extra memory is measured in a child process per case
 (--memory) as the growth of peak RSS (CPU) or of peak allocated memory (CUDA) over the inputs.
 
     python benchmarks/bench_attention.py                         # N = 1k … 16k, CPU
@@ -64,7 +63,7 @@ def hf_t5_bias(scheme, n, device):
     return F.embedding(buckets, scheme.table).permute(2, 0, 1)
 
 
-def cases(name, n, scheme, q, k, v, flex):
+def cases(name, n, scheme, q, k, v):
     """(label, forward fn, train fn or None)."""
     pos = torch.arange(n, device=q.device)
     causal_mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
@@ -92,13 +91,6 @@ def cases(name, n, scheme, q, k, v, flex):
                 if grad:
                     o.sum().backward()
             out["HF-style T5"] = (lambda: torch.no_grad()(hf)(False), lambda: hf(True))
-    if flex and scheme.family == "additive" and "flex" in posbias.attention.__globals__["BACKENDS"]:
-        def fx(grad):
-            o = posbias.attention(q, k, v, scheme, backend="flex")
-            if grad:
-                o.sum().backward()
-        out["FlexAttention (compiled)"] = (lambda: torch.no_grad()(fx)(False),
-                                           (lambda: fx(True)) if q.device.type == "cuda" else None)
     return out
 
 
@@ -110,7 +102,7 @@ def memory_child(args):
     torch.manual_seed(0)
     scheme = make_scheme(name, heads, hd, device)
     q, k, v = (torch.randn(1, heads, n, hd, device=device) for _ in range(3))
-    fn = dict(cases(name, n, scheme, q, k, v, flex=False)).get(label, (None,))[0] if label != "SDPA (no bias)" else \
+    fn = dict(cases(name, n, scheme, q, k, v)).get(label, (None,))[0] if label != "SDPA (no bias)" else \
         (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -145,7 +137,6 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-backward", action="store_true")
-    p.add_argument("--flex", action="store_true", help="also time compiled FlexAttention (slow to compile on CPU)")
     p.add_argument("--memory", action="store_true", help="measure peak extra memory in child processes")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
@@ -172,7 +163,7 @@ def main():
         for name in args.schemes:
             scheme = make_scheme(name, args.heads, args.head_dim, device)
             backend = choose_backend(scheme, q, q_pos=torch.arange(n), k_pos=torch.arange(n), causal=True)
-            for label, (fwd, trn) in cases(name, n, scheme, q, k, v, args.flex).items():
+            for label, (fwd, trn) in cases(name, n, scheme, q, k, v).items():
                 tf = timeit(fwd, device, reps)
                 tt = None if (args.no_backward or trn is None) else timeit(trn, device, reps)
                 mem = measure_memory(name, label, n, args.heads, args.head_dim, args.device) if args.memory else None

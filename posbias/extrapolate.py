@@ -138,7 +138,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
                     "params": model.num_parameters(), "model": mcfg.to_dict(), "train": asdict(tcfg),
                 })
     summary = {
-        "records": records, "study": {k: v for k, v in asdict(cfg).items()}, "corpus": corpus.fingerprint,
+        "records": records, "study": asdict(cfg), "corpus": corpus.fingerprint,
         "versions": {"posbias": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "machine": platform.platform(),
     }

@@ -35,17 +35,6 @@ def flash_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         do.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, causal, attn_mask=mask, scale=scale)
 
 
-def dense_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, visible: Tensor | None,
-                  scale: float) -> tuple[Tensor, Tensor]:
-    """Dense segment: logits with an explicit bias ``[H, Lq, Lk]`` → (out float32, lse float32)."""
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias
-    if visible is not None:
-        s = s.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1).clamp(min=NEG))
-    return torch.matmul(p, v.float()), lse
-
-
 def merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Exact merge of (out, lse) parts; rows with no visible key get out 0 and lse −∞."""
     lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)
