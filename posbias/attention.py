@@ -19,6 +19,7 @@ from .kernels.flash import flash_available
 from .kernels.reference import reference_kernel
 from .kernels.sdpa import sdpa_kernel
 from .kernels.windowed import windowed_kernel
+from .integrations.flex import flex_available, flex_kernel
 from .schemes.base import Scheme, ToeplitzScheme, as_positions
 
 Kernel = Callable[..., Tensor]
@@ -60,6 +61,7 @@ BACKENDS: dict[str, Kernel] = {
     "windowed": windowed_kernel,
     "alibi": alibi_kernel,
     "blockwise": blockwise_kernel,
+    "flex": flex_kernel,  # opt-in: compiled FlexAttention (compiles per shape; no backward on CPU)
 }
 
 
@@ -80,6 +82,8 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
             return "scheme adds a bias"
         return None if _no_empty_rows(q_pos, k_pos, causal) else "rows without visible keys"
     contiguous = _contiguous(q_pos) and _contiguous(k_pos)
+    if name == "flex":
+        return _flex_usable(scheme, q, contiguous)
     if not flash_available(q):
         return "needs the fused CPU flash kernel (CPU tensors)"
     if not contiguous:
@@ -95,6 +99,19 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
             return "needs every query position among the keys"
         return None
     return f"unknown backend {name!r}"
+
+
+def _flex_usable(scheme: Scheme, q: Tensor, contiguous: bool) -> str | None:
+    if not flex_available():
+        return f"needs torch.nn.attention.flex_attention (torch {torch.__version__} has none)"
+    if not contiguous:
+        return "needs contiguous positions"
+    if scheme.family == "additive" and not isinstance(scheme, ToeplitzScheme):
+        return "needs a Toeplitz bias (a per-offset table) or no bias"
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (
+            q.requires_grad or any(p.requires_grad for p in scheme.parameters())):
+        return "FlexAttention has no backward pass on CPU (use torch.no_grad() or another backend)"
+    return None
 
 
 def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, causal: bool) -> str:

@@ -137,3 +137,10 @@ class ToeplitzScheme(Scheme):
 
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         return self.bias_at(q_pos[:, None] - k_pos[None, :])
+
+    def score_mod(self, q_len: int, k_len: int, *, q_start: int | None = None, k_start: int = 0):
+        """A FlexAttention ``score_mod`` reading a ``[heads, q_len + k_len − 1]`` per-offset table
+        (O(N) memory); see :mod:`posbias.integrations.flex`. Queries default to the end of the keys."""
+        from ..integrations.flex import score_mod
+
+        return score_mod(self, q_len, k_len, q_start=q_start, k_start=k_start)

@@ -1,0 +1,272 @@
+"""Hugging Face ``transformers`` models on posbias attention, outputs unchanged.
+
+Two things live here:
+
+* **conversion** between ``transformers`` configs/weights and posbias schemes:
+  :func:`scheme_from_hf` (T5, mT5, UMT5: ``relative_attention_bias.weight`` is ``[num_buckets, heads]``,
+  encoder bidirectional, decoder causal; BLOOM: ALiBi slopes from the head count) and
+  :func:`t5_to_hf` (a posbias :class:`~posbias.schemes.t5.T5Bias` back to the config fields and weight);
+* **acceleration**: :func:`accelerate` makes a T5-family or BLOOM model run its positional
+  self-attention through :func:`posbias.attention` — the T5 bias is never materialised as
+  ``[heads, N, N]`` (HF builds it from an N² bucketing), ALiBi rides on a fused kernel — and
+  :func:`restore` undoes it.
+
+What stays on the original ``transformers`` code path (exact by construction): cross-attention,
+attention with dropout while training, padding masks (any mask other than "no mask" or plain
+causal), and BLOOM with ``output_attentions``. For T5 in those cases the dense bias is still built
+from posbias' O(N) per-offset table and handed to SDPA, so it is cheaper than the original too.
+
+Usage with a real checkpoint (downloads happen in *your* code, never in posbias)::
+
+    from transformers import T5EncoderModel
+    from posbias.integrations.hf import accelerate
+    model = accelerate(T5EncoderModel.from_pretrained("google/flan-t5-base"))
+
+Written against the ``transformers`` 5.x attention interface; ``transformers`` is imported only
+when a function here is called.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import attention
+from ..schemes.alibi import ALiBi
+from ..schemes.t5 import T5Bias
+
+__all__ = ["scheme_from_hf", "t5_to_hf", "accelerate", "restore", "ATTN_IMPLEMENTATION"]
+
+ATTN_IMPLEMENTATION = "posbias"
+T5_FAMILY = ("t5", "mt5", "umt5")
+ALIBI_FAMILY = ("bloom",)
+_MARK = "_posbias_accelerated"
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("the Hugging Face integration needs transformers: pip install 'posbias[hf]'") from None
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:
+        raise ValueError(f"posbias.integrations.hf needs transformers >= 5.0 (its attention interface); "
+                         f"found {transformers.__version__}")
+    return transformers
+
+
+# -- conversion -------------------------------------------------------------------------------
+def _heads(config: Any) -> int:
+    for name in ("num_heads", "n_head", "num_attention_heads", "n_heads"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise ValueError(f"cannot find the head count in {type(config).__name__}")
+
+
+def scheme_from_hf(config: Any, weight: Tensor | None = None, *, decoder: bool | None = None) -> T5Bias | ALiBi:
+    """The posbias scheme equal to a ``transformers`` model's positional bias.
+
+    T5 family: a :class:`T5Bias` with ``num_buckets``/``max_distance`` from the config,
+    ``bidirectional = not decoder`` (``decoder`` defaults to ``config.is_decoder``), and the table
+    copied from ``weight`` (``relative_attention_bias.weight``, ``[num_buckets, heads]``) when given.
+    BLOOM: an :class:`ALiBi` scheme (slopes from the head count, as ``transformers`` computes them).
+    """
+    kind = getattr(config, "model_type", None)
+    if kind in T5_FAMILY:
+        decoder = bool(getattr(config, "is_decoder", False)) if decoder is None else decoder
+        scheme = T5Bias(n_heads=_heads(config), head_dim=config.d_kv,
+                        num_buckets=config.relative_attention_num_buckets,
+                        max_distance=config.relative_attention_max_distance, bidirectional=not decoder)
+        if weight is not None:
+            want = (config.relative_attention_num_buckets, _heads(config))
+            if tuple(weight.shape) != want:
+                raise ValueError(f"relative_attention_bias.weight must be [num_buckets, heads] = {list(want)}, "
+                                 f"got {list(weight.shape)}")
+            with torch.no_grad():
+                scheme.table.copy_(weight.detach().float())
+        return scheme
+    if kind in ALIBI_FAMILY:
+        heads = _heads(config)
+        return ALiBi(n_heads=heads, head_dim=config.hidden_size // heads)
+    raise ValueError(f"model_type {kind!r} is not supported; supported: {', '.join(T5_FAMILY + ALIBI_FAMILY)}")
+
+
+def t5_to_hf(scheme: T5Bias) -> tuple[dict[str, Any], Tensor]:
+    """The ``transformers`` T5 config fields and ``relative_attention_bias.weight`` of a posbias T5 bias."""
+    if not isinstance(scheme, T5Bias):
+        raise ValueError(f"t5_to_hf needs a T5Bias scheme, got {type(scheme).__name__}")
+    fields = {"relative_attention_num_buckets": scheme.num_buckets,
+              "relative_attention_max_distance": scheme.max_distance,
+              "num_heads": scheme.n_heads, "d_kv": scheme.head_dim, "is_decoder": not scheme.bidirectional}
+    return fields, scheme.table.detach().clone()
+
+
+# -- masks ------------------------------------------------------------------------------------
+def mask_kind(mask: Tensor | None, q_start: int, lq: int, lk: int, *, causal_if_none: bool) -> str | None:
+    """``"full"``, ``"causal"`` or None (anything else, e.g. padding) for a ``transformers`` mask.
+
+    Boolean masks are True where attention is allowed; float masks are additive (0 or very negative).
+    """
+    if mask is None:
+        return "causal" if causal_if_none else "full"
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        low = torch.finfo(mask.dtype).min / 2
+        if not bool(((mask == 0) | (mask <= low)).all()):
+            return None
+        allowed = mask == 0
+    if allowed.shape[-2:] != (lq, lk):
+        return None
+    if bool(allowed.all()):
+        return "full"
+    i = torch.arange(q_start, q_start + lq, device=mask.device)[:, None]
+    j = torch.arange(lk, device=mask.device)[None, :]
+    return "causal" if bool((allowed == (i >= j)).all()) else None
+
+
+# -- T5 family --------------------------------------------------------------------------------
+@dataclass
+class LazyT5Bias:
+    """Stands in for HF's dense ``position_bias`` and travels through the stack like it: the
+    scheme (sharing the model's ``relative_attention_bias.weight``) and the first query position."""
+
+    scheme: T5Bias
+    q_start: int
+
+    def dense(self, lq: int, lk: int, dtype: torch.dtype) -> Tensor:
+        dev = self.scheme.table.device
+        q_pos = torch.arange(self.q_start, self.q_start + lq, device=dev)
+        return self.scheme.bias(q_pos, torch.arange(lk, device=dev))[None].to(dtype)
+
+
+def _t5_compute_bias(scheme: T5Bias, query_length: int, key_length: int, device=None, past_seen_tokens=0):
+    return LazyT5Bias(scheme, int(past_seen_tokens))
+
+
+def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                       dropout: float = 0.0, scaling: float | None = None, position_bias: Any = None, **kwargs):
+    """The ``transformers`` attention-interface function registered as ``"posbias"``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if isinstance(position_bias, LazyT5Bias):
+        lq, lk = query.shape[2], key.shape[2]
+        kind = mask_kind(attention_mask, position_bias.q_start, lq, lk,
+                         causal_if_none=not position_bias.scheme.bidirectional)
+        if kind is not None and dropout == 0.0:
+            q_pos = torch.arange(position_bias.q_start, position_bias.q_start + lq, device=query.device)
+            out = attention(query, key, value, position_bias.scheme, causal=kind == "causal", scale=scaling,
+                            q_pos=q_pos, k_pos=torch.arange(lk, device=query.device))
+            return out.transpose(1, 2).contiguous(), None
+        position_bias = position_bias.dense(lq, lk, query.dtype)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  position_bias=position_bias, **kwargs)
+
+
+def _register() -> None:
+    _transformers()
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _posbias_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def _is_t5_attention(m: nn.Module) -> bool:
+    return hasattr(m, "compute_bias") and hasattr(m, "has_relative_attention_bias") and hasattr(m, "relative_attention_num_buckets")
+
+
+def _t5_scheme(m: nn.Module) -> T5Bias:
+    scheme = scheme_from_hf(m.config, decoder=bool(m.is_decoder))
+    scheme.table = m.relative_attention_bias.weight  # shared: training and state_dict stay HF's
+    return scheme
+
+
+# -- BLOOM ------------------------------------------------------------------------------------
+def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual: Tensor, alibi: Tensor,
+                   attention_mask: Tensor | None, layer_past=None, use_cache: bool = False,
+                   output_attentions: bool = False, **kwargs):
+    from transformers.models.bloom.modeling_bloom import dropout_add
+
+    b, lq, _ = hidden_states.shape
+    past = layer_past.get_seq_length(module.layer_idx) if layer_past is not None else 0
+    lk = attention_mask.shape[-1] if attention_mask is not None else past + lq
+    kind = mask_kind(attention_mask, lk - lq, lq, lk, causal_if_none=True)
+    dropping = module.training and module.attention_dropout.p > 0
+    if kind is None or output_attentions or dropping or (module.pretraining_tp > 1 and module.slow_but_exact):
+        return original(hidden_states, residual, alibi, attention_mask, layer_past=layer_past, use_cache=use_cache,
+                        output_attentions=output_attentions, **kwargs)
+    q, k, v = module._reshape(module.query_key_value(hidden_states))
+    if layer_past is not None:
+        k, v = layer_past.update(k, v, module.layer_idx)
+    scheme = _bloom_scheme(module.num_heads, module.head_dim, str(q.device))
+    out = attention(q, k, v, scheme, causal=kind == "causal", scale=module.inv_norm_factor)
+    context = out.transpose(1, 2).reshape(b, lq, module.num_heads * module.head_dim)
+    return dropout_add(module.dense(context), residual, module.hidden_dropout, module.training), None
+
+
+@functools.lru_cache(maxsize=16)
+def _bloom_scheme(n_heads: int, head_dim: int, device: str) -> ALiBi:
+    return ALiBi(n_heads=n_heads, head_dim=head_dim).to(device)
+
+
+# -- patching ---------------------------------------------------------------------------------
+def accelerate(model: nn.Module) -> nn.Module:
+    """Run ``model``'s positional self-attention on posbias; returns the same model (patched in place).
+
+    T5 family (T5, Flan-T5, mT5, UMT5): each ``relative_attention_bias`` becomes a posbias T5 bias
+    sharing the weight, layers pass a lazy bias instead of ``[1, heads, N, N]``, and the model's
+    attention implementation becomes ``"posbias"`` (SDPA for everything that is not positional
+    self-attention). BLOOM: self-attention goes through posbias' fused ALiBi path.
+    Outputs equal the unpatched model's to float32 tolerance; :func:`restore` undoes it.
+    """
+    _transformers()
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind not in T5_FAMILY + ALIBI_FAMILY:
+        raise ValueError(f"accelerate supports model_type {', '.join(T5_FAMILY + ALIBI_FAMILY)}; got {kind!r}")
+    if getattr(model, _MARK, None) is not None:
+        return model
+    patched = 0
+    if kind in T5_FAMILY:
+        _register()
+        previous = {}
+        for m in model.modules():
+            if _is_t5_attention(m) and m.has_relative_attention_bias:
+                m.compute_bias = functools.partial(_t5_compute_bias, _t5_scheme(m))
+                patched += 1
+            cfg = getattr(m, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in previous:
+                previous[id(cfg)] = (cfg, cfg._attn_implementation)
+        for cfg, _ in previous.values():
+            cfg._attn_implementation = ATTN_IMPLEMENTATION
+        undo = [cfg_impl for cfg_impl in previous.values()]
+    else:
+        undo = []
+        for m in model.modules():
+            if type(m).__name__ == "BloomAttention":
+                m.forward = functools.partial(_bloom_forward, m, type(m).forward.__get__(m))
+                patched += 1
+    if patched == 0:
+        raise ValueError(f"found no positional self-attention to accelerate in {type(model).__name__}")
+    object.__setattr__(model, _MARK, undo)
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo :func:`accelerate` (no-op on a model that was not accelerated)."""
+    undo = getattr(model, _MARK, None)
+    if undo is None:
+        return model
+    for m in model.modules():
+        for name in ("compute_bias", "forward"):
+            f = m.__dict__.get(name)
+            if isinstance(f, functools.partial) and f.func in (_t5_compute_bias, _bloom_forward):
+                del m.__dict__[name]
+    for cfg, impl in undo:
+        cfg._attn_implementation = impl
+    object.__delattr__(model, _MARK)
+    return model

@@ -1,0 +1,74 @@
+"""FlexAttention export: every Toeplitz scheme's ``score_mod`` against the reference (eager
+FlexAttention, which runs on CPU without compiling), the opt-in ``flex`` backend, and its errors."""
+
+import pytest
+import torch
+
+from posbias import SCHEMES, ToeplitzScheme, attention, attention_reference, build
+from posbias.attention import resolve
+from posbias.integrations.flex import flex_available, flex_kernel, offset_table
+
+pytestmark = pytest.mark.skipif(not flex_available(), reason="this torch has no FlexAttention")
+
+TOEPLITZ = [n for n, c in SCHEMES.items() if issubclass(c, ToeplitzScheme)]
+
+
+def randomized(name, **options):
+    s = build(name, n_heads=3, head_dim=16, **options)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(torch.randn_like(p) * 0.7)
+    return s
+
+
+@pytest.mark.parametrize("name", TOEPLITZ + ["rope", "nope"])
+@pytest.mark.parametrize("causal,lq,lk,q0", [(True, 77, 77, None), (False, 61, 61, None), (True, 3, 90, 87),
+                                             (True, 20, 30, -5), (False, 9, 40, 3)])
+def test_flex_matches_reference(name, causal, lq, lk, q0):
+    torch.manual_seed(0)
+    s = randomized(name)
+    q, k, v = (torch.randn(2, 3, n, 16) for n in (lq, lk, lk))
+    qp = None if q0 is None else torch.arange(q0, q0 + lq)
+    with torch.no_grad():
+        ref = attention_reference(q, k, v, s, causal=causal, q_pos=qp)
+        qq, kk, qpos, kpos, scale = resolve(q, k, v, s, q_pos=qp, k_pos=None, scale=None)
+        out = flex_kernel(qq, kk, v, s, q_pos=qpos, k_pos=kpos, causal=causal, scale=scale, compile=False)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_score_mod_method_and_table_is_linear_in_length():
+    s = randomized("t5", max_distance=50)
+    table = offset_table(s, 10, 300)
+    assert table.shape == (3, 309) and table.dtype == torch.float32
+    mod = s.score_mod(10, 300)  # queries 290..299 against keys 0..299
+    score = torch.zeros(())
+    for qi, ki in [(0, 0), (9, 299), (3, 100)]:
+        got = mod(score, torch.tensor(0), torch.tensor(2), torch.tensor(qi), torch.tensor(ki))
+        want = s.bias_at(torch.tensor([290 + qi - ki]))[2, 0]
+        assert got.item() == pytest.approx(want.item())
+
+
+@pytest.mark.slow
+def test_flex_backend_compiled_matches_reference():
+    torch.manual_seed(0)
+    s = randomized("alibi")
+    q, k, v = (torch.randn(1, 3, 256, 16) for _ in range(3))
+    with torch.no_grad():
+        out = attention(q, k, v, s, backend="flex")
+        ref = attention_reference(q, k, v, s)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_flex_backend_refuses_what_it_cannot_do_exactly():
+    q = torch.randn(1, 3, 8, 16)
+    with pytest.raises(ValueError, match="Toeplitz"):
+        attention(q, q, q, build("fire", n_heads=3, head_dim=16), backend="flex")
+    with pytest.raises(ValueError, match="no backward pass on CPU"):
+        attention(q, q, q, build("t5", n_heads=3, head_dim=16), backend="flex")
+    with pytest.raises(ValueError, match="contiguous"):
+        with torch.no_grad():
+            attention(q, q, q, build("alibi", n_heads=3, head_dim=16), backend="flex",
+                      q_pos=torch.arange(0, 16, 2), k_pos=torch.arange(0, 16, 2))
+    with pytest.raises(ValueError, match="Toeplitz"):
+        offset_table(build("fire", n_heads=3, head_dim=16), 4, 4)

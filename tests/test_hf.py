@@ -1,0 +1,192 @@
+"""Hugging Face integration: conversion both ways and accelerated models equal to the originals.
+
+Models are randomly initialised from small configs (no download). Skipped without transformers 5.
+"""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
+    pytest.skip("the integration targets transformers >= 5", allow_module_level=True)
+
+from posbias import attention_reference, build  # noqa: E402
+from posbias.integrations.hf import accelerate, mask_kind, restore, scheme_from_hf, t5_to_hf  # noqa: E402
+
+
+def t5_config(**kw):
+    base = dict(vocab_size=97, d_model=48, d_kv=12, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                relative_attention_num_buckets=16, relative_attention_max_distance=40, dropout_rate=0.0,
+                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    base.update(kw)
+    return transformers.T5Config(**base)
+
+
+def randomize_bias(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_attention_bias" in name:
+                p.normal_(0, 2.0)  # large, so a bias error cannot hide
+    return model
+
+
+def pair(model):
+    model.eval()
+    fast = accelerate(copy.deepcopy(model))
+    return model, fast
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """Counts the calls that took posbias' attention (not the transformers fallback)."""
+    import posbias.integrations.hf as hf
+
+    calls = []
+    real = hf.attention
+
+    def counted(*args, **kw):
+        calls.append(args[0].shape)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(hf, "attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("buckets,max_distance", [(16, 40), (32, 128), (8, 20)])
+def test_t5_encoder_equal(buckets, max_distance, fast_calls):
+    torch.manual_seed(0)
+    cfg = t5_config(relative_attention_num_buckets=buckets, relative_attention_max_distance=max_distance)
+    ref, fast = pair(randomize_bias(transformers.T5EncoderModel(cfg)))
+    ids = torch.randint(2, 97, (2, 301))
+    with torch.no_grad():
+        a = ref(input_ids=ids).last_hidden_state
+        b = fast(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+    assert len(fast_calls) == 2  # both layers' self-attention on posbias
+
+
+def test_t5_seq2seq_logits_and_generate_with_cache(fast_calls):
+    torch.manual_seed(0)
+    ref, fast = pair(randomize_bias(transformers.T5ForConditionalGeneration(t5_config())))
+    ids = torch.randint(2, 97, (2, 83))
+    dec = torch.randint(2, 97, (2, 57))
+    with torch.no_grad():
+        a = ref(input_ids=ids, decoder_input_ids=dec).logits
+        b = fast(input_ids=ids, decoder_input_ids=dec).logits
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+        assert len(fast_calls) == 4  # encoder and decoder self-attention; cross-attention stays on SDPA
+        ga = ref.generate(input_ids=ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+        gb = fast.generate(input_ids=ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+        gc = fast.generate(input_ids=ids, max_new_tokens=30, min_new_tokens=30, do_sample=False, use_cache=False)
+    assert torch.equal(ga, gb) and torch.equal(ga, gc)
+    assert any(shape[2] == 1 for shape in fast_calls)  # one-token decoding steps took the fast path
+
+
+def test_t5_padding_mask_falls_back_exactly():
+    torch.manual_seed(0)
+    ref, fast = pair(randomize_bias(transformers.T5EncoderModel(t5_config())))
+    ids = torch.randint(2, 97, (2, 50))
+    mask = torch.ones(2, 50, dtype=torch.long)
+    mask[1, 40:] = 0
+    with torch.no_grad():
+        a = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+
+
+def test_t5_training_gradients_reach_the_hf_weight():
+    torch.manual_seed(0)
+    ref, fast = pair(randomize_bias(transformers.T5EncoderModel(t5_config())))
+    ids = torch.randint(2, 97, (1, 120))
+    grads = []
+    for m in (ref, fast):
+        m.zero_grad()
+        m(input_ids=ids).last_hidden_state.square().sum().backward()
+        grads.append(m.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
+    assert grads[0].abs().sum() > 0
+    assert set(fast.state_dict()) == set(ref.state_dict())
+
+
+def test_umt5_per_layer_bias_equal():
+    torch.manual_seed(0)
+    cfg = transformers.UMT5Config(vocab_size=97, d_model=48, d_kv=12, d_ff=64, num_layers=2, num_heads=4,
+                                  relative_attention_num_buckets=16, relative_attention_max_distance=40,
+                                  dropout_rate=0.0, decoder_start_token_id=0)
+    ref, fast = pair(randomize_bias(transformers.UMT5EncoderModel(cfg)))
+    ids = torch.randint(2, 97, (2, 140))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state,
+                                   atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("heads", [4, 6])
+def test_bloom_logits_and_generate(heads, fast_calls):
+    torch.manual_seed(0)
+    cfg = transformers.BloomConfig(vocab_size=97, hidden_size=12 * heads, n_layer=2, n_head=heads,
+                                   hidden_dropout=0.0, attention_dropout=0.0)
+    ref, fast = pair(transformers.BloomForCausalLM(cfg))
+    ids = torch.randint(0, 97, (2, 150))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
+        ga = ref.generate(input_ids=ids[:, :40], max_new_tokens=25, min_new_tokens=25, do_sample=False)
+        gb = fast.generate(input_ids=ids[:, :40], max_new_tokens=25, min_new_tokens=25, do_sample=False)
+    assert torch.equal(ga, gb)
+    assert len(fast_calls) > 2 and any(shape[2] == 1 for shape in fast_calls)
+
+
+def test_restore_and_conversion_round_trip():
+    torch.manual_seed(0)
+    model = randomize_bias(transformers.T5EncoderModel(t5_config()))
+    att = model.encoder.block[0].layer[0].SelfAttention
+    scheme = scheme_from_hf(model.config, att.relative_attention_bias.weight)
+    assert scheme.bidirectional and scheme.num_buckets == 16 and scheme.max_distance == 40
+    # the converted scheme reproduces HF's dense bias exactly
+    hf_bias = att.compute_bias(37, 37)[0]
+    torch.testing.assert_close(scheme.bias(torch.arange(37), torch.arange(37)), hf_bias, atol=0, rtol=0)
+    fields, weight = t5_to_hf(scheme)
+    assert fields["relative_attention_num_buckets"] == 16 and torch.equal(weight, att.relative_attention_bias.weight)
+    accelerate(model)
+    assert "compute_bias" in att.__dict__ and model.config._attn_implementation == "posbias"
+    restore(model)
+    assert "compute_bias" not in att.__dict__ and model.config._attn_implementation != "posbias"
+    bloom = scheme_from_hf(transformers.BloomConfig(hidden_size=48, n_head=6))
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+    torch.testing.assert_close(bloom.slopes, _get_alibi_slopes(6, torch.device("cpu")))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="model_type"):
+        scheme_from_hf(transformers.GPT2Config())
+    with pytest.raises(ValueError, match=r"\[num_buckets, heads\]"):
+        scheme_from_hf(t5_config(), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="accelerate supports"):
+        accelerate(transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2)))
+    with pytest.raises(ValueError, match="T5Bias"):
+        t5_to_hf(build("alibi", n_heads=2, head_dim=4))
+
+
+def test_mask_kind():
+    causal = torch.tril(torch.ones(5, 5, dtype=torch.bool))
+    assert mask_kind(None, 0, 5, 5, causal_if_none=True) == "causal"
+    assert mask_kind(None, 0, 5, 5, causal_if_none=False) == "full"
+    assert mask_kind(causal[None, None], 0, 5, 5, causal_if_none=False) == "causal"
+    assert mask_kind(torch.ones(1, 1, 5, 5, dtype=torch.bool), 0, 5, 5, causal_if_none=False) == "full"
+    additive = torch.zeros(1, 1, 5, 5).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert mask_kind(additive, 0, 5, 5, causal_if_none=False) == "causal"
+    padded = causal.clone()
+    padded[:, 0] = False
+    assert mask_kind(padded[None, None], 0, 5, 5, causal_if_none=False) is None
+    assert mask_kind(torch.full((1, 1, 5, 5), 0.5), 0, 5, 5, causal_if_none=False) is None
+
+
+def test_import_posbias_imports_neither_transformers_nor_flex():
+    code = ("import sys, posbias; bad = [m for m in ('transformers', 'torch.nn.attention.flex_attention') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
