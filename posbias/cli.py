@@ -184,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .extrapolate import add_arguments as add_extrapolate
 
     add_extrapolate(sub.add_parser("extrapolate", help="train short, test long: the length-generalization study"))
+
+    from .retrofit import add_arguments as add_retrofit
+
+    add_retrofit(sub.add_parser("retrofit", help="extend a trained model to a longer context (RoPE scalings, "
+                                "T5 max_distance, swap to ALiBi/T5), before/after table; --compare for the decision table"))
+
+    from .diagnose import add_arguments as add_diagnose
+
+    add_diagnose(sub.add_parser("diagnose", help="report why a checkpoint does (not) generalise: loss by position, "
+                                "attention distance, buckets/reach, passkey"))
     return p
 
 
@@ -214,6 +224,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .extrapolate import run_from_args
 
             run_from_args(args)
+        elif args.command == "retrofit":
+            from .retrofit import run_from_args as run_retrofit
+
+            run_retrofit(args)
+        elif args.command == "diagnose":
+            from .diagnose import run_from_args as run_diagnose
+
+            run_diagnose(args)
     except (CLIError, ValueError, FileNotFoundError) as exc:
         print(f"posbias {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -67,8 +67,11 @@ class _Windowed(torch.autograd.Function):
                 continue
             o, l = merge(parts)
             out[:, :, s:e], lse[:, :, s:e] = o, l
-            safe = l.clamp(min=torch.finfo(torch.float32).min)
-            shares.append([(torch.exp(parts[i][1] - safe), parts[i][0].float()) for i in flat])
+            if ctx.needs_input_grad[3]:  # the constants' gradient needs each flat part's share
+                safe = l.clamp(min=torch.finfo(torch.float32).min)
+                shares.append([(torch.exp(parts[i][1] - safe), parts[i][0].float()) for i in flat])
+            else:
+                shares.append([])
         ctx.save_for_backward(q, k, v, vals, out, lse)
         ctx.shares = shares
         ctx.args = (q0, k0, w, causal, scale, block)
@@ -106,8 +109,9 @@ class _Windowed(torch.autograd.Function):
                 dq[:, :, s:e] += gq
                 dk[:, :, lo:hi] += gk
                 dv[:, :, lo:hi] += gv
-                weight, part_out = next(shares)
-                dvals[:, col] += (weight * ((do * part_out).sum(-1) - delta)).sum((0, 2))
+                if ctx.needs_input_grad[3]:
+                    weight, part_out = next(shares)
+                    dvals[:, col] += (weight * ((do * part_out).sum(-1) - delta)).sum((0, 2))
             if band_end > left and not ctx.needs_input_grad[3]:  # fixed bias: fused backward
                 mask = band_mask(qa, qb, k0 + left, k0 + band_end)
                 gq, gk, gv = flash_backward(do.to(q.dtype), qb_, k[:, :, left:band_end], v[:, :, left:band_end],
@@ -150,8 +154,12 @@ def _band_index(qa: int, qb: int, ka: int, kb: int, w: int, device: torch.device
 
 
 def _band(vals: Tensor, qa: int, qb: int, ka: int, kb: int, w: int, causal: bool) -> tuple[Tensor, Tensor | None]:
-    idx = _band_index(qa, qb, ka, kb, w, vals.device)
-    bias = vals.float()[:, idx]
+    # Toeplitz: B[r, c] = E[r − c + Lk − 1] over the Lq + Lk − 1 offsets of the block, built as a
+    # strided window of the reversed row (a copy, not an [Lq, Lk] gather)
+    lq, lk = qb - qa, kb - ka
+    offsets = torch.arange((qa - ka) - (lk - 1), (qa - ka) + lq, device=vals.device)
+    row = vals.float()[:, offsets.clamp(-w, w) + w].flip(-1)  # F[u] = E[T − 1 − u]
+    bias = row.unfold(-1, lk, 1).flip(-2)  # W[a, c] = F[a + c];  B[r] = W[Lq − 1 − r]
     vis = None
     if causal:
         vis = torch.arange(ka, kb, device=vals.device)[None, :] <= torch.arange(qa, qb, device=vals.device)[:, None]

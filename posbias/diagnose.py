@@ -1,0 +1,305 @@
+"""Why does a model (not) generalise to longer contexts? ``posbias diagnose CHECKPOINT``.
+
+The report (``report.md`` + PNGs + ``diagnose.json``) has:
+
+* **loss by position** in windows of ``length`` tokens, by ranges of ``L`` (the training length):
+  a rise past ``L`` is the failure to extrapolate;
+* **attention distance** per layer and head: the mean, median and 90th percentile of ``i − j``
+  weighted by the attention probabilities, as a function of the query position. An over-local head
+  keeps a small distance however far the query is; a head whose distance grows with the position is
+  spreading attention over ever more keys (attention dilution);
+* **the bias itself**: for T5, the share of query–key pairs at each length that fall into the
+  final bucket (beyond ``max_distance`` every distance looks the same) and the learned table per
+  head; for ALiBi, KERPLE, FIRE, T5 and offset the **effective reach** of each head — the distance
+  at which the bias alone cuts attention by 100× (``bias(0) − bias(d) ≥ ln 100``);
+* **passkey retrieval** (:mod:`posbias.passkey`): a copy of the model is fine-tuned on the task at
+  ``L`` and tested at every length up to ``length`` and five depths.
+
+Attention probabilities are recomputed with the dense reference math from the model's own q and k
+(exact), a few windows at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from . import checkpoint as ckpt
+from . import passkey
+from .attention import resolve
+from .data import Corpus
+from .evaluate import evaluate_length
+from .model import TransformerLM
+from .schemes.t5 import T5Bias
+
+REACH_DROP = math.log(100.0)
+
+
+@torch.no_grad()
+def attention_distance(model: TransformerLM, idx: Tensor, quantiles: tuple[float, ...] = (0.5, 0.9)) -> dict[str, Tensor]:
+    """Attention-weighted distance ``i − j`` per layer, head and query position, averaged over the batch.
+
+    Returns ``{"mean": [layers, heads, N], "q50": …, "q90": …}`` (one entry per quantile).
+    """
+    model.eval()
+    b, n = idx.shape
+    pos = torch.arange(n, device=idx.device)
+    dist = (pos[:, None] - pos[None, :]).clamp(min=0).float()
+    hidden = torch.ones(n, n, dtype=torch.bool, device=idx.device).tril().logical_not()
+    x = model.embed(idx)
+    absolute = model.scheme.embed(pos, model.cfg.d_model)
+    if absolute is not None:
+        x = x + absolute.to(x.dtype)
+    out: dict[str, list[Tensor]] = {"mean": [], **{f"q{int(q * 100)}": [] for q in quantiles}}
+    for block in model.blocks:
+        att = block.attn
+        q, k, v = att.qkv(block.ln1(x)).view(b, n, 3, att.n_heads, att.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, _, _, scale = resolve(q, k, v, model.scheme, q_pos=pos, k_pos=pos, scale=None)
+        logits = scale * (q.float() @ k.float().transpose(-1, -2))
+        bias = model.scheme.bias(pos, pos)
+        if bias is not None:
+            logits = logits + bias
+        p = logits.masked_fill(hidden, float("-inf")).softmax(-1)  # [B, H, N, N]
+        out["mean"].append((p * dist).sum(-1).mean(0))
+        cum = p.flip(-1).cumsum(-1)  # index t ↔ key N−1−t, distance t − (N−1−i)
+        offset = (n - 1 - pos).view(1, 1, n)
+        for qn in quantiles:
+            first = (cum >= qn).float().argmax(-1)  # [B, H, N]
+            out[f"q{int(qn * 100)}"].append((first - offset).clamp(min=0).float().mean(0))
+        x = block(x, model.scheme, pos)
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def final_bucket_share(scheme: T5Bias, length: int) -> float:
+    """Share of causal query–key pairs of a ``length``-token window that fall into T5's final bucket."""
+    w = scheme.flat_beyond
+    o = torch.arange(length, dtype=torch.float64)
+    pairs = length - o  # number of (i, j) pairs at offset o
+    return float(pairs[w:].sum() / pairs.sum()) if w < length else 0.0
+
+
+def effective_reach(scheme, *, query_pos: int, max_distance: int) -> list[int | None]:
+    """Per head: the smallest distance ``d ≤ max_distance`` with ``bias(0) − bias(d) ≥ ln 100`` (None: never)."""
+    from .plot import bias_versus_distance
+
+    d = torch.arange(0, max_distance + 1)
+    curve = bias_versus_distance(scheme, d, query_pos=query_pos)  # [H, D]
+    if curve is None:
+        return [None] * scheme.n_heads
+    drop = curve[:, :1] - curve
+    hits = drop >= REACH_DROP
+    return [int(torch.nonzero(h)[0]) if bool(h.any()) else None for h in hits]
+
+
+def _loss_by_ranges(losses: list[float], train_len: int) -> list[tuple[str, float]]:
+    rows, s = [], 0
+    while s < len(losses):
+        e = min(len(losses), max(train_len, s * 2) if s else train_len)
+        chunk = losses[s:e]
+        rows.append((f"{s}–{e - 1}", sum(chunk) / len(chunk)))
+        s = e
+    return rows
+
+
+def run_diagnose(path: str | Path, out: str | Path, *, corpus: Corpus, length: int | None = None,
+                 windows: int = 4, eval_tokens: int = 8192, passkey_steps: int = 300, passkey_samples: int = 24,
+                 device: str = "cpu", progress: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    meta = ckpt.read_meta(path)
+    model = ckpt.load_model(path).to(device).eval()
+    train_len = int(meta.get("train", {}).get("seq_len") or 0)
+    if train_len < 1:
+        raise ValueError(f"{str(path)!r} records no training length (meta 'train.seq_len')")
+    length = length or 8 * train_len
+    if length < 2:
+        raise ValueError(f"--length must be >= 2, got {length}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scheme = model.scheme
+    report: dict[str, Any] = {"checkpoint": str(path), "scheme": model.cfg.scheme, "options": model.cfg.scheme_options,
+                              "train_len": train_len, "length": length}
+    lines = [f"# Diagnosis of `{path}`", "",
+             f"Scheme **{model.cfg.scheme}** {model.cfg.scheme_options or ''}, trained at L = {train_len} tokens; "
+             f"examined at {length} tokens ({length / train_len:g} L).", ""]
+
+    # 1. loss by position
+    log("loss by position …")
+    ev = evaluate_length(model, corpus.val, length, max_tokens=max(eval_tokens, length), device=device)
+    ranges = _loss_by_ranges(ev["loss_by_position"], train_len)
+    report["loss_by_position"] = ev["loss_by_position"]
+    report["loss_by_range"] = ranges
+    lines += ["## Loss by position", "", f"Perplexity over the whole {length}-token window: {ev['ppl']:.3f}.", "",
+              "| positions | mean loss (nats/byte) |", "|---|---|"] + [f"| {r} | {v:.4f} |" for r, v in ranges]
+    inside = ranges[0][1]
+    worst = max(v for _, v in ranges[1:]) if len(ranges) > 1 else inside
+    lines += ["", f"Past the training length the loss {'rises' if worst > inside * 1.02 else 'does not rise'} "
+              f"(worst range {worst:.3f} vs {inside:.3f} inside L).", "", "![loss by position](loss_by_position.png)", ""]
+
+    # 2. attention distance
+    log("attention distance per layer and head …")
+    windows = max(1, windows)
+    starts = torch.linspace(0, corpus.val.numel() - length - 1, windows).long()
+    idx = torch.stack([corpus.val[s:s + length] for s in starts]).long().to(device)
+    ad = attention_distance(model, idx)
+    report["attention_distance"] = {k: v.tolist() for k, v in ad.items()}
+    lines += ["## Attention distance", "",
+              f"Attention-weighted distance i − j at the last {length // 4} query positions (uniform attention over "
+              f"all earlier keys would give a mean of about {3 * length / 8:.0f}; a head that attended only to keys within L "
+              f"would stay below {train_len}).", "",
+              "| layer | head | mean | median | 90th pct | at query ≈ L: mean |", "|---|---|---|---|---|---|"]
+    tail = slice(length - length // 4, length)
+    at_l = slice(max(0, train_len - 8), min(length, train_len + 8))
+    for layer in range(ad["mean"].shape[0]):
+        for h in range(ad["mean"].shape[1]):
+            lines.append(f"| {layer} | {h} | {ad['mean'][layer, h, tail].mean():.1f} | {ad['q50'][layer, h, tail].mean():.1f} | "
+                         f"{ad['q90'][layer, h, tail].mean():.1f} | {ad['mean'][layer, h, at_l].mean():.1f} |")
+    lines += ["", "![attention distance](attention_distance.png)", ""]
+
+    # 3. the bias
+    if model.cfg.scheme == "t5":
+        lens = [n for n in (train_len, 2 * train_len, 4 * train_len, 8 * train_len, 16 * train_len) if n <= length]
+        lens = sorted(set(lens + [length]))
+        shares = {n: final_bucket_share(scheme, n) for n in lens}
+        report["t5_final_bucket_share"] = shares
+        lines += ["## T5 buckets", "",
+                  f"{scheme.num_buckets} buckets, max_distance {scheme.max_distance}: the final bucket starts at distance "
+                  f"{scheme.flat_beyond}. Share of causal query–key pairs in the final bucket:", "",
+                  "| window | share in final bucket |", "|---|---|"] + [f"| {n} | {s:.1%} |" for n, s in shares.items()]
+        lines += ["", "Every pair in the final bucket gets the same bias, so once most keys are there the bias no longer "
+                  "separates near from far and attention mass drifts to the many far keys.", ""]
+    if scheme.family == "additive":
+        reach = effective_reach(scheme, query_pos=length - 1, max_distance=16 * length)
+        report["effective_reach"] = reach
+        lines += ["## Effective reach of the bias", "",
+                  f"Distance at which the bias alone cuts attention by 100× (query at position {length - 1}; "
+                  f"'never' = not within {16 * length}):", "",
+                  "| head | reach |", "|---|---|"] + [f"| {h} | {r if r is not None else 'never'} |" for h, r in enumerate(reach)]
+        lines += ["", "![bias](bias_vs_distance.png)", ""]
+
+    # 4. passkey
+    if passkey_steps > 0 and train_len >= passkey.overhead(5):
+        log(f"passkey: fine-tuning a copy for {passkey_steps} steps at {train_len} …")
+        copy = TransformerLM(model.cfg).to(device)
+        copy.load_state_dict(model.state_dict())
+        passkey.train_passkey(copy, length=train_len, steps=passkey_steps, device=device, progress=progress)
+        lens, n = [], train_len
+        while n <= length:
+            lens.append(n)
+            n *= 2
+        depths = passkey.default_depths(5)
+        grid = passkey.accuracy_grid(copy, lens, depths, samples=passkey_samples, device=device)
+        report["passkey"] = {str(n): {str(d): a for d, a in row.items()} for n, row in grid.items()}
+        lines += ["## Passkey retrieval", "",
+                  f"A copy fine-tuned for {passkey_steps} steps on passkey samples of {train_len} bytes; accuracy over "
+                  f"{passkey_samples} samples per cell (depth 0 = key at the start of the window):", "",
+                  "| length | " + " | ".join(f"depth {d}" for d in depths) + " | mean |", "|---" * (len(depths) + 2) + "|"]
+        for n, row in grid.items():
+            lines.append(f"| {n} | " + " | ".join(f"{row[d]:.2f}" for d in depths) + f" | {passkey.mean_accuracy(grid, n):.2f} |")
+        lines += ["", "![passkey](passkey.png)", ""]
+    elif passkey_steps > 0:
+        lines += ["## Passkey retrieval", "", f"Skipped: the training length {train_len} is shorter than a passkey "
+                  f"sample ({passkey.overhead(5)} bytes).", ""]
+
+    (out / "diagnose.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text("\n".join(lines))
+    try:
+        _plots(report, model, out)
+    except ValueError as exc:  # matplotlib missing: the report and JSON are still written
+        log(f"plots skipped: {exc}")
+    return report
+
+
+def _plots(report: dict[str, Any], model: TransformerLM, out: Path) -> None:
+    from .plot import _pyplot, _save, plot_bias_curves
+
+    plt = _pyplot()
+    L, n = report["train_len"], report["length"]
+    losses = torch.tensor(report["loss_by_position"])
+    k = max(1, n // 64)
+    smooth = torch.nn.functional.avg_pool1d(losses[None, None], k, k)[0, 0] if k > 1 else losses
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot((torch.arange(len(smooth)) * k + k / 2).numpy(), smooth.numpy())
+    ax.axvline(L, color="grey", ls="--", lw=1, label=f"training length {L}")
+    ax.set_xlabel("position in the window")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.set_title(f"{report['scheme']}: loss by position")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, out / "loss_by_position.png")
+
+    mean = torch.tensor(report["attention_distance"]["mean"])
+    layers = mean.shape[0]
+    fig, axes = plt.subplots(1, layers, figsize=(3.2 * layers, 3.2), squeeze=False, sharey=True)
+    x = torch.arange(n)
+    for layer in range(layers):
+        ax = axes[0, layer]
+        for h in range(mean.shape[1]):
+            ax.plot(x.numpy(), mean[layer, h].numpy(), lw=1, label=f"head {h}")
+        ax.plot(x.numpy(), (x / 2).numpy(), color="grey", ls=":", lw=1, label="uniform")
+        ax.axvline(L, color="grey", ls="--", lw=1)
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("query position")
+    axes[0, 0].set_ylabel("mean attention distance i − j")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{report['scheme']}: how far each head looks")
+    _save(fig, out / "attention_distance.png")
+
+    if model.scheme.family == "additive":
+        plot_bias_curves([model.scheme], out / "bias_vs_distance.png", max_distance=n,
+                         title=f"learned/fixed bias per head ({report['scheme']})")
+
+    if "passkey" in report:
+        grid = report["passkey"]
+        lens = list(grid)
+        depths = list(grid[lens[0]])
+        data = [[grid[m][d] for d in depths] for m in lens]
+        fig, ax = plt.subplots(figsize=(6, 0.5 * len(lens) + 2))
+        im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(depths)), depths)
+        ax.set_yticks(range(len(lens)), lens)
+        ax.set_xlabel("depth of the key (0 = start of the window)")
+        ax.set_ylabel("context length")
+        for i, row in enumerate(data):
+            for j, a in enumerate(row):
+                ax.text(j, i, f"{a:.2f}", ha="center", va="center", color="white" if a < 0.6 else "black", fontsize=8)
+        fig.colorbar(im, ax=ax, label="accuracy")
+        ax.set_title(f"{report['scheme']}: passkey retrieval (trained at {L})")
+        _save(fig, out / "passkey.png")
+
+
+# -- CLI glue ---------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    p.add_argument("checkpoint", help="a posbias checkpoint folder")
+    p.add_argument("--length", type=int, help="window examined (default 8 × the training length)")
+    p.add_argument("--windows", type=int, default=4, help="validation windows for the attention statistics")
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--passkey-steps", type=int, default=300, help="0 skips the passkey test")
+    p.add_argument("--passkey-samples", type=int, default=24)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data", help="a local text file or folder instead of the embedded default")
+    p.add_argument("--out", help="default: runs/diagnose-<checkpoint name>")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run_from_args(args) -> None:
+    import time
+
+    from .data import load_corpus
+
+    if not ckpt.exists(args.checkpoint):
+        raise ValueError(f"{args.checkpoint!r} is not a posbias checkpoint (no config.json with a model config)")
+    for flag in ("windows", "eval_tokens", "passkey_samples"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.passkey_steps < 0:
+        raise ValueError(f"--passkey-steps must be >= 0, got {args.passkey_steps}")
+    out = Path(args.out or f"runs/diagnose-{Path(args.checkpoint).resolve().parent.name}")
+    t0 = time.perf_counter()
+    run_diagnose(args.checkpoint, out, corpus=load_corpus(args.data), length=args.length, windows=args.windows,
+                 eval_tokens=args.eval_tokens, passkey_steps=args.passkey_steps, passkey_samples=args.passkey_samples,
+                 device=args.device, progress=not args.quiet, log=print)
+    print(f"done in {time.perf_counter() - t0:.0f} s; report {out / 'report.md'}")

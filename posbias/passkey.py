@@ -1,0 +1,115 @@
+"""Passkey retrieval: a key hidden at a controlled depth in filler text, asked for at the end.
+
+A sequence of exactly ``length`` bytes::
+
+    <filler …> key=48213; <filler …> ?key=48213
+                ^ at depth d                ^ the answer: the last ``digits`` bytes
+
+``depth`` 0 puts the key statement at the start of the window (farthest from the question), 1
+right before the question. The filler is digit-free English text, so the only digits before the
+question are the key's. A model is trained on such sequences at a short length (loss on the answer
+bytes only) and tested at longer lengths and every depth: perplexity can look fine for a scheme
+that cannot reach far information, and this task exposes it (Mohtashami & Jaggi 2023 use the same
+construction).
+
+Accuracy counts a sample as solved when every answer byte is the argmax given the true prefix,
+which is exactly when greedy decoding would produce the key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .schemes.base import check_int
+
+FILLER = (b"the grass is green. the sky is blue. the sun is yellow. here we go. there and back again. "
+          b"a river runs to the sea. birds sing in the morning. the wind is cold tonight. ")
+KEY_OPEN, KEY_CLOSE, QUESTION = b" key=", b"; ", b" ?key="
+
+
+def overhead(digits: int) -> int:
+    """Bytes taken by the key statement and the question: the shortest possible sample."""
+    return len(KEY_OPEN) + digits + len(KEY_CLOSE) + len(QUESTION) + digits
+
+
+def make_sample(length: int, depth: float, key: str, *, filler_start: int = 0) -> Tensor:
+    """One sample as uint8 tokens ``[length]``; the answer is the last ``len(key)`` tokens."""
+    digits = len(key)
+    check_int("length", length, minimum=overhead(digits), hint=f" (the key statement and question need "
+                                                               f"{overhead(digits)} bytes)")
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    if not key.isdigit():
+        raise ValueError(f"key must be digits, got {key!r}")
+    statement = KEY_OPEN + key.encode() + KEY_CLOSE
+    tail = QUESTION + key.encode()
+    room = length - len(statement) - len(tail)
+    reps = FILLER * (2 + (room + filler_start) // len(FILLER))
+    filler = reps[filler_start % len(FILLER): filler_start % len(FILLER) + room]
+    at = round(depth * room)
+    data = filler[:at] + statement + filler[at:] + tail
+    assert len(data) == length
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def make_batch(n: int, length: int, *, digits: int = 5, generator: torch.Generator | None = None,
+               depths: Iterable[float] | None = None) -> Tensor:
+    """``[n, length]`` random samples (uniform depth unless ``depths`` is given; random keys)."""
+    g = generator or torch.Generator().manual_seed(0)
+    depth_list = list(depths) if depths is not None else torch.rand(n, generator=g).tolist()
+    rows = []
+    for i in range(n):
+        key = "".join(str(int(d)) for d in torch.randint(0, 10, (digits,), generator=g))
+        start = int(torch.randint(0, len(FILLER), (1,), generator=g))
+        rows.append(make_sample(length, depth_list[i % len(depth_list)], key, filler_start=start))
+    return torch.stack(rows)
+
+
+def answer_loss(model, batch: Tensor, digits: int) -> Tensor:
+    """Cross-entropy on the answer bytes only."""
+    x = batch[:, :-1].long()
+    logits = model(x)[:, -digits:]
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, -digits:].long().flatten())
+
+
+@torch.no_grad()
+def accuracy(model, length: int, depth: float, *, samples: int = 32, digits: int = 5, batch_size: int = 16,
+             seed: int = 1234, device: str | torch.device = "cpu") -> float:
+    """Share of samples whose every answer byte is the model's argmax (= greedy decoding solves it)."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed + length * 7919 + int(depth * 1000))
+    solved = 0
+    for s in range(0, samples, batch_size):
+        batch = make_batch(min(batch_size, samples - s), length, digits=digits, generator=g, depths=[depth]).to(device)
+        pred = model(batch[:, :-1].long())[:, -digits:].argmax(-1)
+        solved += int((pred == batch[:, -digits:].long()).all(-1).sum())
+    return solved / samples
+
+
+def accuracy_grid(model, lengths: Iterable[int], depths: Iterable[float], **kwargs) -> dict[int, dict[float, float]]:
+    return {n: {d: accuracy(model, n, d, **kwargs) for d in depths} for n in lengths}
+
+
+def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: float = 1e-3, digits: int = 5,
+                  seed: int = 0, device: str | torch.device = "cpu", progress: bool = False) -> list[float]:
+    """Fine-tune ``model`` in place on passkey samples of ``length`` bytes; returns the losses."""
+    from .finetune import finetune
+
+    g = torch.Generator().manual_seed(seed)
+    return finetune(model, lambda step: make_batch(batch_size, length, digits=digits, generator=g).to(device),
+                    lambda m, b: answer_loss(m, b, digits), steps=steps, lr=lr, progress=progress,
+                    desc=f"passkey@{length}")
+
+
+def default_depths(n: int = 5) -> list[float]:
+    return [round(i / (n - 1), 3) for i in range(n)] if n > 1 else [0.5]
+
+
+def mean_accuracy(grid: dict[int, dict[float, float]], length: int) -> float:
+    row = grid.get(length, {})
+    return sum(row.values()) / len(row) if row else math.nan

@@ -1,0 +1,181 @@
+"""Retrofit and diagnose: every method on a tiny checkpoint, the passkey generator, the report,
+and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from posbias import checkpoint as ckpt
+from posbias import ntk_lambda, passkey, rope_frequencies, t5_bucket
+from posbias.cli import main
+from posbias.data import stdlib_corpus
+from posbias.diagnose import attention_distance, effective_reach, final_bucket_share, run_diagnose
+from posbias.model import ModelConfig, TransformerLM
+from posbias.retrofit import METHODS, RetrofitConfig, applicable, bucket_remap, retrofit_model, run_retrofit
+from posbias.schemes import build
+
+TINY = dict(d_model=32, n_layers=2, n_heads=2)
+L = 48
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return stdlib_corpus()
+
+
+def tiny_checkpoint(path, scheme, **options):
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(scheme=scheme, scheme_options=options, **TINY))
+    with torch.no_grad():
+        for p in model.scheme.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    ckpt.save_checkpoint(path, model, extra={"train": {"seq_len": L}})
+    return path
+
+
+def test_passkey_sample_layout():
+    s = passkey.make_sample(100, 0.0, "48213", filler_start=3)
+    text = bytes(s.tolist())
+    assert len(text) == 100 and text.endswith(b" ?key=48213")
+    assert text.index(b" key=48213; ") == 0  # depth 0: the key opens the window
+    deep = bytes(passkey.make_sample(100, 1.0, "48213").tolist())
+    assert deep.index(b" key=48213; ") == 100 - len(b" key=48213; ") - len(b" ?key=48213")
+    assert sum(ch.isdigit() for ch in deep.decode()) == 10  # only the key's digits (twice)
+    with pytest.raises(ValueError, match="length must be >= 23"):
+        passkey.make_sample(20, 0.5, "48213")
+    with pytest.raises(ValueError, match="depth"):
+        passkey.make_sample(64, 1.5, "48213")
+    b = passkey.make_batch(6, 64, generator=torch.Generator().manual_seed(1))
+    assert b.shape == (6, 64) and len({bytes(r[-5:].tolist()) for r in b}) > 1
+
+
+def test_passkey_accuracy_of_an_oracle_and_of_a_guesser():
+    class Oracle(torch.nn.Module):  # copies the first five digits of its input to the answer positions
+        def __init__(self, right=True):
+            super().__init__()
+            self.right = right
+
+        def forward(self, x):
+            logits = torch.zeros(*x.shape, 256)
+            for b, row in enumerate(x):
+                digits = [int(t) for t in row if chr(int(t)).isdigit()][:5] if self.right else [ord("0")] * 5
+                for n, d in enumerate(digits):
+                    logits[b, x.shape[1] - 5 + n, d] = 1.0
+            return logits
+
+    assert passkey.accuracy(Oracle(), 64, 0.5, samples=8) == 1.0
+    assert passkey.accuracy(Oracle(), 300, 0.0, samples=8) == 1.0
+    assert passkey.accuracy(Oracle(right=False), 64, 0.5, samples=8) < 0.5
+    assert passkey.overhead(5) == 23
+
+
+@pytest.mark.parametrize("method", ["pi", "ntk", "dynamic-ntk", "yarn"])
+def test_rope_scalings_at_factor_one_equal_plain_rope(method):
+    plain = build("rope", n_heads=2, head_dim=16)
+    scaled = build("rope", n_heads=2, head_dim=16, scaling=method, factor=1.0, train_len=L)
+    x, pos = torch.randn(1, 2, 40, 16), torch.arange(40)
+    torch.testing.assert_close(scaled.rotate(x, pos, context_len=40), plain.rotate(x, pos, context_len=40))
+
+
+def test_ntk_retrofit_uses_the_formula(tmp_path):
+    base = ckpt.load_model(tiny_checkpoint(tmp_path / "r", "rope"))
+    new = retrofit_model(base, "ntk", train_len=L, to=4 * L)
+    d = base.cfg.head_dim
+    assert new.scheme.factor == 4.0
+    torch.testing.assert_close(new.scheme.inv_freq, rope_frequencies(d, 10000.0 * 4.0 ** (d / (d - 2))).float())
+    assert ntk_lambda(4.0, d) == pytest.approx(4.0 ** (d / (d - 2)))
+    # all non-positional weights are carried over
+    for k, v in base.state_dict().items():
+        torch.testing.assert_close(new.state_dict()[k], v)
+
+
+def test_t5_distance_remaps_buckets_as_the_bucket_function_says(tmp_path):
+    base = ckpt.load_model(tiny_checkpoint(tmp_path / "t", "t5", max_distance=L))
+    new = retrofit_model(base, "t5-distance", train_len=L, to=4 * L)
+    assert new.scheme.max_distance == 4 * L
+    torch.testing.assert_close(new.scheme.table, base.scheme.table)  # same table …
+    d = torch.arange(0, 600)
+    want = base.scheme.table[t5_bucket(d, num_buckets=32, max_distance=4 * L)].T
+    torch.testing.assert_close(new.scheme.bias_at(d), want)  # … read through the new bucket map
+    rows = bucket_remap(32, L, 4 * L, [1, 20, 40, 100, 400])
+    assert rows[0] == (1, 1, 1) and rows[3][1] == 31 and rows[3][2] < 31 and rows[4][2] == 31
+
+
+def test_swap_to_t5_keeps_the_logit_scale(tmp_path):
+    base = ckpt.load_model(tiny_checkpoint(tmp_path / "r", "nope"))
+    new = retrofit_model(base, "swap-t5", train_len=L, to=4 * L)
+    x = torch.randint(0, 256, (1, 30))
+    with torch.no_grad():  # fresh T5 table is zero: the swapped model computes exactly the same function
+        torch.testing.assert_close(new(x), base(x), atol=1e-4, rtol=1e-4)
+    assert new.num_parameters() - base.num_parameters() == 32 * 2
+
+
+def test_applicability_and_errors(tmp_path):
+    assert applicable("pi", "rope") is None and applicable("t5-distance", "t5") is None
+    assert "needs a rope checkpoint" in applicable("yarn", "alibi")
+    assert "already uses" in applicable("swap-alibi", "alibi")
+    assert "unknown method" in applicable("magic", "rope")
+    base = ckpt.load_model(tiny_checkpoint(tmp_path / "r", "rope"))
+    with pytest.raises(ValueError, match="must exceed the training length"):
+        retrofit_model(base, "pi", train_len=L, to=L)
+    assert set(METHODS) == {"pi", "ntk", "dynamic-ntk", "yarn", "t5-distance", "swap-alibi", "swap-t5"}
+
+
+def test_run_retrofit_compare_tiny(tmp_path, corpus):
+    path = tiny_checkpoint(tmp_path / "r", "rope")
+    cfg = RetrofitConfig(to=2 * L, methods=("pi", "yarn", "swap-alibi"), finetune_steps=2, finetune_batch=2,
+                         eval_tokens=400, compare=True, passkey_steps=2, passkey_samples=2)
+    res = run_retrofit(path, cfg, tmp_path / "out", corpus=corpus, progress=False)
+    assert [r["method"] for r in res["rows"]] == ["original", "pi", "pi", "yarn", "yarn", "swap-alibi", "swap-alibi"]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "Decision table" in md and "passkey @ 96" in md
+    assert (tmp_path / "out" / "ppl_vs_length.png").exists()
+    assert all(0.0 <= r["passkey"][2 * L] <= 1.0 and r["attention_cost"] > 0 for r in res["rows"])
+    again = run_retrofit(path, cfg, tmp_path / "out", corpus=corpus, progress=False)  # reuses models and caches
+    assert [r["ppl"] for r in again["rows"]] == [r["ppl"] for r in res["rows"]]
+
+
+def test_diagnose_report_tiny(tmp_path, corpus):
+    path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
+    rep = run_diagnose(path, tmp_path / "d", corpus=corpus, length=2 * L, windows=2, eval_tokens=400,
+                       passkey_steps=2, passkey_samples=2, progress=False)
+    md = (tmp_path / "d" / "report.md").read_text()
+    for section in ("Loss by position", "Attention distance", "T5 buckets", "Effective reach", "Passkey"):
+        assert section in md
+    for png in ("loss_by_position", "attention_distance", "bias_vs_distance", "passkey"):
+        assert (tmp_path / "d" / f"{png}.png").exists()
+    assert 0 < rep["t5_final_bucket_share"][2 * L] < 1
+    assert json.loads((tmp_path / "d" / "diagnose.json").read_text())["train_len"] == L
+
+
+def test_attention_distance_matches_a_hand_computation():
+    model = TransformerLM(ModelConfig(scheme="alibi", **TINY)).eval()
+    idx = torch.randint(0, 256, (1, 12))
+    ad = attention_distance(model, idx)
+    assert ad["mean"].shape == (2, 2, 12)
+    assert ad["mean"][:, :, 0].abs().max() == 0  # the first query can only look at itself
+    assert (ad["q90"] >= ad["q50"]).all() and (ad["q90"] <= torch.arange(12)).all()
+
+
+def test_final_bucket_share_and_reach():
+    t5 = build("t5", n_heads=2, head_dim=8, max_distance=64)
+    w = t5.flat_beyond
+    n = 4 * w
+    pairs = sum(n - o for o in range(w, n))
+    assert final_bucket_share(t5, n) == pytest.approx(pairs / (n * (n + 1) / 2))
+    assert final_bucket_share(t5, w) == 0.0
+    alibi = build("alibi", n_heads=2, head_dim=8)  # slopes 1/16 and 1/256
+    reach = effective_reach(alibi, query_pos=5000, max_distance=5000)
+    assert reach == [int(torch.ceil(torch.tensor(4.60517 * 16))), int(torch.ceil(torch.tensor(4.60517 * 256)))]
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["diagnose", str(tmp_path)]) == 2
+    assert "not a posbias checkpoint" in capsys.readouterr().err
+    path = tiny_checkpoint(tmp_path / "a", "alibi")
+    assert main(["retrofit", str(path), "--to", "200", "--method", "yarn"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a rope checkpoint" in err and "swap-t5" in err and "Traceback" not in err
+    assert main(["retrofit", str(path), "--to", "200"]) == 2
+    assert "give --method" in capsys.readouterr().err
