@@ -3,11 +3,15 @@ same run (absolute times drift on a shared machine; ratios hold).
 
 For each scheme and length: forward and forward+backward time of posbias (auto backend), and the
 anchors: dense-bias SDPA (the bias materialised as [H, N, N]), the HuggingFace-style T5 path
-(bucketing all N² pairs, embedding lookup, dense bias). A FlexAttention anchor is not yet included. Peak extra memory is measured in a child process per case
-(--memory) as the growth of peak RSS (CPU) or of peak allocated memory (CUDA) over the inputs.
+(bucketing all N² pairs, embedding lookup, dense bias), and with ``--flex`` compiled FlexAttention with
+the scheme's per-offset ``score_mod`` (Toeplitz schemes; forward only on CPU, where FlexAttention has
+no backward; its one-off compile time is printed, not counted). Peak extra memory is measured in a
+child process per case (--memory) as the growth of peak RSS (CPU) or of peak allocated memory (CUDA)
+over the inputs.
 
     python benchmarks/bench_attention.py                         # N = 1k … 16k, CPU
     python benchmarks/bench_attention.py --lengths 1024 4096 --schemes t5 alibi --memory
+    python benchmarks/bench_attention.py --lengths 4096 8192 --schemes t5 alibi kerple-log --flex --no-backward
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -63,6 +66,9 @@ def hf_t5_bias(scheme, n, device):
     return F.embedding(buckets, scheme.table).permute(2, 0, 1)
 
 
+FLEX = False  # set by --flex
+
+
 def cases(name, n, scheme, q, k, v):
     """(label, forward fn, train fn or None)."""
     pos = torch.arange(n, device=q.device)
@@ -91,6 +97,14 @@ def cases(name, n, scheme, q, k, v):
                 if grad:
                     o.sum().backward()
             out["HF-style T5"] = (lambda: torch.no_grad()(hf)(False), lambda: hf(True))
+    if FLEX and isinstance(scheme, posbias.ToeplitzScheme):
+        def flex_fwd():
+            with torch.no_grad():
+                posbias.attention(q, k, v, scheme, backend="flex")
+
+        def flex_train():
+            posbias.attention(q, k, v, scheme, backend="flex").sum().backward()
+        out["compiled FlexAttention"] = (flex_fwd, flex_train if q.device.type == "cuda" else None)
     return out
 
 
@@ -111,15 +125,26 @@ def memory_child(args):
         fn()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    else:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kib("VmRSS")
         fn()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = (_status_kib("VmHWM") - base) * 1024
     print(json.dumps(max(0.0, peak / 2**20)))
 
 
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def measure_memory(name, label, n, heads, hd, device):
-    r = subprocess.run([sys.executable, __file__, "--child", name, label, str(n), str(heads), str(hd), device],
+    r = subprocess.run([sys.executable, __file__, "--child", name, label, str(n), str(heads), str(hd), device]
+                       + (["--flex"] if FLEX else []),
                        capture_output=True, text=True)
     try:
         return json.loads(r.stdout.strip().splitlines()[-1])
@@ -138,9 +163,12 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--memory", action="store_true", help="measure peak extra memory in child processes")
+    p.add_argument("--flex", action="store_true", help="add compiled FlexAttention (compiles per scheme and N)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
+    global FLEX
+    FLEX = args.flex
     if args.child:
         return memory_child(args)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -162,8 +190,17 @@ def main():
               f"{'' if mem is None else f'{mem:.0f}'} |", flush=True)
         for name in args.schemes:
             scheme = make_scheme(name, args.heads, args.head_dim, device)
-            backend = choose_backend(scheme, q, q_pos=torch.arange(n), k_pos=torch.arange(n), causal=True)
+            pos = torch.arange(n, device=device)
+            with torch.no_grad():
+                backend = choose_backend(scheme, q, q_pos=pos, k_pos=pos, causal=True)
+            train_backend = choose_backend(scheme, q, q_pos=pos, k_pos=pos, causal=True)
+            if train_backend != backend:
+                backend = f"{backend}; training: {train_backend}"
             for label, (fwd, trn) in cases(name, n, scheme, q, k, v).items():
+                if label == "compiled FlexAttention":
+                    t0 = time.perf_counter()
+                    fwd()
+                    print(f"<!-- {name} N={n}: FlexAttention compile + first call {time.perf_counter() - t0:.1f} s -->")
                 tf = timeit(fwd, device, reps)
                 tt = None if (args.no_backward or trn is None) else timeit(trn, device, reps)
                 mem = measure_memory(name, label, n, args.heads, args.head_dim, args.device) if args.memory else None

@@ -18,6 +18,7 @@ from .kernels.blockwise import blockwise_kernel
 from .kernels.flash import flash_available
 from .kernels.reference import reference_kernel
 from .kernels.sdpa import sdpa_kernel
+from .kernels.toeplitz import toeplitz_kernel
 from .kernels.windowed import windowed_kernel
 from .integrations.flex import flex_available, flex_kernel
 from .schemes.base import Scheme, ToeplitzScheme, as_positions
@@ -61,6 +62,7 @@ BACKENDS: dict[str, Kernel] = {
     "windowed": windowed_kernel,
     "alibi": alibi_kernel,
     "blockwise": blockwise_kernel,
+    "toeplitz": toeplitz_kernel,
     "flex": flex_kernel,  # opt-in: compiled FlexAttention (compiles per shape; no backward on CPU)
 }
 
@@ -98,6 +100,12 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
         if not (k0 <= q0 and q0 + q_pos.numel() <= k0 + k_pos.numel()):
             return "needs every query position among the keys"
         return None
+    if name == "toeplitz":
+        if not isinstance(scheme, ToeplitzScheme):
+            return "needs a Toeplitz bias"
+        if torch.is_grad_enabled() and any(p.requires_grad for p in scheme.parameters()):
+            return "passes no gradient to the bias parameters (training a learnable bias uses blockwise)"
+        return None
     return f"unknown backend {name!r}"
 
 
@@ -116,7 +124,7 @@ def _flex_usable(scheme: Scheme, q: Tensor, contiguous: bool) -> str | None:
 
 def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, causal: bool) -> str:
     """The automatic backend choice (the only place that decides): the fastest exact path."""
-    for name in ("sdpa", "alibi", "windowed"):
+    for name in ("sdpa", "alibi", "windowed", "toeplitz"):
         if usable(name, scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal) is None:
             return name
     if scheme.family != "additive":

@@ -63,6 +63,26 @@ def test_backend_with_query_offset(name, backend, options, causal):
     compare(randomized(name, **options), backend, causal=causal, lq=37)
 
 
+@pytest.mark.parametrize("name, options", [("kerple-log", {}), ("kerple-power", {}), ("alibi", {"symmetric": True}),
+                                           ("t5", {"max_distance": 40})])
+@pytest.mark.parametrize("causal, lq", [(True, None), (False, None), (True, 37)])
+def test_toeplitz_backend_with_a_fixed_bias(name, options, causal, lq):
+    """The fused-kernel Toeplitz path: outputs and q/k/v gradients (the bias is a constant here)."""
+    s = randomized(name, **options).requires_grad_(False)
+    compare(s, "toeplitz", causal=causal, lq=lq, lk=333)
+    compare(s, "toeplitz", causal=causal, lk=1200)  # several blocks of 512
+
+
+def test_toeplitz_backend_refuses_a_learnable_bias_in_training():
+    s = randomized("kerple-log")
+    q = torch.randn(1, 3, 8, 16)
+    with pytest.raises(ValueError, match="no gradient to the bias"):
+        attention(q, q, q, s, backend="toeplitz")
+    with torch.no_grad():
+        assert choose_backend(s, q, q_pos=torch.arange(8), k_pos=torch.arange(8), causal=True) == "toeplitz"
+    assert choose_backend(s, q, q_pos=torch.arange(8), k_pos=torch.arange(8), causal=True) == "blockwise"
+
+
 @pytest.mark.parametrize("name", ["t5", "offset", "kerple-log", "fire"])
 def test_rows_without_visible_keys_are_zero_not_nan(name):
     s = randomized(name)
@@ -164,5 +184,5 @@ def test_non_contiguous_positions_fall_back_exactly():
 
 
 def test_every_backend_listed_is_tested():
-    assert set(BACKENDS) == {"reference", "sdpa", "windowed", "alibi", "blockwise"} | (
-        {"flex"} if "flex" in BACKENDS else set())
+    # flex is tested in test_flex.py, the others here
+    assert set(BACKENDS) == {"reference", "sdpa", "windowed", "alibi", "blockwise", "toeplitz", "flex"}
