@@ -83,3 +83,10 @@ def exists(path: str | Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def require(path: str | Path) -> Path:
+    """``path`` if it holds a posbias checkpoint, else ValueError naming it."""
+    if not exists(path):
+        raise ValueError(f"{str(path)!r} is not a posbias checkpoint (no config.json with a model config)")
+    return Path(path)

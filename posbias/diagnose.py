@@ -290,8 +290,7 @@ def run_from_args(args) -> None:
 
     from .data import load_corpus
 
-    if not ckpt.exists(args.checkpoint):
-        raise ValueError(f"{args.checkpoint!r} is not a posbias checkpoint (no config.json with a model config)")
+    ckpt.require(args.checkpoint)
     for flag in ("windows", "eval_tokens", "passkey_samples"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

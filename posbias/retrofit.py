@@ -321,8 +321,7 @@ def add_arguments(p) -> None:
 def run_from_args(args) -> None:
     from .data import load_corpus
 
-    if not ckpt.exists(args.checkpoint):
-        raise ValueError(f"{args.checkpoint!r} is not a posbias checkpoint (no config.json with a model config)")
+    ckpt.require(args.checkpoint)
     scheme = ckpt.read_meta(args.checkpoint)["model"]["scheme"]
     methods = args.methods or (methods_for(scheme) if args.compare else None)
     if not methods:

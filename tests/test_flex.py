@@ -3,6 +3,7 @@ FlexAttention, which runs on CPU without compiling), the opt-in ``flex`` backend
 
 import pytest
 import torch
+from _helpers import randomized
 
 from posbias import SCHEMES, ToeplitzScheme, attention, attention_reference, build
 from posbias.attention import resolve
@@ -13,12 +14,6 @@ pytestmark = pytest.mark.skipif(not flex_available(), reason="this torch has no 
 TOEPLITZ = [n for n, c in SCHEMES.items() if issubclass(c, ToeplitzScheme)]
 
 
-def randomized(name, **options):
-    s = build(name, n_heads=3, head_dim=16, **options)
-    with torch.no_grad():
-        for p in s.parameters():
-            p.add_(torch.randn_like(p) * 0.7)
-    return s
 
 
 @pytest.mark.parametrize("name", TOEPLITZ + ["rope", "nope"])

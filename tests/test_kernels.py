@@ -3,18 +3,13 @@ causal and bidirectional; query offsets; lengths not divisible by any block size
 
 import pytest
 import torch
+from _helpers import randomized
 
 import posbias
 from posbias import SCHEMES, build
 from posbias.attention import BACKENDS, attention, attention_reference, choose_backend, resolve, usable
 
 
-def randomized(name, **options):
-    s = build(name, n_heads=3, head_dim=16, **options)
-    with torch.no_grad():
-        for p in s.parameters():
-            p.add_(torch.randn_like(p) * 0.7)
-    return s
 
 
 def compare(scheme, backend, *, causal=True, lq=None, lk=301, q0=None, dtype=torch.float32, block=None, atol=2e-4):

@@ -21,11 +21,24 @@ from .flash import flash_backward, flash_forward, merge
 BLOCK = 512
 
 
-def _augment(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, kpos: Tensor, r: int, scale: float):
-    bsz, h, _, _ = q.shape
-    qx = torch.full((bsz, h, q.shape[2], 1), 1.0 / scale, dtype=q.dtype, device=q.device)
-    kx = (slopes.view(1, h, 1, 1) * (kpos - r).to(q.dtype).view(1, 1, -1, 1)).expand(bsz, h, -1, 1)
-    return torch.cat([q, qx], -1), torch.cat([k, kx], -1), F.pad(v, (0, 1))
+class _Augmented:
+    """``k' = [k, m·(j − r)]`` and ``v' = [v, 0]`` allocated once per call; moving the reference ``r``
+    to the next block rewrites only the extra column (O(N), not a copy of the keys per block)."""
+
+    def __init__(self, k: Tensor, v: Tensor, slopes: Tensor, k0: int) -> None:
+        bsz, h, lk, _ = k.shape
+        self.k = torch.cat([k, k.new_zeros(bsz, h, lk, 1)], -1)
+        self.v = F.pad(v, (0, 1))
+        self.slope = slopes.view(1, h, 1).to(k.dtype)
+        self.kpos = torch.arange(k0, k0 + lk, device=k.device, dtype=k.dtype).view(1, 1, -1)
+
+    def at(self, r: int, upto: int) -> tuple[Tensor, Tensor]:
+        self.k[:, :, :upto, -1] = self.slope * (self.kpos[:, :, :upto] - r)
+        return self.k[:, :, :upto], self.v[:, :, :upto]
+
+
+def _query(q: Tensor, scale: float) -> Tensor:
+    return torch.cat([q, q.new_full((*q.shape[:3], 1), 1.0 / scale)], -1)
 
 
 class _ALiBi(torch.autograd.Function):
@@ -34,12 +47,13 @@ class _ALiBi(torch.autograd.Function):
         lq, d = q.shape[2], q.shape[3]
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        aug = _Augmented(k, v, slopes, k0)
         for s in range(0, lq, block):
             e = min(s + block, lq)
             qa = q0 + s
             a, b = qa - k0, q0 + e - k0  # key indices of the diagonal block
-            qq, kk, vv = _augment(q[:, :, s:e], k[:, :, :b], v[:, :, :b], slopes,
-                                  torch.arange(k0, k0 + b, device=q.device), qa, scale)
+            kk, vv = aug.at(qa, b)
+            qq = _query(q[:, :, s:e], scale)
             parts = []
             if a > 0:
                 parts.append(flash_forward(qq, kk[:, :, :a], vv[:, :, :a], scale, False))
@@ -57,12 +71,13 @@ class _ALiBi(torch.autograd.Function):
         lq, d = q.shape[2], q.shape[3]
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dout = F.pad(dout.contiguous(), (0, 1))
+        aug = _Augmented(k, v, slopes, k0)
         for s in range(0, lq, block):
             e = min(s + block, lq)
             qa = q0 + s
             a, b = qa - k0, q0 + e - k0
-            qq, kk, vv = _augment(q[:, :, s:e], k[:, :, :b], v[:, :, :b], slopes,
-                                  torch.arange(k0, k0 + b, device=q.device), qa, scale)
+            kk, vv = aug.at(qa, b)
+            qq = _query(q[:, :, s:e], scale)
             o, l, do = F.pad(out[:, :, s:e], (0, 1)), lse[:, :, s:e], dout[:, :, s:e]
             if a > 0:
                 gq, gk, gv = flash_backward(do, qq, kk[:, :, :a], vv[:, :, :a], o, l, scale, False)
