@@ -25,7 +25,10 @@ def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: 
     sorted_keys = lk < 2 or bool((k_pos[1:] > k_pos[:-1]).all())
     train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                          or any(p.requires_grad for p in scheme.parameters()))
-    outs = []
+    # one output buffer, written block by block: a list of per-block outputs would interleave small
+    # long-lived allocations with the large per-block temporaries and fragment the CPU heap (peak
+    # RSS then grows like N² although every block is freed)
+    out = q.new_empty(q.shape[:3] + v.shape[3:])
     for s in range(0, lq, block):
         qp = q_pos[s:s + block]
         hi = lk
@@ -37,5 +40,5 @@ def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: 
             return dense_attention(qb, kb, vb, scheme.bias(qp, kp), visible(qp, kp, causal), scale)
 
         args = (q[:, :, s:s + block], k[:, :, :hi], v[:, :, :hi])
-        outs.append(checkpoint(run, *args, use_reentrant=False) if train else run(*args))
-    return torch.cat(outs, dim=2)
+        out[:, :, s:s + block] = checkpoint(run, *args, use_reentrant=False) if train else run(*args)
+    return out
