@@ -122,4 +122,6 @@ def flex_kernel(q: Tensor, k: Tensor, v: Tensor, scheme, *, q_pos: Tensor, k_pos
         mod = score_mod(scheme, lq, lk, table=table)
     mask = causal_block_mask(lq, lk, q_start=q0, k_start=k0, device=q.device) if causal else None
     fn = _compiled_flex() if compile else fa.flex_attention
+    if q.device.type == "cpu" and not torch.is_grad_enabled():  # it refuses inputs that require grad on CPU
+        q, k, v = q.detach(), k.detach(), v.detach()
     return fn(q, k, v, score_mod=mod, block_mask=mask, scale=scale)
