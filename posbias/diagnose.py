@@ -33,7 +33,6 @@ from . import checkpoint as ckpt
 from . import passkey
 from .attention import resolve
 from .data import Corpus
-from .evaluate import evaluate_length
 from .model import TransformerLM
 from .schemes.t5 import T5Bias
 
@@ -75,6 +74,34 @@ def attention_distance(model: TransformerLM, idx: Tensor, quantiles: tuple[float
     return {k: torch.stack(v) for k, v in out.items()}
 
 
+@torch.no_grad()
+def context_effect(model: TransformerLM, tokens: Tensor, length: int, short: int, *, windows: int,
+                   device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+    """Per-position loss of the same tokens with the full ``length``-token context and with the
+    context cut into chunks of ``short`` tokens (what the model sees at its training length).
+
+    Returns ``(long, short)`` mean losses ``[length]`` over ``windows`` windows; their difference is
+    what the extra context buys (< 0) or costs (> 0), free of the text's own difficulty.
+    """
+    from torch.nn import functional as F
+
+    model.eval()
+    n_avail = tokens.numel() - 1
+    count = min(windows, n_avail // length)
+    if count < 1:
+        raise ValueError(f"the split has {n_avail} tokens, fewer than one window of {length}")
+    long_sum = torch.zeros(length, dtype=torch.float64)
+    short_sum = torch.zeros(length, dtype=torch.float64)
+    for w in range(count):
+        chunk = tokens[w * length: w * length + length + 1].long().to(device)
+        x, y = chunk[:-1][None], chunk[1:][None]
+        long_sum += F.cross_entropy(model(x)[0].float(), y[0], reduction="none").double().cpu()
+        for s in range(0, length, short):
+            e = min(s + short, length)
+            short_sum[s:e] += F.cross_entropy(model(x[:, s:e])[0].float(), y[0, s:e], reduction="none").double().cpu()
+    return long_sum / count, short_sum / count
+
+
 def final_bucket_share(scheme: T5Bias, length: int) -> float:
     """Share of causal query–key pairs of a ``length``-token window that fall into T5's final bucket."""
     w = scheme.flat_beyond
@@ -96,18 +123,18 @@ def effective_reach(scheme, *, query_pos: int, max_distance: int) -> list[int | 
     return [int(torch.nonzero(h)[0]) if bool(h.any()) else None for h in hits]
 
 
-def _loss_by_ranges(losses: list[float], train_len: int) -> list[tuple[str, float]]:
+def _ranges(length: int, train_len: int) -> list[tuple[int, int]]:
+    """[0, L), [L, 2L), [2L, 4L), … up to ``length``."""
     rows, s = [], 0
-    while s < len(losses):
-        e = min(len(losses), max(train_len, s * 2) if s else train_len)
-        chunk = losses[s:e]
-        rows.append((f"{s}–{e - 1}", sum(chunk) / len(chunk)))
+    while s < length:
+        e = min(length, train_len if s == 0 else 2 * s)
+        rows.append((s, e))
         s = e
     return rows
 
 
 def run_diagnose(path: str | Path, out: str | Path, *, corpus: Corpus, length: int | None = None,
-                 windows: int = 4, eval_tokens: int = 8192, passkey_steps: int = 300, passkey_samples: int = 24,
+                 windows: int = 4, eval_tokens: int = 8192, passkey_steps: int = 600, passkey_samples: int = 24,
                  device: str = "cpu", progress: bool = True, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     meta = ckpt.read_meta(path)
     model = ckpt.load_model(path).to(device).eval()
@@ -126,18 +153,26 @@ def run_diagnose(path: str | Path, out: str | Path, *, corpus: Corpus, length: i
              f"Scheme **{model.cfg.scheme}** {model.cfg.scheme_options or ''}, trained at L = {train_len} tokens; "
              f"examined at {length} tokens ({length / train_len:g} L).", ""]
 
-    # 1. loss by position
+    # 1. loss by position: the same tokens with the full context and with the context cut at L
     log("loss by position …")
-    ev = evaluate_length(model, corpus.val, length, max_tokens=max(eval_tokens, length), device=device)
-    ranges = _loss_by_ranges(ev["loss_by_position"], train_len)
-    report["loss_by_position"] = ev["loss_by_position"]
-    report["loss_by_range"] = ranges
-    lines += ["## Loss by position", "", f"Perplexity over the whole {length}-token window: {ev['ppl']:.3f}.", "",
-              "| positions | mean loss (nats/byte) |", "|---|---|"] + [f"| {r} | {v:.4f} |" for r, v in ranges]
-    inside = ranges[0][1]
-    worst = max(v for _, v in ranges[1:]) if len(ranges) > 1 else inside
-    lines += ["", f"Past the training length the loss {'rises' if worst > inside * 1.02 else 'does not rise'} "
-              f"(worst range {worst:.3f} vs {inside:.3f} inside L).", "", "![loss by position](loss_by_position.png)", ""]
+    windows_loss = max(1, max(eval_tokens, length) // length)
+    long_loss, short_loss = context_effect(model, corpus.val, length, train_len, windows=windows_loss, device=device)
+    report["loss_by_position"] = long_loss.tolist()
+    report["loss_by_position_cut_at_L"] = short_loss.tolist()
+    rows = _ranges(length, train_len)
+    report["loss_by_range"] = [(f"{a}–{b - 1}", float(long_loss[a:b].mean()), float(short_loss[a:b].mean()))
+                               for a, b in rows]
+    total_long, total_short = float(long_loss.mean()), float(short_loss.mean())
+    lines += ["## Loss by position", "",
+              f"The same {windows_loss * length} validation bytes scored in {length}-token windows (full context) and with "
+              f"the context cut into chunks of L = {train_len} (what the model saw in training). Δ < 0: the extra context "
+              "helps; Δ > 0: it hurts.", "",
+              "| positions | loss, full context | loss, context cut at L | Δ |", "|---|---|---|---|"]
+    lines += [f"| {r} | {lo:.4f} | {sh:.4f} | {lo - sh:+.4f} |" for r, lo, sh in report["loss_by_range"]]
+    lines += [f"| all | {total_long:.4f} | {total_short:.4f} | {total_long - total_short:+.4f} |", "",
+              f"Perplexity {math.exp(total_long):.3f} with the full context vs {math.exp(total_short):.3f} cut at L: the "
+              f"extra context {'hurts' if total_long > total_short + 0.005 else 'helps' if total_long < total_short - 0.005 else 'changes little'}.",
+              "", "![loss by position](loss_by_position.png)", ""]
 
     # 2. attention distance
     log("attention distance per layer and head …")
@@ -218,11 +253,12 @@ def _plots(report: dict[str, Any], model: TransformerLM, out: Path) -> None:
 
     plt = _pyplot()
     L, n = report["train_len"], report["length"]
-    losses = torch.tensor(report["loss_by_position"])
     k = max(1, n // 64)
-    smooth = torch.nn.functional.avg_pool1d(losses[None, None], k, k)[0, 0] if k > 1 else losses
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot((torch.arange(len(smooth)) * k + k / 2).numpy(), smooth.numpy())
+    for key, label in (("loss_by_position", "full context"), ("loss_by_position_cut_at_L", f"context cut at L = {L}")):
+        losses = torch.tensor(report[key])
+        smooth = torch.nn.functional.avg_pool1d(losses[None, None], k, k)[0, 0] if k > 1 else losses
+        ax.plot((torch.arange(len(smooth)) * k + k / 2).numpy(), smooth.numpy(), label=label)
     ax.axvline(L, color="grey", ls="--", lw=1, label=f"training length {L}")
     ax.set_xlabel("position in the window")
     ax.set_ylabel("loss (nats/byte)")
@@ -277,7 +313,7 @@ def add_arguments(p) -> None:
     p.add_argument("--length", type=int, help="window examined (default 8 × the training length)")
     p.add_argument("--windows", type=int, default=4, help="validation windows for the attention statistics")
     p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--passkey-steps", type=int, default=300, help="0 skips the passkey test")
+    p.add_argument("--passkey-steps", type=int, default=600, help="0 skips the passkey test")
     p.add_argument("--passkey-samples", type=int, default=24)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", help="a local text file or folder instead of the embedded default")

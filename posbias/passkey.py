@@ -95,7 +95,7 @@ def accuracy_grid(model, lengths: Iterable[int], depths: Iterable[float], **kwar
     return {n: {d: accuracy(model, n, d, **kwargs) for d in depths} for n in lengths}
 
 
-def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: float = 1e-3, digits: int = 5,
+def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: float = 2e-3, digits: int = 5,
                   seed: int = 0, device: str | torch.device = "cpu", progress: bool = False) -> list[float]:
     """Fine-tune ``model`` in place on passkey samples of ``length`` bytes; returns the losses."""
     from .finetune import finetune

@@ -147,7 +147,7 @@ class RetrofitConfig:
     eval_lens: tuple[int, ...] | None = None
     eval_tokens: int = 8192
     compare: bool = False
-    passkey_steps: int = 300
+    passkey_steps: int = 600
     passkey_samples: int = 32
     device: str = "cpu"
     seed: int = 0
@@ -232,11 +232,12 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
                 ckpt.save_checkpoint(mdir, tuned, extra={"train": {**meta.get("train", {})}, "retrofit": {
                     "method": m, "to": cfg.to, "finetune_steps": cfg.finetune_steps, "source": str(path)}})
             stages.append((f"fine-tuned {cfg.finetune_steps}", tuned))
-        for stage, mod in stages:
+        for n_stage, (stage, mod) in enumerate(stages):
             label = f"{m}/{stage}"
+            final = n_stage == len(stages) - 1  # passkey (minutes each) only for what the method ends with
             rows.append({"method": m, "stage": stage, "scheme": mod.cfg.scheme, "options": mod.cfg.scheme_options,
                          "ppl": evaluate(mod, label), "extra_params": extra,
-                         "passkey": passkey_of(mod, label) if cfg.compare else None,
+                         "passkey": passkey_of(mod, label) if cfg.compare and final else None,
                          "attention_cost": _time_forward(mod, cfg.to, cfg.device) / base_time if cfg.compare else None})
     result = {"checkpoint": str(path), "train_len": train_len, "to": cfg.to, "eval_lens": lens, "rows": rows,
               "bucket_remap": remaps, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
@@ -267,6 +268,8 @@ def retrofit_table(result: dict[str, Any]) -> str:
                   f" | passkey @ {L} | passkey @ {to} | extra params | attention cost |",
                   "|---" * (6 + sum(1 for n in lens if n > L)) + "|"]
         for r in result["rows"]:
+            if not r.get("passkey"):
+                continue
             far = " | ".join(f"{r['ppl'][n]:.3f}" for n in lens if n > L)
             pk = r["passkey"]
             lines.append(f"| {r['method']} | {r['stage']} | {r['ppl'][L]:.3f} | {far} | {pk[L]:.2f} | {pk[to]:.2f} | "
@@ -311,7 +314,7 @@ def add_arguments(p) -> None:
     p.add_argument("--finetune-lr", type=float, default=3e-4)
     p.add_argument("--eval-lens", type=int, nargs="+", help="default: L, 2L, 4L … up to --to")
     p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--passkey-steps", type=int, default=300, help="passkey fine-tune steps (with --compare)")
+    p.add_argument("--passkey-steps", type=int, default=600, help="passkey fine-tune steps (with --compare)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", help="a local text file or folder instead of the embedded default")
     p.add_argument("--out", help="default: runs/retrofit-<checkpoint name>")
