@@ -137,6 +137,12 @@ def _time_forward(model: TransformerLM, length: int, device: str, reps: int = 3)
     return statistics.median(times)
 
 
+def _relative_cost(model: TransformerLM, base: TransformerLM, length: int, device: str) -> float:
+    """Forward time at ``length`` relative to ``base``, the two timed back to back (a shared machine's
+    load drifts; adjacent measurements share it)."""
+    return _time_forward(model, length, device) / _time_forward(base, length, device)
+
+
 @dataclass(frozen=True)
 class RetrofitConfig:
     to: int
@@ -202,7 +208,6 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
         return {int(k): v for k, v in cache[key].items()}
 
     rows: list[dict[str, Any]] = []
-    base_time = _time_forward(base, cfg.to, cfg.device) if cfg.compare else None
     before = evaluate(base, "original")
     rows.append({"method": "original", "stage": "before", "scheme": base.cfg.scheme, "ppl": before,
                  "extra_params": 0, "passkey": passkey_of(base, "original") if cfg.compare else None,
@@ -238,7 +243,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
             rows.append({"method": m, "stage": stage, "scheme": mod.cfg.scheme, "options": mod.cfg.scheme_options,
                          "ppl": evaluate(mod, label), "extra_params": extra,
                          "passkey": passkey_of(mod, label) if cfg.compare and final else None,
-                         "attention_cost": _time_forward(mod, cfg.to, cfg.device) / base_time if cfg.compare else None})
+                         "attention_cost": _relative_cost(mod, base, cfg.to, cfg.device) if cfg.compare else None})
     result = {"checkpoint": str(path), "train_len": train_len, "to": cfg.to, "eval_lens": lens, "rows": rows,
               "bucket_remap": remaps, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
               "corpus": corpus.fingerprint}
@@ -266,7 +271,7 @@ def retrofit_table(result: dict[str, Any]) -> str:
                   f"forward pass at {to} tokens relative to the original model, same run):", "",
                   f"| method | stage | {near} | " + " | ".join(f"ppl @ {n}" for n in lens if n > L) +
                   f" | passkey @ {L} | passkey @ {to} | extra params | attention cost |",
-                  "|---" * (6 + sum(1 for n in lens if n > L)) + "|"]
+                  "|---" * (7 + sum(1 for n in lens if n > L)) + "|"]
         for r in result["rows"]:
             if not r.get("passkey"):
                 continue
