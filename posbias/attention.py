@@ -103,10 +103,15 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
     if name == "toeplitz":
         if not isinstance(scheme, ToeplitzScheme):
             return "needs a Toeplitz bias"
-        if torch.is_grad_enabled() and any(p.requires_grad for p in scheme.parameters()):
+        if _trains_bias(scheme):
             return "passes no gradient to the bias parameters (training a learnable bias uses blockwise)"
         return None
     return f"unknown backend {name!r}"
+
+
+def _trains_bias(scheme: Scheme) -> bool:
+    """True when autograd will want gradients for the scheme's parameters."""
+    return torch.is_grad_enabled() and any(p.requires_grad for p in scheme.parameters())
 
 
 def _flex_usable(scheme: Scheme, q: Tensor, contiguous: bool) -> str | None:
@@ -116,8 +121,7 @@ def _flex_usable(scheme: Scheme, q: Tensor, contiguous: bool) -> str | None:
         return "needs contiguous positions"
     if scheme.family == "additive" and not isinstance(scheme, ToeplitzScheme):
         return "needs a Toeplitz bias (a per-offset table) or no bias"
-    if q.device.type == "cpu" and torch.is_grad_enabled() and (
-            q.requires_grad or any(p.requires_grad for p in scheme.parameters())):
+    if q.device.type == "cpu" and (_trains_bias(scheme) or (torch.is_grad_enabled() and q.requires_grad)):
         return "FlexAttention has no backward pass on CPU (use torch.no_grad() or another backend)"
     return None
 

@@ -55,12 +55,12 @@ def attention_distance(model: TransformerLM, idx: Tensor, quantiles: tuple[float
     if absolute is not None:
         x = x + absolute.to(x.dtype)
     out: dict[str, list[Tensor]] = {"mean": [], **{f"q{int(q * 100)}": [] for q in quantiles}}
+    bias = model.scheme.bias(pos, pos)  # one scheme shared by every layer: one bias
     for block in model.blocks:
         att = block.attn
         q, k, v = att.qkv(block.ln1(x)).view(b, n, 3, att.n_heads, att.head_dim).permute(2, 0, 3, 1, 4)
         q, k, _, _, scale = resolve(q, k, v, model.scheme, q_pos=pos, k_pos=pos, scale=None)
         logits = scale * (q.float() @ k.float().transpose(-1, -2))
-        bias = model.scheme.bias(pos, pos)
         if bias is not None:
             logits = logits + bias
         p = logits.masked_fill(hidden, float("-inf")).softmax(-1)  # [B, H, N, N]
@@ -96,9 +96,13 @@ def context_effect(model: TransformerLM, tokens: Tensor, length: int, short: int
         chunk = tokens[w * length: w * length + length + 1].long().to(device)
         x, y = chunk[:-1][None], chunk[1:][None]
         long_sum += F.cross_entropy(model(x)[0].float(), y[0], reduction="none").double().cpu()
-        for s in range(0, length, short):
-            e = min(s + short, length)
-            short_sum[s:e] += F.cross_entropy(model(x[:, s:e])[0].float(), y[0, s:e], reduction="none").double().cpu()
+        full = length - length % short  # whole chunks go through the model as one batch
+        if full:
+            logits = model(x[:, :full].reshape(-1, short)).flatten(0, 1)
+            short_sum[:full] += F.cross_entropy(logits.float(), y[0, :full], reduction="none").double().cpu()
+        if full < length:
+            short_sum[full:] += F.cross_entropy(model(x[:, full:])[0].float(), y[0, full:],
+                                                reduction="none").double().cpu()
     return long_sum / count, short_sum / count
 
 

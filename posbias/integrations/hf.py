@@ -29,7 +29,7 @@ when a function here is called.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -137,11 +137,23 @@ class LazyT5Bias:
 
     scheme: T5Bias
     q_start: int
+    # every layer of a stack gets the same mask and shapes: classify / densify once per stack
+    _kinds: dict = field(default_factory=dict, repr=False)
+    _dense: dict = field(default_factory=dict, repr=False)
+
+    def mask_kind(self, mask: Tensor | None, lq: int, lk: int) -> str | None:
+        key = (id(mask), lq, lk)
+        if key not in self._kinds:
+            self._kinds[key] = mask_kind(mask, self.q_start, lq, lk, causal_if_none=not self.scheme.bidirectional)
+        return self._kinds[key]
 
     def dense(self, lq: int, lk: int, dtype: torch.dtype) -> Tensor:
-        dev = self.scheme.table.device
-        q_pos = torch.arange(self.q_start, self.q_start + lq, device=dev)
-        return self.scheme.bias(q_pos, torch.arange(lk, device=dev))[None].to(dtype)
+        key = (lq, lk, dtype)
+        if key not in self._dense:
+            dev = self.scheme.table.device
+            q_pos = torch.arange(self.q_start, self.q_start + lq, device=dev)
+            self._dense[key] = self.scheme.bias(q_pos, torch.arange(lk, device=dev))[None].to(dtype)
+        return self._dense[key]
 
 
 def _t5_compute_bias(scheme: T5Bias, query_length: int, key_length: int, device=None, past_seen_tokens=0):
@@ -155,8 +167,7 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
 
     if isinstance(position_bias, LazyT5Bias):
         lq, lk = query.shape[2], key.shape[2]
-        kind = mask_kind(attention_mask, position_bias.q_start, lq, lk,
-                         causal_if_none=not position_bias.scheme.bidirectional)
+        kind = position_bias.mask_kind(attention_mask, lq, lk)
         if kind is not None and dropout == 0.0:
             q_pos = torch.arange(position_bias.q_start, position_bias.q_start + lq, device=query.device)
             out = attention(query, key, value, position_bias.scheme, causal=kind == "causal", scale=scaling,
@@ -243,7 +254,7 @@ def accelerate(model: nn.Module) -> nn.Module:
                 previous[id(cfg)] = (cfg, cfg._attn_implementation)
         for cfg, _ in previous.values():
             cfg._attn_implementation = ATTN_IMPLEMENTATION
-        undo = [cfg_impl for cfg_impl in previous.values()]
+        undo = list(previous.values())
     else:
         undo = []
         for m in model.modules():

@@ -23,16 +23,11 @@ from .flash import flash_backward, flash_forward
 BLOCK = 512
 
 
-def _row(table: Tensor, lo: int, hi: int, o_min: int) -> Tensor:
-    """Bias for offsets ``lo … hi`` (inclusive) from ``table`` (offset ``o`` at index ``o − o_min``)."""
-    return table[:, lo - o_min: hi - o_min + 1]
-
-
 def _mask(table: Tensor, o_min: int, qa: int, lq: int, ka: int, lk: int) -> Tensor:
     """``[1, H, lq, lk]`` additive mask ``g(qa + r − (ka + c))`` as a Toeplitz window of the table."""
     hi = qa + lq - 1 - ka
     lo = qa - (ka + lk - 1)
-    row = _row(table, lo, hi, o_min).flip(-1)  # F[u] = g(hi − u)
+    row = table[:, lo - o_min: hi - o_min + 1].flip(-1)  # offsets lo … hi;  F[u] = g(hi − u)
     return row.unfold(-1, lk, 1).flip(-2).unsqueeze(0)  # B[r, c] = F[lq − 1 − r + c] = g(qa + r − ka − c)
 
 
