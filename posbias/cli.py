@@ -8,6 +8,7 @@ registry without a list of its own. Errors print one line and exit with status 2
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -235,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, ValueError, FileNotFoundError) as exc:
         print(f"posbias {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly, no traceback
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print(f"posbias {args.command}: interrupted (finished work is saved; re-run to resume)", file=sys.stderr)
         return 130

@@ -61,3 +61,9 @@ def test_import_is_light():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_output_piped_into_head_stops_quietly():
+    r = subprocess.run(f"{sys.executable} -m posbias.cli show alibi --heads 4 | head -1", shell=True,
+                       capture_output=True, text=True)
+    assert "Traceback" not in r.stderr and r.stdout.startswith("alibi")
