@@ -8,6 +8,7 @@ scaling; ``scale`` defaults to ``scheme.default_scale()`` — 1 for T5 (unscaled
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -34,6 +35,13 @@ def resolve(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor | 
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape[:3] + k.shape[3:] or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"v has head_dim {v.shape[-1]} but q and k have {q.shape[-1]}; posbias needs them equal")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
     if q.shape[1] != scheme.n_heads:
         raise ValueError(f"q has {q.shape[1]} heads but the scheme was built for n_heads={scheme.n_heads}")
     if scheme.family == "rotary" and q.shape[-1] != scheme.head_dim:
@@ -41,8 +49,14 @@ def resolve(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor | 
     lq, lk = q.shape[2], k.shape[2]
     k_pos = as_positions(k_pos, lk, q.device)
     q_pos = as_positions(q_pos, lq, q.device, start=lk - lq)
+    context = int(max(int(k_pos.max()), int(q_pos.max())) + 1) if lk and lq else 0
+    if lk and lq and (scheme.toeplitz or scheme.family in ("rotary", "none")):
+        # Everything these schemes compute depends on i − j only: subtract one integer reference
+        # from every position (exact in int64) so that no kernel ever turns a position like 2^40
+        # into float32, where it would lose its low bits. FIRE depends on i itself and keeps it.
+        ref = torch.minimum(k_pos.min(), q_pos.min())
+        q_pos, k_pos = q_pos - ref, k_pos - ref
     if scheme.family == "rotary":
-        context = int(max(int(k_pos.max()), int(q_pos.max())) + 1) if lk and lq else 0
         q = scheme.rotate(q, q_pos, context_len=context)
         k = scheme.rotate(k, k_pos, context_len=context)
     return q, k, q_pos, k_pos, scheme.default_scale() if scale is None else float(scale)
@@ -53,7 +67,15 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, caus
                         k_pos: Tensor | None = None) -> Tensor:
     """The plain dense reference every fast path is tested against."""
     q, k, q_pos, k_pos, scale = resolve(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale)
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        return _empty(q, k, v)
     return reference_kernel(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
+
+
+def _empty(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """No queries: an empty output. No keys: every row sees nothing, and rows without a visible key
+    are 0 (the reference's convention). Connected to the inputs, so an empty batch still backpropagates."""
+    return q.new_zeros(*q.shape[:3], v.shape[-1]) + (q.sum() + k.sum() + v.sum()) * 0
 
 
 BACKENDS: dict[str, Kernel] = {
@@ -148,6 +170,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
     q, k, q_pos, k_pos, scale = resolve(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale)
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        return _empty(q, k, v)
     if backend == "auto":
         name = choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
     else:

@@ -64,17 +64,42 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> TransformerLM:
+    """The model in checkpoint ``path``. Refuses (ValueError naming the file) a config that does not
+    describe a model, weights that are truncated, do not fit the config, or are not finite."""
     p = _resolve(Path(path))
     meta = read_meta(p)
-    model = TransformerLM(ModelConfig.from_dict(meta["model"]))
-    model.load_state_dict(load_file(str(p / MODEL_FILE), device=str(map_location)))
+    try:
+        model = TransformerLM(ModelConfig.from_dict(meta["model"]))
+    except TypeError as exc:  # an unknown or missing key in config.json
+        raise ValueError(f"{str(p / CONFIG_FILE)!r} does not describe a posbias model: {exc}") from None
+    try:
+        state = load_file(str(p / MODEL_FILE), device=str(map_location))
+    except Exception as exc:  # safetensors raises its own error type for a truncated or foreign file
+        raise ValueError(f"{str(p / MODEL_FILE)!r} cannot be read ({type(exc).__name__}: {exc}); "
+                         "the checkpoint is damaged") from None
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{str(p / MODEL_FILE)!r} holds non-finite weights ({', '.join(bad[:3])}"
+                         f"{' …' if len(bad) > 3 else ''}); refusing to load a diverged model")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"{str(p / MODEL_FILE)!r} does not match its config.json "
+                         f"({' '.join(x.strip() for x in first[:3])[:300]})") from None
     return model
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
     p = _resolve(Path(path))
     f = p / TRAINER_FILE
-    return torch.load(f, map_location="cpu", weights_only=False) if f.exists() else None
+    if not f.exists():
+        return None
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"{str(f)!r} cannot be read ({type(exc).__name__}); the checkpoint is damaged: "
+                         "delete its folder to restart from an earlier one") from None
 
 
 def exists(path: str | Path) -> bool:

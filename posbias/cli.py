@@ -15,12 +15,45 @@ from typing import Any, Sequence
 
 import torch
 
-from .schemes import SCHEMES, build, get_scheme_class, scheme_options, t5_bucket
+from .schemes import SCHEMES, build, get_scheme_class, parse_spec, scheme_options, t5_bucket
 from .schemes.t5 import check_t5
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+_stdout_gone = False
+
+
+def say(msg: str = "") -> None:
+    """Print a line. When stdout has closed (output piped into ``head``), the long job goes on and
+    writes its files; only the printing stops."""
+    global _stdout_gone
+    if _stdout_gone:
+        return
+    try:
+        print(msg, flush=True)
+    except BrokenPipeError:
+        _stdout_gone = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # later writes (and the final flush) go nowhere, quietly
+
+
+def check_device(device: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` that exists on this machine; ValueError otherwise."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: posbias runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} asked for, but this machine has no CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 def _convert(value: str, default: Any, flag: str) -> Any:
@@ -131,9 +164,9 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> None:
 
 # -- plot -------------------------------------------------------------------------------------
 def cmd_plot(args: argparse.Namespace) -> None:
-    from . import plot
+    from . import plot, store
 
-    out = Path(args.out)
+    out = store.check_out_dir(args.out)
     torch.manual_seed(args.seed)
     heads, hd = args.heads, args.head_dim
     written = [
@@ -156,6 +189,81 @@ def cmd_plot(args: argparse.Namespace) -> None:
         title="bias versus distance (ALiBi fixed; KERPLE/FIRE at initialisation; T5/offset tables illustrative)"))
     for p in written:
         print(p)
+
+
+# -- extrapolate ------------------------------------------------------------------------------
+def add_extrapolate_arguments(p: argparse.ArgumentParser) -> None:
+    from .extrapolate import DEFAULT_SCHEMES, PRESETS, StudyConfig
+
+    d = StudyConfig()
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration; flags override it")
+    p.add_argument("--schemes", nargs="+", metavar="SCHEME",
+                   help=f"scheme labels, NAME or NAME@KEY=VALUE[,KEY=VALUE] (default: {' '.join(DEFAULT_SCHEMES)})")
+    p.add_argument("--scheme-option", action="append", default=[], metavar="SCHEME.KEY=VALUE",
+                   help="a scheme option for every label of that scheme, e.g. t5.max_distance=64 (repeatable)")
+    p.add_argument("--train-len", type=int, help=f"training length L (default {d.train_len})")
+    p.add_argument("--eval-lens", type=int, nargs="+", help="evaluation lengths: include L, each dividing the longest")
+    p.add_argument("--steps", type=int, help=f"optimizer steps per model (default {d.steps})")
+    p.add_argument("--batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr:g})")
+    p.add_argument("--pos-lr-mult", type=float,
+                   help=f"learning-rate multiplier of the positional parameters (default {d.pos_lr_mult:g})")
+    p.add_argument("--d-model", type=int, help=f"default {d.d_model}")
+    p.add_argument("--layers", dest="n_layers", type=int, help=f"default {d.n_layers}")
+    p.add_argument("--heads", dest="n_heads", type=int, help=f"default {d.n_heads}")
+    p.add_argument("--seeds", type=int, nargs="+", help="default 0")
+    p.add_argument("--eval-tokens", type=int, help=f"validation tokens scored at every length (default {d.eval_tokens})")
+    p.add_argument("--threads", type=int, help=f"torch threads, fixed for reproducible results (default {d.threads})")
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--data", help="a local text file or folder instead of the embedded default")
+    p.add_argument("--hf-dataset", help="NAME[:CONFIG] of a Hugging Face dataset (needs posbias[datasets])")
+    p.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+_FLAGS = {"n_layers": "--layers", "n_heads": "--heads"}
+
+
+def study_config(args: argparse.Namespace):
+    from .extrapolate import PRESETS, StudyConfig
+    from .schemes import parse_options
+
+    values: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
+    for name in ("schemes", "train_len", "eval_lens", "steps", "batch_size", "lr", "pos_lr_mult", "d_model",
+                 "n_layers", "n_heads", "seeds", "eval_tokens", "threads", "device"):
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = tuple(v) if isinstance(v, list) else v
+    options: dict[str, dict[str, Any]] = {}
+    for item in args.scheme_option:
+        target, dot, pair = item.partition(".")
+        if not dot or "=" not in pair:
+            raise CLIError(f"--scheme-option {item!r} must look like SCHEME.KEY=VALUE, e.g. t5.max_distance=64")
+        get_scheme_class(target)
+        options.setdefault(target, {}).update(parse_options(target, [pair]))
+    values["scheme_options"] = options
+    check_device(values.get("device", "cpu"))
+    return StudyConfig(**values)
+
+
+def cmd_extrapolate(args: argparse.Namespace) -> None:
+    import time
+
+    from .data import load_corpus
+    from .extrapolate import run_study
+
+    cfg = study_config(args)
+    out = Path(args.out)
+    corpus = load_corpus(args.data, args.hf_dataset)
+    fp = corpus.fingerprint
+    say(f"corpus {fp['name']}: {fp['files']} files, {fp['bytes']:,} bytes, sha256 {fp['sha256']}")
+    t0 = time.perf_counter()
+    run_study(cfg, out, corpus=corpus, progress=not args.quiet, log=say)
+    say()
+    say((out / "results.md").read_text())
+    say(f"done in {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}, records {out / 'results.json'}")
+    for png in sorted(out.glob("*.png")):
+        say(f"plot {png}")
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -182,9 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-plot-distance", type=int, default=512)
     pl.add_argument("--seed", type=int, default=0)
 
-    from .extrapolate import add_arguments as add_extrapolate
-
-    add_extrapolate(sub.add_parser("extrapolate", help="train short, test long: the length-generalization study"))
+    add_extrapolate_arguments(sub.add_parser("extrapolate", help="train short, test long: the length-generalization study"))
 
     from .retrofit import add_arguments as add_retrofit
 
@@ -204,7 +310,7 @@ def _check_common(args: argparse.Namespace) -> None:
         if v is not None and v < 1:
             raise CLIError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
     for name in getattr(args, "schemes", None) or []:
-        get_scheme_class(name)
+        parse_spec(name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,17 +328,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "plot":
             cmd_plot(args)
         elif args.command == "extrapolate":
-            from .extrapolate import run_from_args
-
-            run_from_args(args)
+            cmd_extrapolate(args)
         elif args.command == "retrofit":
             from .retrofit import run_from_args as run_retrofit
 
-            run_retrofit(args)
+            check_device(args.device)
+            run_retrofit(args, say=say)
         elif args.command == "diagnose":
             from .diagnose import run_from_args as run_diagnose
 
-            run_diagnose(args)
+            check_device(args.device)
+            run_diagnose(args, say=say)
     except (CLIError, ValueError, FileNotFoundError) as exc:
         print(f"posbias {args.command}: error: {exc}", file=sys.stderr)
         return 2

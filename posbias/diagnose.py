@@ -30,9 +30,11 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt
+from . import store
 from . import passkey
 from .attention import resolve
 from .data import Corpus
+from .schemes.base import flat_share
 from .model import TransformerLM
 from .schemes.t5 import T5Bias
 
@@ -108,10 +110,7 @@ def context_effect(model: TransformerLM, tokens: Tensor, length: int, short: int
 
 def final_bucket_share(scheme: T5Bias, length: int) -> float:
     """Share of causal query–key pairs of a ``length``-token window that fall into T5's final bucket."""
-    w = scheme.flat_beyond
-    o = torch.arange(length, dtype=torch.float64)
-    pairs = length - o  # number of (i, j) pairs at offset o
-    return float(pairs[w:].sum() / pairs.sum()) if w < length else 0.0
+    return flat_share(scheme.flat_beyond, length)
 
 
 def effective_reach(scheme, *, query_pos: int, max_distance: int) -> list[int | None]:
@@ -148,8 +147,15 @@ def run_diagnose(path: str | Path, out: str | Path, *, corpus: Corpus, length: i
     length = length or 8 * train_len
     if length < 2:
         raise ValueError(f"--length must be >= 2, got {length}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = store.check_out_dir(out)
+    with store.FolderLock(out):
+        return _run_diagnose(path, out, model, train_len, length, corpus, windows, eval_tokens, passkey_steps,
+                             passkey_samples, device, progress, log)
+
+
+def _run_diagnose(path, out: Path, model: TransformerLM, train_len: int, length: int, corpus: Corpus, windows: int,
+                  eval_tokens: int, passkey_steps: int, passkey_samples: int, device: str, progress: bool,
+                  log: Callable[[str], None]) -> dict[str, Any]:
     scheme = model.scheme
     report: dict[str, Any] = {"checkpoint": str(path), "scheme": model.cfg.scheme, "options": model.cfg.scheme_options,
                               "train_len": train_len, "length": length}
@@ -243,8 +249,8 @@ def run_diagnose(path: str | Path, out: str | Path, *, corpus: Corpus, length: i
         lines += ["## Passkey retrieval", "", f"Skipped: the training length {train_len} is shorter than a passkey "
                   f"sample ({passkey.overhead(5)} bytes).", ""]
 
-    (out / "diagnose.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text("\n".join(lines))
+    store.write_json(out / "diagnose.json", report)
+    store.write_text(out / "report.md", "\n".join(lines))
     try:
         _plots(report, model, out)
     except ValueError as exc:  # matplotlib missing: the report and JSON are still written
@@ -325,7 +331,7 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def run_from_args(args) -> None:
+def run_from_args(args, say: Callable[[str], None] = print) -> None:
     import time
 
     from .data import load_corpus
@@ -340,5 +346,5 @@ def run_from_args(args) -> None:
     t0 = time.perf_counter()
     run_diagnose(args.checkpoint, out, corpus=load_corpus(args.data), length=args.length, windows=args.windows,
                  eval_tokens=args.eval_tokens, passkey_steps=args.passkey_steps, passkey_samples=args.passkey_samples,
-                 device=args.device, progress=not args.quiet, log=print)
-    print(f"done in {time.perf_counter() - t0:.0f} s; report {out / 'report.md'}")
+                 device=args.device, progress=not args.quiet, log=say)
+    say(f"done in {time.perf_counter() - t0:.0f} s; report {out / 'report.md'}")

@@ -76,6 +76,114 @@ def evaluate_length(model: TransformerLM, tokens: Tensor, length: int, *, max_to
     return out
 
 
+@torch.no_grad()
+def token_losses(model: TransformerLM, tokens: Tensor, length: int, *, n_tokens: int, batch_size: int = 8,
+                 device: str | torch.device = "cpu") -> Tensor:
+    """Per-token loss (nats, float64 ``[n_tokens]``) of ``tokens[1 : n_tokens + 1]``, each predicted
+    inside non-overlapping windows of ``length`` tokens starting at multiples of ``length`` (entry
+    ``t`` sits at position ``t % length`` of its window). ``n_tokens`` must be a multiple of ``length``.
+    Raises ValueError on a non-finite loss (NaN weights are not a perplexity)."""
+    (length,) = _check_lengths([length])
+    if n_tokens % length or n_tokens < length:
+        raise ValueError(f"n_tokens ({n_tokens}) must be a positive multiple of the length {length}")
+    if tokens.numel() < n_tokens + 1:
+        raise ValueError(f"split has {tokens.numel() - 1} scoreable tokens, fewer than {n_tokens}")
+    model.eval()
+    windows = tokens[: n_tokens + 1]
+    out = torch.empty(n_tokens, dtype=torch.float64)
+    starts = torch.arange(0, n_tokens, length)
+    for b in range(0, len(starts), batch_size):
+        s = starts[b:b + batch_size]
+        chunk = windows[s[:, None] + torch.arange(length + 1)[None, :]].long().to(device)
+        logits = model(chunk[:, :-1])
+        nll = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction="none").double().cpu()
+        out[int(s[0]): int(s[-1]) + length] = nll.flatten()
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"the model gives non-finite losses at length {length} (NaN/inf weights or activations)")
+    return out
+
+
+def bootstrap_means(sums: Tensor, counts: Tensor, *, n_boot: int = 2000, seed: int = 0) -> Tensor:
+    """Percentile-bootstrap replicates of ratio-of-sums means. ``sums``/``counts`` are ``[S, m]``: S
+    resampling units (text segments) by m statistics. Every replicate draws the *same* segments for
+    all m columns, so differences and ratios between columns are paired. Returns ``[n_boot, m]``."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, sums.shape[0], (n_boot, sums.shape[0]), generator=g)
+    return sums[idx].sum(1) / counts[idx].sum(1)
+
+
+def interval(replicates: Tensor, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap replicates."""
+    lo, hi = torch.quantile(replicates.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
+def length_study(model: TransformerLM, tokens: Tensor, lengths: Iterable[int], *, train_len: int,
+                 n_tokens: int, batch_size: int = 8, device: str | torch.device = "cpu", n_boot: int = 2000,
+                 seed: int = 0, progress: Any = None) -> dict[int, dict[str, Any]]:
+    """Score the same ``n_tokens`` tokens at every length and summarise each length with intervals.
+
+    The resampling unit of the bootstrap is a *segment* of ``max(lengths)`` tokens: every length
+    scores every segment (its windows tile the segment), so one resample of segments serves all
+    lengths and the ratio ``ppl@n / ppl@train_len`` gets a paired interval.
+
+    Two views per length ``n``:
+
+    * ``ppl``: every token of every window (non-overlapping windows; the average over context sizes
+      0 … n−1). Mixes "uses more context" with "breaks past L".
+    * ``tail``: only the last ``train_len`` tokens of each window, whose context is ``n − L … n − 1``
+      tokens; ``tail_delta`` is their loss minus the loss of *the same tokens* scored in windows of
+      ``train_len``. Negative: the longer context helps; positive: the model breaks past L.
+    """
+    lengths = sorted(set(_check_lengths(lengths)))
+    longest = lengths[-1]
+    if train_len not in lengths:
+        raise ValueError(f"the evaluation lengths {lengths} must include the training length {train_len}")
+    for n in lengths:
+        if longest % n or n % train_len:
+            raise ValueError(f"evaluation length {n} must divide the longest ({longest}) and be a multiple of "
+                             f"the training length ({train_len}), so that every length scores the same tokens")
+    segments = n_tokens // longest
+    if segments < 1:
+        raise ValueError(f"{n_tokens} evaluation tokens are fewer than the longest length {longest}")
+    total = segments * longest
+    nll = {}
+    for n in lengths:
+        nll[n] = token_losses(model, tokens, n, n_tokens=total, batch_size=batch_size, device=device)
+        if progress is not None:
+            progress(n)
+    pos = torch.arange(total)
+    seg = lambda x: x.view(segments, longest).sum(1)  # noqa: E731
+    base = nll[train_len]
+    cols_sum, cols_cnt = [], []
+    for n in lengths:
+        tail = ((pos % n) >= n - train_len).double()
+        cols_sum += [seg(nll[n]), seg(nll[n] * tail), seg(base * tail)]
+        cols_cnt += [torch.full((segments,), float(longest), dtype=torch.float64), seg(tail), seg(tail)]
+    sums, counts = torch.stack(cols_sum, 1), torch.stack(cols_cnt, 1)
+    point = sums.sum(0) / counts.sum(0)
+    reps = bootstrap_means(sums, counts, n_boot=n_boot, seed=seed)
+    i_base = 3 * lengths.index(train_len)
+    out: dict[int, dict[str, Any]] = {}
+    for k, n in enumerate(lengths):
+        a, t, tb = 3 * k, 3 * k + 1, 3 * k + 2
+        ppl_lo, ppl_hi = interval(reps[:, a].exp())
+        r_lo, r_hi = interval((reps[:, a] - reps[:, i_base]).exp())
+        tail_lo, tail_hi = interval(reps[:, t].exp())
+        d_lo, d_hi = interval(reps[:, t] - reps[:, tb])
+        loss = float(point[a])
+        by_pos = nll[n].view(-1, n).mean(0)
+        out[n] = {
+            "eval_len": n, "loss": loss, "ppl": math.exp(loss), "ppl_lo": ppl_lo, "ppl_hi": ppl_hi,
+            "bpb": loss / math.log(2), "ratio": math.exp(loss - float(point[i_base])), "ratio_lo": r_lo,
+            "ratio_hi": r_hi, "tail_ppl": math.exp(float(point[t])), "tail_ppl_lo": tail_lo, "tail_ppl_hi": tail_hi,
+            "tail_delta": float(point[t] - point[tb]), "tail_delta_lo": d_lo, "tail_delta_hi": d_hi,
+            "tokens": total, "windows": total // n, "segments": segments,
+            "loss_by_position": by_pos.tolist() if n == longest else None,
+        }
+    return out
+
+
 def evaluate_lengths(model: TransformerLM, tokens: Tensor, lengths: Iterable[int], *, progress: bool = False,
                      **kwargs: Any) -> list[dict[str, Any]]:
     lengths = _check_lengths(lengths)

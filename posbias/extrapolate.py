@@ -1,25 +1,37 @@
-"""Train short, test long (SPEC §3.3): models that differ only in their positional scheme, trained at
-one length with identical data, seed, size and steps, evaluated at many longer lengths.
+"""Train short, test long: models that differ only in their positional scheme, trained at one length
+with identical data, seed, size and steps, scored at many longer lengths on the same tokens.
 
-Writes ``results.json`` (one record per scheme, seed and evaluation length), ``results.md`` (the
-table) and PNG plots into the output folder. Finished models and evaluations are reused, and an
-interrupted training resumes from its last checkpoint.
+Shape: :class:`StudyConfig` (frozen) → :func:`run_study` (no printing; progress through ``log``) →
+:func:`results_table` / :func:`write_plots` (Markdown and PNGs from the records).
 
-Study-specific scheme settings (so that every learned parameter is trained at the training length):
-``offset`` uses ``max_distance = train_len``; ``t5`` uses ``max_distance = train_len`` (its final
-bucket then starts inside the trained range); ``fire`` uses ``init_L = train_len`` so that its
-progressive interpolation is active past the training length.
+Trust rules:
+
+* **Results are keyed by everything that made them.** A model lives in
+  ``models/<label>-seed<seed>-<key>/`` where ``key`` hashes the model config (scheme options
+  included), the training config, the corpus fingerprint, the thread count, the device and the
+  torch version; its evaluation in ``eval-<key>.json`` keyed by those and every evaluation setting.
+  A changed setting trains and evaluates afresh in a folder of its own; nothing is reused under
+  another setting.
+* **Every number carries its uncertainty**: a 95% bootstrap interval over text segments (paired
+  across lengths, :func:`posbias.evaluate.length_study`); seeds give mean ± std.
+* **Fixed threads**: ``torch.set_num_threads(threads)`` for the whole run; results are bit-identical
+  for the same key on one machine.
+* **A fair optimizer for positional parameters**: they get their own AdamW group at
+  ``pos_lr_mult × lr`` without weight decay (:func:`posbias.train.make_optimizer` says why).
+
+Scheme options: each scheme's own :meth:`~posbias.schemes.Scheme.study_defaults` (T5 and the offset
+table: the far bucket sees canonical T5's share of training pairs; FIRE: the reference ``init_L``),
+then the user's ``scheme_options`` per scheme name, then options in the label itself
+(``t5@max_distance=64``), so one scheme can appear twice with different options.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,260 +39,382 @@ import torch
 
 from . import __version__
 from . import checkpoint as ckpt
-from .data import Corpus, load_corpus
-from .evaluate import evaluate_length
-from .model import ModelConfig
-from .schemes import get_scheme_class
+from . import store
+from .data import Corpus
+from .evaluate import length_study
+from .model import ModelConfig, TransformerLM
+from .schemes import get_scheme_class, parse_spec, check_options, spec_label
+from .schemes.base import flat_share
 from .train import TrainConfig, train
 
 DEFAULT_SCHEMES = ("sinusoidal", "rope", "nope", "offset", "t5", "alibi", "kerple-log", "fire")
+EVAL_FORMAT = 2  # bump when the evaluation's definition changes: old caches are then not reused
+N_BOOT = 2000  # bootstrap replicates per interval
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    schemes: tuple[str, ...] = DEFAULT_SCHEMES
-    train_len: int = 128
-    eval_lens: tuple[int, ...] = (128, 256, 512, 1024, 2048)
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 2e-3
+    schemes: tuple[str, ...] = DEFAULT_SCHEMES  # scheme labels: NAME or NAME@KEY=VALUE[,KEY=VALUE]
+    scheme_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per scheme name, over study defaults
+    train_len: int = 128  # training length L (tokens)
+    eval_lens: tuple[int, ...] = (128, 256, 512, 1024, 2048)  # must include L; each divides the longest
+    steps: int = 600  # optimizer steps per model
+    batch_size: int = 32  # sequences per step
+    lr: float = 2e-3  # peak learning rate of the weights
+    pos_lr_mult: float = 30.0  # positional parameters' lr multiplier (see posbias.train.make_optimizer)
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
     seeds: tuple[int, ...] = (0,)
-    eval_tokens: int = 16384  # tokens scored at every length (same tokens for every length)
-    eval_batch: int = 8
-    stride: int | None = None  # sliding-window evaluation when set
+    eval_tokens: int = 16384  # validation tokens scored at every length (rounded down to whole longest windows)
+    eval_batch: int = 8  # windows per evaluation forward
+    threads: int = 2  # torch intra-op threads, fixed for reproducibility (part of every result's key)
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for s in self.schemes:
-            get_scheme_class(s)
-        if self.train_len < 1:
-            raise ValueError(f"--train-len must be >= 1, got {self.train_len}")
+        labels = [spec_label(*parse_spec(s)) for s in self.schemes]
+        if not labels:
+            raise ValueError("give at least one scheme")
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"scheme {dup[0]!r} is listed twice; give the copies different options")
+        for name, opts in self.scheme_options.items():
+            check_options(name, opts)
+        _positive("--train-len", self.train_len)
         for n in self.eval_lens:
-            if n < 1:
-                raise ValueError(f"evaluation lengths must be >= 1, got {n}")
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+            _positive("evaluation lengths", n)
+        for name in ("steps", "batch_size", "d_model", "n_layers", "n_heads", "eval_tokens", "eval_batch", "threads"):
+            _positive("--" + name.replace("_", "-").replace("n-", ""), getattr(self, name))
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+        for name in ("lr", "pos_lr_mult"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v!r}")
+        lens = sorted(set(self.eval_lens))
+        if self.train_len not in lens:
+            raise ValueError(f"--eval-lens {' '.join(map(str, lens))} must include the training length {self.train_len}")
+        for n in lens:
+            if lens[-1] % n or n % self.train_len:
+                raise ValueError(f"evaluation length {n} must divide the longest ({lens[-1]}) and be a multiple "
+                                 f"of the training length ({self.train_len}) so every length scores the same tokens")
+        if self.eval_tokens < lens[-1]:
+            raise ValueError(f"--eval-tokens {self.eval_tokens} is fewer than the longest evaluation length {lens[-1]}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"--d-model {self.d_model} must be divisible by --heads {self.n_heads}")
+
+    def lengths(self) -> list[int]:
+        return sorted(set(self.eval_lens))
+
+
+def _positive(flag: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{flag} must be an integer >= 1, got {v!r}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~10 minutes on a 2-core CPU: 8 schemes, train at 64 tokens, evaluate up to 16x
+    # ~10 minutes on a 2-core CPU: 8 schemes, train at 64 tokens, evaluate up to 16x on 32 segments
     "demo": dict(train_len=64, eval_lens=(64, 128, 256, 512, 1024), steps=250, batch_size=32, d_model=128,
-                 n_layers=3, n_heads=4, eval_tokens=8192),
-    # the issue's default protocol, ~1 hour on a 2-core CPU
+                 n_layers=3, n_heads=4, eval_tokens=32768),
+    # the longer CPU protocol, ~1 hour on a 2-core CPU
     "cpu": dict(train_len=128, eval_lens=(128, 256, 512, 1024, 2048), steps=1200, batch_size=32, d_model=128,
-                n_layers=4, n_heads=4, eval_tokens=16384),
+                n_layers=4, n_heads=4, eval_tokens=65536),
     # for a GPU: larger model, longer training, 3 seeds
     "gpu": dict(train_len=128, eval_lens=(128, 256, 512, 1024, 2048, 4096), steps=4000, batch_size=64,
-                d_model=256, n_layers=6, n_heads=8, eval_tokens=65536, seeds=(0, 1, 2), device="cuda"),
+                d_model=256, n_layers=6, n_heads=8, eval_tokens=131072, seeds=(0, 1, 2), device="cuda"),
 }
 
 
-def study_scheme_options(scheme: str, train_len: int) -> dict[str, Any]:
-    if scheme in ("offset", "t5"):
-        return {"max_distance": max(train_len, 17 if scheme == "t5" else 1)}
-    if scheme == "fire":
-        return {"init_L": float(train_len)}
-    return {}
+@dataclass(frozen=True)
+class Arm:
+    """One scheme of the study with its resolved options."""
+
+    label: str
+    scheme: str
+    options: dict[str, Any]
 
 
-def _model_config(cfg: StudyConfig, scheme: str) -> ModelConfig:
-    return ModelConfig(scheme=scheme, scheme_options=study_scheme_options(scheme, cfg.train_len),
-                       d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads)
+def arms(cfg: StudyConfig) -> list[Arm]:
+    """Each label's scheme and options: scheme study defaults < ``scheme_options`` < the label's own."""
+    out = []
+    for spec in cfg.schemes:
+        name, own = parse_spec(spec)
+        user = {**cfg.scheme_options.get(name, {}), **own}
+        options = {**get_scheme_class(name).study_defaults(cfg.train_len, user), **user}
+        out.append(Arm(spec_label(name, own), name, check_options(name, options)))
+    return out
 
 
-def _train_config(cfg: StudyConfig, seed: int) -> TrainConfig:
+def model_config(cfg: StudyConfig, arm: Arm) -> ModelConfig:
+    return ModelConfig(scheme=arm.scheme, scheme_options=arm.options, d_model=cfg.d_model, n_layers=cfg.n_layers,
+                       n_heads=cfg.n_heads)
+
+
+def train_config(cfg: StudyConfig, seed: int) -> TrainConfig:
     return TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.train_len, lr=cfg.lr,
-                       warmup=max(1, cfg.steps // 12), eval_every=max(1, cfg.steps // 3),
-                       ckpt_every=max(1, cfg.steps // 10), seed=seed)
+                       pos_lr_mult=cfg.pos_lr_mult, warmup=max(1, cfg.steps // 12),
+                       eval_every=max(1, cfg.steps // 3), ckpt_every=max(1, cfg.steps // 10), seed=seed)
+
+
+def model_key(cfg: StudyConfig, arm: Arm, seed: int, corpus: Corpus) -> dict[str, Any]:
+    """Everything that makes a trained model."""
+    return {"model": model_config(cfg, arm).to_dict(), "train": asdict(train_config(cfg, seed)),
+            "corpus": corpus.fingerprint, "threads": cfg.threads, "device": cfg.device, "torch": torch.__version__}
+
+
+def eval_key(cfg: StudyConfig, mkey: dict[str, Any]) -> dict[str, Any]:
+    """Everything that makes an evaluation of that model."""
+    return {"model_key": mkey, "lengths": cfg.lengths(), "train_len": cfg.train_len, "eval_tokens": cfg.eval_tokens,
+            "eval_batch": cfg.eval_batch, "n_boot": N_BOOT, "format": EVAL_FORMAT}
+
+
+def _folder_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label)
+
+
+def learned_summary(model: TransformerLM, train_len: int) -> dict[str, Any]:
+    """What the positional parameters learned: each parameter's range, and for additive schemes the
+    bias a query at position L−1 gives keys at distances 0 … L−1 (all heads)."""
+    s = model.scheme
+    out: dict[str, Any] = {"params": {n: [float(p.detach().min()), float(p.detach().max())]
+                                      for n, p in s.named_parameters()}}
+    if s.family == "additive":
+        with torch.no_grad():
+            q = torch.tensor([train_len - 1])
+            b = s.bias(q, torch.arange(train_len))[:, 0, :].float()  # [H, L], distance L−1 … 0
+        out["bias_range"] = [float(b.min()), float(b.max())]
+        out["bias_contrast"] = float((b[:, -1] - b[:, 0]).abs().max())  # |bias(0) − bias(L−1)|, largest head
+    flat = getattr(s, "flat_beyond", None)
+    if s.learnable and flat is not None:
+        out["final_share"] = flat_share(flat, train_len)
+    return out
 
 
 def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bool = True,
               log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
-    positions: dict[str, list[float]] = {}
-    for scheme in cfg.schemes:
-        for seed in cfg.seeds:
-            mdir = out / "models" / f"{scheme}-seed{seed}"
-            mcfg, tcfg = _model_config(cfg, scheme), _train_config(cfg, seed)
-            if ckpt.exists(mdir / "final"):
-                log(f"[{scheme} seed {seed}] reusing trained model in {mdir / 'final'}")
-            else:
-                log(f"[{scheme} seed {seed}] training {cfg.steps} steps at length {cfg.train_len}")
-                train(mcfg, tcfg, corpus.train, corpus.val, mdir, device=cfg.device, progress=progress,
-                      extra_meta={"corpus": corpus.fingerprint})
-            meta = ckpt.read_meta(mdir / "final")
-            model = ckpt.load_model(mdir / "final").to(cfg.device)
-            cache_file = mdir / "eval.json"
-            cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-            for n in cfg.eval_lens:
-                key = f"{n}:{cfg.eval_tokens}:{cfg.stride}"
-                if key not in cache:
-                    t0 = time.perf_counter()
-                    cache[key] = evaluate_length(model, corpus.val, n, max_tokens=cfg.eval_tokens, stride=cfg.stride,
-                                                 batch_size=cfg.eval_batch, device=cfg.device)
-                    cache[key]["wall_s"] = time.perf_counter() - t0
-                    cache_file.write_text(json.dumps(cache))
-                r = cache[key]
-                log(f"[{scheme} seed {seed}] length {n}: ppl {r['ppl']:.3f}")
-                if "loss_by_position" in r and n == max(cfg.eval_lens) and seed == cfg.seeds[0]:
-                    positions[scheme] = r["loss_by_position"]
-                records.append({
-                    "scheme": scheme, "seed": seed, "train_len": cfg.train_len, "eval_len": n,
-                    "loss": r["loss"], "ppl": r["ppl"], "bpb": r["bpb"], "tokens": r["tokens"],
-                    "stride": cfg.stride, "train_wall_s": meta.get("history", {}).get("wall_s"),
-                    "final_val_loss": (meta.get("history", {}).get("val_loss") or [[None, None]])[-1][1],
-                    "params": model.num_parameters(), "model": mcfg.to_dict(), "train": asdict(tcfg),
-                })
-    summary = {
-        "records": records, "study": asdict(cfg), "corpus": corpus.fingerprint,
-        "versions": {"posbias": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "machine": platform.platform(),
-    }
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
-    (out / "results.md").write_text(results_table(records, cfg))
-    try:
-        write_plots(records, positions, cfg, out)
-    except ValueError as exc:  # matplotlib missing: the table and JSON are still written
-        log(f"plots skipped: {exc}")
+    """Train (or reuse, under the same key) and evaluate every scheme and seed; write ``results.json``,
+    ``results.md`` and the PNGs into ``out``; return the records. One run per folder at a time."""
+    out = store.check_out_dir(out)
+    budget = min(cfg.eval_tokens, corpus.val.numel() - 1) // max(cfg.lengths()) * max(cfg.lengths())
+    if budget < max(cfg.lengths()):
+        raise ValueError(f"the validation split has {corpus.val.numel() - 1} scoreable tokens, fewer than the "
+                         f"longest evaluation length {max(cfg.lengths())}; use shorter --eval-lens or more --data")
+    if corpus.train.numel() <= cfg.train_len + 1:
+        raise ValueError(f"the training split has {corpus.train.numel()} tokens, fewer than --train-len + 1 = "
+                         f"{cfg.train_len + 1}; use a shorter --train-len or more --data")
+    with store.FolderLock(out):
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        try:
+            records, positions = _run(cfg, out, corpus, progress, log)
+        finally:
+            torch.set_num_threads(old_threads)
+        summary = {
+            "records": records, "study": asdict(cfg), "corpus": corpus.fingerprint, "threads": cfg.threads,
+            "versions": {"posbias": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "machine": platform.platform(),
+        }
+        store.write_json(out / "results.json", summary)
+        store.write_text(out / "results.md", results_table(records, cfg))
+        try:
+            write_plots(records, positions, cfg, out)
+        except ValueError as exc:  # matplotlib missing: the table and JSON are still written
+            log(f"plots skipped: {exc}")
     return records
 
 
-def _agg(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+def _run(cfg: StudyConfig, out: Path, corpus: Corpus, progress: bool,
+         log: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+    records: list[dict[str, Any]] = []
+    positions: dict[str, list[float]] = {}
+    study_arms = arms(cfg)
+    total = len(study_arms) * len(cfg.seeds)
+    done = 0
+    for arm in study_arms:
+        for seed in cfg.seeds:
+            done += 1
+            tag = f"[{done}/{total} {arm.label} seed {seed}]"
+            mkey = model_key(cfg, arm, seed, corpus)
+            mdir = out / "models" / f"{_folder_name(arm.label)}-seed{seed}-{store.config_key(mkey)}"
+            if ckpt.exists(mdir / "final"):
+                log(f"{tag} reusing the model trained with these exact settings in {mdir / 'final'}")
+            else:
+                log(f"{tag} training {cfg.steps} steps at length {cfg.train_len} ({arm.options or 'no options'})")
+                store.write_json(mdir / "key.json", mkey)
+                train(model_config(cfg, arm), train_config(cfg, seed), corpus.train, corpus.val, mdir,
+                      device=cfg.device, progress=progress, extra_meta={"corpus": corpus.fingerprint, "key": mkey},
+                      log=log)
+            meta = ckpt.read_meta(mdir / "final")
+            model = ckpt.load_model(mdir / "final").to(cfg.device)
+            ekey = eval_key(cfg, mkey)
+            efile = mdir / f"eval-{store.config_key(ekey)}.json"
+            if efile.exists():
+                scores = {int(k): v for k, v in store.read_json(efile)["scores"].items()}
+            else:
+                t0 = time.perf_counter()
+                scores = length_study(model, corpus.val, cfg.lengths(), train_len=cfg.train_len,
+                                      n_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch, device=cfg.device,
+                                      n_boot=N_BOOT, seed=seed)
+                store.write_json(efile, {"key": ekey, "wall_s": time.perf_counter() - t0,
+                                         "scores": {str(k): v for k, v in scores.items()}})
+            learned = learned_summary(model, cfg.train_len)
+            hist = meta.get("history", {})
+            for n in cfg.lengths():
+                r = scores[n]
+                log(f"{tag} length {n}: ppl {r['ppl']:.3f} [{r['ppl_lo']:.3f}, {r['ppl_hi']:.3f}]")
+                if r.get("loss_by_position") and seed == cfg.seeds[0]:
+                    positions[arm.label] = r["loss_by_position"]
+                records.append({
+                    "label": arm.label, "scheme": arm.scheme, "seed": seed, "train_len": cfg.train_len,
+                    **{k: v for k, v in r.items() if k != "loss_by_position"},
+                    "train_wall_s": hist.get("wall_s"),
+                    "final_val_loss": (hist.get("val_loss") or [[None, None]])[-1][1],
+                    "params": model.num_parameters(), "learned": learned, "model": model.cfg.to_dict(),
+                    "train": meta.get("train"), "threads": cfg.threads, "model_dir": str(mdir),
+                })
+    return records, positions
+
+
+# -- rendering --------------------------------------------------------------------------------
+def _labels(cfg: StudyConfig) -> list[str]:
+    return [a.label for a in arms(cfg)]
+
+
+def _pick(records: list[dict[str, Any]], label: str, n: int) -> list[dict[str, Any]]:
+    return [r for r in records if r["label"] == label and r["eval_len"] == n]
+
+
+def _cell(rs: list[dict[str, Any]], key: str, fmt: str = ".2f") -> str:
+    """One seed: value [lo, hi]; several: mean ± std over seeds."""
+    if not rs:
+        return "–"
+    if len(rs) == 1:
+        r = rs[0]
+        return f"{r[key]:{fmt}} [{r[key + '_lo']:{fmt}}, {r[key + '_hi']:{fmt}}]"
+    v = [r[key] for r in rs]
+    return f"{statistics.mean(v):{fmt}} ± {statistics.stdev(v):{fmt}}"
 
 
 def results_table(records: list[dict[str, Any]], cfg: StudyConfig) -> str:
-    lens = list(cfg.eval_lens)
-    base = cfg.train_len if cfg.train_len in lens else lens[0]
-    longest = max(lens)
-    head = "| scheme | " + " | ".join(f"ppl @ {n}" for n in lens) + f" | ppl@{longest} / ppl@{base} |\n"
-    head += "|---" * (len(lens) + 2) + "|\n"
-    rows = []
-    for s in cfg.schemes:
-        cells = []
-        for n in lens:
-            cells.append(_agg([r["ppl"] for r in records if r["scheme"] == s and r["eval_len"] == n]))
-        ratios = []
-        for seed in cfg.seeds:
-            a = [r["ppl"] for r in records if r["scheme"] == s and r["seed"] == seed and r["eval_len"] == longest]
-            b = [r["ppl"] for r in records if r["scheme"] == s and r["seed"] == seed and r["eval_len"] == base]
-            if a and b:
-                ratios.append(a[0] / b[0])
-        rows.append(f"| {s} | " + " | ".join(cells) + f" | {_agg(ratios)} |")
+    lens, base = cfg.lengths(), cfg.train_len
+    longest = lens[-1]
+    many = len(cfg.seeds) > 1
+    what = "mean ± std over seeds" if many else "95% bootstrap interval"
+    lines = [f"### Perplexity by evaluation length ({what})", "",
+             "| scheme | " + " | ".join(f"ppl @ {n}" for n in lens) + f" | ppl@{longest} / ppl@{base} |",
+             "|---" * (len(lens) + 2) + "|"]
+    for label in _labels(cfg):
+        cells = [_cell(_pick(records, label, n), "ppl") for n in lens]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell(_pick(records, label, longest), 'ratio', '.3f')} |")
+    far = [n for n in lens if n > base]
+    if far:
+        lines += ["", f"### Beyond the training length: the last {base} tokens of each window, with n − {base} … n − 1 "
+                  f"tokens of context, against the same tokens scored in windows of {base} (Δ nats/byte; < 0: the "
+                  "longer context helps, > 0: the model breaks past L)", "",
+                  "| scheme | " + " | ".join(f"Δ @ {n}" for n in far) + " |", "|---" * (len(far) + 1) + "|"]
+        for label in _labels(cfg):
+            lines.append(f"| {label} | " + " | ".join(_cell(_pick(records, label, n), "tail_delta", "+.3f")
+                                                   for n in far) + " |")
+    lines += ["", f"### What the positional parameters learned (seed {cfg.seeds[0]})", "",
+              f"| scheme | options | bias range at L (query L−1, keys 0…L−1) | largest near−far contrast | "
+              f"far entry's share of training pairs | parameter ranges |", "|---|---|---|---|---|---|"]
+    for a in arms(cfg):
+        rs = [r for r in records if r["label"] == a.label and r["seed"] == cfg.seeds[0]]
+        if not rs:
+            continue
+        lr = rs[0]["learned"]
+        rng = f"[{lr['bias_range'][0]:.2f}, {lr['bias_range'][1]:.2f}]" if "bias_range" in lr else "–"
+        con = f"{lr['bias_contrast']:.2f}" if "bias_contrast" in lr else "–"
+        share = f"{lr['final_share']:.0%}" if "final_share" in lr else "–"
+        params = ", ".join(f"{k} [{v[0]:.2f}, {v[1]:.2f}]" for k, v in lr["params"].items()) or "none"
+        opts = ", ".join(f"{k}={v}" for k, v in a.options.items()) or "–"
+        lines.append(f"| {a.label} | {opts} | {rng} | {con} | {share} | {params} |")
+    if many:
+        lines += ["", f"Per seed, ppl@{longest} / ppl@{base}: " + "; ".join(
+            f"{label} " + " / ".join(f"{r['ratio']:.3f}" for r in _pick(records, label, longest))
+            for label in _labels(cfg))]
+    r0 = records[0] if records else {"tokens": 0, "segments": 0}
     seeds = ", ".join(map(str, cfg.seeds))
-    note = (f"\nTrained at {cfg.train_len} tokens for {cfg.steps} steps (batch {cfg.batch_size}); "
-            f"d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads; seeds {seeds}"
-            f"{' (mean ± std)' if len(cfg.seeds) > 1 else ''}; {cfg.eval_tokens} validation tokens per length, "
-            f"{'non-overlapping windows' if cfg.stride is None else f'sliding windows, stride {cfg.stride}'}.\n")
-    return head + "\n".join(rows) + "\n" + note
+    lines += ["", f"Trained at {cfg.train_len} tokens for {cfg.steps} steps (batch {cfg.batch_size}, lr {cfg.lr:g}, "
+              f"positional parameters at {cfg.pos_lr_mult:g}× lr without weight decay); d_model {cfg.d_model}, "
+              f"{cfg.n_layers} layers, {cfg.n_heads} heads; seeds {seeds}; {cfg.threads} threads. Every length scores "
+              f"the same {r0['tokens']:,} validation tokens ({r0['segments']} segments of {longest}) in "
+              f"non-overlapping windows. Intervals: 95% percentile bootstrap over the segments ({N_BOOT} "
+              "replicates, paired across lengths). Two schemes whose intervals overlap are not distinguishable "
+              "at this evaluation size; between seeds, the std is the spread of training itself.", ""]
+    return "\n".join(lines)
 
 
 def write_plots(records: list[dict[str, Any]], positions: dict[str, list[float]], cfg: StudyConfig,
                 out: Path) -> list[Path]:
-    from .plot import _pyplot, _save
+    from .plot import _pyplot, _save, plain_log_ticks, plot_bias_curves
 
     plt = _pyplot()
     paths = []
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for s in cfg.schemes:
-        xs, ys = [], []
-        for n in cfg.eval_lens:
-            v = [r["ppl"] for r in records if r["scheme"] == s and r["eval_len"] == n]
-            if v:
-                xs.append(n)
-                ys.append(statistics.mean(v))
-        ax.plot(xs, ys, marker="o", label=s)
+    labels = _labels(cfg)
+    colors = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    for k, label in enumerate(labels):
+        xs, ys, lo, hi = [], [], [], []
+        for n in cfg.lengths():
+            rs = _pick(records, label, n)
+            if not rs:
+                continue
+            v = [r["ppl"] for r in rs]
+            m = statistics.mean(v)
+            xs.append(n)
+            ys.append(m)
+            if len(v) > 1:
+                sd = statistics.stdev(v)
+                lo.append(m - sd)
+                hi.append(m + sd)
+            else:
+                lo.append(rs[0]["ppl_lo"])
+                hi.append(rs[0]["ppl_hi"])
+        ax.plot(xs, ys, marker="o", label=label, color=colors(k), lw=1.5)
+        ax.fill_between(xs, lo, hi, color=colors(k), alpha=0.15, lw=0)
     ax.axvline(cfg.train_len, color="grey", ls="--", lw=1, label=f"training length {cfg.train_len}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    plain_log_ticks(ax)
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("perplexity (bytes)")
-    ax.set_title("Train short, test long: perplexity versus evaluation length")
+    band = "± std over seeds" if len(cfg.seeds) > 1 else "95% bootstrap interval"
+    ax.set_title(f"Train short, test long (band: {band})")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     paths.append(_save(fig, out / "ppl_vs_length.png"))
 
     if positions:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for s, losses in positions.items():
-            y = torch.tensor(losses)
-            k = max(1, len(losses) // 64)
-            smooth = torch.nn.functional.avg_pool1d(y[None, None], k, k)[0, 0] if k > 1 else y
-            ax.plot((torch.arange(len(smooth)) * k + k / 2).numpy(), smooth.numpy(), label=s, lw=1.2)
+        fig, ax = plt.subplots(figsize=(8.5, 5))
+        for k, label in enumerate(labels):
+            if label not in positions:
+                continue
+            y = torch.tensor(positions[label])
+            # mean over log-spaced bins of position: the noise of single positions hides the trend
+            edges = torch.unique(torch.logspace(0, math.log10(len(y)), 40).long().clamp(max=len(y)))
+            edges = torch.cat([torch.tensor([0]), edges])
+            xs = [(int(a) + int(b) - 1) / 2 for a, b in zip(edges[:-1], edges[1:]) if b > a]
+            ys = [float(y[int(a):int(b)].mean()) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+            ax.plot(xs, ys, label=label, lw=1.4, color=colors(k))
         ax.axvline(cfg.train_len, color="grey", ls="--", lw=1, label="training length")
-        ax.set_xlabel("position inside the window")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("position inside the window (log scale; mean over log-spaced bins)")
         ax.set_ylabel("loss (nats / byte)")
-        ax.set_title(f"Loss by position in {max(cfg.eval_lens)}-token windows")
+        ax.set_title(f"Loss by position in {max(cfg.lengths())}-token windows (seed {cfg.seeds[0]})")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         paths.append(_save(fig, out / "loss_vs_position.png"))
 
-    from .plot import plot_bias_curves
-
     trained = []
-    for s in cfg.schemes:
-        p = out / "models" / f"{s}-seed{cfg.seeds[0]}" / "final"
-        if get_scheme_class(s).family == "additive" and ckpt.exists(p):
-            trained.append(ckpt.load_model(p).scheme)
+    for a in arms(cfg):
+        rs = [r for r in records if r["label"] == a.label and r["seed"] == cfg.seeds[0]]
+        if rs and get_scheme_class(a.scheme).family == "additive":
+            model = ckpt.load_model(Path(rs[0]["model_dir"]) / "final")
+            trained.append((a.label, model.scheme))
     if trained:
-        paths.append(plot_bias_curves(trained, out / "learned_bias_vs_distance.png",
-                                      max_distance=max(cfg.eval_lens),
-                                      title=f"learned biases after training at {cfg.train_len} tokens"))
+        paths.append(plot_bias_curves([s for _, s in trained], out / "learned_bias_vs_distance.png",
+                                      max_distance=max(cfg.lengths()), names=[n for n, _ in trained], log_distance=True,
+                                      title=f"positional biases after training at {cfg.train_len} tokens "
+                                            "(ALiBi is fixed, not learned)"))
     return paths
-
-
-# -- CLI glue ---------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration; flags override it")
-    p.add_argument("--schemes", nargs="+", help=f"default: {' '.join(DEFAULT_SCHEMES)}")
-    p.add_argument("--train-len", type=int)
-    p.add_argument("--eval-lens", type=int, nargs="+")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--d-model", type=int)
-    p.add_argument("--layers", dest="n_layers", type=int)
-    p.add_argument("--heads", dest="n_heads", type=int)
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--eval-tokens", type=int)
-    p.add_argument("--stride", type=int, help="sliding-window evaluation with this stride")
-    p.add_argument("--device", help="cpu or cuda")
-    p.add_argument("--data", help="a local text file or folder instead of the embedded default")
-    p.add_argument("--hf-dataset", help="NAME[:CONFIG] of a Hugging Face dataset (needs posbias[datasets])")
-    p.add_argument("--out", default="runs/study")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def config_from_args(args: argparse.Namespace) -> StudyConfig:
-    values: dict[str, Any] = dict(PRESETS.get(args.preset, {})) if args.preset else {}
-    for name in ("schemes", "train_len", "eval_lens", "steps", "batch_size", "lr", "d_model", "n_layers", "n_heads",
-                 "seeds", "eval_tokens", "stride", "device"):
-        v = getattr(args, name, None)
-        if v is not None:
-            values[name] = tuple(v) if isinstance(v, list) else v
-    if values.get("device", "cpu").startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {values['device']} asked for, but no CUDA device is available")
-    return StudyConfig(**values)
-
-
-def run_from_args(args: argparse.Namespace) -> None:
-    cfg = config_from_args(args)
-    corpus = load_corpus(args.data, args.hf_dataset)
-    fp = corpus.fingerprint
-    print(f"corpus {fp['name']}: {fp['files']} files, {fp['bytes']:,} bytes, sha256 {fp['sha256']}")
-    t0 = time.perf_counter()
-    run_study(cfg, args.out, corpus=corpus, progress=not args.quiet, log=print)
-    out = Path(args.out)
-    print()
-    print((out / "results.md").read_text())
-    print(f"done in {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}, records {out / 'results.json'}")
-    for png in sorted(out.glob("*.png")):
-        print(f"plot {png}")

@@ -119,5 +119,10 @@ class TransformerLM(nn.Module):
         logits = self(idx)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
+    def positional_parameters(self) -> list[nn.Parameter]:
+        """The scheme's learnable parameters (T5/offset tables, KERPLE r1/r2, FIRE's MLP, c and L):
+        the trainer gives them a group of their own (own learning rate, no weight decay)."""
+        return list(self.scheme.parameters())
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

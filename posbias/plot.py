@@ -112,11 +112,26 @@ def bias_versus_distance(scheme: Scheme, distances: torch.Tensor, *, query_pos: 
         return scheme.bias(q_pos, i - distances)[:, 0, :].float()
 
 
+def plain_log_ticks(ax, axis: str = "y") -> None:
+    """Plain numbers (6, 8, 10, 20) on a log axis instead of 6×10⁰, readable at small ranges too."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    target.set_major_formatter(fmt)
+    target.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
 def plot_bias_curves(schemes: Sequence[Scheme], path: str | Path, *, max_distance: int = 512,
-                     title: str = "bias versus distance") -> Path:
-    """One panel per scheme, one line per head: ``PE`` against the distance ``i − j``."""
+                     title: str = "bias versus distance", names: Sequence[str] | None = None,
+                     log_distance: bool = False) -> Path:
+    """One panel per scheme, one line per head: ``PE`` against the distance ``i − j`` (``log_distance``:
+    symlog axis, so distances 0–64 are not squeezed into a corner of a linear axis to 1024)."""
     plt = _pyplot()
-    schemes = [s for s in schemes if s.family == "additive"]
+    keep = [n for n, s in enumerate(schemes) if s.family == "additive"]
+    names = [(names[n] if names else schemes[n].name) for n in keep]
+    schemes = [schemes[n] for n in keep]
     if not schemes:
         raise ValueError("no additive scheme to plot")
     d = torch.arange(0, max_distance + 1)
@@ -130,8 +145,10 @@ def plot_bias_curves(schemes: Sequence[Scheme], path: str | Path, *, max_distanc
         for h in range(b.shape[0]):
             ax.plot(d.numpy(), b[h].numpy(), color=cmap(h / max(1, b.shape[0] - 1) * 0.9), lw=1.2,
                     label=f"head {h}" if b.shape[0] <= 8 else None)
-        ax.set_title(s.name, fontsize=10)
-        ax.set_xlabel("distance i − j")
+        ax.set_title(names[n], fontsize=10)
+        if log_distance:
+            ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("distance i − j" + (" (log scale)" if log_distance else ""))
         ax.set_ylabel("bias")
         ax.grid(alpha=0.3)
         if n == 0 and b.shape[0] <= 8:

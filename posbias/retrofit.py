@@ -20,6 +20,7 @@ passkey accuracy, extra parameters and relative attention cost.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -31,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
+from . import store
 from . import passkey
 from .data import Corpus, batch_at
 from .evaluate import evaluate_length
@@ -173,15 +175,29 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
         if why:
             raise ValueError(f"{why} (methods for {base.cfg.scheme}: {', '.join(methods_for(base.cfg.scheme)) or 'none'})")
     lens = list(cfg.eval_lens or default_eval_lens(train_len, cfg.to))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache_file = out / "cache.json"
-    cache: dict[str, Any] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    out = store.check_out_dir(out)
+    with store.FolderLock(out):
+        return _run_retrofit(path, cfg, out, meta, base, train_len, lens, corpus, progress, log)
+
+
+def source_key(path: str | Path, cfg: RetrofitConfig, corpus: Corpus) -> str:
+    """Everything the cached numbers depend on besides the method and the length: the checkpoint's
+    weights (hashed) and config, the corpus, and every setting of fine-tuning, evaluation and passkey."""
+    p = ckpt.require(path)
+    digest = hashlib.sha256((p / ckpt.MODEL_FILE).read_bytes()).hexdigest()
+    settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("methods", "compare", "eval_lens")}
+    return store.config_key({"weights": digest, "meta": ckpt.read_meta(p), "corpus": corpus.fingerprint,
+                             "settings": settings, "torch": torch.__version__})
+
+
+def _run_retrofit(path, cfg: RetrofitConfig, out: Path, meta, base, train_len: int, lens: list[int], corpus: Corpus,
+                  progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    key = source_key(path, cfg, corpus)
+    cache_file = out / f"cache-{key}.json"
+    cache: dict[str, Any] = store.read_json(cache_file) if cache_file.exists() else {}
 
     def save_cache() -> None:
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(cache_file)
+        store.write_json(cache_file, cache, indent=None)
 
     def evaluate(model: TransformerLM, label: str) -> dict[str, float]:
         got = cache.setdefault(f"ppl:{label}:{cfg.eval_tokens}", {})
@@ -222,7 +238,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
             remaps[m] = bucket_remap(s0.num_buckets, s0.max_distance, s1.max_distance, dists)
         stages = [("no fine-tune", model)]
         if cfg.finetune_steps:
-            mdir = out / "models" / f"{m}-ft{cfg.finetune_steps}"
+            mdir = out / "models" / f"{m}-ft{cfg.finetune_steps}-{key}"
             if ckpt.exists(mdir):
                 tuned = ckpt.load_model(mdir).to(cfg.device)
                 log(f"[{m}] reusing fine-tuned model in {mdir}")
@@ -247,8 +263,8 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
     result = {"checkpoint": str(path), "train_len": train_len, "to": cfg.to, "eval_lens": lens, "rows": rows,
               "bucket_remap": remaps, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
               "corpus": corpus.fingerprint}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "results.md").write_text(retrofit_table(result))
+    store.write_json(out / "results.json", result)
+    store.write_text(out / "results.md", retrofit_table(result))
     try:
         plot_retrofit(result, out / "ppl_vs_length.png")
     except ValueError as exc:  # matplotlib missing
@@ -326,7 +342,7 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def run_from_args(args) -> None:
+def run_from_args(args, say: Callable[[str], None] = print) -> None:
     from .data import load_corpus
 
     ckpt.require(args.checkpoint)
@@ -337,6 +353,11 @@ def run_from_args(args) -> None:
                          "or --compare")
     if args.finetune_steps < 0 or args.passkey_steps < 0:
         raise ValueError("--finetune-steps and --passkey-steps must be >= 0")
+    for flag in ("finetune_batch", "eval_tokens", "to"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):
+        raise ValueError(f"--finetune-lr must be a finite number > 0, got {args.finetune_lr}")
     for n in args.eval_lens or []:
         if n < 1:
             raise ValueError(f"evaluation lengths must be >= 1, got {n}")
@@ -347,7 +368,7 @@ def run_from_args(args) -> None:
     out = Path(args.out or f"runs/retrofit-{Path(args.checkpoint).resolve().parent.name}")
     corpus = load_corpus(args.data)
     t0 = time.perf_counter()
-    run_retrofit(args.checkpoint, cfg, out, corpus=corpus, progress=not args.quiet, log=print)
-    print()
-    print((out / "results.md").read_text())
-    print(f"done in {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}, plot {out / 'ppl_vs_length.png'}")
+    run_retrofit(args.checkpoint, cfg, out, corpus=corpus, progress=not args.quiet, log=say)
+    say()
+    say((out / "results.md").read_text())
+    say(f"done in {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}, plot {out / 'ppl_vs_length.png'}")

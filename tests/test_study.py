@@ -102,9 +102,21 @@ def test_sliding_window_evaluation(corpus):
 
 @pytest.mark.parametrize("argv, msg", [
     (["extrapolate", "--schemes", "bogus"], "unknown scheme 'bogus'"),
-    (["extrapolate", "--eval-lens", "0"], "evaluation lengths must be >= 1, got 0"),
+    (["extrapolate", "--eval-lens", "0"], "evaluation lengths must be an integer >= 1, got 0"),
     (["extrapolate", "--data", "/nonexistent/file.txt", "--steps", "1"], "does not exist"),
-    (["extrapolate", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["extrapolate", "--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["extrapolate", "--eval-tokens", "0"], "--eval-tokens must be an integer >= 1, got 0"),
+    (["extrapolate", "--train-len", "64", "--eval-lens", "128", "256"], "must include the training length 64"),
+    (["extrapolate", "--train-len", "64", "--eval-lens", "64", "96", "256"], "evaluation length 96 must divide"),
+    (["extrapolate", "--scheme-option", "t5.max_distance=far"], "max_distance must be an integer (scheme 't5'), got 'far'"),
+    (["extrapolate", "--scheme-option", "t5.bogus=3"], "scheme 't5' has no option bogus"),
+    (["extrapolate", "--scheme-option", "max_distance=3"], "must look like SCHEME.KEY=VALUE"),
+    (["extrapolate", "--scheme-option", "t5.bidirectional=maybe"], "bidirectional must be true/false"),
+    (["extrapolate", "--schemes", "t5@max_distance=17", "t5@max_distance=17"], "listed twice"),
+    (["extrapolate", "--schemes", "t5@max_distance"], "must look like KEY=VALUE"),
+    (["extrapolate", "--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["extrapolate", "--pos-lr-mult", "0"], "--pos-lr-mult must be a finite number > 0"),
+    (["extrapolate", "--device", "bogus"], "--device 'bogus' is not a device"),
 ])
 def test_extrapolate_bad_input(argv, msg, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path)]) == 2
@@ -112,24 +124,133 @@ def test_extrapolate_bad_input(argv, msg, capsys, tmp_path):
     assert msg in err and "\n" not in err
 
 
-def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys):
-    text = tmp_path / "data.txt"
-    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(800)))
-    argv = ["extrapolate", "--schemes", "alibi", "rope", "--train-len", "16", "--eval-lens", "16", "64",
-            "--steps", "3", "--batch-size", "4", "--d-model", "32", "--layers", "1", "--heads", "2",
-            "--eval-tokens", "256", "--data", str(text), "--out", str(tmp_path / "run"), "--quiet"]
+STUDY = ["--train-len", "16", "--eval-lens", "16", "32", "64", "--steps", "3", "--batch-size", "4", "--d-model", "32",
+         "--layers", "1", "--heads", "2", "--eval-tokens", "512", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    text = tmp_path_factory.mktemp("data") / "data.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox {i * 7 % 13} jumps over the lazy dog\n" for i in range(800)))
+    return text
+
+
+def _records(out):
+    return json.loads((out / "results.json").read_text())["records"]
+
+
+def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
+    argv = ["extrapolate", "--schemes", "alibi", "rope", *STUDY, "--data", str(text_file), "--out", str(tmp_path / "run")]
     assert main(argv) == 0
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     recs = res["records"]
-    assert {(r["scheme"], r["eval_len"]) for r in recs} == {("alibi", 16), ("alibi", 64), ("rope", 16), ("rope", 64)}
-    for key in ("scheme", "train_len", "eval_len", "loss", "ppl"):
-        assert all(key in r for r in recs)
+    assert {(r["scheme"], r["eval_len"]) for r in recs} == {(s, n) for s in ("alibi", "rope") for n in (16, 32, 64)}
+    for r in recs:
+        assert r["ppl_lo"] <= r["ppl"] <= r["ppl_hi"] and r["ratio_lo"] <= r["ratio"] <= r["ratio_hi"]
+        assert r["tail_delta_lo"] <= r["tail_delta"] <= r["tail_delta_hi"]
+        assert r["tokens"] == 512 and r["segments"] == 8 and r["threads"] == 2
+    base = [r for r in recs if r["eval_len"] == 16]
+    assert all(r["ratio"] == 1.0 and r["tail_delta"] == 0.0 for r in base)  # L against itself
     assert res["corpus"]["files"] == 1 and "torch" in res["versions"]
-    assert "| alibi |" in (tmp_path / "run" / "results.md").read_text()
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert "| alibi |" in md and "95% bootstrap interval" in md and "512 validation tokens" in md
     assert (tmp_path / "run" / "ppl_vs_length.png").exists()
     capsys.readouterr()
     assert main(argv) == 0
-    assert capsys.readouterr().out.count("reusing trained model") == 2
+    assert capsys.readouterr().out.count("reusing the model trained with these exact settings") == 2
+    assert _records(tmp_path / "run") == recs
+
+
+def test_changed_setting_is_never_reused(tmp_path, capsys, text_file):
+    """A re-run into the same folder with another setting trains afresh in a folder of its own, and
+    the table shows the numbers of the new setting (the stale-result bug)."""
+    out = tmp_path / "run"
+    argv = ["extrapolate", "--schemes", "t5", *STUDY, "--data", str(text_file), "--out", str(out)]
+    assert main(argv) == 0
+    first = _records(out)
+    for change in (["--steps", "4"], ["--d-model", "64"], ["--lr", "1e-3"], ["--pos-lr-mult", "3"],
+                   ["--scheme-option", "t5.max_distance=40"], ["--threads", "1"]):
+        capsys.readouterr()
+        assert main(argv + change) == 0, change
+        assert "reusing" not in capsys.readouterr().out, change
+        again = _records(out)
+        assert again[0]["model_dir"] != first[0]["model_dir"], change
+    assert _records(out)[0]["threads"] == 1
+    assert len(list((out / "models").iterdir())) == 7
+    other = tmp_path / "other.txt"
+    other.write_text(text_file.read_text().replace("fox", "cat"))
+    capsys.readouterr()
+    assert main(["extrapolate", "--schemes", "t5", *STUDY, "--data", str(other), "--out", str(out)]) == 0
+    assert "reusing" not in capsys.readouterr().out
+
+
+def test_scheme_options_labels_and_study_defaults(tmp_path, text_file):
+    out = tmp_path / "run"
+    argv = ["extrapolate", "--schemes", "t5", "t5@max_distance=64", "fire", "offset", *STUDY,
+            "--scheme-option", "t5.num_buckets=8", "--data", str(text_file), "--out", str(out)]
+    assert main(argv) == 0
+    recs = {r["label"]: r for r in _records(out) if r["eval_len"] == 16}
+    assert set(recs) == {"t5", "t5@max_distance=64", "fire", "offset"}
+    # t5: the user's num_buckets; max_distance from the canonical-share rule for 8 buckets at L = 16
+    assert recs["t5"]["model"]["scheme_options"]["num_buckets"] == 8
+    assert recs["t5@max_distance=64"]["model"]["scheme_options"] == {"num_buckets": 8, "max_distance": 64}
+    assert recs["fire"]["model"]["scheme_options"] == {}  # FIRE: the reference default init_L = 512
+    assert "max_distance" in recs["offset"]["model"]["scheme_options"]
+    learned = recs["t5"]["learned"]
+    assert learned["bias_range"][0] <= learned["bias_range"][1] and "table" in learned["params"]
+    assert 0 < learned["final_share"] < 1
+    assert "t5@max_distance=64" in (out / "results.md").read_text()
+
+
+def test_study_defaults_follow_canonical_t5_proportions():
+    from posbias.schemes import OffsetBias, T5Bias
+    from posbias.schemes.base import flat_share
+    from posbias.schemes.t5 import CANONICAL_FINAL_SHARE, t5_last_bucket_start
+
+    assert T5Bias.study_defaults(512, {}) == {"max_distance": 128}  # canonical T5 reproduces itself
+    assert CANONICAL_FINAL_SHARE == pytest.approx(0.6076, abs=1e-4)
+    assert T5Bias.study_defaults(64, {}) == {"max_distance": 17}  # the closest reachable with 32 buckets
+    assert flat_share(t5_last_bucket_start(32, 17), 64) == pytest.approx(1128 / 2080)
+    assert OffsetBias.study_defaults(64, {}) == {"max_distance": 14}
+    assert T5Bias.study_defaults(64, {"max_distance": 50}) == {}  # the user's choice wins
+
+
+def test_study_is_bit_identical_at_a_fixed_thread_count(tmp_path, text_file):
+    for name in ("a", "b"):
+        assert main(["extrapolate", "--schemes", "t5", "kerple-log", *STUDY, "--data", str(text_file),
+                     "--out", str(tmp_path / name)]) == 0
+    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
+    assert [(r["loss"], r["ppl_lo"], r["learned"]) for r in a] == [(r["loss"], r["ppl_lo"], r["learned"]) for r in b]
+
+
+def test_positional_parameters_get_their_own_learning_rate():
+    from posbias.train import make_optimizer
+
+    model = TransformerLM(ModelConfig(scheme="t5", **TINY))
+    opt = make_optimizer(model, TrainConfig(pos_lr_mult=30.0))
+    pos = [g for g in opt.param_groups if g["lr_mult"] == 30.0]
+    assert len(pos) == 1 and pos[0]["weight_decay"] == 0.0
+    assert {id(p) for p in pos[0]["params"]} == {id(model.scheme.table)}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    # ALiBi has no positional parameters: no empty group
+    assert all(g["params"] for g in make_optimizer(TransformerLM(ModelConfig(scheme="alibi", **TINY)),
+                                                    TrainConfig()).param_groups)
+
+
+def test_length_study_intervals_and_tail_view(corpus):
+    from posbias.evaluate import length_study
+
+    model = TransformerLM(ModelConfig(scheme="alibi", **TINY))
+    res = length_study(model, corpus.val, [16, 32, 64], train_len=16, n_tokens=640)
+    assert set(res) == {16, 32, 64}
+    for n, r in res.items():
+        assert r["tokens"] == 640 and r["segments"] == 10 and r["windows"] == 640 // n
+        assert r["ppl_lo"] <= r["ppl"] <= r["ppl_hi"] and r["tail_ppl_lo"] <= r["tail_ppl"] <= r["tail_ppl_hi"]
+    # the all-token loss equals the plain non-overlapping evaluation of the same tokens
+    plain = evaluate_length(model, corpus.val, 32, max_tokens=640)
+    assert res[32]["loss"] == pytest.approx(plain["loss"], rel=1e-9)
+    with pytest.raises(ValueError, match="must include the training length"):
+        length_study(model, corpus.val, [32, 64], train_len=16, n_tokens=640)
 
 
 @pytest.mark.slow

@@ -30,10 +30,13 @@ class _Augmented:
         self.k = torch.cat([k, k.new_zeros(bsz, h, lk, 1)], -1)
         self.v = F.pad(v, (0, 1))
         self.slope = slopes.view(1, h, 1).to(k.dtype)
-        self.kpos = torch.arange(k0, k0 + lk, device=k.device, dtype=k.dtype).view(1, 1, -1)
+        self.k0 = k0
+        self.kidx = torch.arange(lk, device=k.device).view(1, 1, -1)  # int64: j − k0
 
     def at(self, r: int, upto: int) -> tuple[Tensor, Tensor]:
-        self.k[:, :, :upto, -1] = self.slope * (self.kpos[:, :, :upto] - r)
+        # j − r = (j − k0) − (r − k0), in integers: float32 sees only the small difference
+        rel = (self.kidx[:, :, :upto] - (r - self.k0)).to(self.k.dtype)
+        self.k[:, :, :upto, -1] = self.slope * rel
         return self.k[:, :, :upto], self.v[:, :, :upto]
 
 

@@ -6,7 +6,6 @@ benchmark and the contract tests iterate over this dict.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from .alibi import ALiBi, alibi_slopes
@@ -15,6 +14,7 @@ from .fire import FIRE
 from .kerple import KerpleLog, KerplePower
 from .nope import NoPE
 from .offset import OffsetBias
+from .options import OptionSpec, check_option, option_specs, parse_option
 from .rope import RoPE, ntk_lambda, rope_frequencies, yarn_frequencies
 from .sinusoidal import Sinusoidal
 from .t5 import T5Bias, t5_bucket, t5_last_bucket_start
@@ -27,13 +27,49 @@ SCHEMES: dict[str, type[Scheme]] = {
 
 def scheme_options(name: str) -> dict[str, Any]:
     """The keyword options a scheme takes beyond ``n_heads``/``head_dim``, with their defaults."""
-    cls = get_scheme_class(name)
-    sig = inspect.signature(cls.__init__)
-    return {
-        p.name: p.default
-        for p in sig.parameters.values()
-        if p.kind is p.KEYWORD_ONLY and p.name not in ("n_heads", "head_dim")
-    }
+    return {k: spec.default for k, spec in option_specs(get_scheme_class(name)).items()}
+
+
+def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against scheme ``name``: known names, typed values (ValueError otherwise)."""
+    specs = option_specs(get_scheme_class(name))
+    unknown = sorted(set(options) - set(specs))
+    if unknown:
+        raise ValueError(
+            f"scheme {name!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(specs) or 'none'}"
+        )
+    return {k: check_option(name, specs[k], v) for k, v in options.items()}
+
+
+def parse_options(name: str, pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["max_distance=17", "bidirectional=false"]`` → typed options of scheme ``name``."""
+    specs = option_specs(get_scheme_class(name))
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise ValueError(f"scheme option {pair!r} must look like KEY=VALUE")
+        if key not in specs:
+            raise ValueError(f"scheme {name!r} has no option {key}; valid: {', '.join(specs) or 'none'}")
+        out[key] = parse_option(name, specs[key], text)
+    return out
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """A scheme with options in one word: ``"t5@max_distance=17,num_buckets=32"`` → ``("t5", {...})``."""
+    name, at, rest = spec.partition("@")
+    get_scheme_class(name)
+    if at and not rest:
+        raise ValueError(f"scheme spec {spec!r} has '@' but no KEY=VALUE after it")
+    return name, parse_options(name, rest.split(",") if rest else [])
+
+
+def spec_label(name: str, options: dict[str, Any]) -> str:
+    """The inverse of :func:`parse_spec`: a readable label for a scheme with explicit options."""
+    if not options:
+        return name
+    return name + "@" + ",".join(f"{k}={v}" for k, v in sorted(options.items()))
 
 
 def get_scheme_class(name: str) -> type[Scheme]:
@@ -46,20 +82,16 @@ def get_scheme_class(name: str) -> type[Scheme]:
 def build(name: str, *, n_heads: int, head_dim: int, **options: Any) -> Scheme:
     """Construct a registered scheme: ``build("t5", n_heads=8, head_dim=64, num_buckets=32)``.
 
-    Unknown options raise ``ValueError`` listing the options the scheme accepts.
+    Unknown options raise ``ValueError`` listing the options the scheme accepts; a value of the wrong
+    type (``clip="false"``) raises ``ValueError`` naming the type the option takes.
     """
     cls = get_scheme_class(name)
-    valid = scheme_options(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"scheme {name!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(valid) or 'none'}"
-        )
-    return cls(n_heads=n_heads, head_dim=head_dim, **options)
+    return cls(n_heads=n_heads, head_dim=head_dim, **check_options(name, options))
 
 
 __all__ = [
-    "SCHEMES", "Scheme", "ToeplitzScheme", "build", "get_scheme_class", "scheme_options",
+    "SCHEMES", "Scheme", "ToeplitzScheme", "build", "get_scheme_class", "scheme_options", "check_options",
+    "parse_options", "parse_spec", "spec_label", "OptionSpec", "option_specs",
     "NoPE", "Sinusoidal", "OffsetBias", "T5Bias", "ALiBi", "KerpleLog", "KerplePower", "FIRE", "RoPE",
     "t5_bucket", "t5_last_bucket_start", "alibi_slopes", "rope_frequencies", "ntk_lambda",
     "yarn_frequencies",

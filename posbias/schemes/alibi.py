@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import ToeplitzScheme, check_int
+from .base import ToeplitzScheme, check_bool, check_int
 
 __all__ = ["ALiBi", "alibi_slopes"]
 
@@ -39,7 +39,7 @@ class ALiBi(ToeplitzScheme):
 
     def __init__(self, *, n_heads: int, head_dim: int, symmetric: bool = False) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
-        self.symmetric = bool(symmetric)
+        self.symmetric = check_bool("symmetric", symmetric)
         self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
 
     @property

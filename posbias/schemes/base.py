@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Scheme", "ToeplitzScheme", "check_int", "check_positive"]
+__all__ = ["Scheme", "ToeplitzScheme", "check_bool", "check_int", "check_positive"]
 
 FAMILIES = ("additive", "rotary", "absolute", "none")
 
@@ -44,6 +44,13 @@ def check_int(name: str, value: object, *, minimum: int, hint: str = "") -> int:
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Validate a boolean option: a real bool (the string ``"false"`` is truthy in Python)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_positive(name: str, value: object) -> float:
     """Validate a strictly positive finite float hyper-parameter."""
     try:
@@ -53,6 +60,15 @@ def check_positive(name: str, value: object) -> float:
     if not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a positive finite number (> 0), got {value!r}")
     return v
+
+
+def flat_share(start: int, length: int) -> float:
+    """Share of the causal query–key pairs of a ``length``-token window (``i ≥ j``) whose offset is
+    ``≥ start``: the pairs that a final T5 bucket or a clipped offset entry starting at ``start`` sees."""
+    if start >= length:
+        return 0.0
+    far = length - max(start, 0)
+    return far * (far + 1) / (length * (length + 1))
 
 
 def as_positions(pos: Tensor | None, length: int, device: torch.device, *, start: int = 0) -> Tensor:
@@ -105,6 +121,12 @@ class Scheme(nn.Module):
     def embed(self, pos: Tensor, dim: int) -> Tensor | None:
         """``[len(pos), dim]`` vectors added to token embeddings, or None."""
         return None
+
+    @classmethod
+    def study_defaults(cls, train_len: int, options: dict) -> dict:
+        """Options the length study uses for this scheme at training length ``train_len`` unless the
+        user sets them (``options`` are the user's). Default: the class defaults, nothing added."""
+        return {}
 
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, head_dim={self.head_dim}"

@@ -48,10 +48,11 @@ class FIRE(Scheme):
         """The MLP's input ``ψ(|i − j|) / ψ(max(L, i))``, ``[len(q_pos), len(k_pos)]`` float32."""
         c = self.c.abs().float()
         threshold = (self.L_multiplier * self.init_L).abs().float()
-        qf = q_pos.to(torch.float32)
+        # i − j in integers first; the query position itself enters only through a log
+        qf = q_pos.to(torch.float64)
         dist = (q_pos[:, None] - k_pos[None, :]).abs().to(torch.float32)
         num = torch.log1p(c * dist)
-        den = torch.log1p(c * torch.maximum(qf, threshold)) + self.eps
+        den = (torch.log1p(c.double() * torch.maximum(qf, threshold.double())) + self.eps).float()
         return num / den[:, None]
 
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:

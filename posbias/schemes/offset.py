@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import ToeplitzScheme, check_int
+from .base import ToeplitzScheme, check_bool, check_int
 
 
 class OffsetBias(ToeplitzScheme):
@@ -32,11 +32,21 @@ class OffsetBias(ToeplitzScheme):
     ) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
         self.max_distance = check_int("max_distance", max_distance, minimum=1)
-        self.bidirectional = bool(bidirectional)
-        self.clip = bool(clip)
+        self.bidirectional = check_bool("bidirectional", bidirectional)
+        self.clip = check_bool("clip", clip)
         # entries 0..D for offsets >= 0; in bidirectional use D more entries for offsets -1..-D
         size = self.max_distance + 1 + (self.max_distance if self.bidirectional else 0)
         self.table = nn.Parameter(torch.zeros(size, n_heads))
+
+    @classmethod
+    def study_defaults(cls, train_len: int, options: dict) -> dict:
+        """``max_distance`` such that the clipped entry sees canonical T5's share of the training pairs,
+        the same rule as T5's final bucket (14 at ``train_len = 64``: 61%)."""
+        if "max_distance" in options or options.get("clip") is False:
+            return {}
+        from .t5 import canonical_share_distance
+
+        return {"max_distance": canonical_share_distance(train_len, lambda d: d, 1)}
 
     @property
     def flat_beyond(self) -> int | None:

@@ -12,9 +12,12 @@ Scalings (``scaling=``), with ``factor = m / m_l`` (target over trained length `
   frequency is untouched and the lowest is stretched by exactly ``factor``;
 * ``"dynamic-ntk"``: NTK with ``factor`` growing with the context: for a context of ``n > m_l``
   tokens the base is ``b · (factor·n/m_l − (factor − 1))^{d/(d−2)}`` (HuggingFace's rule); plain
-  RoPE up to ``m_l``. The frequencies depend on the whole context length, so the keys are rotated
-  with the current length at every step (posbias rotates keys inside attention, which keeps
-  prefill + decode equal to a full forward);
+  RoPE up to ``m_l``. The frequencies depend on the whole context length, so posbias rotates the
+  (cached, unrotated) keys with the current length at every step. For **one** attention layer this
+  makes cached decoding equal to a full forward over the same inputs. With more layers it does not:
+  the cache holds keys and values computed by earlier layers when the context was shorter (other
+  frequencies), while a full forward recomputes them at the final length; past ``m_l`` the last
+  token's output then differs (about 1e-2 for a 2-layer model, tested);
 * ``"yarn"`` (Peng et al. 2023): per-frequency blend of interpolation and extrapolation with a
   linear ramp between ``beta_fast = 32`` and ``beta_slow = 1`` rotations over ``m_l``, and
   attention temperature ``(0.1 ln factor + 1)`` applied to both q and k.
@@ -120,10 +123,14 @@ class RoPE(Scheme):
         return 1.0
 
     def angles(self, pos: Tensor, context_len: int | None = None) -> Tensor:
-        p = pos.to(torch.float32)
+        """``pos·θ_k`` reduced mod 2π, ``[len, d/2]`` float32. Computed in float64 (a float32
+        product loses shift-invariance past about 2^20); :func:`posbias.attention` also subtracts an
+        integer reference from the positions first, so attention is exact at any position."""
+        p = pos.to(torch.float64)
         if self.scaling == "pi":
             p = p / self.factor
-        return p[:, None] * self.inv_frequencies(context_len)[None, :]  # [len, d/2]
+        ang = p[:, None] * self.inv_frequencies(context_len).double()[None, :]
+        return torch.remainder(ang, 2 * math.pi).float()
 
     def rotate(self, x: Tensor, pos: Tensor, *, context_len: int | None = None) -> Tensor:
         ang = self.angles(pos, context_len)

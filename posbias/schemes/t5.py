@@ -22,9 +22,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import ToeplitzScheme, check_int
+from .base import ToeplitzScheme, check_bool, check_int, flat_share
 
-__all__ = ["T5Bias", "t5_bucket", "check_t5", "t5_last_bucket_start"]
+__all__ = ["T5Bias", "t5_bucket", "check_t5", "t5_last_bucket_start", "CANONICAL_FINAL_SHARE", "canonical_share_distance"]
 
 
 def check_t5(num_buckets: int, max_distance: int, bidirectional: bool) -> None:
@@ -85,6 +85,22 @@ def t5_last_bucket_start(num_buckets: int, max_distance: int, bidirectional: boo
     return int(torch.nonzero(b == n - 1)[0].item())
 
 
+#: Canonical T5 (32 buckets, max_distance 128, trained on 512 tokens): the final bucket starts at 113
+#: and sees 60.8% of the causal training pairs — the share that makes it a well-trained "far" value.
+CANONICAL_FINAL_SHARE = flat_share(113, 512)
+
+
+def canonical_share_distance(train_len: int, start_of: "callable", lowest: int) -> int:
+    """The distance ``D ≥ lowest`` whose final entry (starting at ``start_of(D)``) sees the share of
+    training pairs closest to canonical T5's (ties: the larger D). ``start_of`` must be monotone."""
+    best, best_err = lowest, float("inf")
+    for d in range(lowest, max(lowest, train_len) + 1):
+        err = abs(flat_share(start_of(d), train_len) - CANONICAL_FINAL_SHARE)
+        if err <= best_err:
+            best, best_err = d, err
+    return best
+
+
 class T5Bias(ToeplitzScheme):
     name = "t5"
     summary = "learned scalar per log-spaced bucket of i-j (num_buckets = n_b+1), unscaled logits"
@@ -105,7 +121,7 @@ class T5Bias(ToeplitzScheme):
         check_t5(num_buckets, max_distance, bidirectional)
         self.num_buckets = num_buckets
         self.max_distance = max_distance
-        self.bidirectional = bool(bidirectional)
+        self.bidirectional = check_bool("bidirectional", bidirectional)
         # one scalar per bucket and head: the count is num_buckets = n_b + 1, not n_b
         self.table = nn.Parameter(torch.zeros(num_buckets, n_heads))
         self._flat = t5_last_bucket_start(num_buckets, max_distance, self.bidirectional)
@@ -113,6 +129,19 @@ class T5Bias(ToeplitzScheme):
     @property
     def flat_beyond(self) -> int:
         return self._flat
+
+    @classmethod
+    def study_defaults(cls, train_len: int, options: dict) -> dict:
+        """``max_distance`` such that the final bucket sees canonical T5's share of the training pairs
+        (60.8%, see :data:`CANONICAL_FINAL_SHARE`); with 32 buckets and ``train_len = 64`` that is
+        ``max_distance = 17`` (54%, the closest reachable: the 16 one-to-one buckets come first)."""
+        if "max_distance" in options:
+            return {}
+        n = options.get("num_buckets", 32)
+        bi = options.get("bidirectional", False)
+        per_dir = n // 2 if bi else n
+        start_of = lambda d: t5_last_bucket_start(n, d, bi)  # noqa: E731
+        return {"max_distance": canonical_share_distance(train_len, start_of, per_dir // 2 + 1)}
 
     def buckets(self, offset: Tensor) -> Tensor:
         return t5_bucket(offset, num_buckets=self.num_buckets, max_distance=self.max_distance,

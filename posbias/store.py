@@ -1,0 +1,113 @@
+"""The results store: atomic files, readable errors, keys, and one run per output folder.
+
+* :func:`write_text` / :func:`write_json` write ``<name>.<pid>.tmp``, fsync it and rename it over the
+  target, so a reader (or a crash) sees the old file or the new one, never half of one.
+* :func:`read_json` names the file when it is not valid JSON (a truncated cache is an error that
+  says which file to delete, not a bare ``JSONDecodeError``).
+* :func:`config_key` hashes everything that made a result (a canonical JSON dump): a result is
+  reused only under the same key.
+* :class:`FolderLock` takes an exclusive ``flock`` on ``<folder>/.posbias.lock`` for the whole run;
+  a second run into the same folder refuses at once with a one-line error naming the holder. The
+  kernel drops the lock when the process dies, so a killed run never leaves a stale lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_text", "write_json", "read_json", "config_key", "FolderLock", "check_out_dir", "FolderBusy"]
+
+
+def check_out_dir(path: str | Path) -> Path:
+    """``path`` as an output folder: refuses a path that is a file or lies under a file."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists() and not q.is_dir():
+            raise ValueError(f"output folder {str(p)!r} cannot be created: {str(q)!r} is a file")
+    return p
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _finite(obj: Any, where: str = "") -> None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"refusing to write a non-finite number ({obj}) at {where or 'top level'}")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _finite(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _finite(v, f"{where}[{i}]")
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 1) -> Path:
+    """Atomic JSON; NaN/inf anywhere is refused (a NaN perplexity is worse than no file)."""
+    _finite(obj)
+    return write_text(path, json.dumps(obj, indent=indent, allow_nan=False))
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({exc}); delete it to recompute") from None
+
+
+def config_key(obj: Any, length: int = 10) -> str:
+    """A short hash of a JSON-able object, independent of dict order."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+class FolderBusy(ValueError):
+    """Another run holds the output folder."""
+
+
+class FolderLock:
+    """``with FolderLock(out): ...`` — one posbias run per output folder at a time."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = check_out_dir(folder)
+        self._fh: Any = None
+
+    def __enter__(self) -> "FolderLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / ".posbias.lock"
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise FolderBusy(f"output folder {str(self.folder)!r} is in use by {holder}; wait for it to finish "
+                             "or choose another output folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"posbias pid {os.getpid()}")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
