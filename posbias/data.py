@@ -50,10 +50,12 @@ def _from_documents(name: str, docs: list[tuple[str, bytes]]) -> Corpus:
         parts = {"train": [whole[:a]], "val": [whole[a:c]], "test": [whole[c:]]}
     for key, body in docs:
         digest.update(key.encode() + b"\0" + body)
+    for s in SPLITS:
+        size = sum(len(b) for b in parts[s])
+        if size < 2:
+            raise ValueError(f"corpus {name!r} has too little text for a {s} split ({size} bytes); "
+                             "give a larger --data")
     tensors = {s: torch.frombuffer(bytearray(b"".join(parts[s])), dtype=torch.uint8) for s in SPLITS}
-    for s, t in tensors.items():
-        if t.numel() < 2:
-            raise ValueError(f"corpus {name!r} has too little text for a {s} split ({t.numel()} bytes)")
     fp = {
         "name": name,
         "files": len(docs),

@@ -1,0 +1,346 @@
+"""Fault injection and strict inputs: nothing silently wrong, bad input gets one clear line, faults
+lose nothing (kills, concurrent runs, damaged files, divergence, closed stdout, huge positions)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import posbias
+from posbias import checkpoint as ckpt
+from posbias.attention import BACKENDS, usable
+from posbias.cli import main
+from posbias.model import ModelConfig, TransformerLM
+from posbias.train import TrainConfig, train
+
+TINY = dict(d_model=32, n_layers=2, n_heads=2)
+ALL = ["nope", "sinusoidal", "offset", "t5", "alibi", "kerple-log", "kerple-power", "fire", "rope"]
+POSBIAS = [sys.executable, "-m", "posbias.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _one_line_error(capsys, code, *needles):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "\n" not in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("faults") / "data.txt"
+    f.write_text("".join(f"row {i}: pack my box with {i % 17} dozen liquor jugs\n" for i in range(900)))
+    return f
+
+
+STUDY = ["--train-len", "16", "--eval-lens", "16", "32", "--steps", "4", "--batch-size", "4", "--d-model", "32",
+         "--layers", "1", "--heads", "2", "--eval-tokens", "256", "--quiet"]
+
+
+# -- exact at any integer position ------------------------------------------------------------
+@pytest.mark.parametrize("name", ["alibi", "t5", "offset", "kerple-log", "rope", "nope"])
+@pytest.mark.parametrize("start", [2**24, 2**31, 2**40])
+def test_shift_invariant_schemes_are_exact_at_huge_positions(name, start):
+    """Every backend that can run the input gives, at positions start … start+N−1, the output it
+    gives at 0 … N−1 (was: ALiBi off by 0.35 at 2^24, RoPE by ~1)."""
+    s = posbias.build(name, n_heads=2, head_dim=16)
+    q, k, v = (torch.randn(1, 2, 70, 16) for _ in range(3))
+    at0 = posbias.attention_reference(q, k, v, s)
+    pos = torch.arange(start, start + 70)
+    for backend in BACKENDS:
+        if backend == "flex" or usable(backend, s, q, q_pos=pos, k_pos=pos, causal=True) is not None:
+            continue
+        out = posbias.attention(q, k, v, s, q_pos=pos, k_pos=pos, backend=backend)
+        torch.testing.assert_close(out, at0, atol=2e-5, rtol=1e-5, msg=f"{name}/{backend} at {start}")
+
+
+def test_fire_at_huge_positions_matches_its_float64_definition():
+    s = posbias.build("fire", n_heads=2, head_dim=16)
+    q_pos, k_pos = torch.tensor([2**40 + 5]), torch.arange(2**40 - 3, 2**40 + 6)
+    got = s.bias(q_pos, k_pos)
+    with torch.no_grad():
+        c, L = s.c.abs().double(), (s.L_multiplier * s.init_L).abs().double()
+        d = (q_pos[:, None] - k_pos[None, :]).abs().double()
+        x = torch.log1p(c * d) / (torch.log1p(c * torch.maximum(q_pos.double(), L)) + s.eps)
+        want = s.mlp.double()(x.unsqueeze(-1)).permute(2, 0, 1).float()
+    torch.testing.assert_close(got.detach(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_rope_angles_keep_shift_invariance():
+    s = posbias.build("rope", n_heads=1, head_dim=64)
+    x = torch.randn(1, 1, 1, 64)
+    for p in (2**20, 2**24, 2**31):
+        a = s.rotate(x, torch.tensor([p + 7])) @ s.rotate(x, torch.tensor([p])).transpose(-1, -2)
+        b = s.rotate(x, torch.tensor([7])) @ s.rotate(x, torch.tensor([0])).transpose(-1, -2)
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-5, msg=str(p))
+
+
+# -- strict inputs ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name, option, value", [
+    ("offset", "clip", "false"), ("offset", "bidirectional", "no"), ("t5", "bidirectional", "no"),
+    ("alibi", "symmetric", "false"), ("alibi", "symmetric", 1), ("t5", "num_buckets", True),
+    ("rope", "base", "10000"), ("fire", "init_L", float("nan")),
+])
+def test_options_are_type_checked(name, option, value):
+    with pytest.raises(ValueError, match=option):
+        posbias.build(name, n_heads=2, head_dim=16, **{option: value})
+    if isinstance(value, str) and option in ("clip", "bidirectional", "symmetric"):
+        cls = posbias.SCHEMES[name]
+        with pytest.raises(ValueError, match="must be True or False"):
+            cls(n_heads=2, head_dim=16, **{option: value})
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("lq, lk", [(0, 0), (0, 7), (5, 0)])
+def test_empty_sequences(name, lq, lk):
+    s = posbias.build(name, n_heads=2, head_dim=16)
+    q = torch.randn(1, 2, lq, 16, requires_grad=True)
+    k, v = torch.randn(1, 2, lk, 16), torch.randn(1, 2, lk, 16)
+    for fn in (posbias.attention, posbias.attention_reference):
+        out = fn(q, k, v, s)
+        assert out.shape == (1, 2, lq, 16) and not out.any()
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(v=torch.randn(1, 2, 8, 8)), "v has head_dim 8"),
+    (dict(q=torch.ones(1, 2, 8, 16, dtype=torch.long)), "q must be a floating-point tensor"),
+    (dict(scale=float("nan")), "scale must be a finite number"),
+])
+@pytest.mark.parametrize("name", ["t5", "offset", "alibi", "rope"])
+def test_bad_attention_inputs(name, kwargs, match):
+    s = posbias.build(name, n_heads=2, head_dim=16)
+    args = dict(q=torch.randn(1, 2, 8, 16), k=torch.randn(1, 2, 8, 16), v=torch.randn(1, 2, 8, 16))
+    args.update({k: v for k, v in kwargs.items() if k in args})
+    with pytest.raises(ValueError, match=match):
+        posbias.attention(args["q"], args["k"], args["v"], s, scale=kwargs.get("scale"))
+
+
+# -- damaged or diverged checkpoints ----------------------------------------------------------
+@pytest.fixture()
+def saved(tmp_path):
+    model = TransformerLM(ModelConfig(scheme="t5", **TINY))
+    return ckpt.save_checkpoint(tmp_path / "ck", model, extra={"train": {"seq_len": 16}}, trainer_state={"step": 1})
+
+
+def test_truncated_weights_are_refused(saved):
+    f = saved / ckpt.MODEL_FILE
+    f.write_bytes(f.read_bytes()[:200])
+    with pytest.raises(ValueError, match="model.safetensors.*cannot be read.*damaged"):
+        ckpt.load_model(saved)
+
+
+def test_truncated_trainer_state_is_refused(saved):
+    f = saved / ckpt.TRAINER_FILE
+    f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(ValueError, match="trainer.pt.*cannot be read"):
+        ckpt.load_trainer_state(saved)
+
+
+def test_nan_weights_are_refused(saved, capsys):
+    state = load_file(str(saved / ckpt.MODEL_FILE))
+    state["head.weight"][0, 0] = float("nan")
+    save_file(state, str(saved / ckpt.MODEL_FILE))
+    with pytest.raises(ValueError, match="non-finite weights \\(head.weight\\)"):
+        ckpt.load_model(saved)
+    _one_line_error(capsys, main(["diagnose", str(saved), "--out", str(saved.parent / "d")]), "non-finite")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["model"].update(colour="blue"), "does not describe a posbias model"),
+    (lambda m: m["model"].update(d_model=64), "does not match its config.json"),
+])
+def test_config_that_does_not_fit_is_refused(saved, edit, match):
+    meta = json.loads((saved / ckpt.CONFIG_FILE).read_text())
+    edit(meta)
+    (saved / ckpt.CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=match):
+        ckpt.load_model(saved)
+
+
+def test_resume_with_another_model_size_is_refused(tmp_path, text_file):
+    from posbias.data import local_corpus
+
+    c = local_corpus(text_file)
+    tcfg = TrainConfig(steps=4, batch_size=2, seq_len=16, warmup=1, eval_every=0, ckpt_every=1, eval_batches=1)
+    train(ModelConfig(scheme="alibi", **TINY), tcfg, c.train, c.val, tmp_path, progress=False, stop_after=2)
+    with pytest.raises(ValueError, match="other settings \\(model.d_model: 32 → 64\\)"):
+        train(ModelConfig(scheme="alibi", **{**TINY, "d_model": 64}), tcfg, c.train, c.val, tmp_path, progress=False)
+
+
+def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    code = main(["extrapolate", "--schemes", "t5", *STUDY, "--lr", "1e30", "--data", str(text_file), "--out", str(out)])
+    _one_line_error(capsys, code, "diverged", "step")
+    assert not (out / "results.json").exists()
+    assert not list(out.glob("models/*/final"))
+    assert not list(out.glob("models/*/eval-*.json"))
+
+
+def test_non_finite_results_are_never_written(tmp_path):
+    from posbias.store import write_json
+
+    with pytest.raises(ValueError, match="non-finite number \\(nan\\) at records\\[0\\].ppl"):
+        write_json(tmp_path / "r.json", {"records": [{"ppl": float("nan")}]})
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_truncated_eval_cache_names_the_file(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    argv = ["extrapolate", "--schemes", "alibi", *STUDY, "--data", str(text_file), "--out", str(out)]
+    assert main(argv) == 0
+    (ev,) = out.glob("models/*/eval-*.json")
+    ev.write_text(ev.read_text()[:40])
+    capsys.readouterr()
+    _one_line_error(capsys, main(argv), ev.name, "not valid JSON", "delete it")
+
+
+# -- CLI: every bad input is one line and exit 2 -------------------------------------------------
+@pytest.mark.parametrize("argv, needle", [
+    (["extrapolate", "--device", "bogus"], "--device 'bogus'"),
+    (["extrapolate", "--eval-tokens", "0"], "--eval-tokens must be an integer >= 1"),
+    (["extrapolate", "--threads", "0"], "--threads must be an integer >= 1"),
+])
+def test_cli_bad_flags(argv, needle, capsys, tmp_path):
+    _one_line_error(capsys, main(argv + ["--out", str(tmp_path / "o")]), needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda(capsys, tmp_path, saved):
+    _one_line_error(capsys, main(["extrapolate", "--device", "cuda", "--out", str(tmp_path / "o")]), "no CUDA device")
+    _one_line_error(capsys, main(["diagnose", str(saved), "--device", "cuda"]), "no CUDA device")
+
+
+def test_tiny_data_fails_before_training(tmp_path, capsys):
+    f = tmp_path / "tiny.txt"
+    f.write_bytes(b"abc")
+    _one_line_error(capsys, main(["extrapolate", *STUDY, "--data", str(f), "--out", str(tmp_path / "o")]), "too little text")
+    f.write_text("x" * 2000)
+    _one_line_error(capsys, main(["extrapolate", *STUDY, "--eval-lens", "16", "1024", "--eval-tokens", "4096",
+                                  "--data", str(f),
+                                  "--out", str(tmp_path / "o")]), "validation split has")
+    assert not (tmp_path / "o" / "models").exists()
+
+
+def test_retrofit_bad_batch(capsys, saved):
+    _one_line_error(capsys, main(["retrofit", str(saved), "--to", "64", "--method", "swap-alibi",
+                                  "--finetune-batch", "0"]), "--finetune-batch must be >= 1")
+
+
+@pytest.mark.parametrize("command", ["plot", "extrapolate", "retrofit", "diagnose"])
+@pytest.mark.parametrize("under", [False, True])
+def test_out_that_is_a_file(command, under, tmp_path, capsys, saved):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    out = f / "sub" if under else f
+    argv = {"plot": ["plot"], "extrapolate": ["extrapolate", *STUDY],
+            "retrofit": ["retrofit", str(saved), "--to", "64", "--method", "swap-alibi"],
+            "diagnose": ["diagnose", str(saved), "--passkey-steps", "0"]}[command]
+    _one_line_error(capsys, main(argv + ["--out", str(out)]), "is a file")
+    assert f.read_text() == "x"
+
+
+# -- processes: kills, concurrency, closed stdout -----------------------------------------------
+KILL_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from posbias.data import local_corpus
+from posbias.model import ModelConfig
+from posbias.train import TrainConfig, train
+c = local_corpus(sys.argv[2])
+train(ModelConfig(scheme="t5", d_model=32, n_layers=2, n_heads=2),
+      TrainConfig(steps=40, batch_size=4, seq_len=32, warmup=2, eval_every=0, ckpt_every=1, eval_batches=1),
+      c.train, c.val, sys.argv[1], progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_resumes_bit_identically(tmp_path, text_file):
+    script = tmp_path / "train.py"
+    script.write_text(KILL_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "solo"), str(text_file)], check=True, env=ENV)
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(4):
+        p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "killed"), str(text_file)], env=ENV)
+        time.sleep(rng.uniform(2.5, 5.0))  # past the imports, somewhere in training or checkpointing
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+    assert kills >= 2
+    subprocess.run([sys.executable, str(script), str(tmp_path / "killed"), str(text_file)], check=True, env=ENV)
+    a = load_file(str(tmp_path / "solo" / "final" / ckpt.MODEL_FILE))
+    b = load_file(str(tmp_path / "killed" / "final" / ckpt.MODEL_FILE))
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+def _study(out, text_file, *extra):
+    return [*POSBIAS, "extrapolate", "--schemes", "t5", "alibi", *STUDY, "--steps", "30", "--data", str(text_file),
+            "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+def test_second_run_into_the_same_folder_refuses_and_the_first_is_unharmed(tmp_path, text_file):
+    out = tmp_path / "run"
+    first = subprocess.Popen(_study(out, text_file), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not (out / ".posbias.lock").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    second = subprocess.run(_study(out, text_file), env=ENV, capture_output=True, text=True)
+    assert second.returncode == 2
+    err = second.stderr.strip()
+    assert "in use by posbias pid" in err and "\n" not in err and "Traceback" not in err
+    _, first_err = first.communicate()
+    assert first.returncode == 0, first_err
+    solo = tmp_path / "solo"
+    subprocess.run(_study(solo, text_file), env=ENV, check=True, capture_output=True)
+    ra = json.loads((out / "results.json").read_text())["records"]
+    rb = json.loads((solo / "results.json").read_text())["records"]
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+
+
+@pytest.mark.slow
+def test_closed_stdout_does_not_stop_the_job(tmp_path, text_file):
+    """`posbias extrapolate … | head -1`: the job still writes every result file."""
+    out = tmp_path / "run"
+    p = subprocess.Popen(_study(out, text_file), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()  # what `head -1` does after its line
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait() == 0, err
+    assert "Traceback" not in err
+    for name in ("results.json", "results.md", "ppl_vs_length.png"):
+        assert (out / name).exists(), name
+
+
+# -- the dynamic-NTK claim ------------------------------------------------------------------------
+@pytest.mark.parametrize("layers, equal", [(1, True), (2, False)])
+def test_dynamic_ntk_decoding_claim(layers, equal):
+    """What the RoPE docstring says: cached decoding equals a full forward for one layer, not for
+    more (the cache holds keys made at shorter contexts, with other frequencies)."""
+    cfg = ModelConfig(scheme="rope", scheme_options={"scaling": "dynamic-ntk", "factor": 4.0, "train_len": 8},
+                      d_model=32, n_layers=layers, n_heads=2)
+    model = TransformerLM(cfg).eval()
+    idx = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        full = model(idx)[:, -1]
+        caches = [{} for _ in model.blocks]
+        model(idx[:, :20], caches=caches)
+        for t in range(20, 40):
+            last = model(idx[:, t:t + 1], start=t, caches=caches)[:, -1]
+    diff = float((full - last).abs().max())
+    assert (diff < 1e-4) if equal else (diff > 1e-4), diff
