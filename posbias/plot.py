@@ -117,8 +117,12 @@ def plain_log_ticks(ax, axis: str = "y") -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     target = ax.yaxis if axis == "y" else ax.xaxis
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    span = hi / lo if lo > 0 else 100.0
+    # under a factor of 3 (a typical perplexity range) every integer mantissa gets a tick
+    subs = tuple(range(1, 10)) if span < 3 else (1.0, 2.0, 3.0, 5.0)
     fmt = FuncFormatter(lambda v, _: f"{v:g}")
-    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    target.set_major_locator(LogLocator(base=10, subs=subs))
     target.set_major_formatter(fmt)
     target.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
