@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .schemes import SCHEMES, build, get_scheme_class, parse_spec, scheme_options, t5_bucket
+from .schemes import SCHEMES, build, get_scheme_class, parse_spec, t5_bucket
 from .schemes.t5 import check_t5
 
 
@@ -56,52 +56,36 @@ def check_device(device: str) -> str:
     return device
 
 
-def _convert(value: str, default: Any, flag: str) -> Any:
-    if isinstance(default, bool):
-        low = value.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise CLIError(f"{flag} expects true/false, got {value!r}")
-    if default is None:
-        for typ in (int, float):
-            try:
-                return typ(value)
-            except ValueError:
-                pass
-        return None if value.lower() == "none" else value
-    try:
-        return type(default)(value)
-    except ValueError:
-        raise CLIError(f"{flag} expects a {type(default).__name__}, got {value!r}") from None
-
-
 def parse_scheme_options(name: str, tokens: Sequence[str]) -> dict[str, Any]:
-    """Turn ``--num-buckets 32 --bidirectional`` into ``{"num_buckets": 32, "bidirectional": True}``."""
-    valid = scheme_options(name)
+    """Turn ``--num-buckets 32 --bidirectional`` into ``{"num_buckets": 32, "bidirectional": True}``,
+    typed by the scheme's own option annotations (a bare bool flag means true)."""
+    from .schemes import option_specs, parse_option
+
+    specs = option_specs(get_scheme_class(name))
     out: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
         tok = tokens[i]
         if not tok.startswith("--"):
             raise CLIError(f"unexpected argument {tok!r}")
-        key, _, inline = tok[2:].partition("=")
+        key, eq, inline = tok[2:].partition("=")
         opt = key.replace("-", "_")
-        if opt not in valid:
-            flags = ", ".join("--" + k.replace("_", "-") for k in valid) or "none"
+        if opt not in specs:
+            flags = ", ".join("--" + k.replace("_", "-") for k in specs) or "none"
             raise CLIError(f"scheme {name!r} has no option --{key}; valid: {flags}")
-        default = valid[opt]
-        if inline:
+        if eq:
             value = inline
-        elif isinstance(default, bool) and (i + 1 == len(tokens) or tokens[i + 1].startswith("--")):
+        elif specs[opt].kind is bool and (i + 1 == len(tokens) or tokens[i + 1].startswith("--")):
             value = "true"
         else:
             if i + 1 == len(tokens):
                 raise CLIError(f"--{key} needs a value")
             i += 1
             value = tokens[i]
-        out[opt] = _convert(value, default, f"--{key}")
+        try:
+            out[opt] = parse_option(name, specs[opt], value)
+        except ValueError:
+            raise CLIError(f"--{key} must be {specs[opt].describe()} (scheme {name!r}), got {value!r}") from None
         i += 1
     return out
 
@@ -192,6 +176,13 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 # -- extrapolate ------------------------------------------------------------------------------
+PRESET_NOTES = {
+    "demo": "8 schemes x 1 seed, about 10 min on a 2-core CPU (make demo)",
+    "cpu": "the longer CPU protocol, about 1 h per seed on a 2-core CPU",
+    "gpu": "larger models, 3 seeds, for a CUDA device (about 25 min on an H100)",
+}
+
+
 def add_extrapolate_arguments(p: argparse.ArgumentParser) -> None:
     from .extrapolate import DEFAULT_SCHEMES, PRESETS, StudyConfig
 
@@ -268,19 +259,31 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
 
 # -- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .extrapolate import PRESETS
+    from .schemes import option_specs
+
     p = argparse.ArgumentParser(prog="posbias", description="Relative positional biases for attention.")
+    p.add_argument("--version", action="version", version=f"posbias {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
 
     sub.add_parser("list", help="the registered schemes, one line each")
 
+    options = "\n".join(
+        f"  {name:<13} " + (", ".join(f"--{k.replace('_', '-')} ({spec.describe()}, default {spec.default})"
+                                       for k, spec in option_specs(cls).items()) or "no options")
+        for name, cls in SCHEMES.items())
     s = sub.add_parser("show", help="a scheme's parameters; for t5 the bucket table",
-                       description="Scheme options follow as flags, e.g. --num-buckets 32 --max-distance 128.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Scheme options follow as flags, e.g. posbias show t5 --num-buckets 32 "
+                                   "--max-distance 128.", epilog="scheme options:\n" + options)
     s.add_argument("scheme", help="a registered scheme name (see `posbias list`)")
-    s.add_argument("--heads", type=int, default=8)
-    s.add_argument("--head-dim", type=int, default=64)
+    s.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
+    s.add_argument("--head-dim", type=int, default=64, help="head dimension (default 64)")
 
-    pl = sub.add_parser("plot", help="write PNGs: bucket maps, bias heatmaps, curves, T5 vs ALiBi")
-    pl.add_argument("--out", default="plots")
+    pl = sub.add_parser("plot", help="write PNGs: bucket maps, bias heatmaps, curves, T5 vs ALiBi", formatter_class=fmt)
+    pl.add_argument("--out", default="plots", help="output folder")
     pl.add_argument("--schemes", nargs="+", default=["offset", "t5", "alibi", "kerple-log", "kerple-power", "fire"])
     pl.add_argument("--heads", type=int, default=8)
     pl.add_argument("--head-dim", type=int, default=64)
@@ -290,7 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-plot-distance", type=int, default=512)
     pl.add_argument("--seed", type=int, default=0)
 
-    add_extrapolate_arguments(sub.add_parser("extrapolate", help="train short, test long: the length-generalization study"))
+    presets = "\n".join(f"  {name:<5} {PRESET_NOTES[name]}\n        " + ", ".join(
+        f"{k}={' '.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in cfg.items()) for name, cfg in PRESETS.items())
+    add_extrapolate_arguments(sub.add_parser(
+        "extrapolate", help="train short, test long: the length-generalization study",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train one small byte-level LM per scheme (and seed) at --train-len, then score every model on "
+                    "the same validation tokens at each --eval-lens. Writes into --out: results.md (tables with 95%% "
+                    "intervals), results.json (one record per scheme, seed and length), ppl_vs_length.png, "
+                    "loss_vs_position.png, learned_bias_vs_distance.png, and models/<label>-seed<N>-<key>/ (final/ "
+                    "weights, last/ checkpoint with optimizer state, eval-<key>.json). Re-running continues an "
+                    "interrupted run and reuses what was made with exactly the same settings.",
+        epilog="presets (flags override them):\n" + presets))
 
     from .retrofit import add_arguments as add_retrofit
 

@@ -29,7 +29,7 @@ def test_bucket_table_worked_example():
     (["show", "t5", "--num-buckets", "1"], "num_buckets must be >= 2, got 1"),
     (["show", "t5", "--max-distance", "8"], "max_distance must be >= 17, got 8"),
     (["show", "t5", "--bogus", "1"], "has no option --bogus"),
-    (["show", "t5", "--num-buckets", "many"], "--num-buckets expects a int"),
+    (["show", "t5", "--num-buckets", "many"], "--num-buckets must be an integer (scheme 't5'), got 'many'"),
     (["show", "nosuch"], "unknown scheme 'nosuch'"),
     (["show", "alibi", "--heads", "0"], "--heads must be >= 1, got 0"),
     (["show", "rope", "--head-dim", "15"], "even head_dim"),
@@ -67,3 +67,20 @@ def test_output_piped_into_head_stops_quietly():
     r = subprocess.run(f"{sys.executable} -m posbias.cli show alibi --heads 4 | head -1", shell=True,
                        capture_output=True, text=True)
     assert "Traceback" not in r.stderr and r.stdout.startswith("alibi")
+
+
+def test_help_shows_defaults_presets_and_scheme_options(capsys):
+    for argv, needles in [
+        (["extrapolate", "--help"], ["default runs/study", "presets (flags override them)", "about 10 min",
+                                     "results.md", "--scheme-option", "default 100"]),
+        (["show", "--help"], ["scheme options:", "--max-distance (an integer, default 128)", "--clip (true/false"]),
+        (["plot", "--help"], ["(default: plots)"]),
+        (["--version"], ["posbias 0.1.0"]),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        for n in needles:
+            assert n in out, (argv, n)
+
