@@ -209,7 +209,18 @@ def add_extrapolate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="a local text file or folder instead of the embedded default")
     p.add_argument("--hf-dataset", help="NAME[:CONFIG] of a Hugging Face dataset (needs posbias[datasets])")
     p.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
+    p.add_argument("--keep-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep each model's last/ checkpoint (optimizer state, about 2/3 of a model folder) after "
+                        "final/ exists; --no-keep-last deletes it (default: keep)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
 
 
 _FLAGS = {"n_layers": "--layers", "n_heads": "--heads"}
@@ -249,12 +260,17 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
     fp = corpus.fingerprint
     say(f"corpus {fp['name']}: {fp['files']} files, {fp['bytes']:,} bytes, sha256 {fp['sha256']}")
     t0 = time.perf_counter()
-    run_study(cfg, out, corpus=corpus, progress=not args.quiet, log=say)
+    run_study(cfg, out, corpus=corpus, progress=not args.quiet, keep_last=args.keep_last, log=say)
     say()
     say((out / "results.md").read_text())
-    say(f"done in {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}, records {out / 'results.json'}")
-    for png in sorted(out.glob("*.png")):
-        say(f"plot {png}")
+    say(f"done in {time.perf_counter() - t0:.0f} s. Written to {out}/:")
+    for f in [out / "results.md", out / "results.json", *sorted(out.glob("*.png"))]:
+        say(f"  {f.name:<30} {_mib(_size(f))}")
+    models = out / "models"
+    if models.is_dir():
+        last = sum(_size(d) for d in models.glob("*/last"))
+        say(f"  {'models/':<30} {_mib(_size(models))}" + (f", of which {_mib(last)} is last/ checkpoints "
+                                                            "(optimizer state; --no-keep-last prunes them)" if last else ""))
 
 
 # -- parser -----------------------------------------------------------------------------------

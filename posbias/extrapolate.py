@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import platform
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -190,10 +191,12 @@ def learned_summary(model: TransformerLM, train_len: int) -> dict[str, Any]:
     return out
 
 
-def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bool = True,
+def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bool = True, keep_last: bool = True,
               log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
     """Train (or reuse, under the same key) and evaluate every scheme and seed; write ``results.json``,
-    ``results.md`` and the PNGs into ``out``; return the records. One run per folder at a time."""
+    ``results.md`` and the PNGs into ``out``; return the records. One run per folder at a time.
+    ``keep_last=False`` deletes each model's ``last/`` checkpoint (mostly optimizer state) once its
+    ``final/`` exists; it changes no result."""
     out = store.check_out_dir(out)
     budget = min(cfg.eval_tokens, corpus.val.numel() - 1) // max(cfg.lengths()) * max(cfg.lengths())
     if budget < max(cfg.lengths()):
@@ -206,7 +209,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
         old_threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
         try:
-            records, positions = _run(cfg, out, corpus, progress, log)
+            records, positions = _run(cfg, out, corpus, progress, keep_last, log)
         finally:
             torch.set_num_threads(old_threads)
         summary = {
@@ -223,7 +226,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
     return records
 
 
-def _run(cfg: StudyConfig, out: Path, corpus: Corpus, progress: bool,
+def _run(cfg: StudyConfig, out: Path, corpus: Corpus, progress: bool, keep_last: bool,
          log: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
     records: list[dict[str, Any]] = []
     positions: dict[str, list[float]] = {}
@@ -244,6 +247,8 @@ def _run(cfg: StudyConfig, out: Path, corpus: Corpus, progress: bool,
                 train(model_config(cfg, arm), train_config(cfg, seed), corpus.train, corpus.val, mdir,
                       device=cfg.device, progress=progress, extra_meta={"corpus": corpus.fingerprint, "key": mkey},
                       log=log)
+            if not keep_last and (mdir / "last").exists():
+                shutil.rmtree(mdir / "last")
             meta = ckpt.read_meta(mdir / "final")
             model = ckpt.load_model(mdir / "final").to(cfg.device)
             ekey = eval_key(cfg, mkey)

@@ -157,7 +157,12 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     assert (tmp_path / "run" / "ppl_vs_length.png").exists()
     capsys.readouterr()
     assert main(argv) == 0
-    assert capsys.readouterr().out.count("reusing the model trained with these exact settings") == 2
+    out = capsys.readouterr().out
+    assert out.count("reusing the model trained with these exact settings") == 2
+    assert "of which" in out and "last/ checkpoints" in out and "results.json" in out  # the written-files summary
+    assert _records(tmp_path / "run") == recs
+    assert main(argv + ["--no-keep-last"]) == 0  # prunes optimizer state, changes nothing else
+    assert not list((tmp_path / "run").glob("models/*/last")) and list((tmp_path / "run").glob("models/*/final"))
     assert _records(tmp_path / "run") == recs
 
 
