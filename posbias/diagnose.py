@@ -113,6 +113,30 @@ def final_bucket_share(scheme: T5Bias, length: int) -> float:
     return flat_share(scheme.flat_beyond, length)
 
 
+def final_bucket_weight(scheme: T5Bias, length: int, report: dict[str, Any]) -> list[str]:
+    """Per head, how much the far keys (all in the final bucket) weigh against one key at distance 0,
+    from the learned table alone: ``n_far · exp(u_final − u_0)`` for a query at the end of the window.
+    Above 1 the far keys together outweigh the nearest key before q·k is counted (dilution); far
+    below 1 the final bucket acts as a penalty. The sentence is measured, never assumed."""
+    with torch.no_grad():
+        table = scheme.table.float()
+        gap = table[0] - table[scheme.num_buckets // (2 if scheme.bidirectional else 1) - 1]  # [H]
+    n_far = max(0, length - scheme.flat_beyond)
+    weight = [n_far * math.exp(-float(g)) for g in gap]
+    report["t5_final_bucket_gap"] = [float(g) for g in gap]
+    report["t5_far_weight"] = weight
+    rows = ["| head | u(0) − u(final), nats | far keys' weight vs. the nearest key |", "|---|---|---|"]
+    rows += [f"| {h} | {float(g):+.2f} | {w:.3g} |" for h, (g, w) in enumerate(zip(gap, weight))]
+    diluted = [h for h, w in enumerate(weight) if w > 1]
+    verdict = (f"In head(s) {', '.join(map(str, diluted))} the {n_far} far keys together outweigh the nearest key on the "
+               "bias alone: the final bucket does not separate near from far, and attention mass can drift to the many "
+               "far keys (dilution)." if diluted else
+               f"In every head the {n_far} far keys together weigh less than the nearest key on the bias alone: the final "
+               "bucket acts as a penalty, not as a source of dilution.")
+    return ["The final bucket's learned value against the bucket of distance 0, for a query at the end of the "
+            f"{length}-token window:", ""] + rows + ["", verdict]
+
+
 def effective_reach(scheme, *, query_pos: int, max_distance: int) -> list[int | None]:
     """Per head: the smallest distance ``d ≤ max_distance`` with ``bias(0) − bias(d) ≥ ln 100`` (None: never)."""
     from .plot import bias_versus_distance
@@ -214,8 +238,7 @@ def _run_diagnose(path, out: Path, model: TransformerLM, train_len: int, length:
                   f"{scheme.num_buckets} buckets, max_distance {scheme.max_distance}: the final bucket starts at distance "
                   f"{scheme.flat_beyond}. Share of causal query–key pairs in the final bucket:", "",
                   "| window | share in final bucket |", "|---|---|"] + [f"| {n} | {s:.1%} |" for n, s in shares.items()]
-        lines += ["", "Every pair in the final bucket gets the same bias, so once most keys are there the bias no longer "
-                  "separates near from far and attention mass drifts to the many far keys.", ""]
+        lines += [""] + final_bucket_weight(scheme, length, report) + [""]
     if scheme.family == "additive":
         reach = effective_reach(scheme, query_pos=length - 1, max_distance=16 * length)
         report["effective_reach"] = reach
@@ -291,7 +314,8 @@ def _plots(report: dict[str, Any], model: TransformerLM, out: Path) -> None:
         ax.set_xlabel("query position")
     axes[0, 0].set_ylabel("mean attention distance i − j")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"{report['scheme']}: how far each head looks")
+    fig.suptitle(f"{report['scheme']}: how far each head looks", y=1.0)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))  # room for the figure title above the panel titles
     _save(fig, out / "attention_distance.png")
 
     if model.scheme.family == "additive":

@@ -297,7 +297,7 @@ def _cell(rs: list[dict[str, Any]], key: str, fmt: str = ".2f") -> str:
         r = rs[0]
         return f"{r[key]:{fmt}} [{r[key + '_lo']:{fmt}}, {r[key + '_hi']:{fmt}}]"
     v = [r[key] for r in rs]
-    return f"{statistics.mean(v):{fmt}} ± {statistics.stdev(v):{fmt}}"
+    return f"{statistics.mean(v):{fmt}} ± {statistics.stdev(v):{fmt.lstrip('+')}}"
 
 
 def results_table(records: list[dict[str, Any]], cfg: StudyConfig) -> str:
@@ -396,15 +396,14 @@ def write_plots(records: list[dict[str, Any]], positions: dict[str, list[float]]
             if label not in positions:
                 continue
             y = torch.tensor(positions[label])
-            # mean over log-spaced bins of position: the noise of single positions hides the trend
-            edges = torch.unique(torch.logspace(0, math.log10(len(y)), 40).long().clamp(max=len(y)))
-            edges = torch.cat([torch.tensor([0]), edges])
-            xs = [(int(a) + int(b) - 1) / 2 for a, b in zip(edges[:-1], edges[1:]) if b > a]
-            ys = [float(y[int(a):int(b)].mean()) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-            ax.plot(xs, ys, label=label, lw=1.4, color=colors(k))
+            # mean over ~16 log-spaced bins of (position + 1): single positions are too noisy to read
+            edges = torch.unique(torch.logspace(0, math.log10(len(y) + 1), 17).round().long().clamp(1, len(y) + 1))
+            xs = [math.sqrt(int(a) * int(b)) for a, b in zip(edges[:-1], edges[1:])]
+            ys = [float(y[int(a) - 1:int(b) - 1].mean()) for a, b in zip(edges[:-1], edges[1:])]
+            ax.plot(xs, ys, label=label, lw=1.4, color=colors(k), marker=".")
         ax.axvline(cfg.train_len, color="grey", ls="--", lw=1, label="training length")
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel("position inside the window (log scale; mean over log-spaced bins)")
+        ax.set_xscale("log")
+        ax.set_xlabel("position inside the window + 1 (log scale; mean over log-spaced bins)")
         ax.set_ylabel("loss (nats / byte)")
         ax.set_title(f"Loss by position in {max(cfg.lengths())}-token windows (seed {cfg.seeds[0]})")
         ax.grid(alpha=0.3)

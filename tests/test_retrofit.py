@@ -1,6 +1,7 @@
 """Retrofit and diagnose: every method on a tiny checkpoint, the passkey generator, the report,
 and bad input."""
 
+import math
 import json
 
 import pytest
@@ -184,3 +185,23 @@ def test_cli_errors(tmp_path, capsys):
     assert "needs a rope checkpoint" in err and "swap-t5" in err and "Traceback" not in err
     assert main(["retrofit", str(path), "--to", "200"]) == 2
     assert "give --method" in capsys.readouterr().err
+
+
+def test_final_bucket_verdict_is_measured_not_assumed():
+    """The diagnose report says 'dilution' only when the far keys outweigh the nearest key on the bias."""
+    from posbias.diagnose import final_bucket_weight
+    from posbias.schemes import T5Bias
+
+    t5 = T5Bias(n_heads=2, head_dim=8, num_buckets=32, max_distance=17)
+    with torch.no_grad():
+        t5.table.zero_()
+        t5.table[-1] = torch.tensor([-0.3, -20.0])  # head 0: capped far value; head 1: a strong penalty
+    report = {}
+    lines = final_bucket_weight(t5, 1024, report)
+    n_far = 1024 - t5.flat_beyond
+    assert report["t5_far_weight"][0] == pytest.approx(n_far * math.exp(-0.3))
+    assert report["t5_far_weight"][1] < 1e-5
+    assert "In head(s) 0 the" in lines[-1] and "dilution" in lines[-1]
+    with torch.no_grad():
+        t5.table[-1] = -20.0
+    assert "acts as a penalty" in final_bucket_weight(t5, 1024, {})[-1]
