@@ -177,7 +177,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 # -- extrapolate ------------------------------------------------------------------------------
 PRESET_NOTES = {
-    "demo": "8 schemes x 1 seed, about 10 min on a 2-core CPU (make demo)",
+    "demo": "8 schemes x 1 seed, about 6 min on an idle 2-core CPU (make demo)",
     "cpu": "the longer CPU protocol, about 1 h per seed on a 2-core CPU",
     "gpu": "larger models, 3 seeds, for a CUDA device (about 25 min on an H100)",
 }

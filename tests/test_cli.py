@@ -71,7 +71,7 @@ def test_output_piped_into_head_stops_quietly():
 
 def test_help_shows_defaults_presets_and_scheme_options(capsys):
     for argv, needles in [
-        (["extrapolate", "--help"], ["default runs/study", "presets (flags override them)", "about 10 min",
+        (["extrapolate", "--help"], ["default runs/study", "presets (flags override them)", "about 6 min",
                                      "results.md", "--scheme-option", "default 100"]),
         (["show", "--help"], ["scheme options:", "--max-distance (an integer, default 128)", "--clip (true/false"]),
         (["plot", "--help"], ["(default: plots)"]),
