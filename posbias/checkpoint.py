@@ -113,5 +113,7 @@ def exists(path: str | Path) -> bool:
 def require(path: str | Path) -> Path:
     """``path`` if it holds a posbias checkpoint, else ValueError naming it."""
     if not exists(path):
-        raise ValueError(f"{str(path)!r} is not a posbias checkpoint (no config.json with a model config)")
+        hint = next((f"; did you mean {str(Path(path) / sub)!r}?" for sub in ("final", "last")
+                     if exists(Path(path) / sub)), "")
+        raise ValueError(f"{str(path)!r} is not a posbias checkpoint (no config.json with a model config){hint}")
     return Path(path)

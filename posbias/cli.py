@@ -244,7 +244,11 @@ def study_config(args: argparse.Namespace):
         get_scheme_class(target)
         options.setdefault(target, {}).update(parse_options(target, [pair]))
     values["scheme_options"] = options
-    check_device(values.get("device", "cpu"))
+    device = values.get("device", "cpu")
+    if args.device is None and args.preset and device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--preset {args.preset} asks for --device {device}, but this machine has no CUDA device; "
+                       "add --device cpu to run it on the CPU (slowly)")
+    check_device(device)
     return StudyConfig(**values)
 
 
@@ -259,6 +263,11 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
     corpus = load_corpus(args.data, args.hf_dataset)
     fp = corpus.fingerprint
     say(f"corpus {fp['name']}: {fp['files']} files, {fp['bytes']:,} bytes, sha256 {fp['sha256']}")
+    n_models = len(cfg.schemes) * len(cfg.seeds)
+    say(f"{len(cfg.schemes)} scheme(s) x {len(cfg.seeds)} seed(s) = {n_models} models of {cfg.steps} steps x "
+        f"{cfg.batch_size} sequences at length {cfg.train_len}, scored at {', '.join(map(str, cfg.lengths()))} "
+        f"on {cfg.threads} threads; models already made with these settings are reused (the demo preset takes "
+        "about 40 s per model on a 2-core CPU)")
     t0 = time.perf_counter()
     run_study(cfg, out, corpus=corpus, progress=not args.quiet, keep_last=args.keep_last, log=say)
     say()

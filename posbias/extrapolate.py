@@ -233,6 +233,7 @@ def _run(cfg: StudyConfig, out: Path, corpus: Corpus, progress: bool, keep_last:
     study_arms = arms(cfg)
     total = len(study_arms) * len(cfg.seeds)
     done = 0
+    trained_s: list[float] = []  # wall time of each model trained in this run, for the ETA
     for arm in study_arms:
         for seed in cfg.seeds:
             done += 1
@@ -244,9 +245,15 @@ def _run(cfg: StudyConfig, out: Path, corpus: Corpus, progress: bool, keep_last:
             else:
                 log(f"{tag} training {cfg.steps} steps at length {cfg.train_len} ({arm.options or 'no options'})")
                 store.write_json(mdir / "key.json", mkey)
+                t0 = time.perf_counter()
                 train(model_config(cfg, arm), train_config(cfg, seed), corpus.train, corpus.val, mdir,
                       device=cfg.device, progress=progress, extra_meta={"corpus": corpus.fingerprint, "key": mkey},
                       log=log)
+                trained_s.append(time.perf_counter() - t0)
+                left = total - done
+                if left:
+                    eta = statistics.mean(trained_s) * left / 60
+                    log(f"{tag} trained in {trained_s[-1]:.0f} s; at most about {eta:.0f} min left for {left} model(s)")
             if not keep_last and (mdir / "last").exists():
                 shutil.rmtree(mdir / "last")
             meta = ckpt.read_meta(mdir / "final")

@@ -142,6 +142,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
         model.load_state_dict(ckpt.load_model(last).state_dict())
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
+        if log and rank == 0 and start < cfg.steps:
+            log(f"{model_cfg.scheme}: resuming from step {start} of {cfg.steps} ({str(last)!r})")
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

@@ -344,3 +344,27 @@ def test_dynamic_ntk_decoding_claim(layers, equal):
             last = model(idx[:, t:t + 1], start=t, caches=caches)[:, -1]
     diff = float((full - last).abs().max())
     assert (diff < 1e-4) if equal else (diff > 1e-4), diff
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_preset_on_a_cpu_machine_says_how_to_override(capsys, tmp_path):
+    _one_line_error(capsys, main(["extrapolate", "--preset", "gpu", "--out", str(tmp_path / "o")]),
+                    "--preset gpu asks for --device cuda", "add --device cpu")
+
+
+def test_model_folder_suggests_final(capsys, tmp_path):
+    model = TransformerLM(ModelConfig(scheme="alibi", **TINY))
+    ckpt.save_checkpoint(tmp_path / "m" / "final", model, extra={"train": {"seq_len": 16}})
+    _one_line_error(capsys, main(["diagnose", str(tmp_path / "m")]), "did you mean", "final")
+
+
+def test_resume_says_where_it_resumes(tmp_path, text_file):
+    from posbias.data import local_corpus
+
+    c = local_corpus(text_file)
+    mcfg = ModelConfig(scheme="alibi", **TINY)
+    tcfg = TrainConfig(steps=6, batch_size=2, seq_len=16, warmup=1, eval_every=0, ckpt_every=2, eval_batches=1)
+    train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, stop_after=4)
+    said = []
+    train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, log=said.append)
+    assert any("resuming from step 4 of 6" in s for s in said), said
