@@ -115,10 +115,16 @@ def bucket_table(num_buckets: int, max_distance: int, bidirectional: bool = Fals
 
 
 def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> None:
+    from .schemes import scheme_options
+
     options = parse_scheme_options(args.scheme, extra)
+    torch.manual_seed(args.seed)  # learnable schemes (KERPLE, FIRE) draw their initial values
     scheme = build(args.scheme, n_heads=args.heads, head_dim=args.head_dim, **options)
+    used = {**scheme_options(args.scheme), **options}
     print(f"{scheme.name}: {scheme.summary}")
     print(f"  {scheme.__class__.__name__}({scheme.extra_repr()})")
+    print("  options in use: " + (", ".join(f"{k}={v}" for k, v in used.items()) or "none")
+          + (f"; initialised with --seed {args.seed}" if scheme.learnable else ""))
     print(f"  paper: {scheme.paper}")
     if args.scheme == "t5":
         n, d, bi = scheme.num_buckets, scheme.max_distance, scheme.bidirectional
@@ -147,32 +153,44 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> None:
 
 
 # -- plot -------------------------------------------------------------------------------------
+def _describe_for_plot(scheme) -> str:
+    """What a drawn bias is: fixed, an illustrative table, or learnable values at initialisation."""
+    if not scheme.learnable:
+        return "fixed"
+    return "illustrative table" if hasattr(scheme, "table") else "at initialisation"
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from . import plot, store
 
     out = store.check_out_dir(args.out)
     torch.manual_seed(args.seed)
     heads, hd = args.heads, args.head_dim
+    schemes = [build(n, n_heads=heads, head_dim=hd) for n in args.schemes]
+    drawn = [s for s in schemes if s.family == "additive"]
+    skipped = [s for s in schemes if s.family != "additive"]
+    if skipped:
+        say("skipping " + ", ".join(f"{s.name} ({s.family}: no attention bias to draw)" for s in skipped))
+    for s in drawn:  # learned tables start at 0: draw an illustrative table (u = −log(1 + index) · head factor)
+        if hasattr(s, "table"):
+            with torch.no_grad():
+                idx = torch.arange(s.table.shape[0], dtype=torch.float32)[:, None]
+                s.table.copy_(-torch.log1p(idx) * torch.linspace(0.5, 2.0, heads)[None, :])
     written = [
         plot.plot_bucket_map(out / "t5_bucket_map.png", num_buckets=args.num_buckets, max_distance=args.max_distance),
         plot.plot_bucket_map(out / "t5_bucket_map_bidirectional.png", num_buckets=args.num_buckets,
                              max_distance=args.max_distance, bidirectional=True),
         plot.plot_t5_vs_alibi(out / "t5_vs_alibi.png"),
     ]
-    schemes = [build(n, n_heads=heads, head_dim=hd) for n in args.schemes]
-    for s in schemes:  # illustrative tables (u = −log(1 + index) · head factor) instead of zeros
-        if s.name in ("t5", "offset"):
-            with torch.no_grad():
-                idx = torch.arange(s.table.shape[0], dtype=torch.float32)[:, None]
-                s.table.copy_(-torch.log1p(idx) * torch.linspace(0.5, 2.0, heads)[None, :])
-    for s in schemes:
-        if s.family == "additive":
-            written.append(plot.plot_bias_heatmaps(s, out / f"heatmap_{s.name}.png", length=args.length))
-    written.append(plot.plot_bias_curves(
-        schemes, out / "bias_vs_distance.png", max_distance=args.max_plot_distance,
-        title="bias versus distance (ALiBi fixed; KERPLE/FIRE at initialisation; T5/offset tables illustrative)"))
+    for s in drawn:
+        written.append(plot.plot_bias_heatmaps(s, out / f"heatmap_{s.name}.png", length=args.length,
+                                               note=f" — {_describe_for_plot(s)}"))
+    if drawn:
+        what = "; ".join(f"{s.name} {_describe_for_plot(s)}" for s in drawn)
+        written.append(plot.plot_bias_curves(drawn, out / "bias_vs_distance.png", max_distance=args.max_plot_distance,
+                                             title=f"bias versus distance ({what})"))
     for p in written:
-        print(p)
+        say(str(p))
 
 
 # -- extrapolate ------------------------------------------------------------------------------
@@ -306,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("scheme", help="a registered scheme name (see `posbias list`)")
     s.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
     s.add_argument("--head-dim", type=int, default=64, help="head dimension (default 64)")
+    s.add_argument("--seed", type=int, default=0, help="seed of a learnable scheme's initial values (default 0)")
 
     pl = sub.add_parser("plot", help="write PNGs: bucket maps, bias heatmaps, curves, T5 vs ALiBi", formatter_class=fmt)
     pl.add_argument("--out", default="plots", help="output folder")
@@ -316,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--num-buckets", type=int, default=32)
     pl.add_argument("--max-distance", type=int, default=128)
     pl.add_argument("--max-plot-distance", type=int, default=512)
-    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--seed", type=int, default=0, help="seed of the learnable schemes' initialisation")
 
     presets = "\n".join(f"  {name:<5} {PRESET_NOTES[name]}\n        " + ", ".join(
         f"{k}={' '.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in cfg.items()) for name, cfg in PRESETS.items())

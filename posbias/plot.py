@@ -71,8 +71,9 @@ def _causal_view(bias: torch.Tensor) -> torch.Tensor:
 
 
 def plot_bias_heatmaps(scheme: Scheme, path: str | Path, *, length: int = 64, causal: bool = True,
-                       max_heads: int = 8) -> Path:
-    """Per-head ``[length, length]`` heatmaps of ``PE(i, j)``; masked pairs are left blank."""
+                       max_heads: int = 8, note: str = "") -> Path:
+    """Per-head ``[length, length]`` heatmaps of ``PE(i, j)`` on **one colour scale** for the whole
+    figure (so heads with different slopes look different); masked pairs are left blank."""
     plt = _pyplot()
     pos = torch.arange(length)
     with torch.no_grad():
@@ -85,19 +86,24 @@ def plot_bias_heatmaps(scheme: Scheme, path: str | Path, *, length: int = 64, ca
     heads = min(scheme.n_heads, max_heads)
     cols = min(4, heads)
     rows = (heads + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    shown = bias[:heads]
+    finite = shown[torch.isfinite(shown)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.0 * rows), squeeze=False)
+    im = None
     for h in range(rows * cols):
         ax = axes[h // cols][h % cols]
         if h >= heads:
             ax.axis("off")
             continue
-        im = ax.imshow(bias[h].numpy(), cmap="viridis", interpolation="nearest")
+        im = ax.imshow(shown[h].numpy(), cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
         ax.set_title(f"head {h}", fontsize=9)
         ax.set_xlabel("key j", fontsize=8)
         ax.set_ylabel("query i", fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(f"{scheme.name}: bias PE(i, j) per head ({length} tokens)")
-    fig.tight_layout()
+    fig.suptitle(f"{scheme.name}: bias PE(i, j) per head ({length} tokens){note}")
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    cax = fig.add_axes((0.92, 0.15, 0.015, 0.7))
+    fig.colorbar(im, cax=cax, label="bias (one scale for all heads)")
     return _save(fig, path)
 
 

@@ -302,23 +302,33 @@ def retrofit_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
+
+
 def plot_retrofit(result: dict[str, Any], path: Path) -> Path:
-    from .plot import _pyplot, _save
+    """One colour per method, one line style per stage (dotted: before, dashed: no fine-tune, solid:
+    fine-tuned), legend outside the axes so it never covers the data."""
+    from .plot import _pyplot, _save, plain_log_ticks
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5))
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colour = {m: cmap(k) for k, m in enumerate(methods)}
     for r in result["rows"]:
-        xs = sorted(r["ppl"])
-        style = "-" if r["stage"] != "no fine-tune" else "--"
-        ax.plot(xs, [r["ppl"][n] for n in xs], style, marker="o", label=f"{r['method']} ({r['stage']})")
+        xs = sorted(r["ppl"], key=int)
+        ax.plot([int(x) for x in xs], [r["ppl"][n] for n in xs], STAGE_STYLES.get(r["stage"], "-"), marker="o",
+                ms=4, color=colour[r["method"]], label=f"{r['method']} ({r['stage']})")
     ax.axvline(result["train_len"], color="grey", ls=":", lw=1, label="training length")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    plain_log_ticks(ax)
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("perplexity (bytes)")
-    ax.set_title(f"Retrofit to {result['to']} tokens: perplexity before and after")
+    ax.set_title(f"Retrofit to {result['to']} tokens (dotted: before, dashed: no fine-tune, solid: fine-tuned)",
+                 fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 

@@ -84,3 +84,69 @@ def test_help_shows_defaults_presets_and_scheme_options(capsys):
         for n in needles:
             assert n in out, (argv, n)
 
+
+
+@pytest.fixture()
+def figures(monkeypatch):
+    """Capture every figure a plotting function saves."""
+    import posbias.plot as P
+
+    saved, orig = [], P._save
+    monkeypatch.setattr(P, "_save", lambda fig, path: (saved.append(fig), orig(fig, path))[1])
+    return saved
+
+
+def test_heatmaps_share_one_colour_scale(figures, tmp_path):
+    from posbias import build
+    from posbias.plot import plot_bias_heatmaps
+
+    plot_bias_heatmaps(build("alibi", n_heads=4, head_dim=8), tmp_path / "h.png", length=16)
+    clims = {im.get_clim() for ax in figures[0].axes for im in ax.get_images()}
+    assert len(clims) == 1 and len([im for ax in figures[0].axes for im in ax.get_images()]) == 4
+
+
+def test_retrofit_plot_one_colour_per_method(figures, tmp_path):
+    from posbias.retrofit import plot_retrofit
+
+    rows = [{"method": m, "stage": st, "ppl": {"16": 5.0 + k, "32": 6.0 + k}}
+            for k, (m, st) in enumerate([("original", "before"), ("pi", "no fine-tune"), ("pi", "fine-tuned 10"),
+                                         ("swap-alibi", "no fine-tune"), ("swap-alibi", "fine-tuned 10")])]
+    plot_retrofit({"rows": rows, "train_len": 16, "to": 32}, tmp_path / "r.png")
+    lines = [ln for ln in figures[0].axes[0].get_lines() if not ln.get_label().startswith("training")]
+    colour = {}
+    for ln in lines:
+        colour.setdefault(ln.get_label().split(" (")[0], set()).add(ln.get_color())
+    assert all(len(c) == 1 for c in colour.values()) and len({next(iter(c)) for c in colour.values()}) == 3
+    styles = {ln.get_label(): ln.get_linestyle() for ln in lines}
+    assert styles["pi (no fine-tune)"] == "--" and styles["pi (fine-tuned 10)"] == "-"
+
+
+def test_log_axis_has_plain_tick_labels(figures, tmp_path):
+    from posbias.plot import _pyplot, _save, plain_log_ticks
+
+    plt = _pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [6, 11])
+    ax.set_yscale("log")
+    plain_log_ticks(ax)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert {"6", "7", "8", "9", "10"} <= set(labels) and not any("times" in x or "^" in x for x in labels)
+    _save(fig, tmp_path / "t.png")
+
+
+def test_plot_skips_schemes_without_a_bias_and_says_so(tmp_path, capsys):
+    assert main(["plot", "--schemes", "rope", "nope", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "skipping rope (rotary: no attention bias to draw)" in out
+    assert (tmp_path / "t5_bucket_map.png").exists() and not (tmp_path / "bias_vs_distance.png").exists()
+
+
+def test_show_is_deterministic_and_prints_options(capsys):
+    outs = []
+    for seed in ("0", "0", "1"):
+        assert main(["show", "kerple-log", "--heads", "2", "--seed", seed]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] != outs[2]
+    assert main(["show", "t5", "--max-distance", "64"]) == 0
+    assert "options in use: num_buckets=32, max_distance=64, bidirectional=False" in capsys.readouterr().out
