@@ -67,3 +67,15 @@ def test_flex_backend_refuses_what_it_cannot_do_exactly():
                       q_pos=torch.arange(0, 16, 2), k_pos=torch.arange(0, 16, 2))
     with pytest.raises(ValueError, match="Toeplitz"):
         offset_table(build("fire", n_heads=3, head_dim=16), 4, 4)
+
+
+@pytest.mark.slow
+def test_readme_flex_snippet_runs_as_written():
+    """The README's FlexAttention block, executed verbatim (it compiles: seconds on CPU)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### FlexAttention: a `score_mod`"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
