@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -119,7 +120,13 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> None:
 
     options = parse_scheme_options(args.scheme, extra)
     torch.manual_seed(args.seed)  # learnable schemes (KERPLE, FIRE) draw their initial values
-    scheme = build(args.scheme, n_heads=args.heads, head_dim=args.head_dim, **options)
+    try:
+        scheme = build(args.scheme, n_heads=args.heads, head_dim=args.head_dim, **options)
+    except ValueError as exc:  # name the flags the user types, not the keyword names
+        msg = str(exc)
+        for key in scheme_options(args.scheme):
+            msg = re.sub(rf"(?<![\w-]){key}(?!\w)", "--" + key.replace("_", "-"), msg)
+        raise CLIError(msg) from None
     used = {**scheme_options(args.scheme), **options}
     print(f"{scheme.name}: {scheme.summary}")
     print(f"  {scheme.__class__.__name__}({scheme.extra_repr()})")

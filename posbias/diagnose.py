@@ -259,7 +259,8 @@ def _run_diagnose(path, out: Path, model: TransformerLM, train_len: int, length:
             lens.append(n)
             n *= 2
         depths = passkey.default_depths(5)
-        grid = passkey.accuracy_grid(copy, lens, depths, samples=passkey_samples, device=device)
+        log(f"passkey grid: {len(lens)} lengths × {len(depths)} depths × {passkey_samples} samples …")
+        grid = passkey.accuracy_grid(copy, lens, depths, samples=passkey_samples, device=device, progress=progress)
         report["passkey"] = {str(n): {str(d): a for d, a in row.items()} for n, row in grid.items()}
         lines += ["## Passkey retrieval", "",
                   f"A copy fine-tuned for {passkey_steps} steps on passkey samples of {train_len} bytes; accuracy over "

@@ -91,8 +91,20 @@ def accuracy(model, length: int, depth: float, *, samples: int = 32, digits: int
     return solved / samples
 
 
-def accuracy_grid(model, lengths: Iterable[int], depths: Iterable[float], **kwargs) -> dict[int, dict[float, float]]:
-    return {n: {d: accuracy(model, n, d, **kwargs) for d in depths} for n in lengths}
+def accuracy_grid(model, lengths: Iterable[int], depths: Iterable[float], *, progress: bool = False,
+                  **kwargs) -> dict[int, dict[float, float]]:
+    """Accuracy for every (length, depth) cell; ``progress`` shows a bar over the cells."""
+    from tqdm.auto import tqdm
+
+    lengths, depths = list(lengths), list(depths)
+    grid: dict[int, dict[float, float]] = {n: {} for n in lengths}
+    with tqdm(total=len(lengths) * len(depths), desc="passkey grid", disable=not progress, leave=False) as bar:
+        for n in lengths:
+            for d in depths:
+                bar.set_postfix(length=n, depth=d)
+                grid[n][d] = accuracy(model, n, d, **kwargs)
+                bar.update(1)
+    return grid
 
 
 def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: float = 2e-3, digits: int = 5,

@@ -229,7 +229,9 @@ def _run_retrofit(path, cfg: RetrofitConfig, out: Path, meta, base, train_len: i
                  "extra_params": 0, "passkey": passkey_of(base, "original") if cfg.compare else None,
                  "attention_cost": 1.0 if cfg.compare else None})
     remaps = {}
-    for m in cfg.methods:
+    for k, m in enumerate(cfg.methods, 1):
+        plan = "no fine-tune" + (f", then a {cfg.finetune_steps}-step fine-tune at {cfg.to}" if cfg.finetune_steps else "")
+        log(f"method {k}/{len(cfg.methods)}: {m} ({plan}{', passkey' if cfg.compare else ''})")
         model = retrofit_model(base, m, train_len=train_len, to=cfg.to)
         extra = model.num_parameters() - base.num_parameters()
         if m == "t5-distance":

@@ -26,8 +26,8 @@ def test_bucket_table_worked_example():
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["show", "t5", "--num-buckets", "1"], "num_buckets must be >= 2, got 1"),
-    (["show", "t5", "--max-distance", "8"], "max_distance must be >= 17, got 8"),
+    (["show", "t5", "--num-buckets", "1"], "--num-buckets must be >= 2, got 1"),
+    (["show", "t5", "--max-distance", "8"], "--max-distance must be >= 17, got 8"),
     (["show", "t5", "--bogus", "1"], "has no option --bogus"),
     (["show", "t5", "--num-buckets", "many"], "--num-buckets must be an integer (scheme 't5'), got 'many'"),
     (["show", "nosuch"], "unknown scheme 'nosuch'"),
