@@ -33,6 +33,8 @@ def test_bucket_table_worked_example():
     (["show", "nosuch"], "unknown scheme 'nosuch'"),
     (["show", "alibi", "--heads", "0"], "--heads must be >= 1, got 0"),
     (["show", "rope", "--head-dim", "15"], "even head_dim"),
+    (["show", "rope", "--scaling", "yarn", "--factor", "4"], "--scaling='yarn' needs --train-len"),
+    (["show", "t5", "--max-distance", "3"], "--max-distance must be >= 17, got 3"),
     (["plot", "--schemes", "t6"], "unknown scheme 't6'"),
 ])
 def test_cli_errors_are_one_line(argv, msg, capsys):
