@@ -411,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 0
     except KeyboardInterrupt:
-        print(f"posbias {args.command}: interrupted (finished work is saved; re-run to resume)", file=sys.stderr)
+        print(f"\nposbias {args.command}: interrupted (finished work is saved; re-run to resume)", file=sys.stderr)
         return 130
     return 0
 

@@ -117,6 +117,8 @@ def test_sliding_window_evaluation(corpus):
     (["extrapolate", "--lr", "inf"], "--lr must be a finite number > 0, got inf"),
     (["extrapolate", "--pos-lr-mult", "0"], "--pos-lr-mult must be a finite number > 0"),
     (["extrapolate", "--device", "bogus"], "--device 'bogus' is not a device"),
+    (["extrapolate", "--layers", "0"], "--layers must be an integer >= 1, got 0"),
+    (["extrapolate", "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
 ])
 def test_extrapolate_bad_input(argv, msg, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path)]) == 2
