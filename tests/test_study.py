@@ -145,7 +145,7 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     argv = ["extrapolate", "--schemes", "alibi", "rope", *STUDY, "--data", str(text_file), "--out", str(tmp_path / "run")]
     assert main(argv) == 0
     announced = capsys.readouterr().out
-    assert "2 scheme(s) x 1 seed(s) = 2 models of 3 steps" in announced and "about 40 s per demo-size model" in announced
+    assert "2 scheme(s) x 1 seed(s) = 2 models of 3 steps" in announced and "about 40 s per model" in announced
     assert "at most about" in announced  # the ETA after the first trained model
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     recs = res["records"]
