@@ -49,14 +49,16 @@ def resolve(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor | 
     lq, lk = q.shape[2], k.shape[2]
     k_pos = as_positions(k_pos, lk, q.device)
     q_pos = as_positions(q_pos, lq, q.device, start=lk - lq)
-    context = int(max(int(k_pos.max()), int(q_pos.max())) + 1) if lk and lq else 0
-    if lk and lq and (scheme.toeplitz or scheme.family in ("rotary", "none")):
+    rotary = scheme.family == "rotary"
+    # dynamic-NTK's frequencies depend on the absolute context length: read it before re-referencing
+    context = int(max(int(k_pos.max()), int(q_pos.max())) + 1) if rotary and lk and lq else 0
+    if lk and lq and (scheme.toeplitz or rotary or scheme.family == "none"):
         # Everything these schemes compute depends on i − j only: subtract one integer reference
         # from every position (exact in int64) so that no kernel ever turns a position like 2^40
         # into float32, where it would lose its low bits. FIRE depends on i itself and keeps it.
         ref = torch.minimum(k_pos.min(), q_pos.min())
         q_pos, k_pos = q_pos - ref, k_pos - ref
-    if scheme.family == "rotary":
+    if rotary:
         q = scheme.rotate(q, q_pos, context_len=context)
         k = scheme.rotate(k, k_pos, context_len=context)
     return q, k, q_pos, k_pos, scheme.default_scale() if scale is None else float(scale)

@@ -248,9 +248,6 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-_FLAGS = {"n_layers": "--layers", "n_heads": "--heads"}
-
-
 def study_config(args: argparse.Namespace):
     from .extrapolate import PRESETS, StudyConfig
     from .schemes import parse_options

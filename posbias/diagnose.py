@@ -119,8 +119,8 @@ def final_bucket_weight(scheme: T5Bias, length: int, report: dict[str, Any]) -> 
     Above 1 the far keys together outweigh the nearest key before q·k is counted (dilution); far
     below 1 the final bucket acts as a penalty. The sentence is measured, never assumed."""
     with torch.no_grad():
-        table = scheme.table.float()
-        gap = table[0] - table[scheme.num_buckets // (2 if scheme.bidirectional else 1) - 1]  # [H]
+        near, far = scheme.bias_at(torch.tensor([0, scheme.flat_beyond])).unbind(-1)  # u(0), u(final): [H] each
+        gap = near - far
     n_far = max(0, length - scheme.flat_beyond)
     weight = [n_far * math.exp(-float(g)) for g in gap]
     report["t5_final_bucket_gap"] = [float(g) for g in gap]

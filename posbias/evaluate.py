@@ -7,7 +7,7 @@ comparable across lengths. Bits per byte = loss / ln 2 (the vocabulary is bytes)
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -28,16 +28,30 @@ def _check_lengths(lengths: Iterable[int]) -> list[int]:
     return out
 
 
+def _window_losses(model: TransformerLM, tokens: Tensor, starts: list[int], length: int, batch_size: int,
+                   device: str | torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(starts, nll [batch, length])`` for windows of ``length`` tokens at ``starts``, batch by batch;
+    raises ValueError on a non-finite loss (NaN weights are not a perplexity)."""
+    for b in range(0, len(starts), batch_size):
+        s = torch.tensor(starts[b:b + batch_size])
+        chunk = tokens[s[:, None] + torch.arange(length + 1)[None, :]].long().to(device)
+        logits = model(chunk[:, :-1])
+        nll = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction="none").double().cpu()
+        if not bool(torch.isfinite(nll).all()):
+            raise ValueError(f"the model gives non-finite losses at length {length} (NaN/inf weights or activations)")
+        yield s, nll
+
+
 @torch.no_grad()
 def evaluate_length(model: TransformerLM, tokens: Tensor, length: int, *, max_tokens: int = 16384,
                     stride: int | None = None, batch_size: int = 8,
                     device: str | torch.device = "cpu") -> dict[str, Any]:
     """Loss/perplexity with windows of ``length`` tokens.
 
-    ``stride=None``: non-overlapping windows, every position in a window is scored, and the loss by
-    position inside the window is returned. ``stride=s``: sliding windows advancing by ``s``; each
-    window scores only its last ``s`` tokens (the first scores all), so every scored token sees at
-    least ``length − s`` tokens of context.
+    ``stride=None``: non-overlapping windows (:func:`token_losses`), every position in a window is
+    scored, and the loss by position inside the window is returned. ``stride=s``: sliding windows
+    advancing by ``s``; each window scores only its last ``s`` tokens (the first scores all), so
+    every scored token sees at least ``length − s`` tokens of context.
     """
     (length,) = _check_lengths([length])
     if stride is not None and not 1 <= stride <= length:
@@ -46,34 +60,23 @@ def evaluate_length(model: TransformerLM, tokens: Tensor, length: int, *, max_to
     budget = min(max_tokens, n_avail)
     if budget < length:
         raise ValueError(f"split has {n_avail} scoreable tokens, fewer than the evaluation length {length}")
-    model.eval()
-    step = stride or length
-    starts = list(range(0, budget - length + 1, step))
-    total, count = 0.0, 0
-    by_pos = torch.zeros(length, dtype=torch.float64)
-    by_pos_n = torch.zeros(length, dtype=torch.float64)
-    for b in range(0, len(starts), batch_size):
-        s = torch.tensor(starts[b:b + batch_size])
-        idx = s[:, None] + torch.arange(length + 1)[None, :]
-        chunk = tokens[idx].long().to(device)
-        logits = model(chunk[:, :-1])
-        nll = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction="none").double().cpu()
-        if stride is None:
-            total += float(nll.sum())
-            count += nll.numel()
-            by_pos += nll.sum(0)
-            by_pos_n += nll.shape[0]
-        else:
-            for row, st in zip(nll, s.tolist()):
-                keep = row if st == 0 else row[length - stride:]
-                total += float(keep.sum())
-                count += keep.numel()
-    loss = total / count
-    out = {"eval_len": length, "loss": loss, "ppl": math.exp(loss), "bpb": loss / math.log(2),
-           "tokens": count, "stride": stride}
     if stride is None:
-        out["loss_by_position"] = (by_pos / by_pos_n).tolist()
-    return out
+        nll = token_losses(model, tokens, length, n_tokens=budget // length * length, batch_size=batch_size,
+                           device=device)
+        loss = float(nll.mean())
+        return {"eval_len": length, "loss": loss, "ppl": math.exp(loss), "bpb": loss / math.log(2),
+                "tokens": nll.numel(), "stride": None, "loss_by_position": nll.view(-1, length).mean(0).tolist()}
+    model.eval()
+    total, count = 0.0, 0
+    for s, nll in _window_losses(model, tokens, list(range(0, budget - length + 1, stride)), length, batch_size,
+                                 device):
+        for row, st in zip(nll, s.tolist()):
+            keep = row if st == 0 else row[length - stride:]
+            total += float(keep.sum())
+            count += keep.numel()
+    loss = total / count
+    return {"eval_len": length, "loss": loss, "ppl": math.exp(loss), "bpb": loss / math.log(2),
+            "tokens": count, "stride": stride}
 
 
 @torch.no_grad()
@@ -89,18 +92,24 @@ def token_losses(model: TransformerLM, tokens: Tensor, length: int, *, n_tokens:
     if tokens.numel() < n_tokens + 1:
         raise ValueError(f"split has {tokens.numel() - 1} scoreable tokens, fewer than {n_tokens}")
     model.eval()
-    windows = tokens[: n_tokens + 1]
     out = torch.empty(n_tokens, dtype=torch.float64)
-    starts = torch.arange(0, n_tokens, length)
-    for b in range(0, len(starts), batch_size):
-        s = starts[b:b + batch_size]
-        chunk = windows[s[:, None] + torch.arange(length + 1)[None, :]].long().to(device)
-        logits = model(chunk[:, :-1])
-        nll = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction="none").double().cpu()
+    for s, nll in _window_losses(model, tokens, list(range(0, n_tokens, length)), length, batch_size, device):
         out[int(s[0]): int(s[-1]) + length] = nll.flatten()
-    if not bool(torch.isfinite(out).all()):
-        raise ValueError(f"the model gives non-finite losses at length {length} (NaN/inf weights or activations)")
     return out
+
+
+def check_study_lengths(lengths: Iterable[int], train_len: int) -> list[int]:
+    """The sorted distinct evaluation lengths, if they include ``train_len`` and each is a multiple of
+    it that divides the longest (so every length scores the same tokens); ValueError otherwise."""
+    lengths = sorted(set(_check_lengths(lengths)))
+    if train_len not in lengths:
+        raise ValueError(f"the evaluation lengths {' '.join(map(str, lengths))} must include the training length "
+                         f"{train_len}")
+    for n in lengths:
+        if lengths[-1] % n or n % train_len:
+            raise ValueError(f"evaluation length {n} must divide the longest ({lengths[-1]}) and be a multiple of "
+                             f"the training length ({train_len}), so that every length scores the same tokens")
+    return lengths
 
 
 def bootstrap_means(sums: Tensor, counts: Tensor, *, n_boot: int = 2000, seed: int = 0) -> Tensor:
@@ -120,7 +129,7 @@ def interval(replicates: Tensor, level: float = 0.95) -> tuple[float, float]:
 
 def length_study(model: TransformerLM, tokens: Tensor, lengths: Iterable[int], *, train_len: int,
                  n_tokens: int, batch_size: int = 8, device: str | torch.device = "cpu", n_boot: int = 2000,
-                 seed: int = 0, progress: Any = None) -> dict[int, dict[str, Any]]:
+                 seed: int = 0) -> dict[int, dict[str, Any]]:
     """Score the same ``n_tokens`` tokens at every length and summarise each length with intervals.
 
     The resampling unit of the bootstrap is a *segment* of ``max(lengths)`` tokens: every length
@@ -135,23 +144,13 @@ def length_study(model: TransformerLM, tokens: Tensor, lengths: Iterable[int], *
       tokens; ``tail_delta`` is their loss minus the loss of *the same tokens* scored in windows of
       ``train_len``. Negative: the longer context helps; positive: the model breaks past L.
     """
-    lengths = sorted(set(_check_lengths(lengths)))
+    lengths = check_study_lengths(lengths, train_len)
     longest = lengths[-1]
-    if train_len not in lengths:
-        raise ValueError(f"the evaluation lengths {lengths} must include the training length {train_len}")
-    for n in lengths:
-        if longest % n or n % train_len:
-            raise ValueError(f"evaluation length {n} must divide the longest ({longest}) and be a multiple of "
-                             f"the training length ({train_len}), so that every length scores the same tokens")
     segments = n_tokens // longest
     if segments < 1:
         raise ValueError(f"{n_tokens} evaluation tokens are fewer than the longest length {longest}")
     total = segments * longest
-    nll = {}
-    for n in lengths:
-        nll[n] = token_losses(model, tokens, n, n_tokens=total, batch_size=batch_size, device=device)
-        if progress is not None:
-            progress(n)
+    nll = {n: token_losses(model, tokens, n, n_tokens=total, batch_size=batch_size, device=device) for n in lengths}
     pos = torch.arange(total)
     seg = lambda x: x.view(segments, longest).sum(1)  # noqa: E731
     base = nll[train_len]

@@ -42,9 +42,9 @@ from . import __version__
 from . import checkpoint as ckpt
 from . import store
 from .data import Corpus
-from .evaluate import length_study
+from .evaluate import check_study_lengths, length_study
 from .model import ModelConfig, TransformerLM
-from .schemes import get_scheme_class, parse_spec, check_options, spec_label
+from .schemes import Scheme, check_options, get_scheme_class, parse_spec, spec_label
 from .schemes.base import flat_share
 from .train import TrainConfig, train
 
@@ -85,20 +85,14 @@ class StudyConfig:
         for n in self.eval_lens:
             _positive("evaluation lengths", n)
         for name in ("steps", "batch_size", "d_model", "n_layers", "n_heads", "eval_tokens", "eval_batch", "threads"):
-            _positive("--" + name.replace("_", "-").replace("n-", ""), getattr(self, name))
+            _positive(FLAGS.get(name, "--" + name.replace("_", "-")), getattr(self, name))
         if not self.seeds:
             raise ValueError("give at least one seed")
         for name in ("lr", "pos_lr_mult"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v!r}")
-        lens = sorted(set(self.eval_lens))
-        if self.train_len not in lens:
-            raise ValueError(f"--eval-lens {' '.join(map(str, lens))} must include the training length {self.train_len}")
-        for n in lens:
-            if lens[-1] % n or n % self.train_len:
-                raise ValueError(f"evaluation length {n} must divide the longest ({lens[-1]}) and be a multiple "
-                                 f"of the training length ({self.train_len}) so every length scores the same tokens")
+        lens = check_study_lengths(self.eval_lens, self.train_len)
         if self.eval_tokens < lens[-1]:
             raise ValueError(f"--eval-tokens {self.eval_tokens} is fewer than the longest evaluation length {lens[-1]}")
         if self.d_model % self.n_heads:
@@ -106,6 +100,10 @@ class StudyConfig:
 
     def lengths(self) -> list[int]:
         return sorted(set(self.eval_lens))
+
+
+#: command-line flags whose names differ from the config field
+FLAGS = {"n_layers": "--layers", "n_heads": "--heads"}
 
 
 def _positive(flag: str, v: Any) -> None:
@@ -209,7 +207,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
         old_threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
         try:
-            records, positions = _run(cfg, out, corpus, progress, keep_last, log)
+            records, positions, learned = _run(cfg, out, corpus, progress, keep_last, log)
         finally:
             torch.set_num_threads(old_threads)
         summary = {
@@ -220,16 +218,19 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
         store.write_json(out / "results.json", summary)
         store.write_text(out / "results.md", results_table(records, cfg))
         try:
-            write_plots(records, positions, cfg, out)
+            write_plots(records, positions, learned, cfg, out)
         except ValueError as exc:  # matplotlib missing: the table and JSON are still written
             log(f"plots skipped: {exc}")
     return records
 
 
-def _run(cfg: StudyConfig, out: Path, corpus: Corpus, progress: bool, keep_last: bool,
-         log: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+def _run(cfg: StudyConfig, out: Path, corpus: Corpus, progress: bool, keep_last: bool, log: Callable[[str], None]
+         ) -> tuple[list[dict[str, Any]], dict[str, list[float]], dict[str, Scheme]]:
+    """The records; the first seed's loss by position at the longest length and its additive schemes
+    (for the plots), per label."""
     records: list[dict[str, Any]] = []
     positions: dict[str, list[float]] = {}
+    schemes: dict[str, Scheme] = {}
     study_arms = arms(cfg)
     total = len(study_arms) * len(cfg.seeds)
     done = 0
@@ -270,6 +271,8 @@ def _run(cfg: StudyConfig, out: Path, corpus: Corpus, progress: bool, keep_last:
                 store.write_json(efile, {"key": ekey, "wall_s": time.perf_counter() - t0,
                                          "scores": {str(k): v for k, v in scores.items()}})
             learned = learned_summary(model, cfg.train_len)
+            if seed == cfg.seeds[0] and model.scheme.family == "additive":
+                schemes[arm.label] = model.scheme.cpu()
             hist = meta.get("history", {})
             for n in cfg.lengths():
                 r = scores[n]
@@ -284,14 +287,10 @@ def _run(cfg: StudyConfig, out: Path, corpus: Corpus, progress: bool, keep_last:
                     "params": model.num_parameters(), "learned": learned, "model": model.cfg.to_dict(),
                     "train": meta.get("train"), "threads": cfg.threads, "model_dir": str(mdir),
                 })
-    return records, positions
+    return records, positions, schemes
 
 
 # -- rendering --------------------------------------------------------------------------------
-def _labels(cfg: StudyConfig) -> list[str]:
-    return [a.label for a in arms(cfg)]
-
-
 def _pick(records: list[dict[str, Any]], label: str, n: int) -> list[dict[str, Any]]:
     return [r for r in records if r["label"] == label and r["eval_len"] == n]
 
@@ -308,6 +307,8 @@ def _cell(rs: list[dict[str, Any]], key: str, fmt: str = ".2f") -> str:
 
 
 def results_table(records: list[dict[str, Any]], cfg: StudyConfig) -> str:
+    study_arms = arms(cfg)
+    labels = [a.label for a in study_arms]
     lens, base = cfg.lengths(), cfg.train_len
     longest = lens[-1]
     many = len(cfg.seeds) > 1
@@ -315,7 +316,7 @@ def results_table(records: list[dict[str, Any]], cfg: StudyConfig) -> str:
     lines = [f"### Perplexity by evaluation length ({what})", "",
              "| scheme | " + " | ".join(f"ppl @ {n}" for n in lens) + f" | ppl@{longest} / ppl@{base} |",
              "|---" * (len(lens) + 2) + "|"]
-    for label in _labels(cfg):
+    for label in labels:
         cells = [_cell(_pick(records, label, n), "ppl") for n in lens]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell(_pick(records, label, longest), 'ratio', '.3f')} |")
     far = [n for n in lens if n > base]
@@ -324,13 +325,13 @@ def results_table(records: list[dict[str, Any]], cfg: StudyConfig) -> str:
                   f"tokens of context, against the same tokens scored in windows of {base} (Δ nats/byte; < 0: the "
                   "longer context helps, > 0: the model breaks past L)", "",
                   "| scheme | " + " | ".join(f"Δ @ {n}" for n in far) + " |", "|---" * (len(far) + 1) + "|"]
-        for label in _labels(cfg):
+        for label in labels:
             lines.append(f"| {label} | " + " | ".join(_cell(_pick(records, label, n), "tail_delta", "+.3f")
                                                    for n in far) + " |")
     lines += ["", f"### What the positional parameters learned (seed {cfg.seeds[0]})", "",
               f"| scheme | options | bias range at L (query L−1, keys 0…L−1) | largest near−far contrast | "
               f"far entry's share of training pairs | parameter ranges |", "|---|---|---|---|---|---|"]
-    for a in arms(cfg):
+    for a in study_arms:
         rs = [r for r in records if r["label"] == a.label and r["seed"] == cfg.seeds[0]]
         if not rs:
             continue
@@ -344,7 +345,7 @@ def results_table(records: list[dict[str, Any]], cfg: StudyConfig) -> str:
     if many:
         lines += ["", f"Per seed, ppl@{longest} / ppl@{base}: " + "; ".join(
             f"{label} " + " / ".join(f"{r['ratio']:.3f}" for r in _pick(records, label, longest))
-            for label in _labels(cfg))]
+            for label in labels)]
     r0 = records[0] if records else {"tokens": 0, "segments": 0}
     seeds = ", ".join(map(str, cfg.seeds))
     lines += ["", f"Trained at {cfg.train_len} tokens for {cfg.steps} steps (batch {cfg.batch_size}, lr {cfg.lr:g}, "
@@ -357,13 +358,15 @@ def results_table(records: list[dict[str, Any]], cfg: StudyConfig) -> str:
     return "\n".join(lines)
 
 
-def write_plots(records: list[dict[str, Any]], positions: dict[str, list[float]], cfg: StudyConfig,
-                out: Path) -> list[Path]:
+def write_plots(records: list[dict[str, Any]], positions: dict[str, list[float]], schemes: dict[str, Scheme],
+                cfg: StudyConfig, out: Path) -> list[Path]:
+    """``ppl_vs_length.png``, ``loss_vs_position.png`` (from ``positions``) and
+    ``learned_bias_vs_distance.png`` (from ``schemes``: the first seed's additive schemes by label)."""
     from .plot import _pyplot, _save, plain_log_ticks, plot_bias_curves
 
     plt = _pyplot()
     paths = []
-    labels = _labels(cfg)
+    labels = [a.label for a in arms(cfg)]
     colors = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     fig, ax = plt.subplots(figsize=(8.5, 5))
     for k, label in enumerate(labels):
@@ -417,15 +420,9 @@ def write_plots(records: list[dict[str, Any]], positions: dict[str, list[float]]
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         paths.append(_save(fig, out / "loss_vs_position.png"))
 
-    trained = []
-    for a in arms(cfg):
-        rs = [r for r in records if r["label"] == a.label and r["seed"] == cfg.seeds[0]]
-        if rs and get_scheme_class(a.scheme).family == "additive":
-            model = ckpt.load_model(Path(rs[0]["model_dir"]) / "final")
-            trained.append((a.label, model.scheme))
-    if trained:
-        paths.append(plot_bias_curves([s for _, s in trained], out / "learned_bias_vs_distance.png",
-                                      max_distance=max(cfg.lengths()), names=[n for n, _ in trained], log_distance=True,
+    if schemes:
+        paths.append(plot_bias_curves(list(schemes.values()), out / "learned_bias_vs_distance.png",
+                                      max_distance=max(cfg.lengths()), names=list(schemes), log_distance=True,
                                       title=f"positional biases after training at {cfg.train_len} tokens "
                                             "(ALiBi is fixed, not learned)"))
     return paths

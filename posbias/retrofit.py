@@ -180,19 +180,18 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
         return _run_retrofit(path, cfg, out, meta, base, train_len, lens, corpus, progress, log)
 
 
-def source_key(path: str | Path, cfg: RetrofitConfig, corpus: Corpus) -> str:
+def source_key(path: str | Path, meta: dict[str, Any], cfg: RetrofitConfig, corpus: Corpus) -> str:
     """Everything the cached numbers depend on besides the method and the length: the checkpoint's
-    weights (hashed) and config, the corpus, and every setting of fine-tuning, evaluation and passkey."""
-    p = ckpt.require(path)
-    digest = hashlib.sha256((p / ckpt.MODEL_FILE).read_bytes()).hexdigest()
+    weights (hashed) and meta, the corpus, and every setting of fine-tuning, evaluation and passkey."""
+    digest = hashlib.sha256((ckpt.require(path) / ckpt.MODEL_FILE).read_bytes()).hexdigest()
     settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("methods", "compare", "eval_lens")}
-    return store.config_key({"weights": digest, "meta": ckpt.read_meta(p), "corpus": corpus.fingerprint,
+    return store.config_key({"weights": digest, "meta": meta, "corpus": corpus.fingerprint,
                              "settings": settings, "torch": torch.__version__})
 
 
 def _run_retrofit(path, cfg: RetrofitConfig, out: Path, meta, base, train_len: int, lens: list[int], corpus: Corpus,
                   progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    key = source_key(path, cfg, corpus)
+    key = source_key(path, meta, cfg, corpus)
     cache_file = out / f"cache-{key}.json"
     cache: dict[str, Any] = store.read_json(cache_file) if cache_file.exists() else {}
 

@@ -18,6 +18,7 @@ canonical code takes ``relative_position = j − i``, posbias takes ``offset = i
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -90,9 +91,9 @@ def t5_last_bucket_start(num_buckets: int, max_distance: int, bidirectional: boo
 CANONICAL_FINAL_SHARE = flat_share(113, 512)
 
 
-def canonical_share_distance(train_len: int, start_of: "callable", lowest: int) -> int:
+def canonical_share_distance(train_len: int, start_of: Callable[[int], int], lowest: int) -> int:
     """The distance ``D ≥ lowest`` whose final entry (starting at ``start_of(D)``) sees the share of
-    training pairs closest to canonical T5's (ties: the larger D). ``start_of`` must be monotone."""
+    training pairs closest to canonical T5's (ties: the larger D)."""
     best, best_err = lowest, float("inf")
     for d in range(lowest, max(lowest, train_len) + 1):
         err = abs(flat_share(start_of(d), train_len) - CANONICAL_FINAL_SHARE)
