@@ -51,6 +51,11 @@ def timeit(fn, device, reps):
     return statistics.median(times)
 
 
+def default_schemes():
+    """Every registered scheme that changes attention (additive or rotary) and is in the study."""
+    return [name for name, cls in posbias.SCHEMES.items() if cls.family in ("additive", "rotary") and cls.in_study]
+
+
 def make_scheme(name, heads, head_dim, device):
     s = posbias.build(name, n_heads=heads, head_dim=head_dim).to(device)
     with torch.no_grad():
@@ -84,7 +89,7 @@ def cases(name, n, scheme, q, k, v):
         posbias.attention(q, k, v, scheme).sum().backward()
 
     out["posbias"] = (fwd_posbias, train_posbias)
-    if scheme.family == "additive" and n <= DENSE_LIMIT // (2 if name == "fire" else 1):  # FIRE: MLP on N² pairs
+    if scheme.family == "additive" and n <= DENSE_LIMIT // (1 if scheme.toeplitz else 2):  # FIRE: MLP on N² pairs
         def dense(grad):
             b = scheme.bias(pos, pos).masked_fill(~causal_mask, float("-inf"))
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=b, scale=scheme.default_scale())
@@ -155,7 +160,8 @@ def measure_memory(name, label, n, heads, hd, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schemes", nargs="+", default=["t5", "offset", "alibi", "kerple-log", "fire", "rope"])
+    p.add_argument("--schemes", nargs="+", default=default_schemes(),
+                   help="registered scheme names (default: every additive or rotary scheme of the study)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)

@@ -19,7 +19,7 @@ from .schemes import (
     yarn_frequencies,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "SCHEMES", "Scheme", "ToeplitzScheme", "build", "scheme_options", "t5_bucket", "alibi_slopes",

@@ -1,6 +1,6 @@
 """``attention(q, k, v, scheme, ...)``: the one entry point, and the backend choice in one place.
 
-The logit is ``scale · q_i·k_j + PE(i, j) + Mask(i, j)`` (SPEC §1): the bias is added after
+The logit is ``scale · q_i·k_j + PE(i, j) + Mask(i, j)``: the bias is added after
 scaling; ``scale`` defaults to ``scheme.default_scale()`` — 1 for T5 (unscaled, Raffel et al. 2020),
 ``1/√head_dim`` otherwise. Positions default to the keys ``0 … Lk−1`` and the queries aligned to the
 *end* of the keys (``Lk−Lq … Lk−1``), which is what decoding with a cache needs.
@@ -17,11 +17,11 @@ from torch import Tensor
 from .kernels.alibi import alibi_kernel
 from .kernels.blockwise import blockwise_kernel
 from .kernels.flash import flash_available
-from .kernels.reference import reference_kernel
+from .kernels.flex import flex_available, flex_kernel
+from .kernels.reference import reference_kernel, reference_probs
 from .kernels.sdpa import sdpa_kernel
 from .kernels.toeplitz import toeplitz_kernel
 from .kernels.windowed import windowed_kernel
-from .integrations.flex import flex_available, flex_kernel
 from .schemes.base import Scheme, ToeplitzScheme, as_positions
 
 Kernel = Callable[..., Tensor]
@@ -72,6 +72,14 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, caus
     if q.shape[2] == 0 or k.shape[2] == 0:
         return _empty(q, k, v)
     return reference_kernel(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
+
+
+def attention_probs(q: Tensor, k: Tensor, scheme: Scheme, *, causal: bool = True, scale: float | None = None,
+                    q_pos: Tensor | None = None, k_pos: Tensor | None = None) -> Tensor:
+    """The attention probabilities ``[batch, heads, Lq, Lk]`` (float32, dense reference math) that
+    :func:`attention` applies to the values: what diagnostics read, at O(Lq·Lk) memory."""
+    q, k, q_pos, k_pos, scale = resolve(q, k, k, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale)
+    return reference_probs(q, k, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
 
 
 def _empty(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

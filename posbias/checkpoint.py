@@ -117,3 +117,14 @@ def require(path: str | Path) -> Path:
                      if exists(Path(path) / sub)), "")
         raise ValueError(f"{str(path)!r} is not a posbias checkpoint (no config.json with a model config){hint}")
     return Path(path)
+
+
+def train_len(path: str | Path, meta: dict[str, Any] | None = None) -> int:
+    """The training length a checkpoint records (``train.train_len``; ``train.seq_len`` in checkpoints
+    written before 0.1.0 renamed it), or ValueError when it records none."""
+    meta = read_meta(path) if meta is None else meta
+    train = meta.get("train") or {}
+    value = train.get("train_len", train.get("seq_len"))
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{str(path)!r} records no training length (meta 'train.train_len')")
+    return value

@@ -1,8 +1,9 @@
-"""The ``posbias`` command: parse arguments, build configs, call library functions, print.
+"""The ``posbias`` command: parse arguments, build configs, call the workflows, write their reports, print.
 
-Scheme options are given as flags named after the scheme's keyword options
-(``posbias show t5 --num-buckets 32 --max-distance 128 --bidirectional``), so the CLI follows the
-registry without a list of its own. Errors print one line and exit with status 2.
+Every subcommand is a function ``cmd_<name>(args)`` bound with ``set_defaults(func=…)``. Scheme
+options are flags built from each scheme's typed keyword options (``posbias show t5 --num-buckets 32
+--max-distance 128 --bidirectional``), so the command line follows the registry without a list of
+its own. Errors print one line and exit with status 2; a config error names the flag the user typed.
 """
 
 from __future__ import annotations
@@ -11,17 +12,30 @@ import argparse
 import os
 import re
 import sys
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 
-from .schemes import SCHEMES, build, get_scheme_class, parse_spec, t5_bucket
-from .schemes.t5 import check_t5
+from . import store
+from ._version import __version__
+from .config import ConfigError
+from .schemes import SCHEMES, build, get_scheme_class, option_specs, parse_option, parse_options, parse_spec
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``argument --x: problem`` becomes ``--x problem``)."""
+
+    def error(self, message: str) -> NoReturn:
+        choice = re.match(r"argument SCHEME: invalid choice: '([^']*)'", message)
+        if choice:
+            get_scheme_class(choice.group(1))  # raises the registry's own "unknown scheme" message
+        raise CLIError(re.sub(r"^argument ([^:]+): ", r"\1 ", message))
 
 
 _stdout_gone = False
@@ -57,132 +71,105 @@ def check_device(device: str) -> str:
     return device
 
 
-def parse_scheme_options(name: str, tokens: Sequence[str]) -> dict[str, Any]:
-    """Turn ``--num-buckets 32 --bidirectional`` into ``{"num_buckets": 32, "bidirectional": True}``,
-    typed by the scheme's own option annotations (a bare bool flag means true)."""
-    from .schemes import option_specs, parse_option
-
-    specs = option_specs(get_scheme_class(name))
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if not tok.startswith("--"):
-            raise CLIError(f"unexpected argument {tok!r}")
-        key, eq, inline = tok[2:].partition("=")
-        opt = key.replace("-", "_")
-        if opt not in specs:
-            flags = ", ".join("--" + k.replace("_", "-") for k in specs) or "none"
-            raise CLIError(f"scheme {name!r} has no option --{key}; valid: {flags}")
-        if eq:
-            value = inline
-        elif specs[opt].kind is bool and (i + 1 == len(tokens) or tokens[i + 1].startswith("--")):
-            value = "true"
-        else:
-            if i + 1 == len(tokens):
-                raise CLIError(f"--{key} needs a value")
-            i += 1
-            value = tokens[i]
-        try:
-            out[opt] = parse_option(name, specs[opt], value)
-        except ValueError:
-            raise CLIError(f"--{key} must be {specs[opt].describe()} (scheme {name!r}), got {value!r}") from None
-        i += 1
-    return out
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
 
 
 # -- list -------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> None:
     width = max(map(len, SCHEMES))
     for name, cls in SCHEMES.items():
-        print(f"{name:<{width}}  {cls.family:<8}  {cls.summary}")
+        say(f"{name:<{width}}  {cls.family:<8}  {cls.summary}")
 
 
 # -- show -------------------------------------------------------------------------------------
-def bucket_table(num_buckets: int, max_distance: int, bidirectional: bool = False,
-                 span: int | None = None) -> list[tuple[int, int, int | None]]:
-    """``(bucket, first offset, last offset or None for unbounded)`` rows, causal direction
-    (offsets ≥ 0), as the textbook tabulates it."""
-    check_t5(num_buckets, max_distance, bidirectional)
-    span = span or 4 * max_distance
-    off = torch.arange(0, span + 1)
-    b = t5_bucket(off, num_buckets=num_buckets, max_distance=max_distance, bidirectional=bidirectional)
-    rows = []
-    for bucket in sorted(set(b.tolist())):
-        hits = off[b == bucket]
-        last = int(hits.max())
-        rows.append((bucket, int(hits.min()), None if last == span else last))
-    return rows
+def add_show_parsers(sub: argparse._SubParsersAction) -> None:
+    """``show SCHEME``: one sub-parser per registered scheme, its options typed from the scheme."""
+    options = "\n".join(
+        f"  {name:<13} " + (", ".join(f"{_flag(k)} ({spec.describe()}, default {spec.default})"
+                                       for k, spec in option_specs(cls).items()) or "no options")
+        for name, cls in SCHEMES.items())
+    s = sub.add_parser("show", help="a scheme's parameters; for t5 the bucket table",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Scheme options follow as flags, e.g. posbias show t5 --num-buckets 32 "
+                                   "--max-distance 128.", epilog="scheme options:\n" + options)
+    per_scheme = s.add_subparsers(dest="scheme", metavar="SCHEME", required=True,
+                                  help="a registered scheme name (see `posbias list`)")
+    for name, cls in SCHEMES.items():
+        p = per_scheme.add_parser(name, help=cls.summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--heads", type=int, default=8, help="attention heads")
+        p.add_argument("--head-dim", type=int, default=64, help="head dimension")
+        p.add_argument("--seed", type=int, default=0, help="seed of a learnable scheme's initial values")
+        for key, spec in option_specs(cls).items():
+            kind = {"nargs": "?", "const": True} if spec.kind is bool else {}
+            p.add_argument(_flag(key), dest=f"opt_{key}", default=None, type=_option_type(name, spec), **kind,
+                           help=f"{spec.describe()} (scheme default {spec.default})")
+        p.set_defaults(func=cmd_show)
 
 
-def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> None:
-    from .schemes import scheme_options
+def _option_type(scheme: str, spec) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return parse_option(scheme, spec, text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {spec.describe()} (scheme {scheme!r}), got {text!r}") from None
+    return parse
 
-    options = parse_scheme_options(args.scheme, extra)
+
+def _scheme_error(name: str, exc: ValueError) -> CLIError:
+    """A scheme's ValueError with its option names turned into the flags the user types."""
+    msg = str(exc)
+    for key in option_specs(get_scheme_class(name)):
+        msg = re.sub(rf"(?<![\w-]){key}(?!\w)", _flag(key), msg)
+    return CLIError(msg)
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    specs = option_specs(get_scheme_class(args.scheme))
+    options = {k: getattr(args, f"opt_{k}") for k in specs if getattr(args, f"opt_{k}") is not None}
     torch.manual_seed(args.seed)  # learnable schemes (KERPLE, FIRE) draw their initial values
     try:
         scheme = build(args.scheme, n_heads=args.heads, head_dim=args.head_dim, **options)
-    except ValueError as exc:  # name the flags the user types, not the keyword names
-        msg = str(exc)
-        for key in scheme_options(args.scheme):
-            msg = re.sub(rf"(?<![\w-]){key}(?!\w)", "--" + key.replace("_", "-"), msg)
-        raise CLIError(msg) from None
-    used = {**scheme_options(args.scheme), **options}
-    print(f"{scheme.name}: {scheme.summary}")
-    print(f"  {scheme.__class__.__name__}({scheme.extra_repr()})")
-    print("  options in use: " + (", ".join(f"{k}={v}" for k, v in used.items()) or "none")
-          + (f"; initialised with --seed {args.seed}" if scheme.learnable else ""))
-    print(f"  paper: {scheme.paper}")
-    if args.scheme == "t5":
-        n, d, bi = scheme.num_buckets, scheme.max_distance, scheme.bidirectional
-        per_dir = n // 2 if bi else n
-        print(f"  {n} buckets (n_b + 1 = {n}, so n_b = {n - 1}); one-to-one for offsets < {per_dir // 2}; "
-              f"final bucket from offset {scheme.flat_beyond}")
-        if bi:
-            print(f"  bidirectional: {per_dir} buckets per direction; keys after the query (j > i) add {per_dir}")
-        print("  bucket  offsets i-j (keys at or before the query)")
-        for bucket, lo, hi in bucket_table(n, d, bi):
-            rng = f"{lo}" if hi == lo else (f"{lo}-{hi}" if hi is not None else f">= {lo}")
-            count = "" if hi is None else f"  ({hi - lo + 1})"
-            print(f"  {bucket:>6}  {rng}{count}")
-        return
-    pos_dist = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
-    if scheme.family != "additive":
-        print(f"  family {scheme.family!r}: no attention bias to tabulate")
-        return
-    from .plot import bias_versus_distance
-
-    b = bias_versus_distance(scheme, torch.tensor(pos_dist))
-    print("  bias by distance i-j (rows: heads)" + (" — learnable, values at initialisation" if scheme.learnable else ""))
-    print("  head " + "".join(f"{d:>9}" for d in pos_dist))
-    for h in range(b.shape[0]):
-        print(f"  {h:>4} " + "".join(f"{x + 0.0:>9.3f}" for x in b[h].tolist()))
+    except ValueError as exc:
+        raise _scheme_error(args.scheme, exc) from None
+    used = {**{k: s.default for k, s in specs.items()}, **options}
+    say(f"{scheme.name}: {scheme.summary}")
+    say(f"  {scheme.__class__.__name__}({scheme.extra_repr()})")
+    say("  options in use: " + (", ".join(f"{k}={v}" for k, v in used.items()) or "none")
+        + (f"; initialised with --seed {args.seed}" if scheme.learnable else ""))
+    say(f"  paper: {scheme.paper}")
+    for line in scheme.describe():
+        say("  " + line)
 
 
 # -- plot -------------------------------------------------------------------------------------
-def _describe_for_plot(scheme) -> str:
-    """What a drawn bias is: fixed, an illustrative table, or learnable values at initialisation."""
-    if not scheme.learnable:
-        return "fixed"
-    return "illustrative table" if hasattr(scheme, "table") else "at initialisation"
+def add_plot_parser(sub: argparse._SubParsersAction) -> None:
+    additive = [name for name, cls in SCHEMES.items() if cls.family == "additive"]
+    p = sub.add_parser("plot", help="write PNGs: bucket maps, bias heatmaps, curves, T5 vs ALiBi",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="plots", help="output folder")
+    p.add_argument("--schemes", nargs="+", default=additive, help="schemes to draw (default: every additive one)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--length", type=int, default=64, help="tokens in the heatmaps")
+    p.add_argument("--num-buckets", type=int, default=32, help="of the T5 bucket maps")
+    p.add_argument("--max-distance", type=int, default=128, help="of the T5 bucket maps")
+    p.add_argument("--max-plot-distance", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="seed of the learnable schemes' initialisation")
+    p.set_defaults(func=cmd_plot)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from . import plot, store
+    from . import plot
 
     out = store.check_out_dir(args.out)
     torch.manual_seed(args.seed)
-    heads, hd = args.heads, args.head_dim
-    schemes = [build(n, n_heads=heads, head_dim=hd) for n in args.schemes]
+    schemes = [build(n, n_heads=args.heads, head_dim=args.head_dim) for n in args.schemes]
     drawn = [s for s in schemes if s.family == "additive"]
     skipped = [s for s in schemes if s.family != "additive"]
     if skipped:
         say("skipping " + ", ".join(f"{s.name} ({s.family}: no attention bias to draw)" for s in skipped))
-    for s in drawn:  # learned tables start at 0: draw an illustrative table (u = −log(1 + index) · head factor)
-        if hasattr(s, "table"):
-            with torch.no_grad():
-                idx = torch.arange(s.table.shape[0], dtype=torch.float32)[:, None]
-                s.table.copy_(-torch.log1p(idx) * torch.linspace(0.5, 2.0, heads)[None, :])
+    what = {s.name: s.illustrate_() for s in drawn}  # table schemes start at 0: an illustrative table
     written = [
         plot.plot_bucket_map(out / "t5_bucket_map.png", num_buckets=args.num_buckets, max_distance=args.max_distance),
         plot.plot_bucket_map(out / "t5_bucket_map_bidirectional.png", num_buckets=args.num_buckets,
@@ -191,11 +178,11 @@ def cmd_plot(args: argparse.Namespace) -> None:
     ]
     for s in drawn:
         written.append(plot.plot_bias_heatmaps(s, out / f"heatmap_{s.name}.png", length=args.length,
-                                               note=f" — {_describe_for_plot(s)}"))
+                                               note=f" — {what[s.name]}"))
     if drawn:
-        what = "; ".join(f"{s.name} {_describe_for_plot(s)}" for s in drawn)
+        title = "bias versus distance (" + "; ".join(f"{n} {w}" for n, w in what.items()) + ")"
         written.append(plot.plot_bias_curves(drawn, out / "bias_vs_distance.png", max_distance=args.max_plot_distance,
-                                             title=f"bias versus distance ({what})"))
+                                             title=title))
     for p in written:
         say(str(p))
 
@@ -206,15 +193,29 @@ PRESET_NOTES = {
     "cpu": "the longer CPU protocol, about 1 h per seed on a 2-core CPU",
     "gpu": "larger models, 3 seeds, for a CUDA device (about 25 min on an H100)",
 }
+STUDY_FIELDS = ("schemes", "train_len", "eval_lens", "steps", "batch_size", "lr", "pos_lr_mult", "d_model",
+                "n_layers", "n_heads", "seeds", "eval_tokens", "threads", "device")
 
 
-def add_extrapolate_arguments(p: argparse.ArgumentParser) -> None:
-    from .extrapolate import DEFAULT_SCHEMES, PRESETS, StudyConfig
+def add_extrapolate_parser(sub: argparse._SubParsersAction) -> None:
+    from .study import PRESETS, StudyConfig, default_schemes
 
+    presets = "\n".join(f"  {name:<5} {PRESET_NOTES.get(name, '')}\n        " + ", ".join(
+        f"{k}={' '.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in cfg.items())
+        for name, cfg in PRESETS.items())
+    p = sub.add_parser(
+        "extrapolate", help="train short, test long: the length-generalization study",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="presets (flags override them):\n" + presets,
+        description="Train one small byte-level LM per scheme (and seed) at --train-len, then score every model on "
+                    "the same validation tokens at each --eval-lens. Writes into --out: results.md (tables with 95%% "
+                    "intervals), results.json (one record per scheme, seed and length), ppl_vs_length.png, "
+                    "loss_vs_position.png, learned_bias_vs_distance.png, and models/<label>-seed<N>-<key>/ (final/ "
+                    "weights, last/ checkpoint with optimizer state, eval-<key>.json). Re-running continues an "
+                    "interrupted run and reuses what was made with exactly the same settings.")
     d = StudyConfig()
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration; flags override it")
     p.add_argument("--schemes", nargs="+", metavar="SCHEME",
-                   help=f"scheme labels, NAME or NAME@KEY=VALUE[,KEY=VALUE] (default: {' '.join(DEFAULT_SCHEMES)})")
+                   help=f"scheme labels, NAME or NAME@KEY=VALUE[,KEY=VALUE] (default: {' '.join(default_schemes())})")
     p.add_argument("--scheme-option", action="append", default=[], metavar="SCHEME.KEY=VALUE",
                    help="a scheme option for every label of that scheme, e.g. t5.max_distance=64 (repeatable)")
     p.add_argument("--train-len", type=int, help=f"training length L (default {d.train_len})")
@@ -238,23 +239,14 @@ def add_extrapolate_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep each model's last/ checkpoint (optimizer state, about 2/3 of a model folder) after "
                         "final/ exists; --no-keep-last deletes it (default: keep)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+    p.set_defaults(func=cmd_extrapolate)
 
 
 def study_config(args: argparse.Namespace):
-    from .extrapolate import PRESETS, StudyConfig
-    from .schemes import parse_options
+    from .study import PRESETS, StudyConfig
 
     values: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
-    for name in ("schemes", "train_len", "eval_lens", "steps", "batch_size", "lr", "pos_lr_mult", "d_model",
-                 "n_layers", "n_heads", "seeds", "eval_tokens", "threads", "device"):
+    for name in STUDY_FIELDS:
         v = getattr(args, name, None)
         if v is not None:
             values[name] = tuple(v) if isinstance(v, list) else v
@@ -274,11 +266,18 @@ def study_config(args: argparse.Namespace):
     return StudyConfig(**values)
 
 
-def cmd_extrapolate(args: argparse.Namespace) -> None:
-    import time
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def cmd_extrapolate(args: argparse.Namespace) -> None:
     from .data import load_corpus
-    from .extrapolate import run_study
+    from .report import study as report
+    from .study import run_study
 
     cfg = study_config(args)
     out = Path(args.out)
@@ -291,7 +290,9 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
         f"on {cfg.threads} threads; models already made with these settings are reused (the demo preset takes "
         "about 40 s per model on a 2-core CPU)")
     t0 = time.perf_counter()
-    run_study(cfg, out, corpus=corpus, progress=not args.quiet, keep_last=args.keep_last, log=say)
+    with store.FolderLock(out):
+        result = run_study(cfg, out, corpus=corpus, progress=not args.quiet, keep_last=args.keep_last, log=say)
+        report.write(result, out, log=say)
     say()
     say((out / "results.md").read_text())
     say(f"done in {time.perf_counter() - t0:.0f} s. Written to {out}/:")
@@ -304,65 +305,106 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
                                                             "(optimizer state; --no-keep-last prunes them)" if last else ""))
 
 
+# -- retrofit ---------------------------------------------------------------------------------
+def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
+    from .retrofit import METHODS
+
+    p = sub.add_parser("retrofit", help="extend a trained model to a longer context (RoPE scalings, T5 max_distance, "
+                       "swap to ALiBi/T5), before/after table; --compare for the decision table",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a posbias checkpoint folder (e.g. runs/demo/models/rope-seed0-<key>/final)")
+    p.add_argument("--to", type=int, required=True, help="the target context length")
+    p.add_argument("--method", "--methods", dest="methods", nargs="+", choices=sorted(METHODS), metavar="METHOD",
+                   help=f"one or more of: {', '.join(METHODS)} (default with --compare: every method that fits)")
+    p.add_argument("--compare", action="store_true",
+                   help="the decision table: every fitting method, passkey accuracy, extra parameters, attention cost")
+    p.add_argument("--finetune-steps", type=int, default=0, help="language-model fine-tune at --to after each method")
+    p.add_argument("--finetune-batch", type=int, default=4)
+    p.add_argument("--finetune-lr", type=float, default=3e-4)
+    p.add_argument("--eval-lens", type=int, nargs="+", help="default: L, 2L, 4L … up to --to")
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--passkey-steps", type=int, default=600, help="passkey fine-tune steps (with --compare)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data", help="a local text file or folder instead of the embedded default")
+    p.add_argument("--out", help="default: runs/retrofit-<checkpoint name>")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_retrofit)
+
+
+def cmd_retrofit(args: argparse.Namespace) -> None:
+    from . import checkpoint as ckpt
+    from .data import load_corpus
+    from .report import retrofit as report
+    from .retrofit import RetrofitConfig, methods_for, run_retrofit
+
+    check_device(args.device)
+    ckpt.require(args.checkpoint)
+    scheme = ckpt.read_meta(args.checkpoint)["model"]["scheme"]
+    methods = args.methods or (methods_for(scheme) if args.compare else None)
+    if not methods:
+        raise CLIError(f"give --method (for a {scheme} checkpoint: {', '.join(methods_for(scheme)) or 'none'}) "
+                       "or --compare")
+    cfg = RetrofitConfig(to=args.to, methods=tuple(methods), finetune_steps=args.finetune_steps,
+                         finetune_batch=args.finetune_batch, finetune_lr=args.finetune_lr,
+                         eval_lens=tuple(args.eval_lens) if args.eval_lens else None, eval_tokens=args.eval_tokens,
+                         compare=args.compare, passkey_steps=args.passkey_steps, device=args.device)
+    out = Path(args.out or f"runs/retrofit-{Path(args.checkpoint).resolve().parent.name}")
+    corpus = load_corpus(args.data)
+    t0 = time.perf_counter()
+    with store.FolderLock(out):
+        result = run_retrofit(args.checkpoint, cfg, out, corpus=corpus, progress=not args.quiet, log=say)
+        report.write(result, out, log=say)
+    say()
+    say((out / "results.md").read_text())
+    say(f"done in {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}, plot {out / 'ppl_vs_length.png'}")
+
+
+# -- diagnose ---------------------------------------------------------------------------------
+def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diagnose", help="report why a checkpoint does (not) generalise: loss by position, "
+                       "attention distance, buckets/reach, passkey", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a posbias checkpoint folder")
+    p.add_argument("--length", type=int, help="window examined (default 8 × the training length)")
+    p.add_argument("--windows", type=int, default=4, help="validation windows for the attention statistics")
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--passkey-steps", type=int, default=600, help="0 skips the passkey test")
+    p.add_argument("--passkey-samples", type=int, default=24)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data", help="a local text file or folder instead of the embedded default")
+    p.add_argument("--out", help="default: runs/diagnose-<checkpoint name>")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_diagnose)
+
+
+def cmd_diagnose(args: argparse.Namespace) -> None:
+    from . import checkpoint as ckpt
+    from .data import load_corpus
+    from .diagnose import DiagnoseConfig, run_diagnose
+    from .report import diagnose as report
+
+    check_device(args.device)
+    ckpt.require(args.checkpoint)
+    cfg = DiagnoseConfig(length=args.length, windows=args.windows, eval_tokens=args.eval_tokens,
+                         passkey_steps=args.passkey_steps, passkey_samples=args.passkey_samples, device=args.device)
+    out = Path(args.out or f"runs/diagnose-{Path(args.checkpoint).resolve().parent.name}")
+    t0 = time.perf_counter()
+    with store.FolderLock(out):
+        result = run_diagnose(args.checkpoint, cfg, corpus=load_corpus(args.data), progress=not args.quiet, log=say)
+        report.write(result, out, log=say)
+    say(f"done in {time.perf_counter() - t0:.0f} s; report {out / 'report.md'}")
+
+
 # -- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .extrapolate import PRESETS
-    from .schemes import option_specs
-
-    p = argparse.ArgumentParser(prog="posbias", description="Relative positional biases for attention.")
+    p = _Parser(prog="posbias", description="Relative positional biases for attention.")
     p.add_argument("--version", action="version", version=f"posbias {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-
-    sub.add_parser("list", help="the registered schemes, one line each")
-
-    options = "\n".join(
-        f"  {name:<13} " + (", ".join(f"--{k.replace('_', '-')} ({spec.describe()}, default {spec.default})"
-                                       for k, spec in option_specs(cls).items()) or "no options")
-        for name, cls in SCHEMES.items())
-    s = sub.add_parser("show", help="a scheme's parameters; for t5 the bucket table",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Scheme options follow as flags, e.g. posbias show t5 --num-buckets 32 "
-                                   "--max-distance 128.", epilog="scheme options:\n" + options)
-    s.add_argument("scheme", help="a registered scheme name (see `posbias list`)")
-    s.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
-    s.add_argument("--head-dim", type=int, default=64, help="head dimension (default 64)")
-    s.add_argument("--seed", type=int, default=0, help="seed of a learnable scheme's initial values (default 0)")
-
-    pl = sub.add_parser("plot", help="write PNGs: bucket maps, bias heatmaps, curves, T5 vs ALiBi", formatter_class=fmt)
-    pl.add_argument("--out", default="plots", help="output folder")
-    pl.add_argument("--schemes", nargs="+", default=["offset", "t5", "alibi", "kerple-log", "kerple-power", "fire"])
-    pl.add_argument("--heads", type=int, default=8)
-    pl.add_argument("--head-dim", type=int, default=64)
-    pl.add_argument("--length", type=int, default=64, help="tokens in the heatmaps")
-    pl.add_argument("--num-buckets", type=int, default=32)
-    pl.add_argument("--max-distance", type=int, default=128)
-    pl.add_argument("--max-plot-distance", type=int, default=512)
-    pl.add_argument("--seed", type=int, default=0, help="seed of the learnable schemes' initialisation")
-
-    presets = "\n".join(f"  {name:<5} {PRESET_NOTES[name]}\n        " + ", ".join(
-        f"{k}={' '.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in cfg.items()) for name, cfg in PRESETS.items())
-    add_extrapolate_arguments(sub.add_parser(
-        "extrapolate", help="train short, test long: the length-generalization study",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train one small byte-level LM per scheme (and seed) at --train-len, then score every model on "
-                    "the same validation tokens at each --eval-lens. Writes into --out: results.md (tables with 95%% "
-                    "intervals), results.json (one record per scheme, seed and length), ppl_vs_length.png, "
-                    "loss_vs_position.png, learned_bias_vs_distance.png, and models/<label>-seed<N>-<key>/ (final/ "
-                    "weights, last/ checkpoint with optimizer state, eval-<key>.json). Re-running continues an "
-                    "interrupted run and reuses what was made with exactly the same settings.",
-        epilog="presets (flags override them):\n" + presets))
-
-    from .retrofit import add_arguments as add_retrofit
-
-    add_retrofit(sub.add_parser("retrofit", help="extend a trained model to a longer context (RoPE scalings, "
-                                "T5 max_distance, swap to ALiBi/T5), before/after table; --compare for the decision table"))
-
-    from .diagnose import add_arguments as add_diagnose
-
-    add_diagnose(sub.add_parser("diagnose", help="report why a checkpoint does (not) generalise: loss by position, "
-                                "attention distance, buckets/reach, passkey"))
+    sub.add_parser("list", help="the registered schemes, one line each").set_defaults(func=cmd_list)
+    add_show_parsers(sub)
+    add_plot_parser(sub)
+    add_extrapolate_parser(sub)
+    add_retrofit_parser(sub)
+    add_diagnose_parser(sub)
     return p
 
 
@@ -370,45 +412,48 @@ def _check_common(args: argparse.Namespace) -> None:
     for flag in ("heads", "head_dim", "length", "max_plot_distance"):
         v = getattr(args, flag, None)
         if v is not None and v < 1:
-            raise CLIError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+            raise CLIError(f"{_flag(flag)} must be >= 1, got {v}")
     for name in getattr(args, "schemes", None) or []:
         parse_spec(name)
+    out = getattr(args, "out", None)
+    if out is not None:
+        store.check_out_dir(out)
+
+
+def _flag_of(parser: argparse.ArgumentParser, argv: Sequence[str], field: str) -> str:
+    """The flag of config field ``field`` in the subcommand's parser (the field itself if none)."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    command = sub.choices.get(argv[0]) if sub and argv else None
+    for action in (command._actions if command else []):
+        if action.dest == field and action.option_strings:
+            return max(action.option_strings, key=len) if field != "methods" else "--method"
+    return field
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    command = argv[0] if argv else "posbias"
     try:
-        if extra and args.command != "show":
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            if command == "show":
+                valid = ", ".join(_flag(k) for k in option_specs(get_scheme_class(args.scheme))) or "none"
+                raise CLIError(f"scheme {args.scheme!r} has no option {extra[0]}; valid: {valid}")
             raise CLIError(f"unrecognized arguments: {' '.join(extra)}")
         _check_common(args)
-        if args.command == "list":
-            cmd_list(args)
-        elif args.command == "show":
-            get_scheme_class(args.scheme)
-            cmd_show(args, extra)
-        elif args.command == "plot":
-            cmd_plot(args)
-        elif args.command == "extrapolate":
-            cmd_extrapolate(args)
-        elif args.command == "retrofit":
-            from .retrofit import run_from_args as run_retrofit
-
-            check_device(args.device)
-            run_retrofit(args, say=say)
-        elif args.command == "diagnose":
-            from .diagnose import run_from_args as run_diagnose
-
-            check_device(args.device)
-            run_diagnose(args, say=say)
+        args.func(args)
+    except ConfigError as exc:
+        print(f"posbias {command}: error: {_flag_of(parser, argv, exc.field)} {exc.problem}", file=sys.stderr)
+        return 2
     except (CLIError, ValueError, FileNotFoundError) as exc:
-        print(f"posbias {args.command}: error: {exc}", file=sys.stderr)
+        print(f"posbias {command}: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly, no traceback
         sys.stdout = open(os.devnull, "w")
         return 0
     except KeyboardInterrupt:
-        print(f"\nposbias {args.command}: interrupted (finished work is saved; re-run to resume)", file=sys.stderr)
+        print(f"\nposbias {command}: interrupted (finished work is saved; re-run to resume)", file=sys.stderr)
         return 130
     return 0
 

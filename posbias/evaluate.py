@@ -1,4 +1,4 @@
-"""Perplexity at many lengths (SPEC §3.3): non-overlapping or sliding windows, loss by position.
+"""Perplexity at many lengths: non-overlapping or sliding windows, loss by position.
 
 Every length is scored on the same first ``max_tokens`` tokens of the split, so the numbers are
 comparable across lengths. Bits per byte = loss / ln 2 (the vocabulary is bytes).

@@ -1,6 +1,7 @@
 """A short fine-tuning loop for an in-memory model (retrofits, passkey training).
 
-AdamW with a linear warm-up over the first 10% of steps and cosine decay to 10%, gradient
+AdamW on the trainer's schedule (:func:`posbias.train.lr_at`: linear warm-up over the first 10% of
+steps, cosine decay to 10%), gradient
 clipping at 1, a progress bar with the loss. The full trainer with checkpoints and resume is
 :func:`posbias.train.train`; fine-tunes here are minutes long and their results are checkpointed
 by the commands that run them.
@@ -8,12 +9,13 @@ by the commands that run them.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from .train import lr_at
 
 
 def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Callable[[nn.Module, Tensor], Tensor],
@@ -30,10 +32,8 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
     model.train()
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
-        scale = (step + 1) / warm if step < warm else \
-            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
         for g in opt.param_groups:
-            g["lr"] = lr * scale
+            g["lr"] = lr_at(step, lr=lr, steps=steps, warmup=warm, min_ratio=0.1)
         loss = loss_fn(model, batch_fn(step))
         opt.zero_grad(set_to_none=True)
         loss.backward()

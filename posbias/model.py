@@ -12,14 +12,14 @@ which is how Raffel et al. fold the attention scaling into the initialisation.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .attention import attention
+from .attention import attention, attention_probs
 from .schemes import Scheme, build
 
 
@@ -65,7 +65,8 @@ class Attention(nn.Module):
             with torch.no_grad():
                 self.qkv.weight[: cfg.d_model].mul_(1.0 / math.sqrt(cfg.head_dim))
 
-    def forward(self, x: Tensor, scheme: Scheme, pos: Tensor, cache: dict | None = None) -> Tensor:
+    def forward(self, x: Tensor, scheme: Scheme, pos: Tensor, cache: dict | None = None,
+                on_probs: Callable[[Tensor], None] | None = None) -> Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k_pos = pos
@@ -76,6 +77,8 @@ class Attention(nn.Module):
                 k_pos = torch.cat([cache["pos"], pos])
             cache.update(k=k, v=v, pos=k_pos)
         y = attention(q, k, v, scheme, causal=True, q_pos=pos, k_pos=k_pos, backend=self.backend)
+        if on_probs is not None:
+            on_probs(attention_probs(q, k, scheme, causal=True, q_pos=pos, k_pos=k_pos))
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -88,8 +91,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model), nn.GELU(),
                                  nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model))
 
-    def forward(self, x: Tensor, scheme: Scheme, pos: Tensor, cache: dict | None = None) -> Tensor:
-        x = x + self.attn(self.ln1(x), scheme, pos, cache)
+    def forward(self, x: Tensor, scheme: Scheme, pos: Tensor, cache: dict | None = None,
+                on_probs: Callable[[Tensor], None] | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), scheme, pos, cache, on_probs)
         return x + self.mlp(self.ln2(x))
 
 
@@ -104,20 +108,45 @@ class TransformerLM(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
 
-    def forward(self, idx: Tensor, *, start: int = 0, caches: list[dict] | None = None) -> Tensor:
-        """Logits ``[batch, len, vocab]`` for tokens at positions ``start … start+len−1``."""
+    def forward(self, idx: Tensor, *, start: int = 0, caches: list[dict] | None = None,
+                on_attention: Callable[[int, Tensor], None] | None = None) -> Tensor:
+        """Logits ``[batch, len, vocab]`` for tokens at positions ``start … start+len−1``.
+
+        ``on_attention(layer, probs)`` (optional) receives each layer's attention probabilities
+        ``[batch, heads, len, keys]`` as the forward pass computes them (dense reference math, so
+        O(len²) memory per layer; for diagnosis, not training)."""
         pos = torch.arange(start, start + idx.shape[1], device=idx.device)
         x = self.embed(idx)
         absolute = self.scheme.embed(pos, self.cfg.d_model)
         if absolute is not None:
             x = x + absolute.to(x.dtype)
         for n, block in enumerate(self.blocks):
-            x = block(x, self.scheme, pos, None if caches is None else caches[n])
+            hook = None if on_attention is None else (lambda p, n=n: on_attention(n, p))
+            x = block(x, self.scheme, pos, None if caches is None else caches[n], hook)
         return self.head(self.ln_f(x))
 
     def loss(self, idx: Tensor, targets: Tensor, *, reduction: str = "mean") -> Tensor:
         logits = self(idx)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+    def with_scheme(self, scheme: str, options: dict[str, Any]) -> "TransformerLM":
+        """A new model with this model's weights and another positional scheme (or the same scheme
+        with other options). When the scheme name is unchanged its learned state (a T5 table, FIRE's
+        MLP) is kept; a new scheme starts from its own initialisation. When the attention scale
+        changes (T5 is unscaled), the query weights absorb the ratio so ``scale · q·k`` is unchanged."""
+        cfg = replace(self.cfg, scheme=scheme, scheme_options=dict(options))
+        new = TransformerLM(cfg).to(next(self.parameters()).device)
+        for name, child in self.named_children():
+            if name != "scheme":
+                getattr(new, name).load_state_dict(child.state_dict())
+        if scheme == self.cfg.scheme:
+            new.scheme.load_state_dict(self.scheme.state_dict())
+        if new.scheme.unscaled != self.scheme.unscaled:
+            ratio = new.scheme.default_scale() / self.scheme.default_scale()
+            with torch.no_grad():
+                for block in new.blocks:
+                    block.attn.qkv.weight[: cfg.d_model].div_(ratio)
+        return new
 
     def positional_parameters(self) -> list[nn.Parameter]:
         """The scheme's learnable parameters (T5/offset tables, KERPLE r1/r2, FIRE's MLP, c and L):

@@ -11,11 +11,12 @@ from typing import Sequence
 
 import torch
 
-from .schemes import Scheme, ToeplitzScheme, t5_bucket
+from .schemes import Scheme, t5_bucket
 from .schemes.t5 import check_t5
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or ValueError naming the extra to install."""
     try:
         import matplotlib
     except ImportError:  # pragma: no cover - exercised only without the extra
@@ -26,7 +27,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (folders created), close it, return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -40,7 +42,7 @@ def plot_bucket_map(path: str | Path, *, num_buckets: int = 32, max_distance: in
                     bidirectional: bool = False, span: int | None = None) -> Path:
     """Bucket index against offset ``i − j``: one-to-one, then logarithmic, then the final bucket."""
     check_t5(num_buckets, max_distance, bidirectional)
-    plt = _pyplot()
+    plt = pyplot()
     span = span or 2 * max_distance
     lo = -span if bidirectional else 0
     off = torch.arange(lo, span + 1)
@@ -61,7 +63,7 @@ def plot_bucket_map(path: str | Path, *, num_buckets: int = 32, max_distance: in
     ax.set_yticks(range(0, num_buckets, max(1, num_buckets // 8)))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right" if not bidirectional else "upper left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _causal_view(bias: torch.Tensor) -> torch.Tensor:
@@ -74,7 +76,7 @@ def plot_bias_heatmaps(scheme: Scheme, path: str | Path, *, length: int = 64, ca
                        max_heads: int = 8, note: str = "") -> Path:
     """Per-head ``[length, length]`` heatmaps of ``PE(i, j)`` on **one colour scale** for the whole
     figure (so heads with different slopes look different); masked pairs are left blank."""
-    plt = _pyplot()
+    plt = pyplot()
     pos = torch.arange(length)
     with torch.no_grad():
         bias = scheme.bias(pos, pos)
@@ -104,18 +106,7 @@ def plot_bias_heatmaps(scheme: Scheme, path: str | Path, *, length: int = 64, ca
     fig.tight_layout(rect=(0, 0, 0.9, 1))
     cax = fig.add_axes((0.92, 0.15, 0.015, 0.7))
     fig.colorbar(im, cax=cax, label="bias (one scale for all heads)")
-    return _save(fig, path)
-
-
-def bias_versus_distance(scheme: Scheme, distances: torch.Tensor, *, query_pos: int | None = None) -> torch.Tensor:
-    """``[heads, len(distances)]`` bias at offsets ``i − j = distances``; FIRE needs a query position
-    (default: the largest distance, i.e. keys down to position 0)."""
-    with torch.no_grad():
-        if isinstance(scheme, ToeplitzScheme):
-            return scheme.bias_at(distances).float()
-        i = int(distances.max()) if query_pos is None else query_pos
-        q_pos = torch.tensor([i])
-        return scheme.bias(q_pos, i - distances)[:, 0, :].float()
+    return save_figure(fig, path)
 
 
 def plain_log_ticks(ax, axis: str = "y") -> None:
@@ -138,7 +129,7 @@ def plot_bias_curves(schemes: Sequence[Scheme], path: str | Path, *, max_distanc
                      log_distance: bool = False) -> Path:
     """One panel per scheme, one line per head: ``PE`` against the distance ``i − j`` (``log_distance``:
     symlog axis, so distances 0–64 are not squeezed into a corner of a linear axis to 1024)."""
-    plt = _pyplot()
+    plt = pyplot()
     keep = [n for n, s in enumerate(schemes) if s.family == "additive"]
     names = [(names[n] if names else schemes[n].name) for n in keep]
     schemes = [schemes[n] for n in keep]
@@ -150,7 +141,7 @@ def plot_bias_curves(schemes: Sequence[Scheme], path: str | Path, *, max_distanc
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
     for n, s in enumerate(schemes):
         ax = axes[n // cols][n % cols]
-        b = bias_versus_distance(s, d)
+        b = s.bias_by_distance(d)
         cmap = plt.get_cmap("plasma")
         for h in range(b.shape[0]):
             ax.plot(d.numpy(), b[h].numpy(), color=cmap(h / max(1, b.shape[0] - 1) * 0.9), lw=1.2,
@@ -167,13 +158,13 @@ def plot_bias_curves(schemes: Sequence[Scheme], path: str | Path, *, max_distanc
         axes[n // cols][n % cols].axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_t5_vs_alibi(path: str | Path, *, length: int = 16, num_buckets: int = 8, max_distance: int = 12,
                      slope: float = 0.5) -> Path:
     """The textbook's side-by-side: which T5 parameter ``u_b`` each pair uses, and ALiBi's penalty."""
-    plt = _pyplot()
+    plt = pyplot()
     pos = torch.arange(length)
     off = pos[:, None] - pos[None, :]
     buckets = _causal_view(t5_bucket(off, num_buckets=num_buckets, max_distance=max_distance).float()[None])[0]
@@ -197,4 +188,4 @@ def plot_t5_vs_alibi(path: str | Path, *, length: int = 16, num_buckets: int = 8
     fig.colorbar(im2, ax=a2, fraction=0.046, pad=0.04, label="bias")
     fig.suptitle("T5 bucketed bias (learned, shared per bucket) vs ALiBi (fixed linear penalty)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

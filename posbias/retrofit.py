@@ -1,4 +1,4 @@
-"""Retrofit a trained model to a longer context (SPEC §2.6 scalings; the textbook's long-context case).
+"""Retrofit a trained model to a longer context: RoPE scalings, T5 ``max_distance``, scheme swaps.
 
 A checkpoint trained at length ``L`` must serve ``to`` tokens (``factor = to / L``). Methods:
 
@@ -9,23 +9,22 @@ A checkpoint trained at length ``L`` must serve ``to`` tokens (``factor = to / L
   bucket now covers longer distances: the buckets *move*, see :func:`bucket_remap`);
 * any checkpoint: ``swap-alibi`` and ``swap-t5`` replace the scheme by a fresh ALiBi bias or a fresh
   T5 table (canonical 32 buckets, ``max_distance`` 128) and need the fine-tune. T5's logits are unscaled, so
-  swapping to it folds ``1/√head_dim`` into the query weights (the model's function is unchanged
-  before fine-tuning, apart from the new bias).
+  swapping to it folds ``1/√head_dim`` into the query weights (:meth:`TransformerLM.with_scheme`).
 
 Each method can be followed by ``finetune_steps`` of language modelling at the new length.
-:func:`run_retrofit` writes the before/after perplexity table and plot; with ``compare=True`` it
-adds the decision table of the case study: perplexity at L and 4L–16L, near-range perplexity,
-passkey accuracy, extra parameters and relative attention cost.
+
+Shape: :class:`RetrofitConfig` → :func:`run_retrofit` (evaluations, fine-tunes and passkey runs are
+cached under a key of everything that made them) → :class:`RetrofitResult` →
+:mod:`posbias.report.retrofit` (before/after table, with ``compare`` the decision table: perplexity
+at L and beyond, passkey accuracy, extra parameters, relative attention cost).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,11 +33,14 @@ import torch
 from . import checkpoint as ckpt
 from . import store
 from . import passkey
+from .config import ConfigError, Log, check_count, check_rate, quiet
 from .data import Corpus, batch_at
 from .evaluate import evaluate_length
 from .finetune import finetune
 from .model import ModelConfig, TransformerLM
 from .schemes.t5 import t5_bucket
+
+Target = Callable[[ModelConfig, int, float], tuple[str, dict[str, Any]]]  # (cfg, L, factor) → scheme, options
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,12 @@ class Method:
     name: str
     summary: str
     source: str | None  # the scheme a checkpoint must have (None: any)
-    target: Callable[[ModelConfig, int, float], tuple[str, dict[str, Any]]]  # (cfg, L, factor) → scheme, options
+    target: Target
+    #: optional table of what the method changes, (before, after, L, to) → rows for the report
+    explain: Callable[[TransformerLM, TransformerLM, int, int], list[tuple[int, int, int]]] | None = None
 
 
-def _rope(scaling: str) -> Callable[[ModelConfig, int, float], tuple[str, dict[str, Any]]]:
+def _rope(scaling: str) -> Target:
     def target(cfg: ModelConfig, train_len: int, factor: float) -> tuple[str, dict[str, Any]]:
         return "rope", {**cfg.scheme_options, "scaling": scaling, "factor": factor, "train_len": train_len}
     return target
@@ -60,12 +64,20 @@ def _t5_distance(cfg: ModelConfig, train_len: int, factor: float) -> tuple[str, 
     return "t5", {**cfg.scheme_options, "max_distance": int(round(md * factor))}
 
 
+def _t5_moves(before: TransformerLM, after: TransformerLM, train_len: int, to: int) -> list[tuple[int, int, int]]:
+    """Where distances land before and after a ``max_distance`` change (the learned table is kept)."""
+    dists = sorted({1, 8, 16, 32, train_len // 2, train_len, 2 * train_len, to // 2, to})
+    s0, s1 = before.scheme, after.scheme
+    return bucket_remap(s0.num_buckets, s0.max_distance, s1.max_distance, dists)
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("pi", "RoPE position interpolation: positions × L/target", "rope", _rope("pi")),
     Method("ntk", "RoPE base scaling (NTK-aware): base × factor^(d/(d−2))", "rope", _rope("ntk")),
     Method("dynamic-ntk", "NTK scaling whose factor grows with the context length", "rope", _rope("dynamic-ntk")),
     Method("yarn", "YaRN: per-frequency interpolation + attention temperature", "rope", _rope("yarn")),
-    Method("t5-distance", "T5 with max_distance × factor (the learned buckets move)", "t5", _t5_distance),
+    Method("t5-distance", "T5 with max_distance × factor (the learned buckets move)", "t5", _t5_distance,
+           _t5_moves),
     Method("swap-alibi", "replace the scheme by ALiBi (fixed slopes), then fine-tune", None,
            lambda cfg, L, f: ("alibi", {})),
     Method("swap-t5", "replace the scheme by a fresh T5 bias (32 buckets, max_distance 128), then fine-tune",
@@ -95,20 +107,8 @@ def retrofit_model(model: TransformerLM, method: str, *, train_len: int, to: int
     if why:
         raise ValueError(why)
     if to <= train_len:
-        raise ValueError(f"--to must exceed the training length {train_len}, got {to}")
-    scheme, options = METHODS[method].target(model.cfg, train_len, to / train_len)
-    cfg = replace(model.cfg, scheme=scheme, scheme_options=options)
-    new = TransformerLM(cfg)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("scheme.")}
-    keep = {k: v for k, v in model.state_dict().items() if k.startswith("scheme.")} if scheme == model.cfg.scheme else {}
-    missing, unexpected = new.load_state_dict({**state, **keep}, strict=False)
-    assert not unexpected and all(k.startswith("scheme.") for k in missing), (missing, unexpected)
-    if new.scheme.unscaled != model.scheme.unscaled:  # keep scale·q·k unchanged across the swap
-        ratio = new.scheme.default_scale() / model.scheme.default_scale()
-        with torch.no_grad():
-            for block in new.blocks:
-                block.attn.qkv.weight[: cfg.d_model].div_(ratio)
-    return new.to(next(model.parameters()).device)
+        raise ConfigError("to", f"must exceed the training length {train_len}, got {to}")
+    return model.with_scheme(*METHODS[method].target(model.cfg, train_len, to / train_len))
 
 
 def bucket_remap(num_buckets: int, old_max: int, new_max: int, distances: list[int]) -> list[tuple[int, int, int]]:
@@ -147,37 +147,90 @@ def _relative_cost(model: TransformerLM, base: TransformerLM, length: int, devic
 
 @dataclass(frozen=True)
 class RetrofitConfig:
+    to: int  # the target context length (> the checkpoint's training length)
+    methods: tuple[str, ...]  # names in METHODS that fit the checkpoint's scheme
+    finetune_steps: int = 0  # language-model fine-tune at `to` after each method (0: none)
+    finetune_batch: int = 4  # sequences per fine-tune step
+    finetune_lr: float = 3e-4  # peak fine-tune learning rate
+    eval_lens: tuple[int, ...] | None = None  # default: L, 2L, 4L … up to `to`
+    eval_tokens: int = 8192  # validation tokens scored at each length
+    compare: bool = False  # the decision table: passkey accuracy and attention cost too
+    passkey_steps: int = 600  # passkey fine-tune steps of a copy (with compare)
+    passkey_samples: int = 32  # passkey samples per (length, depth) cell
+    device: str = "cpu"  # cpu or cuda[:N]
+    seed: int = 0  # seed of the fine-tune batches and the passkey training
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ConfigError("methods", "must name at least one method")
+        for m in self.methods:
+            if m not in METHODS:
+                raise ConfigError("methods", f"has unknown method {m!r}; valid: {', '.join(METHODS)}")
+        for name in ("to", "finetune_batch", "eval_tokens", "passkey_samples"):
+            check_count(name, getattr(self, name))
+        for name in ("finetune_steps", "passkey_steps"):
+            check_count(name, getattr(self, name), minimum=0)
+        check_rate("finetune_lr", self.finetune_lr)
+        for n in self.eval_lens or ():
+            check_count("eval_lens", n)
+
+
+@dataclass
+class RetrofitResult:
+    """One row per (method, stage): perplexity by length, extra parameters, and with ``compare``
+    passkey accuracy and attention cost; plus each method's explanation table (T5: bucket moves)."""
+
+    checkpoint: str
+    train_len: int
     to: int
-    methods: tuple[str, ...]
-    finetune_steps: int = 0
-    finetune_batch: int = 4
-    finetune_lr: float = 3e-4
-    eval_lens: tuple[int, ...] | None = None
-    eval_tokens: int = 8192
-    compare: bool = False
-    passkey_steps: int = 600
-    passkey_samples: int = 32
-    device: str = "cpu"
-    seed: int = 0
+    eval_lens: list[int]
+    config: RetrofitConfig
+    corpus: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    bucket_remap: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "train_len": self.train_len, "to": self.to,
+                "eval_lens": self.eval_lens, "rows": self.rows, "bucket_remap": self.bucket_remap,
+                "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
+                "corpus": self.corpus}
 
 
-def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corpus: Corpus, progress: bool = True,
-                 log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corpus: Corpus, progress: bool = False,
+                 log: Log = quiet) -> RetrofitResult:
+    """Apply every method of ``cfg`` to the checkpoint at ``path`` and measure before and after.
+    Evaluations, fine-tuned models and passkey results are kept in ``out`` under a key of the
+    checkpoint's weights and every setting (:func:`source_key`); one run per folder at a time.
+    :func:`posbias.report.retrofit.write` renders the result."""
     meta = ckpt.read_meta(path)
     base = ckpt.load_model(path).to(cfg.device).eval()
-    train_len = int(meta.get("train", {}).get("seq_len") or 0)
-    if train_len < 1:
-        raise ValueError(f"{str(path)!r} records no training length (meta 'train.seq_len')")
+    train_len = ckpt.train_len(path, meta)
     if cfg.to <= train_len:
-        raise ValueError(f"--to must exceed the training length {train_len}, got {cfg.to}")
+        raise ConfigError("to", f"must exceed the training length {train_len}, got {cfg.to}")
     for m in cfg.methods:
         why = applicable(m, base.cfg.scheme)
         if why:
             raise ValueError(f"{why} (methods for {base.cfg.scheme}: {', '.join(methods_for(base.cfg.scheme)) or 'none'})")
     lens = list(cfg.eval_lens or default_eval_lens(train_len, cfg.to))
     out = store.check_out_dir(out)
+    result = RetrofitResult(str(path), train_len, cfg.to, lens, cfg, corpus.fingerprint)
     with store.FolderLock(out):
-        return _run_retrofit(path, cfg, out, meta, base, train_len, lens, corpus, progress, log)
+        run = _Run(cfg, out, source_key(path, meta, cfg, corpus), corpus, train_len, lens, progress, log)
+        result.rows.append(run.measure(base, base, "original", "before", 0))
+        for k, m in enumerate(cfg.methods, 1):
+            plan = "no fine-tune" + (f", then a {cfg.finetune_steps}-step fine-tune at {cfg.to}" if cfg.finetune_steps else "")
+            log(f"method {k}/{len(cfg.methods)}: {m} ({plan}{', passkey' if cfg.compare else ''})")
+            model = retrofit_model(base, m, train_len=train_len, to=cfg.to)
+            if METHODS[m].explain is not None:
+                result.bucket_remap[m] = METHODS[m].explain(base, model, train_len, cfg.to)
+            extra = model.num_parameters() - base.num_parameters()
+            if not cfg.finetune_steps:
+                result.rows.append(run.measure(model, base, m, "no fine-tune", extra))
+                continue
+            result.rows.append(run.measure(model, base, m, "no fine-tune", extra, final=False))
+            tuned = run.finetuned(model, m, path, meta)
+            result.rows.append(run.measure(tuned, base, m, f"fine-tuned {cfg.finetune_steps}", extra))
+    return result
 
 
 def source_key(path: str | Path, meta: dict[str, Any], cfg: RetrofitConfig, corpus: Corpus) -> str:
@@ -189,197 +242,70 @@ def source_key(path: str | Path, meta: dict[str, Any], cfg: RetrofitConfig, corp
                              "settings": settings, "torch": torch.__version__})
 
 
-def _run_retrofit(path, cfg: RetrofitConfig, out: Path, meta, base, train_len: int, lens: list[int], corpus: Corpus,
-                  progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    key = source_key(path, meta, cfg, corpus)
-    cache_file = out / f"cache-{key}.json"
-    cache: dict[str, Any] = store.read_json(cache_file) if cache_file.exists() else {}
+class _Run:
+    """The measurements of one retrofit run, cached in ``out/cache-<key>.json`` as they are made."""
 
-    def save_cache() -> None:
-        store.write_json(cache_file, cache, indent=None)
+    def __init__(self, cfg: RetrofitConfig, out: Path, key: str, corpus: Corpus, train_len: int, lens: list[int],
+                 progress: bool, log: Log) -> None:
+        self.cfg, self.out, self.key, self.corpus = cfg, out, key, corpus
+        self.train_len, self.lens, self.progress, self.log = train_len, lens, progress, log
+        self.file = out / f"cache-{key}.json"
+        self.cache: dict[str, Any] = store.read_json(self.file) if self.file.exists() else {}
 
-    def evaluate(model: TransformerLM, label: str) -> dict[str, float]:
-        got = cache.setdefault(f"ppl:{label}:{cfg.eval_tokens}", {})
-        for n in lens:
+    def _save(self) -> None:
+        store.write_json(self.file, self.cache, indent=None)
+
+    def measure(self, model: TransformerLM, base: TransformerLM, method: str, stage: str, extra: int, *,
+                final: bool = True) -> dict[str, Any]:
+        """One table row; passkey (minutes each) only for what a method ends with."""
+        label = "original" if stage == "before" else f"{method}/{stage}"
+        compare = self.cfg.compare
+        row = {"method": method, "stage": stage, "scheme": model.cfg.scheme, "ppl": self.perplexity(model, label),
+               "extra_params": extra, "passkey": self.passkey(model, label) if compare and final else None,
+               "attention_cost": None}
+        if stage != "before":
+            row["options"] = model.cfg.scheme_options
+        if compare:
+            row["attention_cost"] = 1.0 if stage == "before" else _relative_cost(model, base, self.cfg.to,
+                                                                                  self.cfg.device)
+        return row
+
+    def perplexity(self, model: TransformerLM, label: str) -> dict[int, float]:
+        got = self.cache.setdefault(f"ppl:{label}:{self.cfg.eval_tokens}", {})
+        for n in self.lens:
             if str(n) not in got:
-                got[str(n)] = evaluate_length(model, corpus.val, n, max_tokens=cfg.eval_tokens,
-                                              device=cfg.device)["ppl"]
-                save_cache()
-            log(f"[{label}] ppl @ {n}: {got[str(n)]:.3f}")
-        return {int(k): v for k, v in got.items() if int(k) in lens}
+                got[str(n)] = evaluate_length(model, self.corpus.val, n, max_tokens=self.cfg.eval_tokens,
+                                              device=self.cfg.device)["ppl"]
+                self._save()
+            self.log(f"[{label}] ppl @ {n}: {got[str(n)]:.3f}")
+        return {int(k): v for k, v in got.items() if int(k) in self.lens}
 
-    def passkey_of(model: TransformerLM, label: str) -> dict[str, float]:
+    def passkey(self, model: TransformerLM, label: str) -> dict[int, float]:
+        cfg = self.cfg
         key = f"passkey:{label}:{cfg.passkey_steps}:{cfg.passkey_samples}"
-        if key not in cache:
-            copy = TransformerLM(model.cfg).to(cfg.device)
-            copy.load_state_dict(model.state_dict())
-            passkey.train_passkey(copy, length=train_len, steps=cfg.passkey_steps, seed=cfg.seed, device=cfg.device,
-                                  progress=progress)
-            grid = passkey.accuracy_grid(copy, [train_len, cfg.to], passkey.default_depths(5),
+        if key not in self.cache:
+            copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
+            passkey.train_passkey(copy, length=self.train_len, steps=cfg.passkey_steps, seed=cfg.seed,
+                                  device=cfg.device, progress=self.progress)
+            grid = passkey.accuracy_grid(copy, [self.train_len, cfg.to], passkey.default_depths(5),
                                          samples=cfg.passkey_samples, device=cfg.device)
-            cache[key] = {str(n): passkey.mean_accuracy(grid, n) for n in grid}
-            save_cache()
-        log(f"[{label}] passkey accuracy: " + ", ".join(f"@{n} {a:.2f}" for n, a in cache[key].items()))
-        return {int(k): v for k, v in cache[key].items()}
+            self.cache[key] = {str(n): passkey.mean_accuracy(grid, n) for n in grid}
+            self._save()
+        self.log(f"[{label}] passkey accuracy: " + ", ".join(f"@{n} {a:.2f}" for n, a in self.cache[key].items()))
+        return {int(k): v for k, v in self.cache[key].items()}
 
-    rows: list[dict[str, Any]] = []
-    before = evaluate(base, "original")
-    rows.append({"method": "original", "stage": "before", "scheme": base.cfg.scheme, "ppl": before,
-                 "extra_params": 0, "passkey": passkey_of(base, "original") if cfg.compare else None,
-                 "attention_cost": 1.0 if cfg.compare else None})
-    remaps = {}
-    for k, m in enumerate(cfg.methods, 1):
-        plan = "no fine-tune" + (f", then a {cfg.finetune_steps}-step fine-tune at {cfg.to}" if cfg.finetune_steps else "")
-        log(f"method {k}/{len(cfg.methods)}: {m} ({plan}{', passkey' if cfg.compare else ''})")
-        model = retrofit_model(base, m, train_len=train_len, to=cfg.to)
-        extra = model.num_parameters() - base.num_parameters()
-        if m == "t5-distance":
-            s0, s1 = base.scheme, model.scheme
-            dists = sorted({1, 8, 16, 32, train_len // 2, train_len, 2 * train_len, cfg.to // 2, cfg.to})
-            remaps[m] = bucket_remap(s0.num_buckets, s0.max_distance, s1.max_distance, dists)
-        stages = [("no fine-tune", model)]
-        if cfg.finetune_steps:
-            mdir = out / "models" / f"{m}-ft{cfg.finetune_steps}-{key}"
-            if ckpt.exists(mdir):
-                tuned = ckpt.load_model(mdir).to(cfg.device)
-                log(f"[{m}] reusing fine-tuned model in {mdir}")
-            else:
-                tuned = TransformerLM(model.cfg).to(cfg.device)
-                tuned.load_state_dict(model.state_dict())
-                bs = cfg.finetune_batch
-                finetune(tuned, lambda step: batch_at(corpus.train, step, batch_size=bs, seq_len=cfg.to,
-                                                      seed=cfg.seed + 1),
-                         lambda mod, b: mod.loss(b[0].long().to(cfg.device), b[1].long().to(cfg.device)),
-                         steps=cfg.finetune_steps, lr=cfg.finetune_lr, progress=progress, desc=f"fine-tune {m}")
-                ckpt.save_checkpoint(mdir, tuned, extra={"train": {**meta.get("train", {})}, "retrofit": {
-                    "method": m, "to": cfg.to, "finetune_steps": cfg.finetune_steps, "source": str(path)}})
-            stages.append((f"fine-tuned {cfg.finetune_steps}", tuned))
-        for n_stage, (stage, mod) in enumerate(stages):
-            label = f"{m}/{stage}"
-            final = n_stage == len(stages) - 1  # passkey (minutes each) only for what the method ends with
-            rows.append({"method": m, "stage": stage, "scheme": mod.cfg.scheme, "options": mod.cfg.scheme_options,
-                         "ppl": evaluate(mod, label), "extra_params": extra,
-                         "passkey": passkey_of(mod, label) if cfg.compare and final else None,
-                         "attention_cost": _relative_cost(mod, base, cfg.to, cfg.device) if cfg.compare else None})
-    result = {"checkpoint": str(path), "train_len": train_len, "to": cfg.to, "eval_lens": lens, "rows": rows,
-              "bucket_remap": remaps, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-              "corpus": corpus.fingerprint}
-    store.write_json(out / "results.json", result)
-    store.write_text(out / "results.md", retrofit_table(result))
-    try:
-        plot_retrofit(result, out / "ppl_vs_length.png")
-    except ValueError as exc:  # matplotlib missing
-        log(f"plot skipped: {exc}")
-    return result
-
-
-def retrofit_table(result: dict[str, Any]) -> str:
-    lens, L, to = result["eval_lens"], result["train_len"], result["to"]
-    lines = [f"Retrofit of `{result['checkpoint']}` (trained at L = {L}) to {to} tokens.", "",
-             "| method | stage | " + " | ".join(f"ppl @ {n}" for n in lens) + f" | ppl@{to} / ppl@{L} (before) |",
-             "|---" * (len(lens) + 3) + "|"]
-    ref = result["rows"][0]["ppl"][L] if L in result["rows"][0]["ppl"] else math.nan
-    for r in result["rows"]:
-        cells = " | ".join(f"{r['ppl'][n]:.3f}" for n in lens)
-        lines.append(f"| {r['method']} | {r['stage']} | {cells} | {r['ppl'][to] / ref:.2f} |")
-    if any(r.get("passkey") for r in result["rows"]):
-        near = f"near-range ppl @ {L}"
-        lines += ["", "Decision table (passkey: trained at L, mean accuracy over 5 depths; attention cost: a "
-                  f"forward pass at {to} tokens relative to the original model, same run):", "",
-                  f"| method | stage | {near} | " + " | ".join(f"ppl @ {n}" for n in lens if n > L) +
-                  f" | passkey @ {L} | passkey @ {to} | extra params | attention cost |",
-                  "|---" * (7 + sum(1 for n in lens if n > L)) + "|"]
-        for r in result["rows"]:
-            if not r.get("passkey"):
-                continue
-            far = " | ".join(f"{r['ppl'][n]:.3f}" for n in lens if n > L)
-            pk = r["passkey"]
-            lines.append(f"| {r['method']} | {r['stage']} | {r['ppl'][L]:.3f} | {far} | {pk[L]:.2f} | {pk[to]:.2f} | "
-                         f"{r['extra_params']:+d} | {r['attention_cost']:.2f}× |")
-    for m, rows in result.get("bucket_remap", {}).items():
-        lines += ["", f"`{m}`: the learned table is kept, so distances land in other buckets:", "",
-                  "| distance | bucket before | bucket after |", "|---|---|---|"]
-        lines += [f"| {d} | {a} | {b} |" for d, a, b in rows]
-    return "\n".join(lines) + "\n"
-
-
-STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
-
-
-def plot_retrofit(result: dict[str, Any], path: Path) -> Path:
-    """One colour per method, one line style per stage (dotted: before, dashed: no fine-tune, solid:
-    fine-tuned), legend outside the axes so it never covers the data."""
-    from .plot import _pyplot, _save, plain_log_ticks
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5))
-    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
-    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    colour = {m: cmap(k) for k, m in enumerate(methods)}
-    for r in result["rows"]:
-        xs = sorted(r["ppl"], key=int)
-        ax.plot([int(x) for x in xs], [r["ppl"][n] for n in xs], STAGE_STYLES.get(r["stage"], "-"), marker="o",
-                ms=4, color=colour[r["method"]], label=f"{r['method']} ({r['stage']})")
-    ax.axvline(result["train_len"], color="grey", ls=":", lw=1, label="training length")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    plain_log_ticks(ax)
-    ax.set_xlabel("evaluation length (tokens)")
-    ax.set_ylabel("perplexity (bytes)")
-    ax.set_title(f"Retrofit to {result['to']} tokens (dotted: before, dashed: no fine-tune, solid: fine-tuned)",
-                 fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
-
-
-# -- CLI glue ---------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    p.add_argument("checkpoint", help="a posbias checkpoint folder (e.g. runs/demo/models/rope-seed0/final)")
-    p.add_argument("--to", type=int, required=True, help="the target context length")
-    p.add_argument("--method", "--methods", dest="methods", nargs="+", choices=sorted(METHODS), metavar="METHOD",
-                   help=f"one or more of: {', '.join(METHODS)} (default with --compare: every method that fits)")
-    p.add_argument("--compare", action="store_true",
-                   help="the decision table: every fitting method, passkey accuracy, extra parameters, attention cost")
-    p.add_argument("--finetune-steps", type=int, default=0, help="language-model fine-tune at --to after each method")
-    p.add_argument("--finetune-batch", type=int, default=4)
-    p.add_argument("--finetune-lr", type=float, default=3e-4)
-    p.add_argument("--eval-lens", type=int, nargs="+", help="default: L, 2L, 4L … up to --to")
-    p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--passkey-steps", type=int, default=600, help="passkey fine-tune steps (with --compare)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data", help="a local text file or folder instead of the embedded default")
-    p.add_argument("--out", help="default: runs/retrofit-<checkpoint name>")
-    p.add_argument("--quiet", action="store_true")
-
-
-def run_from_args(args, say: Callable[[str], None] = print) -> None:
-    from .data import load_corpus
-
-    ckpt.require(args.checkpoint)
-    scheme = ckpt.read_meta(args.checkpoint)["model"]["scheme"]
-    methods = args.methods or (methods_for(scheme) if args.compare else None)
-    if not methods:
-        raise ValueError(f"give --method (for a {scheme} checkpoint: {', '.join(methods_for(scheme)) or 'none'}) "
-                         "or --compare")
-    if args.finetune_steps < 0 or args.passkey_steps < 0:
-        raise ValueError("--finetune-steps and --passkey-steps must be >= 0")
-    for flag in ("finetune_batch", "eval_tokens", "to"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):
-        raise ValueError(f"--finetune-lr must be a finite number > 0, got {args.finetune_lr}")
-    for n in args.eval_lens or []:
-        if n < 1:
-            raise ValueError(f"evaluation lengths must be >= 1, got {n}")
-    cfg = RetrofitConfig(to=args.to, methods=tuple(methods), finetune_steps=args.finetune_steps,
-                         finetune_batch=args.finetune_batch, finetune_lr=args.finetune_lr,
-                         eval_lens=tuple(args.eval_lens) if args.eval_lens else None, eval_tokens=args.eval_tokens,
-                         compare=args.compare, passkey_steps=args.passkey_steps, device=args.device)
-    out = Path(args.out or f"runs/retrofit-{Path(args.checkpoint).resolve().parent.name}")
-    corpus = load_corpus(args.data)
-    t0 = time.perf_counter()
-    run_retrofit(args.checkpoint, cfg, out, corpus=corpus, progress=not args.quiet, log=say)
-    say()
-    say((out / "results.md").read_text())
-    say(f"done in {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}, plot {out / 'ppl_vs_length.png'}")
+    def finetuned(self, model: TransformerLM, method: str, path: str | Path, meta: dict[str, Any]) -> TransformerLM:
+        """``model`` after the language-model fine-tune at ``to`` (reused from ``out/models`` when made)."""
+        cfg = self.cfg
+        mdir = self.out / "models" / f"{method}-ft{cfg.finetune_steps}-{self.key}"
+        if ckpt.exists(mdir):
+            self.log(f"[{method}] reusing fine-tuned model in {mdir}")
+            return ckpt.load_model(mdir).to(cfg.device)
+        tuned = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
+        finetune(tuned, lambda step: batch_at(self.corpus.train, step, batch_size=cfg.finetune_batch, seq_len=cfg.to,
+                                              seed=cfg.seed + 1),
+                 lambda mod, b: mod.loss(b[0].long().to(cfg.device), b[1].long().to(cfg.device)),
+                 steps=cfg.finetune_steps, lr=cfg.finetune_lr, progress=self.progress, desc=f"fine-tune {method}")
+        ckpt.save_checkpoint(mdir, tuned, extra={"train": {**meta.get("train", {})}, "retrofit": {
+            "method": method, "to": cfg.to, "finetune_steps": cfg.finetune_steps, "source": str(path)}})
+        return tuned

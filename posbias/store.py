@@ -80,14 +80,24 @@ class FolderBusy(ValueError):
     """Another run holds the output folder."""
 
 
+_HELD: dict[Path, int] = {}  # folders this process holds, with the nesting depth
+
+
 class FolderLock:
-    """``with FolderLock(out): ...`` — one posbias run per output folder at a time."""
+    """``with FolderLock(out): ...`` — one posbias run per output folder at a time. Re-entrant within
+    a process (the command line holds it around a workflow's run and its report; the run takes it too)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = check_out_dir(folder)
         self._fh: Any = None
+        self._nested = False
 
     def __enter__(self) -> "FolderLock":
+        key = self.folder.resolve()
+        if _HELD.get(key):
+            _HELD[key] += 1
+            self._nested = True
+            return self
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / ".posbias.lock"
         fh = open(path, "a+")
@@ -104,9 +114,16 @@ class FolderLock:
         fh.write(f"posbias pid {os.getpid()}")
         fh.flush()
         self._fh = fh
+        _HELD[key] = 1
         return self
 
     def __exit__(self, *exc: object) -> None:
+        key = self.folder.resolve()
+        if self._nested:
+            _HELD[key] -= 1
+            self._nested = False
+            return
+        _HELD.pop(key, None)
         if self._fh is not None:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()

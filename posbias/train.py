@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .config import check_count, check_rate
 from .data import batch_at
 from .model import ModelConfig, TransformerLM
 
@@ -28,7 +29,7 @@ from .model import ModelConfig, TransformerLM
 class TrainConfig:
     steps: int = 600  # optimizer steps
     batch_size: int = 32  # sequences per step (global, over all ranks)
-    seq_len: int = 128  # training length
+    train_len: int = 128  # training length L (tokens per sequence)
     lr: float = 2e-3  # peak learning rate
     pos_lr_mult: float = 1.0  # positional parameters' learning rate = pos_lr_mult · lr (same schedule)
     warmup: int = 50  # linear warm-up steps
@@ -41,19 +42,22 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "train_len"):
+            check_count(name, getattr(self, name))
         for name in ("lr", "pos_lr_mult"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+            check_rate(name, getattr(self, name))
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        t = (step - self.warmup) / max(1, self.steps - self.warmup)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+        return lr_at(step, lr=self.lr, steps=self.steps, warmup=self.warmup, min_ratio=self.min_lr_ratio)
+
+
+def lr_at(step: int, *, lr: float, steps: int, warmup: int, min_ratio: float) -> float:
+    """The learning rate of step ``step`` (0-based): linear warm-up over ``warmup`` steps, then cosine
+    decay to ``min_ratio · lr`` at ``steps``. The one schedule of training and fine-tuning."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
@@ -108,10 +112,46 @@ def _dist_info() -> tuple[int, int]:
 def validation_loss(model: TransformerLM, tokens: Tensor, cfg: TrainConfig, device: torch.device) -> float:
     model.eval()
     losses = [model.loss(*(t.to(device) for t in batch_at(tokens, 10**9 + n, batch_size=cfg.batch_size,
-                                                          seq_len=cfg.seq_len, seed=cfg.seed)))
+                                                          seq_len=cfg.train_len, seed=cfg.seed)))
               for n in range(cfg.eval_batches)]
     model.train()
     return float(torch.stack(losses).mean())
+
+
+def _resume(last: Path, model: TransformerLM, opt: torch.optim.Optimizer, cfg: TrainConfig,
+            model_cfg: ModelConfig) -> tuple[int, dict[str, Any]]:
+    """Load the model, optimizer and history of ``last`` (when it exists, made with the same settings);
+    returns the step to start from and the history so far."""
+    history: dict[str, Any] = {"train_loss": [], "val_loss": [], "tokens": 0, "wall_s": 0.0}
+    if not ckpt.exists(last):
+        return 0, history
+    state = ckpt.load_trainer_state(last)
+    if state is None:
+        raise ValueError(f"{str(last)!r} has no trainer state to resume from")
+    changed = config_diff({"train": state["train_config"], "model": state["model_config"]},
+                          {"train": asdict(cfg), "model": model_cfg.to_dict()})
+    if changed:
+        raise ValueError(f"checkpoint {str(last)!r} was made with other settings ({changed}); "
+                         "use a new output folder or delete it")
+    model.load_state_dict(ckpt.load_model(last).state_dict())
+    opt.load_state_dict(state["optimizer"])
+    return state["step"], state["history"]
+
+
+def _step(net: torch.nn.Module, model: TransformerLM, opt: torch.optim.Optimizer, cfg: TrainConfig, x: Tensor,
+          y: Tensor, step: int) -> Tensor:
+    """One optimizer step on the batch ``(x, y)``; NonFiniteLoss (before any update) when the loss is not finite."""
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr_at(step) * g["lr_mult"]
+    logits = net(x)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"loss {loss.item()} at step {step + 1} (lr {cfg.lr:g})")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_tokens: Tensor, out: str | Path,
@@ -127,35 +167,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
     torch.manual_seed(cfg.seed)
     model = TransformerLM(model_cfg).to(device)
     opt = make_optimizer(model, cfg)
-    history: dict[str, Any] = {"train_loss": [], "val_loss": [], "tokens": 0, "wall_s": 0.0}
-    start = 0
     last = out / "last"
-    if ckpt.exists(last):
-        state = ckpt.load_trainer_state(last)
-        if state is None:
-            raise ValueError(f"{str(last)!r} has no trainer state to resume from")
-        changed = config_diff({"train": state["train_config"], "model": state["model_config"]},
-                              {"train": asdict(cfg), "model": model_cfg.to_dict()})
-        if changed:
-            raise ValueError(f"checkpoint {str(last)!r} was made with other settings ({changed}); "
-                             "use a new output folder or delete it")
-        model.load_state_dict(ckpt.load_model(last).state_dict())
-        opt.load_state_dict(state["optimizer"])
-        start, history = state["step"], state["history"]
-        if log and rank == 0 and start < cfg.steps:
-            log(f"{model_cfg.scheme}: resuming from step {start} of {cfg.steps} ({str(last)!r})")
+    start, history = _resume(last, model, opt, cfg, model_cfg)
+    if log and rank == 0 and 0 < start < cfg.steps:
+        log(f"{model_cfg.scheme}: resuming from step {start} of {cfg.steps} ({str(last)!r})")
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-    def save(step: int, where: Path) -> None:
-        if rank == 0:
-            ckpt.save_checkpoint(where, model, extra={"train": asdict(cfg), **(extra_meta or {})},
-                                 trainer_state={"step": step, "optimizer": opt.state_dict(), "history": history,
-                                                "train_config": asdict(cfg), "model_config": model_cfg.to_dict()})
-        if world > 1:
-            torch.distributed.barrier()
-
+    meta = {"train": asdict(cfg), **(extra_meta or {})}
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, leave=False,
                desc=f"train {model_cfg.scheme}", dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -165,22 +184,15 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
     for step in range(start, cfg.steps):
         if stop_after is not None and step >= stop_after:
             break
-        x, y = batch_at(train_tokens, step, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
-        x, y = x[rank::world].to(device), y[rank::world].to(device)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr_at(step) * g["lr_mult"]
-        logits = net(x)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        if not torch.isfinite(loss):
+        x, y = batch_at(train_tokens, step, batch_size=cfg.batch_size, seq_len=cfg.train_len, seed=cfg.seed)
+        try:
+            loss = _step(net, model, opt, cfg, x[rank::world].to(device), y[rank::world].to(device), step)
+        except NonFiniteLoss as exc:
             bar.close()
-            raise NonFiniteLoss(f"training {model_cfg.scheme} diverged: loss {loss.item()} at step {step + 1} "
-                                f"(lr {cfg.lr:g}); the last good checkpoint is kept in {str(last)!r}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+            raise NonFiniteLoss(f"training {model_cfg.scheme} diverged: {exc}; the last good checkpoint is kept "
+                                f"in {str(last)!r}") from None
         history["train_loss"].append(loss.item())
-        history["tokens"] += cfg.batch_size * cfg.seq_len
+        history["tokens"] += cfg.batch_size * cfg.train_len
         history["wall_s"] = wall0 + time.perf_counter() - t0
         done = step + 1
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
@@ -190,13 +202,20 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{history['tokens'] / max(history['wall_s'], 1e-9):.0f}")
         bar.update(1)
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            save(done, last)
+            _save(last, model, meta, world, rank, trainer_state={
+                "step": done, "optimizer": opt.state_dict(), "history": history, "train_config": asdict(cfg),
+                "model_config": model_cfg.to_dict()})
         step = done
     bar.close()
     if step >= cfg.steps and not ckpt.exists(out / "final"):
-        if rank == 0:
-            ckpt.save_checkpoint(out / "final", model, extra={"train": asdict(cfg), "history": history,
-                                                             **(extra_meta or {})})
-        if world > 1:
-            torch.distributed.barrier()
+        _save(out / "final", model, {"train": asdict(cfg), "history": history, **(extra_meta or {})}, world, rank)
     return history
+
+
+def _save(where: Path, model: TransformerLM, meta: dict[str, Any], world: int, rank: int,
+          trainer_state: dict[str, Any] | None = None) -> None:
+    """Rank 0 writes the checkpoint (atomically); every rank waits for it."""
+    if rank == 0:
+        ckpt.save_checkpoint(where, model, extra=meta, trainer_state=trainer_state)
+    if world > 1:
+        torch.distributed.barrier()

@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from posbias.cli import bucket_table, main
+from posbias.cli import main
+from posbias.schemes.t5 import bucket_table
 
 
 def test_list(capsys):
@@ -17,7 +18,7 @@ def test_show_t5_table(capsys):
     assert main(["show", "t5", "--num-buckets", "32", "--max-distance", "128"]) == 0
     out = capsys.readouterr().out
     assert "32 buckets (n_b + 1 = 32, so n_b = 31)" in out
-    assert "      26  59-66  (8)" in out  # offset 64 -> bucket 26 (SPEC §2.2)
+    assert "      26  59-66  (8)" in out  # offset 64 -> bucket 26 (Raffel et al.'s bucket function)
     assert "      31  >= 113" in out
 
 
@@ -93,8 +94,8 @@ def figures(monkeypatch):
     """Capture every figure a plotting function saves."""
     import posbias.plot as P
 
-    saved, orig = [], P._save
-    monkeypatch.setattr(P, "_save", lambda fig, path: (saved.append(fig), orig(fig, path))[1])
+    saved, orig = [], P.save_figure
+    monkeypatch.setattr(P, "save_figure", lambda fig, path: (saved.append(fig), orig(fig, path))[1])
     return saved
 
 
@@ -108,7 +109,7 @@ def test_heatmaps_share_one_colour_scale(figures, tmp_path):
 
 
 def test_retrofit_plot_one_colour_per_method(figures, tmp_path):
-    from posbias.retrofit import plot_retrofit
+    from posbias.report.retrofit import plot as plot_retrofit
 
     rows = [{"method": m, "stage": st, "ppl": {"16": 5.0 + k, "32": 6.0 + k}}
             for k, (m, st) in enumerate([("original", "before"), ("pi", "no fine-tune"), ("pi", "fine-tuned 10"),
@@ -124,9 +125,9 @@ def test_retrofit_plot_one_colour_per_method(figures, tmp_path):
 
 
 def test_log_axis_has_plain_tick_labels(figures, tmp_path):
-    from posbias.plot import _pyplot, _save, plain_log_ticks
+    from posbias.plot import plain_log_ticks, pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots()
     ax.plot([1, 2], [6, 11])
     ax.set_yscale("log")
@@ -134,7 +135,7 @@ def test_log_axis_has_plain_tick_labels(figures, tmp_path):
     fig.canvas.draw()
     labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
     assert {"6", "7", "8", "9", "10"} <= set(labels) and not any("times" in x or "^" in x for x in labels)
-    _save(fig, tmp_path / "t.png")
+    save_figure(fig, tmp_path / "t.png")
 
 
 def test_plot_skips_schemes_without_a_bias_and_says_so(tmp_path, capsys):

@@ -172,7 +172,7 @@ def test_resume_with_another_model_size_is_refused(tmp_path, text_file):
     from posbias.data import local_corpus
 
     c = local_corpus(text_file)
-    tcfg = TrainConfig(steps=4, batch_size=2, seq_len=16, warmup=1, eval_every=0, ckpt_every=1, eval_batches=1)
+    tcfg = TrainConfig(steps=4, batch_size=2, train_len=16, warmup=1, eval_every=0, ckpt_every=1, eval_batches=1)
     train(ModelConfig(scheme="alibi", **TINY), tcfg, c.train, c.val, tmp_path, progress=False, stop_after=2)
     with pytest.raises(ValueError, match="other settings \\(model.d_model: 32 → 64\\)"):
         train(ModelConfig(scheme="alibi", **{**TINY, "d_model": 64}), tcfg, c.train, c.val, tmp_path, progress=False)
@@ -234,7 +234,7 @@ def test_tiny_data_fails_before_training(tmp_path, capsys):
 
 def test_retrofit_bad_batch(capsys, saved):
     _one_line_error(capsys, main(["retrofit", str(saved), "--to", "64", "--method", "swap-alibi",
-                                  "--finetune-batch", "0"]), "--finetune-batch must be >= 1")
+                                  "--finetune-batch", "0"]), "--finetune-batch must be an integer >= 1")
 
 
 @pytest.mark.parametrize("command", ["plot", "extrapolate", "retrofit", "diagnose"])
@@ -259,7 +259,7 @@ from posbias.model import ModelConfig
 from posbias.train import TrainConfig, train
 c = local_corpus(sys.argv[2])
 train(ModelConfig(scheme="t5", d_model=32, n_layers=2, n_heads=2),
-      TrainConfig(steps=40, batch_size=4, seq_len=32, warmup=2, eval_every=0, ckpt_every=1, eval_batches=1),
+      TrainConfig(steps=40, batch_size=4, train_len=32, warmup=2, eval_every=0, ckpt_every=1, eval_batches=1),
       c.train, c.val, sys.argv[1], progress=False)
 """
 
@@ -363,7 +363,7 @@ def test_resume_says_where_it_resumes(tmp_path, text_file):
 
     c = local_corpus(text_file)
     mcfg = ModelConfig(scheme="alibi", **TINY)
-    tcfg = TrainConfig(steps=6, batch_size=2, seq_len=16, warmup=1, eval_every=0, ckpt_every=2, eval_batches=1)
+    tcfg = TrainConfig(steps=6, batch_size=2, train_len=16, warmup=1, eval_every=0, ckpt_every=2, eval_batches=1)
     train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, stop_after=4)
     said = []
     train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, log=said.append)

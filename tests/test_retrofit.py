@@ -11,7 +11,9 @@ from posbias import checkpoint as ckpt
 from posbias import ntk_lambda, passkey, rope_frequencies, t5_bucket
 from posbias.cli import main
 from posbias.data import stdlib_corpus
-from posbias.diagnose import attention_distance, effective_reach, final_bucket_share, run_diagnose
+from posbias.diagnose import DiagnoseConfig, attention_distance, effective_reach, final_bucket_share, run_diagnose
+from posbias.report import diagnose as diagnose_report
+from posbias.report import retrofit as retrofit_report
 from posbias.model import ModelConfig, TransformerLM
 from posbias.retrofit import METHODS, RetrofitConfig, applicable, bucket_remap, retrofit_model, run_retrofit
 from posbias.schemes import build
@@ -128,27 +130,29 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
     cfg = RetrofitConfig(to=2 * L, methods=("pi", "yarn", "swap-alibi"), finetune_steps=2, finetune_batch=2,
                          eval_tokens=400, compare=True, passkey_steps=2, passkey_samples=2)
     res = run_retrofit(path, cfg, tmp_path / "out", corpus=corpus, progress=False)
-    assert [r["method"] for r in res["rows"]] == ["original", "pi", "pi", "yarn", "yarn", "swap-alibi", "swap-alibi"]
+    retrofit_report.write(res, tmp_path / "out")
+    assert [r["method"] for r in res.rows] == ["original", "pi", "pi", "yarn", "yarn", "swap-alibi", "swap-alibi"]
     md = (tmp_path / "out" / "results.md").read_text()
     assert "Decision table" in md and "passkey @ 96" in md
     assert (tmp_path / "out" / "ppl_vs_length.png").exists()
-    assert all(0.0 <= r["passkey"][2 * L] <= 1.0 for r in res["rows"] if r["stage"] != "no fine-tune")
-    assert all(r["passkey"] is None for r in res["rows"] if r["stage"] == "no fine-tune")
-    assert all(r["attention_cost"] > 0 for r in res["rows"])
+    assert all(0.0 <= r["passkey"][2 * L] <= 1.0 for r in res.rows if r["stage"] != "no fine-tune")
+    assert all(r["passkey"] is None for r in res.rows if r["stage"] == "no fine-tune")
+    assert all(r["attention_cost"] > 0 for r in res.rows)
     again = run_retrofit(path, cfg, tmp_path / "out", corpus=corpus, progress=False)  # reuses models and caches
-    assert [r["ppl"] for r in again["rows"]] == [r["ppl"] for r in res["rows"]]
+    assert [r["ppl"] for r in again.rows] == [r["ppl"] for r in res.rows]
 
 
 def test_diagnose_report_tiny(tmp_path, corpus):
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
-    rep = run_diagnose(path, tmp_path / "d", corpus=corpus, length=2 * L, windows=2, eval_tokens=400,
-                       passkey_steps=2, passkey_samples=2, progress=False)
+    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=2, eval_tokens=400, passkey_steps=2,
+                                            passkey_samples=2), corpus=corpus)
+    diagnose_report.write(rep, tmp_path / "d")
     md = (tmp_path / "d" / "report.md").read_text()
-    for section in ("Loss by position", "Attention distance", "T5 buckets", "Effective reach", "Passkey"):
+    for section in ("Loss by position", "Attention distance", "The final entry (T5: the final bucket)", "Effective reach", "Passkey"):
         assert section in md
     for png in ("loss_by_position", "attention_distance", "bias_vs_distance", "passkey"):
         assert (tmp_path / "d" / f"{png}.png").exists()
-    assert 0 < rep["t5_final_bucket_share"][2 * L] < 1
+    assert 0 < rep.final_entry_share[2 * L] < 1
     saved = json.loads((tmp_path / "d" / "diagnose.json").read_text())
     assert saved["train_len"] == L and len(saved["loss_by_position_cut_at_L"]) == 2 * L
     # the first L positions see the same context either way
@@ -196,12 +200,22 @@ def test_final_bucket_verdict_is_measured_not_assumed():
     with torch.no_grad():
         t5.table.zero_()
         t5.table[-1] = torch.tensor([-0.3, -20.0])  # head 0: capped far value; head 1: a strong penalty
-    report = {}
-    lines = final_bucket_weight(t5, 1024, report)
+    gap, weight = final_bucket_weight(t5, 1024)
     n_far = 1024 - t5.flat_beyond
-    assert report["t5_far_weight"][0] == pytest.approx(n_far * math.exp(-0.3))
-    assert report["t5_far_weight"][1] < 1e-5
-    assert "In head(s) 0 the" in lines[-1] and "dilution" in lines[-1]
+    assert weight[0] == pytest.approx(n_far * math.exp(-0.3)) and gap[0] == pytest.approx(0.3)
+    assert weight[1] < 1e-5
+    verdict = _final_entry_verdict(t5, gap, weight)
+    assert "In head(s) 0 the" in verdict and "dilution" in verdict
     with torch.no_grad():
         t5.table[-1] = -20.0
-    assert "acts as a penalty" in final_bucket_weight(t5, 1024, {})[-1]
+    assert "acts as a penalty" in _final_entry_verdict(t5, *final_bucket_weight(t5, 1024))
+
+
+def _final_entry_verdict(t5, gap, weight):
+    """The verdict sentence of the diagnosis report's final-entry section for a T5 bias."""
+    from posbias.diagnose import DiagnoseResult
+
+    r = DiagnoseResult("ck", "t5", {}, 64, 1024, t5, 1, [0.0], [0.0], [], {}, final_entry_share={1024: 0.9},
+                       final_entry_gap=gap, far_weight=weight)
+    section = diagnose_report._final_entry_section(r)
+    return next(line for line in section if line.startswith("In "))

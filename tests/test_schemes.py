@@ -165,5 +165,5 @@ def test_bad_heads_head_dim_and_names():
         build("alibi", n_heads=0, head_dim=16)
     with pytest.raises(ValueError, match="even head_dim"):
         build("rope", n_heads=2, head_dim=15)
-    with pytest.raises(ValueError, match="unknown scheme 'xpos'; valid schemes: nope"):
+    with pytest.raises(ValueError, match="unknown scheme 'xpos'; valid schemes: sinusoidal, rope, nope"):
         build("xpos", n_heads=2, head_dim=16)

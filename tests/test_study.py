@@ -63,7 +63,7 @@ def test_kv_cache_decoding_equals_full_forward(scheme):
 
 def test_interrupted_training_resumes_to_the_same_result(corpus, tmp_path):
     mcfg = ModelConfig(scheme="alibi", **TINY)
-    tcfg = TrainConfig(steps=6, batch_size=4, seq_len=32, warmup=2, eval_every=3, ckpt_every=2, eval_batches=1)
+    tcfg = TrainConfig(steps=6, batch_size=4, train_len=32, warmup=2, eval_every=3, ckpt_every=2, eval_batches=1)
     train(mcfg, tcfg, corpus.train, corpus.val, tmp_path / "a", progress=False)
     train(mcfg, tcfg, corpus.train, corpus.val, tmp_path / "b", progress=False, stop_after=4)  # "killed"
     assert ckpt.exists(tmp_path / "b" / "last") and not ckpt.exists(tmp_path / "b" / "final")
@@ -102,7 +102,7 @@ def test_sliding_window_evaluation(corpus):
 
 @pytest.mark.parametrize("argv, msg", [
     (["extrapolate", "--schemes", "bogus"], "unknown scheme 'bogus'"),
-    (["extrapolate", "--eval-lens", "0"], "evaluation lengths must be an integer >= 1, got 0"),
+    (["extrapolate", "--eval-lens", "0"], "--eval-lens must be an integer >= 1, got 0"),
     (["extrapolate", "--data", "/nonexistent/file.txt", "--steps", "1"], "does not exist"),
     (["extrapolate", "--steps", "0"], "--steps must be an integer >= 1, got 0"),
     (["extrapolate", "--eval-tokens", "0"], "--eval-tokens must be an integer >= 1, got 0"),
@@ -273,7 +273,7 @@ def test_ddp_two_processes_match_single_process(corpus, tmp_path):
         "from posbias.train import TrainConfig, train\n"
         "c = stdlib_corpus()\n"
         "train(ModelConfig(scheme='t5', d_model=32, n_layers=2, n_heads=2),"
-        " TrainConfig(steps=4, batch_size=4, seq_len=32, warmup=1, eval_every=0, ckpt_every=4, eval_batches=1),"
+        " TrainConfig(steps=4, batch_size=4, train_len=32, warmup=1, eval_every=0, ckpt_every=4, eval_batches=1),"
         " c.train, c.val, sys.argv[1], progress=False)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "single")], check=True, env=env)

@@ -20,9 +20,9 @@ def visible(q_pos: Tensor, k_pos: Tensor, causal: bool) -> Tensor | None:
     return k_pos[None, :] <= q_pos[:, None]
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None,
-                    scale: float) -> Tensor:
-    """Attention with an explicit dense bias ``[H, Lq, Lk]`` and visibility mask ``[Lq, Lk]``."""
+def dense_probs(q: Tensor, k: Tensor, bias: Tensor | None, mask: Tensor | None, scale: float) -> Tensor:
+    """Float32 attention probabilities ``[B, H, Lq, Lk]`` from an explicit dense bias and mask
+    (rows with no visible key are 0)."""
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if bias is not None:
         logits = logits + bias.float()
@@ -32,7 +32,18 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: 
     p = torch.softmax(logits, dim=-1)
     if mask is not None:
         p = p * mask.any(dim=-1, keepdim=True)
-    return torch.matmul(p, v.float()).to(q.dtype)
+    return p
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None,
+                    scale: float) -> Tensor:
+    """Attention with an explicit dense bias ``[H, Lq, Lk]`` and visibility mask ``[Lq, Lk]``."""
+    return torch.matmul(dense_probs(q, k, bias, mask, scale), v.float()).to(q.dtype)
+
+
+def reference_probs(q: Tensor, k: Tensor, scheme: Scheme, *, q_pos: Tensor, k_pos: Tensor, causal: bool,
+                    scale: float) -> Tensor:
+    return dense_probs(q, k, scheme.bias(q_pos, k_pos), visible(q_pos, k_pos, causal), scale)
 
 
 def reference_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor, k_pos: Tensor,

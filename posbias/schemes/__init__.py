@@ -1,7 +1,9 @@
 """The registry of positional schemes: the single source of scheme names.
 
-Adding a scheme is one file in this folder and one line in :data:`SCHEMES`; the CLI, the plots, the
-benchmark and the contract tests iterate over this dict.
+Adding a scheme is one file in this folder and one line in :data:`SCHEMES`: ``posbias list``/``show``/
+``plot``, the length study (:attr:`Scheme.in_study`, :meth:`Scheme.study_defaults`), the benchmark and
+the contract tests iterate over this dict and read the scheme's own properties
+(``tests/test_architecture.py`` adds a toy scheme and checks each of them).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .t5 import T5Bias, t5_bucket, t5_last_bucket_start
 
 SCHEMES: dict[str, type[Scheme]] = {
     cls.name: cls
-    for cls in (NoPE, Sinusoidal, OffsetBias, T5Bias, ALiBi, KerpleLog, KerplePower, FIRE, RoPE)
+    for cls in (Sinusoidal, RoPE, NoPE, OffsetBias, T5Bias, ALiBi, KerpleLog, KerplePower, FIRE)
 }
 
 

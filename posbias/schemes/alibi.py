@@ -1,4 +1,4 @@
-"""ALiBi (SPEC §2.3, Press et al. 2022): a fixed linear penalty ``PE(i, j) = −m_h · (i − j)``.
+"""ALiBi (Press et al. 2022): a fixed linear penalty ``PE(i, j) = −m_h · (i − j)``.
 
 Causal attention uses ``−m_h · (i − j)`` as written (the masked upper triangle then holds positive
 values that the mask removes); ``symmetric=True`` gives ``−m_h · |i − j|`` for bidirectional use.

@@ -1,4 +1,4 @@
-"""The one contract every positional scheme implements, and the conventions (SPEC §1).
+"""The one contract every positional scheme implements, and the conventions.
 
 Conventions, written once:
 
@@ -96,6 +96,7 @@ class Scheme(nn.Module):
     toeplitz: ClassVar[bool] = False  # bias depends on i − j only
     learnable: ClassVar[bool] = False
     unscaled: ClassVar[bool] = False  # T5: logits are not divided by √head_dim
+    in_study: ClassVar[bool] = True  # run by `posbias extrapolate` unless --schemes says otherwise
 
     def __init__(self, *, n_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -104,7 +105,7 @@ class Scheme(nn.Module):
 
     # -- scale --------------------------------------------------------------------------------
     def default_scale(self) -> float:
-        """Multiplier of ``q·k``: 1 for T5 (SPEC §2.2, unscaled), ``1/√head_dim`` otherwise."""
+        """Multiplier of ``q·k``: 1 for T5 (Raffel et al. 2020: unscaled), ``1/√head_dim`` otherwise."""
         return 1.0 if self.unscaled else 1.0 / math.sqrt(self.head_dim)
 
     # -- additive -----------------------------------------------------------------------------
@@ -128,8 +129,44 @@ class Scheme(nn.Module):
         user sets them (``options`` are the user's). Default: the class defaults, nothing added."""
         return {}
 
+    # -- what a user sees ---------------------------------------------------------------------
+    def bias_by_distance(self, distances: Tensor, *, query_pos: int | None = None) -> Tensor | None:
+        """``[heads, len(distances)]`` float32 bias at offsets ``i − j = distances`` for one query at
+        ``query_pos`` (default: the largest distance, so keys run down to position 0); None for a
+        scheme without a bias. Toeplitz schemes ignore ``query_pos``."""
+        if self.family != "additive":
+            return None
+        with torch.no_grad():
+            i = int(distances.max()) if query_pos is None else int(query_pos)
+            return self.bias(torch.tensor([i]), i - distances)[:, 0, :].float()
+
+    def describe(self) -> list[str]:
+        """Lines ``posbias show`` prints after the header: by default the bias by distance per head."""
+        if self.family != "additive":
+            return [f"family {self.family!r}: no attention bias to tabulate"]
+        dist = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+        b = self.bias_by_distance(torch.tensor(dist))
+        lines = ["bias by distance i-j (rows: heads)" + (" — learnable, values at initialisation" if self.learnable else ""),
+                 "head " + "".join(f"{d:>9}" for d in dist)]
+        return lines + [f"{h:>4} " + "".join(f"{x + 0.0:>9.3f}" for x in b[h].tolist()) for h in range(b.shape[0])]
+
+    def illustrate_(self) -> str:
+        """Prepare the scheme for a picture and say what the picture shows: ``"fixed"``, or
+        ``"at initialisation"`` for learnable schemes. Table schemes, whose tables start at 0,
+        override this to fill an illustrative table."""
+        return "at initialisation" if self.learnable else "fixed"
+
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, head_dim={self.head_dim}"
+
+
+def illustrative_table_(table: nn.Parameter) -> str:
+    """Fill a learned ``[entries, heads]`` table, in place, with ``u = −log(1 + index) · head factor``
+    (head factors 0.5 … 2): a table that starts at 0 draws as nothing. Returns what the picture shows."""
+    with torch.no_grad():
+        idx = torch.arange(table.shape[0], dtype=torch.float32, device=table.device)[:, None]
+        table.copy_(-torch.log1p(idx) * torch.linspace(0.5, 2.0, table.shape[1], device=table.device)[None, :])
+    return "illustrative table"
 
 
 class ToeplitzScheme(Scheme):
@@ -160,9 +197,13 @@ class ToeplitzScheme(Scheme):
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         return self.bias_at(q_pos[:, None] - k_pos[None, :])
 
+    def bias_by_distance(self, distances: Tensor, *, query_pos: int | None = None) -> Tensor:
+        with torch.no_grad():
+            return self.bias_at(distances).float()
+
     def score_mod(self, q_len: int, k_len: int, *, q_start: int | None = None, k_start: int = 0):
         """A FlexAttention ``score_mod`` reading a ``[heads, q_len + k_len − 1]`` per-offset table
-        (O(N) memory); see :mod:`posbias.integrations.flex`. Queries default to the end of the keys."""
-        from ..integrations.flex import score_mod
+        (O(N) memory); see :mod:`posbias.schemes.score_mod`. Queries default to the end of the keys."""
+        from .score_mod import score_mod
 
         return score_mod(self, q_len, k_len, q_start=q_start, k_start=k_start)

@@ -1,4 +1,4 @@
-"""FIRE (SPEC §2.5, Li et al. 2023, arXiv 2310.04418): functional interpolation of the bias.
+"""FIRE (Li et al. 2023, arXiv 2310.04418): functional interpolation of the bias.
 
 ``PE(i, j) = f_θ( ψ(|i − j|) / ψ(max(L, i)) )`` with ``ψ(x) = log(c·x + 1)``, ``c`` learnable (init
 0.1), the threshold ``L`` learnable through a multiplier of its initial value (init 512), and

@@ -1,4 +1,4 @@
-"""KERPLE (SPEC §2.4, Chi et al. 2022): conditionally positive definite kernels of the distance.
+"""KERPLE (Chi et al. 2022): conditionally positive definite kernels of the distance.
 
 ``kerple-log``:   ``PE = −r1 · log(1 + r2 · |i − j|)``
 ``kerple-power``: ``PE = −r1 · |i − j|^r2``  with ``0 < r2 ≤ 2``
@@ -55,6 +55,7 @@ class KerpleLog(_Kerple):
 class KerplePower(_Kerple):
     name = "kerple-power"
     summary = "learned power penalty -r1*|i-j|^r2 per head, 0 < r2 <= 2"
+    in_study = False  # the study runs KERPLE's log variant, the one Chi et al. recommend
 
     def params(self) -> tuple[Tensor, Tensor]:
         return self.r1.clamp(min=_EPS), self.r2.clamp(min=_EPS, max=2.0)

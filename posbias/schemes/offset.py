@@ -1,4 +1,4 @@
-"""Shared learnable bias per offset (SPEC §2.1): ``PE(i, j) = u_{i−j}``, one scalar per offset and head.
+"""Shared learnable bias per offset: ``PE(i, j) = u_{i−j}``, one scalar per offset and head.
 
 The textbook's point is its weakness: an offset never seen in training has no trained parameter.
 Practical form: a table of ``max_distance + 1`` entries per head; offsets ≥ ``max_distance`` are
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import ToeplitzScheme, check_bool, check_int
+from .base import ToeplitzScheme, check_bool, check_int, illustrative_table_
 
 
 class OffsetBias(ToeplitzScheme):
@@ -47,6 +47,9 @@ class OffsetBias(ToeplitzScheme):
         from .t5 import canonical_share_distance
 
         return {"max_distance": canonical_share_distance(train_len, lambda d: d, 1)}
+
+    def illustrate_(self) -> str:
+        return illustrative_table_(self.table)
 
     @property
     def flat_beyond(self) -> int | None:

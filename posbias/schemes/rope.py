@@ -1,4 +1,4 @@
-"""Rotary position embedding (SPEC §2.6, Su et al. 2021) and its long-context scalings.
+"""Rotary position embedding (Su et al. 2021) and its long-context scalings.
 
 ``θ_k = b^{−2(k−1)/d}``, k = 1..d/2, base ``b = 10000``. q and k are rotated by their positions, so
 ``q_i·k_j`` depends on ``i − j`` only. Channel layout: ``layout="half"`` (default) pairs channel ``k``
@@ -42,7 +42,7 @@ def rope_frequencies(head_dim: int, base: float = 10000.0) -> Tensor:
 
 
 def ntk_lambda(factor: float, head_dim: int) -> float:
-    """Base multiplier of NTK-aware scaling: ``λ = factor^{d/(d−2)}`` (SPEC §2.6)."""
+    """Base multiplier of NTK-aware scaling: ``λ = factor^{d/(d−2)}``."""
     return factor ** (head_dim / (head_dim - 2))
 
 

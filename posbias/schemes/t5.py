@@ -1,4 +1,4 @@
-"""T5 bucketed relative bias (SPEC §2.2): ``PE(i, j) = u_{b(i−j)}``, ``num_buckets = n_b + 1`` scalars per head.
+"""T5 bucketed relative bias: ``PE(i, j) = u_{b(i−j)}``, ``num_buckets = n_b + 1`` scalars per head.
 
 Causal bucket function for an offset ``o ≥ 0`` with ``N = num_buckets``, ``D = max_distance``,
 ``e = N // 2`` one-to-one buckets and ``m = N − e`` logarithmic ones::
@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .base import ToeplitzScheme, check_bool, check_int, flat_share
+from .base import ToeplitzScheme, check_bool, check_int, flat_share, illustrative_table_
 
 __all__ = ["T5Bias", "t5_bucket", "check_t5", "t5_last_bucket_start", "CANONICAL_FINAL_SHARE", "canonical_share_distance"]
 
@@ -102,6 +102,23 @@ def canonical_share_distance(train_len: int, start_of: Callable[[int], int], low
     return best
 
 
+def bucket_table(num_buckets: int, max_distance: int, bidirectional: bool = False,
+                 span: int | None = None) -> list[tuple[int, int, int | None]]:
+    """``(bucket, first offset, last offset or None for unbounded)`` rows of the causal direction
+    (offsets ≥ 0), as the concept cards tabulate them; ``span`` (default ``4 · max_distance``) is the
+    largest offset looked at."""
+    check_t5(num_buckets, max_distance, bidirectional)
+    span = span or 4 * max_distance
+    off = torch.arange(0, span + 1)
+    b = t5_bucket(off, num_buckets=num_buckets, max_distance=max_distance, bidirectional=bidirectional)
+    rows = []
+    for bucket in sorted(set(b.tolist())):
+        hits = off[b == bucket]
+        last = int(hits.max())
+        rows.append((bucket, int(hits.min()), None if last == span else last))
+    return rows
+
+
 class T5Bias(ToeplitzScheme):
     name = "t5"
     summary = "learned scalar per log-spaced bucket of i-j (num_buckets = n_b+1), unscaled logits"
@@ -150,6 +167,22 @@ class T5Bias(ToeplitzScheme):
 
     def bias_at(self, offset: Tensor) -> Tensor:
         return self.table.float()[self.buckets(offset)].movedim(-1, 0)
+
+    def illustrate_(self) -> str:
+        return illustrative_table_(self.table)
+
+    def describe(self) -> list[str]:
+        """The bucket table: which offsets share each learned scalar (the causal direction)."""
+        n, per_dir = self.num_buckets, self.num_buckets // 2 if self.bidirectional else self.num_buckets
+        lines = [f"{n} buckets (n_b + 1 = {n}, so n_b = {n - 1}); one-to-one for offsets < {per_dir // 2}; "
+                 f"final bucket from offset {self.flat_beyond}"]
+        if self.bidirectional:
+            lines.append(f"bidirectional: {per_dir} buckets per direction; keys after the query (j > i) add {per_dir}")
+        lines.append("bucket  offsets i-j (keys at or before the query)")
+        for bucket, lo, hi in bucket_table(n, self.max_distance, self.bidirectional):
+            rng = f"{lo}" if hi == lo else (f"{lo}-{hi}" if hi is not None else f">= {lo}")
+            lines.append(f"{bucket:>6}  {rng}" + ("" if hi is None else f"  ({hi - lo + 1})"))
+        return lines
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_buckets={self.num_buckets}, "

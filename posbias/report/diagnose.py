@@ -1,0 +1,186 @@
+"""The diagnosis report: ``report.md``, ``diagnose.json`` and PNGs (loss by position, attention
+distance, the bias, passkey accuracy), from a :class:`posbias.diagnose.DiagnoseResult`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .. import store
+from ..config import Log, quiet
+from ..diagnose import DiagnoseResult
+from . import md_table
+
+
+def write(result: DiagnoseResult, out: str | Path, *, log: Log = quiet) -> list[Path]:
+    """Write ``diagnose.json``, ``report.md`` and the PNGs into ``out``; returns the paths written."""
+    out = Path(out)
+    paths = [store.write_json(out / "diagnose.json", result.to_json()),
+             store.write_text(out / "report.md", markdown(result))]
+    try:
+        paths += plots(result, out)
+    except ValueError as exc:  # matplotlib missing: the report and JSON are still written
+        log(f"plots skipped: {exc}")
+    return paths
+
+
+def markdown(r: DiagnoseResult) -> str:
+    lines = [f"# Diagnosis of `{r.checkpoint}`", "",
+             f"Scheme **{r.scheme_name}** {r.options or ''}, trained at L = {r.train_len} tokens; "
+             f"examined at {r.length} tokens ({r.length / r.train_len:g} L).", ""]
+    lines += _loss_section(r) + _distance_section(r) + _final_entry_section(r) + _reach_section(r)
+    lines += _passkey_section(r)
+    return "\n".join(lines)
+
+
+def _loss_section(r: DiagnoseResult) -> list[str]:
+    full = float(torch.tensor(r.loss_by_position, dtype=torch.float64).mean())  # as measured (float64)
+    cut = float(torch.tensor(r.loss_by_position_cut_at_L, dtype=torch.float64).mean())
+    verdict = "hurts" if full > cut + 0.005 else "helps" if full < cut - 0.005 else "changes little"
+    rows = [[name, f"{lo:.4f}", f"{sh:.4f}", f"{lo - sh:+.4f}"] for name, lo, sh in r.loss_by_range]
+    rows.append(["all", f"{full:.4f}", f"{cut:.4f}", f"{full - cut:+.4f}"])
+    return (["## Loss by position", "",
+             f"The same {r.loss_windows * r.length} validation bytes scored in {r.length}-token windows (full context) "
+             f"and with the context cut into chunks of L = {r.train_len} (what the model saw in training). Δ < 0: the "
+             "extra context helps; Δ > 0: it hurts.", ""]
+            + md_table(["positions", "loss, full context", "loss, context cut at L", "Δ"], rows)
+            + ["", f"Perplexity {math.exp(full):.3f} with the full context vs {math.exp(cut):.3f} cut at L: the "
+               f"extra context {verdict}.", "", "![loss by position](loss_by_position.png)", ""])
+
+
+def _distance_section(r: DiagnoseResult) -> list[str]:
+    n, L = r.length, r.train_len
+    ad = {k: torch.tensor(v) for k, v in r.attention_distance.items()}
+    tail = slice(n - n // 4, n)
+    at_l = slice(max(0, L - 8), min(n, L + 8))
+    rows = [[layer, h, f"{ad['mean'][layer, h, tail].mean():.1f}", f"{ad['q50'][layer, h, tail].mean():.1f}",
+             f"{ad['q90'][layer, h, tail].mean():.1f}", f"{ad['mean'][layer, h, at_l].mean():.1f}"]
+            for layer in range(ad["mean"].shape[0]) for h in range(ad["mean"].shape[1])]
+    return (["## Attention distance", "",
+             f"Attention-weighted distance i − j at the last {n // 4} query positions (uniform attention over "
+             f"all earlier keys would give a mean of about {3 * n / 8:.0f}; a head that attended only to keys within L "
+             f"would stay below {L}).", ""]
+            + md_table(["layer", "head", "mean", "median", "90th pct", "at query ≈ L: mean"], rows)
+            + ["", "![attention distance](attention_distance.png)", ""])
+
+
+def _final_entry_section(r: DiagnoseResult) -> list[str]:
+    if not r.final_entry_share:
+        return []
+    s = r.scheme
+    n_far = max(0, r.length - s.flat_beyond)
+    diluted = [h for h, w in enumerate(r.far_weight) if w > 1]
+    verdict = (f"In head(s) {', '.join(map(str, diluted))} the {n_far} far keys together outweigh the nearest key on "
+               "the bias alone: the final entry does not separate near from far, and attention mass can drift to the "
+               "many far keys (dilution)." if diluted else
+               f"In every head the {n_far} far keys together weigh less than the nearest key on the bias alone: the "
+               "final entry acts as a penalty, not as a source of dilution.")
+    return (["## The final entry (T5: the final bucket)", "",
+             f"{s.name} ({s.extra_repr()}): every distance from {s.flat_beyond} on reads one learned value. Share of "
+             "causal query–key pairs on that final entry:", ""]
+            + md_table(["window", "share on the final entry"], [[n, f"{v:.1%}"] for n, v in r.final_entry_share.items()])
+            + ["", "The final entry's learned value against the entry of distance 0, for a query at the end of the "
+               f"{r.length}-token window:", ""]
+            + md_table(["head", "u(0) − u(final), nats", "far keys' weight vs. the nearest key"],
+                       [[h, f"{g:+.2f}", f"{w:.3g}"] for h, (g, w) in enumerate(zip(r.final_entry_gap, r.far_weight))])
+            + ["", verdict, ""])
+
+
+def _reach_section(r: DiagnoseResult) -> list[str]:
+    if r.effective_reach is None:
+        return []
+    return (["## Effective reach of the bias", "",
+             f"Distance at which the bias alone cuts attention by 100× (query at position {r.length - 1}; "
+             f"'never' = not within {16 * r.length}):", ""]
+            + md_table(["head", "reach"], [[h, x if x is not None else "never"] for h, x in enumerate(r.effective_reach)])
+            + ["", "![bias](bias_vs_distance.png)", ""])
+
+
+def _passkey_section(r: DiagnoseResult) -> list[str]:
+    if r.passkey_skipped:
+        return ["## Passkey retrieval", "", f"Skipped: {r.passkey_skipped}.", ""]
+    if not r.passkey:
+        return []
+    depths = list(next(iter(r.passkey.values())))
+    rows = [[n, *(f"{row[d]:.2f}" for d in depths), f"{sum(row.values()) / len(row):.2f}"] for n, row in r.passkey.items()]
+    return (["## Passkey retrieval", "",
+             f"A copy fine-tuned for {r.passkey_steps} steps on passkey samples of {r.train_len} bytes; accuracy over "
+             f"{r.passkey_samples} samples per cell (depth 0 = key at the start of the window):", ""]
+            + md_table(["length", *(f"depth {d}" for d in depths), "mean"], rows)
+            + ["", "![passkey](passkey.png)", ""])
+
+
+def plots(r: DiagnoseResult, out: Path) -> list[Path]:
+    from ..plot import plot_bias_curves, pyplot
+
+    plt = pyplot()
+    paths = [_loss_plot(r, out / "loss_by_position.png", plt), _distance_plot(r, out / "attention_distance.png", plt)]
+    if r.scheme.family == "additive":
+        paths.append(plot_bias_curves([r.scheme], out / "bias_vs_distance.png", max_distance=r.length,
+                                      title=f"learned/fixed bias per head ({r.scheme_name})"))
+    if r.passkey:
+        paths.append(_passkey_plot(r, out / "passkey.png", plt))
+    return paths
+
+
+def _loss_plot(r: DiagnoseResult, path: Path, plt) -> Path:
+    from ..plot import save_figure
+
+    k = max(1, r.length // 64)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for losses, label in ((r.loss_by_position, "full context"),
+                          (r.loss_by_position_cut_at_L, f"context cut at L = {r.train_len}")):
+        t = torch.tensor(losses)
+        smooth = torch.nn.functional.avg_pool1d(t[None, None], k, k)[0, 0] if k > 1 else t
+        ax.plot((torch.arange(len(smooth)) * k + k / 2).numpy(), smooth.numpy(), label=label)
+    ax.axvline(r.train_len, color="grey", ls="--", lw=1, label=f"training length {r.train_len}")
+    ax.set_xlabel("position in the window")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.set_title(f"{r.scheme_name}: loss by position")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def _distance_plot(r: DiagnoseResult, path: Path, plt) -> Path:
+    from ..plot import save_figure
+
+    mean = torch.tensor(r.attention_distance["mean"])
+    layers = mean.shape[0]
+    fig, axes = plt.subplots(1, layers, figsize=(3.2 * layers, 3.2), squeeze=False, sharey=True)
+    x = torch.arange(r.length)
+    for layer in range(layers):
+        ax = axes[0, layer]
+        for h in range(mean.shape[1]):
+            ax.plot(x.numpy(), mean[layer, h].numpy(), lw=1, label=f"head {h}")
+        ax.plot(x.numpy(), (x / 2).numpy(), color="grey", ls=":", lw=1, label="uniform")
+        ax.axvline(r.train_len, color="grey", ls="--", lw=1)
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("query position")
+    axes[0, 0].set_ylabel("mean attention distance i − j")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{r.scheme_name}: how far each head looks", y=1.0)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))  # room for the figure title above the panel titles
+    return save_figure(fig, path)
+
+
+def _passkey_plot(r: DiagnoseResult, path: Path, plt) -> Path:
+    from ..plot import save_figure
+
+    lens = list(r.passkey)
+    depths = list(r.passkey[lens[0]])
+    data = [[r.passkey[m][d] for d in depths] for m in lens]
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(lens) + 2))
+    im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(depths)), depths)
+    ax.set_yticks(range(len(lens)), lens)
+    ax.set_xlabel("depth of the key (0 = start of the window)")
+    ax.set_ylabel("context length")
+    for i, row in enumerate(data):
+        for j, a in enumerate(row):
+            ax.text(j, i, f"{a:.2f}", ha="center", va="center", color="white" if a < 0.6 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    ax.set_title(f"{r.scheme_name}: passkey retrieval (trained at {r.train_len})")
+    return save_figure(fig, path)

@@ -1,0 +1,76 @@
+"""The retrofit report: ``results.json``, ``results.md`` (before/after perplexity; with ``compare``
+the decision table; T5's bucket moves) and ``ppl_vs_length.png``, from a
+:class:`posbias.retrofit.RetrofitResult`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .. import store
+from ..config import Log, quiet
+from ..retrofit import RetrofitResult
+from . import md_table
+
+STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
+
+
+def write(result: RetrofitResult, out: str | Path, *, log: Log = quiet) -> list[Path]:
+    """Write ``results.json``, ``results.md`` and ``ppl_vs_length.png`` into ``out``."""
+    out = Path(out)
+    paths = [store.write_json(out / "results.json", result.to_json()),
+             store.write_text(out / "results.md", markdown(result))]
+    try:
+        paths.append(plot(result.to_json(), out / "ppl_vs_length.png"))
+    except ValueError as exc:  # matplotlib missing
+        log(f"plot skipped: {exc}")
+    return paths
+
+
+def markdown(result: RetrofitResult) -> str:
+    lens, L, to, rows = result.eval_lens, result.train_len, result.to, result.rows
+    ref = rows[0]["ppl"].get(L, math.nan)
+    lines = [f"Retrofit of `{result.checkpoint}` (trained at L = {L}) to {to} tokens.", ""] + md_table(
+        ["method", "stage", *(f"ppl @ {n}" for n in lens), f"ppl@{to} / ppl@{L} (before)"],
+        [[r["method"], r["stage"], *(f"{r['ppl'][n]:.3f}" for n in lens), f"{r['ppl'][to] / ref:.2f}"] for r in rows])
+    if any(r.get("passkey") for r in rows):
+        far = [n for n in lens if n > L]
+        lines += ["", "Decision table (passkey: trained at L, mean accuracy over 5 depths; attention cost: a "
+                  f"forward pass at {to} tokens relative to the original model, same run):", ""] + md_table(
+            ["method", "stage", f"near-range ppl @ {L}", *(f"ppl @ {n}" for n in far), f"passkey @ {L}",
+             f"passkey @ {to}", "extra params", "attention cost"],
+            [[r["method"], r["stage"], f"{r['ppl'][L]:.3f}", *(f"{r['ppl'][n]:.3f}" for n in far),
+              f"{r['passkey'][L]:.2f}", f"{r['passkey'][to]:.2f}", f"{r['extra_params']:+d}",
+              f"{r['attention_cost']:.2f}×"] for r in rows if r.get("passkey")])
+    for m, remap in result.bucket_remap.items():
+        lines += ["", f"`{m}`: the learned table is kept, so distances land in other buckets:", ""]
+        lines += md_table(["distance", "bucket before", "bucket after"], remap)
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """One colour per method, one line style per stage (dotted: before, dashed: no fine-tune, solid:
+    fine-tuned), legend outside the axes so it never covers the data. ``result`` is the JSON form."""
+    from ..plot import plain_log_ticks, pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colour = {m: cmap(k) for k, m in enumerate(methods)}
+    for r in result["rows"]:
+        xs = sorted(r["ppl"], key=int)
+        ax.plot([int(x) for x in xs], [r["ppl"][n] for n in xs], STAGE_STYLES.get(r["stage"], "-"), marker="o",
+                ms=4, color=colour[r["method"]], label=f"{r['method']} ({r['stage']})")
+    ax.axvline(result["train_len"], color="grey", ls=":", lw=1, label="training length")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    plain_log_ticks(ax)
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("perplexity (bytes)")
+    ax.set_title(f"Retrofit to {result['to']} tokens (dotted: before, dashed: no fine-tune, solid: fine-tuned)",
+                 fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return save_figure(fig, path)

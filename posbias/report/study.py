@@ -1,0 +1,187 @@
+"""The length study's report: ``results.json``, ``results.md`` (perplexity, Δ beyond L, what the
+positional parameters learned) and three PNGs, from a :class:`posbias.study.StudyResult`."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import store
+from ..config import Log, quiet
+from ..study import N_BOOT, StudyResult
+from . import md_table
+
+Records = list[dict[str, Any]]
+
+
+def write(result: StudyResult, out: str | Path, *, log: Log = quiet) -> list[Path]:
+    """Write ``results.json``, ``results.md`` and the PNGs into ``out``; returns the paths written.
+    Without matplotlib the PNGs are skipped (said through ``log``) and the rest is still written."""
+    out = Path(out)
+    paths = [store.write_json(out / "results.json", result.to_json()),
+             store.write_text(out / "results.md", markdown(result))]
+    try:
+        paths += plots(result, out)
+    except ValueError as exc:  # matplotlib missing
+        log(f"plots skipped: {exc}")
+    return paths
+
+
+def _pick(records: Records, label: str, n: int) -> Records:
+    return [r for r in records if r["label"] == label and r["eval_len"] == n]
+
+
+def _cell(rs: Records, key: str, fmt: str = ".2f") -> str:
+    """One seed: value [lo, hi]; several: mean ± std over seeds."""
+    if not rs:
+        return "–"
+    if len(rs) == 1:
+        r = rs[0]
+        return f"{r[key]:{fmt}} [{r[key + '_lo']:{fmt}}, {r[key + '_hi']:{fmt}}]"
+    v = [r[key] for r in rs]
+    return f"{statistics.mean(v):{fmt}} ± {statistics.stdev(v):{fmt.lstrip('+')}}"
+
+
+def markdown(result: StudyResult) -> str:
+    cfg = result.config
+    lines = _ppl_section(result) + _delta_section(result) + _learned_section(result)
+    if len(cfg.seeds) > 1:
+        lens = cfg.lengths()
+        lines += ["", f"Per seed, ppl@{lens[-1]} / ppl@{cfg.train_len}: " + "; ".join(
+            f"{a.label} " + " / ".join(f"{r['ratio']:.3f}" for r in _pick(result.records, a.label, lens[-1]))
+            for a in result.arms)]
+    return "\n".join(lines + ["", _footer(result), ""])
+
+
+def _ppl_section(result: StudyResult) -> list[str]:
+    cfg, recs = result.config, result.records
+    lens, base = cfg.lengths(), cfg.train_len
+    what = "mean ± std over seeds" if len(cfg.seeds) > 1 else "95% bootstrap interval"
+    rows = [[a.label, *(_cell(_pick(recs, a.label, n), "ppl") for n in lens),
+             _cell(_pick(recs, a.label, lens[-1]), "ratio", ".3f")] for a in result.arms]
+    header = ["scheme", *(f"ppl @ {n}" for n in lens), f"ppl@{lens[-1]} / ppl@{base}"]
+    return [f"### Perplexity by evaluation length ({what})", ""] + md_table(header, rows)
+
+
+def _delta_section(result: StudyResult) -> list[str]:
+    cfg, base = result.config, result.config.train_len
+    far = [n for n in cfg.lengths() if n > base]
+    if not far:
+        return []
+    rows = [[a.label, *(_cell(_pick(result.records, a.label, n), "tail_delta", "+.3f") for n in far)]
+            for a in result.arms]
+    return ["", f"### Beyond the training length: the last {base} tokens of each window, with n − {base} … n − 1 "
+            f"tokens of context, against the same tokens scored in windows of {base} (Δ nats/byte; < 0: the "
+            "longer context helps, > 0: the model breaks past L)", ""] + md_table(
+        ["scheme", *(f"Δ @ {n}" for n in far)], rows)
+
+
+def _learned_section(result: StudyResult) -> list[str]:
+    cfg = result.config
+    rows = []
+    for a in result.arms:
+        rs = [r for r in result.records if r["label"] == a.label and r["seed"] == cfg.seeds[0]]
+        if not rs:
+            continue
+        lr = rs[0]["learned"]
+        rows.append([
+            a.label, ", ".join(f"{k}={v}" for k, v in a.options.items()) or "–",
+            f"[{lr['bias_range'][0]:.2f}, {lr['bias_range'][1]:.2f}]" if "bias_range" in lr else "–",
+            f"{lr['bias_contrast']:.2f}" if "bias_contrast" in lr else "–",
+            f"{lr['final_share']:.0%}" if "final_share" in lr else "–",
+            ", ".join(f"{k} [{v[0]:.2f}, {v[1]:.2f}]" for k, v in lr["params"].items()) or "none"])
+    header = ["scheme", "options", "bias range at L (query L−1, keys 0…L−1)", "largest near−far contrast",
+              "far entry's share of training pairs", "parameter ranges"]
+    return ["", f"### What the positional parameters learned (seed {cfg.seeds[0]})", ""] + md_table(header, rows)
+
+
+def _footer(result: StudyResult) -> str:
+    cfg = result.config
+    r0 = result.records[0] if result.records else {"tokens": 0, "segments": 0}
+    seeds = ", ".join(map(str, cfg.seeds))
+    return (f"Trained at {cfg.train_len} tokens for {cfg.steps} steps (batch {cfg.batch_size}, lr {cfg.lr:g}, "
+            f"positional parameters at {cfg.pos_lr_mult:g}× lr without weight decay); d_model {cfg.d_model}, "
+            f"{cfg.n_layers} layers, {cfg.n_heads} heads; seeds {seeds}; {cfg.threads} threads. Every length scores "
+            f"the same {r0['tokens']:,} validation tokens ({r0['segments']} segments of {max(cfg.lengths())}) in "
+            f"non-overlapping windows. Intervals: 95% percentile bootstrap over the segments ({N_BOOT} "
+            "replicates, paired across lengths). Two schemes whose intervals overlap are not distinguishable "
+            "at this evaluation size; between seeds, the std is the spread of training itself.")
+
+
+def plots(result: StudyResult, out: Path) -> list[Path]:
+    """``ppl_vs_length.png``, ``loss_vs_position.png`` and ``learned_bias_vs_distance.png``."""
+    from ..plot import plot_bias_curves, pyplot
+
+    plt = pyplot()
+    colors = plt.get_cmap("tab10" if len(result.arms) <= 10 else "tab20")
+    paths = [_ppl_plot(result, out / "ppl_vs_length.png", plt, colors)]
+    if result.positions:
+        paths.append(_position_plot(result, out / "loss_vs_position.png", plt, colors))
+    if result.schemes:
+        cfg = result.config
+        paths.append(plot_bias_curves(list(result.schemes.values()), out / "learned_bias_vs_distance.png",
+                                      max_distance=max(cfg.lengths()), names=list(result.schemes), log_distance=True,
+                                      title=f"positional biases after training at {cfg.train_len} tokens "
+                                            "(ALiBi is fixed, not learned)"))
+    return paths
+
+
+def _mean_band(rs: Records) -> tuple[float, float, float]:
+    """Mean perplexity and its band: ± std over seeds, or the bootstrap interval of one seed."""
+    v = [r["ppl"] for r in rs]
+    m = statistics.mean(v)
+    if len(v) > 1:
+        sd = statistics.stdev(v)
+        return m, m - sd, m + sd
+    return m, rs[0]["ppl_lo"], rs[0]["ppl_hi"]
+
+
+def _ppl_plot(result: StudyResult, path: Path, plt, colors) -> Path:
+    from ..plot import plain_log_ticks, save_figure
+
+    cfg = result.config
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    for k, arm in enumerate(result.arms):
+        pts = [(n, *_mean_band(rs)) for n in cfg.lengths() if (rs := _pick(result.records, arm.label, n))]
+        xs, ys, lo, hi = (list(c) for c in zip(*pts)) if pts else ([], [], [], [])
+        ax.plot(xs, ys, marker="o", label=arm.label, color=colors(k), lw=1.5)
+        ax.fill_between(xs, lo, hi, color=colors(k), alpha=0.15, lw=0)
+    ax.axvline(cfg.train_len, color="grey", ls="--", lw=1, label=f"training length {cfg.train_len}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    plain_log_ticks(ax)
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("perplexity (bytes)")
+    band = "± std over seeds" if len(cfg.seeds) > 1 else "95% bootstrap interval"
+    ax.set_title(f"Train short, test long (band: {band})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return save_figure(fig, path)
+
+
+def _position_plot(result: StudyResult, path: Path, plt, colors) -> Path:
+    from ..plot import save_figure
+
+    cfg = result.config
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    for k, arm in enumerate(result.arms):
+        if arm.label not in result.positions:
+            continue
+        y = torch.tensor(result.positions[arm.label])
+        # mean over ~16 log-spaced bins of (position + 1): single positions are too noisy to read
+        edges = torch.unique(torch.logspace(0, math.log10(len(y) + 1), 17).round().long().clamp(1, len(y) + 1))
+        xs = [math.sqrt(int(a) * int(b)) for a, b in zip(edges[:-1], edges[1:])]
+        ys = [float(y[int(a) - 1:int(b) - 1].mean()) for a, b in zip(edges[:-1], edges[1:])]
+        ax.plot(xs, ys, label=arm.label, lw=1.4, color=colors(k), marker=".")
+    ax.axvline(cfg.train_len, color="grey", ls="--", lw=1, label="training length")
+    ax.set_xscale("log")
+    ax.set_xlabel("position inside the window + 1 (log scale; mean over log-spaced bins)")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.set_title(f"Loss by position in {max(cfg.lengths())}-token windows (seed {cfg.seeds[0]})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return save_figure(fig, path)

@@ -1,0 +1,302 @@
+"""Train short, test long: models that differ only in their positional scheme, trained at one length
+with identical data, seed, size and steps, scored at many longer lengths on the same tokens.
+
+Shape: :class:`StudyConfig` (frozen) → :func:`run_study` (trains and evaluates, no printing;
+progress through ``log``) → :class:`StudyResult` → :mod:`posbias.report.study` (``results.json``,
+``results.md`` and the PNGs).
+
+Trust rules:
+
+* **Results are keyed by everything that made them.** A model lives in
+  ``models/<label>-seed<seed>-<key>/`` where ``key`` hashes the model config (scheme options
+  included), the training config, the corpus fingerprint, the thread count, the device and the
+  torch version; its evaluation in ``eval-<key>.json`` keyed by those and every evaluation setting.
+  A changed setting trains and evaluates afresh in a folder of its own; nothing is reused under
+  another setting.
+* **Every number carries its uncertainty**: a 95% bootstrap interval over text segments (paired
+  across lengths, :func:`posbias.evaluate.length_study`); seeds give mean ± std.
+* **Fixed threads**: ``torch.set_num_threads(threads)`` for the whole run; results are bit-identical
+  for the same key on one machine.
+* **A fair optimizer for positional parameters**: they get their own AdamW group at
+  ``pos_lr_mult × lr`` without weight decay (:func:`posbias.train.make_optimizer` says why).
+
+Scheme options: each scheme's own :meth:`~posbias.schemes.Scheme.study_defaults` (T5 and the offset
+table: the far bucket sees canonical T5's share of training pairs; FIRE: the reference ``init_L``),
+then the user's ``scheme_options`` per scheme name, then options in the label itself
+(``t5@max_distance=64``), so one scheme can appear twice with different options.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import checkpoint as ckpt
+from . import store
+from ._version import __version__
+from .config import ConfigError, Log, check_count, check_rate, quiet
+from .data import Corpus
+from .evaluate import check_study_lengths, length_study
+from .model import ModelConfig, TransformerLM
+from .schemes import SCHEMES, Scheme, check_options, get_scheme_class, parse_spec, spec_label
+from .schemes.base import flat_share
+from .train import TrainConfig, train
+
+
+
+def default_schemes() -> tuple[str, ...]:
+    """Every registered scheme the study runs by default (a scheme opts out with ``in_study = False``)."""
+    return tuple(name for name, cls in SCHEMES.items() if cls.in_study)
+
+EVAL_FORMAT = 2  # bump when the evaluation's definition changes: old caches are then not reused
+N_BOOT = 2000  # bootstrap replicates per interval
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    schemes: tuple[str, ...] = field(default_factory=default_schemes)  # scheme labels: NAME or NAME@KEY=VALUE[,KEY=VALUE]
+    scheme_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per scheme name, over study defaults
+    train_len: int = 128  # training length L (tokens)
+    eval_lens: tuple[int, ...] = (128, 256, 512, 1024, 2048)  # must include L; each divides the longest
+    steps: int = 600  # optimizer steps per model
+    batch_size: int = 32  # sequences per step
+    lr: float = 2e-3  # peak learning rate of the weights
+    pos_lr_mult: float = 100.0  # positional parameters' lr multiplier (see posbias.train.make_optimizer)
+    d_model: int = 128  # residual width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads
+    seeds: tuple[int, ...] = (0,)  # one model per scheme and seed
+    eval_tokens: int = 16384  # validation tokens scored at every length (rounded down to whole longest windows)
+    eval_batch: int = 8  # windows per evaluation forward
+    threads: int = 2  # torch intra-op threads, fixed for reproducibility (part of every result's key)
+    device: str = "cpu"  # cpu or cuda[:N]
+
+    def __post_init__(self) -> None:
+        labels = [spec_label(*parse_spec(s)) for s in self.schemes]
+        if not labels:
+            raise ConfigError("schemes", "must name at least one scheme")
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"scheme {dup[0]!r} is listed twice; give the copies different options")
+        for name, opts in self.scheme_options.items():
+            check_options(name, opts)
+        for n in self.eval_lens:
+            check_count("eval_lens", n)
+        for name in ("train_len", "steps", "batch_size", "d_model", "n_layers", "n_heads", "eval_tokens",
+                     "eval_batch", "threads"):
+            check_count(name, getattr(self, name))
+        if not self.seeds:
+            raise ConfigError("seeds", "must list at least one seed")
+        for name in ("lr", "pos_lr_mult"):
+            check_rate(name, getattr(self, name))
+        lens = check_study_lengths(self.eval_lens, self.train_len)
+        if self.eval_tokens < lens[-1]:
+            raise ConfigError("eval_tokens", f"{self.eval_tokens} is fewer than the longest evaluation length {lens[-1]}")
+        if self.d_model % self.n_heads:
+            raise ConfigError("d_model", f"{self.d_model} must be divisible by the number of heads {self.n_heads}")
+
+    def lengths(self) -> list[int]:
+        return sorted(set(self.eval_lens))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~10 minutes on a 2-core CPU: 8 schemes, train at 64 tokens, evaluate up to 16x on 16 segments
+    "demo": dict(train_len=64, eval_lens=(64, 128, 256, 512, 1024), steps=250, batch_size=32, d_model=128,
+                 n_layers=3, n_heads=4, eval_tokens=16384),
+    # the longer CPU protocol, ~1 hour on a 2-core CPU
+    "cpu": dict(train_len=128, eval_lens=(128, 256, 512, 1024, 2048), steps=1200, batch_size=32, d_model=128,
+                n_layers=4, n_heads=4, eval_tokens=65536),
+    # for a GPU: larger model, longer training, 3 seeds
+    "gpu": dict(train_len=128, eval_lens=(128, 256, 512, 1024, 2048, 4096), steps=4000, batch_size=64,
+                d_model=256, n_layers=6, n_heads=8, eval_tokens=131072, seeds=(0, 1, 2), device="cuda"),
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One scheme of the study with its resolved options."""
+
+    label: str
+    scheme: str
+    options: dict[str, Any]
+
+
+def arms(cfg: StudyConfig) -> list[Arm]:
+    """Each label's scheme and options: scheme study defaults < ``scheme_options`` < the label's own."""
+    out = []
+    for spec in cfg.schemes:
+        name, own = parse_spec(spec)
+        user = {**cfg.scheme_options.get(name, {}), **own}
+        options = {**get_scheme_class(name).study_defaults(cfg.train_len, user), **user}
+        out.append(Arm(spec_label(name, own), name, check_options(name, options)))
+    return out
+
+
+def model_config(cfg: StudyConfig, arm: Arm) -> ModelConfig:
+    return ModelConfig(scheme=arm.scheme, scheme_options=arm.options, d_model=cfg.d_model, n_layers=cfg.n_layers,
+                       n_heads=cfg.n_heads)
+
+
+def train_config(cfg: StudyConfig, seed: int) -> TrainConfig:
+    return TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, train_len=cfg.train_len, lr=cfg.lr,
+                       pos_lr_mult=cfg.pos_lr_mult, warmup=max(1, cfg.steps // 12),
+                       eval_every=max(1, cfg.steps // 3), ckpt_every=max(1, cfg.steps // 10), seed=seed)
+
+
+def model_key(cfg: StudyConfig, arm: Arm, seed: int, corpus: Corpus) -> dict[str, Any]:
+    """Everything that makes a trained model."""
+    return {"model": model_config(cfg, arm).to_dict(), "train": asdict(train_config(cfg, seed)),
+            "corpus": corpus.fingerprint, "threads": cfg.threads, "device": cfg.device, "torch": torch.__version__}
+
+
+def eval_key(cfg: StudyConfig, mkey: dict[str, Any]) -> dict[str, Any]:
+    """Everything that makes an evaluation of that model."""
+    return {"model_key": mkey, "lengths": cfg.lengths(), "train_len": cfg.train_len, "eval_tokens": cfg.eval_tokens,
+            "eval_batch": cfg.eval_batch, "n_boot": N_BOOT, "format": EVAL_FORMAT}
+
+
+def _folder_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label)
+
+
+def learned_summary(model: TransformerLM, train_len: int) -> dict[str, Any]:
+    """What the positional parameters learned: each parameter's range, and for additive schemes the
+    bias a query at position L−1 gives keys at distances 0 … L−1 (all heads)."""
+    s = model.scheme
+    out: dict[str, Any] = {"params": {n: [float(p.detach().min()), float(p.detach().max())]
+                                      for n, p in s.named_parameters()}}
+    if s.family == "additive":
+        with torch.no_grad():
+            q = torch.tensor([train_len - 1])
+            b = s.bias(q, torch.arange(train_len))[:, 0, :].float()  # [H, L], distance L−1 … 0
+        out["bias_range"] = [float(b.min()), float(b.max())]
+        out["bias_contrast"] = float((b[:, -1] - b[:, 0]).abs().max())  # |bias(0) − bias(L−1)|, largest head
+    flat = getattr(s, "flat_beyond", None)
+    if s.learnable and flat is not None:
+        out["final_share"] = flat_share(flat, train_len)
+    return out
+
+
+@dataclass
+class StudyResult:
+    """What :func:`run_study` made: one record per label, seed and evaluation length (perplexity with
+    its interval, ratio to L, Δ beyond L, what the positional parameters learned, where the model
+    lives), and for the first seed the loss by position at the longest length and the trained
+    additive schemes (for the pictures)."""
+
+    config: StudyConfig
+    records: list[dict[str, Any]]
+    positions: dict[str, list[float]]  # label → mean loss per position in windows of the longest length
+    schemes: dict[str, Scheme]  # label → the first seed's trained scheme (additive schemes only)
+    corpus: dict[str, Any]  # the corpus fingerprint
+    arms: list[Arm]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"records": self.records, "study": asdict(self.config), "corpus": self.corpus,
+                "threads": self.config.threads,
+                "versions": {"posbias": __version__, "torch": torch.__version__, "python": platform.python_version()},
+                "machine": platform.platform()}
+
+
+def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bool = False, keep_last: bool = True,
+              log: Log = quiet) -> StudyResult:
+    """Train (or reuse, under the same key) and evaluate every scheme and seed, keeping models and
+    evaluations in ``out/models``; one run per folder at a time. ``progress`` shows progress bars;
+    ``keep_last=False`` deletes each model's ``last/`` checkpoint (mostly optimizer state) once its
+    ``final/`` exists, which changes no result. :func:`posbias.report.study.write` renders the result."""
+    out = store.check_out_dir(out)
+    longest = max(cfg.lengths())
+    budget = min(cfg.eval_tokens, corpus.val.numel() - 1) // longest * longest
+    if budget < longest:
+        raise ValueError(f"the validation split has {corpus.val.numel() - 1} scoreable tokens, fewer than the "
+                         f"longest evaluation length {longest}; use shorter --eval-lens or more --data")
+    if corpus.train.numel() <= cfg.train_len + 1:
+        raise ValueError(f"the training split has {corpus.train.numel()} tokens, fewer than --train-len + 1 = "
+                         f"{cfg.train_len + 1}; use a shorter --train-len or more --data")
+    result = StudyResult(cfg, [], {}, {}, corpus.fingerprint, arms(cfg))
+    with store.FolderLock(out):
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        try:
+            _run(result, out, corpus, progress, keep_last, log)
+        finally:
+            torch.set_num_threads(old_threads)
+    return result
+
+
+def _run(result: StudyResult, out: Path, corpus: Corpus, progress: bool, keep_last: bool, log: Log) -> None:
+    cfg = result.config
+    total = len(result.arms) * len(cfg.seeds)
+    trained_s: list[float] = []  # wall time of each model trained in this run, for the ETA
+    done = 0
+    for arm in result.arms:
+        for seed in cfg.seeds:
+            done += 1
+            tag = f"[{done}/{total} {arm.label} seed {seed}]"
+            mkey = model_key(cfg, arm, seed, corpus)
+            mdir = out / "models" / f"{_folder_name(arm.label)}-seed{seed}-{store.config_key(mkey)}"
+            if ckpt.exists(mdir / "final"):
+                log(f"{tag} reusing the model trained with these exact settings in {mdir / 'final'}")
+            else:
+                trained_s.append(_train_one(cfg, arm, seed, mkey, mdir, corpus, progress, log, tag))
+                left = total - done
+                if left:
+                    eta = statistics.mean(trained_s) * left / 60
+                    log(f"{tag} trained in {trained_s[-1]:.0f} s; at most about {eta:.0f} min left for {left} model(s)")
+            if not keep_last and (mdir / "last").exists():
+                shutil.rmtree(mdir / "last")
+            _evaluate_one(result, arm, seed, mkey, mdir, corpus, log, tag)
+
+
+def _train_one(cfg: StudyConfig, arm: Arm, seed: int, mkey: dict[str, Any], mdir: Path, corpus: Corpus,
+               progress: bool, log: Log, tag: str) -> float:
+    """Train one model into ``mdir`` (resuming its ``last/`` checkpoint); returns the wall time."""
+    log(f"{tag} training {cfg.steps} steps at length {cfg.train_len} ({arm.options or 'no options'})")
+    store.write_json(mdir / "key.json", mkey)
+    t0 = time.perf_counter()
+    train(model_config(cfg, arm), train_config(cfg, seed), corpus.train, corpus.val, mdir, device=cfg.device,
+          progress=progress, extra_meta={"corpus": corpus.fingerprint, "key": mkey}, log=log)
+    return time.perf_counter() - t0
+
+
+def _evaluate_one(result: StudyResult, arm: Arm, seed: int, mkey: dict[str, Any], mdir: Path, corpus: Corpus,
+                  log: Log, tag: str) -> None:
+    """Score one trained model at every length (or reuse its keyed evaluation) and append its records."""
+    cfg = result.config
+    meta = ckpt.read_meta(mdir / "final")
+    model = ckpt.load_model(mdir / "final").to(cfg.device)
+    ekey = eval_key(cfg, mkey)
+    efile = mdir / f"eval-{store.config_key(ekey)}.json"
+    if efile.exists():
+        scores = {int(k): v for k, v in store.read_json(efile)["scores"].items()}
+    else:
+        t0 = time.perf_counter()
+        scores = length_study(model, corpus.val, cfg.lengths(), train_len=cfg.train_len, n_tokens=cfg.eval_tokens,
+                              batch_size=cfg.eval_batch, device=cfg.device, n_boot=N_BOOT, seed=seed)
+        store.write_json(efile, {"key": ekey, "wall_s": time.perf_counter() - t0,
+                                 "scores": {str(k): v for k, v in scores.items()}})
+    learned = learned_summary(model, cfg.train_len)
+    first = seed == cfg.seeds[0]
+    if first and model.scheme.family == "additive":
+        result.schemes[arm.label] = model.scheme.cpu()
+    hist = meta.get("history", {})
+    for n in cfg.lengths():
+        r = scores[n]
+        log(f"{tag} length {n}: ppl {r['ppl']:.3f} [{r['ppl_lo']:.3f}, {r['ppl_hi']:.3f}]")
+        if r.get("loss_by_position") and first:
+            result.positions[arm.label] = r["loss_by_position"]
+        result.records.append({
+            "label": arm.label, "scheme": arm.scheme, "seed": seed, "train_len": cfg.train_len,
+            **{k: v for k, v in r.items() if k != "loss_by_position"},
+            "train_wall_s": hist.get("wall_s"), "final_val_loss": (hist.get("val_loss") or [[None, None]])[-1][1],
+            "params": model.num_parameters(), "learned": learned, "model": model.cfg.to_dict(),
+            "train": meta.get("train"), "threads": cfg.threads, "model_dir": str(mdir),
+        })
