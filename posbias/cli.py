@@ -324,11 +324,25 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-lens", type=int, nargs="+", help="default: L, 2L, 4L … up to --to")
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--passkey-steps", type=int, default=600, help="passkey fine-tune steps (with --compare)")
+    _add_checkpoint_job_arguments(p, "retrofit", cmd_retrofit)
+
+
+def _add_checkpoint_job_arguments(p: argparse.ArgumentParser, kind: str, func: Callable) -> None:
+    """The flags every job on a checkpoint shares (device, data, output folder, quiet)."""
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", help="a local text file or folder instead of the embedded default")
-    p.add_argument("--out", help="default: runs/retrofit-<checkpoint name>")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_retrofit)
+    p.add_argument("--out", help=f"default: runs/{kind}-<checkpoint name>")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=func)
+
+
+def _prepare_checkpoint_job(args: argparse.Namespace, kind: str) -> Path:
+    """Check the device and the checkpoint; the output folder (``runs/<kind>-<name>`` by default)."""
+    from . import checkpoint as ckpt
+
+    check_device(args.device)
+    ckpt.require(args.checkpoint)
+    return Path(args.out or f"runs/{kind}-{Path(args.checkpoint).resolve().parent.name}")
 
 
 def cmd_retrofit(args: argparse.Namespace) -> None:
@@ -337,8 +351,7 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
     from .report import retrofit as report
     from .retrofit import RetrofitConfig, methods_for, run_retrofit
 
-    check_device(args.device)
-    ckpt.require(args.checkpoint)
+    out = _prepare_checkpoint_job(args, "retrofit")
     scheme = ckpt.read_meta(args.checkpoint)["model"]["scheme"]
     methods = args.methods or (methods_for(scheme) if args.compare else None)
     if not methods:
@@ -348,7 +361,6 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
                          finetune_batch=args.finetune_batch, finetune_lr=args.finetune_lr,
                          eval_lens=tuple(args.eval_lens) if args.eval_lens else None, eval_tokens=args.eval_tokens,
                          compare=args.compare, passkey_steps=args.passkey_steps, device=args.device)
-    out = Path(args.out or f"runs/retrofit-{Path(args.checkpoint).resolve().parent.name}")
     corpus = load_corpus(args.data)
     t0 = time.perf_counter()
     with store.FolderLock(out):
@@ -369,24 +381,17 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--passkey-steps", type=int, default=600, help="0 skips the passkey test")
     p.add_argument("--passkey-samples", type=int, default=24)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data", help="a local text file or folder instead of the embedded default")
-    p.add_argument("--out", help="default: runs/diagnose-<checkpoint name>")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_diagnose)
+    _add_checkpoint_job_arguments(p, "diagnose", cmd_diagnose)
 
 
 def cmd_diagnose(args: argparse.Namespace) -> None:
-    from . import checkpoint as ckpt
     from .data import load_corpus
     from .diagnose import DiagnoseConfig, run_diagnose
     from .report import diagnose as report
 
-    check_device(args.device)
-    ckpt.require(args.checkpoint)
+    out = _prepare_checkpoint_job(args, "diagnose")
     cfg = DiagnoseConfig(length=args.length, windows=args.windows, eval_tokens=args.eval_tokens,
                          passkey_steps=args.passkey_steps, passkey_samples=args.passkey_samples, device=args.device)
-    out = Path(args.out or f"runs/diagnose-{Path(args.checkpoint).resolve().parent.name}")
     t0 = time.perf_counter()
     with store.FolderLock(out):
         result = run_diagnose(args.checkpoint, cfg, corpus=load_corpus(args.data), progress=not args.quiet, log=say)

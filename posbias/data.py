@@ -54,7 +54,7 @@ def _from_documents(name: str, docs: list[tuple[str, bytes]]) -> Corpus:
         size = sum(len(b) for b in parts[s])
         if size < 2:
             raise ValueError(f"corpus {name!r} has too little text for a {s} split ({size} bytes); "
-                             "give a larger --data")
+                             "give more text")
     tensors = {s: torch.frombuffer(bytearray(b"".join(parts[s])), dtype=torch.uint8) for s in SPLITS}
     fp = {
         "name": name,
@@ -93,7 +93,7 @@ def hf_corpus(spec: str) -> Corpus:  # pragma: no cover - needs the network
     try:
         import datasets
     except ImportError:
-        raise ValueError("--hf-dataset needs the optional extra: pip install 'posbias[datasets]'") from None
+        raise ValueError("Hugging Face datasets need the optional extra: pip install 'posbias[datasets]'") from None
     name, _, config = spec.partition(":")
     ds = datasets.load_dataset(name, config or None)
     docs = []
@@ -113,7 +113,7 @@ def hf_corpus(spec: str) -> Corpus:  # pragma: no cover - needs the network
 
 def load_corpus(data: str | None = None, hf_dataset: str | None = None) -> Corpus:
     if data and hf_dataset:
-        raise ValueError("give either --data or --hf-dataset, not both")
+        raise ValueError("give either a local corpus (data) or a Hugging Face dataset (hf_dataset), not both")
     if hf_dataset:
         return hf_corpus(hf_dataset)
     if data:

@@ -216,11 +216,11 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
     longest = max(cfg.lengths())
     budget = min(cfg.eval_tokens, corpus.val.numel() - 1) // longest * longest
     if budget < longest:
-        raise ValueError(f"the validation split has {corpus.val.numel() - 1} scoreable tokens, fewer than the "
-                         f"longest evaluation length {longest}; use shorter --eval-lens or more --data")
+        raise ConfigError("eval_lens", f"reach {longest}, but the validation split has only {corpus.val.numel() - 1} "
+                          "scoreable tokens; use shorter evaluation lengths or more data")
     if corpus.train.numel() <= cfg.train_len + 1:
-        raise ValueError(f"the training split has {corpus.train.numel()} tokens, fewer than --train-len + 1 = "
-                         f"{cfg.train_len + 1}; use a shorter --train-len or more --data")
+        raise ConfigError("train_len", f"{cfg.train_len} needs more than {cfg.train_len + 1} training tokens, but the "
+                          f"training split has {corpus.train.numel()}; use a shorter training length or more data")
     result = StudyResult(cfg, [], {}, {}, corpus.fingerprint, arms(cfg))
     with store.FolderLock(out):
         old_threads = torch.get_num_threads()
