@@ -1,17 +1,23 @@
 """Speed and memory of posbias attention, as ratios to unbiased fused causal SDPA measured in the
-same run (absolute times drift on a shared machine; ratios hold).
+same run, pair by pair.
 
-For each scheme and length: forward and forward+backward time of posbias (auto backend), and the
+Timing that can see 5% on a shared, noisy machine: every cell is ``--reps`` *pairs*, each pair one
+call of the candidate and one of the baseline back to back (their order alternating from pair to
+pair), after one untimed warm-up call of each. A cell shows the median of the per-pair ratios and, in
+brackets, their smallest and largest value; load that drifts between pairs cancels in each ratio.
+The thread count is fixed (``--threads``, default 2) and printed.
+
+For each scheme and length: forward and forward+backward of posbias (auto backend), and the
 anchors: dense-bias SDPA (the bias materialised as [H, N, N]), the HuggingFace-style T5 path
-(bucketing all N² pairs, embedding lookup, dense bias), and with ``--flex`` compiled FlexAttention with
-the scheme's per-offset ``score_mod`` (Toeplitz schemes; forward only on CPU, where FlexAttention has
-no backward; its one-off compile time is printed, not counted). Peak extra memory is measured in a
-child process per case (--memory) as the growth of peak RSS (CPU) or of peak allocated memory (CUDA)
-over the inputs.
+(bucketing all N² pairs, embedding lookup, dense bias), and compiled FlexAttention with the scheme's
+per-offset ``score_mod`` (Toeplitz schemes; forward only on CPU, where FlexAttention has no backward;
+its one-off compile time is printed, not counted; ``--no-flex`` leaves it out). Peak extra memory is
+measured in a child process per case (``--memory``) as the growth of peak RSS (CPU) or of peak
+allocated memory (CUDA) over the inputs.
 
-    python benchmarks/bench_attention.py                         # N = 1k … 16k, CPU
+    python benchmarks/bench_attention.py                  # make bench: N = 1k … 16k, CPU, 2 threads
+    python benchmarks/bench_attention.py --quick          # one length (8192), the same table
     python benchmarks/bench_attention.py --lengths 1024 4096 --schemes t5 alibi --memory
-    python benchmarks/bench_attention.py --lengths 4096 8192 --schemes t5 alibi kerple-log --flex --no-backward
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch.nn import functional as F
 
 import posbias
 from posbias.attention import choose_backend
+from posbias.kernels.flex import flex_available
 
 DENSE_LIMIT = 8192  # dense [H, N, N] anchors above this would need > 2 GB per bias (FIRE: 4096, its MLP
 # runs on all N² pairs with 32 hidden units and the 8192 training anchor exhausts 24 GB)
@@ -39,16 +46,36 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timeit(fn, device, reps):
-    fn()  # warm-up (and compilation for FlexAttention)
+def _once(fn, device) -> float:
+    t = time.perf_counter()
+    fn()
     sync(device)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return time.perf_counter() - t
+
+
+def paired(fn, base, device, reps):
+    """``reps`` interleaved (candidate, baseline) pairs after one warm-up call of each.
+
+    Returns (median candidate seconds, median ratio, smallest ratio, largest ratio)."""
+    fn()  # warm-up (and compilation for FlexAttention)
+    base()
+    sync(device)
+    times, ratios = [], []
+    for r in range(reps):
+        if r % 2:
+            tb, tc = _once(base, device), _once(fn, device)
+        else:
+            tc, tb = _once(fn, device), _once(base, device)
+        times.append(tc)
+        ratios.append(tc / tb)
+    return statistics.median(times), statistics.median(ratios), min(ratios), max(ratios)
+
+
+def cell(stats):
+    if stats is None:
+        return "—"
+    _, med, lo, hi = stats
+    return f"{med:.2f} ({lo:.2f}–{hi:.2f})"
 
 
 def default_schemes():
@@ -72,7 +99,7 @@ def hf_t5_bias(scheme, n, device):
     return F.embedding(buckets, scheme.table).permute(2, 0, 1)
 
 
-FLEX = False  # set by --flex
+FLEX = False  # compiled FlexAttention anchor (on unless --no-flex)
 
 
 def cases(name, n, scheme, q, k, v):
@@ -150,7 +177,7 @@ def _status_kib(field):
 
 def measure_memory(name, label, n, heads, hd, device):
     r = subprocess.run([sys.executable, __file__, "--child", name, label, str(n), str(heads), str(hd), device]
-                       + (["--flex"] if FLEX else []),
+                       + ([] if FLEX else ["--no-flex"]),
                        capture_output=True, text=True)
     try:
         return json.loads(r.stdout.strip().splitlines()[-1])
@@ -163,64 +190,72 @@ def main():
     p.add_argument("--schemes", nargs="+", default=default_schemes(),
                    help="registered scheme names (default: every additive or rotary scheme of the study)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--quick", action="store_true", help="one length (8192) instead of --lengths")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU), fixed for the run")
+    p.add_argument("--reps", type=int, default=5, help="interleaved (candidate, baseline) pairs per cell")
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--no-flex", action="store_true", help="leave out the compiled FlexAttention anchor")
     p.add_argument("--memory", action="store_true", help="measure peak extra memory in child processes")
-    p.add_argument("--flex", action="store_true", help="add compiled FlexAttention (compiles per scheme and N)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
     global FLEX
-    FLEX = args.flex
+    FLEX = not args.no_flex and flex_available()
+    torch.set_num_threads(args.threads)
     if args.child:
         return memory_child(args)
+    lengths = [8192] if args.quick else args.lengths
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    print(f"# posbias {posbias.__version__}, torch {torch.__version__}, device {device}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'},"
-          f" H={args.heads}, head_dim={args.head_dim}, {args.dtype}, batch 1, causal")
+    where = f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"
+    print(f"# posbias {posbias.__version__}, torch {torch.__version__}, device {device}{where}, H={args.heads}, "
+          f"head_dim={args.head_dim}, {args.dtype}, batch 1, causal; each ratio: median of {args.reps} interleaved "
+          "pairs against unbiased fused causal SDPA (smallest–largest)")
     print("| scheme | N | path (backend) | fwd ms | fwd × | fwd+bwd × | peak extra MiB |")
     print("|---|---|---|---|---|---|---|")
     rows = []
-    for n in args.lengths:
-        reps = args.reps if n <= 4096 else max(1, args.reps - 1)
-        q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
-                   for _ in range(3))
-        base_f = timeit(lambda: torch.no_grad()(F.scaled_dot_product_attention)(q, k, v, is_causal=True), device, reps)
-        base_t = None if args.no_backward else timeit(
-            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward(), device, reps)
-        mem = measure_memory("rope", "SDPA (no bias)", n, args.heads, args.head_dim, args.device) if args.memory else None
-        print(f"| (none) | {n} | fused causal SDPA, no bias | {base_f * 1e3:.0f} | 1.00 | 1.00 | "
-              f"{'' if mem is None else f'{mem:.0f}'} |", flush=True)
-        for name in args.schemes:
-            scheme = make_scheme(name, args.heads, args.head_dim, device)
-            pos = torch.arange(n, device=device)
-            with torch.no_grad():
-                backend = choose_backend(scheme, q, q_pos=pos, k_pos=pos, causal=True)
-            train_backend = choose_backend(scheme, q, q_pos=pos, k_pos=pos, causal=True)
-            if train_backend != backend:
-                backend = f"{backend}; training: {train_backend}"
-            for label, (fwd, trn) in cases(name, n, scheme, q, k, v).items():
-                if label == "compiled FlexAttention":
-                    t0 = time.perf_counter()
-                    fwd()
-                    print(f"<!-- {name} N={n}: FlexAttention compile + first call {time.perf_counter() - t0:.1f} s -->")
-                tf = timeit(fwd, device, reps)
-                tt = None if (args.no_backward or trn is None) else timeit(trn, device, reps)
-                mem = measure_memory(name, label, n, args.heads, args.head_dim, args.device) if args.memory else None
-                shown = f"posbias ({backend})" if label == "posbias" else label
-                row = {"scheme": name, "N": n, "path": shown, "fwd_ms": tf * 1e3, "fwd_ratio": tf / base_f,
-                       "train_ratio": None if tt is None else tt / base_t, "peak_extra_mib": mem}
-                rows.append(row)
-                print(f"| {name} | {n} | {shown} | {tf * 1e3:.0f} | {tf / base_f:.2f} | "
-                      f"{'—' if tt is None else f'{tt / base_t:.2f}'} | {'' if mem is None else f'{mem:.0f}'} |",
-                      flush=True)
+    for n in lengths:
+        rows += run_length(n, args, device, dtype)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def run_length(n, args, device, dtype):
+    q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    base_f = lambda: torch.no_grad()(F.scaled_dot_product_attention)(q, k, v, is_causal=True)  # noqa: E731
+    base_t = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()  # noqa: E731
+    mem = measure_memory("rope", "SDPA (no bias)", n, args.heads, args.head_dim, args.device) if args.memory else None
+    print(f"| (none) | {n} | fused causal SDPA, no bias | {_once(base_f, device) * 1e3:.0f} | 1.00 | 1.00 | "
+          f"{'' if mem is None else f'{mem:.0f}'} |", flush=True)
+    rows = []
+    for name in args.schemes:
+        scheme = make_scheme(name, args.heads, args.head_dim, device)
+        pos = torch.arange(n, device=device)
+        with torch.no_grad():
+            backend = choose_backend(scheme, q, q_pos=pos, k_pos=pos, causal=True)
+        train_backend = choose_backend(scheme, q, q_pos=pos, k_pos=pos, causal=True)
+        if train_backend != backend:
+            backend = f"{backend}; training: {train_backend}"
+        for label, (fwd, trn) in cases(name, n, scheme, q, k, v).items():
+            if label == "compiled FlexAttention":
+                t0 = time.perf_counter()
+                fwd()
+                print(f"<!-- {name} N={n}: FlexAttention compile + first call {time.perf_counter() - t0:.1f} s -->")
+            sf = paired(fwd, base_f, device, args.reps)
+            st = None if (args.no_backward or trn is None) else paired(trn, base_t, device, args.reps)
+            mem = measure_memory(name, label, n, args.heads, args.head_dim, args.device) if args.memory else None
+            shown = f"posbias ({backend})" if label == "posbias" else label
+            rows.append({"scheme": name, "N": n, "path": shown, "fwd_ms": sf[0] * 1e3, "fwd_ratio": sf[1:],
+                         "train_ratio": None if st is None else st[1:], "peak_extra_mib": mem,
+                         "threads": torch.get_num_threads()})
+            print(f"| {name} | {n} | {shown} | {sf[0] * 1e3:.0f} | {cell(sf)} | {cell(st)} | "
+                  f"{'' if mem is None else f'{mem:.0f}'} |", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

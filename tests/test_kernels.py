@@ -41,6 +41,12 @@ CASES = [
     ("alibi", "alibi", {}, True),
     ("kerple-log", "blockwise", {}, True),
     ("kerple-power", "blockwise", {}, True),
+    ("kerple-log", "toeplitz", {}, True),  # learnable: r1/r2 gradients through the row's anti-diagonal sums
+    ("kerple-power", "toeplitz", {}, False),
+    ("t5", "toeplitz", {"max_distance": 40}, True),  # learnable table
+    ("t5", "toeplitz", {"max_distance": 40, "bidirectional": True}, False),
+    ("offset", "toeplitz", {"max_distance": 17}, True),
+    ("alibi", "toeplitz", {}, True),
     ("fire", "blockwise", {"init_L": 32.0}, True),
     ("fire", "blockwise", {}, False),
     ("alibi", "blockwise", {"symmetric": True}, False),
@@ -68,14 +74,22 @@ def test_toeplitz_backend_with_a_fixed_bias(name, options, causal, lq):
     compare(s, "toeplitz", causal=causal, lk=1200)  # several blocks of 512
 
 
-def test_toeplitz_backend_refuses_a_learnable_bias_in_training():
-    s = randomized("kerple-log")
+def test_auto_backend_choice_follows_the_measurements():
+    """Toeplitz biases: the reversed-key toeplitz path, except a learnable bias constant beyond a window
+    in training (windowed: only the band is dense). Gradients decide, not the scheme's name."""
     q = torch.randn(1, 3, 8, 16)
-    with pytest.raises(ValueError, match="no gradient to the bias"):
-        attention(q, q, q, s, backend="toeplitz")
-    with torch.no_grad():
-        assert choose_backend(s, q, q_pos=torch.arange(8), k_pos=torch.arange(8), causal=True) == "toeplitz"
-    assert choose_backend(s, q, q_pos=torch.arange(8), k_pos=torch.arange(8), causal=True) == "blockwise"
+    pos = torch.arange(8)
+    for name, trains, want in [("kerple-log", True, "toeplitz"), ("kerple-log", False, "toeplitz"),
+                               ("t5", True, "windowed"), ("t5", False, "toeplitz"), ("offset", True, "windowed"),
+                               ("alibi", True, "toeplitz"), ("fire", True, "blockwise"), ("rope", True, "sdpa")]:
+        with torch.set_grad_enabled(trains):
+            assert choose_backend(randomized(name), q, q_pos=pos, k_pos=pos, causal=True) == want, (name, trains)
+
+
+@pytest.mark.parametrize("name", ["kerple-log", "t5"])
+def test_toeplitz_training_step_matches_the_reference_over_several_blocks(name):
+    """Parameter gradients summed over many blocks (1100 keys, blocks of 512) and a batch of 2."""
+    compare(randomized(name), "toeplitz", causal=True, lk=1100)
 
 
 @pytest.mark.parametrize("name", ["t5", "offset", "kerple-log", "fire"])
@@ -123,21 +137,24 @@ def test_prefill_then_decode_equals_full_forward(name):
     torch.testing.assert_close(torch.cat(steps, 2), full, atol=2e-5, rtol=1e-5)
 
 
-def test_decoding_bias_is_linear_in_cache_length():
-    """One query against K keys: the blockwise path builds a [H, 1, K] bias, not [H, K, K]."""
+@pytest.mark.parametrize("backend, method, shape", [("blockwise", "bias", (3, 1, 5000)),
+                                                   ("toeplitz", "bias_at", (3, 5000))])
+def test_decoding_bias_is_linear_in_cache_length(backend, method, shape):
+    """One query against K keys: blockwise builds a [H, 1, K] bias, toeplitz a row of K offsets —
+    never [H, K, K]."""
     s = randomized("kerple-log")
     seen = []
-    orig = s.bias
+    orig = getattr(s, method)
 
-    def spy(qp, kp):
-        b = orig(qp, kp)
+    def spy(*args):
+        b = orig(*args)
         seen.append(tuple(b.shape))
         return b
 
-    s.bias = spy
+    setattr(s, method, spy)
     q, k = torch.randn(1, 3, 1, 16), torch.randn(1, 3, 5000, 16)
-    attention(q, k, k, s)
-    assert seen == [(3, 1, 5000)]
+    attention(q, k, k, s, backend=backend)
+    assert seen == [shape]
 
 
 @pytest.mark.parametrize("name", ["t5", "alibi", "kerple-log", "fire"])

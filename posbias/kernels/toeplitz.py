@@ -1,15 +1,22 @@
 """Exact attention for any Toeplitz bias on the fused flash kernel (KERPLE and every ``bias_at`` scheme).
 
-A Toeplitz bias needs one number per offset, so for a query block ``[a, b)`` against keys ``[0, b)``
-the additive mask ``B[r, c] = g(a + r − c)`` is a strided window of one row of ``b − a + b − 1``
-offsets (built by ``unfold`` + ``flip``, a copy rather than an ``[rows, keys]`` gather or a kernel
-evaluation per pair). Causality is in the row itself: offsets < 0 hold −∞, so one fused call per
-query block computes the block exactly with no merge. The bias is evaluated once on the ``Lq + Lk − 1``
-offsets of the call. Extra memory: one block's ``[H, block, keys]`` mask, linear in N.
+A Toeplitz bias needs one number per offset. For a query block ``[a, b)`` against keys ``[0, K)``,
+pass the keys (and values) in *reverse* order — attention does not depend on the order of the keys —
+and the block's additive mask ``B'[r, t] = g(a + r − (K − 1 − t))`` depends on ``r + t`` only: it is
+``R.unfold(-1, K, 1)`` over one row ``R[u] = g(a − K + 1 + u)`` of ``b − a + K − 1`` offsets, a
+zero-copy view with strides ``(1, 1)`` that the fused kernel reads directly (building a forward-order
+mask instead costs a copy of ``[H, rows, K]`` floats, about 3× the attention call itself). Causality is
+in the row: offsets < 0 hold −∞, so one fused call per query block computes the block exactly with no
+merge, and the masked waste is confined to the diagonal block. The bias is evaluated once, on the
+``Lq + Lk − 1`` offsets of the call. Extra memory: the reversed keys and values, O(N).
 
-Backward: the fused backward op with the same mask gives q/k/v gradients; when the bias has
-learnable parameters (KERPLE ``r1``/``r2``) the dispatcher prefers the blockwise path, whose
-checkpointed dense blocks give the parameter gradients as well.
+Backward: the fused backward op with the same view gives q/k/v gradients. When the bias has
+learnable parameters (KERPLE ``r1``/``r2``, a T5 or offset table) the gradient of the per-offset row is
+``∂L/∂R[u] = Σ_{r+t=u} dS[r, t]`` with ``dS = P ∘ (dP − δ)`` (``δ = rowsum(dO ∘ O)``): each block then
+runs a dense backward (``P``, ``dP``, ``dq``, ``dk``, ``dv``: five matmuls, measured faster than the
+fused backward plus the two matmuls ``dS`` needs) and sums ``dS`` along its anti-diagonals with one
+padded reshape; autograd takes the row gradient on to the scheme's parameters. Extra memory in that
+case: a few ``[B, H, block, keys]`` float32 buffers, linear in N.
 """
 
 from __future__ import annotations
@@ -24,62 +31,96 @@ BLOCK = 512
 
 
 def _mask(table: Tensor, o_min: int, qa: int, lq: int, ka: int, lk: int) -> Tensor:
-    """``[1, H, lq, lk]`` additive mask ``g(qa + r − (ka + c))`` as a Toeplitz window of the table."""
-    hi = qa + lq - 1 - ka
-    lo = qa - (ka + lk - 1)
-    row = table[:, lo - o_min: hi - o_min + 1].flip(-1)  # offsets lo … hi;  F[u] = g(hi − u)
-    return row.unfold(-1, lk, 1).flip(-2).unsqueeze(0)  # B[r, c] = F[lq − 1 − r + c] = g(qa + r − ka − c)
+    """``[1, H, lq, lk]`` view: the mask for queries ``qa …`` against keys ``ka … ka + lk − 1`` taken in
+    reverse order, ``B'[r, t] = g(qa + r − (ka + lk − 1 − t)) = R[r + t]`` (no copy)."""
+    lo = qa - (ka + lk - 1) - o_min  # R[0] is the offset of the first query and the last key
+    return table[:, lo: lo + lq + lk - 1].unfold(-1, lk, 1).unsqueeze(0)
 
 
 class _Toeplitz(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, table, o_min: int, q0: int, k0: int, causal: bool, scale: float, block: int):
         lq, lk = q.shape[2], k.shape[2]
+        k_rev, v_rev = k.flip(2), v.flip(2)  # key t of k_rev is key lk − 1 − t
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        for s in range(0, lq, block):
-            e = min(s + block, lq)
-            hi = min(lk, q0 + e - k0) if causal else lk  # keys after the block's last query are hidden
+        for s, e, hi in _blocks(lq, lk, q0, k0, causal, block):
             if hi <= 0:
                 out[:, :, s:e], lse[:, :, s:e] = 0, float("-inf")
                 continue
             mask = _mask(table, o_min, q0 + s, e - s, k0, hi)
-            out[:, :, s:e], lse[:, :, s:e] = flash_forward(q[:, :, s:e], k[:, :, :hi], v[:, :, :hi], scale, False, mask)
-        ctx.save_for_backward(q, k, v, table, out, lse)
+            out[:, :, s:e], lse[:, :, s:e] = flash_forward(q[:, :, s:e], k_rev[:, :, lk - hi:], v_rev[:, :, lk - hi:],
+                                                           scale, False, mask)
+        ctx.save_for_backward(q, k_rev, v_rev, table, out, lse)
         ctx.args = (o_min, q0, k0, causal, scale, block)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, table, out, lse = ctx.saved_tensors
+        q, k_rev, v_rev, table, out, lse = ctx.saved_tensors
         o_min, q0, k0, causal, scale, block = ctx.args
-        lq, lk = q.shape[2], k.shape[2]
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for s in range(0, lq, block):
-            e = min(s + block, lq)
-            hi = min(lk, q0 + e - k0) if causal else lk
+        lq, lk = q.shape[2], k_rev.shape[2]
+        dout = dout.contiguous()
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k_rev), torch.zeros_like(v_rev)
+        dtable = torch.zeros_like(table) if ctx.needs_input_grad[3] else None
+        delta = (dout * out).sum(-1) if dtable is not None else None  # δ_i = dO_i · O_i
+        for s, e, hi in _blocks(lq, lk, q0, k0, causal, block):
             if hi <= 0:
                 continue
             mask = _mask(table, o_min, q0 + s, e - s, k0, hi)
-            gq, gk, gv = flash_backward(dout[:, :, s:e], q[:, :, s:e], k[:, :, :hi], v[:, :, :hi], out[:, :, s:e],
-                                        lse[:, :, s:e], scale, False, mask)
+            args = (q[:, :, s:e], k_rev[:, :, lk - hi:], v_rev[:, :, lk - hi:], dout[:, :, s:e])
+            if dtable is None:
+                gq, gk, gv = flash_backward(args[3], *args[:3], out[:, :, s:e], lse[:, :, s:e], scale, False, mask)
+            else:  # the row's gradient needs dS itself: one dense pass gives it and q/k/v's gradients
+                gq, gk, gv, ds = _dense_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale)
+                lo = q0 + s - (k0 + hi - 1) - o_min
+                dtable[:, lo: lo + e - s + hi - 1] += _antidiagonal_sums(ds)
             dq[:, :, s:e] += gq
-            dk[:, :, :hi] += gk
-            dv[:, :, :hi] += gv
-        return dq, dk, dv, None, None, None, None, None, None, None
+            dk[:, :, lk - hi:] += gk
+            dv[:, :, lk - hi:] += gv
+        return dq, dk.flip(2), dv.flip(2), dtable, None, None, None, None, None, None
+
+
+def _dense_backward(q: Tensor, k_rev: Tensor, v_rev: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, mask: Tensor,
+                    scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One block's (dq, dk, dv) and ``dS = P ∘ (dP − δ)`` summed over the batch ``[H, rows, keys]``,
+    from the merged log-sum-exp (five matmuls, in place where possible)."""
+    p = torch.matmul(q, k_rev.transpose(-1, -2)).mul_(scale).add_(mask)
+    p = p.sub_(lse.unsqueeze(-1).clamp(min=torch.finfo(torch.float32).min)).exp_()
+    dv = torch.matmul(p.transpose(-1, -2), dout)
+    ds = p.mul_(torch.matmul(dout, v_rev.transpose(-1, -2)).sub_(delta.unsqueeze(-1)))
+    dq = torch.matmul(ds, k_rev).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
+    return dq, dk, dv, ds.sum(0)
+
+
+def _antidiagonal_sums(ds: Tensor) -> Tensor:
+    """``[H, rows + keys − 1]``: ``Σ_{r+t=u} ds[:, r, t]`` for every ``u``. Each row is padded with
+    ``rows`` zeros and the buffer re-read with row length ``keys + rows − 1``, which shifts row ``r``
+    right by ``r``; column ``u`` then holds ``ds[r, u − r]`` (or 0), and a sum over rows finishes."""
+    h, rows, keys = ds.shape
+    padded = torch.nn.functional.pad(ds, (0, rows)).flatten(1)[:, : rows * (keys + rows - 1)]
+    return padded.view(h, rows, keys + rows - 1).sum(1)
+
+
+def _blocks(lq: int, lk: int, q0: int, k0: int, causal: bool, block: int):
+    """``(start, end, keys)`` per query block: causal blocks read only the keys up to their last query."""
+    for s in range(0, lq, block):
+        e = min(s + block, lq)
+        yield s, e, (min(lk, q0 + e - k0) if causal else lk)
 
 
 def toeplitz_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, q_pos: Tensor, k_pos: Tensor,
                     causal: bool, scale: float, block: int = BLOCK) -> Tensor:
-    """Contiguous positions (checked by the dispatcher); the bias enters as a constant (no parameter
-    gradients — the dispatcher sends learnable biases in training to ``blockwise``)."""
+    """Contiguous positions (checked by the dispatcher). The bias is evaluated once on the call's
+    ``Lq + Lk − 1`` offsets, with autograd, so its parameters receive their gradients."""
     lq, lk = q.shape[2], k.shape[2]
     q0, k0 = int(q_pos[0]), int(k_pos[0])
     o_min, o_max = q0 - (k0 + lk - 1), q0 + lq - 1 - k0
-    with torch.no_grad():
-        table = scheme.bias_at(torch.arange(o_min, o_max + 1, device=q.device)).float()
-        if causal:
-            table[:, : max(0, min(table.shape[1], -o_min))] = float("-inf")  # offsets < 0 are hidden
+    offsets = torch.arange(o_min, o_max + 1, device=q.device)
+    table = scheme.bias_at(offsets).float()
+    if causal:  # offsets < 0 are hidden (out of place, so the hidden entries get no gradient)
+        table = table.masked_fill(offsets < 0, float("-inf"))
     dtype = q.dtype
     f = [t.float().contiguous() for t in (q, k, v)]
     return _Toeplitz.apply(*f, table.contiguous(), o_min, q0, k0, causal, scale, block).to(dtype)
