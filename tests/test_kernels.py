@@ -198,3 +198,38 @@ def test_non_contiguous_positions_fall_back_exactly():
 def test_every_backend_listed_is_tested():
     # flex is tested in test_flex.py, the others here
     assert set(BACKENDS) == {"reference", "sdpa", "windowed", "alibi", "blockwise", "toeplitz", "flex"}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fire_piecewise_bias_equals_its_mlp(seed):
+    """FIRE's bias is evaluated piece by piece; the MLP itself is the reference (outputs and every
+    parameter's gradient), including a hidden unit whose input weight is 0 (no kink)."""
+    torch.manual_seed(seed)
+    s = build("fire", n_heads=3, head_dim=8, init_L=32.0)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        s.mlp[0].weight[seed] = 0.0
+    pos = torch.arange(0, 300)
+    fast, slow = s.bias(pos, pos), s.mlp_bias(pos, pos)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(fast)
+    for a, b in zip(torch.autograd.grad((fast * g).sum(), list(s.parameters())),
+                    torch.autograd.grad((slow * g).sum(), list(s.parameters()))):
+        # float32 sums over 90,000 pairs in another order: tolerance relative to the gradient's scale
+        torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3)
+
+
+@pytest.mark.parametrize("causal, lq, q0", [(True, None, None), (False, None, None), (True, 37, None), (True, 1, None),
+                                            (True, 20, 0)])
+def test_blockwise_inference_on_the_fused_kernel(causal, lq, q0):
+    """At inference the blockwise path hands each block's dense bias to the fused kernel (FIRE)."""
+    s = randomized("fire", init_L=32.0)
+    lk = 700
+    lq = lq or lk
+    q, k, v = (torch.randn(2, 3, n, 16) for n in (lq, lk, lk))
+    kw = {} if q0 is None else {"q_pos": torch.arange(q0, q0 + lq)}
+    with torch.no_grad():
+        out = attention(q, k, v, s, causal=causal, backend="blockwise", **kw)
+        ref = attention_reference(q, k, v, s, causal=causal, **kw)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)

@@ -1,7 +1,8 @@
 """Memory-bounded exact attention for any additive scheme (KERPLE, FIRE, …): query blocks, each with
 its own dense bias ``[H, block, keys]``, never ``[H, N, N]``.
 
-In training each block is recomputed in the backward pass (activation checkpointing), so peak extra
+At inference on CPU each block goes through the fused flash kernel with its dense bias as the
+mask (about 1.1× an unmasked call; the bias itself is the scheme's cost). In training each block is recomputed in the backward pass (activation checkpointing), so peak extra
 memory is one block's ``[B, H, block, keys]`` — linear in N. Causal blocks only read the keys up to
 their last query. One decoding query against K cached keys costs O(K).
 """
@@ -13,6 +14,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..schemes.base import Scheme
+from .flash import flash_available, flash_forward
 from .reference import dense_attention, visible
 
 MAX_BLOCK_ELEMS = 1 << 22  # ~16 MB of float32 logits per (batch, head) block
@@ -29,6 +31,7 @@ def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: 
     # long-lived allocations with the large per-block temporaries and fragment the CPU heap (peak
     # RSS then grows like N² although every block is freed)
     out = q.new_empty(q.shape[:3] + v.shape[3:])
+    fused = flash_available(q) and lk > 0 and scheme.family == "additive"
     for s in range(0, lq, block):
         qp = q_pos[s:s + block]
         hi = lk
@@ -38,6 +41,16 @@ def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: 
 
         def run(qb: Tensor, kb: Tensor, vb: Tensor, qp: Tensor = qp, kp: Tensor = kp) -> Tensor:
             return dense_attention(qb, kb, vb, scheme.bias(qp, kp), visible(qp, kp, causal), scale)
+
+        if not train and fused and hi > 0 and (not causal or int(qp.min()) >= int(kp.min())):  # every row sees a key
+            mask = scheme.bias(qp, kp)
+            vis = visible(qp, kp, causal)
+            if vis is not None:
+                mask = mask.masked_fill_(~vis, float("-inf"))
+            o, _ = flash_forward(q[:, :, s:s + block].float(), k[:, :, :hi].float(), v[:, :, :hi].float(), scale,
+                                 False, mask.unsqueeze(0))
+            out[:, :, s:s + block] = o
+            continue
 
         args = (q[:, :, s:s + block], k[:, :, :hi], v[:, :, :hi])
         out[:, :, s:s + block] = checkpoint(run, *args, use_reentrant=False) if train else run(*args)

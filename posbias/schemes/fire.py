@@ -56,8 +56,38 @@ class FIRE(Scheme):
         return num / den[:, None]
 
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """``[heads, len(q_pos), len(k_pos)]``, evaluated piecewise (:meth:`pieces`): the same function
+        as :meth:`mlp_bias` (to float rounding, gradients included) at a fraction of the cost."""
+        x = self.normalized_distance(q_pos, k_pos)
+        kinks, slope, offset = self.pieces()
+        seg = torch.bucketize(x.detach(), kinks)  # the linear piece each pair falls on, shared by all heads
+        return (F.embedding(seg, slope) * x.unsqueeze(-1) + F.embedding(seg, offset)).permute(2, 0, 1)
+
+    def mlp_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """The definition: the MLP ``1 → width → ReLU → heads`` applied to every pair (the reference
+        :meth:`bias` is tested against)."""
         x = self.normalized_distance(q_pos, k_pos).unsqueeze(-1)
         first, last = self.mlp[0], self.mlp[2]
         # biases are computed in float32 whatever dtype the module was cast to
         h = torch.relu(F.linear(x, first.weight.float(), first.bias.float()))
         return F.linear(h, last.weight.float(), last.bias.float()).permute(2, 0, 1)
+
+    def pieces(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The MLP as a piecewise-linear function of its scalar input: ``f_h(x) = slope[m, h]·x +
+        offset[m, h]`` on piece ``m``, the pieces separated by the sorted ``kinks`` (``x = −b1_k/w1_k``
+        for every hidden unit with ``w1_k ≠ 0``; at most ``width`` kinks, so ``width + 1`` pieces).
+        A unit is active on a piece when ``w1_k·x + b1_k > 0`` at an interior point; then it adds
+        ``w2_hk·w1_k`` to the slope and ``w2_hk·b1_k`` to the offset. Differentiable in every MLP weight."""
+        first, last = self.mlp[0], self.mlp[2]
+        w1, b1 = first.weight[:, 0].float(), first.bias.float()
+        w2, b2 = last.weight.float(), last.bias.float()
+        moving = w1 != 0
+        kinks = torch.sort((-b1[moving] / w1[moving]).detach()).values
+        if kinks.numel():  # one interior point per piece (beyond the ends: one unit outside)
+            inner = torch.cat([kinks[:1] - 1, (kinks[:-1] + kinks[1:]) / 2, kinks[-1:] + 1])
+        else:
+            inner = torch.zeros(1, device=w1.device)
+        active = ((w1.detach() * inner[:, None] + b1.detach()) > 0).float()  # [pieces, width]
+        slope = (active * w1) @ w2.T  # [pieces, heads]
+        offset = (active * b1) @ w2.T + b2
+        return kinks, slope, offset
