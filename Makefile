@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_attention.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/bench_attention.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

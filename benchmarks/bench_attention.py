@@ -35,10 +35,11 @@ from torch.nn import functional as F
 
 import posbias
 from posbias.attention import choose_backend
+import posbias.kernels.flex
 from posbias.kernels.flex import flex_available
 
-DENSE_LIMIT = 8192  # dense [H, N, N] anchors above this would need > 2 GB per bias (FIRE: 4096, its MLP
-# runs on all N² pairs with 32 hidden units and the 8192 training anchor exhausts 24 GB)
+DENSE_LIMIT = 2048  # dense [H, N, N] anchors: their N² cost is plain by 2048, and above it one cell takes
+# minutes (FIRE: 1024, its MLP runs on all N² pairs with 32 hidden units)
 
 
 def sync(device):
@@ -243,6 +244,10 @@ def run_length(n, args, device, dtype):
             backend = f"{backend}; training: {train_backend}"
         for label, (fwd, trn) in cases(name, n, scheme, q, k, v).items():
             if label == "compiled FlexAttention":
+                # every (scheme, N) compiles anew; past dynamo's recompile limit (8) it would silently
+                # fall back to eager FlexAttention, ~10x slower: start each anchor from a clean cache
+                torch._dynamo.reset()
+                posbias.kernels.flex._compiled_flex.cache_clear()
                 t0 = time.perf_counter()
                 fwd()
                 print(f"<!-- {name} N={n}: FlexAttention compile + first call {time.perf_counter() - t0:.1f} s -->")

@@ -258,8 +258,10 @@ from posbias.data import local_corpus
 from posbias.model import ModelConfig
 from posbias.train import TrainConfig, train
 c = local_corpus(sys.argv[2])
+import torch._dynamo  # imported by the optimizer's constructor (~2 s); done here so the kill lands in training
+print("training", flush=True)  # the parent times its kill from here, past imports and data loading
 train(ModelConfig(scheme="t5", d_model=32, n_layers=2, n_heads=2),
-      TrainConfig(steps=40, batch_size=4, train_len=32, warmup=2, eval_every=0, ckpt_every=1, eval_batches=1),
+      TrainConfig(steps=300, batch_size=4, train_len=32, warmup=2, eval_every=0, ckpt_every=1, eval_batches=1),
       c.train, c.val, sys.argv[1], progress=False)
 """
 
@@ -272,13 +274,20 @@ def test_sigkill_at_random_points_resumes_bit_identically(tmp_path, text_file):
     rng = random.Random(1234)
     kills = 0
     for _ in range(4):
-        p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "killed"), str(text_file)], env=ENV)
-        time.sleep(rng.uniform(2.5, 5.0))  # past the imports, somewhere in training or checkpointing
+        # Killed at a random point after training started (by the child's word, not by a guess at how
+        # long imports take, which made the test depend on the machine's speed): mid-step or mid-save.
+        p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "killed"), str(text_file)], env=ENV,
+                             stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "training"
+        time.sleep(rng.uniform(0.2, 0.8))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             kills += 1
         p.wait()
-    assert kills >= 2
+        p.stdout.close()
+    assert kills >= 3
+    saved = ckpt.load_trainer_state(tmp_path / "killed" / "last")
+    assert saved is not None and 0 < saved["step"] < 300  # the last run below resumes mid-way
     subprocess.run([sys.executable, str(script), str(tmp_path / "killed"), str(text_file)], check=True, env=ENV)
     a = load_file(str(tmp_path / "solo" / "final" / ckpt.MODEL_FILE))
     b = load_file(str(tmp_path / "killed" / "final" / ckpt.MODEL_FILE))
