@@ -233,3 +233,50 @@ def test_blockwise_inference_on_the_fused_kernel(causal, lq, q0):
         out = attention(q, k, v, s, causal=causal, backend="blockwise", **kw)
         ref = attention_reference(q, k, v, s, causal=causal, **kw)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, options", [("fire", {"init_L": 32.0}), ("fire", {}), ("kerple-log", {})])
+def test_bias_into_and_bias_grad_agree_with_bias(name, options):
+    """The block kernels' hooks: ``bias_into`` writes :meth:`bias`'s values, ``bias_grad`` returns what
+    autograd through :meth:`bias` gives (FIRE overrides both; KERPLE takes the defaults)."""
+    s = randomized(name, **options)
+    qp, kp = torch.arange(200, 264), torch.arange(0, 264)
+    want = s.bias(qp, kp)
+    out, scratch = torch.empty_like(want), torch.empty_like(want)
+    torch.testing.assert_close(s.bias_into(qp, kp, out, scratch), want.detach(), atol=1e-6, rtol=1e-6)
+    g = torch.randn_like(want)
+    ref = torch.autograd.grad((want * g).sum(), list(s.parameters()), allow_unused=True)
+    for a, b in zip(s.bias_grad(qp, kp, g), ref):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3)
+
+
+@pytest.mark.parametrize("frozen", [(), ("c", "L_multiplier"), ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")])
+def test_fire_trains_on_the_fused_blocks_across_many_blocks(frozen):
+    """Training FIRE on the fused kernel, five query blocks of 64: q/k/v gradients and those of the
+    parameters that train (the others get none)."""
+    s = randomized("fire", init_L=32.0)
+    for name, p in s.named_parameters():
+        p.requires_grad_(name not in frozen)
+    q, k, v = (torch.randn(2, 3, 301, 16, requires_grad=True) for _ in range(3))
+    out = posbias.kernels.blockwise.blockwise_kernel(q, k, v, s, q_pos=torch.arange(301), k_pos=torch.arange(301),
+                                                     causal=True, scale=0.25, block=64)
+    ref = attention_reference(q, k, v, s)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    g = torch.randn_like(ref)
+    params = [p for p in s.parameters() if p.requires_grad]
+    got = torch.autograd.grad((out * g).sum(), [q, k, v] + params)
+    want = torch.autograd.grad((ref * g).sum(), [q, k, v] + params)
+    # the last layer's bias gradient is Σ dS = 0 up to float32 cancellation in either summation
+    # order, so the tolerance is relative to the largest gradient, not to each one
+    scale = max(float(b.abs().max()) for b in want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5 * scale, rtol=1e-3)
+
+
+def test_blockwise_without_the_fused_kernel_matches_reference(monkeypatch):
+    """Where the fused CPU kernel is missing (CUDA), blocks run the reference, checkpointed in training."""
+    monkeypatch.setattr(posbias.kernels.blockwise, "flash_available", lambda x: False)
+    compare(randomized("fire", init_L=32.0), "blockwise", lq=37)
+    compare(randomized("kerple-log"), "blockwise", causal=False)

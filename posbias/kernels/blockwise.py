@@ -1,10 +1,15 @@
-"""Memory-bounded exact attention for any additive scheme (KERPLE, FIRE, …): query blocks, each with
-its own dense bias ``[H, block, keys]``, never ``[H, N, N]``.
+"""Memory-bounded exact attention for any additive scheme (FIRE, or anything with a ``bias``): query
+blocks, each with its own dense bias ``[H, block, keys]``, never ``[H, N, N]``.
 
-At inference on CPU each block goes through the fused flash kernel with its dense bias as the
-mask (about 1.1× an unmasked call; the bias itself is the scheme's cost). In training each block is recomputed in the backward pass (activation checkpointing), so peak extra
-memory is one block's ``[B, H, block, keys]`` — linear in N. Causal blocks only read the keys up to
-their last query. One decoding query against K cached keys costs O(K).
+On CPU (the fused flash kernel with a log-sum-exp) each block is one fused call with its bias as the
+additive mask, written into two buffers reused by every block (:meth:`Scheme.bias_into`; fresh
+tensors of tens of MB cost more in page faults than in writing). The backward pass recomputes each
+block's bias and runs the fused backward op, or — when the bias has parameters that train — a
+dense five-matmul block backward that also yields ``dS = P ∘ (dP − δ)``, handed to the scheme's
+:meth:`Scheme.bias_grad` (FIRE reduces it by linear piece instead of through autograd). Elsewhere
+(CUDA) each block is the reference dense attention, checkpointed in training. Either way the peak
+extra memory is a few ``[B, H, block, keys]`` buffers — linear in N. Causal blocks only read the
+keys up to their last query. One decoding query against K cached keys costs O(K).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..schemes.base import Scheme
-from .flash import flash_available, flash_forward
+from .flash import flash_available, flash_backward, flash_forward, mask_backward
 from .reference import dense_attention, visible
 
 MAX_BLOCK_ELEMS = 1 << 22  # ~16 MB of float32 logits per (batch, head) block
@@ -24,34 +29,102 @@ def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: 
                      causal: bool, scale: float, block: int | None = None) -> Tensor:
     lq, lk = q.shape[2], k.shape[2]
     block = block or max(16, min(512, MAX_BLOCK_ELEMS // max(1, lk * q.shape[0] * q.shape[1])))
-    sorted_keys = lk < 2 or bool((k_pos[1:] > k_pos[:-1]).all())
+    blocks = _Blocks(q_pos, k_pos, causal, block)
+    if (flash_available(q) and lk > 0 and scheme.family == "additive"
+            and (not causal or int(q_pos.min()) >= int(k_pos.min()))):  # every row sees a key
+        params = list(scheme.parameters())
+        f = [t.float().contiguous() for t in (q, k, v)]
+        return _FusedBlocks.apply(*f, scheme, blocks, scale, *params).to(q.dtype)
     train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                          or any(p.requires_grad for p in scheme.parameters()))
     # one output buffer, written block by block: a list of per-block outputs would interleave small
     # long-lived allocations with the large per-block temporaries and fragment the CPU heap (peak
     # RSS then grows like N² although every block is freed)
     out = q.new_empty(q.shape[:3] + v.shape[3:])
-    fused = flash_available(q) and lk > 0 and scheme.family == "additive"
-    for s in range(0, lq, block):
-        qp = q_pos[s:s + block]
-        hi = lk
-        if causal and sorted_keys:  # keys after the block's last query are masked for every row
-            hi = int(torch.searchsorted(k_pos, qp.max(), right=True))
-        kp = k_pos[:hi]
+    for s, e, hi in blocks:
+        qp, kp = q_pos[s:e], k_pos[:hi]
 
         def run(qb: Tensor, kb: Tensor, vb: Tensor, qp: Tensor = qp, kp: Tensor = kp) -> Tensor:
             return dense_attention(qb, kb, vb, scheme.bias(qp, kp), visible(qp, kp, causal), scale)
 
-        if not train and fused and hi > 0 and (not causal or int(qp.min()) >= int(kp.min())):  # every row sees a key
-            mask = scheme.bias(qp, kp)
-            vis = visible(qp, kp, causal)
-            if vis is not None:
-                mask = mask.masked_fill_(~vis, float("-inf"))
-            o, _ = flash_forward(q[:, :, s:s + block].float(), k[:, :, :hi].float(), v[:, :, :hi].float(), scale,
-                                 False, mask.unsqueeze(0))
-            out[:, :, s:s + block] = o
-            continue
-
-        args = (q[:, :, s:s + block], k[:, :, :hi], v[:, :, :hi])
-        out[:, :, s:s + block] = checkpoint(run, *args, use_reentrant=False) if train else run(*args)
+        args = (q[:, :, s:e], k[:, :, :hi], v[:, :, :hi])
+        out[:, :, s:e] = checkpoint(run, *args, use_reentrant=False) if train else run(*args)
     return out
+
+
+class _Blocks:
+    """The query blocks ``(start, end, keys)`` of one call, and their masks: a causal block with
+    sorted keys reads only the keys up to its last query, and only the keys past its first query can
+    be hidden from one of its rows."""
+
+    def __init__(self, q_pos: Tensor, k_pos: Tensor, causal: bool, block: int) -> None:
+        self.q_pos, self.k_pos, self.causal, self.block = q_pos, k_pos, causal, block
+        self.sorted_keys = len(k_pos) < 2 or bool((k_pos[1:] > k_pos[:-1]).all())
+
+    def __iter__(self):
+        lq, lk = len(self.q_pos), len(self.k_pos)
+        for s in range(0, lq, self.block):
+            e = min(s + self.block, lq)
+            hi = lk
+            if self.causal and self.sorted_keys:  # keys after the block's last query are masked for every row
+                hi = int(torch.searchsorted(self.k_pos, self.q_pos[s:e].max(), right=True))
+            yield s, e, hi
+
+    def buffers(self, heads: int, device: torch.device) -> Tensor:
+        """Two flat float32 buffers, each large enough for any block's ``[heads, rows, keys]`` bias."""
+        return torch.empty(2, heads * min(self.block, len(self.q_pos)) * len(self.k_pos), device=device)
+
+    def mask(self, scheme: Scheme, s: int, e: int, hi: int, buffers: Tensor) -> Tensor:
+        """Block ``s:e``'s ``[1, H, rows, hi]`` bias with −∞ at the pairs it may not see, in ``buffers[0]``."""
+        qp, kp = self.q_pos[s:e], self.k_pos[:hi]
+        shape = (scheme.n_heads, e - s, hi)
+        size = shape[0] * shape[1] * shape[2]
+        mask = scheme.bias_into(qp, kp, buffers[0, :size].view(shape), buffers[1, :size].view(shape))
+        if self.causal:
+            lo = int(torch.searchsorted(kp, qp.min(), right=True)) if self.sorted_keys else 0
+            vis = visible(qp, kp[lo:], True)
+            if vis is not None:
+                mask[:, :, lo:].masked_fill_(~vis, float("-inf"))
+        return mask.unsqueeze(0)
+
+
+class _FusedBlocks(torch.autograd.Function):
+    """Blocks on the fused CPU kernel (float32, contiguous q/k/v); the scheme's parameters are inputs so
+    that they receive their gradients from :meth:`Scheme.bias_grad`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scheme: Scheme, blocks: _Blocks, scale: float, *params):
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        buffers = blocks.buffers(scheme.n_heads, q.device)
+        for s, e, hi in blocks:
+            mask = blocks.mask(scheme, s, e, hi, buffers)
+            out[:, :, s:e], lse[:, :, s:e] = flash_forward(q[:, :, s:e], k[:, :, :hi], v[:, :, :hi], scale, False, mask)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scheme, ctx.blocks, ctx.scale = scheme, blocks, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        scheme, blocks, scale = ctx.scheme, ctx.blocks, ctx.scale
+        dout = dout.contiguous()
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        n_params = len(ctx.needs_input_grad) - 6
+        train_bias = any(ctx.needs_input_grad[6:])
+        grads: list[Tensor | None] = [None] * n_params
+        delta = (dout * out).sum(-1) if train_bias else None  # δ_i = dO_i · O_i
+        buffers = blocks.buffers(scheme.n_heads, q.device)
+        for s, e, hi in blocks:
+            mask = blocks.mask(scheme, s, e, hi, buffers)
+            args = (q[:, :, s:e], k[:, :, :hi], v[:, :, :hi], dout[:, :, s:e])
+            if not train_bias:
+                gq, gk, gv = flash_backward(args[3], *args[:3], out[:, :, s:e], lse[:, :, s:e], scale, False, mask)
+            else:
+                gq, gk, gv, ds = mask_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale)
+                block_grads = scheme.bias_grad(blocks.q_pos[s:e], blocks.k_pos[:hi], ds)
+                grads = [a if b is None else b if a is None else a.add_(b) for a, b in zip(grads, block_grads)]
+            dq[:, :, s:e] += gq
+            dk[:, :, :hi] += gk
+            dv[:, :, :hi] += gv
+        return (dq, dk, dv, None, None, None, *grads)

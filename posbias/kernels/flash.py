@@ -60,3 +60,18 @@ def dense_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, vi
     dq = torch.matmul(ds, kf) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
     return dq, dk, dv, ds.sum(0)
+
+
+def mask_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, mask: Tensor,
+                  scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One block's (dq, dk, dv) and ``dS = P ∘ (dP − δ)`` summed over the batch ``[H, rows, keys]``, for
+    attention with the additive ``mask`` (−∞ at hidden pairs), from its log-sum-exp and ``δ = rowsum(dO ∘ O)``:
+    five matmuls, in place where possible. Measured faster than the fused backward op plus the two
+    matmuls ``dS`` would need on top."""
+    p = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(mask)
+    p = p.sub_(lse.unsqueeze(-1).clamp(min=NEG)).exp_()
+    dv = torch.matmul(p.transpose(-1, -2), dout)
+    ds = p.mul_(torch.matmul(dout, v.transpose(-1, -2)).sub_(delta.unsqueeze(-1)))
+    dq = torch.matmul(ds, k).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
+    return dq, dk, dv, ds.sum(0)

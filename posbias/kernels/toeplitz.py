@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..schemes.base import ToeplitzScheme
-from .flash import flash_backward, flash_forward
+from .flash import flash_backward, flash_forward, mask_backward
 
 BLOCK = 512
 
@@ -72,26 +72,13 @@ class _Toeplitz(torch.autograd.Function):
             if dtable is None:
                 gq, gk, gv = flash_backward(args[3], *args[:3], out[:, :, s:e], lse[:, :, s:e], scale, False, mask)
             else:  # the row's gradient needs dS itself: one dense pass gives it and q/k/v's gradients
-                gq, gk, gv, ds = _dense_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale)
+                gq, gk, gv, ds = mask_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale)
                 lo = q0 + s - (k0 + hi - 1) - o_min
                 dtable[:, lo: lo + e - s + hi - 1] += _antidiagonal_sums(ds)
             dq[:, :, s:e] += gq
             dk[:, :, lk - hi:] += gk
             dv[:, :, lk - hi:] += gv
         return dq, dk.flip(2), dv.flip(2), dtable, None, None, None, None, None, None
-
-
-def _dense_backward(q: Tensor, k_rev: Tensor, v_rev: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, mask: Tensor,
-                    scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One block's (dq, dk, dv) and ``dS = P ∘ (dP − δ)`` summed over the batch ``[H, rows, keys]``,
-    from the merged log-sum-exp (five matmuls, in place where possible)."""
-    p = torch.matmul(q, k_rev.transpose(-1, -2)).mul_(scale).add_(mask)
-    p = p.sub_(lse.unsqueeze(-1).clamp(min=torch.finfo(torch.float32).min)).exp_()
-    dv = torch.matmul(p.transpose(-1, -2), dout)
-    ds = p.mul_(torch.matmul(dout, v_rev.transpose(-1, -2)).sub_(delta.unsqueeze(-1)))
-    dq = torch.matmul(ds, k_rev).mul_(scale)
-    dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
-    return dq, dk, dv, ds.sum(0)
 
 
 def _antidiagonal_sums(ds: Tensor) -> Tensor:

@@ -113,6 +113,28 @@ class Scheme(nn.Module):
         """``[heads, len(q_pos), len(k_pos)]`` float32 bias, or None for non-additive schemes."""
         return None
 
+    def bias_into(self, q_pos: Tensor, k_pos: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+        """Write :meth:`bias` into ``out`` (contiguous float32 ``[heads, len(q_pos), len(k_pos)]``) and
+        return it, with ``scratch`` (same shape) free to use; no gradient. Kernels that run block after
+        block reuse two buffers this way: on CPU a fresh tensor of tens of MB is new pages from the OS
+        (glibc maps large blocks afresh), and faulting them in costs more than writing them. Override
+        when the bias can be written in place."""
+        with torch.no_grad():
+            return out.copy_(self.bias(q_pos, k_pos))
+
+    def bias_grad(self, q_pos: Tensor, k_pos: Tensor, grad: Tensor) -> list[Tensor | None]:
+        """The vector-Jacobian product of :meth:`bias`: ``∂⟨grad, bias(q_pos, k_pos)⟩ / ∂θ`` for every
+        parameter θ in ``self.parameters()`` order (None where θ is frozen or unused). Kernels that
+        produce the bias's gradient ``grad`` block by block call this instead of keeping an autograd
+        graph per block. By default autograd through :meth:`bias`; override when cheaper."""
+        params = list(self.parameters())
+        want = [p for p in params if p.requires_grad]
+        if not want:
+            return [None] * len(params)
+        with torch.enable_grad():
+            got = iter(torch.autograd.grad(self.bias(q_pos, k_pos), want, grad, allow_unused=True))
+        return [next(got) if p.requires_grad else None for p in params]
+
     # -- rotary -------------------------------------------------------------------------------
     def rotate(self, x: Tensor, pos: Tensor, *, context_len: int | None = None) -> Tensor:
         """Rotate ``x [..., seq, head_dim]`` by positions ``pos``; identity for other families."""
