@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..schemes.base import Scheme
-from .flash import flash_available, flash_backward, flash_forward, mask_backward
+from .flash import block_work, flash_available, flash_backward, flash_forward, mask_backward
 from .reference import dense_attention, visible
 
 MAX_BLOCK_ELEMS = 1 << 22  # ~16 MB of float32 logits per (batch, head) block
@@ -115,13 +115,14 @@ class _FusedBlocks(torch.autograd.Function):
         grads: list[Tensor | None] = [None] * n_params
         delta = (dout * out).sum(-1) if train_bias else None  # δ_i = dO_i · O_i
         buffers = blocks.buffers(scheme.n_heads, q.device)
+        work = block_work(q, min(blocks.block, q.shape[2]), k.shape[2]) if train_bias else None
         for s, e, hi in blocks:
             mask = blocks.mask(scheme, s, e, hi, buffers)
             args = (q[:, :, s:e], k[:, :, :hi], v[:, :, :hi], dout[:, :, s:e])
             if not train_bias:
                 gq, gk, gv = flash_backward(args[3], *args[:3], out[:, :, s:e], lse[:, :, s:e], scale, False, mask)
             else:
-                gq, gk, gv, ds = mask_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale)
+                gq, gk, gv, ds = mask_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale, work)
                 block_grads = scheme.bias_grad(blocks.q_pos[s:e], blocks.k_pos[:hi], ds)
                 grads = [a if b is None else b if a is None else a.add_(b) for a, b in zip(grads, block_grads)]
             dq[:, :, s:e] += gq

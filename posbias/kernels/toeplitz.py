@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..schemes.base import ToeplitzScheme
-from .flash import flash_backward, flash_forward, mask_backward
+from .flash import block_work, flash_backward, flash_forward, mask_backward
 
 BLOCK = 512
 
@@ -64,6 +64,7 @@ class _Toeplitz(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k_rev), torch.zeros_like(v_rev)
         dtable = torch.zeros_like(table) if ctx.needs_input_grad[3] else None
         delta = (dout * out).sum(-1) if dtable is not None else None  # δ_i = dO_i · O_i
+        work = block_work(q, min(block, lq), lk) if dtable is not None else None
         for s, e, hi in _blocks(lq, lk, q0, k0, causal, block):
             if hi <= 0:
                 continue
@@ -72,7 +73,7 @@ class _Toeplitz(torch.autograd.Function):
             if dtable is None:
                 gq, gk, gv = flash_backward(args[3], *args[:3], out[:, :, s:e], lse[:, :, s:e], scale, False, mask)
             else:  # the row's gradient needs dS itself: one dense pass gives it and q/k/v's gradients
-                gq, gk, gv, ds = mask_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale)
+                gq, gk, gv, ds = mask_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale, work)
                 lo = q0 + s - (k0 + hi - 1) - o_min
                 dtable[:, lo: lo + e - s + hi - 1] += _antidiagonal_sums(ds)
             dq[:, :, s:e] += gq
