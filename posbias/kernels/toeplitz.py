@@ -27,7 +27,15 @@ from torch import Tensor
 from ..schemes.base import ToeplitzScheme
 from .flash import block_work, flash_backward, flash_forward, mask_backward
 
-BLOCK = 512
+BLOCK = 512  # query rows per block in the backward pass (its scratch is two [B, H, BLOCK, keys] buffers)
+
+
+def forward_block(lk: int) -> int:
+    """Query rows per forward block: larger blocks cost fewer calls, but the causal waste in the
+    diagonal block grows like block / N. Measured (t5, H=8, d=64, 2 threads, ratio to SDPA, median of
+    4 pairs): at 2k, 256 → 1.11× vs 512 → 1.21×; at 8k, 1024 → 1.12× vs 512 → 1.18×; at 16k, 1024 →
+    1.08× vs 512 → 1.21× and 2048 → 1.14×."""
+    return min(1024, max(256, lk // 8))
 
 
 def _mask(table: Tensor, o_min: int, qa: int, lq: int, ka: int, lk: int) -> Tensor:
@@ -59,6 +67,7 @@ class _Toeplitz(torch.autograd.Function):
     def backward(ctx, dout):
         q, k_rev, v_rev, table, out, lse = ctx.saved_tensors
         o_min, q0, k0, causal, scale, block = ctx.args
+        block = min(block, BLOCK)
         lq, lk = q.shape[2], k_rev.shape[2]
         dout = dout.contiguous()
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k_rev), torch.zeros_like(v_rev)
@@ -99,7 +108,7 @@ def _blocks(lq: int, lk: int, q0: int, k0: int, causal: bool, block: int):
 
 
 def toeplitz_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, q_pos: Tensor, k_pos: Tensor,
-                    causal: bool, scale: float, block: int = BLOCK) -> Tensor:
+                    causal: bool, scale: float, block: int | None = None) -> Tensor:
     """Contiguous positions (checked by the dispatcher). The bias is evaluated once on the call's
     ``Lq + Lk − 1`` offsets, with autograd, so its parameters receive their gradients."""
     lq, lk = q.shape[2], k.shape[2]
@@ -111,4 +120,5 @@ def toeplitz_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, 
         table = table.masked_fill(offsets < 0, float("-inf"))
     dtype = q.dtype
     f = [t.float().contiguous() for t in (q, k, v)]
+    block = block or forward_block(lk)
     return _Toeplitz.apply(*f, table.contiguous(), o_min, q0, k0, causal, scale, block).to(dtype)
