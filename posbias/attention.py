@@ -154,15 +154,22 @@ def _flex_usable(scheme: Scheme, q: Tensor, contiguous: bool) -> str | None:
     return None
 
 
+TOEPLITZ_TRAINS_BELOW = 2048  # keys: below, a learnable windowed table trains faster on toeplitz (measured)
+
+
 def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, causal: bool) -> str:
     """The automatic backend choice (the only place that decides): the fastest exact path.
 
     Measured on a 2-core CPU (``benchmarks/bench_attention.py``, README): for a Toeplitz bias the
     reversed-key ``toeplitz`` path is the fastest at inference and for fixed biases in training (ALiBi
-    fwd+bwd 1.16× vs 1.63× for ``alibi``); a learnable bias constant beyond a window (T5, offset)
-    trains faster ``windowed`` (1.4× vs 2.1×), whose dense part is only the band."""
+    fwd+bwd 1.16× vs 1.63× for ``alibi``). A learnable bias constant beyond a window (T5, offset)
+    trains faster ``windowed`` from 2k keys on, whose dense part is only the band (t5 at 4k / 8k:
+    1.30× / 1.26× vs 1.40× / 1.51×; equal at 2k), and faster ``toeplitz`` below, where the windowed
+    merge's fixed per-block costs show (t5 at 1k: 1.27× vs 1.59×, offset 1.22× vs 1.62×)."""
     trains = _trains_bias(scheme)
-    for name in ("sdpa", "windowed", "toeplitz", "alibi") if trains else ("sdpa", "toeplitz", "windowed", "alibi"):
+    short = len(k_pos) < TOEPLITZ_TRAINS_BELOW
+    order = ("sdpa", "windowed", "toeplitz", "alibi") if trains and not short else ("sdpa", "toeplitz", "windowed", "alibi")
+    for name in order:
         if usable(name, scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal) is None:
             return name
     if scheme.family != "additive":

@@ -83,6 +83,14 @@ def mask_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, de
     return dq, dk, dv, ds.sum(0)
 
 
+def backward_rows(q: Tensor, keys: int) -> int:
+    """Query rows per block of :func:`mask_backward`: ``P`` and ``dP`` of about 16 MB each, so the
+    block's passes over them stay in cache. Measured (t5 through the toeplitz backward, H=8, d=64,
+    2 threads, fwd+bwd ratio to SDPA): at 4k, 128 rows → 1.37× vs 512 → 1.94×; at 8k, 64–128 rows →
+    1.41–1.44× vs 512 → 1.89×."""
+    return max(64, min(512, (1 << 22) // max(1, q.shape[0] * q.shape[1] * keys)))
+
+
 def block_work(q: Tensor, rows: int, keys: int) -> Tensor:
     """Scratch for :func:`mask_backward` on blocks of up to ``rows`` queries against ``keys`` keys."""
     return torch.empty(2, q.shape[0] * q.shape[1] * rows * keys, dtype=torch.float32, device=q.device)

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from ..schemes.base import ToeplitzScheme
-from .flash import block_work, flash_backward, flash_forward, mask_backward
+from .flash import backward_rows, block_work, flash_backward, flash_forward, mask_backward
 
-BLOCK = 512  # query rows per block in the backward pass (its scratch is two [B, H, BLOCK, keys] buffers)
+BLOCK = 512  # query rows per backward block for a fixed bias (the fused backward op); a trained bias: backward_rows
 
 
 def forward_block(lk: int) -> int:
@@ -67,7 +67,7 @@ class _Toeplitz(torch.autograd.Function):
     def backward(ctx, dout):
         q, k_rev, v_rev, table, out, lse = ctx.saved_tensors
         o_min, q0, k0, causal, scale, block = ctx.args
-        block = min(block, BLOCK)
+        block = min(block, BLOCK if not ctx.needs_input_grad[3] else backward_rows(q, k_rev.shape[2]))
         lq, lk = q.shape[2], k_rev.shape[2]
         dout = dout.contiguous()
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k_rev), torch.zeros_like(v_rev)
