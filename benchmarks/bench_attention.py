@@ -35,8 +35,7 @@ from torch.nn import functional as F
 
 import posbias
 from posbias.attention import choose_backend
-import posbias.kernels.flex
-from posbias.kernels.flex import flex_available
+from posbias.kernels.flex import flex_available, reset_compiled
 
 DENSE_LIMIT = 2048  # dense [H, N, N] anchors: their N² cost is plain by 2048, and above it one cell takes
 # minutes (FIRE: 1024, its MLP runs on all N² pairs with 32 hidden units)
@@ -244,10 +243,7 @@ def run_length(n, args, device, dtype):
             backend = f"{backend}; training: {train_backend}"
         for label, (fwd, trn) in cases(name, n, scheme, q, k, v).items():
             if label == "compiled FlexAttention":
-                # every (scheme, N) compiles anew; past dynamo's recompile limit (8) it would silently
-                # fall back to eager FlexAttention, ~10x slower: start each anchor from a clean cache
-                torch._dynamo.reset()
-                posbias.kernels.flex._compiled_flex.cache_clear()
+                reset_compiled()  # else past dynamo's recompile limit the anchor times eager FlexAttention
                 t0 = time.perf_counter()
                 fwd()
                 print(f"<!-- {name} N={n}: FlexAttention compile + first call {time.perf_counter() - t0:.1f} s -->")

@@ -70,9 +70,9 @@ class _Blocks:
                 hi = int(torch.searchsorted(self.k_pos, self.q_pos[s:e].max(), right=True))
             yield s, e, hi
 
-    def buffers(self, heads: int, device: torch.device) -> Tensor:
-        """Two flat float32 buffers, each large enough for any block's ``[heads, rows, keys]`` bias."""
-        return torch.empty(2, heads * min(self.block, len(self.q_pos)) * len(self.k_pos), device=device)
+    def work(self, per_pair: int, device: torch.device) -> Tensor:
+        """Two scratch buffers, each large enough for any block's ``[per_pair, rows, keys]``."""
+        return block_work(per_pair * min(self.block, len(self.q_pos)) * len(self.k_pos), device)
 
     def mask(self, scheme: Scheme, s: int, e: int, hi: int, buffers: Tensor) -> Tensor:
         """Block ``s:e``'s ``[1, H, rows, hi]`` bias with −∞ at the pairs it may not see, in ``buffers[0]``."""
@@ -96,7 +96,7 @@ class _FusedBlocks(torch.autograd.Function):
     def forward(ctx, q, k, v, scheme: Scheme, blocks: _Blocks, scale: float, *params):
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        buffers = blocks.buffers(scheme.n_heads, q.device)
+        buffers = blocks.work(scheme.n_heads, q.device)
         for s, e, hi in blocks:
             mask = blocks.mask(scheme, s, e, hi, buffers)
             out[:, :, s:e], lse[:, :, s:e] = flash_forward(q[:, :, s:e], k[:, :, :hi], v[:, :, :hi], scale, False, mask)
@@ -114,8 +114,8 @@ class _FusedBlocks(torch.autograd.Function):
         train_bias = any(ctx.needs_input_grad[6:])
         grads: list[Tensor | None] = [None] * n_params
         delta = (dout * out).sum(-1) if train_bias else None  # δ_i = dO_i · O_i
-        buffers = blocks.buffers(scheme.n_heads, q.device)
-        work = block_work(q, min(blocks.block, q.shape[2]), k.shape[2]) if train_bias else None
+        buffers = blocks.work(scheme.n_heads, q.device)
+        work = blocks.work(q.shape[0] * q.shape[1], q.device) if train_bias else None
         for s, e, hi in blocks:
             mask = blocks.mask(scheme, s, e, hi, buffers)
             args = (q[:, :, s:e], k[:, :, :hi], v[:, :, :hi], dout[:, :, s:e])

@@ -45,21 +45,10 @@ def merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 
 def dense_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, visible: Tensor | None,
                    lse: Tensor, delta: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of a dense segment given the merged lse and ``delta = rowsum(dO ∘ O)``.
-
-    Returns (dq, dk, dv, dbias) with dbias summed over the batch, shaped like ``bias``.
-    """
-    qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
-    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale + bias
-    if visible is not None:
-        s = s.masked_fill(~visible, float("-inf"))
-    p = torch.exp(s - lse.unsqueeze(-1).clamp(min=NEG))
-    dv = torch.matmul(p.transpose(-1, -2), dof)
-    dp = torch.matmul(dof, vf.transpose(-1, -2))
-    ds = p * (dp - delta.unsqueeze(-1))
-    dq = torch.matmul(ds, kf) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
-    return dq, dk, dv, ds.sum(0)
+    """Gradients of a dense segment given the merged lse and ``delta = rowsum(dO ∘ O)``, with the bias
+    and the visible pairs apart: (dq, dk, dv, dbias), dbias summed over the batch, shaped like ``bias``."""
+    mask = bias if visible is None else bias.masked_fill(~visible, float("-inf"))
+    return mask_backward(q.float(), k.float(), v.float(), do.float(), lse, delta, mask, scale)
 
 
 def mask_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, mask: Tensor,
@@ -91,6 +80,7 @@ def backward_rows(q: Tensor, keys: int) -> int:
     return max(64, min(512, (1 << 22) // max(1, q.shape[0] * q.shape[1] * keys)))
 
 
-def block_work(q: Tensor, rows: int, keys: int) -> Tensor:
-    """Scratch for :func:`mask_backward` on blocks of up to ``rows`` queries against ``keys`` keys."""
-    return torch.empty(2, q.shape[0] * q.shape[1] * rows * keys, dtype=torch.float32, device=q.device)
+def block_work(size: int, device: torch.device) -> Tensor:
+    """Two flat float32 scratch buffers of ``size`` elements, allocated once per call and reused by every
+    block (``mask_backward``'s ``P`` and ``dP``, a block's bias and its scratch)."""
+    return torch.empty(2, size, dtype=torch.float32, device=device)

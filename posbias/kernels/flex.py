@@ -58,6 +58,14 @@ def _compiled_flex():
     return torch.compile(require_flex().flex_attention, dynamic=False)
 
 
+def reset_compiled() -> None:
+    """Forget every compiled FlexAttention. Each new (scheme, length) compiles anew, and past dynamo's
+    recompile limit (8 by default) torch silently runs *eager* FlexAttention, about 10× slower on
+    CPU (measured); call this between unrelated shapes, as the benchmark does per cell."""
+    torch._dynamo.reset()
+    _compiled_flex.cache_clear()
+
+
 def flex_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor, k_pos: Tensor, causal: bool,
                 scale: float, compile: bool = True) -> Tensor:
     """The ``flex`` backend of :func:`posbias.attention`: contiguous positions, Toeplitz or no bias."""

@@ -73,7 +73,7 @@ class _Toeplitz(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k_rev), torch.zeros_like(v_rev)
         dtable = torch.zeros_like(table) if ctx.needs_input_grad[3] else None
         delta = (dout * out).sum(-1) if dtable is not None else None  # δ_i = dO_i · O_i
-        work = block_work(q, min(block, lq), lk) if dtable is not None else None
+        work = block_work(q.shape[0] * q.shape[1] * min(block, lq) * lk, q.device) if dtable is not None else None
         for s, e, hi in _blocks(lq, lk, q0, k0, causal, block):
             if hi <= 0:
                 continue

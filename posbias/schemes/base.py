@@ -127,12 +127,18 @@ class Scheme(nn.Module):
         parameter θ in ``self.parameters()`` order (None where θ is frozen or unused). Kernels that
         produce the bias's gradient ``grad`` block by block call this instead of keeping an autograd
         graph per block. By default autograd through :meth:`bias`; override when cheaper."""
-        params = list(self.parameters())
-        want = [p for p in params if p.requires_grad]
-        if not want:
-            return [None] * len(params)
         with torch.enable_grad():
-            got = iter(torch.autograd.grad(self.bias(q_pos, k_pos), want, grad, allow_unused=True))
+            return self._parameter_vjp([(self.bias(q_pos, k_pos), grad)])
+
+    def _parameter_vjp(self, pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor | None]:
+        """``Σ ⟨g, t⟩``'s gradient for every parameter (``self.parameters()`` order, None where frozen
+        or unused), over the ``(t, g)`` pairs whose ``t`` depends on a parameter that trains."""
+        params = list(self.parameters())
+        outs = [(t, g) for t, g in pairs if t.requires_grad]
+        want = [p for p in params if p.requires_grad]
+        if not outs or not want:
+            return [None] * len(params)
+        got = iter(torch.autograd.grad([t for t, _ in outs], want, [g for _, g in outs], allow_unused=True))
         return [next(got) if p.requires_grad else None for p in params]
 
     # -- rotary -------------------------------------------------------------------------------

@@ -81,7 +81,6 @@ class FIRE(Scheme):
         pair, ``∂/∂offset[m, h] = Σ grad_h``, ``∂/∂slope[m, h] = Σ grad_h · x`` (sums over the pairs
         on piece ``m``) and ``∂/∂x = Σ_h grad_h · slope[m, h]``; autograd takes these on to the MLP's
         weights, ``c`` and ``L`` (the same gradients as autograd through :meth:`bias`, tested)."""
-        params = list(self.parameters())
         with torch.enable_grad():
             x = self.normalized_distance(q_pos, k_pos)
             kinks, slope, offset = self.pieces()
@@ -94,12 +93,7 @@ class FIRE(Scheme):
             per_pair = torch.gather(slope.detach().T[:, None, :].expand(heads, x.shape[0], pieces), 2,
                                     seg.expand_as(grad))
             d_x = per_pair.mul_(grad).sum(0)
-        outs = [(t, d) for t, d in ((x, d_x), (slope, d_slope.T), (offset, d_offset.T)) if t.requires_grad]
-        want = [p for p in params if p.requires_grad]
-        if not outs or not want:
-            return [None] * len(params)
-        got = iter(torch.autograd.grad([t for t, _ in outs], want, [d for _, d in outs], allow_unused=True))
-        return [next(got) if p.requires_grad else None for p in params]
+        return self._parameter_vjp([(x, d_x), (slope, d_slope.T), (offset, d_offset.T)])
 
     def mlp_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """The definition: the MLP ``1 → width → ReLU → heads`` applied to every pair (the reference
