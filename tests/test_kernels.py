@@ -256,6 +256,25 @@ def test_bias_into_and_bias_grad_agree_with_bias(name, options):
             torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3)
 
 
+@pytest.mark.parametrize("heads", [1, 3, 8])
+@pytest.mark.parametrize("odd_offset", [False, True])
+def test_fire_bias_into_packed_gather_on_block_buffers(heads, odd_offset):
+    """FIRE's ``bias_into`` on the kernels' flat buffers: the packed (offset, slope) gather, half the
+    heads at a time, where the scratch is 8-byte aligned; two gathers where it is not (an odd
+    storage offset) or too small (one head). Every case writes :meth:`bias`'s values."""
+    s = build("fire", n_heads=heads, head_dim=16)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(torch.randn_like(p) * 0.7)
+    qp, kp = torch.arange(300, 333), torch.arange(0, 333)
+    shape = (heads, len(qp), len(kp))
+    size = heads * len(qp) * len(kp)
+    flat = torch.full((2 * size + 2,), float("nan"))
+    start = 1 if odd_offset else 0
+    out, scratch = flat[start:start + size].view(shape), flat[start + size:start + 2 * size].view(shape)
+    torch.testing.assert_close(s.bias_into(qp, kp, out, scratch), s.bias(qp, kp).detach(), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("frozen", [(), ("c", "L_multiplier"), ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")])
 def test_fire_trains_on_the_fused_blocks_across_many_blocks(frozen):
     """Training FIRE on the fused kernel, five query blocks of 64: q/k/v gradients and those of the

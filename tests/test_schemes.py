@@ -91,6 +91,31 @@ def test_fire_progressive_interpolation_in_unit_interval_at_100k():
     assert x[-1, 0] > 0.99  # the farthest key maps to ~1: the whole range is used
 
 
+@pytest.mark.parametrize("q_pos, k_pos", [
+    (torch.arange(5, 40), torch.arange(0, 60)),            # a causal block, keys in order
+    (torch.arange(5, 40), torch.arange(59, -1, -1)),       # keys reversed
+    (torch.arange(39, 4, -1), torch.arange(0, 60)),        # queries reversed
+    (torch.arange(39, 4, -1), torch.arange(59, -1, -1)),
+    (torch.tensor([70]), torch.arange(100, 20, -1)),       # one query (decoding)
+    (torch.arange(100, 130), torch.tensor([5])),           # one key
+    (torch.tensor([3, 7, 1, 9]), torch.arange(12)),        # not a run: the direct formula
+    (torch.arange(2**24 + 10, 2**24 + 20), torch.arange(0, 2**24 + 20, 2**20)),  # past float32 integers
+])
+def test_fire_log_distance_table_is_the_direct_formula(q_pos, k_pos):
+    """The sliding-window table of ``log(c·|i − j| + 1)`` gives every pair its own offset's value,
+    whatever the order of either run, with offsets taken in integers; and its gradient to ``c``."""
+    from posbias.schemes.fire import _log_distance
+
+    c = torch.tensor(0.37, requires_grad=True)
+    got = _log_distance(q_pos, k_pos, c)
+    want = torch.log1p(c * (q_pos[:, None] - k_pos[None, :]).abs().to(torch.float32))
+    torch.testing.assert_close(got, want, atol=0, rtol=2e-7)
+    assert got.is_contiguous()
+    g = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad((got * g).sum(), c)[0], torch.autograd.grad((want * g).sum(), c)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_fire_is_not_toeplitz():
     s = build("fire", n_heads=2, head_dim=16, init_L=4.0)
     p = torch.arange(30)

