@@ -8,8 +8,10 @@ block's bias and runs the fused backward op, or — when the bias has parameters
 dense five-matmul block backward that also yields ``dS = P ∘ (dP − δ)``, handed to the scheme's
 :meth:`Scheme.bias_grad` (FIRE reduces it by linear piece instead of through autograd). Elsewhere
 (CUDA) each block is the reference dense attention, checkpointed in training. Either way the peak
-extra memory is a few ``[B, H, block, keys]`` buffers — linear in N. Causal blocks only read the
-keys up to their last query. One decoding query against K cached keys costs O(K).
+extra memory is a few ``[B, H, block, keys]`` buffers: linear in N, and on the fused path capped at
+two masks of ``FUSED_BLOCK_ELEMS`` floats (128 MB each; FIRE at 16k: 374 MiB peak extra forward).
+Causal blocks only read the keys up to their last query. One decoding query against K cached keys
+costs O(K).
 """
 
 from __future__ import annotations
