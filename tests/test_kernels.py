@@ -260,8 +260,8 @@ def test_bias_into_and_bias_grad_agree_with_bias(name, options):
 @pytest.mark.parametrize("odd_offset", [False, True])
 def test_fire_bias_into_packed_gather_on_block_buffers(heads, odd_offset):
     """FIRE's ``bias_into`` on the kernels' flat buffers: the packed (offset, slope) gather, half the
-    heads at a time, where the scratch is 8-byte aligned; two gathers where it is not (an odd
-    storage offset) or too small (one head). Every case writes :meth:`bias`'s values."""
+    heads at a time, in the scratch where it is 8-byte aligned, in a fresh buffer where it is not (an
+    odd storage offset) or too small (one head). Every case writes :meth:`bias`'s values."""
     s = build("fire", n_heads=heads, head_dim=16)
     with torch.no_grad():
         for p in s.parameters():

@@ -127,8 +127,7 @@ class _FusedBlocks(torch.autograd.Function):
         train_bias = any(ctx.needs_input_grad[6:])
         grads: list[Tensor | None] = [None] * n_params
         delta = (dout * out).sum(-1) if train_bias else None  # δ_i = dO_i · O_i
-        lk = k.shape[2]
-        blocks = blocks.with_rows(min(blocks.block, backward_rows(q, lk) if train_bias else BACKWARD_ROWS))
+        blocks = blocks.with_rows(min(blocks.block, backward_rows(q, k.shape[2]) if train_bias else BACKWARD_ROWS))
         buffers = blocks.work(scheme.n_heads, q.device)
         work = blocks.work(q.shape[0] * q.shape[1], q.device) if train_bias else None
         for s, e, hi in blocks:

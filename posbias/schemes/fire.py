@@ -62,7 +62,8 @@ class FIRE(Scheme):
 
     def bias_into(self, q_pos: Tensor, k_pos: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
         """:meth:`bias` written straight into ``out``'s ``[heads, q, k]`` layout: each pair's (offset,
-        slope) gathered by piece as one 8-byte value into ``scratch`` (half the heads at a time), then
+        slope) gathered by piece as one 8-byte value, half the heads at a time, into ``scratch`` (into a
+        fresh buffer where ``scratch`` is not 8-byte aligned or holds less than one head's pairs), then
         one multiply-add (the values of :meth:`bias`, tested). One packed gather instead of two costs
         7.9 against 10.0 ms for 8 × 256 × 4160 pairs, measured."""
         with torch.no_grad():
@@ -70,15 +71,13 @@ class FIRE(Scheme):
             kinks, slope, offset = self.pieces()
             seg = torch.bucketize(x, kinks)
             heads, pieces = out.shape[0], slope.shape[0]
-            if heads < 2 or not scratch.is_contiguous() or scratch.storage_offset() % 2:  # two gathers instead
-                torch.gather(slope.T[:, None, :].expand(heads, x.shape[0], pieces), 2, seg.expand_as(out), out=scratch)
-                torch.gather(offset.T[:, None, :].expand(heads, x.shape[0], pieces), 2, seg.expand_as(out), out=out)
-                return out.addcmul_(scratch, x)
             packed = torch.stack([offset.T, slope.T], -1).contiguous().view(torch.float64)[..., 0]  # [heads, pieces]
-            step = heads // 2  # scratch holds half the heads' values at 8 bytes per pair
+            step = max(1, heads // 2)  # scratch holds half the heads' values at 8 bytes per pair
+            room = scratch.is_contiguous() and scratch.storage_offset() % 2 == 0 and heads >= 2
             for h in range(0, heads, step):
                 part = out[h:h + step]
-                pairs = scratch.view(-1)[:2 * part.numel()].view(torch.float64).view(part.shape)
+                pairs = (scratch.view(-1)[:2 * part.numel()].view(torch.float64).view(part.shape) if room
+                         else torch.empty(part.shape, dtype=torch.float64, device=out.device))
                 torch.gather(packed[h:h + step, None, :].expand(part.shape[:2] + (pieces,)), 2,
                              seg.expand_as(part), out=pairs)
                 values = pairs.view(torch.float32).view(part.shape + (2,))
