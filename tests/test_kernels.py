@@ -275,6 +275,63 @@ def test_fire_bias_into_packed_gather_on_block_buffers(heads, odd_offset):
     torch.testing.assert_close(s.bias_into(qp, kp, out, scratch), s.bias(qp, kp).detach(), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("heads", [1, 8])
+@pytest.mark.parametrize("q_pos, k_pos", [
+    (torch.arange(300, 364), torch.arange(0, 364)),          # a causal block past the threshold L
+    (torch.arange(300, 364), torch.arange(0, 700)),          # keys past the queries (not causal)
+    (torch.arange(363, 299, -1), torch.arange(363, -1, -1)),  # both runs reversed
+    (torch.tensor([5000]), torch.arange(0, 5001)),           # one query (decoding)
+    (torch.arange(2**24 + 200, 2**24 + 230), torch.arange(2**24 - 400, 2**24 + 230)),  # past float32 integers
+])
+def test_fire_bias_into_by_columns(heads, q_pos, k_pos):
+    """FIRE's ``bias_into`` on blocks of consecutive positions: one multiply-add per column's piece and
+    ``Δslope · relu(x − t_k)`` where a column crosses kinks. Kinks inside the block's range are
+    crossed (so the corrections run, but for a single query), every pair gets :meth:`bias`'s value and
+    ``bias_grad`` (pairs moved across the kinks their column crosses) autograd's gradients."""
+    from posbias.schemes.fire import _column_pieces
+
+    s = build("fire", n_heads=heads, head_dim=16, init_L=8.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        s.mlp[0].weight.copy_(torch.randn_like(s.mlp[0].weight))
+        s.mlp[0].bias.copy_(-4 * torch.rand_like(s.mlp[0].bias) * s.mlp[0].weight[:, 0])  # kinks in [0, 4]
+        s.mlp[2].weight.normal_()
+    x = s.normalized_distance(q_pos, k_pos).detach()
+    _, runs = _column_pieces(x, s.pieces()[0].detach())
+    assert runs is not None and (runs or len(q_pos) == 1)  # a column of one pair crosses no kink
+    out, scratch = (torch.full((heads, len(q_pos), len(k_pos)), float("nan")) for _ in range(2))
+    torch.testing.assert_close(s.bias_into(q_pos, k_pos, out, scratch), s.bias(q_pos, k_pos).detach(),
+                               atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(s.normalized_distance(q_pos, k_pos, out=torch.empty_like(x)), x, atol=0, rtol=0)
+    # bias_grad by the same columns: autograd's gradients through bias(), for every parameter
+    want = s.bias(q_pos, k_pos)
+    g = torch.randn_like(want)
+    ref = torch.autograd.grad((want * g).sum(), list(s.parameters()))
+    for name, a, b in zip([n for n, _ in s.named_parameters()], s.bias_grad(q_pos, k_pos, g.clone()), ref):
+        torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3, msg=name)
+
+
+def test_fire_bias_into_takes_the_gather_where_columns_cross_many_kinks():
+    """Positions in no order: a column's pairs span many pieces, so ``bias_into`` gathers per pair and
+    ``bias_grad`` finds each pair's piece."""
+    from posbias.schemes.fire import _column_pieces
+
+    s = randomized("fire", init_L=8.0)
+    g = torch.Generator().manual_seed(0)
+    q_pos, k_pos = torch.randperm(400, generator=g)[:50], torch.randperm(400, generator=g)
+    x = s.normalized_distance(q_pos, k_pos).detach()
+    with torch.no_grad():
+        s.mlp[0].bias.copy_(-torch.linspace(0.02, 0.98, s.mlp[0].bias.numel()) * s.mlp[0].weight[:, 0])
+    assert _column_pieces(x, s.pieces()[0].detach())[1] is None
+    out, scratch = (torch.empty(s.n_heads, len(q_pos), len(k_pos)) for _ in range(2))
+    want = s.bias(q_pos, k_pos)
+    torch.testing.assert_close(s.bias_into(q_pos, k_pos, out, scratch), want.detach(), atol=1e-6, rtol=1e-6)
+    g = torch.randn_like(want)
+    ref = torch.autograd.grad((want * g).sum(), list(s.parameters()))
+    for a, b in zip(s.bias_grad(q_pos, k_pos, g.clone()), ref):
+        torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3)
+
+
 @pytest.mark.parametrize("frozen", [(), ("c", "L_multiplier"), ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")])
 def test_fire_trains_on_the_fused_blocks_across_many_blocks(frozen):
     """Training FIRE on the fused kernel, five query blocks of 64: q/k/v gradients and those of the

@@ -57,7 +57,8 @@ def mask_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, de
     attention with the additive ``mask`` (−∞ at hidden pairs), from its log-sum-exp and ``δ = rowsum(dO ∘ O)``:
     five matmuls, in place where possible. Measured faster than the fused backward op plus the two
     matmuls ``dS`` would need on top. ``work`` (from :func:`block_work`, reused block after block)
-    holds ``P`` and ``dP``: fresh tensors of this size cost their page faults every block."""
+    holds ``P`` and ``dP``: fresh tensors of this size cost their page faults every block; with a batch
+    of one the returned ``dS`` is a view of ``work[0]``, valid until the buffer's next use."""
     shape = q.shape[:-1] + k.shape[-2:-1]
     size = shape.numel()
     p_out = dp_out = None
@@ -69,7 +70,8 @@ def mask_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, de
     ds = p.mul_(torch.matmul(dout, v.transpose(-1, -2), out=dp_out).sub_(delta.unsqueeze(-1)))
     dq = torch.matmul(ds, k).mul_(scale)
     dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
-    return dq, dk, dv, ds.sum(0)
+    # batch 1: ``dS`` itself (a view of ``work``; a sum would write a fresh tensor, page faults included)
+    return dq, dk, dv, ds[0] if ds.shape[0] == 1 else ds.sum(0)
 
 
 def backward_rows(q: Tensor, keys: int) -> int:

@@ -126,7 +126,8 @@ class Scheme(nn.Module):
         """The vector-Jacobian product of :meth:`bias`: ``∂⟨grad, bias(q_pos, k_pos)⟩ / ∂θ`` for every
         parameter θ in ``self.parameters()`` order (None where θ is frozen or unused). Kernels that
         produce the bias's gradient ``grad`` block by block call this instead of keeping an autograd
-        graph per block. By default autograd through :meth:`bias`; override when cheaper."""
+        graph per block, and may overwrite ``grad`` (their scratch). By default autograd through
+        :meth:`bias`; override when cheaper."""
         with torch.enable_grad():
             return self._parameter_vjp([(self.bias(q_pos, k_pos), grad)])
 
