@@ -43,14 +43,6 @@ def merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
-def dense_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, visible: Tensor | None,
-                   lse: Tensor, delta: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of a dense segment given the merged lse and ``delta = rowsum(dO ∘ O)``, with the bias
-    and the visible pairs apart: (dq, dk, dv, dbias), dbias summed over the batch, shaped like ``bias``."""
-    mask = bias if visible is None else bias.masked_fill(~visible, float("-inf"))
-    return mask_backward(q.float(), k.float(), v.float(), do.float(), lse, delta, mask, scale)
-
-
 def mask_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, mask: Tensor,
                   scale: float, work: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One block's (dq, dk, dv) and ``dS = P ∘ (dP − δ)`` summed over the batch ``[H, rows, keys]``, for
@@ -86,3 +78,12 @@ def block_work(size: int, device: torch.device) -> Tensor:
     """Two flat float32 scratch buffers of ``size`` elements, allocated once per call and reused by every
     block (``mask_backward``'s ``P`` and ``dP``, a block's bias and its scratch)."""
     return torch.empty(2, size + size % 2, dtype=torch.float32, device=device)  # even: 8-byte aligned rows
+
+
+def antidiagonal_sums(ds: Tensor) -> Tensor:
+    """``[H, rows + keys − 1]``: ``Σ_{r+t=u} ds[:, r, t]`` for every ``u``. Each row is padded with
+    ``rows`` zeros and the buffer re-read with row length ``keys + rows − 1``, which shifts row ``r``
+    right by ``r``; column ``u`` then holds ``ds[r, u − r]`` (or 0), and a sum over rows finishes."""
+    h, rows, keys = ds.shape
+    padded = torch.nn.functional.pad(ds, (0, rows)).flatten(1)[:, : rows * (keys + rows - 1)]
+    return padded.view(h, rows, keys + rows - 1).sum(1)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..schemes.base import ToeplitzScheme
-from .flash import backward_rows, block_work, flash_backward, flash_forward, mask_backward
+from .flash import antidiagonal_sums, backward_rows, block_work, flash_backward, flash_forward, mask_backward
 
 BLOCK = 512  # query rows per backward block for a fixed bias (the fused backward op); a trained bias: backward_rows
 
@@ -84,20 +84,11 @@ class _Toeplitz(torch.autograd.Function):
             else:  # the row's gradient needs dS itself: one dense pass gives it and q/k/v's gradients
                 gq, gk, gv, ds = mask_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale, work)
                 lo = q0 + s - (k0 + hi - 1) - o_min
-                dtable[:, lo: lo + e - s + hi - 1] += _antidiagonal_sums(ds)
+                dtable[:, lo: lo + e - s + hi - 1] += antidiagonal_sums(ds)
             dq[:, :, s:e] += gq
             dk[:, :, lk - hi:] += gk
             dv[:, :, lk - hi:] += gv
         return dq, dk.flip(2), dv.flip(2), dtable, None, None, None, None, None, None
-
-
-def _antidiagonal_sums(ds: Tensor) -> Tensor:
-    """``[H, rows + keys − 1]``: ``Σ_{r+t=u} ds[:, r, t]`` for every ``u``. Each row is padded with
-    ``rows`` zeros and the buffer re-read with row length ``keys + rows − 1``, which shifts row ``r``
-    right by ``r``; column ``u`` then holds ``ds[r, u − r]`` (or 0), and a sum over rows finishes."""
-    h, rows, keys = ds.shape
-    padded = torch.nn.functional.pad(ds, (0, rows)).flatten(1)[:, : rows * (keys + rows - 1)]
-    return padded.view(h, rows, keys + rows - 1).sum(1)
 
 
 def _blocks(lq: int, lk: int, q0: int, k0: int, causal: bool, block: int):
