@@ -154,7 +154,7 @@ def _flex_usable(scheme: Scheme, q: Tensor, contiguous: bool) -> str | None:
     return None
 
 
-TOEPLITZ_TRAINS_BELOW = 2048  # keys: below, a learnable windowed table trains faster on toeplitz (measured)
+TOEPLITZ_TRAINS_BELOW = 1536  # keys: below, a learnable windowed table trains faster on toeplitz (measured)
 
 
 def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, causal: bool) -> str:
@@ -163,9 +163,10 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
     Measured on a 2-core CPU (``benchmarks/bench_attention.py``, README): for a Toeplitz bias the
     reversed-key ``toeplitz`` path is the fastest at inference and for fixed biases in training (ALiBi
     fwd+bwd 1.16× vs 1.63× for ``alibi``). A learnable bias constant beyond a window (T5, offset)
-    trains faster ``windowed`` from 2k keys on, whose dense part is only the band (t5 at 4k / 8k:
-    1.30× / 1.26× vs 1.40× / 1.51×; equal at 2k), and faster ``toeplitz`` below, where the windowed
-    merge's fixed per-block costs show (t5 at 1k: 1.27× vs 1.59×, offset 1.22× vs 1.62×)."""
+    trains faster ``windowed`` from 1.5k keys on, whose dense part is only the band, and faster
+    ``toeplitz`` below, where the windowed merge's fixed per-block costs show (fwd+bwd, 7 interleaved
+    pairs, 2 threads: t5 at 1k / 1.5k / 2k 1.35× / 1.24× / 1.22× windowed vs 1.28× / 1.37× / 1.41×
+    toeplitz; offset 1.30× / 1.29× / 1.24× vs 1.17× / 1.42× / 1.40×)."""
     trains = _trains_bias(scheme)
     short = len(k_pos) < TOEPLITZ_TRAINS_BELOW
     order = ("sdpa", "windowed", "toeplitz", "alibi") if trains and not short else ("sdpa", "toeplitz", "windowed", "alibi")

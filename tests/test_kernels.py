@@ -76,12 +76,13 @@ def test_toeplitz_backend_with_a_fixed_bias(name, options, causal, lq):
 
 def test_auto_backend_choice_follows_the_measurements():
     """Toeplitz biases: the reversed-key toeplitz path, except a learnable bias constant beyond a window
-    in training from 2048 keys on (windowed: only the band is dense). Gradients and length decide, not
+    in training from 1536 keys on (windowed: only the band is dense). Gradients and length decide, not
     the scheme's name."""
     for n, cases in [(8, [("kerple-log", True, "toeplitz"), ("kerple-log", False, "toeplitz"),
                           ("t5", True, "toeplitz"), ("t5", False, "toeplitz"), ("offset", True, "toeplitz"),
                           ("alibi", True, "toeplitz"), ("fire", True, "blockwise"), ("rope", True, "sdpa")]),
-                     (2048, [("t5", True, "windowed"), ("offset", True, "windowed"), ("t5", False, "toeplitz"),
+                     (1535, [("t5", True, "toeplitz"), ("offset", True, "toeplitz")]),
+                     (1536, [("t5", True, "windowed"), ("offset", True, "windowed"), ("t5", False, "toeplitz"),
                              ("kerple-log", True, "toeplitz")])]:
         q, pos = torch.randn(1, 3, n, 16), torch.arange(n)
         for name, trains, want in cases:
