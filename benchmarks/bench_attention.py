@@ -9,9 +9,11 @@ The thread count is fixed (``--threads``, default 2) and printed.
 
 For each scheme and length: forward and forward+backward of posbias (auto backend), and the
 anchors: dense-bias SDPA (the bias materialised as [H, N, N]), the HuggingFace-style T5 path
-(bucketing all N² pairs, embedding lookup, dense bias), and compiled FlexAttention with the scheme's
-per-offset ``score_mod`` (Toeplitz schemes; forward only on CPU, where FlexAttention has no backward;
-its one-off compile time is printed, not counted; ``--no-flex`` leaves it out). Peak extra memory is
+(bucketing all N² pairs, embedding lookup, dense bias), and two compiled FlexAttention anchors
+(Toeplitz schemes): posbias's ``backend="flex"`` (a ``score_mod`` reading a per-offset table) and
+the ``score_mod`` a user writes from the attention-gym examples, the formula evaluated per pair
+(:func:`hand_written_score_mod`). FlexAttention runs forward only on CPU, where it has no backward;
+its one-off compile time is printed, not counted; ``--no-flex`` leaves both out. Peak extra memory is
 measured in a child process per case (``--memory``) as the growth of peak RSS (CPU) or of peak
 allocated memory (CUDA) over the inputs.
 
@@ -99,7 +101,30 @@ def hf_t5_bias(scheme, n, device):
     return F.embedding(buckets, scheme.table).permute(2, 0, 1)
 
 
-FLEX = False  # compiled FlexAttention anchor (on unless --no-flex)
+FLEX = False  # compiled FlexAttention anchors (on unless --no-flex)
+
+
+def hand_written_score_mod(name, scheme):
+    """The ``score_mod`` a user writes from the attention-gym examples: the scheme's formula evaluated
+    for every (query, key) pair inside the kernel, reading its parameters directly (gradients reach
+    them where FlexAttention has a backward). None for schemes without one here (FIRE: not a
+    function of the offset alone)."""
+    from posbias import t5_bucket
+
+    if name == "t5":
+        table, nb, md, bi = scheme.table, scheme.num_buckets, scheme.max_distance, scheme.bidirectional
+        return lambda score, b, h, qi, ki: score + table[
+            t5_bucket(qi - ki, num_buckets=nb, max_distance=md, bidirectional=bi), h]
+    if name == "offset" and scheme.clip and not scheme.bidirectional:
+        table, md = scheme.table, scheme.max_distance
+        return lambda score, b, h, qi, ki: score + table[(qi - ki).clamp(0, md), h]
+    if name == "alibi" and not scheme.symmetric:
+        slopes = scheme.slopes
+        return lambda score, b, h, qi, ki: score - slopes[h] * (qi - ki)
+    if name == "kerple-log":
+        r1, r2 = scheme.params()
+        return lambda score, b, h, qi, ki: score - r1[h] * torch.log1p(r2[h] * (qi - ki).abs())
+    return None
 
 
 def cases(name, n, scheme, q, k, v):
@@ -138,6 +163,22 @@ def cases(name, n, scheme, q, k, v):
         def flex_train():
             posbias.attention(q, k, v, scheme, backend="flex").sum().backward()
         out["compiled FlexAttention"] = (flex_fwd, flex_train if q.device.type == "cuda" else None)
+    mod = hand_written_score_mod(name, scheme) if FLEX else None
+    if mod is not None:
+        from torch.nn.attention.flex_attention import flex_attention
+        from posbias.integrations.flex import causal_block_mask
+
+        fn = torch.compile(flex_attention, dynamic=False)
+
+        def user_flex(grad):
+            mask = causal_block_mask(n, n, device=q.device)
+            if not grad:
+                with torch.no_grad():
+                    return fn(q.detach(), k.detach(), v.detach(), score_mod=mod, block_mask=mask,
+                              scale=scheme.default_scale())
+            fn(q, k, v, score_mod=mod, block_mask=mask, scale=scheme.default_scale()).sum().backward()
+        out["hand-written FlexAttention score_mod"] = (lambda: user_flex(False),
+                                                        (lambda: user_flex(True)) if q.device.type == "cuda" else None)
     return out
 
 
@@ -198,7 +239,7 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU), fixed for the run")
     p.add_argument("--reps", type=int, default=5, help="interleaved (candidate, baseline) pairs per cell")
     p.add_argument("--no-backward", action="store_true")
-    p.add_argument("--no-flex", action="store_true", help="leave out the compiled FlexAttention anchor")
+    p.add_argument("--no-flex", action="store_true", help="leave out the compiled FlexAttention anchors")
     p.add_argument("--memory", action="store_true", help="measure peak extra memory in child processes")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
@@ -242,7 +283,7 @@ def run_length(n, args, device, dtype):
         if train_backend != backend:
             backend = f"{backend}; training: {train_backend}"
         for label, (fwd, trn) in cases(name, n, scheme, q, k, v).items():
-            if label == "compiled FlexAttention":
+            if "FlexAttention" in label:
                 reset_compiled()  # else past dynamo's recompile limit the anchor times eager FlexAttention
                 t0 = time.perf_counter()
                 fwd()

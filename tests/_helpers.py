@@ -3,6 +3,7 @@
 import torch
 
 from posbias import build
+from posbias.attention import attention, attention_reference
 
 
 def randomized(name, **options):
@@ -12,3 +13,25 @@ def randomized(name, **options):
         for p in s.parameters():
             p.add_(torch.randn_like(p) * 0.7)
     return s
+
+
+def compare(scheme, backend, *, causal=True, lq=None, lk=301, q0=None, dtype=torch.float32, atol=2e-4, device="cpu"):
+    """``backend`` against the dense reference on ``device``: outputs, q/k/v gradients and the
+    scheme's parameter gradients (``scheme`` is moved to ``device``)."""
+    lq = lq or lk
+    scheme.to(device)
+    q, k, v = (torch.randn(2, 3, n, 16, dtype=dtype, device=device, requires_grad=True) for n in (lq, lk, lk))
+    kw = {} if q0 is None else {"q_pos": torch.arange(q0, q0 + lq, device=device)}
+    out = attention(q, k, v, scheme, causal=causal, backend=backend, **kw)
+    ref = attention_reference(q, k, v, scheme, causal=causal, **kw)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=1e-4)
+    g = torch.randn_like(ref)
+    params = [p for p in scheme.parameters() if p.requires_grad]
+    got = torch.autograd.grad((out * g).sum(), [q, k, v] + params, allow_unused=True)
+    want = torch.autograd.grad((ref * g).sum(), [q, k, v] + params, allow_unused=True)
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None or not a.abs().any()
+            continue
+        torch.testing.assert_close(a.float(), b.float(), atol=atol * 10, rtol=1e-3)

@@ -7,7 +7,7 @@ from _helpers import randomized
 
 from posbias import SCHEMES, ToeplitzScheme, attention, attention_reference, build
 from posbias.attention import resolve
-from posbias.integrations.flex import flex_available, flex_kernel, offset_table
+from posbias.integrations.flex import causal_block_mask, flex_available, flex_kernel, offset_table
 
 pytestmark = pytest.mark.skipif(not flex_available(), reason="this torch has no FlexAttention")
 
@@ -79,3 +79,32 @@ def test_readme_flex_snippet_runs_as_written():
     section = readme[readme.index("### FlexAttention: a `score_mod`"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     exec(compile(code, "README.md", "exec"), {})
+
+
+def _bench_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dynamo, tracing a score_mod, looks its module up by name
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("name", ["t5", "offset", "alibi", "kerple-log"])
+def test_benchmarks_hand_written_score_mod_is_the_scheme(name):
+    """The benchmark's user-style anchor (formula per pair, attention-gym style) computes the same
+    attention as the reference, so comparing against it compares speed only (eager FlexAttention)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    s = randomized(name)
+    mod = _bench_module().hand_written_score_mod(name, s)
+    q, k, v = (torch.randn(1, 3, 150, 16) for _ in range(3))
+    with torch.no_grad():
+        out = flex_attention(q, k, v, score_mod=mod, block_mask=causal_block_mask(150, 150),
+                             scale=s.default_scale())
+        ref = attention_reference(q, k, v, s)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)

@@ -3,33 +3,11 @@ causal and bidirectional; query offsets; lengths not divisible by any block size
 
 import pytest
 import torch
-from _helpers import randomized
+from _helpers import compare, randomized
 
 import posbias
 from posbias import SCHEMES, build
 from posbias.attention import BACKENDS, attention, attention_reference, choose_backend, resolve, usable
-
-
-
-
-def compare(scheme, backend, *, causal=True, lq=None, lk=301, q0=None, dtype=torch.float32, block=None, atol=2e-4):
-    lq = lq or lk
-    q, k, v = (torch.randn(2, 3, n, 16, dtype=dtype, requires_grad=True) for n in (lq, lk, lk))
-    kw = {} if q0 is None else {"q_pos": torch.arange(q0, q0 + lq)}
-    out = attention(q, k, v, scheme, causal=causal, backend=backend, **kw)
-    ref = attention_reference(q, k, v, scheme, causal=causal, **kw)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=1e-4)
-    g = torch.randn_like(ref)
-    params = [p for p in scheme.parameters() if p.requires_grad]
-    got = torch.autograd.grad((out * g).sum(), [q, k, v] + params, allow_unused=True)
-    want = torch.autograd.grad((ref * g).sum(), [q, k, v] + params, allow_unused=True)
-    for a, b in zip(got, want):
-        if b is None:
-            assert a is None or not a.abs().any()
-            continue
-        torch.testing.assert_close(a.float(), b.float(), atol=atol * 10, rtol=1e-3)
-
 
 CASES = [
     ("t5", "windowed", {"max_distance": 40}, True),

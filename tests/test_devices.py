@@ -1,0 +1,111 @@
+"""Every study scheme on every device: the automatic backend against the dense reference on the same
+device (outputs, q/k/v and parameter gradients, query offsets, decoding), low precision within the
+reference's own rounding, and FlexAttention's backward where it has one (CUDA).
+
+The CUDA cases carry the ``cuda`` marker (``pytest -m cuda`` runs them alone) and skip cleanly without
+a CUDA device (issue 12). Their CPU twins run everywhere, so the checks themselves are exercised on
+every machine and a GPU session starts from tests that are known to be right."""
+
+import pytest
+import torch
+from _helpers import compare, randomized
+
+from posbias import SCHEMES, ToeplitzScheme
+from posbias.attention import attention, attention_reference, choose_backend
+from posbias.integrations.flex import flex_available
+
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])
+DEVICES = ["cpu", CUDA]
+STUDY = [n for n, c in SCHEMES.items() if c.family in ("additive", "rotary") and c.in_study]
+TOEPLITZ = [n for n in STUDY if issubclass(SCHEMES[n], ToeplitzScheme)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", STUDY)
+def test_auto_backend_matches_reference_on_device(name, device):
+    """Training shape (gradients to q, k, v and the scheme's parameters), then 37 queries at the end."""
+    compare(randomized(name), "auto", device=device)
+    compare(randomized(name), "auto", lq=37, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", STUDY)
+def test_decoding_one_query_against_a_long_cache(name, device):
+    s = randomized(name).to(device)
+    q = torch.randn(1, 3, 1, 16, device=device)
+    k, v = (torch.randn(1, 3, 3000, 16, device=device) for _ in range(2))
+    pos = torch.tensor([2999], device=device)
+    with torch.no_grad():
+        out = attention(q, k, v, s, q_pos=pos)
+        ref = attention_reference(q, k, v, s, q_pos=pos)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def _worst_error(got, want):
+    return (got.detach().double() - want.detach().double()).abs().max().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["t5", "alibi", "kerple-log", "fire"])
+def test_low_precision_within_the_references_own_rounding(name, dtype, device):
+    """In bf16/fp16 the fast path is judged by the reference run in the same precision: against the
+    float32 truth (the same rounded inputs, computed in float32), its output and q/k/v gradients may
+    be at most twice as far off as the reference's own, plus one unit of the format's precision."""
+    s = randomized(name).to(device)
+    low = [(torch.randn(1, 3, 300, 16, device=device) * 2).to(dtype).requires_grad_() for _ in range(3)]
+    exact = [t.detach().float().requires_grad_() for t in low]
+    g = torch.randn(1, 3, 300, 16, device=device)
+    results = []
+    for fn, inputs in [(attention, low), (attention_reference, low), (attention_reference, exact)]:
+        out = fn(*inputs, s)
+        grads = torch.autograd.grad((out.float() * g).sum(), inputs)
+        results.append([out, *grads])
+    fast, ref, truth = results
+    unit = torch.finfo(dtype).eps
+    for a, b, t in zip(fast, ref, truth):
+        assert a.dtype == dtype
+        assert _worst_error(a, t) <= 2 * _worst_error(b, t) + unit * t.detach().abs().max().item()
+
+
+@pytest.mark.cuda
+@NO_CUDA
+@pytest.mark.parametrize("name", STUDY)
+def test_cuda_agrees_with_cpu(name):
+    """The same scheme and inputs on both devices: the automatic backends agree (outputs and the
+    scheme's parameter gradients)."""
+    s = randomized(name)
+    q, k, v = (torch.randn(1, 3, 700, 16) for _ in range(3))
+    results = []
+    for device in ("cpu", "cuda"):
+        s.to(device).zero_grad()
+        out = attention(q.to(device), k.to(device), v.to(device), s)
+        out.square().sum().backward()
+        results.append([out.cpu()] + [p.grad.cpu() for p in s.parameters() if p.grad is not None])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@NO_CUDA
+@pytest.mark.skipif(not flex_available(), reason="this torch has no FlexAttention")
+@pytest.mark.parametrize("name", TOEPLITZ)
+def test_flex_backend_trains_on_cuda(name):
+    """FlexAttention's backward (CUDA only): gradients to q, k, v and, through the captured per-offset
+    table, to the scheme's parameters; training shape and 37 queries at the end."""
+    compare(randomized(name), "flex", device="cuda")
+    compare(randomized(name), "flex", lq=37, device="cuda")
+
+
+@pytest.mark.cuda
+@NO_CUDA
+@pytest.mark.parametrize("name", STUDY)
+def test_auto_does_not_pick_a_path_no_gpu_run_has_validated(name):
+    """Issue 12's rule: until a GPU run validates a CUDA fast path, ``auto`` keeps to the reference
+    blocks (``blockwise``) or plain SDPA on CUDA."""
+    s = randomized(name).to("cuda")
+    q, pos = torch.randn(1, 3, 64, 16, device="cuda"), torch.arange(64, device="cuda")
+    for trains in (False, True):
+        with torch.set_grad_enabled(trains):
+            assert choose_backend(s, q, q_pos=pos, k_pos=pos, causal=True) in ("blockwise", "sdpa")
