@@ -108,3 +108,36 @@ def test_benchmarks_hand_written_score_mod_is_the_scheme(name):
                              scale=s.default_scale())
         ref = attention_reference(q, k, v, s)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_length_buckets():
+    from posbias.kernels.flex import length_bucket
+
+    got = {n: length_bucket(n) for n in (1, 2, 3, 37, 128, 129, 160, 161, 1000, 1024, 1025, 2000, 2048, 2049)}
+    assert got == {1: 1, 2: 2, 3: 4, 37: 64, 128: 128, 129: 160, 160: 160, 161: 192, 1000: 1024, 1024: 1024,
+                   1025: 1280, 2000: 2048, 2048: 2048, 2049: 2560}
+    for n in range(1, 5000):
+        b = length_bucket(n)
+        assert n <= b and (n <= 128 or b <= 1.25 * n)  # at most 25% padding past 128
+
+
+@pytest.mark.slow
+def test_flex_decoding_compiles_once_per_length_bucket():
+    """One query per step against a growing cache (a slice of a longer buffer): exact at every step,
+    and compiled once per length bucket (126-128 keys: one shape; 129-131: the next), not per step."""
+    from torch._dynamo.utils import counters
+
+    from posbias.kernels.flex import reset_compiled
+
+    torch.manual_seed(0)
+    s = randomized("t5", max_distance=50)
+    cache_k, cache_v = (torch.randn(1, 3, 200, 16) for _ in range(2))
+    reset_compiled()
+    counters.clear()
+    with torch.no_grad():
+        for n in range(126, 132):
+            q = torch.randn(1, 3, 1, 16)
+            k, v = cache_k[:, :, :n], cache_v[:, :, :n]
+            out = attention(q, k, v, s, backend="flex")
+            torch.testing.assert_close(out, attention_reference(q, k, v, s), atol=2e-5, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 2

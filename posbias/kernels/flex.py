@@ -4,6 +4,14 @@ FlexAttention is imported only when these functions are called; ``import posbias
 it. On CPU, PyTorch's FlexAttention has no backward pass (forward and inference only), and
 compiling it takes seconds per new shape (``dynamic=False``: torch 2.13's dynamic-shape CPU kernel
 fails to build after an earlier compile).
+
+Shapes are therefore bucketed: the kernel sees queries and keys padded to :func:`length_bucket`
+(four lengths per octave), the padded keys hidden by the block mask and the padded query rows
+dropped, and everything that changes from call to call within a bucket (where the queries start,
+how many keys are real) reaches the compiled kernel as tensor data, never as a Python constant it
+would guard on. Decoding, one more key per step, compiles once per bucket instead of once per step
+(which, past dynamo's limit of 8 recompilations, silently fell back to eager FlexAttention: 165 ms
+per step at 2k keys on CPU, measured).
 """
 
 from __future__ import annotations
@@ -53,33 +61,79 @@ def causal_block_mask(q_len: int, k_len: int, *, q_start: int | None = None, k_s
     return _cached_block_mask(int(q_len), int(k_len), q_start - int(k_start), str(torch.device(device)))
 
 
+def length_bucket(n: int) -> int:
+    """The length the compiled kernel sees for ``n`` queries or keys: ``n`` rounded up to a power of
+    two up to 128, above that to a multiple of a quarter of its octave (129 → 160, 2000 → 2048,
+    2049 → 2560): at most 25% padding, four compiled shapes per doubling of the length."""
+    n = int(n)
+    if n <= 128:
+        return 1 << max(0, n - 1).bit_length()
+    step = 1 << (n.bit_length() - 3)  # a quarter of the octave [2^e, 2^(e+1)) that holds n
+    return -(-n // step) * step
+
+
+@functools.lru_cache(maxsize=64)
+def _padded_block_mask(q_pad: int, k_pad: int, delta: int, k_len: int, causal: bool, device: str):
+    """The block mask over the padded shape: keys at or past ``k_len`` hidden and, when causal, query
+    ``i`` sees keys ``j ≤ i + delta``. ``delta`` and ``k_len`` are captured as tensors, so the
+    compiled kernel does not specialise on them."""
+    fa = require_flex()
+    limits = torch.tensor([delta, k_len], device=device)
+
+    def visible(b, h, q_idx, kv_idx):
+        real = kv_idx < limits[1]
+        return real & (q_idx + limits[0] >= kv_idx) if causal else real
+
+    return fa.create_block_mask(visible, None, None, q_pad, k_pad, device=device)
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     return torch.compile(require_flex().flex_attention, dynamic=False)
 
 
 def reset_compiled() -> None:
-    """Forget every compiled FlexAttention. Each new (scheme, length) compiles anew, and past dynamo's
-    recompile limit (8 by default) torch silently runs *eager* FlexAttention, about 10× slower on
-    CPU (measured); call this between unrelated shapes, as the benchmark does per cell."""
+    """Forget every compiled FlexAttention. Each new (scheme, length bucket) compiles anew, and past
+    dynamo's recompile limit (8 by default; raised to 64 for this kernel's own calls) torch silently
+    runs *eager* FlexAttention, about 10× slower on CPU (measured); the benchmark calls this before
+    each cell."""
     torch._dynamo.reset()
     _compiled_flex.cache_clear()
 
 
+RECOMPILE_LIMIT = 64  # compiled shapes kept for this kernel: 16 octaves of length buckets
+
+
+def _pad_to(x: Tensor, length: int) -> Tensor:
+    """``x`` padded with zeros along the sequence to ``length``, always contiguous: the compiled
+    kernel guards on strides, and a cache's slice at an exact bucket length would compile anew."""
+    if x.shape[2] == length:
+        return x.contiguous()
+    return torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[2]))
+
+
 def flex_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor, k_pos: Tensor, causal: bool,
                 scale: float, compile: bool = True) -> Tensor:
-    """The ``flex`` backend of :func:`posbias.attention`: contiguous positions, Toeplitz or no bias."""
+    """The ``flex`` backend of :func:`posbias.attention`: contiguous positions, Toeplitz or no bias.
+    Lengths are padded to :func:`length_bucket` (module docstring); exact, the padding is masked."""
     fa = require_flex()
     lq, lk = q.shape[2], k.shape[2]
+    q_pad, k_pad = length_bucket(lq), length_bucket(lk)
     q0, k0 = int(q_pos[0]), int(k_pos[0])
     mod = None
     if scheme.family == "additive":
-        table = offset_table(scheme, lq, lk, q_start=q0, k_start=k0, device=q.device)
+        table = offset_table(scheme, q_pad, k_pad, q_start=q0, k_start=k0, device=q.device)
         if q.device.type == "cpu":  # no backward on CPU: keep autograd out of the captured table
             table = table.detach()
-        mod = score_mod(scheme, lq, lk, table=table)
-    mask = causal_block_mask(lq, lk, q_start=q0, k_start=k0, device=q.device) if causal else None
-    fn = _compiled_flex() if compile else fa.flex_attention
+        mod = score_mod(scheme, q_pad, k_pad, table=table)
+    mask = None
+    if causal or k_pad != lk:
+        mask = _padded_block_mask(q_pad, k_pad, q0 - k0, lk, causal, str(q.device))
     if q.device.type == "cpu" and not torch.is_grad_enabled():  # it refuses inputs that require grad on CPU
         q, k, v = q.detach(), k.detach(), v.detach()
-    return fn(q, k, v, score_mod=mod, block_mask=mask, scale=scale)
+    q, k, v = _pad_to(q, q_pad), _pad_to(k, k_pad), _pad_to(v, k_pad)
+    if not compile:
+        return fa.flex_attention(q, k, v, score_mod=mod, block_mask=mask, scale=scale)[:, :, :lq]
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        return _compiled_flex()(q, k, v, score_mod=mod, block_mask=mask, scale=scale)[:, :, :lq]
