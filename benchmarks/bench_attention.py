@@ -9,8 +9,8 @@ The thread count is fixed (``--threads``, default 2) and printed.
 
 For each scheme and length: forward and forward+backward of posbias (auto backend), and the
 anchors: dense-bias SDPA (the bias materialised as [H, N, N]), the HuggingFace-style T5 path
-(bucketing all N² pairs, embedding lookup, dense bias), and two compiled FlexAttention anchors
-(Toeplitz schemes): posbias's ``backend="flex"`` (a ``score_mod`` reading a per-offset table) and
+(bucketing all N² pairs, embedding lookup, dense bias), and two compiled FlexAttention anchors:
+posbias's ``backend="flex"`` (a ``score_mod`` reading a per-offset table; FIRE's MLP per pair) and
 the ``score_mod`` a user writes from the attention-gym examples, the formula evaluated per pair
 (:func:`hand_written_score_mod`). FlexAttention runs forward only on CPU, where it has no backward;
 its one-off compile time is printed, not counted; ``--no-flex`` leaves both out. Peak extra memory is
@@ -155,7 +155,7 @@ def cases(name, n, scheme, q, k, v):
                 if grad:
                     o.sum().backward()
             out["HF-style T5"] = (lambda: torch.no_grad()(hf)(False), lambda: hf(True))
-    if FLEX and isinstance(scheme, posbias.ToeplitzScheme):
+    if FLEX and callable(getattr(scheme, "score_mod", None)):  # Toeplitz schemes and FIRE
         def flex_fwd():
             with torch.no_grad():
                 posbias.attention(q, k, v, scheme, backend="flex")

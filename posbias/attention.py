@@ -147,8 +147,8 @@ def _flex_usable(scheme: Scheme, q: Tensor, contiguous: bool) -> str | None:
         return f"needs torch.nn.attention.flex_attention (torch {torch.__version__} has none)"
     if not contiguous:
         return "needs contiguous positions"
-    if scheme.family == "additive" and not isinstance(scheme, ToeplitzScheme):
-        return "needs a Toeplitz bias (a per-offset table) or no bias"
+    if scheme.family == "additive" and not callable(getattr(scheme, "score_mod", None)):
+        return "needs a scheme with a score_mod (every Toeplitz bias, FIRE) or no bias"
     if q.device.type == "cpu" and (_trains_bias(scheme) or (torch.is_grad_enabled() and q.requires_grad)):
         return "FlexAttention has no backward pass on CPU (use torch.no_grad() or another backend)"
     return None

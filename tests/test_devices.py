@@ -18,7 +18,7 @@ NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA devi
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])
 DEVICES = ["cpu", CUDA]
 STUDY = [n for n, c in SCHEMES.items() if c.family in ("additive", "rotary") and c.in_study]
-TOEPLITZ = [n for n in STUDY if issubclass(SCHEMES[n], ToeplitzScheme)]
+WITH_SCORE_MOD = [n for n in STUDY if issubclass(SCHEMES[n], ToeplitzScheme)] + ["fire"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -90,10 +90,11 @@ def test_cuda_agrees_with_cpu(name):
 @pytest.mark.cuda
 @NO_CUDA
 @pytest.mark.skipif(not flex_available(), reason="this torch has no FlexAttention")
-@pytest.mark.parametrize("name", TOEPLITZ)
+@pytest.mark.parametrize("name", WITH_SCORE_MOD)
 def test_flex_backend_trains_on_cuda(name):
-    """FlexAttention's backward (CUDA only): gradients to q, k, v and, through the captured per-offset
-    table, to the scheme's parameters; training shape and 37 queries at the end."""
+    """FlexAttention's backward (CUDA only): gradients to q, k, v and, through what the score_mod
+    captures (a per-offset table; FIRE's weights), to the scheme's parameters; training shape and 37
+    queries at the end."""
     compare(randomized(name), "flex", device="cuda")
     compare(randomized(name), "flex", lq=37, device="cuda")
 

@@ -1,4 +1,4 @@
-"""FlexAttention export: every Toeplitz scheme's ``score_mod`` against the reference (eager
+"""FlexAttention export: every Toeplitz scheme's and FIRE's ``score_mod`` against the reference (eager
 FlexAttention, which runs on CPU without compiling), the opt-in ``flex`` backend, and its errors."""
 
 import pytest
@@ -16,7 +16,7 @@ TOEPLITZ = [n for n, c in SCHEMES.items() if issubclass(c, ToeplitzScheme)]
 
 
 
-@pytest.mark.parametrize("name", TOEPLITZ + ["rope", "nope"])
+@pytest.mark.parametrize("name", TOEPLITZ + ["fire", "rope", "nope"])
 @pytest.mark.parametrize("causal,lq,lk,q0", [(True, 77, 77, None), (False, 61, 61, None), (True, 3, 90, 87),
                                              (True, 20, 30, -5), (False, 9, 40, 3)])
 def test_flex_matches_reference(name, causal, lq, lk, q0):
@@ -57,8 +57,11 @@ def test_flex_backend_compiled_matches_reference():
 
 def test_flex_backend_refuses_what_it_cannot_do_exactly():
     q = torch.randn(1, 3, 8, 16)
-    with pytest.raises(ValueError, match="Toeplitz"):
-        attention(q, q, q, build("fire", n_heads=3, head_dim=16), backend="flex")
+    class NoScoreMod(type(build("fire", n_heads=3, head_dim=16))):
+        score_mod = None
+
+    with pytest.raises(ValueError, match="needs a scheme with a score_mod"):
+        attention(q, q, q, NoScoreMod(n_heads=3, head_dim=16), backend="flex")
     with pytest.raises(ValueError, match="no backward pass on CPU"):
         attention(q, q, q, build("t5", n_heads=3, head_dim=16), backend="flex")
     with pytest.raises(ValueError, match="contiguous"):

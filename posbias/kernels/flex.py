@@ -1,4 +1,4 @@
-"""The ``flex`` backend: compiled FlexAttention with a scheme's per-offset ``score_mod``.
+"""The ``flex`` backend: compiled FlexAttention with a scheme's ``score_mod``.
 
 FlexAttention is imported only when these functions are called; ``import posbias`` never imports
 it. On CPU, PyTorch's FlexAttention has no backward pass (forward and inference only), and
@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from ..schemes.base import Scheme
-from ..schemes.score_mod import offset_table, score_mod
 
 
 def flex_available() -> bool:
@@ -114,7 +113,8 @@ def _pad_to(x: Tensor, length: int) -> Tensor:
 
 def flex_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor, k_pos: Tensor, causal: bool,
                 scale: float, compile: bool = True) -> Tensor:
-    """The ``flex`` backend of :func:`posbias.attention`: contiguous positions, Toeplitz or no bias.
+    """The ``flex`` backend of :func:`posbias.attention`: contiguous positions; a scheme with a
+    ``score_mod`` (every Toeplitz scheme: a per-offset table; FIRE: its MLP per pair) or no bias.
     Lengths are padded to :func:`length_bucket` (module docstring); exact, the padding is masked."""
     fa = require_flex()
     lq, lk = q.shape[2], k.shape[2]
@@ -122,10 +122,9 @@ def flex_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tenso
     q0, k0 = int(q_pos[0]), int(k_pos[0])
     mod = None
     if scheme.family == "additive":
-        table = offset_table(scheme, q_pad, k_pad, q_start=q0, k_start=k0, device=q.device)
-        if q.device.type == "cpu":  # no backward on CPU: keep autograd out of the captured table
-            table = table.detach()
-        mod = score_mod(scheme, q_pad, k_pad, table=table)
+        # no backward on CPU: keep autograd out of what the score_mod captures
+        with torch.set_grad_enabled(torch.is_grad_enabled() and q.device.type != "cpu"):
+            mod = scheme.score_mod(q_pad, k_pad, q_start=q0, k_start=k0)
     mask = None
     if causal or k_pad != lk:
         mask = _padded_block_mask(q_pad, k_pad, q0 - k0, lk, causal, str(q.device))

@@ -52,7 +52,8 @@ def t5_bucket(
     computed in float32 and truncated, exactly as the canonical code does, so the results agree bit
     for bit with ``transformers``' ``T5Attention._relative_position_bucket(j − i, ...)``.
     """
-    check_t5(num_buckets, max_distance, bidirectional)
+    if not torch.compiler.is_compiling():  # checked eagerly; traced (a user's score_mod) the hyper-
+        check_t5(num_buckets, max_distance, bidirectional)  # parameters may be symbolic: no f-strings
     offset = torch.as_tensor(offset)
     if offset.dtype.is_floating_point or offset.dtype == torch.bool:
         raise ValueError(f"offsets must be an integer tensor, got dtype {offset.dtype}")
