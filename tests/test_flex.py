@@ -144,3 +144,19 @@ def test_flex_decoding_compiles_once_per_length_bucket():
             out = attention(q, k, v, s, backend="flex")
             torch.testing.assert_close(out, attention_reference(q, k, v, s), atol=2e-5, rtol=1e-4)
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_t5_bucket_traces_in_a_users_score_mod_after_other_score_mods():
+    """Regression: once eager FlexAttention had traced FIRE's score_mod, a user's T5 score_mod calling
+    ``t5_bucket`` failed to trace (``Unsupported: BUILD_STRING``: its argument check formatted a value
+    dynamo had made symbolic into an error hint). The checks now run eagerly only."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 3, 40, 16) for _ in range(3))
+    with torch.no_grad():
+        for name in ("fire", "t5"):
+            s = randomized(name)
+            mod = _bench_module().hand_written_score_mod(name, s) if name == "t5" else s.score_mod(40, 40)
+            out = flex_attention(q, k, v, score_mod=mod, block_mask=causal_block_mask(40, 40), scale=s.default_scale())
+            torch.testing.assert_close(out, attention_reference(q, k, v, s), atol=2e-5, rtol=1e-4)
