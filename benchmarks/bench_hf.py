@@ -1,9 +1,16 @@
-"""Forward time of a small Hugging Face T5 encoder (and optionally a BLOOM decoder) before and
-after ``posbias.integrations.hf.accelerate``, as ratios measured in the same run, with a check
-that the outputs agree. Randomly initialised models from a config: nothing is downloaded.
+"""Time (and, on CUDA, peak memory) of a Hugging Face T5 or BLOOM model before and after
+``posbias.integrations.hf.accelerate``, as ratios measured in the same run, with a check that the
+outputs agree. Randomly initialised models from a config: nothing is downloaded.
 
-    python benchmarks/bench_hf.py                                   # T5 encoder, N = 512 … 8192
+Forward (default): a T5 encoder (or a BLOOM decoder) at each length. ``--train``: a whole T5
+encoder-decoder, forward+backward of the loss with ``--target-len`` decoder tokens (the inputs at
+each length), both models from the same weights; the output check then compares the losses.
+``--size base`` is sized like flan-t5-base (d_model 768, 12 heads, 12+12 layers, gated-GELU
+feed-forward of 2048). A cell that runs out of memory reads ``OOM`` and the run goes on.
+
+    python benchmarks/bench_hf.py                                   # T5 encoder, N = 512 … 8192, CPU
     python benchmarks/bench_hf.py --model bloom --lengths 1024 4096
+    python benchmarks/bench_hf.py --device cuda --dtype bfloat16 --size base --train --lengths 4096 8192 16384
 """
 
 from __future__ import annotations
@@ -15,66 +22,130 @@ import time
 
 import torch
 
+SIZES = {  # d_model, d_kv, d_ff, layers (each stack), heads, feed-forward
+    "small": (512, 64, 1024, None, 8, "relu"),  # None: --layers
+    "base": (768, 64, 2048, 12, 12, "gated-gelu"),  # flan-t5-base's shape
+}
 
-def timeit(fn, reps):
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, reps, device):
+    """Median seconds of ``reps`` calls after a warm-up, and the peak memory allocated (CUDA, MiB)."""
     fn()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    return statistics.median(times), peak
 
 
-def build(kind, layers):
+def build(kind, size, layers, train):
     import transformers
 
     torch.manual_seed(0)
+    d_model, d_kv, d_ff, n_layers, heads, ff = SIZES[size]
+    n_layers = n_layers or layers
     if kind == "t5":
-        cfg = transformers.T5Config(vocab_size=512, d_model=512, d_kv=64, d_ff=1024, num_layers=layers, num_heads=8,
+        cfg = transformers.T5Config(vocab_size=512, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=n_layers,
+                                    num_decoder_layers=n_layers, num_heads=heads, feed_forward_proj=ff,
                                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                                    dropout_rate=0.0)
-        model = transformers.T5EncoderModel(cfg)
+                                    dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        model = (transformers.T5ForConditionalGeneration if train else transformers.T5EncoderModel)(cfg)
     else:
-        cfg = transformers.BloomConfig(vocab_size=512, hidden_size=512, n_layer=layers, n_head=8,
+        cfg = transformers.BloomConfig(vocab_size=512, hidden_size=d_model, n_layer=n_layers, n_head=heads,
                                        hidden_dropout=0.0, attention_dropout=0.0)
         model = transformers.BloomModel(cfg)
     with torch.no_grad():  # a trained-looking bias (HF initialises it near zero)
         for name, p in model.named_parameters():
             if "relative_attention_bias" in name:
                 p.normal_(0, 1.0)
-    return model.eval()
+    return model.train(train)
 
 
-def main():
+def step(model, ids, labels):
+    """One call: the encoder's (or BLOOM's) last hidden state, or with labels the loss after its
+    backward pass (gradients cleared first)."""
+    if labels is None:
+        with torch.no_grad():
+            return model(input_ids=ids).last_hidden_state
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return loss.detach()
+
+
+def measure(model, ids, labels, reps, device):
+    """(output, seconds, peak MiB), or None where the device ran out of memory."""
+    try:
+        out = step(model, ids, labels)
+        seconds, peak = timeit(lambda: step(model, ids, labels), reps, device)
+        return out.float(), seconds, peak
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+
+def row(n, ref, fast):
+    def ms(r):
+        return "OOM" if r is None else f"{r[1] * 1e3:.0f}"
+
+    def mib(r):
+        return "OOM" if r is None else ("—" if r[2] is None else f"{r[2]:.0f}")
+
+    speed = f"{ref[1] / fast[1]:.2f}×" if ref and fast else "—"
+    diff = f"{(ref[0] - fast[0]).abs().max().item():.1e}" if ref and fast else "—"
+    return f"| {n} | {ms(ref)} | {ms(fast)} | {speed} | {mib(ref)} | {mib(fast)} | {diff} |"
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["t5", "bloom"], default="t5")
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=4, help="layers per stack for --size small")
+    p.add_argument("--train", action="store_true", help="T5 encoder-decoder, forward+backward of the loss")
+    p.add_argument("--target-len", type=int, default=64, help="decoder tokens with --train")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=3)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.train and args.model != "t5":
+        p.error("--train is for --model t5")
 
     import transformers
 
     from posbias.integrations.hf import accelerate
 
-    ref = build(args.model, args.layers)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    ref = build(args.model, args.size, args.layers, args.train).to(device, dtype)
     fast = accelerate(copy.deepcopy(ref))
     impl = ref.config._attn_implementation
-    print(f"# transformers {transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{args.model} d_model 512, 8 heads, {args.layers} layers, batch 1, fp32; HF attention '{impl}'")
-    print("| N | HF ms | posbias ms | speed-up | max abs diff |")
-    print("|---|---|---|---|---|")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    what = f"forward+backward, {args.target_len} target tokens" if args.train else "forward"
+    print(f"# transformers {transformers.__version__}, torch {torch.__version__}, {device} ({where}); {args.model} "
+          f"{args.size} (d_model {ref.config.d_model if args.model == 't5' else ref.config.hidden_size}), batch 1, "
+          f"{args.dtype}, {what}; HF attention '{impl}'; peak memory: CUDA max allocated")
+    print("| N | HF ms | posbias ms | speed-up | HF peak MiB | posbias peak MiB | max abs diff |")
+    print("|---|---|---|---|---|---|---|")
     for n in args.lengths:
-        ids = torch.randint(0, 512, (1, n))
-        with torch.no_grad():
-            a = ref(input_ids=ids).last_hidden_state
-            b = fast(input_ids=ids).last_hidden_state
-            diff = (a - b).abs().max().item()
-            reps = args.reps if n <= 4096 else max(1, args.reps - 1)
-            t_ref = timeit(lambda: ref(input_ids=ids), reps)
-            t_fast = timeit(lambda: fast(input_ids=ids), reps)
-        print(f"| {n} | {t_ref * 1e3:.0f} | {t_fast * 1e3:.0f} | {t_ref / t_fast:.2f}× | {diff:.1e} |", flush=True)
+        torch.manual_seed(n)
+        ids = torch.randint(2, 512, (1, n), device=device)
+        labels = torch.randint(2, 512, (1, args.target_len), device=device) if args.train else None
+        reps = args.reps if n <= 4096 else max(1, args.reps - 1)
+        results = [measure(model, ids, labels, reps, device) for model in (ref, fast)]
+        print(row(n, *results), flush=True)
 
 
 if __name__ == "__main__":
