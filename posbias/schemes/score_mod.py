@@ -36,7 +36,7 @@ def offset_table(scheme: ToeplitzScheme, q_len: int, k_len: int, *, q_start: int
         device = next((b.device for b in list(scheme.parameters()) + list(scheme.buffers())), torch.device("cpu"))
     shift = (q_start - int(k_start)) - (k_len - 1)
     offsets = torch.arange(shift, shift + q_len + k_len - 1, device=device)
-    return scheme.bias_at(offsets).float()
+    return scheme.bias_at(offsets).float().contiguous()
 
 
 def score_mod(scheme: ToeplitzScheme, q_len: int, k_len: int, *, q_start: int | None = None, k_start: int = 0,
