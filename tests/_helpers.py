@@ -1,9 +1,15 @@
 """Helpers shared by the test files."""
 
+import pytest
 import torch
 
 from posbias import build
 from posbias.attention import attention, attention_reference
+
+
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])  # ``pytest -m cuda`` runs these alone
+DEVICES = ["cpu", CUDA]  # a CUDA case and its CPU twin
 
 
 def randomized(name, **options):

@@ -8,15 +8,12 @@ every machine and a GPU session starts from tests that are known to be right."""
 
 import pytest
 import torch
-from _helpers import compare, randomized
+from _helpers import DEVICES, NO_CUDA, compare, randomized
 
 from posbias import SCHEMES, ToeplitzScheme
 from posbias.attention import attention, attention_reference, choose_backend
 from posbias.integrations.flex import flex_available
 
-NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])
-DEVICES = ["cpu", CUDA]
 STUDY = [n for n, c in SCHEMES.items() if c.family in ("additive", "rotary") and c.in_study]
 WITH_SCORE_MOD = [n for n in STUDY if issubclass(SCHEMES[n], ToeplitzScheme)] + ["fire"]
 
@@ -110,3 +107,49 @@ def test_auto_does_not_pick_a_path_no_gpu_run_has_validated(name):
     for trains in (False, True):
         with torch.set_grad_enabled(trains):
             assert choose_backend(s, q, q_pos=pos, k_pos=pos, causal=True) in ("blockwise", "sdpa")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_gpu_preset_study_runs_end_to_end(device, tmp_path):
+    """``posbias extrapolate --preset gpu`` on the device, shrunk to seconds (one seed, 3 steps, a tiny
+    model): every scheme of the study trains and is scored, the results name the device, and every
+    perplexity is finite."""
+    import json
+
+    from posbias.cli import main
+
+    text = tmp_path / "data.txt"
+    text.write_text("".join(f"row {i}: pack my box with {i % 17} dozen liquor jugs\n" for i in range(900)))
+    out = tmp_path / "study"
+    argv = ["extrapolate", "--preset", "gpu", "--device", device, "--seeds", "0", "--train-len", "16",
+            "--eval-lens", "16", "32", "--steps", "3", "--batch-size", "4", "--d-model", "32", "--layers", "1",
+            "--heads", "2", "--eval-tokens", "256", "--quiet", "--data", str(text), "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["study"]["device"] == device
+    records = results["records"]
+    assert {r["scheme"] for r in records} == set(results["study"]["schemes"]) and len(results["study"]["schemes"]) >= 8
+    assert len(records) == 2 * len(results["study"]["schemes"])
+    assert all(torch.isfinite(torch.tensor(r["ppl"])) and r["train_wall_s"] > 0 for r in records)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script itself runs the CUDA tests")
+def test_the_gpu_session_script_runs_its_stages_and_keeps_their_logs(tmp_path):
+    """``benchmarks/gpu_check.sh`` is what a GPU session runs (README): its plumbing, checked on any
+    machine. The tests stage (``pytest -m cuda``; every case skips without CUDA) writes its log and the
+    environment's; an unknown stage is refused with exit 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "OUT": str(tmp_path)}
+    r = subprocess.run(["bash", str(script), "tests"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = (tmp_path / "tests.log").read_text()
+    assert "-m cuda" in log and "== tests: exit 0" in log
+    assert "skipped" in log and "failed" not in log
+    assert "torch " + torch.__version__ in (tmp_path / "environment.log").read_text()
+    bad = subprocess.run(["bash", str(script), "bogus"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown stage 'bogus'" in bad.stderr

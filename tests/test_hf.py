@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from _helpers import DEVICES
 
 transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
@@ -70,11 +71,12 @@ def test_t5_encoder_equal(buckets, max_distance, fast_calls):
     assert len(fast_calls) == 2  # both layers' self-attention on posbias
 
 
-def test_t5_seq2seq_logits_and_generate_with_cache(fast_calls):
+@pytest.mark.parametrize("device", DEVICES)
+def test_t5_seq2seq_logits_and_generate_with_cache(fast_calls, device):
     torch.manual_seed(0)
-    ref, fast = pair(randomize_bias(transformers.T5ForConditionalGeneration(t5_config())))
-    ids = torch.randint(2, 97, (2, 83))
-    dec = torch.randint(2, 97, (2, 57))
+    ref, fast = pair(randomize_bias(transformers.T5ForConditionalGeneration(t5_config())).to(device))
+    ids = torch.randint(2, 97, (2, 83), device=device)
+    dec = torch.randint(2, 97, (2, 57), device=device)
     with torch.no_grad():
         a = ref(input_ids=ids, decoder_input_ids=dec).logits
         b = fast(input_ids=ids, decoder_input_ids=dec).logits
@@ -99,10 +101,11 @@ def test_t5_padding_mask_falls_back_exactly():
     torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
 
 
-def test_t5_training_gradients_reach_the_hf_weight():
+@pytest.mark.parametrize("device", DEVICES)
+def test_t5_training_gradients_reach_the_hf_weight(device):
     torch.manual_seed(0)
-    ref, fast = pair(randomize_bias(transformers.T5EncoderModel(t5_config())))
-    ids = torch.randint(2, 97, (1, 120))
+    ref, fast = pair(randomize_bias(transformers.T5EncoderModel(t5_config())).to(device))
+    ids = torch.randint(2, 97, (1, 120), device=device)
     grads = []
     for m in (ref, fast):
         m.zero_grad()
@@ -125,13 +128,14 @@ def test_umt5_per_layer_bias_equal():
                                    atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("heads", [4, 6])
-def test_bloom_logits_and_generate(heads, fast_calls):
+def test_bloom_logits_and_generate(heads, fast_calls, device):
     torch.manual_seed(0)
     cfg = transformers.BloomConfig(vocab_size=97, hidden_size=12 * heads, n_layer=2, n_head=heads,
                                    hidden_dropout=0.0, attention_dropout=0.0)
-    ref, fast = pair(transformers.BloomForCausalLM(cfg))
-    ids = torch.randint(0, 97, (2, 150))
+    ref, fast = pair(transformers.BloomForCausalLM(cfg).to(device))
+    ids = torch.randint(0, 97, (2, 150), device=device)
     with torch.no_grad():
         torch.testing.assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
         ga = ref.generate(input_ids=ids[:, :40], max_new_tokens=25, min_new_tokens=25, do_sample=False)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU session of issue 12 as one prepared, time-boxed script: CUDA tests first, then the
+# attention benchmark, then the Hugging Face benchmark. Each stage has its own time limit, and its
+# output is written as it comes (unbuffered, tee'd), so a stage cut off still leaves what it
+# measured. Nothing is installed: it runs from the source tree with whatever torch the machine has.
+#
+#   bash benchmarks/gpu_check.sh                 # every stage, logs under $OUT (or ./gpu-check)
+#   bash benchmarks/gpu_check.sh tests           # one stage: tests | attention | hf
+#   PY=.venv/bin/python DEVICE=cpu LENGTHS=512 bash benchmarks/gpu_check.sh   # dry run of the plumbing
+#
+# Limits (seconds) and sizes can be set from the environment: TESTS_S, ATTENTION_S, HF_S, LENGTHS,
+# HF_LENGTHS, DTYPE; MEMORY=1 adds peak memory to the attention table (one child process per case,
+# so give it its own call). The defaults add up to 570 s, inside one 600 s device command.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bfloat16}
+LENGTHS=${LENGTHS:-"8192 16384 32768"}
+HF_LENGTHS=${HF_LENGTHS:-"8192 16384"}
+OUT=${OUT:-gpu-check}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+stages=${*:-tests attention hf}
+status=0
+
+run() {  # run NAME LIMIT_S COMMAND...: tee'd into $OUT/NAME.log, its exit status remembered
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit} s): $*" | tee "$OUT/$name.log"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    "$PY" -c "import torch, posbias; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'available', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '',
+'posbias', posbias.__version__)"
+    git rev-parse --short HEAD 2>/dev/null
+} 2>&1 | tee "$OUT/environment.log"
+
+for stage in $stages; do
+    case $stage in
+        tests)
+            run tests "${TESTS_S:-210}" "$PY" -m pytest -m cuda -q -p no:cacheprovider -rs tests ;;
+        attention)
+            # shellcheck disable=SC2086  # LENGTHS is a list
+            run attention "${ATTENTION_S:-240}" "$PY" benchmarks/bench_attention.py --device "$DEVICE" \
+                --dtype "$DTYPE" --lengths $LENGTHS --json "$OUT/attention.json" ${MEMORY:+--memory} ;;
+        hf)
+            # shellcheck disable=SC2086
+            run hf "${HF_S:-120}" "$PY" benchmarks/bench_hf.py --device "$DEVICE" --dtype "$DTYPE" --size base \
+                --train --lengths $HF_LENGTHS ;;
+        *)
+            echo "unknown stage '$stage': use tests, attention or hf" >&2
+            exit 2 ;;
+    esac
+done
+exit $status
