@@ -11,6 +11,7 @@ feed-forward of 2048). A cell that runs out of memory reads ``OOM`` and the run 
     python benchmarks/bench_hf.py                                   # T5 encoder, N = 512 … 8192, CPU
     python benchmarks/bench_hf.py --model bloom --lengths 1024 4096
     python benchmarks/bench_hf.py --device cuda --dtype bfloat16 --size base --train --lengths 4096 8192 16384
+    python benchmarks/bench_hf.py --device cuda --dtype bfloat16 --size base --train --backend flex
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--backend", default="auto",
+                   help="posbias backend the accelerated model prefers (accelerate(model, backend=...)), "
+                        "e.g. flex on a GPU; default auto")
     args = p.parse_args(argv)
     if args.train and args.model != "t5":
         p.error("--train is for --model t5")
@@ -130,13 +134,13 @@ def main(argv=None):
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     ref = build(args.model, args.size, args.layers, args.train).to(device, dtype)
-    fast = accelerate(copy.deepcopy(ref))
+    fast = accelerate(copy.deepcopy(ref), backend=args.backend)
     impl = ref.config._attn_implementation
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     what = f"forward+backward, {args.target_len} target tokens" if args.train else "forward"
     print(f"# transformers {transformers.__version__}, torch {torch.__version__}, {device} ({where}); {args.model} "
           f"{args.size} (d_model {ref.config.d_model if args.model == 't5' else ref.config.hidden_size}), batch 1, "
-          f"{args.dtype}, {what}; HF attention '{impl}'; peak memory: CUDA max allocated")
+          f"{args.dtype}, {what}; HF attention '{impl}'; posbias backend {args.backend}; peak memory: CUDA max allocated")
     print("| N | HF ms | posbias ms | speed-up | HF peak MiB | posbias peak MiB | max abs diff |")
     print("|---|---|---|---|---|---|---|")
     for n in args.lengths:

@@ -8,9 +8,9 @@
 #   bash benchmarks/gpu_check.sh tests           # one stage: tests | attention | hf
 #   PY=.venv/bin/python DEVICE=cpu LENGTHS=512 bash benchmarks/gpu_check.sh   # dry run of the plumbing
 #
-# Limits (seconds) and sizes can be set from the environment: TESTS_S, ATTENTION_S, HF_S, LENGTHS,
+# Limits (seconds) and sizes can be set from the environment: TESTS_S, ATTENTION_S, HF_S (each of the two HF runs), LENGTHS,
 # HF_LENGTHS, DTYPE; MEMORY=1 adds peak memory to the attention table (one child process per case,
-# so give it its own call). The defaults add up to 570 s, inside one 600 s device command.
+# so give it its own call). The defaults add up to 580 s, inside one 600 s device command.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -47,15 +47,17 @@ run() {  # run NAME LIMIT_S COMMAND...: tee'd into $OUT/NAME.log, its exit statu
 for stage in $stages; do
     case $stage in
         tests)
-            run tests "${TESTS_S:-210}" "$PY" -m pytest -m cuda -q -p no:cacheprovider -rs tests ;;
+            run tests "${TESTS_S:-200}" "$PY" -m pytest -m cuda -q -p no:cacheprovider -rs tests ;;
         attention)
             # shellcheck disable=SC2086  # LENGTHS is a list
-            run attention "${ATTENTION_S:-240}" "$PY" benchmarks/bench_attention.py --device "$DEVICE" \
+            run attention "${ATTENTION_S:-200}" "$PY" benchmarks/bench_attention.py --device "$DEVICE" \
                 --dtype "$DTYPE" --lengths $LENGTHS --json "$OUT/attention.json" ${MEMORY:+--memory} ;;
-        hf)
-            # shellcheck disable=SC2086
-            run hf "${HF_S:-120}" "$PY" benchmarks/bench_hf.py --device "$DEVICE" --dtype "$DTYPE" --size base \
-                --train --lengths $HF_LENGTHS ;;
+        hf)  # posbias's automatic choice, then the FlexAttention candidate, each against HF's SDPA path
+            for backend in auto flex; do
+                # shellcheck disable=SC2086
+                run "hf-$backend" "${HF_S:-90}" "$PY" benchmarks/bench_hf.py --device "$DEVICE" --dtype "$DTYPE" \
+                    --size base --train --lengths $HF_LENGTHS --backend "$backend"
+            done ;;
         *)
             echo "unknown stage '$stage': use tests, attention or hf" >&2
             exit 2 ;;

@@ -156,6 +156,21 @@ def _flex_usable(scheme: Scheme, q: Tensor, contiguous: bool) -> str | None:
 
 TOEPLITZ_TRAINS_BELOW = 1536  # keys: below, a learnable windowed table trains faster on toeplitz (measured)
 
+# CUDA fast paths that a GPU run has validated (``pytest -m cuda`` and ``benchmarks/gpu_check.sh``,
+# README), in the order ``auto`` tries them. Issue 12's rule: until a path is listed here, ``auto``
+# keeps CUDA tensors on plain SDPA (no bias) or ``blockwise``; forcing ``backend="flex"`` (or
+# ``accelerate(model, backend="flex")``) runs the candidate meanwhile.
+CUDA_VALIDATED: tuple[str, ...] = ()
+
+
+def _candidates(device_type: str, trains: bool, short: bool) -> tuple[str, ...]:
+    """The fast backends ``auto`` tries, fastest first, before the general fallbacks."""
+    if device_type != "cpu":
+        return ("sdpa", *CUDA_VALIDATED)
+    if trains and not short:
+        return ("sdpa", "windowed", "toeplitz", "alibi")
+    return ("sdpa", "toeplitz", "windowed", "alibi")
+
 
 def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, causal: bool) -> str:
     """The automatic backend choice (the only place that decides): the fastest exact path.
@@ -166,10 +181,8 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
     trains faster ``windowed`` from 1.5k keys on, whose dense part is only the band, and faster
     ``toeplitz`` below, where the windowed merge's fixed per-block costs show (fwd+bwd, 7 interleaved
     pairs, 2 threads: t5 at 1k / 1.5k / 2k 1.35× / 1.24× / 1.22× windowed vs 1.28× / 1.37× / 1.41×
-    toeplitz; offset 1.30× / 1.29× / 1.24× vs 1.17× / 1.42× / 1.40×)."""
-    trains = _trains_bias(scheme)
-    short = len(k_pos) < TOEPLITZ_TRAINS_BELOW
-    order = ("sdpa", "windowed", "toeplitz", "alibi") if trains and not short else ("sdpa", "toeplitz", "windowed", "alibi")
+    toeplitz; offset 1.30× / 1.29× / 1.24× vs 1.17× / 1.42× / 1.40×). On CUDA: :data:`CUDA_VALIDATED`."""
+    order = _candidates(q.device.type, _trains_bias(scheme), len(k_pos) < TOEPLITZ_TRAINS_BELOW)
     for name in order:
         if usable(name, scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal) is None:
             return name

@@ -11,7 +11,7 @@ import torch
 from _helpers import DEVICES, NO_CUDA, compare, randomized
 
 from posbias import SCHEMES, ToeplitzScheme
-from posbias.attention import attention, attention_reference, choose_backend
+from posbias.attention import CUDA_VALIDATED, attention, attention_reference, choose_backend
 from posbias.integrations.flex import flex_available
 
 STUDY = [n for n, c in SCHEMES.items() if c.family in ("additive", "rotary") and c.in_study]
@@ -100,13 +100,25 @@ def test_flex_backend_trains_on_cuda(name):
 @NO_CUDA
 @pytest.mark.parametrize("name", STUDY)
 def test_auto_does_not_pick_a_path_no_gpu_run_has_validated(name):
-    """Issue 12's rule: until a GPU run validates a CUDA fast path, ``auto`` keeps to the reference
-    blocks (``blockwise``) or plain SDPA on CUDA."""
+    """Issue 12's rule: until a GPU run validates a CUDA fast path (``CUDA_VALIDATED``), ``auto`` keeps
+    to the reference blocks (``blockwise``) or plain SDPA on CUDA."""
     s = randomized(name).to("cuda")
     q, pos = torch.randn(1, 3, 64, 16, device="cuda"), torch.arange(64, device="cuda")
     for trains in (False, True):
         with torch.set_grad_enabled(trains):
-            assert choose_backend(s, q, q_pos=pos, k_pos=pos, causal=True) in ("blockwise", "sdpa")
+            assert choose_backend(s, q, q_pos=pos, k_pos=pos, causal=True) in ("blockwise", "sdpa", *CUDA_VALIDATED)
+
+
+def test_cuda_candidates_are_the_validated_paths_only(monkeypatch):
+    """The CUDA order is plain SDPA, then exactly the paths listed as validated; the CPU order is untouched."""
+    import importlib
+
+    att = importlib.import_module("posbias.attention")  # the module (``posbias.attention`` is the function)
+    assert att._candidates("cuda", True, False) == ("sdpa", *att.CUDA_VALIDATED)
+    monkeypatch.setattr(att, "CUDA_VALIDATED", ("flex",))
+    assert att._candidates("cuda", False, True) == ("sdpa", "flex")
+    assert att._candidates("cpu", True, False) == ("sdpa", "windowed", "toeplitz", "alibi")
+    assert att._candidates("cpu", False, False) == ("sdpa", "toeplitz", "windowed", "alibi")
 
 
 @pytest.mark.parametrize("device", DEVICES)

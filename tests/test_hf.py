@@ -47,11 +47,16 @@ def fast_calls(monkeypatch):
     """Counts the calls that took posbias' attention (not the transformers fallback)."""
     import posbias.integrations.hf as hf
 
-    calls = []
+    class Calls(list):
+        backends: list  # the backend each call asked for
+
+    calls = Calls()
+    calls.backends = backends = []
     real = hf.attention
 
     def counted(*args, **kw):
         calls.append(args[0].shape)
+        backends.append(kw.get("backend", "auto"))
         return real(*args, **kw)
 
     monkeypatch.setattr(hf, "attention", counted)
@@ -210,3 +215,22 @@ def test_hf_benchmark_runs_training_and_checks_agreement(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1].split("|")
     assert last[1].strip() == "40" and "OOM" not in last
     assert float(last[7]) < 1e-4  # the losses of the HF and the posbias model
+
+
+def test_a_preferred_backend_is_taken_where_it_runs_exactly(fast_calls):
+    """``accelerate(model, backend=...)``: every call that path can run goes there (same outputs and
+    generation); one it cannot run exactly (here ``alibi`` for a T5 bias) takes the automatic choice."""
+    torch.manual_seed(0)
+    model = randomize_bias(transformers.T5ForConditionalGeneration(t5_config())).eval()
+    ids, dec = torch.randint(2, 97, (2, 83)), torch.randint(2, 97, (2, 57))
+    with torch.no_grad():
+        want = model(input_ids=ids, decoder_input_ids=dec).logits
+        gen = model.generate(input_ids=ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        for backend, taken in (("blockwise", {"blockwise"}), ("alibi", {"auto"})):
+            fast = accelerate(copy.deepcopy(model), backend=backend)
+            fast_calls.backends.clear()
+            torch.testing.assert_close(fast(input_ids=ids, decoder_input_ids=dec).logits, want, atol=2e-5, rtol=1e-4)
+            assert torch.equal(fast.generate(input_ids=ids, max_new_tokens=12, min_new_tokens=12, do_sample=False), gen)
+            assert set(fast_calls.backends) == taken
+    with pytest.raises(ValueError, match="backend 'fast' is not a posbias backend; valid: auto, reference"):
+        accelerate(copy.deepcopy(model), backend="fast")

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attention import attention
+from ..attention import BACKENDS, attention, usable
 from ..schemes.alibi import ALiBi
 from ..schemes.t5 import T5Bias
 
@@ -137,6 +137,7 @@ class LazyT5Bias:
 
     scheme: T5Bias
     q_start: int
+    backend: str = "auto"  # accelerate(model, backend=...): preferred where it runs exactly
     # every layer of a stack gets the same mask and shapes: classify / densify once per stack
     _kinds: dict = field(default_factory=dict, repr=False)
     _dense: dict = field(default_factory=dict, repr=False)
@@ -156,8 +157,22 @@ class LazyT5Bias:
         return self._dense[key]
 
 
-def _t5_compute_bias(scheme: T5Bias, query_length: int, key_length: int, device=None, past_seen_tokens=0):
-    return LazyT5Bias(scheme, int(past_seen_tokens))
+def _t5_compute_bias(scheme: T5Bias, query_length: int, key_length: int, device=None, past_seen_tokens=0, *,
+                     posbias_backend: str = "auto"):
+    return LazyT5Bias(scheme, int(past_seen_tokens), posbias_backend)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, scheme, backend: str, *, causal: bool, scale: float | None,
+            q_pos: Tensor | None = None, k_pos: Tensor | None = None) -> Tensor:
+    """posbias attention on the model's preferred ``backend`` where that path runs these inputs exactly
+    (a decoding step, a padded batch, … may not suit it), else on the automatic choice."""
+    if backend != "auto":
+        lq, lk = q.shape[2], k.shape[2]
+        kp = torch.arange(lk, device=q.device) if k_pos is None else k_pos
+        qp = torch.arange(lk - lq, lk, device=q.device) if q_pos is None else q_pos
+        if usable(backend, scheme, q, q_pos=qp, k_pos=kp, causal=causal) is not None:
+            backend = "auto"
+    return attention(q, k, v, scheme, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos, backend=backend)
 
 
 def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -170,8 +185,8 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         kind = position_bias.mask_kind(attention_mask, lq, lk)
         if kind is not None and dropout == 0.0:
             q_pos = torch.arange(position_bias.q_start, position_bias.q_start + lq, device=query.device)
-            out = attention(query, key, value, position_bias.scheme, causal=kind == "causal", scale=scaling,
-                            q_pos=q_pos, k_pos=torch.arange(lk, device=query.device))
+            out = _attend(query, key, value, position_bias.scheme, position_bias.backend, causal=kind == "causal",
+                          scale=scaling, q_pos=q_pos, k_pos=torch.arange(lk, device=query.device))
             return out.transpose(1, 2).contiguous(), None
         position_bias = position_bias.dense(lq, lk, query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -200,7 +215,7 @@ def _t5_scheme(m: nn.Module) -> T5Bias:
 # -- BLOOM ------------------------------------------------------------------------------------
 def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual: Tensor, alibi: Tensor,
                    attention_mask: Tensor | None, layer_past=None, use_cache: bool = False,
-                   output_attentions: bool = False, **kwargs):
+                   output_attentions: bool = False, *, posbias_backend: str = "auto", **kwargs):
     from transformers.models.bloom.modeling_bloom import dropout_add
 
     b, lq, _ = hidden_states.shape
@@ -215,7 +230,7 @@ def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual:
     if layer_past is not None:
         k, v = layer_past.update(k, v, module.layer_idx)
     scheme = _bloom_scheme(module.num_heads, module.head_dim, str(q.device))
-    out = attention(q, k, v, scheme, causal=kind == "causal", scale=module.inv_norm_factor)
+    out = _attend(q, k, v, scheme, posbias_backend, causal=kind == "causal", scale=module.inv_norm_factor)
     context = out.transpose(1, 2).reshape(b, lq, module.num_heads * module.head_dim)
     return dropout_add(module.dense(context), residual, module.hidden_dropout, module.training), None
 
@@ -226,7 +241,7 @@ def _bloom_scheme(n_heads: int, head_dim: int, device: str) -> ALiBi:
 
 
 # -- patching ---------------------------------------------------------------------------------
-def accelerate(model: nn.Module) -> nn.Module:
+def accelerate(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """Run ``model``'s positional self-attention on posbias; returns the same model (patched in place).
 
     T5 family (T5, Flan-T5, mT5, UMT5): each ``relative_attention_bias`` becomes a posbias T5 bias
@@ -234,7 +249,14 @@ def accelerate(model: nn.Module) -> nn.Module:
     attention implementation becomes ``"posbias"`` (SDPA for everything that is not positional
     self-attention). BLOOM: self-attention goes through posbias' fused ALiBi path.
     Outputs equal the unpatched model's to float32 tolerance; :func:`restore` undoes it.
+
+    ``backend``: ``"auto"`` (the fastest exact path for each call, :func:`posbias.attention.choose_backend`)
+    or one of :data:`posbias.attention.BACKENDS` to prefer, e.g. ``"flex"`` on a GPU; a call the
+    preferred path cannot run exactly (a one-token decoding step on ``alibi``, training through
+    ``flex`` on the CPU, …) takes the automatic choice instead.
     """
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not a posbias backend; valid: auto, {', '.join(BACKENDS)}")
     _transformers()
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind not in T5_FAMILY + ALIBI_FAMILY:
@@ -247,7 +269,7 @@ def accelerate(model: nn.Module) -> nn.Module:
         previous = {}
         for m in model.modules():
             if _is_t5_attention(m) and m.has_relative_attention_bias:
-                m.compute_bias = functools.partial(_t5_compute_bias, _t5_scheme(m))
+                m.compute_bias = functools.partial(_t5_compute_bias, _t5_scheme(m), posbias_backend=backend)
                 patched += 1
             cfg = getattr(m, "config", None)
             if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in previous:
@@ -259,7 +281,7 @@ def accelerate(model: nn.Module) -> nn.Module:
         undo = []
         for m in model.modules():
             if type(m).__name__ == "BloomAttention":
-                m.forward = functools.partial(_bloom_forward, m, type(m).forward.__get__(m))
+                m.forward = functools.partial(_bloom_forward, m, type(m).forward.__get__(m), posbias_backend=backend)
                 patched += 1
     if patched == 0:
         raise ValueError(f"found no positional self-attention to accelerate in {type(model).__name__}")
