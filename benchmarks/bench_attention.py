@@ -39,8 +39,10 @@ import posbias
 from posbias.attention import choose_backend
 from posbias.kernels.flex import flex_available, reset_compiled
 
-DENSE_LIMIT = 2048  # dense [H, N, N] anchors: their N² cost is plain by 2048, and above it one cell takes
-# minutes (FIRE: 1024, its MLP runs on all N² pairs with 32 hidden units)
+# Longest N of the dense [H, N, N] anchors, by device (FIRE: half, its MLP runs on all N² pairs with 32
+# hidden units). CPU: their N² cost is plain by 2048, and above it one cell takes minutes. CUDA: a
+# float32 [8, 16k, 16k] bias is 8 GiB, held a few times over in training: plain on a large GPU.
+DENSE_LIMIT = {"cpu": 2048, "cuda": 16384}
 
 
 def sync(device):
@@ -141,16 +143,16 @@ def cases(name, n, scheme, q, k, v):
         posbias.attention(q, k, v, scheme).sum().backward()
 
     out["posbias"] = (fwd_posbias, train_posbias)
-    if scheme.family == "additive" and n <= DENSE_LIMIT // (1 if scheme.toeplitz else 2):  # FIRE: MLP on N² pairs
-        def dense(grad):
-            b = scheme.bias(pos, pos).masked_fill(~causal_mask, float("-inf"))
+    if scheme.family == "additive" and n <= DENSE_LIMIT[q.device.type] // (1 if scheme.toeplitz else 2):
+        def dense(grad):  # the bias in the inputs' dtype, as a user hands it to SDPA (and CUDA kernels need)
+            b = scheme.bias(pos, pos).masked_fill(~causal_mask, float("-inf")).to(q.dtype)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=b, scale=scheme.default_scale())
             if grad:
                 o.sum().backward()
         out["dense-bias SDPA"] = (lambda: torch.no_grad()(dense)(False), lambda: dense(True))
         if name == "t5":
             def hf(grad):
-                b = hf_t5_bias(scheme, n, q.device).masked_fill(~causal_mask, float("-inf"))
+                b = hf_t5_bias(scheme, n, q.device).masked_fill(~causal_mask, float("-inf")).to(q.dtype)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=b, scale=1.0)
                 if grad:
                     o.sum().backward()
