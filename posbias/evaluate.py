@@ -178,6 +178,9 @@ def length_study(model: TransformerLM, tokens: Tensor, lengths: Iterable[int], *
             "ratio_hi": r_hi, "tail_ppl": math.exp(float(point[t])), "tail_ppl_lo": tail_lo, "tail_ppl_hi": tail_hi,
             "tail_delta": float(point[t] - point[tb]), "tail_delta_lo": d_lo, "tail_delta_hi": d_hi,
             "tokens": total, "windows": total // n, "segments": segments,
+            # mean loss of each segment (nats per token): what a paired comparison between two models
+            # scored on the same tokens resamples (posbias.report.study's paired table)
+            "segment_loss": (sums[:, a] / longest).tolist(),
             "loss_by_position": by_pos.tolist() if n == longest else None,
         }
     return out

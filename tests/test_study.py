@@ -1,6 +1,7 @@
 """The study stack: data determinism, training/resume, evaluation, the extrapolate command, errors."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -159,6 +160,10 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     assert res["corpus"]["files"] == 1 and "torch" in res["versions"]
     md = (tmp_path / "run" / "results.md").read_text()
     assert "| alibi |" in md and "95% bootstrap interval" in md and "512 validation tokens" in md
+    assert "Which differences are real" in md and md.count("**best**") == 3  # one best scheme per length
+    assert all(len(r["segment_loss"]) == 8 for r in recs)
+    for r in recs:  # the segments' mean loss is the record's loss (equal-sized segments)
+        assert sum(r["segment_loss"]) / 8 == pytest.approx(r["loss"], rel=1e-12)
     assert (tmp_path / "run" / "ppl_vs_length.png").exists()
     capsys.readouterr()
     assert main(argv) == 0
@@ -261,6 +266,50 @@ def test_length_study_intervals_and_tail_view(corpus):
     assert res[32]["loss"] == pytest.approx(plain["loss"], rel=1e-9)
     with pytest.raises(ValueError, match="must include the training length"):
         length_study(model, corpus.val, [32, 64], train_len=16, n_tokens=640)
+
+
+def _fake_study(segment_losses, seeds=(0,)):
+    """A StudyResult holding only what the report's paired table reads: {label: [per-seed segment losses]}."""
+    from types import SimpleNamespace
+
+    from posbias.study import Arm
+
+    recs = [{"label": label, "eval_len": 16, "seed": seed, "segment_loss": list(map(float, seg))}
+            for label, per_seed in segment_losses.items() for seed, seg in zip(seeds, per_seed)]
+    cfg = SimpleNamespace(seeds=list(seeds), lengths=lambda: [16])
+    return SimpleNamespace(config=cfg, records=recs, arms=[Arm(label, label, {}) for label in segment_losses])
+
+
+def test_paired_table_sees_a_difference_the_overlapping_intervals_hide():
+    """Text segments of very different difficulty, and scheme b 0.02 nats worse than a on every one:
+    the paired ratio is exp(0.02) with an interval of that width only, while the schemes' own
+    bootstrap intervals overlap widely. A scheme equal to the best within noise is marked (≈ best)."""
+    from posbias.evaluate import bootstrap_means, interval
+    from posbias.report.study import _paired_section, paired_to_best
+
+    g = torch.Generator().manual_seed(0)
+    difficulty = torch.rand(16, generator=g, dtype=torch.float64) * 2 + 1  # 1 … 3 nats per token
+    noise = (torch.rand(16, generator=g, dtype=torch.float64) - 0.5) * 0.02
+    study = _fake_study({"a": [difficulty], "b": [difficulty + 0.02], "c": [difficulty + noise]})
+    table = paired_to_best(study, 16)
+    best = min(table, key=lambda k: table[k][0])
+    assert table[best] == (1.0, 1.0, 1.0) and best in ("a", "c")
+    ratio, lo, hi = table["b"]
+    assert ratio == pytest.approx(math.exp(0.02 - (0 if best == "a" else float(noise.mean()))), rel=1e-9)
+    assert 1.0 < lo <= ratio <= hi and hi - lo < 0.02
+    own = [interval(bootstrap_means(x[:, None], torch.ones(16, 1), n_boot=2000)[:, 0].exp())
+           for x in (difficulty, difficulty + 0.02)]
+    assert own[1][0] < own[0][1]  # unpaired: the intervals overlap
+    other = "c" if best == "a" else "a"
+    assert table[other][1] <= 1.0 and "(≈ best)" in "\n".join(_paired_section(study))
+    # several seeds: per-segment losses averaged over seeds before pairing
+    two = _fake_study({"a": [difficulty, difficulty + 0.04], "b": [difficulty + 0.05, difficulty + 0.05]}, seeds=(0, 1))
+    assert paired_to_best(two, 16)["b"][0] == pytest.approx(math.exp(0.03), rel=1e-9)
+    assert "averaged over seeds" in "\n".join(_paired_section(two))
+    # results of an older posbias (no per-segment losses): no table rather than a wrong one
+    for r in study.records:
+        r.pop("segment_loss")
+    assert paired_to_best(study, 16) is None and _paired_section(study) == []
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import torch
 
 from .. import store
 from ..config import Log, quiet
+from ..evaluate import bootstrap_means, interval
 from ..study import N_BOOT, StudyResult
 from . import md_table
 
@@ -48,7 +49,7 @@ def _cell(rs: Records, key: str, fmt: str = ".2f") -> str:
 
 def markdown(result: StudyResult) -> str:
     cfg = result.config
-    lines = _ppl_section(result) + _delta_section(result) + _learned_section(result)
+    lines = _ppl_section(result) + _paired_section(result) + _delta_section(result) + _learned_section(result)
     if len(cfg.seeds) > 1:
         lens = cfg.lengths()
         lines += ["", f"Per seed, ppl@{lens[-1]} / ppl@{cfg.train_len}: " + "; ".join(
@@ -65,6 +66,58 @@ def _ppl_section(result: StudyResult) -> list[str]:
              _cell(_pick(recs, a.label, lens[-1]), "ratio", ".3f")] for a in result.arms]
     header = ["scheme", *(f"ppl @ {n}" for n in lens), f"ppl@{lens[-1]} / ppl@{base}"]
     return [f"### Perplexity by evaluation length ({what})", ""] + md_table(header, rows)
+
+
+def paired_to_best(result: StudyResult, n: int) -> dict[str, tuple[float, float, float]] | None:
+    """At evaluation length ``n``: each scheme's perplexity as a ratio to the best scheme's (lowest
+    perplexity), with a 95% percentile-bootstrap interval in which every replicate resamples the
+    *same* text segments for all schemes. Paired this way, the interval holds only how the two
+    models differ on the same text, not how hard the text is, so it is much narrower than the
+    schemes' own intervals, whose overlap says little. Several seeds: each scheme's per-segment loss
+    is the mean over its seeds (the interval is then text resampling only; the spread of training is
+    the ± std of the perplexity table). ``{label: (ratio, lo, hi)}``; None when records lack
+    per-segment losses (results of an older posbias)."""
+    labels, cols = [], []
+    for a in result.arms:
+        rs = _pick(result.records, a.label, n)
+        if not rs:
+            continue
+        if any(not r.get("segment_loss") for r in rs):
+            return None
+        labels.append(a.label)
+        cols.append(torch.tensor([r["segment_loss"] for r in rs], dtype=torch.float64).mean(0))
+    if len(labels) < 2 or len({len(c) for c in cols}) > 1:
+        return None
+    losses = torch.stack(cols, 1)  # [segments, schemes]; every segment holds the same number of tokens
+    point = losses.mean(0)
+    best = int(point.argmin())
+    reps = bootstrap_means(losses, torch.ones_like(losses), n_boot=N_BOOT, seed=0)
+    out = {}
+    for j, label in enumerate(labels):
+        lo, hi = interval((reps[:, j] - reps[:, best]).exp())
+        out[label] = (math.exp(float(point[j] - point[best])), lo, hi)
+    return out
+
+
+def _paired_section(result: StudyResult) -> list[str]:
+    lens = result.config.lengths()
+    tables = {n: paired_to_best(result, n) for n in lens}
+    if any(t is None for t in tables.values()):
+        return []
+
+    def cell(label: str, n: int) -> str:
+        ratio, lo, hi = tables[n][label]
+        if ratio == 1.0 and lo == 1.0 and hi == 1.0:
+            return "**best**"
+        mark = " (≈ best)" if lo <= 1.0 else ""
+        return f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]{mark}"
+
+    rows = [[a.label, *(cell(a.label, n) for n in lens)] for a in result.arms if a.label in tables[lens[0]]]
+    seeds = " (per-segment losses averaged over seeds; training's spread is the ± std above)" \
+        if len(result.config.seeds) > 1 else ""
+    return ["", "### Which differences are real: perplexity relative to the best scheme at each length, 95% "
+            f"interval paired over the same text segments{seeds}; (≈ best): not distinguishable from the best "
+            "at this evaluation size", ""] + md_table(["scheme", *(f"@ {n}" for n in lens)], rows)
 
 
 def _delta_section(result: StudyResult) -> list[str]:
@@ -108,8 +161,9 @@ def _footer(result: StudyResult) -> str:
             f"{cfg.n_layers} layers, {cfg.n_heads} heads; seeds {seeds}; {cfg.threads} threads. Every length scores "
             f"the same {r0['tokens']:,} validation tokens ({r0['segments']} segments of {max(cfg.lengths())}) in "
             f"non-overlapping windows. Intervals: 95% percentile bootstrap over the segments ({N_BOOT} "
-            "replicates, paired across lengths). Two schemes whose intervals overlap are not distinguishable "
-            "at this evaluation size; between seeds, the std is the spread of training itself.")
+            "replicates, paired across lengths). To compare two schemes, read the paired table: their own "
+            "intervals share the text's difficulty and overlap even where the paired difference is clear; "
+            "between seeds, the std is the spread of training itself.")
 
 
 def plots(result: StudyResult, out: Path) -> list[Path]:
