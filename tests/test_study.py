@@ -293,8 +293,8 @@ def test_paired_table_sees_a_difference_the_overlapping_intervals_hide():
     study = _fake_study({"a": [difficulty], "b": [difficulty + 0.02], "c": [difficulty + noise]})
     table = paired_to_best(study, 16)
     best = min(table, key=lambda k: table[k][0])
-    assert table[best] == (1.0, 1.0, 1.0) and best in ("a", "c")
-    ratio, lo, hi = table["b"]
+    assert table[best][:3] == (1.0, 1.0, 1.0) and best in ("a", "c")
+    ratio, lo, hi, _ = table["b"]
     assert ratio == pytest.approx(math.exp(0.02 - (0 if best == "a" else float(noise.mean()))), rel=1e-9)
     assert 1.0 < lo <= ratio <= hi and hi - lo < 0.02
     own = [interval(bootstrap_means(x[:, None], torch.ones(16, 1), n_boot=2000)[:, 0].exp())
@@ -304,8 +304,11 @@ def test_paired_table_sees_a_difference_the_overlapping_intervals_hide():
     assert table[other][1] <= 1.0 and "(≈ best)" in "\n".join(_paired_section(study))
     # several seeds: per-segment losses averaged over seeds before pairing
     two = _fake_study({"a": [difficulty, difficulty + 0.04], "b": [difficulty + 0.05, difficulty + 0.05]}, seeds=(0, 1))
-    assert paired_to_best(two, 16)["b"][0] == pytest.approx(math.exp(0.03), rel=1e-9)
-    assert "averaged over seeds" in "\n".join(_paired_section(two))
+    b = paired_to_best(two, 16)["b"]
+    assert b.ratio == pytest.approx(math.exp(0.03), rel=1e-9)
+    assert b.per_seed == pytest.approx((math.exp(0.05), math.exp(0.01)), rel=1e-9)  # seed by seed against a
+    section = "\n".join(_paired_section(two))
+    assert "averaged over seeds" in section and "seeds 1.010–1.051" in section
     # results of an older posbias (no per-segment losses): no table rather than a wrong one
     for r in study.records:
         r.pop("segment_loss")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -68,16 +68,26 @@ def _ppl_section(result: StudyResult) -> list[str]:
     return [f"### Perplexity by evaluation length ({what})", ""] + md_table(header, rows)
 
 
-def paired_to_best(result: StudyResult, n: int) -> dict[str, tuple[float, float, float]] | None:
+class Paired(NamedTuple):
+    """One scheme against the best at one length: perplexity ratio, its paired 95% interval, and with
+    several seeds the ratio seed by seed (each seed against the best scheme's same seed)."""
+
+    ratio: float
+    lo: float
+    hi: float
+    per_seed: tuple[float, ...] = ()
+
+
+def paired_to_best(result: StudyResult, n: int) -> dict[str, Paired] | None:
     """At evaluation length ``n``: each scheme's perplexity as a ratio to the best scheme's (lowest
     perplexity), with a 95% percentile-bootstrap interval in which every replicate resamples the
     *same* text segments for all schemes. Paired this way, the interval holds only how the two
     models differ on the same text, not how hard the text is, so it is much narrower than the
     schemes' own intervals, whose overlap says little. Several seeds: each scheme's per-segment loss
-    is the mean over its seeds (the interval is then text resampling only; the spread of training is
-    the ± std of the perplexity table). ``{label: (ratio, lo, hi)}``; None when records lack
-    per-segment losses (results of an older posbias)."""
-    labels, cols = [], []
+    is the mean over its seeds, so the interval is text resampling only, and ``per_seed`` gives the
+    ratio seed by seed (the same seed means the same data order and initialisation: the spread of
+    training). None when records lack per-segment losses (results of an older posbias)."""
+    labels, cols, by_seed = [], [], []
     for a in result.arms:
         rs = _pick(result.records, a.label, n)
         if not rs:
@@ -86,6 +96,7 @@ def paired_to_best(result: StudyResult, n: int) -> dict[str, tuple[float, float,
             return None
         labels.append(a.label)
         cols.append(torch.tensor([r["segment_loss"] for r in rs], dtype=torch.float64).mean(0))
+        by_seed.append({r["seed"]: statistics.fmean(r["segment_loss"]) for r in rs})
     if len(labels) < 2 or len({len(c) for c in cols}) > 1:
         return None
     losses = torch.stack(cols, 1)  # [segments, schemes]; every segment holds the same number of tokens
@@ -95,7 +106,9 @@ def paired_to_best(result: StudyResult, n: int) -> dict[str, tuple[float, float,
     out = {}
     for j, label in enumerate(labels):
         lo, hi = interval((reps[:, j] - reps[:, best]).exp())
-        out[label] = (math.exp(float(point[j] - point[best])), lo, hi)
+        seeds = sorted(set(by_seed[j]) & set(by_seed[best]))
+        per_seed = tuple(math.exp(by_seed[j][s] - by_seed[best][s]) for s in seeds) if len(seeds) > 1 else ()
+        out[label] = Paired(math.exp(float(point[j] - point[best])), lo, hi, per_seed)
     return out
 
 
@@ -106,15 +119,17 @@ def _paired_section(result: StudyResult) -> list[str]:
         return []
 
     def cell(label: str, n: int) -> str:
-        ratio, lo, hi = tables[n][label]
-        if ratio == 1.0 and lo == 1.0 and hi == 1.0:
+        p = tables[n][label]
+        if p.ratio == 1.0 and p.lo == 1.0 and p.hi == 1.0:
             return "**best**"
-        mark = " (≈ best)" if lo <= 1.0 else ""
-        return f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]{mark}"
+        text = f"{p.ratio:.3f} [{p.lo:.3f}, {p.hi:.3f}]"
+        if p.per_seed:
+            text += f"; seeds {min(p.per_seed):.3f}–{max(p.per_seed):.3f}"
+        return text + (" (≈ best)" if p.lo <= 1.0 or (p.per_seed and min(p.per_seed) <= 1.0) else "")
 
     rows = [[a.label, *(cell(a.label, n) for n in lens)] for a in result.arms if a.label in tables[lens[0]]]
-    seeds = " (per-segment losses averaged over seeds; training's spread is the ± std above)" \
-        if len(result.config.seeds) > 1 else ""
+    seeds = (" (per-segment losses averaged over seeds; then the smallest–largest ratio seed by seed, "
+             "each seed against the best scheme's same seed)") if len(result.config.seeds) > 1 else ""
     return ["", "### Which differences are real: perplexity relative to the best scheme at each length, 95% "
             f"interval paired over the same text segments{seeds}; (≈ best): not distinguishable from the best "
             "at this evaluation size", ""] + md_table(["scheme", *(f"@ {n}" for n in lens)], rows)
