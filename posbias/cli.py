@@ -330,6 +330,7 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
 def _add_checkpoint_job_arguments(p: argparse.ArgumentParser, kind: str, func: Callable) -> None:
     """The flags every job on a checkpoint shares (device, data, output folder, quiet)."""
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, fixed for reproducible results")
     p.add_argument("--data", help="a local text file or folder instead of the embedded default")
     p.add_argument("--out", help=f"default: runs/{kind}-<checkpoint name>")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -360,7 +361,8 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
     cfg = RetrofitConfig(to=args.to, methods=tuple(methods), finetune_steps=args.finetune_steps,
                          finetune_batch=args.finetune_batch, finetune_lr=args.finetune_lr,
                          eval_lens=tuple(args.eval_lens) if args.eval_lens else None, eval_tokens=args.eval_tokens,
-                         compare=args.compare, passkey_steps=args.passkey_steps, device=args.device)
+                         compare=args.compare, passkey_steps=args.passkey_steps, device=args.device,
+                         threads=args.threads)
     corpus = load_corpus(args.data)
     t0 = time.perf_counter()
     with store.FolderLock(out):
@@ -391,7 +393,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
     out = _prepare_checkpoint_job(args, "diagnose")
     cfg = DiagnoseConfig(length=args.length, windows=args.windows, eval_tokens=args.eval_tokens,
-                         passkey_steps=args.passkey_steps, passkey_samples=args.passkey_samples, device=args.device)
+                         passkey_steps=args.passkey_steps, passkey_samples=args.passkey_samples, device=args.device,
+                         threads=args.threads)
     t0 = time.perf_counter()
     with store.FolderLock(out):
         result = run_diagnose(args.checkpoint, cfg, corpus=load_corpus(args.data), progress=not args.quiet, log=say)

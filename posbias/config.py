@@ -1,4 +1,4 @@
-"""Checks shared by the workflow configs, and the error they raise.
+"""Checks shared by the workflow configs, the error they raise, and the fixed thread count they run at.
 
 A :class:`ConfigError` names the config *field* (``train_len``) and the problem; the command line
 turns the field into the flag the user typed (``--train-len``), so the library never needs to know
@@ -8,7 +8,8 @@ its flags.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 #: the progress callback every workflow takes: one line of text per event
 Log = Callable[[str], None]
@@ -39,3 +40,18 @@ def check_rate(field: str, value: Any) -> float:
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ConfigError(field, f"must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+@contextmanager
+def fixed_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for the block, then restored. Float sums split
+    across threads round differently for another count, so a workflow's numbers are bit-identical
+    (on one machine) only at a fixed count, which is part of every result's key."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import passkey
-from .config import Log, check_count, quiet
+from .config import Log, check_count, fixed_threads, quiet
 from .data import Corpus
 from .model import TransformerLM
 from .schemes.base import Scheme, ToeplitzScheme, flat_share
@@ -149,11 +149,12 @@ class DiagnoseConfig:
     passkey_steps: int = 600  # passkey fine-tune steps of a copy (0: no passkey test)
     passkey_samples: int = 24  # passkey samples per (length, depth) cell
     device: str = "cpu"  # cpu or cuda[:N]
+    threads: int = 2  # torch intra-op threads, fixed for reproducible results
 
     def __post_init__(self) -> None:
         if self.length is not None:
             check_count("length", self.length, minimum=2)
-        for name in ("windows", "eval_tokens", "passkey_samples"):
+        for name in ("windows", "eval_tokens", "passkey_samples", "threads"):
             check_count(name, getattr(self, name))
         check_count("passkey_steps", self.passkey_steps, minimum=0)
 
@@ -181,6 +182,7 @@ class DiagnoseResult:
     passkey_steps: int = 0
     passkey_samples: int = 0
     passkey_skipped: str = ""  # why a requested passkey test did not run
+    threads: int = 2  # torch intra-op threads the measurements ran at
 
     def to_json(self) -> dict[str, Any]:
         skip = {"scheme"}
@@ -190,8 +192,15 @@ class DiagnoseResult:
 
 def run_diagnose(path: str | Path, cfg: DiagnoseConfig, *, corpus: Corpus, progress: bool = False,
                  log: Log = quiet) -> DiagnoseResult:
-    """Measure the checkpoint at ``path`` (nothing is written; :func:`posbias.report.diagnose.write`
-    renders the result)."""
+    """Measure the checkpoint at ``path`` at ``cfg.threads`` threads (nothing is written;
+    :func:`posbias.report.diagnose.write` renders the result)."""
+    with fixed_threads(cfg.threads):
+        result = _diagnose(path, cfg, corpus, progress, log)
+    result.threads = cfg.threads
+    return result
+
+
+def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: bool, log: Log) -> DiagnoseResult:
     meta = ckpt.read_meta(path)
     model = ckpt.load_model(path).to(cfg.device).eval()
     train_len = ckpt.train_len(path, meta)

@@ -64,8 +64,10 @@ def evaluate_length(model: TransformerLM, tokens: Tensor, length: int, *, max_to
         nll = token_losses(model, tokens, length, n_tokens=budget // length * length, batch_size=batch_size,
                            device=device)
         loss = float(nll.mean())
+        windows = nll.view(-1, length)
         return {"eval_len": length, "loss": loss, "ppl": math.exp(loss), "bpb": loss / math.log(2),
-                "tokens": nll.numel(), "stride": None, "loss_by_position": nll.view(-1, length).mean(0).tolist()}
+                "tokens": nll.numel(), "stride": None, "loss_by_position": windows.mean(0).tolist(),
+                "window_loss": windows.mean(1).tolist()}  # per window: for paired comparisons (paired_to_best)
     model.eval()
     total, count = 0.0, 0
     for s, nll in _window_losses(model, tokens, list(range(0, budget - length + 1, stride)), length, batch_size,
@@ -125,6 +127,26 @@ def interval(replicates: Tensor, level: float = 0.95) -> tuple[float, float]:
     """The central ``level`` percentile interval of bootstrap replicates."""
     lo, hi = torch.quantile(replicates.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
     return float(lo), float(hi)
+
+
+def paired_to_best(losses: Tensor, *, n_boot: int = 2000, seed: int = 0) -> tuple[int, list[tuple[float, float, float]]]:
+    """``losses`` ``[units, models]``: each model's mean loss (nats per token) on each resampling unit
+    (a text segment or window; every unit the same number of tokens), all models scored on the same
+    units. Returns the best model (lowest mean loss) and, for every model, its perplexity as a ratio
+    to the best's with a 95% percentile-bootstrap interval in which each replicate resamples the
+    *same* units for all models: paired, so the text's difficulty, shared by every model, cancels.
+    The best model's own entry is exactly ``(1.0, 1.0, 1.0)``."""
+    if losses.dim() != 2 or losses.shape[0] < 1 or losses.shape[1] < 1:
+        raise ValueError(f"losses must be [units, models] with at least one of each, got {tuple(losses.shape)}")
+    losses = losses.double()
+    point = losses.mean(0)
+    best = int(point.argmin())
+    reps = bootstrap_means(losses, torch.ones_like(losses), n_boot=n_boot, seed=seed)
+    out = []
+    for j in range(losses.shape[1]):
+        lo, hi = interval((reps[:, j] - reps[:, best]).exp())
+        out.append((math.exp(float(point[j] - point[best])), lo, hi))
+    return best, out
 
 
 def length_study(model: TransformerLM, tokens: Tensor, lengths: Iterable[int], *, train_len: int,

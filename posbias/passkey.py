@@ -122,6 +122,17 @@ def default_depths(n: int = 5) -> list[float]:
     return [round(i / (n - 1), 3) for i in range(n)] if n > 1 else [0.5]
 
 
+def accuracy_interval(accuracy: float, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy measured on ``trials`` independent samples: honest
+    near 0 and 1, where the normal approximation gives impossible bounds."""
+    if trials < 1 or not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"need trials >= 1 and an accuracy in [0, 1], got {trials} and {accuracy}")
+    centre = (accuracy + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * math.sqrt(accuracy * (1 - accuracy) / trials + z * z / (4 * trials * trials))
+    # exact ends where the accuracy is 0 or 1 (there the bound is analytically 0 or 1; floats miss it)
+    return (0.0 if accuracy == 0 else max(0.0, centre - half)), (1.0 if accuracy == 1 else min(1.0, centre + half))
+
+
 def mean_accuracy(grid: dict[int, dict[float, float]], length: int) -> float:
     row = grid.get(length, {})
     return sum(row.values()) / len(row) if row else math.nan

@@ -33,7 +33,7 @@ import torch
 from . import checkpoint as ckpt
 from . import store
 from . import passkey
-from .config import ConfigError, Log, check_count, check_rate, quiet
+from .config import ConfigError, Log, check_count, check_rate, fixed_threads, quiet
 from .data import Corpus, batch_at
 from .evaluate import evaluate_length
 from .finetune import finetune
@@ -70,6 +70,8 @@ def _t5_moves(before: TransformerLM, after: TransformerLM, train_len: int, to: i
     s0, s1 = before.scheme, after.scheme
     return bucket_remap(s0.num_buckets, s0.max_distance, s1.max_distance, dists)
 
+
+PASSKEY_DEPTHS = 5  # passkey depths per length in the decision table (0, ¼, ½, ¾, 1 of the context)
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("pi", "RoPE position interpolation: positions × L/target", "rope", _rope("pi")),
@@ -159,6 +161,7 @@ class RetrofitConfig:
     passkey_samples: int = 32  # passkey samples per (length, depth) cell
     device: str = "cpu"  # cpu or cuda[:N]
     seed: int = 0  # seed of the fine-tune batches and the passkey training
+    threads: int = 2  # torch intra-op threads, fixed for reproducible results (part of the cache key)
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -166,7 +169,7 @@ class RetrofitConfig:
         for m in self.methods:
             if m not in METHODS:
                 raise ConfigError("methods", f"has unknown method {m!r}; valid: {', '.join(METHODS)}")
-        for name in ("to", "finetune_batch", "eval_tokens", "passkey_samples"):
+        for name in ("to", "finetune_batch", "eval_tokens", "passkey_samples", "threads"):
             check_count(name, getattr(self, name))
         for name in ("finetune_steps", "passkey_steps"):
             check_count(name, getattr(self, name), minimum=0)
@@ -214,7 +217,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
     lens = list(cfg.eval_lens or default_eval_lens(train_len, cfg.to))
     out = store.check_out_dir(out)
     result = RetrofitResult(str(path), train_len, cfg.to, lens, cfg, corpus.fingerprint)
-    with store.FolderLock(out):
+    with store.FolderLock(out), fixed_threads(cfg.threads):
         run = _Run(cfg, out, source_key(path, meta, cfg, corpus), corpus, train_len, lens, progress, log)
         result.rows.append(run.measure(base, base, "original", "before", 0))
         for k, m in enumerate(cfg.methods, 1):
@@ -260,8 +263,12 @@ class _Run:
         """One table row; passkey (minutes each) only for what a method ends with."""
         label = "original" if stage == "before" else f"{method}/{stage}"
         compare = self.cfg.compare
-        row = {"method": method, "stage": stage, "scheme": model.cfg.scheme, "ppl": self.perplexity(model, label),
+        scores = self.perplexity(model, label)
+        row = {"method": method, "stage": stage, "scheme": model.cfg.scheme,
+               "ppl": {n: sc["ppl"] for n, sc in scores.items()},
+               "window_loss": {n: sc["window_loss"] for n, sc in scores.items()},  # for the paired table
                "extra_params": extra, "passkey": self.passkey(model, label) if compare and final else None,
+               "passkey_trials": PASSKEY_DEPTHS * self.cfg.passkey_samples if compare and final else None,
                "attention_cost": None}
         if stage != "before":
             row["options"] = model.cfg.scheme_options
@@ -270,14 +277,16 @@ class _Run:
                                                                                   self.cfg.device)
         return row
 
-    def perplexity(self, model: TransformerLM, label: str) -> dict[int, float]:
-        got = self.cache.setdefault(f"ppl:{label}:{self.cfg.eval_tokens}", {})
+    def perplexity(self, model: TransformerLM, label: str) -> dict[int, dict[str, Any]]:
+        """``{length: {"ppl", "window_loss"}}``: every model is scored on the same windows, so rows
+        compare pairwise (the report's paired table)."""
+        got = self.cache.setdefault(f"eval:{label}:{self.cfg.eval_tokens}", {})
         for n in self.lens:
             if str(n) not in got:
-                got[str(n)] = evaluate_length(model, self.corpus.val, n, max_tokens=self.cfg.eval_tokens,
-                                              device=self.cfg.device)["ppl"]
+                r = evaluate_length(model, self.corpus.val, n, max_tokens=self.cfg.eval_tokens, device=self.cfg.device)
+                got[str(n)] = {"ppl": r["ppl"], "window_loss": r["window_loss"]}
                 self._save()
-            self.log(f"[{label}] ppl @ {n}: {got[str(n)]:.3f}")
+            self.log(f"[{label}] ppl @ {n}: {got[str(n)]['ppl']:.3f}")
         return {int(k): v for k, v in got.items() if int(k) in self.lens}
 
     def passkey(self, model: TransformerLM, label: str) -> dict[int, float]:
@@ -287,7 +296,7 @@ class _Run:
             copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
             passkey.train_passkey(copy, length=self.train_len, steps=cfg.passkey_steps, seed=cfg.seed,
                                   device=cfg.device, progress=self.progress)
-            grid = passkey.accuracy_grid(copy, [self.train_len, cfg.to], passkey.default_depths(5),
+            grid = passkey.accuracy_grid(copy, [self.train_len, cfg.to], passkey.default_depths(PASSKEY_DEPTHS),
                                          samples=cfg.passkey_samples, device=cfg.device)
             self.cache[key] = {str(n): passkey.mean_accuracy(grid, n) for n in grid}
             self._save()

@@ -42,7 +42,7 @@ import torch
 from . import checkpoint as ckpt
 from . import store
 from ._version import __version__
-from .config import ConfigError, Log, check_count, check_rate, quiet
+from .config import ConfigError, Log, check_count, check_rate, fixed_threads, quiet
 from .data import Corpus
 from .evaluate import check_study_lengths, length_study
 from .model import ModelConfig, TransformerLM
@@ -223,13 +223,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
         raise ConfigError("train_len", f"{cfg.train_len} needs more than {cfg.train_len + 1} training tokens, but the "
                           f"training split has {corpus.train.numel()}; use a shorter training length or more data")
     result = StudyResult(cfg, [], {}, {}, corpus.fingerprint, arms(cfg))
-    with store.FolderLock(out):
-        old_threads = torch.get_num_threads()
-        torch.set_num_threads(cfg.threads)
-        try:
-            _run(result, out, corpus, progress, keep_last, log)
-        finally:
-            torch.set_num_threads(old_threads)
+    with store.FolderLock(out), fixed_threads(cfg.threads):
+        _run(result, out, corpus, progress, keep_last, log)
     return result
 
 

@@ -133,7 +133,11 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
     retrofit_report.write(res, tmp_path / "out")
     assert [r["method"] for r in res.rows] == ["original", "pi", "pi", "yarn", "yarn", "swap-alibi", "swap-alibi"]
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "Decision table" in md and "passkey @ 96" in md
+    assert "Decision table" in md and "passkey @ 96" in md and "95% Wilson interval" in md
+    assert "Which differences are real" in md and md.count("**best**") == 1  # one length past L: 96
+    n_windows = 400 // (2 * L)
+    assert all(len(r["window_loss"][2 * L]) == n_windows for r in res.rows)
+    assert all(r["passkey_trials"] == 5 * 2 for r in res.rows if r["passkey"] is not None)
     assert (tmp_path / "out" / "ppl_vs_length.png").exists()
     assert all(0.0 <= r["passkey"][2 * L] <= 1.0 for r in res.rows if r["stage"] != "no fine-tune")
     assert all(r["passkey"] is None for r in res.rows if r["stage"] == "no fine-tune")
@@ -219,3 +223,43 @@ def _final_entry_verdict(t5, gap, weight):
                        final_entry_gap=gap, far_weight=weight)
     section = diagnose_report._final_entry_section(r)
     return next(line for line in section if line.startswith("In "))
+
+
+def test_passkey_accuracy_interval_is_wilson():
+    from posbias.passkey import accuracy_interval
+
+    lo, hi = accuracy_interval(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    assert accuracy_interval(0.0, 160) == (0.0, pytest.approx(0.02344, abs=1e-4))  # never below 0
+    assert accuracy_interval(1.0, 10)[1] == 1.0 and accuracy_interval(1.0, 10)[0] == pytest.approx(0.7225, abs=1e-4)
+    for bad in [(0.5, 0), (1.5, 10), (-0.1, 10)]:
+        with pytest.raises(ValueError, match="need trials >= 1 and an accuracy in \\[0, 1\\]"):
+            accuracy_interval(*bad)
+
+
+def test_checkpoint_jobs_run_at_a_fixed_thread_count(tmp_path, corpus, monkeypatch):
+    """diagnose and retrofit run at ``threads`` (restored after), record it, and a retrofit's cache is
+    keyed by it: numbers made at another thread count round differently and are never reused."""
+    import posbias.diagnose as diagnose_mod
+    from posbias.config import ConfigError
+    from posbias.retrofit import source_key
+
+    path = tiny_checkpoint(tmp_path / "r", "alibi")
+    seen, real = [], diagnose_mod._diagnose
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return real(*args)
+
+    monkeypatch.setattr(diagnose_mod, "_diagnose", spy)
+    before = torch.get_num_threads()
+    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=200, passkey_steps=0, threads=1),
+                       corpus=corpus)
+    assert seen == [1] and rep.threads == 1 and torch.get_num_threads() == before
+    meta = ckpt.read_meta(path)
+    keys = {source_key(path, meta, RetrofitConfig(to=2 * L, methods=("swap-t5",), threads=t), corpus) for t in (1, 2)}
+    assert len(keys) == 2
+    with pytest.raises(ConfigError, match="threads must be an integer >= 1, got 0"):
+        RetrofitConfig(to=2 * L, methods=("swap-t5",), threads=0)
+    with pytest.raises(ConfigError, match="threads must be an integer >= 1"):
+        DiagnoseConfig(threads=0)

@@ -264,6 +264,7 @@ def test_length_study_intervals_and_tail_view(corpus):
     # the all-token loss equals the plain non-overlapping evaluation of the same tokens
     plain = evaluate_length(model, corpus.val, 32, max_tokens=640)
     assert res[32]["loss"] == pytest.approx(plain["loss"], rel=1e-9)
+    assert len(plain["window_loss"]) == 20 and sum(plain["window_loss"]) / 20 == pytest.approx(plain["loss"], rel=1e-12)
     with pytest.raises(ValueError, match="must include the training length"):
         length_study(model, corpus.val, [32, 64], train_len=16, n_tokens=640)
 
@@ -309,6 +310,9 @@ def test_paired_table_sees_a_difference_the_overlapping_intervals_hide():
     assert b.per_seed == pytest.approx((math.exp(0.05), math.exp(0.01)), rel=1e-9)  # seed by seed against a
     section = "\n".join(_paired_section(two))
     assert "averaged over seeds" in section and "seeds 1.010–1.051" in section
+    from posbias.evaluate import paired_to_best as units
+    with pytest.raises(ValueError, match="losses must be \\[units, models\\]"):
+        units(torch.zeros(5))
     # results of an older posbias (no per-segment losses): no table rather than a wrong one
     for r in study.records:
         r.pop("segment_loss")

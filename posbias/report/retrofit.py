@@ -8,9 +8,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import store
 from ..config import Log, quiet
-from ..retrofit import RetrofitResult
+from ..evaluate import paired_to_best
+from ..passkey import accuracy_interval
+from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
+from ..study import N_BOOT
 from . import md_table
 
 STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
@@ -28,20 +33,51 @@ def write(result: RetrofitResult, out: str | Path, *, log: Log = quiet) -> list[
     return paths
 
 
+def _passkey_cell(r: dict[str, Any], n: int) -> str:
+    acc, trials = r["passkey"][n], r.get("passkey_trials")
+    if not trials:
+        return f"{acc:.2f}"
+    lo, hi = accuracy_interval(acc, trials)
+    return f"{acc:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _paired_section(result: RetrofitResult) -> list[str]:
+    """Each row's perplexity relative to the best row's at every length past L, paired over the same
+    windows (:func:`posbias.evaluate.paired_to_best`); empty for results without window losses."""
+    far = [n for n in result.eval_lens if n > result.train_len]
+    rows = result.rows
+    if len(rows) < 2 or not far or not all(r.get("window_loss") for r in rows):
+        return []
+    cells = []
+    for n in far:
+        losses = torch.tensor([r["window_loss"][n] for r in rows], dtype=torch.float64).T  # [windows, rows]
+        best, ratios = paired_to_best(losses, n_boot=N_BOOT)
+        cells.append(["**best**" if j == best else f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]" + (" (≈ best)" if lo <= 1.0 else "")
+                      for j, (ratio, lo, hi) in enumerate(ratios)])
+    windows = ", ".join(f"{len(rows[0]['window_loss'][n])} at {n}" for n in far)
+    return ["", "Which differences are real: perplexity relative to the best row at each length, 95% interval "
+            f"paired over the same windows ({windows}); (≈ best): not distinguishable from the best at this "
+            "evaluation size:", ""] + md_table(
+        ["method", "stage", *(f"@ {n}" for n in far)],
+        [[r["method"], r["stage"], *(c[j] for c in cells)] for j, r in enumerate(rows)])
+
+
 def markdown(result: RetrofitResult) -> str:
     lens, L, to, rows = result.eval_lens, result.train_len, result.to, result.rows
     ref = rows[0]["ppl"].get(L, math.nan)
     lines = [f"Retrofit of `{result.checkpoint}` (trained at L = {L}) to {to} tokens.", ""] + md_table(
         ["method", "stage", *(f"ppl @ {n}" for n in lens), f"ppl@{to} / ppl@{L} (before)"],
         [[r["method"], r["stage"], *(f"{r['ppl'][n]:.3f}" for n in lens), f"{r['ppl'][to] / ref:.2f}"] for r in rows])
+    lines += _paired_section(result)
     if any(r.get("passkey") for r in rows):
         far = [n for n in lens if n > L]
-        lines += ["", "Decision table (passkey: trained at L, mean accuracy over 5 depths; attention cost: a "
+        lines += ["", f"Decision table (passkey: trained at L, mean accuracy over {PASSKEY_DEPTHS} depths with its 95% "
+                  "Wilson interval; attention cost: a "
                   f"forward pass at {to} tokens relative to the original model, same run):", ""] + md_table(
             ["method", "stage", f"near-range ppl @ {L}", *(f"ppl @ {n}" for n in far), f"passkey @ {L}",
              f"passkey @ {to}", "extra params", "attention cost"],
             [[r["method"], r["stage"], f"{r['ppl'][L]:.3f}", *(f"{r['ppl'][n]:.3f}" for n in far),
-              f"{r['passkey'][L]:.2f}", f"{r['passkey'][to]:.2f}", f"{r['extra_params']:+d}",
+              _passkey_cell(r, L), _passkey_cell(r, to), f"{r['extra_params']:+d}",
               f"{r['attention_cost']:.2f}×"] for r in rows if r.get("passkey")])
     for m, remap in result.bucket_remap.items():
         lines += ["", f"`{m}`: the learned table is kept, so distances land in other buckets:", ""]

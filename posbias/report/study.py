@@ -12,7 +12,7 @@ import torch
 
 from .. import store
 from ..config import Log, quiet
-from ..evaluate import bootstrap_means, interval
+from ..evaluate import paired_to_best as paired_to_best_units
 from ..study import N_BOOT, StudyResult
 from . import md_table
 
@@ -99,16 +99,12 @@ def paired_to_best(result: StudyResult, n: int) -> dict[str, Paired] | None:
         by_seed.append({r["seed"]: statistics.fmean(r["segment_loss"]) for r in rs})
     if len(labels) < 2 or len({len(c) for c in cols}) > 1:
         return None
-    losses = torch.stack(cols, 1)  # [segments, schemes]; every segment holds the same number of tokens
-    point = losses.mean(0)
-    best = int(point.argmin())
-    reps = bootstrap_means(losses, torch.ones_like(losses), n_boot=N_BOOT, seed=0)
+    best, ratios = paired_to_best_units(torch.stack(cols, 1), n_boot=N_BOOT)  # [segments, schemes]
     out = {}
     for j, label in enumerate(labels):
-        lo, hi = interval((reps[:, j] - reps[:, best]).exp())
         seeds = sorted(set(by_seed[j]) & set(by_seed[best]))
         per_seed = tuple(math.exp(by_seed[j][s] - by_seed[best][s]) for s in seeds) if len(seeds) > 1 else ()
-        out[label] = Paired(math.exp(float(point[j] - point[best])), lo, hi, per_seed)
+        out[label] = Paired(*ratios[j], per_seed)
     return out
 
 
