@@ -5,12 +5,12 @@
 # measured. Nothing is installed: it runs from the source tree with whatever torch the machine has.
 #
 #   bash benchmarks/gpu_check.sh                 # every stage, logs under $OUT (or ./gpu-check)
-#   bash benchmarks/gpu_check.sh tests           # one stage: tests | attention | hf
+#   bash benchmarks/gpu_check.sh tests           # one stage: tests | flex | attention | hf
 #   PY=.venv/bin/python DEVICE=cpu LENGTHS=512 bash benchmarks/gpu_check.sh   # dry run of the plumbing
 #
-# Limits (seconds) and sizes can be set from the environment: TESTS_S, ATTENTION_S, HF_S (each of the two HF runs), LENGTHS,
+# Limits (seconds) and sizes can be set from the environment: TESTS_S, FLEX_S, ATTENTION_S, HF_S (each of the two HF runs), LENGTHS,
 # HF_LENGTHS, DTYPE; MEMORY=1 adds peak memory to the attention table (one child process per case,
-# so give it its own call). The defaults add up to 580 s, inside one 600 s device command.
+# so give it its own call). The defaults add up to 570 s, inside one 600 s device command.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -21,7 +21,7 @@ HF_LENGTHS=${HF_LENGTHS:-"8192 16384"}
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-stages=${*:-tests attention hf}
+stages=${*:-tests flex attention hf}
 status=0
 
 run() {  # run NAME LIMIT_S COMMAND...: tee'd into $OUT/NAME.log, its exit status remembered
@@ -48,20 +48,24 @@ for stage in $stages; do
     case $stage in
         tests)
             # -W default: a warning new on that machine's torch/Triton is reported, not a failure that
-            # costs the session's few GPU minutes (CI, on the CPU, keeps warnings as errors)
-            run tests "${TESTS_S:-200}" "$PY" -m pytest -m cuda -q -p no:cacheprovider -rs -W default tests ;;
+            # costs the session's few GPU minutes (CI, on the CPU, keeps warnings as errors). The
+            # FlexAttention cases compile with Triton (tens of seconds each): a stage of their own, so
+            # a slow compile cannot cut off the rest.
+            run tests "${TESTS_S:-90}" "$PY" -m pytest -m cuda -k "not flex" -q -p no:cacheprovider -rs -W default tests ;;
+        flex)
+            run flex "${FLEX_S:-180}" "$PY" -m pytest -m cuda -k flex -v -p no:cacheprovider -rs -W default tests ;;
         attention)
             # shellcheck disable=SC2086  # LENGTHS is a list
-            run attention "${ATTENTION_S:-200}" "$PY" benchmarks/bench_attention.py --device "$DEVICE" \
+            run attention "${ATTENTION_S:-180}" "$PY" benchmarks/bench_attention.py --device "$DEVICE" \
                 --dtype "$DTYPE" --lengths $LENGTHS --json "$OUT/attention.json" ${MEMORY:+--memory} ;;
         hf)  # posbias's automatic choice, then the FlexAttention candidate, each against HF's SDPA path
             for backend in auto flex; do
                 # shellcheck disable=SC2086
-                run "hf-$backend" "${HF_S:-90}" "$PY" benchmarks/bench_hf.py --device "$DEVICE" --dtype "$DTYPE" \
+                run "hf-$backend" "${HF_S:-60}" "$PY" benchmarks/bench_hf.py --device "$DEVICE" --dtype "$DTYPE" \
                     --size base --train --lengths $HF_LENGTHS --backend "$backend"
             done ;;
         *)
-            echo "unknown stage '$stage': use tests, attention or hf" >&2
+            echo "unknown stage '$stage': use tests, flex, attention or hf" >&2
             exit 2 ;;
     esac
 done
