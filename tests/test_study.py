@@ -269,16 +269,36 @@ def test_length_study_intervals_and_tail_view(corpus):
         length_study(model, corpus.val, [32, 64], train_len=16, n_tokens=640)
 
 
-def _fake_study(segment_losses, seeds=(0,)):
-    """A StudyResult holding only what the report's paired table reads: {label: [per-seed segment losses]}."""
+def _fake_study(segment_losses, seeds=(0,), far=None):
+    """A StudyResult holding only what the report's paired table reads: {label: [per-seed segment
+    losses]} at length 16 (the training length), and with ``far`` the same at length 64."""
     from types import SimpleNamespace
 
     from posbias.study import Arm
 
-    recs = [{"label": label, "eval_len": 16, "seed": seed, "segment_loss": list(map(float, seg))}
-            for label, per_seed in segment_losses.items() for seed, seg in zip(seeds, per_seed)]
-    cfg = SimpleNamespace(seeds=list(seeds), lengths=lambda: [16])
+    recs = [{"label": label, "eval_len": n, "seed": seed, "segment_loss": list(map(float, seg))}
+            for n, table in ((16, segment_losses), (64, far or {}))
+            for label, per_seed in table.items() for seed, seg in zip(seeds, per_seed)]
+    cfg = SimpleNamespace(seeds=list(seeds), lengths=lambda: [16, 64] if far else [16], train_len=16)
     return SimpleNamespace(config=cfg, records=recs, arms=[Arm(label, label, {}) for label in segment_losses])
+
+
+def test_extrapolation_is_compared_paired_across_lengths_and_schemes():
+    """ppl@64 / ppl@16 relative to the smallest such ratio: a holds its loss past L, b loses 0.01 nats
+    more on every segment, c is better everywhere but degrades by 0.05: c is best at each length and
+    worst at length generalisation, and the column says so."""
+    from posbias.report.study import _paired_section, paired_extrapolation, paired_to_best
+
+    g = torch.Generator().manual_seed(1)
+    d = torch.rand(12, generator=g, dtype=torch.float64) + 1
+    study = _fake_study({"a": [d], "b": [d + 0.005], "c": [d - 0.1]},
+                        far={"a": [d - 0.02], "b": [d - 0.005], "c": [d - 0.05]})
+    ext = paired_extrapolation(study)
+    assert ext["a"][:3] == (1.0, 1.0, 1.0)
+    assert ext["b"].ratio == pytest.approx(math.exp(0.01), rel=1e-9) and 1.0 < ext["b"].lo
+    assert ext["c"].ratio == pytest.approx(math.exp(0.07), rel=1e-9)
+    assert paired_to_best(study, 64)["c"][:3] == (1.0, 1.0, 1.0)
+    assert "ppl@64 / ppl@16" in "\n".join(_paired_section(study))
 
 
 def test_paired_table_sees_a_difference_the_overlapping_intervals_hide():

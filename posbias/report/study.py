@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -78,25 +78,30 @@ class Paired(NamedTuple):
     per_seed: tuple[float, ...] = ()
 
 
-def paired_to_best(result: StudyResult, n: int) -> dict[str, Paired] | None:
-    """At evaluation length ``n``: each scheme's perplexity as a ratio to the best scheme's (lowest
-    perplexity), with a 95% percentile-bootstrap interval in which every replicate resamples the
-    *same* text segments for all schemes. Paired this way, the interval holds only how the two
-    models differ on the same text, not how hard the text is, so it is much narrower than the
-    schemes' own intervals, whose overlap says little. Several seeds: each scheme's per-segment loss
-    is the mean over its seeds, so the interval is text resampling only, and ``per_seed`` gives the
-    ratio seed by seed (the same seed means the same data order and initialisation: the spread of
-    training). None when records lack per-segment losses (results of an older posbias)."""
-    labels, cols, by_seed = [], [], []
-    for a in result.arms:
-        rs = _pick(result.records, a.label, n)
-        if not rs:
-            continue
+SegmentLosses = Callable[[str], "dict[int, torch.Tensor] | None"]  # label → {seed: per-segment losses}
+
+
+def _at(result: StudyResult, n: int) -> SegmentLosses:
+    """Each seed's per-segment losses at length ``n`` (None where a record has none: an older posbias)."""
+    def losses(label: str) -> dict[int, torch.Tensor] | None:
+        rs = _pick(result.records, label, n)
         if any(not r.get("segment_loss") for r in rs):
             return None
+        return {r["seed"]: torch.tensor(r["segment_loss"], dtype=torch.float64) for r in rs}
+    return losses
+
+
+def _paired(result: StudyResult, losses_of: SegmentLosses) -> dict[str, Paired] | None:
+    labels, cols, by_seed = [], [], []
+    for a in result.arms:
+        per_seed = losses_of(a.label)
+        if per_seed is None:
+            return None
+        if not per_seed:
+            continue
         labels.append(a.label)
-        cols.append(torch.tensor([r["segment_loss"] for r in rs], dtype=torch.float64).mean(0))
-        by_seed.append({r["seed"]: statistics.fmean(r["segment_loss"]) for r in rs})
+        cols.append(torch.stack(list(per_seed.values())).mean(0))
+        by_seed.append({seed: float(x.mean()) for seed, x in per_seed.items()})
     if len(labels) < 2 or len({len(c) for c in cols}) > 1:
         return None
     best, ratios = paired_to_best_units(torch.stack(cols, 1), n_boot=N_BOOT)  # [segments, schemes]
@@ -108,27 +113,64 @@ def paired_to_best(result: StudyResult, n: int) -> dict[str, Paired] | None:
     return out
 
 
+def paired_to_best(result: StudyResult, n: int) -> dict[str, Paired] | None:
+    """At evaluation length ``n``: each scheme's perplexity as a ratio to the best scheme's (lowest
+    perplexity), with a 95% percentile-bootstrap interval in which every replicate resamples the
+    *same* text segments for all schemes. Paired this way, the interval holds only how the two
+    models differ on the same text, not how hard the text is, so it is much narrower than the
+    schemes' own intervals, whose overlap says little. Several seeds: each scheme's per-segment loss
+    is the mean over its seeds, so the interval is text resampling only, and ``per_seed`` gives the
+    ratio seed by seed (the same seed means the same data order and initialisation: the spread of
+    training). None when records lack per-segment losses (results of an older posbias)."""
+    return _paired(result, _at(result, n))
+
+
+def paired_extrapolation(result: StudyResult) -> dict[str, Paired] | None:
+    """Length generalisation compared between schemes: each scheme's ``ppl@longest / ppl@L`` as a
+    ratio to the smallest such ratio among the schemes, paired as :func:`paired_to_best` is. Every
+    length scores the same segments, so per segment the log-ratio is ``loss@longest − loss@L``, and
+    one resample of segments serves both lengths and every scheme."""
+    cfg = result.config
+    longest, base = cfg.lengths()[-1], cfg.train_len
+    if longest == base:
+        return None
+    far, near = _at(result, longest), _at(result, base)
+
+    def log_ratio(label: str) -> dict[int, torch.Tensor] | None:
+        a, b = far(label), near(label)
+        if a is None or b is None:
+            return None
+        return {seed: a[seed] - b[seed] for seed in a if seed in b}
+
+    return _paired(result, log_ratio)
+
+
+def _paired_cell(p: Paired) -> str:
+    if p.ratio == 1.0 and p.lo == 1.0 and p.hi == 1.0:
+        return "**best**"
+    text = f"{p.ratio:.3f} [{p.lo:.3f}, {p.hi:.3f}]"
+    if p.per_seed:
+        text += f"; seeds {min(p.per_seed):.3f}–{max(p.per_seed):.3f}"
+    return text + (" (≈ best)" if p.lo <= 1.0 or (p.per_seed and min(p.per_seed) <= 1.0) else "")
+
+
 def _paired_section(result: StudyResult) -> list[str]:
-    lens = result.config.lengths()
+    cfg = result.config
+    lens = cfg.lengths()
     tables = {n: paired_to_best(result, n) for n in lens}
     if any(t is None for t in tables.values()):
         return []
-
-    def cell(label: str, n: int) -> str:
-        p = tables[n][label]
-        if p.ratio == 1.0 and p.lo == 1.0 and p.hi == 1.0:
-            return "**best**"
-        text = f"{p.ratio:.3f} [{p.lo:.3f}, {p.hi:.3f}]"
-        if p.per_seed:
-            text += f"; seeds {min(p.per_seed):.3f}–{max(p.per_seed):.3f}"
-        return text + (" (≈ best)" if p.lo <= 1.0 or (p.per_seed and min(p.per_seed) <= 1.0) else "")
-
-    rows = [[a.label, *(cell(a.label, n) for n in lens)] for a in result.arms if a.label in tables[lens[0]]]
+    extra = paired_extrapolation(result)
+    header = ["scheme", *(f"@ {n}" for n in lens)] + ([f"ppl@{lens[-1]} / ppl@{cfg.train_len}"] if extra else [])
+    rows = [[a.label, *(_paired_cell(tables[n][a.label]) for n in lens)]
+            + ([_paired_cell(extra[a.label])] if extra else []) for a in result.arms if a.label in tables[lens[0]]]
     seeds = (" (per-segment losses averaged over seeds; then the smallest–largest ratio seed by seed, "
-             "each seed against the best scheme's same seed)") if len(result.config.seeds) > 1 else ""
+             "each seed against the best scheme's same seed)") if len(cfg.seeds) > 1 else ""
+    last = (f"; last column: each scheme's ppl@{lens[-1]} / ppl@{cfg.train_len} relative to the smallest such "
+            "ratio (length generalisation compared, paired the same way)") if extra else ""
     return ["", "### Which differences are real: perplexity relative to the best scheme at each length, 95% "
-            f"interval paired over the same text segments{seeds}; (≈ best): not distinguishable from the best "
-            "at this evaluation size", ""] + md_table(["scheme", *(f"@ {n}" for n in lens)], rows)
+            f"interval paired over the same text segments{seeds}{last}; (≈ best): not distinguishable from the "
+            "best at this evaluation size", ""] + md_table(header, rows)
 
 
 def _delta_section(result: StudyResult) -> list[str]:
