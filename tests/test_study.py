@@ -160,7 +160,7 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     assert res["corpus"]["files"] == 1 and "torch" in res["versions"]
     md = (tmp_path / "run" / "results.md").read_text()
     assert "| alibi |" in md and "95% bootstrap interval" in md and "512 validation tokens" in md
-    assert "Which differences are real" in md and md.count("**best**") == 3  # one best scheme per length
+    assert "Which differences are real" in md and md.count("**best**") == 4  # per length, and for ppl@64 / ppl@16
     assert all(len(r["segment_loss"]) == 8 for r in recs)
     for r in recs:  # the segments' mean loss is the record's loss (equal-sized segments)
         assert sum(r["segment_loss"]) / 8 == pytest.approx(r["loss"], rel=1e-12)
