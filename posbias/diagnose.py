@@ -35,6 +35,7 @@ from . import checkpoint as ckpt
 from . import passkey
 from .config import Log, check_count, fixed_threads, quiet
 from .data import Corpus
+from .evaluate import bootstrap_means, interval
 from .model import TransformerLM
 from .schemes.base import Scheme, ToeplitzScheme, flat_share
 
@@ -67,12 +68,13 @@ def attention_distance(model: TransformerLM, idx: Tensor, quantiles: tuple[float
 
 @torch.no_grad()
 def context_effect(model: TransformerLM, tokens: Tensor, length: int, short: int, *, windows: int,
-                   device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+                   device: str | torch.device = "cpu", per_window: bool = False) -> tuple[Tensor, Tensor]:
     """Per-position loss of the same tokens with the full ``length``-token context and with the
     context cut into chunks of ``short`` tokens (what the model sees at its training length).
 
-    Returns ``(long, short)`` mean losses ``[length]`` over ``windows`` windows; their difference is
-    what the extra context buys (< 0) or costs (> 0), free of the text's own difficulty.
+    Returns ``(long, short)`` mean losses ``[length]`` over ``windows`` windows (``per_window``: each
+    window's own, ``[windows, length]``, for intervals); their difference is what the extra context
+    buys (< 0) or costs (> 0), free of the text's own difficulty.
     """
     from torch.nn import functional as F
 
@@ -81,20 +83,22 @@ def context_effect(model: TransformerLM, tokens: Tensor, length: int, short: int
     count = min(windows, n_avail // length)
     if count < 1:
         raise ValueError(f"the split has {n_avail} tokens, fewer than one window of {length}")
-    long_sum = torch.zeros(length, dtype=torch.float64)
-    short_sum = torch.zeros(length, dtype=torch.float64)
+    long_sum = torch.zeros(count, length, dtype=torch.float64)
+    short_sum = torch.zeros(count, length, dtype=torch.float64)
     for w in range(count):
         chunk = tokens[w * length: w * length + length + 1].long().to(device)
         x, y = chunk[:-1][None], chunk[1:][None]
-        long_sum += F.cross_entropy(model(x)[0].float(), y[0], reduction="none").double().cpu()
+        long_sum[w] = F.cross_entropy(model(x)[0].float(), y[0], reduction="none").double().cpu()
         full = length - length % short  # whole chunks go through the model as one batch
         if full:
             logits = model(x[:, :full].reshape(-1, short)).flatten(0, 1)
-            short_sum[:full] += F.cross_entropy(logits.float(), y[0, :full], reduction="none").double().cpu()
+            short_sum[w, :full] = F.cross_entropy(logits.float(), y[0, :full], reduction="none").double().cpu()
         if full < length:
-            short_sum[full:] += F.cross_entropy(model(x[:, full:])[0].float(), y[0, full:],
-                                                reduction="none").double().cpu()
-    return long_sum / count, short_sum / count
+            short_sum[w, full:] = F.cross_entropy(model(x[:, full:])[0].float(), y[0, full:],
+                                                  reduction="none").double().cpu()
+    if per_window:
+        return long_sum, short_sum
+    return long_sum.mean(0), short_sum.mean(0)
 
 
 def has_final_entry(scheme: Scheme) -> bool:
@@ -129,6 +133,17 @@ def effective_reach(scheme: Scheme, *, query_pos: int, max_distance: int) -> lis
     drop = curve[:, :1] - curve
     hits = drop >= REACH_DROP
     return [int(torch.nonzero(h)[0]) if bool(h.any()) else None for h in hits]
+
+
+def delta_interval(delta: Tensor) -> tuple[float, float] | tuple[None, None]:
+    """95% bootstrap interval of the mean of ``delta`` ``[windows, positions]`` (full − cut loss of the
+    same tokens), resampling windows; ``(None, None)`` with a single window, which has no spread to
+    read (None, not NaN: results never hold a non-finite number)."""
+    if delta.shape[0] < 2:
+        return None, None
+    per_window = delta.mean(1, keepdim=True)
+    reps = bootstrap_means(per_window, torch.ones_like(per_window), n_boot=2000, seed=0)[:, 0]
+    return interval(reps)
 
 
 def _ranges(length: int, train_len: int) -> list[tuple[int, int]]:
@@ -172,7 +187,9 @@ class DiagnoseResult:
     loss_windows: int  # windows behind the loss by position
     loss_by_position: list[float]  # full context
     loss_by_position_cut_at_L: list[float]  # the same tokens, context cut into chunks of L
-    loss_by_range: list[tuple[str, float, float]]  # (positions, full, cut) per range [0, L), [L, 2L), …
+    # (positions, full, cut, Δ lo, Δ hi) per range [0, L), [L, 2L), …: Δ = full − cut with its 95%
+    # interval over the windows (None with one window)
+    loss_by_range: list[tuple[str, float, float, float | None, float | None]]
     attention_distance: dict[str, list]  # "mean"/"q50"/"q90": [layers][heads][query position]
     final_entry_share: dict[int, float] = field(default_factory=dict)  # window → share past flat_beyond
     final_entry_gap: list[float] = field(default_factory=list)  # per head, u(0) − u(final)
@@ -183,6 +200,7 @@ class DiagnoseResult:
     passkey_samples: int = 0
     passkey_skipped: str = ""  # why a requested passkey test did not run
     threads: int = 2  # torch intra-op threads the measurements ran at
+    loss_delta_all: tuple[float, float | None, float | None] = (0.0, None, None)  # Δ over all positions, lo, hi
 
     def to_json(self) -> dict[str, Any]:
         skip = {"scheme"}
@@ -207,8 +225,9 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
     length = cfg.length or 8 * train_len
     log("loss by position …")
     windows_loss = max(1, max(cfg.eval_tokens, length) // length)
-    long_loss, short_loss = context_effect(model, corpus.val, length, train_len, windows=windows_loss,
-                                           device=cfg.device)
+    long_w, short_w = context_effect(model, corpus.val, length, train_len, windows=windows_loss,
+                                     device=cfg.device, per_window=True)
+    long_loss, short_loss = long_w.mean(0), short_w.mean(0)
     log("attention distance per layer and head …")
     starts = torch.linspace(0, corpus.val.numel() - length - 1, cfg.windows).long()
     idx = torch.stack([corpus.val[s:s + length] for s in starts]).long().to(cfg.device)
@@ -216,9 +235,10 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
     result = DiagnoseResult(
         str(path), model.cfg.scheme, model.cfg.scheme_options, train_len, length, model.scheme, windows_loss,
         long_loss.tolist(), short_loss.tolist(),
-        [(f"{a}–{b - 1}", float(long_loss[a:b].mean()), float(short_loss[a:b].mean()))
-         for a, b in _ranges(length, train_len)],
+        [(f"{a}–{b - 1}", float(long_loss[a:b].mean()), float(short_loss[a:b].mean()),
+          *delta_interval(long_w[:, a:b] - short_w[:, a:b])) for a, b in _ranges(length, train_len)],
         {k: v.tolist() for k, v in ad.items()})
+    result.loss_delta_all = (float(long_loss.mean() - short_loss.mean()), *delta_interval(long_w - short_w))
     _measure_bias(result)
     if cfg.passkey_steps > 0 and train_len >= passkey.overhead(5):
         result.passkey = _passkey(model, cfg, train_len, length, progress, log)

@@ -161,6 +161,22 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     assert saved["train_len"] == L and len(saved["loss_by_position_cut_at_L"]) == 2 * L
     # the first L positions see the same context either way
     assert saved["loss_by_range"][0][1] == pytest.approx(saved["loss_by_range"][0][2], abs=1e-4)
+    # 400 tokens in windows of 2L = 96: 4 windows, so every Δ has an interval around it, and the verdict reads it
+    assert rep.loss_windows == 4
+    for name, full, cut, lo, hi in saved["loss_by_range"][1:]:
+        assert lo <= full - cut <= hi
+    delta, lo, hi = rep.loss_delta_all
+    assert lo <= delta <= hi and "interval of Δ" in md and "95% bootstrap over the 4 windows" in md
+
+
+def test_diagnose_with_one_window_says_it_has_no_interval(tmp_path, corpus):
+    """A single window has no spread: no interval, no NaN in diagnose.json, and a verdict that says so."""
+    path = tiny_checkpoint(tmp_path / "t", "alibi")
+    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=0), corpus=corpus)
+    assert rep.loss_windows == 1 and rep.loss_delta_all[1:] == (None, None)
+    diagnose_report.write(rep, tmp_path / "d")
+    assert "cannot be judged from 1 window" in (tmp_path / "d" / "report.md").read_text()
+    assert json.loads((tmp_path / "d" / "diagnose.json").read_text())["loss_delta_all"][1] is None
 
 
 def test_attention_distance_matches_a_hand_computation():

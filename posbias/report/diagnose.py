@@ -35,19 +35,37 @@ def markdown(r: DiagnoseResult) -> str:
     return "\n".join(lines)
 
 
+def _delta_cell(delta: float, lo: float | None, hi: float | None) -> str:
+    return f"{delta:+.4f}" if lo is None or hi is None else f"{delta:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def _context_verdict(lo: float | None, hi: float | None, windows: int) -> str:
+    """What the interval of Δ (full − cut) supports; one window has none to read."""
+    if lo is None or hi is None:
+        return f"cannot be judged from {windows} window (no interval; raise --eval-tokens)"
+    if lo > 0:
+        return "hurts (the whole interval of Δ is above 0)"
+    if hi < 0:
+        return "helps (the whole interval of Δ is below 0)"
+    return "makes no difference this evaluation can see (the interval of Δ spans 0)"
+
+
 def _loss_section(r: DiagnoseResult) -> list[str]:
     full = float(torch.tensor(r.loss_by_position, dtype=torch.float64).mean())  # as measured (float64)
     cut = float(torch.tensor(r.loss_by_position_cut_at_L, dtype=torch.float64).mean())
-    verdict = "hurts" if full > cut + 0.005 else "helps" if full < cut - 0.005 else "changes little"
-    rows = [[name, f"{lo:.4f}", f"{sh:.4f}", f"{lo - sh:+.4f}"] for name, lo, sh in r.loss_by_range]
-    rows.append(["all", f"{full:.4f}", f"{cut:.4f}", f"{full - cut:+.4f}"])
+    _, lo_all, hi_all = r.loss_delta_all
+    rows = [[row[0], f"{row[1]:.4f}", f"{row[2]:.4f}",
+             _delta_cell(row[1] - row[2], *(row[3:5] if len(row) >= 5 else (None, None)))] for row in r.loss_by_range]
+    rows.append(["all", f"{full:.4f}", f"{cut:.4f}", _delta_cell(full - cut, lo_all, hi_all)])
     return (["## Loss by position", "",
              f"The same {r.loss_windows * r.length} validation bytes scored in {r.length}-token windows (full context) "
              f"and with the context cut into chunks of L = {r.train_len} (what the model saw in training). Δ < 0: the "
-             "extra context helps; Δ > 0: it hurts.", ""]
+             f"extra context helps; Δ > 0: it hurts. Intervals: 95% bootstrap over the {r.loss_windows} windows "
+             "(paired: both columns score the same tokens).", ""]
             + md_table(["positions", "loss, full context", "loss, context cut at L", "Δ"], rows)
             + ["", f"Perplexity {math.exp(full):.3f} with the full context vs {math.exp(cut):.3f} cut at L: the "
-               f"extra context {verdict}.", "", "![loss by position](loss_by_position.png)", ""])
+               f"extra context {_context_verdict(lo_all, hi_all, r.loss_windows)}.", "",
+               "![loss by position](loss_by_position.png)", ""])
 
 
 def _distance_section(r: DiagnoseResult) -> list[str]:
