@@ -193,12 +193,14 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool = True,
               scale: float | None = None, q_pos: Tensor | None = None, k_pos: Tensor | None = None,
-              backend: str = "auto") -> Tensor:
+              backend: str = "auto", strict: bool = True) -> Tensor:
     """Exact attention with a positional scheme; ``[batch, heads, Lq, head_dim]`` out.
 
     ``backend="auto"`` picks the fastest exact path for the scheme and inputs (see
     :func:`choose_backend`); any name in :data:`BACKENDS` forces that path, and a forced path that
-    cannot run these inputs exactly raises ``ValueError`` with the reason.
+    cannot run these inputs exactly raises ``ValueError`` with the reason, or with ``strict=False``
+    gives way to the automatic choice (a model-wide preference, as ``accelerate(model, backend=...)``
+    sets, that one-token decoding steps or a CPU backward may not suit).
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
@@ -209,7 +211,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
         name = choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
     else:
         why = usable(backend, scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
-        if why is not None:
+        if why is not None and strict:
             raise ValueError(f"backend {backend!r} cannot run this input exactly: {why}")
-        name = backend
+        name = backend if why is None else choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
     return BACKENDS[name](q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)

@@ -170,6 +170,26 @@ def test_forced_backend_that_cannot_run_raises():
                   q_pos=torch.arange(0, 16, 2), k_pos=torch.arange(0, 16, 2))
 
 
+def test_a_preferred_backend_gives_way_when_not_strict(monkeypatch):
+    """``strict=False``: a backend that cannot run these inputs yields to the automatic choice (same
+    numbers as ``auto``); one that can is taken as asked."""
+    import importlib
+
+    att = importlib.import_module("posbias.attention")
+    s = randomized("kerple-log")
+    q = torch.randn(1, 3, 40, 16)
+    ran = []
+    for name in ("windowed", "blockwise", "toeplitz"):  # the three paths these calls may take
+        real = att.BACKENDS[name]
+        monkeypatch.setitem(att.BACKENDS, name, lambda *a, _n=name, _f=real, **kw: ran.append(_n) or _f(*a, **kw))
+    got = attention(q, q, q, s, backend="windowed", strict=False)  # KERPLE has no window: not usable
+    torch.testing.assert_close(got, attention(q, q, q, s))
+    assert ran == [choose_backend(s, q, q_pos=torch.arange(40), k_pos=torch.arange(40), causal=True)] * 2
+    ran.clear()
+    attention(q, q, q, s, backend="blockwise", strict=False)
+    assert ran == ["blockwise"]
+
+
 def test_non_contiguous_positions_fall_back_exactly():
     s = randomized("t5")
     pos = torch.tensor([0, 3, 4, 10, 11, 50, 51, 52])

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attention import BACKENDS, attention, usable
+from ..attention import BACKENDS, attention
 from ..schemes.alibi import ALiBi
 from ..schemes.t5 import T5Bias
 
@@ -162,19 +162,6 @@ def _t5_compute_bias(scheme: T5Bias, query_length: int, key_length: int, device=
     return LazyT5Bias(scheme, int(past_seen_tokens), posbias_backend)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, scheme, backend: str, *, causal: bool, scale: float | None,
-            q_pos: Tensor | None = None, k_pos: Tensor | None = None) -> Tensor:
-    """posbias attention on the model's preferred ``backend`` where that path runs these inputs exactly
-    (a decoding step, a padded batch, … may not suit it), else on the automatic choice."""
-    if backend != "auto":
-        lq, lk = q.shape[2], k.shape[2]
-        kp = torch.arange(lk, device=q.device) if k_pos is None else k_pos
-        qp = torch.arange(lk - lq, lk, device=q.device) if q_pos is None else q_pos
-        if usable(backend, scheme, q, q_pos=qp, k_pos=kp, causal=causal) is not None:
-            backend = "auto"
-    return attention(q, k, v, scheme, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos, backend=backend)
-
-
 def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                        dropout: float = 0.0, scaling: float | None = None, position_bias: Any = None, **kwargs):
     """The ``transformers`` attention-interface function registered as ``"posbias"``."""
@@ -185,8 +172,9 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         kind = position_bias.mask_kind(attention_mask, lq, lk)
         if kind is not None and dropout == 0.0:
             q_pos = torch.arange(position_bias.q_start, position_bias.q_start + lq, device=query.device)
-            out = _attend(query, key, value, position_bias.scheme, position_bias.backend, causal=kind == "causal",
-                          scale=scaling, q_pos=q_pos, k_pos=torch.arange(lk, device=query.device))
+            out = attention(query, key, value, position_bias.scheme, causal=kind == "causal", scale=scaling,
+                            q_pos=q_pos, k_pos=torch.arange(lk, device=query.device), backend=position_bias.backend,
+                            strict=False)
             return out.transpose(1, 2).contiguous(), None
         position_bias = position_bias.dense(lq, lk, query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -230,7 +218,8 @@ def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual:
     if layer_past is not None:
         k, v = layer_past.update(k, v, module.layer_idx)
     scheme = _bloom_scheme(module.num_heads, module.head_dim, str(q.device))
-    out = _attend(q, k, v, scheme, posbias_backend, causal=kind == "causal", scale=module.inv_norm_factor)
+    out = attention(q, k, v, scheme, causal=kind == "causal", scale=module.inv_norm_factor, backend=posbias_backend,
+                    strict=False)
     context = out.transpose(1, 2).reshape(b, lq, module.num_heads * module.head_dim)
     return dropout_add(module.dense(context), residual, module.hidden_dropout, module.training), None
 
