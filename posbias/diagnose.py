@@ -142,7 +142,7 @@ def delta_interval(delta: Tensor) -> tuple[float, float] | tuple[None, None]:
     if delta.shape[0] < 2:
         return None, None
     per_window = delta.mean(1, keepdim=True)
-    reps = bootstrap_means(per_window, torch.ones_like(per_window), n_boot=2000, seed=0)[:, 0]
+    reps = bootstrap_means(per_window, torch.ones_like(per_window))[:, 0]
     return interval(reps)
 
 

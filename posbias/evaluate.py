@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from .model import TransformerLM
 
+N_BOOT = 2000  # bootstrap replicates per interval (every interval of the study, retrofit and diagnose)
+
 
 def _check_lengths(lengths: Iterable[int]) -> list[int]:
     out = []
@@ -67,7 +69,7 @@ def evaluate_length(model: TransformerLM, tokens: Tensor, length: int, *, max_to
         windows = nll.view(-1, length)
         return {"eval_len": length, "loss": loss, "ppl": math.exp(loss), "bpb": loss / math.log(2),
                 "tokens": nll.numel(), "stride": None, "loss_by_position": windows.mean(0).tolist(),
-                "window_loss": windows.mean(1).tolist()}  # per window: for paired comparisons (paired_to_best)
+                "window_loss": windows.mean(1).tolist()}  # per window: for paired comparisons (ratios_to_best)
     model.eval()
     total, count = 0.0, 0
     for s, nll in _window_losses(model, tokens, list(range(0, budget - length + 1, stride)), length, batch_size,
@@ -114,7 +116,7 @@ def check_study_lengths(lengths: Iterable[int], train_len: int) -> list[int]:
     return lengths
 
 
-def bootstrap_means(sums: Tensor, counts: Tensor, *, n_boot: int = 2000, seed: int = 0) -> Tensor:
+def bootstrap_means(sums: Tensor, counts: Tensor, *, n_boot: int = N_BOOT, seed: int = 0) -> Tensor:
     """Percentile-bootstrap replicates of ratio-of-sums means. ``sums``/``counts`` are ``[S, m]``: S
     resampling units (text segments) by m statistics. Every replicate draws the *same* segments for
     all m columns, so differences and ratios between columns are paired. Returns ``[n_boot, m]``."""
@@ -129,7 +131,7 @@ def interval(replicates: Tensor, level: float = 0.95) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def paired_to_best(losses: Tensor, *, n_boot: int = 2000, seed: int = 0) -> tuple[int, list[tuple[float, float, float]]]:
+def ratios_to_best(losses: Tensor, *, n_boot: int = N_BOOT, seed: int = 0) -> tuple[int, list[tuple[float, float, float]]]:
     """``losses`` ``[units, models]``: each model's mean loss (nats per token) on each resampling unit
     (a text segment or window; every unit the same number of tokens), all models scored on the same
     units. Returns the best model (lowest mean loss) and, for every model, its perplexity as a ratio
@@ -150,7 +152,7 @@ def paired_to_best(losses: Tensor, *, n_boot: int = 2000, seed: int = 0) -> tupl
 
 
 def length_study(model: TransformerLM, tokens: Tensor, lengths: Iterable[int], *, train_len: int,
-                 n_tokens: int, batch_size: int = 8, device: str | torch.device = "cpu", n_boot: int = 2000,
+                 n_tokens: int, batch_size: int = 8, device: str | torch.device = "cpu", n_boot: int = N_BOOT,
                  seed: int = 0) -> dict[int, dict[str, Any]]:
     """Score the same ``n_tokens`` tokens at every length and summarise each length with intervals.
 

@@ -44,7 +44,7 @@ from . import store
 from ._version import __version__
 from .config import ConfigError, Log, check_count, check_rate, fixed_threads, quiet
 from .data import Corpus
-from .evaluate import check_study_lengths, length_study
+from .evaluate import N_BOOT, check_study_lengths, length_study
 from .model import ModelConfig, TransformerLM
 from .schemes import SCHEMES, Scheme, check_options, get_scheme_class, parse_spec, spec_label
 from .schemes.base import flat_share
@@ -58,7 +58,6 @@ def default_schemes() -> tuple[str, ...]:
 
 EVAL_FORMAT = 3  # bump when the evaluation's definition changes: old caches are then not reused
 # (3: per-segment losses recorded, for the paired between-scheme table)
-N_BOOT = 2000  # bootstrap replicates per interval
 
 
 @dataclass(frozen=True)

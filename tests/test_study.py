@@ -330,9 +330,9 @@ def test_paired_table_sees_a_difference_the_overlapping_intervals_hide():
     assert b.per_seed == pytest.approx((math.exp(0.05), math.exp(0.01)), rel=1e-9)  # seed by seed against a
     section = "\n".join(_paired_section(two))
     assert "averaged over seeds" in section and "seeds 1.010–1.051" in section
-    from posbias.evaluate import paired_to_best as units
+    from posbias.evaluate import ratios_to_best
     with pytest.raises(ValueError, match="losses must be \\[units, models\\]"):
-        units(torch.zeros(5))
+        ratios_to_best(torch.zeros(5))
     # results of an older posbias (no per-segment losses): no table rather than a wrong one
     for r in study.records:
         r.pop("segment_loss")

@@ -12,10 +12,9 @@ import torch
 
 from .. import store
 from ..config import Log, quiet
-from ..evaluate import paired_to_best
+from ..evaluate import ratios_to_best
 from ..passkey import accuracy_interval
 from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
-from ..study import N_BOOT
 from . import md_table
 
 STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
@@ -43,7 +42,7 @@ def _passkey_cell(r: dict[str, Any], n: int) -> str:
 
 def _paired_section(result: RetrofitResult) -> list[str]:
     """Each row's perplexity relative to the best row's at every length past L, paired over the same
-    windows (:func:`posbias.evaluate.paired_to_best`); empty for results without window losses."""
+    windows (:func:`posbias.evaluate.ratios_to_best`); empty for results without window losses."""
     far = [n for n in result.eval_lens if n > result.train_len]
     rows = result.rows
     if len(rows) < 2 or not far or not all(r.get("window_loss") for r in rows):
@@ -51,7 +50,7 @@ def _paired_section(result: RetrofitResult) -> list[str]:
     cells = []
     for n in far:
         losses = torch.tensor([r["window_loss"][n] for r in rows], dtype=torch.float64).T  # [windows, rows]
-        best, ratios = paired_to_best(losses, n_boot=N_BOOT)
+        best, ratios = ratios_to_best(losses)
         cells.append(["**best**" if j == best else f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]" + (" (≈ best)" if lo <= 1.0 else "")
                       for j, (ratio, lo, hi) in enumerate(ratios)])
     windows = ", ".join(f"{len(rows[0]['window_loss'][n])} at {n}" for n in far)

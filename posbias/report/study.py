@@ -12,8 +12,8 @@ import torch
 
 from .. import store
 from ..config import Log, quiet
-from ..evaluate import paired_to_best as paired_to_best_units
-from ..study import N_BOOT, StudyResult
+from ..evaluate import N_BOOT, ratios_to_best
+from ..study import StudyResult
 from . import md_table
 
 Records = list[dict[str, Any]]
@@ -104,7 +104,7 @@ def _paired(result: StudyResult, losses_of: SegmentLosses) -> dict[str, Paired] 
         by_seed.append({seed: float(x.mean()) for seed, x in per_seed.items()})
     if len(labels) < 2 or len({len(c) for c in cols}) > 1:
         return None
-    best, ratios = paired_to_best_units(torch.stack(cols, 1), n_boot=N_BOOT)  # [segments, schemes]
+    best, ratios = ratios_to_best(torch.stack(cols, 1))  # [segments, schemes]
     out = {}
     for j, label in enumerate(labels):
         seeds = sorted(set(by_seed[j]) & set(by_seed[best]))
