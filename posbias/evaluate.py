@@ -7,7 +7,7 @@ comparable across lengths. Bits per byte = loss / ln 2 (the vocabulary is bytes)
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -131,13 +131,24 @@ def interval(replicates: Tensor, level: float = 0.95) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def ratios_to_best(losses: Tensor, *, n_boot: int = N_BOOT, seed: int = 0) -> tuple[int, list[tuple[float, float, float]]]:
+class Paired(NamedTuple):
+    """One model against the best of a comparison: perplexity ratio, its paired 95% interval, with
+    several seeds the ratio seed by seed (each seed against the best's same seed), and whether this
+    model is the best (ratio and interval exactly 1)."""
+
+    ratio: float
+    lo: float
+    hi: float
+    per_seed: tuple[float, ...] = ()
+    best: bool = False
+
+
+def ratios_to_best(losses: Tensor, *, n_boot: int = N_BOOT, seed: int = 0) -> list[Paired]:
     """``losses`` ``[units, models]``: each model's mean loss (nats per token) on each resampling unit
     (a text segment or window; every unit the same number of tokens), all models scored on the same
-    units. Returns the best model (lowest mean loss) and, for every model, its perplexity as a ratio
-    to the best's with a 95% percentile-bootstrap interval in which each replicate resamples the
-    *same* units for all models: paired, so the text's difficulty, shared by every model, cancels.
-    The best model's own entry is exactly ``(1.0, 1.0, 1.0)``."""
+    units. For every model, its perplexity as a ratio to the best's (lowest mean loss, flagged
+    ``best``) with a 95% percentile-bootstrap interval in which each replicate resamples the *same*
+    units for all models: paired, so the text's difficulty, shared by every model, cancels."""
     if losses.dim() != 2 or losses.shape[0] < 1 or losses.shape[1] < 1:
         raise ValueError(f"losses must be [units, models] with at least one of each, got {tuple(losses.shape)}")
     losses = losses.double()
@@ -147,8 +158,8 @@ def ratios_to_best(losses: Tensor, *, n_boot: int = N_BOOT, seed: int = 0) -> tu
     out = []
     for j in range(losses.shape[1]):
         lo, hi = interval((reps[:, j] - reps[:, best]).exp())
-        out.append((math.exp(float(point[j] - point[best])), lo, hi))
-    return best, out
+        out.append(Paired(math.exp(float(point[j] - point[best])), lo, hi, best=j == best))
+    return out
 
 
 def length_study(model: TransformerLM, tokens: Tensor, lengths: Iterable[int], *, train_len: int,

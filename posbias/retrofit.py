@@ -35,7 +35,7 @@ from . import store
 from . import passkey
 from .config import ConfigError, Log, check_count, check_rate, fixed_threads, quiet
 from .data import Corpus, batch_at
-from .evaluate import evaluate_length
+from .evaluate import Paired, evaluate_length, ratios_to_best
 from .finetune import finetune
 from .model import ModelConfig, TransformerLM
 from .schemes.t5 import t5_bucket
@@ -191,10 +191,13 @@ class RetrofitResult:
     corpus: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
     bucket_remap: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
+    # length past L → one Paired per row: its perplexity against the best row's (compare_rows)
+    paired: dict[int, list[Paired]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "train_len": self.train_len, "to": self.to,
                 "eval_lens": self.eval_lens, "rows": self.rows, "bucket_remap": self.bucket_remap,
+                "paired": {n: [p._asdict() for p in ps] for n, ps in self.paired.items()},
                 "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
                 "corpus": self.corpus}
 
@@ -233,7 +236,18 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
             result.rows.append(run.measure(model, base, m, "no fine-tune", extra, final=False))
             tuned = run.finetuned(model, m, path, meta)
             result.rows.append(run.measure(tuned, base, m, f"fine-tuned {cfg.finetune_steps}", extra))
+    result.paired = compare_rows(result.rows, [n for n in lens if n > train_len])
     return result
+
+
+def compare_rows(rows: list[dict[str, Any]], lengths: list[int]) -> dict[int, list[Paired]]:
+    """At each length, every row's perplexity relative to the best row's, with a 95% bootstrap
+    interval that resamples the same evaluation windows for every row (every row scores the same
+    windows): :func:`posbias.evaluate.ratios_to_best`."""
+    if len(rows) < 2:
+        return {}
+    return {n: ratios_to_best(torch.tensor([r["window_loss"][n] for r in rows], dtype=torch.float64).T)
+            for n in lengths}
 
 
 def source_key(path: str | Path, meta: dict[str, Any], cfg: RetrofitConfig, corpus: Corpus) -> str:
@@ -268,10 +282,12 @@ class _Run:
                "ppl": {n: sc["ppl"] for n, sc in scores.items()},
                "window_loss": {n: sc["window_loss"] for n, sc in scores.items()},  # for the paired table
                "extra_params": extra, "passkey": self.passkey(model, label) if compare and final else None,
-               "passkey_trials": PASSKEY_DEPTHS * self.cfg.passkey_samples if compare and final else None,
                "attention_cost": None}
         if stage != "before":
             row["options"] = model.cfg.scheme_options
+        if row["passkey"] is not None:  # 95% Wilson interval over the depths × samples trials per length
+            trials = PASSKEY_DEPTHS * self.cfg.passkey_samples
+            row["passkey_interval"] = {n: passkey.accuracy_interval(a, trials) for n, a in row["passkey"].items()}
         if compare:
             row["attention_cost"] = 1.0 if stage == "before" else _relative_cost(model, base, self.cfg.to,
                                                                                   self.cfg.device)

@@ -38,13 +38,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import store
 from ._version import __version__
 from .config import ConfigError, Log, check_count, check_rate, fixed_threads, quiet
 from .data import Corpus
-from .evaluate import N_BOOT, check_study_lengths, length_study
+from .evaluate import N_BOOT, Paired, check_study_lengths, length_study, ratios_to_best
 from .model import ModelConfig, TransformerLM
 from .schemes import SCHEMES, Scheme, check_options, get_scheme_class, parse_spec, spec_label
 from .schemes.base import flat_share
@@ -185,6 +186,66 @@ def learned_summary(model: TransformerLM, train_len: int) -> dict[str, Any]:
     return out
 
 
+def records_at(records: list[dict[str, Any]], label: str, n: int) -> list[dict[str, Any]]:
+    """The records of one label at evaluation length ``n`` (one per seed)."""
+    return [r for r in records if r["label"] == label and r["eval_len"] == n]
+
+
+def _segment_losses(records: list[dict[str, Any]], label: str, n: int) -> dict[int, Tensor]:
+    """``{seed: per-segment mean losses}`` of one label at length ``n``."""
+    return {r["seed"]: torch.tensor(r["segment_loss"], dtype=torch.float64) for r in records_at(records, label, n)}
+
+
+def _paired(arms: list[Arm], losses_of: Callable[[str], dict[int, Tensor]]) -> dict[str, Paired]:
+    """Every label against the best, paired over segments (per-segment losses averaged over seeds) and
+    seed by seed; ``{}`` with fewer than two labels to compare."""
+    labels, cols, by_seed = [], [], []
+    for a in arms:
+        per_seed = losses_of(a.label)
+        if per_seed:
+            labels.append(a.label)
+            cols.append(torch.stack(list(per_seed.values())).mean(0))
+            by_seed.append({seed: float(x.mean()) for seed, x in per_seed.items()})
+    if len(labels) < 2:
+        return {}
+    ratios = ratios_to_best(torch.stack(cols, 1))  # [segments, schemes]
+    best = next(j for j, p in enumerate(ratios) if p.best)
+    out = {}
+    for j, label in enumerate(labels):
+        seeds = sorted(set(by_seed[j]) & set(by_seed[best]))
+        per_seed = tuple(math.exp(by_seed[j][s] - by_seed[best][s]) for s in seeds) if len(seeds) > 1 else ()
+        out[label] = ratios[j]._replace(per_seed=per_seed)
+    return out
+
+
+def compare_schemes(cfg: StudyConfig, records: list[dict[str, Any]],
+                    arms: list[Arm]) -> tuple[dict[int, dict[str, Paired]], dict[str, Paired]]:
+    """Which differences between schemes are real: ``(by length, by length generalisation)``.
+
+    At each evaluation length, each scheme's perplexity as a ratio to the best scheme's, with a 95%
+    percentile-bootstrap interval in which every replicate resamples the *same* text segments for all
+    schemes (:func:`posbias.evaluate.ratios_to_best`). Paired this way, the interval holds only how
+    the models differ on the same text, not how hard the text is, so it is much narrower than the
+    schemes' own intervals, whose overlap says little. Several seeds: each scheme's per-segment loss
+    is the mean over its seeds, so the interval is text resampling only, and ``per_seed`` gives the
+    ratio seed by seed (the same seed means the same data order and initialisation: the spread of
+    training). Second: each scheme's ``ppl@longest / ppl@L`` relative to the smallest such ratio;
+    every length scores the same segments, so per segment the log-ratio is ``loss@longest − loss@L``
+    and one resample of segments serves both lengths and every scheme (``{}`` when longest = L).
+    Both ``{}`` with fewer than two schemes to compare."""
+    lens = cfg.lengths()
+    longest, base = lens[-1], cfg.train_len
+    by_length = {n: _paired(arms, lambda label, n=n: _segment_losses(records, label, n)) for n in lens}
+    if not all(by_length.values()):
+        return {}, {}
+
+    def log_ratio(label: str) -> dict[int, Tensor]:
+        far, near = _segment_losses(records, label, longest), _segment_losses(records, label, base)
+        return {seed: far[seed] - near[seed] for seed in far if seed in near}
+
+    return by_length, (_paired(arms, log_ratio) if longest != base else {})
+
+
 @dataclass
 class StudyResult:
     """What :func:`run_study` made: one record per label, seed and evaluation length (perplexity with
@@ -198,9 +259,14 @@ class StudyResult:
     schemes: dict[str, Scheme]  # label → the first seed's trained scheme (additive schemes only)
     corpus: dict[str, Any]  # the corpus fingerprint
     arms: list[Arm]
+    # which differences are real (compare_schemes): length → label → Paired, and ppl@longest/ppl@L
+    paired: dict[int, dict[str, Paired]] = field(default_factory=dict)
+    paired_ratio: dict[str, Paired] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"records": self.records, "study": asdict(self.config), "corpus": self.corpus,
+                "paired": {n: {k: p._asdict() for k, p in t.items()} for n, t in self.paired.items()},
+                "paired_ratio": {k: p._asdict() for k, p in self.paired_ratio.items()},
                 "threads": self.config.threads,
                 "versions": {"posbias": __version__, "torch": torch.__version__, "python": platform.python_version()},
                 "machine": platform.platform()}
@@ -224,6 +290,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
     result = StudyResult(cfg, [], {}, {}, corpus.fingerprint, arms(cfg))
     with store.FolderLock(out), fixed_threads(cfg.threads):
         _run(result, out, corpus, progress, keep_last, log)
+    result.paired, result.paired_ratio = compare_schemes(cfg, result.records, result.arms)
     return result
 
 

@@ -137,7 +137,11 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
     assert "Which differences are real" in md and md.count("**best**") == 1  # one length past L: 96
     n_windows = 400 // (2 * L)
     assert all(len(r["window_loss"][2 * L]) == n_windows for r in res.rows)
-    assert all(r["passkey_trials"] == 5 * 2 for r in res.rows if r["passkey"] is not None)
+    for r in res.rows:  # 95% Wilson interval over 5 depths × 2 samples = 10 trials
+        if r["passkey"] is not None:
+            assert r["passkey_interval"][2 * L] == passkey.accuracy_interval(r["passkey"][2 * L], 10)
+    assert list(res.paired) == [2 * L] and len(res.paired[2 * L]) == len(res.rows)
+    assert sum(p.best for p in res.paired[2 * L]) == 1
     assert (tmp_path / "out" / "ppl_vs_length.png").exists()
     assert all(0.0 <= r["passkey"][2 * L] <= 1.0 for r in res.rows if r["stage"] != "no fine-tune")
     assert all(r["passkey"] is None for r in res.rows if r["stage"] == "no fine-tune")

@@ -162,6 +162,7 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     assert "| alibi |" in md and "95% bootstrap interval" in md and "512 validation tokens" in md
     assert "Which differences are real" in md and md.count("**best**") == 4  # per length, and for ppl@64 / ppl@16
     assert all(len(r["segment_loss"]) == 8 for r in recs)
+    assert set(res["paired"]) == {"16", "32", "64"} and set(res["paired_ratio"]) == {"alibi", "rope"}
     for r in recs:  # the segments' mean loss is the record's loss (equal-sized segments)
         assert sum(r["segment_loss"]) / 8 == pytest.approx(r["loss"], rel=1e-12)
     assert (tmp_path / "run" / "ppl_vs_length.png").exists()
@@ -270,34 +271,37 @@ def test_length_study_intervals_and_tail_view(corpus):
 
 
 def _fake_study(segment_losses, seeds=(0,), far=None):
-    """A StudyResult holding only what the report's paired table reads: {label: [per-seed segment
-    losses]} at length 16 (the training length), and with ``far`` the same at length 64."""
+    """A study result holding only what the paired comparison reads: {label: [per-seed segment
+    losses]} at length 16 (the training length), and with ``far`` the same at length 64; its
+    comparison made by ``compare_schemes``, as ``run_study`` makes it."""
     from types import SimpleNamespace
 
-    from posbias.study import Arm
+    from posbias.study import Arm, compare_schemes
 
     recs = [{"label": label, "eval_len": n, "seed": seed, "segment_loss": list(map(float, seg))}
             for n, table in ((16, segment_losses), (64, far or {}))
             for label, per_seed in table.items() for seed, seg in zip(seeds, per_seed)]
     cfg = SimpleNamespace(seeds=list(seeds), lengths=lambda: [16, 64] if far else [16], train_len=16)
-    return SimpleNamespace(config=cfg, records=recs, arms=[Arm(label, label, {}) for label in segment_losses])
+    arms = [Arm(label, label, {}) for label in segment_losses]
+    paired, paired_ratio = compare_schemes(cfg, recs, arms)
+    return SimpleNamespace(config=cfg, records=recs, arms=arms, paired=paired, paired_ratio=paired_ratio)
 
 
 def test_extrapolation_is_compared_paired_across_lengths_and_schemes():
     """ppl@64 / ppl@16 relative to the smallest such ratio: a holds its loss past L, b loses 0.01 nats
     more on every segment, c is better everywhere but degrades by 0.05: c is best at each length and
     worst at length generalisation, and the column says so."""
-    from posbias.report.study import _paired_section, paired_extrapolation, paired_to_best
+    from posbias.report.study import _paired_section
 
     g = torch.Generator().manual_seed(1)
     d = torch.rand(12, generator=g, dtype=torch.float64) + 1
     study = _fake_study({"a": [d], "b": [d + 0.005], "c": [d - 0.1]},
                         far={"a": [d - 0.02], "b": [d - 0.005], "c": [d - 0.05]})
-    ext = paired_extrapolation(study)
-    assert ext["a"][:3] == (1.0, 1.0, 1.0)
+    ext = study.paired_ratio
+    assert ext["a"][:3] == (1.0, 1.0, 1.0) and ext["a"].best
     assert ext["b"].ratio == pytest.approx(math.exp(0.01), rel=1e-9) and 1.0 < ext["b"].lo
     assert ext["c"].ratio == pytest.approx(math.exp(0.07), rel=1e-9)
-    assert paired_to_best(study, 64)["c"][:3] == (1.0, 1.0, 1.0)
+    assert study.paired[64]["c"][:3] == (1.0, 1.0, 1.0)
     assert "ppl@64 / ppl@16" in "\n".join(_paired_section(study))
 
 
@@ -305,17 +309,18 @@ def test_paired_table_sees_a_difference_the_overlapping_intervals_hide():
     """Text segments of very different difficulty, and scheme b 0.02 nats worse than a on every one:
     the paired ratio is exp(0.02) with an interval of that width only, while the schemes' own
     bootstrap intervals overlap widely. A scheme equal to the best within noise is marked (≈ best)."""
-    from posbias.evaluate import bootstrap_means, interval
-    from posbias.report.study import _paired_section, paired_to_best
+    from posbias.evaluate import bootstrap_means, interval, ratios_to_best
+    from posbias.report.study import _paired_section
 
     g = torch.Generator().manual_seed(0)
     difficulty = torch.rand(16, generator=g, dtype=torch.float64) * 2 + 1  # 1 … 3 nats per token
     noise = (torch.rand(16, generator=g, dtype=torch.float64) - 0.5) * 0.02
     study = _fake_study({"a": [difficulty], "b": [difficulty + 0.02], "c": [difficulty + noise]})
-    table = paired_to_best(study, 16)
+    table = study.paired[16]
     best = min(table, key=lambda k: table[k][0])
-    assert table[best][:3] == (1.0, 1.0, 1.0) and best in ("a", "c")
-    ratio, lo, hi, _ = table["b"]
+    assert table[best][:3] == (1.0, 1.0, 1.0) and table[best].best and best in ("a", "c")
+    assert sum(p.best for p in table.values()) == 1
+    ratio, lo, hi, *_ = table["b"]
     assert ratio == pytest.approx(math.exp(0.02 - (0 if best == "a" else float(noise.mean()))), rel=1e-9)
     assert 1.0 < lo <= ratio <= hi and hi - lo < 0.02
     own = [interval(bootstrap_means(x[:, None], torch.ones(16, 1), n_boot=2000)[:, 0].exp())
@@ -325,18 +330,16 @@ def test_paired_table_sees_a_difference_the_overlapping_intervals_hide():
     assert table[other][1] <= 1.0 and "(≈ best)" in "\n".join(_paired_section(study))
     # several seeds: per-segment losses averaged over seeds before pairing
     two = _fake_study({"a": [difficulty, difficulty + 0.04], "b": [difficulty + 0.05, difficulty + 0.05]}, seeds=(0, 1))
-    b = paired_to_best(two, 16)["b"]
+    b = two.paired[16]["b"]
     assert b.ratio == pytest.approx(math.exp(0.03), rel=1e-9)
     assert b.per_seed == pytest.approx((math.exp(0.05), math.exp(0.01)), rel=1e-9)  # seed by seed against a
     section = "\n".join(_paired_section(two))
     assert "averaged over seeds" in section and "seeds 1.010–1.051" in section
-    from posbias.evaluate import ratios_to_best
     with pytest.raises(ValueError, match="losses must be \\[units, models\\]"):
         ratios_to_best(torch.zeros(5))
-    # results of an older posbias (no per-segment losses): no table rather than a wrong one
-    for r in study.records:
-        r.pop("segment_loss")
-    assert paired_to_best(study, 16) is None and _paired_section(study) == []
+    # one scheme: nothing to compare, no table
+    one = _fake_study({"a": [difficulty]})
+    assert one.paired == {} and one.paired_ratio == {} and _paired_section(one) == []
 
 
 @pytest.mark.slow

@@ -8,14 +8,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import store
 from ..config import Log, quiet
-from ..evaluate import ratios_to_best
-from ..passkey import accuracy_interval
 from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
-from . import md_table
+from . import md_table, paired_cell
 
 STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
 
@@ -33,32 +29,22 @@ def write(result: RetrofitResult, out: str | Path, *, log: Log = quiet) -> list[
 
 
 def _passkey_cell(r: dict[str, Any], n: int) -> str:
-    acc, trials = r["passkey"][n], r.get("passkey_trials")
-    if not trials:
-        return f"{acc:.2f}"
-    lo, hi = accuracy_interval(acc, trials)
-    return f"{acc:.2f} [{lo:.2f}, {hi:.2f}]"
+    lo, hi = r["passkey_interval"][n]
+    return f"{r['passkey'][n]:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def _paired_section(result: RetrofitResult) -> list[str]:
     """Each row's perplexity relative to the best row's at every length past L, paired over the same
-    windows (:func:`posbias.evaluate.ratios_to_best`); empty for results without window losses."""
-    far = [n for n in result.eval_lens if n > result.train_len]
-    rows = result.rows
-    if len(rows) < 2 or not far or not all(r.get("window_loss") for r in rows):
+    windows (:func:`posbias.retrofit.compare_rows`)."""
+    if not result.paired:
         return []
-    cells = []
-    for n in far:
-        losses = torch.tensor([r["window_loss"][n] for r in rows], dtype=torch.float64).T  # [windows, rows]
-        best, ratios = ratios_to_best(losses)
-        cells.append(["**best**" if j == best else f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]" + (" (≈ best)" if lo <= 1.0 else "")
-                      for j, (ratio, lo, hi) in enumerate(ratios)])
+    far, rows = list(result.paired), result.rows
     windows = ", ".join(f"{len(rows[0]['window_loss'][n])} at {n}" for n in far)
     return ["", "Which differences are real: perplexity relative to the best row at each length, 95% interval "
             f"paired over the same windows ({windows}); (≈ best): not distinguishable from the best at this "
             "evaluation size:", ""] + md_table(
         ["method", "stage", *(f"@ {n}" for n in far)],
-        [[r["method"], r["stage"], *(c[j] for c in cells)] for j, r in enumerate(rows)])
+        [[r["method"], r["stage"], *(paired_cell(result.paired[n][j]) for n in far)] for j, r in enumerate(rows)])
 
 
 def markdown(result: RetrofitResult) -> str:

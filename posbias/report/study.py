@@ -6,15 +6,15 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import torch
 
 from .. import store
 from ..config import Log, quiet
-from ..evaluate import N_BOOT, ratios_to_best
-from ..study import StudyResult
-from . import md_table
+from ..evaluate import N_BOOT
+from ..study import StudyResult, records_at
+from . import md_table, paired_cell
 
 Records = list[dict[str, Any]]
 
@@ -30,10 +30,6 @@ def write(result: StudyResult, out: str | Path, *, log: Log = quiet) -> list[Pat
     except ValueError as exc:  # matplotlib missing
         log(f"plots skipped: {exc}")
     return paths
-
-
-def _pick(records: Records, label: str, n: int) -> Records:
-    return [r for r in records if r["label"] == label and r["eval_len"] == n]
 
 
 def _cell(rs: Records, key: str, fmt: str = ".2f") -> str:
@@ -53,7 +49,7 @@ def markdown(result: StudyResult) -> str:
     if len(cfg.seeds) > 1:
         lens = cfg.lengths()
         lines += ["", f"Per seed, ppl@{lens[-1]} / ppl@{cfg.train_len}: " + "; ".join(
-            f"{a.label} " + " / ".join(f"{r['ratio']:.3f}" for r in _pick(result.records, a.label, lens[-1]))
+            f"{a.label} " + " / ".join(f"{r['ratio']:.3f}" for r in records_at(result.records, a.label, lens[-1]))
             for a in result.arms)]
     return "\n".join(lines + ["", _footer(result), ""])
 
@@ -62,108 +58,21 @@ def _ppl_section(result: StudyResult) -> list[str]:
     cfg, recs = result.config, result.records
     lens, base = cfg.lengths(), cfg.train_len
     what = "mean ± std over seeds" if len(cfg.seeds) > 1 else "95% bootstrap interval"
-    rows = [[a.label, *(_cell(_pick(recs, a.label, n), "ppl") for n in lens),
-             _cell(_pick(recs, a.label, lens[-1]), "ratio", ".3f")] for a in result.arms]
+    rows = [[a.label, *(_cell(records_at(recs, a.label, n), "ppl") for n in lens),
+             _cell(records_at(recs, a.label, lens[-1]), "ratio", ".3f")] for a in result.arms]
     header = ["scheme", *(f"ppl @ {n}" for n in lens), f"ppl@{lens[-1]} / ppl@{base}"]
     return [f"### Perplexity by evaluation length ({what})", ""] + md_table(header, rows)
-
-
-class Paired(NamedTuple):
-    """One scheme against the best at one length: perplexity ratio, its paired 95% interval, and with
-    several seeds the ratio seed by seed (each seed against the best scheme's same seed)."""
-
-    ratio: float
-    lo: float
-    hi: float
-    per_seed: tuple[float, ...] = ()
-
-
-SegmentLosses = Callable[[str], "dict[int, torch.Tensor] | None"]  # label → {seed: per-segment losses}
-
-
-def _at(result: StudyResult, n: int) -> SegmentLosses:
-    """Each seed's per-segment losses at length ``n`` (None where a record has none: an older posbias)."""
-    def losses(label: str) -> dict[int, torch.Tensor] | None:
-        rs = _pick(result.records, label, n)
-        if any(not r.get("segment_loss") for r in rs):
-            return None
-        return {r["seed"]: torch.tensor(r["segment_loss"], dtype=torch.float64) for r in rs}
-    return losses
-
-
-def _paired(result: StudyResult, losses_of: SegmentLosses) -> dict[str, Paired] | None:
-    labels, cols, by_seed = [], [], []
-    for a in result.arms:
-        per_seed = losses_of(a.label)
-        if per_seed is None:
-            return None
-        if not per_seed:
-            continue
-        labels.append(a.label)
-        cols.append(torch.stack(list(per_seed.values())).mean(0))
-        by_seed.append({seed: float(x.mean()) for seed, x in per_seed.items()})
-    if len(labels) < 2 or len({len(c) for c in cols}) > 1:
-        return None
-    best, ratios = ratios_to_best(torch.stack(cols, 1))  # [segments, schemes]
-    out = {}
-    for j, label in enumerate(labels):
-        seeds = sorted(set(by_seed[j]) & set(by_seed[best]))
-        per_seed = tuple(math.exp(by_seed[j][s] - by_seed[best][s]) for s in seeds) if len(seeds) > 1 else ()
-        out[label] = Paired(*ratios[j], per_seed)
-    return out
-
-
-def paired_to_best(result: StudyResult, n: int) -> dict[str, Paired] | None:
-    """At evaluation length ``n``: each scheme's perplexity as a ratio to the best scheme's (lowest
-    perplexity), with a 95% percentile-bootstrap interval in which every replicate resamples the
-    *same* text segments for all schemes. Paired this way, the interval holds only how the two
-    models differ on the same text, not how hard the text is, so it is much narrower than the
-    schemes' own intervals, whose overlap says little. Several seeds: each scheme's per-segment loss
-    is the mean over its seeds, so the interval is text resampling only, and ``per_seed`` gives the
-    ratio seed by seed (the same seed means the same data order and initialisation: the spread of
-    training). None when records lack per-segment losses (results of an older posbias)."""
-    return _paired(result, _at(result, n))
-
-
-def paired_extrapolation(result: StudyResult) -> dict[str, Paired] | None:
-    """Length generalisation compared between schemes: each scheme's ``ppl@longest / ppl@L`` as a
-    ratio to the smallest such ratio among the schemes, paired as :func:`paired_to_best` is. Every
-    length scores the same segments, so per segment the log-ratio is ``loss@longest − loss@L``, and
-    one resample of segments serves both lengths and every scheme."""
-    cfg = result.config
-    longest, base = cfg.lengths()[-1], cfg.train_len
-    if longest == base:
-        return None
-    far, near = _at(result, longest), _at(result, base)
-
-    def log_ratio(label: str) -> dict[int, torch.Tensor] | None:
-        a, b = far(label), near(label)
-        if a is None or b is None:
-            return None
-        return {seed: a[seed] - b[seed] for seed in a if seed in b}
-
-    return _paired(result, log_ratio)
-
-
-def _paired_cell(p: Paired) -> str:
-    if p.ratio == 1.0 and p.lo == 1.0 and p.hi == 1.0:
-        return "**best**"
-    text = f"{p.ratio:.3f} [{p.lo:.3f}, {p.hi:.3f}]"
-    if p.per_seed:
-        text += f"; seeds {min(p.per_seed):.3f}–{max(p.per_seed):.3f}"
-    return text + (" (≈ best)" if p.lo <= 1.0 or (p.per_seed and min(p.per_seed) <= 1.0) else "")
 
 
 def _paired_section(result: StudyResult) -> list[str]:
     cfg = result.config
     lens = cfg.lengths()
-    tables = {n: paired_to_best(result, n) for n in lens}
-    if any(t is None for t in tables.values()):
+    tables, extra = result.paired, result.paired_ratio
+    if not tables:
         return []
-    extra = paired_extrapolation(result)
     header = ["scheme", *(f"@ {n}" for n in lens)] + ([f"ppl@{lens[-1]} / ppl@{cfg.train_len}"] if extra else [])
-    rows = [[a.label, *(_paired_cell(tables[n][a.label]) for n in lens)]
-            + ([_paired_cell(extra[a.label])] if extra else []) for a in result.arms if a.label in tables[lens[0]]]
+    rows = [[a.label, *(paired_cell(tables[n][a.label]) for n in lens)]
+            + ([paired_cell(extra[a.label])] if extra else []) for a in result.arms if a.label in tables[lens[0]]]
     seeds = (" (per-segment losses averaged over seeds; then the smallest–largest ratio seed by seed, "
              "each seed against the best scheme's same seed)") if len(cfg.seeds) > 1 else ""
     last = (f"; last column: each scheme's ppl@{lens[-1]} / ppl@{cfg.train_len} relative to the smallest such "
@@ -178,7 +87,7 @@ def _delta_section(result: StudyResult) -> list[str]:
     far = [n for n in cfg.lengths() if n > base]
     if not far:
         return []
-    rows = [[a.label, *(_cell(_pick(result.records, a.label, n), "tail_delta", "+.3f") for n in far)]
+    rows = [[a.label, *(_cell(records_at(result.records, a.label, n), "tail_delta", "+.3f") for n in far)]
             for a in result.arms]
     return ["", f"### Beyond the training length: the last {base} tokens of each window, with n − {base} … n − 1 "
             f"tokens of context, against the same tokens scored in windows of {base} (Δ nats/byte; < 0: the "
@@ -253,7 +162,7 @@ def _ppl_plot(result: StudyResult, path: Path, plt, colors) -> Path:
     cfg = result.config
     fig, ax = plt.subplots(figsize=(8.5, 5))
     for k, arm in enumerate(result.arms):
-        pts = [(n, *_mean_band(rs)) for n in cfg.lengths() if (rs := _pick(result.records, arm.label, n))]
+        pts = [(n, *_mean_band(rs)) for n in cfg.lengths() if (rs := records_at(result.records, arm.label, n))]
         xs, ys, lo, hi = (list(c) for c in zip(*pts)) if pts else ([], [], [], [])
         ax.plot(xs, ys, marker="o", label=arm.label, color=colors(k), lw=1.5)
         ax.fill_between(xs, lo, hi, color=colors(k), alpha=0.15, lw=0)
