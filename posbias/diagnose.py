@@ -68,13 +68,13 @@ def attention_distance(model: TransformerLM, idx: Tensor, quantiles: tuple[float
 
 @torch.no_grad()
 def context_effect(model: TransformerLM, tokens: Tensor, length: int, short: int, *, windows: int,
-                   device: str | torch.device = "cpu", per_window: bool = False) -> tuple[Tensor, Tensor]:
+                   device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
     """Per-position loss of the same tokens with the full ``length``-token context and with the
     context cut into chunks of ``short`` tokens (what the model sees at its training length).
 
-    Returns ``(long, short)`` mean losses ``[length]`` over ``windows`` windows (``per_window``: each
-    window's own, ``[windows, length]``, for intervals); their difference is what the extra context
-    buys (< 0) or costs (> 0), free of the text's own difficulty.
+    Returns ``(long, short)`` losses ``[windows, length]``, one row per window (fewer when the split
+    is short), so that means and their intervals come from the same numbers; their difference is
+    what the extra context buys (< 0) or costs (> 0), free of the text's own difficulty.
     """
     from torch.nn import functional as F
 
@@ -96,9 +96,7 @@ def context_effect(model: TransformerLM, tokens: Tensor, length: int, short: int
         if full < length:
             short_sum[w, full:] = F.cross_entropy(model(x[:, full:])[0].float(), y[0, full:],
                                                   reduction="none").double().cpu()
-    if per_window:
-        return long_sum, short_sum
-    return long_sum.mean(0), short_sum.mean(0)
+    return long_sum, short_sum
 
 
 def has_final_entry(scheme: Scheme) -> bool:
@@ -200,7 +198,7 @@ class DiagnoseResult:
     passkey_samples: int = 0
     passkey_skipped: str = ""  # why a requested passkey test did not run
     threads: int = 2  # torch intra-op threads the measurements ran at
-    loss_delta_all: tuple[float, float | None, float | None] = (0.0, None, None)  # Δ over all positions, lo, hi
+    loss_delta_interval: tuple[float | None, float | None] = (None, None)  # of Δ over all positions
 
     def to_json(self) -> dict[str, Any]:
         skip = {"scheme"}
@@ -226,19 +224,19 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
     log("loss by position …")
     windows_loss = max(1, max(cfg.eval_tokens, length) // length)
     long_w, short_w = context_effect(model, corpus.val, length, train_len, windows=windows_loss,
-                                     device=cfg.device, per_window=True)
+                                     device=cfg.device)
     long_loss, short_loss = long_w.mean(0), short_w.mean(0)
     log("attention distance per layer and head …")
     starts = torch.linspace(0, corpus.val.numel() - length - 1, cfg.windows).long()
     idx = torch.stack([corpus.val[s:s + length] for s in starts]).long().to(cfg.device)
     ad = attention_distance(model, idx)
     result = DiagnoseResult(
-        str(path), model.cfg.scheme, model.cfg.scheme_options, train_len, length, model.scheme, windows_loss,
+        str(path), model.cfg.scheme, model.cfg.scheme_options, train_len, length, model.scheme, long_w.shape[0],
         long_loss.tolist(), short_loss.tolist(),
         [(f"{a}–{b - 1}", float(long_loss[a:b].mean()), float(short_loss[a:b].mean()),
           *delta_interval(long_w[:, a:b] - short_w[:, a:b])) for a, b in _ranges(length, train_len)],
         {k: v.tolist() for k, v in ad.items()})
-    result.loss_delta_all = (float(long_loss.mean() - short_loss.mean()), *delta_interval(long_w - short_w))
+    result.loss_delta_interval = delta_interval(long_w - short_w)
     _measure_bias(result)
     if cfg.passkey_steps > 0 and train_len >= passkey.overhead(5):
         result.passkey = _passkey(model, cfg, train_len, length, progress, log)

@@ -1,8 +1,9 @@
 """Retrofit and diagnose: every method on a tiny checkpoint, the passkey generator, the report,
 and bad input."""
 
-import math
 import json
+import math
+import statistics
 
 import pytest
 import torch
@@ -169,7 +170,8 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     assert rep.loss_windows == 4
     for name, full, cut, lo, hi in saved["loss_by_range"][1:]:
         assert lo <= full - cut <= hi
-    delta, lo, hi = rep.loss_delta_all
+    lo, hi = rep.loss_delta_interval
+    delta = statistics.fmean(rep.loss_by_position) - statistics.fmean(rep.loss_by_position_cut_at_L)
     assert lo <= delta <= hi and "interval of Δ" in md and "95% bootstrap over the 4 windows" in md
 
 
@@ -177,10 +179,10 @@ def test_diagnose_with_one_window_says_it_has_no_interval(tmp_path, corpus):
     """A single window has no spread: no interval, no NaN in diagnose.json, and a verdict that says so."""
     path = tiny_checkpoint(tmp_path / "t", "alibi")
     rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=0), corpus=corpus)
-    assert rep.loss_windows == 1 and rep.loss_delta_all[1:] == (None, None)
+    assert rep.loss_windows == 1 and rep.loss_delta_interval == (None, None)
     diagnose_report.write(rep, tmp_path / "d")
     assert "cannot be judged from 1 window" in (tmp_path / "d" / "report.md").read_text()
-    assert json.loads((tmp_path / "d" / "diagnose.json").read_text())["loss_delta_all"][1] is None
+    assert json.loads((tmp_path / "d" / "diagnose.json").read_text())["loss_delta_interval"] == [None, None]
 
 
 def test_attention_distance_matches_a_hand_computation():

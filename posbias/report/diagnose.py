@@ -53,9 +53,8 @@ def _context_verdict(lo: float | None, hi: float | None, windows: int) -> str:
 def _loss_section(r: DiagnoseResult) -> list[str]:
     full = float(torch.tensor(r.loss_by_position, dtype=torch.float64).mean())  # as measured (float64)
     cut = float(torch.tensor(r.loss_by_position_cut_at_L, dtype=torch.float64).mean())
-    _, lo_all, hi_all = r.loss_delta_all
-    rows = [[row[0], f"{row[1]:.4f}", f"{row[2]:.4f}",
-             _delta_cell(row[1] - row[2], *(row[3:5] if len(row) >= 5 else (None, None)))] for row in r.loss_by_range]
+    lo_all, hi_all = r.loss_delta_interval
+    rows = [[name, f"{lo:.4f}", f"{sh:.4f}", _delta_cell(lo - sh, d_lo, d_hi)] for name, lo, sh, d_lo, d_hi in r.loss_by_range]
     rows.append(["all", f"{full:.4f}", f"{cut:.4f}", _delta_cell(full - cut, lo_all, hi_all)])
     return (["## Loss by position", "",
              f"The same {r.loss_windows * r.length} validation bytes scored in {r.length}-token windows (full context) "
