@@ -122,7 +122,7 @@ def test_cuda_candidates_are_the_validated_paths_only(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_gpu_preset_study_runs_end_to_end(device, tmp_path):
+def test_the_gpu_preset_study_runs_end_to_end(device, tmp_path, text_file):
     """``posbias extrapolate --preset gpu`` on the device, shrunk to seconds (one seed, 3 steps, a tiny
     model): every scheme of the study trains and is scored, the results name the device, and every
     perplexity is finite."""
@@ -130,12 +130,10 @@ def test_the_gpu_preset_study_runs_end_to_end(device, tmp_path):
 
     from posbias.cli import main
 
-    text = tmp_path / "data.txt"
-    text.write_text("".join(f"row {i}: pack my box with {i % 17} dozen liquor jugs\n" for i in range(900)))
     out = tmp_path / "study"
     argv = ["extrapolate", "--preset", "gpu", "--device", device, "--seeds", "0", "--train-len", "16",
             "--eval-lens", "16", "32", "--steps", "3", "--batch-size", "4", "--d-model", "32", "--layers", "1",
-            "--heads", "2", "--eval-tokens", "256", "--quiet", "--data", str(text), "--out", str(out)]
+            "--heads", "2", "--eval-tokens", "256", "--quiet", "--data", str(text_file), "--out", str(out)]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["study"]["device"] == device

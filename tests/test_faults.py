@@ -36,13 +36,6 @@ def _one_line_error(capsys, code, *needles):
     return err
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    f = tmp_path_factory.mktemp("faults") / "data.txt"
-    f.write_text("".join(f"row {i}: pack my box with {i % 17} dozen liquor jugs\n" for i in range(900)))
-    return f
-
-
 STUDY = ["--train-len", "16", "--eval-lens", "16", "32", "--steps", "4", "--batch-size", "4", "--d-model", "32",
          "--layers", "1", "--heads", "2", "--eval-tokens", "256", "--quiet"]
 
