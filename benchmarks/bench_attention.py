@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import statistics
 import subprocess
 import sys
@@ -228,6 +229,18 @@ def measure_memory(name, label, n, heads, hd, device):
         return float("nan")
 
 
+def cpu_model() -> str:
+    """The CPU's model name: the ratios depend on it (README, "The ratios depend on the CPU")."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schemes", nargs="+", default=default_schemes(),
@@ -243,17 +256,22 @@ def main():
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--no-flex", action="store_true", help="leave out the compiled FlexAttention anchors")
     p.add_argument("--memory", action="store_true", help="measure peak extra memory in child processes")
+    p.add_argument("--flush-denormal", action="store_true",
+                   help="flush denormal floats to zero for the whole run (CPU; set before any thread starts)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
     global FLEX
     FLEX = not args.no_flex and flex_available()
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        sys.exit("--flush-denormal: this CPU cannot flush denormals")
     torch.set_num_threads(args.threads)
     if args.child:
         return memory_child(args)
     lengths = [8192] if args.quick else args.lengths
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    where = f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"
+    where = f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else \
+        f" ({cpu_model()}, denormals {'flushed' if args.flush_denormal else 'kept'}), {torch.get_num_threads()} threads"
     print(f"# posbias {posbias.__version__}, torch {torch.__version__}, device {device}{where}, H={args.heads}, "
           f"head_dim={args.head_dim}, {args.dtype}, batch 1, causal; each ratio: median of {args.reps} interleaved "
           "pairs against unbiased fused causal SDPA (smallest–largest)")
@@ -296,7 +314,8 @@ def run_length(n, args, device, dtype):
             shown = f"posbias ({backend})" if label == "posbias" else label
             rows.append({"scheme": name, "N": n, "path": shown, "fwd_ms": sf[0] * 1e3, "fwd_ratio": sf[1:],
                          "train_ratio": None if st is None else st[1:], "peak_extra_mib": mem,
-                         "threads": torch.get_num_threads()})
+                         "threads": torch.get_num_threads(), "flush_denormal": args.flush_denormal,
+                         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else cpu_model()})
             print(f"| {name} | {n} | {shown} | {sf[0] * 1e3:.0f} | {cell(sf)} | {cell(st)} | "
                   f"{'' if mem is None else f'{mem:.0f}'} |", flush=True)
     return rows
