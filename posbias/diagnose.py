@@ -4,12 +4,15 @@ The diagnosis measures:
 
 * **loss by position** in windows of ``length`` tokens, by ranges of ``L`` (the training length),
   against the same tokens with the context cut at ``L``: a rise past ``L`` is the failure to
-  extrapolate;
+  extrapolate. Δ past ``L`` is split (:func:`context_split`) between the first ``L/8`` tokens of
+  each cut chunk, which the cut robs of local context, and the rest, for which Δ is what the
+  distant keys themselves do;
 * **attention distance** per layer and head: the mean, median and 90th percentile of ``i − j``
   weighted by the attention probabilities (read from the model's own forward pass,
   ``on_attention``), as a function of the query position. An over-local head keeps a small distance
   however far the query is; a head whose distance grows with the position spreads attention over ever
-  more keys (attention dilution);
+  more keys (attention dilution). Beside it, the **attention mass on keys farther than** ``L``
+  by query position: the share of attention that goes to distances never seen in training;
 * **the bias itself**: for a learned bias that is constant past an offset (T5's final bucket, the
   offset table's clipped entry) the share of query–key pairs that fall there and how much those far
   keys weigh against the nearest key; for every additive scheme the **effective reach** of each
@@ -43,10 +46,15 @@ REACH_DROP = math.log(100.0)
 
 
 @torch.no_grad()
-def attention_distance(model: TransformerLM, idx: Tensor, quantiles: tuple[float, ...] = (0.5, 0.9)) -> dict[str, Tensor]:
+def attention_distance(model: TransformerLM, idx: Tensor, quantiles: tuple[float, ...] = (0.5, 0.9),
+                       beyond: int | None = None) -> dict[str, Tensor]:
     """Attention-weighted distance ``i − j`` per layer, head and query position, averaged over the batch.
 
-    Returns ``{"mean": [layers, heads, N], "q50": …, "q90": …}`` (one entry per quantile).
+    Returns ``{"mean": [layers, heads, N], "q50": …, "q90": …}`` (one entry per quantile) and, with
+    ``beyond`` (the training length, say), ``"beyond"``: the attention mass on keys at distance
+    ``≥ beyond`` — 0 for queries before ``beyond``, and past it the share of attention that goes to
+    distances the model never saw in training. Growing with the query position, it is attention
+    dilution measured on the model itself rather than inferred from the bias.
     """
     model.eval()
     n = idx.shape[1]
@@ -54,9 +62,16 @@ def attention_distance(model: TransformerLM, idx: Tensor, quantiles: tuple[float
     dist = (pos[:, None] - pos[None, :]).clamp(min=0).float()
     offset = (n - 1 - pos).view(1, 1, n)
     out: dict[str, list[Tensor]] = {"mean": [], **{f"q{int(q * 100)}": [] for q in quantiles}}
+    far = None
+    if beyond is not None:
+        check_count("beyond", beyond)
+        far = (dist >= beyond).float()
+        out["beyond"] = []
 
     def record(layer: int, p: Tensor) -> None:  # p: [B, H, N, N]
         out["mean"].append((p * dist).sum(-1).mean(0))
+        if far is not None:
+            out["beyond"].append((p * far).sum(-1).mean(0))
         cum = p.flip(-1).cumsum(-1)  # index t ↔ key N−1−t, distance t − (N−1−i)
         for qn in quantiles:
             first = (cum >= qn).float().argmax(-1)  # [B, H, N]
@@ -97,6 +112,32 @@ def context_effect(model: TransformerLM, tokens: Tensor, length: int, short: int
             short_sum[w, full:] = F.cross_entropy(model(x[:, full:])[0].float(), y[0, full:],
                                                   reduction="none").double().cpu()
     return long_sum, short_sum
+
+
+def context_split(long_w: Tensor, short_w: Tensor, train_len: int) -> list[tuple[str, float, float, float | None, float | None]]:
+    """Where the context effect past L comes from. Cut into chunks of ``L``, the first ``L/8``
+    tokens of every chunk after the first lose their local context; every other token past ``L``
+    keeps at least ``L/8`` tokens of it. Δ (full − cut, ``[windows, length]`` losses from
+    :func:`context_effect`) over the first set is what restoring that local context buys; over the
+    second, what the far context does for tokens that already have local context — the part that
+    tells whether a model *uses* (Δ < 0), ignores (≈ 0) or is disturbed by (Δ > 0) distant keys.
+
+    Returns ``(label, share of all positions, mean Δ over the set, lo, hi)`` per set, the interval a
+    95% bootstrap over windows (None with one window); ``share × mean`` of both rows add up to the
+    mean Δ over all positions (positions before ``L`` have Δ = 0)."""
+    length = long_w.shape[1]
+    head = max(1, train_len // 8)
+    pos = torch.arange(length)
+    past = pos >= train_len
+    starts = past & (pos % train_len < head)
+    rows = []
+    for label, sel in ((f"first {head} of each cut chunk (local context restored)", starts),
+                       (f"the rest past L (≥ {head} tokens of local context either way)", past & ~starts)):
+        if not bool(sel.any()):
+            continue
+        delta = long_w[:, sel] - short_w[:, sel]
+        rows.append((label, float(sel.float().mean()), float(delta.mean()), *delta_interval(delta)))
+    return rows
 
 
 def has_final_entry(scheme: Scheme) -> bool:
@@ -188,7 +229,8 @@ class DiagnoseResult:
     # (positions, full, cut, Δ lo, Δ hi) per range [0, L), [L, 2L), …: Δ = full − cut with its 95%
     # interval over the windows (None with one window)
     loss_by_range: list[tuple[str, float, float, float | None, float | None]]
-    attention_distance: dict[str, list]  # "mean"/"q50"/"q90": [layers][heads][query position]
+    # "mean"/"q50"/"q90" (distance), "beyond" (mass at distance ≥ L): [layers][heads][query position]
+    attention_distance: dict[str, list]
     final_entry_share: dict[int, float] = field(default_factory=dict)  # window → share past flat_beyond
     final_entry_gap: list[float] = field(default_factory=list)  # per head, u(0) − u(final)
     far_weight: list[float] = field(default_factory=list)  # per head, n_far · exp(u_final − u_0)
@@ -199,6 +241,8 @@ class DiagnoseResult:
     passkey_skipped: str = ""  # why a requested passkey test did not run
     threads: int = 2  # torch intra-op threads the measurements ran at
     loss_delta_interval: tuple[float | None, float | None] = (None, None)  # of Δ over all positions
+    # Δ past L split into the cut chunks' first L/8 tokens and the rest: (label, share, mean Δ, lo, hi)
+    context_split: list[tuple[str, float, float, float | None, float | None]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         skip = {"scheme"}
@@ -229,7 +273,7 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
     log("attention distance per layer and head …")
     starts = torch.linspace(0, corpus.val.numel() - length - 1, cfg.windows).long()
     idx = torch.stack([corpus.val[s:s + length] for s in starts]).long().to(cfg.device)
-    ad = attention_distance(model, idx)
+    ad = attention_distance(model, idx, beyond=train_len)
     result = DiagnoseResult(
         str(path), model.cfg.scheme, model.cfg.scheme_options, train_len, length, model.scheme, long_w.shape[0],
         long_loss.tolist(), short_loss.tolist(),
@@ -237,6 +281,7 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
           *delta_interval(long_w[:, a:b] - short_w[:, a:b])) for a, b in _ranges(length, train_len)],
         {k: v.tolist() for k, v in ad.items()})
     result.loss_delta_interval = delta_interval(long_w - short_w)
+    result.context_split = context_split(long_w, short_w, train_len)
     _measure_bias(result)
     if cfg.passkey_steps > 0 and train_len >= passkey.overhead(5):
         result.passkey = _passkey(model, cfg, train_len, length, progress, log)

@@ -12,7 +12,8 @@ from posbias import checkpoint as ckpt
 from posbias import ntk_lambda, passkey, rope_frequencies, t5_bucket
 from posbias.cli import main
 from posbias.data import stdlib_corpus
-from posbias.diagnose import DiagnoseConfig, attention_distance, effective_reach, final_bucket_share, run_diagnose
+from posbias.diagnose import (DiagnoseConfig, attention_distance, context_split, effective_reach, final_bucket_share,
+                              run_diagnose)
 from posbias.report import diagnose as diagnose_report
 from posbias.report import retrofit as retrofit_report
 from posbias.model import ModelConfig, TransformerLM
@@ -159,9 +160,14 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     md = (tmp_path / "d" / "report.md").read_text()
     for section in ("Loss by position", "Attention distance", "The final entry (T5: the final bucket)", "Effective reach", "Passkey"):
         assert section in md
-    for png in ("loss_by_position", "attention_distance", "bias_vs_distance", "passkey"):
+    for png in ("loss_by_position", "attention_distance", "attention_beyond_L", "bias_vs_distance", "passkey"):
         assert (tmp_path / "d" / f"{png}.png").exists()
     assert 0 < rep.final_entry_share[2 * L] < 1
+    # Δ split by the local context the cut left: the two parts add up to Δ over all positions
+    assert "Where Δ comes from" in md and "For tokens that keep local context, the far context" in md
+    parts = sum(share * d for _, share, d, _, _ in rep.context_split)
+    assert parts == pytest.approx(statistics.fmean(rep.loss_by_position) - statistics.fmean(rep.loss_by_position_cut_at_L))
+    assert "mass at distance ≥ L" in md and "Attention on keys at distance ≥ L" in md
     saved = json.loads((tmp_path / "d" / "diagnose.json").read_text())
     assert saved["train_len"] == L and len(saved["loss_by_position_cut_at_L"]) == 2 * L
     # the first L positions see the same context either way
@@ -192,6 +198,36 @@ def test_attention_distance_matches_a_hand_computation():
     assert ad["mean"].shape == (2, 2, 12)
     assert ad["mean"][:, :, 0].abs().max() == 0  # the first query can only look at itself
     assert (ad["q90"] >= ad["q50"]).all() and (ad["q90"] <= torch.arange(12)).all()
+    # the mass on keys at distance ≥ 5, against the probabilities themselves
+    probs = []
+    with torch.no_grad():
+        model(idx, on_attention=lambda layer, p: probs.append(p[0]))
+    far = attention_distance(model, idx, beyond=5)["beyond"]
+    dist = torch.arange(12)[:, None] - torch.arange(12)[None, :]
+    for layer, p in enumerate(probs):
+        torch.testing.assert_close(far[layer], (p * (dist >= 5)).sum(-1))
+    assert far[:, :, :5].abs().max() == 0 and (far <= 1 + 1e-6).all()
+    with pytest.raises(ValueError, match="beyond"):
+        attention_distance(model, idx, beyond=0)
+
+
+def test_context_split_separates_restored_local_context_from_far_context():
+    """Cut into chunks of L = 16, positions 16–17, 32–33, 48–49 lose their local context (the first
+    L/8 = 2 of each chunk): a gain placed there and a cost everywhere else past L are told apart."""
+    L, n = 16, 64
+    pos = torch.arange(n)
+    starts = (pos >= L) & (pos % L < 2)
+    rest = (pos >= L) & ~starts
+    short = torch.rand(5, n, dtype=torch.float64) + 1
+    noise = torch.randn(5, n, dtype=torch.float64) * 1e-3 * (pos >= L)  # before L both see the same context
+    long = short - 0.3 * starts + 0.02 * rest + noise
+    (l1, share1, d1, lo1, hi1), (l2, share2, d2, lo2, hi2) = context_split(long, short, L)
+    assert "first 2 of each cut chunk" in l1 and share1 == pytest.approx(6 / 64) and d1 == pytest.approx(-0.3, abs=2e-3)
+    assert "≥ 2 tokens" in l2 and share2 == pytest.approx(42 / 64) and d2 == pytest.approx(0.02, abs=2e-3)
+    assert lo1 <= d1 <= hi1 < 0 < lo2 <= d2 <= hi2
+    assert share1 * d1 + share2 * d2 == pytest.approx(float((long - short).mean()))
+    assert context_split(long[:1], short[:1], L)[0][3:] == (None, None)  # one window: no interval
+    assert context_split(long[:, :L], short[:, :L], L) == []  # nothing past L
 
 
 def test_final_bucket_share_and_reach():

@@ -63,8 +63,24 @@ def _loss_section(r: DiagnoseResult) -> list[str]:
              "(paired: both columns score the same tokens).", ""]
             + md_table(["positions", "loss, full context", "loss, context cut at L", "Δ"], rows)
             + ["", f"Perplexity {math.exp(full):.3f} with the full context vs {math.exp(cut):.3f} cut at L: the "
-               f"extra context {_context_verdict(lo_all, hi_all, r.loss_windows)}.", "",
-               "![loss by position](loss_by_position.png)", ""])
+               f"extra context {_context_verdict(lo_all, hi_all, r.loss_windows)}.", ""]
+            + _split_section(r)
+            + ["![loss by position](loss_by_position.png)", ""])
+
+
+def _split_section(r: DiagnoseResult) -> list[str]:
+    """Δ past L split by the local context the cut left each token (:func:`posbias.diagnose.context_split`)."""
+    if not r.context_split:
+        return []
+    rows = [[label, f"{share:.1%}", _delta_cell(d, lo, hi), f"{share * d:+.4f}"]
+            for label, share, d, lo, hi in r.context_split]
+    lines = ["Where Δ comes from: cut at L, the first tokens of every chunk lose their local context, while "
+             "the others keep some of it; over those others, Δ is what the distant keys themselves do.", ""]
+    lines += md_table(["positions", "share of all", "Δ within", "share × Δ"], rows)
+    rest = r.context_split[-1]
+    if rest[0].startswith("the rest"):
+        lines += ["", f"For tokens that keep local context, the far context {_context_verdict(rest[3], rest[4], r.loss_windows)}."]
+    return lines + [""]
 
 
 def _distance_section(r: DiagnoseResult) -> list[str]:
@@ -72,15 +88,26 @@ def _distance_section(r: DiagnoseResult) -> list[str]:
     ad = {k: torch.tensor(v) for k, v in r.attention_distance.items()}
     tail = slice(n - n // 4, n)
     at_l = slice(max(0, L - 8), min(n, L + 8))
+    beyond = ad.get("beyond")
     rows = [[layer, h, f"{ad['mean'][layer, h, tail].mean():.1f}", f"{ad['q50'][layer, h, tail].mean():.1f}",
-             f"{ad['q90'][layer, h, tail].mean():.1f}", f"{ad['mean'][layer, h, at_l].mean():.1f}"]
+             f"{ad['q90'][layer, h, tail].mean():.1f}", f"{ad['mean'][layer, h, at_l].mean():.1f}",
+             *([] if beyond is None else [f"{beyond[layer, h, tail].mean():.4f}"])]
             for layer in range(ad["mean"].shape[0]) for h in range(ad["mean"].shape[1])]
-    return (["## Attention distance", "",
+    head = ["layer", "head", "mean", "median", "90th pct", "at query ≈ L: mean",
+            *([] if beyond is None else ["mass at distance ≥ L"])]
+    lines = ["## Attention distance", "",
              f"Attention-weighted distance i − j at the last {n // 4} query positions (uniform attention over "
              f"all earlier keys would give a mean of about {3 * n / 8:.0f}; a head that attended only to keys within L "
              f"would stay below {L}).", ""]
-            + md_table(["layer", "head", "mean", "median", "90th pct", "at query ≈ L: mean"], rows)
-            + ["", "![attention distance](attention_distance.png)", ""])
+    lines += md_table(head, rows) + ["", "![attention distance](attention_distance.png)", ""]
+    if beyond is not None and n >= 2 * L:
+        near = beyond[:, :, max(L, 2 * L - 16): 2 * L].mean()
+        lines += [f"Attention on keys at distance ≥ L (distances never seen in training), averaged over layers and "
+                  f"heads: {near:.4f} at queries just below 2L, {beyond[:, :, tail].mean():.4f} over the last "
+                  f"{n // 4} (largest head {beyond[:, :, tail].mean(-1).max():.4f}). A share that grows with the "
+                  "query position is attention dilution: ever more unseen distances draw weight.", "",
+                  "![attention beyond L](attention_beyond_L.png)", ""]
+    return lines
 
 
 def _final_entry_section(r: DiagnoseResult) -> list[str]:
@@ -133,7 +160,14 @@ def plots(r: DiagnoseResult, out: Path) -> list[Path]:
     from ..plot import plot_bias_curves, pyplot
 
     plt = pyplot()
-    paths = [_loss_plot(r, out / "loss_by_position.png", plt), _distance_plot(r, out / "attention_distance.png", plt)]
+    paths = [_loss_plot(r, out / "loss_by_position.png", plt),
+             _head_plot(r, out / "attention_distance.png", plt, "mean", "mean attention distance i − j",
+                        "how far each head looks")]
+    if "beyond" in r.attention_distance:
+        paths.append(_head_plot(r, out / "attention_beyond_L.png", plt, "beyond",
+                                f"attention at distance ≥ L = {r.train_len}",
+                                f"attention on unseen distances (mean of {max(1, r.length // 64)} queries)",
+                                smooth=max(1, r.length // 64)))
     if r.scheme.family == "additive":
         paths.append(plot_bias_curves([r.scheme], out / "bias_vs_distance.png", max_distance=r.length,
                                       title=f"learned/fixed bias per head ({r.scheme_name})"))
@@ -161,24 +195,32 @@ def _loss_plot(r: DiagnoseResult, path: Path, plt) -> Path:
     return save_figure(fig, path)
 
 
-def _distance_plot(r: DiagnoseResult, path: Path, plt) -> Path:
+def _head_plot(r: DiagnoseResult, path: Path, plt, key: str, ylabel: str, title: str, smooth: int = 1) -> Path:
+    """One panel per layer, one line per head: ``r.attention_distance[key]`` by query position
+    (averaged over runs of ``smooth`` positions), with what uniform attention over all earlier keys
+    would give."""
     from ..plot import save_figure
 
-    mean = torch.tensor(r.attention_distance["mean"])
-    layers = mean.shape[0]
+    values = torch.tensor(r.attention_distance[key])
+    layers = values.shape[0]
     fig, axes = plt.subplots(1, layers, figsize=(3.2 * layers, 3.2), squeeze=False, sharey=True)
     x = torch.arange(r.length)
+    L = r.train_len
+    uniform = x / 2 if key == "mean" else ((x - L + 1).clamp(min=0) / (x + 1))
+    if smooth > 1:
+        values = torch.nn.functional.avg_pool1d(values, smooth, smooth)
+    xs = x[: values.shape[-1] * smooth].view(-1, smooth).float().mean(-1)
     for layer in range(layers):
         ax = axes[0, layer]
-        for h in range(mean.shape[1]):
-            ax.plot(x.numpy(), mean[layer, h].numpy(), lw=1, label=f"head {h}")
-        ax.plot(x.numpy(), (x / 2).numpy(), color="grey", ls=":", lw=1, label="uniform")
-        ax.axvline(r.train_len, color="grey", ls="--", lw=1)
+        for h in range(values.shape[1]):
+            ax.plot(xs.numpy(), values[layer, h].numpy(), lw=1, label=f"head {h}")
+        ax.plot(x.numpy(), uniform.numpy(), color="grey", ls=":", lw=1, label="uniform")
+        ax.axvline(L, color="grey", ls="--", lw=1)
         ax.set_title(f"layer {layer}")
         ax.set_xlabel("query position")
-    axes[0, 0].set_ylabel("mean attention distance i − j")
+    axes[0, 0].set_ylabel(ylabel)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"{r.scheme_name}: how far each head looks", y=1.0)
+    fig.suptitle(f"{r.scheme_name}: {title}", y=1.0)
     fig.tight_layout(rect=(0, 0, 1, 0.95))  # room for the figure title above the panel titles
     return save_figure(fig, path)
 
