@@ -7,8 +7,8 @@ pair), after one untimed warm-up call of each. A cell shows the median of the pe
 brackets, their smallest and largest value; load that drifts between pairs cancels in each ratio.
 The thread count is fixed (``--threads``, default 2) and printed.
 
-For each scheme and length: forward and forward+backward of posbias (auto backend), and the
-anchors: dense-bias SDPA (the bias materialised as [H, N, N]), the HuggingFace-style T5 path
+For each scheme and length: forward and forward+backward of posbias (auto backend; on CUDA also
+the ``banded`` candidate where it applies), and the anchors: dense-bias SDPA (the bias materialised as [H, N, N]), the HuggingFace-style T5 path
 (bucketing all N² pairs, embedding lookup, dense bias), and two compiled FlexAttention anchors:
 posbias's ``backend="flex"`` (a ``score_mod`` reading a per-offset table; FIRE's MLP per pair) and
 the ``score_mod`` a user writes from the attention-gym examples, the formula evaluated per pair
@@ -37,7 +37,7 @@ import torch
 from torch.nn import functional as F
 
 import posbias
-from posbias.attention import choose_backend
+from posbias.attention import choose_backend, usable
 from posbias.kernels.flex import flex_available, reset_compiled
 
 # Longest N of the dense [H, N, N] anchors, by device (FIRE: half, its MLP runs on all N² pairs with 32
@@ -144,6 +144,13 @@ def cases(name, n, scheme, q, k, v):
         posbias.attention(q, k, v, scheme).sum().backward()
 
     out["posbias"] = (fwd_posbias, train_posbias)
+    if q.device.type == "cuda" and usable("banded", scheme, q, q_pos=pos, k_pos=pos, causal=True) is None:
+        def banded(grad):  # issue 12's second CUDA candidate: far parts on flash attention, the band dense
+            if not grad:
+                with torch.no_grad():
+                    return posbias.attention(q, k, v, scheme, backend="banded")
+            posbias.attention(q, k, v, scheme, backend="banded").sum().backward()
+        out["posbias (banded)"] = (lambda: banded(False), lambda: banded(True))
     if scheme.family == "additive" and n <= DENSE_LIMIT[q.device.type] // (1 if scheme.toeplitz else 2):
         def dense(grad):  # the bias in the inputs' dtype, as a user hands it to SDPA (and CUDA kernels need)
             b = scheme.bias(pos, pos).masked_fill(~causal_mask, float("-inf")).to(q.dtype)

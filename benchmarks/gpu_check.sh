@@ -8,9 +8,9 @@
 #   bash benchmarks/gpu_check.sh tests           # one stage: tests | flex | attention | hf
 #   PY=.venv/bin/python DEVICE=cpu LENGTHS=512 bash benchmarks/gpu_check.sh   # dry run of the plumbing
 #
-# Limits (seconds) and sizes can be set from the environment: TESTS_S, FLEX_S, ATTENTION_S, HF_S (each of the two HF runs), LENGTHS,
+# Limits (seconds) and sizes can be set from the environment: TESTS_S, FLEX_S, ATTENTION_S, HF_S (each of the three HF runs), LENGTHS,
 # HF_LENGTHS, DTYPE; MEMORY=1 adds peak memory to the attention table (one child process per case,
-# so give it its own call). The defaults add up to 570 s, inside one 600 s device command.
+# so give it its own call). The defaults add up to 570 s (90 + 150 + 180 + 3 × 50), inside one 600 s device command.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -53,15 +53,15 @@ for stage in $stages; do
             # a slow compile cannot cut off the rest.
             run tests "${TESTS_S:-90}" "$PY" -m pytest -m cuda -k "not flex" -q -p no:cacheprovider -rs -W default tests ;;
         flex)
-            run flex "${FLEX_S:-180}" "$PY" -m pytest -m cuda -k flex -v -p no:cacheprovider -rs -W default tests ;;
+            run flex "${FLEX_S:-150}" "$PY" -m pytest -m cuda -k flex -v -p no:cacheprovider -rs -W default tests ;;
         attention)
             # shellcheck disable=SC2086  # LENGTHS is a list
             run attention "${ATTENTION_S:-180}" "$PY" benchmarks/bench_attention.py --device "$DEVICE" \
                 --dtype "$DTYPE" --lengths $LENGTHS --json "$OUT/attention.json" ${MEMORY:+--memory} ;;
-        hf)  # posbias's automatic choice, then the FlexAttention candidate, each against HF's SDPA path
-            for backend in auto flex; do
+        hf)  # posbias's automatic choice, then the two candidates (FlexAttention, banded), each against HF's SDPA path
+            for backend in auto flex banded; do
                 # shellcheck disable=SC2086
-                run "hf-$backend" "${HF_S:-60}" "$PY" benchmarks/bench_hf.py --device "$DEVICE" --dtype "$DTYPE" \
+                run "hf-$backend" "${HF_S:-50}" "$PY" benchmarks/bench_hf.py --device "$DEVICE" --dtype "$DTYPE" \
                     --size base --train --lengths $HF_LENGTHS --backend "$backend"
             done ;;
         *)

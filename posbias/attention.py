@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .kernels.alibi import alibi_kernel
+from .kernels.banded import banded_kernel
 from .kernels.blockwise import blockwise_kernel
 from .kernels.flash import flash_available
 from .kernels.flex import flex_available, flex_kernel
@@ -96,6 +97,7 @@ BACKENDS: dict[str, Kernel] = {
     "blockwise": blockwise_kernel,
     "toeplitz": toeplitz_kernel,
     "flex": flex_kernel,  # opt-in: compiled FlexAttention (compiles per shape; no backward on CPU)
+    "banded": banded_kernel,  # CUDA candidate (issue 12): far parts on flash attention, the band dense
 }
 
 
@@ -118,6 +120,8 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
     contiguous = _contiguous(q_pos) and _contiguous(k_pos)
     if name == "flex":
         return _flex_usable(scheme, q, contiguous)
+    if name == "banded":
+        return _banded_usable(scheme, q, q_pos, k_pos, contiguous)
     if not flash_available(q):
         return "needs the fused CPU flash kernel (CPU tensors)"
     if not contiguous:
@@ -128,13 +132,30 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
     if name == "alibi":
         if not isinstance(scheme, ToeplitzScheme) or scheme.linear_slopes is None or not causal:
             return "needs a causal linear bias (ALiBi)"
-        q0, k0 = int(q_pos[0]), int(k_pos[0])
-        if not (k0 <= q0 and q0 + q_pos.numel() <= k0 + k_pos.numel()):
-            return "needs every query position among the keys"
-        return None
+        return None if _queries_among_keys(q_pos, k_pos) else "needs every query position among the keys"
     if name == "toeplitz":
         return None if isinstance(scheme, ToeplitzScheme) else "needs a Toeplitz bias"
     return f"unknown backend {name!r}"
+
+
+def _queries_among_keys(q_pos: Tensor, k_pos: Tensor) -> bool:
+    """Contiguous positions with every query's own position among the keys."""
+    q0, k0 = int(q_pos[0]), int(k_pos[0])
+    return k0 <= q0 and q0 + q_pos.numel() <= k0 + k_pos.numel()
+
+
+def _banded_usable(scheme: Scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor, contiguous: bool) -> str | None:
+    if not (isinstance(scheme, ToeplitzScheme) and scheme.flat_beyond is not None):
+        return "needs a Toeplitz bias constant beyond a window"
+    if not contiguous:
+        return "needs contiguous positions"
+    if not _queries_among_keys(q_pos, k_pos):
+        return "needs every query position among the keys"
+    if q.device.type == "cuda" and q.shape[-1] % 8:
+        return f"needs head_dim a multiple of 8 on CUDA (got {q.shape[-1]})"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"runs on CPU or CUDA tensors, not {q.device.type}"
+    return None
 
 
 def _trains_bias(scheme: Scheme) -> bool:
@@ -158,8 +179,9 @@ TOEPLITZ_TRAINS_BELOW = 1536  # keys: below, a learnable windowed table trains f
 
 # CUDA fast paths that a GPU run has validated (``pytest -m cuda`` and ``benchmarks/gpu_check.sh``,
 # README), in the order ``auto`` tries them. Issue 12's rule: until a path is listed here, ``auto``
-# keeps CUDA tensors on plain SDPA (no bias) or ``blockwise``; forcing ``backend="flex"`` (or
-# ``accelerate(model, backend="flex")``) runs the candidate meanwhile.
+# keeps CUDA tensors on plain SDPA (no bias) or ``blockwise``; forcing ``backend="flex"`` or
+# ``backend="banded"`` (or ``accelerate(model, backend=...)``) runs a candidate meanwhile. Each is
+# tried where it runs exactly (banded: T5/offset only), so the faster of the two for T5 goes first.
 CUDA_VALIDATED: tuple[str, ...] = ()
 
 

@@ -28,6 +28,12 @@ CASES = [
     ("fire", "blockwise", {"init_L": 32.0}, True),
     ("fire", "blockwise", {}, False),
     ("alibi", "blockwise", {"symmetric": True}, False),
+    ("t5", "banded", {"max_distance": 40}, True),  # the CUDA candidate, here on the CPU's fused op
+    ("t5", "banded", {"max_distance": 40, "bidirectional": True}, False),
+    ("t5", "banded", {}, True),
+    ("offset", "banded", {"max_distance": 17}, True),
+    ("offset", "banded", {"max_distance": 17, "bidirectional": True}, False),
+    ("offset", "banded", {"max_distance": 9, "clip": False}, True),
 ]
 
 
@@ -199,8 +205,8 @@ def test_non_contiguous_positions_fall_back_exactly():
 
 
 def test_every_backend_listed_is_tested():
-    # flex is tested in test_flex.py, the others here
-    assert set(BACKENDS) == {"reference", "sdpa", "windowed", "alibi", "blockwise", "toeplitz", "flex"}
+    # flex is tested in test_flex.py, banded here and in test_banded.py, the others here
+    assert set(BACKENDS) == {"reference", "sdpa", "windowed", "alibi", "blockwise", "toeplitz", "flex", "banded"}
 
 
 @pytest.mark.parametrize("seed", range(4))

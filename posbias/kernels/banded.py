@@ -1,0 +1,230 @@
+"""Exact attention for Toeplitz biases constant beyond a window (T5 buckets, clipped per-offset
+tables), shaped for a GPU: the far parts in one fused call each, the band dense.
+
+With ``g(o) = g(w)`` for ``o ≥ w`` and ``g(−o) = g(−w)`` for ``o ≥ w``, query ``i``'s keys split
+into three parts (the same split as :mod:`.windowed`, which walks query blocks for the CPU's cache):
+
+* **far left**, keys ``j ≤ i − w``: plain attention plus the per-head constant ``g(w)``. For all
+  queries at once this is one *bottom-right causal* fused call (flash attention in fp16/bf16,
+  :mod:`.fused`) of the queries from position ``k0 + w`` on against the keys up to ``w`` before
+  the last query — for self-attention a square causal call on ``q[w:]`` and ``k[:N − w]``;
+* **far right** (bidirectional only), keys ``j ≥ i + w``: the same call on the sequences reversed,
+  with ``g(−w)``;
+* **the band**, ``|i − j| < w`` (``0 ≤ i − j < w`` when causal): chunks of ``C`` queries, each
+  against its ``C + w − 1`` keys (``C + 2w − 2`` bidirectional), batched into a few dense matmuls
+  with scores, bias and softmax in float32 — so the bias is exact even for bf16 inputs, which a
+  fused kernel's bias in the inputs' dtype would round. Every interior chunk has the same bias
+  matrix; the chunks at the ends get their own.
+
+The parts merge exactly through their log-sum-exps (:func:`.flash.merge`). Backward: the fused
+backward op with the merged output and ``lse − c`` for each far part (its exact share, as in ring
+attention), a dense backward for the band whose ``dS`` summed along its diagonals is the table's
+gradient, and ``Σ_i w_i (dO_i·o_i − δ_i)`` for each constant (``w_i o_i`` the far part's share of the
+merged output, ``δ_i = dO_i·O_i``). Work is the fused kernel's plus O(N·(C + w)) for the band;
+extra memory O(N·d) plus one group of band chunks, capped at :data:`BAND_ELEMENTS` floats.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..schemes.base import ToeplitzScheme
+from . import fused
+from .flash import NEG, antidiagonal_sums, merge
+
+BAND_ELEMENTS = 1 << 25  # floats per band group's [B, H, chunks, C, W] score tensor (128 MiB)
+
+
+def chunk_rows(w: int, causal: bool) -> int:
+    """Queries per band chunk: at least 256, and at least the key overhang of a chunk (``w − 1``, or
+    ``2w − 2`` bidirectional) so that a chunk's keys reach at most into the next chunk's."""
+    return max(256, (w - 1) if causal else (2 * w - 2))
+
+
+class _Group(NamedTuple):
+    """Band chunks sharing one bias matrix: rows ``[r0, r0 + n·rows)`` in ``n`` chunks, chunk ``c``
+    against keys ``[k0 + c·rows, k0 + c·rows + keys)``; ``shift`` = first query's key index − ``k0``."""
+    r0: int
+    n: int
+    rows: int
+    k0: int
+    keys: int
+    shift: int
+
+
+def _groups(lq: int, lk: int, delta: int, w: int, causal: bool, chunk: int, per_chunk: int) -> list[_Group]:
+    """Every band chunk, interior ones batched (at most ``BAND_ELEMENTS`` scores a group)."""
+    over = w - 1 if causal else 2 * w - 2
+    out, s = [], 0
+    while s < lq:
+        e = min(s + chunk, lq)
+        a_s, a_e = delta + s, delta + e - 1  # key indices of the chunk's first and last query
+        k0 = max(0, a_s - w + 1)
+        k1 = min(lk, a_e + (1 if causal else w))
+        interior = a_s - w + 1 >= 0 and e - s == chunk and (causal or a_e + w <= lk)
+        if not interior:
+            out.append(_Group(s, 1, e - s, k0, k1 - k0, a_s - k0))
+            s = e
+            continue
+        n = 1  # extend over every following interior chunk, within the memory cap
+        cap = max(1, BAND_ELEMENTS // max(1, per_chunk * chunk * (chunk + over)))
+        while n < cap:
+            t = s + n * chunk
+            if t + chunk > lq or (not causal and delta + t + chunk - 1 + w > lk):
+                break
+            n += 1
+        out.append(_Group(s, n, chunk, k0, chunk + over, w - 1))
+        s += n * chunk
+    return out
+
+
+def _windows(x: Tensor, g: _Group) -> Tensor:
+    """``[B, H, n, keys, d]``: the keys (or values) of each chunk of the group (a copy)."""
+    span = x[:, :, g.k0: g.k0 + (g.n - 1) * g.rows + g.keys]
+    return span.unfold(2, g.keys, g.rows).transpose(-1, -2).float()
+
+
+def _bias(vals: Tensor, g: _Group, w: int, causal: bool) -> Tensor:
+    """``[H, rows, keys]`` float32: the bias of pair (r, t) at offset ``shift + r − t``, −∞ off the band."""
+    off = g.shift + torch.arange(g.rows, device=vals.device)[:, None] - torch.arange(g.keys, device=vals.device)
+    hidden = (off < 0) | (off >= w) if causal else off.abs() >= w
+    return vals.float()[:, off.clamp(-w, w) + w].masked_fill(hidden, float("-inf"))
+
+
+def _fold(dst: Tensor, part: Tensor, g: _Group) -> None:
+    """Add the per-chunk key gradients ``[B, H, n, keys, d]`` into ``dst`` (the keys' gradient).
+    Chunk ``c``'s keys start at block ``c`` of the group's span: its first ``rows`` fill that block,
+    the remaining ``keys − rows ≤ rows`` the start of block ``c + 1``; two strided adds, no loop."""
+    b, h, n, keys, d = part.shape
+    if n == 1:  # an end chunk: its own key range, whatever its length
+        dst[:, :, g.k0: g.k0 + keys] += part[:, :, 0]
+        return
+    rest = keys - g.rows
+    buf = part.new_zeros(b, h, (n + 1) * g.rows, d)
+    buf[:, :, : n * g.rows].view(b, h, n, g.rows, d).add_(part[:, :, :, : g.rows])
+    if rest:
+        buf[:, :, g.rows:].view(b, h, n, g.rows, d)[:, :, :, :rest].add_(part[:, :, :, g.rows:])
+    span = (n - 1) * g.rows + keys
+    dst[:, :, g.k0: g.k0 + span] += buf[:, :, :span]
+
+
+class _Far(NamedTuple):
+    rows: slice  # the queries that have keys in this part
+    keys: slice
+    flip: bool  # far right: computed on the reversed sequences
+    col: int  # the constant's column in vals (−1: g(w); 0: g(−w))
+
+
+def _far_parts(lq: int, lk: int, delta: int, w: int, causal: bool) -> list[_Far]:
+    parts = []
+    first = max(0, w - delta)  # far left: queries whose position is ≥ k0 + w
+    if first < lq:
+        parts.append(_Far(slice(first, lq), slice(0, delta + lq - w), False, -1))
+    last = min(lq, lk - w - delta)  # far right: queries whose position is ≤ k0 + lk − 1 − w
+    if not causal and last > 0:
+        parts.append(_Far(slice(0, last), slice(delta + w, lk), True, 0))
+    return parts
+
+
+def _take(x: Tensor, s: slice, flip: bool) -> Tensor:
+    x = x[:, :, s]
+    return x.flip(2) if flip else x
+
+
+class _Banded(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, vals, delta: int, w: int, causal: bool, scale: float, chunk: int):
+        bsz, h, lq, d = q.shape
+        lk = k.shape[2]
+        consts = vals.detach().float()
+        parts, far_saved = [], []
+        for p in _far_parts(lq, lk, delta, w, causal):
+            qq, kk, vv = (_take(t, s, p.flip) for t, s in ((q, p.rows), (k, p.keys), (v, p.keys)))
+            o, lse, aux = fused.forward(qq, kk, vv, scale, True)
+            o, lse = (o.flip(2), lse.flip(2)) if p.flip else (o, lse)
+            full_o = q.new_zeros(bsz, h, lq, d, dtype=torch.float32)
+            full_l = torch.full((bsz, h, lq), float("-inf"), device=q.device)
+            full_o[:, :, p.rows], full_l[:, :, p.rows] = o.float(), lse + consts[:, p.col].view(1, h, 1)
+            parts.append((full_o, full_l))
+            far_saved.append(aux)
+        band_o = q.new_empty(bsz, h, lq, d, dtype=torch.float32)
+        band_l = q.new_empty(bsz, h, lq, dtype=torch.float32)
+        for g in _groups(lq, lk, delta, w, causal, chunk, bsz * h):
+            qc = q[:, :, g.r0: g.r0 + g.n * g.rows].float().view(bsz, h, g.n, g.rows, d)
+            s = torch.matmul(qc, _windows(k, g).transpose(-1, -2)).mul_(scale).add_(_bias(consts, g, w, causal)[:, None])
+            m = s.amax(-1, keepdim=True)
+            p_ = s.sub_(m).exp_()
+            total = p_.sum(-1, keepdim=True)
+            o = torch.matmul(p_, _windows(v, g)).div_(total)
+            rows = slice(g.r0, g.r0 + g.n * g.rows)
+            band_o[:, :, rows] = o.reshape(bsz, h, -1, d)
+            band_l[:, :, rows] = (m + total.log()).reshape(bsz, h, -1)
+        parts.append((band_o, band_l))
+        out, lse = merge(parts)
+        keep = [t for part in parts[:-1] for t in part] if ctx.needs_input_grad[3] else []  # for the constants
+        ctx.save_for_backward(q, k, v, vals, out, lse, *keep)
+        ctx.aux = far_saved
+        ctx.args = (delta, w, causal, scale, chunk)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, vals, out, lse, *far = ctx.saved_tensors
+        delta, w, causal, scale, chunk = ctx.args
+        bsz, h, lq, d = q.shape
+        lk = k.shape[2]
+        consts = vals.detach().float()
+        dout = dout.float()
+        dq, dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v))
+        dvals = torch.zeros_like(vals, dtype=torch.float32) if ctx.needs_input_grad[3] else None
+        delta_rows = (dout * out).sum(-1)  # δ_i = dO_i · O_i
+        safe = lse.clamp(min=NEG)
+        for n, p in enumerate(_far_parts(lq, lk, delta, w, causal)):
+            qq, kk, vv = (_take(t, s, p.flip) for t, s in ((q, p.rows), (k, p.keys), (v, p.keys)))
+            do, o = (_take(t, p.rows, p.flip).to(q.dtype) for t in (dout, out))
+            l_part = _take(lse, p.rows, p.flip) - consts[:, p.col].view(1, h, 1)
+            gq, gk, gv = fused.backward(do, qq, kk, vv, o, l_part, ctx.aux[n], scale, True)
+            if p.flip:
+                gq, gk, gv = gq.flip(2), gk.flip(2), gv.flip(2)
+            dq[:, :, p.rows] += gq
+            dk[:, :, p.keys] += gk
+            dv[:, :, p.keys] += gv
+            if dvals is not None:  # Σ_i w_i (dO_i · o_i − δ_i), w_i o_i the part's share of the output
+                part_o, part_l = far[2 * n], far[2 * n + 1]
+                share = torch.exp(part_l - safe)
+                dvals[:, p.col] += (share * ((dout * part_o).sum(-1) - delta_rows)).sum((0, 2))
+        for g in _groups(lq, lk, delta, w, causal, chunk, bsz * h):
+            rows = slice(g.r0, g.r0 + g.n * g.rows)
+            qc = q[:, :, rows].float().view(bsz, h, g.n, g.rows, d)
+            kw, vw = _windows(k, g), _windows(v, g)
+            do = dout[:, :, rows].view(bsz, h, g.n, g.rows, d)
+            s = torch.matmul(qc, kw.transpose(-1, -2)).mul_(scale).add_(_bias(consts, g, w, causal)[:, None])
+            p_ = s.sub_(safe[:, :, rows].view(bsz, h, g.n, g.rows, 1)).exp_()  # the merged probabilities
+            gv = torch.matmul(p_.transpose(-1, -2), do)
+            ds = p_.mul_(torch.matmul(do, vw.transpose(-1, -2)).sub_(delta_rows[:, :, rows].view(bsz, h, g.n, g.rows, 1)))
+            dq[:, :, rows] += torch.matmul(ds, kw).mul_(scale).reshape(bsz, h, -1, d)
+            _fold(dk, torch.matmul(ds.transpose(-1, -2), qc).mul_(scale), g)
+            _fold(dv, gv, g)
+            if dvals is not None:  # pair (r, t) has offset shift + r − t: sums along the diagonals
+                gb = ds.sum((0, 2))  # [H, rows, keys], every chunk of the group shares the offsets
+                off = g.shift + g.rows - 1 - torch.arange(g.rows + g.keys - 1, device=q.device)
+                dvals.index_add_(1, off.clamp(-w, w) + w, antidiagonal_sums(gb.flip(1)))
+        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dvals is None else dvals.to(vals.dtype))
+        return (*grads, None, None, None, None, None)
+
+
+def banded_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, q_pos: Tensor, k_pos: Tensor,
+                  causal: bool, scale: float, chunk: int | None = None) -> Tensor:
+    """Contiguous positions with every query's own position among the keys (the dispatcher checks),
+    and ``scheme.flat_beyond``. Output in the inputs' dtype; the band in float32."""
+    w = max(int(scheme.flat_beyond), 1)
+    vals = scheme.bias_at(torch.arange(-w, w + 1, device=q.device))  # [H, 2w+1], differentiable
+    delta = int(q_pos[0]) - int(k_pos[0])
+    chunk = chunk or chunk_rows(w, causal)
+    if chunk < (w - 1 if causal else 2 * w - 2):
+        raise ValueError(f"chunk={chunk} must be at least the band's overhang {w - 1 if causal else 2 * w - 2}")
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    return _Banded.apply(q, k, v, vals, delta, w, causal, scale, chunk).to(q.dtype)

@@ -1,0 +1,167 @@
+"""The ``banded`` backend (issue 12's CUDA candidate) and the fused op it stands on.
+
+On the CPU every case runs on PyTorch's CPU flash op, so the algorithm (far parts, band chunks and
+their batching, the merge, the ring-attention backward, the table's diagonal sums) is checked on
+every machine. The CUDA ops' call signatures and shapes are checked on the CPU too, with fake CUDA
+tensors; their numbers only on a GPU (``pytest -m cuda``)."""
+
+import pytest
+import torch
+from _helpers import CUDA, NO_CUDA, compare, randomized
+
+import posbias.kernels.banded as banded
+from posbias import build
+from posbias.attention import attention, attention_reference, resolve, usable
+from posbias.kernels import fused
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 24 queries and groups of at most 3 chunks: every kind of band group at test sizes."""
+    monkeypatch.setattr(banded, "chunk_rows", lambda w, causal: max(24, w - 1 if causal else 2 * w - 2))
+    monkeypatch.setattr(banded, "BAND_ELEMENTS", 2 * 3 * 3 * 24 * (24 + 2 * 9))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lq, lk, q0", [(301, 301, None), (37, 301, None), (1, 301, None), (90, 301, 100),
+                                        (23, 23, None), (9, 9, None)])
+def test_every_band_group_and_far_part_matches_the_reference(small_chunks, causal, lq, lk, q0):
+    """Interior chunks batched and split across groups, end chunks on their own, far parts present or
+    not, queries at the end of the keys, in their middle, or a single one."""
+    for name, options in (("t5", {"num_buckets": 8, "max_distance": 10, "bidirectional": not causal}), ("offset", {"max_distance": 9})):
+        compare(randomized(name, **options), "banded", causal=causal, lq=lq, lk=lk, q0=q0)
+
+
+def test_groups_cover_every_query_once(small_chunks):
+    for causal in (True, False):
+        w = 10
+        for lq, lk, delta, batched in [(301, 301, 0, True), (37, 301, 264, False), (90, 301, 100, True),
+                                       (5, 5, 0, False)]:
+            groups = banded._groups(lq, lk, delta, w, causal, banded.chunk_rows(w, causal), 6)
+            rows = [r for g in groups for r in range(g.r0, g.r0 + g.n * g.rows)]
+            assert rows == list(range(lq))
+            assert any(g.n > 1 for g in groups) == batched  # interior chunks batched where there are several
+            for g in groups:
+                assert g.k0 >= 0 and g.k0 + (g.n - 1) * g.rows + g.keys <= lk
+
+
+def test_usable_names_what_it_needs():
+    q = torch.randn(1, 3, 8, 16)
+    pos = torch.arange(8)
+    t5 = build("t5", n_heads=3, head_dim=16)
+    assert usable("banded", t5, q, q_pos=pos, k_pos=pos, causal=True) is None
+    assert "constant beyond a window" in usable("banded", build("alibi", n_heads=3, head_dim=16), q, q_pos=pos,
+                                                k_pos=pos, causal=True)
+    assert "among the keys" in usable("banded", t5, q, q_pos=pos + 5, k_pos=pos, causal=True)
+    assert "contiguous" in usable("banded", t5, q, q_pos=pos * 2, k_pos=pos * 2, causal=True)
+    with pytest.raises(ValueError, match="chunk=3 must be at least the band's overhang"):
+        banded.banded_kernel(q, q, q, t5, q_pos=pos, k_pos=pos, causal=True, scale=1.0, chunk=3)
+
+
+def _dense(q, k, v, scale, causal):
+    """The fused op's contract in plain float64: bottom-right causal, out and lse."""
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if causal:
+        lq, lk = s.shape[-2:]
+        s = s.masked_fill(torch.arange(lk)[None, :].to(s.device) > torch.arange(lq)[:, None].to(s.device) + lk - lq,
+                          float("-inf"))
+    return torch.softmax(s, -1) @ v.double(), torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), pytest.param("cuda", torch.float32, marks=CUDA.marks),
+                                           pytest.param("cuda", torch.bfloat16, marks=CUDA.marks)])
+@pytest.mark.parametrize("causal, lq, lk", [(True, 64, 64), (True, 37, 100), (True, 1, 100), (False, 37, 100)])
+def test_fused_op_forward_and_backward(device, dtype, causal, lq, lk):
+    """Out and lse against float64; the backward given (out, lse − c) returns the gradients of
+    softmax with that lse (what the banded merge relies on), checked against autograd of the dense form."""
+    q, k, v = (torch.randn(2, 3, n, 16, device=device).to(dtype) for n in (lq, lk, lk))
+    out, lse, aux = fused.forward(q, k, v, 0.3, causal)
+    want_o, want_l = _dense(q, k, v, 0.3, causal)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), want_o, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), want_l, atol=tol, rtol=tol)
+    do = torch.randn_like(out)
+    grads = fused.backward(do, q, k, v, out, lse, aux, 0.3, causal)
+    qq, kk, vv = (t.double().requires_grad_() for t in (q, k, v))
+    o, _ = _dense(qq, kk, vv, 0.3, causal)
+    want = torch.autograd.grad((o * do.double()).sum(), [qq, kk, vv])
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a.double(), b, atol=tol * 10, rtol=tol * 10)
+
+
+class _Ctx:
+    """What ``torch.autograd.Function`` hands forward and backward, for calling them directly (the
+    autograd engine itself wants a real CUDA device)."""
+    needs_input_grad = (True, True, True, True)
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+@pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="fake CUDA tensors need a CUDA build of torch")
+def test_cuda_calls_have_the_right_signatures_and_shapes_on_fake_tensors():
+    """The banded kernel's CUDA calls run under fake CUDA tensors (PyTorch's meta kernels: argument
+    order, layouts and the shapes they return) on any CUDA build of torch, GPU or not (PyPI's default
+    Linux wheel is one), so a GPU session does not spend its minutes on a wrong call. Backward through
+    the bf16 flash kernel too; the float32 memory-efficient backward's meta kernel does not match its
+    own schema in PyTorch 2.11–2.13 (``got multiple values for argument 'scale'``), so only its
+    forward runs here."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w = 20
+    for dtype, causal, lq in [(torch.bfloat16, True, 300), (torch.bfloat16, False, 300), (torch.bfloat16, True, 7),
+                              (torch.float32, True, 300)]:
+        with FakeTensorMode(), torch.no_grad():
+            q = torch.randn(2, 4, lq, 64, device="cuda", dtype=dtype)
+            k, v = (torch.randn(2, 4, 600, 64, device="cuda", dtype=dtype) for _ in range(2))
+            vals = torch.randn(4, 2 * w + 1, device="cuda")  # the table, offsets −w … w
+            ctx = _Ctx()
+            out = banded._Banded.forward(ctx, q, k, v, vals, 600 - lq, w, causal, 0.125, banded.chunk_rows(w, causal))
+            assert out.shape == q.shape and out.dtype == torch.float32 and out.device.type == "cuda"
+            if dtype == torch.bfloat16:
+                grads = banded._Banded.backward(ctx, torch.randn_like(out))[:4]
+                assert [g.shape for g in grads] == [q.shape, k.shape, v.shape, vals.shape]
+                assert [g.dtype for g in grads] == [dtype, dtype, dtype, torch.float32]
+
+
+@pytest.mark.cuda
+@NO_CUDA
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name", ["t5", "offset"])
+def test_banded_on_cuda_matches_the_reference(name, causal):
+    options = {"max_distance": 20, "bidirectional": not causal} if name == "t5" else {"max_distance": 17}
+    compare(randomized(name, **options), "banded", causal=causal, device="cuda")
+    compare(randomized(name, **options), "banded", causal=causal, lq=37, device="cuda")
+
+
+@pytest.mark.cuda
+@NO_CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_banded_on_cuda_in_low_precision_within_the_references_own_rounding(dtype):
+    """The far parts on the flash kernel in bf16/fp16, the band in float32: as close to the float32
+    truth as the reference in the same precision (the rule of test_devices' low-precision test)."""
+    s = randomized("t5", max_distance=20).to("cuda")
+    low = [(torch.randn(1, 3, 300, 16, device="cuda") * 2).to(dtype).requires_grad_() for _ in range(3)]
+    exact = [t.detach().float().requires_grad_() for t in low]
+    g = torch.randn(1, 3, 300, 16, device="cuda")
+    results = []
+    for fn, inputs, kw in [(attention, low, {"backend": "banded"}), (attention_reference, low, {}),
+                           (attention_reference, exact, {})]:
+        out = fn(*inputs, s, **kw)
+        results.append([out, *torch.autograd.grad((out.float() * g).sum(), inputs)])
+    unit = torch.finfo(dtype).eps
+    for a, b, t in zip(*results):
+        err = lambda x: (x.detach().double() - t.detach().double()).abs().max().item()  # noqa: E731
+        assert err(a) <= 2 * err(b) + unit * t.detach().abs().max().item()
+
+
+def test_resolve_keeps_banded_inputs_exact():
+    """Positions past 2^24 reach the kernel as small integers (resolve subtracts one reference), so
+    the band's offsets stay exact in any dtype."""
+    s = randomized("t5", num_buckets=8, max_distance=10)
+    q = torch.randn(1, 3, 40, 16)
+    pos = torch.arange(2**40, 2**40 + 40)
+    _, _, qp, kp, _ = resolve(q, q, q, s, q_pos=pos, k_pos=pos, scale=None)
+    assert int(qp[0]) == 0
+    torch.testing.assert_close(attention(q, q, q, s, backend="banded", q_pos=pos, k_pos=pos),
+                               attention_reference(q, q, q, s, q_pos=pos, k_pos=pos))
