@@ -78,9 +78,10 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
         lq = q.shape[2]
         padded = lse.new_zeros(*lse.shape[:2], -(-lq // LSE_ALIGN) * LSE_ALIGN)
         padded[..., :lq] = lse
-        dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
-            do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, out.transpose(1, 2),
-            None, None, mq, mk, padded, 0.0, seed, offset, 2 if causal else 0, False, scale=scale)
+        dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(  # do and out as the forward made out
+            do.transpose(1, 2).contiguous(), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None,
+            out.transpose(1, 2).contiguous(), None, None, mq, mk, padded, 0.0, seed, offset, 2 if causal else 0,
+            False, scale=scale)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
     lq, lk = q.shape[2], k.shape[2]
     if not causal or lq == lk:
