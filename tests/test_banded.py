@@ -7,7 +7,7 @@ tensors; their numbers only on a GPU (``pytest -m cuda``)."""
 
 import pytest
 import torch
-from _helpers import CUDA, NO_CUDA, compare, randomized
+from _helpers import CUDA, DEVICES, NO_CUDA, compare, randomized, within_reference_rounding
 
 import posbias.kernels.banded as banded
 from posbias import build
@@ -134,25 +134,12 @@ def test_banded_on_cuda_matches_the_reference(name, causal):
     compare(randomized(name, **options), "banded", causal=causal, lq=37, device="cuda")
 
 
-@pytest.mark.cuda
-@NO_CUDA
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_banded_on_cuda_in_low_precision_within_the_references_own_rounding(dtype):
-    """The far parts on the flash kernel in bf16/fp16, the band in float32: as close to the float32
-    truth as the reference in the same precision (the rule of test_devices' low-precision test)."""
-    s = randomized("t5", max_distance=20).to("cuda")
-    low = [(torch.randn(1, 3, 300, 16, device="cuda") * 2).to(dtype).requires_grad_() for _ in range(3)]
-    exact = [t.detach().float().requires_grad_() for t in low]
-    g = torch.randn(1, 3, 300, 16, device="cuda")
-    results = []
-    for fn, inputs, kw in [(attention, low, {"backend": "banded"}), (attention_reference, low, {}),
-                           (attention_reference, exact, {})]:
-        out = fn(*inputs, s, **kw)
-        results.append([out, *torch.autograd.grad((out.float() * g).sum(), inputs)])
-    unit = torch.finfo(dtype).eps
-    for a, b, t in zip(*results):
-        err = lambda x: (x.detach().double() - t.detach().double()).abs().max().item()  # noqa: E731
-        assert err(a) <= 2 * err(b) + unit * t.detach().abs().max().item()
+def test_banded_in_low_precision_within_the_references_own_rounding(dtype, device):
+    """The far parts on the fused kernel in bf16/fp16 (flash attention on CUDA), the band in
+    float32: as close to the float32 truth as the reference in the same precision."""
+    within_reference_rounding(randomized("t5", max_distance=20), dtype, device, backend="banded")
 
 
 def test_resolve_keeps_banded_inputs_exact():

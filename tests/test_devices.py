@@ -8,7 +8,7 @@ every machine and a GPU session starts from tests that are known to be right."""
 
 import pytest
 import torch
-from _helpers import DEVICES, NO_CUDA, compare, randomized
+from _helpers import DEVICES, NO_CUDA, compare, randomized, within_reference_rounding
 
 from posbias import SCHEMES, ToeplitzScheme
 from posbias.attention import CUDA_VALIDATED, attention, attention_reference, choose_backend
@@ -39,31 +39,13 @@ def test_decoding_one_query_against_a_long_cache(name, device):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
-def _worst_error(got, want):
-    return (got.detach().double() - want.detach().double()).abs().max().item()
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["t5", "alibi", "kerple-log", "fire"])
 def test_low_precision_within_the_references_own_rounding(name, dtype, device):
-    """In bf16/fp16 the fast path is judged by the reference run in the same precision: against the
-    float32 truth (the same rounded inputs, computed in float32), its output and q/k/v gradients may
-    be at most twice as far off as the reference's own, plus one unit of the format's precision."""
-    s = randomized(name).to(device)
-    low = [(torch.randn(1, 3, 300, 16, device=device) * 2).to(dtype).requires_grad_() for _ in range(3)]
-    exact = [t.detach().float().requires_grad_() for t in low]
-    g = torch.randn(1, 3, 300, 16, device=device)
-    results = []
-    for fn, inputs in [(attention, low), (attention_reference, low), (attention_reference, exact)]:
-        out = fn(*inputs, s)
-        grads = torch.autograd.grad((out.float() * g).sum(), inputs)
-        results.append([out, *grads])
-    fast, ref, truth = results
-    unit = torch.finfo(dtype).eps
-    for a, b, t in zip(fast, ref, truth):
-        assert a.dtype == dtype
-        assert _worst_error(a, t) <= 2 * _worst_error(b, t) + unit * t.detach().abs().max().item()
+    """The automatic backend in bf16/fp16, judged by the reference in the same precision
+    (:func:`_helpers.within_reference_rounding`)."""
+    within_reference_rounding(randomized(name), dtype, device)
 
 
 @pytest.mark.cuda
