@@ -161,6 +161,9 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     md = (tmp_path / "run" / "results.md").read_text()
     assert "| alibi |" in md and "95% bootstrap interval" in md and "512 validation tokens" in md
     assert "Which differences are real" in md and md.count("**best**") == 4  # per length, and for ppl@64 / ppl@16
+    # the footer's diagnose command points at checkpoints that are there
+    assert "`posbias diagnose models/<scheme>-seed<k>-<key>/final --length 64`" in md
+    assert len(list((tmp_path / "run" / "models").glob("alibi-seed0-*/final"))) == 1
     assert all(len(r["segment_loss"]) == 8 for r in recs)
     assert set(res["paired"]) == {"16", "32", "64"} and set(res["paired_ratio"]) == {"alibi", "rope"}
     for r in recs:  # the segments' mean loss is the record's loss (equal-sized segments)

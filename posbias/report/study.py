@@ -125,7 +125,10 @@ def _footer(result: StudyResult) -> str:
             f"non-overlapping windows. Intervals: 95% percentile bootstrap over the segments ({N_BOOT} "
             "replicates, paired across lengths). To compare two schemes, read the paired table: their own "
             "intervals share the text's difficulty and overlap even where the paired difference is clear; "
-            "between seeds, the std is the spread of training itself.")
+            "between seeds, the std is the spread of training itself. Why a scheme's curve is what it is: "
+            f"`posbias diagnose models/<scheme>-seed<k>-<key>/final --length {max(cfg.lengths())}` (from this "
+            "folder) splits its context effect into the local context restored at the cut chunks' starts and what "
+            "the distant keys do, and measures its attention on distances beyond L.")
 
 
 def plots(result: StudyResult, out: Path) -> list[Path]:
