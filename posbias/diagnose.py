@@ -38,7 +38,7 @@ from . import checkpoint as ckpt
 from . import passkey
 from .config import Log, check_count, fixed_threads, quiet
 from .data import Corpus
-from .evaluate import bootstrap_means, interval
+from .evaluate import bootstrap_means, interval, local_head
 from .model import TransformerLM
 from .schemes.base import Scheme, ToeplitzScheme, flat_share
 
@@ -126,7 +126,7 @@ def context_split(long_w: Tensor, short_w: Tensor, train_len: int) -> list[tuple
     95% bootstrap over windows (None with one window); ``share × mean`` of both rows add up to the
     mean Δ over all positions (positions before ``L`` have Δ = 0)."""
     length = long_w.shape[1]
-    head = max(1, train_len // 8)
+    head = local_head(train_len)
     pos = torch.arange(length)
     past = pos >= train_len
     starts = past & (pos % train_len < head)

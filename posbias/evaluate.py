@@ -102,6 +102,12 @@ def token_losses(model: TransformerLM, tokens: Tensor, length: int, *, n_tokens:
     return out
 
 
+def local_head(train_len: int) -> int:
+    """How many tokens at the start of a window of ``train_len`` count as robbed of local context:
+    ``L/8`` (at least 1). The study's ``far_delta`` and ``posbias diagnose``'s split leave them out."""
+    return max(1, train_len // 8)
+
+
 def check_study_lengths(lengths: Iterable[int], train_len: int) -> list[int]:
     """The sorted distinct evaluation lengths, if they include ``train_len`` and each is a multiple of
     it that divides the longest (so every length scores the same tokens); ValueError otherwise."""
@@ -178,6 +184,11 @@ def length_study(model: TransformerLM, tokens: Tensor, lengths: Iterable[int], *
     * ``tail``: only the last ``train_len`` tokens of each window, whose context is ``n − L … n − 1``
       tokens; ``tail_delta`` is their loss minus the loss of *the same tokens* scored in windows of
       ``train_len``. Negative: the longer context helps; positive: the model breaks past L.
+    * ``far_delta``: the same, over the tail's tokens past its first ``L/8`` (:func:`local_head`).
+      In windows of ``L`` those first tokens have almost no context, so ``tail_delta`` is mostly
+      their local context coming back; the others keep at least ``L/8`` tokens of it either way,
+      and for them Δ is what the distant keys themselves do (< 0: used, ≈ 0: ignored, > 0: they
+      disturb the model).
     """
     lengths = check_study_lengths(lengths, train_len)
     longest = lengths[-1]
@@ -189,22 +200,27 @@ def length_study(model: TransformerLM, tokens: Tensor, lengths: Iterable[int], *
     pos = torch.arange(total)
     seg = lambda x: x.view(segments, longest).sum(1)  # noqa: E731
     base = nll[train_len]
+    head = local_head(train_len)
     cols_sum, cols_cnt = [], []
     for n in lengths:
         tail = ((pos % n) >= n - train_len).double()
-        cols_sum += [seg(nll[n]), seg(nll[n] * tail), seg(base * tail)]
-        cols_cnt += [torch.full((segments,), float(longest), dtype=torch.float64), seg(tail), seg(tail)]
+        kept = ((pos % n) >= n - train_len + head).double()  # the tail past its first L/8 tokens
+        cols_sum += [seg(nll[n]), seg(nll[n] * tail), seg(base * tail), seg(nll[n] * kept), seg(base * kept)]
+        cols_cnt += [torch.full((segments,), float(longest), dtype=torch.float64), seg(tail), seg(tail),
+                     seg(kept), seg(kept)]
     sums, counts = torch.stack(cols_sum, 1), torch.stack(cols_cnt, 1)
     point = sums.sum(0) / counts.sum(0)
     reps = bootstrap_means(sums, counts, n_boot=n_boot, seed=seed)
-    i_base = 3 * lengths.index(train_len)
+    cols = 5
+    i_base = cols * lengths.index(train_len)
     out: dict[int, dict[str, Any]] = {}
     for k, n in enumerate(lengths):
-        a, t, tb = 3 * k, 3 * k + 1, 3 * k + 2
+        a, t, tb, f, fb = (cols * k + c for c in range(cols))
         ppl_lo, ppl_hi = interval(reps[:, a].exp())
         r_lo, r_hi = interval((reps[:, a] - reps[:, i_base]).exp())
         tail_lo, tail_hi = interval(reps[:, t].exp())
         d_lo, d_hi = interval(reps[:, t] - reps[:, tb])
+        f_lo, f_hi = interval(reps[:, f] - reps[:, fb])
         loss = float(point[a])
         by_pos = nll[n].view(-1, n).mean(0)
         out[n] = {
@@ -212,6 +228,7 @@ def length_study(model: TransformerLM, tokens: Tensor, lengths: Iterable[int], *
             "bpb": loss / math.log(2), "ratio": math.exp(loss - float(point[i_base])), "ratio_lo": r_lo,
             "ratio_hi": r_hi, "tail_ppl": math.exp(float(point[t])), "tail_ppl_lo": tail_lo, "tail_ppl_hi": tail_hi,
             "tail_delta": float(point[t] - point[tb]), "tail_delta_lo": d_lo, "tail_delta_hi": d_hi,
+            "far_delta": float(point[f] - point[fb]), "far_delta_lo": f_lo, "far_delta_hi": f_hi,
             "tokens": total, "windows": total // n, "segments": segments,
             # mean loss of each segment (nats per token): what a paired comparison between two models
             # scored on the same tokens resamples (posbias.report.study's paired table)

@@ -57,7 +57,7 @@ def default_schemes() -> tuple[str, ...]:
     """Every registered scheme the study runs by default (a scheme opts out with ``in_study = False``)."""
     return tuple(name for name, cls in SCHEMES.items() if cls.in_study)
 
-EVAL_FORMAT = 3  # bump when the evaluation's definition changes: old caches are then not reused
+EVAL_FORMAT = 4  # bump when the evaluation's definition changes: old caches are then not reused
 # (3: per-segment losses recorded, for the paired between-scheme table)
 
 

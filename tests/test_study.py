@@ -154,13 +154,15 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     for r in recs:
         assert r["ppl_lo"] <= r["ppl"] <= r["ppl_hi"] and r["ratio_lo"] <= r["ratio"] <= r["ratio_hi"]
         assert r["tail_delta_lo"] <= r["tail_delta"] <= r["tail_delta_hi"]
+        assert r["far_delta_lo"] <= r["far_delta"] <= r["far_delta_hi"]
         assert r["tokens"] == 512 and r["segments"] == 8 and r["threads"] == 2
     base = [r for r in recs if r["eval_len"] == 16]
-    assert all(r["ratio"] == 1.0 and r["tail_delta"] == 0.0 for r in base)  # L against itself
+    assert all(r["ratio"] == 1.0 and r["tail_delta"] == 0.0 == r["far_delta"] for r in base)  # L against itself
     assert res["corpus"]["files"] == 1 and "torch" in res["versions"]
     md = (tmp_path / "run" / "results.md").read_text()
     assert "| alibi |" in md and "95% bootstrap interval" in md and "512 validation tokens" in md
     assert "Which differences are real" in md and md.count("**best**") == 4  # per length, and for ppl@64 / ppl@16
+    assert "What the distant keys do: the same Δ without the first 2 of those 16 tokens" in md
     # the footer's diagnose command points at checkpoints that are there
     assert "`posbias diagnose models/<scheme>-seed<k>-<key>/final --length 64`" in md
     assert len(list((tmp_path / "run" / "models").glob("alibi-seed0-*/final"))) == 1
@@ -265,6 +267,14 @@ def test_length_study_intervals_and_tail_view(corpus):
     for n, r in res.items():
         assert r["tokens"] == 640 and r["segments"] == 10 and r["windows"] == 640 // n
         assert r["ppl_lo"] <= r["ppl"] <= r["ppl_hi"] and r["tail_ppl_lo"] <= r["tail_ppl"] <= r["tail_ppl_hi"]
+    # far_delta: the tail without its first L/8 = 2 tokens, against the same tokens in windows of 16
+    from posbias.evaluate import token_losses
+    pos = torch.arange(640)
+    n16, n64 = (token_losses(model, corpus.val, n, n_tokens=640) for n in (16, 64))
+    kept = (pos % 64) >= 64 - 16 + 2
+    assert res[64]["far_delta"] == pytest.approx(float((n64[kept] - n16[kept]).double().mean()), abs=1e-9)
+    assert res[64]["far_delta_lo"] <= res[64]["far_delta"] <= res[64]["far_delta_hi"]
+    assert res[16]["far_delta"] == 0.0 and res[16]["far_delta_lo"] == res[16]["far_delta_hi"] == 0.0
     # the all-token loss equals the plain non-overlapping evaluation of the same tokens
     plain = evaluate_length(model, corpus.val, 32, max_tokens=640)
     assert res[32]["loss"] == pytest.approx(plain["loss"], rel=1e-9)

@@ -12,7 +12,7 @@ import torch
 
 from .. import store
 from ..config import Log, quiet
-from ..evaluate import N_BOOT
+from ..evaluate import N_BOOT, local_head
 from ..study import StudyResult, records_at
 from . import md_table, paired_cell
 
@@ -89,10 +89,18 @@ def _delta_section(result: StudyResult) -> list[str]:
         return []
     rows = [[a.label, *(_cell(records_at(result.records, a.label, n), "tail_delta", "+.3f") for n in far)]
             for a in result.arms]
-    return ["", f"### Beyond the training length: the last {base} tokens of each window, with n − {base} … n − 1 "
-            f"tokens of context, against the same tokens scored in windows of {base} (Δ nats/byte; < 0: the "
-            "longer context helps, > 0: the model breaks past L)", ""] + md_table(
-        ["scheme", *(f"Δ @ {n}" for n in far)], rows)
+    head = local_head(base)
+    kept = [[a.label, *(_cell(records_at(result.records, a.label, n), "far_delta", "+.4f") for n in far)]
+            for a in result.arms]
+    return (["", f"### Beyond the training length: the last {base} tokens of each window, with n − {base} … n − 1 "
+             f"tokens of context, against the same tokens scored in windows of {base} (Δ nats/byte; < 0: the "
+             "longer context helps, > 0: the model breaks past L)", ""]
+            + md_table(["scheme", *(f"Δ @ {n}" for n in far)], rows)
+            + ["", f"### What the distant keys do: the same Δ without the first {head} of those {base} tokens, which in "
+               f"windows of {base} have almost no context (their local context coming back dominates the table "
+               f"above); the other {base - head} keep at least {head} tokens of it either way (< 0: the distant "
+               "keys are used, ≈ 0: ignored, > 0: they disturb the model)", ""]
+            + md_table(["scheme", *(f"Δ @ {n}" for n in far)], kept))
 
 
 def _learned_section(result: StudyResult) -> list[str]:
