@@ -16,7 +16,9 @@ The diagnosis measures:
 * **the bias itself**: for a learned bias that is constant past an offset (T5's final bucket, the
   offset table's clipped entry) the share of query–key pairs that fall there and how much those far
   keys weigh against the nearest key; for every additive scheme the **effective reach** of each
-  head — the distance at which the bias alone cuts attention by 100× (``bias(0) − bias(d) ≥ ln 100``);
+  head — the distance at which the bias alone cuts attention by 100× (``bias(0) − bias(d) ≥ ln 100``)
+  — and its **drift** (:func:`bias_drift`): how far the bias over the trained distances moves
+  between a query at ``L − 1`` and one at the window's end (0 unless the bias depends on ``i``);
 * **passkey retrieval** (:mod:`posbias.passkey`): a copy of the model is fine-tuned on the task at
   ``L`` and tested at every length up to ``length`` and five depths.
 
@@ -174,6 +176,22 @@ def effective_reach(scheme: Scheme, *, query_pos: int, max_distance: int) -> lis
     return [int(torch.nonzero(h)[0]) if bool(h.any()) else None for h in hits]
 
 
+def bias_drift(scheme: Scheme, *, train_len: int, length: int) -> list[float] | None:
+    """Per head: how far the bias over the distances seen in training (``0 … L−1``) moves between a
+    query at ``L − 1`` and one at ``length − 1``, in nats: ``max_d |Δb(d) − Δb(0)|``, each curve taken
+    relative to its distance-0 value (a constant per query changes no attention). 0 for every
+    Toeplitz scheme, whose bias depends on ``i − j`` alone; for FIRE, which normalises distances by
+    the query position past its threshold, it is the bias change a model meets past training at the
+    very distances it was trained on. None for a scheme without a bias."""
+    d = torch.arange(train_len)
+    at_l = scheme.bias_by_distance(d, query_pos=train_len - 1)
+    if at_l is None:
+        return None
+    at_end = scheme.bias_by_distance(d, query_pos=length - 1)
+    moved = (at_end - at_end[:, :1]) - (at_l - at_l[:, :1])
+    return [float(x) for x in moved.abs().amax(-1)]
+
+
 def delta_interval(delta: Tensor) -> tuple[float, float] | tuple[None, None]:
     """95% bootstrap interval of the mean of ``delta`` ``[windows, positions]`` (full − cut loss of the
     same tokens), resampling windows; ``(None, None)`` with a single window, which has no spread to
@@ -234,7 +252,9 @@ class DiagnoseResult:
     final_entry_share: dict[int, float] = field(default_factory=dict)  # window → share past flat_beyond
     final_entry_gap: list[float] = field(default_factory=list)  # per head, u(0) − u(final)
     far_weight: list[float] = field(default_factory=list)  # per head, n_far · exp(u_final − u_0)
-    effective_reach: list[int | None] | None = None  # per head (additive schemes)
+    effective_reach: list[int | None] | None = None  # per head (additive schemes), query at length − 1
+    reach_at_L: list[int | None] | None = None  # the same for a query at L − 1
+    bias_drift: list[float] | None = None  # per head: the bias's change over distances < L, query L−1 → length−1
     passkey: dict[str, dict[str, float]] | None = None  # length → depth → accuracy
     passkey_steps: int = 0
     passkey_samples: int = 0
@@ -300,6 +320,8 @@ def _measure_bias(result: DiagnoseResult) -> None:
         result.final_entry_gap, result.far_weight = final_bucket_weight(scheme, length)
     if scheme.family == "additive":
         result.effective_reach = effective_reach(scheme, query_pos=length - 1, max_distance=16 * length)
+        result.reach_at_L = effective_reach(scheme, query_pos=L - 1, max_distance=16 * length)
+        result.bias_drift = bias_drift(scheme, train_len=L, length=length)
 
 
 def _passkey(model: TransformerLM, cfg: DiagnoseConfig, train_len: int, length: int, progress: bool,

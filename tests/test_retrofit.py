@@ -12,8 +12,8 @@ from posbias import checkpoint as ckpt
 from posbias import ntk_lambda, passkey, rope_frequencies, t5_bucket
 from posbias.cli import main
 from posbias.data import stdlib_corpus
-from posbias.diagnose import (DiagnoseConfig, attention_distance, context_split, effective_reach, final_bucket_share,
-                              run_diagnose)
+from posbias.diagnose import (DiagnoseConfig, attention_distance, bias_drift, context_split, effective_reach,
+                              final_bucket_share, run_diagnose)
 from posbias.report import diagnose as diagnose_report
 from posbias.report import retrofit as retrofit_report
 from posbias.model import ModelConfig, TransformerLM
@@ -168,6 +168,7 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     parts = sum(share * d for _, share, d, _, _ in rep.context_split)
     assert parts == pytest.approx(statistics.fmean(rep.loss_by_position) - statistics.fmean(rep.loss_by_position_cut_at_L))
     assert "mass at distance ≥ L" in md and "Attention on keys at distance ≥ L" in md
+    assert rep.bias_drift == [0.0] * len(rep.bias_drift) and "The bias depends on i − j alone" in md
     saved = json.loads((tmp_path / "d" / "diagnose.json").read_text())
     assert saved["train_len"] == L and len(saved["loss_by_position_cut_at_L"]) == 2 * L
     # the first L positions see the same context either way
@@ -240,6 +241,24 @@ def test_final_bucket_share_and_reach():
     alibi = build("alibi", n_heads=2, head_dim=8)  # slopes 1/16 and 1/256
     reach = effective_reach(alibi, query_pos=5000, max_distance=5000)
     assert reach == [int(torch.ceil(torch.tensor(4.60517 * 16))), int(torch.ceil(torch.tensor(4.60517 * 256)))]
+
+
+def test_bias_drift_is_zero_for_a_toeplitz_bias_and_measures_fire_past_its_threshold():
+    """The bias over the trained distances, query at L − 1 against query at the window's end: a
+    function of i − j alone does not move; FIRE, whose distances are divided by max(i, threshold),
+    moves once the query passes its threshold — by exactly what its own bias says."""
+    assert bias_drift(build("t5", n_heads=2, head_dim=8), train_len=32, length=512) == [0.0, 0.0]
+    assert bias_drift(build("rope", n_heads=2, head_dim=8), train_len=32, length=512) is None
+    fire = build("fire", n_heads=2, head_dim=8, init_L=32.0)
+    with torch.no_grad():
+        for p in fire.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    drift = bias_drift(fire, train_len=32, length=512)
+    d = torch.arange(32)
+    a, b = fire.bias_by_distance(d, query_pos=31), fire.bias_by_distance(d, query_pos=511)
+    want = ((b - b[:, :1]) - (a - a[:, :1])).abs().amax(-1)
+    assert drift == pytest.approx(want.tolist()) and min(drift) > 0.01
+    assert bias_drift(fire, train_len=32, length=32) == [0.0, 0.0]  # the same query: nothing moves
 
 
 def test_cli_errors(tmp_path, capsys):

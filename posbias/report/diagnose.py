@@ -135,11 +135,24 @@ def _final_entry_section(r: DiagnoseResult) -> list[str]:
 def _reach_section(r: DiagnoseResult) -> list[str]:
     if r.effective_reach is None:
         return []
-    return (["## Effective reach of the bias", "",
-             f"Distance at which the bias alone cuts attention by 100× (query at position {r.length - 1}; "
-             f"'never' = not within {16 * r.length}):", ""]
-            + md_table(["head", "reach"], [[h, x if x is not None else "never"] for h, x in enumerate(r.effective_reach)])
-            + ["", "![bias](bias_vs_distance.png)", ""])
+    L, end = r.train_len, r.length - 1
+    shown = lambda x: x if x is not None else "never"  # noqa: E731
+    rows = [[h, shown(x), *([] if r.reach_at_L is None else [shown(r.reach_at_L[h])]),
+             *([] if r.bias_drift is None else [f"{r.bias_drift[h]:.3f}"])] for h, x in enumerate(r.effective_reach)]
+    head = ["head", f"reach, query at {end}", *([] if r.reach_at_L is None else [f"reach, query at {L - 1}"]),
+            *([] if r.bias_drift is None else ["bias drift over distances < L, nats"])]
+    lines = ["## Effective reach of the bias, and its drift past L", "",
+             f"Distance at which the bias alone cuts attention by 100× ('never' = not within {16 * r.length}), and "
+             f"how far the bias over the distances seen in training (0 … {L - 1}) moves between a query at {L - 1} "
+             f"and one at {end} (each curve relative to its distance-0 value):", ""]
+    lines += md_table(head, rows) + [""]
+    if r.bias_drift is not None:
+        worst = max(r.bias_drift)
+        lines += [("The bias depends on i − j alone: past training, the model meets the bias it was trained with."
+                   if worst < 1e-4 else
+                   f"The bias changes with the query position: at the distances it was trained on, a query at {end} "
+                   f"meets a bias up to {worst:.2f} nats away from the one a query at {L - 1} met in training."), ""]
+    return lines + ["![bias](bias_vs_distance.png)", ""]
 
 
 def _passkey_section(r: DiagnoseResult) -> list[str]:
