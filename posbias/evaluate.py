@@ -168,6 +168,29 @@ def ratios_to_best(losses: Tensor, *, n_boot: int = N_BOOT, seed: int = 0) -> li
     return out
 
 
+STUDY_COLUMNS = 5  # per length: all tokens; the tail and the same tokens at L; the tail past L/8, and at L
+
+
+def _study_columns(nll: dict[int, Tensor], lengths: list[int], train_len: int,
+                   segments: int) -> tuple[Tensor, Tensor]:
+    """Per-segment loss sums and token counts ``[segments, STUDY_COLUMNS · len(lengths)]`` for
+    :func:`length_study`: per length, every token; the last ``L`` tokens of each window and the same
+    tokens scored in windows of ``L``; those tokens past their first ``L/8``, and the same at ``L``."""
+    longest = lengths[-1]
+    pos = torch.arange(segments * longest)
+    seg = lambda x: x.view(segments, longest).sum(1)  # noqa: E731
+    base = nll[train_len]
+    head = local_head(train_len)
+    cols_sum, cols_cnt = [], []
+    for n in lengths:
+        tail = ((pos % n) >= n - train_len).double()
+        kept = ((pos % n) >= n - train_len + head).double()  # the tail past its first L/8 tokens
+        cols_sum += [seg(nll[n]), seg(nll[n] * tail), seg(base * tail), seg(nll[n] * kept), seg(base * kept)]
+        cols_cnt += [torch.full((segments,), float(longest), dtype=torch.float64), seg(tail), seg(tail),
+                     seg(kept), seg(kept)]
+    return torch.stack(cols_sum, 1), torch.stack(cols_cnt, 1)
+
+
 def length_study(model: TransformerLM, tokens: Tensor, lengths: Iterable[int], *, train_len: int,
                  n_tokens: int, batch_size: int = 8, device: str | torch.device = "cpu", n_boot: int = N_BOOT,
                  seed: int = 0) -> dict[int, dict[str, Any]]:
@@ -197,21 +220,10 @@ def length_study(model: TransformerLM, tokens: Tensor, lengths: Iterable[int], *
         raise ValueError(f"{n_tokens} evaluation tokens are fewer than the longest length {longest}")
     total = segments * longest
     nll = {n: token_losses(model, tokens, n, n_tokens=total, batch_size=batch_size, device=device) for n in lengths}
-    pos = torch.arange(total)
-    seg = lambda x: x.view(segments, longest).sum(1)  # noqa: E731
-    base = nll[train_len]
-    head = local_head(train_len)
-    cols_sum, cols_cnt = [], []
-    for n in lengths:
-        tail = ((pos % n) >= n - train_len).double()
-        kept = ((pos % n) >= n - train_len + head).double()  # the tail past its first L/8 tokens
-        cols_sum += [seg(nll[n]), seg(nll[n] * tail), seg(base * tail), seg(nll[n] * kept), seg(base * kept)]
-        cols_cnt += [torch.full((segments,), float(longest), dtype=torch.float64), seg(tail), seg(tail),
-                     seg(kept), seg(kept)]
-    sums, counts = torch.stack(cols_sum, 1), torch.stack(cols_cnt, 1)
+    sums, counts = _study_columns(nll, lengths, train_len, segments)
     point = sums.sum(0) / counts.sum(0)
     reps = bootstrap_means(sums, counts, n_boot=n_boot, seed=seed)
-    cols = 5
+    cols = STUDY_COLUMNS
     i_base = cols * lengths.index(train_len)
     out: dict[int, dict[str, Any]] = {}
     for k, n in enumerate(lengths):
