@@ -376,8 +376,9 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
 
 # -- diagnose ---------------------------------------------------------------------------------
 def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("diagnose", help="report why a checkpoint does (not) generalise: loss by position, "
-                       "attention distance, buckets/reach, passkey", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("diagnose", help="report why a checkpoint does (not) generalise: loss by position (local "
+                       "context vs distant keys), attention distance and attention beyond L, buckets, reach and "
+                       "drift of the bias, passkey", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a posbias checkpoint folder")
     p.add_argument("--length", type=int, help="window examined (default 8 × the training length)")
     p.add_argument("--windows", type=int, default=4, help="validation windows for the attention statistics")
@@ -400,6 +401,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     with store.FolderLock(out):
         result = run_diagnose(args.checkpoint, cfg, corpus=load_corpus(args.data), progress=not args.quiet, log=say)
         report.write(result, out, log=say)
+    for line in report.summary(result):
+        say(line)
     say(f"done in {time.perf_counter() - t0:.0f} s; report {out / 'report.md'}")
 
 

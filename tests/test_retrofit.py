@@ -182,6 +182,18 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     assert lo <= delta <= hi and "interval of Δ" in md and "95% bootstrap over the 4 windows" in md
 
 
+def test_diagnose_cli_prints_its_verdicts(tmp_path, capsys, text_file):
+    """The terminal gets the report's verdicts, not only the path to it."""
+    path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
+    argv = ["diagnose", str(path), "--length", str(2 * L), "--passkey-steps", "0", "--eval-tokens", "400",
+            "--data", str(text_file), "--out", str(tmp_path / "d"), "--quiet"]
+    assert main(argv) == 0
+    said = "".join(capsys.readouterr())
+    assert f"context past L = {L} (Δ " in said and "distant keys, for tokens that keep local context" in said
+    assert "attention at distances ≥ L over the last" in said and "report " in said
+    assert "the bias moves" not in said  # T5: a bias of i − j alone
+
+
 def test_diagnose_with_one_window_says_it_has_no_interval(tmp_path, corpus):
     """A single window has no spread: no interval, no NaN in diagnose.json, and a verdict that says so."""
     path = tiny_checkpoint(tmp_path / "t", "alibi")

@@ -26,6 +26,27 @@ def write(result: DiagnoseResult, out: str | Path, *, log: Log = quiet) -> list[
     return paths
 
 
+def summary(r: DiagnoseResult) -> list[str]:
+    """The verdicts of the report in a few lines, for the terminal."""
+    full = float(torch.tensor(r.loss_by_position, dtype=torch.float64).mean())
+    cut = float(torch.tensor(r.loss_by_position_cut_at_L, dtype=torch.float64).mean())
+    lo, hi = r.loss_delta_interval
+    lines = [f"context past L = {r.train_len} (Δ {_delta_cell(full - cut, lo, hi)}): "
+             f"{_context_verdict(lo, hi, r.loss_windows)}"]
+    if r.context_split and r.context_split[-1][0].startswith("the rest"):
+        _, _, d, lo, hi = r.context_split[-1]
+        lines.append(f"distant keys, for tokens that keep local context (Δ {_delta_cell(d, lo, hi)}): "
+                     f"{_context_verdict(lo, hi, r.loss_windows)}")
+    beyond = r.attention_distance.get("beyond")
+    if beyond is not None:
+        tail = torch.tensor(beyond)[:, :, r.length - r.length // 4:]
+        lines.append(f"attention at distances ≥ L over the last {r.length // 4} queries: {tail.mean():.4f} "
+                     f"(largest head {tail.mean(-1).max():.4f})")
+    if r.bias_drift is not None and max(r.bias_drift) >= 1e-4:
+        lines.append(f"the bias moves with the query position: up to {max(r.bias_drift):.2f} nats at trained distances")
+    return lines
+
+
 def markdown(r: DiagnoseResult) -> str:
     lines = [f"# Diagnosis of `{r.checkpoint}`", "",
              f"Scheme **{r.scheme_name}** {r.options or ''}, trained at L = {r.train_len} tokens; "
