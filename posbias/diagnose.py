@@ -6,7 +6,9 @@ The diagnosis measures:
   against the same tokens with the context cut at ``L``: a rise past ``L`` is the failure to
   extrapolate. Δ past ``L`` is split (:func:`context_split`) between the first ``L/8`` tokens of
   each cut chunk, which the cut robs of local context, and the rest, for which Δ is what the
-  distant keys themselves do;
+  distant keys themselves do. For additive schemes the same windows are scored once more with
+  attention cut to the ``L`` nearest keys (:class:`WithinWindow`, a counterfactual): full − window
+  is what the keys beyond ``L`` do, causally (:func:`window_split`);
 * **attention distance** per layer and head: the mean, median and 90th percentile of ``i − j``
   weighted by the attention probabilities (read from the model's own forward pass,
   ``on_attention``), as a function of the query position. An over-local head keeps a small distance
@@ -100,12 +102,11 @@ def context_effect(model: TransformerLM, tokens: Tensor, length: int, short: int
     count = min(windows, n_avail // length)
     if count < 1:
         raise ValueError(f"the split has {n_avail} tokens, fewer than one window of {length}")
-    long_sum = torch.zeros(count, length, dtype=torch.float64)
+    long_sum = window_losses(model, tokens, length, count, device=device)
     short_sum = torch.zeros(count, length, dtype=torch.float64)
     for w in range(count):
         chunk = tokens[w * length: w * length + length + 1].long().to(device)
         x, y = chunk[:-1][None], chunk[1:][None]
-        long_sum[w] = F.cross_entropy(model(x)[0].float(), y[0], reduction="none").double().cpu()
         full = length - length % short  # whole chunks go through the model as one batch
         if full:
             logits = model(x[:, :full].reshape(-1, short)).flatten(0, 1)
@@ -139,6 +140,77 @@ def context_split(long_w: Tensor, short_w: Tensor, train_len: int) -> list[tuple
             continue
         delta = long_w[:, sel] - short_w[:, sel]
         rows.append((label, float(sel.float().mean()), float(delta.mean()), *delta_interval(delta)))
+    return rows
+
+
+@torch.no_grad()
+def window_losses(model: TransformerLM, tokens: Tensor, length: int, count: int, *,
+                  device: str | torch.device = "cpu") -> Tensor:
+    """Per-position loss ``[count, length]`` (float64) of the first ``count`` windows of ``length``
+    tokens, each scored with its full context."""
+    from torch.nn import functional as F
+
+    model.eval()
+    out = torch.zeros(count, length, dtype=torch.float64)
+    for w in range(count):
+        chunk = tokens[w * length: w * length + length + 1].long().to(device)
+        out[w] = F.cross_entropy(model(chunk[None, :-1])[0].float(), chunk[1:], reduction="none").double().cpu()
+    return out
+
+
+class WithinWindow(Scheme):
+    """``inner``'s bias with every key at distance ``≥ window`` hidden: a sliding window of the
+    training length laid over a trained model (the counterfactual :func:`window_effect` scores).
+    Not registered: it exists only inside a diagnosis."""
+
+    name = "within-window"
+    family = "additive"
+    summary = "a scheme's bias, keys at distance >= window hidden (diagnosis only)"
+    paper = "—"
+    in_study = False
+
+    def __init__(self, inner: Scheme, window: int) -> None:
+        super().__init__(n_heads=inner.n_heads, head_dim=inner.head_dim)
+        self.inner, self.window = inner, check_count("window", window)
+
+    def default_scale(self) -> float:
+        return self.inner.default_scale()
+
+    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        far = (q_pos[:, None] - k_pos[None, :]) >= self.window
+        return self.inner.bias(q_pos, k_pos).masked_fill(far, float("-inf"))
+
+
+def window_effect(model: TransformerLM, tokens: Tensor, length: int, window: int, count: int, *,
+                  device: str | torch.device = "cpu") -> Tensor:
+    """The losses of :func:`window_losses` with attention cut to keys at distance ``< window``: the
+    same model, the same windows, every key farther back hidden. Against the full context this is
+    what the keys beyond ``window`` do, causally (additive schemes; the model is restored after)."""
+    if model.scheme.family != "additive":
+        raise ValueError(f"the window counterfactual needs an additive scheme, not {model.scheme.family!r}")
+    inner = model.scheme
+    model.scheme = WithinWindow(inner, window)
+    try:
+        return window_losses(model, tokens, length, count, device=device)
+    finally:
+        model.scheme = inner
+
+
+def window_split(long_w: Tensor, window_w: Tensor, short_w: Tensor,
+                 train_len: int) -> list[tuple[str, float, float | None, float | None]]:
+    """Over the tokens past ``L`` that keep local context (:func:`context_split`'s second set), Δ
+    split in two: full context − window of ``L`` (what the keys beyond ``L`` do) and window of ``L``
+    − cut at ``L`` (what the context within ``L`` beyond the chunk's start does); they add up to that
+    set's Δ. Rows ``(label, mean, lo, hi)``, intervals a 95% bootstrap over windows."""
+    pos = torch.arange(long_w.shape[1])
+    kept = (pos >= train_len) & (pos % train_len >= local_head(train_len))
+    if not bool(kept.any()):
+        return []
+    rows = []
+    for label, a, b in ((f"keys at distance ≥ {train_len} (full − window of {train_len})", long_w, window_w),
+                        (f"context within {train_len} (window of {train_len} − cut)", window_w, short_w)):
+        delta = (a - b)[:, kept]
+        rows.append((label, float(delta.mean()), *delta_interval(delta)))
     return rows
 
 
@@ -263,6 +335,8 @@ class DiagnoseResult:
     loss_delta_interval: tuple[float | None, float | None] = (None, None)  # of Δ over all positions
     # Δ past L split into the cut chunks' first L/8 tokens and the rest: (label, share, mean Δ, lo, hi)
     context_split: list[tuple[str, float, float, float | None, float | None]] = field(default_factory=list)
+    # the rest's Δ split by a sliding window of L: keys beyond L, context within L (label, Δ, lo, hi)
+    window_split: list[tuple[str, float, float | None, float | None]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         skip = {"scheme"}
@@ -302,6 +376,10 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
         {k: v.tolist() for k, v in ad.items()})
     result.loss_delta_interval = delta_interval(long_w - short_w)
     result.context_split = context_split(long_w, short_w, train_len)
+    if model.scheme.family == "additive":
+        log(f"the same windows with attention cut to the {train_len} nearest keys …")
+        window_w = window_effect(model, corpus.val, length, train_len, long_w.shape[0], device=cfg.device)
+        result.window_split = window_split(long_w, window_w, short_w, train_len)
     _measure_bias(result)
     if cfg.passkey_steps > 0 and train_len >= passkey.overhead(5):
         result.passkey = _passkey(model, cfg, train_len, length, progress, log)

@@ -10,10 +10,11 @@ import torch
 
 from posbias import checkpoint as ckpt
 from posbias import ntk_lambda, passkey, rope_frequencies, t5_bucket
+from posbias.attention import attention
 from posbias.cli import main
 from posbias.data import stdlib_corpus
-from posbias.diagnose import (DiagnoseConfig, attention_distance, bias_drift, context_split, effective_reach,
-                              final_bucket_share, run_diagnose)
+from posbias.diagnose import (DiagnoseConfig, WithinWindow, attention_distance, bias_drift, context_split,
+                              effective_reach, final_bucket_share, run_diagnose, window_effect, window_split)
 from posbias.report import diagnose as diagnose_report
 from posbias.report import retrofit as retrofit_report
 from posbias.model import ModelConfig, TransformerLM
@@ -169,6 +170,10 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     assert parts == pytest.approx(statistics.fmean(rep.loss_by_position) - statistics.fmean(rep.loss_by_position_cut_at_L))
     assert "mass at distance ≥ L" in md and "Attention on keys at distance ≥ L" in md
     assert rep.bias_drift == [0.0] * len(rep.bias_drift) and "The bias depends on i − j alone" in md
+    # the sliding-window counterfactual: its two rows add up to the kept tokens' Δ
+    (_, beyond, lo, hi), (_, within, _, _) = rep.window_split
+    assert beyond + within == pytest.approx(rep.context_split[-1][2]) and lo <= beyond <= hi
+    assert "Attention to the keys beyond L" in md and "window of 48 − cut" in md
     saved = json.loads((tmp_path / "d" / "diagnose.json").read_text())
     assert saved["train_len"] == L and len(saved["loss_by_position_cut_at_L"]) == 2 * L
     # the first L positions see the same context either way
@@ -182,6 +187,50 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     assert lo <= delta <= hi and "interval of Δ" in md and "95% bootstrap over the 4 windows" in md
 
 
+def test_within_window_hides_exactly_the_keys_beyond_the_window():
+    """The counterfactual scheme: the inner bias within the window, −∞ beyond it, the inner scale
+    (T5: 1); attention with it equals the reference with those keys masked by hand."""
+    t5 = build("t5", n_heads=2, head_dim=8, max_distance=20)
+    with torch.no_grad():
+        t5.table.normal_()
+    w = WithinWindow(t5, 5)
+    pos = torch.arange(12)
+    b = w.bias(pos, pos)
+    far = (pos[:, None] - pos[None, :]) >= 5
+    assert torch.isinf(b[:, far]).all() and torch.equal(b[:, ~far], t5.bias(pos, pos)[:, ~far])
+    assert w.default_scale() == 1.0
+    q, k, v = (torch.randn(1, 2, 12, 8) for _ in range(3))
+    hidden = far | (pos[None, :] > pos[:, None])
+    want = torch.softmax((q @ k.transpose(-1, -2) + t5.bias(pos, pos)).masked_fill(hidden, float("-inf")), -1) @ v
+    torch.testing.assert_close(attention(q, k, v, w), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="window must be"):
+        WithinWindow(t5, 0)
+
+
+def test_window_effect_restores_the_model_and_needs_a_bias(corpus):
+    model = TransformerLM(ModelConfig(scheme="alibi", **TINY))
+    scheme = model.scheme
+    win = window_effect(model, corpus.val, 2 * L, L, 2)
+    assert win.shape == (2, 2 * L) and model.scheme is scheme
+    rope = TransformerLM(ModelConfig(scheme="rope", **TINY))
+    with pytest.raises(ValueError, match="needs an additive scheme"):
+        window_effect(rope, corpus.val, 2 * L, L, 1)
+    # a window as long as the text hides nothing: the same losses as the full context
+    full = window_effect(model, corpus.val, 2 * L, 2 * L, 2)
+    from posbias.diagnose import window_losses
+    torch.testing.assert_close(full, window_losses(model, corpus.val, 2 * L, 2), atol=1e-5, rtol=1e-5)  # other kernel
+
+
+def test_window_split_adds_up():
+    L_, n = 16, 64
+    long, win, short = (torch.rand(4, n, dtype=torch.float64) for _ in range(3))
+    short[:, :L_] = long[:, :L_]
+    (l1, d1, lo1, hi1), (l2, d2, _, _) = window_split(long, win, short, L_)
+    kept = (torch.arange(n) >= L_) & (torch.arange(n) % L_ >= 2)
+    assert d1 + d2 == pytest.approx(float((long - short)[:, kept].mean())) and lo1 <= d1 <= hi1
+    assert "keys at distance ≥ 16" in l1 and "context within 16" in l2
+
+
 def test_diagnose_cli_prints_its_verdicts(tmp_path, capsys, text_file):
     """The terminal gets the report's verdicts, not only the path to it."""
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
@@ -191,6 +240,7 @@ def test_diagnose_cli_prints_its_verdicts(tmp_path, capsys, text_file):
     said = "".join(capsys.readouterr())
     assert f"context past L = {L} (Δ " in said and "distant keys, for tokens that keep local context" in said
     assert "attention at distances ≥ L over the last" in said and "report " in said
+    assert "keys beyond L, against a sliding window of L" in said
     assert "the bias moves" not in said  # T5: a bias of i − j alone
 
 

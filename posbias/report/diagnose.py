@@ -37,6 +37,10 @@ def summary(r: DiagnoseResult) -> list[str]:
         _, _, d, lo, hi = r.context_split[-1]
         lines.append(f"distant keys, for tokens that keep local context (Δ {_delta_cell(d, lo, hi)}): "
                      f"{_context_verdict(lo, hi, r.loss_windows)}")
+    if r.window_split:
+        _, d, lo, hi = r.window_split[0]
+        lines.append(f"keys beyond L, against a sliding window of L (Δ {_delta_cell(d, lo, hi)}): "
+                     f"{_context_verdict(lo, hi, r.loss_windows)}")
     beyond = r.attention_distance.get("beyond")
     if beyond is not None:
         tail = torch.tensor(beyond)[:, :, r.length - r.length // 4:]
@@ -85,8 +89,21 @@ def _loss_section(r: DiagnoseResult) -> list[str]:
             + md_table(["positions", "loss, full context", "loss, context cut at L", "Δ"], rows)
             + ["", f"Perplexity {math.exp(full):.3f} with the full context vs {math.exp(cut):.3f} cut at L: the "
                f"extra context {_context_verdict(lo_all, hi_all, r.loss_windows)}.", ""]
-            + _split_section(r)
+            + _split_section(r) + _window_section(r)
             + ["![loss by position](loss_by_position.png)", ""])
+
+
+def _window_section(r: DiagnoseResult) -> list[str]:
+    """The kept tokens' Δ split by a sliding window of L (:func:`posbias.diagnose.window_split`)."""
+    if not r.window_split:
+        return []
+    rows = [[label, _delta_cell(d, lo, hi)] for label, d, lo, hi in r.window_split]
+    _, _, lo, hi = r.window_split[0]
+    return (["The same tokens once more with attention cut to the L nearest keys (a sliding window of L laid "
+             "over the model: a counterfactual, not how it was trained). The two rows add up to the second row "
+             "above: what the keys beyond L do, and what the context within L does beyond the chunk's start.", ""]
+            + md_table(["what the full context adds", "Δ"], rows)
+            + ["", f"Attention to the keys beyond L {_context_verdict(lo, hi, r.loss_windows)}.", ""])
 
 
 def _split_section(r: DiagnoseResult) -> list[str]:
