@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .flash import merge
+from .flash import flash_backward, flash_forward, merge
 
 LSE_ALIGN = 32  # the memory-efficient kernel pads its log-sum-exp to this many queries
 
@@ -52,18 +52,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tupl
             2 if causal else 0, True, scale=scale)
         return out.transpose(1, 2), lse[..., :lq], ("efficient", seed, offset, mq, mk)
     if not causal or lq == lk:
-        out, lse = _cpu(q, k, v, scale, causal)
+        out, lse = flash_forward(q, k, v, scale, causal)
         return out, lse, ("cpu",)
     # bottom-right causal, Lq < Lk: every query sees the first Lk − Lq keys, then a square causal
     # block on the rest; two calls merged exactly, no [Lq, Lk] mask
-    out, lse = merge([_cpu(q, k[:, :, : lk - lq], v[:, :, : lk - lq], scale, False),
-                      _cpu(q, k[:, :, lk - lq:], v[:, :, lk - lq:], scale, True)])
+    out, lse = merge([flash_forward(q, k[:, :, : lk - lq], v[:, :, : lk - lq], scale, False),
+                      flash_forward(q, k[:, :, lk - lq:], v[:, :, lk - lq:], scale, True)])
     return out.to(q.dtype), lse, ("cpu",)
-
-
-def _cpu(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    return out, lse.float()
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, aux: tuple, scale: float,
@@ -85,14 +80,9 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
     lq, lk = q.shape[2], k.shape[2]
     if not causal or lq == lk:
-        return _cpu_backward(do, q, k, v, out, lse, scale, causal)
+        return flash_backward(do, q, k, v, out, lse, scale, causal)
     # the two calls of the forward, each given the merged output and lse: each returns its share
     cut = lk - lq
-    dq1, dk1, dv1 = _cpu_backward(do, q, k[:, :, :cut], v[:, :, :cut], out, lse, scale, False)
-    dq2, dk2, dv2 = _cpu_backward(do, q, k[:, :, cut:], v[:, :, cut:], out, lse, scale, True)
+    dq1, dk1, dv1 = flash_backward(do, q, k[:, :, :cut], v[:, :, :cut], out, lse, scale, False)
+    dq2, dk2, dv2 = flash_backward(do, q, k[:, :, cut:], v[:, :, cut:], out, lse, scale, True)
     return dq1 + dq2, torch.cat([dk1, dk2], 2), torch.cat([dv1, dv2], 2)
-
-
-def _cpu_backward(do, q, k, v, out, lse, scale, causal):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        do, q, k.contiguous(), v.contiguous(), out, lse, 0.0, causal, scale=scale)
