@@ -18,7 +18,7 @@ from posbias.kernels import fused
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 24 queries and groups of at most 3 chunks: every kind of band group at test sizes."""
-    monkeypatch.setattr(banded, "chunk_rows", lambda w, causal: max(24, w - 1 if causal else 2 * w - 2))
+    monkeypatch.setattr(banded, "chunk_rows", lambda w, causal: max(24, banded.overhang(w, causal)))
     monkeypatch.setattr(banded, "BAND_ELEMENTS", 2 * 3 * 3 * 24 * (24 + 2 * 9))
 
 

@@ -33,15 +33,20 @@ from torch import Tensor
 
 from ..schemes.base import ToeplitzScheme
 from . import fused
-from .flash import NEG, antidiagonal_sums, merge
+from .flash import NEG, antidiagonal_sums, mask_backward, merge
 
 BAND_ELEMENTS = 1 << 25  # floats per band group's [B, H, chunks, C, W] score tensor (128 MiB)
 
 
+def overhang(w: int, causal: bool) -> int:
+    """Keys a band chunk reads beyond its own queries' count: ``w − 1`` (``2w − 2`` bidirectional)."""
+    return w - 1 if causal else 2 * w - 2
+
+
 def chunk_rows(w: int, causal: bool) -> int:
-    """Queries per band chunk: at least 256, and at least the key overhang of a chunk (``w − 1``, or
-    ``2w − 2`` bidirectional) so that a chunk's keys reach at most into the next chunk's."""
-    return max(256, (w - 1) if causal else (2 * w - 2))
+    """Queries per band chunk: at least 256, and at least the :func:`overhang`, so that a chunk's
+    keys reach at most into the next chunk's."""
+    return max(256, overhang(w, causal))
 
 
 class _Group(NamedTuple):
@@ -57,7 +62,8 @@ class _Group(NamedTuple):
 
 def _groups(lq: int, lk: int, delta: int, w: int, causal: bool, chunk: int, per_chunk: int) -> list[_Group]:
     """Every band chunk, interior ones batched (at most ``BAND_ELEMENTS`` scores a group)."""
-    over = w - 1 if causal else 2 * w - 2
+    over = overhang(w, causal)
+    cap = max(1, BAND_ELEMENTS // max(1, per_chunk * chunk * (chunk + over)))  # interior chunks per group
     out, s = [], 0
     while s < lq:
         e = min(s + chunk, lq)
@@ -70,7 +76,6 @@ def _groups(lq: int, lk: int, delta: int, w: int, causal: bool, chunk: int, per_
             s = e
             continue
         n = 1  # extend over every following interior chunk, within the memory cap
-        cap = max(1, BAND_ELEMENTS // max(1, per_chunk * chunk * (chunk + over)))
         while n < cap:
             t = s + n * chunk
             if t + chunk > lq or (not causal and delta + t + chunk - 1 + w > lk):
@@ -199,17 +204,16 @@ class _Banded(torch.autograd.Function):
         for g in _groups(lq, lk, delta, w, causal, chunk, bsz * h):
             rows = slice(g.r0, g.r0 + g.n * g.rows)
             qc = q[:, :, rows].float().view(bsz, h, g.n, g.rows, d)
-            kw, vw = _windows(k, g), _windows(v, g)
-            do = dout[:, :, rows].view(bsz, h, g.n, g.rows, d)
-            s = torch.matmul(qc, kw.transpose(-1, -2)).mul_(scale).add_(_bias(consts, g, w, causal)[:, None])
-            p_ = s.sub_(safe[:, :, rows].view(bsz, h, g.n, g.rows, 1)).exp_()  # the merged probabilities
-            gv = torch.matmul(p_.transpose(-1, -2), do)
-            ds = p_.mul_(torch.matmul(do, vw.transpose(-1, -2)).sub_(delta_rows[:, :, rows].view(bsz, h, g.n, g.rows, 1)))
-            dq[:, :, rows] += torch.matmul(ds, kw).mul_(scale).reshape(bsz, h, -1, d)
-            _fold(dk, torch.matmul(ds.transpose(-1, -2), qc).mul_(scale), g)
+            per_row = (bsz, h, g.n, g.rows)
+            # the chunks are one more batch dimension of the dense backward (merged lse: the band's share)
+            gq, gk, gv, ds = mask_backward(qc, _windows(k, g), _windows(v, g), dout[:, :, rows].view(*per_row, d),
+                                           lse[:, :, rows].view(per_row), delta_rows[:, :, rows].view(per_row),
+                                           _bias(consts, g, w, causal)[:, None], scale)
+            dq[:, :, rows] += gq.reshape(bsz, h, -1, d)
+            _fold(dk, gk, g)
             _fold(dv, gv, g)
             if dvals is not None:  # pair (r, t) has offset shift + r − t: sums along the diagonals
-                gb = ds.sum((0, 2))  # [H, rows, keys], every chunk of the group shares the offsets
+                gb = ds.sum(1)  # [H, rows, keys] (ds is summed over the batch): the group's chunks share offsets
                 off = g.shift + g.rows - 1 - torch.arange(g.rows + g.keys - 1, device=q.device)
                 dvals.index_add_(1, off.clamp(-w, w) + w, antidiagonal_sums(gb.flip(1)))
         grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dvals is None else dvals.to(vals.dtype))
@@ -224,7 +228,7 @@ def banded_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, q_
     vals = scheme.bias_at(torch.arange(-w, w + 1, device=q.device))  # [H, 2w+1], differentiable
     delta = int(q_pos[0]) - int(k_pos[0])
     chunk = chunk or chunk_rows(w, causal)
-    if chunk < (w - 1 if causal else 2 * w - 2):
-        raise ValueError(f"chunk={chunk} must be at least the band's overhang {w - 1 if causal else 2 * w - 2}")
+    if chunk < overhang(w, causal):
+        raise ValueError(f"chunk={chunk} must be at least the band's overhang {overhang(w, causal)}")
     q, k, v = (t.contiguous() for t in (q, k, v))
     return _Banded.apply(q, k, v, vals, delta, w, causal, scale, chunk).to(q.dtype)
