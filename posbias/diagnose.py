@@ -42,7 +42,7 @@ from . import checkpoint as ckpt
 from . import passkey
 from .config import Log, check_count, fixed_threads, quiet
 from .data import Corpus
-from .evaluate import bootstrap_means, interval, local_head
+from .evaluate import bootstrap_means, interval, local_head, token_losses
 from .model import TransformerLM
 from .schemes.base import Scheme, ToeplitzScheme, flat_share
 
@@ -102,7 +102,7 @@ def context_effect(model: TransformerLM, tokens: Tensor, length: int, short: int
     count = min(windows, n_avail // length)
     if count < 1:
         raise ValueError(f"the split has {n_avail} tokens, fewer than one window of {length}")
-    long_sum = window_losses(model, tokens, length, count, device=device)
+    long_sum = token_losses(model, tokens, length, n_tokens=count * length, device=device).view(count, length)
     short_sum = torch.zeros(count, length, dtype=torch.float64)
     for w in range(count):
         chunk = tokens[w * length: w * length + length + 1].long().to(device)
@@ -117,6 +117,15 @@ def context_effect(model: TransformerLM, tokens: Tensor, length: int, short: int
     return long_sum, short_sum
 
 
+def _position_sets(length: int, train_len: int) -> tuple[Tensor, Tensor]:
+    """Boolean ``[length]``: the positions past ``L`` among the first ``L/8`` of their ``L``-chunk
+    (robbed of local context by the cut), and the other positions past ``L`` (which keep it)."""
+    pos = torch.arange(length)
+    past = pos >= train_len
+    starts = past & (pos % train_len < local_head(train_len))
+    return starts, past & ~starts
+
+
 def context_split(long_w: Tensor, short_w: Tensor, train_len: int) -> list[tuple[str, float, float, float | None, float | None]]:
     """Where the context effect past L comes from. Cut into chunks of ``L``, the first ``L/8``
     tokens of every chunk after the first lose their local context; every other token past ``L``
@@ -128,34 +137,16 @@ def context_split(long_w: Tensor, short_w: Tensor, train_len: int) -> list[tuple
     Returns ``(label, share of all positions, mean Δ over the set, lo, hi)`` per set, the interval a
     95% bootstrap over windows (None with one window); ``share × mean`` of both rows add up to the
     mean Δ over all positions (positions before ``L`` have Δ = 0)."""
-    length = long_w.shape[1]
     head = local_head(train_len)
-    pos = torch.arange(length)
-    past = pos >= train_len
-    starts = past & (pos % train_len < head)
+    starts, kept = _position_sets(long_w.shape[1], train_len)
     rows = []
     for label, sel in ((f"first {head} of each cut chunk (local context restored)", starts),
-                       (f"the rest past L (≥ {head} tokens of local context either way)", past & ~starts)):
+                       (f"the rest past L (≥ {head} tokens of local context either way)", kept)):
         if not bool(sel.any()):
             continue
         delta = long_w[:, sel] - short_w[:, sel]
         rows.append((label, float(sel.float().mean()), float(delta.mean()), *delta_interval(delta)))
     return rows
-
-
-@torch.no_grad()
-def window_losses(model: TransformerLM, tokens: Tensor, length: int, count: int, *,
-                  device: str | torch.device = "cpu") -> Tensor:
-    """Per-position loss ``[count, length]`` (float64) of the first ``count`` windows of ``length``
-    tokens, each scored with its full context."""
-    from torch.nn import functional as F
-
-    model.eval()
-    out = torch.zeros(count, length, dtype=torch.float64)
-    for w in range(count):
-        chunk = tokens[w * length: w * length + length + 1].long().to(device)
-        out[w] = F.cross_entropy(model(chunk[None, :-1])[0].float(), chunk[1:], reduction="none").double().cpu()
-    return out
 
 
 class WithinWindow(Scheme):
@@ -183,7 +174,8 @@ class WithinWindow(Scheme):
 
 def window_effect(model: TransformerLM, tokens: Tensor, length: int, window: int, count: int, *,
                   device: str | torch.device = "cpu") -> Tensor:
-    """The losses of :func:`window_losses` with attention cut to keys at distance ``< window``: the
+    """Per-position loss ``[count, length]`` of the first ``count`` windows of ``length`` tokens (as
+    :func:`context_effect`'s full context) with attention cut to keys at distance ``< window``: the
     same model, the same windows, every key farther back hidden. Against the full context this is
     what the keys beyond ``window`` do, causally (additive schemes; the model is restored after)."""
     if model.scheme.family != "additive":
@@ -191,7 +183,7 @@ def window_effect(model: TransformerLM, tokens: Tensor, length: int, window: int
     inner = model.scheme
     model.scheme = WithinWindow(inner, window)
     try:
-        return window_losses(model, tokens, length, count, device=device)
+        return token_losses(model, tokens, length, n_tokens=count * length, device=device).view(count, length)
     finally:
         model.scheme = inner
 
@@ -202,8 +194,7 @@ def window_split(long_w: Tensor, window_w: Tensor, short_w: Tensor,
     split in two: full context − window of ``L`` (what the keys beyond ``L`` do) and window of ``L``
     − cut at ``L`` (what the context within ``L`` beyond the chunk's start does); they add up to that
     set's Δ. Rows ``(label, mean, lo, hi)``, intervals a 95% bootstrap over windows."""
-    pos = torch.arange(long_w.shape[1])
-    kept = (pos >= train_len) & (pos % train_len >= local_head(train_len))
+    _, kept = _position_sets(long_w.shape[1], train_len)
     if not bool(kept.any()):
         return []
     rows = []
