@@ -26,10 +26,15 @@ def write(result: DiagnoseResult, out: str | Path, *, log: Log = quiet) -> list[
     return paths
 
 
+def _mean_losses(r: DiagnoseResult) -> tuple[float, float]:
+    """Mean loss with the full context and cut at L, over every position (float64, as measured)."""
+    return tuple(float(torch.tensor(x, dtype=torch.float64).mean())
+                 for x in (r.loss_by_position, r.loss_by_position_cut_at_L))
+
+
 def summary(r: DiagnoseResult) -> list[str]:
     """The verdicts of the report in a few lines, for the terminal."""
-    full = float(torch.tensor(r.loss_by_position, dtype=torch.float64).mean())
-    cut = float(torch.tensor(r.loss_by_position_cut_at_L, dtype=torch.float64).mean())
+    full, cut = _mean_losses(r)
     lo, hi = r.loss_delta_interval
     lines = [f"context past L = {r.train_len} (Δ {_delta_cell(full - cut, lo, hi)}): "
              f"{_context_verdict(lo, hi, r.loss_windows)}"]
@@ -76,8 +81,7 @@ def _context_verdict(lo: float | None, hi: float | None, windows: int) -> str:
 
 
 def _loss_section(r: DiagnoseResult) -> list[str]:
-    full = float(torch.tensor(r.loss_by_position, dtype=torch.float64).mean())  # as measured (float64)
-    cut = float(torch.tensor(r.loss_by_position_cut_at_L, dtype=torch.float64).mean())
+    full, cut = _mean_losses(r)
     lo_all, hi_all = r.loss_delta_interval
     rows = [[name, f"{lo:.4f}", f"{sh:.4f}", _delta_cell(lo - sh, d_lo, d_hi)] for name, lo, sh, d_lo, d_hi in r.loss_by_range]
     rows.append(["all", f"{full:.4f}", f"{cut:.4f}", _delta_cell(full - cut, lo_all, hi_all)])

@@ -87,20 +87,21 @@ def _delta_section(result: StudyResult) -> list[str]:
     far = [n for n in cfg.lengths() if n > base]
     if not far:
         return []
-    rows = [[a.label, *(_cell(records_at(result.records, a.label, n), "tail_delta", "+.3f") for n in far)]
-            for a in result.arms]
     head = local_head(base)
-    kept = [[a.label, *(_cell(records_at(result.records, a.label, n), "far_delta", "+.4f") for n in far)]
-            for a in result.arms]
+
+    def table(key: str, fmt: str) -> list[str]:
+        rows = [[a.label, *(_cell(records_at(result.records, a.label, n), key, fmt) for n in far)] for a in result.arms]
+        return md_table(["scheme", *(f"Δ @ {n}" for n in far)], rows)
+
     return (["", f"### Beyond the training length: the last {base} tokens of each window, with n − {base} … n − 1 "
              f"tokens of context, against the same tokens scored in windows of {base} (Δ nats/byte; < 0: the "
              "longer context helps, > 0: the model breaks past L)", ""]
-            + md_table(["scheme", *(f"Δ @ {n}" for n in far)], rows)
+            + table("tail_delta", "+.3f")
             + ["", f"### What the distant keys do: the same Δ without the first {head} of those {base} tokens, which in "
                f"windows of {base} have almost no context (their local context coming back dominates the table "
                f"above); the other {base - head} keep at least {head} tokens of it either way (< 0: the distant "
                "keys are used, ≈ 0: ignored, > 0: they disturb the model)", ""]
-            + md_table(["scheme", *(f"Δ @ {n}" for n in far)], kept))
+            + table("far_delta", "+.4f"))
 
 
 def _learned_section(result: StudyResult) -> list[str]:
