@@ -136,21 +136,19 @@ def cases(name, n, scheme, q, k, v):
     causal_mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     out = {}
 
-    def fwd_posbias():
-        with torch.no_grad():
-            posbias.attention(q, k, v, scheme)
+    def posbias_case(backend):
+        """(forward, forward+backward) of posbias.attention with ``backend``."""
+        def fwd():
+            with torch.no_grad():
+                posbias.attention(q, k, v, scheme, backend=backend)
 
-    def train_posbias():
-        posbias.attention(q, k, v, scheme).sum().backward()
+        def train():
+            posbias.attention(q, k, v, scheme, backend=backend).sum().backward()
+        return fwd, train
 
-    out["posbias"] = (fwd_posbias, train_posbias)
+    out["posbias"] = posbias_case("auto")
     if q.device.type == "cuda" and usable("banded", scheme, q, q_pos=pos, k_pos=pos, causal=True) is None:
-        def banded(grad):  # issue 12's second CUDA candidate: far parts on flash attention, the band dense
-            if not grad:
-                with torch.no_grad():
-                    return posbias.attention(q, k, v, scheme, backend="banded")
-            posbias.attention(q, k, v, scheme, backend="banded").sum().backward()
-        out["posbias (banded)"] = (lambda: banded(False), lambda: banded(True))
+        out["posbias (banded)"] = posbias_case("banded")  # issue 12's second CUDA candidate
     if scheme.family == "additive" and n <= DENSE_LIMIT[q.device.type] // (1 if scheme.toeplitz else 2):
         def dense(grad):  # the bias in the inputs' dtype, as a user hands it to SDPA (and CUDA kernels need)
             b = scheme.bias(pos, pos).masked_fill(~causal_mask, float("-inf")).to(q.dtype)
@@ -166,12 +164,7 @@ def cases(name, n, scheme, q, k, v):
                     o.sum().backward()
             out["HF-style T5"] = (lambda: torch.no_grad()(hf)(False), lambda: hf(True))
     if FLEX and callable(getattr(scheme, "score_mod", None)):  # Toeplitz schemes and FIRE
-        def flex_fwd():
-            with torch.no_grad():
-                posbias.attention(q, k, v, scheme, backend="flex")
-
-        def flex_train():
-            posbias.attention(q, k, v, scheme, backend="flex").sum().backward()
+        flex_fwd, flex_train = posbias_case("flex")  # no backward on CPU
         out["compiled FlexAttention"] = (flex_fwd, flex_train if q.device.type == "cuda" else None)
     mod = hand_written_score_mod(name, scheme) if FLEX else None
     if mod is not None:
