@@ -8,7 +8,7 @@ brackets, their smallest and largest value; load that drifts between pairs cance
 The thread count is fixed (``--threads``, default 2) and printed.
 
 For each scheme and length: forward and forward+backward of posbias (auto backend; on CUDA also
-the ``banded`` candidate where it applies), and the anchors: dense-bias SDPA (the bias materialised as [H, N, N]), the HuggingFace-style T5 path
+the ``banded`` and native ``alibi`` candidates where they apply), and the anchors: dense-bias SDPA (the bias materialised as [H, N, N]), the HuggingFace-style T5 path
 (bucketing all N² pairs, embedding lookup, dense bias), and two compiled FlexAttention anchors:
 posbias's ``backend="flex"`` (a ``score_mod`` reading a per-offset table; FIRE's MLP per pair) and
 the ``score_mod`` a user writes from the attention-gym examples, the formula evaluated per pair
@@ -147,8 +147,9 @@ def cases(name, n, scheme, q, k, v):
         return fwd, train
 
     out["posbias"] = posbias_case("auto")
-    if q.device.type == "cuda" and usable("banded", scheme, q, q_pos=pos, k_pos=pos, causal=True) is None:
-        out["posbias (banded)"] = posbias_case("banded")  # issue 12's second CUDA candidate
+    for candidate in ("banded", "alibi"):  # issue 12's CUDA candidates besides FlexAttention (auto on the CPU)
+        if q.device.type == "cuda" and usable(candidate, scheme, q, q_pos=pos, k_pos=pos, causal=True) is None:
+            out[f"posbias ({candidate})"] = posbias_case(candidate)
     if scheme.family == "additive" and n <= DENSE_LIMIT[q.device.type] // (1 if scheme.toeplitz else 2):
         def dense(grad):  # the bias in the inputs' dtype, as a user hands it to SDPA (and CUDA kernels need)
             b = scheme.bias(pos, pos).masked_fill(~causal_mask, float("-inf")).to(q.dtype)

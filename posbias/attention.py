@@ -122,6 +122,8 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
         return _flex_usable(scheme, q, contiguous)
     if name == "banded":
         return _banded_usable(scheme, q, q_pos, k_pos, contiguous)
+    if name == "alibi" and q.device.type == "cuda":  # the native extra-dimension path (issue 12 candidate)
+        return _alibi_usable(scheme, q_pos, k_pos, causal, contiguous)
     if not flash_available(q):
         return "needs the fused CPU flash kernel (CPU tensors)"
     if not contiguous:
@@ -130,9 +132,7 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
         return None if isinstance(scheme, ToeplitzScheme) and scheme.flat_beyond is not None else \
             "needs a Toeplitz bias constant beyond a window"
     if name == "alibi":
-        if not isinstance(scheme, ToeplitzScheme) or scheme.linear_slopes is None or not causal:
-            return "needs a causal linear bias (ALiBi)"
-        return None if _queries_among_keys(q_pos, k_pos) else "needs every query position among the keys"
+        return _alibi_usable(scheme, q_pos, k_pos, causal, contiguous)
     if name == "toeplitz":
         return None if isinstance(scheme, ToeplitzScheme) else "needs a Toeplitz bias"
     return f"unknown backend {name!r}"
@@ -142,6 +142,14 @@ def _queries_among_keys(q_pos: Tensor, k_pos: Tensor) -> bool:
     """Contiguous positions with every query's own position among the keys."""
     q0, k0 = int(q_pos[0]), int(k_pos[0])
     return k0 <= q0 and q0 + q_pos.numel() <= k0 + k_pos.numel()
+
+
+def _alibi_usable(scheme: Scheme, q_pos: Tensor, k_pos: Tensor, causal: bool, contiguous: bool) -> str | None:
+    if not isinstance(scheme, ToeplitzScheme) or scheme.linear_slopes is None or not causal:
+        return "needs a causal linear bias (ALiBi)"
+    if not contiguous:
+        return "needs contiguous positions"
+    return None if _queries_among_keys(q_pos, k_pos) else "needs every query position among the keys"
 
 
 def _banded_usable(scheme: Scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor, contiguous: bool) -> str | None:
@@ -179,9 +187,10 @@ TOEPLITZ_TRAINS_BELOW = 1536  # keys: below, a learnable windowed table trains f
 
 # CUDA fast paths that a GPU run has validated (``pytest -m cuda`` and ``benchmarks/gpu_check.sh``,
 # README), in the order ``auto`` tries them. Issue 12's rule: until a path is listed here, ``auto``
-# keeps CUDA tensors on plain SDPA (no bias) or ``blockwise``; forcing ``backend="flex"`` or
-# ``backend="banded"`` (or ``accelerate(model, backend=...)``) runs a candidate meanwhile. Each is
-# tried where it runs exactly (banded: T5/offset only), so the faster of the two for T5 goes first.
+# keeps CUDA tensors on plain SDPA (no bias) or ``blockwise``; forcing ``backend="flex"``,
+# ``backend="banded"`` or ``backend="alibi"`` (or ``accelerate(model, backend=...)``) runs a candidate
+# meanwhile. Each is tried where it runs exactly (banded: T5/offset only; alibi: causal ALiBi only),
+# so the faster candidate for a scheme goes first.
 CUDA_VALIDATED: tuple[str, ...] = ()
 
 

@@ -1,104 +1,153 @@
-"""Exact causal ALiBi on the fused flash kernel: the bias rides along as one extra head dimension.
+"""Exact causal ALiBi on a fused attention kernel: the bias rides along as extra head dimensions.
 
 ``−m(i − j) = −m(i − r) + m(j − r)`` for any reference ``r``; the first term is constant along a row
-and cancels in the softmax, so with ``q' = [q, 1/scale]`` and ``k' = [k, m·(j − r)]`` the fused kernel
-computes ``scale·q·k + m(j − r)`` — ALiBi up to a row constant that is the same for every part of the
-row. Taking ``r`` = the first query of each block keeps ``|m(j − r)|`` small for the keys that matter,
-so float32 stays exact at any length (keys far away have large negative logits and vanish either
-way). Each block = a rectangle of earlier keys + a square causal diagonal block, merged through their
-log-sum-exps; the backward calls the fused backward op with the merged output and lse. Computed in
-float32 whatever the input dtype (a bf16 extra column would round the bias).
+and cancels in the softmax. With ``q' = [q, c, …, c]`` and ``k' = [k, x₁, …, x_P]``, where ``c`` is
+the power of two nearest ``1/scale`` and ``x₁ + … + x_P = m(j − r)/(scale·c)``, the kernel computes
+``scale·(q·k + c·Σx) = scale·q·k + m(j − r)`` — ALiBi up to a row constant that is the same for every
+part of the row. Taking ``r`` = the first query of each block keeps ``|m(j − r)|`` small for the keys
+that matter, so the float32 accumulator inside the kernel stays exact (keys far away have large
+negative logits and vanish either way). Each block = a rectangle of earlier keys + a square causal
+diagonal block, merged through their log-sum-exps; the backward calls the fused backward op with the
+merged output and lse (the ring-attention identity, :mod:`.flash`).
+
+Two ways to run it, chosen by :func:`alibi_kernel`:
+
+* **CPU** (the ``alibi`` backend's measured path): float32 whatever the input dtype, one extra
+  column (``P = 1``), 512-query blocks, on PyTorch's CPU flash op;
+* **native** (CUDA; issue 12's extra-dimension candidate): the inputs' own dtype on the fused op of
+  :mod:`.fused` (flash attention in bf16/fp16, the memory-efficient kernel in float32), head_dim
+  padded with zeros to a multiple of 8 as the CUDA kernels need. In bf16/fp16 the bias is split into
+  ``P = 3`` columns (``x₁`` = x rounded, ``x₂`` = what is left rounded, …): their products with ``c``
+  are exact and the kernel adds them in float32, so the bias reaches the scores with about float32's
+  24 bits although each column holds 8 (bf16) — one rounded column would be off by up to 2⁻⁹·|x|
+  (half a nat at ``m(j − r) = 256``). Blocks of 4096 queries there (512 in float32) keep the kernel
+  calls large; ``|m(j − r)| ≤ m·4096`` costs at most ``2⁻²⁴·2048 ≈ 1e-4`` nats in the accumulator,
+  far below bf16's own rounding of ``q·k``. Biases below ``−2¹⁴`` nats are clamped there (fp16's
+  range ends at 65504); ``exp`` of either is 0 in float32 unless the scores of one row span thousands
+  of nats.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .flash import flash_backward, flash_forward, merge
+from . import fused
+from .flash import merge
 
-BLOCK = 512
+BLOCK = 512  # queries per block on the CPU and in float32
+HALF_BLOCK = 4096  # queries per block in bf16/fp16 (native)
+HALF_PIECES = 3  # bias columns in bf16/fp16: ~24 bits in all
+BIAS_FLOOR = -(2.0 ** 14)  # nats; the native path clamps below (fp16 range)
 
 
 class _Augmented:
-    """``k' = [k, m·(j − r)]`` and ``v' = [v, 0]`` allocated once per call; moving the reference ``r``
-    to the next block rewrites only the extra column (O(N), not a copy of the keys per block)."""
+    """``k' = [k, x₁ … x_P, 0 …]`` and ``v' = [v, 0 …]`` allocated once per call, ``width`` columns;
+    moving the reference ``r`` to the next block rewrites only the bias columns (O(N), not a copy of
+    the keys per block)."""
 
-    def __init__(self, k: Tensor, v: Tensor, slopes: Tensor, k0: int) -> None:
-        bsz, h, lk, _ = k.shape
-        self.k = torch.cat([k, k.new_zeros(bsz, h, lk, 1)], -1)
-        self.v = F.pad(v, (0, 1))
-        self.slope = slopes.view(1, h, 1).to(k.dtype)
+    def __init__(self, k: Tensor, v: Tensor, slopes: Tensor, k0: int, scale: float, pieces: int, width: int) -> None:
+        bsz, h, lk, d = k.shape
+        self.d, self.pieces = d, pieces
+        self.k = F.pad(k, (0, width - d))
+        self.v = F.pad(v, (0, width - d))
+        self.c = 2.0 ** round(math.log2(1.0 / scale))  # exact in every dtype
+        self.slope = (slopes.float() / (scale * self.c)).view(1, h, 1)
         self.k0 = k0
         self.kidx = torch.arange(lk, device=k.device).view(1, 1, -1)  # int64: j − k0
+        self.floor = BIAS_FLOOR / (scale * self.c) if pieces > 1 else None  # in units of x
 
     def at(self, r: int, upto: int) -> tuple[Tensor, Tensor]:
         # j − r = (j − k0) − (r − k0), in integers: float32 sees only the small difference
-        rel = (self.kidx[:, :, :upto] - (r - self.k0)).to(self.k.dtype)
-        self.k[:, :, :upto, -1] = self.slope * rel
+        x = self.slope * (self.kidx[:, :, :upto] - (r - self.k0)).float()
+        if self.floor is not None:
+            x = x.clamp(self.floor, -self.floor)
+        for p in range(self.pieces):  # x₁ = x rounded, x₂ = the rest rounded, …
+            piece = x.to(self.k.dtype)
+            self.k[:, :, :upto, self.d + p] = piece
+            if p + 1 < self.pieces:
+                x = x - piece.float()
         return self.k[:, :, :upto], self.v[:, :, :upto]
 
-
-def _query(q: Tensor, scale: float) -> Tensor:
-    return torch.cat([q, q.new_full((*q.shape[:3], 1), 1.0 / scale)], -1)
+    def query(self, q: Tensor) -> Tensor:
+        extra = q.new_zeros(*q.shape[:3], self.k.shape[-1] - self.d)
+        extra[..., : self.pieces] = self.c
+        return torch.cat([q, extra], -1)
 
 
 class _ALiBi(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, q0: int, k0: int, scale: float, block: int):
+    def forward(ctx, q, k, v, slopes, q0: int, k0: int, scale: float, block: int, pieces: int, width: int):
         lq, d = q.shape[2], q.shape[3]
-        out = torch.empty_like(q)
+        out = q.new_empty(*q.shape[:3], width)  # padded: the backward op wants the output as it made it
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        aug = _Augmented(k, v, slopes, k0)
-        for s in range(0, lq, block):
-            e = min(s + block, lq)
-            qa = q0 + s
-            a, b = qa - k0, q0 + e - k0  # key indices of the diagonal block
-            kk, vv = aug.at(qa, b)
-            qq = _query(q[:, :, s:e], scale)
-            parts = []
-            if a > 0:
-                parts.append(flash_forward(qq, kk[:, :, :a], vv[:, :, :a], scale, False))
-            parts.append(flash_forward(qq, kk[:, :, a:], vv[:, :, a:], scale, True))
-            o, l = merge(parts) if len(parts) > 1 else (parts[0][0].float(), parts[0][1])
-            out[:, :, s:e], lse[:, :, s:e] = o[..., :d], l
+        aug = _Augmented(k, v, slopes, k0, scale, pieces, width)
+        saved = []
+        for s, e, a, b in _blocks(lq, q0, k0, block):
+            kk, vv = aug.at(q0 + s, b)
+            qq = aug.query(q[:, :, s:e])
+            parts = [fused.forward(qq, kk[:, :, :a], vv[:, :, :a], scale, False)] if a > 0 else []
+            parts.append(fused.forward(qq, kk[:, :, a:], vv[:, :, a:], scale, True))
+            o, l = merge([p[:2] for p in parts]) if len(parts) > 1 else parts[0][:2]
+            out[:, :, s:e], lse[:, :, s:e] = o, l
+            saved.append([p[2] for p in parts])
         ctx.save_for_backward(q, k, v, slopes, out, lse)
-        ctx.args = (q0, k0, scale, block)
-        return out
+        ctx.aux = saved
+        ctx.args = (q0, k0, scale, block, pieces, width)
+        return out[..., :d].contiguous()  # a copy: in-place edits of the result leave the saved output alone
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, slopes, out, lse = ctx.saved_tensors
-        q0, k0, scale, block = ctx.args
+        q0, k0, scale, block, pieces, width = ctx.args
         lq, d = q.shape[2], q.shape[3]
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        dout = F.pad(dout.contiguous(), (0, 1))
-        aug = _Augmented(k, v, slopes, k0)
-        for s in range(0, lq, block):
-            e = min(s + block, lq)
-            qa = q0 + s
-            a, b = qa - k0, q0 + e - k0
-            kk, vv = aug.at(qa, b)
-            qq = _query(q[:, :, s:e], scale)
-            o, l, do = F.pad(out[:, :, s:e], (0, 1)), lse[:, :, s:e], dout[:, :, s:e]
+        dq, dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v))
+        dout = F.pad(dout.to(q.dtype), (0, width - d))
+        aug = _Augmented(k, v, slopes, k0, scale, pieces, width)
+        for (s, e, a, b), aux in zip(_blocks(lq, q0, k0, block), ctx.aux):
+            kk, vv = aug.at(q0 + s, b)
+            qq = aug.query(q[:, :, s:e])
+            o, l, do = out[:, :, s:e], lse[:, :, s:e], dout[:, :, s:e]
             if a > 0:
-                gq, gk, gv = flash_backward(do, qq, kk[:, :, :a], vv[:, :, :a], o, l, scale, False)
+                gq, gk, gv = fused.backward(do, qq, kk[:, :, :a], vv[:, :, :a], o, l, aux[0], scale, False)
                 dq[:, :, s:e] += gq[..., :d]
                 dk[:, :, :a] += gk[..., :d]
                 dv[:, :, :a] += gv[..., :d]
-            gq, gk, gv = flash_backward(do, qq, kk[:, :, a:], vv[:, :, a:], o, l, scale, True)
+            gq, gk, gv = fused.backward(do, qq, kk[:, :, a:], vv[:, :, a:], o, l, aux[-1], scale, True)
             dq[:, :, s:e] += gq[..., :d]
             dk[:, :, a:b] += gk[..., :d]
             dv[:, :, a:b] += gv[..., :d]
-        return dq, dk, dv, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+
+
+def _blocks(lq: int, q0: int, k0: int, block: int):
+    """(first query, end, first key of the diagonal block, its end) for each block of queries."""
+    for s in range(0, lq, block):
+        e = min(s + block, lq)
+        yield s, e, q0 + s - k0, q0 + e - k0
 
 
 def alibi_kernel(q: Tensor, k: Tensor, v: Tensor, scheme, *, q_pos: Tensor, k_pos: Tensor, causal: bool,
-                 scale: float, block: int = BLOCK) -> Tensor:
+                 scale: float, block: int | None = None, native: bool | None = None,
+                 pieces: int | None = None) -> Tensor:
     """Causal, contiguous positions with every query's own position among the keys (the dispatcher
-    checks). ``scheme.linear_slopes`` gives ``m_h``."""
+    checks). ``scheme.linear_slopes`` gives ``m_h``. ``native`` (default: off on the CPU, on
+    elsewhere) runs the inputs' dtype on :mod:`.fused` with padded head_dim (see the module text);
+    the tests turn it on for CPU tensors to check the CUDA path's arithmetic on the CPU op, and set
+    ``pieces`` (bias columns in bf16/fp16) to show why one is not enough."""
     dtype = q.dtype
-    f = [t.float().contiguous() for t in (q, k, v)]
-    out = _ALiBi.apply(*f, scheme.linear_slopes.float(), int(q_pos[0]), int(k_pos[0]), scale, block)
+    native = q.device.type != "cpu" if native is None else native
+    half = native and dtype in (torch.float16, torch.bfloat16)
+    if native:
+        pieces = pieces or (HALF_PIECES if half else 1)
+        width = -(-(q.shape[-1] + pieces) // 8) * 8
+        f = [t.contiguous() for t in (q, k, v)]
+    else:
+        pieces, width = 1, q.shape[-1] + 1
+        f = [t.float().contiguous() for t in (q, k, v)]
+    block = block or (HALF_BLOCK if half else BLOCK)
+    out = _ALiBi.apply(*f, scheme.linear_slopes, int(q_pos[0]), int(k_pos[0]), scale, block, pieces, width)
     return out.to(dtype)
