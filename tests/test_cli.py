@@ -88,6 +88,15 @@ def test_help_shows_defaults_presets_and_scheme_options(capsys):
             assert n in out, (argv, n)
 
 
+@pytest.mark.parametrize("command", ["list", "show", "plot", "extrapolate", "retrofit", "diagnose"])
+def test_every_help_text_reads_as_written(capsys, command):
+    """No escaped percent sign left in a help text (argparse formats ``help=`` strings with ``%`` but
+    not descriptions: ``95%%`` there reached the user as written) and no unfilled ``%(default)s``."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "%%" not in out and "%(" not in out
+
 
 @pytest.fixture()
 def figures(monkeypatch):
