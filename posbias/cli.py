@@ -38,6 +38,18 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(re.sub(r"^argument ([^:]+): ", r"\1 ", message))
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with each option's default appended, once: not where the text already names its
+    default, and not for a default that says nothing (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        says_nothing = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or says_nothing or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 _stdout_gone = False
 
 
@@ -96,13 +108,14 @@ def add_show_parsers(sub: argparse._SubParsersAction) -> None:
     per_scheme = s.add_subparsers(dest="scheme", metavar="SCHEME", required=True,
                                   help="a registered scheme name (see `posbias list`)")
     for name, cls in SCHEMES.items():
-        p = per_scheme.add_parser(name, help=cls.summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = per_scheme.add_parser(name, help=cls.summary, formatter_class=_Help)
         p.add_argument("--heads", type=int, default=8, help="attention heads")
         p.add_argument("--head-dim", type=int, default=64, help="head dimension")
         p.add_argument("--seed", type=int, default=0, help="seed of a learnable scheme's initial values")
         for key, spec in option_specs(cls).items():
             kind = {"nargs": "?", "const": True} if spec.kind is bool else {}
-            p.add_argument(_flag(key), dest=f"opt_{key}", default=None, type=_option_type(name, spec), **kind,
+            p.add_argument(_flag(key), dest=f"opt_{key}", metavar=key.upper(), default=None,
+                           type=_option_type(name, spec), **kind,
                            help=f"{spec.describe()} (scheme default {spec.default})")
         p.set_defaults(func=cmd_show)
 
@@ -146,15 +159,16 @@ def cmd_show(args: argparse.Namespace) -> None:
 def add_plot_parser(sub: argparse._SubParsersAction) -> None:
     additive = [name for name, cls in SCHEMES.items() if cls.family == "additive"]
     p = sub.add_parser("plot", help="write PNGs: bucket maps, bias heatmaps, curves, T5 vs ALiBi",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("--out", default="plots", help="output folder")
-    p.add_argument("--schemes", nargs="+", default=additive, help="schemes to draw (default: every additive one)")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--schemes", nargs="+", default=additive,
+                   help=f"schemes to draw (default: every additive one: {' '.join(additive)})")
+    p.add_argument("--heads", type=int, default=8, help="attention heads")
+    p.add_argument("--head-dim", type=int, default=64, help="head dimension")
     p.add_argument("--length", type=int, default=64, help="tokens in the heatmaps")
     p.add_argument("--num-buckets", type=int, default=32, help="of the T5 bucket maps")
     p.add_argument("--max-distance", type=int, default=128, help="of the T5 bucket maps")
-    p.add_argument("--max-plot-distance", type=int, default=512)
+    p.add_argument("--max-plot-distance", type=int, default=512, help="largest distance of the bias curves")
     p.add_argument("--seed", type=int, default=0, help="seed of the learnable schemes' initialisation")
     p.set_defaults(func=cmd_plot)
 
@@ -312,7 +326,7 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("retrofit", help="extend a trained model to a longer context (RoPE scalings, T5 max_distance, "
                        "swap to ALiBi/T5), before/after table; --compare for the decision table",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("checkpoint", help="a posbias checkpoint folder (e.g. runs/demo/models/rope-seed0-<key>/final)")
     p.add_argument("--to", type=int, required=True, help="the target context length")
     p.add_argument("--method", "--methods", dest="methods", nargs="+", choices=sorted(METHODS), metavar="METHOD",
@@ -320,17 +334,17 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", action="store_true",
                    help="the decision table: every fitting method, passkey accuracy, extra parameters, attention cost")
     p.add_argument("--finetune-steps", type=int, default=0, help="language-model fine-tune at --to after each method")
-    p.add_argument("--finetune-batch", type=int, default=4)
-    p.add_argument("--finetune-lr", type=float, default=3e-4)
+    p.add_argument("--finetune-batch", type=int, default=4, help="sequences per fine-tune step")
+    p.add_argument("--finetune-lr", type=float, default=3e-4, help="peak fine-tune learning rate")
     p.add_argument("--eval-lens", type=int, nargs="+", help="default: L, 2L, 4L … up to --to")
-    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens scored at each length")
     p.add_argument("--passkey-steps", type=int, default=600, help="passkey fine-tune steps (with --compare)")
     _add_checkpoint_job_arguments(p, "retrofit", cmd_retrofit)
 
 
 def _add_checkpoint_job_arguments(p: argparse.ArgumentParser, kind: str, func: Callable) -> None:
     """The flags every job on a checkpoint shares (device, data, output folder, quiet)."""
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=2, help="torch threads, fixed for reproducible results")
     p.add_argument("--data", help="a local text file or folder instead of the embedded default")
     p.add_argument("--out", help=f"default: runs/{kind}-<checkpoint name>")
@@ -378,13 +392,14 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
 def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diagnose", help="report why a checkpoint does (not) generalise: loss by position (local "
                        "context vs distant keys), attention distance and attention beyond L, buckets, reach and "
-                       "drift of the bias, passkey", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "drift of the bias, passkey", formatter_class=_Help)
     p.add_argument("checkpoint", help="a posbias checkpoint folder")
     p.add_argument("--length", type=int, help="window examined (default 8 × the training length)")
     p.add_argument("--windows", type=int, default=4, help="validation windows for the attention statistics")
-    p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--passkey-steps", type=int, default=600, help="0 skips the passkey test")
-    p.add_argument("--passkey-samples", type=int, default=24)
+    p.add_argument("--eval-tokens", type=int, default=8192,
+                   help="validation tokens for the loss by position (at least one window)")
+    p.add_argument("--passkey-steps", type=int, default=600, help="passkey fine-tune steps; 0 skips the passkey test")
+    p.add_argument("--passkey-samples", type=int, default=24, help="passkey samples per (length, depth) cell")
     _add_checkpoint_job_arguments(p, "diagnose", cmd_diagnose)
 
 
@@ -411,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="posbias", description="Relative positional biases for attention.")
     p.add_argument("--version", action="version", version=f"posbias {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="the registered schemes, one line each").set_defaults(func=cmd_list)
+    sub.add_parser("list", help="the registered schemes, one line each",
+                   description="The registered schemes, one line each: name, family and summary; "
+                               "`posbias show NAME` for one in full.").set_defaults(func=cmd_list)
     add_show_parsers(sub)
     add_plot_parser(sub)
     add_extrapolate_parser(sub)

@@ -1,9 +1,10 @@
+import argparse
 import subprocess
 import sys
 
 import pytest
 
-from posbias.cli import main
+from posbias.cli import build_parser, main
 from posbias.schemes.t5 import bucket_table
 
 
@@ -96,6 +97,23 @@ def test_every_help_text_reads_as_written(capsys, command):
         main([command, "--help"])
     out = capsys.readouterr().out
     assert "%%" not in out and "%(" not in out
+
+
+def test_every_option_says_what_it_does():
+    """Every flag of every subcommand (and of each ``show SCHEME``) has a help text."""
+    def parsers(p):
+        yield p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for child in a.choices.values():
+                    yield from parsers(child)
+
+    flags = [(p, a) for p in parsers(build_parser()) for a in p._actions
+             if a.option_strings and a.option_strings[0] not in ("-h", "--version")]
+    assert [(p.prog, a.option_strings[0]) for p, a in flags if not a.help] == []
+    for p, a in flags:  # the default named once: by the text or by the formatter, not both
+        text = p._get_formatter()._expand_help(a)
+        assert text.count("default") <= 1, (p.prog, a.option_strings[0], text)
 
 
 @pytest.fixture()
