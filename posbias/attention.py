@@ -97,7 +97,7 @@ BACKENDS: dict[str, Kernel] = {
     "blockwise": blockwise_kernel,
     "toeplitz": toeplitz_kernel,
     "flex": flex_kernel,  # opt-in: compiled FlexAttention (compiles per shape; no backward on CPU)
-    "banded": banded_kernel,  # CUDA candidate (issue 12): far parts on flash attention, the band dense
+    "banded": banded_kernel,  # far parts in one fused call each, the band dense (CPU training; a CUDA candidate)
 }
 
 
@@ -184,6 +184,7 @@ def _flex_usable(scheme: Scheme, q: Tensor, contiguous: bool) -> str | None:
 
 
 TOEPLITZ_TRAINS_BELOW = 1536  # keys: below, a learnable windowed table trains faster on toeplitz (measured)
+BANDED_BIDIRECTIONAL_FROM = 8192  # keys: from here bidirectional training takes banded over windowed (measured)
 
 # CUDA fast paths that a GPU run has validated (``pytest -m cuda`` and ``benchmarks/gpu_check.sh``,
 # README), in the order ``auto`` tries them. Issue 12's rule: until a path is listed here, ``auto``
@@ -194,11 +195,13 @@ TOEPLITZ_TRAINS_BELOW = 1536  # keys: below, a learnable windowed table trains f
 CUDA_VALIDATED: tuple[str, ...] = ()
 
 
-def _candidates(device_type: str, trains: bool, short: bool) -> tuple[str, ...]:
+def _candidates(device_type: str, trains: bool, keys: int, causal: bool) -> tuple[str, ...]:
     """The fast backends ``auto`` tries, fastest first, before the general fallbacks."""
     if device_type != "cpu":
         return ("sdpa", *CUDA_VALIDATED)
-    if trains and not short:
+    if trains and keys >= TOEPLITZ_TRAINS_BELOW:
+        if causal or keys >= BANDED_BIDIRECTIONAL_FROM:
+            return ("sdpa", "banded", "windowed", "toeplitz", "alibi")
         return ("sdpa", "windowed", "toeplitz", "alibi")
     return ("sdpa", "toeplitz", "windowed", "alibi")
 
@@ -206,14 +209,19 @@ def _candidates(device_type: str, trains: bool, short: bool) -> tuple[str, ...]:
 def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, causal: bool) -> str:
     """The automatic backend choice (the only place that decides): the fastest exact path.
 
-    Measured on a 2-core CPU (``benchmarks/bench_attention.py``, README): for a Toeplitz bias the
+    Measured on 2-core CPUs (``benchmarks/bench_attention.py``, README): for a Toeplitz bias the
     reversed-key ``toeplitz`` path is the fastest at inference and for fixed biases in training (ALiBi
     fwd+bwd 1.16× vs 1.63× for ``alibi``). A learnable bias constant beyond a window (T5, offset)
-    trains faster ``windowed`` from 1.5k keys on, whose dense part is only the band, and faster
-    ``toeplitz`` below, where the windowed merge's fixed per-block costs show (fwd+bwd, 7 interleaved
-    pairs, 2 threads: t5 at 1k / 1.5k / 2k 1.35× / 1.24× / 1.22× windowed vs 1.28× / 1.37× / 1.41×
-    toeplitz; offset 1.30× / 1.29× / 1.24× vs 1.17× / 1.42× / 1.40×). On CUDA: :data:`CUDA_VALIDATED`."""
-    order = _candidates(q.device.type, _trains_bias(scheme), len(k_pos) < TOEPLITZ_TRAINS_BELOW)
+    trains faster with the band as the only dense part from 1.5k keys on, and faster ``toeplitz``
+    below, where the merge's fixed per-block costs show (fwd+bwd, 7 interleaved pairs, 2 threads,
+    2026-11-24: t5 at 1k / 1.5k / 2k 1.35× / 1.24× / 1.22× windowed vs 1.28× / 1.37× / 1.41× toeplitz;
+    offset 1.30× / 1.29× / 1.24× vs 1.17× / 1.42× / 1.40×). Of the two band paths, ``banded`` (the far
+    keys of all queries in one fused call) trains faster than ``windowed`` (one far call per query
+    block) causally from 3k keys and as fast from 1.5k, and bidirectionally from 8k (2026-12-01, 7
+    pairs, ratio banded / windowed: causal t5 at 1.5k / 2k / 3k / 4k / 8k / 16k 1.01 / 0.99 / 0.92 /
+    0.87 / 0.76 / 0.71, offset 0.97 / 0.98 / 0.91 / 0.81 / 0.77; bidirectional t5 at 1.5k / 2k / 4k /
+    8k 1.22 / 1.18 / 0.95 / 0.79). On CUDA: :data:`CUDA_VALIDATED`."""
+    order = _candidates(q.device.type, _trains_bias(scheme), len(k_pos), causal)
     for name in order:
         if usable(name, scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal) is None:
             return name

@@ -96,11 +96,11 @@ def test_cuda_candidates_are_the_validated_paths_only(monkeypatch):
     import importlib
 
     att = importlib.import_module("posbias.attention")  # the module (``posbias.attention`` is the function)
-    assert att._candidates("cuda", True, False) == ("sdpa", *att.CUDA_VALIDATED)
+    assert att._candidates("cuda", True, 4096, True) == ("sdpa", *att.CUDA_VALIDATED)
     monkeypatch.setattr(att, "CUDA_VALIDATED", ("flex",))
-    assert att._candidates("cuda", False, True) == ("sdpa", "flex")
-    assert att._candidates("cpu", True, False) == ("sdpa", "windowed", "toeplitz", "alibi")
-    assert att._candidates("cpu", False, False) == ("sdpa", "toeplitz", "windowed", "alibi")
+    assert att._candidates("cuda", False, 100, True) == ("sdpa", "flex")
+    assert att._candidates("cpu", True, 4096, True) == ("sdpa", "banded", "windowed", "toeplitz", "alibi")
+    assert att._candidates("cpu", False, 4096, True) == ("sdpa", "toeplitz", "windowed", "alibi")
 
 
 @pytest.mark.parametrize("device", DEVICES)

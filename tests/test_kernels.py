@@ -60,19 +60,27 @@ def test_toeplitz_backend_with_a_fixed_bias(name, options, causal, lq):
 
 def test_auto_backend_choice_follows_the_measurements():
     """Toeplitz biases: the reversed-key toeplitz path, except a learnable bias constant beyond a window
-    in training from 1536 keys on (windowed: only the band is dense). Gradients and length decide, not
-    the scheme's name."""
-    for n, cases in [(8, [("kerple-log", True, "toeplitz"), ("kerple-log", False, "toeplitz"),
-                          ("t5", True, "toeplitz"), ("t5", False, "toeplitz"), ("offset", True, "toeplitz"),
-                          ("alibi", True, "toeplitz"), ("fire", True, "blockwise"), ("rope", True, "sdpa")]),
-                     (1535, [("t5", True, "toeplitz"), ("offset", True, "toeplitz")]),
-                     (1536, [("t5", True, "windowed"), ("offset", True, "windowed"), ("t5", False, "toeplitz"),
-                             ("kerple-log", True, "toeplitz")])]:
+    in training from 1536 keys on (only the band dense): banded when causal, and bidirectionally from
+    8192 keys, windowed before that or where banded cannot run (queries outside the keys). Gradients,
+    length and causality decide, not the scheme's name."""
+    for n, causal, cases in [
+            (8, True, [("kerple-log", True, "toeplitz"), ("kerple-log", False, "toeplitz"), ("t5", True, "toeplitz"),
+                       ("t5", False, "toeplitz"), ("offset", True, "toeplitz"), ("alibi", True, "toeplitz"),
+                       ("fire", True, "blockwise"), ("rope", True, "sdpa")]),
+            (1535, True, [("t5", True, "toeplitz"), ("offset", True, "toeplitz")]),
+            (1536, True, [("t5", True, "banded"), ("offset", True, "banded"), ("t5", False, "toeplitz"),
+                          ("kerple-log", True, "toeplitz")]),
+            (1536, False, [("t5", True, "windowed")]),
+            (8192, False, [("t5", True, "banded")])]:
         q, pos = torch.randn(1, 3, n, 16), torch.arange(n)
         for name, trains, want in cases:
+            options = {"bidirectional": True} if not causal else {}
             with torch.set_grad_enabled(trains):
-                got = choose_backend(randomized(name), q, q_pos=pos, k_pos=pos, causal=True)
-                assert got == want, (n, name, trains)
+                got = choose_backend(randomized(name, **options), q, q_pos=pos, k_pos=pos, causal=causal)
+                assert got == want, (n, causal, name, trains)
+    with torch.enable_grad():  # queries before the keys they see: banded cannot, windowed can
+        q, pos = torch.randn(1, 3, 2000, 16), torch.arange(2000)
+        assert choose_backend(randomized("t5"), q, q_pos=pos, k_pos=pos + 1, causal=False) == "windowed"
 
 
 @pytest.mark.parametrize("name", ["kerple-log", "t5"])

@@ -19,9 +19,12 @@ into three parts (the same split as :mod:`.windowed`, which walks query blocks f
 The parts merge exactly through their log-sum-exps (:func:`.flash.merge`). Backward: the fused
 backward op with the merged output and ``lse − c`` for each far part (its exact share, as in ring
 attention), a dense backward for the band whose ``dS`` summed along its diagonals is the table's
-gradient, and ``Σ_i w_i (dO_i·o_i − δ_i)`` for each constant (``w_i o_i`` the far part's share of the
-merged output, ``δ_i = dO_i·O_i``). Work is the fused kernel's plus O(N·(C + w)) for the band;
-extra memory O(N·d) plus one group of band chunks, capped at :data:`BAND_ELEMENTS` floats.
+gradient. A constant's gradient is the sum of ``dS`` over its far part. Causal: every row of ``dS =
+P ∘ (dP − δ)`` sums to 0 (``δ_i = dO_i·O_i = Σ_j P_ij dP_ij``), so it is minus the band's sum, and
+nothing of the far part is kept. Bidirectional (two constants): ``Σ_i w_i (dO_i·o_i − δ_i)`` for
+each, with ``w_i o_i`` the far part's share of the merged output, kept from the forward. Work is the fused kernel's plus O(N·(C + w)) for the band;
+extra memory O(N·d) plus one group of band chunks, capped at :data:`BAND_ELEMENTS` floats
+(:data:`CPU_BAND_ELEMENTS` on the CPU).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from ..schemes.base import ToeplitzScheme
 from . import fused
 from .flash import NEG, antidiagonal_sums, mask_backward, merge
 
-BAND_ELEMENTS = 1 << 25  # floats per band group's [B, H, chunks, C, W] score tensor (128 MiB)
+BAND_ELEMENTS = 1 << 25  # floats per band group's [B, H, chunks, C, W] score tensor on CUDA (128 MiB)
+CPU_BAND_ELEMENTS = 1 << 22  # on the CPU (16 MiB; 2^20 and 2^25 measured the same speed)
+CPU_CHUNK = 128  # queries per band chunk on the CPU (measured, below)
 
 
 def overhang(w: int, causal: bool) -> int:
@@ -43,9 +48,14 @@ def overhang(w: int, causal: bool) -> int:
     return w - 1 if causal else 2 * w - 2
 
 
-def chunk_rows(w: int, causal: bool) -> int:
-    """Queries per band chunk: at least 256, and at least the :func:`overhang`, so that a chunk's
-    keys reach at most into the next chunk's."""
+def chunk_rows(w: int, causal: bool, device_type: str = "cuda") -> int:
+    """Queries per band chunk. CUDA: at least 256 and at least the :func:`overhang` (large batched
+    matmuls; not yet measured on a GPU). CPU: :data:`CPU_CHUNK`, whatever ``w`` — the dense band costs
+    ``C + w − 1`` keys per query, so small chunks waste less (t5, w = 113, training at 4k / 8k, ratio
+    to SDPA: chunk 128 1.36 / 1.18 against 256 1.61 / 1.31; 64 and 112 the same as 128 within the
+    noise; 2 threads, 5 interleaved pairs)."""
+    if device_type == "cpu":
+        return CPU_CHUNK
     return max(256, overhang(w, causal))
 
 
@@ -60,10 +70,13 @@ class _Group(NamedTuple):
     shift: int
 
 
-def _groups(lq: int, lk: int, delta: int, w: int, causal: bool, chunk: int, per_chunk: int) -> list[_Group]:
-    """Every band chunk, interior ones batched (at most ``BAND_ELEMENTS`` scores a group)."""
+def _groups(lq: int, lk: int, delta: int, w: int, causal: bool, chunk: int, per_chunk: int,
+            elements: int | None = None) -> list[_Group]:
+    """Every band chunk, interior ones batched (at most ``elements`` scores a group, default
+    :data:`BAND_ELEMENTS`)."""
     over = overhang(w, causal)
-    cap = max(1, BAND_ELEMENTS // max(1, per_chunk * chunk * (chunk + over)))  # interior chunks per group
+    elements = BAND_ELEMENTS if elements is None else elements
+    cap = max(1, elements // max(1, per_chunk * chunk * (chunk + over)))  # interior chunks per group
     out, s = [], 0
     while s < lq:
         e = min(s + chunk, lq)
@@ -101,19 +114,24 @@ def _bias(vals: Tensor, g: _Group, w: int, causal: bool) -> Tensor:
 
 def _fold(dst: Tensor, part: Tensor, g: _Group) -> None:
     """Add the per-chunk key gradients ``[B, H, n, keys, d]`` into ``dst`` (the keys' gradient).
-    Chunk ``c``'s keys start at block ``c`` of the group's span: its first ``rows`` fill that block,
-    the remaining ``keys − rows ≤ rows`` the start of block ``c + 1``; two strided adds, no loop."""
+    Chunk ``c``'s keys start at block ``c`` of the group's span (blocks of ``rows`` keys); its piece
+    ``p`` (keys ``[p·rows, (p+1)·rows)``) lands in block ``c + p``: one strided add per piece over all
+    chunks at once, ``⌈keys / rows⌉`` adds, no loop over chunks."""
     b, h, n, keys, d = part.shape
     if n == 1:  # an end chunk: its own key range, whatever its length
         dst[:, :, g.k0: g.k0 + keys] += part[:, :, 0]
         return
-    rest = keys - g.rows
-    buf = part.new_zeros(b, h, (n + 1) * g.rows, d)
-    buf[:, :, : n * g.rows].view(b, h, n, g.rows, d).add_(part[:, :, :, : g.rows])
-    if rest:
-        buf[:, :, g.rows:].view(b, h, n, g.rows, d)[:, :, :, :rest].add_(part[:, :, :, g.rows:])
+    pieces = -(-keys // g.rows)
+    buf = part.new_zeros(b, h, (n + pieces - 1) * g.rows, d)
+    for p in range(pieces):
+        lo, hi = p * g.rows, min(keys, (p + 1) * g.rows)
+        buf[:, :, lo: lo + n * g.rows].view(b, h, n, g.rows, d)[:, :, :, : hi - lo].add_(part[:, :, :, lo:hi])
     span = (n - 1) * g.rows + keys
     dst[:, :, g.k0: g.k0 + span] += buf[:, :, :span]
+
+
+def _elements(q: Tensor) -> int:
+    return CPU_BAND_ELEMENTS if q.device.type == "cpu" else BAND_ELEMENTS
 
 
 class _Far(NamedTuple):
@@ -157,7 +175,7 @@ class _Banded(torch.autograd.Function):
             far_saved.append(aux)
         band_o = q.new_empty(bsz, h, lq, d, dtype=torch.float32)
         band_l = q.new_empty(bsz, h, lq, dtype=torch.float32)
-        for g in _groups(lq, lk, delta, w, causal, chunk, bsz * h):
+        for g in _groups(lq, lk, delta, w, causal, chunk, bsz * h, _elements(q)):
             qc = q[:, :, g.r0: g.r0 + g.n * g.rows].float().view(bsz, h, g.n, g.rows, d)
             s = torch.matmul(qc, _windows(k, g).transpose(-1, -2)).mul_(scale).add_(_bias(consts, g, w, causal)[:, None])
             m = s.amax(-1, keepdim=True)
@@ -169,7 +187,8 @@ class _Banded(torch.autograd.Function):
             band_l[:, :, rows] = (m + total.log()).reshape(bsz, h, -1)
         parts.append((band_o, band_l))
         out, lse = merge(parts)
-        keep = [t for part in parts[:-1] for t in part] if ctx.needs_input_grad[3] else []  # for the constants
+        # the constants' gradient: causal, from the band alone (below); bidirectional, from the far parts' shares
+        keep = [t for part in parts[:-1] for t in part] if ctx.needs_input_grad[3] and not causal else []
         ctx.save_for_backward(q, k, v, vals, out, lse, *keep)
         ctx.aux = far_saved
         ctx.args = (delta, w, causal, scale, chunk)
@@ -197,11 +216,11 @@ class _Banded(torch.autograd.Function):
             dq[:, :, p.rows] += gq
             dk[:, :, p.keys] += gk
             dv[:, :, p.keys] += gv
-            if dvals is not None:  # Σ_i w_i (dO_i · o_i − δ_i), w_i o_i the part's share of the output
+            if dvals is not None and not causal:  # Σ_i w_i (dO_i · o_i − δ_i), w_i o_i the part's share of the output
                 part_o, part_l = far[2 * n], far[2 * n + 1]
                 share = torch.exp(part_l - safe)
                 dvals[:, p.col] += (share * ((dout * part_o).sum(-1) - delta_rows)).sum((0, 2))
-        for g in _groups(lq, lk, delta, w, causal, chunk, bsz * h):
+        for g in _groups(lq, lk, delta, w, causal, chunk, bsz * h, _elements(q)):
             rows = slice(g.r0, g.r0 + g.n * g.rows)
             qc = q[:, :, rows].float().view(bsz, h, g.n, g.rows, d)
             per_row = (bsz, h, g.n, g.rows)
@@ -216,6 +235,8 @@ class _Banded(torch.autograd.Function):
                 gb = ds.sum(1)  # [H, rows, keys] (ds is summed over the batch): the group's chunks share offsets
                 off = g.shift + g.rows - 1 - torch.arange(g.rows + g.keys - 1, device=q.device)
                 dvals.index_add_(1, off.clamp(-w, w) + w, antidiagonal_sums(gb.flip(1)))
+                if causal:  # each row's dS sums to 0, so the far part's sum is minus the band's
+                    dvals[:, -1] -= gb.sum((1, 2))
         grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dvals is None else dvals.to(vals.dtype))
         return (*grads, None, None, None, None, None)
 
@@ -227,8 +248,8 @@ def banded_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, q_
     w = max(int(scheme.flat_beyond), 1)
     vals = scheme.bias_at(torch.arange(-w, w + 1, device=q.device))  # [H, 2w+1], differentiable
     delta = int(q_pos[0]) - int(k_pos[0])
-    chunk = chunk or chunk_rows(w, causal)
-    if chunk < overhang(w, causal):
-        raise ValueError(f"chunk={chunk} must be at least the band's overhang {overhang(w, causal)}")
+    chunk = chunk_rows(w, causal, q.device.type) if chunk is None else chunk
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be a positive number of queries")
     q, k, v = (t.contiguous() for t in (q, k, v))
     return _Banded.apply(q, k, v, vals, delta, w, causal, scale, chunk).to(q.dtype)
