@@ -19,10 +19,11 @@ into three parts (the same split as :mod:`.windowed`, which walks query blocks f
 The parts merge exactly through their log-sum-exps (:func:`.flash.merge`). Backward: the fused
 backward op with the merged output and ``lse − c`` for each far part (its exact share, as in ring
 attention), a dense backward for the band whose ``dS`` summed along its diagonals is the table's
-gradient. A constant's gradient is the sum of ``dS`` over its far part. Causal: every row of ``dS =
-P ∘ (dP − δ)`` sums to 0 (``δ_i = dO_i·O_i = Σ_j P_ij dP_ij``), so it is minus the band's sum, and
-nothing of the far part is kept. Bidirectional (two constants): ``Σ_i w_i (dO_i·o_i − δ_i)`` for
-each, with ``w_i o_i`` the far part's share of the merged output, kept from the forward. Work is the fused kernel's plus O(N·(C + w)) for the band;
+gradient. A constant's gradient is the sum of ``dS`` over its far part. Every row of ``dS = P ∘ (dP −
+δ)`` sums to 0 (``δ_i = dO_i·O_i = Σ_j P_ij dP_ij``), so the last far part's sum is minus that of the
+band and the other far part: causal, nothing of the far part is kept. Bidirectional, the far-left
+constant's is ``Σ_i w_i (dO_i·o_i − δ_i)``, with ``w_i o_i`` that part's share of the merged output,
+kept from the forward. Work is the fused kernel's plus O(N·(C + w)) for the band;
 extra memory O(N·d) plus one group of band chunks, capped at :data:`BAND_ELEMENTS` floats
 (:data:`CPU_BAND_ELEMENTS` on the CPU).
 """
@@ -187,8 +188,8 @@ class _Banded(torch.autograd.Function):
             band_l[:, :, rows] = (m + total.log()).reshape(bsz, h, -1)
         parts.append((band_o, band_l))
         out, lse = merge(parts)
-        # the constants' gradient: causal, from the band alone (below); bidirectional, from the far parts' shares
-        keep = [t for part in parts[:-1] for t in part] if ctx.needs_input_grad[3] and not causal else []
+        # the constants' gradient: the last far part's from the rest (below); the others' from their shares
+        keep = [t for part in parts[:-2] for t in part] if ctx.needs_input_grad[3] else []
         ctx.save_for_backward(q, k, v, vals, out, lse, *keep)
         ctx.aux = far_saved
         ctx.args = (delta, w, causal, scale, chunk)
@@ -206,7 +207,9 @@ class _Banded(torch.autograd.Function):
         dvals = torch.zeros_like(vals, dtype=torch.float32) if ctx.needs_input_grad[3] else None
         delta_rows = (dout * out).sum(-1)  # δ_i = dO_i · O_i
         safe = lse.clamp(min=NEG)
-        for n, p in enumerate(_far_parts(lq, lk, delta, w, causal)):
+        far_parts = _far_parts(lq, lk, delta, w, causal)
+        rest = torch.zeros(h, device=q.device)  # Σ dS over the band and every far part but the last, per head
+        for n, p in enumerate(far_parts):
             qq, kk, vv = (_take(t, s, p.flip) for t, s in ((q, p.rows), (k, p.keys), (v, p.keys)))
             do, o = (_take(t, p.rows, p.flip).to(q.dtype) for t in (dout, out))
             l_part = _take(lse, p.rows, p.flip) - consts[:, p.col].view(1, h, 1)
@@ -216,10 +219,12 @@ class _Banded(torch.autograd.Function):
             dq[:, :, p.rows] += gq
             dk[:, :, p.keys] += gk
             dv[:, :, p.keys] += gv
-            if dvals is not None and not causal:  # Σ_i w_i (dO_i · o_i − δ_i), w_i o_i the part's share of the output
+            if dvals is not None and n < len(far_parts) - 1:  # Σ_i w_i (dO_i·o_i − δ_i), w_i o_i its share of the output
                 part_o, part_l = far[2 * n], far[2 * n + 1]
                 share = torch.exp(part_l - safe)
-                dvals[:, p.col] += (share * ((dout * part_o).sum(-1) - delta_rows)).sum((0, 2))
+                part_sum = (share * ((dout * part_o).sum(-1) - delta_rows)).sum((0, 2))
+                dvals[:, p.col] += part_sum
+                rest += part_sum
         for g in _groups(lq, lk, delta, w, causal, chunk, bsz * h, _elements(q)):
             rows = slice(g.r0, g.r0 + g.n * g.rows)
             qc = q[:, :, rows].float().view(bsz, h, g.n, g.rows, d)
@@ -235,8 +240,9 @@ class _Banded(torch.autograd.Function):
                 gb = ds.sum(1)  # [H, rows, keys] (ds is summed over the batch): the group's chunks share offsets
                 off = g.shift + g.rows - 1 - torch.arange(g.rows + g.keys - 1, device=q.device)
                 dvals.index_add_(1, off.clamp(-w, w) + w, antidiagonal_sums(gb.flip(1)))
-                if causal:  # each row's dS sums to 0, so the far part's sum is minus the band's
-                    dvals[:, -1] -= gb.sum((1, 2))
+                rest += gb.sum((1, 2))
+        if dvals is not None and far_parts:  # each row's dS sums to 0: the last far part's sum is minus the rest
+            dvals[:, far_parts[-1].col] -= rest
         grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dvals is None else dvals.to(vals.dtype))
         return (*grads, None, None, None, None, None)
 
