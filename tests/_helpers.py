@@ -10,6 +10,19 @@ from posbias.attention import attention, attention_reference
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])  # ``pytest -m cuda`` runs these alone
 DEVICES = ["cpu", CUDA]  # a CUDA case and its CPU twin
+# fake CUDA tensors (PyTorch's meta kernels) run on any CUDA build of torch, GPU or not
+CUDA_BUILD = pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="fake CUDA tensors need a CUDA build of torch")
+
+
+class FakeCtx:
+    """What ``torch.autograd.Function`` hands forward and backward, for calling them directly on fake
+    CUDA tensors (the autograd engine itself wants a real CUDA device)."""
+
+    def __init__(self, *needs_input_grad: bool) -> None:
+        self.needs_input_grad = needs_input_grad
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
 
 
 def randomized(name, **options):

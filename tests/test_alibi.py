@@ -8,7 +8,7 @@ import functools
 
 import pytest
 import torch
-from _helpers import DEVICES, NO_CUDA, compare, randomized, within_reference_rounding
+from _helpers import CUDA_BUILD, DEVICES, NO_CUDA, FakeCtx, compare, randomized, within_reference_rounding
 
 import posbias.kernels.alibi as alibi
 from posbias import build
@@ -84,16 +84,7 @@ def test_usable_names_what_it_needs():
     assert "among the keys" in usable("alibi", s, q, q_pos=pos + 5, k_pos=pos, causal=True)
 
 
-class _Ctx:
-    """What ``torch.autograd.Function`` hands forward and backward, for calling them directly (the
-    autograd engine itself wants a real CUDA device)."""
-    needs_input_grad = (True, True, True, False)
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-
-@pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="fake CUDA tensors need a CUDA build of torch")
+@CUDA_BUILD
 @pytest.mark.parametrize("dtype, d, backward", [(torch.bfloat16, 64, True), (torch.float16, 128, True),
                                                 (torch.bfloat16, 256, False), (torch.float32, 64, False)])
 def test_cuda_calls_have_the_right_signatures_and_shapes_on_fake_tensors(dtype, d, backward):
@@ -107,7 +98,7 @@ def test_cuda_calls_have_the_right_signatures_and_shapes_on_fake_tensors(dtype, 
         slopes = torch.rand(4, device="cuda")
         pieces = 1 if dtype == torch.float32 else alibi.HALF_PIECES
         width = -(-(d + pieces) // 8) * 8
-        ctx = _Ctx()
+        ctx = FakeCtx(True, True, True, False)
         out = alibi._ALiBi.forward(ctx, q, k, v, slopes, 0, 0, d ** -0.5, 256, pieces, width)
         assert out.shape == q.shape and out.dtype == dtype and out.device.type == "cuda"
         if backward:

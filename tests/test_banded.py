@@ -7,7 +7,7 @@ tensors; their numbers only on a GPU (``pytest -m cuda``)."""
 
 import pytest
 import torch
-from _helpers import CUDA, DEVICES, NO_CUDA, compare, randomized, within_reference_rounding
+from _helpers import CUDA, CUDA_BUILD, DEVICES, NO_CUDA, FakeCtx, compare, randomized, within_reference_rounding
 
 import posbias.kernels.banded as banded
 from posbias import build
@@ -95,16 +95,7 @@ def test_fused_op_forward_and_backward(device, dtype, causal, lq, lk):
         torch.testing.assert_close(a.double(), b, atol=tol * 10, rtol=tol * 10)
 
 
-class _Ctx:
-    """What ``torch.autograd.Function`` hands forward and backward, for calling them directly (the
-    autograd engine itself wants a real CUDA device)."""
-    needs_input_grad = (True, True, True, True)
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-
-@pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="fake CUDA tensors need a CUDA build of torch")
+@CUDA_BUILD
 def test_cuda_calls_have_the_right_signatures_and_shapes_on_fake_tensors():
     """The banded kernel's CUDA calls run under fake CUDA tensors (PyTorch's meta kernels: argument
     order, layouts and the shapes they return) on any CUDA build of torch, GPU or not (PyPI's default
@@ -121,7 +112,7 @@ def test_cuda_calls_have_the_right_signatures_and_shapes_on_fake_tensors():
             q = torch.randn(2, 4, lq, 64, device="cuda", dtype=dtype)
             k, v = (torch.randn(2, 4, 600, 64, device="cuda", dtype=dtype) for _ in range(2))
             vals = torch.randn(4, 2 * w + 1, device="cuda")  # the table, offsets −w … w
-            ctx = _Ctx()
+            ctx = FakeCtx(True, True, True, True)
             out = banded._Banded.forward(ctx, q, k, v, vals, 600 - lq, w, causal, 0.125, banded.chunk_rows(w, causal))
             assert out.shape == q.shape and out.dtype == torch.float32 and out.device.type == "cuda"
             if dtype == torch.bfloat16:
