@@ -227,7 +227,7 @@ def test_a_preferred_backend_is_taken_where_it_runs_exactly(fast_calls):
     with torch.no_grad():
         want = model(input_ids=ids, decoder_input_ids=dec).logits
         gen = model.generate(input_ids=ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
-        for backend in ("blockwise", "alibi"):
+        for backend in ("blockwise", "banded", "alibi"):
             fast = accelerate(copy.deepcopy(model), backend=backend)
             fast_calls.backends.clear()
             torch.testing.assert_close(fast(input_ids=ids, decoder_input_ids=dec).logits, want, atol=2e-5, rtol=1e-4)
