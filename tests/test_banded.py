@@ -37,6 +37,16 @@ def test_every_band_group_and_far_part_matches_the_reference(small_chunks, causa
         compare(randomized(name, **options), "banded", causal=causal, lq=lq, lk=lk, q0=q0)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_dense_band_of_cuda_matches_the_reference_too(small_chunks, monkeypatch, causal):
+    """On the CPU the band runs on the fused flash op with its bias as the mask; the dense float32
+    form that CUDA runs (its flash kernel takes no mask) is checked here on the CPU as well."""
+    monkeypatch.setattr(banded, "flash_available", lambda x: False)
+    for lq, q0 in [(301, None), (37, None), (90, 100)]:
+        compare(randomized("t5", num_buckets=8, max_distance=10, bidirectional=not causal), "banded", causal=causal,
+                lq=lq, q0=q0)
+
+
 def test_groups_cover_every_query_once(small_chunks):
     for causal in (True, False):
         w = 10

@@ -14,7 +14,8 @@ into three parts (the same split as :mod:`.windowed`, which walks query blocks f
   against its ``C + w − 1`` keys (``C + 2w − 2`` bidirectional), batched into a few dense matmuls
   with scores, bias and softmax in float32 — so the bias is exact even for bf16 inputs, which a
   fused kernel's bias in the inputs' dtype would round. Every interior chunk has the same bias
-  matrix; the chunks at the ends get their own.
+  matrix; the chunks at the ends get their own. On the CPU the band's forward is one fused flash
+  call per group with that float32 bias as its mask (:func:`_band_forward`).
 
 The parts merge exactly through their log-sum-exps (:func:`.flash.merge`). Backward: the fused
 backward op with the merged output and ``lse − c`` for each far part (its exact share, as in ring
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from ..schemes.base import ToeplitzScheme
 from . import fused
-from .flash import NEG, antidiagonal_sums, mask_backward, merge
+from .flash import NEG, antidiagonal_sums, flash_available, flash_forward, mask_backward, merge
 
 BAND_ELEMENTS = 1 << 25  # floats per band group's [B, H, chunks, C, W] score tensor on CUDA (128 MiB)
 CPU_BAND_ELEMENTS = 1 << 22  # on the CPU (16 MiB; 2^20 and 2^25 measured the same speed)
@@ -131,6 +132,24 @@ def _fold(dst: Tensor, part: Tensor, g: _Group) -> None:
     dst[:, :, g.k0: g.k0 + span] += buf[:, :, :span]
 
 
+def _band_forward(qc: Tensor, kw: Tensor, vw: Tensor, bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """One group's band: chunks ``[B, H, n, C, d]`` against their key windows ``[B, H, n, W, d]`` with
+    the bias ``[H, C, W]`` (−∞ off the band) → (out ``[B, H, n, C, d]``, lse ``[B, H, n, C]``), float32.
+    On the CPU one fused flash call with the bias as its mask, the chunks folded into the batch (half
+    the time of the dense form: 23 against 46 ms for t5's band at 4k; a whole banded training step
+    0.95–0.97× at 2k–8k, 7 pairs); elsewhere dense, since the CUDA flash kernel takes no mask."""
+    b, h, n, c, d = qc.shape
+    if flash_available(qc):
+        fold = lambda x: x.transpose(1, 2).reshape(b * n, h, x.shape[-2], d)  # noqa: E731
+        o, l = flash_forward(fold(qc), fold(kw), fold(vw), scale, False, bias[None])
+        return o.view(b, n, h, c, d).transpose(1, 2), l.view(b, n, h, c).transpose(1, 2)
+    s = torch.matmul(qc, kw.transpose(-1, -2)).mul_(scale).add_(bias[:, None])
+    m = s.amax(-1, keepdim=True)
+    p = s.sub_(m).exp_()
+    total = p.sum(-1, keepdim=True)
+    return torch.matmul(p, vw).div_(total), (m + total.log()).squeeze(-1)
+
+
 def _elements(q: Tensor) -> int:
     return CPU_BAND_ELEMENTS if q.device.type == "cpu" else BAND_ELEMENTS
 
@@ -177,15 +196,11 @@ class _Banded(torch.autograd.Function):
         band_o = q.new_empty(bsz, h, lq, d, dtype=torch.float32)
         band_l = q.new_empty(bsz, h, lq, dtype=torch.float32)
         for g in _groups(lq, lk, delta, w, causal, chunk, bsz * h, _elements(q)):
-            qc = q[:, :, g.r0: g.r0 + g.n * g.rows].float().view(bsz, h, g.n, g.rows, d)
-            s = torch.matmul(qc, _windows(k, g).transpose(-1, -2)).mul_(scale).add_(_bias(consts, g, w, causal)[:, None])
-            m = s.amax(-1, keepdim=True)
-            p_ = s.sub_(m).exp_()
-            total = p_.sum(-1, keepdim=True)
-            o = torch.matmul(p_, _windows(v, g)).div_(total)
             rows = slice(g.r0, g.r0 + g.n * g.rows)
+            o, l = _band_forward(q[:, :, rows].float().view(bsz, h, g.n, g.rows, d), _windows(k, g), _windows(v, g),
+                                 _bias(consts, g, w, causal), scale)
             band_o[:, :, rows] = o.reshape(bsz, h, -1, d)
-            band_l[:, :, rows] = (m + total.log()).reshape(bsz, h, -1)
+            band_l[:, :, rows] = l.reshape(bsz, h, -1)
         parts.append((band_o, band_l))
         out, lse = merge(parts)
         # the constants' gradient: the last far part's from the rest (below); the others' from their shares
