@@ -24,3 +24,20 @@ def test_the_header_and_rows_name_the_cpu_and_the_denormal_mode(tmp_path):
     assert rows[0]["device_name"] in header
     header, rows = _run(tmp_path)
     assert "denormals kept" in header and all(r["flush_denormal"] is False for r in rows)
+
+
+def test_bench_backends_compares_two_paths_and_says_where_one_cannot_run():
+    script = SCRIPT.parent / "bench_backends.py"
+    r = subprocess.run([sys.executable, str(script), "--lengths", "64", "--reps", "1", "--schemes", "t5", "alibi",
+                        "--flush-denormal"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "denormals flushed" in lines[0] and "2 threads" in lines[0] and "causal" in lines[0]
+    assert lines[1] == "| scheme | N | windowed × SDPA | banded × SDPA | banded / windowed |"
+    t5 = next(x for x in lines if x.startswith("| t5 | 64 |"))
+    assert len(t5.split("|")) == 7 and "cannot" not in t5
+    assert "cannot run: windowed: needs a Toeplitz bias constant beyond a window" in next(
+        x for x in lines if x.startswith("| alibi |"))
+    r = subprocess.run([sys.executable, str(script), "--backends", "fast", "banded"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "--backends: unknown 'fast'; valid: reference" in r.stderr
