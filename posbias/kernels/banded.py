@@ -183,28 +183,24 @@ class _Banded(torch.autograd.Function):
         bsz, h, lq, d = q.shape
         lk = k.shape[2]
         consts = vals.detach().float()
-        parts, far_saved = [], []
-        for p in _far_parts(lq, lk, delta, w, causal):
-            qq, kk, vv = (_take(t, s, p.flip) for t, s in ((q, p.rows), (k, p.keys), (v, p.keys)))
-            o, lse, aux = fused.forward(qq, kk, vv, scale, True)
-            o, lse = (o.flip(2), lse.flip(2)) if p.flip else (o, lse)
-            full_o = q.new_zeros(bsz, h, lq, d, dtype=torch.float32)
-            full_l = torch.full((bsz, h, lq), float("-inf"), device=q.device)
-            full_o[:, :, p.rows], full_l[:, :, p.rows] = o.float(), lse + consts[:, p.col].view(1, h, 1)
-            parts.append((full_o, full_l))
-            far_saved.append(aux)
-        band_o = q.new_empty(bsz, h, lq, d, dtype=torch.float32)
-        band_l = q.new_empty(bsz, h, lq, dtype=torch.float32)
-        for g in _groups(lq, lk, delta, w, causal, chunk, bsz * h, _elements(q)):
+        out = q.new_empty(bsz, h, lq, d, dtype=torch.float32)
+        lse = q.new_empty(bsz, h, lq, dtype=torch.float32)
+        for g in _groups(lq, lk, delta, w, causal, chunk, bsz * h, _elements(q)):  # the band: every query
             rows = slice(g.r0, g.r0 + g.n * g.rows)
             o, l = _band_forward(q[:, :, rows].float().view(bsz, h, g.n, g.rows, d), _windows(k, g), _windows(v, g),
                                  _bias(consts, g, w, causal), scale)
-            band_o[:, :, rows] = o.reshape(bsz, h, -1, d)
-            band_l[:, :, rows] = l.reshape(bsz, h, -1)
-        parts.append((band_o, band_l))
-        out, lse = merge(parts)
-        # the constants' gradient: the last far part's from the rest (below); the others' from their shares
-        keep = [t for part in parts[:-2] for t in part] if ctx.needs_input_grad[3] else []
+            out[:, :, rows] = o.reshape(bsz, h, -1, d)
+            lse[:, :, rows] = l.reshape(bsz, h, -1)
+        far_parts, far_saved, keep = _far_parts(lq, lk, delta, w, causal), [], []
+        for n, p in enumerate(far_parts):  # each merged into its own rows: no full-length part held
+            qq, kk, vv = (_take(t, s, p.flip) for t, s in ((q, p.rows), (k, p.keys), (v, p.keys)))
+            o, l, aux = fused.forward(qq, kk, vv, scale, True)
+            o, l = (o.flip(2), l.flip(2)) if p.flip else (o, l)
+            l = l + consts[:, p.col].view(1, h, 1)
+            out[:, :, p.rows], lse[:, :, p.rows] = merge([(out[:, :, p.rows], lse[:, :, p.rows]), (o, l)])
+            far_saved.append(aux)
+            if ctx.needs_input_grad[3] and n < len(far_parts) - 1:  # the constants' gradient: the last from the rest
+                keep += [o.float(), l]
         ctx.save_for_backward(q, k, v, vals, out, lse, *keep)
         ctx.aux = far_saved
         ctx.args = (delta, w, causal, scale, chunk)
@@ -235,9 +231,9 @@ class _Banded(torch.autograd.Function):
             dk[:, :, p.keys] += gk
             dv[:, :, p.keys] += gv
             if dvals is not None and n < len(far_parts) - 1:  # Σ_i w_i (dO_i·o_i − δ_i), w_i o_i its share of the output
-                part_o, part_l = far[2 * n], far[2 * n + 1]
-                share = torch.exp(part_l - safe)
-                part_sum = (share * ((dout * part_o).sum(-1) - delta_rows)).sum((0, 2))
+                part_o, part_l, r = far[2 * n], far[2 * n + 1], p.rows  # the part's own rows
+                share = torch.exp(part_l - safe[:, :, r])
+                part_sum = (share * ((dout[:, :, r] * part_o).sum(-1) - delta_rows[:, :, r])).sum((0, 2))
                 dvals[:, p.col] += part_sum
                 rest += part_sum
         for g in _groups(lq, lk, delta, w, causal, chunk, bsz * h, _elements(q)):
