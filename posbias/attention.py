@@ -184,7 +184,7 @@ def _flex_usable(scheme: Scheme, q: Tensor, contiguous: bool) -> str | None:
 
 
 TOEPLITZ_TRAINS_BELOW = 1536  # keys: below, a learnable windowed table trains faster on toeplitz (measured)
-BANDED_BIDIRECTIONAL_FROM = 8192  # keys: from here bidirectional training takes banded over windowed (measured)
+BANDED_BIDIRECTIONAL_FROM = 4096  # keys: from here bidirectional training takes banded over windowed (measured)
 
 # CUDA fast paths that a GPU run has validated (``pytest -m cuda`` and ``benchmarks/gpu_check.sh``,
 # README), in the order ``auto`` tries them. Issue 12's rule: until a path is listed here, ``auto``
@@ -217,10 +217,11 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
     2026-11-24: t5 at 1k / 1.5k / 2k 1.35× / 1.24× / 1.22× windowed vs 1.28× / 1.37× / 1.41× toeplitz;
     offset 1.30× / 1.29× / 1.24× vs 1.17× / 1.42× / 1.40×). Of the two band paths, ``banded`` (the far
     keys of all queries in one fused call) trains faster than ``windowed`` (one far call per query
-    block) causally from 3k keys and as fast from 1.5k, and bidirectionally from 8k (2026-12-01, 7
+    block) causally from 3k keys and as fast from 1.5k, and bidirectionally from 4k (2026-12-01, 7
     pairs, ratio banded / windowed: causal t5 at 1.5k / 2k / 3k / 4k / 8k / 16k 1.01 / 0.99 / 0.92 /
-    0.87 / 0.76 / 0.71, offset 0.97 / 0.98 / 0.91 / 0.81 / 0.77; bidirectional t5 at 1.5k / 2k / 4k /
-    8k 1.22 / 1.18 / 0.95 / 0.79). On CUDA: :data:`CUDA_VALIDATED`."""
+    0.87 / 0.76 / 0.71, offset 0.97 / 0.98 / 0.91 / 0.81 / 0.77; bidirectional, after the band's
+    forward moved onto the fused op, t5 at 2k / 3k / 4k / 6k 1.06 / 0.99 / 0.91–0.97 / 0.83, offset
+    at 3k / 4k 0.96 / 0.94). On CUDA: :data:`CUDA_VALIDATED`."""
     order = _candidates(q.device.type, _trains_bias(scheme), len(k_pos), causal)
     for name in order:
         if usable(name, scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal) is None:

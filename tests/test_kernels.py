@@ -61,7 +61,7 @@ def test_toeplitz_backend_with_a_fixed_bias(name, options, causal, lq):
 def test_auto_backend_choice_follows_the_measurements():
     """Toeplitz biases: the reversed-key toeplitz path, except a learnable bias constant beyond a window
     in training from 1536 keys on (only the band dense): banded when causal, and bidirectionally from
-    8192 keys, windowed before that or where banded cannot run (queries outside the keys). Gradients,
+    4096 keys, windowed before that or where banded cannot run (queries outside the keys). Gradients,
     length and causality decide, not the scheme's name."""
     for n, causal, cases in [
             (8, True, [("kerple-log", True, "toeplitz"), ("kerple-log", False, "toeplitz"), ("t5", True, "toeplitz"),
@@ -70,8 +70,8 @@ def test_auto_backend_choice_follows_the_measurements():
             (1535, True, [("t5", True, "toeplitz"), ("offset", True, "toeplitz")]),
             (1536, True, [("t5", True, "banded"), ("offset", True, "banded"), ("t5", False, "toeplitz"),
                           ("kerple-log", True, "toeplitz")]),
-            (1536, False, [("t5", True, "windowed")]),
-            (8192, False, [("t5", True, "banded")])]:
+            (4095, False, [("t5", True, "windowed")]),
+            (4096, False, [("t5", True, "banded")])]:
         q, pos = torch.randn(1, 3, n, 16), torch.arange(n)
         for name, trains, want in cases:
             options = {"bidirectional": True} if not causal else {}
