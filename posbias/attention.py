@@ -121,9 +121,9 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
     if name == "flex":
         return _flex_usable(scheme, q, contiguous)
     if name == "banded":
-        return _banded_usable(scheme, q, q_pos, k_pos, contiguous)
-    if name == "alibi" and q.device.type == "cuda":  # the native extra-dimension path (issue 12 candidate)
-        return _alibi_usable(scheme, q_pos, k_pos, causal, contiguous)
+        return _fused_device(q) or _banded_usable(scheme, q, q_pos, k_pos, contiguous)
+    if name == "alibi":  # on CUDA the native extra-dimension path (issue 12 candidate)
+        return _fused_device(q) or _alibi_usable(scheme, q_pos, k_pos, causal, contiguous)
     if not flash_available(q):
         return "needs the fused CPU flash kernel (CPU tensors)"
     if not contiguous:
@@ -131,8 +131,6 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
     if name == "windowed":
         return None if isinstance(scheme, ToeplitzScheme) and scheme.flat_beyond is not None else \
             "needs a Toeplitz bias constant beyond a window"
-    if name == "alibi":
-        return _alibi_usable(scheme, q_pos, k_pos, causal, contiguous)
     if name == "toeplitz":
         return None if isinstance(scheme, ToeplitzScheme) else "needs a Toeplitz bias"
     return f"unknown backend {name!r}"
@@ -142,6 +140,13 @@ def _queries_among_keys(q_pos: Tensor, k_pos: Tensor) -> bool:
     """Contiguous positions with every query's own position among the keys."""
     q0, k0 = int(q_pos[0]), int(k_pos[0])
     return k0 <= q0 and q0 + q_pos.numel() <= k0 + k_pos.numel()
+
+
+def _fused_device(q: Tensor) -> str | None:
+    """None where :mod:`posbias.kernels.fused` has an op: CUDA, or the CPU with its flash kernel."""
+    if q.device.type == "cuda" or flash_available(q):
+        return None
+    return f"needs a fused attention op with its log-sum-exp: CPU or CUDA tensors, not {q.device.type}"
 
 
 def _alibi_usable(scheme: Scheme, q_pos: Tensor, k_pos: Tensor, causal: bool, contiguous: bool) -> str | None:
@@ -161,8 +166,6 @@ def _banded_usable(scheme: Scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor, cont
         return "needs every query position among the keys"
     if q.device.type == "cuda" and q.shape[-1] % 8:
         return f"needs head_dim a multiple of 8 on CUDA (got {q.shape[-1]})"
-    if q.device.type not in ("cpu", "cuda"):
-        return f"runs on CPU or CUDA tensors, not {q.device.type}"
     return None
 
 

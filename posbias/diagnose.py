@@ -126,6 +126,14 @@ def _position_sets(length: int, train_len: int) -> tuple[Tensor, Tensor]:
     return starts, past & ~starts
 
 
+KEPT = "the rest past L"  # the label of context_split's second set
+
+
+def kept_row(split: list[tuple]) -> tuple | None:
+    """:func:`context_split`'s row of the tokens that keep local context (None where it has none)."""
+    return next((row for row in split if row[0].startswith(KEPT)), None)
+
+
 def context_split(long_w: Tensor, short_w: Tensor, train_len: int) -> list[tuple[str, float, float, float | None, float | None]]:
     """Where the context effect past L comes from. Cut into chunks of ``L``, the first ``L/8``
     tokens of every chunk after the first lose their local context; every other token past ``L``
@@ -141,7 +149,7 @@ def context_split(long_w: Tensor, short_w: Tensor, train_len: int) -> list[tuple
     starts, kept = _position_sets(long_w.shape[1], train_len)
     rows = []
     for label, sel in ((f"first {head} of each cut chunk (local context restored)", starts),
-                       (f"the rest past L (≥ {head} tokens of local context either way)", kept)):
+                       (f"{KEPT} (≥ {head} tokens of local context either way)", kept)):
         if not bool(sel.any()):
             continue
         delta = long_w[:, sel] - short_w[:, sel]

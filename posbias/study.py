@@ -58,7 +58,7 @@ def default_schemes() -> tuple[str, ...]:
     return tuple(name for name, cls in SCHEMES.items() if cls.in_study)
 
 EVAL_FORMAT = 4  # bump when the evaluation's definition changes: old caches are then not reused
-# (3: per-segment losses recorded, for the paired between-scheme table)
+# (3: per-segment losses recorded, for the paired between-scheme table; 4: far_delta recorded)
 
 
 @dataclass(frozen=True)

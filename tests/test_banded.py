@@ -52,7 +52,7 @@ def test_groups_cover_every_query_once(small_chunks):
         w = 10
         for lq, lk, delta, batched in [(301, 301, 0, True), (37, 301, 264, False), (90, 301, 100, True),
                                        (5, 5, 0, False)]:
-            groups = banded._groups(lq, lk, delta, w, causal, banded.chunk_rows(w, causal), 6)
+            groups = banded._groups(lq, lk, delta, w, causal, banded.chunk_rows(w, causal), 6, banded.BAND_ELEMENTS)
             rows = [r for g in groups for r in range(g.r0, g.r0 + g.n * g.rows)]
             assert rows == list(range(lq))
             if banded.chunk_rows(w, causal) >= 24:  # interior chunks batched where there are several

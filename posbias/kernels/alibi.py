@@ -86,11 +86,10 @@ class _ALiBi(torch.autograd.Function):
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         aug = _Augmented(k, v, slopes, k0, scale, pieces, width)
         saved = []
-        for s, e, a, b in _blocks(lq, q0, k0, block):
+        for s, e, b, keys in _blocks(lq, q0, k0, block):
             kk, vv = aug.at(q0 + s, b)
             qq = aug.query(q[:, :, s:e])
-            parts = [fused.forward(qq, kk[:, :, :a], vv[:, :, :a], scale, False)] if a > 0 else []
-            parts.append(fused.forward(qq, kk[:, :, a:], vv[:, :, a:], scale, True))
+            parts = [fused.forward(qq, kk[:, :, lo:hi], vv[:, :, lo:hi], scale, causal) for lo, hi, causal in keys]
             o, l = merge([p[:2] for p in parts]) if len(parts) > 1 else parts[0][:2]
             out[:, :, s:e], lse[:, :, s:e] = o, l
             saved.append([p[2] for p in parts])
@@ -107,27 +106,25 @@ class _ALiBi(torch.autograd.Function):
         dq, dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v))
         dout = F.pad(dout.to(q.dtype), (0, width - d))
         aug = _Augmented(k, v, slopes, k0, scale, pieces, width)
-        for (s, e, a, b), aux in zip(_blocks(lq, q0, k0, block), ctx.aux):
+        for (s, e, b, keys), auxes in zip(_blocks(lq, q0, k0, block), ctx.aux):
             kk, vv = aug.at(q0 + s, b)
             qq = aug.query(q[:, :, s:e])
             o, l, do = out[:, :, s:e], lse[:, :, s:e], dout[:, :, s:e]
-            if a > 0:
-                gq, gk, gv = fused.backward(do, qq, kk[:, :, :a], vv[:, :, :a], o, l, aux[0], scale, False)
+            for (lo, hi, causal), aux in zip(keys, auxes):  # each part's share, given the merged out and lse
+                gq, gk, gv = fused.backward(do, qq, kk[:, :, lo:hi], vv[:, :, lo:hi], o, l, aux, scale, causal)
                 dq[:, :, s:e] += gq[..., :d]
-                dk[:, :, :a] += gk[..., :d]
-                dv[:, :, :a] += gv[..., :d]
-            gq, gk, gv = fused.backward(do, qq, kk[:, :, a:], vv[:, :, a:], o, l, aux[-1], scale, True)
-            dq[:, :, s:e] += gq[..., :d]
-            dk[:, :, a:b] += gk[..., :d]
-            dv[:, :, a:b] += gv[..., :d]
+                dk[:, :, lo:hi] += gk[..., :d]
+                dv[:, :, lo:hi] += gv[..., :d]
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 def _blocks(lq: int, q0: int, k0: int, block: int):
-    """(first query, end, first key of the diagonal block, its end) for each block of queries."""
+    """For each block of queries: (first query, end, keys it sees, its key parts), the parts ``(lo,
+    hi, causal)``: the rectangle of earlier keys (when there are any) and the square causal diagonal."""
     for s in range(0, lq, block):
         e = min(s + block, lq)
-        yield s, e, q0 + s - k0, q0 + e - k0
+        a, b = q0 + s - k0, q0 + e - k0  # the diagonal block's keys
+        yield s, e, b, ([(0, a, False)] if a > 0 else []) + [(a, b, True)]
 
 
 def alibi_kernel(q: Tensor, k: Tensor, v: Tensor, scheme, *, q_pos: Tensor, k_pos: Tensor, causal: bool,

@@ -73,11 +73,9 @@ class _Group(NamedTuple):
 
 
 def _groups(lq: int, lk: int, delta: int, w: int, causal: bool, chunk: int, per_chunk: int,
-            elements: int | None = None) -> list[_Group]:
-    """Every band chunk, interior ones batched (at most ``elements`` scores a group, default
-    :data:`BAND_ELEMENTS`)."""
+            elements: int) -> list[_Group]:
+    """Every band chunk, interior ones batched (at most ``elements`` scores a group)."""
     over = overhang(w, causal)
-    elements = BAND_ELEMENTS if elements is None else elements
     cap = max(1, elements // max(1, per_chunk * chunk * (chunk + over)))  # interior chunks per group
     out, s = [], 0
     while s < lq:

@@ -1,5 +1,5 @@
 """One fused attention call with its log-sum-exp, on either device: the building block of the
-``banded`` kernel (:mod:`.banded`).
+``banded`` kernel (:mod:`.banded`) and of the ``alibi`` kernel's parts (:mod:`.alibi`).
 
 ``forward(q, k, v, scale, causal)`` returns ``(out, lse, aux)``: ``out`` in the inputs' dtype,
 ``lse`` float32 ``[B, H, Lq]``, and ``aux`` what the matching ``backward`` needs. ``causal`` is the
@@ -22,7 +22,8 @@ The ops, from PyTorch's own SDPA:
   a multiple of 32 queries, and its backward wants it so.
 
 PyTorch's flash build leaves out flash-attention's ALiBi (``FLASHATTENTION_DISABLE_ALIBI`` in its
-CMake) and takes no bias, which is why the bias parts of ``banded`` are computed densely.
+CMake) and takes no bias, which is why the bias parts of ``banded`` are computed apart and ``alibi``
+carries its bias in extra head dimensions.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 
 from .. import store
 from ..config import Log, quiet
-from ..diagnose import DiagnoseResult
+from ..diagnose import DiagnoseResult, kept_row
 from . import md_table
 
 
@@ -38,8 +38,9 @@ def summary(r: DiagnoseResult) -> list[str]:
     lo, hi = r.loss_delta_interval
     lines = [f"context past L = {r.train_len} (Δ {_delta_cell(full - cut, lo, hi)}): "
              f"{_context_verdict(lo, hi, r.loss_windows)}"]
-    if r.context_split and r.context_split[-1][0].startswith("the rest"):
-        _, _, d, lo, hi = r.context_split[-1]
+    kept = kept_row(r.context_split)
+    if kept is not None:
+        _, _, d, lo, hi = kept
         lines.append(f"distant keys, for tokens that keep local context (Δ {_delta_cell(d, lo, hi)}): "
                      f"{_context_verdict(lo, hi, r.loss_windows)}")
     if r.window_split:
@@ -48,7 +49,7 @@ def summary(r: DiagnoseResult) -> list[str]:
                      f"{_context_verdict(lo, hi, r.loss_windows)}")
     beyond = r.attention_distance.get("beyond")
     if beyond is not None:
-        tail = torch.tensor(beyond)[:, :, r.length - r.length // 4:]
+        tail = torch.tensor(beyond)[:, :, _last_quarter(r.length)]
         lines.append(f"attention at distances ≥ L over the last {r.length // 4} queries: {tail.mean():.4f} "
                      f"(largest head {tail.mean(-1).max():.4f})")
     if r.bias_drift is not None and max(r.bias_drift) >= 1e-4:
@@ -119,16 +120,21 @@ def _split_section(r: DiagnoseResult) -> list[str]:
     lines = ["Where Δ comes from: cut at L, the first tokens of every chunk lose their local context, while "
              "the others keep some of it; over those others, Δ is what the distant keys themselves do.", ""]
     lines += md_table(["positions", "share of all", "Δ within", "share × Δ"], rows)
-    rest = r.context_split[-1]
-    if rest[0].startswith("the rest"):
-        lines += ["", f"For tokens that keep local context, the far context {_context_verdict(rest[3], rest[4], r.loss_windows)}."]
+    kept = kept_row(r.context_split)
+    if kept is not None:
+        lines += ["", f"For tokens that keep local context, the far context {_context_verdict(kept[3], kept[4], r.loss_windows)}."]
     return lines + [""]
+
+
+def _last_quarter(n: int) -> slice:
+    """The query positions the attention statistics summarise: the last quarter of the window."""
+    return slice(n - n // 4, n)
 
 
 def _distance_section(r: DiagnoseResult) -> list[str]:
     n, L = r.length, r.train_len
     ad = {k: torch.tensor(v) for k, v in r.attention_distance.items()}
-    tail = slice(n - n // 4, n)
+    tail = _last_quarter(n)
     at_l = slice(max(0, L - 8), min(n, L + 8))
     beyond = ad.get("beyond")
     rows = [[layer, h, f"{ad['mean'][layer, h, tail].mean():.1f}", f"{ad['q50'][layer, h, tail].mean():.1f}",
