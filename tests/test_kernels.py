@@ -345,6 +345,39 @@ def test_fire_bias_into_takes_the_gather_where_columns_cross_many_kinks():
         torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3)
 
 
+def test_fire_block_grads_sum_autograd_over_blocks():
+    """FIRE's per-call accumulator: blocks of consecutive positions reduced by piece and by diagonal,
+    one autograd pass at the end; a block of scattered positions takes ``bias_grad``. The sum equals
+    autograd through ``bias`` block by block, for every parameter (queries below and above ``L``),
+    whether or not the block's bias was written through the accumulator just before."""
+    s = randomized("fire", init_L=40.0)
+    blocks = [(torch.arange(0, 37), torch.arange(0, 37)), (torch.arange(37, 101), torch.arange(0, 101)),
+              (torch.arange(150, 153), torch.arange(20, 300)), (torch.tensor([90, 5, 60]), torch.arange(0, 91)),
+              (torch.arange(5, 6), torch.arange(0, 1))]
+    acc, want = s.block_grads(), None
+    for n, (q_pos, k_pos) in enumerate(blocks):
+        bias = s.bias(q_pos, k_pos)
+        g = torch.randn_like(bias)
+        out, scratch = torch.empty_like(bias), torch.empty_like(bias)
+        if n % 2 == 0:  # as the kernels do: the block's mask written through the accumulator, which keeps x
+            torch.testing.assert_close(acc.bias_into(q_pos, k_pos, out, scratch), bias.detach(), atol=1e-6, rtol=1e-6)
+        elif n == 1:  # another block written last: its structure must not be taken for this one's
+            acc.bias_into(q_pos[:-1], k_pos, out[:, :-1], scratch[:, :-1])
+        acc.add(q_pos, k_pos, g.clone())
+        ref = torch.autograd.grad((bias * g).sum(), list(s.parameters()))
+        want = list(ref) if want is None else [a + b for a, b in zip(want, ref)]
+    for name, a, b in zip([n for n, _ in s.named_parameters()], acc.result(), want):
+        torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("rows, keys", [(1, 1), (1, 7), (5, 3), (4, 9)])
+def test_fire_diagonal_sums(rows, keys):
+    y = torch.randn(rows, keys)
+    got = posbias.schemes.fire._diagonal_sums(y)
+    want = torch.stack([y.diagonal(u - (rows - 1)).sum() for u in range(rows + keys - 1)])
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("frozen", [(), ("c", "L_multiplier"), ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")])
 def test_fire_trains_on_the_fused_blocks_across_many_blocks(frozen):
     """Training FIRE on the fused kernel, five query blocks of 64: q/k/v gradients and those of the

@@ -6,7 +6,8 @@ additive mask, written into two buffers reused by every block (:meth:`Scheme.bia
 tensors of tens of MB cost more in page faults than in writing). The backward pass recomputes each
 block's bias and runs the fused backward op, or — when the bias has parameters that train — a
 dense five-matmul block backward that also yields ``dS = P ∘ (dP − δ)``, handed to the scheme's
-:meth:`Scheme.bias_grad` (FIRE reduces it by linear piece instead of through autograd). Elsewhere
+:meth:`Scheme.block_grads` (FIRE reduces it by linear piece and by diagonal, with one autograd pass
+per call instead of one per block). Elsewhere
 (CUDA) each block is the reference dense attention, checkpointed in training. Either way the peak
 extra memory is a few ``[B, H, block, keys]`` buffers: linear in N, and on the fused path capped at
 two masks of ``FUSED_BLOCK_ELEMS`` floats (128 MB each; FIRE at 16k: 374 MiB peak extra forward).
@@ -87,12 +88,13 @@ class _Blocks:
         """Two scratch buffers, each large enough for any block's ``[per_pair, rows, keys]``."""
         return block_work(per_pair * min(self.block, len(self.q_pos)) * len(self.k_pos), device)
 
-    def mask(self, scheme: Scheme, s: int, e: int, hi: int, buffers: Tensor) -> Tensor:
-        """Block ``s:e``'s ``[1, H, rows, hi]`` bias with −∞ at the pairs it may not see, in ``buffers[0]``."""
+    def mask(self, scheme: Scheme, s: int, e: int, hi: int, buffers: Tensor, writer=None) -> Tensor:
+        """Block ``s:e``'s ``[1, H, rows, hi]`` bias with −∞ at the pairs it may not see, in ``buffers[0]``,
+        written by ``writer`` (a :class:`~posbias.schemes.base.BlockGrads`) or the scheme."""
         qp, kp = self.q_pos[s:e], self.k_pos[:hi]
         shape = (scheme.n_heads, e - s, hi)
         size = shape[0] * shape[1] * shape[2]
-        mask = scheme.bias_into(qp, kp, buffers[0, :size].view(shape), buffers[1, :size].view(shape))
+        mask = (writer or scheme).bias_into(qp, kp, buffers[0, :size].view(shape), buffers[1, :size].view(shape))
         if self.causal:
             lo = int(torch.searchsorted(kp, qp.min(), right=True)) if self.sorted_keys else 0
             vis = visible(qp, kp[lo:], True)
@@ -123,23 +125,22 @@ class _FusedBlocks(torch.autograd.Function):
         scheme, blocks, scale = ctx.scheme, ctx.blocks, ctx.scale
         dout = dout.contiguous()
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        n_params = len(ctx.needs_input_grad) - 6
         train_bias = any(ctx.needs_input_grad[6:])
-        grads: list[Tensor | None] = [None] * n_params
+        bias_grads = scheme.block_grads() if train_bias else None
         delta = (dout * out).sum(-1) if train_bias else None  # δ_i = dO_i · O_i
         blocks = blocks.with_rows(min(blocks.block, backward_rows(q, k.shape[2]) if train_bias else BACKWARD_ROWS))
         buffers = blocks.work(scheme.n_heads, q.device)
         work = blocks.work(q.shape[0] * q.shape[1], q.device) if train_bias else None
         for s, e, hi in blocks:
-            mask = blocks.mask(scheme, s, e, hi, buffers)
+            mask = blocks.mask(scheme, s, e, hi, buffers, bias_grads)
             args = (q[:, :, s:e], k[:, :, :hi], v[:, :, :hi], dout[:, :, s:e])
             if not train_bias:
                 gq, gk, gv = flash_backward(args[3], *args[:3], out[:, :, s:e], lse[:, :, s:e], scale, False, mask)
             else:
                 gq, gk, gv, ds = mask_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale, work)
-                block_grads = scheme.bias_grad(blocks.q_pos[s:e], blocks.k_pos[:hi], ds)
-                grads = [a if b is None else b if a is None else a.add_(b) for a, b in zip(grads, block_grads)]
+                bias_grads.add(blocks.q_pos[s:e], blocks.k_pos[:hi], ds)
             dq[:, :, s:e] += gq
             dk[:, :, :hi] += gk
             dv[:, :, :hi] += gv
+        grads = bias_grads.result() if train_bias else [None] * (len(ctx.needs_input_grad) - 6)
         return (dq, dk, dv, None, None, None, *grads)

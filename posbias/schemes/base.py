@@ -131,6 +131,12 @@ class Scheme(nn.Module):
         with torch.enable_grad():
             return self._parameter_vjp([(self.bias(q_pos, k_pos), grad)])
 
+    def block_grads(self) -> "BlockGrads":
+        """An accumulator for :meth:`bias_grad` over the query blocks of one call: ``add`` each block's
+        gradient, then ``result()``. By default one :meth:`bias_grad` per block, summed; a scheme whose
+        per-block reduction is cheaper than a vector-Jacobian product per block overrides this (FIRE)."""
+        return BlockGrads(self)
+
     def _parameter_vjp(self, pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor | None]:
         """``Σ ⟨g, t⟩``'s gradient for every parameter (``self.parameters()`` order, None where frozen
         or unused), over the ``(t, g)`` pairs whose ``t`` depends on a parameter that trains."""
@@ -187,6 +193,32 @@ class Scheme(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, head_dim={self.head_dim}"
+
+
+class BlockGrads:
+    """:meth:`Scheme.bias_grad` summed over blocks: ``add(q_pos, k_pos, grad)`` per block (``grad`` may
+    be overwritten), ``result()`` the summed gradients in ``scheme.parameters()`` order (None where a
+    parameter is frozen or unused)."""
+
+    def __init__(self, scheme: Scheme) -> None:
+        self.scheme = scheme
+        self.grads: list[Tensor | None] = [None] * len(list(scheme.parameters()))
+
+    def bias_into(self, q_pos: Tensor, k_pos: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+        """:meth:`Scheme.bias_into`, for a block whose gradient comes next: an accumulator may keep
+        what it computed on the way."""
+        return self.scheme.bias_into(q_pos, k_pos, out, scratch)
+
+    def add(self, q_pos: Tensor, k_pos: Tensor, grad: Tensor) -> None:
+        self.grads = _add_grads(self.grads, self.scheme.bias_grad(q_pos, k_pos, grad))
+
+    def result(self) -> list[Tensor | None]:
+        return self.grads
+
+
+def _add_grads(into: list[Tensor | None], more: list[Tensor | None]) -> list[Tensor | None]:
+    """Parameter gradients summed entry by entry (None counts as 0; ``into``'s tensors are added to)."""
+    return [a if b is None else b if a is None else a.add_(b) for a, b in zip(into, more)]
 
 
 def illustrative_table_(table: nn.Parameter) -> str:
