@@ -10,7 +10,8 @@ dense five-matmul block backward that also yields ``dS = P ∘ (dP − δ)``, ha
 per call instead of one per block). Elsewhere
 (CUDA) each block is the reference dense attention, checkpointed in training. Either way the peak
 extra memory is a few ``[B, H, block, keys]`` buffers: linear in N, and on the fused path capped at
-two masks of ``FUSED_BLOCK_ELEMS`` floats (128 MB each; FIRE at 16k: 374 MiB peak extra forward).
+two masks of ``FUSED_BLOCK_ELEMS`` floats (128 MB each; FIRE at 16k: 190 MiB peak extra forward,
+measured).
 Causal blocks only read the keys up to their last query. One decoding query against K cached keys
 costs O(K).
 """
