@@ -1,5 +1,6 @@
 """Time (and, on CUDA, peak memory) of a Hugging Face T5 or BLOOM model before and after
-``posbias.integrations.hf.accelerate``, as ratios measured in the same run, with a check that the
+``posbias.integrations.hf.accelerate``, as ratios measured in the same run — ``--reps`` pairs of one
+call of each, the order alternating, the median of the per-pair ratios — with a check that the
 outputs agree. Randomly initialised models from a config: nothing is downloaded.
 
 Forward (default): a T5 encoder (or a BLOOM decoder) at each length. ``--train``: a whole T5
@@ -34,20 +35,42 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timeit(fn, reps, device):
-    """Median seconds of ``reps`` calls after a warm-up, and the peak memory allocated (CUDA, MiB)."""
-    fn()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
+def _peak(device):
+    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+
+
+def warm_up(model, ids, labels, device):
+    """(output, peak MiB on CUDA) of one untimed call, or None where the device ran out of memory."""
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        out = step(model, ids, labels)
         sync(device)
-        times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return statistics.median(times), peak
+        return out.float(), _peak(device)
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+
+def timed(model, ids, labels, device) -> float:
+    t = time.perf_counter()
+    step(model, ids, labels)
+    sync(device)
+    return time.perf_counter() - t
+
+
+def paired(models, ids, labels, reps, device):
+    """Seconds per call of each model that ran, ``reps`` pairs with the order alternating from pair to
+    pair, so that load drifting during the run cancels in each pair's ratio (the method of
+    ``bench_attention.py``); a model that ran out of memory (None) is left out."""
+    times = [[] for _ in models]
+    for r in range(reps):
+        for i in (range(len(models)) if r % 2 == 0 else reversed(range(len(models)))):
+            if models[i] is not None:
+                times[i].append(timed(models[i], ids, labels, device))
+    return times
 
 
 def build(kind, size, layers, train):
@@ -85,29 +108,21 @@ def step(model, ids, labels):
     return loss.detach()
 
 
-def measure(model, ids, labels, reps, device):
-    """(output, seconds, peak MiB), or None where the device ran out of memory."""
-    try:
-        out = step(model, ids, labels)
-        seconds, peak = timeit(lambda: step(model, ids, labels), reps, device)
-        return out.float(), seconds, peak
-    except torch.OutOfMemoryError:
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return None
-
-
-def row(n, ref, fast):
-    def ms(r):
-        return "OOM" if r is None else f"{r[1] * 1e3:.0f}"
+def row(n, ref, fast, times):
+    """A table row: median ms of each model, the median (smallest–largest) of the per-pair ratios
+    HF / posbias, peak memory and the outputs' largest difference; ``OOM`` where a model ran out."""
+    def ms(r, t):
+        return "OOM" if r is None else f"{statistics.median(t) * 1e3:.0f}"
 
     def mib(r):
-        return "OOM" if r is None else ("—" if r[2] is None else f"{r[2]:.0f}")
+        return "OOM" if r is None else ("—" if r[1] is None else f"{r[1]:.0f}")
 
-    speed = f"{ref[1] / fast[1]:.2f}×" if ref and fast else "—"
-    diff = f"{(ref[0] - fast[0]).abs().max().item():.1e}" if ref and fast else "—"
-    return f"| {n} | {ms(ref)} | {ms(fast)} | {speed} | {mib(ref)} | {mib(fast)} | {diff} |"
+    speed, diff = "—", "—"
+    if ref and fast:
+        ratios = sorted(a / b for a, b in zip(*times))
+        speed = f"{statistics.median(ratios):.2f}× ({ratios[0]:.2f}–{ratios[-1]:.2f})"
+        diff = f"{(ref[0] - fast[0]).abs().max().item():.1e}"
+    return f"| {n} | {ms(ref, times[0])} | {ms(fast, times[1])} | {speed} | {mib(ref)} | {mib(fast)} | {diff} |"
 
 
 def main(argv=None):
@@ -120,7 +135,7 @@ def main(argv=None):
     p.add_argument("--target-len", type=int, default=64, help="decoder tokens with --train")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3, help="interleaved (HF, posbias) pairs per length")
     p.add_argument("--backend", default="auto",
                    help="posbias backend the accelerated model prefers (accelerate(model, backend=...)), "
                         "e.g. flex on a GPU; default auto")
@@ -141,6 +156,8 @@ def main(argv=None):
     print(f"# transformers {transformers.__version__}, torch {torch.__version__}, {device} ({where}); {args.model} "
           f"{args.size} (d_model {ref.config.d_model if args.model == 't5' else ref.config.hidden_size}), batch 1, "
           f"{args.dtype}, {what}; HF attention '{impl}'; posbias backend {args.backend}; peak memory: CUDA max allocated")
+    print(f"# each speed-up: the median of {args.reps} interleaved pairs (HF / posbias time; one pair fewer beyond 4k"
+          "), smallest–largest in brackets; ms: the medians")
     print("| N | HF ms | posbias ms | speed-up | HF peak MiB | posbias peak MiB | max abs diff |")
     print("|---|---|---|---|---|---|---|")
     for n in args.lengths:
@@ -148,8 +165,9 @@ def main(argv=None):
         ids = torch.randint(2, 512, (1, n), device=device)
         labels = torch.randint(2, 512, (1, args.target_len), device=device) if args.train else None
         reps = args.reps if n <= 4096 else max(1, args.reps - 1)
-        results = [measure(model, ids, labels, reps, device) for model in (ref, fast)]
-        print(row(n, *results), flush=True)
+        results = [warm_up(model, ids, labels, device) for model in (ref, fast)]
+        times = paired([m if r else None for m, r in zip((ref, fast), results)], ids, labels, reps, device)
+        print(row(n, *results, times), flush=True)
 
 
 if __name__ == "__main__":
