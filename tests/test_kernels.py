@@ -373,11 +373,16 @@ def test_fire_block_grads_sum_autograd_over_blocks():
 
 
 @pytest.mark.parametrize("rows, keys", [(1, 1), (1, 7), (5, 3), (4, 9)])
-def test_fire_diagonal_sums(rows, keys):
-    y = torch.randn(rows, keys)
-    got = posbias.schemes.fire._diagonal_sums(y)
-    want = torch.stack([y.diagonal(u - (rows - 1)).sum() for u in range(rows + keys - 1)])
-    torch.testing.assert_close(got, want)
+def test_diagonal_and_antidiagonal_sums(rows, keys):
+    """The kernels' sums along a block's diagonals (offset tables, FIRE's log-distance table) and
+    anti-diagonals (toeplitz's reversed keys), batched over heads, against ``diagonal()``."""
+    from posbias.kernels.flash import antidiagonal_sums, diagonal_sums
+
+    y = torch.randn(3, rows, keys)
+    want = torch.stack([y.diagonal(u - (rows - 1), 1, 2).sum(-1) for u in range(rows + keys - 1)], -1)
+    torch.testing.assert_close(diagonal_sums(y), want)
+    torch.testing.assert_close(diagonal_sums(y[0]), want[0])
+    torch.testing.assert_close(antidiagonal_sums(y.flip(1)), want)
 
 
 @pytest.mark.parametrize("frozen", [(), ("c", "L_multiplier"), ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")])

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..schemes.base import ToeplitzScheme
 from . import fused
-from .flash import NEG, antidiagonal_sums, flash_available, flash_forward, mask_backward, merge
+from .flash import NEG, diagonal_sums, flash_available, flash_forward, mask_backward, merge
 
 BAND_ELEMENTS = 1 << 25  # floats per band group's [B, H, chunks, C, W] score tensor on CUDA (128 MiB)
 CPU_BAND_ELEMENTS = 1 << 22  # on the CPU (16 MiB; 2^20 and 2^25 measured the same speed)
@@ -248,7 +248,7 @@ class _Banded(torch.autograd.Function):
             if dvals is not None:  # pair (r, t) has offset shift + r − t: sums along the diagonals
                 gb = ds.sum(1)  # [H, rows, keys] (ds is summed over the batch): the group's chunks share offsets
                 off = g.shift + g.rows - 1 - torch.arange(g.rows + g.keys - 1, device=q.device)
-                dvals.index_add_(1, off.clamp(-w, w) + w, antidiagonal_sums(gb.flip(1)))
+                dvals.index_add_(1, off.clamp(-w, w) + w, diagonal_sums(gb))
                 rest += gb.sum((1, 2))
         if dvals is not None and far_parts:  # each row's dS sums to 0: the last far part's sum is minus the rest
             dvals[:, far_parts[-1].col] -= rest

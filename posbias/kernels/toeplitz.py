@@ -27,6 +27,7 @@ from torch import Tensor
 from ..schemes.base import ToeplitzScheme
 from .flash import antidiagonal_sums, backward_rows, block_work, flash_backward, flash_forward, mask_backward
 
+
 def forward_block(lk: int) -> int:
     """Query rows per block of the fused op, forward and, for a fixed bias, backward (a trained bias:
     :func:`~posbias.kernels.flash.backward_rows`): larger blocks cost fewer calls, but the causal

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..kernels.flash import diagonal_sums
 from .base import BlockGrads, Scheme, _add_grads, check_int, check_positive
 
 
@@ -122,18 +123,17 @@ class FIRE(Scheme):
             pairs = rows * keys
             if pairs == 0:
                 return out.new_empty(rows, keys), torch.zeros(keys, dtype=torch.long, device=out.device), []
-            if x_out is not None:
-                free = scratch.reshape(-1)
-            elif out.shape[0] > 1:  # x in the scratch's first pairs, the rest is room for relu(x − t_k)
+            x_in_scratch = x_out is None and out.shape[0] > 1
+            if x_in_scratch:  # x in the scratch's first pairs, the rest is room for relu(x − t_k)
                 free, x_out = scratch.reshape(-1)[pairs:], scratch.reshape(-1)[:pairs]
-            else:  # one head: the scratch holds one slab
-                free, x_out = scratch.reshape(-1), torch.empty(pairs, device=out.device)
+            else:  # x apart (given, or fresh for one head, whose scratch holds one slab)
+                free = scratch.reshape(-1)
+                x_out = torch.empty(pairs, device=out.device) if x_out is None else x_out
             x = self.normalized_distance(q_pos, k_pos, out=x_out[:pairs].view(rows, keys))
             kinks, slope, offset = (t.detach() for t in self.pieces())
             lo, runs = _column_pieces(x, kinks)
             if runs is None:  # the gather needs the whole scratch
-                _gather_into(x if x_out.data_ptr() != scratch.data_ptr() else x.clone(), kinks, slope, offset, out,
-                             scratch)
+                _gather_into(x.clone() if x_in_scratch else x, kinks, slope, offset, out, scratch)
                 return x, lo, runs
             torch.addcmul(offset.T.index_select(1, lo).unsqueeze(1), slope.T.index_select(1, lo).unsqueeze(1), x,
                           out=out)
@@ -326,9 +326,9 @@ def _grad_by_column(x: Tensor, kinks: Tensor, slope: Tensor, grad: Tensor, lo: T
     d_offset = grad.new_zeros(heads, pieces).index_add_(1, lo, grad.sum(1))
     d_slope = grad.new_zeros(heads, pieces).index_add_(1, lo, grad.mul_(x).sum(1))
     if runs:
-        k = torch.tensor([k for k, _, _ in runs], device=grad.device)
+        crossed = torch.tensor([k for k, _, _ in runs], device=grad.device)
         for total, sums in zip((d_offset, d_slope), moved):  # from piece k to piece k + 1
-            total.index_add_(1, k + 1, sums.T).index_add_(1, k, sums.T, alpha=-1)
+            total.index_add_(1, crossed + 1, sums.T).index_add_(1, crossed, sums.T, alpha=-1)
     return d_x, d_slope, d_offset
 
 
@@ -384,7 +384,7 @@ class _FireBlockGrads(BlockGrads):
             y = d_x.div_(fire.denominator(q_pos)[:, None])  # ∂/∂T of each pair
             self.rows.append((q_pos, torch.linalg.vecdot(y, x).neg_()))
             first = int(q_pos[0]) - int(k_pos[0]) + rows - 1  # the offset of diagonal 0 (row rows − 1, key 0)
-            self.tables.append((first - torch.arange(rows + keys - 1, device=q_pos.device), _diagonal_sums(y)))
+            self.tables.append((first - torch.arange(rows + keys - 1, device=q_pos.device), diagonal_sums(y)))
             self.d_slope = d_slope if self.d_slope is None else self.d_slope.add_(d_slope)
             self.d_offset = d_offset if self.d_offset is None else self.d_offset.add_(d_offset)
 
@@ -402,12 +402,3 @@ class _FireBlockGrads(BlockGrads):
                                      (slope, self.d_slope.T), (offset, self.d_offset.T)])
         return _add_grads(grads, self.grads)
 
-
-def _diagonal_sums(y: Tensor) -> Tensor:
-    """``[rows + keys − 1]``: entry ``u`` is ``Σ_{j − r = u − (rows − 1)} y[r, j]``, the sum along one
-    diagonal of ``y [rows, keys]``, from the lowest-left (row rows − 1, key 0) to the top-right. Each
-    row is padded on the left with ``rows`` zeros and the buffer re-read with rows one longer, which
-    shifts row ``r`` left by ``r``; a sum over rows finishes."""
-    rows, keys = y.shape
-    flat = F.pad(F.pad(y, (rows, 0)).flatten(), (0, rows))
-    return flat.view(rows, rows + keys + 1).sum(0)[1:rows + keys]
