@@ -51,11 +51,26 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def _once(fn, device) -> float:
+def seconds(fn, device) -> float:
+    """Wall time of one call (the device synchronised)."""
     t = time.perf_counter()
     fn()
     sync(device)
     return time.perf_counter() - t
+
+
+def interleaved(fn, base, device, reps) -> tuple[list[float], list[float]]:
+    """Seconds of ``reps`` (candidate, baseline) pairs, the order alternating from pair to pair: load
+    that drifts during the run cancels in each pair's ratio. No warm-up (the caller's)."""
+    tc, tb = [], []
+    for r in range(reps):
+        if r % 2:
+            tb.append(seconds(base, device))
+            tc.append(seconds(fn, device))
+        else:
+            tc.append(seconds(fn, device))
+            tb.append(seconds(base, device))
+    return tc, tb
 
 
 def paired(fn, base, device, reps):
@@ -65,14 +80,8 @@ def paired(fn, base, device, reps):
     fn()  # warm-up (and compilation for FlexAttention)
     base()
     sync(device)
-    times, ratios = [], []
-    for r in range(reps):
-        if r % 2:
-            tb, tc = _once(base, device), _once(fn, device)
-        else:
-            tc, tb = _once(fn, device), _once(base, device)
-        times.append(tc)
-        ratios.append(tc / tb)
+    times, base_times = interleaved(fn, base, device, reps)
+    ratios = [c / b for c, b in zip(times, base_times)]
     return statistics.median(times), statistics.median(ratios), min(ratios), max(ratios)
 
 
@@ -292,7 +301,7 @@ def run_length(n, args, device, dtype):
     base_f = lambda: torch.no_grad()(F.scaled_dot_product_attention)(q, k, v, is_causal=True)  # noqa: E731
     base_t = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()  # noqa: E731
     mem = measure_memory("rope", "SDPA (no bias)", n, args.heads, args.head_dim, args.device) if args.memory else None
-    print(f"| (none) | {n} | fused causal SDPA, no bias | {_once(base_f, device) * 1e3:.0f} | 1.00 | 1.00 | "
+    print(f"| (none) | {n} | fused causal SDPA, no bias | {seconds(base_f, device) * 1e3:.0f} | 1.00 | 1.00 | "
           f"{'' if mem is None else f'{mem:.0f}'} |", flush=True)
     rows = []
     for name in args.schemes:

@@ -20,23 +20,14 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
+from bench_attention import interleaved, seconds, sync
 
 SIZES = {  # d_model, d_kv, d_ff, layers (each stack), heads, feed-forward
     "small": (512, 64, 1024, None, 8, "relu"),  # None: --layers
     "base": (768, 64, 2048, 12, 12, "gated-gelu"),  # flan-t5-base's shape
 }
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak(device):
-    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
 
 def warm_up(model, ids, labels, device):
@@ -46,7 +37,7 @@ def warm_up(model, ids, labels, device):
             torch.cuda.reset_peak_memory_stats()
         out = step(model, ids, labels)
         sync(device)
-        return out.float(), _peak(device)
+        return out.float(), torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     except torch.OutOfMemoryError:
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -54,23 +45,13 @@ def warm_up(model, ids, labels, device):
         return None
 
 
-def timed(model, ids, labels, device) -> float:
-    t = time.perf_counter()
-    step(model, ids, labels)
-    sync(device)
-    return time.perf_counter() - t
-
-
 def paired(models, ids, labels, reps, device):
-    """Seconds per call of each model that ran, ``reps`` pairs with the order alternating from pair to
-    pair, so that load drifting during the run cancels in each pair's ratio (the method of
-    ``bench_attention.py``); a model that ran out of memory (None) is left out."""
-    times = [[] for _ in models]
-    for r in range(reps):
-        for i in (range(len(models)) if r % 2 == 0 else reversed(range(len(models)))):
-            if models[i] is not None:
-                times[i].append(timed(models[i], ids, labels, device))
-    return times
+    """Seconds per call of each model that ran (None: out of memory, left out), ``reps`` calls each;
+    interleaved pairs (:func:`bench_attention.interleaved`) where both ran."""
+    calls = [None if m is None else (lambda m=m: step(m, ids, labels)) for m in models]
+    if None not in calls:
+        return list(interleaved(*calls, device, reps))
+    return [[] if c is None else [seconds(c, device) for _ in range(reps)] for c in calls]
 
 
 def build(kind, size, layers, train):

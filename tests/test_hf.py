@@ -201,17 +201,18 @@ def test_import_posbias_imports_neither_transformers_nor_flex():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_hf_benchmark_runs_training_and_checks_agreement(capsys):
+def test_hf_benchmark_runs_training_and_checks_agreement(capsys, monkeypatch):
     """``benchmarks/bench_hf.py --train`` (what a GPU session runs at flan-t5-base size), tiny here:
     both models train one step from the same weights and their losses agree."""
     import importlib.util
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_hf.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: bench_attention beside it
     spec = importlib.util.spec_from_file_location("bench_hf", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--train", "--lengths", "40", "--layers", "1", "--reps", "1", "--target-len", "8", "--device", "cpu"])
+    bench.main(["--train", "--lengths", "40", "--layers", "1", "--reps", "2", "--target-len", "8", "--device", "cpu"])
     last = capsys.readouterr().out.strip().splitlines()[-1].split("|")
     assert last[1].strip() == "40" and "OOM" not in last
     assert float(last[7]) < 1e-4  # the losses of the HF and the posbias model
