@@ -376,7 +376,7 @@ def test_fire_block_grads_sum_autograd_over_blocks():
 def test_diagonal_and_antidiagonal_sums(rows, keys):
     """The kernels' sums along a block's diagonals (offset tables, FIRE's log-distance table) and
     anti-diagonals (toeplitz's reversed keys), batched over heads, against ``diagonal()``."""
-    from posbias.kernels.flash import antidiagonal_sums, diagonal_sums
+    from posbias.diagonals import antidiagonal_sums, diagonal_sums
 
     y = torch.randn(3, rows, keys)
     want = torch.stack([y.diagonal(u - (rows - 1), 1, 2).sum(-1) for u in range(rows + keys - 1)], -1)

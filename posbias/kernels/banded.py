@@ -36,9 +36,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..diagonals import diagonal_sums
 from ..schemes.base import ToeplitzScheme
 from . import fused
-from .flash import NEG, diagonal_sums, flash_available, flash_forward, mask_backward, merge
+from .flash import NEG, flash_available, flash_forward, mask_backward, merge
 
 BAND_ELEMENTS = 1 << 25  # floats per band group's [B, H, chunks, C, W] score tensor on CUDA (128 MiB)
 CPU_BAND_ELEMENTS = 1 << 22  # on the CPU (16 MiB; 2^20 and 2^25 measured the same speed)

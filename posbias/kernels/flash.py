@@ -81,25 +81,3 @@ def block_work(size: int, device: torch.device) -> Tensor:
     """Two flat float32 scratch buffers of ``size`` elements, allocated once per call and reused by every
     block (``mask_backward``'s ``P`` and ``dP``, a block's bias and its scratch)."""
     return torch.empty(2, size + size % 2, dtype=torch.float32, device=device)  # even: 8-byte aligned rows
-
-
-def diagonal_sums(ds: Tensor) -> Tensor:
-    """``[..., rows + keys − 1]``: entry ``u`` is ``Σ_{t − r = u − (rows − 1)} ds[..., r, t]``, the sums
-    along the diagonals of ``ds [..., rows, keys]`` from the lowest-left (row rows − 1, key 0) to the
-    top-right: pair ``(r, t)`` of a block has offset ``i − j = c + r − t``, so entry ``u`` holds the
-    pairs of offset ``c + rows − 1 − u``. Each row is padded on the left with ``rows`` zeros and the
-    buffer re-read with rows one longer, which shifts row ``r`` left by ``r``; a sum over rows finishes
-    (no copy of ``ds`` in reverse, as :func:`antidiagonal_sums` of ``ds.flip(-2)`` would need). Also
-    FIRE's (:mod:`posbias.schemes.fire`): this module imports nothing of posbias."""
-    rows, keys = ds.shape[-2:]
-    flat = torch.nn.functional.pad(torch.nn.functional.pad(ds, (rows, 0)).flatten(-2), (0, rows))
-    return flat.view(*ds.shape[:-2], rows, rows + keys + 1).sum(-2)[..., 1:rows + keys]
-
-
-def antidiagonal_sums(ds: Tensor) -> Tensor:
-    """``[H, rows + keys − 1]``: ``Σ_{r+t=u} ds[:, r, t]`` for every ``u``. Each row is padded with
-    ``rows`` zeros and the buffer re-read with row length ``keys + rows − 1``, which shifts row ``r``
-    right by ``r``; column ``u`` then holds ``ds[r, u − r]`` (or 0), and a sum over rows finishes."""
-    h, rows, keys = ds.shape
-    padded = torch.nn.functional.pad(ds, (0, rows)).flatten(1)[:, : rows * (keys + rows - 1)]
-    return padded.view(h, rows, keys + rows - 1).sum(1)

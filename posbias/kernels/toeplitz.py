@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..diagonals import antidiagonal_sums
 from ..schemes.base import ToeplitzScheme
-from .flash import antidiagonal_sums, backward_rows, block_work, flash_backward, flash_forward, mask_backward
+from .flash import backward_rows, block_work, flash_backward, flash_forward, mask_backward
 
 
 def forward_block(lk: int) -> int:

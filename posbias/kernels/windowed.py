@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..diagonals import diagonal_sums
 from ..schemes.base import ToeplitzScheme
-from .flash import diagonal_sums, flash_backward, flash_forward, mask_backward, merge
+from .flash import flash_backward, flash_forward, mask_backward, merge
 
 BLOCK = 256
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..kernels.flash import diagonal_sums
+from ..diagonals import diagonal_sums
 from .base import BlockGrads, Scheme, _add_grads, check_int, check_positive
 
 
