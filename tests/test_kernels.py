@@ -372,17 +372,29 @@ def test_fire_block_grads_sum_autograd_over_blocks():
         torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3, msg=name)
 
 
-@pytest.mark.parametrize("rows, keys", [(1, 1), (1, 7), (5, 3), (4, 9)])
-def test_diagonal_and_antidiagonal_sums(rows, keys):
+@pytest.mark.parametrize("rows, keys", [(1, 1), (1, 7), (5, 3), (4, 7), (4, 8), (4, 9), (16, 300)])
+@pytest.mark.parametrize("layout", ["contiguous", "rows of a larger block", "transposed"])
+def test_diagonal_and_antidiagonal_sums(rows, keys, layout):
     """The kernels' sums along a block's diagonals (offset tables, FIRE's log-distance table) and
-    anti-diagonals (toeplitz's reversed keys), batched over heads, against ``diagonal()``."""
+    anti-diagonals (toeplitz's reversed keys), batched over heads, against ``diagonal()``: narrow
+    blocks through the padded copy, wide ones (``keys ≥ 2·rows``) through strided views of the block
+    itself with the two corners apart; a view into a larger buffer (storage offset) and a transposed
+    block (rows not ``keys`` apart: the padded copy) give the same sums."""
     from posbias.diagonals import antidiagonal_sums, diagonal_sums
 
-    y = torch.randn(3, rows, keys)
+    torch.manual_seed(rows * 1000 + keys)
+    if layout == "contiguous":
+        y = torch.randn(3, rows, keys, dtype=torch.float64)
+    elif layout == "rows of a larger block":
+        y = torch.randn(2, 3, rows + 3, keys, dtype=torch.float64)[1, :, 2:rows + 2]
+    else:
+        y = torch.randn(3, keys, rows, dtype=torch.float64).transpose(1, 2)
     want = torch.stack([y.diagonal(u - (rows - 1), 1, 2).sum(-1) for u in range(rows + keys - 1)], -1)
     torch.testing.assert_close(diagonal_sums(y), want)
     torch.testing.assert_close(diagonal_sums(y[0]), want[0])
-    torch.testing.assert_close(antidiagonal_sums(y.flip(1)), want)
+    flipped = torch.stack([y.flip(1).diagonal(u - (rows - 1), 1, 2).sum(-1) for u in range(rows + keys - 1)], -1)
+    torch.testing.assert_close(antidiagonal_sums(y), flipped)
+    torch.testing.assert_close(antidiagonal_sums(y[1]), flipped[1])
 
 
 @pytest.mark.parametrize("frozen", [(), ("c", "L_multiplier"), ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")])

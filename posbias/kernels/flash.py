@@ -56,12 +56,15 @@ def mask_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, de
     p_out = dp_out = None
     if work is not None:
         p_out, dp_out = work[0, :size].view(shape), work[1, :size].view(shape)
-    p = torch.matmul(q, k.transpose(-1, -2), out=p_out).mul_(scale).add_(mask)
+    qs = q if scale == 1 else q * scale  # the scale on the block's queries, not on its logits: one pass less
+    p = torch.matmul(qs, k.transpose(-1, -2), out=p_out).add_(mask)
     p = p.sub_(lse.unsqueeze(-1).clamp(min=NEG)).exp_()
     dv = torch.matmul(p.transpose(-1, -2), dout)
     ds = p.mul_(torch.matmul(dout, v.transpose(-1, -2), out=dp_out).sub_(delta.unsqueeze(-1)))
-    dq = torch.matmul(ds, k).mul_(scale)
-    dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
+    dq = torch.matmul(ds, k)
+    if scale != 1:
+        dq.mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), qs)
     # batch 1: ``dS`` itself (a view of ``work``; a sum would write a fresh tensor, page faults included)
     return dq, dk, dv, ds[0] if ds.shape[0] == 1 else ds.sum(0)
 

@@ -14,8 +14,8 @@ Backward: the fused backward op with the same view gives q/k/v gradients. When t
 learnable parameters (KERPLE ``r1``/``r2``, a T5 or offset table) the gradient of the per-offset row is
 ``∂L/∂R[u] = Σ_{r+t=u} dS[r, t]`` with ``dS = P ∘ (dP − δ)`` (``δ = rowsum(dO ∘ O)``): each block then
 runs a dense backward (``P``, ``dP``, ``dq``, ``dk``, ``dv``: five matmuls, measured faster than the
-fused backward plus the two matmuls ``dS`` needs) and sums ``dS`` along its anti-diagonals with one
-padded reshape; autograd takes the row gradient on to the scheme's parameters. Extra memory in that
+fused backward plus the two matmuls ``dS`` needs) and sums ``dS`` along its anti-diagonals in place
+(:func:`~posbias.diagonals.antidiagonal_sums`); autograd takes the row gradient on to the scheme's parameters. Extra memory in that
 case: a few ``[B, H, block, keys]`` float32 buffers, linear in N.
 """
 
