@@ -186,7 +186,7 @@ def _flex_usable(scheme: Scheme, q: Tensor, contiguous: bool) -> str | None:
     return None
 
 
-TOEPLITZ_TRAINS_BELOW = 2048  # keys: below, a learnable windowed table trains faster on toeplitz (measured)
+TOEPLITZ_TRAINS_BELOW = 2560  # keys: below, a learnable windowed table trains faster on toeplitz (measured)
 BANDED_BIDIRECTIONAL_FROM = 4096  # keys: from here bidirectional training takes banded over windowed (measured)
 
 # CUDA fast paths that a GPU run has validated (``pytest -m cuda`` and ``benchmarks/gpu_check.sh``,
@@ -215,11 +215,14 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
     Measured on 2-core CPUs (``benchmarks/bench_attention.py``, README): for a Toeplitz bias the
     reversed-key ``toeplitz`` path is the fastest at inference and for fixed biases in training (ALiBi
     fwd+bwd 1.16× vs 1.63× for ``alibi``). A learnable bias constant beyond a window (T5, offset)
-    trains faster with the band as the only dense part from 2k keys on, and faster ``toeplitz``
+    trains faster with the band as the only dense part from 2.5k keys on, and faster ``toeplitz``
     below, where the merge's fixed per-block costs show (fwd+bwd, 7 interleaved pairs, 2 threads,
     2026-11-24: t5 at 1k / 1.5k / 2k 1.35× / 1.24× / 1.22× windowed vs 1.28× / 1.37× / 1.41× toeplitz;
     offset 1.30× / 1.29× / 1.24× vs 1.17× / 1.42× / 1.40×). Since toeplitz's backward blocks were capped
-    at 128 rows (:func:`~posbias.kernels.flash.backward_rows`) the crossing moved from 1.5k to 2k keys
+    at 128 rows (:func:`~posbias.kernels.flash.backward_rows`) the crossing moved from 1.5k to 2k keys,
+    and to 2.5k once toeplitz's dense backward summed its blocks in place (2026-12-01, 7–9 pairs, band
+    path / toeplitz: causal banded t5 at 2k / 2.3k / 2.5k / 3k 1.14–1.15 / 1.01 / 0.95 / 0.91, offset
+    1.03 / 0.98 / 0.95 / 0.94; bidirectional windowed t5 at 2k / 2.3k / 2.5k 1.10 / 1.07 / 0.95)
     (2026-12-01, ratio of the band path to toeplitz: causal banded t5 at 1.5k / 2k / 2.5k / 3k 1.05 /
     1.03–1.10 / 0.96 / 0.90, offset 1.12 / 0.97–0.99 / 0.90 / 0.88; bidirectional windowed t5 1.05 /
     0.99 / — / 0.93). Of the two band paths, ``banded`` (the far

@@ -60,18 +60,18 @@ def test_toeplitz_backend_with_a_fixed_bias(name, options, causal, lq):
 
 def test_auto_backend_choice_follows_the_measurements():
     """Toeplitz biases: the reversed-key toeplitz path, except a learnable bias constant beyond a window
-    in training from 2048 keys on (only the band dense): banded when causal, and bidirectionally from
+    in training from 2560 keys on (only the band dense): banded when causal, and bidirectionally from
     4096 keys, windowed before that or where banded cannot run (queries outside the keys). Gradients,
     length and causality decide, not the scheme's name."""
     for n, causal, cases in [
             (8, True, [("kerple-log", True, "toeplitz"), ("kerple-log", False, "toeplitz"), ("t5", True, "toeplitz"),
                        ("t5", False, "toeplitz"), ("offset", True, "toeplitz"), ("alibi", True, "toeplitz"),
                        ("fire", True, "blockwise"), ("rope", True, "sdpa")]),
-            (2047, True, [("t5", True, "toeplitz"), ("offset", True, "toeplitz")]),
-            (2047, False, [("t5", True, "toeplitz")]),
-            (2048, True, [("t5", True, "banded"), ("offset", True, "banded"), ("t5", False, "toeplitz"),
+            (2559, True, [("t5", True, "toeplitz"), ("offset", True, "toeplitz")]),
+            (2559, False, [("t5", True, "toeplitz")]),
+            (2560, True, [("t5", True, "banded"), ("offset", True, "banded"), ("t5", False, "toeplitz"),
                           ("kerple-log", True, "toeplitz")]),
-            (2048, False, [("t5", True, "windowed")]),
+            (2560, False, [("t5", True, "windowed")]),
             (4095, False, [("t5", True, "windowed")]),
             (4096, False, [("t5", True, "banded")])]:
         q, pos = torch.randn(1, 3, n, 16), torch.arange(n)
