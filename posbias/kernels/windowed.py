@@ -24,6 +24,9 @@ from ..diagonals import diagonal_sums
 from ..schemes.base import ToeplitzScheme
 from .flash import flash_backward, flash_forward, mask_backward, merge
 
+# Query rows per block (each block: one dense band, flat parts on the fused op). Bidirectional t5
+# training (2026-12-01, 7 pairs, ratio to SDPA) at 2.5k / 3k / 4k: 128 rows 2.29 / 2.28 / 2.36×,
+# 256 rows 1.72 / 1.61 / 1.68×, 512 rows 2.04 / 1.96 / 1.69×
 BLOCK = 256
 
 
