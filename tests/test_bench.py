@@ -41,3 +41,22 @@ def test_bench_backends_compares_two_paths_and_says_where_one_cannot_run():
     r = subprocess.run([sys.executable, str(script), "--backends", "fast", "banded"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode != 0 and "--backends: unknown 'fast'; valid: reference" in r.stderr
+
+
+def test_bench_decode_times_attention_and_the_model_against_no_bias():
+    """The decoding benchmark: one row per scheme, cache length and query count with the backend
+    ``auto`` took, then the model's tokens; bad sizes are one line and a non-zero exit."""
+    script = SCRIPT.parent / "bench_decode.py"
+    r = subprocess.run([sys.executable, str(script), "--schemes", "t5", "rope", "--keys", "96", "--queries", "1", "3",
+                        "--context", "40", "--d-model", "32", "--layers", "1", "--heads", "2", "--head-dim", "16",
+                        "--reps", "1", "--flush-denormal"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "denormals flushed" in lines[0] and "2 threads" in lines[0]
+    assert lines[1] == "| scheme | keys | queries | backend | × no bias | ms |"
+    assert any(x.startswith("| t5 | 96 | 3 | toeplitz |") for x in lines)
+    assert any(x.startswith("| rope | 96 | 1 | sdpa |") for x in lines)
+    assert any(x.startswith("| rope | 40 |") for x in lines) and "| scheme | context | × no bias | ms per token |" in lines
+    r = subprocess.run([sys.executable, str(script), "--keys", "4", "--queries", "8", "--no-model"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "need 1 <= queries <= keys" in r.stderr and "Traceback" not in r.stderr

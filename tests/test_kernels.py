@@ -58,6 +58,48 @@ def test_toeplitz_backend_with_a_fixed_bias(name, options, causal, lq):
     compare(s, "toeplitz", causal=causal, lk=1200)  # several blocks of 512
 
 
+@pytest.mark.parametrize("name, options, causal", [("t5", {"max_distance": 40}, True),
+                                                   ("t5", {"max_distance": 40, "bidirectional": True}, False),
+                                                   ("alibi", {}, True), ("kerple-log", {}, True)])
+@pytest.mark.parametrize("lq, q0", [(1, None), (37, None), (5, 100), (5, -2), (3, -5)])
+def test_toeplitz_few_queries_at_inference(monkeypatch, name, options, causal, lq, q0):
+    """Decoding and short chunks without gradients reverse the queries instead of the key cache: the
+    same outputs as the reference, at the end of the keys, in their middle (causal: later keys
+    hidden), partly and wholly before them (rows with no visible key give 0)."""
+    from posbias.kernels import toeplitz
+
+    few, calls = toeplitz._few_queries, []
+    monkeypatch.setattr(toeplitz, "_few_queries", lambda *a: calls.append(1) or few(*a))
+    s = randomized(name, **options)
+    q, k, v = (torch.randn(2, 3, n, 16) for n in (lq, 301, 301))
+    kw = {} if q0 is None else {"q_pos": torch.arange(q0, q0 + lq)}
+    with torch.no_grad():
+        out = attention(q, k, v, s, causal=causal, backend="toeplitz", **kw)
+        ref = attention_reference(q, k, v, s, causal=causal, **kw)
+    assert calls == [1]
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, options", [("t5", {"max_distance": 40}), ("t5", {"max_distance": 40, "bidirectional": True}),
+                                           ("offset", {"max_distance": 9, "clip": False}),
+                                           ("offset", {"max_distance": 9, "bidirectional": True}), ("kerple-log", {})])
+def test_toeplitz_row_evaluates_a_flat_bias_on_its_window_only(name, options):
+    """The per-offset row of a call: a bias flat beyond ``w`` is evaluated on ``−w … w`` and its edge
+    values expanded, which gives the same values as evaluating every offset, and the same parameter
+    gradients; ranges across the window, inside it, and wholly on one flat side."""
+    from posbias.kernels.toeplitz import _row
+
+    s = randomized(name, **options)
+    params = [p for p in s.parameters() if p.requires_grad]
+    for lo, hi in [(-300, 300), (0, 300), (-300, 0), (50, 300), (-300, -50), (-3, 4), (100, 100), (-41, 41)]:
+        want = s.bias_at(torch.arange(lo, hi + 1)).float()
+        got = _row(s, lo, hi, torch.device("cpu"))
+        assert torch.equal(got, want), (lo, hi)
+        g = torch.randn_like(want)
+        for a, b in zip(torch.autograd.grad((got * g).sum(), params), torch.autograd.grad((want * g).sum(), params)):
+            torch.testing.assert_close(a, b)
+
+
 def test_auto_backend_choice_follows_the_measurements():
     """Toeplitz biases: the reversed-key toeplitz path, except a learnable bias constant beyond a window
     in training from 2560 keys on (only the band dense): banded when causal, and bidirectionally from

@@ -192,3 +192,34 @@ def test_bad_heads_head_dim_and_names():
         build("rope", n_heads=2, head_dim=15)
     with pytest.raises(ValueError, match="unknown scheme 'xpos'; valid schemes: sinusoidal, rope, nope"):
         build("xpos", n_heads=2, head_dim=16)
+
+
+def _rotated(s, x, pos, context_len=None):
+    """The rotation written out from :meth:`RoPE.angles` (no table, no cache): the definition."""
+    ang = s.angles(pos, context_len)
+    cos, sin = ang.cos() * s.attention_factor, ang.sin() * s.attention_factor
+    x1, x2 = (x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]) if s.layout == "half" else (x[..., 0::2], x[..., 1::2])
+    a, b = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    return torch.cat([a, b], -1) if s.layout == "half" else torch.stack([a, b], -1).flatten(-2)
+
+
+@pytest.mark.parametrize("options", [{}, {"layout": "interleaved"}, {"scaling": "yarn", "factor": 4.0, "train_len": 16},
+                                     {"scaling": "dynamic-ntk", "factor": 2.0, "train_len": 16},
+                                     {"scaling": "pi", "factor": 2.0}])
+def test_rope_rotation_and_its_table_cache(options):
+    """RoPE's rotation against its definition, call after call: runs of positions served from the kept
+    table (a sub-run), past it (recomputed), elsewhere (negative positions), scattered positions, a
+    dynamic-NTK context that changes the frequencies, and the gradient (the opposite rotation)."""
+    s = posbias.build("rope", n_heads=2, head_dim=16, **options)
+    x = torch.randn(1, 2, 600, 16, requires_grad=True)
+    calls = [(torch.arange(0, 100), None), (torch.arange(10, 50), None), (torch.arange(0, 600), None),
+             (torch.arange(-40, 60), None), (torch.tensor([5, 3, 900, 2]), None), (torch.arange(0, 100), 40),
+             (torch.arange(0, 100), 80), (torch.arange(0, 100), None)]
+    for pos, context in calls:
+        xs = x[:, :, : len(pos)]
+        got = s.rotate(xs, pos, context_len=context)
+        want = _rotated(s, xs, pos, context)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        g = torch.randn_like(got)
+        torch.testing.assert_close(torch.autograd.grad((got * g).sum(), x)[0], torch.autograd.grad((want * g).sum(), x)[0],
+                                   atol=1e-6, rtol=1e-5)

@@ -49,16 +49,18 @@ def test_local_corpus_errors(tmp_path):
         local_corpus(tmp_path / "empty.txt")
 
 
-@pytest.mark.parametrize("scheme", ["t5", "rope", "sinusoidal", "fire"])
+@pytest.mark.parametrize("scheme", ["t5", "rope", "sinusoidal", "fire", "alibi", "kerple-log"])
 def test_kv_cache_decoding_equals_full_forward(scheme):
+    """Prefill, then steps of one token and chunks of several: the cache's buffers grow twice on the
+    way (room for 256 more tokens, then half as many again), and the outputs equal the full forward."""
     model = TransformerLM(ModelConfig(scheme=scheme, **TINY)).eval()
-    idx = torch.randint(0, 256, (1, 30))
+    idx = torch.randint(0, 256, (1, 600))
+    cuts = [0, 20, *range(21, 31), 40, 276, 277, 290, 533, 534, 600]  # room: 20 + 256, 277 + 256, 534 + 267
     with torch.no_grad():
         full = model(idx)
         caches = [{} for _ in model.blocks]
-        steps = [model(idx[:, :20], caches=caches)]
-        for t in range(20, 30):
-            steps.append(model(idx[:, t:t + 1], start=t, caches=caches))
+        steps = [model(idx[:, a:b], start=a, caches=caches) for a, b in zip(cuts, cuts[1:])]
+    assert caches[0]["k_buf"].shape[2] == 534 + 267
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
 
 

@@ -40,14 +40,15 @@ def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: 
                      causal: bool, scale: float, block: int | None = None) -> Tensor:
     lq, lk = q.shape[2], k.shape[2]
     per_row = max(1, lk * q.shape[0] * q.shape[1])
+    train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                         or any(p.requires_grad for p in scheme.parameters()))
     if (flash_available(q) and lk > 0 and scheme.family == "additive"
             and (not causal or int(q_pos.min()) >= int(k_pos.min()))):  # every row sees a key
         blocks = _Blocks(q_pos, k_pos, causal, block or max(16, min(FUSED_ROWS, FUSED_BLOCK_ELEMS // per_row)))
         params = list(scheme.parameters())
-        f = [t.float().contiguous() for t in (q, k, v)]
+        # at inference the fused op reads any strides but the last: a decoding cache's view is not copied
+        f = [t.float() if not train and t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v)]
         return _FusedBlocks.apply(*f, scheme, blocks, scale, *params).to(q.dtype)
-    train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                         or any(p.requires_grad for p in scheme.parameters()))
     # one output buffer, written block by block: a list of per-block outputs would interleave small
     # long-lived allocations with the large per-block temporaries and fragment the CPU heap (peak
     # RSS then grows like N² although every block is freed)

@@ -110,11 +110,51 @@ def toeplitz_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, 
     lq, lk = q.shape[2], k.shape[2]
     q0, k0 = int(q_pos[0]), int(k_pos[0])
     o_min, o_max = q0 - (k0 + lk - 1), q0 + lq - 1 - k0
-    offsets = torch.arange(o_min, o_max + 1, device=q.device)
-    table = scheme.bias_at(offsets).float()
-    if causal:  # offsets < 0 are hidden (out of place, so the hidden entries get no gradient)
-        table = table.masked_fill(offsets < 0, float("-inf"))
+    table = _row(scheme, o_min, o_max, q.device)
+    if causal and o_min < 0:  # offsets < 0 are hidden (out of place, so the hidden entries get no gradient)
+        table = table.masked_fill(torch.arange(o_min, o_max + 1, device=q.device) < 0, float("-inf"))
     dtype = q.dtype
-    f = [t.float().contiguous() for t in (q, k, v)]
     block = block or forward_block(lk)
+    if lq < lk and lq <= block and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, table))):
+        # the fused op reads keys and values with any strides but the last: a view of a cache
+        # buffer with room to grow (the model's decoding cache) is not copied
+        f = [t.float() if t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v)]
+        return _few_queries(*f, table, q0, k0, causal, scale).to(dtype)
+    f = [t.float().contiguous() for t in (q, k, v)]
     return _Toeplitz.apply(*f, table.contiguous(), o_min, q0, k0, causal, scale, block).to(dtype)
+
+
+def _row(scheme: ToeplitzScheme, o_min: int, o_max: int, device: torch.device) -> Tensor:
+    """``[H, o_max − o_min + 1]`` float32: the bias at offsets ``o_min … o_max``. A bias flat beyond
+    ``w`` (:attr:`~posbias.schemes.base.ToeplitzScheme.flat_beyond`) is evaluated on ``−w … w`` only and
+    the constants ``g(±w)`` expanded over the rest (the same values; the expansion sums their
+    gradients): a decoding step against 16k keys evaluates 129 T5 offsets instead of 16k."""
+    w = scheme.flat_beyond
+    if w is None:
+        return scheme.bias_at(torch.arange(o_min, o_max + 1, device=device)).float()
+    lo, hi = max(o_min, -w), min(o_max, w)
+    if lo > hi:  # every offset beyond the window, on one side
+        edge = torch.tensor([w if o_min > w else -w], device=device)
+        return scheme.bias_at(edge).float().expand(-1, o_max - o_min + 1)
+    inner = scheme.bias_at(torch.arange(lo, hi + 1, device=device)).float()
+    left, right = lo - o_min, o_max - hi  # offsets below −w (reading g(−w)) and above w (reading g(w))
+    if not left and not right:
+        return inner
+    return torch.cat([inner[:, :1].expand(-1, left), inner, inner[:, -1:].expand(-1, right)], 1)
+
+
+def _few_queries(q: Tensor, k: Tensor, v: Tensor, table: Tensor, q0: int, k0: int, causal: bool,
+                 scale: float) -> Tensor:
+    """Decoding and short chunks at inference (fewer queries than keys, one block, no gradient): the
+    *queries* reversed instead of the keys, so the call copies ``Lq`` rows instead of the whole key and
+    value cache. With query ``r'`` of the reversed queries (query ``Lq − 1 − r'``) and key ``t`` in
+    order, the pair's offset is ``o_max − r' − t``: the mask is ``table.flip(-1)`` read through the same
+    zero-copy ``unfold`` view. One query against 16k cached keys (t5, 8 heads, 2 threads): 38 ms
+    with the keys reversed, against 5–6 ms for unbiased SDPA, measured before this path."""
+    lq, lk = q.shape[2], k.shape[2]
+    hi = min(lk, q0 + lq - k0) if causal else lk  # keys some query sees (causal: up to the last query)
+    if hi <= 0:
+        return torch.zeros_like(q)
+    mask = table.flip(-1)[:, : lq + hi - 1].unfold(-1, hi, 1).unsqueeze(0)  # [1, H, lq, hi]: row r' is query lq − 1 − r'
+    out, _ = flash_forward(q.flip(2), k[:, :, :hi], v[:, :, :hi], scale, False, mask)
+    return out.flip(2)

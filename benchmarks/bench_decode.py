@@ -1,0 +1,114 @@
+"""Decoding speed: new queries against a long key/value cache, each positional scheme as a ratio to
+the same step without a bias, measured in the same run (interleaved pairs, the method of
+``bench_attention.py``: median of ``--reps`` per-pair ratios, smallest–largest in brackets).
+
+Two tables:
+
+* **attention**: ``posbias.attention`` (backend ``auto``) for ``--queries`` new queries at the end of
+  ``--keys`` cached keys, against the same call with ``nope`` (no bias: the fused kernel alone, with
+  the causal mask aligned to the end of the keys);
+* **model**: one generated token of a ``TransformerLM`` with its KV cache after a prefill of
+  ``--context`` tokens, against the same model with ``nope`` (every step appends to both caches).
+
+    python benchmarks/bench_decode.py                                  # every scheme, 1k–64k keys
+    python benchmarks/bench_decode.py --schemes t5 alibi --keys 16384 --queries 1 16 --no-model
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import posbias
+from bench_attention import cell, cpu_model, default_schemes, make_scheme, paired, sync
+from posbias.attention import choose_backend
+from posbias.model import ModelConfig, TransformerLM
+
+
+def attention_rows(args, device, dtype):
+    print(f"| scheme | keys | queries | backend | × no bias | ms |")
+    print("|---|---|---|---|---|---|")
+    nope = posbias.build("nope", n_heads=args.heads, head_dim=args.head_dim)
+    for name in args.schemes:
+        scheme = make_scheme(name, args.heads, args.head_dim, device).to(dtype)
+        for n in args.keys:
+            k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype) for _ in range(2))
+            for lq in args.queries:
+                q = torch.randn(1, args.heads, lq, args.head_dim, device=device, dtype=dtype)
+                q_pos, k_pos = torch.arange(n - lq, n, device=device), torch.arange(n, device=device)
+                backend = choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=True)
+                stats = paired(lambda: posbias.attention(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos),
+                               lambda: posbias.attention(q, k, v, nope, q_pos=q_pos, k_pos=k_pos), device, args.reps)
+                print(f"| {name} | {n} | {lq} | {backend} | {cell(stats)} | {stats[0] * 1e3:.2f} |", flush=True)
+
+
+class Generator:
+    """A model and its caches after a prefill; each call generates one token (argmax)."""
+
+    def __init__(self, name, context, args, device, dtype):
+        torch.manual_seed(0)
+        cfg = ModelConfig(scheme=name, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads)
+        self.model = TransformerLM(cfg).to(device=device, dtype=dtype).eval()
+        self.caches = [{} for _ in self.model.blocks]
+        idx = torch.randint(0, 256, (1, context), device=device)
+        self.token = self.model(idx, caches=self.caches)[:, -1:].argmax(-1)
+        self.pos = context
+
+    def __call__(self):
+        self.token = self.model(self.token, start=self.pos, caches=self.caches)[:, -1:].argmax(-1)
+        self.pos += 1
+
+
+def model_rows(args, device, dtype):
+    print(f"\n| scheme | context | × no bias | ms per token |")
+    print("|---|---|---|---|")
+    for context in args.context:
+        for name in args.schemes:
+            stats = paired(Generator(name, context, args, device, dtype), Generator("nope", context, args, device, dtype),
+                           device, args.reps)
+            print(f"| {name} | {context} | {cell(stats)} | {stats[0] * 1e3:.1f} |", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--schemes", nargs="+", default=default_schemes(), help="registered scheme names")
+    p.add_argument("--keys", type=int, nargs="+", default=[1024, 4096, 16384, 65536], help="cached keys (attention)")
+    p.add_argument("--queries", type=int, nargs="+", default=[1], help="new queries per call (attention)")
+    p.add_argument("--context", type=int, nargs="+", default=[2048, 8192], help="prefill tokens (model)")
+    p.add_argument("--no-model", action="store_true", help="leave out the model table")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64, help="attention table; the model's is d_model / heads")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU), fixed for the run")
+    p.add_argument("--reps", type=int, default=15, help="interleaved (scheme, no bias) pairs per cell")
+    p.add_argument("--flush-denormal", action="store_true", help="flush denormal floats to zero (CPU)")
+    args = p.parse_args()
+    for name in args.schemes:
+        if name not in posbias.SCHEMES:
+            sys.exit(f"--schemes: unknown {name!r}; valid: {', '.join(posbias.SCHEMES)}")
+    bad = [n for n in args.keys if n < max(args.queries)] + [n for n in args.queries + args.context if n < 1]
+    if bad:
+        sys.exit(f"--keys, --queries, --context: need 1 <= queries <= keys and context >= 1, got {bad[0]}")
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        sys.exit("--flush-denormal: this CPU cannot flush denormals")
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else \
+        f"{cpu_model()}, denormals {'flushed' if args.flush_denormal else 'kept'}, {torch.get_num_threads()} threads"
+    print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({where}), {args.dtype}, batch 1; "
+          f"attention H={args.heads}, head_dim={args.head_dim}; model d_model={args.d_model}, {args.layers} layers, "
+          f"{args.heads} heads; median of {args.reps} interleaved pairs (smallest–largest)")
+    with torch.inference_mode():
+        attention_rows(args, device, dtype)
+        if not args.no_model:
+            model_rows(args, device, dtype)
+        sync(device)
+
+
+if __name__ == "__main__":
+    main()
