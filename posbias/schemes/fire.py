@@ -258,6 +258,8 @@ def _column_pieces(x: Tensor, kinks: Tensor) -> tuple[Tensor, list[tuple[int, in
     the crossings ``(k, start, end)``: kink ``k`` lies inside the ``x`` range of every column in
     ``start:end`` (on a block of consecutive positions, one run of columns per kink). None when the
     columns cross more than ``MAX_CROSSINGS`` kinks each on average."""
+    if x.shape[0] == 1:  # one query (decoding): a column is one pair, it crosses nothing
+        return torch.bucketize(x[0], kinks), []
     lo = torch.bucketize(x.amin(0), kinks)  # amin/amax over rows: 0.23 ms for 256 × 4096, aminmax 1.65
     hi = torch.bucketize(x.amax(0), kinks)
     if int((hi - lo).sum()) > MAX_CROSSINGS * x.shape[1]:
