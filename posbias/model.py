@@ -96,6 +96,13 @@ def _cache_append(cache: dict, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tenso
     its own tokens rather than the whole cache: concatenating every step copied the cache, 25 of
     60 ms per generated token at 8k keys (4 layers, d_model 256, 2 threads), measured."""
     n, need = cache.get("len", 0), cache.get("len", 0) + k.shape[2]
+    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+        # autograd may still need the earlier steps' views: no writes into them, a fresh (full) buffer
+        if n:
+            k, v = torch.cat([cache["k_buf"][:, :, :n], k], 2), torch.cat([cache["v_buf"][:, :, :n], v], 2)
+            pos = torch.cat([cache["pos_buf"][:n], pos])
+        cache.update(k_buf=k, v_buf=v, pos_buf=pos, len=need)
+        return k, v, pos
     if "k_buf" not in cache or need > cache["k_buf"].shape[2]:
         room = need + max(256, need // 2)
         grown = [t.new_empty(*t.shape[:2], room, t.shape[3]) for t in (k, v)] + [pos.new_empty(room)]
