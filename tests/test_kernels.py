@@ -467,3 +467,26 @@ def test_blockwise_without_the_fused_kernel_matches_reference(monkeypatch):
     monkeypatch.setattr(posbias.kernels.blockwise, "flash_available", lambda x: False)
     compare(randomized("fire", init_L=32.0), "blockwise", lq=37)
     compare(randomized("kerple-log"), "blockwise", causal=False)
+
+
+def test_toeplitz_window_kept_between_calls_only_while_nothing_changed():
+    """Without autograd the window of a flat bias is evaluated once and reused; an in-place change
+    of the table (an optimizer step), a new table, other offsets or autograd on each give the values
+    of the scheme as it is now."""
+    from posbias.kernels.toeplitz import _row, _window
+
+    s = randomized("t5", max_distance=40)
+    fresh = lambda lo, hi: s.bias_at(torch.arange(lo, hi + 1)).float()  # noqa: E731
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        assert torch.equal(_row(s, -5, 300, cpu), fresh(-5, 300))
+        w = s.flat_beyond  # the row of offsets −5 … 300 evaluates −5 … w
+        assert _window(s, w, -5, w, cpu) is _window(s, w, -5, w, cpu)  # kept
+        s.table.add_(1.0)  # in place, as an optimizer step
+        assert torch.equal(_row(s, -5, 300, cpu), fresh(-5, 300))
+        s.table = torch.nn.Parameter(torch.randn_like(s.table))  # a new table
+        assert torch.equal(_row(s, -5, 300, cpu), fresh(-5, 300))
+        assert torch.equal(_row(s, 0, 30, cpu), fresh(0, 30))
+    row = _row(s, 0, 300, cpu)  # autograd on: a row with a graph to the table
+    (g,) = torch.autograd.grad(row.sum(), s.table)
+    assert g.abs().sum() > 0

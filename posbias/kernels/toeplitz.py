@@ -136,11 +136,29 @@ def _row(scheme: ToeplitzScheme, o_min: int, o_max: int, device: torch.device) -
     if lo > hi:  # every offset beyond the window, on one side
         edge = torch.tensor([w if o_min > w else -w], device=device)
         return scheme.bias_at(edge).float().expand(-1, o_max - o_min + 1)
-    inner = scheme.bias_at(torch.arange(lo, hi + 1, device=device)).float()
+    inner = _window(scheme, w, lo, hi, device)
     left, right = lo - o_min, o_max - hi  # offsets below −w (reading g(−w)) and above w (reading g(w))
     if not left and not right:
         return inner
     return torch.cat([inner[:, :1].expand(-1, left), inner, inner[:, -1:].expand(-1, right)], 1)
+
+
+def _window(scheme: ToeplitzScheme, w: int, lo: int, hi: int, device: torch.device) -> Tensor:
+    """The bias at offsets ``lo … hi`` inside the window. Without autograd it is kept on the scheme and
+    reused while nothing that made it changed — the window, the offsets, the device, and every
+    parameter and buffer (storage and in-place version, which an optimizer step or a loaded state
+    moves): the layers of a model and the steps of a decoding loop then evaluate it once (a T5 row
+    of 129 offsets: 0.16–0.3 ms a call, measured, against 0.7 ms for a whole step at 1k keys)."""
+    if torch.is_grad_enabled():
+        return scheme.bias_at(torch.arange(lo, hi + 1, device=device)).float()
+    tensors = [*scheme.parameters(), *scheme.buffers()]
+    key = (w, lo, hi, device, tuple((t.data_ptr(), t._version) for t in tensors))
+    kept = scheme.__dict__.get("_kept_window")
+    if kept is None or kept[0] != key:
+        # the storages are held with the value, so no later tensor can take one of their addresses
+        kept = (key, scheme.bias_at(torch.arange(lo, hi + 1, device=device)).float(), [t.detach() for t in tensors])
+        scheme.__dict__["_kept_window"] = kept
+    return kept[1]
 
 
 def _few_queries(q: Tensor, k: Tensor, v: Tensor, table: Tensor, q0: int, k0: int, causal: bool,
