@@ -487,6 +487,11 @@ def test_toeplitz_window_kept_between_calls_only_while_nothing_changed():
         s.table = torch.nn.Parameter(torch.randn_like(s.table))  # a new table
         assert torch.equal(_row(s, -5, 300, cpu), fresh(-5, 300))
         assert torch.equal(_row(s, 0, 30, cpu), fresh(0, 30))
+    with torch.inference_mode():  # a scheme made here has inference tensors, which keep no version: not kept
+        s2 = randomized("t5", max_distance=40)
+        _row(s2, 0, 300, cpu)
+        s2.table.add_(1.0)
+        assert torch.equal(_row(s2, 0, 300, cpu), s2.bias_at(torch.arange(0, 301)).float())
     row = _row(s, 0, 300, cpu)  # autograd on: a row with a graph to the table
     (g,) = torch.autograd.grad(row.sum(), s.table)
     assert g.abs().sum() > 0
