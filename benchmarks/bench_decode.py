@@ -103,7 +103,7 @@ def main() -> None:
     print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({where}), {args.dtype}, batch 1; "
           f"attention H={args.heads}, head_dim={args.head_dim}; model d_model={args.d_model}, {args.layers} layers, "
           f"{args.heads} heads; median of {args.reps} interleaved pairs (smallest–largest)")
-    with torch.inference_mode():
+    with torch.no_grad():  # as generate() runs (inference_mode would make the schemes' tensors versionless)
         attention_rows(args, device, dtype)
         if not args.no_model:
             model_rows(args, device, dtype)
