@@ -16,7 +16,7 @@ if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
     pytest.skip("the integration targets transformers >= 5", allow_module_level=True)
 
 from posbias import attention_reference, build  # noqa: E402
-from posbias.integrations.hf import BLOOM_POSBIAS_FROM, accelerate, mask_kind, restore, scheme_from_hf, t5_to_hf  # noqa: E402
+from posbias.integrations.hf import POSBIAS_FROM, accelerate, mask_kind, restore, scheme_from_hf, t5_to_hf  # noqa: E402
 
 
 def t5_config(**kw):
@@ -40,6 +40,15 @@ def pair(model):
     model.eval()
     fast = accelerate(copy.deepcopy(model))
     return model, fast
+
+
+@pytest.fixture(autouse=True)
+def posbias_for_every_length(monkeypatch):
+    """Inference on fewer than ``POSBIAS_FROM`` keys keeps transformers' path; these small models would
+    then never reach posbias at inference, so every test but the one about that rule lowers it to 0."""
+    import posbias.integrations.hf as hf
+
+    monkeypatch.setattr(hf, "POSBIAS_FROM", 0)
 
 
 @pytest.fixture
@@ -140,31 +149,36 @@ def test_bloom_logits_and_generate(heads, fast_calls, device):
     cfg = transformers.BloomConfig(vocab_size=97, hidden_size=12 * heads, n_layer=2, n_head=heads,
                                    hidden_dropout=0.0, attention_dropout=0.0)
     ref, fast = pair(transformers.BloomForCausalLM(cfg).to(device))
-    n = BLOOM_POSBIAS_FROM + 30  # past the length from which inference runs on posbias
-    ids = torch.randint(0, 97, (2, n), device=device)
+    ids = torch.randint(0, 97, (2, 150), device=device)
     with torch.no_grad():
         torch.testing.assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
-        ga = ref.generate(input_ids=ids[:, :n - 20], max_new_tokens=25, min_new_tokens=25, do_sample=False)
-        gb = fast.generate(input_ids=ids[:, :n - 20], max_new_tokens=25, min_new_tokens=25, do_sample=False)
+        ga = ref.generate(input_ids=ids[:, :40], max_new_tokens=25, min_new_tokens=25, do_sample=False)
+        gb = fast.generate(input_ids=ids[:, :40], max_new_tokens=25, min_new_tokens=25, do_sample=False)
     assert torch.equal(ga, gb)
     assert len(fast_calls) > 2 and any(shape[2] == 1 for shape in fast_calls)
 
 
-def test_bloom_short_inference_keeps_transformers_path_and_training_does_not(fast_calls):
-    """Below ``BLOOM_POSBIAS_FROM`` keys inference keeps transformers' own attention (measured faster
-    there), with the same tokens; with autograd on, the same short inputs run on posbias."""
+def test_short_inference_keeps_transformers_path_and_training_does_not(fast_calls, monkeypatch):
+    """Below ``POSBIAS_FROM`` keys inference keeps transformers' own attention (measured faster there:
+    BLOOM's, T5's SDPA with the dense bias), with the same tokens; with autograd on, the same short
+    inputs run on posbias."""
+    import posbias.integrations.hf as hf
+
+    monkeypatch.setattr(hf, "POSBIAS_FROM", POSBIAS_FROM)
     torch.manual_seed(0)
-    cfg = transformers.BloomConfig(vocab_size=97, hidden_size=48, n_layer=2, n_head=4, hidden_dropout=0.0,
-                                   attention_dropout=0.0)
-    ref, fast = pair(transformers.BloomForCausalLM(cfg))
-    ids = torch.randint(0, 97, (2, 40))
-    with torch.no_grad():
-        ga = ref.generate(input_ids=ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
-        gb = fast.generate(input_ids=ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
-    assert torch.equal(ga, gb) and not fast_calls
-    loss = fast(input_ids=ids, labels=ids).loss
-    torch.testing.assert_close(loss, ref(input_ids=ids, labels=ids).loss, atol=1e-5, rtol=1e-5)
-    assert fast_calls
+    bloom = transformers.BloomConfig(vocab_size=97, hidden_size=48, n_layer=2, n_head=4, hidden_dropout=0.0,
+                                     attention_dropout=0.0)
+    for ref, fast in [pair(transformers.BloomForCausalLM(bloom)),
+                      pair(randomize_bias(transformers.T5ForConditionalGeneration(t5_config())))]:
+        fast_calls.clear()
+        ids = torch.randint(2, 97, (2, 40))
+        with torch.no_grad():
+            ga = ref.generate(input_ids=ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+            gb = fast.generate(input_ids=ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        assert torch.equal(ga, gb) and not fast_calls
+        loss = fast(input_ids=ids, labels=ids).loss
+        torch.testing.assert_close(loss, ref(input_ids=ids, labels=ids).loss, atol=1e-5, rtol=1e-5)
+        assert fast_calls
 
 
 def test_restore_and_conversion_round_trip():

@@ -129,6 +129,17 @@ def mask_kind(mask: Tensor | None, q_start: int, lq: int, lk: int, *, causal_if_
     return "causal" if bool((allowed == (i >= j)).all()) else None
 
 
+# Keys from which inference (prefill and decoding steps, autograd off) runs on posbias; calls on
+# fewer keys keep transformers' own path (BLOOM's attention; T5's SDPA with the dense bias, built once
+# per stack from the per-offset table), whose fixed cost per call is lower. Training always takes
+# posbias. Measured (2026-12-01, greedy generate of 32 tokens, accelerated / unpatched, median of 5
+# alternating pairs, posbias taking every call): a random BLOOM (hidden 256, 4 layers, 8 heads) with
+# prompts of 64 / 128 / 256 / 512 / 1024 / 2048 tokens 1.30 / 1.27 / 1.21 / 1.06 / 0.76 / 0.44; a
+# random T5 (d_model 256, 4 + 4 layers, 8 heads) with 64 / 1024 input tokens 1.22 / 0.84 (its
+# decoder's self-attention runs on a cache of at most 32 keys).
+POSBIAS_FROM = 512
+
+
 # -- T5 family --------------------------------------------------------------------------------
 @dataclass
 class LazyT5Bias:
@@ -169,7 +180,8 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
 
     if isinstance(position_bias, LazyT5Bias):
         lq, lk = query.shape[2], key.shape[2]
-        kind = position_bias.mask_kind(attention_mask, lq, lk)
+        short = lk < POSBIAS_FROM and not torch.is_grad_enabled()  # inference on a few keys: the dense bias
+        kind = None if short else position_bias.mask_kind(attention_mask, lq, lk)
         if kind is not None and dropout == 0.0:
             q_pos = torch.arange(position_bias.q_start, position_bias.q_start + lq, device=query.device)
             out = attention(query, key, value, position_bias.scheme, causal=kind == "causal", scale=scaling,
@@ -201,12 +213,6 @@ def _t5_scheme(m: nn.Module) -> T5Bias:
 
 
 # -- BLOOM ------------------------------------------------------------------------------------
-# Keys from which BLOOM's inference (prefill and decoding steps) runs on posbias; shorter calls keep
-# transformers' own path, whose fixed cost per call is lower. Measured (2026-12-01, a random BLOOM
-# with hidden 256, 4 layers, 8 heads, greedy generate of 32 tokens, accelerated / unpatched, median
-# of 5 alternating pairs): prompt 64 / 128 / 256 / 512 / 1024 / 2048 → 1.30 / 1.27 / 1.21 / 1.06 /
-# 0.76 / 0.44. Training (autograd on) always takes posbias.
-BLOOM_POSBIAS_FROM = 512
 
 def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual: Tensor, alibi: Tensor,
                    attention_mask: Tensor | None, layer_past=None, use_cache: bool = False,
@@ -216,7 +222,7 @@ def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual:
     b, lq, _ = hidden_states.shape
     past = layer_past.get_seq_length(module.layer_idx) if layer_past is not None else 0
     lk = attention_mask.shape[-1] if attention_mask is not None else past + lq
-    short = lk < BLOOM_POSBIAS_FROM and not torch.is_grad_enabled()  # (decided before reading the mask)
+    short = lk < POSBIAS_FROM and not torch.is_grad_enabled()  # (decided before reading the mask)
     kind = None if short else mask_kind(attention_mask, lk - lq, lq, lk, causal_if_none=True)
     dropping = module.training and module.attention_dropout.p > 0
     if kind is None or output_attentions or dropping or (module.pretraining_tp > 1 and module.slow_but_exact):
@@ -244,8 +250,8 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     T5 family (T5, Flan-T5, mT5, UMT5): each ``relative_attention_bias`` becomes a posbias T5 bias
     sharing the weight, layers pass a lazy bias instead of ``[1, heads, N, N]``, and the model's
     attention implementation becomes ``"posbias"`` (SDPA for everything that is not positional
-    self-attention). BLOOM: self-attention goes through posbias' fused ALiBi path (inference from
-    :data:`BLOOM_POSBIAS_FROM` keys on, where it is faster; training always).
+    self-attention). BLOOM: self-attention goes through posbias' fused ALiBi path. Inference on fewer
+    than :data:`POSBIAS_FROM` keys keeps transformers' own path, faster there; training always takes posbias.
     Outputs equal the unpatched model's to float32 tolerance; :func:`restore` undoes it.
 
     ``backend``: ``"auto"`` (the fastest exact path for each call, :func:`posbias.attention.choose_backend`)
