@@ -251,6 +251,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def fix_machine(args) -> None:
+    """What every benchmark fixes before it starts timing: denormals flushed (``--flush-denormal``;
+    exits where the CPU cannot) and the thread count (``--threads``)."""
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        sys.exit("--flush-denormal: this CPU cannot flush denormals")
+    torch.set_num_threads(args.threads)
+
+
+def machine(device: torch.device, flush_denormal: bool) -> str:
+    """The header's words for what the ratios depend on: the GPU's name, or the CPU model, the
+    denormal mode and the thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{cpu_model()}, denormals {'flushed' if flush_denormal else 'kept'}, {torch.get_num_threads()} threads"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schemes", nargs="+", default=default_schemes(),
@@ -273,16 +289,13 @@ def main():
     args = p.parse_args()
     global FLEX
     FLEX = not args.no_flex and flex_available()
-    if args.flush_denormal and not torch.set_flush_denormal(True):
-        sys.exit("--flush-denormal: this CPU cannot flush denormals")
-    torch.set_num_threads(args.threads)
+    fix_machine(args)
     if args.child:
         return memory_child(args)
     lengths = [8192] if args.quick else args.lengths
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    where = f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else \
-        f" ({cpu_model()}, denormals {'flushed' if args.flush_denormal else 'kept'}), {torch.get_num_threads()} threads"
-    print(f"# posbias {posbias.__version__}, torch {torch.__version__}, device {device}{where}, H={args.heads}, "
+    print(f"# posbias {posbias.__version__}, torch {torch.__version__}, device {device} "
+          f"({machine(device, args.flush_denormal)}), H={args.heads}, "
           f"head_dim={args.head_dim}, {args.dtype}, batch 1, causal; each ratio: median of {args.reps} interleaved "
           "pairs against unbiased fused causal SDPA (smallest–largest)")
     print("| scheme | N | path (backend) | fwd ms | fwd × | fwd+bwd × | peak extra MiB |")

@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 import posbias
-from bench_attention import cell, cpu_model, make_scheme, paired
+from bench_attention import cell, fix_machine, machine, make_scheme, paired
 from posbias.schemes import SCHEMES, option_specs
 from posbias.attention import BACKENDS, usable
 
@@ -43,15 +43,12 @@ def main() -> None:
     for name in args.backends:
         if name not in BACKENDS:
             sys.exit(f"--backends: unknown {name!r}; valid: {', '.join(BACKENDS)}")
-    if args.flush_denormal and not torch.set_flush_denormal(True):
-        sys.exit("--flush-denormal: this CPU cannot flush denormals")
-    torch.set_num_threads(args.threads)
+    fix_machine(args)
     device = torch.device(args.device)
     causal = not args.bidirectional
     a, b = args.backends
-    where = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"{cpu_model()}, denormals {'flushed' if args.flush_denormal else 'kept'}, {torch.get_num_threads()} threads"
-    print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({where}), H={args.heads}, "
+    print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({machine(device, args.flush_denormal)}), "
+          f"H={args.heads}, "
           f"head_dim={args.head_dim}, float32, batch 1, {'causal' if causal else 'bidirectional'}, "
           f"{'forward' if args.forward else 'forward+backward'}; median of {args.reps} interleaved pairs "
           "(smallest–largest)")

@@ -22,13 +22,13 @@ import sys
 import torch
 
 import posbias
-from bench_attention import cell, cpu_model, default_schemes, make_scheme, paired, sync
+from bench_attention import cell, default_schemes, fix_machine, machine, make_scheme, paired, sync
 from posbias.attention import choose_backend
 from posbias.model import ModelConfig, TransformerLM
 
 
 def attention_rows(args, device, dtype):
-    print(f"| scheme | keys | queries | backend | × no bias | ms |")
+    print("| scheme | keys | queries | backend | × no bias | ms |")
     print("|---|---|---|---|---|---|")
     nope = posbias.build("nope", n_heads=args.heads, head_dim=args.head_dim)
     for name in args.schemes:
@@ -62,7 +62,7 @@ class Generator:
 
 
 def model_rows(args, device, dtype):
-    print(f"\n| scheme | context | × no bias | ms per token |")
+    print("\n| scheme | context | × no bias | ms per token |")
     print("|---|---|---|---|")
     for context in args.context:
         for name in args.schemes:
@@ -94,13 +94,10 @@ def main() -> None:
     bad = [n for n in args.keys if n < max(args.queries)] + [n for n in args.queries + args.context if n < 1]
     if bad:
         sys.exit(f"--keys, --queries, --context: need 1 <= queries <= keys and context >= 1, got {bad[0]}")
-    if args.flush_denormal and not torch.set_flush_denormal(True):
-        sys.exit("--flush-denormal: this CPU cannot flush denormals")
-    torch.set_num_threads(args.threads)
+    fix_machine(args)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    where = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"{cpu_model()}, denormals {'flushed' if args.flush_denormal else 'kept'}, {torch.get_num_threads()} threads"
-    print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({where}), {args.dtype}, batch 1; "
+    print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({machine(device, args.flush_denormal)}), "
+          f"{args.dtype}, batch 1; "
           f"attention H={args.heads}, head_dim={args.head_dim}; model d_model={args.d_model}, {args.layers} layers, "
           f"{args.heads} heads; median of {args.reps} interleaved pairs (smallest–largest)")
     with torch.no_grad():  # as generate() runs (inference_mode would make the schemes' tensors versionless)

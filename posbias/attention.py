@@ -23,7 +23,7 @@ from .kernels.reference import reference_kernel, reference_probs
 from .kernels.sdpa import sdpa_kernel
 from .kernels.toeplitz import toeplitz_kernel
 from .kernels.windowed import windowed_kernel
-from .schemes.base import Scheme, ToeplitzScheme, as_positions
+from .schemes.base import Scheme, ToeplitzScheme, as_positions, consecutive
 
 Kernel = Callable[..., Tensor]
 
@@ -101,10 +101,6 @@ BACKENDS: dict[str, Kernel] = {
 }
 
 
-def _contiguous(pos: Tensor) -> bool:
-    return pos.numel() < 2 or bool((pos[1:] - pos[:-1] == 1).all())
-
-
 def _no_empty_rows(q_pos: Tensor, k_pos: Tensor, causal: bool) -> bool:
     return not causal or (k_pos.numel() > 0 and bool(int(q_pos.min()) >= int(k_pos.min())))
 
@@ -117,7 +113,7 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
         if scheme.family == "additive":
             return "scheme adds a bias"
         return None if _no_empty_rows(q_pos, k_pos, causal) else "rows without visible keys"
-    contiguous = _contiguous(q_pos) and _contiguous(k_pos)
+    contiguous = consecutive(q_pos) and consecutive(k_pos)
     if name == "flex":
         return _flex_usable(scheme, q, contiguous)
     if name == "banded":
@@ -222,10 +218,10 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
     at 128 rows (:func:`~posbias.kernels.flash.backward_rows`) the crossing moved from 1.5k to 2k keys,
     and to 2.5k once toeplitz's dense backward summed its blocks in place (2026-12-01, 7–9 pairs, band
     path / toeplitz: causal banded t5 at 2k / 2.3k / 2.5k / 3k 1.14–1.15 / 1.01 / 0.95 / 0.91, offset
-    1.03 / 0.98 / 0.95 / 0.94; bidirectional windowed t5 at 2k / 2.3k / 2.5k 1.10 / 1.07 / 0.95)
-    (2026-12-01, ratio of the band path to toeplitz: causal banded t5 at 1.5k / 2k / 2.5k / 3k 1.05 /
-    1.03–1.10 / 0.96 / 0.90, offset 1.12 / 0.97–0.99 / 0.90 / 0.88; bidirectional windowed t5 1.05 /
-    0.99 / — / 0.93). Of the two band paths, ``banded`` (the far
+    1.03 / 0.98 / 0.95 / 0.94; bidirectional windowed t5 at 2k / 2.3k / 2.5k 1.10 / 1.07 / 0.95;
+    before the in-place sums, causal banded t5 at 1.5k / 2k / 2.5k / 3k 1.05 / 1.03–1.10 / 0.96 / 0.90,
+    offset 1.12 / 0.97–0.99 / 0.90 / 0.88, bidirectional windowed t5 at 1.5k / 2k / 3k 1.05 / 0.99 /
+    0.93). Of the two band paths, ``banded`` (the far
     keys of all queries in one fused call) trains faster than ``windowed`` (one far call per query
     block) causally from 3k keys and as fast from 1.5k, and bidirectionally from 4k (2026-12-01, 7
     pairs, ratio banded / windowed: causal t5 at 1.5k / 2k / 3k / 4k / 8k / 16k 1.01 / 0.99 / 0.92 /

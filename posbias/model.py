@@ -94,28 +94,28 @@ def _cache_append(cache: dict, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tenso
     """Append one step's keys, values and positions to a layer's cache and return views of all of
     them. The cache holds buffers with room to grow (half as much again when full), so a step copies
     its own tokens rather than the whole cache: concatenating every step copied the cache, 25 of
-    60 ms per generated token at 8k keys (4 layers, d_model 256, 2 threads), measured."""
-    n, need = cache.get("len", 0), cache.get("len", 0) + k.shape[2]
-    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-        # autograd may still need the earlier steps' views: no writes into them, a fresh (full) buffer
-        if n:
-            k, v = torch.cat([cache["k_buf"][:, :, :n], k], 2), torch.cat([cache["v_buf"][:, :, :n], v], 2)
-            pos = torch.cat([cache["pos_buf"][:n], pos])
-        cache.update(k_buf=k, v_buf=v, pos_buf=pos, len=need)
-        return k, v, pos
-    if "k_buf" not in cache or need > cache["k_buf"].shape[2]:
-        room = need + max(256, need // 2)
-        grown = [t.new_empty(*t.shape[:2], room, t.shape[3]) for t in (k, v)] + [pos.new_empty(room)]
-        if n:
-            grown[0][:, :, :n] = cache["k_buf"][:, :, :n]
-            grown[1][:, :, :n] = cache["v_buf"][:, :, :n]
-            grown[2][:n] = cache["pos_buf"][:n]
-        cache.update(k_buf=grown[0], v_buf=grown[1], pos_buf=grown[2])
-    cache["k_buf"][:, :, n:need] = k
-    cache["v_buf"][:, :, n:need] = v
-    cache["pos_buf"][n:need] = pos
+    60 ms per generated token at 8k keys (4 layers, d_model 256, 2 threads), measured. With autograd
+    on, earlier steps may have saved views of the buffers: nothing is written into them, each step
+    concatenates instead."""
+    n = cache.get("len", 0)
+    need = n + k.shape[2]
+    new = {"k": k, "v": v, "pos": pos}  # the sequence runs along dim −2 of k and v, dim 0 of pos
+    seq = {"k": 2, "v": 2, "pos": 0}
     cache["len"] = need
-    return cache["k_buf"][:, :, :need], cache["v_buf"][:, :, :need], cache["pos_buf"][:need]
+    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+        for name, t in new.items():
+            cache[name] = torch.cat([cache[name].narrow(seq[name], 0, n), t], seq[name]) if n else t
+        return cache["k"], cache["v"], cache["pos"]
+    if "k" not in cache or need > cache["k"].shape[2]:
+        room = need + max(256, need // 2)
+        for name, t in new.items():
+            grown = t.new_empty(t.shape[:seq[name]] + (room,) + t.shape[seq[name] + 1:])
+            if n:
+                grown.narrow(seq[name], 0, n).copy_(cache[name].narrow(seq[name], 0, n))
+            cache[name] = grown
+    for name, t in new.items():
+        cache[name].narrow(seq[name], n, t.shape[seq[name]]).copy_(t)
+    return tuple(cache[name].narrow(seq[name], 0, need) for name in new)
 
 
 class Block(nn.Module):

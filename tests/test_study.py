@@ -60,7 +60,7 @@ def test_kv_cache_decoding_equals_full_forward(scheme):
         full = model(idx)
         caches = [{} for _ in model.blocks]
         steps = [model(idx[:, a:b], start=a, caches=caches) for a, b in zip(cuts, cuts[1:])]
-    assert caches[0]["k_buf"].shape[2] == 534 + 267
+    assert caches[0]["k"].shape[2] == 534 + 267
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
 
 

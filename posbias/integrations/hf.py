@@ -140,6 +140,11 @@ def mask_kind(mask: Tensor | None, q_start: int, lq: int, lk: int, *, causal_if_
 POSBIAS_FROM = 512
 
 
+def _few_keys_at_inference(lk: int) -> bool:
+    """True where a call keeps transformers' own path: autograd off and fewer than ``POSBIAS_FROM`` keys."""
+    return lk < POSBIAS_FROM and not torch.is_grad_enabled()
+
+
 # -- T5 family --------------------------------------------------------------------------------
 @dataclass
 class LazyT5Bias:
@@ -180,8 +185,7 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
 
     if isinstance(position_bias, LazyT5Bias):
         lq, lk = query.shape[2], key.shape[2]
-        short = lk < POSBIAS_FROM and not torch.is_grad_enabled()  # inference on a few keys: the dense bias
-        kind = None if short else position_bias.mask_kind(attention_mask, lq, lk)
+        kind = None if _few_keys_at_inference(lk) else position_bias.mask_kind(attention_mask, lq, lk)
         if kind is not None and dropout == 0.0:
             q_pos = torch.arange(position_bias.q_start, position_bias.q_start + lq, device=query.device)
             out = attention(query, key, value, position_bias.scheme, causal=kind == "causal", scale=scaling,
@@ -213,7 +217,6 @@ def _t5_scheme(m: nn.Module) -> T5Bias:
 
 
 # -- BLOOM ------------------------------------------------------------------------------------
-
 def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual: Tensor, alibi: Tensor,
                    attention_mask: Tensor | None, layer_past=None, use_cache: bool = False,
                    output_attentions: bool = False, *, posbias_backend: str = "auto", **kwargs):
@@ -222,8 +225,7 @@ def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual:
     b, lq, _ = hidden_states.shape
     past = layer_past.get_seq_length(module.layer_idx) if layer_past is not None else 0
     lk = attention_mask.shape[-1] if attention_mask is not None else past + lq
-    short = lk < POSBIAS_FROM and not torch.is_grad_enabled()  # (decided before reading the mask)
-    kind = None if short else mask_kind(attention_mask, lk - lq, lq, lk, causal_if_none=True)
+    kind = None if _few_keys_at_inference(lk) else mask_kind(attention_mask, lk - lq, lq, lk, causal_if_none=True)
     dropping = module.training and module.attention_dropout.p > 0
     if kind is None or output_attentions or dropping or (module.pretraining_tp > 1 and module.slow_but_exact):
         return original(hidden_states, residual, alibi, attention_mask, layer_past=layer_past, use_cache=use_cache,

@@ -170,7 +170,7 @@ def _few_queries(q: Tensor, k: Tensor, v: Tensor, table: Tensor, q0: int, k0: in
     zero-copy ``unfold`` view. One query against 16k cached keys (t5, 8 heads, 2 threads): 38 ms
     with the keys reversed, against 5–6 ms for unbiased SDPA, measured before this path."""
     lq, lk = q.shape[2], k.shape[2]
-    hi = min(lk, q0 + lq - k0) if causal else lk  # keys some query sees (causal: up to the last query)
+    (_, _, hi), = _blocks(lq, lk, q0, k0, causal, lq)  # one block: the keys some query sees
     if hi <= 0:
         return torch.zeros_like(q)
     mask = table.flip(-1)[:, : lq + hi - 1].unfold(-1, hi, 1).unsqueeze(0)  # [1, H, lq, hi]: row r' is query lq − 1 − r'

@@ -71,6 +71,12 @@ def flat_share(start: int, length: int) -> float:
     return far * (far + 1) / (length * (length + 1))
 
 
+def consecutive(pos: Tensor) -> bool:
+    """True for integer positions ``p, p + 1, …`` (and for fewer than two): the runs that kernels and
+    tables can treat as an offset range."""
+    return len(pos) < 2 or (not pos.is_floating_point() and bool((pos[1:] - pos[:-1] == 1).all()))
+
+
 def as_positions(pos: Tensor | None, length: int, device: torch.device, *, start: int = 0) -> Tensor:
     """Positions as a 1-D int64 tensor; ``arange(start, start+length)`` when ``pos`` is None."""
     if pos is None:

@@ -207,7 +207,7 @@ def _log_distance(q_pos: Tensor, k_pos: Tensor, c: Tensor, out: Tensor | None = 
     log per pair; 1.96 → 0.05 ms for 64 × 4160 pairs, measured)."""
     q_step, k_step = _unit_step(q_pos), _unit_step(k_pos)
     if q_step is None or k_step is None:
-        direct = torch.log1p(c * (q_pos[:, None] - k_pos[None, :]).abs().to(torch.float32))
+        direct = _psi(c, q_pos[:, None] - k_pos[None, :])
         return direct if out is None else out.copy_(direct)
     rows, keys = len(q_pos), len(k_pos)
     # pair (r, j) has offset d0 + q_step·r − k_step·j. Table entry t holds offset start − k_step·t, so
@@ -216,12 +216,17 @@ def _log_distance(q_pos: Tensor, k_pos: Tensor, c: Tensor, out: Tensor | None = 
     rho = -k_step * q_step
     start = int(q_pos[0]) - int(k_pos[0]) + (q_step * (rows - 1) if rho < 0 else 0)
     offsets = start - k_step * torch.arange(rows + keys - 1, device=q_pos.device)
-    table = torch.log1p(c * offsets.abs().to(torch.float32))
+    table = _psi(c, offsets)
     windows = table.unfold(0, keys, 1)  # windows[w, j] = table[w + j]; row r reads window ρ·(r − r_first)
     # copied row by row into a row-major tensor (``flip``, or arithmetic on the overlapping view itself,
     # would lay the result out column-major)
     order = torch.arange(rows, device=q_pos.device)
     return torch.index_select(windows, 0, order if rho > 0 else order.flip(0), out=out)
+
+
+def _psi(c: Tensor, offsets: Tensor) -> Tensor:
+    """``ψ(|o|) = log(c·|o| + 1)`` in float32 for integer offsets ``o`` (taken in integers first)."""
+    return torch.log1p(c * offsets.abs().to(torch.float32))
 
 
 def _unit_step(pos: Tensor) -> int | None:
@@ -396,7 +401,7 @@ class _FireBlockGrads(BlockGrads):
         fire = self.scheme
         with torch.enable_grad():
             offsets = torch.cat([o for o, _ in self.tables])
-            table = torch.log1p(fire.c.abs().float() * offsets.abs().to(torch.float32))
+            table = _psi(fire.c.abs().float(), offsets)
             den = fire.denominator(torch.cat([q for q, _ in self.rows]))
             _, slope, offset = fire.pieces()
         grads = fire._parameter_vjp([(table, torch.cat([g for _, g in self.tables])),

@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Scheme, check_int, check_positive
+from .base import Scheme, check_int, check_positive, consecutive
 
 SCALINGS = (None, "pi", "ntk", "dynamic-ntk", "yarn")
 LAYOUTS = ("half", "interleaved")
@@ -155,7 +155,7 @@ class RoPE(Scheme):
         as much as the attention step itself."""
         scale = self.attention_factor
         n = len(pos)
-        if n < 2 or not _consecutive(pos):
+        if n < 2 or not consecutive(pos):
             ang = self.angles(pos, context_len)
             return ang.cos().mul_(scale), ang.sin().mul_(scale)
         inv = self.inv_frequencies(context_len)
@@ -174,12 +174,6 @@ class RoPE(Scheme):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, base={self.base}, layout={self.layout!r}, "
                 f"scaling={self.scaling!r}, factor={self.factor}, train_len={self.train_len}")
-
-
-def _consecutive(pos: Tensor) -> bool:
-    """True for positions ``p, p + 1, …`` (integers)."""
-    return not pos.is_floating_point() and int(pos[-1]) - int(pos[0]) == len(pos) - 1 \
-        and bool((pos[1:] - pos[:-1] == 1).all())
 
 
 def _rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, layout: str) -> Tensor:
