@@ -113,23 +113,26 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
         if scheme.family == "additive":
             return "scheme adds a bias"
         return None if _no_empty_rows(q_pos, k_pos, causal) else "rows without visible keys"
-    contiguous = consecutive(q_pos) and consecutive(k_pos)
+    # what the scheme and the device need is checked before the positions are: a consecutive-positions
+    # check reads the tensors (one sync), and a decoding step tries several backends
+    def contiguous() -> bool:
+        return consecutive(q_pos) and consecutive(k_pos)
+
     if name == "flex":
         return _flex_usable(scheme, q, contiguous)
     if name == "banded":
         return _fused_device(q) or _banded_usable(scheme, q, q_pos, k_pos, contiguous)
     if name == "alibi":  # on CUDA the native extra-dimension path (issue 12 candidate)
         return _fused_device(q) or _alibi_usable(scheme, q_pos, k_pos, causal, contiguous)
+    if name not in ("windowed", "toeplitz"):
+        return f"unknown backend {name!r}"
     if not flash_available(q):
         return "needs the fused CPU flash kernel (CPU tensors)"
-    if not contiguous:
-        return "needs contiguous positions"
-    if name == "windowed":
-        return None if isinstance(scheme, ToeplitzScheme) and scheme.flat_beyond is not None else \
-            "needs a Toeplitz bias constant beyond a window"
-    if name == "toeplitz":
-        return None if isinstance(scheme, ToeplitzScheme) else "needs a Toeplitz bias"
-    return f"unknown backend {name!r}"
+    if name == "windowed" and not (isinstance(scheme, ToeplitzScheme) and scheme.flat_beyond is not None):
+        return "needs a Toeplitz bias constant beyond a window"
+    if name == "toeplitz" and not isinstance(scheme, ToeplitzScheme):
+        return "needs a Toeplitz bias"
+    return None if contiguous() else "needs contiguous positions"
 
 
 def _queries_among_keys(q_pos: Tensor, k_pos: Tensor) -> bool:
@@ -145,18 +148,20 @@ def _fused_device(q: Tensor) -> str | None:
     return f"needs a fused attention op with its log-sum-exp: CPU or CUDA tensors, not {q.device.type}"
 
 
-def _alibi_usable(scheme: Scheme, q_pos: Tensor, k_pos: Tensor, causal: bool, contiguous: bool) -> str | None:
+def _alibi_usable(scheme: Scheme, q_pos: Tensor, k_pos: Tensor, causal: bool,
+                  contiguous: Callable[[], bool]) -> str | None:
     if not isinstance(scheme, ToeplitzScheme) or scheme.linear_slopes is None or not causal:
         return "needs a causal linear bias (ALiBi)"
-    if not contiguous:
+    if not contiguous():
         return "needs contiguous positions"
     return None if _queries_among_keys(q_pos, k_pos) else "needs every query position among the keys"
 
 
-def _banded_usable(scheme: Scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor, contiguous: bool) -> str | None:
+def _banded_usable(scheme: Scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor,
+                   contiguous: Callable[[], bool]) -> str | None:
     if not (isinstance(scheme, ToeplitzScheme) and scheme.flat_beyond is not None):
         return "needs a Toeplitz bias constant beyond a window"
-    if not contiguous:
+    if not contiguous():
         return "needs contiguous positions"
     if not _queries_among_keys(q_pos, k_pos):
         return "needs every query position among the keys"
@@ -170,16 +175,14 @@ def _trains_bias(scheme: Scheme) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for p in scheme.parameters())
 
 
-def _flex_usable(scheme: Scheme, q: Tensor, contiguous: bool) -> str | None:
+def _flex_usable(scheme: Scheme, q: Tensor, contiguous: Callable[[], bool]) -> str | None:
     if not flex_available():
         return f"needs torch.nn.attention.flex_attention (torch {torch.__version__} has none)"
-    if not contiguous:
-        return "needs contiguous positions"
     if scheme.family == "additive" and not callable(getattr(scheme, "score_mod", None)):
         return "needs a scheme with a score_mod (every Toeplitz bias, FIRE) or no bias"
     if q.device.type == "cpu" and (_trains_bias(scheme) or (torch.is_grad_enabled() and q.requires_grad)):
         return "FlexAttention has no backward pass on CPU (use torch.no_grad() or another backend)"
-    return None
+    return None if contiguous() else "needs contiguous positions"
 
 
 TOEPLITZ_TRAINS_BELOW = 2560  # keys: below, a learnable windowed table trains faster on toeplitz (measured)

@@ -469,6 +469,39 @@ def test_blockwise_without_the_fused_kernel_matches_reference(monkeypatch):
     compare(randomized("kerple-log"), "blockwise", causal=False)
 
 
+def test_blockwise_decoding_mask_kept_only_for_the_same_positions_and_parameters():
+    """Without autograd a one-block call's mask (FIRE at decoding) is kept for the model's next layer:
+    reused for equal positions and unchanged parameters, and made again when the positions differ —
+    including a position tensor written in place after the call, as a cache buffer is — when a
+    parameter changes in place (an optimizer step) and when autograd is on."""
+    s = randomized("fire", init_L=32.0)
+    q, k, v = torch.randn(1, 3, 1, 16), torch.randn(1, 3, 200, 16), torch.randn(1, 3, 200, 16)
+    pos = torch.arange(200)
+
+    def check(q_pos, k_pos):
+        got = attention(q, k, v, s, q_pos=q_pos, k_pos=k_pos)
+        want = attention_reference(q, k, v, s, q_pos=q_pos, k_pos=k_pos)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+    with torch.no_grad():
+        q_pos = pos[199:].clone()
+        check(q_pos, pos)
+        mask = s.__dict__["_kept_mask"][2]
+        check(pos[199:], pos.clone())  # equal positions, other tensors: reused
+        assert s.__dict__["_kept_mask"][2] is mask
+        q_pos += 50  # the first call's tensor, written in place: the mask of query 249 is made, not 199's reused
+        check(q_pos, pos)
+        assert s.__dict__["_kept_mask"][2] is not mask
+        mask = s.__dict__["_kept_mask"][2]
+        s.mlp[2].bias.add_(1.0)  # in place, as an optimizer step
+        check(q_pos, pos)
+        assert s.__dict__["_kept_mask"][2] is not mask
+        check(torch.tensor([120]), pos)  # causal: the keys after 120 hidden, in the kept mask too
+    s.__dict__.pop("_kept_mask")
+    check(pos[199:], pos)  # autograd on: nothing kept
+    assert "_kept_mask" not in s.__dict__
+
+
 def test_toeplitz_window_kept_between_calls_only_while_nothing_changed():
     """Without autograd the window of a flat bias is evaluated once and reused; an in-place change
     of the table (an optimizer step), a new table, other offsets or autograd on each give the values

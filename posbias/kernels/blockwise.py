@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..schemes.base import Scheme
+from ..schemes.base import Scheme, kept
 from .flash import backward_rows, block_work, flash_available, flash_backward, flash_forward, mask_backward
 from .reference import dense_attention, visible
 
@@ -34,6 +34,10 @@ MAX_BLOCK_ELEMS = 1 << 22  # ~16 MB of float32 logits per block (the dense refer
 FUSED_ROWS, FUSED_BLOCK_ELEMS = 256, 1 << 25
 # The fused backward op's blocks for a fixed bias (FIRE at 8k, fwd+bwd: 256 rows 1.89x, 64 rows 2.22x)
 BACKWARD_ROWS = 256
+# A one-block call's mask of at most this many floats (4 MB: one query against 128k keys, 8 heads) is
+# kept on the scheme without autograd, for the next call with the same positions and parameters: the
+# layers of a model sharing one scheme then compute it once per decoding step
+KEPT_MASK_ELEMS = 1 << 20
 
 
 def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor, k_pos: Tensor,
@@ -45,10 +49,11 @@ def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: 
     if (flash_available(q) and lk > 0 and scheme.family == "additive"
             and (not causal or int(q_pos.min()) >= int(k_pos.min()))):  # every row sees a key
         blocks = _Blocks(q_pos, k_pos, causal, block or max(16, min(FUSED_ROWS, FUSED_BLOCK_ELEMS // per_row)))
-        params = list(scheme.parameters())
         # at inference the fused op reads any strides but the last: a decoding cache's view is not copied
         f = [t.float() if not train and t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v)]
-        return _FusedBlocks.apply(*f, scheme, blocks, scale, *params).to(q.dtype)
+        if not train:  # (no autograd Function: its dispatch is a third of a decoding step at 1k keys)
+            return _fused_forward(*f, scheme, blocks, scale, keep_mask=True)[0].to(q.dtype)
+        return _FusedBlocks.apply(*f, scheme, blocks, scale, *scheme.parameters()).to(q.dtype)
     # one output buffer, written block by block: a list of per-block outputs would interleave small
     # long-lived allocations with the large per-block temporaries and fragment the CPU heap (peak
     # RSS then grows like N² although every block is freed)
@@ -70,8 +75,10 @@ class _Blocks:
     be hidden from one of its rows."""
 
     def __init__(self, q_pos: Tensor, k_pos: Tensor, causal: bool, block: int) -> None:
+        # causal with no key after the first query (decoding) hides nothing: the call is bidirectional
+        causal = causal and len(k_pos) > 0 and len(q_pos) > 0 and int(k_pos.max()) > int(q_pos.min())
         self.q_pos, self.k_pos, self.causal, self.block = q_pos, k_pos, causal, block
-        self.sorted_keys = len(k_pos) < 2 or bool((k_pos[1:] > k_pos[:-1]).all())
+        self.sorted_keys = causal and (len(k_pos) < 2 or bool((k_pos[1:] > k_pos[:-1]).all()))
 
     def __iter__(self):
         lq, lk = len(self.q_pos), len(self.k_pos)
@@ -105,18 +112,34 @@ class _Blocks:
         return mask.unsqueeze(0)
 
 
+def _fused_forward(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, blocks: _Blocks, scale: float, *,
+                   keep_mask: bool = False) -> tuple[Tensor, Tensor]:
+    """Every block's fused call with its bias as the mask → (out, lse). ``keep_mask`` (inference) keeps
+    a one-block call's small mask on the scheme (:data:`KEPT_MASK_ELEMS`)."""
+    if len(blocks.q_pos) <= blocks.block:  # one block (decoding): its results are the call's
+        s, e, hi = next(iter(blocks))
+        if keep_mask and scheme.n_heads * (e - s) * hi <= KEPT_MASK_ELEMS:  # the layers of a model share it
+            mask = kept(scheme, "_kept_mask", (blocks.q_pos, blocks.k_pos, blocks.causal, q.device),
+                        lambda: blocks.mask(scheme, s, e, hi, blocks.work(scheme.n_heads, q.device)))
+        else:
+            mask = blocks.mask(scheme, s, e, hi, blocks.work(scheme.n_heads, q.device))
+        return flash_forward(q, k[:, :, :hi], v[:, :, :hi], scale, False, mask)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    buffers = blocks.work(scheme.n_heads, q.device)
+    for s, e, hi in blocks:
+        mask = blocks.mask(scheme, s, e, hi, buffers)
+        out[:, :, s:e], lse[:, :, s:e] = flash_forward(q[:, :, s:e], k[:, :, :hi], v[:, :, :hi], scale, False, mask)
+    return out, lse
+
+
 class _FusedBlocks(torch.autograd.Function):
     """Blocks on the fused CPU kernel (float32, contiguous q/k/v); the scheme's parameters are inputs so
     that they receive their gradients from :meth:`Scheme.bias_grad`."""
 
     @staticmethod
     def forward(ctx, q, k, v, scheme: Scheme, blocks: _Blocks, scale: float, *params):
-        out = torch.empty_like(q)
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        buffers = blocks.work(scheme.n_heads, q.device)
-        for s, e, hi in blocks:
-            mask = blocks.mask(scheme, s, e, hi, buffers)
-            out[:, :, s:e], lse[:, :, s:e] = flash_forward(q[:, :, s:e], k[:, :, :hi], v[:, :, :hi], scale, False, mask)
+        out, lse = _fused_forward(q, k, v, scheme, blocks, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scheme, ctx.blocks, ctx.scale = scheme, blocks, scale
         return out

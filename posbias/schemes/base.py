@@ -25,7 +25,7 @@ Four families share the contract:
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +75,39 @@ def consecutive(pos: Tensor) -> bool:
     """True for integer positions ``p, p + 1, …`` (and for fewer than two): the runs that kernels and
     tables can treat as an offset range."""
     return len(pos) < 2 or (not pos.is_floating_point() and bool((pos[1:] - pos[:-1] == 1).all()))
+
+
+def kept(scheme: nn.Module, slot: str, key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, computed from ``scheme``'s parameters and buffers, kept on the scheme under ``slot``
+    and reused while nothing that made it changed: ``key`` (what the caller's value depends on besides
+    the scheme; tensors in it are compared by value, and copied, so a caller writing into them later
+    cannot make a stale value match) and every parameter and buffer (storage and in-place version,
+    which an optimizer step or a loaded state moves). Only without autograd: with it, ``make()`` runs
+    every time and keeps its graph. Never for inference tensors, which keep no version. The storages
+    are held with the value, so no later tensor can take one of their addresses."""
+    tensors = [*scheme.parameters(), *scheme.buffers()]
+    if torch.is_grad_enabled() or any(t.is_inference() for t in [*tensors, *key] if isinstance(t, Tensor)):
+        return make()
+    versions = tuple((t.data_ptr(), t._version) for t in tensors)
+    held = scheme.__dict__.get(slot)
+    if held is None or held[1] != versions or not _same_key(held[0], key):
+        key = tuple(k.detach().clone() if isinstance(k, Tensor) else k for k in key)
+        held = (key, versions, make(), [t.detach() for t in tensors])
+        scheme.__dict__[slot] = held
+    return held[2]
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, Tensor) or isinstance(y, Tensor):
+            if not (isinstance(x, Tensor) and isinstance(y, Tensor) and x.dtype == y.dtype and x.shape == y.shape
+                    and x.device == y.device and torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 def as_positions(pos: Tensor | None, length: int, device: torch.device, *, start: int = 0) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..diagonals import diagonal_sums
-from .base import BlockGrads, Scheme, _add_grads, check_int, check_positive
+from .base import BlockGrads, Scheme, _add_grads, check_int, check_positive, kept
 
 
 class FIRE(Scheme):
@@ -183,7 +183,13 @@ class FIRE(Scheme):
         offset[m, h]`` on piece ``m``, the pieces separated by the sorted ``kinks`` (``x = −b1_k/w1_k``
         for every hidden unit with ``w1_k ≠ 0``; at most ``width`` kinks, so ``width + 1`` pieces).
         A unit is active on a piece when ``w1_k·x + b1_k > 0`` at an interior point; then it adds
-        ``w2_hk·w1_k`` to the slope and ``w2_hk·b1_k`` to the offset. Differentiable in every MLP weight."""
+        ``w2_hk·w1_k`` to the slope and ``w2_hk·b1_k`` to the offset. Differentiable in every MLP weight.
+        Without autograd they are kept while no parameter changes (:func:`~posbias.schemes.base.kept`):
+        0.2 ms of a decoding step's 0.5 ms at 1k keys, measured; the blocks of one call and the steps
+        of a decoding loop share them."""
+        return kept(self, "_kept_pieces", (), self._pieces)
+
+    def _pieces(self) -> tuple[Tensor, Tensor, Tensor]:
         first, last = self.mlp[0], self.mlp[2]
         w1, b1 = first.weight[:, 0].float(), first.bias.float()
         w2, b2 = last.weight.float(), last.bias.float()
@@ -205,8 +211,8 @@ def _log_distance(q_pos: Tensor, k_pos: Tensor, c: Tensor, out: Tensor | None = 
     order) every pair's offset is one of ``len(q) + len(k) − 1`` values: the log is taken once per
     offset and the pairs read it through a sliding-window view (one copy instead of five passes and a
     log per pair; 1.96 → 0.05 ms for 64 × 4160 pairs, measured)."""
-    q_step, k_step = _unit_step(q_pos), _unit_step(k_pos)
-    if q_step is None or k_step is None:
+    q_step, k_step = (None, None) if len(q_pos) == 1 else (_unit_step(q_pos), _unit_step(k_pos))
+    if q_step is None or k_step is None:  # (one query, as in decoding: one log per pair is as cheap)
         direct = _psi(c, q_pos[:, None] - k_pos[None, :])
         return direct if out is None else out.copy_(direct)
     rows, keys = len(q_pos), len(k_pos)
