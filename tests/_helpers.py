@@ -56,19 +56,21 @@ def compare(scheme, backend, *, causal=True, lq=None, lk=301, q0=None, dtype=tor
         torch.testing.assert_close(a.float(), b.float(), atol=atol * 10, rtol=1e-3)
 
 
-def within_reference_rounding(scheme, dtype, device="cpu", **kw):
+def within_reference_rounding(scheme, dtype, device="cpu", *, lq=300, lk=300, grad=True, **kw):
     """In bf16/fp16 a fast path is judged by the reference run in the same precision: against the
     float32 truth (the same rounded inputs, computed in float32), its output and q/k/v gradients may
     be at most twice as far off as the reference's own, plus one unit of the format's precision.
-    ``kw`` goes to :func:`posbias.attention` (a forced backend, say)."""
+    ``lq`` queries at the end of ``lk`` keys; ``grad=False`` judges the output alone, computed without
+    autograd (the inference paths). ``kw`` goes to :func:`posbias.attention` (a forced backend, say)."""
     scheme = scheme.to(device)
-    low = [(torch.randn(1, 3, 300, 16, device=device) * 2).to(dtype).requires_grad_() for _ in range(3)]
-    exact = [t.detach().float().requires_grad_() for t in low]
-    g = torch.randn(1, 3, 300, 16, device=device)
+    low = [(torch.randn(1, 3, n, 16, device=device) * 2).to(dtype).requires_grad_(grad) for n in (lq, lk, lk)]
+    exact = [t.detach().float().requires_grad_(grad) for t in low]
+    g = torch.randn(1, 3, lq, 16, device=device)
     results = []
     for fn, inputs, extra in [(attention, low, kw), (attention_reference, low, {}), (attention_reference, exact, {})]:
-        out = fn(*inputs, scheme, **extra)
-        results.append([out, *torch.autograd.grad((out.float() * g).sum(), inputs)])
+        with torch.set_grad_enabled(grad):
+            out = fn(*inputs, scheme, **extra)
+        results.append([out, *(torch.autograd.grad((out.float() * g).sum(), inputs) if grad else [])])
     unit = torch.finfo(dtype).eps
     for fast, ref, truth in zip(*results):
         assert fast.dtype == dtype

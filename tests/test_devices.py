@@ -48,6 +48,16 @@ def test_low_precision_within_the_references_own_rounding(name, dtype, device):
     within_reference_rounding(randomized(name), dtype, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["t5", "alibi", "kerple-log", "fire"])
+@pytest.mark.parametrize("lq, lk", [(300, 300), (16, 300), (1, 3000)])
+def test_low_precision_inference_within_the_references_own_rounding(name, dtype, device, lq, lk):
+    """Without autograd the CPU paths hand bf16/fp16 inputs to the fused op as they are (no float32
+    copy of the cache): prefill, a chunk and one decoding query, judged as above."""
+    within_reference_rounding(randomized(name), dtype, device, lq=lq, lk=lk, grad=False)
+
+
 @pytest.mark.cuda
 @NO_CUDA
 @pytest.mark.parametrize("name", STUDY)

@@ -23,7 +23,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..schemes.base import Scheme, kept
-from .flash import backward_rows, block_work, flash_available, flash_backward, flash_forward, mask_backward
+from .flash import (backward_rows, block_work, flash_available, flash_backward, flash_forward, inference_inputs,
+                    mask_backward)
 from .reference import dense_attention, visible
 
 MAX_BLOCK_ELEMS = 1 << 22  # ~16 MB of float32 logits per block (the dense reference path)
@@ -49,10 +50,9 @@ def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: 
     if (flash_available(q) and lk > 0 and scheme.family == "additive"
             and (not causal or int(q_pos.min()) >= int(k_pos.min()))):  # every row sees a key
         blocks = _Blocks(q_pos, k_pos, causal, block or max(16, min(FUSED_ROWS, FUSED_BLOCK_ELEMS // per_row)))
-        # at inference the fused op reads any strides but the last: a decoding cache's view is not copied
-        f = [t.float() if not train and t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v)]
         if not train:  # (no autograd Function: its dispatch is a third of a decoding step at 1k keys)
-            return _fused_forward(*f, scheme, blocks, scale, keep_mask=True)[0].to(q.dtype)
+            return _fused_forward(*inference_inputs(q, k, v), scheme, blocks, scale, keep_mask=True)[0].to(q.dtype)
+        f = [t.float().contiguous() for t in (q, k, v)]
         return _FusedBlocks.apply(*f, scheme, blocks, scale, *scheme.parameters()).to(q.dtype)
     # one output buffer, written block by block: a list of per-block outputs would interleave small
     # long-lived allocations with the large per-block temporaries and fragment the CPU heap (peak

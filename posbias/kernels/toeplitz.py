@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..diagonals import antidiagonal_sums
 from ..schemes.base import ToeplitzScheme, kept
-from .flash import backward_rows, block_work, flash_backward, flash_forward, mask_backward
+from .flash import backward_rows, block_work, flash_backward, flash_forward, inference_inputs, mask_backward
 
 
 def forward_block(lk: int) -> int:
@@ -49,20 +49,27 @@ def _mask(table: Tensor, o_min: int, qa: int, lq: int, ka: int, lk: int) -> Tens
     return table[:, lo: lo + lq + lk - 1].unfold(-1, lk, 1).unsqueeze(0)
 
 
+def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, o_min: int, q0: int, k0: int, causal: bool,
+             scale: float, block: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The blocks' fused calls on the reversed keys → (out, lse, reversed keys, reversed values)."""
+    lq, lk = q.shape[2], k.shape[2]
+    k_rev, v_rev = k.flip(2), v.flip(2)  # key t of k_rev is key lk − 1 − t
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    for s, e, hi in _blocks(lq, lk, q0, k0, causal, block):
+        if hi <= 0:
+            out[:, :, s:e], lse[:, :, s:e] = 0, float("-inf")
+            continue
+        mask = _mask(table, o_min, q0 + s, e - s, k0, hi)
+        out[:, :, s:e], lse[:, :, s:e] = flash_forward(q[:, :, s:e], k_rev[:, :, lk - hi:], v_rev[:, :, lk - hi:],
+                                                       scale, False, mask)
+    return out, lse, k_rev, v_rev
+
+
 class _Toeplitz(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, table, o_min: int, q0: int, k0: int, causal: bool, scale: float, block: int):
-        lq, lk = q.shape[2], k.shape[2]
-        k_rev, v_rev = k.flip(2), v.flip(2)  # key t of k_rev is key lk − 1 − t
-        out = torch.empty_like(q)
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        for s, e, hi in _blocks(lq, lk, q0, k0, causal, block):
-            if hi <= 0:
-                out[:, :, s:e], lse[:, :, s:e] = 0, float("-inf")
-                continue
-            mask = _mask(table, o_min, q0 + s, e - s, k0, hi)
-            out[:, :, s:e], lse[:, :, s:e] = flash_forward(q[:, :, s:e], k_rev[:, :, lk - hi:], v_rev[:, :, lk - hi:],
-                                                           scale, False, mask)
+        out, lse, k_rev, v_rev = _forward(q, k, v, table, o_min, q0, k0, causal, scale, block)
         ctx.save_for_backward(q, k_rev, v_rev, table, out, lse)
         ctx.args = (o_min, q0, k0, causal, scale, block)
         return out
@@ -115,11 +122,11 @@ def toeplitz_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, 
         table = table.masked_fill(torch.arange(o_min, o_max + 1, device=q.device) < 0, float("-inf"))
     dtype = q.dtype
     block = block or forward_block(lk)
-    if lq < lk and lq <= block and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, table))):
-        # the fused op reads keys and values with any strides but the last: a view of a cache
-        # buffer with room to grow (the model's decoding cache) is not copied
-        f = [t.float() if t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v)]
-        return _few_queries(*f, table, q0, k0, causal, scale).to(dtype)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, table))):
+        f = inference_inputs(q, k, v)
+        if lq < lk and lq <= block:
+            return _few_queries(*f, table, q0, k0, causal, scale).to(dtype)
+        return _forward(*f, table.contiguous(), o_min, q0, k0, causal, scale, block)[0].to(dtype)
     f = [t.float().contiguous() for t in (q, k, v)]
     return _Toeplitz.apply(*f, table.contiguous(), o_min, q0, k0, causal, scale, block).to(dtype)
 
