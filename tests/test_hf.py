@@ -250,6 +250,26 @@ def test_hf_benchmark_runs_training_and_checks_agreement(capsys, monkeypatch):
     assert float(last[7]) < 1e-4  # the losses of the HF and the posbias model
 
 
+def test_hf_benchmark_in_bf16_compares_each_side_with_float32(capsys, monkeypatch):
+    """In bf16 the two models differ by both their roundings; the benchmark's two last columns say
+    how far each is from the float32 output (the same rounded weights): BLOOM's own path rounds its
+    ALiBi bias to bf16, posbias keeps it in float32."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_hf.py"
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec = importlib.util.spec_from_file_location("bench_hf", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--model", "bloom", "--dtype", "bfloat16", "--lengths", "700", "--layers", "1", "--reps", "1",
+                "--device", "cpu"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-3].split("|")[-3:-1] == [" HF err vs fp32 ", " posbias err vs fp32 "]
+    hf_err, posbias_err = (float(c) for c in lines[-1].split("|")[-3:-1])
+    assert 0 < posbias_err < hf_err
+
+
 def test_a_preferred_backend_is_taken_where_it_runs_exactly(fast_calls):
     """``accelerate(model, backend=...)``: every call asks for that path, not strictly (``attention``'s
     ``strict=False``), so one it cannot run exactly (here ``alibi`` for a T5 bias) takes the automatic
