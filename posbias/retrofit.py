@@ -252,11 +252,13 @@ def compare_rows(rows: list[dict[str, Any]], lengths: list[int]) -> dict[int, li
 
 def source_key(path: str | Path, meta: dict[str, Any], cfg: RetrofitConfig, corpus: Corpus) -> str:
     """Everything the cached numbers depend on besides the method and the length: the checkpoint's
-    weights (hashed) and meta, the corpus, and every setting of fine-tuning, evaluation and passkey."""
+    weights (hashed) and meta, the corpus, every setting of fine-tuning, evaluation and passkey, and
+    the code that computes them (:func:`~posbias.store.code_fingerprint`)."""
     digest = hashlib.sha256((ckpt.require(path) / ckpt.MODEL_FILE).read_bytes()).hexdigest()
     settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("methods", "compare", "eval_lens")}
+    code = store.code_fingerprint(*store.MODEL_CODE, "evaluate.py", "finetune.py", "passkey.py", "retrofit.py")
     return store.config_key({"weights": digest, "meta": meta, "corpus": corpus.fingerprint,
-                             "settings": settings, "torch": torch.__version__})
+                             "settings": settings, "torch": torch.__version__, "code": code})
 
 
 class _Run:

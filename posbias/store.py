@@ -6,6 +6,9 @@
   says which file to delete, not a bare ``JSONDecodeError``).
 * :func:`config_key` hashes everything that made a result (a canonical JSON dump): a result is
   reused only under the same key.
+* :func:`code_fingerprint` hashes the code that computes a result (its syntax tree, without
+  docstrings): results keys carry it, so a re-run under code whose numbers differ — a kernel whose
+  rounding changed, say — trains and evaluates afresh instead of reusing the old code's results.
 * :class:`FolderLock` takes an exclusive ``flock`` on ``<folder>/.posbias.lock`` for the whole run;
   a second run into the same folder refuses at once with a one-line error naming the holder. The
   kernel drops the lock when the process dies, so a killed run never leaves a stale lock.
@@ -13,7 +16,9 @@
 
 from __future__ import annotations
 
+import ast
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -21,7 +26,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_text", "write_json", "read_json", "config_key", "FolderLock", "check_out_dir", "FolderBusy"]
+__all__ = ["write_text", "write_json", "read_json", "config_key", "code_fingerprint", "FolderLock", "check_out_dir",
+           "FolderBusy"]
+
+_PACKAGE = Path(__file__).resolve().parent
+#: the code that makes a trained model: its architecture, every scheme and kernel, the data batches and
+#: the training loop (what :func:`posbias.study.model_key` carries)
+MODEL_CODE = ("model.py", "train.py", "data.py", "attention.py", "diagonals.py", "config.py", "schemes", "kernels")
 
 
 def check_out_dir(path: str | Path) -> Path:
@@ -74,6 +85,31 @@ def config_key(obj: Any, length: int = 10) -> str:
     """A short hash of a JSON-able object, independent of dict order."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(*parts: str) -> str:
+    """A short hash of the code in ``parts`` (files or folders of the package, e.g. :data:`MODEL_CODE`):
+    each module's syntax tree without its docstrings, so that comments and documentation can change
+    and a result stays valid, while any change to what the code computes gives another key. Where the
+    sources are missing (an install without them), the package version stands in."""
+    digest = hashlib.sha256()
+    for part in parts:
+        path = _PACKAGE / part
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        if not files or not all(f.is_file() for f in files):
+            from ._version import __version__
+            return f"version-{__version__}"
+        for f in files:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                body = getattr(node, "body", None)
+                if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                        and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                        and isinstance(body[0].value.value, str)):
+                    node.body = body[1:] or [ast.Pass()]
+            digest.update(f.relative_to(_PACKAGE).as_posix().encode() + b"\0" + ast.dump(tree).encode() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 class FolderBusy(ValueError):

@@ -9,10 +9,12 @@ Trust rules:
 
 * **Results are keyed by everything that made them.** A model lives in
   ``models/<label>-seed<seed>-<key>/`` where ``key`` hashes the model config (scheme options
-  included), the training config, the corpus fingerprint, the thread count, the device and the
-  torch version; its evaluation in ``eval-<key>.json`` keyed by those and every evaluation setting.
-  A changed setting trains and evaluates afresh in a folder of its own; nothing is reused under
-  another setting.
+  included), the training config, the corpus fingerprint, the thread count, the device, the
+  torch version and the code that makes a model (:func:`posbias.store.code_fingerprint` of
+  :data:`posbias.store.MODEL_CODE`: a kernel whose rounding changed gives other models); its
+  evaluation in ``eval-<key>.json`` keyed by those, every evaluation setting and the evaluation's
+  code. A changed setting trains and evaluates afresh in a folder of its own; nothing is reused
+  under another setting or other code.
 * **Every number carries its uncertainty**: a 95% bootstrap interval over text segments (paired
   across lengths, :func:`posbias.evaluate.length_study`); seeds give mean ± std.
 * **Fixed threads**: ``torch.set_num_threads(threads)`` for the whole run; results are bit-identical
@@ -155,13 +157,15 @@ def train_config(cfg: StudyConfig, seed: int) -> TrainConfig:
 def model_key(cfg: StudyConfig, arm: Arm, seed: int, corpus: Corpus) -> dict[str, Any]:
     """Everything that makes a trained model."""
     return {"model": model_config(cfg, arm).to_dict(), "train": asdict(train_config(cfg, seed)),
-            "corpus": corpus.fingerprint, "threads": cfg.threads, "device": cfg.device, "torch": torch.__version__}
+            "corpus": corpus.fingerprint, "threads": cfg.threads, "device": cfg.device, "torch": torch.__version__,
+            "code": store.code_fingerprint(*store.MODEL_CODE)}
 
 
 def eval_key(cfg: StudyConfig, mkey: dict[str, Any]) -> dict[str, Any]:
     """Everything that makes an evaluation of that model."""
     return {"model_key": mkey, "lengths": cfg.lengths(), "train_len": cfg.train_len, "eval_tokens": cfg.eval_tokens,
-            "eval_batch": cfg.eval_batch, "n_boot": N_BOOT, "format": EVAL_FORMAT}
+            "eval_batch": cfg.eval_batch, "n_boot": N_BOOT, "format": EVAL_FORMAT,
+            "code": store.code_fingerprint(*store.MODEL_CODE, "evaluate.py")}
 
 
 def _folder_name(label: str) -> str:

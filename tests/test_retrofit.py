@@ -10,6 +10,7 @@ import torch
 
 from posbias import checkpoint as ckpt
 from posbias import ntk_lambda, passkey, rope_frequencies, t5_bucket
+from posbias import store
 from posbias.attention import attention
 from posbias.cli import main
 from posbias.data import stdlib_corpus
@@ -399,6 +400,9 @@ def test_checkpoint_jobs_run_at_a_fixed_thread_count(tmp_path, corpus, monkeypat
     meta = ckpt.read_meta(path)
     keys = {source_key(path, meta, RetrofitConfig(to=2 * L, methods=("swap-t5",), threads=t), corpus) for t in (1, 2)}
     assert len(keys) == 2
+    real = store.code_fingerprint  # other code (a kernel whose rounding changed): another key too
+    monkeypatch.setattr(store, "code_fingerprint", lambda *parts: "changed-" + real(*parts))
+    assert source_key(path, meta, RetrofitConfig(to=2 * L, methods=("swap-t5",), threads=1), corpus) not in keys
     with pytest.raises(ConfigError, match="threads must be an integer >= 1, got 0"):
         RetrofitConfig(to=2 * L, methods=("swap-t5",), threads=0)
     with pytest.raises(ConfigError, match="threads must be an integer >= 1"):

@@ -227,6 +227,46 @@ def test_changed_setting_is_never_reused(tmp_path, capsys, text_file):
     assert "reusing" not in capsys.readouterr().out
 
 
+def test_results_of_other_code_are_never_reused(tmp_path, capsys, text_file, monkeypatch):
+    """The model and evaluation keys carry the fingerprint of the code that made them: after a change
+    to what posbias computes (a kernel's rounding, say) a re-run trains and evaluates afresh."""
+    from posbias import store
+
+    out = tmp_path / "run"
+    argv = ["extrapolate", "--schemes", "t5", *STUDY, "--data", str(text_file), "--out", str(out)]
+    assert main(argv) == 0
+    first = _records(out)[0]["model_dir"]
+    capsys.readouterr()
+    assert main(argv) == 0  # the same code: reused
+    assert "reusing" in capsys.readouterr().out and _records(out)[0]["model_dir"] == first
+    real = store.code_fingerprint
+    monkeypatch.setattr(store, "code_fingerprint", lambda *parts: "changed-" + real(*parts))
+    assert main(argv) == 0
+    assert "reusing" not in capsys.readouterr().out
+    assert _records(out)[0]["model_dir"] != first
+
+
+def test_code_fingerprint_ignores_comments_and_docstrings_only(tmp_path, monkeypatch):
+    from posbias import store
+
+    (tmp_path / "pkg").mkdir()
+    module = tmp_path / "pkg" / "m.py"
+    monkeypatch.setattr(store, "_PACKAGE", tmp_path)
+
+    def fingerprint(text):
+        module.write_text(text)
+        store.code_fingerprint.cache_clear()
+        return store.code_fingerprint("pkg")
+
+    base = fingerprint('"""Doc."""\ndef f(x):\n    """Doc."""\n    return x * 2  # twice\n')
+    assert fingerprint('"""Other doc."""\n\n\ndef f(x):\n    # a comment\n    return x * 2\n') == base
+    assert fingerprint('"""Doc."""\ndef f(x):\n    """Doc."""\n    return x * 3\n') != base
+    assert fingerprint('def f(x):\n    return x * 2\ndef g():\n    pass\n') != base
+    store.code_fingerprint.cache_clear()
+    monkeypatch.undo()
+    assert store.code_fingerprint(*store.MODEL_CODE) != store.code_fingerprint(*store.MODEL_CODE, "evaluate.py")
+
+
 def test_scheme_options_labels_and_study_defaults(tmp_path, text_file):
     out = tmp_path / "run"
     argv = ["extrapolate", "--schemes", "t5", "t5@max_distance=64", "fire", "offset", *STUDY,
