@@ -493,6 +493,27 @@ def test_low_precision_decoding_reads_the_cache_as_it_is(name, monkeypatch):
     assert seen == [(torch.bfloat16, k.data_ptr(), v.data_ptr())]
 
 
+@pytest.mark.parametrize("name, native", [("alibi", True), ("kerple-log", False)])
+def test_low_precision_training_under_a_fixed_bias_stays_in_its_dtype(name, native, monkeypatch):
+    """Training under a fixed bias (ALiBi) runs the fused op forward and backward in bf16 with the
+    float32 bias (the gradients' precision: ``test_devices``); a bias that trains (KERPLE) computes
+    in float32, where its table's gradient needs dS."""
+    seen = []
+    original = posbias.kernels.toeplitz.flash_forward
+
+    def spy(q, *args, **kwargs):
+        seen.append(q.dtype)
+        return original(q, *args, **kwargs)
+
+    monkeypatch.setattr(posbias.kernels.toeplitz, "flash_forward", spy)
+    s = randomized(name)
+    q, k, v = (torch.randn(1, 3, 300, 16).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    out = attention(q, k, v, s)
+    out.float().sum().backward()
+    assert out.dtype == q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.bfloat16
+    assert set(seen) == {torch.bfloat16 if native else torch.float32}
+
+
 def test_blockwise_decoding_mask_kept_only_for_the_same_positions_and_parameters():
     """Without autograd a one-block call's mask (FIRE at decoding) is kept for the model's next layer:
     reused for equal positions and unchanged parameters, and made again when the positions differ —

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..schemes.base import Scheme, kept
-from .flash import (backward_rows, block_work, flash_available, flash_backward, flash_forward, inference_inputs,
+from .flash import (backward_rows, block_work, flash_available, flash_backward, flash_forward, fused_inputs,
                     mask_backward)
 from .reference import dense_attention, visible
 
@@ -51,7 +51,7 @@ def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: 
             and (not causal or int(q_pos.min()) >= int(k_pos.min()))):  # every row sees a key
         blocks = _Blocks(q_pos, k_pos, causal, block or max(16, min(FUSED_ROWS, FUSED_BLOCK_ELEMS // per_row)))
         if not train:  # (no autograd Function: its dispatch is a third of a decoding step at 1k keys)
-            return _fused_forward(*inference_inputs(q, k, v), scheme, blocks, scale, keep_mask=True)[0].to(q.dtype)
+            return _fused_forward(*fused_inputs(q, k, v), scheme, blocks, scale, keep_mask=True)[0].to(q.dtype)
         f = [t.float().contiguous() for t in (q, k, v)]
         return _FusedBlocks.apply(*f, scheme, blocks, scale, *scheme.parameters()).to(q.dtype)
     # one output buffer, written block by block: a list of per-block outputs would interleave small

@@ -30,14 +30,15 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
     return out, lse.float()
 
 
-def inference_inputs(*tensors: Tensor) -> list[Tensor]:
-    """q, k, v for the fused op without autograd: bf16 and fp16 as they are, other dtypes as float32,
-    any strides but the last (a view of a decoding cache is not copied). The op multiplies reduced
-    precision inputs with float32 accumulation and adds the float32 mask in float32: outputs equal to
-    those of float32 inputs to within the output's own rounding (measured: bf16 0.0075 against
-    0.0075, fp16 0.00105 against 0.00097 from the float64 truth, where the reference in the same
-    precision is 0.26 and 0.073 off); converting the cache instead costs more than the call (one
-    bf16 query against 16k keys: 10× unbiased SDPA, measured)."""
+def fused_inputs(*tensors: Tensor) -> list[Tensor]:
+    """q, k, v for the fused op (at inference, and in training under a fixed bias): bf16 and fp16 as
+    they are, other dtypes as float32, any strides but the last (a view of a decoding cache is not
+    copied). The op multiplies reduced precision inputs with float32 accumulation and adds the
+    float32 mask in float32: outputs equal to those of float32 inputs to within the output's own
+    rounding (measured: bf16 0.0075 against 0.0075, fp16 0.00105 against 0.00097 from the float64
+    truth, where the reference in the same precision is 0.26 and 0.073 off; its backward's bf16
+    gradients 0.024–0.063 off where the reference's are 0.06–0.24); converting the cache instead
+    costs more than the call (one bf16 query against 16k keys: 10× unbiased SDPA, measured)."""
     keep = tensors[0].dtype in (torch.bfloat16, torch.float16) and all(t.dtype == tensors[0].dtype for t in tensors)
     converted = [t if keep else t.float() for t in tensors]
     return [t if t.stride(-1) == 1 else t.contiguous() for t in converted]

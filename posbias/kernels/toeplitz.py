@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..diagonals import antidiagonal_sums
 from ..schemes.base import ToeplitzScheme, kept
-from .flash import backward_rows, block_work, flash_backward, flash_forward, inference_inputs, mask_backward
+from .flash import backward_rows, block_work, flash_backward, flash_forward, fused_inputs, mask_backward
 
 
 def forward_block(lk: int) -> int:
@@ -82,7 +82,9 @@ class _Toeplitz(torch.autograd.Function):
             block = min(block, backward_rows(q, k_rev.shape[2]))
         lq, lk = q.shape[2], k_rev.shape[2]
         dout = dout.contiguous()
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k_rev), torch.zeros_like(v_rev)
+        # keys' and values' gradients add up over the query blocks: in float32 for bf16/fp16 inputs
+        dq = torch.zeros_like(q)
+        dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (k_rev, v_rev))
         dtable = torch.zeros_like(table) if ctx.needs_input_grad[3] else None
         delta = (dout * out).sum(-1) if dtable is not None else None  # δ_i = dO_i · O_i
         work = block_work(q.shape[0] * q.shape[1] * min(block, lq) * lk, q.device) if dtable is not None else None
@@ -100,7 +102,7 @@ class _Toeplitz(torch.autograd.Function):
             dq[:, :, s:e] += gq
             dk[:, :, lk - hi:] += gk
             dv[:, :, lk - hi:] += gv
-        return dq, dk.flip(2), dv.flip(2), dtable, None, None, None, None, None, None
+        return dq, dk.flip(2).to(k_rev.dtype), dv.flip(2).to(v_rev.dtype), dtable, None, None, None, None, None, None
 
 
 def _blocks(lq: int, lk: int, q0: int, k0: int, causal: bool, block: int):
@@ -123,11 +125,15 @@ def toeplitz_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, 
     dtype = q.dtype
     block = block or forward_block(lk)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, table))):
-        f = inference_inputs(q, k, v)
+        f = fused_inputs(q, k, v)
         if lq < lk and lq <= block:
             return _few_queries(*f, table, q0, k0, causal, scale).to(dtype)
         return _forward(*f, table.contiguous(), o_min, q0, k0, causal, scale, block)[0].to(dtype)
-    f = [t.float().contiguous() for t in (q, k, v)]
+    # training: a fixed bias (ALiBi, a frozen table) takes bf16/fp16 inputs as they are, forward and
+    # backward on the fused op with the float32 bias as its mask (gradients closer to the float32
+    # ones than the reference's in the same precision, tested); a bias that trains needs dS in float32
+    f = fused_inputs(q, k, v) if not table.requires_grad else [t.float() for t in (q, k, v)]
+    f = [t.contiguous() for t in f]
     return _Toeplitz.apply(*f, table.contiguous(), o_min, q0, k0, causal, scale, block).to(dtype)
 
 
