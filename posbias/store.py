@@ -96,11 +96,13 @@ def code_fingerprint(*parts: str) -> str:
     digest = hashlib.sha256()
     for part in parts:
         path = _PACKAGE / part
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        if not files or not all(f.is_file() for f in files):
-            from ._version import __version__
-            return f"version-{__version__}"
-        for f in files:
+        if not path.exists():
+            if not any(_PACKAGE.rglob("*.py")):  # an install without sources
+                from ._version import __version__
+                return f"version-{__version__}"
+            raise RuntimeError(f"code_fingerprint: {part!r} is not in {str(_PACKAGE)!r}; a renamed module must be "
+                               "renamed in posbias.store.MODEL_CODE too")
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
             tree = ast.parse(f.read_text(encoding="utf-8"))
             for node in ast.walk(tree):
                 body = getattr(node, "body", None)

@@ -262,6 +262,8 @@ def test_code_fingerprint_ignores_comments_and_docstrings_only(tmp_path, monkeyp
     assert fingerprint('"""Other doc."""\n\n\ndef f(x):\n    # a comment\n    return x * 2\n') == base
     assert fingerprint('"""Doc."""\ndef f(x):\n    """Doc."""\n    return x * 3\n') != base
     assert fingerprint('def f(x):\n    return x * 2\ndef g():\n    pass\n') != base
+    with pytest.raises(RuntimeError, match="'gone.py' is not in .*MODEL_CODE"):  # a renamed module: not silently skipped
+        store.code_fingerprint("pkg", "gone.py")
     store.code_fingerprint.cache_clear()
     monkeypatch.undo()
     assert store.code_fingerprint(*store.MODEL_CODE) != store.code_fingerprint(*store.MODEL_CODE, "evaluate.py")
