@@ -514,6 +514,22 @@ def test_low_precision_training_under_a_fixed_bias_stays_in_its_dtype(name, nati
     assert set(seen) == {torch.bfloat16 if native else torch.float32}
 
 
+def test_toeplitz_decoding_row_kept_for_the_layers_of_a_step():
+    """Without autograd a decoding call's reversed row is kept for the next call with the same offsets
+    (the model's next layer), and made again once the table changes in place or the offsets move."""
+    s = randomized("t5", max_distance=40)
+    q, k, v = torch.randn(1, s.n_heads, 1, 16), torch.randn(1, s.n_heads, 300, 16), torch.randn(1, s.n_heads, 300, 16)
+    with torch.no_grad():
+        for change in (None, "table", "offsets"):
+            if change == "table":
+                s.table.add_(0.5)  # as an optimizer step
+            q_pos = torch.tensor([299 if change != "offsets" else 250])
+            got = attention(q, k, v, s, q_pos=q_pos)
+            held = s.__dict__["_kept_row"][2]
+            assert attention(q, k, v, s, q_pos=q_pos) is not None and s.__dict__["_kept_row"][2] is held
+            torch.testing.assert_close(got, attention_reference(q, k, v, s, q_pos=q_pos), atol=2e-5, rtol=1e-5)
+
+
 def test_blockwise_decoding_mask_kept_only_for_the_same_positions_and_parameters():
     """Without autograd a one-block call's mask (FIRE at decoding) is kept for the model's next layer:
     reused for equal positions and unchanged parameters, and made again when the positions differ —

@@ -119,16 +119,26 @@ def toeplitz_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, 
     lq, lk = q.shape[2], k.shape[2]
     q0, k0 = int(q_pos[0]), int(k_pos[0])
     o_min, o_max = q0 - (k0 + lk - 1), q0 + lq - 1 - k0
-    table = _row(scheme, o_min, o_max, q.device)
-    if causal and o_min < 0:  # offsets < 0 are hidden (out of place, so the hidden entries get no gradient)
-        table = table.masked_fill(torch.arange(o_min, o_max + 1, device=q.device) < 0, float("-inf"))
+
+    def row() -> Tensor:
+        table = _row(scheme, o_min, o_max, q.device)
+        if causal and o_min < 0:  # offsets < 0 are hidden (out of place, so the hidden entries get no gradient)
+            table = table.masked_fill(torch.arange(o_min, o_max + 1, device=q.device) < 0, float("-inf"))
+        return table
+
     dtype = q.dtype
     block = block or forward_block(lk)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, table))):
+    trains = torch.is_grad_enabled() and any(p.requires_grad for p in scheme.parameters())
+    if not (trains or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
         f = fused_inputs(q, k, v)
         if lq < lk and lq <= block:
-            return _few_queries(*f, table, q0, k0, causal, scale).to(dtype)
-        return _forward(*f, table.contiguous(), o_min, q0, k0, causal, scale, block)[0].to(dtype)
+            # the reversed row is kept for the call's offsets (:func:`~posbias.schemes.base.kept`): the
+            # other layers of a decoding step, which share the scheme, read it (cat and flip: about
+            # 0.15 ms of a 0.5 ms call at 1k keys, measured)
+            flipped = kept(scheme, "_kept_row", (o_min, o_max, causal, q.device), lambda: row().flip(-1))
+            return _few_queries(*f, flipped, q0, k0, causal, scale).to(dtype)
+        return _forward(*f, row().contiguous(), o_min, q0, k0, causal, scale, block)[0].to(dtype)
+    table = row()
     # training: a fixed bias (ALiBi, a frozen table) takes bf16/fp16 inputs as they are, forward and
     # backward on the fused op with the float32 bias as its mask (gradients closer to the float32
     # ones than the reference's in the same precision, tested); a bias that trains needs dS in float32
@@ -165,18 +175,18 @@ def _window(scheme: ToeplitzScheme, w: int, lo: int, hi: int, device: torch.devi
                 lambda: scheme.bias_at(torch.arange(lo, hi + 1, device=device)).float())
 
 
-def _few_queries(q: Tensor, k: Tensor, v: Tensor, table: Tensor, q0: int, k0: int, causal: bool,
+def _few_queries(q: Tensor, k: Tensor, v: Tensor, flipped: Tensor, q0: int, k0: int, causal: bool,
                  scale: float) -> Tensor:
     """Decoding and short chunks at inference (fewer queries than keys, one block, no gradient): the
     *queries* reversed instead of the keys, so the call copies ``Lq`` rows instead of the whole key and
     value cache. With query ``r'`` of the reversed queries (query ``Lq − 1 − r'``) and key ``t`` in
-    order, the pair's offset is ``o_max − r' − t``: the mask is ``table.flip(-1)`` read through the same
-    zero-copy ``unfold`` view. One query against 16k cached keys (t5, 8 heads, 2 threads): 38 ms
+    order, the pair's offset is ``o_max − r' − t``: the mask is ``flipped`` (the row of offsets
+    ``o_min … o_max`` reversed) read through the same zero-copy ``unfold`` view. One query against 16k cached keys (t5, 8 heads, 2 threads): 38 ms
     with the keys reversed, against 5–6 ms for unbiased SDPA, measured before this path."""
     lq, lk = q.shape[2], k.shape[2]
     (_, _, hi), = _blocks(lq, lk, q0, k0, causal, lq)  # one block: the keys some query sees
     if hi <= 0:
         return torch.zeros_like(q)
-    mask = table.flip(-1)[:, : lq + hi - 1].unfold(-1, hi, 1).unsqueeze(0)  # [1, H, lq, hi]: row r' is query lq − 1 − r'
+    mask = flipped[:, : lq + hi - 1].unfold(-1, hi, 1).unsqueeze(0)  # [1, H, lq, hi]: row r' is query lq − 1 − r'
     out, _ = flash_forward(q.flip(2), k[:, :, :hi], v[:, :, :hi], scale, False, mask)
     return out.flip(2)
