@@ -92,7 +92,7 @@ def kept(scheme: nn.Module, slot: str, key: tuple, make: Callable[[], Any]) -> A
     held = scheme.__dict__.get(slot)
     if held is None or held[1] != versions or not _same_key(held[0], key):
         key = tuple(k.detach().clone() if isinstance(k, Tensor) else k for k in key)
-        held = (key, versions, make(), [t.detach() for t in tensors])
+        held = (key, versions, make(), tensors)  # (the tensors themselves: no operator, the same storages)
         scheme.__dict__[slot] = held
     return held[2]
 

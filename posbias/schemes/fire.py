@@ -137,7 +137,8 @@ class FIRE(Scheme):
                 return x, lo, runs
             torch.addcmul(offset.T.index_select(1, lo).unsqueeze(1), slope.T.index_select(1, lo).unsqueeze(1), x,
                           out=out)
-            jump = (slope[1:] - slope[:-1])[:, :, None, None]  # [kinks, heads, 1, 1]: the slope gained at each kink
+            if runs:
+                jump = (slope[1:] - slope[:-1])[:, :, None, None]  # [kinks, heads, 1, 1]: the slope gained at each kink
             for k, a, b in runs:
                 xs = x[:, a:b]
                 above = torch.sub(xs, kinks[k], out=free[:xs.numel()].view(xs.shape)).clamp_(min=0)
