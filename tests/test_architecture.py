@@ -160,3 +160,26 @@ def test_a_new_scheme_is_benchmarked_and_studied(toy, tmp_path, capsys):
             "--data", str(text), "--out", str(tmp_path / "run"), "--quiet"]
     assert main(argv) == 0
     assert "| toy |" in (tmp_path / "run" / "results.md").read_text()
+
+
+def test_the_code_that_makes_a_model_is_in_its_key():
+    """Every posbias module that training reaches (``train.py`` and what it imports, transitively) is
+    covered by ``store.MODEL_CODE``, whose fingerprint the model keys carry — except modules that
+    compute no numbers of a model (checkpoint files, the results store, the version): a module
+    added to the training path cannot silently stay out of the keys."""
+    from posbias import store
+
+    covered = {f"posbias.{p[:-3]}" if p.endswith(".py") else f"posbias.{p}" for p in store.MODEL_CODE}
+    no_numbers = {"posbias.checkpoint", "posbias.store", "posbias._version"}
+    seen, todo = set(), ["posbias.train"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = ROOT.joinpath(*name.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        todo += [target for _, target in _imports(path) if _is_module(target)]
+    missing = sorted(m for m in seen if m not in no_numbers and not any(m == c or m.startswith(c + ".") for c in covered))
+    assert not missing, f"modules on the training path outside store.MODEL_CODE: {missing}"
+    assert {"posbias.kernels.toeplitz", "posbias.schemes.fire", "posbias.model"} <= seen  # the walk did walk
