@@ -251,6 +251,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def machine_args(p: argparse.ArgumentParser) -> None:
+    """The flags :func:`fix_machine` reads, for every benchmark's parser."""
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU), fixed for the run")
+    p.add_argument("--flush-denormal", action="store_true",
+                   help="flush denormal floats to zero for the whole run (CPU; set before any thread starts)")
+
+
 def fix_machine(args) -> None:
     """What every benchmark fixes before it starts timing: denormals flushed (``--flush-denormal``;
     exits where the CPU cannot) and the thread count (``--threads``)."""
@@ -277,13 +284,11 @@ def main():
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU), fixed for the run")
     p.add_argument("--reps", type=int, default=5, help="interleaved (candidate, baseline) pairs per cell")
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--no-flex", action="store_true", help="leave out the compiled FlexAttention anchors")
     p.add_argument("--memory", action="store_true", help="measure peak extra memory in child processes")
-    p.add_argument("--flush-denormal", action="store_true",
-                   help="flush denormal floats to zero for the whole run (CPU; set before any thread starts)")
+    machine_args(p)
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 import posbias
-from bench_attention import cell, fix_machine, machine, make_scheme, paired
+from bench_attention import cell, fix_machine, machine, machine_args, make_scheme, paired
 from posbias.schemes import SCHEMES, option_specs
 from posbias.attention import BACKENDS, usable
 
@@ -36,9 +36,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU), fixed for the run")
     p.add_argument("--reps", type=int, default=7, help="interleaved pairs per cell")
-    p.add_argument("--flush-denormal", action="store_true", help="flush denormal floats to zero (CPU)")
+    machine_args(p)
     args = p.parse_args()
     for name in args.backends:
         if name not in BACKENDS:

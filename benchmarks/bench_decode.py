@@ -22,7 +22,7 @@ import sys
 import torch
 
 import posbias
-from bench_attention import cell, default_schemes, fix_machine, machine, make_scheme, paired, sync
+from bench_attention import cell, default_schemes, fix_machine, machine, machine_args, make_scheme, paired, sync
 from posbias.attention import choose_backend
 from posbias.model import ModelConfig, TransformerLM
 
@@ -91,9 +91,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU), fixed for the run")
     p.add_argument("--reps", type=int, default=15, help="interleaved (scheme, no bias) pairs per cell")
-    p.add_argument("--flush-denormal", action="store_true", help="flush denormal floats to zero (CPU)")
+    machine_args(p)
     args = p.parse_args()
     for name in args.schemes:
         if name not in posbias.SCHEMES:

@@ -19,11 +19,11 @@ from .kernels.banded import banded_kernel
 from .kernels.blockwise import blockwise_kernel
 from .kernels.flash import flash_available
 from .kernels.flex import flex_available, flex_kernel
-from .kernels.reference import reference_kernel, reference_probs
+from .kernels.reference import every_row_sees_a_key, reference_kernel, reference_probs
 from .kernels.sdpa import sdpa_kernel
 from .kernels.toeplitz import toeplitz_kernel
 from .kernels.windowed import windowed_kernel
-from .schemes.base import Scheme, ToeplitzScheme, as_positions, consecutive
+from .schemes.base import Scheme, ToeplitzScheme, as_positions, consecutive, needs_grad, trains_bias
 
 Kernel = Callable[..., Tensor]
 
@@ -101,10 +101,6 @@ BACKENDS: dict[str, Kernel] = {
 }
 
 
-def _no_empty_rows(q_pos: Tensor, k_pos: Tensor, causal: bool) -> bool:
-    return not causal or (k_pos.numel() > 0 and bool(int(q_pos.min()) >= int(k_pos.min())))
-
-
 def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, causal: bool) -> str | None:
     """None if backend ``name`` can run these inputs exactly, else the reason it cannot."""
     if name in ("reference", "blockwise"):
@@ -112,7 +108,7 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
     if name == "sdpa":
         if scheme.family == "additive":
             return "scheme adds a bias"
-        return None if _no_empty_rows(q_pos, k_pos, causal) else "rows without visible keys"
+        return None if every_row_sees_a_key(q_pos, k_pos, causal) else "rows without visible keys"
     # what the scheme and the device need is checked before the positions are: a consecutive-positions
     # check reads the tensors (one sync), and a decoding step tries several backends
     def contiguous() -> bool:
@@ -170,17 +166,12 @@ def _banded_usable(scheme: Scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor,
     return None
 
 
-def _trains_bias(scheme: Scheme) -> bool:
-    """True when autograd will want gradients for the scheme's parameters."""
-    return torch.is_grad_enabled() and any(p.requires_grad for p in scheme.parameters())
-
-
 def _flex_usable(scheme: Scheme, q: Tensor, contiguous: Callable[[], bool]) -> str | None:
     if not flex_available():
         return f"needs torch.nn.attention.flex_attention (torch {torch.__version__} has none)"
     if scheme.family == "additive" and not callable(getattr(scheme, "score_mod", None)):
         return "needs a scheme with a score_mod (every Toeplitz bias, FIRE) or no bias"
-    if q.device.type == "cpu" and (_trains_bias(scheme) or (torch.is_grad_enabled() and q.requires_grad)):
+    if q.device.type == "cpu" and needs_grad(scheme, q):
         return "FlexAttention has no backward pass on CPU (use torch.no_grad() or another backend)"
     return None if contiguous() else "needs contiguous positions"
 
@@ -231,7 +222,7 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
     0.87 / 0.76 / 0.71, offset 0.97 / 0.98 / 0.91 / 0.81 / 0.77; bidirectional, after the band's
     forward moved onto the fused op, t5 at 2k / 3k / 4k / 6k 1.06 / 0.99 / 0.91–0.97 / 0.83, offset
     at 3k / 4k 0.96 / 0.94). On CUDA: :data:`CUDA_VALIDATED`."""
-    order = _candidates(q.device.type, _trains_bias(scheme), len(k_pos), causal)
+    order = _candidates(q.device.type, trains_bias(scheme), len(k_pos), causal)
     for name in order:
         if usable(name, scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal) is None:
             return name

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..schemes.base import Scheme, kept
+from ..schemes.base import Scheme, kept, needs_grad
 from .flash import (backward_rows, block_work, flash_available, flash_backward, flash_forward, fused_inputs,
                     mask_backward)
-from .reference import dense_attention, visible
+from .reference import dense_attention, every_row_sees_a_key, hides_nothing, visible
 
 MAX_BLOCK_ELEMS = 1 << 22  # ~16 MB of float32 logits per block (the dense reference path)
 # The fused path's forward blocks: 256 query rows, as far as a block's mask stays under 128 MB. The
@@ -45,10 +45,8 @@ def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: 
                      causal: bool, scale: float, block: int | None = None) -> Tensor:
     lq, lk = q.shape[2], k.shape[2]
     per_row = max(1, lk * q.shape[0] * q.shape[1])
-    train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                         or any(p.requires_grad for p in scheme.parameters()))
-    if (flash_available(q) and lk > 0 and scheme.family == "additive"
-            and (not causal or int(q_pos.min()) >= int(k_pos.min()))):  # every row sees a key
+    train = needs_grad(scheme, q, k, v)
+    if flash_available(q) and lk > 0 and scheme.family == "additive" and every_row_sees_a_key(q_pos, k_pos, causal):
         blocks = _Blocks(q_pos, k_pos, causal, block or max(16, min(FUSED_ROWS, FUSED_BLOCK_ELEMS // per_row)))
         if not train:  # (no autograd Function: its dispatch is a third of a decoding step at 1k keys)
             return _fused_forward(*fused_inputs(q, k, v), scheme, blocks, scale, keep_mask=True)[0].to(q.dtype)
@@ -75,8 +73,7 @@ class _Blocks:
     be hidden from one of its rows."""
 
     def __init__(self, q_pos: Tensor, k_pos: Tensor, causal: bool, block: int) -> None:
-        # causal with no key after the first query (decoding) hides nothing: the call is bidirectional
-        causal = causal and len(k_pos) > 0 and len(q_pos) > 0 and int(k_pos.max()) > int(q_pos.min())
+        causal = causal and not hides_nothing(q_pos, k_pos)  # (a decoding step: the call is bidirectional)
         self.q_pos, self.k_pos, self.causal, self.block = q_pos, k_pos, causal, block
         self.sorted_keys = causal and (len(k_pos) < 2 or bool((k_pos[1:] > k_pos[:-1]).all()))
 
@@ -118,11 +115,14 @@ def _fused_forward(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, blocks: _Blo
     a one-block call's small mask on the scheme (:data:`KEPT_MASK_ELEMS`)."""
     if len(blocks.q_pos) <= blocks.block:  # one block (decoding): its results are the call's
         s, e, hi = next(iter(blocks))
+
+        def make() -> Tensor:
+            return blocks.mask(scheme, s, e, hi, blocks.work(scheme.n_heads, q.device))
+
         if keep_mask and scheme.n_heads * (e - s) * hi <= KEPT_MASK_ELEMS:  # the layers of a model share it
-            mask = kept(scheme, "_kept_mask", (blocks.q_pos, blocks.k_pos, blocks.causal, q.device),
-                        lambda: blocks.mask(scheme, s, e, hi, blocks.work(scheme.n_heads, q.device)))
+            mask = kept(scheme, "_kept_mask", (blocks.q_pos, blocks.k_pos, blocks.causal, q.device), make)
         else:
-            mask = blocks.mask(scheme, s, e, hi, blocks.work(scheme.n_heads, q.device))
+            mask = make()
         return flash_forward(q, k[:, :, :hi], v[:, :, :hi], scale, False, mask)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)

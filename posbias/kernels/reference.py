@@ -13,9 +13,19 @@ from torch import Tensor
 from ..schemes.base import Scheme
 
 
+def hides_nothing(q_pos: Tensor, k_pos: Tensor) -> bool:
+    """True when the causal mask hides no pair: no key comes after the first query (a decoding step)."""
+    return len(q_pos) == 0 or len(k_pos) == 0 or int(k_pos.max()) <= int(q_pos.min())
+
+
+def every_row_sees_a_key(q_pos: Tensor, k_pos: Tensor, causal: bool) -> bool:
+    """True when no query row is left without a visible key (the fused kernels would give it NaN)."""
+    return not causal or (k_pos.numel() > 0 and int(q_pos.min()) >= int(k_pos.min()))
+
+
 def visible(q_pos: Tensor, k_pos: Tensor, causal: bool) -> Tensor | None:
     """Boolean ``[Lq, Lk]`` of visible pairs (``j ≤ i``), or None when everything is visible."""
-    if not causal:
+    if not causal or hides_nothing(q_pos, k_pos):
         return None
     return k_pos[None, :] <= q_pos[:, None]
 

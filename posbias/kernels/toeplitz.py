@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..diagonals import antidiagonal_sums
-from ..schemes.base import ToeplitzScheme, kept
+from ..schemes.base import ToeplitzScheme, kept, needs_grad, trains_bias
 from .flash import backward_rows, block_work, flash_backward, flash_forward, fused_inputs, mask_backward
 
 
@@ -128,8 +128,7 @@ def toeplitz_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, 
 
     dtype = q.dtype
     block = block or forward_block(lk)
-    trains = torch.is_grad_enabled() and any(p.requires_grad for p in scheme.parameters())
-    if not (trains or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+    if not needs_grad(scheme, q, k, v):
         f = fused_inputs(q, k, v)
         if lq < lk and lq <= block:
             # the reversed row is kept for the call's offsets (:func:`~posbias.schemes.base.kept`): the
@@ -138,13 +137,12 @@ def toeplitz_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, 
             flipped = kept(scheme, "_kept_row", (o_min, o_max, causal, q.device), lambda: row().flip(-1))
             return _few_queries(*f, flipped, q0, k0, causal, scale).to(dtype)
         return _forward(*f, row().contiguous(), o_min, q0, k0, causal, scale, block)[0].to(dtype)
-    table = row()
     # training: a fixed bias (ALiBi, a frozen table) takes bf16/fp16 inputs as they are, forward and
     # backward on the fused op with the float32 bias as its mask (gradients closer to the float32
     # ones than the reference's in the same precision, tested); a bias that trains needs dS in float32
-    f = fused_inputs(q, k, v) if not table.requires_grad else [t.float() for t in (q, k, v)]
-    f = [t.contiguous() for t in f]
-    return _Toeplitz.apply(*f, table.contiguous(), o_min, q0, k0, causal, scale, block).to(dtype)
+    f = [t.float() for t in (q, k, v)] if trains_bias(scheme) else fused_inputs(q, k, v)
+    return _Toeplitz.apply(*(t.contiguous() for t in f), row().contiguous(), o_min, q0, k0, causal, scale,
+                           block).to(dtype)
 
 
 def _row(scheme: ToeplitzScheme, o_min: int, o_max: int, device: torch.device) -> Tensor:
@@ -181,8 +179,9 @@ def _few_queries(q: Tensor, k: Tensor, v: Tensor, flipped: Tensor, q0: int, k0: 
     *queries* reversed instead of the keys, so the call copies ``Lq`` rows instead of the whole key and
     value cache. With query ``r'`` of the reversed queries (query ``Lq − 1 − r'``) and key ``t`` in
     order, the pair's offset is ``o_max − r' − t``: the mask is ``flipped`` (the row of offsets
-    ``o_min … o_max`` reversed) read through the same zero-copy ``unfold`` view. One query against 16k cached keys (t5, 8 heads, 2 threads): 38 ms
-    with the keys reversed, against 5–6 ms for unbiased SDPA, measured before this path."""
+    ``o_min … o_max`` reversed) read through the same zero-copy ``unfold`` view. One query against 16k
+    cached keys (t5, 8 heads, 2 threads): 38 ms with the keys reversed, against 5–6 ms for unbiased
+    SDPA, measured before this path."""
     lq, lk = q.shape[2], k.shape[2]
     (_, _, hi), = _blocks(lq, lk, q0, k0, causal, lq)  # one block: the keys some query sees
     if hi <= 0:

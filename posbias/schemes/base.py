@@ -77,6 +77,16 @@ def consecutive(pos: Tensor) -> bool:
     return len(pos) < 2 or (not pos.is_floating_point() and bool((pos[1:] - pos[:-1] == 1).all()))
 
 
+def trains_bias(scheme: nn.Module) -> bool:
+    """True when autograd will want gradients for the scheme's parameters."""
+    return torch.is_grad_enabled() and any(p.requires_grad for p in scheme.parameters())
+
+
+def needs_grad(scheme: nn.Module, *tensors: Tensor) -> bool:
+    """True when autograd will want gradients from a call: of ``tensors`` (q, k, v) or of the scheme."""
+    return trains_bias(scheme) or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def kept(scheme: nn.Module, slot: str, key: tuple, make: Callable[[], Any]) -> Any:
     """``make()``, computed from ``scheme``'s parameters and buffers, kept on the scheme under ``slot``
     and reused while nothing that made it changed: ``key`` (what the caller's value depends on besides
