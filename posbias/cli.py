@@ -20,7 +20,7 @@ import torch
 
 from . import store
 from ._version import __version__
-from .config import ConfigError
+from .config import ConfigError, check_seed
 from .schemes import SCHEMES, build, get_scheme_class, option_specs, parse_option, parse_options, parse_spec
 
 
@@ -442,6 +442,8 @@ def _check_common(args: argparse.Namespace) -> None:
         v = getattr(args, flag, None)
         if v is not None and v < 1:
             raise CLIError(f"{_flag(flag)} must be >= 1, got {v}")
+    if getattr(args, "seed", None) is not None:
+        check_seed("seed", args.seed)
     for name in getattr(args, "schemes", None) or []:
         parse_spec(name)
     out = getattr(args, "out", None)
@@ -451,9 +453,13 @@ def _check_common(args: argparse.Namespace) -> None:
 
 def _flag_of(parser: argparse.ArgumentParser, argv: Sequence[str], field: str) -> str:
     """The flag of config field ``field`` in the subcommand's parser (the field itself if none)."""
-    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    command = sub.choices.get(argv[0]) if sub and argv else None
-    for action in (command._actions if command else []):
+    command, words = parser, list(argv)
+    while words:  # down the subcommands the user typed (``show`` has one per scheme)
+        sub = next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or words[0] not in sub.choices:
+            break
+        command = sub.choices[words.pop(0)]
+    for action in (command._actions if command is not parser else []):
         if action.dest == field and action.option_strings:
             return max(action.option_strings, key=len) if field != "methods" else "--method"
     return field

@@ -35,6 +35,19 @@ def check_count(field: str, value: Any, *, minimum: int = 1) -> int:
     return value
 
 
+#: the largest seed: ``seed · 1,000,003 + step`` (the training batches' generator seed) stays far inside
+#: torch's 64-bit seed range
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(field: str, value: Any) -> int:
+    """An ``int`` in ``[0, MAX_SEED]``, else :class:`ConfigError` (torch would wrap a negative seed onto a
+    large one, and reject one past 64 bits only when training starts)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(field, f"must be an integer in [0, {MAX_SEED}], got {value!r}")
+    return value
+
+
 def check_rate(field: str, value: Any) -> float:
     """A finite number ``> 0`` (learning rates, multipliers), else :class:`ConfigError`."""
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):

@@ -129,6 +129,7 @@ class FolderLock:
         self.folder = check_out_dir(folder)
         self._fh: Any = None
         self._nested = False
+        self._created = False
 
     def __enter__(self) -> "FolderLock":
         key = self.folder.resolve()
@@ -136,6 +137,7 @@ class FolderLock:
             _HELD[key] += 1
             self._nested = True
             return self
+        self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / ".posbias.lock"
         fh = open(path, "a+")
@@ -163,6 +165,13 @@ class FolderLock:
             return
         _HELD.pop(key, None)
         if self._fh is not None:
+            if self._created and [p.name for p in self.folder.iterdir()] == [".posbias.lock"]:
+                # a run that stopped before writing anything (bad input found late) leaves no folder behind
+                (self.folder / ".posbias.lock").unlink()
+                try:
+                    self.folder.rmdir()
+                except OSError:
+                    pass
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None

@@ -45,11 +45,11 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from . import store
 from ._version import __version__
-from .config import ConfigError, Log, check_count, check_rate, fixed_threads, quiet
+from .config import ConfigError, Log, check_count, check_rate, check_seed, fixed_threads, quiet
 from .data import Corpus
 from .evaluate import N_BOOT, Paired, check_study_lengths, length_study, ratios_to_best
 from .model import ModelConfig, TransformerLM
-from .schemes import SCHEMES, Scheme, check_options, get_scheme_class, parse_spec, spec_label
+from .schemes import SCHEMES, Scheme, build, check_options, get_scheme_class, parse_spec, spec_label
 from .schemes.base import flat_share
 from .train import TrainConfig, train
 
@@ -98,6 +98,12 @@ class StudyConfig:
             check_count(name, getattr(self, name))
         if not self.seeds:
             raise ConfigError("seeds", "must list at least one seed")
+        for seed in self.seeds:
+            check_seed("seeds", seed)
+        if len(set(self.seeds)) < len(self.seeds):
+            twice = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+            raise ConfigError("seeds", f"list {twice[0]} twice; a repeated seed is the same model, and counting it "
+                              "twice would narrow the spread over seeds")
         for name in ("lr", "pos_lr_mult"):
             check_rate(name, getattr(self, name))
         lens = check_study_lengths(self.eval_lens, self.train_len)
@@ -105,6 +111,12 @@ class StudyConfig:
             raise ConfigError("eval_tokens", f"{self.eval_tokens} is fewer than the longest evaluation length {lens[-1]}")
         if self.d_model % self.n_heads:
             raise ConfigError("d_model", f"{self.d_model} must be divisible by the number of heads {self.n_heads}")
+        for arm in arms(self):  # every option's value checked now, not when its model's turn to train comes
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    build(arm.scheme, n_heads=self.n_heads, head_dim=self.d_model // self.n_heads, **arm.options)
+            except ValueError as e:
+                raise ValueError(f"scheme {arm.label}: {e}") from None
 
     def lengths(self) -> list[int]:
         return sorted(set(self.eval_lens))

@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import check_count, check_rate
+from .config import check_count, check_rate, check_seed
 from .data import batch_at
 from .model import ModelConfig, TransformerLM
 
@@ -46,6 +46,7 @@ class TrainConfig:
             check_count(name, getattr(self, name))
         for name in ("lr", "pos_lr_mult"):
             check_rate(name, getattr(self, name))
+        check_seed("seed", self.seed)
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, lr=self.lr, steps=self.steps, warmup=self.warmup, min_ratio=self.min_lr_ratio)

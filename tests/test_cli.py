@@ -38,6 +38,8 @@ def test_bucket_table_worked_example():
     (["show", "rope", "--scaling", "yarn", "--factor", "4"], "--scaling='yarn' needs --train-len"),
     (["show", "t5", "--max-distance", "3"], "--max-distance must be >= 17, got 3"),
     (["plot", "--schemes", "t6"], "unknown scheme 't6'"),
+    (["plot", "--seed", "-3"], "--seed must be an integer in [0, 4294967295], got -3"),
+    (["show", "fire", "--seed", str(2**64)], f"--seed must be an integer in [0, 4294967295], got {2**64}"),
 ])
 def test_cli_errors_are_one_line(argv, msg, capsys):
     assert main(argv) == 2

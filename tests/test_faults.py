@@ -370,3 +370,24 @@ def test_resume_says_where_it_resumes(tmp_path, text_file):
     said = []
     train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, log=said.append)
     assert any("resuming from step 4 of 6" in s for s in said), said
+
+
+def test_folder_lock_removes_only_the_empty_folder_it_created(tmp_path):
+    """A run refused after taking the lock (bad input found late) leaves no folder holding just a lock
+    file; a folder that existed before, or that got results, stays."""
+    from posbias.store import FolderLock
+
+    fresh = tmp_path / "runs" / "fresh"
+    with pytest.raises(RuntimeError), FolderLock(fresh):
+        assert (fresh / ".posbias.lock").exists()
+        raise RuntimeError("refused")
+    assert not fresh.exists() and (tmp_path / "runs").is_dir()
+    with FolderLock(fresh):
+        with FolderLock(fresh):  # re-entrant: the inner exit removes nothing
+            (fresh / "results.md").write_text("x")
+    assert (fresh / "results.md").exists()
+    before = tmp_path / "existing"
+    before.mkdir()
+    with FolderLock(before):
+        pass
+    assert before.is_dir()

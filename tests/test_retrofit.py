@@ -329,10 +329,12 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path)]) == 2
     assert "not a posbias checkpoint" in capsys.readouterr().err
     path = tiny_checkpoint(tmp_path / "a", "alibi")
-    assert main(["retrofit", str(path), "--to", "200", "--method", "yarn"]) == 2
+    out = tmp_path / "out"
+    assert main(["retrofit", str(path), "--to", "200", "--method", "yarn", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "needs a rope checkpoint" in err and "swap-t5" in err and "Traceback" not in err
-    assert main(["retrofit", str(path), "--to", "200"]) == 2
+    assert not out.exists()  # refused before writing anything: no empty folder (with a lock file) left behind
+    assert main(["retrofit", str(path), "--to", "200", "--out", str(out)]) == 2
     assert "give --method" in capsys.readouterr().err
 
 

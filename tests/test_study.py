@@ -142,11 +142,20 @@ def test_sliding_window_evaluation(corpus):
     (["extrapolate", "--device", "bogus"], "--device 'bogus' is not a device"),
     (["extrapolate", "--layers", "0"], "--layers must be an integer >= 1, got 0"),
     (["extrapolate", "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["extrapolate", "--seeds", "0", "1", "0"], "--seeds list 0 twice"),
+    (["extrapolate", "--seeds", "-1"], "--seeds must be an integer in [0, 4294967295], got -1"),
+    (["extrapolate", "--seeds", str(2**40)], f"--seeds must be an integer in [0, 4294967295], got {2**40}"),
+    # an option's *value* is checked before the first model trains, not when its own turn comes
+    (["extrapolate", "--schemes", "nope", "t5@max_distance=3"], "scheme t5@max_distance=3: max_distance must be >= 17"),
+    (["extrapolate", "--schemes", "nope", "t5", "--scheme-option", "t5.num_buckets=40", "--scheme-option",
+      "t5.max_distance=20"], "scheme t5: max_distance must be >= 21"),
+    (["extrapolate", "--schemes", "nope", "fire@init_L=-2"], "init_L must be a positive finite number"),
 ])
 def test_extrapolate_bad_input(argv, msg, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and "\n" not in err
+    assert not (tmp_path / "models").exists()  # nothing trained before the error
 
 
 STUDY = ["--train-len", "16", "--eval-lens", "16", "32", "64", "--steps", "3", "--batch-size", "4", "--d-model", "32",
