@@ -20,6 +20,7 @@ allocated memory (CUDA) over the inputs.
     python benchmarks/bench_attention.py                  # make bench: N = 1k … 16k, CPU, 2 threads
     python benchmarks/bench_attention.py --quick          # one length (8192), the same table
     python benchmarks/bench_attention.py --lengths 1024 4096 --schemes t5 alibi --memory
+    python benchmarks/bench_attention.py --kv-heads 2 --schemes t5 --lengths 4096   # grouped-query attention
 """
 
 from __future__ import annotations
@@ -143,16 +144,17 @@ def cases(name, n, scheme, q, k, v):
     """(label, forward fn, train fn or None)."""
     pos = torch.arange(n, device=q.device)
     causal_mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    gqa = k.shape[1] != q.shape[1]  # --kv-heads: every path takes the grouped keys and values as they are
     out = {}
 
     def posbias_case(backend):
         """(forward, forward+backward) of posbias.attention with ``backend``."""
         def fwd():
             with torch.no_grad():
-                posbias.attention(q, k, v, scheme, backend=backend)
+                posbias.attention(q, k, v, scheme, backend=backend, enable_gqa=gqa)
 
         def train():
-            posbias.attention(q, k, v, scheme, backend=backend).sum().backward()
+            posbias.attention(q, k, v, scheme, backend=backend, enable_gqa=gqa).sum().backward()
         return fwd, train
 
     out["posbias"] = posbias_case("auto")
@@ -162,14 +164,14 @@ def cases(name, n, scheme, q, k, v):
     if scheme.family == "additive" and n <= DENSE_LIMIT[q.device.type] // (1 if scheme.toeplitz else 2):
         def dense(grad):  # the bias in the inputs' dtype, as a user hands it to SDPA (and CUDA kernels need)
             b = scheme.bias(pos, pos).masked_fill(~causal_mask, float("-inf")).to(q.dtype)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=b, scale=scheme.default_scale())
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=b, scale=scheme.default_scale(), enable_gqa=gqa)
             if grad:
                 o.sum().backward()
         out["dense-bias SDPA"] = (lambda: torch.no_grad()(dense)(False), lambda: dense(True))
         if name == "t5":
             def hf(grad):
                 b = hf_t5_bias(scheme, n, q.device).masked_fill(~causal_mask, float("-inf")).to(q.dtype)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=b, scale=1.0)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=b, scale=1.0, enable_gqa=gqa)
                 if grad:
                     o.sum().backward()
             out["HF-style T5"] = (lambda: torch.no_grad()(hf)(False), lambda: hf(True))
@@ -188,8 +190,8 @@ def cases(name, n, scheme, q, k, v):
             if not grad:
                 with torch.no_grad():
                     return fn(q.detach(), k.detach(), v.detach(), score_mod=mod, block_mask=mask,
-                              scale=scheme.default_scale())
-            fn(q, k, v, score_mod=mod, block_mask=mask, scale=scheme.default_scale()).sum().backward()
+                              scale=scheme.default_scale(), enable_gqa=gqa)
+            fn(q, k, v, score_mod=mod, block_mask=mask, scale=scheme.default_scale(), enable_gqa=gqa).sum().backward()
         out["hand-written FlexAttention score_mod"] = (lambda: user_flex(False),
                                                         (lambda: user_flex(True)) if q.device.type == "cuda" else None)
     return out
@@ -197,14 +199,14 @@ def cases(name, n, scheme, q, k, v):
 
 def memory_child(args):
     """Runs in a child process: peak memory growth of one case (forward), in MiB."""
-    name, label, n, heads, hd, dev = args.child
-    n, heads, hd = int(n), int(heads), int(hd)
+    name, label, n, heads, kv_heads, hd, dev = args.child
+    n, heads, kv_heads, hd = int(n), int(heads), int(kv_heads), int(hd)
     device = torch.device(dev)
     torch.manual_seed(0)
     scheme = make_scheme(name, heads, hd, device)
-    q, k, v = (torch.randn(1, heads, n, hd, device=device) for _ in range(3))
+    q, k, v = (torch.randn(1, h, n, hd, device=device) for h in (heads, kv_heads, kv_heads))
     fn = dict(cases(name, n, scheme, q, k, v)).get(label, (None,))[0] if label != "SDPA (no bias)" else \
-        (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads))
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -229,8 +231,9 @@ def _status_kib(field):
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure_memory(name, label, n, heads, hd, device):
-    r = subprocess.run([sys.executable, __file__, "--child", name, label, str(n), str(heads), str(hd), device]
+def measure_memory(name, label, n, args):
+    r = subprocess.run([sys.executable, __file__, "--child", name, label, str(n), str(args.heads),
+                        str(args.kv_heads), str(args.head_dim), args.device]
                        + ([] if FLEX else ["--no-flex"]),
                        capture_output=True, text=True)
     try:
@@ -282,6 +285,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="one length (8192) instead of --lengths")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, help="grouped-query attention: key/value heads dividing --heads "
+                   "(every path, the SDPA baseline included, takes them with enable_gqa=True; default: --heads)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=5, help="interleaved (candidate, baseline) pairs per cell")
@@ -290,8 +295,11 @@ def main():
     p.add_argument("--memory", action="store_true", help="measure peak extra memory in child processes")
     machine_args(p)
     p.add_argument("--json", help="also write the rows here")
-    p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.kv_heads = args.kv_heads or args.heads
+    if args.heads % args.kv_heads:
+        p.error(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}")
     global FLEX
     FLEX = not args.no_flex and flex_available()
     fix_machine(args)
@@ -301,6 +309,7 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(f"# posbias {posbias.__version__}, torch {torch.__version__}, device {device} "
           f"({machine(device, args.flush_denormal)}), H={args.heads}, "
+          f"{'' if args.kv_heads == args.heads else f'{args.kv_heads} key/value heads (GQA), '}"
           f"head_dim={args.head_dim}, {args.dtype}, batch 1, causal; each ratio: median of {args.reps} interleaved "
           "pairs against unbiased fused causal SDPA (smallest–largest)")
     print("| scheme | N | path (backend) | fwd ms | fwd × | fwd+bwd × | peak extra MiB |")
@@ -314,11 +323,12 @@ def main():
 
 
 def run_length(n, args, device, dtype):
-    q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
-               for _ in range(3))
-    base_f = lambda: torch.no_grad()(F.scaled_dot_product_attention)(q, k, v, is_causal=True)  # noqa: E731
-    base_t = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()  # noqa: E731
-    mem = measure_memory("rope", "SDPA (no bias)", n, args.heads, args.head_dim, args.device) if args.memory else None
+    q, k, v = (torch.randn(1, h, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+               for h in (args.heads, args.kv_heads, args.kv_heads))
+    gqa = args.kv_heads != args.heads
+    base_f = lambda: torch.no_grad()(F.scaled_dot_product_attention)(q, k, v, is_causal=True, enable_gqa=gqa)  # noqa: E731
+    base_t = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).sum().backward()  # noqa: E731
+    mem = measure_memory("rope", "SDPA (no bias)", n, args) if args.memory else None
     print(f"| (none) | {n} | fused causal SDPA, no bias | {seconds(base_f, device) * 1e3:.0f} | 1.00 | 1.00 | "
           f"{'' if mem is None else f'{mem:.0f}'} |", flush=True)
     rows = []
@@ -338,7 +348,7 @@ def run_length(n, args, device, dtype):
                 print(f"<!-- {name} N={n}: FlexAttention compile + first call {time.perf_counter() - t0:.1f} s -->")
             sf = paired(fwd, base_f, device, args.reps)
             st = None if (args.no_backward or trn is None) else paired(trn, base_t, device, args.reps)
-            mem = measure_memory(name, label, n, args.heads, args.head_dim, args.device) if args.memory else None
+            mem = measure_memory(name, label, n, args) if args.memory else None
             shown = f"posbias ({backend})" if label == "posbias" else label
             rows.append({"scheme": name, "N": n, "path": shown, "fwd_ms": sf[0] * 1e3, "fwd_ratio": sf[1:],
                          "train_ratio": None if st is None else st[1:], "peak_extra_mib": mem,

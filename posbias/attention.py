@@ -28,19 +28,31 @@ from .schemes.base import Scheme, ToeplitzScheme, as_positions, consecutive, nee
 Kernel = Callable[..., Tensor]
 
 
-def resolve(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor | None,
-            k_pos: Tensor | None, scale: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
-    """Validate shapes, resolve positions and scale, and rotate q/k for rotary schemes."""
+def resolve(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor | None, k_pos: Tensor | None,
+            scale: float | None, enable_gqa: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]:
+    """Validate shapes, resolve positions and scale, rotate q/k for rotary schemes, and give grouped
+    keys and values (``enable_gqa``) one head per query head: ``(q, k, v, q_pos, k_pos, scale)``."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [batch, heads, seq, head_dim]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape[:3] + k.shape[3:] or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+    if k.shape != v.shape[:3] + k.shape[3:] or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if heads != kv_heads and not (enable_gqa and kv_heads and heads % kv_heads == 0):
+        raise ValueError(
+            f"q has {heads} heads but k and v have {kv_heads}; " + (
+                "with enable_gqa=True the key/value heads must divide the query heads" if enable_gqa else
+                "for grouped-query attention (each key/value head shared by consecutive query heads) pass "
+                "enable_gqa=True"))
     if v.shape[-1] != q.shape[-1]:
         raise ValueError(f"v has head_dim {v.shape[-1]} but q and k have {q.shape[-1]}; posbias needs them equal")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}; cast them first")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if q.shape[1] != scheme.n_heads:
@@ -62,24 +74,37 @@ def resolve(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor | 
     if rotary:
         q = scheme.rotate(q, q_pos, context_len=context)
         k = scheme.rotate(k, k_pos, context_len=context)
-    return q, k, q_pos, k_pos, scheme.default_scale() if scale is None else float(scale)
+    if kv_heads != heads:  # rotated first: the rotation is per key head, so it runs on the smaller tensor
+        k, v = _repeat_heads(k, heads), _repeat_heads(v, heads)
+    return q, k, v, q_pos, k_pos, scheme.default_scale() if scale is None else float(scale)
+
+
+def _repeat_heads(t: Tensor, heads: int) -> Tensor:
+    """``[B, Hk, L, D]`` → ``[B, heads, L, D]``: query head ``h`` reads key/value head ``h // (heads / Hk)``,
+    as ``torch.nn.functional.scaled_dot_product_attention(..., enable_gqa=True)`` (``repeat_interleave``)
+    does. A copy: every backend then runs as for ordinary multi-head attention, and autograd sums the
+    copies' gradients back onto the shared head."""
+    b, hk, n, d = t.shape
+    return t[:, :, None].expand(b, hk, heads // hk, n, d).reshape(b, heads, n, d)
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool = True,
                         scale: float | None = None, q_pos: Tensor | None = None,
-                        k_pos: Tensor | None = None) -> Tensor:
+                        k_pos: Tensor | None = None, enable_gqa: bool = False) -> Tensor:
     """The plain dense reference every fast path is tested against."""
-    q, k, q_pos, k_pos, scale = resolve(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale)
+    q, k, v, q_pos, k_pos, scale = resolve(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale,
+                                           enable_gqa=enable_gqa)
     if q.shape[2] == 0 or k.shape[2] == 0:
         return _empty(q, k, v)
     return reference_kernel(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
 
 
 def attention_probs(q: Tensor, k: Tensor, scheme: Scheme, *, causal: bool = True, scale: float | None = None,
-                    q_pos: Tensor | None = None, k_pos: Tensor | None = None) -> Tensor:
+                    q_pos: Tensor | None = None, k_pos: Tensor | None = None, enable_gqa: bool = False) -> Tensor:
     """The attention probabilities ``[batch, heads, Lq, Lk]`` (float32, dense reference math) that
     :func:`attention` applies to the values: what diagnostics read, at O(Lq·Lk) memory."""
-    q, k, q_pos, k_pos, scale = resolve(q, k, k, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale)
+    q, k, _, q_pos, k_pos, scale = resolve(q, k, k, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale,
+                                           enable_gqa=enable_gqa)
     return reference_probs(q, k, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
 
 
@@ -233,8 +258,13 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool = True,
               scale: float | None = None, q_pos: Tensor | None = None, k_pos: Tensor | None = None,
-              backend: str = "auto", strict: bool = True) -> Tensor:
+              backend: str = "auto", strict: bool = True, enable_gqa: bool = False) -> Tensor:
     """Exact attention with a positional scheme; ``[batch, heads, Lq, head_dim]`` out.
+
+    ``enable_gqa=True`` takes grouped-query keys and values, ``[batch, kv_heads, Lk, head_dim]`` with
+    ``kv_heads`` dividing ``heads``, shared by consecutive query heads as in
+    ``scaled_dot_product_attention(..., enable_gqa=True)``; the bias stays per query head (the scheme is
+    built for ``heads``). Without it, different head counts raise ``ValueError`` rather than broadcast.
 
     ``backend="auto"`` picks the fastest exact path for the scheme and inputs (see
     :func:`choose_backend`); any name in :data:`BACKENDS` forces that path, and a forced path that
@@ -244,7 +274,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
-    q, k, q_pos, k_pos, scale = resolve(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale)
+    q, k, v, q_pos, k_pos, scale = resolve(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale,
+                                           enable_gqa=enable_gqa)
     if q.shape[2] == 0 or k.shape[2] == 0:
         return _empty(q, k, v)
     if backend == "auto":

@@ -155,7 +155,7 @@ def test_resolve_keeps_banded_inputs_exact():
     s = randomized("t5", num_buckets=8, max_distance=10)
     q = torch.randn(1, 3, 40, 16)
     pos = torch.arange(2**40, 2**40 + 40)
-    _, _, qp, kp, _ = resolve(q, q, q, s, q_pos=pos, k_pos=pos, scale=None)
+    _, _, _, qp, kp, _ = resolve(q, q, q, s, q_pos=pos, k_pos=pos, scale=None)
     assert int(qp[0]) == 0
     torch.testing.assert_close(attention(q, q, q, s, backend="banded", q_pos=pos, k_pos=pos),
                                attention_reference(q, q, q, s, q_pos=pos, k_pos=pos))

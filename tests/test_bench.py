@@ -60,3 +60,14 @@ def test_bench_decode_times_attention_and_the_model_against_no_bias():
     r = subprocess.run([sys.executable, str(script), "--keys", "4", "--queries", "8", "--no-model"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "need 1 <= queries <= keys" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_grouped_query_attention_runs_every_path_with_memory(tmp_path):
+    """``--kv-heads``: every case (and the SDPA baseline) takes the grouped keys and values, the header says
+    so, and the memory child gets the same shapes; a count that does not divide the heads is refused."""
+    header, rows = _run(tmp_path, "--kv-heads", "2", "--memory", "--schemes", "t5", "alibi")
+    assert "2 key/value heads (GQA)" in header
+    assert {r["path"] for r in rows} >= {"posbias (toeplitz)", "dense-bias SDPA", "HF-style T5"}
+    assert all(r["peak_extra_mib"] == r["peak_extra_mib"] for r in rows)  # measured: no NaN from a failed child
+    r = subprocess.run([sys.executable, str(SCRIPT), "--kv-heads", "3"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--kv-heads 3 must divide --heads 8" in r.stderr

@@ -26,7 +26,7 @@ def test_flex_matches_reference(name, causal, lq, lk, q0):
     qp = None if q0 is None else torch.arange(q0, q0 + lq)
     with torch.no_grad():
         ref = attention_reference(q, k, v, s, causal=causal, q_pos=qp)
-        qq, kk, qpos, kpos, scale = resolve(q, k, v, s, q_pos=qp, k_pos=None, scale=None)
+        qq, kk, _, qpos, kpos, scale = resolve(q, k, v, s, q_pos=qp, k_pos=None, scale=None)
         out = flex_kernel(qq, kk, v, s, q_pos=qpos, k_pos=kpos, causal=causal, scale=scale, compile=False)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)

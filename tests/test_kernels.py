@@ -589,3 +589,47 @@ def test_toeplitz_window_kept_between_calls_only_while_nothing_changed():
     row = _row(s, 0, 300, cpu)  # autograd on: a row with a graph to the table
     (g,) = torch.autograd.grad(row.sum(), s.table)
     assert g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name, backend", [("nope", "sdpa"), ("rope", "sdpa"), ("t5", "toeplitz"), ("t5", "banded"),
+                                           ("alibi", "auto"), ("kerple-log", "toeplitz"), ("fire", "blockwise")])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_query_attention_equals_repeated_heads(name, backend, kv_heads):
+    """``enable_gqa=True``: query head h reads key/value head h // (H / Hk), as SDPA's enable_gqa does;
+    outputs and the gradients of the shared k/v heads and of the scheme equal those of the heads
+    repeated by hand."""
+    torch.manual_seed(0)
+    s = build(name, n_heads=4, head_dim=16)
+    q = torch.randn(2, 4, 70, 16, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 90, 16, requires_grad=True) for _ in range(2))
+    out = attention(q, k, v, s, backend=backend, enable_gqa=True)
+    kr, vr = (t.repeat_interleave(4 // kv_heads, dim=1) for t in (k, v))
+    ref = attention_reference(q, kr, vr, s)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(attention_reference(q, k, v, s, enable_gqa=True), ref, atol=0, rtol=0)
+    if name == "nope":  # the grouping is SDPA's own (queries aligned to the end of the keys)
+        mask = torch.ones(70, 90, dtype=torch.bool).tril(90 - 70)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(out, sdpa, atol=2e-5, rtol=1e-4)
+    g = torch.randn_like(ref)
+    params = [p for p in s.parameters() if p.requires_grad]
+    got = torch.autograd.grad((out * g).sum(), [q, k, v, *params])
+    want = torch.autograd.grad((ref * g).sum(), [q, k, v, *params])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3)
+
+
+def test_mismatched_heads_dtypes_and_devices_are_refused():
+    s = build("t5", n_heads=4, head_dim=16)
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="q has 4 heads but k and v have 2; .* pass enable_gqa=True"):
+        attention(q, k, k, s)
+    with pytest.raises(ValueError, match="key/value heads must divide the query heads"):
+        attention(q, k[:, :1].expand(1, 3, 8, 16), k[:, :1].expand(1, 3, 8, 16), s, enable_gqa=True)
+    with pytest.raises(ValueError, match="one dtype, got torch.float32, torch.float64 and torch.float32"):
+        attention(q, q.double(), q, s)
+    with pytest.raises(ValueError, match="one dtype"):
+        attention_reference(q, q, q.half(), s)
+    meta = torch.randn(1, 4, 8, 16, device="meta")
+    with pytest.raises(ValueError, match="one device, got cpu, meta and cpu"):
+        attention(q, meta, q, s)
