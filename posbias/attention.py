@@ -258,8 +258,16 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool = True,
               scale: float | None = None, q_pos: Tensor | None = None, k_pos: Tensor | None = None,
-              backend: str = "auto", strict: bool = True, enable_gqa: bool = False) -> Tensor:
+              backend: str = "auto", strict: bool = True, enable_gqa: bool = False,
+              key_mask: Tensor | None = None) -> Tensor:
     """Exact attention with a positional scheme; ``[batch, heads, Lq, head_dim]`` out.
+
+    ``key_mask``, a bool ``[batch, Lk]`` tensor, True where a key takes part (padding: False), hides keys
+    per sequence; kept keys keep their positions, so offsets are those of the unpadded sequence.
+    Sequences with the same mask run together on their kept keys only — a contiguous run of them (right
+    or left padding) as a slice, on the same fast paths as an unpadded batch; scattered keys as a
+    gather, with positions that are not consecutive (exact, slower backends). A query that sees no
+    kept key gets 0.
 
     ``enable_gqa=True`` takes grouped-query keys and values, ``[batch, kv_heads, Lk, head_dim]`` with
     ``kv_heads`` dividing ``heads``, shared by consecutive query heads as in
@@ -274,6 +282,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+    if key_mask is not None:
+        return _with_key_mask(q, k, v, scheme, key_mask, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
+                              backend=backend, strict=strict, enable_gqa=enable_gqa)
     q, k, v, q_pos, k_pos, scale = resolve(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale,
                                            enable_gqa=enable_gqa)
     if q.shape[2] == 0 or k.shape[2] == 0:
@@ -286,3 +297,36 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
             raise ValueError(f"backend {backend!r} cannot run this input exactly: {why}")
         name = backend if why is None else choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
     return BACKENDS[name](q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
+
+
+def _with_key_mask(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, key_mask: Tensor, *, q_pos: Tensor | None,
+                   k_pos: Tensor | None, **kw) -> Tensor:
+    """:func:`attention` with keys hidden per sequence: each group of sequences with one mask attends to
+    its kept keys at their own positions (hiding a key and leaving it out are the same softmax)."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q, k, v must be [batch, heads, seq, head_dim]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    batch, lq, lk = q.shape[0], q.shape[2], k.shape[2]
+    if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool or tuple(key_mask.shape) != (batch, lk):
+        got = f"{key_mask.dtype} of shape {tuple(key_mask.shape)}" if isinstance(key_mask, Tensor) else type(key_mask)
+        raise ValueError(f"key_mask must be a bool tensor [batch, Lk] = [{batch}, {lk}] (True: the key takes part), "
+                         f"got {got}")
+    k_pos = as_positions(k_pos, lk, q.device)
+    q_pos = as_positions(q_pos, lq, q.device, start=lk - lq)  # aligned to the end of *all* the keys
+    masks, group = torch.unique(key_mask.to(q.device), dim=0, return_inverse=True)
+    outs, order = [], []
+    for g, mask in enumerate(masks):
+        rows = (group == g).nonzero().squeeze(1)
+        whole = rows.numel() == batch  # one mask for the batch: no copy of q, k, v
+        qg, kg, vg = (q, k, v) if whole else (q[rows], k[rows], v[rows])
+        kept = mask.nonzero().squeeze(1)
+        n = kept.numel()
+        if 0 < n < lk and int(kept[-1]) - int(kept[0]) + 1 == n:  # one run of keys: a view
+            kg, vg = kg[:, :, int(kept[0]):int(kept[-1]) + 1], vg[:, :, int(kept[0]):int(kept[-1]) + 1]
+        elif n < lk:
+            kg, vg = kg[:, :, kept], vg[:, :, kept]
+        outs.append(attention(qg, kg, vg, scheme, q_pos=q_pos, k_pos=k_pos[kept], **kw))
+        order.append(rows)
+    if len(outs) == 1:
+        return outs[0]
+    return torch.cat(outs).index_select(0, torch.cat(order).argsort())

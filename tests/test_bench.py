@@ -71,3 +71,15 @@ def test_grouped_query_attention_runs_every_path_with_memory(tmp_path):
     assert all(r["peak_extra_mib"] == r["peak_extra_mib"] for r in rows)  # measured: no NaN from a failed child
     r = subprocess.run([sys.executable, str(SCRIPT), "--kv-heads", "3"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--kv-heads 3 must divide --heads 8" in r.stderr
+
+
+def test_bench_padding_compares_key_mask_with_both_baselines():
+    script = SCRIPT.parent / "bench_padding.py"
+    r = subprocess.run([sys.executable, str(script), "--lengths", "64", "40", "--reps", "1", "--schemes", "t5",
+                        "--flush-denormal"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "denormals flushed" in lines[0] and "2 threads" in lines[0] and "64, 40 tokens padded to 64" in lines[0]
+    assert [x.split("|")[2].strip() for x in lines[3:]] == ["forward", "forward+backward"]
+    r = subprocess.run([sys.executable, str(script), "--schemes", "rope"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "'rope' is not an additive scheme" in r.stderr

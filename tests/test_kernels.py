@@ -7,7 +7,7 @@ from _helpers import compare, randomized
 
 import posbias
 from posbias import SCHEMES, build
-from posbias.attention import BACKENDS, attention, attention_reference, choose_backend, resolve, usable
+from posbias.attention import BACKENDS, attention, attention_probs, attention_reference, choose_backend, resolve, usable
 
 CASES = [
     ("t5", "windowed", {"max_distance": 40}, True),
@@ -633,3 +633,71 @@ def test_mismatched_heads_dtypes_and_devices_are_refused():
     meta = torch.randn(1, 4, 8, 16, device="meta")
     with pytest.raises(ValueError, match="one device, got cpu, meta and cpu"):
         attention(q, meta, q, s)
+
+
+KEY_MASKS = {
+    "right padding": lambda lk: [[True] * (lk - 2 * b) + [False] * (2 * b) for b in range(3)],
+    "left padding": lambda lk: [[False] * (5 * b) + [True] * (lk - 5 * b) for b in range(3)],
+    "scattered, one row hidden entirely": lambda lk: [[j % 3 != 1 for j in range(lk)], [False] * lk,
+                                                      [j % 3 != 1 for j in range(lk)]],
+    "nothing hidden": lambda lk: [[True] * lk] * 3,
+}
+
+
+@pytest.mark.parametrize("mask_kind", KEY_MASKS)
+@pytest.mark.parametrize("name", ["t5", "alibi", "kerple-log", "fire", "rope", "nope"])
+def test_key_mask_equals_renormalised_probabilities(name, mask_kind):
+    """``key_mask``: the output is the full attention's probabilities restricted to the kept keys and
+    renormalised (an independent formula: one dense softmax over all keys), with 0 for a query that
+    keeps no visible key; q/k/v and scheme gradients too."""
+    torch.manual_seed(1)
+    s = randomized(name) if SCHEMES[name].learnable else build(name, n_heads=3, head_dim=16)
+    lq, lk = 40, 48
+    q = torch.randn(3, 3, lq, 16, requires_grad=True)
+    k, v = (torch.randn(3, 3, lk, 16, requires_grad=True) for _ in range(2))
+    mask = torch.tensor(KEY_MASKS[mask_kind](lk))
+    out = posbias.attention(q, k, v, s, key_mask=mask)
+    p = attention_probs(q, k, s) * mask[:, None, None, :]
+    total = p.sum(-1, keepdim=True)
+    want = (p / total.clamp_min(1e-30)) @ v  # a query with no kept visible key: p = 0, so 0
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+    g = torch.randn_like(want)
+    params = [x for x in s.parameters() if x.requires_grad]
+    got = torch.autograd.grad((out * g).sum(), [q, k, v, *params])
+    exp = torch.autograd.grad((want * g).sum(), [q, k, v, *params])
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3)
+
+
+def test_key_mask_runs_padded_sequences_on_the_fast_path(monkeypatch):
+    """Right and left padding keep one run of keys: the sequences go as slices to the backend an unpadded
+    batch takes (toeplitz for t5), one call per distinct mask; a bad mask is one clear error."""
+    seen = []
+    real = BACKENDS["toeplitz"]
+    monkeypatch.setitem(BACKENDS, "toeplitz", lambda q, k, *a, **kw: seen.append(tuple(k.shape)) or real(q, k, *a, **kw))
+    s = build("t5", n_heads=2, head_dim=16)
+    q = torch.randn(4, 2, 64, 16)
+    mask = torch.ones(4, 64, dtype=torch.bool)
+    mask[1, 50:] = False
+    mask[3, :10] = False
+    out = posbias.attention(q, q, q, s, key_mask=mask)
+    assert sorted(seen) == [(1, 2, 50, 16), (1, 2, 54, 16), (2, 2, 64, 16)]
+    torch.testing.assert_close(out[[0, 2]], posbias.attention(q[[0, 2]], q[[0, 2]], q[[0, 2]], s))
+    with pytest.raises(ValueError, match=r"key_mask must be a bool tensor \[batch, Lk\] = \[4, 64\].*torch.int64"):
+        posbias.attention(q, q, q, s, key_mask=mask.long())
+    with pytest.raises(ValueError, match="key_mask must be a bool tensor"):
+        posbias.attention(q, q, q, s, key_mask=mask[:, :63])
+
+
+def test_key_mask_with_grouped_queries_and_decoding():
+    """One query against a padded cache, with grouped key/value heads: the kept keys only."""
+    s = build("alibi", n_heads=4, head_dim=16)
+    q = torch.randn(2, 4, 1, 16)
+    k, v = torch.randn(2, 2, 30, 16), torch.randn(2, 2, 30, 16)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[0, :7] = False
+    out = posbias.attention(q, k, v, s, key_mask=mask, enable_gqa=True)
+    first = posbias.attention(q[:1], k[:1, :, 7:], v[:1, :, 7:], s, enable_gqa=True, q_pos=torch.tensor([29]),
+                              k_pos=torch.arange(7, 30))
+    torch.testing.assert_close(out[:1], first)
+    torch.testing.assert_close(out[1:], posbias.attention(q[1:], k[1:], v[1:], s, enable_gqa=True))
