@@ -79,12 +79,15 @@ def build(kind, size, layers, train):
 
 def step(model, ids, labels):
     """One call: the encoder's (or BLOOM's) last hidden state, or with labels the loss after its
-    backward pass (gradients cleared first)."""
+    backward pass (gradients cleared first). ``ids`` is the input ids, or (ids, attention mask) for a
+    padded batch, whose padded positions then read 0 (what they hold is each side's own convention)."""
+    ids, mask = ids if isinstance(ids, tuple) else (ids, None)
     if labels is None:
         with torch.no_grad():
-            return model(input_ids=ids).last_hidden_state
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            return out if mask is None else out * mask[..., None]
     model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=labels).loss
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     return loss.detach()
 
@@ -122,6 +125,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=3, help="interleaved (HF, posbias) pairs per length")
+    p.add_argument("--padded", action="store_true",
+                   help="a batch of 4 sequences of N, 0.9 N, 0.7 N and 0.5 N tokens with their attention mask, padded "
+                        "on the right (T5) or the left (BLOOM, as prompts are batched for generation)")
     p.add_argument("--backend", default="auto",
                    help="posbias backend the accelerated model prefers (accelerate(model, backend=...)), "
                         "e.g. flex on a GPU; default auto")
@@ -140,7 +146,8 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     what = f"forward+backward, {args.target_len} target tokens" if args.train else "forward"
     print(f"# transformers {transformers.__version__}, torch {torch.__version__}, {device} ({where}); {args.model} "
-          f"{args.size} (d_model {ref.config.d_model if args.model == 't5' else ref.config.hidden_size}), batch 1, "
+          f"{args.size} (d_model {ref.config.d_model if args.model == 't5' else ref.config.hidden_size}), "
+          f"{'4 padded sequences' if args.padded else 'batch 1'}, "
           f"{args.dtype}, {what}; HF attention '{impl}'; posbias backend {args.backend}; peak memory: CUDA max allocated")
     print(f"# each speed-up: the median of {args.reps} interleaved pairs (HF / posbias time; one pair fewer beyond 4k"
           "), smallest–largest in brackets; ms: the medians")
@@ -153,8 +160,13 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|" + "---|" * (2 if exact is not None else 0))
     for n in args.lengths:
         torch.manual_seed(n)
-        ids = torch.randint(2, 512, (1, n), device=device)
-        labels = torch.randint(2, 512, (1, args.target_len), device=device) if args.train else None
+        batch = 4 if args.padded else 1
+        ids = torch.randint(2, 512, (batch, n), device=device)
+        labels = torch.randint(2, 512, (batch, args.target_len), device=device) if args.train else None
+        if args.padded:
+            real = torch.tensor([n, int(0.9 * n), int(0.7 * n), n // 2], device=device)[:, None]
+            at = torch.arange(n, device=device)[None]
+            ids = ids, ((at < real) if args.model == "t5" else (at >= n - real)).long()
         reps = args.reps if n <= 4096 else max(1, args.reps - 1)
         results = [warm_up(model, ids, labels, device) for model in (ref, fast)]
         times = paired([m if r else None for m, r in zip((ref, fast), results)], ids, labels, reps, device)

@@ -103,16 +103,41 @@ def test_t5_seq2seq_logits_and_generate_with_cache(fast_calls, device):
     assert any(shape[2] == 1 for shape in fast_calls)  # one-token decoding steps took the fast path
 
 
-def test_t5_padding_mask_falls_back_exactly():
+@pytest.mark.parametrize("scattered", [False, True])
+def test_t5_padding_mask_runs_on_posbias_exactly(scattered, fast_calls):
+    """A padded batch (right padding, or keys hidden anywhere: T5's bias reads raw positions) takes
+    posbias with the padding as its key mask, and equals the unpatched encoder."""
     torch.manual_seed(0)
     ref, fast = pair(randomize_bias(transformers.T5EncoderModel(t5_config())))
-    ids = torch.randint(2, 97, (2, 50))
-    mask = torch.ones(2, 50, dtype=torch.long)
+    ids = torch.randint(2, 97, (3, 50))
+    mask = torch.ones(3, 50, dtype=torch.long)
     mask[1, 40:] = 0
+    if scattered:
+        mask[2, 5:50:4] = 0
     with torch.no_grad():
         a = ref(input_ids=ids, attention_mask=mask).last_hidden_state
         b = fast(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+    assert len(fast_calls) == 2  # both layers' self-attention took posbias
+
+
+def test_t5_padded_seq2seq_generate_and_training(fast_calls):
+    torch.manual_seed(0)
+    ref, fast = pair(randomize_bias(transformers.T5ForConditionalGeneration(t5_config())))
+    ids = torch.randint(2, 97, (2, 60))
+    mask = torch.ones(2, 60, dtype=torch.long)
+    mask[0, 45:] = 0
+    with torch.no_grad():
+        ga = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        gb = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert torch.equal(ga, gb) and fast_calls
+    labels = torch.randint(2, 97, (2, 12))
+    la = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    lb = fast(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-5)
+    w = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    ga_, gb_ = (torch.autograd.grad(loss, dict(m.named_parameters())[w]) [0] for loss, m in ((la, ref), (lb, fast)))
+    torch.testing.assert_close(gb_, ga_, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -156,6 +181,34 @@ def test_bloom_logits_and_generate(heads, fast_calls, device):
         gb = fast.generate(input_ids=ids[:, :40], max_new_tokens=25, min_new_tokens=25, do_sample=False)
     assert torch.equal(ga, gb)
     assert len(fast_calls) > 2 and any(shape[2] == 1 for shape in fast_calls)
+
+
+def test_bloom_left_padding_runs_on_posbias_and_scattered_keys_fall_back(fast_calls):
+    """Left padding (how one batches prompts for generation): each sequence keeps one run of keys, whose
+    offsets BLOOM's ALiBi (positions counted over the kept keys) shares, so posbias takes it; logits at
+    the real positions and the generated tokens equal the unpatched model's. Keys hidden in the middle
+    change BLOOM's positions: that mask keeps transformers' path, with the same logits."""
+    torch.manual_seed(0)
+    cfg = transformers.BloomConfig(vocab_size=97, hidden_size=48, n_layer=2, n_head=4, hidden_dropout=0.0,
+                                   attention_dropout=0.0)
+    ref, fast = pair(transformers.BloomForCausalLM(cfg))
+    ids = torch.randint(3, 97, (2, 70))
+    mask = torch.ones(2, 70, dtype=torch.long)
+    mask[1, :15] = 0
+    with torch.no_grad():
+        a = ref(input_ids=ids, attention_mask=mask).logits
+        b = fast(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(b[mask.bool()], a[mask.bool()], atol=2e-5, rtol=1e-4)
+        assert fast_calls
+        ga = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=15, min_new_tokens=15, do_sample=False)
+        gb = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=15, min_new_tokens=15, do_sample=False)
+        assert torch.equal(ga, gb)
+        fast_calls.clear()
+        mask[0, 30:40] = 0
+        a = ref(input_ids=ids, attention_mask=mask).logits
+        b = fast(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+    assert not fast_calls
 
 
 def test_short_inference_keeps_transformers_path_and_training_does_not(fast_calls, monkeypatch):
@@ -214,15 +267,23 @@ def test_bad_inputs():
 
 def test_mask_kind():
     causal = torch.tril(torch.ones(5, 5, dtype=torch.bool))
-    assert mask_kind(None, 0, 5, 5, causal_if_none=True) == "causal"
-    assert mask_kind(None, 0, 5, 5, causal_if_none=False) == "full"
-    assert mask_kind(causal[None, None], 0, 5, 5, causal_if_none=False) == "causal"
-    assert mask_kind(torch.ones(1, 1, 5, 5, dtype=torch.bool), 0, 5, 5, causal_if_none=False) == "full"
+    assert mask_kind(None, 0, 5, 5, causal_if_none=True) == ("causal", None)
+    assert mask_kind(None, 0, 5, 5, causal_if_none=False) == ("full", None)
+    assert mask_kind(causal[None, None], 0, 5, 5, causal_if_none=False) == ("causal", None)
+    assert mask_kind(torch.ones(1, 1, 5, 5, dtype=torch.bool), 0, 5, 5, causal_if_none=False) == ("full", None)
     additive = torch.zeros(1, 1, 5, 5).masked_fill(~causal, torch.finfo(torch.float32).min)
-    assert mask_kind(additive, 0, 5, 5, causal_if_none=False) == "causal"
+    assert mask_kind(additive, 0, 5, 5, causal_if_none=False) == ("causal", None)
     padded = causal.clone()
-    padded[:, 0] = False
-    assert mask_kind(padded[None, None], 0, 5, 5, causal_if_none=False) is None
+    padded[:, 0] = False  # key 0 hidden from every query (left padding; query 0 then sees nothing)
+    kind, keys = mask_kind(padded[None, None], 0, 5, 5, causal_if_none=False)
+    assert kind == "causal" and keys.tolist() == [[False, True, True, True, True]]
+    kind, keys = mask_kind(torch.ones(2, 1, 5, 5, dtype=torch.bool).index_fill(-1, torch.tensor([3]), False), 0, 5, 5,
+                           causal_if_none=False)
+    assert kind == "full" and keys.tolist() == [[True, True, True, False, True]] * 2
+    odd = causal.clone()
+    odd[4, 1] = False  # hidden from one query only: not a key mask
+    assert mask_kind(odd[None, None], 0, 5, 5, causal_if_none=False) is None
+    assert mask_kind(torch.ones(1, 2, 5, 5, dtype=torch.bool), 0, 5, 5, causal_if_none=False) is None  # per head
     assert mask_kind(torch.full((1, 1, 5, 5), 0.5), 0, 5, 5, causal_if_none=False) is None
 
 
@@ -233,17 +294,35 @@ def test_import_posbias_imports_neither_transformers_nor_flex():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_hf_benchmark_runs_training_and_checks_agreement(capsys, monkeypatch):
-    """``benchmarks/bench_hf.py --train`` (what a GPU session runs at flan-t5-base size), tiny here:
-    both models train one step from the same weights and their losses agree."""
+def _bench(monkeypatch):
+    """``benchmarks/bench_hf.py`` as a module, imported as when run as a script (bench_attention beside it)."""
     import importlib.util
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_hf.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: bench_attention beside it
+    monkeypatch.syspath_prepend(str(path.parent))
     spec = importlib.util.spec_from_file_location("bench_hf", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_hf_benchmark_on_padded_batches(capsys, monkeypatch, fast_calls):
+    """``--padded``: four sequences with their attention mask (right padding for T5, left for BLOOM) run on
+    posbias, and the real positions agree with the unpatched model."""
+    for model in ("t5", "bloom"):
+        fast_calls.clear()
+        _bench(monkeypatch).main(["--model", model, "--padded", "--lengths", "60", "--layers", "1", "--reps", "1",
+                                  "--device", "cpu"])
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert "4 padded sequences" in lines[0] and fast_calls
+        assert float(lines[-1].split("|")[7]) < 1e-4
+
+
+def test_hf_benchmark_runs_training_and_checks_agreement(capsys, monkeypatch):
+    """``benchmarks/bench_hf.py --train`` (what a GPU session runs at flan-t5-base size), tiny here:
+    both models train one step from the same weights and their losses agree."""
+    bench = _bench(monkeypatch)
     bench.main(["--train", "--lengths", "40", "--layers", "1", "--reps", "2", "--target-len", "8", "--device", "cpu"])
     last = capsys.readouterr().out.strip().splitlines()[-1].split("|")
     assert last[1].strip() == "40" and "OOM" not in last
@@ -254,14 +333,7 @@ def test_hf_benchmark_in_bf16_compares_each_side_with_float32(capsys, monkeypatc
     """In bf16 the two models differ by both their roundings; the benchmark's two last columns say
     how far each is from the float32 output (the same rounded weights): BLOOM's own path rounds its
     ALiBi bias to bf16, posbias keeps it in float32."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_hf.py"
-    monkeypatch.syspath_prepend(str(path.parent))
-    spec = importlib.util.spec_from_file_location("bench_hf", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench(monkeypatch)
     bench.main(["--model", "bloom", "--dtype", "bfloat16", "--lengths", "700", "--layers", "1", "--reps", "1",
                 "--device", "cpu"])
     lines = capsys.readouterr().out.strip().splitlines()

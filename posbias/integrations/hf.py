@@ -11,9 +11,12 @@ Two things live here:
   ``[heads, N, N]`` (HF builds it from an N² bucketing), ALiBi rides on a fused kernel — and
   :func:`restore` undoes it.
 
-What stays on the original ``transformers`` code path (exact by construction): cross-attention,
-attention with dropout while training, padding masks (any mask other than "no mask" or plain
-causal), and BLOOM with ``output_attentions``. For T5 in those cases the dense bias is still built
+Padding masks run on posbias too (as :func:`posbias.attention`'s ``key_mask``), where the mask is
+"these keys for every query" (and causal) — checked element by element; for BLOOM, whose ALiBi
+counts positions over the kept keys, only where each sequence keeps one run of keys (left or right
+padding). What stays on the original ``transformers`` code path (exact by construction):
+cross-attention, attention with dropout while training, any other mask, and BLOOM with
+``output_attentions``. For T5 in those cases the dense bias is still built
 from posbias' O(N) per-offset table and handed to SDPA, so it is cheaper than the original too.
 
 Usage with a real checkpoint (downloads happen in *your* code, never in posbias)::
@@ -106,13 +109,18 @@ def t5_to_hf(scheme: T5Bias) -> tuple[dict[str, Any], Tensor]:
 
 
 # -- masks ------------------------------------------------------------------------------------
-def mask_kind(mask: Tensor | None, q_start: int, lq: int, lk: int, *, causal_if_none: bool) -> str | None:
-    """``"full"``, ``"causal"`` or None (anything else, e.g. padding) for a ``transformers`` mask.
+def mask_kind(mask: Tensor | None, q_start: int, lq: int, lk: int, *,
+              causal_if_none: bool) -> tuple[str, Tensor | None] | None:
+    """What a ``transformers`` mask asks for: ``("full" | "causal", keys)``, where ``keys`` is None or a
+    bool ``[batch, lk]`` key mask (padding: :func:`posbias.attention`'s ``key_mask``), or None for
+    anything else (the mask then goes to transformers' own path).
 
-    Boolean masks are True where attention is allowed; float masks are additive (0 or very negative).
+    The mask counts only if it *is* "these keys, for every query" (and causal): checked element by
+    element against that reconstruction. Boolean masks are True where attention is allowed; float masks
+    are additive (0 or very negative). A padded query that sees no key at all is such a row too.
     """
     if mask is None:
-        return "causal" if causal_if_none else "full"
+        return ("causal" if causal_if_none else "full"), None
     if mask.dtype == torch.bool:
         allowed = mask
     else:
@@ -120,13 +128,29 @@ def mask_kind(mask: Tensor | None, q_start: int, lq: int, lk: int, *, causal_if_
         if not bool(((mask == 0) | (mask <= low)).all()):
             return None
         allowed = mask == 0
-    if allowed.shape[-2:] != (lq, lk):
+    if allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[-2:] != (lq, lk):
         return None
     if bool(allowed.all()):
-        return "full"
+        return "full", None
+    keys = allowed.any(dim=-2)  # [batch, 1, lk]: the keys some query may see
     i = torch.arange(q_start, q_start + lq, device=mask.device)[:, None]
     j = torch.arange(lk, device=mask.device)[None, :]
-    return "causal" if bool((allowed == (i >= j)).all()) else None
+    for kind, want in (("full", keys[:, :, None, :]), ("causal", keys[:, :, None, :] & (i >= j))):
+        if bool((allowed == want).all()):
+            return kind, None if bool(keys.all()) else keys[:, 0]
+    return None
+
+
+def _batch_keys(keys: Tensor | None, batch: int) -> Tensor | None:
+    """A mask's key rows for every sequence of the batch (a mask of batch 1 applies to all)."""
+    return None if keys is None else keys.expand(batch, -1)
+
+
+def _runs(keys: Tensor) -> bool:
+    """Whether each row's kept keys are one run (left or right padding, not scattered)."""
+    kept = keys.long()
+    starts = (kept[:, 1:] > kept[:, :-1]).sum(-1) + kept[:, 0]  # times a run begins
+    return bool((starts <= 1).all())
 
 
 # Keys from which inference (prefill and decoding steps, autograd off) runs on posbias; calls on
@@ -158,7 +182,7 @@ class LazyT5Bias:
     _kinds: dict = field(default_factory=dict, repr=False)
     _dense: dict = field(default_factory=dict, repr=False)
 
-    def mask_kind(self, mask: Tensor | None, lq: int, lk: int) -> str | None:
+    def mask_kind(self, mask: Tensor | None, lq: int, lk: int) -> tuple[str, Tensor | None] | None:
         key = (id(mask), lq, lk)
         if key not in self._kinds:
             self._kinds[key] = mask_kind(mask, self.q_start, lq, lk, causal_if_none=not self.scheme.bidirectional)
@@ -188,9 +212,9 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         kind = None if _few_keys_at_inference(lk) else position_bias.mask_kind(attention_mask, lq, lk)
         if kind is not None and dropout == 0.0:
             q_pos = torch.arange(position_bias.q_start, position_bias.q_start + lq, device=query.device)
-            out = attention(query, key, value, position_bias.scheme, causal=kind == "causal", scale=scaling,
+            out = attention(query, key, value, position_bias.scheme, causal=kind[0] == "causal", scale=scaling,
                             q_pos=q_pos, k_pos=torch.arange(lk, device=query.device), backend=position_bias.backend,
-                            strict=False)
+                            strict=False, key_mask=_batch_keys(kind[1], query.shape[0]))
             return out.transpose(1, 2).contiguous(), None
         position_bias = position_bias.dense(lq, lk, query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -226,6 +250,8 @@ def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual:
     past = layer_past.get_seq_length(module.layer_idx) if layer_past is not None else 0
     lk = attention_mask.shape[-1] if attention_mask is not None else past + lq
     kind = None if _few_keys_at_inference(lk) else mask_kind(attention_mask, lk - lq, lq, lk, causal_if_none=True)
+    if kind is not None and kind[1] is not None and not _runs(kind[1]):
+        kind = None  # BLOOM counts key positions over the kept keys only: the same offsets for one run of them
     dropping = module.training and module.attention_dropout.p > 0
     if kind is None or output_attentions or dropping or (module.pretraining_tp > 1 and module.slow_but_exact):
         return original(hidden_states, residual, alibi, attention_mask, layer_past=layer_past, use_cache=use_cache,
@@ -234,8 +260,8 @@ def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual:
     if layer_past is not None:
         k, v = layer_past.update(k, v, module.layer_idx)
     scheme = _bloom_scheme(module.num_heads, module.head_dim, str(q.device))
-    out = attention(q, k, v, scheme, causal=kind == "causal", scale=module.inv_norm_factor, backend=posbias_backend,
-                    strict=False)
+    out = attention(q, k, v, scheme, causal=kind[0] == "causal", scale=module.inv_norm_factor, backend=posbias_backend,
+                    strict=False, key_mask=_batch_keys(kind[1], b))
     context = out.transpose(1, 2).reshape(b, lq, module.num_heads * module.head_dim)
     return dropout_add(module.dense(context), residual, module.hidden_dropout, module.training), None
 
