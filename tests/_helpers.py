@@ -56,6 +56,16 @@ def compare(scheme, backend, *, causal=True, lq=None, lk=301, q0=None, dtype=tor
         torch.testing.assert_close(a.float(), b.float(), atol=atol * 10, rtol=1e-3)
 
 
+def assert_same_grads(out, ref, inputs, *, atol=2e-4, rtol=1e-3):
+    """The gradients of ``out`` and ``ref`` (under one random output gradient) with respect to ``inputs``
+    agree."""
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad((out * g).sum(), inputs)
+    want = torch.autograd.grad((ref * g).sum(), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
 def within_reference_rounding(scheme, dtype, device="cpu", *, lq=300, lk=300, grad=True, **kw):
     """In bf16/fp16 a fast path is judged by the reference run in the same precision: against the
     float32 truth (the same rounded inputs, computed in float32), its output and q/k/v gradients may

@@ -17,6 +17,15 @@ def _run(tmp_path, *extra):
     return r.stdout.splitlines()[0], json.loads(out.read_text())
 
 
+def _script(name, *args, ok=True):
+    """Runs ``benchmarks/<name>`` with ``args``: (its stdout lines, the completed process); ``ok``: it must
+    succeed."""
+    r = subprocess.run([sys.executable, str(SCRIPT.parent / name), *args], capture_output=True, text=True, timeout=300)
+    if ok:
+        assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines(), r
+
+
 def test_the_header_and_rows_name_the_cpu_and_the_denormal_mode(tmp_path):
     header, rows = _run(tmp_path, "--flush-denormal")
     assert "denormals flushed" in header and "2 threads" in header
@@ -27,38 +36,30 @@ def test_the_header_and_rows_name_the_cpu_and_the_denormal_mode(tmp_path):
 
 
 def test_bench_backends_compares_two_paths_and_says_where_one_cannot_run():
-    script = SCRIPT.parent / "bench_backends.py"
-    r = subprocess.run([sys.executable, str(script), "--lengths", "64", "--reps", "1", "--schemes", "t5", "alibi",
-                        "--flush-denormal"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    lines, _ = _script("bench_backends.py", "--lengths", "64", "--reps", "1", "--schemes", "t5", "alibi",
+                       "--flush-denormal")
     assert "denormals flushed" in lines[0] and "2 threads" in lines[0] and "causal" in lines[0]
     assert lines[1] == "| scheme | N | windowed × SDPA | banded × SDPA | banded / windowed |"
     t5 = next(x for x in lines if x.startswith("| t5 | 64 |"))
     assert len(t5.split("|")) == 7 and "cannot" not in t5
     assert "cannot run: windowed: needs a Toeplitz bias constant beyond a window" in next(
         x for x in lines if x.startswith("| alibi |"))
-    r = subprocess.run([sys.executable, str(script), "--backends", "fast", "banded"], capture_output=True, text=True,
-                       timeout=300)
+    _, r = _script("bench_backends.py", "--backends", "fast", "banded", ok=False)
     assert r.returncode != 0 and "--backends: unknown 'fast'; valid: reference" in r.stderr
 
 
 def test_bench_decode_times_attention_and_the_model_against_no_bias():
     """The decoding benchmark: one row per scheme, cache length and query count with the backend
     ``auto`` took, then the model's tokens; bad sizes are one line and a non-zero exit."""
-    script = SCRIPT.parent / "bench_decode.py"
-    r = subprocess.run([sys.executable, str(script), "--schemes", "t5", "rope", "--keys", "96", "--queries", "1", "3",
-                        "--context", "40", "--d-model", "32", "--layers", "1", "--heads", "2", "--head-dim", "16",
-                        "--reps", "1", "--flush-denormal"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    lines, _ = _script("bench_decode.py", "--schemes", "t5", "rope", "--keys", "96", "--queries", "1", "3",
+                       "--context", "40", "--d-model", "32", "--layers", "1", "--heads", "2", "--head-dim", "16",
+                       "--reps", "1", "--flush-denormal")
     assert "denormals flushed" in lines[0] and "2 threads" in lines[0]
     assert lines[1] == "| scheme | keys | queries | backend | × no bias | ms |"
     assert any(x.startswith("| t5 | 96 | 3 | toeplitz |") for x in lines)
     assert any(x.startswith("| rope | 96 | 1 | sdpa |") for x in lines)
     assert any(x.startswith("| rope | 40 |") for x in lines) and "| scheme | context | × no bias | ms per token |" in lines
-    r = subprocess.run([sys.executable, str(script), "--keys", "4", "--queries", "8", "--no-model"],
-                       capture_output=True, text=True, timeout=300)
+    _, r = _script("bench_decode.py", "--keys", "4", "--queries", "8", "--no-model", ok=False)
     assert r.returncode != 0 and "need 1 <= queries <= keys" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -69,17 +70,13 @@ def test_grouped_query_attention_runs_every_path_with_memory(tmp_path):
     assert "2 key/value heads (GQA)" in header
     assert {r["path"] for r in rows} >= {"posbias (toeplitz)", "dense-bias SDPA", "HF-style T5"}
     assert all(r["peak_extra_mib"] == r["peak_extra_mib"] for r in rows)  # measured: no NaN from a failed child
-    r = subprocess.run([sys.executable, str(SCRIPT), "--kv-heads", "3"], capture_output=True, text=True, timeout=300)
+    _, r = _script("bench_attention.py", "--kv-heads", "3", ok=False)
     assert r.returncode == 2 and "--kv-heads 3 must divide --heads 8" in r.stderr
 
 
 def test_bench_padding_compares_key_mask_with_both_baselines():
-    script = SCRIPT.parent / "bench_padding.py"
-    r = subprocess.run([sys.executable, str(script), "--lengths", "64", "40", "--reps", "1", "--schemes", "t5",
-                        "--flush-denormal"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    lines, _ = _script("bench_padding.py", "--lengths", "64", "40", "--reps", "1", "--schemes", "t5", "--flush-denormal")
     assert "denormals flushed" in lines[0] and "2 threads" in lines[0] and "64, 40 tokens padded to 64" in lines[0]
     assert [x.split("|")[2].strip() for x in lines[3:]] == ["forward", "forward+backward"]
-    r = subprocess.run([sys.executable, str(script), "--schemes", "rope"], capture_output=True, text=True, timeout=300)
+    _, r = _script("bench_padding.py", "--schemes", "rope", ok=False)
     assert r.returncode == 2 and "'rope' is not an additive scheme" in r.stderr

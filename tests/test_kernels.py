@@ -3,7 +3,7 @@ causal and bidirectional; query offsets; lengths not divisible by any block size
 
 import pytest
 import torch
-from _helpers import compare, randomized
+from _helpers import assert_same_grads, compare, randomized
 
 import posbias
 from posbias import SCHEMES, build
@@ -611,12 +611,7 @@ def test_grouped_query_attention_equals_repeated_heads(name, backend, kv_heads):
         mask = torch.ones(70, 90, dtype=torch.bool).tril(90 - 70)
         sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         torch.testing.assert_close(out, sdpa, atol=2e-5, rtol=1e-4)
-    g = torch.randn_like(ref)
-    params = [p for p in s.parameters() if p.requires_grad]
-    got = torch.autograd.grad((out * g).sum(), [q, k, v, *params])
-    want = torch.autograd.grad((ref * g).sum(), [q, k, v, *params])
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3)
+    assert_same_grads(out, ref, [q, k, v, *(p for p in s.parameters() if p.requires_grad)])
 
 
 def test_mismatched_heads_dtypes_and_devices_are_refused():
@@ -661,12 +656,7 @@ def test_key_mask_equals_renormalised_probabilities(name, mask_kind):
     total = p.sum(-1, keepdim=True)
     want = (p / total.clamp_min(1e-30)) @ v  # a query with no kept visible key: p = 0, so 0
     torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
-    g = torch.randn_like(want)
-    params = [x for x in s.parameters() if x.requires_grad]
-    got = torch.autograd.grad((out * g).sum(), [q, k, v, *params])
-    exp = torch.autograd.grad((want * g).sum(), [q, k, v, *params])
-    for a, b in zip(got, exp):
-        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3)
+    assert_same_grads(out, want, [q, k, v, *(p for p in s.parameters() if p.requires_grad)])
 
 
 def test_key_mask_runs_padded_sequences_on_the_fast_path(monkeypatch):
