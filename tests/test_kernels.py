@@ -691,3 +691,22 @@ def test_key_mask_with_grouped_queries_and_decoding():
                               k_pos=torch.arange(7, 30))
     torch.testing.assert_close(out[:1], first)
     torch.testing.assert_close(out[1:], posbias.attention(q[1:], k[1:], v[1:], s, enable_gqa=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["t5", "alibi"])
+def test_attention_inside_torch_compile_equals_eager(name):
+    """A user's compiled model calling ``posbias.attention``: dynamo breaks the graph where posbias reads
+    positions and shapes (about 10–20 s of compiling on the CPU), and the output and every gradient equal
+    eager's."""
+    torch._dynamo.reset()
+    s = randomized(name) if SCHEMES[name].learnable else build(name, n_heads=3, head_dim=16)
+    q, k, v = (torch.randn(2, 3, 300, 16, requires_grad=True) for _ in range(3))
+    inputs = [q, k, v, *(p for p in s.parameters() if p.requires_grad)]
+
+    def f(q, k, v):
+        return posbias.attention(q, k, v, s) * 1.5
+
+    out, ref = torch.compile(f)(q, k, v), f(q, k, v)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert_same_grads(out, ref, inputs, atol=2e-5, rtol=1e-4)
