@@ -60,12 +60,15 @@ def resolve(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor | 
     if scheme.family == "rotary" and q.shape[-1] != scheme.head_dim:
         raise ValueError(f"q has head_dim {q.shape[-1]} but the scheme was built for head_dim={scheme.head_dim}")
     lq, lk = q.shape[2], k.shape[2]
+    # the default positions (keys 0 … Lk − 1, queries at their end) already start at 0: nothing to
+    # re-reference below, and the context length is Lk (four tensor reductions less per call)
+    default = q_pos is None and k_pos is None and lq <= lk
     k_pos = as_positions(k_pos, lk, q.device)
     q_pos = as_positions(q_pos, lq, q.device, start=lk - lq)
     rotary = scheme.family == "rotary"
     # dynamic-NTK's frequencies depend on the absolute context length: read it before re-referencing
-    context = int(max(int(k_pos.max()), int(q_pos.max())) + 1) if rotary and lk and lq else 0
-    if lk and lq and (scheme.toeplitz or rotary or scheme.family == "none"):
+    context = (lk if default else int(max(int(k_pos.max()), int(q_pos.max())) + 1)) if rotary and lk and lq else 0
+    if lk and lq and not default and (scheme.toeplitz or rotary or scheme.family == "none"):
         # Everything these schemes compute depends on i − j only: subtract one integer reference
         # from every position (exact in int64) so that no kernel ever turns a position like 2^40
         # into float32, where it would lose its low bits. FIRE depends on i itself and keeps it.
