@@ -1,9 +1,9 @@
-"""Time (and, on CUDA, peak memory) of a Hugging Face T5 or BLOOM model before and after
+"""Time (and, on CUDA, peak memory) of a Hugging Face T5, BLOOM or MPT model before and after
 ``posbias.integrations.hf.accelerate``, as ratios measured in the same run — ``--reps`` pairs of one
 call of each, the order alternating, the median of the per-pair ratios — with a check that the
 outputs agree. Randomly initialised models from a config: nothing is downloaded.
 
-Forward (default): a T5 encoder (or a BLOOM decoder) at each length. ``--train``: a whole T5
+Forward (default): a T5 encoder (or a BLOOM or MPT decoder) at each length. ``--train``: a whole T5
 encoder-decoder, forward+backward of the loss with ``--target-len`` decoder tokens (the inputs at
 each length), both models from the same weights; the output check then compares the losses.
 ``--size base`` is sized like flan-t5-base (d_model 768, 12 heads, 12+12 layers, gated-GELU
@@ -11,6 +11,7 @@ feed-forward of 2048). A cell that runs out of memory reads ``OOM`` and the run 
 
     python benchmarks/bench_hf.py                                   # T5 encoder, N = 512 … 8192, CPU
     python benchmarks/bench_hf.py --model bloom --lengths 1024 4096
+    python benchmarks/bench_hf.py --model mpt --lengths 1024 4096
     python benchmarks/bench_hf.py --device cuda --dtype bfloat16 --size base --train --lengths 4096 8192 16384
     python benchmarks/bench_hf.py --device cuda --dtype bfloat16 --size base --train --backend flex
 """
@@ -54,7 +55,7 @@ def paired(models, ids, labels, reps, device):
     return [[] if c is None else [seconds(c, device) for _ in range(reps)] for c in calls]
 
 
-def build(kind, size, layers, train):
+def build(kind, size, layers, train, max_len):
     import transformers
 
     torch.manual_seed(0)
@@ -66,6 +67,10 @@ def build(kind, size, layers, train):
                                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
                                     dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
         model = (transformers.T5ForConditionalGeneration if train else transformers.T5EncoderModel)(cfg)
+    elif kind == "mpt":  # transformers' MPT adds its bias only up to max_seq_len: set to the longest length
+        cfg = transformers.MptConfig(vocab_size=512, d_model=d_model, n_heads=heads, n_layers=n_layers,
+                                     max_seq_len=max_len, attn_config={"attn_pdrop": 0, "alibi": True})
+        model = transformers.MptModel(cfg)
     else:
         cfg = transformers.BloomConfig(vocab_size=512, hidden_size=d_model, n_layer=n_layers, n_head=heads,
                                        hidden_dropout=0.0, attention_dropout=0.0)
@@ -116,7 +121,7 @@ def row(n, ref, fast, times, truth=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["t5", "bloom"], default="t5")
+    p.add_argument("--model", choices=["t5", "bloom", "mpt"], default="t5")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     p.add_argument("--layers", type=int, default=4, help="layers per stack for --size small")
@@ -127,7 +132,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3, help="interleaved (HF, posbias) pairs per length")
     p.add_argument("--padded", action="store_true",
                    help="a batch of 4 sequences of N, 0.9 N, 0.7 N and 0.5 N tokens with their attention mask, padded "
-                        "on the right (T5) or the left (BLOOM, as prompts are batched for generation)")
+                        "on the right (T5) or the left (BLOOM, MPT: as prompts are batched for generation)")
     p.add_argument("--backend", default="auto",
                    help="posbias backend the accelerated model prefers (accelerate(model, backend=...)), "
                         "e.g. flex on a GPU; default auto")
@@ -140,13 +145,13 @@ def main(argv=None):
     from posbias.integrations.hf import accelerate
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    ref = build(args.model, args.size, args.layers, args.train).to(device, dtype)
+    ref = build(args.model, args.size, args.layers, args.train, max(args.lengths)).to(device, dtype)
     fast = accelerate(copy.deepcopy(ref), backend=args.backend)
     impl = ref.config._attn_implementation
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     what = f"forward+backward, {args.target_len} target tokens" if args.train else "forward"
     print(f"# transformers {transformers.__version__}, torch {torch.__version__}, {device} ({where}); {args.model} "
-          f"{args.size} (d_model {ref.config.d_model if args.model == 't5' else ref.config.hidden_size}), "
+          f"{args.size} (d_model {ref.config.hidden_size if args.model == 'bloom' else ref.config.d_model}), "
           f"{'4 padded sequences' if args.padded else 'batch 1'}, "
           f"{args.dtype}, {what}; HF attention '{impl}'; posbias backend {args.backend}; peak memory: CUDA max allocated")
     print(f"# each speed-up: the median of {args.reps} interleaved pairs (HF / posbias time; one pair fewer beyond 4k"

@@ -211,6 +211,76 @@ def test_bloom_left_padding_runs_on_posbias_and_scattered_keys_fall_back(fast_ca
     assert not fast_calls
 
 
+def mpt_config(heads, bias_max=8, **kw):
+    return transformers.MptConfig(vocab_size=97, d_model=8 * heads, n_heads=heads, n_layers=2, max_seq_len=128,
+                                  attn_config={"attn_pdrop": 0, "alibi": True, "alibi_bias_max": bias_max}, **kw)
+
+
+@pytest.mark.parametrize("heads, bias_max", [(4, 8), (6, 12)])  # 12: transformers 5 ignores it (the model's slopes)
+def test_mpt_logits_generate_padding_and_training(heads, bias_max, fast_calls):
+    torch.manual_seed(0)
+    ref, fast = pair(transformers.MptForCausalLM(mpt_config(heads, bias_max)))
+    ids = torch.randint(0, 97, (2, 100))
+    mask = torch.ones(2, 100, dtype=torch.long)
+    mask[1, :20] = 0  # left padding
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
+        a, b = (m(input_ids=ids, attention_mask=mask).logits for m in (ref, fast))
+        torch.testing.assert_close(b[mask.bool()], a[mask.bool()], atol=2e-5, rtol=1e-4)
+        kw = dict(attention_mask=mask[:, :60], max_new_tokens=20, min_new_tokens=20, do_sample=False, use_cache=True)
+        assert torch.equal(ref.generate(input_ids=ids[:, :60], **kw), fast.generate(input_ids=ids[:, :60], **kw))
+    assert len(fast_calls) > 4 and any(shape[2] == 1 for shape in fast_calls)
+    la, lb = (m(input_ids=ids, labels=ids).loss for m in (ref, fast))
+    torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-5)
+    w = "transformer.blocks.0.attn.Wqkv.weight"
+    ga, gb = (torch.autograd.grad(loss, dict(m.named_parameters())[w])[0] for loss, m in ((la, ref), (lb, fast)))
+    torch.testing.assert_close(gb, ga, atol=1e-5, rtol=1e-4)
+
+
+def test_mpt_runs_past_max_seq_len_and_keeps_attention_weights_on_its_own_path(fast_calls):
+    """transformers cannot add MPT's bias past ``config.max_seq_len``; posbias has no such limit, and what
+    it computes there is what the same weights give with a larger ``max_seq_len``. Attention weights
+    asked for take transformers' path (posbias never forms them)."""
+    torch.manual_seed(0)
+    ref, fast = pair(transformers.MptForCausalLM(mpt_config(4, )))
+    ids = torch.randint(0, 97, (1, 200))
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            ref(input_ids=ids)
+        got = fast(input_ids=ids).logits
+        ref.config.max_seq_len = 256
+        torch.testing.assert_close(got, ref(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
+        fast_calls.clear()
+        a = ref(input_ids=ids[:, :50], output_attentions=True).attentions
+        b = fast(input_ids=ids[:, :50], output_attentions=True).attentions
+    assert not fast_calls and all(x is not None for x in b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x)
+
+
+def test_mpt_slopes_conversion_and_restore():
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    from posbias.integrations.hf import mpt_slopes
+
+    for heads in (4, 6, 12):
+        for bias_max in (8, 12):
+            hf_row = build_mpt_alibi_tensor(heads, 9, alibi_bias_max=bias_max)[:, 0, -2]  # one key before the last: −m
+            torch.testing.assert_close(mpt_slopes(heads, bias_max), -hf_row)
+            # transformers 5 builds the model's bias with the default maximum, whatever the config says
+            assert torch.equal(scheme_from_hf(mpt_config(heads, bias_max)).slopes, mpt_slopes(heads))
+        torch.testing.assert_close(mpt_slopes(heads), build("alibi", n_heads=heads, head_dim=4).slopes)
+    with pytest.raises(ValueError, match="alibi = False"):
+        accelerate(transformers.MptForCausalLM(transformers.MptConfig(
+            vocab_size=97, d_model=32, n_heads=4, n_layers=1, attn_config={"attn_pdrop": 0, "alibi": False})))
+    model = accelerate(transformers.MptForCausalLM(mpt_config(4)))
+    attn = model.transformer.blocks[0].attn
+    assert "forward" in attn.__dict__ and "_posbias_slopes" in attn.__dict__
+    restore(model)
+    assert "forward" not in attn.__dict__ and "_posbias_slopes" not in attn.__dict__
+    assert "forward" not in model.transformer.blocks[0].__dict__
+
+
 def test_short_inference_keeps_transformers_path_and_training_does_not(fast_calls, monkeypatch):
     """Below ``POSBIAS_FROM`` keys inference keeps transformers' own attention (measured faster there:
     BLOOM's, T5's SDPA with the dense bias), with the same tokens; with autograd on, the same short
@@ -308,9 +378,9 @@ def _bench(monkeypatch):
 
 
 def test_hf_benchmark_on_padded_batches(capsys, monkeypatch, fast_calls):
-    """``--padded``: four sequences with their attention mask (right padding for T5, left for BLOOM) run on
+    """``--padded``: four sequences with their attention mask (right padding for T5, left for BLOOM and MPT) run on
     posbias, and the real positions agree with the unpatched model."""
-    for model in ("t5", "bloom"):
+    for model in ("t5", "bloom", "mpt"):
         fast_calls.clear()
         _bench(monkeypatch).main(["--model", model, "--padded", "--lengths", "60", "--layers", "1", "--reps", "1",
                                   "--device", "cpu"])

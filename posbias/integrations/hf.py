@@ -6,7 +6,8 @@ Two things live here:
   :func:`scheme_from_hf` (T5, mT5, UMT5: ``relative_attention_bias.weight`` is ``[num_buckets, heads]``,
   encoder bidirectional, decoder causal; BLOOM: ALiBi slopes from the head count) and
   :func:`t5_to_hf` (a posbias :class:`~posbias.schemes.t5.T5Bias` back to the config fields and weight);
-* **acceleration**: :func:`accelerate` makes a T5-family or BLOOM model run its positional
+  MPT: ALiBi with the slopes the model builds (:func:`mpt_slopes`);
+* **acceleration**: :func:`accelerate` makes a T5-family, BLOOM or MPT model run its positional
   self-attention through :func:`posbias.attention` — the T5 bias is never materialised as
   ``[heads, N, N]`` (HF builds it from an N² bucketing), ALiBi rides on a fused kernel — and
   :func:`restore` undoes it.
@@ -32,6 +33,7 @@ when a function here is called.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,11 +44,11 @@ from ..attention import BACKENDS, attention
 from ..schemes.alibi import ALiBi
 from ..schemes.t5 import T5Bias
 
-__all__ = ["scheme_from_hf", "t5_to_hf", "accelerate", "restore", "ATTN_IMPLEMENTATION"]
+__all__ = ["scheme_from_hf", "t5_to_hf", "accelerate", "restore", "mpt_slopes", "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "posbias"
 T5_FAMILY = ("t5", "mt5", "umt5")
-ALIBI_FAMILY = ("bloom",)
+ALIBI_FAMILY = ("bloom", "mpt")
 _MARK = "_posbias_accelerated"
 
 
@@ -77,6 +79,9 @@ def scheme_from_hf(config: Any, weight: Tensor | None = None, *, decoder: bool |
     ``bidirectional = not decoder`` (``decoder`` defaults to ``config.is_decoder``), and the table
     copied from ``weight`` (``relative_attention_bias.weight``, ``[num_buckets, heads]``) when given.
     BLOOM: an :class:`ALiBi` scheme (slopes from the head count, as ``transformers`` computes them).
+    MPT (with ``attn_config.alibi``): an :class:`ALiBi` scheme with the slopes ``transformers`` gives MPT
+    (:func:`mpt_slopes` with ``alibi_bias_max = 8``, the paper's: ``transformers`` 5 builds MPT's bias
+    with its default maximum, whatever ``attn_config.alibi_bias_max`` says).
     """
     kind = getattr(config, "model_type", None)
     if kind in T5_FAMILY:
@@ -92,6 +97,13 @@ def scheme_from_hf(config: Any, weight: Tensor | None = None, *, decoder: bool |
             with torch.no_grad():
                 scheme.table.copy_(weight.detach().float())
         return scheme
+    if kind == "mpt":
+        if not config.attn_config.alibi:
+            raise ValueError("this MPT config has attn_config.alibi = False: no positional bias to convert")
+        from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+        return _mpt_alibi(config.n_heads, config.d_model // config.n_heads,
+                          _slopes_of(build_mpt_alibi_tensor(config.n_heads, 2)))
     if kind in ALIBI_FAMILY:
         heads = _heads(config)
         return ALiBi(n_heads=heads, head_dim=config.hidden_size // heads)
@@ -271,6 +283,68 @@ def _bloom_scheme(n_heads: int, head_dim: int, device: str) -> ALiBi:
     return ALiBi(n_heads=n_heads, head_dim=head_dim).to(device)
 
 
+# -- MPT --------------------------------------------------------------------------------------
+def mpt_slopes(n_heads: int, alibi_bias_max: float = 8.0) -> Tensor:
+    """MPT's ALiBi head slopes (``transformers``' ``build_mpt_alibi_tensor``): ``2^(−k·max/p)`` for
+    ``k = 1 … p``, ``p`` the next power of two; with ``p ≠ n_heads`` the odd-indexed slopes, then the
+    even-indexed ones, cut to ``n_heads``. With ``alibi_bias_max = 8`` (MPT's default) these are the
+    paper's slopes for every head count; a config may set another maximum."""
+    p = 2 ** math.ceil(math.log2(n_heads))
+    slopes = 1.0 / torch.pow(2, torch.arange(1, p + 1, dtype=torch.int64).float() * (alibi_bias_max / p))
+    if p != n_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
+    return slopes
+
+
+def _slopes_of(alibi: Tensor) -> tuple[float, ...]:
+    """The slopes in an MPT bias of two keys, ``[heads, 1, 2]`` = ``(−m, 0)`` per head."""
+    return tuple(float(x) for x in -alibi[:, 0, 0])
+
+
+def _mpt_alibi(n_heads: int, head_dim: int, slopes: tuple[float, ...]) -> ALiBi:
+    scheme = ALiBi(n_heads=n_heads, head_dim=head_dim)
+    scheme.slopes.copy_(torch.tensor(slopes, dtype=torch.float32))
+    return scheme
+
+
+@functools.lru_cache(maxsize=16)
+def _mpt_scheme(n_heads: int, head_dim: int, slopes: tuple[float, ...], device: str) -> ALiBi:
+    """One scheme per shape, slopes and device, shared by the layers (as :func:`_bloom_scheme`)."""
+    return _mpt_alibi(n_heads, head_dim, slopes).to(device)
+
+
+def _mpt_block_forward(block: nn.Module, original, *args, output_attentions: bool = False, **kwargs):
+    """MPT's block knows whether attention weights are wanted; its attention module is not told."""
+    block.attn._posbias_weights_wanted = output_attentions
+    return original(*args, output_attentions=output_attentions, **kwargs)
+
+
+def _mpt_forward(module: nn.Module, original, hidden_states: Tensor, position_bias: Tensor, cache=None,
+                 attention_mask: Tensor | None = None, *, posbias_backend: str = "auto", **kwargs):
+    """MPT's self-attention on posbias. Its bias ``−m·(K − 1 − j)`` (built for ``config.max_seq_len``
+    keys and cut to the last K) differs from ``−m·(i − j)`` by a constant per query, which softmax
+    ignores; posbias has no ``max_seq_len``, so the accelerated model also runs longer inputs, where
+    transformers' path cannot add its bias. MPT's mask is True where a pair is *hidden*."""
+    b, lq, _ = hidden_states.shape
+    past = cache.get_seq_length(module.layer_idx) if cache is not None else 0
+    lk = past + lq
+    allowed = None if attention_mask is None else ~attention_mask.bool()
+    kind = None if _few_keys_at_inference(lk) else mask_kind(allowed, past, lq, lk, causal_if_none=True)
+    dropping = module.training and module.attn_dropout_p > 0
+    if kind is None or dropping or getattr(module, "_posbias_weights_wanted", False):
+        return original(hidden_states, position_bias, cache=cache, attention_mask=attention_mask, **kwargs)
+    mixed = module.Wqkv(hidden_states)
+    if module.clip_qkv:
+        mixed = mixed.clamp(min=-module.clip_qkv, max=module.clip_qkv)
+    q, k, v = (t.reshape(b, lq, module.n_heads, module.head_dim).transpose(1, 2) for t in mixed.chunk(3, dim=2))
+    if cache is not None:
+        k, v = cache.update(k, v, module.layer_idx, kwargs=kwargs)
+    scheme = _mpt_scheme(module.n_heads, module.head_dim, module._posbias_slopes, str(q.device))
+    out = attention(q, k, v, scheme, causal=kind[0] == "causal", scale=module.softmax_scale, backend=posbias_backend,
+                    strict=False, key_mask=_batch_keys(kind[1], b))
+    return module.out_proj(out.transpose(1, 2).reshape(b, lq, module.n_heads * module.head_dim)), None
+
+
 # -- patching ---------------------------------------------------------------------------------
 def accelerate(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """Run ``model``'s positional self-attention on posbias; returns the same model (patched in place).
@@ -278,7 +352,7 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     T5 family (T5, Flan-T5, mT5, UMT5): each ``relative_attention_bias`` becomes a posbias T5 bias
     sharing the weight, layers pass a lazy bias instead of ``[1, heads, N, N]``, and the model's
     attention implementation becomes ``"posbias"`` (SDPA for everything that is not positional
-    self-attention). BLOOM: self-attention goes through posbias' fused ALiBi path. Inference on fewer
+    self-attention). BLOOM and MPT: self-attention goes through posbias' fused ALiBi path. Inference on fewer
     than :data:`POSBIAS_FROM` keys keeps transformers' own path, faster there; training always takes posbias.
     Outputs equal the unpatched model's to float32 tolerance; :func:`restore` undoes it.
 
@@ -295,30 +369,55 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> nn.Module:
         raise ValueError(f"accelerate supports model_type {', '.join(T5_FAMILY + ALIBI_FAMILY)}; got {kind!r}")
     if getattr(model, _MARK, None) is not None:
         return model
-    patched = 0
-    if kind in T5_FAMILY:
-        _register()
-        previous = {}
-        for m in model.modules():
-            if _is_t5_attention(m) and m.has_relative_attention_bias:
-                m.compute_bias = functools.partial(_t5_compute_bias, _t5_scheme(m), posbias_backend=backend)
-                patched += 1
-            cfg = getattr(m, "config", None)
-            if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in previous:
-                previous[id(cfg)] = (cfg, cfg._attn_implementation)
-        for cfg, _ in previous.values():
-            cfg._attn_implementation = ATTN_IMPLEMENTATION
-        undo = list(previous.values())
-    else:
-        undo = []
-        for m in model.modules():
-            if type(m).__name__ == "BloomAttention":
-                m.forward = functools.partial(_bloom_forward, m, type(m).forward.__get__(m), posbias_backend=backend)
-                patched += 1
+    patch = _patch_t5 if kind in T5_FAMILY else _patch_mpt if kind == "mpt" else _patch_bloom
+    patched, undo = patch(model, backend)
     if patched == 0:
         raise ValueError(f"found no positional self-attention to accelerate in {type(model).__name__}")
     object.__setattr__(model, _MARK, undo)
     return model
+
+
+def _patch_t5(model: nn.Module, backend: str) -> tuple[int, list]:
+    """Lazy biases in every T5 attention with a table, the ``"posbias"`` implementation in every config:
+    (layers patched, the configs' previous implementations)."""
+    _register()
+    patched, previous = 0, {}
+    for m in model.modules():
+        if _is_t5_attention(m) and m.has_relative_attention_bias:
+            m.compute_bias = functools.partial(_t5_compute_bias, _t5_scheme(m), posbias_backend=backend)
+            patched += 1
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in previous:
+            previous[id(cfg)] = (cfg, cfg._attn_implementation)
+    for cfg, _ in previous.values():
+        cfg._attn_implementation = ATTN_IMPLEMENTATION
+    return patched, list(previous.values())
+
+
+def _patch_mpt(model: nn.Module, backend: str) -> tuple[int, list]:
+    if not model.config.attn_config.alibi:
+        raise ValueError("this MPT model has attn_config.alibi = False: no positional bias to accelerate")
+    # the slopes the model itself builds its bias with (transformers 5 ignores attn_config.alibi_bias_max)
+    builder = next(m for m in model.modules() if hasattr(m, "build_mpt_alibi_tensor"))
+    slopes = _slopes_of(builder.build_mpt_alibi_tensor(model.config.n_heads, 2, device="cpu"))
+    patched = 0
+    for m in model.modules():
+        if type(m).__name__ == "MptBlock":
+            m.forward = functools.partial(_mpt_block_forward, m, type(m).forward.__get__(m))
+            m.attn._posbias_slopes = slopes
+            m.attn.forward = functools.partial(_mpt_forward, m.attn, type(m.attn).forward.__get__(m.attn),
+                                               posbias_backend=backend)
+            patched += 1
+    return patched, []
+
+
+def _patch_bloom(model: nn.Module, backend: str) -> tuple[int, list]:
+    patched = 0
+    for m in model.modules():
+        if type(m).__name__ == "BloomAttention":
+            m.forward = functools.partial(_bloom_forward, m, type(m).forward.__get__(m), posbias_backend=backend)
+            patched += 1
+    return patched, []
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -329,8 +428,11 @@ def restore(model: nn.Module) -> nn.Module:
     for m in model.modules():
         for name in ("compute_bias", "forward"):
             f = m.__dict__.get(name)
-            if isinstance(f, functools.partial) and f.func in (_t5_compute_bias, _bloom_forward):
+            if isinstance(f, functools.partial) and f.func in (_t5_compute_bias, _bloom_forward, _mpt_forward,
+                                                                _mpt_block_forward):
                 del m.__dict__[name]
+        for name in ("_posbias_slopes", "_posbias_weights_wanted"):
+            m.__dict__.pop(name, None)
     for cfg, impl in undo:
         cfg._attn_implementation = impl
     object.__delattr__(model, _MARK)
