@@ -145,12 +145,16 @@ def mask_kind(mask: Tensor | None, q_start: int, lq: int, lk: int, *,
     if bool(allowed.all()):
         return "full", None
     keys = allowed.any(dim=-2)  # [batch, 1, lk]: the keys some query may see
-    i = torch.arange(q_start, q_start + lq, device=mask.device)[:, None]
-    j = torch.arange(lk, device=mask.device)[None, :]
-    for kind, want in (("full", keys[:, :, None, :]), ("causal", keys[:, :, None, :] & (i >= j))):
-        if bool((allowed == want).all()):
-            return kind, None if bool(keys.all()) else keys[:, 0]
-    return None
+    # one candidate, from the first query's row (it sees every such key only without causality), then
+    # one element-by-element check of the whole mask against it
+    kind = "full" if torch.equal(allowed[:, :, 0, :], keys) else "causal"
+    want = keys[:, :, None, :]
+    if kind == "causal":
+        i = torch.arange(q_start, q_start + lq, device=mask.device)[:, None]
+        want = want & (i >= torch.arange(lk, device=mask.device)[None, :])
+    if not bool((allowed == want).all()):
+        return None
+    return kind, None if bool(keys.all()) else keys[:, 0]
 
 
 def _batch_keys(keys: Tensor | None, batch: int) -> Tensor | None:
