@@ -710,3 +710,18 @@ def test_attention_inside_torch_compile_equals_eager(name):
     out, ref = torch.compile(f)(q, k, v), f(q, k, v)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     assert_same_grads(out, ref, inputs, atol=2e-5, rtol=1e-4)
+
+
+def test_readme_quick_start_runs_as_written():
+    """The README's first code block, executed verbatim; its padded call equals attention on the 3000
+    real keys (the 1096 queries after them see those same keys)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    env: dict = {}
+    exec(compile(code, "README.md", "exec"), env)
+    q, k, v, scheme = env["q"], env["k"], env["v"], env["scheme"]
+    want = attention(q, k[:, :, :3000], v[:, :, :3000], scheme, q_pos=torch.arange(4096), k_pos=torch.arange(3000))
+    torch.testing.assert_close(env["out"], want)
