@@ -314,9 +314,12 @@ def _with_key_mask(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, key_mask: Te
         got = f"{key_mask.dtype} of shape {tuple(key_mask.shape)}" if isinstance(key_mask, Tensor) else type(key_mask)
         raise ValueError(f"key_mask must be a bool tensor [batch, Lk] = [{batch}, {lk}] (True: the key takes part), "
                          f"got {got}")
+    key_mask = key_mask.to(q.device)
+    if key_mask.numel() == 0 or bool(key_mask.all()):  # nothing hidden (or nothing to hide): a plain call
+        return attention(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, **kw)
     k_pos = as_positions(k_pos, lk, q.device)
     q_pos = as_positions(q_pos, lq, q.device, start=lk - lq)  # aligned to the end of *all* the keys
-    masks, group = torch.unique(key_mask.to(q.device), dim=0, return_inverse=True)
+    masks, group = torch.unique(key_mask, dim=0, return_inverse=True)
     outs, order = [], []
     for g, mask in enumerate(masks):
         rows = (group == g).nonzero().squeeze(1)

@@ -677,6 +677,12 @@ def test_key_mask_runs_padded_sequences_on_the_fast_path(monkeypatch):
         posbias.attention(q, q, q, s, key_mask=mask.long())
     with pytest.raises(ValueError, match="key_mask must be a bool tensor"):
         posbias.attention(q, q, q, s, key_mask=mask[:, :63])
+    seen.clear()  # nothing hidden: one plain call; no keys or no sequences: the empty result
+    torch.testing.assert_close(posbias.attention(q, q, q, s, key_mask=torch.ones_like(mask)), posbias.attention(q, q, q, s))
+    assert seen == [(4, 2, 64, 16)] * 2
+    none = torch.zeros(4, 2, 0, 16)
+    assert not posbias.attention(q, none, none, s, key_mask=torch.ones(4, 0, dtype=torch.bool)).any()
+    assert posbias.attention(q[:0], q[:0], q[:0], s, key_mask=mask[:0]).shape == (0, 2, 64, 16)
 
 
 def test_key_mask_with_grouped_queries_and_decoding():
