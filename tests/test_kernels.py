@@ -3,7 +3,7 @@ causal and bidirectional; query offsets; lengths not divisible by any block size
 
 import pytest
 import torch
-from _helpers import assert_same_grads, compare, randomized
+from _helpers import DEVICES, assert_same_grads, compare, randomized
 
 import posbias
 from posbias import SCHEMES, build
@@ -731,3 +731,23 @@ def test_readme_quick_start_runs_as_written():
     q, k, v, scheme = env["q"], env["k"], env["v"], env["scheme"]
     want = attention(q, k[:, :, :3000], v[:, :, :3000], scheme, q_pos=torch.arange(4096), k_pos=torch.arange(3000))
     torch.testing.assert_close(env["out"], want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["t5", "alibi", "fire", "rope"])
+def test_key_mask_with_grouped_heads_on_every_device(name, device):
+    """Both at once, on the automatic backend of each device (the CUDA twin runs where a GPU is): a
+    left- and a right-padded sequence with 2 key/value heads for 4 query heads equal the renormalised
+    dense softmax over the repeated heads, gradients included."""
+    torch.manual_seed(2)
+    s = build(name, n_heads=4, head_dim=16).to(device)
+    q = torch.randn(2, 4, 50, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 2, 50, 16, device=device, requires_grad=True) for _ in range(2))
+    mask = torch.ones(2, 50, dtype=torch.bool, device=device)
+    mask[0, :9], mask[1, 41:] = False, False
+    out = attention(q, k, v, s, key_mask=mask, enable_gqa=True)
+    kr, vr = (t.repeat_interleave(2, dim=1) for t in (k, v))
+    p = attention_probs(q, kr, s) * mask[:, None, None, :]
+    want = (p / p.sum(-1, keepdim=True).clamp_min(1e-30)) @ vr
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+    assert_same_grads(out, want, [q, k, v, *(x for x in s.parameters() if x.requires_grad)])
