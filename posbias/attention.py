@@ -19,7 +19,7 @@ from .kernels.banded import banded_kernel
 from .kernels.blockwise import blockwise_kernel
 from .kernels.flash import flash_available
 from .kernels.flex import flex_available, flex_kernel
-from .kernels.reference import every_row_sees_a_key, reference_kernel, reference_probs
+from .kernels.reference import every_row_sees_a_key, reference_kernel, reference_probs, ungrouped
 from .kernels.sdpa import sdpa_kernel
 from .kernels.toeplitz import toeplitz_kernel
 from .kernels.windowed import windowed_kernel
@@ -33,20 +33,7 @@ def resolve(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor | 
             repeat: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]:
     """Validate shapes, resolve positions and scale, rotate q/k for rotary schemes, and (``repeat``)
     give grouped keys and values (``enable_gqa``) one head per query head: ``(q, k, v, q_pos, k_pos, scale)``."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be [batch, heads, seq, head_dim]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape[:3] + k.shape[3:] or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    heads, kv_heads = q.shape[1], k.shape[1]
-    if heads != kv_heads and not (enable_gqa and kv_heads and heads % kv_heads == 0):
-        raise ValueError(
-            f"q has {heads} heads but k and v have {kv_heads}; " + (
-                "with enable_gqa=True the key/value heads must divide the query heads" if enable_gqa else
-                "for grouped-query attention (each key/value head shared by consecutive query heads) pass "
-                "enable_gqa=True"))
-    if v.shape[-1] != q.shape[-1]:
-        raise ValueError(f"v has head_dim {v.shape[-1]} but q and k have {q.shape[-1]}; posbias needs them equal")
+    _check_shapes(q, k, v, enable_gqa)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
@@ -78,18 +65,28 @@ def resolve(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor | 
     if rotary:
         q = scheme.rotate(q, q_pos, context_len=context)
         k = scheme.rotate(k, k_pos, context_len=context)
-    if repeat and kv_heads != heads:  # rotated first: the rotation is per key head, on the smaller tensor
-        k, v = _repeat_heads(k, heads), _repeat_heads(v, heads)
+    if repeat:  # rotated first: the rotation is per key head, on the smaller tensor
+        k, v = ungrouped(q, k, v)
     return q, k, v, q_pos, k_pos, scheme.default_scale() if scale is None else float(scale)
 
 
-def _repeat_heads(t: Tensor, heads: int) -> Tensor:
-    """``[B, Hk, L, D]`` → ``[B, heads, L, D]``: query head ``h`` reads key/value head ``h // (heads / Hk)``,
-    as ``torch.nn.functional.scaled_dot_product_attention(..., enable_gqa=True)`` (``repeat_interleave``)
-    does. A copy: every backend then runs as for ordinary multi-head attention, and autograd sums the
-    copies' gradients back onto the shared head."""
-    b, hk, n, d = t.shape
-    return t[:, :, None].expand(b, hk, heads // hk, n, d).reshape(b, heads, n, d)
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> None:
+    """``[batch, heads, seq, head_dim]`` inputs that fit together (k/v with fewer heads only under
+    ``enable_gqa``), else ``ValueError`` naming the shapes."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [batch, heads, seq, head_dim]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape[:3] + k.shape[3:] or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if heads != kv_heads and not (enable_gqa and kv_heads and heads % kv_heads == 0):
+        raise ValueError(
+            f"q has {heads} heads but k and v have {kv_heads}; " + (
+                "with enable_gqa=True the key/value heads must divide the query heads" if enable_gqa else
+                "for grouped-query attention (each key/value head shared by consecutive query heads) pass "
+                "enable_gqa=True"))
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"v has head_dim {v.shape[-1]} but q and k have {q.shape[-1]}; posbias needs them equal")
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool = True,
@@ -128,6 +125,14 @@ BACKENDS: dict[str, Kernel] = {
     "flex": flex_kernel,  # opt-in: compiled FlexAttention (compiles per shape; no backward on CPU)
     "banded": banded_kernel,  # far parts in one fused call each, the band dense (CPU training; a CUDA candidate)
 }
+
+
+# Backends that take grouped keys and values (``enable_gqa``) as they are: ``sdpa`` passes them to SDPA's
+# own ``enable_gqa``; ``toeplitz`` and ``blockwise`` hand them at inference to the fused CPU op, which
+# reads one key/value head per group of query heads itself, and repeat them (``ungrouped``) on their
+# other paths. The rest get them repeated here. Repeating a decoding cache on every call cost one query
+# against 16k keys 5.9× the multi-head call; read as it is, 0.69× (t5, 2 key/value heads for 8, measured).
+GROUPED_HEADS = ("sdpa", "toeplitz", "blockwise")
 
 
 def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, causal: bool) -> str | None:
@@ -300,26 +305,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
         if why is not None and strict:
             raise ValueError(f"backend {backend!r} cannot run this input exactly: {why}")
         name = backend if why is None else choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
-    if k.shape[1] != q.shape[1] and not _reads_grouped_heads(name, scheme, q, k, v):
-        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
+    if name not in GROUPED_HEADS:
+        k, v = ungrouped(q, k, v)
     return BACKENDS[name](q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
-
-
-def _reads_grouped_heads(name: str, scheme: Scheme, q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether backend ``name`` takes grouped keys and values as they are: ``sdpa`` (SDPA's own
-    ``enable_gqa``) and ``toeplitz`` at inference (the fused CPU op reads a key/value head per group of
-    query heads itself). Every other path gets the heads repeated (a copy of the cache: one decoding
-    query against 16k keys cost 5.9× the multi-head call before ``toeplitz`` read the groups, measured)."""
-    return name == "sdpa" or (name == "toeplitz" and not needs_grad(scheme, q, k, v))
 
 
 def _with_key_mask(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, key_mask: Tensor, *, q_pos: Tensor | None,
                    k_pos: Tensor | None, **kw) -> Tensor:
     """:func:`attention` with keys hidden per sequence: each group of sequences with one mask attends to
     its kept keys at their own positions (hiding a key and leaving it out are the same softmax)."""
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q, k, v must be [batch, heads, seq, head_dim]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    _check_shapes(q, k, v, kw["enable_gqa"])
     batch, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool or tuple(key_mask.shape) != (batch, lk):
         got = f"{key_mask.dtype} of shape {tuple(key_mask.shape)}" if isinstance(key_mask, Tensor) else type(key_mask)

@@ -756,22 +756,28 @@ def test_key_mask_with_grouped_heads_on_every_device(name, device):
 @pytest.mark.parametrize("name", ["t5", "alibi", "kerple-log", "fire", "rope", "nope"])
 @pytest.mark.parametrize("lq", [1, 7, 90])  # decoding, a chunk, prefill
 def test_grouped_heads_read_as_they_are_at_inference(name, lq, monkeypatch):
-    """At inference ``sdpa`` and ``toeplitz`` take the grouped keys and values without repeating them
-    (the fused op reads a key/value head per group itself); every scheme's output still equals the
-    reference over heads repeated by hand."""
-    import sys
+    """At inference the grouped keys and values reach the attention op itself uncopied — SDPA (its own
+    ``enable_gqa``) for rope/nope, the fused CPU op for toeplitz and blockwise (it reads one key/value
+    head per group of query heads) — and every scheme's output equals the reference over heads
+    repeated by hand."""
+    import posbias.kernels.blockwise as bw
+    import posbias.kernels.toeplitz as tp
 
-    pa = sys.modules["posbias.attention"]  # the module (``posbias.attention`` the attribute is the function)
-    repeats = []
-    real = pa._repeat_heads
-    monkeypatch.setattr(pa, "_repeat_heads", lambda t, h: repeats.append(h) or real(t, h))
+    seen = []  # the key/value heads each attention op was given
+
+    def spy(real):
+        return lambda q, k, *a, **kw: seen.append(k.shape[1]) or real(q, k, *a, **kw)
+
+    for module in (tp, bw):
+        monkeypatch.setattr(module, "flash_forward", spy(module.flash_forward))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        spy(torch.nn.functional.scaled_dot_product_attention))
     torch.manual_seed(3)
-    s = randomized(name) if SCHEMES[name].learnable else build(name, n_heads=4, head_dim=16)
-    s = s if s.n_heads == 4 else build(name, n_heads=4, head_dim=16)
+    s = build(name, n_heads=4, head_dim=16)
     q, k, v = torch.randn(2, 4, lq, 16), torch.randn(2, 2, 90, 16), torch.randn(2, 2, 90, 16)
     with torch.no_grad():
         out = attention(q, k, v, s, enable_gqa=True)
-        backend = choose_backend(s, q, q_pos=torch.arange(90 - lq, 90), k_pos=torch.arange(90), causal=True)
+    assert seen and set(seen) == {2}, seen
+    monkeypatch.undo()
     ref = attention_reference(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), s)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    assert (repeats == []) == (backend in ("sdpa", "toeplitz")), (backend, repeats)

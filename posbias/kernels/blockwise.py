@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..schemes.base import Scheme, kept, needs_grad
 from .flash import (backward_rows, block_work, flash_available, flash_backward, flash_forward, fused_inputs,
                     mask_backward)
-from .reference import dense_attention, every_row_sees_a_key, hides_nothing, visible
+from .reference import dense_attention, every_row_sees_a_key, hides_nothing, ungrouped, visible
 
 MAX_BLOCK_ELEMS = 1 << 22  # ~16 MB of float32 logits per block (the dense reference path)
 # The fused path's forward blocks: 256 query rows, as far as a block's mask stays under 128 MB. The
@@ -50,11 +50,12 @@ def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: 
         blocks = _Blocks(q_pos, k_pos, causal, block or max(16, min(FUSED_ROWS, FUSED_BLOCK_ELEMS // per_row)))
         if not train:  # (no autograd Function: its dispatch is a third of a decoding step at 1k keys)
             return _fused_forward(*fused_inputs(q, k, v), scheme, blocks, scale, keep_mask=True)[0].to(q.dtype)
-        f = [t.float().contiguous() for t in (q, k, v)]
+        f = [t.float().contiguous() for t in (q, *ungrouped(q, k, v))]
         return _FusedBlocks.apply(*f, scheme, blocks, scale, *scheme.parameters()).to(q.dtype)
     # one output buffer, written block by block: a list of per-block outputs would interleave small
     # long-lived allocations with the large per-block temporaries and fragment the CPU heap (peak
     # RSS then grows like N² although every block is freed)
+    k, v = ungrouped(q, k, v)
     out = q.new_empty(q.shape[:3] + v.shape[3:])
     for s, e, hi in _Blocks(q_pos, k_pos, causal, block or max(16, min(512, MAX_BLOCK_ELEMS // per_row))):
         qp, kp = q_pos[s:e], k_pos[:hi]

@@ -23,6 +23,19 @@ def every_row_sees_a_key(q_pos: Tensor, k_pos: Tensor, causal: bool) -> bool:
     return not causal or (k_pos.numel() > 0 and int(q_pos.min()) >= int(k_pos.min()))
 
 
+def ungrouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Grouped keys and values (``attention(..., enable_gqa=True)``: ``[B, Hk, L, D]`` with ``Hk``
+    dividing q's heads) as one head per query head: query head ``h`` reads head ``h // (H / Hk)``, as
+    ``scaled_dot_product_attention(..., enable_gqa=True)`` (``repeat_interleave``) does. A copy, for the
+    paths that need one head per query head; autograd sums the copies' gradients back onto the shared
+    head. Multi-head k and v are returned as they are."""
+    heads = q.shape[1]
+    if k.shape[1] == heads:
+        return k, v
+    b, hk, n, d = k.shape
+    return tuple(t[:, :, None].expand(b, hk, heads // hk, n, d).reshape(b, heads, n, d) for t in (k, v))
+
+
 def visible(q_pos: Tensor, k_pos: Tensor, causal: bool) -> Tensor | None:
     """Boolean ``[Lq, Lk]`` of visible pairs (``j ≤ i``), or None when everything is visible."""
     if not causal or hides_nothing(q_pos, k_pos):

@@ -27,6 +27,7 @@ from torch import Tensor
 from ..diagonals import antidiagonal_sums
 from ..schemes.base import ToeplitzScheme, kept, needs_grad, trains_bias
 from .flash import backward_rows, block_work, flash_backward, flash_forward, fused_inputs, mask_backward
+from .reference import ungrouped
 
 
 def forward_block(lk: int) -> int:
@@ -140,6 +141,7 @@ def toeplitz_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, 
     # training: a fixed bias (ALiBi, a frozen table) takes bf16/fp16 inputs as they are, forward and
     # backward on the fused op with the float32 bias as its mask (gradients closer to the float32
     # ones than the reference's in the same precision, tested); a bias that trains needs dS in float32
+    k, v = ungrouped(q, k, v)  # (the backward sums per query head)
     f = [t.float() for t in (q, k, v)] if trains_bias(scheme) else fused_inputs(q, k, v)
     return _Toeplitz.apply(*(t.contiguous() for t in f), row().contiguous(), o_min, q0, k0, causal, scale,
                            block).to(dtype)
