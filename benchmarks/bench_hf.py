@@ -6,6 +6,9 @@ outputs agree. Randomly initialised models from a config: nothing is downloaded.
 Forward (default): a T5 encoder (or a BLOOM or MPT decoder) at each length. ``--train``: a whole T5
 encoder-decoder, forward+backward of the loss with ``--target-len`` decoder tokens (the inputs at
 each length), both models from the same weights; the output check then compares the losses.
+``--dropout P`` trains with T5's ``dropout_rate = P`` (its default is 0.1: hidden states and attention
+probabilities), which transformers applies on its own path and posbias in its dropout kernel; the two
+draw different masks, so the losses are not compared (``tests/test_hf.py`` compares them under one mask).
 ``--size base`` is sized like flan-t5-base (d_model 768, 12 heads, 12+12 layers, gated-GELU
 feed-forward of 2048). A cell that runs out of memory reads ``OOM`` and the run goes on.
 
@@ -13,6 +16,7 @@ feed-forward of 2048). A cell that runs out of memory reads ``OOM`` and the run 
     python benchmarks/bench_hf.py --model bloom --lengths 1024 4096
     python benchmarks/bench_hf.py --model mpt --lengths 1024 4096
     python benchmarks/bench_hf.py --device cuda --dtype bfloat16 --size base --train --lengths 4096 8192 16384
+    python benchmarks/bench_hf.py --train --dropout 0.1 --lengths 1024 2048
     python benchmarks/bench_hf.py --device cuda --dtype bfloat16 --size base --train --backend flex
 """
 
@@ -55,7 +59,7 @@ def paired(models, ids, labels, reps, device):
     return [[] if c is None else [seconds(c, device) for _ in range(reps)] for c in calls]
 
 
-def build(kind, size, layers, train, max_len):
+def build(kind, size, layers, train, max_len, dropout=0.0):
     import transformers
 
     torch.manual_seed(0)
@@ -65,7 +69,7 @@ def build(kind, size, layers, train, max_len):
         cfg = transformers.T5Config(vocab_size=512, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=n_layers,
                                     num_decoder_layers=n_layers, num_heads=heads, feed_forward_proj=ff,
                                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                                    dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+                                    dropout_rate=dropout, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
         model = (transformers.T5ForConditionalGeneration if train else transformers.T5EncoderModel)(cfg)
     elif kind == "mpt":  # transformers' MPT adds its bias only up to max_seq_len: set to the longest length
         cfg = transformers.MptConfig(vocab_size=512, d_model=d_model, n_heads=heads, n_layers=n_layers,
@@ -97,7 +101,7 @@ def step(model, ids, labels):
     return loss.detach()
 
 
-def row(n, ref, fast, times, truth=False):
+def row(n, ref, fast, times, truth=False, compare=True):
     """A table row: median ms of each model, the median (smallest–largest) of the per-pair ratios
     HF / posbias, peak memory and the outputs' largest difference; ``OOM`` where a model ran out.
     With ``truth`` (bf16/fp16 runs: the float32 output, or None where it ran out; False: no columns) each model's
@@ -112,7 +116,7 @@ def row(n, ref, fast, times, truth=False):
     if ref and fast:
         ratios = sorted(a / b for a, b in zip(*times))
         speed = f"{statistics.median(ratios):.2f}× ({ratios[0]:.2f}–{ratios[-1]:.2f})"
-        diff = f"{(ref[0] - fast[0]).abs().max().item():.1e}"
+        diff = f"{(ref[0] - fast[0]).abs().max().item():.1e}" if compare else "(dropout)"
     cells = [str(n), ms(ref, times[0]), ms(fast, times[1]), speed, mib(ref), mib(fast), diff]
     if truth is not False:
         cells += ["—" if r is None or truth is None else f"{(r[0] - truth[0]).abs().max().item():.1e}" for r in (ref, fast)]
@@ -127,6 +131,7 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=4, help="layers per stack for --size small")
     p.add_argument("--train", action="store_true", help="T5 encoder-decoder, forward+backward of the loss")
     p.add_argument("--target-len", type=int, default=64, help="decoder tokens with --train")
+    p.add_argument("--dropout", type=float, default=0.0, help="T5's dropout_rate with --train (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=3, help="interleaved (HF, posbias) pairs per length")
@@ -139,17 +144,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.train and args.model != "t5":
         p.error("--train is for --model t5")
+    if not 0 <= args.dropout < 1 or (args.dropout and not args.train):
+        p.error(f"--dropout must be in [0, 1) and goes with --train, got {args.dropout}")
 
     import transformers
 
     from posbias.integrations.hf import accelerate
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    ref = build(args.model, args.size, args.layers, args.train, max(args.lengths)).to(device, dtype)
+    ref = build(args.model, args.size, args.layers, args.train, max(args.lengths), args.dropout).to(device, dtype)
     fast = accelerate(copy.deepcopy(ref), backend=args.backend)
     impl = ref.config._attn_implementation
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     what = f"forward+backward, {args.target_len} target tokens" if args.train else "forward"
+    what += f", dropout_rate {args.dropout}" if args.dropout else ""
     print(f"# transformers {transformers.__version__}, torch {torch.__version__}, {device} ({where}); {args.model} "
           f"{args.size} (d_model {ref.config.hidden_size if args.model == 'bloom' else ref.config.d_model}), "
           f"{'4 padded sequences' if args.padded else 'batch 1'}, "
@@ -176,7 +184,7 @@ def main(argv=None):
         results = [warm_up(model, ids, labels, device) for model in (ref, fast)]
         times = paired([m if r else None for m, r in zip((ref, fast), results)], ids, labels, reps, device)
         truth = False if exact is None else warm_up(exact, ids, labels, device)
-        print(row(n, *results, times, truth), flush=True)
+        print(row(n, *results, times, truth, compare=not args.dropout), flush=True)
 
 
 if __name__ == "__main__":

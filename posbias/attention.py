@@ -17,6 +17,7 @@ from torch import Tensor
 from .kernels.alibi import alibi_kernel
 from .kernels.banded import banded_kernel
 from .kernels.blockwise import blockwise_kernel
+from .kernels.dropout import check_dropout, draw_seed, dropout_kernel, group_seed, reference_dropout
 from .kernels.flash import flash_available
 from .kernels.flex import flex_available, flex_kernel
 from .kernels.reference import every_row_sees_a_key, reference_kernel, reference_probs, ungrouped
@@ -91,12 +92,20 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> None:
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool = True,
                         scale: float | None = None, q_pos: Tensor | None = None,
-                        k_pos: Tensor | None = None, enable_gqa: bool = False) -> Tensor:
-    """The plain dense reference every fast path is tested against."""
+                        k_pos: Tensor | None = None, enable_gqa: bool = False, dropout_p: float = 0.0,
+                        dropout_seed: int | None = None) -> Tensor:
+    """The plain dense reference every fast path is tested against (with ``dropout_p``, the dense
+    probabilities times the whole dropout mask of :mod:`~posbias.kernels.dropout`)."""
+    dropout_p, dropout_seed = check_dropout(dropout_p, dropout_seed)
     q, k, v, q_pos, k_pos, scale = resolve(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale,
                                            enable_gqa=enable_gqa)
+    if dropout_p > 0 and dropout_seed is None:
+        dropout_seed = draw_seed()
     if q.shape[2] == 0 or k.shape[2] == 0:
         return _empty(q, k, v)
+    if dropout_p > 0:
+        return reference_dropout(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale,
+                                 p=dropout_p, seed=dropout_seed)
     return reference_kernel(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
 
 
@@ -268,7 +277,7 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
 def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool = True,
               scale: float | None = None, q_pos: Tensor | None = None, k_pos: Tensor | None = None,
               backend: str = "auto", strict: bool = True, enable_gqa: bool = False,
-              key_mask: Tensor | None = None) -> Tensor:
+              key_mask: Tensor | None = None, dropout_p: float = 0.0, dropout_seed: int | None = None) -> Tensor:
     """Exact attention with a positional scheme; ``[batch, heads, Lq, head_dim]`` out.
 
     ``key_mask``, a bool ``[batch, Lk]`` tensor, True where a key takes part (padding: False), hides keys
@@ -283,6 +292,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
     ``scaled_dot_product_attention(..., enable_gqa=True)``; the bias stays per query head (the scheme is
     built for ``heads``). Without it, different head counts raise ``ValueError`` rather than broadcast.
 
+    ``dropout_p > 0`` drops each attention probability with that probability and scales the others by
+    ``1/(1 − p)``, as ``scaled_dot_product_attention(..., dropout_p=p)`` does (and, like it, whatever
+    the module's training mode: pass ``p if self.training else 0``). It runs on
+    :mod:`~posbias.kernels.dropout` (blocked, O(N) memory, every scheme, gradients to the bias too), or
+    on the dense reference with ``backend="reference"``; a pair's mask is a hash of ``dropout_seed`` and
+    its indices, so both give the same result for one seed. ``dropout_seed`` (an int in [0, 2³² − 1])
+    defaults to one drawn from torch's default CPU generator, which ``torch.manual_seed`` fixes.
+
     ``backend="auto"`` picks the fastest exact path for the scheme and inputs (see
     :func:`choose_backend`); any name in :data:`BACKENDS` forces that path, and a forced path that
     cannot run these inputs exactly raises ``ValueError`` with the reason, or with ``strict=False``
@@ -291,13 +308,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+    dropout_p, dropout_seed = _dropout_args(backend, strict, dropout_p, dropout_seed)
     if key_mask is not None:
         return _with_key_mask(q, k, v, scheme, key_mask, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
-                              backend=backend, strict=strict, enable_gqa=enable_gqa)
+                              backend=backend, strict=strict, enable_gqa=enable_gqa, dropout_p=dropout_p,
+                              dropout_seed=dropout_seed)
     q, k, v, q_pos, k_pos, scale = resolve(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale,
                                            enable_gqa=enable_gqa, repeat=False)
     if q.shape[2] == 0 or k.shape[2] == 0:
         return _empty(q, k, v)
+    if dropout_p > 0:  # one kernel has dropout (the reference's dense form is the oracle)
+        run = reference_dropout if backend == "reference" else dropout_kernel
+        return run(q, *ungrouped(q, k, v), scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale,
+                   p=dropout_p, seed=dropout_seed)
     if backend == "auto":
         name = choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
     else:
@@ -308,6 +331,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
     if name not in GROUPED_HEADS:
         k, v = ungrouped(q, k, v)
     return BACKENDS[name](q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
+
+
+def _dropout_args(backend: str, strict: bool, p: object, seed: object) -> tuple[float, int | None]:
+    """:func:`attention`'s dropout arguments checked (a forced backend other than the reference has no
+    dropout: refused when ``strict``), and the seed drawn where dropout is on and none was given."""
+    p, seed = check_dropout(p, seed)
+    if p > 0 and backend not in ("auto", "reference") and strict:
+        raise ValueError(f"backend {backend!r} has no attention dropout; with dropout_p > 0 use backend='auto' "
+                         "(posbias.kernels.dropout) or 'reference'")
+    return p, draw_seed() if p > 0 and seed is None else seed
 
 
 def _with_key_mask(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, key_mask: Tensor, *, q_pos: Tensor | None,
@@ -327,7 +360,11 @@ def _with_key_mask(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, key_mask: Te
     q_pos = as_positions(q_pos, lq, q.device, start=lk - lq)  # aligned to the end of *all* the keys
     masks, group = torch.unique(key_mask, dim=0, return_inverse=True)
     outs, order = [], []
+    seed = kw.pop("dropout_seed")
     for g, mask in enumerate(masks):
+        # each group its own dropout stream (the same seed would give the first sequence of every group
+        # one mask); a batch with one mask keeps the caller's seed
+        kw["dropout_seed"] = seed if seed is None or len(masks) == 1 else group_seed(seed, g)
         rows = (group == g).nonzero().squeeze(1)
         whole = rows.numel() == batch  # one mask for the batch: no copy of q, k, v
         qg, kg, vg = (q, k, v) if whole else (q[rows], k[rows], v[rows])

@@ -34,13 +34,15 @@ def randomized(name, **options):
     return s
 
 
-def compare(scheme, backend, *, causal=True, lq=None, lk=301, q0=None, dtype=torch.float32, atol=2e-4, device="cpu"):
+def compare(scheme, backend, *, causal=True, lq=None, lk=301, q0=None, dtype=torch.float32, atol=2e-4, device="cpu",
+            **kw):
     """``backend`` against the dense reference on ``device``: outputs, q/k/v gradients and the
-    scheme's parameter gradients (``scheme`` is moved to ``device``)."""
+    scheme's parameter gradients (``scheme`` is moved to ``device``); ``kw`` goes to both calls."""
     lq = lq or lk
     scheme.to(device)
     q, k, v = (torch.randn(2, 3, n, 16, dtype=dtype, device=device, requires_grad=True) for n in (lq, lk, lk))
-    kw = {} if q0 is None else {"q_pos": torch.arange(q0, q0 + lq, device=device)}
+    if q0 is not None:
+        kw["q_pos"] = torch.arange(q0, q0 + lq, device=device)
     out = attention(q, k, v, scheme, causal=causal, backend=backend, **kw)
     ref = attention_reference(q, k, v, scheme, causal=causal, **kw)
     assert torch.isfinite(out).all()

@@ -281,6 +281,61 @@ def test_mpt_slopes_conversion_and_restore():
     assert "forward" not in model.transformer.blocks[0].__dict__
 
 
+@pytest.fixture
+def same_attention_dropout(monkeypatch):
+    """The unpatched models' dropout of attention probabilities (a 4-D ``[B, H, Lq, Lk]`` tensor handed to
+    ``F.dropout`` while training) made posbias' own: a seed drawn from torch's generator as
+    :func:`posbias.attention` draws it, and the per-pair mask of :mod:`posbias.kernels.dropout` in its
+    64-bit definition. Hidden-state dropout keeps torch's. With one ``torch.manual_seed`` both models
+    then drop the same pairs and the same hidden units."""
+    from posbias.kernels import dropout as kd
+
+    real = torch.nn.functional.dropout
+
+    def shared(input, p=0.5, training=True, inplace=False):
+        if training and p > 0 and input.dim() == 4:
+            b, h, lq, lk = input.shape
+            drop = kd.dropped_reference(kd.draw_seed(), p, b, h, torch.arange(lq), torch.arange(lk))
+            return input.masked_fill(drop.to(input.device), 0.0) / (1 - p)
+        return real(input, p, training, inplace)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", shared)
+
+
+@pytest.mark.parametrize("family", ["t5", "bloom", "mpt"])
+def test_training_with_attention_dropout_runs_on_posbias(family, fast_calls, same_attention_dropout):
+    """Attention dropout in training (T5's default ``dropout_rate=0.1``) no longer sends the model back to
+    transformers' O(N²) path: with the same dropout mask the accelerated model's outputs and weight
+    gradients equal the unpatched (eager) model's, and dropout did change the output."""
+    torch.manual_seed(0)
+    if family == "t5":
+        model = randomize_bias(transformers.T5EncoderModel(t5_config(dropout_rate=0.1)))
+        model.set_attn_implementation("eager")
+        weight = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    elif family == "bloom":
+        model = transformers.BloomForCausalLM(transformers.BloomConfig(
+            vocab_size=97, hidden_size=48, n_layer=2, n_head=4, hidden_dropout=0.1, attention_dropout=0.2))
+        weight = "transformer.h.0.self_attention.query_key_value.weight"
+    else:
+        model = transformers.MptForCausalLM(mpt_config(4))
+        for block in model.transformer.blocks:  # (transformers 5.24's MptAttentionConfig takes an int attn_pdrop)
+            block.attn.attn_dropout_p = 0.2
+        weight = "transformer.blocks.0.attn.Wqkv.weight"
+    ref, fast = pair(model)
+    ids = torch.randint(2, 97, (2, 90))
+    results = []
+    for m in (ref, fast, fast):
+        m.train(m is not fast or len(results) < 2)
+        torch.manual_seed(5)
+        out = m(input_ids=ids)
+        out = out.last_hidden_state if family == "t5" else out.logits
+        results.append((out, torch.autograd.grad(out.square().mean(), dict(m.named_parameters())[weight])[0]))
+    (a, ga), (b, gb), (evaluated, _) = results
+    torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(gb, ga, atol=2e-5, rtol=1e-4)
+    assert fast_calls and not torch.allclose(b, evaluated, atol=1e-3)
+
+
 def test_short_inference_keeps_transformers_path_and_training_does_not(fast_calls, monkeypatch):
     """Below ``POSBIAS_FROM`` keys inference keeps transformers' own attention (measured faster there:
     BLOOM's, T5's SDPA with the dense bias), with the same tokens; with autograd on, the same short

@@ -28,6 +28,9 @@ CASES = [
     ("fire", "blockwise", {"init_L": 32.0}, True),
     ("fire", "blockwise", {}, False),
     ("alibi", "blockwise", {"symmetric": True}, False),
+    ("t5", "blockwise", {"max_distance": 40}, True),  # a Toeplitz block's offsets row and diagonal sums
+    ("t5", "blockwise", {"max_distance": 40, "bidirectional": True}, False),
+    ("offset", "blockwise", {"max_distance": 17}, True),
     ("t5", "banded", {"max_distance": 40}, True),  # the CUDA candidate, here on the CPU's fused op
     ("t5", "banded", {"max_distance": 40, "bidirectional": True}, False),
     ("t5", "banded", {}, True),

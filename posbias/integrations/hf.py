@@ -15,9 +15,10 @@ Two things live here:
 Padding masks run on posbias too (as :func:`posbias.attention`'s ``key_mask``), where the mask is
 "these keys for every query" (and causal) — checked element by element; for BLOOM, whose ALiBi
 counts positions over the kept keys, only where each sequence keeps one run of keys (left or right
-padding). What stays on the original ``transformers`` code path (exact by construction):
-cross-attention, attention with dropout while training, any other mask, and BLOOM with
-``output_attentions``. For T5 in those cases the dense bias is still built
+padding). Attention dropout while training runs on posbias too (``attention(..., dropout_p=...)``:
+the same dropout of the probabilities, from posbias' own per-pair mask, in O(N) memory). What stays
+on the original ``transformers`` code path (exact by construction): cross-attention, any other mask,
+and ``output_attentions``. For T5 in those cases the dense bias is still built
 from posbias' O(N) per-offset table and handed to SDPA, so it is cheaper than the original too.
 
 Usage with a real checkpoint (downloads happen in *your* code, never in posbias)::
@@ -226,11 +227,11 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     if isinstance(position_bias, LazyT5Bias):
         lq, lk = query.shape[2], key.shape[2]
         kind = None if _few_keys_at_inference(lk) else position_bias.mask_kind(attention_mask, lq, lk)
-        if kind is not None and dropout == 0.0:
+        if kind is not None:
             q_pos = torch.arange(position_bias.q_start, position_bias.q_start + lq, device=query.device)
             out = attention(query, key, value, position_bias.scheme, causal=kind[0] == "causal", scale=scaling,
                             q_pos=q_pos, k_pos=torch.arange(lk, device=query.device), backend=position_bias.backend,
-                            strict=False, key_mask=_batch_keys(kind[1], query.shape[0]))
+                            strict=False, key_mask=_batch_keys(kind[1], query.shape[0]), dropout_p=dropout)
             return out.transpose(1, 2).contiguous(), None
         position_bias = position_bias.dense(lq, lk, query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -268,8 +269,7 @@ def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual:
     kind = None if _few_keys_at_inference(lk) else mask_kind(attention_mask, lk - lq, lq, lk, causal_if_none=True)
     if kind is not None and kind[1] is not None and not _runs(kind[1]):
         kind = None  # BLOOM counts key positions over the kept keys only: the same offsets for one run of them
-    dropping = module.training and module.attention_dropout.p > 0
-    if kind is None or output_attentions or dropping or (module.pretraining_tp > 1 and module.slow_but_exact):
+    if kind is None or output_attentions or (module.pretraining_tp > 1 and module.slow_but_exact):
         return original(hidden_states, residual, alibi, attention_mask, layer_past=layer_past, use_cache=use_cache,
                         output_attentions=output_attentions, **kwargs)
     q, k, v = module._reshape(module.query_key_value(hidden_states))
@@ -277,7 +277,8 @@ def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual:
         k, v = layer_past.update(k, v, module.layer_idx)
     scheme = _bloom_scheme(module.num_heads, module.head_dim, str(q.device))
     out = attention(q, k, v, scheme, causal=kind[0] == "causal", scale=module.inv_norm_factor, backend=posbias_backend,
-                    strict=False, key_mask=_batch_keys(kind[1], b))
+                    strict=False, key_mask=_batch_keys(kind[1], b),
+                    dropout_p=module.attention_dropout.p if module.training else 0.0)
     context = out.transpose(1, 2).reshape(b, lq, module.num_heads * module.head_dim)
     return dropout_add(module.dense(context), residual, module.hidden_dropout, module.training), None
 
@@ -334,8 +335,7 @@ def _mpt_forward(module: nn.Module, original, hidden_states: Tensor, position_bi
     lk = past + lq
     allowed = None if attention_mask is None else ~attention_mask.bool()
     kind = None if _few_keys_at_inference(lk) else mask_kind(allowed, past, lq, lk, causal_if_none=True)
-    dropping = module.training and module.attn_dropout_p > 0
-    if kind is None or dropping or getattr(module, "_posbias_weights_wanted", False):
+    if kind is None or getattr(module, "_posbias_weights_wanted", False):
         return original(hidden_states, position_bias, cache=cache, attention_mask=attention_mask, **kwargs)
     mixed = module.Wqkv(hidden_states)
     if module.clip_qkv:
@@ -345,7 +345,8 @@ def _mpt_forward(module: nn.Module, original, hidden_states: Tensor, position_bi
         k, v = cache.update(k, v, module.layer_idx, kwargs=kwargs)
     scheme = _mpt_scheme(module.n_heads, module.head_dim, module._posbias_slopes, str(q.device))
     out = attention(q, k, v, scheme, causal=kind[0] == "causal", scale=module.softmax_scale, backend=posbias_backend,
-                    strict=False, key_mask=_batch_keys(kind[1], b))
+                    strict=False, key_mask=_batch_keys(kind[1], b),
+                    dropout_p=module.attn_dropout_p if module.training else 0.0)
     return module.out_proj(out.transpose(1, 2).reshape(b, lq, module.n_heads * module.head_dim)), None
 
 

@@ -59,13 +59,19 @@ def merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 
 
 def mask_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, mask: Tensor,
-                  scale: float, work: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  scale: float, work: Tensor | None = None, dropped: Tensor | None = None,
+                  keep_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One block's (dq, dk, dv) and ``dS = P ∘ (dP − δ)`` summed over the batch ``[H, rows, keys]``, for
     attention with the additive ``mask`` (−∞ at hidden pairs), from its log-sum-exp and ``δ = rowsum(dO ∘ O)``:
     five matmuls, in place where possible. Measured faster than the fused backward op plus the two
     matmuls ``dS`` would need on top. ``work`` (from :func:`block_work`, reused block after block)
     holds ``P`` and ``dP``: fresh tensors of this size cost their page faults every block; with a batch
-    of one the returned ``dS`` is a view of ``work[0]``, valid until the buffer's next use."""
+    of one the returned ``dS`` is a view of ``work[0]``, valid until the buffer's next use.
+
+    With attention dropout (:mod:`~posbias.kernels.dropout`: ``dropped``, bool ``[B, H, rows, keys]``,
+    True where a probability was zeroed, the others multiplied by ``keep_scale = 1/(1 − p)``) the output
+    was ``O = (P ∘ Z) V``, ``Z = keep_scale · ¬dropped``: then ``dV = (P ∘ Z)ᵀ dO`` and ``dS = P ∘ (dP ∘ Z − δ)``
+    with ``dP = dO Vᵀ``, and ``δ = rowsum(dO ∘ O)`` still (``Σ_j P_ij Z_ij dP_ij = dO_i · O_i``)."""
     shape = q.shape[:-1] + k.shape[-2:-1]
     size = shape.numel()
     p_out = dp_out = None
@@ -79,8 +85,14 @@ def mask_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, de
     # 167 ms at −90 and 21 ms at −∞ against 2.3–6.9 ms at −50; exp2 with the multiply 3–5 ms
     # everywhere, measured)
     p = p.sub_(lse.unsqueeze(-1).clamp(min=NEG)).mul_(LOG2E).exp2_()
-    dv = torch.matmul(p.transpose(-1, -2), dout)
-    ds = p.mul_(torch.matmul(dout, v.transpose(-1, -2), out=dp_out).sub_(delta.unsqueeze(-1)))
+    if dropped is None:
+        dv = torch.matmul(p.transpose(-1, -2), dout)
+        dp = torch.matmul(dout, v.transpose(-1, -2), out=dp_out)
+    else:  # P ∘ Z in dP's buffer first (its ¬dropped entries; keep_scale on the smaller dV), then dP there
+        pz = torch.where(dropped, p.new_zeros(()), p, out=dp_out)
+        dv = torch.matmul(pz.transpose(-1, -2), dout).mul_(keep_scale)
+        dp = torch.matmul(dout, v.transpose(-1, -2), out=dp_out).masked_fill_(dropped, 0.0).mul_(keep_scale)
+    ds = p.mul_(dp.sub_(delta.unsqueeze(-1)))
     dq = torch.matmul(ds, k)
     if scale != 1:
         dq.mul_(scale)

@@ -1,0 +1,180 @@
+"""Attention dropout (``attention(..., dropout_p=p)``, :mod:`posbias.kernels.dropout`): the mask's
+definition, the blocked kernel against the dense oracle with the same mask (outputs, q/k/v and
+scheme gradients), its statistics (rate, expectation), reproducibility, and bad input."""
+
+import math
+
+import pytest
+import torch
+from _helpers import compare, randomized
+
+import posbias
+from posbias.attention import attention, attention_reference
+from posbias.kernels import dropout as kd
+
+SCHEMES = [("t5", {"max_distance": 40}), ("t5", {"max_distance": 40, "bidirectional": True}),
+           ("offset", {"max_distance": 17}), ("alibi", {}), ("kerple-log", {}), ("kerple-power", {}),
+           ("fire", {"init_L": 32.0}), ("rope", {}), ("nope", {})]
+
+
+@pytest.mark.parametrize("p", [0.001, 0.1, 0.5, 0.97])
+def test_fast_mask_is_the_64_bit_definition(p):
+    """The 32-bit wrapping hash equals the module docstring's formula computed in exact 64-bit
+    arithmetic, for seeds and indices whose words overflow at every step."""
+    for seed in (0, 1, 0xFFFFFFFF, 123456789):
+        rows, cols = torch.arange(1000, 1077), torch.cat([torch.arange(300), torch.arange(2**31 - 50, 2**31 + 50)])
+        assert torch.equal(kd._dropped32(seed, p, 2, 3, rows, cols), kd.dropped_reference(seed, p, 2, 3, rows, cols))
+    assert kd._wraps("cpu")
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_mask_rate_and_independence(p):
+    """Each pair dropped with probability p (within 5 standard errors over 1.2M pairs); neighbouring
+    pairs along rows, columns, heads and seeds uncorrelated (within 5 standard errors)."""
+    a = kd.dropped(7, p, 2, 4, torch.arange(300), torch.arange(500)).double()
+    b = kd.dropped(8, p, 2, 4, torch.arange(300), torch.arange(500)).double()
+    n = a.numel()
+    assert abs(a.mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+    centred, other = a - p, b - p
+    bound = 5 * p * (1 - p) / math.sqrt(n / 2)
+    for x, y in [(centred[..., 1:], centred[..., :-1]), (centred[:, :, 1:], centred[:, :, :-1]),
+                 (centred[:, 1:], centred[:, :-1]), (centred, other)]:
+        assert abs((x * y).mean().item()) < bound
+
+
+def test_mask_does_not_depend_on_the_blocks():
+    """A pair's fate is a function of (seed, batch, head, row, column): any block of rows and columns
+    reads the same entries as the whole call."""
+    whole = kd.dropped(99, 0.3, 2, 3, torch.arange(50), torch.arange(70))
+    part = kd.dropped(99, 0.3, 2, 3, torch.arange(13, 29), torch.arange(5, 61))
+    assert torch.equal(part, whole[:, :, 13:29, 5:61])
+
+
+@pytest.mark.parametrize("name, options", SCHEMES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_matches_the_dense_oracle(name, options, causal):
+    """The blocked kernel (several blocks) against the reference probabilities times the whole mask:
+    outputs, q/k/v gradients and the scheme's parameter gradients."""
+    compare(randomized(name, **options), "auto", causal=causal, lk=301, dropout_p=0.2, dropout_seed=1234)
+
+
+@pytest.mark.parametrize("name, options", [("t5", {"max_distance": 40}), ("fire", {"init_L": 32.0}), ("alibi", {})])
+def test_kernel_with_query_offsets_and_rows_without_keys(name, options):
+    """A chunk of queries at the end of the keys, and queries placed before every key (causal: rows
+    that see nothing get 0, never NaN, in outputs and gradients)."""
+    s = randomized(name, **options)
+    compare(s, "auto", lq=37, lk=301, dropout_p=0.3, dropout_seed=5)
+    compare(s, "auto", lq=40, lk=90, q0=-20, dropout_p=0.3, dropout_seed=5)
+
+
+def test_block_size_does_not_change_the_result():
+    """Blocks of 16 and of 128 rows give the same output and gradients (the mask is per pair)."""
+    s = randomized("t5", max_distance=40)
+    q, k, v = (torch.randn(2, 3, 200, 16, requires_grad=True) for _ in range(3))
+    pos = torch.arange(200)
+    outs = [kd.dropout_kernel(q, k, v, s, q_pos=pos, k_pos=pos, causal=True, scale=1.0, p=0.25, seed=3, block=b)
+            for b in (16, 128)]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(outs[0])
+    grads = [torch.autograd.grad((o * g).sum(), [q, k, v, s.table]) for o in outs]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_dropout_averages_to_attention_without_it():
+    """E[(P ∘ Z) V] = P V: the mean over 400 seeds is the dropout-free output within 5 standard errors
+    (estimated from the same draws), and its spread is not zero."""
+    s = randomized("t5", max_distance=40)
+    q, k, v = (torch.randn(1, 3, 40, 16, dtype=torch.float64) for _ in range(3))
+    exact = attention_reference(q, k, v, s)
+    draws = torch.stack([attention(q, k, v, s, dropout_p=0.4, dropout_seed=seed).double() for seed in range(400)])
+    err = draws.std(0) / math.sqrt(len(draws))
+    assert (draws.std(0) > 0).float().mean() > 0.99
+    assert ((draws.mean(0) - exact).abs() <= 5 * err + 1e-6).float().mean() > 0.999
+
+
+def test_grouped_heads_and_padding_with_dropout():
+    """``enable_gqa`` is dropout on the repeated heads with the same seed; a key mask with one run of
+    kept keys is dropout on those keys alone; two masks each take their group's derived seed."""
+    s = randomized("alibi")
+    q = torch.randn(2, 3, 50, 16)
+    k, v = torch.randn(2, 1, 50, 16), torch.randn(2, 1, 50, 16)
+    torch.testing.assert_close(attention(q, k, v, s, enable_gqa=True, dropout_p=0.3, dropout_seed=11),
+                               attention(q, k.expand(2, 3, 50, 16), v.expand(2, 3, 50, 16), s, dropout_p=0.3,
+                                         dropout_seed=11))
+    k, v = torch.randn(2, 3, 50, 16), torch.randn(2, 3, 50, 16)
+    right = torch.arange(50) < 35
+    got = attention(q, k, v, s, key_mask=right.expand(2, 50), dropout_p=0.3, dropout_seed=11)
+    want = attention(q, k[:, :, :35], v[:, :, :35], s, k_pos=torch.arange(35), q_pos=torch.arange(50),
+                     dropout_p=0.3, dropout_seed=11)
+    torch.testing.assert_close(got, want)
+    two = torch.stack([right, torch.arange(50) >= 10])
+    got = attention(q, k, v, s, key_mask=two, dropout_p=0.3, dropout_seed=11)
+    for row, (lo, hi) in enumerate([(0, 35), (10, 50)]):
+        group = int((torch.unique(two, dim=0) == two[row]).all(1).nonzero())
+        want = attention(q[row:row + 1], k[row:row + 1, :, lo:hi], v[row:row + 1, :, lo:hi], s,
+                         k_pos=torch.arange(lo, hi), q_pos=torch.arange(50), dropout_p=0.3,
+                         dropout_seed=kd.group_seed(11, group))
+        torch.testing.assert_close(got[row:row + 1], want)
+
+
+def test_seeds_reproduce_and_differ():
+    """Without a seed, one is drawn from torch's generator: ``torch.manual_seed`` reproduces the call, the
+    next call differs, and the oracle with the same draw agrees; ``dropout_p=0`` draws nothing."""
+    s = randomized("kerple-log")
+    q, k, v = (torch.randn(1, 3, 64, 16) for _ in range(3))
+    torch.manual_seed(0)
+    first, second = attention(q, k, v, s, dropout_p=0.5), attention(q, k, v, s, dropout_p=0.5)
+    torch.manual_seed(0)
+    again = attention(q, k, v, s, dropout_p=0.5)
+    torch.manual_seed(0)
+    oracle = attention_reference(q, k, v, s, dropout_p=0.5)
+    assert torch.equal(first, again) and not torch.allclose(first, second)
+    torch.testing.assert_close(first, oracle, atol=2e-5, rtol=1e-4)
+    state = torch.get_rng_state()
+    assert torch.equal(attention(q, k, v, s, dropout_p=0.0), attention(q, k, v, s))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_forced_backends_with_dropout():
+    """A forced fast backend has no dropout: refused (strict), or the dropout kernel (``strict=False``);
+    ``backend="reference"`` is the dense oracle."""
+    s = randomized("t5", max_distance=40)
+    q, k, v = (torch.randn(1, 3, 64, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="backend 'toeplitz' has no attention dropout"):
+        attention(q, k, v, s, backend="toeplitz", dropout_p=0.1)
+    ours = attention(q, k, v, s, dropout_p=0.1, dropout_seed=4)
+    torch.testing.assert_close(attention(q, k, v, s, backend="toeplitz", strict=False, dropout_p=0.1, dropout_seed=4),
+                               ours)
+    torch.testing.assert_close(attention(q, k, v, s, backend="reference", dropout_p=0.1, dropout_seed=4), ours,
+                               atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"dropout_p": 1.0}, r"dropout_p must be a number in \[0, 1\), got 1.0"),
+    ({"dropout_p": -0.1}, r"got -0.1"),
+    ({"dropout_p": float("nan")}, r"got nan"),
+    ({"dropout_p": True}, r"got True"),
+    ({"dropout_p": "0.1"}, r"got '0.1'"),
+    ({"dropout_p": 0.1, "dropout_seed": -1}, r"dropout_seed must be None or an int in \[0, 2\^32 - 1\], got -1"),
+    ({"dropout_p": 0.1, "dropout_seed": 2**32}, r"got 4294967296"),
+    ({"dropout_p": 0.1, "dropout_seed": 1.5}, r"got 1.5"),
+])
+def test_bad_dropout_arguments(kw, message):
+    s = posbias.build("alibi", n_heads=3, head_dim=16)
+    q = torch.randn(1, 3, 8, 16)
+    for fn in (attention, attention_reference):
+        with pytest.raises(ValueError, match=message):
+            fn(q, q, q, s, **kw)
+
+
+def test_low_precision_inputs():
+    """bf16 inputs: the kernel computes in float32 and returns bf16, within the bf16 rounding of the
+    float32 result of the same mask."""
+    s = randomized("t5", max_distance=40)
+    q, k, v = (torch.randn(1, 3, 100, 16) for _ in range(3))
+    low = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), s, dropout_p=0.2, dropout_seed=9)
+    exact = attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), s, dropout_p=0.2,
+                      dropout_seed=9)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), exact, atol=2e-2, rtol=1e-2)
