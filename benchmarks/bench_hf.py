@@ -1,4 +1,4 @@
-"""Time (and, on CUDA, peak memory) of a Hugging Face T5, BLOOM or MPT model before and after
+"""Time and peak memory of a Hugging Face T5, BLOOM or MPT model before and after
 ``posbias.integrations.hf.accelerate``, as ratios measured in the same run — ``--reps`` pairs of one
 call of each, the order alternating, the median of the per-pair ratios — with a check that the
 outputs agree. Randomly initialised models from a config: nothing is downloaded.
@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import statistics
 
 import torch
-from bench_attention import interleaved, seconds, sync
+from bench_attention import _status_kib, interleaved, seconds, sync
 
 SIZES = {  # d_model, d_kv, d_ff, layers (each stack), heads, feed-forward
     "small": (512, 64, 1024, None, 8, "relu"),  # None: --layers
@@ -36,17 +37,37 @@ SIZES = {  # d_model, d_kv, d_ff, layers (each stack), heads, feed-forward
 
 
 def warm_up(model, ids, labels, device):
-    """(output, peak MiB on CUDA) of one untimed call, or None where the device ran out of memory."""
+    """(output, peak MiB) of one untimed call, or None where the device ran out of memory. Peak: CUDA's
+    max allocated, or on Linux CPUs the growth of the process's peak RSS over the call (None elsewhere)."""
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        base = _reset_peak_rss() if device.type == "cpu" else None
         out = step(model, ids, labels)
         sync(device)
-        return out.float(), torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+        if device.type == "cuda":
+            return out.float(), torch.cuda.max_memory_allocated() / 2**20
+        return out.float(), None if base is None else (_status_kib("VmHWM") - base) / 1024
     except torch.OutOfMemoryError:
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        return None
+
+
+def _reset_peak_rss() -> int | None:
+    """Linux: the peak RSS reset to the current RSS (KiB, returned); None where /proc cannot do it. Freed
+    heap is handed back first (glibc's ``malloc_trim``), or the second model's call would reuse what the
+    first one's left behind and read as using nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmRSS")
+    except (OSError, RuntimeError):
         return None
 
 
@@ -161,7 +182,8 @@ def main(argv=None):
     print(f"# transformers {transformers.__version__}, torch {torch.__version__}, {device} ({where}); {args.model} "
           f"{args.size} (d_model {ref.config.hidden_size if args.model == 'bloom' else ref.config.d_model}), "
           f"{'4 padded sequences' if args.padded else 'batch 1'}, "
-          f"{args.dtype}, {what}; HF attention '{impl}'; posbias backend {args.backend}; peak memory: CUDA max allocated")
+          f"{args.dtype}, {what}; HF attention '{impl}'; posbias backend {args.backend}; peak memory: "
+          f"{'max allocated' if device.type == 'cuda' else 'growth of peak RSS over the first call'}")
     print(f"# each speed-up: the median of {args.reps} interleaved pairs (HF / posbias time; one pair fewer beyond 4k"
           "), smallest–largest in brackets; ms: the medians")
     # in bf16/fp16 the two sides differ by both their roundings: each is also compared with float32,

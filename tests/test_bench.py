@@ -80,3 +80,17 @@ def test_bench_padding_compares_key_mask_with_both_baselines():
     assert [x.split("|")[2].strip() for x in lines[3:]] == ["forward", "forward+backward"]
     _, r = _script("bench_padding.py", "--schemes", "rope", ok=False)
     assert r.returncode == 2 and "'rope' is not an additive scheme" in r.stderr
+
+
+def test_bench_dropout_compares_with_both_baselines_and_measures_memory():
+    lines, _ = _script("bench_dropout.py", "--lengths", "64", "--reps", "1", "--schemes", "t5", "rope", "--memory")
+    rows = [line for line in lines if line.startswith("| t5") or line.startswith("| rope")]
+    assert len(rows) == 2 and "dropout_p=0.1" in lines[0]
+    for row in rows:  # ms, two ratios, three memory figures (numbers, never nan)
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 6 and all("(" in c for c in cells[3:5])
+        assert all(float(x) >= 0 for x in cells[5].split(" / "))
+    _, r = _script("bench_dropout.py", "--schemes", "sinusoidal", ok=False)
+    assert r.returncode == 2 and "not an additive or rotary scheme" in r.stderr
+    _, r = _script("bench_dropout.py", "--p", "1", ok=False)
+    assert r.returncode == 2 and "--p must be in (0, 1)" in r.stderr

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from _helpers import compare, randomized
+from _helpers import DEVICES, compare, randomized
 
 import posbias
 from posbias.attention import attention, attention_reference
@@ -56,6 +56,16 @@ def test_kernel_matches_the_dense_oracle(name, options, causal):
     """The blocked kernel (several blocks) against the reference probabilities times the whole mask:
     outputs, q/k/v gradients and the scheme's parameter gradients."""
     compare(randomized(name, **options), "auto", causal=causal, lk=301, dropout_p=0.2, dropout_seed=1234)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["t5", "alibi", "fire", "rope"])
+def test_kernel_matches_the_dense_oracle_on_every_device(name, device):
+    """The same kernel on CUDA (its mask's 32-bit arithmetic checked there once, :func:`kd._wraps`)."""
+    compare(randomized(name), "auto", lk=301, dropout_p=0.2, dropout_seed=77, device=device)
+    if device != "cpu":
+        rows, cols = torch.arange(300, device=device), torch.arange(2**31 - 20, 2**31 + 20, device=device)
+        assert torch.equal(kd.dropped(5, 0.3, 2, 3, rows, cols).cpu(), kd.dropped(5, 0.3, 2, 3, rows.cpu(), cols.cpu()))
 
 
 @pytest.mark.parametrize("name, options", [("t5", {"max_distance": 40}), ("fire", {"init_L": 32.0}), ("alibi", {})])

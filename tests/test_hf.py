@@ -452,6 +452,12 @@ def test_hf_benchmark_runs_training_and_checks_agreement(capsys, monkeypatch):
     last = capsys.readouterr().out.strip().splitlines()[-1].split("|")
     assert last[1].strip() == "40" and "OOM" not in last
     assert float(last[7]) < 1e-4  # the losses of the HF and the posbias model
+    bench.main(["--train", "--dropout", "0.1", "--lengths", "40", "--layers", "1", "--reps", "1", "--target-len", "8",
+                "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "dropout_rate 0.1" in out and out.strip().splitlines()[-1].split("|")[7].strip() == "(dropout)"
+    with pytest.raises(SystemExit):
+        bench.main(["--dropout", "0.1"])  # dropout goes with --train
 
 
 def test_hf_benchmark_in_bf16_compares_each_side_with_float32(capsys, monkeypatch):
