@@ -723,7 +723,7 @@ def test_attention_inside_torch_compile_equals_eager(name):
 
 def test_readme_quick_start_runs_as_written():
     """The README's first code block, executed verbatim; its padded call equals attention on the 3000
-    real keys (the 1096 queries after them see those same keys)."""
+    real keys (the 1096 queries after them see those same keys); its dropout call ran."""
     import re
     from pathlib import Path
 
@@ -734,6 +734,8 @@ def test_readme_quick_start_runs_as_written():
     q, k, v, scheme = env["q"], env["k"], env["v"], env["scheme"]
     want = attention(q, k[:, :, :3000], v[:, :, :3000], scheme, q_pos=torch.arange(4096), k_pos=torch.arange(3000))
     torch.testing.assert_close(env["out"], want)
+    dropped = env["train"]  # the dropout call: finite, and not the call without dropout
+    assert torch.isfinite(dropped).all() and not torch.allclose(dropped, attention(q, k, v, scheme), atol=1e-3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
