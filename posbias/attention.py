@@ -298,7 +298,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
     :mod:`~posbias.kernels.dropout` (blocked, O(N) memory, every scheme, gradients to the bias too), or
     on the dense reference with ``backend="reference"``; a pair's mask is a hash of ``dropout_seed`` and
     its indices, so both give the same result for one seed. ``dropout_seed`` (an int in [0, 2³² − 1])
-    defaults to one drawn from torch's default CPU generator, which ``torch.manual_seed`` fixes.
+    defaults to one drawn from torch's default CPU generator, which ``torch.manual_seed`` fixes (inside
+    ``torch.compile`` the compiled graph's own generator draws it: a fresh mask every call, reproducible,
+    not eager's draw).
 
     ``backend="auto"`` picks the fastest exact path for the scheme and inputs (see
     :func:`choose_backend`); any name in :data:`BACKENDS` forces that path, and a forced path that

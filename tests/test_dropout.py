@@ -188,3 +188,30 @@ def test_low_precision_inputs():
                       dropout_seed=9)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), exact, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.slow
+def test_dropout_inside_torch_compile():
+    """A compiled function calling ``attention(..., dropout_p=p)``: with a given seed it equals eager in
+    outputs and gradients; without one, the compiled graph draws the seed from its own generator — a
+    fresh mask every call (never one baked into the graph), and ``torch.manual_seed`` reproduces it."""
+    torch._dynamo.reset()
+    s = randomized("t5", max_distance=40)
+    q, k, v = (torch.randn(1, 3, 64, 16, requires_grad=True) for _ in range(3))
+
+    def seeded(q, k, v):
+        return attention(q, k, v, s, dropout_p=0.2, dropout_seed=3)
+
+    out, ref = torch.compile(seeded)(q, k, v), seeded(q, k, v)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), [q, k, v, s.table]),
+                    torch.autograd.grad((ref * g).sum(), [q, k, v, s.table])):
+        torch.testing.assert_close(a, b)
+    drawn = torch.compile(lambda q, k, v: attention(q, k, v, s, dropout_p=0.2))
+    with torch.no_grad():
+        first, second = drawn(q, k, v), drawn(q, k, v)
+        torch.manual_seed(1)
+        again = drawn(q, k, v)
+        torch.manual_seed(1)
+        assert not torch.equal(first, second) and torch.equal(drawn(q, k, v), again)
