@@ -336,6 +336,16 @@ def test_training_with_attention_dropout_runs_on_posbias(family, fast_calls, sam
     assert fast_calls and not torch.allclose(b, evaluated, atol=1e-3)
 
 
+def test_dropout_runs_on_posbias_only_on_the_devices_listed():
+    """Issue 12's rule for a path no GPU run has timed: dropout on other devices than
+    ``DROPOUT_DEVICES`` (the CPU) keeps transformers' path; without dropout every device goes on."""
+    from posbias.integrations.hf import DROPOUT_DEVICES, _takes_dropout
+
+    assert DROPOUT_DEVICES == ("cpu",)
+    cpu, elsewhere = torch.empty(1), torch.empty(1, device="meta")
+    assert _takes_dropout(0.1, cpu) and _takes_dropout(0.0, elsewhere) and not _takes_dropout(0.1, elsewhere)
+
+
 def test_short_inference_keeps_transformers_path_and_training_does_not(fast_calls, monkeypatch):
     """Below ``POSBIAS_FROM`` keys inference keeps transformers' own attention (measured faster there:
     BLOOM's, T5's SDPA with the dense bias), with the same tokens; with autograd on, the same short

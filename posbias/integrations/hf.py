@@ -15,10 +15,10 @@ Two things live here:
 Padding masks run on posbias too (as :func:`posbias.attention`'s ``key_mask``), where the mask is
 "these keys for every query" (and causal) — checked element by element; for BLOOM, whose ALiBi
 counts positions over the kept keys, only where each sequence keeps one run of keys (left or right
-padding). Attention dropout while training runs on posbias too (``attention(..., dropout_p=...)``:
-the same dropout of the probabilities, from posbias' own per-pair mask, in O(N) memory). What stays
-on the original ``transformers`` code path (exact by construction): cross-attention, any other mask,
-and ``output_attentions``. For T5 in those cases the dense bias is still built
+padding). Attention dropout while training runs on posbias too on the CPU (``attention(...,
+dropout_p=...)``: the same dropout of the probabilities, from posbias' own per-pair mask, in O(N)
+memory; :data:`DROPOUT_DEVICES`). What stays on the original ``transformers`` code path (exact by
+construction): cross-attention, any other mask, ``output_attentions``, and dropout on other devices. For T5 in those cases the dense bias is still built
 from posbias' O(N) per-offset table and handed to SDPA, so it is cheaper than the original too.
 
 Usage with a real checkpoint (downloads happen in *your* code, never in posbias)::
@@ -186,6 +186,20 @@ def _few_keys_at_inference(lk: int) -> bool:
     return lk < POSBIAS_FROM and not torch.is_grad_enabled()
 
 
+# Devices whose attention dropout runs on posbias (:mod:`posbias.kernels.dropout`). On the CPU it is 1.25-1.39x
+# faster than transformers' path for a T5 and holds O(N) memory (README). On CUDA, transformers' SDPA has
+# a fused kernel with a dense bias and dropout, while posbias' dropout kernel is a Python loop of dense
+# blocks that no GPU run has timed yet (issue 12: until a GPU run validates a path, it is not taken);
+# there training with dropout keeps transformers' path, as before.
+DROPOUT_DEVICES = ("cpu",)
+
+
+def _takes_dropout(p: float, t: Tensor) -> bool:
+    """Whether a call with attention dropout ``p`` may run on posbias: no dropout, or a device of
+    :data:`DROPOUT_DEVICES`."""
+    return p == 0 or t.device.type in DROPOUT_DEVICES
+
+
 # -- T5 family --------------------------------------------------------------------------------
 @dataclass
 class LazyT5Bias:
@@ -227,7 +241,7 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     if isinstance(position_bias, LazyT5Bias):
         lq, lk = query.shape[2], key.shape[2]
         kind = None if _few_keys_at_inference(lk) else position_bias.mask_kind(attention_mask, lq, lk)
-        if kind is not None:
+        if kind is not None and _takes_dropout(dropout, query):
             q_pos = torch.arange(position_bias.q_start, position_bias.q_start + lq, device=query.device)
             out = attention(query, key, value, position_bias.scheme, causal=kind[0] == "causal", scale=scaling,
                             q_pos=q_pos, k_pos=torch.arange(lk, device=query.device), backend=position_bias.backend,
@@ -269,7 +283,9 @@ def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual:
     kind = None if _few_keys_at_inference(lk) else mask_kind(attention_mask, lk - lq, lq, lk, causal_if_none=True)
     if kind is not None and kind[1] is not None and not _runs(kind[1]):
         kind = None  # BLOOM counts key positions over the kept keys only: the same offsets for one run of them
-    if kind is None or output_attentions or (module.pretraining_tp > 1 and module.slow_but_exact):
+    dropout = module.attention_dropout.p if module.training else 0.0
+    if kind is None or output_attentions or not _takes_dropout(dropout, hidden_states) or (
+            module.pretraining_tp > 1 and module.slow_but_exact):
         return original(hidden_states, residual, alibi, attention_mask, layer_past=layer_past, use_cache=use_cache,
                         output_attentions=output_attentions, **kwargs)
     q, k, v = module._reshape(module.query_key_value(hidden_states))
@@ -277,8 +293,7 @@ def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual:
         k, v = layer_past.update(k, v, module.layer_idx)
     scheme = _bloom_scheme(module.num_heads, module.head_dim, str(q.device))
     out = attention(q, k, v, scheme, causal=kind[0] == "causal", scale=module.inv_norm_factor, backend=posbias_backend,
-                    strict=False, key_mask=_batch_keys(kind[1], b),
-                    dropout_p=module.attention_dropout.p if module.training else 0.0)
+                    strict=False, key_mask=_batch_keys(kind[1], b), dropout_p=dropout)
     context = out.transpose(1, 2).reshape(b, lq, module.num_heads * module.head_dim)
     return dropout_add(module.dense(context), residual, module.hidden_dropout, module.training), None
 
@@ -335,7 +350,8 @@ def _mpt_forward(module: nn.Module, original, hidden_states: Tensor, position_bi
     lk = past + lq
     allowed = None if attention_mask is None else ~attention_mask.bool()
     kind = None if _few_keys_at_inference(lk) else mask_kind(allowed, past, lq, lk, causal_if_none=True)
-    if kind is None or getattr(module, "_posbias_weights_wanted", False):
+    dropout = module.attn_dropout_p if module.training else 0.0
+    if kind is None or getattr(module, "_posbias_weights_wanted", False) or not _takes_dropout(dropout, hidden_states):
         return original(hidden_states, position_bias, cache=cache, attention_mask=attention_mask, **kwargs)
     mixed = module.Wqkv(hidden_states)
     if module.clip_qkv:
@@ -345,8 +361,7 @@ def _mpt_forward(module: nn.Module, original, hidden_states: Tensor, position_bi
         k, v = cache.update(k, v, module.layer_idx, kwargs=kwargs)
     scheme = _mpt_scheme(module.n_heads, module.head_dim, module._posbias_slopes, str(q.device))
     out = attention(q, k, v, scheme, causal=kind[0] == "causal", scale=module.softmax_scale, backend=posbias_backend,
-                    strict=False, key_mask=_batch_keys(kind[1], b),
-                    dropout_p=module.attn_dropout_p if module.training else 0.0)
+                    strict=False, key_mask=_batch_keys(kind[1], b), dropout_p=dropout)
     return module.out_proj(out.transpose(1, 2).reshape(b, lq, module.n_heads * module.head_dim)), None
 
 
