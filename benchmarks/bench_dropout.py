@@ -1,7 +1,7 @@
 """Training with attention dropout: ``posbias.attention(..., dropout_p=p)`` against what a user has without
 it, forward+backward, measured in the same run with interleaved pairs (the method of ``bench_attention.py``:
 median of ``--reps`` per-pair ratios, smallest–largest in brackets), and the peak memory of one training
-step (``--memory``: growth of peak RSS over the inputs, each case in a child process).
+step (``--memory``: growth of peak RSS over the inputs during a second step, each case in a child process).
 
 Baselines: SDPA with ``dropout_p`` and the scheme's bias materialised as ``[heads, N, N]`` (what one writes
 without posbias, and what ``transformers`` runs for T5 while training; RoPE rotates q and k and needs no
@@ -10,6 +10,10 @@ same posbias call without dropout (what the dropout costs).
 
     python benchmarks/bench_dropout.py                                   # t5 alibi fire rope, 1k 2k 4k
     python benchmarks/bench_dropout.py --schemes t5 --lengths 8192 --memory
+    python benchmarks/bench_dropout.py --device cuda --dtype bfloat16 --lengths 4096 8192 --memory   # a GPU
+
+On CUDA SDPA's fused memory-efficient kernel takes a dense bias with dropout, so there the dense-bias
+baseline is a fused kernel, and ``--memory`` reads ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -30,19 +34,19 @@ LABELS = ("posbias with dropout", "dense-bias SDPA with dropout", "posbias witho
 
 def step(label: str, scheme, q, k, v, p: float):
     """One forward+backward of ``label`` as a function of no arguments."""
-    n = q.shape[2]
+    n, device = q.shape[2], q.device
 
     def ours(drop=p):
         posbias.attention(q, k, v, scheme, dropout_p=drop).sum().backward()
 
     def dense():
-        pos = torch.arange(n)
+        pos = torch.arange(n, device=device)
         if scheme.family == "rotary":
             qr, kr = scheme.rotate(q, pos, context_len=n), scheme.rotate(k, pos, context_len=n)
             out = F.scaled_dot_product_attention(qr, kr, v, is_causal=True, dropout_p=p)
         else:
             bias = scheme.bias(pos, pos).masked_fill(pos[None, :] > pos[:, None], float("-inf"))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], dropout_p=p,
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None].to(q.dtype), dropout_p=p,
                                                  scale=scheme.default_scale())
         out.sum().backward()
 
@@ -50,15 +54,27 @@ def step(label: str, scheme, q, k, v, p: float):
 
 
 def inputs(args, n: int):
-    return [torch.randn(args.batch, args.heads, n, args.head_dim, requires_grad=True) for _ in range(3)]
+    return [torch.randn(args.batch, args.heads, n, args.head_dim, device=args.device, dtype=getattr(torch, args.dtype),
+                        requires_grad=True) for _ in range(3)]
 
 
 def memory_child(args) -> None:
-    """Runs in a child process: peak RSS growth of one training step of ``--child NAME LABEL N``, MiB."""
+    """Runs in a child process: peak memory growth of one training step of ``--child NAME LABEL N``, MiB
+    (CPU: peak RSS; CUDA: max allocated)."""
     name, label, n = args.child
     torch.manual_seed(0)
-    scheme = make_scheme(name, args.heads, args.head_dim, torch.device("cpu"))
+    device = torch.device(args.device)
+    scheme = make_scheme(name, args.heads, args.head_dim, device)
     fn = step(label, scheme, *inputs(args, int(n)), args.p)
+    fn()  # a first step loads code and fills caches (tens of MiB of RSS at any length): not the step's memory
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        print(json.dumps(max(0.0, (torch.cuda.max_memory_allocated() - base) / 2**20)))
+        return
     with open("/proc/self/clear_refs", "w") as f:  # Linux: resets the peak RSS (VmHWM) to the current RSS
         f.write("5")
     base = _status_kib("VmRSS")
@@ -68,7 +84,8 @@ def memory_child(args) -> None:
 
 def measure_memory(name: str, label: str, n: int, args) -> float:
     cmd = [sys.executable, __file__, "--child", name, label, str(n), "--p", str(args.p), "--batch", str(args.batch),
-           "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--threads", str(args.threads)]
+           "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--threads", str(args.threads),
+           "--device", args.device, "--dtype", args.dtype]
     r = subprocess.run(cmd, capture_output=True, text=True)
     try:
         return json.loads(r.stdout.strip().splitlines()[-1])
@@ -87,6 +104,8 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--reps", type=int, default=5, help="interleaved pairs per cell")
     p.add_argument("--memory", action="store_true", help="peak memory of one training step, in child processes")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     machine_args(p)
     args = p.parse_args()
@@ -101,10 +120,12 @@ def main() -> None:
         p.error(f"--p must be in (0, 1), got {args.p}")
     if min(args.lengths) < 1 or args.batch < 1 or args.reps < 1:
         p.error("--lengths, --batch and --reps must be >= 1")
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        p.error(f"--device must be cpu, or cuda on a machine with CUDA; got {args.device!r}")
     fix_machine(args)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     print(f"# posbias {posbias.__version__}, torch {torch.__version__} ({machine(device, args.flush_denormal)}), "
-          f"batch {args.batch}, H={args.heads}, head_dim={args.head_dim}, float32, causal, dropout_p={args.p}; "
+          f"batch {args.batch}, H={args.heads}, head_dim={args.head_dim}, {args.dtype}, causal, dropout_p={args.p}; "
           f"forward+backward, posbias with dropout as a ratio to each baseline, median of {args.reps} "
           f"interleaved pairs (smallest–largest)" + ("; peak extra MiB of one step" if args.memory else ""))
     mem_cols = " | MiB: posbias with dropout / dense-bias SDPA / posbias without" if args.memory else ""

@@ -277,8 +277,10 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
 def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool = True,
               scale: float | None = None, q_pos: Tensor | None = None, k_pos: Tensor | None = None,
               backend: str = "auto", strict: bool = True, enable_gqa: bool = False,
-              key_mask: Tensor | None = None, dropout_p: float = 0.0, dropout_seed: int | None = None) -> Tensor:
-    """Exact attention with a positional scheme; ``[batch, heads, Lq, head_dim]`` out.
+              key_mask: Tensor | None = None, dropout_p: float = 0.0, dropout_seed: int | None = None,
+              document_ids: Tensor | None = None) -> Tensor:
+    """Exact attention with a positional scheme; ``[batch, heads, Lq, head_dim]`` out. Long because its
+    docstring is the reference of every argument.
 
     ``key_mask``, a bool ``[batch, Lk]`` tensor, True where a key takes part (padding: False), hides keys
     per sequence; kept keys keep their positions, so offsets are those of the unpadded sequence.
@@ -286,6 +288,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
     or left padding) as a slice, on the same fast paths as an unpadded batch; scattered keys as a
     gather, with positions that are not consecutive (exact, slower backends). A query that sees no
     kept key gets 0.
+
+    ``document_ids``, an integer ``[batch, L]`` tensor (self-attention, ``Lq = Lk = L``), packs several
+    documents into one sequence: each run of equal ids is a document that attends only within itself, at
+    positions counted from 0 at its start (as if it were alone; FIRE, whose bias reads the query's own
+    position, sees exactly that). Documents of one length run as one batch. Not with ``q_pos``, ``k_pos``
+    or ``key_mask`` (give padding an id of its own).
 
     ``enable_gqa=True`` takes grouped-query keys and values, ``[batch, kv_heads, Lk, head_dim]`` with
     ``kv_heads`` dividing ``heads``, shared by consecutive query heads as in
@@ -311,10 +319,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
     dropout_p, dropout_seed = _dropout_args(backend, strict, dropout_p, dropout_seed)
-    if key_mask is not None:
-        return _with_key_mask(q, k, v, scheme, key_mask, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
-                              backend=backend, strict=strict, enable_gqa=enable_gqa, dropout_p=dropout_p,
-                              dropout_seed=dropout_seed)
+    if key_mask is not None or document_ids is not None:
+        kw = dict(causal=causal, scale=scale, backend=backend, strict=strict, enable_gqa=enable_gqa,
+                  dropout_p=dropout_p, dropout_seed=dropout_seed)
+        if document_ids is not None:
+            return _with_documents(q, k, v, scheme, document_ids, q_pos=q_pos, k_pos=k_pos, key_mask=key_mask, **kw)
+        return _with_key_mask(q, k, v, scheme, key_mask, q_pos=q_pos, k_pos=k_pos, **kw)
     q, k, v, q_pos, k_pos, scale = resolve(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale,
                                            enable_gqa=enable_gqa, repeat=False)
     if q.shape[2] == 0 or k.shape[2] == 0:
@@ -343,6 +353,45 @@ def _dropout_args(backend: str, strict: bool, p: object, seed: object) -> tuple[
         raise ValueError(f"backend {backend!r} has no attention dropout; with dropout_p > 0 use backend='auto' "
                          "(posbias.kernels.dropout) or 'reference'")
     return p, draw_seed() if p > 0 and seed is None else seed
+
+
+def _with_documents(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, document_ids: Tensor, *, q_pos: Tensor | None,
+                    k_pos: Tensor | None, key_mask: Tensor | None, **kw) -> Tensor:
+    """:func:`attention` over packed documents: every run of equal ``document_ids`` alone, from position 0;
+    the runs of one length gathered into one batch (one call per distinct length)."""
+    _check_shapes(q, k, v, kw["enable_gqa"])
+    batch, length = q.shape[0], q.shape[2]
+    ids = document_ids
+    if (not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool
+            or tuple(ids.shape) != (batch, length) or k.shape[2] != length):
+        got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids)
+        raise ValueError(f"document_ids must be an integer tensor [batch, L] = [{batch}, {length}] for self-attention "
+                         f"(q and k of L tokens; k has {k.shape[2]}), got {got}")
+    if q_pos is not None or k_pos is not None or key_mask is not None:
+        raise ValueError("document_ids gives each document its own positions from 0 and hides the other documents: "
+                         "pass it without q_pos, k_pos and key_mask (give padding a document id of its own)")
+    ids = ids.to(q.device)
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    rows, starts = new.nonzero(as_tuple=True)  # each document's sequence and first token, in order
+    if rows.numel() == batch:  # one document per sequence: the plain call
+        return attention(q, k, v, scheme, **kw)
+    last = torch.ones_like(rows, dtype=torch.bool)
+    last[:-1] = rows[1:] != rows[:-1]
+    lengths = torch.where(last, length, torch.cat([starts[1:], starts[-1:]])) - starts
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [batch, L, heads, head_dim]: a document is a slice
+    seed, parts, where = kw.pop("dropout_seed"), [], []
+    sizes = torch.unique(lengths).tolist()
+    for g, n in enumerate(sizes):
+        docs = (lengths == n).nonzero().squeeze(1)
+        tok = starts[docs, None] + torch.arange(n, device=q.device)
+        seq = rows[docs, None].expand_as(tok)
+        kw["dropout_seed"] = seed if seed is None or len(sizes) == 1 else group_seed(seed, g)
+        out = attention(*(t[seq, tok].transpose(1, 2) for t in (qt, kt, vt)), scheme, **kw)
+        parts.append(out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[-1]))
+        where.append((seq * length + tok).reshape(-1))
+    flat = torch.cat(parts)[torch.cat(where).argsort()]  # every token once: the inverse permutation
+    return flat.view(batch, length, q.shape[1], -1).transpose(1, 2)
 
 
 def _with_key_mask(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, key_mask: Tensor, *, q_pos: Tensor | None,

@@ -80,6 +80,10 @@ def test_bench_padding_compares_key_mask_with_both_baselines():
     assert [x.split("|")[2].strip() for x in lines[3:]] == ["forward", "forward+backward"]
     _, r = _script("bench_padding.py", "--schemes", "rope", ok=False)
     assert r.returncode == 2 and "'rope' is not an additive scheme" in r.stderr
+    lines, _ = _script("bench_padding.py", "--packed", "--lengths", "40", "24", "--reps", "1", "--schemes", "fire",
+                       "--forward")
+    assert "one row packing 2 documents of 40, 24 tokens (64)" in lines[0] and "document mask" in lines[1]
+    assert [x.split("|")[2].strip() for x in lines[3:]] == ["forward"]
 
 
 def test_bench_dropout_compares_with_both_baselines_and_measures_memory():
@@ -94,3 +98,5 @@ def test_bench_dropout_compares_with_both_baselines_and_measures_memory():
     assert r.returncode == 2 and "not an additive or rotary scheme" in r.stderr
     _, r = _script("bench_dropout.py", "--p", "1", ok=False)
     assert r.returncode == 2 and "--p must be in (0, 1)" in r.stderr
+    _, r = _script("bench_dropout.py", "--device", "tpu", ok=False)
+    assert r.returncode == 2 and "--device must be cpu, or cuda" in r.stderr

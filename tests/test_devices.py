@@ -154,4 +154,4 @@ def test_the_gpu_session_script_runs_its_stages_and_keeps_their_logs(tmp_path):
     assert "skipped" in log and "failed" not in log
     assert "torch " + torch.__version__ in (tmp_path / "environment.log").read_text()
     bad = subprocess.run(["bash", str(script), "bogus"], env=env, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "unknown stage 'bogus'" in bad.stderr and "decode" in bad.stderr
+    assert bad.returncode == 2 and "unknown stage 'bogus'" in bad.stderr and "decode or dropout" in bad.stderr

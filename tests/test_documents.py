@@ -1,0 +1,99 @@
+"""Packed sequences (``attention(..., document_ids=ids)``): every document attends only within itself, at
+positions from 0, against an independent dense oracle (one softmax over the whole packed row with the
+other documents masked out and each token's bias at its position inside its document)."""
+
+import pytest
+import torch
+from _helpers import randomized
+
+import posbias
+from posbias.attention import attention
+from posbias.kernels.reference import dense_probs
+
+IDS = torch.tensor([[0] * 5 + [1] * 17 + [2] + [3] * 40 + [4] * 17,  # lengths 5, 17, 1, 40, 17
+                    [7] * 63 + [8] * 17])                            # 63, 17: two rows share a length
+
+
+def oracle(q, k, v, scheme, ids, causal):
+    """Dense attention per packed row: local positions counted by hand, a same-document mask."""
+    outs = []
+    for b in range(ids.shape[0]):
+        row = ids[b].tolist()
+        local = torch.tensor([next(i - j for j in range(i, -1, -1) if j == 0 or row[j - 1] != row[i])
+                              for i in range(len(row))])
+        same = ids[b][:, None] == ids[b][None, :]
+        mask = same & (torch.arange(len(row))[None, :] <= torch.arange(len(row))[:, None]) if causal else same
+        qb, kb = q[b:b + 1], k[b:b + 1]
+        if scheme.family == "rotary":
+            qb, kb = scheme.rotate(qb, local), scheme.rotate(kb, local)
+        probs = dense_probs(qb, kb, scheme.bias(local, local), mask, scheme.default_scale())
+        outs.append(torch.matmul(probs, v[b:b + 1].float()))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("name, options", [("t5", {"max_distance": 40}), ("t5", {"max_distance": 40, "bidirectional": True}),
+                                           ("alibi", {}), ("kerple-log", {}), ("fire", {"init_L": 32.0}), ("rope", {}),
+                                           ("nope", {})])
+@pytest.mark.parametrize("causal", [True, False])
+def test_documents_equal_the_masked_dense_oracle(name, options, causal):
+    """Outputs, q/k/v gradients and the scheme's parameter gradients."""
+    torch.manual_seed(0)
+    s = randomized(name, **options)
+    q, k, v = (torch.randn(2, 3, 80, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, s, causal=causal, document_ids=IDS)
+    ref = oracle(q, k, v, s, IDS, causal)
+    torch.testing.assert_close(out.double(), ref.double(), atol=2e-5, rtol=1e-4)
+    g = torch.randn_like(ref)
+    params = [p for p in s.parameters() if p.requires_grad]
+    got = torch.autograd.grad((out * g).sum(), [q, k, v, *params])
+    want = torch.autograd.grad((ref * g).sum(), [q, k, v, *params])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-4, rtol=1e-3)
+
+
+def test_documents_of_one_length_run_as_one_call(monkeypatch):
+    """The five distinct lengths of :data:`IDS` (5, 17, 1, 40, 63): five calls, the three 17-token
+    documents of two rows in one; grouped heads and dropout pass through (each call its own stream)."""
+    import sys
+
+    pa = sys.modules["posbias.attention"]  # (``import posbias.attention`` names the function)
+    calls = []
+    real = pa.attention
+
+    def spy(q, *a, **kw):
+        calls.append(tuple(q.shape[:3]))
+        return real(q, *a, **kw)
+
+    s = posbias.build("alibi", n_heads=4, head_dim=8)
+    q, k, v = torch.randn(2, 4, 80, 8), torch.randn(2, 2, 80, 8), torch.randn(2, 2, 80, 8)
+    want = attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), s, document_ids=IDS)
+    monkeypatch.setattr(pa, "attention", spy)
+    got = pa._with_documents(q, k, v, s, IDS, q_pos=None, k_pos=None, key_mask=None, causal=True, scale=None,
+                             backend="auto", strict=True, enable_gqa=True, dropout_p=0.0, dropout_seed=None)
+    torch.testing.assert_close(got, want)
+    assert sorted(calls) == sorted([(1, 4, 1), (1, 4, 5), (3, 4, 17), (1, 4, 40), (1, 4, 63)])
+    dropped = attention(q, k, v, s, enable_gqa=True, document_ids=IDS, dropout_p=0.3, dropout_seed=1)
+    assert torch.isfinite(dropped).all() and not torch.allclose(dropped, want)
+
+
+def test_one_document_per_row_is_the_plain_call():
+    s = randomized("t5", max_distance=40)
+    q, k, v = (torch.randn(2, 3, 30, 16) for _ in range(3))
+    same = attention(q, k, v, s, document_ids=torch.tensor([[3] * 30, [1] * 30]))
+    assert torch.equal(same, attention(q, k, v, s))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"document_ids": torch.zeros(2, 30)}, "document_ids must be an integer tensor"),
+    ({"document_ids": torch.zeros(2, 30, dtype=torch.bool)}, "document_ids must be an integer tensor"),
+    ({"document_ids": torch.zeros(2, 29, dtype=torch.long)}, r"\[batch, L\] = \[2, 30\]"),
+    ({"document_ids": [0] * 30}, "document_ids must be an integer tensor"),
+    ({"document_ids": torch.zeros(2, 30, dtype=torch.long), "q_pos": torch.arange(30)}, "without q_pos, k_pos and key_mask"),
+    ({"document_ids": torch.zeros(2, 30, dtype=torch.long), "key_mask": torch.ones(2, 30, dtype=torch.bool)},
+     "give padding a document id of its own"),
+])
+def test_bad_document_ids(kw, message):
+    s = posbias.build("alibi", n_heads=3, head_dim=16)
+    q = torch.randn(2, 3, 30, 16)
+    with pytest.raises(ValueError, match=message):
+        attention(q, q, q, s, **kw)
