@@ -207,6 +207,12 @@ def memory_child(args):
     q, k, v = (torch.randn(1, h, n, hd, device=device) for h in (heads, kv_heads, kv_heads))
     fn = dict(cases(name, n, scheme, q, k, v)).get(label, (None,))[0] if label != "SDPA (no bias)" else \
         (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads))
+    print(json.dumps(peak_growth_mib(fn, device)))
+
+
+def peak_growth_mib(fn, device) -> float:
+    """Peak memory growth of one call of ``fn``, MiB: CUDA's max allocated over what was allocated
+    before, or on Linux the growth of the peak RSS (writing 5 to clear_refs resets VmHWM to VmRSS)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -214,13 +220,13 @@ def memory_child(args):
         fn()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-    else:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
+    else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _status_kib("VmRSS")
         fn()
         peak = (_status_kib("VmHWM") - base) * 1024
-    print(json.dumps(max(0.0, peak / 2**20)))
+    return max(0.0, peak / 2**20)
 
 
 def _status_kib(field):

@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 import posbias
-from bench_attention import _status_kib, cell, fix_machine, machine, machine_args, make_scheme, paired
+from bench_attention import cell, fix_machine, machine, machine_args, make_scheme, paired, peak_growth_mib
 
 LABELS = ("posbias with dropout", "dense-bias SDPA with dropout", "posbias without dropout")
 
@@ -67,19 +67,7 @@ def memory_child(args) -> None:
     scheme = make_scheme(name, args.heads, args.head_dim, device)
     fn = step(label, scheme, *inputs(args, int(n)), args.p)
     fn()  # a first step loads code and fills caches (tens of MiB of RSS at any length): not the step's memory
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        print(json.dumps(max(0.0, (torch.cuda.max_memory_allocated() - base) / 2**20)))
-        return
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: resets the peak RSS (VmHWM) to the current RSS
-        f.write("5")
-    base = _status_kib("VmRSS")
-    fn()
-    print(json.dumps(max(0.0, (_status_kib("VmHWM") - base) / 1024)))
+    print(json.dumps(peak_growth_mib(fn, device)))
 
 
 def measure_memory(name: str, label: str, n: int, args) -> float:
