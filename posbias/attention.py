@@ -96,11 +96,9 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, caus
                         dropout_seed: int | None = None) -> Tensor:
     """The plain dense reference every fast path is tested against (with ``dropout_p``, the dense
     probabilities times the whole dropout mask of :mod:`~posbias.kernels.dropout`)."""
-    dropout_p, dropout_seed = check_dropout(dropout_p, dropout_seed)
+    dropout_p, dropout_seed = _dropout_args("reference", True, dropout_p, dropout_seed)
     q, k, v, q_pos, k_pos, scale = resolve(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale,
                                            enable_gqa=enable_gqa)
-    if dropout_p > 0 and dropout_seed is None:
-        dropout_seed = draw_seed()
     if q.shape[2] == 0 or k.shape[2] == 0:
         return _empty(q, k, v)
     if dropout_p > 0:
@@ -386,7 +384,7 @@ def _with_documents(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, document_id
         docs = (lengths == n).nonzero().squeeze(1)
         tok = starts[docs, None] + torch.arange(n, device=q.device)
         seq = rows[docs, None].expand_as(tok)
-        kw["dropout_seed"] = seed if seed is None or len(sizes) == 1 else group_seed(seed, g)
+        kw["dropout_seed"] = group_seed(seed, g, len(sizes))
         out = attention(*(t[seq, tok].transpose(1, 2) for t in (qt, kt, vt)), scheme, **kw)
         parts.append(out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[-1]))
         where.append((seq * length + tok).reshape(-1))
@@ -413,9 +411,7 @@ def _with_key_mask(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, key_mask: Te
     outs, order = [], []
     seed = kw.pop("dropout_seed")
     for g, mask in enumerate(masks):
-        # each group its own dropout stream (the same seed would give the first sequence of every group
-        # one mask); a batch with one mask keeps the caller's seed
-        kw["dropout_seed"] = seed if seed is None or len(masks) == 1 else group_seed(seed, g)
+        kw["dropout_seed"] = group_seed(seed, g, len(masks))
         rows = (group == g).nonzero().squeeze(1)
         whole = rows.numel() == batch  # one mask for the batch: no copy of q, k, v
         qg, kg, vg = (q, k, v) if whole else (q[rows], k[rows], v[rows])

@@ -37,7 +37,7 @@ from torch import Tensor
 from ..schemes.base import Scheme, needs_grad
 from .blockwise import _Blocks
 from .flash import LOG2E, NEG, backward_rows, mask_backward
-from .reference import dense_probs, visible
+from .reference import reference_probs
 
 MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9  # ⌊2³² / φ⌋: consecutive key columns start far apart before the finaliser
@@ -60,9 +60,13 @@ def draw_seed() -> int:
     return int(torch.randint(0, SEEDS, (), dtype=torch.int64))
 
 
-def group_seed(seed: int, group: int) -> int:
-    """The seed of the ``group``-th part of a call split into parts (a padded batch's groups of sequences
-    with one key mask): distinct streams, fixed by the call's seed."""
+def group_seed(seed: int | None, group: int, groups: int) -> int | None:
+    """The seed of part ``group`` of ``groups`` of a call split into parts (a padded batch's groups of
+    sequences with one key mask, packed documents of one length): distinct streams fixed by the call's
+    seed, since one seed would give the first sequence of every part one mask; a call in one part keeps
+    its seed (and None, no dropout, stays None)."""
+    if seed is None or groups == 1:
+        return seed
     return int(_fmix64(torch.tensor((seed + GOLDEN * (group + 1)) & MASK32)))
 
 
@@ -137,7 +141,7 @@ def dropped(seed: int, p: float, batch: int, heads: int, rows: Tensor, cols: Ten
 def reference_dropout(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor, k_pos: Tensor, causal: bool,
                       scale: float, p: float, seed: int) -> Tensor:
     """The dense oracle: the reference probabilities, the whole mask, ``(P ∘ Z) V`` (autograd)."""
-    probs = dense_probs(q, k, scheme.bias(q_pos, k_pos), visible(q_pos, k_pos, causal), scale)
+    probs = reference_probs(q, k, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
     rows = torch.arange(q.shape[2], device=q.device)
     cols = torch.arange(k.shape[2], device=q.device)
     drop = dropped_reference(seed, p, q.shape[0], q.shape[1], rows, cols)

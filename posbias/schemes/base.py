@@ -30,6 +30,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..diagonals import diagonal_sums
+
 __all__ = ["Scheme", "ToeplitzScheme", "check_bool", "check_int", "check_positive"]
 
 FAMILIES = ("additive", "rotary", "absolute", "none")
@@ -281,8 +283,6 @@ class ToeplitzBlockGrads(BlockGrads):
     def add(self, q_pos: Tensor, k_pos: Tensor, grad: Tensor) -> None:
         if len(q_pos) < 1 or len(k_pos) < 1 or not (consecutive(q_pos) and consecutive(k_pos)):
             return super().add(q_pos, k_pos, grad)
-        from ..diagonals import diagonal_sums
-
         self.offsets.append(_diagonal_offsets(q_pos, k_pos))
         self.sums.append(diagonal_sums(grad))
 
