@@ -261,15 +261,13 @@ def test_mpt_runs_past_max_seq_len_and_keeps_attention_weights_on_its_own_path(f
 def test_mpt_slopes_conversion_and_restore():
     from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
-    from posbias.integrations.hf import mpt_slopes
-
     for heads in (4, 6, 12):
+        hf_row = build_mpt_alibi_tensor(heads, 9)[:, 0, -2]  # one key before the last: −m
         for bias_max in (8, 12):
-            hf_row = build_mpt_alibi_tensor(heads, 9, alibi_bias_max=bias_max)[:, 0, -2]  # one key before the last: −m
-            torch.testing.assert_close(mpt_slopes(heads, bias_max), -hf_row)
             # transformers 5 builds the model's bias with the default maximum, whatever the config says
-            assert torch.equal(scheme_from_hf(mpt_config(heads, bias_max)).slopes, mpt_slopes(heads))
-        torch.testing.assert_close(mpt_slopes(heads), build("alibi", n_heads=heads, head_dim=4).slopes)
+            assert torch.equal(scheme_from_hf(mpt_config(heads, bias_max)).slopes, -hf_row)
+        # with the default maximum, MPT's slopes are the paper's for every head count
+        torch.testing.assert_close(-hf_row, build("alibi", n_heads=heads, head_dim=4).slopes)
     with pytest.raises(ValueError, match="alibi = False"):
         accelerate(transformers.MptForCausalLM(transformers.MptConfig(
             vocab_size=97, d_model=32, n_heads=4, n_layers=1, attn_config={"attn_pdrop": 0, "alibi": False})))
@@ -420,6 +418,30 @@ def test_mask_kind():
     assert mask_kind(odd[None, None], 0, 5, 5, causal_if_none=False) is None
     assert mask_kind(torch.ones(1, 2, 5, 5, dtype=torch.bool), 0, 5, 5, causal_if_none=False) is None  # per head
     assert mask_kind(torch.full((1, 1, 5, 5), 0.5), 0, 5, 5, causal_if_none=False) is None
+    hidden = ~padded[None, None]  # MPT's convention: True where a pair is hidden
+    assert mask_kind(hidden, 0, 5, 5, causal_if_none=False, hides=True)[0] == "causal"
+
+
+def test_mask_kind_reads_a_mask_once_until_it_changes(monkeypatch):
+    """Every layer hands over the same mask: one reading, kept on the tensor; another shape or start, an
+    in-place change of the mask, or an inference-mode tensor (no version counter) reads it again."""
+    import posbias.integrations.hf as hf
+
+    reads = []
+    real = hf._read_mask
+    monkeypatch.setattr(hf, "_read_mask", lambda *a: reads.append(a[1:]) or real(*a))
+    mask = torch.tril(torch.ones(5, 5, dtype=torch.bool))[None, None].clone()
+    for _ in range(4):  # four layers
+        assert mask_kind(mask, 0, 5, 5, causal_if_none=False) == ("causal", None)
+    assert len(reads) == 1
+    assert mask_kind(mask, 1, 5, 5, causal_if_none=False) is None and len(reads) == 2  # another query start
+    mask[..., 0] = False  # left padding written in place
+    kind, keys = mask_kind(mask, 0, 5, 5, causal_if_none=False)
+    assert kind == "causal" and keys.tolist() == [[False, True, True, True, True]] and len(reads) == 3
+    with torch.inference_mode():
+        frozen = torch.tril(torch.ones(1, 1, 5, 5, dtype=torch.bool))
+        assert mask_kind(frozen, 0, 5, 5, causal_if_none=False) == mask_kind(frozen, 0, 5, 5, causal_if_none=False)
+    assert len(reads) == 5
 
 
 def test_import_posbias_imports_neither_transformers_nor_flex():

@@ -6,7 +6,7 @@ Two things live here:
   :func:`scheme_from_hf` (T5, mT5, UMT5: ``relative_attention_bias.weight`` is ``[num_buckets, heads]``,
   encoder bidirectional, decoder causal; BLOOM: ALiBi slopes from the head count) and
   :func:`t5_to_hf` (a posbias :class:`~posbias.schemes.t5.T5Bias` back to the config fields and weight);
-  MPT: ALiBi with the slopes the model builds (:func:`mpt_slopes`);
+  MPT: ALiBi with the slopes the model builds;
 * **acceleration**: :func:`accelerate` makes a T5-family, BLOOM or MPT model run its positional
   self-attention through :func:`posbias.attention` — the T5 bias is never materialised as
   ``[heads, N, N]`` (HF builds it from an N² bucketing), ALiBi rides on a fused kernel — and
@@ -45,7 +45,7 @@ from ..attention import BACKENDS, attention
 from ..schemes.alibi import ALiBi
 from ..schemes.t5 import T5Bias
 
-__all__ = ["scheme_from_hf", "t5_to_hf", "accelerate", "restore", "mpt_slopes", "ATTN_IMPLEMENTATION"]
+__all__ = ["scheme_from_hf", "t5_to_hf", "accelerate", "restore", "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "posbias"
 T5_FAMILY = ("t5", "mt5", "umt5")
@@ -81,8 +81,8 @@ def scheme_from_hf(config: Any, weight: Tensor | None = None, *, decoder: bool |
     copied from ``weight`` (``relative_attention_bias.weight``, ``[num_buckets, heads]``) when given.
     BLOOM: an :class:`ALiBi` scheme (slopes from the head count, as ``transformers`` computes them).
     MPT (with ``attn_config.alibi``): an :class:`ALiBi` scheme with the slopes ``transformers`` gives MPT
-    (:func:`mpt_slopes` with ``alibi_bias_max = 8``, the paper's: ``transformers`` 5 builds MPT's bias
-    with its default maximum, whatever ``attn_config.alibi_bias_max`` says).
+    (those of ``alibi_bias_max = 8``, the paper's: ``transformers`` 5 builds MPT's bias with its default
+    maximum, whatever ``attn_config.alibi_bias_max`` says).
     """
     kind = getattr(config, "model_type", None)
     if kind in T5_FAMILY:
@@ -104,7 +104,7 @@ def scheme_from_hf(config: Any, weight: Tensor | None = None, *, decoder: bool |
         from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
         return _mpt_alibi(config.n_heads, config.d_model // config.n_heads,
-                          _slopes_of(build_mpt_alibi_tensor(config.n_heads, 2)))
+                          _mpt_slopes(build_mpt_alibi_tensor, config.n_heads))
     if kind in ALIBI_FAMILY:
         heads = _heads(config)
         return ALiBi(n_heads=heads, head_dim=config.hidden_size // heads)
@@ -122,20 +122,38 @@ def t5_to_hf(scheme: T5Bias) -> tuple[dict[str, Any], Tensor]:
 
 
 # -- masks ------------------------------------------------------------------------------------
-def mask_kind(mask: Tensor | None, q_start: int, lq: int, lk: int, *,
-              causal_if_none: bool) -> tuple[str, Tensor | None] | None:
+def mask_kind(mask: Tensor | None, q_start: int, lq: int, lk: int, *, causal_if_none: bool,
+              hides: bool = False) -> tuple[str, Tensor | None] | None:
     """What a ``transformers`` mask asks for: ``("full" | "causal", keys)``, where ``keys`` is None or a
     bool ``[batch, lk]`` key mask (padding: :func:`posbias.attention`'s ``key_mask``), or None for
     anything else (the mask then goes to transformers' own path).
 
     The mask counts only if it *is* "these keys, for every query" (and causal): checked element by
-    element against that reconstruction. Boolean masks are True where attention is allowed; float masks
-    are additive (0 or very negative). A padded query that sees no key at all is such a row too.
+    element against that reconstruction. Boolean masks are True where attention is allowed (``hides``:
+    True where a pair is hidden, MPT's); float masks are additive (0 or very negative). A padded query
+    that sees no key at all is such a row too.
+
+    Every layer of a model gets the same mask, and the check reads all of it (``[4, 1, N, N]``: 60 ms at
+    2k, 240 ms at 4k, measured), so the answer is kept on the mask tensor, keyed by its in-place version
+    and this call's arguments: one reading per forward pass, not one per layer (not for inference-mode
+    tensors, which keep no version).
     """
     if mask is None:
         return ("causal" if causal_if_none else "full"), None
+    if mask.is_inference():
+        return _read_mask(mask, q_start, lq, lk, hides)
+    key = (mask._version, q_start, lq, lk, hides)
+    kept = getattr(mask, "_posbias_mask_kind", None)
+    if kept is None or kept[0] != key:
+        kept = key, _read_mask(mask, q_start, lq, lk, hides)
+        mask._posbias_mask_kind = kept
+    return kept[1]
+
+
+def _read_mask(mask: Tensor, q_start: int, lq: int, lk: int, hides: bool) -> tuple[str, Tensor | None] | None:
+    """:func:`mask_kind`'s reading of one mask."""
     if mask.dtype == torch.bool:
-        allowed = mask
+        allowed = ~mask if hides else mask
     else:
         low = torch.finfo(mask.dtype).min / 2
         if not bool(((mask == 0) | (mask <= low)).all()):
@@ -209,15 +227,8 @@ class LazyT5Bias:
     scheme: T5Bias
     q_start: int
     backend: str = "auto"  # accelerate(model, backend=...): preferred where it runs exactly
-    # every layer of a stack gets the same mask and shapes: classify / densify once per stack
-    _kinds: dict = field(default_factory=dict, repr=False)
+    # every layer of a stack gets the same shapes: densify once per stack
     _dense: dict = field(default_factory=dict, repr=False)
-
-    def mask_kind(self, mask: Tensor | None, lq: int, lk: int) -> tuple[str, Tensor | None] | None:
-        key = (id(mask), lq, lk)
-        if key not in self._kinds:
-            self._kinds[key] = mask_kind(mask, self.q_start, lq, lk, causal_if_none=not self.scheme.bidirectional)
-        return self._kinds[key]
 
     def dense(self, lq: int, lk: int, dtype: torch.dtype) -> Tensor:
         key = (lq, lk, dtype)
@@ -240,7 +251,8 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
 
     if isinstance(position_bias, LazyT5Bias):
         lq, lk = query.shape[2], key.shape[2]
-        kind = None if _few_keys_at_inference(lk) else position_bias.mask_kind(attention_mask, lq, lk)
+        kind = None if _few_keys_at_inference(lk) else mask_kind(
+            attention_mask, position_bias.q_start, lq, lk, causal_if_none=not position_bias.scheme.bidirectional)
         if kind is not None and _takes_dropout(dropout, query):
             q_pos = torch.arange(position_bias.q_start, position_bias.q_start + lq, device=query.device)
             out = attention(query, key, value, position_bias.scheme, causal=kind[0] == "causal", scale=scaling,
@@ -304,21 +316,12 @@ def _bloom_scheme(n_heads: int, head_dim: int, device: str) -> ALiBi:
 
 
 # -- MPT --------------------------------------------------------------------------------------
-def mpt_slopes(n_heads: int, alibi_bias_max: float = 8.0) -> Tensor:
-    """MPT's ALiBi head slopes (``transformers``' ``build_mpt_alibi_tensor``): ``2^(−k·max/p)`` for
-    ``k = 1 … p``, ``p`` the next power of two; with ``p ≠ n_heads`` the odd-indexed slopes, then the
-    even-indexed ones, cut to ``n_heads``. With ``alibi_bias_max = 8`` (MPT's default) these are the
-    paper's slopes for every head count; a config may set another maximum."""
-    p = 2 ** math.ceil(math.log2(n_heads))
-    slopes = 1.0 / torch.pow(2, torch.arange(1, p + 1, dtype=torch.int64).float() * (alibi_bias_max / p))
-    if p != n_heads:
-        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
-    return slopes
-
-
-def _slopes_of(alibi: Tensor) -> tuple[float, ...]:
-    """The slopes in an MPT bias of two keys, ``[heads, 1, 2]`` = ``(−m, 0)`` per head."""
-    return tuple(float(x) for x in -alibi[:, 0, 0])
+def _mpt_slopes(build, n_heads: int) -> tuple[float, ...]:
+    """The head slopes of the bias ``build`` (transformers' ``build_mpt_alibi_tensor``, or a model's
+    method of that name) makes for ``n_heads`` and two keys: ``[heads, 1, 2]`` = ``(−m, 0)`` per head.
+    Read from transformers rather than computed again: version 5 builds MPT's bias with its default
+    ``alibi_bias_max = 8`` (the paper's slopes) whatever ``attn_config.alibi_bias_max`` says."""
+    return tuple(float(x) for x in -build(n_heads, 2, device="cpu")[:, 0, 0])
 
 
 def _mpt_alibi(n_heads: int, head_dim: int, slopes: tuple[float, ...]) -> ALiBi:
@@ -348,8 +351,8 @@ def _mpt_forward(module: nn.Module, original, hidden_states: Tensor, position_bi
     b, lq, _ = hidden_states.shape
     past = cache.get_seq_length(module.layer_idx) if cache is not None else 0
     lk = past + lq
-    allowed = None if attention_mask is None else ~attention_mask.bool()
-    kind = None if _few_keys_at_inference(lk) else mask_kind(allowed, past, lq, lk, causal_if_none=True)
+    kind = None if _few_keys_at_inference(lk) else mask_kind(attention_mask, past, lq, lk, causal_if_none=True,
+                                                             hides=True)
     dropout = module.attn_dropout_p if module.training else 0.0
     if kind is None or getattr(module, "_posbias_weights_wanted", False) or not _takes_dropout(dropout, hidden_states):
         return original(hidden_states, position_bias, cache=cache, attention_mask=attention_mask, **kwargs)
@@ -419,7 +422,7 @@ def _patch_mpt(model: nn.Module, backend: str) -> tuple[int, list]:
         raise ValueError("this MPT model has attn_config.alibi = False: no positional bias to accelerate")
     # the slopes the model itself builds its bias with (transformers 5 ignores attn_config.alibi_bias_max)
     builder = next(m for m in model.modules() if hasattr(m, "build_mpt_alibi_tensor"))
-    slopes = _slopes_of(builder.build_mpt_alibi_tensor(model.config.n_heads, 2, device="cpu"))
+    slopes = _mpt_slopes(builder.build_mpt_alibi_tensor, model.config.n_heads)
     patched = 0
     for m in model.modules():
         if type(m).__name__ == "MptBlock":
