@@ -26,6 +26,7 @@ allocated memory (CUDA) over the inputs.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import platform
@@ -221,12 +222,28 @@ def peak_growth_mib(fn, device) -> float:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _status_kib("VmRSS")
+        base = reset_peak_rss()
+        if base is None:
+            return float("nan")
         fn()
         peak = (_status_kib("VmHWM") - base) * 1024
     return max(0.0, peak / 2**20)
+
+
+def reset_peak_rss() -> int | None:
+    """Linux: the peak RSS reset to the current RSS (KiB, returned); None where /proc cannot do it. Freed
+    heap is handed back first (glibc's ``malloc_trim``): a call measured after another in one process
+    would otherwise reuse what the first left behind and read as using nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # writing 5 resets VmHWM to VmRSS
+            f.write("5")
+        return _status_kib("VmRSS")
+    except (OSError, RuntimeError):
+        return None
 
 
 def _status_kib(field):

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import statistics
 
 import torch
-from bench_attention import _status_kib, interleaved, seconds, sync
+from bench_attention import _status_kib, interleaved, reset_peak_rss, seconds, sync
 
 SIZES = {  # d_model, d_kv, d_ff, layers (each stack), heads, feed-forward
     "small": (512, 64, 1024, None, 8, "relu"),  # None: --layers
@@ -42,7 +41,7 @@ def warm_up(model, ids, labels, device):
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        base = _reset_peak_rss() if device.type == "cpu" else None
+        base = reset_peak_rss() if device.type == "cpu" else None
         out = step(model, ids, labels)
         sync(device)
         if device.type == "cuda":
@@ -52,22 +51,6 @@ def warm_up(model, ids, labels, device):
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return None
-
-
-def _reset_peak_rss() -> int | None:
-    """Linux: the peak RSS reset to the current RSS (KiB, returned); None where /proc cannot do it. Freed
-    heap is handed back first (glibc's ``malloc_trim``), or the second model's call would reuse what the
-    first one's left behind and read as using nothing."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kib("VmRSS")
-    except (OSError, RuntimeError):
         return None
 
 
