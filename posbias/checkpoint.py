@@ -110,13 +110,28 @@ def exists(path: str | Path) -> bool:
         return False
 
 
+def is_posbias(path: str | Path) -> bool:
+    """Whether ``path`` holds a posbias checkpoint: a config.json that says so, not any config.json
+    (a Hugging Face model folder has one too)."""
+    try:
+        read_meta(path)
+        return True
+    except ValueError:
+        return False
+
+
 def require(path: str | Path) -> Path:
     """``path`` if it holds a posbias checkpoint, else ValueError naming it."""
     if not exists(path):
-        hint = next((f"; did you mean {str(Path(path) / sub)!r}?" for sub in ("final", "last")
-                     if exists(Path(path) / sub)), "")
-        raise ValueError(f"{str(path)!r} is not a posbias checkpoint (no config.json with a model config){hint}")
+        raise ValueError(f"{str(path)!r} is not a posbias checkpoint (no config.json with a model config)"
+                         + subfolder_hint(path))
     return Path(path)
+
+
+def subfolder_hint(path: str | Path) -> str:
+    """``"; did you mean 'run/final'?"`` where a model folder was given instead of its checkpoint."""
+    return next((f"; did you mean {str(Path(path) / sub)!r}?" for sub in ("final", "last")
+                 if exists(Path(path) / sub)), "")
 
 
 def train_len(path: str | Path, meta: dict[str, Any] | None = None) -> int:

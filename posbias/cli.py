@@ -161,8 +161,13 @@ def add_plot_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="write PNGs: bucket maps, bias heatmaps, curves, T5 vs ALiBi",
                        formatter_class=_Help)
     p.add_argument("--out", default="plots", help="output folder")
-    p.add_argument("--schemes", nargs="+", default=additive,
-                   help=f"schemes to draw (default: every additive one: {' '.join(additive)})")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--schemes", nargs="+", default=additive,
+                      help=f"schemes to draw (default: every additive one: {' '.join(additive)})")
+    what.add_argument("--checkpoint", nargs="+", metavar="PATH",
+                      help="draw the biases these trained models learned instead: posbias checkpoints "
+                           "(runs/…/models/<label>/final) or local Hugging Face T5/mT5/UMT5/BLOOM/MPT folders "
+                           "(read without building the model; nothing is downloaded)")
     p.add_argument("--heads", type=int, default=8, help="attention heads")
     p.add_argument("--head-dim", type=int, default=64, help="head dimension")
     p.add_argument("--length", type=int, default=64, help="tokens in the heatmaps")
@@ -177,6 +182,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
     from . import plot
 
     out = store.check_out_dir(args.out)
+    if args.checkpoint:
+        return _plot_checkpoints(args.checkpoint, out, args)
     torch.manual_seed(args.seed)
     schemes = [build(n, n_heads=args.heads, head_dim=args.head_dim) for n in args.schemes]
     drawn = [s for s in schemes if s.family == "additive"]
@@ -199,6 +206,58 @@ def cmd_plot(args: argparse.Namespace) -> None:
                                              title=title))
     for p in written:
         say(str(p))
+
+
+def _plot_checkpoints(paths: Sequence[str], out: Path, args: argparse.Namespace) -> None:
+    """``posbias plot --checkpoint``: each model's learned bias as per-head heatmaps, every model's
+    bias against distance in one figure (both directions for a bidirectional T5 encoder), and the
+    bucket map of each T5 configuration among them; a line per bias with its range."""
+    from . import plot
+    from .schemes.base import ToeplitzScheme
+    from .schemes.t5 import T5Bias
+
+    drawn = [(label, s) for path in paths for label, s in _checkpoint_schemes(path)]
+    fixed = {label for label, s in drawn if not s.learnable}
+    written = []
+    for label, s in drawn:
+        both = bool(getattr(s, "bidirectional", False))
+        b = s.bias_by_distance(torch.arange(-args.max_plot_distance if both else 0, args.max_plot_distance + 1))
+        say(f"{label}: {s.name} ({s.extra_repr()}){' — fixed, not learned' if label in fixed else ''}; "
+            f"bias from {float(b.min()) + 0.0:+.3f} to {float(b.max()) + 0.0:+.3f} over distances "
+            f"{'±' if both else '0–'}{args.max_plot_distance}"
+            + ("" if isinstance(s, ToeplitzScheme) else f" for a query at position {args.max_plot_distance}"))
+        written.append(plot.plot_bias_heatmaps(s, out / f"heatmap_{_slug(label)}.png", length=args.length,
+                                               causal=not both, note=f" — {label}"))
+    written.append(plot.plot_bias_curves([s for _, s in drawn], out / "learned_bias_vs_distance.png",
+                                         max_distance=args.max_plot_distance, names=[label for label, _ in drawn],
+                                         log_distance=True, title="learned positional biases"))
+    maps = {(s.num_buckets, s.max_distance, s.bidirectional) for _, s in drawn if isinstance(s, T5Bias)}
+    for nb, md, both in sorted(maps):
+        written.append(plot.plot_bucket_map(out / f"t5_bucket_map_{nb}_{md}_{'bidirectional' if both else 'causal'}.png",
+                                            num_buckets=nb, max_distance=md, bidirectional=both))
+    for p in written:
+        say(str(p))
+
+
+def _checkpoint_schemes(path: str) -> list[tuple[str, Any]]:
+    """The positional schemes in a posbias checkpoint (one) or a Hugging Face folder (one per part),
+    labelled by the model's folder name."""
+    from . import checkpoint as ckpt
+
+    p = Path(path)
+    name = (p.resolve().parent if p.name in ("final", "last") else p.resolve()).name
+    if ckpt.is_posbias(p):
+        return [(name, ckpt.load_model(p).scheme)]
+    if not (p / "config.json").is_file():
+        raise CLIError(f"{path!r} is neither a posbias checkpoint nor a Hugging Face model folder (no config.json)"
+                       + ckpt.subfolder_hint(p))
+    from .integrations.hf import schemes_from_pretrained
+
+    return [(f"{name} {part}".rstrip(), s) for part, s in schemes_from_pretrained(p).items()]
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
 
 
 # -- extrapolate ------------------------------------------------------------------------------

@@ -128,19 +128,21 @@ def plot_bias_curves(schemes: Sequence[Scheme], path: str | Path, *, max_distanc
                      title: str = "bias versus distance", names: Sequence[str] | None = None,
                      log_distance: bool = False) -> Path:
     """One panel per scheme, one line per head: ``PE`` against the distance ``i − j`` (``log_distance``:
-    symlog axis, so distances 0–64 are not squeezed into a corner of a linear axis to 1024)."""
+    symlog axis, so distances 0–64 are not squeezed into a corner of a linear axis to 1024). A
+    bidirectional scheme (a T5 encoder) is drawn over ``−max_distance … max_distance``: keys after the
+    query (``i − j < 0``) have buckets of their own."""
     plt = pyplot()
     keep = [n for n, s in enumerate(schemes) if s.family == "additive"]
     names = [(names[n] if names else schemes[n].name) for n in keep]
     schemes = [schemes[n] for n in keep]
     if not schemes:
         raise ValueError("no additive scheme to plot")
-    d = torch.arange(0, max_distance + 1)
     cols = min(3, len(schemes))
     rows = (len(schemes) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
     for n, s in enumerate(schemes):
         ax = axes[n // cols][n % cols]
+        d = torch.arange(-max_distance if getattr(s, "bidirectional", False) else 0, max_distance + 1)
         b = s.bias_by_distance(d)
         cmap = plt.get_cmap("plasma")
         for h in range(b.shape[0]):
@@ -149,7 +151,8 @@ def plot_bias_curves(schemes: Sequence[Scheme], path: str | Path, *, max_distanc
         ax.set_title(names[n], fontsize=10)
         if log_distance:
             ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel("distance i − j" + (" (log scale)" if log_distance else ""))
+        ax.set_xlabel("distance i − j" + (" (log scale)" if log_distance else "")
+                      + ("; < 0: keys after the query" if d[0] < 0 else ""))
         ax.set_ylabel("bias")
         ax.grid(alpha=0.3)
         if n == 0 and b.shape[0] <= 8:

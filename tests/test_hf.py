@@ -16,7 +16,8 @@ if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
     pytest.skip("the integration targets transformers >= 5", allow_module_level=True)
 
 from posbias import attention_reference, build  # noqa: E402
-from posbias.integrations.hf import POSBIAS_FROM, accelerate, mask_kind, restore, scheme_from_hf, t5_to_hf  # noqa: E402
+from posbias.integrations.hf import (POSBIAS_FROM, accelerate, mask_kind, restore, scheme_from_hf,  # noqa: E402
+                                     schemes_from_pretrained, t5_to_hf)
 
 
 def t5_config(**kw):
@@ -385,6 +386,97 @@ def test_restore_and_conversion_round_trip():
     bloom = scheme_from_hf(transformers.BloomConfig(hidden_size=48, n_head=6))
     from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
     torch.testing.assert_close(bloom.slopes, _get_alibi_slopes(6, torch.device("cpu")))
+
+
+def _t5_table(stack, layer=0):
+    return stack.block[layer].layer[0].SelfAttention.relative_attention_bias.weight
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin"])
+def test_schemes_from_a_saved_model_read_only_the_tables(tmp_path, layout):
+    torch.manual_seed(0)
+    model = randomize_bias(transformers.T5ForConditionalGeneration(t5_config()))
+    if layout == "bin":  # the older format, written by hand (transformers 5 saves safetensors)
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+        model.config.save_pretrained(tmp_path)
+    else:
+        model.save_pretrained(tmp_path, **({"max_shard_size": "20KB"} if layout == "sharded" else {}))
+    if layout == "sharded":
+        assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 3
+    got = schemes_from_pretrained(tmp_path)
+    assert list(got) == ["encoder", "decoder"]
+    assert got["encoder"].bidirectional and not got["decoder"].bidirectional
+    assert torch.equal(got["encoder"].table, _t5_table(model.encoder))
+    assert torch.equal(got["decoder"].table, _t5_table(model.decoder))
+    # the scheme is the model's bias: HF's own dense bias, exactly
+    att = model.decoder.block[0].layer[0].SelfAttention
+    torch.testing.assert_close(got["decoder"].bias(torch.arange(30), torch.arange(30)), att.compute_bias(30, 30)[0],
+                               atol=0, rtol=0)
+
+
+def test_schemes_from_pretrained_umt5_layers_and_alibi_models(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.UMT5Config(vocab_size=97, d_model=48, d_kv=12, d_ff=64, num_layers=2, num_heads=4,
+                                  relative_attention_num_buckets=16, decoder_start_token_id=0)
+    umt5 = randomize_bias(transformers.UMT5ForConditionalGeneration(cfg))
+    umt5.save_pretrained(tmp_path / "umt5")
+    got = schemes_from_pretrained(tmp_path / "umt5")
+    assert list(got) == ["encoder layer 0", "encoder layer 1", "decoder layer 0", "decoder layer 1"]
+    assert torch.equal(got["encoder layer 1"].table, _t5_table(umt5.encoder, 1))
+    assert not torch.equal(got["encoder layer 1"].table, got["encoder layer 0"].table)
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=97, hidden_size=48, n_layer=1, n_head=6))
+    bloom.save_pretrained(tmp_path / "bloom")
+    (only,) = schemes_from_pretrained(tmp_path / "bloom").values()
+    torch.testing.assert_close(only.slopes, scheme_from_hf(bloom.config).slopes, atol=0, rtol=0)
+
+
+def test_schemes_from_pretrained_bad_folders(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        schemes_from_pretrained(tmp_path)
+    transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="'gpt2' model; positional biases are read from t5"):
+        schemes_from_pretrained(tmp_path / "gpt2")
+    t5_config().save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError, match="has no weights"):
+        schemes_from_pretrained(tmp_path / "t5")
+    (tmp_path / "t5" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors' cannot be read"):
+        schemes_from_pretrained(tmp_path / "t5")
+    torch.save({"shared.weight": torch.zeros(2, 2)}, tmp_path / "t5" / "pytorch_model.bin")
+    (tmp_path / "t5" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="hold no relative_attention_bias table"):
+        schemes_from_pretrained(tmp_path / "t5")
+
+
+def test_plot_checkpoint_draws_posbias_and_hf_models(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from posbias import checkpoint as ckpt
+    from posbias.cli import main
+    from posbias.model import ModelConfig, TransformerLM
+
+    torch.manual_seed(0)
+    lm = TransformerLM(ModelConfig(scheme="t5", scheme_options={"max_distance": 20}, d_model=16, n_layers=1, n_heads=2))
+    with torch.no_grad():
+        lm.scheme.table.copy_(torch.linspace(-3, 5, lm.scheme.table.numel()).view_as(lm.scheme.table))
+    ckpt.save_checkpoint(tmp_path / "t5-seed0-abc" / "final", lm)
+    randomize_bias(transformers.T5ForConditionalGeneration(t5_config())).save_pretrained(tmp_path / "tiny-t5")
+    out = tmp_path / "plots"
+    assert main(["plot", "--checkpoint", str(tmp_path / "t5-seed0-abc" / "final"), str(tmp_path / "tiny-t5"),
+                 "--out", str(out), "--max-plot-distance", "64"]) == 0
+    said = capsys.readouterr().out
+    lo, hi = lm.scheme.table.detach().aminmax()
+    assert f"t5-seed0-abc: t5 (n_heads=2, head_dim=8, num_buckets=32, max_distance=20, bidirectional=False); " \
+           f"bias from {float(lo):+.3f} to {float(hi):+.3f} over distances 0–64" in said
+    assert "tiny-t5 encoder: t5 (" in said and "over distances ±64" in said and "tiny-t5 decoder: t5 (" in said
+    names = {p.name for p in out.glob("*.png")}
+    assert names == {"heatmap_t5-seed0-abc.png", "heatmap_tiny-t5_encoder.png", "heatmap_tiny-t5_decoder.png",
+                     "learned_bias_vs_distance.png", "t5_bucket_map_32_20_causal.png",
+                     "t5_bucket_map_16_40_bidirectional.png", "t5_bucket_map_16_40_causal.png"}
+    assert main(["plot", "--checkpoint", str(tmp_path / "t5-seed0-abc"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "neither a posbias checkpoint nor a Hugging Face model folder" in err and "final'?" in err
+    assert main(["plot", "--checkpoint", str(tmp_path), "--schemes", "t5", "--out", str(out)]) == 2
+    assert "not allowed with" in capsys.readouterr().err
 
 
 def test_bad_inputs():

@@ -6,7 +6,8 @@ Two things live here:
   :func:`scheme_from_hf` (T5, mT5, UMT5: ``relative_attention_bias.weight`` is ``[num_buckets, heads]``,
   encoder bidirectional, decoder causal; BLOOM: ALiBi slopes from the head count) and
   :func:`t5_to_hf` (a posbias :class:`~posbias.schemes.t5.T5Bias` back to the config fields and weight);
-  MPT: ALiBi with the slopes the model builds;
+  MPT: ALiBi with the slopes the model builds; :func:`schemes_from_pretrained` reads them from a saved
+  model folder without building the model (``posbias plot --checkpoint`` draws them);
 * **acceleration**: :func:`accelerate` makes a T5-family, BLOOM or MPT model run its positional
   self-attention through :func:`posbias.attention` — the T5 bias is never materialised as
   ``[heads, N, N]`` (HF builds it from an N² bucketing), ALiBi rides on a fused kernel — and
@@ -34,8 +35,11 @@ when a function here is called.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,7 +49,7 @@ from ..attention import BACKENDS, attention
 from ..schemes.alibi import ALiBi
 from ..schemes.t5 import T5Bias
 
-__all__ = ["scheme_from_hf", "t5_to_hf", "accelerate", "restore", "ATTN_IMPLEMENTATION"]
+__all__ = ["scheme_from_hf", "schemes_from_pretrained", "t5_to_hf", "accelerate", "restore", "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "posbias"
 T5_FAMILY = ("t5", "mt5", "umt5")
@@ -109,6 +113,78 @@ def scheme_from_hf(config: Any, weight: Tensor | None = None, *, decoder: bool |
         heads = _heads(config)
         return ALiBi(n_heads=heads, head_dim=config.hidden_size // heads)
     raise ValueError(f"model_type {kind!r} is not supported; supported: {', '.join(T5_FAMILY + ALIBI_FAMILY)}")
+
+
+# a T5-family self-attention table: layer 0 of each stack (T5, mT5) or of every layer (UMT5)
+_T5_TABLE = re.compile(r"(?:^|\.)(encoder|decoder)\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$")
+_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def schemes_from_pretrained(path: str | Path) -> dict[str, T5Bias | ALiBi]:
+    """The positional biases of a ``transformers`` model saved in a local folder (``save_pretrained``
+    or a downloaded snapshot), as posbias schemes by part: ``{"encoder": …, "decoder": …}`` for T5
+    and mT5 (the table of block 0, which every layer of its stack shares), ``"encoder layer 3"`` …
+    for UMT5 (a table in every layer), ``{"": ALiBi}`` for BLOOM and MPT (their fixed slopes).
+
+    Reads ``config.json`` and, of the weights, the bias tables alone (safetensors or ``.bin``,
+    sharded or not): the model is never built and nothing is downloaded, so a multi-GB checkpoint
+    costs a few kB of reading. ValueError naming the folder for a folder without ``config.json``, a
+    model type without a positional bias posbias knows, or weights without the tables."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{str(folder)!r} is not a Hugging Face model folder (no config.json)")
+    _transformers()
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{str(folder / 'config.json')!r} cannot be read as a transformers config: "
+                         f"{str(exc).splitlines()[0][:200]}") from None
+    if config.model_type in ALIBI_FAMILY:
+        return {"": scheme_from_hf(config)}
+    if config.model_type not in T5_FAMILY:
+        raise ValueError(f"{str(folder)!r} holds a {config.model_type!r} model; positional biases are read from "
+                         f"{', '.join(T5_FAMILY + ALIBI_FAMILY)} models")
+    tables = {}
+    for key, weight in _read_weights(folder, _T5_TABLE).items():
+        part, layer = _T5_TABLE.search(key).groups()
+        tables[(part != "encoder", int(layer), part)] = weight
+    if not tables:
+        raise ValueError(f"the weights in {str(folder)!r} hold no relative_attention_bias table")
+    per_layer = len(tables) > len({part for _, _, part in tables})
+    return {(f"{part} layer {layer}" if per_layer else part): scheme_from_hf(config, w, decoder=part == "decoder")
+            for (_, layer, part), w in sorted(tables.items())}
+
+
+def _read_weights(folder: Path, pattern: re.Pattern) -> dict[str, Tensor]:
+    """The tensors of a saved model whose names match ``pattern``, read from the files that hold them."""
+    name = next((n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
+    if name is None:
+        raise ValueError(f"{str(folder)!r} has no weights ({' / '.join(_WEIGHT_FILES)})")
+    if name.endswith(".index.json"):
+        try:
+            weight_map = json.loads((folder / name).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{str(folder / name)!r} is not a weight index ({type(exc).__name__})") from None
+        files = sorted({f for k, f in weight_map.items() if pattern.search(k)})
+    else:
+        files = [name]
+    out: dict[str, Tensor] = {}
+    for f in files:
+        try:
+            if f.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(str(folder / f), framework="pt") as st:
+                    out.update({k: st.get_tensor(k) for k in st.keys() if pattern.search(k)})
+            else:
+                state = torch.load(folder / f, map_location="cpu", weights_only=True, mmap=True)
+                out.update({k: t for k, t in state.items() if pattern.search(k)})
+        except Exception as exc:  # safetensors and torch.load raise their own types for damaged files
+            raise ValueError(f"{str(folder / f)!r} cannot be read ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    return out
 
 
 def t5_to_hf(scheme: T5Bias) -> tuple[dict[str, Any], Tensor]:
