@@ -199,7 +199,9 @@ def cases(name, n, scheme, q, k, v):
 
 
 def memory_child(args):
-    """Runs in a child process: peak memory growth of one case (forward), in MiB."""
+    """Runs in a child process: peak memory growth of one case (forward), in MiB, measured on a second
+    call: the first also grows the heap by what any first call leaves (code, caches, the allocator's
+    pools; 3–10 MiB on the CPU, measured), which is not the case's own."""
     name, label, n, heads, kv_heads, hd, dev = args.child
     n, heads, kv_heads, hd = int(n), int(heads), int(kv_heads), int(hd)
     device = torch.device(dev)
@@ -208,6 +210,7 @@ def memory_child(args):
     q, k, v = (torch.randn(1, h, n, hd, device=device) for h in (heads, kv_heads, kv_heads))
     fn = dict(cases(name, n, scheme, q, k, v)).get(label, (None,))[0] if label != "SDPA (no bias)" else \
         (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads))
+    fn()
     print(json.dumps(peak_growth_mib(fn, device)))
 
 
