@@ -1,26 +1,38 @@
 """A short fine-tuning loop for an in-memory model (retrofits, passkey training).
 
 AdamW on the trainer's schedule (:func:`posbias.train.lr_at`: linear warm-up over the first 10% of
-steps, cosine decay to 10%), gradient
-clipping at 1, a progress bar with the loss. The full trainer with checkpoints and resume is
-:func:`posbias.train.train`; fine-tunes here are minutes long and their results are checkpointed
-by the commands that run them.
+steps, cosine decay to 10%), gradient clipping at 1, a progress bar with the loss. It stops at the
+first non-finite loss, before that step changes anything (:class:`~posbias.train.NonFiniteLoss`).
+Given a ``resume`` folder it keeps its progress there (model, optimizer, step, losses; atomically, at
+most every ``save_every_s`` seconds) and a re-run continues from it: with batches that are a function
+of the step alone, as :func:`posbias.data.batch_at` gives, the result is bit-identical to an
+uninterrupted run. The full trainer (validation, DDP) is :func:`posbias.train.train`.
 """
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .train import lr_at
+from . import checkpoint as ckpt
+from .train import NonFiniteLoss, lr_at
 
 
 def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Callable[[nn.Module, Tensor], Tensor],
-             *, steps: int, lr: float = 5e-4, progress: bool = False, desc: str = "fine-tune") -> list[float]:
-    """Run ``steps`` optimizer steps on ``loss_fn(model, batch_fn(step))``; returns the losses."""
+             *, steps: int, lr: float = 5e-4, progress: bool = False, desc: str = "fine-tune",
+             resume: str | Path | None = None, save_every_s: float = 60.0,
+             log: Callable[[str], None] | None = None) -> list[float]:
+    """Run ``steps`` optimizer steps on ``loss_fn(model, batch_fn(step))``; returns the losses.
+
+    ``resume`` (``model`` then a :class:`~posbias.model.TransformerLM`): the folder of the progress
+    checkpoint, read at the start when it holds one made with the same steps and learning rate (other
+    settings: ValueError) and written when ``save_every_s`` seconds have passed since the start or the
+    last save. The caller saves the result; the folder is then of no further use."""
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"fine-tuning steps must be an integer >= 0, got {steps!r}")
     if steps == 0:
@@ -28,18 +40,52 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warm = max(1, steps // 10)
-    losses = []
+    settings = {"steps": steps, "lr": lr}
+    start, losses = _resume(resume, model, opt, settings)
+    if start and log:
+        log(f"{desc}: resuming from step {start} of {steps} ({str(resume)!r})")
     model.train()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    saved_at = time.monotonic()
+    bar = tqdm(range(start, steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True,
+               initial=start, total=steps)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, lr=lr, steps=steps, warmup=warm, min_ratio=0.1)
         loss = loss_fn(model, batch_fn(step))
+        if not torch.isfinite(loss):
+            bar.close()
+            kept = f"; progress up to step {start} is kept in {str(resume)!r}" if resume and ckpt.exists(resume) else ""
+            raise NonFiniteLoss(f"{desc} diverged: loss {loss.item()} at step {step + 1} of {steps} (peak learning "
+                                f"rate {lr:g}); nothing of it is saved{kept} — lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if resume is not None and step + 1 < steps and time.monotonic() - saved_at >= save_every_s:
+            ckpt.save_checkpoint(resume, model, trainer_state={"step": step + 1, "optimizer": opt.state_dict(),
+                                                               "losses": losses, **settings})
+            start, saved_at = step + 1, time.monotonic()
+    bar.close()
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteLoss(f"{desc} diverged: its last step left non-finite weights ({', '.join(bad[:3])}); "
+                            f"nothing of it is saved — lower the learning rate (peak {lr:g})")
     model.eval()
     return losses
+
+
+def _resume(folder: str | Path | None, model: nn.Module, opt: torch.optim.Optimizer,
+            settings: dict) -> tuple[int, list[float]]:
+    """The step to start from and the losses so far: (0, []) without a progress checkpoint."""
+    if folder is None or not ckpt.exists(folder):
+        return 0, []
+    state = ckpt.load_trainer_state(folder)
+    made = {k: state.get(k) for k in settings} if state else None
+    if made != settings:
+        raise ValueError(f"{str(folder)!r} holds a fine-tune made with other settings ({made} instead of {settings}); "
+                         "delete it to start again")
+    model.load_state_dict(ckpt.load_model(folder).state_dict())
+    opt.load_state_dict(state["optimizer"])
+    return state["step"], list(state["losses"])

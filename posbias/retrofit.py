@@ -332,7 +332,8 @@ class _Run:
         finetune(tuned, lambda step: batch_at(self.corpus.train, step, batch_size=cfg.finetune_batch, seq_len=cfg.to,
                                               seed=cfg.seed + 1),
                  lambda mod, b: mod.loss(b[0].long().to(cfg.device), b[1].long().to(cfg.device)),
-                 steps=cfg.finetune_steps, lr=cfg.finetune_lr, progress=self.progress, desc=f"fine-tune {method}")
+                 steps=cfg.finetune_steps, lr=cfg.finetune_lr, progress=self.progress, desc=f"fine-tune {method}",
+                 resume=mdir / "last", log=self.log)  # the finished model replaces the folder, progress and all
         ckpt.save_checkpoint(mdir, tuned, extra={"train": {**meta.get("train", {})}, "retrofit": {
             "method": method, "to": cfg.to, "finetune_steps": cfg.finetune_steps, "source": str(path)}})
         return tuned

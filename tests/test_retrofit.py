@@ -409,3 +409,79 @@ def test_checkpoint_jobs_run_at_a_fixed_thread_count(tmp_path, corpus, monkeypat
         RetrofitConfig(to=2 * L, methods=("swap-t5",), threads=0)
     with pytest.raises(ConfigError, match="threads must be an integer >= 1"):
         DiagnoseConfig(threads=0)
+
+
+def _tiny_finetune(model, corpus, *, steps=8, lr=3e-3, **kw):
+    from posbias.data import batch_at
+    from posbias.finetune import finetune
+
+    return finetune(model, lambda step: batch_at(corpus.train, step, batch_size=2, seq_len=2 * L, seed=1),
+                    lambda m, b: m.loss(b[0].long(), b[1].long()), steps=steps, lr=lr, **kw)
+
+
+def test_interrupted_finetune_resumes_bit_identically(tmp_path, corpus):
+    """A fine-tune stopped mid-way (here by its batch function; a kill between saves works the same,
+    from the last save) continues from its progress checkpoint to the weights and losses of an
+    uninterrupted run; a progress checkpoint of other settings is refused."""
+    solo = ckpt.load_model(tiny_checkpoint(tmp_path / "src", "t5", max_distance=20))
+    resumed = ckpt.load_model(tmp_path / "src")
+    want = _tiny_finetune(solo, corpus)
+    progress = tmp_path / "progress"
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(step):
+        if step == 5:
+            raise Stop
+        return real_batch(step)
+
+    from posbias.data import batch_at
+    from posbias.finetune import finetune
+
+    def real_batch(step):
+        return batch_at(corpus.train, step, batch_size=2, seq_len=2 * L, seed=1)
+
+    loss = lambda m, b: m.loss(b[0].long(), b[1].long())  # noqa: E731
+    with pytest.raises(Stop):
+        finetune(resumed, stop_at_5, loss, steps=8, lr=3e-3, resume=progress, save_every_s=0)
+    assert ckpt.load_trainer_state(progress)["step"] == 5
+    fresh = ckpt.load_model(tmp_path / "src")  # a new process: the weights as they were before the fine-tune
+    said = []
+    got = finetune(fresh, real_batch, loss, steps=8, lr=3e-3, resume=progress, save_every_s=0, log=said.append)
+    assert said == [f"fine-tune: resuming from step 5 of 8 ({str(progress)!r})"]
+    assert got == want
+    for (name, a), b in zip(solo.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="made with other settings"):
+        finetune(ckpt.load_model(tmp_path / "src"), real_batch, loss, steps=9, lr=3e-3, resume=progress)
+
+
+def test_retrofit_finetune_keeps_progress_until_its_model_is_saved(tmp_path, corpus, monkeypatch):
+    import posbias.retrofit as retrofit_mod
+
+    real, saves = retrofit_mod.finetune, []
+
+    def every_step(*args, **kw):  # progress saved after every step, and looked at
+        saves.append(kw["resume"])
+        return real(*args, **{**kw, "save_every_s": 0})
+
+    monkeypatch.setattr(retrofit_mod, "finetune", every_step)
+    path = tiny_checkpoint(tmp_path / "r", "rope")
+    cfg = RetrofitConfig(to=2 * L, methods=("pi",), finetune_steps=3, finetune_batch=2, eval_tokens=200)
+    run_retrofit(path, cfg, tmp_path / "out", corpus=corpus, progress=False)
+    (mdir,) = (tmp_path / "out" / "models").iterdir()
+    assert saves == [mdir / "last"] and ckpt.exists(mdir) and not (mdir / "last").exists()
+
+
+def test_diverging_finetune_stops_at_once_and_saves_nothing(tmp_path, corpus, capsys):
+    model = ckpt.load_model(tiny_checkpoint(tmp_path / "src", "rope"))
+    from posbias.train import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss, match=r"fine-tune diverged: loss nan at step \d+ of 30 .*peak learning rate 1e\+06"):
+        _tiny_finetune(model, corpus, steps=30, lr=1e6)
+    assert main(["retrofit", str(tmp_path / "src"), "--to", str(2 * L), "--method", "pi", "--finetune-steps", "30",
+                 "--finetune-lr", "1e6", "--eval-tokens", "200", "--quiet", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fine-tune pi diverged" in err and "lower the learning rate" in err
+    assert not list((tmp_path / "out").glob("models/*/config.json"))  # no diverged model kept for a re-run to reuse
