@@ -75,6 +75,9 @@ def test_kernel_with_query_offsets_and_rows_without_keys(name, options):
     s = randomized(name, **options)
     compare(s, "auto", lq=37, lk=301, dropout_p=0.3, dropout_seed=5)
     compare(s, "auto", lq=40, lk=90, q0=-20, dropout_p=0.3, dropout_seed=5)
+    # whole blocks of rows before every key (found by tests/test_fuzz.py: an empty block's max crashed)
+    compare(s, "auto", lq=300, lk=5, q0=-200, dropout_p=0.3, dropout_seed=5)
+    compare(s, "auto", lq=2, lk=1, q0=-3, dropout_p=0.3, dropout_seed=5)
 
 
 def test_block_size_does_not_change_the_result():

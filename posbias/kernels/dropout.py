@@ -30,6 +30,7 @@ wrap-around, and a platform where it failed would take the 64-bit path.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -183,6 +184,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, blocks: _Blocks, s
     work = blocks.work(b * h, q.device)
     qs = q if scale == 1 else q * scale
     for s, e, hi in blocks:
+        if hi == 0:  # every key after the block's queries (causal): nothing to attend to
+            out[:, :, s:e], lse[:, :, s:e] = 0.0, -math.inf
+            continue
         mask = blocks.mask(scheme, s, e, hi, buffers)
         shape = (b, h, e - s, hi)
         logits = torch.matmul(qs[:, :, s:e], k[:, :, :hi].transpose(-1, -2),
@@ -220,6 +224,8 @@ class _DroppedBlocks(torch.autograd.Function):
         buffers = blocks.work(scheme.n_heads, q.device)
         work = blocks.work(q.shape[0] * q.shape[1], q.device)
         for s, e, hi in blocks:
+            if hi == 0:  # rows without keys: output 0, no gradient
+                continue
             mask = blocks.mask(scheme, s, e, hi, buffers, bias_grads)
             gq, gk, gv, ds = mask_backward(q[:, :, s:e], k[:, :, :hi], v[:, :, :hi], dout[:, :, s:e], lse[:, :, s:e],
                                            delta[:, :, s:e], mask, scale, work, drop.block(s, e, hi), drop.keep_scale)
