@@ -264,7 +264,7 @@ def _slug(label: str) -> str:
 PRESET_NOTES = {
     "demo": "8 schemes x 1 seed, about 6 min on an idle 2-core CPU (make demo)",
     "cpu": "the longer CPU protocol, about 1 h per seed on a 2-core CPU",
-    "gpu": "larger models, 3 seeds, for a CUDA device (about 25 min on an H100)",
+    "gpu": "larger models, 3 seeds, for a CUDA device (not yet timed at these settings)",
 }
 STUDY_FIELDS = ("schemes", "train_len", "eval_lens", "steps", "batch_size", "lr", "pos_lr_mult", "d_model",
                 "n_layers", "n_heads", "seeds", "eval_tokens", "threads", "device")
