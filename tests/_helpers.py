@@ -25,6 +25,31 @@ class FakeCtx:
         self.saved_tensors = tensors
 
 
+def random_options(rng, name: str) -> dict:
+    """Options of scheme ``name`` drawn from ``rng`` (a ``random.Random``): T5 causal or bidirectional
+    with any bucket count, offset clipped or not, ALiBi plain or symmetric, RoPE with a scaling."""
+    if name == "t5":
+        buckets, both = rng.choice([4, 8, 16, 32]), rng.random() < 0.4
+        return dict(num_buckets=buckets, bidirectional=both, max_distance=rng.choice([buckets // 2 + 2, 20, 64, 128]))
+    if name == "offset":
+        return dict(max_distance=rng.choice([3, 16, 100]), bidirectional=rng.random() < 0.4, clip=rng.random() < 0.7)
+    if name == "alibi":
+        return dict(symmetric=rng.random() < 0.3)
+    if name == "rope" and rng.random() < 0.5:
+        return dict(scaling=rng.choice(["pi", "ntk", "yarn"]), factor=rng.choice([2.0, 4.0]), train_len=64)
+    return {}
+
+
+def perturb_(scheme, generator=None):
+    """The scheme's learned values moved from their initialisation: tables far from 0, FIRE and KERPLE
+    nearby (where they stay well-defined)."""
+    big = scheme.name in ("t5", "offset")
+    with torch.no_grad():
+        for p in scheme.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * (1.0 if big else 0.1))
+    return scheme
+
+
 def randomized(name, **options):
     """A scheme with its learnable parameters moved well away from their initialisation."""
     s = build(name, n_heads=3, head_dim=16, **options)

@@ -2,9 +2,12 @@
 positions from 0, against an independent dense oracle (one softmax over the whole packed row with the
 other documents masked out and each token's bias at its position inside its document)."""
 
+import copy
+import random
+
 import pytest
 import torch
-from _helpers import randomized
+from _helpers import perturb_, random_options, randomized
 
 import posbias
 from posbias.attention import attention
@@ -97,3 +100,37 @@ def test_bad_document_ids(kw, message):
     q = torch.randn(2, 3, 30, 16)
     with pytest.raises(ValueError, match=message):
         attention(q, q, q, s, **kw)
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, id=f"case_{s}") for s in range(40)])
+def test_random_packings_equal_the_oracle(seed):
+    """Random schemes and options, batch 1–3, rows of 1–400 tokens cut into documents of 1–300 tokens
+    (ids negative too, never repeated within a row), causal or not, the automatic or a forced backend:
+    outputs and every gradient against the oracle (its scheme in float64)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    name = rng.choice(["t5", "offset", "alibi", "kerple-log", "kerple-power", "fire", "rope", "nope"])
+    options = random_options(rng, name)
+    s = perturb_(posbias.build(name, n_heads=rng.choice([2, 4]), head_dim=rng.choice([8, 16]), **options))
+    batch, length = rng.choice([1, 2, 3]), rng.choice([1, 3, 50, 200, 400])
+    ids = torch.empty(batch, length, dtype=torch.long)
+    for b in range(batch):
+        at, doc = 0, rng.randrange(-5, 5)
+        while at < length:
+            n = rng.choice([1, 1, 2, 7, 30, 129, 300])
+            ids[b, at:at + n] = doc
+            at, doc = at + n, doc + rng.choice([1, 3, 17])
+    causal = rng.random() < 0.7 or getattr(s, "bidirectional", None) is False
+    backend = rng.choice(["auto", "auto", "blockwise", "toeplitz", "banded", "windowed", "sdpa", "reference"])
+    q, k, v = (torch.randn(batch, s.n_heads, length, s.head_dim, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    exact = copy.deepcopy(s).double()
+    out = attention(q.float(), k.float(), v.float(), s, causal=causal, document_ids=ids, backend=backend, strict=False)
+    ref = oracle(q, k, v, exact, ids, causal).double()
+    torch.testing.assert_close(out.double(), ref, atol=3e-4 * max(1.0, float(ref.detach().abs().max())), rtol=0)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad((out.double() * g).sum(), [q, k, v, *s.parameters()], allow_unused=True)
+    want = torch.autograd.grad((ref * g).sum(), [q, k, v, *exact.parameters()], allow_unused=True)
+    for a, b in zip(got, want):
+        a, b = (torch.zeros_like(b if x is a else a) if x is None else x for x in (a, b))
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-3 * max(1.0, float(b.abs().max())), rtol=0)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from _helpers import perturb_, random_options
+
 from posbias import attention, attention_reference, build
 
 BACKENDS = ["auto"] * 4 + ["sdpa", "windowed", "alibi", "blockwise", "toeplitz", "banded", "reference"]
@@ -49,24 +51,11 @@ class Case:
     state: dict = field(default_factory=dict, repr=False)
 
 
-def _options(rng: random.Random, name: str) -> dict:
-    if name == "t5":
-        buckets, both = rng.choice([4, 8, 16, 32]), rng.random() < 0.4
-        return dict(num_buckets=buckets, bidirectional=both, max_distance=rng.choice([buckets // 2 + 2, 20, 64, 128]))
-    if name == "offset":
-        return dict(max_distance=rng.choice([3, 16, 100]), bidirectional=rng.random() < 0.4, clip=rng.random() < 0.7)
-    if name == "alibi":
-        return dict(symmetric=rng.random() < 0.3)
-    if name == "rope" and rng.random() < 0.5:
-        return dict(scaling=rng.choice(["pi", "ntk", "yarn"]), factor=rng.choice([2.0, 4.0]), train_len=64)
-    return {}
-
-
 def draw(seed: int) -> Case:
     """The case of ``seed``: every choice from one ``random.Random(seed)``."""
     rng = random.Random(seed)
     name = rng.choice(["t5", "t5", "offset", "alibi", "kerple-log", "kerple-power", "fire", "rope", "nope"])
-    options = _options(rng, name)
+    options = random_options(rng, name)
     heads = rng.choice([2, 4, 8])
     kv_heads = rng.choice([h for h in (1, 2, heads) if heads % h == 0]) if rng.random() < 0.25 else heads
     lk = rng.choice([1, 5, 17, 64, 130, 300, 700])
@@ -129,10 +118,7 @@ def test_attention_equals_the_reference_on_random_cases(seed):
     c = draw(seed)
     torch.manual_seed(seed)  # the schemes' own initialisation (KERPLE, FIRE) too: a case is its seed alone
     g = torch.Generator().manual_seed(c.state["rng"])
-    scheme = build(c.scheme, n_heads=c.heads, head_dim=c.head_dim, **c.options)
-    with torch.no_grad():
-        for p in scheme.parameters():  # tables far from 0; FIRE / KERPLE nearby, where they stay well-defined
-            p.add_(torch.randn(p.shape, generator=g) * (1.0 if c.scheme in ("t5", "offset") else 0.1))
+    scheme = perturb_(build(c.scheme, n_heads=c.heads, head_dim=c.head_dim, **c.options), g)
     exact = build(c.scheme, n_heads=c.heads, head_dim=c.head_dim, **c.options).double()
     exact.load_state_dict({n: t.double() if t.is_floating_point() else t for n, t in scheme.state_dict().items()})
     q = torch.randn(c.batch, c.heads, c.lq, c.head_dim, generator=g)

@@ -3,12 +3,14 @@
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers import perturb_, random_options
 
 from posbias import checkpoint as ckpt
 from posbias.cli import main
@@ -62,6 +64,28 @@ def test_kv_cache_decoding_equals_full_forward(scheme):
         steps = [model(idx[:, a:b], start=a, caches=caches) for a, b in zip(cuts, cuts[1:])]
     assert caches[0]["k"].shape[2] == 534 + 267
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, id=f"case_{s}") for s in range(24)])
+def test_kv_cache_decoding_in_random_chunks(seed):
+    """Random causal schemes and options, 1–2 layers and sequences, 5–700 tokens from position 0 or
+    100, cut into 1–10 random chunks decoded through the cache: equal to the full forward."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    name = rng.choice(["t5", "offset", "alibi", "kerple-log", "kerple-power", "fire", "rope", "nope", "sinusoidal"])
+    options = {**random_options(rng, name), **({"bidirectional": False} if name in ("t5", "offset") else {})}
+    model = TransformerLM(ModelConfig(scheme=name, scheme_options=options, d_model=32, n_layers=rng.choice([1, 2]),
+                                      n_heads=2)).eval()
+    perturb_(model.scheme)
+    n, start = rng.choice([5, 50, 300, 700]), rng.choice([0, 0, 100])
+    idx = torch.randint(0, 256, (rng.choice([1, 2]), n))
+    cuts = sorted({0, n, *(rng.randrange(1, n) for _ in range(rng.choice([1, 3, 10])))})
+    with torch.no_grad():
+        full = model(idx, start=start)
+        caches = [{} for _ in model.blocks]
+        steps = torch.cat([model(idx[:, a:b], start=start + a, caches=caches) for a, b in zip(cuts, cuts[1:])], 1)
+    torch.testing.assert_close(steps, full, atol=1e-4 * max(1.0, float(full.abs().max())), rtol=0,
+                               msg=lambda m: f"{name} {options} cuts {cuts} start {start}: {m}")
 
 
 @pytest.mark.parametrize("scheme", ["t5", "rope", "nope"])
