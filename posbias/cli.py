@@ -216,7 +216,10 @@ def _plot_checkpoints(paths: Sequence[str], out: Path, args: argparse.Namespace)
     from .schemes.base import ToeplitzScheme
     from .schemes.t5 import T5Bias
 
-    drawn = [(label, s) for path in paths for label, s in _checkpoint_schemes(path)]
+    drawn, seen = [], {}
+    for label, s in (item for path in paths for item in _checkpoint_schemes(path)):
+        seen[label] = seen.get(label, 0) + 1  # two folders of one name: "name", "name #2" (no file drawn over)
+        drawn.append((label if seen[label] == 1 else f"{label} #{seen[label]}", s))
     fixed = {label for label, s in drawn if not s.learnable}
     written = []
     for label, s in drawn:

@@ -472,6 +472,8 @@ def test_plot_checkpoint_draws_posbias_and_hf_models(tmp_path, capsys):
     assert names == {"heatmap_t5-seed0-abc.png", "heatmap_tiny-t5_encoder.png", "heatmap_tiny-t5_decoder.png",
                      "learned_bias_vs_distance.png", "t5_bucket_map_32_20_causal.png",
                      "t5_bucket_map_16_40_bidirectional.png", "t5_bucket_map_16_40_causal.png"}
+    assert main(["plot", "--checkpoint", str(tmp_path / "tiny-t5"), str(tmp_path / "tiny-t5"), "--out", str(out / "2")]) == 0
+    assert "tiny-t5 encoder #2: t5" in capsys.readouterr().out and (out / "2" / "heatmap_tiny-t5_encoder_2.png").exists()
     assert main(["plot", "--checkpoint", str(tmp_path / "t5-seed0-abc"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "neither a posbias checkpoint nor a Hugging Face model folder" in err and "final'?" in err
