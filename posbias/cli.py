@@ -220,6 +220,12 @@ def _plot_checkpoints(paths: Sequence[str], out: Path, args: argparse.Namespace)
     for label, s in (item for path in paths for item in _checkpoint_schemes(path)):
         seen[label] = seen.get(label, 0) + 1  # two folders of one name: "name", "name #2" (no file drawn over)
         drawn.append((label if seen[label] == 1 else f"{label} #{seen[label]}", s))
+    skipped = [f"{label} ({s.name}: no attention bias to draw)" for label, s in drawn if s.family != "additive"]
+    drawn = [(label, s) for label, s in drawn if s.family == "additive"]
+    if skipped:
+        say("skipping " + ", ".join(skipped))
+    if not drawn:
+        raise CLIError("none of these checkpoints has an attention bias to draw")
     fixed = {label for label, s in drawn if not s.learnable}
     written = []
     for label, s in drawn:

@@ -455,7 +455,8 @@ def test_plot_checkpoint_draws_posbias_and_hf_models(tmp_path, capsys):
     from posbias.model import ModelConfig, TransformerLM
 
     torch.manual_seed(0)
-    lm = TransformerLM(ModelConfig(scheme="t5", scheme_options={"max_distance": 20}, d_model=16, n_layers=1, n_heads=2))
+    tiny = dict(d_model=16, n_layers=1, n_heads=2)
+    lm = TransformerLM(ModelConfig(scheme="t5", scheme_options={"max_distance": 20}, **tiny))
     with torch.no_grad():
         lm.scheme.table.copy_(torch.linspace(-3, 5, lm.scheme.table.numel()).view_as(lm.scheme.table))
     ckpt.save_checkpoint(tmp_path / "t5-seed0-abc" / "final", lm)
@@ -474,6 +475,12 @@ def test_plot_checkpoint_draws_posbias_and_hf_models(tmp_path, capsys):
                      "t5_bucket_map_16_40_bidirectional.png", "t5_bucket_map_16_40_causal.png"}
     assert main(["plot", "--checkpoint", str(tmp_path / "tiny-t5"), str(tmp_path / "tiny-t5"), "--out", str(out / "2")]) == 0
     assert "tiny-t5 encoder #2: t5" in capsys.readouterr().out and (out / "2" / "heatmap_tiny-t5_encoder_2.png").exists()
+    ckpt.save_checkpoint(tmp_path / "rope-seed0-abc" / "final", TransformerLM(ModelConfig(scheme="rope", **tiny)))
+    assert main(["plot", "--checkpoint", str(tmp_path / "rope-seed0-abc" / "final"), str(tmp_path / "tiny-t5"),
+                 "--out", str(out / "3")]) == 0
+    assert "skipping rope-seed0-abc (rope: no attention bias to draw)" in capsys.readouterr().out
+    assert main(["plot", "--checkpoint", str(tmp_path / "rope-seed0-abc" / "final"), "--out", str(out / "4")]) == 2
+    assert "none of these checkpoints has an attention bias to draw" in capsys.readouterr().err
     assert main(["plot", "--checkpoint", str(tmp_path / "t5-seed0-abc"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "neither a posbias checkpoint nor a Hugging Face model folder" in err and "final'?" in err
