@@ -226,12 +226,11 @@ def _plot_checkpoints(paths: Sequence[str], out: Path, args: argparse.Namespace)
         say("skipping " + ", ".join(skipped))
     if not drawn:
         raise CLIError("none of these checkpoints has an attention bias to draw")
-    fixed = {label for label, s in drawn if not s.learnable}
     written = []
     for label, s in drawn:
         both = bool(getattr(s, "bidirectional", False))
         b = s.bias_by_distance(torch.arange(-args.max_plot_distance if both else 0, args.max_plot_distance + 1))
-        say(f"{label}: {s.name} ({s.extra_repr()}){' — fixed, not learned' if label in fixed else ''}; "
+        say(f"{label}: {s.name} ({s.extra_repr()}){'' if s.learnable else ' — fixed, not learned'}; "
             f"bias from {float(b.min()) + 0.0:+.3f} to {float(b.max()) + 0.0:+.3f} over distances "
             f"{'±' if both else '0–'}{args.max_plot_distance}"
             + ("" if isinstance(s, ToeplitzScheme) else f" for a query at position {args.max_plot_distance}"))

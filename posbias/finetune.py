@@ -11,6 +11,7 @@ uninterrupted run. The full trainer (validation, DDP) is :func:`posbias.train.tr
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -52,21 +53,22 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
         for g in opt.param_groups:
             g["lr"] = lr_at(step, lr=lr, steps=steps, warmup=warm, min_ratio=0.1)
         loss = loss_fn(model, batch_fn(step))
-        if not torch.isfinite(loss):
+        value = loss.item()
+        if not math.isfinite(value):
             bar.close()
-            kept = f"; progress up to step {start} is kept in {str(resume)!r}" if resume and ckpt.exists(resume) else ""
-            raise NonFiniteLoss(f"{desc} diverged: loss {loss.item()} at step {step + 1} of {steps} (peak learning "
+            kept = f"; progress up to step {start} is kept in {str(resume)!r}" if start else ""
+            raise NonFiniteLoss(f"{desc} diverged: loss {value} at step {step + 1} of {steps} (peak learning "
                                 f"rate {lr:g}); nothing of it is saved{kept} — lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        losses.append(value)
+        bar.set_postfix(loss=f"{value:.3f}")
         if resume is not None and step + 1 < steps and time.monotonic() - saved_at >= save_every_s:
             ckpt.save_checkpoint(resume, model, trainer_state={"step": step + 1, "optimizer": opt.state_dict(),
                                                                "losses": losses, **settings})
-            start, saved_at = step + 1, time.monotonic()
+            start, saved_at = step + 1, time.monotonic()  # start: the step the progress checkpoint holds
     bar.close()
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
