@@ -76,11 +76,21 @@ def compare(scheme, backend, *, causal=True, lq=None, lk=301, q0=None, dtype=tor
     params = [p for p in scheme.parameters() if p.requires_grad]
     got = torch.autograd.grad((out * g).sum(), [q, k, v] + params, allow_unused=True)
     want = torch.autograd.grad((ref * g).sum(), [q, k, v] + params, allow_unused=True)
-    for a, b in zip(got, want):
-        if a is None or b is None:  # no gradient: the other one is none or zero
-            assert (a if b is None else b) is None or not (a if b is None else b).abs().any()
+    assert_grads_close(got, want, atol=atol * 10, rtol=1e-3)
+
+
+def assert_grads_close(got, want, *, atol=0.0, rtol=0.0, scaled=0.0, names=None, context=""):
+    """Two lists of gradients equal pair by pair: a missing one (None: nothing reached that input) and
+    the other none or exactly zero; otherwise within ``atol + scaled · max(1, |want|)`` and ``rtol``."""
+    for n, (a, b) in enumerate(zip(got, want)):
+        name = names[n] if names else n
+        if a is None or b is None:
+            other = a if b is None else b
+            assert other is None or not other.abs().any(), f"gradient of {name}: one side has none {context}"
             continue
-        torch.testing.assert_close(a.float(), b.float(), atol=atol * 10, rtol=1e-3)
+        tol = atol + scaled * max(1.0, float(b.detach().abs().max()) if b.numel() else 0.0)
+        torch.testing.assert_close(a.double(), b.double(), atol=tol, rtol=rtol,
+                                   msg=lambda m, name=name: f"gradient of {name} {context}\n{m}")
 
 
 def assert_same_grads(out, ref, inputs, *, atol=2e-4, rtol=1e-3):
