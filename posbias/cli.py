@@ -481,7 +481,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
                          threads=args.threads)
     t0 = time.perf_counter()
     with store.FolderLock(out):
-        result = run_diagnose(args.checkpoint, cfg, corpus=load_corpus(args.data), progress=not args.quiet, log=say)
+        result = run_diagnose(args.checkpoint, cfg, corpus=load_corpus(args.data), progress=not args.quiet, log=say,
+                              out=out)
         report.write(result, out, log=say)
     for line in report.summary(result):
         say(line)

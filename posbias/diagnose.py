@@ -31,6 +31,7 @@ Shape: :class:`DiagnoseConfig` → :func:`run_diagnose` → :class:`DiagnoseResu
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,16 +345,19 @@ class DiagnoseResult:
 
 
 def run_diagnose(path: str | Path, cfg: DiagnoseConfig, *, corpus: Corpus, progress: bool = False,
-                 log: Log = quiet) -> DiagnoseResult:
-    """Measure the checkpoint at ``path`` at ``cfg.threads`` threads (nothing is written;
-    :func:`posbias.report.diagnose.write` renders the result)."""
+                 log: Log = quiet, out: str | Path | None = None) -> DiagnoseResult:
+    """Measure the checkpoint at ``path`` at ``cfg.threads`` threads (:func:`posbias.report.diagnose.write`
+    renders the result). Given the output folder ``out``, the passkey fine-tune keeps its progress in
+    ``out/passkey-progress`` while it runs, so that a re-run after an interruption continues it
+    (removed once it is done); without, nothing is written."""
     with fixed_threads(cfg.threads):
-        result = _diagnose(path, cfg, corpus, progress, log)
+        result = _diagnose(path, cfg, corpus, progress, log, None if out is None else Path(out))
     result.threads = cfg.threads
     return result
 
 
-def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: bool, log: Log) -> DiagnoseResult:
+def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: bool, log: Log,
+              out: Path | None) -> DiagnoseResult:
     meta = ckpt.read_meta(path)
     model = ckpt.load_model(path).to(cfg.device).eval()
     train_len = ckpt.train_len(path, meta)
@@ -381,7 +385,8 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
         result.window_split = window_split(long_w, window_w, short_w, train_len)
     _measure_bias(result)
     if cfg.passkey_steps > 0 and train_len >= passkey.overhead(5):
-        result.passkey = _passkey(model, cfg, train_len, length, progress, log)
+        result.passkey = _passkey(model, cfg, train_len, length, progress, log,
+                                  None if out is None else out / "passkey-progress")
         result.passkey_steps, result.passkey_samples = cfg.passkey_steps, cfg.passkey_samples
     elif cfg.passkey_steps > 0:
         result.passkey_skipped = (f"the training length {train_len} is shorter than a passkey sample "
@@ -402,10 +407,13 @@ def _measure_bias(result: DiagnoseResult) -> None:
 
 
 def _passkey(model: TransformerLM, cfg: DiagnoseConfig, train_len: int, length: int, progress: bool,
-             log: Log) -> dict[str, dict[str, float]]:
+             log: Log, work: Path | None) -> dict[str, dict[str, float]]:
     log(f"passkey: fine-tuning a copy for {cfg.passkey_steps} steps at {train_len} …")
     copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
-    passkey.train_passkey(copy, length=train_len, steps=cfg.passkey_steps, device=cfg.device, progress=progress)
+    passkey.train_passkey(copy, length=train_len, steps=cfg.passkey_steps, device=cfg.device, progress=progress,
+                          resume=work, log=log)
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
     lens, n = [], train_len
     while n <= length:
         lens.append(n)

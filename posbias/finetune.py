@@ -3,14 +3,19 @@
 AdamW on the trainer's schedule (:func:`posbias.train.lr_at`: linear warm-up over the first 10% of
 steps, cosine decay to 10%), gradient clipping at 1, a progress bar with the loss. It stops at the
 first non-finite loss, before that step changes anything (:class:`~posbias.train.NonFiniteLoss`).
-Given a ``resume`` folder it keeps its progress there (model, optimizer, step, losses; atomically, at
-most every ``save_every_s`` seconds) and a re-run continues from it: with batches that are a function
-of the step alone, as :func:`posbias.data.batch_at` gives, the result is bit-identical to an
-uninterrupted run. The full trainer (validation, DDP) is :func:`posbias.train.train`.
+Given a ``resume`` folder it keeps its progress there (model, optimizer, step, losses, and the state
+of the ``generator`` the batches draw from, if any; atomically, at most every ``save_every_s``
+seconds) and a re-run continues from it: with batches that are a function of the step, as
+:func:`posbias.data.batch_at` gives, or drawn from ``generator``, the result is bit-identical to an
+uninterrupted run. The progress is keyed by the steps, the learning rate, the caller's ``identity``
+(what else makes its batches and loss) and a hash of the starting weights: a progress checkpoint made
+by another fine-tune is refused, never continued. The full trainer (validation, DDP) is
+:func:`posbias.train.train`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -26,14 +31,17 @@ from .train import NonFiniteLoss, lr_at
 
 def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Callable[[nn.Module, Tensor], Tensor],
              *, steps: int, lr: float = 5e-4, progress: bool = False, desc: str = "fine-tune",
-             resume: str | Path | None = None, save_every_s: float = 60.0,
+             resume: str | Path | None = None, save_every_s: float = 60.0, generator: torch.Generator | None = None,
+             identity: dict | None = None, replace_other: bool = False,
              log: Callable[[str], None] | None = None) -> list[float]:
     """Run ``steps`` optimizer steps on ``loss_fn(model, batch_fn(step))``; returns the losses.
 
     ``resume`` (``model`` then a :class:`~posbias.model.TransformerLM`): the folder of the progress
-    checkpoint, read at the start when it holds one made with the same steps and learning rate (other
-    settings: ValueError) and written when ``save_every_s`` seconds have passed since the start or the
-    last save. The caller saves the result; the folder is then of no further use."""
+    checkpoint, read at the start when it holds one made with the same steps, learning rate, ``identity``
+    and starting weights (another fine-tune's: ValueError, or with ``replace_other`` a fresh start that
+    replaces it, for folders the caller owns) and written when ``save_every_s`` seconds have passed
+    since the start or the last save. ``generator``: the one ``batch_fn`` draws from, if it draws; its
+    state travels with the progress. The caller saves the result; the folder is then of no further use."""
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"fine-tuning steps must be an integer >= 0, got {steps!r}")
     if steps == 0:
@@ -41,8 +49,16 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warm = max(1, steps // 10)
-    settings = {"steps": steps, "lr": lr}
-    start, losses = _resume(resume, model, opt, settings)
+    settings = {"steps": steps, "lr": lr, "identity": identity or {},
+                "start_weights": weights_fingerprint(model) if resume is not None else None}
+    try:
+        start, losses = _resume(resume, model, opt, settings, generator)
+    except OtherProgress:
+        if not replace_other:
+            raise
+        if log:
+            log(f"{desc}: {str(resume)!r} holds another fine-tune's progress; starting afresh (it is replaced)")
+        start, losses = 0, []
     if start and log:
         log(f"{desc}: resuming from step {start} of {steps} ({str(resume)!r})")
     model.train()
@@ -66,8 +82,9 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
         losses.append(value)
         bar.set_postfix(loss=f"{value:.3f}")
         if resume is not None and step + 1 < steps and time.monotonic() - saved_at >= save_every_s:
+            rng = {"generator": generator.get_state()} if generator is not None else {}
             ckpt.save_checkpoint(resume, model, trainer_state={"step": step + 1, "optimizer": opt.state_dict(),
-                                                               "losses": losses, **settings})
+                                                               "losses": losses, **settings, **rng})
             start, saved_at = step + 1, time.monotonic()  # start: the step the progress checkpoint holds
     bar.close()
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
@@ -78,16 +95,37 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
     return losses
 
 
-def _resume(folder: str | Path | None, model: nn.Module, opt: torch.optim.Optimizer,
-            settings: dict) -> tuple[int, list[float]]:
+class OtherProgress(ValueError):
+    """The progress folder holds another fine-tune's progress."""
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of every parameter and buffer (names, shapes, dtypes, values) of ``model``."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _resume(folder: str | Path | None, model: nn.Module, opt: torch.optim.Optimizer, settings: dict,
+            generator: torch.Generator | None) -> tuple[int, list[float]]:
     """The step to start from and the losses so far: (0, []) without a progress checkpoint."""
     if folder is None or not ckpt.exists(folder):
         return 0, []
     state = ckpt.load_trainer_state(folder)
-    made = {k: state.get(k) for k in settings} if state else None
+    if not state:
+        raise ValueError(f"{str(folder)!r} is a checkpoint without fine-tune progress; give another folder")
+    made = {k: state.get(k) for k in settings}
     if made != settings:
-        raise ValueError(f"{str(folder)!r} holds a fine-tune made with other settings ({made} instead of {settings}); "
-                         "delete it to start again")
+        other = {k: v for k, v in made.items() if v != settings[k]}
+        raise OtherProgress(f"{str(folder)!r} holds a fine-tune made with other settings ({other} instead of "
+                            f"{ {k: settings[k] for k in other} }); delete it to start again")
+    if generator is not None:
+        if "generator" not in state:
+            raise OtherProgress(f"{str(folder)!r} holds no batch generator state; delete it to start again")
+        generator.set_state(state["generator"])
     model.load_state_dict(ckpt.load_model(folder).state_dict())
     opt.load_state_dict(state["optimizer"])
     return state["step"], list(state["losses"])

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_text", "write_json", "read_json", "config_key", "code_fingerprint", "FolderLock", "check_out_dir",
+__all__ = ["folder_name", "write_text", "write_json", "read_json", "config_key", "code_fingerprint", "FolderLock", "check_out_dir",
            "FolderBusy"]
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -42,6 +42,12 @@ def check_out_dir(path: str | Path) -> Path:
         if q.exists() and not q.is_dir():
             raise ValueError(f"output folder {str(p)!r} cannot be created: {str(q)!r} is a file")
     return p
+
+
+def folder_name(label: str) -> str:
+    """``label`` (a scheme label such as ``fire@init_L=128``, a retrofit row such as ``pi/tuned``) as one
+    path component: anything but letters, digits and ``-_.=`` becomes ``_``."""
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label)
 
 
 def write_text(path: str | Path, text: str) -> Path:

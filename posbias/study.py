@@ -180,10 +180,6 @@ def eval_key(cfg: StudyConfig, mkey: dict[str, Any]) -> dict[str, Any]:
             "code": store.code_fingerprint(*store.MODEL_CODE, "evaluate.py")}
 
 
-def _folder_name(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label)
-
-
 def learned_summary(model: TransformerLM, train_len: int) -> dict[str, Any]:
     """What the positional parameters learned: each parameter's range, and for additive schemes the
     bias a query at position L−1 gives keys at distances 0 … L−1 (all heads)."""
@@ -320,7 +316,7 @@ def _run(result: StudyResult, out: Path, corpus: Corpus, progress: bool, keep_la
             done += 1
             tag = f"[{done}/{total} {arm.label} seed {seed}]"
             mkey = model_key(cfg, arm, seed, corpus)
-            mdir = out / "models" / f"{_folder_name(arm.label)}-seed{seed}-{store.config_key(mkey)}"
+            mdir = out / "models" / f"{store.folder_name(arm.label)}-seed{seed}-{store.config_key(mkey)}"
             if ckpt.exists(mdir / "final"):
                 log(f"{tag} reusing the model trained with these exact settings in {mdir / 'final'}")
             else:

@@ -457,6 +457,87 @@ def test_interrupted_finetune_resumes_bit_identically(tmp_path, corpus):
         finetune(ckpt.load_model(tmp_path / "src"), real_batch, loss, steps=9, lr=3e-3, resume=progress)
 
 
+def test_interrupted_passkey_finetune_resumes_bit_identically(tmp_path):
+    """Passkey batches come from one generator: its state travels with the progress, so a resumed
+    fine-tune draws the batches an uninterrupted one would (the same losses and weights). The progress
+    is keyed by the task's settings and the starting weights: another fine-tune's is refused, or with
+    replace_other started afresh."""
+    from posbias import passkey
+    from posbias.finetune import OtherProgress
+
+    src = tiny_checkpoint(tmp_path / "src", "alibi")
+    kw = dict(length=L, steps=6, batch_size=2, lr=3e-3, seed=3)
+    solo = ckpt.load_model(src)
+    want = passkey.train_passkey(solo, **kw)
+    progress, real = tmp_path / "progress", passkey.make_batch
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def stop_at_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Stop
+        return real(*args, **kwargs)
+
+    from posbias import finetune as ft
+
+    orig = ft.finetune
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Stop):
+        mp.setattr(passkey, "make_batch", stop_at_4)
+        mp.setattr(ft, "finetune", lambda *a, **k: orig(*a, **{**k, "save_every_s": 0}))
+        passkey.train_passkey(ckpt.load_model(src), resume=progress, **kw)
+    assert ckpt.load_trainer_state(progress)["step"] == 4
+    fresh, said = ckpt.load_model(src), []
+    got = passkey.train_passkey(fresh, resume=progress, log=said.append, **kw)
+    assert said == [f"passkey@{L}: resuming from step 4 of 6 ({str(progress)!r})"]
+    assert got[4:] == want[4:] and got == want
+    for (name, a), b in zip(solo.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    # another task's settings, or other starting weights: refused, or replaced where the caller owns the folder
+    with pytest.raises(OtherProgress, match="other settings.*'length'"):
+        passkey.train_passkey(ckpt.load_model(src), resume=progress, **{**kw, "length": L + 8})
+    other = tiny_checkpoint(tmp_path / "other", "alibi")
+    perturbed = ckpt.load_model(other)
+    with torch.no_grad():
+        next(perturbed.parameters()).add_(1e-3)
+    with pytest.raises(OtherProgress, match="start_weights"):
+        passkey.train_passkey(perturbed, resume=progress, **kw)
+    from posbias.finetune import finetune
+    restart = ckpt.load_model(src)
+    g = torch.Generator().manual_seed(3)
+    said.clear()
+    finetune(restart, lambda step: passkey.make_batch(2, L, generator=g), lambda m, b: passkey.answer_loss(m, b, 5),
+             steps=6, lr=3e-3, resume=progress, generator=g, identity={"other": True}, replace_other=True,
+             log=said.append)
+    assert said == [f"fine-tune: {str(progress)!r} holds another fine-tune's progress; starting afresh (it is replaced)"]
+
+
+def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, monkeypatch):
+    from posbias import finetune as ft
+
+    seen = []
+    real = ft.finetune
+
+    def every_step(*args, **kw):
+        seen.append(kw["resume"])
+        return real(*args, **{**kw, "save_every_s": 0})
+
+    monkeypatch.setattr(ft, "finetune", every_step)
+    path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
+    run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=3, passkey_samples=1),
+                 corpus=corpus, out=tmp_path / "d")
+    assert seen == [tmp_path / "d" / "passkey-progress"] and not seen[0].exists()
+    seen.clear()
+    cfg = RetrofitConfig(to=2 * L, methods=("t5-distance",), compare=True, passkey_steps=3, passkey_samples=1,
+                         eval_tokens=2 * L)
+    run_retrofit(path, cfg, tmp_path / "r", corpus=corpus, progress=False)
+    assert seen and all(p.parent == tmp_path / "r" / "models" and p.name.startswith("passkey-") for p in seen)
+    assert not any(p.exists() for p in seen)
+
+
 def test_retrofit_finetune_keeps_progress_until_its_model_is_saved(tmp_path, corpus, monkeypatch):
     import posbias.retrofit as retrofit_mod
 
