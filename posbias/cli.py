@@ -293,7 +293,9 @@ def add_extrapolate_parser(sub: argparse._SubParsersAction) -> None:
                     "results.json (one record per scheme, seed and length), ppl_vs_length.png, "
                     "loss_vs_position.png, learned_bias_vs_distance.png, and models/<label>-seed<N>-<key>/ (final/ "
                     "weights, last/ checkpoint with optimizer state, eval-<key>.json). Re-running continues an "
-                    "interrupted run and reuses what was made with exactly the same settings.")
+                    "interrupted run and reuses what was made with exactly the same settings. The same command "
+                    "started more than once (e.g. --threads 1 per core, or --device cuda:N per GPU) shares the "
+                    "work: each model is made by one run, and every run ends with the full report.")
     d = StudyConfig()
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration; flags override it")
     p.add_argument("--schemes", nargs="+", metavar="SCHEME",
@@ -372,7 +374,7 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
         f"on {cfg.threads} threads; models already made with these settings are reused (the demo preset takes "
         "about 40 s per model on a 2-core CPU)")
     t0 = time.perf_counter()
-    with store.FolderLock(out):
+    with store.FolderLock(out, shared=True):  # other studies may work in the folder too (run_study)
         result = run_study(cfg, out, corpus=corpus, progress=not args.quiet, keep_last=args.keep_last, log=say)
         report.write(result, out, log=say)
     say()

@@ -11,12 +11,18 @@
   rounding changed, say — trains and evaluates afresh instead of reusing the old code's results.
 * :class:`FolderLock` takes an exclusive ``flock`` on ``<folder>/.posbias.lock`` for the whole run;
   a second run into the same folder refuses at once with a one-line error naming the holder. The
-  kernel drops the lock when the process dies, so a killed run never leaves a stale lock.
+  kernel drops the lock when the process dies, so a killed run never leaves a stale lock. Studies
+  take it shared: several ``posbias extrapolate`` runs may work in one folder together, each model
+  made by one of them at a time under :func:`item_lock` (a retrofit or diagnosis there still
+  refuses, and is refused).
+* :func:`device_key` names a device in keys by what it is (``cpu``, ``cuda (NVIDIA H100 …)``), not by
+  its index, so runs on ``cuda:0`` and ``cuda:1`` share their results.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -24,10 +30,10 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 __all__ = ["folder_name", "write_text", "write_json", "read_json", "config_key", "code_fingerprint", "FolderLock", "check_out_dir",
-           "FolderBusy"]
+           "FolderBusy", "item_lock", "device_key"]
 
 _PACKAGE = Path(__file__).resolve().parent
 #: the code that makes a trained model: its architecture, every scheme and kernel, the data batches and
@@ -120,6 +126,37 @@ def code_fingerprint(*parts: str) -> str:
     return digest.hexdigest()[:12]
 
 
+def device_key(device: str) -> str:
+    """``device`` as results keys name it: its type, and for CUDA the GPU's model (results may round
+    differently on another GPU), without the index."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return dev.type
+
+
+@contextlib.contextmanager
+def item_lock(path: str | Path, *, wait: bool) -> Iterator[bool]:
+    """An exclusive ``flock`` on the file ``path`` (created, never removed: removing a lock file races
+    with its next taker) for the ``with`` block; yields whether it is held. ``wait=False`` yields False
+    at once while another process holds it; ``wait=True`` blocks until it is free. The kernel drops it
+    when its process dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 class FolderBusy(ValueError):
     """Another run holds the output folder."""
 
@@ -128,11 +165,14 @@ _HELD: dict[Path, int] = {}  # folders this process holds, with the nesting dept
 
 
 class FolderLock:
-    """``with FolderLock(out): ...`` — one posbias run per output folder at a time. Re-entrant within
-    a process (the command line holds it around a workflow's run and its report; the run takes it too)."""
+    """``with FolderLock(out): ...`` — one posbias run per output folder at a time; ``shared=True``
+    (studies) admits other shared holders and refuses only an exclusive one (and is refused by it).
+    Re-entrant within a process (the command line holds it around a workflow's run and its report;
+    the run takes it too)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, *, shared: bool = False) -> None:
         self.folder = check_out_dir(folder)
+        self.shared = shared
         self._fh: Any = None
         self._nested = False
         self._created = False
@@ -148,7 +188,7 @@ class FolderLock:
         path = self.folder / ".posbias.lock"
         fh = open(path, "a+")
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
@@ -157,7 +197,8 @@ class FolderLock:
                              "or choose another output folder") from None
         fh.seek(0)
         fh.truncate()
-        fh.write(f"posbias pid {os.getpid()}")
+        fh.write(f"posbias pid {os.getpid()}" + (" (a study: other studies may work there with it)" if self.shared
+                                                  else ""))
         fh.flush()
         self._fh = fh
         _HELD[key] = 1
@@ -171,7 +212,8 @@ class FolderLock:
             return
         _HELD.pop(key, None)
         if self._fh is not None:
-            if self._created and [p.name for p in self.folder.iterdir()] == [".posbias.lock"]:
+            if (self._created and not self.shared  # a shared lock file may have other holders
+                    and [p.name for p in self.folder.iterdir()] == [".posbias.lock"]):
                 # a run that stopped before writing anything (bad input found late) leaves no folder behind
                 (self.folder / ".posbias.lock").unlink()
                 try:

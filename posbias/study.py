@@ -169,7 +169,8 @@ def train_config(cfg: StudyConfig, seed: int) -> TrainConfig:
 def model_key(cfg: StudyConfig, arm: Arm, seed: int, corpus: Corpus) -> dict[str, Any]:
     """Everything that makes a trained model."""
     return {"model": model_config(cfg, arm).to_dict(), "train": asdict(train_config(cfg, seed)),
-            "corpus": corpus.fingerprint, "threads": cfg.threads, "device": cfg.device, "torch": torch.__version__,
+            "corpus": corpus.fingerprint, "threads": cfg.threads, "device": store.device_key(cfg.device),
+            "torch": torch.__version__,
             "code": store.code_fingerprint(*store.MODEL_CODE)}
 
 
@@ -287,7 +288,10 @@ class StudyResult:
 def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bool = False, keep_last: bool = True,
               log: Log = quiet) -> StudyResult:
     """Train (or reuse, under the same key) and evaluate every scheme and seed, keeping models and
-    evaluations in ``out/models``; one run per folder at a time. ``progress`` shows progress bars;
+    evaluations in ``out/models``. Several runs may work in one folder at once (processes on other
+    cores or GPUs): each model is made by one of them at a time, a run passes over the models another
+    is making and comes back to them at the end (reusing them, or taking over one whose run died), so
+    every run ends with all of its models. ``progress`` shows progress bars;
     ``keep_last=False`` deletes each model's ``last/`` checkpoint (mostly optimizer state) once its
     ``final/`` exists, which changes no result. :func:`posbias.report.study.write` renders the result."""
     out = store.check_out_dir(out)
@@ -300,34 +304,57 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
         raise ConfigError("train_len", f"{cfg.train_len} needs more than {cfg.train_len + 1} training tokens, but the "
                           f"training split has {corpus.train.numel()}; use a shorter training length or more data")
     result = StudyResult(cfg, [], {}, {}, corpus.fingerprint, arms(cfg))
-    with store.FolderLock(out), fixed_threads(cfg.threads):
+    with store.FolderLock(out, shared=True), fixed_threads(cfg.threads):
         _run(result, out, corpus, progress, keep_last, log)
     result.paired, result.paired_ratio = compare_schemes(cfg, result.records, result.arms)
     return result
 
 
 def _run(result: StudyResult, out: Path, corpus: Corpus, progress: bool, keep_last: bool, log: Log) -> None:
+    """Make every model (trained and scored, each under its own lock), then gather the records in order."""
     cfg = result.config
-    total = len(result.arms) * len(cfg.seeds)
-    trained_s: list[float] = []  # wall time of each model trained in this run, for the ETA
-    done = 0
+    jobs = []
     for arm in result.arms:
         for seed in cfg.seeds:
-            done += 1
-            tag = f"[{done}/{total} {arm.label} seed {seed}]"
             mkey = model_key(cfg, arm, seed, corpus)
             mdir = out / "models" / f"{store.folder_name(arm.label)}-seed{seed}-{store.config_key(mkey)}"
-            if ckpt.exists(mdir / "final"):
-                log(f"{tag} reusing the model trained with these exact settings in {mdir / 'final'}")
-            else:
-                trained_s.append(_train_one(cfg, arm, seed, mkey, mdir, corpus, progress, log, tag))
-                left = total - done
+            jobs.append((f"[{len(jobs) + 1}/{len(cfg.seeds) * len(result.arms)} {arm.label} seed {seed}]",
+                         arm, seed, mkey, mdir))
+    trained_s: list[float] = []  # wall time of each model trained in this run, for the ETA
+    busy = []  # models another run was making when this one came to them
+    for i, (tag, arm, seed, mkey, mdir) in enumerate(jobs):
+        with store.item_lock(mdir / ".lock", wait=False) as held:
+            if not held:
+                log(f"{tag} another run is making this model; going on, and back to it at the end")
+                busy.append(jobs[i])
+                continue
+            if _make_one(cfg, arm, seed, mkey, mdir, corpus, progress, keep_last, log, tag, trained_s):
+                left = len(jobs) - i - 1
                 if left:
                     eta = statistics.mean(trained_s) * left / 60
                     log(f"{tag} trained in {trained_s[-1]:.0f} s; at most about {eta:.0f} min left for {left} model(s)")
-            if not keep_last and (mdir / "last").exists():
-                shutil.rmtree(mdir / "last")
-            _evaluate_one(result, arm, seed, mkey, mdir, corpus, log, tag)
+    for tag, arm, seed, mkey, mdir in busy:
+        log(f"{tag} waiting for the run making this model …")
+        with store.item_lock(mdir / ".lock", wait=True):  # its files are complete once the lock is free
+            _make_one(cfg, arm, seed, mkey, mdir, corpus, progress, keep_last, log, tag, trained_s)
+    for tag, arm, seed, mkey, mdir in jobs:
+        _evaluate_one(result, arm, seed, mkey, mdir, corpus, log, tag)
+
+
+def _make_one(cfg: StudyConfig, arm: Arm, seed: int, mkey: dict[str, Any], mdir: Path, corpus: Corpus,
+              progress: bool, keep_last: bool, log: Log, tag: str, trained_s: list[float]) -> bool:
+    """Train (or reuse) and score one model, the caller holding its lock; True if it trained now."""
+    trained = not ckpt.exists(mdir / "final")
+    if trained:
+        trained_s.append(_train_one(cfg, arm, seed, mkey, mdir, corpus, progress, log, tag))
+    else:
+        log(f"{tag} reusing the model trained with these exact settings in {mdir / 'final'}")
+    if not keep_last and (mdir / "last").exists():
+        shutil.rmtree(mdir / "last")
+    scores = _scores(cfg, seed, mkey, mdir, corpus)
+    log(f"{tag} ppl " + ", ".join(f"@ {n} {r['ppl']:.3f} [{r['ppl_lo']:.3f}, {r['ppl_hi']:.3f}]"
+                                  for n, r in sorted(scores.items()) if n in cfg.lengths()))
+    return trained
 
 
 def _train_one(cfg: StudyConfig, arm: Arm, seed: int, mkey: dict[str, Any], mdir: Path, corpus: Corpus,
@@ -341,22 +368,30 @@ def _train_one(cfg: StudyConfig, arm: Arm, seed: int, mkey: dict[str, Any], mdir
     return time.perf_counter() - t0
 
 
+def _scores(cfg: StudyConfig, seed: int, mkey: dict[str, Any], mdir: Path, corpus: Corpus,
+            model: TransformerLM | None = None) -> dict[int, dict[str, Any]]:
+    """The model's scores at every length: its keyed evaluation file, made now if missing."""
+    ekey = eval_key(cfg, mkey)
+    efile = mdir / f"eval-{store.config_key(ekey)}.json"
+    if efile.exists():
+        return {int(k): v for k, v in store.read_json(efile)["scores"].items()}
+    if model is None:
+        model = ckpt.load_model(mdir / "final").to(cfg.device)
+    t0 = time.perf_counter()
+    scores = length_study(model, corpus.val, cfg.lengths(), train_len=cfg.train_len, n_tokens=cfg.eval_tokens,
+                          batch_size=cfg.eval_batch, device=cfg.device, n_boot=N_BOOT, seed=seed)
+    store.write_json(efile, {"key": ekey, "wall_s": time.perf_counter() - t0,
+                             "scores": {str(k): v for k, v in scores.items()}})
+    return scores
+
+
 def _evaluate_one(result: StudyResult, arm: Arm, seed: int, mkey: dict[str, Any], mdir: Path, corpus: Corpus,
                   log: Log, tag: str) -> None:
     """Score one trained model at every length (or reuse its keyed evaluation) and append its records."""
     cfg = result.config
     meta = ckpt.read_meta(mdir / "final")
     model = ckpt.load_model(mdir / "final").to(cfg.device)
-    ekey = eval_key(cfg, mkey)
-    efile = mdir / f"eval-{store.config_key(ekey)}.json"
-    if efile.exists():
-        scores = {int(k): v for k, v in store.read_json(efile)["scores"].items()}
-    else:
-        t0 = time.perf_counter()
-        scores = length_study(model, corpus.val, cfg.lengths(), train_len=cfg.train_len, n_tokens=cfg.eval_tokens,
-                              batch_size=cfg.eval_batch, device=cfg.device, n_boot=N_BOOT, seed=seed)
-        store.write_json(efile, {"key": ekey, "wall_s": time.perf_counter() - t0,
-                                 "scores": {str(k): v for k, v in scores.items()}})
+    scores = _scores(cfg, seed, mkey, mdir, corpus, model)
     learned = learned_summary(model, cfg.train_len)
     first = seed == cfg.seeds[0]
     if first and model.scheme.family == "additive":
@@ -364,7 +399,6 @@ def _evaluate_one(result: StudyResult, arm: Arm, seed: int, mkey: dict[str, Any]
     hist = meta.get("history", {})
     for n in cfg.lengths():
         r = scores[n]
-        log(f"{tag} length {n}: ppl {r['ppl']:.3f} [{r['ppl_lo']:.3f}, {r['ppl_hi']:.3f}]")
         if r.get("loss_by_position") and first:
             result.positions[arm.label] = r["loss_by_position"]
         result.records.append({

@@ -295,23 +295,46 @@ def _study(out, text_file, *extra):
 
 
 @pytest.mark.slow
-def test_second_run_into_the_same_folder_refuses_and_the_first_is_unharmed(tmp_path, text_file):
+def test_two_runs_in_one_folder_share_the_models_and_a_retrofit_there_refuses(tmp_path, text_file):
+    """Two processes run the same study into one folder while a third holds t5's lock: both pass over
+    t5, share the other models (each trained once, by one of them) and wait for t5; a retrofit into
+    the folder meanwhile refuses with one line. Once t5 is free one of them makes it and the other
+    reuses it; both write the full report, equal to a run alone."""
+    from posbias import store
+    from posbias.cli import build_parser, study_config
+    from posbias.data import local_corpus
+    from posbias.study import arms, model_key
+
     out = tmp_path / "run"
-    first = subprocess.Popen(_study(out, text_file), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while not (out / ".posbias.lock").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    second = subprocess.run(_study(out, text_file), env=ENV, capture_output=True, text=True)
-    assert second.returncode == 2
-    err = second.stderr.strip()
-    assert "in use by posbias pid" in err and "\n" not in err and "Traceback" not in err
-    _, first_err = first.communicate()
-    assert first.returncode == 0, first_err
+    argv = _study(out, text_file, "--schemes", "t5", "alibi", "nope", "offset")
+    cfg = study_config(build_parser().parse_args(argv[3:]))
+    t5 = arms(cfg)[0]
+    lock = out / "models" / f"t5-seed0-{store.config_key(model_key(cfg, t5, 0, local_corpus(text_file)))}" / ".lock"
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    with store.item_lock(lock, wait=False) as held, open(logs[0], "w") as a, open(logs[1], "w") as b:
+        assert held
+        runs = [subprocess.Popen(argv, env=ENV, stdout=f, stderr=subprocess.STDOUT) for f in (a, b)]
+        deadline = time.time() + 300
+        while not all("waiting for the run making this model" in f.read_text() for f in logs):
+            assert time.time() < deadline and all(r.poll() is None for r in runs), [f.read_text() for f in logs]
+            time.sleep(0.1)
+        model = TransformerLM(ModelConfig(scheme="rope", **TINY))
+        ckpt.save_checkpoint(tmp_path / "src", model, extra={"train": {"seq_len": 16}})
+        retro = subprocess.run([*POSBIAS, "retrofit", str(tmp_path / "src"), "--to", "32", "--method", "pi", "--out",
+                                str(out), "--data", str(text_file), "--quiet"], env=ENV, capture_output=True, text=True)
+    assert [r.wait(300) for r in runs] == [0, 0], [f.read_text() for f in logs]
+    assert retro.returncode == 2 and "in use by posbias pid" in retro.stderr and "(a study" in retro.stderr
+    assert "\n" not in retro.stderr.strip() and "Traceback" not in retro.stderr
+    said = [f.read_text() for f in logs]
+    assert all("[1/4 t5 seed 0] another run is making this model" in x for x in said)
+    assert sum(x.count("training 30 steps") for x in said) == 4, said  # each model once, by one run or the other
+    assert sum(x.count("reusing the model trained") for x in said) == 4, said
+    records = json.loads((out / "results.json").read_text())["records"]
     solo = tmp_path / "solo"
-    subprocess.run(_study(solo, text_file), env=ENV, check=True, capture_output=True)
-    ra = json.loads((out / "results.json").read_text())["records"]
-    rb = json.loads((solo / "results.json").read_text())["records"]
-    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+    subprocess.run(_study(solo, text_file, "--schemes", "t5", "alibi", "nope", "offset"), env=ENV, check=True,
+                   capture_output=True)
+    alone = json.loads((solo / "results.json").read_text())["records"]
+    assert [(r["label"], r["loss"]) for r in records] == [(r["label"], r["loss"]) for r in alone] and len(alone) == 8
 
 
 @pytest.mark.slow

@@ -341,6 +341,53 @@ def test_study_is_bit_identical_at_a_fixed_thread_count(tmp_path, text_file):
     assert [(r["loss"], r["ppl_lo"], r["learned"]) for r in a] == [(r["loss"], r["ppl_lo"], r["learned"]) for r in b]
 
 
+def test_runs_sharing_a_folder_pass_over_a_model_another_is_making(tmp_path, text_file):
+    """Another run holds alibi's lock (here a thread, as a run in another process would): this run
+    trains the other models first, comes back, waits for the lock, and — the holder having made
+    nothing, like a run that died — makes alibi itself. The records are those of a run alone."""
+    import threading
+
+    from posbias import store
+    from posbias.data import local_corpus
+    from posbias.study import StudyConfig, arms, model_key, run_study
+
+    cfg = StudyConfig(schemes=("alibi", "t5", "nope"), train_len=16, eval_lens=(16, 32), steps=3, batch_size=4,
+                      d_model=32, n_layers=1, n_heads=2, eval_tokens=256, threads=1)
+    corpus = local_corpus(text_file)
+    alibi = arms(cfg)[0]
+    lock = tmp_path / "run" / "models" / f"alibi-seed0-{store.config_key(model_key(cfg, alibi, 0, corpus))}" / ".lock"
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():
+        with store.item_lock(lock, wait=True):
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=other_run)
+    holder.start()
+    assert held.wait(10)
+    said = []
+
+    def log(line):
+        said.append(line)
+        if "waiting for the run making this model" in line:
+            release.set()
+
+    try:
+        shared = run_study(cfg, tmp_path / "run", corpus=corpus, log=log)
+    finally:
+        release.set()
+        holder.join()
+    def at(start):
+        return next(i for i, line in enumerate(said) if line.startswith(start))
+
+    passed, waits = at("[1/3 alibi seed 0] another run is making this model"), at("[1/3 alibi seed 0] waiting")
+    assert passed < at("[2/3 t5 seed 0] training") < at("[3/3 nope seed 0] training") < waits
+    assert waits < at("[1/3 alibi seed 0] training") < at("[1/3 alibi seed 0] ppl @ 16")
+    alone = run_study(cfg, tmp_path / "alone", corpus=corpus)
+    assert [(r["label"], r["loss"]) for r in shared.records] == [(r["label"], r["loss"]) for r in alone.records]
+
+
 def test_positional_parameters_get_their_own_learning_rate():
     from posbias.train import make_optimizer
 
