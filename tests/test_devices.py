@@ -155,3 +155,19 @@ def test_the_gpu_session_script_runs_its_stages_and_keeps_their_logs(tmp_path):
     assert "torch " + torch.__version__ in (tmp_path / "environment.log").read_text()
     bad = subprocess.run(["bash", str(script), "bogus"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown stage 'bogus'" in bad.stderr and "decode or dropout" in bad.stderr
+
+
+def test_results_keys_name_the_device_by_kind():
+    """Keys carry what a device is, not its index: runs on cuda:0 and cuda:1 share results."""
+    from posbias.store import device_key
+
+    assert device_key("cpu") == "cpu"
+
+
+@pytest.mark.cuda
+@NO_CUDA
+def test_cuda_keys_name_the_gpu_model_not_its_index():
+    from posbias.store import device_key
+
+    name = torch.cuda.get_device_name(0)
+    assert device_key("cuda") == device_key("cuda:0") == f"cuda ({name})"
