@@ -9,15 +9,15 @@ import sys
 
 import pytest
 import torch
-from _helpers import DEVICES
+from _helpers import DEVICES, assert_grads_close
 
 transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
     pytest.skip("the integration targets transformers >= 5", allow_module_level=True)
 
 from posbias import attention_reference, build  # noqa: E402
-from posbias.integrations.hf import (POSBIAS_FROM, accelerate, mask_kind, restore, scheme_from_hf,  # noqa: E402
-                                     schemes_from_pretrained, t5_to_hf)
+from posbias.integrations.hf import (POSBIAS_FROM, accelerate, mask_documents, mask_kind, restore,  # noqa: E402
+                                     scheme_from_hf, schemes_from_pretrained, t5_to_hf)
 
 
 def t5_config(**kw):
@@ -120,6 +120,81 @@ def test_t5_padding_mask_runs_on_posbias_exactly(scattered, fast_calls):
         b = fast(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
     assert len(fast_calls) == 2  # both layers' self-attention took posbias
+
+
+def _packed(lengths, causal, batch=1, additive=False):
+    """A block-diagonal 4D mask: documents of these lengths, each attending only within itself."""
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    allowed = ids[:, None] == ids[None, :]
+    if causal:
+        allowed &= torch.tril(torch.ones_like(allowed))
+    allowed = allowed[None, None].expand(batch, 1, -1, -1).clone()
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min) if additive else allowed
+
+
+def _grads_equal(ref, fast):
+    names, want = zip(*((n, p.grad) for n, p in ref.named_parameters()))
+    assert_grads_close([p.grad for p in fast.parameters()], list(want), atol=2e-5, rtol=1e-4, names=names)
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_t5_packed_documents_run_on_posbias_exactly(additive, fast_calls):
+    """Packed sequences: a block-diagonal mask in the encoder (documents attending fully within
+    themselves) and in the decoder (causally) takes posbias' document_ids path; outputs, losses and
+    every gradient equal the unpatched model's, and each document alone gives the same encoder output.
+    A mask that is not block-diagonal keeps transformers' path. (transformers' T5 takes a 4D encoder
+    mask in the encoder alone: its cross-attention would need a mask of its own.)"""
+    torch.manual_seed(0)
+    cfg = t5_config()
+    ref, fast = pair(randomize_bias(transformers.T5EncoderModel(cfg)))
+    ids = torch.randint(2, 97, (2, 60))
+    enc = _packed([17, 30, 13], False, 2, additive)
+    for m in (ref, fast):
+        m.train()
+        m(input_ids=ids, attention_mask=enc).last_hidden_state.square().sum().backward()
+    assert [tuple(s) for s in fast_calls] == [(2, 4, 60, 12)] * 2  # both layers on posbias
+    _grads_equal(ref, fast)
+    with torch.no_grad():
+        whole = fast(input_ids=ids[:1], attention_mask=enc[:1]).last_hidden_state
+        torch.testing.assert_close(whole, ref(input_ids=ids[:1], attention_mask=enc[:1]).last_hidden_state,
+                                   atol=2e-5, rtol=1e-4)
+        alone = torch.cat([fast(input_ids=ids[:1, a:b]).last_hidden_state for a, b in ((0, 17), (17, 47), (47, 60))], 1)
+    torch.testing.assert_close(whole, alone, atol=2e-5, rtol=1e-4)
+    fast_calls.clear()
+    holed = enc.clone()
+    holed[:, :, 20, 25] = torch.finfo(torch.float32).min if additive else False  # one pair hidden in a document
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids, attention_mask=holed).last_hidden_state,
+                                   ref(input_ids=ids, attention_mask=holed).last_hidden_state, atol=2e-5, rtol=1e-4)
+    assert not fast_calls
+    ref, fast = pair(randomize_bias(transformers.T5ForConditionalGeneration(cfg)))
+    labels = torch.randint(2, 97, (2, 45))
+    kw = dict(input_ids=ids, decoder_input_ids=labels, decoder_attention_mask=_packed([20, 5, 20], True, 2, additive))
+    losses = []
+    for m in (ref, fast):
+        m.train()
+        out = m(**kw).logits
+        losses.append(torch.nn.functional.cross_entropy(out.flatten(0, 1), labels.flatten()))
+        losses[-1].backward()
+    assert (2, 4, 45, 12) in [tuple(s) for s in fast_calls]  # the decoder's packed self-attention on posbias
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    _grads_equal(ref, fast)
+
+
+def test_mask_documents():
+    ids, kind = mask_documents(_packed([2, 3], True), 5)[1], mask_documents(_packed([2, 3], True), 5)[0]
+    assert kind == "causal" and ids.tolist() == [[0, 0, 1, 1, 1]]
+    assert mask_documents(_packed([2, 3], False, additive=True), 5)[0] == "full"
+    assert mask_documents(_packed([1, 1, 1], False), 3)[1].tolist() == [[0, 1, 2]]
+    assert mask_documents(_packed([2, 3], True), 6) is None  # another length
+    assert mask_documents(None, 5) is None
+    odd = _packed([2, 3], True)
+    odd[0, 0, 4, 2] = False  # hidden from one query inside a document
+    assert mask_documents(odd, 5) is None
+    half = _packed([2, 3], False)
+    half[0, 0, 0, 1] = False  # causal in one document, full in the other
+    assert mask_documents(half, 5) is None
+    assert mask_documents(torch.ones(1, 2, 5, 5, dtype=torch.bool), 5) is None  # per head
 
 
 def test_t5_padded_seq2seq_generate_and_training(fast_calls):

@@ -40,7 +40,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -216,25 +216,70 @@ def mask_kind(mask: Tensor | None, q_start: int, lq: int, lk: int, *, causal_if_
     """
     if mask is None:
         return ("causal" if causal_if_none else "full"), None
+    return _kept_reading(mask, ("kind", q_start, lq, lk, hides), lambda: _read_mask(mask, q_start, lq, lk, hides))
+
+
+def mask_documents(mask: Tensor | None, length: int) -> tuple[str, Tensor] | None:
+    """Packed documents in a self-attention mask over ``length`` tokens (query 0 at position 0):
+    ``("full" | "causal", ids)`` where the mask is block-diagonal — each run of tokens attends only
+    within itself, fully or causally — with ``ids`` ``[batch, length]`` numbering the runs
+    (:func:`posbias.attention`'s ``document_ids``); None for any other mask. Element by element
+    against that reconstruction, read once per mask as :func:`mask_kind`'s reading is. A document's
+    positions restart at 0 in posbias, which equals the whole sequence's positions for a bias of the
+    offset alone (T5's)."""
+    if mask is None:
+        return None
+    return _kept_reading(mask, ("documents", length), lambda: _read_documents(mask, length))
+
+
+def _kept_reading(mask: Tensor, key: tuple, read: Callable[[], Any]) -> Any:
+    """``read()``, kept on the mask tensor under ``key`` and its in-place version (every layer gets the
+    same mask); inference-mode tensors, which keep no version, are read every time."""
     if mask.is_inference():
-        return _read_mask(mask, q_start, lq, lk, hides)
-    key = (mask._version, q_start, lq, lk, hides)
-    kept = getattr(mask, "_posbias_mask_kind", None)
-    if kept is None or kept[0] != key:
-        kept = key, _read_mask(mask, q_start, lq, lk, hides)
-        mask._posbias_mask_kind = kept
-    return kept[1]
+        return read()
+    kept = getattr(mask, "_posbias_readings", None)
+    if kept is None or kept[0] != mask._version:
+        kept = (mask._version, {})
+        mask._posbias_readings = kept
+    if key not in kept[1]:
+        kept[1][key] = read()
+    return kept[1][key]
+
+
+def _allowed(mask: Tensor, hides: bool = False) -> Tensor | None:
+    """A transformers mask as bool, True where attention is allowed; None for a float mask that is
+    not additive (0 or very negative)."""
+    if mask.dtype == torch.bool:
+        return ~mask if hides else mask
+    low = torch.finfo(mask.dtype).min / 2
+    if not bool(((mask == 0) | (mask <= low)).all()):
+        return None
+    return mask == 0
+
+
+def _read_documents(mask: Tensor, length: int) -> tuple[str, Tensor] | None:
+    """:func:`mask_documents`' reading of one mask."""
+    allowed = _allowed(mask)
+    if allowed is None or allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[-2:] != (length, length):
+        return None
+    a = allowed[:, 0]
+    i = torch.arange(1, length, device=mask.device)
+    starts = ~a[:, i, i - 1]  # query i cannot see key i − 1: a document starts at i
+    ids = torch.cat([starts.new_zeros(a.shape[0], 1, dtype=torch.long), starts.long().cumsum(-1)], -1)
+    same = ids[:, :, None] == ids[:, None, :]
+    if torch.equal(a, same):
+        return "full", ids
+    pos = torch.arange(length, device=mask.device)
+    if torch.equal(a, same & (pos[:, None] >= pos[None, :])):
+        return "causal", ids
+    return None
 
 
 def _read_mask(mask: Tensor, q_start: int, lq: int, lk: int, hides: bool) -> tuple[str, Tensor | None] | None:
     """:func:`mask_kind`'s reading of one mask."""
-    if mask.dtype == torch.bool:
-        allowed = ~mask if hides else mask
-    else:
-        low = torch.finfo(mask.dtype).min / 2
-        if not bool(((mask == 0) | (mask <= low)).all()):
-            return None
-        allowed = mask == 0
+    allowed = _allowed(mask, hides)
+    if allowed is None:
+        return None
     if allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[-2:] != (lq, lk):
         return None
     if bool(allowed.all()):
@@ -329,6 +374,14 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         lq, lk = query.shape[2], key.shape[2]
         kind = None if _few_keys_at_inference(lk) else mask_kind(
             attention_mask, position_bias.q_start, lq, lk, causal_if_none=not position_bias.scheme.bidirectional)
+        docs = None
+        if kind is None and position_bias.q_start == 0 and lq == lk and not _few_keys_at_inference(lk):
+            docs = mask_documents(attention_mask, lq)  # packed sequences: a block-diagonal mask
+        if docs is not None and _takes_dropout(dropout, query):
+            out = attention(query, key, value, position_bias.scheme, causal=docs[0] == "causal", scale=scaling,
+                            backend=position_bias.backend, strict=False, dropout_p=dropout,
+                            document_ids=docs[1].expand(query.shape[0], -1))
+            return out.transpose(1, 2).contiguous(), None
         if kind is not None and _takes_dropout(dropout, query):
             q_pos = torch.arange(position_bias.q_start, position_bias.q_start + lq, device=query.device)
             out = attention(query, key, value, position_bias.scheme, causal=kind[0] == "causal", scale=scaling,
