@@ -10,9 +10,12 @@ each length), both models from the same weights; the output check then compares 
 probabilities), which transformers applies on its own path and posbias in its dropout kernel; the two
 draw different masks, so the losses are not compared (``tests/test_hf.py`` compares them under one mask).
 ``--size base`` is sized like flan-t5-base (d_model 768, 12 heads, 12+12 layers, gated-GELU
-feed-forward of 2048). A cell that runs out of memory reads ``OOM`` and the run goes on.
+feed-forward of 2048). ``--packed``: one T5 encoder sequence of N tokens packing 4 documents of
+N/2, N/4, N/8 and N/8 tokens, with the block-diagonal 4D mask that keeps each within itself. A cell
+that runs out of memory reads ``OOM`` and the run goes on.
 
     python benchmarks/bench_hf.py                                   # T5 encoder, N = 512 … 8192, CPU
+    python benchmarks/bench_hf.py --packed --lengths 2048 4096 8192      # T5 encoder, 4 packed documents
     python benchmarks/bench_hf.py --model bloom --lengths 1024 4096
     python benchmarks/bench_hf.py --model mpt --lengths 1024 4096
     python benchmarks/bench_hf.py --device cuda --dtype bfloat16 --size base --train --lengths 4096 8192 16384
@@ -98,7 +101,7 @@ def step(model, ids, labels):
     if labels is None:
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            return out if mask is None else out * mask[..., None]
+            return out if mask is None or mask.dim() != 2 else out * mask[..., None]
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
@@ -142,12 +145,16 @@ def main(argv=None):
     p.add_argument("--padded", action="store_true",
                    help="a batch of 4 sequences of N, 0.9 N, 0.7 N and 0.5 N tokens with their attention mask, padded "
                         "on the right (T5) or the left (BLOOM, MPT: as prompts are batched for generation)")
+    p.add_argument("--packed", action="store_true",
+                   help="T5 encoder: 4 documents of N/2, N/4, N/8, N/8 tokens packed into one sequence (4D mask)")
     p.add_argument("--backend", default="auto",
                    help="posbias backend the accelerated model prefers (accelerate(model, backend=...)), "
                         "e.g. flex on a GPU; default auto")
     args = p.parse_args(argv)
     if args.train and args.model != "t5":
         p.error("--train is for --model t5")
+    if args.packed and (args.model != "t5" or args.train or args.padded):
+        p.error("--packed is for the T5 encoder's forward (--model t5, without --train or --padded)")
     if not 0 <= args.dropout < 1 or (args.dropout and not args.train):
         p.error(f"--dropout must be in [0, 1) and goes with --train, got {args.dropout}")
 
@@ -164,7 +171,7 @@ def main(argv=None):
     what += f", dropout_rate {args.dropout}" if args.dropout else ""
     print(f"# transformers {transformers.__version__}, torch {torch.__version__}, {device} ({where}); {args.model} "
           f"{args.size} (d_model {ref.config.hidden_size if args.model == 'bloom' else ref.config.d_model}), "
-          f"{'4 padded sequences' if args.padded else 'batch 1'}, "
+          f"{'4 padded sequences' if args.padded else '4 packed documents' if args.packed else 'batch 1'}, "
           f"{args.dtype}, {what}; HF attention '{impl}'; posbias backend {args.backend}; peak memory: "
           f"{'max allocated' if device.type == 'cuda' else 'growth of peak RSS over the first call'}")
     print(f"# each speed-up: the median of {args.reps} interleaved pairs (HF / posbias time; one pair fewer beyond 4k"
@@ -185,6 +192,10 @@ def main(argv=None):
             real = torch.tensor([n, int(0.9 * n), int(0.7 * n), n // 2], device=device)[:, None]
             at = torch.arange(n, device=device)[None]
             ids = ids, ((at < real) if args.model == "t5" else (at >= n - real)).long()
+        if args.packed:
+            doc = torch.repeat_interleave(torch.arange(4, device=device),
+                                          torch.tensor([n - n // 4 - 2 * (n // 8), n // 4, n // 8, n // 8], device=device))
+            ids = ids, (doc[:, None] == doc[None, :])[None, None]
         reps = args.reps if n <= 4096 else max(1, args.reps - 1)
         results = [warm_up(model, ids, labels, device) for model in (ref, fast)]
         times = paired([m if r else None for m, r in zip((ref, fast), results)], ids, labels, reps, device)

@@ -642,7 +642,7 @@ def _bench(monkeypatch):
 
 def test_hf_benchmark_on_padded_batches(capsys, monkeypatch, fast_calls):
     """``--padded``: four sequences with their attention mask (right padding for T5, left for BLOOM and MPT) run on
-    posbias, and the real positions agree with the unpatched model."""
+    posbias, and the real positions agree with the unpatched model; ``--packed`` likewise for packed documents."""
     for model in ("t5", "bloom", "mpt"):
         fast_calls.clear()
         _bench(monkeypatch).main(["--model", model, "--padded", "--lengths", "60", "--layers", "1", "--reps", "1",
@@ -650,6 +650,12 @@ def test_hf_benchmark_on_padded_batches(capsys, monkeypatch, fast_calls):
         lines = capsys.readouterr().out.strip().splitlines()
         assert "4 padded sequences" in lines[0] and fast_calls
         assert float(lines[-1].split("|")[7]) < 1e-4
+    fast_calls.clear()  # --packed: four documents in one T5 sequence, on posbias' document path
+    _bench(monkeypatch).main(["--packed", "--lengths", "64", "--layers", "1", "--reps", "1", "--device", "cpu"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "4 packed documents" in lines[0] and fast_calls and float(lines[-1].split("|")[7]) < 1e-4
+    with pytest.raises(SystemExit):
+        _bench(monkeypatch).main(["--packed", "--model", "bloom"])
 
 
 def test_hf_benchmark_runs_training_and_checks_agreement(capsys, monkeypatch):
