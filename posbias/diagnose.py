@@ -411,7 +411,7 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, train_len: int, length: 
     log(f"passkey: fine-tuning a copy for {cfg.passkey_steps} steps at {train_len} …")
     copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
     passkey.train_passkey(copy, length=train_len, steps=cfg.passkey_steps, device=cfg.device, progress=progress,
-                          resume=work, log=log)
+                          resume=work, replace_other=True, log=log)
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)
     lens, n = [], train_len

@@ -110,19 +110,22 @@ def accuracy_grid(model, lengths: Iterable[int], depths: Iterable[float], *, pro
 
 def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: float = 2e-3, digits: int = 5,
                   seed: int = 0, device: str | torch.device = "cpu", progress: bool = False,
-                  resume: str | Path | None = None, log: Callable[[str], None] | None = None) -> list[float]:
+                  resume: str | Path | None = None, replace_other: bool = False,
+                  log: Callable[[str], None] | None = None) -> list[float]:
     """Fine-tune ``model`` in place on passkey samples of ``length`` bytes; returns the losses.
 
     ``resume``: a folder for the fine-tune's progress (:func:`posbias.finetune.finetune`; the batches'
     generator travels with it), so that an interrupted run continues bit-identically instead of
-    starting again. It is keyed by every setting here and the starting weights."""
+    starting again. It is keyed by every setting here and the starting weights; another fine-tune's
+    progress there is refused, or with ``replace_other`` (a folder the caller owns) replaced."""
     from .finetune import finetune
 
     g = torch.Generator().manual_seed(seed)
     identity = {"task": "passkey", "length": length, "batch_size": batch_size, "digits": digits, "seed": seed}
     return finetune(model, lambda step: make_batch(batch_size, length, digits=digits, generator=g).to(device),
                     lambda m, b: answer_loss(m, b, digits), steps=steps, lr=lr, progress=progress,
-                    desc=f"passkey@{length}", resume=resume, generator=g, identity=identity, log=log)
+                    desc=f"passkey@{length}", resume=resume, generator=g, identity=identity,
+                    replace_other=replace_other, log=log)
 
 
 def default_depths(n: int = 5) -> list[float]:

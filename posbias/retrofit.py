@@ -315,7 +315,8 @@ class _Run:
             copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
             work = self.out / "models" / f"passkey-{store.folder_name(label)}-{self.key}"
             passkey.train_passkey(copy, length=self.train_len, steps=cfg.passkey_steps, seed=cfg.seed,
-                                  device=cfg.device, progress=self.progress, resume=work, log=self.log)
+                                  device=cfg.device, progress=self.progress, resume=work, replace_other=True,
+                                  log=self.log)
             shutil.rmtree(work, ignore_errors=True)
             grid = passkey.accuracy_grid(copy, [self.train_len, cfg.to], passkey.default_depths(PASSKEY_DEPTHS),
                                          samples=cfg.passkey_samples, device=cfg.device)

@@ -527,9 +527,17 @@ def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, m
 
     monkeypatch.setattr(ft, "finetune", every_step)
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
+    from posbias import passkey
+
+    stale = tmp_path / "d" / "passkey-progress"  # left by an interrupted diagnosis of another checkpoint
+    passkey.train_passkey(ckpt.load_model(tiny_checkpoint(tmp_path / "other", "alibi")), length=L, steps=3,
+                          batch_size=2, resume=stale)
+    seen.clear()
+    said = []
     run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=3, passkey_samples=1),
-                 corpus=corpus, out=tmp_path / "d")
-    assert seen == [tmp_path / "d" / "passkey-progress"] and not seen[0].exists()
+                 corpus=corpus, out=tmp_path / "d", log=said.append)
+    assert seen == [stale] and not stale.exists()
+    assert any("holds another fine-tune's progress; starting afresh" in line for line in said)
     seen.clear()
     cfg = RetrofitConfig(to=2 * L, methods=("t5-distance",), compare=True, passkey_steps=3, passkey_samples=1,
                          eval_tokens=2 * L)
