@@ -462,6 +462,37 @@ def test_extrapolation_is_compared_paired_across_lengths_and_schemes():
     assert "ppl@64 / ppl@16" in "\n".join(_paired_section(study))
 
 
+def test_summary_says_what_the_tables_show():
+    """The summary's sentences follow the intervals: a ratio whose interval lies below 1 falls, above 1
+    grows, across 1 does not change beyond the noise (with several seeds: in every seed); the best at
+    each length and in length generalisation, with the schemes not distinguishable from it."""
+    from posbias.report.study import summary
+
+    g = torch.Generator().manual_seed(1)
+    d = torch.rand(12, generator=g, dtype=torch.float64) + 1
+    study = _fake_study({"a": [d], "b": [d + 0.005], "c": [d - 0.1]},
+                        far={"a": [d - 0.02], "b": [d - 0.005], "c": [d - 0.05]})
+    bounds = {"a": (0.98, 0.97, 0.99), "b": (0.995, 0.98, 1.01), "c": (1.05, 1.04, 1.06)}
+    for r in study.records:
+        if r["eval_len"] == 64:
+            r["ratio"], r["ratio_lo"], r["ratio_hi"] = bounds[r["label"]]
+    lines = summary(study)
+    assert lines[2] == ("* **From L = 16 to 64 tokens (4 L), perplexity** grows for c (1.05×); falls for a (0.98×); "
+                        "does not change beyond the noise for b (0.995×) (grows, falls: the 95% interval of "
+                        "ppl@64 / ppl@16 lies above, below 1; mean ratio in brackets).")
+    assert lines[3] == "* **Best at L = 16:** c; every other scheme is worse beyond the noise."
+    assert lines[4] == "* **Best at 64:** c; every other scheme is worse beyond the noise."
+    assert lines[5].startswith("* **Best in length generalisation (the smallest ppl@longest / ppl@L):** a; ")
+    assert lines[6].startswith("* **One seed (0):** every interval here is over the text scored")
+    # two seeds: a ratio counts as growing only if it grows in each
+    two = _fake_study({"a": [d, d], "b": [d + 0.005, d + 0.004]}, seeds=(0, 1), far={"a": [d, d], "b": [d, d]})
+    for r in two.records:
+        if r["eval_len"] == 64:
+            r["ratio"], r["ratio_lo"], r["ratio_hi"] = (1.1, 1.05, 1.15) if r["seed"] == 0 else (1.01, 0.99, 1.03)
+    assert "does not change beyond the noise for a (1.06×), b (1.06×)" in summary(two)[2]
+    assert "in every seed" in summary(two)[2] and not any("One seed" in line for line in summary(two))
+
+
 def test_paired_table_sees_a_difference_the_overlapping_intervals_hide():
     """Text segments of very different difficulty, and scheme b 0.02 nats worse than a on every one:
     the paired ratio is exp(0.02) with an interval of that width only, while the schemes' own

@@ -27,4 +27,10 @@ def paired_cell(p: Paired) -> str:
     text = f"{p.ratio:.3f} [{p.lo:.3f}, {p.hi:.3f}]"
     if p.per_seed:
         text += f"; seeds {min(p.per_seed):.3f}–{max(p.per_seed):.3f}"
-    return text + (" (≈ best)" if p.lo <= 1.0 or (p.per_seed and min(p.per_seed) <= 1.0) else "")
+    return text + (" (≈ best)" if ties_best(p) else "")
+
+
+def ties_best(p: Paired) -> bool:
+    """Whether ``p`` is not distinguishable from the best: its paired interval, or one of its seeds,
+    reaches 1 (the best itself included)."""
+    return p.best or p.lo <= 1.0 or bool(p.per_seed and min(p.per_seed) <= 1.0)

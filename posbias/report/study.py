@@ -14,7 +14,7 @@ from .. import store
 from ..config import Log, quiet
 from ..evaluate import N_BOOT, local_head
 from ..study import StudyResult, records_at
-from . import md_table, paired_cell
+from . import md_table, paired_cell, ties_best
 
 Records = list[dict[str, Any]]
 
@@ -45,13 +45,55 @@ def _cell(rs: Records, key: str, fmt: str = ".2f") -> str:
 
 def markdown(result: StudyResult) -> str:
     cfg = result.config
-    lines = _ppl_section(result) + _paired_section(result) + _delta_section(result) + _learned_section(result)
+    lines = (summary(result) + _ppl_section(result) + _paired_section(result) + _delta_section(result)
+             + _learned_section(result))
     if len(cfg.seeds) > 1:
         lens = cfg.lengths()
         lines += ["", f"Per seed, ppl@{lens[-1]} / ppl@{cfg.train_len}: " + "; ".join(
             f"{a.label} " + " / ".join(f"{r['ratio']:.3f}" for r in records_at(result.records, a.label, lens[-1]))
             for a in result.arms)]
     return "\n".join(lines + ["", _footer(result), ""])
+
+
+def summary(result: StudyResult) -> list[str]:
+    """The tables' answers in sentences, with no threshold of ours: which schemes' perplexity grows or
+    falls from L to the longest length (the 95% interval of the ratio above or below 1, in every seed)
+    and which do not change beyond the noise; the best scheme at L, at the longest length and in length
+    generalisation, with those not distinguishable from it (the paired tables' "≈ best")."""
+    cfg = result.config
+    lens, base = cfg.lengths(), cfg.train_len
+    longest = lens[-1]
+    if longest == base or not result.records:
+        return []
+    every = " in every seed" if len(cfg.seeds) > 1 else ""
+    ways: dict[str, list[str]] = {"grows": [], "falls": [], "same": []}
+    for a in result.arms:
+        rs = records_at(result.records, a.label, longest)
+        if not rs:
+            continue
+        way = ("grows" if all(r["ratio_lo"] > 1 for r in rs) else "falls" if all(r["ratio_hi"] < 1 for r in rs)
+               else "same")
+        ways[way].append(f"{a.label} ({statistics.mean(r['ratio'] for r in rs):.3g}×)")
+    parts = [f"grows{every} for {', '.join(ways['grows'])}" if ways["grows"] else "",
+             f"falls{every} for {', '.join(ways['falls'])}" if ways["falls"] else "",
+             f"does not change beyond the noise for {', '.join(ways['same'])}" if ways["same"] else ""]
+    lines = ["### Summary", "",
+             f"* **From L = {base} to {longest} tokens ({longest / base:g} L), perplexity** "
+             + "; ".join(x for x in parts if x) + f" (grows, falls: the 95% interval of ppl@{longest} / ppl@{base} "
+             f"lies above, below 1{every}; mean ratio in brackets)."]
+    for what, table in ((f"at L = {base}", result.paired.get(base, {})),
+                        (f"at {longest}", result.paired.get(longest, {})),
+                        ("in length generalisation (the smallest ppl@longest / ppl@L)", result.paired_ratio)):
+        best = [label for label, p in table.items() if p.best]
+        if not best:
+            continue
+        tied = [label for label, p in table.items() if not p.best and ties_best(p)]
+        lines.append(f"* **Best {what}:** {best[0]}" + (f"; not distinguishable from it: {', '.join(tied)}" if tied
+                                                         else "; every other scheme is worse beyond the noise") + ".")
+    if len(cfg.seeds) == 1:
+        lines.append(f"* **One seed ({cfg.seeds[0]}):** every interval here is over the text scored; how far "
+                     "training's own spread moves these answers is not measured (`--seeds 0 1 2` measures it).")
+    return lines + [""]
 
 
 def _ppl_section(result: StudyResult) -> list[str]:
