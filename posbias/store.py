@@ -204,6 +204,17 @@ class FolderLock:
         _HELD[key] = 1
         return self
 
+    def _alone(self) -> bool:
+        """Whether no other process holds the lock (a shared one may have company: then the lock file
+        stays for them)."""
+        if not self.shared:
+            return True
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
     def __exit__(self, *exc: object) -> None:
         key = self.folder.resolve()
         if self._nested:
@@ -212,8 +223,8 @@ class FolderLock:
             return
         _HELD.pop(key, None)
         if self._fh is not None:
-            if (self._created and not self.shared  # a shared lock file may have other holders
-                    and [p.name for p in self.folder.iterdir()] == [".posbias.lock"]):
+            if (self._created and [p.name for p in self.folder.iterdir()] == [".posbias.lock"]
+                    and self._alone()):
                 # a run that stopped before writing anything (bad input found late) leaves no folder behind
                 (self.folder / ".posbias.lock").unlink()
                 try:

@@ -414,3 +414,7 @@ def test_folder_lock_removes_only_the_empty_folder_it_created(tmp_path):
     with FolderLock(before):
         pass
     assert before.is_dir()
+    study = tmp_path / "runs" / "study"
+    with pytest.raises(RuntimeError), FolderLock(study, shared=True):  # a study alone in it: the same
+        raise RuntimeError("refused")
+    assert not study.exists()
