@@ -51,14 +51,8 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
     warm = max(1, steps // 10)
     settings = {"steps": steps, "lr": lr, "identity": identity or {},
                 "start_weights": weights_fingerprint(model) if resume is not None else None}
-    try:
-        start, losses = _resume(resume, model, opt, settings, generator)
-    except OtherProgress:
-        if not replace_other:
-            raise
-        if log:
-            log(f"{desc}: {str(resume)!r} holds another fine-tune's progress; starting afresh (it is replaced)")
-        start, losses = 0, []
+    start, losses = _resume(resume, model, opt, settings, generator, replace_other,
+                            lambda what: log and log(f"{desc}: {what}"))
     if start and log:
         log(f"{desc}: resuming from step {start} of {steps} ({str(resume)!r})")
     model.train()
@@ -110,8 +104,22 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def _resume(folder: str | Path | None, model: nn.Module, opt: torch.optim.Optimizer, settings: dict,
-            generator: torch.Generator | None) -> tuple[int, list[float]]:
-    """The step to start from and the losses so far: (0, []) without a progress checkpoint."""
+            generator: torch.Generator | None, replace_other: bool,
+            say: Callable[[str], None]) -> tuple[int, list[float]]:
+    """The step to start from and the losses so far: (0, []) without a progress checkpoint, or with
+    ``replace_other`` and another fine-tune's there (said; it is overwritten by the first save)."""
+    try:
+        return _read_progress(folder, model, opt, settings, generator)
+    except OtherProgress:
+        if not replace_other:
+            raise
+        say(f"{str(folder)!r} holds another fine-tune's progress; starting afresh (it is replaced)")
+        return 0, []
+
+
+def _read_progress(folder: str | Path | None, model: nn.Module, opt: torch.optim.Optimizer, settings: dict,
+                   generator: torch.Generator | None) -> tuple[int, list[float]]:
+    """:func:`_resume` where the folder holds this fine-tune's progress or none (another's: OtherProgress)."""
     if folder is None or not ckpt.exists(folder):
         return 0, []
     state = ckpt.load_trainer_state(folder)
