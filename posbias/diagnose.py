@@ -31,7 +31,6 @@ Shape: :class:`DiagnoseConfig` → :func:`run_diagnose` → :class:`DiagnoseResu
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,7 +348,7 @@ def run_diagnose(path: str | Path, cfg: DiagnoseConfig, *, corpus: Corpus, progr
     """Measure the checkpoint at ``path`` at ``cfg.threads`` threads (:func:`posbias.report.diagnose.write`
     renders the result). Given the output folder ``out``, the passkey fine-tune keeps its progress in
     ``out/passkey-progress`` while it runs, so that a re-run after an interruption continues it
-    (removed once it is done); without, nothing is written."""
+    (:func:`posbias.passkey.train_passkey` removes it once it is done); without, nothing is written."""
     with fixed_threads(cfg.threads):
         result = _diagnose(path, cfg, corpus, progress, log, None if out is None else Path(out))
     result.threads = cfg.threads
@@ -412,8 +411,6 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, train_len: int, length: 
     copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
     passkey.train_passkey(copy, length=train_len, steps=cfg.passkey_steps, device=cfg.device, progress=progress,
                           resume=work, replace_other=True, log=log)
-    if work is not None:
-        shutil.rmtree(work, ignore_errors=True)
     lens, n = [], train_len
     while n <= length:
         lens.append(n)

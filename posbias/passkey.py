@@ -19,6 +19,7 @@ which is exactly when greedy decoding would produce the key.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -116,16 +117,20 @@ def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: f
 
     ``resume``: a folder for the fine-tune's progress (:func:`posbias.finetune.finetune`; the batches'
     generator travels with it), so that an interrupted run continues bit-identically instead of
-    starting again. It is keyed by every setting here and the starting weights; another fine-tune's
-    progress there is refused, or with ``replace_other`` (a folder the caller owns) replaced."""
+    starting again; removed once the fine-tune is done. It is keyed by every setting here and the
+    starting weights; another fine-tune's progress there is refused, or with ``replace_other`` (a
+    folder the caller owns) replaced."""
     from .finetune import finetune
 
     g = torch.Generator().manual_seed(seed)
     identity = {"task": "passkey", "length": length, "batch_size": batch_size, "digits": digits, "seed": seed}
-    return finetune(model, lambda step: make_batch(batch_size, length, digits=digits, generator=g).to(device),
-                    lambda m, b: answer_loss(m, b, digits), steps=steps, lr=lr, progress=progress,
-                    desc=f"passkey@{length}", resume=resume, generator=g, identity=identity,
-                    replace_other=replace_other, log=log)
+    losses = finetune(model, lambda step: make_batch(batch_size, length, digits=digits, generator=g).to(device),
+                      lambda m, b: answer_loss(m, b, digits), steps=steps, lr=lr, progress=progress,
+                      desc=f"passkey@{length}", resume=resume, generator=g, identity=identity,
+                      replace_other=replace_other, log=log)
+    if resume is not None:  # the fine-tuned model is the caller's, in memory: the progress is of no further use
+        shutil.rmtree(resume, ignore_errors=True)
+    return losses
 
 
 def default_depths(n: int = 5) -> list[float]:

@@ -22,7 +22,6 @@ at L and beyond, passkey accuracy, extra parameters, relative attention cost).
 from __future__ import annotations
 
 import hashlib
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -316,8 +315,7 @@ class _Run:
             work = self.out / "models" / f"passkey-{store.folder_name(label)}-{self.key}"
             passkey.train_passkey(copy, length=self.train_len, steps=cfg.passkey_steps, seed=cfg.seed,
                                   device=cfg.device, progress=self.progress, resume=work, replace_other=True,
-                                  log=self.log)
-            shutil.rmtree(work, ignore_errors=True)
+                                  log=self.log)  # its progress folder goes once it is done
             grid = passkey.accuracy_grid(copy, [self.train_len, cfg.to], passkey.default_depths(PASSKEY_DEPTHS),
                                          samples=cfg.passkey_samples, device=cfg.device)
             self.cache[key] = {str(n): passkey.mean_accuracy(grid, n) for n in grid}
@@ -337,7 +335,8 @@ class _Run:
                                               seed=cfg.seed + 1),
                  lambda mod, b: mod.loss(b[0].long().to(cfg.device), b[1].long().to(cfg.device)),
                  steps=cfg.finetune_steps, lr=cfg.finetune_lr, progress=self.progress, desc=f"fine-tune {method}",
-                 resume=mdir / "last", replace_other=True, log=self.log)  # the finished model replaces the folder, progress and all
+                 resume=mdir / "last", replace_other=True,
+                 log=self.log)  # the finished model replaces the folder, progress and all
         ckpt.save_checkpoint(mdir, tuned, extra={"train": {**meta.get("train", {})}, "retrofit": {
             "method": method, "to": cfg.to, "finetune_steps": cfg.finetune_steps, "source": str(path)}})
         return tuned

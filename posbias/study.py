@@ -321,6 +321,7 @@ def _run(result: StudyResult, out: Path, corpus: Corpus, progress: bool, keep_la
             jobs.append((f"[{len(jobs) + 1}/{len(cfg.seeds) * len(result.arms)} {arm.label} seed {seed}]",
                          arm, seed, mkey, mdir))
     trained_s: list[float] = []  # wall time of each model trained in this run, for the ETA
+    scores: dict[Path, dict[int, dict[str, Any]]] = {}  # each model's scores, made or read under its lock
     busy = []  # models another run was making when this one came to them
     for i, (tag, arm, seed, mkey, mdir) in enumerate(jobs):
         with store.item_lock(mdir / ".lock", wait=False) as held:
@@ -328,33 +329,35 @@ def _run(result: StudyResult, out: Path, corpus: Corpus, progress: bool, keep_la
                 log(f"{tag} another run is making this model; going on, and back to it at the end")
                 busy.append(jobs[i])
                 continue
-            if _make_one(cfg, arm, seed, mkey, mdir, corpus, progress, keep_last, log, tag, trained_s):
-                left = len(jobs) - i - 1
-                if left:
-                    eta = statistics.mean(trained_s) * left / 60
-                    log(f"{tag} trained in {trained_s[-1]:.0f} s; at most about {eta:.0f} min left for {left} model(s)")
+            made = len(trained_s)
+            scores[mdir] = _make_one(cfg, arm, seed, mkey, mdir, corpus, progress, keep_last, log, tag, trained_s)
+            left = len(jobs) - i - 1
+            if len(trained_s) > made and left:
+                eta = statistics.mean(trained_s) * left / 60
+                log(f"{tag} trained in {trained_s[-1]:.0f} s; at most about {eta:.0f} min left for {left} model(s)")
     for tag, arm, seed, mkey, mdir in busy:
         log(f"{tag} waiting for the run making this model …")
         with store.item_lock(mdir / ".lock", wait=True):  # its files are complete once the lock is free
-            _make_one(cfg, arm, seed, mkey, mdir, corpus, progress, keep_last, log, tag, trained_s)
+            scores[mdir] = _make_one(cfg, arm, seed, mkey, mdir, corpus, progress, keep_last, log, tag, trained_s)
     for tag, arm, seed, mkey, mdir in jobs:
-        _evaluate_one(result, arm, seed, mkey, mdir, corpus, log, tag)
+        _add_records(result, arm, seed, mdir, scores[mdir])
 
 
 def _make_one(cfg: StudyConfig, arm: Arm, seed: int, mkey: dict[str, Any], mdir: Path, corpus: Corpus,
-              progress: bool, keep_last: bool, log: Log, tag: str, trained_s: list[float]) -> bool:
-    """Train (or reuse) and score one model, the caller holding its lock; True if it trained now."""
-    trained = not ckpt.exists(mdir / "final")
-    if trained:
-        trained_s.append(_train_one(cfg, arm, seed, mkey, mdir, corpus, progress, log, tag))
-    else:
+              progress: bool, keep_last: bool, log: Log, tag: str,
+              trained_s: list[float]) -> dict[int, dict[str, Any]]:
+    """Train (or reuse) and score one model, the caller holding its lock (a model trained now adds its
+    wall time to ``trained_s``); returns its scores at every length."""
+    if ckpt.exists(mdir / "final"):
         log(f"{tag} reusing the model trained with these exact settings in {mdir / 'final'}")
+    else:
+        trained_s.append(_train_one(cfg, arm, seed, mkey, mdir, corpus, progress, log, tag))
     if not keep_last and (mdir / "last").exists():
         shutil.rmtree(mdir / "last")
     scores = _scores(cfg, seed, mkey, mdir, corpus)
-    log(f"{tag} ppl " + ", ".join(f"@ {n} {r['ppl']:.3f} [{r['ppl_lo']:.3f}, {r['ppl_hi']:.3f}]"
-                                  for n, r in sorted(scores.items()) if n in cfg.lengths()))
-    return trained
+    log(f"{tag} ppl " + ", ".join(f"@ {n} {scores[n]['ppl']:.3f} [{scores[n]['ppl_lo']:.3f}, {scores[n]['ppl_hi']:.3f}]"
+                                  for n in cfg.lengths()))
+    return scores
 
 
 def _train_one(cfg: StudyConfig, arm: Arm, seed: int, mkey: dict[str, Any], mdir: Path, corpus: Corpus,
@@ -368,15 +371,14 @@ def _train_one(cfg: StudyConfig, arm: Arm, seed: int, mkey: dict[str, Any], mdir
     return time.perf_counter() - t0
 
 
-def _scores(cfg: StudyConfig, seed: int, mkey: dict[str, Any], mdir: Path, corpus: Corpus,
-            model: TransformerLM | None = None) -> dict[int, dict[str, Any]]:
+def _scores(cfg: StudyConfig, seed: int, mkey: dict[str, Any], mdir: Path,
+            corpus: Corpus) -> dict[int, dict[str, Any]]:
     """The model's scores at every length: its keyed evaluation file, made now if missing."""
     ekey = eval_key(cfg, mkey)
     efile = mdir / f"eval-{store.config_key(ekey)}.json"
     if efile.exists():
         return {int(k): v for k, v in store.read_json(efile)["scores"].items()}
-    if model is None:
-        model = ckpt.load_model(mdir / "final").to(cfg.device)
+    model = ckpt.load_model(mdir / "final").to(cfg.device)
     t0 = time.perf_counter()
     scores = length_study(model, corpus.val, cfg.lengths(), train_len=cfg.train_len, n_tokens=cfg.eval_tokens,
                           batch_size=cfg.eval_batch, device=cfg.device, n_boot=N_BOOT, seed=seed)
@@ -385,13 +387,11 @@ def _scores(cfg: StudyConfig, seed: int, mkey: dict[str, Any], mdir: Path, corpu
     return scores
 
 
-def _evaluate_one(result: StudyResult, arm: Arm, seed: int, mkey: dict[str, Any], mdir: Path, corpus: Corpus,
-                  log: Log, tag: str) -> None:
-    """Score one trained model at every length (or reuse its keyed evaluation) and append its records."""
+def _add_records(result: StudyResult, arm: Arm, seed: int, mdir: Path, scores: dict[int, dict[str, Any]]) -> None:
+    """Append one model's records (its ``scores``, and what its positional parameters learned)."""
     cfg = result.config
     meta = ckpt.read_meta(mdir / "final")
     model = ckpt.load_model(mdir / "final").to(cfg.device)
-    scores = _scores(cfg, seed, mkey, mdir, corpus, model)
     learned = learned_summary(model, cfg.train_len)
     first = seed == cfg.seeds[0]
     if first and model.scheme.family == "additive":

@@ -490,12 +490,6 @@ def test_interrupted_passkey_finetune_resumes_bit_identically(tmp_path):
         mp.setattr(ft, "finetune", lambda *a, **k: orig(*a, **{**k, "save_every_s": 0}))
         passkey.train_passkey(ckpt.load_model(src), resume=progress, **kw)
     assert ckpt.load_trainer_state(progress)["step"] == 4
-    fresh, said = ckpt.load_model(src), []
-    got = passkey.train_passkey(fresh, resume=progress, log=said.append, **kw)
-    assert said == [f"passkey@{L}: resuming from step 4 of 6 ({str(progress)!r})"]
-    assert got[4:] == want[4:] and got == want
-    for (name, a), b in zip(solo.state_dict().items(), fresh.state_dict().values()):
-        assert torch.equal(a, b), name
     # another task's settings, or other starting weights: refused, or replaced where the caller owns the folder
     with pytest.raises(OtherProgress, match="other settings.*'length'"):
         passkey.train_passkey(ckpt.load_model(src), resume=progress, **{**kw, "length": L + 8})
@@ -505,14 +499,22 @@ def test_interrupted_passkey_finetune_resumes_bit_identically(tmp_path):
         next(perturbed.parameters()).add_(1e-3)
     with pytest.raises(OtherProgress, match="start_weights"):
         passkey.train_passkey(perturbed, resume=progress, **kw)
+    import shutil
+
     from posbias.finetune import finetune
-    restart = ckpt.load_model(src)
-    g = torch.Generator().manual_seed(3)
-    said.clear()
-    finetune(restart, lambda step: passkey.make_batch(2, L, generator=g), lambda m, b: passkey.answer_loss(m, b, 5),
-             steps=6, lr=3e-3, resume=progress, generator=g, identity={"other": True}, replace_other=True,
-             log=said.append)
-    assert said == [f"fine-tune: {str(progress)!r} holds another fine-tune's progress; starting afresh (it is replaced)"]
+    replaced = shutil.copytree(progress, tmp_path / "replaced")
+    g, said = torch.Generator().manual_seed(3), []
+    finetune(ckpt.load_model(src), lambda step: passkey.make_batch(2, L, generator=g),
+             lambda m, b: passkey.answer_loss(m, b, 5), steps=6, lr=3e-3, resume=replaced, generator=g,
+             identity={"other": True}, replace_other=True, log=said.append)
+    assert said == [f"fine-tune: {str(replaced)!r} holds another fine-tune's progress; starting afresh (it is replaced)"]
+    # the interrupted fine-tune itself continues, and its progress goes once it is done
+    fresh, said = ckpt.load_model(src), []
+    got = passkey.train_passkey(fresh, resume=progress, log=said.append, **kw)
+    assert said == [f"passkey@{L}: resuming from step 4 of 6 ({str(progress)!r})"]
+    assert got[4:] == want[4:] and got == want and not progress.exists()
+    for (name, a), b in zip(solo.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, monkeypatch):
@@ -530,8 +532,11 @@ def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, m
     from posbias import passkey
 
     stale = tmp_path / "d" / "passkey-progress"  # left by an interrupted diagnosis of another checkpoint
-    passkey.train_passkey(ckpt.load_model(tiny_checkpoint(tmp_path / "other", "alibi")), length=L, steps=3,
-                          batch_size=2, resume=stale)
+    g = torch.Generator().manual_seed(0)
+    ft.finetune(ckpt.load_model(tiny_checkpoint(tmp_path / "other", "alibi")),
+                lambda step: passkey.make_batch(2, L, generator=g), lambda m, b: passkey.answer_loss(m, b, 5),
+                steps=3, resume=stale, generator=g)  # a finished finetune() leaves its progress to its caller
+    assert ckpt.exists(stale)
     seen.clear()
     said = []
     run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=3, passkey_samples=1),

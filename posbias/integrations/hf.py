@@ -297,9 +297,10 @@ def _read_mask(mask: Tensor, q_start: int, lq: int, lk: int, hides: bool) -> tup
     return kind, None if bool(keys.all()) else keys[:, 0]
 
 
-def _batch_keys(keys: Tensor | None, batch: int) -> Tensor | None:
-    """A mask's key rows for every sequence of the batch (a mask of batch 1 applies to all)."""
-    return None if keys is None else keys.expand(batch, -1)
+def _batch_rows(rows: Tensor | None, batch: int) -> Tensor | None:
+    """A mask's reading per sequence (kept keys, or document ids) for every sequence of the batch (a
+    mask of batch 1 applies to all)."""
+    return None if rows is None else rows.expand(batch, -1)
 
 
 def _runs(keys: Tensor) -> bool:
@@ -372,21 +373,20 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
 
     if isinstance(position_bias, LazyT5Bias):
         lq, lk = query.shape[2], key.shape[2]
-        kind = None if _few_keys_at_inference(lk) else mask_kind(
-            attention_mask, position_bias.q_start, lq, lk, causal_if_none=not position_bias.scheme.bidirectional)
-        docs = None
-        if kind is None and position_bias.q_start == 0 and lq == lk and not _few_keys_at_inference(lk):
-            docs = mask_documents(attention_mask, lq)  # packed sequences: a block-diagonal mask
-        if docs is not None and _takes_dropout(dropout, query):
-            out = attention(query, key, value, position_bias.scheme, causal=docs[0] == "causal", scale=scaling,
-                            backend=position_bias.backend, strict=False, dropout_p=dropout,
-                            document_ids=docs[1].expand(query.shape[0], -1))
-            return out.transpose(1, 2).contiguous(), None
-        if kind is not None and _takes_dropout(dropout, query):
-            q_pos = torch.arange(position_bias.q_start, position_bias.q_start + lq, device=query.device)
-            out = attention(query, key, value, position_bias.scheme, causal=kind[0] == "causal", scale=scaling,
-                            q_pos=q_pos, k_pos=torch.arange(lk, device=query.device), backend=position_bias.backend,
-                            strict=False, key_mask=_batch_keys(kind[1], query.shape[0]), dropout_p=dropout)
+        bias, batch = position_bias, query.shape[0]
+        kw = None  # posbias.attention's arguments for what the mask asks, where posbias can run it
+        if not _few_keys_at_inference(lk) and _takes_dropout(dropout, query):
+            kind = mask_kind(attention_mask, bias.q_start, lq, lk, causal_if_none=not bias.scheme.bidirectional)
+            docs = mask_documents(attention_mask, lq) if kind is None and bias.q_start == 0 and lq == lk else None
+            if kind is not None:  # these keys for every query (padding)
+                kw = dict(causal=kind[0] == "causal", key_mask=_batch_rows(kind[1], batch),
+                          q_pos=torch.arange(bias.q_start, bias.q_start + lq, device=query.device),
+                          k_pos=torch.arange(lk, device=query.device))
+            elif docs is not None:  # packed sequences: a block-diagonal mask
+                kw = dict(causal=docs[0] == "causal", document_ids=_batch_rows(docs[1], batch))
+        if kw is not None:
+            out = attention(query, key, value, bias.scheme, scale=scaling, backend=bias.backend, strict=False,
+                            dropout_p=dropout, **kw)
             return out.transpose(1, 2).contiguous(), None
         position_bias = position_bias.dense(lq, lk, query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -434,7 +434,7 @@ def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual:
         k, v = layer_past.update(k, v, module.layer_idx)
     scheme = _bloom_scheme(module.num_heads, module.head_dim, str(q.device))
     out = attention(q, k, v, scheme, causal=kind[0] == "causal", scale=module.inv_norm_factor, backend=posbias_backend,
-                    strict=False, key_mask=_batch_keys(kind[1], b), dropout_p=dropout)
+                    strict=False, key_mask=_batch_rows(kind[1], b), dropout_p=dropout)
     context = out.transpose(1, 2).reshape(b, lq, module.num_heads * module.head_dim)
     return dropout_add(module.dense(context), residual, module.hidden_dropout, module.training), None
 
@@ -493,7 +493,7 @@ def _mpt_forward(module: nn.Module, original, hidden_states: Tensor, position_bi
         k, v = cache.update(k, v, module.layer_idx, kwargs=kwargs)
     scheme = _mpt_scheme(module.n_heads, module.head_dim, module._posbias_slopes, str(q.device))
     out = attention(q, k, v, scheme, causal=kind[0] == "causal", scale=module.softmax_scale, backend=posbias_backend,
-                    strict=False, key_mask=_batch_keys(kind[1], b), dropout_p=dropout)
+                    strict=False, key_mask=_batch_rows(kind[1], b), dropout_p=dropout)
     return module.out_proj(out.transpose(1, 2).reshape(b, lq, module.n_heads * module.head_dim)), None
 
 
