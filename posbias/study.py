@@ -174,6 +174,11 @@ def model_key(cfg: StudyConfig, arm: Arm, seed: int, corpus: Corpus) -> dict[str
             "code": store.code_fingerprint(*store.MODEL_CODE)}
 
 
+def model_dir(out: Path, arm: Arm, seed: int, mkey: dict[str, Any]) -> Path:
+    """Where a study in ``out`` keeps the model of ``arm`` and ``seed`` made under ``mkey`` (:func:`model_key`)."""
+    return Path(out) / "models" / f"{store.folder_name(arm.label)}-seed{seed}-{store.config_key(mkey)}"
+
+
 def eval_key(cfg: StudyConfig, mkey: dict[str, Any]) -> dict[str, Any]:
     """Everything that makes an evaluation of that model."""
     return {"model_key": mkey, "lengths": cfg.lengths(), "train_len": cfg.train_len, "eval_tokens": cfg.eval_tokens,
@@ -317,7 +322,7 @@ def _run(result: StudyResult, out: Path, corpus: Corpus, progress: bool, keep_la
     for arm in result.arms:
         for seed in cfg.seeds:
             mkey = model_key(cfg, arm, seed, corpus)
-            mdir = out / "models" / f"{store.folder_name(arm.label)}-seed{seed}-{store.config_key(mkey)}"
+            mdir = model_dir(out, arm, seed, mkey)
             jobs.append((f"[{len(jobs) + 1}/{len(cfg.seeds) * len(result.arms)} {arm.label} seed {seed}]",
                          arm, seed, mkey, mdir))
     trained_s: list[float] = []  # wall time of each model trained in this run, for the ETA

@@ -303,13 +303,13 @@ def test_two_runs_in_one_folder_share_the_models_and_a_retrofit_there_refuses(tm
     from posbias import store
     from posbias.cli import build_parser, study_config
     from posbias.data import local_corpus
-    from posbias.study import arms, model_key
+    from posbias.study import arms, model_dir, model_key
 
     out = tmp_path / "run"
     argv = _study(out, text_file, "--schemes", "t5", "alibi", "nope", "offset")
     cfg = study_config(build_parser().parse_args(argv[3:]))
     t5 = arms(cfg)[0]
-    lock = out / "models" / f"t5-seed0-{store.config_key(model_key(cfg, t5, 0, local_corpus(text_file)))}" / ".lock"
+    lock = model_dir(out, t5, 0, model_key(cfg, t5, 0, local_corpus(text_file))) / ".lock"
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
     with store.item_lock(lock, wait=False) as held, open(logs[0], "w") as a, open(logs[1], "w") as b:
         assert held

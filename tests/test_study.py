@@ -349,13 +349,13 @@ def test_runs_sharing_a_folder_pass_over_a_model_another_is_making(tmp_path, tex
 
     from posbias import store
     from posbias.data import local_corpus
-    from posbias.study import StudyConfig, arms, model_key, run_study
+    from posbias.study import StudyConfig, arms, model_dir, model_key, run_study
 
     cfg = StudyConfig(schemes=("alibi", "t5", "nope"), train_len=16, eval_lens=(16, 32), steps=3, batch_size=4,
                       d_model=32, n_layers=1, n_heads=2, eval_tokens=256, threads=1)
     corpus = local_corpus(text_file)
     alibi = arms(cfg)[0]
-    lock = tmp_path / "run" / "models" / f"alibi-seed0-{store.config_key(model_key(cfg, alibi, 0, corpus))}" / ".lock"
+    lock = model_dir(tmp_path / "run", alibi, 0, model_key(cfg, alibi, 0, corpus)) / ".lock"
     held, release = threading.Event(), threading.Event()
 
     def other_run():
@@ -378,6 +378,7 @@ def test_runs_sharing_a_folder_pass_over_a_model_another_is_making(tmp_path, tex
     finally:
         release.set()
         holder.join()
+
     def at(start):
         return next(i for i, line in enumerate(said) if line.startswith(start))
 
