@@ -6,6 +6,7 @@ moment leaves either the previous checkpoint or the new one, never a half-writte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -132,6 +133,22 @@ def subfolder_hint(path: str | Path) -> str:
     """``"; did you mean 'run/final'?"`` where a model folder was given instead of its checkpoint."""
     return next((f"; did you mean {str(Path(path) / sub)!r}?" for sub in ("final", "last")
                  if exists(Path(path) / sub)), "")
+
+
+def job_key(path: str | Path, *, corpus: str, settings: dict[str, Any], code: tuple[str, ...]) -> str:
+    """The key of a job's results on the checkpoint at ``path`` (``retrofit``, ``diagnose``): the
+    checkpoint's weights (hashed) and meta, the corpus fingerprint, the job's ``settings`` (a
+    ``"device"`` among them named as :func:`~posbias.store.device_key` names it: the GPU's model, not
+    its index), torch's version and the job's ``code`` (:func:`~posbias.store.code_fingerprint`)."""
+    from . import store
+
+    p = _resolve(Path(path))
+    settings = dict(settings)
+    if "device" in settings:
+        settings["device"] = store.device_key(settings["device"])
+    return store.config_key({"weights": hashlib.sha256((p / MODEL_FILE).read_bytes()).hexdigest(),
+                             "meta": read_meta(p), "corpus": corpus, "settings": settings,
+                             "torch": torch.__version__, "code": store.code_fingerprint(*code)})
 
 
 def train_len(path: str | Path, meta: dict[str, Any] | None = None) -> int:

@@ -33,13 +33,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from . import passkey
+from . import passkey, store
 from .config import Log, check_count, fixed_threads, quiet
 from .data import Corpus
 from .evaluate import bootstrap_means, interval, local_head, token_losses
@@ -343,16 +343,60 @@ class DiagnoseResult:
                 if k not in skip}
 
 
+DIAGNOSE_CODE = (*store.MODEL_CODE, "evaluate.py", "diagnose.py", "finetune.py", "passkey.py")
+
+
+def source_key(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus) -> str:
+    """What every cached measurement of a diagnosis depends on besides its own settings
+    (:func:`posbias.checkpoint.job_key`): the checkpoint, the corpus, the device (by GPU model), the
+    thread count, torch and the code. Each measurement adds its own settings to its name in the cache
+    (window length, windows, passkey steps and samples), so a re-run with another ``--length`` reuses
+    the passkey-tuned copy and every passkey cell it already has."""
+    return ckpt.job_key(path, corpus=corpus.fingerprint, settings={"device": cfg.device, "threads": cfg.threads},
+                        code=DIAGNOSE_CODE)
+
+
+class _Cache:
+    """A diagnosis's measurements in ``out/cache-<key>.json``, each written as soon as it is made (in
+    memory only without ``out``)."""
+
+    def __init__(self, out: Path | None, key: str, log: Log) -> None:
+        self.file = None if out is None else out / f"cache-{key}.json"
+        self.name = f"cache-{key}.json"
+        self.data: dict[str, Any] = store.read_json(self.file) if self.file is not None and self.file.exists() else {}
+        self.log = log
+
+    def put(self, name: str, value: Any) -> None:
+        self.data[name] = value
+        if self.file is not None:
+            store.write_json(self.file, self.data, indent=None)
+
+    def get(self, name: str, what: str, make: Callable[[], Any]) -> Any:
+        """The entry ``name``, made by ``make`` (and saved) unless a run with the same key made it."""
+        if name in self.data:
+            self.log(f"{what}: reusing {self.name}")
+        else:
+            self.log(f"{what} …")
+            self.put(name, make())
+        return self.data[name]
+
+
 def run_diagnose(path: str | Path, cfg: DiagnoseConfig, *, corpus: Corpus, progress: bool = False,
                  log: Log = quiet, out: str | Path | None = None) -> DiagnoseResult:
     """Measure the checkpoint at ``path`` at ``cfg.threads`` threads (:func:`posbias.report.diagnose.write`
-    renders the result). Given the output folder ``out``, the passkey fine-tune keeps its progress in
-    ``out/passkey-progress`` while it runs, so that a re-run after an interruption continues it
-    (:func:`posbias.passkey.train_passkey` removes it once it is done); without, nothing is written."""
+    renders the result). Given the output folder ``out``, every measurement is kept there as it is
+    made, in ``cache-<key>.json`` under :func:`source_key`, and the passkey-tuned copy in
+    ``models/passkey-ft<steps>-<key>/`` (its progress in ``last/`` while it trains, so that an
+    interrupted fine-tune continues): a re-run, interrupted or with other settings, measures only what
+    it lacks. Without ``out``, nothing is written."""
     with fixed_threads(cfg.threads):
         result = _diagnose(path, cfg, corpus, progress, log, None if out is None else Path(out))
     result.threads = cfg.threads
     return result
+
+
+def _tensor(rows: list) -> Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: bool, log: Log,
@@ -361,31 +405,42 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
     model = ckpt.load_model(path).to(cfg.device).eval()
     train_len = ckpt.train_len(path, meta)
     length = cfg.length or 8 * train_len
-    log("loss by position …")
+    key = source_key(path, cfg, corpus)
+    cache = _Cache(out, key, log)
     windows_loss = max(1, max(cfg.eval_tokens, length) // length)
-    long_w, short_w = context_effect(model, corpus.val, length, train_len, windows=windows_loss,
-                                     device=cfg.device)
+
+    def losses() -> dict[str, list]:
+        long_w, short_w = context_effect(model, corpus.val, length, train_len, windows=windows_loss,
+                                         device=cfg.device)
+        got = {"long": long_w.tolist(), "short": short_w.tolist()}
+        if model.scheme.family == "additive":
+            log(f"the same windows with attention cut to the {train_len} nearest keys …")
+            got["window"] = window_effect(model, corpus.val, length, train_len, long_w.shape[0],
+                                          device=cfg.device).tolist()
+        return got
+
+    def distances() -> dict[str, list]:
+        starts = torch.linspace(0, corpus.val.numel() - length - 1, cfg.windows).long()
+        idx = torch.stack([corpus.val[s:s + length] for s in starts]).long().to(cfg.device)
+        return {k: v.tolist() for k, v in attention_distance(model, idx, beyond=train_len).items()}
+
+    got = cache.get(f"loss:{length}:{windows_loss}", "loss by position", losses)
+    long_w, short_w = _tensor(got["long"]), _tensor(got["short"])
+    ad = cache.get(f"attention:{length}:{cfg.windows}", "attention distance per layer and head", distances)
     long_loss, short_loss = long_w.mean(0), short_w.mean(0)
-    log("attention distance per layer and head …")
-    starts = torch.linspace(0, corpus.val.numel() - length - 1, cfg.windows).long()
-    idx = torch.stack([corpus.val[s:s + length] for s in starts]).long().to(cfg.device)
-    ad = attention_distance(model, idx, beyond=train_len)
     result = DiagnoseResult(
         str(path), model.cfg.scheme, model.cfg.scheme_options, train_len, length, model.scheme, long_w.shape[0],
         long_loss.tolist(), short_loss.tolist(),
         [(f"{a}–{b - 1}", float(long_loss[a:b].mean()), float(short_loss[a:b].mean()),
-          *delta_interval(long_w[:, a:b] - short_w[:, a:b])) for a, b in _ranges(length, train_len)],
-        {k: v.tolist() for k, v in ad.items()})
+          *delta_interval(long_w[:, a:b] - short_w[:, a:b])) for a, b in _ranges(length, train_len)], ad)
     result.loss_delta_interval = delta_interval(long_w - short_w)
     result.context_split = context_split(long_w, short_w, train_len)
-    if model.scheme.family == "additive":
-        log(f"the same windows with attention cut to the {train_len} nearest keys …")
-        window_w = window_effect(model, corpus.val, length, train_len, long_w.shape[0], device=cfg.device)
-        result.window_split = window_split(long_w, window_w, short_w, train_len)
+    if "window" in got:
+        result.window_split = window_split(long_w, _tensor(got["window"]), short_w, train_len)
     _measure_bias(result)
     if cfg.passkey_steps > 0 and train_len >= passkey.overhead(5):
-        result.passkey = _passkey(model, cfg, train_len, length, progress, log,
-                                  None if out is None else out / "passkey-progress")
+        result.passkey = _passkey(model, cfg, train_len, length, progress, log, cache,
+                                  None if out is None else out / "models" / f"passkey-ft{cfg.passkey_steps}-{key}")
         result.passkey_steps, result.passkey_samples = cfg.passkey_steps, cfg.passkey_samples
     elif cfg.passkey_steps > 0:
         result.passkey_skipped = (f"the training length {train_len} is shorter than a passkey sample "
@@ -406,17 +461,40 @@ def _measure_bias(result: DiagnoseResult) -> None:
 
 
 def _passkey(model: TransformerLM, cfg: DiagnoseConfig, train_len: int, length: int, progress: bool,
-             log: Log, work: Path | None) -> dict[str, dict[str, float]]:
-    log(f"passkey: fine-tuning a copy for {cfg.passkey_steps} steps at {train_len} …")
-    copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
-    passkey.train_passkey(copy, length=train_len, steps=cfg.passkey_steps, device=cfg.device, progress=progress,
-                          resume=work, replace_other=True, log=log)
+             log: Log, cache: _Cache, mdir: Path | None) -> dict[str, dict[str, float]]:
+    """The passkey grid over L, 2L, … ≤ ``length`` and five depths, each cell from ``cache`` where a
+    run made it; the copy fine-tuned on the task is made (and kept in ``mdir``) only for missing cells."""
+    from tqdm.auto import tqdm
+
     lens, n = [], train_len
     while n <= length:
         lens.append(n)
         n *= 2
     depths = passkey.default_depths(5)
-    log(f"passkey grid: {len(lens)} lengths × {len(depths)} depths × {cfg.passkey_samples} samples …")
-    grid = passkey.accuracy_grid(copy, lens, depths, samples=cfg.passkey_samples, device=cfg.device,
-                                 progress=progress)
-    return {str(n): {str(d): a for d, a in row.items()} for n, row in grid.items()}
+    names = {(n, d): f"passkey:{n}:{d}:{cfg.passkey_steps}:{cfg.passkey_samples}" for n in lens for d in depths}
+    todo = [cell for cell, name in names.items() if name not in cache.data]
+    if todo:
+        copy = _passkey_copy(model, cfg, train_len, progress, log, mdir)
+        log(f"passkey grid: {len(todo)} of {len(names)} cells ({len(lens)} lengths × {len(depths)} depths), "
+            f"{cfg.passkey_samples} samples each …")
+        for n, d in tqdm(todo, desc="passkey grid", disable=not progress, leave=False):
+            cache.put(names[n, d], passkey.accuracy(copy, n, d, samples=cfg.passkey_samples, device=cfg.device))
+    else:
+        log(f"passkey grid: reusing {cache.name}")
+    return {str(n): {str(d): cache.data[names[n, d]] for d in depths} for n in lens}
+
+
+def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, train_len: int, progress: bool, log: Log,
+                  mdir: Path | None) -> TransformerLM:
+    """A copy of ``model`` fine-tuned on passkey retrieval at ``train_len``: the one in ``mdir`` when a
+    run made it, else trained now (its progress in ``mdir/last`` meanwhile) and saved there."""
+    if mdir is not None and ckpt.exists(mdir):
+        log(f"passkey: reusing the fine-tuned copy in {mdir}")
+        return ckpt.load_model(mdir).to(cfg.device)
+    log(f"passkey: fine-tuning a copy for {cfg.passkey_steps} steps at {train_len} …")
+    copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
+    passkey.train_passkey(copy, length=train_len, steps=cfg.passkey_steps, device=cfg.device, progress=progress,
+                          resume=None if mdir is None else mdir / "last", replace_other=True, log=log)
+    if mdir is not None:
+        ckpt.save_checkpoint(mdir, copy, extra={"passkey": {"length": train_len, "steps": cfg.passkey_steps}})
+    return copy

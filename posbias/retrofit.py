@@ -21,7 +21,6 @@ at L and beyond, passkey accuracy, extra parameters, relative attention cost).
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -221,7 +220,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
     out = store.check_out_dir(out)
     result = RetrofitResult(str(path), train_len, cfg.to, lens, cfg, corpus.fingerprint)
     with store.FolderLock(out), fixed_threads(cfg.threads):
-        run = _Run(cfg, out, source_key(path, meta, cfg, corpus), corpus, train_len, lens, progress, log)
+        run = _Run(cfg, out, source_key(path, cfg, corpus), corpus, train_len, lens, progress, log)
         result.rows.append(run.measure(base, base, "original", "before", 0))
         for k, m in enumerate(cfg.methods, 1):
             plan = "no fine-tune" + (f", then a {cfg.finetune_steps}-step fine-tune at {cfg.to}" if cfg.finetune_steps else "")
@@ -250,15 +249,13 @@ def compare_rows(rows: list[dict[str, Any]], lengths: list[int]) -> dict[int, li
             for n in lengths}
 
 
-def source_key(path: str | Path, meta: dict[str, Any], cfg: RetrofitConfig, corpus: Corpus) -> str:
-    """Everything the cached numbers depend on besides the method and the length: the checkpoint's
-    weights (hashed) and meta, the corpus, every setting of fine-tuning, evaluation and passkey, and
-    the code that computes them (:func:`~posbias.store.code_fingerprint`)."""
-    digest = hashlib.sha256((ckpt.require(path) / ckpt.MODEL_FILE).read_bytes()).hexdigest()
+def source_key(path: str | Path, cfg: RetrofitConfig, corpus: Corpus) -> str:
+    """Everything the cached numbers depend on besides the method and the length
+    (:func:`posbias.checkpoint.job_key`): the checkpoint, the corpus, every setting of fine-tuning,
+    evaluation and passkey, and the code that computes them."""
     settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("methods", "compare", "eval_lens")}
-    code = store.code_fingerprint(*store.MODEL_CODE, "evaluate.py", "finetune.py", "passkey.py", "retrofit.py")
-    return store.config_key({"weights": digest, "meta": meta, "corpus": corpus.fingerprint,
-                             "settings": settings, "torch": torch.__version__, "code": code})
+    return ckpt.job_key(path, corpus=corpus.fingerprint, settings=settings,
+                        code=(*store.MODEL_CODE, "evaluate.py", "finetune.py", "passkey.py", "retrofit.py"))
 
 
 class _Run:

@@ -1,6 +1,7 @@
 """Retrofit and diagnose: every method on a tiny checkpoint, the passkey generator, the report,
 and bad input."""
 
+import dataclasses
 import json
 import math
 import statistics
@@ -186,6 +187,43 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     lo, hi = rep.loss_delta_interval
     delta = statistics.fmean(rep.loss_by_position) - statistics.fmean(rep.loss_by_position_cut_at_L)
     assert lo <= delta <= hi and "interval of Δ" in md and "95% bootstrap over the 4 windows" in md
+
+
+def test_diagnose_rerun_measures_only_what_it_lacks(tmp_path, corpus, monkeypatch):
+    """A re-run into the same folder reuses every measurement made with the same checkpoint, corpus,
+    device, threads, torch and code; another --length reuses the passkey-tuned copy and the passkey
+    cells it has, and the numbers equal a run that kept nothing. Other threads: another key."""
+    import posbias.diagnose as diagnose_mod
+
+    path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
+    cfg = DiagnoseConfig(length=2 * L, windows=2, eval_tokens=400, passkey_steps=3, passkey_samples=2)
+    first = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d").to_json()
+    key = diagnose_mod.source_key(path, cfg, corpus)
+    assert (tmp_path / "d" / f"cache-{key}.json").exists() and ckpt.exists(tmp_path / "d" / "models" / f"passkey-ft3-{key}")
+    calls = {}
+
+    def counted(name, real):
+        def spy(*args, **kw):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kw)
+        return spy
+
+    for mod, name in ((diagnose_mod, "context_effect"), (diagnose_mod, "window_effect"),
+                      (diagnose_mod, "attention_distance"), (passkey, "train_passkey"), (passkey, "accuracy")):
+        monkeypatch.setattr(mod, name, counted(name, getattr(mod, name)))
+    said = []
+    again = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d", log=said.append).to_json()
+    assert calls == {} and again == first
+    assert sum("reusing" in line for line in said) == 3  # losses, attention, passkey grid
+    longer = DiagnoseConfig(**{**cfg.__dict__, "length": 4 * L, "eval_tokens": 4 * L})
+    got = run_diagnose(path, longer, corpus=corpus, out=tmp_path / "d", log=said.append).to_json()
+    assert calls == {"context_effect": 1, "window_effect": 1, "attention_distance": 1, "accuracy": 5}  # 4L's cells
+    assert got["passkey"][str(L)] == first["passkey"][str(L)]
+    monkeypatch.undo()
+    assert got == run_diagnose(path, longer, corpus=corpus).to_json()  # nothing kept: the same numbers
+    keys = {diagnose_mod.source_key(path, DiagnoseConfig(threads=t), corpus) for t in (1, 2)}
+    assert len(keys) == 2 and key in keys
+    assert diagnose_mod.source_key(path, cfg, dataclasses.replace(corpus, fingerprint="other text")) != key
 
 
 def test_within_window_hides_exactly_the_keys_beyond_the_window():
@@ -399,12 +437,11 @@ def test_checkpoint_jobs_run_at_a_fixed_thread_count(tmp_path, corpus, monkeypat
     rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=200, passkey_steps=0, threads=1),
                        corpus=corpus)
     assert seen == [1] and rep.threads == 1 and torch.get_num_threads() == before
-    meta = ckpt.read_meta(path)
-    keys = {source_key(path, meta, RetrofitConfig(to=2 * L, methods=("swap-t5",), threads=t), corpus) for t in (1, 2)}
+    keys = {source_key(path, RetrofitConfig(to=2 * L, methods=("swap-t5",), threads=t), corpus) for t in (1, 2)}
     assert len(keys) == 2
     real = store.code_fingerprint  # other code (a kernel whose rounding changed): another key too
     monkeypatch.setattr(store, "code_fingerprint", lambda *parts: "changed-" + real(*parts))
-    assert source_key(path, meta, RetrofitConfig(to=2 * L, methods=("swap-t5",), threads=1), corpus) not in keys
+    assert source_key(path, RetrofitConfig(to=2 * L, methods=("swap-t5",), threads=1), corpus) not in keys
     with pytest.raises(ConfigError, match="threads must be an integer >= 1, got 0"):
         RetrofitConfig(to=2 * L, methods=("swap-t5",), threads=0)
     with pytest.raises(ConfigError, match="threads must be an integer >= 1"):
@@ -518,6 +555,7 @@ def test_interrupted_passkey_finetune_resumes_bit_identically(tmp_path):
 
 
 def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, monkeypatch):
+    import posbias.diagnose as diagnose_mod
     from posbias import finetune as ft
 
     seen = []
@@ -531,7 +569,9 @@ def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, m
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
     from posbias import passkey
 
-    stale = tmp_path / "d" / "passkey-progress"  # left by an interrupted diagnosis of another checkpoint
+    dcfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=3, passkey_samples=1)
+    kept = tmp_path / "d" / "models" / f"passkey-ft3-{diagnose_mod.source_key(path, dcfg, corpus)}"
+    stale = kept / "last"  # left by an interrupted fine-tune of other settings (an older posbias, say)
     g = torch.Generator().manual_seed(0)
     ft.finetune(ckpt.load_model(tiny_checkpoint(tmp_path / "other", "alibi")),
                 lambda step: passkey.make_batch(2, L, generator=g), lambda m, b: passkey.answer_loss(m, b, 5),
@@ -539,9 +579,8 @@ def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, m
     assert ckpt.exists(stale)
     seen.clear()
     said = []
-    run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=3, passkey_samples=1),
-                 corpus=corpus, out=tmp_path / "d", log=said.append)
-    assert seen == [stale] and not stale.exists()
+    run_diagnose(path, dcfg, corpus=corpus, out=tmp_path / "d", log=said.append)
+    assert seen == [stale] and not stale.exists() and ckpt.exists(kept)  # progress gone, the tuned copy kept
     assert any("holds another fine-tune's progress; starting afresh" in line for line in said)
     seen.clear()
     cfg = RetrofitConfig(to=2 * L, methods=("t5-distance",), compare=True, passkey_steps=3, passkey_samples=1,
