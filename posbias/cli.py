@@ -415,7 +415,9 @@ def _add_checkpoint_job_arguments(p: argparse.ArgumentParser, kind: str, func: C
     """The flags every job on a checkpoint shares (device, data, output folder, quiet)."""
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=2, help="torch threads, fixed for reproducible results")
-    p.add_argument("--data", help="a local text file or folder instead of the embedded default")
+    p.add_argument("--data", help="a local text file or folder instead of the embedded default (measure on the "
+                   "text the checkpoint was trained on: the report says whether it is)")
+    p.add_argument("--hf-dataset", help="NAME[:CONFIG] of a Hugging Face dataset (needs posbias[datasets])")
     p.add_argument("--out", help=f"default: runs/{kind}-<checkpoint name>")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=func)
@@ -430,9 +432,21 @@ def _prepare_checkpoint_job(args: argparse.Namespace, kind: str) -> Path:
     return Path(args.out or f"runs/{kind}-{Path(args.checkpoint).resolve().parent.name}")
 
 
+def _job_corpus(args: argparse.Namespace, checkpoint: str | Path) -> Any:
+    """The text a checkpoint job measures on (``--data``, ``--hf-dataset`` or the embedded default), with a
+    line when it is not the text the checkpoint records it was trained on."""
+    from . import checkpoint as ckpt
+    from .data import corpus_line, load_corpus
+
+    corpus = load_corpus(args.data, args.hf_dataset)
+    trained = ckpt.read_meta(checkpoint).get("corpus")
+    if trained is not None and trained.get("sha256") != corpus.fingerprint.get("sha256"):
+        say(corpus_line(corpus.fingerprint, trained).replace("**", ""))
+    return corpus
+
+
 def cmd_retrofit(args: argparse.Namespace) -> None:
     from . import checkpoint as ckpt
-    from .data import load_corpus
     from .report import retrofit as report
     from .retrofit import RetrofitConfig, methods_for, run_retrofit
 
@@ -447,7 +461,7 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
                          eval_lens=tuple(args.eval_lens) if args.eval_lens else None, eval_tokens=args.eval_tokens,
                          compare=args.compare, passkey_steps=args.passkey_steps, device=args.device,
                          threads=args.threads)
-    corpus = load_corpus(args.data)
+    corpus = _job_corpus(args, args.checkpoint)
     t0 = time.perf_counter()
     with store.FolderLock(out):
         result = run_retrofit(args.checkpoint, cfg, out, corpus=corpus, progress=not args.quiet, log=say)
@@ -473,7 +487,6 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> None:
-    from .data import load_corpus
     from .diagnose import DiagnoseConfig, run_diagnose
     from .report import diagnose as report
 
@@ -483,7 +496,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
                          threads=args.threads)
     t0 = time.perf_counter()
     with store.FolderLock(out):
-        result = run_diagnose(args.checkpoint, cfg, corpus=load_corpus(args.data), progress=not args.quiet, log=say,
+        result = run_diagnose(args.checkpoint, cfg, corpus=_job_corpus(args, args.checkpoint), progress=not args.quiet, log=say,
                               out=out)
         report.write(result, out, log=say)
     for line in report.summary(result):

@@ -188,6 +188,7 @@ class RetrofitResult:
     eval_lens: list[int]
     config: RetrofitConfig
     corpus: dict[str, Any]
+    trained_corpus: dict[str, Any] | None = None  # the text the checkpoint records it was trained on
     rows: list[dict[str, Any]] = field(default_factory=list)
     bucket_remap: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
     # length past L → one Paired per row: its perplexity against the best row's (compare_rows)
@@ -198,7 +199,7 @@ class RetrofitResult:
                 "eval_lens": self.eval_lens, "rows": self.rows, "bucket_remap": self.bucket_remap,
                 "paired": {n: [p._asdict() for p in ps] for n, ps in self.paired.items()},
                 "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
-                "corpus": self.corpus}
+                "corpus": self.corpus, "trained_corpus": self.trained_corpus}
 
 
 def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corpus: Corpus, progress: bool = False,
@@ -218,7 +219,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
             raise ValueError(f"{why} (methods for {base.cfg.scheme}: {', '.join(methods_for(base.cfg.scheme)) or 'none'})")
     lens = list(cfg.eval_lens or default_eval_lens(train_len, cfg.to))
     out = store.check_out_dir(out)
-    result = RetrofitResult(str(path), train_len, cfg.to, lens, cfg, corpus.fingerprint)
+    result = RetrofitResult(str(path), train_len, cfg.to, lens, cfg, corpus.fingerprint, meta.get("corpus"))
     with store.FolderLock(out), fixed_threads(cfg.threads):
         run = _Run(cfg, out, source_key(path, cfg, corpus), corpus, train_len, lens, progress, log)
         result.rows.append(run.measure(base, base, "original", "before", 0))

@@ -282,6 +282,32 @@ def test_diagnose_cli_prints_its_verdicts(tmp_path, capsys, text_file):
     assert "attention at distances ≥ L over the last" in said and "report " in said
     assert "keys beyond L, against a sliding window of L" in said
     assert "the bias moves" not in said  # T5: a bias of i − j alone
+    assert "does not record the text it was trained on" in (tmp_path / "d" / "report.md").read_text()
+
+
+def test_checkpoint_jobs_say_whether_they_measure_on_the_training_text(tmp_path, capsys, text_file, corpus):
+    """A checkpoint that records its corpus: measured on another text, diagnose and retrofit say so on
+    the terminal and in the report; on the same text, the report says that, and the terminal nothing."""
+    from posbias.data import local_corpus
+
+    model = ckpt.load_model(tiny_checkpoint(tmp_path / "t", "alibi"))
+    path = ckpt.save_checkpoint(tmp_path / "c", model, extra={"train": {"seq_len": L}, "corpus": corpus.fingerprint})
+    other = local_corpus(str(text_file)).fingerprint
+    common = ["--passkey-steps", "0", "--eval-tokens", "400", "--quiet"]
+    for argv, report in ((["diagnose", str(path), "--length", str(2 * L), *common], "report.md"),
+                         (["retrofit", str(path), "--to", str(2 * L), "--method", "swap-t5", *common], "results.md")):
+        for data, same in ((["--data", str(text_file)], False), ([], True)):
+            out = tmp_path / f"{argv[0]}-{same}"
+            assert main([*argv, *data, "--out", str(out)]) == 0
+            said = "".join(capsys.readouterr())
+            md = (out / report).read_text()
+            if same:
+                assert "not** the text" not in md and "the text the checkpoint was trained on." in md
+                assert "not the text the checkpoint was trained on" not in said
+            else:
+                line = (f"Measured on the validation split of {other['name']} (sha256 {other['sha256']}): not the "
+                        f"text the checkpoint was trained on, {corpus.fingerprint['name']}")
+                assert line in said and line.replace(": not", ": **not**") in md
 
 
 def test_diagnose_with_one_window_says_it_has_no_interval(tmp_path, corpus):

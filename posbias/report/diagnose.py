@@ -10,6 +10,7 @@ import torch
 
 from .. import store
 from ..config import Log, quiet
+from ..data import corpus_line
 from ..diagnose import DiagnoseResult, kept_row
 from . import md_table
 
@@ -60,7 +61,8 @@ def summary(r: DiagnoseResult) -> list[str]:
 def markdown(r: DiagnoseResult) -> str:
     lines = [f"# Diagnosis of `{r.checkpoint}`", "",
              f"Scheme **{r.scheme_name}** {r.options or ''}, trained at L = {r.train_len} tokens; "
-             f"examined at {r.length} tokens ({r.length / r.train_len:g} L).", ""]
+             f"examined at {r.length} tokens ({r.length / r.train_len:g} L). "
+             f"{corpus_line(r.corpus, r.trained_corpus) if r.corpus else ''}", ""]
     lines += _loss_section(r) + _distance_section(r) + _final_entry_section(r) + _reach_section(r)
     lines += _passkey_section(r)
     return "\n".join(lines)

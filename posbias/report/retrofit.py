@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import store
 from ..config import Log, quiet
+from ..data import corpus_line
 from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
 from . import md_table, paired_cell
 
@@ -50,7 +51,8 @@ def _paired_section(result: RetrofitResult) -> list[str]:
 def markdown(result: RetrofitResult) -> str:
     lens, L, to, rows = result.eval_lens, result.train_len, result.to, result.rows
     ref = rows[0]["ppl"].get(L, math.nan)
-    lines = [f"Retrofit of `{result.checkpoint}` (trained at L = {L}) to {to} tokens.", ""] + md_table(
+    lines = [f"Retrofit of `{result.checkpoint}` (trained at L = {L}) to {to} tokens. "
+             f"{corpus_line(result.corpus, result.trained_corpus)}", ""] + md_table(
         ["method", "stage", *(f"ppl @ {n}" for n in lens), f"ppl@{to} / ppl@{L} (before)"],
         [[r["method"], r["stage"], *(f"{r['ppl'][n]:.3f}" for n in lens), f"{r['ppl'][to] / ref:.2f}"] for r in rows])
     lines += _paired_section(result)
