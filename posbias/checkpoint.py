@@ -129,6 +129,29 @@ def require(path: str | Path) -> Path:
     return Path(path)
 
 
+def discover(path: str | Path) -> list[tuple[str, Path]]:
+    """``(name, checkpoint)`` for every checkpoint ``path`` names: itself; a model folder's ``final/``;
+    or, in a study's or retrofit's output folder (or its ``models/``), every model's ``final/`` or the
+    model itself, by name (passkey copies aside). The name is the model folder's. [] when none."""
+    path = Path(path)
+    if exists(path):
+        named = path.resolve().parent if path.resolve().name in ("final", "last") else path.resolve()
+        return [(named.name, path)]
+    if exists(path / "final"):
+        return [(path.resolve().name, path / "final")]
+    models = path / "models" if (path / "models").is_dir() else path
+    if not models.is_dir():
+        return []
+    found = []
+    for d in sorted(p for p in models.iterdir()
+                    if p.is_dir() and p.name not in ("final", "last") and not p.name.startswith("passkey-")):
+        if exists(d / "final"):
+            found.append((d.name, d / "final"))
+        elif exists(d) and not d.name.endswith((".tmp", ".old")):
+            found.append((d.name, d))
+    return found
+
+
 def subfolder_hint(path: str | Path) -> str:
     """``"; did you mean 'run/final'?"`` where a model folder was given instead of its checkpoint."""
     return next((f"; did you mean {str(Path(path) / sub)!r}?" for sub in ("final", "last")

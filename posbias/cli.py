@@ -432,21 +432,19 @@ def _prepare_checkpoint_job(args: argparse.Namespace, kind: str) -> Path:
     return Path(args.out or f"runs/{kind}-{Path(args.checkpoint).resolve().parent.name}")
 
 
-def _job_corpus(args: argparse.Namespace, checkpoint: str | Path) -> Any:
-    """The text a checkpoint job measures on (``--data``, ``--hf-dataset`` or the embedded default), with a
-    line when it is not the text the checkpoint records it was trained on."""
+def _corpus_note(corpus: Any, checkpoint: str | Path) -> None:
+    """A line when ``corpus`` is not the text the checkpoint records it was trained on."""
     from . import checkpoint as ckpt
-    from .data import corpus_line, load_corpus
+    from .report import corpus_line
 
-    corpus = load_corpus(args.data, args.hf_dataset)
     trained = ckpt.read_meta(checkpoint).get("corpus")
     if trained is not None and trained.get("sha256") != corpus.fingerprint.get("sha256"):
         say(corpus_line(corpus.fingerprint, trained).replace("**", ""))
-    return corpus
 
 
 def cmd_retrofit(args: argparse.Namespace) -> None:
     from . import checkpoint as ckpt
+    from .data import load_corpus
     from .report import retrofit as report
     from .retrofit import RetrofitConfig, methods_for, run_retrofit
 
@@ -461,7 +459,8 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
                          eval_lens=tuple(args.eval_lens) if args.eval_lens else None, eval_tokens=args.eval_tokens,
                          compare=args.compare, passkey_steps=args.passkey_steps, device=args.device,
                          threads=args.threads)
-    corpus = _job_corpus(args, args.checkpoint)
+    corpus = load_corpus(args.data, args.hf_dataset)
+    _corpus_note(corpus, args.checkpoint)
     t0 = time.perf_counter()
     with store.FolderLock(out):
         result = run_retrofit(args.checkpoint, cfg, out, corpus=corpus, progress=not args.quiet, log=say)
@@ -475,8 +474,14 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
 def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diagnose", help="report why a checkpoint does (not) generalise: loss by position (local "
                        "context vs distant keys), attention distance and attention beyond L, buckets, reach and "
-                       "drift of the bias, passkey", formatter_class=_Help)
-    p.add_argument("checkpoint", help="a posbias checkpoint folder")
+                       "drift of the bias, passkey; several models side by side", formatter_class=_Help,
+                       description="Diagnose one model (report.md, diagnose.json, PNGs in --out), or several: each "
+                       "into --out/<model>/, and comparison.md, comparison.json and comparison.png beside them. "
+                       "Measurements are kept in the output folder, keyed by everything that made them: a re-run "
+                       "measures only what it lacks.")
+    p.add_argument("checkpoints", nargs="+", metavar="PATH",
+                   help="a posbias checkpoint, a model folder (its final/), or a study's or retrofit's output folder "
+                        "(every model in it)")
     p.add_argument("--length", type=int, help="window examined (default 8 × the training length)")
     p.add_argument("--windows", type=int, default=4, help="validation windows for the attention statistics")
     p.add_argument("--eval-tokens", type=int, default=8192,
@@ -486,22 +491,64 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     _add_checkpoint_job_arguments(p, "diagnose", cmd_diagnose)
 
 
+def _diagnose_targets(paths: list[str]) -> list[tuple[str, Path]]:
+    """``(name, checkpoint)`` for every model the paths name (:func:`posbias.checkpoint.discover`), each
+    once, names made unique; CLIError for a path that names none."""
+    from . import checkpoint as ckpt
+
+    found: dict[Path, str] = {}
+    for path in paths:
+        got = ckpt.discover(path)
+        if not got:
+            raise CLIError(f"{path!r} holds no posbias checkpoint: give a checkpoint, a model folder with final/, "
+                           "or a study's or retrofit's output folder" + ckpt.subfolder_hint(path))
+        for name, where in got:
+            if where.resolve() in found:
+                continue
+            name = re.sub(r"-[0-9a-f]{10}$", "", name)  # a study's or retrofit's key: the folder says it
+            unique, k = name, 2
+            while unique in found.values():
+                unique, k = f"{name}-{k}", k + 1
+            found[where.resolve()] = unique
+    return [(name, where) for where, name in found.items()]
+
+
 def cmd_diagnose(args: argparse.Namespace) -> None:
+    from .data import load_corpus
     from .diagnose import DiagnoseConfig, run_diagnose
+    from .report import comparison
     from .report import diagnose as report
 
-    out = _prepare_checkpoint_job(args, "diagnose")
+    check_device(args.device)
+    targets = _diagnose_targets(args.checkpoints)
+    single = len(targets) == 1
+    out = Path(args.out or f"runs/diagnose-{targets[0][0] if single else Path(args.checkpoints[0]).resolve().name}")
     cfg = DiagnoseConfig(length=args.length, windows=args.windows, eval_tokens=args.eval_tokens,
                          passkey_steps=args.passkey_steps, passkey_samples=args.passkey_samples, device=args.device,
                          threads=args.threads)
+    corpus = load_corpus(args.data, args.hf_dataset)
     t0 = time.perf_counter()
+    done = []
     with store.FolderLock(out):
-        result = run_diagnose(args.checkpoint, cfg, corpus=_job_corpus(args, args.checkpoint), progress=not args.quiet, log=say,
-                              out=out)
-        report.write(result, out, log=say)
-    for line in report.summary(result):
-        say(line)
-    say(f"done in {time.perf_counter() - t0:.0f} s; report {out / 'report.md'}")
+        for k, (name, path) in enumerate(targets, 1):
+            where = out if single else out / name
+            if not single:
+                say(f"[{k}/{len(targets)}] {name} ({path})")
+            _corpus_note(corpus, path)
+            result = run_diagnose(path, cfg, corpus=corpus, progress=not args.quiet, log=say, out=where)
+            report.write(result, where, log=say)
+            for line in report.summary(result):
+                say(line if single else f"  {line}")
+            done.append((name, result))
+        if not single:
+            comparison.write(done, out, log=say)
+    if single:
+        say(f"done in {time.perf_counter() - t0:.0f} s; report {out / 'report.md'}")
+        return
+    for line in comparison.sentences([comparison.row(name, r) for name, r in done]):
+        say(f"* {line}")
+    say(f"done in {time.perf_counter() - t0:.0f} s; comparison {out / 'comparison.md'}, "
+        f"one report per model in {out}/<model>/report.md")
 
 
 # -- parser -----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import hashlib
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -110,21 +109,6 @@ def hf_corpus(spec: str) -> Corpus:  # pragma: no cover - needs the network
     fp = {"name": spec, "files": 3, "bytes": sum(len(b) for b in by.values()), "sha256": digest,
           **{f"{s}_bytes": int(t.numel()) for s, t in tensors.items()}}
     return Corpus(name=spec, fingerprint=fp, **tensors)
-
-
-def corpus_line(measured: dict[str, Any], trained: dict[str, Any] | None) -> str:
-    """A report's sentence on the text it measured on (a corpus ``fingerprint``) against the text the
-    checkpoint records it was trained on (``meta["corpus"]``; None for a checkpoint that records none)."""
-    def named(fp: dict[str, Any]) -> str:
-        return f"{fp.get('name', '?')} (sha256 {fp.get('sha256', '?')})"
-
-    line = f"Measured on the validation split of {named(measured)}"
-    if trained is None:
-        return line + "; the checkpoint does not record the text it was trained on."
-    if trained.get("sha256") == measured.get("sha256"):
-        return line + ", the text the checkpoint was trained on."
-    return (line + f": **not** the text the checkpoint was trained on, {named(trained)} (pass that with --data or "
-            "--hf-dataset to measure on its validation split).")
 
 
 def load_corpus(data: str | None = None, hf_dataset: str | None = None) -> Corpus:

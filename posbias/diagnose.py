@@ -21,6 +21,8 @@ The diagnosis measures:
   head — the distance at which the bias alone cuts attention by 100× (``bias(0) − bias(d) ≥ ln 100``)
   — and its **drift** (:func:`bias_drift`): how far the bias over the trained distances moves
   between a query at ``L − 1`` and one at the window's end (0 unless the bias depends on ``i``);
+* **rotary angles** (:func:`rotary_angles`): for RoPE, the frequency pairs that never turned a full
+  circle within ``L`` and meet, past it, angles no distance of training gave them;
 * **passkey retrieval** (:mod:`posbias.passkey`): a copy of the model is fine-tuned on the task at
   ``L`` and tested at every length up to ``length`` and five depths.
 
@@ -45,6 +47,7 @@ from .data import Corpus
 from .evaluate import bootstrap_means, interval, local_head, token_losses
 from .model import TransformerLM
 from .schemes.base import Scheme, ToeplitzScheme, flat_share
+from .schemes.rope import RoPE, rope_frequencies
 
 REACH_DROP = math.log(100.0)
 
@@ -263,6 +266,24 @@ def bias_drift(scheme: Scheme, *, train_len: int, length: int) -> list[float] | 
     return [float(x) for x in moved.abs().amax(-1)]
 
 
+def rotary_angles(scheme: Scheme, *, train_len: int, length: int) -> dict[str, list] | None:
+    """For a rotary scheme, per frequency pair ``k`` (``head_dim/2`` of them): its wavelength ``2π/θ_k``
+    in tokens, the angle ``θ_k·(L − 1)`` it turned through over the longest distance of training (the
+    base frequencies: a retrofitted checkpoint was trained before its scaling), and the angle it turns
+    through over the window's longest distance with the frequencies in use there (scaling, PI's
+    position factor and dynamic NTK's context included). ``unseen``: the pairs that never completed a
+    turn within ``L`` and whose angle at the window's end goes past ``θ_k·L`` — angles farther round
+    the circle than any distance of training put them. None for a scheme that does not rotate."""
+    if not isinstance(scheme, RoPE):
+        return None
+    base = rope_frequencies(scheme.head_dim, scheme.base).double()
+    used = scheme.inv_frequencies(length).double() / (scheme.factor if scheme.scaling == "pi" else 1.0)
+    trained, end = base * (train_len - 1), used * (length - 1)
+    unseen = (base * train_len < 2 * math.pi) & (end > base * train_len)
+    return {"wavelength": (2 * math.pi / base).tolist(), "train_angle": trained.tolist(), "end_angle": end.tolist(),
+            "unseen": unseen.tolist()}
+
+
 def delta_interval(delta: Tensor) -> tuple[float, float] | tuple[None, None]:
     """95% bootstrap interval of the mean of ``delta`` ``[windows, positions]`` (full − cut loss of the
     same tokens), resampling windows; ``(None, None)`` with a single window, which has no spread to
@@ -326,6 +347,7 @@ class DiagnoseResult:
     effective_reach: list[int | None] | None = None  # per head (additive schemes), query at length − 1
     reach_at_L: list[int | None] | None = None  # the same for a query at L − 1
     bias_drift: list[float] | None = None  # per head: the bias's change over distances < L, query L−1 → length−1
+    rotary: dict[str, list] | None = None  # rotary schemes: per frequency pair, rotary_angles()
     passkey: dict[str, dict[str, float]] | None = None  # length → depth → accuracy
     passkey_steps: int = 0
     passkey_samples: int = 0
@@ -461,6 +483,7 @@ def _measure_bias(result: DiagnoseResult) -> None:
         result.effective_reach = effective_reach(scheme, query_pos=length - 1, max_distance=16 * length)
         result.reach_at_L = effective_reach(scheme, query_pos=L - 1, max_distance=16 * length)
         result.bias_drift = bias_drift(scheme, train_len=L, length=length)
+    result.rotary = rotary_angles(scheme, train_len=L, length=length)
 
 
 def _passkey(model: TransformerLM, cfg: DiagnoseConfig, train_len: int, length: int, progress: bool,

@@ -380,7 +380,8 @@ def test_gpu_preset_on_a_cpu_machine_says_how_to_override(capsys, tmp_path):
 def test_model_folder_suggests_final(capsys, tmp_path):
     model = TransformerLM(ModelConfig(scheme="alibi", **TINY))
     ckpt.save_checkpoint(tmp_path / "m" / "final", model, extra={"train": {"seq_len": 16}})
-    _one_line_error(capsys, main(["diagnose", str(tmp_path / "m")]), "did you mean", "final")
+    _one_line_error(capsys, main(["retrofit", str(tmp_path / "m"), "--to", "64", "--method", "swap-alibi"]),
+                    "did you mean", "final")
 
 
 def test_resume_says_where_it_resumes(tmp_path, text_file):

@@ -310,6 +310,88 @@ def test_checkpoint_jobs_say_whether_they_measure_on_the_training_text(tmp_path,
                 assert line in said and line.replace(": not", ": **not**") in md
 
 
+def test_discover_finds_every_model_a_path_names(tmp_path):
+    """A checkpoint, a model folder (its final/), a study's or retrofit's output folder or its models/:
+    every finished model by its folder's name; unfinished models and passkey copies aside."""
+    model = TransformerLM(ModelConfig(scheme="alibi", **TINY))
+    models = tmp_path / "study" / "models"
+    for sub in ("t5-seed0-0123456789/final", "alibi-seed1-abcdef0123/last", "passkey-ft3-0123456789",
+                "swap-t5-ft5-0123456789"):
+        ckpt.save_checkpoint(models / sub, model, extra={"train": {"seq_len": L}})
+    want = [("swap-t5-ft5-0123456789", models / "swap-t5-ft5-0123456789"),
+            ("t5-seed0-0123456789", models / "t5-seed0-0123456789" / "final")]
+    assert ckpt.discover(tmp_path / "study") == want and ckpt.discover(models) == want
+    assert ckpt.discover(models / "t5-seed0-0123456789") == want[1:]
+    assert ckpt.discover(models / "t5-seed0-0123456789" / "final") == want[1:]
+    assert ckpt.discover(models / "alibi-seed1-abcdef0123" / "last") == [
+        ("alibi-seed1-abcdef0123", models / "alibi-seed1-abcdef0123" / "last")]
+    assert ckpt.discover(models / "alibi-seed1-abcdef0123") == [] and ckpt.discover(tmp_path / "none") == []
+
+
+def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
+    """Several models: each diagnosed into its own folder as alone, and a comparison table, JSON and
+    plot beside them whose cells are the diagnoses' own numbers; a model named twice is diagnosed once."""
+    from posbias.report import comparison
+
+    study = tmp_path / "study" / "models"
+    for name, scheme, opts in (("t5-seed0-0123456789", "t5", {"max_distance": L}), ("fire-seed0-abcdef0123", "fire", {"init_L": L // 2})):
+        model = ckpt.load_model(tiny_checkpoint(tmp_path / name, scheme, **opts))
+        ckpt.save_checkpoint(study / name / "final", model, extra={"train": {"seq_len": L}})
+    out = tmp_path / "d"
+    argv = ["diagnose", str(tmp_path / "study"), str(study / "fire-seed0-abcdef0123"), "--length", str(2 * L),
+            "--passkey-steps", "2", "--passkey-samples", "2", "--eval-tokens", "400", "--data", str(text_file),
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    said = "".join(capsys.readouterr())
+    assert "[1/2] fire-seed0 (" in said and "[2/2] t5-seed0 (" in said and "[3/" not in said
+    assert "* The context past L:" in said and "comparison.md" in said
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["fire-seed0", "t5-seed0"]
+    for r in rows:
+        alone = json.loads((out / r["model"] / "diagnose.json").read_text())
+        assert r["scheme"] == alone["scheme"] and r["bias_drift"] == max(alone["bias_drift"])
+        assert r["context"][1:] == alone["loss_delta_interval"]
+        assert r["keys_beyond_L"] == alone["window_split"][0][1:]
+        assert r["passkey"][str(L)][0] == pytest.approx(statistics.fmean(alone["passkey"][str(L)].values()))
+    assert rows[0]["bias_drift"] > 0 and rows[1]["bias_drift"] == 0  # FIRE's bias moves past L, T5's cannot
+    md = (out / "comparison.md").read_text()
+    assert md.count("\n| fire-seed0 |") == 1 and "| t5-seed0 |" in md and (out / "comparison.png").exists()
+    assert "The bias moves with the query position past L in fire-seed0" in md
+    assert "not** (or not recorded as) the text these were trained on: fire-seed0, t5-seed0" in md
+    assert comparison.verdict((0.1, 0.05, 0.2)) == "hurts" and comparison.verdict((-0.1, -0.2, -0.01)) == "helps"
+    assert comparison.verdict((0.0, -0.1, 0.1)) == "≈ 0" and comparison.verdict((0.1, None, None)) == "no interval"
+
+
+def test_rotary_angles_mark_the_pairs_that_meet_angles_training_never_gave():
+    """Plain RoPE: exactly the pairs whose wavelength exceeds L meet new angles past it; PI by the
+    window's factor: none; NTK: the lowest pair is slowed by exactly the factor (none new), middle pairs
+    are not; a scheme without rotation: None."""
+    from posbias.diagnose import rotary_angles
+
+    n, d = 8 * L, 16
+    plain = rotary_angles(build("rope", n_heads=2, head_dim=d), train_len=L, length=n)
+    assert plain["unseen"] == [w > L for w in plain["wavelength"]] and 0 < sum(plain["unseen"]) < d // 2
+    theta = rope_frequencies(d)
+    assert plain["train_angle"] == pytest.approx((theta * (L - 1)).tolist())
+    assert plain["end_angle"] == pytest.approx((theta * (n - 1)).tolist())
+    pi = rotary_angles(build("rope", n_heads=2, head_dim=d, scaling="pi", factor=8.0), train_len=L, length=n)
+    assert not any(pi["unseen"]) and pi["end_angle"] == pytest.approx((theta * (n - 1) / 8).tolist())
+    ntk = rotary_angles(build("rope", n_heads=2, head_dim=d, scaling="ntk", factor=8.0), train_len=L, length=n)
+    assert ntk["end_angle"][-1] == pytest.approx(float(theta[-1]) * (n - 1) / 8) and not ntk["unseen"][-1]
+    assert any(ntk["unseen"]) and ntk["wavelength"] == plain["wavelength"]  # trained with the base frequencies
+    assert rotary_angles(build("alibi", n_heads=2, head_dim=d), train_len=L, length=n) is None
+
+
+def test_diagnose_report_names_the_rotary_pairs_past_training(tmp_path, corpus):
+    path = tiny_checkpoint(tmp_path / "t", "rope")
+    rep = run_diagnose(path, DiagnoseConfig(length=4 * L, windows=1, eval_tokens=4 * L, passkey_steps=0), corpus=corpus)
+    diagnose_report.write(rep, tmp_path / "d")
+    md = (tmp_path / "d" / "report.md").read_text()
+    unseen = [k for k, u in enumerate(rep.rotary["unseen"]) if u]
+    assert "## Rotary angles past L" in md and f"{len(unseen)} of {TINY['d_model'] // TINY['n_heads'] // 2} pairs" in md
+    assert md.count("**yes**") == len(unseen) and rep.effective_reach is None
+
+
 def test_diagnose_with_one_window_says_it_has_no_interval(tmp_path, corpus):
     """A single window has no spread: no interval, no NaN in diagnose.json, and a verdict that says so."""
     path = tiny_checkpoint(tmp_path / "t", "alibi")
@@ -391,7 +473,7 @@ def test_bias_drift_is_zero_for_a_toeplitz_bias_and_measures_fire_past_its_thres
 
 def test_cli_errors(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path)]) == 2
-    assert "not a posbias checkpoint" in capsys.readouterr().err
+    assert "holds no posbias checkpoint" in capsys.readouterr().err
     path = tiny_checkpoint(tmp_path / "a", "alibi")
     out = tmp_path / "out"
     assert main(["retrofit", str(path), "--to", "200", "--method", "yarn", "--out", str(out)]) == 2

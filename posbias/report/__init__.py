@@ -3,7 +3,8 @@ number that is not already in the result, and nothing here trains or evaluates.
 
 One module per workflow (:mod:`.study`, :mod:`.retrofit`, :mod:`.diagnose`), each with
 ``markdown(result) -> str`` and ``write(result, out) -> list[Path]``; :func:`md_table` is the one
-Markdown table builder and :func:`paired_cell` the one cell of a paired comparison.
+Markdown table builder, :func:`paired_cell` the one cell of a paired comparison and
+:func:`corpus_line` the one sentence on the text a checkpoint job measured on.
 """
 
 from __future__ import annotations
@@ -34,3 +35,20 @@ def ties_best(p: Paired) -> bool:
     """Whether ``p`` is not distinguishable from the best: its paired interval, or one of its seeds,
     reaches 1 (the best itself included)."""
     return p.best or p.lo <= 1.0 or bool(p.per_seed and min(p.per_seed) <= 1.0)
+
+
+def corpus_name(fp: dict[str, Any]) -> str:
+    """A corpus fingerprint as reports name it: ``name (sha256 …)``."""
+    return f"{fp.get('name', '?')} (sha256 {fp.get('sha256', '?')})"
+
+
+def corpus_line(measured: dict[str, Any], trained: dict[str, Any] | None) -> str:
+    """A report's sentence on the text it measured on (a corpus ``fingerprint``) against the text the
+    checkpoint records it was trained on (``meta["corpus"]``; None for a checkpoint that records none)."""
+    line = f"Measured on the validation split of {corpus_name(measured)}"
+    if trained is None:
+        return line + "; the checkpoint does not record the text it was trained on."
+    if trained.get("sha256") == measured.get("sha256"):
+        return line + ", the text the checkpoint was trained on."
+    return (line + f": **not** the text the checkpoint was trained on, {corpus_name(trained)} (pass that with --data or "
+            "--hf-dataset to measure on its validation split).")

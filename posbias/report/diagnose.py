@@ -10,9 +10,8 @@ import torch
 
 from .. import store
 from ..config import Log, quiet
-from ..data import corpus_line
 from ..diagnose import DiagnoseResult, kept_row
-from . import md_table
+from . import corpus_line, md_table
 
 
 def write(result: DiagnoseResult, out: str | Path, *, log: Log = quiet) -> list[Path]:
@@ -27,7 +26,7 @@ def write(result: DiagnoseResult, out: str | Path, *, log: Log = quiet) -> list[
     return paths
 
 
-def _mean_losses(r: DiagnoseResult) -> tuple[float, float]:
+def mean_losses(r: DiagnoseResult) -> tuple[float, float]:
     """Mean loss with the full context and cut at L, over every position (float64, as measured)."""
     return tuple(float(torch.tensor(x, dtype=torch.float64).mean())
                  for x in (r.loss_by_position, r.loss_by_position_cut_at_L))
@@ -35,7 +34,7 @@ def _mean_losses(r: DiagnoseResult) -> tuple[float, float]:
 
 def summary(r: DiagnoseResult) -> list[str]:
     """The verdicts of the report in a few lines, for the terminal."""
-    full, cut = _mean_losses(r)
+    full, cut = mean_losses(r)
     lo, hi = r.loss_delta_interval
     lines = [f"context past L = {r.train_len} (Δ {_delta_cell(full - cut, lo, hi)}): "
              f"{_context_verdict(lo, hi, r.loss_windows)}"]
@@ -50,7 +49,7 @@ def summary(r: DiagnoseResult) -> list[str]:
                      f"{_context_verdict(lo, hi, r.loss_windows)}")
     beyond = r.attention_distance.get("beyond")
     if beyond is not None:
-        tail = torch.tensor(beyond)[:, :, _last_quarter(r.length)]
+        tail = torch.tensor(beyond)[:, :, last_quarter(r.length)]
         lines.append(f"attention at distances ≥ L over the last {r.length // 4} queries: {tail.mean():.4f} "
                      f"(largest head {tail.mean(-1).max():.4f})")
     if r.bias_drift is not None and max(r.bias_drift) >= 1e-4:
@@ -64,7 +63,7 @@ def markdown(r: DiagnoseResult) -> str:
              f"examined at {r.length} tokens ({r.length / r.train_len:g} L). "
              f"{corpus_line(r.corpus, r.trained_corpus) if r.corpus else ''}", ""]
     lines += _loss_section(r) + _distance_section(r) + _final_entry_section(r) + _reach_section(r)
-    lines += _passkey_section(r)
+    lines += _rotary_section(r) + _passkey_section(r)
     return "\n".join(lines)
 
 
@@ -84,7 +83,7 @@ def _context_verdict(lo: float | None, hi: float | None, windows: int) -> str:
 
 
 def _loss_section(r: DiagnoseResult) -> list[str]:
-    full, cut = _mean_losses(r)
+    full, cut = mean_losses(r)
     lo_all, hi_all = r.loss_delta_interval
     rows = [[name, f"{lo:.4f}", f"{sh:.4f}", _delta_cell(lo - sh, d_lo, d_hi)] for name, lo, sh, d_lo, d_hi in r.loss_by_range]
     rows.append(["all", f"{full:.4f}", f"{cut:.4f}", _delta_cell(full - cut, lo_all, hi_all)])
@@ -128,7 +127,7 @@ def _split_section(r: DiagnoseResult) -> list[str]:
     return lines + [""]
 
 
-def _last_quarter(n: int) -> slice:
+def last_quarter(n: int) -> slice:
     """The query positions the attention statistics summarise: the last quarter of the window."""
     return slice(n - n // 4, n)
 
@@ -136,7 +135,7 @@ def _last_quarter(n: int) -> slice:
 def _distance_section(r: DiagnoseResult) -> list[str]:
     n, L = r.length, r.train_len
     ad = {k: torch.tensor(v) for k, v in r.attention_distance.items()}
-    tail = _last_quarter(n)
+    tail = last_quarter(n)
     at_l = slice(max(0, L - 8), min(n, L + 8))
     beyond = ad.get("beyond")
     rows = [[layer, h, f"{ad['mean'][layer, h, tail].mean():.1f}", f"{ad['q50'][layer, h, tail].mean():.1f}",
@@ -203,6 +202,40 @@ def _reach_section(r: DiagnoseResult) -> list[str]:
                    f"The bias changes with the query position: at the distances it was trained on, a query at {end} "
                    f"meets a bias up to {worst:.2f} nats away from the one a query at {L - 1} met in training."), ""]
     return lines + ["![bias](bias_vs_distance.png)", ""]
+
+
+def unseen_pairs(r: DiagnoseResult) -> list[int]:
+    """The rotary frequency pairs that meet angles past L no distance of training gave them."""
+    return [k for k, u in enumerate(r.rotary["unseen"]) if u] if r.rotary else []
+
+
+def _rotary_section(r: DiagnoseResult) -> list[str]:
+    """RoPE: each frequency pair's angle over the training length against over the window
+    (:func:`posbias.diagnose.rotary_angles`)."""
+    if r.rotary is None:
+        return []
+    rot, L = r.rotary, r.train_len
+    pairs, unseen = len(rot["wavelength"]), unseen_pairs(r)
+    partial = sum(w > L for w in rot["wavelength"])
+    rows = [[k, f"{w:,.0f}", f"{a:.2f}", f"{b:.2f}", "**yes**" if u else ""]
+            for k, (w, a, b, u) in enumerate(zip(rot["wavelength"], rot["train_angle"], rot["end_angle"], rot["unseen"]))]
+    if unseen:
+        waves = [rot["wavelength"][k] for k in unseen]
+        verdict = (f"{len(unseen)} of {pairs} pairs meet angles past L that no distance of training gave them "
+                   f"(pairs {unseen[0]}–{unseen[-1]}, wavelengths {min(waves):,.0f}–{max(waves):,.0f} tokens): "
+                   "there, attention reads rotations the model never learned to read.")
+    else:
+        verdict = (f"No pair meets an angle past what training gave it: {pairs - partial} of {pairs} turned full "
+                   "circles within L, and the frequencies in use keep the others within their trained range.")
+    return (["## Rotary angles past L", "",
+             f"Each of the {pairs} rotary pairs of a head turns by θ_k per token of distance. A pair whose wavelength "
+             f"exceeds L = {L} never turned a full circle in training ({partial} of {pairs}); past L it meets new "
+             f"angles unless the frequencies in use at {r.length} tokens slow it down (a retrofit's scaling). Angles "
+             "in radians, over the longest distance of training (base frequencies) and of the window "
+             "(frequencies in use):", ""]
+            + md_table(["pair", "wavelength, tokens", f"angle over {L - 1}", f"angle over {r.length - 1}",
+                        "past training"], rows)
+            + ["", verdict, ""])
 
 
 def _passkey_section(r: DiagnoseResult) -> list[str]:

@@ -10,9 +10,8 @@ from typing import Any
 
 from .. import store
 from ..config import Log, quiet
-from ..data import corpus_line
 from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
-from . import md_table, paired_cell
+from . import corpus_line, md_table, paired_cell
 
 STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
 

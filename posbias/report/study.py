@@ -179,7 +179,9 @@ def _footer(result: StudyResult) -> str:
             "between seeds, the std is the spread of training itself. Why a scheme's curve is what it is: "
             f"`posbias diagnose models/<scheme>-seed<k>-<key>/final --length {max(cfg.lengths())}` (from this "
             "folder) splits its context effect into the local context restored at the cut chunks' starts and what "
-            "the distant keys do, and measures its attention on distances beyond L.")
+            "the distant keys do, and measures its attention on distances beyond L; `posbias diagnose <this "
+            f"folder> --length {max(cfg.lengths())}` does it for every model here and sets them side by side "
+            "(comparison.md).")
 
 
 def plots(result: StudyResult, out: Path) -> list[Path]:

@@ -1,0 +1,204 @@
+"""Several diagnoses side by side: ``comparison.md``, ``comparison.json`` and ``comparison.png``.
+
+``posbias diagnose`` given more than one checkpoint (or a study's output folder) diagnoses each on its
+own (:func:`posbias.diagnose.run_diagnose`, each report in ``<out>/<model>/``) and writes here the
+numbers that answer *why one model generalises and another does not*, one row per model: whether the
+context past ``L`` helps or hurts, whether the distant keys themselves do (the tokens that keep local
+context; the sliding-window counterfactual), how much attention goes to distances never seen in
+training, whether the bias moves past ``L``, and passkey retrieval. Every Δ carries its interval and a
+verdict read from it, never from a threshold of ours.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import passkey, store
+from ..config import Log, quiet
+from ..diagnose import DiagnoseResult, kept_row
+from . import corpus_name, md_table
+from .diagnose import last_quarter, mean_losses, unseen_pairs
+
+Delta = tuple[float, float | None, float | None]  # mean Δ and its 95% interval (None with one window)
+
+
+def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
+    """The comparable numbers of one diagnosis (a row of ``comparison.json``)."""
+    full, cut = mean_losses(r)
+    losses = torch.tensor(r.loss_by_position, dtype=torch.float64)
+    kept = kept_row(r.context_split)
+    beyond = r.attention_distance.get("beyond")
+    tail = None if beyond is None else torch.tensor(beyond)[:, :, last_quarter(r.length)].mean(-1)  # [layers, heads]
+    got: dict[str, Any] = {
+        "model": name, "checkpoint": r.checkpoint, "scheme": r.scheme_name, "options": r.options,
+        "train_len": r.train_len, "length": r.length, "windows": r.loss_windows,
+        "ppl_below_L": math.exp(float(losses[:r.train_len].mean())),
+        "ppl_last_half": math.exp(float(losses[r.length // 2:].mean())),
+        "context": (full - cut, *r.loss_delta_interval),
+        "distant_keys": None if kept is None else tuple(kept[2:]),
+        "keys_beyond_L": tuple(r.window_split[0][1:]) if r.window_split else None,
+        "attention_beyond_L": None if tail is None else (float(tail.mean()), float(tail.max())),
+        "bias_drift": None if r.bias_drift is None else max(r.bias_drift),
+        "rotary_unseen": None if r.rotary is None else (len(unseen_pairs(r)), len(r.rotary["unseen"])),
+        "passkey": None,
+    }
+    if r.passkey:
+        trials = len(next(iter(r.passkey.values()))) * r.passkey_samples
+        got["passkey"] = {n: (a, *passkey.accuracy_interval(a, trials))
+                          for n, a in ((int(n), sum(cells.values()) / len(cells)) for n, cells in r.passkey.items())}
+    return got
+
+
+def verdict(delta: Delta | None) -> str:
+    """What a Δ's interval supports, in a word: hurts (above 0), helps (below 0), ≈ 0 (spans 0)."""
+    if delta is None:
+        return "—"
+    _, lo, hi = delta
+    if lo is None or hi is None:
+        return "no interval"
+    return "hurts" if lo > 0 else "helps" if hi < 0 else "≈ 0"
+
+
+def _delta(delta: Delta | None) -> str:
+    if delta is None:
+        return "—"
+    d, lo, hi = delta
+    interval = "" if lo is None or hi is None else f" [{lo:+.4f}, {hi:+.4f}]"
+    return f"{d:+.4f}{interval} {verdict(delta)}"
+
+
+def _passkey(got: dict[int, tuple[float, float, float]] | None, n: int) -> str:
+    if not got or n not in got:
+        return "—"
+    a, lo, hi = got[n]
+    return f"{a:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def markdown(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
+    """The comparison table and what it says, from :func:`row` of each diagnosis."""
+    lines = [f"# Diagnosis of {len(rows)} checkpoints", "",
+             "Each model diagnosed on its own, as `posbias diagnose` does one (its full report: "
+             "`<model>/report.md`). Δ: the loss (nats/byte) of the same tokens with the whole window as context "
+             "minus with the context cut at L, with its 95% bootstrap interval over the windows and what the "
+             "interval supports (hurts: above 0; helps: below 0; ≈ 0: it spans 0). *Distant keys*: Δ over the "
+             "tokens that keep local context after the cut; *keys beyond L*: the whole window against a sliding "
+             "window of L over the same model (additive schemes). Passkey: mean accuracy over the depths with its "
+             f"95% Wilson interval. {_corpus(rows, results)}", ""]
+    lines += md_table(
+        ["model", "L → window", "ppl, positions < L", "ppl, last half of the window", "context past L, Δ", "distant keys, Δ",
+         "keys beyond L, Δ", "attention ≥ L, last quarter (mean / largest head)", "bias drift, nats",
+         "passkey @ L", "passkey @ window"],
+        [[r["model"], f"{r['train_len']} → {r['length']}", f"{r['ppl_below_L']:.3f}", f"{r['ppl_last_half']:.3f}",
+          _delta(r["context"]), _delta(r["distant_keys"]), _delta(r["keys_beyond_L"]),
+          "—" if r["attention_beyond_L"] is None else "{:.4f} / {:.4f}".format(*r["attention_beyond_L"]),
+          "—" if r["bias_drift"] is None else f"{r['bias_drift']:.2f}",
+          _passkey(r["passkey"], r["train_len"]), _passkey(r["passkey"], _longest(r))] for r in rows])
+    return "\n".join(lines + ["", "## What the table says", ""] + [f"* {s}" for s in sentences(rows)]
+                     + ["", "![comparison](comparison.png)", ""])
+
+
+def _corpus(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
+    """The text measured on, and the models that record another training text (or none)."""
+    first = results[0]
+    if not first.corpus:
+        return ""
+    other = [row["model"] for row, r in zip(rows, results)
+             if r.trained_corpus is None or r.trained_corpus.get("sha256") != first.corpus.get("sha256")]
+    line = f"Measured on the validation split of {corpus_name(first.corpus)}"
+    if not other:
+        return line + ", the text every model was trained on."
+    return line + f"; **not** (or not recorded as) the text these were trained on: {', '.join(other)}."
+
+
+def _longest(r: dict[str, Any]) -> int:
+    return max(r["passkey"]) if r["passkey"] else r["length"]
+
+
+def sentences(rows: list[dict[str, Any]]) -> list[str]:
+    """The table in sentences: models grouped by each verdict, the extremes of attention on unseen
+    distances, the biases that move past L, the best passkey retrieval at the window."""
+    said = []
+    for key, what in (("context", "The context past L"), ("distant_keys", "For tokens that keep local context, "
+                                                                          "the distant keys"),
+                      ("keys_beyond_L", "Against a sliding window of L, the keys beyond L")):
+        groups: dict[str, list[str]] = {}
+        for r in rows:
+            if r[key] is not None:
+                groups.setdefault(verdict(r[key]), []).append(r["model"])
+        words = {"hurts": "hurt", "helps": "help", "≈ 0": "make no difference this evaluation can see",
+                 "no interval": "cannot be judged (one window)"}
+        if groups:
+            said.append(f"{what}: " + "; ".join(f"{words[v]} in {', '.join(groups[v])}" for v in words if v in groups)
+                        + ".")
+    seen = [r for r in rows if r["attention_beyond_L"] is not None]
+    if len(seen) > 1:
+        most = max(seen, key=lambda r: r["attention_beyond_L"][0])
+        least = min(seen, key=lambda r: r["attention_beyond_L"][0])
+        said.append(f"Attention on distances never seen in training (≥ L, last quarter of the window) is largest in "
+                    f"{most['model']} ({most['attention_beyond_L'][0]:.4f}) and smallest in {least['model']} "
+                    f"({least['attention_beyond_L'][0]:.4f}).")
+    moving = [r for r in rows if r["bias_drift"] is not None and r["bias_drift"] >= 1e-4]
+    if moving:
+        said.append("The bias moves with the query position past L in " + ", ".join(
+            f"{r['model']} (up to {r['bias_drift']:.2f} nats)" for r in moving) + "; in the others it depends on "
+            "i − j alone, or there is none.")
+    rotary = [r for r in rows if r["rotary_unseen"] is not None]
+    if rotary:
+        said.append("Rotary pairs that meet angles past L never seen in training: " + ", ".join(
+            f"{r['rotary_unseen'][0]} of {r['rotary_unseen'][1]} in {r['model']}" for r in rotary) + ".")
+    tested = [r for r in rows if r["passkey"]]
+    if tested:
+        best = max(r["passkey"][_longest(r)][0] for r in tested)
+        tied = [r["model"] for r in tested if r["passkey"][_longest(r)][2] >= best]
+        said.append(f"Passkey retrieval at the window's length: best {best:.2f}; models whose interval reaches it: "
+                    f"{', '.join(tied)}.")
+    return said
+
+
+def write(named: list[tuple[str, DiagnoseResult]], out: str | Path, *, log: Log = quiet) -> list[Path]:
+    """``comparison.md``, ``comparison.json`` and ``comparison.png`` of the diagnoses ``named`` in ``out``."""
+    out = Path(out)
+    rows = [row(name, r) for name, r in named]
+    results = [r for _, r in named]
+    paths = [store.write_json(out / "comparison.json", {"rows": rows}),
+             store.write_text(out / "comparison.md", markdown(rows, results))]
+    try:
+        paths.append(plot(named, out / "comparison.png"))
+    except ValueError as exc:  # matplotlib missing: the table and JSON are still written
+        log(f"plot skipped: {exc}")
+    return paths
+
+
+def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
+    """Two panels, one line per model, positions in units of L: Δ (full − cut) by position, and the
+    attention on keys at distance ≥ L (mean over layers and heads) by query position."""
+    from ..plot import pyplot, save_figure
+
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, r in named:
+        k = max(1, r.length // 64)
+        delta = torch.tensor(r.loss_by_position) - torch.tensor(r.loss_by_position_cut_at_L)
+        smooth = torch.nn.functional.avg_pool1d(delta[None, None], k, k)[0, 0]
+        xs = (torch.arange(len(smooth)) * k + k / 2) / r.train_len
+        line, = left.plot(xs.numpy(), smooth.numpy(), lw=1.2, label=name)
+        if "beyond" in r.attention_distance:
+            far = torch.tensor(r.attention_distance["beyond"]).mean((0, 1))
+            far = torch.nn.functional.avg_pool1d(far[None, None], k, k)[0, 0]
+            right.plot(xs.numpy(), far.numpy(), lw=1.2, color=line.get_color(), label=name)
+    left.axhline(0, color="grey", lw=0.8)
+    left.set_ylabel("Δ loss, full − cut at L (nats/byte)")
+    left.set_title("what the context past L does (< 0: helps)")
+    right.set_ylabel("attention at distance ≥ L")
+    right.set_title("attention on distances never seen in training")
+    for ax in (left, right):
+        ax.axvline(1, color="grey", ls="--", lw=1)
+        ax.set_xlabel("position / L")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
