@@ -174,6 +174,15 @@ def job_key(path: str | Path, *, corpus: str, settings: dict[str, Any], code: tu
                              "torch": torch.__version__, "code": store.code_fingerprint(*code)})
 
 
+def pos_lr_mult(meta: dict[str, Any]) -> float:
+    """The positional parameters' learning-rate multiplier a checkpoint was trained with
+    (``train.pos_lr_mult``; 1 where it records none). Fine-tunes of the checkpoint use it too: a learned
+    bias moves about its learning rate per Adam step, so at 1× a fresh or trained table barely moves
+    in a short fine-tune (:func:`posbias.train.make_optimizer`)."""
+    value = (meta.get("train") or {}).get("pos_lr_mult", 1.0)
+    return float(value) if isinstance(value, (int, float)) and value > 0 else 1.0
+
+
 def train_len(path: str | Path, meta: dict[str, Any] | None = None) -> int:
     """The training length a checkpoint records (``train.train_len``; ``train.seq_len`` in checkpoints
     written before 0.1.0 renamed it), or ValueError when it records none."""

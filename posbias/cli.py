@@ -405,6 +405,9 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-steps", type=int, default=0, help="language-model fine-tune at --to after each method")
     p.add_argument("--finetune-batch", type=int, default=4, help="sequences per fine-tune step")
     p.add_argument("--finetune-lr", type=float, default=3e-4, help="peak fine-tune learning rate")
+    p.add_argument("--pos-lr-mult", type=float,
+                   help="the positional parameters' multiple of every fine-tune's learning rate (default: the "
+                        "checkpoint's training value, train.pos_lr_mult)")
     p.add_argument("--eval-lens", type=int, nargs="+", help="default: L, 2L, 4L … up to --to")
     p.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens scored at each length")
     p.add_argument("--passkey-steps", type=int, default=600, help="passkey fine-tune steps (with --compare)")
@@ -455,7 +458,7 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
         raise CLIError(f"give --method (for a {scheme} checkpoint: {', '.join(methods_for(scheme)) or 'none'}) "
                        "or --compare")
     cfg = RetrofitConfig(to=args.to, methods=tuple(methods), finetune_steps=args.finetune_steps,
-                         finetune_batch=args.finetune_batch, finetune_lr=args.finetune_lr,
+                         finetune_batch=args.finetune_batch, finetune_lr=args.finetune_lr, pos_lr_mult=args.pos_lr_mult,
                          eval_lens=tuple(args.eval_lens) if args.eval_lens else None, eval_tokens=args.eval_tokens,
                          compare=args.compare, passkey_steps=args.passkey_steps, device=args.device,
                          threads=args.threads)
@@ -514,6 +517,7 @@ def _diagnose_targets(paths: list[str]) -> list[tuple[str, Path]]:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> None:
+    from . import checkpoint as ckpt
     from .data import load_corpus
     from .diagnose import DiagnoseConfig, run_diagnose
     from .report import comparison
@@ -522,7 +526,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     check_device(args.device)
     targets = _diagnose_targets(args.checkpoints)
     single = len(targets) == 1
-    out = Path(args.out or f"runs/diagnose-{targets[0][0] if single else Path(args.checkpoints[0]).resolve().name}")
+    named = ckpt.discover(args.checkpoints[0])[0][0] if single else Path(args.checkpoints[0]).resolve().name
+    out = Path(args.out or f"runs/diagnose-{named}")  # one model: its folder's full name, key included
     cfg = DiagnoseConfig(length=args.length, windows=args.windows, eval_tokens=args.eval_tokens,
                          passkey_steps=args.passkey_steps, passkey_samples=args.passkey_samples, device=args.device,
                          threads=args.threads)

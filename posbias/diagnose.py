@@ -352,6 +352,7 @@ class DiagnoseResult:
     passkey_steps: int = 0
     passkey_samples: int = 0
     passkey_skipped: str = ""  # why a requested passkey test did not run
+    passkey_lr_mult: float = 1.0  # the passkey fine-tune's positional learning-rate multiplier (the training one)
     threads: int = 2  # torch intra-op threads the measurements ran at
     loss_delta_interval: tuple[float | None, float | None] = (None, None)  # of Δ over all positions
     # Δ past L split into the cut chunks' first L/8 tokens and the rest: (label, share, mean Δ, lo, hi)
@@ -464,7 +465,8 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
         result.window_split = window_split(long_w, _tensor(got["window"]), short_w, train_len)
     _measure_bias(result)
     if cfg.passkey_steps > 0 and train_len >= passkey.overhead(5):
-        result.passkey = _passkey(model, cfg, train_len, length, progress, log, cache,
+        result.passkey_lr_mult = ckpt.pos_lr_mult(meta)
+        result.passkey = _passkey(model, cfg, result.passkey_lr_mult, train_len, length, progress, log, cache,
                                   None if out is None else out / "models" / f"passkey-ft{cfg.passkey_steps}-{key}")
         result.passkey_steps, result.passkey_samples = cfg.passkey_steps, cfg.passkey_samples
     elif cfg.passkey_steps > 0:
@@ -486,7 +488,7 @@ def _measure_bias(result: DiagnoseResult) -> None:
     result.rotary = rotary_angles(scheme, train_len=L, length=length)
 
 
-def _passkey(model: TransformerLM, cfg: DiagnoseConfig, train_len: int, length: int, progress: bool,
+def _passkey(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_len: int, length: int, progress: bool,
              log: Log, cache: _Cache, mdir: Path | None) -> dict[str, dict[str, float]]:
     """The passkey grid over L, 2L, … ≤ ``length`` and five depths, each cell from ``cache`` where a
     run made it; the copy fine-tuned on the task is made (and kept in ``mdir``) only for missing cells."""
@@ -500,7 +502,7 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, train_len: int, length: 
     names = {(n, d): f"passkey:{n}:{d}:{cfg.passkey_steps}:{cfg.passkey_samples}" for n in lens for d in depths}
     todo = [cell for cell, name in names.items() if name not in cache.data]
     if todo:
-        copy = _passkey_copy(model, cfg, train_len, progress, log, mdir)
+        copy = _passkey_copy(model, cfg, mult, train_len, progress, log, mdir)
         log(f"passkey grid: {len(todo)} of {len(names)} cells ({len(lens)} lengths × {len(depths)} depths), "
             f"{cfg.passkey_samples} samples each …")
         for n, d in tqdm(todo, desc="passkey grid", disable=not progress, leave=False):
@@ -510,7 +512,7 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, train_len: int, length: 
     return {str(n): {str(d): cache.data[names[n, d]] for d in depths} for n in lens}
 
 
-def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, train_len: int, progress: bool, log: Log,
+def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_len: int, progress: bool, log: Log,
                   mdir: Path | None) -> TransformerLM:
     """A copy of ``model`` fine-tuned on passkey retrieval at ``train_len``: the one in ``mdir`` when a
     run made it, else trained now (its progress in ``mdir/last`` meanwhile) and saved there."""
@@ -520,7 +522,8 @@ def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, train_len: int, pro
     log(f"passkey: fine-tuning a copy for {cfg.passkey_steps} steps at {train_len} …")
     copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
     passkey.train_passkey(copy, length=train_len, steps=cfg.passkey_steps, device=cfg.device, progress=progress,
-                          resume=None if mdir is None else mdir / "last", replace_other=True, log=log)
+                          resume=None if mdir is None else mdir / "last", replace_other=True, pos_lr_mult=mult,
+                          log=log)
     if mdir is not None:
         ckpt.save_checkpoint(mdir, copy, extra={"passkey": {"length": train_len, "steps": cfg.passkey_steps}})
     return copy

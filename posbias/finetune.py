@@ -32,7 +32,7 @@ from .train import NonFiniteLoss, lr_at
 def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Callable[[nn.Module, Tensor], Tensor],
              *, steps: int, lr: float = 5e-4, progress: bool = False, desc: str = "fine-tune",
              resume: str | Path | None = None, save_every_s: float = 60.0, generator: torch.Generator | None = None,
-             identity: dict | None = None, replace_other: bool = False,
+             identity: dict | None = None, replace_other: bool = False, pos_lr_mult: float = 1.0,
              log: Callable[[str], None] | None = None) -> list[float]:
     """Run ``steps`` optimizer steps on ``loss_fn(model, batch_fn(step))``; returns the losses.
 
@@ -41,15 +41,18 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
     and starting weights (another fine-tune's: ValueError, or with ``replace_other`` a fresh start that
     replaces it, for folders the caller owns) and written when ``save_every_s`` seconds have passed
     since the start or the last save. ``generator``: the one ``batch_fn`` draws from, if it draws; its
-    state travels with the progress. The caller saves the result; the folder is then of no further use."""
+    state travels with the progress. The caller saves the result; the folder is then of no further use.
+
+    ``pos_lr_mult``: the positional parameters' multiple of ``lr``; give a checkpoint's own
+    (:func:`posbias.checkpoint.pos_lr_mult`), or a learned bias barely moves in a short fine-tune."""
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"fine-tuning steps must be an integer >= 0, got {steps!r}")
     if steps == 0:
         return []
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = _optimizer(model, params, lr, pos_lr_mult)
     warm = max(1, steps // 10)
-    settings = {"steps": steps, "lr": lr, "identity": identity or {},
+    settings = {"steps": steps, "lr": lr, "pos_lr_mult": float(pos_lr_mult), "identity": identity or {},
                 "start_weights": weights_fingerprint(model) if resume is not None else None}
     start, losses = _resume(resume, model, opt, settings, generator, replace_other,
                             lambda what: log and log(f"{desc}: {what}"))
@@ -61,7 +64,7 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
                initial=start, total=steps)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, lr=lr, steps=steps, warmup=warm, min_ratio=0.1)
+            g["lr"] = lr_at(step, lr=lr, steps=steps, warmup=warm, min_ratio=0.1) * g["lr_mult"]
         loss = loss_fn(model, batch_fn(step))
         value = loss.item()
         if not math.isfinite(value):
@@ -87,6 +90,15 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
                             f"nothing of it is saved — lower the learning rate (peak {lr:g})")
     model.eval()
     return losses
+
+
+def _optimizer(model: nn.Module, params: list[nn.Parameter], lr: float, pos_lr_mult: float) -> torch.optim.AdamW:
+    """AdamW without weight decay; the model's positional parameters in a group of their own at
+    ``pos_lr_mult`` (each group's ``lr_mult`` scales the schedule)."""
+    pos = {id(p) for p in getattr(model, "positional_parameters", list)()} if pos_lr_mult != 1.0 else set()
+    groups = [{"params": [p for p in params if id(p) not in pos], "lr_mult": 1.0},
+              {"params": [p for p in params if id(p) in pos], "lr_mult": float(pos_lr_mult)}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
 
 class OtherProgress(ValueError):

@@ -111,7 +111,7 @@ def accuracy_grid(model, lengths: Iterable[int], depths: Iterable[float], *, pro
 
 def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: float = 2e-3, digits: int = 5,
                   seed: int = 0, device: str | torch.device = "cpu", progress: bool = False,
-                  resume: str | Path | None = None, replace_other: bool = False,
+                  resume: str | Path | None = None, replace_other: bool = False, pos_lr_mult: float = 1.0,
                   log: Callable[[str], None] | None = None) -> list[float]:
     """Fine-tune ``model`` in place on passkey samples of ``length`` bytes; returns the losses.
 
@@ -127,7 +127,7 @@ def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: f
     losses = finetune(model, lambda step: make_batch(batch_size, length, digits=digits, generator=g).to(device),
                       lambda m, b: answer_loss(m, b, digits), steps=steps, lr=lr, progress=progress,
                       desc=f"passkey@{length}", resume=resume, generator=g, identity=identity,
-                      replace_other=replace_other, log=log)
+                      replace_other=replace_other, pos_lr_mult=pos_lr_mult, log=log)
     if resume is not None:  # the fine-tuned model is the caller's, in memory: the progress is of no further use
         shutil.rmtree(resume, ignore_errors=True)
     return losses

@@ -153,6 +153,8 @@ class RetrofitConfig:
     finetune_steps: int = 0  # language-model fine-tune at `to` after each method (0: none)
     finetune_batch: int = 4  # sequences per fine-tune step
     finetune_lr: float = 3e-4  # peak fine-tune learning rate
+    # the positional parameters' multiple of a fine-tune's learning rate (None: the checkpoint's training value)
+    pos_lr_mult: float | None = None
     eval_lens: tuple[int, ...] | None = None  # default: L, 2L, 4L … up to `to`
     eval_tokens: int = 8192  # validation tokens scored at each length
     compare: bool = False  # the decision table: passkey accuracy and attention cost too
@@ -173,6 +175,8 @@ class RetrofitConfig:
         for name in ("finetune_steps", "passkey_steps"):
             check_count(name, getattr(self, name), minimum=0)
         check_rate("finetune_lr", self.finetune_lr)
+        if self.pos_lr_mult is not None:
+            check_rate("pos_lr_mult", self.pos_lr_mult)
         for n in self.eval_lens or ():
             check_count("eval_lens", n)
 
@@ -189,6 +193,7 @@ class RetrofitResult:
     config: RetrofitConfig
     corpus: dict[str, Any]
     trained_corpus: dict[str, Any] | None = None  # the text the checkpoint records it was trained on
+    pos_lr_mult: float = 1.0  # the positional parameters' multiple of the fine-tunes' learning rates
     rows: list[dict[str, Any]] = field(default_factory=list)
     bucket_remap: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
     # length past L → one Paired per row: its perplexity against the best row's (compare_rows)
@@ -199,7 +204,7 @@ class RetrofitResult:
                 "eval_lens": self.eval_lens, "rows": self.rows, "bucket_remap": self.bucket_remap,
                 "paired": {n: [p._asdict() for p in ps] for n, ps in self.paired.items()},
                 "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
-                "corpus": self.corpus, "trained_corpus": self.trained_corpus}
+                "corpus": self.corpus, "trained_corpus": self.trained_corpus, "pos_lr_mult": self.pos_lr_mult}
 
 
 def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corpus: Corpus, progress: bool = False,
@@ -221,7 +226,9 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
     out = store.check_out_dir(out)
     result = RetrofitResult(str(path), train_len, cfg.to, lens, cfg, corpus.fingerprint, meta.get("corpus"))
     with store.FolderLock(out), fixed_threads(cfg.threads):
-        run = _Run(cfg, out, source_key(path, cfg, corpus), corpus, train_len, lens, progress, log)
+        result.pos_lr_mult = cfg.pos_lr_mult or ckpt.pos_lr_mult(meta)
+        run = _Run(cfg, out, source_key(path, cfg, corpus), corpus, train_len, lens, progress, log,
+                   result.pos_lr_mult)
         result.rows.append(run.measure(base, base, "original", "before", 0))
         for k, m in enumerate(cfg.methods, 1):
             plan = "no fine-tune" + (f", then a {cfg.finetune_steps}-step fine-tune at {cfg.to}" if cfg.finetune_steps else "")
@@ -263,8 +270,8 @@ class _Run:
     """The measurements of one retrofit run, cached in ``out/cache-<key>.json`` as they are made."""
 
     def __init__(self, cfg: RetrofitConfig, out: Path, key: str, corpus: Corpus, train_len: int, lens: list[int],
-                 progress: bool, log: Log) -> None:
-        self.cfg, self.out, self.key, self.corpus = cfg, out, key, corpus
+                 progress: bool, log: Log, pos_lr_mult: float) -> None:
+        self.cfg, self.out, self.key, self.corpus, self.pos_lr_mult = cfg, out, key, corpus, pos_lr_mult
         self.train_len, self.lens, self.progress, self.log = train_len, lens, progress, log
         self.file = out / f"cache-{key}.json"
         self.cache: dict[str, Any] = store.read_json(self.file) if self.file.exists() else {}
@@ -313,7 +320,7 @@ class _Run:
             work = self.out / "models" / f"passkey-{store.folder_name(label)}-{self.key}"
             passkey.train_passkey(copy, length=self.train_len, steps=cfg.passkey_steps, seed=cfg.seed,
                                   device=cfg.device, progress=self.progress, resume=work, replace_other=True,
-                                  log=self.log)  # its progress folder goes once it is done
+                                  pos_lr_mult=self.pos_lr_mult, log=self.log)  # its progress folder goes once it is done
             grid = passkey.accuracy_grid(copy, [self.train_len, cfg.to], passkey.default_depths(PASSKEY_DEPTHS),
                                          samples=cfg.passkey_samples, device=cfg.device)
             self.cache[key] = {str(n): passkey.mean_accuracy(grid, n) for n in grid}
@@ -333,7 +340,7 @@ class _Run:
                                               seed=cfg.seed + 1),
                  lambda mod, b: mod.loss(b[0].long().to(cfg.device), b[1].long().to(cfg.device)),
                  steps=cfg.finetune_steps, lr=cfg.finetune_lr, progress=self.progress, desc=f"fine-tune {method}",
-                 resume=mdir / "last", replace_other=True,
+                 resume=mdir / "last", replace_other=True, pos_lr_mult=self.pos_lr_mult,
                  log=self.log)  # the finished model replaces the folder, progress and all
         ckpt.save_checkpoint(mdir, tuned, extra={"train": {**meta.get("train", {})}, "retrofit": {
             "method": method, "to": cfg.to, "finetune_steps": cfg.finetune_steps, "source": str(path)}})

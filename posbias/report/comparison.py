@@ -150,12 +150,16 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
     if rotary:
         said.append("Rotary pairs that meet angles past L never seen in training: " + ", ".join(
             f"{r['rotary_unseen'][0]} of {r['rotary_unseen'][1]} in {r['model']}" for r in rotary) + ".")
-    tested = [r for r in rows if r["passkey"]]
+    tested = [r for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] > 0]
+    untaught = [r["model"] for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] == 0]
+    if untaught:
+        said.append(f"The passkey fine-tune taught the task at L to none of the samples of {', '.join(untaught)}: "
+                    "their passkey columns say nothing about retrieval past L.")
     if tested:
         best = max(r["passkey"][_longest(r)][0] for r in tested)
         tied = [r["model"] for r in tested if r["passkey"][_longest(r)][2] >= best]
-        said.append(f"Passkey retrieval at the window's length: best {best:.2f}; models whose interval reaches it: "
-                    f"{', '.join(tied)}.")
+        said.append(f"Passkey retrieval at the window's length, among the models that learned the task at L: best "
+                    f"{best:.2f}; models whose interval reaches it: {', '.join(tied)}.")
     return said
 
 

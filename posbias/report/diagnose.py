@@ -245,11 +245,16 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
         return []
     depths = list(next(iter(r.passkey.values())))
     rows = [[n, *(f"{row[d]:.2f}" for d in depths), f"{sum(row.values()) / len(row):.2f}"] for n, row in r.passkey.items()]
+    at_l = r.passkey.get(str(r.train_len), {})
+    untaught = ([f"No sample was solved at L = {r.train_len}: the fine-tune did not teach this model the task within "
+                 "its training length, so the rows past L say nothing about retrieval there.", ""]
+                if at_l and not any(at_l.values()) else [])
     return (["## Passkey retrieval", "",
-             f"A copy fine-tuned for {r.passkey_steps} steps on passkey samples of {r.train_len} bytes; accuracy over "
+             f"A copy fine-tuned for {r.passkey_steps} steps on passkey samples of {r.train_len} bytes (positional "
+             f"parameters at {r.passkey_lr_mult:g}× the learning rate, as in training); accuracy over "
              f"{r.passkey_samples} samples per cell (depth 0 = key at the start of the window):", ""]
             + md_table(["length", *(f"depth {d}" for d in depths), "mean"], rows)
-            + ["", "![passkey](passkey.png)", ""])
+            + [""] + untaught + ["![passkey](passkey.png)", ""])
 
 
 def plots(r: DiagnoseResult, out: Path) -> list[Path]:

@@ -50,8 +50,12 @@ def _paired_section(result: RetrofitResult) -> list[str]:
 def markdown(result: RetrofitResult) -> str:
     lens, L, to, rows = result.eval_lens, result.train_len, result.to, result.rows
     ref = rows[0]["ppl"].get(L, math.nan)
+    tuned = result.config.finetune_steps or (result.config.compare and result.config.passkey_steps)
     lines = [f"Retrofit of `{result.checkpoint}` (trained at L = {L}) to {to} tokens. "
-             f"{corpus_line(result.corpus, result.trained_corpus)}", ""] + md_table(
+             f"{corpus_line(result.corpus, result.trained_corpus)}"
+             + (f" Fine-tunes train the positional parameters at {result.pos_lr_mult:g}× their learning rate"
+                f"{' (as the checkpoint was trained)' if result.config.pos_lr_mult is None else ''}." if tuned else ""),
+             ""] + md_table(
         ["method", "stage", *(f"ppl @ {n}" for n in lens), f"ppl@{to} / ppl@{L} (before)"],
         [[r["method"], r["stage"], *(f"{r['ppl'][n]:.3f}" for n in lens), f"{r['ppl'][to] / ref:.2f}"] for r in rows])
     lines += _paired_section(result)
@@ -65,6 +69,11 @@ def markdown(result: RetrofitResult) -> str:
             [[r["method"], r["stage"], f"{r['ppl'][L]:.3f}", *(f"{r['ppl'][n]:.3f}" for n in far),
               _passkey_cell(r, L), _passkey_cell(r, to), f"{r['extra_params']:+d}",
               f"{r['attention_cost']:.2f}×"] for r in rows if r.get("passkey")])
+        untaught = [f"{r['method']} ({r['stage']})" for r in rows if r.get("passkey") and r["passkey"][L] == 0]
+        if untaught:
+            lines += ["", f"No passkey sample was solved at L = {L} by: {', '.join(untaught)}. The passkey fine-tune "
+                      "did not teach those models the task within their training length, so their passkey @ "
+                      f"{to} says nothing about retrieval at {to}."]
     for m, remap in result.bucket_remap.items():
         lines += ["", f"`{m}`: the learned table is kept, so distances land in other buckets:", ""]
         lines += md_table(["distance", "bucket before", "bucket after"], remap)
