@@ -42,7 +42,6 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
     replaces it, for folders the caller owns) and written when ``save_every_s`` seconds have passed
     since the start or the last save. ``generator``: the one ``batch_fn`` draws from, if it draws; its
     state travels with the progress. The caller saves the result; the folder is then of no further use.
-
     ``pos_lr_mult``: the positional parameters' multiple of ``lr``; give a checkpoint's own
     (:func:`posbias.checkpoint.pos_lr_mult`), or a learned bias barely moves in a short fine-tune."""
     if not isinstance(steps, int) or steps < 0:
