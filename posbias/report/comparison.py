@@ -153,8 +153,8 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
     tested = [r for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] > 0]
     untaught = [r["model"] for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] == 0]
     if untaught:
-        said.append(f"The passkey fine-tune taught the task at L to none of the samples of {', '.join(untaught)}: "
-                    "their passkey columns say nothing about retrieval past L.")
+        said.append(f"The passkey fine-tune did not teach the task at L to {', '.join(untaught)} (no sample solved "
+                    "there): their passkey columns say nothing about retrieval past L.")
     if tested:
         best = max(r["passkey"][_longest(r)][0] for r in tested)
         tied = [r["model"] for r in tested if r["passkey"][_longest(r)][2] >= best]
