@@ -154,7 +154,7 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
     untaught = [r["model"] for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] == 0]
     if untaught:
         said.append(f"The passkey fine-tune did not teach the task at L to {', '.join(untaught)} (no sample solved "
-                    "there): their passkey columns say nothing about retrieval past L.")
+                    "there): their passkey columns say nothing about retrieval past L; raise --passkey-steps.")
     if tested:
         best = max(r["passkey"][_longest(r)][0] for r in tested)
         tied = [r["model"] for r in tested if r["passkey"][_longest(r)][2] >= best]

@@ -247,7 +247,8 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
     rows = [[n, *(f"{row[d]:.2f}" for d in depths), f"{sum(row.values()) / len(row):.2f}"] for n, row in r.passkey.items()]
     at_l = r.passkey.get(str(r.train_len), {})
     untaught = ([f"No sample was solved at L = {r.train_len}: the fine-tune did not teach this model the task within "
-                 "its training length, so the rows past L say nothing about retrieval there.", ""]
+                 "its training length, so the rows past L say nothing about retrieval there. Raise --passkey-steps "
+                 f"(beyond {r.passkey_steps}).", ""]
                 if at_l and not any(at_l.values()) else [])
     return (["## Passkey retrieval", "",
              f"A copy fine-tuned for {r.passkey_steps} steps on passkey samples of {r.train_len} bytes (positional "
