@@ -358,8 +358,20 @@ def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
     assert md.count("\n| fire-seed0 |") == 1 and "| t5-seed0 |" in md and (out / "comparison.png").exists()
     assert "The bias moves with the query position past L in fire-seed0" in md
     assert "not** (or not recorded as) the text these were trained on: fire-seed0, t5-seed0" in md
+    untaught = [r["model"] for r in rows if r["passkey"][str(L)][0] == 0]
+    assert ("did not teach the task at L to " + ", ".join(untaught) in md) == bool(untaught)
     assert comparison.verdict((0.1, 0.05, 0.2)) == "hurts" and comparison.verdict((-0.1, -0.2, -0.01)) == "helps"
     assert comparison.verdict((0.0, -0.1, 0.1)) == "≈ 0" and comparison.verdict((0.1, None, None)) == "no interval"
+    made = {**rows[0], "context": (0.1, 0.05, 0.2), "distant_keys": None, "keys_beyond_L": None,
+            "attention_beyond_L": None, "bias_drift": None, "rotary_unseen": None}
+    said = comparison.sentences([{**made, "model": "a", "passkey": {L: (0.0, 0.0, 0.1), 8 * L: (0.0, 0.0, 0.1)}},
+                                 {**made, "model": "b", "passkey": {L: (0.9, 0.8, 0.95), 8 * L: (0.5, 0.4, 0.6)}},
+                                 {**made, "model": "c", "passkey": {L: (0.9, 0.8, 0.95), 8 * L: (0.3, 0.2, 0.5)}}])
+    assert said == ["The context past L: hurt in a, b, c.",
+                    "The passkey fine-tune did not teach the task at L to a (no sample solved there): their passkey "
+                    "columns say nothing about retrieval past L; raise --passkey-steps.",
+                    "Passkey retrieval at the window's length, among the models that learned the task at L: best "
+                    "0.50; models whose interval reaches it: b, c."]
 
 
 def test_rotary_angles_mark_the_pairs_that_meet_angles_training_never_gave():
@@ -640,7 +652,11 @@ def test_finetunes_train_positional_parameters_at_the_checkpoints_multiplier(tmp
                          passkey_steps=2, passkey_samples=1)
     res = run_retrofit(path, cfg, tmp_path / "r", corpus=corpus)
     assert seen == [50.0, 50.0, 50.0] and res.pos_lr_mult == 50.0  # the original's passkey, the swap, its passkey
-    assert "positional parameters at 50× their learning rate (as the checkpoint was trained)" in retrofit_report.markdown(res)
+    md = retrofit_report.markdown(res)
+    assert "positional parameters at 50× their learning rate (as the checkpoint was trained)" in md
+    untaught = [r for r in res.rows if r.get("passkey") and r["passkey"][L] == 0]
+    assert ("No passkey sample was solved at L" in md) == bool(untaught)
+    assert all(f"{r['method']} ({r['stage']})" in md for r in untaught)
     seen.clear()
     run_retrofit(path, dataclasses.replace(cfg, pos_lr_mult=2.0), tmp_path / "r2", corpus=corpus)
     assert seen == [2.0, 2.0, 2.0]
