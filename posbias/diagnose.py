@@ -361,6 +361,7 @@ class DiagnoseResult:
     window_split: list[tuple[str, float, float | None, float | None]] = field(default_factory=list)
     corpus: dict[str, Any] = field(default_factory=dict)  # the fingerprint of the text measured on
     trained_corpus: dict[str, Any] | None = None  # the one the checkpoint records it was trained on
+    retrofit: dict[str, Any] | None = None  # a retrofitted checkpoint's method, target length and fine-tune steps
 
     def to_json(self) -> dict[str, Any]:
         skip = {"scheme"}
@@ -458,7 +459,7 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
         long_loss.tolist(), short_loss.tolist(),
         [(f"{a}–{b - 1}", float(long_loss[a:b].mean()), float(short_loss[a:b].mean()),
           *delta_interval(long_w[:, a:b] - short_w[:, a:b])) for a, b in _ranges(length, train_len)], ad)
-    result.corpus, result.trained_corpus = corpus.fingerprint, meta.get("corpus")
+    result.corpus, result.trained_corpus, result.retrofit = corpus.fingerprint, meta.get("corpus"), meta.get("retrofit")
     result.loss_delta_interval = delta_interval(long_w - short_w)
     result.context_split = context_split(long_w, short_w, train_len)
     if "window" in got:

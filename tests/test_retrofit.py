@@ -657,6 +657,11 @@ def test_finetunes_train_positional_parameters_at_the_checkpoints_multiplier(tmp
     untaught = [r for r in res.rows if r.get("passkey") and r["passkey"][L] == 0]
     assert ("No passkey sample was solved at L" in md) == bool(untaught)
     assert all(f"{r['method']} ({r['stage']})" in md for r in untaught)
+    (name, tuned), = ckpt.discover(tmp_path / "r")  # the swap's fine-tuned model; its diagnosis says what it saw
+    assert name.startswith("swap-t5-ft2-")
+    rep = run_diagnose(tuned, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=0), corpus=corpus)
+    assert rep.retrofit["to"] == 2 * L and "This checkpoint is a retrofit (swap-t5) fine-tuned for 2 steps at " \
+        f"{2 * L} tokens" in diagnose_report.markdown(rep)
     seen.clear()
     run_retrofit(path, dataclasses.replace(cfg, pos_lr_mult=2.0), tmp_path / "r2", corpus=corpus)
     assert seen == [2.0, 2.0, 2.0]

@@ -36,6 +36,7 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
     got: dict[str, Any] = {
         "model": name, "checkpoint": r.checkpoint, "scheme": r.scheme_name, "options": r.options,
         "train_len": r.train_len, "length": r.length, "windows": r.loss_windows,
+        "finetuned_at": (r.retrofit or {}).get("to") if (r.retrofit or {}).get("finetune_steps") else None,
         "ppl_below_L": math.exp(float(losses[:r.train_len].mean())),
         "ppl_last_half": math.exp(float(losses[r.length // 2:].mean())),
         "context": (full - cut, *r.loss_delta_interval),
@@ -92,7 +93,7 @@ def markdown(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
         ["model", "L → window", "ppl, positions < L", "ppl, last half of the window", "context past L, Δ", "distant keys, Δ",
          "keys beyond L, Δ", "attention ≥ L, last quarter (mean / largest head)", "bias drift, nats",
          "passkey @ L", "passkey @ window"],
-        [[r["model"], f"{r['train_len']} → {r['length']}", f"{r['ppl_below_L']:.3f}", f"{r['ppl_last_half']:.3f}",
+        [[r["model"], _lengths(r),
           _delta(r["context"]), _delta(r["distant_keys"]), _delta(r["keys_beyond_L"]),
           "—" if r["attention_beyond_L"] is None else "{:.4f} / {:.4f}".format(*r["attention_beyond_L"]),
           "—" if r["bias_drift"] is None else f"{r['bias_drift']:.2f}",
@@ -112,6 +113,12 @@ def _corpus(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
     if not other:
         return line + ", the text every model was trained on."
     return line + f"; **not** (or not recorded as) the text these were trained on: {', '.join(other)}."
+
+
+def _lengths(r: dict[str, Any]) -> str:
+    """``L → window``, with a retrofit's fine-tuning length."""
+    tuned = "" if r["finetuned_at"] is None else f" (fine-tuned at {r['finetuned_at']})"
+    return f"{r['train_len']}{tuned} → {r['length']}"
 
 
 def _longest(r: dict[str, Any]) -> int:
@@ -138,7 +145,7 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
     if len(seen) > 1:
         most = max(seen, key=lambda r: r["attention_beyond_L"][0])
         least = min(seen, key=lambda r: r["attention_beyond_L"][0])
-        said.append(f"Attention on distances never seen in training (≥ L, last quarter of the window) is largest in "
+        said.append(f"Attention on distances ≥ L (never seen in the training at L; last quarter of the window) is largest in "
                     f"{most['model']} ({most['attention_beyond_L'][0]:.4f}) and smallest in {least['model']} "
                     f"({least['attention_beyond_L'][0]:.4f}).")
     moving = [r for r in rows if r["bias_drift"] is not None and r["bias_drift"] >= 1e-4]
@@ -148,7 +155,7 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
             "i − j alone, or there is none.")
     rotary = [r for r in rows if r["rotary_unseen"] is not None]
     if rotary:
-        said.append("Rotary pairs that meet angles past L never seen in training: " + ", ".join(
+        said.append("Rotary pairs that meet angles past L never seen in the training at L: " + ", ".join(
             f"{r['rotary_unseen'][0]} of {r['rotary_unseen'][1]} in {r['model']}" for r in rotary) + ".")
     tested = [r for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] > 0]
     untaught = [r["model"] for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] == 0]

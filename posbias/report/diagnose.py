@@ -61,10 +61,20 @@ def markdown(r: DiagnoseResult) -> str:
     lines = [f"# Diagnosis of `{r.checkpoint}`", "",
              f"Scheme **{r.scheme_name}** {r.options or ''}, trained at L = {r.train_len} tokens; "
              f"examined at {r.length} tokens ({r.length / r.train_len:g} L). "
-             f"{corpus_line(r.corpus, r.trained_corpus) if r.corpus else ''}", ""]
+             f"{corpus_line(r.corpus, r.trained_corpus) if r.corpus else ''}{retrofit_line(r)}", ""]
     lines += _loss_section(r) + _distance_section(r) + _final_entry_section(r) + _reach_section(r)
     lines += _rotary_section(r) + _passkey_section(r)
     return "\n".join(lines)
+
+
+def retrofit_line(r: DiagnoseResult) -> str:
+    """For a retrofitted checkpoint: which distances its fine-tune saw (L stays the original training's)."""
+    rf = r.retrofit
+    if not rf or not rf.get("finetune_steps"):
+        return ""
+    return (f" This checkpoint is a retrofit ({rf.get('method')}) fine-tuned for {rf['finetune_steps']} steps at "
+            f"{rf.get('to')} tokens: that fine-tune saw distances up to {rf.get('to', 1) - 1}, so below, 'never "
+            f"seen in training' means in the original training at L = {r.train_len}.")
 
 
 def _delta_cell(delta: float, lo: float | None, hi: float | None) -> str:
