@@ -61,31 +61,37 @@ def attention_distance(model: TransformerLM, idx: Tensor, quantiles: tuple[float
     ``beyond`` (the training length, say), ``"beyond"``: the attention mass on keys at distance
     ``≥ beyond`` — 0 for queries before ``beyond``, and past it the share of attention that goes to
     distances the model never saw in training. Growing with the query position, it is attention
-    dilution measured on the model itself rather than inferred from the bias.
-    """
+    dilution measured on the model itself rather than inferred from the bias. The rows of ``idx`` go
+    through the model one at a time: a layer's probabilities are ``[heads, N, N]`` (1 GiB at N = 8192
+    with 4 heads), not that times the batch."""
     model.eval()
     n = idx.shape[1]
     pos = torch.arange(n, device=idx.device)
     dist = (pos[:, None] - pos[None, :]).clamp(min=0).float()
     offset = (n - 1 - pos).view(1, 1, n)
-    out: dict[str, list[Tensor]] = {"mean": [], **{f"q{int(q * 100)}": [] for q in quantiles}}
+    names = ["mean", *(f"q{int(q * 100)}" for q in quantiles)]
     far = None
     if beyond is not None:
         check_count("beyond", beyond)
         far = (dist >= beyond).float()
-        out["beyond"] = []
+        names.append("beyond")
+    sums: dict[str, dict[int, Tensor]] = {k: {} for k in names}
 
-    def record(layer: int, p: Tensor) -> None:  # p: [B, H, N, N]
-        out["mean"].append((p * dist).sum(-1).mean(0))
+    def add(key: str, layer: int, value: Tensor) -> None:  # value: [1, H, N], summed over the rows
+        sums[key][layer] = value[0] + sums[key].get(layer, 0)
+
+    def record(layer: int, p: Tensor) -> None:  # p: [1, H, N, N]
+        add("mean", layer, (p * dist).sum(-1))
         if far is not None:
-            out["beyond"].append((p * far).sum(-1).mean(0))
+            add("beyond", layer, (p * far).sum(-1))
         cum = p.flip(-1).cumsum(-1)  # index t ↔ key N−1−t, distance t − (N−1−i)
         for qn in quantiles:
-            first = (cum >= qn).float().argmax(-1)  # [B, H, N]
-            out[f"q{int(qn * 100)}"].append((first - offset).clamp(min=0).float().mean(0))
+            first = (cum >= qn).float().argmax(-1)  # [1, H, N]
+            add(f"q{int(qn * 100)}", layer, (first - offset).clamp(min=0).float())
 
-    model(idx, on_attention=record)
-    return {k: torch.stack(v) for k, v in out.items()}
+    for row in idx:
+        model(row[None], on_attention=record)
+    return {k: torch.stack([v[layer] for layer in sorted(v)]) / idx.shape[0] for k, v in sums.items()}
 
 
 @torch.no_grad()

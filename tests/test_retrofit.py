@@ -432,6 +432,10 @@ def test_attention_distance_matches_a_hand_computation():
     assert far[:, :, :5].abs().max() == 0 and (far <= 1 + 1e-6).all()
     with pytest.raises(ValueError, match="beyond"):
         attention_distance(model, idx, beyond=0)
+    two = torch.cat([idx, torch.randint(0, 256, (1, 12))])  # rows one at a time: the mean of each alone
+    both, alone = attention_distance(model, two, beyond=5), [attention_distance(model, r[None], beyond=5) for r in two]
+    for key, value in both.items():
+        torch.testing.assert_close(value, (alone[0][key] + alone[1][key]) / 2)
 
 
 def test_context_split_separates_restored_local_context_from_far_context():
