@@ -421,7 +421,8 @@ def _add_checkpoint_job_arguments(p: argparse.ArgumentParser, kind: str, func: C
     p.add_argument("--data", help="a local text file or folder instead of the embedded default (measure on the "
                    "text the checkpoint was trained on: the report says whether it is)")
     p.add_argument("--hf-dataset", help="NAME[:CONFIG] of a Hugging Face dataset (needs posbias[datasets])")
-    p.add_argument("--out", help=f"default: runs/{kind}-<checkpoint name>")
+    p.add_argument("--out", help=f"default: runs/{kind}-<model folder's name>"
+                   + (", or with several models runs/diagnose-<the first PATH's name>" if kind == "diagnose" else ""))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=func)
 
