@@ -387,6 +387,7 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
         last = sum(_size(d) for d in models.glob("*/last"))
         say(f"  {'models/':<30} {_mib(_size(models))}" + (f", of which {_mib(last)} is last/ checkpoints "
                                                             "(optimizer state; --no-keep-last prunes them)" if last else ""))
+        say(f"Why each model does (not) generalise, side by side: posbias diagnose {out}")
 
 
 # -- retrofit ---------------------------------------------------------------------------------

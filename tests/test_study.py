@@ -203,6 +203,7 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     announced = capsys.readouterr().out
     assert "2 scheme(s) x 1 seed(s) = 2 models of 3 steps" in announced and "about 40 s per model" in announced
     assert "at most about" in announced  # the ETA after the first trained model
+    assert f"side by side: posbias diagnose {tmp_path / 'run'}" in announced  # the next step, with its folder
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     recs = res["records"]
     assert {(r["scheme"], r["eval_len"]) for r in recs} == {(s, n) for s in ("alibi", "rope") for n in (16, 32, 64)}
@@ -220,6 +221,7 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     assert "What the distant keys do: the same Δ without the first 2 of those 16 tokens" in md
     # the footer's diagnose command points at checkpoints that are there
     assert "`posbias diagnose models/<scheme>-seed<k>-<key>/final --length 64`" in md
+    assert "`posbias diagnose <this folder> --length 64` does it for every model here" in md
     assert len(list((tmp_path / "run" / "models").glob("alibi-seed0-*/final"))) == 1
     assert all(len(r["segment_loss"]) == 8 for r in recs)
     assert set(res["paired"]) == {"16", "32", "64"} and set(res["paired_ratio"]) == {"alibi", "rope"}
