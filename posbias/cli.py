@@ -440,11 +440,11 @@ def _prepare_checkpoint_job(args: argparse.Namespace, kind: str) -> Path:
 def _corpus_note(corpus: Any, checkpoint: str | Path) -> None:
     """A line when ``corpus`` is not the text the checkpoint records it was trained on."""
     from . import checkpoint as ckpt
-    from .report import corpus_line
+    from .report import corpus_line, same_text
 
     trained = ckpt.read_meta(checkpoint).get("corpus")
-    if trained is not None and trained.get("sha256") != corpus.fingerprint.get("sha256"):
-        say(corpus_line(corpus.fingerprint, trained).replace("**", ""))
+    if trained is not None and not same_text(corpus.fingerprint, trained):
+        say(corpus_line(corpus.fingerprint, trained, markdown=False))
 
 
 def cmd_retrofit(args: argparse.Namespace) -> None:
@@ -496,12 +496,13 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     _add_checkpoint_job_arguments(p, "diagnose", cmd_diagnose)
 
 
-def _diagnose_targets(paths: list[str]) -> list[tuple[str, Path]]:
-    """``(name, checkpoint)`` for every model the paths name (:func:`posbias.checkpoint.discover`), each
-    once, names made unique; CLIError for a path that names none."""
+def _diagnose_targets(paths: list[str]) -> list[tuple[str, str, Path]]:
+    """``(label, folder name, checkpoint)`` for every model the paths name
+    (:func:`posbias.checkpoint.discover`), each once; labels are the folder names without a study's or
+    retrofit's key, made unique. CLIError for a path that names none."""
     from . import checkpoint as ckpt
 
-    found: dict[Path, str] = {}
+    found: dict[Path, tuple[str, str]] = {}
     for path in paths:
         got = ckpt.discover(path)
         if not got:
@@ -510,16 +511,15 @@ def _diagnose_targets(paths: list[str]) -> list[tuple[str, Path]]:
         for name, where in got:
             if where.resolve() in found:
                 continue
-            name = re.sub(r"-[0-9a-f]{10}$", "", name)  # a study's or retrofit's key: the folder says it
-            unique, k = name, 2
-            while unique in found.values():
-                unique, k = f"{name}-{k}", k + 1
-            found[where.resolve()] = unique
-    return [(name, where) for where, name in found.items()]
+            label = re.sub(r"-[0-9a-f]{10}$", "", name)  # a study's or retrofit's key: the folder says it
+            unique, k = label, 2
+            while unique in {taken for taken, _ in found.values()}:
+                unique, k = f"{label}-{k}", k + 1
+            found[where.resolve()] = unique, name
+    return [(label, name, where) for where, (label, name) in found.items()]
 
 
 def cmd_diagnose(args: argparse.Namespace) -> None:
-    from . import checkpoint as ckpt
     from .data import load_corpus
     from .diagnose import DiagnoseConfig, run_diagnose
     from .report import comparison
@@ -528,7 +528,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     check_device(args.device)
     targets = _diagnose_targets(args.checkpoints)
     single = len(targets) == 1
-    named = ckpt.discover(args.checkpoints[0])[0][0] if single else Path(args.checkpoints[0]).resolve().name
+    named = targets[0][1] if single else Path(args.checkpoints[0]).resolve().name
     out = Path(args.out or f"runs/diagnose-{named}")  # one model: its folder's full name, key included
     cfg = DiagnoseConfig(length=args.length, windows=args.windows, eval_tokens=args.eval_tokens,
                          passkey_steps=args.passkey_steps, passkey_samples=args.passkey_samples, device=args.device,
@@ -537,7 +537,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     done = []
     with store.FolderLock(out):
-        for k, (name, path) in enumerate(targets, 1):
+        for k, (name, _, path) in enumerate(targets, 1):
             where = out if single else out / name
             if not single:
                 say(f"[{k}/{len(targets)}] {name} ({path})")

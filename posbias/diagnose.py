@@ -69,29 +69,26 @@ def attention_distance(model: TransformerLM, idx: Tensor, quantiles: tuple[float
     pos = torch.arange(n, device=idx.device)
     dist = (pos[:, None] - pos[None, :]).clamp(min=0).float()
     offset = (n - 1 - pos).view(1, 1, n)
-    names = ["mean", *(f"q{int(q * 100)}" for q in quantiles)]
+    out: dict[str, list[Tensor]] = {"mean": [], **{f"q{int(q * 100)}": [] for q in quantiles}}
     far = None
     if beyond is not None:
         check_count("beyond", beyond)
         far = (dist >= beyond).float()
-        names.append("beyond")
-    sums: dict[str, dict[int, Tensor]] = {k: {} for k in names}
+        out["beyond"] = []
 
-    def add(key: str, layer: int, value: Tensor) -> None:  # value: [1, H, N], summed over the rows
-        sums[key][layer] = value[0] + sums[key].get(layer, 0)
-
-    def record(layer: int, p: Tensor) -> None:  # p: [1, H, N, N]
-        add("mean", layer, (p * dist).sum(-1))
+    def record(layer: int, p: Tensor) -> None:  # p: [1, H, N, N], one window; layers come in order
+        out["mean"].append((p * dist).sum(-1)[0])
         if far is not None:
-            add("beyond", layer, (p * far).sum(-1))
+            out["beyond"].append((p * far).sum(-1)[0])
         cum = p.flip(-1).cumsum(-1)  # index t ↔ key N−1−t, distance t − (N−1−i)
         for qn in quantiles:
             first = (cum >= qn).float().argmax(-1)  # [1, H, N]
-            add(f"q{int(qn * 100)}", layer, (first - offset).clamp(min=0).float())
+            out[f"q{int(qn * 100)}"].append((first - offset).clamp(min=0).float()[0])
 
     for row in idx:
         model(row[None], on_attention=record)
-    return {k: torch.stack([v[layer] for layer in sorted(v)]) / idx.shape[0] for k, v in sums.items()}
+    # [windows · layers, H, N] → the mean over the windows, [layers, H, N]
+    return {k: torch.stack(v).view(idx.shape[0], -1, *v[0].shape).mean(0) for k, v in out.items()}
 
 
 @torch.no_grad()
@@ -499,24 +496,24 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_len: 
              log: Log, cache: _Cache, mdir: Path | None) -> dict[str, dict[str, float]]:
     """The passkey grid over L, 2L, … ≤ ``length`` and five depths, each cell from ``cache`` where a
     run made it; the copy fine-tuned on the task is made (and kept in ``mdir``) only for missing cells."""
-    from tqdm.auto import tqdm
-
     lens, n = [], train_len
     while n <= length:
         lens.append(n)
         n *= 2
     depths = passkey.default_depths(5)
     names = {(n, d): f"passkey:{n}:{d}:{cfg.passkey_steps}:{cfg.passkey_samples}" for n in lens for d in depths}
-    todo = [cell for cell, name in names.items() if name not in cache.data]
-    if todo:
+    known = {cell: cache.data[name] for cell, name in names.items() if name in cache.data}
+    if len(known) < len(names):
         copy = _passkey_copy(model, cfg, mult, train_len, progress, log, mdir)
-        log(f"passkey grid: {len(todo)} of {len(names)} cells ({len(lens)} lengths × {len(depths)} depths), "
-            f"{cfg.passkey_samples} samples each …")
-        for n, d in tqdm(todo, desc="passkey grid", disable=not progress, leave=False):
-            cache.put(names[n, d], passkey.accuracy(copy, n, d, samples=cfg.passkey_samples, device=cfg.device))
+        log(f"passkey grid: {len(names) - len(known)} of {len(names)} cells ({len(lens)} lengths × {len(depths)} "
+            f"depths), {cfg.passkey_samples} samples each …")
+        grid = passkey.accuracy_grid(copy, lens, depths, progress=progress, known=known,
+                                     on_cell=lambda n, d, a: cache.put(names[n, d], a),
+                                     samples=cfg.passkey_samples, device=cfg.device)
     else:
         log(f"passkey grid: reusing {cache.name}")
-    return {str(n): {str(d): cache.data[names[n, d]] for d in depths} for n in lens}
+        grid = {n: {d: known[n, d] for d in depths} for n in lens}
+    return {str(n): {str(d): a for d, a in row.items()} for n, row in grid.items()}
 
 
 def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_len: int, progress: bool, log: Log,

@@ -94,17 +94,26 @@ def accuracy(model, length: int, depth: float, *, samples: int = 32, digits: int
 
 
 def accuracy_grid(model, lengths: Iterable[int], depths: Iterable[float], *, progress: bool = False,
-                  **kwargs) -> dict[int, dict[float, float]]:
-    """Accuracy for every (length, depth) cell; ``progress`` shows a bar over the cells."""
+                  known: dict[tuple[int, float], float] | None = None,
+                  on_cell: Callable[[int, float, float], None] | None = None, **kwargs) -> dict[int, dict[float, float]]:
+    """Accuracy for every (length, depth) cell; ``progress`` shows a bar over the cells measured.
+    ``known``: cells measured before (taken as they are); ``on_cell(length, depth, accuracy)`` is
+    called as each new cell is measured (to keep it)."""
     from tqdm.auto import tqdm
 
-    lengths, depths = list(lengths), list(depths)
+    lengths, depths, known = list(lengths), list(depths), known or {}
     grid: dict[int, dict[float, float]] = {n: {} for n in lengths}
-    with tqdm(total=len(lengths) * len(depths), desc="passkey grid", disable=not progress, leave=False) as bar:
+    todo = [(n, d) for n in lengths for d in depths if (n, d) not in known]
+    with tqdm(total=len(todo), desc="passkey grid", disable=not progress, leave=False) as bar:
         for n in lengths:
             for d in depths:
+                if (n, d) in known:
+                    grid[n][d] = known[n, d]
+                    continue
                 bar.set_postfix(length=n, depth=d)
                 grid[n][d] = accuracy(model, n, d, **kwargs)
+                if on_cell is not None:
+                    on_cell(n, d, grid[n][d])
                 bar.update(1)
     return grid
 

@@ -42,13 +42,20 @@ def corpus_name(fp: dict[str, Any]) -> str:
     return f"{fp.get('name', '?')} (sha256 {fp.get('sha256', '?')})"
 
 
-def corpus_line(measured: dict[str, Any], trained: dict[str, Any] | None) -> str:
+def same_text(measured: dict[str, Any], trained: dict[str, Any] | None) -> bool:
+    """Whether a job measured on the text a checkpoint records it was trained on (corpus fingerprints)."""
+    return trained is not None and trained.get("sha256") == measured.get("sha256")
+
+
+def corpus_line(measured: dict[str, Any], trained: dict[str, Any] | None, *, markdown: bool = True) -> str:
     """A report's sentence on the text it measured on (a corpus ``fingerprint``) against the text the
-    checkpoint records it was trained on (``meta["corpus"]``; None for a checkpoint that records none)."""
+    checkpoint records it was trained on (``meta["corpus"]``; None for a checkpoint that records none);
+    ``markdown=False`` for the terminal."""
     line = f"Measured on the validation split of {corpus_name(measured)}"
     if trained is None:
         return line + "; the checkpoint does not record the text it was trained on."
-    if trained.get("sha256") == measured.get("sha256"):
+    if same_text(measured, trained):
         return line + ", the text the checkpoint was trained on."
-    return (line + f": **not** the text the checkpoint was trained on, {corpus_name(trained)} (pass that with --data or "
-            "--hf-dataset to measure on its validation split).")
+    stress = "**" if markdown else ""
+    return (line + f": {stress}not{stress} the text the checkpoint was trained on, {corpus_name(trained)} (pass that "
+            "with --data or --hf-dataset to measure on its validation split).")

@@ -20,8 +20,9 @@ import torch
 from .. import passkey, store
 from ..config import Log, quiet
 from ..diagnose import DiagnoseResult, kept_row
-from . import corpus_name, md_table
-from .diagnose import last_quarter, mean_losses, unseen_pairs
+from . import corpus_name, md_table, same_text
+from .diagnose import far_attention, mean_losses, smoothed, unseen_pairs
+from .diagnose import verdict as interval_verdict
 
 Delta = tuple[float, float | None, float | None]  # mean Δ and its 95% interval (None with one window)
 
@@ -31,8 +32,6 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
     full, cut = mean_losses(r)
     losses = torch.tensor(r.loss_by_position, dtype=torch.float64)
     kept = kept_row(r.context_split)
-    beyond = r.attention_distance.get("beyond")
-    tail = None if beyond is None else torch.tensor(beyond)[:, :, last_quarter(r.length)].mean(-1)  # [layers, heads]
     got: dict[str, Any] = {
         "model": name, "checkpoint": r.checkpoint, "scheme": r.scheme_name, "options": r.options,
         "train_len": r.train_len, "length": r.length, "windows": r.loss_windows,
@@ -42,26 +41,21 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
         "context": (full - cut, *r.loss_delta_interval),
         "distant_keys": None if kept is None else tuple(kept[2:]),
         "keys_beyond_L": tuple(r.window_split[0][1:]) if r.window_split else None,
-        "attention_beyond_L": None if tail is None else (float(tail.mean()), float(tail.max())),
+        "attention_beyond_L": far_attention(r),
         "bias_drift": None if r.bias_drift is None else max(r.bias_drift),
         "rotary_unseen": None if r.rotary is None else (len(unseen_pairs(r)), len(r.rotary["unseen"])),
         "passkey": None,
     }
     if r.passkey:
         trials = len(next(iter(r.passkey.values()))) * r.passkey_samples
-        got["passkey"] = {n: (a, *passkey.accuracy_interval(a, trials))
-                          for n, a in ((int(n), sum(cells.values()) / len(cells)) for n, cells in r.passkey.items())}
+        got["passkey"] = {int(n): (a, *passkey.accuracy_interval(a, trials))
+                          for n, a in ((n, passkey.mean_accuracy(r.passkey, n)) for n in r.passkey)}
     return got
 
 
 def verdict(delta: Delta | None) -> str:
-    """What a Δ's interval supports, in a word: hurts (above 0), helps (below 0), ≈ 0 (spans 0)."""
-    if delta is None:
-        return "—"
-    _, lo, hi = delta
-    if lo is None or hi is None:
-        return "no interval"
-    return "hurts" if lo > 0 else "helps" if hi < 0 else "≈ 0"
+    """What a Δ's interval supports, in a word (:func:`posbias.report.diagnose.verdict`); — without a Δ."""
+    return "—" if delta is None else interval_verdict(*delta[1:])
 
 
 def _delta(delta: Delta | None) -> str:
@@ -107,8 +101,7 @@ def _corpus(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
     first = results[0]
     if not first.corpus:
         return ""
-    other = [row["model"] for row, r in zip(rows, results)
-             if r.trained_corpus is None or r.trained_corpus.get("sha256") != first.corpus.get("sha256")]
+    other = [row["model"] for row, r in zip(rows, results) if not same_text(first.corpus, r.trained_corpus)]
     line = f"Measured on the validation split of {corpus_name(first.corpus)}"
     if not other:
         return line + ", the text every model was trained on."
@@ -125,6 +118,10 @@ def _longest(r: dict[str, Any]) -> int:
     return max(r["passkey"]) if r["passkey"] else r["length"]
 
 
+_PLURAL = {"hurts": "hurt", "helps": "help", "≈ 0": "make no difference this evaluation can see",
+           "no interval": "cannot be judged (one window)"}  # a verdict said of several models
+
+
 def sentences(rows: list[dict[str, Any]]) -> list[str]:
     """The table in sentences: models grouped by each verdict, the extremes of attention on unseen
     distances, the biases that move past L, the best passkey retrieval at the window."""
@@ -136,11 +133,9 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
         for r in rows:
             if r[key] is not None:
                 groups.setdefault(verdict(r[key]), []).append(r["model"])
-        words = {"hurts": "hurt", "helps": "help", "≈ 0": "make no difference this evaluation can see",
-                 "no interval": "cannot be judged (one window)"}
         if groups:
-            said.append(f"{what}: " + "; ".join(f"{words[v]} in {', '.join(groups[v])}" for v in words if v in groups)
-                        + ".")
+            said.append(f"{what}: " + "; ".join(f"{word} in {', '.join(groups[v])}" for v, word in _PLURAL.items()
+                                                if v in groups) + ".")
     seen = [r for r in rows if r["attention_beyond_L"] is not None]
     if len(seen) > 1:
         most = max(seen, key=lambda r: r["attention_beyond_L"][0])
@@ -194,13 +189,12 @@ def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
     for name, r in named:
         k = max(1, r.length // 64)
         delta = torch.tensor(r.loss_by_position) - torch.tensor(r.loss_by_position_cut_at_L)
-        smooth = torch.nn.functional.avg_pool1d(delta[None, None], k, k)[0, 0]
+        smooth = smoothed(delta, k)
         xs = (torch.arange(len(smooth)) * k + k / 2) / r.train_len
         line, = left.plot(xs.numpy(), smooth.numpy(), lw=1.2, label=name)
         if "beyond" in r.attention_distance:
             far = torch.tensor(r.attention_distance["beyond"]).mean((0, 1))
-            far = torch.nn.functional.avg_pool1d(far[None, None], k, k)[0, 0]
-            right.plot(xs.numpy(), far.numpy(), lw=1.2, color=line.get_color(), label=name)
+            right.plot(xs.numpy(), smoothed(far, k).numpy(), lw=1.2, color=line.get_color(), label=name)
     left.axhline(0, color="grey", lw=0.8)
     left.set_ylabel("Δ loss, full − cut at L (nats/byte)")
     left.set_title("what the context past L does (< 0: helps)")

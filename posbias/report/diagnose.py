@@ -47,11 +47,10 @@ def summary(r: DiagnoseResult) -> list[str]:
         _, d, lo, hi = r.window_split[0]
         lines.append(f"keys beyond L, against a sliding window of L (Δ {_delta_cell(d, lo, hi)}): "
                      f"{_context_verdict(lo, hi, r.loss_windows)}")
-    beyond = r.attention_distance.get("beyond")
-    if beyond is not None:
-        tail = torch.tensor(beyond)[:, :, last_quarter(r.length)]
-        lines.append(f"attention at distances ≥ L over the last {r.length // 4} queries: {tail.mean():.4f} "
-                     f"(largest head {tail.mean(-1).max():.4f})")
+    far = far_attention(r)
+    if far is not None:
+        lines.append(f"attention at distances ≥ L over the last {r.length // 4} queries: {far[0]:.4f} "
+                     f"(largest head {far[1]:.4f})")
     if r.bias_drift is not None and max(r.bias_drift) >= 1e-4:
         lines.append(f"the bias moves with the query position: up to {max(r.bias_drift):.2f} nats at trained distances")
     return lines
@@ -81,15 +80,20 @@ def _delta_cell(delta: float, lo: float | None, hi: float | None) -> str:
     return f"{delta:+.4f}" if lo is None or hi is None else f"{delta:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
-def _context_verdict(lo: float | None, hi: float | None, windows: int) -> str:
-    """What the interval of Δ (full − cut) supports; one window has none to read."""
+def verdict(lo: float | None, hi: float | None) -> str:
+    """What the interval of a Δ (full − cut) supports, in a word: hurts (above 0), helps (below 0),
+    ≈ 0 (spans 0), or no interval (one window)."""
     if lo is None or hi is None:
-        return f"cannot be judged from {windows} window (no interval; raise --eval-tokens)"
-    if lo > 0:
-        return "hurts (the whole interval of Δ is above 0)"
-    if hi < 0:
-        return "helps (the whole interval of Δ is below 0)"
-    return "makes no difference this evaluation can see (the interval of Δ spans 0)"
+        return "no interval"
+    return "hurts" if lo > 0 else "helps" if hi < 0 else "≈ 0"
+
+
+def _context_verdict(lo: float | None, hi: float | None, windows: int) -> str:
+    """:func:`verdict` in a sentence; one window has no interval to read."""
+    return {"no interval": f"cannot be judged from {windows} window (no interval; raise --eval-tokens)",
+            "hurts": "hurts (the whole interval of Δ is above 0)",
+            "helps": "helps (the whole interval of Δ is below 0)",
+            "≈ 0": "makes no difference this evaluation can see (the interval of Δ spans 0)"}[verdict(lo, hi)]
 
 
 def _loss_section(r: DiagnoseResult) -> list[str]:
@@ -142,6 +146,24 @@ def last_quarter(n: int) -> slice:
     return slice(n - n // 4, n)
 
 
+def far_attention(r: DiagnoseResult) -> tuple[float, float] | None:
+    """The attention mass at distance ≥ L over the last quarter of the window: the mean over layers
+    and heads, and the largest head's (None without the measurement)."""
+    beyond = r.attention_distance.get("beyond")
+    if beyond is None:
+        return None
+    tail = torch.tensor(beyond)[:, :, last_quarter(r.length)].mean(-1)  # [layers, heads]
+    return float(tail.mean()), float(tail.max())
+
+
+def smoothed(values: torch.Tensor, k: int) -> torch.Tensor:
+    """``values [..., N]`` averaged over runs of ``k`` positions (as they are for ``k`` = 1)."""
+    if k <= 1:
+        return values
+    return torch.nn.functional.avg_pool1d(values.reshape(-1, 1, values.shape[-1]), k, k).reshape(
+        *values.shape[:-1], -1)
+
+
 def _distance_section(r: DiagnoseResult) -> list[str]:
     n, L = r.length, r.train_len
     ad = {k: torch.tensor(v) for k, v in r.attention_distance.items()}
@@ -160,10 +182,10 @@ def _distance_section(r: DiagnoseResult) -> list[str]:
              f"would stay below {L}).", ""]
     lines += md_table(head, rows) + ["", "![attention distance](attention_distance.png)", ""]
     if beyond is not None and n >= 2 * L:
-        near = beyond[:, :, max(L, 2 * L - 16): 2 * L].mean()
+        near, (late, largest) = beyond[:, :, max(L, 2 * L - 16): 2 * L].mean(), far_attention(r)
         lines += [f"Attention on keys at distance ≥ L (distances never seen in training), averaged over layers and "
-                  f"heads: {near:.4f} at queries just below 2L, {beyond[:, :, tail].mean():.4f} over the last "
-                  f"{n // 4} (largest head {beyond[:, :, tail].mean(-1).max():.4f}). A share that grows with the "
+                  f"heads: {near:.4f} at queries just below 2L, {late:.4f} over the last "
+                  f"{n // 4} (largest head {largest:.4f}). A share that grows with the "
                   "query position is attention dilution: ever more unseen distances draw weight.", "",
                   "![attention beyond L](attention_beyond_L.png)", ""]
     return lines
@@ -296,7 +318,7 @@ def _loss_plot(r: DiagnoseResult, path: Path, plt) -> Path:
     for losses, label in ((r.loss_by_position, "full context"),
                           (r.loss_by_position_cut_at_L, f"context cut at L = {r.train_len}")):
         t = torch.tensor(losses)
-        smooth = torch.nn.functional.avg_pool1d(t[None, None], k, k)[0, 0] if k > 1 else t
+        smooth = smoothed(t, k)
         ax.plot((torch.arange(len(smooth)) * k + k / 2).numpy(), smooth.numpy(), label=label)
     ax.axvline(r.train_len, color="grey", ls="--", lw=1, label=f"training length {r.train_len}")
     ax.set_xlabel("position in the window")
@@ -319,8 +341,7 @@ def _head_plot(r: DiagnoseResult, path: Path, plt, key: str, ylabel: str, title:
     x = torch.arange(r.length)
     L = r.train_len
     uniform = x / 2 if key == "mean" else ((x - L + 1).clamp(min=0) / (x + 1))
-    if smooth > 1:
-        values = torch.nn.functional.avg_pool1d(values, smooth, smooth)
+    values = smoothed(values, smooth)
     xs = x[: values.shape[-1] * smooth].view(-1, smooth).float().mean(-1)
     for layer in range(layers):
         ax = axes[0, layer]
