@@ -355,6 +355,9 @@ def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
         assert r["passkey"][str(L)][0] == pytest.approx(statistics.fmean(alone["passkey"][str(L)].values()))
     assert rows[0]["bias_drift"] > 0 and rows[1]["bias_drift"] == 0  # FIRE's bias moves past L, T5's cannot
     md = (out / "comparison.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len({line.count(" | ") for line in table if not line.startswith("|---")}) == 1  # every row fills the header
+    assert f"| {rows[1]['ppl_below_L']:.3f} | {rows[1]['ppl_last_half']:.3f} |" in md
     assert md.count("\n| fire-seed0 |") == 1 and "| t5-seed0 |" in md and (out / "comparison.png").exists()
     assert "The bias moves with the query position past L in fire-seed0" in md
     assert "not** (or not recorded as) the text these were trained on: fire-seed0, t5-seed0" in md

@@ -87,7 +87,7 @@ def markdown(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
         ["model", "L → window", "ppl, positions < L", "ppl, last half of the window", "context past L, Δ", "distant keys, Δ",
          "keys beyond L, Δ", "attention ≥ L, last quarter (mean / largest head)", "bias drift, nats",
          "passkey @ L", "passkey @ window"],
-        [[r["model"], _lengths(r),
+        [[r["model"], _lengths(r), f"{r['ppl_below_L']:.3f}", f"{r['ppl_last_half']:.3f}",
           _delta(r["context"]), _delta(r["distant_keys"]), _delta(r["keys_beyond_L"]),
           "—" if r["attention_beyond_L"] is None else "{:.4f} / {:.4f}".format(*r["attention_beyond_L"]),
           "—" if r["bias_drift"] is None else f"{r['bias_drift']:.2f}",
