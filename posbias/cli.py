@@ -491,7 +491,11 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--windows", type=int, default=4, help="validation windows for the attention statistics")
     p.add_argument("--eval-tokens", type=int, default=8192,
                    help="validation tokens for the loss by position (at least one window)")
-    p.add_argument("--passkey-steps", type=int, default=600, help="passkey fine-tune steps; 0 skips the passkey test")
+    p.add_argument("--passkey-steps", type=int, default=2400,
+                   help="the most steps of the passkey fine-tune; 0 skips the passkey test")
+    p.add_argument("--passkey-until", type=float, default=0.9,
+                   help="end the passkey fine-tune once the copy solves this share of a probe at the training "
+                        "length (checked every 100 steps); 0 trains every step")
     p.add_argument("--passkey-samples", type=int, default=24, help="passkey samples per (length, depth) cell")
     _add_checkpoint_job_arguments(p, "diagnose", cmd_diagnose)
 
@@ -531,7 +535,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     named = targets[0][1] if single else Path(args.checkpoints[0]).resolve().name
     out = Path(args.out or f"runs/diagnose-{named}")  # one model: its folder's full name, key included
     cfg = DiagnoseConfig(length=args.length, windows=args.windows, eval_tokens=args.eval_tokens,
-                         passkey_steps=args.passkey_steps, passkey_samples=args.passkey_samples, device=args.device,
+                         passkey_steps=args.passkey_steps, passkey_until=args.passkey_until,
+                         passkey_samples=args.passkey_samples, device=args.device,
                          threads=args.threads)
     corpus = load_corpus(args.data, args.hf_dataset)
     t0 = time.perf_counter()

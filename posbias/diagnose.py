@@ -313,7 +313,8 @@ class DiagnoseConfig:
     length: int | None = None  # window examined (default 8 × the training length)
     windows: int = 4  # validation windows for the attention statistics
     eval_tokens: int = 8192  # validation tokens for the loss by position (at least one window)
-    passkey_steps: int = 600  # passkey fine-tune steps of a copy (0: no passkey test)
+    passkey_steps: int = 2400  # most passkey fine-tune steps of a copy (0: no passkey test)
+    passkey_until: float = 0.9  # the copy stops once it solves this share of a probe at L (0: every step)
     passkey_samples: int = 24  # passkey samples per (length, depth) cell
     device: str = "cpu"  # cpu or cuda[:N]
     threads: int = 2  # torch intra-op threads, fixed for reproducible results
@@ -324,6 +325,8 @@ class DiagnoseConfig:
         for name in ("windows", "eval_tokens", "passkey_samples", "threads"):
             check_count(name, getattr(self, name))
         check_count("passkey_steps", self.passkey_steps, minimum=0)
+        if not 0.0 <= self.passkey_until <= 1.0:
+            raise ValueError(f"passkey_until must be an accuracy in [0, 1] (0: every step), got {self.passkey_until}")
 
 
 @dataclass
@@ -352,7 +355,10 @@ class DiagnoseResult:
     bias_drift: list[float] | None = None  # per head: the bias's change over distances < L, query L−1 → length−1
     rotary: dict[str, list] | None = None  # rotary schemes: per frequency pair, rotary_angles()
     passkey: dict[str, dict[str, float]] | None = None  # length → depth → accuracy
-    passkey_steps: int = 0
+    passkey_steps: int = 0  # the steps the copy trained (fewer than the most allowed where it learned the task)
+    passkey_max_steps: int = 0  # the most it could train
+    passkey_until: float = 0.0  # the probe accuracy at L that ended its fine-tune (0: it trained every step)
+    passkey_probes: list[tuple[int, float]] = field(default_factory=list)  # (step, probe accuracy at L)
     passkey_samples: int = 0
     passkey_skipped: str = ""  # why a requested passkey test did not run
     passkey_lr_mult: float = 1.0  # the passkey fine-tune's positional learning-rate multiplier (the training one)
@@ -415,7 +421,7 @@ def run_diagnose(path: str | Path, cfg: DiagnoseConfig, *, corpus: Corpus, progr
     """Measure the checkpoint at ``path`` at ``cfg.threads`` threads (:func:`posbias.report.diagnose.write`
     renders the result). Given the output folder ``out``, every measurement is kept there as it is
     made, in ``cache-<key>.json`` under :func:`source_key`, and the passkey-tuned copy in
-    ``models/passkey-ft<steps>-<key>/`` (its progress in ``last/`` while it trains, so that an
+    ``models/passkey-ft<steps>[-until<accuracy>]-<key>/`` (its progress in ``last/`` while it trains, so that an
     interrupted fine-tune continues): a re-run, interrupted or with other settings, measures only what
     it lacks. Without ``out``, nothing is written."""
     with fixed_threads(cfg.threads):
@@ -470,9 +476,10 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
     _measure_bias(result)
     if cfg.passkey_steps > 0 and train_len >= passkey.overhead(5):
         result.passkey_lr_mult = ckpt.pos_lr_mult(meta)
-        result.passkey = _passkey(model, cfg, result.passkey_lr_mult, train_len, length, progress, log, cache,
-                                  None if out is None else out / "models" / f"passkey-ft{cfg.passkey_steps}-{key}")
-        result.passkey_steps, result.passkey_samples = cfg.passkey_steps, cfg.passkey_samples
+        result.passkey = _passkey(model, cfg, result, length, progress, log, cache,
+                                  None if out is None else out / "models" / f"passkey-{_fit_name(cfg)}-{key}")
+        result.passkey_max_steps, result.passkey_until = cfg.passkey_steps, cfg.passkey_until
+        result.passkey_samples = cfg.passkey_samples
     elif cfg.passkey_steps > 0:
         result.passkey_skipped = (f"the training length {train_len} is shorter than a passkey sample "
                                   f"({passkey.overhead(5)} bytes)")
@@ -492,19 +499,27 @@ def _measure_bias(result: DiagnoseResult) -> None:
     result.rotary = rotary_angles(scheme, train_len=L, length=length)
 
 
-def _passkey(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_len: int, length: int, progress: bool,
+def _fit_name(cfg: DiagnoseConfig) -> str:
+    """The passkey copy's fine-tune in a name: ``ft2400-until0.9`` (at most 2,400 steps, until 0.9 at L)."""
+    return f"ft{cfg.passkey_steps}" + (f"-until{cfg.passkey_until:g}" if cfg.passkey_until else "")
+
+
+def _passkey(model: TransformerLM, cfg: DiagnoseConfig, result: DiagnoseResult, length: int, progress: bool,
              log: Log, cache: _Cache, mdir: Path | None) -> dict[str, dict[str, float]]:
     """The passkey grid over L, 2L, … ≤ ``length`` and five depths, each cell from ``cache`` where a
-    run made it; the copy fine-tuned on the task is made (and kept in ``mdir``) only for missing cells."""
+    run made it; the copy fine-tuned on the task is made (and kept in ``mdir``) only for missing cells.
+    Sets ``result``'s record of the fine-tune (steps trained, probes)."""
+    train_len = result.train_len
     lens, n = [], train_len
     while n <= length:
         lens.append(n)
         n *= 2
     depths = passkey.default_depths(5)
-    names = {(n, d): f"passkey:{n}:{d}:{cfg.passkey_steps}:{cfg.passkey_samples}" for n in lens for d in depths}
+    fit = f"passkey-fit:{_fit_name(cfg)}"
+    names = {(n, d): f"passkey:{n}:{d}:{_fit_name(cfg)}:{cfg.passkey_samples}" for n in lens for d in depths}
     known = {cell: cache.data[name] for cell, name in names.items() if name in cache.data}
-    if len(known) < len(names):
-        copy = _passkey_copy(model, cfg, mult, train_len, progress, log, mdir)
+    if len(known) < len(names) or fit not in cache.data:
+        copy = _passkey_copy(model, cfg, result.passkey_lr_mult, train_len, progress, log, mdir, cache, fit)
         log(f"passkey grid: {len(names) - len(known)} of {len(names)} cells ({len(lens)} lengths × {len(depths)} "
             f"depths), {cfg.passkey_samples} samples each …")
         grid = passkey.accuracy_grid(copy, lens, depths, progress=progress, known=known,
@@ -513,21 +528,45 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_len: 
     else:
         log(f"passkey grid: reusing {cache.name}")
         grid = {n: {d: known[n, d] for d in depths} for n in lens}
+    result.passkey_steps = cache.data[fit]["steps"]
+    result.passkey_probes = [tuple(p) for p in cache.data[fit]["probes"]]
     return {str(n): {str(d): a for d, a in row.items()} for n, row in grid.items()}
 
 
 def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_len: int, progress: bool, log: Log,
-                  mdir: Path | None) -> TransformerLM:
-    """A copy of ``model`` fine-tuned on passkey retrieval at ``train_len``: the one in ``mdir`` when a
-    run made it, else trained now (its progress in ``mdir/last`` meanwhile) and saved there."""
-    if mdir is not None and ckpt.exists(mdir):
+                  mdir: Path | None, cache: _Cache, fit: str) -> TransformerLM:
+    """A copy of ``model`` fine-tuned on passkey retrieval at ``train_len`` (until it solves
+    ``cfg.passkey_until`` of the probe at L, or for every step): the one in ``mdir`` when a run made it
+    (its record in ``cache`` under ``fit``), else trained now (its progress in ``mdir/last`` meanwhile),
+    saved there and recorded (steps trained, probes)."""
+    if mdir is not None and ckpt.exists(mdir) and fit in cache.data:
         log(f"passkey: reusing the fine-tuned copy in {mdir}")
         return ckpt.load_model(mdir).to(cfg.device)
-    log(f"passkey: fine-tuning a copy for {cfg.passkey_steps} steps at {train_len} …")
+    until = f", until it solves {cfg.passkey_until:g} of a probe at L" if cfg.passkey_until else ""
+    log(f"passkey: fine-tuning a copy for at most {cfg.passkey_steps} steps at {train_len}{until} …")
     copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
-    passkey.train_passkey(copy, length=train_len, steps=cfg.passkey_steps, device=cfg.device, progress=progress,
-                          resume=None if mdir is None else mdir / "last", replace_other=True, pos_lr_mult=mult,
-                          log=log)
+    # each probe is kept as it is made: a fine-tune resumed from its progress repeats only the probes
+    # after its last save (the same values: it continues bit-identically), and the record stays whole
+    seen = f"{fit}:probes"
+    probed: dict[str, float] = dict(cache.data.get(seen, {}))
+    losses = passkey.train_passkey(copy, length=train_len, steps=cfg.passkey_steps, device=cfg.device,
+                                   progress=progress, resume=None if mdir is None else mdir / "last",
+                                   replace_other=True, pos_lr_mult=mult, log=log, until=cfg.passkey_until,
+                                   on_probe=lambda step, acc: (probed.update({str(step): acc}), cache.put(seen, probed)))
+    probes = sorted((int(s), a) for s, a in probed.items() if int(s) <= len(losses))
+    record = {"steps": len(losses), "probes": probes}
     if mdir is not None:
-        ckpt.save_checkpoint(mdir, copy, extra={"passkey": {"length": train_len, "steps": cfg.passkey_steps}})
+        ckpt.save_checkpoint(mdir, copy, extra={"passkey": {"length": train_len, "max_steps": cfg.passkey_steps,
+                                                            "until": cfg.passkey_until, **record}})
+    cache.put(fit, record)
+    if cfg.passkey_until:
+        log(f"passkey: {fit_sentence(record['steps'], cfg.passkey_steps, cfg.passkey_until, probes)}")
     return copy
+
+
+def fit_sentence(steps: int, most: int, until: float, probes: list[tuple[int, float]]) -> str:
+    """How a passkey fine-tune with a stopping probe ended, in words."""
+    if probes and probes[-1][1] >= until:
+        return f"the copy learned the task: {probes[-1][1]:.2f} of the probe at L solved after {steps} steps"
+    last = f" (last probe, at step {probes[-1][0]}: {probes[-1][1]:.2f})" if probes else ""
+    return f"the copy did not reach {until:g} of the probe at L within {most} steps{last}"

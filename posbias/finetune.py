@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .schemes.base import check_int
 from .train import NonFiniteLoss, lr_at
 
 
@@ -33,7 +34,8 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
              *, steps: int, lr: float = 5e-4, progress: bool = False, desc: str = "fine-tune",
              resume: str | Path | None = None, save_every_s: float = 60.0, generator: torch.Generator | None = None,
              identity: dict | None = None, replace_other: bool = False, pos_lr_mult: float = 1.0,
-             log: Callable[[str], None] | None = None) -> list[float]:
+             log: Callable[[str], None] | None = None, stop: Callable[[int], bool] | None = None,
+             check_every: int = 100) -> list[float]:
     """Run ``steps`` optimizer steps on ``loss_fn(model, batch_fn(step))``; returns the losses.
 
     ``resume`` (``model`` then a :class:`~posbias.model.TransformerLM`): the folder of the progress
@@ -43,9 +45,13 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
     since the start or the last save. ``generator``: the one ``batch_fn`` draws from, if it draws; its
     state travels with the progress. The caller saves the result; the folder is then of no further use.
     ``pos_lr_mult``: the positional parameters' multiple of ``lr``; give a checkpoint's own
-    (:func:`posbias.checkpoint.pos_lr_mult`), or a learned bias barely moves in a short fine-tune."""
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"fine-tuning steps must be an integer >= 0, got {steps!r}")
+    (:func:`posbias.checkpoint.pos_lr_mult`), or a learned bias barely moves in a short fine-tune.
+    ``stop(step)``: asked before every ``check_every``-th step (step 0 included) whether the model is
+    done; True ends the fine-tune there, with fewer losses than ``steps`` (the learning-rate schedule
+    stays the one of ``steps``). It must depend on the weights alone (not on ``generator``), so that a
+    resumed fine-tune stops where an uninterrupted one would; put what it tests in ``identity``."""
+    check_int("fine-tuning steps", steps, minimum=0)
+    check_int("check_every", check_every, minimum=1)
     if steps == 0:
         return []
     params = [p for p in model.parameters() if p.requires_grad]
@@ -59,36 +65,57 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
         log(f"{desc}: resuming from step {start} of {steps} ({str(resume)!r})")
     model.train()
     saved_at = time.monotonic()
-    bar = tqdm(range(start, steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True,
-               initial=start, total=steps)
+    bar = tqdm(range(start, steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True, initial=start,
+               total=steps)
     for step in bar:
+        if stop is not None and step % check_every == 0 and _done(stop, step, model):
+            break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, lr=lr, steps=steps, warmup=warm, min_ratio=0.1) * g["lr_mult"]
         loss = loss_fn(model, batch_fn(step))
         value = loss.item()
         if not math.isfinite(value):
             bar.close()
-            kept = f"; progress up to step {start} is kept in {str(resume)!r}" if start else ""
-            raise NonFiniteLoss(f"{desc} diverged: loss {value} at step {step + 1} of {steps} (peak learning "
-                                f"rate {lr:g}); nothing of it is saved{kept} — lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+            _diverged(f"loss {value} at step {step + 1} of {steps}", desc, lr, start, resume)
+        _update(opt, params, loss)
         losses.append(value)
         bar.set_postfix(loss=f"{value:.3f}")
         if resume is not None and step + 1 < steps and time.monotonic() - saved_at >= save_every_s:
-            rng = {"generator": generator.get_state()} if generator is not None else {}
-            ckpt.save_checkpoint(resume, model, trainer_state={"step": step + 1, "optimizer": opt.state_dict(),
-                                                               "losses": losses, **settings, **rng})
+            _save_progress(resume, model, opt, step + 1, losses, settings, generator)
             start, saved_at = step + 1, time.monotonic()  # start: the step the progress checkpoint holds
     bar.close()
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
-        raise NonFiniteLoss(f"{desc} diverged: its last step left non-finite weights ({', '.join(bad[:3])}); "
-                            f"nothing of it is saved — lower the learning rate (peak {lr:g})")
+        _diverged(f"its last step left non-finite weights ({', '.join(bad[:3])})", desc, lr, 0, resume)
     model.eval()
     return losses
+
+
+def _done(stop: Callable[[int], bool], step: int, model: nn.Module) -> bool:
+    """``stop(step)``, with ``model`` back in training mode for the steps that follow."""
+    done = stop(step)
+    model.train()
+    return done
+
+
+def _update(opt: torch.optim.Optimizer, params: list[nn.Parameter], loss: Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def _diverged(what: str, desc: str, lr: float, kept_step: int, resume: str | Path | None) -> None:
+    kept = f"; progress up to step {kept_step} is kept in {str(resume)!r}" if kept_step else ""
+    raise NonFiniteLoss(f"{desc} diverged: {what} (peak learning rate {lr:g}); nothing of it is saved{kept} — "
+                        "lower the learning rate")
+
+
+def _save_progress(folder: str | Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list[float],
+                   settings: dict, generator: torch.Generator | None) -> None:
+    rng = {"generator": generator.get_state()} if generator is not None else {}
+    ckpt.save_checkpoint(folder, model, trainer_state={"step": step, "optimizer": opt.state_dict(), "losses": losses,
+                                                       **settings, **rng})
 
 
 def _optimizer(model: nn.Module, params: list[nn.Parameter], lr: float, pos_lr_mult: float) -> torch.optim.AdamW:

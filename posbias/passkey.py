@@ -32,6 +32,9 @@ from .schemes.base import check_int
 FILLER = (b"the grass is green. the sky is blue. the sun is yellow. here we go. there and back again. "
           b"a river runs to the sea. birds sing in the morning. the wind is cold tonight. ")
 KEY_OPEN, KEY_CLOSE, QUESTION = b" key=", b"; ", b" ?key="
+PROBE_SEED = 4321  # the stopping probe's samples (accuracy grids use 1234)
+PROBE_SAMPLES = 8  # the stopping probe's samples per depth (40 in all)
+PROBE_EVERY = 100  # steps between the stopping probes
 
 
 def overhead(digits: int) -> int:
@@ -121,25 +124,52 @@ def accuracy_grid(model, lengths: Iterable[int], depths: Iterable[float], *, pro
 def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: float = 2e-3, digits: int = 5,
                   seed: int = 0, device: str | torch.device = "cpu", progress: bool = False,
                   resume: str | Path | None = None, replace_other: bool = False, pos_lr_mult: float = 1.0,
-                  log: Callable[[str], None] | None = None) -> list[float]:
+                  log: Callable[[str], None] | None = None, until: float = 0.0, check_every: int = PROBE_EVERY,
+                  probe_samples: int = PROBE_SAMPLES, on_probe: Callable[[int, float], None] | None = None) -> list[float]:
     """Fine-tune ``model`` in place on passkey samples of ``length`` bytes; returns the losses.
 
-    ``resume``: a folder for the fine-tune's progress (:func:`posbias.finetune.finetune`; the batches'
-    generator travels with it), so that an interrupted run continues bit-identically instead of
-    starting again; removed once the fine-tune is done. It is keyed by every setting here and the
+    ``until`` > 0: stop once the model has learned the task, that is once its accuracy at ``length``
+    (:func:`probe`: ``probe_samples`` samples at each of five depths, other samples than any test's)
+    reaches ``until``; probed before every ``check_every``-th step, so a model that already solves it
+    trains 0 steps, and ``steps`` is then the most it trains. ``on_probe(step, accuracy)`` sees each
+    probe. ``resume``: a folder for the fine-tune's progress (:func:`posbias.finetune.finetune`; the
+    batches' generator travels with it), so that an interrupted run continues bit-identically instead
+    of starting again; removed once the fine-tune is done. It is keyed by every setting here and the
     starting weights; another fine-tune's progress there is refused, or with ``replace_other`` (a
     folder the caller owns) replaced."""
     from .finetune import finetune
 
+    if not 0.0 <= until <= 1.0:
+        raise ValueError(f"until must be an accuracy in [0, 1] (0: train every step), got {until}")
     g = torch.Generator().manual_seed(seed)
     identity = {"task": "passkey", "length": length, "batch_size": batch_size, "digits": digits, "seed": seed}
+    if until > 0:
+        identity.update(until=until, check_every=check_every, probe_samples=probe_samples)
+
+    def learned(step: int) -> bool:
+        got = probe(model, length, samples=probe_samples, digits=digits, device=device)
+        if on_probe is not None:
+            on_probe(step, got)
+        return got >= until
+
     losses = finetune(model, lambda step: make_batch(batch_size, length, digits=digits, generator=g).to(device),
                       lambda m, b: answer_loss(m, b, digits), steps=steps, lr=lr, progress=progress,
                       desc=f"passkey@{length}", resume=resume, generator=g, identity=identity,
-                      replace_other=replace_other, pos_lr_mult=pos_lr_mult, log=log)
+                      replace_other=replace_other, pos_lr_mult=pos_lr_mult, log=log,
+                      stop=learned if until > 0 else None, check_every=check_every)
     if resume is not None:  # the fine-tuned model is the caller's, in memory: the progress is of no further use
         shutil.rmtree(resume, ignore_errors=True)
     return losses
+
+
+def probe(model, length: int, *, samples: int = PROBE_SAMPLES, digits: int = 5,
+          device: str | torch.device = "cpu") -> float:
+    """Accuracy at ``length`` over ``samples`` samples at each of the five :func:`default_depths`, drawn
+    with a seed of its own (:data:`PROBE_SEED`): a fine-tune's stopping test, on samples no accuracy
+    grid measures."""
+    depths = default_depths(5)
+    return sum(accuracy(model, length, d, samples=samples, digits=digits, seed=PROBE_SEED, device=device)
+               for d in depths) / len(depths)
 
 
 def default_depths(n: int = 5) -> list[float]:

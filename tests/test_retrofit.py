@@ -199,7 +199,7 @@ def test_diagnose_rerun_measures_only_what_it_lacks(tmp_path, corpus, monkeypatc
     cfg = DiagnoseConfig(length=2 * L, windows=2, eval_tokens=400, passkey_steps=3, passkey_samples=2)
     first = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d").to_json()
     key = diagnose_mod.source_key(path, cfg, corpus)
-    assert (tmp_path / "d" / f"cache-{key}.json").exists() and ckpt.exists(tmp_path / "d" / "models" / f"passkey-ft3-{key}")
+    assert (tmp_path / "d" / f"cache-{key}.json").exists() and ckpt.exists(tmp_path / "d" / "models" / f"passkey-ft3-until0.9-{key}")
     calls = {}
 
     def counted(name, real):
@@ -315,7 +315,7 @@ def test_discover_finds_every_model_a_path_names(tmp_path):
     every finished model by its folder's name; unfinished models and passkey copies aside."""
     model = TransformerLM(ModelConfig(scheme="alibi", **TINY))
     models = tmp_path / "study" / "models"
-    for sub in ("t5-seed0-0123456789/final", "alibi-seed1-abcdef0123/last", "passkey-ft3-0123456789",
+    for sub in ("t5-seed0-0123456789/final", "alibi-seed1-abcdef0123/last", "passkey-ft3-until0.9-0123456789",
                 "swap-t5-ft5-0123456789"):
         ckpt.save_checkpoint(models / sub, model, extra={"train": {"seq_len": L}})
     want = [("swap-t5-ft5-0123456789", models / "swap-t5-ft5-0123456789"),
@@ -366,7 +366,7 @@ def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
     assert comparison.verdict((0.1, 0.05, 0.2)) == "hurts" and comparison.verdict((-0.1, -0.2, -0.01)) == "helps"
     assert comparison.verdict((0.0, -0.1, 0.1)) == "≈ 0" and comparison.verdict((0.1, None, None)) == "no interval"
     made = {**rows[0], "context": (0.1, 0.05, 0.2), "distant_keys": None, "keys_beyond_L": None,
-            "attention_beyond_L": None, "bias_drift": None, "rotary_unseen": None}
+            "attention_beyond_L": None, "bias_drift": None, "rotary_unseen": None, "passkey_learned": None}
     said = comparison.sentences([{**made, "model": "a", "passkey": {L: (0.0, 0.0, 0.1), 8 * L: (0.0, 0.0, 0.1)}},
                                  {**made, "model": "b", "passkey": {L: (0.9, 0.8, 0.95), 8 * L: (0.5, 0.4, 0.6)}},
                                  {**made, "model": "c", "passkey": {L: (0.9, 0.8, 0.95), 8 * L: (0.3, 0.2, 0.5)}}])
@@ -758,7 +758,7 @@ def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, m
     from posbias import passkey
 
     dcfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=3, passkey_samples=1)
-    kept = tmp_path / "d" / "models" / f"passkey-ft3-{diagnose_mod.source_key(path, dcfg, corpus)}"
+    kept = tmp_path / "d" / "models" / f"passkey-ft3-until0.9-{diagnose_mod.source_key(path, dcfg, corpus)}"
     stale = kept / "last"  # left by an interrupted fine-tune of other settings (an older posbias, say)
     g = torch.Generator().manual_seed(0)
     ft.finetune(ckpt.load_model(tiny_checkpoint(tmp_path / "other", "alibi")),
@@ -806,3 +806,133 @@ def test_diverging_finetune_stops_at_once_and_saves_nothing(tmp_path, corpus, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "fine-tune pi diverged" in err and "lower the learning rate" in err
     assert not list((tmp_path / "out").glob("models/*/config.json"))  # no diverged model kept for a re-run to reuse
+
+
+def test_finetune_stops_where_asked_and_a_resumed_run_stops_there_too(tmp_path, corpus):
+    """``stop(step)`` is asked before every ``check_every``-th step, step 0 included; True ends the
+    fine-tune with that many losses. A run interrupted between checks and resumed asks the same
+    questions and ends on the same step with the same weights."""
+    src = tiny_checkpoint(tmp_path / "src", "t5", max_distance=20)
+    asked = []
+
+    def stop_at_6(step):
+        asked.append(step)
+        return step >= 6
+
+    solo = ckpt.load_model(src)
+    losses = _tiny_finetune(solo, corpus, steps=20, stop=stop_at_6, check_every=3)
+    assert asked == [0, 3, 6] and len(losses) == 6 and not solo.training
+    full = _tiny_finetune(ckpt.load_model(src), corpus, steps=20)
+    assert full[:6] == losses  # the same schedule (of 20 steps) up to the stop
+    progress, asked[:] = tmp_path / "progress", []
+
+    class Stop(Exception):
+        pass
+
+    def interrupted(step):
+        if step == 5:
+            raise Stop
+        return stop_at_6(step)
+
+    with pytest.raises(Stop):
+        _tiny_finetune(ckpt.load_model(src), corpus, steps=20, stop=interrupted, check_every=1, resume=progress,
+                       save_every_s=0)
+    asked[:] = []
+    resumed = ckpt.load_model(src)
+    got = _tiny_finetune(resumed, corpus, steps=20, stop=stop_at_6, check_every=1, resume=progress, save_every_s=0)
+    assert asked == [5, 6] and len(got) == 6
+    ref = ckpt.load_model(src)
+    assert _tiny_finetune(ref, corpus, steps=20, stop=stop_at_6, check_every=1) == got
+    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="check_every must be >= 1, got 0"):
+        _tiny_finetune(ckpt.load_model(src), corpus, stop=stop_at_6, check_every=0)
+
+
+def test_passkey_finetune_until_stops_once_the_probe_is_solved(tmp_path, monkeypatch):
+    """``until``: the probe (its own samples: another seed than the accuracy grids') is asked every
+    ``check_every`` steps; the fine-tune ends at the first probe that reaches ``until``, and
+    ``on_probe`` sees each. A model that already solves the task trains 0 steps."""
+    src = tiny_checkpoint(tmp_path / "src", "alibi")
+    answers = iter([0.0, 0.5, 0.95, 1.0])
+    seen, probed = [], []
+    monkeypatch.setattr(passkey, "probe", lambda model, length, **kw: (seen.append((length, kw["samples"])),
+                                                                         next(answers))[1])
+    losses = passkey.train_passkey(ckpt.load_model(src), length=L, steps=12, batch_size=2, check_every=2,
+                                   until=0.9, probe_samples=3, on_probe=lambda s, a: probed.append((s, a)))
+    assert len(losses) == 4 and probed == [(0, 0.0), (2, 0.5), (4, 0.95)] and seen == [(L, 3)] * 3
+    monkeypatch.setattr(passkey, "probe", lambda model, length, **kw: 1.0)
+    assert passkey.train_passkey(ckpt.load_model(src), length=L, steps=12, batch_size=2, until=0.5) == []
+    with pytest.raises(ValueError, match="until must be an accuracy in \\[0, 1\\].*got 1.5"):
+        passkey.train_passkey(ckpt.load_model(src), length=L, steps=2, until=1.5)
+    monkeypatch.undo()
+    # the real probe: five depths on samples of its own, the grid's accuracy on others
+    model = ckpt.load_model(src)
+    got = passkey.probe(model, L, samples=2)
+    want = sum(passkey.accuracy(model, L, d, samples=2, seed=passkey.PROBE_SEED) for d in passkey.default_depths(5))
+    assert got == want / 5 and passkey.PROBE_SEED != 1234
+
+
+def test_diagnose_records_how_the_passkey_copy_was_taught(tmp_path, corpus, monkeypatch):
+    """The diagnosis keeps the copy's steps and probes (a re-run reads them from its cache), says in
+    the report whether the probe reached ``passkey_until``, and the comparison lists the steps."""
+    from posbias.report import comparison
+
+    answers = {"t5": iter([0.0, 0.2, 0.95]), "alibi": iter([0.0] * 10)}
+    paths = {s: tiny_checkpoint(tmp_path / s, s) for s in answers}
+    monkeypatch.setattr(passkey, "probe", lambda model, length, **kw: next(answers[model.cfg.scheme]))
+    monkeypatch.setattr(passkey, "PROBE_EVERY", 2)  # the report states it
+    cfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=6, passkey_samples=1)
+    import posbias.passkey as pk
+    real = pk.train_passkey
+    monkeypatch.setattr(pk, "train_passkey", lambda *a, **k: real(*a, **{**k, "check_every": 2}))
+    got = {s: run_diagnose(p, cfg, corpus=corpus, out=tmp_path / "d" / s) for s, p in paths.items()}
+    assert (got["t5"].passkey_steps, got["t5"].passkey_max_steps, got["t5"].passkey_until) == (4, 6, 0.9)
+    assert got["t5"].passkey_probes == [(0, 0.0), (2, 0.2), (4, 0.95)]
+    assert got["alibi"].passkey_steps == 6 and got["alibi"].passkey_probes == [(0, 0.0), (2, 0.0), (4, 0.0)]
+    again = run_diagnose(paths["t5"], cfg, corpus=corpus, out=tmp_path / "d" / "t5")  # no probe left: from the cache
+    assert again.to_json() == got["t5"].to_json()
+    for s, r in got.items():
+        diagnose_report.write(r, tmp_path / "d" / s)
+    md = {s: (tmp_path / "d" / s / "report.md").read_text() for s in got}
+    assert "the copy learned the task: 0.95 of the probe at L solved after 4 steps" in md["t5"]
+    assert "checked every 2 steps; at most 6 steps" in md["t5"] and "Probe accuracy by step: 0 0.00, 2 0.20, 4 0.95" in md["t5"]
+    assert "the copy did not reach 0.9 of the probe at L within 6 steps (last probe, at step 4: 0.00)" in md["alibi"]
+    said = comparison.sentences([comparison.row(s, r) for s, r in got.items()])
+    assert ("The passkey copies learned the task at L (their stopping probe reached its target) after: t5 4 steps; "
+            "not within 6 steps: alibi.") in said
+
+
+def test_an_interrupted_passkey_copy_keeps_every_probe(tmp_path, corpus, monkeypatch):
+    """The probes of a diagnosis's passkey fine-tune are kept as they are made: after an interruption
+    and a resumed run, the record (steps, probes) and every number equal an uninterrupted diagnosis."""
+    import posbias.passkey as pk
+    from posbias import finetune as ft
+
+    path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
+    cfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=6, passkey_samples=1)
+    real_train, real_ft = pk.train_passkey, ft.finetune
+    monkeypatch.setattr(pk, "train_passkey", lambda *a, **k: real_train(*a, **{**k, "check_every": 2}))
+    monkeypatch.setattr(ft, "finetune", lambda *a, **k: real_ft(*a, **{**k, "save_every_s": 0}))
+    want = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "solo").to_json()
+    assert want["passkey_steps"] == 6 and [s for s, _ in want["passkey_probes"]] == [0, 2, 4]
+
+    class Stop(Exception):
+        pass
+
+    real_batch = pk.make_batch
+    calls = []
+
+    def stop_at_3(*a, **k):
+        calls.append("depths" not in k)  # a training batch (the probes and grids draw at given depths)
+        if sum(calls) == 4:
+            raise Stop
+        return real_batch(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Stop):
+        mp.setattr(pk, "make_batch", stop_at_3)
+        run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d")
+    said = []
+    got = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d", log=said.append).to_json()
+    assert any("resuming from step 3 of 6" in line for line in said)
+    assert {**got, "checkpoint": None} == {**want, "checkpoint": None}

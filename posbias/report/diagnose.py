@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .. import store
+from .. import passkey, store
 from ..config import Log, quiet
-from ..diagnose import DiagnoseResult, kept_row
+from ..diagnose import DiagnoseResult, fit_sentence, kept_row
 from . import corpus_line, md_table
 
 
@@ -280,12 +280,18 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
     at_l = r.passkey.get(str(r.train_len), {})
     untaught = ([f"No sample was solved at L = {r.train_len}: the fine-tune did not teach this model the task within "
                  "its training length, so the rows past L say nothing about retrieval there. Raise --passkey-steps "
-                 f"(beyond {r.passkey_steps}).", ""]
+                 f"(beyond {r.passkey_max_steps}).", ""]
                 if at_l and not any(at_l.values()) else [])
+    if r.passkey_until:
+        fit = (f"A copy fine-tuned on passkey samples of {r.train_len} bytes until it solved {r.passkey_until:g} of a "
+               f"probe at L ({passkey.PROBE_SAMPLES * 5} samples of its own, checked every {passkey.PROBE_EVERY} steps; at most "
+               f"{r.passkey_max_steps} steps): {fit_sentence(r.passkey_steps, r.passkey_max_steps, r.passkey_until, r.passkey_probes)}. "
+               "Probe accuracy by step: " + ", ".join(f"{s} {a:.2f}" for s, a in r.passkey_probes) + ". ")
+    else:
+        fit = f"A copy fine-tuned for {r.passkey_steps} steps on passkey samples of {r.train_len} bytes. "
     return (["## Passkey retrieval", "",
-             f"A copy fine-tuned for {r.passkey_steps} steps on passkey samples of {r.train_len} bytes (positional "
-             f"parameters at {r.passkey_lr_mult:g}× the learning rate, as in training); accuracy over "
-             f"{r.passkey_samples} samples per cell (depth 0 = key at the start of the window):", ""]
+             fit + f"Its positional parameters at {r.passkey_lr_mult:g}× the learning rate, as in training. Accuracy "
+             f"over {r.passkey_samples} samples per cell (depth 0 = key at the start of the window):", ""]
             + md_table(["length", *(f"depth {d}" for d in depths), "mean"], rows)
             + [""] + untaught + ["![passkey](passkey.png)", ""])
 
