@@ -411,7 +411,11 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
                         "checkpoint's training value, train.pos_lr_mult)")
     p.add_argument("--eval-lens", type=int, nargs="+", help="default: L, 2L, 4L … up to --to")
     p.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens scored at each length")
-    p.add_argument("--passkey-steps", type=int, default=600, help="passkey fine-tune steps (with --compare)")
+    p.add_argument("--passkey-steps", type=int, default=2400,
+                   help="the most steps of each passkey fine-tune (with --compare)")
+    p.add_argument("--passkey-until", type=float, default=0.9,
+                   help="end a passkey fine-tune once the copy solves this share of a probe at the training length "
+                        "(checked every 100 steps); 0 trains every step")
     _add_checkpoint_job_arguments(p, "retrofit", cmd_retrofit)
 
 
@@ -462,8 +466,8 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
     cfg = RetrofitConfig(to=args.to, methods=tuple(methods), finetune_steps=args.finetune_steps,
                          finetune_batch=args.finetune_batch, finetune_lr=args.finetune_lr, pos_lr_mult=args.pos_lr_mult,
                          eval_lens=tuple(args.eval_lens) if args.eval_lens else None, eval_tokens=args.eval_tokens,
-                         compare=args.compare, passkey_steps=args.passkey_steps, device=args.device,
-                         threads=args.threads)
+                         compare=args.compare, passkey_steps=args.passkey_steps,
+                         passkey_until=args.passkey_until, device=args.device, threads=args.threads)
     corpus = load_corpus(args.data, args.hf_dataset)
     _corpus_note(corpus, args.checkpoint)
     t0 = time.perf_counter()

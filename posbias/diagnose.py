@@ -42,7 +42,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import passkey, store
-from .config import Log, check_count, fixed_threads, quiet
+from .config import ConfigError, Log, check_count, fixed_threads, quiet
 from .data import Corpus
 from .evaluate import bootstrap_means, interval, local_head, token_losses
 from .model import TransformerLM
@@ -326,7 +326,7 @@ class DiagnoseConfig:
             check_count(name, getattr(self, name))
         check_count("passkey_steps", self.passkey_steps, minimum=0)
         if not 0.0 <= self.passkey_until <= 1.0:
-            raise ValueError(f"passkey_until must be an accuracy in [0, 1] (0: every step), got {self.passkey_until}")
+            raise ConfigError("passkey_until", f"must be an accuracy in [0, 1] (0: every step), got {self.passkey_until}")
 
 
 @dataclass
@@ -358,7 +358,7 @@ class DiagnoseResult:
     passkey_steps: int = 0  # the steps the copy trained (fewer than the most allowed where it learned the task)
     passkey_max_steps: int = 0  # the most it could train
     passkey_until: float = 0.0  # the probe accuracy at L that ended its fine-tune (0: it trained every step)
-    passkey_probes: list[tuple[int, float]] = field(default_factory=list)  # (step, probe accuracy at L)
+    passkey_fit: dict[str, Any] = field(default_factory=dict)  # the copy's fine-tune (passkey.teach's record)
     passkey_samples: int = 0
     passkey_skipped: str = ""  # why a requested passkey test did not run
     passkey_lr_mult: float = 1.0  # the passkey fine-tune's positional learning-rate multiplier (the training one)
@@ -528,8 +528,8 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, result: DiagnoseResult, 
     else:
         log(f"passkey grid: reusing {cache.name}")
         grid = {n: {d: known[n, d] for d in depths} for n in lens}
-    result.passkey_steps = cache.data[fit]["steps"]
-    result.passkey_probes = [tuple(p) for p in cache.data[fit]["probes"]]
+    result.passkey_fit = cache.data[fit]
+    result.passkey_steps = result.passkey_fit["steps"]
     return {str(n): {str(d): a for d, a in row.items()} for n, row in grid.items()}
 
 
@@ -545,28 +545,14 @@ def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_
     until = f", until it solves {cfg.passkey_until:g} of a probe at L" if cfg.passkey_until else ""
     log(f"passkey: fine-tuning a copy for at most {cfg.passkey_steps} steps at {train_len}{until} …")
     copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
-    # each probe is kept as it is made: a fine-tune resumed from its progress repeats only the probes
-    # after its last save (the same values: it continues bit-identically), and the record stays whole
-    seen = f"{fit}:probes"
-    probed: dict[str, float] = dict(cache.data.get(seen, {}))
-    losses = passkey.train_passkey(copy, length=train_len, steps=cfg.passkey_steps, device=cfg.device,
-                                   progress=progress, resume=None if mdir is None else mdir / "last",
-                                   replace_other=True, pos_lr_mult=mult, log=log, until=cfg.passkey_until,
-                                   on_probe=lambda step, acc: (probed.update({str(step): acc}), cache.put(seen, probed)))
-    probes = sorted((int(s), a) for s, a in probed.items() if int(s) <= len(losses))
-    record = {"steps": len(losses), "probes": probes}
+    seen = f"{fit}:probes"  # each probe as it is made (an interrupted fine-tune's record stays whole)
+    record = passkey.teach(copy, length=train_len, steps=cfg.passkey_steps, until=cfg.passkey_until,
+                           probes=cache.data.get(seen), keep=lambda probed: cache.put(seen, probed), device=cfg.device,
+                           progress=progress, resume=None if mdir is None else mdir / "last", replace_other=True,
+                           pos_lr_mult=mult, log=log)
     if mdir is not None:
         ckpt.save_checkpoint(mdir, copy, extra={"passkey": {"length": train_len, "max_steps": cfg.passkey_steps,
                                                             "until": cfg.passkey_until, **record}})
     cache.put(fit, record)
-    if cfg.passkey_until:
-        log(f"passkey: {fit_sentence(record['steps'], cfg.passkey_steps, cfg.passkey_until, probes)}")
+    log(f"passkey: {passkey.fit_sentence(record, cfg.passkey_until, cfg.passkey_steps)}")
     return copy
-
-
-def fit_sentence(steps: int, most: int, until: float, probes: list[tuple[int, float]]) -> str:
-    """How a passkey fine-tune with a stopping probe ended, in words."""
-    if probes and probes[-1][1] >= until:
-        return f"the copy learned the task: {probes[-1][1]:.2f} of the probe at L solved after {steps} steps"
-    last = f" (last probe, at step {probes[-1][0]}: {probes[-1][1]:.2f})" if probes else ""
-    return f"the copy did not reach {until:g} of the probe at L within {most} steps{last}"

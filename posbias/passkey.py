@@ -162,6 +162,51 @@ def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: f
     return losses
 
 
+def teach(model, *, length: int, steps: int, until: float, probes: dict[str, float] | None = None,
+          keep: Callable[[dict[str, float]], None] | None = None, **kwargs) -> dict:
+    """:func:`train_passkey` until the probe at ``length`` reaches ``until`` (or for every step with
+    ``until`` 0), recording each probe in ``probes`` (step as a string → accuracy; give the ones an
+    interrupted run kept, so that a fine-tune resumed from its progress, which repeats only the probes
+    after its last save, with the same values, leaves a whole record) and handing it to ``keep`` as each
+    is made. Returns the record: ``{"steps": trained, "probes": [[step, accuracy], …], "learned": the
+    last probe reached until (None without a probe)}``."""
+    probed = dict(probes or {})
+
+    def seen(step: int, accuracy: float) -> None:
+        probed[str(step)] = accuracy
+        if keep is not None:
+            keep(probed)
+
+    losses = train_passkey(model, length=length, steps=steps, until=until, on_probe=seen, **kwargs)
+    got = sorted([int(k), a] for k, a in probed.items() if int(k) <= len(losses))
+    return {"steps": len(losses), "probes": got, "learned": bool(got) and got[-1][1] >= until if until else None}
+
+
+def fit_sentence(record: dict, until: float, most: int) -> str:
+    """How a passkey fine-tune of :func:`teach` ended, in words."""
+    probes = record["probes"]
+    if not until:
+        return f"trained for every one of its {record['steps']} steps"
+    if record["learned"]:
+        return f"it learned the task after {record['steps']} steps ({probes[-1][1]:.2f} of the probe at L solved)"
+    last = f" (last probe, at step {probes[-1][0]}: {probes[-1][1]:.2f})" if probes else ""
+    return f"it did not reach {until:g} of the probe at L within {most} steps{last}"
+
+
+def learned_sentence(named: list[tuple[str, dict]]) -> str:
+    """Which passkey copies learned the task at L (by :func:`teach`'s records), after how many steps,
+    and which did not; "" without a record made with a probe."""
+    probed = [(name, r) for name, r in named if r and r.get("learned") is not None]
+    if not probed:
+        return ""
+    learned = sorted((item for item in probed if item[1]["learned"]), key=lambda item: item[1]["steps"])
+    missed = [(name, r) for name, r in probed if not r["learned"]]
+    return ("The passkey copies learned the task at L (their stopping probe reached its target) after: "
+            + (", ".join(f"{name} {r['steps']} steps" for name, r in learned) or "none")
+            + (f"; not within {max(r['steps'] for _, r in missed)} steps: " + ", ".join(name for name, _ in missed)
+               if missed else "") + ".")
+
+
 def probe(model, length: int, *, samples: int = PROBE_SAMPLES, digits: int = 5,
           device: str | torch.device = "cpu") -> float:
     """Accuracy at ``length`` over ``samples`` samples at each of the five :func:`default_depths`, drawn

@@ -158,7 +158,8 @@ class RetrofitConfig:
     eval_lens: tuple[int, ...] | None = None  # default: L, 2L, 4L … up to `to`
     eval_tokens: int = 8192  # validation tokens scored at each length
     compare: bool = False  # the decision table: passkey accuracy and attention cost too
-    passkey_steps: int = 600  # passkey fine-tune steps of a copy (with compare)
+    passkey_steps: int = 2400  # most passkey fine-tune steps of a copy (with compare)
+    passkey_until: float = 0.9  # a copy stops once it solves this share of a probe at L (0: every step)
     passkey_samples: int = 32  # passkey samples per (length, depth) cell
     device: str = "cpu"  # cpu or cuda[:N]
     seed: int = 0  # seed of the fine-tune batches and the passkey training
@@ -175,6 +176,8 @@ class RetrofitConfig:
         for name in ("finetune_steps", "passkey_steps"):
             check_count(name, getattr(self, name), minimum=0)
         check_rate("finetune_lr", self.finetune_lr)
+        if not 0.0 <= self.passkey_until <= 1.0:
+            raise ConfigError("passkey_until", f"must be an accuracy in [0, 1] (0: every step), got {self.passkey_until}")
         if self.pos_lr_mult is not None:
             check_rate("pos_lr_mult", self.pos_lr_mult)
         for n in self.eval_lens or ():
@@ -288,8 +291,9 @@ class _Run:
         row = {"method": method, "stage": stage, "scheme": model.cfg.scheme,
                "ppl": {n: sc["ppl"] for n, sc in scores.items()},
                "window_loss": {n: sc["window_loss"] for n, sc in scores.items()},  # for the paired table
-               "extra_params": extra, "passkey": self.passkey(model, label) if compare and final else None,
-               "attention_cost": None}
+               "extra_params": extra, "passkey": None, "attention_cost": None}
+        if compare and final:
+            row["passkey"], row["passkey_fit"] = self.passkey(model, label)
         if stage != "before":
             row["options"] = model.cfg.scheme_options
         if row["passkey"] is not None:  # 95% Wilson interval over the depths × samples trials per length
@@ -312,21 +316,32 @@ class _Run:
             self.log(f"[{label}] ppl @ {n}: {got[str(n)]['ppl']:.3f}")
         return {int(k): v for k, v in got.items() if int(k) in self.lens}
 
-    def passkey(self, model: TransformerLM, label: str) -> dict[int, float]:
+    def passkey(self, model: TransformerLM, label: str) -> tuple[dict[int, float], dict[str, Any]]:
+        """Passkey accuracy at L and ``to`` of a copy fine-tuned on the task at L (until its probe
+        reaches ``passkey_until``, :func:`posbias.passkey.teach`), and that fine-tune's record."""
         cfg = self.cfg
-        key = f"passkey:{label}:{cfg.passkey_steps}:{cfg.passkey_samples}"
+        key = f"passkey:{label}:{cfg.passkey_steps}:{cfg.passkey_until:g}:{cfg.passkey_samples}"
         if key not in self.cache:
             copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
             work = self.out / "models" / f"passkey-{store.folder_name(label)}-{self.key}"
-            passkey.train_passkey(copy, length=self.train_len, steps=cfg.passkey_steps, seed=cfg.seed,
-                                  device=cfg.device, progress=self.progress, resume=work, replace_other=True,
-                                  pos_lr_mult=self.pos_lr_mult, log=self.log)  # its progress folder goes once it is done
+            seen = f"{key}:probes"  # each probe as it is made (an interrupted fine-tune's record stays whole)
+
+            def keep(probed: dict[str, float]) -> None:
+                self.cache[seen] = probed
+                self._save()
+
+            fit = passkey.teach(copy, length=self.train_len, steps=cfg.passkey_steps, until=cfg.passkey_until,
+                                probes=self.cache.get(seen), keep=keep, seed=cfg.seed, device=cfg.device,
+                                progress=self.progress, resume=work, replace_other=True, pos_lr_mult=self.pos_lr_mult,
+                                log=self.log)  # its progress folder goes once it is done
             grid = passkey.accuracy_grid(copy, [self.train_len, cfg.to], passkey.default_depths(PASSKEY_DEPTHS),
                                          samples=cfg.passkey_samples, device=cfg.device)
-            self.cache[key] = {str(n): passkey.mean_accuracy(grid, n) for n in grid}
+            self.cache[key] = {"accuracy": {str(n): passkey.mean_accuracy(grid, n) for n in grid}, "fit": fit}
             self._save()
-        self.log(f"[{label}] passkey accuracy: " + ", ".join(f"@{n} {a:.2f}" for n, a in self.cache[key].items()))
-        return {int(k): v for k, v in self.cache[key].items()}
+        got = self.cache[key]
+        self.log(f"[{label}] passkey: {passkey.fit_sentence(got['fit'], cfg.passkey_until, cfg.passkey_steps)}; "
+                 "accuracy " + ", ".join(f"@{n} {a:.2f}" for n, a in got["accuracy"].items()))
+        return {int(k): v for k, v in got["accuracy"].items()}, got["fit"]
 
     def finetuned(self, model: TransformerLM, method: str, path: str | Path, meta: dict[str, Any]) -> TransformerLM:
         """``model`` after the language-model fine-tune at ``to`` (reused from ``out/models`` when made)."""

@@ -150,6 +150,12 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
     assert (tmp_path / "out" / "ppl_vs_length.png").exists()
     assert all(0.0 <= r["passkey"][2 * L] <= 1.0 for r in res.rows if r["stage"] != "no fine-tune")
     assert all(r["passkey"] is None for r in res.rows if r["stage"] == "no fine-tune")
+    # each passkey copy trained until its probe at L reached 0.9 (a tiny model at 2 steps: never), said so
+    fits = [r["passkey_fit"] for r in res.rows if r["passkey"] is not None]
+    assert fits and all(f["steps"] == 2 and f["probes"][0][0] == 0 and f["learned"] is False for f in fits)
+    assert "passkey: a copy trained at L until it solved 0.9 of a probe there, at most 2 steps" in md
+    assert "The passkey copies learned the task at L (their stopping probe reached its target) after: none; " \
+           "not within 2 steps: original (before), pi (fine-tuned 2), yarn (fine-tuned 2), swap-alibi (fine-tuned 2)." in md
     assert all(r["attention_cost"] > 0 for r in res.rows)
     again = run_retrofit(path, cfg, tmp_path / "out", corpus=corpus, progress=False)  # reuses models and caches
     assert [r["ppl"] for r in again.rows] == [r["ppl"] for r in res.rows]
@@ -366,7 +372,7 @@ def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
     assert comparison.verdict((0.1, 0.05, 0.2)) == "hurts" and comparison.verdict((-0.1, -0.2, -0.01)) == "helps"
     assert comparison.verdict((0.0, -0.1, 0.1)) == "≈ 0" and comparison.verdict((0.1, None, None)) == "no interval"
     made = {**rows[0], "context": (0.1, 0.05, 0.2), "distant_keys": None, "keys_beyond_L": None,
-            "attention_beyond_L": None, "bias_drift": None, "rotary_unseen": None, "passkey_learned": None}
+            "attention_beyond_L": None, "bias_drift": None, "rotary_unseen": None, "passkey_fit": None}
     said = comparison.sentences([{**made, "model": "a", "passkey": {L: (0.0, 0.0, 0.1), 8 * L: (0.0, 0.0, 0.1)}},
                                  {**made, "model": "b", "passkey": {L: (0.9, 0.8, 0.95), 8 * L: (0.5, 0.4, 0.6)}},
                                  {**made, "model": "c", "passkey": {L: (0.9, 0.8, 0.95), 8 * L: (0.3, 0.2, 0.5)}}])
@@ -888,16 +894,17 @@ def test_diagnose_records_how_the_passkey_copy_was_taught(tmp_path, corpus, monk
     monkeypatch.setattr(pk, "train_passkey", lambda *a, **k: real(*a, **{**k, "check_every": 2}))
     got = {s: run_diagnose(p, cfg, corpus=corpus, out=tmp_path / "d" / s) for s, p in paths.items()}
     assert (got["t5"].passkey_steps, got["t5"].passkey_max_steps, got["t5"].passkey_until) == (4, 6, 0.9)
-    assert got["t5"].passkey_probes == [(0, 0.0), (2, 0.2), (4, 0.95)]
-    assert got["alibi"].passkey_steps == 6 and got["alibi"].passkey_probes == [(0, 0.0), (2, 0.0), (4, 0.0)]
+    assert got["t5"].passkey_fit == {"steps": 4, "probes": [[0, 0.0], [2, 0.2], [4, 0.95]], "learned": True}
+    assert got["alibi"].passkey_steps == 6
+    assert got["alibi"].passkey_fit == {"steps": 6, "probes": [[0, 0.0], [2, 0.0], [4, 0.0]], "learned": False}
     again = run_diagnose(paths["t5"], cfg, corpus=corpus, out=tmp_path / "d" / "t5")  # no probe left: from the cache
     assert again.to_json() == got["t5"].to_json()
     for s, r in got.items():
         diagnose_report.write(r, tmp_path / "d" / s)
     md = {s: (tmp_path / "d" / s / "report.md").read_text() for s in got}
-    assert "the copy learned the task: 0.95 of the probe at L solved after 4 steps" in md["t5"]
+    assert "it learned the task after 4 steps (0.95 of the probe at L solved)" in md["t5"]
     assert "checked every 2 steps; at most 6 steps" in md["t5"] and "Probe accuracy by step: 0 0.00, 2 0.20, 4 0.95" in md["t5"]
-    assert "the copy did not reach 0.9 of the probe at L within 6 steps (last probe, at step 4: 0.00)" in md["alibi"]
+    assert "it did not reach 0.9 of the probe at L within 6 steps (last probe, at step 4: 0.00)" in md["alibi"]
     said = comparison.sentences([comparison.row(s, r) for s, r in got.items()])
     assert ("The passkey copies learned the task at L (their stopping probe reached its target) after: t5 4 steps; "
             "not within 6 steps: alibi.") in said
@@ -915,7 +922,7 @@ def test_an_interrupted_passkey_copy_keeps_every_probe(tmp_path, corpus, monkeyp
     monkeypatch.setattr(pk, "train_passkey", lambda *a, **k: real_train(*a, **{**k, "check_every": 2}))
     monkeypatch.setattr(ft, "finetune", lambda *a, **k: real_ft(*a, **{**k, "save_every_s": 0}))
     want = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "solo").to_json()
-    assert want["passkey_steps"] == 6 and [s for s, _ in want["passkey_probes"]] == [0, 2, 4]
+    assert want["passkey_steps"] == 6 and [s for s, _ in want["passkey_fit"]["probes"]] == [0, 2, 4]
 
     class Stop(Exception):
         pass

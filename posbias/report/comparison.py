@@ -45,10 +45,7 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
         "bias_drift": None if r.bias_drift is None else max(r.bias_drift),
         "rotary_unseen": None if r.rotary is None else (len(unseen_pairs(r)), len(r.rotary["unseen"])),
         "passkey": None,
-        "passkey_steps": r.passkey_steps if r.passkey else None,
-        # the fine-tune's stopping probe at L reached its target (None: it trained every step, without a probe)
-        "passkey_learned": (bool(r.passkey_probes) and r.passkey_probes[-1][1] >= r.passkey_until)
-        if r.passkey and r.passkey_until else None,
+        "passkey_fit": r.passkey_fit if r.passkey else None,  # the copy's fine-tune: steps, probes, learned
     }
     if r.passkey:
         trials = len(next(iter(r.passkey.values()))) * r.passkey_samples
@@ -156,14 +153,9 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
     if rotary:
         said.append("Rotary pairs that meet angles past L never seen in the training at L: " + ", ".join(
             f"{r['rotary_unseen'][0]} of {r['rotary_unseen'][1]} in {r['model']}" for r in rotary) + ".")
-    probed = [r for r in rows if r.get("passkey_learned") is not None]
-    if probed:
-        learned = sorted((r for r in probed if r["passkey_learned"]), key=lambda r: r["passkey_steps"])
-        missed = [r for r in probed if not r["passkey_learned"]]
-        said.append("The passkey copies learned the task at L (their stopping probe reached its target) after: "
-                    + (", ".join(f"{r['model']} {r['passkey_steps']} steps" for r in learned) or "none")
-                    + (f"; not within {max(r['passkey_steps'] for r in missed)} steps: "
-                       + ", ".join(r["model"] for r in missed) if missed else "") + ".")
+    learned = passkey.learned_sentence([(r["model"], r.get("passkey_fit")) for r in rows])
+    if learned:
+        said.append(learned)
     tested = [r for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] > 0]
     untaught = [r["model"] for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] == 0]
     if untaught:

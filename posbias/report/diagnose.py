@@ -10,7 +10,7 @@ import torch
 
 from .. import passkey, store
 from ..config import Log, quiet
-from ..diagnose import DiagnoseResult, fit_sentence, kept_row
+from ..diagnose import DiagnoseResult, kept_row
 from . import corpus_line, md_table
 
 
@@ -282,13 +282,11 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
                  "its training length, so the rows past L say nothing about retrieval there. Raise --passkey-steps "
                  f"(beyond {r.passkey_max_steps}).", ""]
                 if at_l and not any(at_l.values()) else [])
-    if r.passkey_until:
-        fit = (f"A copy fine-tuned on passkey samples of {r.train_len} bytes until it solved {r.passkey_until:g} of a "
-               f"probe at L ({passkey.PROBE_SAMPLES * 5} samples of its own, checked every {passkey.PROBE_EVERY} steps; at most "
-               f"{r.passkey_max_steps} steps): {fit_sentence(r.passkey_steps, r.passkey_max_steps, r.passkey_until, r.passkey_probes)}. "
-               "Probe accuracy by step: " + ", ".join(f"{s} {a:.2f}" for s, a in r.passkey_probes) + ". ")
-    else:
-        fit = f"A copy fine-tuned for {r.passkey_steps} steps on passkey samples of {r.train_len} bytes. "
+    fit = (f"A copy fine-tuned on passkey samples of {r.train_len} bytes until it solved {r.passkey_until:g} of a "
+           f"probe at L ({passkey.PROBE_SAMPLES * 5} samples of its own, checked every {passkey.PROBE_EVERY} steps; at "
+           f"most {r.passkey_max_steps} steps): {passkey.fit_sentence(r.passkey_fit, r.passkey_until, r.passkey_max_steps)}. "
+           "Probe accuracy by step: " + ", ".join(f"{s} {a:.2f}" for s, a in r.passkey_fit["probes"]) + ". "
+           if r.passkey_until else f"A copy fine-tuned for {r.passkey_steps} steps on passkey samples of {r.train_len} bytes. ")
     return (["## Passkey retrieval", "",
              fit + f"Its positional parameters at {r.passkey_lr_mult:g}× the learning rate, as in training. Accuracy "
              f"over {r.passkey_samples} samples per cell (depth 0 = key at the start of the window):", ""]

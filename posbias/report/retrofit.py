@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .. import store
+from .. import passkey, store
 from ..config import Log, quiet
 from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
 from . import corpus_line, md_table, paired_cell
@@ -61,7 +61,10 @@ def markdown(result: RetrofitResult) -> str:
     lines += _paired_section(result)
     if any(r.get("passkey") for r in rows):
         far = [n for n in lens if n > L]
-        lines += ["", f"Decision table (passkey: trained at L, mean accuracy over {PASSKEY_DEPTHS} depths with its 95% "
+        cfg = result.config
+        taught = (f"a copy trained at L until it solved {cfg.passkey_until:g} of a probe there, at most "
+                  f"{cfg.passkey_steps} steps" if cfg.passkey_until else f"a copy trained at L for {cfg.passkey_steps} steps")
+        lines += ["", f"Decision table (passkey: {taught}; mean accuracy over {PASSKEY_DEPTHS} depths with its 95% "
                   "Wilson interval; attention cost: a "
                   f"forward pass at {to} tokens relative to the original model, same run):", ""] + md_table(
             ["method", "stage", f"near-range ppl @ {L}", *(f"ppl @ {n}" for n in far), f"passkey @ {L}",
@@ -69,6 +72,10 @@ def markdown(result: RetrofitResult) -> str:
             [[r["method"], r["stage"], f"{r['ppl'][L]:.3f}", *(f"{r['ppl'][n]:.3f}" for n in far),
               _passkey_cell(r, L), _passkey_cell(r, to), f"{r['extra_params']:+d}",
               f"{r['attention_cost']:.2f}×"] for r in rows if r.get("passkey")])
+        learned = passkey.learned_sentence([(f"{r['method']} ({r['stage']})", r.get("passkey_fit"))
+                                            for r in rows if r.get("passkey")])
+        if learned:
+            lines += ["", learned]
         untaught = [f"{r['method']} ({r['stage']})" for r in rows if r.get("passkey") and r["passkey"][L] == 0]
         if untaught:
             lines += ["", f"No passkey sample was solved at L = {L} by: {', '.join(untaught)}. The passkey fine-tune "
