@@ -3,11 +3,9 @@ file plus one registry line."""
 
 import ast
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import posbias
 from posbias.cli import main

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
     pytest.skip("the integration targets transformers >= 5", allow_module_level=True)
 
-from posbias import attention_reference, build  # noqa: E402
+from posbias import build  # noqa: E402
 from posbias.integrations.hf import (POSBIAS_FROM, accelerate, mask_documents, mask_kind, restore,  # noqa: E402
                                      scheme_from_hf, schemes_from_pretrained, t5_to_hf)
 

@@ -7,7 +7,7 @@ from _helpers import DEVICES, assert_same_grads, compare, randomized
 
 import posbias
 from posbias import SCHEMES, build
-from posbias.attention import BACKENDS, attention, attention_probs, attention_reference, choose_backend, resolve, usable
+from posbias.attention import BACKENDS, attention, attention_probs, attention_reference, choose_backend
 
 CASES = [
     ("t5", "windowed", {"max_distance": 40}, True),

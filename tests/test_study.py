@@ -559,7 +559,6 @@ def test_ddp_two_processes_match_single_process(corpus, tmp_path):
 def test_readme_workflow_snippet_runs(tmp_path, monkeypatch):
     """The README's library example (config → run → report) runs as written, with fewer steps."""
     import re
-    from pathlib import Path
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     snippet = re.search(r"The workflows are plain library calls too:\n\n```python\n(.*?)```", readme, re.S).group(1)
