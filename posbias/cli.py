@@ -412,10 +412,11 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-lens", type=int, nargs="+", help="default: L, 2L, 4L … up to --to")
     p.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens scored at each length")
     p.add_argument("--passkey-steps", type=int, default=2400,
-                   help="the most steps of each passkey fine-tune (with --compare)")
-    p.add_argument("--passkey-until", type=float, default=0.9,
-                   help="end a passkey fine-tune once the copy solves this share of a probe at the training length "
-                        "(checked every 100 steps); 0 trains every step")
+                   help="steps of each passkey fine-tune (with --compare); a probe at the training length every 100 "
+                        "steps records when each copy learned the task")
+    p.add_argument("--passkey-until", type=float, default=0.0,
+                   help="end a passkey fine-tune once the copy solves this share of the probe (faster, but its "
+                        "accuracy past L then compares only with copies stopped the same way); 0 trains every step")
     _add_checkpoint_job_arguments(p, "retrofit", cmd_retrofit)
 
 
@@ -496,10 +497,11 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-tokens", type=int, default=8192,
                    help="validation tokens for the loss by position (at least one window)")
     p.add_argument("--passkey-steps", type=int, default=2400,
-                   help="the most steps of the passkey fine-tune; 0 skips the passkey test")
-    p.add_argument("--passkey-until", type=float, default=0.9,
-                   help="end the passkey fine-tune once the copy solves this share of a probe at the training "
-                        "length (checked every 100 steps); 0 trains every step")
+                   help="steps of the passkey fine-tune (0 skips the passkey test); a probe at the training length "
+                        "every 100 steps records when the copy learned the task")
+    p.add_argument("--passkey-until", type=float, default=0.0,
+                   help="end the passkey fine-tune once the copy solves this share of the probe (faster, but its "
+                        "accuracy past L then compares only with copies stopped the same way); 0 trains every step")
     p.add_argument("--passkey-samples", type=int, default=24, help="passkey samples per (length, depth) cell")
     _add_checkpoint_job_arguments(p, "diagnose", cmd_diagnose)
 

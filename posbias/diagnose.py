@@ -313,8 +313,8 @@ class DiagnoseConfig:
     length: int | None = None  # window examined (default 8 × the training length)
     windows: int = 4  # validation windows for the attention statistics
     eval_tokens: int = 8192  # validation tokens for the loss by position (at least one window)
-    passkey_steps: int = 2400  # most passkey fine-tune steps of a copy (0: no passkey test)
-    passkey_until: float = 0.9  # the copy stops once it solves this share of a probe at L (0: every step)
+    passkey_steps: int = 2400  # passkey fine-tune steps of a copy (0: no passkey test)
+    passkey_until: float = 0.0  # > 0: the copy stops once it solves this share of a probe at L (0: every step)
     passkey_samples: int = 24  # passkey samples per (length, depth) cell
     device: str = "cpu"  # cpu or cuda[:N]
     threads: int = 2  # torch intra-op threads, fixed for reproducible results
@@ -355,9 +355,9 @@ class DiagnoseResult:
     bias_drift: list[float] | None = None  # per head: the bias's change over distances < L, query L−1 → length−1
     rotary: dict[str, list] | None = None  # rotary schemes: per frequency pair, rotary_angles()
     passkey: dict[str, dict[str, float]] | None = None  # length → depth → accuracy
-    passkey_steps: int = 0  # the steps the copy trained (fewer than the most allowed where it learned the task)
-    passkey_max_steps: int = 0  # the most it could train
-    passkey_until: float = 0.0  # the probe accuracy at L that ended its fine-tune (0: it trained every step)
+    passkey_steps: int = 0  # the steps the copy trained (fewer than passkey_max_steps where until stopped it)
+    passkey_max_steps: int = 0  # the steps it was given
+    passkey_until: float = 0.0  # the probe accuracy at L that would end its fine-tune (0: none, it trained every step)
     passkey_fit: dict[str, Any] = field(default_factory=dict)  # the copy's fine-tune (passkey.teach's record)
     passkey_samples: int = 0
     passkey_skipped: str = ""  # why a requested passkey test did not run
@@ -500,7 +500,8 @@ def _measure_bias(result: DiagnoseResult) -> None:
 
 
 def _fit_name(cfg: DiagnoseConfig) -> str:
-    """The passkey copy's fine-tune in a name: ``ft2400-until0.9`` (at most 2,400 steps, until 0.9 at L)."""
+    """The passkey copy's fine-tune in a name: ``ft2400`` (2,400 steps), ``ft2400-until0.9`` (fewer once
+    0.9 of the probe at L is solved)."""
     return f"ft{cfg.passkey_steps}" + (f"-until{cfg.passkey_until:g}" if cfg.passkey_until else "")
 
 
@@ -535,15 +536,15 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, result: DiagnoseResult, 
 
 def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_len: int, progress: bool, log: Log,
                   mdir: Path | None, cache: _Cache, fit: str) -> TransformerLM:
-    """A copy of ``model`` fine-tuned on passkey retrieval at ``train_len`` (until it solves
-    ``cfg.passkey_until`` of the probe at L, or for every step): the one in ``mdir`` when a run made it
-    (its record in ``cache`` under ``fit``), else trained now (its progress in ``mdir/last`` meanwhile),
-    saved there and recorded (steps trained, probes)."""
+    """A copy of ``model`` fine-tuned on passkey retrieval at ``train_len`` (every step, or until it
+    solves ``cfg.passkey_until`` of the probe at L): the one in ``mdir`` when a run made it (its record
+    in ``cache`` under ``fit``), else trained now (its progress in ``mdir/last`` meanwhile), saved there
+    and recorded (:func:`posbias.passkey.teach`)."""
     if mdir is not None and ckpt.exists(mdir) and fit in cache.data:
         log(f"passkey: reusing the fine-tuned copy in {mdir}")
         return ckpt.load_model(mdir).to(cfg.device)
-    until = f", until it solves {cfg.passkey_until:g} of a probe at L" if cfg.passkey_until else ""
-    log(f"passkey: fine-tuning a copy for at most {cfg.passkey_steps} steps at {train_len}{until} …")
+    until = f" (fewer once it solves {cfg.passkey_until:g} of a probe at L)" if cfg.passkey_until else ""
+    log(f"passkey: fine-tuning a copy for {cfg.passkey_steps} steps at {train_len}{until} …")
     copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
     seen = f"{fit}:probes"  # each probe as it is made (an interrupted fine-tune's record stays whole)
     record = passkey.teach(copy, length=train_len, steps=cfg.passkey_steps, until=cfg.passkey_until,
@@ -554,5 +555,5 @@ def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_
         ckpt.save_checkpoint(mdir, copy, extra={"passkey": {"length": train_len, "max_steps": cfg.passkey_steps,
                                                             "until": cfg.passkey_until, **record}})
     cache.put(fit, record)
-    log(f"passkey: {passkey.fit_sentence(record, cfg.passkey_until, cfg.passkey_steps)}")
+    log(f"passkey: {passkey.fit_sentence(record)}")
     return copy

@@ -32,9 +32,10 @@ from .schemes.base import check_int
 FILLER = (b"the grass is green. the sky is blue. the sun is yellow. here we go. there and back again. "
           b"a river runs to the sea. birds sing in the morning. the wind is cold tonight. ")
 KEY_OPEN, KEY_CLOSE, QUESTION = b" key=", b"; ", b" ?key="
-PROBE_SEED = 4321  # the stopping probe's samples (accuracy grids use 1234)
-PROBE_SAMPLES = 8  # the stopping probe's samples per depth (40 in all)
-PROBE_EVERY = 100  # steps between the stopping probes
+PROBE_SEED = 4321  # the fine-tune probe's samples (accuracy grids use 1234)
+PROBE_SAMPLES = 8  # the fine-tune probe's samples per depth (40 in all)
+PROBE_EVERY = 100  # steps between the probes
+LEARNED = 0.9  # the probe accuracy at which a fine-tune counts as having learned the task
 
 
 def overhead(digits: int) -> int:
@@ -128,15 +129,15 @@ def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: f
                   probe_samples: int = PROBE_SAMPLES, on_probe: Callable[[int, float], None] | None = None) -> list[float]:
     """Fine-tune ``model`` in place on passkey samples of ``length`` bytes; returns the losses.
 
-    ``until`` > 0: stop once the model has learned the task, that is once its accuracy at ``length``
+    Given ``on_probe(step, accuracy)`` or ``until``, the model's accuracy at ``length`` is probed
     (:func:`probe`: ``probe_samples`` samples at each of five depths, other samples than any test's)
-    reaches ``until``; probed before every ``check_every``-th step, so a model that already solves it
-    trains 0 steps, and ``steps`` is then the most it trains. ``on_probe(step, accuracy)`` sees each
-    probe. ``resume``: a folder for the fine-tune's progress (:func:`posbias.finetune.finetune`; the
-    batches' generator travels with it), so that an interrupted run continues bit-identically instead
-    of starting again; removed once the fine-tune is done. It is keyed by every setting here and the
-    starting weights; another fine-tune's progress there is refused, or with ``replace_other`` (a
-    folder the caller owns) replaced."""
+    before every ``check_every``-th step; a probe changes nothing the fine-tune computes. ``until`` > 0
+    stops the fine-tune at the first probe that reaches it (a model that already solves the task
+    trains 0 steps; ``steps`` is then the most it trains). ``resume``: a folder for the fine-tune's
+    progress (:func:`posbias.finetune.finetune`; the batches' generator travels with it), so that an
+    interrupted run continues bit-identically instead of starting again; removed once the fine-tune is
+    done. It is keyed by every setting here and the starting weights; another fine-tune's progress
+    there is refused, or with ``replace_other`` (a folder the caller owns) replaced."""
     from .finetune import finetune
 
     if not 0.0 <= until <= 1.0:
@@ -150,26 +151,27 @@ def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: f
         got = probe(model, length, samples=probe_samples, digits=digits, device=device)
         if on_probe is not None:
             on_probe(step, got)
-        return got >= until
+        return until > 0 and got >= until
 
     losses = finetune(model, lambda step: make_batch(batch_size, length, digits=digits, generator=g).to(device),
                       lambda m, b: answer_loss(m, b, digits), steps=steps, lr=lr, progress=progress,
                       desc=f"passkey@{length}", resume=resume, generator=g, identity=identity,
                       replace_other=replace_other, pos_lr_mult=pos_lr_mult, log=log,
-                      stop=learned if until > 0 else None, check_every=check_every)
+                      stop=learned if until > 0 or on_probe is not None else None, check_every=check_every)
     if resume is not None:  # the fine-tuned model is the caller's, in memory: the progress is of no further use
         shutil.rmtree(resume, ignore_errors=True)
     return losses
 
 
-def teach(model, *, length: int, steps: int, until: float, probes: dict[str, float] | None = None,
+def teach(model, *, length: int, steps: int, until: float = 0.0, probes: dict[str, float] | None = None,
           keep: Callable[[dict[str, float]], None] | None = None, **kwargs) -> dict:
-    """:func:`train_passkey` until the probe at ``length`` reaches ``until`` (or for every step with
-    ``until`` 0), recording each probe in ``probes`` (step as a string → accuracy; give the ones an
-    interrupted run kept, so that a fine-tune resumed from its progress, which repeats only the probes
-    after its last save, with the same values, leaves a whole record) and handing it to ``keep`` as each
-    is made. Returns the record: ``{"steps": trained, "probes": [[step, accuracy], …], "learned": the
-    last probe reached until (None without a probe)}``."""
+    """:func:`train_passkey` with its probe at ``length`` recorded: every step, or with ``until`` > 0
+    until a probe reaches it. Each probe goes into ``probes`` (step as a string → accuracy; give the
+    ones an interrupted run kept, so that a fine-tune resumed from its progress, which repeats only the
+    probes after its last save, with the same values, leaves a whole record) and to ``keep`` as it is
+    made. Returns the record: ``{"steps": trained, "probes": [[step, accuracy], …], "target": the
+    accuracy that counts as learned (until, else LEARNED), "learned_at": the first probe's step that
+    reached it (None: none did), "stopped": it ended before ``steps``}``."""
     probed = dict(probes or {})
 
     def seen(step: int, accuracy: float) -> None:
@@ -179,30 +181,35 @@ def teach(model, *, length: int, steps: int, until: float, probes: dict[str, flo
 
     losses = train_passkey(model, length=length, steps=steps, until=until, on_probe=seen, **kwargs)
     got = sorted([int(k), a] for k, a in probed.items() if int(k) <= len(losses))
-    return {"steps": len(losses), "probes": got, "learned": bool(got) and got[-1][1] >= until if until else None}
+    target = until or LEARNED
+    return {"steps": len(losses), "probes": got, "target": target,
+            "learned_at": next((step for step, a in got if a >= target), None), "stopped": len(losses) < steps}
 
 
-def fit_sentence(record: dict, until: float, most: int) -> str:
-    """How a passkey fine-tune of :func:`teach` ended, in words."""
-    probes = record["probes"]
-    if not until:
-        return f"trained for every one of its {record['steps']} steps"
-    if record["learned"]:
-        return f"it learned the task after {record['steps']} steps ({probes[-1][1]:.2f} of the probe at L solved)"
-    last = f" (last probe, at step {probes[-1][0]}: {probes[-1][1]:.2f})" if probes else ""
-    return f"it did not reach {until:g} of the probe at L within {most} steps{last}"
+def fit_sentence(record: dict) -> str:
+    """How a passkey fine-tune of :func:`teach` went, in words."""
+    steps, target, probes = record["steps"], record["target"], record["probes"]
+    if record["stopped"]:
+        return f"it learned the task (≥ {target:g} of the probe at L) after {steps} steps and stopped there"
+    if record["learned_at"] is not None:
+        return f"it trained all {steps} steps and had learned the task (≥ {target:g} of the probe at L) by step " \
+               f"{record['learned_at']}"
+    last = f" (the last, at step {probes[-1][0]}: {probes[-1][1]:.2f})" if probes else ""
+    return f"it trained all {steps} steps and its probe at L never reached {target:g}{last}"
 
 
-def learned_sentence(named: list[tuple[str, dict]]) -> str:
-    """Which passkey copies learned the task at L (by :func:`teach`'s records), after how many steps,
-    and which did not; "" without a record made with a probe."""
-    probed = [(name, r) for name, r in named if r and r.get("learned") is not None]
+def learned_sentence(named: list[tuple[str, dict | None]]) -> str:
+    """Which passkey copies learned the task at L (by :func:`teach`'s records) by which step, and which
+    did not; "" without a record."""
+    probed = [(name, r) for name, r in named if r and "learned_at" in r]
     if not probed:
         return ""
-    learned = sorted((item for item in probed if item[1]["learned"]), key=lambda item: item[1]["steps"])
-    missed = [(name, r) for name, r in probed if not r["learned"]]
-    return ("The passkey copies learned the task at L (their stopping probe reached its target) after: "
-            + (", ".join(f"{name} {r['steps']} steps" for name, r in learned) or "none")
+    learned = sorted((item for item in probed if item[1]["learned_at"] is not None),
+                     key=lambda item: item[1]["learned_at"])
+    missed = [(name, r) for name, r in probed if r["learned_at"] is None]
+    target = probed[0][1]["target"]
+    return (f"The passkey copies had learned the task at L (≥ {target:g} of their probe) by step: "
+            + (", ".join(f"{name} {r['learned_at']}" for name, r in learned) or "none")
             + (f"; not within {max(r['steps'] for _, r in missed)} steps: " + ", ".join(name for name, _ in missed)
                if missed else "") + ".")
 
@@ -210,7 +217,7 @@ def learned_sentence(named: list[tuple[str, dict]]) -> str:
 def probe(model, length: int, *, samples: int = PROBE_SAMPLES, digits: int = 5,
           device: str | torch.device = "cpu") -> float:
     """Accuracy at ``length`` over ``samples`` samples at each of the five :func:`default_depths`, drawn
-    with a seed of its own (:data:`PROBE_SEED`): a fine-tune's stopping test, on samples no accuracy
+    with a seed of its own (:data:`PROBE_SEED`): the fine-tunes' progress test, on samples no accuracy
     grid measures."""
     depths = default_depths(5)
     return sum(accuracy(model, length, d, samples=samples, digits=digits, seed=PROBE_SEED, device=device)

@@ -158,8 +158,8 @@ class RetrofitConfig:
     eval_lens: tuple[int, ...] | None = None  # default: L, 2L, 4L … up to `to`
     eval_tokens: int = 8192  # validation tokens scored at each length
     compare: bool = False  # the decision table: passkey accuracy and attention cost too
-    passkey_steps: int = 2400  # most passkey fine-tune steps of a copy (with compare)
-    passkey_until: float = 0.9  # a copy stops once it solves this share of a probe at L (0: every step)
+    passkey_steps: int = 2400  # passkey fine-tune steps of a copy (with compare)
+    passkey_until: float = 0.0  # > 0: a copy stops once it solves this share of a probe at L (0: every step)
     passkey_samples: int = 32  # passkey samples per (length, depth) cell
     device: str = "cpu"  # cpu or cuda[:N]
     seed: int = 0  # seed of the fine-tune batches and the passkey training
@@ -317,8 +317,8 @@ class _Run:
         return {int(k): v for k, v in got.items() if int(k) in self.lens}
 
     def passkey(self, model: TransformerLM, label: str) -> tuple[dict[int, float], dict[str, Any]]:
-        """Passkey accuracy at L and ``to`` of a copy fine-tuned on the task at L (until its probe
-        reaches ``passkey_until``, :func:`posbias.passkey.teach`), and that fine-tune's record."""
+        """Passkey accuracy at L and ``to`` of a copy fine-tuned on the task at L
+        (:func:`posbias.passkey.teach`), and that fine-tune's record."""
         cfg = self.cfg
         key = f"passkey:{label}:{cfg.passkey_steps}:{cfg.passkey_until:g}:{cfg.passkey_samples}"
         if key not in self.cache:
@@ -339,7 +339,7 @@ class _Run:
             self.cache[key] = {"accuracy": {str(n): passkey.mean_accuracy(grid, n) for n in grid}, "fit": fit}
             self._save()
         got = self.cache[key]
-        self.log(f"[{label}] passkey: {passkey.fit_sentence(got['fit'], cfg.passkey_until, cfg.passkey_steps)}; "
+        self.log(f"[{label}] passkey: {passkey.fit_sentence(got['fit'])}; "
                  "accuracy " + ", ".join(f"@{n} {a:.2f}" for n, a in got["accuracy"].items()))
         return {int(k): v for k, v in got["accuracy"].items()}, got["fit"]
 

@@ -152,9 +152,9 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
     assert all(r["passkey"] is None for r in res.rows if r["stage"] == "no fine-tune")
     # each passkey copy trained until its probe at L reached 0.9 (a tiny model at 2 steps: never), said so
     fits = [r["passkey_fit"] for r in res.rows if r["passkey"] is not None]
-    assert fits and all(f["steps"] == 2 and f["probes"][0][0] == 0 and f["learned"] is False for f in fits)
-    assert "passkey: a copy trained at L until it solved 0.9 of a probe there, at most 2 steps" in md
-    assert "The passkey copies learned the task at L (their stopping probe reached its target) after: none; " \
+    assert fits and all(f["steps"] == 2 and f["probes"][0][0] == 0 and f["learned_at"] is None for f in fits)
+    assert "passkey: a copy trained at L for 2 steps;" in md
+    assert "The passkey copies had learned the task at L (≥ 0.9 of their probe) by step: none; " \
            "not within 2 steps: original (before), pi (fine-tuned 2), yarn (fine-tuned 2), swap-alibi (fine-tuned 2)." in md
     assert all(r["attention_cost"] > 0 for r in res.rows)
     again = run_retrofit(path, cfg, tmp_path / "out", corpus=corpus, progress=False)  # reuses models and caches
@@ -205,7 +205,7 @@ def test_diagnose_rerun_measures_only_what_it_lacks(tmp_path, corpus, monkeypatc
     cfg = DiagnoseConfig(length=2 * L, windows=2, eval_tokens=400, passkey_steps=3, passkey_samples=2)
     first = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d").to_json()
     key = diagnose_mod.source_key(path, cfg, corpus)
-    assert (tmp_path / "d" / f"cache-{key}.json").exists() and ckpt.exists(tmp_path / "d" / "models" / f"passkey-ft3-until0.9-{key}")
+    assert (tmp_path / "d" / f"cache-{key}.json").exists() and ckpt.exists(tmp_path / "d" / "models" / f"passkey-ft3-{key}")
     calls = {}
 
     def counted(name, real):
@@ -321,7 +321,7 @@ def test_discover_finds_every_model_a_path_names(tmp_path):
     every finished model by its folder's name; unfinished models and passkey copies aside."""
     model = TransformerLM(ModelConfig(scheme="alibi", **TINY))
     models = tmp_path / "study" / "models"
-    for sub in ("t5-seed0-0123456789/final", "alibi-seed1-abcdef0123/last", "passkey-ft3-until0.9-0123456789",
+    for sub in ("t5-seed0-0123456789/final", "alibi-seed1-abcdef0123/last", "passkey-ft3-0123456789",
                 "swap-t5-ft5-0123456789"):
         ckpt.save_checkpoint(models / sub, model, extra={"train": {"seq_len": L}})
     want = [("swap-t5-ft5-0123456789", models / "swap-t5-ft5-0123456789"),
@@ -764,7 +764,7 @@ def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, m
     from posbias import passkey
 
     dcfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=3, passkey_samples=1)
-    kept = tmp_path / "d" / "models" / f"passkey-ft3-until0.9-{diagnose_mod.source_key(path, dcfg, corpus)}"
+    kept = tmp_path / "d" / "models" / f"passkey-ft3-{diagnose_mod.source_key(path, dcfg, corpus)}"
     stale = kept / "last"  # left by an interrupted fine-tune of other settings (an older posbias, say)
     g = torch.Generator().manual_seed(0)
     ft.finetune(ckpt.load_model(tiny_checkpoint(tmp_path / "other", "alibi")),
@@ -869,6 +869,10 @@ def test_passkey_finetune_until_stops_once_the_probe_is_solved(tmp_path, monkeyp
     assert len(losses) == 4 and probed == [(0, 0.0), (2, 0.5), (4, 0.95)] and seen == [(L, 3)] * 3
     monkeypatch.setattr(passkey, "probe", lambda model, length, **kw: 1.0)
     assert passkey.train_passkey(ckpt.load_model(src), length=L, steps=12, batch_size=2, until=0.5) == []
+    probed[:] = []  # probed without until: every check, never stopping
+    losses = passkey.train_passkey(ckpt.load_model(src), length=L, steps=5, batch_size=2, check_every=2,
+                                   on_probe=lambda s, a: probed.append((s, a)))
+    assert len(losses) == 5 and probed == [(0, 1.0), (2, 1.0), (4, 1.0)]
     with pytest.raises(ValueError, match="until must be an accuracy in \\[0, 1\\].*got 1.5"):
         passkey.train_passkey(ckpt.load_model(src), length=L, steps=2, until=1.5)
     monkeypatch.undo()
@@ -877,14 +881,22 @@ def test_passkey_finetune_until_stops_once_the_probe_is_solved(tmp_path, monkeyp
     got = passkey.probe(model, L, samples=2)
     want = sum(passkey.accuracy(model, L, d, samples=2, seed=passkey.PROBE_SEED) for d in passkey.default_depths(5))
     assert got == want / 5 and passkey.PROBE_SEED != 1234
+    # probing changes nothing the fine-tune computes: the same losses and weights as without a probe
+    plain, probed_model = ckpt.load_model(src), ckpt.load_model(src)
+    kw = dict(length=L, steps=4, batch_size=2, lr=3e-3)
+    assert passkey.train_passkey(plain, **kw) == passkey.train_passkey(probed_model, check_every=1,
+                                                                       on_probe=lambda s, a: None, **kw)
+    for (name, a), b in zip(plain.state_dict().items(), probed_model.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_diagnose_records_how_the_passkey_copy_was_taught(tmp_path, corpus, monkeypatch):
     """The diagnosis keeps the copy's steps and probes (a re-run reads them from its cache), says in
-    the report whether the probe reached ``passkey_until``, and the comparison lists the steps."""
+    the report by which step the probe reached the target (every step trained by default; with
+    ``passkey_until``, stopped there), and the comparison lists those steps."""
     from posbias.report import comparison
 
-    answers = {"t5": iter([0.0, 0.2, 0.95]), "alibi": iter([0.0] * 10)}
+    answers = {"t5": iter([0.0, 0.2, 0.95]), "alibi": iter([0.0] * 10), "rope": iter([0.0, 0.92, 0.5])}
     paths = {s: tiny_checkpoint(tmp_path / s, s) for s in answers}
     monkeypatch.setattr(passkey, "probe", lambda model, length, **kw: next(answers[model.cfg.scheme]))
     monkeypatch.setattr(passkey, "PROBE_EVERY", 2)  # the report states it
@@ -892,21 +904,27 @@ def test_diagnose_records_how_the_passkey_copy_was_taught(tmp_path, corpus, monk
     import posbias.passkey as pk
     real = pk.train_passkey
     monkeypatch.setattr(pk, "train_passkey", lambda *a, **k: real(*a, **{**k, "check_every": 2}))
-    got = {s: run_diagnose(p, cfg, corpus=corpus, out=tmp_path / "d" / s) for s, p in paths.items()}
+    got = {s: run_diagnose(p, dataclasses.replace(cfg, passkey_until=0.9 if s == "t5" else 0.0), corpus=corpus,
+                           out=tmp_path / "d" / s) for s, p in paths.items()}
     assert (got["t5"].passkey_steps, got["t5"].passkey_max_steps, got["t5"].passkey_until) == (4, 6, 0.9)
-    assert got["t5"].passkey_fit == {"steps": 4, "probes": [[0, 0.0], [2, 0.2], [4, 0.95]], "learned": True}
-    assert got["alibi"].passkey_steps == 6
-    assert got["alibi"].passkey_fit == {"steps": 6, "probes": [[0, 0.0], [2, 0.0], [4, 0.0]], "learned": False}
-    again = run_diagnose(paths["t5"], cfg, corpus=corpus, out=tmp_path / "d" / "t5")  # no probe left: from the cache
+    assert got["t5"].passkey_fit == {"steps": 4, "probes": [[0, 0.0], [2, 0.2], [4, 0.95]], "target": 0.9,
+                                     "learned_at": 4, "stopped": True}
+    assert got["alibi"].passkey_fit == {"steps": 6, "probes": [[0, 0.0], [2, 0.0], [4, 0.0]], "target": 0.9,
+                                        "learned_at": None, "stopped": False}
+    assert got["rope"].passkey_fit["learned_at"] == 2 and got["rope"].passkey_steps == 6  # learned, trained on
+    again = run_diagnose(paths["t5"], dataclasses.replace(cfg, passkey_until=0.9), corpus=corpus,
+                         out=tmp_path / "d" / "t5")  # no probe answer left: all from the cache
     assert again.to_json() == got["t5"].to_json()
     for s, r in got.items():
         diagnose_report.write(r, tmp_path / "d" / s)
     md = {s: (tmp_path / "d" / s / "report.md").read_text() for s in got}
-    assert "it learned the task after 4 steps (0.95 of the probe at L solved)" in md["t5"]
-    assert "checked every 2 steps; at most 6 steps" in md["t5"] and "Probe accuracy by step: 0 0.00, 2 0.20, 4 0.95" in md["t5"]
-    assert "it did not reach 0.9 of the probe at L within 6 steps (last probe, at step 4: 0.00)" in md["alibi"]
+    assert "A copy fine-tuned for 6 steps (fewer once it solved 0.9 of the probe) on passkey samples" in md["t5"]
+    assert "it learned the task (≥ 0.9 of the probe at L) after 4 steps and stopped there" in md["t5"]
+    assert "every 2 steps) shows how it learned" in md["t5"] and "Probe accuracy by step: 0 0.00, 2 0.20, 4 0.95" in md["t5"]
+    assert "it trained all 6 steps and its probe at L never reached 0.9 (the last, at step 4: 0.00)" in md["alibi"]
+    assert "it trained all 6 steps and had learned the task (≥ 0.9 of the probe at L) by step 2" in md["rope"]
     said = comparison.sentences([comparison.row(s, r) for s, r in got.items()])
-    assert ("The passkey copies learned the task at L (their stopping probe reached its target) after: t5 4 steps; "
+    assert ("The passkey copies had learned the task at L (≥ 0.9 of their probe) by step: rope 2, t5 4; "
             "not within 6 steps: alibi.") in said
 
 

@@ -184,12 +184,18 @@ def write(named: list[tuple[str, DiagnoseResult]], out: str | Path, *, log: Log 
 
 
 def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
-    """Two panels, one line per model, positions in units of L: Δ (full − cut) by position, and the
-    attention on keys at distance ≥ L (mean over layers and heads) by query position."""
+    """One line per model, positions in units of L: Δ (full − cut) by position, the attention on keys
+    at distance ≥ L (mean over layers and heads) by query position, and, where the models were given
+    the passkey test, its mean accuracy by length (dotted: a copy that solved no sample at L, whose
+    line says nothing about retrieval past L)."""
+    from matplotlib.ticker import FuncFormatter
+
     from ..plot import pyplot, save_figure
 
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    keyed = [r for _, r in named if r.passkey]
+    fig, axes = plt.subplots(1, 3 if keyed else 2, figsize=(17 if keyed else 12, 4.2))
+    left, right = axes[0], axes[1]
     for name, r in named:
         k = max(1, r.length // 64)
         delta = torch.tensor(r.loss_by_position) - torch.tensor(r.loss_by_position_cut_at_L)
@@ -199,15 +205,29 @@ def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
         if "beyond" in r.attention_distance:
             far = torch.tensor(r.attention_distance["beyond"]).mean((0, 1))
             right.plot(xs.numpy(), smoothed(far, k).numpy(), lw=1.2, color=line.get_color(), label=name)
+        if r.passkey:
+            lens = [int(n) for n in r.passkey]
+            taught = passkey.mean_accuracy(r.passkey, str(r.train_len)) > 0
+            axes[2].plot([n / r.train_len for n in lens], [passkey.mean_accuracy(r.passkey, str(n)) for n in lens],
+                         marker="o", ms=3, lw=1.2, ls="-" if taught else ":", color=line.get_color(),
+                         label=name if taught else f"{name} (untaught at L)")
     left.axhline(0, color="grey", lw=0.8)
     left.set_ylabel("Δ loss, full − cut at L (nats/byte)")
     left.set_title("what the context past L does (< 0: helps)")
     right.set_ylabel("attention at distance ≥ L")
     right.set_title("attention on distances never seen in training")
-    for ax in (left, right):
+    for ax in axes:
         ax.axvline(1, color="grey", ls="--", lw=1)
         ax.set_xlabel("position / L")
         ax.grid(alpha=0.3)
+    if keyed:
+        axes[2].set_xscale("log", base=2)
+        axes[2].xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        axes[2].set_xlabel("passkey sample length / L")
+        axes[2].set_ylabel("passkey accuracy (mean over depths)")
+        axes[2].set_ylim(-0.03, 1.03)
+        axes[2].set_title("retrieval past L, copies fine-tuned at L")
+        axes[2].legend(fontsize=7)
     left.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)

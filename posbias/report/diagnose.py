@@ -282,11 +282,11 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
                  "its training length, so the rows past L say nothing about retrieval there. Raise --passkey-steps "
                  f"(beyond {r.passkey_max_steps}).", ""]
                 if at_l and not any(at_l.values()) else [])
-    fit = (f"A copy fine-tuned on passkey samples of {r.train_len} bytes until it solved {r.passkey_until:g} of a "
-           f"probe at L ({passkey.PROBE_SAMPLES * 5} samples of its own, checked every {passkey.PROBE_EVERY} steps; at "
-           f"most {r.passkey_max_steps} steps): {passkey.fit_sentence(r.passkey_fit, r.passkey_until, r.passkey_max_steps)}. "
-           "Probe accuracy by step: " + ", ".join(f"{s} {a:.2f}" for s, a in r.passkey_fit["probes"]) + ". "
-           if r.passkey_until else f"A copy fine-tuned for {r.passkey_steps} steps on passkey samples of {r.train_len} bytes. ")
+    fit = (f"A copy fine-tuned for {r.passkey_max_steps} steps"
+           + (f" (fewer once it solved {r.passkey_until:g} of the probe)" if r.passkey_until else "")
+           + f" on passkey samples of {r.train_len} bytes; a probe at L ({passkey.PROBE_SAMPLES * 5} samples of its "
+           f"own, every {passkey.PROBE_EVERY} steps) shows how it learned: {passkey.fit_sentence(r.passkey_fit)}. "
+           "Probe accuracy by step: " + ", ".join(f"{s} {a:.2f}" for s, a in r.passkey_fit["probes"]) + ". ")
     return (["## Passkey retrieval", "",
              fit + f"Its positional parameters at {r.passkey_lr_mult:g}× the learning rate, as in training. Accuracy "
              f"over {r.passkey_samples} samples per cell (depth 0 = key at the start of the window):", ""]

@@ -62,8 +62,8 @@ def markdown(result: RetrofitResult) -> str:
     if any(r.get("passkey") for r in rows):
         far = [n for n in lens if n > L]
         cfg = result.config
-        taught = (f"a copy trained at L until it solved {cfg.passkey_until:g} of a probe there, at most "
-                  f"{cfg.passkey_steps} steps" if cfg.passkey_until else f"a copy trained at L for {cfg.passkey_steps} steps")
+        taught = f"a copy trained at L for {cfg.passkey_steps} steps" + (
+            f", fewer once it solved {cfg.passkey_until:g} of a probe there" if cfg.passkey_until else "")
         lines += ["", f"Decision table (passkey: {taught}; mean accuracy over {PASSKEY_DEPTHS} depths with its 95% "
                   "Wilson interval; attention cost: a "
                   f"forward pass at {to} tokens relative to the original model, same run):", ""] + md_table(
