@@ -411,12 +411,7 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
                         "checkpoint's training value, train.pos_lr_mult)")
     p.add_argument("--eval-lens", type=int, nargs="+", help="default: L, 2L, 4L … up to --to")
     p.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens scored at each length")
-    p.add_argument("--passkey-steps", type=int, default=2400,
-                   help="steps of each passkey fine-tune (with --compare); a probe at the training length every 100 "
-                        "steps records when each copy learned the task")
-    p.add_argument("--passkey-until", type=float, default=0.0,
-                   help="end a passkey fine-tune once the copy solves this share of the probe (faster, but its "
-                        "accuracy past L then compares only with copies stopped the same way); 0 trains every step")
+    _add_passkey_fit_arguments(p, "with --compare")
     _add_checkpoint_job_arguments(p, "retrofit", cmd_retrofit)
 
 
@@ -496,14 +491,19 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--windows", type=int, default=4, help="validation windows for the attention statistics")
     p.add_argument("--eval-tokens", type=int, default=8192,
                    help="validation tokens for the loss by position (at least one window)")
-    p.add_argument("--passkey-steps", type=int, default=2400,
-                   help="steps of the passkey fine-tune (0 skips the passkey test); a probe at the training length "
-                        "every 100 steps records when the copy learned the task")
-    p.add_argument("--passkey-until", type=float, default=0.0,
-                   help="end the passkey fine-tune once the copy solves this share of the probe (faster, but its "
-                        "accuracy past L then compares only with copies stopped the same way); 0 trains every step")
+    _add_passkey_fit_arguments(p, "0 skips the passkey test")
     p.add_argument("--passkey-samples", type=int, default=24, help="passkey samples per (length, depth) cell")
     _add_checkpoint_job_arguments(p, "diagnose", cmd_diagnose)
+
+
+def _add_passkey_fit_arguments(p: argparse.ArgumentParser, steps_note: str) -> None:
+    """--passkey-steps and --passkey-until (:func:`posbias.passkey.teach`)."""
+    p.add_argument("--passkey-steps", type=int, default=2400,
+                   help=f"steps of each passkey fine-tune ({steps_note}); a probe at the training length every 100 "
+                        "steps records when each copy learned the task")
+    p.add_argument("--passkey-until", type=float, default=0.0,
+                   help="end a passkey fine-tune once the copy solves this share of the probe (faster, but its "
+                        "accuracy past L then compares only with copies stopped the same way); 0 trains every step")
 
 
 def _diagnose_targets(paths: list[str]) -> list[tuple[str, str, Path]]:
