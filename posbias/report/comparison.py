@@ -45,7 +45,7 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
         "bias_drift": None if r.bias_drift is None else max(r.bias_drift),
         "rotary_unseen": None if r.rotary is None else (len(unseen_pairs(r)), len(r.rotary["unseen"])),
         "passkey": None,
-        "passkey_fit": r.passkey_fit if r.passkey else None,  # the copy's fine-tune: steps, probes, learned
+        "passkey_fit": r.passkey_fit if r.passkey else None,  # the copy's fine-tune (passkey.teach's record)
     }
     if r.passkey:
         trials = len(next(iter(r.passkey.values()))) * r.passkey_samples
