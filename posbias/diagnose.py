@@ -42,7 +42,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import passkey, store
-from .config import ConfigError, Log, check_count, fixed_threads, quiet
+from .config import Log, check_count, fixed_threads, quiet
 from .data import Corpus
 from .evaluate import bootstrap_means, interval, local_head, token_losses
 from .model import TransformerLM
@@ -325,8 +325,7 @@ class DiagnoseConfig:
         for name in ("windows", "eval_tokens", "passkey_samples", "threads"):
             check_count(name, getattr(self, name))
         check_count("passkey_steps", self.passkey_steps, minimum=0)
-        if not 0.0 <= self.passkey_until <= 1.0:
-            raise ConfigError("passkey_until", f"must be an accuracy in [0, 1] (0: every step), got {self.passkey_until}")
+        passkey.check_until("passkey_until", self.passkey_until)
 
 
 @dataclass
@@ -355,8 +354,7 @@ class DiagnoseResult:
     bias_drift: list[float] | None = None  # per head: the bias's change over distances < L, query L−1 → length−1
     rotary: dict[str, list] | None = None  # rotary schemes: per frequency pair, rotary_angles()
     passkey: dict[str, dict[str, float]] | None = None  # length → depth → accuracy
-    passkey_steps: int = 0  # the steps the copy trained (fewer than passkey_max_steps where until stopped it)
-    passkey_max_steps: int = 0  # the steps it was given
+    passkey_max_steps: int = 0  # the steps the copy was given (passkey_fit["steps"]: those it trained)
     passkey_until: float = 0.0  # the probe accuracy at L that would end its fine-tune (0: none, it trained every step)
     passkey_fit: dict[str, Any] = field(default_factory=dict)  # the copy's fine-tune (passkey.teach's record)
     passkey_samples: int = 0
@@ -530,7 +528,6 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, result: DiagnoseResult, 
         log(f"passkey grid: reusing {cache.name}")
         grid = {n: {d: known[n, d] for d in depths} for n in lens}
     result.passkey_fit = cache.data[fit]
-    result.passkey_steps = result.passkey_fit["steps"]
     return {str(n): {str(d): a for d, a in row.items()} for n, row in grid.items()}
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .config import ConfigError
 from .schemes.base import check_int
 
 FILLER = (b"the grass is green. the sky is blue. the sun is yellow. here we go. there and back again. "
@@ -140,8 +141,7 @@ def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: f
     there is refused, or with ``replace_other`` (a folder the caller owns) replaced."""
     from .finetune import finetune
 
-    if not 0.0 <= until <= 1.0:
-        raise ValueError(f"until must be an accuracy in [0, 1] (0: train every step), got {until}")
+    check_until("until", until)
     g = torch.Generator().manual_seed(seed)
     identity = {"task": "passkey", "length": length, "batch_size": batch_size, "digits": digits, "seed": seed}
     if until > 0:
@@ -161,6 +161,13 @@ def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: f
     if resume is not None:  # the fine-tuned model is the caller's, in memory: the progress is of no further use
         shutil.rmtree(resume, ignore_errors=True)
     return losses
+
+
+def check_until(name: str, value: float) -> float:
+    """A stopping accuracy (``until``, ``passkey_until``): in [0, 1], 0 for none."""
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(name, f"must be an accuracy in [0, 1] (0: train every step), got {value}")
+    return value
 
 
 def teach(model, *, length: int, steps: int, until: float = 0.0, probes: dict[str, float] | None = None,
@@ -219,9 +226,9 @@ def probe(model, length: int, *, samples: int = PROBE_SAMPLES, digits: int = 5,
     """Accuracy at ``length`` over ``samples`` samples at each of the five :func:`default_depths`, drawn
     with a seed of its own (:data:`PROBE_SEED`): the fine-tunes' progress test, on samples no accuracy
     grid measures."""
-    depths = default_depths(5)
-    return sum(accuracy(model, length, d, samples=samples, digits=digits, seed=PROBE_SEED, device=device)
-               for d in depths) / len(depths)
+    grid = accuracy_grid(model, [length], default_depths(5), samples=samples, digits=digits, seed=PROBE_SEED,
+                         device=device)
+    return mean_accuracy(grid, length)
 
 
 def default_depths(n: int = 5) -> list[float]:

@@ -176,8 +176,7 @@ class RetrofitConfig:
         for name in ("finetune_steps", "passkey_steps"):
             check_count(name, getattr(self, name), minimum=0)
         check_rate("finetune_lr", self.finetune_lr)
-        if not 0.0 <= self.passkey_until <= 1.0:
-            raise ConfigError("passkey_until", f"must be an accuracy in [0, 1] (0: every step), got {self.passkey_until}")
+        passkey.check_until("passkey_until", self.passkey_until)
         if self.pos_lr_mult is not None:
             check_rate("pos_lr_mult", self.pos_lr_mult)
         for n in self.eval_lens or ():

@@ -875,6 +875,12 @@ def test_passkey_finetune_until_stops_once_the_probe_is_solved(tmp_path, monkeyp
     assert len(losses) == 5 and probed == [(0, 1.0), (2, 1.0), (4, 1.0)]
     with pytest.raises(ValueError, match="until must be an accuracy in \\[0, 1\\].*got 1.5"):
         passkey.train_passkey(ckpt.load_model(src), length=L, steps=2, until=1.5)
+    from posbias.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"passkey_until must be an accuracy in \[0, 1\] \(0: train every step\), got 1.5"):
+        DiagnoseConfig(passkey_until=1.5)
+    with pytest.raises(ConfigError, match=r"passkey_until must be an accuracy in \[0, 1\].*got -0.1"):
+        RetrofitConfig(to=2 * L, methods=("pi",), passkey_until=-0.1)
     monkeypatch.undo()
     # the real probe: five depths on samples of its own, the grid's accuracy on others
     model = ckpt.load_model(src)
@@ -906,12 +912,12 @@ def test_diagnose_records_how_the_passkey_copy_was_taught(tmp_path, corpus, monk
     monkeypatch.setattr(pk, "train_passkey", lambda *a, **k: real(*a, **{**k, "check_every": 2}))
     got = {s: run_diagnose(p, dataclasses.replace(cfg, passkey_until=0.9 if s == "t5" else 0.0), corpus=corpus,
                            out=tmp_path / "d" / s) for s, p in paths.items()}
-    assert (got["t5"].passkey_steps, got["t5"].passkey_max_steps, got["t5"].passkey_until) == (4, 6, 0.9)
+    assert (got["t5"].passkey_fit["steps"], got["t5"].passkey_max_steps, got["t5"].passkey_until) == (4, 6, 0.9)
     assert got["t5"].passkey_fit == {"steps": 4, "probes": [[0, 0.0], [2, 0.2], [4, 0.95]], "target": 0.9,
                                      "learned_at": 4, "stopped": True}
     assert got["alibi"].passkey_fit == {"steps": 6, "probes": [[0, 0.0], [2, 0.0], [4, 0.0]], "target": 0.9,
                                         "learned_at": None, "stopped": False}
-    assert got["rope"].passkey_fit["learned_at"] == 2 and got["rope"].passkey_steps == 6  # learned, trained on
+    assert got["rope"].passkey_fit["learned_at"] == 2 and got["rope"].passkey_fit["steps"] == 6  # learned, trained on
     again = run_diagnose(paths["t5"], dataclasses.replace(cfg, passkey_until=0.9), corpus=corpus,
                          out=tmp_path / "d" / "t5")  # no probe answer left: all from the cache
     assert again.to_json() == got["t5"].to_json()
@@ -940,7 +946,7 @@ def test_an_interrupted_passkey_copy_keeps_every_probe(tmp_path, corpus, monkeyp
     monkeypatch.setattr(pk, "train_passkey", lambda *a, **k: real_train(*a, **{**k, "check_every": 2}))
     monkeypatch.setattr(ft, "finetune", lambda *a, **k: real_ft(*a, **{**k, "save_every_s": 0}))
     want = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "solo").to_json()
-    assert want["passkey_steps"] == 6 and [s for s, _ in want["passkey_fit"]["probes"]] == [0, 2, 4]
+    assert want["passkey_fit"]["steps"] == 6 and [s for s, _ in want["passkey_fit"]["probes"]] == [0, 2, 4]
 
     class Stop(Exception):
         pass
