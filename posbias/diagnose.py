@@ -354,6 +354,7 @@ class DiagnoseResult:
     bias_drift: list[float] | None = None  # per head: the bias's change over distances < L, query L−1 → length−1
     rotary: dict[str, list] | None = None  # rotary schemes: per frequency pair, rotary_angles()
     passkey: dict[str, dict[str, float]] | None = None  # length → depth → accuracy
+    passkey_digits: dict[str, dict[str, list[float]]] | None = None  # length → depth → score per answer byte
     passkey_max_steps: int = 0  # the steps the copy was given (passkey_fit["steps"]: those it trained)
     passkey_until: float = 0.0  # the probe accuracy at L that would end its fine-tune (0: none, it trained every step)
     passkey_fit: dict[str, Any] = field(default_factory=dict)  # the copy's fine-tune (passkey.teach's record)
@@ -474,8 +475,9 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
     _measure_bias(result)
     if cfg.passkey_steps > 0 and train_len >= passkey.overhead(5):
         result.passkey_lr_mult = ckpt.pos_lr_mult(meta)
-        result.passkey = _passkey(model, cfg, result, length, progress, log, cache,
-                                  None if out is None else out / "models" / f"passkey-{_fit_name(cfg)}-{key}")
+        result.passkey, result.passkey_digits = _passkey(
+            model, cfg, result, length, progress, log, cache,
+            None if out is None else out / "models" / f"passkey-{_fit_name(cfg)}-{key}")
         result.passkey_max_steps, result.passkey_until = cfg.passkey_steps, cfg.passkey_until
         result.passkey_samples = cfg.passkey_samples
     elif cfg.passkey_steps > 0:
@@ -504,10 +506,11 @@ def _fit_name(cfg: DiagnoseConfig) -> str:
 
 
 def _passkey(model: TransformerLM, cfg: DiagnoseConfig, result: DiagnoseResult, length: int, progress: bool,
-             log: Log, cache: _Cache, mdir: Path | None) -> dict[str, dict[str, float]]:
-    """The passkey grid over L, 2L, … ≤ ``length`` and five depths, each cell from ``cache`` where a
-    run made it; the copy fine-tuned on the task is made (and kept in ``mdir``) only for missing cells.
-    Sets ``result``'s record of the fine-tune (steps trained, probes)."""
+             log: Log, cache: _Cache, mdir: Path | None) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
+    """The passkey grids over L, 2L, … ≤ ``length`` and five depths, accuracy and the score per answer
+    byte (:func:`posbias.passkey.scores`), each cell from ``cache`` where a run made it; the copy
+    fine-tuned on the task is made (and kept in ``mdir``) only for missing cells. Sets ``result``'s
+    record of the fine-tune (steps trained, probes)."""
     train_len = result.train_len
     lens, n = [], train_len
     while n <= length:
@@ -521,14 +524,15 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, result: DiagnoseResult, 
         copy = _passkey_copy(model, cfg, result.passkey_lr_mult, train_len, progress, log, mdir, cache, fit)
         log(f"passkey grid: {len(names) - len(known)} of {len(names)} cells ({len(lens)} lengths × {len(depths)} "
             f"depths), {cfg.passkey_samples} samples each …")
-        grid = passkey.accuracy_grid(copy, lens, depths, progress=progress, known=known,
+        grid = passkey.accuracy_grid(copy, lens, depths, progress=progress, known=known, measure=passkey.scores,
                                      on_cell=lambda n, d, a: cache.put(names[n, d], a),
                                      samples=cfg.passkey_samples, device=cfg.device)
     else:
         log(f"passkey grid: reusing {cache.name}")
         grid = {n: {d: known[n, d] for d in depths} for n in lens}
     result.passkey_fit = cache.data[fit]
-    return {str(n): {str(d): a for d, a in row.items()} for n, row in grid.items()}
+    return ({str(n): {str(d): a["solved"] for d, a in row.items()} for n, row in grid.items()},
+            {str(n): {str(d): a["digits"] for d, a in row.items()} for n, row in grid.items()})
 
 
 def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_len: int, progress: bool, log: Log,

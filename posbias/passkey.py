@@ -13,7 +13,9 @@ that cannot reach far information, and this task exposes it (Mohtashami & Jaggi 
 construction).
 
 Accuracy counts a sample as solved when every answer byte is the argmax given the true prefix,
-which is exactly when greedy decoding would produce the key.
+which is exactly when greedy decoding would produce the key. The per-byte scores (:func:`scores`)
+tell a model that finds the key but copies it badly (first byte right, few samples solved) from
+one that does not find it (every byte near a guess, 0.1).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -37,6 +39,7 @@ PROBE_SEED = 4321  # the fine-tune probe's samples (accuracy grids use 1234)
 PROBE_SAMPLES = 8  # the fine-tune probe's samples per depth (40 in all)
 PROBE_EVERY = 100  # steps between the probes
 LEARNED = 0.9  # the probe accuracy at which a fine-tune counts as having learned the task
+GUESS = 0.1  # an answer byte's score for a guess among the ten digits
 
 
 def overhead(digits: int) -> int:
@@ -85,25 +88,37 @@ def answer_loss(model, batch: Tensor, digits: int) -> Tensor:
 
 
 @torch.no_grad()
-def accuracy(model, length: int, depth: float, *, samples: int = 32, digits: int = 5, batch_size: int = 16,
-             seed: int = 1234, device: str | torch.device = "cpu") -> float:
-    """Share of samples whose every answer byte is the model's argmax (= greedy decoding solves it)."""
+def scores(model, length: int, depth: float, *, samples: int = 32, digits: int = 5, batch_size: int = 16,
+           seed: int = 1234, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Two scores of the answer on the same samples: ``solved``, the share of samples whose every answer
+    byte is the model's argmax given the true bytes before it (= greedy decoding produces the key), and
+    ``digits``, the share right at each answer byte in turn. The first byte needs the key found; each
+    later one can also copy on from the true byte before it, so a model that finds the key but copies
+    it badly scores high on the first byte and low on ``solved``. A guess among the ten digits scores
+    0.1 (:data:`GUESS`) per byte."""
     model.eval()
     g = torch.Generator().manual_seed(seed + length * 7919 + int(depth * 1000))
-    solved = 0
+    solved, right = 0, torch.zeros(digits, dtype=torch.long)
     for s in range(0, samples, batch_size):
         batch = make_batch(min(batch_size, samples - s), length, digits=digits, generator=g, depths=[depth]).to(device)
-        pred = model(batch[:, :-1].long())[:, -digits:].argmax(-1)
-        solved += int((pred == batch[:, -digits:].long()).all(-1).sum())
-    return solved / samples
+        hit = model(batch[:, :-1].long())[:, -digits:].argmax(-1) == batch[:, -digits:].long()
+        solved += int(hit.all(-1).sum())
+        right += hit.sum(0).cpu()
+    return {"solved": solved / samples, "digits": [int(c) / samples for c in right]}
+
+
+def accuracy(model, length: int, depth: float, **kwargs) -> float:
+    """Share of samples whose every answer byte is the model's argmax (= greedy decoding solves it):
+    :func:`scores`' ``solved``."""
+    return scores(model, length, depth, **kwargs)["solved"]
 
 
 def accuracy_grid(model, lengths: Iterable[int], depths: Iterable[float], *, progress: bool = False,
-                  known: dict[tuple[int, float], float] | None = None,
-                  on_cell: Callable[[int, float, float], None] | None = None, **kwargs) -> dict[int, dict[float, float]]:
-    """Accuracy for every (length, depth) cell; ``progress`` shows a bar over the cells measured.
-    ``known``: cells measured before (taken as they are); ``on_cell(length, depth, accuracy)`` is
-    called as each new cell is measured (to keep it)."""
+                  known: dict[tuple[int, float], Any] | None = None, on_cell: Callable[[int, float, Any], None] | None = None,
+                  measure: Callable[..., Any] = accuracy, **kwargs) -> dict[int, dict[float, Any]]:
+    """``measure`` (:func:`accuracy`, or :func:`scores` for both scores) for every (length, depth)
+    cell; ``progress`` shows a bar over the cells measured. ``known``: cells measured before (taken as
+    they are); ``on_cell(length, depth, value)`` is called as each new cell is measured (to keep it)."""
     from tqdm.auto import tqdm
 
     lengths, depths, known = list(lengths), list(depths), known or {}
@@ -116,7 +131,7 @@ def accuracy_grid(model, lengths: Iterable[int], depths: Iterable[float], *, pro
                     grid[n][d] = known[n, d]
                     continue
                 bar.set_postfix(length=n, depth=d)
-                grid[n][d] = accuracy(model, n, d, **kwargs)
+                grid[n][d] = measure(model, n, d, **kwargs)
                 if on_cell is not None:
                     on_cell(n, d, grid[n][d])
                 bar.update(1)
@@ -249,3 +264,19 @@ def accuracy_interval(accuracy: float, trials: int, z: float = 1.959964) -> tupl
 def mean_accuracy(grid: dict[int, dict[float, float]], length: int) -> float:
     row = grid.get(length, {})
     return sum(row.values()) / len(row) if row else math.nan
+
+
+def mean_digits(grid: dict[int, dict[float, list[float]]], length: int) -> list[float]:
+    """The per-byte scores of :func:`scores` at ``length``, each averaged over the depths."""
+    row = list(grid.get(length, {}).values())
+    return [sum(col) / len(row) for col in zip(*row)]
+
+
+def digits_sentence(named: list[tuple[str, list[float]]], where: str) -> str:
+    """The per-byte scores (:func:`mean_digits`) of several models ``where`` ("at 512", "at L"), in
+    words; "" for none."""
+    if not named:
+        return ""
+    return (f"Answer bytes right {where} (mean over depths, all five bytes · the first, which needs the key found; "
+            f"a guess among the ten digits scores {GUESS:g}): "
+            + "; ".join(f"{name} {sum(d) / len(d):.2f} · {d[0]:.2f}" for name, d in named) + ".")

@@ -59,23 +59,44 @@ def test_passkey_sample_layout():
 
 
 def test_passkey_accuracy_of_an_oracle_and_of_a_guesser():
-    class Oracle(torch.nn.Module):  # copies the first five digits of its input to the answer positions
-        def __init__(self, right=True):
+    """Accuracy counts whole keys; the per-byte scores say which answer bytes were right: an oracle that
+    gets the first k bytes right and then answers a non-digit scores 1 on those k and 0 after them, and
+    solves no sample unless k is all five."""
+    class Oracle(torch.nn.Module):  # copies the first `right` digits of its input to the answer positions
+        def __init__(self, right=5, wrong=ord("0")):
             super().__init__()
-            self.right = right
+            self.right, self.wrong = right, wrong
 
         def forward(self, x):
             logits = torch.zeros(*x.shape, 256)
             for b, row in enumerate(x):
-                digits = [int(t) for t in row if chr(int(t)).isdigit()][:5] if self.right else [ord("0")] * 5
-                for n, d in enumerate(digits):
+                digits = [int(t) for t in row if chr(int(t)).isdigit()][:self.right]
+                for n, d in enumerate(digits + [self.wrong] * (5 - len(digits))):
                     logits[b, x.shape[1] - 5 + n, d] = 1.0
             return logits
 
     assert passkey.accuracy(Oracle(), 64, 0.5, samples=8) == 1.0
     assert passkey.accuracy(Oracle(), 300, 0.0, samples=8) == 1.0
-    assert passkey.accuracy(Oracle(right=False), 64, 0.5, samples=8) < 0.5
+    assert passkey.accuracy(Oracle(right=0), 64, 0.5, samples=8) < 0.5
     assert passkey.overhead(5) == 23
+    for k in range(6):
+        got = passkey.scores(Oracle(right=k, wrong=ord("x")), 64, 0.25, samples=6, batch_size=4)
+        assert got == {"solved": float(k == 5), "digits": [1.0] * k + [0.0] * (5 - k)}
+    # answering "0" everywhere: each byte is right exactly on the samples whose key has a 0 there (the
+    # cell's seed draws the samples: batches of 16, 16 and 8 draw the same 40 keys as one batch of 40)
+    zeros = passkey.scores(Oracle(right=0), 64, 0.5, samples=40)
+    keys = passkey.make_batch(40, 64, generator=torch.Generator().manual_seed(1234 + 64 * 7919 + 500), depths=[0.5])
+    assert zeros["digits"] == [(keys[:, -5 + i] == ord("0")).sum().item() / 40 for i in range(5)]
+    assert zeros["solved"] == passkey.accuracy(Oracle(right=0), 64, 0.5, samples=40) == 0.0
+    assert 0 < sum(zeros["digits"]) / 5 < 0.3  # about a guess's 0.1
+    grid = passkey.accuracy_grid(Oracle(right=2, wrong=ord("x")), [64, 128], [0.0, 1.0], measure=passkey.scores,
+                                 samples=2)
+    assert passkey.mean_digits({n: {d: c["digits"] for d, c in row.items()} for n, row in grid.items()}, 128) == \
+        [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert passkey.digits_sentence([("a", [1.0, 1.0, 0.0, 0.0, 0.0]), ("b", [0.1] * 5)], "at 128") == (
+        "Answer bytes right at 128 (mean over depths, all five bytes · the first, which needs the key found; a guess "
+        "among the ten digits scores 0.1): a 0.40 · 1.00; b 0.10 · 0.10.")
+    assert passkey.digits_sentence([], "at 128") == ""
 
 
 @pytest.mark.parametrize("method", ["pi", "ntk", "dynamic-ntk", "yarn"])
@@ -145,6 +166,10 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
     for r in res.rows:  # 95% Wilson interval over 5 depths × 2 samples = 10 trials
         if r["passkey"] is not None:
             assert r["passkey_interval"][2 * L] == passkey.accuracy_interval(r["passkey"][2 * L], 10)
+            assert set(r["passkey_digits"]) == {L, 2 * L} and len(r["passkey_digits"][2 * L]) == 5
+            assert min(r["passkey_digits"][2 * L]) >= r["passkey"][2 * L]
+    digits = [(f"{r['method']} ({r['stage']})", r["passkey_digits"][2 * L]) for r in res.rows if r["passkey"]]
+    assert passkey.digits_sentence(digits, f"at {2 * L}") in md
     assert list(res.paired) == [2 * L] and len(res.paired[2 * L]) == len(res.rows)
     assert sum(p.best for p in res.paired[2 * L]) == 1
     assert (tmp_path / "out" / "ppl_vs_length.png").exists()
@@ -193,6 +218,14 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     lo, hi = rep.loss_delta_interval
     delta = statistics.fmean(rep.loss_by_position) - statistics.fmean(rep.loss_by_position_cut_at_L)
     assert lo <= delta <= hi and "interval of Δ" in md and "95% bootstrap over the 4 windows" in md
+    # the passkey cells byte by byte: five scores per cell, never below the whole-key accuracy
+    assert set(saved["passkey_digits"]) == set(saved["passkey"]) == {str(L), str(2 * L)}
+    for n, row in saved["passkey_digits"].items():
+        for d, digits in row.items():
+            assert len(digits) == 5 and min(digits) >= saved["passkey"][n][d]
+    assert "| length | byte 1 | byte 2 | byte 3 | byte 4 | byte 5 | mean | all 5 (solved) |" in md
+    byte1 = statistics.fmean(c[0] for c in saved["passkey_digits"][str(L)].values())
+    assert f"| {L} | {byte1:.2f} |" in md
 
 
 def test_diagnose_rerun_measures_only_what_it_lacks(tmp_path, corpus, monkeypatch):
@@ -215,7 +248,7 @@ def test_diagnose_rerun_measures_only_what_it_lacks(tmp_path, corpus, monkeypatc
         return spy
 
     for mod, name in ((diagnose_mod, "context_effect"), (diagnose_mod, "window_effect"),
-                      (diagnose_mod, "attention_distance"), (passkey, "train_passkey"), (passkey, "accuracy")):
+                      (diagnose_mod, "attention_distance"), (passkey, "train_passkey"), (passkey, "scores")):
         monkeypatch.setattr(mod, name, counted(name, getattr(mod, name)))
     said = []
     again = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d", log=said.append).to_json()
@@ -223,7 +256,7 @@ def test_diagnose_rerun_measures_only_what_it_lacks(tmp_path, corpus, monkeypatc
     assert sum("reusing" in line for line in said) == 3  # losses, attention, passkey grid
     longer = DiagnoseConfig(**{**cfg.__dict__, "length": 4 * L, "eval_tokens": 4 * L})
     got = run_diagnose(path, longer, corpus=corpus, out=tmp_path / "d", log=said.append).to_json()
-    assert calls == {"context_effect": 1, "window_effect": 1, "attention_distance": 1, "accuracy": 5}  # 4L's cells
+    assert calls == {"context_effect": 1, "window_effect": 1, "attention_distance": 1, "scores": 5}  # 4L's cells
     assert got["passkey"][str(L)] == first["passkey"][str(L)]
     monkeypatch.undo()
     assert got == run_diagnose(path, longer, corpus=corpus).to_json()  # nothing kept: the same numbers
@@ -371,16 +404,25 @@ def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
     assert ("did not teach the task at L to " + ", ".join(untaught) in md) == bool(untaught)
     assert comparison.verdict((0.1, 0.05, 0.2)) == "hurts" and comparison.verdict((-0.1, -0.2, -0.01)) == "helps"
     assert comparison.verdict((0.0, -0.1, 0.1)) == "≈ 0" and comparison.verdict((0.1, None, None)) == "no interval"
+    for r in rows:  # the bytes' scores: the diagnosis's, mean over depths
+        alone = json.loads((out / r["model"] / "diagnose.json").read_text())
+        cells = alone["passkey_digits"][str(L)].values()
+        assert r["passkey_digits"][str(L)] == pytest.approx([statistics.fmean(c[i] for c in cells) for i in range(5)])
     made = {**rows[0], "context": (0.1, 0.05, 0.2), "distant_keys": None, "keys_beyond_L": None,
-            "attention_beyond_L": None, "bias_drift": None, "rotary_unseen": None, "passkey_fit": None}
+            "attention_beyond_L": None, "bias_drift": None, "rotary_unseen": None, "passkey_fit": None,
+            "passkey_digits": {L: [0.5, 0.2, 0.1, 0.1, 0.1], 8 * L: [0.1] * 5}}
     said = comparison.sentences([{**made, "model": "a", "passkey": {L: (0.0, 0.0, 0.1), 8 * L: (0.0, 0.0, 0.1)}},
                                  {**made, "model": "b", "passkey": {L: (0.9, 0.8, 0.95), 8 * L: (0.5, 0.4, 0.6)}},
                                  {**made, "model": "c", "passkey": {L: (0.9, 0.8, 0.95), 8 * L: (0.3, 0.2, 0.5)}}])
     assert said == ["The context past L: hurt in a, b, c.",
                     "The passkey fine-tune did not teach the task at L to a (no sample solved there): their passkey "
-                    "columns say nothing about retrieval past L; raise --passkey-steps.",
+                    "columns say nothing about retrieval past L; raise --passkey-steps. Answer bytes right at L (mean "
+                    "over depths, all five bytes · the first, which needs the key found; a guess among the ten digits "
+                    "scores 0.1): a 0.20 · 0.50.",
                     "Passkey retrieval at the window's length, among the models that learned the task at L: best "
-                    "0.50; models whose interval reaches it: b, c."]
+                    "0.50; models whose interval reaches it: b, c. Answer bytes right at the window's length (mean "
+                    "over depths, all five bytes · the first, which needs the key found; a guess among the ten digits "
+                    "scores 0.1): b 0.10 · 0.10; c 0.10 · 0.10."]
 
 
 def test_rotary_angles_mark_the_pairs_that_meet_angles_training_never_gave():

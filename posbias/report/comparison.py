@@ -51,6 +51,7 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
         trials = len(next(iter(r.passkey.values()))) * r.passkey_samples
         got["passkey"] = {int(n): (a, *passkey.accuracy_interval(a, trials))
                           for n, a in ((n, passkey.mean_accuracy(r.passkey, n)) for n in r.passkey)}
+        got["passkey_digits"] = {int(n): passkey.mean_digits(r.passkey_digits, n) for n in r.passkey_digits or {}}
     return got
 
 
@@ -159,13 +160,17 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
     tested = [r for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] > 0]
     untaught = [r["model"] for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] == 0]
     if untaught:
-        said.append(f"The passkey fine-tune did not teach the task at L to {', '.join(untaught)} (no sample solved "
-                    "there): their passkey columns say nothing about retrieval past L; raise --passkey-steps.")
+        said.append((f"The passkey fine-tune did not teach the task at L to {', '.join(untaught)} (no sample solved "
+                    "there): their passkey columns say nothing about retrieval past L; raise --passkey-steps. "
+                    + passkey.digits_sentence([(r["model"], r["passkey_digits"][r["train_len"]]) for r in rows
+                                               if r["model"] in untaught and r.get("passkey_digits")], "at L")).rstrip())
     if tested:
         best = max(r["passkey"][_longest(r)][0] for r in tested)
         tied = [r["model"] for r in tested if r["passkey"][_longest(r)][2] >= best]
-        said.append(f"Passkey retrieval at the window's length, among the models that learned the task at L: best "
-                    f"{best:.2f}; models whose interval reaches it: {', '.join(tied)}.")
+        said.append((f"Passkey retrieval at the window's length, among the models that learned the task at L: best "
+                    f"{best:.2f}; models whose interval reaches it: {', '.join(tied)}. "
+                    + passkey.digits_sentence([(r["model"], r["passkey_digits"][_longest(r)]) for r in tested
+                                               if r.get("passkey_digits")], "at the window's length")).rstrip())
     return said
 
 

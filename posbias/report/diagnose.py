@@ -291,7 +291,24 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
              fit + f"Its positional parameters at {r.passkey_lr_mult:g}× the learning rate, as in training. Accuracy "
              f"over {r.passkey_samples} samples per cell (depth 0 = key at the start of the window):", ""]
             + md_table(["length", *(f"depth {d}" for d in depths), "mean"], rows)
-            + [""] + untaught + ["![passkey](passkey.png)", ""])
+            + [""] + untaught + _digits_table(r) + ["![passkey](passkey.png)", ""])
+
+
+def _digits_table(r: DiagnoseResult) -> list[str]:
+    """The score of each answer byte by length (:func:`posbias.passkey.scores`): found the key, or not."""
+    if not r.passkey_digits:
+        return []
+    by_length = {n: passkey.mean_digits(r.passkey_digits, n) for n in r.passkey_digits}
+    width = len(next(iter(by_length.values())))
+    return (["The same samples byte by byte: the share of samples whose i-th answer byte is the argmax given the "
+             "true bytes before it, mean over depths. The first byte needs the key found; each later one can also "
+             "copy on from the byte before it; a guess among the ten digits scores "
+             f"{passkey.GUESS:g}. High first bytes with few samples solved: the model finds the key but copies it "
+             "badly; every byte near a guess: it does not find it.", ""]
+            + md_table(["length", *(f"byte {i + 1}" for i in range(width)), "mean", f"all {width} (solved)"],
+                       [[n, *(f"{a:.2f}" for a in got), f"{sum(got) / width:.2f}",
+                         f"{passkey.mean_accuracy(r.passkey, n):.2f}"] for n, got in by_length.items()])
+            + [""])
 
 
 def plots(r: DiagnoseResult, out: Path) -> list[Path]:

@@ -76,6 +76,9 @@ def markdown(result: RetrofitResult) -> str:
                                             for r in rows if r.get("passkey")])
         if learned:
             lines += ["", learned]
+        digits = [(f"{r['method']} ({r['stage']})", r["passkey_digits"][to]) for r in rows if r.get("passkey_digits")]
+        if digits:
+            lines += ["", passkey.digits_sentence(digits, f"at {to}")]
         untaught = [f"{r['method']} ({r['stage']})" for r in rows if r.get("passkey") and r["passkey"][L] == 0]
         if untaught:
             lines += ["", f"No passkey sample was solved at L = {L} by: {', '.join(untaught)}. The passkey fine-tune "
