@@ -271,12 +271,3 @@ def mean_digits(grid: dict[int, dict[float, list[float]]], length: int) -> list[
     row = list(grid.get(length, {}).values())
     return [sum(col) / len(row) for col in zip(*row)]
 
-
-def digits_sentence(named: list[tuple[str, list[float]]], where: str) -> str:
-    """The per-byte scores (:func:`mean_digits`) of several models ``where`` ("at 512", "at L"), in
-    words; "" for none."""
-    if not named:
-        return ""
-    return (f"Answer bytes right {where} (mean over depths, all five bytes · the first, which needs the key found; "
-            f"a guess among the ten digits scores {GUESS:g}): "
-            + "; ".join(f"{name} {sum(d) / len(d):.2f} · {d[0]:.2f}" for name, d in named) + ".")

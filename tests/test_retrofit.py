@@ -12,6 +12,7 @@ import torch
 from posbias import checkpoint as ckpt
 from posbias import ntk_lambda, passkey, rope_frequencies, t5_bucket
 from posbias import store
+from posbias.report import digits_sentence, shuffled_key_score
 from posbias.attention import attention
 from posbias.cli import main
 from posbias.data import stdlib_corpus
@@ -93,10 +94,17 @@ def test_passkey_accuracy_of_an_oracle_and_of_a_guesser():
                                  samples=2)
     assert passkey.mean_digits({n: {d: c["digits"] for d, c in row.items()} for n, row in grid.items()}, 128) == \
         [1.0, 1.0, 0.0, 0.0, 0.0]
-    assert passkey.digits_sentence([("a", [1.0, 1.0, 0.0, 0.0, 0.0]), ("b", [0.1] * 5)], "at 128") == (
-        "Answer bytes right at 128 (mean over depths, all five bytes · the first, which needs the key found; a guess "
-        "among the ten digits scores 0.1): a 0.40 · 1.00; b 0.10 · 0.10.")
-    assert passkey.digits_sentence([], "at 128") == ""
+    assert digits_sentence([("a", [1.0, 1.0, 0.0, 0.0, 0.0]), ("b", [0.1] * 5)], "at 128") == (
+        "Answer bytes right at 128 (mean over depths, all bytes · the first, which needs the key found; a guess "
+        "among the ten digits scores 0.1, a digit of the key copied from a random place 0.28): a 0.40 · 1.00; "
+        "b 0.10 · 0.10.")
+    assert digits_sentence([], "at 128") == ""
+    # the out-of-order copy's score, counted over every 5-digit key: answer place i, copied place j, all
+    # 25 pairs alike
+    keys = torch.cartesian_prod(*[torch.arange(10)] * 5)
+    right = sum(float((keys[:, i] == keys[:, j]).double().mean()) for i in range(5) for j in range(5)) / 25
+    assert shuffled_key_score(5) == pytest.approx(right) == pytest.approx(0.28)
+    assert shuffled_key_score(1) == 1.0
 
 
 @pytest.mark.parametrize("method", ["pi", "ntk", "dynamic-ntk", "yarn"])
@@ -169,7 +177,7 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
             assert set(r["passkey_digits"]) == {L, 2 * L} and len(r["passkey_digits"][2 * L]) == 5
             assert min(r["passkey_digits"][2 * L]) >= r["passkey"][2 * L]
     digits = [(f"{r['method']} ({r['stage']})", r["passkey_digits"][2 * L]) for r in res.rows if r["passkey"]]
-    assert passkey.digits_sentence(digits, f"at {2 * L}") in md
+    assert digits_sentence(digits, f"at {2 * L}") in md
     assert list(res.paired) == [2 * L] and len(res.paired[2 * L]) == len(res.rows)
     assert sum(p.best for p in res.paired[2 * L]) == 1
     assert (tmp_path / "out" / "ppl_vs_length.png").exists()
@@ -417,12 +425,12 @@ def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
     assert said == ["The context past L: hurt in a, b, c.",
                     "The passkey fine-tune did not teach the task at L to a (no sample solved there): their passkey "
                     "columns say nothing about retrieval past L; raise --passkey-steps. Answer bytes right at L (mean "
-                    "over depths, all five bytes · the first, which needs the key found; a guess among the ten digits "
-                    "scores 0.1): a 0.20 · 0.50.",
+                    "over depths, all bytes · the first, which needs the key found; a guess among the ten digits "
+                    "scores 0.1, a digit of the key copied from a random place 0.28): a 0.20 · 0.50.",
                     "Passkey retrieval at the window's length, among the models that learned the task at L: best "
                     "0.50; models whose interval reaches it: b, c. Answer bytes right at the window's length (mean "
-                    "over depths, all five bytes · the first, which needs the key found; a guess among the ten digits "
-                    "scores 0.1): b 0.10 · 0.10; c 0.10 · 0.10."]
+                    "over depths, all bytes · the first, which needs the key found; a guess among the ten digits "
+                    "scores 0.1, a digit of the key copied from a random place 0.28): b 0.10 · 0.10; c 0.10 · 0.10."]
 
 
 def test_rotary_angles_mark_the_pairs_that_meet_angles_training_never_gave():

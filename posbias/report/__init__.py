@@ -4,13 +4,15 @@ number that is not already in the result, and nothing here trains or evaluates.
 One module per workflow (:mod:`.study`, :mod:`.retrofit`, :mod:`.diagnose`), each with
 ``markdown(result) -> str`` and ``write(result, out) -> list[Path]``; :func:`md_table` is the one
 Markdown table builder, :func:`paired_cell` the one cell of a paired comparison and
-:func:`corpus_line` the one sentence on the text a checkpoint job measured on.
+:func:`corpus_line` the one sentence on the text a checkpoint job measured on, :func:`digits_sentence`
+the one on passkey answers byte by byte.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+from .. import passkey
 from ..evaluate import Paired
 
 
@@ -59,3 +61,22 @@ def corpus_line(measured: dict[str, Any], trained: dict[str, Any] | None, *, mar
     stress = "**" if markdown else ""
     return (line + f": {stress}not{stress} the text the checkpoint was trained on, {corpus_name(trained)} (pass that "
             "with --data or --hf-dataset to measure on its validation split).")
+
+
+def shuffled_key_score(digits: int = 5) -> float:
+    """An answer byte's expected score (:func:`posbias.passkey.scores`) when it copies a digit of the
+    key from a place chosen at random: right at its own place, else as a guess,
+    (1 + (digits − 1) · :data:`posbias.passkey.GUESS`) / digits (0.28 for five digits)."""
+    return (1 + (digits - 1) * passkey.GUESS) / digits
+
+
+def digits_sentence(named: list[tuple[str, list[float]]], where: str) -> str:
+    """Several models' passkey answers byte by byte (:func:`posbias.passkey.mean_digits`) ``where``
+    ("at 512", "at L"), in words, with the scores of a guess and of a key copied out of order; ""
+    for none."""
+    if not named:
+        return ""
+    return (f"Answer bytes right {where} (mean over depths, all bytes · the first, which needs the key found; a "
+            f"guess among the ten digits scores {passkey.GUESS:g}, a digit of the key copied from a random place "
+            f"{shuffled_key_score(len(named[0][1])):.2f}): "
+            + "; ".join(f"{name} {sum(d) / len(d):.2f} · {d[0]:.2f}" for name, d in named) + ".")

@@ -20,7 +20,7 @@ import torch
 from .. import passkey, store
 from ..config import Log, quiet
 from ..diagnose import DiagnoseResult, kept_row
-from . import corpus_name, md_table, same_text
+from . import corpus_name, digits_sentence, md_table, same_text
 from .diagnose import far_attention, mean_losses, smoothed, unseen_pairs
 from .diagnose import verdict as interval_verdict
 
@@ -162,14 +162,14 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
     if untaught:
         said.append((f"The passkey fine-tune did not teach the task at L to {', '.join(untaught)} (no sample solved "
                     "there): their passkey columns say nothing about retrieval past L; raise --passkey-steps. "
-                    + passkey.digits_sentence([(r["model"], r["passkey_digits"][r["train_len"]]) for r in rows
+                    + digits_sentence([(r["model"], r["passkey_digits"][r["train_len"]]) for r in rows
                                                if r["model"] in untaught and r.get("passkey_digits")], "at L")).rstrip())
     if tested:
         best = max(r["passkey"][_longest(r)][0] for r in tested)
         tied = [r["model"] for r in tested if r["passkey"][_longest(r)][2] >= best]
         said.append((f"Passkey retrieval at the window's length, among the models that learned the task at L: best "
                     f"{best:.2f}; models whose interval reaches it: {', '.join(tied)}. "
-                    + passkey.digits_sentence([(r["model"], r["passkey_digits"][_longest(r)]) for r in tested
+                    + digits_sentence([(r["model"], r["passkey_digits"][_longest(r)]) for r in tested
                                                if r.get("passkey_digits")], "at the window's length")).rstrip())
     return said
 

@@ -11,7 +11,7 @@ import torch
 from .. import passkey, store
 from ..config import Log, quiet
 from ..diagnose import DiagnoseResult, kept_row
-from . import corpus_line, md_table
+from . import corpus_line, md_table, shuffled_key_score
 
 
 def write(result: DiagnoseResult, out: str | Path, *, log: Log = quiet) -> list[Path]:
@@ -302,9 +302,9 @@ def _digits_table(r: DiagnoseResult) -> list[str]:
     width = len(next(iter(by_length.values())))
     return (["The same samples byte by byte: the share of samples whose i-th answer byte is the argmax given the "
              "true bytes before it, mean over depths. The first byte needs the key found; each later one can also "
-             "copy on from the byte before it; a guess among the ten digits scores "
-             f"{passkey.GUESS:g}. High first bytes with few samples solved: the model finds the key but copies it "
-             "badly; every byte near a guess: it does not find it.", ""]
+             f"copy on from the byte before it. A guess among the ten digits scores {passkey.GUESS:g}; a digit of the "
+             f"key copied from a random place {shuffled_key_score(width):.2f}. High first bytes with few samples "
+             "solved: the model finds the key but copies it badly; bytes near a guess: it does not find it.", ""]
             + md_table(["length", *(f"byte {i + 1}" for i in range(width)), "mean", f"all {width} (solved)"],
                        [[n, *(f"{a:.2f}" for a in got), f"{sum(got) / width:.2f}",
                          f"{passkey.mean_accuracy(r.passkey, n):.2f}"] for n, got in by_length.items()])

@@ -11,7 +11,7 @@ from typing import Any
 from .. import passkey, store
 from ..config import Log, quiet
 from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
-from . import corpus_line, md_table, paired_cell
+from . import corpus_line, digits_sentence, md_table, paired_cell
 
 STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
 
@@ -78,7 +78,7 @@ def markdown(result: RetrofitResult) -> str:
             lines += ["", learned]
         digits = [(f"{r['method']} ({r['stage']})", r["passkey_digits"][to]) for r in rows if r.get("passkey_digits")]
         if digits:
-            lines += ["", passkey.digits_sentence(digits, f"at {to}")]
+            lines += ["", digits_sentence(digits, f"at {to}")]
         untaught = [f"{r['method']} ({r['stage']})" for r in rows if r.get("passkey") and r["passkey"][L] == 0]
         if untaught:
             lines += ["", f"No passkey sample was solved at L = {L} by: {', '.join(untaught)}. The passkey fine-tune "
