@@ -24,7 +24,9 @@ The diagnosis measures:
 * **rotary angles** (:func:`rotary_angles`): for RoPE, the frequency pairs that never turned a full
   circle within ``L`` and meet, past it, angles no distance of training gave them;
 * **passkey retrieval** (:mod:`posbias.passkey`): a copy of the model is fine-tuned on the task at
-  ``L`` and tested at every length up to ``length`` and five depths.
+  ``L`` and tested at every length up to ``length`` and five depths, whole keys and byte by byte,
+  and :func:`answer_attention` measures where the queries that predict the answer bytes look: on
+  the key's digits at all (found the key), and on the one digit each must copy (kept its place).
 
 Shape: :class:`DiagnoseConfig` → :func:`run_diagnose` → :class:`DiagnoseResult` →
 :mod:`posbias.report.diagnose` (``report.md``, ``diagnose.json``, PNGs).
@@ -50,6 +52,8 @@ from .schemes.base import Scheme, ToeplitzScheme, flat_share
 from .schemes.rope import RoPE, rope_frequencies
 
 REACH_DROP = math.log(100.0)
+ANSWER_SEED = 5678  # answer_attention's passkey samples (the grid draws from 1234, the fine-tune's probe from 4321)
+ANSWER_SAMPLES = 8  # answer_attention's samples at each of the five depths
 
 
 @torch.no_grad()
@@ -89,6 +93,32 @@ def attention_distance(model: TransformerLM, idx: Tensor, quantiles: tuple[float
         model(row[None], on_attention=record)
     # [windows · layers, H, N] → the mean over the windows, [layers, H, N]
     return {k: torch.stack(v).view(idx.shape[0], -1, *v[0].shape).mean(0) for k, v in out.items()}
+
+
+@torch.no_grad()
+def answer_attention(model: TransformerLM, length: int, *, samples: int = ANSWER_SAMPLES, digits: int = 5,
+                     device: str | torch.device = "cpu") -> dict[str, list]:
+    """Where the queries that predict a passkey's answer bytes attend, on ``samples`` samples of
+    ``length`` bytes at each of the five default depths (their own seed, :data:`ANSWER_SEED`). The
+    query that predicts answer byte k (the byte before it; for the first, the question's ``=``) must
+    find the key statement and there the key's k-th digit, the one it copies. Returns
+    ``{"key": [layers][heads][k], "place": [layers][heads][k]}``: the attention mass, averaged over the
+    samples, on the key's digits (the only digits before the answer: the filler has none), and on
+    the k-th of them alone."""
+    check_count("samples", samples)
+    model.eval()
+    g = torch.Generator().manual_seed(ANSWER_SEED + length)
+    batch = torch.cat([passkey.make_batch(samples, length, digits=digits, generator=g, depths=[d])
+                       for d in passkey.default_depths(5)])
+    key = place = torch.zeros(())
+    for row in batch:
+        places = torch.nonzero((row >= ord("0")) & (row <= ord("9"))).flatten()[:digits].to(device)
+        probs: list[Tensor] = []
+        model(row[None, :-1].long().to(device), on_attention=lambda layer, p: probs.append(p[0, :, -digits:]))
+        on_key = torch.stack(probs).float()[..., places]  # [layers, heads, answer byte, key place]
+        key = key + on_key.sum(-1).cpu()
+        place = place + on_key.diagonal(dim1=-2, dim2=-1).cpu()
+    return {"key": (key / len(batch)).tolist(), "place": (place / len(batch)).tolist()}
 
 
 @torch.no_grad()
@@ -355,6 +385,7 @@ class DiagnoseResult:
     rotary: dict[str, list] | None = None  # rotary schemes: per frequency pair, rotary_angles()
     passkey: dict[str, dict[str, float]] | None = None  # length → depth → accuracy
     passkey_digits: dict[str, dict[str, list[float]]] | None = None  # length → depth → score per answer byte
+    passkey_attention: dict[str, dict[str, list]] | None = None  # length → answer_attention() of the copy
     passkey_max_steps: int = 0  # the steps the copy was given (passkey_fit["steps"]: those it trained)
     passkey_until: float = 0.0  # the probe accuracy at L that would end its fine-tune (0: none, it trained every step)
     passkey_fit: dict[str, Any] = field(default_factory=dict)  # the copy's fine-tune (passkey.teach's record)
@@ -475,9 +506,8 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
     _measure_bias(result)
     if cfg.passkey_steps > 0 and train_len >= passkey.overhead(5):
         result.passkey_lr_mult = ckpt.pos_lr_mult(meta)
-        result.passkey, result.passkey_digits = _passkey(
-            model, cfg, result, length, progress, log, cache,
-            None if out is None else out / "models" / f"passkey-{_fit_name(cfg)}-{key}")
+        _passkey(model, cfg, result, length, progress, log, cache,
+                 None if out is None else out / "models" / f"passkey-{_fit_name(cfg)}-{key}")
         result.passkey_max_steps, result.passkey_until = cfg.passkey_steps, cfg.passkey_until
         result.passkey_samples = cfg.passkey_samples
     elif cfg.passkey_steps > 0:
@@ -506,11 +536,12 @@ def _fit_name(cfg: DiagnoseConfig) -> str:
 
 
 def _passkey(model: TransformerLM, cfg: DiagnoseConfig, result: DiagnoseResult, length: int, progress: bool,
-             log: Log, cache: _Cache, mdir: Path | None) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
+             log: Log, cache: _Cache, mdir: Path | None) -> None:
     """The passkey grids over L, 2L, … ≤ ``length`` and five depths, accuracy and the score per answer
-    byte (:func:`posbias.passkey.scores`), each cell from ``cache`` where a run made it; the copy
-    fine-tuned on the task is made (and kept in ``mdir``) only for missing cells. Sets ``result``'s
-    record of the fine-tune (steps trained, probes)."""
+    byte (:func:`posbias.passkey.scores`), and the answer queries' attention (:func:`answer_attention`)
+    at each length, into ``result`` with the record of the fine-tune (steps trained, probes); each
+    cell from ``cache`` where a run made it. The copy fine-tuned on the task is made (and kept in
+    ``mdir``) only for what is missing."""
     train_len = result.train_len
     lens, n = [], train_len
     while n <= length:
@@ -519,20 +550,26 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, result: DiagnoseResult, 
     depths = passkey.default_depths(5)
     fit = f"passkey-fit:{_fit_name(cfg)}"
     names = {(n, d): f"passkey:{n}:{d}:{_fit_name(cfg)}:{cfg.passkey_samples}" for n in lens for d in depths}
+    looks = {n: f"passkey-attention:{n}:{_fit_name(cfg)}" for n in lens}
     known = {cell: cache.data[name] for cell, name in names.items() if name in cache.data}
-    if len(known) < len(names) or fit not in cache.data:
+    if len(known) < len(names) or fit not in cache.data or any(name not in cache.data for name in looks.values()):
         copy = _passkey_copy(model, cfg, result.passkey_lr_mult, train_len, progress, log, mdir, cache, fit)
         log(f"passkey grid: {len(names) - len(known)} of {len(names)} cells ({len(lens)} lengths × {len(depths)} "
             f"depths), {cfg.passkey_samples} samples each …")
         grid = passkey.accuracy_grid(copy, lens, depths, progress=progress, known=known, measure=passkey.scores,
                                      on_cell=lambda n, d, a: cache.put(names[n, d], a),
                                      samples=cfg.passkey_samples, device=cfg.device)
+        for n, name in looks.items():
+            if name not in cache.data:
+                log(f"passkey: where the answer queries attend at {n} …")
+                cache.put(name, answer_attention(copy, n, device=cfg.device))
     else:
         log(f"passkey grid: reusing {cache.name}")
         grid = {n: {d: known[n, d] for d in depths} for n in lens}
     result.passkey_fit = cache.data[fit]
-    return ({str(n): {str(d): a["solved"] for d, a in row.items()} for n, row in grid.items()},
-            {str(n): {str(d): a["digits"] for d, a in row.items()} for n, row in grid.items()})
+    result.passkey = {str(n): {str(d): a["solved"] for d, a in row.items()} for n, row in grid.items()}
+    result.passkey_digits = {str(n): {str(d): a["digits"] for d, a in row.items()} for n, row in grid.items()}
+    result.passkey_attention = {str(n): cache.data[name] for n, name in looks.items()}
 
 
 def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_len: int, progress: bool, log: Log,

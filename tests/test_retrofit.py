@@ -234,6 +234,31 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     assert "| length | byte 1 | byte 2 | byte 3 | byte 4 | byte 5 | mean | all 5 (solved) |" in md
     byte1 = statistics.fmean(c[0] for c in saved["passkey_digits"][str(L)].values())
     assert f"| {L} | {byte1:.2f} |" in md
+    # where the answer queries attend: per length, [layers][heads][answer byte], the digit to copy ≤ all digits
+    assert set(saved["passkey_attention"]) == {str(L), str(2 * L)}
+    for got in saved["passkey_attention"].values():
+        key, place = torch.tensor(got["key"]), torch.tensor(got["place"])
+        assert key.shape == place.shape == (TINY["n_layers"], TINY["n_heads"], 5)
+        assert (place >= 0).all() and (place <= key + 1e-6).all() and (key <= 1 + 1e-6).all()
+    assert "Where the copy's queries that predict the answer bytes attend (40 samples per length" in md
+
+
+def test_answer_attention_of_uniform_attention_counts_the_keys_digits():
+    """With every query and key weight zero, attention is uniform over the causal keys: the query at
+    input position i puts 5 / (i + 1) on the key's five digits and 1 / (i + 1) on the one to copy."""
+    from posbias.diagnose import answer_attention
+
+    model = TransformerLM(ModelConfig(scheme="nope", **TINY))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[: 2 * model.cfg.d_model].zero_()
+    n = 100
+    got = answer_attention(model, n, samples=2)
+    queries = torch.arange(n - 1 - 5, n - 1)  # the inputs' last five positions predict the answer bytes
+    for layer in range(TINY["n_layers"]):
+        for head in range(TINY["n_heads"]):
+            torch.testing.assert_close(torch.tensor(got["key"][layer][head]), 5 / (queries + 1.0))
+            torch.testing.assert_close(torch.tensor(got["place"][layer][head]), 1 / (queries + 1.0))
 
 
 def test_diagnose_rerun_measures_only_what_it_lacks(tmp_path, corpus, monkeypatch):
@@ -427,7 +452,7 @@ def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
                     "columns say nothing about retrieval past L; raise --passkey-steps. Answer bytes right at L (mean "
                     "over depths, all bytes · the first, which needs the key found; a guess among the ten digits "
                     "scores 0.1, a digit of the key copied from a random place 0.28): a 0.20 · 0.50.",
-                    "Passkey retrieval at the window's length, among the models that learned the task at L: best "
+                    "Passkey retrieval at the window's length, among the copies that solve samples at L: best "
                     "0.50; models whose interval reaches it: b, c. Answer bytes right at the window's length (mean "
                     "over depths, all bytes · the first, which needs the key found; a guess among the ten digits "
                     "scores 0.1, a digit of the key copied from a random place 0.28): b 0.10 · 0.10; c 0.10 · 0.10."]

@@ -160,18 +160,19 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
     tested = [r for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] > 0]
     untaught = [r["model"] for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] == 0]
     if untaught:
-        said.append((f"The passkey fine-tune did not teach the task at L to {', '.join(untaught)} (no sample solved "
+        bytes_at_l = digits_sentence([(r["model"], r["passkey_digits"][r["train_len"]]) for r in rows
+                                      if r["model"] in untaught and r.get("passkey_digits")], "at L")
+        said.append(f"The passkey fine-tune did not teach the task at L to {', '.join(untaught)} (no sample solved "
                     "there): their passkey columns say nothing about retrieval past L; raise --passkey-steps. "
-                    + digits_sentence([(r["model"], r["passkey_digits"][r["train_len"]]) for r in rows
-                                               if r["model"] in untaught and r.get("passkey_digits")], "at L")).rstrip())
+                    + bytes_at_l)
     if tested:
         best = max(r["passkey"][_longest(r)][0] for r in tested)
         tied = [r["model"] for r in tested if r["passkey"][_longest(r)][2] >= best]
-        said.append((f"Passkey retrieval at the window's length, among the models that learned the task at L: best "
-                    f"{best:.2f}; models whose interval reaches it: {', '.join(tied)}. "
-                    + digits_sentence([(r["model"], r["passkey_digits"][_longest(r)]) for r in tested
-                                               if r.get("passkey_digits")], "at the window's length")).rstrip())
-    return said
+        bytes_far = digits_sentence([(r["model"], r["passkey_digits"][_longest(r)]) for r in tested
+                                     if r.get("passkey_digits")], "at the window's length")
+        said.append(f"Passkey retrieval at the window's length, among the copies that solve samples at L: best "
+                    f"{best:.2f}; models whose interval reaches it: {', '.join(tied)}. " + bytes_far)
+    return [line.rstrip() for line in said]
 
 
 def write(named: list[tuple[str, DiagnoseResult]], out: str | Path, *, log: Log = quiet) -> list[Path]:

@@ -10,7 +10,7 @@ import torch
 
 from .. import passkey, store
 from ..config import Log, quiet
-from ..diagnose import DiagnoseResult, kept_row
+from ..diagnose import ANSWER_SAMPLES, DiagnoseResult, kept_row
 from . import corpus_line, md_table, shuffled_key_score
 
 
@@ -291,7 +291,7 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
              fit + f"Its positional parameters at {r.passkey_lr_mult:g}× the learning rate, as in training. Accuracy "
              f"over {r.passkey_samples} samples per cell (depth 0 = key at the start of the window):", ""]
             + md_table(["length", *(f"depth {d}" for d in depths), "mean"], rows)
-            + [""] + untaught + _digits_table(r) + ["![passkey](passkey.png)", ""])
+            + [""] + untaught + _digits_table(r) + _answer_attention_table(r) + ["![passkey](passkey.png)", ""])
 
 
 def _digits_table(r: DiagnoseResult) -> list[str]:
@@ -309,6 +309,24 @@ def _digits_table(r: DiagnoseResult) -> list[str]:
                        [[n, *(f"{a:.2f}" for a in got), f"{sum(got) / width:.2f}",
                          f"{passkey.mean_accuracy(r.passkey, n):.2f}"] for n, got in by_length.items()])
             + [""])
+
+
+def _answer_attention_table(r: DiagnoseResult) -> list[str]:
+    """Where the queries that predict the answer bytes attend (:func:`posbias.diagnose.answer_attention`),
+    by length: the most any head puts on the key's digits · on the one digit the byte copies."""
+    if not r.passkey_attention:
+        return []
+    rows = []
+    for n, got in r.passkey_attention.items():
+        key, place = (torch.tensor(got[k]).flatten(0, 1).amax(0).tolist() for k in ("key", "place"))
+        rows.append([n, *(f"{a:.2f} · {b:.2f}" for a, b in zip(key, place))])
+    width = len(rows[0]) - 1
+    return ([f"Where the copy's queries that predict the answer bytes attend ({5 * ANSWER_SAMPLES} samples per length, "
+             "of their own): "
+             "the most attention any head puts on the key's digits · on the one digit this byte copies. A high "
+             "first number and a low second: the model finds the key and loses its place in it; a low first: it "
+             "does not find the key.", ""]
+            + md_table(["length", *(f"byte {i + 1}" for i in range(width))], rows) + [""])
 
 
 def plots(r: DiagnoseResult, out: Path) -> list[Path]:
