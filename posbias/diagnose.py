@@ -567,8 +567,8 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, result: DiagnoseResult, 
         log(f"passkey grid: reusing {cache.name}")
         grid = {n: {d: known[n, d] for d in depths} for n in lens}
     result.passkey_fit = cache.data[fit]
-    result.passkey = {str(n): {str(d): a["solved"] for d, a in row.items()} for n, row in grid.items()}
-    result.passkey_digits = {str(n): {str(d): a["digits"] for d, a in row.items()} for n, row in grid.items()}
+    result.passkey, result.passkey_digits = ({str(n): {str(d): v for d, v in row.items()} for n, row in part.items()}
+                                             for part in passkey.split_scores(grid))
     result.passkey_attention = {str(n): cache.data[name] for n, name in looks.items()}
 
 

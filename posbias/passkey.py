@@ -266,6 +266,13 @@ def mean_accuracy(grid: dict[int, dict[float, float]], length: int) -> float:
     return sum(row.values()) / len(row) if row else math.nan
 
 
+def split_scores(grid: dict[int, dict[float, dict[str, Any]]]) -> tuple[dict, dict]:
+    """A grid of :func:`scores` (``accuracy_grid(…, measure=scores)``) as two grids with its keys:
+    accuracy (``solved``) and the per-byte scores (``digits``)."""
+    return tuple({n: {d: cell[part] for d, cell in row.items()} for n, row in grid.items()}
+                 for part in ("solved", "digits"))
+
+
 def mean_digits(grid: dict[int, dict[float, list[float]]], length: int) -> list[float]:
     """The per-byte scores of :func:`scores` at ``length``, each averaged over the depths."""
     row = list(grid.get(length, {}).values())

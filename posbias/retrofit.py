@@ -292,7 +292,7 @@ class _Run:
                "window_loss": {n: sc["window_loss"] for n, sc in scores.items()},  # for the paired table
                "extra_params": extra, "passkey": None, "attention_cost": None}
         if compare and final:
-            row["passkey"], row["passkey_digits"], row["passkey_fit"] = self.passkey(model, label)
+            row.update(self.passkey(model, label))
         if stage != "before":
             row["options"] = model.cfg.scheme_options
         if row["passkey"] is not None:  # 95% Wilson interval over the depths × samples trials per length
@@ -315,10 +315,10 @@ class _Run:
             self.log(f"[{label}] ppl @ {n}: {got[str(n)]['ppl']:.3f}")
         return {int(k): v for k, v in got.items() if int(k) in self.lens}
 
-    def passkey(self, model: TransformerLM, label: str) -> tuple[dict[int, float], dict[int, list[float]], dict[str, Any]]:
-        """Passkey accuracy and the score of each answer byte (:func:`posbias.passkey.scores`), at L and
-        ``to``, of a copy fine-tuned on the task at L (:func:`posbias.passkey.teach`), and that
-        fine-tune's record."""
+    def passkey(self, model: TransformerLM, label: str) -> dict[str, Any]:
+        """A row's passkey fields: ``passkey`` (accuracy) and ``passkey_digits`` (the score of each answer
+        byte, :func:`posbias.passkey.scores`), each by length (L and ``to``), of a copy fine-tuned on the
+        task at L (:func:`posbias.passkey.teach`), and ``passkey_fit``, that fine-tune's record."""
         cfg = self.cfg
         key = f"passkey:{label}:{cfg.passkey_steps}:{cfg.passkey_until:g}:{cfg.passkey_samples}"
         if key not in self.cache:
@@ -336,16 +336,15 @@ class _Run:
                                 log=self.log)  # its progress folder goes once it is done
             grid = passkey.accuracy_grid(copy, [self.train_len, cfg.to], passkey.default_depths(PASSKEY_DEPTHS),
                                          measure=passkey.scores, samples=cfg.passkey_samples, device=cfg.device)
-            solved = {n: {d: a["solved"] for d, a in row.items()} for n, row in grid.items()}
-            digits = {n: {d: a["digits"] for d, a in row.items()} for n, row in grid.items()}
+            solved, digits = passkey.split_scores(grid)
             self.cache[key] = {"accuracy": {str(n): passkey.mean_accuracy(solved, n) for n in grid},
                                "digits": {str(n): passkey.mean_digits(digits, n) for n in grid}, "fit": fit}
             self._save()
         got = self.cache[key]
         self.log(f"[{label}] passkey: {passkey.fit_sentence(got['fit'])}; "
                  "accuracy " + ", ".join(f"@{n} {a:.2f}" for n, a in got["accuracy"].items()))
-        return ({int(k): v for k, v in got["accuracy"].items()}, {int(k): v for k, v in got["digits"].items()},
-                got["fit"])
+        return {"passkey": {int(k): v for k, v in got["accuracy"].items()},
+                "passkey_digits": {int(k): v for k, v in got["digits"].items()}, "passkey_fit": got["fit"]}
 
     def finetuned(self, model: TransformerLM, method: str, path: str | Path, meta: dict[str, Any]) -> TransformerLM:
         """``model`` after the language-model fine-tune at ``to`` (reused from ``out/models`` when made)."""

@@ -45,6 +45,7 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
         "bias_drift": None if r.bias_drift is None else max(r.bias_drift),
         "rotary_unseen": None if r.rotary is None else (len(unseen_pairs(r)), len(r.rotary["unseen"])),
         "passkey": None,
+        "passkey_digits": None,  # length → the score of each answer byte, mean over depths
         "passkey_fit": r.passkey_fit if r.passkey else None,  # the copy's fine-tune (passkey.teach's record)
     }
     if r.passkey:
@@ -161,18 +162,23 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
     untaught = [r["model"] for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] == 0]
     if untaught:
         bytes_at_l = digits_sentence([(r["model"], r["passkey_digits"][r["train_len"]]) for r in rows
-                                      if r["model"] in untaught and r.get("passkey_digits")], "at L")
-        said.append(f"The passkey fine-tune did not teach the task at L to {', '.join(untaught)} (no sample solved "
-                    "there): their passkey columns say nothing about retrieval past L; raise --passkey-steps. "
-                    + bytes_at_l)
+                                      if r["model"] in untaught and r["passkey_digits"]], "at L")
+        said.append(_joined(f"The passkey fine-tune did not teach the task at L to {', '.join(untaught)} (no sample "
+                            "solved there): their passkey columns say nothing about retrieval past L; raise "
+                            "--passkey-steps.", bytes_at_l))
     if tested:
         best = max(r["passkey"][_longest(r)][0] for r in tested)
         tied = [r["model"] for r in tested if r["passkey"][_longest(r)][2] >= best]
         bytes_far = digits_sentence([(r["model"], r["passkey_digits"][_longest(r)]) for r in tested
-                                     if r.get("passkey_digits")], "at the window's length")
-        said.append(f"Passkey retrieval at the window's length, among the copies that solve samples at L: best "
-                    f"{best:.2f}; models whose interval reaches it: {', '.join(tied)}. " + bytes_far)
-    return [line.rstrip() for line in said]
+                                     if r["passkey_digits"]], "at the window's length")
+        said.append(_joined(f"Passkey retrieval at the window's length, among the copies that solve samples at L: "
+                            f"best {best:.2f}; models whose interval reaches it: {', '.join(tied)}.", bytes_far))
+    return said
+
+
+def _joined(*sentences: str) -> str:
+    """Sentences as one line, leaving out the empty ones."""
+    return " ".join(s for s in sentences if s)
 
 
 def write(named: list[tuple[str, DiagnoseResult]], out: str | Path, *, log: Log = quiet) -> list[Path]:
