@@ -569,6 +569,56 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
         f"one report per model in {out}/<model>/report.md")
 
 
+# -- clean ------------------------------------------------------------------------------------
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
+
+
+def add_clean_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "clean", formatter_class=_Help,
+        help="list (with --delete, remove) the results in folders that this posbias would never reuse",
+        description="Every result is kept under a key of everything that made it, so a run after an upgrade, or "
+                    "under another torch, computes afresh beside the old result, which is never read again. "
+                    "This lists those results in each FOLDER (a study's, a retrofit's or a diagnosis's output, or "
+                    "a folder above them): model folders and evaluations of studies, caches of retrofit and "
+                    "diagnose with the models made beside them, and what interrupted writes left; each with the "
+                    "reason and its size, and the reports made from them (never deleted: re-run those). Results "
+                    "of other settings, seeds, thread counts or devices are kept: a run with those reuses them. "
+                    "Refuses while a run works in a folder.")
+    p.add_argument("folders", nargs="+", metavar="FOLDER")
+    p.add_argument("--delete", action="store_true", help="remove what is listed (otherwise nothing is changed)")
+    p.set_defaults(func=cmd_clean)
+
+
+def cmd_clean(args: argparse.Namespace) -> None:
+    from . import clean
+
+    total = 0
+    for folder in args.folders:
+        with clean.locked(folder) as root:
+            found = clean.find(root)
+            if not found.stale:
+                say(f"{root}: nothing stale ({found.checked} keyed result(s) checked)")
+            else:
+                say(f"{root}: {len(found.stale)} stale item(s) of {found.checked} keyed result(s) checked, "
+                    f"{_megabytes(found.size)}")
+                for item in found.stale:
+                    say(f"  {item.path.relative_to(root)}  [{item.what}, {_megabytes(item.size)}] {item.why}")
+            for why in dict.fromkeys(why for _, why in found.reports):  # one line per reason, in order
+                reports = [str(r.relative_to(root)) for r, w in found.reports if w == why]
+                more = f" and {len(reports) - 5} more" if len(reports) > 6 else ""
+                say(f"  report{'s' if len(reports) > 1 else ''} {', '.join(reports[:5] if more else reports)}{more}: {why}")
+            if found.stale and args.delete:
+                total += clean.remove(found)
+            elif found.stale:
+                total += found.size
+    if args.delete:
+        say(f"removed {_megabytes(total)}")
+    elif total:
+        say(f"nothing removed; add --delete to remove these ({_megabytes(total)})")
+
+
 # -- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="posbias", description="Relative positional biases for attention.")
@@ -582,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_extrapolate_parser(sub)
     add_retrofit_parser(sub)
     add_diagnose_parser(sub)
+    add_clean_parser(sub)
     return p
 
 

@@ -401,6 +401,7 @@ class DiagnoseResult:
     corpus: dict[str, Any] = field(default_factory=dict)  # the fingerprint of the text measured on
     trained_corpus: dict[str, Any] | None = None  # the one the checkpoint records it was trained on
     retrofit: dict[str, Any] | None = None  # a retrofitted checkpoint's method, target length and fine-tune steps
+    cache: str | None = None  # the name of its cache file (``cache-<key>.json``), by which ``posbias clean`` judges it
 
     def to_json(self) -> dict[str, Any]:
         skip = {"scheme"}
@@ -408,7 +409,7 @@ class DiagnoseResult:
                 if k not in skip}
 
 
-DIAGNOSE_CODE = (*store.MODEL_CODE, "evaluate.py", "diagnose.py", "finetune.py", "passkey.py")
+DIAGNOSE_CODE = store.JOB_CODE["diagnose"]
 
 
 def source_key(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus) -> str:
@@ -421,20 +422,13 @@ def source_key(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus) -> str:
                         code=DIAGNOSE_CODE)
 
 
-class _Cache:
-    """A diagnosis's measurements in ``out/cache-<key>.json``, each written as soon as it is made (in
-    memory only without ``out``)."""
+class _Cache(store.JobCache):
+    """A diagnosis's measurements in ``out/cache-<key>.json`` (in memory only without ``out``)."""
 
     def __init__(self, out: Path | None, key: str, log: Log) -> None:
-        self.file = None if out is None else out / f"cache-{key}.json"
+        super().__init__(None if out is None else out / f"cache-{key}.json", "diagnose")
         self.name = f"cache-{key}.json"
-        self.data: dict[str, Any] = store.read_json(self.file) if self.file is not None and self.file.exists() else {}
         self.log = log
-
-    def put(self, name: str, value: Any) -> None:
-        self.data[name] = value
-        if self.file is not None:
-            store.write_json(self.file, self.data, indent=None)
 
     def get(self, name: str, what: str, make: Callable[[], Any]) -> Any:
         """The entry ``name``, made by ``make`` (and saved) unless a run with the same key made it."""
@@ -499,6 +493,7 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
         [(f"{a}–{b - 1}", float(long_loss[a:b].mean()), float(short_loss[a:b].mean()),
           *delta_interval(long_w[:, a:b] - short_w[:, a:b])) for a, b in _ranges(length, train_len)], ad)
     result.corpus, result.trained_corpus, result.retrofit = corpus.fingerprint, meta.get("corpus"), meta.get("retrofit")
+    result.cache = cache.name
     result.loss_delta_interval = delta_interval(long_w - short_w)
     result.context_split = context_split(long_w, short_w, train_len)
     if "window" in got:

@@ -196,6 +196,7 @@ class RetrofitResult:
     corpus: dict[str, Any]
     trained_corpus: dict[str, Any] | None = None  # the text the checkpoint records it was trained on
     pos_lr_mult: float = 1.0  # the positional parameters' multiple of the fine-tunes' learning rates
+    cache: str | None = None  # the name of its cache file (``cache-<key>.json``), by which ``posbias clean`` judges it
     rows: list[dict[str, Any]] = field(default_factory=list)
     bucket_remap: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
     # length past L → one Paired per row: its perplexity against the best row's (compare_rows)
@@ -206,7 +207,8 @@ class RetrofitResult:
                 "eval_lens": self.eval_lens, "rows": self.rows, "bucket_remap": self.bucket_remap,
                 "paired": {n: [p._asdict() for p in ps] for n, ps in self.paired.items()},
                 "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
-                "corpus": self.corpus, "trained_corpus": self.trained_corpus, "pos_lr_mult": self.pos_lr_mult}
+                "corpus": self.corpus, "trained_corpus": self.trained_corpus, "pos_lr_mult": self.pos_lr_mult,
+                "cache": self.cache}
 
 
 def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corpus: Corpus, progress: bool = False,
@@ -231,6 +233,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
         result.pos_lr_mult = cfg.pos_lr_mult or ckpt.pos_lr_mult(meta)
         run = _Run(cfg, out, source_key(path, cfg, corpus), corpus, train_len, lens, progress, log,
                    result.pos_lr_mult)
+        result.cache = run.file.name
         result.rows.append(run.measure(base, base, "original", "before", 0))
         for k, m in enumerate(cfg.methods, 1):
             plan = "no fine-tune" + (f", then a {cfg.finetune_steps}-step fine-tune at {cfg.to}" if cfg.finetune_steps else "")
@@ -265,7 +268,7 @@ def source_key(path: str | Path, cfg: RetrofitConfig, corpus: Corpus) -> str:
     evaluation and passkey, and the code that computes them."""
     settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("methods", "compare", "eval_lens")}
     return ckpt.job_key(path, corpus=corpus.fingerprint, settings=settings,
-                        code=(*store.MODEL_CODE, "evaluate.py", "finetune.py", "passkey.py", "retrofit.py"))
+                        code=store.JOB_CODE["retrofit"])
 
 
 class _Run:
@@ -276,10 +279,11 @@ class _Run:
         self.cfg, self.out, self.key, self.corpus, self.pos_lr_mult = cfg, out, key, corpus, pos_lr_mult
         self.train_len, self.lens, self.progress, self.log = train_len, lens, progress, log
         self.file = out / f"cache-{key}.json"
-        self.cache: dict[str, Any] = store.read_json(self.file) if self.file.exists() else {}
+        self.saved = store.JobCache(self.file, "retrofit")
+        self.cache = self.saved.data
 
     def _save(self) -> None:
-        store.write_json(self.file, self.cache, indent=None)
+        self.saved.save()
 
     def measure(self, model: TransformerLM, base: TransformerLM, method: str, stage: str, extra: int, *,
                 final: bool = True) -> dict[str, Any]:

@@ -33,12 +33,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["folder_name", "write_text", "write_json", "read_json", "config_key", "code_fingerprint", "FolderLock", "check_out_dir",
-           "FolderBusy", "item_lock", "device_key"]
+           "FolderBusy", "item_lock", "device_key", "JOB_CODE", "made_by", "JobCache"]
 
 _PACKAGE = Path(__file__).resolve().parent
 #: the code that makes a trained model: its architecture, every scheme and kernel, the data batches and
 #: the training loop (what :func:`posbias.study.model_key` carries)
 MODEL_CODE = ("model.py", "train.py", "data.py", "attention.py", "diagonals.py", "config.py", "schemes", "kernels")
+#: the code behind each kind of result, in one place: what its key carries, and what ``posbias clean``
+#: compares a result's recorded fingerprint with (:mod:`posbias.clean`)
+JOB_CODE: dict[str, tuple[str, ...]] = {
+    "model": MODEL_CODE,
+    "evaluation": (*MODEL_CODE, "evaluate.py"),
+    "diagnose": (*MODEL_CODE, "evaluate.py", "diagnose.py", "finetune.py", "passkey.py"),
+    "retrofit": (*MODEL_CODE, "evaluate.py", "finetune.py", "passkey.py", "retrofit.py"),
+}
+#: the entry of a job's cache file that records what made it (:func:`made_by`)
+MADE_BY = "_made_by"
 
 
 def check_out_dir(path: str | Path) -> Path:
@@ -124,6 +134,36 @@ def code_fingerprint(*parts: str) -> str:
                     node.body = body[1:] or [ast.Pass()]
             digest.update(f.relative_to(_PACKAGE).as_posix().encode() + b"\0" + ast.dump(tree).encode() + b"\0")
     return digest.hexdigest()[:12]
+
+
+def made_by(job: str) -> dict[str, str]:
+    """What a result of ``job`` (a key of :data:`JOB_CODE`) records about what made it: the job, the
+    fingerprint of its code and torch's version. Its key hashes the same two among its settings;
+    this readable copy is how ``posbias clean`` tells a result the installed posbias would never
+    reuse."""
+    import torch
+
+    return {"job": job, "code": code_fingerprint(*JOB_CODE[job]), "torch": torch.__version__}
+
+
+class JobCache:
+    """A job's measurements in one JSON file (``diagnose``'s and ``retrofit``'s ``cache-<key>.json``):
+    ``data`` maps a measurement's name to its value; :meth:`put` writes the whole file atomically as
+    soon as a measurement is made, so an interrupted run keeps what it measured. The file records
+    :func:`made_by` under :data:`MADE_BY`. Without a file, it lives in memory only."""
+
+    def __init__(self, file: Path | None, job: str) -> None:
+        self.file = file
+        self.data: dict[str, Any] = read_json(file) if file is not None and file.exists() else {}
+        self.data[MADE_BY] = made_by(job)
+
+    def put(self, name: str, value: Any) -> None:
+        self.data[name] = value
+        self.save()
+
+    def save(self) -> None:
+        if self.file is not None:
+            write_json(self.file, self.data, indent=None)
 
 
 def device_key(device: str) -> str:

@@ -171,7 +171,7 @@ def model_key(cfg: StudyConfig, arm: Arm, seed: int, corpus: Corpus) -> dict[str
     return {"model": model_config(cfg, arm).to_dict(), "train": asdict(train_config(cfg, seed)),
             "corpus": corpus.fingerprint, "threads": cfg.threads, "device": store.device_key(cfg.device),
             "torch": torch.__version__,
-            "code": store.code_fingerprint(*store.MODEL_CODE)}
+            "code": store.code_fingerprint(*store.JOB_CODE["model"])}
 
 
 def model_dir(out: Path, arm: Arm, seed: int, mkey: dict[str, Any]) -> Path:
@@ -183,7 +183,7 @@ def eval_key(cfg: StudyConfig, mkey: dict[str, Any]) -> dict[str, Any]:
     """Everything that makes an evaluation of that model."""
     return {"model_key": mkey, "lengths": cfg.lengths(), "train_len": cfg.train_len, "eval_tokens": cfg.eval_tokens,
             "eval_batch": cfg.eval_batch, "n_boot": N_BOOT, "format": EVAL_FORMAT,
-            "code": store.code_fingerprint(*store.MODEL_CODE, "evaluate.py")}
+            "code": store.code_fingerprint(*store.JOB_CODE["evaluation"])}
 
 
 def learned_summary(model: TransformerLM, train_len: int) -> dict[str, Any]:

@@ -7,6 +7,9 @@ from posbias import build
 from posbias.attention import attention, attention_reference
 
 
+TINY = dict(d_model=32, n_layers=2, n_heads=2)  # a model of about 40k weights, for workflows in seconds
+TINY_L = 48  # the training length :func:`tiny_checkpoint` records
+
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])  # ``pytest -m cuda`` runs these alone
 DEVICES = ["cpu", CUDA]  # a CUDA case and its CPU twin
@@ -123,3 +126,29 @@ def within_reference_rounding(scheme, dtype, device="cpu", *, lq=300, lk=300, gr
         assert fast.dtype == dtype
         err = lambda x: (x.detach().double() - truth.detach().double()).abs().max().item()  # noqa: E731
         assert err(fast) <= 2 * err(ref) + unit * truth.detach().abs().max().item()
+
+
+def one_line_error(capsys, code, *needles):
+    """The command failed the way users are promised: status 2, one line on stderr, no traceback,
+    naming each of ``needles``."""
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "\n" not in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def tiny_checkpoint(path, scheme, **options):
+    """A :data:`TINY` model of ``scheme`` with its positional parameters moved from their initial
+    values, saved at ``path`` as trained at :data:`TINY_L`."""
+    from posbias import checkpoint as ckpt
+    from posbias.model import ModelConfig, TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(scheme=scheme, scheme_options=options, **TINY))
+    with torch.no_grad():
+        for p in model.scheme.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    ckpt.save_checkpoint(path, model, extra={"train": {"seq_len": TINY_L}})
+    return path

@@ -21,7 +21,7 @@ LAYERS = {
     "attention": 2,
     "model": 3, "checkpoint": 3,
     "train": 4, "finetune": 4, "evaluate": 4, "passkey": 4, "study": 4, "retrofit": 4, "diagnose": 4,
-    "plot": 4, "report": 4,
+    "plot": 4, "report": 4, "clean": 4,
     "integrations": 5,  # adapts other libraries: may import anything below the command line
     "cli": 6,
 }

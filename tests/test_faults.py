@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from _helpers import TINY, one_line_error
 from safetensors.torch import load_file, save_file
 
 import posbias
@@ -20,19 +21,9 @@ from posbias.cli import main
 from posbias.model import ModelConfig, TransformerLM
 from posbias.train import TrainConfig, train
 
-TINY = dict(d_model=32, n_layers=2, n_heads=2)
 ALL = ["nope", "sinusoidal", "offset", "t5", "alibi", "kerple-log", "kerple-power", "fire", "rope"]
 POSBIAS = [sys.executable, "-m", "posbias.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def _one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 STUDY = ["--train-len", "16", "--eval-lens", "16", "32", "--steps", "4", "--batch-size", "4", "--d-model", "32",
@@ -145,7 +136,7 @@ def test_nan_weights_are_refused(saved, capsys):
     save_file(state, str(saved / ckpt.MODEL_FILE))
     with pytest.raises(ValueError, match="non-finite weights \\(head.weight\\)"):
         ckpt.load_model(saved)
-    _one_line_error(capsys, main(["diagnose", str(saved), "--out", str(saved.parent / "d")]), "non-finite")
+    one_line_error(capsys, main(["diagnose", str(saved), "--out", str(saved.parent / "d")]), "non-finite")
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -173,7 +164,7 @@ def test_resume_with_another_model_size_is_refused(tmp_path, text_file):
 def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, text_file, capsys):
     out = tmp_path / "run"
     code = main(["extrapolate", "--schemes", "t5", *STUDY, "--lr", "1e30", "--data", str(text_file), "--out", str(out)])
-    _one_line_error(capsys, code, "diverged", "step")
+    one_line_error(capsys, code, "diverged", "step")
     assert not (out / "results.json").exists()
     assert not list(out.glob("models/*/final"))
     assert not list(out.glob("models/*/eval-*.json"))
@@ -194,7 +185,7 @@ def test_truncated_eval_cache_names_the_file(tmp_path, text_file, capsys):
     (ev,) = out.glob("models/*/eval-*.json")
     ev.write_text(ev.read_text()[:40])
     capsys.readouterr()
-    _one_line_error(capsys, main(argv), ev.name, "not valid JSON", "delete it")
+    one_line_error(capsys, main(argv), ev.name, "not valid JSON", "delete it")
 
 
 # -- CLI: every bad input is one line and exit 2 -------------------------------------------------
@@ -204,28 +195,28 @@ def test_truncated_eval_cache_names_the_file(tmp_path, text_file, capsys):
     (["extrapolate", "--threads", "0"], "--threads must be an integer >= 1"),
 ])
 def test_cli_bad_flags(argv, needle, capsys, tmp_path):
-    _one_line_error(capsys, main(argv + ["--out", str(tmp_path / "o")]), needle)
+    one_line_error(capsys, main(argv + ["--out", str(tmp_path / "o")]), needle)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_cuda(capsys, tmp_path, saved):
-    _one_line_error(capsys, main(["extrapolate", "--device", "cuda", "--out", str(tmp_path / "o")]), "no CUDA device")
-    _one_line_error(capsys, main(["diagnose", str(saved), "--device", "cuda"]), "no CUDA device")
+    one_line_error(capsys, main(["extrapolate", "--device", "cuda", "--out", str(tmp_path / "o")]), "no CUDA device")
+    one_line_error(capsys, main(["diagnose", str(saved), "--device", "cuda"]), "no CUDA device")
 
 
 def test_tiny_data_fails_before_training(tmp_path, capsys):
     f = tmp_path / "tiny.txt"
     f.write_bytes(b"abc")
-    _one_line_error(capsys, main(["extrapolate", *STUDY, "--data", str(f), "--out", str(tmp_path / "o")]), "too little text")
+    one_line_error(capsys, main(["extrapolate", *STUDY, "--data", str(f), "--out", str(tmp_path / "o")]), "too little text")
     f.write_text("x" * 2000)
-    _one_line_error(capsys, main(["extrapolate", *STUDY, "--eval-lens", "16", "1024", "--eval-tokens", "4096",
+    one_line_error(capsys, main(["extrapolate", *STUDY, "--eval-lens", "16", "1024", "--eval-tokens", "4096",
                                   "--data", str(f),
                                   "--out", str(tmp_path / "o")]), "validation split has")
     assert not (tmp_path / "o" / "models").exists()
 
 
 def test_retrofit_bad_batch(capsys, saved):
-    _one_line_error(capsys, main(["retrofit", str(saved), "--to", "64", "--method", "swap-alibi",
+    one_line_error(capsys, main(["retrofit", str(saved), "--to", "64", "--method", "swap-alibi",
                                   "--finetune-batch", "0"]), "--finetune-batch must be an integer >= 1")
 
 
@@ -238,7 +229,7 @@ def test_out_that_is_a_file(command, under, tmp_path, capsys, saved):
     argv = {"plot": ["plot"], "extrapolate": ["extrapolate", *STUDY],
             "retrofit": ["retrofit", str(saved), "--to", "64", "--method", "swap-alibi"],
             "diagnose": ["diagnose", str(saved), "--passkey-steps", "0"]}[command]
-    _one_line_error(capsys, main(argv + ["--out", str(out)]), "is a file")
+    one_line_error(capsys, main(argv + ["--out", str(out)]), "is a file")
     assert f.read_text() == "x"
 
 
@@ -372,14 +363,14 @@ def test_dynamic_ntk_decoding_claim(layers, equal):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_gpu_preset_on_a_cpu_machine_says_how_to_override(capsys, tmp_path):
-    _one_line_error(capsys, main(["extrapolate", "--preset", "gpu", "--out", str(tmp_path / "o")]),
+    one_line_error(capsys, main(["extrapolate", "--preset", "gpu", "--out", str(tmp_path / "o")]),
                     "--preset gpu asks for --device cuda", "add --device cpu")
 
 
 def test_model_folder_suggests_final(capsys, tmp_path):
     model = TransformerLM(ModelConfig(scheme="alibi", **TINY))
     ckpt.save_checkpoint(tmp_path / "m" / "final", model, extra={"train": {"seq_len": 16}})
-    _one_line_error(capsys, main(["retrofit", str(tmp_path / "m"), "--to", "64", "--method", "swap-alibi"]),
+    one_line_error(capsys, main(["retrofit", str(tmp_path / "m"), "--to", "64", "--method", "swap-alibi"]),
                     "did you mean", "final")
 
 

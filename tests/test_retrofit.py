@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 import torch
+from _helpers import TINY, TINY_L, tiny_checkpoint
 
 from posbias import checkpoint as ckpt
 from posbias import ntk_lambda, passkey, rope_frequencies, t5_bucket
@@ -24,23 +25,12 @@ from posbias.model import ModelConfig, TransformerLM
 from posbias.retrofit import METHODS, RetrofitConfig, applicable, bucket_remap, retrofit_model, run_retrofit
 from posbias.schemes import build
 
-TINY = dict(d_model=32, n_layers=2, n_heads=2)
-L = 48
+L = TINY_L
 
 
 @pytest.fixture(scope="module")
 def corpus():
     return stdlib_corpus()
-
-
-def tiny_checkpoint(path, scheme, **options):
-    torch.manual_seed(0)
-    model = TransformerLM(ModelConfig(scheme=scheme, scheme_options=options, **TINY))
-    with torch.no_grad():
-        for p in model.scheme.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    ckpt.save_checkpoint(path, model, extra={"train": {"seq_len": L}})
-    return path
 
 
 def test_passkey_sample_layout():

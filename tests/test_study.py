@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import perturb_, random_options
+from _helpers import TINY, perturb_, random_options
 
 from posbias import checkpoint as ckpt
 from posbias.cli import main
@@ -19,7 +19,6 @@ from posbias.evaluate import evaluate_length
 from posbias.model import ModelConfig, TransformerLM
 from posbias.train import TrainConfig, train
 
-TINY = dict(d_model=32, n_layers=2, n_heads=2)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,237 @@
+"""The results in a folder that the installed posbias would never reuse (``posbias clean``).
+
+Every result is kept under a key that hashes everything that made it (:mod:`posbias.store`), so a
+re-run after an upgrade, or under another torch, computes afresh in a folder or file of its own, and
+the old result stays beside it, unused and never read again. :func:`find` lists those, each with the
+reason and its size on disk; :func:`remove` deletes them. What is judged, and by what:
+
+* a study's model folder (``models/<label>-seed<N>-<key>/``): the model code and torch version its
+  ``key.json`` records, against the installed ones; its checkpoints and evaluations go with it;
+* a study's evaluation (``eval-<key>.json`` in a model folder that stays): its evaluation code, the
+  evaluation format (:data:`posbias.study.EVAL_FORMAT`) and torch;
+* a diagnosis's or retrofit's cache (``cache-<key>.json``): the job code and torch version its
+  :data:`~posbias.store.MADE_BY` entry records (:func:`~posbias.store.made_by`). A cache without that
+  entry was written before caches recorded it: its key names older code, so no run reuses it. The
+  models its run made beside it (``models/<name>-<key>/``: passkey copies, fine-tuned models) go with it;
+* what interrupted writes leave: ``<file>.<pid>.tmp`` files, ``<checkpoint>.tmp`` folders, and a
+  ``<checkpoint>.old`` folder beside its complete checkpoint.
+
+Results made with other settings, seeds, thread counts or devices are not stale: a run with those
+settings reuses them. Reports (``results.md``, ``report.md``, plots) are never deleted; :func:`find`
+names those made from results it lists, so that the user knows which to re-run. Every folder under
+the root where a run keeps its lock (``.posbias.lock``), and any such folder above it, is locked for
+the whole call: a run working there makes :func:`find` refuse (:class:`~posbias.store.FolderBusy`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import store
+from .study import EVAL_FORMAT
+
+__all__ = ["Stale", "Findings", "find", "remove", "locked"]
+
+_KEY = re.compile(r"-([0-9a-f]{10})$")  # a keyed folder's name ends with its key (store.config_key)
+_TMP_FILE = re.compile(r"\.\d+\.tmp$")  # store.write_text's temporary file
+
+
+@dataclass
+class Stale:
+    path: Path
+    what: str  # "trained model", "evaluation", "diagnose cache", "model of a stale cache", "unfinished write", …
+    why: str
+    size: int  # bytes on disk
+
+
+@dataclass
+class Findings:
+    root: Path
+    stale: list[Stale] = field(default_factory=list)
+    reports: list[tuple[Path, str]] = field(default_factory=list)  # a report made from stale results (its .md), and why
+    checked: int = 0  # keyed results judged (model folders, evaluations, caches)
+
+    @property
+    def size(self) -> int:
+        return sum(s.size for s in self.stale)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _against(made: dict[str, Any], job: str) -> str | None:
+    """Why a result ``made`` as recorded is one the installed posbias would not reuse, or None."""
+    now = store.made_by(job)
+    if made.get("code") != now["code"]:
+        return f"made by other posbias code ({job} code {made.get('code')}, installed {now['code']})"
+    if made.get("torch") != now["torch"]:
+        return f"made with torch {made.get('torch')} (installed {now['torch']})"
+    return None
+
+
+def _read(path: Path) -> Any:
+    try:
+        return store.read_json(path)
+    except (ValueError, OSError):
+        return None
+
+
+def _model_why(folder: Path) -> str | None:
+    key = _read(folder / "key.json")
+    if not isinstance(key, dict):
+        return "its key.json cannot be read"
+    return _against(key, "model")
+
+
+def _eval_why(path: Path) -> str | None:
+    data = _read(path)
+    key = data.get("key") if isinstance(data, dict) else None
+    if not isinstance(key, dict):
+        return "it cannot be read"
+    if key.get("format") != EVAL_FORMAT:
+        return f"evaluation format {key.get('format')} (installed {EVAL_FORMAT})"
+    return _against({"code": key.get("code"), "torch": (key.get("model_key") or {}).get("torch")}, "evaluation")
+
+
+def _cache_why(path: Path) -> str | None:
+    data = _read(path)
+    if not isinstance(data, dict):
+        return "it cannot be read"
+    made = data.get(store.MADE_BY)
+    if not isinstance(made, dict) or made.get("job") not in store.JOB_CODE:
+        return "written before caches recorded their code: made by an older posbias"
+    return _against(made, made["job"])
+
+
+def _leftover(path: Path) -> bool:
+    """A write that an interruption left unfinished (only ever judged under the folders' locks)."""
+    if path.is_file():
+        return bool(_TMP_FILE.search(path.name))
+    if path.name.endswith(".tmp"):
+        return True
+    return path.name.endswith(".old") and (path.with_name(path.name[:-4]) / "config.json").exists()
+
+
+def _judge_folder(d: Path, found: Findings, names: list[str]) -> bool:
+    """Judge the keyed results directly in ``d``; True where ``d`` itself is stale (not to be entered)."""
+    if "key.json" in names and (d.parent.name == "models"):
+        found.checked += 1
+        why = _model_why(d)
+        if why:
+            found.stale.append(Stale(d, "trained model", why, _size(d)))
+            return True
+        for f in sorted(d.glob("eval-*.json")):
+            found.checked += 1
+            if why := _eval_why(f):
+                found.stale.append(Stale(f, "evaluation", why, _size(f)))
+    stale_keys = {}
+    for f in sorted(d.glob("cache-*.json")):
+        found.checked += 1
+        if why := _cache_why(f):
+            made = (_read(f) or {}).get(store.MADE_BY)
+            job = made.get("job") if isinstance(made, dict) else None
+            found.stale.append(Stale(f, f"{job} cache" if job in store.JOB_CODE else "cache", why, _size(f)))
+            stale_keys[f.name[len("cache-"):-len(".json")]] = f.name
+    for m in sorted((d / "models").iterdir()) if stale_keys and (d / "models").is_dir() else []:
+        key = _KEY.search(m.name)
+        if key and key.group(1) in stale_keys and not (m / "key.json").exists():
+            found.stale.append(Stale(m, "model of a stale cache", f"made beside {stale_keys[key.group(1)]}", _size(m)))
+    return False
+
+
+def _judge_reports(found: Findings) -> None:
+    """The reports made from results listed (or gone): a study's ``results.json`` by the model folders
+    its records name; a diagnosis's ``diagnose.json`` and a retrofit's ``results.json`` by their cache."""
+    gone = {s.path.resolve() for s in found.stale}
+    for f in sorted(found.root.rglob("*.json")):
+        if f.name not in ("results.json", "diagnose.json") or any(p in gone for p in f.resolve().parents):
+            continue
+        data = _read(f)
+        if not isinstance(data, dict):
+            continue
+        why = None
+        if isinstance(data.get("records"), list):  # a study
+            models = {Path(r["model_dir"]).name for r in data["records"] if isinstance(r, dict) and "model_dir" in r}
+            bad = sorted(m for m in models if not _fresh_model(f.parent / "models" / m, gone))
+            if bad:
+                why = (f"{len(bad)} of its {len(models)} models' results are stale or gone ({', '.join(bad[:3])}"
+                       f"{', …' if len(bad) > 3 else ''}): re-run the study to refresh it")
+        elif "rows" in data or f.name == "diagnose.json":  # a retrofit, a diagnosis
+            cache = data.get("cache")
+            if not isinstance(cache, str):
+                why = "written before reports named their cache: by an older posbias; re-run the command to refresh it"
+            elif (f.parent / cache).resolve() in gone or not (f.parent / cache).exists():
+                why = f"made from {cache}, which is stale or gone: re-run the command to refresh it"
+        if why:
+            shown = f.with_name("report.md" if f.name == "diagnose.json" else "results.md")
+            found.reports.append((shown if shown.exists() else f, why))
+
+
+def _fresh_model(folder: Path, gone: set[Path]) -> bool:
+    """A study model folder that stays, with at least one evaluation that stays."""
+    if not folder.is_dir() or folder.resolve() in gone:
+        return False
+    return any(e.resolve() not in gone for e in folder.glob("eval-*.json"))
+
+
+def _lock_folders(root: Path) -> list[Path]:
+    """Every folder where a run keeps its lock: under ``root``, and ``root`` or any folder above it."""
+    below = {p.parent for p in root.rglob(".posbias.lock")}
+    above = {p for p in (root, *root.parents) if (p / ".posbias.lock").exists()}
+    return sorted(below | above)
+
+
+@contextlib.contextmanager
+def locked(root: str | Path) -> Iterator[Path]:
+    """Hold, for the ``with`` block, every run lock of ``root`` (:func:`_lock_folders`) exclusively;
+    refuses (:class:`~posbias.store.FolderBusy`) while any run holds one. ValueError where ``root`` is
+    not a folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{str(root)!r} is not a folder" + ("" if root.exists() else " (it does not exist)"))
+    with contextlib.ExitStack() as stack:
+        for folder in _lock_folders(root):
+            stack.enter_context(store.FolderLock(folder))
+        yield root
+
+
+def find(root: str | Path) -> Findings:
+    """What under ``root`` the installed posbias would never reuse (the module's list), and the reports
+    made from it. Call it under :func:`locked` when the findings will be removed."""
+    found = Findings(Path(root))
+    for dirpath, dirnames, filenames in os.walk(found.root):
+        d = Path(dirpath)
+        names = sorted(dirnames + filenames)
+        if _judge_folder(d, found, names):
+            dirnames[:] = []
+            continue
+        marked = {s.path for s in found.stale}
+        for name in names:
+            p = d / name
+            if p not in marked and _leftover(p):
+                found.stale.append(Stale(p, "unfinished write", "left by an interrupted write", _size(p)))
+                marked.add(p)
+        dirnames[:] = sorted(n for n in dirnames if d / n not in marked)
+    _judge_reports(found)
+    return found
+
+
+def remove(found: Findings) -> int:
+    """Delete every stale item of ``found``; the bytes freed."""
+    freed = 0
+    for s in found.stale:
+        if s.path.is_dir():
+            shutil.rmtree(s.path)
+        elif s.path.exists():
+            s.path.unlink()
+        freed += s.size
+    return freed

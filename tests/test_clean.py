@@ -1,0 +1,121 @@
+"""``posbias clean``: what the installed posbias would never reuse is listed, with its reason, and
+removed only with ``--delete``; everything a later run would reuse stays (the re-run reuses it)."""
+
+import fcntl
+import json
+import shutil
+
+import pytest
+import torch
+from _helpers import TINY_L as L, one_line_error, tiny_checkpoint
+
+from posbias import clean, store
+from posbias.cli import main
+from posbias.data import local_corpus
+from posbias.diagnose import DiagnoseConfig, run_diagnose
+from posbias.retrofit import RetrofitConfig, run_retrofit
+
+STUDY = ["--schemes", "t5", "--train-len", "16", "--eval-lens", "16", "32", "--steps", "3", "--batch-size", "4",
+         "--d-model", "32", "--layers", "1", "--heads", "2", "--eval-tokens", "256", "--quiet"]
+
+
+def _study(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    assert main(["extrapolate", *STUDY, "--data", str(text_file), "--out", str(out)]) == 0
+    capsys.readouterr()
+    return out, next((out / "models").glob("t5-seed0-*"))
+
+
+def _listed(found):
+    return {(str(s.path.relative_to(found.root)), s.what) for s in found.stale}
+
+
+def test_a_study_folder_lists_only_what_no_run_reuses(tmp_path, text_file, capsys):
+    out, mdir = _study(tmp_path, text_file, capsys)
+    fresh = clean.find(out)
+    assert fresh.stale == [] and fresh.reports == [] and fresh.checked == 2  # the model and its evaluation
+    # a model of older code beside it, an evaluation of an older format, and what interrupted writes leave
+    old = mdir.with_name("t5-seed0-0123456789")
+    shutil.copytree(mdir, old)
+    key = json.loads((old / "key.json").read_text())
+    (old / "key.json").write_text(json.dumps({**key, "code": "000000000000"}))
+    evaluation = next(mdir.glob("eval-*.json"))
+    data = json.loads(evaluation.read_text())
+    data["key"]["format"] -= 1
+    (mdir / "eval-0000000000.json").write_text(json.dumps(data))
+    (mdir / "key.json.123.tmp").write_text("{")
+    (mdir / "final.tmp").mkdir()
+    shutil.copytree(mdir / "final", mdir / "final.old")  # the checkpoint is whole: the .old copy is left over
+    found = clean.find(out)
+    rel = str(mdir.relative_to(out))
+    assert _listed(found) == {(str(old.relative_to(out)), "trained model"), (f"{rel}/eval-0000000000.json", "evaluation"),
+                              (f"{rel}/key.json.123.tmp", "unfinished write"), (f"{rel}/final.tmp", "unfinished write"),
+                              (f"{rel}/final.old", "unfinished write")}
+    why = {s.what: s.why for s in found.stale}
+    assert why["trained model"].startswith("made by other posbias code (model code 000000000000, installed ")
+    assert why["evaluation"] == f"evaluation format {data['key']['format']} (installed {data['key']['format'] + 1})"
+    assert found.reports == []  # results.md names the model that stays
+    assert main(["clean", str(out)]) == 0  # lists, removes nothing
+    said = capsys.readouterr().out
+    assert f"{out}: 5 stale item(s) of 4 keyed result(s) checked" in said and "nothing removed; add --delete" in said
+    assert old.exists() and (mdir / "final.old").exists()
+    assert main(["clean", str(out), "--delete"]) == 0
+    assert "removed " in capsys.readouterr().out
+    assert not old.exists() and not (mdir / "final.tmp").exists() and not (mdir / "final.old").exists()
+    assert clean.find(out).stale == []
+    assert main(["extrapolate", *STUDY, "--data", str(text_file), "--out", str(out)]) == 0
+    assert "reusing the model trained with these exact settings" in capsys.readouterr().out  # nothing fresh was lost
+
+
+def test_a_report_made_from_stale_models_is_named_and_kept(tmp_path, text_file, capsys):
+    out, mdir = _study(tmp_path, text_file, capsys)
+    key = json.loads((mdir / "key.json").read_text())
+    (mdir / "key.json").write_text(json.dumps({**key, "torch": "1.0"}))
+    found = clean.find(out)
+    assert [(s.what, s.why) for s in found.stale] == [("trained model", f"made with torch 1.0 (installed {torch.__version__})")]
+    assert found.reports == [(out / "results.md", f"1 of its 1 models' results are stale or gone ({mdir.name}): "
+                                                  "re-run the study to refresh it")]
+    assert main(["clean", str(out), "--delete"]) == 0
+    assert "report results.md: 1 of its 1 models" in capsys.readouterr().out
+    assert (out / "results.md").exists() and not mdir.exists()
+
+
+def test_diagnose_and_retrofit_caches_record_what_made_them(tmp_path, text_file):
+    corpus = local_corpus(text_file)
+    path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
+    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=2, passkey_samples=1),
+                       corpus=corpus, out=tmp_path / "d")
+    cache = tmp_path / "d" / rep.cache
+    assert json.loads(cache.read_text())[store.MADE_BY] == store.made_by("diagnose")
+    (tmp_path / "d" / "diagnose.json").write_text(json.dumps(rep.to_json()))  # as the report writes it
+    res = run_retrofit(path, RetrofitConfig(to=2 * L, methods=["t5-distance"], finetune_steps=1, eval_tokens=2 * L),
+                       tmp_path / "r", corpus=corpus)
+    (tmp_path / "r" / "results.json").write_text(json.dumps(res.to_json()))
+    assert json.loads((tmp_path / "r" / res.cache).read_text())[store.MADE_BY] == store.made_by("retrofit")
+    assert clean.find(tmp_path).stale == [] and clean.find(tmp_path).reports == []
+    # caches of older code (one without the record at all), and the models their runs made beside them
+    made = json.loads(cache.read_text())
+    made[store.MADE_BY]["code"] = "000000000000"
+    cache.write_text(json.dumps(made))
+    rcache = tmp_path / "r" / res.cache
+    rcache.write_text(json.dumps({k: v for k, v in json.loads(rcache.read_text()).items() if k != store.MADE_BY}))
+    found = clean.find(tmp_path)
+    key = rep.cache[len("cache-"):-len(".json")]
+    assert _listed(found) == {(f"d/{rep.cache}", "diagnose cache"), (f"d/models/passkey-ft2-{key}", "model of a stale cache"),
+                              (f"r/{res.cache}", "cache"), (f"r/models/t5-distance-ft1-{res.cache[6:-5]}", "model of a stale cache")}
+    assert {s.why for s in found.stale if s.what == "cache"} == {"written before caches recorded their code: made by an older posbias"}
+    assert [r.name for r, _ in found.reports] == ["diagnose.json", "results.json"]  # no report.md/results.md here
+
+
+def test_clean_refuses_while_a_run_works_there_and_names_bad_folders(tmp_path, text_file, capsys):
+    out, _ = _study(tmp_path, text_file, capsys)
+    with open(out / ".posbias.lock") as fh:  # another run's lock (a study's is shared)
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+        one_line_error(capsys, main(["clean", str(tmp_path)]), "is in use by")
+    assert main(["clean", str(tmp_path)]) == 0
+    one_line_error(capsys, main(["clean", str(tmp_path / "missing")]), "is not a folder (it does not exist)")
+    one_line_error(capsys, main(["clean", str(out / "results.md")]), "is not a folder")
+    with pytest.raises(ValueError, match="is in use"), open(out / ".posbias.lock") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        with clean.locked(out / "models"):  # a folder below a run's folder is the run's too
+            pass
