@@ -20,7 +20,8 @@ Results made with other settings, seeds, thread counts or devices are not stale:
 settings reuses them. Reports (``results.md``, ``report.md``, plots) are never deleted; :func:`find`
 names those made from results it lists, so that the user knows which to re-run. Every folder under
 the root where a run keeps its lock (``.posbias.lock``), and any such folder above it, is locked for
-the whole call: a run working there makes :func:`find` refuse (:class:`~posbias.store.FolderBusy`).
+the whole call (:func:`locked`): a folder below the root where a run works is passed over, and one at
+or above it refuses the call (:class:`~posbias.store.FolderBusy`).
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from . import store
 from .study import EVAL_FORMAT
 
-__all__ = ["Stale", "Findings", "find", "remove", "locked"]
+__all__ = ["Stale", "Findings", "Locked", "find", "remove", "locked"]
 
 _KEY = re.compile(r"-([0-9a-f]{10})$")  # a keyed folder's name ends with its key (store.config_key)
 _TMP_FILE = re.compile(r"\.\d+\.tmp$")  # store.write_text's temporary file
@@ -148,12 +149,13 @@ def _judge_folder(d: Path, found: Findings, names: list[str]) -> bool:
     return False
 
 
-def _judge_reports(found: Findings) -> None:
+def _judge_reports(found: Findings, skip: set[Path]) -> None:
     """The reports made from results listed (or gone): a study's ``results.json`` by the model folders
     its records name; a diagnosis's ``diagnose.json`` and a retrofit's ``results.json`` by their cache."""
     gone = {s.path.resolve() for s in found.stale}
     for f in sorted(found.root.rglob("*.json")):
-        if f.name not in ("results.json", "diagnose.json") or any(p in gone for p in f.resolve().parents):
+        if (f.name not in ("results.json", "diagnose.json") or any(p in gone for p in f.resolve().parents)
+                or any(p in skip for p in f.parents)):
             continue
         data = _read(f)
         if not isinstance(data, dict):
@@ -190,38 +192,67 @@ def _lock_folders(root: Path) -> list[Path]:
     return sorted(below | above)
 
 
+@dataclass
+class Locked:
+    """The folders :func:`locked` holds under a root, and those it passed over because a run works there."""
+
+    root: Path
+    busy: dict[Path, str] = field(default_factory=dict)  # folder → who holds it
+
+
+def _holder(folder: Path) -> str:
+    try:
+        return (folder / ".posbias.lock").read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
 @contextlib.contextmanager
-def locked(root: str | Path) -> Iterator[Path]:
-    """Hold, for the ``with`` block, every run lock of ``root`` (:func:`_lock_folders`) exclusively;
-    refuses (:class:`~posbias.store.FolderBusy`) while any run holds one. ValueError where ``root`` is
-    not a folder."""
+def locked(root: str | Path) -> Iterator[Locked]:
+    """Hold, for the ``with`` block, every run lock of ``root`` (:func:`_lock_folders`) exclusively. A
+    folder below ``root`` that a run holds is passed over (listed in ``busy``; :func:`find` leaves it
+    alone); one at or above ``root`` refuses the whole call (:class:`~posbias.store.FolderBusy`).
+    ValueError where ``root`` is not a folder."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{str(root)!r} is not a folder" + ("" if root.exists() else " (it does not exist)"))
+    held = Locked(root)
     with contextlib.ExitStack() as stack:
         for folder in _lock_folders(root):
-            stack.enter_context(store.FolderLock(folder))
-        yield root
+            if any(b in folder.parents for b in held.busy):
+                continue
+            try:
+                stack.enter_context(store.FolderLock(folder))
+            except store.FolderBusy:
+                if folder == root or folder in root.parents:
+                    raise store.FolderBusy(f"{str(folder)!r} is in use by {_holder(folder)}; nothing was listed or "
+                                           "removed: wait for it to finish") from None
+                held.busy[folder] = _holder(folder)
+        yield held
 
 
-def find(root: str | Path) -> Findings:
+def find(root: str | Path, *, skip: Iterable[Path] = ()) -> Findings:
     """What under ``root`` the installed posbias would never reuse (the module's list), and the reports
-    made from it. Call it under :func:`locked` when the findings will be removed."""
-    found = Findings(Path(root))
+    made from it, leaving the folders in ``skip`` alone (those :func:`locked` found busy). Call it under
+    :func:`locked` when the findings will be removed."""
+    found, skip = Findings(Path(root)), {Path(p) for p in skip}
     for dirpath, dirnames, filenames in os.walk(found.root):
         d = Path(dirpath)
+        if d in skip:
+            dirnames[:] = []
+            continue
         names = sorted(dirnames + filenames)
         if _judge_folder(d, found, names):
             dirnames[:] = []
             continue
         marked = {s.path for s in found.stale}
         for name in names:
-            p = d / name
-            if p not in marked and _leftover(p):
-                found.stale.append(Stale(p, "unfinished write", "left by an interrupted write", _size(p)))
-                marked.add(p)
+            q = d / name
+            if q not in marked and q not in skip and _leftover(q):
+                found.stale.append(Stale(q, "unfinished write", "left by an interrupted write", _size(q)))
+                marked.add(q)
         dirnames[:] = sorted(n for n in dirnames if d / n not in marked)
-    _judge_reports(found)
+    _judge_reports(found, skip)
     return found
 
 

@@ -596,8 +596,11 @@ def cmd_clean(args: argparse.Namespace) -> None:
 
     total = 0
     for folder in args.folders:
-        with clean.locked(folder) as root:
-            found = clean.find(root)
+        with clean.locked(folder) as held:
+            root = held.root
+            for busy, holder in held.busy.items():
+                say(f"{busy}: passed over, in use by {holder}")
+            found = clean.find(root, skip=held.busy)
             if not found.stale:
                 say(f"{root}: nothing stale ({found.checked} keyed result(s) checked)")
             else:

@@ -107,15 +107,19 @@ def test_diagnose_and_retrofit_caches_record_what_made_them(tmp_path, text_file)
     assert [r.name for r, _ in found.reports] == ["diagnose.json", "results.json"]  # no report.md/results.md here
 
 
-def test_clean_refuses_while_a_run_works_there_and_names_bad_folders(tmp_path, text_file, capsys):
-    out, _ = _study(tmp_path, text_file, capsys)
+def test_clean_passes_over_a_folder_a_run_works_in_and_refuses_one_above_it(tmp_path, text_file, capsys):
+    out, mdir = _study(tmp_path, text_file, capsys)
+    (mdir / "final.tmp").mkdir()  # would be listed, were the folder free
     with open(out / ".posbias.lock") as fh:  # another run's lock (a study's is shared)
         fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
-        one_line_error(capsys, main(["clean", str(tmp_path)]), "is in use by")
-    assert main(["clean", str(tmp_path)]) == 0
+        assert main(["clean", str(tmp_path), "--delete"]) == 0
+        said = capsys.readouterr().out
+        assert f"{out}: passed over, in use by " in said and f"{tmp_path}: nothing stale" in said
+        assert (mdir / "final.tmp").exists()
+        one_line_error(capsys, main(["clean", str(out)]), "is in use by", "nothing was listed or removed")
+        with pytest.raises(ValueError, match="is in use"), clean.locked(out / "models"):  # below a run's folder
+            pass
+    assert main(["clean", str(tmp_path), "--delete"]) == 0
+    assert not (mdir / "final.tmp").exists()
     one_line_error(capsys, main(["clean", str(tmp_path / "missing")]), "is not a folder (it does not exist)")
     one_line_error(capsys, main(["clean", str(out / "results.md")]), "is not a folder")
-    with pytest.raises(ValueError, match="is in use"), open(out / ".posbias.lock") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        with clean.locked(out / "models"):  # a folder below a run's folder is the run's too
-            pass
