@@ -63,12 +63,6 @@ class Findings:
         return sum(s.size for s in self.stale)
 
 
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-
-
 def _against(made: dict[str, Any], job: str) -> str | None:
     """Why a result ``made`` as recorded is one the installed posbias would not reuse, or None."""
     now = store.made_by(job)
@@ -128,24 +122,26 @@ def _judge_folder(d: Path, found: Findings, names: list[str]) -> bool:
         found.checked += 1
         why = _model_why(d)
         if why:
-            found.stale.append(Stale(d, "trained model", why, _size(d)))
+            found.stale.append(Stale(d, "trained model", why, store.disk_size(d)))
             return True
         for f in sorted(d.glob("eval-*.json")):
             found.checked += 1
             if why := _eval_why(f):
-                found.stale.append(Stale(f, "evaluation", why, _size(f)))
+                found.stale.append(Stale(f, "evaluation", why, store.disk_size(f)))
     stale_keys = {}
     for f in sorted(d.glob("cache-*.json")):
         found.checked += 1
         if why := _cache_why(f):
-            made = (_read(f) or {}).get(store.MADE_BY)
+            data = _read(f)
+            made = data.get(store.MADE_BY) if isinstance(data, dict) else None
             job = made.get("job") if isinstance(made, dict) else None
-            found.stale.append(Stale(f, f"{job} cache" if job in store.JOB_CODE else "cache", why, _size(f)))
+            found.stale.append(Stale(f, f"{job} cache" if job in store.JOB_CODE else "cache", why, store.disk_size(f)))
             stale_keys[f.name[len("cache-"):-len(".json")]] = f.name
     for m in sorted((d / "models").iterdir()) if stale_keys and (d / "models").is_dir() else []:
         key = _KEY.search(m.name)
         if key and key.group(1) in stale_keys and not (m / "key.json").exists():
-            found.stale.append(Stale(m, "model of a stale cache", f"made beside {stale_keys[key.group(1)]}", _size(m)))
+            why = f"made beside {stale_keys[key.group(1)]}"
+            found.stale.append(Stale(m, "model of a stale cache", why, store.disk_size(m)))
     return False
 
 
@@ -249,7 +245,7 @@ def find(root: str | Path, *, skip: Iterable[Path] = ()) -> Findings:
         for name in names:
             q = d / name
             if q not in marked and q not in skip and _leftover(q):
-                found.stale.append(Stale(q, "unfinished write", "left by an interrupted write", _size(q)))
+                found.stale.append(Stale(q, "unfinished write", "left by an interrupted write", store.disk_size(q)))
                 marked.add(q)
         dirnames[:] = sorted(n for n in dirnames if d / n not in marked)
     _judge_reports(found, skip)

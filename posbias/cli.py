@@ -350,12 +350,18 @@ def study_config(args: argparse.Namespace):
     return StudyConfig(**values)
 
 
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-
-
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
+
+
+def _stale_note(out: Path) -> None:
+    """After a run: a line where its folder also holds results no run will reuse (``posbias clean``)."""
+    from . import clean
+
+    found = clean.find(out)
+    if found.stale:
+        say(f"{out} also holds {len(found.stale)} older result(s), {_mib(found.size)}, that no run will reuse "
+            f"(other code or torch, or interrupted writes): `posbias clean {out}` lists them")
 
 
 def cmd_extrapolate(args: argparse.Namespace) -> None:
@@ -381,13 +387,14 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
     say((out / "results.md").read_text())
     say(f"done in {time.perf_counter() - t0:.0f} s. Written to {out}/:")
     for f in [out / "results.md", out / "results.json", *sorted(out.glob("*.png"))]:
-        say(f"  {f.name:<30} {_mib(_size(f))}")
+        say(f"  {f.name:<30} {_mib(store.disk_size(f))}")
     models = out / "models"
     if models.is_dir():
-        last = sum(_size(d) for d in models.glob("*/last"))
-        say(f"  {'models/':<30} {_mib(_size(models))}" + (f", of which {_mib(last)} is last/ checkpoints "
+        last = sum(store.disk_size(d) for d in models.glob("*/last"))
+        say(f"  {'models/':<30} {_mib(store.disk_size(models))}" + (f", of which {_mib(last)} is last/ checkpoints "
                                                             "(optimizer state; --no-keep-last prunes them)" if last else ""))
         say(f"Why each model does (not) generalise, side by side: posbias diagnose {out}")
+    _stale_note(out)
 
 
 # -- retrofit ---------------------------------------------------------------------------------
@@ -473,6 +480,7 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
     say()
     say((out / "results.md").read_text())
     say(f"done in {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}, plot {out / 'ppl_vs_length.png'}")
+    _stale_note(out)
 
 
 # -- diagnose ---------------------------------------------------------------------------------
@@ -562,18 +570,15 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
             comparison.write(done, out, log=say)
     if single:
         say(f"done in {time.perf_counter() - t0:.0f} s; report {out / 'report.md'}")
-        return
-    for line in comparison.sentences([comparison.row(name, r) for name, r in done]):
-        say(f"* {line}")
-    say(f"done in {time.perf_counter() - t0:.0f} s; comparison {out / 'comparison.md'}, "
-        f"one report per model in {out}/<model>/report.md")
+    else:
+        for line in comparison.sentences([comparison.row(name, r) for name, r in done]):
+            say(f"* {line}")
+        say(f"done in {time.perf_counter() - t0:.0f} s; comparison {out / 'comparison.md'}, "
+            f"one report per model in {out}/<model>/report.md")
+    _stale_note(out)
 
 
 # -- clean ------------------------------------------------------------------------------------
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
-
-
 def add_clean_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "clean", formatter_class=_Help,
@@ -605,9 +610,9 @@ def cmd_clean(args: argparse.Namespace) -> None:
                 say(f"{root}: nothing stale ({found.checked} keyed result(s) checked)")
             else:
                 say(f"{root}: {len(found.stale)} stale item(s) of {found.checked} keyed result(s) checked, "
-                    f"{_megabytes(found.size)}")
+                    f"{_mib(found.size)}")
                 for item in found.stale:
-                    say(f"  {item.path.relative_to(root)}  [{item.what}, {_megabytes(item.size)}] {item.why}")
+                    say(f"  {item.path.relative_to(root)}  [{item.what}, {_mib(item.size)}] {item.why}")
             for why in dict.fromkeys(why for _, why in found.reports):  # one line per reason, in order
                 reports = [str(r.relative_to(root)) for r, w in found.reports if w == why]
                 more = f" and {len(reports) - 5} more" if len(reports) > 6 else ""
@@ -617,9 +622,9 @@ def cmd_clean(args: argparse.Namespace) -> None:
             elif found.stale:
                 total += found.size
     if args.delete:
-        say(f"removed {_megabytes(total)}")
+        say(f"removed {_mib(total)}")
     elif total:
-        say(f"nothing removed; add --delete to remove these ({_megabytes(total)})")
+        say(f"nothing removed; add --delete to remove these ({_mib(total)})")
 
 
 # -- parser -----------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["folder_name", "write_text", "write_json", "read_json", "config_key", "code_fingerprint", "FolderLock", "check_out_dir",
-           "FolderBusy", "item_lock", "device_key", "JOB_CODE", "made_by", "JobCache"]
+           "FolderBusy", "item_lock", "device_key", "JOB_CODE", "made_by", "JobCache", "disk_size"]
 
 _PACKAGE = Path(__file__).resolve().parent
 #: the code that makes a trained model: its architecture, every scheme and kernel, the data batches and
@@ -134,6 +134,14 @@ def code_fingerprint(*parts: str) -> str:
                     node.body = body[1:] or [ast.Pass()]
             digest.update(f.relative_to(_PACKAGE).as_posix().encode() + b"\0" + ast.dump(tree).encode() + b"\0")
     return digest.hexdigest()[:12]
+
+
+def disk_size(path: str | Path) -> int:
+    """Bytes on disk of a file, or of every file under a folder (links not followed)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def made_by(job: str) -> dict[str, str]:

@@ -59,12 +59,21 @@ def test_a_study_folder_lists_only_what_no_run_reuses(tmp_path, text_file, capsy
     said = capsys.readouterr().out
     assert f"{out}: 5 stale item(s) of 4 keyed result(s) checked" in said and "nothing removed; add --delete" in said
     assert old.exists() and (mdir / "final.old").exists()
+    (mdir / "eval-1111111111.json").write_text("[1, 2]")  # not a posbias evaluation: listed, nothing breaks
+    (mdir / "cache-2222222222.json").write_text("[1, 2]")
+    assert {s.why for s in clean.find(out).stale if s.path.name.endswith("2.json") or s.path.name.endswith("1.json")} \
+        == {"it cannot be read"}
     assert main(["clean", str(out), "--delete"]) == 0
     assert "removed " in capsys.readouterr().out
     assert not old.exists() and not (mdir / "final.tmp").exists() and not (mdir / "final.old").exists()
     assert clean.find(out).stale == []
     assert main(["extrapolate", *STUDY, "--data", str(text_file), "--out", str(out)]) == 0
-    assert "reusing the model trained with these exact settings" in capsys.readouterr().out  # nothing fresh was lost
+    said = capsys.readouterr().out
+    assert "reusing the model trained with these exact settings" in said  # nothing fresh was lost
+    assert "no run will reuse" not in said
+    (mdir / "last.tmp").mkdir()
+    assert main(["extrapolate", *STUDY, "--data", str(text_file), "--out", str(out)]) == 0
+    assert f"{out} also holds 1 older result(s), 0.0 MiB, that no run will reuse" in capsys.readouterr().out
 
 
 def test_a_report_made_from_stale_models_is_named_and_kept(tmp_path, text_file, capsys):
