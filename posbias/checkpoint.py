@@ -161,8 +161,8 @@ def subfolder_hint(path: str | Path) -> str:
 def job_key(path: str | Path, *, corpus: str, settings: dict[str, Any], code: tuple[str, ...]) -> str:
     """The key of a job's results on the checkpoint at ``path`` (``retrofit``, ``diagnose``): the
     checkpoint's weights (hashed) and meta, the corpus fingerprint, the job's ``settings`` (a
-    ``"device"`` among them named as :func:`~posbias.store.device_key` names it: the GPU's model, not
-    its index), torch's version and the job's ``code`` (:func:`~posbias.store.code_fingerprint`)."""
+    ``"device"`` among them named as :func:`~posbias.store.device_key` names it: the CPU's or GPU's
+    model, not its index), torch's version and the job's ``code`` (:func:`~posbias.store.code_fingerprint`)."""
     from . import store
 
     p = _resolve(Path(path))

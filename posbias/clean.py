@@ -6,7 +6,8 @@ the old result stays beside it, unused and never read again. :func:`find` lists 
 reason and its size on disk; :func:`remove` deletes them. What is judged, and by what:
 
 * a study's model folder (``models/<label>-seed<N>-<key>/``): the model code and torch version its
-  ``key.json`` records, against the installed ones; its checkpoints and evaluations go with it;
+  ``key.json`` records, against the installed ones, and a device named ``cpu`` alone (keys have named
+  the processor since :func:`~posbias.store.device_key` did); its checkpoints and evaluations go with it;
 * a study's evaluation (``eval-<key>.json`` in a model folder that stays): its evaluation code, the
   evaluation format (:data:`posbias.study.EVAL_FORMAT`) and torch;
 * a diagnosis's or retrofit's cache (``cache-<key>.json``): the job code and torch version its
@@ -84,6 +85,8 @@ def _model_why(folder: Path) -> str | None:
     key = _read(folder / "key.json")
     if not isinstance(key, dict):
         return "its key.json cannot be read"
+    if key.get("device") == "cpu":
+        return "its key names no processor (made before keys named the CPU): no run reuses it"
     return _against(key, "model")
 
 

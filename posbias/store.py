@@ -15,8 +15,9 @@
   take it shared: several ``posbias extrapolate`` runs may work in one folder together, each model
   made by one of them at a time under :func:`item_lock` (a retrofit or diagnosis there still
   refuses, and is refused).
-* :func:`device_key` names a device in keys by what it is (``cpu``, ``cuda (NVIDIA H100 …)``), not by
-  its index, so runs on ``cuda:0`` and ``cuda:1`` share their results.
+* :func:`device_key` names a device in keys by what it is (``cpu (AMD EPYC, AVX512)``, ``cuda (NVIDIA
+  H100 …)``), not by its index, so runs on ``cuda:0`` and ``cuda:1`` share their results and runs on
+  two kinds of processor, which round differently, do not.
 """
 
 from __future__ import annotations
@@ -174,14 +175,35 @@ class JobCache:
             write_json(self.file, self.data, indent=None)
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``; elsewhere what :mod:`platform` knows)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip() or "unknown"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def device_key(device: str) -> str:
-    """``device`` as results keys name it: its type, and for CUDA the GPU's model (results may round
-    differently on another GPU), without the index."""
+    """``device`` as results keys name it: what it is, without an index. Results round differently on
+    another processor (the math libraries pick their code by CPU and instruction set; README, "Keyed
+    results", measures it), so a CPU is named by its model and the instruction set torch dispatches to
+    (``cpu (AMD EPYC, AVX512)``), and a GPU by its model (``cuda (NVIDIA H100 …)``): runs on ``cuda:0``
+    and ``cuda:1`` share their results, runs on two kinds of processor do not. Two CPUs that share a
+    name and an instruction set are taken to be the same."""
     import torch
 
     dev = torch.device(device)
     if dev.type == "cuda" and torch.cuda.is_available():
         return f"cuda ({torch.cuda.get_device_name(dev)})"
+    if dev.type == "cpu":
+        return f"cpu ({cpu_name()}, {torch.backends.cpu.get_cpu_capability()})"
     return dev.type
 
 

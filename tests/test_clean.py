@@ -79,6 +79,9 @@ def test_a_study_folder_lists_only_what_no_run_reuses(tmp_path, text_file, capsy
 def test_a_report_made_from_stale_models_is_named_and_kept(tmp_path, text_file, capsys):
     out, mdir = _study(tmp_path, text_file, capsys)
     key = json.loads((mdir / "key.json").read_text())
+    (mdir / "key.json").write_text(json.dumps({**key, "device": "cpu"}))  # as keys named a CPU before
+    assert [s.why for s in clean.find(out).stale] == ["its key names no processor (made before keys named the CPU): "
+                                                      "no run reuses it"]
     (mdir / "key.json").write_text(json.dumps({**key, "torch": "1.0"}))
     found = clean.find(out)
     assert [(s.what, s.why) for s in found.stale] == [("trained model", f"made with torch 1.0 (installed {torch.__version__})")]

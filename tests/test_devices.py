@@ -157,11 +157,24 @@ def test_the_gpu_session_script_runs_its_stages_and_keeps_their_logs(tmp_path):
     assert bad.returncode == 2 and "unknown stage 'bogus'" in bad.stderr and "decode or dropout" in bad.stderr
 
 
-def test_results_keys_name_the_device_by_kind():
-    """Keys carry what a device is, not its index: runs on cuda:0 and cuda:1 share results."""
-    from posbias.store import device_key
+def test_results_keys_name_the_device_by_kind(monkeypatch):
+    """Keys carry what a device is, not its index: runs on cuda:0 and cuda:1 share results. A CPU is
+    named by its model and the instruction set torch uses, so a model trained on another kind of
+    processor (other rounding) is not reused: the study's model key, and with it the evaluation's,
+    differ."""
+    from posbias import store
+    from posbias.data import local_corpus
+    from posbias.study import StudyConfig, arms, model_key
 
-    assert device_key("cpu") == "cpu"
+    here = store.device_key("cpu")
+    assert here == f"cpu ({store.cpu_name()}, {torch.backends.cpu.get_cpu_capability()})" and store.cpu_name()
+    cfg = StudyConfig(schemes=("t5",))
+    arm = arms(cfg)[0]
+    corpus = local_corpus(__file__)
+    key = store.config_key(model_key(cfg, arm, 0, corpus))
+    monkeypatch.setattr(store, "cpu_name", lambda: "Another CPU")
+    assert store.device_key("cpu") == f"cpu (Another CPU, {torch.backends.cpu.get_cpu_capability()})"
+    assert store.config_key(model_key(cfg, arm, 0, corpus)) != key
 
 
 @pytest.mark.cuda
