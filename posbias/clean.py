@@ -6,14 +6,15 @@ the old result stays beside it, unused and never read again. :func:`find` lists 
 reason and its size on disk; :func:`remove` deletes them. What is judged, and by what:
 
 * a study's model folder (``models/<label>-seed<N>-<key>/``): the model code and torch version its
-  ``key.json`` records, against the installed ones, and a device named ``cpu`` alone (keys have named
-  the processor since :func:`~posbias.store.device_key` did); its checkpoints and evaluations go with it;
+  ``key.json`` records, against the installed ones; its checkpoints and evaluations go with it;
 * a study's evaluation (``eval-<key>.json`` in a model folder that stays): its evaluation code, the
   evaluation format (:data:`posbias.study.EVAL_FORMAT`) and torch;
 * a diagnosis's or retrofit's cache (``cache-<key>.json``): the job code and torch version its
   :data:`~posbias.store.MADE_BY` entry records (:func:`~posbias.store.made_by`). A cache without that
   entry was written before caches recorded it: its key names older code, so no run reuses it. The
   models its run made beside it (``models/<name>-<key>/``: passkey copies, fine-tuned models) go with it;
+* any of these whose record names the device ``cpu`` alone: keys have named the processor since
+  :func:`~posbias.store.device_key` did, so no run reuses it;
 * what interrupted writes leave: ``<file>.<pid>.tmp`` files, ``<checkpoint>.tmp`` folders, and a
   ``<checkpoint>.old`` folder beside its complete checkpoint.
 
@@ -67,6 +68,8 @@ class Findings:
 def _against(made: dict[str, Any], job: str) -> str | None:
     """Why a result ``made`` as recorded is one the installed posbias would not reuse, or None."""
     now = store.made_by(job)
+    if made.get("device") == "cpu":
+        return "its key names no processor (made before keys named the CPU): no run reuses it"
     if made.get("code") != now["code"]:
         return f"made by other posbias code ({job} code {made.get('code')}, installed {now['code']})"
     if made.get("torch") != now["torch"]:
@@ -85,8 +88,6 @@ def _model_why(folder: Path) -> str | None:
     key = _read(folder / "key.json")
     if not isinstance(key, dict):
         return "its key.json cannot be read"
-    if key.get("device") == "cpu":
-        return "its key names no processor (made before keys named the CPU): no run reuses it"
     return _against(key, "model")
 
 

@@ -425,8 +425,8 @@ def source_key(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus) -> str:
 class _Cache(store.JobCache):
     """A diagnosis's measurements in ``out/cache-<key>.json`` (in memory only without ``out``)."""
 
-    def __init__(self, out: Path | None, key: str, log: Log) -> None:
-        super().__init__(None if out is None else out / f"cache-{key}.json", "diagnose")
+    def __init__(self, out: Path | None, key: str, log: Log, device: str) -> None:
+        super().__init__(None if out is None else out / f"cache-{key}.json", "diagnose", device)
         self.name = f"cache-{key}.json"
         self.log = log
 
@@ -465,7 +465,7 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
     train_len = ckpt.train_len(path, meta)
     length = cfg.length or 8 * train_len
     key = source_key(path, cfg, corpus)
-    cache = _Cache(out, key, log)
+    cache = _Cache(out, key, log, cfg.device)
     windows_loss = max(1, max(cfg.eval_tokens, length) // length)
 
     def losses() -> dict[str, list]:

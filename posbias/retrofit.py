@@ -279,7 +279,7 @@ class _Run:
         self.cfg, self.out, self.key, self.corpus, self.pos_lr_mult = cfg, out, key, corpus, pos_lr_mult
         self.train_len, self.lens, self.progress, self.log = train_len, lens, progress, log
         self.file = out / f"cache-{key}.json"
-        self.saved = store.JobCache(self.file, "retrofit")
+        self.saved = store.JobCache(self.file, "retrofit", cfg.device)
         self.cache = self.saved.data
 
     def _save(self) -> None:

@@ -145,14 +145,15 @@ def disk_size(path: str | Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-def made_by(job: str) -> dict[str, str]:
+def made_by(job: str, device: str | None = None) -> dict[str, str]:
     """What a result of ``job`` (a key of :data:`JOB_CODE`) records about what made it: the job, the
-    fingerprint of its code and torch's version. Its key hashes the same two among its settings;
-    this readable copy is how ``posbias clean`` tells a result the installed posbias would never
-    reuse."""
+    fingerprint of its code, torch's version and (given) the device as keys name it (:func:`device_key`).
+    Its key hashes the same among its settings; this readable copy is how ``posbias clean`` tells a
+    result the installed posbias would never reuse."""
     import torch
 
-    return {"job": job, "code": code_fingerprint(*JOB_CODE[job]), "torch": torch.__version__}
+    made = {"job": job, "code": code_fingerprint(*JOB_CODE[job]), "torch": torch.__version__}
+    return made if device is None else {**made, "device": device_key(device)}
 
 
 class JobCache:
@@ -161,10 +162,10 @@ class JobCache:
     soon as a measurement is made, so an interrupted run keeps what it measured. The file records
     :func:`made_by` under :data:`MADE_BY`. Without a file, it lives in memory only."""
 
-    def __init__(self, file: Path | None, job: str) -> None:
+    def __init__(self, file: Path | None, job: str, device: str) -> None:
         self.file = file
         self.data: dict[str, Any] = read_json(file) if file is not None and file.exists() else {}
-        self.data[MADE_BY] = made_by(job)
+        self.data[MADE_BY] = made_by(job, device)
 
     def put(self, name: str, value: Any) -> None:
         self.data[name] = value

@@ -98,16 +98,20 @@ def test_diagnose_and_retrofit_caches_record_what_made_them(tmp_path, text_file)
     rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=2, passkey_samples=1),
                        corpus=corpus, out=tmp_path / "d")
     cache = tmp_path / "d" / rep.cache
-    assert json.loads(cache.read_text())[store.MADE_BY] == store.made_by("diagnose")
+    assert json.loads(cache.read_text())[store.MADE_BY] == store.made_by("diagnose", "cpu")
     (tmp_path / "d" / "diagnose.json").write_text(json.dumps(rep.to_json()))  # as the report writes it
     res = run_retrofit(path, RetrofitConfig(to=2 * L, methods=["t5-distance"], finetune_steps=1, eval_tokens=2 * L),
                        tmp_path / "r", corpus=corpus)
     (tmp_path / "r" / "results.json").write_text(json.dumps(res.to_json()))
-    assert json.loads((tmp_path / "r" / res.cache).read_text())[store.MADE_BY] == store.made_by("retrofit")
+    assert json.loads((tmp_path / "r" / res.cache).read_text())[store.MADE_BY] == store.made_by("retrofit", "cpu")
     assert clean.find(tmp_path).stale == [] and clean.find(tmp_path).reports == []
     # caches of older code (one without the record at all), and the models their runs made beside them
     made = json.loads(cache.read_text())
-    made[store.MADE_BY]["code"] = "000000000000"
+    assert made[store.MADE_BY]["device"] == store.device_key("cpu")
+    made[store.MADE_BY]["device"] = "cpu"  # as keys named a CPU before
+    cache.write_text(json.dumps(made))
+    assert [s.why for s in clean.find(tmp_path / "d").stale][0].startswith("its key names no processor")
+    made[store.MADE_BY].update(device=store.device_key("cpu"), code="000000000000")
     cache.write_text(json.dumps(made))
     rcache = tmp_path / "r" / res.cache
     rcache.write_text(json.dumps({k: v for k, v in json.loads(rcache.read_text()).items() if k != store.MADE_BY}))
