@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -546,10 +547,17 @@ def test_ddp_two_processes_match_single_process(corpus, tmp_path):
         " c.train, c.val, sys.argv[1], progress=False)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "single")], check=True, env=env)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                    str(script), str(tmp_path / "ddp")], check=True, env=env, capture_output=True)
+    for attempt in range(2):  # the launcher's rendezvous on a port can fail on a busy machine: once more, on another
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        got = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                              str(script), str(tmp_path / f"ddp{attempt}")], env=env, capture_output=True, text=True)
+        if got.returncode == 0:
+            break
+    assert got.returncode == 0, got.stderr[-3000:]
     a = ckpt.load_model(tmp_path / "single" / "final").state_dict()
-    b = ckpt.load_model(tmp_path / "ddp" / "final").state_dict()
+    b = ckpt.load_model(tmp_path / f"ddp{attempt}" / "final").state_dict()
     for n in a:
         torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-4, msg=n)
 
