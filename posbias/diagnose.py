@@ -44,7 +44,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import passkey, store
-from .config import Log, check_count, fixed_threads, quiet
+from .config import Log, check_count, check_seed, fixed_threads, quiet
 from .data import Corpus
 from .evaluate import bootstrap_means, interval, local_head, token_losses
 from .model import TransformerLM
@@ -346,6 +346,7 @@ class DiagnoseConfig:
     passkey_steps: int = 2400  # passkey fine-tune steps of a copy (0: no passkey test)
     passkey_until: float = 0.0  # > 0: the copy stops once it solves this share of a probe at L (0: every step)
     passkey_samples: int = 24  # passkey samples per (length, depth) cell
+    passkey_seed: int = 0  # seed of the passkey fine-tune's batches (its copy's training; the test samples keep theirs)
     device: str = "cpu"  # cpu or cuda[:N]
     threads: int = 2  # torch intra-op threads, fixed for reproducible results
 
@@ -355,6 +356,7 @@ class DiagnoseConfig:
         for name in ("windows", "eval_tokens", "passkey_samples", "threads"):
             check_count(name, getattr(self, name))
         check_count("passkey_steps", self.passkey_steps, minimum=0)
+        check_seed("passkey_seed", self.passkey_seed)
         passkey.check_until("passkey_until", self.passkey_until)
 
 
@@ -390,6 +392,7 @@ class DiagnoseResult:
     passkey_until: float = 0.0  # the probe accuracy at L that would end its fine-tune (0: none, it trained every step)
     passkey_fit: dict[str, Any] = field(default_factory=dict)  # the copy's fine-tune (passkey.teach's record)
     passkey_samples: int = 0
+    passkey_seed: int = 0  # the seed of the copy's fine-tune batches
     passkey_skipped: str = ""  # why a requested passkey test did not run
     passkey_lr_mult: float = 1.0  # the passkey fine-tune's positional learning-rate multiplier (the training one)
     threads: int = 2  # torch intra-op threads the measurements ran at
@@ -504,7 +507,7 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
         _passkey(model, cfg, result, length, progress, log, cache,
                  None if out is None else out / "models" / f"passkey-{_fit_name(cfg)}-{key}")
         result.passkey_max_steps, result.passkey_until = cfg.passkey_steps, cfg.passkey_until
-        result.passkey_samples = cfg.passkey_samples
+        result.passkey_samples, result.passkey_seed = cfg.passkey_samples, cfg.passkey_seed
     elif cfg.passkey_steps > 0:
         result.passkey_skipped = (f"the training length {train_len} is shorter than a passkey sample "
                                   f"({passkey.overhead(5)} bytes)")
@@ -526,8 +529,9 @@ def _measure_bias(result: DiagnoseResult) -> None:
 
 def _fit_name(cfg: DiagnoseConfig) -> str:
     """The passkey copy's fine-tune in a name: ``ft2400`` (2,400 steps), ``ft2400-until0.9`` (fewer once
-    0.9 of the probe at L is solved)."""
-    return f"ft{cfg.passkey_steps}" + (f"-until{cfg.passkey_until:g}" if cfg.passkey_until else "")
+    0.9 of the probe at L is solved), ``ft2400-seed1`` (batches of another seed than 0)."""
+    return (f"ft{cfg.passkey_steps}" + (f"-until{cfg.passkey_until:g}" if cfg.passkey_until else "")
+            + (f"-seed{cfg.passkey_seed}" if cfg.passkey_seed else ""))
 
 
 def _passkey(model: TransformerLM, cfg: DiagnoseConfig, result: DiagnoseResult, length: int, progress: bool,
@@ -583,7 +587,7 @@ def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_
     record = passkey.teach(copy, length=train_len, steps=cfg.passkey_steps, until=cfg.passkey_until,
                            probes=cache.data.get(seen), keep=lambda probed: cache.put(seen, probed), device=cfg.device,
                            progress=progress, resume=None if mdir is None else mdir / "last", replace_other=True,
-                           pos_lr_mult=mult, log=log)
+                           pos_lr_mult=mult, seed=cfg.passkey_seed, log=log)
     if mdir is not None:
         ckpt.save_checkpoint(mdir, copy, extra={"passkey": {"length": train_len, "max_steps": cfg.passkey_steps,
                                                             "until": cfg.passkey_until, **record}})

@@ -288,6 +288,35 @@ def test_diagnose_rerun_measures_only_what_it_lacks(tmp_path, corpus, monkeypatc
     assert diagnose_mod.source_key(path, cfg, dataclasses.replace(corpus, fingerprint="other text")) != key
 
 
+def test_diagnose_passkey_seed_trains_another_copy_beside_the_first(tmp_path, corpus, capsys):
+    """--passkey-seed: another seed's copy is trained into a folder named by it (the first stays and is
+    reused), from other batches (other weights); everything but the passkey is reused; the report names
+    the seed. A seed out of range is refused in one line."""
+    import posbias.diagnose as diagnose_mod
+
+    path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
+    cfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=3, passkey_samples=1)
+    first = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d")
+    said = []
+    other = run_diagnose(path, dataclasses.replace(cfg, passkey_seed=1), corpus=corpus, out=tmp_path / "d",
+                         log=said.append)
+    key = diagnose_mod.source_key(path, cfg, corpus)
+    a, b = (ckpt.load_model(tmp_path / "d" / "models" / f"passkey-ft3{s}-{key}").state_dict() for s in ("", "-seed1"))
+    assert any(not torch.equal(a[n], b[n]) for n in a)
+    assert any(line.startswith("loss by position: reusing") for line in said)
+    assert not any(line.startswith("passkey: reusing") or "grid: reusing" in line for line in said)
+    assert (first.passkey_seed, other.passkey_seed) == (0, 1)
+    assert "(batches of seed 1)" in diagnose_report.markdown(other)
+    again = []
+    run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d", log=again.append)
+    assert any("passkey grid: reusing" in line for line in again)
+    with pytest.raises(ValueError, match="passkey_seed must be an integer"):
+        DiagnoseConfig(passkey_seed=-1)
+    capsys.readouterr()
+    assert main(["diagnose", str(path), "--passkey-seed", "-1", "--out", str(tmp_path / "e")]) == 2
+    assert "--passkey-seed must be an integer in [0, " in capsys.readouterr().err
+
+
 def test_within_window_hides_exactly_the_keys_beyond_the_window():
     """The counterfactual scheme: the inner bias within the window, −∞ beyond it, the inner scale
     (T5: 1); attention with it equals the reference with those keys masked by hand."""

@@ -284,7 +284,7 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
                 if at_l and not any(at_l.values()) else [])
     fit = (f"A copy fine-tuned for {r.passkey_max_steps} steps"
            + (f" (fewer once it solved {r.passkey_until:g} of the probe)" if r.passkey_until else "")
-           + f" on passkey samples of {r.train_len} bytes; a probe at L ({passkey.PROBE_SAMPLES * 5} samples of its "
+           + f" on passkey samples of {r.train_len} bytes (batches of seed {r.passkey_seed}); a probe at L ({passkey.PROBE_SAMPLES * 5} samples of its "
            f"own, every {passkey.PROBE_EVERY} steps) shows how it learned: {passkey.fit_sentence(r.passkey_fit)}. "
            "Probe accuracy by step: " + ", ".join(f"{s} {a:.2f}" for s, a in r.passkey_fit["probes"]) + ". ")
     return (["## Passkey retrieval", "",
