@@ -360,8 +360,8 @@ def _stale_note(out: Path) -> None:
 
     found = clean.find(out)
     if found.stale:
-        say(f"{out} also holds {len(found.stale)} older result(s), {_mib(found.size)}, that no run will reuse "
-            f"(other code or torch, or interrupted writes): `posbias clean {out}` lists them")
+        say(f"{out} also holds {len(found.stale)} older result(s), {_mib(found.size)}, that no run will reuse: "
+            f"`posbias clean {out}` lists them with the reasons")
 
 
 def cmd_extrapolate(args: argparse.Namespace) -> None:
@@ -418,6 +418,9 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
                         "checkpoint's training value, train.pos_lr_mult)")
     p.add_argument("--eval-lens", type=int, nargs="+", help="default: L, 2L, 4L … up to --to")
     p.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens scored at each length")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the fine-tunes' batches and the passkey copies' training: another seed is another "
+                        "draw of every fine-tune (its own cache and models), to tell a method from one fine-tune's luck")
     _add_passkey_fit_arguments(p, "with --compare")
     _add_checkpoint_job_arguments(p, "retrofit", cmd_retrofit)
 
@@ -470,7 +473,7 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
                          finetune_batch=args.finetune_batch, finetune_lr=args.finetune_lr, pos_lr_mult=args.pos_lr_mult,
                          eval_lens=tuple(args.eval_lens) if args.eval_lens else None, eval_tokens=args.eval_tokens,
                          compare=args.compare, passkey_steps=args.passkey_steps,
-                         passkey_until=args.passkey_until, device=args.device, threads=args.threads)
+                         passkey_until=args.passkey_until, seed=args.seed, device=args.device, threads=args.threads)
     corpus = load_corpus(args.data, args.hf_dataset)
     _corpus_note(corpus, args.checkpoint)
     t0 = time.perf_counter()
@@ -593,7 +596,7 @@ def add_clean_parser(sub: argparse._SubParsersAction) -> None:
                     "diagnose with the models made beside them, and what interrupted writes left; each with the "
                     "reason and its size, and the reports made from them (never deleted: re-run those). Results "
                     "of other settings, seeds, thread counts or devices are kept: a run with those reuses them. "
-                    "Refuses while a run works in a folder.")
+                    "A folder where a run is working is passed over; one at or above a FOLDER named refuses.")
     p.add_argument("folders", nargs="+", metavar="FOLDER")
     p.add_argument("--delete", action="store_true", help="remove what is listed (otherwise nothing is changed)")
     p.set_defaults(func=cmd_clean)

@@ -32,7 +32,7 @@ import torch
 from . import checkpoint as ckpt
 from . import store
 from . import passkey
-from .config import ConfigError, Log, check_count, check_rate, fixed_threads, quiet
+from .config import ConfigError, Log, check_count, check_rate, check_seed, fixed_threads, quiet
 from .data import Corpus, batch_at
 from .evaluate import Paired, evaluate_length, ratios_to_best
 from .finetune import finetune
@@ -176,6 +176,7 @@ class RetrofitConfig:
         for name in ("finetune_steps", "passkey_steps"):
             check_count(name, getattr(self, name), minimum=0)
         check_rate("finetune_lr", self.finetune_lr)
+        check_seed("seed", self.seed)
         passkey.check_until("passkey_until", self.passkey_until)
         if self.pos_lr_mult is not None:
             check_rate("pos_lr_mult", self.pos_lr_mult)

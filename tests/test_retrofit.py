@@ -317,6 +317,25 @@ def test_diagnose_passkey_seed_trains_another_copy_beside_the_first(tmp_path, co
     assert "--passkey-seed must be an integer in [0, " in capsys.readouterr().err
 
 
+def test_retrofit_seed_draws_other_finetunes_beside_the_first(tmp_path, corpus, capsys):
+    """--seed: another draw of every fine-tune, in a cache and model folders of its own (the first
+    stays); a seed out of range is refused in one line."""
+    path = tiny_checkpoint(tmp_path / "t", "rope")
+    cfg = RetrofitConfig(to=2 * L, methods=("pi",), finetune_steps=2, eval_tokens=2 * L)
+    first = run_retrofit(path, cfg, tmp_path / "r", corpus=corpus)
+    other = run_retrofit(path, dataclasses.replace(cfg, seed=1), tmp_path / "r", corpus=corpus)
+    assert first.cache != other.cache and (tmp_path / "r" / first.cache).exists()
+    a, b = (ckpt.load_model(tmp_path / "r" / "models" / f"pi-ft2-{r.cache[6:-5]}").state_dict() for r in (first, other))
+    assert any(not torch.equal(a[n], b[n]) for n in a)
+    assert other.to_json()["config"]["seed"] == 1
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        RetrofitConfig(to=2 * L, methods=("pi",), seed=-1)
+    capsys.readouterr()
+    assert main(["retrofit", str(path), "--to", str(2 * L), "--method", "pi", "--seed", "-1",
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "--seed must be an integer in [0, " in capsys.readouterr().err
+
+
 def test_within_window_hides_exactly_the_keys_beyond_the_window():
     """The counterfactual scheme: the inner bias within the window, −∞ beyond it, the inner scale
     (T5: 1); attention with it equals the reference with those keys masked by hand."""
