@@ -491,7 +491,8 @@ def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
                     "over depths, all bytes · the first, which needs the key found; a guess among the ten digits "
                     "scores 0.1, a digit of the key copied from a random place 0.28): a 0.20 · 0.50.",
                     "Passkey retrieval at the window's length, among the copies that solve samples at L: best "
-                    "0.50; models whose interval reaches it: b, c. Answer bytes right at the window's length (mean "
+                    "0.50; models whose interval reaches it: b, c (one copy each: the intervals are over samples, not "
+                    "over copies, which can differ far more). Answer bytes right at the window's length (mean "
                     "over depths, all bytes · the first, which needs the key found; a guess among the ten digits "
                     "scores 0.1, a digit of the key copied from a random place 0.28): b 0.10 · 0.10; c 0.10 · 0.10."]
 

@@ -172,7 +172,8 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
         bytes_far = digits_sentence([(r["model"], r["passkey_digits"][_longest(r)]) for r in tested
                                      if r["passkey_digits"]], "at the window's length")
         said.append(_joined(f"Passkey retrieval at the window's length, among the copies that solve samples at L: "
-                            f"best {best:.2f}; models whose interval reaches it: {', '.join(tied)}.", bytes_far))
+                            f"best {best:.2f}; models whose interval reaches it: {', '.join(tied)} (one copy each: the "
+                            "intervals are over samples, not over copies, which can differ far more).", bytes_far))
     return said
 
 

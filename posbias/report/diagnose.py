@@ -288,8 +288,10 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
            f"own, every {passkey.PROBE_EVERY} steps) shows how it learned: {passkey.fit_sentence(r.passkey_fit)}. "
            "Probe accuracy by step: " + ", ".join(f"{s} {a:.2f}" for s, a in r.passkey_fit["probes"]) + ". ")
     return (["## Passkey retrieval", "",
-             fit + f"Its positional parameters at {r.passkey_lr_mult:g}× the learning rate, as in training. Accuracy "
-             f"over {r.passkey_samples} samples per cell (depth 0 = key at the start of the window):", ""]
+             fit + f"Its positional parameters at {r.passkey_lr_mult:g}× the learning rate, as in training. This is "
+             "one copy, one draw: copies of one model from other batch seeds have read far apart (a T5 model's three "
+             "solved 0.93, 0.48 and 0.05 at L), so compare models over several (`--passkey-seed K` trains another). "
+             f"Accuracy over {r.passkey_samples} samples per cell (depth 0 = key at the start of the window):", ""]
             + md_table(["length", *(f"depth {d}" for d in depths), "mean"], rows)
             + [""] + untaught + _digits_table(r) + _answer_attention_table(r) + ["![passkey](passkey.png)", ""])
 
