@@ -158,20 +158,18 @@ def subfolder_hint(path: str | Path) -> str:
                  if exists(Path(path) / sub)), "")
 
 
-def job_key(path: str | Path, *, corpus: str, settings: dict[str, Any], code: tuple[str, ...]) -> str:
+def job_key(path: str | Path, *, corpus: str, settings: dict[str, Any], job: str, device: str) -> str:
     """The key of a job's results on the checkpoint at ``path`` (``retrofit``, ``diagnose``): the
-    checkpoint's weights (hashed) and meta, the corpus fingerprint, the job's ``settings`` (a
-    ``"device"`` among them named as :func:`~posbias.store.device_key` names it: the CPU's or GPU's
-    model, not its index), torch's version and the job's ``code`` (:func:`~posbias.store.code_fingerprint`)."""
+    checkpoint's weights (hashed) and meta, the corpus fingerprint, the job's other ``settings``, and
+    what its cache records as having made it, :func:`~posbias.store.made_by` of ``job`` on ``device``
+    (the job's code, torch's version, the device by CPU or GPU model, not its index): the readable
+    record and the key come from the same values."""
     from . import store
 
     p = _resolve(Path(path))
-    settings = dict(settings)
-    if "device" in settings:
-        settings["device"] = store.device_key(settings["device"])
     return store.config_key({"weights": hashlib.sha256((p / MODEL_FILE).read_bytes()).hexdigest(),
                              "meta": read_meta(p), "corpus": corpus, "settings": settings,
-                             "torch": torch.__version__, "code": store.code_fingerprint(*code)})
+                             "made_by": store.made_by(job, device)})
 
 
 def pos_lr_mult(meta: dict[str, Any]) -> float:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from . import store
+from .checkpoint import CONFIG_FILE
 from .study import EVAL_FORMAT
 
 __all__ = ["Stale", "Findings", "Locked", "find", "remove", "locked"]
@@ -101,14 +102,15 @@ def _eval_why(path: Path) -> str | None:
     return _against({"code": key.get("code"), "torch": (key.get("model_key") or {}).get("torch")}, "evaluation")
 
 
-def _cache_why(path: Path) -> str | None:
+def _cache_why(path: Path) -> tuple[str | None, str]:
+    """Why a cache is stale (or None), and what it is (``diagnose cache``, …; ``cache`` without a record)."""
     data = _read(path)
     if not isinstance(data, dict):
-        return "it cannot be read"
+        return "it cannot be read", "cache"
     made = data.get(store.MADE_BY)
     if not isinstance(made, dict) or made.get("job") not in store.JOB_CODE:
-        return "written before caches recorded their code: made by an older posbias"
-    return _against(made, made["job"])
+        return "written before caches recorded their code: made by an older posbias", "cache"
+    return _against(made, made["job"]), f"{made['job']} cache"
 
 
 def _leftover(path: Path) -> bool:
@@ -117,7 +119,7 @@ def _leftover(path: Path) -> bool:
         return bool(_TMP_FILE.search(path.name))
     if path.name.endswith(".tmp"):
         return True
-    return path.name.endswith(".old") and (path.with_name(path.name[:-4]) / "config.json").exists()
+    return path.name.endswith(".old") and (path.with_name(path.name[:-4]) / CONFIG_FILE).exists()
 
 
 def _judge_folder(d: Path, found: Findings, names: list[str]) -> bool:
@@ -135,11 +137,9 @@ def _judge_folder(d: Path, found: Findings, names: list[str]) -> bool:
     stale_keys = {}
     for f in sorted(d.glob("cache-*.json")):
         found.checked += 1
-        if why := _cache_why(f):
-            data = _read(f)
-            made = data.get(store.MADE_BY) if isinstance(data, dict) else None
-            job = made.get("job") if isinstance(made, dict) else None
-            found.stale.append(Stale(f, f"{job} cache" if job in store.JOB_CODE else "cache", why, store.disk_size(f)))
+        why, what = _cache_why(f)
+        if why:
+            found.stale.append(Stale(f, what, why, store.disk_size(f)))
             stale_keys[f.name[len("cache-"):-len(".json")]] = f.name
     for m in sorted((d / "models").iterdir()) if stale_keys and (d / "models").is_dir() else []:
         key = _KEY.search(m.name)
@@ -235,19 +235,15 @@ def find(root: str | Path, *, skip: Iterable[Path] = ()) -> Findings:
     """What under ``root`` the installed posbias would never reuse (the module's list), and the reports
     made from it, leaving the folders in ``skip`` alone (those :func:`locked` found busy). Call it under
     :func:`locked` when the findings will be removed."""
-    found, skip = Findings(Path(root)), {Path(p) for p in skip}
+    found, skip, marked = Findings(Path(root)), {Path(p) for p in skip}, set()
     for dirpath, dirnames, filenames in os.walk(found.root):
         d = Path(dirpath)
-        if d in skip:
+        before = len(found.stale)
+        if d in skip or _judge_folder(d, found, sorted(dirnames + filenames)):
             dirnames[:] = []
             continue
-        names = sorted(dirnames + filenames)
-        if _judge_folder(d, found, names):
-            dirnames[:] = []
-            continue
-        marked = {s.path for s in found.stale}
-        for name in names:
-            q = d / name
+        marked.update(s.path for s in found.stale[before:])
+        for q in (d / name for name in sorted(dirnames + filenames)):
             if q not in marked and q not in skip and _leftover(q):
                 found.stale.append(Stale(q, "unfinished write", "left by an interrupted write", store.disk_size(q)))
                 marked.add(q)

@@ -623,10 +623,7 @@ def cmd_clean(args: argparse.Namespace) -> None:
                 reports = [str(r.relative_to(root)) for r, w in found.reports if w == why]
                 more = f" and {len(reports) - 5} more" if len(reports) > 6 else ""
                 say(f"  report{'s' if len(reports) > 1 else ''} {', '.join(reports[:5] if more else reports)}{more}: {why}")
-            if found.stale and args.delete:
-                total += clean.remove(found)
-            elif found.stale:
-                total += found.size
+            total += clean.remove(found) if args.delete else found.size
     if args.delete:
         say(f"removed {_mib(total)}")
     elif total:

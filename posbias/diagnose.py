@@ -26,7 +26,8 @@ The diagnosis measures:
 * **passkey retrieval** (:mod:`posbias.passkey`): a copy of the model is fine-tuned on the task at
   ``L`` and tested at every length up to ``length`` and five depths, whole keys and byte by byte,
   and :func:`answer_attention` measures where the queries that predict the answer bytes look: on
-  the key's digits at all (found the key), and on the one digit each must copy (kept its place).
+  the key's digits at all, and on the one digit each byte copies (where the heads look, not a test of
+  copying: exact copies have put little of any head there).
 
 Shape: :class:`DiagnoseConfig` → :func:`run_diagnose` → :class:`DiagnoseResult` →
 :mod:`posbias.report.diagnose` (``report.md``, ``diagnose.json``, PNGs).
@@ -100,8 +101,8 @@ def answer_attention(model: TransformerLM, length: int, *, samples: int = ANSWER
                      device: str | torch.device = "cpu") -> dict[str, list]:
     """Where the queries that predict a passkey's answer bytes attend, on ``samples`` samples of
     ``length`` bytes at each of the five default depths (their own seed, :data:`ANSWER_SEED`). The
-    query that predicts answer byte k (the byte before it; for the first, the question's ``=``) must
-    find the key statement and there the key's k-th digit, the one it copies. Returns
+    query that predicts answer byte k is the byte before it (for the first, the question's ``=``);
+    the key's k-th digit is the one that byte copies. Returns
     ``{"key": [layers][heads][k], "place": [layers][heads][k]}``: the attention mass, averaged over the
     samples, on the key's digits (the only digits before the answer: the filler has none), and on
     the k-th of them alone."""
@@ -412,17 +413,14 @@ class DiagnoseResult:
                 if k not in skip}
 
 
-DIAGNOSE_CODE = store.JOB_CODE["diagnose"]
-
-
 def source_key(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus) -> str:
     """What every cached measurement of a diagnosis depends on besides its own settings
-    (:func:`posbias.checkpoint.job_key`): the checkpoint, the corpus, the device (by GPU model), the
-    thread count, torch and the code. Each measurement adds its own settings to its name in the cache
+    (:func:`posbias.checkpoint.job_key`): the checkpoint, the corpus, the device (by CPU or GPU model),
+    the thread count, torch and the code (``store.JOB_CODE["diagnose"]``). Each measurement adds its own settings to its name in the cache
     (window length, windows, passkey steps and samples), so a re-run with another ``--length`` reuses
     the passkey-tuned copy and every passkey cell it already has."""
-    return ckpt.job_key(path, corpus=corpus.fingerprint, settings={"device": cfg.device, "threads": cfg.threads},
-                        code=DIAGNOSE_CODE)
+    return ckpt.job_key(path, corpus=corpus.fingerprint, settings={"threads": cfg.threads}, job="diagnose",
+                        device=cfg.device)
 
 
 class _Cache(store.JobCache):

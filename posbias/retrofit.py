@@ -234,7 +234,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
         result.pos_lr_mult = cfg.pos_lr_mult or ckpt.pos_lr_mult(meta)
         run = _Run(cfg, out, source_key(path, cfg, corpus), corpus, train_len, lens, progress, log,
                    result.pos_lr_mult)
-        result.cache = run.file.name
+        result.cache = run.cache.file.name
         result.rows.append(run.measure(base, base, "original", "before", 0))
         for k, m in enumerate(cfg.methods, 1):
             plan = "no fine-tune" + (f", then a {cfg.finetune_steps}-step fine-tune at {cfg.to}" if cfg.finetune_steps else "")
@@ -267,9 +267,9 @@ def source_key(path: str | Path, cfg: RetrofitConfig, corpus: Corpus) -> str:
     """Everything the cached numbers depend on besides the method and the length
     (:func:`posbias.checkpoint.job_key`): the checkpoint, the corpus, every setting of fine-tuning,
     evaluation and passkey, and the code that computes them."""
-    settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("methods", "compare", "eval_lens")}
-    return ckpt.job_key(path, corpus=corpus.fingerprint, settings=settings,
-                        code=store.JOB_CODE["retrofit"])
+    settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__
+                if k not in ("methods", "compare", "eval_lens", "device")}
+    return ckpt.job_key(path, corpus=corpus.fingerprint, settings=settings, job="retrofit", device=cfg.device)
 
 
 class _Run:
@@ -279,12 +279,7 @@ class _Run:
                  progress: bool, log: Log, pos_lr_mult: float) -> None:
         self.cfg, self.out, self.key, self.corpus, self.pos_lr_mult = cfg, out, key, corpus, pos_lr_mult
         self.train_len, self.lens, self.progress, self.log = train_len, lens, progress, log
-        self.file = out / f"cache-{key}.json"
-        self.saved = store.JobCache(self.file, "retrofit", cfg.device)
-        self.cache = self.saved.data
-
-    def _save(self) -> None:
-        self.saved.save()
+        self.cache = store.JobCache(out / f"cache-{key}.json", "retrofit", cfg.device)
 
     def measure(self, model: TransformerLM, base: TransformerLM, method: str, stage: str, extra: int, *,
                 final: bool = True) -> dict[str, Any]:
@@ -311,12 +306,12 @@ class _Run:
     def perplexity(self, model: TransformerLM, label: str) -> dict[int, dict[str, Any]]:
         """``{length: {"ppl", "window_loss"}}``: every model is scored on the same windows, so rows
         compare pairwise (the report's paired table)."""
-        got = self.cache.setdefault(f"eval:{label}:{self.cfg.eval_tokens}", {})
+        got = self.cache.data.setdefault(f"eval:{label}:{self.cfg.eval_tokens}", {})
         for n in self.lens:
             if str(n) not in got:
                 r = evaluate_length(model, self.corpus.val, n, max_tokens=self.cfg.eval_tokens, device=self.cfg.device)
                 got[str(n)] = {"ppl": r["ppl"], "window_loss": r["window_loss"]}
-                self._save()
+                self.cache.save()
             self.log(f"[{label}] ppl @ {n}: {got[str(n)]['ppl']:.3f}")
         return {int(k): v for k, v in got.items() if int(k) in self.lens}
 
@@ -326,26 +321,22 @@ class _Run:
         task at L (:func:`posbias.passkey.teach`), and ``passkey_fit``, that fine-tune's record."""
         cfg = self.cfg
         key = f"passkey:{label}:{cfg.passkey_steps}:{cfg.passkey_until:g}:{cfg.passkey_samples}"
-        if key not in self.cache:
+        if key not in self.cache.data:
             copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
             work = self.out / "models" / f"passkey-{store.folder_name(label)}-{self.key}"
             seen = f"{key}:probes"  # each probe as it is made (an interrupted fine-tune's record stays whole)
 
-            def keep(probed: dict[str, float]) -> None:
-                self.cache[seen] = probed
-                self._save()
-
             fit = passkey.teach(copy, length=self.train_len, steps=cfg.passkey_steps, until=cfg.passkey_until,
-                                probes=self.cache.get(seen), keep=keep, seed=cfg.seed, device=cfg.device,
+                                probes=self.cache.data.get(seen), keep=lambda probed: self.cache.put(seen, probed),
+                                seed=cfg.seed, device=cfg.device,
                                 progress=self.progress, resume=work, replace_other=True, pos_lr_mult=self.pos_lr_mult,
                                 log=self.log)  # its progress folder goes once it is done
             grid = passkey.accuracy_grid(copy, [self.train_len, cfg.to], passkey.default_depths(PASSKEY_DEPTHS),
                                          measure=passkey.scores, samples=cfg.passkey_samples, device=cfg.device)
             solved, digits = passkey.split_scores(grid)
-            self.cache[key] = {"accuracy": {str(n): passkey.mean_accuracy(solved, n) for n in grid},
-                               "digits": {str(n): passkey.mean_digits(digits, n) for n in grid}, "fit": fit}
-            self._save()
-        got = self.cache[key]
+            self.cache.put(key, {"accuracy": {str(n): passkey.mean_accuracy(solved, n) for n in grid},
+                                 "digits": {str(n): passkey.mean_digits(digits, n) for n in grid}, "fit": fit})
+        got = self.cache.data[key]
         self.log(f"[{label}] passkey: {passkey.fit_sentence(got['fit'])}; "
                  "accuracy " + ", ".join(f"@{n} {a:.2f}" for n, a in got["accuracy"].items()))
         return {"passkey": {int(k): v for k, v in got["accuracy"].items()},

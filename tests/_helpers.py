@@ -9,6 +9,9 @@ from posbias.attention import attention, attention_reference
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2)  # a model of about 40k weights, for workflows in seconds
 TINY_L = 48  # the training length :func:`tiny_checkpoint` records
+#: a study of seconds (add --schemes …, --data and --out)
+STUDY = ["--train-len", "16", "--eval-lens", "16", "32", "--steps", "4", "--batch-size", "4", "--d-model", "32",
+         "--layers", "1", "--heads", "2", "--eval-tokens", "256", "--quiet"]
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])  # ``pytest -m cuda`` runs these alone

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from _helpers import TINY_L as L, one_line_error, tiny_checkpoint
+from _helpers import STUDY as TINY_STUDY, TINY_L as L, one_line_error, tiny_checkpoint
 
 from posbias import clean, store
 from posbias.cli import main
@@ -15,8 +15,7 @@ from posbias.data import local_corpus
 from posbias.diagnose import DiagnoseConfig, run_diagnose
 from posbias.retrofit import RetrofitConfig, run_retrofit
 
-STUDY = ["--schemes", "t5", "--train-len", "16", "--eval-lens", "16", "32", "--steps", "3", "--batch-size", "4",
-         "--d-model", "32", "--layers", "1", "--heads", "2", "--eval-tokens", "256", "--quiet"]
+STUDY = ["--schemes", "t5", *TINY_STUDY]
 
 
 def _study(tmp_path, text_file, capsys):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from _helpers import TINY, one_line_error
+from _helpers import STUDY, TINY, one_line_error
 from safetensors.torch import load_file, save_file
 
 import posbias
@@ -24,10 +24,6 @@ from posbias.train import TrainConfig, train
 ALL = ["nope", "sinusoidal", "offset", "t5", "alibi", "kerple-log", "kerple-power", "fire", "rope"]
 POSBIAS = [sys.executable, "-m", "posbias.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-STUDY = ["--train-len", "16", "--eval-lens", "16", "32", "--steps", "4", "--batch-size", "4", "--d-model", "32",
-         "--layers", "1", "--heads", "2", "--eval-tokens", "256", "--quiet"]
 
 
 # -- exact at any integer position ------------------------------------------------------------
