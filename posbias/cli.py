@@ -504,9 +504,10 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
                    help="validation tokens for the loss by position (at least one window)")
     _add_passkey_fit_arguments(p, "0 skips the passkey test")
     p.add_argument("--passkey-samples", type=int, default=24, help="passkey samples per (length, depth) cell")
-    p.add_argument("--passkey-seed", type=int, default=0,
-                   help="seed of the passkey fine-tune's batches: another seed trains another copy (its folder, probe "
-                        "and cells named by it), to tell a copy's luck from the model's; the test samples stay the same")
+    p.add_argument("--passkey-seeds", "--passkey-seed", type=int, nargs="+", default=[0], metavar="K",
+                   help="seeds of the passkey fine-tunes' batches, one copy each (its folder, probe and cells named by "
+                        "it; the test samples stay the same): several tell a copy's luck from the model's, the cells "
+                        "are their mean and the spread is reported (each copy ~3.5 min on the demo model, 2 CPU cores)")
     _add_checkpoint_job_arguments(p, "diagnose", cmd_diagnose)
 
 
@@ -556,8 +557,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     out = Path(args.out or f"runs/diagnose-{named}")  # one model: its folder's full name, key included
     cfg = DiagnoseConfig(length=args.length, windows=args.windows, eval_tokens=args.eval_tokens,
                          passkey_steps=args.passkey_steps, passkey_until=args.passkey_until,
-                         passkey_samples=args.passkey_samples, passkey_seed=args.passkey_seed, device=args.device,
-                         threads=args.threads)
+                         passkey_samples=args.passkey_samples, passkey_seeds=tuple(args.passkey_seeds),
+                         device=args.device, threads=args.threads)
     corpus = load_corpus(args.data, args.hf_dataset)
     t0 = time.perf_counter()
     done = []

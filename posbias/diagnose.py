@@ -24,10 +24,11 @@ The diagnosis measures:
 * **rotary angles** (:func:`rotary_angles`): for RoPE, the frequency pairs that never turned a full
   circle within ``L`` and meet, past it, angles no distance of training gave them;
 * **passkey retrieval** (:mod:`posbias.passkey`): a copy of the model is fine-tuned on the task at
-  ``L`` and tested at every length up to ``length`` and five depths, whole keys and byte by byte,
-  and :func:`answer_attention` measures where the queries that predict the answer bytes look: on
-  the key's digits at all, and on the one digit each byte copies (where the heads look, not a test of
-  copying: exact copies have put little of any head there).
+  ``L`` and tested at every length up to ``length`` and five depths, whole keys and byte by byte
+  (one copy per seed of ``passkey_seeds``; the cells are their mean, each copy's kept beside it, for
+  copies of one model can read far apart), and :func:`answer_attention` measures where the queries
+  that predict the answer bytes look: on the key's digits at all, and on the one digit each byte
+  copies (where the heads look, not a test of copying: exact copies have put little of any head there).
 
 Shape: :class:`DiagnoseConfig` → :func:`run_diagnose` → :class:`DiagnoseResult` →
 :mod:`posbias.report.diagnose` (``report.md``, ``diagnose.json``, PNGs).
@@ -45,7 +46,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import passkey, store
-from .config import Log, check_count, check_seed, fixed_threads, quiet
+from .config import ConfigError, Log, check_count, check_seed, fixed_threads, quiet
 from .data import Corpus
 from .evaluate import bootstrap_means, interval, local_head, token_losses
 from .model import TransformerLM
@@ -347,7 +348,10 @@ class DiagnoseConfig:
     passkey_steps: int = 2400  # passkey fine-tune steps of a copy (0: no passkey test)
     passkey_until: float = 0.0  # > 0: the copy stops once it solves this share of a probe at L (0: every step)
     passkey_samples: int = 24  # passkey samples per (length, depth) cell
-    passkey_seed: int = 0  # seed of the passkey fine-tune's batches (its copy's training; the test samples keep theirs)
+    # seeds of the passkey fine-tunes' batches, one copy each (the test samples keep theirs); the cells
+    # are the mean over the copies, and each copy's own are kept (copies of one model can differ far more
+    # than the samples' interval says)
+    passkey_seeds: tuple[int, ...] = (0,)
     device: str = "cpu"  # cpu or cuda[:N]
     threads: int = 2  # torch intra-op threads, fixed for reproducible results
 
@@ -357,7 +361,13 @@ class DiagnoseConfig:
         for name in ("windows", "eval_tokens", "passkey_samples", "threads"):
             check_count(name, getattr(self, name))
         check_count("passkey_steps", self.passkey_steps, minimum=0)
-        check_seed("passkey_seed", self.passkey_seed)
+        if isinstance(self.passkey_seeds, int) or not self.passkey_seeds:
+            raise ConfigError("passkey_seeds", f"must list at least one seed, got {self.passkey_seeds!r}")
+        for seed in self.passkey_seeds:
+            check_seed("passkey_seeds", seed)
+        if len(set(self.passkey_seeds)) < len(self.passkey_seeds):
+            raise ConfigError("passkey_seeds", f"list a seed twice ({list(self.passkey_seeds)}); a repeated seed is "
+                              "the same copy, and counting it twice would narrow the spread over copies")
         passkey.check_until("passkey_until", self.passkey_until)
 
 
@@ -386,14 +396,15 @@ class DiagnoseResult:
     reach_at_L: list[int | None] | None = None  # the same for a query at L − 1
     bias_drift: list[float] | None = None  # per head: the bias's change over distances < L, query L−1 → length−1
     rotary: dict[str, list] | None = None  # rotary schemes: per frequency pair, rotary_angles()
-    passkey: dict[str, dict[str, float]] | None = None  # length → depth → accuracy
-    passkey_digits: dict[str, dict[str, list[float]]] | None = None  # length → depth → score per answer byte
-    passkey_attention: dict[str, dict[str, list]] | None = None  # length → answer_attention() of the copy
-    passkey_max_steps: int = 0  # the steps the copy was given (passkey_fit["steps"]: those it trained)
-    passkey_until: float = 0.0  # the probe accuracy at L that would end its fine-tune (0: none, it trained every step)
-    passkey_fit: dict[str, Any] = field(default_factory=dict)  # the copy's fine-tune (passkey.teach's record)
+    passkey: dict[str, dict[str, float]] | None = None  # length → depth → accuracy, mean over the copies
+    passkey_digits: dict[str, dict[str, list[float]]] | None = None  # length → depth → score per byte, mean over copies
+    # one per passkey seed: {"seed", "passkey", "passkey_digits" (that copy's grids), "attention" (length →
+    # answer_attention() of the copy), "fit" (its fine-tune: passkey.teach's record)}
+    passkey_copies: list[dict[str, Any]] = field(default_factory=list)
+    passkey_max_steps: int = 0  # the steps each copy was given (its fit["steps"]: those it trained)
+    passkey_until: float = 0.0  # the probe accuracy at L that would end a fine-tune (0: none, it trained every step)
     passkey_samples: int = 0
-    passkey_seed: int = 0  # the seed of the copy's fine-tune batches
+    passkey_seeds: list[int] = field(default_factory=list)  # the seeds of the copies' fine-tune batches
     passkey_skipped: str = ""  # why a requested passkey test did not run
     passkey_lr_mult: float = 1.0  # the passkey fine-tune's positional learning-rate multiplier (the training one)
     threads: int = 2  # torch intra-op threads the measurements ran at
@@ -502,10 +513,16 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
     _measure_bias(result)
     if cfg.passkey_steps > 0 and train_len >= passkey.overhead(5):
         result.passkey_lr_mult = ckpt.pos_lr_mult(meta)
-        _passkey(model, cfg, result, length, progress, log, cache,
-                 None if out is None else out / "models" / f"passkey-{_fit_name(cfg)}-{key}")
+        for k, seed in enumerate(cfg.passkey_seeds, 1):
+            if len(cfg.passkey_seeds) > 1:
+                log(f"passkey copy {k}/{len(cfg.passkey_seeds)} (batches of seed {seed}):")
+            result.passkey_copies.append(_passkey(
+                model, cfg, seed, result, length, progress, log, cache,
+                None if out is None else out / "models" / f"passkey-{_fit_name(cfg, seed)}-{key}"))
+        result.passkey, result.passkey_digits = (mean_grid([c[part] for c in result.passkey_copies])
+                                                 for part in ("passkey", "passkey_digits"))
         result.passkey_max_steps, result.passkey_until = cfg.passkey_steps, cfg.passkey_until
-        result.passkey_samples, result.passkey_seed = cfg.passkey_samples, cfg.passkey_seed
+        result.passkey_samples, result.passkey_seeds = cfg.passkey_samples, list(cfg.passkey_seeds)
     elif cfg.passkey_steps > 0:
         result.passkey_skipped = (f"the training length {train_len} is shorter than a passkey sample "
                                   f"({passkey.overhead(5)} bytes)")
@@ -525,56 +542,70 @@ def _measure_bias(result: DiagnoseResult) -> None:
     result.rotary = rotary_angles(scheme, train_len=L, length=length)
 
 
-def _fit_name(cfg: DiagnoseConfig) -> str:
-    """The passkey copy's fine-tune in a name: ``ft2400`` (2,400 steps), ``ft2400-until0.9`` (fewer once
+def _fit_name(cfg: DiagnoseConfig, seed: int) -> str:
+    """A passkey copy's fine-tune in a name: ``ft2400`` (2,400 steps), ``ft2400-until0.9`` (fewer once
     0.9 of the probe at L is solved), ``ft2400-seed1`` (batches of another seed than 0)."""
     return (f"ft{cfg.passkey_steps}" + (f"-until{cfg.passkey_until:g}" if cfg.passkey_until else "")
-            + (f"-seed{cfg.passkey_seed}" if cfg.passkey_seed else ""))
+            + (f"-seed{seed}" if seed else ""))
 
 
-def _passkey(model: TransformerLM, cfg: DiagnoseConfig, result: DiagnoseResult, length: int, progress: bool,
-             log: Log, cache: _Cache, mdir: Path | None) -> None:
-    """The passkey grids over L, 2L, … ≤ ``length`` and five depths, accuracy and the score per answer
-    byte (:func:`posbias.passkey.scores`), and the answer queries' attention (:func:`answer_attention`)
-    at each length, into ``result`` with the record of the fine-tune (steps trained, probes); each
-    cell from ``cache`` where a run made it. The copy fine-tuned on the task is made (and kept in
-    ``mdir``) only for what is missing."""
+def mean_grid(grids: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The cell-by-cell mean of passkey grids of the same lengths and depths (length → depth → an
+    accuracy, or a list of per-byte scores): several copies' grids as one."""
+    def mean(cells: list) -> Any:
+        if isinstance(cells[0], list):
+            return [sum(col) / len(cells) for col in zip(*cells)]
+        return sum(cells) / len(cells)
+
+    first = grids[0]
+    return {n: {d: mean([g[n][d] for g in grids]) for d in row} for n, row in first.items()}
+
+
+def _passkey(model: TransformerLM, cfg: DiagnoseConfig, seed: int, result: DiagnoseResult, length: int,
+             progress: bool, log: Log, cache: _Cache, mdir: Path | None) -> dict[str, Any]:
+    """One copy's passkey grids over L, 2L, … ≤ ``length`` and five depths, accuracy and the score per
+    answer byte (:func:`posbias.passkey.scores`), and the answer queries' attention
+    (:func:`answer_attention`) at each length, with the record of its fine-tune (steps trained,
+    probes) from batches of ``seed`` (an entry of :attr:`DiagnoseResult.passkey_copies`); each cell
+    from ``cache`` where a run made it. The copy fine-tuned on the task is made (and kept in ``mdir``)
+    only for what is missing."""
     train_len = result.train_len
     lens, n = [], train_len
     while n <= length:
         lens.append(n)
         n *= 2
     depths = passkey.default_depths(5)
-    fit = f"passkey-fit:{_fit_name(cfg)}"
-    names = {(n, d): f"passkey:{n}:{d}:{_fit_name(cfg)}:{cfg.passkey_samples}" for n in lens for d in depths}
-    looks = {n: f"passkey-attention:{n}:{_fit_name(cfg)}" for n in lens}
+    tag = _fit_name(cfg, seed)
+    fit = f"passkey-fit:{tag}"
+    names = {(n, d): f"passkey:{n}:{d}:{tag}:{cfg.passkey_samples}" for n in lens for d in depths}
+    looks = {n: f"passkey-attention:{n}:{tag}" for n in lens}
     known = {cell: cache.data[name] for cell, name in names.items() if name in cache.data}
     if len(known) < len(names) or fit not in cache.data or any(name not in cache.data for name in looks.values()):
-        copy = _passkey_copy(model, cfg, result.passkey_lr_mult, train_len, progress, log, mdir, cache, fit)
+        copy = _passkey_copy(model, cfg, seed, result.passkey_lr_mult, train_len, progress, log, mdir, cache, fit)
         log(f"passkey grid: {len(names) - len(known)} of {len(names)} cells ({len(lens)} lengths × {len(depths)} "
             f"depths), {cfg.passkey_samples} samples each …")
         grid = passkey.accuracy_grid(copy, lens, depths, progress=progress, known=known, measure=passkey.scores,
                                      on_cell=lambda n, d, a: cache.put(names[n, d], a),
                                      samples=cfg.passkey_samples, device=cfg.device)
-        for n, name in looks.items():
-            if name not in cache.data:
+        for n, look in looks.items():
+            if look not in cache.data:
                 log(f"passkey: where the answer queries attend at {n} …")
-                cache.put(name, answer_attention(copy, n, device=cfg.device))
+                cache.put(look, answer_attention(copy, n, device=cfg.device))
     else:
         log(f"passkey grid: reusing {cache.name}")
         grid = {n: {d: known[n, d] for d in depths} for n in lens}
-    result.passkey_fit = cache.data[fit]
-    result.passkey, result.passkey_digits = ({str(n): {str(d): v for d, v in row.items()} for n, row in part.items()}
-                                             for part in passkey.split_scores(grid))
-    result.passkey_attention = {str(n): cache.data[name] for n, name in looks.items()}
+    solved, digits = ({str(n): {str(d): v for d, v in row.items()} for n, row in part.items()}
+                      for part in passkey.split_scores(grid))
+    return {"seed": seed, "passkey": solved, "passkey_digits": digits,
+            "attention": {str(n): cache.data[look] for n, look in looks.items()}, "fit": cache.data[fit]}
 
 
-def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_len: int, progress: bool, log: Log,
-                  mdir: Path | None, cache: _Cache, fit: str) -> TransformerLM:
-    """A copy of ``model`` fine-tuned on passkey retrieval at ``train_len`` (every step, or until it
-    solves ``cfg.passkey_until`` of the probe at L): the one in ``mdir`` when a run made it (its record
-    in ``cache`` under ``fit``), else trained now (its progress in ``mdir/last`` meanwhile), saved there
-    and recorded (:func:`posbias.passkey.teach`)."""
+def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, seed: int, mult: float, train_len: int, progress: bool,
+                  log: Log, mdir: Path | None, cache: _Cache, fit: str) -> TransformerLM:
+    """A copy of ``model`` fine-tuned on passkey retrieval at ``train_len`` from batches of ``seed``
+    (every step, or until it solves ``cfg.passkey_until`` of the probe at L): the one in ``mdir`` when
+    a run made it (its record in ``cache`` under ``fit``), else trained now (its progress in
+    ``mdir/last`` meanwhile), saved there and recorded (:func:`posbias.passkey.teach`)."""
     if mdir is not None and ckpt.exists(mdir) and fit in cache.data:
         log(f"passkey: reusing the fine-tuned copy in {mdir}")
         return ckpt.load_model(mdir).to(cfg.device)
@@ -585,7 +616,7 @@ def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, mult: float, train_
     record = passkey.teach(copy, length=train_len, steps=cfg.passkey_steps, until=cfg.passkey_until,
                            probes=cache.data.get(seen), keep=lambda probed: cache.put(seen, probed), device=cfg.device,
                            progress=progress, resume=None if mdir is None else mdir / "last", replace_other=True,
-                           pos_lr_mult=mult, seed=cfg.passkey_seed, log=log)
+                           pos_lr_mult=mult, seed=seed, log=log)
     if mdir is not None:
         ckpt.save_checkpoint(mdir, copy, extra={"passkey": {"length": train_len, "max_steps": cfg.passkey_steps,
                                                             "until": cfg.passkey_until, **record}})

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 import torch
-from _helpers import TINY, TINY_L, tiny_checkpoint
+from _helpers import TINY, TINY_L, one_line_error, tiny_checkpoint
 
 from posbias import checkpoint as ckpt
 from posbias import ntk_lambda, passkey, rope_frequencies, t5_bucket
@@ -225,8 +225,10 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     byte1 = statistics.fmean(c[0] for c in saved["passkey_digits"][str(L)].values())
     assert f"| {L} | {byte1:.2f} |" in md
     # where the answer queries attend: per length, [layers][heads][answer byte], the digit to copy ≤ all digits
-    assert set(saved["passkey_attention"]) == {str(L), str(2 * L)}
-    for got in saved["passkey_attention"].values():
+    [copy] = saved["passkey_copies"]
+    assert copy["seed"] == 0 and copy["passkey"] == saved["passkey"] and copy["passkey_digits"] == saved["passkey_digits"]
+    assert set(copy["attention"]) == {str(L), str(2 * L)}
+    for got in copy["attention"].values():
         key, place = torch.tensor(got["key"]), torch.tensor(got["place"])
         assert key.shape == place.shape == (TINY["n_layers"], TINY["n_heads"], 5)
         assert (place >= 0).all() and (place <= key + 1e-6).all() and (key <= 1 + 1e-6).all()
@@ -288,33 +290,92 @@ def test_diagnose_rerun_measures_only_what_it_lacks(tmp_path, corpus, monkeypatc
     assert diagnose_mod.source_key(path, cfg, dataclasses.replace(corpus, fingerprint="other text")) != key
 
 
-def test_diagnose_passkey_seed_trains_another_copy_beside_the_first(tmp_path, corpus, capsys):
-    """--passkey-seed: another seed's copy is trained into a folder named by it (the first stays and is
-    reused), from other batches (other weights); everything but the passkey is reused; the report names
-    the seed. A seed out of range is refused in one line."""
+def test_diagnose_passkey_seeds_train_one_copy_each_and_report_their_mean(tmp_path, corpus, capsys):
+    """--passkey-seeds: each seed's copy is trained into a folder named by it from its own batches
+    (other weights); a run with seeds 0 and 1 after one with seed 0 reuses that copy and everything
+    but the passkey, and trains seed 1's alone. The cells are the mean of the copies' own, which are
+    kept; the report names the seeds and gives each copy's accuracy with the spread; the summary and
+    the comparison say each copy. A seed out of range, or twice, is refused in one line."""
     import posbias.diagnose as diagnose_mod
+    from posbias.report import comparison
+    from posbias.report.diagnose import summary
 
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
-    cfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=3, passkey_samples=1)
+    cfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=3, passkey_samples=2)
     first = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d")
     said = []
-    other = run_diagnose(path, dataclasses.replace(cfg, passkey_seed=1), corpus=corpus, out=tmp_path / "d",
-                         log=said.append)
+    both = run_diagnose(path, dataclasses.replace(cfg, passkey_seeds=(0, 1)), corpus=corpus, out=tmp_path / "d",
+                        log=said.append)
     key = diagnose_mod.source_key(path, cfg, corpus)
     a, b = (ckpt.load_model(tmp_path / "d" / "models" / f"passkey-ft3{s}-{key}").state_dict() for s in ("", "-seed1"))
     assert any(not torch.equal(a[n], b[n]) for n in a)
     assert any(line.startswith("loss by position: reusing") for line in said)
-    assert not any(line.startswith("passkey: reusing") or "grid: reusing" in line for line in said)
-    assert (first.passkey_seed, other.passkey_seed) == (0, 1)
-    assert "(batches of seed 1)" in diagnose_report.markdown(other)
+    assert sum("grid: reusing" in line for line in said) == 1 and "passkey copy 2/2 (batches of seed 1):" in said
+    assert sum(line.startswith("passkey: fine-tuning a copy") for line in said) == 1
+    assert (first.passkey_seeds, both.passkey_seeds) == ([0], [0, 1])
+    assert [c["seed"] for c in both.passkey_copies] == [0, 1] and both.passkey_copies[0] == first.passkey_copies[0]
+    second = both.passkey_copies[1]
+    for n, row in both.passkey.items():
+        for d, acc in row.items():
+            assert acc == pytest.approx((first.passkey[n][d] + second["passkey"][n][d]) / 2)
+            assert both.passkey_digits[n][d] == pytest.approx(
+                [(x + y) / 2 for x, y in zip(first.passkey_digits[n][d], second["passkey_digits"][n][d])])
+    md = diagnose_report.markdown(both)
+    each = [passkey.mean_accuracy(c["passkey"], str(L)) for c in both.passkey_copies]
+    assert "2 copies fine-tuned for 3 steps" in md and "* seed 1: it trained all 3 steps" in md
+    assert "| length | seed 0 | seed 1 | mean | spread |" in md
+    assert f"| {L} | {each[0]:.2f} | {each[1]:.2f} | {sum(each) / 2:.2f} | {max(each) - min(each):.2f} |" in md
+    assert f"| {L} (seed 1) |" in md and "mean over the 2 copies" in md
+    assert "(batches of seed 0)" in diagnose_report.markdown(first) and "`--passkey-seeds 0 1 2`" in diagnose_report.markdown(first)
+    far = [passkey.mean_accuracy(c["passkey"], str(2 * L)) for c in both.passkey_copies]
+    assert summary(both)[-1] == (f"passkey solved (mean of 2 copies, seeds 0, 1; mean over depths): {sum(each) / 2:.2f} "
+                                 f"({each[0]:.2f} / {each[1]:.2f}) at L, {sum(far) / 2:.2f} ({far[0]:.2f} / "
+                                 f"{far[1]:.2f}) at {2 * L}")
+    row = comparison.row("t5", both)
+    assert row["passkey_copies"][L] == each and row["passkey_seeds"] == [0, 1]
+    trials = 5 * cfg.passkey_samples
+    assert row["passkey"][L] == (pytest.approx(sum(each) / 2), min(passkey.accuracy_interval(a, trials)[0] for a in each),
+                                 max(passkey.accuracy_interval(a, trials)[1] for a in each))
+    assert [len(f["probes"]) for f in row["passkey_fits"]] == [len(c["fit"]["probes"]) for c in both.passkey_copies]
     again = []
-    run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d", log=again.append)
-    assert any("passkey grid: reusing" in line for line in again)
-    with pytest.raises(ValueError, match="passkey_seed must be an integer"):
-        DiagnoseConfig(passkey_seed=-1)
+    run_diagnose(path, dataclasses.replace(cfg, passkey_seeds=(1, 0)), corpus=corpus, out=tmp_path / "d",
+                 log=again.append)
+    assert sum("passkey grid: reusing" in line for line in again) == 2
+    with pytest.raises(ValueError, match="passkey_seeds must be an integer"):
+        DiagnoseConfig(passkey_seeds=(0, -1))
+    with pytest.raises(ValueError, match=r"passkey_seeds list a seed twice \(\[1, 1\]\)"):
+        DiagnoseConfig(passkey_seeds=(1, 1))
+    for bad in ((), 1):
+        with pytest.raises(ValueError, match="passkey_seeds must list at least one seed, got"):
+            DiagnoseConfig(passkey_seeds=bad)
     capsys.readouterr()
-    assert main(["diagnose", str(path), "--passkey-seed", "-1", "--out", str(tmp_path / "e")]) == 2
-    assert "--passkey-seed must be an integer in [0, " in capsys.readouterr().err
+    one_line_error(capsys, main(["diagnose", str(path), "--passkey-seeds", "0", "-1", "--out", str(tmp_path / "e")]),
+                   "posbias diagnose: error: --passkey-seeds must be an integer in [0, ")
+    one_line_error(capsys, main(["diagnose", str(path), "--passkey-seed", "2", "2", "--out", str(tmp_path / "e")]),
+                   "posbias diagnose: error: --passkey-seeds list a seed twice ([2, 2])")
+
+
+def test_comparison_says_each_copy_and_judges_the_best_over_copies():
+    """Models with several passkey copies: the comparison gives each copy at L → at the window, names a
+    copy that solved nothing at L in a model that learned the task, and judges the best by the mean with
+    intervals over the copies; the table's cell says how many copies."""
+    from posbias.report import comparison
+
+    base = {"context": None, "distant_keys": None, "keys_beyond_L": None, "attention_beyond_L": None,
+            "bias_drift": None, "rotary_unseen": None, "passkey_fits": None, "passkey_digits": None,
+            "train_len": L, "length": 8 * L}
+    t5 = {**base, "model": "t5", "passkey_seeds": [0, 1, 2], "passkey": {L: (0.49, 0.0, 0.97), 8 * L: (0.52, 0.0, 0.99)},
+          "passkey_copies": {L: [0.93, 0.48, 0.0], 8 * L: [0.97, 0.56, 0.03]}}
+    alibi = {**base, "model": "alibi", "passkey_seeds": [0, 1, 2], "passkey": {L: (1.0, 0.97, 1.0), 8 * L: (0.9, 0.85, 0.95)},
+             "passkey_copies": {L: [1.0, 1.0, 1.0], 8 * L: [0.9, 0.9, 0.9]}}
+    said = comparison.sentences([t5, alibi])
+    assert said == ["Each copy, solved at L → at the window's length: t5 0.93 → 0.97, 0.48 → 0.56, 0.00 → 0.03; "
+                    "alibi 1.00 → 0.90, 1.00 → 0.90, 1.00 → 0.90. Copies that solved no sample at L (past L they say "
+                    "nothing about retrieval, yet count in their model's mean): t5 seed 2.",
+                    "Passkey retrieval at the window's length, among the models that solve samples at L (mean over "
+                    "copies): best 0.90; models whose interval reaches it: t5, alibi (the interval of a model with "
+                    "several copies runs from its lowest copy's bound to its highest's)."]
+    assert comparison._passkey(t5, 8 * L) == "0.52 [0.00, 0.99] (3 copies)"
 
 
 def test_retrofit_seed_draws_other_finetunes_beside_the_first(tmp_path, corpus, capsys):
@@ -480,19 +541,23 @@ def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
         cells = alone["passkey_digits"][str(L)].values()
         assert r["passkey_digits"][str(L)] == pytest.approx([statistics.fmean(c[i] for c in cells) for i in range(5)])
     made = {**rows[0], "context": (0.1, 0.05, 0.2), "distant_keys": None, "keys_beyond_L": None,
-            "attention_beyond_L": None, "bias_drift": None, "rotary_unseen": None, "passkey_fit": None,
-            "passkey_digits": {L: [0.5, 0.2, 0.1, 0.1, 0.1], 8 * L: [0.1] * 5}}
-    said = comparison.sentences([{**made, "model": "a", "passkey": {L: (0.0, 0.0, 0.1), 8 * L: (0.0, 0.0, 0.1)}},
-                                 {**made, "model": "b", "passkey": {L: (0.9, 0.8, 0.95), 8 * L: (0.5, 0.4, 0.6)}},
-                                 {**made, "model": "c", "passkey": {L: (0.9, 0.8, 0.95), 8 * L: (0.3, 0.2, 0.5)}}])
+            "attention_beyond_L": None, "bias_drift": None, "rotary_unseen": None, "passkey_fits": None,
+            "passkey_seeds": [0], "passkey_digits": {L: [0.5, 0.2, 0.1, 0.1, 0.1], 8 * L: [0.1] * 5}}
+    said = comparison.sentences([{**made, "model": "a", "passkey": {L: (0.0, 0.0, 0.1), 8 * L: (0.0, 0.0, 0.1)},
+                                  "passkey_copies": {L: [0.0], 8 * L: [0.0]}},
+                                 {**made, "model": "b", "passkey": {L: (0.9, 0.8, 0.95), 8 * L: (0.5, 0.4, 0.6)},
+                                  "passkey_copies": {L: [0.9], 8 * L: [0.5]}},
+                                 {**made, "model": "c", "passkey": {L: (0.9, 0.8, 0.95), 8 * L: (0.3, 0.2, 0.5)},
+                                  "passkey_copies": {L: [0.9], 8 * L: [0.3]}}])
     assert said == ["The context past L: hurt in a, b, c.",
                     "The passkey fine-tune did not teach the task at L to a (no sample solved there): their passkey "
                     "columns say nothing about retrieval past L; raise --passkey-steps. Answer bytes right at L (mean "
                     "over depths, all bytes · the first, which needs the key found; a guess among the ten digits "
                     "scores 0.1, a digit of the key copied from a random place 0.28): a 0.20 · 0.50.",
-                    "Passkey retrieval at the window's length, among the copies that solve samples at L: best "
-                    "0.50; models whose interval reaches it: b, c (one copy each: the intervals are over samples, not "
-                    "over copies, which can differ far more). Answer bytes right at the window's length (mean "
+                    "Passkey retrieval at the window's length, among the models that solve samples at L (mean over "
+                    "copies): best 0.50; models whose interval reaches it: b, c (one copy each: the intervals are over "
+                    "samples, not over copies, which can differ far more; `--passkey-seeds 0 1 2` trains three). "
+                    "Answer bytes right at the window's length (mean "
                     "over depths, all bytes · the first, which needs the key found; a guess among the ten digits "
                     "scores 0.1, a digit of the key copied from a random place 0.28): b 0.10 · 0.10; c 0.10 · 0.10."]
 
@@ -1026,12 +1091,13 @@ def test_diagnose_records_how_the_passkey_copy_was_taught(tmp_path, corpus, monk
     monkeypatch.setattr(pk, "train_passkey", lambda *a, **k: real(*a, **{**k, "check_every": 2}))
     got = {s: run_diagnose(p, dataclasses.replace(cfg, passkey_until=0.9 if s == "t5" else 0.0), corpus=corpus,
                            out=tmp_path / "d" / s) for s, p in paths.items()}
-    assert (got["t5"].passkey_fit["steps"], got["t5"].passkey_max_steps, got["t5"].passkey_until) == (4, 6, 0.9)
-    assert got["t5"].passkey_fit == {"steps": 4, "probes": [[0, 0.0], [2, 0.2], [4, 0.95]], "target": 0.9,
+    fit = {s: r.passkey_copies[0]["fit"] for s, r in got.items()}
+    assert (fit["t5"]["steps"], got["t5"].passkey_max_steps, got["t5"].passkey_until) == (4, 6, 0.9)
+    assert fit["t5"] == {"steps": 4, "probes": [[0, 0.0], [2, 0.2], [4, 0.95]], "target": 0.9,
                                      "learned_at": 4, "stopped": True}
-    assert got["alibi"].passkey_fit == {"steps": 6, "probes": [[0, 0.0], [2, 0.0], [4, 0.0]], "target": 0.9,
+    assert fit["alibi"] == {"steps": 6, "probes": [[0, 0.0], [2, 0.0], [4, 0.0]], "target": 0.9,
                                         "learned_at": None, "stopped": False}
-    assert got["rope"].passkey_fit["learned_at"] == 2 and got["rope"].passkey_fit["steps"] == 6  # learned, trained on
+    assert fit["rope"]["learned_at"] == 2 and fit["rope"]["steps"] == 6  # learned, trained on
     again = run_diagnose(paths["t5"], dataclasses.replace(cfg, passkey_until=0.9), corpus=corpus,
                          out=tmp_path / "d" / "t5")  # no probe answer left: all from the cache
     assert again.to_json() == got["t5"].to_json()
@@ -1060,7 +1126,8 @@ def test_an_interrupted_passkey_copy_keeps_every_probe(tmp_path, corpus, monkeyp
     monkeypatch.setattr(pk, "train_passkey", lambda *a, **k: real_train(*a, **{**k, "check_every": 2}))
     monkeypatch.setattr(ft, "finetune", lambda *a, **k: real_ft(*a, **{**k, "save_every_s": 0}))
     want = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "solo").to_json()
-    assert want["passkey_fit"]["steps"] == 6 and [s for s, _ in want["passkey_fit"]["probes"]] == [0, 2, 4]
+    fit = want["passkey_copies"][0]["fit"]
+    assert fit["steps"] == 6 and [s for s, _ in fit["probes"]] == [0, 2, 4]
 
     class Stop(Exception):
         pass

@@ -44,14 +44,20 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
         "attention_beyond_L": far_attention(r),
         "bias_drift": None if r.bias_drift is None else max(r.bias_drift),
         "rotary_unseen": None if r.rotary is None else (len(unseen_pairs(r)), len(r.rotary["unseen"])),
+        # length → (mean accuracy over depths and copies, lowest and highest 95% Wilson bound of any copy)
         "passkey": None,
-        "passkey_digits": None,  # length → the score of each answer byte, mean over depths
-        "passkey_fit": r.passkey_fit if r.passkey else None,  # the copy's fine-tune (passkey.teach's record)
+        "passkey_copies": None,  # length → each copy's accuracy (mean over depths), in the order of passkey_seeds
+        "passkey_seeds": r.passkey_seeds or None,
+        "passkey_digits": None,  # length → the score of each answer byte, mean over depths and copies
+        "passkey_fits": [c["fit"] for c in r.passkey_copies] or None,  # each copy's fine-tune (passkey.teach's record)
     }
     if r.passkey:
         trials = len(next(iter(r.passkey.values()))) * r.passkey_samples
-        got["passkey"] = {int(n): (a, *passkey.accuracy_interval(a, trials))
-                          for n, a in ((n, passkey.mean_accuracy(r.passkey, n)) for n in r.passkey)}
+        each = {int(n): [passkey.mean_accuracy(c["passkey"], n) for c in r.passkey_copies] for n in r.passkey}
+        bounds = {n: [passkey.accuracy_interval(a, trials) for a in got] for n, got in each.items()}
+        got["passkey"] = {n: (passkey.mean_accuracy(r.passkey, str(n)), min(lo for lo, _ in bounds[n]),
+                              max(hi for _, hi in bounds[n])) for n in each}
+        got["passkey_copies"] = each
         got["passkey_digits"] = {int(n): passkey.mean_digits(r.passkey_digits, n) for n in r.passkey_digits or {}}
     return got
 
@@ -69,11 +75,13 @@ def _delta(delta: Delta | None) -> str:
     return f"{d:+.4f}{interval} {verdict(delta)}"
 
 
-def _passkey(got: dict[int, tuple[float, float, float]] | None, n: int) -> str:
+def _passkey(r: dict[str, Any], n: int) -> str:
+    got = r["passkey"]
     if not got or n not in got:
         return "—"
     a, lo, hi = got[n]
-    return f"{a:.2f} [{lo:.2f}, {hi:.2f}]"
+    copies = len(r["passkey_copies"][n])
+    return f"{a:.2f} [{lo:.2f}, {hi:.2f}]" + (f" ({copies} copies)" if copies > 1 else "")
 
 
 def markdown(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
@@ -84,8 +92,10 @@ def markdown(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
              "minus with the context cut at L, with its 95% bootstrap interval over the windows and what the "
              "interval supports (hurts: above 0; helps: below 0; ≈ 0: it spans 0). *Distant keys*: Δ over the "
              "tokens that keep local context after the cut; *keys beyond L*: the whole window against a sliding "
-             "window of L over the same model (additive schemes). Passkey: mean accuracy over the depths with its "
-             f"95% Wilson interval. {_corpus(rows, results)}", ""]
+             "window of L over the same model (additive schemes). Passkey: mean accuracy over the depths (and the "
+             "copies, where a model has several) with its 95% Wilson interval over samples; with several copies the "
+             "interval runs from the lowest to the highest bound of any copy, so it spans how far the copies differ "
+             f"too. {_corpus(rows, results)}", ""]
     lines += md_table(
         ["model", "L → window", "ppl, positions < L", "ppl, last half of the window", "context past L, Δ", "distant keys, Δ",
          "keys beyond L, Δ", "attention ≥ L, last quarter (mean / largest head)", "bias drift, nats",
@@ -94,7 +104,7 @@ def markdown(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
           _delta(r["context"]), _delta(r["distant_keys"]), _delta(r["keys_beyond_L"]),
           "—" if r["attention_beyond_L"] is None else "{:.4f} / {:.4f}".format(*r["attention_beyond_L"]),
           "—" if r["bias_drift"] is None else f"{r['bias_drift']:.2f}",
-          _passkey(r["passkey"], r["train_len"]), _passkey(r["passkey"], _longest(r))] for r in rows])
+          _passkey(r, r["train_len"]), _passkey(r, _longest(r))] for r in rows])
     return "\n".join(lines + ["", "## What the table says", ""] + [f"* {s}" for s in sentences(rows)]
                      + ["", "![comparison](comparison.png)", ""])
 
@@ -155,9 +165,27 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
     if rotary:
         said.append("Rotary pairs that meet angles past L never seen in the training at L: " + ", ".join(
             f"{r['rotary_unseen'][0]} of {r['rotary_unseen'][1]} in {r['model']}" for r in rotary) + ".")
-    learned = passkey.learned_sentence([(r["model"], r.get("passkey_fit")) for r in rows])
+    learned = passkey.learned_sentence([(name, fit) for r in rows for name, fit in _copies(r, r.get("passkey_fits"))])
     if learned:
         said.append(learned)
+    said += _passkey_sentences(rows)
+    return said
+
+
+def _copies(r: dict[str, Any], values: list | None) -> list[tuple[str, Any]]:
+    """``values`` (one per passkey copy) named by the model, and by the seed where it has several."""
+    seeds = r.get("passkey_seeds") or []
+    if not values:
+        return []
+    if len(values) == 1:
+        return [(r["model"], values[0])]
+    return [(f"{r['model']} seed {s}", v) for s, v in zip(seeds, values)]
+
+
+def _passkey_sentences(rows: list[dict[str, Any]]) -> list[str]:
+    """Passkey retrieval across the models: those untaught at L, each copy where a model has several,
+    and the best at the window's length with the models whose interval reaches it."""
+    said = []
     tested = [r for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] > 0]
     untaught = [r["model"] for r in rows if r["passkey"] and r["passkey"][r["train_len"]][0] == 0]
     if untaught:
@@ -166,14 +194,27 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
         said.append(_joined(f"The passkey fine-tune did not teach the task at L to {', '.join(untaught)} (no sample "
                             "solved there): their passkey columns say nothing about retrieval past L; raise "
                             "--passkey-steps.", bytes_at_l))
+    several = [r for r in tested if len(r["passkey_copies"][r["train_len"]]) > 1]
+    if several:
+        lost = [name for r in several for name, a in _copies(r, r["passkey_copies"][r["train_len"]]) if a == 0]
+        said.append(_joined(
+            "Each copy, solved at L → at the window's length: " + "; ".join(
+                f"{r['model']} " + ", ".join(f"{a:.2f} → {b:.2f}" for a, b in zip(r["passkey_copies"][r["train_len"]],
+                                                                          r["passkey_copies"][_longest(r)]))
+                for r in several) + ".",
+            f"Copies that solved no sample at L (past L they say nothing about retrieval, yet count in their "
+            f"model's mean): {', '.join(lost)}." if lost else ""))
     if tested:
         best = max(r["passkey"][_longest(r)][0] for r in tested)
         tied = [r["model"] for r in tested if r["passkey"][_longest(r)][2] >= best]
         bytes_far = digits_sentence([(r["model"], r["passkey_digits"][_longest(r)]) for r in tested
                                      if r["passkey_digits"]], "at the window's length")
-        said.append(_joined(f"Passkey retrieval at the window's length, among the copies that solve samples at L: "
-                            f"best {best:.2f}; models whose interval reaches it: {', '.join(tied)} (one copy each: the "
-                            "intervals are over samples, not over copies, which can differ far more).", bytes_far))
+        how = ("(the interval of a model with several copies runs from its lowest copy's bound to its highest's)"
+               if any(r in several for r in tested) else "(one copy each: the intervals are over samples, not over "
+               "copies, which can differ far more; `--passkey-seeds 0 1 2` trains three)")
+        said.append(_joined(f"Passkey retrieval at the window's length, among the models that solve samples at L "
+                            f"(mean over copies): best {best:.2f}; models whose interval reaches it: {', '.join(tied)} "
+                            f"{how}.", bytes_far))
     return said
 
 
@@ -199,8 +240,9 @@ def write(named: list[tuple[str, DiagnoseResult]], out: str | Path, *, log: Log 
 def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
     """One line per model, positions in units of L: Δ (full − cut) by position, the attention on keys
     at distance ≥ L (mean over layers and heads) by query position, and, where the models were given
-    the passkey test, its mean accuracy by length (dotted: a copy that solved no sample at L, whose
-    line says nothing about retrieval past L)."""
+    the passkey test, its mean accuracy by length (dotted: copies that solved no sample at L, whose
+    line says nothing about retrieval past L; shaded: from the lowest copy to the highest, where a model
+    has several)."""
     from matplotlib.ticker import FuncFormatter
 
     from ..plot import pyplot, save_figure
@@ -221,9 +263,16 @@ def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
         if r.passkey:
             lens = [int(n) for n in r.passkey]
             taught = passkey.mean_accuracy(r.passkey, str(r.train_len)) > 0
-            axes[2].plot([n / r.train_len for n in lens], [passkey.mean_accuracy(r.passkey, str(n)) for n in lens],
+            xs = [n / r.train_len for n in lens]
+            copies = len(r.passkey_copies)
+            axes[2].plot(xs, [passkey.mean_accuracy(r.passkey, str(n)) for n in lens],
                          marker="o", ms=3, lw=1.2, ls="-" if taught else ":", color=line.get_color(),
-                         label=name if taught else f"{name} (untaught at L)")
+                         label=(name if taught else f"{name} (untaught at L)") + (f", {copies} copies" if copies > 1
+                                                                                  else ""))
+            if copies > 1:  # the band: the lowest and highest copy
+                each = [[passkey.mean_accuracy(c["passkey"], str(n)) for c in r.passkey_copies] for n in lens]
+                axes[2].fill_between(xs, [min(a) for a in each], [max(a) for a in each], color=line.get_color(),
+                                     alpha=0.15, lw=0)
     left.axhline(0, color="grey", lw=0.8)
     left.set_ylabel("Δ loss, full − cut at L (nats/byte)")
     left.set_title("what the context past L does (< 0: helps)")

@@ -53,6 +53,18 @@ def summary(r: DiagnoseResult) -> list[str]:
                      f"(largest head {far[1]:.4f})")
     if r.bias_drift is not None and max(r.bias_drift) >= 1e-4:
         lines.append(f"the bias moves with the query position: up to {max(r.bias_drift):.2f} nats at trained distances")
+    if r.passkey:
+        copies = r.passkey_copies
+
+        def at(n: str) -> str:
+            each = "" if len(copies) == 1 else " (" + " / ".join(
+                f"{passkey.mean_accuracy(c['passkey'], n):.2f}" for c in copies) + ")"
+            return f"{passkey.mean_accuracy(r.passkey, n):.2f}{each}"
+
+        whose = "one copy" if len(copies) == 1 else f"mean of {len(copies)} copies, seeds " + ", ".join(
+            str(c["seed"]) for c in copies)
+        far = max(r.passkey, key=int)
+        lines.append(f"passkey solved ({whose}; mean over depths): {at(str(r.train_len))} at L, {at(far)} at {far}")
     return lines
 
 
@@ -275,25 +287,55 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
         return ["## Passkey retrieval", "", f"Skipped: {r.passkey_skipped}.", ""]
     if not r.passkey:
         return []
+    copies = r.passkey_copies
     depths = list(next(iter(r.passkey.values())))
     rows = [[n, *(f"{row[d]:.2f}" for d in depths), f"{sum(row.values()) / len(row):.2f}"] for n, row in r.passkey.items()]
-    at_l = r.passkey.get(str(r.train_len), {})
-    untaught = ([f"No sample was solved at L = {r.train_len}: the fine-tune did not teach this model the task within "
-                 "its training length, so the rows past L say nothing about retrieval there. Raise --passkey-steps "
-                 f"(beyond {r.passkey_max_steps}).", ""]
-                if at_l and not any(at_l.values()) else [])
-    fit = (f"A copy fine-tuned for {r.passkey_max_steps} steps"
-           + (f" (fewer once it solved {r.passkey_until:g} of the probe)" if r.passkey_until else "")
-           + f" on passkey samples of {r.train_len} bytes (batches of seed {r.passkey_seed}); a probe at L ({passkey.PROBE_SAMPLES * 5} samples of its "
-           f"own, every {passkey.PROBE_EVERY} steps) shows how it learned: {passkey.fit_sentence(r.passkey_fit)}. "
-           "Probe accuracy by step: " + ", ".join(f"{s} {a:.2f}" for s, a in r.passkey_fit["probes"]) + ". ")
-    return (["## Passkey retrieval", "",
-             fit + f"Its positional parameters at {r.passkey_lr_mult:g}× the learning rate, as in training. This is "
-             "one copy, one draw: copies of one model from other batch seeds have read far apart (a T5 model's three "
-             "solved 0.93, 0.48 and 0.05 at L), so compare models over several (`--passkey-seed K` trains another). "
-             f"Accuracy over {r.passkey_samples} samples per cell (depth 0 = key at the start of the window):", ""]
+    untaught = [c["seed"] for c in copies if not any(c["passkey"].get(str(r.train_len), {}).values())]
+    those = ("that fine-tune", "its") if len(untaught) == 1 else ("those fine-tunes", "their")
+    taught = (f"No sample was solved at L = {r.train_len} by the {_copies_named(r, untaught)}: {those[0]} did not "
+              f"teach the task within the training length, so {those[1]} rows past L say nothing about retrieval "
+              "there. "
+              f"Raise --passkey-steps (beyond {r.passkey_max_steps})." if untaught else "")
+    steps = (f" fine-tuned for {r.passkey_max_steps} steps"
+             + (f" (fewer once it solved {r.passkey_until:g} of the probe)" if r.passkey_until else "")
+             + f" on passkey samples of {r.train_len} bytes")
+    probe = (f"a probe at L ({passkey.PROBE_SAMPLES * 5} samples of its own, every {passkey.PROBE_EVERY} steps) "
+             "shows how it learned")
+    if len(copies) == 1:
+        c = copies[0]
+        head = [f"A copy{steps} (batches of seed {c['seed']}); {probe}: {passkey.fit_sentence(c['fit'])}. "
+                f"{_probes(c)} Its positional parameters at {r.passkey_lr_mult:g}× the learning rate, as in training. "
+                "This is one copy, one draw: copies of one model from other batch seeds have read far apart (a T5 "
+                "model's three solved 0.93, 0.48 and 0.05 at L), so compare models over several (`--passkey-seeds 0 "
+                f"1 2`). Accuracy over {r.passkey_samples} samples per cell (depth 0 = key at the start of the window):",
+                ""]
+    else:
+        head = ([f"{len(copies)} copies{steps}, each from the batches of its own seed, their positional parameters at "
+                 f"{r.passkey_lr_mult:g}× the learning rate, as in training; {probe}:", ""]
+                + [f"* seed {c['seed']}: {passkey.fit_sentence(c['fit'])}. {_probes(c)}" for c in copies]
+                + ["", "Copies of one model can read far apart, and a single copy is one draw: each copy's accuracy by "
+                   "length (mean over depths), the mean over copies and their spread (highest − lowest):", ""]
+                + md_table(["length", *(f"seed {c['seed']}" for c in copies), "mean", "spread"],
+                           [[n, *(f"{a:.2f}" for a in got), f"{sum(got) / len(got):.2f}", f"{max(got) - min(got):.2f}"]
+                            for n, got in ((n, [passkey.mean_accuracy(c["passkey"], n) for c in copies])
+                                           for n in r.passkey)])
+                + ["", f"Accuracy over {r.passkey_samples} samples per cell, mean over the {len(copies)} copies "
+                   "(depth 0 = key at the start of the window):", ""])
+    return (["## Passkey retrieval", ""] + head
             + md_table(["length", *(f"depth {d}" for d in depths), "mean"], rows)
-            + [""] + untaught + _digits_table(r) + _answer_attention_table(r) + ["![passkey](passkey.png)", ""])
+            + [""] + ([taught, ""] if taught else []) + _digits_table(r) + _answer_attention_table(r)
+            + ["![passkey](passkey.png)", ""])
+
+
+def _probes(copy: dict) -> str:
+    return "Probe accuracy by step: " + ", ".join(f"{s} {a:.2f}" for s, a in copy["fit"]["probes"]) + "."
+
+
+def _copies_named(r: DiagnoseResult, seeds: list[int]) -> str:
+    """``copy`` (the only one) or ``copies of seed 0, 2`` (some of several)."""
+    if len(r.passkey_copies) == 1:
+        return "copy"
+    return f"cop{'y' if len(seeds) == 1 else 'ies'} of seed{'' if len(seeds) == 1 else 's'} " + ", ".join(map(str, seeds))
 
 
 def _digits_table(r: DiagnoseResult) -> list[str]:
@@ -302,8 +344,9 @@ def _digits_table(r: DiagnoseResult) -> list[str]:
         return []
     by_length = {n: passkey.mean_digits(r.passkey_digits, n) for n in r.passkey_digits}
     width = len(next(iter(by_length.values())))
+    over = f" and over the {len(r.passkey_copies)} copies" if len(r.passkey_copies) > 1 else ""
     return (["The same samples byte by byte: the share of samples whose i-th answer byte is the argmax given the "
-             "true bytes before it, mean over depths. The first byte needs the key found; each later one can also "
+             f"true bytes before it, mean over depths{over}. The first byte needs the key found; each later one can also "
              f"copy on from the byte before it. A guess among the ten digits scores {passkey.GUESS:g}; a digit of the "
              f"key copied from a random place {shuffled_key_score(width):.2f}. High first bytes with few samples "
              "solved: the model finds the key but copies it badly; bytes near a guess: it does not find it.", ""]
@@ -315,18 +358,23 @@ def _digits_table(r: DiagnoseResult) -> list[str]:
 
 def _answer_attention_table(r: DiagnoseResult) -> list[str]:
     """Where the queries that predict the answer bytes attend (:func:`posbias.diagnose.answer_attention`),
-    by length: the most any head puts on the key's digits · on the one digit the byte copies."""
-    if not r.passkey_attention:
+    by length (and copy, with several): the most any head puts on the key's digits · on the one digit
+    the byte copies."""
+    copies = [c for c in r.passkey_copies if c.get("attention")]
+    if not copies:
         return []
     rows = []
-    for n, got in r.passkey_attention.items():
-        key, place = (torch.tensor(got[k]).flatten(0, 1).amax(0).tolist() for k in ("key", "place"))
-        rows.append([n, *(f"{a:.2f} · {b:.2f}" for a, b in zip(key, place))])
+    for c in copies:
+        for n, got in c["attention"].items():
+            key, place = (torch.tensor(got[k]).flatten(0, 1).amax(0).tolist() for k in ("key", "place"))
+            label = n if len(copies) == 1 else f"{n} (seed {c['seed']})"
+            rows.append([label, *(f"{a:.2f} · {b:.2f}" for a, b in zip(key, place))])
     width = len(rows[0]) - 1
-    return ([f"Where the copy's queries that predict the answer bytes attend ({5 * ANSWER_SAMPLES} samples per length, "
+    whose = "the copy's" if len(copies) == 1 else "each copy's"
+    return ([f"Where {whose} queries that predict the answer bytes attend ({5 * ANSWER_SAMPLES} samples per length, "
              "of their own): "
              "the most attention any head puts on the key's digits · on the one digit this byte copies. Read each "
-             "length against the copy's own row at L. The second number is not a test of copying: copies that are "
+             "length against the same copy's row at L. The second number is not a test of copying: copies that are "
              "exact at L have put no more than 0.18–0.37 of any head on the digit they copy (README, three seeds), "
              "so a low value says where the heads look, not that the copy lost its place.", ""]
             + md_table(["length", *(f"byte {i + 1}" for i in range(width))], rows) + [""])
@@ -416,5 +464,6 @@ def _passkey_plot(r: DiagnoseResult, path: Path, plt) -> Path:
         for j, a in enumerate(row):
             ax.text(j, i, f"{a:.2f}", ha="center", va="center", color="white" if a < 0.6 else "black", fontsize=8)
     fig.colorbar(im, ax=ax, label="accuracy")
-    ax.set_title(f"{r.scheme_name}: passkey retrieval (trained at {r.train_len})")
+    copies = f", mean of {len(r.passkey_copies)} copies" if len(r.passkey_copies) > 1 else ""
+    ax.set_title(f"{r.scheme_name}: passkey retrieval (trained at {r.train_len}{copies})")
     return save_figure(fig, path)
