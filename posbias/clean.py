@@ -151,7 +151,8 @@ def _judge_folder(d: Path, found: Findings, names: list[str]) -> bool:
 
 def _judge_reports(found: Findings, skip: set[Path]) -> None:
     """The reports made from results listed (or gone): a study's ``results.json`` by the model folders
-    its records name; a diagnosis's ``diagnose.json`` and a retrofit's ``results.json`` by their cache."""
+    its records name; a diagnosis's ``diagnose.json`` and a retrofit's ``results.json`` by their cache;
+    a comparison of diagnoses by its models' reports (:func:`_judge_comparisons`)."""
     gone = {s.path.resolve() for s in found.stale}
     for f in sorted(found.root.rglob("*.json")):
         if (f.name not in ("results.json", "diagnose.json") or any(p in gone for p in f.resolve().parents)
@@ -176,6 +177,27 @@ def _judge_reports(found: Findings, skip: set[Path]) -> None:
         if why:
             shown = f.with_name("report.md" if f.name == "diagnose.json" else "results.md")
             found.reports.append((shown if shown.exists() else f, why))
+    _judge_comparisons(found, skip, gone)
+
+
+def _judge_comparisons(found: Findings, skip: set[Path], gone: set[Path]) -> None:
+    """A diagnosis of several models (``comparison.json``) by its models' own reports beside it
+    (``<model>/diagnose.json``): named when one of them is named, or gone."""
+    named = {p.parent.resolve() for p, _ in found.reports}
+    for f in sorted(found.root.rglob("comparison.json")):
+        if any(p in gone for p in f.resolve().parents) or any(p in skip for p in f.parents):
+            continue
+        data = _read(f)
+        rows = data.get("rows") if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            continue
+        models = [r["model"] for r in rows if isinstance(r, dict) and isinstance(r.get("model"), str)]
+        bad = [m for m in models if (f.parent / m).resolve() in named or not (f.parent / m / "diagnose.json").exists()]
+        if bad:
+            shown = f.with_name("comparison.md")
+            found.reports.append((shown if shown.exists() else f, f"{len(bad)} of its {len(models)} models' reports "
+                                  f"are stale or gone ({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}): re-run "
+                                  "the diagnosis to refresh it"))
 
 
 def _fresh_model(folder: Path, gone: set[Path]) -> bool:

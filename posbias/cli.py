@@ -421,7 +421,7 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the fine-tunes' batches and the passkey copies' training: another seed is another "
                         "draw of every fine-tune (its own cache and models), to tell a method from one fine-tune's luck")
-    _add_passkey_fit_arguments(p, "with --compare")
+    _add_passkey_fit_arguments(p, "with --compare", "--seed")
     _add_checkpoint_job_arguments(p, "retrofit", cmd_retrofit)
 
 
@@ -469,11 +469,15 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
     if not methods:
         raise CLIError(f"give --method (for a {scheme} checkpoint: {', '.join(methods_for(scheme)) or 'none'}) "
                        "or --compare")
+    if args.passkey_seeds is not None and not args.compare:
+        raise CLIError("--passkey-seeds chooses the passkey copies of --compare's decision table: add --compare")
     cfg = RetrofitConfig(to=args.to, methods=tuple(methods), finetune_steps=args.finetune_steps,
                          finetune_batch=args.finetune_batch, finetune_lr=args.finetune_lr, pos_lr_mult=args.pos_lr_mult,
                          eval_lens=tuple(args.eval_lens) if args.eval_lens else None, eval_tokens=args.eval_tokens,
                          compare=args.compare, passkey_steps=args.passkey_steps,
-                         passkey_until=args.passkey_until, seed=args.seed, device=args.device, threads=args.threads)
+                         passkey_until=args.passkey_until, seed=args.seed,
+                         passkey_seeds=None if args.passkey_seeds is None else tuple(args.passkey_seeds),
+                         device=args.device, threads=args.threads)
     corpus = load_corpus(args.data, args.hf_dataset)
     _corpus_note(corpus, args.checkpoint)
     t0 = time.perf_counter()
@@ -502,23 +506,24 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--windows", type=int, default=4, help="validation windows for the attention statistics")
     p.add_argument("--eval-tokens", type=int, default=8192,
                    help="validation tokens for the loss by position (at least one window)")
-    _add_passkey_fit_arguments(p, "0 skips the passkey test")
+    _add_passkey_fit_arguments(p, "0 skips the passkey test", "seed 0")
     p.add_argument("--passkey-samples", type=int, default=24, help="passkey samples per (length, depth) cell")
-    p.add_argument("--passkey-seeds", "--passkey-seed", type=int, nargs="+", default=[0], metavar="K",
-                   help="seeds of the passkey fine-tunes' batches, one copy each (its folder, probe and cells named by "
-                        "it; the test samples stay the same): several tell a copy's luck from the model's, the cells "
-                        "are their mean and the spread is reported (each copy ~3.5 min on the demo model, 2 CPU cores)")
     _add_checkpoint_job_arguments(p, "diagnose", cmd_diagnose)
 
 
-def _add_passkey_fit_arguments(p: argparse.ArgumentParser, steps_note: str) -> None:
-    """--passkey-steps and --passkey-until (:func:`posbias.passkey.teach`)."""
+def _add_passkey_fit_arguments(p: argparse.ArgumentParser, steps_note: str, seed_note: str) -> None:
+    """--passkey-steps, --passkey-until and --passkey-seeds (:func:`posbias.passkey.teach`)."""
     p.add_argument("--passkey-steps", type=int, default=2400,
                    help=f"steps of each passkey fine-tune ({steps_note}); a probe at the training length every 100 "
                         "steps records when each copy learned the task")
     p.add_argument("--passkey-until", type=float, default=0.0,
                    help="end a passkey fine-tune once the copy solves this share of the probe (faster, but its "
                         "accuracy past L then compares only with copies stopped the same way); 0 trains every step")
+    p.add_argument("--passkey-seeds", "--passkey-seed", type=int, nargs="+", metavar="K",
+                   help="seeds of the passkey fine-tunes' batches, one copy each (its folder, probe and cells named by "
+                        "it; the test samples stay the same): several tell a copy's luck from the model's; the cells "
+                        "are their mean, each copy and the spread reported (each copy ~3.5 min on a demo model, 2 CPU "
+                        f"cores; default: one copy, of {seed_note})")
 
 
 def _diagnose_targets(paths: list[str]) -> list[tuple[str, str, Path]]:
@@ -557,7 +562,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     out = Path(args.out or f"runs/diagnose-{named}")  # one model: its folder's full name, key included
     cfg = DiagnoseConfig(length=args.length, windows=args.windows, eval_tokens=args.eval_tokens,
                          passkey_steps=args.passkey_steps, passkey_until=args.passkey_until,
-                         passkey_samples=args.passkey_samples, passkey_seeds=tuple(args.passkey_seeds),
+                         passkey_samples=args.passkey_samples, passkey_seeds=tuple(args.passkey_seeds or (0,)),
                          device=args.device, threads=args.threads)
     corpus = load_corpus(args.data, args.hf_dataset)
     t0 = time.perf_counter()

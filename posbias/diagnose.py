@@ -46,7 +46,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import passkey, store
-from .config import ConfigError, Log, check_count, check_seed, fixed_threads, quiet
+from .config import Log, check_count, fixed_threads, quiet
 from .data import Corpus
 from .evaluate import bootstrap_means, interval, local_head, token_losses
 from .model import TransformerLM
@@ -361,13 +361,7 @@ class DiagnoseConfig:
         for name in ("windows", "eval_tokens", "passkey_samples", "threads"):
             check_count(name, getattr(self, name))
         check_count("passkey_steps", self.passkey_steps, minimum=0)
-        if isinstance(self.passkey_seeds, int) or not self.passkey_seeds:
-            raise ConfigError("passkey_seeds", f"must list at least one seed, got {self.passkey_seeds!r}")
-        for seed in self.passkey_seeds:
-            check_seed("passkey_seeds", seed)
-        if len(set(self.passkey_seeds)) < len(self.passkey_seeds):
-            raise ConfigError("passkey_seeds", f"list a seed twice ({list(self.passkey_seeds)}); a repeated seed is "
-                              "the same copy, and counting it twice would narrow the spread over copies")
+        passkey.check_seeds("passkey_seeds", self.passkey_seeds)
         passkey.check_until("passkey_until", self.passkey_until)
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .config import ConfigError
+from .config import ConfigError, check_seed
 from .schemes.base import check_int
 
 FILLER = (b"the grass is green. the sky is blue. the sun is yellow. here we go. there and back again. "
@@ -248,6 +248,27 @@ def probe(model, length: int, *, samples: int = PROBE_SAMPLES, digits: int = 5,
 
 def default_depths(n: int = 5) -> list[float]:
     return [round(i / (n - 1), 3) for i in range(n)] if n > 1 else [0.5]
+
+
+def check_seeds(name: str, seeds: Any) -> tuple[int, ...]:
+    """The batch seeds of several passkey copies: at least one, each a seed (:func:`posbias.config.check_seed`),
+    none twice (the same copy counted twice would narrow the spread over copies); else :class:`ConfigError`."""
+    if isinstance(seeds, int) or not seeds:
+        raise ConfigError(name, f"must list at least one seed, got {seeds!r}")
+    for seed in seeds:
+        check_seed(name, seed)
+    if len(set(seeds)) < len(seeds):
+        raise ConfigError(name, f"list a seed twice ({list(seeds)}); a repeated seed is the same copy, and counting "
+                          "it twice would narrow the spread over copies")
+    return tuple(seeds)
+
+
+def copies_interval(accuracies: list[float], trials: int) -> tuple[float, float]:
+    """The interval of a mean accuracy over several copies, each measured on ``trials`` samples: from the
+    lowest copy's 95% Wilson bound (:func:`accuracy_interval`) to the highest's. One copy: its own
+    interval, over samples only; several: it spans how far the copies differ too."""
+    bounds = [accuracy_interval(a, trials) for a in accuracies]
+    return min(lo for lo, _ in bounds), max(hi for _, hi in bounds)
 
 
 def accuracy_interval(accuracy: float, trials: int, z: float = 1.959964) -> tuple[float, float]:

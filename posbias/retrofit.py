@@ -163,6 +163,8 @@ class RetrofitConfig:
     passkey_samples: int = 32  # passkey samples per (length, depth) cell
     device: str = "cpu"  # cpu or cuda[:N]
     seed: int = 0  # seed of the fine-tune batches and the passkey training
+    # with compare: the passkey copies' batch seeds, one copy each, the cells their mean (None: one copy, of `seed`)
+    passkey_seeds: tuple[int, ...] | None = None
     threads: int = 2  # torch intra-op threads, fixed for reproducible results (part of the cache key)
 
     def __post_init__(self) -> None:
@@ -177,11 +179,18 @@ class RetrofitConfig:
             check_count(name, getattr(self, name), minimum=0)
         check_rate("finetune_lr", self.finetune_lr)
         check_seed("seed", self.seed)
+        if self.passkey_seeds is not None:
+            passkey.check_seeds("passkey_seeds", self.passkey_seeds)
         passkey.check_until("passkey_until", self.passkey_until)
         if self.pos_lr_mult is not None:
             check_rate("pos_lr_mult", self.pos_lr_mult)
         for n in self.eval_lens or ():
             check_count("eval_lens", n)
+
+    @property
+    def copy_seeds(self) -> tuple[int, ...]:
+        """The seeds of the passkey copies: ``passkey_seeds``, or ``seed`` alone."""
+        return tuple(self.passkey_seeds) if self.passkey_seeds is not None else (self.seed,)
 
 
 @dataclass
@@ -266,9 +275,10 @@ def compare_rows(rows: list[dict[str, Any]], lengths: list[int]) -> dict[int, li
 def source_key(path: str | Path, cfg: RetrofitConfig, corpus: Corpus) -> str:
     """Everything the cached numbers depend on besides the method and the length
     (:func:`posbias.checkpoint.job_key`): the checkpoint, the corpus, every setting of fine-tuning,
-    evaluation and passkey, and the code that computes them."""
+    evaluation and passkey (but the passkey seeds, which each copy's entry names), and the code that
+    computes them."""
     settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__
-                if k not in ("methods", "compare", "eval_lens", "device")}
+                if k not in ("methods", "compare", "eval_lens", "device", "passkey_seeds")}
     return ckpt.job_key(path, corpus=corpus.fingerprint, settings=settings, job="retrofit", device=cfg.device)
 
 
@@ -295,9 +305,6 @@ class _Run:
             row.update(self.passkey(model, label))
         if stage != "before":
             row["options"] = model.cfg.scheme_options
-        if row["passkey"] is not None:  # 95% Wilson interval over the depths × samples trials per length
-            trials = PASSKEY_DEPTHS * self.cfg.passkey_samples
-            row["passkey_interval"] = {n: passkey.accuracy_interval(a, trials) for n, a in row["passkey"].items()}
         if compare:
             row["attention_cost"] = 1.0 if stage == "before" else _relative_cost(model, base, self.cfg.to,
                                                                                   self.cfg.device)
@@ -316,19 +323,39 @@ class _Run:
         return {int(k): v for k, v in got.items() if int(k) in self.lens}
 
     def passkey(self, model: TransformerLM, label: str) -> dict[str, Any]:
-        """A row's passkey fields: ``passkey`` (accuracy) and ``passkey_digits`` (the score of each answer
-        byte, :func:`posbias.passkey.scores`), each by length (L and ``to``), of a copy fine-tuned on the
-        task at L (:func:`posbias.passkey.teach`), and ``passkey_fit``, that fine-tune's record."""
+        """A row's passkey fields, each by length (L and ``to``), over one copy per passkey seed
+        (:meth:`passkey_copy`): ``passkey`` (accuracy, mean over the depths and copies),
+        ``passkey_interval`` (95% Wilson over the depths × samples trials; with several copies from the
+        lowest copy's bound to the highest's, :func:`posbias.passkey.copies_interval`),
+        ``passkey_copies`` (each copy's accuracy) with ``passkey_seeds``, ``passkey_digits`` (the score
+        of each answer byte, mean over the copies) and ``passkey_fits`` (each copy's fine-tune record)."""
+        seeds = self.cfg.copy_seeds
+        copies = [self.passkey_copy(model, label, seed) for seed in seeds]
+        trials = PASSKEY_DEPTHS * self.cfg.passkey_samples
+        each = {int(n): [c["accuracy"][n] for c in copies] for n in copies[0]["accuracy"]}
+        digits = {int(n): [sum(col) / len(copies) for col in zip(*(c["digits"][n] for c in copies))]
+                  for n in copies[0]["digits"]}
+        return {"passkey": {n: sum(got) / len(got) for n, got in each.items()},
+                "passkey_interval": {n: passkey.copies_interval(got, trials) for n, got in each.items()},
+                "passkey_copies": each, "passkey_seeds": list(seeds), "passkey_digits": digits,
+                "passkey_fits": [c["fit"] for c in copies]}
+
+    def passkey_copy(self, model: TransformerLM, label: str, seed: int) -> dict[str, Any]:
+        """One copy of ``model`` fine-tuned on the task at L from batches of ``seed``
+        (:func:`posbias.passkey.teach`) and tested at L and ``to``: ``{"accuracy", "digits"}`` by length
+        and ``fit``, the fine-tune's record; from the cache where a run made it (the copy of ``seed`` =
+        the config's ``seed`` under the name it always had, the others' names end in their seed)."""
         cfg = self.cfg
-        key = f"passkey:{label}:{cfg.passkey_steps}:{cfg.passkey_until:g}:{cfg.passkey_samples}"
+        own = "" if seed == cfg.seed else f":seed{seed}"
+        key = f"passkey:{label}:{cfg.passkey_steps}:{cfg.passkey_until:g}:{cfg.passkey_samples}{own}"
         if key not in self.cache.data:
             copy = model.with_scheme(model.cfg.scheme, model.cfg.scheme_options)
-            work = self.out / "models" / f"passkey-{store.folder_name(label)}-{self.key}"
+            work = self.out / "models" / f"passkey-{store.folder_name(label + own)}-{self.key}"
             seen = f"{key}:probes"  # each probe as it is made (an interrupted fine-tune's record stays whole)
 
             fit = passkey.teach(copy, length=self.train_len, steps=cfg.passkey_steps, until=cfg.passkey_until,
                                 probes=self.cache.data.get(seen), keep=lambda probed: self.cache.put(seen, probed),
-                                seed=cfg.seed, device=cfg.device,
+                                seed=seed, device=cfg.device,
                                 progress=self.progress, resume=work, replace_other=True, pos_lr_mult=self.pos_lr_mult,
                                 log=self.log)  # its progress folder goes once it is done
             grid = passkey.accuracy_grid(copy, [self.train_len, cfg.to], passkey.default_depths(PASSKEY_DEPTHS),
@@ -337,10 +364,10 @@ class _Run:
             self.cache.put(key, {"accuracy": {str(n): passkey.mean_accuracy(solved, n) for n in grid},
                                  "digits": {str(n): passkey.mean_digits(digits, n) for n in grid}, "fit": fit})
         got = self.cache.data[key]
-        self.log(f"[{label}] passkey: {passkey.fit_sentence(got['fit'])}; "
-                 "accuracy " + ", ".join(f"@{n} {a:.2f}" for n, a in got["accuracy"].items()))
-        return {"passkey": {int(k): v for k, v in got["accuracy"].items()},
-                "passkey_digits": {int(k): v for k, v in got["digits"].items()}, "passkey_fit": got["fit"]}
+        self.log(f"[{label}] passkey{f' (copy of seed {seed})' if len(cfg.copy_seeds) > 1 else ''}: "
+                 f"{passkey.fit_sentence(got['fit'])}; accuracy "
+                 + ", ".join(f"@{n} {a:.2f}" for n, a in got["accuracy"].items()))
+        return got
 
     def finetuned(self, model: TransformerLM, method: str, path: str | Path, meta: dict[str, Any]) -> TransformerLM:
         """``model`` after the language-model fine-tune at ``to`` (reused from ``out/models`` when made)."""

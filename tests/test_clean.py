@@ -103,6 +103,7 @@ def test_diagnose_and_retrofit_caches_record_what_made_them(tmp_path, text_file)
                        tmp_path / "r", corpus=corpus)
     (tmp_path / "r" / "results.json").write_text(json.dumps(res.to_json()))
     assert json.loads((tmp_path / "r" / res.cache).read_text())[store.MADE_BY] == store.made_by("retrofit", "cpu")
+    (tmp_path / "comparison.json").write_text(json.dumps({"rows": [{"model": "d"}]}))  # a diagnosis of several models
     assert clean.find(tmp_path).stale == [] and clean.find(tmp_path).reports == []
     # caches of older code (one without the record at all), and the models their runs made beside them
     made = json.loads(cache.read_text())
@@ -119,7 +120,11 @@ def test_diagnose_and_retrofit_caches_record_what_made_them(tmp_path, text_file)
     assert _listed(found) == {(f"d/{rep.cache}", "diagnose cache"), (f"d/models/passkey-ft2-{key}", "model of a stale cache"),
                               (f"r/{res.cache}", "cache"), (f"r/models/t5-distance-ft1-{res.cache[6:-5]}", "model of a stale cache")}
     assert {s.why for s in found.stale if s.what == "cache"} == {"written before caches recorded their code: made by an older posbias"}
-    assert [r.name for r, _ in found.reports] == ["diagnose.json", "results.json"]  # no report.md/results.md here
+    assert [r.name for r, _ in found.reports] == ["diagnose.json", "results.json", "comparison.json"]  # no .md here
+    assert found.reports[-1][1] == "1 of its 1 models' reports are stale or gone (d): re-run the diagnosis to refresh it"
+    (tmp_path / "comparison.json").write_text(json.dumps({"rows": [{"model": "gone"}]}))
+    assert clean.find(tmp_path / "r").reports[-1][0].name == "results.json"  # only what lies under the folder named
+    assert clean.find(tmp_path).reports[-1][1].startswith("1 of its 1 models' reports are stale or gone (gone)")
 
 
 def test_clean_passes_over_a_folder_a_run_works_in_and_refuses_one_above_it(tmp_path, text_file, capsys):

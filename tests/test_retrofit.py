@@ -174,9 +174,9 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
     assert all(0.0 <= r["passkey"][2 * L] <= 1.0 for r in res.rows if r["stage"] != "no fine-tune")
     assert all(r["passkey"] is None for r in res.rows if r["stage"] == "no fine-tune")
     # each passkey copy trained until its probe at L reached 0.9 (a tiny model at 2 steps: never), said so
-    fits = [r["passkey_fit"] for r in res.rows if r["passkey"] is not None]
+    fits = [f for r in res.rows if r["passkey"] is not None for f in r["passkey_fits"]]
     assert fits and all(f["steps"] == 2 and f["probes"][0][0] == 0 and f["learned_at"] is None for f in fits)
-    assert "passkey: a copy trained at L for 2 steps;" in md
+    assert "passkey: a copy trained at L for 2 steps (batches of seed 0);" in md and "`--passkey-seeds 0 1 2`" in md
     assert "The passkey copies had learned the task at L (≥ 0.9 of their probe) by step: none; " \
            "not within 2 steps: original (before), pi (fine-tuned 2), yarn (fine-tuned 2), swap-alibi (fine-tuned 2)." in md
     assert all(r["attention_cost"] > 0 for r in res.rows)
@@ -395,6 +395,43 @@ def test_retrofit_seed_draws_other_finetunes_beside_the_first(tmp_path, corpus, 
     assert main(["retrofit", str(path), "--to", str(2 * L), "--method", "pi", "--seed", "-1",
                  "--out", str(tmp_path / "e")]) == 2
     assert "--seed must be an integer in [0, " in capsys.readouterr().err
+
+
+def test_retrofit_passkey_seeds_give_each_row_the_mean_of_its_copies(tmp_path, corpus, capsys):
+    """--passkey-seeds with --compare: one passkey copy per seed and row, from batches of its own; the
+    copy of --seed keeps its cache entry (a run with seeds 0 and 1 after one with seed 0 reuses the
+    language-model work and that copy, and trains seed 1's); the row holds the mean, each copy and an
+    interval from the lowest copy's Wilson bound to the highest's; the report says each copy. Without
+    --compare, or with a seed twice, one line and status 2."""
+    path = tiny_checkpoint(tmp_path / "t", "rope")
+    cfg = RetrofitConfig(to=2 * L, methods=("pi",), finetune_steps=1, eval_tokens=2 * L, compare=True,
+                         passkey_steps=2, passkey_samples=2)
+    first = run_retrofit(path, cfg, tmp_path / "r", corpus=corpus)
+    said = []
+    both = run_retrofit(path, dataclasses.replace(cfg, passkey_seeds=(0, 1)), tmp_path / "r", corpus=corpus,
+                        log=said.append)
+    assert both.cache == first.cache  # one cache: the copies' entries name their seed
+    assert sum(line.startswith("[pi/no fine-tune] reusing") or "reusing fine-tuned model" in line for line in said) == 1
+    assert sum("passkey (copy of seed 1)" in line for line in said) == 2  # the original row and pi's tuned row
+    for r0, r in zip(first.rows, both.rows):
+        if r["passkey"] is None:
+            continue
+        assert r["passkey_seeds"] == [0, 1] and r["passkey_fits"][0] == r0["passkey_fits"][0]
+        for n in (L, 2 * L):
+            a, b = r["passkey_copies"][n]
+            assert a == r0["passkey"][n] and r["passkey"][n] == pytest.approx((a + b) / 2)
+            bounds = [passkey.accuracy_interval(x, 10) for x in (a, b)]
+            assert r["passkey_interval"][n] == (min(lo for lo, _ in bounds), max(hi for _, hi in bounds))
+    retrofit_report.write(both, tmp_path / "r")
+    md = (tmp_path / "r" / "results.md").read_text()
+    assert "passkey: 2 copies, of seeds 0, 1, each trained at L for 2 steps;" in md and " (2 copies) |" in md
+    assert "Each copy, solved at L → at 96: original (before) " in md and "original (before) seed 1" in md
+    capsys.readouterr()
+    base = ["retrofit", str(path), "--to", str(2 * L), "--method", "pi", "--out", str(tmp_path / "e")]
+    one_line_error(capsys, main(base + ["--passkey-seeds", "1"]), "--passkey-seeds chooses the passkey copies",
+                   "add --compare")
+    one_line_error(capsys, main(base + ["--compare", "--passkey-seeds", "1", "1"]),
+                   "--passkey-seeds list a seed twice ([1, 1])")
 
 
 def test_within_window_hides_exactly_the_keys_beyond_the_window():

@@ -54,9 +54,8 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
     if r.passkey:
         trials = len(next(iter(r.passkey.values()))) * r.passkey_samples
         each = {int(n): [passkey.mean_accuracy(c["passkey"], n) for c in r.passkey_copies] for n in r.passkey}
-        bounds = {n: [passkey.accuracy_interval(a, trials) for a in got] for n, got in each.items()}
-        got["passkey"] = {n: (passkey.mean_accuracy(r.passkey, str(n)), min(lo for lo, _ in bounds[n]),
-                              max(hi for _, hi in bounds[n])) for n in each}
+        got["passkey"] = {n: (passkey.mean_accuracy(r.passkey, str(n)), *passkey.copies_interval(copies, trials))
+                          for n, copies in each.items()}
         got["passkey_copies"] = each
         got["passkey_digits"] = {int(n): passkey.mean_digits(r.passkey_digits, n) for n in r.passkey_digits or {}}
     return got

@@ -30,7 +30,18 @@ def write(result: RetrofitResult, out: str | Path, *, log: Log = quiet) -> list[
 
 def _passkey_cell(r: dict[str, Any], n: int) -> str:
     lo, hi = r["passkey_interval"][n]
-    return f"{r['passkey'][n]:.2f} [{lo:.2f}, {hi:.2f}]"
+    copies = len(r["passkey_copies"][n])
+    return f"{r['passkey'][n]:.2f} [{lo:.2f}, {hi:.2f}]" + (f" ({copies} copies)" if copies > 1 else "")
+
+
+def _row_copies(r: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A row's passkey copies named ``method (stage)``, with ``seed K`` where it has several, each
+    with its fine-tune's record."""
+    name = f"{r['method']} ({r['stage']})"
+    fits = r["passkey_fits"]
+    if len(fits) == 1:
+        return [(name, fits[0])]
+    return [(f"{name} seed {s}", fit) for s, fit in zip(r["passkey_seeds"], fits)]
 
 
 def _paired_section(result: RetrofitResult) -> list[str]:
@@ -62,28 +73,40 @@ def markdown(result: RetrofitResult) -> str:
     if any(r.get("passkey") for r in rows):
         far = [n for n in lens if n > L]
         cfg = result.config
-        taught = f"a copy trained at L for {cfg.passkey_steps} steps" + (
+        seeds = cfg.copy_seeds
+        taught = (f"a copy trained at L for {cfg.passkey_steps} steps (batches of seed {seeds[0]})" if len(seeds) == 1
+                  else f"{len(seeds)} copies, of seeds {', '.join(map(str, seeds))}, each trained at L for "
+                  f"{cfg.passkey_steps} steps") + (
             f", fewer once it solved {cfg.passkey_until:g} of a probe there" if cfg.passkey_until else "")
-        lines += ["", f"Decision table (passkey: {taught}; mean accuracy over {PASSKEY_DEPTHS} depths with its 95% "
-                  "Wilson interval; attention cost: a "
+        over = ("with its 95% Wilson interval over samples (one copy is one draw: copies of one model can read far "
+                "apart; `--passkey-seeds 0 1 2` trains three)" if len(seeds) == 1 else
+                "and copies, with the 95% Wilson interval from the lowest copy's bound to the highest's")
+        lines += ["", f"Decision table (passkey: {taught}; mean accuracy over {PASSKEY_DEPTHS} depths {over}; "
+                  "attention cost: a "
                   f"forward pass at {to} tokens relative to the original model, same run):", ""] + md_table(
             ["method", "stage", f"near-range ppl @ {L}", *(f"ppl @ {n}" for n in far), f"passkey @ {L}",
              f"passkey @ {to}", "extra params", "attention cost"],
             [[r["method"], r["stage"], f"{r['ppl'][L]:.3f}", *(f"{r['ppl'][n]:.3f}" for n in far),
               _passkey_cell(r, L), _passkey_cell(r, to), f"{r['extra_params']:+d}",
               f"{r['attention_cost']:.2f}×"] for r in rows if r.get("passkey")])
-        learned = passkey.learned_sentence([(f"{r['method']} ({r['stage']})", r.get("passkey_fit"))
-                                            for r in rows if r.get("passkey")])
+        learned = passkey.learned_sentence([item for r in rows if r.get("passkey") for item in _row_copies(r)])
         if learned:
             lines += ["", learned]
+        if len(seeds) > 1:
+            lines += ["", f"Each copy, solved at L → at {to}: " + "; ".join(
+                f"{r['method']} ({r['stage']}) " + ", ".join(
+                    f"{a:.2f} → {b:.2f}" for a, b in zip(r["passkey_copies"][L], r["passkey_copies"][to]))
+                for r in rows if r.get("passkey")) + "."]
         digits = [(f"{r['method']} ({r['stage']})", r["passkey_digits"][to]) for r in rows if r.get("passkey_digits")]
         if digits:
             lines += ["", digits_sentence(digits, f"at {to}")]
-        untaught = [f"{r['method']} ({r['stage']})" for r in rows if r.get("passkey") and r["passkey"][L] == 0]
+        untaught = [name for r in rows if r.get("passkey")
+                    for name, a in zip((n for n, _ in _row_copies(r)), r["passkey_copies"][L]) if a == 0]
         if untaught:
             lines += ["", f"No passkey sample was solved at L = {L} by: {', '.join(untaught)}. The passkey fine-tune "
-                      "did not teach those models the task within their training length, so their passkey @ "
-                      f"{to} says nothing about retrieval at {to}."]
+                      "did not teach those copies the task within their training length, so their passkey @ "
+                      f"{to} says nothing about retrieval at {to}" + (" (yet it counts in their row's mean)."
+                                                                       if len(seeds) > 1 else ".")]
     for m, remap in result.bucket_remap.items():
         lines += ["", f"`{m}`: the learned table is kept, so distances land in other buckets:", ""]
         lines += md_table(["distance", "bucket before", "bucket after"], remap)
