@@ -1,0 +1,87 @@
+"""Counterfactual: is it the bias at unseen distances that breaks retrieval past L?
+
+A model fine-tuned at L never met distances ≥ L; a learned bias (FIRE's MLP above all) is evaluated
+there at inputs no training step gave it. :class:`ClampFar` gives every distance ≥ ``limit`` the bias
+of distance ``limit − 1`` for the same query (what the model met in training), and this script runs the
+passkey grid (:func:`posbias.passkey.accuracy_grid`, the samples ``posbias diagnose`` draws) on a
+checkpoint as it is and with the clamp. Retrieval that comes back with the clamp failed because of the
+bias past L; retrieval that stays lost failed for another reason (README, *Three copies of every
+relative bias*: FIRE's one copy that learned the task, 0.05 → 0.06 at 8 L).
+
+    .venv/bin/python docs/experiments/far_clamp.py runs/diag-copies/fire-seed0/models/passkey-ft2400-seed2-<key>
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from torch import Tensor
+
+from posbias import checkpoint as ckpt
+from posbias import passkey
+from posbias.config import fixed_threads
+from posbias.schemes.base import Scheme
+
+
+class ClampFar(Scheme):
+    """``inner``'s bias with every key at distance ``≥ limit`` given the bias at distance ``limit − 1``
+    for the same query. Positions must be ``0 … n − 1`` (the keys' positions index the bias)."""
+
+    name = "clamp-far"
+    family = "additive"
+    summary = "a scheme's bias, distances >= limit clamped to limit - 1 (experiment only)"
+    paper = "—"
+    in_study = False
+
+    def __init__(self, inner: Scheme, limit: int) -> None:
+        super().__init__(n_heads=inner.n_heads, head_dim=inner.head_dim)
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        self.inner, self.limit = inner, limit
+
+    def default_scale(self) -> float:
+        return self.inner.default_scale()
+
+    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        if not torch.equal(k_pos, torch.arange(k_pos.numel(), device=k_pos.device)):
+            raise ValueError("ClampFar needs key positions 0 … n − 1")
+        full = self.inner.bias(q_pos, k_pos)  # [H, Nq, Nk]
+        nearest_allowed = torch.maximum(k_pos[None, :], q_pos[:, None] - (self.limit - 1)).clamp(min=0)
+        return torch.gather(full, 2, nearest_allowed.expand(full.shape[0], -1, -1))
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--train-len", type=int,
+                   help="L (default: what the checkpoint records; a passkey copy records the length it was taught at)")
+    p.add_argument("--limit", type=int, help="clamp distances from here (default: L)")
+    p.add_argument("--samples", type=int, default=24, help="passkey samples per (length, depth) cell (diagnose's)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    model = ckpt.load_model(args.checkpoint).eval()
+    meta = ckpt.read_meta(args.checkpoint)
+    train_len = args.train_len or meta.get("passkey", {}).get("length") or ckpt.train_len(args.checkpoint, meta)
+    limit = args.limit or train_len
+    lens = [train_len * k for k in (1, 2, 4, 8)]
+    said = []
+    with fixed_threads(args.threads), torch.no_grad():
+        for label, scheme in (("as trained", model.scheme),
+                              (f"distances >= {limit} clamped", ClampFar(model.scheme, limit))):
+            model.scheme = scheme
+            t0 = time.perf_counter()
+            grid = passkey.accuracy_grid(model, lens, passkey.default_depths(5), measure=passkey.scores,
+                                         samples=args.samples)
+            solved, digits = passkey.split_scores(grid)
+            said.append(f"{label} ({time.perf_counter() - t0:.0f} s): " + ", ".join(
+                f"@{n} {passkey.mean_accuracy(solved, n):.2f} (bytes {sum(passkey.mean_digits(digits, n)) / 5:.2f})"
+                for n in lens))
+            print(said[-1], flush=True)
+    return said
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
