@@ -5,7 +5,8 @@ One module per workflow (:mod:`.study`, :mod:`.retrofit`, :mod:`.diagnose`), eac
 ``markdown(result) -> str`` and ``write(result, out) -> list[Path]``; :func:`md_table` is the one
 Markdown table builder, :func:`paired_cell` the one cell of a paired comparison and
 :func:`corpus_line` the one sentence on the text a checkpoint job measured on, :func:`digits_sentence`
-the one on passkey answers byte by byte.
+the one on passkey answers byte by byte, :func:`copy_names` and :func:`copies_sentence` the ones on
+several passkey copies of a model.
 """
 
 from __future__ import annotations
@@ -80,3 +81,17 @@ def digits_sentence(named: list[tuple[str, list[float]]], where: str) -> str:
             f"guess among the ten digits scores {passkey.GUESS:g}, a digit of the key copied from a random place "
             f"{shuffled_key_score(len(named[0][1])):.2f}): "
             + "; ".join(f"{name} {sum(d) / len(d):.2f} · {d[0]:.2f}" for name, d in named) + ".")
+
+
+def copy_names(name: str, seeds: Sequence[int]) -> list[str]:
+    """The passkey copies of ``name`` as reports call them: ``name`` for the only one, else
+    ``name seed K`` for each copy's batch seed."""
+    return [name] if len(seeds) == 1 else [f"{name} seed {s}" for s in seeds]
+
+
+def copies_sentence(named: list[tuple[str, Sequence[float], Sequence[float]]], where: str) -> str:
+    """Several models' passkey copies, each as its accuracy at L → ``where``: ``(name, at L, there)``
+    per model, one value per copy."""
+    return (f"Each copy, solved at L → {where}: "
+            + "; ".join(f"{name} " + ", ".join(f"{a:.2f} → {b:.2f}" for a, b in zip(at_l, far))
+                        for name, at_l, far in named) + ".")

@@ -20,7 +20,7 @@ import torch
 from .. import passkey, store
 from ..config import Log, quiet
 from ..diagnose import DiagnoseResult, kept_row
-from . import corpus_name, digits_sentence, md_table, same_text
+from . import copies_sentence, copy_names, corpus_name, digits_sentence, md_table, same_text
 from .diagnose import far_attention, mean_losses, smoothed, unseen_pairs
 from .diagnose import verdict as interval_verdict
 
@@ -173,12 +173,7 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
 
 def _copies(r: dict[str, Any], values: list | None) -> list[tuple[str, Any]]:
     """``values`` (one per passkey copy) named by the model, and by the seed where it has several."""
-    seeds = r.get("passkey_seeds") or []
-    if not values:
-        return []
-    if len(values) == 1:
-        return [(r["model"], values[0])]
-    return [(f"{r['model']} seed {s}", v) for s, v in zip(seeds, values)]
+    return list(zip(copy_names(r["model"], r.get("passkey_seeds") or []), values or []))
 
 
 def _passkey_sentences(rows: list[dict[str, Any]]) -> list[str]:
@@ -197,10 +192,8 @@ def _passkey_sentences(rows: list[dict[str, Any]]) -> list[str]:
     if several:
         lost = [name for r in several for name, a in _copies(r, r["passkey_copies"][r["train_len"]]) if a == 0]
         said.append(_joined(
-            "Each copy, solved at L → at the window's length: " + "; ".join(
-                f"{r['model']} " + ", ".join(f"{a:.2f} → {b:.2f}" for a, b in zip(r["passkey_copies"][r["train_len"]],
-                                                                          r["passkey_copies"][_longest(r)]))
-                for r in several) + ".",
+            copies_sentence([(r["model"], r["passkey_copies"][r["train_len"]], r["passkey_copies"][_longest(r)])
+                             for r in several], "at the window's length"),
             f"Copies that solved no sample at L (past L they say nothing about retrieval, yet count in their "
             f"model's mean): {', '.join(lost)}." if lost else ""))
     if tested:

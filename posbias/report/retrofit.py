@@ -11,7 +11,7 @@ from typing import Any
 from .. import passkey, store
 from ..config import Log, quiet
 from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
-from . import corpus_line, digits_sentence, md_table, paired_cell
+from . import copies_sentence, copy_names, corpus_line, digits_sentence, md_table, paired_cell
 
 STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
 
@@ -37,11 +37,7 @@ def _passkey_cell(r: dict[str, Any], n: int) -> str:
 def _row_copies(r: dict[str, Any]) -> list[tuple[str, Any]]:
     """A row's passkey copies named ``method (stage)``, with ``seed K`` where it has several, each
     with its fine-tune's record."""
-    name = f"{r['method']} ({r['stage']})"
-    fits = r["passkey_fits"]
-    if len(fits) == 1:
-        return [(name, fits[0])]
-    return [(f"{name} seed {s}", fit) for s, fit in zip(r["passkey_seeds"], fits)]
+    return list(zip(copy_names(f"{r['method']} ({r['stage']})", r["passkey_seeds"]), r["passkey_fits"]))
 
 
 def _paired_section(result: RetrofitResult) -> list[str]:
@@ -93,10 +89,8 @@ def markdown(result: RetrofitResult) -> str:
         if learned:
             lines += ["", learned]
         if len(seeds) > 1:
-            lines += ["", f"Each copy, solved at L → at {to}: " + "; ".join(
-                f"{r['method']} ({r['stage']}) " + ", ".join(
-                    f"{a:.2f} → {b:.2f}" for a, b in zip(r["passkey_copies"][L], r["passkey_copies"][to]))
-                for r in rows if r.get("passkey")) + "."]
+            lines += ["", copies_sentence([(f"{r['method']} ({r['stage']})", r["passkey_copies"][L],
+                                            r["passkey_copies"][to]) for r in rows if r.get("passkey")], f"at {to}")]
         digits = [(f"{r['method']} ({r['stage']})", r["passkey_digits"][to]) for r in rows if r.get("passkey_digits")]
         if digits:
             lines += ["", digits_sentence(digits, f"at {to}")]
