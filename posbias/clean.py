@@ -154,9 +154,13 @@ def _judge_reports(found: Findings, skip: set[Path]) -> None:
     its records name; a diagnosis's ``diagnose.json`` and a retrofit's ``results.json`` by their cache;
     a comparison of diagnoses by its models' reports (:func:`_judge_comparisons`)."""
     gone = {s.path.resolve() for s in found.stale}
+    comparisons = []
     for f in sorted(found.root.rglob("*.json")):
-        if (f.name not in ("results.json", "diagnose.json") or any(p in gone for p in f.resolve().parents)
-                or any(p in skip for p in f.parents)):
+        if (f.name not in ("results.json", "diagnose.json", "comparison.json")
+                or any(p in gone for p in f.resolve().parents) or any(p in skip for p in f.parents)):
+            continue
+        if f.name == "comparison.json":  # judged by its models' reports, once those are judged
+            comparisons.append(f)
             continue
         data = _read(f)
         if not isinstance(data, dict):
@@ -177,16 +181,14 @@ def _judge_reports(found: Findings, skip: set[Path]) -> None:
         if why:
             shown = f.with_name("report.md" if f.name == "diagnose.json" else "results.md")
             found.reports.append((shown if shown.exists() else f, why))
-    _judge_comparisons(found, skip, gone)
+    _judge_comparisons(found, comparisons)
 
 
-def _judge_comparisons(found: Findings, skip: set[Path], gone: set[Path]) -> None:
-    """A diagnosis of several models (``comparison.json``) by its models' own reports beside it
-    (``<model>/diagnose.json``): named when one of them is named, or gone."""
+def _judge_comparisons(found: Findings, comparisons: list[Path]) -> None:
+    """Diagnoses of several models (``comparison.json`` files) by their models' own reports beside
+    them (``<model>/diagnose.json``): each named when one of those is named, or gone."""
     named = {p.parent.resolve() for p, _ in found.reports}
-    for f in sorted(found.root.rglob("comparison.json")):
-        if any(p in gone for p in f.resolve().parents) or any(p in skip for p in f.parents):
-            continue
+    for f in comparisons:
         data = _read(f)
         rows = data.get("rows") if isinstance(data, dict) else None
         if not isinstance(rows, list):
@@ -259,13 +261,13 @@ def find(root: str | Path, *, skip: Iterable[Path] = ()) -> Findings:
     :func:`locked` when the findings will be removed."""
     found, skip, marked = Findings(Path(root)), {Path(p) for p in skip}, set()
     for dirpath, dirnames, filenames in os.walk(found.root):
-        d = Path(dirpath)
+        d, names = Path(dirpath), sorted(dirnames + filenames)
         before = len(found.stale)
-        if d in skip or _judge_folder(d, found, sorted(dirnames + filenames)):
+        if d in skip or _judge_folder(d, found, names):
             dirnames[:] = []
             continue
         marked.update(s.path for s in found.stale[before:])
-        for q in (d / name for name in sorted(dirnames + filenames)):
+        for q in (d / name for name in names):
             if q not in marked and q not in skip and _leftover(q):
                 found.stale.append(Stale(q, "unfinished write", "left by an interrupted write", store.disk_size(q)))
                 marked.add(q)

@@ -195,27 +195,57 @@ def context_split(long_w: Tensor, short_w: Tensor, train_len: int) -> list[tuple
     return rows
 
 
-class WithinWindow(Scheme):
-    """``inner``'s bias with every key at distance ``≥ window`` hidden: a sliding window of the
-    training length laid over a trained model (the counterfactual :func:`window_effect` scores).
-    Not registered: it exists only inside a diagnosis."""
+class Counterfactual(Scheme):
+    """A trained scheme's bias changed on purpose, to see what a model does without some part of it
+    (:class:`WithinWindow`, :class:`ClampFar`): additive, at ``inner``'s scale. Not registered: these
+    exist only inside a diagnosis or an experiment."""
 
-    name = "within-window"
     family = "additive"
-    summary = "a scheme's bias, keys at distance >= window hidden (diagnosis only)"
     paper = "—"
     in_study = False
 
-    def __init__(self, inner: Scheme, window: int) -> None:
+    def __init__(self, inner: Scheme) -> None:
         super().__init__(n_heads=inner.n_heads, head_dim=inner.head_dim)
-        self.inner, self.window = inner, check_count("window", window)
+        self.inner = inner
 
     def default_scale(self) -> float:
         return self.inner.default_scale()
 
+
+class WithinWindow(Counterfactual):
+    """``inner``'s bias with every key at distance ``≥ window`` hidden: a sliding window of the
+    training length laid over a trained model (the counterfactual :func:`window_effect` scores)."""
+
+    name = "within-window"
+    summary = "a scheme's bias, keys at distance >= window hidden (diagnosis only)"
+
+    def __init__(self, inner: Scheme, window: int) -> None:
+        super().__init__(inner)
+        self.window = check_count("window", window)
+
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         far = (q_pos[:, None] - k_pos[None, :]) >= self.window
         return self.inner.bias(q_pos, k_pos).masked_fill(far, float("-inf"))
+
+
+class ClampFar(Counterfactual):
+    """``inner``'s bias with every key at distance ``≥ limit`` given the bias at distance ``limit − 1``
+    for the same query: what a model does past ``L`` when no distance meets a bias training did not
+    give it (``docs/experiments/far_clamp.py``). Key positions must be ``0 … n − 1`` (they index the bias)."""
+
+    name = "clamp-far"
+    summary = "a scheme's bias, distances >= limit given the bias at limit - 1 (experiments only)"
+
+    def __init__(self, inner: Scheme, limit: int) -> None:
+        super().__init__(inner)
+        self.limit = check_count("limit", limit)
+
+    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        if not torch.equal(k_pos, torch.arange(k_pos.numel(), device=k_pos.device)):
+            raise ValueError("ClampFar needs key positions 0 … n − 1")
+        full = self.inner.bias(q_pos, k_pos)  # [H, Nq, Nk]
+        nearest_allowed = torch.maximum(k_pos[None, :], q_pos[:, None] - (self.limit - 1)).clamp(min=0)
+        return torch.gather(full, 2, nearest_allowed.expand(full.shape[0], -1, -1))
 
 
 def window_effect(model: TransformerLM, tokens: Tensor, length: int, window: int, count: int, *,
@@ -412,6 +442,10 @@ class DiagnoseResult:
     retrofit: dict[str, Any] | None = None  # a retrofitted checkpoint's method, target length and fine-tune steps
     cache: str | None = None  # the name of its cache file (``cache-<key>.json``), by which ``posbias clean`` judges it
 
+    def copy_accuracy(self, length: str) -> list[float]:
+        """Each passkey copy's accuracy at ``length`` (mean over the depths), in the order of the seeds."""
+        return [passkey.mean_accuracy(c["passkey"], length) for c in self.passkey_copies]
+
     def to_json(self) -> dict[str, Any]:
         skip = {"scheme"}
         return {"scheme" if k == "scheme_name" else k: getattr(self, k) for k in self.__dataclass_fields__
@@ -513,7 +547,7 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
             result.passkey_copies.append(_passkey(
                 model, cfg, seed, result, length, progress, log, cache,
                 None if out is None else out / "models" / f"passkey-{_fit_name(cfg, seed)}-{key}"))
-        result.passkey, result.passkey_digits = (mean_grid([c[part] for c in result.passkey_copies])
+        result.passkey, result.passkey_digits = (passkey.mean_of([c[part] for c in result.passkey_copies])
                                                  for part in ("passkey", "passkey_digits"))
         result.passkey_max_steps, result.passkey_until = cfg.passkey_steps, cfg.passkey_until
         result.passkey_samples, result.passkey_seeds = cfg.passkey_samples, list(cfg.passkey_seeds)
@@ -541,18 +575,6 @@ def _fit_name(cfg: DiagnoseConfig, seed: int) -> str:
     0.9 of the probe at L is solved), ``ft2400-seed1`` (batches of another seed than 0)."""
     return (f"ft{cfg.passkey_steps}" + (f"-until{cfg.passkey_until:g}" if cfg.passkey_until else "")
             + (f"-seed{seed}" if seed else ""))
-
-
-def mean_grid(grids: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """The cell-by-cell mean of passkey grids of the same lengths and depths (length → depth → an
-    accuracy, or a list of per-byte scores): several copies' grids as one."""
-    def mean(cells: list) -> Any:
-        if isinstance(cells[0], list):
-            return [sum(col) / len(cells) for col in zip(*cells)]
-        return sum(cells) / len(cells)
-
-    first = grids[0]
-    return {n: {d: mean([g[n][d] for g in grids]) for d in row} for n, row in first.items()}
 
 
 def _passkey(model: TransformerLM, cfg: DiagnoseConfig, seed: int, result: DiagnoseResult, length: int,

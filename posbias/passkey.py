@@ -263,6 +263,17 @@ def check_seeds(name: str, seeds: Any) -> tuple[int, ...]:
     return tuple(seeds)
 
 
+def mean_of(copies: list[Any]) -> Any:
+    """The mean of several copies' results of one shape, element by element: numbers, lists (per
+    answer byte) and dicts (by length, by depth) nested in any way — a passkey grid of each copy as one."""
+    first = copies[0]
+    if isinstance(first, dict):
+        return {k: mean_of([c[k] for c in copies]) for k in first}
+    if isinstance(first, list):
+        return [mean_of(list(col)) for col in zip(*copies)]
+    return sum(copies) / len(copies)
+
+
 def copies_interval(accuracies: list[float], trials: int) -> tuple[float, float]:
     """The interval of a mean accuracy over several copies, each measured on ``trials`` samples: from the
     lowest copy's 95% Wilson bound (:func:`accuracy_interval`) to the highest's. One copy: its own

@@ -333,12 +333,11 @@ class _Run:
         copies = [self.passkey_copy(model, label, seed) for seed in seeds]
         trials = PASSKEY_DEPTHS * self.cfg.passkey_samples
         each = {int(n): [c["accuracy"][n] for c in copies] for n in copies[0]["accuracy"]}
-        digits = {int(n): [sum(col) / len(copies) for col in zip(*(c["digits"][n] for c in copies))]
-                  for n in copies[0]["digits"]}
-        return {"passkey": {n: sum(got) / len(got) for n, got in each.items()},
+        mean, digits = (passkey.mean_of([c[part] for c in copies]) for part in ("accuracy", "digits"))
+        return {"passkey": {int(n): a for n, a in mean.items()},
                 "passkey_interval": {n: passkey.copies_interval(got, trials) for n, got in each.items()},
-                "passkey_copies": each, "passkey_seeds": list(seeds), "passkey_digits": digits,
-                "passkey_fits": [c["fit"] for c in copies]}
+                "passkey_copies": each, "passkey_seeds": list(seeds),
+                "passkey_digits": {int(n): d for n, d in digits.items()}, "passkey_fits": [c["fit"] for c in copies]}
 
     def passkey_copy(self, model: TransformerLM, label: str, seed: int) -> dict[str, Any]:
         """One copy of ``model`` fine-tuned on the task at L from batches of ``seed``

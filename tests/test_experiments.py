@@ -20,20 +20,21 @@ def _load(name):
 
 
 def test_clamp_far_keeps_near_distances_and_gives_far_ones_the_last_near_bias():
-    far_clamp = _load("far_clamp")
+    from posbias.diagnose import ClampFar
+
     fire = build("fire", n_heads=2, head_dim=8, init_L=16)
     pos = torch.arange(40)
-    want, got = fire.bias(pos, pos), far_clamp.ClampFar(fire, 10).bias(pos, pos)
+    want, got = fire.bias(pos, pos), ClampFar(fire, 10).bias(pos, pos)
     d = pos[:, None] - pos[None, :]
     near = d < 10
     assert torch.equal(got[:, near], want[:, near])
     for i, j in ((10, 0), (39, 0), (39, 29), (25, 3)):  # distance ≥ 10: the bias of distance 9, same query
         assert torch.equal(got[:, i, j], want[:, i, i - 9])
-    assert far_clamp.ClampFar(fire, 10).default_scale() == fire.default_scale()
-    with pytest.raises(ValueError, match="limit must be at least 1, got 0"):
-        far_clamp.ClampFar(fire, 0)
+    assert ClampFar(fire, 10).default_scale() == fire.default_scale()
+    with pytest.raises(ValueError, match="limit must be an integer >= 1, got 0"):
+        ClampFar(fire, 0)
     with pytest.raises(ValueError, match="key positions 0"):
-        far_clamp.ClampFar(fire, 10).bias(pos, pos + 1)
+        ClampFar(fire, 10).bias(pos, pos + 1)
 
 
 def test_far_clamp_script_runs_the_grid_with_and_without_the_clamp(tmp_path, capsys):

@@ -755,6 +755,17 @@ def _final_entry_verdict(t5, gap, weight):
     return next(line for line in section if line.startswith("In "))
 
 
+def test_several_copies_average_element_by_element_and_their_interval_spans_them():
+    """passkey.mean_of: nested dicts and per-byte lists averaged element by element; copies_interval:
+    one copy's Wilson interval alone, several from the lowest copy's bound to the highest's."""
+    grids = [{"64": {"0.0": [1.0, 0.5], "1.0": [0.0, 0.0]}}, {"64": {"0.0": [0.0, 0.5], "1.0": [1.0, 0.5]}}]
+    assert passkey.mean_of(grids) == {"64": {"0.0": [0.5, 0.5], "1.0": [0.5, 0.25]}}
+    assert passkey.mean_of([{"64": 0.25}, {"64": 0.75}, {"64": 0.5}]) == {"64": 0.5}
+    assert passkey.copies_interval([0.5], 40) == passkey.accuracy_interval(0.5, 40)
+    lo, hi = passkey.copies_interval([0.9, 0.1, 0.5], 40)
+    assert (lo, hi) == (passkey.accuracy_interval(0.1, 40)[0], passkey.accuracy_interval(0.9, 40)[1])
+
+
 def test_passkey_accuracy_interval_is_wilson():
     from posbias.passkey import accuracy_interval
 

@@ -1,9 +1,9 @@
 """Counterfactual: is it the bias at unseen distances that breaks retrieval past L?
 
 A model fine-tuned at L never met distances ≥ L; a learned bias (FIRE's MLP above all) is evaluated
-there at inputs no training step gave it. :class:`ClampFar` gives every distance ≥ ``limit`` the bias
-of distance ``limit − 1`` for the same query (what the model met in training), and this script runs the
-passkey grid (:func:`posbias.passkey.accuracy_grid`, the samples ``posbias diagnose`` draws) on a
+there at inputs no training step gave it. :class:`posbias.diagnose.ClampFar` gives every distance
+≥ ``limit`` the bias of distance ``limit − 1`` for the same query (what the model met in training), and
+this script runs the passkey grid (:func:`posbias.passkey.accuracy_grid`, the samples ``posbias diagnose`` draws) on a
 checkpoint as it is and with the clamp. Retrieval that comes back with the clamp failed because of the
 bias past L; retrieval that stays lost failed for another reason (README, *Three copies of every
 relative bias*: FIRE's one copy that learned the task, 0.05 → 0.06 at 8 L).
@@ -18,39 +18,11 @@ import sys
 import time
 
 import torch
-from torch import Tensor
 
 from posbias import checkpoint as ckpt
 from posbias import passkey
 from posbias.config import fixed_threads
-from posbias.schemes.base import Scheme
-
-
-class ClampFar(Scheme):
-    """``inner``'s bias with every key at distance ``≥ limit`` given the bias at distance ``limit − 1``
-    for the same query. Positions must be ``0 … n − 1`` (the keys' positions index the bias)."""
-
-    name = "clamp-far"
-    family = "additive"
-    summary = "a scheme's bias, distances >= limit clamped to limit - 1 (experiment only)"
-    paper = "—"
-    in_study = False
-
-    def __init__(self, inner: Scheme, limit: int) -> None:
-        super().__init__(n_heads=inner.n_heads, head_dim=inner.head_dim)
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
-        self.inner, self.limit = inner, limit
-
-    def default_scale(self) -> float:
-        return self.inner.default_scale()
-
-    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        if not torch.equal(k_pos, torch.arange(k_pos.numel(), device=k_pos.device)):
-            raise ValueError("ClampFar needs key positions 0 … n − 1")
-        full = self.inner.bias(q_pos, k_pos)  # [H, Nq, Nk]
-        nearest_allowed = torch.maximum(k_pos[None, :], q_pos[:, None] - (self.limit - 1)).clamp(min=0)
-        return torch.gather(full, 2, nearest_allowed.expand(full.shape[0], -1, -1))
+from posbias.diagnose import ClampFar
 
 
 def main(argv: list[str] | None = None) -> list[str]:

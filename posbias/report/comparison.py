@@ -53,7 +53,7 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
     }
     if r.passkey:
         trials = len(next(iter(r.passkey.values()))) * r.passkey_samples
-        each = {int(n): [passkey.mean_accuracy(c["passkey"], n) for c in r.passkey_copies] for n in r.passkey}
+        each = {int(n): r.copy_accuracy(n) for n in r.passkey}
         got["passkey"] = {n: (passkey.mean_accuracy(r.passkey, str(n)), *passkey.copies_interval(copies, trials))
                           for n, copies in each.items()}
         got["passkey_copies"] = each
@@ -262,7 +262,7 @@ def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
                          label=(name if taught else f"{name} (untaught at L)") + (f", {copies} copies" if copies > 1
                                                                                   else ""))
             if copies > 1:  # the band: the lowest and highest copy
-                each = [[passkey.mean_accuracy(c["passkey"], str(n)) for c in r.passkey_copies] for n in lens]
+                each = [r.copy_accuracy(str(n)) for n in lens]
                 axes[2].fill_between(xs, [min(a) for a in each], [max(a) for a in each], color=line.get_color(),
                                      alpha=0.15, lw=0)
     left.axhline(0, color="grey", lw=0.8)

@@ -57,8 +57,7 @@ def summary(r: DiagnoseResult) -> list[str]:
         copies = r.passkey_copies
 
         def at(n: str) -> str:
-            each = "" if len(copies) == 1 else " (" + " / ".join(
-                f"{passkey.mean_accuracy(c['passkey'], n):.2f}" for c in copies) + ")"
+            each = "" if len(copies) == 1 else " (" + " / ".join(f"{a:.2f}" for a in r.copy_accuracy(n)) + ")"
             return f"{passkey.mean_accuracy(r.passkey, n):.2f}{each}"
 
         whose = "one copy" if len(copies) == 1 else f"mean of {len(copies)} copies, seeds " + ", ".join(
@@ -317,8 +316,7 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
                    "length (mean over depths), the mean over copies and their spread (highest − lowest):", ""]
                 + md_table(["length", *(f"seed {c['seed']}" for c in copies), "mean", "spread"],
                            [[n, *(f"{a:.2f}" for a in got), f"{sum(got) / len(got):.2f}", f"{max(got) - min(got):.2f}"]
-                            for n, got in ((n, [passkey.mean_accuracy(c["passkey"], n) for c in copies])
-                                           for n in r.passkey)])
+                            for n, got in ((n, r.copy_accuracy(n)) for n in r.passkey)])
                 + ["", f"Accuracy over {r.passkey_samples} samples per cell, mean over the {len(copies)} copies "
                    "(depth 0 = key at the start of the window):", ""])
     return (["## Passkey retrieval", ""] + head
