@@ -47,3 +47,55 @@ def test_far_clamp_script_runs_the_grid_with_and_without_the_clamp(tmp_path, cap
     # at L no pair is clamped: the two grids agree there
     assert said[0].split("): ")[1].split(",")[0] == said[1].split("): ")[1].split(",")[0]
     assert capsys.readouterr().out.splitlines() == said
+
+
+def test_keep_only_key_far_hides_far_keys_but_the_kept_ones():
+    far_filler = _load("far_filler")
+    alibi = build("alibi", n_heads=2, head_dim=8)
+    pos = torch.arange(40)
+    want = alibi.bias(pos, pos)
+    got = far_filler.KeepOnlyKeyFar(alibi, 10, range(5, 8)).bias(pos, pos)
+    d = pos[:, None] - pos[None, :]
+    kept = (pos >= 5) & (pos < 8)
+    visible = (d < 10) | kept[None, :]
+    assert torch.equal(got[:, visible], want[:, visible])
+    assert torch.isinf(got[:, ~visible]).all() and (got[:, ~visible] < 0).all()
+    assert got[0, 39, 6] == want[0, 39, 6] and torch.isinf(got[0, 39, 8])
+
+
+@pytest.mark.parametrize("length,depth", [(64, 0.0), (64, 0.5), (200, 1.0), (513, 0.25)])
+def test_statement_positions_are_where_the_sample_puts_the_key(length, depth):
+    from posbias import passkey
+
+    far_filler = _load("far_filler")
+    sample = bytes(passkey.make_sample(length, depth, "12345").tolist())
+    at = far_filler.statement_positions(length, depth)
+    assert sample[at.start:at.stop] == passkey.KEY_OPEN + b"12345" + passkey.KEY_CLOSE
+
+
+def test_scheme_in_layers_swaps_only_the_listed_layers_and_restores_them(tmp_path):
+    from posbias import checkpoint as ckpt
+    from posbias.diagnose import WithinWindow
+
+    far_filler = _load("far_filler")
+    model = ckpt.load_model(tiny_checkpoint(tmp_path / "a", "alibi")).eval()
+    x = torch.randint(0, 256, (1, 3 * TINY_L))
+    with torch.no_grad():
+        before = model(x)
+        with far_filler.scheme_in_layers(model, WithinWindow(model.scheme, 2), [1]):
+            changed = model(x)
+        after = model(x)
+    assert torch.equal(before, after) and not torch.allclose(before, changed)
+    assert all("forward" not in vars(block) for block in model.blocks)
+
+
+def test_far_filler_script_hides_nothing_at_L(tmp_path, capsys):
+    far_filler = _load("far_filler")
+    path = tiny_checkpoint(tmp_path / "k", "kerple-log")
+    said = far_filler.main([str(path), "--samples", "1", "--threads", "1"])
+    assert said[0].startswith("as trained") and said[1].startswith("far filler hidden in every layer")
+    for line in said[:-1]:  # at L no key is past L: every condition agrees there
+        assert line.split("): ")[1].split(",")[0] == said[0].split("): ")[1].split(",")[0]
+        assert all(f"@{TINY_L * k} " in line for k in (1, 2, 4, 8))
+    assert said[-1].startswith("attention on the far filler by layer") and f"@{TINY_L} 0.00/" in said[-1]
+    assert capsys.readouterr().out.splitlines() == said
