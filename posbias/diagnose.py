@@ -248,6 +248,42 @@ class ClampFar(Counterfactual):
         return torch.gather(full, 2, nearest_allowed.expand(full.shape[0], -1, -1))
 
 
+class HideFarFiller(Counterfactual):
+    """``inner``'s bias with every key at distance ``≥ window`` hidden **except** the positions in
+    ``keep`` (a passkey sample's key statement, :func:`posbias.passkey.statement_span`): the key stays
+    at its distance with its bias, and only the filler past the training distance is gone
+    (:func:`far_filler_scores`)."""
+
+    name = "hide-far-filler"
+    summary = "a scheme's bias, keys at distance >= window hidden except the kept positions (diagnosis only)"
+
+    def __init__(self, inner: Scheme, window: int, keep: range) -> None:
+        super().__init__(inner)
+        self.window = check_count("window", window)
+        self.keep = keep
+
+    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        kept = (k_pos >= self.keep.start) & (k_pos < self.keep.stop)
+        hidden = ((q_pos[:, None] - k_pos[None, :]) >= self.window) & ~kept[None, :]
+        return self.inner.bias(q_pos, k_pos).masked_fill(hidden, float("-inf"))
+
+
+def far_filler_scores(model: TransformerLM, length: int, depth: float, window: int, **kwargs) -> dict[str, Any]:
+    """:func:`posbias.passkey.scores` of the cell (``length``, ``depth``) on the same samples with the
+    filler at distance ``≥ window`` hidden in every layer (:class:`HideFarFiller`; additive schemes; the
+    model is restored after). Against the cell as it is: retrieval that comes back was lost to the
+    filler beyond ``window`` (what it takes of the attention, or writes into the residual stream), not to
+    the key's distance, which is unchanged. ``docs/experiments/far_filler.py`` hides it layer by layer."""
+    if model.scheme.family != "additive":
+        raise ValueError(f"hiding the far filler needs an additive scheme, not {model.scheme.family!r}")
+    inner = model.scheme
+    model.scheme = HideFarFiller(inner, window, passkey.statement_span(length, depth, kwargs.get("digits", 5)))
+    try:
+        return passkey.scores(model, length, depth, **kwargs)
+    finally:
+        model.scheme = inner
+
+
 def window_effect(model: TransformerLM, tokens: Tensor, length: int, window: int, count: int, *,
                   device: str | torch.device = "cpu") -> Tensor:
     """Per-position loss ``[count, length]`` of the first ``count`` windows of ``length`` tokens (as
@@ -423,7 +459,8 @@ class DiagnoseResult:
     passkey: dict[str, dict[str, float]] | None = None  # length → depth → accuracy, mean over the copies
     passkey_digits: dict[str, dict[str, list[float]]] | None = None  # length → depth → score per byte, mean over copies
     # one per passkey seed: {"seed", "passkey", "passkey_digits" (that copy's grids), "attention" (length →
-    # answer_attention() of the copy), "fit" (its fine-tune: passkey.teach's record)}
+    # answer_attention() of the copy), "fit" (its fine-tune: passkey.teach's record); additive schemes also
+    # "hidden", "hidden_digits": the grids past L with the far filler hidden (far_filler_scores)}
     passkey_copies: list[dict[str, Any]] = field(default_factory=list)
     passkey_max_steps: int = 0  # the steps each copy was given (its fit["steps"]: those it trained)
     passkey_until: float = 0.0  # the probe accuracy at L that would end a fine-tune (0: none, it trained every step)
@@ -445,6 +482,13 @@ class DiagnoseResult:
     def copy_accuracy(self, length: str) -> list[float]:
         """Each passkey copy's accuracy at ``length`` (mean over the depths), in the order of the seeds."""
         return [passkey.mean_accuracy(c["passkey"], length) for c in self.passkey_copies]
+
+    def hidden_accuracy(self, length: str) -> list[float] | None:
+        """Each copy's accuracy at ``length`` (past L) with the far filler hidden, in the order of the
+        seeds; None where it was not measured (a scheme without a bias, a diagnosis before it)."""
+        if not self.passkey_copies or any(length not in c.get("hidden", {}) for c in self.passkey_copies):
+            return None
+        return [passkey.mean_accuracy(c["hidden"], length) for c in self.passkey_copies]
 
     def to_json(self) -> dict[str, Any]:
         skip = {"scheme"}
@@ -595,8 +639,12 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, seed: int, result: Diagn
     fit = f"passkey-fit:{tag}"
     names = {(n, d): f"passkey:{n}:{d}:{tag}:{cfg.passkey_samples}" for n in lens for d in depths}
     looks = {n: f"passkey-attention:{n}:{tag}" for n in lens}
+    # past L, additive schemes: the same cells with the far filler hidden (far_filler_scores)
+    hidden = ({(n, d): f"passkey-hidden:{n}:{d}:{tag}:{cfg.passkey_samples}" for n in lens[1:] for d in depths}
+              if model.scheme.family == "additive" else {})
     known = {cell: cache.data[name] for cell, name in names.items() if name in cache.data}
-    if len(known) < len(names) or fit not in cache.data or any(name not in cache.data for name in looks.values()):
+    if (len(known) < len(names) or fit not in cache.data
+            or any(name not in cache.data for name in [*looks.values(), *hidden.values()])):
         copy = _passkey_copy(model, cfg, seed, result.passkey_lr_mult, train_len, progress, log, mdir, cache, fit)
         log(f"passkey grid: {len(names) - len(known)} of {len(names)} cells ({len(lens)} lengths × {len(depths)} "
             f"depths), {cfg.passkey_samples} samples each …")
@@ -607,13 +655,29 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, seed: int, result: Diagn
             if look not in cache.data:
                 log(f"passkey: where the answer queries attend at {n} …")
                 cache.put(look, answer_attention(copy, n, device=cfg.device))
+        todo = [cell for cell, name in hidden.items() if name not in cache.data]
+        if todo:
+            log(f"passkey: {len(todo)} cells past L again, the filler at distance ≥ {train_len} hidden …")
+        for n, d in todo:
+            cache.put(hidden[n, d], far_filler_scores(copy, n, d, train_len, samples=cfg.passkey_samples,
+                                                      device=cfg.device))
     else:
         log(f"passkey grid: reusing {cache.name}")
         grid = {n: {d: known[n, d] for d in depths} for n in lens}
-    solved, digits = ({str(n): {str(d): v for d, v in row.items()} for n, row in part.items()}
-                      for part in passkey.split_scores(grid))
-    return {"seed": seed, "passkey": solved, "passkey_digits": digits,
-            "attention": {str(n): cache.data[look] for n, look in looks.items()}, "fit": cache.data[fit]}
+    solved, digits = _named_scores(grid)
+    got = {"seed": seed, "passkey": solved, "passkey_digits": digits,
+           "attention": {str(n): cache.data[look] for n, look in looks.items()}, "fit": cache.data[fit]}
+    if hidden:
+        got["hidden"], got["hidden_digits"] = _named_scores(
+            {n: {d: cache.data[hidden[n, d]] for d in depths} for n in lens[1:]})
+    return got
+
+
+def _named_scores(grid: dict[int, dict[float, dict[str, Any]]]) -> tuple[dict, dict]:
+    """A grid of :func:`posbias.passkey.scores` as two JSON grids, length → depth (strings) → whole keys
+    solved, and → the score of each answer byte."""
+    return tuple({str(n): {str(d): v for d, v in row.items()} for n, row in part.items()}
+                 for part in passkey.split_scores(grid))
 
 
 def _passkey_copy(model: TransformerLM, cfg: DiagnoseConfig, seed: int, mult: float, train_len: int, progress: bool,

@@ -57,14 +57,20 @@ def make_sample(length: int, depth: float, key: str, *, filler_start: int = 0) -
     if not key.isdigit():
         raise ValueError(f"key must be digits, got {key!r}")
     statement = KEY_OPEN + key.encode() + KEY_CLOSE
-    tail = QUESTION + key.encode()
-    room = length - len(statement) - len(tail)
+    room = length - overhead(digits)
     reps = FILLER * (2 + (room + filler_start) // len(FILLER))
     filler = reps[filler_start % len(FILLER): filler_start % len(FILLER) + room]
-    at = round(depth * room)
-    data = filler[:at] + statement + filler[at:] + tail
+    at = statement_span(length, depth, digits).start
+    data = filler[:at] + statement + filler[at:] + QUESTION + key.encode()
     assert len(data) == length
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def statement_span(length: int, depth: float, digits: int = 5) -> range:
+    """The positions of the key statement (``KEY_OPEN``, the digits, ``KEY_CLOSE``) in every sample of
+    ``length`` bytes at ``depth``: only the key and the filler differ between such samples."""
+    at = round(depth * (length - overhead(digits)))
+    return range(at, at + len(KEY_OPEN) + digits + len(KEY_CLOSE))
 
 
 def make_batch(n: int, length: int, *, digits: int = 5, generator: torch.Generator | None = None,

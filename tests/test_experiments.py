@@ -49,30 +49,6 @@ def test_far_clamp_script_runs_the_grid_with_and_without_the_clamp(tmp_path, cap
     assert capsys.readouterr().out.splitlines() == said
 
 
-def test_keep_only_key_far_hides_far_keys_but_the_kept_ones():
-    far_filler = _load("far_filler")
-    alibi = build("alibi", n_heads=2, head_dim=8)
-    pos = torch.arange(40)
-    want = alibi.bias(pos, pos)
-    got = far_filler.KeepOnlyKeyFar(alibi, 10, range(5, 8)).bias(pos, pos)
-    d = pos[:, None] - pos[None, :]
-    kept = (pos >= 5) & (pos < 8)
-    visible = (d < 10) | kept[None, :]
-    assert torch.equal(got[:, visible], want[:, visible])
-    assert torch.isinf(got[:, ~visible]).all() and (got[:, ~visible] < 0).all()
-    assert got[0, 39, 6] == want[0, 39, 6] and torch.isinf(got[0, 39, 8])
-
-
-@pytest.mark.parametrize("length,depth", [(64, 0.0), (64, 0.5), (200, 1.0), (513, 0.25)])
-def test_statement_positions_are_where_the_sample_puts_the_key(length, depth):
-    from posbias import passkey
-
-    far_filler = _load("far_filler")
-    sample = bytes(passkey.make_sample(length, depth, "12345").tolist())
-    at = far_filler.statement_positions(length, depth)
-    assert sample[at.start:at.stop] == passkey.KEY_OPEN + b"12345" + passkey.KEY_CLOSE
-
-
 def test_scheme_in_layers_swaps_only_the_listed_layers_and_restores_them(tmp_path):
     from posbias import checkpoint as ckpt
     from posbias.diagnose import WithinWindow

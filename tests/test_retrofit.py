@@ -281,7 +281,7 @@ def test_diagnose_rerun_measures_only_what_it_lacks(tmp_path, corpus, monkeypatc
     assert sum("reusing" in line for line in said) == 3  # losses, attention, passkey grid
     longer = DiagnoseConfig(**{**cfg.__dict__, "length": 4 * L, "eval_tokens": 4 * L})
     got = run_diagnose(path, longer, corpus=corpus, out=tmp_path / "d", log=said.append).to_json()
-    assert calls == {"context_effect": 1, "window_effect": 1, "attention_distance": 1, "scores": 5}  # 4L's cells
+    assert calls == {"context_effect": 1, "window_effect": 1, "attention_distance": 1, "scores": 10}  # 4L's cells, as they are and far filler hidden
     assert got["passkey"][str(L)] == first["passkey"][str(L)]
     monkeypatch.undo()
     assert got == run_diagnose(path, longer, corpus=corpus).to_json()  # nothing kept: the same numbers
@@ -323,14 +323,21 @@ def test_diagnose_passkey_seeds_train_one_copy_each_and_report_their_mean(tmp_pa
     md = diagnose_report.markdown(both)
     each = [passkey.mean_accuracy(c["passkey"], str(L)) for c in both.passkey_copies]
     assert "2 copies fine-tuned for 3 steps" in md and "* seed 1: it trained all 3 steps" in md
-    assert "| length | seed 0 | seed 1 | mean | spread |" in md
-    assert f"| {L} | {each[0]:.2f} | {each[1]:.2f} | {sum(each) / 2:.2f} | {max(each) - min(each):.2f} |" in md
+    assert f"| {L} | {each[0]:.2f} | {each[1]:.2f} | {sum(each) / 2:.2f} | {max(each) - min(each):.2f} | — |" in md
     assert f"| {L} (seed 1) |" in md and "mean over the 2 copies" in md
     assert "(batches of seed 0)" in diagnose_report.markdown(first) and "`--passkey-seeds 0 1 2`" in diagnose_report.markdown(first)
     far = [passkey.mean_accuracy(c["passkey"], str(2 * L)) for c in both.passkey_copies]
+    # past L (2 L here) each copy was measured again with the far filler hidden; not at L
+    assert all(list(c["hidden"]) == [str(2 * L)] and list(c["hidden_digits"]) == [str(2 * L)]
+               for c in both.passkey_copies)
+    hid = both.hidden_accuracy(str(2 * L))
+    assert both.hidden_accuracy(str(L)) is None and len(hid) == 2
     assert summary(both)[-1] == (f"passkey solved (mean of 2 copies, seeds 0, 1; mean over depths): {sum(each) / 2:.2f} "
                                  f"({each[0]:.2f} / {each[1]:.2f}) at L, {sum(far) / 2:.2f} ({far[0]:.2f} / "
-                                 f"{far[1]:.2f}) at {2 * L}")
+                                 f"{far[1]:.2f}) at {2 * L}; no copy solved ≥ 0.9 at L; far filler hidden: "
+                                 f"{sum(hid) / 2:.2f} ({hid[0]:.2f} / {hid[1]:.2f}) at {2 * L}")
+    assert "with that filler hidden" in md and f"| {2 * L} | {far[0]:.2f} → {hid[0]:.2f} | " in md
+    assert "| length | seed 0 | seed 1 | mean | spread | copies ≥ 0.9 at L (0 of 2) |" in md
     row = comparison.row("t5", both)
     assert row["passkey_copies"][L] == each and row["passkey_seeds"] == [0, 1]
     trials = 5 * cfg.passkey_samples
@@ -372,10 +379,21 @@ def test_comparison_says_each_copy_and_judges_the_best_over_copies():
     assert said == ["Each copy, solved at L → at the window's length: t5 0.93 → 0.97, 0.48 → 0.56, 0.00 → 0.03; "
                     "alibi 1.00 → 0.90, 1.00 → 0.90, 1.00 → 0.90. Copies that solved no sample at L (past L they say "
                     "nothing about retrieval, yet count in their model's mean): t5 seed 2.",
+                    "Of the copies that solved at least 0.9 at L, solved at the window's length (their mean; what a "
+                    "scheme keeps past L once a copy has learned the task, whatever share of copies learns it): t5 0.97 "
+                    "(1 of 3); alibi 0.90 (3 of 3).",
                     "Passkey retrieval at the window's length, among the models that solve samples at L (mean over "
                     "copies): best 0.90; models whose interval reaches it: t5, alibi (the interval of a model with "
                     "several copies runs from its lowest copy's bound to its highest's)."]
     assert comparison._passkey(t5, 8 * L) == "0.52 [0.00, 0.99] (3 copies)"
+    # the copies that learned the task at L, at the window: their mean, the interval over them, how many
+    trials = 120
+    lo, hi = passkey.accuracy_interval(0.97, trials)
+    assert comparison._kept({**t5, "passkey_trials": trials}) == f"0.97 [{lo:.2f}, {hi:.2f}] (1 of 3)"
+    none = {**t5, "model": "fire", "passkey_trials": trials, "passkey_copies": {L: [0.5, 0.0, 0.0], 8 * L: [0.4, 0, 0]}}
+    assert comparison._kept(none) == "— (0 of 3)"
+    assert comparison._kept_sentence([none]) == "No copy of fire solved 0.9 at L."
+    assert not comparison._several([{**t5, "passkey_seeds": [0]}]) and comparison._several([t5])
 
 
 def test_retrofit_seed_draws_other_finetunes_beside_the_first(tmp_path, corpus, capsys):
@@ -426,12 +444,87 @@ def test_retrofit_passkey_seeds_give_each_row_the_mean_of_its_copies(tmp_path, c
     md = (tmp_path / "r" / "results.md").read_text()
     assert "passkey: 2 copies, of seeds 0, 1, each trained at L for 2 steps;" in md and " (2 copies) |" in md
     assert "Each copy, solved at L → at 96: original (before) " in md and "original (before) seed 1" in md
+    assert "| passkey @ 96, copies ≥ 0.9 at L | extra params |" in md and "*copies ≥ 0.9 at L*" in md
+    kept = [r for r in both.rows if r["passkey"]]
+    for r in kept:  # the tiny model learns nothing at L: every row's kept cell says so
+        assert max(r["passkey_copies"][L]) < passkey.LEARNED and " | — (0 of 2) | " in md
+    single = (tmp_path / "r1")
+    retrofit_report.write(first, single)
+    assert "copies ≥" not in (single / "results.md").read_text()
     capsys.readouterr()
     base = ["retrofit", str(path), "--to", str(2 * L), "--method", "pi", "--out", str(tmp_path / "e")]
     one_line_error(capsys, main(base + ["--passkey-seeds", "1"]), "--passkey-seeds chooses the passkey copies",
                    "add --compare")
     one_line_error(capsys, main(base + ["--compare", "--passkey-seeds", "1", "1"]),
                    "--passkey-seeds list a seed twice ([1, 1])")
+
+
+@pytest.mark.parametrize("length,depth", [(64, 0.0), (64, 0.5), (200, 1.0), (513, 0.25)])
+def test_statement_span_is_where_the_sample_puts_the_key(length, depth):
+    sample = bytes(passkey.make_sample(length, depth, "12345").tolist())
+    at = passkey.statement_span(length, depth)
+    assert sample[at.start:at.stop] == passkey.KEY_OPEN + b"12345" + passkey.KEY_CLOSE
+
+
+def test_hide_far_filler_hides_far_keys_but_the_key_statement():
+    from posbias.diagnose import HideFarFiller
+
+    alibi = build("alibi", n_heads=2, head_dim=8)
+    pos = torch.arange(40)
+    want = alibi.bias(pos, pos)
+    hide = HideFarFiller(alibi, 10, range(5, 8))
+    got = hide.bias(pos, pos)
+    d = pos[:, None] - pos[None, :]
+    visible = (d < 10) | ((pos >= 5) & (pos < 8))[None, :]
+    assert torch.equal(got[:, visible], want[:, visible])
+    assert torch.isinf(got[:, ~visible]).all() and (got[:, ~visible] < 0).all()
+    assert got[0, 39, 6] == want[0, 39, 6] and torch.isinf(got[0, 39, 8])
+    assert hide.default_scale() == alibi.default_scale()
+    with pytest.raises(ValueError, match="window must be an integer >= 1, got 0"):
+        HideFarFiller(alibi, 0, range(1))
+
+
+def test_far_filler_scores_hide_nothing_at_L_and_restore_the_model():
+    """Within L no key is past L: the scores equal passkey.scores; past it they differ for a bias that
+    reaches far keys, on the same samples; the model keeps its scheme; no bias, no counterfactual."""
+    from posbias.diagnose import HideFarFiller, far_filler_scores
+
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(scheme="alibi", **TINY)).eval()
+    scheme = model.scheme
+    assert far_filler_scores(model, L, 0.0, L, samples=3) == passkey.scores(model, L, 0.0, samples=3)
+    with torch.no_grad():
+        plain = model(passkey.make_batch(1, 4 * L, depths=[0.0])[:, :-1].long())
+        model.scheme = HideFarFiller(scheme, L, passkey.statement_span(4 * L, 0.0))
+        hidden = model(passkey.make_batch(1, 4 * L, depths=[0.0])[:, :-1].long())
+        model.scheme = scheme
+    assert not torch.allclose(plain, hidden)
+    far_filler_scores(model, 4 * L, 0.0, L, samples=2)
+    assert model.scheme is scheme
+    with pytest.raises(ValueError, match="needs an additive scheme, not 'rotary'"):
+        far_filler_scores(TransformerLM(ModelConfig(scheme="rope", **TINY)), 2 * L, 0.0, L, samples=1)
+
+
+def test_hidden_sentences_say_what_hiding_the_far_filler_gives_back():
+    """A copy that learned at L and lost past L: most of the loss given back → the filler; little →
+    not the filler; copies that did not learn, or did not lose, are not judged."""
+    from posbias.diagnose import DiagnoseResult
+    from posbias.report.diagnose import hidden_sentences
+
+    def copy(seed, at_l, far, hidden):
+        grid = lambda a: {str(d): a for d in (0.0, 0.5, 1.0)}  # noqa: E731
+        return {"seed": seed, "passkey": {str(L): grid(at_l), str(8 * L): grid(far)},
+                "hidden": {str(8 * L): grid(hidden)}}
+
+    r = DiagnoseResult("c", "fire", {}, L, 8 * L, None, 1, [], [], [], {})
+    r.passkey = {str(L): {}, str(8 * L): {}}
+    r.passkey_copies = [copy(0, 0.96, 0.05, 0.88), copy(1, 1.0, 0.4, 0.5), copy(2, 0.5, 0.0, 0.5), copy(3, 1.0, 0.95, 1.0)]
+    assert hidden_sentences(r) == [
+        f"Seed 0 solved 0.96 at L and 0.05 at {8 * L}; with the far filler hidden 0.88: it lost 0.91 past L, most of "
+        "it to the filler past L, not to the key's distance (hiding gives back 0.83).",
+        f"Seed 1 solved 1.00 at L and 0.40 at {8 * L}; with the far filler hidden 0.50: it lost 0.60 past L, most of "
+        "it not to the filler past L: to the key's distance itself, or what far positions do to it (hiding gives "
+        "back 0.10)."]
 
 
 def test_within_window_hides_exactly_the_keys_beyond_the_window():

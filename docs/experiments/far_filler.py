@@ -7,7 +7,8 @@ fix): the key stays where it was, at the same distance, with the same bias; only
 gone. Retrieval that comes back when the far filler is hidden was lost to that filler (its share of
 the attention, or what it writes into the residual stream); retrieval that stays lost was lost to
 the key's distance itself. Hiding it in one layer at a time says in which layer the filler does the
-harm. :func:`posbias.passkey.scores` on the samples ``posbias diagnose`` draws.
+harm. :func:`posbias.passkey.scores` on the samples ``posbias diagnose`` draws; ``posbias diagnose``
+itself runs the every-layer condition on each passkey copy (:func:`posbias.diagnose.far_filler_scores`).
 
     .venv/bin/python docs/experiments/far_filler.py runs/diag-copies/fire-seed0/models/passkey-ft2400-seed2-<key>
 """
@@ -21,41 +22,12 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from torch import Tensor
 
 from posbias import checkpoint as ckpt
 from posbias import passkey
-from posbias.config import check_count, fixed_threads
-from posbias.diagnose import Counterfactual
+from posbias.config import fixed_threads
+from posbias.diagnose import HideFarFiller
 from posbias.schemes import Scheme
-
-
-class KeepOnlyKeyFar(Counterfactual):
-    """``inner``'s bias with every key at distance ``≥ window`` hidden unless its position is in
-    ``keep`` (the key statement's positions): what the model does when the only thing beyond the
-    training distance is the key."""
-
-    name = "keep-only-key-far"
-    summary = "a scheme's bias, keys at distance >= window hidden except the kept positions (experiments only)"
-
-    def __init__(self, inner: Scheme, window: int, keep: range) -> None:
-        super().__init__(inner)
-        self.window = check_count("window", window)
-        self.keep = keep
-
-    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        kept = (k_pos >= self.keep.start) & (k_pos < self.keep.stop)
-        hidden = ((q_pos[:, None] - k_pos[None, :]) >= self.window) & ~kept[None, :]
-        return self.inner.bias(q_pos, k_pos).masked_fill(hidden, float("-inf"))
-
-
-def statement_positions(length: int, depth: float, digits: int = 5) -> range:
-    """Where :func:`posbias.passkey.make_sample` puts the key statement in a sample of ``length``
-    bytes at ``depth`` (the same for every sample of the cell: only the key and filler differ)."""
-    statement = len(passkey.KEY_OPEN) + digits + len(passkey.KEY_CLOSE)
-    room = length - statement - len(passkey.QUESTION) - digits
-    at = round(depth * room)
-    return range(at, at + statement)
 
 
 @contextmanager
@@ -80,7 +52,7 @@ def grid(model, lengths: list[int], train_len: int, layers: list[int] | None, sa
             if layers is None:
                 out[n][d] = passkey.scores(model, n, d, samples=samples)
                 continue
-            hide = KeepOnlyKeyFar(model.scheme, train_len, statement_positions(n, d))
+            hide = HideFarFiller(model.scheme, train_len, passkey.statement_span(n, d))
             with scheme_in_layers(model, hide, layers):
                 out[n][d] = passkey.scores(model, n, d, samples=samples)
     return out
@@ -95,7 +67,7 @@ def far_share(model, lengths: list[int], train_len: int, samples: int) -> dict[i
         for d in passkey.default_depths(5):
             g = torch.Generator().manual_seed(1234 + n)
             batch = passkey.make_batch(samples, n, generator=g, depths=[d])
-            keep = statement_positions(n, d)
+            keep = passkey.statement_span(n, d)
             pos = torch.arange(n - 1)
             far = ((pos[-5:, None] - pos[None, :]) >= train_len) & ~((pos >= keep.start) & (pos < keep.stop))
             seen = torch.zeros(len(model.blocks))

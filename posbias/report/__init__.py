@@ -5,8 +5,8 @@ One module per workflow (:mod:`.study`, :mod:`.retrofit`, :mod:`.diagnose`), eac
 ``markdown(result) -> str`` and ``write(result, out) -> list[Path]``; :func:`md_table` is the one
 Markdown table builder, :func:`paired_cell` the one cell of a paired comparison and
 :func:`corpus_line` the one sentence on the text a checkpoint job measured on, :func:`digits_sentence`
-the one on passkey answers byte by byte, :func:`copy_names` and :func:`copies_sentence` the ones on
-several passkey copies of a model.
+the one on passkey answers byte by byte, :func:`copy_names`, :func:`copies_sentence` and
+:func:`kept_cell` the ones on several passkey copies of a model.
 """
 
 from __future__ import annotations
@@ -95,3 +95,21 @@ def copies_sentence(named: list[tuple[str, Sequence[float], Sequence[float]]], w
     return (f"Each copy, solved at L → {where}: "
             + "; ".join(f"{name} " + ", ".join(f"{a:.2f} → {b:.2f}" for a, b in zip(at_l, far))
                         for name, at_l, far in named) + ".")
+
+
+def kept_past_l(at_l: Sequence[float], far: Sequence[float]) -> list[float]:
+    """The accuracies ``far`` of the copies that solved at least :data:`posbias.passkey.LEARNED` at L
+    (``at_l``, one value per copy): retrieval past L apart from whether a copy's fine-tune taught it
+    the task at all, which decides most of a mean over copies of a scheme that learns it slowly."""
+    return [b for a, b in zip(at_l, far) if a >= passkey.LEARNED]
+
+
+def kept_cell(at_l: Sequence[float], far: Sequence[float], trials: int) -> str:
+    """:func:`kept_past_l` as a table cell: their mean with the interval of
+    :func:`posbias.passkey.copies_interval` (``trials`` samples per copy) and how many of the copies
+    they are; ``— (0 of n)`` when none solved the task at L."""
+    kept = kept_past_l(at_l, far)
+    if not kept:
+        return f"— (0 of {len(at_l)})"
+    lo, hi = passkey.copies_interval(kept, trials)
+    return f"{sum(kept) / len(kept):.2f} [{lo:.2f}, {hi:.2f}] ({len(kept)} of {len(at_l)})"

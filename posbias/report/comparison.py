@@ -20,7 +20,7 @@ import torch
 from .. import passkey, store
 from ..config import Log, quiet
 from ..diagnose import DiagnoseResult, kept_row
-from . import copies_sentence, copy_names, corpus_name, digits_sentence, md_table, same_text
+from . import copies_sentence, copy_names, corpus_name, digits_sentence, kept_cell, kept_past_l, md_table, same_text
 from .diagnose import far_attention, mean_losses, smoothed, unseen_pairs
 from .diagnose import verdict as interval_verdict
 
@@ -50,13 +50,19 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
         "passkey_seeds": r.passkey_seeds or None,
         "passkey_digits": None,  # length → the score of each answer byte, mean over depths and copies
         "passkey_fits": [c["fit"] for c in r.passkey_copies] or None,  # each copy's fine-tune (passkey.teach's record)
+        "passkey_trials": None,  # samples behind each copy's accuracy at one length (depths × samples per cell)
+        # length past L → each copy's accuracy with the far filler hidden (additive schemes; diagnose.far_filler_scores)
+        "passkey_hidden": None,
     }
     if r.passkey:
         trials = len(next(iter(r.passkey.values()))) * r.passkey_samples
         each = {int(n): r.copy_accuracy(n) for n in r.passkey}
+        got["passkey_trials"] = trials
         got["passkey"] = {n: (passkey.mean_accuracy(r.passkey, str(n)), *passkey.copies_interval(copies, trials))
                           for n, copies in each.items()}
         got["passkey_copies"] = each
+        hidden = {int(n): r.hidden_accuracy(n) for n in r.passkey if int(n) > r.train_len}
+        got["passkey_hidden"] = {n: h for n, h in hidden.items() if h is not None} or None
         got["passkey_digits"] = {int(n): passkey.mean_digits(r.passkey_digits, n) for n in r.passkey_digits or {}}
     return got
 
@@ -83,6 +89,18 @@ def _passkey(r: dict[str, Any], n: int) -> str:
     return f"{a:.2f} [{lo:.2f}, {hi:.2f}]" + (f" ({copies} copies)" if copies > 1 else "")
 
 
+def _kept(r: dict[str, Any]) -> str:
+    """The passkey cell at the window of the copies that solved the task at L (:func:`kept_cell`)."""
+    if not r["passkey"]:
+        return "—"
+    return kept_cell(r["passkey_copies"][r["train_len"]], r["passkey_copies"][_longest(r)], r["passkey_trials"])
+
+
+def _several(rows: list[dict[str, Any]]) -> bool:
+    """Whether some model has several passkey copies."""
+    return any(r["passkey"] and len(r["passkey_seeds"] or []) > 1 for r in rows)
+
+
 def markdown(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
     """The comparison table and what it says, from :func:`row` of each diagnosis."""
     lines = [f"# Diagnosis of {len(rows)} checkpoints", "",
@@ -94,16 +112,21 @@ def markdown(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
              "window of L over the same model (additive schemes). Passkey: mean accuracy over the depths (and the "
              "copies, where a model has several) with its 95% Wilson interval over samples; with several copies the "
              "interval runs from the lowest to the highest bound of any copy, so it spans how far the copies differ "
-             f"too. {_corpus(rows, results)}", ""]
+             "too." + (f" *Copies ≥ {passkey.LEARNED:g} at L*: the same at the window over only the copies that solved "
+                       f"at least {passkey.LEARNED:g} at L, and how many of the model's copies they are: what a scheme "
+                       "keeps past L, apart from whether a copy's fine-tune taught it the task." if _several(rows) else "")
+             + f" {_corpus(rows, results)}", ""]
     lines += md_table(
         ["model", "L → window", "ppl, positions < L", "ppl, last half of the window", "context past L, Δ", "distant keys, Δ",
          "keys beyond L, Δ", "attention ≥ L, last quarter (mean / largest head)", "bias drift, nats",
-         "passkey @ L", "passkey @ window"],
+         "passkey @ L", "passkey @ window"] + ([f"passkey @ window, copies ≥ {passkey.LEARNED:g} at L"] if _several(rows)
+                                                else []),
         [[r["model"], _lengths(r), f"{r['ppl_below_L']:.3f}", f"{r['ppl_last_half']:.3f}",
           _delta(r["context"]), _delta(r["distant_keys"]), _delta(r["keys_beyond_L"]),
           "—" if r["attention_beyond_L"] is None else "{:.4f} / {:.4f}".format(*r["attention_beyond_L"]),
           "—" if r["bias_drift"] is None else f"{r['bias_drift']:.2f}",
-          _passkey(r, r["train_len"]), _passkey(r, _longest(r))] for r in rows])
+          _passkey(r, r["train_len"]), _passkey(r, _longest(r))] + ([_kept(r)] if _several(rows) else [])
+         for r in rows])
     return "\n".join(lines + ["", "## What the table says", ""] + [f"* {s}" for s in sentences(rows)]
                      + ["", "![comparison](comparison.png)", ""])
 
@@ -196,6 +219,10 @@ def _passkey_sentences(rows: list[dict[str, Any]]) -> list[str]:
                              for r in several], "at the window's length"),
             f"Copies that solved no sample at L (past L they say nothing about retrieval, yet count in their "
             f"model's mean): {', '.join(lost)}." if lost else ""))
+        said.append(_kept_sentence(several))
+    hidden = _hidden_sentence(tested)
+    if hidden:
+        said.append(hidden)
     if tested:
         best = max(r["passkey"][_longest(r)][0] for r in tested)
         tied = [r["model"] for r in tested if r["passkey"][_longest(r)][2] >= best]
@@ -208,6 +235,39 @@ def _passkey_sentences(rows: list[dict[str, Any]]) -> list[str]:
                             f"(mean over copies): best {best:.2f}; models whose interval reaches it: {', '.join(tied)} "
                             f"{how}.", bytes_far))
     return said
+
+
+def _kept_sentence(rows: list[dict[str, Any]]) -> str:
+    """Retrieval at the window by the copies that learned the task at L, model by model, and the
+    models none of whose copies did."""
+    kept = [(r["model"], kept_past_l(r["passkey_copies"][r["train_len"]], r["passkey_copies"][_longest(r)]),
+             len(r["passkey_seeds"])) for r in rows]
+    learned = [(name, k, n) for name, k, n in kept if k]
+    never = [name for name, k, _ in kept if not k]
+    return _joined(
+        f"Of the copies that solved at least {passkey.LEARNED:g} at L, solved at the window's length (their mean; "
+        "what a scheme keeps past L once a copy has learned the task, whatever share of copies learns it): "
+        + "; ".join(f"{name} {sum(k) / len(k):.2f} ({len(k)} of {n})" for name, k, n in learned) + "."
+        if learned else "",
+        f"No copy of {', '.join(never)} solved {passkey.LEARNED:g} at L." if never else "")
+
+
+def _hidden_sentence(rows: list[dict[str, Any]]) -> str:
+    """At the window, the copies that solved the task at L as they are → with the far filler hidden
+    (the key at its distance, every other key past L hidden), model by model."""
+    named = []
+    for r in rows:
+        far = _longest(r)
+        hidden = (r.get("passkey_hidden") or {}).get(far)
+        if hidden is None:
+            continue
+        at_l = r["passkey_copies"][r["train_len"]]
+        got, hid = kept_past_l(at_l, r["passkey_copies"][far]), kept_past_l(at_l, hidden)
+        if got:
+            named.append(f"{r['model']} {sum(got) / len(got):.2f} → {sum(hid) / len(hid):.2f}")
+    return ("With the filler past L hidden (the key kept at its distance), the copies that solved at least "
+            f"{passkey.LEARNED:g} at L solve at the window's length (as they are → hidden; retrieval that comes back "
+            "was lost to the far filler, not to the key's distance): " + "; ".join(named) + ".") if named else ""
 
 
 def _joined(*sentences: str) -> str:

@@ -11,7 +11,7 @@ import torch
 from .. import passkey, store
 from ..config import Log, quiet
 from ..diagnose import ANSWER_SAMPLES, DiagnoseResult, kept_row
-from . import corpus_line, md_table, shuffled_key_score
+from . import corpus_line, kept_past_l, md_table, shuffled_key_score
 
 
 def write(result: DiagnoseResult, out: str | Path, *, log: Log = quiet) -> list[Path]:
@@ -63,7 +63,16 @@ def summary(r: DiagnoseResult) -> list[str]:
         whose = "one copy" if len(copies) == 1 else f"mean of {len(copies)} copies, seeds " + ", ".join(
             str(c["seed"]) for c in copies)
         far = max(r.passkey, key=int)
-        lines.append(f"passkey solved ({whose}; mean over depths): {at(str(r.train_len))} at L, {at(far)} at {far}")
+        kept = kept_past_l(r.copy_accuracy(str(r.train_len)), r.copy_accuracy(far))
+        learned = ("" if len(copies) == 1 else
+                   f"; no copy solved ≥ {passkey.LEARNED:g} at L" if not kept else
+                   f"; the {len(kept)} of {len(copies)} copies that solved ≥ {passkey.LEARNED:g} at L: "
+                   f"{_kept_mean(kept)} at {far}")
+        hid = r.hidden_accuracy(far)
+        hidden = ("" if hid is None else f"; far filler hidden: {sum(hid) / len(hid):.2f}" + (
+            "" if len(copies) == 1 else " (" + " / ".join(f"{a:.2f}" for a in hid) + ")") + f" at {far}")
+        lines.append(f"passkey solved ({whose}; mean over depths): {at(str(r.train_len))} at L, {at(far)} at {far}"
+                     + learned + hidden)
     return lines
 
 
@@ -287,6 +296,7 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
     if not r.passkey:
         return []
     copies = r.passkey_copies
+    at_l = r.copy_accuracy(str(r.train_len))
     depths = list(next(iter(r.passkey.values())))
     rows = [[n, *(f"{row[d]:.2f}" for d in depths), f"{sum(row.values()) / len(row):.2f}"] for n, row in r.passkey.items()]
     untaught = [c["seed"] for c in copies if not any(c["passkey"].get(str(r.train_len), {}).values())]
@@ -313,16 +323,24 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
                  f"{r.passkey_lr_mult:g}× the learning rate, as in training; {probe}:", ""]
                 + [f"* seed {c['seed']}: {passkey.fit_sentence(c['fit'])}. {_probes(c)}" for c in copies]
                 + ["", "Copies of one model can read far apart, and a single copy is one draw: each copy's accuracy by "
-                   "length (mean over depths), the mean over copies and their spread (highest − lowest):", ""]
-                + md_table(["length", *(f"seed {c['seed']}" for c in copies), "mean", "spread"],
-                           [[n, *(f"{a:.2f}" for a in got), f"{sum(got) / len(got):.2f}", f"{max(got) - min(got):.2f}"]
+                   "length (mean over depths), the mean over copies, their spread (highest − lowest), and the mean over "
+                   f"only the copies that solved at least {passkey.LEARNED:g} at L (what the model keeps past L once a "
+                   "copy has learned the task, apart from how many copies learn it):", ""]
+                + md_table(["length", *(f"seed {c['seed']}" for c in copies), "mean", "spread",
+                            f"copies ≥ {passkey.LEARNED:g} at L ({len(kept_past_l(at_l, at_l))} of {len(copies)})"],
+                           [[n, *(f"{a:.2f}" for a in got), f"{sum(got) / len(got):.2f}", f"{max(got) - min(got):.2f}",
+                             _kept_mean(kept_past_l(at_l, got))]
                             for n, got in ((n, r.copy_accuracy(n)) for n in r.passkey)])
                 + ["", f"Accuracy over {r.passkey_samples} samples per cell, mean over the {len(copies)} copies "
                    "(depth 0 = key at the start of the window):", ""])
     return (["## Passkey retrieval", ""] + head
             + md_table(["length", *(f"depth {d}" for d in depths), "mean"], rows)
-            + [""] + ([taught, ""] if taught else []) + _digits_table(r) + _answer_attention_table(r)
+            + [""] + ([taught, ""] if taught else []) + _digits_table(r) + _hidden_table(r) + _answer_attention_table(r)
             + ["![passkey](passkey.png)", ""])
+
+
+def _kept_mean(kept: list[float]) -> str:
+    return f"{sum(kept) / len(kept):.2f}" if kept else "—"
 
 
 def _probes(copy: dict) -> str:
@@ -352,6 +370,54 @@ def _digits_table(r: DiagnoseResult) -> list[str]:
                        [[n, *(f"{a:.2f}" for a in got), f"{sum(got) / width:.2f}",
                          f"{passkey.mean_accuracy(r.passkey, n):.2f}"] for n, got in by_length.items()])
             + [""])
+
+
+def _hidden_table(r: DiagnoseResult) -> list[str]:
+    """Past L, each copy's accuracy as it is → with the far filler hidden
+    (:func:`posbias.diagnose.far_filler_scores`), and what that says of each copy that learned the
+    task at L and lost some of it past L (:func:`hidden_sentences`)."""
+    lens = [n for n in r.passkey if int(n) > r.train_len]
+    if not lens or r.hidden_accuracy(lens[0]) is None:
+        return []
+    several = len(r.passkey_copies) > 1
+    at_l = r.copy_accuracy(str(r.train_len))
+    rows = []
+    for n in lens:
+        got, hid = r.copy_accuracy(n), r.hidden_accuracy(n)
+        kept = ([f"{_kept_mean(kept_past_l(at_l, got))} → {_kept_mean(kept_past_l(at_l, hid))}"] if several else [])
+        rows.append([n, *(f"{a:.2f} → {h:.2f}" for a, h in zip(got, hid)), *kept])
+    header = ["length", *((f"seed {c['seed']}" for c in r.passkey_copies) if several else ["solved"]),
+              *([f"copies ≥ {passkey.LEARNED:g} at L"] if several else [])]
+    return (["Past L, the same samples again with every key at distance ≥ L hidden except the key statement, in "
+             "every layer: the key stays at its distance with its bias, only the filler beyond L is gone. Whole keys "
+             "solved as the model is → with that filler hidden (`docs/experiments/far_filler.py` hides it layer by "
+             "layer):", ""] + md_table(header, rows) + [""]
+            + [f"* {s}" for s in hidden_sentences(r)] + ([""] if hidden_sentences(r) else []))
+
+
+LOST = 0.1  # a copy's drop in accuracy from L to a longer length that the far-filler sentences explain
+
+
+def hidden_sentences(r: DiagnoseResult) -> list[str]:
+    """For each copy that solved ≥ :data:`posbias.passkey.LEARNED` at L and solves at least
+    :data:`LOST` less at the longest length: how much of that loss hiding the far filler gives back,
+    and so whether the filler past L (half or more given back) or the key's distance took it."""
+    lens = [n for n in r.passkey if int(n) > r.train_len]
+    if not lens or r.hidden_accuracy(lens[-1]) is None:
+        return []
+    far = max(lens, key=int)
+    said = []
+    for c, a, b, h in zip(r.passkey_copies, r.copy_accuracy(str(r.train_len)), r.copy_accuracy(far),
+                          r.hidden_accuracy(far)):
+        if a < passkey.LEARNED or a - b < LOST:
+            continue
+        who = "The copy" if len(r.passkey_copies) == 1 else f"Seed {c['seed']}"
+        back = max(0.0, h - b)
+        cause = ("most of it to the filler past L, not to the key's distance" if back >= (a - b) / 2 else
+                 "most of it not to the filler past L: to the key's distance itself, or what far positions do to it")
+        said.append(f"{who} solved {a:.2f} at L and {b:.2f} at {far}; with the far filler hidden {h:.2f}: it lost "
+                    f"{a - b:.2f} past L, {cause} (hiding gives back {back:.2f}).")
+    return said
 
 
 def _answer_attention_table(r: DiagnoseResult) -> list[str]:

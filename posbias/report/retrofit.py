@@ -11,7 +11,7 @@ from typing import Any
 from .. import passkey, store
 from ..config import Log, quiet
 from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
-from . import copies_sentence, copy_names, corpus_line, digits_sentence, md_table, paired_cell
+from . import copies_sentence, copy_names, corpus_line, digits_sentence, kept_cell, md_table, paired_cell
 
 STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
 
@@ -76,19 +76,25 @@ def markdown(result: RetrofitResult) -> str:
             f", fewer once it solved {cfg.passkey_until:g} of a probe there" if cfg.passkey_until else "")
         over = ("with its 95% Wilson interval over samples (one copy is one draw: copies of one model can read far "
                 "apart; `--passkey-seeds 0 1 2` trains three)" if len(seeds) == 1 else
-                "and copies, with the 95% Wilson interval from the lowest copy's bound to the highest's")
+                "and copies, with the 95% Wilson interval from the lowest copy's bound to the highest's; *copies ≥ "
+                f"{passkey.LEARNED:g} at L*: the same at {to} over only the copies that solved at least "
+                f"{passkey.LEARNED:g} at L, what a method keeps once a copy has learned the task")
+        several = len(seeds) > 1
+        trials = PASSKEY_DEPTHS * cfg.passkey_samples
         lines += ["", f"Decision table (passkey: {taught}; mean accuracy over {PASSKEY_DEPTHS} depths {over}; "
                   "attention cost: a "
                   f"forward pass at {to} tokens relative to the original model, same run):", ""] + md_table(
             ["method", "stage", f"near-range ppl @ {L}", *(f"ppl @ {n}" for n in far), f"passkey @ {L}",
-             f"passkey @ {to}", "extra params", "attention cost"],
+             f"passkey @ {to}", *([f"passkey @ {to}, copies ≥ {passkey.LEARNED:g} at L"] if several else []),
+             "extra params", "attention cost"],
             [[r["method"], r["stage"], f"{r['ppl'][L]:.3f}", *(f"{r['ppl'][n]:.3f}" for n in far),
-              _passkey_cell(r, L), _passkey_cell(r, to), f"{r['extra_params']:+d}",
-              f"{r['attention_cost']:.2f}×"] for r in rows if r.get("passkey")])
+              _passkey_cell(r, L), _passkey_cell(r, to),
+              *([kept_cell(r["passkey_copies"][L], r["passkey_copies"][to], trials)] if several else []),
+              f"{r['extra_params']:+d}", f"{r['attention_cost']:.2f}×"] for r in rows if r.get("passkey")])
         learned = passkey.learned_sentence([item for r in rows if r.get("passkey") for item in _row_copies(r)])
         if learned:
             lines += ["", learned]
-        if len(seeds) > 1:
+        if several:
             lines += ["", copies_sentence([(f"{r['method']} ({r['stage']})", r["passkey_copies"][L],
                                             r["passkey_copies"][to]) for r in rows if r.get("passkey")], f"at {to}")]
         digits = [(f"{r['method']} ({r['stage']})", r["passkey_digits"][to]) for r in rows if r.get("passkey_digits")]
