@@ -527,6 +527,30 @@ def test_hidden_sentences_say_what_hiding_the_far_filler_gives_back():
         "back 0.10)."]
 
 
+def test_comparison_plot_lines_of_the_copies_that_learned():
+    """The comparison plot's last panel: the copies that solved ≥ 0.9 at L, their mean as they are and
+    with the far filler hidden (at L nothing is hidden); no panel line without such copies or cells."""
+    from posbias.diagnose import DiagnoseResult
+    from posbias.report.comparison import _learned_lines
+
+    grid = lambda a: {"0.0": a, "1.0": a}  # noqa: E731
+    r = DiagnoseResult("c", "fire", {}, L, 4 * L, None, 1, [], [], [], {})
+    r.passkey = {str(n): {} for n in (L, 2 * L, 4 * L)}
+    r.passkey_copies = [
+        {"seed": 0, "passkey": {str(L): grid(0.96), str(2 * L): grid(0.5), str(4 * L): grid(0.05)},
+         "hidden": {str(2 * L): grid(0.9), str(4 * L): grid(0.88)}},
+        {"seed": 1, "passkey": {str(L): grid(0.5), str(2 * L): grid(0.0), str(4 * L): grid(0.0)},
+         "hidden": {str(2 * L): grid(0.5), str(4 * L): grid(0.5)}}]
+    (xs, got, hid), k = _learned_lines(r)
+    assert (xs, k) == ([1.0, 2.0, 4.0], 1)
+    assert got == pytest.approx([0.96, 0.5, 0.05]) and hid == pytest.approx([0.96, 0.9, 0.88])
+    r.passkey_copies[0]["passkey"][str(L)] = grid(0.8)
+    assert _learned_lines(r) is None  # no copy learned the task at L
+    r.passkey_copies[0]["passkey"][str(L)] = grid(0.96)
+    del r.passkey_copies[1]["hidden"]
+    assert _learned_lines(r) is None  # not measured for every copy (a diagnosis before it)
+
+
 def test_within_window_hides_exactly_the_keys_beyond_the_window():
     """The counterfactual scheme: the inner bias within the window, −∞ beyond it, the inner scale
     (T5: 1); attention with it equals the reference with those keys masked by hand."""

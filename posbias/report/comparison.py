@@ -289,19 +289,42 @@ def write(named: list[tuple[str, DiagnoseResult]], out: str | Path, *, log: Log 
     return paths
 
 
+def _learned_lines(r: DiagnoseResult) -> tuple[tuple[list[float], list[float], list[float]], int] | None:
+    """For the comparison plot's last panel: lengths / L, and the mean accuracy of the copies that
+    solved ≥ :data:`posbias.passkey.LEARNED` at L as they are and with the far filler hidden (at L
+    nothing is hidden), with how many copies those are; None without such copies or hidden cells."""
+    lens = [n for n in r.passkey if int(n) > r.train_len]
+    at_l = r.copy_accuracy(str(r.train_len))
+    kept = kept_past_l(at_l, at_l)
+    if not lens or not kept or any(r.hidden_accuracy(n) is None for n in lens):
+        return None
+    got = [sum(kept) / len(kept)] + [_mean(kept_past_l(at_l, r.copy_accuracy(n))) for n in lens]
+    hid = [got[0]] + [_mean(kept_past_l(at_l, r.hidden_accuracy(n))) for n in lens]
+    return ([1.0] + [int(n) / r.train_len for n in lens], got, hid), len(kept)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
     """One line per model, positions in units of L: Δ (full − cut) by position, the attention on keys
     at distance ≥ L (mean over layers and heads) by query position, and, where the models were given
     the passkey test, its mean accuracy by length (dotted: copies that solved no sample at L, whose
     line says nothing about retrieval past L; shaded: from the lowest copy to the highest, where a model
-    has several)."""
+    has several), and where the far filler was hidden, the copies that learned the task at L as they
+    are and with it hidden."""
     from matplotlib.ticker import FuncFormatter
 
     from ..plot import pyplot, save_figure
 
     plt = pyplot()
     keyed = [r for _, r in named if r.passkey]
-    fig, axes = plt.subplots(1, 3 if keyed else 2, figsize=(17 if keyed else 12, 4.2))
+    learned = {id(r): _learned_lines(r) for r in keyed}
+    panels = 2 + bool(keyed) + any(learned.values())
+    rows = 2 if panels == 4 else 1  # four panels as two rows of two
+    fig, axes = plt.subplots(rows, panels // rows, figsize=(5.7 * panels / rows, 4.2 * rows), squeeze=False)
+    axes = axes.flatten()
     left, right = axes[0], axes[1]
     for name, r in named:
         k = max(1, r.length // 64)
@@ -325,6 +348,11 @@ def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
                 each = [r.copy_accuracy(str(n)) for n in lens]
                 axes[2].fill_between(xs, [min(a) for a in each], [max(a) for a in each], color=line.get_color(),
                                      alpha=0.15, lw=0)
+            if learned.get(id(r)):
+                (xs, got, hid), k = learned[id(r)]
+                axes[3].plot(xs, got, marker="o", ms=3, lw=1.2, color=line.get_color(),
+                             label=f"{name} ({k} of {copies})")
+                axes[3].plot(xs, hid, marker="x", ms=4, lw=1.2, ls="--", color=line.get_color())
     left.axhline(0, color="grey", lw=0.8)
     left.set_ylabel("Δ loss, full − cut at L (nats/byte)")
     left.set_title("what the context past L does (< 0: helps)")
@@ -342,6 +370,14 @@ def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
         axes[2].set_ylim(-0.03, 1.03)
         axes[2].set_title("retrieval past L, copies fine-tuned at L")
         axes[2].legend(fontsize=7)
+    if panels == 4:
+        axes[3].set_xscale("log", base=2)
+        axes[3].xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        axes[3].set_xlabel("passkey sample length / L")
+        axes[3].set_ylabel(f"mean accuracy, copies ≥ {passkey.LEARNED:g} at L")
+        axes[3].set_ylim(-0.03, 1.03)
+        axes[3].set_title("copies that learned: as they are (—), far filler hidden (- -)")
+        axes[3].legend(fontsize=7)
     left.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
