@@ -388,11 +388,12 @@ def _hidden_table(r: DiagnoseResult) -> list[str]:
         rows.append([n, *(f"{a:.2f} → {h:.2f}" for a, h in zip(got, hid)), *kept])
     header = ["length", *((f"seed {c['seed']}" for c in r.passkey_copies) if several else ["solved"]),
               *([f"copies ≥ {passkey.LEARNED:g} at L"] if several else [])]
+    said = hidden_sentences(r)
     return (["Past L, the same samples again with every key at distance ≥ L hidden except the key statement, in "
              "every layer: the key stays at its distance with its bias, only the filler beyond L is gone. Whole keys "
              "solved as the model is → with that filler hidden (`docs/experiments/far_filler.py` hides it layer by "
              "layer):", ""] + md_table(header, rows) + [""]
-            + [f"* {s}" for s in hidden_sentences(r)] + ([""] if hidden_sentences(r) else []))
+            + [f"* {s}" for s in said] + ([""] if said else []))
 
 
 LOST = 0.1  # a copy's drop in accuracy from L to a longer length that the far-filler sentences explain
@@ -402,10 +403,9 @@ def hidden_sentences(r: DiagnoseResult) -> list[str]:
     """For each copy that solved ≥ :data:`posbias.passkey.LEARNED` at L and solves at least
     :data:`LOST` less at the longest length: how much of that loss hiding the far filler gives back,
     and so whether the filler past L (half or more given back) or the key's distance took it."""
-    lens = [n for n in r.passkey if int(n) > r.train_len]
-    if not lens or r.hidden_accuracy(lens[-1]) is None:
+    far = max(r.passkey, key=int)
+    if int(far) <= r.train_len or r.hidden_accuracy(far) is None:
         return []
-    far = max(lens, key=int)
     said = []
     for c, a, b, h in zip(r.passkey_copies, r.copy_accuracy(str(r.train_len)), r.copy_accuracy(far),
                           r.hidden_accuracy(far)):
