@@ -625,7 +625,8 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, seed: int, result: Diagn
              progress: bool, log: Log, cache: _Cache, mdir: Path | None) -> dict[str, Any]:
     """One copy's passkey grids over L, 2L, … ≤ ``length`` and five depths, accuracy and the score per
     answer byte (:func:`posbias.passkey.scores`), and the answer queries' attention
-    (:func:`answer_attention`) at each length, with the record of its fine-tune (steps trained,
+    (:func:`answer_attention`) at each length, for a bias also the grids past L with the far filler
+    hidden (:func:`far_filler_scores`), with the record of its fine-tune (steps trained,
     probes) from batches of ``seed`` (an entry of :attr:`DiagnoseResult.passkey_copies`); each cell
     from ``cache`` where a run made it. The copy fine-tuned on the task is made (and kept in ``mdir``)
     only for what is missing."""

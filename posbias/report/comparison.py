@@ -289,6 +289,39 @@ def write(named: list[tuple[str, DiagnoseResult]], out: str | Path, *, log: Log 
     return paths
 
 
+def _passkey_lines(axes, name: str, r: DiagnoseResult, color, learned) -> None:
+    """A model's passkey lines: its mean accuracy by length with the band of its copies on
+    ``axes[0]``, and (``learned``, :func:`_learned_lines`) its copies that learned the task at L as
+    they are and with the far filler hidden on ``axes[1]``."""
+    lens = [int(n) for n in r.passkey]
+    taught = passkey.mean_accuracy(r.passkey, str(r.train_len)) > 0
+    xs = [n / r.train_len for n in lens]
+    copies = len(r.passkey_copies)
+    axes[0].plot(xs, [passkey.mean_accuracy(r.passkey, str(n)) for n in lens], marker="o", ms=3, lw=1.2,
+                 ls="-" if taught else ":", color=color,
+                 label=(name if taught else f"{name} (untaught at L)") + (f", {copies} copies" if copies > 1 else ""))
+    if copies > 1:  # the band: the lowest and highest copy
+        each = [r.copy_accuracy(str(n)) for n in lens]
+        axes[0].fill_between(xs, [min(a) for a in each], [max(a) for a in each], color=color, alpha=0.15, lw=0)
+    if learned:
+        (xs, got, hid), k = learned
+        axes[1].plot(xs, got, marker="o", ms=3, lw=1.2, color=color, label=f"{name} ({k} of {copies})")
+        axes[1].plot(xs, hid, marker="x", ms=4, lw=1.2, ls="--", color=color)
+
+
+def _passkey_axis(ax, ylabel: str, title: str) -> None:
+    """A passkey panel's axes: sample length / L on a log₂ scale, accuracy 0–1, a legend."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.set_xlabel("passkey sample length / L")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
 def _learned_lines(r: DiagnoseResult) -> tuple[tuple[list[float], list[float], list[float]], int] | None:
     """For the comparison plot's last panel: lengths / L, and the mean accuracy of the copies that
     solved ≥ :data:`posbias.passkey.LEARNED` at L as they are and with the far filler hidden (at L
@@ -314,8 +347,6 @@ def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
     line says nothing about retrieval past L; shaded: from the lowest copy to the highest, where a model
     has several), and where the far filler was hidden, the copies that learned the task at L as they
     are and with it hidden."""
-    from matplotlib.ticker import FuncFormatter
-
     from ..plot import pyplot, save_figure
 
     plt = pyplot()
@@ -336,23 +367,7 @@ def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
             far = torch.tensor(r.attention_distance["beyond"]).mean((0, 1))
             right.plot(xs.numpy(), smoothed(far, k).numpy(), lw=1.2, color=line.get_color(), label=name)
         if r.passkey:
-            lens = [int(n) for n in r.passkey]
-            taught = passkey.mean_accuracy(r.passkey, str(r.train_len)) > 0
-            xs = [n / r.train_len for n in lens]
-            copies = len(r.passkey_copies)
-            axes[2].plot(xs, [passkey.mean_accuracy(r.passkey, str(n)) for n in lens],
-                         marker="o", ms=3, lw=1.2, ls="-" if taught else ":", color=line.get_color(),
-                         label=(name if taught else f"{name} (untaught at L)") + (f", {copies} copies" if copies > 1
-                                                                                  else ""))
-            if copies > 1:  # the band: the lowest and highest copy
-                each = [r.copy_accuracy(str(n)) for n in lens]
-                axes[2].fill_between(xs, [min(a) for a in each], [max(a) for a in each], color=line.get_color(),
-                                     alpha=0.15, lw=0)
-            if learned.get(id(r)):
-                (xs, got, hid), k = learned[id(r)]
-                axes[3].plot(xs, got, marker="o", ms=3, lw=1.2, color=line.get_color(),
-                             label=f"{name} ({k} of {copies})")
-                axes[3].plot(xs, hid, marker="x", ms=4, lw=1.2, ls="--", color=line.get_color())
+            _passkey_lines(axes[2:], name, r, line.get_color(), learned[id(r)])
     left.axhline(0, color="grey", lw=0.8)
     left.set_ylabel("Δ loss, full − cut at L (nats/byte)")
     left.set_title("what the context past L does (< 0: helps)")
@@ -363,21 +378,10 @@ def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
         ax.set_xlabel("position / L")
         ax.grid(alpha=0.3)
     if keyed:
-        axes[2].set_xscale("log", base=2)
-        axes[2].xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-        axes[2].set_xlabel("passkey sample length / L")
-        axes[2].set_ylabel("passkey accuracy (mean over depths)")
-        axes[2].set_ylim(-0.03, 1.03)
-        axes[2].set_title("retrieval past L, copies fine-tuned at L")
-        axes[2].legend(fontsize=7)
+        _passkey_axis(axes[2], "passkey accuracy (mean over depths)", "retrieval past L, copies fine-tuned at L")
     if panels == 4:
-        axes[3].set_xscale("log", base=2)
-        axes[3].xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-        axes[3].set_xlabel("passkey sample length / L")
-        axes[3].set_ylabel(f"mean accuracy, copies ≥ {passkey.LEARNED:g} at L")
-        axes[3].set_ylim(-0.03, 1.03)
-        axes[3].set_title("copies that learned: as they are (—), far filler hidden (- -)")
-        axes[3].legend(fontsize=7)
+        _passkey_axis(axes[3], f"mean accuracy, copies ≥ {passkey.LEARNED:g} at L",
+                      "copies that learned: as they are (—), far filler hidden (- -)")
     left.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
