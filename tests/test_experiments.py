@@ -75,3 +75,30 @@ def test_far_filler_script_hides_nothing_at_L(tmp_path, capsys):
         assert all(f"@{TINY_L * k} " in line for k in (1, 2, 4, 8))
     assert said[-1].startswith("attention on the far filler by layer") and f"@{TINY_L} 0.00/" in said[-1]
     assert capsys.readouterr().out.splitlines() == said
+
+
+def test_rotary_far_filler_masks_only_far_filler_and_rotates_as_the_inner_scheme():
+    rotary_far_filler = _load("rotary_far_filler")
+    rope = build("rope", n_heads=2, head_dim=8)
+    hide = rotary_far_filler.HideFarFillerRotary(rope, 10, range(5, 8))
+    pos = torch.arange(40)
+    x = torch.randn(1, 2, 40, 8)
+    assert hide.family == "rotary" and torch.equal(hide.rotate(x, pos, context_len=40), rope.rotate(x, pos, context_len=40))
+    got = hide.bias(pos, pos)
+    visible = ((pos[:, None] - pos[None, :]) < 10) | ((pos >= 5) & (pos < 8))[None, :]
+    assert (got[:, visible] == 0).all() and torch.isinf(got[:, ~visible]).all()
+
+
+def test_rotary_far_filler_script_teaches_copies_and_hides_nothing_at_L(tmp_path):
+    rotary_far_filler = _load("rotary_far_filler")
+    path = tiny_checkpoint(tmp_path / "r", "rope", scaling="dynamic-ntk", factor=4.0, train_len=TINY_L)
+    argv = [str(path), "--to", str(4 * TINY_L), "--steps", "2", "--seeds", "0", "--samples", "2", "--threads", "1",
+            "--save", str(tmp_path / "copies")]
+    said = rotary_far_filler.main(argv)
+    assert [line.split(":")[0] for line in said] == ["seed 0, as trained", "seed 0, far filler hidden"]
+    at_l = [line.split(": ")[1].split(",")[0] for line in said]
+    assert at_l[0] == at_l[1] and all(f"@{TINY_L * k} " in said[0] for k in (1, 2, 4))
+    assert (tmp_path / "copies" / "passkey-seed0").exists()
+    assert rotary_far_filler.main(argv)[0].split(" (")[:-1] == said[0].split(" (")[:-1]  # the kept copy, same cells
+    with pytest.raises(SystemExit, match="for rotary schemes, not 'additive'"):
+        rotary_far_filler.main([str(tiny_checkpoint(tmp_path / "a", "alibi")), "--to", str(2 * TINY_L)])
