@@ -262,10 +262,13 @@ class HideFarFiller(Counterfactual):
         self.window = check_count("window", window)
         self.keep = keep
 
-    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    def hidden(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """``[len(q_pos), len(k_pos)]``: True for the pairs this counterfactual hides."""
         kept = (k_pos >= self.keep.start) & (k_pos < self.keep.stop)
-        hidden = ((q_pos[:, None] - k_pos[None, :]) >= self.window) & ~kept[None, :]
-        return self.inner.bias(q_pos, k_pos).masked_fill(hidden, float("-inf"))
+        return ((q_pos[:, None] - k_pos[None, :]) >= self.window) & ~kept[None, :]
+
+    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        return self.inner.bias(q_pos, k_pos).masked_fill(self.hidden(q_pos, k_pos), float("-inf"))
 
 
 def far_filler_scores(model: TransformerLM, length: int, depth: float, window: int, **kwargs) -> dict[str, Any]:

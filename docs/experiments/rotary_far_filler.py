@@ -25,34 +25,25 @@ from torch import Tensor
 
 from posbias import checkpoint as ckpt
 from posbias import passkey
-from posbias.config import check_count, fixed_threads
-from posbias.diagnose import Counterfactual
-from posbias.schemes import Scheme
+from posbias.config import fixed_threads
+from posbias.diagnose import HideFarFiller
 
 DEPTHS = 5  # the retrofit decision table's depths (posbias.retrofit.PASSKEY_DEPTHS)
 
 
-class HideFarFillerRotary(Counterfactual):
-    """A rotary scheme's rotation, with every key at distance ``≥ window`` masked unless its position
-    is in ``keep``. Only the reference backend adds a rotary scheme's :meth:`bias` (the mask)."""
+class HideFarFillerRotary(HideFarFiller):
+    """:class:`posbias.diagnose.HideFarFiller` for a rotary scheme: its rotation, and the hidden pairs
+    as a mask. Only the reference backend adds a rotary scheme's :meth:`bias` (the mask)."""
 
     family = "rotary"
     name = "hide-far-filler-rotary"
-    summary = "a rotary scheme with keys at distance >= window masked except the kept ones (experiments only)"
-
-    def __init__(self, inner: Scheme, window: int, keep: range) -> None:
-        super().__init__(inner)
-        self.window = check_count("window", window)
-        self.keep = keep
 
     def rotate(self, x: Tensor, pos: Tensor, *, context_len: int | None = None) -> Tensor:
         return self.inner.rotate(x, pos, context_len=context_len)
 
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        kept = (k_pos >= self.keep.start) & (k_pos < self.keep.stop)
-        hidden = ((q_pos[:, None] - k_pos[None, :]) >= self.window) & ~kept[None, :]
         zeros = torch.zeros(self.n_heads, len(q_pos), len(k_pos), device=q_pos.device)
-        return zeros.masked_fill(hidden, float("-inf"))
+        return zeros.masked_fill(self.hidden(q_pos, k_pos), float("-inf"))
 
 
 def scores(model, n: int, d: float, train_len: int, samples: int, hide: bool) -> dict:
