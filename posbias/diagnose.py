@@ -223,9 +223,12 @@ class WithinWindow(Counterfactual):
         super().__init__(inner)
         self.window = check_count("window", window)
 
+    def hidden(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """``[len(q_pos), len(k_pos)]``: True for the pairs this counterfactual hides."""
+        return (q_pos[:, None] - k_pos[None, :]) >= self.window
+
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        far = (q_pos[:, None] - k_pos[None, :]) >= self.window
-        return self.inner.bias(q_pos, k_pos).masked_fill(far, float("-inf"))
+        return self.inner.bias(q_pos, k_pos).masked_fill(self.hidden(q_pos, k_pos), float("-inf"))
 
 
 class ClampFar(Counterfactual):
@@ -248,27 +251,22 @@ class ClampFar(Counterfactual):
         return torch.gather(full, 2, nearest_allowed.expand(full.shape[0], -1, -1))
 
 
-class HideFarFiller(Counterfactual):
-    """``inner``'s bias with every key at distance ``≥ window`` hidden **except** the positions in
-    ``keep`` (a passkey sample's key statement, :func:`posbias.passkey.statement_span`): the key stays
-    at its distance with its bias, and only the filler past the training distance is gone
+class HideFarFiller(WithinWindow):
+    """:class:`WithinWindow` **except** the positions in ``keep`` (a passkey sample's key statement,
+    :func:`posbias.passkey.statement_span`), which stay visible at any distance: the key stays at its
+    distance with its bias, and only the filler past the training distance is gone
     (:func:`far_filler_scores`)."""
 
     name = "hide-far-filler"
     summary = "a scheme's bias, keys at distance >= window hidden except the kept positions (diagnosis only)"
 
     def __init__(self, inner: Scheme, window: int, keep: range) -> None:
-        super().__init__(inner)
-        self.window = check_count("window", window)
+        super().__init__(inner, window)
         self.keep = keep
 
     def hidden(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """``[len(q_pos), len(k_pos)]``: True for the pairs this counterfactual hides."""
         kept = (k_pos >= self.keep.start) & (k_pos < self.keep.stop)
-        return ((q_pos[:, None] - k_pos[None, :]) >= self.window) & ~kept[None, :]
-
-    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        return self.inner.bias(q_pos, k_pos).masked_fill(self.hidden(q_pos, k_pos), float("-inf"))
+        return super().hidden(q_pos, k_pos) & ~kept[None, :]
 
 
 def far_filler_scores(model: TransformerLM, length: int, depth: float, window: int, **kwargs) -> dict[str, Any]:

@@ -5,8 +5,8 @@ One module per workflow (:mod:`.study`, :mod:`.retrofit`, :mod:`.diagnose`), eac
 ``markdown(result) -> str`` and ``write(result, out) -> list[Path]``; :func:`md_table` is the one
 Markdown table builder, :func:`paired_cell` the one cell of a paired comparison and
 :func:`corpus_line` the one sentence on the text a checkpoint job measured on, :func:`digits_sentence`
-the one on passkey answers byte by byte, :func:`copy_names`, :func:`copies_sentence` and
-:func:`kept_cell` the ones on several passkey copies of a model.
+the one on passkey answers byte by byte, :func:`copy_names`, :func:`copies_sentence`,
+:func:`kept_past_l`, :func:`kept_mean` and :func:`kept_cell` the ones on several passkey copies of a model.
 """
 
 from __future__ import annotations
@@ -102,6 +102,12 @@ def kept_past_l(at_l: Sequence[float], far: Sequence[float]) -> list[float]:
     (``at_l``, one value per copy): retrieval past L apart from whether a copy's fine-tune taught it
     the task at all, which decides most of a mean over copies of a scheme that learns it slowly."""
     return [b for a, b in zip(at_l, far) if a >= passkey.LEARNED]
+
+
+def kept_mean(at_l: Sequence[float], far: Sequence[float]) -> float | None:
+    """The mean of :func:`kept_past_l`; None when no copy solved the task at L."""
+    kept = kept_past_l(at_l, far)
+    return sum(kept) / len(kept) if kept else None
 
 
 def kept_cell(at_l: Sequence[float], far: Sequence[float], trials: int) -> str:

@@ -20,7 +20,8 @@ import torch
 from .. import passkey, store
 from ..config import Log, quiet
 from ..diagnose import DiagnoseResult, kept_row
-from . import copies_sentence, copy_names, corpus_name, digits_sentence, kept_cell, kept_past_l, md_table, same_text
+from . import (copies_sentence, copy_names, corpus_name, digits_sentence, kept_cell, kept_mean, kept_past_l, md_table,
+               same_text)
 from .diagnose import far_attention, mean_losses, smoothed, unseen_pairs
 from .diagnose import verdict as interval_verdict
 
@@ -262,9 +263,9 @@ def _hidden_sentence(rows: list[dict[str, Any]]) -> str:
         if hidden is None:
             continue
         at_l = r["passkey_copies"][r["train_len"]]
-        got, hid = kept_past_l(at_l, r["passkey_copies"][far]), kept_past_l(at_l, hidden)
-        if got:
-            named.append(f"{r['model']} {sum(got) / len(got):.2f} → {sum(hid) / len(hid):.2f}")
+        got, hid = kept_mean(at_l, r["passkey_copies"][far]), kept_mean(at_l, hidden)
+        if got is not None:
+            named.append(f"{r['model']} {got:.2f} → {hid:.2f}")
     return ("With the filler past L hidden (the key kept at its distance), the copies that solved at least "
             f"{passkey.LEARNED:g} at L solve at the window's length (as they are → hidden; retrieval that comes back "
             "was lost to the far filler, not to the key's distance): " + "; ".join(named) + ".") if named else ""
@@ -328,16 +329,11 @@ def _learned_lines(r: DiagnoseResult) -> tuple[tuple[list[float], list[float], l
     nothing is hidden), with how many copies those are; None without such copies or hidden cells."""
     lens = [n for n in r.passkey if int(n) > r.train_len]
     at_l = r.copy_accuracy(str(r.train_len))
-    kept = kept_past_l(at_l, at_l)
-    if not lens or not kept or any(r.hidden_accuracy(n) is None for n in lens):
+    if not lens or kept_mean(at_l, at_l) is None or any(r.hidden_accuracy(n) is None for n in lens):
         return None
-    got = [sum(kept) / len(kept)] + [_mean(kept_past_l(at_l, r.copy_accuracy(n))) for n in lens]
-    hid = [got[0]] + [_mean(kept_past_l(at_l, r.hidden_accuracy(n))) for n in lens]
-    return ([1.0] + [int(n) / r.train_len for n in lens], got, hid), len(kept)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+    got = [kept_mean(at_l, at_l)] + [kept_mean(at_l, r.copy_accuracy(n)) for n in lens]
+    hid = [got[0]] + [kept_mean(at_l, r.hidden_accuracy(n)) for n in lens]
+    return ([1.0] + [int(n) / r.train_len for n in lens], got, hid), len(kept_past_l(at_l, at_l))
 
 
 def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:

@@ -11,7 +11,7 @@ import torch
 from .. import passkey, store
 from ..config import Log, quiet
 from ..diagnose import ANSWER_SAMPLES, DiagnoseResult, kept_row
-from . import corpus_line, kept_past_l, md_table, shuffled_key_score
+from . import corpus_line, kept_mean, kept_past_l, md_table, shuffled_key_score
 
 
 def write(result: DiagnoseResult, out: str | Path, *, log: Log = quiet) -> list[Path]:
@@ -67,7 +67,7 @@ def summary(r: DiagnoseResult) -> list[str]:
         learned = ("" if len(copies) == 1 else
                    f"; no copy solved ≥ {passkey.LEARNED:g} at L" if not kept else
                    f"; the {len(kept)} of {len(copies)} copies that solved ≥ {passkey.LEARNED:g} at L: "
-                   f"{_kept_mean(kept)} at {far}")
+                   f"{sum(kept) / len(kept):.2f} at {far}")
         hid = r.hidden_accuracy(far)
         hidden = ("" if hid is None else f"; far filler hidden: {sum(hid) / len(hid):.2f}" + (
             "" if len(copies) == 1 else " (" + " / ".join(f"{a:.2f}" for a in hid) + ")") + f" at {far}")
@@ -329,7 +329,7 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
                 + md_table(["length", *(f"seed {c['seed']}" for c in copies), "mean", "spread",
                             f"copies ≥ {passkey.LEARNED:g} at L ({len(kept_past_l(at_l, at_l))} of {len(copies)})"],
                            [[n, *(f"{a:.2f}" for a in got), f"{sum(got) / len(got):.2f}", f"{max(got) - min(got):.2f}",
-                             _kept_mean(kept_past_l(at_l, got))]
+                             _kept_mean(at_l, got)]
                             for n, got in ((n, r.copy_accuracy(n)) for n in r.passkey)])
                 + ["", f"Accuracy over {r.passkey_samples} samples per cell, mean over the {len(copies)} copies "
                    "(depth 0 = key at the start of the window):", ""])
@@ -339,8 +339,10 @@ def _passkey_section(r: DiagnoseResult) -> list[str]:
             + ["![passkey](passkey.png)", ""])
 
 
-def _kept_mean(kept: list[float]) -> str:
-    return f"{sum(kept) / len(kept):.2f}" if kept else "—"
+def _kept_mean(at_l: list[float], far: list[float]) -> str:
+    """:func:`kept_mean` as text, ``—`` when no copy solved the task at L."""
+    mean = kept_mean(at_l, far)
+    return "—" if mean is None else f"{mean:.2f}"
 
 
 def _probes(copy: dict) -> str:
@@ -384,7 +386,7 @@ def _hidden_table(r: DiagnoseResult) -> list[str]:
     rows = []
     for n in lens:
         got, hid = r.copy_accuracy(n), r.hidden_accuracy(n)
-        kept = ([f"{_kept_mean(kept_past_l(at_l, got))} → {_kept_mean(kept_past_l(at_l, hid))}"] if several else [])
+        kept = ([f"{_kept_mean(at_l, got)} → {_kept_mean(at_l, hid)}"] if several else [])
         rows.append([n, *(f"{a:.2f} → {h:.2f}" for a, h in zip(got, hid)), *kept])
     header = ["length", *((f"seed {c['seed']}" for c in r.passkey_copies) if several else ["solved"]),
               *([f"copies ≥ {passkey.LEARNED:g} at L"] if several else [])]
