@@ -6,7 +6,7 @@ The diagnosis measures:
   against the same tokens with the context cut at ``L``: a rise past ``L`` is the failure to
   extrapolate. Δ past ``L`` is split (:func:`context_split`) between the first ``L/8`` tokens of
   each cut chunk, which the cut robs of local context, and the rest, for which Δ is what the
-  distant keys themselves do. For additive schemes the same windows are scored once more with
+  distant keys themselves do. The same windows are scored once more with
   attention cut to the ``L`` nearest keys (:class:`WithinWindow`, a counterfactual): full − window
   is what the keys beyond ``L`` do, causally (:func:`window_split`);
 * **attention distance** per layer and head: the mean, median and 90th percentile of ``i − j``
@@ -37,9 +37,10 @@ Shape: :class:`DiagnoseConfig` → :func:`run_diagnose` → :class:`DiagnoseResu
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -197,8 +198,9 @@ def context_split(long_w: Tensor, short_w: Tensor, train_len: int) -> list[tuple
 
 class Counterfactual(Scheme):
     """A trained scheme's bias changed on purpose, to see what a model does without some part of it
-    (:class:`WithinWindow`, :class:`ClampFar`): additive, at ``inner``'s scale. Not registered: these
-    exist only inside a diagnosis or an experiment."""
+    (:class:`WithinWindow`, :class:`ClampFar`): additive, at ``inner``'s scale, with ``inner``'s rotation
+    and absolute embedding (identity and none for a bias). Not registered: these exist only inside a
+    diagnosis or an experiment."""
 
     family = "additive"
     paper = "—"
@@ -211,10 +213,19 @@ class Counterfactual(Scheme):
     def default_scale(self) -> float:
         return self.inner.default_scale()
 
+    def rotate(self, x: Tensor, pos: Tensor, *, context_len: int | None = None) -> Tensor:
+        return self.inner.rotate(x, pos, context_len=context_len)
+
+    def embed(self, pos: Tensor, dim: int) -> Tensor | None:
+        return self.inner.embed(pos, dim)
+
 
 class WithinWindow(Counterfactual):
     """``inner``'s bias with every key at distance ``≥ window`` hidden: a sliding window of the
-    training length laid over a trained model (the counterfactual :func:`window_effect` scores)."""
+    training length laid over a trained model (the counterfactual :func:`window_effect` scores). Any
+    scheme: one without a bias (RoPE, NoPE, sinusoidal) keeps its family, so attention still rotates
+    or embeds as it does, and its :meth:`bias` is the mask alone, which only the backends that add a
+    bias to every family read (:func:`hiding`)."""
 
     name = "within-window"
     summary = "a scheme's bias, keys at distance >= window hidden (diagnosis only)"
@@ -222,13 +233,39 @@ class WithinWindow(Counterfactual):
     def __init__(self, inner: Scheme, window: int) -> None:
         super().__init__(inner)
         self.window = check_count("window", window)
+        self.family = inner.family  # (an instance's: attention rotates q/k of a rotary inner)
 
     def hidden(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """``[len(q_pos), len(k_pos)]``: True for the pairs this counterfactual hides."""
         return (q_pos[:, None] - k_pos[None, :]) >= self.window
 
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        return self.inner.bias(q_pos, k_pos).masked_fill(self.hidden(q_pos, k_pos), float("-inf"))
+        bias = self.inner.bias(q_pos, k_pos)
+        if bias is None:
+            bias = torch.zeros(self.n_heads, len(q_pos), len(k_pos), device=q_pos.device)
+        return bias.masked_fill(self.hidden(q_pos, k_pos), float("-inf"))
+
+
+# The backend a counterfactual of a scheme without a bias runs on: the fused, reference-exact kernels
+# read a bias only from additive schemes, and blockwise adds any scheme's (here the mask) block by block
+MASKED_BACKEND = "blockwise"
+
+
+@contextmanager
+def hiding(model: TransformerLM, scheme: WithinWindow) -> Iterator[TransformerLM]:
+    """``model`` with ``scheme`` (a counterfactual of ``model.scheme``) in every layer, on a backend that
+    adds its mask where the inner scheme has no bias (:data:`MASKED_BACKEND`); restored after."""
+    inner, backends = model.scheme, [b.attn.backend for b in model.blocks]
+    model.scheme = scheme
+    if inner.family != "additive":
+        for b in model.blocks:
+            b.attn.backend = MASKED_BACKEND
+    try:
+        yield model
+    finally:
+        model.scheme = inner
+        for b, name in zip(model.blocks, backends):
+            b.attn.backend = name
 
 
 class ClampFar(Counterfactual):
@@ -271,18 +308,14 @@ class HideFarFiller(WithinWindow):
 
 def far_filler_scores(model: TransformerLM, length: int, depth: float, window: int, **kwargs) -> dict[str, Any]:
     """:func:`posbias.passkey.scores` of the cell (``length``, ``depth``) on the same samples with the
-    filler at distance ``≥ window`` hidden in every layer (:class:`HideFarFiller`; additive schemes; the
-    model is restored after). Against the cell as it is: retrieval that comes back was lost to the
-    filler beyond ``window`` (what it takes of the attention, or writes into the residual stream), not to
-    the key's distance, which is unchanged. ``docs/experiments/far_filler.py`` hides it layer by layer."""
-    if model.scheme.family != "additive":
-        raise ValueError(f"hiding the far filler needs an additive scheme, not {model.scheme.family!r}")
-    inner = model.scheme
-    model.scheme = HideFarFiller(inner, window, passkey.statement_span(length, depth, kwargs.get("digits", 5)))
-    try:
+    filler at distance ``≥ window`` hidden in every layer (:class:`HideFarFiller`, any scheme: see
+    :func:`hiding`; the model is restored after). Against the cell as it is: retrieval that comes back
+    was lost to the filler beyond ``window`` (what it takes of the attention, or writes into the residual
+    stream), not to the key's distance, which is unchanged. ``docs/experiments/far_filler.py`` hides it
+    layer by layer."""
+    keep = passkey.statement_span(length, depth, kwargs.get("digits", 5))
+    with hiding(model, HideFarFiller(model.scheme, window, keep)):
         return passkey.scores(model, length, depth, **kwargs)
-    finally:
-        model.scheme = inner
 
 
 def window_effect(model: TransformerLM, tokens: Tensor, length: int, window: int, count: int, *,
@@ -290,15 +323,10 @@ def window_effect(model: TransformerLM, tokens: Tensor, length: int, window: int
     """Per-position loss ``[count, length]`` of the first ``count`` windows of ``length`` tokens (as
     :func:`context_effect`'s full context) with attention cut to keys at distance ``< window``: the
     same model, the same windows, every key farther back hidden. Against the full context this is
-    what the keys beyond ``window`` do, causally (additive schemes; the model is restored after)."""
-    if model.scheme.family != "additive":
-        raise ValueError(f"the window counterfactual needs an additive scheme, not {model.scheme.family!r}")
-    inner = model.scheme
-    model.scheme = WithinWindow(inner, window)
-    try:
+    what the keys beyond ``window`` do, causally (any scheme: see :func:`hiding`; the model is restored
+    after)."""
+    with hiding(model, WithinWindow(model.scheme, window)):
         return token_losses(model, tokens, length, n_tokens=count * length, device=device).view(count, length)
-    finally:
-        model.scheme = inner
 
 
 def window_split(long_w: Tensor, window_w: Tensor, short_w: Tensor,
@@ -460,7 +488,7 @@ class DiagnoseResult:
     passkey: dict[str, dict[str, float]] | None = None  # length → depth → accuracy, mean over the copies
     passkey_digits: dict[str, dict[str, list[float]]] | None = None  # length → depth → score per byte, mean over copies
     # one per passkey seed: {"seed", "passkey", "passkey_digits" (that copy's grids), "attention" (length →
-    # answer_attention() of the copy), "fit" (its fine-tune: passkey.teach's record); additive schemes also
+    # answer_attention() of the copy), "fit" (its fine-tune: passkey.teach's record); with several lengths also
     # "hidden", "hidden_digits": the grids past L with the far filler hidden (far_filler_scores)}
     passkey_copies: list[dict[str, Any]] = field(default_factory=list)
     passkey_max_steps: int = 0  # the steps each copy was given (its fit["steps"]: those it trained)
@@ -557,10 +585,9 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
         long_w, short_w = context_effect(model, corpus.val, length, train_len, windows=windows_loss,
                                          device=cfg.device)
         got = {"long": long_w.tolist(), "short": short_w.tolist()}
-        if model.scheme.family == "additive":
-            log(f"the same windows with attention cut to the {train_len} nearest keys …")
-            got["window"] = window_effect(model, corpus.val, length, train_len, long_w.shape[0],
-                                          device=cfg.device).tolist()
+        log(f"the same windows with attention cut to the {train_len} nearest keys …")
+        got["window"] = window_effect(model, corpus.val, length, train_len, long_w.shape[0],
+                                      device=cfg.device).tolist()
         return got
 
     def distances() -> dict[str, list]:
@@ -626,7 +653,7 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, seed: int, result: Diagn
              progress: bool, log: Log, cache: _Cache, mdir: Path | None) -> dict[str, Any]:
     """One copy's passkey grids over L, 2L, … ≤ ``length`` and five depths, accuracy and the score per
     answer byte (:func:`posbias.passkey.scores`), and the answer queries' attention
-    (:func:`answer_attention`) at each length, for a bias also the grids past L with the far filler
+    (:func:`answer_attention`) at each length, the grids past L once more with the far filler
     hidden (:func:`far_filler_scores`), with the record of its fine-tune (steps trained,
     probes) from batches of ``seed`` (an entry of :attr:`DiagnoseResult.passkey_copies`); each cell
     from ``cache`` where a run made it. The copy fine-tuned on the task is made (and kept in ``mdir``)
@@ -641,9 +668,8 @@ def _passkey(model: TransformerLM, cfg: DiagnoseConfig, seed: int, result: Diagn
     fit = f"passkey-fit:{tag}"
     names = {(n, d): f"passkey:{n}:{d}:{tag}:{cfg.passkey_samples}" for n in lens for d in depths}
     looks = {n: f"passkey-attention:{n}:{tag}" for n in lens}
-    # past L, additive schemes: the same cells with the far filler hidden (far_filler_scores)
-    hidden = ({(n, d): f"passkey-hidden:{n}:{d}:{tag}:{cfg.passkey_samples}" for n in lens[1:] for d in depths}
-              if model.scheme.family == "additive" else {})
+    # past L: the same cells with the far filler hidden (far_filler_scores)
+    hidden = {(n, d): f"passkey-hidden:{n}:{d}:{tag}:{cfg.passkey_samples}" for n in lens[1:] for d in depths}
     known = {cell: cache.data[name] for cell, name in names.items() if name in cache.data}
     if (len(known) < len(names) or fit not in cache.data
             or any(name not in cache.data for name in [*looks.values(), *hidden.values()])):

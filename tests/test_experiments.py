@@ -77,18 +77,6 @@ def test_far_filler_script_hides_nothing_at_L(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == said
 
 
-def test_rotary_far_filler_masks_only_far_filler_and_rotates_as_the_inner_scheme():
-    rotary_far_filler = _load("rotary_far_filler")
-    rope = build("rope", n_heads=2, head_dim=8)
-    hide = rotary_far_filler.HideFarFillerRotary(rope, 10, range(5, 8))
-    pos = torch.arange(40)
-    x = torch.randn(1, 2, 40, 8)
-    assert hide.family == "rotary" and torch.equal(hide.rotate(x, pos, context_len=40), rope.rotate(x, pos, context_len=40))
-    got = hide.bias(pos, pos)
-    visible = ((pos[:, None] - pos[None, :]) < 10) | ((pos >= 5) & (pos < 8))[None, :]
-    assert (got[:, visible] == 0).all() and torch.isinf(got[:, ~visible]).all()
-
-
 def test_rotary_far_filler_script_teaches_copies_and_hides_nothing_at_L(tmp_path):
     rotary_far_filler = _load("rotary_far_filler")
     path = tiny_checkpoint(tmp_path / "r", "rope", scaling="dynamic-ntk", factor=4.0, train_len=TINY_L)

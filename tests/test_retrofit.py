@@ -482,6 +482,14 @@ def test_hide_far_filler_hides_far_keys_but_the_key_statement():
     assert hide.default_scale() == alibi.default_scale()
     with pytest.raises(ValueError, match="window must be an integer >= 1, got 0"):
         HideFarFiller(alibi, 0, range(1))
+    rope = build("rope", n_heads=2, head_dim=8)  # no bias: the mask alone, and the inner rotation
+    hide = HideFarFiller(rope, 10, range(5, 8))
+    x = torch.randn(1, 2, 40, 8)
+    assert hide.family == "rotary" and torch.equal(hide.rotate(x, pos, context_len=40), rope.rotate(x, pos, context_len=40))
+    got = hide.bias(pos, pos)
+    assert (got[:, visible] == 0).all() and torch.isinf(got[:, ~visible]).all()
+    sinusoidal = build("sinusoidal", n_heads=2, head_dim=8)
+    assert torch.equal(HideFarFiller(sinusoidal, 10, range(5, 8)).embed(pos, 16), sinusoidal.embed(pos, 16))
 
 
 def test_far_filler_scores_hide_nothing_at_L_and_restore_the_model():
@@ -501,8 +509,39 @@ def test_far_filler_scores_hide_nothing_at_L_and_restore_the_model():
     assert not torch.allclose(plain, hidden)
     far_filler_scores(model, 4 * L, 0.0, L, samples=2)
     assert model.scheme is scheme
-    with pytest.raises(ValueError, match="needs an additive scheme, not 'rotary'"):
-        far_filler_scores(TransformerLM(ModelConfig(scheme="rope", **TINY)), 2 * L, 0.0, L, samples=1)
+    for name in ("rope", "nope", "sinusoidal"):  # no bias: the mask alone, on the blockwise backend
+        torch.manual_seed(0)
+        other = TransformerLM(ModelConfig(scheme=name, **TINY)).eval()
+        assert far_filler_scores(other, L, 0.0, L, samples=3) == passkey.scores(other, L, 0.0, samples=3), name
+        far_filler_scores(other, 2 * L, 0.0, L, samples=1)
+        assert other.scheme.name == name and [b.attn.backend for b in other.blocks] == ["auto", "auto"]
+
+
+@pytest.mark.parametrize("name", ["rope", "nope", "sinusoidal", "alibi"])
+def test_hiding_far_keys_cuts_every_path_from_them_for_any_scheme(name):
+    """With keys at distance ≥ w hidden in both layers of a 2-layer model, the last query is reached by
+    no token more than 2 (w − 1) back: changing those tokens leaves its logits exactly as they were.
+    Without the counterfactual they change. A scheme without a bias (RoPE, NoPE, sinusoidal) keeps its
+    rotation or embedding: within reach, the hidden model equals the model as it is."""
+    from posbias.diagnose import WithinWindow, hiding
+
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(scheme=name, **TINY)).eval()
+    w, n = 8, 40
+    x = torch.randint(0, 256, (1, n))
+    y = x.clone()
+    y[0, : n - 1 - 2 * (w - 1)] = torch.randint(0, 256, (n - 1 - 2 * (w - 1),))
+    with torch.no_grad():
+        plain = [model(t)[0, -1] for t in (x, y)]
+        with hiding(model, WithinWindow(model.scheme, w)):
+            cut = [model(t)[0, -1] for t in (x, y)]
+        with hiding(model, WithinWindow(model.scheme, n)):
+            whole = model(x)[0, -1]
+    assert not torch.allclose(plain[0], plain[1])
+    torch.testing.assert_close(cut[0], cut[1], atol=1e-6, rtol=0)
+    assert not torch.allclose(cut[0], plain[0])
+    torch.testing.assert_close(whole, plain[0], atol=1e-5, rtol=1e-5)
+    assert model.scheme.name == name and all(b.attn.backend == "auto" for b in model.blocks)
 
 
 def test_hidden_sentences_say_what_hiding_the_far_filler_gives_back():
@@ -525,6 +564,9 @@ def test_hidden_sentences_say_what_hiding_the_far_filler_gives_back():
         f"Seed 1 solved 1.00 at L and 0.40 at {8 * L}; with the far filler hidden 0.50: it lost 0.60 past L, most of "
         "it not to the filler past L: to the key's distance itself, or what far positions do to it (hiding gives "
         "back 0.10)."]
+    r.scheme_name = "sinusoidal"  # absolute positions: what is not the filler is the positions themselves
+    assert hidden_sentences(r)[1].endswith("not to the filler past L: to the positions past L themselves, which "
+                                           "training never embedded (hiding gives back 0.10).")
 
 
 def test_comparison_plot_lines_of_the_copies_that_learned():
@@ -571,14 +613,15 @@ def test_within_window_hides_exactly_the_keys_beyond_the_window():
         WithinWindow(t5, 0)
 
 
-def test_window_effect_restores_the_model_and_needs_a_bias(corpus):
+def test_window_effect_restores_the_model_for_any_scheme(corpus):
     model = TransformerLM(ModelConfig(scheme="alibi", **TINY))
     scheme = model.scheme
     win = window_effect(model, corpus.val, 2 * L, L, 2)
     assert win.shape == (2, 2 * L) and model.scheme is scheme
     rope = TransformerLM(ModelConfig(scheme="rope", **TINY))
-    with pytest.raises(ValueError, match="needs an additive scheme"):
-        window_effect(rope, corpus.val, 2 * L, L, 1)
+    assert not torch.allclose(window_effect(rope, corpus.val, 2 * L, L, 1),
+                              window_effect(rope, corpus.val, 2 * L, 2 * L, 1))
+    assert rope.scheme.name == "rope" and rope.blocks[0].attn.backend == "auto"
     # a window as long as the text hides nothing: the same losses as the full context
     full = window_effect(model, corpus.val, 2 * L, 2 * L, 2)
     from posbias.evaluate import token_losses

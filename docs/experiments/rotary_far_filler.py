@@ -6,9 +6,10 @@ passkey copy, so this script teaches them again from the retrofitted checkpoint 
 does (:func:`posbias.passkey.teach`: the same steps, batch seeds and positional learning rate, so the
 same weights at a fixed thread count; ``--save`` keeps them), then scores each on the decision table's
 samples at L, 2 L, … ``--to``: as it is, and with every key at distance ≥ L hidden except the key
-statement (the counterfactual of ``docs/experiments/far_filler.py``, here as a mask on the reference
-attention, since a rotary scheme adds no bias). A copy whose retrieval comes back lost it to the
-filler past L, not to the rotation of the key at its distance.
+statement (the counterfactual of ``docs/experiments/far_filler.py``; a rotary scheme adds no bias, so
+:func:`posbias.diagnose.far_filler_scores` runs it as a mask on the blockwise backend; ``posbias
+diagnose`` does the same for a rotary model's own passkey copies). A copy whose retrieval comes back
+lost it to the filler past L, not to the rotation of the key at its distance.
 
     .venv/bin/python docs/experiments/rotary_far_filler.py runs/retrofit-rope-copies/models/dynamic-ntk-ft100-<key> --to 1024
 """
@@ -21,46 +22,21 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from posbias import checkpoint as ckpt
 from posbias import passkey
 from posbias.config import fixed_threads
-from posbias.diagnose import HideFarFiller
+from posbias.diagnose import far_filler_scores
 
 DEPTHS = 5  # the retrofit decision table's depths (posbias.retrofit.PASSKEY_DEPTHS)
 
 
-class HideFarFillerRotary(HideFarFiller):
-    """:class:`posbias.diagnose.HideFarFiller` for a rotary scheme: its rotation, and the hidden pairs
-    as a mask. Only the reference backend adds a rotary scheme's :meth:`bias` (the mask)."""
-
-    family = "rotary"
-    name = "hide-far-filler-rotary"
-
-    def rotate(self, x: Tensor, pos: Tensor, *, context_len: int | None = None) -> Tensor:
-        return self.inner.rotate(x, pos, context_len=context_len)
-
-    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        zeros = torch.zeros(self.n_heads, len(q_pos), len(k_pos), device=q_pos.device)
-        return zeros.masked_fill(self.hidden(q_pos, k_pos), float("-inf"))
-
-
 def scores(model, n: int, d: float, train_len: int, samples: int, hide: bool) -> dict:
-    """:func:`posbias.passkey.scores` of one cell, with the far filler hidden (``hide``: the rotary
-    counterfactual through the reference backend) or as the model is (its own backend)."""
-    if not hide:
-        return passkey.scores(model, n, d, samples=samples)
-    inner, backends = model.scheme, [b.attn.backend for b in model.blocks]
-    model.scheme = HideFarFillerRotary(inner, train_len, passkey.statement_span(n, d))
-    for b in model.blocks:
-        b.attn.backend = "reference"
-    try:
-        return passkey.scores(model, n, d, samples=samples)
-    finally:
-        model.scheme = inner
-        for b, name in zip(model.blocks, backends):
-            b.attn.backend = name
+    """:func:`posbias.passkey.scores` of one cell, with the far filler hidden (``hide``:
+    :func:`posbias.diagnose.far_filler_scores`, the mask on the blockwise backend) or as the model is."""
+    if hide:
+        return far_filler_scores(model, n, d, train_len, samples=samples)
+    return passkey.scores(model, n, d, samples=samples)
 
 
 def copy_for(model, meta: dict, train_len: int, seed: int, steps: int, save: Path | None):

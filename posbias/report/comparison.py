@@ -52,7 +52,7 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
         "passkey_digits": None,  # length → the score of each answer byte, mean over depths and copies
         "passkey_fits": [c["fit"] for c in r.passkey_copies] or None,  # each copy's fine-tune (passkey.teach's record)
         "passkey_trials": None,  # samples behind each copy's accuracy at one length (depths × samples per cell)
-        # length past L → each copy's accuracy with the far filler hidden (additive schemes; diagnose.far_filler_scores)
+        # length past L → each copy's accuracy with the far filler hidden (diagnose.far_filler_scores)
         "passkey_hidden": None,
     }
     if r.passkey:
@@ -110,7 +110,7 @@ def markdown(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
              "minus with the context cut at L, with its 95% bootstrap interval over the windows and what the "
              "interval supports (hurts: above 0; helps: below 0; ≈ 0: it spans 0). *Distant keys*: Δ over the "
              "tokens that keep local context after the cut; *keys beyond L*: the whole window against a sliding "
-             "window of L over the same model (additive schemes). Passkey: mean accuracy over the depths (and the "
+             "window of L over the same model. Passkey: mean accuracy over the depths (and the "
              "copies, where a model has several) with its 95% Wilson interval over samples; with several copies the "
              "interval runs from the lowest to the highest bound of any copy, so it spans how far the copies differ "
              "too." + (f" *Copies ≥ {passkey.LEARNED:g} at L*: the same at the window over only the copies that solved "

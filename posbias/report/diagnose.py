@@ -11,6 +11,7 @@ import torch
 from .. import passkey, store
 from ..config import Log, quiet
 from ..diagnose import ANSWER_SAMPLES, DiagnoseResult, kept_row
+from ..schemes import SCHEMES
 from . import corpus_line, kept_mean, kept_past_l, md_table, shuffled_key_score
 
 
@@ -392,7 +393,7 @@ def _hidden_table(r: DiagnoseResult) -> list[str]:
               *([f"copies ≥ {passkey.LEARNED:g} at L"] if several else [])]
     said = hidden_sentences(r)
     return (["Past L, the same samples again with every key at distance ≥ L hidden except the key statement, in "
-             "every layer: the key stays at its distance with its bias, only the filler beyond L is gone. Whole keys "
+             "every layer: the key stays where it is, at its distance with its bias or rotation, only the filler beyond L is gone. Whole keys "
              "solved as the model is → with that filler hidden (`docs/experiments/far_filler.py` hides it layer by "
              "layer):", ""] + md_table(header, rows) + [""]
             + [f"* {s}" for s in said] + ([""] if said else []))
@@ -408,6 +409,8 @@ def hidden_sentences(r: DiagnoseResult) -> list[str]:
     far = max(r.passkey, key=int)
     if int(far) <= r.train_len or r.hidden_accuracy(far) is None:
         return []
+    rest = ("to the positions past L themselves, which training never embedded" if SCHEMES[r.scheme_name].family == "absolute"
+            else "to the key's distance itself, or what far positions do to it")
     said = []
     for c, a, b, h in zip(r.passkey_copies, r.copy_accuracy(str(r.train_len)), r.copy_accuracy(far),
                           r.hidden_accuracy(far)):
@@ -416,7 +419,7 @@ def hidden_sentences(r: DiagnoseResult) -> list[str]:
         who = "The copy" if len(r.passkey_copies) == 1 else f"Seed {c['seed']}"
         back = max(0.0, h - b)
         cause = ("most of it to the filler past L, not to the key's distance" if back >= (a - b) / 2 else
-                 "most of it not to the filler past L: to the key's distance itself, or what far positions do to it")
+                 f"most of it not to the filler past L: {rest}")
         said.append(f"{who} solved {a:.2f} at L and {b:.2f} at {far}; with the far filler hidden {h:.2f}: it lost "
                     f"{a - b:.2f} past L, {cause} (hiding gives back {back:.2f}).")
     return said
