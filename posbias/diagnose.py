@@ -246,20 +246,21 @@ class WithinWindow(Counterfactual):
         return bias.masked_fill(self.hidden(q_pos, k_pos), float("-inf"))
 
 
-# The backend a counterfactual of a scheme without a bias runs on: the fused, reference-exact kernels
-# read a bias only from additive schemes, and blockwise adds any scheme's (here the mask) block by block
+# The backend every counterfactual runs on: the one that adds any scheme's bias (for a scheme without
+# one, the mask alone) block by block; the fused kernels read a bias only from additive schemes, and
+# the structured ones need the Toeplitz or ALiBi bias a counterfactual no longer is. For an additive
+# scheme it is what ``auto`` picks anyway (a checkpoint may name another backend in its config).
 MASKED_BACKEND = "blockwise"
 
 
 @contextmanager
 def hiding(model: TransformerLM, scheme: WithinWindow) -> Iterator[TransformerLM]:
-    """``model`` with ``scheme`` (a counterfactual of ``model.scheme``) in every layer, on a backend that
-    adds its mask where the inner scheme has no bias (:data:`MASKED_BACKEND`); restored after."""
+    """``model`` with ``scheme`` (a counterfactual of ``model.scheme``) in every layer, on
+    :data:`MASKED_BACKEND`; its scheme and backends restored after."""
     inner, backends = model.scheme, [b.attn.backend for b in model.blocks]
     model.scheme = scheme
-    if inner.family != "additive":
-        for b in model.blocks:
-            b.attn.backend = MASKED_BACKEND
+    for b in model.blocks:
+        b.attn.backend = MASKED_BACKEND
     try:
         yield model
     finally:

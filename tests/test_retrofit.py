@@ -622,6 +622,11 @@ def test_window_effect_restores_the_model_for_any_scheme(corpus):
     assert not torch.allclose(window_effect(rope, corpus.val, 2 * L, L, 1),
                               window_effect(rope, corpus.val, 2 * L, 2 * L, 1))
     assert rope.scheme.name == "rope" and rope.blocks[0].attn.backend == "auto"
+    # a checkpoint that names a structured backend (which a counterfactual is not) is cut the same way
+    named = TransformerLM(ModelConfig(scheme="alibi", backend="alibi", **TINY))
+    named.load_state_dict(model.state_dict())
+    torch.testing.assert_close(window_effect(named, corpus.val, 2 * L, L, 2), win, atol=0, rtol=0)
+    assert named.blocks[0].attn.backend == "alibi"
     # a window as long as the text hides nothing: the same losses as the full context
     full = window_effect(model, corpus.val, 2 * L, 2 * L, 2)
     from posbias.evaluate import token_losses
