@@ -34,6 +34,7 @@ from . import store
 from . import passkey
 from .config import ConfigError, Log, check_count, check_rate, check_seed, fixed_threads, quiet
 from .data import Corpus, batch_at
+from .diagnose import far_filler_scores
 from .evaluate import Paired, evaluate_length, ratios_to_best
 from .finetune import finetune
 from .model import ModelConfig, TransformerLM
@@ -328,16 +329,20 @@ class _Run:
         ``passkey_interval`` (95% Wilson over the depths × samples trials; with several copies from the
         lowest copy's bound to the highest's, :func:`posbias.passkey.copies_interval`),
         ``passkey_copies`` (each copy's accuracy) with ``passkey_seeds``, ``passkey_digits`` (the score
-        of each answer byte, mean over the copies) and ``passkey_fits`` (each copy's fine-tune record)."""
+        of each answer byte, mean over the copies), ``passkey_fits`` (each copy's fine-tune record) and
+        ``passkey_hidden`` (at ``to``, each copy's accuracy with the far filler hidden:
+        :func:`posbias.diagnose.far_filler_scores`)."""
         seeds = self.cfg.copy_seeds
         copies = [self.passkey_copy(model, label, seed) for seed in seeds]
         trials = PASSKEY_DEPTHS * self.cfg.passkey_samples
         each = {int(n): [c["accuracy"][n] for c in copies] for n in copies[0]["accuracy"]}
         mean, digits = (passkey.mean_of([c[part] for c in copies]) for part in ("accuracy", "digits"))
+        hidden = {int(n): [c["hidden"][n] for c in copies] for n in copies[0]["hidden"]}
         return {"passkey": {int(n): a for n, a in mean.items()},
                 "passkey_interval": {n: passkey.copies_interval(got, trials) for n, got in each.items()},
                 "passkey_copies": each, "passkey_seeds": list(seeds),
-                "passkey_digits": {int(n): d for n, d in digits.items()}, "passkey_fits": [c["fit"] for c in copies]}
+                "passkey_digits": {int(n): d for n, d in digits.items()}, "passkey_fits": [c["fit"] for c in copies],
+                "passkey_hidden": hidden}
 
     def passkey_copy(self, model: TransformerLM, label: str, seed: int) -> dict[str, Any]:
         """One copy of ``model`` fine-tuned on the task at L from batches of ``seed``
@@ -360,12 +365,17 @@ class _Run:
             grid = passkey.accuracy_grid(copy, [self.train_len, cfg.to], passkey.default_depths(PASSKEY_DEPTHS),
                                          measure=passkey.scores, samples=cfg.passkey_samples, device=cfg.device)
             solved, digits = passkey.split_scores(grid)
+            # at `to`, the same samples with every key at distance ≥ L hidden but the key statement
+            hidden = {cfg.to: {d: far_filler_scores(copy, cfg.to, d, self.train_len, samples=cfg.passkey_samples,
+                                                    device=cfg.device) for d in grid[cfg.to]}}
             self.cache.put(key, {"accuracy": {str(n): passkey.mean_accuracy(solved, n) for n in grid},
-                                 "digits": {str(n): passkey.mean_digits(digits, n) for n in grid}, "fit": fit})
+                                 "digits": {str(n): passkey.mean_digits(digits, n) for n in grid}, "fit": fit,
+                                 "hidden": {str(cfg.to): passkey.mean_accuracy(passkey.split_scores(hidden)[0], cfg.to)}})
         got = self.cache.data[key]
         self.log(f"[{label}] passkey{f' (copy of seed {seed})' if len(cfg.copy_seeds) > 1 else ''}: "
                  f"{passkey.fit_sentence(got['fit'])}; accuracy "
-                 + ", ".join(f"@{n} {a:.2f}" for n, a in got["accuracy"].items()))
+                 + ", ".join(f"@{n} {a:.2f}" for n, a in got["accuracy"].items())
+                 + f"; far filler hidden @{cfg.to} {got['hidden'][str(cfg.to)]:.2f}")
         return got
 
     def finetuned(self, model: TransformerLM, method: str, path: str | Path, meta: dict[str, Any]) -> TransformerLM:

@@ -180,6 +180,11 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
     assert "The passkey copies had learned the task at L (≥ 0.9 of their probe) by step: none; " \
            "not within 2 steps: original (before), pi (fine-tuned 2), yarn (fine-tuned 2), swap-alibi (fine-tuned 2)." in md
     assert all(r["attention_cost"] > 0 for r in res.rows)
+    # at 2L, each copy once more with the far filler hidden (far_filler_scores: rotary and ALiBi rows alike)
+    for r in res.rows:
+        if r["passkey"] is not None:
+            [h] = r["passkey_hidden"][2 * L]
+            assert 0.0 <= h <= 1.0 and f"| {h:.2f} [" in md
     again = run_retrofit(path, cfg, tmp_path / "out", corpus=corpus, progress=False)  # reuses models and caches
     assert [r["ppl"] for r in again.rows] == [r["ppl"] for r in res.rows]
 
@@ -444,7 +449,9 @@ def test_retrofit_passkey_seeds_give_each_row_the_mean_of_its_copies(tmp_path, c
     md = (tmp_path / "r" / "results.md").read_text()
     assert "passkey: 2 copies, of seeds 0, 1, each trained at L for 2 steps;" in md and " (2 copies) |" in md
     assert "Each copy, solved at L → at 96: original (before) " in md and "original (before) seed 1" in md
-    assert "| passkey @ 96, copies ≥ 0.9 at L | extra params |" in md and "*copies ≥ 0.9 at L*" in md
+    assert "| passkey @ 96, copies ≥ 0.9 at L | passkey @ 96, far filler hidden | extra params |" in md
+    assert "*copies ≥ 0.9 at L*" in md and "*far filler hidden*" in md
+    assert all(len(r["passkey_hidden"][2 * L]) == 2 for r in both.rows if r["passkey"])
     kept = [r for r in both.rows if r["passkey"]]
     for r in kept:  # the tiny model learns nothing at L: every row's kept cell says so
         assert max(r["passkey_copies"][L]) < passkey.LEARNED and " | — (0 of 2) | " in md
@@ -567,6 +574,24 @@ def test_hidden_sentences_say_what_hiding_the_far_filler_gives_back():
     r.scheme_name = "sinusoidal"  # absolute positions: what is not the filler is the positions themselves
     assert hidden_sentences(r)[1].endswith("not to the filler past L: to the positions past L themselves, which "
                                            "training never embedded (hiding gives back 0.10).")
+
+
+def test_retrofit_far_filler_sentences_name_each_copy():
+    """The retrofit report judges each copy that learned at L and lost past L, as diagnose does; a row
+    from before the measurement (no ``passkey_hidden``) shows — and is not judged."""
+    from posbias.report.retrofit import _hidden_cell, _hidden_sentences
+
+    row = {"method": "dynamic-ntk", "stage": "fine-tuned 100", "passkey_seeds": [0, 1, 2],
+           "passkey_copies": {L: [0.88, 1.0, 1.0], 16 * L: [0.03, 0.66, 0.86]},
+           "passkey_hidden": {16 * L: [0.08, 0.93, 0.96]}}
+    assert _hidden_sentences([row], L, 16 * L) == [
+        f"dynamic-ntk (fine-tuned 100) seed 1 solved 1.00 at L and 0.66 at {16 * L}; with the far filler hidden "
+        "0.93: it lost 0.34 past L, most of it to the filler past L, not to the key's distance (hiding gives back 0.27).",
+        f"dynamic-ntk (fine-tuned 100) seed 2 solved 1.00 at L and 0.86 at {16 * L}; with the far filler hidden "
+        "0.96: it lost 0.14 past L, most of it to the filler past L, not to the key's distance (hiding gives back 0.10)."]
+    assert _hidden_cell(row, 16 * L, 160).startswith("0.66 [")
+    old = {k: v for k, v in row.items() if k != "passkey_hidden"}
+    assert _hidden_cell(old, 16 * L, 160) == "—" and _hidden_sentences([old], L, 16 * L) == []
 
 
 def test_comparison_plot_lines_of_the_copies_that_learned():

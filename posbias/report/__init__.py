@@ -119,3 +119,26 @@ def kept_cell(at_l: Sequence[float], far: Sequence[float], trials: int) -> str:
         return f"— (0 of {len(at_l)})"
     lo, hi = passkey.copies_interval(kept, trials)
     return f"{sum(kept) / len(kept):.2f} [{lo:.2f}, {hi:.2f}] ({len(kept)} of {len(at_l)})"
+
+
+LOST = 0.1  # a copy's drop in accuracy from L to a longer length that the far-filler sentences explain
+
+
+def far_filler_sentences(named: list[tuple[str, float, float, float]], where: str, *, absolute: bool = False) -> list[str]:
+    """For each copy ``(name, at L, at where, at where with the far filler hidden)`` that solved at least
+    :data:`posbias.passkey.LEARNED` at L and :data:`LOST` less at ``where``: how much of that loss hiding
+    the far filler gives back (:func:`posbias.diagnose.far_filler_scores`), and so whether the filler
+    past L (half or more given back) or the key's distance took it; ``absolute``: a scheme of absolute
+    positions, where what is not the filler is the positions past L themselves."""
+    rest = ("to the positions past L themselves, which training never embedded" if absolute
+            else "to the key's distance itself, or what far positions do to it")
+    said = []
+    for who, a, b, h in named:
+        if a < passkey.LEARNED or a - b < LOST:
+            continue
+        back = max(0.0, h - b)
+        cause = ("most of it to the filler past L, not to the key's distance" if back >= (a - b) / 2 else
+                 f"most of it not to the filler past L: {rest}")
+        said.append(f"{who} solved {a:.2f} at L and {b:.2f} {where}; with the far filler hidden {h:.2f}: it lost "
+                    f"{a - b:.2f} past L, {cause} (hiding gives back {back:.2f}).")
+    return said

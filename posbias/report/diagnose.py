@@ -12,7 +12,7 @@ from .. import passkey, store
 from ..config import Log, quiet
 from ..diagnose import ANSWER_SAMPLES, DiagnoseResult, kept_row
 from ..schemes import SCHEMES
-from . import corpus_line, kept_mean, kept_past_l, md_table, shuffled_key_score
+from . import corpus_line, far_filler_sentences, kept_mean, kept_past_l, md_table, shuffled_key_score
 
 
 def write(result: DiagnoseResult, out: str | Path, *, log: Log = quiet) -> list[Path]:
@@ -399,30 +399,16 @@ def _hidden_table(r: DiagnoseResult) -> list[str]:
             + [f"* {s}" for s in said] + ([""] if said else []))
 
 
-LOST = 0.1  # a copy's drop in accuracy from L to a longer length that the far-filler sentences explain
-
-
 def hidden_sentences(r: DiagnoseResult) -> list[str]:
-    """For each copy that solved ≥ :data:`posbias.passkey.LEARNED` at L and solves at least
-    :data:`LOST` less at the longest length: how much of that loss hiding the far filler gives back,
-    and so whether the filler past L (half or more given back) or the key's distance took it."""
+    """:func:`posbias.report.far_filler_sentences` of every copy, at the longest length."""
     far = max(r.passkey, key=int)
     if int(far) <= r.train_len or r.hidden_accuracy(far) is None:
         return []
-    rest = ("to the positions past L themselves, which training never embedded" if SCHEMES[r.scheme_name].family == "absolute"
-            else "to the key's distance itself, or what far positions do to it")
-    said = []
-    for c, a, b, h in zip(r.passkey_copies, r.copy_accuracy(str(r.train_len)), r.copy_accuracy(far),
-                          r.hidden_accuracy(far)):
-        if a < passkey.LEARNED or a - b < LOST:
-            continue
-        who = "The copy" if len(r.passkey_copies) == 1 else f"Seed {c['seed']}"
-        back = max(0.0, h - b)
-        cause = ("most of it to the filler past L, not to the key's distance" if back >= (a - b) / 2 else
-                 f"most of it not to the filler past L: {rest}")
-        said.append(f"{who} solved {a:.2f} at L and {b:.2f} at {far}; with the far filler hidden {h:.2f}: it lost "
-                    f"{a - b:.2f} past L, {cause} (hiding gives back {back:.2f}).")
-    return said
+    several = len(r.passkey_copies) > 1
+    named = [(f"Seed {c['seed']}" if several else "The copy", a, b, h)
+             for c, a, b, h in zip(r.passkey_copies, r.copy_accuracy(str(r.train_len)), r.copy_accuracy(far),
+                                   r.hidden_accuracy(far))]
+    return far_filler_sentences(named, f"at {far}", absolute=SCHEMES[r.scheme_name].family == "absolute")
 
 
 def _answer_attention_table(r: DiagnoseResult) -> list[str]:

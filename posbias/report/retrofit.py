@@ -11,7 +11,8 @@ from typing import Any
 from .. import passkey, store
 from ..config import Log, quiet
 from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
-from . import copies_sentence, copy_names, corpus_line, digits_sentence, kept_cell, md_table, paired_cell
+from . import (copies_sentence, copy_names, corpus_line, digits_sentence, far_filler_sentences, kept_cell, md_table,
+               paired_cell)
 
 STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
 
@@ -32,6 +33,24 @@ def _passkey_cell(r: dict[str, Any], n: int) -> str:
     lo, hi = r["passkey_interval"][n]
     copies = len(r["passkey_copies"][n])
     return f"{r['passkey'][n]:.2f} [{lo:.2f}, {hi:.2f}]" + (f" ({copies} copies)" if copies > 1 else "")
+
+
+def _hidden_cell(r: dict[str, Any], n: int, trials: int) -> str:
+    """A row's passkey at ``n`` with the far filler hidden, as :func:`_passkey_cell` (— where not measured)."""
+    got = (r.get("passkey_hidden") or {}).get(n)
+    if not got:
+        return "—"
+    lo, hi = passkey.copies_interval(got, trials)
+    return f"{sum(got) / len(got):.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _hidden_sentences(rows: list[dict[str, Any]], L: int, to: int) -> list[str]:
+    """:func:`posbias.report.far_filler_sentences` of every copy of every row, at ``to``."""
+    named = [(name, a, b, h) for r in rows if (r.get("passkey_hidden") or {}).get(to)
+             for name, a, b, h in zip(copy_names(f"{r['method']} ({r['stage']})", r["passkey_seeds"]),
+                                      r["passkey_copies"][L], r["passkey_copies"][to],
+                                           r["passkey_hidden"][to])]
+    return far_filler_sentences(named, f"at {to}")
 
 
 def _row_copies(r: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -82,18 +101,24 @@ def markdown(result: RetrofitResult) -> str:
         several = len(seeds) > 1
         trials = PASSKEY_DEPTHS * cfg.passkey_samples
         lines += ["", f"Decision table (passkey: {taught}; mean accuracy over {PASSKEY_DEPTHS} depths {over}; "
-                  "attention cost: a "
+                  f"*far filler hidden*: the same samples at {to} with every key at distance ≥ L hidden except the "
+                  "key statement, in every layer, so the key keeps its distance and rotation and only the filler "
+                  "beyond L is gone; attention cost: a "
                   f"forward pass at {to} tokens relative to the original model, same run):", ""] + md_table(
             ["method", "stage", f"near-range ppl @ {L}", *(f"ppl @ {n}" for n in far), f"passkey @ {L}",
              f"passkey @ {to}", *([f"passkey @ {to}, copies ≥ {passkey.LEARNED:g} at L"] if several else []),
-             "extra params", "attention cost"],
+             f"passkey @ {to}, far filler hidden", "extra params", "attention cost"],
             [[r["method"], r["stage"], f"{r['ppl'][L]:.3f}", *(f"{r['ppl'][n]:.3f}" for n in far),
               _passkey_cell(r, L), _passkey_cell(r, to),
               *([kept_cell(r["passkey_copies"][L], r["passkey_copies"][to], trials)] if several else []),
+              _hidden_cell(r, to, trials),
               f"{r['extra_params']:+d}", f"{r['attention_cost']:.2f}×"] for r in rows if r.get("passkey")])
         learned = passkey.learned_sentence([item for r in rows if r.get("passkey") for item in _row_copies(r)])
         if learned:
             lines += ["", learned]
+        hidden = _hidden_sentences([r for r in rows if r.get("passkey")], L, to)
+        if hidden:
+            lines += ["", " ".join(hidden)]
         if several:
             lines += ["", copies_sentence([(f"{r['method']} ({r['stage']})", r["passkey_copies"][L],
                                             r["passkey_copies"][to]) for r in rows if r.get("passkey")], f"at {to}")]
