@@ -515,7 +515,7 @@ class DiagnoseResult:
 
     def hidden_accuracy(self, length: str) -> list[float] | None:
         """Each copy's accuracy at ``length`` (past L) with the far filler hidden, in the order of the
-        seeds; None where it was not measured (a scheme without a bias, a diagnosis before it)."""
+        seeds; None where it was not measured (a diagnosis from before the measurement)."""
         if not self.passkey_copies or any(length not in c.get("hidden", {}) for c in self.passkey_copies):
             return None
         return [passkey.mean_accuracy(c["hidden"], length) for c in self.passkey_copies]

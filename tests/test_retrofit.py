@@ -238,6 +238,10 @@ def test_diagnose_report_tiny(tmp_path, corpus):
         assert key.shape == place.shape == (TINY["n_layers"], TINY["n_heads"], 5)
         assert (place >= 0).all() and (place <= key + 1e-6).all() and (key <= 1 + 1e-6).all()
     assert "Where the copy's queries that predict the answer bytes attend (40 samples per length" in md
+    # past L, as it is → far filler hidden, by the key's depth too (one copy: its own cells)
+    hidden = copy["hidden"][str(2 * L)]
+    assert "The same by the key's depth (the copy)" in md
+    assert f"| {2 * L} | " + " | ".join(f"{copy['passkey'][str(2 * L)][d]:.2f} → {hidden[d]:.2f}" for d in hidden) + " |" in md
 
 
 def test_answer_attention_of_uniform_attention_counts_the_keys_digits():

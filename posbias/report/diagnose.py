@@ -392,11 +392,20 @@ def _hidden_table(r: DiagnoseResult) -> list[str]:
     header = ["length", *((f"seed {c['seed']}" for c in r.passkey_copies) if several else ["solved"]),
               *([f"copies ≥ {passkey.LEARNED:g} at L"] if several else [])]
     said = hidden_sentences(r)
+    depths = list(r.passkey[lens[0]])
+    by_depth = [[n, *(f"{r.passkey[n][d]:.2f} → {sum(c['hidden'][n][d] for c in r.passkey_copies) / len(r.passkey_copies):.2f}"
+                      for d in depths)] for n in lens]
+    whose = "the copy" if not several else f"the mean over the {len(r.passkey_copies)} copies"
     return (["Past L, the same samples again with every key at distance ≥ L hidden except the key statement, in "
-             "every layer: the key stays where it is, at its distance with its bias or rotation, only the filler beyond L is gone. Whole keys "
-             "solved as the model is → with that filler hidden (`docs/experiments/far_filler.py` hides it layer by "
-             "layer):", ""] + md_table(header, rows) + [""]
-            + [f"* {s}" for s in said] + ([""] if said else []))
+             "every layer: the key stays where it is, at its distance with its bias, rotation or position, only the "
+             "filler beyond L is gone. Whole keys solved as the model is → with that filler hidden "
+             "(`docs/experiments/far_filler.py` hides it layer by layer):", ""] + md_table(header, rows) + [""]
+            + [f"* {s}" for s in said] + ([""] if said else [])
+            + [f"The same by the key's depth ({whose}). The question is at the end of the window, so the key of "
+               "depth d is about (1 − d) × length before it: at depth 1 within L at every length, deeper ever "
+               "farther. What hiding gives back where the key is within L was taken by the filler alone; where it "
+               "does not come back with the key far away, the key's distance is what fails:", ""]
+            + md_table(["length", *(f"depth {d}" for d in depths)], by_depth) + [""])
 
 
 def hidden_sentences(r: DiagnoseResult) -> list[str]:
