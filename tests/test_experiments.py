@@ -54,15 +54,17 @@ def test_scheme_in_layers_swaps_only_the_listed_layers_and_restores_them(tmp_pat
     from posbias.diagnose import WithinWindow
 
     far_filler = _load("far_filler")
-    model = ckpt.load_model(tiny_checkpoint(tmp_path / "a", "alibi")).eval()
-    x = torch.randint(0, 256, (1, 3 * TINY_L))
-    with torch.no_grad():
-        before = model(x)
-        with far_filler.scheme_in_layers(model, WithinWindow(model.scheme, 2), [1]):
-            changed = model(x)
-        after = model(x)
-    assert torch.equal(before, after) and not torch.allclose(before, changed)
-    assert all("forward" not in vars(block) for block in model.blocks)
+    for name in ("alibi", "rope"):  # a scheme without a bias: the mask alone, on the masked backend
+        model = ckpt.load_model(tiny_checkpoint(tmp_path / name, name)).eval()
+        x = torch.randint(0, 256, (1, 3 * TINY_L))
+        with torch.no_grad():
+            before = model(x)
+            with far_filler.scheme_in_layers(model, WithinWindow(model.scheme, 2), [1]):
+                assert [b.attn.backend for b in model.blocks] == ["auto", "blockwise"]
+                changed = model(x)
+            after = model(x)
+        assert torch.equal(before, after) and not torch.allclose(before, changed), name
+        assert all("forward" not in vars(block) and block.attn.backend == "auto" for block in model.blocks)
 
 
 def test_far_filler_script_hides_nothing_at_L(tmp_path, capsys):

@@ -3,8 +3,8 @@
 A passkey sample of ``n`` bytes puts ``n − L`` more filler bytes beyond the training distance than
 any sample the model was taught on. For every (length, depth) cell this script hides every key at
 distance ``≥ L`` **except the key statement** (`` key=NNNNN; ``, at a position the length and depth
-fix): the key stays where it was, at the same distance, with the same bias; only the far filler is
-gone. Retrieval that comes back when the far filler is hidden was lost to that filler (its share of
+fix): the key stays where it was, at the same distance, with the same bias, rotation or position;
+only the far filler is gone (any scheme: one without a bias gets the mask alone). Retrieval that comes back when the far filler is hidden was lost to that filler (its share of
 the attention, or what it writes into the residual stream); retrieval that stays lost was lost to
 the key's distance itself. Hiding it in one layer at a time says in which layer the filler does the
 harm. :func:`posbias.passkey.scores` on the samples ``posbias diagnose`` draws; ``posbias diagnose``
@@ -26,22 +26,27 @@ import torch
 from posbias import checkpoint as ckpt
 from posbias import passkey
 from posbias.config import fixed_threads
-from posbias.diagnose import HideFarFiller
+from posbias.diagnose import MASKED_BACKEND, HideFarFiller
 from posbias.schemes import Scheme
 
 
 @contextmanager
 def scheme_in_layers(model, scheme: Scheme, layers: list[int]) -> Iterator[None]:
-    """``scheme`` instead of the model's in the listed layers only (the others keep the model's)."""
+    """``scheme`` instead of the model's in the listed layers only (the others keep the model's), on
+    the backend every counterfactual runs on (:data:`posbias.diagnose.MASKED_BACKEND`: it adds the
+    mask of a scheme without a bias too)."""
+    backends = [model.blocks[n].attn.backend for n in layers]
     for n in layers:
         block = model.blocks[n]
         block.forward = (lambda x, _scheme, pos, cache=None, on_probs=None, run=block.forward:
                          run(x, scheme, pos, cache, on_probs))
+        block.attn.backend = MASKED_BACKEND
     try:
         yield
     finally:
-        for n in layers:
+        for n, name in zip(layers, backends):
             del model.blocks[n].forward
+            model.blocks[n].attn.backend = name
 
 
 def grid(model, lengths: list[int], train_len: int, layers: list[int] | None, samples: int) -> dict:
@@ -87,8 +92,6 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     model = ckpt.load_model(args.checkpoint).eval()
-    if model.scheme.family != "additive":
-        raise SystemExit(f"error: hiding keys needs an additive scheme, not {model.scheme.family!r}")
     meta = ckpt.read_meta(args.checkpoint)
     train_len = args.train_len or meta.get("passkey", {}).get("length") or ckpt.train_len(args.checkpoint, meta)
     lens = [train_len * k for k in (1, 2, 4, 8)]
