@@ -46,7 +46,7 @@ JOB_CODE: dict[str, tuple[str, ...]] = {
     "model": MODEL_CODE,
     "evaluation": (*MODEL_CODE, "evaluate.py"),
     "diagnose": (*MODEL_CODE, "evaluate.py", "diagnose.py", "finetune.py", "passkey.py"),
-    "retrofit": (*MODEL_CODE, "evaluate.py", "finetune.py", "passkey.py", "retrofit.py"),
+    "retrofit": (*MODEL_CODE, "evaluate.py", "diagnose.py", "finetune.py", "passkey.py", "retrofit.py"),
 }
 #: the entry of a job's cache file that records what made it (:func:`made_by`)
 MADE_BY = "_made_by"

@@ -160,16 +160,19 @@ def test_a_new_scheme_is_benchmarked_and_studied(toy, tmp_path, capsys):
     assert "| toy |" in (tmp_path / "run" / "results.md").read_text()
 
 
-def test_the_code_that_makes_a_model_is_in_its_key():
-    """Every posbias module that training reaches (``train.py`` and what it imports, transitively) is
-    covered by ``store.MODEL_CODE``, whose fingerprint the model keys carry — except modules that
-    compute no numbers of a model (checkpoint files, the results store, the version): a module
-    added to the training path cannot silently stay out of the keys."""
+@pytest.mark.parametrize("job, start", [("model", "posbias.train"), ("evaluation", "posbias.evaluate"),
+                                        ("diagnose", "posbias.diagnose"), ("retrofit", "posbias.retrofit")])
+def test_the_code_that_makes_a_result_is_in_its_key(job, start):
+    """Every posbias module that a job reaches (``start`` and what it imports, transitively) is covered
+    by ``store.JOB_CODE[job]``, whose fingerprint the job's keys carry (``model``: ``store.MODEL_CODE``)
+    — except modules that compute no numbers (checkpoint files, the results store, the version): a
+    module added to a job's path (retrofit scoring passkey cells with diagnose's counterfactual) cannot
+    silently stay out of its keys."""
     from posbias import store
 
-    covered = {f"posbias.{p[:-3]}" if p.endswith(".py") else f"posbias.{p}" for p in store.MODEL_CODE}
+    covered = {f"posbias.{p[:-3]}" if p.endswith(".py") else f"posbias.{p}" for p in store.JOB_CODE[job]}
     no_numbers = {"posbias.checkpoint", "posbias.store", "posbias._version"}
-    seen, todo = set(), ["posbias.train"]
+    seen, todo = set(), [start]
     while todo:
         name = todo.pop()
         if name in seen:
@@ -179,5 +182,5 @@ def test_the_code_that_makes_a_model_is_in_its_key():
         path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
         todo += [target for _, target in _imports(path) if _is_module(target)]
     missing = sorted(m for m in seen if m not in no_numbers and not any(m == c or m.startswith(c + ".") for c in covered))
-    assert not missing, f"modules on the training path outside store.MODEL_CODE: {missing}"
+    assert not missing, f"modules on the {job} path outside store.JOB_CODE[{job!r}]: {missing}"
     assert {"posbias.kernels.toeplitz", "posbias.schemes.fire", "posbias.model"} <= seen  # the walk did walk

@@ -73,6 +73,63 @@ def _paired_section(result: RetrofitResult) -> list[str]:
         [[r["method"], r["stage"], *(paired_cell(result.paired[n][j]) for n in far)] for j, r in enumerate(rows)])
 
 
+def _decision_section(result: RetrofitResult) -> list[str]:
+    """The decision table (passkey, far filler hidden, extra parameters, attention cost) and what it says
+    of the passkey copies; nothing without ``--compare``."""
+    lens, L, to, rows = result.eval_lens, result.train_len, result.to, result.rows
+    if not any(r.get("passkey") for r in rows):
+        return []
+    lines: list[str] = []
+    far = [n for n in lens if n > L]
+    cfg = result.config
+    seeds = cfg.copy_seeds
+    taught = (f"a copy trained at L for {cfg.passkey_steps} steps (batches of seed {seeds[0]})" if len(seeds) == 1
+              else f"{len(seeds)} copies, of seeds {', '.join(map(str, seeds))}, each trained at L for "
+              f"{cfg.passkey_steps} steps") + (
+        f", fewer once it solved {cfg.passkey_until:g} of a probe there" if cfg.passkey_until else "")
+    over = ("with its 95% Wilson interval over samples (one copy is one draw: copies of one model can read far "
+            "apart; `--passkey-seeds 0 1 2` trains three)" if len(seeds) == 1 else
+            "and copies, with the 95% Wilson interval from the lowest copy's bound to the highest's; *copies ≥ "
+            f"{passkey.LEARNED:g} at L*: the same at {to} over only the copies that solved at least "
+            f"{passkey.LEARNED:g} at L, what a method keeps once a copy has learned the task")
+    several = len(seeds) > 1
+    trials = PASSKEY_DEPTHS * cfg.passkey_samples
+    lines += ["", f"Decision table (passkey: {taught}; mean accuracy over {PASSKEY_DEPTHS} depths {over}; "
+              f"*far filler hidden*: the same samples at {to} with every key at distance ≥ L hidden except the "
+              "key statement, in every layer, so the key keeps its distance and rotation and only the filler "
+              "beyond L is gone; attention cost: a "
+              f"forward pass at {to} tokens relative to the original model, same run):", ""] + md_table(
+        ["method", "stage", f"near-range ppl @ {L}", *(f"ppl @ {n}" for n in far), f"passkey @ {L}",
+         f"passkey @ {to}", *([f"passkey @ {to}, copies ≥ {passkey.LEARNED:g} at L"] if several else []),
+         f"passkey @ {to}, far filler hidden", "extra params", "attention cost"],
+        [[r["method"], r["stage"], f"{r['ppl'][L]:.3f}", *(f"{r['ppl'][n]:.3f}" for n in far),
+          _passkey_cell(r, L), _passkey_cell(r, to),
+          *([kept_cell(r["passkey_copies"][L], r["passkey_copies"][to], trials)] if several else []),
+          _hidden_cell(r, to, trials),
+          f"{r['extra_params']:+d}", f"{r['attention_cost']:.2f}×"] for r in rows if r.get("passkey")])
+    learned = passkey.learned_sentence([item for r in rows if r.get("passkey") for item in _row_copies(r)])
+    if learned:
+        lines += ["", learned]
+    hidden = _hidden_sentences([r for r in rows if r.get("passkey")], L, to)
+    if hidden:
+        lines += ["", "With the far filler hidden, each copy that learned the task at L and lost some of it at "
+                  f"{to}:", "", *(f"* {h}" for h in hidden)]
+    if several:
+        lines += ["", copies_sentence([(f"{r['method']} ({r['stage']})", r["passkey_copies"][L],
+                                        r["passkey_copies"][to]) for r in rows if r.get("passkey")], f"at {to}")]
+    digits = [(f"{r['method']} ({r['stage']})", r["passkey_digits"][to]) for r in rows if r.get("passkey_digits")]
+    if digits:
+        lines += ["", digits_sentence(digits, f"at {to}")]
+    untaught = [name for r in rows if r.get("passkey")
+                for name, a in zip((n for n, _ in _row_copies(r)), r["passkey_copies"][L]) if a == 0]
+    if untaught:
+        lines += ["", f"No passkey sample was solved at L = {L} by: {', '.join(untaught)}. The passkey fine-tune "
+                  "did not teach those copies the task within their training length, so their passkey @ "
+                  f"{to} says nothing about retrieval at {to}" + (" (yet it counts in their row's mean)."
+                                                                   if len(seeds) > 1 else ".")]
+    return lines
+
+
 def markdown(result: RetrofitResult) -> str:
     lens, L, to, rows = result.eval_lens, result.train_len, result.to, result.rows
     ref = rows[0]["ppl"].get(L, math.nan)
@@ -85,53 +142,7 @@ def markdown(result: RetrofitResult) -> str:
         ["method", "stage", *(f"ppl @ {n}" for n in lens), f"ppl@{to} / ppl@{L} (before)"],
         [[r["method"], r["stage"], *(f"{r['ppl'][n]:.3f}" for n in lens), f"{r['ppl'][to] / ref:.2f}"] for r in rows])
     lines += _paired_section(result)
-    if any(r.get("passkey") for r in rows):
-        far = [n for n in lens if n > L]
-        cfg = result.config
-        seeds = cfg.copy_seeds
-        taught = (f"a copy trained at L for {cfg.passkey_steps} steps (batches of seed {seeds[0]})" if len(seeds) == 1
-                  else f"{len(seeds)} copies, of seeds {', '.join(map(str, seeds))}, each trained at L for "
-                  f"{cfg.passkey_steps} steps") + (
-            f", fewer once it solved {cfg.passkey_until:g} of a probe there" if cfg.passkey_until else "")
-        over = ("with its 95% Wilson interval over samples (one copy is one draw: copies of one model can read far "
-                "apart; `--passkey-seeds 0 1 2` trains three)" if len(seeds) == 1 else
-                "and copies, with the 95% Wilson interval from the lowest copy's bound to the highest's; *copies ≥ "
-                f"{passkey.LEARNED:g} at L*: the same at {to} over only the copies that solved at least "
-                f"{passkey.LEARNED:g} at L, what a method keeps once a copy has learned the task")
-        several = len(seeds) > 1
-        trials = PASSKEY_DEPTHS * cfg.passkey_samples
-        lines += ["", f"Decision table (passkey: {taught}; mean accuracy over {PASSKEY_DEPTHS} depths {over}; "
-                  f"*far filler hidden*: the same samples at {to} with every key at distance ≥ L hidden except the "
-                  "key statement, in every layer, so the key keeps its distance and rotation and only the filler "
-                  "beyond L is gone; attention cost: a "
-                  f"forward pass at {to} tokens relative to the original model, same run):", ""] + md_table(
-            ["method", "stage", f"near-range ppl @ {L}", *(f"ppl @ {n}" for n in far), f"passkey @ {L}",
-             f"passkey @ {to}", *([f"passkey @ {to}, copies ≥ {passkey.LEARNED:g} at L"] if several else []),
-             f"passkey @ {to}, far filler hidden", "extra params", "attention cost"],
-            [[r["method"], r["stage"], f"{r['ppl'][L]:.3f}", *(f"{r['ppl'][n]:.3f}" for n in far),
-              _passkey_cell(r, L), _passkey_cell(r, to),
-              *([kept_cell(r["passkey_copies"][L], r["passkey_copies"][to], trials)] if several else []),
-              _hidden_cell(r, to, trials),
-              f"{r['extra_params']:+d}", f"{r['attention_cost']:.2f}×"] for r in rows if r.get("passkey")])
-        learned = passkey.learned_sentence([item for r in rows if r.get("passkey") for item in _row_copies(r)])
-        if learned:
-            lines += ["", learned]
-        hidden = _hidden_sentences([r for r in rows if r.get("passkey")], L, to)
-        if hidden:
-            lines += ["", " ".join(hidden)]
-        if several:
-            lines += ["", copies_sentence([(f"{r['method']} ({r['stage']})", r["passkey_copies"][L],
-                                            r["passkey_copies"][to]) for r in rows if r.get("passkey")], f"at {to}")]
-        digits = [(f"{r['method']} ({r['stage']})", r["passkey_digits"][to]) for r in rows if r.get("passkey_digits")]
-        if digits:
-            lines += ["", digits_sentence(digits, f"at {to}")]
-        untaught = [name for r in rows if r.get("passkey")
-                    for name, a in zip((n for n, _ in _row_copies(r)), r["passkey_copies"][L]) if a == 0]
-        if untaught:
-            lines += ["", f"No passkey sample was solved at L = {L} by: {', '.join(untaught)}. The passkey fine-tune "
-                      "did not teach those copies the task within their training length, so their passkey @ "
-                      f"{to} says nothing about retrieval at {to}" + (" (yet it counts in their row's mean)."
-                                                                       if len(seeds) > 1 else ".")]
+    lines += _decision_section(result)
     for m, remap in result.bucket_remap.items():
         lines += ["", f"`{m}`: the learned table is kept, so distances land in other buckets:", ""]
         lines += md_table(["distance", "bucket before", "bucket after"], remap)
