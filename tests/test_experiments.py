@@ -92,3 +92,24 @@ def test_rotary_far_filler_script_teaches_copies_and_hides_nothing_at_L(tmp_path
     assert rotary_far_filler.main(argv)[0].split(" (")[:-1] == said[0].split(" (")[:-1]  # the kept copy, same cells
     with pytest.raises(SystemExit, match="for rotary schemes, not 'additive'"):
         rotary_far_filler.main([str(tiny_checkpoint(tmp_path / "a", "alibi")), "--to", str(2 * TINY_L)])
+
+
+def test_window_hops_one_layer_relative_schemes_see_the_same_keys_at_chunk_ends():
+    """At the last position of each cut chunk a sliding window of L and the cut show the first layer the
+    same keys: with one layer and relative positions, the same loss there; through two layers (or with
+    absolute positions, which the cut restarts) it differs."""
+    from posbias.model import ModelConfig, TransformerLM
+
+    window_hops = _load("window_hops")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (4096,), generator=g).to(torch.uint8)
+    L = 16
+    for scheme, layers, same in (("nope", 1, True), ("alibi", 1, True), ("rope", 1, True), ("t5", 1, True),
+                                 ("nope", 2, False), ("sinusoidal", 1, False)):
+        torch.manual_seed(0)
+        model = TransformerLM(ModelConfig(scheme=scheme, d_model=32, n_layers=layers, n_heads=2)).eval()
+        with torch.no_grad():
+            got = window_hops.window_minus_cut(model, tokens, 4 * L, L, 3)
+        m, lo, hi = got["chunk-final"]
+        assert (abs(m) < 1e-5) == same, (scheme, layers, m)
+        assert lo <= m <= hi and set(got) == {"chunk-final", "last quarter of each chunk", "every position past L"}

@@ -1,0 +1,73 @@
+"""Does a sliding window of L isolate the far context? Not through several layers: measured.
+
+``posbias diagnose`` splits what the full context does past L into *keys beyond L* (full − a sliding
+window of L) and *context within L* (the window − the context cut at L). The window hides every key at
+distance ≥ L in every layer, but a query still reads a key within L whose own state, one layer down,
+read keys up to L − 1 farther back: with n layers, a token up to n (L − 1) back can reach it. At the
+last position of each cut chunk (position kL + L − 1) the window and the cut show the first layer the
+very same keys, so for a scheme of relative positions any difference there comes only through the
+layers: what tokens beyond the chunk's start carry into the keys' states. A scheme of absolute
+positions differs there by its positions too (the cut restarts them at 0). This script prints, for
+each checkpoint, window − cut at those chunk-final positions, over the last quarter of each chunk, and
+over every position past L, each with a 95% bootstrap interval over the windows.
+
+    .venv/bin/python docs/experiments/window_hops.py runs/demo/models/{nope,rope,sinusoidal,alibi,t5}-seed0-<key>/final
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from posbias import checkpoint as ckpt
+from posbias.config import fixed_threads
+from posbias.data import load_corpus
+from posbias.diagnose import WithinWindow, context_effect, delta_interval, hiding
+from posbias.evaluate import token_losses
+
+
+def window_minus_cut(model, tokens: torch.Tensor, length: int, train_len: int, windows: int) -> dict[str, tuple]:
+    """Window − cut (mean, 95% interval) at the chunk-final positions, the last quarter of each chunk,
+    and every position past L, on the first ``windows`` windows of ``length`` tokens."""
+    _, cut = context_effect(model, tokens, length, train_len, windows=windows)
+    with hiding(model, WithinWindow(model.scheme, train_len)):
+        win = token_losses(model, tokens, length, n_tokens=cut.shape[0] * length).view(cut.shape[0], length)
+    pos = torch.arange(length)
+    past = pos >= train_len
+    got = {}
+    for label, sel in (("chunk-final", past & (pos % train_len == train_len - 1)),
+                       ("last quarter of each chunk", past & (pos % train_len >= 3 * train_len // 4)),
+                       ("every position past L", past)):
+        d = (win - cut)[:, sel]
+        got[label] = (float(d.mean()), *delta_interval(d))
+    return got
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--length", type=int, help="window length (default: 8 L)")
+    p.add_argument("--tokens", type=int, default=32768, help="validation tokens (windows of --length)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    corpus = load_corpus()
+    said = []
+    with fixed_threads(args.threads), torch.no_grad():
+        for path in args.checkpoints:
+            t0 = time.perf_counter()
+            model = ckpt.load_model(path).eval()
+            train_len = ckpt.train_len(path)
+            length = args.length or 8 * train_len
+            got = window_minus_cut(model, corpus.val, length, train_len, max(1, args.tokens // length))
+            said.append(f"{model.cfg.scheme} ({model.cfg.n_layers} layers) window − cut: " + "; ".join(
+                f"{label} {m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for label, (m, lo, hi) in got.items())
+                + f" ({time.perf_counter() - t0:.0f} s)")
+            print(said[-1], flush=True)
+    return said
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
