@@ -90,8 +90,10 @@ def test_rotary_far_filler_script_teaches_copies_and_hides_nothing_at_L(tmp_path
     assert at_l[0] == at_l[1] and all(f"@{TINY_L * k} " in said[0] for k in (1, 2, 4))
     assert (tmp_path / "copies" / "passkey-seed0").exists()
     assert rotary_far_filler.main(argv)[0].split(" (")[:-1] == said[0].split(" (")[:-1]  # the kept copy, same cells
-    with pytest.raises(SystemExit, match="for rotary schemes, not 'additive'"):
-        rotary_far_filler.main([str(tiny_checkpoint(tmp_path / "a", "alibi")), "--to", str(2 * TINY_L)])
+    # a swapped-in bias (a retrofit row too): the same counterfactual, nothing hidden at L
+    alibi = rotary_far_filler.main([str(tiny_checkpoint(tmp_path / "a", "alibi")), "--to", str(2 * TINY_L),
+                                    "--steps", "2", "--seeds", "0", "--samples", "2", "--threads", "1"])
+    assert [line.split(": ")[1].split(",")[0] for line in alibi] == [alibi[0].split(": ")[1].split(",")[0]] * 2
 
 
 def test_window_hops_one_layer_relative_schemes_see_the_same_keys_at_chunk_ends():

@@ -1,4 +1,4 @@
-"""Counterfactual for a rotary model: is it the filler past L that breaks a passkey copy's retrieval?
+"""Counterfactual for a retrofitted model: is it the filler past L that breaks a passkey copy's retrieval?
 
 ``posbias retrofit --compare --passkey-seeds 0 1 2`` found three passkey copies of one dynamic-NTK
 retrofit far apart at 16 L (whole keys 0.03 / 0.66 / 0.86), all three exact at L. Retrofit keeps no
@@ -6,10 +6,11 @@ passkey copy, so this script teaches them again from the retrofitted checkpoint 
 does (:func:`posbias.passkey.teach`: the same steps, batch seeds and positional learning rate, so the
 same weights at a fixed thread count; ``--save`` keeps them), then scores each on the decision table's
 samples at L, 2 L, … ``--to``: as it is, and with every key at distance ≥ L hidden except the key
-statement (the counterfactual of ``docs/experiments/far_filler.py``; a rotary scheme adds no bias, so
-:func:`posbias.diagnose.far_filler_scores` runs it as a mask on the blockwise backend; ``posbias
-diagnose`` does the same for a rotary model's own passkey copies). A copy whose retrieval comes back
-lost it to the filler past L, not to the rotation of the key at its distance.
+statement (the counterfactual of ``docs/experiments/far_filler.py``, :func:`posbias.diagnose.far_filler_scores`:
+for a rotary scheme, which adds no bias, a mask on the blockwise backend; any retrofit row works, a
+swapped-in bias too). A copy whose retrieval comes back lost it to the filler past L, not to the key's
+distance (its rotation). ``retrofit --compare`` now scores the copies it teaches this way at ``--to``;
+this script adds every doubling in between and keeps the copies.
 
     .venv/bin/python docs/experiments/rotary_far_filler.py runs/retrofit-rope-copies/models/dynamic-ntk-ft100-<key> --to 1024
 """
@@ -63,9 +64,6 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     model = ckpt.load_model(args.checkpoint).eval()
-    if model.scheme.family != "rotary":
-        raise SystemExit(f"error: this counterfactual is for rotary schemes, not {model.scheme.family!r} "
-                         "(additive schemes: docs/experiments/far_filler.py)")
     meta = ckpt.read_meta(args.checkpoint)
     train_len = args.train_len or ckpt.train_len(args.checkpoint, meta)
     lens = [train_len]

@@ -25,16 +25,14 @@ import torch
 from posbias import checkpoint as ckpt
 from posbias.config import fixed_threads
 from posbias.data import load_corpus
-from posbias.diagnose import WithinWindow, context_effect, delta_interval, hiding
-from posbias.evaluate import token_losses
+from posbias.diagnose import context_effect, delta_interval, window_effect
 
 
 def window_minus_cut(model, tokens: torch.Tensor, length: int, train_len: int, windows: int) -> dict[str, tuple]:
     """Window − cut (mean, 95% interval) at the chunk-final positions, the last quarter of each chunk,
     and every position past L, on the first ``windows`` windows of ``length`` tokens."""
     _, cut = context_effect(model, tokens, length, train_len, windows=windows)
-    with hiding(model, WithinWindow(model.scheme, train_len)):
-        win = token_losses(model, tokens, length, n_tokens=cut.shape[0] * length).view(cut.shape[0], length)
+    win = window_effect(model, tokens, length, train_len, cut.shape[0])
     pos = torch.arange(length)
     past = pos >= train_len
     got = {}

@@ -6,7 +6,8 @@ One module per workflow (:mod:`.study`, :mod:`.retrofit`, :mod:`.diagnose`), eac
 Markdown table builder, :func:`paired_cell` the one cell of a paired comparison and
 :func:`corpus_line` the one sentence on the text a checkpoint job measured on, :func:`digits_sentence`
 the one on passkey answers byte by byte, :func:`copy_names`, :func:`copies_sentence`,
-:func:`kept_past_l`, :func:`kept_mean` and :func:`kept_cell` the ones on several passkey copies of a model.
+:func:`kept_past_l`, :func:`kept_mean`, :func:`copies_cell` and :func:`kept_cell` the ones on several passkey
+copies of a model.
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ def kept_mean(at_l: Sequence[float], far: Sequence[float]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
+def copies_cell(values: Sequence[float], trials: int) -> str:
+    """Several copies' accuracies as a table cell: their mean with the interval of
+    :func:`posbias.passkey.copies_interval` (``trials`` samples per copy)."""
+    lo, hi = passkey.copies_interval(values, trials)
+    return f"{sum(values) / len(values):.2f} [{lo:.2f}, {hi:.2f}]"
+
+
 def kept_cell(at_l: Sequence[float], far: Sequence[float], trials: int) -> str:
     """:func:`kept_past_l` as a table cell: their mean with the interval of
     :func:`posbias.passkey.copies_interval` (``trials`` samples per copy) and how many of the copies
@@ -117,8 +125,7 @@ def kept_cell(at_l: Sequence[float], far: Sequence[float], trials: int) -> str:
     kept = kept_past_l(at_l, far)
     if not kept:
         return f"— (0 of {len(at_l)})"
-    lo, hi = passkey.copies_interval(kept, trials)
-    return f"{sum(kept) / len(kept):.2f} [{lo:.2f}, {hi:.2f}] ({len(kept)} of {len(at_l)})"
+    return f"{copies_cell(kept, trials)} ({len(kept)} of {len(at_l)})"
 
 
 LOST = 0.1  # a copy's drop in accuracy from L to a longer length that the far-filler sentences explain

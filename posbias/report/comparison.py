@@ -329,10 +329,11 @@ def _learned_lines(r: DiagnoseResult) -> tuple[tuple[list[float], list[float], l
     nothing is hidden), with how many copies those are; None without such copies or hidden cells."""
     lens = [n for n in r.passkey if int(n) > r.train_len]
     at_l = r.copy_accuracy(str(r.train_len))
-    if not lens or kept_mean(at_l, at_l) is None or any(r.hidden_accuracy(n) is None for n in lens):
+    first = kept_mean(at_l, at_l)
+    if not lens or first is None or any(r.hidden_accuracy(n) is None for n in lens):
         return None
-    got = [kept_mean(at_l, at_l)] + [kept_mean(at_l, r.copy_accuracy(n)) for n in lens]
-    hid = [got[0]] + [kept_mean(at_l, r.hidden_accuracy(n)) for n in lens]
+    got = [first] + [kept_mean(at_l, r.copy_accuracy(n)) for n in lens]
+    hid = [first] + [kept_mean(at_l, r.hidden_accuracy(n)) for n in lens]
     return ([1.0] + [int(n) / r.train_len for n in lens], got, hid), len(kept_past_l(at_l, at_l))
 
 

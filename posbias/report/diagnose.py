@@ -393,8 +393,8 @@ def _hidden_table(r: DiagnoseResult) -> list[str]:
               *([f"copies ≥ {passkey.LEARNED:g} at L"] if several else [])]
     said = hidden_sentences(r)
     depths = list(r.passkey[lens[0]])
-    by_depth = [[n, *(f"{r.passkey[n][d]:.2f} → {sum(c['hidden'][n][d] for c in r.passkey_copies) / len(r.passkey_copies):.2f}"
-                      for d in depths)] for n in lens]
+    hidden = passkey.mean_of([c["hidden"] for c in r.passkey_copies])  # length → depth, mean over the copies
+    by_depth = [[n, *(f"{r.passkey[n][d]:.2f} → {hidden[n][d]:.2f}" for d in depths)] for n in lens]
     whose = "the copy" if not several else f"the mean over the {len(r.passkey_copies)} copies"
     return (["Past L, the same samples again with every key at distance ≥ L hidden except the key statement, in "
              "every layer: the key stays where it is, at its distance with its bias, rotation or position, only the "

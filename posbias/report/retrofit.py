@@ -11,8 +11,8 @@ from typing import Any
 from .. import passkey, store
 from ..config import Log, quiet
 from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
-from . import (copies_sentence, copy_names, corpus_line, digits_sentence, far_filler_sentences, kept_cell, md_table,
-               paired_cell)
+from . import (copies_cell, copies_sentence, copy_names, corpus_line, digits_sentence, far_filler_sentences, kept_cell,
+               md_table, paired_cell)
 
 STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
 
@@ -38,18 +38,14 @@ def _passkey_cell(r: dict[str, Any], n: int) -> str:
 def _hidden_cell(r: dict[str, Any], n: int, trials: int) -> str:
     """A row's passkey at ``n`` with the far filler hidden, as :func:`_passkey_cell` (— where not measured)."""
     got = (r.get("passkey_hidden") or {}).get(n)
-    if not got:
-        return "—"
-    lo, hi = passkey.copies_interval(got, trials)
-    return f"{sum(got) / len(got):.2f} [{lo:.2f}, {hi:.2f}]"
+    return copies_cell(got, trials) if got else "—"
 
 
 def _hidden_sentences(rows: list[dict[str, Any]], L: int, to: int) -> list[str]:
     """:func:`posbias.report.far_filler_sentences` of every copy of every row, at ``to``."""
     named = [(name, a, b, h) for r in rows if (r.get("passkey_hidden") or {}).get(to)
              for name, a, b, h in zip(copy_names(f"{r['method']} ({r['stage']})", r["passkey_seeds"]),
-                                      r["passkey_copies"][L], r["passkey_copies"][to],
-                                           r["passkey_hidden"][to])]
+                                      r["passkey_copies"][L], r["passkey_copies"][to], r["passkey_hidden"][to])]
     return far_filler_sentences(named, f"at {to}")
 
 
