@@ -8,7 +8,8 @@ The diagnosis measures:
   each cut chunk, which the cut robs of local context, and the rest, for which Δ is what the
   distant keys themselves do. The same windows are scored once more with
   attention cut to the ``L`` nearest keys (:class:`WithinWindow`, a counterfactual): full − window
-  is what the keys beyond ``L`` do, causally (:func:`window_split`);
+  is what the keys beyond ``L`` do directly, causally (:func:`window_split`), and window − cut at
+  each chunk's last position (the same keys in the first layer) what far tokens do through the layers;
 * **attention distance** per layer and head: the mean, median and 90th percentile of ``i − j``
   weighted by the attention probabilities (read from the model's own forward pass,
   ``on_attention``), as a function of the query position. An over-local head keeps a small distance
@@ -49,7 +50,7 @@ from . import checkpoint as ckpt
 from . import passkey, store
 from .config import Log, check_count, fixed_threads, quiet
 from .data import Corpus
-from .evaluate import bootstrap_means, interval, local_head, token_losses
+from .evaluate import bootstrap_means, interval, local_head, spread_starts, token_losses
 from .model import TransformerLM
 from .schemes.base import Scheme, ToeplitzScheme, flat_share
 from .schemes.rope import RoPE, rope_frequencies
@@ -131,7 +132,9 @@ def context_effect(model: TransformerLM, tokens: Tensor, length: int, short: int
     context cut into chunks of ``short`` tokens (what the model sees at its training length).
 
     Returns ``(long, short)`` losses ``[windows, length]``, one row per window (fewer when the split
-    is short), so that means and their intervals come from the same numbers; their difference is
+    is short), the windows spread evenly over the split (:func:`posbias.evaluate.spread_starts`: an
+    interval over them speaks for the split's text, not its first stretch), so that means and their
+    intervals come from the same numbers; their difference is
     what the extra context buys (< 0) or costs (> 0), free of the text's own difficulty.
     """
     from torch.nn import functional as F
@@ -143,8 +146,8 @@ def context_effect(model: TransformerLM, tokens: Tensor, length: int, short: int
         raise ValueError(f"the split has {n_avail} tokens, fewer than one window of {length}")
     long_sum = token_losses(model, tokens, length, n_tokens=count * length, device=device).view(count, length)
     short_sum = torch.zeros(count, length, dtype=torch.float64)
-    for w in range(count):
-        chunk = tokens[w * length: w * length + length + 1].long().to(device)
+    for w, start in enumerate(spread_starts(n_avail, length, count)):  # token_losses's windows
+        chunk = tokens[start: start + length + 1].long().to(device)
         x, y = chunk[:-1][None], chunk[1:][None]
         full = length - length % short  # whole chunks go through the model as one batch
         if full:
@@ -321,8 +324,8 @@ def far_filler_scores(model: TransformerLM, length: int, depth: float, window: i
 
 def window_effect(model: TransformerLM, tokens: Tensor, length: int, window: int, count: int, *,
                   device: str | torch.device = "cpu") -> Tensor:
-    """Per-position loss ``[count, length]`` of the first ``count`` windows of ``length`` tokens (as
-    :func:`context_effect`'s full context) with attention cut to keys at distance ``< window``: the
+    """Per-position loss ``[count, length]`` of ``count`` windows of ``length`` tokens spread over the
+    split (:func:`context_effect`'s, given its count) with attention cut to keys at distance ``< window``: the
     same model, the same windows, every key farther back hidden. Against the full context this is
     what the keys beyond ``window`` do, causally (any scheme: see :func:`hiding`; the model is restored
     after)."""
@@ -330,19 +333,38 @@ def window_effect(model: TransformerLM, tokens: Tensor, length: int, window: int
         return token_losses(model, tokens, length, n_tokens=count * length, device=device).view(count, length)
 
 
+def chunk_ends(length: int, train_len: int) -> Tensor:
+    """Boolean ``[length]``: the last position of every ``L``-chunk after the first (``kL + L − 1``,
+    ``k ≥ 1``). There a sliding window of ``L`` and the context cut at ``L`` show the first layer the
+    same keys (the chunk), so what differs between them comes from tokens at distance ``≥ L`` reaching
+    the query through the keys' states in lower layers (and, for absolute positions, from the cut
+    restarting the positions at 0)."""
+    pos = torch.arange(length)
+    return (pos >= train_len) & (pos % train_len == train_len - 1)
+
+
 def window_split(long_w: Tensor, window_w: Tensor, short_w: Tensor,
                  train_len: int) -> list[tuple[str, float, float | None, float | None]]:
     """Over the tokens past ``L`` that keep local context (:func:`context_split`'s second set), Δ
-    split in two: full context − window of ``L`` (what the keys beyond ``L`` do) and window of ``L``
-    − cut at ``L`` (what the context within ``L`` beyond the chunk's start does); they add up to that
-    set's Δ. Rows ``(label, mean, lo, hi)``, intervals a 95% bootstrap over windows."""
+    split in two: full context − window of ``L`` (what the keys beyond ``L`` do directly) and window
+    of ``L`` − cut at ``L`` (the context beyond the chunk's start that the window shows); they add up
+    to that set's Δ. The window is not a clean near/far split for a model of several layers: a key
+    within ``L`` carries, in its state, tokens up to ``L − 1`` farther back per layer below. So a third
+    row, not part of the sum, gives window − cut at :func:`chunk_ends`, where both show the first
+    layer the same keys: what far tokens do through the layers. Rows ``(label, mean, lo, hi)``,
+    intervals a 95% bootstrap over windows."""
     _, kept = _position_sets(long_w.shape[1], train_len)
     if not bool(kept.any()):
         return []
     rows = []
-    for label, a, b in ((f"keys at distance ≥ {train_len} (full − window of {train_len})", long_w, window_w),
-                        (f"context within {train_len} (window of {train_len} − cut)", window_w, short_w)):
-        delta = (a - b)[:, kept]
+    ends = chunk_ends(long_w.shape[1], train_len)
+    for label, a, b, sel in (
+            (f"keys at distance ≥ {train_len} (full − window of {train_len})", long_w, window_w, kept),
+            (f"keys within {train_len} before the chunk's start, and what they carry (window of {train_len} − cut)",
+             window_w, short_w, kept),
+            ("far tokens through the layers (window − cut at each chunk's last position, the same keys in layer 1)",
+             window_w, short_w, ends)):
+        delta = (a - b)[:, sel]
         rows.append((label, float(delta.mean()), *delta_interval(delta)))
     return rows
 
@@ -502,7 +524,8 @@ class DiagnoseResult:
     loss_delta_interval: tuple[float | None, float | None] = (None, None)  # of Δ over all positions
     # Δ past L split into the cut chunks' first L/8 tokens and the rest: (label, share, mean Δ, lo, hi)
     context_split: list[tuple[str, float, float, float | None, float | None]] = field(default_factory=list)
-    # the rest's Δ split by a sliding window of L: keys beyond L, context within L (label, Δ, lo, hi)
+    # the rest's Δ split by a sliding window of L: keys beyond L, the window's keys before the chunk (label, Δ, lo, hi);
+    # a third row, window − cut at the chunks' last positions: far tokens through the layers
     window_split: list[tuple[str, float, float | None, float | None]] = field(default_factory=list)
     corpus: dict[str, Any] = field(default_factory=dict)  # the fingerprint of the text measured on
     trained_corpus: dict[str, Any] | None = None  # the one the checkpoint records it was trained on

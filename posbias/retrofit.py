@@ -290,6 +290,10 @@ class _Run:
                  progress: bool, log: Log, pos_lr_mult: float) -> None:
         self.cfg, self.out, self.key, self.corpus, self.pos_lr_mult = cfg, out, key, corpus, pos_lr_mult
         self.train_len, self.lens, self.progress, self.log = train_len, lens, progress, log
+        # segments of the longest length spread over the split, tiled by every length that divides it:
+        # then every length scores the same tokens (evaluate.evaluate_length)
+        longest = max(lens)
+        self.span = longest if all(longest % n == 0 for n in lens) else None
         self.cache = store.JobCache(out / f"cache-{key}.json", "retrofit", cfg.device)
 
     def measure(self, model: TransformerLM, base: TransformerLM, method: str, stage: str, extra: int, *,
@@ -317,7 +321,8 @@ class _Run:
         got = self.cache.data.setdefault(f"eval:{label}:{self.cfg.eval_tokens}", {})
         for n in self.lens:
             if str(n) not in got:
-                r = evaluate_length(model, self.corpus.val, n, max_tokens=self.cfg.eval_tokens, device=self.cfg.device)
+                r = evaluate_length(model, self.corpus.val, n, max_tokens=self.cfg.eval_tokens, span=self.span,
+                                    device=self.cfg.device)
                 got[str(n)] = {"ppl": r["ppl"], "window_loss": r["window_loss"]}
                 self.cache.save()
             self.log(f"[{label}] ppl @ {n}: {got[str(n)]['ppl']:.3f}")

@@ -96,22 +96,20 @@ def test_rotary_far_filler_script_teaches_copies_and_hides_nothing_at_L(tmp_path
     assert [line.split(": ")[1].split(",")[0] for line in alibi] == [alibi[0].split(": ")[1].split(",")[0]] * 2
 
 
-def test_window_hops_one_layer_relative_schemes_see_the_same_keys_at_chunk_ends():
-    """At the last position of each cut chunk a sliding window of L and the cut show the first layer the
-    same keys: with one layer and relative positions, the same loss there; through two layers (or with
-    absolute positions, which the cut restarts) it differs."""
+def test_window_hops_chunk_ends_are_the_diagnosis_row():
+    """The script's chunk-final window − cut is ``diagnose.window_split``'s third row (whose meaning
+    ``test_far_tokens_reach_chunk_ends_only_through_layers`` checks), next to its two wider sets."""
+    from posbias.diagnose import context_effect, window_effect, window_split
     from posbias.model import ModelConfig, TransformerLM
 
     window_hops = _load("window_hops")
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 256, (4096,), generator=g).to(torch.uint8)
+    tokens = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
     L = 16
-    for scheme, layers, same in (("nope", 1, True), ("alibi", 1, True), ("rope", 1, True), ("t5", 1, True),
-                                 ("nope", 2, False), ("sinusoidal", 1, False)):
-        torch.manual_seed(0)
-        model = TransformerLM(ModelConfig(scheme=scheme, d_model=32, n_layers=layers, n_heads=2)).eval()
-        with torch.no_grad():
-            got = window_hops.window_minus_cut(model, tokens, 4 * L, L, 3)
-        m, lo, hi = got["chunk-final"]
-        assert (abs(m) < 1e-5) == same, (scheme, layers, m)
-        assert lo <= m <= hi and set(got) == {"chunk-final", "last quarter of each chunk", "every position past L"}
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(scheme="nope", d_model=32, n_layers=2, n_heads=2)).eval()
+    with torch.no_grad():
+        got = window_hops.window_minus_cut(model, tokens, 4 * L, L, 3)
+        long, short = context_effect(model, tokens, 4 * L, L, windows=3)
+        row = window_split(long, window_effect(model, tokens, 4 * L, L, 3), short, L)[2]
+    assert got["chunk-final"] == pytest.approx(row[1:]) and abs(row[1]) > 1e-5
+    assert set(got) == {"chunk-final", "last quarter of each chunk", "every position past L"}

@@ -17,8 +17,9 @@ from posbias.report import digits_sentence, shuffled_key_score
 from posbias.attention import attention
 from posbias.cli import main
 from posbias.data import stdlib_corpus
-from posbias.diagnose import (DiagnoseConfig, WithinWindow, attention_distance, bias_drift, context_split,
-                              effective_reach, final_bucket_share, run_diagnose, window_effect, window_split)
+from posbias.diagnose import (DiagnoseConfig, WithinWindow, attention_distance, bias_drift, chunk_ends, context_effect,
+                              context_split, effective_reach, final_bucket_share, run_diagnose, window_effect,
+                              window_split)
 from posbias.report import diagnose as diagnose_report
 from posbias.report import retrofit as retrofit_report
 from posbias.model import ModelConfig, TransformerLM
@@ -207,9 +208,10 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     assert "mass at distance ≥ L" in md and "Attention on keys at distance ≥ L" in md
     assert rep.bias_drift == [0.0] * len(rep.bias_drift) and "The bias depends on i − j alone" in md
     # the sliding-window counterfactual: its two rows add up to the kept tokens' Δ
-    (_, beyond, lo, hi), (_, within, _, _) = rep.window_split
-    assert beyond + within == pytest.approx(rep.context_split[-1][2]) and lo <= beyond <= hi
+    (_, beyond, lo, hi), (_, within, _, _), (_, layers, lo3, hi3) = rep.window_split
+    assert beyond + within == pytest.approx(rep.context_split[-1][2]) and lo <= beyond <= hi and lo3 <= layers <= hi3
     assert "Attention to the keys beyond L" in md and "window of 48 − cut" in md
+    assert "Far tokens reaching a query through the layers, with the same keys in the first layer, Δ" in md
     saved = json.loads((tmp_path / "d" / "diagnose.json").read_text())
     assert saved["train_len"] == L and len(saved["loss_by_position_cut_at_L"]) == 2 * L
     # the first L positions see the same context either way
@@ -377,7 +379,7 @@ def test_comparison_says_each_copy_and_judges_the_best_over_copies():
     intervals over the copies; the table's cell says how many copies."""
     from posbias.report import comparison
 
-    base = {"context": None, "distant_keys": None, "keys_beyond_L": None, "attention_beyond_L": None,
+    base = {"context": None, "distant_keys": None, "keys_beyond_L": None, "through_layers": None, "attention_beyond_L": None,
             "bias_drift": None, "rotary_unseen": None, "passkey_fits": None, "passkey_digits": None,
             "train_len": L, "length": 8 * L}
     t5 = {**base, "model": "t5", "passkey_seeds": [0, 1, 2], "passkey": {L: (0.49, 0.0, 0.97), 8 * L: (0.52, 0.0, 0.99)},
@@ -667,10 +669,30 @@ def test_window_split_adds_up():
     L_, n = 16, 64
     long, win, short = (torch.rand(4, n, dtype=torch.float64) for _ in range(3))
     short[:, :L_] = long[:, :L_]
-    (l1, d1, lo1, hi1), (l2, d2, _, _) = window_split(long, win, short, L_)
+    (l1, d1, lo1, hi1), (l2, d2, _, _), (l3, d3, lo3, hi3) = window_split(long, win, short, L_)
     kept = (torch.arange(n) >= L_) & (torch.arange(n) % L_ >= 2)
     assert d1 + d2 == pytest.approx(float((long - short)[:, kept].mean())) and lo1 <= d1 <= hi1
-    assert "keys at distance ≥ 16" in l1 and "context within 16" in l2
+    ends = [31, 47, 63]  # the last position of each chunk after the first
+    assert d3 == pytest.approx(float((win - short)[:, ends].mean())) and lo3 <= d3 <= hi3
+    assert chunk_ends(n, L_).nonzero().flatten().tolist() == ends
+    assert "keys at distance ≥ 16" in l1 and "window of 16 − cut" in l2 and "through the layers" in l3
+
+
+@pytest.mark.parametrize("scheme,layers,same", [("nope", 1, True), ("alibi", 1, True), ("rope", 1, True),
+                                                ("t5", 1, True), ("nope", 2, False), ("sinusoidal", 1, False)])
+def test_far_tokens_reach_chunk_ends_only_through_layers(scheme, layers, same):
+    """At the last position of each cut chunk a sliding window of L and the cut show the first layer the
+    same keys: with one layer and relative positions the loss there is the same, so window_split's third
+    row is 0; through two layers (or with absolute positions, which the cut restarts) it is not."""
+    tokens = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(scheme=scheme, d_model=32, n_layers=layers, n_heads=2)).eval()
+    with torch.no_grad():
+        long, short = context_effect(model, tokens, 4 * L, L, windows=3)
+        win = window_effect(model, tokens, 4 * L, L, 3)
+    _, d, lo, hi = window_split(long, win, short, L)[2]
+    assert (abs(d) < 1e-5) == same, (scheme, layers, d)
+    assert lo <= d <= hi
 
 
 def test_diagnose_cli_prints_its_verdicts(tmp_path, capsys, text_file):
@@ -753,7 +775,7 @@ def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
         alone = json.loads((out / r["model"] / "diagnose.json").read_text())
         assert r["scheme"] == alone["scheme"] and r["bias_drift"] == max(alone["bias_drift"])
         assert r["context"][1:] == alone["loss_delta_interval"]
-        assert r["keys_beyond_L"] == alone["window_split"][0][1:]
+        assert r["keys_beyond_L"] == alone["window_split"][0][1:] and r["through_layers"] == alone["window_split"][2][1:]
         assert r["passkey"][str(L)][0] == pytest.approx(statistics.fmean(alone["passkey"][str(L)].values()))
     assert rows[0]["bias_drift"] > 0 and rows[1]["bias_drift"] == 0  # FIRE's bias moves past L, T5's cannot
     md = (out / "comparison.md").read_text()
@@ -771,7 +793,7 @@ def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
         alone = json.loads((out / r["model"] / "diagnose.json").read_text())
         cells = alone["passkey_digits"][str(L)].values()
         assert r["passkey_digits"][str(L)] == pytest.approx([statistics.fmean(c[i] for c in cells) for i in range(5)])
-    made = {**rows[0], "context": (0.1, 0.05, 0.2), "distant_keys": None, "keys_beyond_L": None,
+    made = {**rows[0], "context": (0.1, 0.05, 0.2), "distant_keys": None, "keys_beyond_L": None, "through_layers": None,
             "attention_beyond_L": None, "bias_drift": None, "rotary_unseen": None, "passkey_fits": None,
             "passkey_seeds": [0], "passkey_digits": {L: [0.5, 0.2, 0.1, 0.1, 0.1], 8 * L: [0.1] * 5}}
     said = comparison.sentences([{**made, "model": "a", "passkey": {L: (0.0, 0.0, 0.1), 8 * L: (0.0, 0.0, 0.1)},

@@ -405,6 +405,35 @@ def test_positional_parameters_get_their_own_learning_rate():
                                                     TrainConfig()).param_groups)
 
 
+def test_evaluation_segments_spread_over_the_whole_split():
+    """Scored segments run from the split's start to its end (an interval over them speaks for the
+    split, not its first stretch), at exact integer positions, and every length tiles the same ones."""
+    from torch.nn import functional as F
+
+    from posbias.evaluate import spread_starts, token_losses
+
+    assert spread_starts(1000, 100, 4) == [0, 300, 600, 900] and spread_starts(1000, 100, 1) == [0]
+    assert spread_starts(400, 100, 4) == [0, 100, 200, 300]  # as many as fit: contiguous
+    big = 2 ** 40 + 1  # past float32's (and float64's 2^53 is far) exact integers: positions stay integer
+    assert spread_starts(big, 2 ** 20, 3) == [0, (big - 2 ** 20) // 2, big - 2 ** 20]
+    with pytest.raises(ValueError, match="399 scoreable tokens, fewer than 4 segments of 100"):
+        spread_starts(399, 100, 4)
+    model = TransformerLM(ModelConfig(scheme="alibi", **TINY)).eval()
+    tokens = torch.randint(0, 256, (5001,), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    n16 = token_losses(model, tokens, 16, n_tokens=256, span=64)  # 4 segments of 64, the last ending at 5000
+    n64 = token_losses(model, tokens, 64, n_tokens=256)
+    for k, start in enumerate([0, 1645, 3290, 4936]):
+        x = tokens[start: start + 65].long()
+        with torch.no_grad():
+            want = F.cross_entropy(model(x[None, :-1])[0].float(), x[1:], reduction="none").double()
+        torch.testing.assert_close(n64[64 * k: 64 * k + 64], want, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():  # windows of 16 tile the same segment
+            first = F.cross_entropy(model(x[None, :16])[0].float(), x[1:17], reduction="none").double()
+        torch.testing.assert_close(n16[64 * k: 64 * k + 16], first, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="segment span 40 must be a positive multiple of the length 16"):
+        token_losses(model, tokens, 16, n_tokens=80, span=40)
+
+
 def test_length_study_intervals_and_tail_view(corpus):
     from posbias.evaluate import length_study
 
@@ -417,13 +446,13 @@ def test_length_study_intervals_and_tail_view(corpus):
     # far_delta: the tail without its first L/8 = 2 tokens, against the same tokens in windows of 16
     from posbias.evaluate import token_losses
     pos = torch.arange(640)
-    n16, n64 = (token_losses(model, corpus.val, n, n_tokens=640) for n in (16, 64))
+    n16, n64 = (token_losses(model, corpus.val, n, n_tokens=640, span=64) for n in (16, 64))
     kept = (pos % 64) >= 64 - 16 + 2
     assert res[64]["far_delta"] == pytest.approx(float((n64[kept] - n16[kept]).double().mean()), abs=1e-9)
     assert res[64]["far_delta_lo"] <= res[64]["far_delta"] <= res[64]["far_delta_hi"]
     assert res[16]["far_delta"] == 0.0 and res[16]["far_delta_lo"] == res[16]["far_delta_hi"] == 0.0
     # the all-token loss equals the plain non-overlapping evaluation of the same tokens
-    plain = evaluate_length(model, corpus.val, 32, max_tokens=640)
+    plain = evaluate_length(model, corpus.val, 32, max_tokens=640, span=64)
     assert res[32]["loss"] == pytest.approx(plain["loss"], rel=1e-9)
     assert len(plain["window_loss"]) == 20 and sum(plain["window_loss"]) / 20 == pytest.approx(plain["loss"], rel=1e-12)
     with pytest.raises(ValueError, match="must include the training length"):

@@ -1,15 +1,16 @@
 """Does a sliding window of L isolate the far context? Not through several layers: measured.
 
 ``posbias diagnose`` splits what the full context does past L into *keys beyond L* (full − a sliding
-window of L) and *context within L* (the window − the context cut at L). The window hides every key at
-distance ≥ L in every layer, but a query still reads a key within L whose own state, one layer down,
-read keys up to L − 1 farther back: with n layers, a token up to n (L − 1) back can reach it. At the
-last position of each cut chunk (position kL + L − 1) the window and the cut show the first layer the
-very same keys, so for a scheme of relative positions any difference there comes only through the
-layers: what tokens beyond the chunk's start carry into the keys' states. A scheme of absolute
-positions differs there by its positions too (the cut restarts them at 0). This script prints, for
-each checkpoint, window − cut at those chunk-final positions, over the last quarter of each chunk, and
-over every position past L, each with a 95% bootstrap interval over the windows.
+window of L) and the window's keys before the chunk's start (the window − the context cut at L). The
+window hides every key at distance ≥ L in every layer, but a query still reads a key within L whose own
+state, one layer down, read keys up to L − 1 farther back: with n layers, a token up to n (L − 1) back
+can reach it. At the last position of each cut chunk (position kL + L − 1, ``diagnose.chunk_ends``) the
+window and the cut show the first layer the very same keys, so for a scheme of relative positions any
+difference there comes only through the layers: what tokens beyond the chunk's start carry into the
+keys' states. A scheme of absolute positions differs there by its positions too (the cut restarts them
+at 0). The diagnosis reports that chunk-final row (``diagnose.window_split``'s third); this script
+prints it beside window − cut over the last quarter of each chunk and over every position past L, each
+with a 95% bootstrap interval over the windows, on more windows than the diagnosis's default.
 
     .venv/bin/python docs/experiments/window_hops.py runs/demo/models/{nope,rope,sinusoidal,alibi,t5}-seed0-<key>/final
 """
@@ -25,7 +26,7 @@ import torch
 from posbias import checkpoint as ckpt
 from posbias.config import fixed_threads
 from posbias.data import load_corpus
-from posbias.diagnose import context_effect, delta_interval, window_effect
+from posbias.diagnose import chunk_ends, context_effect, delta_interval, window_effect
 
 
 def window_minus_cut(model, tokens: torch.Tensor, length: int, train_len: int, windows: int) -> dict[str, tuple]:
@@ -36,7 +37,7 @@ def window_minus_cut(model, tokens: torch.Tensor, length: int, train_len: int, w
     pos = torch.arange(length)
     past = pos >= train_len
     got = {}
-    for label, sel in (("chunk-final", past & (pos % train_len == train_len - 1)),
+    for label, sel in (("chunk-final", chunk_ends(length, train_len)),
                        ("last quarter of each chunk", past & (pos % train_len >= 3 * train_len // 4)),
                        ("every position past L", past)):
         d = (win - cut)[:, sel]

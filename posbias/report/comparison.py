@@ -42,6 +42,8 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
         "context": (full - cut, *r.loss_delta_interval),
         "distant_keys": None if kept is None else tuple(kept[2:]),
         "keys_beyond_L": tuple(r.window_split[0][1:]) if r.window_split else None,
+        # window − cut at the chunks' last positions (the same keys in layer 1): far tokens through the layers
+        "through_layers": tuple(r.window_split[2][1:]) if len(r.window_split) > 2 else None,
         "attention_beyond_L": far_attention(r),
         "bias_drift": None if r.bias_drift is None else max(r.bias_drift),
         "rotary_unseen": None if r.rotary is None else (len(unseen_pairs(r)), len(r.rotary["unseen"])),
@@ -110,7 +112,9 @@ def markdown(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
              "minus with the context cut at L, with its 95% bootstrap interval over the windows and what the "
              "interval supports (hurts: above 0; helps: below 0; ≈ 0: it spans 0). *Distant keys*: Δ over the "
              "tokens that keep local context after the cut; *keys beyond L*: the whole window against a sliding "
-             "window of L over the same model. Passkey: mean accuracy over the depths (and the "
+             "window of L over the same model; *far tokens through the layers*: that window against the cut at each "
+             "chunk's last position, where both show the first layer the same keys, so what differs is tokens at "
+             "distance ≥ L reaching the query through the keys' states (and, for absolute positions, the positions). Passkey: mean accuracy over the depths (and the "
              "copies, where a model has several) with its 95% Wilson interval over samples; with several copies the "
              "interval runs from the lowest to the highest bound of any copy, so it spans how far the copies differ "
              "too." + (f" *Copies ≥ {passkey.LEARNED:g} at L*: the same at the window over only the copies that solved "
@@ -119,11 +123,11 @@ def markdown(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
              + f" {_corpus(rows, results)}", ""]
     lines += md_table(
         ["model", "L → window", "ppl, positions < L", "ppl, last half of the window", "context past L, Δ", "distant keys, Δ",
-         "keys beyond L, Δ", "attention ≥ L, last quarter (mean / largest head)", "bias drift, nats",
+         "keys beyond L, Δ", "far tokens through the layers, Δ", "attention ≥ L, last quarter (mean / largest head)", "bias drift, nats",
          "passkey @ L", "passkey @ window"] + ([f"passkey @ window, copies ≥ {passkey.LEARNED:g} at L"] if _several(rows)
                                                 else []),
         [[r["model"], _lengths(r), f"{r['ppl_below_L']:.3f}", f"{r['ppl_last_half']:.3f}",
-          _delta(r["context"]), _delta(r["distant_keys"]), _delta(r["keys_beyond_L"]),
+          _delta(r["context"]), _delta(r["distant_keys"]), _delta(r["keys_beyond_L"]), _delta(r["through_layers"]),
           "—" if r["attention_beyond_L"] is None else "{:.4f} / {:.4f}".format(*r["attention_beyond_L"]),
           "—" if r["bias_drift"] is None else f"{r['bias_drift']:.2f}",
           _passkey(r, r["train_len"]), _passkey(r, _longest(r))] + ([_kept(r)] if _several(rows) else [])
@@ -164,7 +168,9 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
     said = []
     for key, what in (("context", "The context past L"), ("distant_keys", "For tokens that keep local context, "
                                                                           "the distant keys"),
-                      ("keys_beyond_L", "Against a sliding window of L, the keys beyond L")):
+                      ("keys_beyond_L", "Against a sliding window of L, the keys beyond L"),
+                      ("through_layers", "At chunk ends, where a window of L and the cut show the same keys, far "
+                                         "tokens reaching the query through the layers")):
         groups: dict[str, list[str]] = {}
         for r in rows:
             if r[key] is not None:

@@ -48,6 +48,11 @@ def summary(r: DiagnoseResult) -> list[str]:
         _, d, lo, hi = r.window_split[0]
         lines.append(f"keys beyond L, against a sliding window of L (Δ {_delta_cell(d, lo, hi)}): "
                      f"{_context_verdict(lo, hi, r.loss_windows)}")
+        if len(r.window_split) > 2:
+            _, d, lo, hi = r.window_split[2]
+            what = "far tokens through the layers" + (" and positions past L" if r.scheme.family == "absolute" else "")
+            lines.append(f"{what}, at chunk ends where a window of L and the cut show the same keys "
+                         f"(Δ {_delta_cell(d, lo, hi)}): {_context_verdict(lo, hi, r.loss_windows)}")
     far = far_attention(r)
     if far is not None:
         lines.append(f"attention at distances ≥ L over the last {r.length // 4} queries: {far[0]:.4f} "
@@ -135,16 +140,35 @@ def _loss_section(r: DiagnoseResult) -> list[str]:
 
 
 def _window_section(r: DiagnoseResult) -> list[str]:
-    """The kept tokens' Δ split by a sliding window of L (:func:`posbias.diagnose.window_split`)."""
+    """The kept tokens' Δ split by a sliding window of L, and what far tokens do through the layers
+    (:func:`posbias.diagnose.window_split`)."""
     if not r.window_split:
         return []
     rows = [[label, _delta_cell(d, lo, hi)] for label, d, lo, hi in r.window_split]
     _, _, lo, hi = r.window_split[0]
-    return (["The same tokens once more with attention cut to the L nearest keys (a sliding window of L laid "
-             "over the model: a counterfactual, not how it was trained). The two rows add up to the second row "
-             "above: what the keys beyond L do, and what the context within L does beyond the chunk's start.", ""]
+    return (["The same tokens once more with attention cut to the L nearest keys in every layer (a sliding window "
+             "of L laid over the model: a counterfactual, not how it was trained). The first two rows add up to the "
+             "second row above: what the keys beyond L do directly, and what the window's keys before the chunk's "
+             "start add. Those keys are within L of the query, but in a model of several layers each carries in its "
+             "state tokens up to L − 1 farther back per layer below it, so the second row is not near context "
+             "alone. The third row (not part of the sum) measures that part: at each chunk's last position the "
+             "window and the cut show the first layer the same keys, so what differs there is far tokens reaching "
+             "the query through the layers.", ""]
             + md_table(["what the full context adds", "Δ"], rows)
-            + ["", f"Attention to the keys beyond L {_context_verdict(lo, hi, r.loss_windows)}.", ""])
+            + ["", f"Attention to the keys beyond L {_context_verdict(lo, hi, r.loss_windows)}.",
+               *_through_layers(r), ""])
+
+
+def _through_layers(r: DiagnoseResult) -> list[str]:
+    """The sentence on :func:`posbias.diagnose.window_split`'s third row, where there is one."""
+    if len(r.window_split) < 3:
+        return []
+    _, d, lo, hi = r.window_split[2]
+    absolute = r.scheme.family == "absolute"
+    what = ("Far tokens through the layers, together with the positions past L (the cut restarts them at 0, "
+            "so for absolute positions this row holds both)," if absolute else "Far tokens reaching a query through "
+            "the layers, with the same keys in the first layer,")
+    return ["", f"{what} Δ {_delta_cell(d, lo, hi)}: {_context_verdict(lo, hi, r.loss_windows)}."]
 
 
 def _split_section(r: DiagnoseResult) -> list[str]:
