@@ -113,3 +113,22 @@ def test_window_hops_chunk_ends_are_the_diagnosis_row():
         row = window_split(long, window_effect(model, tokens, 4 * L, L, 3), short, L)[2]
     assert got["chunk-final"] == pytest.approx(row[1:]) and abs(row[1]) > 1e-5
     assert set(got) == {"chunk-final", "last quarter of each chunk", "every position past L"}
+
+def test_eval_frame_scores_stretches_from_the_splits_start_to_its_end():
+    """Each stretch is the study on a contiguous slice (stretch 0: the split's first tokens, what the
+    evaluation scored before it spread its segments), the last row the study on the whole split."""
+    from posbias.evaluate import length_study
+    from posbias.model import ModelConfig, TransformerLM
+
+    eval_frame = _load("eval_frame")
+    val = torch.randint(0, 256, (3001,), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    val[2000:] = 48  # digits at the end
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(scheme="alibi", d_model=32, n_layers=1, n_heads=2)).eval()
+    with torch.no_grad():
+        rows = eval_frame.ratios(model, val, 16, 64, 256, 3)
+        first = length_study(model, val[:257], [16, 64], train_len=16, n_tokens=256)[64]
+    assert [r[0].split(" (")[0] for r in rows] == ["stretch 0 @ 0", "stretch 1 @ 1372", "stretch 2 @ 2744",
+                                                  "segments spread over the split"]
+    assert rows[0][1:] == (first["ratio"], first["ratio_lo"], first["ratio_hi"])
+    assert "digits 1.00" in rows[2][0] and all(lo <= r <= hi for _, r, lo, hi in rows)

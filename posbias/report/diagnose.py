@@ -128,7 +128,8 @@ def _loss_section(r: DiagnoseResult) -> list[str]:
     rows = [[name, f"{lo:.4f}", f"{sh:.4f}", _delta_cell(lo - sh, d_lo, d_hi)] for name, lo, sh, d_lo, d_hi in r.loss_by_range]
     rows.append(["all", f"{full:.4f}", f"{cut:.4f}", _delta_cell(full - cut, lo_all, hi_all)])
     return (["## Loss by position", "",
-             f"The same {r.loss_windows * r.length} validation bytes scored in {r.length}-token windows (full context) "
+             f"The same {r.loss_windows * r.length} validation bytes ({r.loss_windows} windows spread evenly over the "
+             f"split) scored in {r.length}-token windows (full context) "
              f"and with the context cut into chunks of L = {r.train_len} (what the model saw in training). Δ < 0: the "
              f"extra context helps; Δ > 0: it hurts. Intervals: 95% bootstrap over the {r.loss_windows} windows "
              "(paired: both columns score the same tokens).", ""]

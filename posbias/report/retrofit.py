@@ -131,7 +131,8 @@ def markdown(result: RetrofitResult) -> str:
     ref = rows[0]["ppl"].get(L, math.nan)
     tuned = result.config.finetune_steps or (result.config.compare and result.config.passkey_steps)
     lines = [f"Retrofit of `{result.checkpoint}` (trained at L = {L}) to {to} tokens. "
-             f"{corpus_line(result.corpus, result.trained_corpus)}"
+             f"{corpus_line(result.corpus, result.trained_corpus)} Perplexity: up to {result.config.eval_tokens:,} "
+             "validation tokens in segments spread evenly over the split."
              + (f" Fine-tunes train the positional parameters at {result.pos_lr_mult:g}× their learning rate"
                 f"{' (as the checkpoint was trained)' if result.config.pos_lr_mult is None else ''}." if tuned else ""),
              ""] + md_table(

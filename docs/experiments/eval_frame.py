@@ -1,0 +1,74 @@
+"""Which text does an evaluation speak for? One stretch of a split against segments spread over it.
+
+Until 2026-12-03 every length study scored the validation split's *first* ``eval_tokens`` tokens, and
+its 95% intervals (a bootstrap over segments of the longest length) were intervals for that stretch of
+text. This script scores each checkpoint on ``--blocks`` contiguous stretches of ``--tokens`` tokens
+each, spaced evenly from the split's start to its end (stretch 0 is what the old evaluation scored),
+and, beside them, the same number of tokens as segments spread over the whole split (what
+:func:`posbias.evaluate.length_study` scores now). Per stretch it prints ppl@longest / ppl@L with the
+study's own paired interval, and what the stretch's text is like (its share of digit bytes and mean
+line length: the demo's validation split holds the codec tables of ``encodings/``, rows of hex codes
+and character names, where a model can copy from far back).
+
+    .venv/bin/python docs/experiments/eval_frame.py runs/demo/models/*/final
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from posbias import checkpoint as ckpt
+from posbias.config import fixed_threads
+from posbias.data import load_corpus
+from posbias.evaluate import length_study, spread_starts
+
+
+def text_profile(stretch: torch.Tensor) -> str:
+    """The share of digit bytes and the mean line length of a stretch of bytes."""
+    digits = float(((stretch >= 48) & (stretch <= 57)).double().mean())
+    lines = max(1, int((stretch == 10).sum()))
+    return f"digits {digits:.2f}, line {stretch.numel() / lines:.0f} B"
+
+
+def ratios(model, val: torch.Tensor, train_len: int, longest: int, tokens: int, blocks: int) -> list[tuple]:
+    """``(label, ratio, lo, hi)``: each contiguous stretch, then segments spread over the split."""
+    rows = []
+    for k, start in enumerate(spread_starts(val.numel() - 1, tokens, blocks)):
+        stretch = val[start: start + tokens + 1]
+        got = length_study(model, stretch, [train_len, longest], train_len=train_len, n_tokens=tokens)[longest]
+        rows.append((f"stretch {k} @ {start} ({text_profile(stretch)})", got["ratio"], got["ratio_lo"], got["ratio_hi"]))
+    got = length_study(model, val, [train_len, longest], train_len=train_len, n_tokens=tokens)[longest]
+    rows.append(("segments spread over the split", got["ratio"], got["ratio_lo"], got["ratio_hi"]))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--longest", type=int, help="the longest length (default: 16 L)")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per stretch (the demo's eval_tokens)")
+    p.add_argument("--blocks", type=int, default=8, help="contiguous stretches, spaced over the split")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    val = load_corpus().val
+    said = []
+    with fixed_threads(args.threads), torch.no_grad():
+        for path in args.checkpoints:
+            t0 = time.perf_counter()
+            model = ckpt.load_model(path).eval()
+            train_len = ckpt.train_len(path)
+            longest = args.longest or 16 * train_len
+            rows = ratios(model, val, train_len, longest, args.tokens, args.blocks)
+            said.append(f"{model.cfg.scheme}: ppl@{longest}/ppl@{train_len} " + "; ".join(
+                f"{label} {r:.3f} [{lo:.3f}, {hi:.3f}]" for label, r, lo, hi in rows)
+                + f" ({time.perf_counter() - t0:.0f} s)")
+            print(said[-1], flush=True)
+    return said
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
