@@ -337,8 +337,9 @@ def chunk_ends(length: int, train_len: int) -> Tensor:
     """Boolean ``[length]``: the last position of every ``L``-chunk after the first (``kL + L − 1``,
     ``k ≥ 1``). There a sliding window of ``L`` and the context cut at ``L`` show the first layer the
     same keys (the chunk), so what differs between them comes from tokens at distance ``≥ L`` reaching
-    the query through the keys' states in lower layers (and, for absolute positions, from the cut
-    restarting the positions at 0)."""
+    the query through the keys' states in lower layers (and, for absolute positions or a bias that
+    moves with the query position, such as FIRE's past its threshold, from the cut restarting the
+    positions at 0)."""
     pos = torch.arange(length)
     return (pos >= train_len) & (pos % train_len == train_len - 1)
 

@@ -1412,3 +1412,31 @@ def test_an_interrupted_passkey_copy_keeps_every_probe(tmp_path, corpus, monkeyp
     got = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d", log=said.append).to_json()
     assert any("resuming from step 3 of 6" in line for line in said)
     assert {**got, "checkpoint": None} == {**want, "checkpoint": None}
+
+
+def test_a_tiny_delta_is_printed_at_its_own_scale():
+    """A verdict on an interval that excludes 0 never sits beside a Δ printed as +0.0000."""
+    from posbias.report.diagnose import delta_cell
+
+    assert delta_cell(4.1e-5, 1.2e-5, 7.9e-5) == "+4.1e-05 [+1.2e-05, +7.9e-05]"
+    assert delta_cell(0.0123, -0.001, 0.02) == "+0.0123 [-0.0010, +0.0200]"
+    assert delta_cell(-3e-5, None, None) == "-3.0e-05" and delta_cell(0.5, None, None) == "+0.5000"
+
+
+def test_the_chunk_end_row_names_what_besides_far_tokens_it_holds():
+    """At a chunk's last position the cut restarts positions at 0: a scheme that reads the position
+    (absolute, or a bias that moves with the query) differs there by more than far tokens."""
+    from types import SimpleNamespace
+
+    from posbias.report.diagnose import _position_moves, _through_layers
+
+    row = [("a", 0.1, 0.0, 0.2), ("b", 0.0, -0.1, 0.1), ("c", 0.05, 0.01, 0.09)]
+    said = {}
+    for name, family, drift in (("t5", "additive", [0.0, 0.0]), ("fire", "additive", [0.0, 2.5]),
+                                ("sinusoidal", "absolute", None), ("rope", "rotary", None)):
+        r = SimpleNamespace(scheme=SimpleNamespace(family=family), bias_drift=drift, window_split=row, loss_windows=8)
+        said[name] = (_position_moves(r), " ".join(_through_layers(r)))
+    assert said["t5"][0] == said["rope"][0] == "" and "with the same keys in the first layer" in said["t5"][1]
+    assert said["fire"][0] == "the bias's move with the query position" and "this row holds both" in said["fire"][1]
+    assert said["sinusoidal"][0] == "the positions past L themselves"
+    assert all("Δ +0.0500 [+0.0100, +0.0900]: hurts" in s for _, s in said.values())

@@ -22,7 +22,7 @@ from ..config import Log, quiet
 from ..diagnose import DiagnoseResult, kept_row
 from . import (copies_sentence, copy_names, corpus_name, digits_sentence, kept_cell, kept_mean, kept_past_l, md_table,
                same_text)
-from .diagnose import far_attention, mean_losses, smoothed, unseen_pairs
+from .diagnose import delta_cell, far_attention, mean_losses, smoothed, unseen_pairs
 from .diagnose import verdict as interval_verdict
 
 Delta = tuple[float, float | None, float | None]  # mean Δ and its 95% interval (None with one window)
@@ -78,9 +78,7 @@ def verdict(delta: Delta | None) -> str:
 def _delta(delta: Delta | None) -> str:
     if delta is None:
         return "—"
-    d, lo, hi = delta
-    interval = "" if lo is None or hi is None else f" [{lo:+.4f}, {hi:+.4f}]"
-    return f"{d:+.4f}{interval} {verdict(delta)}"
+    return f"{delta_cell(*delta)} {verdict(delta)}"
 
 
 def _passkey(r: dict[str, Any], n: int) -> str:
@@ -114,7 +112,8 @@ def markdown(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
              "tokens that keep local context after the cut; *keys beyond L*: the whole window against a sliding "
              "window of L over the same model; *far tokens through the layers*: that window against the cut at each "
              "chunk's last position, where both show the first layer the same keys, so what differs is tokens at "
-             "distance ≥ L reaching the query through the keys' states (and, for absolute positions, the positions). Passkey: mean accuracy over the depths (and the "
+             "distance ≥ L reaching the query through the keys' states (and, for absolute positions or a bias that moves with the "
+             "query position, that position, which the cut restarts at 0). Passkey: mean accuracy over the depths (and the "
              "copies, where a model has several) with its 95% Wilson interval over samples; with several copies the "
              "interval runs from the lowest to the highest bound of any copy, so it spans how far the copies differ "
              "too." + (f" *Copies ≥ {passkey.LEARNED:g} at L*: the same at the window over only the copies that solved "

@@ -37,22 +37,22 @@ def summary(r: DiagnoseResult) -> list[str]:
     """The verdicts of the report in a few lines, for the terminal."""
     full, cut = mean_losses(r)
     lo, hi = r.loss_delta_interval
-    lines = [f"context past L = {r.train_len} (Δ {_delta_cell(full - cut, lo, hi)}): "
+    lines = [f"context past L = {r.train_len} (Δ {delta_cell(full - cut, lo, hi)}): "
              f"{_context_verdict(lo, hi, r.loss_windows)}"]
     kept = kept_row(r.context_split)
     if kept is not None:
         _, _, d, lo, hi = kept
-        lines.append(f"distant keys, for tokens that keep local context (Δ {_delta_cell(d, lo, hi)}): "
+        lines.append(f"distant keys, for tokens that keep local context (Δ {delta_cell(d, lo, hi)}): "
                      f"{_context_verdict(lo, hi, r.loss_windows)}")
     if r.window_split:
         _, d, lo, hi = r.window_split[0]
-        lines.append(f"keys beyond L, against a sliding window of L (Δ {_delta_cell(d, lo, hi)}): "
+        lines.append(f"keys beyond L, against a sliding window of L (Δ {delta_cell(d, lo, hi)}): "
                      f"{_context_verdict(lo, hi, r.loss_windows)}")
         if len(r.window_split) > 2:
             _, d, lo, hi = r.window_split[2]
-            what = "far tokens through the layers" + (" and positions past L" if r.scheme.family == "absolute" else "")
+            what = "far tokens through the layers" + (f" and {_position_moves(r)}" if _position_moves(r) else "")
             lines.append(f"{what}, at chunk ends where a window of L and the cut show the same keys "
-                         f"(Δ {_delta_cell(d, lo, hi)}): {_context_verdict(lo, hi, r.loss_windows)}")
+                         f"(Δ {delta_cell(d, lo, hi)}): {_context_verdict(lo, hi, r.loss_windows)}")
     far = far_attention(r)
     if far is not None:
         lines.append(f"attention at distances ≥ L over the last {r.length // 4} queries: {far[0]:.4f} "
@@ -102,8 +102,12 @@ def retrofit_line(r: DiagnoseResult) -> str:
             f"seen in training' means in the original training at L = {r.train_len}.")
 
 
-def _delta_cell(delta: float, lo: float | None, hi: float | None) -> str:
-    return f"{delta:+.4f}" if lo is None or hi is None else f"{delta:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+def delta_cell(delta: float, lo: float | None, hi: float | None) -> str:
+    """A Δ and its interval, to 4 decimals; where all of them are below 0.0005 in size, in scientific
+    notation, so that a verdict on an interval that excludes 0 never sits beside "+0.0000"."""
+    values = [delta] + ([] if lo is None or hi is None else [lo, hi])
+    fmt = "{:+.1e}" if max(abs(v) for v in values) < 5e-4 else "{:+.4f}"
+    return fmt.format(delta) + ("" if len(values) == 1 else f" [{fmt.format(lo)}, {fmt.format(hi)}]")
 
 
 def verdict(lo: float | None, hi: float | None) -> str:
@@ -125,8 +129,8 @@ def _context_verdict(lo: float | None, hi: float | None, windows: int) -> str:
 def _loss_section(r: DiagnoseResult) -> list[str]:
     full, cut = mean_losses(r)
     lo_all, hi_all = r.loss_delta_interval
-    rows = [[name, f"{lo:.4f}", f"{sh:.4f}", _delta_cell(lo - sh, d_lo, d_hi)] for name, lo, sh, d_lo, d_hi in r.loss_by_range]
-    rows.append(["all", f"{full:.4f}", f"{cut:.4f}", _delta_cell(full - cut, lo_all, hi_all)])
+    rows = [[name, f"{lo:.4f}", f"{sh:.4f}", delta_cell(lo - sh, d_lo, d_hi)] for name, lo, sh, d_lo, d_hi in r.loss_by_range]
+    rows.append(["all", f"{full:.4f}", f"{cut:.4f}", delta_cell(full - cut, lo_all, hi_all)])
     return (["## Loss by position", "",
              f"The same {r.loss_windows * r.length} validation bytes ({r.loss_windows} windows spread evenly over the "
              f"split) scored in {r.length}-token windows (full context) "
@@ -145,13 +149,13 @@ def _window_section(r: DiagnoseResult) -> list[str]:
     (:func:`posbias.diagnose.window_split`)."""
     if not r.window_split:
         return []
-    rows = [[label, _delta_cell(d, lo, hi)] for label, d, lo, hi in r.window_split]
+    rows = [[label, delta_cell(d, lo, hi)] for label, d, lo, hi in r.window_split]
     _, _, lo, hi = r.window_split[0]
     return (["The same tokens once more with attention cut to the L nearest keys in every layer (a sliding window "
              "of L laid over the model: a counterfactual, not how it was trained). The first two rows add up to the "
              "second row above: what the keys beyond L do directly, and what the window's keys before the chunk's "
              "start add. Those keys are within L of the query, but in a model of several layers each carries in its "
-             "state tokens up to L − 1 farther back per layer below it, so the second row is not near context "
+             "state tokens up to L − 1 farther back per layer below it, so the window − cut row is not near context "
              "alone. The third row (not part of the sum) measures that part: at each chunk's last position the "
              "window and the cut show the first layer the same keys, so what differs there is far tokens reaching "
              "the query through the layers.", ""]
@@ -160,23 +164,34 @@ def _window_section(r: DiagnoseResult) -> list[str]:
                *_through_layers(r), ""])
 
 
+def _position_moves(r: DiagnoseResult) -> str:
+    """What, besides far tokens, makes a window and the cut differ at a chunk's last position: the
+    cut restarts positions at 0, so a scheme that reads the position itself (absolute positions, a
+    bias that moves with the query position) sees another one there. Empty for a scheme of i − j."""
+    if r.scheme.family == "absolute":
+        return "the positions past L themselves"
+    if r.bias_drift is not None and max(r.bias_drift) >= 1e-4:
+        return "the bias's move with the query position"
+    return ""
+
+
 def _through_layers(r: DiagnoseResult) -> list[str]:
     """The sentence on :func:`posbias.diagnose.window_split`'s third row, where there is one."""
     if len(r.window_split) < 3:
         return []
     _, d, lo, hi = r.window_split[2]
-    absolute = r.scheme.family == "absolute"
-    what = ("Far tokens through the layers, together with the positions past L (the cut restarts them at 0, "
-            "so for absolute positions this row holds both)," if absolute else "Far tokens reaching a query through "
-            "the layers, with the same keys in the first layer,")
-    return ["", f"{what} Δ {_delta_cell(d, lo, hi)}: {_context_verdict(lo, hi, r.loss_windows)}."]
+    also = _position_moves(r)
+    what = (f"Far tokens through the layers together with {also} (the cut restarts the positions at 0, so this "
+            "row holds both)," if also else "Far tokens reaching a query through the layers, with the same keys in "
+            "the first layer,")
+    return ["", f"{what} Δ {delta_cell(d, lo, hi)}: {_context_verdict(lo, hi, r.loss_windows)}."]
 
 
 def _split_section(r: DiagnoseResult) -> list[str]:
     """Δ past L split by the local context the cut left each token (:func:`posbias.diagnose.context_split`)."""
     if not r.context_split:
         return []
-    rows = [[label, f"{share:.1%}", _delta_cell(d, lo, hi), f"{share * d:+.4f}"]
+    rows = [[label, f"{share:.1%}", delta_cell(d, lo, hi), f"{share * d:+.4f}"]
             for label, share, d, lo, hi in r.context_split]
     lines = ["Where Δ comes from: cut at L, the first tokens of every chunk lose their local context, while "
              "the others keep some of it; over those others, Δ is what the distant keys themselves do.", ""]
