@@ -114,7 +114,7 @@ def test_window_hops_chunk_ends_are_the_diagnosis_row():
     assert got["chunk-final"] == pytest.approx(row[1:]) and abs(row[1]) > 1e-5
     assert set(got) == {"chunk-final", "last quarter of each chunk", "every position past L"}
 
-def test_eval_frame_scores_stretches_from_the_splits_start_to_its_end():
+def test_eval_frame_scores_stretches_from_the_splits_start_to_its_end(tmp_path):
     """Each stretch is the study on a contiguous slice (stretch 0: the split's first tokens, what the
     evaluation scored before it spread its segments), the last row the study on the whole split."""
     from posbias.evaluate import length_study
@@ -132,3 +132,7 @@ def test_eval_frame_scores_stretches_from_the_splits_start_to_its_end():
                                                   "segments spread over the split"]
     assert rows[0][1:] == (first["ratio"], first["ratio_lo"], first["ratio_hi"])
     assert "digits 1.00" in rows[2][0] and all(lo <= r <= hi for _, r, lo, hi in rows)
+    pytest.importorskip("matplotlib")
+    eval_frame.plot({"alibi": rows, "nope": [(label, r + 1, lo + 1, hi + 1) for label, r, lo, hi in rows]},
+                    str(tmp_path / "frame.png"))
+    assert (tmp_path / "frame.png").stat().st_size > 0

@@ -10,7 +10,7 @@ study's own paired interval, and what the stretch's text is like (its share of d
 line length: the demo's validation split holds the codec tables of ``encodings/``, rows of hex codes
 and character names, where a model can copy from far back).
 
-    .venv/bin/python docs/experiments/eval_frame.py runs/demo/models/*/final
+    .venv/bin/python docs/experiments/eval_frame.py runs/demo/models/*/final --plot docs/eval_frame.png
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from posbias import checkpoint as ckpt
 from posbias.config import fixed_threads
 from posbias.data import load_corpus
 from posbias.evaluate import length_study, spread_starts
+from posbias.plot import plain_log_ticks, pyplot, save_figure
 
 
 def text_profile(stretch: torch.Tensor) -> str:
@@ -46,6 +47,33 @@ def ratios(model, val: torch.Tensor, train_len: int, longest: int, tokens: int, 
     return rows
 
 
+def plot(results: dict[str, list[tuple]], path: str) -> None:
+    """Each scheme's ratio by stretch (dots with their intervals) and over the spread segments (dashed
+    line and band); schemes whose ratio grows past 1.1 on the left (log scale), the others on the right."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for k, (name, rows) in enumerate(results.items()):
+        *stretches, (_, r, lo, hi) = rows
+        ax, color = axes[0 if r > 1.1 else 1], f"C{k}"
+        ax.errorbar(range(len(stretches)), [x[1] for x in stretches],
+                    yerr=[[x[1] - x[2] for x in stretches], [x[3] - x[1] for x in stretches]],
+                    fmt="o-", color=color, capsize=3, label=name, lw=1)
+        ax.axhspan(lo, hi, color=color, alpha=0.12)
+        ax.axhline(r, color=color, ls="--", lw=0.8)
+    axes[0].set_yscale("log")
+    plain_log_ticks(axes[0])
+    for ax, what in zip(axes, ("grows", "stays near 1")):
+        ax.axhline(1.0, color="k", lw=0.6)
+        ax.set_xticks(range(len(stretches)), [f"{k}\n{int(x[0].split(' @ ')[1].split(' ')[0]) // 1000} KB"
+                                              for k, x in enumerate(stretches)])
+        ax.set_xlabel("stretch of the validation split (start offset)")
+        ax.set_ylabel("ppl @ longest / ppl @ L")
+        ax.set_title(f"ratio {what}")
+        ax.legend(fontsize=8)
+    fig.suptitle("One stretch's interval against the split's (dashed line and band: segments spread over the split)")
+    save_figure(fig, path)
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+")
@@ -53,20 +81,23 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--tokens", type=int, default=16384, help="tokens per stretch (the demo's eval_tokens)")
     p.add_argument("--blocks", type=int, default=8, help="contiguous stretches, spaced over the split")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--plot", help="write the ratios by stretch to this PNG")
     args = p.parse_args(argv)
     val = load_corpus().val
-    said = []
+    said, results = [], {}
     with fixed_threads(args.threads), torch.no_grad():
         for path in args.checkpoints:
             t0 = time.perf_counter()
             model = ckpt.load_model(path).eval()
             train_len = ckpt.train_len(path)
             longest = args.longest or 16 * train_len
-            rows = ratios(model, val, train_len, longest, args.tokens, args.blocks)
+            rows = results[model.cfg.scheme] = ratios(model, val, train_len, longest, args.tokens, args.blocks)
             said.append(f"{model.cfg.scheme}: ppl@{longest}/ppl@{train_len} " + "; ".join(
                 f"{label} {r:.3f} [{lo:.3f}, {hi:.3f}]" for label, r, lo, hi in rows)
                 + f" ({time.perf_counter() - t0:.0f} s)")
             print(said[-1], flush=True)
+    if args.plot:
+        plot(results, args.plot)
     return said
 
 
