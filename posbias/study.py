@@ -77,7 +77,7 @@ class StudyConfig:
     n_layers: int = 4  # transformer blocks
     n_heads: int = 4  # attention heads
     seeds: tuple[int, ...] = (0,)  # one model per scheme and seed
-    eval_tokens: int = 16384  # validation tokens scored at every length (rounded down to whole longest windows)
+    eval_tokens: int = 16384  # validation tokens scored at every length (whole longest windows, spread over the split)
     eval_batch: int = 8  # windows per evaluation forward
     threads: int = 2  # torch intra-op threads, fixed for reproducibility (part of every result's key)
     device: str = "cpu"  # cpu or cuda[:N]
