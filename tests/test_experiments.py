@@ -136,3 +136,25 @@ def test_eval_frame_scores_stretches_from_the_splits_start_to_its_end(tmp_path):
     eval_frame.plot({"alibi": rows, "nope": [(label, r + 1, lo + 1, hi + 1) for label, r, lo, hi in rows]},
                     str(tmp_path / "frame.png"))
     assert (tmp_path / "frame.png").stat().st_size > 0
+
+
+def test_interval_coverage_counts_each_design_over_its_samples():
+    """Segments whose log-ratios trend along the split: a contiguous block's interval misses the split's
+    mean, segments spread over the split cover it; each design counts every sample it has."""
+    coverage = _load("interval_coverage")
+    d = torch.linspace(-0.2, 0.2, 64, dtype=torch.float64) + 0.01 * torch.randn(64, generator=torch.Generator().manual_seed(0),
+                                                                                dtype=torch.float64)
+    got = coverage.coverage(d, 8, draws=20, n_boot=200)
+    assert {k: t for k, (_, t) in got.items()} == {"contiguous": 8, "spread": 8, "random": 20}
+    assert got["contiguous"][0] <= 2 and got["spread"][0] >= 7
+    from posbias.model import ModelConfig, TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(scheme="alibi", d_model=32, n_layers=1, n_heads=2)).eval()
+    tokens = torch.randint(0, 256, (3001,), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    with torch.no_grad():
+        seg = coverage.segment_log_ratios(model, tokens, 16, 64, 8)
+    from posbias.evaluate import length_study
+    with torch.no_grad():
+        want = length_study(model, tokens, [16, 64], train_len=16, n_tokens=512)[64]["ratio"]
+    assert float(seg.mean().exp()) == pytest.approx(want, rel=1e-9)

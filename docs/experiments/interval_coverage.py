@@ -1,0 +1,91 @@
+"""Do the study's 95% intervals cover the split's value? Measured for three ways of picking segments.
+
+The study's ratio ppl@longest / ppl@L comes with a percentile bootstrap interval over the segments it
+scored. This script scores a checkpoint on ``--population`` segments of the longest length spread over
+the whole validation split (nearly all of it by default) and takes their ratio as the split's value.
+Then it draws, from those segments, samples of ``n`` segments the way an evaluation could pick them,
+computes the study's interval on each, and counts how often it covers the split's value:
+
+* **contiguous**: ``n`` adjacent segments, every such block along the split (what every evaluation
+  scored until 2026-12-03, with the block at the split's start);
+* **spread**: ``n`` segments evenly spaced over the split, every offset of that grid (what
+  :func:`posbias.evaluate.spread_starts` scores now, at offset 0);
+* **random**: ``n`` segments drawn at random, ``--draws`` times (what the bootstrap assumes).
+
+    .venv/bin/python docs/experiments/interval_coverage.py runs/demo/models/*/final
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+
+from posbias import checkpoint as ckpt
+from posbias.config import fixed_threads
+from posbias.data import load_corpus
+from posbias.evaluate import bootstrap_means, interval, token_losses
+
+
+def segment_log_ratios(model, tokens: torch.Tensor, train_len: int, longest: int, population: int) -> torch.Tensor:
+    """Per segment of ``longest`` tokens (``population`` of them, spread over ``tokens``): mean loss in
+    windows of ``longest`` minus in windows of ``train_len``, the same tokens. The mean over segments
+    is the log of the ratio ppl@longest / ppl@L (every segment has as many tokens)."""
+    n = population * longest
+    short = token_losses(model, tokens, train_len, n_tokens=n, span=longest).view(population, longest).mean(1)
+    long = token_losses(model, tokens, longest, n_tokens=n, span=longest).view(population, longest).mean(1)
+    return long - short
+
+
+def covers(d: torch.Tensor, idx: torch.Tensor, truth: float, n_boot: int) -> bool:
+    """Whether the percentile bootstrap interval of the ratio over segments ``idx`` holds ``truth``."""
+    k = idx.numel()
+    reps = bootstrap_means(d[idx, None], torch.ones(k, 1, dtype=torch.float64), n_boot=n_boot)[:, 0]
+    lo, hi = interval(reps.exp())
+    return lo <= truth <= hi
+
+
+def coverage(d: torch.Tensor, n: int, *, draws: int, n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[int, int]]:
+    """``{design: (covering, samples)}`` for samples of ``n`` of the segments ``d`` (in split order)."""
+    truth = math.exp(float(d.mean()))
+    count = d.numel()
+    step = count // n
+    blocks = [torch.arange(b * n, b * n + n) for b in range(count // n)]
+    grids = [torch.arange(off, off + step * n, step) for off in range(step)]
+    g = torch.Generator().manual_seed(seed)
+    randoms = [torch.randperm(count, generator=g)[:n] for _ in range(draws)]
+    return {name: (sum(covers(d, idx, truth, n_boot) for idx in samples), len(samples))
+            for name, samples in (("contiguous", blocks), ("spread", grids), ("random", randoms))}
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--longest", type=int, help="the longest length (default: 16 L)")
+    p.add_argument("--population", type=int, default=512, help="segments scored over the split")
+    p.add_argument("--n", type=int, nargs="+", default=[8, 16], help="segments per evaluation")
+    p.add_argument("--draws", type=int, default=400, help="random samples per n")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    val = load_corpus().val
+    said = []
+    with fixed_threads(args.threads), torch.no_grad():
+        for path in args.checkpoints:
+            t0 = time.perf_counter()
+            model = ckpt.load_model(path).eval()
+            train_len = ckpt.train_len(path)
+            d = segment_log_ratios(model, val, train_len, args.longest or 16 * train_len, args.population)
+            parts = [f"{model.cfg.scheme}: the split's ratio {math.exp(float(d.mean())):.3f}"]
+            for n in args.n:
+                got = coverage(d, n, draws=args.draws)
+                parts.append(f"n = {n}: " + ", ".join(f"{k} {c}/{t}" for k, (c, t) in got.items()))
+            said.append("; ".join(parts) + f" ({time.perf_counter() - t0:.0f} s)")
+            print(said[-1], flush=True)
+    return said
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
