@@ -132,6 +132,9 @@ def test_eval_frame_scores_stretches_from_the_splits_start_to_its_end(tmp_path):
                                                   "segments spread over the split"]
     assert rows[0][1:] == (first["ratio"], first["ratio_lo"], first["ratio_hi"])
     assert "digits 1.00" in rows[2][0] and all(lo <= r <= hi for _, r, lo, hi in rows)
+    with torch.no_grad():
+        far = eval_frame.ratios(model, val, 16, 64, 256, 3, "far_delta")
+    assert far[0][1:] == (first["far_delta"], first["far_delta_lo"], first["far_delta_hi"])
     pytest.importorskip("matplotlib")
     eval_frame.plot({"alibi": rows, "nope": [(label, r + 1, lo + 1, hi + 1) for label, r, lo, hi in rows]},
                     str(tmp_path / "frame.png"))

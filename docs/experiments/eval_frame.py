@@ -35,15 +35,19 @@ def text_profile(stretch: torch.Tensor) -> str:
     return f"digits {digits:.2f}, line {stretch.numel() / lines:.0f} B"
 
 
-def ratios(model, val: torch.Tensor, train_len: int, longest: int, tokens: int, blocks: int) -> list[tuple]:
-    """``(label, ratio, lo, hi)``: each contiguous stretch, then segments spread over the split."""
+def ratios(model, val: torch.Tensor, train_len: int, longest: int, tokens: int, blocks: int,
+           column: str = "ratio") -> list[tuple]:
+    """``(label, value, lo, hi)`` of the study's ``column`` at the longest length (``ratio``:
+    ppl@longest / ppl@L; ``far_delta``: what the distant keys do): each contiguous stretch, then
+    segments spread over the split."""
     rows = []
     for k, start in enumerate(spread_starts(val.numel() - 1, tokens, blocks)):
         stretch = val[start: start + tokens + 1]
         got = length_study(model, stretch, [train_len, longest], train_len=train_len, n_tokens=tokens)[longest]
-        rows.append((f"stretch {k} @ {start} ({text_profile(stretch)})", got["ratio"], got["ratio_lo"], got["ratio_hi"]))
+        rows.append((f"stretch {k} @ {start} ({text_profile(stretch)})", got[column], got[f"{column}_lo"],
+                     got[f"{column}_hi"]))
     got = length_study(model, val, [train_len, longest], train_len=train_len, n_tokens=tokens)[longest]
-    rows.append(("segments spread over the split", got["ratio"], got["ratio_lo"], got["ratio_hi"]))
+    rows.append(("segments spread over the split", got[column], got[f"{column}_lo"], got[f"{column}_hi"]))
     return rows
 
 
@@ -81,7 +85,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--tokens", type=int, default=16384, help="tokens per stretch (the demo's eval_tokens)")
     p.add_argument("--blocks", type=int, default=8, help="contiguous stretches, spaced over the split")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--plot", help="write the ratios by stretch to this PNG")
+    p.add_argument("--column", default="ratio", choices=("ratio", "far_delta", "tail_delta"),
+                   help="the study's number to compare at the longest length (default: ppl@longest / ppl@L)")
+    p.add_argument("--plot", help="write the ratios by stretch to this PNG (with --column ratio)")
     args = p.parse_args(argv)
     val = load_corpus().val
     said, results = [], {}
@@ -91,12 +97,15 @@ def main(argv: list[str] | None = None) -> list[str]:
             model = ckpt.load_model(path).eval()
             train_len = ckpt.train_len(path)
             longest = args.longest or 16 * train_len
-            rows = results[model.cfg.scheme] = ratios(model, val, train_len, longest, args.tokens, args.blocks)
-            said.append(f"{model.cfg.scheme}: ppl@{longest}/ppl@{train_len} " + "; ".join(
-                f"{label} {r:.3f} [{lo:.3f}, {hi:.3f}]" for label, r, lo, hi in rows)
+            rows = results[model.cfg.scheme] = ratios(model, val, train_len, longest, args.tokens, args.blocks,
+                                                      args.column)
+            what = f"ppl@{longest}/ppl@{train_len}" if args.column == "ratio" else f"{args.column} @ {longest}"
+            fmt = "{:.3f}" if args.column == "ratio" else "{:+.4f}"
+            said.append(f"{model.cfg.scheme}: {what} " + "; ".join(
+                f"{label} {fmt.format(r)} [{fmt.format(lo)}, {fmt.format(hi)}]" for label, r, lo, hi in rows)
                 + f" ({time.perf_counter() - t0:.0f} s)")
             print(said[-1], flush=True)
-    if args.plot:
+    if args.plot and args.column == "ratio":
         plot(results, args.plot)
     return said
 
