@@ -1,6 +1,7 @@
 """The experiment scripts under docs/experiments (the README quotes what they measured)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name):
+    """An experiment script as a module (its folder on sys.path, as when it is run, for ``_models``)."""
+    if str(ROOT / "docs" / "experiments") not in sys.path:
+        sys.path.insert(0, str(ROOT / "docs" / "experiments"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

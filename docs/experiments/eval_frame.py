@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
+from _models import each_model
 
-from posbias import checkpoint as ckpt
-from posbias.config import fixed_threads
 from posbias.data import load_corpus
 from posbias.evaluate import length_study, spread_starts
 from posbias.plot import plain_log_ticks, pyplot, save_figure
@@ -91,20 +89,14 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = p.parse_args(argv)
     val = load_corpus().val
     said, results = [], {}
-    with fixed_threads(args.threads), torch.no_grad():
-        for path in args.checkpoints:
-            t0 = time.perf_counter()
-            model = ckpt.load_model(path).eval()
-            train_len = ckpt.train_len(path)
-            longest = args.longest or 16 * train_len
-            rows = results[model.cfg.scheme] = ratios(model, val, train_len, longest, args.tokens, args.blocks,
-                                                      args.column)
-            what = f"ppl@{longest}/ppl@{train_len}" if args.column == "ratio" else f"{args.column} @ {longest}"
-            fmt = "{:.3f}" if args.column == "ratio" else "{:+.4f}"
-            said.append(f"{model.cfg.scheme}: {what} " + "; ".join(
-                f"{label} {fmt.format(r)} [{fmt.format(lo)}, {fmt.format(hi)}]" for label, r, lo, hi in rows)
-                + f" ({time.perf_counter() - t0:.0f} s)")
-            print(said[-1], flush=True)
+    for model, train_len, say in each_model(args.checkpoints, args.threads, said):
+        longest = args.longest or 16 * train_len
+        rows = results[model.cfg.scheme] = ratios(model, val, train_len, longest, args.tokens, args.blocks,
+                                                  args.column)
+        what = f"ppl@{longest}/ppl@{train_len}" if args.column == "ratio" else f"{args.column} @ {longest}"
+        fmt = "{:.3f}" if args.column == "ratio" else "{:+.4f}"
+        say(f"{model.cfg.scheme}: {what} " + "; ".join(
+            f"{label} {fmt.format(r)} [{fmt.format(lo)}, {fmt.format(hi)}]" for label, r, lo, hi in rows))
     if args.plot and args.column == "ratio":
         plot(results, args.plot)
     return said

@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 
 import torch
+from _models import each_model
 
-from posbias import checkpoint as ckpt
-from posbias.config import fixed_threads
 from posbias.data import load_corpus
 from posbias.evaluate import bootstrap_means, interval, token_losses
 
@@ -72,18 +70,13 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = p.parse_args(argv)
     val = load_corpus().val
     said = []
-    with fixed_threads(args.threads), torch.no_grad():
-        for path in args.checkpoints:
-            t0 = time.perf_counter()
-            model = ckpt.load_model(path).eval()
-            train_len = ckpt.train_len(path)
-            d = segment_log_ratios(model, val, train_len, args.longest or 16 * train_len, args.population)
-            parts = [f"{model.cfg.scheme}: the split's ratio {math.exp(float(d.mean())):.3f}"]
-            for n in args.n:
-                got = coverage(d, n, draws=args.draws)
-                parts.append(f"n = {n}: " + ", ".join(f"{k} {c}/{t}" for k, (c, t) in got.items()))
-            said.append("; ".join(parts) + f" ({time.perf_counter() - t0:.0f} s)")
-            print(said[-1], flush=True)
+    for model, train_len, say in each_model(args.checkpoints, args.threads, said):
+        d = segment_log_ratios(model, val, train_len, args.longest or 16 * train_len, args.population)
+        parts = [f"{model.cfg.scheme}: the split's ratio {math.exp(float(d.mean())):.3f}"]
+        for n in args.n:
+            got = coverage(d, n, draws=args.draws)
+            parts.append(f"n = {n}: " + ", ".join(f"{k} {c}/{t}" for k, (c, t) in got.items()))
+        say("; ".join(parts))
     return said
 
 

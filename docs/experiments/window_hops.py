@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
+from _models import each_model
 
-from posbias import checkpoint as ckpt
-from posbias.config import fixed_threads
 from posbias.data import load_corpus
 from posbias.diagnose import chunk_ends, context_effect, delta_interval, window_effect
 
@@ -54,17 +52,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = p.parse_args(argv)
     corpus = load_corpus()
     said = []
-    with fixed_threads(args.threads), torch.no_grad():
-        for path in args.checkpoints:
-            t0 = time.perf_counter()
-            model = ckpt.load_model(path).eval()
-            train_len = ckpt.train_len(path)
-            length = args.length or 8 * train_len
-            got = window_minus_cut(model, corpus.val, length, train_len, max(1, args.tokens // length))
-            said.append(f"{model.cfg.scheme} ({model.cfg.n_layers} layers) window − cut: " + "; ".join(
-                f"{label} {m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for label, (m, lo, hi) in got.items())
-                + f" ({time.perf_counter() - t0:.0f} s)")
-            print(said[-1], flush=True)
+    for model, train_len, say in each_model(args.checkpoints, args.threads, said):
+        length = args.length or 8 * train_len
+        got = window_minus_cut(model, corpus.val, length, train_len, max(1, args.tokens // length))
+        say(f"{model.cfg.scheme} ({model.cfg.n_layers} layers) window − cut: " + "; ".join(
+            f"{label} {m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for label, (m, lo, hi) in got.items()))
     return said
 
 
