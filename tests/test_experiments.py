@@ -152,8 +152,12 @@ def test_interval_coverage_counts_each_design_over_its_samples():
     d = torch.linspace(-0.2, 0.2, 64, dtype=torch.float64) + 0.01 * torch.randn(64, generator=torch.Generator().manual_seed(0),
                                                                                 dtype=torch.float64)
     got = coverage.coverage(d, 8, draws=20, n_boot=200)
-    assert {k: t for k, (_, t) in got.items()} == {"contiguous": 8, "spread": 8, "random": 20}
+    assert {k: t for k, (_, t) in got.items()} == {"contiguous": 8, "spread": 8, "random": 20, "contiguous expanded": 8,
+                                                    "spread expanded": 8, "random expanded": 20}
     assert got["contiguous"][0] <= 2 and got["spread"][0] >= 7
+    assert all(got[f"{k} expanded"][0] >= got[k][0] for k in ("contiguous", "spread", "random"))  # wider, never less
+    assert coverage.t_quantile(0.975, 15) == pytest.approx(2.1314, abs=2e-4)  # Student's t table
+    assert coverage.expanded_level(16) == pytest.approx(0.9723, abs=2e-4)
     from posbias.model import ModelConfig, TransformerLM
 
     torch.manual_seed(0)
