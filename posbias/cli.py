@@ -494,6 +494,8 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
 
 # -- diagnose ---------------------------------------------------------------------------------
 def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
+    from .diagnose import DiagnoseConfig
+
     p = sub.add_parser("diagnose", help="report why a checkpoint does (not) generalise: loss by position (local "
                        "context vs distant keys), attention distance and attention beyond L, buckets, reach and "
                        "drift of the bias, passkey; several models side by side", formatter_class=_Help,
@@ -506,9 +508,9 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
                         "(every model in it)")
     p.add_argument("--length", type=int, help="window examined (default 8 × the training length)")
     p.add_argument("--windows", type=int, default=4, help="validation windows for the attention statistics")
-    p.add_argument("--eval-tokens", type=int, default=8192,
+    p.add_argument("--eval-tokens", type=int, default=DiagnoseConfig.eval_tokens,
                    help="validation tokens for the loss by position (at least one window; the windows are "
-                        "spread evenly over the split)")
+                        f"spread evenly over the split; default {DiagnoseConfig.eval_tokens})")
     _add_passkey_fit_arguments(p, "0 skips the passkey test", "seed 0")
     p.add_argument("--passkey-samples", type=int, default=24, help="passkey samples per (length, depth) cell")
     _add_checkpoint_job_arguments(p, "diagnose", cmd_diagnose)

@@ -463,7 +463,7 @@ def _ranges(length: int, train_len: int) -> list[tuple[int, int]]:
 class DiagnoseConfig:
     length: int | None = None  # window examined (default 8 × the training length)
     windows: int = 4  # validation windows for the attention statistics
-    eval_tokens: int = 8192  # validation tokens for the loss by position (at least one window)
+    eval_tokens: int = 32768  # validation tokens for the loss by position (at least one window; spread over the split)
     passkey_steps: int = 2400  # passkey fine-tune steps of a copy (0: no passkey test)
     passkey_until: float = 0.0  # > 0: the copy stops once it solves this share of a probe at L (0: every step)
     passkey_samples: int = 24  # passkey samples per (length, depth) cell
