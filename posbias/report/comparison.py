@@ -22,7 +22,7 @@ from ..config import Log, quiet
 from ..diagnose import DiagnoseResult, kept_row
 from . import (copies_sentence, copy_names, corpus_name, digits_sentence, kept_cell, kept_mean, kept_past_l, md_table,
                same_text)
-from .diagnose import delta_cell, far_attention, mean_losses, smoothed, unseen_pairs
+from .diagnose import DRIFT, delta_cell, far_attention, mean_losses, smoothed, unseen_pairs
 from .diagnose import verdict as interval_verdict
 
 Delta = tuple[float, float | None, float | None]  # mean Δ and its 95% interval (None with one window)
@@ -184,7 +184,7 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
         said.append(f"Attention on distances ≥ L (never seen in the training at L; last quarter of the window) is largest in "
                     f"{most['model']} ({most['attention_beyond_L'][0]:.4f}) and smallest in {least['model']} "
                     f"({least['attention_beyond_L'][0]:.4f}).")
-    moving = [r for r in rows if r["bias_drift"] is not None and r["bias_drift"] >= 1e-4]
+    moving = [r for r in rows if r["bias_drift"] is not None and r["bias_drift"] >= DRIFT]
     if moving:
         said.append("The bias moves with the query position past L in " + ", ".join(
             f"{r['model']} (up to {r['bias_drift']:.2f} nats)" for r in moving) + "; in the others it depends on "

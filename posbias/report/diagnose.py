@@ -33,6 +33,14 @@ def mean_losses(r: DiagnoseResult) -> tuple[float, float]:
                  for x in (r.loss_by_position, r.loss_by_position_cut_at_L))
 
 
+DRIFT = 1e-4  # nats: a bias drift below this is float rounding, the bias depends on i − j alone
+
+
+def bias_moves(r: DiagnoseResult) -> bool:
+    """Whether the bias moves with the query position past L (:func:`posbias.diagnose.bias_drift`)."""
+    return r.bias_drift is not None and max(r.bias_drift) >= DRIFT
+
+
 def summary(r: DiagnoseResult) -> list[str]:
     """The verdicts of the report in a few lines, for the terminal."""
     full, cut = mean_losses(r)
@@ -57,7 +65,7 @@ def summary(r: DiagnoseResult) -> list[str]:
     if far is not None:
         lines.append(f"attention at distances ≥ L over the last {r.length // 4} queries: {far[0]:.4f} "
                      f"(largest head {far[1]:.4f})")
-    if r.bias_drift is not None and max(r.bias_drift) >= 1e-4:
+    if bias_moves(r):
         lines.append(f"the bias moves with the query position: up to {max(r.bias_drift):.2f} nats at trained distances")
     if r.passkey:
         copies = r.passkey_copies
@@ -170,7 +178,7 @@ def _position_moves(r: DiagnoseResult) -> str:
     bias that moves with the query position) sees another one there. Empty for a scheme of i − j."""
     if r.scheme.family == "absolute":
         return "the positions past L themselves"
-    if r.bias_drift is not None and max(r.bias_drift) >= 1e-4:
+    if bias_moves(r):
         return "the bias's move with the query position"
     return ""
 
@@ -291,7 +299,7 @@ def _reach_section(r: DiagnoseResult) -> list[str]:
     if r.bias_drift is not None:
         worst = max(r.bias_drift)
         lines += [("The bias depends on i − j alone: past training, the model meets the bias it was trained with."
-                   if worst < 1e-4 else
+                   if worst < DRIFT else
                    f"The bias changes with the query position: at the distances it was trained on, a query at {end} "
                    f"meets a bias up to {worst:.2f} nats away from the one a query at {L - 1} met in training."), ""]
     return lines + ["![bias](bias_vs_distance.png)", ""]
