@@ -318,7 +318,9 @@ class _Run:
     def perplexity(self, model: TransformerLM, label: str) -> dict[int, dict[str, Any]]:
         """``{length: {"ppl", "window_loss"}}``: every model is scored on the same windows, so rows
         compare pairwise (the report's paired table)."""
-        got = self.cache.data.setdefault(f"eval:{label}:{self.cfg.eval_tokens}", {})
+        # a length's ppl depends on the segments its windows tile, so the entry names their span too
+        # (eval_lens is not in the key: another set of lengths may give another span)
+        got = self.cache.data.setdefault(f"eval:{label}:{self.cfg.eval_tokens}:span{self.span or 'each'}", {})
         for n in self.lens:
             if str(n) not in got:
                 r = evaluate_length(model, self.corpus.val, n, max_tokens=self.cfg.eval_tokens, span=self.span,

@@ -1440,3 +1440,22 @@ def test_the_chunk_end_row_names_what_besides_far_tokens_it_holds():
     assert said["fire"][0] == "the bias's move with the query position" and "this row holds both" in said["fire"][1]
     assert said["sinusoidal"][0] == "the positions past L themselves"
     assert all("Δ +0.0500 [+0.0100, +0.0900]: hurts" in s for _, s in said.values())
+
+
+def test_retrofit_reuses_a_perplexity_only_on_the_same_segments(tmp_path, corpus):
+    """Lengths that all divide the longest score the same segments of it; a set where one does not
+    scores each length on its own windows. eval_lens is not in the cache key, so a re-run with other
+    lengths must not reuse a perplexity measured on other segments."""
+    from posbias.evaluate import evaluate_length
+
+    path = tiny_checkpoint(tmp_path / "t", "rope")
+    cfg = RetrofitConfig(to=2 * L, methods=("pi",), eval_lens=(L, 2 * L), eval_tokens=6 * L)
+    first = run_retrofit(path, cfg, tmp_path / "r", corpus=corpus)
+    other = run_retrofit(path, dataclasses.replace(cfg, eval_lens=(L, 3 * L // 2, 2 * L)), tmp_path / "r",
+                         corpus=corpus)
+    assert first.cache == other.cache  # one cache: the lengths are not in its key
+    model = ckpt.load_model(path).eval()
+    on_own = {n: evaluate_length(model, corpus.val, n, max_tokens=6 * L)["ppl"] for n in (L, 3 * L // 2, 2 * L)}
+    tiled = evaluate_length(model, corpus.val, L, max_tokens=6 * L, span=2 * L)["ppl"]
+    assert first.rows[0]["ppl"][L] == pytest.approx(tiled, rel=1e-9)
+    assert other.rows[0]["ppl"] == pytest.approx(on_own, rel=1e-9) and on_own[L] != pytest.approx(tiled, rel=1e-6)
