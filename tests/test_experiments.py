@@ -130,18 +130,19 @@ def test_eval_frame_scores_stretches_from_the_splits_start_to_its_end(tmp_path):
     torch.manual_seed(0)
     model = TransformerLM(ModelConfig(scheme="alibi", d_model=32, n_layers=1, n_heads=2)).eval()
     with torch.no_grad():
-        rows = eval_frame.ratios(model, val, 16, 64, 256, 3)
+        starts = eval_frame.spread_starts(val.numel() - 1, 256, 3)  # what main passes: from the start to the end
+        rows = eval_frame.ratios(model, val, 16, 64, 256, starts)
         first = length_study(model, val[:257], [16, 64], train_len=16, n_tokens=256)[64]
     assert [r[0].split(" (")[0] for r in rows] == ["stretch 0 @ 0", "stretch 1 @ 1372", "stretch 2 @ 2744",
                                                   "segments spread over the split"]
     assert rows[0][1:] == (first["ratio"], first["ratio_lo"], first["ratio_hi"])
     assert "digits 1.00" in rows[2][0] and all(lo <= r <= hi for _, r, lo, hi in rows)
     with torch.no_grad():
-        far = eval_frame.ratios(model, val, 16, 64, 256, 3, "far_delta")
+        far = eval_frame.ratios(model, val, 16, 64, 256, starts, "far_delta")
     assert far[0][1:] == (first["far_delta"], first["far_delta_lo"], first["far_delta_hi"])
     pytest.importorskip("matplotlib")
     eval_frame.plot({"alibi": rows, "nope": [(label, r + 1, lo + 1, hi + 1) for label, r, lo, hi in rows]},
-                    str(tmp_path / "frame.png"))
+                    starts, str(tmp_path / "frame.png"))
     assert (tmp_path / "frame.png").stat().st_size > 0
 
 

@@ -568,7 +568,7 @@ def test_hidden_sentences_say_what_hiding_the_far_filler_gives_back():
         return {"seed": seed, "passkey": {str(L): grid(at_l), str(8 * L): grid(far)},
                 "hidden": {str(8 * L): grid(hidden)}}
 
-    r = DiagnoseResult("c", "fire", {}, L, 8 * L, None, 1, [], [], [], {})
+    r = DiagnoseResult("c", "fire", {}, L, 8 * L, build("fire", n_heads=2, head_dim=8), 1, [], [], [], {})
     r.passkey = {str(L): {}, str(8 * L): {}}
     r.passkey_copies = [copy(0, 0.96, 0.05, 0.88), copy(1, 1.0, 0.4, 0.5), copy(2, 0.5, 0.0, 0.5), copy(3, 1.0, 0.95, 1.0)]
     assert hidden_sentences(r) == [
@@ -577,7 +577,8 @@ def test_hidden_sentences_say_what_hiding_the_far_filler_gives_back():
         f"Seed 1 solved 1.00 at L and 0.40 at {8 * L}; with the far filler hidden 0.50: it lost 0.60 past L, most of "
         "it not to the filler past L: to the key's distance itself, or what far positions do to it (hiding gives "
         "back 0.10)."]
-    r.scheme_name = "sinusoidal"  # absolute positions: what is not the filler is the positions themselves
+    r.scheme_name, r.scheme = "sinusoidal", build("sinusoidal", n_heads=2, head_dim=8)  # absolute positions: what is
+    # not the filler is the positions themselves
     assert hidden_sentences(r)[1].endswith("not to the filler past L: to the positions past L themselves, which "
                                            "training never embedded (hiding gives back 0.10).")
 
@@ -1435,7 +1436,7 @@ def test_the_chunk_end_row_names_what_besides_far_tokens_it_holds():
     for name, family, drift in (("t5", "additive", [0.0, 0.0]), ("fire", "additive", [0.0, 2.5]),
                                 ("sinusoidal", "absolute", None), ("rope", "rotary", None)):
         r = SimpleNamespace(scheme=SimpleNamespace(family=family), bias_drift=drift, window_split=row, loss_windows=8)
-        said[name] = (_position_moves(r), " ".join(_through_layers(r)))
+        said[name] = (_position_moves(r), _through_layers(r))
     assert said["t5"][0] == said["rope"][0] == "" and "with the same keys in the first layer" in said["t5"][1]
     assert said["fire"][0] == "the bias's move with the query position" and "this row holds both" in said["fire"][1]
     assert said["sinusoidal"][0] == "the positions past L themselves"

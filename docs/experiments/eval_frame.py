@@ -33,13 +33,13 @@ def text_profile(stretch: torch.Tensor) -> str:
     return f"digits {digits:.2f}, line {stretch.numel() / lines:.0f} B"
 
 
-def ratios(model, val: torch.Tensor, train_len: int, longest: int, tokens: int, blocks: int,
+def ratios(model, val: torch.Tensor, train_len: int, longest: int, tokens: int, starts: list[int],
            column: str = "ratio") -> list[tuple]:
     """``(label, value, lo, hi)`` of the study's ``column`` at the longest length (``ratio``:
-    ppl@longest / ppl@L; ``far_delta``: what the distant keys do): each contiguous stretch, then
-    segments spread over the split."""
+    ppl@longest / ppl@L; ``far_delta``: what the distant keys do): the contiguous stretch of ``tokens``
+    at each of ``starts``, then as many tokens in segments spread over the split."""
     rows = []
-    for k, start in enumerate(spread_starts(val.numel() - 1, tokens, blocks)):
+    for k, start in enumerate(starts):
         stretch = val[start: start + tokens + 1]
         got = length_study(model, stretch, [train_len, longest], train_len=train_len, n_tokens=tokens)[longest]
         rows.append((f"stretch {k} @ {start} ({text_profile(stretch)})", got[column], got[f"{column}_lo"],
@@ -49,7 +49,7 @@ def ratios(model, val: torch.Tensor, train_len: int, longest: int, tokens: int, 
     return rows
 
 
-def plot(results: dict[str, list[tuple]], path: str) -> None:
+def plot(results: dict[str, list[tuple]], starts: list[int], path: str) -> None:
     """Each scheme's ratio by stretch (dots with their intervals) and over the spread segments (dashed
     line and band); schemes whose ratio grows past 1.1 on the left (log scale), the others on the right."""
     plt = pyplot()
@@ -66,8 +66,7 @@ def plot(results: dict[str, list[tuple]], path: str) -> None:
     plain_log_ticks(axes[0])
     for ax, what in zip(axes, ("grows", "stays near 1")):
         ax.axhline(1.0, color="k", lw=0.6)
-        ax.set_xticks(range(len(stretches)), [f"{k}\n{int(x[0].split(' @ ')[1].split(' ')[0]) // 1000} KB"
-                                              for k, x in enumerate(stretches)])
+        ax.set_xticks(range(len(starts)), [f"{k}\n{start // 1000} KB" for k, start in enumerate(starts)])
         ax.set_xlabel("stretch of the validation split (start offset)")
         ax.set_ylabel("ppl @ longest / ppl @ L")
         ax.set_title(f"ratio {what}")
@@ -89,16 +88,17 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = p.parse_args(argv)
     val = load_corpus().val
     said, results = [], {}
+    starts = spread_starts(val.numel() - 1, args.tokens, args.blocks)
     for model, train_len, say in each_model(args.checkpoints, args.threads, said):
         longest = args.longest or 16 * train_len
-        rows = results[model.cfg.scheme] = ratios(model, val, train_len, longest, args.tokens, args.blocks,
+        rows = results[model.cfg.scheme] = ratios(model, val, train_len, longest, args.tokens, starts,
                                                   args.column)
         what = f"ppl@{longest}/ppl@{train_len}" if args.column == "ratio" else f"{args.column} @ {longest}"
         fmt = "{:.3f}" if args.column == "ratio" else "{:+.4f}"
         say(f"{model.cfg.scheme}: {what} " + "; ".join(
             f"{label} {fmt.format(r)} [{fmt.format(lo)}, {fmt.format(hi)}]" for label, r, lo, hi in rows))
     if args.plot and args.column == "ratio":
-        plot(results, args.plot)
+        plot(results, starts, args.plot)
     return said
 
 

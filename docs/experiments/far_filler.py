@@ -4,9 +4,10 @@ A passkey sample of ``n`` bytes puts ``n − L`` more filler bytes beyond the tr
 any sample the model was taught on. For every (length, depth) cell this script hides every key at
 distance ``≥ L`` **except the key statement** (`` key=NNNNN; ``, at a position the length and depth
 fix): the key stays where it was, at the same distance, with the same bias, rotation or position;
-only the far filler is gone (any scheme: one without a bias gets the mask alone). Retrieval that comes back when the far filler is hidden was lost to that filler (its share of
-the attention, or what it writes into the residual stream); retrieval that stays lost was lost to
-the key's distance itself. Hiding it in one layer at a time says in which layer the filler does the
+only the far filler is gone (any scheme: one without a bias gets the mask alone). Retrieval that
+comes back when the far filler is hidden was lost to that filler (its share of the attention, or
+what it writes into the residual stream); retrieval that stays lost was lost to the key's distance
+itself. Hiding it in one layer at a time says in which layer the filler does the
 harm. :func:`posbias.passkey.scores` on the samples ``posbias diagnose`` draws; ``posbias diagnose``
 itself runs the every-layer condition on each passkey copy (:func:`posbias.diagnose.far_filler_scores`).
 

@@ -11,7 +11,6 @@ import torch
 from .. import passkey, store
 from ..config import Log, quiet
 from ..diagnose import ANSWER_SAMPLES, DiagnoseResult, kept_row
-from ..schemes import SCHEMES
 from . import corpus_line, far_filler_sentences, kept_mean, kept_past_l, md_table, shuffled_key_score
 
 
@@ -56,11 +55,11 @@ def summary(r: DiagnoseResult) -> list[str]:
         _, d, lo, hi = r.window_split[0]
         lines.append(f"keys beyond L, against a sliding window of L (Δ {delta_cell(d, lo, hi)}): "
                      f"{_context_verdict(lo, hi, r.loss_windows)}")
-        if len(r.window_split) > 2:
-            _, d, lo, hi = r.window_split[2]
-            what = "far tokens through the layers" + (f" and {_position_moves(r)}" if _position_moves(r) else "")
-            lines.append(f"{what}, at chunk ends where a window of L and the cut show the same keys "
-                         f"(Δ {delta_cell(d, lo, hi)}): {_context_verdict(lo, hi, r.loss_windows)}")
+        _, d, lo, hi = r.window_split[2]
+        also = _position_moves(r)
+        lines.append(f"far tokens through the layers{f' and {also}' if also else ''}, at chunk ends where a window "
+                     f"of L and the cut show the same keys (Δ {delta_cell(d, lo, hi)}): "
+                     f"{_context_verdict(lo, hi, r.loss_windows)}")
     far = far_attention(r)
     if far is not None:
         lines.append(f"attention at distances ≥ L over the last {r.length // 4} queries: {far[0]:.4f} "
@@ -168,8 +167,8 @@ def _window_section(r: DiagnoseResult) -> list[str]:
              "window and the cut show the first layer the same keys, so what differs there is far tokens reaching "
              "the query through the layers.", ""]
             + md_table(["what the full context adds", "Δ"], rows)
-            + ["", f"Attention to the keys beyond L {_context_verdict(lo, hi, r.loss_windows)}.",
-               *_through_layers(r), ""])
+            + ["", f"Attention to the keys beyond L {_context_verdict(lo, hi, r.loss_windows)}.", "",
+               _through_layers(r), ""])
 
 
 def _position_moves(r: DiagnoseResult) -> str:
@@ -183,16 +182,14 @@ def _position_moves(r: DiagnoseResult) -> str:
     return ""
 
 
-def _through_layers(r: DiagnoseResult) -> list[str]:
-    """The sentence on :func:`posbias.diagnose.window_split`'s third row, where there is one."""
-    if len(r.window_split) < 3:
-        return []
+def _through_layers(r: DiagnoseResult) -> str:
+    """The sentence on :func:`posbias.diagnose.window_split`'s third row."""
     _, d, lo, hi = r.window_split[2]
     also = _position_moves(r)
     what = (f"Far tokens through the layers together with {also} (the cut restarts the positions at 0, so this "
             "row holds both)," if also else "Far tokens reaching a query through the layers, with the same keys in "
             "the first layer,")
-    return ["", f"{what} Δ {delta_cell(d, lo, hi)}: {_context_verdict(lo, hi, r.loss_windows)}."]
+    return f"{what} Δ {delta_cell(d, lo, hi)}: {_context_verdict(lo, hi, r.loss_windows)}."
 
 
 def _split_section(r: DiagnoseResult) -> list[str]:
@@ -297,11 +294,10 @@ def _reach_section(r: DiagnoseResult) -> list[str]:
              f"and one at {end} (each curve relative to its distance-0 value):", ""]
     lines += md_table(head, rows) + [""]
     if r.bias_drift is not None:
-        worst = max(r.bias_drift)
-        lines += [("The bias depends on i − j alone: past training, the model meets the bias it was trained with."
-                   if worst < DRIFT else
-                   f"The bias changes with the query position: at the distances it was trained on, a query at {end} "
-                   f"meets a bias up to {worst:.2f} nats away from the one a query at {L - 1} met in training."), ""]
+        lines += [(f"The bias changes with the query position: at the distances it was trained on, a query at {end} "
+                   f"meets a bias up to {max(r.bias_drift):.2f} nats away from the one a query at {L - 1} met in "
+                   "training." if bias_moves(r) else
+                   "The bias depends on i − j alone: past training, the model meets the bias it was trained with."), ""]
     return lines + ["![bias](bias_vs_distance.png)", ""]
 
 
@@ -465,7 +461,7 @@ def hidden_sentences(r: DiagnoseResult) -> list[str]:
     named = [(f"Seed {c['seed']}" if several else "The copy", a, b, h)
              for c, a, b, h in zip(r.passkey_copies, r.copy_accuracy(str(r.train_len)), r.copy_accuracy(far),
                                    r.hidden_accuracy(far))]
-    return far_filler_sentences(named, f"at {far}", absolute=SCHEMES[r.scheme_name].family == "absolute")
+    return far_filler_sentences(named, f"at {far}", absolute=r.scheme.family == "absolute")
 
 
 def _answer_attention_table(r: DiagnoseResult) -> list[str]:
