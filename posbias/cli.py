@@ -279,6 +279,7 @@ STUDY_FIELDS = ("schemes", "train_len", "eval_lens", "steps", "batch_size", "lr"
 
 
 def add_extrapolate_parser(sub: argparse._SubParsersAction) -> None:
+    from .evaluate import SEGMENTS
     from .study import PRESETS, StudyConfig, default_schemes
 
     presets = "\n".join(f"  {name:<5} {PRESET_NOTES.get(name, '')}\n        " + ", ".join(
@@ -313,8 +314,8 @@ def add_extrapolate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", dest="n_layers", type=int, help=f"default {d.n_layers}")
     p.add_argument("--heads", dest="n_heads", type=int, help=f"default {d.n_heads}")
     p.add_argument("--seeds", type=int, nargs="+", help="default 0")
-    p.add_argument("--eval-tokens", type=int, help=f"validation tokens scored at every length, in segments of the longest length spread "
-                   f"evenly over the split (default {d.eval_tokens})")
+    p.add_argument("--eval-tokens", type=int, help="validation tokens scored at every length, in segments of the longest length "
+                   f"spread evenly over the split (default: {SEGMENTS} segments; fewer give too narrow intervals)")
     p.add_argument("--threads", type=int, help=f"torch threads, fixed for reproducible results (default {d.threads})")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     p.add_argument("--data", help="a local text file or folder instead of the embedded default")
@@ -400,6 +401,7 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
 
 # -- retrofit ---------------------------------------------------------------------------------
 def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
+    from .evaluate import SEGMENTS
     from .retrofit import METHODS
 
     p = sub.add_parser("retrofit", help="extend a trained model to a longer context (RoPE scalings, T5 max_distance, "
@@ -418,8 +420,9 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
                    help="the positional parameters' multiple of every fine-tune's learning rate (default: the "
                         "checkpoint's training value, train.pos_lr_mult)")
     p.add_argument("--eval-lens", type=int, nargs="+", help="default: L, 2L, 4L … up to --to")
-    p.add_argument("--eval-tokens", type=int, default=8192,
-                   help="validation tokens scored at each length, in segments spread evenly over the split")
+    p.add_argument("--eval-tokens", type=int,
+                   help="validation tokens scored at each length, in segments spread evenly over the split (default: "
+                        f"{SEGMENTS} segments of the longest length; fewer give too narrow intervals)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the fine-tunes' batches and the passkey copies' training: another seed is another "
                         "draw of every fine-tune (its own cache and models), to tell a method from one fine-tune's luck")
@@ -494,7 +497,7 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
 
 # -- diagnose ---------------------------------------------------------------------------------
 def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
-    from .diagnose import DiagnoseConfig
+    from .evaluate import SEGMENTS
 
     p = sub.add_parser("diagnose", help="report why a checkpoint does (not) generalise: loss by position (local "
                        "context vs distant keys), attention distance and attention beyond L, buckets, reach and "
@@ -508,9 +511,9 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
                         "(every model in it)")
     p.add_argument("--length", type=int, help="window examined (default 8 × the training length)")
     p.add_argument("--windows", type=int, default=4, help="validation windows for the attention statistics")
-    p.add_argument("--eval-tokens", type=int, default=DiagnoseConfig.eval_tokens,
+    p.add_argument("--eval-tokens", type=int,
                    help="validation tokens for the loss by position (at least one window; the windows are "
-                        f"spread evenly over the split; default {DiagnoseConfig.eval_tokens})")
+                        f"spread evenly over the split; default: {SEGMENTS} windows of --length)")
     _add_passkey_fit_arguments(p, "0 skips the passkey test", "seed 0")
     p.add_argument("--passkey-samples", type=int, default=24, help="passkey samples per (length, depth) cell")
     _add_checkpoint_job_arguments(p, "diagnose", cmd_diagnose)

@@ -50,7 +50,7 @@ from . import checkpoint as ckpt
 from . import passkey, store
 from .config import Log, check_count, fixed_threads, quiet
 from .data import Corpus
-from .evaluate import bootstrap_means, interval, local_head, spread_starts, token_losses
+from .evaluate import SEGMENTS, bootstrap_means, interval, local_head, spread_starts, token_losses
 from .model import TransformerLM
 from .schemes.base import Scheme, ToeplitzScheme, flat_share
 from .schemes.rope import RoPE, rope_frequencies
@@ -463,7 +463,9 @@ def _ranges(length: int, train_len: int) -> list[tuple[int, int]]:
 class DiagnoseConfig:
     length: int | None = None  # window examined (default 8 × the training length)
     windows: int = 4  # validation windows for the attention statistics
-    eval_tokens: int = 32768  # validation tokens for the loss by position (at least one window; spread over the split)
+    # validation tokens for the loss by position (at least one window; spread over the split; None:
+    # evaluate.SEGMENTS windows of `length`)
+    eval_tokens: int | None = None
     passkey_steps: int = 2400  # passkey fine-tune steps of a copy (0: no passkey test)
     passkey_until: float = 0.0  # > 0: the copy stops once it solves this share of a probe at L (0: every step)
     passkey_samples: int = 24  # passkey samples per (length, depth) cell
@@ -477,8 +479,10 @@ class DiagnoseConfig:
     def __post_init__(self) -> None:
         if self.length is not None:
             check_count("length", self.length, minimum=2)
-        for name in ("windows", "eval_tokens", "passkey_samples", "threads"):
+        for name in ("windows", "passkey_samples", "threads"):
             check_count(name, getattr(self, name))
+        if self.eval_tokens is not None:
+            check_count("eval_tokens", self.eval_tokens)
         check_count("passkey_steps", self.passkey_steps, minimum=0)
         passkey.check_seeds("passkey_seeds", self.passkey_seeds)
         passkey.check_until("passkey_until", self.passkey_until)
@@ -604,7 +608,7 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
     length = cfg.length or 8 * train_len
     key = source_key(path, cfg, corpus)
     cache = _Cache(out, key, log, cfg.device)
-    windows_loss = max(1, max(cfg.eval_tokens, length) // length)
+    windows_loss = SEGMENTS if cfg.eval_tokens is None else max(1, max(cfg.eval_tokens, length) // length)
 
     def losses() -> dict[str, list]:
         long_w, short_w = context_effect(model, corpus.val, length, train_len, windows=windows_loss,

@@ -35,7 +35,7 @@ from . import passkey
 from .config import ConfigError, Log, check_count, check_rate, check_seed, fixed_threads, quiet
 from .data import Corpus, batch_at
 from .diagnose import far_filler_scores
-from .evaluate import Paired, evaluate_length, ratios_to_best
+from .evaluate import SEGMENTS, Paired, evaluate_length, ratios_to_best
 from .finetune import finetune
 from .model import ModelConfig, TransformerLM
 from .schemes.t5 import t5_bucket
@@ -157,7 +157,7 @@ class RetrofitConfig:
     # the positional parameters' multiple of a fine-tune's learning rate (None: the checkpoint's training value)
     pos_lr_mult: float | None = None
     eval_lens: tuple[int, ...] | None = None  # default: L, 2L, 4L … up to `to`
-    eval_tokens: int = 8192  # validation tokens scored at each length
+    eval_tokens: int | None = None  # validation tokens scored at each length (None: evaluate.SEGMENTS × the longest)
     compare: bool = False  # the decision table: passkey accuracy and attention cost too
     passkey_steps: int = 2400  # passkey fine-tune steps of a copy (with compare)
     passkey_until: float = 0.0  # > 0: a copy stops once it solves this share of a probe at L (0: every step)
@@ -174,8 +174,10 @@ class RetrofitConfig:
         for m in self.methods:
             if m not in METHODS:
                 raise ConfigError("methods", f"has unknown method {m!r}; valid: {', '.join(METHODS)}")
-        for name in ("to", "finetune_batch", "eval_tokens", "passkey_samples", "threads"):
+        for name in ("to", "finetune_batch", "passkey_samples", "threads"):
             check_count(name, getattr(self, name))
+        if self.eval_tokens is not None:
+            check_count("eval_tokens", self.eval_tokens)
         for name in ("finetune_steps", "passkey_steps"):
             check_count(name, getattr(self, name), minimum=0)
         check_rate("finetune_lr", self.finetune_lr)
@@ -207,6 +209,7 @@ class RetrofitResult:
     corpus: dict[str, Any]
     trained_corpus: dict[str, Any] | None = None  # the text the checkpoint records it was trained on
     pos_lr_mult: float = 1.0  # the positional parameters' multiple of the fine-tunes' learning rates
+    eval_tokens: int = 0  # validation tokens scored at each length (config.eval_tokens, or its default resolved)
     cache: str | None = None  # the name of its cache file (``cache-<key>.json``), by which ``posbias clean`` judges it
     rows: list[dict[str, Any]] = field(default_factory=list)
     bucket_remap: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
@@ -219,6 +222,7 @@ class RetrofitResult:
                 "paired": {n: [p._asdict() for p in ps] for n, ps in self.paired.items()},
                 "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
                 "corpus": self.corpus, "trained_corpus": self.trained_corpus, "pos_lr_mult": self.pos_lr_mult,
+                "eval_tokens": self.eval_tokens,
                 "cache": self.cache}
 
 
@@ -244,7 +248,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
         result.pos_lr_mult = cfg.pos_lr_mult or ckpt.pos_lr_mult(meta)
         run = _Run(cfg, out, source_key(path, cfg, corpus), corpus, train_len, lens, progress, log,
                    result.pos_lr_mult)
-        result.cache = run.cache.file.name
+        result.cache, result.eval_tokens = run.cache.file.name, run.eval_tokens
         result.rows.append(run.measure(base, base, "original", "before", 0))
         for k, m in enumerate(cfg.methods, 1):
             plan = "no fine-tune" + (f", then a {cfg.finetune_steps}-step fine-tune at {cfg.to}" if cfg.finetune_steps else "")
@@ -294,6 +298,7 @@ class _Run:
         # then every length scores the same tokens (evaluate.evaluate_length)
         longest = max(lens)
         self.span = longest if all(longest % n == 0 for n in lens) else None
+        self.eval_tokens = cfg.eval_tokens or SEGMENTS * longest
         self.cache = store.JobCache(out / f"cache-{key}.json", "retrofit", cfg.device)
 
     def measure(self, model: TransformerLM, base: TransformerLM, method: str, stage: str, extra: int, *,
@@ -320,10 +325,10 @@ class _Run:
         compare pairwise (the report's paired table)."""
         # a length's ppl depends on the segments its windows tile, so the entry names their span too
         # (eval_lens is not in the key: another set of lengths may give another span)
-        got = self.cache.data.setdefault(f"eval:{label}:{self.cfg.eval_tokens}:span{self.span or 'each'}", {})
+        got = self.cache.data.setdefault(f"eval:{label}:{self.eval_tokens}:span{self.span or 'each'}", {})
         for n in self.lens:
             if str(n) not in got:
-                r = evaluate_length(model, self.corpus.val, n, max_tokens=self.cfg.eval_tokens, span=self.span,
+                r = evaluate_length(model, self.corpus.val, n, max_tokens=self.eval_tokens, span=self.span,
                                     device=self.cfg.device)
                 got[str(n)] = {"ppl": r["ppl"], "window_loss": r["window_loss"]}
                 self.cache.save()

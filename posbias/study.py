@@ -47,7 +47,7 @@ from . import store
 from ._version import __version__
 from .config import ConfigError, Log, check_count, check_rate, check_seed, fixed_threads, quiet
 from .data import Corpus
-from .evaluate import N_BOOT, Paired, check_study_lengths, length_study, ratios_to_best
+from .evaluate import N_BOOT, SEGMENTS, Paired, check_study_lengths, length_study, ratios_to_best
 from .model import ModelConfig, TransformerLM
 from .schemes import SCHEMES, Scheme, build, check_options, get_scheme_class, parse_spec, spec_label
 from .schemes.base import flat_share
@@ -77,7 +77,9 @@ class StudyConfig:
     n_layers: int = 4  # transformer blocks
     n_heads: int = 4  # attention heads
     seeds: tuple[int, ...] = (0,)  # one model per scheme and seed
-    eval_tokens: int = 16384  # validation tokens scored at every length (whole longest windows, spread over the split)
+    # validation tokens scored at every length, in segments of the longest length spread over the split
+    # (None: evaluate.SEGMENTS segments, resolved when the config is made)
+    eval_tokens: int | None = None
     eval_batch: int = 8  # windows per evaluation forward
     threads: int = 2  # torch intra-op threads, fixed for reproducibility (part of every result's key)
     device: str = "cpu"  # cpu or cuda[:N]
@@ -93,9 +95,12 @@ class StudyConfig:
             check_options(name, opts)
         for n in self.eval_lens:
             check_count("eval_lens", n)
-        for name in ("train_len", "steps", "batch_size", "d_model", "n_layers", "n_heads", "eval_tokens",
-                     "eval_batch", "threads"):
+        for name in ("train_len", "steps", "batch_size", "d_model", "n_layers", "n_heads", "eval_batch", "threads"):
             check_count(name, getattr(self, name))
+        lens = check_study_lengths(self.eval_lens, self.train_len)
+        if self.eval_tokens is None:
+            object.__setattr__(self, "eval_tokens", SEGMENTS * lens[-1])
+        check_count("eval_tokens", self.eval_tokens)
         if not self.seeds:
             raise ConfigError("seeds", "must list at least one seed")
         for seed in self.seeds:
@@ -106,7 +111,6 @@ class StudyConfig:
                               "twice would narrow the spread over seeds")
         for name in ("lr", "pos_lr_mult"):
             check_rate(name, getattr(self, name))
-        lens = check_study_lengths(self.eval_lens, self.train_len)
         if self.eval_tokens < lens[-1]:
             raise ConfigError("eval_tokens", f"{self.eval_tokens} is fewer than the longest evaluation length {lens[-1]}")
         if self.d_model % self.n_heads:
@@ -123,15 +127,15 @@ class StudyConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~10 minutes on a 2-core CPU: 8 schemes, train at 64 tokens, evaluate up to 16x on 16 segments
+    # ~10 minutes on a 2-core CPU: 8 schemes, train at 64 tokens, evaluate up to 16x on 64 segments
     "demo": dict(train_len=64, eval_lens=(64, 128, 256, 512, 1024), steps=250, batch_size=32, d_model=128,
-                 n_layers=3, n_heads=4, eval_tokens=16384),
+                 n_layers=3, n_heads=4),
     # the longer CPU protocol, ~1 hour on a 2-core CPU
     "cpu": dict(train_len=128, eval_lens=(128, 256, 512, 1024, 2048), steps=1200, batch_size=32, d_model=128,
-                n_layers=4, n_heads=4, eval_tokens=65536),
+                n_layers=4, n_heads=4),
     # for a GPU: larger model, longer training, 3 seeds
     "gpu": dict(train_len=128, eval_lens=(128, 256, 512, 1024, 2048, 4096), steps=4000, batch_size=64,
-                d_model=256, n_layers=6, n_heads=8, eval_tokens=131072, seeds=(0, 1, 2), device="cuda"),
+                d_model=256, n_layers=6, n_heads=8, seeds=(0, 1, 2), device="cuda"),
 }
 
 

@@ -162,6 +162,7 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
     assert "Which differences are real" in md and md.count("**best**") == 1  # one length past L: 96
     n_windows = 400 // (2 * L)
     assert all(len(r["window_loss"][2 * L]) == n_windows for r in res.rows)
+    assert res.eval_tokens == 400 and f"Only {n_windows} windows scored (fewer than 64)" in md
     for r in res.rows:  # 95% Wilson interval over 5 depths × 2 samples = 10 trials
         if r["passkey"] is not None:
             assert r["passkey_interval"][2 * L] == passkey.accuracy_interval(r["passkey"][2 * L], 10)
@@ -198,6 +199,7 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     md = (tmp_path / "d" / "report.md").read_text()
     for section in ("Loss by position", "Attention distance", "The final entry (T5: the final bucket)", "Effective reach", "Passkey"):
         assert section in md
+    assert f"Only {400 // (2 * L)} windows scored (fewer than 64)" in md
     for png in ("loss_by_position", "attention_distance", "attention_beyond_L", "bias_vs_distance", "passkey"):
         assert (tmp_path / "d" / f"{png}.png").exists()
     assert 0 < rep.final_entry_share[2 * L] < 1
@@ -834,6 +836,28 @@ def test_rotary_angles_mark_the_pairs_that_meet_angles_training_never_gave():
     assert ntk["end_angle"][-1] == pytest.approx(float(theta[-1]) * (n - 1) / 8) and not ntk["unseen"][-1]
     assert any(ntk["unseen"]) and ntk["wavelength"] == plain["wavelength"]  # trained with the base frequencies
     assert rotary_angles(build("alibi", n_heads=2, head_dim=d), train_len=L, length=n) is None
+
+
+def test_retrofit_and_diagnose_score_sixty_four_units_unless_told(tmp_path, corpus):
+    """Unless --eval-tokens says otherwise, retrofit scores evaluate.SEGMENTS segments of its longest
+    length and diagnose as many windows (fewer gave intervals measurably too narrow: README, "Do the
+    intervals now mean 95%?"), and neither report warns of too few."""
+    from posbias.evaluate import SEGMENTS
+
+    path = tiny_checkpoint(tmp_path / "r", "rope")
+    res = run_retrofit(path, RetrofitConfig(to=2 * L, methods=("pi",)), tmp_path / "out", corpus=corpus)
+    retrofit_report.write(res, tmp_path / "out")
+    assert res.eval_tokens == SEGMENTS * 2 * L and res.config.eval_tokens is None
+    assert all(len(r["window_loss"][2 * L]) == SEGMENTS for r in res.rows)
+    assert "windows scored (fewer than" not in (tmp_path / "out" / "results.md").read_text()
+    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, passkey_steps=0), corpus=corpus)
+    diagnose_report.write(rep, tmp_path / "d")
+    assert rep.loss_windows == SEGMENTS and "windows scored (fewer than" not in (tmp_path / "d" / "report.md").read_text()
+    for bad in (0, -8):
+        with pytest.raises(ValueError, match="eval_tokens"):
+            RetrofitConfig(to=2 * L, methods=("pi",), eval_tokens=bad)
+        with pytest.raises(ValueError, match="eval_tokens"):
+            DiagnoseConfig(eval_tokens=bad)
 
 
 def test_diagnose_report_names_the_rotary_pairs_past_training(tmp_path, corpus):

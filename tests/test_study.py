@@ -525,6 +525,32 @@ def test_summary_says_what_the_tables_show():
     assert "in every seed" in summary(two)[2] and not any("One seed" in line for line in summary(two))
 
 
+def test_the_study_scores_sixty_four_segments_unless_told_and_warns_below():
+    """eval_tokens left out (the default and every preset) is evaluate.SEGMENTS segments of the longest
+    length; an explicit count is kept; fewer segments than that get a warning in the summary (intervals
+    over few segments measured too narrow: README, "Do the intervals now mean 95%?")."""
+    from posbias.evaluate import SEGMENTS
+    from posbias.report.study import summary
+    from posbias.study import PRESETS, StudyConfig
+
+    assert SEGMENTS == 64 and StudyConfig().eval_tokens == 64 * 2048
+    for name, preset in PRESETS.items():
+        cfg = StudyConfig(**preset)
+        assert cfg.eval_tokens == SEGMENTS * max(cfg.lengths()), name
+    assert StudyConfig(**{**PRESETS["demo"], "eval_lens": (64, 128)}).eval_tokens == SEGMENTS * 128
+    assert StudyConfig(eval_tokens=4096).eval_tokens == 4096
+    for bad in (0, 1024):
+        with pytest.raises(ValueError, match="eval_tokens"):
+            StudyConfig(eval_tokens=bad)
+    d = torch.rand(12, dtype=torch.float64) + 1
+    study = _fake_study({"a": [d], "b": [d + 0.1]}, far={"a": [d], "b": [d + 0.1]})
+    for segments, warned in ((12, True), (SEGMENTS, False)):
+        for r in study.records:
+            r.update(segments=segments, ratio=1.0, ratio_lo=0.99, ratio_hi=1.01)
+        lines = summary(study)
+        assert any(line.startswith(f"* **Only {segments} segments scored (fewer than 64)") for line in lines) is warned
+
+
 def test_paired_table_sees_a_difference_the_overlapping_intervals_hide():
     """Text segments of very different difficulty, and scheme b 0.02 nats worse than a on every one:
     the paired ratio is exp(0.02) with an interval of that width only, while the schemes' own

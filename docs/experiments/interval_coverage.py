@@ -83,6 +83,21 @@ def coverage(d: torch.Tensor, n: int, *, draws: int, n_boot: int = 1000, seed: i
             for tag, level in (("", 0.95), (" expanded", wide))}
 
 
+def tails(d: torch.Tensor) -> str:
+    """How heavy-tailed the segments' log ratios are: their skewness, excess kurtosis (0 for a normal
+    distribution) and the share of their variance that the 5% segments farthest from the mean carry
+    (about 0.35 for a normal distribution), with where along the split those segments lie."""
+    c = d - d.mean()
+    m2 = float((c**2).mean())
+    skew = float((c**3).mean()) / m2**1.5
+    kurt = float((c**4).mean()) / m2**2 - 3
+    far = c.abs().argsort(descending=True)[: max(1, round(0.05 * d.numel()))]
+    share = float((c[far] ** 2).sum() / (c**2).sum())
+    where = ", ".join(f"{float(i) / d.numel():.2f}" for i in far.sort().values[:8])
+    return (f"log ratio per segment sd {m2 ** 0.5:.4f}, skew {skew:+.2f}, excess kurtosis {kurt:+.1f}, the 5% farthest "
+            f"segments {share:.0%} of the variance (at {where}{' …' if far.numel() > 8 else ''} of the split)")
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+")
@@ -96,7 +111,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     said = []
     for model, train_len, say in each_model(args.checkpoints, args.threads, said):
         d = segment_log_ratios(model, val, train_len, args.longest or 16 * train_len, args.population)
-        parts = [f"{model.cfg.scheme}: the split's ratio {math.exp(float(d.mean())):.3f}"]
+        parts = [f"{model.cfg.scheme}: the split's ratio {math.exp(float(d.mean())):.3f}", tails(d)]
         for n in args.n:
             got = coverage(d, n, draws=args.draws)
             parts.append(f"n = {n}: " + ", ".join(f"{k} {c}/{t}" for k, (c, t) in got.items()))

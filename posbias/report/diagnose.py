@@ -11,7 +11,7 @@ import torch
 from .. import passkey, store
 from ..config import Log, quiet
 from ..diagnose import ANSWER_SAMPLES, DiagnoseResult, kept_row
-from . import corpus_line, far_filler_sentences, kept_mean, kept_past_l, md_table, shuffled_key_score
+from . import corpus_line, far_filler_sentences, few_segments, kept_mean, kept_past_l, md_table, shuffled_key_score
 
 
 def write(result: DiagnoseResult, out: str | Path, *, log: Log = quiet) -> list[Path]:
@@ -143,7 +143,8 @@ def _loss_section(r: DiagnoseResult) -> list[str]:
              f"split) scored in {r.length}-token windows (full context) "
              f"and with the context cut into chunks of L = {r.train_len} (what the model saw in training). Δ < 0: the "
              f"extra context helps; Δ > 0: it hurts. Intervals: 95% bootstrap over the {r.loss_windows} windows "
-             "(paired: both columns score the same tokens).", ""]
+             "(paired: both columns score the same tokens)."
+             + (f" {few}" if (few := few_segments(r.loss_windows, "window")) else ""), ""]
             + md_table(["positions", "loss, full context", "loss, context cut at L", "Δ"], rows)
             + ["", f"Perplexity {math.exp(full):.3f} with the full context vs {math.exp(cut):.3f} cut at L: the "
                f"extra context {_context_verdict(lo_all, hi_all, r.loss_windows)}.", ""]

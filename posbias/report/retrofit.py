@@ -11,8 +11,8 @@ from typing import Any
 from .. import passkey, store
 from ..config import Log, quiet
 from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
-from . import (copies_cell, copies_sentence, copy_names, corpus_line, digits_sentence, far_filler_sentences, kept_cell,
-               md_table, paired_cell)
+from . import (copies_cell, copies_sentence, copy_names, corpus_line, digits_sentence, far_filler_sentences, few_segments,
+               kept_cell, md_table, paired_cell)
 
 STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
 
@@ -64,7 +64,8 @@ def _paired_section(result: RetrofitResult) -> list[str]:
     windows = ", ".join(f"{len(rows[0]['window_loss'][n])} at {n}" for n in far)
     return ["", "Which differences are real: perplexity relative to the best row at each length, 95% interval "
             f"paired over the same windows ({windows}); (≈ best): not distinguishable from the best at this "
-            "evaluation size:", ""] + md_table(
+            "evaluation size." + (f" {few}" if (few := few_segments(len(rows[0]["window_loss"][far[-1]]), "window"))
+                                  else ""), ""] + md_table(
         ["method", "stage", *(f"@ {n}" for n in far)],
         [[r["method"], r["stage"], *(paired_cell(result.paired[n][j]) for n in far)] for j, r in enumerate(rows)])
 
@@ -131,7 +132,7 @@ def markdown(result: RetrofitResult) -> str:
     ref = rows[0]["ppl"].get(L, math.nan)
     tuned = result.config.finetune_steps or (result.config.compare and result.config.passkey_steps)
     lines = [f"Retrofit of `{result.checkpoint}` (trained at L = {L}) to {to} tokens. "
-             f"{corpus_line(result.corpus, result.trained_corpus)} Perplexity: up to {result.config.eval_tokens:,} "
+             f"{corpus_line(result.corpus, result.trained_corpus)} Perplexity: up to {result.eval_tokens:,} "
              "validation tokens in segments spread evenly over the split."
              + (f" Fine-tunes train the positional parameters at {result.pos_lr_mult:g}× their learning rate"
                 f"{' (as the checkpoint was trained)' if result.config.pos_lr_mult is None else ''}." if tuned else ""),

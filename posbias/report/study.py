@@ -14,7 +14,7 @@ from .. import store
 from ..config import Log, quiet
 from ..evaluate import N_BOOT, local_head
 from ..study import StudyResult, records_at
-from . import md_table, paired_cell, ties_best
+from . import few_segments, md_table, paired_cell, ties_best
 
 Records = list[dict[str, Any]]
 
@@ -93,7 +93,9 @@ def summary(result: StudyResult) -> list[str]:
     if len(cfg.seeds) == 1:
         lines.append(f"* **One seed ({cfg.seeds[0]}):** every interval here is over the text scored; how far "
                      "training's own spread moves these answers is not measured (`--seeds 0 1 2` measures it).")
-    return lines + [""]
+    few = few_segments(result.records[0]["segments"]) if "segments" in result.records[0] else ""
+    return lines + ([f"* **{few}**"] if few else []) + [""]
+
 
 
 def _ppl_section(result: StudyResult) -> list[str]:
