@@ -68,7 +68,7 @@ def spread_starts(n_avail: int, span: int, count: int) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate_length(model: TransformerLM, tokens: Tensor, length: int, *, max_tokens: int = 16384,
+def evaluate_length(model: TransformerLM, tokens: Tensor, length: int, *, max_tokens: int | None = None,
                     stride: int | None = None, span: int | None = None, batch_size: int = 8,
                     device: str | torch.device = "cpu") -> dict[str, Any]:
     """Loss/perplexity with windows of ``length`` tokens.
@@ -79,13 +79,14 @@ def evaluate_length(model: TransformerLM, tokens: Tensor, length: int, *, max_to
     scored, and the loss by position inside the window is returned. ``stride=s``: sliding windows
     advancing by ``s`` over the split's first ``max_tokens`` tokens (sliding needs contiguous text);
     each window scores only its last ``s`` tokens (the first scores all), so every scored token sees
-    at least ``length − s`` tokens of context.
+    at least ``length − s`` tokens of context. ``max_tokens=None``: :data:`SEGMENTS` segments (or
+    windows, sliding) of ``span`` (``length``).
     """
     (length,) = _check_lengths([length])
     if stride is not None and not 1 <= stride <= length:
         raise ValueError(f"stride must be in [1, {length}], got {stride}")
     n_avail = tokens.numel() - 1
-    budget = min(max_tokens, n_avail)
+    budget = min(SEGMENTS * (span or length) if max_tokens is None else max_tokens, n_avail)
     if budget < length:
         raise ValueError(f"split has {n_avail} scoreable tokens, fewer than the evaluation length {length}")
     if stride is None:

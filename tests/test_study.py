@@ -145,6 +145,10 @@ def test_sliding_window_evaluation(corpus):
         evaluate_length(model, corpus.val, 32, stride=0)
     with pytest.raises(ValueError, match="evaluation lengths must be integers >= 1, got 0"):
         evaluate_length(model, corpus.val, 0)
+    # max_tokens left out: evaluate.SEGMENTS windows (or segments of span, or sliding windows' tokens)
+    assert len(evaluate_length(model, corpus.val, 16)["window_loss"]) == 64
+    assert len(evaluate_length(model, corpus.val, 16, span=32)["window_loss"]) == 128
+    assert evaluate_length(model, corpus.val, 16, stride=16)["tokens"] == 64 * 16
 
 
 @pytest.mark.parametrize("argv, msg", [
