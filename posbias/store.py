@@ -15,7 +15,7 @@
   take it shared: several ``posbias extrapolate`` runs may work in one folder together, each model
   made by one of them at a time under :func:`item_lock` (a retrofit or diagnosis there still
   refuses, and is refused).
-* :func:`device_key` names a device in keys by what it is (``cpu (AMD EPYC, AVX512)``, ``cuda (NVIDIA
+* :func:`device_key` names a device in keys by what it is (``cpu (AMD EPYC family 25 model 17, AVX512)``, ``cuda (NVIDIA
   H100 …)``), not by its index, so runs on ``cuda:0`` and ``cuda:1`` share their results and runs on
   two kinds of processor, which round differently, do not.
 """
@@ -177,27 +177,39 @@ class JobCache:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_name() -> str:
-    """The processor's model name (``/proc/cpuinfo``; elsewhere what :mod:`platform` knows)."""
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The processor's model name, and on x86 its family and model numbers (``AMD EPYC family 25
+    model 17``, from ``/proc/cpuinfo``; elsewhere what :mod:`platform` knows). A virtual machine may
+    show a generic name ("AMD EPYC") for processors of several generations, whose math libraries can
+    take different code paths; the family and model numbers tell the generations apart."""
     import platform
 
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                if line.startswith("model name") and ":" in line:
-                    return line.split(":", 1)[1].strip() or "unknown"
+                key, sep, value = line.partition(":")
+                if not sep:
+                    if fields:
+                        break  # the first processor's block is enough
+                    continue
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    if fields.get("cpu family") and fields.get("model"):
+        name += f" family {fields['cpu family']} model {fields['model']}"
+    return name
 
 
 def device_key(device: str) -> str:
     """``device`` as results keys name it: what it is, without an index. Results round differently on
     another processor (the math libraries pick their code by CPU and instruction set; README, "Keyed
-    results", measures it), so a CPU is named by its model and the instruction set torch dispatches to
-    (``cpu (AMD EPYC, AVX512)``), and a GPU by its model (``cuda (NVIDIA H100 …)``): runs on ``cuda:0``
-    and ``cuda:1`` share their results, runs on two kinds of processor do not. Two CPUs that share a
-    name and an instruction set are taken to be the same."""
+    results", measures it), so a CPU is named by its model (:func:`cpu_name`) and the instruction set
+    torch dispatches to (``cpu (AMD EPYC family 25 model 17, AVX512)``), and a GPU by its model
+    (``cuda (NVIDIA H100 …)``): runs on ``cuda:0`` and ``cuda:1`` share their results, runs on two
+    kinds of processor do not. Two CPUs that share a name, family, model and instruction set are taken
+    to be the same."""
     import torch
 
     dev = torch.device(device)

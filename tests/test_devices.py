@@ -177,6 +177,25 @@ def test_results_keys_name_the_device_by_kind(monkeypatch):
     assert store.config_key(model_key(cfg, arm, 0, corpus)) != key
 
 
+def test_a_cpu_is_named_by_its_family_and_model_too(tmp_path):
+    """A virtual machine may call processors of several generations "AMD EPYC"; the key adds the x86
+    family and model numbers of the first processor listed, and names a CPU without them (ARM) by
+    its model name alone."""
+    from posbias import store
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                    "model name\t: AMD EPYC\nstepping\t: 1\n\nprocessor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\n")
+    assert store.cpu_name(str(info)) == "AMD EPYC family 25 model 17"
+    zen5 = tmp_path / "zen5"
+    zen5.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n")
+    assert store.cpu_name(str(zen5)) == "AMD EPYC family 26 model 2"
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nmodel name\t: Neoverse-V2\nCPU part\t: 0xd4f\n")
+    assert store.cpu_name(str(arm)) == "Neoverse-V2"
+    assert store.cpu_name(str(tmp_path / "missing")) != ""
+
+
 @pytest.mark.cuda
 @NO_CUDA
 def test_cuda_keys_name_the_gpu_model_not_its_index():
