@@ -15,9 +15,9 @@
   take it shared: several ``posbias extrapolate`` runs may work in one folder together, each model
   made by one of them at a time under :func:`item_lock` (a retrofit or diagnosis there still
   refuses, and is refused).
-* :func:`device_key` names a device in keys by what it is (``cpu (AMD EPYC family 25 model 17, AVX512)``, ``cuda (NVIDIA
-  H100 …)``), not by its index, so runs on ``cuda:0`` and ``cuda:1`` share their results and runs on
-  two kinds of processor, which round differently, do not.
+* :func:`device_key` names a device in keys by what it is (``cpu (AMD EPYC family 25 model 17,
+  AVX512)``, ``cuda (NVIDIA H100 …)``), not by its index, so runs on ``cuda:0`` and ``cuda:1`` share
+  their results and runs on two kinds of processor, which round differently, do not.
 """
 
 from __future__ import annotations

@@ -97,7 +97,6 @@ def summary(result: StudyResult) -> list[str]:
     return lines + ([f"* **{few}**"] if few else []) + [""]
 
 
-
 def _ppl_section(result: StudyResult) -> list[str]:
     cfg, recs = result.config, result.records
     lens, base = cfg.lengths(), cfg.train_len
