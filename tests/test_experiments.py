@@ -159,6 +159,11 @@ def test_interval_coverage_counts_each_design_over_its_samples():
     assert all(got[f"{k} expanded"][0] >= got[k][0] for k in ("contiguous", "spread", "random"))  # wider, never less
     assert coverage.t_quantile(0.975, 15) == pytest.approx(2.1314, abs=2e-4)  # Student's t table
     assert coverage.expanded_level(16) == pytest.approx(0.9723, abs=2e-4)
+    # tails: one segment far out carries the variance (skew and kurtosis of 19 zeros and one 1)
+    spike = torch.zeros(20, dtype=torch.float64)
+    spike[5] = 1.0
+    said = coverage.tails(spike)
+    assert "skew +4.13, excess kurtosis +15.1" in said and "segments 95% of the variance (at 0.25 of the split)" in said
     from posbias.model import ModelConfig, TransformerLM
 
     torch.manual_seed(0)
