@@ -459,6 +459,17 @@ def _ranges(length: int, train_len: int) -> list[tuple[int, int]]:
     return rows
 
 
+def attention_starts(n_tokens: int, length: int, count: int) -> list[int]:
+    """Starts of the ``count`` windows of ``length`` tokens whose attention diagnose measures, spread
+    evenly from the first token of a split of ``n_tokens`` to the last window that fits (they may
+    overlap on a short split). Integer arithmetic, so positions stay exact past 2^24 tokens, where a
+    float32 ``linspace`` would round them (and could start the last window too late to fit)."""
+    last = n_tokens - length - 1
+    if last < 0:
+        raise ValueError(f"the split has {n_tokens} tokens, fewer than one window of {length} and its target")
+    return [0] if count == 1 else [k * last // (count - 1) for k in range(count)]
+
+
 @dataclass(frozen=True)
 class DiagnoseConfig:
     length: int | None = None  # window examined (default 8 × the training length)
@@ -620,7 +631,7 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
         return got
 
     def distances() -> dict[str, list]:
-        starts = torch.linspace(0, corpus.val.numel() - length - 1, cfg.windows).long()
+        starts = attention_starts(corpus.val.numel(), length, cfg.windows)
         idx = torch.stack([corpus.val[s:s + length] for s in starts]).long().to(cfg.device)
         return {k: v.tolist() for k, v in attention_distance(model, idx, beyond=train_len).items()}
 
