@@ -78,7 +78,8 @@ class StudyConfig:
     n_heads: int = 4  # attention heads
     seeds: tuple[int, ...] = (0,)  # one model per scheme and seed
     # validation tokens scored at every length, in segments of the longest length spread over the split
-    # (None: evaluate.SEGMENTS segments, resolved when the config is made)
+    # (None: evaluate.SEGMENTS segments, resolved when the config is made; dataclasses.replace with other
+    # eval_lens keeps the resolved count unless it is given eval_tokens=None too)
     eval_tokens: int | None = None
     eval_batch: int = 8  # windows per evaluation forward
     threads: int = 2  # torch intra-op threads, fixed for reproducibility (part of every result's key)
