@@ -50,7 +50,7 @@ from . import checkpoint as ckpt
 from . import passkey, store
 from .config import Log, check_count, fixed_threads, quiet
 from .data import Corpus
-from .evaluate import SEGMENTS, bootstrap_means, interval, local_head, spread_starts, token_losses
+from .evaluate import bootstrap_means, eval_budget, interval, local_head, spread_starts, token_losses
 from .model import TransformerLM
 from .schemes.base import Scheme, ToeplitzScheme, flat_share
 from .schemes.rope import RoPE, rope_frequencies
@@ -459,17 +459,6 @@ def _ranges(length: int, train_len: int) -> list[tuple[int, int]]:
     return rows
 
 
-def attention_starts(n_tokens: int, length: int, count: int) -> list[int]:
-    """Starts of the ``count`` windows of ``length`` tokens whose attention diagnose measures, spread
-    evenly from the first token of a split of ``n_tokens`` to the last window that fits (they may
-    overlap on a short split). Integer arithmetic, so positions stay exact past 2^24 tokens, where a
-    float32 ``linspace`` would round them (and could start the last window too late to fit)."""
-    last = n_tokens - length - 1
-    if last < 0:
-        raise ValueError(f"the split has {n_tokens} tokens, fewer than one window of {length} and its target")
-    return [0] if count == 1 else [k * last // (count - 1) for k in range(count)]
-
-
 @dataclass(frozen=True)
 class DiagnoseConfig:
     length: int | None = None  # window examined (default 8 × the training length)
@@ -619,7 +608,7 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
     length = cfg.length or 8 * train_len
     key = source_key(path, cfg, corpus)
     cache = _Cache(out, key, log, cfg.device)
-    windows_loss = SEGMENTS if cfg.eval_tokens is None else max(1, max(cfg.eval_tokens, length) // length)
+    windows_loss = max(1, eval_budget(cfg.eval_tokens, length) // length)
 
     def losses() -> dict[str, list]:
         long_w, short_w = context_effect(model, corpus.val, length, train_len, windows=windows_loss,
@@ -631,7 +620,7 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
         return got
 
     def distances() -> dict[str, list]:
-        starts = attention_starts(corpus.val.numel(), length, cfg.windows)
+        starts = spread_starts(corpus.val.numel() - 1, length, cfg.windows, overlap=True)
         idx = torch.stack([corpus.val[s:s + length] for s in starts]).long().to(cfg.device)
         return {k: v.tolist() for k, v in attention_distance(model, idx, beyond=train_len).items()}
 

@@ -29,6 +29,13 @@ N_BOOT = 2000  # bootstrap replicates per interval (every interval of the study,
 SEGMENTS = 64
 
 
+def eval_budget(tokens: int | None, span: int) -> int:
+    """Validation tokens an evaluation scores: ``tokens`` as given, or (None) :data:`SEGMENTS` units of
+    ``span`` tokens (segments of the longest length, or windows). The study, ``retrofit``,
+    ``diagnose`` and :func:`evaluate_length` resolve their defaults here."""
+    return SEGMENTS * span if tokens is None else tokens
+
+
 def _check_lengths(lengths: Iterable[int]) -> list[int]:
     out = []
     for n in lengths:
@@ -54,14 +61,16 @@ def _window_losses(model: TransformerLM, tokens: Tensor, starts: list[int], leng
         yield s, nll
 
 
-def spread_starts(n_avail: int, span: int, count: int) -> list[int]:
+def spread_starts(n_avail: int, span: int, count: int, *, overlap: bool = False) -> list[int]:
     """Starts of ``count`` segments of ``span`` tokens spread evenly over a split of ``n_avail``
-    scoreable tokens: the first at 0, the last ending at the split's end, none overlapping (integer
+    scoreable tokens: the first at 0, the last ending at the split's end, none overlapping unless
+    ``overlap`` (then a short split may hold them overlapped; diagnose's attention windows) (integer
     arithmetic: positions stay exact however long the split). ValueError if they do not fit."""
     if span < 1 or count < 1:
         raise ValueError(f"segments need span >= 1 and count >= 1, got span {span}, count {count}")
-    if count * span > n_avail:
-        raise ValueError(f"split has {n_avail} scoreable tokens, fewer than {count} segments of {span}")
+    if (span if overlap else count * span) > n_avail:
+        raise ValueError(f"split has {n_avail} scoreable tokens, fewer than {1 if overlap else count} "
+                         f"segment{'' if overlap else 's'} of {span}")
     if count == 1:
         return [0]
     return [k * (n_avail - span) // (count - 1) for k in range(count)]
@@ -86,7 +95,7 @@ def evaluate_length(model: TransformerLM, tokens: Tensor, length: int, *, max_to
     if stride is not None and not 1 <= stride <= length:
         raise ValueError(f"stride must be in [1, {length}], got {stride}")
     n_avail = tokens.numel() - 1
-    budget = min(SEGMENTS * (span or length) if max_tokens is None else max_tokens, n_avail)
+    budget = min(eval_budget(max_tokens, span or length), n_avail)
     if budget < length:
         raise ValueError(f"split has {n_avail} scoreable tokens, fewer than the evaluation length {length}")
     if stride is None:

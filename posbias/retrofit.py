@@ -35,7 +35,7 @@ from . import passkey
 from .config import ConfigError, Log, check_count, check_rate, check_seed, fixed_threads, quiet
 from .data import Corpus, batch_at
 from .diagnose import far_filler_scores
-from .evaluate import SEGMENTS, Paired, evaluate_length, ratios_to_best
+from .evaluate import Paired, eval_budget, evaluate_length, ratios_to_best
 from .finetune import finetune
 from .model import ModelConfig, TransformerLM
 from .schemes.t5 import t5_bucket
@@ -209,12 +209,16 @@ class RetrofitResult:
     corpus: dict[str, Any]
     trained_corpus: dict[str, Any] | None = None  # the text the checkpoint records it was trained on
     pos_lr_mult: float = 1.0  # the positional parameters' multiple of the fine-tunes' learning rates
-    eval_tokens: int = 0  # validation tokens scored at each length (config.eval_tokens, or its default resolved)
     cache: str | None = None  # the name of its cache file (``cache-<key>.json``), by which ``posbias clean`` judges it
     rows: list[dict[str, Any]] = field(default_factory=list)
     bucket_remap: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
     # length past L → one Paired per row: its perplexity against the best row's (compare_rows)
     paired: dict[int, list[Paired]] = field(default_factory=dict)
+
+    @property
+    def eval_tokens(self) -> int:
+        """Validation tokens scored at each length: the config's, or its default for these lengths."""
+        return eval_budget(self.config.eval_tokens, max(self.eval_lens))
 
     def to_json(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "train_len": self.train_len, "to": self.to,
@@ -248,7 +252,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
         result.pos_lr_mult = cfg.pos_lr_mult or ckpt.pos_lr_mult(meta)
         run = _Run(cfg, out, source_key(path, cfg, corpus), corpus, train_len, lens, progress, log,
                    result.pos_lr_mult)
-        result.cache, result.eval_tokens = run.cache.file.name, run.eval_tokens
+        result.cache = run.cache.file.name
         result.rows.append(run.measure(base, base, "original", "before", 0))
         for k, m in enumerate(cfg.methods, 1):
             plan = "no fine-tune" + (f", then a {cfg.finetune_steps}-step fine-tune at {cfg.to}" if cfg.finetune_steps else "")
@@ -298,7 +302,7 @@ class _Run:
         # then every length scores the same tokens (evaluate.evaluate_length)
         longest = max(lens)
         self.span = longest if all(longest % n == 0 for n in lens) else None
-        self.eval_tokens = cfg.eval_tokens or SEGMENTS * longest
+        self.eval_tokens = eval_budget(cfg.eval_tokens, longest)
         self.cache = store.JobCache(out / f"cache-{key}.json", "retrofit", cfg.device)
 
     def measure(self, model: TransformerLM, base: TransformerLM, method: str, stage: str, extra: int, *,

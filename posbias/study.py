@@ -47,7 +47,7 @@ from . import store
 from ._version import __version__
 from .config import ConfigError, Log, check_count, check_rate, check_seed, fixed_threads, quiet
 from .data import Corpus
-from .evaluate import N_BOOT, SEGMENTS, Paired, check_study_lengths, length_study, ratios_to_best
+from .evaluate import N_BOOT, Paired, check_study_lengths, eval_budget, length_study, ratios_to_best
 from .model import ModelConfig, TransformerLM
 from .schemes import SCHEMES, Scheme, build, check_options, get_scheme_class, parse_spec, spec_label
 from .schemes.base import flat_share
@@ -99,8 +99,7 @@ class StudyConfig:
         for name in ("train_len", "steps", "batch_size", "d_model", "n_layers", "n_heads", "eval_batch", "threads"):
             check_count(name, getattr(self, name))
         lens = check_study_lengths(self.eval_lens, self.train_len)
-        if self.eval_tokens is None:
-            object.__setattr__(self, "eval_tokens", SEGMENTS * lens[-1])
+        object.__setattr__(self, "eval_tokens", eval_budget(self.eval_tokens, lens[-1]))
         check_count("eval_tokens", self.eval_tokens)
         if not self.seeds:
             raise ConfigError("seeds", "must list at least one seed")

@@ -861,20 +861,23 @@ def test_retrofit_and_diagnose_score_sixty_four_units_unless_told(tmp_path, corp
 
 
 def test_attention_windows_start_at_exact_integer_positions():
-    """diagnose's attention windows: evenly from 0 to the last window that fits, the same starts a
-    float linspace gave on the demo's split, and exact past 2^24 tokens, where float32 rounds (the
-    last start there would not leave room for the window)."""
-    from posbias.diagnose import attention_starts
+    """diagnose's attention windows (spread_starts with overlap): evenly from 0 to the last window that
+    fits, the same starts a float linspace gave on the demo's split, overlapping on a short split, and
+    exact past 2^24 tokens, where float32 rounds."""
+    from posbias.evaluate import spread_starts
 
-    for n, length, count in ((544035, 512, 4), (544035, 1024, 4), (3001, 128, 3), (200, 64, 1)):
-        assert attention_starts(n, length, count) == torch.linspace(0, n - length - 1, count).long().tolist()
+    for n, length, count in ((544035, 512, 4), (544035, 1024, 4), (3001, 128, 3), (200, 64, 1), (300, 128, 4)):
+        assert spread_starts(n - 1, length, count, overlap=True) == \
+            torch.linspace(0, n - length - 1, count).long().tolist()
     n = 2**25 + 7
-    starts = attention_starts(n, 1024, 4)
+    starts = spread_starts(n - 1, 1024, 4, overlap=True)
     assert starts == [0, (n - 1025) // 3, 2 * (n - 1025) // 3, n - 1025]
     assert all(type(s) is int for s in starts) and starts[-1] + 1024 + 1 == n
     assert torch.linspace(0, n - 1025, 4).long().tolist() != starts  # what float32 gave
-    with pytest.raises(ValueError, match="fewer than one window of 64"):
-        attention_starts(64, 64, 2)
+    with pytest.raises(ValueError, match="fewer than 1 segment of 64"):
+        spread_starts(63, 64, 2, overlap=True)
+    with pytest.raises(ValueError, match="fewer than 4 segments of 128"):
+        spread_starts(299, 128, 4)  # without overlap they must fit side by side
 
 
 def test_diagnose_report_names_the_rotary_pairs_past_training(tmp_path, corpus):

@@ -30,17 +30,16 @@ import torch
 from _models import each_model
 
 from posbias.data import load_corpus
-from posbias.evaluate import bootstrap_means, interval, token_losses
+from posbias.evaluate import bootstrap_means, interval, length_study
 
 
 def segment_log_ratios(model, tokens: torch.Tensor, train_len: int, longest: int, population: int) -> torch.Tensor:
     """Per segment of ``longest`` tokens (``population`` of them, spread over ``tokens``): mean loss in
-    windows of ``longest`` minus in windows of ``train_len``, the same tokens. The mean over segments
-    is the log of the ratio ppl@longest / ppl@L (every segment has as many tokens)."""
-    n = population * longest
-    short = token_losses(model, tokens, train_len, n_tokens=n, span=longest).view(population, longest).mean(1)
-    long = token_losses(model, tokens, longest, n_tokens=n, span=longest).view(population, longest).mean(1)
-    return long - short
+    windows of ``longest`` minus in windows of ``train_len``, the same tokens, as the study records
+    them (``segment_loss``). The mean over segments is the log of the ratio ppl@longest / ppl@L."""
+    got = length_study(model, tokens, [train_len, longest], train_len=train_len, n_tokens=population * longest)
+    return torch.tensor(got[longest]["segment_loss"], dtype=torch.float64) - torch.tensor(
+        got[train_len]["segment_loss"], dtype=torch.float64)
 
 
 def t_quantile(p: float, df: int) -> float:
