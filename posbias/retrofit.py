@@ -283,11 +283,13 @@ def compare_rows(rows: list[dict[str, Any]], lengths: list[int]) -> dict[int, li
 
 def source_key(path: str | Path, cfg: RetrofitConfig, corpus: Corpus) -> str:
     """Everything the cached numbers depend on besides the method and the length
-    (:func:`posbias.checkpoint.job_key`): the checkpoint, the corpus, every setting of fine-tuning,
-    evaluation and passkey (but the passkey seeds, which each copy's entry names), and the code that
-    computes them."""
+    (:func:`posbias.checkpoint.job_key`): the checkpoint, the corpus, every setting of fine-tuning
+    and passkey (but the passkey seeds, which each copy's entry names), and the code that computes
+    them. The evaluation size is not here: each perplexity entry names the count it scored, resolved
+    (``eval:<row>:<tokens>:span<n>``), so ``--eval-tokens`` equal to the default reuses the default's
+    entries, and another count scores again without training the fine-tunes again."""
     settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__
-                if k not in ("methods", "compare", "eval_lens", "device", "passkey_seeds")}
+                if k not in ("methods", "compare", "eval_lens", "eval_tokens", "device", "passkey_seeds")}
     return ckpt.job_key(path, corpus=corpus.fingerprint, settings=settings, job="retrofit", device=cfg.device)
 
 

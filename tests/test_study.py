@@ -516,10 +516,13 @@ def test_summary_says_what_the_tables_show():
     assert lines[2] == ("* **From L = 16 to 64 tokens (4 L), perplexity** grows for c (1.05×); falls for a (0.98×); "
                         "does not change beyond the noise for b (0.995×) (grows, falls: the 95% interval of "
                         "ppl@64 / ppl@16 lies above, below 1; mean ratio in brackets).")
-    assert lines[3] == "* **Best at L = 16:** c; every other scheme is worse beyond the noise."
-    assert lines[4] == "* **Best at 64:** c; every other scheme is worse beyond the noise."
-    assert lines[5].startswith("* **Best in length generalisation (the smallest ppl@longest / ppl@L):** a; ")
-    assert lines[6].startswith("* **One seed (0):** every interval here is over the text scored")
+    # each verdict's interval end nearest 1, nearest first (b, no change, has none)
+    assert lines[3] == ("* **How near 1 those intervals come** (the end nearest 1; the nearer, the more easily "
+                        "another sample of the text turns the answer): a 0.990, c 1.040.")
+    assert lines[4] == "* **Best at L = 16:** c; every other scheme is worse beyond the noise."
+    assert lines[5] == "* **Best at 64:** c; every other scheme is worse beyond the noise."
+    assert lines[6].startswith("* **Best in length generalisation (the smallest ppl@longest / ppl@L):** a; ")
+    assert lines[7].startswith("* **One seed (0):** every interval here is over the text scored")
     # two seeds: a ratio counts as growing only if it grows in each
     two = _fake_study({"a": [d, d], "b": [d + 0.005, d + 0.004]}, seeds=(0, 1), far={"a": [d, d], "b": [d, d]})
     for r in two.records:
@@ -527,6 +530,13 @@ def test_summary_says_what_the_tables_show():
             r["ratio"], r["ratio_lo"], r["ratio_hi"] = (1.1, 1.05, 1.15) if r["seed"] == 0 else (1.01, 0.99, 1.03)
     assert "does not change beyond the noise for a (1.06×), b (1.06×)" in summary(two)[2]
     assert "in every seed" in summary(two)[2] and not any("One seed" in line for line in summary(two))
+    assert not any("How near 1" in line for line in summary(two))  # no verdict, no ends
+    # both seeds fall: the end nearest 1 is the seed whose interval reaches closest, and it is named
+    for r in two.records:
+        if r["eval_len"] == 64 and r["label"] == "a":
+            r["ratio"], r["ratio_lo"], r["ratio_hi"] = (0.95, 0.94, 0.96) if r["seed"] == 0 else (0.98, 0.96, 0.997)
+    assert ("* **How near 1 those intervals come** (the end nearest 1, in the seed where it is nearest; the nearer, "
+            "the more easily another sample of the text turns the answer): a 0.997 (seed 1).") in summary(two)
 
 
 def test_the_study_scores_sixty_four_segments_unless_told_and_warns_below():
