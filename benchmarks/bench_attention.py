@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -268,15 +267,12 @@ def measure_memory(name, label, n, args):
 
 
 def cpu_model() -> str:
-    """The CPU's model name: the ratios depend on it (README, "The ratios depend on the CPU")."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    """The CPU as results keys name it, its x86 family and model and the instruction set torch
+    dispatches to included (``AMD EPYC family 25 model 1, AVX2``; :func:`posbias.store.device_key`):
+    the ratios depend on it (README, "The ratios depend on the CPU")."""
+    from posbias.store import device_key
+
+    return device_key("cpu")[len("cpu ("):-1]
 
 
 def machine_args(p: argparse.ArgumentParser) -> None:
