@@ -291,7 +291,7 @@ def add_extrapolate_parser(sub: argparse._SubParsersAction) -> None:
         description="Train one small byte-level LM per scheme (and seed) at --train-len, then score every model on "
                     "the same validation tokens at each --eval-lens. Writes into --out: results.md (tables with 95% "
                     "intervals, and which differences between schemes are real: paired over the same text), "
-                    "results.json (one record per scheme, seed and length), ppl_vs_length.png, "
+                    "results.json (one record per scheme, seed and length), ppl_vs_length.png, ratio_vs_length.png, "
                     "loss_vs_position.png, learned_bias_vs_distance.png, and models/<label>-seed<N>-<key>/ (final/ "
                     "weights, last/ checkpoint with optimizer state, eval-<key>.json). Re-running continues an "
                     "interrupted run and reuses what was made with exactly the same settings. The same command "

@@ -231,7 +231,8 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     assert set(res["paired"]) == {"16", "32", "64"} and set(res["paired_ratio"]) == {"alibi", "rope"}
     for r in recs:  # the segments' mean loss is the record's loss (equal-sized segments)
         assert sum(r["segment_loss"]) / 8 == pytest.approx(r["loss"], rel=1e-12)
-    assert (tmp_path / "run" / "ppl_vs_length.png").exists()
+    for png in ("ppl_vs_length", "ratio_vs_length", "loss_vs_position", "learned_bias_vs_distance"):
+        assert (tmp_path / "run" / f"{png}.png").exists(), png
     capsys.readouterr()
     assert main(argv) == 0
     out = capsys.readouterr().out

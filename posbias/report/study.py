@@ -205,12 +205,14 @@ def _footer(result: StudyResult) -> str:
 
 
 def plots(result: StudyResult, out: Path) -> list[Path]:
-    """``ppl_vs_length.png``, ``loss_vs_position.png`` and ``learned_bias_vs_distance.png``."""
+    """``ppl_vs_length.png``, ``ratio_vs_length.png``, ``loss_vs_position.png`` and
+    ``learned_bias_vs_distance.png``."""
     from ..plot import plot_bias_curves, pyplot
 
     plt = pyplot()
     colors = plt.get_cmap("tab10" if len(result.arms) <= 10 else "tab20")
-    paths = [_ppl_plot(result, out / "ppl_vs_length.png", plt, colors)]
+    paths = [_ppl_plot(result, out / "ppl_vs_length.png", plt, colors),
+             _ratio_plot(result, out / "ratio_vs_length.png", plt, colors)]
     if result.positions:
         paths.append(_position_plot(result, out / "loss_vs_position.png", plt, colors))
     if result.schemes:
@@ -222,14 +224,59 @@ def plots(result: StudyResult, out: Path) -> list[Path]:
     return paths
 
 
-def _mean_band(rs: Records) -> tuple[float, float, float]:
-    """Mean perplexity and its band: ± std over seeds, or the bootstrap interval of one seed."""
-    v = [r["ppl"] for r in rs]
+def _mean_band(rs: Records, key: str = "ppl") -> tuple[float, float, float]:
+    """The mean of ``key`` and its band: ± std over seeds, or the bootstrap interval of one seed."""
+    v = [r[key] for r in rs]
     m = statistics.mean(v)
     if len(v) > 1:
         sd = statistics.stdev(v)
         return m, m - sd, m + sd
-    return m, rs[0]["ppl_lo"], rs[0]["ppl_hi"]
+    return m, rs[0][key + "_lo"], rs[0][key + "_hi"]
+
+
+ZOOM = 1.25  # the ratio plot's right panel: the schemes whose band stays below this at every length
+
+
+def _ratio_plot(result: StudyResult, path: Path, plt, colors) -> Path:
+    """ppl@n / ppl@L by length, the quantity the summary's grows / falls verdicts read: its interval
+    is paired over the same segments, so it is tight where the perplexities' own bands overlap (they
+    carry the text's difficulty). Left every scheme; right, on its own scale, the schemes whose band
+    stays under :data:`ZOOM` (a display choice: a ratio of 0.97 and one of 1.00 are lost on an axis
+    that reaches 4), with the line at 1."""
+    from ..plot import plain_log_ticks, save_figure
+
+    cfg = result.config
+    curves = {}
+    for k, arm in enumerate(result.arms):
+        pts = [(n, *_mean_band(rs, "ratio")) for n in cfg.lengths() if (rs := records_at(result.records, arm.label, n))]
+        if pts:
+            curves[arm.label] = (k, [list(c) for c in zip(*pts)])
+    near = [label for label, (_, (_, _, _, hi)) in curves.items() if max(hi) < ZOOM]
+    panels = [list(curves)] + ([near] if near and len(near) < len(curves) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels) + 2.3, 5), squeeze=False)
+    for j, (ax, labels) in enumerate(zip(axes[0], panels)):
+        for label in labels:
+            k, (xs, ys, lo, hi) = curves[label]
+            ax.plot(xs, ys, marker="o", label=label, color=colors(k), lw=1.5)
+            ax.fill_between(xs, lo, hi, color=colors(k), alpha=0.18, lw=0)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axvline(cfg.train_len, color="grey", ls="--", lw=1)
+        ax.set_xscale("log", base=2)
+        if j == 0:  # the zoom stays linear: a log axis over 0.95–1.05 has no ticks to read
+            ax.set_yscale("log")
+            plain_log_ticks(ax)
+        ax.set_xlabel("evaluation length n (tokens)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel(f"ppl@n / ppl@{cfg.train_len}")
+    if len(panels) > 1:
+        axes[0][1].set_title(f"the schemes that stay under {ZOOM:g}×, on their own scale", fontsize=10)
+    band = "± std over seeds" if len(cfg.seeds) > 1 else "95% interval, paired over the same segments"
+    fig.suptitle(f"Perplexity relative to the training length {cfg.train_len} (band: {band}; below 1: the longer "
+                 "context helps)", fontsize=11)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.9))
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def _ppl_plot(result: StudyResult, path: Path, plt, colors) -> Path:
