@@ -377,6 +377,27 @@ def test_diagnose_passkey_seeds_train_one_copy_each_and_report_their_mean(tmp_pa
                    "posbias diagnose: error: --passkey-seeds list a seed twice ([2, 2])")
 
 
+def test_comparison_names_the_verdict_nearest_to_turning():
+    """Each verdict sentence of the comparison names, among the models that help or hurt, the interval
+    end nearest 0 (an end of either sign); none where every interval spans 0 or there is one model."""
+    from posbias.report import comparison
+
+    base = {"context": None, "distant_keys": None, "keys_beyond_L": None, "through_layers": None,
+            "attention_beyond_L": None, "bias_drift": None, "rotary_unseen": None, "passkey_fits": None,
+            "passkey_digits": None, "passkey": None, "train_len": L, "length": 4 * L}
+    rows = [{**base, "model": "a", "context": (0.02, 0.004, 0.03), "distant_keys": (0.0, -0.01, 0.01)},
+            {**base, "model": "b", "context": (-0.02, -0.03, -0.0012), "distant_keys": (0.001, -0.001, 0.002)},
+            {**base, "model": "c", "context": (0.0, -0.01, 0.01)}]
+    said = comparison.sentences(rows)
+    assert said[0] == ("The context past L: hurt in a; help in b; make no difference this evaluation can see in c "
+                       "(the verdict nearest to turning: b, whose interval ends at -0.0012).")
+    assert said[1].startswith("For tokens that keep local context, the distant keys: make no difference")
+    assert "nearest to turning" not in said[1]
+    assert "nearest to turning" not in comparison.sentences(rows[:1])[0]
+    tiny = [{**rows[0], "context": (2e-4, 1e-4, 3e-4)}, rows[1]]  # scientific notation below 0.0005
+    assert comparison.sentences(tiny)[0].endswith("a, whose interval ends at +1.0e-04).")
+
+
 def test_comparison_says_each_copy_and_judges_the_best_over_copies():
     """Models with several passkey copies: the comparison gives each copy at L → at the window, names a
     copy that solved nothing at L in a model that learned the task, and judges the best by the mean with
