@@ -828,7 +828,7 @@ def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
                                   "passkey_copies": {L: [0.9], 8 * L: [0.5]}},
                                  {**made, "model": "c", "passkey": {L: (0.9, 0.8, 0.95), 8 * L: (0.3, 0.2, 0.5)},
                                   "passkey_copies": {L: [0.9], 8 * L: [0.3]}}])
-    assert said == ["The context past L: hurt in a, b, c.",
+    assert said == ["The context past L: hurt in a, b, c (the verdict nearest to turning: a, whose interval ends at +0.0500).",
                     "The passkey fine-tune did not teach the task at L to a (no sample solved there): their passkey "
                     "columns say nothing about retrieval past L; raise --passkey-steps. Answer bytes right at L (mean "
                     "over depths, all bytes · the first, which needs the key found; a guess among the ten digits "
