@@ -540,6 +540,40 @@ def test_summary_says_what_the_tables_show():
             "the more easily another sample of the text turns the answer): a 0.997 (seed 1).") in summary(two)
 
 
+def test_ratio_plot_shows_the_schemes_near_one_on_their_own_scale(tmp_path, monkeypatch):
+    """ratio_vs_length.png: ppl@n / ppl@L with its band (one seed: the paired interval); a second,
+    linear panel for the schemes whose band stays under ZOOM when some scheme goes past it; a log axis
+    only over a range wider than 2×."""
+    pytest.importorskip("matplotlib")
+    import posbias.plot
+    from posbias.plot import pyplot
+    from posbias.report.study import ZOOM, _ratio_plot
+
+    d = torch.rand(12, dtype=torch.float64) + 1
+    study = _fake_study({"a": [d], "b": [d], "c": [d]}, far={"a": [d], "b": [d], "c": [d]})
+    ends = {"a": (0.97, 0.96, 0.98), "b": (1.01, 0.99, 1.03), "c": (3.5, 3.1, 3.9)}
+    for r in study.records:
+        r["ratio"], r["ratio_lo"], r["ratio_hi"] = ends[r["label"]] if r["eval_len"] == 64 else (1.0, 1.0, 1.0)
+    figs = []
+    monkeypatch.setattr(posbias.plot, "save_figure", lambda fig, path: figs.append(fig) or path)
+    plt = pyplot()
+    colors = plt.get_cmap("tab10")
+    _ratio_plot(study, tmp_path / "r.png", plt, colors)
+    wide, zoom = figs[-1].axes
+    assert wide.get_yscale() == "log" and zoom.get_yscale() == "linear"
+    assert [line.get_label() for line in wide.get_lines() if not line.get_label().startswith("_")] == ["a", "b", "c"]
+    assert [line.get_label() for line in zoom.get_lines() if not line.get_label().startswith("_")] == ["a", "b"]
+    assert list(zoom.get_lines()[0].get_ydata()) == [1.0, 0.97] and 3.9 > ZOOM
+    near = _fake_study({"a": [d], "b": [d]}, far={"a": [d], "b": [d]})
+    for r in near.records:
+        r["ratio"], r["ratio_lo"], r["ratio_hi"] = ends[r["label"]] if r["eval_len"] == 64 else (1.0, 1.0, 1.0)
+    _ratio_plot(near, tmp_path / "n.png", plt, colors)
+    (only,) = figs[-1].axes  # every scheme near 1: one panel, linear
+    assert only.get_yscale() == "linear"
+    for fig in figs:
+        plt.close(fig)
+
+
 def test_the_study_scores_sixty_four_segments_unless_told_and_warns_below():
     """eval_tokens left out (the default and every preset) is evaluate.SEGMENTS segments of the longest
     length; an explicit count is kept; fewer segments than that get a warning in the summary (intervals

@@ -262,8 +262,9 @@ def _ratio_plot(result: StudyResult, path: Path, plt, colors) -> Path:
         ax.axhline(1.0, color="black", lw=0.8)
         ax.axvline(cfg.train_len, color="grey", ls="--", lw=1)
         ax.set_xscale("log", base=2)
-        if j == 0:  # the zoom stays linear: a log axis over 0.95–1.05 has no ticks to read
-            ax.set_yscale("log")
+        values = [v for label in labels for v in curves[label][1][2] + curves[label][1][3]]
+        if j == 0 and max(values) / min(values) > 2:  # log only over a wide range: over 0.95–1.05 it has no
+            ax.set_yscale("log")                      # ticks to read (the zoom is always linear)
             plain_log_ticks(ax)
         ax.set_xlabel("evaluation length n (tokens)")
         ax.grid(alpha=0.3, which="both")
