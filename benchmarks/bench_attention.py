@@ -39,6 +39,7 @@ from torch.nn import functional as F
 import posbias
 from posbias.attention import choose_backend, usable
 from posbias.kernels.flex import flex_available, reset_compiled
+from posbias.store import cpu_kind
 
 # Longest N of the dense [H, N, N] anchors, by device (FIRE: half, its MLP runs on all N² pairs with 32
 # hidden units). CPU: their N² cost is plain by 2048, and above it one cell takes minutes. CUDA: a
@@ -266,15 +267,6 @@ def measure_memory(name, label, n, args):
         return float("nan")
 
 
-def cpu_model() -> str:
-    """The CPU as results keys name it, its x86 family and model and the instruction set torch
-    dispatches to included (``AMD EPYC family 25 model 1, AVX2``; :func:`posbias.store.device_key`):
-    the ratios depend on it (README, "The ratios depend on the CPU")."""
-    from posbias.store import device_key
-
-    return device_key("cpu")[len("cpu ("):-1]
-
-
 def machine_args(p: argparse.ArgumentParser) -> None:
     """The flags :func:`fix_machine` reads, for every benchmark's parser."""
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU), fixed for the run")
@@ -295,7 +287,7 @@ def machine(device: torch.device, flush_denormal: bool) -> str:
     denormal mode and the thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name()
-    return f"{cpu_model()}, denormals {'flushed' if flush_denormal else 'kept'}, {torch.get_num_threads()} threads"
+    return f"{cpu_kind()}, denormals {'flushed' if flush_denormal else 'kept'}, {torch.get_num_threads()} threads"
 
 
 def main():
@@ -374,7 +366,7 @@ def run_length(n, args, device, dtype):
             rows.append({"scheme": name, "N": n, "path": shown, "fwd_ms": sf[0] * 1e3, "fwd_ratio": sf[1:],
                          "train_ratio": None if st is None else st[1:], "peak_extra_mib": mem,
                          "threads": torch.get_num_threads(), "flush_denormal": args.flush_denormal,
-                         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else cpu_model()})
+                         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else cpu_kind()})
             print(f"| {name} | {n} | {shown} | {sf[0] * 1e3:.0f} | {cell(sf)} | {cell(st)} | "
                   f"{'' if mem is None else f'{mem:.0f}'} |", flush=True)
     return rows

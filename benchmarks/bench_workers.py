@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_attention import cpu_model
+from posbias.store import cpu_kind
 
 
 def run_study(out: Path, study: list[str], workers: int, threads: int) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
         sys.exit(f"--workers must be >= 2 and divide --cores {args.cores}, got {args.workers}")
     study = ["--preset", args.preset, "--steps", str(args.steps), "--schemes", *args.schemes]
     per = args.cores // args.workers
-    print(f"{cpu_model()}; one run at {args.cores} threads against {args.workers} runs at {per} thread(s) each; "
+    print(f"{cpu_kind()}; one run at {args.cores} threads against {args.workers} runs at {per} thread(s) each; "
           f"posbias extrapolate {' '.join(study)}")
     print("| pair | order | single (s) | workers (s) | workers / single |")
     print("|---|---|---|---|---|")

@@ -202,6 +202,14 @@ def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     return name
 
 
+def cpu_kind() -> str:
+    """This CPU as keys and benchmark headers name it: :func:`cpu_name` and the instruction set torch
+    dispatches to (``AMD EPYC family 25 model 1, AVX2``)."""
+    import torch
+
+    return f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def device_key(device: str) -> str:
     """``device`` as results keys name it: what it is, without an index. Results round differently on
     another processor (the math libraries pick their code by CPU and instruction set; README, "Keyed
@@ -216,7 +224,7 @@ def device_key(device: str) -> str:
     if dev.type == "cuda" and torch.cuda.is_available():
         return f"cuda ({torch.cuda.get_device_name(dev)})"
     if dev.type == "cpu":
-        return f"cpu ({cpu_name()}, {torch.backends.cpu.get_cpu_capability()})"
+        return f"cpu ({cpu_kind()})"
     return dev.type
 
 

@@ -151,6 +151,12 @@ def far_filler_sentences(named: list[tuple[str, float, float, float]], where: st
     return said
 
 
+def facing_end(lo: float, hi: float, null: float) -> float:
+    """Of an interval wholly on one side of ``null`` (a verdict: grows / falls, hurts / helps), the end
+    nearest it: ``lo`` above it, ``hi`` below. A verdict is only as firm as this end."""
+    return lo if lo > null else hi
+
+
 def few_segments(count: int, unit: str = "segment") -> str:
     """A warning where an evaluation scored fewer than :data:`posbias.evaluate.SEGMENTS` resampling
     units (segments or windows; empty otherwise): its percentile intervals are too narrow, by a

@@ -20,8 +20,8 @@ import torch
 from .. import passkey, store
 from ..config import Log, quiet
 from ..diagnose import DiagnoseResult, kept_row
-from . import (copies_sentence, copy_names, corpus_name, digits_sentence, kept_cell, kept_mean, kept_past_l, md_table,
-               same_text)
+from . import (copies_sentence, copy_names, corpus_name, digits_sentence, facing_end, kept_cell, kept_mean, kept_past_l,
+               md_table, same_text)
 from .diagnose import DRIFT, delta_cell, far_attention, mean_losses, smoothed, unseen_pairs
 from .diagnose import verdict as interval_verdict
 
@@ -204,11 +204,11 @@ def _nearest_zero(rows: list[dict[str, Any]], key: str) -> str:
     """Among the models whose Δ under ``key`` helps or hurts, the interval end nearest 0, as a clause
     (empty with fewer than two models or no such verdict). A verdict is only as firm as that end: the
     demo's ALiBi distant keys hurt in two seeds of three on 32 windows and in all three on 64 (README)."""
-    ends = [(abs(d[1] if d[1] > 0 else d[2]), r["model"], d[1] if d[1] > 0 else d[2])
-            for r in rows if (d := r[key]) is not None and verdict(d) in ("hurts", "helps")]
-    if len(rows) < 2 or not ends:
+    judged = [(r["model"], facing_end(r[key][1], r[key][2], 0.0)) for r in rows
+              if r[key] is not None and verdict(r[key]) in ("hurts", "helps")]
+    if len(rows) < 2 or not judged:
         return ""
-    _, model, end = min(ends)
+    model, end = min(judged, key=lambda m: abs(m[1]))
     return f" (the verdict nearest to turning: {model}, whose interval ends at {delta_cell(end, None, None)})"
 
 

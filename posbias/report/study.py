@@ -14,7 +14,7 @@ from .. import store
 from ..config import Log, quiet
 from ..evaluate import N_BOOT, local_head
 from ..study import StudyResult, records_at
-from . import few_segments, md_table, paired_cell, ties_best
+from . import facing_end, few_segments, md_table, paired_cell, ties_best
 
 Records = list[dict[str, Any]]
 
@@ -77,7 +77,7 @@ def summary(result: StudyResult) -> list[str]:
                else "same")
         ways[way].append(f"{a.label} ({statistics.mean(r['ratio'] for r in rs):.3g}×)")
         if way != "same":
-            ends.append(nearest_end(a.label, rs, way == "grows"))
+            ends.append(nearest_end(a.label, rs))
     parts = [f"grows{every} for {', '.join(ways['grows'])}" if ways["grows"] else "",
              f"falls{every} for {', '.join(ways['falls'])}" if ways["falls"] else "",
              f"does not change beyond the noise for {', '.join(ways['same'])}" if ways["same"] else ""]
@@ -105,14 +105,14 @@ def summary(result: StudyResult) -> list[str]:
     return lines + ([f"* **{few}**"] if few else []) + [""]
 
 
-def nearest_end(label: str, rs: Records, grows: bool) -> tuple[float, str]:
-    """For a ratio that grows (falls) in every one of ``rs``: the interval's lower (upper) end nearest
-    1 over the seeds, as ``(distance from 1 in log, "label 0.997 (seed 1)")``. A verdict is only as
-    firm as this end: 16 against 64 segments of the same split turned the demo's verdicts whose ends
-    lay within 0.003 of 1 (README, "Which verdicts a sample of text can turn")."""
-    key = "ratio_lo" if grows else "ratio_hi"
-    r = min(rs, key=lambda r: abs(math.log(r[key])))
-    return abs(math.log(r[key])), f"{label} {r[key]:.3f}" + (f" (seed {r['seed']})" if len(rs) > 1 else "")
+def nearest_end(label: str, rs: Records) -> tuple[float, str]:
+    """For a ratio that grows or falls in every one of ``rs``: the interval end nearest 1 over the seeds
+    (:func:`~posbias.report.facing_end`), as ``(distance from 1 in log, "label 0.997 (seed 1)")``. 16
+    against 64 segments of the same split turned the demo's verdicts whose ends lay within 0.003 of 1
+    (README, "Which verdicts a sample of text can turn")."""
+    end, seed = min(((facing_end(r["ratio_lo"], r["ratio_hi"], 1.0), r["seed"]) for r in rs),
+                    key=lambda e: abs(math.log(e[0])))
+    return abs(math.log(end)), f"{label} {end:.3f}" + (f" (seed {seed})" if len(rs) > 1 else "")
 
 
 def _ppl_section(result: StudyResult) -> list[str]:
@@ -224,7 +224,7 @@ def plots(result: StudyResult, out: Path) -> list[Path]:
     return paths
 
 
-def _mean_band(rs: Records, key: str = "ppl") -> tuple[float, float, float]:
+def _mean_band(rs: Records, key: str) -> tuple[float, float, float]:
     """The mean of ``key`` and its band: ± std over seeds, or the bootstrap interval of one seed."""
     v = [r[key] for r in rs]
     m = statistics.mean(v)
@@ -232,6 +232,29 @@ def _mean_band(rs: Records, key: str = "ppl") -> tuple[float, float, float]:
         sd = statistics.stdev(v)
         return m, m - sd, m + sd
     return m, rs[0][key + "_lo"], rs[0][key + "_hi"]
+
+
+Curve = tuple[int, list[int], list[float], list[float], list[float]]  # colour index, lengths, mean, band
+
+
+def _curves(result: StudyResult, key: str) -> dict[str, Curve]:
+    """Each scheme's ``key`` by length with its band (:func:`_mean_band`), for the plots."""
+    curves = {}
+    for k, arm in enumerate(result.arms):
+        pts = [(n, *_mean_band(rs, key)) for n in result.config.lengths()
+               if (rs := records_at(result.records, arm.label, n))]
+        if pts:
+            xs, ys, lo, hi = (list(c) for c in zip(*pts))
+            curves[arm.label] = (k, xs, ys, lo, hi)
+    return curves
+
+
+def _draw(ax, curves: dict[str, Curve], labels: list[str], colors, alpha: float) -> None:
+    """The named curves on ``ax``: a line with markers and its band, one colour per scheme."""
+    for label in labels:
+        k, xs, ys, lo, hi = curves[label]
+        ax.plot(xs, ys, marker="o", label=label, color=colors(k), lw=1.5)
+        ax.fill_between(xs, lo, hi, color=colors(k), alpha=alpha, lw=0)
 
 
 ZOOM = 1.25  # the ratio plot's right panel: the schemes whose band stays below this at every length
@@ -246,23 +269,16 @@ def _ratio_plot(result: StudyResult, path: Path, plt, colors) -> Path:
     from ..plot import plain_log_ticks, save_figure
 
     cfg = result.config
-    curves = {}
-    for k, arm in enumerate(result.arms):
-        pts = [(n, *_mean_band(rs, "ratio")) for n in cfg.lengths() if (rs := records_at(result.records, arm.label, n))]
-        if pts:
-            curves[arm.label] = (k, [list(c) for c in zip(*pts)])
-    near = [label for label, (_, (_, _, _, hi)) in curves.items() if max(hi) < ZOOM]
+    curves = _curves(result, "ratio")
+    near = [label for label, (*_, hi) in curves.items() if max(hi) < ZOOM]
     panels = [list(curves)] + ([near] if near and len(near) < len(curves) else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels) + 2.3, 5), squeeze=False)
     for j, (ax, labels) in enumerate(zip(axes[0], panels)):
-        for label in labels:
-            k, (xs, ys, lo, hi) = curves[label]
-            ax.plot(xs, ys, marker="o", label=label, color=colors(k), lw=1.5)
-            ax.fill_between(xs, lo, hi, color=colors(k), alpha=0.18, lw=0)
+        _draw(ax, curves, labels, colors, alpha=0.18)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.axvline(cfg.train_len, color="grey", ls="--", lw=1)
         ax.set_xscale("log", base=2)
-        values = [v for label in labels for v in curves[label][1][2] + curves[label][1][3]]
+        values = [v for label in labels for v in curves[label][3] + curves[label][4]]
         if j == 0 and max(values) / min(values) > 2:  # log only over a wide range: over 0.95–1.05 it has no
             ax.set_yscale("log")                      # ticks to read (the zoom is always linear)
             plain_log_ticks(ax)
@@ -285,11 +301,8 @@ def _ppl_plot(result: StudyResult, path: Path, plt, colors) -> Path:
 
     cfg = result.config
     fig, ax = plt.subplots(figsize=(8.5, 5))
-    for k, arm in enumerate(result.arms):
-        pts = [(n, *_mean_band(rs)) for n in cfg.lengths() if (rs := records_at(result.records, arm.label, n))]
-        xs, ys, lo, hi = (list(c) for c in zip(*pts)) if pts else ([], [], [], [])
-        ax.plot(xs, ys, marker="o", label=arm.label, color=colors(k), lw=1.5)
-        ax.fill_between(xs, lo, hi, color=colors(k), alpha=0.15, lw=0)
+    curves = _curves(result, "ppl")
+    _draw(ax, curves, list(curves), colors, alpha=0.15)
     ax.axvline(cfg.train_len, color="grey", ls="--", lw=1, label=f"training length {cfg.train_len}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
