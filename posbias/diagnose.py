@@ -99,6 +99,14 @@ def attention_distance(model: TransformerLM, idx: Tensor, quantiles: tuple[float
     return {k: torch.stack(v).view(idx.shape[0], -1, *v[0].shape).mean(0) for k, v in out.items()}
 
 
+def last_rows(probs: Tensor, rows: int) -> Tensor:
+    """The last ``rows`` query rows of one sequence's attention probabilities ``[1, heads, N, keys]``,
+    as ``[heads, rows, keys]`` in storage of their own: a view would keep the layer's whole
+    ``[heads, N, keys]`` alive for as long as the rows are kept (every layer's, until the forward
+    pass ends: 1.9 against 1.4 GB peak for the demo model at N = 4096, measured)."""
+    return probs[0, :, -rows:].clone()
+
+
 @torch.no_grad()
 def answer_attention(model: TransformerLM, length: int, *, samples: int = ANSWER_SAMPLES, digits: int = 5,
                      device: str | torch.device = "cpu") -> dict[str, list]:
@@ -118,7 +126,7 @@ def answer_attention(model: TransformerLM, length: int, *, samples: int = ANSWER
     for row in batch:
         places = torch.nonzero((row >= ord("0")) & (row <= ord("9"))).flatten()[:digits].to(device)
         probs: list[Tensor] = []
-        model(row[None, :-1].long().to(device), on_attention=lambda layer, p: probs.append(p[0, :, -digits:]))
+        model(row[None, :-1].long().to(device), on_attention=lambda layer, p: probs.append(last_rows(p, digits)))
         on_key = torch.stack(probs).float()[..., places]  # [layers, heads, answer byte, key place]
         key = key + on_key.sum(-1).cpu()
         place = place + on_key.diagonal(dim1=-2, dim2=-1).cpu()

@@ -268,6 +268,28 @@ def test_answer_attention_of_uniform_attention_counts_the_keys_digits():
             torch.testing.assert_close(torch.tensor(got["place"][layer][head]), 1 / (queries + 1.0))
 
 
+def test_answer_rows_are_kept_without_the_layers_probabilities(monkeypatch):
+    """answer_attention keeps each layer's answer rows in storage of their own: a view of the rows
+    would hold every layer's [heads, N, N] probabilities until the forward pass ends."""
+    import posbias.diagnose as diagnose_mod
+
+    probs = torch.rand(1, 3, 40, 40)
+    rows = diagnose_mod.last_rows(probs, 5)
+    assert torch.equal(rows, probs[0, :, -5:])
+    assert rows.untyped_storage().nbytes() == rows.numel() * rows.element_size()
+    kept, real = [], diagnose_mod.last_rows
+
+    def spy(p, k):
+        kept.append(real(p, k))
+        return kept[-1]
+
+    monkeypatch.setattr(diagnose_mod, "last_rows", spy)
+    model = TransformerLM(ModelConfig(scheme="nope", **TINY))
+    diagnose_mod.answer_attention(model, 60, samples=1)
+    assert len(kept) == 5 * TINY["n_layers"]  # one sample at each of the five depths, every layer
+    assert all(r.untyped_storage().nbytes() == r.numel() * r.element_size() for r in kept)
+
+
 def test_diagnose_rerun_measures_only_what_it_lacks(tmp_path, corpus, monkeypatch):
     """A re-run into the same folder reuses every measurement made with the same checkpoint, corpus,
     device, threads, torch and code; another --length reuses the passkey-tuned copy and the passkey
