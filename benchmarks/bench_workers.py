@@ -1,5 +1,5 @@
 """Study throughput: one ``posbias extrapolate`` run on every core against several runs sharing the
-folder, one per core (README, "Several runs can share one folder").
+folder, one per core (docs/study.md, "Several runs can share one folder").
 
 Each pair runs the same study twice into fresh folders: once as one process with ``--threads
 CORES``, once as ``--workers`` processes started together with ``--threads CORES / workers`` each.

@@ -221,7 +221,7 @@ TOEPLITZ_TRAINS_BELOW = 2560  # keys: below, a learnable windowed table trains f
 BANDED_BIDIRECTIONAL_FROM = 4096  # keys: from here bidirectional training takes banded over windowed (measured)
 
 # CUDA fast paths that a GPU run has validated (``pytest -m cuda`` and ``benchmarks/gpu_check.sh``,
-# README), in the order ``auto`` tries them. Issue 12's rule: until a path is listed here, ``auto``
+# docs/attention.md), in the order ``auto`` tries them. Issue 12's rule: until a path is listed here, ``auto``
 # keeps CUDA tensors on plain SDPA (no bias) or ``blockwise``; forcing ``backend="flex"``,
 # ``backend="banded"`` or ``backend="alibi"`` (or ``accelerate(model, backend=...)``) runs a candidate
 # meanwhile. Each is tried where it runs exactly (banded: T5/offset only; alibi: causal ALiBi only),
@@ -243,7 +243,7 @@ def _candidates(device_type: str, trains: bool, keys: int, causal: bool) -> tupl
 def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, causal: bool) -> str:
     """The automatic backend choice (the only place that decides): the fastest exact path.
 
-    Measured on 2-core CPUs (``benchmarks/bench_attention.py``, README): for a Toeplitz bias the
+    Measured on 2-core CPUs (``benchmarks/bench_attention.py``, docs/attention.md): for a Toeplitz bias the
     reversed-key ``toeplitz`` path is the fastest at inference and for fixed biases in training (ALiBi
     fwd+bwd 1.16× vs 1.63× for ``alibi``). A learnable bias constant beyond a window (T5, offset)
     trains faster with the band as the only dense part from 2.5k keys on, and faster ``toeplitz``

@@ -23,7 +23,7 @@ from .model import TransformerLM
 
 N_BOOT = 2000  # bootstrap replicates per interval (every interval of the study, retrofit and diagnose)
 # Resampling units (segments of the longest length, or windows) an evaluation scores unless told otherwise.
-# Measured (README, "Do the intervals now mean 95%?"): the study's nominal 95% interval held the split's
+# Measured (docs/study.md, "Do the intervals now mean 95%?"): the study's nominal 95% interval held the split's
 # value in 81-94% of random draws of 16 segments, 92-97% of 64 (offset, whose per-segment log ratio has
 # excess kurtosis 29, 0.81 -> 0.92). Fewer units miss the rare stretches of text that carry the variance.
 SEGMENTS = 64

@@ -212,7 +212,7 @@ def cpu_kind() -> str:
 
 def device_key(device: str) -> str:
     """``device`` as results keys name it: what it is, without an index. Results round differently on
-    another processor (the math libraries pick their code by CPU and instruction set; README, "Keyed
+    another processor (the math libraries pick their code by CPU and instruction set; docs/study.md, "Keyed
     results", measures it), so a CPU is named by its model (:func:`cpu_name`) and the instruction set
     torch dispatches to (``cpu (AMD EPYC family 25 model 17, AVX512)``), and a GPU by its model
     (``cuda (NVIDIA H100 …)``): runs on ``cuda:0`` and ``cuda:1`` share their results, runs on two

@@ -137,7 +137,7 @@ def test_the_gpu_preset_study_runs_end_to_end(device, tmp_path, text_file):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script itself runs the CUDA tests")
 def test_the_gpu_session_script_runs_its_stages_and_keeps_their_logs(tmp_path):
-    """``benchmarks/gpu_check.sh`` is what a GPU session runs (README): its plumbing, checked on any
+    """``benchmarks/gpu_check.sh`` is what a GPU session runs (README, docs/attention.md): its plumbing, checked on any
     machine. The tests stage (``pytest -m cuda``; every case skips without CUDA) writes its log and the
     environment's; an unknown stage is refused with exit 2."""
     import os

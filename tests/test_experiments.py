@@ -1,4 +1,4 @@
-"""The experiment scripts under docs/experiments (the README quotes what they measured)."""
+"""The experiment scripts under docs/experiments (docs/study.md and docs/retrofit-and-diagnose.md quote what they measured)."""
 
 import importlib.util
 import sys

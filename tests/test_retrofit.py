@@ -885,7 +885,7 @@ def test_rotary_angles_mark_the_pairs_that_meet_angles_training_never_gave():
 
 def test_retrofit_and_diagnose_score_sixty_four_units_unless_told(tmp_path, corpus):
     """Unless --eval-tokens says otherwise, retrofit scores evaluate.SEGMENTS segments of its longest
-    length and diagnose as many windows (fewer gave intervals measurably too narrow: README, "Do the
+    length and diagnose as many windows (fewer gave intervals measurably too narrow: docs/study.md, "Do the
     intervals now mean 95%?"), and neither report warns of too few."""
     from posbias.evaluate import SEGMENTS
 

@@ -577,7 +577,7 @@ def test_ratio_plot_shows_the_schemes_near_one_on_their_own_scale(tmp_path, monk
 def test_the_study_scores_sixty_four_segments_unless_told_and_warns_below():
     """eval_tokens left out (the default and every preset) is evaluate.SEGMENTS segments of the longest
     length; an explicit count is kept; fewer segments than that get a warning in the summary (intervals
-    over few segments measured too narrow: README, "Do the intervals now mean 95%?")."""
+    over few segments measured too narrow: docs/study.md, "Do the intervals now mean 95%?")."""
     from posbias.evaluate import SEGMENTS
     from posbias.report.study import summary
     from posbias.study import PRESETS, StudyConfig

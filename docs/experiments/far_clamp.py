@@ -5,7 +5,7 @@ there at inputs no training step gave it. :class:`posbias.diagnose.ClampFar` giv
 ≥ ``limit`` the bias of distance ``limit − 1`` for the same query (what the model met in training), and
 this script runs the passkey grid (:func:`posbias.passkey.accuracy_grid`, the samples ``posbias diagnose`` draws) on a
 checkpoint as it is and with the clamp. Retrieval that comes back with the clamp failed because of the
-bias past L; retrieval that stays lost failed for another reason (README, *Three copies of every
+bias past L; retrieval that stays lost failed for another reason (docs/retrofit-and-diagnose.md, *Three copies of every
 relative bias*: FIRE's one copy that learned the task, 0.05 → 0.06 at 8 L).
 
     .venv/bin/python docs/experiments/far_clamp.py runs/diag-copies/fire-seed0/models/passkey-ft2400-seed2-<key>

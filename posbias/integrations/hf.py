@@ -326,7 +326,7 @@ def _few_keys_at_inference(lk: int) -> bool:
 
 
 # Devices whose attention dropout runs on posbias (:mod:`posbias.kernels.dropout`). On the CPU it is 1.25-1.39x
-# faster than transformers' path for a T5 and holds O(N) memory (README). On CUDA, transformers' SDPA has
+# faster than transformers' path for a T5 and holds O(N) memory (docs/huggingface.md). On CUDA, transformers' SDPA has
 # a fused kernel with a dense bias and dropout, while posbias' dropout kernel is a Python loop of dense
 # blocks that no GPU run has timed yet (issue 12: until a GPU run validates a path, it is not taken);
 # there training with dropout keeps transformers' path, as before.

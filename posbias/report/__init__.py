@@ -166,4 +166,4 @@ def few_segments(count: int, unit: str = "segment") -> str:
     return (f"Only {count} {unit}{'s' * (count != 1)} scored (fewer than {SEGMENTS}): the intervals are too narrow "
             "where a few stretches of the text carry most of its variance (on the embedded corpus, the study's 95% "
             f"interval held the whole split's value in 81-94% of random draws of 16 segments, 92-97% of {SEGMENTS}; "
-            "README, \"Do the intervals now mean 95%?\"); raise --eval-tokens, or give more validation text.")
+            "docs/study.md, \"Do the intervals now mean 95%?\"); raise --eval-tokens, or give more validation text.")

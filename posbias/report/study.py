@@ -109,7 +109,7 @@ def nearest_end(label: str, rs: Records) -> tuple[float, str]:
     """For a ratio that grows or falls in every one of ``rs``: the interval end nearest 1 over the seeds
     (:func:`~posbias.report.facing_end`), as ``(distance from 1 in log, "label 0.997 (seed 1)")``. 16
     against 64 segments of the same split turned the demo's verdicts whose ends lay within 0.003 of 1
-    (README, "Which verdicts a sample of text can turn")."""
+    (docs/study.md, "Which verdicts a sample of text can turn")."""
     end, seed = min(((facing_end(r["ratio_lo"], r["ratio_hi"], 1.0), r["seed"]) for r in rs),
                     key=lambda e: abs(math.log(e[0])))
     return abs(math.log(end)), f"{label} {end:.3f}" + (f" (seed {seed})" if len(rs) > 1 else "")

@@ -9,7 +9,7 @@ FIRE depends on ``i`` as well as on ``i − j``: it is **not** Toeplitz.
 As in the reference code, ``|c|`` and ``|L|`` are used so the logs stay defined, and a tiny eps keeps
 the denominator away from 0 at ``i = 0``.
 
-Measured in the study (README, "The longer CPU protocol"): past the learned threshold a query meets
+Measured in the study (docs/study.md, "The longer CPU protocol"): past the learned threshold a query meets
 another bias at the distances it was trained on (``posbias diagnose`` reports this "bias drift"), and a
 model trained below its threshold breaks from there on — thresholds learned at 126 / 153 / 523 / 1809
 tokens (training at 128) gave ppl@2048 5.41 / 7.38 / 3.77 / 3.27. The default stays the reference's 512;

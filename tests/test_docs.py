@@ -1,0 +1,66 @@
+"""The README and the pages under docs/ link to each other: every relative link names a file that
+exists, and every ``#anchor`` a heading of that file (as GitHub makes anchors from headings)."""
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file: each heading lower-cased, with everything but letters,
+    digits, spaces, hyphens and underscores dropped and spaces made hyphens; a repeated one gets -1, -2, …"""
+    seen: dict[str, int] = {}
+    out = set()
+    in_code = False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        m = None if in_code else re.match(r"^#{1,6} (.*)$", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def test_anchors_follow_githubs_rule():
+    page = ROOT / "README.md"
+    assert {"conventions", "schemes-posbias-list", "layout", "exact-fast-attention",
+            "train-short-test-long-posbias-extrapolate-make-demo"} <= anchors(page)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_relative_link_and_anchor_resolves(page):
+    text = page.read_text(encoding="utf-8")
+    text = re.sub(r"```.*?```", "", text, flags=re.S)  # links inside code blocks are code
+    broken = []
+    for target in LINK.findall(text):
+        if re.match(r"^[a-z]+://|^mailto:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+            broken.append(f"{target} (no such heading)")
+    assert not broken, f"{page.relative_to(ROOT)}: " + ", ".join(broken)
+
+
+def test_the_readme_points_to_every_page_of_docs():
+    """Each page under docs/ is reachable from the README, directly or from a page it links."""
+    reached, todo = set(), [ROOT / "README.md"]
+    while todo:
+        page = todo.pop()
+        if page in reached:
+            continue
+        reached.add(page)
+        for target in LINK.findall(page.read_text(encoding="utf-8")):
+            path = target.partition("#")[0]
+            if path.endswith(".md") and "://" not in path:
+                todo.append((page.parent / path).resolve())
+    assert not set(PAGES) - reached, sorted(p.name for p in set(PAGES) - reached)
