@@ -64,3 +64,30 @@ def test_the_readme_points_to_every_page_of_docs():
             if path.endswith(".md") and "://" not in path:
                 todo.append((page.parent / path).resolve())
     assert not set(PAGES) - reached, sorted(p.name for p in set(PAGES) - reached)
+
+
+def _table_after(text: str, marker: str) -> list[list[str]]:
+    """The rows (cells stripped) of the first Markdown table after ``marker``."""
+    rows, started = [], False
+    for line in text[text.index(marker):].splitlines():
+        if line.startswith("|"):
+            started = True
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not set("".join(cells)) <= set("-: "):
+                rows.append(cells)
+        elif started:
+            break
+    return rows
+
+
+def test_the_readmes_demo_numbers_are_those_of_docs_study():
+    """The README's three-seed demo table repeats docs/study.md's (ppl @ 64 and ppl@1024 / ppl@64,
+    mean over seeds), so the front page cannot drift from the measurement it summarises."""
+    study = _table_after((ROOT / "docs" / "study.md").read_text(encoding="utf-8"), "## Demo preset, three seeds")
+    readme = _table_after((ROOT / "README.md").read_text(encoding="utf-8"), "The demo preset, three seeds")
+    header, ratio, ppl = readme
+    by_scheme = {row[0]: row for row in study[1:]}
+    assert sorted(header[1:]) == sorted(by_scheme)
+    for i, scheme in enumerate(header[1:], 1):
+        assert ratio[i] == by_scheme[scheme][-1], scheme
+        assert ppl[i] == by_scheme[scheme][1].split(" ± ")[0], scheme
