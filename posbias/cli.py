@@ -321,11 +321,13 @@ def add_extrapolate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="a local text file or folder instead of the embedded default")
     p.add_argument("--hf-dataset", help="NAME[:CONFIG] of a Hugging Face dataset (needs posbias[datasets])")
     p.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
-    p.add_argument("--keep-last", action=argparse.BooleanOptionalAction, default=True,
+    # The default goes through set_defaults: given to add_argument, Python 3.10's BooleanOptionalAction
+    # appends "(default: True)" to a help text that already names it.
+    p.add_argument("--keep-last", action=argparse.BooleanOptionalAction,
                    help="keep each model's last/ checkpoint (optimizer state, about 2/3 of a model folder) after "
                         "final/ exists; --no-keep-last deletes it (default: keep)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_extrapolate)
+    p.set_defaults(func=cmd_extrapolate, keep_last=True)
 
 
 def study_config(args: argparse.Namespace):
