@@ -292,6 +292,35 @@ def mpt_config(heads, bias_max=8, **kw):
                                   attn_config={"attn_pdrop": 0, "alibi": True, "alibi_bias_max": bias_max}, **kw)
 
 
+def test_mpt_attention_reads_its_cache_under_either_name(fast_calls):
+    """transformers renamed MPT attention's cache argument (``past_key_values`` in 5.20, ``cache`` in
+    5.25). The patched attention reads the name it is given, fills the cache as the unpatched module
+    does and equals its output through a prefill and a decoding step; reading only ``cache`` left a
+    5.20 cache unfilled and generation diverged."""
+    import inspect
+
+    torch.manual_seed(0)
+    ref, fast = pair(transformers.MptForCausalLM(mpt_config(4)))
+    accepted = inspect.signature(type(ref.transformer.blocks[0].attn).forward).parameters
+    names = ["past_key_values"] + (["cache"] if "cache" in accepted else [])  # 5.25 still takes the old name
+    bias = ref.transformer.build_mpt_alibi_tensor(4, 128, device="cpu")
+    hidden = torch.randn(1, 9, 32)
+    prefill_mask = torch.ones(8, 8, dtype=torch.bool).triu(1)[None, None]  # MPT: True where hidden
+    step_mask = torch.zeros(1, 1, 1, 9, dtype=torch.bool)
+    for name in names:
+        outs = []
+        for model in (ref, fast):
+            attn, cache = model.transformer.blocks[0].attn, transformers.DynamicCache(config=model.config)
+            with torch.no_grad():
+                first = attn(hidden[:, :8], position_bias=bias, attention_mask=prefill_mask, **{name: cache})[0]
+                step = attn(hidden[:, 8:], position_bias=bias, attention_mask=step_mask, **{name: cache})[0]
+            outs.append((first, step, cache.get_seq_length()))
+        assert outs[0][2] == outs[1][2] == 9, name
+        torch.testing.assert_close(outs[1][0], outs[0][0], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(outs[1][1], outs[0][1], atol=2e-5, rtol=1e-4)
+    assert len(fast_calls) == 2 * len(names)  # every call took posbias' path
+
+
 @pytest.mark.parametrize("heads, bias_max", [(4, 8), (6, 12)])  # 12: transformers 5 ignores it (the model's slopes)
 def test_mpt_logits_generate_padding_and_training(heads, bias_max, fast_calls):
     torch.manual_seed(0)
@@ -459,8 +488,8 @@ def test_restore_and_conversion_round_trip():
     restore(model)
     assert "compute_bias" not in att.__dict__ and model.config._attn_implementation != "posbias"
     bloom = scheme_from_hf(transformers.BloomConfig(hidden_size=48, n_head=6))
-    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
-    torch.testing.assert_close(bloom.slopes, _get_alibi_slopes(6, torch.device("cpu")))
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor  # public in every 5.x release
+    torch.testing.assert_close(bloom.slopes, build_alibi_tensor(torch.ones(1, 2), 6, torch.float32)[:, 0, 1])
 
 
 def _t5_table(stack, layer=0):

@@ -470,12 +470,19 @@ def _mpt_block_forward(block: nn.Module, original, *args, output_attentions: boo
     return original(*args, output_attentions=output_attentions, **kwargs)
 
 
-def _mpt_forward(module: nn.Module, original, hidden_states: Tensor, position_bias: Tensor, cache=None,
+def _mpt_forward(module: nn.Module, original, hidden_states: Tensor, position_bias: Tensor,
                  attention_mask: Tensor | None = None, *, posbias_backend: str = "auto", **kwargs):
     """MPT's self-attention on posbias. Its bias ``−m·(K − 1 − j)`` (built for ``config.max_seq_len``
     keys and cut to the last K) differs from ``−m·(i − j)`` by a constant per query, which softmax
     ignores; posbias has no ``max_seq_len``, so the accelerated model also runs longer inputs, where
-    transformers' path cannot add its bias. MPT's mask is True where a pair is *hidden*."""
+    transformers' path cannot add its bias. MPT's mask is True where a pair is *hidden*.
+
+    The layer's KV cache comes as ``cache`` (transformers 5.25) or ``past_key_values`` (5.20 and
+    other releases before the rename): either is read, and it stays in ``kwargs`` under the name it
+    came with for transformers' own path. Reading only ``cache`` left an older release's cache
+    unfilled on posbias' path, and greedy generation then diverged from the unpatched model's."""
+    name = "past_key_values" if "past_key_values" in kwargs else "cache"
+    cache = kwargs.get(name)
     b, lq, _ = hidden_states.shape
     past = cache.get_seq_length(module.layer_idx) if cache is not None else 0
     lk = past + lq
@@ -483,13 +490,13 @@ def _mpt_forward(module: nn.Module, original, hidden_states: Tensor, position_bi
                                                              hides=True)
     dropout = module.attn_dropout_p if module.training else 0.0
     if kind is None or getattr(module, "_posbias_weights_wanted", False) or not _takes_dropout(dropout, hidden_states):
-        return original(hidden_states, position_bias, cache=cache, attention_mask=attention_mask, **kwargs)
+        return original(hidden_states, position_bias, attention_mask=attention_mask, **kwargs)
     mixed = module.Wqkv(hidden_states)
     if module.clip_qkv:
         mixed = mixed.clamp(min=-module.clip_qkv, max=module.clip_qkv)
     q, k, v = (t.reshape(b, lq, module.n_heads, module.head_dim).transpose(1, 2) for t in mixed.chunk(3, dim=2))
     if cache is not None:
-        k, v = cache.update(k, v, module.layer_idx, kwargs=kwargs)
+        k, v = cache.update(k, v, module.layer_idx, kwargs={key: x for key, x in kwargs.items() if key != name})
     scheme = _mpt_scheme(module.n_heads, module.head_dim, module._posbias_slopes, str(q.device))
     out = attention(q, k, v, scheme, causal=kind[0] == "causal", scale=module.softmax_scale, backend=posbias_backend,
                     strict=False, key_mask=_batch_rows(kind[1], b), dropout_p=dropout)
