@@ -1,9 +1,10 @@
 """Hugging Face integration: conversion both ways and accelerated models equal to the originals.
 
-Models are randomly initialised from small configs (no download). Skipped without transformers 5.
+Models are randomly initialised from small configs (no download). Skipped without transformers >= 5.15.
 """
 
 import copy
+import re
 import subprocess
 import sys
 
@@ -11,9 +12,11 @@ import pytest
 import torch
 from _helpers import DEVICES, assert_grads_close
 
+from posbias.integrations.hf import TRANSFORMERS_FROM, _release  # noqa: E402
+
 transformers = pytest.importorskip("transformers")
-if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
-    pytest.skip("the integration targets transformers >= 5", allow_module_level=True)
+if _release(transformers.__version__) < TRANSFORMERS_FROM:  # pragma: no cover
+    pytest.skip(f"the integration needs transformers >= {TRANSFORMERS_FROM}", allow_module_level=True)
 
 from posbias import build  # noqa: E402
 from posbias.integrations.hf import (POSBIAS_FROM, accelerate, mask_documents, mask_kind, restore,  # noqa: E402
@@ -290,6 +293,19 @@ def test_bloom_left_padding_runs_on_posbias_and_scattered_keys_fall_back(fast_ca
 def mpt_config(heads, bias_max=8, **kw):
     return transformers.MptConfig(vocab_size=97, d_model=8 * heads, n_heads=heads, n_layers=2, max_seq_len=128,
                                   attn_config={"attn_pdrop": 0, "alibi": True, "alibi_bias_max": bias_max}, **kw)
+
+
+@pytest.mark.parametrize("version", ["4.57.6", "5.0.0", "5.14.1"])
+def test_an_older_transformers_is_refused_in_one_line(version, monkeypatch):
+    """transformers 5.0-5.14 fail the integration's tests (T5 outside the attention interface): a
+    model is refused with the version found and the one needed, before anything is patched."""
+    model = transformers.T5EncoderModel(t5_config())
+    # the module posbias imports: transformers puts a lazy module in sys.modules in place of the one
+    # first imported, which this file's name still holds
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+    with pytest.raises(ValueError, match=rf"needs transformers >= 5\.15 .*found {re.escape(version)}"):
+        accelerate(model)
+    assert model.config._attn_implementation != "posbias"
 
 
 def test_mpt_attention_reads_its_cache_under_either_name(fast_calls):

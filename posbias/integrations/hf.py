@@ -61,11 +61,23 @@ def _transformers():
         import transformers
     except ImportError:
         raise ValueError("the Hugging Face integration needs transformers: pip install 'posbias[hf]'") from None
-    major = int(transformers.__version__.split(".")[0])
-    if major < 5:
-        raise ValueError(f"posbias.integrations.hf needs transformers >= 5.0 (its attention interface); "
-                         f"found {transformers.__version__}")
+    if _release(transformers.__version__) < TRANSFORMERS_FROM:
+        raise ValueError(f"posbias.integrations.hf needs transformers >= {'.'.join(map(str, TRANSFORMERS_FROM))} "
+                         f"(T5 through its attention interface); found {transformers.__version__}: "
+                         "pip install -U 'posbias[hf]'")
     return transformers
+
+
+# The first transformers release this integration runs on: from 5.15 T5 goes through the attention
+# interface and takes its bias's first query position as ``past_seen_tokens``; 5.0-5.14 fail
+# tests/test_hf.py (5.0, 5.5.4, 5.10.4, 5.13.1 and 5.14.0 run; 5.15.0 to 5.25.0 pass).
+TRANSFORMERS_FROM = (5, 15)
+
+
+def _release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string such as ``"5.15.0"`` or ``"5.16.0.dev0"``."""
+    major, minor = (re.match(r"(\d+)\.(\d+)", version) or re.match(r"(\d+)()", version)).groups()
+    return int(major), int(minor or 0)
 
 
 # -- conversion -------------------------------------------------------------------------------
