@@ -221,8 +221,8 @@ TOEPLITZ_TRAINS_BELOW = 2560  # keys: below, a learnable windowed table trains f
 BANDED_BIDIRECTIONAL_FROM = 4096  # keys: from here bidirectional training takes banded over windowed (measured)
 
 # CUDA fast paths that a GPU run has validated (``pytest -m cuda`` and ``benchmarks/gpu_check.sh``,
-# docs/attention.md), in the order ``auto`` tries them. Issue 12's rule: until a path is listed here, ``auto``
-# keeps CUDA tensors on plain SDPA (no bias) or ``blockwise``; forcing ``backend="flex"``,
+# docs/attention.md), in the order ``auto`` tries them. Issue 12's rule: until a path is listed here,
+# ``auto`` keeps CUDA tensors on plain SDPA (no bias) or ``blockwise``; forcing ``backend="flex"``,
 # ``backend="banded"`` or ``backend="alibi"`` (or ``accelerate(model, backend=...)``) runs a candidate
 # meanwhile. Each is tried where it runs exactly (banded: T5/offset only; alibi: causal ALiBi only),
 # so the faster candidate for a scheme goes first.

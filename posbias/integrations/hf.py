@@ -76,8 +76,10 @@ TRANSFORMERS_FROM = (5, 15)
 
 def _release(version: str) -> tuple[int, int]:
     """``(major, minor)`` of a version string such as ``"5.15.0"`` or ``"5.16.0.dev0"``."""
-    major, minor = (re.match(r"(\d+)\.(\d+)", version) or re.match(r"(\d+)()", version)).groups()
-    return int(major), int(minor or 0)
+    m = re.match(r"(\d+)(?:\.(\d+))?", version)
+    if m is None:
+        raise ValueError(f"cannot read the transformers version {version!r}")
+    return int(m.group(1)), int(m.group(2) or 0)
 
 
 # -- conversion -------------------------------------------------------------------------------
@@ -338,8 +340,8 @@ def _few_keys_at_inference(lk: int) -> bool:
 
 
 # Devices whose attention dropout runs on posbias (:mod:`posbias.kernels.dropout`). On the CPU it is 1.25-1.39x
-# faster than transformers' path for a T5 and holds O(N) memory (docs/huggingface.md). On CUDA, transformers' SDPA has
-# a fused kernel with a dense bias and dropout, while posbias' dropout kernel is a Python loop of dense
+# faster than transformers' path for a T5 and holds O(N) memory (docs/huggingface.md). On CUDA, transformers'
+# SDPA has a fused kernel with a dense bias and dropout, while posbias' dropout kernel is a Python loop of dense
 # blocks that no GPU run has timed yet (issue 12: until a GPU run validates a path, it is not taken);
 # there training with dropout keeps transformers' path, as before.
 DROPOUT_DEVICES = ("cpu",)

@@ -203,7 +203,8 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
 def _nearest_zero(rows: list[dict[str, Any]], key: str) -> str:
     """Among the models whose Δ under ``key`` helps or hurts, the interval end nearest 0, as a clause
     (empty with fewer than two models or no such verdict). A verdict is only as firm as that end: the
-    demo's ALiBi distant keys hurt in two seeds of three on 32 windows and in all three on 64 (docs/retrofit-and-diagnose.md)."""
+    demo's ALiBi distant keys hurt in two seeds of three on 32 windows and in all three on 64
+    (docs/retrofit-and-diagnose.md)."""
     judged = [(r["model"], facing_end(r[key][1], r[key][2], 0.0)) for r in rows
               if r[key] is not None and verdict(r[key]) in ("hurts", "helps")]
     if len(rows) < 2 or not judged:
