@@ -1,5 +1,6 @@
 """The README and the pages under docs/ link to each other: every relative link names a file that
 exists, and every ``#anchor`` a heading of that file (as GitHub makes anchors from headings)."""
+import functools
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
+@functools.lru_cache(maxsize=None)  # a page is linked from many places: read each once
 def anchors(page: Path) -> set[str]:
     """GitHub's anchors of a Markdown file: each heading lower-cased, with everything but letters,
     digits, spaces, hyphens and underscores dropped and spaces made hyphens; a repeated one gets -1, -2, …"""

@@ -12,10 +12,10 @@ import pytest
 import torch
 from _helpers import DEVICES, assert_grads_close
 
-from posbias.integrations.hf import TRANSFORMERS_FROM, _release  # noqa: E402
+from posbias.integrations.hf import TRANSFORMERS_FROM, too_old  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
-if _release(transformers.__version__) < TRANSFORMERS_FROM:  # pragma: no cover
+if too_old(transformers.__version__):  # pragma: no cover
     pytest.skip(f"the integration needs transformers >= {TRANSFORMERS_FROM}", allow_module_level=True)
 
 from posbias import build  # noqa: E402

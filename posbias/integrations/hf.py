@@ -61,7 +61,7 @@ def _transformers():
         import transformers
     except ImportError:
         raise ValueError("the Hugging Face integration needs transformers: pip install 'posbias[hf]'") from None
-    if _release(transformers.__version__) < TRANSFORMERS_FROM:
+    if too_old(transformers.__version__):
         raise ValueError(f"posbias.integrations.hf needs transformers >= {'.'.join(map(str, TRANSFORMERS_FROM))} "
                          f"(T5 through its attention interface); found {transformers.__version__}: "
                          "pip install -U 'posbias[hf]'")
@@ -74,12 +74,12 @@ def _transformers():
 TRANSFORMERS_FROM = (5, 15)
 
 
-def _release(version: str) -> tuple[int, int]:
-    """``(major, minor)`` of a version string such as ``"5.15.0"`` or ``"5.16.0.dev0"``."""
-    m = re.match(r"(\d+)(?:\.(\d+))?", version)
-    if m is None:
-        raise ValueError(f"cannot read the transformers version {version!r}")
-    return int(m.group(1)), int(m.group(2) or 0)
+def too_old(version: str) -> bool:
+    """Whether a transformers ``version`` predates :data:`TRANSFORMERS_FROM` (its release numbers, read
+    by ``packaging``, a dependency of transformers: ``"5.16.0.dev0"`` is 5.16)."""
+    from packaging.version import Version
+
+    return Version(version).release[:2] < TRANSFORMERS_FROM
 
 
 # -- conversion -------------------------------------------------------------------------------

@@ -485,7 +485,8 @@ def _answer_attention_table(r: DiagnoseResult) -> list[str]:
              "the most attention any head puts on the key's digits · on the one digit this byte copies. Read each "
              "length against the same copy's row at L. The second number is not a test of copying: copies that are "
              "exact at L have put no more than 0.18–0.37 of any head on the digit they copy "
-             "(docs/retrofit-and-diagnose.md, three seeds), so a low value says where the heads look, not that the copy lost its place.", ""]
+             "(docs/retrofit-and-diagnose.md, three seeds), so a low value says where the heads look, "
+             "not that the copy lost its place.", ""]
             + md_table(["length", *(f"byte {i + 1}" for i in range(width))], rows) + [""])
 
 
