@@ -561,7 +561,8 @@ def _diagnose_targets(paths: list[str]) -> list[tuple[str, str, Path]]:
 
 def cmd_diagnose(args: argparse.Namespace) -> None:
     from .data import load_corpus
-    from .diagnose import DiagnoseConfig, run_diagnose
+    from . import checkpoint as ckpt
+    from .diagnose import DiagnoseConfig, examined_length, run_diagnose
     from .report import comparison
     from .report import diagnose as report
 
@@ -574,6 +575,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
                          passkey_steps=args.passkey_steps, passkey_until=args.passkey_until,
                          passkey_samples=args.passkey_samples, passkey_seeds=tuple(args.passkey_seeds or (0,)),
                          device=args.device, threads=args.threads)
+    for name, _, path in targets:  # before any work: a bad --length for the last model would waste the others'
+        examined_length(args.length, ckpt.train_len(path), name)
     corpus = load_corpus(args.data, args.hf_dataset)
     t0 = time.perf_counter()
     done = []

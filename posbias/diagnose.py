@@ -48,7 +48,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import passkey, store
-from .config import Log, check_count, fixed_threads, quiet
+from .config import ConfigError, Log, check_count, fixed_threads, quiet
 from .data import Corpus
 from .evaluate import bootstrap_means, eval_budget, interval, local_head, spread_starts, token_losses
 from .model import TransformerLM
@@ -360,8 +360,9 @@ def window_split(long_w: Tensor, window_w: Tensor, short_w: Tensor,
     to that set's Δ. The window is not a clean near/far split for a model of several layers: a key
     within ``L`` carries, in its state, tokens up to ``L − 1`` farther back per layer below. So a third
     row, not part of the sum, gives window − cut at :func:`chunk_ends`, where both show the first
-    layer the same keys: what far tokens do through the layers. Rows ``(label, mean, lo, hi)``,
-    intervals a 95% bootstrap over windows."""
+    layer the same keys: what far tokens do through the layers; absent when the window holds no chunk
+    end (``length < 2 L``: an empty mean would be NaN). Rows ``(label, mean, lo, hi)``, intervals a 95%
+    bootstrap over windows."""
     _, kept = _position_sets(long_w.shape[1], train_len)
     if not bool(kept.any()):
         return []
@@ -373,6 +374,8 @@ def window_split(long_w: Tensor, window_w: Tensor, short_w: Tensor,
              window_w, short_w, kept),
             ("far tokens through the layers (window − cut at each chunk's last position, the same keys in layer 1)",
              window_w, short_w, ends)):
+        if not bool(sel.any()):
+            continue
         delta = (a - b)[:, sel]
         rows.append((label, float(delta.mean()), *delta_interval(delta)))
     return rows
@@ -604,6 +607,18 @@ def run_diagnose(path: str | Path, cfg: DiagnoseConfig, *, corpus: Corpus, progr
     return result
 
 
+def examined_length(length: int | None, train_len: int, name: str) -> int:
+    """The window a diagnosis examines for model ``name`` trained at ``train_len``: ``length``, by
+    default 8 × L. :class:`ConfigError` unless it exceeds L: every measurement is of what happens past L,
+    and at or below it the context "cut at L" is the full one, so Δ would be rounding between two batch
+    shapes, which an interval can still put on one side of 0 (a "helps" verdict on nothing, seen)."""
+    n = 8 * train_len if length is None else length
+    if n <= train_len:
+        raise ConfigError("length", f"must exceed the training length L = {train_len} of {name} (a diagnosis "
+                                    f"measures what happens past L), got {n}")
+    return n
+
+
 def _tensor(rows: list) -> Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
@@ -613,7 +628,7 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
     meta = ckpt.read_meta(path)
     model = ckpt.load_model(path).to(cfg.device).eval()
     train_len = ckpt.train_len(path, meta)
-    length = cfg.length or 8 * train_len
+    length = examined_length(cfg.length, train_len, str(path))
     key = source_key(path, cfg, corpus)
     cache = _Cache(out, key, log, cfg.device)
     windows_loss = max(1, eval_budget(cfg.eval_tokens, length) // length)

@@ -726,6 +726,23 @@ def test_window_split_adds_up():
     assert "keys at distance ≥ 16" in l1 and "window of 16 − cut" in l2 and "through the layers" in l3
 
 
+def test_a_window_short_of_two_L_has_no_chunk_end_row_and_says_why(tmp_path, corpus):
+    """Between L and 2 L no chunk past the first ends, so window − cut at chunk ends is a mean over no
+    position (it was NaN, refused only when written, after the work). The row is left out, the report
+    says why, and the comparison has no cell for it."""
+    from posbias.report import comparison
+
+    assert window_split(*(torch.rand(2, 40, dtype=torch.float64) for _ in range(3)), 32)[-1][0].startswith("keys within")
+    path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
+    rep = run_diagnose(path, DiagnoseConfig(length=3 * L // 2, eval_tokens=400, passkey_steps=0), corpus=corpus)
+    assert len(rep.window_split) == 2 and all(math.isfinite(v) for row in rep.window_split for v in row[1:])
+    diagnose_report.write(rep, tmp_path / "d")
+    md = (tmp_path / "d" / "report.md").read_text()
+    assert "nan" not in md.lower() and f"it needs a window of at least 2 L = {2 * L}" in md
+    assert not any("through the layers" in line for line in diagnose_report.summary(rep))
+    assert comparison.row("t", rep)["through_layers"] is None
+
+
 @pytest.mark.parametrize("scheme,layers,same", [("nope", 1, True), ("alibi", 1, True), ("rope", 1, True),
                                                 ("t5", 1, True), ("nope", 2, False), ("sinusoidal", 1, False)])
 def test_far_tokens_reach_chunk_ends_only_through_layers(scheme, layers, same):
@@ -1029,6 +1046,24 @@ def test_cli_errors(tmp_path, capsys):
     assert not out.exists()  # refused before writing anything: no empty folder (with a lock file) left behind
     assert main(["retrofit", str(path), "--to", "200", "--out", str(out)]) == 2
     assert "give --method" in capsys.readouterr().err
+
+
+def test_diagnose_refuses_a_window_that_does_not_pass_L(tmp_path, capsys, corpus):
+    """Every measurement of a diagnosis is of what happens past L; at or below L the "cut" context is the
+    full one and Δ is rounding between two batch shapes (once reported as "helps"). Refused in one line
+    before any model is examined, naming the model whose L it is, and by the library too."""
+    short = tiny_checkpoint(tmp_path / "short", "t5", max_distance=L)
+    ckpt.save_checkpoint(tmp_path / "long", ckpt.load_model(short), extra={"train": {"seq_len": 4 * L}})
+    out = tmp_path / "out"
+    for length in (L // 2, L):
+        one_line_error(capsys, main(["diagnose", str(short), "--length", str(length), "--out", str(out)]),
+                       f"--length must exceed the training length L = {L} of", f"got {length}")
+    # several models: the second's L = 4 L is not passed by 2 L, so nothing runs for the first either
+    err = one_line_error(capsys, main(["diagnose", str(short), str(tmp_path / "long"), "--length", str(2 * L),
+                                       "--out", str(out), "--quiet"]), f"L = {4 * L} of long")
+    assert "short" not in err and not out.exists()
+    with pytest.raises(ValueError, match=f"length must exceed the training length L = {L} of .*got {L}"):
+        run_diagnose(short, DiagnoseConfig(length=L, passkey_steps=0), corpus=corpus)
 
 
 def test_final_bucket_verdict_is_measured_not_assumed():

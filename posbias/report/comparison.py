@@ -43,7 +43,7 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
         "distant_keys": None if kept is None else tuple(kept[2:]),
         "keys_beyond_L": tuple(r.window_split[0][1:]) if r.window_split else None,
         # window − cut at the chunks' last positions (the same keys in layer 1): far tokens through the layers
-        "through_layers": tuple(r.window_split[2][1:]) if r.window_split else None,
+        "through_layers": tuple(r.window_split[2][1:]) if len(r.window_split) > 2 else None,
         "attention_beyond_L": far_attention(r),
         "bias_drift": None if r.bias_drift is None else max(r.bias_drift),
         "rotary_unseen": None if r.rotary is None else (len(unseen_pairs(r)), len(r.rotary["unseen"])),

@@ -55,6 +55,7 @@ def summary(r: DiagnoseResult) -> list[str]:
         _, d, lo, hi = r.window_split[0]
         lines.append(f"keys beyond L, against a sliding window of L (Δ {delta_cell(d, lo, hi)}): "
                      f"{_context_verdict(lo, hi, r.loss_windows)}")
+    if len(r.window_split) > 2:
         _, d, lo, hi = r.window_split[2]
         also = _position_moves(r)
         lines.append(f"far tokens through the layers{f' and {also}' if also else ''}, at chunk ends where a window "
@@ -184,7 +185,10 @@ def _position_moves(r: DiagnoseResult) -> str:
 
 
 def _through_layers(r: DiagnoseResult) -> str:
-    """The sentence on :func:`posbias.diagnose.window_split`'s third row."""
+    """The sentence on :func:`posbias.diagnose.window_split`'s third row (or why there is none)."""
+    if len(r.window_split) < 3:
+        return (f"No chunk of L past the first ends within the {r.length}-token window, so what far tokens do "
+                f"through the layers is not measured here (it needs a window of at least 2 L = {2 * r.train_len}).")
     _, d, lo, hi = r.window_split[2]
     also = _position_moves(r)
     what = (f"Far tokens through the layers together with {also} (the cut restarts the positions at 0, so this "
