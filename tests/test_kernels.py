@@ -631,6 +631,16 @@ def test_mismatched_heads_dtypes_and_devices_are_refused():
     meta = torch.randn(1, 4, 8, 16, device="meta")
     with pytest.raises(ValueError, match="one device, got cpu, meta and cpu"):
         attention(q, meta, q, s)
+    # positions are integers: a float, complex or bool tensor is refused (bool once read as 0s and 1s)
+    for bad in (torch.arange(8.0), torch.arange(8) + 0j, torch.arange(8) > 0):
+        with pytest.raises(ValueError, match=f"positions must be integers, got dtype {bad.dtype}"):
+            attention(q, q, q, s, q_pos=bad)
+        with pytest.raises(ValueError, match="positions must be integers"):
+            attention_probs(q, q, s, k_pos=bad)
+    with pytest.raises(ValueError, match="a mask of keys goes in key_mask"):
+        attention(q, q, q, s, k_pos=torch.ones(8, dtype=torch.bool))
+    for small in (torch.uint8, torch.int16, torch.int32):  # other integer types are read as they are
+        assert torch.equal(attention(q, q, q, s, q_pos=torch.arange(8, dtype=small)), attention(q, q, q, s))
 
 
 KEY_MASKS = {
@@ -640,6 +650,37 @@ KEY_MASKS = {
                                                       [j % 3 != 1 for j in range(lk)]],
     "nothing hidden": lambda lk: [[True] * lk] * 3,
 }
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_attention_probs_without_grad_are_the_reference_bit_for_bit(name):
+    """Without autograd (a diagnosis) attention_probs writes the bias from the scheme's per-offset
+    values and works in place: the reference's numbers exactly, for every scheme, causal or not, a
+    decoding step, a gap in the positions, grouped key heads, rows that see no key; with autograd it is
+    the reference itself, gradients included."""
+    from posbias.attention import resolve
+    from posbias.kernels.reference import reference_probs
+
+    torch.manual_seed(2)
+    s = randomized(name) if SCHEMES[name].learnable else build(name, n_heads=3, head_dim=16)
+    cases = [(37, 37, {}), (37, 37, {"causal": False}), (1, 37, {}),
+             (5, 9, {"q_pos": torch.tensor([3, 4, 5, 9, 10]), "k_pos": torch.arange(9) * 2}),
+             (2, 4, {"q_pos": torch.tensor([0, 5]), "k_pos": torch.arange(1, 5)}),  # row 0 sees no key
+             (6, 6, {"enable_gqa": True, "causal": False})]
+    for lq, lk, kw in cases:
+        q = torch.randn(2, 3, lq, 16)
+        k = torch.randn(2, 1 if kw.get("enable_gqa") else 3, lk, 16)
+        with torch.no_grad():
+            got = attention_probs(q, k, s, **kw)
+        # what attention_probs always did: the inputs resolved as for attention, then the reference
+        q_r, k_r, _, q_pos, k_pos, scale = resolve(q, k, k, s, q_pos=kw.get("q_pos"), k_pos=kw.get("k_pos"),
+                                                   scale=None, enable_gqa=kw.get("enable_gqa", False))
+        want = reference_probs(q_r, k_r, s, q_pos=q_pos, k_pos=k_pos, causal=kw.get("causal", True), scale=scale)
+        assert torch.equal(got, want), (name, lq, lk, kw)
+    q = torch.randn(1, 3, 12, 16, requires_grad=True)
+    k = torch.randn(1, 3, 12, 16, requires_grad=True)
+    p = attention_probs(q, k, s)
+    assert p.requires_grad and p.grad_fn is not None
 
 
 @pytest.mark.parametrize("mask_kind", KEY_MASKS)

@@ -43,7 +43,7 @@ KEPT_MASK_ELEMS = 1 << 20
 
 def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor, k_pos: Tensor,
                      causal: bool, scale: float, block: int | None = None) -> Tensor:
-    lq, lk = q.shape[2], k.shape[2]
+    lk = k.shape[2]
     per_row = max(1, lk * q.shape[0] * q.shape[1])
     train = needs_grad(scheme, q, k, v)
     if flash_available(q) and lk > 0 and scheme.family == "additive" and every_row_sees_a_key(q_pos, k_pos, causal):

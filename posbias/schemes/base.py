@@ -129,8 +129,10 @@ def as_positions(pos: Tensor | None, length: int, device: torch.device, *, start
     pos = torch.as_tensor(pos, device=device)
     if pos.dim() != 1 or pos.numel() != length:
         raise ValueError(f"positions must be a 1-D tensor of length {length}, got shape {tuple(pos.shape)}")
-    if pos.dtype.is_floating_point:
-        raise ValueError(f"positions must be integers, got dtype {pos.dtype}")
+    if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
+        # a bool tensor would pass as positions 0 and 1 (a key mask handed as positions, say)
+        raise ValueError(f"positions must be integers, got dtype {pos.dtype}"
+                         + (" (a mask of keys goes in key_mask)" if pos.dtype == torch.bool else ""))
     return pos.long()
 
 
@@ -353,7 +355,7 @@ class ToeplitzScheme(Scheme):
         """A block of consecutive positions from its ``rows + keys − 1`` offsets: :meth:`bias_at` on them
         (a T5 table's bucketing per offset, not per pair), then the rows of a zero-copy view copied out
         (the view ``z[r' + t]`` is the block with its rows reversed; ``index_select`` writes them back in
-        order). Other positions: the default."""
+        order). Other positions: the default. ``scratch`` is never used (it may be empty)."""
         rows, keys = len(q_pos), len(k_pos)
         if rows < 2 or keys < 2 or not (consecutive(q_pos) and consecutive(k_pos)):
             return super().bias_into(q_pos, k_pos, out, scratch)
