@@ -729,17 +729,21 @@ def test_window_split_adds_up():
 def test_a_window_short_of_two_L_has_no_chunk_end_row_and_says_why(tmp_path, corpus):
     """Between L and 2 L no chunk past the first ends, so window − cut at chunk ends is a mean over no
     position (it was NaN, refused only when written, after the work). The row is left out, the report
-    says why, and the comparison has no cell for it."""
+    says why, and the comparison has no cell for it; the passkey grid (L, 2 L, …) has L alone, and the
+    summary says so instead of naming L twice."""
     from posbias.report import comparison
 
     assert window_split(*(torch.rand(2, 40, dtype=torch.float64) for _ in range(3)), 32)[-1][0].startswith("keys within")
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
-    rep = run_diagnose(path, DiagnoseConfig(length=3 * L // 2, eval_tokens=400, passkey_steps=0), corpus=corpus)
+    rep = run_diagnose(path, DiagnoseConfig(length=3 * L // 2, eval_tokens=400, passkey_steps=2, passkey_samples=2),
+                       corpus=corpus)
     assert len(rep.window_split) == 2 and all(math.isfinite(v) for row in rep.window_split for v in row[1:])
     diagnose_report.write(rep, tmp_path / "d")
     md = (tmp_path / "d" / "report.md").read_text()
     assert "nan" not in md.lower() and f"it needs a window of at least 2 L = {2 * L}" in md
-    assert not any("through the layers" in line for line in diagnose_report.summary(rep))
+    said = diagnose_report.summary(rep)
+    assert not any("through the layers" in line for line in said)
+    assert list(rep.passkey) == [str(L)] and f"at L; none past it (the grid runs at L, 2 L, … up to the {3 * L // 2}" in said[-1]
     assert comparison.row("t", rep)["through_layers"] is None
 
 

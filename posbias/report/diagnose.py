@@ -85,8 +85,12 @@ def summary(r: DiagnoseResult) -> list[str]:
         hid = r.hidden_accuracy(far)
         hidden = ("" if hid is None else f"; far filler hidden: {sum(hid) / len(hid):.2f}" + (
             "" if len(copies) == 1 else " (" + " / ".join(f"{a:.2f}" for a in hid) + ")") + f" at {far}")
-        lines.append(f"passkey solved ({whose}; mean over depths): {at(str(r.train_len))} at L, {at(far)} at {far}"
-                     + learned + hidden)
+        if int(far) == r.train_len:  # a window short of 2 L: the grid (L, 2 L, … ≤ the window) is L alone
+            lines.append(f"passkey solved ({whose}; mean over depths): {at(far)} at L; none past it (the grid runs "
+                         f"at L, 2 L, … up to the {r.length}-token window)")
+        else:
+            lines.append(f"passkey solved ({whose}; mean over depths): {at(str(r.train_len))} at L, {at(far)} at "
+                         f"{far}" + learned + hidden)
     return lines
 
 
