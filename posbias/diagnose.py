@@ -90,7 +90,11 @@ def attention_distance(model: TransformerLM, idx: Tensor, quantiles: tuple[float
             out["beyond"].append((p * far).sum(-1)[0])
         cum = p.flip(-1).cumsum(-1)  # index t ↔ key N−1−t, distance t − (N−1−i)
         for qn in quantiles:
-            first = (cum >= qn).float().argmax(-1)  # [1, H, N]
+            # the first t with cum ≥ qn: a binary search, for cum never falls along t (sums of p ≥ 0); a
+            # row that never reaches qn gets 0, as an argmax over all-False would (0.65 of 1.25 s per layer
+            # at N = 4096 with 4 heads went to that argmax)
+            first = torch.searchsorted(cum, cum.new_full((*cum.shape[:-1], 1), qn)).squeeze(-1)  # [1, H, N]
+            first = first.masked_fill(first == n, 0)
             out[f"q{int(qn * 100)}"].append((first - offset).clamp(min=0).float()[0])
 
     for row in idx:
