@@ -201,6 +201,18 @@ def _records(out):
     return json.loads((out / "results.json").read_text())["records"]
 
 
+def test_a_study_at_L_alone_points_diagnose_at_its_default_window(tmp_path, text_file):
+    """Evaluated at L only, a study compares the schemes at their training length; its footer's diagnose
+    command leaves --length to its default (8 L) instead of naming L, which diagnose refuses."""
+    argv = ["extrapolate", "--schemes", "alibi", *STUDY, "--data", str(text_file), "--out", str(tmp_path / "run")]
+    at = argv.index("--eval-lens")
+    argv[at + 1:at + 4] = ["16"]
+    assert main(argv) == 0
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert "`posbias diagnose models/<scheme>-seed<k>-<key>/final` (from this folder)" in md
+    assert "`posbias diagnose <this folder>` does it for every model here" in md and "--length" not in md
+
+
 def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     argv = ["extrapolate", "--schemes", "alibi", "rope", *STUDY, "--data", str(text_file), "--out", str(tmp_path / "run")]
     assert main(argv) == 0

@@ -188,6 +188,8 @@ def _footer(result: StudyResult) -> str:
     cfg = result.config
     r0 = result.records[0] if result.records else {"tokens": 0, "segments": 0}
     seeds = ", ".join(map(str, cfg.seeds))
+    # the study's longest length when it passes L; else diagnose's default (8 L): it refuses a window of L
+    window = f" --length {n}" if (n := max(cfg.lengths())) > cfg.train_len else ""
     return (f"Trained at {cfg.train_len} tokens for {cfg.steps} steps (batch {cfg.batch_size}, lr {cfg.lr:g}, "
             f"positional parameters at {cfg.pos_lr_mult:g}× lr without weight decay); d_model {cfg.d_model}, "
             f"{cfg.n_layers} layers, {cfg.n_heads} heads; seeds {seeds}; {cfg.threads} threads. Every length scores "
@@ -197,10 +199,10 @@ def _footer(result: StudyResult) -> str:
             "text, which varies along it (one stretch of it can read far from another). To compare two schemes, read the paired table: their own "
             "intervals share the text's difficulty and overlap even where the paired difference is clear; "
             "between seeds, the std is the spread of training itself. Why a scheme's curve is what it is: "
-            f"`posbias diagnose models/<scheme>-seed<k>-<key>/final --length {max(cfg.lengths())}` (from this "
+            f"`posbias diagnose models/<scheme>-seed<k>-<key>/final{window}` (from this "
             "folder) splits its context effect into the local context restored at the cut chunks' starts and what "
             "the distant keys do, and measures its attention on distances beyond L; `posbias diagnose <this "
-            f"folder> --length {max(cfg.lengths())}` does it for every model here and sets them side by side "
+            f"folder>{window}` does it for every model here and sets them side by side "
             "(comparison.md).")
 
 
