@@ -85,7 +85,9 @@ def _read(path: Path) -> Any:
         return None
 
 
-def _model_why(folder: Path) -> str | None:
+def model_why(folder: Path) -> str | None:
+    """Why the model folder ``folder`` (a study's or retrofit's, with its ``key.json``) is one the
+    installed posbias would never reuse, or None."""
     key = _read(folder / "key.json")
     if not isinstance(key, dict):
         return "its key.json cannot be read"
@@ -126,7 +128,7 @@ def _judge_folder(d: Path, found: Findings, names: list[str]) -> bool:
     """Judge the keyed results directly in ``d``; True where ``d`` itself is stale (not to be entered)."""
     if "key.json" in names and (d.parent.name == "models"):
         found.checked += 1
-        why = _model_why(d)
+        why = model_why(d)
         if why:
             found.stale.append(Stale(d, "trained model", why, store.disk_size(d)))
             return True

@@ -539,7 +539,10 @@ def _add_passkey_fit_arguments(p: argparse.ArgumentParser, steps_note: str, seed
 def _diagnose_targets(paths: list[str]) -> list[tuple[str, str, Path]]:
     """``(label, folder name, checkpoint)`` for every model the paths name
     (:func:`posbias.checkpoint.discover`), each once; labels are the folder names without a study's or
-    retrofit's key, made unique. CLIError for a path that names none."""
+    retrofit's key, made unique. In a folder of several models, one that this posbias would never reuse
+    (``posbias clean``'s verdict: older code or torch) is passed over where a current model of the same
+    name sits beside it: a study re-run after an upgrade keeps both, and its report is about the new
+    one. CLIError for a path that names none."""
     from . import checkpoint as ckpt
 
     found: dict[Path, tuple[str, str]] = {}
@@ -548,15 +551,37 @@ def _diagnose_targets(paths: list[str]) -> list[tuple[str, str, Path]]:
         if not got:
             raise CLIError(f"{path!r} holds no posbias checkpoint: give a checkpoint, a model folder with final/, "
                            "or a study's or retrofit's output folder" + ckpt.subfolder_hint(path))
-        for name, where in got:
+        kept = _current_models(got) if len(got) > 1 else got
+        if len(kept) < len(got):
+            say(f"{path}: passing over {len(got) - len(kept)} model folder(s) of an older posbias or torch, beside "
+                f"current ones of the same names (`posbias clean {path}` lists them)")
+        for name, where in kept:
             if where.resolve() in found:
                 continue
-            label = re.sub(r"-[0-9a-f]{10}$", "", name)  # a study's or retrofit's key: the folder says it
+            label = _unkeyed(name)
             unique, k = label, 2
             while unique in {taken for taken, _ in found.values()}:
                 unique, k = f"{label}-{k}", k + 1
             found[where.resolve()] = unique, name
     return [(label, name, where) for where, (label, name) in found.items()]
+
+
+def _current_models(got: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """``got`` (:func:`posbias.checkpoint.discover`'s list) without the stale models that have a
+    current one of the same name (the folder name less its key) beside them."""
+    from .clean import model_why
+
+    def folder(where: Path) -> Path:
+        return where.parent if where.name in ("final", "last") else where
+
+    stale = {where for _, where in got if (folder(where) / "key.json").exists() and model_why(folder(where))}
+    current = {_unkeyed(name) for name, where in got if where not in stale}
+    return [(name, where) for name, where in got if where not in stale or _unkeyed(name) not in current]
+
+
+def _unkeyed(name: str) -> str:
+    """A model folder's name without a study's or retrofit's key (``t5-seed0-<10 hex digits>`` → ``t5-seed0``)."""
+    return re.sub(r"-[0-9a-f]{10}$", "", name)
 
 
 def cmd_diagnose(args: argparse.Namespace) -> None:

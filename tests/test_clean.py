@@ -143,3 +143,24 @@ def test_clean_passes_over_a_folder_a_run_works_in_and_refuses_one_above_it(tmp_
     assert not (mdir / "final.tmp").exists()
     one_line_error(capsys, main(["clean", str(tmp_path / "missing")]), "is not a folder (it does not exist)")
     one_line_error(capsys, main(["clean", str(out / "results.md")]), "is not a folder")
+
+
+def test_diagnose_of_a_study_folder_passes_over_stale_models_beside_current_ones(tmp_path, text_file, capsys):
+    """A study re-run after an upgrade keeps the old model folders beside the new ones; diagnosing the
+    folder examines the current model of each name (what its report is about), says it passed the
+    others over, and still examines a stale model that has no current one beside it."""
+    from posbias.cli import _diagnose_targets
+
+    out, mdir = _study(tmp_path, text_file, capsys)
+    for name, scheme in (("t5-seed0-0123456789", "t5"), ("alibi-seed0-0123456789", "alibi")):
+        old = mdir.with_name(name)
+        shutil.copytree(mdir, old)
+        key = json.loads((old / "key.json").read_text())
+        (old / "key.json").write_text(json.dumps({**key, "code": "000000000000", "scheme": scheme}))
+    got = _diagnose_targets([str(out)])
+    assert [(label, name) for label, name, _ in got] == [("alibi-seed0", "alibi-seed0-0123456789"),
+                                                         ("t5-seed0", mdir.name)]
+    assert "passing over 1 model folder(s) of an older posbias or torch" in capsys.readouterr().out
+    # named one by one, a stale model is examined as asked
+    assert [name for _, name, _ in _diagnose_targets([str(mdir.with_name("t5-seed0-0123456789") / "final")])] == [
+        "t5-seed0-0123456789"]
