@@ -130,7 +130,8 @@ def answer_attention(model: TransformerLM, length: int, *, samples: int = ANSWER
     for row in batch:
         places = torch.nonzero((row >= ord("0")) & (row <= ord("9"))).flatten()[:digits].to(device)
         probs: list[Tensor] = []
-        model(row[None, :-1].long().to(device), on_attention=lambda layer, p: probs.append(last_rows(p, digits)))
+        model(row[None, :-1].long().to(device), on_attention=lambda layer, p: probs.append(last_rows(p, digits)),
+              attention_rows=digits)
         on_key = torch.stack(probs).float()[..., places]  # [layers, heads, answer byte, key place]
         key = key + on_key.sum(-1).cpu()
         place = place + on_key.diagonal(dim1=-2, dim2=-1).cpu()

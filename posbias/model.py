@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .attention import attention, attention_probs
+from .config import check_count
 from .schemes import Scheme, build
 
 
@@ -67,7 +68,7 @@ class Attention(nn.Module):
                 self.qkv.weight[: cfg.d_model].mul_(1.0 / math.sqrt(cfg.head_dim))
 
     def forward(self, x: Tensor, scheme: Scheme, pos: Tensor, cache: dict | None = None,
-                on_probs: Callable[[Tensor], None] | None = None) -> Tensor:
+                on_probs: Callable[[Tensor], None] | None = None, probs_rows: int | None = None) -> Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k_pos = pos
@@ -80,7 +81,8 @@ class Attention(nn.Module):
             k, v, k_pos = _cache_append(cache, k, v, pos)
         y = attention(q, k, v, scheme, causal=True, q_pos=pos, k_pos=k_pos, backend=self.backend)
         if on_probs is not None:
-            on_probs(attention_probs(q, k, scheme, causal=True, q_pos=pos, k_pos=k_pos))
+            rows = n if probs_rows is None else min(probs_rows, n)
+            on_probs(attention_probs(q[:, :, n - rows:], k, scheme, causal=True, q_pos=pos[n - rows:], k_pos=k_pos))
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -128,8 +130,8 @@ class Block(nn.Module):
                                  nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model))
 
     def forward(self, x: Tensor, scheme: Scheme, pos: Tensor, cache: dict | None = None,
-                on_probs: Callable[[Tensor], None] | None = None) -> Tensor:
-        x = x + self.attn(self.ln1(x), scheme, pos, cache, on_probs)
+                on_probs: Callable[[Tensor], None] | None = None, probs_rows: int | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), scheme, pos, cache, on_probs, probs_rows)
         return x + self.mlp(self.ln2(x))
 
 
@@ -145,12 +147,17 @@ class TransformerLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
 
     def forward(self, idx: Tensor, *, start: int = 0, caches: list[dict] | None = None,
-                on_attention: Callable[[int, Tensor], None] | None = None) -> Tensor:
+                on_attention: Callable[[int, Tensor], None] | None = None,
+                attention_rows: int | None = None) -> Tensor:
         """Logits ``[batch, len, vocab]`` for tokens at positions ``start … start+len−1``.
 
         ``on_attention(layer, probs)`` (optional) receives each layer's attention probabilities
         ``[batch, heads, len, keys]`` as the forward pass computes them (dense reference math, so
-        O(len²) memory per layer; for diagnosis, not training)."""
+        O(len²) memory per layer; for diagnosis, not training); with ``attention_rows`` only those of
+        the last ``attention_rows`` queries, ``[batch, heads, rows, keys]``, at O(rows · keys) (a
+        diagnosis that reads a few queries: 5 rows of 2,048 make a hooked forward cost about a plain one)."""
+        if attention_rows is not None:
+            check_count("attention_rows", attention_rows)
         pos = torch.arange(start, start + idx.shape[1], device=idx.device)
         x = self.embed(idx)
         absolute = self.scheme.embed(pos, self.cfg.d_model)
@@ -158,7 +165,7 @@ class TransformerLM(nn.Module):
             x = x + absolute.to(x.dtype)
         for n, block in enumerate(self.blocks):
             hook = None if on_attention is None else (lambda p, n=n: on_attention(n, p))
-            x = block(x, self.scheme, pos, None if caches is None else caches[n], hook)
+            x = block(x, self.scheme, pos, None if caches is None else caches[n], hook, attention_rows)
         return self.head(self.ln_f(x))
 
     def loss(self, idx: Tensor, targets: Tensor, *, reduction: str = "mean") -> Tensor:

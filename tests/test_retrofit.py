@@ -990,6 +990,29 @@ def test_attention_distance_matches_a_hand_computation():
         torch.testing.assert_close(value, (alone[0][key] + alone[1][key]) / 2)
 
 
+@pytest.mark.parametrize("scheme", ["t5", "rope", "fire", "sinusoidal"])
+def test_attention_rows_are_the_last_rows_of_the_full_probabilities(scheme):
+    """``attention_rows=r`` hands the hook only the last r queries' probabilities (what answer_attention
+    reads), the same rows as the full matrix's; the logits are the plain forward's; more rows than
+    the sequence has give them all; 0 rows is refused."""
+    model = TransformerLM(ModelConfig(scheme=scheme, **TINY)).eval()
+    idx = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(0))
+    full, rows = [], []
+    with torch.no_grad():
+        plain = model(idx)
+        model(idx, on_attention=lambda layer, p: full.append(p))
+        logits = model(idx, on_attention=lambda layer, p: rows.append(p), attention_rows=5)
+        assert torch.equal(logits, plain) and len(rows) == TINY["n_layers"]
+        for f, r in zip(full, rows):
+            assert r.shape == (2, TINY["n_heads"], 5, 30)
+            torch.testing.assert_close(r, f[:, :, -5:], rtol=0, atol=1e-6)
+        every = []
+        model(idx, on_attention=lambda layer, p: every.append(p), attention_rows=99)
+        assert all(torch.equal(a, b) for a, b in zip(every, full))
+    with pytest.raises(ValueError, match="attention_rows must be an integer >= 1, got 0"):
+        model(idx, on_attention=lambda layer, p: None, attention_rows=0)
+
+
 def test_context_split_separates_restored_local_context_from_far_context():
     """Cut into chunks of L = 16, positions 16–17, 32–33, 48–49 lose their local context (the first
     L/8 = 2 of each chunk): a gain placed there and a cost everywhere else past L are told apart."""
