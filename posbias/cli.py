@@ -586,7 +586,6 @@ def _unkeyed(name: str) -> str:
 
 def cmd_diagnose(args: argparse.Namespace) -> None:
     from .data import load_corpus
-    from . import checkpoint as ckpt
     from .diagnose import DiagnoseConfig, examined_length, run_diagnose
     from .report import comparison
     from .report import diagnose as report
@@ -600,9 +599,9 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
                          passkey_steps=args.passkey_steps, passkey_until=args.passkey_until,
                          passkey_samples=args.passkey_samples, passkey_seeds=tuple(args.passkey_seeds or (0,)),
                          device=args.device, threads=args.threads)
-    for name, _, path in targets:  # before any work: a bad --length for the last model would waste the others'
-        examined_length(args.length, ckpt.train_len(path), name)
     corpus = load_corpus(args.data, args.hf_dataset)
+    for name, _, path in targets:  # before any work: a bad --length for the last model would waste the others'
+        examined_length(path, cfg, corpus, name)
     t0 = time.perf_counter()
     done = []
     with store.FolderLock(out):

@@ -38,6 +38,7 @@ Shape: :class:`DiagnoseConfig` → :func:`run_diagnose` → :class:`DiagnoseResu
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ from . import checkpoint as ckpt
 from . import passkey, store
 from .config import ConfigError, Log, check_count, fixed_threads, quiet
 from .data import Corpus
-from .evaluate import bootstrap_means, eval_budget, interval, local_head, spread_starts, token_losses
+from .evaluate import bootstrap_means, check_fits, eval_budget, interval, local_head, spread_starts, token_losses
 from .model import TransformerLM
 from .schemes.base import Scheme, ToeplitzScheme, flat_share
 from .schemes.rope import RoPE, rope_frequencies
@@ -612,16 +613,52 @@ def run_diagnose(path: str | Path, cfg: DiagnoseConfig, *, corpus: Corpus, progr
     return result
 
 
-def examined_length(length: int | None, train_len: int, name: str) -> int:
-    """The window a diagnosis examines for model ``name`` trained at ``train_len``: ``length``, by
-    default 8 × L. :class:`ConfigError` unless it exceeds L: every measurement is of what happens past L,
-    and at or below it the context "cut at L" is the full one, so Δ would be rounding between two batch
-    shapes, which an interval can still put on one side of 0 (a "helps" verdict on nothing, seen)."""
-    n = 8 * train_len if length is None else length
+#: the peak memory of :func:`attention_distance` on one window, in units of one layer's float32
+#: ``[heads, N, N]`` probabilities (the probabilities, the logits they came from and the statistics'
+#: temporaries): measured 3.50 on the demo's T5 (4 heads) at N = 2,048, 4,096 and 6,144
+ATTENTION_PEAK = 3.5
+
+
+def examined_length(path: str | Path, cfg: "DiagnoseConfig", corpus: Corpus, name: str | None = None) -> int:
+    """The window a diagnosis of the checkpoint at ``path`` examines: ``cfg.length``, by default 8 × L.
+    :class:`ConfigError` before any work unless
+
+    * it exceeds L: every measurement is of what happens past L, and at or below it the context "cut
+      at L" is the full one, so Δ would be rounding between two batch shapes, which an interval can
+      still put on one side of 0 (a "helps" verdict on nothing, seen);
+    * it fits the validation split;
+    * the attention statistics fit the device: their peak, :data:`ATTENTION_PEAK` × one layer's float32
+      ``[heads, N, N]``, within the memory it has in all (beyond it a run is killed, or thrashes, after
+      the loss measurements, with no message).
+
+    ``name`` names the model in the messages (default: ``path``)."""
+    meta = ckpt.read_meta(path)
+    train_len = ckpt.train_len(path, meta)
+    name = str(path) if name is None else name
+    n = 8 * train_len if cfg.length is None else cfg.length
     if n <= train_len:
         raise ConfigError("length", f"must exceed the training length L = {train_len} of {name} (a diagnosis "
                                     f"measures what happens past L), got {n}")
+    check_fits(corpus.val, n, None, "length")  # --eval-tokens below one window means one window
+    heads = int(meta["model"].get("n_heads", 4))
+    need, have = ATTENTION_PEAK * heads * n * n * 4, device_memory(cfg.device)
+    if have is not None and need > have:
+        raise ConfigError("length", f"{n} needs about {need / 2**30:.0f} GiB for the attention statistics of {name} "
+                                    f"({ATTENTION_PEAK:g} × {heads} heads × {n}² float32 at their peak), more than "
+                                    f"the {have / 2**30:.0f} GiB this {cfg.device} has; a shorter --length")
     return n
+
+
+def device_memory(device: str) -> int | None:
+    """Bytes of memory ``device`` has in all: the machine's RAM for ``cpu``, the GPU's for ``cuda[:N]``;
+    None where it cannot be read."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _tensor(rows: list) -> Tensor:
@@ -630,10 +667,10 @@ def _tensor(rows: list) -> Tensor:
 
 def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: bool, log: Log,
               out: Path | None) -> DiagnoseResult:
+    length = examined_length(path, cfg, corpus)
     meta = ckpt.read_meta(path)
     model = ckpt.load_model(path).to(cfg.device).eval()
     train_len = ckpt.train_len(path, meta)
-    length = examined_length(cfg.length, train_len, str(path))
     key = source_key(path, cfg, corpus)
     cache = _Cache(out, key, log, cfg.device)
     windows_loss = max(1, eval_budget(cfg.eval_tokens, length) // length)

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from .config import ConfigError
 from .model import TransformerLM
 
 N_BOOT = 2000  # bootstrap replicates per interval (every interval of the study, retrofit and diagnose)
@@ -34,6 +35,19 @@ def eval_budget(tokens: int | None, span: int) -> int:
     ``span`` tokens (segments of the longest length, or windows). The study, ``retrofit``,
     ``diagnose`` and :func:`evaluate_length` resolve their defaults here."""
     return SEGMENTS * span if tokens is None else tokens
+
+
+def check_fits(split: Tensor, longest: int, tokens: int | None, field: str) -> None:
+    """Before any work: :class:`ConfigError` on ``field`` (the setting that made ``longest``, the
+    longest evaluation length) when it does not fit the validation ``split``, and on ``eval_tokens``
+    when the budget ``tokens`` (None: the default) is fewer than one window of it; found otherwise
+    only when that length comes up, after the shorter ones (and any fine-tune) were done."""
+    n_avail = split.numel() - 1
+    if longest > n_avail:
+        raise ConfigError(field, f"{longest} exceeds the validation split's {n_avail:,} scoreable tokens "
+                                 "(a shorter length, or more data)")
+    if tokens is not None and tokens < longest:
+        raise ConfigError("eval_tokens", f"{tokens} is fewer than the longest evaluation length {longest}")
 
 
 def _check_lengths(lengths: Iterable[int]) -> list[int]:
@@ -96,8 +110,10 @@ def evaluate_length(model: TransformerLM, tokens: Tensor, length: int, *, max_to
         raise ValueError(f"stride must be in [1, {length}], got {stride}")
     n_avail = tokens.numel() - 1
     budget = min(eval_budget(max_tokens, span or length), n_avail)
-    if budget < length:
+    if n_avail < length:
         raise ValueError(f"split has {n_avail} scoreable tokens, fewer than the evaluation length {length}")
+    if budget < length:  # the split is long enough: the budget asked for is not
+        raise ValueError(f"{max_tokens} evaluation tokens are fewer than the evaluation length {length}")
     if stride is None:
         span = length if span is None else span
         if budget < span:

@@ -35,7 +35,7 @@ from . import passkey
 from .config import ConfigError, Log, check_count, check_rate, check_seed, fixed_threads, quiet
 from .data import Corpus, batch_at
 from .diagnose import far_filler_scores
-from .evaluate import Paired, eval_budget, evaluate_length, ratios_to_best
+from .evaluate import Paired, check_fits, eval_budget, evaluate_length, ratios_to_best
 from .finetune import finetune
 from .model import ModelConfig, TransformerLM
 from .schemes.t5 import t5_bucket
@@ -246,6 +246,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
         if why:
             raise ValueError(f"{why} (methods for {base.cfg.scheme}: {', '.join(methods_for(base.cfg.scheme)) or 'none'})")
     lens = list(cfg.eval_lens or default_eval_lens(train_len, cfg.to))
+    check_fits(corpus.val, max(lens), cfg.eval_tokens, "to" if max(lens) == cfg.to else "eval_lens")
     out = store.check_out_dir(out)
     result = RetrofitResult(str(path), train_len, cfg.to, lens, cfg, corpus.fingerprint, meta.get("corpus"))
     with store.FolderLock(out), fixed_threads(cfg.threads):

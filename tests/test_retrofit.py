@@ -1093,6 +1093,40 @@ def test_diagnose_refuses_a_window_that_does_not_pass_L(tmp_path, capsys, corpus
         run_diagnose(short, DiagnoseConfig(length=L, passkey_steps=0), corpus=corpus)
 
 
+def test_diagnose_refuses_a_window_the_split_or_the_memory_cannot_hold(tmp_path, capsys, corpus, monkeypatch):
+    """A window longer than the validation split, or whose attention statistics (3.5 × one layer's
+    [heads, N, N] float32 at their peak) exceed the device's memory, is refused before any work, in one
+    line: otherwise the first fails after the loss measurements and the second is killed with no message."""
+    import posbias.diagnose as diagnose_mod
+
+    path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
+    n_val = corpus.val.numel() - 1
+    one_line_error(capsys, main(["diagnose", str(path), "--length", str(n_val + 1), "--out", str(tmp_path / "o")]),
+                   f"--length {n_val + 1} exceeds the validation split's {n_val:,} scoreable tokens")
+    monkeypatch.setattr(diagnose_mod, "device_memory", lambda device: 2**30)
+    need = 3.5 * TINY["n_heads"] * 8192**2 * 4 / 2**30
+    one_line_error(capsys, main(["diagnose", str(path), "--length", "8192", "--out", str(tmp_path / "o")]),
+                   f"--length 8192 needs about {need:.0f} GiB for the attention statistics of t (3.5 × "
+                   f"{TINY['n_heads']} heads × 8192² float32 at their peak), more than the 1 GiB this cpu has")
+    assert not (tmp_path / "o").exists()
+    assert diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus) == 4096  # 0.4 GiB fits
+    monkeypatch.undo()
+    assert diagnose_mod.device_memory("cpu") > 2**30  # this machine's RAM, read from the OS
+
+
+def test_retrofit_refuses_lengths_the_split_or_the_budget_cannot_hold(tmp_path, capsys, corpus):
+    """--to past the validation split, or --eval-tokens below the longest length, is refused before the
+    first evaluation (it used to surface when that length came up; --eval-tokens blamed the split)."""
+    path = tiny_checkpoint(tmp_path / "r", "rope")
+    n_val = corpus.val.numel() - 1
+    out = tmp_path / "o"
+    one_line_error(capsys, main(["retrofit", str(path), "--to", str(n_val + 1), "--method", "pi", "--out", str(out)]),
+                   f"--to {n_val + 1} exceeds the validation split's {n_val:,} scoreable tokens")
+    one_line_error(capsys, main(["retrofit", str(path), "--to", str(4 * L), "--method", "pi", "--eval-tokens", "10",
+                                 "--out", str(out)]), f"--eval-tokens 10 is fewer than the longest evaluation length {4 * L}")
+    assert not out.exists()
+
+
 def test_final_bucket_verdict_is_measured_not_assumed():
     """The diagnose report says 'dilution' only when the far keys outweigh the nearest key on the bias."""
     from posbias.diagnose import final_bucket_weight
