@@ -39,8 +39,8 @@ def scheme_in_layers(model, scheme: Scheme, layers: list[int]) -> Iterator[None]
     backends = [model.blocks[n].attn.backend for n in layers]
     for n in layers:
         block = model.blocks[n]
-        block.forward = (lambda x, _scheme, pos, cache=None, on_probs=None, run=block.forward:
-                         run(x, scheme, pos, cache, on_probs))
+        # Block.forward(x, scheme, pos, …): the scheme swapped, whatever follows passed on as it came
+        block.forward = lambda x, _scheme, *rest, run=block.forward: run(x, scheme, *rest)
         block.attn.backend = MASKED_BACKEND
     try:
         yield
