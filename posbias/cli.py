@@ -511,7 +511,8 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoints", nargs="+", metavar="PATH",
                    help="a posbias checkpoint, a model folder (its final/), or a study's or retrofit's output folder "
                         "(every model in it)")
-    p.add_argument("--length", type=int, help="window examined, longer than the training length L (default 8 L; at least 2 L to measure far tokens at chunk ends)")
+    p.add_argument("--length", type=int, help="window examined, longer than the training length L (default 8 L; "
+                                              "at least 2 L to measure far tokens at chunk ends)")
     p.add_argument("--windows", type=int, default=4, help="validation windows for the attention statistics")
     p.add_argument("--eval-tokens", type=int,
                    help="validation tokens for the loss by position (at least one window; the windows are "

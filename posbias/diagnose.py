@@ -52,7 +52,7 @@ from . import passkey, store
 from .config import ConfigError, Log, check_count, fixed_threads, quiet
 from .data import Corpus
 from .evaluate import bootstrap_means, check_fits, eval_budget, interval, local_head, spread_starts, token_losses
-from .model import TransformerLM
+from .model import ModelConfig, TransformerLM
 from .schemes.base import Scheme, ToeplitzScheme, flat_share
 from .schemes.rope import RoPE, rope_frequencies
 
@@ -642,7 +642,7 @@ def examined_length(path: str | Path, cfg: "DiagnoseConfig", corpus: Corpus, nam
         raise ConfigError("length", f"must exceed the training length L = {train_len} of {name} (a diagnosis "
                                     f"measures what happens past L), got {n}")
     check_fits(corpus.val, n, None, "length")  # --eval-tokens below one window means one window
-    heads = int(meta["model"].get("n_heads", 4))
+    heads = int(meta["model"].get("n_heads", ModelConfig.n_heads))
     need, have = ATTENTION_PEAK * heads * n * n * 4, device_memory(cfg.device)
     if have is not None and need > have:
         raise ConfigError("length", f"{n} needs about {need / 2**30:.0f} GiB for the attention statistics of {name} "
