@@ -209,6 +209,13 @@ def test_tiny_data_fails_before_training(tmp_path, capsys):
                                   "--data", str(f),
                                   "--out", str(tmp_path / "o")]), "validation split has")
     assert not (tmp_path / "o" / "models").exists()
+    # the lengths fit the split, the tokens to score do not: refused before training, with a count that fits
+    # (it used to fail after the first model trained)
+    one_line_error(capsys, main(["extrapolate", *STUDY, "--eval-lens", "16", "32", "64", "--eval-tokens", "1024",
+                                 "--data", str(f), "--out", str(tmp_path / "o")]),
+                   "--eval-tokens 1,024 (64 segments of 64 unless given) exceed the validation split's",
+                   "give --eval-tokens")
+    assert not (tmp_path / "o" / "models").exists()
 
 
 def test_retrofit_bad_batch(capsys, saved):
