@@ -145,9 +145,9 @@ def discover(path: str | Path) -> list[tuple[str, Path]]:
     found = []
     for d in sorted(p for p in models.iterdir()
                     if p.is_dir() and p.name not in ("final", "last") and not p.name.startswith("passkey-")):
-        if exists(d / "final"):
+        if is_posbias(d / "final"):
             found.append((d.name, d / "final"))
-        elif exists(d) and not d.name.endswith((".tmp", ".old")):
+        elif is_posbias(d) and not d.name.endswith((".tmp", ".old")):  # not a Hugging Face folder beside them
             found.append((d.name, d))
     return found
 

@@ -166,7 +166,8 @@ def add_plot_parser(sub: argparse._SubParsersAction) -> None:
                       help=f"schemes to draw (default: every additive one: {' '.join(additive)})")
     what.add_argument("--checkpoint", nargs="+", metavar="PATH",
                       help="draw the biases these trained models learned instead: posbias checkpoints "
-                           "(runs/…/models/<label>/final) or local Hugging Face T5/mT5/UMT5/BLOOM/MPT folders "
+                           "(runs/…/models/<label>/final), model folders, a study's or retrofit's folder (every "
+                           "model in it, as diagnose reads them) or local Hugging Face T5/mT5/UMT5/BLOOM/MPT folders "
                            "(read without building the model; nothing is downloaded)")
     p.add_argument("--heads", type=int, default=8, help="attention heads")
     p.add_argument("--head-dim", type=int, default=64, help="head dimension")
@@ -257,8 +258,10 @@ def _checkpoint_schemes(path: str) -> list[tuple[str, Any]]:
     if ckpt.is_posbias(p):
         return [(name, ckpt.load_model(p).scheme)]
     if not (p / "config.json").is_file():
-        raise CLIError(f"{path!r} is neither a posbias checkpoint nor a Hugging Face model folder (no config.json)"
-                       + ckpt.subfolder_hint(p))
+        if ckpt.discover(p):  # a model folder (its final/), or a study's or retrofit's folder: as diagnose reads them
+            return [(label, ckpt.load_model(where).scheme) for label, _, where in _model_targets([path])]
+        raise CLIError(f"{path!r} is neither a posbias checkpoint, a folder of them nor a Hugging Face model folder "
+                       "(no config.json)")
     from .integrations.hf import schemes_from_pretrained
 
     return [(f"{name} {part}".rstrip(), s) for part, s in schemes_from_pretrained(p).items()]
@@ -537,7 +540,7 @@ def _add_passkey_fit_arguments(p: argparse.ArgumentParser, steps_note: str, seed
                         f"cores; default: one copy, of {seed_note})")
 
 
-def _diagnose_targets(paths: list[str]) -> list[tuple[str, str, Path]]:
+def _model_targets(paths: list[str]) -> list[tuple[str, str, Path]]:
     """``(label, folder name, checkpoint)`` for every model the paths name
     (:func:`posbias.checkpoint.discover`), each once; labels are the folder names without a study's or
     retrofit's key, made unique. In a folder of several models, one that this posbias would never reuse
@@ -592,7 +595,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     from .report import diagnose as report
 
     check_device(args.device)
-    targets = _diagnose_targets(args.checkpoints)
+    targets = _model_targets(args.checkpoints)
     single = len(targets) == 1
     named = targets[0][1] if single else Path(args.checkpoints[0]).resolve().name
     out = Path(args.out or f"runs/diagnose-{named}")  # one model: its folder's full name, key included

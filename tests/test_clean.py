@@ -149,7 +149,7 @@ def test_diagnose_of_a_study_folder_passes_over_stale_models_beside_current_ones
     """A study re-run after an upgrade keeps the old model folders beside the new ones; diagnosing the
     folder examines the current model of each name (what its report is about), says it passed the
     others over, and still examines a stale model that has no current one beside it."""
-    from posbias.cli import _diagnose_targets
+    from posbias.cli import _model_targets
 
     out, mdir = _study(tmp_path, text_file, capsys)
     for name, scheme in (("t5-seed0-0123456789", "t5"), ("alibi-seed0-0123456789", "alibi")):
@@ -157,10 +157,10 @@ def test_diagnose_of_a_study_folder_passes_over_stale_models_beside_current_ones
         shutil.copytree(mdir, old)
         key = json.loads((old / "key.json").read_text())
         (old / "key.json").write_text(json.dumps({**key, "code": "000000000000", "scheme": scheme}))
-    got = _diagnose_targets([str(out)])
+    got = _model_targets([str(out)])
     assert [(label, name) for label, name, _ in got] == [("alibi-seed0", "alibi-seed0-0123456789"),
                                                          ("t5-seed0", mdir.name)]
     assert "passing over 1 model folder(s) of an older posbias or torch" in capsys.readouterr().out
     # named one by one, a stale model is examined as asked
-    assert [name for _, name, _ in _diagnose_targets([str(mdir.with_name("t5-seed0-0123456789") / "final")])] == [
+    assert [name for _, name, _ in _model_targets([str(mdir.with_name("t5-seed0-0123456789") / "final")])] == [
         "t5-seed0-0123456789"]

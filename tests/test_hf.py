@@ -601,9 +601,16 @@ def test_plot_checkpoint_draws_posbias_and_hf_models(tmp_path, capsys):
     assert "skipping rope-seed0-abc (rope: no attention bias to draw)" in capsys.readouterr().out
     assert main(["plot", "--checkpoint", str(tmp_path / "rope-seed0-abc" / "final"), "--out", str(out / "4")]) == 2
     assert "none of these checkpoints has an attention bias to draw" in capsys.readouterr().err
-    assert main(["plot", "--checkpoint", str(tmp_path / "t5-seed0-abc"), "--out", str(out)]) == 2
+    # a model folder (its final/) and a folder of model folders (a study's) are read as diagnose reads them
+    assert main(["plot", "--checkpoint", str(tmp_path / "t5-seed0-abc"), "--out", str(out / "5")]) == 0
+    assert (out / "5" / "heatmap_t5-seed0-abc.png").exists()
+    assert main(["plot", "--checkpoint", str(tmp_path), "--out", str(out / "6")]) == 0
+    said = capsys.readouterr().out
+    assert "skipping rope-seed0-abc (rope: no attention bias to draw)" in said and "t5-seed0-abc: t5 (" in said
+    (tmp_path / "empty").mkdir()
+    assert main(["plot", "--checkpoint", str(tmp_path / "empty"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "neither a posbias checkpoint nor a Hugging Face model folder" in err and "final'?" in err
+    assert "neither a posbias checkpoint, a folder of them nor a Hugging Face model folder" in err
     assert main(["plot", "--checkpoint", str(tmp_path), "--schemes", "t5", "--out", str(out)]) == 2
     assert "not allowed with" in capsys.readouterr().err
 
