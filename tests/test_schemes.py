@@ -176,6 +176,8 @@ def test_sinusoidal_embedding_values():
         ("rope", {"scaling": "linear"}, "scaling must be one of"),
         ("rope", {"scaling": "yarn", "factor": 4.0}, "needs train_len"),
         ("rope", {"scaling": "ntk", "factor": 0.5}, "factor .* must be >= 1"),
+        ("rope", {"base": 1.0}, r"base must be > 1 \(only then does θ_k = b\^\(−2\(k−1\)/d\) fall with k; .*got 1.0"),
+        ("rope", {"base": 1e-4}, "base must be > 1"),
         ("fire", {"init_c": -1.0}, "init_c must be a positive"),
         ("t5", {"buckets": 3}, "has no option"),
     ],

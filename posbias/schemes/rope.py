@@ -87,6 +87,10 @@ class RoPE(Scheme):
         if scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
         self.base = check_positive("base", base)
+        if self.base <= 1:  # θ_k = base^(−2(k−1)/d) must fall with k: at or below 1 no pair turns slower than
+            # one radian per token (base=1e-4 for 10⁴, say), and the long-context scalings have no slow pairs to scale
+            raise ValueError(f"base must be > 1 (only then does θ_k = b^(−2(k−1)/d) fall with k; 10000 is usual), "
+                             f"got {base!r}")
         self.factor = check_positive("factor", factor)
         if scaling is not None and self.factor < 1:
             raise ValueError(f"factor (target length / trained length) must be >= 1, got {factor}")
