@@ -246,6 +246,10 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
         if why:
             raise ValueError(f"{why} (methods for {base.cfg.scheme}: {', '.join(methods_for(base.cfg.scheme)) or 'none'})")
     lens = list(cfg.eval_lens or default_eval_lens(train_len, cfg.to))
+    missing = [n for n in dict.fromkeys((train_len, cfg.to)) if n not in lens]
+    if missing:  # the table's last column is ppl@to / ppl@L: without either it was a KeyError or a NaN
+        raise ConfigError("eval_lens", f"{' '.join(map(str, lens))} must include the training length {train_len} and "
+                                       f"--to {cfg.to}; {' and '.join(map(str, missing))} missing")
     check_fits(corpus.val, max(lens), cfg.eval_tokens, "to" if max(lens) == cfg.to else "eval_lens")
     out = store.check_out_dir(out)
     result = RetrofitResult(str(path), train_len, cfg.to, lens, cfg, corpus.fingerprint, meta.get("corpus"))

@@ -1124,6 +1124,12 @@ def test_retrofit_refuses_lengths_the_split_or_the_budget_cannot_hold(tmp_path, 
                    f"--to {n_val + 1} exceeds the validation split's {n_val:,} scoreable tokens")
     one_line_error(capsys, main(["retrofit", str(path), "--to", str(4 * L), "--method", "pi", "--eval-tokens", "10",
                                  "--out", str(out)]), f"--eval-tokens 10 is fewer than the longest evaluation length {4 * L}")
+    # the table reads ppl@to / ppl@L: --eval-lens without either was a KeyError traceback (or a NaN) after the work
+    one_line_error(capsys, main(["retrofit", str(path), "--to", str(4 * L), "--eval-lens", str(L // 2), "--method", "pi",
+                                 "--out", str(out)]),
+                   f"--eval-lens {L // 2} must include the training length {L} and --to {4 * L}; {L} and {4 * L} missing")
+    one_line_error(capsys, main(["retrofit", str(path), "--to", str(4 * L), "--eval-lens", str(L), str(2 * L),
+                                 "--method", "pi", "--out", str(out)]), f"; {4 * L} missing")
     assert not out.exists()
 
 
