@@ -321,8 +321,9 @@ def add_extrapolate_parser(sub: argparse._SubParsersAction) -> None:
                    f"spread evenly over the split (default: {SEGMENTS} segments; fewer give too narrow intervals)")
     p.add_argument("--threads", type=int, help=f"torch threads, fixed for reproducible results (default {d.threads})")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
-    p.add_argument("--data", help="a local text file or folder instead of the embedded default")
-    p.add_argument("--hf-dataset", help="NAME[:CONFIG] of a Hugging Face dataset (needs posbias[datasets])")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", help="a local text file or folder instead of the embedded default")
+    source.add_argument("--hf-dataset", help="NAME[:CONFIG] of a Hugging Face dataset (needs posbias[datasets])")
     p.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
     # The default goes through set_defaults: given to add_argument, Python 3.10's BooleanOptionalAction
     # appends "(default: True)" to a help text that already names it.
@@ -439,9 +440,10 @@ def _add_checkpoint_job_arguments(p: argparse.ArgumentParser, kind: str, func: C
     """The flags every job on a checkpoint shares (device, data, output folder, quiet)."""
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=2, help="torch threads, fixed for reproducible results")
-    p.add_argument("--data", help="a local text file or folder instead of the embedded default (measure on the "
-                   "text the checkpoint was trained on: the report says whether it is)")
-    p.add_argument("--hf-dataset", help="NAME[:CONFIG] of a Hugging Face dataset (needs posbias[datasets])")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", help="a local text file or folder instead of the embedded default (measure on "
+                        "the text the checkpoint was trained on: the report says whether it is)")
+    source.add_argument("--hf-dataset", help="NAME[:CONFIG] of a Hugging Face dataset (needs posbias[datasets])")
     p.add_argument("--out", help=f"default: runs/{kind}-<model folder's name>"
                    + (", or with several models runs/diagnose-<the first PATH's name>" if kind == "diagnose" else ""))
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -40,6 +40,9 @@ def test_bucket_table_worked_example():
     (["plot", "--schemes", "t6"], "unknown scheme 't6'"),
     (["plot", "--seed", "-3"], "--seed must be an integer in [0, 4294967295], got -3"),
     (["show", "fire", "--seed", str(2**64)], f"--seed must be an integer in [0, 4294967295], got {2**64}"),
+    (["show", "rope", "--base", "1"], "--base must be > 1"),
+    (["extrapolate", "--data", "a.txt", "--hf-dataset", "wikitext"], "--hf-dataset not allowed with argument --data"),
+    (["diagnose", "x", "--hf-dataset", "wikitext", "--data", "a.txt"], "--data not allowed with argument --hf-dataset"),
 ])
 def test_cli_errors_are_one_line(argv, msg, capsys):
     assert main(argv) == 2
