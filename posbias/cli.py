@@ -171,7 +171,8 @@ def add_plot_parser(sub: argparse._SubParsersAction) -> None:
                            "(read without building the model; nothing is downloaded)")
     p.add_argument("--heads", type=int, default=8, help="attention heads")
     p.add_argument("--head-dim", type=int, default=64, help="head dimension")
-    p.add_argument("--length", type=int, default=64, help="tokens in the heatmaps")
+    p.add_argument("--length", type=int, default=64,
+                   help="tokens in the heatmaps (past 512, 512 evenly spread positions per axis are drawn)")
     p.add_argument("--num-buckets", type=int, default=32, help="of the T5 bucket maps")
     p.add_argument("--max-distance", type=int, default=128, help="of the T5 bucket maps")
     p.add_argument("--max-plot-distance", type=int, default=512, help="largest distance of the bias curves")
