@@ -20,7 +20,8 @@ from .kernels.blockwise import blockwise_kernel
 from .kernels.dropout import check_dropout, draw_seed, dropout_kernel, group_seed, reference_dropout
 from .kernels.flash import flash_available
 from .kernels.flex import flex_available, flex_kernel
-from .kernels.reference import every_row_sees_a_key, reference_kernel, reference_probs, ungrouped, visible
+from .kernels.reference import (dense_probs, every_row_sees_a_key, reference_kernel, reference_probs, ungrouped,
+                                visible)
 from .kernels.sdpa import sdpa_kernel
 from .kernels.toeplitz import toeplitz_kernel
 from .kernels.windowed import windowed_kernel
@@ -111,33 +112,18 @@ def attention_probs(q: Tensor, k: Tensor, scheme: Scheme, *, causal: bool = True
                     q_pos: Tensor | None = None, k_pos: Tensor | None = None, enable_gqa: bool = False) -> Tensor:
     """The attention probabilities ``[batch, heads, Lq, Lk]`` (float32, dense reference math) that
     :func:`attention` applies to the values: what diagnostics read, at O(Lq·Lk) memory. Where no
-    gradient is asked for, the same numbers bit for bit in about a third of the time (:func:`_probs_no_grad`)."""
+    gradient is asked for, a Toeplitz bias is written by :meth:`~posbias.schemes.base.ToeplitzScheme.bias_into`
+    from its ``Lq + Lk − 1`` per-offset values (a strided view) instead of each of the ``Lq·Lk`` offsets
+    bucketed on its own: the same values, so the same probabilities bit for bit (tested), and a
+    diagnosis's hooked forward at N = 4,096 (T5, 4 heads) in about a third of the time."""
     q, k, _, q_pos, k_pos, scale = resolve(q, k, k, scheme, q_pos=q_pos, k_pos=k_pos, scale=scale,
                                            enable_gqa=enable_gqa)
-    if needs_grad(scheme, q, k, k):
+    if needs_grad(scheme, q, k) or not isinstance(scheme, ToeplitzScheme):
         return reference_probs(q, k, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
-    return _probs_no_grad(q, k, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
-
-
-def _probs_no_grad(q: Tensor, k: Tensor, scheme: Scheme, *, q_pos: Tensor, k_pos: Tensor, causal: bool,
-                   scale: float) -> Tensor:
-    """:func:`~posbias.kernels.reference.reference_probs` without autograd (a diagnosis's hooked forward):
-    a Toeplitz bias written by :meth:`~posbias.schemes.base.ToeplitzScheme.bias_into` — its
-    ``Lq + Lk − 1`` per-offset values laid out as a strided view, not each of the ``Lq·Lk`` offsets
-    bucketed on its own — and the logits scaled, biased and masked in place. The same operations on
-    the same values, so the same numbers bit for bit (tested); 0.8 against 2.2 s for T5 with 4 heads
-    at N = 4096, 2 threads."""
-    with torch.no_grad():
-        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
-        if isinstance(scheme, ToeplitzScheme):  # its bias_into takes no scratch
-            logits.add_(scheme.bias_into(q_pos, k_pos, logits.new_empty(logits.shape[1:]), logits.new_empty(0)))
-        elif (bias := scheme.bias(q_pos, k_pos)) is not None:
-            logits.add_(bias)
-        mask = visible(q_pos, k_pos, causal)
-        if mask is not None:
-            logits.masked_fill_(~mask, torch.finfo(torch.float32).min)
-        p = torch.softmax(logits, dim=-1)
-        return p if mask is None else p.mul_(mask.any(dim=-1, keepdim=True))
+    with torch.no_grad():  # bias_into takes no scratch for a Toeplitz scheme
+        bias = scheme.bias_into(q_pos, k_pos, q.new_empty((q.shape[1], len(q_pos), len(k_pos)), dtype=torch.float32),
+                                q.new_empty(0, dtype=torch.float32))
+        return dense_probs(q, k, bias, visible(q_pos, k_pos, causal), scale)
 
 
 def _empty(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -129,14 +129,20 @@ def require(path: str | Path) -> Path:
     return Path(path)
 
 
+def model_folder(path: str | Path) -> Path:
+    """The model folder of a checkpoint: the parent of a ``final/`` or ``last/`` checkpoint, else the
+    path itself (resolved)."""
+    path = Path(path).resolve()
+    return path.parent if path.name in ("final", "last") else path
+
+
 def discover(path: str | Path) -> list[tuple[str, Path]]:
     """``(name, checkpoint)`` for every checkpoint ``path`` names: itself; a model folder's ``final/``;
     or, in a study's or retrofit's output folder (or its ``models/``), every model's ``final/`` or the
     model itself, by name (passkey copies aside). The name is the model folder's. [] when none."""
     path = Path(path)
     if exists(path):
-        named = path.resolve().parent if path.resolve().name in ("final", "last") else path.resolve()
-        return [(named.name, path)]
+        return [(model_folder(path).name, path)]
     if exists(path / "final"):
         return [(path.resolve().name, path / "final")]
     models = path / "models" if (path / "models").is_dir() else path

@@ -255,14 +255,16 @@ def _checkpoint_schemes(path: str) -> list[tuple[str, Any]]:
     from . import checkpoint as ckpt
 
     p = Path(path)
-    name = (p.resolve().parent if p.name in ("final", "last") else p.resolve()).name
+    name = ckpt.model_folder(p).name
     if ckpt.is_posbias(p):
         return [(name, ckpt.load_model(p).scheme)]
     if not (p / "config.json").is_file():
-        if ckpt.discover(p):  # a model folder (its final/), or a study's or retrofit's folder: as diagnose reads them
-            return [(label, ckpt.load_model(where).scheme) for label, _, where in _model_targets([path])]
-        raise CLIError(f"{path!r} is neither a posbias checkpoint, a folder of them nor a Hugging Face model folder "
-                       "(no config.json)")
+        try:  # a model folder (its final/), or a study's or retrofit's folder: as diagnose reads them
+            targets = _model_targets([path])
+        except CLIError:
+            raise CLIError(f"{path!r} is neither a posbias checkpoint, a folder of them nor a Hugging Face model "
+                           "folder (no config.json)") from None
+        return [(label, ckpt.load_model(where).scheme) for label, _, where in targets]
     from .integrations.hf import schemes_from_pretrained
 
     return [(f"{name} {part}".rstrip(), s) for part, s in schemes_from_pretrained(p).items()]
@@ -576,12 +578,11 @@ def _model_targets(paths: list[str]) -> list[tuple[str, str, Path]]:
 def _current_models(got: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
     """``got`` (:func:`posbias.checkpoint.discover`'s list) without the stale models that have a
     current one of the same name (the folder name less its key) beside them."""
+    from . import checkpoint as ckpt
     from .clean import model_why
 
-    def folder(where: Path) -> Path:
-        return where.parent if where.name in ("final", "last") else where
-
-    stale = {where for _, where in got if (folder(where) / "key.json").exists() and model_why(folder(where))}
+    folders = {where: ckpt.model_folder(where) for _, where in got}
+    stale = {where for where, d in folders.items() if (d / "key.json").exists() and model_why(d)}
     current = {_unkeyed(name) for name, where in got if where not in stale}
     return [(name, where) for name, where in got if where not in stale or _unkeyed(name) not in current]
 

@@ -108,6 +108,9 @@ def plot_bias_heatmaps(scheme: Scheme, path: str | Path, *, length: int = 64, ca
     finite = shown[torch.isfinite(shown)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.0 * rows), squeeze=False)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    thousands = FuncFormatter(lambda v, _: f"{v / 1000:g}k")
     im = None
     for h in range(rows * cols):
         ax = axes[h // cols][h % cols]
@@ -117,11 +120,9 @@ def plot_bias_heatmaps(scheme: Scheme, path: str | Path, *, length: int = 64, ca
         im = ax.imshow(shown[h].numpy(), cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax,
                        extent=(-0.5, length - 0.5, length - 0.5, -0.5))
         if length >= 10_000:  # 25000 50000 75000 run into each other under a 3-inch panel
-            from matplotlib.ticker import FuncFormatter, MaxNLocator
-
             for axis in (ax.xaxis, ax.yaxis):
                 axis.set_major_locator(MaxNLocator(4))
-                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+                axis.set_major_formatter(thousands)
         ax.set_title(f"head {h}", fontsize=9)
         ax.set_xlabel("key j", fontsize=8)
         ax.set_ylabel("query i", fontsize=8)

@@ -47,7 +47,7 @@ from . import store
 from ._version import __version__
 from .config import ConfigError, Log, check_count, check_rate, check_seed, fixed_threads, quiet
 from .data import Corpus
-from .evaluate import N_BOOT, SEGMENTS, Paired, check_study_lengths, eval_budget, length_study, ratios_to_best
+from .evaluate import N_BOOT, SEGMENTS, Paired, check_fits, check_study_lengths, eval_budget, length_study, ratios_to_best
 from .model import ModelConfig, TransformerLM
 from .schemes import SCHEMES, Scheme, build, check_options, get_scheme_class, parse_spec, spec_label
 from .schemes.base import flat_share
@@ -305,9 +305,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
     ``final/`` exists, which changes no result. :func:`posbias.report.study.write` renders the result."""
     out = store.check_out_dir(out)
     longest, n_val = max(cfg.lengths()), corpus.val.numel() - 1
-    if n_val < longest:
-        raise ConfigError("eval_lens", f"reach {longest}, but the validation split has only {n_val} "
-                          "scoreable tokens; use shorter evaluation lengths or more data")
+    check_fits(corpus.val, longest, None, "eval_lens")  # (eval_tokens ≥ longest: StudyConfig checked it)
     if cfg.eval_tokens > n_val:  # found otherwise only when the first trained model is scored
         fit = n_val // longest * longest
         raise ConfigError("eval_tokens", f"{cfg.eval_tokens:,} ({SEGMENTS} segments of {longest} unless given) exceed the "

@@ -207,7 +207,7 @@ def test_tiny_data_fails_before_training(tmp_path, capsys):
     f.write_text("x" * 2000)
     one_line_error(capsys, main(["extrapolate", *STUDY, "--eval-lens", "16", "1024", "--eval-tokens", "4096",
                                   "--data", str(f),
-                                  "--out", str(tmp_path / "o")]), "validation split has")
+                                  "--out", str(tmp_path / "o")]), "--eval-lens 1024 exceeds the validation split's")
     assert not (tmp_path / "o" / "models").exists()
     # the lengths fit the split, the tokens to score do not: refused before training, with a count that fits
     # (it used to fail after the first model trained)

