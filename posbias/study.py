@@ -47,7 +47,8 @@ from . import store
 from ._version import __version__
 from .config import ConfigError, Log, check_count, check_rate, check_seed, fixed_threads, quiet
 from .data import Corpus
-from .evaluate import N_BOOT, SEGMENTS, Paired, check_fits, check_study_lengths, eval_budget, length_study, ratios_to_best
+from .evaluate import (N_BOOT, SEGMENTS, Paired, bootstrap_means, check_fits, check_study_lengths, eval_budget, interval,
+                       length_study, ratios_to_best, spread_starts)
 from .model import ModelConfig, TransformerLM
 from .schemes import SCHEMES, Scheme, build, check_options, get_scheme_class, parse_spec, spec_label
 from .schemes.base import flat_share
@@ -268,6 +269,37 @@ def compare_schemes(cfg: StudyConfig, records: list[dict[str, Any]],
     return by_length, (_paired(arms, log_ratio) if longest != base else {})
 
 
+def unigram_segment_losses(corpus: Corpus, longest: int, segments: int) -> Tensor:
+    """The reference without context: each byte predicted by its frequency in the training split (add-one
+    smoothed over the 256 bytes), scored on the tokens the study scores (``segments`` segments of
+    ``longest`` spread over the validation split, :func:`~posbias.evaluate.spread_starts`): the mean
+    loss of each segment, float64 ``[segments]``. Its perplexity is the same at every length."""
+    counts = torch.bincount(corpus.train.flatten(), minlength=256).double() + 1  # uint8 counted as it is: no copy
+    logp = (counts / counts.sum()).log()
+    starts = torch.tensor(spread_starts(corpus.val.numel() - 1, longest, segments))
+    targets = corpus.val[starts[:, None] + 1 + torch.arange(longest)[None, :]].long()
+    return -logp[targets].mean(1)
+
+
+def against_unigram(cfg: StudyConfig, records: list[dict[str, Any]], unigram: Tensor) -> dict[str, Any]:
+    """For scale: the byte-frequency reference's perplexity with its 95% interval over the segments, and
+    each model's perplexity at L as a ratio to it, paired over the same segments (``{"ppl", "ppl_lo",
+    "ppl_hi", "at_L": [{"label", "seed", "ratio", "lo", "hi"}, …]}``). A model whose interval does not
+    lie below 1 predicts no better than byte frequencies: what its perplexity does past L says nothing
+    about its positional scheme. Records without per-segment losses are left out."""
+    reps = bootstrap_means(unigram[:, None], torch.ones(len(unigram), 1), n_boot=N_BOOT)[:, 0]
+    lo, hi = interval(reps.exp())
+    out: dict[str, Any] = {"ppl": math.exp(float(unigram.mean())), "ppl_lo": lo, "ppl_hi": hi, "at_L": []}
+    for r in records:
+        if r["eval_len"] != cfg.train_len or len(r.get("segment_loss") or ()) != len(unigram):
+            continue
+        diff = torch.tensor(r["segment_loss"], dtype=torch.float64) - unigram
+        lo, hi = interval(bootstrap_means(diff[:, None], torch.ones(len(diff), 1), n_boot=N_BOOT)[:, 0].exp())
+        out["at_L"].append({"label": r["label"], "seed": r["seed"], "ratio": math.exp(float(diff.mean())),
+                            "lo": lo, "hi": hi})
+    return out
+
+
 @dataclass
 class StudyResult:
     """What :func:`run_study` made: one record per label, seed and evaluation length (perplexity with
@@ -284,11 +316,12 @@ class StudyResult:
     # which differences are real (compare_schemes): length → label → Paired, and ppl@longest/ppl@L
     paired: dict[int, dict[str, Paired]] = field(default_factory=dict)
     paired_ratio: dict[str, Paired] = field(default_factory=dict)
+    unigram: dict[str, Any] = field(default_factory=dict)  # for scale: against_unigram
 
     def to_json(self) -> dict[str, Any]:
         return {"records": self.records, "study": asdict(self.config), "corpus": self.corpus,
                 "paired": {n: {k: p._asdict() for k, p in t.items()} for n, t in self.paired.items()},
-                "paired_ratio": {k: p._asdict() for k, p in self.paired_ratio.items()},
+                "paired_ratio": {k: p._asdict() for k, p in self.paired_ratio.items()}, "unigram": self.unigram,
                 "threads": self.config.threads,
                 "versions": {"posbias": __version__, "torch": torch.__version__, "python": platform.python_version()},
                 "machine": platform.platform()}
@@ -318,6 +351,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
     with store.FolderLock(out, shared=True), fixed_threads(cfg.threads):
         _run(result, out, corpus, progress, keep_last, log)
     result.paired, result.paired_ratio = compare_schemes(cfg, result.records, result.arms)
+    longest = max(cfg.lengths())
+    result.unigram = against_unigram(cfg, result.records, unigram_segment_losses(corpus, longest, cfg.eval_tokens // longest))
     return result
 
 

@@ -243,6 +243,9 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     assert set(res["paired"]) == {"16", "32", "64"} and set(res["paired_ratio"]) == {"alibi", "rope"}
     for r in recs:  # the segments' mean loss is the record's loss (equal-sized segments)
         assert sum(r["segment_loss"]) / 8 == pytest.approx(r["loss"], rel=1e-12)
+    # 3 steps: neither model is below the byte-frequency reference beyond the noise, and the summary says so first
+    assert {e["label"] for e in res["unigram"]["at_L"]} == {"alibi", "rope"} and res["unigram"]["ppl"] > 1
+    assert md.startswith("### Summary\n\n* **Learned little: ") and "* **For scale:** predicting each byte" in md
     for png in ("ppl_vs_length", "ratio_vs_length", "loss_vs_position", "learned_bias_vs_distance"):
         assert (tmp_path / "run" / f"{png}.png").exists(), png
     capsys.readouterr()
@@ -490,7 +493,7 @@ def _fake_study(segment_losses, seeds=(0,), far=None):
     cfg = SimpleNamespace(seeds=list(seeds), lengths=lambda: [16, 64] if far else [16], train_len=16)
     arms = [Arm(label, label, {}) for label in segment_losses]
     paired, paired_ratio = compare_schemes(cfg, recs, arms)
-    return SimpleNamespace(config=cfg, records=recs, arms=arms, paired=paired, paired_ratio=paired_ratio)
+    return SimpleNamespace(config=cfg, records=recs, arms=arms, paired=paired, paired_ratio=paired_ratio, unigram={})
 
 
 def test_extrapolation_is_compared_paired_across_lengths_and_schemes():
@@ -550,6 +553,79 @@ def test_summary_says_what_the_tables_show():
             r["ratio"], r["ratio_lo"], r["ratio_hi"] = (0.95, 0.94, 0.96) if r["seed"] == 0 else (0.98, 0.96, 0.997)
     assert ("* **How near 1 those intervals come** (the end nearest 1, in the seed where it is nearest; the nearer, "
             "the more easily another sample of the text turns the answer): a 0.997 (seed 1).") in summary(two)
+
+
+def test_the_byte_frequency_reference_scores_the_studys_tokens():
+    """A model that predicts every byte by its training-split frequency (add-one smoothed) scores, at
+    every length, exactly the per-segment losses of the reference: same tokens, same segments; its
+    ratio to the reference is 1 with the interval [1, 1]. A bigram-aware model's is below 1."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from posbias.data import Corpus
+    from posbias.evaluate import length_study
+    from posbias.study import against_unigram, unigram_segment_losses
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.cat([torch.randint(97, 123, (3000,), generator=g), torch.full((500,), 32)]).to(torch.uint8)
+    corpus = Corpus("t", train=text[torch.randperm(3500, generator=g)], val=text[:2000], test=text[:10], fingerprint={})
+    counts = torch.bincount(corpus.train.long(), minlength=256).double() + 1
+    logp = (counts / counts.sum()).log().float()
+
+    class Frequencies(nn.Module):
+        def forward(self, idx):
+            return logp.expand(*idx.shape, 256)
+
+    scores = length_study(Frequencies(), corpus.val, [16, 64], train_len=16, n_tokens=64 * 12)
+    ref = unigram_segment_losses(corpus, 64, 12)
+    for n in (16, 64):
+        torch.testing.assert_close(torch.tensor(scores[n]["segment_loss"], dtype=torch.float64), ref, atol=1e-6, rtol=0)
+    records = [{"label": "freq", "seed": 0, "eval_len": n, **scores[n]} for n in (16, 64)]
+    cfg = SimpleNamespace(train_len=16)
+    u = against_unigram(cfg, records, ref)
+    assert u["ppl"] == pytest.approx(math.exp(float(ref.mean())))
+    assert u["ppl_lo"] < u["ppl"] < u["ppl_hi"]
+    (only,) = u["at_L"]
+    assert only["label"] == "freq" and only["ratio"] == pytest.approx(1, abs=1e-6)
+    assert only["lo"] == pytest.approx(1, abs=1e-6) and only["hi"] == pytest.approx(1, abs=1e-6)
+    better = [{**records[0], "label": "better", "segment_loss": (ref - 0.3).tolist()}]
+    (b,) = against_unigram(cfg, better, ref)["at_L"]
+    assert b["ratio"] == pytest.approx(math.exp(-0.3)) and b["hi"] < 1
+    old = [{**records[0], "segment_loss": None}]  # an older posbias's record: left out, not a wrong number
+    assert against_unigram(cfg, old, ref)["at_L"] == []
+
+
+def test_summary_flags_models_no_better_than_byte_frequencies_first():
+    """A model whose ppl at L is not below the byte-frequency reference's beyond the noise is named in the
+    summary's first line, with its ratio and interval (its length verdict is about a model that uses no
+    context); the reference's perplexity and the models' range against it are given for scale. A study
+    whose models all beat it gets no warning. Ratios near 1 keep the digits that tell them from 1."""
+    from posbias.report.study import summary, times
+    from posbias.study import against_unigram
+
+    g = torch.Generator().manual_seed(1)
+    u = torch.rand(12, generator=g, dtype=torch.float64) + 2
+    noise = (torch.rand(12, generator=g, dtype=torch.float64) - 0.5) * 0.2
+    study = _fake_study({"a": [u - 1], "b": [u + noise], "c": [u + 0.01 * noise]}, far={"a": [u - 1], "b": [u], "c": [u]})
+    study.unigram = against_unigram(study.config, study.records, u)
+    for r in study.records:
+        if r["eval_len"] == 64:
+            r["ratio"], r["ratio_lo"], r["ratio_hi"] = 1.003, 1.001, 1.005
+    lines = summary(study)
+    assert lines[2].startswith("* **Learned little: b 1.0") and ", c 1.0" in lines[2]
+    assert f"are not below the perplexity of byte frequencies ({math.exp(float(u.mean())):.2f}) beyond the noise at L = 16" in lines[2]
+    assert "a " not in lines[2].split(":")[1].split("are not")[0]
+    assert lines[3].startswith("* **From L = 16 to 64 tokens") and "grows for a (1.003×), b (1.003×), c (1.003×)" in lines[3]
+    scale = next(line for line in lines if line.startswith("* **For scale:**"))
+    a = next(e for e in study.unigram["at_L"] if e["label"] == "a")
+    assert f"from a {a['ratio']:.3f}× [{a['lo']:.3f}, {a['hi']:.3f}] to " in scale and a["ratio"] == pytest.approx(math.exp(-1))
+    trained = _fake_study({"a": [u - 1], "b": [u - 0.5]}, far={"a": [u - 1], "b": [u - 0.5]})
+    trained.unigram = against_unigram(trained.config, trained.records, u)
+    for r in trained.records:
+        r["ratio"], r["ratio_lo"], r["ratio_hi"] = 1.0, 0.99, 1.01
+    assert not any("Learned little" in line for line in summary(trained))
+    assert [times(x) for x in (3.879, 0.983, 1.003, 0.9996, 1.0, 1.00004)] == ["3.88", "0.983", "1.003", "0.9996", "1", "1.00004"]
 
 
 def test_ratio_plot_shows_the_schemes_near_one_on_their_own_scale(tmp_path, monkeypatch):

@@ -75,13 +75,13 @@ def summary(result: StudyResult) -> list[str]:
             continue
         way = ("grows" if all(r["ratio_lo"] > 1 for r in rs) else "falls" if all(r["ratio_hi"] < 1 for r in rs)
                else "same")
-        ways[way].append(f"{a.label} ({statistics.mean(r['ratio'] for r in rs):.3g}×)")
+        ways[way].append(f"{a.label} ({times(statistics.mean(r['ratio'] for r in rs))}×)")
         if way != "same":
             ends.append(nearest_end(a.label, rs))
     parts = [f"grows{every} for {', '.join(ways['grows'])}" if ways["grows"] else "",
              f"falls{every} for {', '.join(ways['falls'])}" if ways["falls"] else "",
              f"does not change beyond the noise for {', '.join(ways['same'])}" if ways["same"] else ""]
-    lines = ["### Summary", "",
+    lines = ["### Summary", "", *_learned_little(result),
              f"* **From L = {base} to {longest} tokens ({longest / base:g} L), perplexity** "
              + "; ".join(x for x in parts if x) + f" (grows, falls: the 95% interval of ppl@{longest} / ppl@{base} "
              f"lies above, below 1{every}; mean ratio in brackets)."]
@@ -98,11 +98,54 @@ def summary(result: StudyResult) -> list[str]:
         tied = [label for label, p in table.items() if not p.best and ties_best(p)]
         lines.append(f"* **Best {what}:** {best[0]}" + (f"; not distinguishable from it: {', '.join(tied)}" if tied
                                                          else "; every other scheme is worse beyond the noise") + ".")
+    lines += _for_scale(result)
     if len(cfg.seeds) == 1:
         lines.append(f"* **One seed ({cfg.seeds[0]}):** every interval here is over the text scored; how far "
                      "training's own spread moves these answers is not measured (`--seeds 0 1 2` measures it).")
     few = few_segments(result.records[0]["segments"]) if "segments" in result.records[0] else ""
     return lines + ([f"* **{few}**"] if few else []) + [""]
+
+
+def times(x: float) -> str:
+    """A ratio to three significant digits, or as many more (up to six) as it takes not to read 1 when
+    it is not 1 (1.003: "1.003", not "1", beside "grows")."""
+    for digits in range(3, 7):
+        text = f"{x:.{digits}g}"
+        if x == 1 or float(text) != 1:
+            break
+    return text
+
+
+def _at_L(e: dict[str, Any], seeds: int) -> str:
+    return f"{e['label']}" + (f" (seed {e['seed']})" if seeds > 1 else "") + f" {e['ratio']:.3f}× [{e['lo']:.3f}, {e['hi']:.3f}]"
+
+
+def _learned_little(result: StudyResult) -> list[str]:
+    """The models whose perplexity at L is not below the byte-frequency reference's beyond the noise
+    (:func:`posbias.study.against_unigram`): first in the summary, since every other sentence about them
+    describes a model that uses no context."""
+    u, seeds = result.unigram, len(result.config.seeds)
+    little = [e for e in (u or {}).get("at_L", []) if e["hi"] >= 1]
+    if not little:
+        return []
+    return [f"* **Learned little: {', '.join(_at_L(e, seeds) for e in little)} "
+            f"{'is' if len(little) == 1 else 'are'} not below the perplexity of byte frequencies ({u['ppl']:.2f}) "
+            f"beyond the noise at L = {result.config.train_len} (ratio to it, 95% interval paired over the same text): "
+            f"{'it predicts' if len(little) == 1 else 'they predict'} each byte by how often it occurs and no better, "
+            "so what perplexity does past L says nothing about a positional scheme. Train longer (`--steps`).**"]
+
+
+def _for_scale(result: StudyResult) -> list[str]:
+    """The byte-frequency reference's perplexity and the range of the models' perplexity at L relative to it."""
+    u, seeds = result.unigram, len(result.config.seeds)
+    at = sorted((u or {}).get("at_L", []), key=lambda e: e["ratio"])
+    if not at:
+        return []
+    return [f"* **For scale:** predicting each byte by its frequency in the training text, without context, "
+            f"reads ppl {u['ppl']:.2f} [{u['ppl_lo']:.2f}, {u['ppl_hi']:.2f}] on the same tokens; at L = "
+            f"{result.config.train_len} the models read "
+            + (f"{_at_L(at[0], seeds)} of that." if len(at) == 1 else
+               f"from {_at_L(at[0], seeds)} to {_at_L(at[-1], seeds)} of that.")]
 
 
 def nearest_end(label: str, rs: Records) -> tuple[float, str]:
