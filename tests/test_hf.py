@@ -4,6 +4,7 @@ Models are randomly initialised from small configs (no download). Skipped withou
 """
 
 import copy
+import random
 import re
 import subprocess
 import sys
@@ -759,7 +760,7 @@ def test_a_preferred_backend_is_taken_where_it_runs_exactly(fast_calls):
         accelerate(copy.deepcopy(model), backend="fast")
 
 
-def _random_model(rng: "random.Random"):
+def _random_model(rng: random.Random):
     """A random small T5, UMT5, BLOOM or MPT (smooth activations: a ReLU whose input sits within rounding
     of 0 would flip its gate and move a gradient by a finite step, which says nothing about attention)."""
     kind = rng.choice(["t5", "t5", "umt5", "bloom", "mpt"])
@@ -789,8 +790,6 @@ def test_random_models_equal_the_unpatched_ones(seed, fast_calls):
     under a loss over those positions, equal the unpatched model's (300 such cases ran clean on
     2026-12-04; the loss leaves out padded positions, whose outputs no one reads and the two paths fill
     differently)."""
-    import random
-
     rng = random.Random(seed)
     torch.manual_seed(seed)
     kind, ref = _random_model(rng)
