@@ -21,7 +21,7 @@ import torch
 from . import store
 from ._version import __version__
 from .config import ConfigError, check_seed
-from .schemes import SCHEMES, build, get_scheme_class, option_specs, parse_option, parse_options, parse_spec
+from .schemes import SCHEMES, ToeplitzScheme, build, get_scheme_class, option_specs, parse_option, parse_options, parse_spec
 
 
 class CLIError(Exception):
@@ -153,6 +153,8 @@ def cmd_show(args: argparse.Namespace) -> None:
     say(f"  paper: {scheme.paper}")
     for line in scheme.describe():
         say("  " + line)
+    if scheme.family == "additive" and not isinstance(scheme, ToeplitzScheme):
+        say("  (this bias reads the query's own position too: the row is for one query at the largest distance shown)")
 
 
 # -- plot -------------------------------------------------------------------------------------

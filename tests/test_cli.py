@@ -211,3 +211,18 @@ def test_show_is_deterministic_and_prints_options(capsys):
     assert outs[0] == outs[1] != outs[2]
     assert main(["show", "t5", "--max-distance", "64"]) == 0
     assert "options in use: num_buckets=32, max_distance=64, bidirectional=False" in capsys.readouterr().out
+
+
+def test_show_says_which_query_a_position_dependent_bias_is_tabulated_for(capsys):
+    """FIRE's bias reads the query's position: its table is for one query (at the largest distance), and
+    says so; a Toeplitz bias's table holds for every query and says nothing of the kind."""
+    assert main(["show", "fire", "--heads", "2"]) == 0
+    fire = capsys.readouterr().out
+    assert "reads the query's own position too: the row is for one query at the largest distance shown" in fire
+    from posbias import build
+
+    torch.manual_seed(0)
+    row = build("fire", n_heads=2, head_dim=64).bias(torch.tensor([1024]), torch.tensor([1024 - 8]))[:, 0, 0]
+    assert [f"{x:.3f}" for x in row.tolist()] == [line.split()[5] for line in fire.splitlines() if line.split()[:1] in (["0"], ["1"])]
+    assert main(["show", "alibi", "--heads", "2"]) == 0
+    assert "query" not in capsys.readouterr().out
