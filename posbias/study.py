@@ -283,20 +283,22 @@ def unigram_segment_losses(corpus: Corpus, longest: int, segments: int) -> Tenso
 
 def against_unigram(cfg: StudyConfig, records: list[dict[str, Any]], unigram: Tensor) -> dict[str, Any]:
     """For scale: the byte-frequency reference's perplexity with its 95% interval over the segments, and
-    each model's perplexity at L as a ratio to it, paired over the same segments (``{"ppl", "ppl_lo",
-    "ppl_hi", "at_L": [{"label", "seed", "ratio", "lo", "hi"}, …]}``). A model whose interval does not
-    lie below 1 predicts no better than byte frequencies: what its perplexity does past L says nothing
-    about its positional scheme. Records without per-segment losses are left out."""
+    each model's perplexity at L and at the longest length as a ratio to it, paired over the same
+    segments (``{"ppl", "ppl_lo", "ppl_hi", "at": [{"label", "seed", "eval_len", "ratio", "lo", "hi"}, …]}``).
+    A model whose interval at L does not lie below 1 predicts no better than byte frequencies: what its
+    perplexity does past L says nothing about its positional scheme; one whose interval at the longest
+    length lies above 1 does worse there than no context at all. Records without per-segment losses are
+    left out."""
     reps = bootstrap_means(unigram[:, None], torch.ones(len(unigram), 1), n_boot=N_BOOT)[:, 0]
     lo, hi = interval(reps.exp())
-    out: dict[str, Any] = {"ppl": math.exp(float(unigram.mean())), "ppl_lo": lo, "ppl_hi": hi, "at_L": []}
+    out: dict[str, Any] = {"ppl": math.exp(float(unigram.mean())), "ppl_lo": lo, "ppl_hi": hi, "at": []}
     for r in records:
-        if r["eval_len"] != cfg.train_len or len(r.get("segment_loss") or ()) != len(unigram):
+        if r["eval_len"] not in (cfg.train_len, max(cfg.lengths())) or len(r.get("segment_loss") or ()) != len(unigram):
             continue
         diff = torch.tensor(r["segment_loss"], dtype=torch.float64) - unigram
         lo, hi = interval(bootstrap_means(diff[:, None], torch.ones(len(diff), 1), n_boot=N_BOOT)[:, 0].exp())
-        out["at_L"].append({"label": r["label"], "seed": r["seed"], "ratio": math.exp(float(diff.mean())),
-                            "lo": lo, "hi": hi})
+        out["at"].append({"label": r["label"], "seed": r["seed"], "eval_len": r["eval_len"],
+                          "ratio": math.exp(float(diff.mean())), "lo": lo, "hi": hi})
     return out
 
 

@@ -244,7 +244,8 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     for r in recs:  # the segments' mean loss is the record's loss (equal-sized segments)
         assert sum(r["segment_loss"]) / 8 == pytest.approx(r["loss"], rel=1e-12)
     # 3 steps: neither model is below the byte-frequency reference beyond the noise, and the summary says so first
-    assert {e["label"] for e in res["unigram"]["at_L"]} == {"alibi", "rope"} and res["unigram"]["ppl"] > 1
+    assert {(e["label"], e["eval_len"]) for e in res["unigram"]["at"]} == {(s, n) for s in ("alibi", "rope") for n in (16, 64)}
+    assert res["unigram"]["ppl"] > 1
     assert md.startswith("### Summary\n\n* **Learned little: ") and "* **For scale:** predicting each byte" in md
     for png in ("ppl_vs_length", "ratio_vs_length", "loss_vs_position", "learned_bias_vs_distance"):
         assert (tmp_path / "run" / f"{png}.png").exists(), png
@@ -582,18 +583,19 @@ def test_the_byte_frequency_reference_scores_the_studys_tokens():
     for n in (16, 64):
         torch.testing.assert_close(torch.tensor(scores[n]["segment_loss"], dtype=torch.float64), ref, atol=1e-6, rtol=0)
     records = [{"label": "freq", "seed": 0, "eval_len": n, **scores[n]} for n in (16, 64)]
-    cfg = SimpleNamespace(train_len=16)
+    cfg = SimpleNamespace(train_len=16, lengths=lambda: [16, 64])
     u = against_unigram(cfg, records, ref)
     assert u["ppl"] == pytest.approx(math.exp(float(ref.mean())))
     assert u["ppl_lo"] < u["ppl"] < u["ppl_hi"]
-    (only,) = u["at_L"]
+    (only, _) = u["at"]
+    assert only["eval_len"] == 16 and u["at"][1]["eval_len"] == 64
     assert only["label"] == "freq" and only["ratio"] == pytest.approx(1, abs=1e-6)
     assert only["lo"] == pytest.approx(1, abs=1e-6) and only["hi"] == pytest.approx(1, abs=1e-6)
     better = [{**records[0], "label": "better", "segment_loss": (ref - 0.3).tolist()}]
-    (b,) = against_unigram(cfg, better, ref)["at_L"]
+    (b,) = against_unigram(cfg, better, ref)["at"]
     assert b["ratio"] == pytest.approx(math.exp(-0.3)) and b["hi"] < 1
     old = [{**records[0], "segment_loss": None}]  # an older posbias's record: left out, not a wrong number
-    assert against_unigram(cfg, old, ref)["at_L"] == []
+    assert against_unigram(cfg, old, ref)["at"] == []
 
 
 def test_summary_flags_models_no_better_than_byte_frequencies_first():
@@ -607,7 +609,7 @@ def test_summary_flags_models_no_better_than_byte_frequencies_first():
     g = torch.Generator().manual_seed(1)
     u = torch.rand(12, generator=g, dtype=torch.float64) + 2
     noise = (torch.rand(12, generator=g, dtype=torch.float64) - 0.5) * 0.2
-    study = _fake_study({"a": [u - 1], "b": [u + noise], "c": [u + 0.01 * noise]}, far={"a": [u - 1], "b": [u], "c": [u]})
+    study = _fake_study({"a": [u - 1], "b": [u + noise], "c": [u + 0.01 * noise]}, far={"a": [u + 0.5], "b": [u], "c": [u]})
     study.unigram = against_unigram(study.config, study.records, u)
     for r in study.records:
         if r["eval_len"] == 64:
@@ -618,13 +620,17 @@ def test_summary_flags_models_no_better_than_byte_frequencies_first():
     assert "a " not in lines[2].split(":")[1].split("are not")[0]
     assert lines[3].startswith("* **From L = 16 to 64 tokens") and "grows for a (1.003×), b (1.003×), c (1.003×)" in lines[3]
     scale = next(line for line in lines if line.startswith("* **For scale:**"))
-    a = next(e for e in study.unigram["at_L"] if e["label"] == "a")
+    a = next(e for e in study.unigram["at"] if e["label"] == "a" and e["eval_len"] == 16)
     assert f"from a {a['ratio']:.3f}× [{a['lo']:.3f}, {a['hi']:.3f}] to " in scale and a["ratio"] == pytest.approx(math.exp(-1))
+    # at the longest length a is 0.5 nats above the reference on every segment: worse than no context
+    assert scale.endswith(f"; at 64, a {math.exp(0.5):.3f}× [{math.exp(0.5):.3f}, {math.exp(0.5):.3f}] reads above it, "
+                          "beyond the noise: worse there than no context at all.")
     trained = _fake_study({"a": [u - 1], "b": [u - 0.5]}, far={"a": [u - 1], "b": [u - 0.5]})
     trained.unigram = against_unigram(trained.config, trained.records, u)
     for r in trained.records:
         r["ratio"], r["ratio_lo"], r["ratio_hi"] = 1.0, 0.99, 1.01
     assert not any("Learned little" in line for line in summary(trained))
+    assert next(line for line in summary(trained) if line.startswith("* **For scale:**")).endswith("of that.")
     assert [times(x) for x in (3.879, 0.983, 1.003, 0.9996, 1.0, 1.00004)] == ["3.88", "0.983", "1.003", "0.9996", "1", "1.00004"]
 
 

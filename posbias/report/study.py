@@ -116,7 +116,7 @@ def times(x: float) -> str:
     return text
 
 
-def _at_L(e: dict[str, Any], seeds: int) -> str:
+def _vs_unigram(e: dict[str, Any], seeds: int) -> str:
     return f"{e['label']}" + (f" (seed {e['seed']})" if seeds > 1 else "") + f" {e['ratio']:.3f}× [{e['lo']:.3f}, {e['hi']:.3f}]"
 
 
@@ -124,11 +124,11 @@ def _learned_little(result: StudyResult) -> list[str]:
     """The models whose perplexity at L is not below the byte-frequency reference's beyond the noise
     (:func:`posbias.study.against_unigram`): first in the summary, since every other sentence about them
     describes a model that uses no context."""
-    u, seeds = result.unigram, len(result.config.seeds)
-    little = [e for e in (u or {}).get("at_L", []) if e["hi"] >= 1]
+    u, seeds, base = result.unigram, len(result.config.seeds), result.config.train_len
+    little = [e for e in (u or {}).get("at", []) if e["eval_len"] == base and e["hi"] >= 1]
     if not little:
         return []
-    return [f"* **Learned little: {', '.join(_at_L(e, seeds) for e in little)} "
+    return [f"* **Learned little: {', '.join(_vs_unigram(e, seeds) for e in little)} "
             f"{'is' if len(little) == 1 else 'are'} not below the perplexity of byte frequencies ({u['ppl']:.2f}) "
             f"beyond the noise at L = {result.config.train_len} (ratio to it, 95% interval paired over the same text): "
             f"{'it predicts' if len(little) == 1 else 'they predict'} each byte by how often it occurs and no better, "
@@ -137,15 +137,20 @@ def _learned_little(result: StudyResult) -> list[str]:
 
 def _for_scale(result: StudyResult) -> list[str]:
     """The byte-frequency reference's perplexity and the range of the models' perplexity at L relative to it."""
-    u, seeds = result.unigram, len(result.config.seeds)
-    at = sorted((u or {}).get("at_L", []), key=lambda e: e["ratio"])
+    u, seeds, cfg = result.unigram, len(result.config.seeds), result.config
+    entries = (u or {}).get("at", [])
+    at = sorted((e for e in entries if e["eval_len"] == cfg.train_len), key=lambda e: e["ratio"])
     if not at:
         return []
+    longest = max(cfg.lengths())
+    worse = [e for e in entries if e["eval_len"] == longest != cfg.train_len and e["lo"] > 1]
     return [f"* **For scale:** predicting each byte by its frequency in the training text, without context, "
             f"reads ppl {u['ppl']:.2f} [{u['ppl_lo']:.2f}, {u['ppl_hi']:.2f}] on the same tokens; at L = "
-            f"{result.config.train_len} the models read "
-            + (f"{_at_L(at[0], seeds)} of that." if len(at) == 1 else
-               f"from {_at_L(at[0], seeds)} to {_at_L(at[-1], seeds)} of that.")]
+            f"{cfg.train_len} the models read "
+            + (f"{_vs_unigram(at[0], seeds)} of that" if len(at) == 1 else
+               f"from {_vs_unigram(at[0], seeds)} to {_vs_unigram(at[-1], seeds)} of that")
+            + (f"; at {longest}, {', '.join(_vs_unigram(e, seeds) for e in worse)} {'reads' if len(worse) == 1 else 'read'} "
+               "above it, beyond the noise: worse there than no context at all." if worse else ".")]
 
 
 def nearest_end(label: str, rs: Records) -> tuple[float, str]:
@@ -349,6 +354,7 @@ def _ppl_plot(result: StudyResult, path: Path, plt, colors) -> Path:
     curves = _curves(result, "ppl")
     _draw(ax, curves, list(curves), colors, alpha=0.15)
     ax.axvline(cfg.train_len, color="grey", ls="--", lw=1, label=f"training length {cfg.train_len}")
+    _unigram_line(ax, result, "ppl")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     plain_log_ticks(ax)
@@ -359,6 +365,15 @@ def _ppl_plot(result: StudyResult, path: Path, plt, colors) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
+
+
+def _unigram_line(ax, result: StudyResult, what: str) -> None:
+    """For scale, the byte-frequency reference (:func:`posbias.study.against_unigram`) as a dotted line:
+    its perplexity (``what="ppl"``) or loss."""
+    u = result.unigram
+    if u:
+        y = u["ppl"] if what == "ppl" else math.log(u["ppl"])
+        ax.axhline(y, color="black", ls=":", lw=1, label=f"bytes by frequency, no context ({y:.{1 if what == 'ppl' else 2}f})")
 
 
 def _position_plot(result: StudyResult, path: Path, plt, colors) -> Path:
@@ -376,6 +391,7 @@ def _position_plot(result: StudyResult, path: Path, plt, colors) -> Path:
         ys = [float(y[int(a) - 1:int(b) - 1].mean()) for a, b in zip(edges[:-1], edges[1:])]
         ax.plot(xs, ys, label=arm.label, lw=1.4, color=colors(k), marker=".")
     ax.axvline(cfg.train_len, color="grey", ls="--", lw=1, label="training length")
+    _unigram_line(ax, result, "loss")
     ax.set_xscale("log")
     ax.set_xlabel("position inside the window + 1 (log scale; mean over log-spaced bins)")
     ax.set_ylabel("loss (nats / byte)")
