@@ -383,6 +383,7 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
     from .study import run_study
 
     cfg = study_config(args)
+    _threads_note(cfg.threads, cfg.device)
     out = Path(args.out)
     corpus = load_corpus(args.data, args.hf_dataset)
     fp = corpus.fingerprint
@@ -455,11 +456,30 @@ def _add_checkpoint_job_arguments(p: argparse.ArgumentParser, kind: str, func: C
     p.set_defaults(func=func)
 
 
+def usable_cores() -> int | None:
+    """The CPU cores this process may run on (its affinity; the machine's count where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
+
+
+def _threads_note(threads: int, device: str) -> None:
+    """A line when a CPU job is given more torch threads than it has cores: they share the cores (a demo
+    model's training step took 1.3× as long at 8 threads as at 2 on 2 cores, 2026-12-04), and since the
+    thread count is part of every result's key, its results are not a run's at the core count."""
+    cores = usable_cores()
+    if device == "cpu" and cores and threads > cores:
+        say(f"note: --threads {threads} is more than the {cores} cores this process may use; the threads share them "
+            f"(slower, not faster), and results are keyed by the thread count (--threads {cores} would make other ones)")
+
+
 def _prepare_checkpoint_job(args: argparse.Namespace, kind: str) -> Path:
     """Check the device and the checkpoint; the output folder (``runs/<kind>-<name>`` by default)."""
     from . import checkpoint as ckpt
 
     check_device(args.device)
+    _threads_note(args.threads, args.device)
     ckpt.require(args.checkpoint)
     return Path(args.out or f"runs/{kind}-{Path(args.checkpoint).resolve().parent.name}")
 
@@ -601,6 +621,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     from .report import diagnose as report
 
     check_device(args.device)
+    _threads_note(args.threads, args.device)
     targets = _model_targets(args.checkpoints)
     single = len(targets) == 1
     named = targets[0][1] if single else Path(args.checkpoints[0]).resolve().name

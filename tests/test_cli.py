@@ -226,3 +226,24 @@ def test_show_says_which_query_a_position_dependent_bias_is_tabulated_for(capsys
     assert [f"{x:.3f}" for x in row.tolist()] == [line.split()[5] for line in fire.splitlines() if line.split()[:1] in (["0"], ["1"])]
     assert main(["show", "alibi", "--heads", "2"]) == 0
     assert "query" not in capsys.readouterr().out
+
+
+def test_more_threads_than_cores_is_noted(capsys, monkeypatch, tmp_path):
+    """A CPU job given more torch threads than the cores it may use says so (they share the cores, and
+    the results are keyed by the thread count); at or below the core count, and on a GPU, nothing."""
+    import posbias.cli as cli
+
+    monkeypatch.setattr(cli, "usable_cores", lambda: 2)
+    missing = str(tmp_path / "no-such-checkpoint")
+    for argv, noted in ((["diagnose", missing, "--threads", "4"], True), (["diagnose", missing, "--threads", "2"], False),
+                        (["retrofit", missing, "--to", "128", "--threads", "3"], True),
+                        (["extrapolate", "--preset", "demo", "--data", missing, "--out", str(tmp_path / "o"), "--threads", "5"],
+                         True)):
+        assert main(argv) == 2
+        out = capsys.readouterr().out
+        assert ("note: --threads" in out) is noted, argv
+        if noted:
+            assert f"--threads {argv[-1]} is more than the 2 cores this process may use" in out
+    cli._threads_note(8, "cuda")
+    assert capsys.readouterr().out == ""
+    assert cli.usable_cores() >= 1
