@@ -159,7 +159,15 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
     assert [r["method"] for r in res.rows] == ["original", "pi", "pi", "yarn", "yarn", "swap-alibi", "swap-alibi"]
     md = (tmp_path / "out" / "results.md").read_text()
     assert "Decision table" in md and "passkey @ 96" in md and "95% Wilson interval" in md
-    assert "Which differences are real" in md and md.count("**best**") == 1  # one length past L: 96
+    assert "Which differences are real" in md and md.count("**best**") == 2  # at L (48) and the one length past it, 96
+    # the summary opens the report: the best row at 96 and at L, from the same paired comparisons
+    best = {n: res.rows[next(j for j, p in enumerate(t) if p.best)] for n, t in retrofit_report._paired(res).items()}
+    assert set(best) == {L, 2 * L}
+    for n, where in ((2 * L, f"{2 * L}"), (L, f"L = {L} (the near range)")):
+        r = best[n]
+        said = (f"* **At {where} the model as it was, with no retrofit, is best**" if r["method"] == "original"
+                else f"* **Best at {where}: {r['method']} ({r['stage']})**")
+        assert said in md.split("| method |")[0], n
     n_windows = 400 // (2 * L)
     assert all(len(r["window_loss"][2 * L]) == n_windows for r in res.rows)
     assert res.eval_tokens == 400 and f"Only {n_windows} windows scored (fewer than 64)" in md
@@ -1682,3 +1690,21 @@ def test_retrofit_evaluation_size_is_keyed_by_its_resolved_count(tmp_path, corpu
     monkeypatch.undo()
     fresh = run_retrofit(path, dataclasses.replace(cfg, eval_tokens=6 * L), tmp_path / "fresh", corpus=corpus)
     assert fresh.rows == fewer.rows
+
+
+def test_retrofit_summary_says_whether_any_method_beats_the_model_as_it_was():
+    """The summary's sentence at a length, from the paired comparison alone: the original best (no method
+    improves on it); a method best with the original not distinguishable from it (no retrofit gains
+    anything beyond the noise); a method best with every other row worse."""
+    from posbias.evaluate import Paired
+
+    rows = [{"method": "original", "stage": "before"}, {"method": "ntk", "stage": "fine-tuned 100"},
+            {"method": "pi", "stage": "no fine-tune"}]
+    best, tied, worse = Paired(1, 1, 1, best=True), Paired(1.01, 0.99, 1.03), Paired(1.5, 1.4, 1.6)
+    say = lambda *t: retrofit_report._best(list(t), rows, "1024", "improves on it")  # noqa: E731
+    assert say(best, tied, worse) == ("* **At 1024 the model as it was, with no retrofit, is best**; not distinguishable "
+                                      "from it: ntk (fine-tuned 100): no method here improves on it.")
+    assert say(tied, best, worse) == ("* **Best at 1024: ntk (fine-tuned 100)**; not distinguishable from it: original "
+                                      "(before). The model as it was is among them: no retrofit here gains anything "
+                                      "beyond the noise.")
+    assert say(worse, best, worse) == "* **Best at 1024: ntk (fine-tuned 100)**; every other row is worse beyond the noise."

@@ -10,9 +10,10 @@ from typing import Any
 
 from .. import passkey, store
 from ..config import Log, quiet
-from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
+from ..evaluate import Paired
+from ..retrofit import PASSKEY_DEPTHS, RetrofitResult, compare_rows
 from . import (copies_cell, copies_sentence, copy_names, corpus_line, digits_sentence, far_filler_sentences, few_segments,
-               kept_cell, md_table, paired_cell)
+               kept_cell, md_table, paired_cell, ties_best)
 
 STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
 
@@ -55,19 +56,60 @@ def _row_copies(r: dict[str, Any]) -> list[tuple[str, Any]]:
     return list(zip(copy_names(f"{r['method']} ({r['stage']})", r["passkey_seeds"]), r["passkey_fits"]))
 
 
-def _paired_section(result: RetrofitResult) -> list[str]:
-    """Each row's perplexity relative to the best row's at every length past L, paired over the same
-    windows (:func:`posbias.retrofit.compare_rows`)."""
-    if not result.paired:
+def summary(result: RetrofitResult) -> list[str]:
+    """The decision in sentences, from paired comparisons and no threshold of ours: at the target length
+    the best row, the rows not distinguishable from it, and whether the model as it was (no retrofit) is
+    among them, when a retrofit gains nothing beyond the noise there; the same at L, what each method
+    costs in the near range."""
+    paired, rows, to, L = _paired(result), result.rows, result.to, result.train_len
+    if to not in paired:
         return []
-    far, rows = list(result.paired), result.rows
-    windows = ", ".join(f"{len(rows[0]['window_loss'][n])} at {n}" for n in far)
+    lines = [_best(paired[to], rows, f"{to}", "improves on it")]
+    if L in paired:
+        lines.append(_best(paired[L], rows, f"L = {L} (the near range)", "keeps its perplexity"))
+    return lines + ["(Each row against the best, paired over the same windows: *Which differences are real*, below.)", ""]
+
+
+def _best(table: list[Paired], rows: list[dict[str, Any]], where: str, gain: str) -> str:
+    """One summary sentence: the best row at ``where``, those not distinguishable from it, and the
+    original model's place among them."""
+    name = lambda r: f"{r['method']} ({r['stage']})"  # noqa: E731
+    best = next(j for j, p in enumerate(table) if p.best)
+    tied = [j for j, p in enumerate(table) if not p.best and ties_best(p)]
+    others = (f"; not distinguishable from it: {', '.join(name(rows[j]) for j in tied)}" if tied
+              else "; every other row is worse beyond the noise")
+    if rows[best]["method"] == "original":
+        return f"* **At {where} the model as it was, with no retrofit, is best**{others}: no method here {gain}."
+    original = any(rows[j]["method"] == "original" for j in tied)
+    return (f"* **Best at {where}: {name(rows[best])}**{others}"
+            + (". The model as it was is among them: no retrofit here gains anything beyond the noise." if original
+               else "."))
+
+
+def _paired(result: RetrofitResult) -> dict[int, list[Paired]]:
+    """Every row against the best row at L (the near range) and at every length past it, paired over the
+    same windows (:func:`posbias.retrofit.compare_rows`; ``result.paired`` holds those past L)."""
+    rows, L = result.rows, result.train_len
+    if not result.paired:
+        return {}
+    near = compare_rows(rows, [L]) if L in rows[0]["window_loss"] else {}
+    return {**near, **result.paired}
+
+
+def _paired_section(result: RetrofitResult) -> list[str]:
+    """Each row's perplexity relative to the best row's at L and every length past it, paired over the same
+    windows."""
+    paired = _paired(result)
+    if not paired:
+        return []
+    lens, rows = list(paired), result.rows
+    windows = ", ".join(f"{len(rows[0]['window_loss'][n])} at {n}" for n in lens)
     return ["", "Which differences are real: perplexity relative to the best row at each length, 95% interval "
             f"paired over the same windows ({windows}); (≈ best): not distinguishable from the best at this "
-            "evaluation size." + (f" {few}" if (few := few_segments(len(rows[0]["window_loss"][far[-1]]), "window"))
+            "evaluation size." + (f" {few}" if (few := few_segments(len(rows[0]["window_loss"][lens[-1]]), "window"))
                                   else ""), ""] + md_table(
-        ["method", "stage", *(f"@ {n}" for n in far)],
-        [[r["method"], r["stage"], *(paired_cell(result.paired[n][j]) for n in far)] for j, r in enumerate(rows)])
+        ["method", "stage", *(f"@ {n}" for n in lens)],
+        [[r["method"], r["stage"], *(paired_cell(paired[n][j]) for n in lens)] for j, r in enumerate(rows)])
 
 
 def _decision_section(result: RetrofitResult) -> list[str]:
@@ -136,7 +178,7 @@ def markdown(result: RetrofitResult) -> str:
              "validation tokens in segments spread evenly over the split."
              + (f" Fine-tunes train the positional parameters at {result.pos_lr_mult:g}× their learning rate"
                 f"{' (as the checkpoint was trained)' if result.config.pos_lr_mult is None else ''}." if tuned else ""),
-             ""] + md_table(
+             ""] + summary(result) + md_table(
         ["method", "stage", *(f"ppl @ {n}" for n in lens), f"ppl@{to} / ppl@{L} (before)"],
         [[r["method"], r["stage"], *(f"{r['ppl'][n]:.3f}" for n in lens), f"{r['ppl'][to] / ref:.2f}"] for r in rows])
     lines += _paired_section(result)
