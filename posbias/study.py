@@ -289,16 +289,17 @@ def against_unigram(cfg: StudyConfig, records: list[dict[str, Any]], unigram: Te
     perplexity does past L says nothing about its positional scheme; one whose interval at the longest
     length lies above 1 does worse there than no context at all. Records without per-segment losses are
     left out."""
-    reps = bootstrap_means(unigram[:, None], torch.ones(len(unigram), 1), n_boot=N_BOOT)[:, 0]
-    lo, hi = interval(reps.exp())
-    out: dict[str, Any] = {"ppl": math.exp(float(unigram.mean())), "ppl_lo": lo, "ppl_hi": hi, "at": []}
+    def exp_mean(per_segment: Tensor) -> tuple[float, float, float]:  # every call resamples the same segments
+        reps = bootstrap_means(per_segment[:, None], torch.ones(len(per_segment), 1), n_boot=N_BOOT)[:, 0]
+        return (math.exp(float(per_segment.mean())), *interval(reps.exp()))
+
+    ppl, lo, hi = exp_mean(unigram)
+    out: dict[str, Any] = {"ppl": ppl, "ppl_lo": lo, "ppl_hi": hi, "at": []}
     for r in records:
         if r["eval_len"] not in (cfg.train_len, max(cfg.lengths())) or len(r.get("segment_loss") or ()) != len(unigram):
             continue
-        diff = torch.tensor(r["segment_loss"], dtype=torch.float64) - unigram
-        lo, hi = interval(bootstrap_means(diff[:, None], torch.ones(len(diff), 1), n_boot=N_BOOT)[:, 0].exp())
-        out["at"].append({"label": r["label"], "seed": r["seed"], "eval_len": r["eval_len"],
-                          "ratio": math.exp(float(diff.mean())), "lo": lo, "hi": hi})
+        ratio, lo, hi = exp_mean(torch.tensor(r["segment_loss"], dtype=torch.float64) - unigram)
+        out["at"].append({"label": r["label"], "seed": r["seed"], "eval_len": r["eval_len"], "ratio": ratio, "lo": lo, "hi": hi})
     return out
 
 

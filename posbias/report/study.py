@@ -372,8 +372,8 @@ def _unigram_line(ax, result: StudyResult, what: str) -> None:
     its perplexity (``what="ppl"``) or loss."""
     u = result.unigram
     if u:
-        y = u["ppl"] if what == "ppl" else math.log(u["ppl"])
-        ax.axhline(y, color="black", ls=":", lw=1, label=f"bytes by frequency, no context ({y:.{1 if what == 'ppl' else 2}f})")
+        y, text = (u["ppl"], f"{u['ppl']:.1f}") if what == "ppl" else (math.log(u["ppl"]), f"{math.log(u['ppl']):.2f}")
+        ax.axhline(y, color="black", ls=":", lw=1, label=f"bytes by frequency, no context ({text})")
 
 
 def _position_plot(result: StudyResult, path: Path, plt, colors) -> Path:
