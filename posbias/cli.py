@@ -68,19 +68,8 @@ def say(msg: str = "") -> None:
 
 
 def check_device(device: str) -> str:
-    """``cpu``, ``cuda`` or ``cuda:N`` that exists on this machine; ValueError otherwise."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device; use cpu or cuda[:N]") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: posbias runs on cpu or cuda")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device} asked for, but this machine has no CUDA device; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
+    """``cpu``, ``cuda`` or ``cuda:N`` that exists on this machine; ValueError naming ``--device`` otherwise."""
+    return store.check_device(device, "--device")
 
 
 def _flag(option: str) -> str:

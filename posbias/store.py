@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["folder_name", "write_text", "write_json", "read_json", "config_key", "code_fingerprint", "FolderLock", "check_out_dir",
-           "FolderBusy", "item_lock", "device_key", "JOB_CODE", "made_by", "JobCache", "disk_size"]
+           "FolderBusy", "item_lock", "check_device", "device_key", "JOB_CODE", "made_by", "JobCache", "disk_size"]
 
 _PACKAGE = Path(__file__).resolve().parent
 #: the code that makes a trained model: its architecture, every scheme and kernel, the data batches and
@@ -208,6 +208,25 @@ def cpu_kind() -> str:
     import torch
 
     return f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def check_device(device: str, name: str = "device") -> str:
+    """``device`` if it is ``cpu``, ``cuda`` or ``cuda:N`` and exists on this machine; ValueError naming
+    ``name`` (the setting: ``--device`` in the CLI) otherwise, before any work."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} {device!r} is not a device; use cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} {device!r}: posbias runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {device} asked for, but this machine has no CUDA device; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 def device_key(device: str) -> str:

@@ -340,6 +340,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
     ``keep_last=False`` deletes each model's ``last/`` checkpoint (mostly optimizer state) once its
     ``final/`` exists, which changes no result. :func:`posbias.report.study.write` renders the result."""
     out = store.check_out_dir(out)
+    store.check_device(cfg.device)
     longest, n_val = max(cfg.lengths()), corpus.val.numel() - 1
     check_fits(corpus.val, longest, None, "eval_lens")  # (eval_tokens ≥ longest: StudyConfig checked it)
     if cfg.eval_tokens > n_val:  # found otherwise only when the first trained model is scored

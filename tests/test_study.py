@@ -770,3 +770,19 @@ def test_readme_workflow_snippet_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(snippet.replace("steps=50", "steps=3"), {"print": lambda *a, **k: None})
     assert (tmp_path / "runs" / "mine" / "results.md").exists()
+
+
+def test_run_study_refuses_a_device_this_machine_lacks_before_any_work(tmp_path):
+    """The library as the CLI: a device that is not cpu/cuda[:N], or CUDA on a machine without it, is a
+    ValueError naming the setting before any folder is made (was torch's RuntimeError or AssertionError
+    once the first model moved to it)."""
+    from posbias.data import Corpus
+    from posbias.study import StudyConfig, run_study
+
+    text = torch.randint(0, 256, (4000,), dtype=torch.uint8)
+    corpus = Corpus("t", train=text, val=text, test=text[:10], fingerprint={})
+    bad = ["tpu", "nonsense!"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:1"])
+    for device in bad:
+        with pytest.raises(ValueError, match=r"^device .*(is not a device|posbias runs on cpu or cuda|no CUDA device)"):
+            run_study(StudyConfig(device=device, steps=1, train_len=16, eval_lens=(16, 32)), tmp_path / "o", corpus=corpus)
+        assert not (tmp_path / "o").exists()
