@@ -352,16 +352,18 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
         raise ConfigError("train_len", f"{cfg.train_len} needs more than {cfg.train_len + 1} training tokens, but the "
                           f"training split has {corpus.train.numel()}; use a shorter training length or more data")
     result = StudyResult(cfg, [], {}, {}, corpus.fingerprint, arms(cfg))
+    unigram = unigram_segment_losses(corpus, longest, cfg.eval_tokens // longest)
     with store.FolderLock(out, shared=True), fixed_threads(cfg.threads):
-        _run(result, out, corpus, progress, keep_last, log)
+        _run(result, out, corpus, progress, keep_last, log, unigram)
     result.paired, result.paired_ratio = compare_schemes(cfg, result.records, result.arms)
-    longest = max(cfg.lengths())
-    result.unigram = against_unigram(cfg, result.records, unigram_segment_losses(corpus, longest, cfg.eval_tokens // longest))
+    result.unigram = against_unigram(cfg, result.records, unigram)
     return result
 
 
-def _run(result: StudyResult, out: Path, corpus: Corpus, progress: bool, keep_last: bool, log: Log) -> None:
-    """Make every model (trained and scored, each under its own lock), then gather the records in order."""
+def _run(result: StudyResult, out: Path, corpus: Corpus, progress: bool, keep_last: bool, log: Log,
+         unigram: Tensor) -> None:
+    """Make every model (trained and scored, each under its own lock), then gather the records in order;
+    ``unigram``: the byte-frequency reference's segment losses, for the note on a model that learned little."""
     cfg = result.config
     jobs = []
     for arm in result.arms:
@@ -381,6 +383,7 @@ def _run(result: StudyResult, out: Path, corpus: Corpus, progress: bool, keep_la
                 continue
             made = len(trained_s)
             scores[mdir] = _make_one(cfg, arm, seed, mkey, mdir, corpus, progress, keep_last, log, tag, trained_s)
+            _learned_little_note(cfg, scores[mdir], unigram, log, tag)
             left = len(jobs) - i - 1
             if len(trained_s) > made and left:
                 eta = statistics.mean(trained_s) * left / 60
@@ -389,8 +392,23 @@ def _run(result: StudyResult, out: Path, corpus: Corpus, progress: bool, keep_la
         log(f"{tag} waiting for the run making this model …")
         with store.item_lock(mdir / ".lock", wait=True):  # its files are complete once the lock is free
             scores[mdir] = _make_one(cfg, arm, seed, mkey, mdir, corpus, progress, keep_last, log, tag, trained_s)
+        _learned_little_note(cfg, scores[mdir], unigram, log, tag)
     for tag, arm, seed, mkey, mdir in jobs:
         _add_records(result, arm, seed, mdir, scores[mdir])
+
+
+def _learned_little_note(cfg: StudyConfig, scores: dict[int, dict[str, Any]], unigram: Tensor, log: Log, tag: str) -> None:
+    """As soon as a model is scored, a line if it is no better at L than byte frequencies (the summary's
+    test, :func:`against_unigram`): a study whose first model learned nothing can be stopped and given
+    more ``--steps`` now, not after every model (an hour per seed in the ``cpu`` preset)."""
+    at_L = scores[cfg.train_len]
+    if not at_L.get("segment_loss"):
+        return
+    (e,) = against_unigram(cfg, [{"label": "", "seed": 0, **at_L}], unigram)["at"]
+    if e["hi"] >= 1:
+        log(f"{tag} note: at L = {cfg.train_len} this model is no better than predicting bytes by their frequency "
+            f"(ppl {e['ratio']:.3f}× theirs [{e['lo']:.3f}, {e['hi']:.3f}]): it learned little, so what it does past L "
+            "says nothing about its scheme; train longer (--steps)")
 
 
 def _make_one(cfg: StudyConfig, arm: Arm, seed: int, mkey: dict[str, Any], mdir: Path, corpus: Corpus,

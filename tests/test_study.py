@@ -220,6 +220,8 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     assert "2 scheme(s) x 1 seed(s) = 2 models of 3 steps" in announced and "about 40 s per model" in announced
     assert "at most about" in announced  # the ETA after the first trained model
     assert f"side by side: posbias diagnose {tmp_path / 'run'}" in announced  # the next step, with its folder
+    # 3 steps teach nothing: said as soon as each model is scored, not only in the summary at the end
+    assert announced.count("note: at L = 16 this model is no better than predicting bytes by their frequency") == 2
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     recs = res["records"]
     assert {(r["scheme"], r["eval_len"]) for r in recs} == {(s, n) for s in ("alibi", "rope") for n in (16, 32, 64)}
