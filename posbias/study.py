@@ -281,6 +281,12 @@ def unigram_segment_losses(corpus: Corpus, longest: int, segments: int) -> Tenso
     return -logp[targets].mean(1)
 
 
+def learned_little(entry: dict[str, Any]) -> bool:
+    """Whether an :func:`against_unigram` entry at L does not lie below the reference beyond the noise
+    (its interval reaches 1): the model predicts no better than byte frequencies."""
+    return entry["hi"] >= 1
+
+
 def against_unigram(cfg: StudyConfig, records: list[dict[str, Any]], unigram: Tensor) -> dict[str, Any]:
     """For scale: the byte-frequency reference's perplexity with its 95% interval over the segments, and
     each model's perplexity at L and at the longest length as a ratio to it, paired over the same
@@ -405,7 +411,7 @@ def _learned_little_note(cfg: StudyConfig, scores: dict[int, dict[str, Any]], un
     if not at_L.get("segment_loss"):
         return
     (e,) = against_unigram(cfg, [{"label": "", "seed": 0, **at_L}], unigram)["at"]
-    if e["hi"] >= 1:
+    if learned_little(e):
         log(f"{tag} note: at L = {cfg.train_len} this model is no better than predicting bytes by their frequency "
             f"(ppl {e['ratio']:.3f}× theirs [{e['lo']:.3f}, {e['hi']:.3f}]): it learned little, so what it does past L "
             "says nothing about its scheme; train longer (--steps)")

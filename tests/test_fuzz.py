@@ -92,11 +92,16 @@ def _key_mask(c: Case, g: torch.Generator) -> torch.Tensor | None:
     return mask
 
 
+def _positions(c: Case, q_pos, k_pos):
+    """The case's positions, defaults resolved: keys from 0, queries ending with the keys."""
+    k_pos = torch.arange(c.lk) if k_pos is None else k_pos
+    return k_pos[-1] - c.lq + 1 + torch.arange(c.lq) if q_pos is None else q_pos, k_pos
+
+
 def _oracle(c: Case, scheme, q, k, v, q_pos, k_pos, key_mask, seed):
     """Per sequence: the float64 reference on the kept keys with their own positions (the whole batch
     in one call without a mask: the dropout mask hashes each sequence's index in the batch)."""
-    k_pos = torch.arange(c.lk) if k_pos is None else k_pos
-    q_pos = k_pos[-1] - c.lq + 1 + torch.arange(c.lq) if q_pos is None else q_pos  # queries end with the keys
+    q_pos, k_pos = _positions(c, q_pos, k_pos)
     args = dict(dropout_p=c.dropout, dropout_seed=seed) if c.dropout else {}
     if key_mask is None:
         return attention_reference(q, k, v, scheme, causal=c.causal, q_pos=q_pos, k_pos=k_pos,
@@ -158,8 +163,7 @@ LOW_PRECISION_CASES = 150
 def _sdpa_dense(c: Case, scheme, q, k, v, q_pos, k_pos, key_mask) -> torch.Tensor | None:
     """What a user writes without posbias: per sequence, the scheme's dense bias in the inputs' dtype (with
     −∞ at hidden pairs) as SDPA's ``attn_mask``, on the kept keys. None where a row sees no key (SDPA's NaN)."""
-    k_pos = torch.arange(c.lk) if k_pos is None else k_pos
-    q_pos = k_pos[-1] - c.lq + 1 + torch.arange(c.lq) if q_pos is None else q_pos
+    q_pos, k_pos = _positions(c, q_pos, k_pos)
     rows = []
     for b in range(c.batch):
         keep = torch.ones(c.lk, dtype=torch.bool) if key_mask is None else key_mask[b]

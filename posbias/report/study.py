@@ -13,7 +13,7 @@ import torch
 from .. import store
 from ..config import Log, quiet
 from ..evaluate import N_BOOT, local_head
-from ..study import StudyResult, records_at
+from ..study import StudyResult, learned_little, records_at
 from . import facing_end, few_segments, md_table, paired_cell, ties_best
 
 Records = list[dict[str, Any]]
@@ -125,7 +125,7 @@ def _learned_little(result: StudyResult) -> list[str]:
     (:func:`posbias.study.against_unigram`): first in the summary, since every other sentence about them
     describes a model that uses no context."""
     u, seeds, base = result.unigram, len(result.config.seeds), result.config.train_len
-    little = [e for e in (u or {}).get("at", []) if e["eval_len"] == base and e["hi"] >= 1]
+    little = [e for e in (u or {}).get("at", []) if e["eval_len"] == base and learned_little(e)]
     if not little:
         return []
     return [f"* **Learned little: {', '.join(_vs_unigram(e, seeds) for e in little)} "
