@@ -463,12 +463,17 @@ def _threads_note(threads: int, device: str) -> None:
             f"(slower, not faster), and results are keyed by the thread count (--threads {cores} would make other ones)")
 
 
+def _check_machine(device: str, threads: int) -> None:
+    """The device exists here (:func:`check_device`); a note if the threads outnumber the cores."""
+    check_device(device)
+    _threads_note(threads, device)
+
+
 def _prepare_checkpoint_job(args: argparse.Namespace, kind: str) -> Path:
     """Check the device and the checkpoint; the output folder (``runs/<kind>-<name>`` by default)."""
     from . import checkpoint as ckpt
 
-    check_device(args.device)
-    _threads_note(args.threads, args.device)
+    _check_machine(args.device, args.threads)
     ckpt.require(args.checkpoint)
     return Path(args.out or f"runs/{kind}-{Path(args.checkpoint).resolve().parent.name}")
 
@@ -609,8 +614,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     from .report import comparison
     from .report import diagnose as report
 
-    check_device(args.device)
-    _threads_note(args.threads, args.device)
+    _check_machine(args.device, args.threads)
     targets = _model_targets(args.checkpoints)
     single = len(targets) == 1
     named = targets[0][1] if single else Path(args.checkpoints[0]).resolve().name

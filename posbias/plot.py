@@ -108,9 +108,11 @@ def plot_bias_heatmaps(scheme: Scheme, path: str | Path, *, length: int = 64, ca
     finite = shown[torch.isfinite(shown)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.0 * rows), squeeze=False)
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    thousands = None
+    if length >= 10_000:  # 25000 50000 75000 run into each other under a 3-inch panel
+        from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    thousands = FuncFormatter(lambda v, _: f"{v / 1000:g}k")
+        thousands = FuncFormatter(lambda v, _: f"{v / 1000:g}k")
     im = None
     for h in range(rows * cols):
         ax = axes[h // cols][h % cols]
@@ -119,7 +121,7 @@ def plot_bias_heatmaps(scheme: Scheme, path: str | Path, *, length: int = 64, ca
             continue
         im = ax.imshow(shown[h].numpy(), cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax,
                        extent=(-0.5, length - 0.5, length - 0.5, -0.5))
-        if length >= 10_000:  # 25000 50000 75000 run into each other under a 3-inch panel
+        if thousands is not None:
             for axis in (ax.xaxis, ax.yaxis):
                 axis.set_major_locator(MaxNLocator(4))
                 axis.set_major_formatter(thousands)

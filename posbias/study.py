@@ -281,32 +281,39 @@ def unigram_segment_losses(corpus: Corpus, longest: int, segments: int) -> Tenso
     return -logp[targets].mean(1)
 
 
+def _exp_mean(per_segment: Tensor) -> tuple[float, float, float]:
+    """``exp`` of the mean of per-segment values with its 95% bootstrap interval; every call resamples the
+    same segments (the bootstrap's fixed seed), so intervals of differences are paired."""
+    reps = bootstrap_means(per_segment[:, None], torch.ones(len(per_segment), 1), n_boot=N_BOOT)[:, 0]
+    return (math.exp(float(per_segment.mean())), *interval(reps.exp()))
+
+
+def vs_unigram(segment_loss: list[float], unigram: Tensor) -> dict[str, float]:
+    """One model's perplexity as a ratio to the byte-frequency reference's (:func:`unigram_segment_losses`),
+    paired over the same segments: ``{"ratio", "lo", "hi"}``."""
+    ratio, lo, hi = _exp_mean(torch.tensor(segment_loss, dtype=torch.float64) - unigram)
+    return {"ratio": ratio, "lo": lo, "hi": hi}
+
+
 def learned_little(entry: dict[str, Any]) -> bool:
-    """Whether an :func:`against_unigram` entry at L does not lie below the reference beyond the noise
-    (its interval reaches 1): the model predicts no better than byte frequencies."""
+    """Whether a model's ratio to the reference at L (:func:`vs_unigram`) does not lie below 1 beyond the
+    noise (its interval reaches 1): it predicts no better than byte frequencies."""
     return entry["hi"] >= 1
 
 
 def against_unigram(cfg: StudyConfig, records: list[dict[str, Any]], unigram: Tensor) -> dict[str, Any]:
     """For scale: the byte-frequency reference's perplexity with its 95% interval over the segments, and
-    each model's perplexity at L and at the longest length as a ratio to it, paired over the same
-    segments (``{"ppl", "ppl_lo", "ppl_hi", "at": [{"label", "seed", "eval_len", "ratio", "lo", "hi"}, …]}``).
+    each model's perplexity at L and at the longest length as a ratio to it (:func:`vs_unigram`)
+    (``{"ppl", "ppl_lo", "ppl_hi", "at": [{"label", "seed", "eval_len", "ratio", "lo", "hi"}, …]}``).
     A model whose interval at L does not lie below 1 predicts no better than byte frequencies: what its
     perplexity does past L says nothing about its positional scheme; one whose interval at the longest
     length lies above 1 does worse there than no context at all. Records without per-segment losses are
     left out."""
-    def exp_mean(per_segment: Tensor) -> tuple[float, float, float]:  # every call resamples the same segments
-        reps = bootstrap_means(per_segment[:, None], torch.ones(len(per_segment), 1), n_boot=N_BOOT)[:, 0]
-        return (math.exp(float(per_segment.mean())), *interval(reps.exp()))
-
-    ppl, lo, hi = exp_mean(unigram)
-    out: dict[str, Any] = {"ppl": ppl, "ppl_lo": lo, "ppl_hi": hi, "at": []}
-    for r in records:
-        if r["eval_len"] not in (cfg.train_len, max(cfg.lengths())) or len(r.get("segment_loss") or ()) != len(unigram):
-            continue
-        ratio, lo, hi = exp_mean(torch.tensor(r["segment_loss"], dtype=torch.float64) - unigram)
-        out["at"].append({"label": r["label"], "seed": r["seed"], "eval_len": r["eval_len"], "ratio": ratio, "lo": lo, "hi": hi})
-    return out
+    ppl, lo, hi = _exp_mean(unigram)
+    return {"ppl": ppl, "ppl_lo": lo, "ppl_hi": hi,
+            "at": [{"label": r["label"], "seed": r["seed"], "eval_len": r["eval_len"], **vs_unigram(r["segment_loss"], unigram)}
+                   for r in records if r["eval_len"] in (cfg.train_len, max(cfg.lengths()))
+                   and len(r.get("segment_loss") or ()) == len(unigram)]}
 
 
 @dataclass
@@ -405,12 +412,12 @@ def _run(result: StudyResult, out: Path, corpus: Corpus, progress: bool, keep_la
 
 def _learned_little_note(cfg: StudyConfig, scores: dict[int, dict[str, Any]], unigram: Tensor, log: Log, tag: str) -> None:
     """As soon as a model is scored, a line if it is no better at L than byte frequencies (the summary's
-    test, :func:`against_unigram`): a study whose first model learned nothing can be stopped and given
+    test, :func:`vs_unigram`): a study whose first model learned nothing can be stopped and given
     more ``--steps`` now, not after every model (an hour per seed in the ``cpu`` preset)."""
-    at_L = scores[cfg.train_len]
-    if not at_L.get("segment_loss"):
+    segment_loss = scores[cfg.train_len].get("segment_loss")
+    if not segment_loss:  # an evaluation of an older format
         return
-    (e,) = against_unigram(cfg, [{"label": "", "seed": 0, **at_L}], unigram)["at"]
+    e = vs_unigram(segment_loss, unigram)
     if learned_little(e):
         log(f"{tag} note: at L = {cfg.train_len} this model is no better than predicting bytes by their frequency "
             f"(ppl {e['ratio']:.3f}× theirs [{e['lo']:.3f}, {e['hi']:.3f}]): it learned little, so what it does past L "

@@ -35,6 +35,18 @@ def paired_cell(p: Paired) -> str:
     return text + (" (≈ best)" if ties_best(p) else "")
 
 
+def best_and_tied(table: Sequence[Paired]) -> tuple[int, list[int]]:
+    """The index of a paired comparison's best entry and those of the entries not distinguishable from it
+    (:func:`ties_best`); the summaries of the study and of a retrofit say both."""
+    best = next(j for j, p in enumerate(table) if p.best)
+    return best, [j for j, p in enumerate(table) if not p.best and ties_best(p)]
+
+
+def tied_clause(tied: Sequence[str], what: str) -> str:
+    """"; not distinguishable from it: a, b", or "; every other <what> is worse beyond the noise"."""
+    return f"; not distinguishable from it: {', '.join(tied)}" if tied else f"; every other {what} is worse beyond the noise"
+
+
 def ties_best(p: Paired) -> bool:
     """Whether ``p`` is not distinguishable from the best: its paired interval, or one of its seeds,
     reaches 1 (the best itself included)."""

@@ -13,7 +13,7 @@ from ..config import Log, quiet
 from ..evaluate import Paired
 from ..retrofit import PASSKEY_DEPTHS, RetrofitResult, compare_rows
 from . import (copies_cell, copies_sentence, copy_names, corpus_line, digits_sentence, far_filler_sentences, few_segments,
-               kept_cell, md_table, paired_cell, ties_best)
+               best_and_tied, kept_cell, md_table, paired_cell, tied_clause)
 
 STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
 
@@ -28,6 +28,11 @@ def write(result: RetrofitResult, out: str | Path, *, log: Log = quiet) -> list[
     except ValueError as exc:  # matplotlib missing
         log(f"plot skipped: {exc}")
     return paths
+
+
+def _row_name(r: dict[str, Any]) -> str:
+    """A row as the report names it: ``method (stage)``."""
+    return f"{r['method']} ({r['stage']})"
 
 
 def _passkey_cell(r: dict[str, Any], n: int) -> str:
@@ -45,7 +50,7 @@ def _hidden_cell(r: dict[str, Any], n: int, trials: int) -> str:
 def _hidden_sentences(rows: list[dict[str, Any]], L: int, to: int) -> list[str]:
     """:func:`posbias.report.far_filler_sentences` of every copy of every row, at ``to``."""
     named = [(name, a, b, h) for r in rows if (r.get("passkey_hidden") or {}).get(to)
-             for name, a, b, h in zip(copy_names(f"{r['method']} ({r['stage']})", r["passkey_seeds"]),
+             for name, a, b, h in zip(copy_names(_row_name(r), r["passkey_seeds"]),
                                       r["passkey_copies"][L], r["passkey_copies"][to], r["passkey_hidden"][to])]
     return far_filler_sentences(named, f"at {to}")
 
@@ -53,15 +58,15 @@ def _hidden_sentences(rows: list[dict[str, Any]], L: int, to: int) -> list[str]:
 def _row_copies(r: dict[str, Any]) -> list[tuple[str, Any]]:
     """A row's passkey copies named ``method (stage)``, with ``seed K`` where it has several, each
     with its fine-tune's record."""
-    return list(zip(copy_names(f"{r['method']} ({r['stage']})", r["passkey_seeds"]), r["passkey_fits"]))
+    return list(zip(copy_names(_row_name(r), r["passkey_seeds"]), r["passkey_fits"]))
 
 
-def summary(result: RetrofitResult) -> list[str]:
-    """The decision in sentences, from paired comparisons and no threshold of ours: at the target length
-    the best row, the rows not distinguishable from it, and whether the model as it was (no retrofit) is
-    among them, when a retrofit gains nothing beyond the noise there; the same at L, what each method
-    costs in the near range."""
-    paired, rows, to, L = _paired(result), result.rows, result.to, result.train_len
+def summary(result: RetrofitResult, paired: dict[int, list[Paired]]) -> list[str]:
+    """The decision in sentences, from the paired comparisons (:func:`_paired`) and no threshold of ours:
+    at the target length the best row, the rows not distinguishable from it, and whether the model as
+    it was (no retrofit) is among them, when a retrofit gains nothing beyond the noise there; the same at
+    L, what each method costs in the near range."""
+    rows, to, L = result.rows, result.to, result.train_len
     if to not in paired:
         return []
     lines = [_best(paired[to], rows, f"{to}", "improves on it")]
@@ -73,15 +78,12 @@ def summary(result: RetrofitResult) -> list[str]:
 def _best(table: list[Paired], rows: list[dict[str, Any]], where: str, gain: str) -> str:
     """One summary sentence: the best row at ``where``, those not distinguishable from it, and the
     original model's place among them."""
-    name = lambda r: f"{r['method']} ({r['stage']})"  # noqa: E731
-    best = next(j for j, p in enumerate(table) if p.best)
-    tied = [j for j, p in enumerate(table) if not p.best and ties_best(p)]
-    others = (f"; not distinguishable from it: {', '.join(name(rows[j]) for j in tied)}" if tied
-              else "; every other row is worse beyond the noise")
+    best, tied = best_and_tied(table)
+    others = tied_clause([_row_name(rows[j]) for j in tied], "row")
     if rows[best]["method"] == "original":
         return f"* **At {where} the model as it was, with no retrofit, is best**{others}: no method here {gain}."
     original = any(rows[j]["method"] == "original" for j in tied)
-    return (f"* **Best at {where}: {name(rows[best])}**{others}"
+    return (f"* **Best at {where}: {_row_name(rows[best])}**{others}"
             + (". The model as it was is among them: no retrofit here gains anything beyond the noise." if original
                else "."))
 
@@ -96,10 +98,9 @@ def _paired(result: RetrofitResult) -> dict[int, list[Paired]]:
     return {**near, **result.paired}
 
 
-def _paired_section(result: RetrofitResult) -> list[str]:
+def _paired_section(result: RetrofitResult, paired: dict[int, list[Paired]]) -> list[str]:
     """Each row's perplexity relative to the best row's at L and every length past it, paired over the same
-    windows."""
-    paired = _paired(result)
+    windows (:func:`_paired`)."""
     if not paired:
         return []
     lens, rows = list(paired), result.rows
@@ -154,9 +155,9 @@ def _decision_section(result: RetrofitResult) -> list[str]:
         lines += ["", "With the far filler hidden, each copy that learned the task at L and lost some of it at "
                   f"{to}:", "", *(f"* {h}" for h in hidden)]
     if several:
-        lines += ["", copies_sentence([(f"{r['method']} ({r['stage']})", r["passkey_copies"][L],
+        lines += ["", copies_sentence([(_row_name(r), r["passkey_copies"][L],
                                         r["passkey_copies"][to]) for r in rows if r.get("passkey")], f"at {to}")]
-    digits = [(f"{r['method']} ({r['stage']})", r["passkey_digits"][to]) for r in rows if r.get("passkey_digits")]
+    digits = [(_row_name(r), r["passkey_digits"][to]) for r in rows if r.get("passkey_digits")]
     if digits:
         lines += ["", digits_sentence(digits, f"at {to}")]
     untaught = [name for r in rows if r.get("passkey")
@@ -178,10 +179,10 @@ def markdown(result: RetrofitResult) -> str:
              "validation tokens in segments spread evenly over the split."
              + (f" Fine-tunes train the positional parameters at {result.pos_lr_mult:g}× their learning rate"
                 f"{' (as the checkpoint was trained)' if result.config.pos_lr_mult is None else ''}." if tuned else ""),
-             ""] + summary(result) + md_table(
+             ""] + summary(result, paired := _paired(result)) + md_table(
         ["method", "stage", *(f"ppl @ {n}" for n in lens), f"ppl@{to} / ppl@{L} (before)"],
         [[r["method"], r["stage"], *(f"{r['ppl'][n]:.3f}" for n in lens), f"{r['ppl'][to] / ref:.2f}"] for r in rows])
-    lines += _paired_section(result)
+    lines += _paired_section(result, paired)
     lines += _decision_section(result)
     for m, remap in result.bucket_remap.items():
         lines += ["", f"`{m}`: the learned table is kept, so distances land in other buckets:", ""]
@@ -202,7 +203,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     for r in result["rows"]:
         xs = sorted(r["ppl"], key=int)
         ax.plot([int(x) for x in xs], [r["ppl"][n] for n in xs], STAGE_STYLES.get(r["stage"], "-"), marker="o",
-                ms=4, color=colour[r["method"]], label=f"{r['method']} ({r['stage']})")
+                ms=4, color=colour[r["method"]], label=_row_name(r))
     ax.axvline(result["train_len"], color="grey", ls=":", lw=1, label="training length")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

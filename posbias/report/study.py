@@ -14,7 +14,7 @@ from .. import store
 from ..config import Log, quiet
 from ..evaluate import N_BOOT, local_head
 from ..study import StudyResult, learned_little, records_at
-from . import facing_end, few_segments, md_table, paired_cell, ties_best
+from . import best_and_tied, facing_end, few_segments, md_table, paired_cell, tied_clause
 
 Records = list[dict[str, Any]]
 
@@ -92,12 +92,11 @@ def summary(result: StudyResult) -> list[str]:
     for what, table in ((f"at L = {base}", result.paired.get(base, {})),
                         (f"at {longest}", result.paired.get(longest, {})),
                         ("in length generalisation (the smallest ppl@longest / ppl@L)", result.paired_ratio)):
-        best = [label for label, p in table.items() if p.best]
-        if not best:
+        if not table:
             continue
-        tied = [label for label, p in table.items() if not p.best and ties_best(p)]
-        lines.append(f"* **Best {what}:** {best[0]}" + (f"; not distinguishable from it: {', '.join(tied)}" if tied
-                                                         else "; every other scheme is worse beyond the noise") + ".")
+        labels = list(table)
+        best, tied = best_and_tied(list(table.values()))
+        lines.append(f"* **Best {what}:** {labels[best]}" + tied_clause([labels[j] for j in tied], "scheme") + ".")
     lines += _for_scale(result)
     if len(cfg.seeds) == 1:
         lines.append(f"* **One seed ({cfg.seeds[0]}):** every interval here is over the text scored; how far "
