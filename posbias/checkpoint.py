@@ -1,12 +1,14 @@
 """Atomic checkpoints: a folder with ``model.safetensors``, ``config.json`` and ``trainer.pt``.
 
 A checkpoint is written to ``<dir>.tmp`` and swapped in by renames, so an interruption at any
-moment leaves either the previous checkpoint or the new one, never a half-written one.
+moment leaves either the previous checkpoint or the new one, never a half-written one; a write that
+fails (a full disk) removes ``<dir>.tmp`` and raises ``OSError`` naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -14,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from .model import ModelConfig, TransformerLM
 
@@ -28,14 +31,26 @@ def save_checkpoint(path: str | Path, model: TransformerLM, *, extra: dict[str, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / MODEL_FILE))
     meta = {"format": "posbias-checkpoint-1", "model": model.cfg.to_dict(), **(extra or {})}
-    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    # every file serialised here and written by Python, so that a full disk is an OSError naming the
+    # file (safetensors' writer raises an error type of its own, torch.save a RuntimeError)
+    files = {MODEL_FILE: safetensors_bytes(state), CONFIG_FILE: json.dumps(meta, indent=2).encode()}
     if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_FILE)
-    for f in tmp.iterdir():  # make the bytes durable before the rename makes them visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        buffer = io.BytesIO()
+        torch.save(trainer_state, buffer)
+        files[TRAINER_FILE] = buffer.getbuffer()
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as fh:
+                try:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())  # durable before the rename makes it visible
+                except OSError as exc:
+                    raise OSError(exc.errno, exc.strerror or str(exc), str(path / name)) from exc
+    except BaseException:  # a full disk, an interrupt: the previous checkpoint stays, no half-written folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)

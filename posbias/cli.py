@@ -9,6 +9,7 @@ its own. Errors print one line and exit with status 2; a config error names the 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -742,6 +743,32 @@ def _flag_of(parser: argparse.ArgumentParser, argv: Sequence[str], field: str) -
     return field
 
 
+def _error(command: str, message: str, code: int) -> int:
+    """Print ``posbias COMMAND: error: MESSAGE`` on a line of its own; return the exit status ``code``."""
+    _close_bars()
+    print(f"posbias {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _close_bars() -> None:
+    """Close the progress bars an error left open (a bar is closed where its loop ends, which an error
+    skips): each clears its line, so the message that follows starts a line instead of trailing the bar."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _os_problem(exc: OSError) -> str:
+    """An ``OSError`` in one line: the file, what the system said and, where space ran out, what to do
+    (every result is written atomically, so what was finished is kept and a re-run resumes from it)."""
+    where = f"{str(exc.filename)!r}: " if exc.filename else ""
+    said = f"{where}{exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{said}; what was finished is kept: free some space and re-run to resume"
+    return said
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -756,15 +783,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_common(args)
         args.func(args)
     except ConfigError as exc:
-        print(f"posbias {command}: error: {_flag_of(parser, argv, exc.field)} {exc.problem}", file=sys.stderr)
-        return 2
+        return _error(command, f"{_flag_of(parser, argv, exc.field)} {exc.problem}", 2)
     except (CLIError, ValueError, FileNotFoundError) as exc:
-        print(f"posbias {command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(command, _os_problem(exc) if isinstance(exc, OSError) else str(exc), 2)
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly, no traceback
         sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as exc:  # a full disk, a folder that cannot be written: one line naming the file
+        return _error(command, _os_problem(exc), 1)
     except KeyboardInterrupt:
+        _close_bars()
         print(f"\nposbias {command}: interrupted (finished work is saved; re-run to resume)", file=sys.stderr)
         return 130
     return 0

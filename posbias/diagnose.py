@@ -609,6 +609,7 @@ def run_diagnose(path: str | Path, cfg: DiagnoseConfig, *, corpus: Corpus, progr
     ``models/passkey-ft<steps>[-until<accuracy>]-<key>/`` (its progress in ``last/`` while it trains, so that an
     interrupted fine-tune continues): a re-run, interrupted or with other settings, measures only what
     it lacks. Without ``out``, nothing is written."""
+    store.check_device(cfg.device)
     with fixed_threads(cfg.threads):
         result = _diagnose(path, cfg, corpus, progress, log, None if out is None else Path(out))
     result.threads = cfg.threads
@@ -621,7 +622,8 @@ def run_diagnose(path: str | Path, cfg: DiagnoseConfig, *, corpus: Corpus, progr
 ATTENTION_PEAK = 3.5
 
 
-def examined_length(path: str | Path, cfg: "DiagnoseConfig", corpus: Corpus, name: str | None = None) -> int:
+def examined_length(path: str | Path, cfg: "DiagnoseConfig", corpus: Corpus, name: str | None = None, *,
+                    meta: dict[str, Any] | None = None) -> int:
     """The window a diagnosis of the checkpoint at ``path`` examines: ``cfg.length``, by default 8 × L.
     :class:`ConfigError` before any work unless
 
@@ -633,8 +635,9 @@ def examined_length(path: str | Path, cfg: "DiagnoseConfig", corpus: Corpus, nam
       ``[heads, N, N]``, within the memory it has in all (beyond it a run is killed, or thrashes, after
       the loss measurements, with no message).
 
-    ``name`` names the model in the messages (default: ``path``)."""
-    meta = ckpt.read_meta(path)
+    ``name`` names the model in the messages (default: ``path``); ``meta`` is the checkpoint's
+    ``config.json`` when the caller has read it."""
+    meta = ckpt.read_meta(path) if meta is None else meta
     train_len = ckpt.train_len(path, meta)
     name = str(path) if name is None else name
     n = 8 * train_len if cfg.length is None else cfg.length
@@ -643,12 +646,46 @@ def examined_length(path: str | Path, cfg: "DiagnoseConfig", corpus: Corpus, nam
                                     f"measures what happens past L), got {n}")
     check_fits(corpus.val, n, None, "length")  # --eval-tokens below one window means one window
     heads = int(meta["model"].get("n_heads", ModelConfig.n_heads))
-    need, have = ATTENTION_PEAK * heads * n * n * 4, device_memory(cfg.device)
+    need, have = attention_peak(heads, n), device_memory(cfg.device)
     if have is not None and need > have:
         raise ConfigError("length", f"{n} needs about {need / 2**30:.0f} GiB for the attention statistics of {name} "
                                     f"({ATTENTION_PEAK:g} × {heads} heads × {n}² float32 at their peak), more than "
                                     f"the {have / 2**30:.0f} GiB this {cfg.device} has; a shorter --length")
     return n
+
+
+def attention_peak(heads: int, n: int) -> float:
+    """Bytes :func:`attention_distance` holds at its peak on windows of ``n`` tokens (:data:`ATTENTION_PEAK`)."""
+    return ATTENTION_PEAK * heads * n * n * 4
+
+
+def memory_note(heads: int, n: int, device: str) -> str | None:
+    """A note when the attention statistics' peak exceeds the memory ``device`` has free now (other
+    processes hold the rest; :func:`examined_length` has checked it against all the memory there is):
+    the run may then swap, or be killed, with no message of its own. None when it fits, or where the free
+    memory cannot be read."""
+    need, free = attention_peak(heads, n), free_memory(device)
+    if free is None or need <= free:
+        return None
+    return (f"note: the attention statistics at {n} tokens need about {need / 2**30:.1f} GiB at their peak and this "
+            f"{device} has {free / 2**30:.1f} GiB free now; the run may swap or be killed (free memory, or a "
+            f"shorter --length)")
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes of memory ``device`` has free now: ``MemAvailable`` for ``cpu`` (Linux), the free memory
+    CUDA reports for ``cuda[:N]``; None where it cannot be read."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def device_memory(device: str) -> int | None:
@@ -669,8 +706,8 @@ def _tensor(rows: list) -> Tensor:
 
 def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: bool, log: Log,
               out: Path | None) -> DiagnoseResult:
-    length = examined_length(path, cfg, corpus)
     meta = ckpt.read_meta(path)
+    length = examined_length(path, cfg, corpus, meta=meta)
     model = ckpt.load_model(path).to(cfg.device).eval()
     train_len = ckpt.train_len(path, meta)
     key = source_key(path, cfg, corpus)
@@ -687,6 +724,9 @@ def _diagnose(path: str | Path, cfg: DiagnoseConfig, corpus: Corpus, progress: b
         return got
 
     def distances() -> dict[str, list]:
+        note = memory_note(model.cfg.n_heads, length, cfg.device)
+        if note:
+            log(note)
         starts = spread_starts(corpus.val.numel() - 1, length, cfg.windows, overlap=True)
         idx = torch.stack([corpus.val[s:s + length] for s in starts]).long().to(cfg.device)
         return {k: v.tolist() for k, v in attention_distance(model, idx, beyond=train_len).items()}

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from . import store
 from .schemes import Scheme, t5_bucket
 from .schemes.t5 import check_t5
 
@@ -28,13 +29,16 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Write ``fig`` to ``path`` (folders created), close it, return the path."""
+    """Write ``fig`` to ``path`` (folders created; atomically, :func:`posbias.store.replacing`), close it,
+    return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    try:
+        with store.replacing(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

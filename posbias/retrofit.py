@@ -212,7 +212,7 @@ class RetrofitResult:
     cache: str | None = None  # the name of its cache file (``cache-<key>.json``), by which ``posbias clean`` judges it
     rows: list[dict[str, Any]] = field(default_factory=list)
     bucket_remap: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
-    # length past L → one Paired per row: its perplexity against the best row's (compare_rows)
+    # L and every length past it → one Paired per row: its perplexity against the best row's (compare_rows)
     paired: dict[int, list[Paired]] = field(default_factory=dict)
 
     @property
@@ -236,6 +236,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
     Evaluations, fine-tuned models and passkey results are kept in ``out`` under a key of the
     checkpoint's weights and every setting (:func:`source_key`); one run per folder at a time.
     :func:`posbias.report.retrofit.write` renders the result."""
+    store.check_device(cfg.device)
     meta = ckpt.read_meta(path)
     base = ckpt.load_model(path).to(cfg.device).eval()
     train_len = ckpt.train_len(path, meta)
@@ -272,7 +273,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
             result.rows.append(run.measure(model, base, m, "no fine-tune", extra, final=False))
             tuned = run.finetuned(model, m, path, meta)
             result.rows.append(run.measure(tuned, base, m, f"fine-tuned {cfg.finetune_steps}", extra))
-    result.paired = compare_rows(result.rows, [n for n in lens if n > train_len])
+    result.paired = compare_rows(result.rows, [n for n in lens if n >= train_len])  # L: the near range
     return result
 
 

@@ -1,7 +1,8 @@
 """The results store: atomic files, readable errors, keys, and one run per output folder.
 
-* :func:`write_text` / :func:`write_json` write ``<name>.<pid>.tmp``, fsync it and rename it over the
-  target, so a reader (or a crash) sees the old file or the new one, never half of one.
+* :func:`write_text` / :func:`write_json` (and every picture, through :func:`replacing`) write
+  ``<name>.<pid>.tmp``, fsync it and rename it over the target, so a reader (or a crash) sees the old
+  file or the new one, never half of one; a write that fails (a full disk) removes its temporary file.
 * :func:`read_json` names the file when it is not valid JSON (a truncated cache is an error that
   says which file to delete, not a bare ``JSONDecodeError``).
 * :func:`config_key` hashes everything that made a result (a canonical JSON dump): a result is
@@ -33,7 +34,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["folder_name", "write_text", "write_json", "read_json", "config_key", "code_fingerprint", "FolderLock", "check_out_dir",
+__all__ = ["folder_name", "replacing", "named", "write_text", "write_json", "read_json", "config_key", "code_fingerprint", "FolderLock", "check_out_dir",
            "FolderBusy", "item_lock", "check_device", "device_key", "JOB_CODE", "made_by", "JobCache", "disk_size"]
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -67,16 +68,37 @@ def folder_name(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label)
 
 
-def write_text(path: str | Path, text: str) -> Path:
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` (``<name>.<pid>.tmp``, folders created) for the caller to write;
+    once written, its bytes are made durable and it is renamed over ``path``. If the writing fails (a full
+    disk: ``OSError``), the temporary file is removed and the error goes on: neither a truncated file
+    nor a stray temporary is left, and ``path`` keeps what it held."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:  # a failed write(2) names no file: name the one that was not written
+        tmp.unlink(missing_ok=True)
+        raise named(exc, path) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def named(exc: OSError, path: str | Path) -> OSError:
+    """``exc`` as an error about ``path`` (its subclass kept: ``OSError(errno, …)`` picks it)."""
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def _finite(obj: Any, where: str = "") -> None:

@@ -399,8 +399,8 @@ def _run(result: StudyResult, out: Path, corpus: Corpus, progress: bool, keep_la
             _learned_little_note(cfg, scores[mdir], unigram, log, tag)
             left = len(jobs) - i - 1
             if len(trained_s) > made and left:
-                eta = statistics.mean(trained_s) * left / 60
-                log(f"{tag} trained in {trained_s[-1]:.0f} s; at most about {eta:.0f} min left for {left} model(s)")
+                eta = statistics.mean(trained_s) * left
+                log(f"{tag} trained in {trained_s[-1]:.0f} s; at most about {_duration(eta)} left for {left} model(s)")
     for tag, arm, seed, mkey, mdir in busy:
         log(f"{tag} waiting for the run making this model …")
         with store.item_lock(mdir / ".lock", wait=True):  # its files are complete once the lock is free
@@ -408,6 +408,15 @@ def _run(result: StudyResult, out: Path, corpus: Corpus, progress: bool, keep_la
         _learned_little_note(cfg, scores[mdir], unigram, log, tag)
     for tag, arm, seed, mkey, mdir in jobs:
         _add_records(result, arm, seed, mdir, scores[mdir])
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as a person reads a wait: ``40 s``, ``3 min``, ``1.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _learned_little_note(cfg: StudyConfig, scores: dict[int, dict[str, Any]], unigram: Tensor, log: Log, tag: str) -> None:

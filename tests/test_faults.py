@@ -1,6 +1,7 @@
 """Fault injection and strict inputs: nothing silently wrong, bad input gets one clear line, faults
 lose nothing (kills, concurrent runs, damaged files, divergence, closed stdout, huge positions)."""
 
+import errno
 import json
 import os
 import random
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -234,6 +236,99 @@ def test_out_that_is_a_file(command, under, tmp_path, capsys, saved):
             "diagnose": ["diagnose", str(saved), "--passkey-steps", "0"]}[command]
     one_line_error(capsys, main(argv + ["--out", str(out)]), "is a file")
     assert f.read_text() == "x"
+
+
+# -- a full disk --------------------------------------------------------------------------------
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_leaves_every_result_as_it_was(tmp_path, monkeypatch):
+    """A write that fails (a full disk) keeps what the target held, leaves no temporary behind and names
+    the target: results through ``store.write_text``, checkpoints (an ``OSError`` naming the file, where
+    safetensors' writer raised an error type of its own without it, and torch.save a RuntimeError) and
+    pictures (``plot.save_figure``, which wrote in place: a truncated PNG)."""
+    from posbias import plot, store
+
+    target = store.write_text(tmp_path / "results.md", "old")
+    real = os.fsync
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", _enospc)
+        with pytest.raises(OSError, match="No space left on device") as err:
+            store.write_text(target, "new")
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(target)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["results.md"]
+
+    model = TransformerLM(ModelConfig(scheme="t5", **TINY))
+    where = ckpt.save_checkpoint(tmp_path / "ck" / "last", model, trainer_state={"step": 1})
+    before = {f.name: f.read_bytes() for f in where.iterdir()}
+    for failing in (ckpt.MODEL_FILE, ckpt.CONFIG_FILE, ckpt.TRAINER_FILE):
+        calls = iter(range(10))
+        order = [ckpt.MODEL_FILE, ckpt.CONFIG_FILE, ckpt.TRAINER_FILE]
+        with monkeypatch.context() as m:  # fsync fails on the file ``failing``: the files go in this order
+            m.setattr(os, "fsync", lambda fd: _enospc() if order[next(calls)] == failing else real(fd))
+            with pytest.raises(OSError) as err:
+                ckpt.save_checkpoint(where, model, trainer_state={"step": 2})
+        assert err.value.errno == errno.ENOSPC and err.value.filename == str(where / failing)
+        assert {f.name: f.read_bytes() for f in where.iterdir()} == before  # the previous checkpoint, whole
+        assert sorted(os.listdir(tmp_path / "ck")) == ["last"]  # no last.tmp
+    assert ckpt.load_trainer_state(where)["step"] == 1
+
+    plt = plot.pyplot()
+    fig = plt.figure()
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", _enospc)
+        with pytest.raises(OSError, match="No space left on device"):
+            plot.save_figure(fig, tmp_path / "pics" / "a.png")
+    assert os.listdir(tmp_path / "pics") == [] and not plt.get_fignums()  # no file, and the figure closed
+
+
+def test_a_full_disk_is_one_line_that_says_what_to_do(capsys, monkeypatch):
+    """The CLI turns an ``OSError`` into one line naming the file (status 1, no traceback), and where the
+    space ran out says that finished work is kept and a re-run resumes; a progress bar the error cut short
+    is cleared first, so the message starts a line."""
+    from tqdm.auto import tqdm
+
+    import posbias.cli as cli
+
+    def fill(args):
+        bar = tqdm(total=10, leave=False)
+        bar.update(3)
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/last/model.safetensors")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_known_args", lambda argv: (types.SimpleNamespace(func=fill), []))
+    monkeypatch.setattr(cli, "_check_common", lambda args: None)
+    assert cli.main(["extrapolate"]) == 1
+    err = capsys.readouterr().err
+    last = err.split("\r")[-1].strip()  # what the terminal shows on the last line
+    assert last == ("posbias extrapolate: error: '/runs/x/last/model.safetensors': No space left on device; what "
+                    "was finished is kept: free some space and re-run to resume"), err
+    assert "Traceback" not in err and err.endswith("resume\n") and "\n" not in err.rstrip("\n").split("\r")[-1]
+    assert not getattr(tqdm, "_instances", ())
+    assert cli._os_problem(PermissionError(errno.EACCES, "Permission denied", "/ro/x")) == "'/ro/x': Permission denied"
+
+
+def test_a_study_that_runs_out_of_room_says_so_and_resumes(tmp_path, text_file):
+    """End to end, in a process whose files may not grow past 16 KB (``RLIMIT_FSIZE``: ``EFBIG`` where a
+    disk would say ``ENOSPC``): the first checkpoint fails, the study stops with one line naming it and
+    leaves no ``last.tmp``; the same command without the limit then finishes."""
+    resource = pytest.importorskip("resource")
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))
+
+    argv = _study(tmp_path / "run", text_file, "--schemes", "t5")
+    run = subprocess.run(argv, env=ENV, capture_output=True, text=True, preexec_fn=limited)
+    err = run.stderr.strip()
+    assert run.returncode == 1 and "Traceback" not in err and "\n" not in err, err
+    assert err.startswith("posbias extrapolate: error: '") and "model.safetensors': File too large" in err, err
+    assert not list((tmp_path / "run").rglob("*.tmp")), list((tmp_path / "run").rglob("*"))
+    done = subprocess.run(argv, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "run" / "results.md").exists()
 
 
 # -- processes: kills, concurrency, closed stdout -----------------------------------------------

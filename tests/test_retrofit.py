@@ -161,7 +161,7 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
     assert "Decision table" in md and "passkey @ 96" in md and "95% Wilson interval" in md
     assert "Which differences are real" in md and md.count("**best**") == 2  # at L (48) and the one length past it, 96
     # the summary opens the report: the best row at 96 and at L, from the same paired comparisons
-    best = {n: res.rows[next(j for j, p in enumerate(t) if p.best)] for n, t in retrofit_report._paired(res).items()}
+    best = {n: res.rows[next(j for j, p in enumerate(t) if p.best)] for n, t in res.paired.items()}
     assert set(best) == {L, 2 * L}
     for n, where in ((2 * L, f"{2 * L}"), (L, f"L = {L} (the near range)")):
         r = best[n]
@@ -178,8 +178,8 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
             assert min(r["passkey_digits"][2 * L]) >= r["passkey"][2 * L]
     digits = [(f"{r['method']} ({r['stage']})", r["passkey_digits"][2 * L]) for r in res.rows if r["passkey"]]
     assert digits_sentence(digits, f"at {2 * L}") in md
-    assert list(res.paired) == [2 * L] and len(res.paired[2 * L]) == len(res.rows)
-    assert sum(p.best for p in res.paired[2 * L]) == 1
+    assert list(res.paired) == [L, 2 * L] and all(len(t) == len(res.rows) for t in res.paired.values())
+    assert all(sum(p.best for p in t) == 1 for t in res.paired.values())
     assert (tmp_path / "out" / "ppl_vs_length.png").exists()
     assert all(0.0 <= r["passkey"][2 * L] <= 1.0 for r in res.rows if r["stage"] != "no fine-tune")
     assert all(r["passkey"] is None for r in res.rows if r["stage"] == "no fine-tune")
@@ -1708,3 +1708,43 @@ def test_retrofit_summary_says_whether_any_method_beats_the_model_as_it_was():
                                       "(before). The model as it was is among them: no retrofit here gains anything "
                                       "beyond the noise.")
     assert say(worse, best, worse) == "* **Best at 1024: ntk (fine-tuned 100)**; every other row is worse beyond the noise."
+
+
+def test_retrofit_and_diagnose_refuse_a_device_this_machine_lacks_before_any_work(tmp_path, corpus):
+    """As ``run_study``: called from Python (the CLI checks first), a device that is not cpu/cuda[:N], or
+    CUDA on a machine without it, is a ValueError naming the setting before any folder is made (was torch's
+    RuntimeError or AssertionError once the checkpoint moved to it)."""
+    path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
+    bad = ["tpu", "nonsense!"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:1"])
+    for device in bad:
+        expect = r"^device .*(is not a device|posbias runs on cpu or cuda|no CUDA device)"
+        with pytest.raises(ValueError, match=expect):
+            run_retrofit(path, RetrofitConfig(to=2 * L, methods=("t5-distance",), device=device), tmp_path / "r",
+                         corpus=corpus)
+        with pytest.raises(ValueError, match=expect):
+            run_diagnose(path, DiagnoseConfig(length=2 * L, device=device), corpus=corpus, out=tmp_path / "d")
+        assert not (tmp_path / "r").exists() and not (tmp_path / "d").exists()
+
+
+def test_diagnose_notes_when_the_attention_statistics_exceed_the_free_memory(tmp_path, corpus, monkeypatch):
+    """The length is refused against all the memory a device has (``examined_length``); against what is free
+    now, with other processes holding the rest, a diagnosis says so in one line before it measures the
+    attention statistics (and not when a cached measurement spares it)."""
+    import posbias.diagnose as diagnose
+
+    free = diagnose.free_memory("cpu")
+    assert free is None or 0 < free <= diagnose.device_memory("cpu")
+    assert diagnose.attention_peak(4, 1000) == 3.5 * 4 * 1000 ** 2 * 4
+    monkeypatch.setattr(diagnose, "free_memory", lambda device: 10 * 2**20)
+    note = diagnose.memory_note(4, 2048, "cpu")
+    assert note == ("note: the attention statistics at 2048 tokens need about 0.2 GiB at their peak and this cpu has "
+                    "0.0 GiB free now; the run may swap or be killed (free memory, or a shorter --length)")
+    assert diagnose.memory_note(4, 64, "cpu") is None  # 0.2 MiB fits
+    path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
+    monkeypatch.setattr(diagnose, "free_memory", lambda device: 1)
+    cfg, said = DiagnoseConfig(length=2 * L, windows=2, eval_tokens=200, passkey_steps=0), []
+    run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d", log=said.append)
+    assert sum(s.startswith(f"note: the attention statistics at {2 * L} tokens") for s in said) == 1
+    said.clear()
+    run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d", log=said.append)  # cached: nothing to measure
+    assert not any(s.startswith("note: the attention statistics") for s in said)

@@ -788,3 +788,10 @@ def test_run_study_refuses_a_device_this_machine_lacks_before_any_work(tmp_path)
         with pytest.raises(ValueError, match=r"^device .*(is not a device|posbias runs on cpu or cuda|no CUDA device)"):
             run_study(StudyConfig(device=device, steps=1, train_len=16, eval_lens=(16, 32)), tmp_path / "o", corpus=corpus)
         assert not (tmp_path / "o").exists()
+
+
+def test_the_time_left_reads_in_units_a_person_reads():
+    """The study's estimate of the time left ("at most about 0 min left" for a 16 s model, once)."""
+    from posbias.study import _duration
+
+    assert [_duration(t) for t in (16, 89.4, 100, 89 * 60, 4 * 3600)] == ["16 s", "89 s", "2 min", "89 min", "4.0 h"]

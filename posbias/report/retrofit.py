@@ -11,7 +11,7 @@ from typing import Any
 from .. import passkey, store
 from ..config import Log, quiet
 from ..evaluate import Paired
-from ..retrofit import PASSKEY_DEPTHS, RetrofitResult, compare_rows
+from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
 from . import (copies_cell, copies_sentence, copy_names, corpus_line, digits_sentence, far_filler_sentences, few_segments,
                best_and_tied, kept_cell, md_table, paired_cell, tied_clause)
 
@@ -62,7 +62,7 @@ def _row_copies(r: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def summary(result: RetrofitResult, paired: dict[int, list[Paired]]) -> list[str]:
-    """The decision in sentences, from the paired comparisons (:func:`_paired`) and no threshold of ours:
+    """The decision in sentences, from the paired comparisons (``result.paired``) and no threshold of ours:
     at the target length the best row, the rows not distinguishable from it, and whether the model as
     it was (no retrofit) is among them, when a retrofit gains nothing beyond the noise there; the same at
     L, what each method costs in the near range."""
@@ -88,19 +88,9 @@ def _best(table: list[Paired], rows: list[dict[str, Any]], where: str, gain: str
                else "."))
 
 
-def _paired(result: RetrofitResult) -> dict[int, list[Paired]]:
-    """Every row against the best row at L (the near range) and at every length past it, paired over the
-    same windows (:func:`posbias.retrofit.compare_rows`; ``result.paired`` holds those past L)."""
-    rows, L = result.rows, result.train_len
-    if not result.paired:
-        return {}
-    near = compare_rows(rows, [L]) if L in rows[0]["window_loss"] else {}
-    return {**near, **result.paired}
-
-
 def _paired_section(result: RetrofitResult, paired: dict[int, list[Paired]]) -> list[str]:
     """Each row's perplexity relative to the best row's at L and every length past it, paired over the same
-    windows (:func:`_paired`)."""
+    windows (``result.paired``: :func:`posbias.retrofit.compare_rows`)."""
     if not paired:
         return []
     lens, rows = list(paired), result.rows
@@ -179,7 +169,7 @@ def markdown(result: RetrofitResult) -> str:
              "validation tokens in segments spread evenly over the split."
              + (f" Fine-tunes train the positional parameters at {result.pos_lr_mult:g}× their learning rate"
                 f"{' (as the checkpoint was trained)' if result.config.pos_lr_mult is None else ''}." if tuned else ""),
-             ""] + summary(result, paired := _paired(result)) + md_table(
+             ""] + summary(result, paired := result.paired) + md_table(
         ["method", "stage", *(f"ppl @ {n}" for n in lens), f"ppl@{to} / ppl@{L} (before)"],
         [[r["method"], r["stage"], *(f"{r['ppl'][n]:.3f}" for n in lens), f"{r['ppl'][to] / ref:.2f}"] for r in rows])
     lines += _paired_section(result, paired)
