@@ -759,6 +759,21 @@ def _close_bars() -> None:
         bar.close()
 
 
+#: how torch says an allocation failed: on the CPU (``DefaultCPUAllocator: can't allocate memory: you
+#: tried to allocate N bytes``) and on CUDA (``torch.OutOfMemoryError``: ``CUDA out of memory``)
+_NO_MEMORY = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes|out of memory", re.IGNORECASE)
+
+
+def _memory_problem(exc: BaseException) -> str | None:
+    """A failed allocation in one line (what was asked, and what to do); None for any other error."""
+    found = _NO_MEMORY.search(str(exc)) if isinstance(exc, RuntimeError) else None
+    if not isinstance(exc, MemoryError) and found is None:
+        return None
+    asked = f" (an allocation of {int(found.group(1)) / 2**30:.1f} GiB)" if found and found.group(1) else ""
+    return (f"out of memory{asked}; what was finished is kept: a shorter length, a smaller batch or "
+            f"fewer evaluation tokens, then re-run to resume")
+
+
 def _os_problem(exc: OSError) -> str:
     """An ``OSError`` in one line: the file, what the system said and, where space ran out, what to do
     (every result is written atomically, so what was finished is kept and a re-run resumes from it)."""
@@ -791,6 +806,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except OSError as exc:  # a full disk, a folder that cannot be written: one line naming the file
         return _error(command, _os_problem(exc), 1)
+    except (MemoryError, RuntimeError) as exc:
+        problem = _memory_problem(exc)
+        if problem is None:  # any other RuntimeError is a bug to see whole
+            raise
+        return _error(command, problem, 1)
     except KeyboardInterrupt:
         _close_bars()
         print(f"\nposbias {command}: interrupted (finished work is saved; re-run to resume)", file=sys.stderr)

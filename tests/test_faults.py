@@ -296,11 +296,7 @@ def test_a_full_disk_is_one_line_that_says_what_to_do(capsys, monkeypatch):
         bar.update(3)
         raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/last/model.safetensors")
 
-    parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    monkeypatch.setattr(parser, "parse_known_args", lambda argv: (types.SimpleNamespace(func=fill), []))
-    monkeypatch.setattr(cli, "_check_common", lambda args: None)
-    assert cli.main(["extrapolate"]) == 1
+    assert _extrapolate_running(fill, monkeypatch) == 1
     err = capsys.readouterr().err
     last = err.split("\r")[-1].strip()  # what the terminal shows on the last line
     assert last == ("posbias extrapolate: error: '/runs/x/last/model.safetensors': No space left on device; what "
@@ -308,6 +304,39 @@ def test_a_full_disk_is_one_line_that_says_what_to_do(capsys, monkeypatch):
     assert "Traceback" not in err and err.endswith("resume\n") and "\n" not in err.rstrip("\n").split("\r")[-1]
     assert not getattr(tqdm, "_instances", ())
     assert cli._os_problem(PermissionError(errno.EACCES, "Permission denied", "/ro/x")) == "'/ro/x': Permission denied"
+
+
+def test_out_of_memory_is_one_line_and_other_runtime_errors_stay_whole(capsys, monkeypatch):
+    """A failed allocation (torch's CPU message, CUDA's OutOfMemoryError, Python's MemoryError) is one line
+    saying what was asked and what to do, status 1; any other RuntimeError is a bug and keeps its traceback."""
+    try:
+        torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: refused at once, nothing allocated
+    except RuntimeError as exc:
+        cpu = exc
+    cases = [(cpu, "out of memory (an allocation of 1048576.0 GiB); what was finished is kept"),
+             (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of memory; what"),
+             (MemoryError(), "out of memory; what")]
+    for exc, said in cases:
+        assert _extrapolate_running(lambda args, exc=exc: _raise(exc), monkeypatch) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"posbias extrapolate: error: {said}") and err.count("\n") == 1, err
+    with pytest.raises(RuntimeError, match="a bug"):
+        _extrapolate_running(lambda args: _raise(RuntimeError("a bug")), monkeypatch)
+
+
+def _raise(exc):
+    raise exc
+
+
+def _extrapolate_running(command, monkeypatch) -> int:
+    """``posbias extrapolate``'s exit status with its work replaced by ``command(args)``."""
+    import posbias.cli as cli
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(cli, "_check_common", lambda args: None)
+    monkeypatch.setattr(parser, "parse_known_args", lambda argv: (types.SimpleNamespace(func=command), []))
+    return cli.main(["extrapolate"])
 
 
 def test_a_study_that_runs_out_of_room_says_so_and_resumes(tmp_path, text_file):
