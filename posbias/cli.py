@@ -9,13 +9,15 @@ its own. Errors print one line and exit with status 2; a config error names the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import torch
 
@@ -784,8 +786,36 @@ def _os_problem(exc: OSError) -> str:
     return said
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler preempting the job, ``kill``) raised in the main thread, so that it unwinds as
+    an interrupt does: temporary files removed, locks released, and one line said."""
+
+
+def _terminate(signum: int, frame: Any) -> NoReturn:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` for the duration (the previous handler restored after); a no-op
+    outside the main thread, where no handler can be set."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    with _sigterm_unwinds():
+        return _main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     command = argv[0] if argv else "posbias"
     try:
@@ -815,6 +845,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _close_bars()
         print(f"\nposbias {command}: interrupted (finished work is saved; re-run to resume)", file=sys.stderr)
         return 130
+    except Terminated:
+        _close_bars()
+        print(f"posbias {command}: terminated (SIGTERM; finished work is saved; re-run to resume)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

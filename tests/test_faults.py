@@ -320,8 +320,10 @@ def test_out_of_memory_is_one_line_and_other_runtime_errors_stay_whole(capsys, m
         assert _extrapolate_running(lambda args, exc=exc: _raise(exc), monkeypatch) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"posbias extrapolate: error: {said}") and err.count("\n") == 1, err
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(RuntimeError, match="a bug"):
         _extrapolate_running(lambda args: _raise(RuntimeError("a bug")), monkeypatch)
+    assert signal.getsignal(signal.SIGTERM) is handler  # main's SIGTERM handler is its own, for its duration
 
 
 def _raise(exc):
@@ -455,6 +457,29 @@ def test_two_runs_in_one_folder_share_the_models_and_a_retrofit_there_refuses(tm
 
 
 @pytest.mark.slow
+def test_sigterm_stops_with_one_line_and_the_rerun_resumes(tmp_path, text_file):
+    """A scheduler preempting the job (SIGTERM) stops it the way Ctrl-C does: one line, status 143, no
+    traceback, no temporary left (it used to die at once, silently); the same command then resumes from
+    the last checkpoint and finishes."""
+    argv = _study(tmp_path / "run", text_file, "--schemes", "t5", "--steps", "600")
+    p = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "training 600 steps" not in p.stdout.readline():
+        assert p.poll() is None, p.stderr.read()
+    deadline = time.time() + 120
+    while not list((tmp_path / "run").glob("models/*/last/config.json")):  # the first checkpoint (step 100)
+        assert time.time() < deadline and p.poll() is None, p.stderr.read() if p.poll() is not None else "slow"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == ("posbias extrapolate: terminated (SIGTERM; finished work is saved; re-run "
+                                            "to resume)") and "Traceback" not in err, err
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+    again = subprocess.run(argv, env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from step" in again.stdout + again.stderr and (tmp_path / "run" / "results.md").exists()
+
+
 def test_closed_stdout_does_not_stop_the_job(tmp_path, text_file):
     """`posbias extrapolate … | head -1`: the job still writes every result file."""
     out = tmp_path / "run"
