@@ -1,5 +1,6 @@
 """The study stack: data determinism, training/resume, evaluation, the extrapolate command, errors."""
 
+import dataclasses
 import json
 import math
 import os
@@ -795,3 +796,31 @@ def test_the_time_left_reads_in_units_a_person_reads():
     from posbias.study import _duration
 
     assert [_duration(t) for t in (16, 89.4, 100, 89 * 60, 4 * 3600)] == ["16 s", "89 s", "2 min", "89 min", "4.0 h"]
+
+
+def test_a_report_of_other_settings_is_replaced_with_a_note(tmp_path, text_file):
+    """Two studies with other settings in one folder share its models (keyed) but not its report: the
+    second one's ``results.md`` replaces the first's, and says so, naming what differs; a re-run of the same
+    study says nothing. The same for a retrofit with another target."""
+    from posbias.data import local_corpus
+    from posbias.report import study as study_report
+    from posbias.report import retrofit as retrofit_report
+    from posbias.retrofit import RetrofitConfig, run_retrofit
+    from posbias.study import StudyConfig, run_study
+
+    corpus = local_corpus(text_file)
+    cfg = StudyConfig(schemes=("alibi",), train_len=16, eval_lens=(16, 32), steps=2, batch_size=4, d_model=32,
+                      n_layers=1, n_heads=2, eval_tokens=256, threads=1)
+    said = []
+    for c in (cfg, cfg, dataclasses.replace(cfg, steps=3, schemes=("alibi", "nope"))):
+        study_report.write(run_study(c, tmp_path / "s", corpus=corpus), tmp_path / "s", log=said.append)
+    assert said == [f"note: {tmp_path / 's'} held the report of another study with other study.schemes, study.steps; "
+                    "this run's report replaces it (that run's models and caches stay: re-running its command "
+                    "rewrites its report)"]
+    model = next((tmp_path / "s" / "models").glob("alibi-*")) / "final"
+    said.clear()
+    for to in (32, 32, 64):
+        rc = RetrofitConfig(to=to, methods=("swap-t5",), eval_tokens=256, threads=1)
+        retrofit_report.write(run_retrofit(model, rc, tmp_path / "r", corpus=corpus), tmp_path / "r", log=said.append)
+    assert len(said) == 1 and said[0].startswith(f"note: {tmp_path / 'r'} held the report of another retrofit with "
+                                                 "other config.to; this run's report replaces it"), said

@@ -12,10 +12,37 @@ copies of a model, :func:`few_segments` the one warning on an evaluation of too 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Sequence
 
-from .. import passkey
+from .. import passkey, store
+from ..config import Log
 from ..evaluate import SEGMENTS, Paired
+
+
+def note_replaced(path: Path, new: dict[str, Any], fields: Sequence[str], what: str, log: Log) -> None:
+    """Before ``path`` (a ``results.json``) is rewritten with ``new``: a line through ``log`` when it holds
+    the report of a run whose ``fields`` differ (a dict field by its entries: ``study.steps``), since the
+    new report replaces it. That run's models and caches stay keyed in the folder, so re-running its
+    command rewrites its report from them."""
+    if not path.exists():
+        return
+    try:
+        old = store.read_json(path)
+    except ValueError:  # unreadable: nothing to compare, and the new report mends it
+        return
+    new = json.loads(json.dumps(new, default=str))  # tuples as lists and keys as strings, as read back
+    differ = []
+    for f in fields:
+        a, b = old.get(f), new.get(f)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ += [f"{f}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            differ.append(f)
+    if differ:
+        log(f"note: {path.parent} held the report of {what} with other {', '.join(differ)}; this run's report "
+            "replaces it (that run's models and caches stay: re-running its command rewrites its report)")
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:

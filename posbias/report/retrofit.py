@@ -13,18 +13,18 @@ from ..config import Log, quiet
 from ..evaluate import Paired
 from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
 from . import (copies_cell, copies_sentence, copy_names, corpus_line, digits_sentence, far_filler_sentences, few_segments,
-               best_and_tied, kept_cell, md_table, paired_cell, tied_clause)
+               best_and_tied, kept_cell, md_table, note_replaced, paired_cell, tied_clause)
 
 STAGE_STYLES = {"before": ":", "no fine-tune": "--"}  # fine-tuned stages: solid
 
 
 def write(result: RetrofitResult, out: str | Path, *, log: Log = quiet) -> list[Path]:
     """Write ``results.json``, ``results.md`` and ``ppl_vs_length.png`` into ``out``."""
-    out = Path(out)
-    paths = [store.write_json(out / "results.json", result.to_json()),
-             store.write_text(out / "results.md", markdown(result))]
+    out, saved = Path(out), result.to_json()
+    note_replaced(out / "results.json", saved, ("checkpoint", "config", "corpus"), "another retrofit", log)
+    paths = [store.write_json(out / "results.json", saved), store.write_text(out / "results.md", markdown(result))]
     try:
-        paths.append(plot(result.to_json(), out / "ppl_vs_length.png"))
+        paths.append(plot(saved, out / "ppl_vs_length.png"))
     except ValueError as exc:  # matplotlib missing
         log(f"plot skipped: {exc}")
     return paths

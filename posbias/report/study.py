@@ -14,7 +14,7 @@ from .. import store
 from ..config import Log, quiet
 from ..evaluate import N_BOOT, local_head
 from ..study import StudyResult, learned_little, records_at
-from . import best_and_tied, facing_end, few_segments, md_table, paired_cell, tied_clause
+from . import best_and_tied, facing_end, few_segments, md_table, note_replaced, paired_cell, tied_clause
 
 Records = list[dict[str, Any]]
 
@@ -22,9 +22,9 @@ Records = list[dict[str, Any]]
 def write(result: StudyResult, out: str | Path, *, log: Log = quiet) -> list[Path]:
     """Write ``results.json``, ``results.md`` and the PNGs into ``out``; returns the paths written.
     Without matplotlib the PNGs are skipped (said through ``log``) and the rest is still written."""
-    out = Path(out)
-    paths = [store.write_json(out / "results.json", result.to_json()),
-             store.write_text(out / "results.md", markdown(result))]
+    out, saved = Path(out), result.to_json()
+    note_replaced(out / "results.json", saved, ("study", "corpus"), "another study", log)
+    paths = [store.write_json(out / "results.json", saved), store.write_text(out / "results.md", markdown(result))]
     try:
         paths += plots(result, out)
     except ValueError as exc:  # matplotlib missing
