@@ -93,6 +93,9 @@ class StudyConfig:
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"scheme {dup[0]!r} is listed twice; give the copies different options")
+        if not isinstance(self.scheme_options, dict) or not all(isinstance(o, dict) for o in self.scheme_options.values()):
+            raise ConfigError("scheme_options", "must map scheme names to dicts of options ({'t5': {'max_distance': "
+                                                f"128}}), got {self.scheme_options!r}")
         for name, opts in self.scheme_options.items():
             check_options(name, opts)
         for n in self.eval_lens:
@@ -122,6 +125,8 @@ class StudyConfig:
                     build(arm.scheme, n_heads=self.n_heads, head_dim=self.d_model // self.n_heads, **arm.options)
             except ValueError as e:
                 raise ValueError(f"scheme {arm.label}: {e}") from None
+            except OverflowError:  # a size past what torch can index
+                raise ConfigError("d_model", f"{self.d_model} is too large for a model") from None
 
     def lengths(self) -> list[int]:
         return sorted(set(self.eval_lens))

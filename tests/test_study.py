@@ -824,3 +824,17 @@ def test_a_report_of_other_settings_is_replaced_with_a_note(tmp_path, text_file)
         retrofit_report.write(run_retrofit(model, rc, tmp_path / "r", corpus=corpus), tmp_path / "r", log=said.append)
     assert len(said) == 1 and said[0].startswith(f"note: {tmp_path / 'r'} held the report of another retrofit with "
                                                  "other config.to; this run's report replaces it"), said
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"scheme_options": 3}, r"scheme_options must map scheme names to dicts of options"),
+    ({"scheme_options": {"t5": 128}}, r"scheme_options must map scheme names to dicts of options"),
+    ({"d_model": 10**30, "n_heads": 1}, r"d_model 10{30} is too large for a model".replace("10{30}", str(10**30))),
+])
+def test_study_config_refuses_what_is_not_a_setting_with_a_value_error(kwargs, match):
+    """Found by feeding every StudyConfig field bad values: these two went out as AttributeError and
+    OverflowError from deep inside instead of an error naming the setting."""
+    from posbias.study import StudyConfig
+
+    with pytest.raises(ValueError, match=match):
+        StudyConfig(**kwargs)
