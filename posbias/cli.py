@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, NoReturn, Sequence
 import torch
 
 from . import store
+from .stopping import Terminated, raise_terminated
 from ._version import __version__
 from .config import ConfigError, check_seed
 from .schemes import SCHEMES, ToeplitzScheme, build, get_scheme_class, option_specs, parse_option, parse_options, parse_spec
@@ -786,21 +787,14 @@ def _os_problem(exc: OSError) -> str:
     return said
 
 
-class Terminated(BaseException):
-    """SIGTERM (a scheduler preempting the job, ``kill``) raised in the main thread, so that it unwinds as
-    an interrupt does: temporary files removed, locks released, and one line said."""
-
-
-def _terminate(signum: int, frame: Any) -> NoReturn:
-    raise Terminated
-
-
 @contextlib.contextmanager
 def _sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` for the duration (the previous handler restored after); a no-op
-    outside the main thread, where no handler can be set."""
+    """SIGTERM (a scheduler preempting the job, ``kill``) raises :class:`~posbias.stopping.Terminated` for
+    the duration, so that it unwinds as an interrupt does (temporary files removed, locks released, a
+    training loop's progress saved between steps, one line said); the previous handler is restored after.
+    A no-op outside the main thread, where no handler can be set."""
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
     except ValueError:
         yield
         return

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .schemes.base import check_int
+from .stopping import between_steps
 from .train import NonFiniteLoss, lr_at
 
 
@@ -67,28 +68,35 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
     saved_at = time.monotonic()
     bar = tqdm(range(start, steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True, initial=start,
                total=steps)
-    for step in bar:
-        if stop is not None and step % check_every == 0 and _done(stop, step, model):
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, lr=lr, steps=steps, warmup=warm, min_ratio=0.1) * g["lr_mult"]
-        loss = loss_fn(model, batch_fn(step))
-        value = loss.item()
-        if not math.isfinite(value):
-            bar.close()
-            _diverged(f"loss {value} at step {step + 1} of {steps}", desc, lr, start, resume)
-        _update(opt, params, loss)
-        losses.append(value)
-        bar.set_postfix(loss=f"{value:.3f}")
-        if resume is not None and step + 1 < steps and time.monotonic() - saved_at >= save_every_s:
-            _save_progress(resume, model, opt, step + 1, losses, settings, generator)
-            start, saved_at = step + 1, time.monotonic()  # start: the step the progress checkpoint holds
+    with between_steps() as held:  # Ctrl-C / SIGTERM: held to the end of its step
+        for step in bar:
+            if stop is not None and step % check_every == 0 and _done(stop, step, model):
+                break
+            loss = loss_fn(model, batch_fn(step))
+            value = loss.item()
+            if not math.isfinite(value):
+                bar.close()
+                _diverged(f"loss {value} at step {step + 1} of {steps}", desc, lr, start, resume)
+            _update(opt, params, loss, lr_at(step, lr=lr, steps=steps, warmup=warm, min_ratio=0.1))
+            losses.append(value)
+            bar.set_postfix(loss=f"{value:.3f}")
+            due = step + 1 < steps and time.monotonic() - saved_at >= save_every_s
+            if resume is not None and (due or held.requested):  # (at the last step too: a resumed run returns)
+                _save_progress(resume, model, opt, step + 1, losses, settings, generator)
+                start, saved_at = step + 1, time.monotonic()  # start: the step the progress checkpoint holds
+            if held.requested:  # an interruption came during this step: saved above, raised now
+                bar.close()
+                held.stop()
     bar.close()
+    _check_finite(model, desc, lr, resume)
+    model.eval()
+    return losses
+
+
+def _check_finite(model: nn.Module, desc: str, lr: float, resume: str | Path | None) -> None:
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         _diverged(f"its last step left non-finite weights ({', '.join(bad[:3])})", desc, lr, 0, resume)
-    model.eval()
-    return losses
 
 
 def _done(stop: Callable[[int], bool], step: int, model: nn.Module) -> bool:
@@ -98,7 +106,10 @@ def _done(stop: Callable[[int], bool], step: int, model: nn.Module) -> bool:
     return done
 
 
-def _update(opt: torch.optim.Optimizer, params: list[nn.Parameter], loss: Tensor) -> None:
+def _update(opt: torch.optim.Optimizer, params: list[nn.Parameter], loss: Tensor, rate: float) -> None:
+    """One optimizer step at learning rate ``rate`` (times each group's ``lr_mult``)."""
+    for g in opt.param_groups:
+        g["lr"] = rate * g["lr_mult"]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .attention import attention, attention_probs
+from .attention import BACKENDS, attention, attention_probs
 from .config import check_count
-from .schemes import Scheme, build
+from .schemes import Scheme, build, get_scheme_class
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        get_scheme_class(self.scheme)  # an unknown name: ValueError listing the schemes, now rather than when built
+        if not isinstance(self.scheme_options, dict):
+            raise ValueError(f"scheme_options must be a dict of the scheme's options, got {self.scheme_options!r}")
+        if self.backend != "auto" and self.backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
 

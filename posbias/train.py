@@ -23,6 +23,7 @@ from . import checkpoint as ckpt
 from .config import check_count, check_rate, check_seed
 from .data import batch_at
 from .model import ModelConfig, TransformerLM
+from .stopping import between_steps
 
 
 @dataclass(frozen=True)
@@ -182,35 +183,46 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
     wall0 = history["wall_s"]
     model.train()
     step = start
-    for step in range(start, cfg.steps):
-        if stop_after is not None and step >= stop_after:
-            break
-        x, y = batch_at(train_tokens, step, batch_size=cfg.batch_size, seq_len=cfg.train_len, seed=cfg.seed)
-        try:
-            loss = _step(net, model, opt, cfg, x[rank::world].to(device), y[rank::world].to(device), step)
-        except NonFiniteLoss as exc:
-            bar.close()
-            raise NonFiniteLoss(f"training {model_cfg.scheme} diverged: {exc}; the last good checkpoint is kept "
-                                f"in {str(last)!r}") from None
-        history["train_loss"].append(loss.item())
-        history["tokens"] += cfg.batch_size * cfg.train_len
-        history["wall_s"] = wall0 + time.perf_counter() - t0
-        done = step + 1
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-            history["val_loss"].append((done, validation_loss(model, val_tokens, cfg, device)))
-            if log and rank == 0:
-                log(f"{model_cfg.scheme} step {done}: val loss {history['val_loss'][-1][1]:.4f}")
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{history['tokens'] / max(history['wall_s'], 1e-9):.0f}")
-        bar.update(1)
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            _save(last, model, meta, world, rank, trainer_state={
-                "step": done, "optimizer": opt.state_dict(), "history": history, "train_config": asdict(cfg),
-                "model_config": model_cfg.to_dict()})
-        step = done
+    with between_steps(enabled=world == 1) as held:  # Ctrl-C / SIGTERM: held to the end of its step
+        for step in range(start, cfg.steps):
+            if stop_after is not None and step >= stop_after:
+                break
+            x, y = batch_at(train_tokens, step, batch_size=cfg.batch_size, seq_len=cfg.train_len, seed=cfg.seed)
+            try:
+                loss = _step(net, model, opt, cfg, x[rank::world].to(device), y[rank::world].to(device), step)
+            except NonFiniteLoss as exc:
+                bar.close()
+                raise NonFiniteLoss(f"training {model_cfg.scheme} diverged: {exc}; the last good checkpoint is kept "
+                                    f"in {str(last)!r}") from None
+            history["train_loss"].append(loss.item())
+            history["tokens"] += cfg.batch_size * cfg.train_len
+            history["wall_s"] = wall0 + time.perf_counter() - t0
+            done = step + 1
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                history["val_loss"].append((done, validation_loss(model, val_tokens, cfg, device)))
+                if log and rank == 0:
+                    log(f"{model_cfg.scheme} step {done}: val loss {history['val_loss'][-1][1]:.4f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{history['tokens'] / max(history['wall_s'], 1e-9):.0f}")
+            bar.update(1)
+            if done % cfg.ckpt_every == 0 or done == cfg.steps or held.requested:
+                _save(last, model, meta, world, rank, trainer_state=_progress(done, opt, history, cfg, model_cfg))
+            if held.requested:  # an interruption came during this step: saved above, raised now
+                bar.close()
+                if log:
+                    log(f"{model_cfg.scheme}: stopped after step {done} of {cfg.steps}, saved in {str(last)!r}")
+                held.stop()
+            step = done
     bar.close()
     if step >= cfg.steps and not ckpt.exists(out / "final"):
         _save(out / "final", model, {"train": asdict(cfg), "history": history, **(extra_meta or {})}, world, rank)
     return history
+
+
+def _progress(step: int, opt: torch.optim.Optimizer, history: dict[str, Any], cfg: TrainConfig,
+              model_cfg: ModelConfig) -> dict[str, Any]:
+    """What a progress checkpoint keeps besides the weights (:func:`_resume` reads it)."""
+    return {"step": step, "optimizer": opt.state_dict(), "history": history, "train_config": asdict(cfg),
+            "model_config": model_cfg.to_dict()}
 
 
 def _save(where: Path, model: TransformerLM, meta: dict[str, Any], world: int, rank: int,

@@ -238,6 +238,20 @@ def test_out_that_is_a_file(command, under, tmp_path, capsys, saved):
     assert f.read_text() == "x"
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"scheme": "x"}, r"unknown scheme 'x'; valid schemes: sinusoidal"),
+    ({"scheme": "t5", "scheme_options": 128}, r"scheme_options must be a dict of the scheme's options, got 128"),
+    ({"scheme": "t5", "backend": "fast"}, r"backend must be 'auto' or one of reference, sdpa, .*, got 'fast'"),
+    ({"scheme": "t5", "n_layers": True}, r"n_layers must be a positive integer, got True"),
+])
+def test_model_config_refuses_bad_values_when_made(kwargs, match):
+    """Found by feeding every ModelConfig field bad values: these were accepted and failed later (when
+    the model was built: a TypeError from ``**``; at the first forward: the backend), or, for True, made a
+    one-layer model."""
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**kwargs)
+
+
 # -- a full disk --------------------------------------------------------------------------------
 def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
@@ -457,6 +471,71 @@ def test_two_runs_in_one_folder_share_the_models_and_a_retrofit_there_refuses(tm
 
 
 @pytest.mark.slow
+def test_an_interruption_is_held_to_the_end_of_the_step():
+    """``stopping.between_steps`` holds the first SIGINT (Python's KeyboardInterrupt) and a SIGTERM that
+    raises (``raise_terminated``, the CLI's) until the loop asks; a second signal raises at once; a SIGTERM
+    with the system's action, or ``enabled=False``, is not touched; the handlers come back after."""
+    from posbias import stopping
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with stopping.between_steps() as held:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert held.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # asked twice: at once
+        with pytest.raises(KeyboardInterrupt):
+            held.stop()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the system's action: not held
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGTERM, stopping.raise_terminated)
+    try:
+        with stopping.between_steps() as held:
+            os.kill(os.getpid(), signal.SIGTERM)
+            with pytest.raises(stopping.Terminated):
+                held.stop()
+        with stopping.between_steps(enabled=False) as held:
+            with pytest.raises(stopping.Terminated):
+                os.kill(os.getpid(), signal.SIGTERM)
+            assert not held.requested
+            held.stop()  # nothing held: nothing raised
+        assert signal.getsignal(signal.SIGTERM) is stopping.raise_terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_ctrl_c_during_training_saves_that_step_and_resumes_bit_identically(tmp_path, text_file, monkeypatch):
+    """Ctrl-C mid-step (sent here as step 37's batch is drawn, far from the checkpoints every 100 steps)
+    ends the step, saves it and raises; the run resumes from step 38 to the weights of one never stopped."""
+    import posbias.train as training
+    from posbias.data import local_corpus
+
+    c = local_corpus(text_file)
+    mcfg, tcfg = ModelConfig(scheme="t5", **TINY), TrainConfig(steps=60, batch_size=4, train_len=16, eval_every=0,
+                                                               ckpt_every=100, eval_batches=1)
+    train(mcfg, tcfg, c.train, c.val, tmp_path / "solo", progress=False)
+    real = training.batch_at
+
+    def interrupting(tokens, step, **kw):
+        if step == 37:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(tokens, step, **kw)
+
+    monkeypatch.setattr(training, "batch_at", interrupting)
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        train(mcfg, tcfg, c.train, c.val, tmp_path / "stopped", progress=False, log=said.append)
+    assert said == [f"t5: stopped after step 38 of 60, saved in {str(tmp_path / 'stopped' / 'last')!r}"]
+    assert ckpt.load_trainer_state(tmp_path / "stopped" / "last")["step"] == 38
+    assert not (tmp_path / "stopped" / "final").exists()
+    monkeypatch.setattr(training, "batch_at", real)
+    said.clear()
+    train(mcfg, tcfg, c.train, c.val, tmp_path / "stopped", progress=False, log=said.append)
+    assert said[0].startswith("t5: resuming from step 38 of 60")
+    a = load_file(str(tmp_path / "solo" / "final" / ckpt.MODEL_FILE))
+    b = load_file(str(tmp_path / "stopped" / "final" / ckpt.MODEL_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_sigterm_stops_with_one_line_and_the_rerun_resumes(tmp_path, text_file):
     """A scheduler preempting the job (SIGTERM) stops it the way Ctrl-C does: one line, status 143, no
     traceback, no temporary left (it used to die at once, silently); the same command then resumes from

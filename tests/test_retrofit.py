@@ -1270,6 +1270,42 @@ def test_interrupted_finetune_resumes_bit_identically(tmp_path, corpus):
         finetune(ckpt.load_model(tmp_path / "src"), real_batch, loss, steps=9, lr=3e-3, resume=progress)
 
 
+@pytest.mark.parametrize("at", [5, 7])  # mid-way, and in the last step (then the resumed call only returns)
+def test_ctrl_c_during_a_finetune_saves_the_step_and_resumes_bit_identically(tmp_path, corpus, at):
+    """Ctrl-C in the middle of a fine-tune step (here sent by its batch function, as the step begins) is
+    held to the step's end: the progress checkpoint then holds that step, however long ago the last
+    timed save was, and the KeyboardInterrupt goes on. Resumed, the fine-tune ends at the weights and
+    losses of an uninterrupted run."""
+    import os
+    import signal
+
+    from posbias.data import batch_at
+    from posbias.finetune import finetune
+
+    solo = ckpt.load_model(tiny_checkpoint(tmp_path / "src", "t5", max_distance=20))
+    want = _tiny_finetune(solo, corpus)
+    progress = tmp_path / "progress"
+
+    def real_batch(step):
+        return batch_at(corpus.train, step, batch_size=2, seq_len=2 * L, seed=1)
+
+    def interrupted(step):
+        if step == at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_batch(step)
+
+    loss = lambda m, b: m.loss(b[0].long(), b[1].long())  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        finetune(ckpt.load_model(tmp_path / "src"), interrupted, loss, steps=8, lr=3e-3, resume=progress,
+                 save_every_s=10**6)
+    assert ckpt.load_trainer_state(progress)["step"] == at + 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    fresh = ckpt.load_model(tmp_path / "src")
+    assert finetune(fresh, real_batch, loss, steps=8, lr=3e-3, resume=progress, save_every_s=10**6) == want
+    for (name, a), b in zip(solo.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_finetunes_train_positional_parameters_at_the_checkpoints_multiplier(tmp_path, corpus, monkeypatch):
     """A fine-tune moves the positional parameters at pos_lr_mult × its learning rate (the rest as at 1×):
     a fresh T5 table after a swap travels ~100× as far at 100× (measured on the demo's RoPE model: at
