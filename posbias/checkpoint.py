@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from . import store
 from .model import ModelConfig, TransformerLM
 
 MODEL_FILE, CONFIG_FILE, TRAINER_FILE = "model.safetensors", "config.json", "trainer.pt"
@@ -46,8 +47,8 @@ def save_checkpoint(path: str | Path, model: TransformerLM, *, extra: dict[str, 
                     fh.write(data)
                     fh.flush()
                     os.fsync(fh.fileno())  # durable before the rename makes it visible
-                except OSError as exc:
-                    raise OSError(exc.errno, exc.strerror or str(exc), str(path / name)) from exc
+                except OSError as exc:  # a failed write(2) names no file
+                    raise store.named(exc, path / name) from exc
     except BaseException:  # a full disk, an interrupt: the previous checkpoint stays, no half-written folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,7 +9,6 @@ its own. Errors print one line and exit with status 2; a config error names the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import os
 import re
@@ -17,12 +16,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 
 from . import store
-from .stopping import Terminated, raise_terminated
+from .stopping import Terminated, sigterm_raises
 from ._version import __version__
 from .config import ConfigError, check_seed
 from .schemes import SCHEMES, ToeplitzScheme, build, get_scheme_class, option_specs, parse_option, parse_options, parse_spec
@@ -787,25 +786,8 @@ def _os_problem(exc: OSError) -> str:
     return said
 
 
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM (a scheduler preempting the job, ``kill``) raises :class:`~posbias.stopping.Terminated` for
-    the duration, so that it unwinds as an interrupt does (temporary files removed, locks released, a
-    training loop's progress saved between steps, one line said); the previous handler is restored after.
-    A no-op outside the main thread, where no handler can be set."""
-    try:
-        previous = signal.signal(signal.SIGTERM, raise_terminated)
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    with _sigterm_unwinds():
+    with sigterm_raises():
         return _main(list(sys.argv[1:] if argv is None else argv))
 
 

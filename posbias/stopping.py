@@ -18,7 +18,7 @@ import signal
 import threading
 from typing import Any, Iterator, NoReturn
 
-__all__ = ["Terminated", "raise_terminated", "between_steps", "Held"]
+__all__ = ["Terminated", "raise_terminated", "sigterm_raises", "between_steps", "Held"]
 
 HELD = (signal.SIGINT, signal.SIGTERM)
 
@@ -31,6 +31,23 @@ class Terminated(BaseException):
 def raise_terminated(signum: int, frame: Any) -> NoReturn:
     """A SIGTERM handler that raises :class:`Terminated`."""
     raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM (a scheduler preempting the job, ``kill``) raises :class:`Terminated` for the duration, so
+    that it unwinds as an interrupt does (temporary files removed, locks released, a training loop's step
+    saved: :func:`between_steps`); the previous handler is restored after. A no-op outside the main
+    thread, where no handler can be set. The command line runs every command inside it."""
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _raises(handler: Any) -> bool:
