@@ -185,9 +185,9 @@ def train_passkey(model, *, length: int, steps: int, batch_size: int = 32, lr: f
 
 
 def check_until(name: str, value: float) -> float:
-    """A stopping accuracy (``until``, ``passkey_until``): in [0, 1], 0 for none."""
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(name, f"must be an accuracy in [0, 1] (0: train every step), got {value}")
+    """A stopping accuracy (``until``, ``passkey_until``): a number in [0, 1] (not a bool), 0 for none."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ConfigError(name, f"must be an accuracy in [0, 1] (0: train every step), got {value!r}")
     return value
 
 

@@ -1560,6 +1560,9 @@ def test_passkey_finetune_until_stops_once_the_probe_is_solved(tmp_path, monkeyp
         DiagnoseConfig(passkey_until=1.5)
     with pytest.raises(ConfigError, match=r"passkey_until must be an accuracy in \[0, 1\].*got -0.1"):
         RetrofitConfig(to=2 * L, methods=("pi",), passkey_until=-0.1)
+    for bad in (True, "0.9", None):  # True read as 1.0; the others a TypeError from the comparison
+        with pytest.raises(ConfigError, match=r"passkey_until must be an accuracy in \[0, 1\].*got " + repr(bad)):
+            DiagnoseConfig(passkey_until=bad)
     monkeypatch.undo()
     # the real probe: five depths on samples of its own, the grid's accuracy on others
     model = ckpt.load_model(src)
