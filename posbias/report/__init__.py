@@ -32,10 +32,9 @@ def note_replaced(path: Path, new: dict[str, Any], fields: Sequence[str], what: 
         old = store.read_json(path)
     except ValueError:  # unreadable: nothing to compare, and the new report mends it
         return
-    new = json.loads(json.dumps(new, default=str))  # tuples as lists and keys as strings, as read back
     differ = []
-    for f in fields:
-        a, b = old.get(f), new.get(f)
+    for f in fields:  # (the compared fields alone as read back: tuples as lists, keys as strings)
+        a, b = old.get(f), json.loads(json.dumps(new.get(f), default=str))
         if isinstance(a, dict) and isinstance(b, dict):
             differ += [f"{f}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         elif a != b:

@@ -61,12 +61,12 @@ def _row_copies(r: dict[str, Any]) -> list[tuple[str, Any]]:
     return list(zip(copy_names(_row_name(r), r["passkey_seeds"]), r["passkey_fits"]))
 
 
-def summary(result: RetrofitResult, paired: dict[int, list[Paired]]) -> list[str]:
+def summary(result: RetrofitResult) -> list[str]:
     """The decision in sentences, from the paired comparisons (``result.paired``) and no threshold of ours:
     at the target length the best row, the rows not distinguishable from it, and whether the model as
     it was (no retrofit) is among them, when a retrofit gains nothing beyond the noise there; the same at
     L, what each method costs in the near range."""
-    rows, to, L = result.rows, result.to, result.train_len
+    rows, to, L, paired = result.rows, result.to, result.train_len, result.paired
     if to not in paired:
         return []
     lines = [_best(paired[to], rows, f"{to}", "improves on it")]
@@ -88,12 +88,13 @@ def _best(table: list[Paired], rows: list[dict[str, Any]], where: str, gain: str
                else "."))
 
 
-def _paired_section(result: RetrofitResult, paired: dict[int, list[Paired]]) -> list[str]:
+def _paired_section(result: RetrofitResult) -> list[str]:
     """Each row's perplexity relative to the best row's at L and every length past it, paired over the same
     windows (``result.paired``: :func:`posbias.retrofit.compare_rows`)."""
+    paired, rows = result.paired, result.rows
     if not paired:
         return []
-    lens, rows = list(paired), result.rows
+    lens = list(paired)
     windows = ", ".join(f"{len(rows[0]['window_loss'][n])} at {n}" for n in lens)
     return ["", "Which differences are real: perplexity relative to the best row at each length, 95% interval "
             f"paired over the same windows ({windows}); (≈ best): not distinguishable from the best at this "
@@ -169,10 +170,10 @@ def markdown(result: RetrofitResult) -> str:
              "validation tokens in segments spread evenly over the split."
              + (f" Fine-tunes train the positional parameters at {result.pos_lr_mult:g}× their learning rate"
                 f"{' (as the checkpoint was trained)' if result.config.pos_lr_mult is None else ''}." if tuned else ""),
-             ""] + summary(result, paired := result.paired) + md_table(
+             ""] + summary(result) + md_table(
         ["method", "stage", *(f"ppl @ {n}" for n in lens), f"ppl@{to} / ppl@{L} (before)"],
         [[r["method"], r["stage"], *(f"{r['ppl'][n]:.3f}" for n in lens), f"{r['ppl'][to] / ref:.2f}"] for r in rows])
-    lines += _paired_section(result, paired)
+    lines += _paired_section(result)
     lines += _decision_section(result)
     for m, remap in result.bucket_remap.items():
         lines += ["", f"`{m}`: the learned table is kept, so distances land in other buckets:", ""]
