@@ -318,9 +318,7 @@ def add_extrapolate_parser(sub: argparse._SubParsersAction) -> None:
                    f"spread evenly over the split (default: {SEGMENTS} segments; fewer give too narrow intervals)")
     p.add_argument("--threads", type=int, help=f"torch threads, fixed for reproducible results (default {d.threads})")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--data", help="a local text file or folder instead of the embedded default")
-    source.add_argument("--hf-dataset", help="NAME[:CONFIG] of a Hugging Face dataset (needs posbias[datasets])")
+    _corpus_args(p)
     p.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
     # The default goes through set_defaults: given to add_argument, Python 3.10's BooleanOptionalAction
     # appends "(default: True)" to a help text that already names it.
@@ -369,17 +367,40 @@ def _stale_note(out: Path) -> None:
             f"`posbias clean {out}` lists them with the reasons")
 
 
-def cmd_extrapolate(args: argparse.Namespace) -> None:
+def _corpus_args(p: argparse.ArgumentParser, data_note: str = "") -> None:
+    """--data / --hf-dataset, one or neither."""
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", help="a local text file, or a folder: every file in it but hidden and binary ones "
+                        f"(the terminal names them), instead of the embedded default{data_note}")
+    source.add_argument("--hf-dataset", help="NAME[:CONFIG][#COLUMN] of a Hugging Face dataset (needs posbias[datasets]; "
+                        "column 'text' unless named; without a validation split 5%% of the training documents "
+                        "are held out)")
+
+
+def _load_corpus(args: argparse.Namespace, *, line: bool = False) -> Any:
+    """The text of ``--data`` / ``--hf-dataset`` (the embedded corpus without them), with a note for
+    each thing its reading passed over or decided; ``line``: first a line on what it is."""
     from .data import load_corpus
+
+    corpus = load_corpus(args.data, args.hf_dataset)
+    fp = corpus.fingerprint
+    if line:
+        n, unit = (fp["files"], "file") if "files" in fp else (fp["documents"], "document")
+        count = f"{n:,} {unit}{'' if n == 1 else 's'}"
+        say(f"corpus {fp['name']}: {count}, {fp['bytes']:,} bytes, sha256 {fp['sha256']}")
+    for note in corpus.notes:
+        say(f"note: {note}")
+    return corpus
+
+
+def cmd_extrapolate(args: argparse.Namespace) -> None:
     from .report import study as report
     from .study import run_study
 
     cfg = study_config(args)
     _threads_note(cfg.threads, cfg.device)
     out = Path(args.out)
-    corpus = load_corpus(args.data, args.hf_dataset)
-    fp = corpus.fingerprint
-    say(f"corpus {fp['name']}: {fp['files']} files, {fp['bytes']:,} bytes, sha256 {fp['sha256']}")
+    corpus = _load_corpus(args, line=True)
     n_models = len(cfg.schemes) * len(cfg.seeds)
     say(f"{len(cfg.schemes)} scheme(s) x {len(cfg.seeds)} seed(s) = {n_models} models of {cfg.steps} steps x "
         f"{cfg.batch_size} sequences at length {cfg.train_len}, scored at {', '.join(map(str, cfg.lengths()))} "
@@ -438,10 +459,7 @@ def _add_checkpoint_job_arguments(p: argparse.ArgumentParser, kind: str, func: C
     """The flags every job on a checkpoint shares (device, data, output folder, quiet)."""
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=2, help="torch threads, fixed for reproducible results")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--data", help="a local text file or folder instead of the embedded default (measure on "
-                        "the text the checkpoint was trained on: the report says whether it is)")
-    source.add_argument("--hf-dataset", help="NAME[:CONFIG] of a Hugging Face dataset (needs posbias[datasets])")
+    _corpus_args(p, " (measure on the text the checkpoint was trained on: the report says whether it is)")
     p.add_argument("--out", help=f"default: runs/{kind}-<model folder's name>"
                    + (", or with several models runs/diagnose-<the first PATH's name>" if kind == "diagnose" else ""))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -493,7 +511,6 @@ def _corpus_note(corpus: Any, checkpoint: str | Path) -> None:
 
 def cmd_retrofit(args: argparse.Namespace) -> None:
     from . import checkpoint as ckpt
-    from .data import load_corpus
     from .report import retrofit as report
     from .retrofit import RetrofitConfig, methods_for, run_retrofit
 
@@ -512,7 +529,7 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
                          passkey_until=args.passkey_until, seed=args.seed,
                          passkey_seeds=None if args.passkey_seeds is None else tuple(args.passkey_seeds),
                          device=args.device, threads=args.threads)
-    corpus = load_corpus(args.data, args.hf_dataset)
+    corpus = _load_corpus(args)
     _corpus_note(corpus, args.checkpoint)
     t0 = time.perf_counter()
     with store.FolderLock(out):
@@ -612,7 +629,6 @@ def _unkeyed(name: str) -> str:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> None:
-    from .data import load_corpus
     from .diagnose import DiagnoseConfig, examined_length, run_diagnose
     from .report import comparison
     from .report import diagnose as report
@@ -626,7 +642,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
                          passkey_steps=args.passkey_steps, passkey_until=args.passkey_until,
                          passkey_samples=args.passkey_samples, passkey_seeds=tuple(args.passkey_seeds or (0,)),
                          device=args.device, threads=args.threads)
-    corpus = load_corpus(args.data, args.hf_dataset)
+    corpus = _load_corpus(args)
     for name, _, path in targets:  # before any work: a bad --length for the last model would waste the others'
         examined_length(path, cfg, corpus, name)
     t0 = time.perf_counter()

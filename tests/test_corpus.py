@@ -1,0 +1,201 @@
+"""Where the text comes from: local files and folders (hidden and binary files passed over and named)
+and Hugging Face datasets (their own splits, or validation held out of the training documents)."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from posbias.cli import main
+from posbias.data import BINARY_PROBE, CARVED, hf_corpus, local_corpus, looks_binary
+
+WORDS = "the of and a to in is you that it he was for on are as with his they at be this have from".split()
+
+
+def _text(n: int, seed: int = 0) -> str:
+    return " ".join(WORDS[(i * 7 + seed) % len(WORDS)] for i in range(n))
+
+
+def test_a_folder_passes_over_hidden_and_binary_files_and_names_them(tmp_path):
+    (tmp_path / "a.txt").write_text(_text(3000))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text(_text(2000, 1))
+    (tmp_path / ".git" / "objects").mkdir(parents=True)
+    (tmp_path / ".git" / "objects" / "ab").write_bytes(bytes(range(256)) * 4)  # would be read as text otherwise
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / ".DS_Store").write_bytes(b"Bud1" + b"\0" * 50)
+    (tmp_path / "sub" / "a.txt.gz").write_bytes(b"\x1f\x8b\x08\x00" + bytes(100))
+    (tmp_path / "sub" / "late_nul.txt").write_bytes(b"x" * BINARY_PROBE + b"\0")  # past the probe: text
+    c = local_corpus(tmp_path)
+    assert c.fingerprint["files"] == 3
+    assert c.fingerprint["bytes"] == sum(len(p.read_bytes()) for p in
+                                         (tmp_path / "a.txt", tmp_path / "sub" / "b.md", tmp_path / "sub" / "late_nul.txt"))
+    assert c.notes == ("passed over 2 hidden files and folders (a name starting with '.'): .DS_Store, .git/; "
+                       f"1 binary file (a NUL byte in the first {BINARY_PROBE:,} bytes): sub/a.txt.gz",)
+    # what was passed over changes nothing: the same corpus as a folder holding only the text
+    clean = tmp_path.parent / "clean"
+    (clean / "sub").mkdir(parents=True)
+    for rel in ("a.txt", "sub/b.md", "sub/late_nul.txt"):
+        (clean / rel).write_bytes((tmp_path / rel).read_bytes())
+    again = local_corpus(clean)
+    assert again.fingerprint["sha256"] == c.fingerprint["sha256"] and again.notes == ()
+    assert all(bool((getattr(again, s) == getattr(c, s)).all()) for s in ("train", "val", "test"))
+
+
+def test_many_passed_over_files_are_counted_and_a_few_named(tmp_path):
+    (tmp_path / "a.txt").write_text(_text(3000))
+    for i in range(5):
+        (tmp_path / f"img{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    assert local_corpus(tmp_path).notes == (f"passed over 5 binary files (a NUL byte in the first {BINARY_PROBE:,} "
+                                            "bytes): img0.png, img1.png, img2.png and 2 more",)
+
+
+def test_a_file_named_by_the_user_is_read_as_given_with_a_note_when_binary(tmp_path):
+    gz = tmp_path / "corpus.txt.gz"
+    gz.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)) * 8)
+    c = local_corpus(gz)
+    assert c.fingerprint["bytes"] == len(gz.read_bytes())
+    assert c.notes == (f"corpus.txt.gz looks binary (a NUL byte in its first {BINARY_PROBE:,} bytes): read as given, "
+                       "byte by byte",)
+    assert looks_binary(b"\0") and not looks_binary("héllo".encode()) and not looks_binary(b"")
+
+
+def test_a_folder_of_nothing_but_passed_over_files_says_why_it_is_empty(tmp_path, capsys):
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config").write_text("[core]\n")
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0\0\x10JFIF")
+    with pytest.raises(ValueError, match=r"is empty: no readable text found; passed over 1 hidden file or folder "
+                                         r"\(a name starting with '\.'\): \.git/; 1 binary file .*: photo\.jpg"):
+        local_corpus(tmp_path)
+    assert main(["extrapolate", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "passed over" in err[0]
+
+
+def test_a_symlink_loop_in_a_folder_is_not_followed(tmp_path):
+    (tmp_path / "a.txt").write_text(_text(3000))
+    (tmp_path / "loop").symlink_to(tmp_path, target_is_directory=True)
+    assert local_corpus(tmp_path).fingerprint["files"] == 1
+
+
+class _Split:
+    """What hf_corpus reads of a ``datasets.Dataset``: ``column_names`` and a column's values."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+        self.column_names = list(rows[0]) if rows else []
+
+    def __getitem__(self, column: str):
+        return [r[column] for r in self.rows]
+
+
+def _fake_datasets(monkeypatch, splits: dict[str, list[dict]]) -> list:
+    """A ``datasets`` module whose load_dataset returns ``splits``; the calls it got."""
+    calls = []
+
+    def load_dataset(name, config=None):
+        calls.append((name, config))
+        return {k: _Split(v) for k, v in splits.items()}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def _rows(n: int, prefix: str, **extra) -> list[dict]:
+    return [{"text": f"{prefix} {i} " + _text(30, i), "id": i, **extra} for i in range(n)]
+
+
+def test_a_dataset_with_its_own_validation_split(monkeypatch):
+    calls = _fake_datasets(monkeypatch, {"train": _rows(40, "tr"), "validation": _rows(5, "va"), "test": _rows(5, "te")})
+    c = hf_corpus("user/set:cfg")
+    assert calls == [("user/set", "cfg")] and c.notes == ()
+    assert bytes(c.val.tolist()) == "\n".join(r["text"] for r in _rows(5, "va")).encode()
+    assert bytes(c.train.tolist()).startswith(b"tr 0 ") and c.test.numel() == 0  # the test split is not used
+    assert c.fingerprint["documents"] == 45 and c.fingerprint["val_bytes"] == c.val.numel()
+    # the same documents split otherwise are another corpus
+    _fake_datasets(monkeypatch, {"train": _rows(40, "tr")[:-1], "validation": _rows(40, "tr")[-1:] + _rows(5, "va")})
+    assert hf_corpus("user/set:cfg").fingerprint["sha256"] != c.fingerprint["sha256"]
+
+
+@pytest.mark.parametrize("name", ["valid", "val", "dev"])
+def test_other_names_of_the_validation_split(monkeypatch, name):
+    _fake_datasets(monkeypatch, {"train": _rows(10, "tr"), name: _rows(3, "va")})
+    assert bytes(hf_corpus("x").val.tolist()).startswith(b"va 0 ")
+
+
+def test_without_a_validation_split_a_share_of_training_documents_is_held_out(monkeypatch):
+    rows = _rows(2000, "doc")
+    _fake_datasets(monkeypatch, {"train": rows})
+    c = hf_corpus("stories")
+    held = bytes(c.val.tolist()).decode().split("\n")
+    kept = bytes(c.train.tolist()).decode().split("\n")
+    assert sorted(held + kept) == sorted(r["text"] for r in rows)  # every document once, none in both
+    assert abs(len(held) / len(rows) - CARVED / 100) < 0.015
+    assert c.notes == (f"stories has no validation split: {len(held):,} of its 2,000 training documents (those whose "
+                       f"index hashes into {CARVED}%) are held out to score on",)
+    assert hf_corpus("stories").fingerprint == c.fingerprint  # deterministic
+
+
+def test_a_named_column_empty_rows_and_bad_datasets(monkeypatch):
+    rows = [{"story": f"s{i} " + _text(20, i), "label": i} for i in range(20)] + [{"story": "", "label": 0},
+                                                                                 {"story": None, "label": 1}]
+    _fake_datasets(monkeypatch, {"train": rows, "validation": rows[:3]})
+    with pytest.raises(ValueError, match=r"has no column 'text'; its columns: story, label \(choose one as "
+                                         r"NAME\[:CONFIG\]#COLUMN\)"):
+        hf_corpus("tiny")
+    c = hf_corpus("tiny#story")
+    assert bytes(c.train.tolist()).decode().split("\n") == [r["story"] for r in rows[:20]]
+    assert c.fingerprint["name"] == "tiny#story"
+    with pytest.raises(ValueError, match="column 'label' holds int, not text"):
+        hf_corpus("tiny#label")
+    _fake_datasets(monkeypatch, {"test": rows})
+    with pytest.raises(ValueError, match=r"'tiny#story' has no train split \(its splits: test\)"):
+        hf_corpus("tiny#story")
+    for spec in ("", ":cfg", "name:", "name#", "name:#c"):
+        with pytest.raises(ValueError, match="give NAME, NAME:CONFIG or NAME"):
+            hf_corpus(spec)
+
+
+def test_without_the_datasets_package_the_error_says_how_to_install_it(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
+    with pytest.raises(ValueError, match=r"pip install 'posbias\[datasets\]'"):
+        hf_corpus("wikitext:wikitext-2-raw-v1")
+    assert main(["extrapolate", "--hf-dataset", "wikitext", "--out", str(tmp_path)]) == 2
+    assert "posbias[datasets]" in capsys.readouterr().err
+
+
+def _jsonl_dataset(root: Path, splits: dict[str, int]) -> Path:
+    root.mkdir()
+    for split, n in splits.items():
+        with open(root / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"story": f"{split} {i}: " + _text(60, i), "n": i}) + "\n")
+    return root
+
+
+def test_a_real_datasets_folder_through_the_command_line(tmp_path):
+    """The ``datasets`` package itself (skipped without it) on a local JSON-lines dataset, offline: a
+    train-only dataset, a named column, the held-out note and a study that runs on it."""
+    pytest.importorskip("datasets")
+    data = _jsonl_dataset(tmp_path / "stories", {"train": 400})
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "posbias.cli", "extrapolate", "--hf-dataset", f"{data}#story",
+                          "--schemes", "alibi", "--train-len", "16", "--eval-lens", "16", "32", "--steps", "2",
+                          "--batch-size", "2", "--d-model", "16", "--layers", "1", "--heads", "2",
+                          "--eval-tokens", "256", "--out", str(out), "--quiet"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith(f"corpus {data}#story: 400 documents, ")
+    assert lines[1].startswith(f"note: {data}#story has no validation split: ") and "of its 400 training documents" in lines[1]
+    corpus = json.loads((out / "results.json").read_text())["corpus"]
+    assert corpus["name"] == f"{data}#story" and corpus["documents"] == 400 and corpus["test_bytes"] == 0
+    missing = subprocess.run([sys.executable, "-m", "posbias.cli", "extrapolate", "--hf-dataset", str(data),
+                              "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "has no column 'text'; its columns: story, n" in missing.stderr
