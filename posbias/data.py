@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sysconfig
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,50 +45,69 @@ def _split_of(key: str) -> str:
     return "train" if h < 90 else ("val" if h < 95 else "test")
 
 
-def _from_documents(name: str, docs: list[tuple[str, bytes]], *, notes: list[str] = ()) -> Corpus:
-    if not docs or sum(len(b) for _, b in docs) == 0:
+def _too_little(name: str, split: str, size: int) -> None:
+    if size < 2:
+        raise ValueError(f"corpus {name!r} has too little text for a {split} split ({size} bytes); give more text")
+
+
+def _from_documents(name: str, docs: list[tuple[str, Callable[[], bytes | bytearray]]], *,
+                    notes: Sequence[str] = ()) -> Corpus:
+    """The corpus of ``docs``, (key, a function that reads its bytes) in order: 20 or more split by a hash of
+    the key (each document and a newline), fewer by bytes (joined by newlines, 90/5/5). Each document is
+    read once, hashed and appended, so the peak memory is about the text once (not 3-4 times: measured)."""
+    if not docs:
         raise ValueError(f"corpus {name!r} is empty: no readable text found" + "".join(f"; {n}" for n in notes))
-    digest = hashlib.sha256()
-    parts: dict[str, list[bytes]] = {s: [] for s in SPLITS}
-    if len(docs) >= 20:
-        for key, body in docs:
-            parts[_split_of(key)].append(body + b"\n")
-    else:  # too few documents to split by file: split the concatenation 90/5/5 by bytes
-        whole = b"\n".join(b for _, b in docs)
-        a, c = int(len(whole) * 0.90), int(len(whole) * 0.95)
-        parts = {"train": [whole[:a]], "val": [whole[a:c]], "test": [whole[c:]]}
-    for key, body in docs:
-        digest.update(key.encode() + b"\0" + body)
+    digest, total = hashlib.sha256(), 0
+    by_file = len(docs) >= 20
+    buffers = {s: bytearray() for s in SPLITS}
+    for i, (key, read) in enumerate(docs):
+        body = read()
+        digest.update(key.encode() + b"\0")
+        digest.update(body)
+        total += len(body)
+        if by_file:
+            buffer = buffers[_split_of(key)]
+            buffer += body
+            buffer += b"\n"
+        elif i == 0 and isinstance(body, bytearray):  # too few documents to split by file: split the
+            buffers["train"] = body  # concatenation 90/5/5 by bytes; a file read into a buffer starts it, uncopied
+        else:
+            buffers["train"] += b"\n" if i else b""
+            buffers["train"] += body
+    if total == 0:
+        raise ValueError(f"corpus {name!r} is empty: no readable text found" + "".join(f"; {n}" for n in notes))
+    if by_file:
+        tensors = {s: _tensor(buffers[s]) for s in SPLITS}
+    else:
+        n = len(buffers["train"])
+        a, c = int(n * 0.90), int(n * 0.95)
+        whole = _tensor(buffers["train"])
+        tensors = {"train": whole[:a], "val": whole[a:c].clone(), "test": whole[c:].clone()}
     for s in SPLITS:
-        size = sum(len(b) for b in parts[s])
-        if size < 2:
-            raise ValueError(f"corpus {name!r} has too little text for a {s} split ({size} bytes); "
-                             "give more text")
-    tensors = {s: torch.frombuffer(bytearray(b"".join(parts[s])), dtype=torch.uint8) for s in SPLITS}
-    fp = {
-        "name": name,
-        "files": len(docs),
-        "bytes": sum(len(b) for _, b in docs),
-        "sha256": digest.hexdigest()[:16],
-        **{f"{s}_bytes": int(t.numel()) for s, t in tensors.items()},
-    }
+        _too_little(name, s, int(tensors[s].numel()))
+    fp = {"name": name, "files": len(docs), "bytes": total, "sha256": digest.hexdigest()[:16],
+          **{f"{s}_bytes": int(t.numel()) for s, t in tensors.items()}}
     return Corpus(name=name, fingerprint=fp, notes=tuple(notes), **tensors)
 
 
-def _from_splits(name: str, parts: dict[str, list[bytes]], *, notes: list[str] = ()) -> Corpus:
-    """A corpus whose train and val documents come split already (a dataset's own splits); no test text.
-    Its ``sha256`` covers each split's bytes and length, so the same documents split otherwise differ."""
+def _tensor(buffer: bytearray) -> Tensor:
+    """A uint8 tensor on ``buffer``'s memory (no copy); empty when it is."""
+    return torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.zeros(0, dtype=torch.uint8)
+
+
+def _from_splits(name: str, parts: dict[str, bytearray], documents: int, *, notes: Sequence[str] = ()) -> Corpus:
+    """A corpus whose train and val text comes split already (a dataset's own splits, documents joined
+    by newlines); no test text. Its ``sha256`` covers each split's bytes and length, so the same
+    documents split otherwise differ."""
     digest = hashlib.sha256()
     tensors = {"test": torch.zeros(0, dtype=torch.uint8)}
     for s in ("train", "val"):
-        body = b"\n".join(parts[s])
-        if len(body) < 2:
-            raise ValueError(f"corpus {name!r} has too little text for a {s} split ({len(body)} bytes); give more text")
-        digest.update(f"{s}:{len(body)}:".encode() + body)
-        tensors[s] = torch.frombuffer(bytearray(body), dtype=torch.uint8)
-    fp = {"name": name, "documents": sum(len(d) for d in parts.values()),
-          "bytes": sum(int(t.numel()) for t in tensors.values()), "sha256": digest.hexdigest()[:16],
-          **{f"{s}_bytes": int(t.numel()) for s, t in tensors.items()}}
+        _too_little(name, s, len(parts[s]))
+        digest.update(f"{s}:{len(parts[s])}:".encode())
+        digest.update(parts[s])
+        tensors[s] = _tensor(parts[s])
+    fp = {"name": name, "documents": documents, "bytes": sum(int(t.numel()) for t in tensors.values()),
+          "sha256": digest.hexdigest()[:16], **{f"{s}_bytes": int(t.numel()) for s, t in tensors.items()}}
     return Corpus(name=name, fingerprint=fp, notes=tuple(notes), **tensors)
 
 
@@ -100,7 +120,7 @@ def stdlib_corpus() -> Corpus:
         rel = path.relative_to(root)
         if _EXCLUDE_DIRS.intersection(rel.parts[:-1]) or rel.name.startswith("test_"):
             continue
-        docs.append((rel.as_posix(), path.read_bytes()))
+        docs.append((rel.as_posix(), path.read_bytes))
     return _from_documents(f"stdlib-{sysconfig.get_python_version()}", docs)
 
 
@@ -134,20 +154,41 @@ def local_corpus(path: str | Path) -> Corpus:
     if not p.exists():
         raise FileNotFoundError(f"data path {str(p)!r} does not exist")
     if p.is_file():
-        body = p.read_bytes()
+        head = _head(p)
         notes = [f"{p.name} looks binary (a NUL byte in its first {BINARY_PROBE:,} bytes): read as given, "
-                 "byte by byte"] if looks_binary(body) else []
-        return _from_documents(str(p), [(p.name, body)] if body else [], notes=notes)
+                 "byte by byte"] if looks_binary(head) else []
+        return _from_documents(str(p), [(p.name, _reader(p, p.name, binary=bool(notes)))] if head else [], notes=notes)
     files, skipped = _text_files(p)
     docs, binary = [], []
-    for f in files:
-        body, rel = f.read_bytes(), f.relative_to(p).as_posix()
-        if looks_binary(body):
+    for f in files:  # a first look decides which files are read: the text is then read once, file by file
+        head, rel = _head(f), f.relative_to(p).as_posix()
+        if looks_binary(head):
             binary.append(rel)
-        elif body:
-            docs.append((rel, body))
+        elif head:
+            docs.append((rel, _reader(f, rel)))
     skipped["binary"] = binary
     return _from_documents(str(p), docs, notes=[_skipped_note(skipped)] if any(skipped.values()) else [])
+
+
+def _head(path: Path) -> bytes:
+    """The first :data:`BINARY_PROBE` bytes of a file."""
+    with open(path, "rb") as f:
+        return f.read(BINARY_PROBE)
+
+
+def _reader(path: Path, rel: str, *, binary: bool = False) -> Callable[[], bytearray]:
+    """A function that reads ``path``, refusing a file that changed into an empty or (unless ``binary``)
+    a binary one since its first look (a corpus read while something writes into it)."""
+    def read() -> bytearray:
+        with open(path, "rb") as f:  # into a buffer of the file's size: the bytes are not copied again
+            body = bytearray(os.fstat(f.fileno()).st_size)
+            del body[f.readinto(body):]
+            body += f.read()  # anything written since the size was read
+        if not body or (looks_binary(body) and not binary):
+            raise ValueError(f"{rel!r} changed while the corpus was read (now {'empty' if not body else 'binary'}); "
+                             "read it again when nothing writes into the folder")
+        return body
+    return read
 
 
 def _skipped_note(skipped: dict[str, list[str]]) -> str:
@@ -177,28 +218,27 @@ def _hf_spec(spec: str) -> tuple[str, str | None, str]:
     return name, config or None, column or DEFAULT_COLUMN
 
 
-def _hf_texts(split, spec: str, column: str) -> list[bytes]:
-    """The documents of one split of a dataset: the column's strings, encoded, empty ones left out."""
+def _hf_texts(split, spec: str, column: str) -> Iterable[tuple[int, bytes]]:
+    """(row, encoded text) of one split of a dataset's column, rows without text left out."""
     names = list(getattr(split, "column_names", None) or [])
     if column not in names:
         raise ValueError(f"--hf-dataset {spec!r}: the dataset has no column {column!r}; its columns: "
                          f"{', '.join(names) or 'none'} (choose one as NAME[:CONFIG]#COLUMN)")
-    docs = []
-    for text in split[column]:
+    for row, text in enumerate(split[column]):
         if text is not None and not isinstance(text, str):
             raise ValueError(f"--hf-dataset {spec!r}: column {column!r} holds {type(text).__name__}, not text "
                              f"(choose a text column as NAME[:CONFIG]#COLUMN)")
         if text:
-            docs.append(text.encode())
-    return docs
+            yield row, text.encode()
 
 
 def hf_corpus(spec: str) -> Corpus:
     """``NAME[:CONFIG][#COLUMN]`` of a Hugging Face dataset (needs the datasets extra; ``datasets`` may
     download it, posbias itself downloads nothing): the ``text`` column unless another is named, its
     ``train`` split for training and its validation split (named validation, valid, val or dev) for
-    scoring. Without one, :data:`CARVED` % of the training documents, picked by a hash of their index,
-    are held out as validation, and :attr:`Corpus.notes` says so. A test split is not used."""
+    scoring, documents joined by newlines. Without one, the training rows whose index hashes into
+    :data:`CARVED` % are held out as validation, and :attr:`Corpus.notes` says so. The test split is
+    not read."""
     name, config, column = _hf_spec(spec)
     try:
         import datasets
@@ -207,18 +247,17 @@ def hf_corpus(spec: str) -> Corpus:
     ds = datasets.load_dataset(name, config)
     if "train" not in ds:
         raise ValueError(f"--hf-dataset {spec!r} has no train split (its splits: {', '.join(ds) or 'none'})")
-    train = _hf_texts(ds["train"], spec, column)
     val_name = next((v for v in VAL_NAMES if v in ds), None)
-    notes = []
-    if val_name is not None:
-        val = _hf_texts(ds[val_name], spec, column)
-    else:
-        held = [_percent(str(i)) < CARVED for i in range(len(train))]
-        val = [d for d, h in zip(train, held) if h]
-        train = [d for d, h in zip(train, held) if not h]
-        notes.append(f"{spec} has no validation split: {len(val):,} of its {len(train) + len(val):,} training "
-                     f"documents (those whose index hashes into {CARVED}%) are held out to score on")
-    return _from_splits(spec, {"train": train, "val": val}, notes=notes)
+    parts, counts = {"train": bytearray(), "val": bytearray()}, {"train": 0, "val": 0}
+    sources = [("train", ds["train"])] + ([("val", ds[val_name])] if val_name else [])
+    for ours, split in sources:
+        for row, body in _hf_texts(split, spec, column):
+            to = "val" if val_name is None and _percent(str(row)) < CARVED else ours
+            parts[to] += (b"\n" if counts[to] else b"") + body
+            counts[to] += 1
+    notes = [] if val_name else [f"{spec} has no validation split: {counts['val']:,} of its {sum(counts.values()):,} "
+                                 f"training documents (the rows whose index hashes into {CARVED}%) are held out to score on"]
+    return _from_splits(spec, parts, sum(counts.values()), notes=notes)
 
 
 def load_corpus(data: str | None = None, hf_dataset: str | None = None) -> Corpus:

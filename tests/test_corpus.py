@@ -135,7 +135,7 @@ def test_without_a_validation_split_a_share_of_training_documents_is_held_out(mo
     kept = bytes(c.train.tolist()).decode().split("\n")
     assert sorted(held + kept) == sorted(r["text"] for r in rows)  # every document once, none in both
     assert abs(len(held) / len(rows) - CARVED / 100) < 0.015
-    assert c.notes == (f"stories has no validation split: {len(held):,} of its 2,000 training documents (those whose "
+    assert c.notes == (f"stories has no validation split: {len(held):,} of its 2,000 training documents (the rows whose "
                        f"index hashes into {CARVED}%) are held out to score on",)
     assert hf_corpus("stories").fingerprint == c.fingerprint  # deterministic
 
@@ -199,3 +199,70 @@ def test_a_real_datasets_folder_through_the_command_line(tmp_path):
                               "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "has no column 'text'; its columns: story, n" in missing.stderr
+
+
+def _corpus_as_defined(docs: list[tuple[str, bytes]]) -> dict:
+    """The split and fingerprint by their definition, all in memory: 20 documents or more each go, with
+    a newline, to the split a hash of their key names; fewer are joined by newlines and cut 90/5/5."""
+    import hashlib
+
+    from posbias.data import _split_of
+
+    if len(docs) >= 20:
+        parts = {s: b"".join(b + b"\n" for k, b in docs if _split_of(k) == s) for s in ("train", "val", "test")}
+    else:
+        whole = b"\n".join(b for _, b in docs)
+        a, c = int(len(whole) * 0.90), int(len(whole) * 0.95)
+        parts = {"train": whole[:a], "val": whole[a:c], "test": whole[c:]}
+    digest = hashlib.sha256(b"".join(k.encode() + b"\0" + b for k, b in docs)).hexdigest()[:16]
+    return {"parts": parts, "sha256": digest, "bytes": sum(len(b) for _, b in docs)}
+
+
+@pytest.mark.parametrize("n_files", [1, 7, 19, 20, 64])
+def test_a_folder_read_file_by_file_equals_the_definition(tmp_path, n_files):
+    import random
+
+    rng = random.Random(n_files)
+    docs = []
+    for i in range(n_files):
+        rel = f"d{rng.randrange(3)}/f{i:02d}-{rng.randrange(1000)}.txt"
+        body = _text(rng.randrange(1, 400), i).encode()
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(body)
+        docs.append((rel, body))
+    docs.sort(key=lambda d: Path(d[0]))
+    want = _corpus_as_defined(docs)
+    c = local_corpus(tmp_path)
+    assert {s: bytes(getattr(c, s).tolist()) for s in ("train", "val", "test")} == want["parts"]
+    assert c.fingerprint["sha256"] == want["sha256"] and c.fingerprint["bytes"] == want["bytes"]
+    assert c.fingerprint["files"] == n_files
+
+
+def test_the_embedded_corpus_is_the_one_every_model_was_trained_on():
+    """Reading file by file changed no byte of the embedded corpus: its fingerprint for Python 3.11.7's
+    standard library as every study recorded it before the change (e.g. runs of 2026-12-03)."""
+    from posbias.data import stdlib_corpus
+
+    if sys.version_info[:3] != (3, 11, 7):
+        pytest.skip("the recorded fingerprint is of Python 3.11.7's standard library")
+    assert stdlib_corpus().fingerprint == {"name": "stdlib-3.11", "files": 734, "bytes": 12118641,
+                                           "sha256": "e085de22c6d26ad1", "train_bytes": 11194053,
+                                           "val_bytes": 544035, "test_bytes": 381287}
+
+
+def test_a_file_that_turns_binary_while_the_folder_is_read_is_refused(tmp_path, monkeypatch):
+    from posbias import data
+
+    (tmp_path / "a.txt").write_text(_text(3000))
+    (tmp_path / "b.txt").write_text(_text(300))
+    real = data._head
+
+    def first_look(path):  # b.txt is text at the first look and binary when read
+        head = real(path)
+        if path.name == "b.txt":
+            path.write_bytes(b"\0" * 10)
+        return head
+
+    monkeypatch.setattr(data, "_head", first_look)
+    with pytest.raises(ValueError, match=r"'b.txt' changed while the corpus was read \(now binary\)"):
+        local_corpus(tmp_path)
