@@ -279,7 +279,7 @@ STUDY_FIELDS = ("schemes", "train_len", "eval_lens", "steps", "batch_size", "lr"
 
 
 def add_extrapolate_parser(sub: argparse._SubParsersAction) -> None:
-    from .evaluate import SEGMENTS
+    from .evaluate import MIN_SEGMENTS, SEGMENTS
     from .study import PRESETS, StudyConfig, default_schemes
 
     presets = "\n".join(f"  {name:<5} {PRESET_NOTES.get(name, '')}\n        " + ", ".join(
@@ -315,7 +315,8 @@ def add_extrapolate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heads", dest="n_heads", type=int, help=f"default {d.n_heads}")
     p.add_argument("--seeds", type=int, nargs="+", help="default 0")
     p.add_argument("--eval-tokens", type=int, help="validation tokens scored at every length, in segments of the longest length "
-                   f"spread evenly over the split (default: {SEGMENTS} segments; fewer give too narrow intervals)")
+                   f"spread evenly over the split (default: {SEGMENTS} segments; fewer give too narrow intervals; at least "
+                   f"{MIN_SEGMENTS})")
     p.add_argument("--threads", type=int, help=f"torch threads, fixed for reproducible results (default {d.threads})")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     _corpus_args(p)
@@ -426,7 +427,7 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
 
 # -- retrofit ---------------------------------------------------------------------------------
 def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
-    from .evaluate import SEGMENTS
+    from .evaluate import MIN_SEGMENTS, SEGMENTS
     from .retrofit import METHODS
 
     p = sub.add_parser("retrofit", help="extend a trained model to a longer context (RoPE scalings, T5 max_distance, "
@@ -447,7 +448,7 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-lens", type=int, nargs="+", help="lengths to score, including L and --to (default: L, 2L, 4L … up to --to)")
     p.add_argument("--eval-tokens", type=int,
                    help="validation tokens scored at each length, in segments spread evenly over the split (default: "
-                        f"{SEGMENTS} segments of the longest length; fewer give too narrow intervals)")
+                        f"{SEGMENTS} segments of the longest length; fewer give too narrow intervals; at least {MIN_SEGMENTS})")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the fine-tunes' batches and the passkey copies' training: another seed is another "
                         "draw of every fine-tune (its own cache and models), to tell a method from one fine-tune's luck")
@@ -543,7 +544,7 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
 
 # -- diagnose ---------------------------------------------------------------------------------
 def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
-    from .evaluate import SEGMENTS
+    from .evaluate import MIN_SEGMENTS, SEGMENTS
 
     p = sub.add_parser("diagnose", help="report why a checkpoint does (not) generalise: loss by position (local "
                        "context vs distant keys), attention distance and attention beyond L, buckets, reach and "
@@ -559,7 +560,7 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
                                               "at least 2 L to measure far tokens at chunk ends)")
     p.add_argument("--windows", type=int, default=4, help="validation windows for the attention statistics")
     p.add_argument("--eval-tokens", type=int,
-                   help="validation tokens for the loss by position (at least one window; the windows are "
+                   help=f"validation tokens for the loss by position (at least {MIN_SEGMENTS} windows; they are "
                         f"spread evenly over the split; default: {SEGMENTS} windows of --length)")
     _add_passkey_fit_arguments(p, "0 skips the passkey test", "seed 0")
     p.add_argument("--passkey-samples", type=int, default=24, help="passkey samples per (length, depth) cell")

@@ -644,7 +644,7 @@ def examined_length(path: str | Path, cfg: "DiagnoseConfig", corpus: Corpus, nam
     if n <= train_len:
         raise ConfigError("length", f"must exceed the training length L = {train_len} of {name} (a diagnosis "
                                     f"measures what happens past L), got {n}")
-    check_fits(corpus.val, n, None, "length")  # --eval-tokens below one window means one window
+    check_fits(corpus.val, n, cfg.eval_tokens, "length")
     heads = int(meta["model"].get("n_heads", ModelConfig.n_heads))
     need, have = attention_peak(heads, n), device_memory(cfg.device)
     if have is not None and need > have:

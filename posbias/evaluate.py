@@ -28,6 +28,10 @@ N_BOOT = 2000  # bootstrap replicates per interval (every interval of the study,
 # value in 81-94% of random draws of 16 segments, 92-97% of 64 (offset, whose per-segment log ratio has
 # excess kurtosis 29, 0.81 -> 0.92). Fewer units miss the rare stretches of text that carry the variance.
 SEGMENTS = 64
+# The fewest units an evaluation scores: below it an interval is no measure of the noise. Measured the same way
+# (docs/study.md, "How few segments an interval needs"): random draws of 2 segments held the split's value in
+# 43-55% of draws, of 4 in 63-84%, of 8 in 80-89% (16: 81-93%); one segment gives a point, held never.
+MIN_SEGMENTS = 8
 
 
 def eval_budget(tokens: int | None, span: int) -> int:
@@ -37,17 +41,41 @@ def eval_budget(tokens: int | None, span: int) -> int:
     return SEGMENTS * span if tokens is None else tokens
 
 
-def check_fits(split: Tensor, longest: int, tokens: int | None, field: str) -> None:
+def check_fits(split: Tensor, longest: int, tokens: int | None, field: str) -> int:
     """Before any work: :class:`ConfigError` on ``field`` (the setting that made ``longest``, the
-    longest evaluation length) when it does not fit the validation ``split``, and on ``eval_tokens``
-    when the budget ``tokens`` (None: the default) is fewer than one window of it; found otherwise
-    only when that length comes up, after the shorter ones (and any fine-tune) were done."""
+    longest evaluation length) when the validation ``split`` cannot hold :data:`MIN_SEGMENTS` segments
+    of it, and on ``eval_tokens`` when the budget ``tokens`` (None: the default, cut to what the split
+    holds) scores fewer (found otherwise only when that length comes up, after the shorter ones and
+    any fine-tune were done; and an interval over fewer is no measure of the noise). Returns how many
+    segments an evaluation scores."""
     n_avail = split.numel() - 1
     if longest > n_avail:
         raise ConfigError(field, f"{longest} exceeds the validation split's {n_avail:,} scoreable tokens "
                                  "(a shorter length, or more data)")
-    if tokens is not None and tokens < longest:
-        raise ConfigError("eval_tokens", f"{tokens} is fewer than the longest evaluation length {longest}")
+    held = n_avail // longest
+    if held < MIN_SEGMENTS:
+        most = n_avail // MIN_SEGMENTS
+        raise ConfigError(field, f"{longest}: the validation split's {n_avail:,} scoreable tokens hold {held} segment"
+                                 f"{'' if held == 1 else 's'} of it, fewer than the {MIN_SEGMENTS} an interval needs "
+                                 f"({_TOO_FEW}); a length of at most {most:,}, or more validation text")
+    budget = min(eval_budget(tokens, longest), n_avail)
+    check_segments(budget, longest)
+    return budget // longest
+
+
+# Why fewer than MIN_SEGMENTS units are refused, in the words of an error.
+_TOO_FEW = ("with 2 or 4 a nominal 95% interval held the text's value in 43-84% of draws, with 1 never; "
+            "docs/study.md")
+
+
+def check_segments(tokens: int, span: int) -> None:
+    """:class:`ConfigError` on ``eval_tokens`` when ``tokens`` hold fewer than :data:`MIN_SEGMENTS`
+    segments of ``span`` tokens (the longest evaluation length)."""
+    count = tokens // span
+    if count < MIN_SEGMENTS:
+        raise ConfigError("eval_tokens", f"{tokens:,} scores {count} segment{'' if count == 1 else 's'} of {span}, "
+                                         f"fewer than the {MIN_SEGMENTS} an interval needs ({_TOO_FEW}); "
+                                         f"give {MIN_SEGMENTS * span:,} or more")
 
 
 def _check_lengths(lengths: Iterable[int]) -> list[int]:

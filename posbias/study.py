@@ -47,8 +47,8 @@ from . import store
 from ._version import __version__
 from .config import ConfigError, Log, check_count, check_rate, check_seed, fixed_threads, quiet
 from .data import Corpus
-from .evaluate import (N_BOOT, SEGMENTS, Paired, bootstrap_means, check_fits, check_study_lengths, eval_budget, interval,
-                       length_study, ratios_to_best, spread_starts)
+from .evaluate import (N_BOOT, SEGMENTS, Paired, bootstrap_means, check_fits, check_segments, check_study_lengths,
+                       eval_budget, interval, length_study, ratios_to_best, spread_starts)
 from .model import ModelConfig, TransformerLM
 from .schemes import SCHEMES, Scheme, build, check_options, get_scheme_class, parse_spec, spec_label
 from .schemes.base import flat_share
@@ -115,8 +115,7 @@ class StudyConfig:
                               "twice would narrow the spread over seeds")
         for name in ("lr", "pos_lr_mult"):
             check_rate(name, getattr(self, name))
-        if self.eval_tokens < lens[-1]:
-            raise ConfigError("eval_tokens", f"{self.eval_tokens} is fewer than the longest evaluation length {lens[-1]}")
+        check_segments(self.eval_tokens, lens[-1])
         if self.d_model % self.n_heads:
             raise ConfigError("d_model", f"{self.d_model} must be divisible by the number of heads {self.n_heads}")
         for arm in arms(self):  # every option's value checked now, not when its model's turn to train comes
@@ -360,7 +359,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
     out = store.check_out_dir(out)
     store.check_device(cfg.device)
     longest, n_val = max(cfg.lengths()), corpus.val.numel() - 1
-    check_fits(corpus.val, longest, None, "eval_lens")  # (eval_tokens ≥ longest: StudyConfig checked it)
+    check_fits(corpus.val, longest, None, "eval_lens")  # room for enough segments (eval_tokens: StudyConfig checked it)
     if cfg.eval_tokens > n_val:  # found otherwise only when the first trained model is scored
         fit = n_val // longest * longest
         raise ConfigError("eval_tokens", f"{cfg.eval_tokens:,} ({SEGMENTS} segments of {longest} unless given) exceed the "

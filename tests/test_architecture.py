@@ -154,7 +154,7 @@ def test_a_new_scheme_is_benchmarked_and_studied(toy, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
     argv = ["extrapolate", "--schemes", "toy", "--train-len", "16", "--eval-lens", "16", "32", "--steps", "2",
-            "--batch-size", "2", "--d-model", "16", "--layers", "1", "--heads", "2", "--eval-tokens", "64",
+            "--batch-size", "2", "--d-model", "16", "--layers", "1", "--heads", "2", "--eval-tokens", "256",
             "--data", str(text), "--out", str(tmp_path / "run"), "--quiet"]
     assert main(argv) == 0
     assert "| toy |" in (tmp_path / "run" / "results.md").read_text()

@@ -94,12 +94,12 @@ def test_a_report_made_from_stale_models_is_named_and_kept(tmp_path, text_file, 
 def test_diagnose_and_retrofit_caches_record_what_made_them(tmp_path, text_file):
     corpus = local_corpus(text_file)
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
-    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=2, passkey_samples=1),
+    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=16 * L, passkey_steps=2, passkey_samples=1),
                        corpus=corpus, out=tmp_path / "d")
     cache = tmp_path / "d" / rep.cache
     assert json.loads(cache.read_text())[store.MADE_BY] == store.made_by("diagnose", "cpu")
     (tmp_path / "d" / "diagnose.json").write_text(json.dumps(rep.to_json()))  # as the report writes it
-    res = run_retrofit(path, RetrofitConfig(to=2 * L, methods=["t5-distance"], finetune_steps=1, eval_tokens=2 * L),
+    res = run_retrofit(path, RetrofitConfig(to=2 * L, methods=["t5-distance"], finetune_steps=1, eval_tokens=16 * L),
                        tmp_path / "r", corpus=corpus)
     (tmp_path / "r" / "results.json").write_text(json.dumps(res.to_json()))
     assert json.loads((tmp_path / "r" / res.cache).read_text())[store.MADE_BY] == store.made_by("retrofit", "cpu")

@@ -207,16 +207,22 @@ def test_tiny_data_fails_before_training(tmp_path, capsys):
     f.write_bytes(b"abc")
     one_line_error(capsys, main(["extrapolate", *STUDY, "--data", str(f), "--out", str(tmp_path / "o")]), "too little text")
     f.write_text("x" * 2000)
-    one_line_error(capsys, main(["extrapolate", *STUDY, "--eval-lens", "16", "1024", "--eval-tokens", "4096",
+    one_line_error(capsys, main(["extrapolate", *STUDY, "--eval-lens", "16", "1024", "--eval-tokens", "8192",
                                   "--data", str(f),
                                   "--out", str(tmp_path / "o")]), "--eval-lens 1024 exceeds the validation split's")
     assert not (tmp_path / "o" / "models").exists()
+    # the longest length fits the split once, not the 8 times an interval needs
+    one_line_error(capsys, main(["extrapolate", *STUDY, "--eval-lens", "16", "32", "64", "--eval-tokens", "512",
+                                 "--data", str(f), "--out", str(tmp_path / "o")]),
+                   "--eval-lens 64: the validation split's 99 scoreable tokens hold 1 segment of it, fewer than the 8 "
+                   "an interval needs", "a length of at most 12, or more validation text")
     # the lengths fit the split, the tokens to score do not: refused before training, with a count that fits
     # (it used to fail after the first model trained)
+    f.write_text("x" * 15000)  # 749 scoreable validation tokens: 11 segments of 64
     one_line_error(capsys, main(["extrapolate", *STUDY, "--eval-lens", "16", "32", "64", "--eval-tokens", "1024",
                                  "--data", str(f), "--out", str(tmp_path / "o")]),
                    "--eval-tokens 1,024 (64 segments of 64 unless given) exceed the validation split's",
-                   "give --eval-tokens")
+                   "give --eval-tokens 704 or fewer (11 segments of 64)")
     assert not (tmp_path / "o" / "models").exists()
 
 

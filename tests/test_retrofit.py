@@ -16,7 +16,9 @@ from posbias import store
 from posbias.report import digits_sentence, shuffled_key_score
 from posbias.attention import attention
 from posbias.cli import main
+from posbias.config import ConfigError
 from posbias.data import stdlib_corpus
+from posbias.evaluate import MIN_SEGMENTS
 from posbias.diagnose import (DiagnoseConfig, WithinWindow, attention_distance, bias_drift, chunk_ends, context_effect,
                               context_split, effective_reach, final_bucket_share, run_diagnose, window_effect,
                               window_split)
@@ -27,6 +29,7 @@ from posbias.retrofit import METHODS, RetrofitConfig, applicable, bucket_remap, 
 from posbias.schemes import build
 
 L = TINY_L
+EVAL = MIN_SEGMENTS * 2 * L  # the fewest evaluation tokens a job at 2 L takes: 8 windows of 96
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +156,7 @@ def test_applicability_and_errors(tmp_path):
 def test_run_retrofit_compare_tiny(tmp_path, corpus):
     path = tiny_checkpoint(tmp_path / "r", "rope")
     cfg = RetrofitConfig(to=2 * L, methods=("pi", "yarn", "swap-alibi"), finetune_steps=2, finetune_batch=2,
-                         eval_tokens=400, compare=True, passkey_steps=2, passkey_samples=2)
+                         eval_tokens=EVAL, compare=True, passkey_steps=2, passkey_samples=2)
     res = run_retrofit(path, cfg, tmp_path / "out", corpus=corpus, progress=False)
     retrofit_report.write(res, tmp_path / "out")
     assert [r["method"] for r in res.rows] == ["original", "pi", "pi", "yarn", "yarn", "swap-alibi", "swap-alibi"]
@@ -168,9 +171,9 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
         said = (f"* **At {where} the model as it was, with no retrofit, is best**" if r["method"] == "original"
                 else f"* **Best at {where}: {r['method']} ({r['stage']})**")
         assert said in md.split("| method |")[0], n
-    n_windows = 400 // (2 * L)
+    n_windows = EVAL // (2 * L)
     assert all(len(r["window_loss"][2 * L]) == n_windows for r in res.rows)
-    assert res.eval_tokens == 400 and f"Only {n_windows} windows scored (fewer than 64)" in md
+    assert res.eval_tokens == EVAL and f"Only {n_windows} windows scored (fewer than 64)" in md
     for r in res.rows:  # 95% Wilson interval over 5 depths × 2 samples = 10 trials
         if r["passkey"] is not None:
             assert r["passkey_interval"][2 * L] == passkey.accuracy_interval(r["passkey"][2 * L], 10)
@@ -201,13 +204,13 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
 
 def test_diagnose_report_tiny(tmp_path, corpus):
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
-    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=2, eval_tokens=400, passkey_steps=2,
+    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=2, eval_tokens=EVAL, passkey_steps=2,
                                             passkey_samples=2), corpus=corpus)
     diagnose_report.write(rep, tmp_path / "d")
     md = (tmp_path / "d" / "report.md").read_text()
     for section in ("Loss by position", "Attention distance", "The final entry (T5: the final bucket)", "Effective reach", "Passkey"):
         assert section in md
-    assert f"Only {400 // (2 * L)} windows scored (fewer than 64)" in md
+    assert f"Only {EVAL // (2 * L)} windows scored (fewer than 64)" in md
     for png in ("loss_by_position", "attention_distance", "attention_beyond_L", "bias_vs_distance", "passkey"):
         assert (tmp_path / "d" / f"{png}.png").exists()
     assert 0 < rep.final_entry_share[2 * L] < 1
@@ -228,13 +231,13 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     assert saved["train_len"] == L and len(saved["loss_by_position_cut_at_L"]) == 2 * L
     # the first L positions see the same context either way
     assert saved["loss_by_range"][0][1] == pytest.approx(saved["loss_by_range"][0][2], abs=1e-4)
-    # 400 tokens in windows of 2L = 96: 4 windows, so every Δ has an interval around it, and the verdict reads it
-    assert rep.loss_windows == 4
+    # EVAL tokens in windows of 2L = 96: 8 windows, so every Δ has an interval around it, and the verdict reads it
+    assert rep.loss_windows == MIN_SEGMENTS
     for name, full, cut, lo, hi in saved["loss_by_range"][1:]:
         assert lo <= full - cut <= hi
     lo, hi = rep.loss_delta_interval
     delta = statistics.fmean(rep.loss_by_position) - statistics.fmean(rep.loss_by_position_cut_at_L)
-    assert lo <= delta <= hi and "interval of Δ" in md and "95% bootstrap over the 4 windows" in md
+    assert lo <= delta <= hi and "interval of Δ" in md and "95% bootstrap over the 8 windows" in md
     # the passkey cells byte by byte: five scores per cell, never below the whole-key accuracy
     assert set(saved["passkey_digits"]) == set(saved["passkey"]) == {str(L), str(2 * L)}
     for n, row in saved["passkey_digits"].items():
@@ -305,7 +308,7 @@ def test_diagnose_rerun_measures_only_what_it_lacks(tmp_path, corpus, monkeypatc
     import posbias.diagnose as diagnose_mod
 
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
-    cfg = DiagnoseConfig(length=2 * L, windows=2, eval_tokens=400, passkey_steps=3, passkey_samples=2)
+    cfg = DiagnoseConfig(length=2 * L, windows=2, eval_tokens=EVAL, passkey_steps=3, passkey_samples=2)
     first = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d").to_json()
     key = diagnose_mod.source_key(path, cfg, corpus)
     assert (tmp_path / "d" / f"cache-{key}.json").exists() and ckpt.exists(tmp_path / "d" / "models" / f"passkey-ft3-{key}")
@@ -324,7 +327,7 @@ def test_diagnose_rerun_measures_only_what_it_lacks(tmp_path, corpus, monkeypatc
     again = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d", log=said.append).to_json()
     assert calls == {} and again == first
     assert sum("reusing" in line for line in said) == 3  # losses, attention, passkey grid
-    longer = DiagnoseConfig(**{**cfg.__dict__, "length": 4 * L, "eval_tokens": 4 * L})
+    longer = DiagnoseConfig(**{**cfg.__dict__, "length": 4 * L, "eval_tokens": MIN_SEGMENTS * 4 * L})
     got = run_diagnose(path, longer, corpus=corpus, out=tmp_path / "d", log=said.append).to_json()
     assert calls == {"context_effect": 1, "window_effect": 1, "attention_distance": 1, "scores": 10}  # 4L's cells, as they are and far filler hidden
     assert got["passkey"][str(L)] == first["passkey"][str(L)]
@@ -346,7 +349,7 @@ def test_diagnose_passkey_seeds_train_one_copy_each_and_report_their_mean(tmp_pa
     from posbias.report.diagnose import summary
 
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
-    cfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=3, passkey_samples=2)
+    cfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=EVAL, passkey_steps=3, passkey_samples=2)
     first = run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d")
     said = []
     both = run_diagnose(path, dataclasses.replace(cfg, passkey_seeds=(0, 1)), corpus=corpus, out=tmp_path / "d",
@@ -466,7 +469,7 @@ def test_retrofit_seed_draws_other_finetunes_beside_the_first(tmp_path, corpus, 
     """--seed: another draw of every fine-tune, in a cache and model folders of its own (the first
     stays); a seed out of range is refused in one line."""
     path = tiny_checkpoint(tmp_path / "t", "rope")
-    cfg = RetrofitConfig(to=2 * L, methods=("pi",), finetune_steps=2, eval_tokens=2 * L)
+    cfg = RetrofitConfig(to=2 * L, methods=("pi",), finetune_steps=2, eval_tokens=EVAL)
     first = run_retrofit(path, cfg, tmp_path / "r", corpus=corpus)
     other = run_retrofit(path, dataclasses.replace(cfg, seed=1), tmp_path / "r", corpus=corpus)
     assert first.cache != other.cache and (tmp_path / "r" / first.cache).exists()
@@ -488,7 +491,7 @@ def test_retrofit_passkey_seeds_give_each_row_the_mean_of_its_copies(tmp_path, c
     interval from the lowest copy's Wilson bound to the highest's; the report says each copy. Without
     --compare, or with a seed twice, one line and status 2."""
     path = tiny_checkpoint(tmp_path / "t", "rope")
-    cfg = RetrofitConfig(to=2 * L, methods=("pi",), finetune_steps=1, eval_tokens=2 * L, compare=True,
+    cfg = RetrofitConfig(to=2 * L, methods=("pi",), finetune_steps=1, eval_tokens=EVAL, compare=True,
                          passkey_steps=2, passkey_samples=2)
     first = run_retrofit(path, cfg, tmp_path / "r", corpus=corpus)
     said = []
@@ -743,7 +746,7 @@ def test_a_window_short_of_two_L_has_no_chunk_end_row_and_says_why(tmp_path, cor
 
     assert window_split(*(torch.rand(2, 40, dtype=torch.float64) for _ in range(3)), 32)[-1][0].startswith("keys within")
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
-    rep = run_diagnose(path, DiagnoseConfig(length=3 * L // 2, eval_tokens=400, passkey_steps=2, passkey_samples=2),
+    rep = run_diagnose(path, DiagnoseConfig(length=3 * L // 2, eval_tokens=EVAL, passkey_steps=2, passkey_samples=2),
                        corpus=corpus)
     assert len(rep.window_split) == 2 and all(math.isfinite(v) for row in rep.window_split for v in row[1:])
     diagnose_report.write(rep, tmp_path / "d")
@@ -775,7 +778,7 @@ def test_far_tokens_reach_chunk_ends_only_through_layers(scheme, layers, same):
 def test_diagnose_cli_prints_its_verdicts(tmp_path, capsys, text_file):
     """The terminal gets the report's verdicts, not only the path to it."""
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
-    argv = ["diagnose", str(path), "--length", str(2 * L), "--passkey-steps", "0", "--eval-tokens", "400",
+    argv = ["diagnose", str(path), "--length", str(2 * L), "--passkey-steps", "0", "--eval-tokens", str(EVAL),
             "--data", str(text_file), "--out", str(tmp_path / "d"), "--quiet"]
     assert main(argv) == 0
     said = "".join(capsys.readouterr())
@@ -794,7 +797,7 @@ def test_checkpoint_jobs_say_whether_they_measure_on_the_training_text(tmp_path,
     model = ckpt.load_model(tiny_checkpoint(tmp_path / "t", "alibi"))
     path = ckpt.save_checkpoint(tmp_path / "c", model, extra={"train": {"seq_len": L}, "corpus": corpus.fingerprint})
     other = local_corpus(str(text_file)).fingerprint
-    common = ["--passkey-steps", "0", "--eval-tokens", "400", "--quiet"]
+    common = ["--passkey-steps", "0", "--eval-tokens", str(EVAL), "--quiet"]
     for argv, report in ((["diagnose", str(path), "--length", str(2 * L), *common], "report.md"),
                          (["retrofit", str(path), "--to", str(2 * L), "--method", "swap-t5", *common], "results.md")):
         for data, same in ((["--data", str(text_file)], False), ([], True)):
@@ -840,7 +843,7 @@ def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
         ckpt.save_checkpoint(study / name / "final", model, extra={"train": {"seq_len": L}})
     out = tmp_path / "d"
     argv = ["diagnose", str(tmp_path / "study"), str(study / "fire-seed0-abcdef0123"), "--length", str(2 * L),
-            "--passkey-steps", "2", "--passkey-samples", "2", "--eval-tokens", "400", "--data", str(text_file),
+            "--passkey-steps", "2", "--passkey-samples", "2", "--eval-tokens", str(EVAL), "--data", str(text_file),
             "--out", str(out), "--quiet"]
     assert main(argv) == 0
     said = "".join(capsys.readouterr())
@@ -956,7 +959,7 @@ def test_attention_windows_start_at_exact_integer_positions():
 
 def test_diagnose_report_names_the_rotary_pairs_past_training(tmp_path, corpus):
     path = tiny_checkpoint(tmp_path / "t", "rope")
-    rep = run_diagnose(path, DiagnoseConfig(length=4 * L, windows=1, eval_tokens=4 * L, passkey_steps=0), corpus=corpus)
+    rep = run_diagnose(path, DiagnoseConfig(length=4 * L, windows=1, eval_tokens=MIN_SEGMENTS * 4 * L, passkey_steps=0), corpus=corpus)
     diagnose_report.write(rep, tmp_path / "d")
     md = (tmp_path / "d" / "report.md").read_text()
     unseen = [k for k, u in enumerate(rep.rotary["unseen"]) if u]
@@ -964,14 +967,26 @@ def test_diagnose_report_names_the_rotary_pairs_past_training(tmp_path, corpus):
     assert md.count("**yes**") == len(unseen) and rep.effective_reach is None
 
 
-def test_diagnose_with_one_window_says_it_has_no_interval(tmp_path, corpus):
-    """A single window has no spread: no interval, no NaN in diagnose.json, and a verdict that says so."""
+def test_diagnose_and_retrofit_refuse_fewer_windows_than_an_interval_needs(tmp_path, corpus, capsys):
+    """One window is a point, not an interval (before: "cannot be judged from 1 window"), and up to 4
+    an interval held the text's value in at most 84% of draws: fewer than MIN_SEGMENTS are refused
+    before any work, naming the setting and what to give."""
     path = tiny_checkpoint(tmp_path / "t", "alibi")
-    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=0), corpus=corpus)
-    assert rep.loss_windows == 1 and rep.loss_delta_interval == (None, None)
-    diagnose_report.write(rep, tmp_path / "d")
-    assert "cannot be judged from 1 window" in (tmp_path / "d" / "report.md").read_text()
-    assert json.loads((tmp_path / "d" / "diagnose.json").read_text())["loss_delta_interval"] == [None, None]
+    for tokens in (2 * L, (MIN_SEGMENTS - 1) * 2 * L + 2 * L - 1):
+        count = tokens // (2 * L)
+        with pytest.raises(ConfigError, match=rf"eval_tokens {tokens:,} scores {count} segments? of 96, fewer than the "
+                                              rf"8 an interval needs .*; give 768 or more"):
+            run_diagnose(path, DiagnoseConfig(length=2 * L, eval_tokens=tokens, passkey_steps=0), corpus=corpus)
+        with pytest.raises(ConfigError, match=rf"eval_tokens {tokens:,} scores {count} segments? of 96"):
+            run_retrofit(path, RetrofitConfig(to=2 * L, methods=("swap-t5",), eval_tokens=tokens), tmp_path / "r",
+                         corpus=corpus)
+    assert not (tmp_path / "r").exists()  # refused before any work
+    one_line_error(capsys, main(["diagnose", str(path), "--length", str(2 * L), "--eval-tokens", "96",
+                                 "--out", str(tmp_path / "d")]),
+                   "posbias diagnose: error: --eval-tokens 96 scores 1 segment of 96, fewer than the 8 an interval needs")
+    assert not (tmp_path / "d").exists()
+    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, eval_tokens=EVAL, passkey_steps=0), corpus=corpus)
+    assert rep.loss_windows == MIN_SEGMENTS and rep.loss_delta_interval[0] < rep.loss_delta_interval[1]
 
 
 def test_attention_distance_matches_a_hand_computation():
@@ -1123,15 +1138,21 @@ def test_diagnose_refuses_a_window_the_split_or_the_memory_cannot_hold(tmp_path,
 
 
 def test_retrofit_refuses_lengths_the_split_or_the_budget_cannot_hold(tmp_path, capsys, corpus):
-    """--to past the validation split, or --eval-tokens below the longest length, is refused before the
-    first evaluation (it used to surface when that length came up; --eval-tokens blamed the split)."""
+    """--to past the validation split or with room for fewer than 8 segments of it, or --eval-tokens
+    scoring fewer, is refused before the first evaluation (it used to surface when that length came up;
+    --eval-tokens blamed the split; a short split silently cut the segments, down to 1)."""
     path = tiny_checkpoint(tmp_path / "r", "rope")
     n_val = corpus.val.numel() - 1
     out = tmp_path / "o"
     one_line_error(capsys, main(["retrofit", str(path), "--to", str(n_val + 1), "--method", "pi", "--out", str(out)]),
                    f"--to {n_val + 1} exceeds the validation split's {n_val:,} scoreable tokens")
     one_line_error(capsys, main(["retrofit", str(path), "--to", str(4 * L), "--method", "pi", "--eval-tokens", "10",
-                                 "--out", str(out)]), f"--eval-tokens 10 is fewer than the longest evaluation length {4 * L}")
+                                 "--out", str(out)]), f"--eval-tokens 10 scores 0 segments of {4 * L}, fewer than the 8 "
+                   f"an interval needs", f"give {8 * 4 * L:,} or more")
+    # a length the split holds fewer than 8 segments of: its default of 64 was cut to what fit, down to 1
+    one_line_error(capsys, main(["retrofit", str(path), "--to", str(n_val // 3), "--method", "pi", "--out", str(out)]),
+                   f"--to {n_val // 3}: the validation split's {n_val:,} scoreable tokens hold 3 segments of it, fewer "
+                   f"than the 8 an interval needs", f"a length of at most {n_val // 8:,}, or more validation text")
     # the table reads ppl@to / ppl@L: --eval-lens without either was a KeyError traceback (or a NaN) after the work
     one_line_error(capsys, main(["retrofit", str(path), "--to", str(4 * L), "--eval-lens", str(L // 2), "--method", "pi",
                                  "--out", str(out)]),
@@ -1210,7 +1231,7 @@ def test_checkpoint_jobs_run_at_a_fixed_thread_count(tmp_path, corpus, monkeypat
 
     monkeypatch.setattr(diagnose_mod, "_diagnose", spy)
     before = torch.get_num_threads()
-    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=200, passkey_steps=0, threads=1),
+    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=EVAL, passkey_steps=0, threads=1),
                        corpus=corpus)
     assert seen == [1] and rep.threads == 1 and torch.get_num_threads() == before
     keys = {source_key(path, RetrofitConfig(to=2 * L, methods=("swap-t5",), threads=t), corpus) for t in (1, 2)}
@@ -1340,7 +1361,7 @@ def test_finetunes_train_positional_parameters_at_the_checkpoints_multiplier(tmp
     monkeypatch.setattr(retrofit_mod, "finetune", ft.finetune)
     model = ckpt.load_model(src)
     path = ckpt.save_checkpoint(tmp_path / "c", model, extra={"train": {"seq_len": L, "pos_lr_mult": 50.0}})
-    cfg = RetrofitConfig(to=2 * L, methods=("swap-t5",), finetune_steps=2, eval_tokens=2 * L, compare=True,
+    cfg = RetrofitConfig(to=2 * L, methods=("swap-t5",), finetune_steps=2, eval_tokens=EVAL, compare=True,
                          passkey_steps=2, passkey_samples=1)
     res = run_retrofit(path, cfg, tmp_path / "r", corpus=corpus)
     assert seen == [50.0, 50.0, 50.0] and res.pos_lr_mult == 50.0  # the original's passkey, the swap, its passkey
@@ -1351,14 +1372,14 @@ def test_finetunes_train_positional_parameters_at_the_checkpoints_multiplier(tmp
     assert all(f"{r['method']} ({r['stage']})" in md for r in untaught)
     (name, tuned), = ckpt.discover(tmp_path / "r")  # the swap's fine-tuned model; its diagnosis says what it saw
     assert name.startswith("swap-t5-ft2-")
-    rep = run_diagnose(tuned, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=0), corpus=corpus)
+    rep = run_diagnose(tuned, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=EVAL, passkey_steps=0), corpus=corpus)
     assert rep.retrofit["to"] == 2 * L and "This checkpoint is a retrofit (swap-t5) fine-tuned for 2 steps at " \
         f"{2 * L} tokens" in diagnose_report.markdown(rep)
     seen.clear()
     run_retrofit(path, dataclasses.replace(cfg, pos_lr_mult=2.0), tmp_path / "r2", corpus=corpus)
     assert seen == [2.0, 2.0, 2.0]
     seen.clear()
-    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=2,
+    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=EVAL, passkey_steps=2,
                                             passkey_samples=1), corpus=corpus)
     assert seen == [50.0] and rep.passkey_lr_mult == 50.0
     diagnose_report.write(rep, tmp_path / "d")
@@ -1442,7 +1463,7 @@ def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, m
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
     from posbias import passkey
 
-    dcfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=3, passkey_samples=1)
+    dcfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=EVAL, passkey_steps=3, passkey_samples=1)
     kept = tmp_path / "d" / "models" / f"passkey-ft3-{diagnose_mod.source_key(path, dcfg, corpus)}"
     stale = kept / "last"  # left by an interrupted fine-tune of other settings (an older posbias, say)
     g = torch.Generator().manual_seed(0)
@@ -1457,7 +1478,7 @@ def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, m
     assert any("holds another fine-tune's progress; starting afresh" in line for line in said)
     seen.clear()
     cfg = RetrofitConfig(to=2 * L, methods=("t5-distance",), compare=True, passkey_steps=3, passkey_samples=1,
-                         eval_tokens=2 * L)
+                         eval_tokens=EVAL)
     run_retrofit(path, cfg, tmp_path / "r", corpus=corpus, progress=False)
     assert seen and all(p.parent == tmp_path / "r" / "models" and p.name.startswith("passkey-") for p in seen)
     assert not any(p.exists() for p in seen)
@@ -1474,7 +1495,7 @@ def test_retrofit_finetune_keeps_progress_until_its_model_is_saved(tmp_path, cor
 
     monkeypatch.setattr(retrofit_mod, "finetune", every_step)
     path = tiny_checkpoint(tmp_path / "r", "rope")
-    cfg = RetrofitConfig(to=2 * L, methods=("pi",), finetune_steps=3, finetune_batch=2, eval_tokens=200)
+    cfg = RetrofitConfig(to=2 * L, methods=("pi",), finetune_steps=3, finetune_batch=2, eval_tokens=EVAL)
     run_retrofit(path, cfg, tmp_path / "out", corpus=corpus, progress=False)
     (mdir,) = (tmp_path / "out" / "models").iterdir()
     assert saves == [mdir / "last"] and ckpt.exists(mdir) and not (mdir / "last").exists()
@@ -1487,7 +1508,7 @@ def test_diverging_finetune_stops_at_once_and_saves_nothing(tmp_path, corpus, ca
     with pytest.raises(NonFiniteLoss, match=r"fine-tune diverged: loss nan at step \d+ of 30 .*peak learning rate 1e\+06"):
         _tiny_finetune(model, corpus, steps=30, lr=1e6)
     assert main(["retrofit", str(tmp_path / "src"), "--to", str(2 * L), "--method", "pi", "--finetune-steps", "30",
-                 "--finetune-lr", "1e6", "--eval-tokens", "200", "--quiet", "--out", str(tmp_path / "out")]) == 2
+                 "--finetune-lr", "1e6", "--eval-tokens", str(EVAL), "--quiet", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "fine-tune pi diverged" in err and "lower the learning rate" in err
     assert not list((tmp_path / "out").glob("models/*/config.json"))  # no diverged model kept for a re-run to reuse
@@ -1588,7 +1609,7 @@ def test_diagnose_records_how_the_passkey_copy_was_taught(tmp_path, corpus, monk
     paths = {s: tiny_checkpoint(tmp_path / s, s) for s in answers}
     monkeypatch.setattr(passkey, "probe", lambda model, length, **kw: next(answers[model.cfg.scheme]))
     monkeypatch.setattr(passkey, "PROBE_EVERY", 2)  # the report states it
-    cfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=6, passkey_samples=1)
+    cfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=EVAL, passkey_steps=6, passkey_samples=1)
     import posbias.passkey as pk
     real = pk.train_passkey
     monkeypatch.setattr(pk, "train_passkey", lambda *a, **k: real(*a, **{**k, "check_every": 2}))
@@ -1624,7 +1645,7 @@ def test_an_interrupted_passkey_copy_keeps_every_probe(tmp_path, corpus, monkeyp
     from posbias import finetune as ft
 
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
-    cfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=2 * L, passkey_steps=6, passkey_samples=1)
+    cfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=EVAL, passkey_steps=6, passkey_samples=1)
     real_train, real_ft = pk.train_passkey, ft.finetune
     monkeypatch.setattr(pk, "train_passkey", lambda *a, **k: real_train(*a, **{**k, "check_every": 2}))
     monkeypatch.setattr(ft, "finetune", lambda *a, **k: real_ft(*a, **{**k, "save_every_s": 0}))
@@ -1688,14 +1709,14 @@ def test_retrofit_reuses_a_perplexity_only_on_the_same_segments(tmp_path, corpus
     from posbias.evaluate import evaluate_length
 
     path = tiny_checkpoint(tmp_path / "t", "rope")
-    cfg = RetrofitConfig(to=2 * L, methods=("pi",), eval_lens=(L, 2 * L), eval_tokens=6 * L)
+    cfg = RetrofitConfig(to=2 * L, methods=("pi",), eval_lens=(L, 2 * L), eval_tokens=16 * L)
     first = run_retrofit(path, cfg, tmp_path / "r", corpus=corpus)
     other = run_retrofit(path, dataclasses.replace(cfg, eval_lens=(L, 3 * L // 2, 2 * L)), tmp_path / "r",
                          corpus=corpus)
     assert first.cache == other.cache  # one cache: the lengths are not in its key
     model = ckpt.load_model(path).eval()
-    on_own = {n: evaluate_length(model, corpus.val, n, max_tokens=6 * L)["ppl"] for n in (L, 3 * L // 2, 2 * L)}
-    tiled = evaluate_length(model, corpus.val, L, max_tokens=6 * L, span=2 * L)["ppl"]
+    on_own = {n: evaluate_length(model, corpus.val, n, max_tokens=16 * L)["ppl"] for n in (L, 3 * L // 2, 2 * L)}
+    tiled = evaluate_length(model, corpus.val, L, max_tokens=16 * L, span=2 * L)["ppl"]
     assert first.rows[0]["ppl"][L] == pytest.approx(tiled, rel=1e-9)
     assert other.rows[0]["ppl"] == pytest.approx(on_own, rel=1e-9) and on_own[L] != pytest.approx(tiled, rel=1e-6)
 
@@ -1723,11 +1744,11 @@ def test_retrofit_evaluation_size_is_keyed_by_its_resolved_count(tmp_path, corpu
     monkeypatch.setattr(retrofit_mod, "finetune", counted("finetune", retrofit_mod.finetune))
     same = run_retrofit(path, dataclasses.replace(cfg, eval_tokens=SEGMENTS * 2 * L), tmp_path / "r", corpus=corpus)
     assert calls == {"eval": 0, "finetune": 0} and same.cache == first.cache and same.rows == first.rows
-    fewer = run_retrofit(path, dataclasses.replace(cfg, eval_tokens=6 * L), tmp_path / "r", corpus=corpus)
+    fewer = run_retrofit(path, dataclasses.replace(cfg, eval_tokens=16 * L), tmp_path / "r", corpus=corpus)
     assert fewer.cache == first.cache and calls["finetune"] == 0 and calls["eval"] == 2 * 3  # 3 rows × (L, 2L)
-    assert fewer.eval_tokens == 6 * L and all(len(r["window_loss"][2 * L]) == 3 for r in fewer.rows)
+    assert fewer.eval_tokens == 16 * L and all(len(r["window_loss"][2 * L]) == 8 for r in fewer.rows)
     monkeypatch.undo()
-    fresh = run_retrofit(path, dataclasses.replace(cfg, eval_tokens=6 * L), tmp_path / "fresh", corpus=corpus)
+    fresh = run_retrofit(path, dataclasses.replace(cfg, eval_tokens=16 * L), tmp_path / "fresh", corpus=corpus)
     assert fresh.rows == fewer.rows
 
 
@@ -1781,7 +1802,7 @@ def test_diagnose_notes_when_the_attention_statistics_exceed_the_free_memory(tmp
     assert diagnose.memory_note(4, 64, "cpu") is None  # 0.2 MiB fits
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
     monkeypatch.setattr(diagnose, "free_memory", lambda device: 1)
-    cfg, said = DiagnoseConfig(length=2 * L, windows=2, eval_tokens=200, passkey_steps=0), []
+    cfg, said = DiagnoseConfig(length=2 * L, windows=2, eval_tokens=EVAL, passkey_steps=0), []
     run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d", log=said.append)
     assert sum(s.startswith(f"note: the attention statistics at {2 * L} tokens") for s in said) == 1
     said.clear()

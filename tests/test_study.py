@@ -684,9 +684,14 @@ def test_the_study_scores_sixty_four_segments_unless_told_and_warns_below():
         cfg = StudyConfig(**preset)
         assert cfg.eval_tokens == SEGMENTS * max(cfg.lengths()), name
     assert StudyConfig(**{**PRESETS["demo"], "eval_lens": (64, 128)}).eval_tokens == SEGMENTS * 128
-    assert StudyConfig(eval_tokens=4096).eval_tokens == 4096
+    assert StudyConfig(eval_tokens=8 * 2048).eval_tokens == 8 * 2048
     for bad in (0, 1024):
         with pytest.raises(ValueError, match="eval_tokens"):
+            StudyConfig(eval_tokens=bad)
+    # fewer than 8 segments: an interval over them held the text's value in at most 84% of draws (1: never)
+    for bad, count in ((2048, "1 segment"), (7 * 2048 + 2047, "7 segments")):
+        with pytest.raises(ValueError, match=rf"eval_tokens {bad:,} scores {count} of 2048, fewer than the 8 an "
+                                             r"interval needs .*; give 16,384 or more"):
             StudyConfig(eval_tokens=bad)
     d = torch.rand(12, dtype=torch.float64) + 1
     study = _fake_study({"a": [d], "b": [d + 0.1]}, far={"a": [d], "b": [d + 0.1]})
@@ -820,7 +825,7 @@ def test_a_report_of_other_settings_is_replaced_with_a_note(tmp_path, text_file)
     model = next((tmp_path / "s" / "models").glob("alibi-*")) / "final"
     said.clear()
     for to in (32, 32, 64):
-        rc = RetrofitConfig(to=to, methods=("swap-t5",), eval_tokens=256, threads=1)
+        rc = RetrofitConfig(to=to, methods=("swap-t5",), eval_tokens=512, threads=1)
         retrofit_report.write(run_retrofit(model, rc, tmp_path / "r", corpus=corpus), tmp_path / "r", log=said.append)
     assert len(said) == 1 and said[0].startswith(f"note: {tmp_path / 'r'} held the report of another retrofit with "
                                                  "other config.to; this run's report replaces it"), said
