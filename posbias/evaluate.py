@@ -41,13 +41,17 @@ def eval_budget(tokens: int | None, span: int) -> int:
     return SEGMENTS * span if tokens is None else tokens
 
 
-def check_fits(split: Tensor, longest: int, tokens: int | None, field: str) -> int:
+# Why fewer than MIN_SEGMENTS units are refused, in the words of an error.
+_TOO_FEW = ("with 2 or 4 a nominal 95% interval held the text's value in 43-84% of draws, with 1 never; "
+            "docs/study.md")
+
+
+def check_fits(split: Tensor, longest: int, tokens: int | None, field: str) -> None:
     """Before any work: :class:`ConfigError` on ``field`` (the setting that made ``longest``, the
     longest evaluation length) when the validation ``split`` cannot hold :data:`MIN_SEGMENTS` segments
     of it, and on ``eval_tokens`` when the budget ``tokens`` (None: the default, cut to what the split
     holds) scores fewer (found otherwise only when that length comes up, after the shorter ones and
-    any fine-tune were done; and an interval over fewer is no measure of the noise). Returns how many
-    segments an evaluation scores."""
+    any fine-tune were done; and an interval over fewer is no measure of the noise)."""
     n_avail = split.numel() - 1
     if longest > n_avail:
         raise ConfigError(field, f"{longest} exceeds the validation split's {n_avail:,} scoreable tokens "
@@ -58,14 +62,7 @@ def check_fits(split: Tensor, longest: int, tokens: int | None, field: str) -> i
         raise ConfigError(field, f"{longest}: the validation split's {n_avail:,} scoreable tokens hold {held} segment"
                                  f"{'' if held == 1 else 's'} of it, fewer than the {MIN_SEGMENTS} an interval needs "
                                  f"({_TOO_FEW}); a length of at most {most:,}, or more validation text")
-    budget = min(eval_budget(tokens, longest), n_avail)
-    check_segments(budget, longest)
-    return budget // longest
-
-
-# Why fewer than MIN_SEGMENTS units are refused, in the words of an error.
-_TOO_FEW = ("with 2 or 4 a nominal 95% interval held the text's value in 43-84% of draws, with 1 never; "
-            "docs/study.md")
+    check_segments(min(eval_budget(tokens, longest), n_avail), longest)
 
 
 def check_segments(tokens: int, span: int) -> None:
