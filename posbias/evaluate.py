@@ -50,7 +50,7 @@ def check_fits(split: Tensor, longest: int, tokens: int | None, field: str) -> N
     """Before any work: :class:`ConfigError` on ``field`` (the setting that made ``longest``, the
     longest evaluation length) when the validation ``split`` cannot hold :data:`MIN_SEGMENTS` segments
     of it, and on ``eval_tokens`` when the budget ``tokens`` (None: the default, cut to what the split
-    holds) scores fewer (found otherwise only when that length comes up, after the shorter ones and
+    holds) scores fewer or exceeds the split (found otherwise only when that length comes up, after the shorter ones and
     any fine-tune were done; and an interval over fewer is no measure of the noise)."""
     n_avail = split.numel() - 1
     if longest > n_avail:
@@ -62,6 +62,9 @@ def check_fits(split: Tensor, longest: int, tokens: int | None, field: str) -> N
         raise ConfigError(field, f"{longest}: the validation split's {n_avail:,} scoreable tokens hold {held} segment"
                                  f"{'' if held == 1 else 's'} of it, fewer than the {MIN_SEGMENTS} an interval needs "
                                  f"({_TOO_FEW}); a length of at most {most:,}, or more validation text")
+    if tokens is not None and tokens > n_avail:  # scored as what fits, while its results named the count asked for
+        raise ConfigError("eval_tokens", f"{tokens:,} exceed the validation split's {n_avail:,} scoreable tokens; give "
+                                         f"{held * longest:,} or fewer ({held} segments of {longest}), or more data")
     check_segments(min(eval_budget(tokens, longest), n_avail), longest)
 
 

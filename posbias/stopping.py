@@ -70,17 +70,21 @@ class Held:
             self.handlers[signum](signum, frame)
         self.signals.append(signum)
 
-    def stop(self) -> None:
-        """Raise what the first held signal would have raised (nothing when none came)."""
+    def stop(self, *, agreed: bool = False) -> None:
+        """Raise what the first held signal would have raised; when none came, nothing, or with ``agreed``
+        (processes training together stop at one step because another was interrupted) KeyboardInterrupt."""
         if self.signals:
             self.handlers[self.signals[0]](self.signals[0], None)
+        if agreed:
+            raise KeyboardInterrupt("stopped with the other processes, one of which was interrupted")
 
 
 @contextlib.contextmanager
 def between_steps(enabled: bool = True) -> Iterator[Held]:
     """Within: a SIGINT / SIGTERM whose handler raises is held (:class:`Held`); the handlers are restored
-    on exit. ``enabled=False`` (processes training together, which must all stop at one step) or outside
-    the main thread: nothing is held, and ``requested`` stays False."""
+    on exit. ``enabled=False`` or outside the main thread: nothing is held, and ``requested`` stays
+    False. Processes training together hold theirs too, and agree after each step whether any was
+    interrupted (:func:`posbias.train.train`)."""
     handlers = {}
     if enabled and threading.current_thread() is threading.main_thread():
         handlers = {s: signal.getsignal(s) for s in HELD if _raises(signal.getsignal(s))}

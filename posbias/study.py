@@ -31,6 +31,7 @@ then the user's ``scheme_options`` per scheme name, then options in the label it
 from __future__ import annotations
 
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -355,7 +356,14 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
     is making and comes back to them at the end (reusing them, or taking over one whose run died), so
     every run ends with all of its models. ``progress`` shows progress bars;
     ``keep_last=False`` deletes each model's ``last/`` checkpoint (mostly optimizer state) once its
-    ``final/`` exists, which changes no result. :func:`posbias.report.study.write` renders the result."""
+    ``final/`` exists, which changes no result. :func:`posbias.report.study.write` renders the result.
+    Not under torchrun (``WORLD_SIZE`` > 1): a ValueError, since its processes would take the folder's
+    models one each while each model's training waited for the others (a hang, found 2026-12-04)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1":
+        raise ValueError(f"a study runs each model in one process, but WORLD_SIZE is {world} (torchrun): its "
+                         "processes would wait on each other for good; start the same command once per core or GPU "
+                         "instead (--threads 1, or --device cuda:N), and the runs share the folder's models")
     out = store.check_out_dir(out)
     store.check_device(cfg.device)
     longest, n_val = max(cfg.lengths()), corpus.val.numel() - 1

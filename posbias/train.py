@@ -183,7 +183,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
     wall0 = history["wall_s"]
     model.train()
     step = start
-    with between_steps(enabled=world == 1) as held:  # Ctrl-C / SIGTERM: held to the end of its step
+    with between_steps() as held:  # Ctrl-C / SIGTERM: held to the end of its step, in every process
         for step in range(start, cfg.steps):
             if stop_after is not None and step >= stop_after:
                 break
@@ -204,13 +204,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
                     log(f"{model_cfg.scheme} step {done}: val loss {history['val_loss'][-1][1]:.4f}")
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{history['tokens'] / max(history['wall_s'], 1e-9):.0f}")
             bar.update(1)
-            if done % cfg.ckpt_every == 0 or done == cfg.steps or held.requested:
+            stop = _agreed(held.requested, world, device)
+            if done % cfg.ckpt_every == 0 or done == cfg.steps or stop:
                 _save(last, model, meta, world, rank, trainer_state=_progress(done, opt, history, cfg, model_cfg))
-            if held.requested:  # an interruption came during this step: saved above, raised now
+            if stop:  # an interruption came during this step (to any process): saved above, raised now
                 bar.close()
-                if log:
+                if log and rank == 0:
                     log(f"{model_cfg.scheme}: stopped after step {done} of {cfg.steps}, saved in {str(last)!r}")
-                held.stop()
+                held.stop(agreed=True)
             step = done
     bar.close()
     if step >= cfg.steps and not ckpt.exists(out / "final"):
@@ -223,6 +224,18 @@ def _progress(step: int, opt: torch.optim.Optimizer, history: dict[str, Any], cf
     """What a progress checkpoint keeps besides the weights (:func:`_resume` reads it)."""
     return {"step": step, "optimizer": opt.state_dict(), "history": history, "train_config": asdict(cfg),
             "model_config": model_cfg.to_dict()}
+
+
+def _agreed(requested: bool, world: int, device: torch.device) -> bool:
+    """Whether to stop after this step: this process was interrupted, or (several processes training
+    together) any of them was: they stop at one step, since each must save it and meet the others in
+    every collective. One all-reduce of a flag per step (torchrun forwards Ctrl-C or SIGTERM to every
+    process, and kills them 30 s later)."""
+    if world == 1:
+        return requested
+    flag = torch.tensor([int(requested)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _save(where: Path, model: TransformerLM, meta: dict[str, Any], world: int, rank: int,

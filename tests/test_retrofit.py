@@ -1149,6 +1149,13 @@ def test_retrofit_refuses_lengths_the_split_or_the_budget_cannot_hold(tmp_path, 
     one_line_error(capsys, main(["retrofit", str(path), "--to", str(4 * L), "--method", "pi", "--eval-tokens", "10",
                                  "--out", str(out)]), f"--eval-tokens 10 scores 0 segments of {4 * L}, fewer than the 8 "
                    f"an interval needs", f"give {8 * 4 * L:,} or more")
+    # more tokens than the split holds: they were scored as what fit, while results.json named the count asked for
+    one_line_error(capsys, main(["retrofit", str(path), "--to", str(4 * L), "--method", "pi", "--eval-tokens",
+                                 str(n_val + 1), "--out", str(out)]),
+                   f"--eval-tokens {n_val + 1:,} exceed the validation split's {n_val:,} scoreable tokens; give "
+                   f"{n_val // (4 * L) * 4 * L:,} or fewer ({n_val // (4 * L)} segments of {4 * L})")
+    one_line_error(capsys, main(["diagnose", str(path), "--length", str(4 * L), "--eval-tokens", str(n_val + 1),
+                                 "--out", str(out)]), f"--eval-tokens {n_val + 1:,} exceed the validation split's")
     # a length the split holds fewer than 8 segments of: its default of 64 was cut to what fit, down to 1
     one_line_error(capsys, main(["retrofit", str(path), "--to", str(n_val // 3), "--method", "pi", "--out", str(out)]),
                    f"--to {n_val // 3}: the validation split's {n_val:,} scoreable tokens hold 3 segments of it, fewer "

@@ -753,19 +753,79 @@ def test_ddp_two_processes_match_single_process(corpus, tmp_path):
         " c.train, c.val, sys.argv[1], progress=False)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "single")], check=True, env=env)
-    for attempt in range(2):  # the launcher's rendezvous on a port can fail on a busy machine: once more, on another
+    got = _torchrun(script, str(tmp_path / "ddp"), env=env, capture_output=True)
+    assert got.returncode == 0, got.stderr[-3000:]
+    a = ckpt.load_model(tmp_path / "single" / "final").state_dict()
+    b = ckpt.load_model(tmp_path / "ddp" / "final").state_dict()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_a_study_under_torchrun_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """Under torchrun each process ran the study as a run sharing the folder: one took the model, whose
+    training waited for the other process in DDP's set-up while that one waited for the model: a hang
+    with no message (seen 2026-12-04). Refused before any work, saying what to do instead."""
+    from posbias.study import StudyConfig, run_study
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="WORLD_SIZE is 2 \\(torchrun\\).*start the same command once per core or GPU"):
+        run_study(StudyConfig(schemes=("alibi",), train_len=16, eval_lens=(16, 32), steps=1), tmp_path / "o",
+                  corpus=stdlib_corpus())
+    assert main(["extrapolate", "--schemes", "alibi", *STUDY, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "WORLD_SIZE is 2" in err and not (tmp_path / "o").exists()
+
+
+def _torchrun(script: Path, *args: str, env: dict, start=subprocess.run, **kw):
+    """``script`` under torchrun with 2 CPU processes (gloo) on a free port (the launcher's rendezvous on
+    a port can fail on a busy machine: once more, on another); ``start``'s result."""
+    for attempt in range(2):
         with socket.socket() as free:
             free.bind(("127.0.0.1", 0))
             port = free.getsockname()[1]
-        got = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                              str(script), str(tmp_path / f"ddp{attempt}")], env=env, capture_output=True, text=True)
-        if got.returncode == 0:
-            break
-    assert got.returncode == 0, got.stderr[-3000:]
-    a = ckpt.load_model(tmp_path / "single" / "final").state_dict()
-    b = ckpt.load_model(tmp_path / f"ddp{attempt}" / "final").state_dict()
-    for n in a:
-        torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-4, msg=n)
+        got = start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                     str(script), *args], env=env, text=True, **kw)
+        if start is not subprocess.run or got.returncode == 0 or attempt:
+            return got
+
+
+@pytest.mark.slow
+def test_ddp_processes_interrupted_together_save_one_step_and_resume_bit_identically(tmp_path):
+    """Ctrl-C (or a scheduler's SIGTERM) reaches torchrun, which passes it to every process: they hold it
+    to the end of the step, agree on that step (any one interrupted stops all), save it and stop, and
+    the re-run resumes from it to the weights of an uninterrupted run, bit for bit. Before, processes
+    training together did not hold it: up to ckpt_every (here 50) steps were lost."""
+    import signal
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\nfrom posbias.data import stdlib_corpus\nfrom posbias.model import ModelConfig\n"
+        "from posbias.train import TrainConfig, train\n"
+        "c = stdlib_corpus()\n"
+        "train(ModelConfig(scheme='t5', d_model=64, n_layers=2, n_heads=2),"
+        " TrainConfig(steps=400, batch_size=8, train_len=64, warmup=1, eval_every=0, ckpt_every=50, eval_batches=1),"
+        " c.train, c.val, sys.argv[1], progress=False, log=lambda m: print(m, flush=True))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = _torchrun(script, str(tmp_path / "cut"), env=env, start=subprocess.Popen, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not ckpt.exists(tmp_path / "cut" / "last") and time.time() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)  # what Ctrl-C sends the launcher (its processes run in sessions of their own)
+    out, _ = run.communicate(timeout=120)
+    said = [line for line in out.splitlines() if "stopped after step" in line]
+    assert run.returncode != 0 and len(said) == 1, out[-3000:]
+    step = int(said[0].split("stopped after step ")[1].split()[0])
+    assert ckpt.load_trainer_state(tmp_path / "cut" / "last")["step"] == step and 50 <= step < 400
+    assert not ckpt.exists(tmp_path / "cut" / "final")
+    resumed = _torchrun(script, str(tmp_path / "cut"), env=env, capture_output=True)
+    assert resumed.returncode == 0 and f"resuming from step {step} of 400" in resumed.stdout, resumed.stderr[-3000:]
+    whole = _torchrun(script, str(tmp_path / "whole"), env=env, capture_output=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a = ckpt.load_model(tmp_path / "cut" / "final").state_dict()
+    b = ckpt.load_model(tmp_path / "whole" / "final").state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 @pytest.mark.slow
