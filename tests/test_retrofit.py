@@ -1709,6 +1709,23 @@ def test_the_chunk_end_row_names_what_besides_far_tokens_it_holds():
     assert all("Δ +0.0500 [+0.0100, +0.0900]: hurts" in s for _, s in said.values())
 
 
+def test_retrofit_names_the_tokens_it_scored_where_the_split_cuts_its_default(tmp_path, text_file):
+    """A validation split holding fewer than 64 segments of --to (but at least 8) cuts the default to
+    what fits, and the report says so; results.json's eval_tokens is what was scored (it named the 64
+    segments asked for)."""
+    from posbias.data import local_corpus
+
+    small = local_corpus(text_file)
+    held = (small.val.numel() - 1) // (2 * L)
+    assert MIN_SEGMENTS <= held < 64
+    path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
+    res = run_retrofit(path, RetrofitConfig(to=2 * L, methods=("t5-distance",)), tmp_path / "r", corpus=small)
+    assert res.eval_tokens == held * 2 * L and all(len(r["window_loss"][2 * L]) == held for r in res.rows)
+    retrofit_report.write(res, tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["eval_tokens"] == held * 2 * L
+    assert f"Only {held} windows scored (fewer than 64)" in (tmp_path / "r" / "results.md").read_text()
+
+
 def test_retrofit_reuses_a_perplexity_only_on_the_same_segments(tmp_path, corpus):
     """Lengths that all divide the longest score the same segments of it; a set where one does not
     scores each length on its own windows. eval_lens is not in the cache key, so a re-run with other
