@@ -55,8 +55,6 @@ def _from_documents(name: str, docs: list[tuple[str, Callable[[], bytes | bytear
     """The corpus of ``docs``, (key, a function that reads its bytes) in order: 20 or more split by a hash of
     the key (each document and a newline), fewer by bytes (joined by newlines, 90/5/5). Each document is
     read once, hashed and appended, so the peak memory is about the text once (not 3-4 times: measured)."""
-    if not docs:
-        raise ValueError(f"corpus {name!r} is empty: no readable text found" + "".join(f"; {n}" for n in notes))
     digest, total = hashlib.sha256(), 0
     by_file = len(docs) >= 20
     buffers = {s: bytearray() for s in SPLITS}
@@ -72,9 +70,8 @@ def _from_documents(name: str, docs: list[tuple[str, Callable[[], bytes | bytear
         elif i == 0 and isinstance(body, bytearray):  # too few documents to split by file: split the
             buffers["train"] = body  # concatenation 90/5/5 by bytes; a file read into a buffer starts it, uncopied
         else:
-            buffers["train"] += b"\n" if i else b""
-            buffers["train"] += body
-    if total == 0:
+            _append(buffers["train"], body, first=i == 0)
+    if total == 0:  # no documents, or only empty ones
         raise ValueError(f"corpus {name!r} is empty: no readable text found" + "".join(f"; {n}" for n in notes))
     if by_file:
         tensors = {s: _tensor(buffers[s]) for s in SPLITS}
@@ -88,6 +85,13 @@ def _from_documents(name: str, docs: list[tuple[str, Callable[[], bytes | bytear
     fp = {"name": name, "files": len(docs), "bytes": total, "sha256": digest.hexdigest()[:16],
           **{f"{s}_bytes": int(t.numel()) for s, t in tensors.items()}}
     return Corpus(name=name, fingerprint=fp, notes=tuple(notes), **tensors)
+
+
+def _append(buffer: bytearray, body: bytes | bytearray, *, first: bool) -> None:
+    """``body`` onto ``buffer``, documents joined by newlines (no copy of ``body``)."""
+    if not first:
+        buffer += b"\n"
+    buffer += body
 
 
 def _tensor(buffer: bytearray) -> Tensor:
@@ -253,7 +257,7 @@ def hf_corpus(spec: str) -> Corpus:
     for ours, split in sources:
         for row, body in _hf_texts(split, spec, column):
             to = "val" if val_name is None and _percent(str(row)) < CARVED else ours
-            parts[to] += (b"\n" if counts[to] else b"") + body
+            _append(parts[to], body, first=counts[to] == 0)
             counts[to] += 1
     notes = [] if val_name else [f"{spec} has no validation split: {counts['val']:,} of its {sum(counts.values()):,} "
                                  f"training documents (the rows whose index hashes into {CARVED}%) are held out to score on"]

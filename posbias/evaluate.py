@@ -62,10 +62,14 @@ def check_fits(split: Tensor, longest: int, tokens: int | None, field: str) -> N
         raise ConfigError(field, f"{longest}: the validation split's {n_avail:,} scoreable tokens hold {held} segment"
                                  f"{'' if held == 1 else 's'} of it, fewer than the {MIN_SEGMENTS} an interval needs "
                                  f"({_TOO_FEW}); a length of at most {most:,}, or more validation text")
-    if tokens is not None and tokens > n_avail:  # scored as what fits, while its results named the count asked for
-        raise ConfigError("eval_tokens", f"{tokens:,} exceed the validation split's {n_avail:,} scoreable tokens; give "
-                                         f"{held * longest:,} or fewer ({held} segments of {longest}), or more data")
-    check_segments(min(eval_budget(tokens, longest), n_avail), longest)
+    if tokens is None:  # the default: as many of SEGMENTS segments as the split holds (at least MIN_SEGMENTS)
+        return
+    if tokens > n_avail:  # scored as what fits, while its results named the count asked for
+        default = f" ({SEGMENTS} segments of {longest} unless given)" if tokens == eval_budget(None, longest) else ""
+        raise ConfigError("eval_tokens", f"{tokens:,}{default} exceed the validation split's {n_avail:,} scoreable "
+                                         f"tokens; give {held * longest:,} or fewer ({held} segments of {longest}), "
+                                         "shorter evaluation lengths or more data")
+    check_segments(tokens, longest)
 
 
 def check_segments(tokens: int, span: int) -> None:

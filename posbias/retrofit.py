@@ -217,13 +217,13 @@ class RetrofitResult:
 
     @property
     def eval_tokens(self) -> int:
-        """Validation tokens scored at the longest length: the config's, or its default for these lengths,
-        in whole segments of it, and no more than the validation split holds (its default is cut to what
-        fits: results.json named 64 segments where a short split held 20)."""
+        """Validation tokens scored at the longest length, as its windows were (a default the split cuts to
+        what fits included: results.json named 64 segments where a short split held 21); without rows,
+        the config's count or its default."""
         longest = max(self.eval_lens)
-        budget = eval_budget(self.config.eval_tokens, longest)
-        held = int(self.corpus.get("val_bytes", 0)) - 1
-        return (min(budget, held) if held > 0 else budget) // longest * longest
+        if self.rows:
+            return len(self.rows[0]["window_loss"][longest]) * longest
+        return eval_budget(self.config.eval_tokens, longest)
 
     def to_json(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "train_len": self.train_len, "to": self.to,

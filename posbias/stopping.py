@@ -80,13 +80,13 @@ class Held:
 
 
 @contextlib.contextmanager
-def between_steps(enabled: bool = True) -> Iterator[Held]:
+def between_steps() -> Iterator[Held]:
     """Within: a SIGINT / SIGTERM whose handler raises is held (:class:`Held`); the handlers are restored
-    on exit. ``enabled=False`` or outside the main thread: nothing is held, and ``requested`` stays
-    False. Processes training together hold theirs too, and agree after each step whether any was
-    interrupted (:func:`posbias.train.train`)."""
+    on exit. Outside the main thread nothing is held, and ``requested`` stays False. Processes training
+    together hold theirs too, and agree after each step whether any was interrupted
+    (:func:`posbias.train.train`)."""
     handlers = {}
-    if enabled and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():
         handlers = {s: signal.getsignal(s) for s in HELD if _raises(signal.getsignal(s))}
     held = Held(handlers)
     for s in handlers:

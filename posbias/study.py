@@ -48,7 +48,7 @@ from . import store
 from ._version import __version__
 from .config import ConfigError, Log, check_count, check_rate, check_seed, fixed_threads, quiet
 from .data import Corpus
-from .evaluate import (N_BOOT, SEGMENTS, Paired, bootstrap_means, check_fits, check_segments, check_study_lengths,
+from .evaluate import (N_BOOT, Paired, bootstrap_means, check_fits, check_segments, check_study_lengths,
                        eval_budget, interval, length_study, ratios_to_best, spread_starts)
 from .model import ModelConfig, TransformerLM
 from .schemes import SCHEMES, Scheme, build, check_options, get_scheme_class, parse_spec, spec_label
@@ -366,13 +366,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
                          "instead (--threads 1, or --device cuda:N), and the runs share the folder's models")
     out = store.check_out_dir(out)
     store.check_device(cfg.device)
-    longest, n_val = max(cfg.lengths()), corpus.val.numel() - 1
-    check_fits(corpus.val, longest, None, "eval_lens")  # room for enough segments (eval_tokens: StudyConfig checked it)
-    if cfg.eval_tokens > n_val:  # found otherwise only when the first trained model is scored
-        fit = n_val // longest * longest
-        raise ConfigError("eval_tokens", f"{cfg.eval_tokens:,} ({SEGMENTS} segments of {longest} unless given) exceed the "
-                          f"validation split's {n_val:,} scoreable tokens; give --eval-tokens {fit:,} or fewer "
-                          f"({fit // longest} segments of {longest}), shorter evaluation lengths or more data")
+    longest = max(cfg.lengths())
+    check_fits(corpus.val, longest, cfg.eval_tokens, "eval_lens")  # found otherwise when the first model is scored
     if corpus.train.numel() <= cfg.train_len + 1:
         raise ConfigError("train_len", f"{cfg.train_len} needs more than {cfg.train_len + 1} training tokens, but the "
                           f"training split has {corpus.train.numel()}; use a shorter training length or more data")

@@ -194,7 +194,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
                 bar.close()
                 raise NonFiniteLoss(f"training {model_cfg.scheme} diverged: {exc}; the last good checkpoint is kept "
                                     f"in {str(last)!r}") from None
-            history["train_loss"].append(loss.item())
+            history["train_loss"].append(value := loss.item())
             history["tokens"] += cfg.batch_size * cfg.train_len
             history["wall_s"] = wall0 + time.perf_counter() - t0
             done = step + 1
@@ -202,7 +202,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
                 history["val_loss"].append((done, validation_loss(model, val_tokens, cfg, device)))
                 if log and rank == 0:
                     log(f"{model_cfg.scheme} step {done}: val loss {history['val_loss'][-1][1]:.4f}")
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{history['tokens'] / max(history['wall_s'], 1e-9):.0f}")
+            bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{history['tokens'] / max(history['wall_s'], 1e-9):.0f}")
             bar.update(1)
             if (stop := _agreed(held.requested, world, device)) or done % cfg.ckpt_every == 0 or done == cfg.steps:
                 _save(last, model, meta, world, rank, trainer_state=_progress(done, opt, history, cfg, model_cfg))

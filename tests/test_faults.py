@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -221,8 +222,13 @@ def test_tiny_data_fails_before_training(tmp_path, capsys):
     f.write_text("x" * 15000)  # 749 scoreable validation tokens: 11 segments of 64
     one_line_error(capsys, main(["extrapolate", *STUDY, "--eval-lens", "16", "32", "64", "--eval-tokens", "1024",
                                  "--data", str(f), "--out", str(tmp_path / "o")]),
-                   "--eval-tokens 1,024 (64 segments of 64 unless given) exceed the validation split's",
-                   "give --eval-tokens 704 or fewer (11 segments of 64)")
+                   "--eval-tokens 1,024 exceed the validation split's 749 scoreable tokens",
+                   "give 704 or fewer (11 segments of 64), shorter evaluation lengths or more data")
+    default = [a for a in STUDY if a not in ("--eval-tokens", "256")]  # the default: 64 segments of the longest
+    one_line_error(capsys, main(["extrapolate", *default, "--eval-lens", "16", "32", "64", "--data", str(f),
+                                 "--out", str(tmp_path / "o")]),
+                   "--eval-tokens 4,096 (64 segments of 64 unless given) exceed the validation split's 749",
+                   "give 704 or fewer (11 segments of 64)")
     assert not (tmp_path / "o" / "models").exists()
 
 
@@ -480,7 +486,8 @@ def test_two_runs_in_one_folder_share_the_models_and_a_retrofit_there_refuses(tm
 def test_an_interruption_is_held_to_the_end_of_the_step():
     """``stopping.between_steps`` holds the first SIGINT (Python's KeyboardInterrupt) and a SIGTERM that
     raises (``raise_terminated``, the CLI's) until the loop asks; a second signal raises at once; a SIGTERM
-    with the system's action, or ``enabled=False``, is not touched; the handlers come back after."""
+    with the system's action, or any signal outside the main thread, is not touched; the handlers come
+    back after."""
     from posbias import stopping
 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -499,11 +506,21 @@ def test_an_interruption_is_held_to_the_end_of_the_step():
             os.kill(os.getpid(), signal.SIGTERM)
             with pytest.raises(stopping.Terminated):
                 held.stop()
-        with stopping.between_steps(enabled=False) as held:
-            with pytest.raises(stopping.Terminated):
-                os.kill(os.getpid(), signal.SIGTERM)
+        with stopping.between_steps() as held:
             assert not held.requested
             held.stop()  # nothing held: nothing raised
+            with pytest.raises(KeyboardInterrupt, match="stopped with the other processes"):
+                held.stop(agreed=True)  # another process was interrupted: this one stops with it
+        seen = []
+
+        def elsewhere():  # outside the main thread nothing is held (Python runs handlers in the main one)
+            with stopping.between_steps() as other:
+                seen.append((other.handlers, other.requested))
+
+        worker = threading.Thread(target=elsewhere)
+        worker.start()
+        worker.join()
+        assert seen == [({}, False)]
         assert signal.getsignal(signal.SIGTERM) is stopping.raise_terminated
     finally:
         signal.signal(signal.SIGTERM, previous)
