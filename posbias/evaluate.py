@@ -135,7 +135,8 @@ def evaluate_length(model: TransformerLM, tokens: Tensor, length: int, *, max_to
     advancing by ``s`` over the split's first ``max_tokens`` tokens (sliding needs contiguous text);
     each window scores only its last ``s`` tokens (the first scores all), so every scored token sees
     at least ``length − s`` tokens of context. ``max_tokens=None``: :data:`SEGMENTS` segments (or
-    windows, sliding) of ``span`` (``length``).
+    windows, sliding) of ``span`` (``length``), as many as the split holds; a ``max_tokens`` past the
+    split is a ValueError (it was scored as what fitted). ``tokens`` in the result is what was scored.
     """
     (length,) = _check_lengths([length])
     if stride is not None and not 1 <= stride <= length:
@@ -144,6 +145,9 @@ def evaluate_length(model: TransformerLM, tokens: Tensor, length: int, *, max_to
     budget = min(eval_budget(max_tokens, span or length), n_avail)
     if n_avail < length:
         raise ValueError(f"split has {n_avail} scoreable tokens, fewer than the evaluation length {length}")
+    if max_tokens is not None and max_tokens > n_avail:  # a count asked for is scored as asked, or refused
+        raise ValueError(f"max_tokens={max_tokens:,} exceeds the split's {n_avail:,} scoreable tokens; give at most "
+                         f"{n_avail:,} (or None: {SEGMENTS} segments, cut to what the split holds)")
     if budget < length:  # the split is long enough: the budget asked for is not
         raise ValueError(f"{max_tokens} evaluation tokens are fewer than the evaluation length {length}")
     if stride is None:

@@ -345,8 +345,9 @@ class _Run:
         got = self.cache.data.setdefault(f"eval:{label}:{self.eval_tokens}:span{self.span or 'each'}", {})
         for n in self.lens:
             if str(n) not in got:
-                r = evaluate_length(model, self.corpus.val, n, max_tokens=self.eval_tokens, span=self.span,
-                                    device=self.cfg.device)
+                # the default cut to what the split holds (a count given past it was refused: check_fits)
+                fits = min(self.eval_tokens, self.corpus.val.numel() - 1)
+                r = evaluate_length(model, self.corpus.val, n, max_tokens=fits, span=self.span, device=self.cfg.device)
                 got[str(n)] = {"ppl": r["ppl"], "window_loss": r["window_loss"]}
                 self.cache.save()
             self.log(f"[{label}] ppl @ {n}: {got[str(n)]['ppl']:.3f}")

@@ -1743,6 +1743,11 @@ def test_retrofit_reuses_a_perplexity_only_on_the_same_segments(tmp_path, corpus
     tiled = evaluate_length(model, corpus.val, L, max_tokens=16 * L, span=2 * L)["ppl"]
     assert first.rows[0]["ppl"][L] == pytest.approx(tiled, rel=1e-9)
     assert other.rows[0]["ppl"] == pytest.approx(on_own, rel=1e-9) and on_own[L] != pytest.approx(tiled, rel=1e-6)
+    # the report says which: a ratio across lengths on segments of their own compares other text too
+    assert "do not all divide" not in retrofit_report.markdown(first)
+    assert (f"**The lengths do not all divide {2 * L}, so each scores segments of its own** (windows: 16 at {L}, "
+            f"10 at {3 * L // 2}, 8 at {2 * L}): a row's ppl@{2 * L} / ppl@{L} compares other text") in \
+        retrofit_report.markdown(other)
 
 
 def test_retrofit_evaluation_size_is_keyed_by_its_resolved_count(tmp_path, corpus, monkeypatch):

@@ -150,6 +150,12 @@ def test_sliding_window_evaluation(corpus):
     assert len(evaluate_length(model, corpus.val, 16)["window_loss"]) == 64
     assert len(evaluate_length(model, corpus.val, 16, span=32)["window_loss"]) == 128
     assert evaluate_length(model, corpus.val, 16, stride=16)["tokens"] == 64 * 16
+    # a count past the split is refused (it was scored as what fitted); the default is cut to what fits
+    short = corpus.val[:16 * 20 + 1]
+    with pytest.raises(ValueError, match=r"max_tokens=321 exceeds the split's 320 scoreable tokens; give at most 320"):
+        evaluate_length(model, short, 16, max_tokens=321)
+    assert evaluate_length(model, short, 16, max_tokens=320)["tokens"] == 320
+    assert evaluate_length(model, short, 16)["tokens"] == 320  # 20 of the default's 64 windows
 
 
 @pytest.mark.parametrize("argv, msg", [

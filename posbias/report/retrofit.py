@@ -161,13 +161,26 @@ def _decision_section(result: RetrofitResult) -> list[str]:
     return lines
 
 
+def _own_segments(result: RetrofitResult) -> str:
+    """The header's warning when the lengths do not all divide the longest: each length then scores
+    segments of its own (retrofit.Job.span is None), so a row compared across lengths reads other text."""
+    longest = max(result.eval_lens)
+    if all(longest % n == 0 for n in result.eval_lens):
+        return ""
+    windows = ", ".join(f"{len(result.rows[0]['window_loss'][n])} at {n}" for n in result.eval_lens) if result.rows else ""
+    return (f" **The lengths do not all divide {longest}, so each scores segments of its own**"
+            f"{f' (windows: {windows})' if windows else ''}: a row's ppl@{result.to} / ppl@{result.train_len} compares "
+            f"other text as well as other lengths (between rows at one length the windows are the same); "
+            f"lengths that divide {longest} score the same tokens at every length.")
+
+
 def markdown(result: RetrofitResult) -> str:
     lens, L, to, rows = result.eval_lens, result.train_len, result.to, result.rows
     ref = rows[0]["ppl"].get(L, math.nan)
     tuned = result.config.finetune_steps or (result.config.compare and result.config.passkey_steps)
     lines = [f"Retrofit of `{result.checkpoint}` (trained at L = {L}) to {to} tokens. "
              f"{corpus_line(result.corpus, result.trained_corpus)} Perplexity: up to {result.eval_tokens:,} "
-             "validation tokens in segments spread evenly over the split."
+             "validation tokens in segments spread evenly over the split." + _own_segments(result)
              + (f" Fine-tunes train the positional parameters at {result.pos_lr_mult:g}× their learning rate"
                 f"{' (as the checkpoint was trained)' if result.config.pos_lr_mult is None else ''}." if tuned else ""),
              ""] + summary(result) + md_table(
