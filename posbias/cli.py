@@ -212,10 +212,11 @@ def _plot_checkpoints(paths: Sequence[str], out: Path, args: argparse.Namespace)
     from .schemes.base import ToeplitzScheme
     from .schemes.t5 import T5Bias
 
-    drawn, seen = [], {}
-    for label, s in (item for path in paths for item in _checkpoint_schemes(path)):
+    drawn, seen, trained = [], {}, {}
+    for label, s, length in (item for path in paths for item in _checkpoint_schemes(path)):
         seen[label] = seen.get(label, 0) + 1  # two folders of one name: "name", "name #2" (no file drawn over)
         drawn.append((label if seen[label] == 1 else f"{label} #{seen[label]}", s))
+        trained[drawn[-1][0]] = length
     skipped = [f"{label} ({s.name}: no attention bias to draw)" for label, s in drawn if s.family != "additive"]
     drawn = [(label, s) for label, s in drawn if s.family == "additive"]
     if skipped:
@@ -234,7 +235,8 @@ def _plot_checkpoints(paths: Sequence[str], out: Path, args: argparse.Namespace)
                                                causal=not both, note=f" — {label}"))
     written.append(plot.plot_bias_curves([s for _, s in drawn], out / "learned_bias_vs_distance.png",
                                          max_distance=args.max_plot_distance, names=[label for label, _ in drawn],
-                                         log_distance=True, title="learned positional biases"))
+                                         log_distance=True, title="learned positional biases",
+                                         trained=[trained[label] for label, _ in drawn]))
     maps = {(s.num_buckets, s.max_distance, s.bidirectional) for _, s in drawn if isinstance(s, T5Bias)}
     for nb, md, both in sorted(maps):
         written.append(plot.plot_bucket_map(out / f"t5_bucket_map_{nb}_{md}_{'bidirectional' if both else 'causal'}.png",
@@ -243,25 +245,32 @@ def _plot_checkpoints(paths: Sequence[str], out: Path, args: argparse.Namespace)
         say(str(p))
 
 
-def _checkpoint_schemes(path: str) -> list[tuple[str, Any]]:
+def _checkpoint_schemes(path: str) -> list[tuple[str, Any, int | None]]:
     """The positional schemes in a posbias checkpoint (one) or a Hugging Face folder (one per part),
-    labelled by the model's folder name."""
+    labelled by the model's folder name, with the training length a posbias checkpoint records (None
+    where none is known: a Hugging Face model's is not in its config)."""
     from . import checkpoint as ckpt
+
+    def trained(where: Path) -> int | None:
+        try:
+            return ckpt.train_len(where)
+        except ValueError:
+            return None
 
     p = Path(path)
     name = ckpt.model_folder(p).name
     if ckpt.is_posbias(p):
-        return [(name, ckpt.load_model(p).scheme)]
+        return [(name, ckpt.load_model(p).scheme, trained(p))]
     if not (p / "config.json").is_file():
         try:  # a model folder (its final/), or a study's or retrofit's folder: as diagnose reads them
             targets = _model_targets([path])
         except CLIError:
             raise CLIError(f"{path!r} is neither a posbias checkpoint, a folder of them nor a Hugging Face model "
                            "folder (no config.json)") from None
-        return [(label, ckpt.load_model(where).scheme) for label, _, where in targets]
+        return [(label, ckpt.load_model(where).scheme, trained(where)) for label, _, where in targets]
     from .integrations.hf import schemes_from_pretrained
 
-    return [(f"{name} {part}".rstrip(), s) for part, s in schemes_from_pretrained(p).items()]
+    return [(f"{name} {part}".rstrip(), s, None) for part, s in schemes_from_pretrained(p).items()]
 
 
 def _slug(label: str) -> str:

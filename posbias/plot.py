@@ -7,7 +7,7 @@ PNG and returns its path.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -157,14 +157,16 @@ def plain_log_ticks(ax, axis: str = "y") -> None:
 
 def plot_bias_curves(schemes: Sequence[Scheme], path: str | Path, *, max_distance: int = 512,
                      title: str = "bias versus distance", names: Sequence[str] | None = None,
-                     log_distance: bool = False) -> Path:
+                     log_distance: bool = False, trained: int | Sequence[int | None] | None = None) -> Path:
     """One panel per scheme, one line per head: ``PE`` against the distance ``i − j`` (``log_distance``:
     symlog axis, so distances 0–64 are not squeezed into a corner of a linear axis to 1024). A
     bidirectional scheme (a T5 encoder) is drawn over ``−max_distance … max_distance``: keys after the
-    query (``i − j < 0``) have buckets of their own."""
+    query (``i − j < 0``) have buckets of their own. ``trained``: the training length L (one for all, or
+    one per scheme, None where unknown); distances ≥ L, which no training pair had, are shaded."""
     plt = pyplot()
     keep = [n for n, s in enumerate(schemes) if s.family == "additive"]
-    names = [(names[n] if names else schemes[n].name) for n in keep]
+    lens = [trained] * len(schemes) if trained is None or isinstance(trained, int) else list(trained)
+    names, lens = [(names[n] if names else schemes[n].name) for n in keep], [lens[n] for n in keep]
     schemes = [schemes[n] for n in keep]
     if not schemes:
         raise ValueError("no additive scheme to plot")
@@ -180,6 +182,8 @@ def plot_bias_curves(schemes: Sequence[Scheme], path: str | Path, *, max_distanc
             ax.plot(d.numpy(), b[h].numpy(), color=cmap(h / max(1, b.shape[0] - 1) * 0.9), lw=1.2,
                     label=f"head {h}" if b.shape[0] <= 8 else None)
         ax.set_title(names[n], fontsize=10)
+        if lens[n] is not None and lens[n] <= max_distance:
+            _shade_unseen(ax, lens[n], max_distance, bool(d[0] < 0))
         if log_distance:
             ax.set_xscale("symlog", linthresh=1)
         ax.set_xlabel("distance i − j" + (" (log scale)" if log_distance else "")
@@ -190,9 +194,21 @@ def plot_bias_curves(schemes: Sequence[Scheme], path: str | Path, *, max_distanc
             ax.legend(fontsize=6, ncol=2)
     for n in range(len(schemes), rows * cols):
         axes[n // cols][n % cols].axis("off")
+    shaded = sorted({n for n in lens if n is not None and n <= max_distance})
+    if shaded:
+        at = f"L = {shaded[0]}" if len(shaded) == 1 else "each model's L"
+        title += f"\nshaded: distances ≥ {at}, which no training pair had"
     fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _shade_unseen(ax: Any, train_len: int, max_distance: int, both: bool) -> None:
+    """Grey over the distances ≥ ``train_len`` (both signs for a bidirectional panel): no training pair had
+    them, so what is drawn there was never fitted to data."""
+    ax.axvspan(train_len, max_distance, color="grey", alpha=0.12, lw=0)
+    if both:
+        ax.axvspan(-max_distance, -train_len, color="grey", alpha=0.12, lw=0)
 
 
 def plot_t5_vs_alibi(path: str | Path, *, length: int = 16, num_buckets: int = 8, max_distance: int = 12,

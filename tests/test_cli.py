@@ -132,6 +132,27 @@ def figures(monkeypatch):
     return saved
 
 
+def test_bias_curves_shade_the_distances_no_training_pair_had(figures, tmp_path):
+    """Given the training length, each panel shades distances ≥ L (both signs for a bidirectional T5);
+    a panel whose L is unknown (a Hugging Face model) or beyond the plot is left plain, and the title says
+    what the shading means."""
+    from posbias import build
+    from posbias.plot import plot_bias_curves
+
+    schemes = [build(name, n_heads=2, head_dim=8, **kw) for name, kw in (("t5", {"bidirectional": True}), ("alibi", {}),
+                                                                       ("offset", {}))]
+    plot_bias_curves(schemes, tmp_path / "c.png", max_distance=256, trained=[64, 128, None], log_distance=True)
+    fig = figures[-1]
+    spans = [[(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches] for ax in fig.axes[:3]]
+    assert spans == [[(64, 256), (-256, -64)], [(128, 256)], []]
+    assert "shaded: distances ≥ each model's L, which no training pair had" in fig._suptitle.get_text()
+    plot_bias_curves(schemes[1:], tmp_path / "c.png", max_distance=100, trained=64)
+    assert [len(ax.patches) for ax in figures[-1].axes[:2]] == [1, 1]
+    assert figures[-1]._suptitle.get_text().endswith("shaded: distances ≥ L = 64, which no training pair had")
+    plot_bias_curves(schemes[1:], tmp_path / "c.png", max_distance=32, trained=64)  # L past the plot: nothing
+    assert [len(ax.patches) for ax in figures[-1].axes[:2]] == [0, 0] and "shaded" not in figures[-1]._suptitle.get_text()
+
+
 def test_heatmaps_share_one_colour_scale(figures, tmp_path):
     from posbias import build
     from posbias.plot import plot_bias_heatmaps

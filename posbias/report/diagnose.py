@@ -511,7 +511,7 @@ def plots(r: DiagnoseResult, out: Path) -> list[Path]:
                                 f"attention on unseen distances (mean of {max(1, r.length // 64)} queries)",
                                 smooth=max(1, r.length // 64)))
     if r.scheme.family == "additive":
-        paths.append(plot_bias_curves([r.scheme], out / "bias_vs_distance.png", max_distance=r.length,
+        paths.append(plot_bias_curves([r.scheme], out / "bias_vs_distance.png", max_distance=r.length, trained=r.train_len,
                                       title=f"learned/fixed bias per head ({r.scheme_name})"))
     if r.passkey:
         paths.append(_passkey_plot(r, out / "passkey.png", plt))

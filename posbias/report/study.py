@@ -268,6 +268,7 @@ def plots(result: StudyResult, out: Path) -> list[Path]:
         cfg = result.config
         paths.append(plot_bias_curves(list(result.schemes.values()), out / "learned_bias_vs_distance.png",
                                       max_distance=max(cfg.lengths()), names=list(result.schemes), log_distance=True,
+                                      trained=cfg.train_len,
                                       title=f"positional biases after training at {cfg.train_len} tokens "
                                             "(ALiBi is fixed, not learned)"))
     return paths
