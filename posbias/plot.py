@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from . import store
-from .schemes import Scheme, t5_bucket
+from .schemes import Scheme, ToeplitzScheme, t5_bucket
 from .schemes.t5 import check_t5
 
 
@@ -181,7 +181,9 @@ def plot_bias_curves(schemes: Sequence[Scheme], path: str | Path, *, max_distanc
         for h in range(b.shape[0]):
             ax.plot(d.numpy(), b[h].numpy(), color=cmap(h / max(1, b.shape[0] - 1) * 0.9), lw=1.2,
                     label=f"head {h}" if b.shape[0] <= 8 else None)
-        ax.set_title(names[n], fontsize=10)
+        # a bias that reads the query's position too (FIRE) is drawn for one query: the one at the largest distance
+        ax.set_title(names[n] + ("" if isinstance(s, ToeplitzScheme) else f" (query at position {max_distance})"),
+                     fontsize=10)
         if lens[n] is not None and lens[n] <= max_distance:
             _shade_unseen(ax, lens[n], max_distance, bool(d[0] < 0))
         if log_distance:

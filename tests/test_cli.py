@@ -151,6 +151,8 @@ def test_bias_curves_shade_the_distances_no_training_pair_had(figures, tmp_path)
     assert figures[-1]._suptitle.get_text().endswith("shaded: distances ≥ L = 64, which no training pair had")
     plot_bias_curves(schemes[1:], tmp_path / "c.png", max_distance=32, trained=64)  # L past the plot: nothing
     assert [len(ax.patches) for ax in figures[-1].axes[:2]] == [0, 0] and "shaded" not in figures[-1]._suptitle.get_text()
+    plot_bias_curves([schemes[1], build("fire", n_heads=2, head_dim=8)], tmp_path / "c.png", max_distance=100)
+    assert [ax.get_title() for ax in figures[-1].axes[:2]] == ["alibi", "fire (query at position 100)"]
 
 
 def test_heatmaps_share_one_colour_scale(figures, tmp_path):
