@@ -138,6 +138,21 @@ def test_nan_weights_are_refused(saved, capsys):
     one_line_error(capsys, main(["diagnose", str(saved), "--out", str(saved.parent / "d")]), "non-finite")
 
 
+@pytest.mark.parametrize("stride", [None, 8])
+def test_finite_weights_that_overflow_are_no_perplexity(stride):
+    """Weights that load (finite) but overflow float32 in the forward give inf logits and NaN losses: the
+    evaluation refuses them, windows tiled or sliding, instead of reporting a NaN or inf perplexity."""
+    from posbias.evaluate import evaluate_length
+
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(scheme="alibi", **TINY)).eval()
+    with torch.no_grad():
+        model.head.weight.fill_(3e38)
+    tokens = torch.randint(0, 256, (2000,), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="non-finite losses at length 16"):
+        evaluate_length(model, tokens, 16, max_tokens=160, stride=stride)
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda m: m["model"].update(colour="blue"), "does not describe a posbias model"),
     (lambda m: m["model"].update(d_model=64), "does not match its config.json"),
