@@ -454,7 +454,7 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pos-lr-mult", type=float,
                    help="the positional parameters' multiple of every fine-tune's learning rate (default: the "
                         "checkpoint's training value, train.pos_lr_mult)")
-    p.add_argument("--eval-lens", type=int, nargs="+", help="lengths to score, including L and --to (default: L, 2L, 4L … up to --to)")
+    p.add_argument("--eval-lens", type=int, nargs="+", help="lengths to score, including L and --to (default: L, and 2L, 4L … that divide --to, and --to: then every length scores the same text)")
     p.add_argument("--eval-tokens", type=int,
                    help="validation tokens scored at each length, in segments spread evenly over the split (default: "
                         f"{SEGMENTS} segments of the longest length; fewer give too narrow intervals; at least {MIN_SEGMENTS})")

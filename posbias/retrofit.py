@@ -122,9 +122,14 @@ def bucket_remap(num_buckets: int, old_max: int, new_max: int, distances: list[i
 
 
 def default_eval_lens(train_len: int, to: int) -> list[int]:
-    lens, n = [], train_len
+    """L, then the doublings 2L, 4L … below ``to`` that divide it, then ``to``: every length then scores
+    the same segments of ``to`` tokens (a doubling that does not divide ``to``, 128 for ``to`` = 192, would
+    make each length score segments of its own). A ``to`` that is not a multiple of L gives ``[L, to]``,
+    two lengths on segments of their own, which the report says."""
+    lens, n = [train_len], 2 * train_len
     while n < to:
-        lens.append(n)
+        if to % n == 0:
+            lens.append(n)
         n *= 2
     return lens + [to]
 
@@ -156,7 +161,7 @@ class RetrofitConfig:
     finetune_lr: float = 3e-4  # peak fine-tune learning rate
     # the positional parameters' multiple of a fine-tune's learning rate (None: the checkpoint's training value)
     pos_lr_mult: float | None = None
-    eval_lens: tuple[int, ...] | None = None  # default: L, 2L, 4L … up to `to`
+    eval_lens: tuple[int, ...] | None = None  # default: L, 2L, 4L … that divide `to`, and `to` (default_eval_lens)
     eval_tokens: int | None = None  # validation tokens scored at each length (None: evaluate.SEGMENTS × the longest)
     compare: bool = False  # the decision table: passkey accuracy and attention cost too
     passkey_steps: int = 2400  # passkey fine-tune steps of a copy (with compare)

@@ -1726,6 +1726,16 @@ def test_retrofit_names_the_tokens_it_scored_where_the_split_cuts_its_default(tm
     assert f"Only {held} windows scored (fewer than 64)" in (tmp_path / "r" / "results.md").read_text()
 
 
+def test_default_lengths_divide_the_target_so_every_length_scores_the_same_text():
+    from posbias.retrofit import default_eval_lens
+
+    assert default_eval_lens(64, 1024) == [64, 128, 256, 512, 1024]
+    assert default_eval_lens(64, 192) == [64, 192]  # 128 would score segments of its own
+    assert default_eval_lens(64, 384) == [64, 128, 384]
+    assert default_eval_lens(64, 100) == [64, 100]  # not a multiple of L: the report says so
+    assert default_eval_lens(48, 96) == [48, 96]
+
+
 def test_retrofit_reuses_a_perplexity_only_on_the_same_segments(tmp_path, corpus):
     """Lengths that all divide the longest score the same segments of it; a set where one does not
     scores each length on its own windows. eval_lens is not in the cache key, so a re-run with other
