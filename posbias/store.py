@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import fcntl
+import errno
 import functools
 import hashlib
 import json
@@ -36,6 +36,11 @@ from typing import Any, Iterator
 
 __all__ = ["folder_name", "replacing", "named", "write_text", "write_json", "read_json", "config_key", "code_fingerprint", "FolderLock", "check_out_dir",
            "FolderBusy", "item_lock", "check_device", "device_key", "JOB_CODE", "made_by", "JobCache", "disk_size"]
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the jobs that lock a folder say so in one line (_flock)
+    fcntl = None  # type: ignore[assignment]
 
 _PACKAGE = Path(__file__).resolve().parent
 #: the code that makes a trained model: its architecture, every scheme and kernel, the data batches and
@@ -269,6 +274,21 @@ def device_key(device: str) -> str:
     return dev.type
 
 
+# flock's operations (fcntl's values; the same on Linux and macOS, and unused where fcntl is missing)
+LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN = (fcntl.LOCK_SH, fcntl.LOCK_EX, fcntl.LOCK_NB, fcntl.LOCK_UN) if fcntl else (1, 2, 4, 8)
+
+
+def _flock(fh: Any, op: int) -> None:
+    """``flock(2)`` on the open file ``fh``; where the system has none (Windows), an OSError naming the
+    file and what posbias needs, which the command line says in one line (``import posbias`` and the
+    library's checkpoints need no lock and work there)."""
+    if fcntl is None:
+        raise OSError(errno.ENOTSUP, "posbias shares and resumes its output folders under POSIX file locks "
+                                     "(flock), which this system lacks: run the command on Linux or macOS "
+                                     "(on Windows, in WSL)", str(fh.name))
+    fcntl.flock(fh.fileno(), op)
+
+
 @contextlib.contextmanager
 def item_lock(path: str | Path, *, wait: bool) -> Iterator[bool]:
     """An exclusive ``flock`` on the file ``path`` (created, never removed: removing a lock file races
@@ -279,14 +299,14 @@ def item_lock(path: str | Path, *, wait: bool) -> Iterator[bool]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            _flock(fh, LOCK_EX | (0 if wait else LOCK_NB))
         except BlockingIOError:
             yield False
             return
         try:
             yield True
         finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            _flock(fh, LOCK_UN)
 
 
 class FolderBusy(ValueError):
@@ -320,13 +340,19 @@ class FolderLock:
         path = self.folder / ".posbias.lock"
         fh = open(path, "a+")
         try:
-            fcntl.flock(fh.fileno(), (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            _flock(fh, (LOCK_SH if self.shared else LOCK_EX) | LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
             raise FolderBusy(f"output folder {str(self.folder)!r} is in use by {holder}; wait for it to finish "
                              "or choose another output folder") from None
+        except OSError:  # no file locks here (_flock): leave no folder behind either
+            fh.close()
+            if self._created:
+                path.unlink(missing_ok=True)
+                self.folder.rmdir()
+            raise
         fh.seek(0)
         fh.truncate()
         fh.write(f"posbias pid {os.getpid()}" + (" (a study: other studies may work there with it)" if self.shared
@@ -342,7 +368,7 @@ class FolderLock:
         if not self.shared:
             return True
         try:
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(self._fh, LOCK_EX | LOCK_NB)
         except BlockingIOError:
             return False
         return True
@@ -363,6 +389,6 @@ class FolderLock:
                     self.folder.rmdir()
                 except OSError:
                     pass
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            _flock(self._fh, LOCK_UN)
             self._fh.close()
             self._fh = None

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +128,31 @@ def test_truncated_trainer_state_is_refused(saved):
     f.write_bytes(f.read_bytes()[:20])
     with pytest.raises(ValueError, match="trainer.pt.*cannot be read"):
         ckpt.load_trainer_state(saved)
+
+
+def test_without_posix_file_locks_the_library_works_and_the_commands_say_why_they_cannot(tmp_path, text_file):
+    """Windows has no ``fcntl``: ``import posbias``, training and checkpoints (which need no lock) work;
+    a command that locks its output folder stops with one line naming the lock file and what to use
+    instead, and leaves nothing behind (it was a ModuleNotFoundError traceback at import)."""
+    script = f"""
+import sys
+sys.modules["fcntl"] = None  # as on Windows: import fcntl raises ImportError
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from _helpers import STUDY, TINY
+from posbias import checkpoint as ckpt
+from posbias.cli import main
+from posbias.model import ModelConfig, TransformerLM
+ckpt.save_checkpoint({str(tmp_path / "ck")!r}, TransformerLM(ModelConfig(scheme="alibi", **TINY)))
+assert ckpt.load_model({str(tmp_path / "ck")!r}).cfg.scheme == "alibi"
+sys.exit(main(["extrapolate", "--schemes", "t5", *STUDY, "--data", {str(text_file)!r}, "--out", {str(tmp_path / "run")!r}]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"posbias extrapolate: error: '{tmp_path / 'run' / '.posbias.lock'}'")
+    assert "POSIX file locks (flock), which this system lacks: run the command on Linux or macOS (on Windows, in WSL)" \
+        in lines[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_nan_weights_are_refused(saved, capsys):
