@@ -380,6 +380,35 @@ def test_mpt_runs_past_max_seq_len_and_keeps_attention_weights_on_its_own_path(f
         torch.testing.assert_close(y, x)
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_t5_attention_weights_asked_for_are_given(fast_calls, implementation):
+    """``output_attentions=True`` on an accelerated T5 takes the model's own eager attention: the weights
+    of every layer (encoder with padding, causal decoder, cross) equal the unpatched eager model's, whatever
+    implementation the model had. They were an empty tuple under a warning about ``sdpa`` — for a model
+    set to ``eager`` to get them too."""
+    torch.manual_seed(0)
+    eager = randomize_bias(transformers.T5ForConditionalGeneration(t5_config(attn_implementation="eager"))).eval()
+    model = transformers.T5ForConditionalGeneration(t5_config(attn_implementation=implementation))
+    model.load_state_dict(eager.state_dict())
+    fast = accelerate(model.eval())
+    x, y = torch.randint(2, 97, (2, 70)), torch.randint(2, 97, (2, 9))
+    pad = torch.ones(2, 70, dtype=torch.long)
+    pad[1, 55:] = 0
+    with torch.no_grad():
+        a = eager(input_ids=x, attention_mask=pad, decoder_input_ids=y, output_attentions=True)
+        fast_calls.clear()
+        b = fast(input_ids=x, attention_mask=pad, decoder_input_ids=y, output_attentions=True)
+        assert not fast_calls
+        plain = fast(input_ids=x, attention_mask=pad, decoder_input_ids=y)
+    for name in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
+        assert len(getattr(b, name)) == 2, name
+        for u, v in zip(getattr(a, name), getattr(b, name)):
+            torch.testing.assert_close(v, u, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(b.logits, a.logits, atol=2e-5, rtol=1e-4)
+    assert fast_calls  # without the weights asked for, the self-attention runs on posbias again
+    torch.testing.assert_close(plain.logits, a.logits, atol=2e-5, rtol=1e-4)
+
+
 def test_mpt_slopes_conversion_and_restore():
     from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 

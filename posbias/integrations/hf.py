@@ -19,7 +19,8 @@ counts positions over the kept keys, only where each sequence keeps one run of k
 padding). Attention dropout while training runs on posbias too on the CPU (``attention(...,
 dropout_p=...)``: the same dropout of the probabilities, from posbias' own per-pair mask, in O(N)
 memory; :data:`DROPOUT_DEVICES`). What stays on the original ``transformers`` code path (exact by
-construction): cross-attention, any other mask, ``output_attentions``, and dropout on other devices. For T5 in those cases the dense bias is still built
+construction): cross-attention, any other mask, ``output_attentions`` (for T5 the model's eager attention, which
+returns the weights, whatever implementation the model had), and dropout on other devices. For T5 in those cases the dense bias is still built
 from posbias' O(N) per-offset table and handed to SDPA, so it is cheaper than the original too.
 
 Usage with a real checkpoint (downloads happen in *your* code, never in posbias)::
@@ -37,6 +38,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -384,6 +386,15 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     """The ``transformers`` attention-interface function registered as ``"posbias"``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if kwargs.get("output_attentions"):  # weights asked for: the model's own eager attention, which returns them
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:  # (SDPA, like posbias, has none to give: it returned () with a warning)
+            lq, lk = query.shape[2], key.shape[2]
+            if isinstance(position_bias, LazyT5Bias):
+                position_bias = position_bias.dense(lq, lk, query.dtype)
+            mask = _additive_mask(module, attention_mask, lq, lk, query, kwargs.get("is_causal"))
+            return eager(module, query, key, value, mask, scaling=scaling, dropout=dropout,
+                         position_bias=position_bias, **kwargs)
     if isinstance(position_bias, LazyT5Bias):
         lq, lk = query.shape[2], key.shape[2]
         bias, batch = position_bias, query.shape[0]
@@ -404,6 +415,22 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         position_bias = position_bias.dense(lq, lk, query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   position_bias=position_bias, **kwargs)
+
+
+def _additive_mask(module: nn.Module, mask: Tensor | None, lq: int, lk: int, like: Tensor,
+                   is_causal: bool | None) -> Tensor | None:
+    """The mask the ``"posbias"`` implementation was handed (SDPA's: boolean, or None where SDPA's own
+    ``is_causal`` applies) as the additive one transformers' eager attention adds to its logits: None
+    stands for causal (top-left, as SDPA reads it) on a causal module with more than one query, else for
+    no mask."""
+    if mask is not None and mask.dtype != torch.bool:
+        return mask
+    if mask is None:
+        causal = (getattr(module, "is_causal", True) if is_causal is None else is_causal) and lq > 1
+        if not causal:
+            return None
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=like.device).tril()
+    return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(~mask, torch.finfo(like.dtype).min)
 
 
 def _register() -> None:
