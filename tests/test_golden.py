@@ -206,6 +206,31 @@ def test_yarn_matches_transformers_when_installed():
     assert s.attention_factor == pytest.approx(attn_factor)
 
 
+@pytest.mark.parametrize("n", [64, 128, 200, 512, 1000])
+def test_dynamic_ntk_and_pi_match_transformers_when_installed(n):
+    """Dynamic NTK's frequencies for a context of n tokens (trained length 128) are transformers'
+    ``dynamic`` rope at ``seq_len=n`` (plain RoPE up to 128), and PI's angles are those of its ``linear``
+    rope (the frequencies divided by the factor) at every position."""
+    rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
+    from transformers import LlamaConfig
+
+    def hf(kind):
+        cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=128, rope_theta=10000.0,
+                          rope_scaling={"rope_type": kind, "factor": 4.0})
+        try:
+            return rope_utils.ROPE_INIT_FUNCTIONS[kind](cfg, "cpu", seq_len=n)[0].float()
+        except Exception as exc:  # pragma: no cover - API drift across transformers versions
+            pytest.skip(f"transformers' {kind} init has another signature here: {exc}")
+
+    dyn = posbias.build("rope", n_heads=4, head_dim=64, scaling="dynamic-ntk", factor=4.0, train_len=128)
+    torch.testing.assert_close(dyn.inv_frequencies(n), hf("dynamic"), rtol=1e-5, atol=1e-8)
+    pi = posbias.build("rope", n_heads=4, head_dim=64, scaling="pi", factor=4.0, train_len=128)
+    pos = torch.arange(n)
+    ours, theirs = pi.angles(pos).double(), pos[:, None].double() * hf("linear").double()[None, :]  # (ours mod 2π)
+    for f in (torch.cos, torch.sin):
+        torch.testing.assert_close(f(ours), f(theirs), rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("scaling", [None, "pi", "ntk", "dynamic-ntk", "yarn"])
 def test_every_scaling_at_factor_one_is_plain_rope(scaling):
     plain = posbias.build("rope", n_heads=2, head_dim=16)
