@@ -30,6 +30,7 @@ then the user's ``scheme_options`` per scheme name, then options in the label it
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -51,7 +52,8 @@ from .data import Corpus
 from .evaluate import (N_BOOT, Paired, bootstrap_means, check_fits, check_segments, check_study_lengths,
                        eval_budget, interval, length_study, ratios_to_best, spread_starts)
 from .model import ModelConfig, TransformerLM
-from .schemes import SCHEMES, Scheme, build, check_options, get_scheme_class, parse_spec, spec_label
+from .schemes import (SCHEMES, Scheme, build, check_options, get_scheme_class, parse_spec, scheme_options,
+                      spec_label)
 from .schemes.base import flat_share
 from .train import TrainConfig, train
 
@@ -119,6 +121,7 @@ class StudyConfig:
         check_segments(self.eval_tokens, lens[-1])
         if self.d_model % self.n_heads:
             raise ConfigError("d_model", f"{self.d_model} must be divisible by the number of heads {self.n_heads}")
+        _check_distinct(arms(self), self.train_len)
         for arm in arms(self):  # every option's value checked now, not when its model's turn to train comes
             try:
                 with torch.random.fork_rng(devices=[]):
@@ -163,6 +166,20 @@ def arms(cfg: StudyConfig) -> list[Arm]:
         options = {**get_scheme_class(name).study_defaults(cfg.train_len, user), **user}
         out.append(Arm(spec_label(name, own), name, check_options(name, options)))
     return out
+
+
+def _check_distinct(found: list[Arm], train_len: int) -> None:
+    """ValueError when two labels resolve to one model (``t5`` and ``t5@max_distance=17`` at L = 64, where
+    17 is T5's study default): it would be trained twice and reported as two schemes, "not distinguishable"
+    from itself."""
+    seen: dict[str, Arm] = {}
+    for arm in found:
+        full = {**scheme_options(arm.scheme), **arm.options}  # an option given at its default is the same model as one left out
+        same = seen.setdefault(json.dumps([arm.scheme, full], sort_keys=True, default=str), arm)
+        if same is not arm:
+            shown = ", ".join(f"{k}={v}" for k, v in sorted(full.items())) or "no options"
+            raise ValueError(f"schemes {same.label!r} and {arm.label!r} are one model ({arm.scheme} with {shown}: "
+                             f"defaults and the study's at L = {train_len} included); list it once")
 
 
 def model_config(cfg: StudyConfig, arm: Arm) -> ModelConfig:

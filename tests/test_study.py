@@ -171,6 +171,14 @@ def test_sliding_window_evaluation(corpus):
     (["extrapolate", "--scheme-option", "max_distance=3"], "must look like SCHEME.KEY=VALUE"),
     (["extrapolate", "--scheme-option", "t5.bidirectional=maybe"], "bidirectional must be true/false"),
     (["extrapolate", "--schemes", "t5@max_distance=17", "t5@max_distance=17"], "listed twice"),
+    # two labels of one model (an option at its default, or at the study's default for L): trained twice and
+    # reported as two schemes "not distinguishable" from each other
+    (["extrapolate", "--preset", "demo", "--schemes", "t5", "t5@max_distance=17"],
+     "schemes 't5' and 't5@max_distance=17' are one model (t5 with bidirectional=False, max_distance=17, "
+     "num_buckets=32: defaults and the study's at L = 64 included); list it once"),
+    (["extrapolate", "--schemes", "alibi", "nope", "alibi@symmetric=false"], "schemes 'alibi' and 'alibi@symmetric=False'"),
+    (["extrapolate", "--schemes", "t5@num_buckets=32", "t5", "--scheme-option", "t5.max_distance=40"],
+     "schemes 't5@num_buckets=32' and 't5' are one model"),
     (["extrapolate", "--schemes", "t5@max_distance"], "must look like KEY=VALUE"),
     (["extrapolate", "--lr", "inf"], "--lr must be a finite number > 0, got inf"),
     (["extrapolate", "--pos-lr-mult", "0"], "--pos-lr-mult must be a finite number > 0"),
