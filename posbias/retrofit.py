@@ -179,6 +179,9 @@ class RetrofitConfig:
         for m in self.methods:
             if m not in METHODS:
                 raise ConfigError("methods", f"has unknown method {m!r}; valid: {', '.join(METHODS)}")
+        twice = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if twice:  # one method is one result: a second row of it would be the same numbers
+            raise ConfigError("methods", f"names {twice[0]} twice; give each method once")
         for name in ("to", "finetune_batch", "passkey_samples", "threads"):
             check_count(name, getattr(self, name))
         if self.eval_tokens is not None:
@@ -256,7 +259,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
         why = applicable(m, base.cfg.scheme)
         if why:
             raise ValueError(f"{why} (methods for {base.cfg.scheme}: {', '.join(methods_for(base.cfg.scheme)) or 'none'})")
-    lens = list(cfg.eval_lens or default_eval_lens(train_len, cfg.to))
+    lens = sorted(set(cfg.eval_lens or default_eval_lens(train_len, cfg.to)))  # each length once, in order
     missing = [n for n in dict.fromkeys((train_len, cfg.to)) if n not in lens]
     if missing:  # the table's last column is ppl@to / ppl@L: without either it was a KeyError or a NaN
         raise ConfigError("eval_lens", f"{' '.join(map(str, lens))} must include the training length {train_len} and "

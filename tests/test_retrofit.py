@@ -1137,6 +1137,17 @@ def test_diagnose_refuses_a_window_the_split_or_the_memory_cannot_hold(tmp_path,
     assert diagnose_mod.device_memory("cpu") > 2**30  # this machine's RAM, read from the OS
 
 
+def test_retrofit_gives_each_method_and_length_once(tmp_path, capsys, corpus):
+    """A method named twice is refused (it gave two identical rows); lengths given twice or out of order
+    give one column each, in order (they gave a repeated column, in the order typed)."""
+    path = tiny_checkpoint(tmp_path / "r", "rope")
+    one_line_error(capsys, main(["retrofit", str(path), "--to", str(2 * L), "--method", "pi", "ntk", "pi",
+                                 "--out", str(tmp_path / "o")]), "--method names pi twice; give each method once")
+    res = run_retrofit(path, RetrofitConfig(to=2 * L, methods=("ntk",), eval_lens=(2 * L, L, 2 * L)), tmp_path / "r2",
+                       corpus=corpus)
+    assert res.eval_lens == [L, 2 * L] and all(list(r["ppl"]) == [L, 2 * L] for r in res.rows)
+
+
 def test_retrofit_refuses_lengths_the_split_or_the_budget_cannot_hold(tmp_path, capsys, corpus):
     """--to past the validation split or with room for fewer than 8 segments of it, or --eval-tokens
     scoring fewer, is refused before the first evaluation (it used to surface when that length came up;
