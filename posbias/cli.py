@@ -213,6 +213,10 @@ def _plot_checkpoints(paths: Sequence[str], out: Path, args: argparse.Namespace)
     from .schemes.t5 import T5Bias
 
     drawn, seen, trained = [], {}, {}
+    firsts: dict[str, str] = {}
+    for p in paths:  # a path given twice (a shell pattern and a name, say) is drawn once
+        firsts.setdefault(os.path.abspath(p), p)
+    paths = list(firsts.values())
     for label, s, length in (item for path in paths for item in _checkpoint_schemes(path)):
         seen[label] = seen.get(label, 0) + 1  # two folders of one name: "name", "name #2" (no file drawn over)
         drawn.append((label if seen[label] == 1 else f"{label} #{seen[label]}", s))

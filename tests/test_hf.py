@@ -6,6 +6,7 @@ Models are randomly initialised from small configs (no download). Skipped withou
 import copy
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -623,8 +624,13 @@ def test_plot_checkpoint_draws_posbias_and_hf_models(tmp_path, capsys):
     assert names == {"heatmap_t5-seed0-abc.png", "heatmap_tiny-t5_encoder.png", "heatmap_tiny-t5_decoder.png",
                      "learned_bias_vs_distance.png", "t5_bucket_map_32_20_causal.png",
                      "t5_bucket_map_16_40_bidirectional.png", "t5_bucket_map_16_40_causal.png"}
-    assert main(["plot", "--checkpoint", str(tmp_path / "tiny-t5"), str(tmp_path / "tiny-t5"), "--out", str(out / "2")]) == 0
+    shutil.copytree(tmp_path / "tiny-t5", tmp_path / "other" / "tiny-t5")  # two folders of one name: both drawn
+    assert main(["plot", "--checkpoint", str(tmp_path / "tiny-t5"), str(tmp_path / "other" / "tiny-t5"),
+                 "--out", str(out / "2")]) == 0
     assert "tiny-t5 encoder #2: t5" in capsys.readouterr().out and (out / "2" / "heatmap_tiny-t5_encoder_2.png").exists()
+    assert main(["plot", "--checkpoint", str(tmp_path / "tiny-t5"), str(tmp_path / "tiny-t5") + "/", "--out",
+                 str(out / "2b")]) == 0  # one folder named twice: drawn once
+    assert "#2" not in capsys.readouterr().out and not (out / "2b" / "heatmap_tiny-t5_encoder_2.png").exists()
     ckpt.save_checkpoint(tmp_path / "rope-seed0-abc" / "final", TransformerLM(ModelConfig(scheme="rope", **tiny)))
     assert main(["plot", "--checkpoint", str(tmp_path / "rope-seed0-abc" / "final"), str(tmp_path / "tiny-t5"),
                  "--out", str(out / "3")]) == 0
