@@ -112,6 +112,23 @@ def add_show_parsers(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=cmd_show)
 
 
+def _show_label_as_flags(argv: list[str]) -> list[str]:
+    """``show t5@max_distance=64,bidirectional=true`` (a label as ``extrapolate`` and the results name
+    schemes) as ``show t5 --max-distance=64 --bidirectional=true``; the same option given both ways is
+    refused rather than one silently winning."""
+    label = argv[1] if len(argv) > 1 else ""
+    if "@" not in label:
+        return argv
+    name, options = parse_spec(label)  # checks the name, the keys and the values
+    flags = [f"{_flag(item.partition('=')[0].strip())}={item.partition('=')[2].strip()}"
+             for item in label.partition("@")[2].split(",")]
+    for key in options:
+        again = [w for w in argv[2:] if w == _flag(key) or w.startswith(_flag(key) + "=")]
+        if again:
+            raise CLIError(f"{_flag(key)} is given twice: in {label!r} and as {again[0]}; give it once")
+    return [argv[0], name, *flags, *argv[2:]]
+
+
 def _option_type(scheme: str, spec) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -157,7 +174,8 @@ def add_plot_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="plots", help="output folder")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--schemes", nargs="+", default=additive,
-                      help=f"schemes to draw (default: every additive one: {' '.join(additive)})")
+                      help="schemes to draw, NAME or NAME@KEY=VALUE[,KEY=VALUE] as extrapolate takes them "
+                           f"(default: every additive one: {' '.join(additive)})")
     what.add_argument("--checkpoint", nargs="+", metavar="PATH",
                       help="draw the biases these trained models learned instead: posbias checkpoints "
                            "(runs/…/models/<label>/final), model folders, a study's or retrofit's folder (every "
@@ -181,25 +199,33 @@ def cmd_plot(args: argparse.Namespace) -> None:
     if args.checkpoint:
         return _plot_checkpoints(args.checkpoint, out, args)
     torch.manual_seed(args.seed)
-    schemes = [build(n, n_heads=args.heads, head_dim=args.head_dim) for n in args.schemes]
-    drawn = [s for s in schemes if s.family == "additive"]
-    skipped = [s for s in schemes if s.family != "additive"]
+    labelled = []
+    for label in dict.fromkeys(args.schemes):  # a label given twice is drawn once
+        try:
+            labelled.append((label, build(label, n_heads=args.heads, head_dim=args.head_dim)))
+        except ValueError as exc:
+            raise CLIError(f"scheme {label}: {exc}") from None
+    drawn = [(label, s) for label, s in labelled if s.family == "additive"]
+    skipped = [(label, s) for label, s in labelled if s.family != "additive"]
     if skipped:
-        say("skipping " + ", ".join(f"{s.name} ({s.family}: no attention bias to draw)" for s in skipped))
-    what = {s.name: s.illustrate_() for s in drawn}  # table schemes start at 0: an illustrative table
+        say("skipping " + ", ".join(f"{label} ({s.family}: no attention bias to draw)" for label, s in skipped))
+    what = {label: s.illustrate_() for label, s in drawn}  # table schemes start at 0: an illustrative table
     written = [
         plot.plot_bucket_map(out / "t5_bucket_map.png", num_buckets=args.num_buckets, max_distance=args.max_distance),
         plot.plot_bucket_map(out / "t5_bucket_map_bidirectional.png", num_buckets=args.num_buckets,
                              max_distance=args.max_distance, bidirectional=True),
         plot.plot_t5_vs_alibi(out / "t5_vs_alibi.png"),
     ]
-    for s in drawn:
-        written.append(plot.plot_bias_heatmaps(s, out / f"heatmap_{s.name}.png", length=args.length,
-                                               note=f" — {what[s.name]}"))
+    for label, s in drawn:
+        both = bool(getattr(s, "bidirectional", False))
+        written.append(plot.plot_bias_heatmaps(s, out / f"heatmap_{_slug(label)}.png", length=args.length,
+                                               causal=not both,
+                                               note=f" — {what[label]}" + ("" if label == s.name else f" ({label})")))
     if drawn:
         title = "bias versus distance (" + "; ".join(f"{n} {w}" for n, w in what.items()) + ")"
-        written.append(plot.plot_bias_curves(drawn, out / "bias_vs_distance.png", max_distance=args.max_plot_distance,
-                                             title=title))
+        written.append(plot.plot_bias_curves([s for _, s in drawn], out / "bias_vs_distance.png",
+                                             max_distance=args.max_plot_distance, title=title,
+                                             names=[label for label, _ in drawn]))
     for p in written:
         say(str(p))
 
@@ -351,14 +377,17 @@ def study_config(args: argparse.Namespace):
         v = getattr(args, name, None)
         if v is not None:
             values[name] = tuple(v) if isinstance(v, list) else v
-    options: dict[str, dict[str, Any]] = {}
+    pairs: dict[str, list[str]] = {}
     for item in args.scheme_option:
         target, dot, pair = item.partition(".")
         if not dot or "=" not in pair:
             raise CLIError(f"--scheme-option {item!r} must look like SCHEME.KEY=VALUE, e.g. t5.max_distance=64")
         get_scheme_class(target)
-        options.setdefault(target, {}).update(parse_options(target, [pair]))
-    values["scheme_options"] = options
+        pairs.setdefault(target, []).append(pair)
+    try:  # one option given twice is refused (the last would win silently)
+        values["scheme_options"] = {target: parse_options(target, given) for target, given in pairs.items()}
+    except ValueError as exc:
+        raise CLIError(f"--scheme-option: {exc}") from None
     device = values.get("device", "cpu")
     if args.device is None and args.preset and device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--preset {args.preset} asks for --device {device}, but this machine has no CUDA device; "
@@ -825,6 +854,8 @@ def _main(argv: list[str]) -> int:
     parser = build_parser()
     command = argv[0] if argv else "posbias"
     try:
+        if command == "show":
+            argv = _show_label_as_flags(argv)
         args, extra = parser.parse_known_args(argv)
         if extra:
             if command == "show":

@@ -1,6 +1,7 @@
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +40,14 @@ def test_bucket_table_worked_example():
     (["show", "rope", "--scaling", "yarn", "--factor", "4"], "--scaling='yarn' needs --train-len"),
     (["show", "t5", "--max-distance", "3"], "--max-distance must be >= 17, got 3"),
     (["plot", "--schemes", "t6"], "unknown scheme 't6'"),
+    (["plot", "--schemes", "t5@max_distance=3"], "scheme t5@max_distance=3: max_distance must be >= 17, got 3"),
+    (["plot", "--schemes", "t5@max_distnce=64"], "scheme 't5' has no option max_distnce"),
+    (["show", "t5@max_distance=64", "--max-distance", "32"], "--max-distance is given twice: in 't5@max_distance=64'"),
+    (["show", "t5@max_distance=8"], "--max-distance must be >= 17, got 8"),
+    (["show", "t5@"], "has '@' but no KEY=VALUE"),
+    (["extrapolate", "--scheme-option", "t5.max_distance=64", "--scheme-option", "t5.max_distance=32"],
+     "--scheme-option: scheme 't5': option max_distance is given twice (64 and '32')"),
+    (["extrapolate", "--schemes", "t5@max_distance=64,max_distance=32"], "option max_distance is given twice"),
     (["plot", "--seed", "-3"], "--seed must be an integer in [0, 4294967295], got -3"),
     (["show", "fire", "--seed", str(2**64)], f"--seed must be an integer in [0, 4294967295], got {2**64}"),
     (["show", "rope", "--base", "1"], "--base must be > 1"),
@@ -234,6 +243,22 @@ def test_show_is_deterministic_and_prints_options(capsys):
     assert outs[0] == outs[1] != outs[2]
     assert main(["show", "t5", "--max-distance", "64"]) == 0
     assert "options in use: num_buckets=32, max_distance=64, bidirectional=False" in capsys.readouterr().out
+
+
+def test_show_and_plot_take_scheme_labels_as_extrapolate_names_them(tmp_path, capsys):
+    """``t5@max_distance=64,bidirectional=true`` (how ``extrapolate`` takes schemes and its results name
+    them) is the same as the flags for ``show``, and a scheme of its own for ``plot``, drawn beside the
+    plain ``t5``; a label given twice is drawn once."""
+    assert main(["show", "t5@max_distance=64,bidirectional=true", "--heads", "2"]) == 0
+    labelled = capsys.readouterr().out
+    assert main(["show", "t5", "--max-distance", "64", "--bidirectional", "true", "--heads", "2"]) == 0
+    assert labelled == capsys.readouterr().out
+    assert "options in use: num_buckets=32, max_distance=64, bidirectional=True" in labelled
+    pytest.importorskip("matplotlib")
+    assert main(["plot", "--schemes", "t5", "t5@max_distance=64,bidirectional=true", "t5", "--heads", "2",
+                 "--out", str(tmp_path), "--max-plot-distance", "32"]) == 0
+    written = [line for line in capsys.readouterr().out.splitlines() if "heatmap" in line]
+    assert [Path(w).name for w in written] == ["heatmap_t5.png", "heatmap_t5_max_distance_64_bidirectional_true.png"]
 
 
 def test_show_says_which_query_a_position_dependent_bias_is_tabulated_for(capsys):

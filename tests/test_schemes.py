@@ -196,6 +196,23 @@ def test_bad_heads_head_dim_and_names():
         build("xpos", n_heads=2, head_dim=16)
 
 
+def test_build_takes_a_label_as_the_study_names_schemes():
+    """``build("t5@max_distance=64,bidirectional=true")`` is the scheme the study trains under that label;
+    an option given twice (in the label twice, or in the label and as a keyword) is refused, not the last
+    taken silently."""
+    labelled = build("t5@max_distance=64,bidirectional=true", n_heads=2, head_dim=16)
+    typed = build("t5", n_heads=2, head_dim=16, max_distance=64, bidirectional=True)
+    assert labelled.extra_repr() == typed.extra_repr()
+    assert build("rope@scaling=yarn,factor=4", n_heads=2, head_dim=16, train_len=64).extra_repr() == \
+        build("rope", n_heads=2, head_dim=16, scaling="yarn", factor=4.0, train_len=64).extra_repr()
+    with pytest.raises(ValueError, match="option max_distance is given twice: in the label"):
+        build("t5@max_distance=64", n_heads=2, head_dim=16, max_distance=32)
+    with pytest.raises(ValueError, match=r"option max_distance is given twice \(64 and '32'\)"):
+        build("t5@max_distance=64,max_distance=32", n_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match="max_distance must be >= 17, got 3"):
+        build("t5@max_distance=3", n_heads=2, head_dim=16)
+
+
 def _rotated(s, x, pos, context_len=None):
     """The rotation written out from :meth:`RoPE.angles` (no table, no cache): the definition."""
     ang = s.angles(pos, context_len)

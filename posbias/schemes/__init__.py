@@ -54,6 +54,9 @@ def parse_options(name: str, pairs: list[str] | tuple[str, ...]) -> dict[str, An
             raise ValueError(f"scheme option {pair!r} must look like KEY=VALUE")
         if key not in specs:
             raise ValueError(f"scheme {name!r} has no option {key}; valid: {', '.join(specs) or 'none'}")
+        if key in out:  # the last would win silently
+            raise ValueError(f"scheme {name!r}: option {key} is given twice ({out[key]!r} and {text.strip()!r}); "
+                             "give it once")
         out[key] = parse_option(name, specs[key], text)
     return out
 
@@ -84,9 +87,19 @@ def get_scheme_class(name: str) -> type[Scheme]:
 def build(name: str, *, n_heads: int, head_dim: int, **options: Any) -> Scheme:
     """Construct a registered scheme: ``build("t5", n_heads=8, head_dim=64, num_buckets=32)``.
 
-    Unknown options raise ``ValueError`` listing the options the scheme accepts; a value of the wrong
-    type (``clip="false"``) raises ``ValueError`` naming the type the option takes.
+    ``name`` may be a label with options, as ``posbias extrapolate`` takes schemes and its results name
+    them: ``build("t5@max_distance=64", n_heads=8, head_dim=64)``; an option given both in the label and
+    as a keyword raises ``ValueError``. Unknown options raise ``ValueError`` listing the options the
+    scheme accepts; a value of the wrong type (``clip="false"``) raises ``ValueError`` naming the type
+    the option takes.
     """
+    if "@" in name:
+        name, labelled = parse_spec(name)
+        twice = sorted(set(labelled) & set(options))
+        if twice:
+            raise ValueError(f"option {twice[0]} is given twice: in the label ({twice[0]}={labelled[twice[0]]!r}) "
+                             f"and as a keyword ({twice[0]}={options[twice[0]]!r}); give it once")
+        options = {**labelled, **options}
     cls = get_scheme_class(name)
     return cls(n_heads=n_heads, head_dim=head_dim, **check_options(name, options))
 
