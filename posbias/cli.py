@@ -445,7 +445,7 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     corpus = _load_corpus(args, line=True)
     n_models = len(cfg.schemes) * len(cfg.seeds)
-    say(f"{len(cfg.schemes)} scheme(s) x {len(cfg.seeds)} seed(s) = {n_models} models of {cfg.steps} steps x "
+    say(f"{len(cfg.schemes)} scheme(s) x {len(cfg.seeds)} seed(s) = {n_models} model{'' if n_models == 1 else 's'} of {cfg.steps} steps x "
         f"{cfg.batch_size} sequences at length {cfg.train_len}, scored at {', '.join(map(str, cfg.lengths()))} "
         f"on {cfg.threads} threads; models already made with these settings are reused (the demo preset takes "
         "about 40 s per model on a 2-core CPU)")

@@ -231,6 +231,11 @@ def _learned_section(result: StudyResult) -> list[str]:
     return ["", f"### What the positional parameters learned (seed {cfg.seeds[0]})", ""] + md_table(header, rows)
 
 
+def _n(count: int, noun: str) -> str:
+    """``1 layer``, ``4 layers``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _footer(result: StudyResult) -> str:
     cfg = result.config
     r0 = result.records[0] if result.records else {"tokens": 0, "segments": 0}
@@ -239,7 +244,8 @@ def _footer(result: StudyResult) -> str:
     window = f" --length {n}" if (n := max(cfg.lengths())) > cfg.train_len else ""
     return (f"Trained at {cfg.train_len} tokens for {cfg.steps} steps (batch {cfg.batch_size}, lr {cfg.lr:g}, "
             f"positional parameters at {cfg.pos_lr_mult:g}× lr without weight decay); d_model {cfg.d_model}, "
-            f"{cfg.n_layers} layers, {cfg.n_heads} heads; seeds {seeds}; {cfg.threads} threads. Every length scores "
+            f"{_n(cfg.n_layers, 'layer')}, {_n(cfg.n_heads, 'head')}; {'seed' if len(cfg.seeds) == 1 else 'seeds'} "
+            f"{seeds}; {_n(cfg.threads, 'thread')}. Every length scores "
             f"the same {r0['tokens']:,} validation tokens ({r0['segments']} segments of {max(cfg.lengths())}, spread "
             f"evenly from the split's start to its end) in non-overlapping windows. Intervals: 95% percentile "
             f"bootstrap over the segments ({N_BOOT} replicates, paired across lengths): an interval for this split's "
