@@ -775,6 +775,25 @@ def test_far_tokens_reach_chunk_ends_only_through_layers(scheme, layers, same):
     assert lo <= d <= hi
 
 
+def test_a_one_layer_model_has_no_far_tokens_through_the_layers(tmp_path, corpus):
+    """A one-layer T5 model: the report, the terminal lines and the comparison say the through-the-layers
+    row is rounding, instead of reading a verdict from the interval of a difference of 1e-8."""
+    from posbias.report import comparison
+
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(scheme="t5", scheme_options={"max_distance": L}, **{**TINY, "n_layers": 1}))
+    ckpt.save_checkpoint(tmp_path / "one", model, extra={"train": {"seq_len": L}})
+    rep = run_diagnose(tmp_path / "one", DiagnoseConfig(length=2 * L, eval_tokens=EVAL, passkey_steps=0), corpus=corpus)
+    assert len(rep.window_split) == 3 and abs(rep.window_split[2][1]) < 1e-5
+    said = [line for line in diagnose_report.summary(rep) if "through the layers" in line]
+    assert len(said) == 1 and "of a one-layer model" in said[0] and not said[0].endswith(("hurts", "helps"))
+    diagnose_report.write(rep, tmp_path / "d")
+    assert "Δ is float rounding" in (tmp_path / "d" / "report.md").read_text()
+    row = comparison.row("one", rep)
+    assert row["through_layers"] is None and row["one_layer_of_offsets"]
+    assert "| none (1 layer) |" in comparison.markdown([row], [rep])
+
+
 def test_diagnose_cli_prints_its_verdicts(tmp_path, capsys, text_file):
     """The terminal gets the report's verdicts, not only the path to it."""
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
@@ -1712,12 +1731,22 @@ def test_the_chunk_end_row_names_what_besides_far_tokens_it_holds():
     said = {}
     for name, family, drift in (("t5", "additive", [0.0, 0.0]), ("fire", "additive", [0.0, 2.5]),
                                 ("sinusoidal", "absolute", None), ("rope", "rotary", None)):
-        r = SimpleNamespace(scheme=SimpleNamespace(family=family), bias_drift=drift, window_split=row, loss_windows=8)
+        r = SimpleNamespace(scheme=SimpleNamespace(family=family), bias_drift=drift, window_split=row, loss_windows=8,
+                            attention_distance={"mean": [[[1.0]]] * 2})
         said[name] = (_position_moves(r), _through_layers(r))
     assert said["t5"][0] == said["rope"][0] == "" and "with the same keys in the first layer" in said["t5"][1]
     assert said["fire"][0] == "the bias's move with the query position" and "this row holds both" in said["fire"][1]
     assert said["sinusoidal"][0] == "the positions past L themselves"
     assert all("Δ +0.0500 [+0.0100, +0.0900]: hurts" in s for _, s in said.values())
+    # one layer: a bias of i − j alone has nothing between the layers to carry far tokens, and the row is
+    # rounding (test_far_tokens_reach_chunk_ends_only_through_layers), never a verdict; a moving bias or
+    # absolute positions still differ there
+    for name, family, drift in (("t5", "additive", [0.0, 0.0]), ("rope", "rotary", None),
+                                ("fire", "additive", [0.0, 2.5]), ("sinusoidal", "absolute", None)):
+        r = SimpleNamespace(scheme=SimpleNamespace(family=family), bias_drift=drift, window_split=row, loss_windows=8,
+                            attention_distance={"mean": [[[1.0]]]})
+        one = "none can reach a query through the layers of a one-layer model" in _through_layers(r)
+        assert one == (name in ("t5", "rope")) and ("hurts" in _through_layers(r)) != one
 
 
 def test_retrofit_names_the_tokens_it_scored_where_the_split_cuts_its_default(tmp_path, text_file):

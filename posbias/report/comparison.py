@@ -22,7 +22,7 @@ from ..config import Log, quiet
 from ..diagnose import DiagnoseResult, kept_row
 from . import (copies_sentence, copy_names, corpus_name, digits_sentence, facing_end, kept_cell, kept_mean, kept_past_l,
                md_table, same_text)
-from .diagnose import DRIFT, delta_cell, far_attention, mean_losses, smoothed, unseen_pairs
+from .diagnose import DRIFT, delta_cell, far_attention, mean_losses, no_layers_between, smoothed, unseen_pairs
 from .diagnose import verdict as interval_verdict
 
 Delta = tuple[float, float | None, float | None]  # mean Δ and its 95% interval (None with one window)
@@ -43,7 +43,9 @@ def row(name: str, r: DiagnoseResult) -> dict[str, Any]:
         "distant_keys": None if kept is None else tuple(kept[2:]),
         "keys_beyond_L": tuple(r.window_split[0][1:]) if r.window_split else None,
         # window − cut at the chunks' last positions (the same keys in layer 1): far tokens through the layers
-        "through_layers": tuple(r.window_split[2][1:]) if len(r.window_split) > 2 else None,
+        # (none in a one-layer model of a bias of i − j: the window and the cut compute the same there)
+        "through_layers": tuple(r.window_split[2][1:]) if len(r.window_split) > 2 and not no_layers_between(r) else None,
+        "one_layer_of_offsets": no_layers_between(r),
         "attention_beyond_L": far_attention(r),
         "bias_drift": None if r.bias_drift is None else max(r.bias_drift),
         "rotary_unseen": None if r.rotary is None else (len(unseen_pairs(r)), len(r.rotary["unseen"])),
@@ -126,13 +128,20 @@ def markdown(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
          "passkey @ L", "passkey @ window"] + ([f"passkey @ window, copies ≥ {passkey.LEARNED:g} at L"] if _several(rows)
                                                 else []),
         [[r["model"], _lengths(r), f"{r['ppl_below_L']:.3f}", f"{r['ppl_last_half']:.3f}",
-          _delta(r["context"]), _delta(r["distant_keys"]), _delta(r["keys_beyond_L"]), _delta(r["through_layers"]),
+          _delta(r["context"]), _delta(r["distant_keys"]), _delta(r["keys_beyond_L"]), _through(r),
           "—" if r["attention_beyond_L"] is None else "{:.4f} / {:.4f}".format(*r["attention_beyond_L"]),
           "—" if r["bias_drift"] is None else f"{r['bias_drift']:.2f}",
           _passkey(r, r["train_len"]), _passkey(r, _longest(r))] + ([_kept(r)] if _several(rows) else [])
          for r in rows])
     return "\n".join(lines + ["", "## What the table says", ""] + [f"* {s}" for s in sentences(rows)]
                      + ["", "![comparison](comparison.png)", ""])
+
+
+def _through(r: dict[str, Any]) -> str:
+    """The through-the-layers cell: its Δ, or why a one-layer model has none."""
+    if r.get("one_layer_of_offsets"):
+        return "none (1 layer)"
+    return _delta(r["through_layers"])
 
 
 def _corpus(rows: list[dict[str, Any]], results: list[DiagnoseResult]) -> str:
