@@ -450,7 +450,7 @@ def rotary_angles(scheme: Scheme, *, train_len: int, length: int) -> dict[str, l
     if not isinstance(scheme, RoPE):
         return None
     base = rope_frequencies(scheme.head_dim, scheme.base).double()
-    used = scheme.inv_frequencies(length).double() / (scheme.factor if scheme.scaling == "pi" else 1.0)
+    used = scheme.effective_frequencies(length)
     trained, end = base * (train_len - 1), used * (length - 1)
     unseen = (base * train_len < 2 * math.pi) & (end > base * train_len)
     return {"wavelength": (2 * math.pi / base).tolist(), "train_angle": trained.tolist(), "end_angle": end.tolist(),

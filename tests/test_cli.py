@@ -1,4 +1,5 @@
 import argparse
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -259,6 +260,32 @@ def test_show_and_plot_take_scheme_labels_as_extrapolate_names_them(tmp_path, ca
                  "--out", str(tmp_path), "--max-plot-distance", "32"]) == 0
     written = [line for line in capsys.readouterr().out.splitlines() if "heatmap" in line]
     assert [Path(w).name for w in written] == ["heatmap_t5.png", "heatmap_t5_max_distance_64_bidirectional_true.png"]
+
+
+def test_show_rope_tabulates_its_frequencies_and_what_a_scaling_does_to_them(capsys):
+    """``show rope`` gives each pair's wavelength; with a scaling the stretch θ_k/θ'_k (NTK: 1 at the
+    highest frequency, exactly the factor at the lowest; YaRN: 1 for fast pairs, the factor for slow
+    ones) and with train_len the pairs that turn less than once within it."""
+    from posbias import rope_frequencies
+
+    def rows(argv):
+        assert main(["show", "rope", "--head-dim", "16", *argv]) == 0
+        out = capsys.readouterr().out
+        table = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "pairs turn" not in line]
+        return out, table
+
+    out, table = rows([])
+    assert [int(r[0]) for r in table] == list(range(8)) and float(table[0][2]) == pytest.approx(2 * math.pi, abs=1e-3)
+    assert "give --train-len" in out
+    out, table = rows(["--scaling", "ntk", "--factor", "8", "--train-len", "128"])
+    assert float(table[0][5]) == 1.0 and float(table[-1][5]) == pytest.approx(8.0, abs=1e-3)
+    under = int((rope_frequencies(16) * 128 < 2 * math.pi).sum())
+    assert f"{under} of 8 pairs turn less than once within 128 tokens" in out and under == 5
+    assert sum("< 1 turn" in line for line in out.splitlines()) == under
+    out, table = rows(["--scaling", "yarn", "--factor", "4", "--train-len", "128"])
+    assert float(table[0][5]) == 1.0 and float(table[-1][5]) == 4.0 and "YaRN temperature" in out
+    out, _ = rows(["--scaling", "dynamic-ntk", "--factor", "4", "--train-len", "128"])
+    assert "at a context of factor · train_len = 512 (plain RoPE up to 128)" in out
 
 
 def test_show_says_which_query_a_position_dependent_bias_is_tabulated_for(capsys):

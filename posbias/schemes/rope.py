@@ -120,6 +120,51 @@ class RoPE(Scheme):
                 self.inv_freq.device)
         return self.inv_freq
 
+    def effective_frequencies(self, context_len: int | None = None) -> Tensor:
+        """The frequencies a distance ``i − j`` turns by, float64 ``[head_dim/2]``: :meth:`inv_frequencies`
+        with PI's position factor folded in (PI divides the positions, the same as dividing θ_k)."""
+        return self.inv_frequencies(context_len).double() / (self.factor if self.scaling == "pi" else 1.0)
+
+    def describe(self) -> list[str]:
+        """``posbias show rope``: per frequency pair its θ_k and wavelength, with a scaling the scaled ones
+        and how much each is stretched, and with ``train_len`` the turns each makes within it (a pair
+        under one turn meets angles past L that no distance of training gave it)."""
+        pairs = self.head_dim // 2
+        shown = list(range(pairs)) if pairs <= 16 else sorted({round(i * (pairs - 1) / 7) for i in range(8)})
+        plain = rope_frequencies(self.head_dim, self.base)
+        target = round(self.factor * self.train_len) if self.scaling and self.train_len else None
+        used = self.effective_frequencies(target)
+        lines = [f"rotary pairs: θ_k = {self.base:g}^(−2k/{self.head_dim}), k = 0 … {pairs - 1} "
+                 f"({'all' if len(shown) == pairs else f'{len(shown)} of {pairs}'} shown); a distance i − j "
+                 "turns pair k by θ_k·(i − j), a full turn every wavelength 2π/θ_k tokens"]
+        head = f"{'pair':>5} {'θ_k':>11} {'wavelength':>12}"
+        if self.scaling:
+            at = (f" at a context of factor · train_len = {target} (plain RoPE up to {self.train_len})"
+                  if self.scaling == "dynamic-ntk" else "")
+            lines.append(f"{self.scaling} with factor {self.factor:g}{at}: θ'_k, its wavelength, and the stretch θ_k/θ'_k")
+            head += f" {'θ′_k':>11} {'wavelength′':>12} {'stretch':>8}"
+        if self.train_len:
+            head += f" {'turns in ' + str(self.train_len):>14}"
+        lines.append(head)
+        for k in shown:
+            row = f"{k:>5} {plain[k]:>11.4g} {_tokens(2 * math.pi / plain[k]):>12}"
+            if self.scaling:
+                row += f" {used[k]:>11.4g} {_tokens(2 * math.pi / used[k]):>12} {plain[k] / used[k]:>8.3f}"
+            if self.train_len:
+                turns = float(plain[k]) * self.train_len / (2 * math.pi)
+                row += f" {turns:>14.4g}" + ("  < 1 turn" if turns < 1 else "")
+            lines.append(row)
+        if self.train_len:
+            under = int((plain * self.train_len < 2 * math.pi).sum())
+            lines.append(f"{under} of {pairs} pairs turn less than once within {self.train_len} tokens: past it they meet "
+                         "angles no distance of training gave them (posbias diagnose reports them for a trained model)")
+        else:
+            lines.append("give --train-len to see which pairs turn less than once within the training length")
+        if self.attention_factor != 1.0:
+            lines.append(f"YaRN temperature: q and k are each scaled by {self.attention_factor:.4f} "
+                         f"(logits by {self.attention_factor ** 2:.4f})")
+        return lines
+
     @property
     def keys_rotate_once(self) -> bool:
         """True when a key's rotation depends on its position alone, not on the context length (every
@@ -178,6 +223,11 @@ class RoPE(Scheme):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, base={self.base}, layout={self.layout!r}, "
                 f"scaling={self.scaling!r}, factor={self.factor}, train_len={self.train_len}")
+
+
+def _tokens(n: float) -> str:
+    """A wavelength in tokens: ``6.283``, ``264.96``, ``47,117``."""
+    return f"{n:,.0f}" if n >= 1000 else f"{n:.5g}"
 
 
 def _rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, layout: str) -> Tensor:
