@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from posbias import build
 from posbias.cli import build_parser, main
 from posbias.schemes.t5 import bucket_table
 
@@ -286,6 +287,16 @@ def test_show_rope_tabulates_its_frequencies_and_what_a_scaling_does_to_them(cap
     assert float(table[0][5]) == 1.0 and float(table[-1][5]) == 4.0 and "YaRN temperature" in out
     out, _ = rows(["--scaling", "dynamic-ntk", "--factor", "4", "--train-len", "128"])
     assert "at a context of factor · train_len = 512 (plain RoPE up to 128)" in out
+
+
+def test_show_sinusoidal_tabulates_the_similarity_of_positions_by_distance(capsys):
+    """``show sinusoidal``: PE(i)·PE(j)/(d/2) by distance, the same at any i (checked at i = 1000)."""
+    assert main(["show", "sinusoidal", "--heads", "2", "--head-dim", "16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    dist = [int(x) for x in lines[-2].split()]
+    sim = [float(x) for x in lines[-1].split()]
+    emb = build("sinusoidal", n_heads=2, head_dim=16).embed(torch.arange(1000, 1000 + max(dist) + 1), 32).double()
+    assert sim[0] == 1.0 and sim == [pytest.approx(float(emb[0] @ emb[d]) / 16, abs=6e-4) for d in dist]
 
 
 def test_show_says_which_query_a_position_dependent_bias_is_tabulated_for(capsys):

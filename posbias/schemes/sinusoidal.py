@@ -29,3 +29,19 @@ class Sinusoidal(Scheme):
         ang = pos.to(torch.float64)[:, None] * inv[None, :]
         out = torch.stack([ang.sin(), ang.cos()], dim=-1).reshape(len(pos), dim)
         return out.float()
+
+    def describe(self) -> list[str]:
+        """``posbias show sinusoidal``: the wavelengths of the embedding's pairs and what attention can read
+        of position from it, the similarity ``PE(i)·PE(j)/(d/2) = mean_k cos(ω_k (i − j))``, which
+        depends on ``i − j`` alone, by distance."""
+        dim = self.n_heads * self.head_dim
+        dist = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+        emb = self.embed(torch.tensor([0, *dist]), dim).double()
+        # position 0 against position d: (sin 0, cos 0) = (0, 1) in every pair, so the sum is Σ_k cos(ω_k d)
+        sim = (emb[1:] @ emb[0]) / (dim // 2)
+        return [f"embedding of width {dim} (heads × head_dim) added to the tokens: {dim // 2} sin/cos pairs, "
+                f"wavelengths 2π·{self.base:g}^(2k/{dim}) from {2 * math.pi:.2f} to "
+                f"{2 * math.pi * self.base ** ((dim - 2) / dim):,.0f} tokens",
+                "similarity PE(i)·PE(j) / (d/2) by distance i-j (the same at every i; 1 at distance 0)",
+                "     " + "".join(f"{d:>9}" for d in dist),
+                "     " + "".join(f"{x:>9.3f}" for x in sim.tolist())]
