@@ -494,7 +494,7 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the fine-tunes' batches and the passkey copies' training: another seed is another "
                         "draw of every fine-tune (its own cache and models), to tell a method from one fine-tune's luck")
-    _add_passkey_fit_arguments(p, "with --compare", "--seed")
+    _add_passkey_fit_arguments(p, "with --compare; 0 skips the passkey test", "--seed")
     _add_checkpoint_job_arguments(p, "retrofit", cmd_retrofit)
 
 

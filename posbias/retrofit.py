@@ -164,7 +164,7 @@ class RetrofitConfig:
     eval_lens: tuple[int, ...] | None = None  # default: L, 2L, 4L … that divide `to`, and `to` (default_eval_lens)
     eval_tokens: int | None = None  # validation tokens scored at each length (None: evaluate.SEGMENTS × the longest)
     compare: bool = False  # the decision table: passkey accuracy and attention cost too
-    passkey_steps: int = 2400  # passkey fine-tune steps of a copy (with compare)
+    passkey_steps: int = 2400  # passkey fine-tune steps of a copy (with compare; 0: no passkey test)
     passkey_until: float = 0.0  # > 0: a copy stops once it solves this share of a probe at L (0: every step)
     passkey_samples: int = 32  # passkey samples per (length, depth) cell
     device: str = "cpu"  # cpu or cuda[:N]
@@ -275,7 +275,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
         result.rows.append(run.measure(base, base, "original", "before", 0))
         for k, m in enumerate(cfg.methods, 1):
             plan = "no fine-tune" + (f", then a {cfg.finetune_steps}-step fine-tune at {cfg.to}" if cfg.finetune_steps else "")
-            log(f"method {k}/{len(cfg.methods)}: {m} ({plan}{', passkey' if cfg.compare else ''})")
+            log(f"method {k}/{len(cfg.methods)}: {m} ({plan}{', passkey' if cfg.compare and cfg.passkey_steps else ''})")
             model = retrofit_model(base, m, train_len=train_len, to=cfg.to)
             if METHODS[m].explain is not None:
                 result.bucket_remap[m] = METHODS[m].explain(base, model, train_len, cfg.to)
@@ -336,7 +336,9 @@ class _Run:
                "ppl": {n: sc["ppl"] for n, sc in scores.items()},
                "window_loss": {n: sc["window_loss"] for n, sc in scores.items()},  # for the paired table
                "extra_params": extra, "passkey": None, "attention_cost": None}
-        if compare and final:
+        if compare:
+            row["final"] = final  # what a method ends with: a row of the decision table
+        if compare and final and self.cfg.passkey_steps:  # (0 steps: no passkey test, as in diagnose)
             row.update(self.passkey(model, label))
         if stage != "before":
             row["options"] = model.cfg.scheme_options

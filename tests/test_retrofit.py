@@ -153,6 +153,23 @@ def test_applicability_and_errors(tmp_path):
     assert set(METHODS) == {"pi", "ntk", "dynamic-ntk", "yarn", "t5-distance", "swap-alibi", "swap-t5"}
 
 
+def test_compare_without_a_passkey_test_keeps_the_rest_of_the_decision_table(tmp_path, corpus):
+    """``--compare --passkey-steps 0`` (as ``diagnose``'s 0: no passkey test) trains no copy and tests no
+    untrained one (their columns read 0.00, minutes each); the decision table keeps what each method ends
+    with, its extra parameters and attention cost."""
+    path = tiny_checkpoint(tmp_path / "r", "rope")
+    cfg = RetrofitConfig(to=2 * L, methods=("pi", "swap-t5"), finetune_steps=1, finetune_batch=2, eval_tokens=EVAL,
+                         compare=True, passkey_steps=0)
+    res = run_retrofit(path, cfg, tmp_path / "out", corpus=corpus, progress=False)
+    retrofit_report.write(res, tmp_path / "out")
+    assert not any(r["passkey"] for r in res.rows) and not list((tmp_path / "out").glob("models/passkey-*"))
+    assert [r["final"] for r in res.rows] == [True, False, True, False, True]
+    md = (tmp_path / "out" / "results.md").read_text()
+    table = md[md.index("Decision table (no passkey test: --passkey-steps 0"):]
+    assert "passkey @" not in table and "| original | before |" in table
+    assert "| pi | fine-tuned 1 |" in table and "| pi | no fine-tune |" not in table and "| +64 |" in table
+
+
 def test_run_retrofit_compare_tiny(tmp_path, corpus):
     path = tiny_checkpoint(tmp_path / "r", "rope")
     cfg = RetrofitConfig(to=2 * L, methods=("pi", "yarn", "swap-alibi"), finetune_steps=2, finetune_batch=2,

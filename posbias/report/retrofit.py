@@ -108,11 +108,17 @@ def _decision_section(result: RetrofitResult) -> list[str]:
     """The decision table (passkey, far filler hidden, extra parameters, attention cost) and what it says
     of the passkey copies; nothing without ``--compare``."""
     lens, L, to, rows = result.eval_lens, result.train_len, result.to, result.rows
-    if not any(r.get("passkey") for r in rows):
-        return []
-    lines: list[str] = []
-    far = [n for n in lens if n > L]
     cfg = result.config
+    if not cfg.compare:
+        return []
+    far = [n for n in lens if n > L]
+    if not cfg.passkey_steps:  # no passkey test: perplexity, extra parameters and attention cost
+        return ["", f"Decision table (no passkey test: --passkey-steps 0; attention cost: a forward pass at {to} tokens "
+                "relative to the original model, same run):", ""] + md_table(
+            ["method", "stage", f"near-range ppl @ {L}", *(f"ppl @ {n}" for n in far), "extra params", "attention cost"],
+            [[r["method"], r["stage"], f"{r['ppl'][L]:.3f}", *(f"{r['ppl'][n]:.3f}" for n in far),
+              f"{r['extra_params']:+d}", f"{r['attention_cost']:.2f}×"] for r in rows if r.get("final")])
+    lines: list[str] = []
     seeds = cfg.copy_seeds
     taught = (f"a copy trained at L for {cfg.passkey_steps} steps (batches of seed {seeds[0]})" if len(seeds) == 1
               else f"{len(seeds)} copies, of seeds {', '.join(map(str, seeds))}, each trained at L for "
