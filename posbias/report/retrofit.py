@@ -11,7 +11,7 @@ from typing import Any
 from .. import passkey, store
 from ..config import Log, quiet
 from ..evaluate import Paired
-from ..retrofit import PASSKEY_DEPTHS, RetrofitResult
+from ..retrofit import COST_PAIRS, PASSKEY_DEPTHS, RetrofitResult
 from . import (copies_cell, copies_sentence, copy_names, corpus_line, digits_sentence, far_filler_sentences, few_segments,
                best_and_tied, kept_cell, md_table, note_replaced, paired_cell, tied_clause)
 
@@ -104,6 +104,17 @@ def _paired_section(result: RetrofitResult) -> list[str]:
         [[r["method"], r["stage"], *(paired_cell(paired[n][j]) for n in lens)] for j, r in enumerate(rows)])
 
 
+def _cost_words(to: int) -> str:
+    return (f"attention cost: a forward pass at {to} tokens relative to the original model, the median of "
+            f"{COST_PAIRS} pairs timed back to back in this run, with the lowest and highest pair's ratio")
+
+
+def _cost_cell(r: dict[str, Any]) -> str:
+    """``1.04× (0.97–1.10)``: the median of the timed pairs' ratios and the lowest and highest."""
+    lo, hi = r.get("attention_cost_range") or (r["attention_cost"],) * 2
+    return f"{r['attention_cost']:.2f}×" + ("" if lo == hi else f" ({lo:.2f}–{hi:.2f})")
+
+
 def _decision_section(result: RetrofitResult) -> list[str]:
     """The decision table (passkey, far filler hidden, extra parameters, attention cost) and what it says
     of the passkey copies; nothing without ``--compare``."""
@@ -113,11 +124,10 @@ def _decision_section(result: RetrofitResult) -> list[str]:
         return []
     far = [n for n in lens if n > L]
     if not cfg.passkey_steps:  # no passkey test: perplexity, extra parameters and attention cost
-        return ["", f"Decision table (no passkey test: --passkey-steps 0; attention cost: a forward pass at {to} tokens "
-                "relative to the original model, same run):", ""] + md_table(
+        return ["", f"Decision table (no passkey test: --passkey-steps 0; {_cost_words(to)}):", ""] + md_table(
             ["method", "stage", f"near-range ppl @ {L}", *(f"ppl @ {n}" for n in far), "extra params", "attention cost"],
             [[r["method"], r["stage"], f"{r['ppl'][L]:.3f}", *(f"{r['ppl'][n]:.3f}" for n in far),
-              f"{r['extra_params']:+d}", f"{r['attention_cost']:.2f}×"] for r in rows if r.get("final")])
+              f"{r['extra_params']:+d}", _cost_cell(r)] for r in rows if r.get("final")])
     lines: list[str] = []
     seeds = cfg.copy_seeds
     taught = (f"a copy trained at L for {cfg.passkey_steps} steps (batches of seed {seeds[0]})" if len(seeds) == 1
@@ -134,8 +144,7 @@ def _decision_section(result: RetrofitResult) -> list[str]:
     lines += ["", f"Decision table (passkey: {taught}; mean accuracy over {PASSKEY_DEPTHS} depths {over}; "
               f"*far filler hidden*: the same samples at {to} with every key at distance ≥ L hidden except the "
               "key statement, in every layer, so the key keeps its distance and rotation and only the filler "
-              "beyond L is gone; attention cost: a "
-              f"forward pass at {to} tokens relative to the original model, same run):", ""] + md_table(
+              f"beyond L is gone; {_cost_words(to)}):", ""] + md_table(
         ["method", "stage", f"near-range ppl @ {L}", *(f"ppl @ {n}" for n in far), f"passkey @ {L}",
          f"passkey @ {to}", *([f"passkey @ {to}, copies ≥ {passkey.LEARNED:g} at L"] if several else []),
          f"passkey @ {to}, far filler hidden", "extra params", "attention cost"],
@@ -143,7 +152,7 @@ def _decision_section(result: RetrofitResult) -> list[str]:
           _passkey_cell(r, L), _passkey_cell(r, to),
           *([kept_cell(r["passkey_copies"][L], r["passkey_copies"][to], trials)] if several else []),
           _hidden_cell(r, to, trials),
-          f"{r['extra_params']:+d}", f"{r['attention_cost']:.2f}×"] for r in rows if r.get("passkey")])
+          f"{r['extra_params']:+d}", _cost_cell(r)] for r in rows if r.get("passkey")])
     learned = passkey.learned_sentence([item for r in rows if r.get("passkey") for item in _row_copies(r)])
     if learned:
         lines += ["", learned]
