@@ -206,7 +206,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise CLIError(f"scheme {label}: {exc}") from None
     drawn = [(label, s) for label, s in labelled if s.family == "additive"]
-    skipped = [(label, s) for label, s in labelled if s.family != "additive"]
+    rotary = [(label, s) for label, s in labelled if s.family == "rotary"]
+    skipped = [(label, s) for label, s in labelled if s.family not in ("additive", "rotary")]
     if skipped:
         say("skipping " + ", ".join(f"{label} ({s.family}: no attention bias to draw)" for label, s in skipped))
     what = {label: s.illustrate_() for label, s in drawn}  # table schemes start at 0: an illustrative table
@@ -226,6 +227,9 @@ def cmd_plot(args: argparse.Namespace) -> None:
         written.append(plot.plot_bias_curves([s for _, s in drawn], out / "bias_vs_distance.png",
                                              max_distance=args.max_plot_distance, title=title,
                                              names=[label for label, _ in drawn]))
+    if rotary:  # no bias to draw: what each pair's wavelength is, and what a scaling does to it
+        written.append(plot.plot_rotary_wavelengths([s for _, s in rotary], out / "rope_wavelengths.png",
+                                                    names=[label for label, _ in rotary]))
     for p in written:
         say(str(p))
 

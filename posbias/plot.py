@@ -1,4 +1,5 @@
-"""Pictures of the schemes: bucket maps, bias heatmaps, bias-versus-distance curves, T5 vs ALiBi.
+"""Pictures of the schemes: bucket maps, bias heatmaps, bias-versus-distance curves, T5 vs ALiBi, and
+the wavelengths of rotary schemes (what a long-context scaling does to each frequency pair).
 
 matplotlib is imported inside the functions (it is the ``plot`` extra); every function writes one
 PNG and returns its path.
@@ -211,6 +212,56 @@ def _shade_unseen(ax: Any, train_len: int, max_distance: int, both: bool) -> Non
     ax.axvspan(train_len, max_distance, color="grey", alpha=0.12, lw=0)
     if both:
         ax.axvspan(-max_distance, -train_len, color="grey", alpha=0.12, lw=0)
+
+
+def plot_rotary_wavelengths(schemes: Sequence[Scheme], path: str | Path, *, names: Sequence[str] | None = None) -> Path:
+    """The wavelength ``2π/θ'_k`` (tokens, log axis) of every frequency pair of each rotary scheme, with
+    plain RoPE of each base and head size as a dashed reference: where a scaling stretches a pair and by
+    how much (PI: all by the factor; NTK: the lowest by the factor, the highest not at all; YaRN: a ramp).
+    Dynamic NTK is drawn at a context of ``factor · train_len`` (:meth:`RoPE.describe`). A scheme's
+    ``train_len`` is a horizontal line: pairs above it turn less than once over the trained distances."""
+    from .schemes.rope import RoPE, rope_frequencies
+
+    plt = pyplot()
+    keep = [(names[n] if names else s.name, s) for n, s in enumerate(schemes) if isinstance(s, RoPE)]
+    if not keep:
+        raise ValueError("no rotary scheme to plot")
+    fig, (ax, stretch) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    plain_drawn, lens = set(), set()
+    colors = plt.get_cmap("tab10")
+    for n, (label, s) in enumerate(keep):
+        k = torch.arange(s.head_dim // 2)
+        plain = rope_frequencies(s.head_dim, s.base)
+        if (s.base, s.head_dim) not in plain_drawn:
+            plain_drawn.add((s.base, s.head_dim))
+            ax.plot(k.numpy(), (2 * torch.pi / plain).numpy(), "k--", lw=1,
+                    label=f"plain RoPE (base {s.base:g}, {s.head_dim // 2} pairs)")
+        if s.scaling is None and s.factor == 1.0:
+            continue
+        target = round(s.factor * s.train_len) if s.scaling and s.train_len else None
+        at = f" at {target} tokens" if s.scaling == "dynamic-ntk" else ""
+        used = s.effective_frequencies(target)
+        ax.plot(k.numpy(), (2 * torch.pi / used).numpy(), color=colors(n % 10), lw=1.6, label=f"{label}{at}")
+        stretch.plot(k.numpy(), (plain / used).numpy(), color=colors(n % 10), lw=1.6)
+        if s.train_len:
+            lens.add(s.train_len)
+    stretch.axhline(1.0, color="k", ls="--", lw=1)
+    stretch.set_xlabel("frequency pair k")
+    stretch.set_ylabel("stretch θ_k / θ′_k (1: the pair as trained)")
+    stretch.set_title("how much each pair is slowed")
+    stretch.grid(alpha=0.3)
+    for length in sorted(lens):
+        ax.axhline(length, color="grey", lw=0.8, ls=":")
+        ax.text(0, length, f" L = {length}: pairs above turn < once in training", fontsize=7, va="bottom",
+                color="dimgrey")
+    ax.set_yscale("log")
+    ax.set_xlabel("frequency pair k (θ_k = base^(−2k/d))")
+    ax.set_ylabel("wavelength 2π/θ′_k (tokens)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title("rotary wavelengths: what each scaling stretches")
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def plot_t5_vs_alibi(path: str | Path, *, length: int = 16, num_buckets: int = 8, max_distance: int = 12,

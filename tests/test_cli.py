@@ -231,10 +231,26 @@ def test_log_axis_has_plain_tick_labels(figures, tmp_path):
 
 
 def test_plot_skips_schemes_without_a_bias_and_says_so(tmp_path, capsys):
-    assert main(["plot", "--schemes", "rope", "nope", "--out", str(tmp_path)]) == 0
+    assert main(["plot", "--schemes", "sinusoidal", "nope", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "skipping rope (rotary: no attention bias to draw)" in out
+    assert "skipping sinusoidal (absolute: no attention bias to draw), nope (none: no attention bias to draw)" in out
     assert (tmp_path / "t5_bucket_map.png").exists() and not (tmp_path / "bias_vs_distance.png").exists()
+    assert not (tmp_path / "rope_wavelengths.png").exists()
+
+
+def test_plot_draws_what_a_rope_scaling_does_to_each_pair(tmp_path, capsys):
+    """Rotary labels have no bias to draw: ``rope_wavelengths.png`` shows each pair's wavelength and stretch."""
+    from posbias.plot import plot_rotary_wavelengths
+
+    argv = ["plot", "--schemes", "rope", "rope@scaling=yarn,factor=4,train_len=64", "rope@scaling=pi,factor=2",
+            "alibi", "--out", str(tmp_path), "--heads", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "skipping" not in out and str(tmp_path / "rope_wavelengths.png") in out
+    assert (tmp_path / "rope_wavelengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "heatmap_alibi.png").exists()
+    with pytest.raises(ValueError, match="no rotary scheme to plot"):
+        plot_rotary_wavelengths([build("alibi", n_heads=2, head_dim=8)], tmp_path / "x.png")
 
 
 def test_show_is_deterministic_and_prints_options(capsys):
