@@ -251,13 +251,21 @@ def _plot_checkpoints(paths: Sequence[str], out: Path, args: argparse.Namespace)
         seen[label] = seen.get(label, 0) + 1  # two folders of one name: "name", "name #2" (no file drawn over)
         drawn.append((label if seen[label] == 1 else f"{label} #{seen[label]}", s))
         trained[drawn[-1][0]] = length
-    skipped = [f"{label} ({s.name}: no attention bias to draw)" for label, s in drawn if s.family != "additive"]
+    skipped = [f"{label} ({s.name}: no attention bias to draw)" for label, s in drawn
+               if s.family not in ("additive", "rotary")]
+    rotary = [(label, s) for label, s in drawn if s.family == "rotary"]
     drawn = [(label, s) for label, s in drawn if s.family == "additive"]
     if skipped:
         say("skipping " + ", ".join(skipped))
-    if not drawn:
-        raise CLIError("none of these checkpoints has an attention bias to draw")
+    if not drawn and not rotary:
+        raise CLIError("none of these checkpoints has an attention bias or a rotation to draw")
     written = []
+    for label, s in rotary:
+        say(f"{label}: {s.name} ({s.extra_repr()}) — rotary, fixed: its wavelengths in rope_wavelengths.png")
+    if rotary:
+        written.append(plot.plot_rotary_wavelengths([s for _, s in rotary], out / "rope_wavelengths.png",
+                                                    names=[label for label, _ in rotary],
+                                                    trained=[trained[label] for label, _ in rotary]))
     for label, s in drawn:
         both = bool(getattr(s, "bidirectional", False))
         b = s.bias_by_distance(torch.arange(-args.max_plot_distance if both else 0, args.max_plot_distance + 1))
@@ -267,10 +275,11 @@ def _plot_checkpoints(paths: Sequence[str], out: Path, args: argparse.Namespace)
             + ("" if isinstance(s, ToeplitzScheme) else f" for a query at position {args.max_plot_distance}"))
         written.append(plot.plot_bias_heatmaps(s, out / f"heatmap_{_slug(label)}.png", length=args.length,
                                                causal=not both, note=f" — {label}"))
-    written.append(plot.plot_bias_curves([s for _, s in drawn], out / "learned_bias_vs_distance.png",
-                                         max_distance=args.max_plot_distance, names=[label for label, _ in drawn],
-                                         log_distance=True, title="learned positional biases",
-                                         trained=[trained[label] for label, _ in drawn]))
+    if drawn:
+        written.append(plot.plot_bias_curves([s for _, s in drawn], out / "learned_bias_vs_distance.png",
+                                             max_distance=args.max_plot_distance, names=[label for label, _ in drawn],
+                                             log_distance=True, title="learned positional biases",
+                                             trained=[trained[label] for label, _ in drawn]))
     maps = {(s.num_buckets, s.max_distance, s.bidirectional) for _, s in drawn if isinstance(s, T5Bias)}
     for nb, md, both in sorted(maps):
         written.append(plot.plot_bucket_map(out / f"t5_bucket_map_{nb}_{md}_{'bidirectional' if both else 'causal'}.png",

@@ -214,28 +214,36 @@ def _shade_unseen(ax: Any, train_len: int, max_distance: int, both: bool) -> Non
         ax.axvspan(-max_distance, -train_len, color="grey", alpha=0.12, lw=0)
 
 
-def plot_rotary_wavelengths(schemes: Sequence[Scheme], path: str | Path, *, names: Sequence[str] | None = None) -> Path:
+def plot_rotary_wavelengths(schemes: Sequence[Scheme], path: str | Path, *, names: Sequence[str] | None = None,
+                            trained: Sequence[int | None] | None = None) -> Path:
     """The wavelength ``2π/θ'_k`` (tokens, log axis) of every frequency pair of each rotary scheme, with
     plain RoPE of each base and head size as a dashed reference: where a scaling stretches a pair and by
     how much (PI: all by the factor; NTK: the lowest by the factor, the highest not at all; YaRN: a ramp).
     Dynamic NTK is drawn at a context of ``factor · train_len`` (:meth:`RoPE.describe`). A scheme's
-    ``train_len`` is a horizontal line: pairs above it turn less than once over the trained distances."""
+    ``train_len`` (or its length in ``trained``, one per scheme: a checkpoint's recorded L) is a horizontal
+    line: pairs above it turn less than once over the trained distances."""
     from .schemes.rope import RoPE, rope_frequencies
 
     plt = pyplot()
-    keep = [(names[n] if names else s.name, s) for n, s in enumerate(schemes) if isinstance(s, RoPE)]
+    keep = [(names[n] if names else s.name, s, trained[n] if trained else s.train_len)
+            for n, s in enumerate(schemes) if isinstance(s, RoPE)]
     if not keep:
         raise ValueError("no rotary scheme to plot")
     fig, (ax, stretch) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
     plain_drawn, lens = set(), set()
     colors = plt.get_cmap("tab10")
-    for n, (label, s) in enumerate(keep):
+    for n, (label, s, length) in enumerate(keep):
+        if length:
+            lens.add(length)
         k = torch.arange(s.head_dim // 2)
         plain = rope_frequencies(s.head_dim, s.base)
         if (s.base, s.head_dim) not in plain_drawn:
             plain_drawn.add((s.base, s.head_dim))
+            unscaled = [name for name, r, _ in keep if (r.base, r.head_dim) == (s.base, s.head_dim)
+                        and r.scaling is None and r.factor == 1.0]
             ax.plot(k.numpy(), (2 * torch.pi / plain).numpy(), "k--", lw=1,
-                    label=f"plain RoPE (base {s.base:g}, {s.head_dim // 2} pairs)")
+                    label=f"plain RoPE (base {s.base:g}, {s.head_dim // 2} pairs)"
+                          + (f": {', '.join(unscaled)}" if unscaled else ""))
         if s.scaling is None and s.factor == 1.0:
             continue
         target = round(s.factor * s.train_len) if s.scaling and s.train_len else None
@@ -243,8 +251,6 @@ def plot_rotary_wavelengths(schemes: Sequence[Scheme], path: str | Path, *, name
         used = s.effective_frequencies(target)
         ax.plot(k.numpy(), (2 * torch.pi / used).numpy(), color=colors(n % 10), lw=1.6, label=f"{label}{at}")
         stretch.plot(k.numpy(), (plain / used).numpy(), color=colors(n % 10), lw=1.6)
-        if s.train_len:
-            lens.add(s.train_len)
     stretch.axhline(1.0, color="k", ls="--", lw=1)
     stretch.set_xlabel("frequency pair k")
     stretch.set_ylabel("stretch θ_k / θ′_k (1: the pair as trained)")

@@ -634,15 +634,21 @@ def test_plot_checkpoint_draws_posbias_and_hf_models(tmp_path, capsys):
     ckpt.save_checkpoint(tmp_path / "rope-seed0-abc" / "final", TransformerLM(ModelConfig(scheme="rope", **tiny)))
     assert main(["plot", "--checkpoint", str(tmp_path / "rope-seed0-abc" / "final"), str(tmp_path / "tiny-t5"),
                  "--out", str(out / "3")]) == 0
-    assert "skipping rope-seed0-abc (rope: no attention bias to draw)" in capsys.readouterr().out
-    assert main(["plot", "--checkpoint", str(tmp_path / "rope-seed0-abc" / "final"), "--out", str(out / "4")]) == 2
-    assert "none of these checkpoints has an attention bias to draw" in capsys.readouterr().err
+    said = capsys.readouterr().out  # a rotary model has no bias: its wavelengths are drawn, with its L
+    assert "rope-seed0-abc: rope (" in said and "rotary, fixed: its wavelengths in rope_wavelengths.png" in said
+    assert (out / "3" / "rope_wavelengths.png").exists() and (out / "3" / "learned_bias_vs_distance.png").exists()
+    assert main(["plot", "--checkpoint", str(tmp_path / "rope-seed0-abc" / "final"), "--out", str(out / "4")]) == 0
+    assert {p.name for p in (out / "4").glob("*.png")} == {"rope_wavelengths.png"}
+    ckpt.save_checkpoint(tmp_path / "nope" / "final", TransformerLM(ModelConfig(scheme="nope", **tiny)))
+    assert main(["plot", "--checkpoint", str(tmp_path / "nope" / "final"), "--out", str(out / "4b")]) == 2
+    assert "none of these checkpoints has an attention bias or a rotation to draw" in capsys.readouterr().err
     # a model folder (its final/) and a folder of model folders (a study's) are read as diagnose reads them
     assert main(["plot", "--checkpoint", str(tmp_path / "t5-seed0-abc"), "--out", str(out / "5")]) == 0
     assert (out / "5" / "heatmap_t5-seed0-abc.png").exists()
     assert main(["plot", "--checkpoint", str(tmp_path), "--out", str(out / "6")]) == 0
     said = capsys.readouterr().out
-    assert "skipping rope-seed0-abc (rope: no attention bias to draw)" in said and "t5-seed0-abc: t5 (" in said
+    assert "skipping nope (nope: no attention bias to draw)" in said and "t5-seed0-abc: t5 (" in said
+    assert "rope-seed0-abc: rope (" in said and (out / "6" / "rope_wavelengths.png").exists()
     (tmp_path / "empty").mkdir()
     assert main(["plot", "--checkpoint", str(tmp_path / "empty"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
