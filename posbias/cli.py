@@ -195,6 +195,15 @@ def add_plot_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from . import plot
 
+    if not args.checkpoint:  # the bucket maps' settings (causal and bidirectional), before anything is drawn
+        from .schemes.t5 import check_t5
+
+        for both in (False, True):
+            try:
+                check_t5(args.num_buckets, args.max_distance, both)
+            except ValueError as exc:  # (plot has no --bidirectional: it draws both maps)
+                raise CLIError(str(_scheme_error("t5", exc)).replace("--bidirectional needs",
+                                                                     "the bidirectional map needs")) from None
     out = store.check_out_dir(args.out)
     if args.checkpoint:
         return _plot_checkpoints(args.checkpoint, out, args)
