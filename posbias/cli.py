@@ -104,6 +104,10 @@ def add_show_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--heads", type=int, default=8, help="attention heads")
         p.add_argument("--head-dim", type=int, default=64, help="head dimension")
         p.add_argument("--seed", type=int, default=0, help="seed of a learnable scheme's initial values")
+        if cls.family == "additive":
+            p.add_argument("--offsets", type=int, nargs="+", metavar="I-J",
+                           help="the bias each head adds at these offsets i − j" + (
+                               " and the bucket each falls in (which offsets share a parameter)" if name == "t5" else ""))
         for key, spec in option_specs(cls).items():
             kind = {"nargs": "?", "const": True} if spec.kind is bool else {}
             p.add_argument(_flag(key), dest=f"opt_{key}", metavar=key.upper(), default=None,
@@ -162,6 +166,9 @@ def cmd_show(args: argparse.Namespace) -> None:
     say(f"  paper: {scheme.paper}")
     for line in scheme.describe():
         say("  " + line)
+    if getattr(args, "offsets", None):
+        for line in scheme.at_offsets(args.offsets):
+            say("  " + line)
     if scheme.family == "additive" and not isinstance(scheme, ToeplitzScheme):
         say("  (this bias reads the query's own position too: the row is for one query at the largest distance shown)")
 
@@ -880,6 +887,10 @@ def _main(argv: list[str]) -> int:
             argv = _show_label_as_flags(argv)
         args, extra = parser.parse_known_args(argv)
         if extra:
+            if command == "show" and "--offsets" in extra:
+                cls = get_scheme_class(args.scheme)
+                raise CLIError(f"--offsets needs a scheme with an attention bias; {args.scheme!r} is {cls.family!r} "
+                               f"(`posbias show {args.scheme}` tabulates what it has)")
             if command == "show":
                 valid = ", ".join(_flag(k) for k in option_specs(get_scheme_class(args.scheme))) or "none"
                 raise CLIError(f"scheme {args.scheme!r} has no option {extra[0]}; valid: {valid}")

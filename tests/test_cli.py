@@ -318,6 +318,32 @@ def test_show_sinusoidal_tabulates_the_similarity_of_positions_by_distance(capsy
     assert sim[0] == 1.0 and sim == [pytest.approx(float(emb[0] @ emb[d]) / 16, abs=6e-4) for d in dist]
 
 
+def test_show_offsets_gives_the_bucket_and_bias_of_each_offset(capsys):
+    """The concept card's example: with logarithmic buckets, offsets 500 and 510 share one learned
+    scalar while 10 and 20 have their own; ``--offsets`` says which bucket (and region) each falls in, and
+    every scheme's bias per head there (ALiBi: −m_h · (i − j))."""
+    from posbias import alibi_slopes, t5_bucket
+
+    assert main(["show", "t5", "--heads", "2", "--offsets", "10", "20", "500", "510"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {int(line.split()[0]): line.split()[1:3] for line in lines if line.strip()[:1].isdigit() and "  " in line
+            and len(line.split()) == 5}
+    want = t5_bucket(torch.tensor([10, 20, 500, 510])).tolist()
+    assert {d: int(r[0]) for d, r in rows.items()} == dict(zip([10, 20, 500, 510], want)) and want[2] == want[3] == 31
+    assert [rows[d][1] for d in (10, 20, 500)] == ["one-to-one", "log", "final"]
+    assert any("offsets 500, 510 share bucket 31" in line for line in lines)
+    assert not any("share bucket 10" in line or "share bucket 17" in line for line in lines)
+    assert main(["show", "alibi", "--heads", "2", "--offsets", "0", "100", "-4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = {int(line.split()[0]): [float(x) for x in line.split()[1:]] for line in out[out.index(
+        next(line for line in out if "bias at the offsets" in line)) + 2:] if line.strip()[:1] in "-0123456789"}
+    m = alibi_slopes(2).tolist()
+    assert at[100] == [pytest.approx(-x * 100, abs=1e-3) for x in m] and at[0] == [0.0, 0.0]
+    assert any("offsets < 0: keys after the query (j > i), hidden in causal attention" in line for line in out)
+    assert main(["show", "rope", "--offsets", "3"]) == 2
+    assert "--offsets needs a scheme with an attention bias; 'rope' is 'rotary'" in capsys.readouterr().err
+
+
 def test_show_says_which_query_a_position_dependent_bias_is_tabulated_for(capsys):
     """FIRE's bias reads the query's position: its table is for one query (at the largest distance), and
     says so; a Toeplitz bias's table holds for every query and says nothing of the kind."""

@@ -239,6 +239,32 @@ class Scheme(nn.Module):
                  "head " + "".join(f"{d:>9}" for d in dist)]
         return lines + [f"{h:>4} " + "".join(f"{x + 0.0:>9.3f}" for x in b[h].tolist()) for h in range(b.shape[0])]
 
+    def at_offsets(self, offsets: list[int]) -> list[str]:
+        """Lines ``posbias show --offsets`` prints: the bias each head adds at these offsets ``i − j`` (one
+        query, at the largest of them, for a bias that reads the query's position)."""
+        if self.family != "additive":
+            raise ValueError(f"--offsets needs a scheme with an attention bias; {self.name!r} is {self.family!r}")
+        b = self.bias_by_distance(torch.tensor(offsets))
+        heads = b.shape[0]
+        where = "" if self.toeplitz else f", for one query at position {max(offsets)}"
+        lines = [f"bias at the offsets asked for{where} (rows: offsets i-j; columns: heads)",
+                 f"{'offset':>8}" + self._offset_header() + "".join(f"{'head ' + str(h):>10}" for h in range(heads))]
+        for n, d in enumerate(offsets):
+            lines.append(f"{d:>8}" + self._offset_cell(d) + "".join(f"{b[h, n].item() + 0.0:>10.3f}" for h in range(heads)))
+        if any(d < 0 for d in offsets) and not (getattr(self, "bidirectional", False) or getattr(self, "symmetric", False)):
+            lines.append("offsets < 0: keys after the query (j > i), hidden in causal attention")
+        return lines + self._offset_notes(offsets)
+
+    def _offset_header(self) -> str:
+        """Extra columns of :meth:`at_offsets` before the heads (T5: the bucket)."""
+        return ""
+
+    def _offset_cell(self, offset: int) -> str:
+        return ""
+
+    def _offset_notes(self, offsets: list[int]) -> list[str]:
+        return []
+
     def illustrate_(self) -> str:
         """Prepare the scheme for a picture and say what the picture shows: ``"fixed"``, or
         ``"at initialisation"`` for learnable schemes. Table schemes, whose tables start at 0,

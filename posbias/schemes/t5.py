@@ -185,6 +185,35 @@ class T5Bias(ToeplitzScheme):
             lines.append(f"{bucket:>6}  {rng}" + ("" if hi is None else f"  ({hi - lo + 1})"))
         return lines
 
+    def _bucket(self, offset: int) -> int:
+        return int(t5_bucket(torch.tensor(offset), num_buckets=self.num_buckets, max_distance=self.max_distance,
+                             bidirectional=self.bidirectional))
+
+    def _offset_header(self) -> str:
+        return f"{'bucket':>8}  {'region':<11}"
+
+    def _offset_cell(self, offset: int) -> str:
+        per_dir = self.num_buckets // 2 if self.bidirectional else self.num_buckets
+        if offset < 0 and not self.bidirectional:
+            region = "(masked)"
+        elif abs(offset) < per_dir // 2:
+            region = "one-to-one"
+        elif abs(offset) >= self.flat_beyond:
+            region = "final"
+        else:
+            region = "log"
+        return f"{self._bucket(offset):>8}  {region:<11}"
+
+    def _offset_notes(self, offsets: list[int]) -> list[str]:
+        shared: dict[int, list[int]] = {}
+        for d in dict.fromkeys(offsets):
+            shared.setdefault(self._bucket(d), []).append(d)
+        notes = [f"offsets {', '.join(map(str, ds))} share bucket {b}: one learned scalar per head for all of them"
+                 for b, ds in shared.items() if len(ds) > 1]
+        if not bool(self.table.detach().any()):
+            notes.append("(the table starts at 0: training learns its values)")
+        return notes
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_buckets={self.num_buckets}, "
                 f"max_distance={self.max_distance}, bidirectional={self.bidirectional}")
