@@ -96,7 +96,9 @@ def add_show_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("show", help="a scheme's parameters; for t5 the bucket table",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Scheme options follow as flags, e.g. posbias show t5 --num-buckets 32 "
-                                   "--max-distance 128.", epilog="scheme options:\n" + options)
+                                   "--max-distance 128, or as a label, posbias show t5@max_distance=128. "
+                                   "--offsets 10 20 500 adds the bias of each head at those offsets i − j "
+                                   "(T5: and the bucket of each).", epilog="scheme options:\n" + options)
     per_scheme = s.add_subparsers(dest="scheme", metavar="SCHEME", required=True,
                                   help="a registered scheme name (see `posbias list`)")
     for name, cls in SCHEMES.items():
