@@ -235,8 +235,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
                              max_distance=args.max_distance, bidirectional=True),
         plot.plot_t5_vs_alibi(out / "t5_vs_alibi.png"),
     ]
-    for label, s in drawn:
-        both = bool(getattr(s, "bidirectional", False))
+    for label, s in drawn:  # an encoder's bias (bidirectional T5 or offset, symmetric ALiBi) drawn whole
+        both = bool(getattr(s, "bidirectional", False) or getattr(s, "symmetric", False))
         written.append(plot.plot_bias_heatmaps(s, out / f"heatmap_{_slug(label)}.png", length=args.length,
                                                causal=not both,
                                                note=f" — {what[label]}" + ("" if label == s.name else f" ({label})")))
