@@ -240,11 +240,11 @@ def plot_rotary_wavelengths(schemes: Sequence[Scheme], path: str | Path, *, name
         if (s.base, s.head_dim) not in plain_drawn:
             plain_drawn.add((s.base, s.head_dim))
             unscaled = [name for name, r, _ in keep if (r.base, r.head_dim) == (s.base, s.head_dim)
-                        and r.scaling is None and r.factor == 1.0]
+                        and r.scaling is None]
             ax.plot(k.numpy(), (2 * torch.pi / plain).numpy(), "k--", lw=1,
                     label=f"plain RoPE (base {s.base:g}, {s.head_dim // 2} pairs)"
                           + (f": {', '.join(unscaled)}" if unscaled else ""))
-        if s.scaling is None and s.factor == 1.0:
+        if s.scaling is None:  # (factor does nothing without a scaling): the plain line, which names it
             continue
         target = round(s.factor * s.train_len) if s.scaling and s.train_len else None
         at = f" at {target} tokens" if s.scaling == "dynamic-ntk" else ""
