@@ -110,6 +110,10 @@ def add_show_parsers(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--offsets", type=int, nargs="+", metavar="I-J",
                            help="the bias each head adds at these offsets i − j" + (
                                " and the bucket each falls in (which offsets share a parameter)" if name == "t5" else ""))
+        if cls.family == "additive" and not cls.toeplitz:
+            p.add_argument("--query-pos", type=int, metavar="I",
+                           help="the query position the tables are for (this bias reads it: FIRE's progressive "
+                                "interpolation; default the largest distance shown)")
         for key, spec in option_specs(cls).items():
             kind = {"nargs": "?", "const": True} if spec.kind is bool else {}
             p.add_argument(_flag(key), dest=f"opt_{key}", metavar=key.upper(), default=None,
@@ -153,6 +157,12 @@ def _scheme_error(name: str, exc: ValueError) -> CLIError:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
+    at = getattr(args, "query_pos", None)
+    if at is not None and at < 0:
+        raise CLIError(f"--query-pos must be a position >= 0, got {at}")
+    if at is not None and getattr(args, "offsets", None) and max(args.offsets) > at:
+        raise CLIError(f"--offsets {max(args.offsets)} puts the key before position 0 for a query at --query-pos {at}; "
+                       f"give offsets up to {at}")
     specs = option_specs(get_scheme_class(args.scheme))
     options = {k: getattr(args, f"opt_{k}") for k in specs if getattr(args, f"opt_{k}") is not None}
     torch.manual_seed(args.seed)  # learnable schemes (KERPLE, FIRE) draw their initial values
@@ -166,13 +176,14 @@ def cmd_show(args: argparse.Namespace) -> None:
     say("  options in use: " + (", ".join(f"{k}={v}" for k, v in used.items()) or "none")
         + (f"; initialised with --seed {args.seed}" if scheme.learnable else ""))
     say(f"  paper: {scheme.paper}")
-    for line in scheme.describe():
+    for line in scheme.describe(query_pos=at):
         say("  " + line)
     if getattr(args, "offsets", None):
-        for line in scheme.at_offsets(args.offsets):
+        for line in scheme.at_offsets(args.offsets, query_pos=at):
             say("  " + line)
-    if scheme.family == "additive" and not isinstance(scheme, ToeplitzScheme):
-        say("  (this bias reads the query's own position too: the row is for one query at the largest distance shown)")
+    if scheme.family == "additive" and not isinstance(scheme, ToeplitzScheme) and at is None:
+        say("  (this bias reads the query's own position too: each row is for one query at the largest distance "
+            "shown; --query-pos moves it)")
 
 
 # -- plot -------------------------------------------------------------------------------------
@@ -893,6 +904,10 @@ def _main(argv: list[str]) -> int:
                 cls = get_scheme_class(args.scheme)
                 raise CLIError(f"--offsets needs a scheme with an attention bias; {args.scheme!r} is {cls.family!r} "
                                f"(`posbias show {args.scheme}` tabulates what it has)")
+            if command == "show" and "--query-pos" in extra:
+                raise CLIError(f"--query-pos is for a bias that reads the query's position (fire); {args.scheme!r} "
+                               "depends on i − j alone" if get_scheme_class(args.scheme).toeplitz else
+                               f"--query-pos is for a bias that reads the query's position; {args.scheme!r} has none")
             if command == "show":
                 valid = ", ".join(_flag(k) for k in option_specs(get_scheme_class(args.scheme))) or "none"
                 raise CLIError(f"scheme {args.scheme!r} has no option {extra[0]}; valid: {valid}")

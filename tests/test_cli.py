@@ -47,6 +47,9 @@ def test_bucket_table_worked_example():
     (["show", "t5@max_distance=64", "--max-distance", "32"], "--max-distance is given twice: in 't5@max_distance=64'"),
     (["show", "t5@max_distance=8"], "--max-distance must be >= 17, got 8"),
     (["show", "t5@"], "has '@' but no KEY=VALUE"),
+    (["show", "fire", "--query-pos", "5", "--offsets", "10"], "--offsets 10 puts the key before position 0"),
+    (["show", "fire", "--query-pos", "-1"], "--query-pos must be a position >= 0, got -1"),
+    (["show", "t5", "--query-pos", "5"], "'t5' depends on i − j alone"),
     (["extrapolate", "--scheme-option", "t5.max_distance=64", "--scheme-option", "t5.max_distance=32"],
      "--scheme-option: scheme 't5': option max_distance is given twice (64 and '32')"),
     (["extrapolate", "--schemes", "t5@max_distance=64,max_distance=32"], "option max_distance is given twice"),
@@ -344,12 +347,31 @@ def test_show_offsets_gives_the_bucket_and_bias_of_each_offset(capsys):
     assert "--offsets needs a scheme with an attention bias; 'rope' is 'rotary'" in capsys.readouterr().err
 
 
+def test_show_fire_at_a_query_position_shows_progressive_interpolation(capsys):
+    """``--query-pos``: FIRE's bias at an offset is the same for every query below its threshold L (512
+    at initialisation), and moves past it (ψ(i − j) / ψ(max(L, i))); the table is the scheme's own bias."""
+    def at(query):
+        assert main(["show", "fire", "--heads", "2", "--query-pos", str(query), "--offsets", "0", "10", "100"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        start = next(n for n, line in enumerate(lines) if "bias at the offsets" in line)
+        assert f"for one query at position {query}" in lines[start]
+        return [[float(x) for x in line.split()[1:]] for line in lines[start + 2:start + 5]]
+
+    torch.manual_seed(0)
+    fire = build("fire", n_heads=2, head_dim=64)
+    with torch.no_grad():
+        want = fire.bias(torch.tensor([10000]), 10000 - torch.tensor([0, 10, 100]))[:, 0].T.tolist()
+    assert at(10000) == [[pytest.approx(x, abs=1e-3) for x in row] for row in want]
+    assert at(100) == at(400) != at(10000)
+
+
 def test_show_says_which_query_a_position_dependent_bias_is_tabulated_for(capsys):
     """FIRE's bias reads the query's position: its table is for one query (at the largest distance), and
     says so; a Toeplitz bias's table holds for every query and says nothing of the kind."""
     assert main(["show", "fire", "--heads", "2"]) == 0
     fire = capsys.readouterr().out
-    assert "reads the query's own position too: the row is for one query at the largest distance shown" in fire
+    assert "reads the query's own position too: each row is for one query at the largest distance shown; " \
+           "--query-pos moves it" in fire
     from posbias import build
 
     torch.manual_seed(0)

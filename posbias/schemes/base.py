@@ -229,24 +229,31 @@ class Scheme(nn.Module):
             i = int(distances.max()) if query_pos is None else int(query_pos)
             return self.bias(torch.tensor([i]), i - distances)[:, 0, :].float()
 
-    def describe(self) -> list[str]:
-        """Lines ``posbias show`` prints after the header: by default the bias by distance per head."""
+    def describe(self, query_pos: int | None = None) -> list[str]:
+        """Lines ``posbias show`` prints after the header: by default the bias by distance per head, for a
+        bias that reads the query's position too at ``query_pos`` (default: the largest distance shown;
+        distances past it would put keys before position 0 and are left out)."""
         if self.family != "additive":
             return [f"family {self.family!r}: no attention bias to tabulate"]
-        dist = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
-        b = self.bias_by_distance(torch.tensor(dist))
-        lines = ["bias by distance i-j (rows: heads)" + (" — learnable, values at initialisation" if self.learnable else ""),
+        dist = [d for d in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if query_pos is None or d <= query_pos]
+        b = self.bias_by_distance(torch.tensor(dist), query_pos=query_pos)
+        at = "" if query_pos is None or self.toeplitz else f", query at position {query_pos}"
+        lines = [f"bias by distance i-j (rows: heads{at})"
+                 + (" — learnable, values at initialisation" if self.learnable else ""),
                  "head " + "".join(f"{d:>9}" for d in dist)]
         return lines + [f"{h:>4} " + "".join(f"{x + 0.0:>9.3f}" for x in b[h].tolist()) for h in range(b.shape[0])]
 
-    def at_offsets(self, offsets: list[int]) -> list[str]:
-        """Lines ``posbias show --offsets`` prints: the bias each head adds at these offsets ``i − j`` (one
-        query, at the largest of them, for a bias that reads the query's position)."""
+    def at_offsets(self, offsets: list[int], query_pos: int | None = None) -> list[str]:
+        """Lines ``posbias show --offsets`` prints: the bias each head adds at these offsets ``i − j`` (for a
+        bias that reads the query's position, one query at ``query_pos``, default the largest offset)."""
         if self.family != "additive":
             raise ValueError(f"--offsets needs a scheme with an attention bias; {self.name!r} is {self.family!r}")
-        b = self.bias_by_distance(torch.tensor(offsets))
+        if query_pos is not None and max(offsets) > query_pos:
+            raise ValueError(f"--offsets {max(offsets)} puts the key before position 0 for a query at --query-pos "
+                             f"{query_pos}; give offsets up to {query_pos}")
+        b = self.bias_by_distance(torch.tensor(offsets), query_pos=query_pos)
         heads = b.shape[0]
-        where = "" if self.toeplitz else f", for one query at position {max(offsets)}"
+        where = "" if self.toeplitz else f", for one query at position {max(offsets) if query_pos is None else query_pos}"
         lines = [f"bias at the offsets asked for{where} (rows: offsets i-j; columns: heads)",
                  f"{'offset':>8}" + self._offset_header() + "".join(f"{'head ' + str(h):>10}" for h in range(heads))]
         for n, d in enumerate(offsets):

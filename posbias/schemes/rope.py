@@ -125,7 +125,7 @@ class RoPE(Scheme):
         with PI's position factor folded in (PI divides the positions, the same as dividing θ_k)."""
         return self.inv_frequencies(context_len).double() / (self.factor if self.scaling == "pi" else 1.0)
 
-    def describe(self) -> list[str]:
+    def describe(self, query_pos: int | None = None) -> list[str]:
         """``posbias show rope``: per frequency pair its θ_k and wavelength, with a scaling the scaled ones
         and how much each is stretched, and with ``train_len`` the turns each makes within it (a pair
         under one turn meets angles past L that no distance of training gave it)."""

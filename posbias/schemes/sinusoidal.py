@@ -30,7 +30,7 @@ class Sinusoidal(Scheme):
         out = torch.stack([ang.sin(), ang.cos()], dim=-1).reshape(len(pos), dim)
         return out.float()
 
-    def describe(self) -> list[str]:
+    def describe(self, query_pos: int | None = None) -> list[str]:
         """``posbias show sinusoidal``: the wavelengths of the embedding's pairs and what attention can read
         of position from it, the similarity ``PE(i)·PE(j)/(d/2) = mean_k cos(ω_k (i − j))``, which
         depends on ``i − j`` alone, by distance."""

@@ -172,7 +172,7 @@ class T5Bias(ToeplitzScheme):
     def illustrate_(self) -> str:
         return illustrative_table_(self.table)
 
-    def describe(self) -> list[str]:
+    def describe(self, query_pos: int | None = None) -> list[str]:
         """The bucket table: which offsets share each learned scalar (the causal direction)."""
         n, per_dir = self.num_buckets, self.num_buckets // 2 if self.bidirectional else self.num_buckets
         lines = [f"{n} buckets (n_b + 1 = {n}, so n_b = {n - 1}); one-to-one for offsets < {per_dir // 2}; "
