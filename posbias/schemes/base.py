@@ -254,10 +254,13 @@ class Scheme(nn.Module):
         b = self.bias_by_distance(torch.tensor(offsets), query_pos=query_pos)
         heads = b.shape[0]
         where = "" if self.toeplitz else f", for one query at position {max(offsets) if query_pos is None else query_pos}"
+        cells = [[f"{b[h, n].item() + 0.0:.3f}" for h in range(heads)] for n in range(len(offsets))]
+        wide = max(10, 2 + max(len(c) for row in cells for c in row))  # columns apart at any magnitude
+        first = max(8, 2 + max(len(str(d)) for d in offsets))
         lines = [f"bias at the offsets asked for{where} (rows: offsets i-j; columns: heads)",
-                 f"{'offset':>8}" + self._offset_header() + "".join(f"{'head ' + str(h):>10}" for h in range(heads))]
-        for n, d in enumerate(offsets):
-            lines.append(f"{d:>8}" + self._offset_cell(d) + "".join(f"{b[h, n].item() + 0.0:>10.3f}" for h in range(heads)))
+                 f"{'offset':>{first}}" + self._offset_header() + "".join(f"{'head ' + str(h):>{wide}}" for h in range(heads))]
+        for d, row in zip(offsets, cells):
+            lines.append(f"{d:>{first}}" + self._offset_cell(d) + "".join(f"{c:>{wide}}" for c in row))
         if any(d < 0 for d in offsets) and not (getattr(self, "bidirectional", False) or getattr(self, "symmetric", False)):
             lines.append("offsets < 0: keys after the query (j > i), hidden in causal attention")
         return lines + self._offset_notes(offsets)
