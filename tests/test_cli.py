@@ -345,6 +345,14 @@ def test_show_offsets_gives_the_bucket_and_bias_of_each_offset(capsys):
     assert any("offsets < 0: keys after the query (j > i), hidden in causal attention" in line for line in out)
     assert main(["show", "rope", "--offsets", "3"]) == 2
     assert "--offsets needs a scheme with an attention bias; 'rope' is 'rotary'" in capsys.readouterr().err
+    # the per-offset table: the entry each offset reads; clipped, every offset >= D reads entry D, unclipped none
+    for clip, want in (("true", {3: ["3", "its", "own"], 16: ["16", "clipped"], 500: ["16", "clipped"]}),
+                       ("false", {3: ["3", "its", "own"], 16: ["16", "its", "own"], 500: ["-", "none:", "bias", "0"]})):
+        assert main(["show", "offset", "--heads", "1", "--max-distance", "16", "--clip", clip,
+                     "--offsets", "3", "16", "500"]) == 0
+        rows = {int(line.split()[0]): line.split()[1:-1] for line in capsys.readouterr().out.splitlines()
+                if line.split()[:1] in (["3"], ["16"], ["500"]) and len(line.split()) > 2}
+        assert rows == want, (clip, rows)
 
 
 def test_show_fire_at_a_query_position_shows_progressive_interpolation(capsys):

@@ -76,5 +76,25 @@ class OffsetBias(ToeplitzScheme):
             out = out * inside.unsqueeze(-1)
         return out.movedim(-1, 0)
 
+    def _offset_header(self) -> str:
+        return f"{'entry':>7}  {'':<17}"
+
+    def _offset_cell(self, offset: int) -> str:
+        """The table entry an offset reads, and whether it is its own, the clipped one, or none (0)."""
+        idx, inside = (int(t) for t in self.index(torch.tensor(offset)))
+        if offset < 0 and not self.bidirectional:
+            return f"{idx:>7}  {'(masked)':<17}"
+        if not inside and not self.clip:
+            return f"{'-':>7}  {'none: bias 0':<17}"
+        shared = self.clip and abs(offset) >= self.max_distance  # entry D serves every offset >= D
+        return f"{idx:>7}  {'clipped' if shared else 'its own':<17}"
+
+    def _offset_notes(self, offsets: list[int]) -> list[str]:
+        notes = [f"clipped: entry {self.max_distance} serves every offset >= {self.max_distance}"] if self.clip and any(
+            abs(d) >= self.max_distance for d in offsets) else []
+        if not bool(self.table.detach().any()):
+            notes.append("(the table starts at 0: training learns its values)")
+        return notes
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, max_distance={self.max_distance}, bidirectional={self.bidirectional}, clip={self.clip}"
