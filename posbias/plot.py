@@ -225,7 +225,7 @@ def plot_rotary_wavelengths(schemes: Sequence[Scheme], path: str | Path, *, name
     from .schemes.rope import RoPE, rope_frequencies
 
     plt = pyplot()
-    keep = [(names[n] if names else s.name, s, trained[n] if trained else s.train_len)
+    keep = [(names[n] if names else s.name, s, (trained[n] if trained else None) or s.train_len)
             for n, s in enumerate(schemes) if isinstance(s, RoPE)]
     if not keep:
         raise ValueError("no rotary scheme to plot")
@@ -241,7 +241,8 @@ def plot_rotary_wavelengths(schemes: Sequence[Scheme], path: str | Path, *, name
             plain_drawn.add((s.base, s.head_dim))
             unscaled = [name for name, r, _ in keep if (r.base, r.head_dim) == (s.base, s.head_dim)
                         and r.scaling is None]
-            ax.plot(k.numpy(), (2 * torch.pi / plain).numpy(), "k--", lw=1,
+            ax.plot(k.numpy(), (2 * torch.pi / plain).numpy(), color="k", lw=1,
+                    ls=("--", ":", "-.", (0, (5, 1, 1, 1)))[(len(plain_drawn) - 1) % 4],
                     label=f"plain RoPE (base {s.base:g}, {s.head_dim // 2} pairs)"
                           + (f": {', '.join(unscaled)}" if unscaled else ""))
         if s.scaling is None:  # (factor does nothing without a scaling): the plain line, which names it

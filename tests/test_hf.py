@@ -657,6 +657,62 @@ def test_plot_checkpoint_draws_posbias_and_hf_models(tmp_path, capsys):
     assert "not allowed with" in capsys.readouterr().err
 
 
+def test_rotary_models_are_read_from_their_config_exactly_or_refused(tmp_path, capsys):
+    """Any model with rope parameters (here Llama, Qwen2, Phi, Gemma 3, saved without weights): its base,
+    rotated dimensions and scaling as a posbias RoPE whose frequencies and attention factor are
+    transformers' own (linear → PI, dynamic → dynamic NTK, yarn → YaRN); what posbias cannot reproduce
+    exactly (llama3, YaRN with other betas or without truncation) is refused, naming it."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from posbias.cli import main
+    from posbias.integrations.hf import rope_from_hf, schemes_from_pretrained
+
+    small = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64, vocab_size=100,
+                 max_position_embeddings=4096)
+    cases = {"plain": None, "linear": {"rope_type": "linear", "factor": 4.0},
+             "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+             "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}}
+    for name, rs in cases.items():
+        config = transformers.LlamaConfig(**small, **({"rope_scaling": rs} if rs else {}))
+        config.save_pretrained(tmp_path / name)
+        (scheme,) = schemes_from_pretrained(tmp_path / name).values()
+        assert (scheme.head_dim, scheme.n_heads, scheme.scaling) == (16, 4, {"plain": None, "linear": "pi", "dynamic":
+                                                                            "dynamic-ntk", "yarn": "yarn"}[name])
+        if rs:  # transformers' frequencies (dynamic NTK at twice its length) and attention factor
+            context = 8192 if name == "dynamic" else None
+            inv, factor = ROPE_INIT_FUNCTIONS[rs["rope_type"]](config, "cpu", context)
+            torch.testing.assert_close(scheme.effective_frequencies(context).float(), inv.float(), rtol=1e-5, atol=0)
+            assert scheme.attention_factor == pytest.approx(factor, abs=1e-6)
+    assert schemes_from_pretrained(tmp_path / "yarn")[""].train_len == 1024
+    qwen = transformers.Qwen2Config(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+                                    intermediate_size=64, vocab_size=100, max_position_embeddings=131072,
+                                    rope_theta=1e6, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                                  "original_max_position_embeddings": 32768})
+    assert rope_from_hf(qwen)[""].extra_repr().endswith("base=1000000.0, layout='half', scaling='yarn', factor=4.0, "
+                                                        "train_len=32768")
+    phi = transformers.PhiConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64,
+                                 vocab_size=100, partial_rotary_factor=0.5)
+    assert rope_from_hf(phi)[""].head_dim == 8  # only the rotated half of each head
+    gemma = transformers.Gemma3TextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                          num_hidden_layers=2, intermediate_size=64, vocab_size=100)
+    assert {k: v.base for k, v in rope_from_hf(gemma).items()} == {"full_attention": 1e6, "sliding_attention": 1e4}
+    for bad, why in (({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 1024}, "rope_type 'llama3' has no exact equivalent"),
+                     ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "beta_fast": 16},
+                      "gives other frequencies or attention factor in transformers"),
+                     ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "truncate": False},
+                      "gives other frequencies or attention factor in transformers")):
+        with pytest.raises(ValueError, match=why):
+            rope_from_hf(transformers.LlamaConfig(**small, rope_scaling=bad))
+    # plot --checkpoint draws them (config.json alone: nothing else is read)
+    assert main(["plot", "--checkpoint", str(tmp_path / "yarn"), str(tmp_path / "plain"), "--out",
+                 str(tmp_path / "plots")]) == 0
+    said = capsys.readouterr().out
+    assert "yarn: rope (n_heads=4, head_dim=16, base=10000.0, layout='half', scaling='yarn', factor=4.0, " \
+           "train_len=1024) — rotary" in said
+    assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {"rope_wavelengths.png"}
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="model_type"):
         scheme_from_hf(transformers.GPT2Config())

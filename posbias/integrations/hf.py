@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..attention import BACKENDS, attention
 from ..schemes.alibi import ALiBi
+from ..schemes.rope import RoPE
 from ..schemes.t5 import T5Bias
 
 __all__ = ["scheme_from_hf", "schemes_from_pretrained", "t5_to_hf", "accelerate", "restore", "ATTN_IMPLEMENTATION"]
@@ -130,16 +131,68 @@ def scheme_from_hf(config: Any, weight: Tensor | None = None, *, decoder: bool |
     raise ValueError(f"model_type {kind!r} is not supported; supported: {', '.join(T5_FAMILY + ALIBI_FAMILY)}")
 
 
+# transformers' rope_type → posbias's RoPE scaling (the others — llama3, longrope, … — have no exact equivalent)
+ROPE_TYPES = {"default": None, "linear": "pi", "dynamic": "dynamic-ntk", "yarn": "yarn"}
+
+
+def rope_from_hf(config: Any) -> dict[str, RoPE]:
+    """The rotary embedding of a ``transformers`` config as posbias :class:`RoPE` schemes, one per layer
+    type (``{"": …}``, or ``{"full_attention": …, "sliding_attention": …}`` where the config gives each its
+    own parameters): base ``rope_theta``, the rotated dimensions (``head_dim`` × ``partial_rotary_factor``)
+    and the scaling (``linear`` → PI, ``dynamic`` → dynamic NTK from ``max_position_embeddings``, ``yarn``
+    → YaRN from ``original_max_position_embeddings``). Each is checked against ``transformers``' own
+    frequencies and attention factor (dynamic NTK at twice its length): a configuration posbias cannot
+    reproduce exactly (another rope type, YaRN's ``beta_fast``/``mscale``/``truncate`` options) is a
+    ValueError naming it, never an approximation."""
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict) or not params:
+        raise ValueError(f"model_type {getattr(config, 'model_type', None)!r} has no rope parameters")
+    groups = params if all(isinstance(v, dict) for v in params.values()) else {"": params}
+    return {layer: _rope_of(config, p, layer) for layer, p in groups.items()}
+
+
+def _rope_of(config: Any, p: dict, layer: str) -> RoPE:
+    kind = p.get("rope_type", p.get("type", "default"))
+    where = f" ({layer})" if layer else ""
+    if kind not in ROPE_TYPES:
+        known = ", ".join(f"{k} → {v or 'plain'}" for k, v in ROPE_TYPES.items())
+        raise ValueError(f"rope_type {kind!r}{where} has no exact equivalent in posbias (it has {known})")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dim = int(head_dim * (p.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0))
+    options: dict[str, Any] = {"base": float(p["rope_theta"]), "scaling": ROPE_TYPES[kind]}
+    if kind == "linear":
+        options["factor"] = float(p["factor"])
+    elif kind == "dynamic":
+        options.update(factor=float(p["factor"]), train_len=int(config.max_position_embeddings))
+    elif kind == "yarn":
+        trained = int(p.get("original_max_position_embeddings") or config.max_position_embeddings)
+        options.update(factor=float(p.get("factor") or config.max_position_embeddings / trained), train_len=trained)
+    scheme = RoPE(n_heads=heads, head_dim=dim, **options)
+    if kind != "default":  # the same frequencies and attention factor as transformers computes, or refused
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        context = 2 * int(config.max_position_embeddings) if kind == "dynamic" else None
+        inv, attention_factor = ROPE_INIT_FUNCTIONS[kind](config, "cpu", context, **({"layer_type": layer} if layer else {}))
+        ours = scheme.effective_frequencies(context).float()
+        if ours.shape != inv.shape or not torch.allclose(ours, inv.float(), rtol=1e-5, atol=0) \
+                or abs(scheme.attention_factor - float(attention_factor)) > 1e-6:
+            raise ValueError(f"rope_type {kind!r}{where} with {p} gives other frequencies or attention factor in "
+                             "transformers than posbias's scaling of the same name: no exact equivalent")
+    return scheme
+
+
 # a T5-family self-attention table: layer 0 of each stack (T5, mT5) or of every layer (UMT5)
 _T5_TABLE = re.compile(r"(?:^|\.)(encoder|decoder)\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$")
 _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
-def schemes_from_pretrained(path: str | Path) -> dict[str, T5Bias | ALiBi]:
+def schemes_from_pretrained(path: str | Path) -> dict[str, T5Bias | ALiBi | RoPE]:
     """The positional biases of a ``transformers`` model saved in a local folder (``save_pretrained``
     or a downloaded snapshot), as posbias schemes by part: ``{"encoder": …, "decoder": …}`` for T5
     and mT5 (the table of block 0, which every layer of its stack shares), ``"encoder layer 3"`` …
-    for UMT5 (a table in every layer), ``{"": ALiBi}`` for BLOOM and MPT (their fixed slopes).
+    for UMT5 (a table in every layer), ``{"": ALiBi}`` for BLOOM and MPT (their fixed slopes); for any
+    other model with rope parameters (Llama, Mistral, Qwen, …) its rotation (:func:`rope_from_hf`).
 
     Reads ``config.json`` and, of the weights, the bias tables alone (safetensors or ``.bin``,
     sharded or not): the model is never built and nothing is downloaded, so a multi-GB checkpoint
@@ -159,8 +212,10 @@ def schemes_from_pretrained(path: str | Path) -> dict[str, T5Bias | ALiBi]:
     if config.model_type in ALIBI_FAMILY:
         return {"": scheme_from_hf(config)}
     if config.model_type not in T5_FAMILY:
+        if isinstance(getattr(config, "rope_parameters", None), dict) and config.rope_parameters:
+            return rope_from_hf(config)  # no bias: the rotation, read from config.json alone
         raise ValueError(f"{str(folder)!r} holds a {config.model_type!r} model; positional biases are read from "
-                         f"{', '.join(T5_FAMILY + ALIBI_FAMILY)} models")
+                         f"{', '.join(T5_FAMILY + ALIBI_FAMILY)} models, rotations from models with rope parameters")
     tables = {}
     for key, weight in _read_weights(folder, _T5_TABLE).items():
         part, layer = _T5_TABLE.search(key).groups()
