@@ -704,6 +704,10 @@ def test_rotary_models_are_read_from_their_config_exactly_or_refused(tmp_path, c
                       "gives other frequencies or attention factor in transformers")):
         with pytest.raises(ValueError, match=why):
             rope_from_hf(transformers.LlamaConfig(**small, rope_scaling=bad))
+    odd = transformers.LlamaConfig(**small)
+    odd.rope_parameters = {"rope_type": "default"}  # laid out otherwise: said in one line, no traceback
+    with pytest.raises(ValueError, match="rope parameters of model_type 'llama' cannot be read .KeyError: 'rope_theta'"):
+        rope_from_hf(odd)
     # plot --checkpoint draws them (config.json alone: nothing else is read)
     assert main(["plot", "--checkpoint", str(tmp_path / "yarn"), str(tmp_path / "plain"), "--out",
                  str(tmp_path / "plots")]) == 0

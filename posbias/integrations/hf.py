@@ -148,7 +148,11 @@ def rope_from_hf(config: Any) -> dict[str, RoPE]:
     if not isinstance(params, dict) or not params:
         raise ValueError(f"model_type {getattr(config, 'model_type', None)!r} has no rope parameters")
     groups = params if all(isinstance(v, dict) for v in params.values()) else {"": params}
-    return {layer: _rope_of(config, p, layer) for layer, p in groups.items()}
+    try:
+        return {layer: _rope_of(config, p, layer) for layer, p in groups.items()}
+    except (KeyError, AttributeError, TypeError) as exc:  # a config laid out otherwise: said, not a traceback
+        raise ValueError(f"the rope parameters of model_type {getattr(config, 'model_type', None)!r} cannot be "
+                         f"read ({type(exc).__name__}: {exc})") from None
 
 
 def _rope_of(config: Any, p: dict, layer: str) -> RoPE:
