@@ -199,7 +199,7 @@ def add_plot_parser(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--checkpoint", nargs="+", metavar="PATH",
                       help="draw the biases these trained models learned instead: posbias checkpoints "
                            "(runs/…/models/<label>/final), model folders, a study's or retrofit's folder (every "
-                           "model in it, as diagnose reads them) or local Hugging Face T5/mT5/UMT5/BLOOM/MPT folders "
+                           "model in it, as diagnose reads them) or local Hugging Face T5/mT5/UMT5/BLOOM/MPT folders, or the rotation of any with rope parameters (Llama, Qwen, …) "
                            "(read without building the model; nothing is downloaded)")
     p.add_argument("--heads", type=int, default=8, help="attention heads")
     p.add_argument("--head-dim", type=int, default=64, help="head dimension")
