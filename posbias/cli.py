@@ -24,7 +24,8 @@ from . import store
 from .stopping import Terminated, sigterm_raises
 from ._version import __version__
 from .config import ConfigError, check_seed
-from .schemes import SCHEMES, ToeplitzScheme, build, get_scheme_class, option_specs, parse_option, parse_options, parse_spec
+from .schemes import (SCHEMES, ToeplitzScheme, build, get_scheme_class, option_specs, parse_option, parse_options,
+                      parse_spec, with_label)
 
 
 class CLIError(Exception):
@@ -122,23 +123,6 @@ def add_show_parsers(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=cmd_show)
 
 
-def _show_label_as_flags(argv: list[str]) -> list[str]:
-    """``show t5@max_distance=64,bidirectional=true`` (a label as ``extrapolate`` and the results name
-    schemes) as ``show t5 --max-distance=64 --bidirectional=true``; the same option given both ways is
-    refused rather than one silently winning."""
-    label = argv[1] if len(argv) > 1 else ""
-    if "@" not in label:
-        return argv
-    name, options = parse_spec(label)  # checks the name, the keys and the values
-    flags = [f"{_flag(item.partition('=')[0].strip())}={item.partition('=')[2].strip()}"
-             for item in label.partition("@")[2].split(",")]
-    for key in options:
-        again = [w for w in argv[2:] if w == _flag(key) or w.startswith(_flag(key) + "=")]
-        if again:
-            raise CLIError(f"{_flag(key)} is given twice: in {label!r} and as {again[0]}; give it once")
-    return [argv[0], name, *flags, *argv[2:]]
-
-
 def _option_type(scheme: str, spec) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -148,39 +132,34 @@ def _option_type(scheme: str, spec) -> Callable[[str], Any]:
     return parse
 
 
-def _scheme_error(name: str, exc: ValueError) -> CLIError:
-    """A scheme's ValueError with its option names turned into the flags the user types."""
+def _scheme_error(name: str, exc: ValueError, also: Sequence[str] = ()) -> CLIError:
+    """A scheme's ValueError with its option names (and the argument names ``also``) turned into the flags
+    the user types."""
     msg = str(exc)
-    for key in option_specs(get_scheme_class(name)):
+    for key in (*option_specs(get_scheme_class(name)), *also):
         msg = re.sub(rf"(?<![\w-]){key}(?!\w)", _flag(key), msg)
     return CLIError(msg)
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    at = getattr(args, "query_pos", None)
-    if at is not None and at < 0:
-        raise CLIError(f"--query-pos must be a position >= 0, got {at}")
-    if at is not None and getattr(args, "offsets", None) and max(args.offsets) > at:
-        raise CLIError(f"--offsets {max(args.offsets)} puts the key before position 0 for a query at --query-pos {at}; "
-                       f"give offsets up to {at}")
+    at, offsets = getattr(args, "query_pos", None), getattr(args, "offsets", None)
     specs = option_specs(get_scheme_class(args.scheme))
-    options = {k: getattr(args, f"opt_{k}") for k in specs if getattr(args, f"opt_{k}") is not None}
+    flags = {k: getattr(args, f"opt_{k}") for k in specs if getattr(args, f"opt_{k}") is not None}
     torch.manual_seed(args.seed)  # learnable schemes (KERPLE, FIRE) draw their initial values
-    try:
+    try:  # every table made before a line is printed: a bad value stops the command in one line
+        _, options = with_label(args.label or args.scheme, flags)
         scheme = build(args.scheme, n_heads=args.heads, head_dim=args.head_dim, **options)
+        tables = scheme.describe(query_pos=at) + (scheme.at_offsets(offsets, query_pos=at) if offsets else [])
     except ValueError as exc:
-        raise _scheme_error(args.scheme, exc) from None
+        raise _scheme_error(args.scheme, exc, also=("query_pos", "offsets")) from None
     used = {**{k: s.default for k, s in specs.items()}, **options}
     say(f"{scheme.name}: {scheme.summary}")
     say(f"  {scheme.__class__.__name__}({scheme.extra_repr()})")
     say("  options in use: " + (", ".join(f"{k}={v}" for k, v in used.items()) or "none")
         + (f"; initialised with --seed {args.seed}" if scheme.learnable else ""))
     say(f"  paper: {scheme.paper}")
-    for line in scheme.describe(query_pos=at):
+    for line in tables:
         say("  " + line)
-    if getattr(args, "offsets", None):
-        for line in scheme.at_offsets(args.offsets, query_pos=at):
-            say("  " + line)
     if scheme.family == "additive" and not isinstance(scheme, ToeplitzScheme) and at is None:
         say("  (this bias reads the query's own position too: each row is for one query at the largest distance "
             "shown; --query-pos moves it)")
@@ -896,9 +875,10 @@ def _main(argv: list[str]) -> int:
     parser = build_parser()
     command = argv[0] if argv else "posbias"
     try:
+        label = argv[1] if command == "show" and len(argv) > 1 else ""  # a label, t5@max_distance=64: its name
+        args, extra = parser.parse_known_args([command, label.partition("@")[0], *argv[2:]] if "@" in label else argv)
         if command == "show":
-            argv = _show_label_as_flags(argv)
-        args, extra = parser.parse_known_args(argv)
+            args.label = label  # cmd_show takes its options with the flags'
         if extra:
             if command == "show" and "--offsets" in extra:
                 cls = get_scheme_class(args.scheme)

@@ -84,6 +84,19 @@ def get_scheme_class(name: str) -> type[Scheme]:
         raise ValueError(f"unknown scheme {name!r}; valid schemes: {', '.join(SCHEMES)}") from None
 
 
+def with_label(name: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``name`` (a scheme name, or a label ``"t5@max_distance=64"``) and more ``options`` → the scheme name
+    and every option; one given both in the label and in ``options`` is a ValueError (neither wins)."""
+    if "@" not in name:
+        return name, dict(options)
+    name, labelled = parse_spec(name)
+    twice = sorted(set(labelled) & set(options))
+    if twice:
+        raise ValueError(f"option {twice[0]} is given twice: in the label ({twice[0]}={labelled[twice[0]]!r}) "
+                         f"and again ({twice[0]}={options[twice[0]]!r}); give it once")
+    return name, {**labelled, **options}
+
+
 def build(name: str, *, n_heads: int, head_dim: int, **options: Any) -> Scheme:
     """Construct a registered scheme: ``build("t5", n_heads=8, head_dim=64, num_buckets=32)``.
 
@@ -93,20 +106,14 @@ def build(name: str, *, n_heads: int, head_dim: int, **options: Any) -> Scheme:
     scheme accepts; a value of the wrong type (``clip="false"``) raises ``ValueError`` naming the type
     the option takes.
     """
-    if "@" in name:
-        name, labelled = parse_spec(name)
-        twice = sorted(set(labelled) & set(options))
-        if twice:
-            raise ValueError(f"option {twice[0]} is given twice: in the label ({twice[0]}={labelled[twice[0]]!r}) "
-                             f"and as a keyword ({twice[0]}={options[twice[0]]!r}); give it once")
-        options = {**labelled, **options}
+    name, options = with_label(name, options)
     cls = get_scheme_class(name)
     return cls(n_heads=n_heads, head_dim=head_dim, **check_options(name, options))
 
 
 __all__ = [
     "SCHEMES", "Scheme", "ToeplitzScheme", "build", "get_scheme_class", "scheme_options", "check_options",
-    "parse_options", "parse_spec", "spec_label", "OptionSpec", "option_specs",
+    "parse_options", "parse_spec", "spec_label", "with_label", "OptionSpec", "option_specs",
     "NoPE", "Sinusoidal", "OffsetBias", "T5Bias", "ALiBi", "KerpleLog", "KerplePower", "FIRE", "RoPE",
     "t5_bucket", "t5_last_bucket_start", "alibi_slopes", "rope_frequencies", "ntk_lambda",
     "yarn_frequencies",

@@ -25,7 +25,7 @@ Four families share the contract:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +77,17 @@ def consecutive(pos: Tensor) -> bool:
     """True for integer positions ``p, p + 1, …`` (and for fewer than two): the runs that kernels and
     tables can treat as an offset range."""
     return len(pos) < 2 or (not pos.is_floating_point() and bool((pos[1:] - pos[:-1] == 1).all()))
+
+
+def _check_query_pos(query_pos: int | None, offsets: Sequence[int] = ()) -> None:
+    """ValueError for a query position below 0, or one that ``offsets`` would put keys before 0 from."""
+    if query_pos is None:
+        return
+    if query_pos < 0:
+        raise ValueError(f"query_pos must be a position >= 0, got {query_pos}")
+    if offsets and max(offsets) > query_pos:
+        raise ValueError(f"offsets {max(offsets)} puts the key before position 0 for a query at query_pos "
+                         f"{query_pos}; give offsets up to {query_pos}")
 
 
 def trains_bias(scheme: nn.Module) -> bool:
@@ -235,6 +246,7 @@ class Scheme(nn.Module):
         distances past it would put keys before position 0 and are left out)."""
         if self.family != "additive":
             return [f"family {self.family!r}: no attention bias to tabulate"]
+        _check_query_pos(query_pos)
         dist = [d for d in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if query_pos is None or d <= query_pos]
         b = self.bias_by_distance(torch.tensor(dist), query_pos=query_pos)
         at = "" if query_pos is None or self.toeplitz else f", query at position {query_pos}"
@@ -247,10 +259,8 @@ class Scheme(nn.Module):
         """Lines ``posbias show --offsets`` prints: the bias each head adds at these offsets ``i − j`` (for a
         bias that reads the query's position, one query at ``query_pos``, default the largest offset)."""
         if self.family != "additive":
-            raise ValueError(f"--offsets needs a scheme with an attention bias; {self.name!r} is {self.family!r}")
-        if query_pos is not None and max(offsets) > query_pos:
-            raise ValueError(f"--offsets {max(offsets)} puts the key before position 0 for a query at --query-pos "
-                             f"{query_pos}; give offsets up to {query_pos}")
+            raise ValueError(f"offsets need a scheme with an attention bias; {self.name!r} is {self.family!r}")
+        _check_query_pos(query_pos, offsets)
         b = self.bias_by_distance(torch.tensor(offsets), query_pos=query_pos)
         heads = b.shape[0]
         where = "" if self.toeplitz else f", for one query at position {max(offsets) if query_pos is None else query_pos}"
