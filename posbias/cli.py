@@ -225,10 +225,9 @@ def cmd_plot(args: argparse.Namespace) -> None:
                              max_distance=args.max_distance, bidirectional=True),
         plot.plot_t5_vs_alibi(out / "t5_vs_alibi.png"),
     ]
-    for label, s in drawn:  # an encoder's bias (bidirectional T5 or offset, symmetric ALiBi) drawn whole
-        both = bool(getattr(s, "bidirectional", False) or getattr(s, "symmetric", False))
+    for label, s in drawn:
         written.append(plot.plot_bias_heatmaps(s, out / f"heatmap_{_slug(label)}.png", length=args.length,
-                                               causal=not both,
+                                               causal=not s.two_sided,
                                                note=f" — {what[label]}" + ("" if label == s.name else f" ({label})")))
     if drawn:
         title = "bias versus distance (" + "; ".join(f"{n} {w}" for n, w in what.items()) + ")"
@@ -275,7 +274,7 @@ def _plot_checkpoints(paths: Sequence[str], out: Path, args: argparse.Namespace)
                                                     names=[label for label, _ in rotary],
                                                     trained=[trained[label] for label, _ in rotary]))
     for label, s in drawn:
-        both = bool(getattr(s, "bidirectional", False))
+        both = s.two_sided
         b = s.bias_by_distance(torch.arange(-args.max_plot_distance if both else 0, args.max_plot_distance + 1))
         say(f"{label}: {s.name} ({s.extra_repr()}){'' if s.learnable else ' — fixed, not learned'}; "
             f"bias from {float(b.min()) + 0.0:+.3f} to {float(b.max()) + 0.0:+.3f} over distances "

@@ -247,8 +247,8 @@ def plot_rotary_wavelengths(schemes: Sequence[Scheme], path: str | Path, *, name
                           + (f": {', '.join(unscaled)}" if unscaled else ""))
         if s.scaling is None:  # (factor does nothing without a scaling): the plain line, which names it
             continue
-        target = round(s.factor * s.train_len) if s.scaling and s.train_len else None
-        at = f" at {target} tokens" if s.scaling == "dynamic-ntk" else ""
+        target = s.shown_context
+        at = f" at {target} tokens" if target else ""
         used = s.effective_frequencies(target)
         ax.plot(k.numpy(), (2 * torch.pi / used).numpy(), color=colors(n % 10), lw=1.6, label=f"{label}{at}")
         stretch.plot(k.numpy(), (plain / used).numpy(), color=colors(n % 10), lw=1.6)

@@ -255,6 +255,12 @@ class Scheme(nn.Module):
                  "head " + "".join(f"{d:>9}" for d in dist)]
         return lines + [f"{h:>4} " + "".join(f"{x + 0.0:>9.3f}" for x in b[h].tolist()) for h in range(b.shape[0])]
 
+    @property
+    def two_sided(self) -> bool:
+        """True for a bias over keys on both sides of the query, an encoder's (a bidirectional T5 or offset
+        table, a symmetric ALiBi): its pictures show the whole matrix, not the causal half."""
+        return bool(getattr(self, "bidirectional", False) or getattr(self, "symmetric", False))
+
     def at_offsets(self, offsets: list[int], query_pos: int | None = None) -> list[str]:
         """Lines ``posbias show --offsets`` prints: the bias each head adds at these offsets ``i − j`` (for a
         bias that reads the query's position, one query at ``query_pos``, default the largest offset)."""
@@ -271,7 +277,7 @@ class Scheme(nn.Module):
                  f"{'offset':>{first}}" + self._offset_header() + "".join(f"{'head ' + str(h):>{wide}}" for h in range(heads))]
         for d, row in zip(offsets, cells):
             lines.append(f"{d:>{first}}" + self._offset_cell(d) + "".join(f"{c:>{wide}}" for c in row))
-        if any(d < 0 for d in offsets) and not (getattr(self, "bidirectional", False) or getattr(self, "symmetric", False)):
+        if any(d < 0 for d in offsets) and not self.two_sided:
             lines.append("offsets < 0: keys after the query (j > i), hidden in causal attention")
         return lines + self._offset_notes(offsets)
 

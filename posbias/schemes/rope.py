@@ -125,6 +125,12 @@ class RoPE(Scheme):
         with PI's position factor folded in (PI divides the positions, the same as dividing θ_k)."""
         return self.inv_frequencies(context_len).double() / (self.factor if self.scaling == "pi" else 1.0)
 
+    @property
+    def shown_context(self) -> int | None:
+        """The context length at which ``show`` and the wavelength plot give the frequencies in use: dynamic
+        NTK's depend on it, and are shown at ``factor · train_len``; None for the others, which do not."""
+        return round(self.factor * self.train_len) if self.scaling == "dynamic-ntk" else None
+
     def describe(self, query_pos: int | None = None) -> list[str]:
         """``posbias show rope``: per frequency pair its θ_k and wavelength, with a scaling the scaled ones
         and how much each is stretched, and with ``train_len`` the turns each makes within it (a pair
@@ -132,7 +138,7 @@ class RoPE(Scheme):
         pairs = self.head_dim // 2
         shown = list(range(pairs)) if pairs <= 16 else sorted({round(i * (pairs - 1) / 7) for i in range(8)})
         plain = rope_frequencies(self.head_dim, self.base)
-        target = round(self.factor * self.train_len) if self.scaling and self.train_len else None
+        target = self.shown_context
         used = self.effective_frequencies(target)
         lines = [f"rotary pairs: θ_k = {self.base:g}^(−2k/{self.head_dim}), k = 0 … {pairs - 1} "
                  f"({'all' if len(shown) == pairs else f'{len(shown)} of {pairs}'} shown); a distance i − j "

@@ -28,13 +28,17 @@ from .base import ToeplitzScheme, check_bool, check_int, flat_share, illustrativ
 __all__ = ["T5Bias", "t5_bucket", "check_t5", "t5_last_bucket_start", "CANONICAL_FINAL_SHARE", "canonical_share_distance"]
 
 
+def per_direction(num_buckets: int, bidirectional: bool) -> int:
+    """The buckets of one direction (half of them for a bidirectional table); its first half are one-to-one."""
+    return num_buckets // 2 if bidirectional else num_buckets
+
+
 def check_t5(num_buckets: int, max_distance: int, bidirectional: bool) -> None:
     """Raise ValueError unless the bucket hyper-parameters define a valid bucket function."""
     minimum = 4 if bidirectional else 2
     check_int("num_buckets", num_buckets, minimum=minimum, hint=" (the count n_b + 1; "
               f"{'bidirectional needs 2 per direction' if bidirectional else 'at least one exact and one log bucket'})")
-    per_dir = num_buckets // 2 if bidirectional else num_buckets
-    exact = per_dir // 2
+    exact = per_direction(num_buckets, bidirectional) // 2
     check_int("max_distance", max_distance, minimum=exact + 1,
               hint=f" (must exceed the one-to-one region of {exact} buckets for num_buckets={num_buckets})")
 
@@ -158,9 +162,8 @@ class T5Bias(ToeplitzScheme):
             return {}
         n = options.get("num_buckets", 32)
         bi = options.get("bidirectional", False)
-        per_dir = n // 2 if bi else n
         start_of = lambda d: t5_last_bucket_start(n, d, bi)  # noqa: E731
-        return {"max_distance": canonical_share_distance(train_len, start_of, per_dir // 2 + 1)}
+        return {"max_distance": canonical_share_distance(train_len, start_of, per_direction(n, bi) // 2 + 1)}
 
     def buckets(self, offset: Tensor) -> Tensor:
         return t5_bucket(offset, num_buckets=self.num_buckets, max_distance=self.max_distance,
@@ -174,7 +177,7 @@ class T5Bias(ToeplitzScheme):
 
     def describe(self, query_pos: int | None = None) -> list[str]:
         """The bucket table: which offsets share each learned scalar (the causal direction)."""
-        n, per_dir = self.num_buckets, self.num_buckets // 2 if self.bidirectional else self.num_buckets
+        n, per_dir = self.num_buckets, per_direction(self.num_buckets, self.bidirectional)
         lines = [f"{n} buckets (n_b + 1 = {n}, so n_b = {n - 1}); one-to-one for offsets < {per_dir // 2}; "
                  f"final bucket from offset {self.flat_beyond}"]
         if self.bidirectional:
@@ -193,10 +196,9 @@ class T5Bias(ToeplitzScheme):
         return f"{'bucket':>8}  {'region':<11}"
 
     def _offset_cell(self, offset: int) -> str:
-        per_dir = self.num_buckets // 2 if self.bidirectional else self.num_buckets
         if offset < 0 and not self.bidirectional:
             region = "(masked)"
-        elif abs(offset) < per_dir // 2:
+        elif abs(offset) < per_direction(self.num_buckets, self.bidirectional) // 2:
             region = "one-to-one"
         elif abs(offset) >= self.flat_beyond:
             region = "final"
