@@ -158,12 +158,9 @@ def _relative_cost(model: TransformerLM, base: TransformerLM, length: int, devic
     with torch.no_grad():
         model(x), base(x)  # warm-up: allocations, tables, kept masks
         for k in range(pairs):
-            if k % 2:
-                b = _forward_seconds(base, x)
-                a = _forward_seconds(model, x)
-            else:
-                a = _forward_seconds(model, x)
-                b = _forward_seconds(base, x)
+            ahead = k % 2 == 0  # the model first, then the base; the next pair the other way round
+            timed = [_forward_seconds(m, x) for m in ((model, base) if ahead else (base, model))]
+            a, b = timed if ahead else timed[::-1]
             ratios.append(a / b)
     return statistics.median(ratios), min(ratios), max(ratios)
 
@@ -352,13 +349,13 @@ class _Run:
                "ppl": {n: sc["ppl"] for n, sc in scores.items()},
                "window_loss": {n: sc["window_loss"] for n, sc in scores.items()},  # for the paired table
                "extra_params": extra, "passkey": None, "attention_cost": None}
-        if compare:
-            row["final"] = final  # what a method ends with: a row of the decision table
-        if compare and final and self.cfg.passkey_steps:  # (0 steps: no passkey test, as in diagnose)
-            row.update(self.passkey(model, label))
         if stage != "before":
             row["options"] = model.cfg.scheme_options
-        if compare and final:  # (timed for the decision table's rows only)
+        if compare:
+            row["final"] = final  # what a method ends with: a row of the decision table, the only ones measured
+        if compare and final:
+            if self.cfg.passkey_steps:  # (0 steps: no passkey test, as in diagnose)
+                row.update(self.passkey(model, label))
             cost = (1.0, 1.0, 1.0) if stage == "before" else _relative_cost(model, base, self.cfg.to, self.cfg.device)
             row["attention_cost"], row["attention_cost_range"] = cost[0], list(cost[1:])
         return row

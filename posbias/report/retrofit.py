@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import passkey, store
 from ..config import Log, quiet
@@ -111,7 +111,7 @@ def _cost_words(to: int) -> str:
 
 def _cost_cell(r: dict[str, Any]) -> str:
     """``1.04× (0.97–1.10)``: the median of the timed pairs' ratios and the lowest and highest."""
-    lo, hi = r.get("attention_cost_range") or (r["attention_cost"],) * 2
+    lo, hi = r["attention_cost_range"]
     return f"{r['attention_cost']:.2f}×" + ("" if lo == hi else f" ({lo:.2f}–{hi:.2f})")
 
 
@@ -123,13 +123,22 @@ def _decision_section(result: RetrofitResult) -> list[str]:
     if not cfg.compare:
         return []
     far = [n for n in lens if n > L]
+    finals = [r for r in rows if r.get("final")]  # what each method ends with
+    cols: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("method", lambda r: r["method"]), ("stage", lambda r: r["stage"]),
+        (f"near-range ppl @ {L}", lambda r: f"{r['ppl'][L]:.3f}"),
+        *((f"ppl @ {n}", lambda r, n=n: f"{r['ppl'][n]:.3f}") for n in far)]
+    seeds, several = cfg.copy_seeds, len(cfg.copy_seeds) > 1
+    trials = PASSKEY_DEPTHS * cfg.passkey_samples
+    if cfg.passkey_steps:
+        cols += [(f"passkey @ {L}", lambda r: _passkey_cell(r, L)), (f"passkey @ {to}", lambda r: _passkey_cell(r, to)),
+                 *([(f"passkey @ {to}, copies ≥ {passkey.LEARNED:g} at L",
+                     lambda r: kept_cell(r["passkey_copies"][L], r["passkey_copies"][to], trials))] if several else []),
+                 (f"passkey @ {to}, far filler hidden", lambda r: _hidden_cell(r, to, trials))]
+    cols += [("extra params", lambda r: f"{r['extra_params']:+d}"), ("attention cost", _cost_cell)]
+    table = md_table([head for head, _ in cols], [[cell(r) for _, cell in cols] for r in finals])
     if not cfg.passkey_steps:  # no passkey test: perplexity, extra parameters and attention cost
-        return ["", f"Decision table (no passkey test: --passkey-steps 0; {_cost_words(to)}):", ""] + md_table(
-            ["method", "stage", f"near-range ppl @ {L}", *(f"ppl @ {n}" for n in far), "extra params", "attention cost"],
-            [[r["method"], r["stage"], f"{r['ppl'][L]:.3f}", *(f"{r['ppl'][n]:.3f}" for n in far),
-              f"{r['extra_params']:+d}", _cost_cell(r)] for r in rows if r.get("final")])
-    lines: list[str] = []
-    seeds = cfg.copy_seeds
+        return ["", f"Decision table (no passkey test: --passkey-steps 0; {_cost_words(to)}):", ""] + table
     taught = (f"a copy trained at L for {cfg.passkey_steps} steps (batches of seed {seeds[0]})" if len(seeds) == 1
               else f"{len(seeds)} copies, of seeds {', '.join(map(str, seeds))}, each trained at L for "
               f"{cfg.passkey_steps} steps") + (
@@ -139,34 +148,24 @@ def _decision_section(result: RetrofitResult) -> list[str]:
             "and copies, with the 95% Wilson interval from the lowest copy's bound to the highest's; *copies ≥ "
             f"{passkey.LEARNED:g} at L*: the same at {to} over only the copies that solved at least "
             f"{passkey.LEARNED:g} at L, what a method keeps once a copy has learned the task")
-    several = len(seeds) > 1
-    trials = PASSKEY_DEPTHS * cfg.passkey_samples
-    lines += ["", f"Decision table (passkey: {taught}; mean accuracy over {PASSKEY_DEPTHS} depths {over}; "
-              f"*far filler hidden*: the same samples at {to} with every key at distance ≥ L hidden except the "
-              "key statement, in every layer, so the key keeps its distance and rotation and only the filler "
-              f"beyond L is gone; {_cost_words(to)}):", ""] + md_table(
-        ["method", "stage", f"near-range ppl @ {L}", *(f"ppl @ {n}" for n in far), f"passkey @ {L}",
-         f"passkey @ {to}", *([f"passkey @ {to}, copies ≥ {passkey.LEARNED:g} at L"] if several else []),
-         f"passkey @ {to}, far filler hidden", "extra params", "attention cost"],
-        [[r["method"], r["stage"], f"{r['ppl'][L]:.3f}", *(f"{r['ppl'][n]:.3f}" for n in far),
-          _passkey_cell(r, L), _passkey_cell(r, to),
-          *([kept_cell(r["passkey_copies"][L], r["passkey_copies"][to], trials)] if several else []),
-          _hidden_cell(r, to, trials),
-          f"{r['extra_params']:+d}", _cost_cell(r)] for r in rows if r.get("passkey")])
-    learned = passkey.learned_sentence([item for r in rows if r.get("passkey") for item in _row_copies(r)])
+    lines = ["", f"Decision table (passkey: {taught}; mean accuracy over {PASSKEY_DEPTHS} depths {over}; "
+             f"*far filler hidden*: the same samples at {to} with every key at distance ≥ L hidden except the "
+             "key statement, in every layer, so the key keeps its distance and rotation and only the filler "
+             f"beyond L is gone; {_cost_words(to)}):", ""] + table
+    learned = passkey.learned_sentence([item for r in finals for item in _row_copies(r)])
     if learned:
         lines += ["", learned]
-    hidden = _hidden_sentences([r for r in rows if r.get("passkey")], L, to)
+    hidden = _hidden_sentences(finals, L, to)
     if hidden:
         lines += ["", "With the far filler hidden, each copy that learned the task at L and lost some of it at "
                   f"{to}:", "", *(f"* {h}" for h in hidden)]
     if several:
         lines += ["", copies_sentence([(_row_name(r), r["passkey_copies"][L],
-                                        r["passkey_copies"][to]) for r in rows if r.get("passkey")], f"at {to}")]
-    digits = [(_row_name(r), r["passkey_digits"][to]) for r in rows if r.get("passkey_digits")]
+                                        r["passkey_copies"][to]) for r in finals], f"at {to}")]
+    digits = [(_row_name(r), r["passkey_digits"][to]) for r in finals if r.get("passkey_digits")]
     if digits:
         lines += ["", digits_sentence(digits, f"at {to}")]
-    untaught = [name for r in rows if r.get("passkey")
+    untaught = [name for r in finals
                 for name, a in zip((n for n, _ in _row_copies(r)), r["passkey_copies"][L]) if a == 0]
     if untaught:
         lines += ["", f"No passkey sample was solved at L = {L} by: {', '.join(untaught)}. The passkey fine-tune "
