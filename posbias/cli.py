@@ -213,11 +213,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
             labelled.append((label, build(label, n_heads=args.heads, head_dim=args.head_dim)))
         except ValueError as exc:
             raise CLIError(f"scheme {label}: {exc}") from None
-    drawn = [(label, s) for label, s in labelled if s.family == "additive"]
-    rotary = [(label, s) for label, s in labelled if s.family == "rotary"]
-    skipped = [(label, s) for label, s in labelled if s.family not in ("additive", "rotary")]
-    if skipped:
-        say("skipping " + ", ".join(f"{label} ({s.family}: no attention bias to draw)" for label, s in skipped))
+    drawn, rotary = _drawable(labelled)
     what = {label: s.illustrate_() for label, s in drawn}  # table schemes start at 0: an illustrative table
     written = [
         plot.plot_bucket_map(out / "t5_bucket_map.png", num_buckets=args.num_buckets, max_distance=args.max_distance),
@@ -234,11 +230,32 @@ def cmd_plot(args: argparse.Namespace) -> None:
         written.append(plot.plot_bias_curves([s for _, s in drawn], out / "bias_vs_distance.png",
                                              max_distance=args.max_plot_distance, title=title,
                                              names=[label for label, _ in drawn]))
-    if rotary:  # no bias to draw: what each pair's wavelength is, and what a scaling does to it
-        written.append(plot.plot_rotary_wavelengths([s for _, s in rotary], out / "rope_wavelengths.png",
-                                                    names=[label for label, _ in rotary]))
+    written += _wavelengths(rotary, out)
     for p in written:
         say(str(p))
+
+
+def _drawable(labelled: list[tuple[str, Any]]) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """``(label, scheme)`` pairs split into those with a bias and the rotary ones (their wavelengths are
+    drawn instead); the rest said skipped in one line."""
+    skipped = [f"{label} ({s.family if label == s.name else s.name}: no attention bias to draw)"
+               for label, s in labelled if s.family not in ("additive", "rotary")]
+    if skipped:
+        say("skipping " + ", ".join(skipped))
+    return ([(label, s) for label, s in labelled if s.family == "additive"],
+            [(label, s) for label, s in labelled if s.family == "rotary"])
+
+
+def _wavelengths(rotary: list[tuple[str, Any]], out: Path, trained: dict[str, int | None] | None = None) -> list[Path]:
+    """``rope_wavelengths.png`` for the rotary schemes, if any: no bias to draw, but each pair's wavelength
+    and what a scaling does to it."""
+    from . import plot
+
+    if not rotary:
+        return []
+    return [plot.plot_rotary_wavelengths([s for _, s in rotary], out / "rope_wavelengths.png",
+                                         names=[label for label, _ in rotary],
+                                         trained=[trained[label] for label, _ in rotary] if trained else None)]
 
 
 def _plot_checkpoints(paths: Sequence[str], out: Path, args: argparse.Namespace) -> None:
@@ -258,21 +275,12 @@ def _plot_checkpoints(paths: Sequence[str], out: Path, args: argparse.Namespace)
         seen[label] = seen.get(label, 0) + 1  # two folders of one name: "name", "name #2" (no file drawn over)
         drawn.append((label if seen[label] == 1 else f"{label} #{seen[label]}", s))
         trained[drawn[-1][0]] = length
-    skipped = [f"{label} ({s.name}: no attention bias to draw)" for label, s in drawn
-               if s.family not in ("additive", "rotary")]
-    rotary = [(label, s) for label, s in drawn if s.family == "rotary"]
-    drawn = [(label, s) for label, s in drawn if s.family == "additive"]
-    if skipped:
-        say("skipping " + ", ".join(skipped))
+    drawn, rotary = _drawable(drawn)
     if not drawn and not rotary:
         raise CLIError("none of these checkpoints has an attention bias or a rotation to draw")
-    written = []
     for label, s in rotary:
         say(f"{label}: {s.name} ({s.extra_repr()}) — rotary, fixed: its wavelengths in rope_wavelengths.png")
-    if rotary:
-        written.append(plot.plot_rotary_wavelengths([s for _, s in rotary], out / "rope_wavelengths.png",
-                                                    names=[label for label, _ in rotary],
-                                                    trained=[trained[label] for label, _ in rotary]))
+    written = _wavelengths(rotary, out, trained)
     for label, s in drawn:
         both = s.two_sided
         b = s.bias_by_distance(torch.arange(-args.max_plot_distance if both else 0, args.max_plot_distance + 1))

@@ -647,7 +647,7 @@ def test_plot_checkpoint_draws_posbias_and_hf_models(tmp_path, capsys):
     assert (out / "5" / "heatmap_t5-seed0-abc.png").exists()
     assert main(["plot", "--checkpoint", str(tmp_path), "--out", str(out / "6")]) == 0
     said = capsys.readouterr().out
-    assert "skipping nope (nope: no attention bias to draw)" in said and "t5-seed0-abc: t5 (" in said
+    assert "skipping nope (none: no attention bias to draw)" in said and "t5-seed0-abc: t5 (" in said
     assert "rope-seed0-abc: rope (" in said and (out / "6" / "rope_wavelengths.png").exists()
     (tmp_path / "empty").mkdir()
     assert main(["plot", "--checkpoint", str(tmp_path / "empty"), "--out", str(out)]) == 2

@@ -60,7 +60,7 @@ def summary(r: DiagnoseResult) -> list[str]:
         also = _position_moves(r)
         lines.append(f"far tokens through the layers{f' and {also}' if also else ''}, at chunk ends where a window "
                      f"of L and the cut show the same keys (Δ {delta_cell(d, lo, hi)}): "
-                     + (_ONE_LAYER if no_layers_between(r) else _context_verdict(lo, hi, r.loss_windows)))
+                     + _through_verdict(r, lo, hi))
     far = far_attention(r)
     if far is not None:
         lines.append(f"attention at distances ≥ L over the last {r.length // 4} queries: {far[0]:.4f} "
@@ -177,11 +177,6 @@ def _window_section(r: DiagnoseResult) -> list[str]:
                _through_layers(r), ""])
 
 
-# what the through-the-layers row says of a one-layer model of a bias of i − j alone
-_ONE_LAYER = ("none can reach a query through the layers of a one-layer model: there the window and the cut compute "
-              "the same, and Δ is float rounding")
-
-
 def layers(r: DiagnoseResult) -> int:
     """The model's layer count (the attention measurements hold one entry per layer)."""
     return len(r.attention_distance["mean"])
@@ -214,9 +209,15 @@ def _through_layers(r: DiagnoseResult) -> str:
     what = (f"Far tokens through the layers together with {also} (the cut restarts the positions at 0, so this "
             "row holds both)," if also else "Far tokens reaching a query through the layers, with the same keys in "
             "the first layer,")
+    return f"{what} Δ {delta_cell(d, lo, hi)}: {_through_verdict(r, lo, hi)}."
+
+
+def _through_verdict(r: DiagnoseResult, lo: float | None, hi: float | None) -> str:
+    """What the through-the-layers Δ supports; in a one-layer model of i − j, that it is rounding."""
     if no_layers_between(r):
-        return f"{what} Δ {delta_cell(d, lo, hi)}: {_ONE_LAYER}."
-    return f"{what} Δ {delta_cell(d, lo, hi)}: {_context_verdict(lo, hi, r.loss_windows)}."
+        return ("none can reach a query through the layers of a one-layer model: there the window and the cut "
+                "compute the same, and Δ is float rounding")
+    return _context_verdict(lo, hi, r.loss_windows)
 
 
 def _split_section(r: DiagnoseResult) -> list[str]:
