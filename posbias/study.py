@@ -121,8 +121,9 @@ class StudyConfig:
         check_segments(self.eval_tokens, lens[-1])
         if self.d_model % self.n_heads:
             raise ConfigError("d_model", f"{self.d_model} must be divisible by the number of heads {self.n_heads}")
-        _check_distinct(arms(self), self.train_len)
-        for arm in arms(self):  # every option's value checked now, not when its model's turn to train comes
+        found = arms(self)
+        _check_distinct(found, self.train_len)
+        for arm in found:  # every option's value checked now, not when its model's turn to train comes
             try:
                 with torch.random.fork_rng(devices=[]):
                     build(arm.scheme, n_heads=self.n_heads, head_dim=self.d_model // self.n_heads, **arm.options)
