@@ -1,10 +1,10 @@
-"""Time and peak memory of a Hugging Face T5, BLOOM or MPT model before and after
+"""Time and peak memory of a Hugging Face T5, Switch Transformers, BLOOM or MPT model before and after
 ``posbias.integrations.hf.accelerate``, as ratios measured in the same run — ``--reps`` pairs of one
 call of each, the order alternating, the median of the per-pair ratios — with a check that the
 outputs agree. Randomly initialised models from a config: nothing is downloaded.
 
-Forward (default): a T5 encoder (or a BLOOM or MPT decoder) at each length. ``--train``: a whole T5
-encoder-decoder, forward+backward of the loss with ``--target-len`` decoder tokens (the inputs at
+Forward (default): a T5 or Switch Transformers encoder (or a BLOOM or MPT decoder) at each length.
+``--train``: a whole T5 or Switch encoder-decoder, forward+backward of the loss with ``--target-len`` decoder tokens (the inputs at
 each length), both models from the same weights; the output check then compares the losses.
 ``--dropout P`` trains with T5's ``dropout_rate = P`` (its default is 0.1: hidden states and attention
 probabilities), which transformers applies on its own path and posbias in its dropout kernel; the two
@@ -17,6 +17,7 @@ that runs out of memory reads ``OOM`` and the run goes on.
     python benchmarks/bench_hf.py                                   # T5 encoder, N = 512 … 8192, CPU
     python benchmarks/bench_hf.py --packed --lengths 2048 4096 8192      # T5 encoder, 4 packed documents
     python benchmarks/bench_hf.py --model bloom --lengths 1024 4096
+    python benchmarks/bench_hf.py --model switch --padded --lengths 1024 2048   # unpatched: eager attention
     python benchmarks/bench_hf.py --model mpt --lengths 1024 4096
     python benchmarks/bench_hf.py --device cuda --dtype bfloat16 --size base --train --lengths 4096 8192 16384
     python benchmarks/bench_hf.py --train --dropout 0.1 --lengths 1024 2048
@@ -72,12 +73,19 @@ def build(kind, size, layers, train, max_len, dropout=0.0):
     torch.manual_seed(0)
     d_model, d_kv, d_ff, n_layers, heads, ff = SIZES[size]
     n_layers = n_layers or layers
-    if kind == "t5":
-        cfg = transformers.T5Config(vocab_size=512, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=n_layers,
-                                    num_decoder_layers=n_layers, num_heads=heads, feed_forward_proj=ff,
-                                    relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                                    dropout_rate=dropout, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-        model = (transformers.T5ForConditionalGeneration if train else transformers.T5EncoderModel)(cfg)
+    if kind in ("t5", "switch"):
+        kw = dict(vocab_size=512, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=n_layers, num_decoder_layers=n_layers,
+                  num_heads=heads, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                  dropout_rate=dropout, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        if kind == "switch":  # switch-base-8's experts: 8 in every other layer (ReLU feed-forward, as it has); no
+            # router jitter (random noise on the router's input in training: the two losses would differ by it)
+            cfg = transformers.SwitchTransformersConfig(**kw, num_experts=8, encoder_sparse_step=2, decoder_sparse_step=2,
+                                                        router_jitter_noise=0.0)
+            model = (transformers.SwitchTransformersForConditionalGeneration if train else
+                     transformers.SwitchTransformersEncoderModel)(cfg)
+        else:
+            cfg = transformers.T5Config(**kw, feed_forward_proj=ff)
+            model = (transformers.T5ForConditionalGeneration if train else transformers.T5EncoderModel)(cfg)
     elif kind == "mpt":  # transformers' MPT adds its bias only up to max_seq_len: set to the longest length
         cfg = transformers.MptConfig(vocab_size=512, d_model=d_model, n_heads=heads, n_layers=n_layers,
                                      max_seq_len=max_len, attn_config={"attn_pdrop": 0, "alibi": True})
@@ -132,7 +140,8 @@ def row(n, ref, fast, times, truth=False, compare=True):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["t5", "bloom", "mpt"], default="t5")
+    p.add_argument("--model", choices=["t5", "switch", "bloom", "mpt"], default="t5",
+                   help="switch: Switch Transformers, T5's attention with mixture-of-experts feed-forward layers")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     p.add_argument("--layers", type=int, default=4, help="layers per stack for --size small")
@@ -151,8 +160,8 @@ def main(argv=None):
                    help="posbias backend the accelerated model prefers (accelerate(model, backend=...)), "
                         "e.g. flex on a GPU; default auto")
     args = p.parse_args(argv)
-    if args.train and args.model != "t5":
-        p.error("--train is for --model t5")
+    if args.train and args.model not in ("t5", "switch"):
+        p.error("--train is for --model t5 or switch")
     if args.packed and (args.model != "t5" or args.train or args.padded):
         p.error("--packed is for the T5 encoder's forward (--model t5, without --train or --padded)")
     if not 0 <= args.dropout < 1 or (args.dropout and not args.train):
@@ -191,7 +200,7 @@ def main(argv=None):
         if args.padded:
             real = torch.tensor([n, int(0.9 * n), int(0.7 * n), n // 2], device=device)[:, None]
             at = torch.arange(n, device=device)[None]
-            ids = ids, ((at < real) if args.model == "t5" else (at >= n - real)).long()
+            ids = ids, ((at < real) if args.model in ("t5", "switch") else (at >= n - real)).long()
         if args.packed:
             doc = torch.repeat_interleave(torch.arange(4, device=device),
                                           torch.tensor([n - n // 4 - 2 * (n // 8), n // 4, n // 8, n // 8], device=device))

@@ -21,6 +21,7 @@ if too_old(transformers.__version__):  # pragma: no cover
     pytest.skip(f"the integration needs transformers >= {TRANSFORMERS_FROM}", allow_module_level=True)
 
 from posbias import build  # noqa: E402
+from posbias.integrations.hf import _release  # noqa: E402
 from posbias.integrations.hf import (POSBIAS_FROM, accelerate, mask_documents, mask_kind, restore,  # noqa: E402
                                      scheme_from_hf, schemes_from_pretrained, t5_to_hf)
 
@@ -234,6 +235,42 @@ def test_t5_training_gradients_reach_the_hf_weight(device):
     torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
     assert grads[0].abs().sum() > 0
     assert set(fast.state_dict()) == set(ref.state_dict())
+
+
+# transformers 5.15-5.17 build UMT5's decoder self-attention with is_causal = False (read in their wheels; 5.18 sets it)
+UMT5_LEAKS = _release(transformers.__version__) < (5, 18)
+
+
+def causal_umt5_decoder(model):
+    """On transformers 5.15-5.17, the unpatched UMT5 as 5.18 builds it: its decoder's self-attention
+    causal (those releases leave ``is_causal`` False, and SDPA without a mask then lets each decoder
+    token see the later ones)."""
+    if UMT5_LEAKS and getattr(model, "decoder", None) is not None:
+        for block in model.decoder.block:
+            block.layer[0].SelfAttention.is_causal = True
+    return model
+
+
+def test_accelerated_umt5_decoder_is_causal_and_warns_where_transformers_is_not(recwarn):
+    """A decoder position's logits do not move when a later decoder token changes, on the accelerated UMT5
+    whatever the release; the unpatched one moves them on transformers 5.15-5.17, where ``accelerate``
+    says so."""
+    torch.manual_seed(0)
+    cfg = transformers.UMT5Config(vocab_size=97, d_model=48, d_kv=12, d_ff=64, num_layers=1, num_decoder_layers=1,
+                                  num_heads=4, dropout_rate=0.0, decoder_start_token_id=0)
+    ref = transformers.UMT5ForConditionalGeneration(cfg).eval()
+    fast = accelerate(copy.deepcopy(ref))
+    warned = [w for w in recwarn.list if "decoder self-attention has is_causal = False" in str(w.message)]
+    assert len(warned) == UMT5_LEAKS
+    ids, dec = torch.randint(2, 97, (1, 9)), torch.randint(2, 97, (1, 6))
+    later = dec.clone()
+    later[0, -1] = (later[0, -1] + 1) % 97
+    with torch.no_grad():
+        moved = {name: float((m(input_ids=ids, decoder_input_ids=dec).logits[0, 0]
+                              - m(input_ids=ids, decoder_input_ids=later).logits[0, 0]).abs().max())
+                 for name, m in (("unpatched", ref), ("accelerated", fast))}
+    assert moved["accelerated"] == 0
+    assert (moved["unpatched"] > 0) == UMT5_LEAKS
 
 
 def test_umt5_per_layer_bias_equal():
@@ -565,7 +602,7 @@ def test_schemes_from_a_saved_model_read_only_the_tables(tmp_path, layout):
                                atol=0, rtol=0)
 
 
-def test_schemes_from_pretrained_umt5_layers_and_alibi_models(tmp_path):
+def test_schemes_from_pretrained_umt5_layers_switch_and_alibi_models(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.UMT5Config(vocab_size=97, d_model=48, d_kv=12, d_ff=64, num_layers=2, num_heads=4,
                                   relative_attention_num_buckets=16, decoder_start_token_id=0)
@@ -575,6 +612,11 @@ def test_schemes_from_pretrained_umt5_layers_and_alibi_models(tmp_path):
     assert list(got) == ["encoder layer 0", "encoder layer 1", "decoder layer 0", "decoder layer 1"]
     assert torch.equal(got["encoder layer 1"].table, _t5_table(umt5.encoder, 1))
     assert not torch.equal(got["encoder layer 1"].table, got["encoder layer 0"].table)
+    switch = randomize_bias(transformers.SwitchTransformersForConditionalGeneration(switch_config()))
+    switch.save_pretrained(tmp_path / "switch")
+    got = schemes_from_pretrained(tmp_path / "switch")
+    assert list(got) == ["encoder", "decoder"] and got["encoder"].bidirectional and not got["decoder"].bidirectional
+    assert torch.equal(got["decoder"].table, _t5_table(switch.decoder, 0))
     bloom = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=97, hidden_size=48, n_layer=1, n_head=6))
     bloom.save_pretrained(tmp_path / "bloom")
     (only,) = schemes_from_pretrained(tmp_path / "bloom").values()
@@ -728,6 +770,64 @@ def test_bad_inputs():
         t5_to_hf(build("alibi", n_heads=2, head_dim=4))
 
 
+def switch_config(**kw):
+    base = dict(vocab_size=97, d_model=48, d_kv=12, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                num_experts=4, encoder_sparse_step=1, decoder_sparse_step=2, relative_attention_num_buckets=16,
+                relative_attention_max_distance=40, dropout_rate=0.0, dense_act_fn="gelu_new",
+                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    base.update(kw)
+    return transformers.SwitchTransformersConfig(**base)
+
+
+def test_switch_transformers_padded_logits_generate_and_training(fast_calls):
+    """Switch Transformers (a T5 with mixture-of-experts feed-forward layers) has T5's attention: its
+    padded encoder, whose mask is ``[batch, 1, 1, Lk]`` (one row for every query), runs on posbias too,
+    with logits, greedy generation through the cache and the tables' gradients equal to the unpatched
+    model's."""
+    torch.manual_seed(0)
+    ref, fast = pair(randomize_bias(transformers.SwitchTransformersForConditionalGeneration(switch_config())))
+    assert ref.config._attn_implementation == "eager"  # transformers' default for Switch; posbias replaces it
+    ids = torch.randint(2, 97, (2, 150))
+    mask = torch.ones(2, 150, dtype=torch.long)
+    mask[1, 100:] = 0
+    dec = torch.randint(2, 97, (2, 30))
+    with torch.no_grad():
+        a = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        b = fast(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+        assert sorted(shape[2] for shape in fast_calls) == [30, 30, 150, 150]  # every self-attention on posbias
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert torch.equal(fast.generate(**kw), ref.generate(**kw))
+    grads = []
+    for m in (ref, fast):
+        m.zero_grad()
+        m(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.square().sum().backward()
+        grads.append([m.get_submodule(f"{part}.block.0.layer.0.SelfAttention").relative_attention_bias.weight.grad
+                      for part in ("encoder", "decoder")])
+    for got, want in zip(grads[1], grads[0]):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=1e-3)
+    scheme = scheme_from_hf(ref.config, ref.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight)
+    assert scheme.bidirectional and scheme.num_buckets == 16 and scheme.max_distance == 40
+    restore(fast)
+    assert fast.config._attn_implementation == "eager"
+
+
+def test_pop2piano_encoder_decoder_equal(fast_calls):
+    """Pop2Piano's attention is T5's too (its encoder reads embeddings of audio features)."""
+    torch.manual_seed(0)
+    cfg = transformers.Pop2PianoConfig(vocab_size=97, d_model=48, d_kv=12, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                       num_heads=4, relative_attention_num_buckets=16, relative_attention_max_distance=40,
+                                       dropout_rate=0.0, dense_act_fn="gelu_new")
+    ref, fast = pair(randomize_bias(transformers.Pop2PianoForConditionalGeneration(cfg)))
+    emb, dec = torch.randn(2, 200, 48), torch.randint(2, 97, (2, 25))
+    with torch.no_grad():
+        a = ref(inputs_embeds=emb, decoder_input_ids=dec).logits
+        b = fast(inputs_embeds=emb, decoder_input_ids=dec).logits
+    torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+    assert sorted(shape[2] for shape in fast_calls) == [25, 25, 200, 200]
+
+
 def test_mask_kind():
     causal = torch.tril(torch.ones(5, 5, dtype=torch.bool))
     assert mask_kind(None, 0, 5, 5, causal_if_none=True) == ("causal", None)
@@ -750,6 +850,12 @@ def test_mask_kind():
     assert mask_kind(torch.full((1, 1, 5, 5), 0.5), 0, 5, 5, causal_if_none=False) is None
     hidden = ~padded[None, None]  # MPT's convention: True where a pair is hidden
     assert mask_kind(hidden, 0, 5, 5, causal_if_none=False, hides=True)[0] == "causal"
+    # [batch, 1, 1, Lk] (Switch Transformers' encoder): the same keys for every query
+    row = torch.zeros(2, 1, 1, 5).index_fill(-1, torch.tensor([0]), torch.finfo(torch.float32).min)
+    kind, keys = mask_kind(row, 0, 5, 5, causal_if_none=False)
+    assert kind == "full" and keys.tolist() == [[False, True, True, True, True]] * 2
+    assert mask_kind(torch.zeros(1, 1, 1, 5), 0, 5, 5, causal_if_none=False) == ("full", None)
+    assert mask_kind(torch.zeros(1, 1, 2, 5), 0, 5, 5, causal_if_none=False) is None  # neither 1 nor Lq rows
 
 
 def test_mask_kind_reads_a_mask_once_until_it_changes(monkeypatch):
@@ -797,7 +903,7 @@ def _bench(monkeypatch):
 def test_hf_benchmark_on_padded_batches(capsys, monkeypatch, fast_calls):
     """``--padded``: four sequences with their attention mask (right padding for T5, left for BLOOM and MPT) run on
     posbias, and the real positions agree with the unpatched model; ``--packed`` likewise for packed documents."""
-    for model in ("t5", "bloom", "mpt"):
+    for model in ("t5", "switch", "bloom", "mpt"):
         fast_calls.clear()
         _bench(monkeypatch).main(["--model", model, "--padded", "--lengths", "60", "--layers", "1", "--reps", "1",
                                   "--device", "cpu"])
@@ -820,6 +926,10 @@ def test_hf_benchmark_runs_training_and_checks_agreement(capsys, monkeypatch):
     last = capsys.readouterr().out.strip().splitlines()[-1].split("|")
     assert last[1].strip() == "40" and "OOM" not in last
     assert float(last[7]) < 1e-4  # the losses of the HF and the posbias model
+    bench.main(["--model", "switch", "--train", "--lengths", "40", "--layers", "2", "--reps", "1", "--target-len", "8",
+                "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "switch small" in out and "HF attention 'eager'" in out and float(out.strip().splitlines()[-1].split("|")[7]) < 1e-4
     bench.main(["--train", "--dropout", "0.1", "--lengths", "40", "--layers", "1", "--reps", "1", "--target-len", "8",
                 "--device", "cpu"])
     out = capsys.readouterr().out
@@ -862,19 +972,25 @@ def test_a_preferred_backend_is_taken_where_it_runs_exactly(fast_calls):
 
 
 def _random_model(rng: random.Random):
-    """A random small T5, UMT5, BLOOM or MPT (smooth activations: a ReLU whose input sits within rounding
+    """A random small T5, UMT5, Switch Transformers, BLOOM or MPT (smooth activations: a ReLU whose input sits within rounding
     of 0 would flip its gate and move a gradient by a finite step, which says nothing about attention)."""
-    kind = rng.choice(["t5", "t5", "umt5", "bloom", "mpt"])
+    kind = rng.choice(["t5", "t5", "umt5", "switch", "bloom", "mpt"])
     heads = rng.choice([1, 2, 3, 4, 6, 8])
-    if kind in ("t5", "umt5"):
+    if kind in ("t5", "umt5", "switch"):
         buckets = rng.choice([4, 6, 8, 16, 32, 33, 64])
-        cls = transformers.T5Config if kind == "t5" else transformers.UMT5Config
         layers = rng.choice([1, 2])  # as many decoder layers: transformers 5.25's generate() fails otherwise (its cache)
-        cfg = cls(vocab_size=97, d_model=8 * heads, d_kv=rng.choice([4, 8, 16]), d_ff=32, num_layers=layers,
+        kw = dict(vocab_size=97, d_model=8 * heads, d_kv=rng.choice([4, 8, 16]), d_ff=32, num_layers=layers,
                   num_decoder_layers=layers, num_heads=heads, relative_attention_num_buckets=buckets,
                   relative_attention_max_distance=rng.choice([buckets // 2 + 1, buckets, 40, 128, 1000]),
-                  feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-        model = (transformers.T5ForConditionalGeneration if kind == "t5" else transformers.UMT5ForConditionalGeneration)(cfg)
+                  dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        if kind == "switch":  # experts in every layer, or every other one
+            model = transformers.SwitchTransformersForConditionalGeneration(transformers.SwitchTransformersConfig(
+                **kw, num_experts=rng.choice([2, 4]), encoder_sparse_step=rng.choice([1, 2]), decoder_sparse_step=1,
+                dense_act_fn="gelu_new"))
+        else:
+            cls = transformers.T5Config if kind == "t5" else transformers.UMT5Config
+            model = (transformers.T5ForConditionalGeneration if kind == "t5" else
+                     transformers.UMT5ForConditionalGeneration)(cls(**kw, feed_forward_proj="gated-gelu"))
         return kind, randomize_bias(model)
     if kind == "bloom":
         return kind, transformers.BloomForCausalLM(transformers.BloomConfig(
@@ -896,7 +1012,7 @@ def test_random_models_equal_the_unpatched_ones(seed, fast_calls):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     kind, ref = _random_model(rng)
-    ref, fast = pair(ref)
+    ref, fast = pair(causal_umt5_decoder(ref))
     b, n = rng.choice([1, 2, 3]), rng.choice([1, 2, 7, 33, 130, 300])
     padding, train = rng.choice([None, "right", "left", "scattered"]), rng.random() < 0.5
     ids, mask = torch.randint(2, 97, (b, n)), torch.ones(b, n, dtype=torch.long)
@@ -910,7 +1026,7 @@ def test_random_models_equal_the_unpatched_ones(seed, fast_calls):
             mask[r] = (torch.rand(n) < 0.7).long()
             mask[r, rng.randrange(n)] = 1
     inputs = dict(input_ids=ids, attention_mask=mask)
-    if kind in ("t5", "umt5"):
+    if kind in ("t5", "umt5", "switch"):
         inputs["decoder_input_ids"] = torch.randint(2, 97, (b, rng.choice([1, 5, 40])))
     real = mask.bool() if kind in ("bloom", "mpt") else slice(None)  # a decoder's positions are all real
     results = []

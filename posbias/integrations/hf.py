@@ -3,8 +3,8 @@
 Two things live here:
 
 * **conversion** between ``transformers`` configs/weights and posbias schemes:
-  :func:`scheme_from_hf` (T5, mT5, UMT5: ``relative_attention_bias.weight`` is ``[num_buckets, heads]``,
-  encoder bidirectional, decoder causal; BLOOM: ALiBi slopes from the head count) and
+  :func:`scheme_from_hf` (T5, mT5, UMT5, Switch Transformers, Pop2Piano: ``relative_attention_bias.weight``
+  is ``[num_buckets, heads]``, encoder bidirectional, decoder causal; BLOOM: ALiBi slopes from the head count) and
   :func:`t5_to_hf` (a posbias :class:`~posbias.schemes.t5.T5Bias` back to the config fields and weight);
   MPT: ALiBi with the slopes the model builds; :func:`schemes_from_pretrained` reads them from a saved
   model folder without building the model (``posbias plot --checkpoint`` draws them);
@@ -39,6 +39,7 @@ import functools
 import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -54,7 +55,10 @@ from ..schemes.t5 import T5Bias
 __all__ = ["scheme_from_hf", "schemes_from_pretrained", "t5_to_hf", "accelerate", "restore", "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "posbias"
-T5_FAMILY = ("t5", "mt5", "umt5")
+# model types whose attention is transformers' T5 attention (a "Copied from T5" class: the same bucketing,
+# table and attention interface); LongT5 (local attention with its own bias) and UDOP (a 2-D bias added
+# to the table's) are not
+T5_FAMILY = ("t5", "mt5", "umt5", "switch_transformers", "pop2piano")
 ALIBI_FAMILY = ("bloom", "mpt")
 _MARK = "_posbias_accelerated"
 
@@ -78,11 +82,16 @@ TRANSFORMERS_FROM = (5, 15)
 
 
 def too_old(version: str) -> bool:
-    """Whether a transformers ``version`` predates :data:`TRANSFORMERS_FROM` (its release numbers, read
-    by ``packaging``, a dependency of transformers: ``"5.16.0.dev0"`` is 5.16)."""
+    """Whether a transformers ``version`` predates :data:`TRANSFORMERS_FROM`."""
+    return _release(version) < TRANSFORMERS_FROM
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """A version's first two release numbers, read by ``packaging`` (a dependency of transformers):
+    ``"5.16.0.dev0"`` is ``(5, 16)``."""
     from packaging.version import Version
 
-    return Version(version).release[:2] < TRANSFORMERS_FROM
+    return Version(version).release[:2]
 
 
 # -- conversion -------------------------------------------------------------------------------
@@ -147,7 +156,9 @@ def rope_from_hf(config: Any) -> dict[str, RoPE]:
     params = getattr(config, "rope_parameters", None)
     if not isinstance(params, dict) or not params:
         raise ValueError(f"model_type {getattr(config, 'model_type', None)!r} has no rope parameters")
-    groups = params if all(isinstance(v, dict) for v in params.values()) else {"": params}
+    # per layer type where the config gives each its own dict (transformers 5.15's Gemma 3 also keeps a
+    # top-level rope_type "default" with rope_theta None beside them, which it warns about and never uses)
+    groups = {k: v for k, v in params.items() if isinstance(v, dict)} or {"": params}
     try:
         return {layer: _rope_of(config, p, layer) for layer, p in groups.items()}
     except (KeyError, AttributeError, TypeError) as exc:  # a config laid out otherwise: said, not a traceback
@@ -354,8 +365,11 @@ def _read_mask(mask: Tensor, q_start: int, lq: int, lk: int, hides: bool) -> tup
     allowed = _allowed(mask, hides)
     if allowed is None:
         return None
-    if allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[-2:] != (lq, lk):
+    if allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[-1] != lk or allowed.shape[-2] not in (1, lq):
         return None
+    # [batch, 1, 1, lk] (Switch Transformers' encoder mask): the same keys for every query, read as the
+    # full mask it broadcasts to (a view)
+    allowed = allowed.expand(-1, -1, lq, -1)
     if bool(allowed.all()):
         return "full", None
     keys = allowed.any(dim=-2)  # [batch, 1, lk]: the keys some query may see
@@ -607,8 +621,8 @@ def _mpt_forward(module: nn.Module, original, hidden_states: Tensor, position_bi
 def accelerate(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """Run ``model``'s positional self-attention on posbias; returns the same model (patched in place).
 
-    T5 family (T5, Flan-T5, mT5, UMT5): each ``relative_attention_bias`` becomes a posbias T5 bias
-    sharing the weight, layers pass a lazy bias instead of ``[1, heads, N, N]``, and the model's
+    T5 family (T5, Flan-T5, mT5, UMT5, Switch Transformers, Pop2Piano): each ``relative_attention_bias``
+    becomes a posbias T5 bias sharing the weight, layers pass a lazy bias instead of ``[1, heads, N, N]``, and the model's
     attention implementation becomes ``"posbias"`` (SDPA for everything that is not positional
     self-attention). BLOOM and MPT: self-attention goes through posbias' fused ALiBi path. Inference on fewer
     than :data:`POSBIAS_FROM` keys keeps transformers' own path, faster there; training always takes posbias.
@@ -621,12 +635,20 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not a posbias backend; valid: auto, {', '.join(BACKENDS)}")
-    _transformers()
+    version = _transformers().__version__
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind not in T5_FAMILY + ALIBI_FAMILY:
         raise ValueError(f"accelerate supports model_type {', '.join(T5_FAMILY + ALIBI_FAMILY)}; got {kind!r}")
     if getattr(model, _MARK, None) is not None:
         return model
+    if kind in T5_FAMILY and any(_is_t5_attention(m) and m.has_relative_attention_bias and m.is_decoder
+                                 and getattr(m, "is_causal", True) is False for m in model.modules()):
+        # transformers 5.15-5.17 build UMT5 so (5.18 sets is_causal): its decoder then sees later tokens under SDPA
+        warnings.warn(f"this {type(model).__name__}'s decoder self-attention has is_causal = False (transformers "
+                      f"{version}; UMT5 gets it from 5.18): under SDPA with no decoder mask, a forward pass over several "
+                      "decoder tokens lets each see the later ones. The accelerated decoder is causal, so there its "
+                      "outputs differ from the unpatched model's (generate() feeds one decoder token at a time and is "
+                      "unaffected)", stacklevel=2)
     patch = _patch_t5 if kind in T5_FAMILY else _patch_mpt if kind == "mpt" else _patch_bloom
     patched, undo = patch(model, backend)
     if patched == 0:
