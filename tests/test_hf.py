@@ -1007,7 +1007,8 @@ def test_random_models_equal_the_unpatched_ones(seed, fast_calls):
     training: the accelerated model's logits at every real position, and the gradient of every parameter
     under a loss over those positions, equal the unpatched model's; at inference without scattered
     padding, so do 8 greedily generated tokens (through the cache). 300 such cases ran clean on
-    2026-12-04; the loss leaves out padded positions, whose outputs no one reads and the two paths fill
+    2026-12-04, and 300 with Switch Transformers among them on transformers 5.25.0 and 5.15.0 (a UMT5
+    reference there with its decoder made causal: :func:`causal_umt5_decoder`); the loss leaves out padded positions, whose outputs no one reads and the two paths fill
     differently."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
