@@ -178,14 +178,17 @@ def add_plot_parser(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--checkpoint", nargs="+", metavar="PATH",
                       help="draw the biases these trained models learned instead: posbias checkpoints "
                            "(runs/…/models/<label>/final), model folders, a study's or retrofit's folder (every "
-                           "model in it, as diagnose reads them) or local Hugging Face T5/mT5/UMT5/BLOOM/MPT folders, or the rotation of any with rope parameters (Llama, Qwen, …) "
+                           "model in it, as diagnose reads them) or local Hugging Face T5/mT5/UMT5/Switch/BLOOM/MPT folders, or the rotation of any with rope parameters (Llama, Qwen, …) "
                            "(read without building the model; nothing is downloaded)")
     p.add_argument("--heads", type=int, default=8, help="attention heads")
     p.add_argument("--head-dim", type=int, default=64, help="head dimension")
     p.add_argument("--length", type=int, default=64,
                    help="tokens in the heatmaps (past 512, 512 evenly spread positions per axis are drawn)")
-    p.add_argument("--num-buckets", type=int, default=32, help="of the T5 bucket maps")
-    p.add_argument("--max-distance", type=int, default=128, help="of the T5 bucket maps")
+    p.add_argument("--num-buckets", type=int, default=None,
+                   help="of the T5 bucket maps t5_bucket_map.png and t5_bucket_map_bidirectional.png, drawn where a "
+                        "t5 label is among --schemes or this or --max-distance is given (default 32); a t5 label "
+                        "with other settings gets maps of its own")
+    p.add_argument("--max-distance", type=int, default=None, help="of those maps (default 128)")
     p.add_argument("--max-plot-distance", type=int, default=512, help="largest distance of the bias curves")
     p.add_argument("--seed", type=int, default=0, help="seed of the learnable schemes' initialisation")
     p.set_defaults(func=cmd_plot)
@@ -194,12 +197,18 @@ def add_plot_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from . import plot
 
-    if not args.checkpoint:  # the bucket maps' settings (causal and bidirectional), before anything is drawn
-        from .schemes.t5 import check_t5
+    from .schemes.alibi import ALiBi
+    from .schemes.t5 import T5Bias, check_t5
 
+    asked = [f for f, v in (("--num-buckets", args.num_buckets), ("--max-distance", args.max_distance)) if v is not None]
+    if args.checkpoint and asked:
+        raise CLIError(f"{asked[0]} sets the bucket maps of --schemes; with --checkpoint each T5 model's map is "
+                       "drawn at its own settings")
+    nb, md = (32 if args.num_buckets is None else args.num_buckets), (128 if args.max_distance is None else args.max_distance)
+    if not args.checkpoint:  # the bucket maps' settings (causal and bidirectional), before anything is drawn
         for both in (False, True):
             try:
-                check_t5(args.num_buckets, args.max_distance, both)
+                check_t5(nb, md, both)
             except ValueError as exc:  # (plot has no --bidirectional: it draws both maps)
                 raise CLIError(str(_scheme_error("t5", exc)).replace("--bidirectional needs",
                                                                      "the bidirectional map needs")) from None
@@ -215,12 +224,19 @@ def cmd_plot(args: argparse.Namespace) -> None:
             raise CLIError(f"scheme {label}: {exc}") from None
     drawn, rotary = _drawable(labelled)
     what = {label: s.illustrate_() for label, s in drawn}  # table schemes start at 0: an illustrative table
-    written = [
-        plot.plot_bucket_map(out / "t5_bucket_map.png", num_buckets=args.num_buckets, max_distance=args.max_distance),
-        plot.plot_bucket_map(out / "t5_bucket_map_bidirectional.png", num_buckets=args.num_buckets,
-                             max_distance=args.max_distance, bidirectional=True),
-        plot.plot_t5_vs_alibi(out / "t5_vs_alibi.png"),
-    ]
+    # the bucket maps at the flags' settings where they were given or a T5 drawn has them, a map of its own
+    # for a T5 with others, the textbook's T5-vs-ALiBi figure where both are drawn: `--schemes rope` writes
+    # rope_wavelengths.png alone
+    t5s = [s for _, s in drawn if isinstance(s, T5Bias)]
+    written = []
+    if asked or any((s.num_buckets, s.max_distance) == (nb, md) for s in t5s):
+        written += [plot.plot_bucket_map(out / "t5_bucket_map.png", num_buckets=nb, max_distance=md),
+                    plot.plot_bucket_map(out / "t5_bucket_map_bidirectional.png", num_buckets=nb, max_distance=md,
+                                         bidirectional=True)]
+    own = {(s.num_buckets, s.max_distance, s.bidirectional) for s in t5s} - {(nb, md, False), (nb, md, True)}
+    written += [_t5_map(out, *config) for config in sorted(own)]
+    if t5s and any(isinstance(s, ALiBi) for _, s in drawn):
+        written.append(plot.plot_t5_vs_alibi(out / "t5_vs_alibi.png"))
     for label, s in drawn:
         written.append(plot.plot_bias_heatmaps(s, out / f"heatmap_{_slug(label)}.png", length=args.length,
                                                causal=not s.two_sided,
@@ -296,11 +312,18 @@ def _plot_checkpoints(paths: Sequence[str], out: Path, args: argparse.Namespace)
                                              log_distance=True, title="learned positional biases",
                                              trained=[trained[label] for label, _ in drawn]))
     maps = {(s.num_buckets, s.max_distance, s.bidirectional) for _, s in drawn if isinstance(s, T5Bias)}
-    for nb, md, both in sorted(maps):
-        written.append(plot.plot_bucket_map(out / f"t5_bucket_map_{nb}_{md}_{'bidirectional' if both else 'causal'}.png",
-                                            num_buckets=nb, max_distance=md, bidirectional=both))
+    written += [_t5_map(out, nb, md, both) for nb, md, both in sorted(maps)]
     for p in written:
         say(str(p))
+
+
+def _t5_map(out: Path, num_buckets: int, max_distance: int, bidirectional: bool) -> Path:
+    """The bucket map of one T5 configuration, named by it: ``t5_bucket_map_<N>_<D>_<causal|bidirectional>.png``."""
+    from . import plot
+
+    return plot.plot_bucket_map(out / f"t5_bucket_map_{num_buckets}_{max_distance}_"
+                                      f"{'bidirectional' if bidirectional else 'causal'}.png",
+                                num_buckets=num_buckets, max_distance=max_distance, bidirectional=bidirectional)
 
 
 def _checkpoint_schemes(path: str) -> list[tuple[str, Any, int | None]]:

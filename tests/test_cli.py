@@ -241,8 +241,34 @@ def test_plot_skips_schemes_without_a_bias_and_says_so(tmp_path, capsys):
     assert main(["plot", "--schemes", "sinusoidal", "nope", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "skipping sinusoidal (absolute: no attention bias to draw), nope (none: no attention bias to draw)" in out
-    assert (tmp_path / "t5_bucket_map.png").exists() and not (tmp_path / "bias_vs_distance.png").exists()
-    assert not (tmp_path / "rope_wavelengths.png").exists()
+    assert not any(tmp_path.iterdir())  # nothing to draw: no T5 among them, so no bucket maps either
+    assert main(["plot", "--schemes", "nope", "--num-buckets", "16", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t5_bucket_map.png", "t5_bucket_map_bidirectional.png"]
+
+
+def test_plot_draws_the_t5_figures_of_the_schemes_asked_for(tmp_path, capsys):
+    """The bucket maps where a T5 label is drawn (one pair at the flags' settings, and a map of its own for
+    a label with others), the T5-vs-ALiBi figure where both are: ``--schemes rope`` writes its one figure."""
+    pytest.importorskip("matplotlib")
+
+    def names(argv, out):
+        assert main(["plot", *argv, "--heads", "2", "--max-plot-distance", "32", "--out", str(tmp_path / out)]) == 0
+        return sorted(p.name for p in (tmp_path / out).iterdir())
+
+    assert names(["--schemes", "rope"], "a") == ["rope_wavelengths.png"]
+    assert names(["--schemes", "alibi"], "b") == ["bias_vs_distance.png", "heatmap_alibi.png"]
+    assert names(["--schemes", "t5@max_distance=64", "alibi"], "c") == [
+        "bias_vs_distance.png", "heatmap_alibi.png", "heatmap_t5_max_distance_64.png",
+        "t5_bucket_map_32_64_causal.png", "t5_vs_alibi.png"]
+    assert names(["--schemes", "t5@max_distance=64", "t5"], "c2") == [
+        "bias_vs_distance.png", "heatmap_t5.png", "heatmap_t5_max_distance_64.png", "t5_bucket_map.png",
+        "t5_bucket_map_32_64_causal.png", "t5_bucket_map_bidirectional.png"]
+    assert names(["--schemes", "t5", "t5@bidirectional=true"], "d") == [  # the flags' pair covers both directions
+        "bias_vs_distance.png", "heatmap_t5.png", "heatmap_t5_bidirectional_true.png", "t5_bucket_map.png",
+        "t5_bucket_map_bidirectional.png"]
+    capsys.readouterr()
+    assert main(["plot", "--checkpoint", str(tmp_path), "--num-buckets", "16", "--out", str(tmp_path / "e")]) == 2
+    assert "--num-buckets sets the bucket maps of --schemes; with --checkpoint" in capsys.readouterr().err
 
 
 def test_plot_draws_what_a_rope_scaling_does_to_each_pair(tmp_path, capsys):
