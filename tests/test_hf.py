@@ -489,7 +489,7 @@ def same_attention_dropout(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "dropout", shared)
 
 
-@pytest.mark.parametrize("family", ["t5", "bloom", "mpt"])
+@pytest.mark.parametrize("family", ["t5", "switch", "bloom", "mpt"])
 def test_training_with_attention_dropout_runs_on_posbias(family, fast_calls, same_attention_dropout):
     """Attention dropout in training (T5's default ``dropout_rate=0.1``) no longer sends the model back to
     transformers' O(N²) path: with the same dropout mask the accelerated model's outputs and weight
@@ -498,6 +498,10 @@ def test_training_with_attention_dropout_runs_on_posbias(family, fast_calls, sam
     if family == "t5":
         model = randomize_bias(transformers.T5EncoderModel(t5_config(dropout_rate=0.1)))
         model.set_attn_implementation("eager")
+        weight = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    elif family == "switch":  # (no router jitter: its random noise would differ between the two models)
+        model = randomize_bias(transformers.SwitchTransformersEncoderModel(switch_config(dropout_rate=0.1,
+                                                                                         router_jitter_noise=0.0)))
         weight = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     elif family == "bloom":
         model = transformers.BloomForCausalLM(transformers.BloomConfig(
@@ -515,7 +519,7 @@ def test_training_with_attention_dropout_runs_on_posbias(family, fast_calls, sam
         m.train(m is not fast or len(results) < 2)
         torch.manual_seed(5)
         out = m(input_ids=ids)
-        out = out.last_hidden_state if family == "t5" else out.logits
+        out = out.last_hidden_state if family in ("t5", "switch") else out.logits
         results.append((out, torch.autograd.grad(out.square().mean(), dict(m.named_parameters())[weight])[0]))
     (a, ga), (b, gb), (evaluated, _) = results
     torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
