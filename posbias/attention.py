@@ -229,6 +229,9 @@ def _flex_usable(scheme: Scheme, q: Tensor, contiguous: Callable[[], bool]) -> s
 
 TOEPLITZ_TRAINS_BELOW = 2560  # keys: below, a learnable windowed table trains faster on toeplitz (measured)
 BANDED_BIDIRECTIONAL_FROM = 4096  # keys: from here bidirectional training takes banded over windowed (measured)
+# keys from which causal training of such a table takes banded over toeplitz: the crossing moves with the CPU
+# (about 2.5k on a Xeon, 3k on a Zen 3, 4k on a Zen 4; choose_backend), 3k costs at most ~6% on any of them
+CAUSAL_BANDED_FROM = 3072
 
 # CUDA fast paths that a GPU run has validated (``pytest -m cuda`` and ``benchmarks/gpu_check.sh``,
 # docs/attention.md), in the order ``auto`` tries them. Issue 12's rule: until a path is listed here,
@@ -243,7 +246,7 @@ def _candidates(device_type: str, trains: bool, keys: int, causal: bool) -> tupl
     """The fast backends ``auto`` tries, fastest first, before the general fallbacks."""
     if device_type != "cpu":
         return ("sdpa", *CUDA_VALIDATED)
-    if trains and keys >= TOEPLITZ_TRAINS_BELOW:
+    if trains and keys >= (CAUSAL_BANDED_FROM if causal else TOEPLITZ_TRAINS_BELOW):
         if causal or keys >= BANDED_BIDIRECTIONAL_FROM:
             return ("sdpa", "banded", "windowed", "toeplitz", "alibi")
         return ("sdpa", "windowed", "toeplitz", "alibi")
@@ -256,8 +259,8 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
     Measured on 2-core CPUs (``benchmarks/bench_attention.py``, docs/attention.md): for a Toeplitz bias the
     reversed-key ``toeplitz`` path is the fastest at inference and for fixed biases in training (ALiBi
     fwd+bwd 1.16× vs 1.63× for ``alibi``). A learnable bias constant beyond a window (T5, offset)
-    trains faster with the band as the only dense part from 2.5k keys on, and faster ``toeplitz``
-    below, where the merge's fixed per-block costs show (fwd+bwd, 7 interleaved pairs, 2 threads,
+    trains faster with the band as the only dense part from 2.5k–4k keys on (causally from
+    :data:`CAUSAL_BANDED_FROM`, see below), and faster ``toeplitz`` below, where the merge's fixed per-block costs show (fwd+bwd, 7 interleaved pairs, 2 threads,
     2026-11-24: t5 at 1k / 1.5k / 2k 1.35× / 1.24× / 1.22× windowed vs 1.28× / 1.37× / 1.41× toeplitz;
     offset 1.30× / 1.29× / 1.24× vs 1.17× / 1.42× / 1.40×). Since toeplitz's backward blocks were capped
     at 128 rows (:func:`~posbias.kernels.flash.backward_rows`) the crossing moved from 1.5k to 2k keys,
@@ -272,7 +275,14 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
     pairs, ratio banded / windowed: causal t5 at 1.5k / 2k / 3k / 4k / 8k / 16k 1.01 / 0.99 / 0.92 /
     0.87 / 0.76 / 0.71, offset 0.97 / 0.98 / 0.91 / 0.81 / 0.77; bidirectional, after the band's
     forward moved onto the fused op, t5 at 2k / 3k / 4k / 6k 1.06 / 0.99 / 0.91–0.97 / 0.83, offset
-    at 3k / 4k 0.96 / 0.94). On CUDA: :data:`CUDA_VALIDATED`."""
+    at 3k / 4k 0.96 / 0.94). The causal crossing between toeplitz and banded moves with the CPU (ratio
+    banded / toeplitz, fwd+bwd, H=8, d=64, 2 threads, denormals flushed, 5–9 interleaved pairs): on a
+    Xeon with AVX-512 and AMX (2026-12-01) t5 0.95 / 0.91 and offset 0.95 / 0.94 at 2.5k / 3k; on a Zen 3
+    with AVX2 (2026-12-03) t5 1.13 / 0.97 / 0.98 and offset 1.09 / 1.03 / 1.00 at 2.5k / 3k / 4k; on a
+    Zen 4 with AVX-512 (2026-12-04) t5 1.06 / 1.04 / 0.99 / 0.86 / 0.82 and offset 1.13 / 1.06 / 0.99 /
+    0.90 / 0.83 at 2.5k / 3k / 4k / 6k / 8k. Banded from 2.5k cost up to 13% on two of the three; from 3k
+    (:data:`CAUSAL_BANDED_FROM`) the worst is the Zen 4's 4–6% at 3k–4k and the Xeon's 5% at 2.5k–3k. On
+    CUDA: :data:`CUDA_VALIDATED`."""
     order = _candidates(q.device.type, trains_bias(scheme), len(k_pos), causal)
     for name in order:
         if usable(name, scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal) is None:

@@ -105,16 +105,16 @@ def test_toeplitz_row_evaluates_a_flat_bias_on_its_window_only(name, options):
 
 def test_auto_backend_choice_follows_the_measurements():
     """Toeplitz biases: the reversed-key toeplitz path, except a learnable bias constant beyond a window
-    in training from 2560 keys on (only the band dense): banded when causal, and bidirectionally from
-    4096 keys, windowed before that or where banded cannot run (queries outside the keys). Gradients,
+    in training (only the band dense): causally banded from 3072 keys, bidirectionally windowed from
+    2560 and banded from 4096, windowed where banded cannot run (queries outside the keys). Gradients,
     length and causality decide, not the scheme's name."""
     for n, causal, cases in [
             (8, True, [("kerple-log", True, "toeplitz"), ("kerple-log", False, "toeplitz"), ("t5", True, "toeplitz"),
                        ("t5", False, "toeplitz"), ("offset", True, "toeplitz"), ("alibi", True, "toeplitz"),
                        ("fire", True, "blockwise"), ("rope", True, "sdpa")]),
-            (2559, True, [("t5", True, "toeplitz"), ("offset", True, "toeplitz")]),
+            (3071, True, [("t5", True, "toeplitz"), ("offset", True, "toeplitz")]),
             (2559, False, [("t5", True, "toeplitz")]),
-            (2560, True, [("t5", True, "banded"), ("offset", True, "banded"), ("t5", False, "toeplitz"),
+            (3072, True, [("t5", True, "banded"), ("offset", True, "banded"), ("t5", False, "toeplitz"),
                           ("kerple-log", True, "toeplitz")]),
             (2560, False, [("t5", True, "windowed")]),
             (4095, False, [("t5", True, "windowed")]),
