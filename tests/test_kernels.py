@@ -858,3 +858,39 @@ def test_toeplitz_parameter_gradients_are_as_close_to_float64_as_the_reference(n
         if backend == "reference":
             ref_err = err
     assert err <= 10 * ref_err + 2e-6, (err, ref_err)
+
+
+def test_inputs_an_older_fused_op_misreads_are_handed_to_it_in_a_form_it_reads(monkeypatch):
+    """torch 2.6's fused CPU op reads a mask as if its rows were contiguous and returns NaN for grouped
+    keys and values (2.8: the grouped case), without an error. :func:`~posbias.kernels.flash.op_reads`
+    measures what the installed op reads; where a check fails, masks go in contiguous and heads repeated.
+    Here the checks are made to fail: the paths that hand those inputs (windowed's band mask of two
+    blocks, grouped decoding on toeplitz and blockwise) still equal the reference, and the op sees no
+    strided mask and no grouped heads."""
+    from posbias.kernels import flash
+
+    reads = flash.op_reads()
+    if torch.__version__ >= (2, 13):  # what this project's torch reads (2.6: strided masks and grouped heads not)
+        assert reads == flash.OpReads(True, True, True)
+    monkeypatch.setattr(flash, "op_reads", lambda: flash.OpReads(False, False, False))
+    seen = []
+    real = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    class Op:  # records what the op is handed
+        def __call__(self, q, k, v, *args, attn_mask=None, **kw):
+            seen.append((q.shape[1] == k.shape[1], attn_mask is None or attn_mask.is_contiguous()))
+            return real(q, k, v, *args, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", Op())
+    torch.manual_seed(0)
+    s = randomized("t5", max_distance=40, bidirectional=True)
+    q, k, v = (torch.randn(2, s.n_heads, 301, 16) for _ in range(3))
+    with torch.no_grad():
+        torch.testing.assert_close(attention(q, k, v, s, causal=False, backend="windowed"),
+                                   attention_reference(q, k, v, s, causal=False), atol=2e-5, rtol=1e-4)
+        for name in ("t5", "fire"):
+            g = randomized(name)
+            q1, k1, v1 = torch.randn(1, g.n_heads, 1, 16), *(torch.randn(1, 1, 90, 16) for _ in range(2))
+            torch.testing.assert_close(attention(q1, k1, v1, g, enable_gqa=True),
+                                       attention_reference(q1, k1, v1, g, enable_gqa=True), atol=2e-5, rtol=1e-4)
+    assert seen and all(same_heads and contiguous for same_heads, contiguous in seen)

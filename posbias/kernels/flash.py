@@ -10,6 +10,9 @@ probabilities it recomputes are the merged ones), as ring attention does.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -21,10 +24,59 @@ def flash_available(x: Tensor) -> bool:
     return x.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
+class OpReads(NamedTuple):
+    """What this torch's fused CPU op reads correctly (:func:`op_reads`)."""
+
+    strided_masks: bool  # a mask whose last dimension is not contiguous (a band built by flipping a view)
+    overlapping_masks: bool  # a mask whose rows overlap in memory (toeplitz's zero-copy ``unfold`` view)
+    grouped: bool  # keys and values with fewer heads than the queries
+
+
+@functools.lru_cache(maxsize=1)
+def op_reads() -> OpReads:
+    """Measured once per process, on a few pairs against dense math: which inputs the fused CPU op reads
+    correctly. torch 2.6's op reads a mask as if each row were contiguous, whatever its strides, and
+    fills outputs with NaN for grouped keys and values: wrong results without an error (found
+    2026-12-04 when the suite ran under 2.6; 2.13 reads all three). Where a check fails,
+    :func:`flash_forward` and :func:`flash_backward` hand the op a contiguous mask or repeated heads."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for n in (3, 5, 5))
+    row = torch.randn(2, 7, generator=g)
+    masks = {"strided_masks": torch.randn(2, 5, 3, generator=g).transpose(-1, -2),  # [2, 3, 5], strides (15, 1, 3)
+             "overlapping_masks": row.unfold(-1, 5, 1)}  # [2, 3, 5], strides (7, 1, 1)
+
+    def agrees(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> bool:
+        kr, vr = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+        want = torch.softmax(q @ kr.transpose(-1, -2) * 0.5 + mask, -1) @ vr
+        got = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask[None],
+                                                                          scale=0.5)[0]
+        return bool(torch.allclose(got, want, atol=1e-5))
+
+    with torch.no_grad():
+        reads = {name: agrees(q, k, v, m) for name, m in masks.items()}
+        reads["grouped"] = agrees(torch.randn(1, 4, 3, 8, generator=g), k, v, torch.randn(4, 3, 5, generator=g))
+    return OpReads(**reads)
+
+
+def readable(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The op's inputs as this torch reads them correctly (:func:`op_reads`): unchanged on a torch that
+    reads them all."""
+    reads = op_reads()
+    if mask is not None and mask.dim() >= 2 and mask.shape[-1] > 1:
+        strided = mask.stride(-1) != 1
+        overlapping = not strided and mask.shape[-2] > 1 and 0 <= mask.stride(-2) < mask.shape[-1]
+        if (strided and not reads.strided_masks) or (overlapping and not reads.overlapping_masks):
+            mask = mask.contiguous()
+    if k.shape[1] != q.shape[1] and not reads.grouped:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+    return k, v, mask
+
+
 def flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
                   mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Fused attention (top-left causal when ``causal``; ``mask`` an additive float bias with −∞ for
     hidden pairs) → (out, lse float32 ``[B, H, Lq]``)."""
+    k, v, mask = readable(q, k, v, mask)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
                                                                           scale=scale)
     return out, lse.float()
@@ -46,6 +98,9 @@ def fused_inputs(*tensors: Tensor) -> list[Tensor]:
 
 def flash_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
                    causal: bool, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    if k.shape[1] != q.shape[1]:  # (callers repeat grouped heads before a backward: the sums are per query head)
+        raise ValueError("flash_backward needs keys and values with the queries' head count")
+    _, _, mask = readable(q, k, v, mask)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         do.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, causal, attn_mask=mask, scale=scale)
 

@@ -133,6 +133,7 @@ def flex_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tenso
     q, k, v = _pad_to(q, q_pad), _pad_to(k, k_pad), _pad_to(v, k_pad)
     if not compile:
         return fa.flex_attention(q, k, v, score_mod=mod, block_mask=mask, scale=scale)[:, :, :lq]
-    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    with torch._dynamo.config.patch(recompile_limit=limit):
+    # (torch 2.6 names the setting cache_size_limit)
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{name: max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT)}):
         return _compiled_flex()(q, k, v, score_mod=mod, block_mask=mask, scale=scale)[:, :, :lq]

@@ -85,14 +85,17 @@ class FIRE(Scheme):
         c = self.c.abs().float()
         first, last = self.mlp[0], self.mlp[2]
         w1, b1 = first.weight[:, 0].float(), first.bias.float()
-        w2, b2 = last.weight.float(), last.bias.float()
+        b2 = last.bias.float()
         width = w1.numel()
+        # each hidden unit's output weights as a [heads] vector, read with the head index alone (torch 2.6
+        # and 2.8 cannot trace w2[h, u], a tensor index beside an integer: "data dependent operator")
+        w2 = [last.weight[:, u].float() for u in range(width)]
 
         def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             x = torch.log1p(c * (q_idx - kv_idx + shift).abs()) / den[q_idx]
             acc = b2[h]
             for u in range(width):
-                acc = acc + w2[h, u] * torch.relu(w1[u] * x + b1[u])
+                acc = acc + w2[u][h] * torch.relu(w1[u] * x + b1[u])
             return score + acc
 
         return mod
