@@ -188,10 +188,6 @@ class T5Bias(ToeplitzScheme):
             lines.append(f"{bucket:>6}  {rng}" + ("" if hi is None else f"  ({hi - lo + 1})"))
         return lines
 
-    def _bucket(self, offset: int) -> int:
-        return int(t5_bucket(torch.tensor(offset), num_buckets=self.num_buckets, max_distance=self.max_distance,
-                             bidirectional=self.bidirectional))
-
     def _offset_header(self) -> str:
         return f"{'bucket':>8}  {'region':<11}"
 
@@ -204,12 +200,12 @@ class T5Bias(ToeplitzScheme):
             region = "final"
         else:
             region = "log"
-        return f"{self._bucket(offset):>8}  {region:<11}"
+        return f"{int(self.buckets(torch.tensor(offset))):>8}  {region:<11}"
 
     def _offset_notes(self, offsets: list[int]) -> list[str]:
         shared: dict[int, list[int]] = {}
         for d in dict.fromkeys(offsets):
-            shared.setdefault(self._bucket(d), []).append(d)
+            shared.setdefault(int(self.buckets(torch.tensor(d))), []).append(d)
         notes = [f"offsets {', '.join(map(str, ds))} share bucket {b}: one learned scalar per head for all of them"
                  for b, ds in shared.items() if len(ds) > 1]
         if not bool(self.table.detach().any()):
