@@ -204,7 +204,9 @@ def cmd_plot(args: argparse.Namespace) -> None:
     if args.checkpoint and asked:
         raise CLIError(f"{asked[0]} sets the bucket maps of --schemes; with --checkpoint each T5 model's map is "
                        "drawn at its own settings")
-    nb, md = (32 if args.num_buckets is None else args.num_buckets), (128 if args.max_distance is None else args.max_distance)
+    default = {k: spec.default for k, spec in option_specs(T5Bias).items()}  # T5's own: 32 buckets, distance 128
+    nb = default["num_buckets"] if args.num_buckets is None else args.num_buckets
+    md = default["max_distance"] if args.max_distance is None else args.max_distance
     if not args.checkpoint:  # the bucket maps' settings (causal and bidirectional), before anything is drawn
         for both in (False, True):
             try:
