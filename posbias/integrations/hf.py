@@ -635,20 +635,12 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not a posbias backend; valid: auto, {', '.join(BACKENDS)}")
-    version = _transformers().__version__
+    _transformers()
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind not in T5_FAMILY + ALIBI_FAMILY:
         raise ValueError(f"accelerate supports model_type {', '.join(T5_FAMILY + ALIBI_FAMILY)}; got {kind!r}")
     if getattr(model, _MARK, None) is not None:
         return model
-    if kind in T5_FAMILY and any(_is_t5_attention(m) and m.has_relative_attention_bias and m.is_decoder
-                                 and getattr(m, "is_causal", True) is False for m in model.modules()):
-        # transformers 5.15-5.17 build UMT5 so (5.18 sets is_causal): its decoder then sees later tokens under SDPA
-        warnings.warn(f"this {type(model).__name__}'s decoder self-attention has is_causal = False (transformers "
-                      f"{version}; UMT5 gets it from 5.18): under SDPA with no decoder mask, a forward pass over several "
-                      "decoder tokens lets each see the later ones. The accelerated decoder is causal, so there its "
-                      "outputs differ from the unpatched model's (generate() feeds one decoder token at a time and is "
-                      "unaffected)", stacklevel=2)
     patch = _patch_t5 if kind in T5_FAMILY else _patch_mpt if kind == "mpt" else _patch_bloom
     patched, undo = patch(model, backend)
     if patched == 0:
@@ -661,16 +653,23 @@ def _patch_t5(model: nn.Module, backend: str) -> tuple[int, list]:
     """Lazy biases in every T5 attention with a table, the ``"posbias"`` implementation in every config:
     (layers patched, the configs' previous implementations)."""
     _register()
-    patched, previous = 0, {}
+    patched, previous, leaky = 0, {}, False
     for m in model.modules():
         if _is_t5_attention(m) and m.has_relative_attention_bias:
             m.compute_bias = functools.partial(_t5_compute_bias, _t5_scheme(m), posbias_backend=backend)
             patched += 1
+            leaky = leaky or (m.is_decoder and getattr(m, "is_causal", True) is False)
         cfg = getattr(m, "config", None)
         if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in previous:
             previous[id(cfg)] = (cfg, cfg._attn_implementation)
     for cfg, _ in previous.values():
         cfg._attn_implementation = ATTN_IMPLEMENTATION
+    if leaky:  # transformers 5.15-5.17 build UMT5 so (5.18 sets is_causal): its decoder then sees later tokens
+        warnings.warn(f"this {type(model).__name__}'s decoder self-attention has is_causal = False (transformers "
+                      f"{_transformers().__version__}; UMT5 gets it from 5.18): under SDPA with no decoder mask, a "
+                      "forward pass over several decoder tokens lets each see the later ones. The accelerated decoder "
+                      "is causal, so there its outputs differ from the unpatched model's (generate() feeds one "
+                      "decoder token at a time and is unaffected)", stacklevel=3)
     return patched, list(previous.values())
 
 
