@@ -260,8 +260,8 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
     reversed-key ``toeplitz`` path is the fastest at inference and for fixed biases in training (ALiBi
     fwd+bwd 1.16× vs 1.63× for ``alibi``). A learnable bias constant beyond a window (T5, offset)
     trains faster with the band as the only dense part from 2.5k–4k keys on (causally from
-    :data:`CAUSAL_BANDED_FROM`, see below), and faster ``toeplitz`` below, where the merge's fixed per-block costs show (fwd+bwd, 7 interleaved pairs, 2 threads,
-    2026-11-24: t5 at 1k / 1.5k / 2k 1.35× / 1.24× / 1.22× windowed vs 1.28× / 1.37× / 1.41× toeplitz;
+    :data:`CAUSAL_BANDED_FROM`, see below), and faster ``toeplitz`` below, where the merge's fixed
+    per-block costs show (fwd+bwd, 7 interleaved pairs, 2 threads, 2026-11-24: t5 at 1k / 1.5k / 2k 1.35× / 1.24× / 1.22× windowed vs 1.28× / 1.37× / 1.41× toeplitz;
     offset 1.30× / 1.29× / 1.24× vs 1.17× / 1.42× / 1.40×). Since toeplitz's backward blocks were capped
     at 128 rows (:func:`~posbias.kernels.flash.backward_rows`) the crossing moved from 1.5k to 2k keys,
     and to 2.5k once toeplitz's dense backward summed its blocks in place (2026-12-01, 7–9 pairs, band
