@@ -8,6 +8,10 @@ What decides ``auto``'s choice between two exact paths for the same scheme, e.g.
     python benchmarks/bench_backends.py                       # t5 and offset, windowed vs banded, training
     python benchmarks/bench_backends.py --bidirectional --schemes t5 --lengths 1536 2048 4096 8192
     python benchmarks/bench_backends.py --backends toeplitz windowed --lengths 1024 1536 2048 --forward
+    python benchmarks/bench_backends.py --schemes fire@init_L=16384 --backends blockwise auto   # FIRE below its threshold
+
+A scheme is a name or a label with options (``fire@init_L=16384``, as ``posbias extrapolate`` takes them);
+``auto`` stands for the automatic choice.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from posbias.attention import BACKENDS, usable
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schemes", nargs="+", default=["t5", "offset"], help="registered scheme names")
+    p.add_argument("--schemes", nargs="+", default=["t5", "offset"],
+                   help="registered scheme names or labels (NAME@KEY=VALUE[,KEY=VALUE])")
     p.add_argument("--backends", nargs=2, default=["windowed", "banded"], metavar=("A", "B"),
-                   help="the two posbias backends, forced (default: windowed banded)")
+                   help="the two posbias backends, forced, or auto (default: windowed banded)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1536, 2048, 3072, 4096, 8192])
     p.add_argument("--bidirectional", action="store_true", help="no causal mask (schemes built bidirectional)")
     p.add_argument("--forward", action="store_true", help="time the forward pass only (default: forward+backward, "
@@ -40,8 +45,8 @@ def main() -> None:
     machine_args(p)
     args = p.parse_args()
     for name in args.backends:
-        if name not in BACKENDS:
-            sys.exit(f"--backends: unknown {name!r}; valid: {', '.join(BACKENDS)}")
+        if name != "auto" and name not in BACKENDS:
+            sys.exit(f"--backends: unknown {name!r}; valid: auto, {', '.join(BACKENDS)}")
     fix_machine(args)
     device = torch.device(args.device)
     causal = not args.bidirectional
@@ -54,14 +59,17 @@ def main() -> None:
     print(f"| scheme | N | {a} × SDPA | {b} × SDPA | {b} / {a} |")
     print("|---|---|---|---|---|")
     for name in args.schemes:
-        options = {"bidirectional": True} if args.bidirectional and "bidirectional" in option_specs(SCHEMES[name]) else {}
+        base = name.split("@")[0]
+        if base not in SCHEMES:
+            sys.exit(f"--schemes: unknown scheme {base!r}; valid: {', '.join(SCHEMES)}")
+        options = {"bidirectional": True} if args.bidirectional and "bidirectional" in option_specs(SCHEMES[base]) else {}
         for n in args.lengths:
             torch.manual_seed(0)
             scheme = make_scheme(name, args.heads, args.head_dim, device, **options)
             q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, requires_grad=True)
                        for _ in range(3))
             pos = torch.arange(n, device=device)
-            reasons = {x: usable(x, scheme, q, q_pos=pos, k_pos=pos, causal=causal) for x in (a, b)}
+            reasons = {x: usable(x, scheme, q, q_pos=pos, k_pos=pos, causal=causal) for x in (a, b) if x != "auto"}
             why = [f"{x}: {r}" for x, r in reasons.items() if r is not None]
             if why:
                 print(f"| {name} | {n} | cannot run: {'; '.join(why)} | | |", flush=True)

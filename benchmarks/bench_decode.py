@@ -25,6 +25,7 @@ import posbias
 from bench_attention import cell, default_schemes, fix_machine, machine, machine_args, make_scheme, paired, sync
 from posbias.attention import choose_backend
 from posbias.model import ModelConfig, TransformerLM
+from posbias.schemes import parse_spec
 
 
 def attention_rows(args, device, dtype):
@@ -56,7 +57,9 @@ class Generator:
 
     def __init__(self, name, context, args, device, dtype):
         torch.manual_seed(0)
-        cfg = ModelConfig(scheme=name, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads)
+        scheme, options = parse_spec(name)
+        cfg = ModelConfig(scheme=scheme, scheme_options=options, d_model=args.d_model, n_layers=args.layers,
+                          n_heads=args.heads)
         self.model = TransformerLM(cfg).to(device=device, dtype=dtype).eval()
         self.caches = [{} for _ in self.model.blocks]
         idx = torch.randint(0, 256, (1, context), device=device)
@@ -80,7 +83,8 @@ def model_rows(args, device, dtype):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schemes", nargs="+", default=default_schemes(), help="registered scheme names")
+    p.add_argument("--schemes", nargs="+", default=default_schemes(),
+                   help="registered scheme names or labels (NAME@KEY=VALUE[,KEY=VALUE], e.g. fire@init_L=131072)")
     p.add_argument("--keys", type=int, nargs="+", default=[1024, 4096, 16384, 65536], help="cached keys (attention)")
     p.add_argument("--queries", type=int, nargs="+", default=[1], help="new queries per call (attention)")
     p.add_argument("--context", type=int, nargs="+", default=[2048, 8192], help="prefill tokens (model)")
@@ -95,8 +99,10 @@ def main() -> None:
     machine_args(p)
     args = p.parse_args()
     for name in args.schemes:
-        if name not in posbias.SCHEMES:
-            sys.exit(f"--schemes: unknown {name!r}; valid: {', '.join(posbias.SCHEMES)}")
+        try:
+            parse_spec(name)
+        except ValueError as e:
+            sys.exit(f"--schemes: {e}")
     bad = [n for n in args.keys if n < max(args.queries)] + [n for n in args.queries + args.context if n < 1]
     if bad:
         sys.exit(f"--keys, --queries, --context: need 1 <= queries <= keys and context >= 1, got {bad[0]}")

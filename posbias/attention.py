@@ -178,7 +178,15 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
     if name == "windowed" and not (isinstance(scheme, ToeplitzScheme) and scheme.flat_beyond is not None):
         return "needs a Toeplitz bias constant beyond a window"
     if name == "toeplitz" and not isinstance(scheme, ToeplitzScheme):
-        return "needs a Toeplitz bias"
+        rows, view = scheme.toeplitz_rows(q_pos)
+        if view is None:
+            return "needs a Toeplitz bias"
+        if not contiguous():
+            return "needs contiguous positions"
+        if rows < len(q_pos):
+            return (f"needs a Toeplitz bias at every query; this one is at the first {rows} of {len(q_pos)} "
+                    "(FIRE: the queries below its threshold L)")
+        return None
     return None if contiguous() else "needs contiguous positions"
 
 
@@ -282,7 +290,9 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
     Zen 4 with AVX-512 (2026-12-04) t5 1.06 / 1.04 / 0.99 / 0.86 / 0.82 and offset 1.13 / 1.06 / 0.99 /
     0.90 / 0.83 at 2.5k / 3k / 4k / 6k / 8k. Banded from 2.5k cost up to 13% on two of the three; from 3k
     (:data:`CAUSAL_BANDED_FROM`) the worst is the Zen 4's 4–6% at 3k–4k and the Xeon's 5% at 2.5k–3k. On
-    CUDA: :data:`CUDA_VALIDATED`."""
+    CUDA: :data:`CUDA_VALIDATED`. FIRE takes ``toeplitz`` where every query is below its threshold
+    (there it is Toeplitz); where only the first ones are, :func:`attention` runs those on ``toeplitz``
+    and the rest ``blockwise`` (:func:`toeplitz_prefix`)."""
     order = _candidates(q.device.type, trains_bias(scheme), len(k_pos), causal)
     for name in order:
         if usable(name, scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal) is None:
@@ -360,7 +370,39 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
         name = backend if why is None else choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
     if name not in GROUPED_HEADS:
         k, v = ungrouped(q, k, v)
-    return BACKENDS[name](q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
+    kw = dict(k_pos=k_pos, causal=causal, scale=scale)
+    if name == "toeplitz" and not isinstance(scheme, ToeplitzScheme):  # FIRE with every query below its threshold
+        return toeplitz_kernel(q, k, v, scheme.toeplitz_rows(q_pos)[1], q_pos=q_pos, **kw)
+    rows = toeplitz_prefix(scheme, q, q_pos, k_pos) if name == "blockwise" and backend == "auto" else 0
+    if rows:  # FIRE's queries below its threshold on the Toeplitz path, the others blockwise
+        view = scheme.toeplitz_rows(q_pos)[1]
+        # causally those queries see only the keys up to the last of them: the Toeplitz path's copies of
+        # the keys and values (reversed) and their gradients then cover those keys alone
+        lk = k.shape[2]
+        seen = min(lk, max(1, int(q_pos[rows - 1]) - int(k_pos[0]) + 1)) if causal else lk
+        low = toeplitz_kernel(q[:, :, :rows], k[:, :, :seen], v[:, :, :seen], view, q_pos=q_pos[:rows],
+                              **{**kw, "k_pos": k_pos[:seen]})
+        return torch.cat([low, blockwise_kernel(q[:, :, rows:], k, v, scheme, q_pos=q_pos[rows:], **kw)], 2)
+    return BACKENDS[name](q, k, v, scheme, q_pos=q_pos, **kw)
+
+
+def toeplitz_prefix(scheme: Scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor) -> int:
+    """How many leading queries ``auto`` runs on the ``toeplitz`` path when the scheme as a whole is not
+    Toeplitz but is at those queries (FIRE below its threshold, :meth:`~posbias.schemes.fire.FIRE.toeplitz_rows`):
+    0 unless the positions are contiguous and the fused CPU op is there. Rows are independent in
+    attention, so the two parts are simply stacked. Where only some queries are below, the count is
+    rounded down so that the blockwise part's causal blocks end on a multiple of 64 keys (starting it
+    at query 455 instead of 448 cost 10%, measured). FIRE with every query below L, forward+backward
+    (H = 8, d = 64, 2 threads, 7 interleaved pairs, docs/attention.md): 0.55–0.72 of the all-blockwise
+    time at 512–8k keys, 1.13–1.50× SDPA; with L = 455 at 2k–8k, within the noise of it."""
+    if scheme.family != "additive" or isinstance(scheme, ToeplitzScheme) or not flash_available(q):
+        return 0
+    if not (consecutive(q_pos) and consecutive(k_pos)):
+        return 0
+    rows = scheme.toeplitz_rows(q_pos)[0]
+    if 0 < rows < len(q_pos):  # the blockwise part then starts where its blocks read a multiple of 64 keys
+        rows = max(0, rows - (int(q_pos[0]) - int(k_pos[0]) + rows) % 64)
+    return rows
 
 
 def _dropout_args(backend: str, strict: bool, p: object, seed: object) -> tuple[float, int | None]:

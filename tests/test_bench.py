@@ -45,7 +45,14 @@ def test_bench_backends_compares_two_paths_and_says_where_one_cannot_run():
     assert "cannot run: windowed: needs a Toeplitz bias constant beyond a window" in next(
         x for x in lines if x.startswith("| alibi |"))
     _, r = _script("bench_backends.py", "--backends", "fast", "banded", ok=False)
-    assert r.returncode != 0 and "--backends: unknown 'fast'; valid: reference" in r.stderr
+    assert r.returncode != 0 and "--backends: unknown 'fast'; valid: auto, reference" in r.stderr
+    # a label with options, and auto: FIRE below its threshold takes toeplitz, against blockwise forced
+    lines, _ = _script("bench_backends.py", "--lengths", "64", "--reps", "1", "--schemes", "fire@init_L=128",
+                       "--backends", "blockwise", "auto", "--forward")
+    row = next(x for x in lines if x.startswith("| fire@init_L=128 | 64 |"))
+    assert len(row.split("|")) == 7 and "cannot" not in row
+    _, r = _script("bench_backends.py", "--schemes", "fires", ok=False)
+    assert r.returncode != 0 and "--schemes: unknown scheme 'fires'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bench_decode_times_attention_and_the_model_against_no_bias():
@@ -61,6 +68,12 @@ def test_bench_decode_times_attention_and_the_model_against_no_bias():
     assert any(x.startswith("| rope | 40 |") for x in lines) and "| scheme | context | × no bias | ms per token |" in lines
     _, r = _script("bench_decode.py", "--keys", "4", "--queries", "8", "--no-model", ok=False)
     assert r.returncode != 0 and "need 1 <= queries <= keys" in r.stderr and "Traceback" not in r.stderr
+    lines, _ = _script("bench_decode.py", "--schemes", "fire@init_L=1000", "--keys", "96", "--context", "40",
+                       "--d-model", "32", "--layers", "1", "--heads", "2", "--head-dim", "16", "--reps", "1")
+    assert any(x.startswith("| fire@init_L=1000 | 96 | 1 | toeplitz |") for x in lines)  # below L: Toeplitz
+    assert any(x.startswith("| fire@init_L=1000 | 40 |") for x in lines)
+    _, r = _script("bench_decode.py", "--schemes", "fire@L=3", ok=False)
+    assert r.returncode != 0 and r.stderr.startswith("--schemes:") and "Traceback" not in r.stderr
 
 
 def test_grouped_query_attention_runs_every_path_with_memory(tmp_path):

@@ -1,13 +1,16 @@
 """Every backend against the reference: outputs, input gradients and bias-parameter gradients;
 causal and bidirectional; query offsets; lengths not divisible by any block size; empty rows."""
 
+import copy
+
 import pytest
 import torch
 from _helpers import DEVICES, assert_same_grads, compare, randomized
 
 import posbias
 from posbias import SCHEMES, build
-from posbias.attention import BACKENDS, attention, attention_probs, attention_reference, choose_backend
+from posbias.attention import (BACKENDS, attention, attention_probs, attention_reference, choose_backend,
+                               toeplitz_prefix)
 
 CASES = [
     ("t5", "windowed", {"max_distance": 40}, True),
@@ -107,11 +110,12 @@ def test_auto_backend_choice_follows_the_measurements():
     """Toeplitz biases: the reversed-key toeplitz path, except a learnable bias constant beyond a window
     in training (only the band dense): causally banded from 3072 keys, bidirectionally windowed from
     2560 and banded from 4096, windowed where banded cannot run (queries outside the keys). Gradients,
-    length and causality decide, not the scheme's name."""
+    length and causality decide, not the scheme's name. FIRE is Toeplitz below its threshold: toeplitz
+    there, blockwise where a query reaches it (the queries below then run toeplitz: ``toeplitz_prefix``)."""
     for n, causal, cases in [
             (8, True, [("kerple-log", True, "toeplitz"), ("kerple-log", False, "toeplitz"), ("t5", True, "toeplitz"),
                        ("t5", False, "toeplitz"), ("offset", True, "toeplitz"), ("alibi", True, "toeplitz"),
-                       ("fire", True, "blockwise"), ("rope", True, "sdpa")]),
+                       ("fire", True, "toeplitz"), ("rope", True, "sdpa")]),
             (3071, True, [("t5", True, "toeplitz"), ("offset", True, "toeplitz")]),
             (2559, False, [("t5", True, "toeplitz")]),
             (3072, True, [("t5", True, "banded"), ("offset", True, "banded"), ("t5", False, "toeplitz"),
@@ -128,6 +132,17 @@ def test_auto_backend_choice_follows_the_measurements():
     with torch.enable_grad():  # queries before the keys they see: banded cannot, windowed can
         q, pos = torch.randn(1, 3, 3000, 16), torch.arange(3000)
         assert choose_backend(randomized("t5"), q, q_pos=pos, k_pos=pos + 1, causal=False) == "windowed"
+    q, pos = torch.randn(1, 3, 200, 16), torch.arange(200)
+    # below L: all queries toeplitz; some: the first ones, to where the blockwise blocks read a multiple of 64 keys
+    for init_L, want, rows in [(200.0, "toeplitz", 200), (199.5, "toeplitz", 200), (199.0, "blockwise", 192),
+                               (150.0, "blockwise", 128), (63.0, "blockwise", 0), (0.5, "blockwise", 0)]:
+        fire = build("fire", n_heads=3, head_dim=16, init_L=init_L)
+        assert choose_backend(fire, q, q_pos=pos, k_pos=pos, causal=True) == want, init_L
+        assert toeplitz_prefix(fire, q, pos, pos) == rows, init_L
+    fire = build("fire", n_heads=3, head_dim=16, init_L=160.0)
+    assert toeplitz_prefix(fire, q[:, :, :100], pos[:100] + 100, pos) == 28  # 100 … 127, then blocks from 128
+    assert toeplitz_prefix(fire, q, pos + 160, pos) == 0  # every query past L
+    assert toeplitz_prefix(fire, q, pos * 2, pos) == 0  # not consecutive: the general path
 
 
 @pytest.mark.parametrize("name", ["kerple-log", "t5"])
@@ -282,6 +297,83 @@ def test_fire_piecewise_bias_equals_its_mlp(seed):
                     torch.autograd.grad((slow * g).sum(), list(s.parameters()))):
         # float32 sums over 90,000 pairs in another order: tolerance relative to the gradient's scale
         torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3)
+
+
+def fire_at(init_L: float, seed: int = 0):
+    """FIRE with its MLP and ``c`` moved from their initialisation and its threshold at ``init_L`` exactly."""
+    torch.manual_seed(seed)
+    s = build("fire", n_heads=3, head_dim=16, init_L=init_L)
+    with torch.no_grad():
+        for p in [s.c, *s.mlp.parameters()]:
+            p.add_(torch.randn_like(p) * 0.5)
+    return s
+
+
+def test_fire_below_its_threshold_is_its_toeplitz_view_bit_for_bit():
+    """At queries i < L the view's per-offset bias (:class:`FireBelowThreshold`) is FIRE's own bias, to
+    the bit, with the same gradients; at i = L and past it, FIRE differs (the view says nothing there)."""
+    s = fire_at(100.0)
+    rows, view = s.toeplitz_rows(torch.arange(0, 300))
+    assert rows == 100 and s.toeplitz_rows(torch.arange(0, 300))[1] is view  # one view per scheme
+    assert list(view.parameters()) == list(s.parameters()) and "_below_threshold" not in s.state_dict()
+    q_pos, k_pos = torch.arange(0, 100), torch.arange(0, 300)
+    fast, slow = view.bias(q_pos, k_pos), s.bias(q_pos, k_pos)
+    assert torch.equal(fast, slow)
+    g = torch.randn_like(fast)
+    for a, b in zip(torch.autograd.grad((fast * g).sum(), list(s.parameters())),
+                    torch.autograd.grad((slow * g).sum(), list(s.parameters()))):
+        torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3)
+    assert not torch.equal(view.bias(torch.arange(100, 102), k_pos), s.bias(torch.arange(100, 102), k_pos)[:, :1].expand(-1, 2, -1))
+    assert s.toeplitz_rows(torch.arange(150, 160)) == (0, view)  # past L: no row
+    twin = copy.deepcopy(s)  # a copy's view reads the copy
+    assert twin.toeplitz_rows(q_pos)[1].fire is twin
+    with torch.no_grad():
+        s.L_multiplier.fill_(float("nan"))
+    assert s.toeplitz_rows(q_pos)[0] == 0  # a diverged threshold: the general path
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("init_L, lq, q0, rows", [(400.0, None, None, 301), (150.5, None, None, 128),
+                                                  (70.0, None, None, 64), (1.0, None, None, 0), (160.0, 100, 100, 28),
+                                                  (150.0, 1, None, 0), (400.0, 1, None, 1)])
+def test_fire_runs_its_queries_below_the_threshold_on_the_toeplitz_path(causal, init_L, lq, q0, rows):
+    """``auto`` runs FIRE's queries below L on ``toeplitz`` (all of them, or the first ones stacked on
+    ``blockwise`` for the rest): outputs, q/k/v gradients and every parameter's gradient (c, L, the MLP)
+    equal the reference; decoding below and past L too."""
+    s = fire_at(init_L)
+    lq_, q0_ = lq or 301, 301 - (lq or 301) if q0 is None else q0
+    q_pos = torch.arange(q0_, q0_ + lq_)
+    assert toeplitz_prefix(s, torch.zeros(1, 3, lq_, 16), q_pos, torch.arange(301)) == rows
+    compare(s, "auto", causal=causal, lq=lq, q0=q0, lk=301)
+
+
+def test_fire_forced_toeplitz_only_where_every_query_is_below_the_threshold():
+    s = fire_at(100.0)
+    q = torch.randn(1, 3, 100, 16)
+    torch.testing.assert_close(attention(q, q, q, s, backend="toeplitz"), attention_reference(q, q, q, s))
+    q = torch.randn(1, 3, 101, 16)
+    with pytest.raises(ValueError, match="first 100 of 101"):
+        attention(q, q, q, s, backend="toeplitz")
+    out = attention(q, q, q, s, backend="blockwise")  # forced: blockwise for every query
+    torch.testing.assert_close(out, attention_reference(q, q, q, s))
+
+
+def test_fire_decoding_below_the_threshold_keeps_its_row_until_a_parameter_moves():
+    """Decoding below L reads the Toeplitz view's kept per-offset row; a step of the optimizer (a
+    parameter written in place) makes it anew."""
+    s = fire_at(400.0)
+    k = torch.randn(1, 3, 200, 16)
+    q = torch.randn(1, 3, 1, 16)
+    with torch.no_grad():
+        first = attention(q, k, k, s)
+        view = s.toeplitz_rows(torch.arange(199, 200))[1]
+        kept_row = view.__dict__["_kept_row"][2]
+        torch.testing.assert_close(first, attention_reference(q, k, k, s))
+        attention(q, k, k, s)
+        assert view.__dict__["_kept_row"][2] is kept_row
+        s.mlp[2].weight.add_(0.5)
+        torch.testing.assert_close(attention(q, k, k, s), attention_reference(q, k, k, s))
+        assert view.__dict__["_kept_row"][2] is not kept_row
 
 
 @pytest.mark.parametrize("causal, lq, q0", [(True, None, None), (False, None, None), (True, 37, None), (True, 1, None),

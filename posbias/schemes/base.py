@@ -213,6 +213,12 @@ class Scheme(nn.Module):
         got = iter(torch.autograd.grad([t for t, _ in outs], want, [g for _, g in outs], allow_unused=True))
         return [next(got) if p.requires_grad else None for p in params]
 
+    def toeplitz_rows(self, q_pos: Tensor) -> tuple[int, "ToeplitzScheme | None"]:
+        """For ascending consecutive query positions: how many leading queries have a bias that depends
+        on ``i − j`` alone, and a :class:`ToeplitzScheme` giving it there — which the Toeplitz kernels
+        then run. ``(0, None)`` by default; FIRE overrides it (Toeplitz below its threshold)."""
+        return 0, None
+
     # -- rotary -------------------------------------------------------------------------------
     def rotate(self, x: Tensor, pos: Tensor, *, context_len: int | None = None) -> Tensor:
         """Rotate ``x [..., seq, head_dim]`` by positions ``pos``; identity for other families."""

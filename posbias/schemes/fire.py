@@ -4,7 +4,11 @@
 0.1), the threshold ``L`` learnable through a multiplier of its initial value (init 512), and
 ``f_θ`` an MLP ``1 → 32 → ReLU → heads``. Normalising by the query position ("progressive
 interpolation") keeps the MLP's input in [0, 1] for every causal pair (j ≤ i) at any length.
-FIRE depends on ``i`` as well as on ``i − j``: it is **not** Toeplitz.
+FIRE depends on ``i`` as well as on ``i − j``: it is **not** Toeplitz — except below its threshold: a
+query at ``i < L`` normalises by ``ψ(L)`` whatever ``i`` is, so there the bias is ``f(ψ(|i − j|)/ψ(L))``,
+a function of the offset. ``posbias.attention`` runs those queries on the Toeplitz path
+(:meth:`FIRE.toeplitz_rows`, :class:`FireBelowThreshold`: one MLP evaluation per offset instead of per
+pair), the others blockwise; the same values bit for bit, and the same gradients to float rounding.
 
 As in the reference code, ``|c|`` and ``|L|`` are used so the logs stay defined, and a tiny eps keeps
 the denominator away from 0 at ``i = 0``.
@@ -18,12 +22,14 @@ tokens (training at 128) gave ppl@2048 5.41 / 7.38 / 3.77 / 3.27. The default st
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..diagonals import diagonal_sums
-from .base import BlockGrads, Scheme, _add_grads, check_int, check_positive, kept
+from .base import BlockGrads, Scheme, ToeplitzScheme, _add_grads, check_int, check_positive, kept
 
 
 class FIRE(Scheme):
@@ -65,10 +71,35 @@ class FIRE(Scheme):
     def denominator(self, q_pos: Tensor) -> Tensor:
         """``ψ(max(L, i)) + eps`` per query, float32, computed in float64 from the integer positions
         (exact normalisation at any position)."""
-        c = self.c.abs()
-        threshold = (self.L_multiplier * self.init_L).abs()
         qf = q_pos.to(torch.float64)
-        return (torch.log1p(c.double() * torch.maximum(qf, threshold.double())) + self.eps).float()
+        return self._psi64(torch.maximum(qf, self.threshold().double()))
+
+    def threshold(self) -> Tensor:
+        """The learned threshold ``L = |multiplier · init_L|`` (a 0-d tensor, with its gradient)."""
+        return (self.L_multiplier * self.init_L).abs()
+
+    def _psi64(self, at: Tensor) -> Tensor:
+        """``ψ(at) + eps`` computed in float64, returned in float32."""
+        return (torch.log1p(self.c.abs().double() * at) + self.eps).float()
+
+    def toeplitz_rows(self, q_pos: Tensor) -> tuple[int, ToeplitzScheme | None]:
+        """Below its threshold FIRE is Toeplitz: a query at ``i < L`` normalises by ``ψ(L)`` whatever
+        ``i`` is, so its bias ``f(ψ(|i − j|)/ψ(L))`` depends on ``i − j`` alone. For ascending consecutive
+        ``q_pos``: how many leading queries have ``i < L``, and a Toeplitz view of this scheme
+        (:class:`FireBelowThreshold`, its parameters, no copy) that gives their bias from one value per
+        offset — the operations of :meth:`bias` on the same numbers, so the same values bit for bit,
+        and the same gradients. A query at ``i = L`` exactly is left to the general path (there
+        ``max(L, i)`` splits its gradient between the two)."""
+        if len(q_pos) == 0:
+            return 0, None
+        t = float(self.threshold().detach())
+        if not math.isfinite(t):  # a diverged threshold: the general path (and its NaN) as before
+            return 0, None
+        rows = min(len(q_pos), max(0, math.ceil(t) - int(q_pos[0])))  # the integers i < t from q_pos[0] on
+        view = self.__dict__.get("_below_threshold")
+        if view is None:  # kept outside the module tree (the view holds this module, not the reverse)
+            view = self.__dict__["_below_threshold"] = FireBelowThreshold(self)
+        return rows, view
 
     def score_mod(self, q_len: int, k_len: int, *, q_start: int | None = None, k_start: int = 0):
         """A FlexAttention ``score_mod`` computing FIRE for each (query, key) pair inside the kernel:
@@ -103,10 +134,13 @@ class FIRE(Scheme):
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """``[heads, len(q_pos), len(k_pos)]``, evaluated piecewise (:meth:`pieces`): the same function
         as :meth:`mlp_bias` (to float rounding, gradients included) at a fraction of the cost."""
-        x = self.normalized_distance(q_pos, k_pos)
+        return self.piecewise(self.normalized_distance(q_pos, k_pos))
+
+    def piecewise(self, x: Tensor) -> Tensor:
+        """The MLP at inputs ``x`` of any shape through its :meth:`pieces`, ``[heads, *x.shape]``."""
         kinks, slope, offset = self.pieces()
-        seg = torch.bucketize(x.detach(), kinks)  # the linear piece each pair falls on, shared by all heads
-        return (F.embedding(seg, slope) * x.unsqueeze(-1) + F.embedding(seg, offset)).permute(2, 0, 1)
+        seg = torch.bucketize(x.detach(), kinks)  # the linear piece each input falls on, shared by all heads
+        return (F.embedding(seg, slope) * x.unsqueeze(-1) + F.embedding(seg, offset)).movedim(-1, 0)
 
     def bias_into(self, q_pos: Tensor, k_pos: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
         """:meth:`bias` written straight into ``out``'s ``[heads, q, k]`` layout, by columns: where every
@@ -213,6 +247,27 @@ class FIRE(Scheme):
         slope = (active * w1) @ w2.T  # [pieces, heads]
         offset = (active * b1) @ w2.T + b2
         return kinks, slope, offset
+
+
+class FireBelowThreshold(ToeplitzScheme):
+    """FIRE at the queries below its threshold, where its bias is Toeplitz: ``g_h(o) = f_h(ψ(|o|) / ψ(L))``
+    (:meth:`FIRE.toeplitz_rows`). A view of one :class:`FIRE` — its parameters, nothing of its own — that
+    the Toeplitz kernels run like any offset bias: one value per offset instead of one per pair, and
+    the parameters' gradients from per-offset sums. Not a scheme to build (not in the registry)."""
+
+    name = "fire"
+    summary = "FIRE below its threshold (a view)"
+    paper = FIRE.paper
+    learnable = True
+    in_study = False
+
+    def __init__(self, fire: FIRE) -> None:
+        super().__init__(n_heads=fire.n_heads, head_dim=fire.head_dim)
+        self.fire = fire
+
+    def bias_at(self, offset: Tensor) -> Tensor:
+        fire = self.fire
+        return fire.piecewise(_psi(fire.c.abs().float(), offset) / fire._psi64(fire.threshold().double()))
 
 
 def _log_distance(q_pos: Tensor, k_pos: Tensor, c: Tensor, out: Tensor | None = None) -> Tensor:
