@@ -14,7 +14,7 @@ from posbias.kernels import dropout as kd
 
 SCHEMES = [("t5", {"max_distance": 40}), ("t5", {"max_distance": 40, "bidirectional": True}),
            ("offset", {"max_distance": 17}), ("alibi", {}), ("kerple-log", {}), ("kerple-power", {}),
-           ("fire", {"init_L": 32.0}), ("rope", {}), ("nope", {})]
+           ("fire", {"init_L": 32.0}), ("fire", {"init_L": 1e6}), ("rope", {}), ("nope", {})]  # FIRE below L: its view
 
 
 @pytest.mark.parametrize("p", [0.001, 0.1, 0.5, 0.97])

@@ -10,7 +10,8 @@ from _helpers import DEVICES, assert_same_grads, compare, randomized
 import posbias
 from posbias import SCHEMES, build
 from posbias.attention import (BACKENDS, attention, attention_probs, attention_reference, choose_backend,
-                               toeplitz_prefix)
+                               toeplitz_prefix, toeplitz_view)
+from posbias.kernels.reference import reference_probs
 
 CASES = [
     ("t5", "windowed", {"max_distance": 40}, True),
@@ -356,6 +357,22 @@ def test_fire_forced_toeplitz_only_where_every_query_is_below_the_threshold():
         attention(q, q, q, s, backend="toeplitz")
     out = attention(q, q, q, s, backend="blockwise")  # forced: blockwise for every query
     torch.testing.assert_close(out, attention_reference(q, q, q, s))
+
+
+def test_fire_below_its_threshold_lends_its_view_to_dropout_and_to_the_probabilities():
+    """Dropout and the probabilities diagnostics read take the Toeplitz view where every query is
+    below L: the probabilities bit for bit those of FIRE's own bias; dropout equal to its oracle."""
+    s = fire_at(400.0)
+    q, k = torch.randn(2, 3, 300, 16), torch.randn(2, 3, 300, 16)
+    pos = torch.arange(300)
+    assert toeplitz_view(s, pos, pos) is s.toeplitz_rows(pos)[1]
+    assert toeplitz_view(s, torch.arange(300, 600), pos) is None and toeplitz_view(s, pos * 2, pos) is None
+    for causal in (True, False):
+        with torch.no_grad():
+            got = attention_probs(q, k, s, causal=causal)
+            want = reference_probs(q, k, s, q_pos=pos, k_pos=pos, causal=causal, scale=0.25)
+        assert torch.equal(got, want)
+    compare(s, "auto", lk=300, dropout_p=0.2, dropout_seed=7)
 
 
 def test_fire_decoding_below_the_threshold_keeps_its_row_until_a_parameter_moves():
