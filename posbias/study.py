@@ -229,6 +229,9 @@ def learned_summary(model: TransformerLM, train_len: int) -> dict[str, Any]:
     flat = getattr(s, "flat_beyond", None)
     if s.learnable and flat is not None:
         out["final_share"] = flat_share(flat, train_len)
+    threshold = getattr(s, "threshold", None)
+    if callable(threshold):  # FIRE: past its learned threshold a query meets biases training never gave
+        out["threshold"] = float(threshold().detach())
     return out
 
 

@@ -358,6 +358,11 @@ def test_scheme_options_labels_and_study_defaults(tmp_path, text_file):
     assert learned["bias_range"][0] <= learned["bias_range"][1] and "table" in learned["params"]
     assert 0 < learned["final_share"] < 1
     assert "t5@max_distance=64" in (out / "results.md").read_text()
+    # FIRE's learned threshold, in tokens: |L_multiplier| · 512
+    fire = recs["fire"]["learned"]
+    assert fire["threshold"] == pytest.approx(abs(fire["params"]["L_multiplier"][0]) * 512, rel=1e-6)
+    assert f"threshold L = {fire['threshold']:.0f} tokens; c [" in (out / "results.md").read_text()
+    assert "threshold" not in learned
 
 
 def test_study_defaults_follow_canonical_t5_proportions():

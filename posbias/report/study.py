@@ -225,7 +225,8 @@ def _learned_section(result: StudyResult) -> list[str]:
             f"[{lr['bias_range'][0]:.2f}, {lr['bias_range'][1]:.2f}]" if "bias_range" in lr else "–",
             f"{lr['bias_contrast']:.2f}" if "bias_contrast" in lr else "–",
             f"{lr['final_share']:.0%}" if "final_share" in lr else "–",
-            ", ".join(f"{k} [{v[0]:.2f}, {v[1]:.2f}]" for k, v in lr["params"].items()) or "none"])
+            (f"threshold L = {lr['threshold']:.0f} tokens; " if "threshold" in lr else "")
+            + (", ".join(f"{k} [{v[0]:.2f}, {v[1]:.2f}]" for k, v in lr["params"].items()) or "none")])
     header = ["scheme", "options", "bias range at L (query L−1, keys 0…L−1)", "largest near−far contrast",
               "far entry's share of training pairs", "parameter ranges"]
     return ["", f"### What the positional parameters learned (seed {cfg.seeds[0]})", ""] + md_table(header, rows)
