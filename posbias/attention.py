@@ -374,20 +374,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
         name = backend if why is None else choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
     if name not in GROUPED_HEADS:
         k, v = ungrouped(q, k, v)
-    kw = dict(k_pos=k_pos, causal=causal, scale=scale)
-    if name == "toeplitz" and not isinstance(scheme, ToeplitzScheme):  # FIRE with every query below its threshold
-        return toeplitz_kernel(q, k, v, scheme.toeplitz_rows(q_pos)[1], q_pos=q_pos, **kw)
-    rows = toeplitz_prefix(scheme, q, q_pos, k_pos) if name == "blockwise" and backend == "auto" else 0
-    if rows:  # FIRE's queries below its threshold on the Toeplitz path, the others blockwise
-        view = scheme.toeplitz_rows(q_pos)[1]
-        # causally those queries see only the keys up to the last of them: the Toeplitz path's copies of
-        # the keys and values (reversed) and their gradients then cover those keys alone
-        lk = k.shape[2]
-        seen = min(lk, max(1, int(q_pos[rows - 1]) - int(k_pos[0]) + 1)) if causal else lk
-        low = toeplitz_kernel(q[:, :, :rows], k[:, :, :seen], v[:, :, :seen], view, q_pos=q_pos[:rows],
-                              **{**kw, "k_pos": k_pos[:seen]})
-        return torch.cat([low, blockwise_kernel(q[:, :, rows:], k, v, scheme, q_pos=q_pos[rows:], **kw)], 2)
-    return BACKENDS[name](q, k, v, scheme, q_pos=q_pos, **kw)
+    if not isinstance(scheme, ToeplitzScheme) and (name == "toeplitz" or (name == "blockwise" and backend == "auto")):
+        # FIRE: on toeplitz every query is below its threshold (usable() said so); where auto took blockwise,
+        # the queries below it still run on toeplitz
+        rows, view = toeplitz_prefix(scheme, q, q_pos, k_pos)
+        if name == "toeplitz":
+            scheme = view
+        elif rows:
+            return _below_and_past(q, k, v, scheme, view, rows, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
+    return BACKENDS[name](q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
+
+
+def _toeplitz_part(scheme: Scheme, q_pos: Tensor, k_pos: Tensor) -> tuple[int, ToeplitzScheme | None]:
+    """:meth:`~posbias.schemes.base.Scheme.toeplitz_rows` of a scheme that is not Toeplitz as a whole, on
+    contiguous positions; ``(0, None)`` for any other."""
+    if scheme.family != "additive" or isinstance(scheme, ToeplitzScheme) or not len(q_pos):
+        return 0, None
+    if not (consecutive(q_pos) and consecutive(k_pos)):
+        return 0, None
+    return scheme.toeplitz_rows(q_pos)
 
 
 def toeplitz_view(scheme: Scheme, q_pos: Tensor, k_pos: Tensor) -> ToeplitzScheme | None:
@@ -395,31 +400,38 @@ def toeplitz_view(scheme: Scheme, q_pos: Tensor, k_pos: Tensor) -> ToeplitzSchem
     queries (FIRE with every query below its threshold), on contiguous positions; else None. Its bias
     is the scheme's bit for bit, so paths that write the bias block by block (dropout, the
     probabilities diagnostics read) take its per-offset writer and gradient sums instead."""
-    if scheme.family != "additive" or isinstance(scheme, ToeplitzScheme) or not len(q_pos):
-        return None
-    if not (consecutive(q_pos) and consecutive(k_pos)):
-        return None
-    rows, view = scheme.toeplitz_rows(q_pos)
+    rows, view = _toeplitz_part(scheme, q_pos, k_pos)
     return view if rows == len(q_pos) else None
 
 
-def toeplitz_prefix(scheme: Scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor) -> int:
+def toeplitz_prefix(scheme: Scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[int, ToeplitzScheme | None]:
     """How many leading queries ``auto`` runs on the ``toeplitz`` path when the scheme as a whole is not
-    Toeplitz but is at those queries (FIRE below its threshold, :meth:`~posbias.schemes.fire.FIRE.toeplitz_rows`):
-    0 unless the positions are contiguous and the fused CPU op is there. Rows are independent in
-    attention, so the two parts are simply stacked. Where only some queries are below, the count is
-    rounded down so that the blockwise part's causal blocks end on a multiple of 64 keys (starting it
-    at query 455 instead of 448 cost 10%, measured). FIRE with every query below L, forward+backward
-    (H = 8, d = 64, 2 threads, 7 interleaved pairs, docs/attention.md): 0.55–0.72 of the all-blockwise
-    time at 512–8k keys, 1.13–1.50× SDPA; with L = 455 at 2k–8k, within the noise of it."""
-    if scheme.family != "additive" or isinstance(scheme, ToeplitzScheme) or not flash_available(q):
-        return 0
-    if not (consecutive(q_pos) and consecutive(k_pos)):
-        return 0
-    rows = scheme.toeplitz_rows(q_pos)[0]
+    Toeplitz but is at those queries (FIRE below its threshold, :meth:`~posbias.schemes.fire.FIRE.toeplitz_rows`),
+    and the Toeplitz view they run with: 0 unless the positions are contiguous and the fused CPU op is
+    there. Rows are independent in attention, so the two parts are simply stacked. Where only some
+    queries are below, the count is rounded down so that the blockwise part's causal blocks end on a
+    multiple of 64 keys (starting it at query 455 instead of 448 cost 10%, measured). FIRE with every
+    query below L, forward+backward (H = 8, d = 64, 2 threads, 7 interleaved pairs, docs/attention.md):
+    0.55–0.72 of the all-blockwise time at 512–8k keys, 1.13–1.50× SDPA; with L = 455 at 2k–8k, within
+    the noise of it."""
+    if not flash_available(q):
+        return 0, None
+    rows, view = _toeplitz_part(scheme, q_pos, k_pos)
     if 0 < rows < len(q_pos):  # the blockwise part then starts where its blocks read a multiple of 64 keys
         rows = max(0, rows - (int(q_pos[0]) - int(k_pos[0]) + rows) % 64)
-    return rows
+    return rows, view
+
+
+def _below_and_past(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, view: ToeplitzScheme, rows: int, *,
+                    q_pos: Tensor, k_pos: Tensor, causal: bool, scale: float) -> Tensor:
+    """The first ``rows`` queries on ``toeplitz`` with the scheme's Toeplitz ``view``, the others
+    ``blockwise``, stacked. Causally the first ones see only the keys up to the last of them: the Toeplitz
+    path's reversed copies of the keys and values, and their gradients, then cover those keys alone."""
+    seen = min(k.shape[2], max(1, int(q_pos[rows - 1]) - int(k_pos[0]) + 1)) if causal else k.shape[2]
+    below = toeplitz_kernel(q[:, :, :rows], k[:, :, :seen], v[:, :, :seen], view, q_pos=q_pos[:rows],
+                            k_pos=k_pos[:seen], causal=causal, scale=scale)
+    past = blockwise_kernel(q[:, :, rows:], k, v, scheme, q_pos=q_pos[rows:], k_pos=k_pos, causal=causal, scale=scale)
+    return torch.cat([below, past], 2)
 
 
 def _dropout_args(backend: str, strict: bool, p: object, seed: object) -> tuple[float, int | None]:

@@ -139,11 +139,11 @@ def test_auto_backend_choice_follows_the_measurements():
                                (150.0, "blockwise", 128), (63.0, "blockwise", 0), (0.5, "blockwise", 0)]:
         fire = build("fire", n_heads=3, head_dim=16, init_L=init_L)
         assert choose_backend(fire, q, q_pos=pos, k_pos=pos, causal=True) == want, init_L
-        assert toeplitz_prefix(fire, q, pos, pos) == rows, init_L
+        assert toeplitz_prefix(fire, q, pos, pos)[0] == rows, init_L
     fire = build("fire", n_heads=3, head_dim=16, init_L=160.0)
-    assert toeplitz_prefix(fire, q[:, :, :100], pos[:100] + 100, pos) == 28  # 100 … 127, then blocks from 128
-    assert toeplitz_prefix(fire, q, pos + 160, pos) == 0  # every query past L
-    assert toeplitz_prefix(fire, q, pos * 2, pos) == 0  # not consecutive: the general path
+    assert toeplitz_prefix(fire, q[:, :, :100], pos[:100] + 100, pos)[0] == 28  # 100 … 127, then blocks from 128
+    assert toeplitz_prefix(fire, q, pos + 160, pos)[0] == 0  # every query past L
+    assert toeplitz_prefix(fire, q, pos * 2, pos) == (0, None)  # not consecutive: the general path
 
 
 @pytest.mark.parametrize("name", ["kerple-log", "t5"])
@@ -344,7 +344,7 @@ def test_fire_runs_its_queries_below_the_threshold_on_the_toeplitz_path(causal, 
     s = fire_at(init_L)
     lq_, q0_ = lq or 301, 301 - (lq or 301) if q0 is None else q0
     q_pos = torch.arange(q0_, q0_ + lq_)
-    assert toeplitz_prefix(s, torch.zeros(1, 3, lq_, 16), q_pos, torch.arange(301)) == rows
+    assert toeplitz_prefix(s, torch.zeros(1, 3, lq_, 16), q_pos, torch.arange(301))[0] == rows
     compare(s, "auto", causal=causal, lq=lq, q0=q0, lk=301)
 
 
