@@ -354,15 +354,24 @@ def run_length(n, args, device, dtype):
         if train_backend != backend:
             backend = f"{backend}; training: {train_backend}"
         for label, (fwd, trn) in cases(name, n, scheme, q, k, v).items():
-            if "FlexAttention" in label:
-                reset_compiled()  # else past dynamo's recompile limit the anchor times eager FlexAttention
-                t0 = time.perf_counter()
-                fwd()
-                print(f"<!-- {name} N={n}: FlexAttention compile + first call {time.perf_counter() - t0:.1f} s -->")
-            sf = paired(fwd, base_f, device, args.reps)
-            st = None if (args.no_backward or trn is None) else paired(trn, base_t, device, args.reps)
-            mem = measure_memory(name, label, n, args) if args.memory else None
             shown = f"posbias ({backend})" if label == "posbias" else label
+            try:
+                if "FlexAttention" in label:
+                    reset_compiled()  # else past dynamo's recompile limit the anchor times eager FlexAttention
+                    t0 = time.perf_counter()
+                    fwd()
+                    print(f"<!-- {name} N={n}: FlexAttention compile + first call {time.perf_counter() - t0:.1f} s -->")
+                sf = paired(fwd, base_f, device, args.reps)
+                st = None if (args.no_backward or trn is None) else paired(trn, base_t, device, args.reps)
+            except Exception as e:  # noqa: BLE001 -- one failing path (a compiler error, out of memory) is a row, not the end of the table
+                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+                print(f"| {name} | {n} | {shown} | failed | {reason} | | |", flush=True)
+                rows.append({"scheme": name, "N": n, "path": shown, "error": reason})
+                q.grad = k.grad = v.grad = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            mem = measure_memory(name, label, n, args) if args.memory else None
             rows.append({"scheme": name, "N": n, "path": shown, "fwd_ms": sf[0] * 1e3, "fwd_ratio": sf[1:],
                          "train_ratio": None if st is None else st[1:], "peak_extra_mib": mem,
                          "threads": torch.get_num_threads(), "flush_denormal": args.flush_denormal,

@@ -11,7 +11,7 @@
 #   PY=.venv/bin/python DEVICE=cpu LENGTHS=512 bash benchmarks/gpu_check.sh   # dry run of the plumbing
 #
 # Limits (seconds) and sizes can be set from the environment: TESTS_S, FLEX_S, ATTENTION_S, HF_S (each of the three HF runs), DECODE_S, DROPOUT_S, LENGTHS,
-# HF_LENGTHS, DTYPE; MEMORY=1 adds peak memory to the attention table (one child process per case,
+# HF_LENGTHS, HF_BACKENDS, DTYPE; MEMORY=1 adds peak memory to the attention table (one child process per case,
 # so give it its own call). The defaults add up to 570 s (90 + 150 + 180 + 3 × 50), inside one 600 s device command.
 set -u
 cd "$(dirname "$0")/.."
@@ -61,7 +61,7 @@ for stage in $stages; do
             run attention "${ATTENTION_S:-180}" "$PY" benchmarks/bench_attention.py --device "$DEVICE" \
                 --dtype "$DTYPE" --lengths $LENGTHS --json "$OUT/attention.json" ${MEMORY:+--memory} ;;
         hf)  # posbias's automatic choice, then the two candidates (FlexAttention, banded), each against HF's SDPA path
-            for backend in auto flex banded; do
+            for backend in ${HF_BACKENDS:-auto flex banded}; do
                 # shellcheck disable=SC2086
                 run "hf-$backend" "${HF_S:-50}" "$PY" benchmarks/bench_hf.py --device "$DEVICE" --dtype "$DTYPE" \
                     --size base --train --lengths $HF_LENGTHS --backend "$backend"
