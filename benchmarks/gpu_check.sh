@@ -5,12 +5,12 @@
 # measured. Nothing is installed: it runs from the source tree with whatever torch the machine has.
 #
 #   bash benchmarks/gpu_check.sh                 # every stage, logs under $OUT (or ./gpu-check)
-#   bash benchmarks/gpu_check.sh tests           # one stage: tests | flex | attention | hf | decode | dropout
+#   bash benchmarks/gpu_check.sh tests           # one stage: tests | flex | attention | hf | candidates | decode | dropout
 #   bash benchmarks/gpu_check.sh decode          # decoding (not in the default run: a call of its own)
 #   bash benchmarks/gpu_check.sh dropout         # attention dropout against SDPA's fused dense-bias dropout (not default)
 #   PY=.venv/bin/python DEVICE=cpu LENGTHS=512 bash benchmarks/gpu_check.sh   # dry run of the plumbing
 #
-# Limits (seconds) and sizes can be set from the environment: TESTS_S, FLEX_S, ATTENTION_S, HF_S (each of the three HF runs), DECODE_S, DROPOUT_S, LENGTHS,
+# Limits (seconds) and sizes can be set from the environment: TESTS_S, FLEX_S, ATTENTION_S, HF_S (each of the three HF runs), CANDIDATES_S, DECODE_S, DROPOUT_S, LENGTHS,
 # HF_LENGTHS, HF_BACKENDS, DTYPE; MEMORY=1 adds peak memory to the attention table (one child process per case,
 # so give it its own call). The defaults add up to 570 s (90 + 150 + 180 + 3 × 50), inside one 600 s device command.
 set -u
@@ -66,6 +66,8 @@ for stage in $stages; do
                 run "hf-$backend" "${HF_S:-50}" "$PY" benchmarks/bench_hf.py --device "$DEVICE" --dtype "$DTYPE" \
                     --size base --train --lengths $HF_LENGTHS --backend "$backend"
             done ;;
+        candidates)  # banded / alibi against SDPA and blockwise at 8k-32k, then the FlexAttention kernel_options probe
+            run candidates "${CANDIDATES_S:-200}" "$PY" benchmarks/bench_cuda_candidates.py --device "$DEVICE" --dtype "$DTYPE" ;;
         decode)  # one query against 1k-64k cached keys, and the model's tokens, each against no bias
             run decode "${DECODE_S:-240}" "$PY" benchmarks/bench_decode.py --device "$DEVICE" --dtype "$DTYPE" ;;
         dropout)  # training with dropout_p=0.1: posbias' dropout kernel against SDPA with the dense bias and dropout
@@ -73,7 +75,7 @@ for stage in $stages; do
             run dropout "${DROPOUT_S:-240}" "$PY" benchmarks/bench_dropout.py --device "$DEVICE" --dtype "$DTYPE" \
                 --lengths $LENGTHS --reps 3 --memory ;;
         *)
-            echo "unknown stage '$stage': use tests, flex, attention, hf, decode or dropout" >&2
+            echo "unknown stage '$stage': use tests, flex, attention, hf, candidates, decode or dropout" >&2
             exit 2 ;;
     esac
 done

@@ -222,8 +222,9 @@ def learned_summary(model: TransformerLM, train_len: int) -> dict[str, Any]:
                                       for n, p in s.named_parameters()}}
     if s.family == "additive":
         with torch.no_grad():
-            q = torch.tensor([train_len - 1])
-            b = s.bias(q, torch.arange(train_len))[:, 0, :].float()  # [H, L], distance L−1 … 0
+            dev = next((t.device for t in (*s.parameters(), *s.buffers())), torch.device("cpu"))
+            q = torch.tensor([train_len - 1], device=dev)  # the model's device (a GPU study: found on a GPU run)
+            b = s.bias(q, torch.arange(train_len, device=dev))[:, 0, :].float()  # [H, L], distance L−1 … 0
         out["bias_range"] = [float(b.min()), float(b.max())]
         out["bias_contrast"] = float((b[:, -1] - b[:, 0]).abs().max())  # |bias(0) − bias(L−1)|, largest head
     flat = getattr(s, "flat_beyond", None)

@@ -6,6 +6,8 @@ The CUDA cases carry the ``cuda`` marker (``pytest -m cuda`` runs them alone) an
 a CUDA device (issue 12). Their CPU twins run everywhere, so the checks themselves are exercised on
 every machine and a GPU session starts from tests that are known to be right."""
 
+import copy
+
 import pytest
 import torch
 from _helpers import DEVICES, NO_CUDA, compare, randomized, within_reference_rounding
@@ -64,14 +66,19 @@ def test_low_precision_inference_within_the_references_own_rounding(name, dtype,
 def test_cuda_agrees_with_cpu(name):
     """The same scheme and inputs on both devices: the automatic backends agree (outputs and the
     scheme's parameter gradients)."""
-    s = randomized(name)
-    q, k, v = (torch.randn(1, 3, 700, 16) for _ in range(3))
+    base = randomized(name)
+    qkv = [torch.randn(1, 3, 700, 16) for _ in range(3)]
     results = []
     for device in ("cpu", "cuda"):
-        s.to(device).zero_grad()
-        out = attention(q.to(device), k.to(device), v.to(device), s)
+        # a copy per device: Module.to moves parameters *and their gradients* in place, so the CPU
+        # run's gradients would follow the module to the GPU (found on the first GPU run)
+        s = copy.deepcopy(base).to(device)
+        q, k, v = (x.to(device).requires_grad_() for x in qkv)  # rope/nope/sinusoidal have no parameters
+        out = attention(q, k, v, s)
         out.square().sum().backward()
-        results.append([out.cpu()] + [p.grad.cpu() for p in s.parameters() if p.grad is not None])
+        grads = [q.grad, k.grad, v.grad] + [p.grad for p in s.parameters() if p.grad is not None]
+        results.append([out.detach().cpu().clone()] + [g.cpu().clone() for g in grads])
+    assert len(results[0]) == len(results[1])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 

@@ -115,12 +115,17 @@ class FIRE(Scheme):
         shift = torch.tensor(q_start - int(k_start), device=device)  # data, not a constant to compile in
         c = self.c.abs().float()
         first, last = self.mlp[0], self.mlp[2]
-        w1, b1 = first.weight[:, 0].float(), first.bias.float()
-        b2 = last.bias.float()
-        width = w1.numel()
-        # each hidden unit's output weights as a [heads] vector, read with the head index alone (torch 2.6
-        # and 2.8 cannot trace w2[h, u], a tensor index beside an integer: "data dependent operator")
-        w2 = [last.weight[:, u].float() for u in range(width)]
+        width = first.weight.shape[0]
+        # Every captured tensor is read once in the score_mod and is a tensor of its own (a clone, not a
+        # view): FlexAttention's CUDA backward refuses a tensor that needs gradients and is indexed more
+        # than once ("multiple indexing operations on the same tensor", torch 2.11, found on the first GPU
+        # run), and w1[u] for every u was that. Each hidden unit's input weight and bias are 0-d tensors,
+        # its output weights a [heads] vector read with the head index alone (torch 2.6 and 2.8 cannot
+        # trace w2[h, u], a tensor index beside an integer: "data dependent operator").
+        w1 = [first.weight[u, 0].float().clone() for u in range(width)]
+        b1 = [first.bias[u].float().clone() for u in range(width)]
+        w2 = [last.weight[:, u].float().clone() for u in range(width)]
+        b2 = last.bias.float().clone()
 
         def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             x = torch.log1p(c * (q_idx - kv_idx + shift).abs()) / den[q_idx]

@@ -1,0 +1,159 @@
+"""Issue 12's CUDA candidates, short enough for one device call: each fast path ``auto`` could take on
+CUDA (``banded`` for T5/offset, ``alibi`` for causal ALiBi, ``flex``) against unbiased fused causal
+SDPA and against ``blockwise`` (what ``auto`` runs while :data:`posbias.attention.CUDA_VALIDATED` is
+empty), forward and forward+backward, with the peak memory of one training call; then why
+FlexAttention fails to compile at a length, if it does, across ``kernel_options``.
+
+    python benchmarks/bench_cuda_candidates.py                       # bf16, 8k 16k 32k, every scheme
+    python benchmarks/bench_cuda_candidates.py --schemes t5 --lengths 8192 --no-probe
+
+Ratios: the median of ``--reps`` interleaved (candidate, SDPA) pairs, smallest–largest in brackets
+(``bench_attention.paired``). A case that fails (a compiler error, out of memory) is a row that says
+why. Memory: ``torch.cuda.max_memory_allocated`` over one forward+backward, less what was allocated
+before it (the inputs), in MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.nn import functional as F
+
+import posbias
+from bench_attention import cell, make_scheme, paired
+from posbias.attention import usable
+
+
+def peak_mib(fn, device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def failed(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"failed: {type(e).__name__}: {text[0][:150] if text else ''}"
+
+
+def candidates(args, device, dtype) -> None:
+    print(f"| scheme | N | backend | fwd ms | fwd × SDPA | fwd+bwd ms | fwd+bwd × SDPA | peak MiB (SDPA) |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for n in args.lengths:
+        q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        pos = torch.arange(n, device=device)
+        base_f = lambda: torch.no_grad()(F.scaled_dot_product_attention)(q, k, v, is_causal=True)  # noqa: E731
+        base_t = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()  # noqa: E731
+        base_mem = peak_mib(base_t, device)
+        for name in args.schemes:
+            scheme = make_scheme(name, args.heads, args.head_dim, device)
+            backends = [b for b in ("banded", "alibi", "flex")
+                        if b in args.backends and usable(b, scheme, q, q_pos=pos, k_pos=pos, causal=True) is None]
+            if "blockwise" in args.backends and n <= args.blockwise_max:
+                backends.append("blockwise")
+            for backend in backends:
+                def fwd():
+                    with torch.no_grad():
+                        posbias.attention(q, k, v, scheme, backend=backend)
+
+                def train():
+                    posbias.attention(q, k, v, scheme, backend=backend).sum().backward()
+                try:
+                    t0 = time.perf_counter()
+                    fwd()
+                    first = time.perf_counter() - t0
+                    sf = paired(fwd, base_f, device, args.reps)
+                    st = paired(train, base_t, device, args.reps)
+                    mem = peak_mib(train, device)
+                except Exception as e:  # noqa: BLE001 -- a failing path is a row, not the end of the table
+                    print(f"| {name} | {n} | {backend} | {failed(e)} | | | | |", flush=True)
+                    q.grad = k.grad = v.grad = None
+                    torch.cuda.empty_cache() if device.type == "cuda" else None
+                    continue
+                note = f" (first call {first:.1f} s)" if first > 1 else ""
+                print(f"| {name} | {n} | {backend}{note} | {sf[0] * 1e3:.2f} | {cell(sf)} | {st[0] * 1e3:.2f} | "
+                      f"{cell(st)} | {'' if mem is None else f'{mem:.0f} ({base_mem:.0f})'} |", flush=True)
+                q.grad = k.grad = v.grad = None
+
+
+def flex_probe(args, device, dtype) -> None:
+    """Compiled FlexAttention at ``--probe-length`` with no score_mod and with the offset table's, across
+    kernel_options: which compile, and how fast they run (forward; forward+backward where it compiles)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from posbias.integrations.flex import causal_block_mask
+
+    n = args.probe_length
+    q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    mask = causal_block_mask(n, n, device=device)
+    scheme = make_scheme("offset", args.heads, args.head_dim, device)
+    base_f = lambda: torch.no_grad()(F.scaled_dot_product_attention)(q, k, v, is_causal=True)  # noqa: E731
+    base_t = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()  # noqa: E731
+    print(f"\n| FlexAttention at N={n} | kernel_options | compile + first fwd s | fwd × SDPA | fwd+bwd × SDPA |")
+    print("|---|---|---|---|---|", flush=True)
+    variants = [("no score_mod", None, None), ("offset table", "mod", None),
+                ("offset table", "mod", {"num_stages": 2}), ("offset table", "mod", {"BLOCK_M": 64, "BLOCK_N": 64}),
+                ("offset table", "mod", {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2})]
+    for label, with_mod, options in variants:
+        torch._dynamo.reset()
+        fn = torch.compile(flex_attention, dynamic=False)
+        mod = scheme.score_mod(n, n) if with_mod else None
+        kw = {"score_mod": mod, "block_mask": mask, "kernel_options": options}
+
+        def fwd():
+            with torch.no_grad():
+                fn(q, k, v, **kw)
+
+        def train():
+            fn(q, k, v, **kw).sum().backward()
+        try:
+            t0 = time.perf_counter()
+            fwd()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            sf = cell(paired(fwd, base_f, device, args.reps))
+        except Exception as e:  # noqa: BLE001
+            print(f"| {label} | {options} | {failed(e)} | | |", flush=True)
+            continue
+        try:
+            st = cell(paired(train, base_t, device, args.reps))
+        except Exception as e:  # noqa: BLE001
+            st = failed(e)
+        q.grad = k.grad = v.grad = None
+        print(f"| {label} | {options} | {first:.1f} | {sf} | {st} |", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--schemes", nargs="+", default=["t5", "offset", "alibi", "kerple-log", "fire"])
+    p.add_argument("--backends", nargs="+", default=["banded", "alibi", "blockwise"],
+                   help="which of banded, alibi, flex, blockwise to time (each where it runs exactly)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
+    p.add_argument("--blockwise-max", type=int, default=8192, help="longest N at which blockwise is timed")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-probe", action="store_true", help="leave out the FlexAttention kernel_options probe")
+    p.add_argument("--probe-length", type=int, default=8192)
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({name}), H={args.heads}, "
+          f"head_dim={args.head_dim}, {args.dtype}, batch 1, causal; median of {args.reps} interleaved pairs")
+    candidates(args, device, dtype)
+    if not args.no_probe and device.type == "cuda":
+        flex_probe(args, device, dtype)
+
+
+if __name__ == "__main__":
+    main()
