@@ -105,15 +105,16 @@ def flex_probe(args, device, dtype) -> None:
     for label, with_mod, options in variants:
         torch._dynamo.reset()
         fn = torch.compile(flex_attention, dynamic=False)
-        mod = scheme.score_mod(n, n) if with_mod else None
-        kw = {"score_mod": mod, "block_mask": mask, "kernel_options": options}
+        def call():  # the score_mod built per call, as posbias does: what it captures carries this call's graph
+            mod = scheme.score_mod(n, n) if with_mod else None
+            return fn(q, k, v, score_mod=mod, block_mask=mask, kernel_options=options)
 
         def fwd():
             with torch.no_grad():
-                fn(q, k, v, **kw)
+                call()
 
         def train():
-            fn(q, k, v, **kw).sum().backward()
+            call().sum().backward()
         try:
             t0 = time.perf_counter()
             fwd()
@@ -135,7 +136,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schemes", nargs="+", default=["t5", "offset", "alibi", "kerple-log", "fire"])
     p.add_argument("--backends", nargs="+", default=["banded", "alibi", "blockwise"],
-                   help="which of banded, alibi, flex, blockwise to time (each where it runs exactly)")
+                   choices=["banded", "alibi", "flex", "blockwise"], help="the paths to time, each where it runs exactly")
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
     p.add_argument("--blockwise-max", type=int, default=8192, help="longest N at which blockwise is timed")
     p.add_argument("--heads", type=int, default=8)
@@ -146,6 +147,9 @@ def main() -> None:
     p.add_argument("--no-probe", action="store_true", help="leave out the FlexAttention kernel_options probe")
     p.add_argument("--probe-length", type=int, default=8192)
     args = p.parse_args()
+    unknown = [x for x in args.schemes if x.split("@")[0] not in posbias.SCHEMES]
+    if unknown:
+        p.error(f"--schemes: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(posbias.SCHEMES)}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({name}), H={args.heads}, "

@@ -113,3 +113,45 @@ def test_bench_dropout_compares_with_both_baselines_and_measures_memory():
     assert r.returncode == 2 and "--p must be in (0, 1)" in r.stderr
     _, r = _script("bench_dropout.py", "--device", "tpu", ok=False)
     assert r.returncode == 2 and "--device must be cpu, or cuda" in r.stderr
+
+
+def test_bench_cuda_candidates_times_each_path_where_it_runs_and_refuses_bad_names():
+    """Issue 12's candidates script, on the CPU at a toy size: each path where it runs exactly (banded
+    for T5, alibi for ALiBi), blockwise beside them, none for KERPLE but blockwise; bad names are one
+    line and a non-zero exit."""
+    lines, _ = _script("bench_cuda_candidates.py", "--device", "cpu", "--dtype", "float32", "--lengths", "64",
+                       "--reps", "1", "--schemes", "t5", "alibi", "kerple-log")
+    rows = [x.split("|")[1:4] for x in lines if x.startswith("| ") and "| 64 |" in x]
+    assert [[c.strip() for c in r] for r in rows] == [
+        ["t5", "64", "banded"], ["t5", "64", "blockwise"], ["alibi", "64", "alibi"], ["alibi", "64", "blockwise"],
+        ["kerple-log", "64", "blockwise"]]
+    assert not any("failed" in x for x in lines)
+    _, r = _script("bench_cuda_candidates.py", "--schemes", "t6", ok=False)
+    assert r.returncode != 0 and "--schemes: unknown 't6'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_attention_reports_a_failing_case_as_a_row_and_goes_on(monkeypatch, capsys):
+    """A case that raises (a compiler error, out of memory) is a row naming the error, and the next case
+    still runs: on the first GPU run one FlexAttention compile failure would have ended the table."""
+    import argparse
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_attention as ba
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+    def boom():
+        raise RuntimeError("No valid triton configs\nsecond line")
+
+    ok = lambda: None  # noqa: E731
+    monkeypatch.setattr(ba, "cases", lambda *a: {"broken path": (boom, None), "fine path": (ok, None)})
+    args = argparse.Namespace(heads=2, kv_heads=2, head_dim=8, memory=False, schemes=["alibi"], reps=1,
+                              no_backward=True, flush_denormal=False)
+    rows = ba.run_length(16, args, ba.torch.device("cpu"), ba.torch.float32)
+    out = capsys.readouterr().out
+    assert "| alibi | 16 | broken path | failed | RuntimeError: No valid triton configs | | |" in out
+    assert "second line" not in out and "| alibi | 16 | fine path |" in out
+    assert rows[0] == {"scheme": "alibi", "N": 16, "path": "broken path", "error": "RuntimeError: No valid triton configs"}
+    assert rows[1]["path"] == "fine path" and "error" not in rows[1]
+

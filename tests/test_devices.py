@@ -73,7 +73,8 @@ def test_cuda_agrees_with_cpu(name):
         # a copy per device: Module.to moves parameters *and their gradients* in place, so the CPU
         # run's gradients would follow the module to the GPU (found on the first GPU run)
         s = copy.deepcopy(base).to(device)
-        q, k, v = (x.to(device).requires_grad_() for x in qkv)  # rope/nope/sinusoidal have no parameters
+        # fresh leaves on each device (rope/nope/sinusoidal have no parameters: the inputs' gradients are compared)
+        q, k, v = (x.to(device).detach().clone().requires_grad_() for x in qkv)
         out = attention(q, k, v, s)
         out.square().sum().backward()
         grads = [q.grad, k.grad, v.grad] + [p.grad for p in s.parameters() if p.grad is not None]
@@ -99,8 +100,9 @@ def test_flex_backend_trains_on_cuda(name):
 @NO_CUDA
 @pytest.mark.parametrize("name", STUDY)
 def test_auto_does_not_pick_a_path_no_gpu_run_has_validated(name):
-    """Issue 12's rule: until a GPU run validates a CUDA fast path (``CUDA_VALIDATED``), ``auto`` keeps
-    to the reference blocks (``blockwise``) or plain SDPA on CUDA."""
+    """Issue 12's rule: until a GPU run validates a CUDA fast path (``CUDA_VALIDATED``: banded and alibi
+    since 2026-12-04, an H200), ``auto`` keeps to the reference blocks (``blockwise``) or plain SDPA
+    on CUDA."""
     s = randomized(name).to("cuda")
     q, pos = torch.randn(1, 3, 64, 16, device="cuda"), torch.arange(64, device="cuda")
     for trains in (False, True):

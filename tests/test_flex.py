@@ -44,10 +44,40 @@ def test_score_mod_method_and_table_is_linear_in_length():
         assert got.item() == pytest.approx(want.item())
 
 
-@pytest.mark.slow
-def test_flex_backend_compiled_matches_reference():
+def test_fire_score_mod_is_fire_with_its_gradients_on_the_cpu():
+    """FIRE's score_mod evaluated eagerly over every (head, query, key): FIRE's bias, and the same
+    gradients to c, L and the MLP (what FlexAttention's CUDA backward differentiates). What it
+    captures that needs gradients is [heads] tensors, each its own (the CUDA backward refuses a tensor
+    indexed twice and fails on 0-d ones: found on an H200, torch 2.11)."""
     torch.manual_seed(0)
-    s = randomized("alibi")
+    s = randomized("fire")
+    with torch.no_grad():
+        s.L_multiplier.fill_(0.066)  # threshold 33.8 tokens: queries 28–39 on both sides of it
+    lq, lk, q0 = 12, 40, 28
+    mod = s.score_mod(lq, lk, q_start=q0)
+    captured = [c.cell_contents for c in mod.__closure__ if isinstance(c.cell_contents, (torch.Tensor, list))]
+    tensors = [t for c in captured for t in (c if isinstance(c, list) else [c]) if t.requires_grad]
+    assert tensors and all(t.dim() == 1 and t.shape[0] == s.n_heads for t in tensors if t.shape != (lq,))
+    assert len({t.data_ptr() for t in tensors}) == len(tensors)  # no two share storage
+    h, qi, ki = torch.meshgrid(torch.arange(s.n_heads), torch.arange(lq), torch.arange(lk), indexing="ij")
+    got = mod(torch.zeros(()), torch.tensor(0), h, qi, ki)
+    want = s.bias(torch.arange(q0, q0 + lq), torch.arange(lk))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(want)
+    g_got = torch.autograd.grad((got * w).sum(), list(s.parameters()))
+    g_want = torch.autograd.grad((want * w).sum(), list(s.parameters()))
+    assert float(s.threshold().detach()) == pytest.approx(33.8, abs=0.1) and all(g.abs().sum() > 0 for g in g_want)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["alibi", "fire"])
+def test_flex_backend_compiled_matches_reference(name):
+    """Compiled (CPU inductor): FIRE's forward failed to lower until its score_mod captured each weight
+    as a tensor of its own."""
+    torch.manual_seed(0)
+    s = randomized(name)
     q, k, v = (torch.randn(1, 3, 256, 16) for _ in range(3))
     with torch.no_grad():
         out = attention(q, k, v, s, backend="flex")

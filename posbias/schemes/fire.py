@@ -113,25 +113,29 @@ class FIRE(Scheme):
         device = self.c.device
         den = self.denominator(torch.arange(q_start, q_start + q_len, device=device))
         shift = torch.tensor(q_start - int(k_start), device=device)  # data, not a constant to compile in
-        c = self.c.abs().float()
         first, last = self.mlp[0], self.mlp[2]
-        width = first.weight.shape[0]
-        # Every captured tensor is read once in the score_mod and is a tensor of its own (a clone, not a
-        # view): FlexAttention's CUDA backward refuses a tensor that needs gradients and is indexed more
-        # than once ("multiple indexing operations on the same tensor", torch 2.11, found on the first GPU
-        # run), and w1[u] for every u was that. Each hidden unit's input weight and bias are 0-d tensors,
-        # its output weights a [heads] vector read with the head index alone (torch 2.6 and 2.8 cannot
-        # trace w2[h, u], a tensor index beside an integer: "data dependent operator").
-        w1 = [first.weight[u, 0].float().clone() for u in range(width)]
-        b1 = [first.bias[u].float().clone() for u in range(width)]
+        width, heads = first.weight.shape[0], last.weight.shape[0]
+        # Every captured tensor that needs gradients is a [heads] tensor of its own (a clone, not a view),
+        # read once, with the head index. FlexAttention's CUDA backward (torch 2.11) refuses a tensor
+        # indexed more than once ("multiple indexing operations on the same tensor": w1[u] for every u
+        # was that) and fails to lower the gradient of a 0-d one (both found on the first GPU run, an
+        # H200), and CPU inductor failed to lower the forward on views of one weight. So c and each
+        # hidden unit's input weight and bias are spread over the heads; the output weights are [heads]
+        # already (torch 2.6 and 2.8 cannot trace w2[h, u], a tensor index beside an integer).
+        def per_head(t: Tensor) -> Tensor:
+            return t.float().expand(heads).clone()
+
+        c = per_head(self.c.abs())
+        w1 = [per_head(first.weight[u, 0]) for u in range(width)]
+        b1 = [per_head(first.bias[u]) for u in range(width)]
         w2 = [last.weight[:, u].float().clone() for u in range(width)]
         b2 = last.bias.float().clone()
 
         def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            x = torch.log1p(c * (q_idx - kv_idx + shift).abs()) / den[q_idx]
+            x = torch.log1p(c[h] * (q_idx - kv_idx + shift).abs()) / den[q_idx]
             acc = b2[h]
             for u in range(width):
-                acc = acc + w2[u][h] * torch.relu(w1[u] * x + b1[u])
+                acc = acc + w2[u][h] * torch.relu(w1[u][h] * x + b1[u][h])
             return score + acc
 
         return mod
