@@ -74,13 +74,17 @@ def interleaved(fn, base, device, reps) -> tuple[list[float], list[float]]:
     return tc, tb
 
 
-def paired(fn, base, device, reps):
-    """``reps`` interleaved (candidate, baseline) pairs after one warm-up call of each.
+def paired(fn, base, device, reps, slow_s=None):
+    """``reps`` interleaved (candidate, baseline) pairs after one warm-up call of each; one pair where
+    the candidate's warm-up took longer than ``slow_s`` seconds (a time box: a path hundreds of times
+    slower than the baseline says so in one pair).
 
     Returns (median candidate seconds, median ratio, smallest ratio, largest ratio)."""
-    fn()  # warm-up (and compilation for FlexAttention)
+    warm = seconds(fn, device)  # warm-up (and compilation for FlexAttention)
     base()
     sync(device)
+    if slow_s is not None and warm > slow_s:
+        reps = 1
     times, base_times = interleaved(fn, base, device, reps)
     ratios = [c / b for c, b in zip(times, base_times)]
     return statistics.median(times), statistics.median(ratios), min(ratios), max(ratios)
@@ -304,6 +308,8 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=5, help="interleaved (candidate, baseline) pairs per cell")
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--slow-s", type=float, help="time a case whose warm-up call takes longer than this many seconds "
+                   "with one pair (a time box for device sessions; default: every case --reps pairs)")
     p.add_argument("--no-flex", action="store_true", help="leave out the compiled FlexAttention anchors")
     p.add_argument("--memory", action="store_true", help="measure peak extra memory in child processes")
     machine_args(p)
@@ -361,8 +367,8 @@ def run_length(n, args, device, dtype):
                     t0 = time.perf_counter()
                     fwd()
                     print(f"<!-- {name} N={n}: FlexAttention compile + first call {time.perf_counter() - t0:.1f} s -->")
-                sf = paired(fwd, base_f, device, args.reps)
-                st = None if (args.no_backward or trn is None) else paired(trn, base_t, device, args.reps)
+                sf = paired(fwd, base_f, device, args.reps, args.slow_s)
+                st = None if (args.no_backward or trn is None) else paired(trn, base_t, device, args.reps, args.slow_s)
             except Exception as e:  # noqa: BLE001 -- one failing path (a compiler error, out of memory) is a row, not the end of the table
                 reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
                 print(f"| {name} | {n} | {shown} | failed | {reason} | | |", flush=True)

@@ -43,7 +43,7 @@ def failed(e: Exception) -> str:
 
 
 def candidates(args, device, dtype) -> None:
-    print(f"| scheme | N | backend | fwd ms | fwd × SDPA | fwd+bwd ms | fwd+bwd × SDPA | peak MiB (SDPA) |")
+    print("| scheme | N | backend | fwd ms | fwd × SDPA | fwd+bwd ms | fwd+bwd × SDPA | peak MiB (SDPA) |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     for n in args.lengths:
         q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)

@@ -59,7 +59,7 @@ for stage in $stages; do
         attention)
             # shellcheck disable=SC2086  # LENGTHS is a list
             run attention "${ATTENTION_S:-180}" "$PY" benchmarks/bench_attention.py --device "$DEVICE" \
-                --dtype "$DTYPE" --lengths $LENGTHS --json "$OUT/attention.json" ${MEMORY:+--memory} ;;
+                --dtype "$DTYPE" --lengths $LENGTHS --json "$OUT/attention.json" --slow-s 2 ${MEMORY:+--memory} ;;
         hf)  # posbias's automatic choice, then the two candidates (FlexAttention, banded), each against HF's SDPA path
             for backend in ${HF_BACKENDS:-auto flex banded}; do
                 # shellcheck disable=SC2086

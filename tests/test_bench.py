@@ -147,11 +147,35 @@ def test_bench_attention_reports_a_failing_case_as_a_row_and_goes_on(monkeypatch
     ok = lambda: None  # noqa: E731
     monkeypatch.setattr(ba, "cases", lambda *a: {"broken path": (boom, None), "fine path": (ok, None)})
     args = argparse.Namespace(heads=2, kv_heads=2, head_dim=8, memory=False, schemes=["alibi"], reps=1,
-                              no_backward=True, flush_denormal=False)
+                              no_backward=True, flush_denormal=False, slow_s=None)
     rows = ba.run_length(16, args, ba.torch.device("cpu"), ba.torch.float32)
     out = capsys.readouterr().out
     assert "| alibi | 16 | broken path | failed | RuntimeError: No valid triton configs | | |" in out
     assert "second line" not in out and "| alibi | 16 | fine path |" in out
     assert rows[0] == {"scheme": "alibi", "N": 16, "path": "broken path", "error": "RuntimeError: No valid triton configs"}
     assert rows[1]["path"] == "fine path" and "error" not in rows[1]
+
+
+def test_a_slow_case_is_timed_with_one_pair():
+    """``--slow-s``: a candidate whose warm-up call takes longer is timed with one pair (a device session's
+    time box), a fast one with every pair asked for."""
+    import time
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_attention as ba
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.03)
+
+    cpu = ba.torch.device("cpu")
+    ba.paired(slow, lambda: None, cpu, 5, slow_s=0.01)
+    assert len(calls) == 2  # the warm-up and one pair
+    calls.clear()
+    ba.paired(slow, lambda: None, cpu, 5, slow_s=10)
+    assert len(calls) == 6
 
