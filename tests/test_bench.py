@@ -179,3 +179,9 @@ def test_a_slow_case_is_timed_with_one_pair():
     ba.paired(slow, lambda: None, cpu, 5, slow_s=10)
     assert len(calls) == 6
 
+
+
+def test_bench_dense_blocks_compares_the_two_layouts():
+    lines, _ = _script("bench_dense_blocks.py", "t5,alibi", "64", "1")
+    assert "2 threads" in lines[0] and len(lines) == 3
+    assert lines[1].startswith("t5 64: new ") and "new/old" in lines[1] and lines[2].startswith("alibi 64: new ")

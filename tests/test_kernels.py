@@ -1003,3 +1003,47 @@ def test_inputs_an_older_fused_op_misreads_are_handed_to_it_in_a_form_it_reads(m
             torch.testing.assert_close(attention(q1, k1, v1, g, enable_gqa=True),
                                        attention_reference(q1, k1, v1, g, enable_gqa=True), atol=2e-5, rtol=1e-4)
     assert seen and all(same_heads and contiguous for same_heads, contiguous in seen)
+
+
+TOEPLITZ_OPTIONS = [("t5", {"max_distance": 40}), ("t5", {"max_distance": 40, "bidirectional": True}),
+                    ("offset", {"max_distance": 17}), ("offset", {"max_distance": 9, "clip": False}),
+                    ("alibi", {}), ("alibi", {"symmetric": True}), ("kerple-log", {}), ("kerple-power", {})]
+
+
+@pytest.mark.parametrize("name, options", TOEPLITZ_OPTIONS)
+def test_block_bias_is_the_schemes_bias_bit_for_bit(name, options):
+    """The dense blockwise path's Toeplitz block (its offsets once, as windows) against ``scheme.bias``:
+    equal values (bit for bit but KERPLE-power's pow) at consecutive positions (also past 2^24 and with queries before, inside and after
+    the keys), gradients equal to rounding; other positions take ``bias`` itself."""
+    from posbias.kernels.blockwise import block_bias
+
+    s = randomized(name, **options)
+    for q0, k0, rows, keys in [(0, 0, 64, 64), (100, 0, 7, 130), (0, 50, 9, 20), (2**40, 2**40 - 300, 33, 301),
+                               (5, 5, 1, 40), (5, 5, 40, 1)]:
+        qp, kp = torch.arange(q0, q0 + rows), torch.arange(k0, k0 + keys)
+        got, want = block_bias(s, qp, kp), s.bias(qp, kp)
+        assert got.shape == want.shape == (s.n_heads, rows, keys)
+        if name == "kerple-power":  # pow's vectorised and scalar loops round its last bit apart
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        else:
+            assert torch.equal(got, want), (q0, k0, rows, keys)
+        g = torch.randn_like(want)
+        params = [p for p in s.parameters() if p.requires_grad]
+        if params:
+            for a, b in zip(torch.autograd.grad((got * g).sum(), params), torch.autograd.grad((want * g).sum(), params)):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    scattered = torch.tensor([0, 3, 4, 9])
+    assert torch.equal(block_bias(s, scattered, scattered), s.bias(scattered, scattered))
+
+
+@pytest.mark.parametrize("name, options", TOEPLITZ_OPTIONS + [("fire", {"init_L": 32.0})])
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_blockwise_path_matches_the_reference(monkeypatch, name, options, causal):
+    """The blockwise path CUDA runs (dense blocks, checkpointed in training), forced on the CPU: output,
+    q/k/v and parameter gradients against the reference, at the end of a longer cache too."""
+    import posbias.kernels.blockwise as bw
+
+    monkeypatch.setattr(bw, "flash_available", lambda q: False)
+    if causal or options.get("bidirectional") or options.get("symmetric") or name.startswith("kerple"):
+        compare(randomized(name, **options), "blockwise", causal=causal, lk=301)
+        compare(randomized(name, **options), "blockwise", causal=causal, lq=37, lk=301)

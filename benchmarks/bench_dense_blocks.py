@@ -1,0 +1,50 @@
+"""The dense blockwise path (what CUDA runs for schemes without a validated fast path), forced on the
+CPU: a Toeplitz block laid out from its offsets (``blockwise.block_bias``, new) against
+``scheme.bias`` per pair (old), forward+backward with gradients to the scheme, interleaved pairs.
+
+    python benchmarks/bench_dense_blocks.py t5,offset,kerple-log,alibi 1024,2048 5
+"""
+import argparse
+import statistics
+
+import torch
+
+import posbias
+import posbias.kernels.blockwise as bw
+from bench_attention import interleaved, make_scheme
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("schemes", nargs="?", default="t5,offset,kerple-log,alibi", help="comma-separated scheme names")
+    p.add_argument("lengths", nargs="?", default="1024,2048", help="comma-separated sequence lengths")
+    p.add_argument("reps", nargs="?", type=int, default=5, help="interleaved pairs")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    torch.set_flush_denormal(True)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, denormals flushed, H=8, d=64, causal; "
+          f"median of {args.reps} interleaved pairs (smallest–largest)")
+    bw.flash_available = lambda q: False  # the dense branch CUDA runs
+    new, old = bw.block_bias, (lambda s, q, k: s.bias(q, k))
+    for name in args.schemes.split(","):
+        for n in map(int, args.lengths.split(",")):
+            torch.manual_seed(0)
+            s = make_scheme(name, 8, 64, torch.device("cpu"))
+            q, k, v = (torch.randn(1, 8, n, 64, requires_grad=True) for _ in range(3))
+
+            def step(fn, s=s, q=q, k=k, v=v):
+                def f():
+                    bw.block_bias = fn
+                    posbias.attention(q, k, v, s, backend="blockwise").sum().backward()
+                return f
+            a, b = step(new), step(old)
+            a()
+            b()
+            tn, to = interleaved(a, b, torch.device("cpu"), args.reps)
+            r = sorted(x / y for x, y in zip(tn, to))
+            print(f"{name} {n}: new {statistics.median(tn) * 1e3:.0f} ms, old {statistics.median(to) * 1e3:.0f} ms, "
+                  f"new/old {statistics.median(r):.2f} ({r[0]:.2f}–{r[-1]:.2f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
