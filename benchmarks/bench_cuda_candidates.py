@@ -101,7 +101,9 @@ def flex_probe(args, device, dtype) -> None:
     print("|---|---|---|---|---|", flush=True)
     variants = [("no score_mod", None, None), ("offset table", "mod", None),
                 ("offset table", "mod", {"num_stages": 2}), ("offset table", "mod", {"BLOCK_M": 64, "BLOCK_N": 64}),
-                ("offset table", "mod", {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2})]
+                ("offset table", "mod", {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2}),
+                ("offset table", "mod", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64,
+                                         "BLOCK_M2": 64, "BLOCK_N2": 32})]  # the backward's blocks too
     for label, with_mod, options in variants:
         torch._dynamo.reset()
         fn = torch.compile(flex_attention, dynamic=False)
