@@ -134,6 +134,35 @@ def flex_probe(args, device, dtype) -> None:
         print(f"| {label} | {options} | {first:.1f} | {sf} | {st} |", flush=True)
 
 
+def profile(spec: str, args, device, dtype) -> None:
+    """Where one training call's time goes: ``BACKEND:SCHEME:N`` profiled with torch.profiler over
+    ``--reps`` forward+backward calls after a warm-up, the top operators by their own device time
+    (CUDA) or CPU time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    try:
+        backend, name, n = spec.split(":")
+        n = int(n)
+    except ValueError:
+        raise SystemExit(f"--profile wants BACKEND:SCHEME:N (e.g. banded:t5:32768), got {spec!r}") from None
+    scheme = make_scheme(name, args.heads, args.head_dim, device)
+    q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+
+    def train():
+        posbias.attention(q, k, v, scheme, backend=backend).sum().backward()
+    train()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(args.reps):
+            train()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n## {backend} {name} N={n}: {args.reps} forward+backward calls, top operators by {key}")
+    print(prof.key_averages().table(sort_by=key, row_limit=args.profile_rows), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schemes", nargs="+", default=["t5", "offset", "alibi", "kerple-log", "fire"])
@@ -148,6 +177,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-probe", action="store_true", help="leave out the FlexAttention kernel_options probe")
     p.add_argument("--probe-length", type=int, default=8192)
+    p.add_argument("--profile", nargs="+", metavar="BACKEND:SCHEME:N",
+                   help="only profile these training calls (torch.profiler), e.g. banded:t5:32768 alibi:alibi:32768")
+    p.add_argument("--profile-rows", type=int, default=15)
     args = p.parse_args()
     unknown = [x for x in args.schemes if x.split("@")[0] not in posbias.SCHEMES]
     if unknown:
@@ -156,6 +188,10 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({name}), H={args.heads}, "
           f"head_dim={args.head_dim}, {args.dtype}, batch 1, causal; median of {args.reps} interleaved pairs")
+    if args.profile:
+        for spec in args.profile:
+            profile(spec, args, device, dtype)
+        return
     candidates(args, device, dtype)
     if not args.no_probe and device.type == "cuda":
         flex_probe(args, device, dtype)

@@ -185,3 +185,13 @@ def test_bench_dense_blocks_compares_the_two_layouts():
     lines, _ = _script("bench_dense_blocks.py", "t5,alibi", "64", "1")
     assert "2 threads" in lines[0] and len(lines) == 3
     assert lines[1].startswith("t5 64: new ") and "new/old" in lines[1] and lines[2].startswith("alibi 64: new ")
+
+
+def test_bench_cuda_candidates_profiles_a_training_call():
+    lines, _ = _script("bench_cuda_candidates.py", "--device", "cpu", "--dtype", "float32", "--reps", "1",
+                       "--profile", "banded:t5:128", "--profile-rows", "5")
+    text = "\n".join(lines)
+    assert "## banded t5 N=128: 1 forward+backward calls" in text and "Self CPU time total" in text
+    _, r = _script("bench_cuda_candidates.py", "--device", "cpu", "--profile", "banded-t5", ok=False)
+    assert r.returncode != 0 and "--profile wants BACKEND:SCHEME:N" in r.stderr and "Traceback" not in r.stderr
+
