@@ -16,6 +16,7 @@ before it (the inputs), in MiB.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -176,6 +177,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-probe", action="store_true", help="leave out the FlexAttention kernel_options probe")
+    p.add_argument("--flex-options", type=json.loads, metavar="JSON",
+                   help='kernel_options for posbias\'s flex backend on CUDA (posbias.kernels.flex.CUDA_KERNEL_OPTIONS), '
+                        'e.g. \'{"BLOCK_M": 64, "BLOCK_N": 64}\'; time it with --backends flex')
     p.add_argument("--probe-length", type=int, default=8192)
     p.add_argument("--profile", nargs="+", metavar="BACKEND:SCHEME:N",
                    help="only profile these training calls (torch.profiler), e.g. banded:t5:32768 alibi:alibi:32768")
@@ -185,6 +189,13 @@ def main() -> None:
     if unknown:
         p.error(f"--schemes: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(posbias.SCHEMES)}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.flex_options is not None:
+        if not isinstance(args.flex_options, dict):
+            p.error(f"--flex-options must be a JSON object, got {args.flex_options!r}")
+        import posbias.kernels.flex as flex
+
+        flex.CUDA_KERNEL_OPTIONS = args.flex_options
+        print(f"# posbias flex on CUDA with kernel_options {args.flex_options}")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({name}), H={args.heads}, "
           f"head_dim={args.head_dim}, {args.dtype}, batch 1, causal; median of {args.reps} interleaved pairs")

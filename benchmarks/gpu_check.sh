@@ -6,14 +6,15 @@
 # measured. Nothing is installed: it runs from the source tree with whatever torch the machine has.
 #
 #   bash benchmarks/gpu_check.sh                 # every stage, logs under $OUT (or ./gpu-check)
-#   bash benchmarks/gpu_check.sh tests           # one stage: tests | flex | candidates | profile | hf | attention | decode | dropout
+#   bash benchmarks/gpu_check.sh tests           # one stage: tests | flex | candidates | profile | hf | flexopts | attention | decode | dropout
+#   bash benchmarks/gpu_check.sh flexopts        # posbias's flex with FLEX_OPTIONS (default {"BLOCK_M": 64, "BLOCK_N": 64})
 #   bash benchmarks/gpu_check.sh attention       # the whole attention table with its anchors (a call of its own)
 #   bash benchmarks/gpu_check.sh decode          # decoding (not in the default run: a call of its own)
 #   bash benchmarks/gpu_check.sh dropout         # attention dropout against SDPA's fused dense-bias dropout (not default)
 #   PY=.venv/bin/python DEVICE=cpu LENGTHS=512 bash benchmarks/gpu_check.sh   # dry run of the plumbing
 #
 # Limits (seconds) and sizes can be set from the environment: TESTS_S, FLEX_S, CANDIDATES_S, PROFILE_S, HF_S (each HF run),
-# ATTENTION_S, DECODE_S, DROPOUT_S, LENGTHS, HF_LENGTHS, HF_BACKENDS (default: auto), DTYPE; MEMORY=1 adds peak
+# FLEXOPTS_S, FLEX_OPTIONS, ATTENTION_S, DECODE_S, DROPOUT_S, LENGTHS, HF_LENGTHS, HF_BACKENDS (default: auto), DTYPE; MEMORY=1 adds peak
 # memory to the attention table (one child process per case, so give it its own call). The defaults add up to
 # 570 s (60 + 100 + 200 + 60 + 150), inside one 600 s device command. Timings seen on an H200 (2026-12-04): the CUDA
 # tests 20-25 s, FlexAttention's 55-70 s (compiles), the candidates 135 s, the attention table past 210 s.
@@ -77,6 +78,10 @@ for stage in $stages; do
         profile)  # where a training call's time goes on the two validated paths at 32k (torch.profiler)
             run profile "${PROFILE_S:-60}" "$PY" benchmarks/bench_cuda_candidates.py --device "$DEVICE" --dtype "$DTYPE" \
                 --reps 3 --profile banded:t5:32768 alibi:alibi:32768 ;;
+        flexopts)  # posbias's flex backend with kernel_options (FLEX_OPTIONS, JSON) against SDPA at 8k, training included
+            if [ -z "${FLEX_OPTIONS:-}" ]; then FLEX_OPTIONS='{"BLOCK_M": 64, "BLOCK_N": 64}'; fi
+            run flexopts "${FLEXOPTS_S:-150}" "$PY" benchmarks/bench_cuda_candidates.py --device "$DEVICE" --dtype "$DTYPE" \
+                --reps 3 --backends flex --lengths 8192 --no-probe --flex-options "$FLEX_OPTIONS" ;;
         decode)  # one query against 1k-64k cached keys, and the model's tokens, each against no bias
             run decode "${DECODE_S:-240}" "$PY" benchmarks/bench_decode.py --device "$DEVICE" --dtype "$DTYPE" ;;
         dropout)  # training with dropout_p=0.1: posbias' dropout kernel against SDPA with the dense bias and dropout
@@ -84,7 +89,7 @@ for stage in $stages; do
             run dropout "${DROPOUT_S:-240}" "$PY" benchmarks/bench_dropout.py --device "$DEVICE" --dtype "$DTYPE" \
                 --lengths $LENGTHS --reps 3 --memory ;;
         *)
-            echo "unknown stage '$stage': use tests, flex, candidates, profile, hf, attention, decode or dropout" >&2
+            echo "unknown stage '$stage': use tests, flex, candidates, profile, hf, flexopts, attention, decode or dropout" >&2
             exit 2 ;;
     esac
 done

@@ -126,6 +126,8 @@ def test_bench_cuda_candidates_times_each_path_where_it_runs_and_refuses_bad_nam
         ["t5", "64", "banded"], ["t5", "64", "blockwise"], ["alibi", "64", "alibi"], ["alibi", "64", "blockwise"],
         ["kerple-log", "64", "blockwise"]]
     assert not any("failed" in x for x in lines)
+    _, r = _script("bench_cuda_candidates.py", "--device", "cpu", "--flex-options", "[64]", ok=False)
+    assert r.returncode != 0 and "--flex-options must be a JSON object" in r.stderr and "Traceback" not in r.stderr
     _, r = _script("bench_cuda_candidates.py", "--schemes", "t6", ok=False)
     assert r.returncode != 0 and "--schemes: unknown 't6'" in r.stderr and "Traceback" not in r.stderr
 

@@ -190,3 +190,21 @@ def test_t5_bucket_traces_in_a_users_score_mod_after_other_score_mods():
             mod = _bench_module().hand_written_score_mod(name, s) if name == "t5" else s.score_mod(40, 40)
             out = flex_attention(q, k, v, score_mod=mod, block_mask=causal_block_mask(40, 40), scale=s.default_scale())
             torch.testing.assert_close(out, attention_reference(q, k, v, s), atol=2e-5, rtol=1e-4)
+
+
+def test_kernel_options_reach_flex_on_cuda_only(monkeypatch):
+    """``CUDA_KERNEL_OPTIONS`` (unset by default: PyTorch's own configuration) goes to FlexAttention on
+    CUDA alone; on the CPU the flex backend is unchanged with it set."""
+    import posbias.kernels.flex as fk
+
+    assert fk.CUDA_KERNEL_OPTIONS is None and fk.kernel_options("cuda") == {} and fk.kernel_options("cpu") == {}
+    monkeypatch.setattr(fk, "CUDA_KERNEL_OPTIONS", {"BLOCK_M": 64, "BLOCK_N": 64})
+    assert fk.kernel_options("cuda") == {"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64}}
+    assert fk.kernel_options("cpu") == {}
+    s = randomized("t5", max_distance=20)
+    q, k, v = (torch.randn(1, 3, 50, 16) for _ in range(3))
+    with torch.no_grad():
+        qq, kk, _, qpos, kpos, scale = resolve(q, k, v, s, q_pos=None, k_pos=None, scale=None)
+        out = flex_kernel(qq, kk, v, s, q_pos=qpos, k_pos=kpos, causal=True, scale=scale, compile=False)
+        torch.testing.assert_close(out, attention_reference(q, k, v, s), atol=2e-5, rtol=1e-4)
+

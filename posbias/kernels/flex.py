@@ -102,6 +102,19 @@ def reset_compiled() -> None:
 
 RECOMPILE_LIMIT = 64  # compiled shapes kept for this kernel: 16 octaves of length buckets
 
+# ``kernel_options`` handed to FlexAttention on CUDA (None: PyTorch's defaults). On an H200 with torch 2.11
+# (2026-12-04) the default configuration for a table score_mod in bf16 at head_dim 64 needed 245,760 bytes of
+# shared memory, more than the 232,448 there, and did not compile; {"BLOCK_M": 64, "BLOCK_N": 64} compiled
+# (forward 2.60x unbiased SDPA at 8k). Left at None until a GPU run has measured training with a setting
+# (``benchmarks/bench_cuda_candidates.py --flex-options``), as issue 12 asks of every CUDA path.
+CUDA_KERNEL_OPTIONS: dict | None = None
+
+
+def kernel_options(device_type: str) -> dict:
+    """The extra keyword arguments for FlexAttention on a device: ``kernel_options`` on CUDA where
+    :data:`CUDA_KERNEL_OPTIONS` is set, none elsewhere (PyTorch's defaults)."""
+    return {"kernel_options": dict(CUDA_KERNEL_OPTIONS)} if CUDA_KERNEL_OPTIONS and device_type == "cuda" else {}
+
 
 def _pad_to(x: Tensor, length: int) -> Tensor:
     """``x`` padded with zeros along the sequence to ``length``, always contiguous: the compiled
@@ -131,9 +144,10 @@ def flex_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tenso
     if q.device.type == "cpu" and not torch.is_grad_enabled():  # it refuses inputs that require grad on CPU
         q, k, v = q.detach(), k.detach(), v.detach()
     q, k, v = _pad_to(q, q_pad), _pad_to(k, k_pad), _pad_to(v, k_pad)
+    options = kernel_options(q.device.type)
     if not compile:
-        return fa.flex_attention(q, k, v, score_mod=mod, block_mask=mask, scale=scale)[:, :, :lq]
+        return fa.flex_attention(q, k, v, score_mod=mod, block_mask=mask, scale=scale, **options)[:, :, :lq]
     # (torch 2.6 names the setting cache_size_limit)
     name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     with torch._dynamo.config.patch(**{name: max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT)}):
-        return _compiled_flex()(q, k, v, score_mod=mod, block_mask=mask, scale=scale)[:, :, :lq]
+        return _compiled_flex()(q, k, v, score_mod=mod, block_mask=mask, scale=scale, **options)[:, :, :lq]
