@@ -222,8 +222,8 @@ def learned_summary(model: TransformerLM, train_len: int) -> dict[str, Any]:
                                       for n, p in s.named_parameters()}}
     if s.family == "additive":
         with torch.no_grad():
-            dev = next((t.device for t in (*s.parameters(), *s.buffers())), torch.device("cpu"))
-            q = torch.tensor([train_len - 1], device=dev)  # the model's device (a GPU study: found on a GPU run)
+            dev = next(model.parameters()).device  # a GPU study's model is on the GPU (found on a GPU run)
+            q = torch.tensor([train_len - 1], device=dev)
             b = s.bias(q, torch.arange(train_len, device=dev))[:, 0, :].float()  # [H, L], distance L−1 … 0
         out["bias_range"] = [float(b.min()), float(b.max())]
         out["bias_contrast"] = float((b[:, -1] - b[:, 0]).abs().max())  # |bias(0) − bias(L−1)|, largest head

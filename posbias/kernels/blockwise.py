@@ -76,9 +76,9 @@ def block_bias(scheme: Scheme, q_pos: Tensor, k_pos: Tensor) -> Tensor:
     vectorised and scalar loops round apart), from R + K − 1 evaluations instead of R·K (a T5 table
     buckets each offset once), and a backward that sums each window's gradient along the diagonals
     (``unfold``'s own backward) where ``bias`` scattered R·K pairs into a table of a few dozen entries
-    (the index backward, which made blockwise T5 and offset training about 3,500× unbiased SDPA at 8k
-    on an H200, against 270–520× for ALiBi, KERPLE and FIRE: results-cuda-2026-12-04-h200.md). Other
-    schemes and positions: ``scheme.bias``."""
+    through the index backward: the likely cause (inferred, not profiled) of blockwise T5 and offset
+    training at about 3,500× unbiased SDPA at 8k on an H200, against 270–520× for ALiBi, KERPLE and
+    FIRE (benchmarks/results-cuda-2026-12-04-h200.md). Other schemes and positions: ``scheme.bias``."""
     rows, keys = len(q_pos), len(k_pos)
     if not (scheme.toeplitz and rows > 1 and keys > 1 and consecutive(q_pos) and consecutive(k_pos)):
         return scheme.bias(q_pos, k_pos)
