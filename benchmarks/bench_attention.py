@@ -348,6 +348,7 @@ def run_length(n, args, device, dtype):
     base_f = lambda: torch.no_grad()(F.scaled_dot_product_attention)(q, k, v, is_causal=True, enable_gqa=gqa)  # noqa: E731
     base_t = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).sum().backward()  # noqa: E731
     mem = measure_memory("rope", "SDPA (no bias)", n, args) if args.memory else None
+    seconds(base_f, device)  # warm-up: a first CUDA call (context, kernel selection) read 601 ms at 8k on an H200
     print(f"| (none) | {n} | fused causal SDPA, no bias | {seconds(base_f, device) * 1e3:.0f} | 1.00 | 1.00 | "
           f"{'' if mem is None else f'{mem:.0f}'} |", flush=True)
     rows = []
