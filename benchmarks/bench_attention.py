@@ -348,8 +348,8 @@ def run_length(n, args, device, dtype):
     base_f = lambda: torch.no_grad()(F.scaled_dot_product_attention)(q, k, v, is_causal=True, enable_gqa=gqa)  # noqa: E731
     base_t = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).sum().backward()  # noqa: E731
     mem = measure_memory("rope", "SDPA (no bias)", n, args) if args.memory else None
-    seconds(base_f, device)  # warm-up: a first CUDA call (context, kernel selection) read 601 ms at 8k on an H200
-    print(f"| (none) | {n} | fused causal SDPA, no bias | {seconds(base_f, device) * 1e3:.0f} | 1.00 | 1.00 | "
+    seconds(base_f, device)  # warm-up: a first CUDA call read 601 ms at 8k on an H200 (a warm one ~0.4 ms)
+    print(f"| (none) | {n} | fused causal SDPA, no bias | {seconds(base_f, device) * 1e3:.3g} | 1.00 | 1.00 | "
           f"{'' if mem is None else f'{mem:.0f}'} |", flush=True)
     rows = []
     for name in args.schemes:
@@ -383,7 +383,7 @@ def run_length(n, args, device, dtype):
                          "train_ratio": None if st is None else st[1:], "peak_extra_mib": mem,
                          "threads": torch.get_num_threads(), "flush_denormal": args.flush_denormal,
                          "device_name": torch.cuda.get_device_name() if device.type == "cuda" else cpu_kind()})
-            print(f"| {name} | {n} | {shown} | {sf[0] * 1e3:.0f} | {cell(sf)} | {cell(st)} | "
+            print(f"| {name} | {n} | {shown} | {sf[0] * 1e3:.3g} | {cell(sf)} | {cell(st)} | "
                   f"{'' if mem is None else f'{mem:.0f}'} |", flush=True)
     return rows
 
