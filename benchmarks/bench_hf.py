@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
+import time
 
 import torch
 from bench_attention import _status_kib, interleaved, reset_peak_rss, seconds, sync
@@ -37,6 +39,15 @@ SIZES = {  # d_model, d_kv, d_ff, layers (each stack), heads, feed-forward
     "small": (512, 64, 1024, None, 8, "relu"),  # None: --layers
     "base": (768, 64, 2048, 12, 12, "gated-gelu"),  # flan-t5-base's shape
 }
+
+
+_T0 = time.perf_counter()
+
+
+def progress(what: str) -> None:
+    """A line on stderr with the seconds since the start: where a run cut off by a time limit was
+    (the first GPU run's HF stage printed nothing in 50 s, and nothing said why)."""
+    print(f"[bench_hf {time.perf_counter() - _T0:6.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 def warm_up(model, ids, labels, device):
@@ -172,6 +183,7 @@ def main(argv=None):
     from posbias.integrations.hf import accelerate
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    progress(f"building the {args.size} {args.model} model")
     ref = build(args.model, args.size, args.layers, args.train, max(args.lengths), args.dropout).to(device, dtype)
     fast = accelerate(copy.deepcopy(ref), backend=args.backend)
     impl = ref.config._attn_implementation
@@ -206,8 +218,14 @@ def main(argv=None):
                                           torch.tensor([n - n // 4 - 2 * (n // 8), n // 4, n // 8, n // 8], device=device))
             ids = ids, (doc[:, None] == doc[None, :])[None, None]
         reps = args.reps if n <= 4096 else max(1, args.reps - 1)
-        results = [warm_up(model, ids, labels, device) for model in (ref, fast)]
+        results = []
+        for label, model in (("HF", ref), ("posbias", fast)):
+            progress(f"N={n}: {label} warm-up call")
+            results.append(warm_up(model, ids, labels, device))
+        progress(f"N={n}: {reps} timed pairs")
         times = paired([m if r else None for m, r in zip((ref, fast), results)], ids, labels, reps, device)
+        if exact is not None:
+            progress(f"N={n}: float32 reference call")
         truth = False if exact is None else warm_up(exact, ids, labels, device)
         print(row(n, *results, times, truth, compare=not args.dropout), flush=True)
 
