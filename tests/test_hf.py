@@ -927,7 +927,10 @@ def test_hf_benchmark_runs_training_and_checks_agreement(capsys, monkeypatch):
     both models train one step from the same weights and their losses agree."""
     bench = _bench(monkeypatch)
     bench.main(["--train", "--lengths", "40", "--layers", "1", "--reps", "2", "--target-len", "8", "--device", "cpu"])
-    last = capsys.readouterr().out.strip().splitlines()[-1].split("|")
+    captured = capsys.readouterr()
+    last = captured.out.strip().splitlines()[-1].split("|")
+    # progress on stderr (where a run cut off by a time limit was), the table alone on stdout
+    assert "] N=40: posbias warm-up call" in captured.err and "[bench_hf" not in captured.out
     assert last[1].strip() == "40" and "OOM" not in last
     assert float(last[7]) < 1e-4  # the losses of the HF and the posbias model
     bench.main(["--model", "switch", "--train", "--lengths", "40", "--layers", "2", "--reps", "1", "--target-len", "8",
