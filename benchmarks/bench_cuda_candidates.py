@@ -171,6 +171,9 @@ def main() -> None:
                    choices=["banded", "alibi", "flex", "blockwise"], help="the paths to time, each where it runs exactly")
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
     p.add_argument("--blockwise-max", type=int, default=8192, help="longest N at which blockwise is timed")
+    p.add_argument("--blockwise-elems", type=int, metavar="E",
+                   help="blockwise's dense blocks of at most E logits (posbias.kernels.blockwise.MAX_BLOCK_ELEMS, "
+                        "default 2^22: 64 query rows per block at 8k keys and 8 heads; larger blocks, fewer launches)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
@@ -189,6 +192,13 @@ def main() -> None:
     if unknown:
         p.error(f"--schemes: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(posbias.SCHEMES)}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.blockwise_elems is not None:
+        if args.blockwise_elems < 1:
+            p.error(f"--blockwise-elems must be at least 1, got {args.blockwise_elems}")
+        import posbias.kernels.blockwise as blockwise
+
+        blockwise.MAX_BLOCK_ELEMS = args.blockwise_elems
+        print(f"# blockwise's dense blocks of at most {args.blockwise_elems} logits")
     if args.flex_options is not None:
         if not isinstance(args.flex_options, dict):
             p.error(f"--flex-options must be a JSON object, got {args.flex_options!r}")
