@@ -115,6 +115,9 @@ def test_cuda_candidates_are_the_validated_paths_only(monkeypatch):
     import importlib
 
     att = importlib.import_module("posbias.attention")  # the module (``posbias.attention`` is the function)
+    # what a GPU run validated (an H200, 2026-12-04: benchmarks/results-cuda-2026-12-04-h200.md); a path
+    # joins with the run that validates it, and this line changes with it
+    assert att.CUDA_VALIDATED == ("banded", "alibi")
     assert att._candidates("cuda", True, 4096, True) == ("sdpa", *att.CUDA_VALIDATED)
     monkeypatch.setattr(att, "CUDA_VALIDATED", ("flex",))
     assert att._candidates("cuda", False, 100, True) == ("sdpa", "flex")
