@@ -297,9 +297,9 @@ def choose_backend(scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor, c
     Zen 4 with AVX-512 (2026-12-04) t5 1.06 / 1.04 / 0.99 / 0.86 / 0.82 and offset 1.13 / 1.06 / 0.99 /
     0.90 / 0.83 at 2.5k / 3k / 4k / 6k / 8k. Banded from 2.5k cost up to 13% on two of the three; from 3k
     (:data:`CAUSAL_BANDED_FROM`) the worst is the Zen 4's 4–6% at 3k–4k and the Xeon's 5% at 2.5k–3k. On
-    CUDA: :data:`CUDA_VALIDATED`. FIRE takes ``toeplitz`` where every query is below its threshold
-    (there it is Toeplitz); where only the first ones are, :func:`attention` runs those on ``toeplitz``
-    and the rest ``blockwise`` (:func:`toeplitz_prefix`)."""
+    CUDA: :data:`CUDA_VALIDATED`. Where every query of FIRE is below its threshold, :func:`attention`
+    hands this its Toeplitz view (there FIRE is Toeplitz), which takes ``toeplitz``; where only the first
+    ones are, it runs those on ``toeplitz`` and the rest ``blockwise`` (:func:`toeplitz_prefix`)."""
     order = _candidates(q.device.type, trains_bias(scheme), len(k_pos), causal)
     for name in order:
         if usable(name, scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal) is None:
@@ -371,6 +371,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
             run, scheme = dropout_kernel, toeplitz_view(scheme, q_pos, k_pos) or scheme
         return run(q, *ungrouped(q, k, v), scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale,
                    p=dropout_p, seed=dropout_seed)
+    rows, view = 0, None
+    if backend in ("auto", "toeplitz"):  # FIRE below its threshold is Toeplitz there (a forced blockwise stays FIRE)
+        rows, view = toeplitz_prefix(scheme, q, q_pos, k_pos)
+        if rows == len(q_pos):  # at every query: chosen and run as the Toeplitz scheme it is here
+            scheme, rows = view, 0
     if backend == "auto":
         name = choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
     else:
@@ -380,14 +385,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
         name = backend if why is None else choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
     if name not in GROUPED_HEADS:
         k, v = ungrouped(q, k, v)
-    if not isinstance(scheme, ToeplitzScheme) and (name == "toeplitz" or (name == "blockwise" and backend == "auto")):
-        # FIRE: on toeplitz every query is below its threshold (usable() said so); where auto took blockwise,
-        # the queries below it still run on toeplitz
-        rows, view = toeplitz_prefix(scheme, q, q_pos, k_pos)
-        if name == "toeplitz":
-            scheme = view
-        elif rows:
-            return _below_and_past(q, k, v, scheme, view, rows, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
+    if rows and name == "blockwise":  # FIRE at its first queries only: those still run on toeplitz
+        return _below_and_past(q, k, v, scheme, view, rows, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
     return BACKENDS[name](q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
 
 
@@ -420,10 +419,10 @@ def toeplitz_prefix(scheme: Scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor) -> 
     query below L, forward+backward (H = 8, d = 64, 2 threads, 7 interleaved pairs, docs/attention.md):
     0.55–0.72 of the all-blockwise time at 512–8k keys, 1.13–1.50× SDPA; with L = 455 at 2k–8k, within
     the noise of it."""
-    if not flash_available(q):
-        return 0, None
     rows, view = _toeplitz_part(scheme, q_pos, k_pos)
-    if 0 < rows < len(q_pos):  # the blockwise part then starts where its blocks read a multiple of 64 keys
+    if not rows or not flash_available(q):
+        return 0, None
+    if rows < len(q_pos):  # the blockwise part then starts where its blocks read a multiple of 64 keys
         rows = max(0, rows - (int(q_pos[0]) - int(k_pos[0]) + rows) % 64)
     return rows, view
 
