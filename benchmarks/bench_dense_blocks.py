@@ -1,6 +1,7 @@
 """The dense blockwise path (what CUDA runs for schemes without a validated fast path), forced on the
-CPU: a Toeplitz block laid out from its offsets (``blockwise.block_bias``, new) against
-``scheme.bias`` per pair (old), forward+backward with gradients to the scheme, interleaved pairs.
+CPU: a Toeplitz scheme's ``bias`` laid out from its offsets (``ToeplitzScheme.bias``, new) against
+``bias_at`` on every pair's offset (old), forward+backward with gradients to the scheme, interleaved
+pairs.
 
     python benchmarks/bench_dense_blocks.py t5,offset,kerple-log,alibi 1024,2048 5
 """
@@ -11,6 +12,7 @@ import torch
 
 import posbias
 import posbias.kernels.blockwise as bw
+from posbias.schemes.base import ToeplitzScheme
 from bench_attention import interleaved, make_scheme
 
 
@@ -25,7 +27,11 @@ def main() -> None:
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, denormals flushed, H=8, d=64, causal; "
           f"median of {args.reps} interleaved pairs (smallest–largest)")
     bw.flash_available = lambda q: False  # the dense branch CUDA runs
-    new, old = bw.block_bias, (lambda s, q, k: s.bias(q, k))
+    new = ToeplitzScheme.bias
+
+    def old(s, q, k):
+        return s.bias_at(q[:, None] - k[None, :])
+
     for name in args.schemes.split(","):
         for n in map(int, args.lengths.split(",")):
             torch.manual_seed(0)
@@ -34,7 +40,7 @@ def main() -> None:
 
             def step(fn, s=s, q=q, k=k, v=v):
                 def f():
-                    bw.block_bias = fn
+                    s.bias = fn.__get__(s)  # this instance's bias, new or old
                     posbias.attention(q, k, v, s, backend="blockwise").sum().backward()
                 return f
             a, b = step(new), step(old)

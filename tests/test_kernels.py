@@ -1011,17 +1011,20 @@ TOEPLITZ_OPTIONS = [("t5", {"max_distance": 40}), ("t5", {"max_distance": 40, "b
 
 
 @pytest.mark.parametrize("name, options", TOEPLITZ_OPTIONS)
-def test_block_bias_is_the_schemes_bias_bit_for_bit(name, options):
-    """The dense blockwise path's Toeplitz block (its offsets once, as windows) against ``scheme.bias``:
-    equal values (bit for bit but KERPLE-power's pow) at consecutive positions (also past 2^24 and with queries before, inside and after
-    the keys), gradients equal to rounding; other positions take ``bias`` itself."""
-    from posbias.kernels.blockwise import block_bias
-
+def test_toeplitz_bias_from_its_offsets_is_the_per_pair_bias(name, options):
+    """A Toeplitz scheme's ``bias`` at consecutive positions (its offsets once, laid out as windows)
+    against ``bias_at`` on every pair's offset: equal values (bit for bit but KERPLE-power's pow) also
+    past 2^24 and with queries before, inside and after the keys, gradients equal to rounding; other
+    positions take the per-pair form itself."""
     s = randomized(name, **options)
+
+    def per_pair(qp, kp):
+        return s.bias_at(qp[:, None] - kp[None, :])
+
     for q0, k0, rows, keys in [(0, 0, 64, 64), (100, 0, 7, 130), (0, 50, 9, 20), (2**40, 2**40 - 300, 33, 301),
                                (5, 5, 1, 40), (5, 5, 40, 1)]:
         qp, kp = torch.arange(q0, q0 + rows), torch.arange(k0, k0 + keys)
-        got, want = block_bias(s, qp, kp), s.bias(qp, kp)
+        got, want = s.bias(qp, kp), per_pair(qp, kp)
         assert got.shape == want.shape == (s.n_heads, rows, keys)
         if name == "kerple-power":  # pow's vectorised and scalar loops round its last bit apart
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
@@ -1033,7 +1036,7 @@ def test_block_bias_is_the_schemes_bias_bit_for_bit(name, options):
             for a, b in zip(torch.autograd.grad((got * g).sum(), params), torch.autograd.grad((want * g).sum(), params)):
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
     scattered = torch.tensor([0, 3, 4, 9])
-    assert torch.equal(block_bias(s, scattered, scattered), s.bias(scattered, scattered))
+    assert torch.equal(s.bias(scattered, scattered), per_pair(scattered, scattered))
 
 
 @pytest.mark.parametrize("name, options", TOEPLITZ_OPTIONS + [("fire", {"init_L": 32.0})])

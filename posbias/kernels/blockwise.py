@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..schemes.base import Scheme, consecutive, kept, needs_grad
+from ..schemes.base import Scheme, kept, needs_grad
 from .flash import (backward_rows, block_work, flash_available, flash_backward, flash_forward, fused_inputs,
                     mask_backward)
 from .reference import dense_attention, every_row_sees_a_key, hides_nothing, ungrouped, visible
@@ -61,30 +61,11 @@ def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: 
         qp, kp = q_pos[s:e], k_pos[:hi]
 
         def run(qb: Tensor, kb: Tensor, vb: Tensor, qp: Tensor = qp, kp: Tensor = kp) -> Tensor:
-            return dense_attention(qb, kb, vb, block_bias(scheme, qp, kp), visible(qp, kp, causal), scale)
+            return dense_attention(qb, kb, vb, scheme.bias(qp, kp), visible(qp, kp, causal), scale)
 
         args = (q[:, :, s:e], k[:, :, :hi], v[:, :, :hi])
         out[:, :, s:e] = checkpoint(run, *args, use_reentrant=False) if train else run(*args)
     return out
-
-
-def block_bias(scheme: Scheme, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-    """A block's ``[H, rows, keys]`` bias, with its autograd graph (the dense path: CUDA). A Toeplitz
-    scheme at consecutive positions evaluates :meth:`~ToeplitzScheme.bias_at` on the block's
-    ``rows + keys − 1`` offsets alone and lays them out as windows (``unfold``, flipped along the keys):
-    the values of ``scheme.bias`` (bit for bit; KERPLE-power's ``pow`` to its last bit, which its
-    vectorised and scalar loops round apart), from R + K − 1 evaluations instead of R·K (a T5 table
-    buckets each offset once), and a backward that sums each window's gradient along the diagonals
-    (``unfold``'s own backward) where ``bias`` scattered R·K pairs into a table of a few dozen entries
-    through the index backward: the likely cause (inferred, not profiled) of blockwise T5 and offset
-    training at about 3,500× unbiased SDPA at 8k on an H200, against 270–520× for ALiBi, KERPLE and
-    FIRE (benchmarks/results-cuda-2026-12-04-h200.md). Other schemes and positions: ``scheme.bias``."""
-    rows, keys = len(q_pos), len(k_pos)
-    if not (scheme.toeplitz and rows > 1 and keys > 1 and consecutive(q_pos) and consecutive(k_pos)):
-        return scheme.bias(q_pos, k_pos)
-    d = int(q_pos[0]) - int(k_pos[0])  # row r, key c: offset d + r − c, from d − (keys − 1) to d + rows − 1
-    per_offset = scheme.bias_at(torch.arange(d - (keys - 1), d + rows, device=q_pos.device))  # [H, R + K − 1]
-    return per_offset.unfold(-1, keys, 1).flip(-1)  # row r: offsets d + r … d + r − (keys − 1)
 
 
 class _Blocks:

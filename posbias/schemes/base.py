@@ -407,7 +407,21 @@ class ToeplitzScheme(Scheme):
         return None
 
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        return self.bias_at(q_pos[:, None] - k_pos[None, :])
+        """:meth:`bias_at` at every pair's offset. A block of consecutive positions evaluates it on its
+        ``rows + keys − 1`` offsets alone and lays them out as windows (``unfold``, rows flipped): the
+        same values (bit for bit; KERPLE-power's ``pow`` to its last bit, which its vectorised and scalar
+        loops round apart) from R + K − 1 evaluations instead of R·K (a T5 table buckets each offset
+        once), and a backward that sums each window's gradient along the diagonals (``unfold``'s own)
+        where indexing per pair scattered R·K gradients into a table of a few dozen entries: the likely
+        cause (inferred, not profiled) of the dense paths' T5 and offset training at about 3,500×
+        unbiased SDPA at 8k on an H200, against 270–520× for ALiBi, KERPLE and FIRE
+        (benchmarks/results-cuda-2026-12-04-h200.md). On the CPU the dense blockwise path trains T5 in
+        0.76× and offset in 0.88× of the per-pair time at 2k (``benchmarks/bench_dense_blocks.py``)."""
+        rows, keys = len(q_pos), len(k_pos)
+        if rows < 2 or keys < 2 or not (consecutive(q_pos) and consecutive(k_pos)):
+            return self.bias_at(q_pos[:, None] - k_pos[None, :])
+        # window r' of the offsets in diagonal order is block row rows − 1 − r'
+        return self.bias_at(_diagonal_offsets(q_pos, k_pos)).unfold(-1, keys, 1).flip(-2)
 
     def bias_into(self, q_pos: Tensor, k_pos: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
         """A block of consecutive positions from its ``rows + keys − 1`` offsets: :meth:`bias_at` on them
