@@ -144,27 +144,42 @@ def hand_written_score_mod(name, scheme):
     return None
 
 
+def steps(call):
+    """(forward without autograd, forward+backward of the output's sum) of ``call()``, an attention call."""
+    def fwd():
+        with torch.no_grad():
+            call()
+
+    def train():
+        call().sum().backward()
+    return fwd, train
+
+
+def sdpa_steps(q, k, v):
+    """:func:`steps` of unbiased fused causal SDPA, the baseline of every ratio (grouped heads as given)."""
+    return steps(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]))
+
+
+def posbias_steps(q, k, v, scheme, backend):
+    """:func:`steps` of ``posbias.attention`` with ``backend`` (grouped heads as given)."""
+    return steps(lambda: posbias.attention(q, k, v, scheme, backend=backend, enable_gqa=k.shape[1] != q.shape[1]))
+
+
+def error_text(e: Exception) -> str:
+    """A failed case's cell: the exception's type and the first line of its message (160 characters)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
+
+
 def cases(name, n, scheme, q, k, v):
     """(label, forward fn, train fn or None)."""
     pos = torch.arange(n, device=q.device)
     causal_mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     gqa = k.shape[1] != q.shape[1]  # --kv-heads: every path takes the grouped keys and values as they are
-    out = {}
-
-    def posbias_case(backend):
-        """(forward, forward+backward) of posbias.attention with ``backend``."""
-        def fwd():
-            with torch.no_grad():
-                posbias.attention(q, k, v, scheme, backend=backend, enable_gqa=gqa)
-
-        def train():
-            posbias.attention(q, k, v, scheme, backend=backend, enable_gqa=gqa).sum().backward()
-        return fwd, train
-
-    out["posbias"] = posbias_case("auto")
+    out = {"posbias": posbias_steps(q, k, v, scheme, "auto")}
     for candidate in ("banded", "alibi"):  # issue 12's CUDA candidates besides FlexAttention (auto on the CPU)
         if q.device.type == "cuda" and usable(candidate, scheme, q, q_pos=pos, k_pos=pos, causal=True) is None:
-            out[f"posbias ({candidate})"] = posbias_case(candidate)
+            out[f"posbias ({candidate})"] = posbias_steps(q, k, v, scheme, candidate)
     if scheme.family == "additive" and n <= DENSE_LIMIT[q.device.type] // (1 if scheme.toeplitz else 2):
         def dense(grad):  # the bias in the inputs' dtype, as a user hands it to SDPA (and CUDA kernels need)
             b = scheme.bias(pos, pos).masked_fill(~causal_mask, float("-inf")).to(q.dtype)
@@ -180,7 +195,7 @@ def cases(name, n, scheme, q, k, v):
                     o.sum().backward()
             out["HF-style T5"] = (lambda: torch.no_grad()(hf)(False), lambda: hf(True))
     if FLEX and callable(getattr(scheme, "score_mod", None)):  # Toeplitz schemes and FIRE
-        flex_fwd, flex_train = posbias_case("flex")  # no backward on CPU
+        flex_fwd, flex_train = posbias_steps(q, k, v, scheme, "flex")  # no backward on CPU
         out["compiled FlexAttention"] = (flex_fwd, flex_train if q.device.type == "cuda" else None)
     mod = hand_written_score_mod(name, scheme) if FLEX else None
     if mod is not None:
@@ -211,8 +226,7 @@ def memory_child(args):
     torch.manual_seed(0)
     scheme = make_scheme(name, heads, hd, device)
     q, k, v = (torch.randn(1, h, n, hd, device=device) for h in (heads, kv_heads, kv_heads))
-    fn = dict(cases(name, n, scheme, q, k, v)).get(label, (None,))[0] if label != "SDPA (no bias)" else \
-        (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads))
+    fn = (dict(cases(name, n, scheme, q, k, v)).get(label, (None,)) if label != "SDPA (no bias)" else sdpa_steps(q, k, v))[0]
     fn()
     print(json.dumps(peak_growth_mib(fn, device)))
 
@@ -344,9 +358,7 @@ def main():
 def run_length(n, args, device, dtype):
     q, k, v = (torch.randn(1, h, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
                for h in (args.heads, args.kv_heads, args.kv_heads))
-    gqa = args.kv_heads != args.heads
-    base_f = lambda: torch.no_grad()(F.scaled_dot_product_attention)(q, k, v, is_causal=True, enable_gqa=gqa)  # noqa: E731
-    base_t = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).sum().backward()  # noqa: E731
+    base_f, base_t = sdpa_steps(q, k, v)
     mem = measure_memory("rope", "SDPA (no bias)", n, args) if args.memory else None
     seconds(base_f, device)  # warm-up: a first CUDA call read 601 ms at 8k on an H200 (a warm one ~0.4 ms)
     print(f"| (none) | {n} | fused causal SDPA, no bias | {seconds(base_f, device) * 1e3:.3g} | 1.00 | 1.00 | "
@@ -371,7 +383,7 @@ def run_length(n, args, device, dtype):
                 sf = paired(fwd, base_f, device, args.reps, args.slow_s)
                 st = None if (args.no_backward or trn is None) else paired(trn, base_t, device, args.reps, args.slow_s)
             except Exception as e:  # noqa: BLE001 -- one failing path (a compiler error, out of memory) is a row, not the end of the table
-                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+                reason = error_text(e)
                 print(f"| {name} | {n} | {shown} | failed | {reason} | | |", flush=True)
                 rows.append({"scheme": name, "N": n, "path": shown, "error": reason})
                 q.grad = k.grad = v.grad = None

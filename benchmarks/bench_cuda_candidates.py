@@ -20,10 +20,9 @@ import json
 import time
 
 import torch
-from torch.nn import functional as F
 
 import posbias
-from bench_attention import cell, make_scheme, paired
+from bench_attention import cell, error_text, make_scheme, paired, posbias_steps, sdpa_steps, steps
 from posbias.attention import usable
 
 
@@ -39,8 +38,7 @@ def peak_mib(fn, device) -> float | None:
 
 
 def failed(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"failed: {type(e).__name__}: {text[0][:150] if text else ''}"
+    return f"failed: {error_text(e)}"
 
 
 def candidates(args, device, dtype) -> None:
@@ -50,8 +48,7 @@ def candidates(args, device, dtype) -> None:
         q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3))
         pos = torch.arange(n, device=device)
-        base_f = lambda: torch.no_grad()(F.scaled_dot_product_attention)(q, k, v, is_causal=True)  # noqa: E731
-        base_t = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()  # noqa: E731
+        base_f, base_t = sdpa_steps(q, k, v)
         base_mem = peak_mib(base_t, device)
         for name in args.schemes:
             scheme = make_scheme(name, args.heads, args.head_dim, device)
@@ -60,12 +57,7 @@ def candidates(args, device, dtype) -> None:
             if "blockwise" in args.backends and n <= args.blockwise_max:
                 backends.append("blockwise")
             for backend in backends:
-                def fwd():
-                    with torch.no_grad():
-                        posbias.attention(q, k, v, scheme, backend=backend)
-
-                def train():
-                    posbias.attention(q, k, v, scheme, backend=backend).sum().backward()
+                fwd, train = posbias_steps(q, k, v, scheme, backend)
                 try:
                     t0 = time.perf_counter()
                     fwd()
@@ -96,8 +88,7 @@ def flex_probe(args, device, dtype) -> None:
                for _ in range(3))
     mask = causal_block_mask(n, n, device=device)
     scheme = make_scheme("offset", args.heads, args.head_dim, device)
-    base_f = lambda: torch.no_grad()(F.scaled_dot_product_attention)(q, k, v, is_causal=True)  # noqa: E731
-    base_t = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()  # noqa: E731
+    base_f, base_t = sdpa_steps(q, k, v)
     print(f"\n| FlexAttention at N={n} | kernel_options | compile + first fwd s | fwd × SDPA | fwd+bwd × SDPA |")
     print("|---|---|---|---|---|", flush=True)
     variants = [("no score_mod", None, None), ("offset table", "mod", None),
@@ -108,16 +99,12 @@ def flex_probe(args, device, dtype) -> None:
     for label, with_mod, options in variants:
         torch._dynamo.reset()
         fn = torch.compile(flex_attention, dynamic=False)
-        def call():  # the score_mod built per call, as posbias does: what it captures carries this call's graph
+        def call(fn=fn, with_mod=with_mod, options=options):
+            # the score_mod built per call, as posbias does: what it captures carries this call's graph
             mod = scheme.score_mod(n, n) if with_mod else None
             return fn(q, k, v, score_mod=mod, block_mask=mask, kernel_options=options)
 
-        def fwd():
-            with torch.no_grad():
-                call()
-
-        def train():
-            call().sum().backward()
+        fwd, train = steps(call)
         try:
             t0 = time.perf_counter()
             fwd()
@@ -150,8 +137,7 @@ def profile(spec: str, args, device, dtype) -> None:
     q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
 
-    def train():
-        posbias.attention(q, k, v, scheme, backend=backend).sum().backward()
+    _, train = posbias_steps(q, k, v, scheme, backend)
     train()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
