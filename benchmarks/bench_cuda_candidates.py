@@ -22,19 +22,14 @@ import time
 import torch
 
 import posbias
-from bench_attention import cell, error_text, make_scheme, paired, posbias_steps, sdpa_steps, steps
+from bench_attention import cell, error_text, make_scheme, paired, peak_growth_mib, posbias_steps, sdpa_steps, steps
 from posbias.attention import usable
 
 
 def peak_mib(fn, device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    """One call's peak memory over what was allocated before it, MiB, on CUDA (None elsewhere: the
+    CPU's peak RSS would need a process per case, as ``bench_attention.py --memory`` does)."""
+    return peak_growth_mib(fn, device) if device.type == "cuda" else None
 
 
 def failed(e: Exception) -> str:
