@@ -39,6 +39,7 @@ from torch.nn import functional as F
 import posbias
 from posbias.attention import choose_backend, usable
 from posbias.kernels.flex import flex_available, reset_compiled
+from posbias.schemes import parse_spec
 from posbias.store import cpu_kind
 
 # Longest N of the dense [H, N, N] anchors, by device (FIRE: half, its MLP runs on all N² pairs with 32
@@ -95,6 +96,17 @@ def cell(stats):
         return "—"
     _, med, lo, hi = stats
     return f"{med:.2f} ({lo:.2f}–{hi:.2f})"
+
+
+def schemes_error(labels) -> str | None:
+    """``--schemes: …`` naming the first scheme name or label (``NAME@KEY=VALUE``) that does not parse,
+    or None: the check every benchmark's ``--schemes`` gets."""
+    for label in labels:
+        try:
+            parse_spec(label)
+        except ValueError as e:
+            return f"--schemes: {e}"
+    return None
 
 
 def default_schemes():
@@ -331,6 +343,8 @@ def main():
     p.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.kv_heads = args.kv_heads or args.heads
+    if schemes_error(args.schemes):
+        p.error(schemes_error(args.schemes))
     if args.heads % args.kv_heads:
         p.error(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}")
     global FLEX

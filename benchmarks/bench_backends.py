@@ -23,8 +23,8 @@ import torch
 from torch.nn import functional as F
 
 import posbias
-from bench_attention import cell, fix_machine, machine, machine_args, make_scheme, paired
-from posbias.schemes import SCHEMES, option_specs
+from bench_attention import cell, fix_machine, machine, machine_args, make_scheme, paired, schemes_error
+from posbias.schemes import SCHEMES, option_specs, parse_spec
 from posbias.attention import BACKENDS, usable
 
 
@@ -47,6 +47,8 @@ def main() -> None:
     for name in args.backends:
         if name != "auto" and name not in BACKENDS:
             sys.exit(f"--backends: unknown {name!r}; valid: auto, {', '.join(BACKENDS)}")
+    if schemes_error(args.schemes):
+        sys.exit(schemes_error(args.schemes))
     fix_machine(args)
     device = torch.device(args.device)
     causal = not args.bidirectional
@@ -59,9 +61,7 @@ def main() -> None:
     print(f"| scheme | N | {a} × SDPA | {b} × SDPA | {b} / {a} |")
     print("|---|---|---|---|---|")
     for name in args.schemes:
-        base = name.split("@")[0]
-        if base not in SCHEMES:
-            sys.exit(f"--schemes: unknown scheme {base!r}; valid: {', '.join(SCHEMES)}")
+        base = parse_spec(name)[0]
         options = {"bidirectional": True} if args.bidirectional and "bidirectional" in option_specs(SCHEMES[base]) else {}
         for n in args.lengths:
             torch.manual_seed(0)

@@ -22,7 +22,8 @@ import time
 import torch
 
 import posbias
-from bench_attention import cell, error_text, make_scheme, paired, peak_growth_mib, posbias_steps, sdpa_steps, steps
+from bench_attention import (cell, error_text, make_scheme, paired, peak_growth_mib, posbias_steps, schemes_error,
+                             sdpa_steps, steps)
 from posbias.attention import usable
 
 
@@ -169,9 +170,8 @@ def main() -> None:
                    help="only profile these training calls (torch.profiler), e.g. banded:t5:32768 alibi:alibi:32768")
     p.add_argument("--profile-rows", type=int, default=15)
     args = p.parse_args()
-    unknown = [x for x in args.schemes if x.split("@")[0] not in posbias.SCHEMES]
-    if unknown:
-        p.error(f"--schemes: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(posbias.SCHEMES)}")
+    if schemes_error(args.schemes):
+        p.error(schemes_error(args.schemes))
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.blockwise_elems is not None:
         if args.blockwise_elems < 1:

@@ -22,7 +22,8 @@ import sys
 import torch
 
 import posbias
-from bench_attention import cell, default_schemes, fix_machine, machine, machine_args, make_scheme, paired, sync
+from bench_attention import (cell, default_schemes, fix_machine, machine, machine_args, make_scheme, paired,
+                             schemes_error, sync)
 from posbias.attention import choose_backend
 from posbias.model import ModelConfig, TransformerLM
 from posbias.schemes import parse_spec
@@ -98,11 +99,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=15, help="interleaved (scheme, no bias) pairs per cell")
     machine_args(p)
     args = p.parse_args()
-    for name in args.schemes:
-        try:
-            parse_spec(name)
-        except ValueError as e:
-            sys.exit(f"--schemes: {e}")
+    if schemes_error(args.schemes):
+        sys.exit(schemes_error(args.schemes))
     bad = [n for n in args.keys if n < max(args.queries)] + [n for n in args.queries + args.context if n < 1]
     if bad:
         sys.exit(f"--keys, --queries, --context: need 1 <= queries <= keys and context >= 1, got {bad[0]}")

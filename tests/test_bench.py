@@ -129,7 +129,7 @@ def test_bench_cuda_candidates_times_each_path_where_it_runs_and_refuses_bad_nam
     _, r = _script("bench_cuda_candidates.py", "--device", "cpu", "--flex-options", "[64]", ok=False)
     assert r.returncode != 0 and "--flex-options must be a JSON object" in r.stderr and "Traceback" not in r.stderr
     _, r = _script("bench_cuda_candidates.py", "--schemes", "t6", ok=False)
-    assert r.returncode != 0 and "--schemes: unknown 't6'" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "--schemes: unknown scheme 't6'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bench_attention_reports_a_failing_case_as_a_row_and_goes_on(monkeypatch, capsys):
