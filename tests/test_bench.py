@@ -26,6 +26,16 @@ def _script(name, *args, ok=True):
     return r.stdout.splitlines(), r
 
 
+def _bench_attention():
+    """``benchmarks/bench_attention.py`` as a module, imported as the scripts beside it import it."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_attention
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return bench_attention
+
+
 def test_the_header_and_rows_name_the_cpu_and_the_denormal_mode(tmp_path):
     header, rows = _run(tmp_path, "--flush-denormal")
     assert "denormals flushed" in header and "2 threads" in header
@@ -137,11 +147,7 @@ def test_bench_attention_reports_a_failing_case_as_a_row_and_goes_on(monkeypatch
     still runs: on the first GPU run one FlexAttention compile failure would have ended the table."""
     import argparse
 
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import bench_attention as ba
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    ba = _bench_attention()
 
     def boom():
         raise RuntimeError("No valid triton configs\nsecond line")
@@ -163,11 +169,7 @@ def test_a_slow_case_is_timed_with_one_pair():
     time box), a fast one with every pair asked for."""
     import time
 
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import bench_attention as ba
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    ba = _bench_attention()
     calls = []
 
     def slow():
@@ -180,7 +182,6 @@ def test_a_slow_case_is_timed_with_one_pair():
     calls.clear()
     ba.paired(slow, lambda: None, cpu, 5, slow_s=10)
     assert len(calls) == 6
-
 
 
 def test_bench_dense_blocks_compares_the_two_layouts():
