@@ -371,18 +371,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
             run, scheme = dropout_kernel, toeplitz_view(scheme, q_pos, k_pos) or scheme
         return run(q, *ungrouped(q, k, v), scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale,
                    p=dropout_p, seed=dropout_seed)
-    rows, view = 0, None
-    if backend in ("auto", "toeplitz"):  # FIRE below its threshold is Toeplitz there (a forced blockwise stays FIRE)
-        rows, view = toeplitz_prefix(scheme, q, q_pos, k_pos)
-        if rows == len(q_pos):  # at every query: chosen and run as the Toeplitz scheme it is here
-            scheme, rows = view, 0
-    if backend == "auto":
-        name = choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
-    else:
+    name = backend
+    if backend != "auto":
         why = usable(backend, scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
         if why is not None and strict:
             raise ValueError(f"backend {backend!r} cannot run this input exactly: {why}")
-        name = backend if why is None else choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
+        if why is not None:
+            name = "auto"  # gives way to the automatic choice
+    rows, view = 0, None
+    if name in ("auto", "toeplitz"):  # FIRE below its threshold is Toeplitz there (forced blockwise, reference stay FIRE)
+        rows, view = toeplitz_prefix(scheme, q, q_pos, k_pos)
+        if rows == len(q_pos):  # at every query: chosen and run as the Toeplitz scheme it is here
+            scheme, rows = view, 0
+    if name == "auto":
+        name = choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
     if name not in GROUPED_HEADS:
         k, v = ungrouped(q, k, v)
     if rows and name == "blockwise":  # FIRE at its first queries only: those still run on toeplitz

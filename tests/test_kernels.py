@@ -1050,3 +1050,23 @@ def test_dense_blockwise_path_matches_the_reference(monkeypatch, name, options, 
     if causal or options.get("bidirectional") or options.get("symmetric") or name.startswith("kerple"):
         compare(randomized(name, **options), "blockwise", causal=causal, lk=301)
         compare(randomized(name, **options), "blockwise", causal=causal, lq=37, lk=301)
+
+
+@pytest.mark.parametrize("backend", ["banded", "windowed", "alibi"])
+@pytest.mark.parametrize("init_L", [1000.0, 150.0])
+def test_a_forced_backend_that_gives_way_runs_fire_below_its_threshold_exactly(backend, init_L):
+    """A forced path that cannot run FIRE, with ``strict=False``, gives way to the automatic choice, which
+    takes FIRE's Toeplitz view where every query is below its threshold (1000) and splits where only
+    the first are (150): outputs and every gradient against the reference. (Handing the view over only
+    for ``auto`` itself once sent FIRE to the Toeplitz kernel as it is: found by tests/test_fuzz.py.)"""
+    from _helpers import assert_grads_close
+
+    s = fire_at(init_L)
+    q, k, v = (torch.randn(2, 3, 300, 16, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, s, backend=backend, strict=False)
+    ref = attention_reference(q, k, v, s)
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4)
+    g = torch.randn_like(ref)
+    inputs = [q, k, v, *s.parameters()]
+    assert_grads_close(torch.autograd.grad((out * g).sum(), inputs), torch.autograd.grad((ref * g).sum(), inputs),
+                       atol=2e-3, rtol=1e-3)
