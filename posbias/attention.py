@@ -23,6 +23,7 @@ from .kernels.flex import flex_available, flex_kernel
 from .kernels.reference import (dense_probs, every_row_sees_a_key, reference_kernel, reference_probs, ungrouped,
                                 visible)
 from .kernels.sdpa import sdpa_kernel
+from .kernels.table_flash import table_flash_kernel, table_flash_usable
 from .kernels.toeplitz import toeplitz_kernel
 from .kernels.windowed import windowed_kernel
 from .schemes.base import Scheme, ToeplitzScheme, as_positions, consecutive, needs_grad, trains_bias
@@ -142,6 +143,7 @@ BACKENDS: dict[str, Kernel] = {
     "toeplitz": toeplitz_kernel,
     "flex": flex_kernel,  # opt-in: compiled FlexAttention (compiles per shape; no backward on CPU)
     "banded": banded_kernel,  # far parts in one fused call each, the band dense (CPU training; a CUDA candidate)
+    "triton": table_flash_kernel,  # CUDA: flash attention reading a per-offset table, in Triton (a CUDA candidate)
 }
 
 
@@ -168,6 +170,10 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
 
     if name == "flex":
         return _flex_usable(scheme, q, contiguous)
+    if name == "triton":  # FIRE with every query below its threshold runs as its Toeplitz view (attention())
+        own = scheme if isinstance(scheme, ToeplitzScheme) or q.device.type != "cuda" else (
+            toeplitz_view(scheme, q_pos, k_pos) or scheme)
+        return table_flash_usable(own, q, q_pos, k_pos, causal, contiguous)
     if name == "banded":
         return _fused_device(q) or _banded_usable(scheme, q, q_pos, k_pos, contiguous)
     if name == "alibi":  # on CUDA the native extra-dimension path (issue 12 candidate)
@@ -379,7 +385,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
         if why is not None:
             name = "auto"  # gives way to the automatic choice
     rows, view = 0, None
-    if name in ("auto", "toeplitz"):  # FIRE below its threshold is Toeplitz there (forced blockwise, reference stay FIRE)
+    if name in ("auto", "toeplitz", "triton"):  # FIRE below its threshold is Toeplitz there (forced blockwise, reference stay FIRE)
         rows, view = toeplitz_prefix(scheme, q, q_pos, k_pos)
         if rows == len(q_pos):  # at every query: chosen and run as the Toeplitz scheme it is here
             scheme, rows = view, 0
@@ -414,15 +420,16 @@ def toeplitz_view(scheme: Scheme, q_pos: Tensor, k_pos: Tensor) -> ToeplitzSchem
 def toeplitz_prefix(scheme: Scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[int, ToeplitzScheme | None]:
     """How many leading queries ``auto`` runs on the ``toeplitz`` path when the scheme as a whole is not
     Toeplitz but is at those queries (FIRE below its threshold, :meth:`~posbias.schemes.fire.FIRE.toeplitz_rows`),
-    and the Toeplitz view they run with: 0 unless the positions are contiguous and the fused CPU op is
-    there. Rows are independent in attention, so the two parts are simply stacked. Where only some
+    and the Toeplitz view they run with: 0 unless the positions are contiguous. Every query below L: the
+    call runs as the view on any device (CUDA's paths, ``triton`` included, then see a Toeplitz scheme).
+    Some of them: 0 unless the fused CPU op is there (they run on ``toeplitz``). Rows are independent in attention, so the two parts are simply stacked. Where only some
     queries are below, the count is rounded down so that the blockwise part's causal blocks end on a
     multiple of 64 keys (starting it at query 455 instead of 448 cost 10%, measured). FIRE with every
     query below L, forward+backward (H = 8, d = 64, 2 threads, 7 interleaved pairs, docs/attention.md):
     0.55–0.72 of the all-blockwise time at 512–8k keys, 1.13–1.50× SDPA; with L = 455 at 2k–8k, within
     the noise of it."""
     rows, view = _toeplitz_part(scheme, q_pos, k_pos)
-    if not rows or not flash_available(q):
+    if not rows or (rows < len(q_pos) and not flash_available(q)):
         return 0, None
     if rows < len(q_pos):  # the blockwise part then starts where its blocks read a multiple of 64 keys
         rows = max(0, rows - (int(q_pos[0]) - int(k_pos[0]) + rows) % 64)

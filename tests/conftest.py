@@ -1,5 +1,14 @@
+import os
+import sys
+
 import pytest
 import torch
+
+# Without a GPU the `triton` backend's programs run in Triton's interpreter (tests/test_table_flash.py),
+# which must be switched on before triton is first imported; with one they compile, as do the
+# programs of torch.compile, so the switch stays off there
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -276,8 +276,9 @@ def test_non_contiguous_positions_fall_back_exactly():
 
 
 def test_every_backend_listed_is_tested():
-    # flex is tested in test_flex.py, banded here and in test_banded.py, the others here
-    assert set(BACKENDS) == {"reference", "sdpa", "windowed", "alibi", "blockwise", "toeplitz", "flex", "banded"}
+    # flex is tested in test_flex.py, banded here and in test_banded.py, triton in test_table_flash.py, the others here
+    assert set(BACKENDS) == {"reference", "sdpa", "windowed", "alibi", "blockwise", "toeplitz", "flex", "banded",
+                             "triton"}
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -1,0 +1,160 @@
+"""Exact flash attention on CUDA for every Toeplitz scheme (T5, offset, ALiBi, KERPLE, and FIRE below
+its threshold), in Triton: the ``triton`` backend, issue 12's CUDA candidate for a fused kernel with
+the bias inside it.
+
+A Toeplitz bias is ``g_h(i − j)`` (SPEC: the per-offset bias), so one call needs ``g`` at the
+offsets its pairs have, at most ``Lq + Lk − 1`` of them, and for a scheme constant beyond a window
+``w`` (T5's last bucket, a clipped table) only the ``2w + 1`` from ``−w`` to ``w``. That table is
+computed by the scheme (:meth:`~posbias.schemes.base.ToeplitzScheme.bias_at`, differentiable) and
+read inside the kernels of :mod:`.table_programs`, one float32 value per pair, added to the float32
+logit: no ``[N, N]`` bias, no rounding of the bias to the inputs' dtype, extra memory O(N)
+(the table and one log-sum-exp per row). The backward pass recomputes the probabilities per tile
+(flash attention 2's two programs, one for dK/dV and one for dQ) and sums ``dS = P ∘ (dP − δ)`` along
+each tile's diagonals into the table's gradient, which autograd carries on to the scheme's
+parameters (T5's bucket table, KERPLE's r1/r2, …).
+
+Lengths are runtime arguments, not compile-time constants: a new length or a decoding step reuses the
+compiled programs (Triton specialises only on divisibility by 16 and on 1).
+
+Not yet validated on a GPU (``posbias.attention.CUDA_VALIDATED``): ``auto`` does not take it until a
+GPU run has passed its CUDA tests. On the CPU the same programs run in Triton's interpreter
+(``interpret=True``, tests only: slow), which checks their arithmetic against the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from ..schemes.base import ToeplitzScheme
+
+# Tile sizes (queries × keys) of the forward and of the backward's square tiles on CUDA, and the
+# programs' warps and pipeline stages: first choices, not yet tuned on a GPU
+# (benchmarks/bench_cuda_candidates.py --table-config JSON overrides them for a run).
+CUDA_CONFIG = {"forward": {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3},
+               "backward": {"B": 64, "num_warps": 4, "num_stages": 2}}
+# In the interpreter (tests on CPU tensors): small tiles, so that small inputs span several of them.
+INTERPRET_CONFIG = {"forward": {"BM": 16, "BN": 16}, "backward": {"B": 16}}
+MAX_HEAD_DIM = 256
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the ``triton`` package is installed (every CUDA build of torch ships it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def table_span(scheme: ToeplitzScheme, delta: int, lq: int, lk: int, causal: bool) -> tuple[int, int]:
+    """The offsets ``[lo, hi]`` whose bias the table holds: those of the call's pairs (query ``i`` and
+    key ``j`` at offset ``delta + i − j``; causally ``≥ 0`` only), cut to ``[−w, w]`` for a scheme
+    constant beyond ``w`` (every pair past the cut reads the end entry)."""
+    lo, hi = delta - (lk - 1), delta + lq - 1
+    if causal:
+        lo = max(lo, 0)
+    w = scheme.flat_beyond
+    if w is not None:
+        lo, hi = max(lo, -w), min(hi, w)
+    if lo > hi:  # (pairs all on one side of the window: one entry stands for them all)
+        lo = hi = max(min(lo, w), -w) if w is not None else lo
+    return lo, hi
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else None  # float32 exact (no tf32); bf16/fp16 dots are exact as they are
+
+
+def _config(interpret: bool, part: str) -> dict:
+    return dict((INTERPRET_CONFIG if interpret else CUDA_CONFIG)[part])
+
+
+def _strides(*tensors: Tensor) -> list[int]:
+    return [s for t in tensors for s in t.stride()[:3]]
+
+
+def _head_dims(d: int) -> dict:
+    return {"D": d, "DP": max(16, 1 << (d - 1).bit_length())}
+
+
+class _TableFlash(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, table, delta: int, lo: int, causal: bool, scale: float, interpret: bool):
+        from .table_programs import programs
+
+        b, h, lq, d = q.shape
+        lk = k.shape[2]
+        table = table.detach().float().contiguous()
+        out = torch.empty_like(q)
+        lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+        cfg = _config(interpret, "forward")
+        grid = (_cdiv(lq, cfg["BM"]), b * h)
+        programs(interpret).forward[grid](
+            q, k, v, table, out, lse, *_strides(q, k, v, out), h, lq, lk, delta, lo, table.shape[1], scale,
+            CAUSAL=causal, PREC=_precision(q.dtype), **_head_dims(d), **cfg)
+        ctx.save_for_backward(q, k, v, table, out, lse)
+        ctx.args = (delta, lo, causal, scale, interpret)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from .table_programs import programs
+
+        q, k, v, table, out, lse = ctx.saved_tensors
+        delta, lo, causal, scale, interpret = ctx.args
+        b, h, lq, d = q.shape
+        lk = k.shape[2]
+        dout = dout.contiguous()
+        dl = (dout.float() * out.float()).sum(-1)  # δ_i = dO_i · O_i
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        train = ctx.needs_input_grad[3]
+        dtab = torch.zeros_like(table) if train else table  # (not written where the table does not train)
+        cfg = _config(interpret, "backward")
+        common = dict(CAUSAL=causal, PREC=_precision(q.dtype), **_head_dims(d))
+        strides = _strides(q, k, v, dout)
+        sizes = (h, lq, lk, delta, lo, table.shape[1], scale)
+        run = programs(interpret)
+        run.backward_keys[(_cdiv(lk, cfg["B"]), b * h)](
+            q, k, v, table, dout, lse, dl, dk, dv, dtab, *strides, *sizes, TABLE_GRAD=train, **common, **cfg)
+        tile = cfg.pop("B")
+        run.backward_queries[(_cdiv(lq, tile), b * h)](
+            q, k, v, table, dout, lse, dl, dq, *strides, *sizes, BM=tile, BN=tile, **common, **cfg)
+        return dq, dk, dv, dtab if train else None, None, None, None, None, None
+
+
+def _cdiv(n: int, block: int) -> int:
+    return -(-n // block)
+
+
+def table_flash_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, q_pos: Tensor, k_pos: Tensor,
+                       causal: bool, scale: float, interpret: bool = False) -> Tensor:
+    """Contiguous positions (causally, the first query's position at or past the first key's: every
+    query sees a key); the dispatcher checks. ``interpret=True`` runs Triton's interpreter on CPU
+    tensors (tests)."""
+    delta = int(q_pos[0]) - int(k_pos[0])
+    lq, lk = q.shape[2], k.shape[2]
+    lo, hi = table_span(scheme, delta, lq, lk, causal)
+    table = scheme.bias_at(torch.arange(lo, hi + 1, device=q.device))  # [H, hi − lo + 1], differentiable
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    return _TableFlash.apply(q, k, v, table, delta, lo, causal, float(scale), interpret)
+
+
+def table_flash_usable(scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor, causal: bool, contiguous) -> str | None:
+    """None if the ``triton`` backend runs these inputs exactly, else why not (on CUDA tensors only;
+    the tests reach the interpreter through :func:`table_flash_kernel` itself)."""
+    if q.device.type != "cuda":
+        return f"needs CUDA tensors (Triton), not {q.device.type}"
+    if not triton_available():
+        return "needs the triton package (shipped with CUDA builds of torch)"
+    if not isinstance(scheme, ToeplitzScheme):
+        return "needs a Toeplitz bias (T5, offset, ALiBi, KERPLE; FIRE below its threshold)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"needs float16, bfloat16 or float32 inputs, not {q.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"needs head_dim at most {MAX_HEAD_DIM} (got {q.shape[-1]})"
+    if not contiguous():
+        return "needs contiguous positions"
+    if causal and int(q_pos[0]) < int(k_pos[0]):
+        return "needs the first query at or past the first key (causal: every query sees a key)"
+    return None

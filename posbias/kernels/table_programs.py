@@ -1,0 +1,193 @@
+"""The Triton programs of :mod:`.table_flash`: flash attention whose logits add a per-offset bias
+read from a table, forward and backward (the table's gradient included). Imported only where the
+``triton`` package is (every CUDA build of torch ships it); :func:`programs` compiles them for the
+GPU or, with ``interpret=True``, runs them in Triton's interpreter on CPU tensors, which is how
+the tests check them on machines without a GPU.
+
+Notation, shared by the three programs. Query ``i`` of ``LQ`` and key ``j`` of ``LK`` (contiguous
+positions) are at offset ``o = DELTA + i − j``; their bias is ``TAB[h, clamp(o − LO, 0, TLEN − 1)]``:
+``LO`` is the offset of the table's first entry, and a scheme constant beyond a window (T5, a
+clipped per-offset table) stores only its ``2w + 1`` entries, the clamp standing for the constant
+parts. The logit ``scale·q·k + bias`` is formed in float32 (the bias never rounds to the inputs'
+dtype) and handled in base 2 (``exp2``, ``LOG2E``) as flash attention does; the log-sum-exp
+``LSE`` is stored in base e. Causal: a pair is visible where ``o ≥ 0``.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _forward(Q, K, V, TAB, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
+             H, LQ, LK, DELTA, LO, TLEN, scale, CAUSAL: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Program (query block, batch·head): online softmax over the key blocks it can see."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    dims = tl.arange(0, DP)
+    dmask = dims < D
+    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :],
+                mask=(rows[:, None] < LQ) & dmask[None, :], other=0.0)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, DP], tl.float32)
+    tab = TAB + h * TLEN
+    hi = LK
+    if CAUSAL:  # keys past the block's last query are hidden from all its rows
+        hi = tl.minimum(LK, DELTA + (pid_m + 1) * BM)
+    for start in range(0, hi, BN):
+        cols = start + tl.arange(0, BN)
+        kt = tl.load(K + b * s_kb + h * s_kh + cols[None, :] * s_kn + dims[:, None],
+                     mask=(cols[None, :] < LK) & dmask[:, None], other=0.0)
+        off = DELTA + rows[:, None] - cols[None, :]
+        bias = tl.load(tab + tl.minimum(tl.maximum(off - LO, 0), TLEN - 1))
+        s = (tl.dot(q, kt, input_precision=PREC) * scale + bias) * LOG2E
+        seen = cols[None, :] < LK
+        if CAUSAL:
+            seen = seen & (off >= 0)
+        s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        v = tl.load(V + b * s_vb + h * s_vh + cols[:, None] * s_vn + dims[None, :],
+                    mask=(cols[:, None] < LK) & dmask[None, :], other=0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    keep = rows < LQ
+    tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + dims[None, :], out.to(O.dtype.element_ty),
+             mask=keep[:, None] & dmask[None, :])
+    tl.store(LSE + bh * LQ + rows, (m_i + tl.log2(l_i)) / LOG2E, mask=keep)
+
+
+def _backward_keys(Q, K, V, TAB, DO, LSE, DL, DK, DV, DTAB, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                   s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, scale, CAUSAL: tl.constexpr, D: tl.constexpr,
+                   DP: tl.constexpr, B: tl.constexpr, TABLE_GRAD: tl.constexpr, PREC: tl.constexpr):
+    """Program (key block, batch·head): dK and dV over every query block that sees a key of it, and
+    (``TABLE_GRAD``) each square ``B × B`` tile's ``dS`` into the table's gradient (:func:`_table_grad`)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cols = pid_n * B + tl.arange(0, B)
+    dims = tl.arange(0, DP)
+    dmask = dims < D
+    kmask = (cols[:, None] < LK) & dmask[None, :]
+    k = tl.load(K + b * s_kb + h * s_kh + cols[:, None] * s_kn + dims[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + cols[:, None] * s_vn + dims[None, :], mask=kmask, other=0.0)
+    dk = tl.zeros([B, DP], tl.float32)
+    dv = tl.zeros([B, DP], tl.float32)
+    tab = TAB + h * TLEN
+    dtab = DTAB + h * TLEN
+    lo_q = 0
+    if CAUSAL:  # the first query that sees this block's first key, rounded down to a block
+        lo_q = (tl.maximum(pid_n * B - DELTA, 0) // B) * B
+    for start in range(lo_q, LQ, B):
+        rows = start + tl.arange(0, B)
+        qmask = (rows[:, None] < LQ) & dmask[None, :]
+        q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :], mask=qmask, other=0.0)
+        do = tl.load(DO + b * s_ob + h * s_oh + rows[:, None] * s_om + dims[None, :], mask=qmask, other=0.0)
+        lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0)
+        dl = tl.load(DL + bh * LQ + rows, mask=rows < LQ, other=0.0)
+        off = DELTA + rows[None, :] - cols[:, None]  # [keys, queries]
+        bias = tl.load(tab + tl.minimum(tl.maximum(off - LO, 0), TLEN - 1))
+        st = (tl.dot(k, tl.trans(q), input_precision=PREC) * scale + bias) * LOG2E
+        seen = (rows[None, :] < LQ) & (cols[:, None] < LK)
+        if CAUSAL:
+            seen = seen & (off >= 0)
+        pt = tl.where(seen, tl.exp2(st - lse[None, :] * LOG2E), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dst = pt * (dpt - dl[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+        if TABLE_GRAD:
+            _table_grad(dtab, dst, DELTA + start - pid_n * B, LO, TLEN, B)
+    keep = (cols[:, None] < LK) & dmask[None, :]
+    tl.store(DK + b * s_kb + h * s_kh + cols[:, None] * s_kn + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=keep)
+    tl.store(DV + b * s_vb + h * s_vh + cols[:, None] * s_vn + dims[None, :], dv.to(DV.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def _table_grad(dtab, dst, base, LO, TLEN, B: tl.constexpr):
+    """Add a tile's ``dSᵀ`` (``[B keys, B queries]``, pair (key r, query c) at offset ``base + c − r``)
+    into the table's gradient ``dtab`` by diagonal (float32 atomics). Row ``r`` rotated left by ``r``
+    (``tl.gather``) puts each diagonal in one column, split in two at the wrap: column ``c`` holds query
+    ``(r + c) mod B``, at offset ``base + c`` before the wrap and ``base + c − B`` after it, so a tile
+    costs ``2B`` atomic adds instead of ``B²``. A tile wholly past the table's last entry or before
+    its first (T5's far pairs) is one sum and one add."""
+    if base - (B - 1) >= LO + TLEN - 1:
+        tl.atomic_add(dtab + TLEN - 1, tl.sum(tl.sum(dst, 1), 0))
+    elif base + (B - 1) <= LO:
+        tl.atomic_add(dtab, tl.sum(tl.sum(dst, 1), 0))
+    else:
+        lane = tl.arange(0, B)
+        turned = tl.gather(dst, (lane[:, None] + lane[None, :]) % B, 1)
+        low = (lane[:, None] + lane[None, :]) < B  # before the wrap
+        before = tl.sum(tl.where(low, turned, 0.0), 0)
+        after = tl.sum(tl.where(low, 0.0, turned), 0)
+        idx = base + lane - LO
+        tl.atomic_add(dtab + tl.minimum(tl.maximum(idx, 0), TLEN - 1), before)
+        tl.atomic_add(dtab + tl.minimum(tl.maximum(idx - B, 0), TLEN - 1), after, mask=lane > 0)
+
+
+def _backward_queries(Q, K, V, TAB, DO, LSE, DL, DQ, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                      s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, scale, CAUSAL: tl.constexpr, D: tl.constexpr,
+                      DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Program (query block, batch·head): dQ over the key blocks it sees."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    dims = tl.arange(0, DP)
+    dmask = dims < D
+    qmask = (rows[:, None] < LQ) & dmask[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + b * s_ob + h * s_oh + rows[:, None] * s_om + dims[None, :], mask=qmask, other=0.0)
+    lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0)
+    dl = tl.load(DL + bh * LQ + rows, mask=rows < LQ, other=0.0)
+    dq = tl.zeros([BM, DP], tl.float32)
+    tab = TAB + h * TLEN
+    hi = LK
+    if CAUSAL:
+        hi = tl.minimum(LK, DELTA + (pid_m + 1) * BM)
+    for start in range(0, hi, BN):
+        cols = start + tl.arange(0, BN)
+        kmask = (cols[None, :] < LK) & dmask[:, None]
+        kt = tl.load(K + b * s_kb + h * s_kh + cols[None, :] * s_kn + dims[:, None], mask=kmask, other=0.0)
+        vt = tl.load(V + b * s_vb + h * s_vh + cols[None, :] * s_vn + dims[:, None], mask=kmask, other=0.0)
+        off = DELTA + rows[:, None] - cols[None, :]
+        bias = tl.load(tab + tl.minimum(tl.maximum(off - LO, 0), TLEN - 1))
+        s = (tl.dot(q, kt, input_precision=PREC) * scale + bias) * LOG2E
+        seen = (rows[:, None] < LQ) & (cols[None, :] < LK)
+        if CAUSAL:
+            seen = seen & (off >= 0)
+        p = tl.where(seen, tl.exp2(s - lse[:, None] * LOG2E), 0.0)
+        ds = p * (tl.dot(do, vt, input_precision=PREC) - dl[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+    tl.store(DQ + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=qmask)
+
+
+@functools.cache
+def programs(interpret: bool) -> SimpleNamespace:
+    """The three programs compiled for the GPU (``triton.jit``) or run by Triton's interpreter."""
+    if interpret != bool(triton.knobs.runtime.interpret):
+        raise RuntimeError("Triton's interpreter runs only where TRITON_INTERPRET=1 was set before triton was "
+                           "imported (tests/conftest.py sets it on machines without CUDA)" if interpret else
+                           "TRITON_INTERPRET=1 is set: Triton interprets every program, none runs on the GPU")
+    wrap = triton.jit  # (the interpreter's wrapper where TRITON_INTERPRET=1)
+    return SimpleNamespace(forward=wrap(_forward), backward_keys=wrap(_backward_keys),
+                           backward_queries=wrap(_backward_queries))

@@ -1,0 +1,177 @@
+"""The ``triton`` backend (issue 12's fused CUDA candidate): flash attention reading a per-offset bias
+table, in Triton.
+
+Without a GPU its three programs run in Triton's interpreter on CPU tensors (tests/conftest.py turns
+it on), with tiles of 16 so that the small inputs here span several tiles of every kind: the causal
+diagonal, tiles past a T5 table's ends on either side (one sum each for the table's gradient), tiles
+across the window (their diagonals summed by rotation), partial tiles at the ends, head dims padded
+to a power of two. The interpreter computes what the programs say, so this checks their arithmetic
+and indexing against the dense reference; whether they compile and how fast they run needs a GPU
+(``pytest -m cuda``, benchmarks/gpu_check.sh)."""
+
+import pytest
+import torch
+from _helpers import NO_CUDA, compare, randomized, within_reference_rounding
+
+from posbias import build
+from posbias.attention import attention, attention_reference, toeplitz_view, usable
+from posbias.kernels.table_flash import table_flash_kernel, table_span
+
+triton = pytest.importorskip("triton")
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="Triton's interpreter is off (CUDA machine): see the cuda tests")
+
+
+def check(scheme, *, causal=True, lq=50, lk=50, q0=None, k0=0, d=16, heads=3, atol=2e-5):
+    """The interpreted programs against the reference: output, q/k/v gradients and the gradients of the
+    scheme's parameters (through the table), float32. Keys at ``k0 …``, queries at ``q0 …`` (default:
+    the end of the keys)."""
+    q, k, v = (torch.randn(2, heads, n, d, requires_grad=True) for n in (lq, lk, lk))
+    k_pos = torch.arange(k0, k0 + lk)
+    q_pos = torch.arange(k0 + lk - lq, k0 + lk) if q0 is None else torch.arange(q0, q0 + lq)
+    run = toeplitz_view(scheme, q_pos, k_pos) or scheme  # FIRE below its threshold: what attention() hands over
+    out = table_flash_kernel(q, k, v, run, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scheme.default_scale(),
+                             interpret=True)
+    ref = attention_reference(q, k, v, scheme, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=1e-4)
+    g = torch.randn_like(ref)
+    params = [p for p in scheme.parameters() if p.requires_grad]
+    got = torch.autograd.grad((out * g).sum(), [q, k, v, *params])
+    want = torch.autograd.grad((ref * g).sum(), [q, k, v, *params])
+    for n, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=atol * 10, rtol=1e-4, msg=lambda m, n=n: f"gradient {n}: {m}")
+
+
+CASES = [  # (name, options, causal)
+    ("t5", {"num_buckets": 8, "max_distance": 10}, True),
+    ("t5", {"num_buckets": 8, "max_distance": 10, "bidirectional": True}, False),
+    ("offset", {"max_distance": 9}, True),
+    ("offset", {"max_distance": 9, "bidirectional": True}, False),
+    ("offset", {"max_distance": 100, "clip": False, "bidirectional": True}, False),
+    ("alibi", {}, True),
+    ("alibi", {"symmetric": True}, False),
+    ("kerple-log", {}, True),
+    ("kerple-power", {}, False),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("name, options, causal", CASES)
+@pytest.mark.parametrize("lq, lk, q0", [(50, 50, None), (37, 50, None), (1, 50, None), (5, 5, None)])
+def test_every_toeplitz_scheme_matches_the_reference(name, options, causal, lq, lk, q0):
+    """Self-attention with partial tiles, queries at the end of the keys (a chunk, one decoding query)
+    and a call shorter than one tile."""
+    check(randomized(name, **options), causal=causal, lq=lq, lk=lk, q0=q0)
+
+
+@interpreted
+@pytest.mark.parametrize("name, options", [("t5", {"num_buckets": 8, "max_distance": 10, "bidirectional": True}),
+                                           ("kerple-log", {})])
+@pytest.mark.parametrize("lq, q0", [(20, 50), (1, 140), (1, 10)])
+def test_queries_anywhere_bidirectionally(name, options, lq, q0):
+    """Keys at 40 … 89; queries in their middle, and one query past or before all of them: every pair
+    beyond a T5 table's window on one side (a one-entry table)."""
+    check(randomized(name, **options), causal=False, lq=lq, lk=50, q0=q0, k0=40)
+
+
+@interpreted
+def test_fire_below_its_threshold_runs_as_its_toeplitz_view():
+    """Every query below FIRE's threshold L: the call is Toeplitz, and FIRE's MLP, c and L receive
+    their gradients through the table."""
+    fire = randomized("fire", init_L=200)
+    check(fire, lq=60, lk=60)
+
+
+@interpreted
+@pytest.mark.parametrize("d", [8, 24, 64])
+def test_head_dims_padded_to_a_power_of_two(d):
+    check(randomized("t5", num_buckets=8, max_distance=10), lq=40, lk=40, d=d)
+
+
+@interpreted
+def test_a_table_that_does_not_train_is_left_alone():
+    """Without gradients to the scheme the backward skips the table's sums (and returns none)."""
+    s = randomized("t5", num_buckets=8, max_distance=10).requires_grad_(False)
+    q, k, v = (torch.randn(1, 3, 40, 16, requires_grad=True) for _ in range(3))
+    pos = torch.arange(40)
+    out = table_flash_kernel(q, k, v, s, q_pos=pos, k_pos=pos, causal=True, scale=1.0, interpret=True)
+    ref = attention_reference(q, k, v, s)
+    got = torch.autograd.grad(out.square().sum(), [q, k, v])
+    want = torch.autograd.grad(ref.square().sum(), [q, k, v])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+
+
+def test_the_table_holds_the_offsets_of_the_pairs_cut_to_the_window():
+    t5 = build("t5", n_heads=2, head_dim=16, num_buckets=8, max_distance=10)  # constant beyond w
+    w = t5.flat_beyond
+    kerple = build("kerple-log", n_heads=2, head_dim=16)
+    assert table_span(kerple, 0, 50, 50, True) == (0, 49)  # causal: offsets 0 … 49
+    assert table_span(kerple, 0, 50, 50, False) == (-49, 49)
+    assert table_span(kerple, 49, 1, 50, True) == (0, 49)  # one decoding query
+    assert table_span(kerple, 10, 20, 50, False) == (-39, 29)
+    assert table_span(t5, 0, 50, 50, True) == (0, w)
+    assert table_span(t5, 0, 50, 50, False) == (-w, w)
+    assert table_span(t5, 100, 1, 50, False) == (w, w)  # every pair past the window: one entry
+    assert table_span(t5, -100, 1, 50, False) == (-w, -w)
+
+
+def test_the_backend_runs_on_cuda_only_and_says_so():
+    """On CPU tensors ``usable`` names the device; a forced ``triton`` refuses in one line, or gives
+    way to the automatic choice with ``strict=False``."""
+    s = build("t5", n_heads=2, head_dim=16)
+    q = torch.randn(1, 2, 8, 16)
+    pos = torch.arange(8)
+    assert usable("triton", s, q, q_pos=pos, k_pos=pos, causal=True) == "needs CUDA tensors (Triton), not cpu"
+    with pytest.raises(ValueError, match="backend 'triton' cannot run this input exactly: needs CUDA tensors"):
+        attention(q, q, q, s, backend="triton")
+    torch.testing.assert_close(attention(q, q, q, s, backend="triton", strict=False), attention_reference(q, q, q, s))
+
+
+def test_the_interpreter_is_refused_where_it_is_off_and_the_gpu_where_it_is_on():
+    from posbias.kernels.table_programs import programs
+
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1" if not INTERPRETED else "none runs on the GPU"):
+        programs(not INTERPRETED)
+
+
+@pytest.mark.cuda
+@NO_CUDA
+@pytest.mark.parametrize("name, options, causal", CASES + [("fire", {"init_L": 1000}, True)])
+def test_triton_backend_matches_the_reference_on_cuda(name, options, causal):
+    """Compiled on the GPU: float32 (no tf32) against the reference, training shape and 37 queries at
+    the end, gradients to the scheme's parameters included."""
+    compare(randomized(name, **options), "triton", causal=causal, device="cuda")
+    compare(randomized(name, **options), "triton", causal=causal, lq=37, device="cuda")
+
+
+@pytest.mark.cuda
+@NO_CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["t5", "alibi", "kerple-log"])
+def test_triton_backend_within_the_references_own_rounding(name, dtype):
+    within_reference_rounding(randomized(name), dtype, "cuda", backend="triton")
+    within_reference_rounding(randomized(name), dtype, "cuda", lq=1, lk=3000, grad=False, backend="triton")
+
+
+@pytest.mark.cuda
+@NO_CUDA
+def test_a_new_length_reuses_the_compiled_programs():
+    """Lengths are runtime arguments: calls at 1,001 and 1,003 tokens (neither a multiple of 16) and a
+    decoding step at each compile nothing new after the first of their kind."""
+    from posbias.kernels.table_programs import programs
+
+    s = randomized("t5").to("cuda")
+    forward = programs(False).forward
+
+    def compiled() -> int:  # Triton 3.2+ keeps (kernels, …) per device; older ones a dict per device
+        caches = getattr(forward, "device_caches", None)
+        return sum(len(c[0]) for c in caches.values()) if caches is not None else sum(map(len, forward.cache.values()))
+
+    for n in (1001, 1003):
+        q = torch.randn(1, 3, n, 16, device="cuda")
+        with torch.no_grad():
+            attention(q, q, q, s, backend="triton")
+        if n == 1001:
+            before = compiled()
+    assert compiled() == before
