@@ -1,11 +1,13 @@
 """Issue 12's CUDA candidates, short enough for one device call: each fast path ``auto`` could take on
-CUDA (``banded`` for T5/offset, ``alibi`` for causal ALiBi, ``flex``) against unbiased fused causal
-SDPA and against ``blockwise`` (what ``auto`` runs while :data:`posbias.attention.CUDA_VALIDATED` is
-empty), forward and forward+backward, with the peak memory of one training call; then why
+CUDA (``triton`` for every Toeplitz scheme, ``banded`` for T5/offset, ``alibi`` for causal ALiBi,
+``flex``) against unbiased fused causal SDPA and against ``blockwise`` (the fallback), forward and
+forward+backward, with the peak memory of one training call; then the ``triton`` backend's tile
+configurations (:data:`posbias.kernels.table_flash.CUDA_CONFIG`) at one length, and why
 FlexAttention fails to compile at a length, if it does, across ``kernel_options``.
 
     python benchmarks/bench_cuda_candidates.py                       # bf16, 8k 16k 32k, every scheme
     python benchmarks/bench_cuda_candidates.py --schemes t5 --lengths 8192 --no-probe
+    python benchmarks/bench_cuda_candidates.py --backends triton --table-config '{"forward": {"BM": 64}}'
 
 Ratios: the median of ``--reps`` interleaved (candidate, SDPA) pairs, smallest–largest in brackets
 (``bench_attention.paired``). A case that fails (a compiler error, out of memory) is a row that says
@@ -48,7 +50,7 @@ def candidates(args, device, dtype) -> None:
         base_mem = peak_mib(base_t, device)
         for name in args.schemes:
             scheme = make_scheme(name, args.heads, args.head_dim, device)
-            backends = [b for b in ("banded", "alibi", "flex")
+            backends = [b for b in ("triton", "banded", "alibi", "flex")
                         if b in args.backends and usable(b, scheme, q, q_pos=pos, k_pos=pos, causal=True) is None]
             if "blockwise" in args.backends and n <= args.blockwise_max:
                 backends.append("blockwise")
@@ -118,6 +120,50 @@ def flex_probe(args, device, dtype) -> None:
         print(f"| {label} | {options} | {first:.1f} | {sf} | {st} |", flush=True)
 
 
+# the triton backend's tile configurations the probe tries (each part merged into CUDA_CONFIG's)
+TABLE_VARIANTS = [
+    {},
+    {"forward": {"BM": 64, "BN": 64}, "backward": {"B": 32}},
+    {"forward": {"BM": 128, "BN": 128, "num_warps": 8}, "backward": {"B": 64, "num_warps": 8}},
+    {"forward": {"BM": 128, "BN": 32, "num_stages": 4}, "backward": {"B": 32, "num_stages": 3}},
+    {"forward": {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2}, "backward": {"B": 16, "num_warps": 2}},
+]
+
+
+def table_config(base: dict, change: dict) -> dict:
+    """``base`` (CUDA_CONFIG's form) with each part updated from ``change``."""
+    return {part: {**base[part], **change.get(part, {})} for part in base}
+
+
+def table_probe(args, device, dtype) -> None:
+    """The ``triton`` backend at ``--probe-length`` under each of :data:`TABLE_VARIANTS` (T5, whose table
+    trains, and ALiBi, whose does not): which compile, and how fast they run."""
+    import posbias.kernels.table_flash as table_flash
+
+    n, default = args.probe_length, table_flash.CUDA_CONFIG
+    q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    base_f, base_t = sdpa_steps(q, k, v)
+    print(f"\n| triton at N={n} | scheme | config | first fwd s | fwd × SDPA | fwd+bwd × SDPA |")
+    print("|---|---|---|---|---|---|", flush=True)
+    for change in TABLE_VARIANTS:
+        table_flash.CUDA_CONFIG = table_config(default, change)
+        for name in ("t5", "alibi"):
+            fwd, train = posbias_steps(q, k, v, make_scheme(name, args.heads, args.head_dim, device), "triton")
+            try:
+                t0 = time.perf_counter()
+                fwd()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                sf = cell(paired(fwd, base_f, device, args.reps))
+                st = cell(paired(train, base_t, device, args.reps))
+            except Exception as e:  # noqa: BLE001 -- a configuration that fails is a row
+                sf, st, first = failed(e), "", float("nan")
+            q.grad = k.grad = v.grad = None
+            print(f"| | {name} | {json.dumps(change) if change else 'default'} | {first:.1f} | {sf} | {st} |", flush=True)
+    table_flash.CUDA_CONFIG = default
+
+
 def profile(spec: str, args, device, dtype) -> None:
     """Where one training call's time goes: ``BACKEND:SCHEME:N`` profiled with torch.profiler over
     ``--reps`` forward+backward calls after a warm-up, the top operators by their own device time
@@ -149,8 +195,9 @@ def profile(spec: str, args, device, dtype) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schemes", nargs="+", default=["t5", "offset", "alibi", "kerple-log", "fire"])
-    p.add_argument("--backends", nargs="+", default=["banded", "alibi", "blockwise"],
-                   choices=["banded", "alibi", "flex", "blockwise"], help="the paths to time, each where it runs exactly")
+    p.add_argument("--backends", nargs="+", default=["triton", "banded", "alibi", "blockwise"],
+                   choices=["triton", "banded", "alibi", "flex", "blockwise"],
+                   help="the paths to time, each where it runs exactly")
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
     p.add_argument("--blockwise-max", type=int, default=8192, help="longest N at which blockwise is timed")
     p.add_argument("--blockwise-elems", type=int, metavar="E",
@@ -161,7 +208,11 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--no-probe", action="store_true", help="leave out the FlexAttention kernel_options probe")
+    p.add_argument("--no-probe", action="store_true",
+                   help="leave out the triton tile probe and the FlexAttention kernel_options probe")
+    p.add_argument("--table-config", type=json.loads, metavar="JSON",
+                   help='tiles of the triton backend on CUDA, merged into posbias.kernels.table_flash.CUDA_CONFIG, '
+                        'e.g. \'{"forward": {"BM": 64, "BN": 64}, "backward": {"B": 32}}\'')
     p.add_argument("--flex-options", type=json.loads, metavar="JSON",
                    help='kernel_options for posbias\'s flex backend on CUDA (posbias.kernels.flex.CUDA_KERNEL_OPTIONS), '
                         'e.g. \'{"BLOCK_M": 64, "BLOCK_N": 64}\'; time it with --backends flex')
@@ -187,6 +238,16 @@ def main() -> None:
 
         flex.CUDA_KERNEL_OPTIONS = args.flex_options
         print(f"# posbias flex on CUDA with kernel_options {args.flex_options}")
+    if args.table_config is not None:
+        import posbias.kernels.table_flash as table_flash
+
+        base = table_flash.CUDA_CONFIG
+        if not isinstance(args.table_config, dict) or not set(args.table_config) <= set(base) or not all(
+                isinstance(c, dict) for c in args.table_config.values()):
+            p.error(f"--table-config must be a JSON object with parts {' and '.join(base)}, each an object, "
+                    f"got {args.table_config!r}")
+        table_flash.CUDA_CONFIG = table_config(base, args.table_config)
+        print(f"# triton on CUDA with tiles {table_flash.CUDA_CONFIG}")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({name}), H={args.heads}, "
           f"head_dim={args.head_dim}, {args.dtype}, batch 1, causal; median of {args.reps} interleaved pairs")
@@ -196,6 +257,7 @@ def main() -> None:
         return
     candidates(args, device, dtype)
     if not args.no_probe and device.type == "cuda":
+        table_probe(args, device, dtype)
         flex_probe(args, device, dtype)
 
 

@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# The GPU session of issue 12 as one prepared, time-boxed script: CUDA tests first (FlexAttention's
-# in a stage of their own), then the CUDA candidates against SDPA and blockwise with the FlexAttention
-# kernel_options probe, then a profile of the validated paths, then the Hugging Face benchmark. Each stage has its own time limit, and its
+# The GPU session of issue 12 as one prepared, time-boxed script: CUDA tests first (the triton backend's
+# and FlexAttention's in stages of their own: they compile), then the CUDA candidates against SDPA and
+# blockwise with the triton tile probe and the FlexAttention kernel_options probe, then the Hugging Face
+# benchmark. Each stage has its own time limit, and its
 # output is written as it comes (unbuffered, tee'd), so a stage cut off still leaves what it
 # measured. Nothing is installed: it runs from the source tree with whatever torch the machine has.
 #
 #   bash benchmarks/gpu_check.sh                 # every stage, logs under $OUT (or ./gpu-check)
-#   bash benchmarks/gpu_check.sh tests           # one stage: tests | flex | candidates | profile | hf | flexopts | attention | decode | dropout
+#   bash benchmarks/gpu_check.sh tests           # one stage: tests | triton | flex | candidates | profile | hf | flexopts | attention | decode | dropout
+#   bash benchmarks/gpu_check.sh profile         # where a training call's time goes (PROFILE, default triton:t5:32768 banded:t5:32768)
 #   bash benchmarks/gpu_check.sh flexopts        # posbias's flex with FLEX_OPTIONS (default {"BLOCK_M": 64, "BLOCK_N": 64})
 #   bash benchmarks/gpu_check.sh attention       # the whole attention table with its anchors (a call of its own)
 #   bash benchmarks/gpu_check.sh decode          # decoding (not in the default run: a call of its own)
 #   bash benchmarks/gpu_check.sh dropout         # attention dropout against SDPA's fused dense-bias dropout (not default)
 #   PY=.venv/bin/python DEVICE=cpu LENGTHS=512 bash benchmarks/gpu_check.sh   # dry run of the plumbing
 #
-# Limits (seconds) and sizes can be set from the environment: TESTS_S, FLEX_S, CANDIDATES_S, PROFILE_S, HF_S (each HF run),
+# Limits (seconds) and sizes can be set from the environment: TESTS_S, TRITON_S, FLEX_S, CANDIDATES_S, PROFILE_S, HF_S (each HF run),
 # FLEXOPTS_S, FLEX_OPTIONS, ATTENTION_S, DECODE_S, DROPOUT_S, LENGTHS, HF_LENGTHS, HF_BACKENDS (default: auto), DTYPE; MEMORY=1 adds peak
 # memory to the attention table (one child process per case, so give it its own call). The defaults add up to
-# 570 s (60 + 100 + 200 + 60 + 150), inside one 600 s device command. Timings seen on an H200 (2026-12-04): the CUDA
-# tests 20-25 s, FlexAttention's 55-70 s (compiles), the candidates 135 s, the attention table past 210 s.
+# 580 s (50 + 90 + 200 + 90 + 150), inside one 600 s device command. Timings seen on an H200 (2026-12-04): the CUDA
+# tests 20-25 s, FlexAttention's 55-70 s (compiles), the candidates 135 s (before triton joined them), the
+# attention table past 210 s. The triton stage's time is not yet known (each tile configuration compiles once).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -28,7 +31,7 @@ HF_LENGTHS=${HF_LENGTHS:-"8192 16384"}
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-stages=${*:-tests flex candidates profile hf}
+stages=${*:-tests triton candidates flex hf}
 status=0
 
 run() {  # run NAME LIMIT_S COMMAND...: tee'd into $OUT/NAME.log, its exit status remembered
@@ -58,10 +61,13 @@ for stage in $stages; do
             # costs the session's few GPU minutes (CI, on the CPU, keeps warnings as errors). The
             # FlexAttention cases compile with Triton (tens of seconds each): a stage of their own, so
             # a slow compile cannot cut off the rest.
-            run tests "${TESTS_S:-60}" "$PY" -m pytest -m cuda -k "not flex" -q -p no:cacheprovider -rs -W default \
-                -o log_level=WARNING tests ;;
+            run tests "${TESTS_S:-50}" "$PY" -m pytest -m cuda -k "not flex and not table_flash" -q -p no:cacheprovider \
+                -rs -W default -o log_level=WARNING tests ;;
+        triton)  # the triton backend's CUDA tests (tests/test_table_flash.py): its programs compile here first
+            run triton "${TRITON_S:-90}" "$PY" -m pytest -m cuda -v -p no:cacheprovider -rs -W default \
+                -o log_level=WARNING tests/test_table_flash.py ;;
         flex)
-            run flex "${FLEX_S:-100}" "$PY" -m pytest -m cuda -k flex -v -p no:cacheprovider -rs -W default \
+            run flex "${FLEX_S:-90}" "$PY" -m pytest -m cuda -k flex -v -p no:cacheprovider -rs -W default \
                 -o log_level=WARNING tests ;;
         attention)
             # shellcheck disable=SC2086  # LENGTHS is a list
@@ -73,11 +79,12 @@ for stage in $stages; do
                 run "hf-$backend" "${HF_S:-150}" "$PY" benchmarks/bench_hf.py --device "$DEVICE" --dtype "$DTYPE" \
                     --size base --train --lengths $HF_LENGTHS --backend "$backend"
             done ;;
-        candidates)  # banded / alibi against SDPA and blockwise at 8k-32k, then the FlexAttention kernel_options probe
+        candidates)  # triton / banded / alibi against SDPA and blockwise at 8k-32k, then the triton tile and FlexAttention probes
             run candidates "${CANDIDATES_S:-200}" "$PY" benchmarks/bench_cuda_candidates.py --device "$DEVICE" --dtype "$DTYPE" ;;
-        profile)  # where a training call's time goes on the two validated paths at 32k (torch.profiler)
+        profile)  # where a training call's time goes at 32k (torch.profiler)
+            # shellcheck disable=SC2086
             run profile "${PROFILE_S:-60}" "$PY" benchmarks/bench_cuda_candidates.py --device "$DEVICE" --dtype "$DTYPE" \
-                --reps 3 --profile banded:t5:32768 alibi:alibi:32768 ;;
+                --reps 3 --profile ${PROFILE:-triton:t5:32768 banded:t5:32768} ;;
         flexopts)  # posbias's flex backend with kernel_options (FLEX_OPTIONS, JSON) against SDPA at 8k, training included
             if [ -z "${FLEX_OPTIONS:-}" ]; then FLEX_OPTIONS='{"BLOCK_M": 64, "BLOCK_N": 64}'; fi
             run flexopts "${FLEXOPTS_S:-150}" "$PY" benchmarks/bench_cuda_candidates.py --device "$DEVICE" --dtype "$DTYPE" \
@@ -89,7 +96,7 @@ for stage in $stages; do
             run dropout "${DROPOUT_S:-240}" "$PY" benchmarks/bench_dropout.py --device "$DEVICE" --dtype "$DTYPE" \
                 --lengths $LENGTHS --reps 3 --memory ;;
         *)
-            echo "unknown stage '$stage': use tests, flex, candidates, profile, hf, flexopts, attention, decode or dropout" >&2
+            echo "unknown stage '$stage': use tests, triton, flex, candidates, profile, hf, flexopts, attention, decode or dropout" >&2
             exit 2 ;;
     esac
 done

@@ -112,18 +112,19 @@ def assert_same_grads(out, ref, inputs, *, atol=2e-4, rtol=1e-3):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
-def within_reference_rounding(scheme, dtype, device="cpu", *, lq=300, lk=300, grad=True, **kw):
+def within_reference_rounding(scheme, dtype, device="cpu", *, lq=300, lk=300, grad=True, run=attention, **kw):
     """In bf16/fp16 a fast path is judged by the reference run in the same precision: against the
     float32 truth (the same rounded inputs, computed in float32), its output and q/k/v gradients may
     be at most twice as far off as the reference's own, plus one unit of the format's precision.
     ``lq`` queries at the end of ``lk`` keys; ``grad=False`` judges the output alone, computed without
-    autograd (the inference paths). ``kw`` goes to :func:`posbias.attention` (a forced backend, say)."""
+    autograd (the inference paths). ``kw`` goes to :func:`posbias.attention` (a forced backend, say), or to
+    ``run(q, k, v, scheme, **kw)`` in its place."""
     scheme = scheme.to(device)
     low = [(torch.randn(1, 3, n, 16, device=device) * 2).to(dtype).requires_grad_(grad) for n in (lq, lk, lk)]
     exact = [t.detach().float().requires_grad_(grad) for t in low]
     g = torch.randn(1, 3, lq, 16, device=device)
     results = []
-    for fn, inputs, extra in [(attention, low, kw), (attention_reference, low, {}), (attention_reference, exact, {})]:
+    for fn, inputs, extra in [(run, low, kw), (attention_reference, low, {}), (attention_reference, exact, {})]:
         with torch.set_grad_enabled(grad):
             out = fn(*inputs, scheme, **extra)
         results.append([out, *(torch.autograd.grad((out.float() * g).sum(), inputs) if grad else [])])

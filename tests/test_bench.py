@@ -140,6 +140,13 @@ def test_bench_cuda_candidates_times_each_path_where_it_runs_and_refuses_bad_nam
     assert r.returncode != 0 and "--flex-options must be a JSON object" in r.stderr and "Traceback" not in r.stderr
     _, r = _script("bench_cuda_candidates.py", "--schemes", "t6", ok=False)
     assert r.returncode != 0 and "--schemes: unknown scheme 't6'" in r.stderr and "Traceback" not in r.stderr
+    _, r = _script("bench_cuda_candidates.py", "--device", "cpu", "--table-config", '{"fwd": {}}', ok=False)
+    assert r.returncode != 0 and "--table-config must be a JSON object with parts forward and backward" in r.stderr
+    lines, _ = _script("bench_cuda_candidates.py", "--device", "cpu", "--dtype", "float32", "--lengths", "64",
+                       "--reps", "1", "--schemes", "t5", "--backends", "triton", "blockwise",
+                       "--table-config", '{"backward": {"B": 32}}')
+    assert "'backward': {'B': 32, 'num_warps': 4, 'num_stages': 2}" in lines[0]  # merged into the defaults
+    assert [x.split("|")[3].strip() for x in lines if x.startswith("| t5")] == ["blockwise"]  # triton: CUDA only
 
 
 def test_bench_attention_reports_a_failing_case_as_a_row_and_goes_on(monkeypatch, capsys):
