@@ -2,7 +2,7 @@
 CUDA (``triton`` for every Toeplitz scheme, ``banded`` for T5/offset, ``alibi`` for causal ALiBi,
 ``flex``) against unbiased fused causal SDPA and against ``blockwise`` (the fallback), forward and
 forward+backward, with the peak memory of one training call; then the ``triton`` backend's tile
-configurations (:data:`posbias.kernels.table_flash.CUDA_CONFIG`) at one length, and why
+configurations (:data:`posbias.kernels.table_flash.CUDA_CONFIGS`) at one length, and why
 FlexAttention fails to compile at a length, if it does, across ``kernel_options``.
 
     python benchmarks/bench_cuda_candidates.py                       # bf16, 8k 16k 32k, every scheme
@@ -120,7 +120,7 @@ def flex_probe(args, device, dtype) -> None:
         print(f"| {label} | {options} | {first:.1f} | {sf} | {st} |", flush=True)
 
 
-# the triton backend's tile configurations the probe tries (each part merged into CUDA_CONFIG's)
+# the triton backend's tile configurations the probe tries, each alone (each part merged into the first of CUDA_CONFIGS)
 TABLE_VARIANTS = [
     {},
     {"forward": {"BM": 64, "BN": 64}, "backward": {"B": 32}},
@@ -131,7 +131,7 @@ TABLE_VARIANTS = [
 
 
 def table_config(base: dict, change: dict) -> dict:
-    """``base`` (CUDA_CONFIG's form) with each part updated from ``change``."""
+    """``base`` (one of CUDA_CONFIGS) with each part updated from ``change``."""
     return {part: {**base[part], **change.get(part, {})} for part in base}
 
 
@@ -140,14 +140,14 @@ def table_probe(args, device, dtype) -> None:
     trains, and ALiBi, whose does not): which compile, and how fast they run."""
     import posbias.kernels.table_flash as table_flash
 
-    n, default = args.probe_length, table_flash.CUDA_CONFIG
+    n, ladder = args.probe_length, table_flash.CUDA_CONFIGS
     q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
     base_f, base_t = sdpa_steps(q, k, v)
     print(f"\n| triton at N={n} | scheme | config | first fwd s | fwd × SDPA | fwd+bwd × SDPA |")
     print("|---|---|---|---|---|---|", flush=True)
     for change in TABLE_VARIANTS:
-        table_flash.CUDA_CONFIG = table_config(default, change)
+        table_flash.use_cuda_configs([table_config(ladder[0], change)])  # alone: one that does not fit is a row
         for name in ("t5", "alibi"):
             fwd, train = posbias_steps(q, k, v, make_scheme(name, args.heads, args.head_dim, device), "triton")
             try:
@@ -161,7 +161,7 @@ def table_probe(args, device, dtype) -> None:
                 sf, st, first = failed(e), "", float("nan")
             q.grad = k.grad = v.grad = None
             print(f"| | {name} | {json.dumps(change) if change else 'default'} | {first:.1f} | {sf} | {st} |", flush=True)
-    table_flash.CUDA_CONFIG = default
+    table_flash.use_cuda_configs(ladder)
 
 
 def profile(spec: str, args, device, dtype) -> None:
@@ -211,7 +211,8 @@ def main() -> None:
     p.add_argument("--no-probe", action="store_true",
                    help="leave out the triton tile probe and the FlexAttention kernel_options probe")
     p.add_argument("--table-config", type=json.loads, metavar="JSON",
-                   help='tiles of the triton backend on CUDA, merged into posbias.kernels.table_flash.CUDA_CONFIG, '
+                   help='tiles of the triton backend on CUDA, merged into the first of posbias.kernels.table_flash.CUDA_CONFIGS '
+                        '(and run alone), '
                         'e.g. \'{"forward": {"BM": 64, "BN": 64}, "backward": {"B": 32}}\'')
     p.add_argument("--flex-options", type=json.loads, metavar="JSON",
                    help='kernel_options for posbias\'s flex backend on CUDA (posbias.kernels.flex.CUDA_KERNEL_OPTIONS), '
@@ -241,13 +242,13 @@ def main() -> None:
     if args.table_config is not None:
         import posbias.kernels.table_flash as table_flash
 
-        base = table_flash.CUDA_CONFIG
+        base = table_flash.CUDA_CONFIGS[0]
         if not isinstance(args.table_config, dict) or not set(args.table_config) <= set(base) or not all(
                 isinstance(c, dict) for c in args.table_config.values()):
             p.error(f"--table-config must be a JSON object with parts {' and '.join(base)}, each an object, "
                     f"got {args.table_config!r}")
-        table_flash.CUDA_CONFIG = table_config(base, args.table_config)
-        print(f"# triton on CUDA with tiles {table_flash.CUDA_CONFIG}")
+        table_flash.use_cuda_configs([table_config(base, args.table_config)])
+        print(f"# triton on CUDA with tiles {table_flash.CUDA_CONFIGS[0]}")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({name}), H={args.heads}, "
           f"head_dim={args.head_dim}, {args.dtype}, batch 1, causal; median of {args.reps} interleaved pairs")

@@ -15,6 +15,7 @@ from _helpers import NO_CUDA, compare, randomized, within_reference_rounding
 
 from posbias import build
 from posbias.attention import attention, attention_reference, toeplitz_view, usable
+from posbias.kernels import table_flash
 from posbias.kernels.table_flash import table_flash_kernel, table_span
 
 triton = pytest.importorskip("triton")
@@ -129,6 +130,80 @@ def test_the_table_holds_the_offsets_of_the_pairs_cut_to_the_window():
     assert table_span(t5, 0, 50, 50, False) == (-w, w)
     assert table_span(t5, 100, 1, 50, False) == (w, w)  # every pair past the window: one entry
     assert table_span(t5, -100, 1, 50, False) == (-w, -w)
+
+
+def test_each_program_takes_the_first_configuration_that_fits_and_remembers_it(monkeypatch):
+    """Triton refuses to load a program that needs more shared memory than the device has
+    (``OutOfResources``, before it runs): the next configuration is tried, and the one that ran is
+    where that program starts next time; none fitting is an error naming each refusal."""
+    from triton.runtime.autotuner import OutOfResources  # (where Triton's own compiler imports it from)
+
+    monkeypatch.setattr(table_flash, "CUDA_CONFIGS", [{"forward": {"BM": n}} for n in (128, 64, 32)])
+    monkeypatch.setattr(table_flash, "_FITS", {})
+    q, tried = torch.zeros(1, 1, 1, 16), []
+
+    def launch(cfg):
+        tried.append(cfg["BM"])
+        if cfg["BM"] > 32 + 32 * (q.dtype == torch.float16):
+            raise OutOfResources(cfg["BM"] * 1000, 70_000, "shared memory")
+
+    table_flash._launch("forward", "forward", q, False, launch)
+    assert tried == [128, 64, 32]
+    table_flash._launch("forward", "forward", q, False, launch)
+    assert tried == [128, 64, 32, 32]  # remembered
+    q = q.half()  # another dtype: its own search
+    table_flash._launch("forward", "forward", q, False, launch)
+    assert tried[4:] == [128, 64]
+    q = q.float()
+    monkeypatch.setattr(table_flash, "_FITS", {})
+    monkeypatch.setattr(table_flash, "CUDA_CONFIGS", [{"forward": {"BM": 128}}])
+    with pytest.raises(RuntimeError, match=r"forward program fits none of its tile configurations on cpu "
+                                           r"\(torch.float32, head_dim 16\): \{'BM': 128\}: out of resource: shared memory"):
+        table_flash._launch("forward", "forward", q, False, launch)
+
+
+def _compiled_ahead(code: str) -> dict:
+    """Run ``code`` (which prints JSON) where Triton compiles rather than interprets: a process of its
+    own, without ``TRITON_INTERPRET``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+FIRST_FIT = """
+import json
+from posbias.kernels.table_flash import CUDA_CONFIGS
+from posbias.kernels.table_programs import SHARED_LIMIT, compile_for
+found = {}
+for arch in (80, 90):
+    for n, config in enumerate(CUDA_CONFIGS):
+        shared = compile_for(arch, DTYPE, causal=CAUSAL, head_dim=D, config=config, table_grad=CAUSAL)
+        if max(shared.values()) <= SHARED_LIMIT[arch]:
+            found[arch] = [n, shared]
+            break
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.parametrize("dtype, d, causal", [
+    ("bf16", 64, True), pytest.param("fp32", 64, True, marks=pytest.mark.slow),
+    pytest.param("bf16", 128, False, marks=pytest.mark.slow), pytest.param("fp16", 256, True, marks=pytest.mark.slow)])
+def test_the_programs_compile_for_a100_and_h100_without_a_gpu(dtype, d, causal):
+    """Triton's ahead-of-time path (LLVM and ptxas, no driver) compiles the three programs for sm_80 and
+    sm_90: what the interpreter cannot check (a global that is not a constexpr failed here first). For
+    each, some configuration fits the shared memory (the one the backend then runs); in bf16 at
+    head_dim 64, the training case of issue 12, the first and largest does on both."""
+    code = FIRST_FIT.replace("DTYPE", repr(dtype)).replace("CAUSAL", str(causal)).replace("D,", f"{d},")
+    found = _compiled_ahead(code)
+    assert set(found) == {"80", "90"}, found
+    if (dtype, d) == ("bf16", 64):
+        assert found["80"][0] == found["90"][0] == 0, found
 
 
 def test_the_backend_runs_on_cuda_only_and_says_so():

@@ -31,11 +31,29 @@ from torch import Tensor
 
 from ..schemes.base import ToeplitzScheme
 
-# Tile sizes (queries × keys) of the forward and of the backward's square tiles on CUDA, and the
-# programs' warps and pipeline stages: first choices, not yet tuned on a GPU
-# (benchmarks/bench_cuda_candidates.py --table-config JSON overrides them for a run).
-CUDA_CONFIG = {"forward": {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3},
-               "backward": {"B": 64, "num_warps": 4, "num_stages": 2}}
+# Tile sizes (queries × keys) of the forward and of the backward's square tiles on CUDA, with the
+# programs' warps and pipeline stages, largest first: each program runs with the first that fits the
+# device's shared memory (Triton refuses a launch that does not, before it starts), remembered per
+# device, dtype and head dim. First choices, not yet tuned on a GPU. Compiled ahead of time for sm_90
+# (H100/H200) at head_dim 64, the first needs 90,112 bytes forward in bf16 and 196,608 in float32, which
+# an A100 (166,912) does not have: its float32 calls take the second, which needs 81,920
+# (tests/test_table_flash.py compiles them without a GPU). benchmarks/bench_cuda_candidates.py
+# --table-config JSON runs one configuration alone (:func:`use_cuda_configs`).
+CUDA_CONFIGS = [
+    {"forward": {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3}, "backward": {"B": 64, "num_warps": 4, "num_stages": 2}},
+    {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2}, "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
+    {"forward": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1}, "backward": {"B": 16, "num_warps": 2, "num_stages": 1}},
+]
+_FITS: dict[tuple, int] = {}  # (program, device, dtype, head dim) → the first configuration that fits
+
+
+def use_cuda_configs(configs: list[dict]) -> None:
+    """Run the CUDA programs with these configurations (:data:`CUDA_CONFIGS`' form), first that fits."""
+    global CUDA_CONFIGS
+    CUDA_CONFIGS = configs
+    _FITS.clear()
+
+
 # In the interpreter (tests on CPU tensors): small tiles, so that small inputs span several of them.
 INTERPRET_CONFIG = {"forward": {"BM": 16, "BN": 16}, "backward": {"B": 16}}
 MAX_HEAD_DIM = 256
@@ -66,8 +84,27 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else None  # float32 exact (no tf32); bf16/fp16 dots are exact as they are
 
 
-def _config(interpret: bool, part: str) -> dict:
-    return dict((INTERPRET_CONFIG if interpret else CUDA_CONFIG)[part])
+def _launch(program: str, part: str, q: Tensor, interpret: bool, launch) -> None:
+    """``launch(config)`` (one program, :data:`CUDA_CONFIGS`' ``part``) with the first configuration
+    that fits the device. Triton checks a compiled program's shared memory against the device's when it
+    loads it, before anything runs, so a refused one has written nothing (the table's gradient is
+    accumulated by atomics: a program that ran must never run twice)."""
+    if interpret:
+        return launch(dict(INTERPRET_CONFIG[part]))
+    from triton.runtime.autotuner import OutOfResources  # (where Triton's own compiler imports it from)
+
+    key = (program, q.device.index, q.dtype, q.shape[-1])
+    first, refused = _FITS.get(key, 0), []
+    for n in range(first, len(CUDA_CONFIGS)):
+        try:
+            launch(dict(CUDA_CONFIGS[n][part]))
+        except OutOfResources as e:
+            refused.append(f"{CUDA_CONFIGS[n][part]}: {e}")
+            continue
+        _FITS[key] = n
+        return None
+    raise RuntimeError(f"the triton backend's {program} program fits none of its tile configurations on {q.device} "
+                       f"({q.dtype}, head_dim {q.shape[-1]}): " + "; ".join(refused))
 
 
 def _strides(*tensors: Tensor) -> list[int]:
@@ -88,11 +125,10 @@ class _TableFlash(torch.autograd.Function):
         table = table.detach().float().contiguous()
         out = torch.empty_like(q)
         lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
-        cfg = _config(interpret, "forward")
-        grid = (_cdiv(lq, cfg["BM"]), b * h)
-        programs(interpret).forward[grid](
+        forward = programs(interpret).forward
+        _launch("forward", "forward", q, interpret, lambda cfg: forward[(_cdiv(lq, cfg["BM"]), b * h)](
             q, k, v, table, out, lse, *_strides(q, k, v, out), h, lq, lk, delta, lo, table.shape[1], scale,
-            CAUSAL=causal, PREC=_precision(q.dtype), **_head_dims(d), **cfg)
+            CAUSAL=causal, PREC=_precision(q.dtype), **_head_dims(d), **cfg))
         ctx.save_for_backward(q, k, v, table, out, lse)
         ctx.args = (delta, lo, causal, scale, interpret)
         return out
@@ -110,16 +146,19 @@ class _TableFlash(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         train = ctx.needs_input_grad[3]
         dtab = torch.zeros_like(table) if train else table  # (not written where the table does not train)
-        cfg = _config(interpret, "backward")
         common = dict(CAUSAL=causal, PREC=_precision(q.dtype), **_head_dims(d))
         strides = _strides(q, k, v, dout)
         sizes = (h, lq, lk, delta, lo, table.shape[1], scale)
         run = programs(interpret)
-        run.backward_keys[(_cdiv(lk, cfg["B"]), b * h)](
-            q, k, v, table, dout, lse, dl, dk, dv, dtab, *strides, *sizes, TABLE_GRAD=train, **common, **cfg)
-        tile = cfg.pop("B")
-        run.backward_queries[(_cdiv(lq, tile), b * h)](
-            q, k, v, table, dout, lse, dl, dq, *strides, *sizes, BM=tile, BN=tile, **common, **cfg)
+        _launch("backward_keys", "backward", q, interpret, lambda cfg: run.backward_keys[(_cdiv(lk, cfg["B"]), b * h)](
+            q, k, v, table, dout, lse, dl, dk, dv, dtab, *strides, *sizes, TABLE_GRAD=train, **common, **cfg))
+
+        def queries(cfg: dict) -> None:
+            tile = cfg.pop("B")
+            run.backward_queries[(_cdiv(lq, tile), b * h)](
+                q, k, v, table, dout, lse, dl, dq, *strides, *sizes, BM=tile, BN=tile, **common, **cfg)
+
+        _launch("backward_queries", "backward", q, interpret, queries)
         return dq, dk, dv, dtab if train else None, None, None, None, None, None
 
 

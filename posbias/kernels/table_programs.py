@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # (a global a Triton program reads must be a constexpr)
 
 
 def _forward(Q, K, V, TAB, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
@@ -191,3 +191,44 @@ def programs(interpret: bool) -> SimpleNamespace:
     wrap = triton.jit  # (the interpreter's wrapper where TRITON_INTERPRET=1)
     return SimpleNamespace(forward=wrap(_forward), backward_keys=wrap(_backward_keys),
                            backward_queries=wrap(_backward_queries))
+
+
+# the largest shared memory one program may use (opt-in), bytes, by compute capability
+SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+_FP32_ARGS = {"TAB", "LSE", "DL", "DTAB"}  # float32 whatever the inputs' dtype
+
+
+def compile_for(arch: int, dtype: str, *, causal: bool, head_dim: int, config: dict, table_grad: bool = True) -> dict:
+    """Compile the three programs for compute capability ``arch`` (90: H100/H200, 80: A100) without
+    a GPU (Triton's ahead-of-time path: LLVM and ptxas, no driver), with inputs of ``dtype``
+    (``"bf16"``, ``"fp16"``, ``"fp32"``) and tiles ``config`` (one of ``table_flash.CUDA_CONFIGS``):
+    ``{program: shared memory bytes}``. A program that does not compile raises Triton's
+    ``CompilationError``; one that needs more shared memory than the device has compiles here and fails
+    at launch, which :data:`SHARED_LIMIT` lets a caller check. Not where ``TRITON_INTERPRET=1``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    run = programs(False)
+    dims = {"D": head_dim, "DP": max(16, 1 << (head_dim - 1).bit_length()), "CAUSAL": causal,
+            "PREC": "ieee" if dtype == "fp32" else None}
+    jobs = {"forward": (run.forward, {**dims, "BM": config["forward"]["BM"], "BN": config["forward"]["BN"]},
+                        config["forward"]),
+            "backward_keys": (run.backward_keys, {**dims, "B": config["backward"]["B"], "TABLE_GRAD": table_grad},
+                              config["backward"]),
+            "backward_queries": (run.backward_queries, {**dims, "BM": config["backward"]["B"],
+                                                        "BN": config["backward"]["B"]}, config["backward"])}
+    shared = {}
+    for name, (fn, constexprs, options) in jobs.items():
+        signature = {}
+        for arg in fn.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg.isupper() and arg not in ("H", "LQ", "LK", "DELTA", "LO", "TLEN"):  # a tensor
+                signature[arg] = "*fp32" if arg in _FP32_ARGS else f"*{dtype}"
+            else:
+                signature[arg] = "fp32" if arg == "scale" else "i32"
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", arch, 32),
+                                options={k: v for k, v in options.items() if k.startswith("num_")})
+        shared[name] = kernel.metadata.shared
+    return shared
