@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from _helpers import DEVICES, assert_grads_close
+from _helpers import DEVICES, NO_CUDA, assert_grads_close
 
 from posbias.integrations.hf import TRANSFORMERS_FROM, too_old  # noqa: E402
 
@@ -108,6 +108,30 @@ def test_t5_seq2seq_logits_and_generate_with_cache(fast_calls, device):
         gc = fast.generate(input_ids=ids, max_new_tokens=30, min_new_tokens=30, do_sample=False, use_cache=False)
     assert torch.equal(ga, gb) and torch.equal(ga, gc)
     assert any(shape[2] == 1 for shape in fast_calls)  # one-token decoding steps took the fast path
+
+
+@pytest.mark.cuda
+@NO_CUDA
+def test_t5_on_the_triton_backend_trains_and_generates_like_the_unpatched_model(fast_calls):
+    """``accelerate(model, backend="triton")`` on CUDA (issue 12's fused candidate, before ``auto`` takes
+    it): logits and ``generate()`` with cache equal to the unpatched model's, gradients to the bucket table
+    too, and the calls ran on triton (prefill and one-token steps alike)."""
+    torch.manual_seed(0)
+    model = randomize_bias(transformers.T5ForConditionalGeneration(t5_config())).to("cuda").eval()
+    fast = accelerate(copy.deepcopy(model), backend="triton")
+    ids = torch.randint(2, 97, (2, 83), device="cuda")
+    dec = torch.randint(2, 97, (2, 57), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids, decoder_input_ids=dec).logits,
+                                   model(input_ids=ids, decoder_input_ids=dec).logits, atol=2e-5, rtol=1e-4)
+        gen = dict(input_ids=ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+        assert torch.equal(fast.generate(**gen), model.generate(**gen))
+    assert set(fast_calls.backends) == {("triton", False)}
+    grads = []
+    for m in (model, fast):
+        m(input_ids=ids, decoder_input_ids=dec).logits.square().mean().backward()
+        grads.append(m.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("scattered", [False, True])
@@ -968,7 +992,7 @@ def test_a_preferred_backend_is_taken_where_it_runs_exactly(fast_calls):
     with torch.no_grad():
         want = model(input_ids=ids, decoder_input_ids=dec).logits
         gen = model.generate(input_ids=ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
-        for backend in ("blockwise", "banded", "alibi"):
+        for backend in ("blockwise", "banded", "alibi", "triton"):  # (triton: CUDA only, gives way here)
             fast = accelerate(copy.deepcopy(model), backend=backend)
             fast_calls.backends.clear()
             torch.testing.assert_close(fast(input_ids=ids, decoder_input_ids=dec).logits, want, atol=2e-5, rtol=1e-4)

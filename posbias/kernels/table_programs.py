@@ -30,8 +30,8 @@ def _forward(Q, K, V, TAB, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_v
     """Program (query block, batch·head): online softmax over the key blocks it can see."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # (offsets past 2^31 elements in a large batch)
+    h = (bh % H).to(tl.int64)
     rows = pid_m * BM + tl.arange(0, BM)
     dims = tl.arange(0, DP)
     dmask = dims < D
@@ -78,8 +78,8 @@ def _backward_keys(Q, K, V, TAB, DO, LSE, DL, DK, DV, DTAB, s_qb, s_qh, s_qm, s_
     (``TABLE_GRAD``) each square ``B × B`` tile's ``dS`` into the table's gradient (:func:`_table_grad`)."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # (offsets past 2^31 elements in a large batch)
+    h = (bh % H).to(tl.int64)
     cols = pid_n * B + tl.arange(0, B)
     dims = tl.arange(0, DP)
     dmask = dims < D
@@ -148,8 +148,8 @@ def _backward_queries(Q, K, V, TAB, DO, LSE, DL, DQ, s_qb, s_qh, s_qm, s_kb, s_k
     """Program (query block, batch·head): dQ over the key blocks it sees."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # (offsets past 2^31 elements in a large batch)
+    h = (bh % H).to(tl.int64)
     rows = pid_m * BM + tl.arange(0, BM)
     dims = tl.arange(0, DP)
     dmask = dims < D
