@@ -118,6 +118,26 @@ def test_half_precision_within_the_references_own_rounding(name):
     within_reference_rounding(randomized(name), torch.float16, lq=70, lk=70, run=interpreted_at_the_end)
 
 
+@interpreted
+@pytest.mark.parametrize("causal, lq, q0", [(True, 1, None), (True, 37, None), (False, 20, 30), (False, 1, 200)])
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_inference_with_the_keys_split_matches_the_reference(causal, lq, q0, splits):
+    """Flash decoding: the keys cut into parts of whole key tiles, each part's output and log-sum-exp
+    merged; a part that some row sees nothing of (the causal chunk's early rows and the last part, or 7
+    parts of 16 keys for 100 keys: 7 asked, 7 made) weighs 0."""
+    s = randomized("kerple-log" if causal else "t5", **({} if causal else {"bidirectional": True}))
+    q = torch.randn(2, 3, lq, 16)
+    k, v = torch.randn(2, 3, 100, 16), torch.randn(2, 3, 100, 16)
+    k_pos = torch.arange(100)
+    q_pos = torch.arange(100 - lq, 100) if q0 is None else torch.arange(q0, q0 + lq)
+    with torch.no_grad():
+        out = table_flash_kernel(q, k, v, s, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=s.default_scale(),
+                                 interpret=True, splits=splits)
+        ref = attention_reference(q, k, v, s, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert table_flash.key_splits(q, 100_000) == 1  # (off CUDA the keys are never split by default)
+
+
 def test_the_table_holds_the_offsets_of_the_pairs_cut_to_the_window():
     t5 = build("t5", n_heads=2, head_dim=16, num_buckets=8, max_distance=10)  # constant beyond w
     w = t5.flat_beyond

@@ -29,7 +29,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from ..schemes.base import ToeplitzScheme
+from ..schemes.base import ToeplitzScheme, needs_grad
 
 # Tile sizes (queries × keys) of the forward and of the backward's square tiles on CUDA, with the
 # programs' warps and pipeline stages, largest first: each program runs with the first that fits the
@@ -57,6 +57,7 @@ def use_cuda_configs(configs: list[dict]) -> None:
 # In the interpreter (tests on CPU tensors): small tiles, so that small inputs span several of them.
 INTERPRET_CONFIG = {"forward": {"BM": 16, "BN": 16}, "backward": {"B": 16}}
 MAX_HEAD_DIM = 256
+SPLIT_KEYS = 1024  # keys per part, at least, where an inference call's keys are split (:func:`key_splits`)
 
 
 @functools.cache
@@ -115,20 +116,56 @@ def _head_dims(d: int) -> dict:
     return {"D": d, "DP": max(16, 1 << (d - 1).bit_length())}
 
 
+def key_splits(q: Tensor, lk: int) -> int:
+    """How many parts the keys of an inference call are split into (flash decoding): on CUDA, enough
+    for about two programs per multiprocessor where the query blocks and heads alone leave them idle
+    (one query against a long cache: ``batch · heads`` programs, each reading every key alone), with at
+    least :data:`SPLIT_KEYS` keys a part. Not yet measured on a GPU."""
+    if q.device.type != "cuda":
+        return 1
+    programs = _cdiv(q.shape[2], CUDA_CONFIGS[0]["forward"]["BM"]) * q.shape[0] * q.shape[1]
+    units = torch.cuda.get_device_properties(q.device).multi_processor_count
+    if programs >= units:
+        return 1
+    return max(1, min(lk // SPLIT_KEYS, _cdiv(2 * units, programs)))
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, delta: int, lo: int, causal: bool, scale: float,
+             interpret: bool, splits: int = 1) -> tuple[Tensor, Tensor]:
+    """(output in the inputs' dtype, log-sum-exp float32). With ``splits > 1`` the keys are cut into that
+    many parts of whole key tiles, each part's output and log-sum-exp written apart (float32) and merged
+    here: ``lse = logsumexp_s lse_s``, ``out = Σ_s exp(lse_s − lse) out_s`` (a part a row sees nothing of
+    has ``lse_s = −∞`` and weighs 0)."""
+    from .table_programs import programs
+
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    program, made = programs(interpret).forward, {}
+
+    def launch(cfg: dict) -> None:
+        per = lk if splits <= 1 else _cdiv(_cdiv(lk, splits), cfg["BN"]) * cfg["BN"]  # keys per part
+        n = _cdiv(lk, per)
+        out = torch.empty_like(q) if n == 1 else q.new_empty(n, b, h, lq, d, dtype=torch.float32)
+        lse = torch.empty(*out.shape[:-1], dtype=torch.float32, device=q.device)
+        program[(_cdiv(lq, cfg["BM"]), b * h, n)](
+            q, k, v, table, out, lse, *_strides(q, k, v, out if n == 1 else out[0]), h, lq, lk, delta, lo,
+            table.shape[1], scale, per, 0 if n == 1 else out.stride(0), 0 if n == 1 else lse.stride(0),
+            CAUSAL=causal, PREC=_precision(q.dtype), **_head_dims(d), **cfg)
+        made.update(out=out, lse=lse)
+
+    _launch("forward", "forward", q, interpret, launch)
+    out, lse = made["out"], made["lse"]
+    if out.dim() == 5:
+        total = torch.logsumexp(lse, 0)
+        out, lse = ((lse - total).exp()[..., None] * out).sum(0).to(q.dtype), total
+    return out, lse
+
+
 class _TableFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, table, delta: int, lo: int, causal: bool, scale: float, interpret: bool):
-        from .table_programs import programs
-
-        b, h, lq, d = q.shape
-        lk = k.shape[2]
         table = table.detach().float().contiguous()
-        out = torch.empty_like(q)
-        lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
-        forward = programs(interpret).forward
-        _launch("forward", "forward", q, interpret, lambda cfg: forward[(_cdiv(lq, cfg["BM"]), b * h)](
-            q, k, v, table, out, lse, *_strides(q, k, v, out), h, lq, lk, delta, lo, table.shape[1], scale,
-            CAUSAL=causal, PREC=_precision(q.dtype), **_head_dims(d), **cfg))
+        out, lse = _forward(q, k, v, table, delta, lo, causal, scale, interpret)
         ctx.save_for_backward(q, k, v, table, out, lse)
         ctx.args = (delta, lo, causal, scale, interpret)
         return out
@@ -167,15 +204,21 @@ def _cdiv(n: int, block: int) -> int:
 
 
 def table_flash_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, q_pos: Tensor, k_pos: Tensor,
-                       causal: bool, scale: float, interpret: bool = False) -> Tensor:
+                       causal: bool, scale: float, interpret: bool = False, splits: int | None = None) -> Tensor:
     """Contiguous positions (causally, the first query's position at or past the first key's: every
-    query sees a key); the dispatcher checks. ``interpret=True`` runs Triton's interpreter on CPU
-    tensors (tests)."""
+    query sees a key); the dispatcher checks. Without autograd the keys may be split into ``splits``
+    parts (default :func:`key_splits`). ``interpret=True`` runs Triton's interpreter on CPU tensors
+    (tests)."""
     delta = int(q_pos[0]) - int(k_pos[0])
     lq, lk = q.shape[2], k.shape[2]
     lo, hi = table_span(scheme, delta, lq, lk, causal)
     table = scheme.bias_at(torch.arange(lo, hi + 1, device=q.device))  # [H, hi − lo + 1], differentiable
     q, k, v = (t.contiguous() for t in (q, k, v))
+    if not needs_grad(scheme, q, k, v):  # inference: no autograd node, the keys split where that helps
+        with torch.no_grad():
+            table = table.float().contiguous()
+        parts = key_splits(q, lk) if splits is None else splits
+        return _forward(q, k, v, table, delta, lo, causal, float(scale), interpret, parts)[0]
     return _TableFlash.apply(q, k, v, table, delta, lo, causal, float(scale), interpret)
 
 

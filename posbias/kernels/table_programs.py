@@ -25,11 +25,15 @@ LOG2E = tl.constexpr(1.4426950408889634)  # (a global a Triton program reads mus
 
 
 def _forward(Q, K, V, TAB, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
-             H, LQ, LK, DELTA, LO, TLEN, scale, CAUSAL: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """Program (query block, batch·head): online softmax over the key blocks it can see."""
+             H, LQ, LK, DELTA, LO, TLEN, scale, KPS, s_os, s_ls, CAUSAL: tl.constexpr, D: tl.constexpr,
+             DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Program (query block, batch·head, key split): online softmax over the key blocks it can see among
+    keys ``[split·KPS, (split + 1)·KPS)``. One split (``KPS ≥ LK``) is the whole call; several (few queries
+    against a long cache: flash decoding) each write their own output and log-sum-exp, ``s_os`` and
+    ``s_ls`` elements apart, merged afterwards; a split with no key visible to a row writes 0 and −∞."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
+    split = tl.program_id(2)
     b = (bh // H).to(tl.int64)  # (offsets past 2^31 elements in a large batch)
     h = (bh % H).to(tl.int64)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -44,7 +48,8 @@ def _forward(Q, K, V, TAB, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_v
     hi = LK
     if CAUSAL:  # keys past the block's last query are hidden from all its rows
         hi = tl.minimum(LK, DELTA + (pid_m + 1) * BM)
-    for start in range(0, hi, BN):
+    hi = tl.minimum(hi, (split + 1) * KPS)
+    for start in range(split * KPS, hi, BN):
         cols = start + tl.arange(0, BN)
         kt = tl.load(K + b * s_kb + h * s_kh + cols[None, :] * s_kn + dims[:, None],
                      mask=(cols[None, :] < LK) & dmask[:, None], other=0.0)
@@ -64,11 +69,12 @@ def _forward(Q, K, V, TAB, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_v
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw nothing here: output 0, log-sum-exp −∞ (m_i)
     out = acc / l_i[:, None]
     keep = rows < LQ
-    tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + dims[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + split * s_os + b * s_ob + h * s_oh + rows[:, None] * s_om + dims[None, :], out.to(O.dtype.element_ty),
              mask=keep[:, None] & dmask[None, :])
-    tl.store(LSE + bh * LQ + rows, (m_i + tl.log2(l_i)) / LOG2E, mask=keep)
+    tl.store(LSE + split * s_ls + bh * LQ + rows, (m_i + tl.log2(l_i)) / LOG2E, mask=keep)
 
 
 def _backward_keys(Q, K, V, TAB, DO, LSE, DL, DK, DV, DTAB, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
@@ -195,6 +201,7 @@ def programs(interpret: bool) -> SimpleNamespace:
 
 # the largest shared memory one program may use (opt-in), bytes, by compute capability
 SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+_TENSOR_ARGS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "TAB", "LSE", "DL", "DTAB"}
 _FP32_ARGS = {"TAB", "LSE", "DL", "DTAB"}  # float32 whatever the inputs' dtype
 
 
@@ -223,7 +230,7 @@ def compile_for(arch: int, dtype: str, *, causal: bool, head_dim: int, config: d
         for arg in fn.arg_names:
             if arg in constexprs:
                 signature[arg] = "constexpr"
-            elif arg.isupper() and arg not in ("H", "LQ", "LK", "DELTA", "LO", "TLEN"):  # a tensor
+            elif arg in _TENSOR_ARGS:
                 signature[arg] = "*fp32" if arg in _FP32_ARGS else f"*{dtype}"
             else:
                 signature[arg] = "fp32" if arg == "scale" else "i32"
