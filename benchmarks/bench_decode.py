@@ -12,6 +12,7 @@ Two tables:
 
     python benchmarks/bench_decode.py                                  # every scheme, 1k–64k keys
     python benchmarks/bench_decode.py --schemes t5 alibi --keys 16384 --queries 1 16 --no-model
+    python benchmarks/bench_decode.py --backend triton --no-model        # a forced backend where it runs (CUDA)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import posbias
 from bench_attention import (cell, default_schemes, fix_machine, machine, machine_args, make_scheme, paired,
                              schemes_error, sync)
-from posbias.attention import choose_backend
+from posbias.attention import BACKENDS, choose_backend, usable
 from posbias.model import ModelConfig, TransformerLM
 from posbias.schemes import parse_spec
 
@@ -40,13 +41,15 @@ def attention_rows(args, device, dtype):
             for lq in args.queries:
                 q = torch.randn(1, args.heads, lq, args.head_dim, device=device, dtype=dtype)
                 q_pos, k_pos = torch.arange(n - lq, n, device=device), torch.arange(n, device=device)
-                backend = choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=True)
+                forced = args.backend != "auto" and usable(args.backend, scheme, q, q_pos=q_pos, k_pos=k_pos,
+                                                           causal=True) is None
+                backend = args.backend if forced else choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=True)
 
                 def step():  # a decoding step's first layer: a mask kept for these positions is dropped (FIRE's
                     # depends on the query position, so no later step could reuse it; the model table's
                     # other layers do, and T5's window is kept across steps, as in a real loop)
                     scheme.__dict__.pop("_kept_mask", None)
-                    return posbias.attention(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos)
+                    return posbias.attention(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, backend=backend)
 
                 stats = paired(step,
                                lambda: posbias.attention(q, k, v, nope, q_pos=q_pos, k_pos=k_pos), device, args.reps)
@@ -90,6 +93,8 @@ def main() -> None:
     p.add_argument("--queries", type=int, nargs="+", default=[1], help="new queries per call (attention)")
     p.add_argument("--context", type=int, nargs="+", default=[2048, 8192], help="prefill tokens (model)")
     p.add_argument("--no-model", action="store_true", help="leave out the model table")
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                   help="attention table: this backend wherever it runs exactly, auto's choice elsewhere")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64, help="attention table; the model's is d_model / heads")
     p.add_argument("--d-model", type=int, default=256)

@@ -16,7 +16,7 @@
 #   PY=.venv/bin/python DEVICE=cpu LENGTHS=512 bash benchmarks/gpu_check.sh   # dry run of the plumbing
 #
 # Limits (seconds) and sizes can be set from the environment: TESTS_S, TRITON_S, FLEX_S, CANDIDATES_S, PROFILE_S, HF_S (each HF run),
-# FLEXOPTS_S, FLEX_OPTIONS, ATTENTION_S, DECODE_S, DROPOUT_S, LENGTHS, HF_LENGTHS, HF_BACKENDS (default: auto), DTYPE; MEMORY=1 adds peak
+# FLEXOPTS_S, FLEX_OPTIONS, ATTENTION_S, DECODE_S, DECODE_BACKEND, DROPOUT_S, LENGTHS, HF_LENGTHS, HF_BACKENDS (default: auto), DTYPE; MEMORY=1 adds peak
 # memory to the attention table (one child process per case, so give it its own call). The defaults add up to
 # 580 s (50 + 90 + 200 + 90 + 150), inside one 600 s device command. Timings seen on an H200 (2026-12-04): the CUDA
 # tests 20-25 s, FlexAttention's 55-70 s (compiles), the candidates 135 s (before triton joined them), the
@@ -90,7 +90,9 @@ for stage in $stages; do
             run flexopts "${FLEXOPTS_S:-150}" "$PY" benchmarks/bench_cuda_candidates.py --device "$DEVICE" --dtype "$DTYPE" \
                 --reps 3 --backends flex --lengths 8192 --no-probe --flex-options "$FLEX_OPTIONS" ;;
         decode)  # one query against 1k-64k cached keys, and the model's tokens, each against no bias
-            run decode "${DECODE_S:-240}" "$PY" benchmarks/bench_decode.py --device "$DEVICE" --dtype "$DTYPE" ;;
+            # shellcheck disable=SC2086  # DECODE_BACKEND=triton: that backend's attention table (its split keys)
+            run decode "${DECODE_S:-240}" "$PY" benchmarks/bench_decode.py --device "$DEVICE" --dtype "$DTYPE" \
+                ${DECODE_BACKEND:+--backend $DECODE_BACKEND --no-model} ;;
         dropout)  # training with dropout_p=0.1: posbias' dropout kernel against SDPA with the dense bias and dropout
             # shellcheck disable=SC2086
             run dropout "${DROPOUT_S:-240}" "$PY" benchmarks/bench_dropout.py --device "$DEVICE" --dtype "$DTYPE" \

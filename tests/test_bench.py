@@ -84,6 +84,11 @@ def test_bench_decode_times_attention_and_the_model_against_no_bias():
     assert any(x.startswith("| fire@init_L=1000 | 40 |") for x in lines)
     _, r = _script("bench_decode.py", "--schemes", "fire@L=3", ok=False)
     assert r.returncode != 0 and r.stderr.startswith("--schemes:") and "Traceback" not in r.stderr
+    # a forced backend where it runs exactly (blockwise), auto's choice where it does not (triton: CUDA only)
+    for backend, taken in (("blockwise", "blockwise"), ("triton", "toeplitz")):
+        lines, _ = _script("bench_decode.py", "--schemes", "t5", "--keys", "96", "--no-model", "--heads", "2",
+                           "--head-dim", "16", "--reps", "1", "--backend", backend)
+        assert any(x.startswith(f"| t5 | 96 | 1 | {taken} |") for x in lines), lines
 
 
 def test_grouped_query_attention_runs_every_path_with_memory(tmp_path):
