@@ -189,7 +189,7 @@ def cases(name, n, scheme, q, k, v):
     causal_mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     gqa = k.shape[1] != q.shape[1]  # --kv-heads: every path takes the grouped keys and values as they are
     out = {"posbias": posbias_steps(q, k, v, scheme, "auto")}
-    for candidate in ("banded", "alibi"):  # issue 12's CUDA candidates besides FlexAttention (auto on the CPU)
+    for candidate in ("triton", "banded", "alibi"):  # issue 12's CUDA candidates besides FlexAttention (auto on the CPU)
         if q.device.type == "cuda" and usable(candidate, scheme, q, q_pos=pos, k_pos=pos, causal=True) is None:
             out[f"posbias ({candidate})"] = posbias_steps(q, k, v, scheme, candidate)
     if scheme.family == "additive" and n <= DENSE_LIMIT[q.device.type] // (1 if scheme.toeplitz else 2):

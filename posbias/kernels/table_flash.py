@@ -164,6 +164,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, delta: int, lo: int
 class _TableFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, table, delta: int, lo: int, causal: bool, scale: float, interpret: bool):
+        ctx.table_dtype = table.dtype  # (its gradient is returned in it: a bf16 model's scheme gives a bf16 table)
         table = table.detach().float().contiguous()
         out, lse = _forward(q, k, v, table, delta, lo, causal, scale, interpret)
         ctx.save_for_backward(q, k, v, table, out, lse)
@@ -196,7 +197,7 @@ class _TableFlash(torch.autograd.Function):
                 q, k, v, table, dout, lse, dl, dq, *strides, *sizes, BM=tile, BN=tile, **common, **cfg)
 
         _launch("backward_queries", "backward", q, interpret, queries)
-        return dq, dk, dv, dtab if train else None, None, None, None, None, None
+        return dq, dk, dv, dtab.to(ctx.table_dtype) if train else None, None, None, None, None, None
 
 
 def _cdiv(n: int, block: int) -> int:
