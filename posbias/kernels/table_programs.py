@@ -24,6 +24,33 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)  # (a global a Triton program reads must be a constexpr)
 
 
+@triton.jit
+def _logits(qk, tab, r, c, r0, r1, c0, c1, DELTA, LO, TLEN, LQ, LK, scale, CAUSAL: tl.constexpr):
+    """A tile's logits in base 2: ``(scale·qk + bias)·log₂e``, −∞ where a pair is hidden. ``r``/``c``
+    are the tile's query and key indices, broadcastable to ``qk``'s shape (either orientation);
+    ``[r0, r1]`` and ``[c0, c1]`` their ranges. A tile whose offsets all lie at or past the table's last
+    entry (or at or before its first) adds that entry as a scalar: no index and no load per pair (T5's
+    far tiles, most of a long call). Only a tile that reaches past the last query or key, or across the
+    causal diagonal, computes a mask."""
+    x = qk * scale
+    if DELTA + r0 - c1 >= LO + TLEN - 1:
+        x = x + tl.load(tab + TLEN - 1)
+    elif DELTA + r1 - c0 <= LO:
+        x = x + tl.load(tab)
+    else:
+        x = x + tl.load(tab + tl.minimum(tl.maximum(DELTA + r - c - LO, 0), TLEN - 1))
+    x = x * LOG2E
+    edge = (r1 >= LQ) | (c1 >= LK)
+    if CAUSAL:
+        edge = edge | (DELTA + r0 - c1 < 0)
+    if edge:
+        seen = (r < LQ) & (c < LK)
+        if CAUSAL:
+            seen = seen & (DELTA + r - c >= 0)
+        x = tl.where(seen, x, float("-inf"))
+    return x
+
+
 def _forward(Q, K, V, TAB, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
              H, LQ, LK, DELTA, LO, TLEN, scale, KPS, s_os, s_ls, CAUSAL: tl.constexpr, D: tl.constexpr,
              DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
@@ -53,13 +80,8 @@ def _forward(Q, K, V, TAB, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_v
         cols = start + tl.arange(0, BN)
         kt = tl.load(K + b * s_kb + h * s_kh + cols[None, :] * s_kn + dims[:, None],
                      mask=(cols[None, :] < LK) & dmask[:, None], other=0.0)
-        off = DELTA + rows[:, None] - cols[None, :]
-        bias = tl.load(tab + tl.minimum(tl.maximum(off - LO, 0), TLEN - 1))
-        s = (tl.dot(q, kt, input_precision=PREC) * scale + bias) * LOG2E
-        seen = cols[None, :] < LK
-        if CAUSAL:
-            seen = seen & (off >= 0)
-        s = tl.where(seen, s, float("-inf"))
+        s = _logits(tl.dot(q, kt, input_precision=PREC), tab, rows[:, None], cols[None, :], pid_m * BM,
+                    pid_m * BM + BM - 1, start, start + BN - 1, DELTA, LO, TLEN, LQ, LK, scale, CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
         p = tl.exp2(s - m_use[:, None])
@@ -106,13 +128,9 @@ def _backward_keys(Q, K, V, TAB, DO, LSE, DL, DK, DV, DTAB, s_qb, s_qh, s_qm, s_
         do = tl.load(DO + b * s_ob + h * s_oh + rows[:, None] * s_om + dims[None, :], mask=qmask, other=0.0)
         lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0)
         dl = tl.load(DL + bh * LQ + rows, mask=rows < LQ, other=0.0)
-        off = DELTA + rows[None, :] - cols[:, None]  # [keys, queries]
-        bias = tl.load(tab + tl.minimum(tl.maximum(off - LO, 0), TLEN - 1))
-        st = (tl.dot(k, tl.trans(q), input_precision=PREC) * scale + bias) * LOG2E
-        seen = (rows[None, :] < LQ) & (cols[:, None] < LK)
-        if CAUSAL:
-            seen = seen & (off >= 0)
-        pt = tl.where(seen, tl.exp2(st - lse[None, :] * LOG2E), 0.0)
+        st = _logits(tl.dot(k, tl.trans(q), input_precision=PREC), tab, rows[None, :], cols[:, None], start,
+                     start + B - 1, pid_n * B, pid_n * B + B - 1, DELTA, LO, TLEN, LQ, LK, scale, CAUSAL)
+        pt = tl.exp2(st - lse[None, :] * LOG2E)  # [keys, queries]; 0 where hidden
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
         dst = pt * (dpt - dl[None, :])
@@ -174,13 +192,9 @@ def _backward_queries(Q, K, V, TAB, DO, LSE, DL, DQ, s_qb, s_qh, s_qm, s_kb, s_k
         kmask = (cols[None, :] < LK) & dmask[:, None]
         kt = tl.load(K + b * s_kb + h * s_kh + cols[None, :] * s_kn + dims[:, None], mask=kmask, other=0.0)
         vt = tl.load(V + b * s_vb + h * s_vh + cols[None, :] * s_vn + dims[:, None], mask=kmask, other=0.0)
-        off = DELTA + rows[:, None] - cols[None, :]
-        bias = tl.load(tab + tl.minimum(tl.maximum(off - LO, 0), TLEN - 1))
-        s = (tl.dot(q, kt, input_precision=PREC) * scale + bias) * LOG2E
-        seen = (rows[:, None] < LQ) & (cols[None, :] < LK)
-        if CAUSAL:
-            seen = seen & (off >= 0)
-        p = tl.where(seen, tl.exp2(s - lse[:, None] * LOG2E), 0.0)
+        s = _logits(tl.dot(q, kt, input_precision=PREC), tab, rows[:, None], cols[None, :], pid_m * BM,
+                    pid_m * BM + BM - 1, start, start + BN - 1, DELTA, LO, TLEN, LQ, LK, scale, CAUSAL)
+        p = tl.exp2(s - lse[:, None] * LOG2E)  # 0 where hidden
         ds = p * (tl.dot(do, vt, input_precision=PREC) - dl[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
     tl.store(DQ + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
