@@ -14,7 +14,9 @@ each tile's diagonals into the table's gradient, which autograd carries on to th
 parameters (T5's bucket table, KERPLE's r1/r2, …).
 
 Lengths are runtime arguments, not compile-time constants: a new length or a decoding step reuses the
-compiled programs (Triton specialises only on divisibility by 16 and on 1).
+compiled programs (Triton specialises only on divisibility by 16 and on 1). Without autograd the keys
+of a call with few queries are split into parts run side by side and merged by their log-sum-exps
+(flash decoding, :func:`key_splits`).
 
 Not yet validated on a GPU (``posbias.attention.CUDA_VALIDATED``): ``auto`` does not take it until a
 GPU run has passed its CUDA tests. On the CPU the same programs run in Triton's interpreter
@@ -34,11 +36,11 @@ from ..schemes.base import ToeplitzScheme, needs_grad
 # Tile sizes (queries × keys) of the forward and of the backward's square tiles on CUDA, with the
 # programs' warps and pipeline stages, largest first: each program runs with the first that fits the
 # device's shared memory (Triton refuses a launch that does not, before it starts), remembered per
-# device, dtype and head dim. First choices, not yet tuned on a GPU. Compiled ahead of time for sm_90
-# (H100/H200) at head_dim 64, the first needs 90,112 bytes forward in bf16 and 196,608 in float32, which
-# an A100 (166,912) does not have: its float32 calls take the second, which needs 81,920
-# (tests/test_table_flash.py compiles them without a GPU). benchmarks/bench_cuda_candidates.py
-# --table-config JSON runs one configuration alone (:func:`use_cuda_configs`).
+# device, dtype and head dim. First choices, not yet tuned on a GPU. Compiled ahead of time (Triton
+# 3.9; tests/test_table_flash.py compiles them without a GPU), the first's forward needs 49,152 bytes of
+# shared memory on sm_90 (H100/H200, 232,448 available) and 163,840 on sm_80 (A100, 166,912) in bf16 at
+# head_dim 64, 131,584 in float32 on both; at head_dim 128 an A100 takes the second (98,304).
+# benchmarks/bench_cuda_candidates.py --table-config JSON runs one configuration alone (:func:`use_cuda_configs`).
 CUDA_CONFIGS = [
     {"forward": {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3}, "backward": {"B": 64, "num_warps": 4, "num_stages": 2}},
     {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2}, "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
