@@ -74,6 +74,24 @@ def candidates(args, device, dtype) -> None:
                 q.grad = k.grad = v.grad = None
 
 
+def probe_row(fwd, train, base_f, base_t, device, reps: int) -> tuple[float, str, str]:
+    """A probe's cells: seconds of the first forward call (compiles included), then forward and
+    forward+backward against SDPA's; a call that fails is its cell's error (NaN seconds when the first
+    does), and the row goes on."""
+    try:
+        t0 = time.perf_counter()
+        fwd()
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        first = time.perf_counter() - t0
+        sf = cell(paired(fwd, base_f, device, reps))
+    except Exception as e:  # noqa: BLE001 -- a variant that fails is a row, not the end of the table
+        return float("nan"), failed(e), ""
+    try:
+        return first, sf, cell(paired(train, base_t, device, reps))
+    except Exception as e:  # noqa: BLE001
+        return first, sf, failed(e)
+
+
 def flex_probe(args, device, dtype) -> None:
     """Compiled FlexAttention at ``--probe-length`` with no score_mod and with the offset table's, across
     kernel_options: which compile, and how fast they run (forward; forward+backward where it compiles)."""
@@ -102,20 +120,7 @@ def flex_probe(args, device, dtype) -> None:
             mod = scheme.score_mod(n, n) if with_mod else None
             return fn(q, k, v, score_mod=mod, block_mask=mask, kernel_options=options)
 
-        fwd, train = steps(call)
-        try:
-            t0 = time.perf_counter()
-            fwd()
-            torch.cuda.synchronize()
-            first = time.perf_counter() - t0
-            sf = cell(paired(fwd, base_f, device, args.reps))
-        except Exception as e:  # noqa: BLE001
-            print(f"| {label} | {options} | {failed(e)} | | |", flush=True)
-            continue
-        try:
-            st = cell(paired(train, base_t, device, args.reps))
-        except Exception as e:  # noqa: BLE001
-            st = failed(e)
+        first, sf, st = probe_row(*steps(call), base_f, base_t, device, args.reps)
         q.grad = k.grad = v.grad = None
         print(f"| {label} | {options} | {first:.1f} | {sf} | {st} |", flush=True)
 
@@ -149,16 +154,8 @@ def table_probe(args, device, dtype) -> None:
     for change in TABLE_VARIANTS:
         table_flash.use_cuda_configs([table_config(ladder[0], change)])  # alone: one that does not fit is a row
         for name in ("t5", "alibi"):
-            fwd, train = posbias_steps(q, k, v, make_scheme(name, args.heads, args.head_dim, device), "triton")
-            try:
-                t0 = time.perf_counter()
-                fwd()
-                torch.cuda.synchronize()
-                first = time.perf_counter() - t0
-                sf = cell(paired(fwd, base_f, device, args.reps))
-                st = cell(paired(train, base_t, device, args.reps))
-            except Exception as e:  # noqa: BLE001 -- a configuration that fails is a row
-                sf, st, first = failed(e), "", float("nan")
+            first, sf, st = probe_row(*posbias_steps(q, k, v, make_scheme(name, args.heads, args.head_dim, device),
+                                                     "triton"), base_f, base_t, device, args.reps)
             q.grad = k.grad = v.grad = None
             print(f"| | {name} | {json.dumps(change) if change else 'default'} | {first:.1f} | {sf} | {st} |", flush=True)
     table_flash.use_cuda_configs(ladder)

@@ -26,14 +26,32 @@ def _script(name, *args, ok=True):
     return r.stdout.splitlines(), r
 
 
-def _bench_attention():
-    """``benchmarks/bench_attention.py`` as a module, imported as the scripts beside it import it."""
+def _bench_attention(name="bench_attention"):
+    """``benchmarks/bench_attention.py`` (or another script there) as a module, imported as the scripts
+    beside it import it."""
+    import importlib
+
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        import bench_attention
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    return bench_attention
+
+
+def test_a_probe_variant_that_fails_is_its_row():
+    """The GPU probes' cells (triton's tiles, FlexAttention's kernel_options): a forward that fails is
+    the row's error, a backward that fails is its own cell's, and a variant that runs has its ratios."""
+    bc = _bench_attention("bench_cuda_candidates")
+    cpu = bc.torch.device("cpu")
+
+    def boom():
+        raise RuntimeError("out of resource: shared memory, Required: 245760\nmore")
+
+    ok = lambda: None  # noqa: E731
+    first, sf, st = bc.probe_row(boom, ok, ok, ok, cpu, 1)
+    assert first != first and sf == "failed: RuntimeError: out of resource: shared memory, Required: 245760" and st == ""
+    first, sf, st = bc.probe_row(ok, boom, ok, ok, cpu, 1)
+    assert first >= 0 and "(" in sf and st.startswith("failed: RuntimeError: out of resource")
 
 
 def test_the_header_and_rows_name_the_cpu_and_the_denormal_mode(tmp_path):

@@ -25,6 +25,16 @@ LOG2E = tl.constexpr(1.4426950408889634)  # (a global a Triton program reads mus
 
 
 @triton.jit
+def _program(H, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    """This program's block and (batch·head) ids, its batch and head (64-bit: offsets past 2^31
+    elements in a large batch), the block's indices, and the head dims padded to ``DP`` with their mask."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    dims = tl.arange(0, DP)
+    return pid, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), pid * BLOCK + tl.arange(0, BLOCK), dims, dims < D
+
+
+@triton.jit
 def _logits(qk, tab, r, c, r0, r1, c0, c1, DELTA, LO, TLEN, LQ, LK, scale, CAUSAL: tl.constexpr):
     """A tile's logits in base 2: ``(scale·qk + bias)·log₂e``, −∞ where a pair is hidden. ``r``/``c``
     are the tile's query and key indices, broadcastable to ``qk``'s shape (either orientation);
@@ -58,14 +68,8 @@ def _forward(Q, K, V, TAB, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_v
     keys ``[split·KPS, (split + 1)·KPS)``. One split (``KPS ≥ LK``) is the whole call; several (few queries
     against a long cache: flash decoding) each write their own output and log-sum-exp, ``s_os`` and
     ``s_ls`` elements apart, merged afterwards; a split with no key visible to a row writes 0 and −∞."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh, b, h, rows, dims, dmask = _program(H, BM, D, DP)
     split = tl.program_id(2)
-    b = (bh // H).to(tl.int64)  # (offsets past 2^31 elements in a large batch)
-    h = (bh % H).to(tl.int64)
-    rows = pid_m * BM + tl.arange(0, BM)
-    dims = tl.arange(0, DP)
-    dmask = dims < D
     q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :],
                 mask=(rows[:, None] < LQ) & dmask[None, :], other=0.0)
     m_i = tl.full([BM], float("-inf"), tl.float32)
@@ -99,18 +103,23 @@ def _forward(Q, K, V, TAB, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_v
     tl.store(LSE + split * s_ls + bh * LQ + rows, (m_i + tl.log2(l_i)) / LOG2E, mask=keep)
 
 
+@triton.jit
+def _query_rows(q_ptr, do_ptr, lse_ptr, dl_ptr, rows, dims, dmask, s_qm, s_om, LQ):
+    """A query block's q, dO, log-sum-exp and δ, given each one's (batch, head) start; zeros past the
+    last query."""
+    keep = rows < LQ
+    both = keep[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + rows[:, None] * s_qm + dims[None, :], mask=both, other=0.0)
+    do = tl.load(do_ptr + rows[:, None] * s_om + dims[None, :], mask=both, other=0.0)
+    return q, do, tl.load(lse_ptr + rows, mask=keep, other=0.0), tl.load(dl_ptr + rows, mask=keep, other=0.0)
+
+
 def _backward_keys(Q, K, V, TAB, DO, LSE, DL, DK, DV, DTAB, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                    s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, scale, CAUSAL: tl.constexpr, D: tl.constexpr,
                    DP: tl.constexpr, B: tl.constexpr, TABLE_GRAD: tl.constexpr, PREC: tl.constexpr):
     """Program (key block, batch·head): dK and dV over every query block that sees a key of it, and
     (``TABLE_GRAD``) each square ``B × B`` tile's ``dS`` into the table's gradient (:func:`_table_grad`)."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # (offsets past 2^31 elements in a large batch)
-    h = (bh % H).to(tl.int64)
-    cols = pid_n * B + tl.arange(0, B)
-    dims = tl.arange(0, DP)
-    dmask = dims < D
+    pid_n, bh, b, h, cols, dims, dmask = _program(H, B, D, DP)
     kmask = (cols[:, None] < LK) & dmask[None, :]
     k = tl.load(K + b * s_kb + h * s_kh + cols[:, None] * s_kn + dims[None, :], mask=kmask, other=0.0)
     v = tl.load(V + b * s_vb + h * s_vh + cols[:, None] * s_vn + dims[None, :], mask=kmask, other=0.0)
@@ -123,11 +132,8 @@ def _backward_keys(Q, K, V, TAB, DO, LSE, DL, DK, DV, DTAB, s_qb, s_qh, s_qm, s_
         lo_q = (tl.maximum(pid_n * B - DELTA, 0) // B) * B
     for start in range(lo_q, LQ, B):
         rows = start + tl.arange(0, B)
-        qmask = (rows[:, None] < LQ) & dmask[None, :]
-        q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :], mask=qmask, other=0.0)
-        do = tl.load(DO + b * s_ob + h * s_oh + rows[:, None] * s_om + dims[None, :], mask=qmask, other=0.0)
-        lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0)
-        dl = tl.load(DL + bh * LQ + rows, mask=rows < LQ, other=0.0)
+        q, do, lse, dl = _query_rows(Q + b * s_qb + h * s_qh, DO + b * s_ob + h * s_oh, LSE + bh * LQ, DL + bh * LQ,
+                                     rows, dims, dmask, s_qm, s_om, LQ)
         st = _logits(tl.dot(k, tl.trans(q), input_precision=PREC), tab, rows[None, :], cols[:, None], start,
                      start + B - 1, pid_n * B, pid_n * B + B - 1, DELTA, LO, TLEN, LQ, LK, scale, CAUSAL)
         pt = tl.exp2(st - lse[None, :] * LOG2E)  # [keys, queries]; 0 where hidden
@@ -170,18 +176,9 @@ def _backward_queries(Q, K, V, TAB, DO, LSE, DL, DQ, s_qb, s_qh, s_qm, s_kb, s_k
                       s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, scale, CAUSAL: tl.constexpr, D: tl.constexpr,
                       DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Program (query block, batch·head): dQ over the key blocks it sees."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # (offsets past 2^31 elements in a large batch)
-    h = (bh % H).to(tl.int64)
-    rows = pid_m * BM + tl.arange(0, BM)
-    dims = tl.arange(0, DP)
-    dmask = dims < D
-    qmask = (rows[:, None] < LQ) & dmask[None, :]
-    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :], mask=qmask, other=0.0)
-    do = tl.load(DO + b * s_ob + h * s_oh + rows[:, None] * s_om + dims[None, :], mask=qmask, other=0.0)
-    lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0)
-    dl = tl.load(DL + bh * LQ + rows, mask=rows < LQ, other=0.0)
+    pid_m, bh, b, h, rows, dims, dmask = _program(H, BM, D, DP)
+    q, do, lse, dl = _query_rows(Q + b * s_qb + h * s_qh, DO + b * s_ob + h * s_oh, LSE + bh * LQ, DL + bh * LQ,
+                                 rows, dims, dmask, s_qm, s_om, LQ)
     dq = tl.zeros([BM, DP], tl.float32)
     tab = TAB + h * TLEN
     hi = LK
@@ -198,7 +195,7 @@ def _backward_queries(Q, K, V, TAB, DO, LSE, DL, DQ, s_qb, s_qh, s_qm, s_kb, s_k
         ds = p * (tl.dot(do, vt, input_precision=PREC) - dl[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
     tl.store(DQ + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=qmask)
+             mask=(rows[:, None] < LQ) & dmask[None, :])
 
 
 @functools.cache
