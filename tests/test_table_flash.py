@@ -266,6 +266,27 @@ def test_triton_backend_within_the_references_own_rounding(name, dtype):
 
 @pytest.mark.cuda
 @NO_CUDA
+def test_triton_backend_with_grouped_heads_padding_and_packed_documents_on_cuda():
+    """What attention() hands the backend around it: grouped keys and values (repeated first), a right
+    padding mask (the kept keys as a slice) and packed documents (each from position 0), against the
+    reference with the same arguments."""
+    s = randomized("kerple-log").to("cuda")
+    q = torch.randn(2, 3, 90, 16, device="cuda")
+    kv = [torch.randn(2, 1, 90, 16, device="cuda") for _ in range(2)]
+    torch.testing.assert_close(attention(q, *kv, s, backend="triton", enable_gqa=True),
+                               attention_reference(q, *kv, s, enable_gqa=True), atol=2e-5, rtol=1e-4)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    mask = torch.ones(2, 90, dtype=torch.bool, device="cuda")
+    mask[1, 70:] = False
+    torch.testing.assert_close(attention(q, k, v, s, backend="triton", key_mask=mask),
+                               attention(q, k, v, s, backend="reference", key_mask=mask), atol=2e-5, rtol=1e-4)
+    docs = torch.tensor([[0] * 40 + [1] * 50, [0] * 90], device="cuda")
+    torch.testing.assert_close(attention(q, k, v, s, backend="triton", document_ids=docs),
+                               attention(q, k, v, s, backend="reference", document_ids=docs), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@NO_CUDA
 def test_a_new_length_reuses_the_compiled_programs():
     """Lengths are runtime arguments: calls at 1,001 and 1,003 tokens (neither a multiple of 16) and a
     decoding step at each compile nothing new after the first of their kind."""
