@@ -63,9 +63,17 @@ SPLIT_KEYS = 1024  # keys per part, at least, where an inference call's keys are
 
 
 @functools.cache
-def triton_available() -> bool:
-    """Whether the ``triton`` package is installed (every CUDA build of torch ships it)."""
-    return importlib.util.find_spec("triton") is not None
+def triton_missing() -> str | None:
+    """None if the ``triton`` package is installed (every CUDA build of torch ships it) and has what the
+    programs use (``tl.gather``, Triton 3.2, torch 2.6's), else what is missing."""
+    if importlib.util.find_spec("triton") is None:
+        return "needs the triton package (shipped with CUDA builds of torch)"
+    import triton
+    import triton.language as tl
+
+    if not hasattr(tl, "gather"):
+        return f"needs triton 3.2 or newer (tl.gather; this is {triton.__version__})"
+    return None
 
 
 def table_span(scheme: ToeplitzScheme, delta: int, lq: int, lk: int, causal: bool) -> tuple[int, int]:
@@ -83,7 +91,7 @@ def table_span(scheme: ToeplitzScheme, delta: int, lq: int, lk: int, causal: boo
     return lo, hi
 
 
-def _precision(dtype: torch.dtype) -> str:
+def _precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None  # float32 exact (no tf32); bf16/fp16 dots are exact as they are
 
 
@@ -230,8 +238,8 @@ def table_flash_usable(scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor, causal: 
     the tests reach the interpreter through :func:`table_flash_kernel` itself)."""
     if q.device.type != "cuda":
         return f"needs CUDA tensors (Triton), not {q.device.type}"
-    if not triton_available():
-        return "needs the triton package (shipped with CUDA builds of torch)"
+    if triton_missing():
+        return triton_missing()
     if not isinstance(scheme, ToeplitzScheme):
         return "needs a Toeplitz bias (T5, offset, ALiBi, KERPLE; FIRE below its threshold)"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):

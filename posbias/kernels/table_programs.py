@@ -16,6 +16,7 @@ dtype) and handled in base 2 (``exp2``, ``LOG2E``) as flash attention does; the 
 from __future__ import annotations
 
 import functools
+import os
 from types import SimpleNamespace
 
 import triton
@@ -198,10 +199,19 @@ def _backward_queries(Q, K, V, TAB, DO, LSE, DL, DQ, s_qb, s_qh, s_qm, s_kb, s_k
              mask=(rows[:, None] < LQ) & dmask[None, :])
 
 
+def interpreting() -> bool:
+    """Whether Triton runs programs in its interpreter (``TRITON_INTERPRET``; ``triton.knobs`` from Triton
+    3.4, the variable read as Triton reads it before)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 @functools.cache
 def programs(interpret: bool) -> SimpleNamespace:
     """The three programs compiled for the GPU (``triton.jit``) or run by Triton's interpreter."""
-    if interpret != bool(triton.knobs.runtime.interpret):
+    if interpret != interpreting():
         raise RuntimeError("Triton's interpreter runs only where TRITON_INTERPRET=1 was set before triton was "
                            "imported (tests/conftest.py sets it on machines without CUDA)" if interpret else
                            "TRITON_INTERPRET=1 is set: Triton interprets every program, none runs on the GPU")
