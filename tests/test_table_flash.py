@@ -292,8 +292,9 @@ def test_triton_backend_with_grouped_heads_padding_and_packed_documents_on_cuda(
 @pytest.mark.cuda
 @NO_CUDA
 def test_a_new_length_reuses_the_compiled_programs():
-    """Lengths are runtime arguments: calls at 1,001 and 1,003 tokens (neither a multiple of 16) and a
-    decoding step at each compile nothing new after the first of their kind."""
+    """Lengths are runtime arguments that Triton does not specialise on: after the first call, calls at
+    1,024 tokens (a multiple of 16, 1,001 not) and a decoding step (one query; split keys) compile
+    nothing new."""
     from posbias.kernels.table_programs import programs
 
     s = randomized("t5").to("cuda")
@@ -303,10 +304,14 @@ def test_a_new_length_reuses_the_compiled_programs():
         caches = getattr(forward, "device_caches", None)
         return sum(len(c[0]) for c in caches.values()) if caches is not None else sum(map(len, forward.cache.values()))
 
-    for n in (1001, 1003):
-        q = torch.randn(1, 3, n, 16, device="cuda")
+    def call(lq: int, lk: int) -> None:
+        q, k = torch.randn(1, 3, lq, 16, device="cuda"), torch.randn(1, 3, lk, 16, device="cuda")
         with torch.no_grad():
-            attention(q, q, q, s, backend="triton")
-        if n == 1001:
-            before = compiled()
+            attention(q, k, k, s, backend="triton")
+
+    call(1001, 1001)
+    before = compiled()
+    call(1024, 1024)
+    call(1, 1024)
+    call(1, 5000)
     assert compiled() == before

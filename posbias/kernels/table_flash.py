@@ -13,8 +13,9 @@ logit: no ``[N, N]`` bias, no rounding of the bias to the inputs' dtype, extra m
 each tile's diagonals into the table's gradient, which autograd carries on to the scheme's
 parameters (T5's bucket table, KERPLE's r1/r2, …).
 
-Lengths are runtime arguments, not compile-time constants: a new length or a decoding step reuses the
-compiled programs (Triton specialises only on divisibility by 16 and on 1). Without autograd the keys
+Lengths are runtime arguments, not compile-time constants, and not specialised on (Triton would
+otherwise compile anew for a length of 1 or one divisible by 16): a new length or a decoding step reuses
+the compiled programs. Without autograd the keys
 of a call with few queries are split into parts run side by side and merged by their log-sum-exps
 (flash decoding, :func:`key_splits`).
 

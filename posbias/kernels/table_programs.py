@@ -199,6 +199,9 @@ def _backward_queries(Q, K, V, TAB, DO, LSE, DL, DQ, s_qb, s_qh, s_qm, s_kb, s_k
              mask=(rows[:, None] < LQ) & dmask[None, :])
 
 
+_SIZES = ["H", "LQ", "LK", "DELTA", "LO", "TLEN", "KPS", "s_os", "s_ls"]  # (a program without one ignores it)
+
+
 def interpreting() -> bool:
     """Whether Triton runs programs in its interpreter (``TRITON_INTERPRET``; ``triton.knobs`` from Triton
     3.4, the variable read as Triton reads it before)."""
@@ -215,7 +218,10 @@ def programs(interpret: bool) -> SimpleNamespace:
         raise RuntimeError("Triton's interpreter runs only where TRITON_INTERPRET=1 was set before triton was "
                            "imported (tests/conftest.py sets it on machines without CUDA)" if interpret else
                            "TRITON_INTERPRET=1 is set: Triton interprets every program, none runs on the GPU")
-    wrap = triton.jit  # (the interpreter's wrapper where TRITON_INTERPRET=1)
+    # the lengths, offsets and split strides are not specialised on (Triton would compile anew for 1 or a value
+    # divisible by 16): one compile per dtype, head dim, causality and tiles serves every length and
+    # decoding step; the strides keep their divisibility, which the loads use
+    wrap = functools.partial(triton.jit, do_not_specialize=_SIZES)  # (the interpreter's where TRITON_INTERPRET=1)
     return SimpleNamespace(forward=wrap(_forward), backward_keys=wrap(_backward_keys),
                            backward_queries=wrap(_backward_queries))
 
