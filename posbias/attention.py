@@ -379,6 +379,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
             run, scheme = dropout_kernel, toeplitz_view(scheme, q_pos, k_pos) or scheme
         return run(q, *ungrouped(q, k, v), scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale,
                    p=dropout_p, seed=dropout_seed)
+    # FIRE below its threshold is Toeplitz there: found once, before a forced path is checked (forced
+    # blockwise, reference and flex keep FIRE itself; one that gives way becomes auto)
+    rows, view = 0, None
+    if backend in VIEW_TAKERS:
+        scheme, rows, view = _toeplitz_queries(scheme, q, q_pos, k_pos)
     name = backend
     if backend != "auto":
         why = usable(backend, scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
@@ -386,11 +391,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
             raise ValueError(f"backend {backend!r} cannot run this input exactly: {why}")
         if why is not None:
             name = "auto"  # gives way to the automatic choice
-    rows, view = 0, None
-    if name in ("auto", "toeplitz", "triton"):  # FIRE below its threshold is Toeplitz there (forced blockwise, reference stay FIRE)
-        rows, view = toeplitz_prefix(scheme, q, q_pos, k_pos)
-        if rows == len(q_pos):  # at every query: chosen and run as the Toeplitz scheme it is here
-            scheme, rows = view, 0
+            if backend not in VIEW_TAKERS:
+                scheme, rows, view = _toeplitz_queries(scheme, q, q_pos, k_pos)
     if name == "auto":
         name = choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
     if name not in GROUPED_HEADS:
@@ -419,12 +421,24 @@ def toeplitz_view(scheme: Scheme, q_pos: Tensor, k_pos: Tensor) -> ToeplitzSchem
     return view if rows == len(q_pos) else None
 
 
+VIEW_TAKERS = ("auto", "toeplitz", "triton")  # the backends FIRE below its threshold reaches as its Toeplitz view
+
+
+def _toeplitz_queries(scheme: Scheme, q: Tensor, q_pos: Tensor,
+                      k_pos: Tensor) -> tuple[Scheme, int, ToeplitzScheme | None]:
+    """``(scheme, rows, view)`` for :func:`attention`: FIRE's Toeplitz view in its place where every query
+    is below its threshold; else the scheme, with :func:`toeplitz_prefix`'s count and view."""
+    rows, view = toeplitz_prefix(scheme, q, q_pos, k_pos)
+    return (view, 0, None) if rows == len(q_pos) else (scheme, rows, view)
+
+
 def toeplitz_prefix(scheme: Scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[int, ToeplitzScheme | None]:
     """How many leading queries ``auto`` runs on the ``toeplitz`` path when the scheme as a whole is not
     Toeplitz but is at those queries (FIRE below its threshold, :meth:`~posbias.schemes.fire.FIRE.toeplitz_rows`),
     and the Toeplitz view they run with: 0 unless the positions are contiguous. Every query below L: the
     call runs as the view on any device (CUDA's paths, ``triton`` included, then see a Toeplitz scheme).
-    Some of them: 0 unless the fused CPU op is there (they run on ``toeplitz``). Rows are independent in attention, so the two parts are simply stacked. Where only some
+    Some of them: 0 unless the fused CPU op is there (they run on ``toeplitz``). Rows are independent in
+    attention, so the two parts are simply stacked. Where only some
     queries are below, the count is rounded down so that the blockwise part's causal blocks end on a
     multiple of 64 keys (starting it at query 455 instead of 448 cost 10%, measured). FIRE with every
     query below L, forward+backward (H = 8, d = 64, 2 threads, 7 interleaved pairs, docs/attention.md):
