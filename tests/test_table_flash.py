@@ -169,19 +169,19 @@ def test_each_program_takes_the_first_configuration_that_fits_and_remembers_it(m
         if cfg["BM"] > 32 + 32 * (q.dtype == torch.float16):
             raise OutOfResources(cfg["BM"] * 1000, 70_000, "shared memory")
 
-    table_flash._launch("forward", "forward", q, False, launch)
+    table_flash._launch("forward", q, False, launch)
     assert tried == [128, 64, 32]
-    table_flash._launch("forward", "forward", q, False, launch)
+    table_flash._launch("forward", q, False, launch)
     assert tried == [128, 64, 32, 32]  # remembered
     q = q.half()  # another dtype: its own search
-    table_flash._launch("forward", "forward", q, False, launch)
+    table_flash._launch("forward", q, False, launch)
     assert tried[4:] == [128, 64]
     q = q.float()
     monkeypatch.setattr(table_flash, "_FITS", {})
     monkeypatch.setattr(table_flash, "CUDA_CONFIGS", [{"forward": {"BM": 128}}])
     with pytest.raises(RuntimeError, match=r"forward program fits none of its tile configurations on cpu "
                                            r"\(torch.float32, head_dim 16\): \{'BM': 128\}: out of resource: shared memory"):
-        table_flash._launch("forward", "forward", q, False, launch)
+        table_flash._launch("forward", q, False, launch)
 
 
 def _compiled_ahead(code: str) -> dict:
@@ -200,6 +200,7 @@ def _compiled_ahead(code: str) -> dict:
 
 FIRST_FIT = """
 import json
+import torch
 from posbias.kernels.table_flash import CUDA_CONFIGS
 from posbias.kernels.table_programs import SHARED_LIMIT, compile_for
 found = {}
@@ -216,17 +217,18 @@ print(json.dumps(found))
 @pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 4) or torch.cuda.is_available(),
                     reason="Triton's ahead-of-time API as of 3.4; a GPU compiles them for real (the cuda tests)")
 @pytest.mark.parametrize("dtype, d, causal", [
-    ("bf16", 64, True), pytest.param("fp32", 64, True, marks=pytest.mark.slow),
-    pytest.param("bf16", 128, False, marks=pytest.mark.slow), pytest.param("fp16", 256, True, marks=pytest.mark.slow)])
+    ("bfloat16", 64, True), pytest.param("float32", 64, True, marks=pytest.mark.slow),
+    pytest.param("bfloat16", 128, False, marks=pytest.mark.slow),
+    pytest.param("float16", 256, True, marks=pytest.mark.slow)])
 def test_the_programs_compile_for_a100_and_h100_without_a_gpu(dtype, d, causal):
     """Triton's ahead-of-time path (LLVM and ptxas, no driver) compiles the three programs for sm_80 and
     sm_90: what the interpreter cannot check (a global that is not a constexpr failed here first). For
     each, some configuration fits the shared memory (the one the backend then runs); in bf16 at
     head_dim 64, the training case of issue 12, the first and largest does on both."""
-    code = FIRST_FIT.replace("DTYPE", repr(dtype)).replace("CAUSAL", str(causal)).replace("D,", f"{d},")
+    code = FIRST_FIT.replace("DTYPE", f"torch.{dtype}").replace("CAUSAL", str(causal)).replace("D,", f"{d},")
     found = _compiled_ahead(code)
     assert set(found) == {"80", "90"}, found
-    if (dtype, d) == ("bf16", 64):
+    if (dtype, d) == ("bfloat16", 64):
         assert found["80"][0] == found["90"][0] == 0, found
 
 

@@ -43,9 +43,12 @@ from ..schemes.base import ToeplitzScheme, needs_grad
 # head_dim 64, 131,584 in float32 on both; at head_dim 128 an A100 takes the second (98,304).
 # benchmarks/bench_cuda_candidates.py --table-config JSON runs one configuration alone (:func:`use_cuda_configs`).
 CUDA_CONFIGS = [
-    {"forward": {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3}, "backward": {"B": 64, "num_warps": 4, "num_stages": 2}},
-    {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2}, "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
-    {"forward": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1}, "backward": {"B": 16, "num_warps": 2, "num_stages": 1}},
+    {"forward": {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3},
+     "backward": {"B": 64, "num_warps": 4, "num_stages": 2}},
+    {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+     "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
+    {"forward": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1},
+     "backward": {"B": 16, "num_warps": 2, "num_stages": 1}},
 ]
 _FITS: dict[tuple, int] = {}  # (program, device, dtype, head dim) → the first configuration that fits
 
@@ -92,26 +95,42 @@ def table_span(scheme: ToeplitzScheme, delta: int, lq: int, lk: int, causal: boo
     return lo, hi
 
 
-def _precision(dtype: torch.dtype) -> str | None:
-    return "ieee" if dtype == torch.float32 else None  # float32 exact (no tf32); bf16/fp16 dots are exact as they are
+def constants(dtype: torch.dtype, head_dim: int, causal: bool) -> dict:
+    """The programs' compile-time constants for inputs of ``dtype``: causality, the head dim and its power
+    of two (at least 16, what ``tl.dot`` takes), and the dots' precision (float32 exact, no tf32;
+    bf16/fp16 dots are exact as they are)."""
+    return {"CAUSAL": causal, "D": head_dim, "DP": max(16, 1 << (head_dim - 1).bit_length()),
+            "PREC": "ieee" if dtype == torch.float32 else None}
 
 
-def _launch(program: str, part: str, q: Tensor, interpret: bool, launch) -> None:
-    """``launch(config)`` (one program, :data:`CUDA_CONFIGS`' ``part``) with the first configuration
-    that fits the device. Triton checks a compiled program's shared memory against the device's when it
-    loads it, before anything runs, so a refused one has written nothing (the table's gradient is
-    accumulated by atomics: a program that ran must never run twice)."""
+PART = {"forward": "forward", "backward_keys": "backward", "backward_queries": "backward"}  # program → config part
+
+
+def tiles(program: str, config: dict) -> dict:
+    """One program's keyword arguments from a configuration (:data:`CUDA_CONFIGS`' form): its part's
+    tiles, warps and stages, the dQ program's square tiles ``B`` as its ``BM`` and ``BN``."""
+    kw = dict(config[PART[program]])
+    if program == "backward_queries":
+        kw["BM"] = kw["BN"] = kw.pop("B")
+    return kw
+
+
+def _launch(program: str, q: Tensor, interpret: bool, launch) -> None:
+    """``launch(kwargs)`` (one program's :func:`tiles`) with the first configuration that fits the device.
+    Triton checks a compiled program's shared memory against the device's when it loads it, before
+    anything runs, so a refused one has written nothing (the table's gradient is accumulated by
+    atomics: a program that ran must never run twice)."""
     if interpret:
-        return launch(dict(INTERPRET_CONFIG[part]))
+        return launch(tiles(program, INTERPRET_CONFIG))
     from triton.runtime.autotuner import OutOfResources  # (where Triton's own compiler imports it from)
 
     key = (program, q.device.index, q.dtype, q.shape[-1])
     first, refused = _FITS.get(key, 0), []
     for n in range(first, len(CUDA_CONFIGS)):
         try:
-            launch(dict(CUDA_CONFIGS[n][part]))
+            launch(tiles(program, CUDA_CONFIGS[n]))
         except OutOfResources as e:
-            refused.append(f"{CUDA_CONFIGS[n][part]}: {e}")
+            refused.append(f"{CUDA_CONFIGS[n][PART[program]]}: {e}")
             continue
         _FITS[key] = n
         return None
@@ -121,10 +140,6 @@ def _launch(program: str, part: str, q: Tensor, interpret: bool, launch) -> None
 
 def _strides(*tensors: Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()[:3]]
-
-
-def _head_dims(d: int) -> dict:
-    return {"D": d, "DP": max(16, 1 << (d - 1).bit_length())}
 
 
 def key_splits(q: Tensor, lk: int) -> int:
@@ -161,10 +176,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, delta: int, lo: int
         program[(_cdiv(lq, cfg["BM"]), b * h, n)](
             q, k, v, table, out, lse, *_strides(q, k, v, out if n == 1 else out[0]), h, lq, lk, delta, lo,
             table.shape[1], scale, per, 0 if n == 1 else out.stride(0), 0 if n == 1 else lse.stride(0),
-            CAUSAL=causal, PREC=_precision(q.dtype), **_head_dims(d), **cfg)
+            **constants(q.dtype, d, causal), **cfg)
         made.update(out=out, lse=lse)
 
-    _launch("forward", "forward", q, interpret, launch)
+    _launch("forward", q, interpret, launch)
     out, lse = made["out"], made["lse"]
     if out.dim() == 5:
         total = torch.logsumexp(lse, 0)
@@ -175,8 +190,6 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, delta: int, lo: int
 class _TableFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, table, delta: int, lo: int, causal: bool, scale: float, interpret: bool):
-        ctx.table_dtype = table.dtype  # (its gradient is returned in it: a bf16 model's scheme gives a bf16 table)
-        table = table.detach().float().contiguous()
         out, lse = _forward(q, k, v, table, delta, lo, causal, scale, interpret)
         ctx.save_for_backward(q, k, v, table, out, lse)
         ctx.args = (delta, lo, causal, scale, interpret)
@@ -195,20 +208,15 @@ class _TableFlash(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         train = ctx.needs_input_grad[3]
         dtab = torch.zeros_like(table) if train else table  # (not written where the table does not train)
-        common = dict(CAUSAL=causal, PREC=_precision(q.dtype), **_head_dims(d))
+        fixed = constants(q.dtype, d, causal)
         strides = _strides(q, k, v, dout)
         sizes = (h, lq, lk, delta, lo, table.shape[1], scale)
         run = programs(interpret)
-        _launch("backward_keys", "backward", q, interpret, lambda cfg: run.backward_keys[(_cdiv(lk, cfg["B"]), b * h)](
-            q, k, v, table, dout, lse, dl, dk, dv, dtab, *strides, *sizes, TABLE_GRAD=train, **common, **cfg))
-
-        def queries(cfg: dict) -> None:
-            tile = cfg.pop("B")
-            run.backward_queries[(_cdiv(lq, tile), b * h)](
-                q, k, v, table, dout, lse, dl, dq, *strides, *sizes, BM=tile, BN=tile, **common, **cfg)
-
-        _launch("backward_queries", "backward", q, interpret, queries)
-        return dq, dk, dv, dtab.to(ctx.table_dtype) if train else None, None, None, None, None, None
+        _launch("backward_keys", q, interpret, lambda kw: run.backward_keys[(_cdiv(lk, kw["B"]), b * h)](
+            q, k, v, table, dout, lse, dl, dk, dv, dtab, *strides, *sizes, TABLE_GRAD=train, **fixed, **kw))
+        _launch("backward_queries", q, interpret, lambda kw: run.backward_queries[(_cdiv(lq, kw["BM"]), b * h)](
+            q, k, v, table, dout, lse, dl, dq, *strides, *sizes, **fixed, **kw))
+        return dq, dk, dv, dtab if train else None, None, None, None, None, None
 
 
 def _cdiv(n: int, block: int) -> int:
@@ -224,11 +232,9 @@ def table_flash_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, 
     delta = int(q_pos[0]) - int(k_pos[0])
     lq, lk = q.shape[2], k.shape[2]
     lo, hi = table_span(scheme, delta, lq, lk, causal)
-    table = scheme.bias_at(torch.arange(lo, hi + 1, device=q.device))  # [H, hi − lo + 1], differentiable
+    table = scheme.bias_at(torch.arange(lo, hi + 1, device=q.device)).float().contiguous()  # [H, hi − lo + 1]
     q, k, v = (t.contiguous() for t in (q, k, v))
     if not needs_grad(scheme, q, k, v):  # inference: no autograd node, the keys split where that helps
-        with torch.no_grad():
-            table = table.float().contiguous()
         parts = key_splits(q, lk) if splits is None else splits
         return _forward(q, k, v, table, delta, lo, causal, float(scale), interpret, parts)[0]
     return _TableFlash.apply(q, k, v, table, delta, lo, causal, float(scale), interpret)
@@ -239,8 +245,9 @@ def table_flash_usable(scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor, causal: 
     the tests reach the interpreter through :func:`table_flash_kernel` itself)."""
     if q.device.type != "cuda":
         return f"needs CUDA tensors (Triton), not {q.device.type}"
-    if triton_missing():
-        return triton_missing()
+    missing = triton_missing()
+    if missing:
+        return missing
     if not isinstance(scheme, ToeplitzScheme):
         return "needs a Toeplitz bias (T5, offset, ALiBi, KERPLE; FIRE below its threshold)"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -227,42 +227,41 @@ def programs(interpret: bool) -> SimpleNamespace:
 
 
 # the largest shared memory one program may use (opt-in), bytes, by compute capability
-SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+SHARED_LIMIT = {80: 166_912, 90: 232_448}
 _TENSOR_ARGS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "TAB", "LSE", "DL", "DTAB"}
 _FP32_ARGS = {"TAB", "LSE", "DL", "DTAB"}  # float32 whatever the inputs' dtype
 
 
-def compile_for(arch: int, dtype: str, *, causal: bool, head_dim: int, config: dict, table_grad: bool = True) -> dict:
+def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, table_grad: bool = True) -> dict:
     """Compile the three programs for compute capability ``arch`` (90: H100/H200, 80: A100) without
-    a GPU (Triton's ahead-of-time path: LLVM and ptxas, no driver), with inputs of ``dtype``
-    (``"bf16"``, ``"fp16"``, ``"fp32"``) and tiles ``config`` (one of ``table_flash.CUDA_CONFIGS``):
-    ``{program: shared memory bytes}``. A program that does not compile raises Triton's
-    ``CompilationError``; one that needs more shared memory than the device has compiles here and fails
-    at launch, which :data:`SHARED_LIMIT` lets a caller check. Not where ``TRITON_INTERPRET=1``."""
+    a GPU (Triton's ahead-of-time path: LLVM and ptxas, no driver), for inputs of ``dtype`` (torch's
+    bfloat16, float16 or float32) and tiles ``config`` (one of ``table_flash.CUDA_CONFIGS``), with the
+    constants and tiles the backend launches them with: ``{program: shared memory bytes}``. A program
+    that does not compile raises Triton's ``CompilationError``; one that needs more shared memory than
+    the device has compiles here and fails at launch, which :data:`SHARED_LIMIT` lets a caller check.
+    Not where ``TRITON_INTERPRET=1``."""
+    import torch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from .table_flash import constants, tiles
+
+    pointee = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     run = programs(False)
-    dims = {"D": head_dim, "DP": max(16, 1 << (head_dim - 1).bit_length()), "CAUSAL": causal,
-            "PREC": "ieee" if dtype == "fp32" else None}
-    jobs = {"forward": (run.forward, {**dims, "BM": config["forward"]["BM"], "BN": config["forward"]["BN"]},
-                        config["forward"]),
-            "backward_keys": (run.backward_keys, {**dims, "B": config["backward"]["B"], "TABLE_GRAD": table_grad},
-                              config["backward"]),
-            "backward_queries": (run.backward_queries, {**dims, "BM": config["backward"]["B"],
-                                                        "BN": config["backward"]["B"]}, config["backward"])}
     shared = {}
-    for name, (fn, constexprs, options) in jobs.items():
+    for name, extra in (("forward", {}), ("backward_keys", {"TABLE_GRAD": table_grad}), ("backward_queries", {})):
+        fn, kw = getattr(run, name), tiles(name, config)
+        options = {k: v for k, v in kw.items() if k.startswith("num_")}  # warps and stages: not arguments
+        fixed = {**constants(dtype, head_dim, causal), **extra, **{k: v for k, v in kw.items() if k not in options}}
         signature = {}
         for arg in fn.arg_names:
-            if arg in constexprs:
+            if arg in fixed:
                 signature[arg] = "constexpr"
             elif arg in _TENSOR_ARGS:
-                signature[arg] = "*fp32" if arg in _FP32_ARGS else f"*{dtype}"
+                signature[arg] = "*fp32" if arg in _FP32_ARGS else f"*{pointee}"
             else:
                 signature[arg] = "fp32" if arg == "scale" else "i32"
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                target=GPUTarget("cuda", arch, 32),
-                                options={k: v for k, v in options.items() if k.startswith("num_")})
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=fixed),
+                                target=GPUTarget("cuda", arch, 32), options=options)
         shared[name] = kernel.metadata.shared
     return shared
