@@ -44,12 +44,15 @@ def attention_rows(args, device, dtype):
                 forced = args.backend != "auto" and usable(args.backend, scheme, q, q_pos=q_pos, k_pos=k_pos,
                                                            causal=True) is None
                 backend = args.backend if forced else choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=True)
+                # (the label; the call itself gives way as attention() does, so FIRE's queries below its
+                # threshold keep their own path where auto runs)
 
                 def step():  # a decoding step's first layer: a mask kept for these positions is dropped (FIRE's
                     # depends on the query position, so no later step could reuse it; the model table's
                     # other layers do, and T5's window is kept across steps, as in a real loop)
                     scheme.__dict__.pop("_kept_mask", None)
-                    return posbias.attention(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, backend=backend)
+                    return posbias.attention(q, k, v, scheme, q_pos=q_pos, k_pos=k_pos, backend=args.backend,
+                                             strict=False)
 
                 stats = paired(step,
                                lambda: posbias.attention(q, k, v, nope, q_pos=q_pos, k_pos=k_pos), device, args.reps)

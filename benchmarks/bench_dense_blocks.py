@@ -6,14 +6,13 @@ pairs.
     python benchmarks/bench_dense_blocks.py t5,offset,kerple-log,alibi 1024,2048 5
 """
 import argparse
-import statistics
 
 import torch
 
 import posbias
 import posbias.kernels.blockwise as bw
 from posbias.schemes.base import ToeplitzScheme
-from bench_attention import interleaved, make_scheme
+from bench_attention import cell, make_scheme, paired
 
 
 def main() -> None:
@@ -43,13 +42,8 @@ def main() -> None:
                     s.bias = fn.__get__(s)  # this instance's bias, new or old
                     posbias.attention(q, k, v, s, backend="blockwise").sum().backward()
                 return f
-            a, b = step(new), step(old)
-            a()
-            b()
-            tn, to = interleaved(a, b, torch.device("cpu"), args.reps)
-            r = sorted(x / y for x, y in zip(tn, to))
-            print(f"{name} {n}: new {statistics.median(tn) * 1e3:.0f} ms, old {statistics.median(to) * 1e3:.0f} ms, "
-                  f"new/old {statistics.median(r):.2f} ({r[0]:.2f}–{r[-1]:.2f})", flush=True)
+            stats = paired(step(new), step(old), torch.device("cpu"), args.reps)
+            print(f"{name} {n}: new {stats[0] * 1e3:.0f} ms, new/old {cell(stats)}", flush=True)
 
 
 if __name__ == "__main__":
