@@ -1,8 +1,8 @@
 """Issue 12's CUDA candidates, short enough for one device call: each fast path ``auto`` could take on
-CUDA (``triton`` for every Toeplitz scheme, ``banded`` for T5/offset, ``alibi`` for causal ALiBi,
-``flex``) against unbiased fused causal SDPA and against ``blockwise`` (the fallback), forward and
+CUDA (``triton`` for every Toeplitz scheme and FIRE, ``banded`` for T5/offset, ``alibi`` for causal
+ALiBi, ``flex``) against unbiased fused causal SDPA and against ``blockwise`` (the fallback), forward and
 forward+backward, with the peak memory of one training call; then the ``triton`` backend's tile
-configurations (:data:`posbias.kernels.table_flash.CUDA_CONFIGS`) at one length, and why
+configurations (:data:`posbias.kernels.table_flash.CUDA_CONFIGS`, ``FIRE_CONFIGS``) at one length, and why
 FlexAttention fails to compile at a length, if it does, across ``kernel_options``.
 
     python benchmarks/bench_cuda_candidates.py                       # bf16, 8k 16k 32k, every scheme
@@ -125,13 +125,21 @@ def flex_probe(args, device, dtype) -> None:
         print(f"| {label} | {options} | {first:.1f} | {sf} | {st} |", flush=True)
 
 
-# the triton backend's tile configurations the probe tries, each alone (each part merged into the first of CUDA_CONFIGS)
+# The triton backend's tile configurations the probe tries, each alone (each part merged into the first of
+# the ladder, CUDA_CONFIGS for a table, FIRE_CONFIGS for FIRE). Comments: bytes of registers each program
+# spills on sm_90 in bf16 at head_dim 64 (forward; dK/dV, dQ), compiled ahead of time (Triton 3.9,
+# ``table_programs.compile_for``): whether spills cost what they should is the second row's question.
 TABLE_VARIANTS = [
-    {},
-    {"forward": {"BM": 64, "BN": 64}, "backward": {"B": 32}},
-    {"forward": {"BM": 128, "BN": 128, "num_warps": 8}, "backward": {"B": 64, "num_warps": 8}},
-    {"forward": {"BM": 128, "BN": 32, "num_stages": 4}, "backward": {"B": 32, "num_stages": 3}},
-    {"forward": {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2}, "backward": {"B": 16, "num_warps": 2}},
+    {},  # 128 × 64, 8 warps / 64, 8 warps: 0; 0, 0
+    {"forward": {"BM": 128, "BN": 64, "num_warps": 4}, "backward": {"B": 64, "num_warps": 4}},  # 416; 448, 0 (old first)
+    {"forward": {"BM": 128, "BN": 32}, "backward": {"B": 32, "num_warps": 4}},  # 0; 0, 0
+    {"forward": {"BM": 64, "BN": 64, "num_warps": 4}, "backward": {"B": 64, "num_stages": 1}},  # 16; 0, 0
+    {"forward": {"BM": 128, "BN": 128, "num_stages": 2}},  # 120; 0, 0
+]
+FIRE_VARIANTS = [
+    {},  # 128 × 32, 8 warps / 32, 4 warps: 0; 0, 0
+    {"forward": {"BM": 64, "BN": 32, "num_warps": 4}},  # 0
+    {"forward": {"BM": 128, "BN": 64}, "backward": {"B": 64, "num_warps": 8}},  # 504; 40, 24
 ]
 
 
@@ -142,23 +150,27 @@ def table_config(base: dict, change: dict) -> dict:
 
 def table_probe(args, device, dtype) -> None:
     """The ``triton`` backend at ``--probe-length`` under each of :data:`TABLE_VARIANTS` (T5, whose table
-    trains, and ALiBi, whose does not): which compile, and how fast they run."""
+    trains, and ALiBi, whose does not) and FIRE (past its threshold, L = 512) under each of
+    :data:`FIRE_VARIANTS`: which compile, and how fast they run."""
     import posbias.kernels.table_flash as table_flash
 
-    n, ladder = args.probe_length, table_flash.CUDA_CONFIGS
+    n = args.probe_length
     q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
     base_f, base_t = sdpa_steps(q, k, v)
     print(f"\n| triton at N={n} | scheme | config | first fwd s | fwd × SDPA | fwd+bwd × SDPA |")
     print("|---|---|---|---|---|---|", flush=True)
-    for change in TABLE_VARIANTS:
-        table_flash.use_cuda_configs([table_config(ladder[0], change)])  # alone: one that does not fit is a row
-        for name in ("t5", "alibi"):
-            first, sf, st = probe_row(*posbias_steps(q, k, v, make_scheme(name, args.heads, args.head_dim, device),
-                                                     "triton"), base_f, base_t, device, args.reps)
-            q.grad = k.grad = v.grad = None
-            print(f"| | {name} | {json.dumps(change) if change else 'default'} | {first:.1f} | {sf} | {st} |", flush=True)
-    table_flash.use_cuda_configs(ladder)
+    for fire, names, variants in ((False, ("t5", "alibi"), TABLE_VARIANTS), (True, ("fire",), FIRE_VARIANTS)):
+        ladder = table_flash.ladder(fire)
+        for change in variants:
+            table_flash.use_cuda_configs([table_config(ladder[0], change)], fire=fire)  # alone: one that does not fit is a row
+            for name in names:
+                scheme = make_scheme(name, args.heads, args.head_dim, device)
+                first, sf, st = probe_row(*posbias_steps(q, k, v, scheme, "triton"), base_f, base_t, device, args.reps)
+                q.grad = k.grad = v.grad = None
+                print(f"| | {name} | {json.dumps(change) if change else 'default'} | {first:.1f} | {sf} | {st} |",
+                      flush=True)
+        table_flash.use_cuda_configs(ladder, fire=fire)
 
 
 def profile(spec: str, args, device, dtype) -> None:

@@ -8,7 +8,7 @@
 #
 #   bash benchmarks/gpu_check.sh                 # every stage, logs under $OUT (or ./gpu-check)
 #   bash benchmarks/gpu_check.sh tests           # one stage: tests | triton | flex | candidates | profile | hf | flexopts | attention | decode | dropout
-#   bash benchmarks/gpu_check.sh profile         # where a training call's time goes (PROFILE, default triton:t5:32768 banded:t5:32768)
+#   bash benchmarks/gpu_check.sh profile         # where a training call's time goes (PROFILE, default triton:t5:32768 banded:t5:32768 triton:fire:16384)
 #   bash benchmarks/gpu_check.sh flexopts        # posbias's flex with FLEX_OPTIONS (default {"BLOCK_M": 64, "BLOCK_N": 64})
 #   bash benchmarks/gpu_check.sh attention       # the whole attention table with its anchors (a call of its own)
 #   bash benchmarks/gpu_check.sh decode          # decoding (not in the default run: a call of its own)
@@ -18,10 +18,11 @@
 # Limits (seconds) and sizes can be set from the environment: TESTS_S, TRITON_S, FLEX_S, CANDIDATES_S, PROFILE_S, HF_S (each HF run),
 # FLEXOPTS_S, FLEX_OPTIONS, ATTENTION_S, DECODE_S, DECODE_BACKEND, DROPOUT_S, LENGTHS, HF_LENGTHS, HF_BACKENDS (default: auto), DTYPE; MEMORY=1 adds peak
 # memory to the attention table (one child process per case, so give it its own call). The defaults add up to
-# 580 s (50 + 150 + 200 + 70 + 110), inside one 600 s device command. Timings seen on an H200 (2026-12-04): the CUDA
+# 590 s (50 + 180 + 200 + 60 + 100), inside one 600 s device command. Timings seen on an H200 (2026-12-04): the CUDA
 # tests 20-25 s, FlexAttention's 55-70 s (compiles), the candidates 135 s (before triton joined them), the
 # attention table past 210 s. The triton stage's time is not yet known: its programs compile once per dtype,
-# head dim, causality and tiles (float32's took 5 s a program on this project's 2-core CPU machine, bf16's 1 s).
+# head dim, causality, tiles and bias kind (table or FIRE's MLP; about 24 sets of three programs in its
+# tests; float32's took 5 s a program on this project's 2-core CPU machine, bf16's 1 s, FIRE's up to 10 s).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -65,10 +66,10 @@ for stage in $stages; do
             run tests "${TESTS_S:-50}" "$PY" -m pytest -m cuda -k "not flex and not table_flash" -q -p no:cacheprovider \
                 -rs -W default -o log_level=WARNING tests ;;
         triton)  # the triton backend's CUDA tests (tests/test_table_flash.py): its programs compile here first
-            run triton "${TRITON_S:-150}" "$PY" -m pytest -m cuda -v -p no:cacheprovider -rs -W default \
+            run triton "${TRITON_S:-180}" "$PY" -m pytest -m cuda -v -p no:cacheprovider -rs -W default \
                 -o log_level=WARNING tests/test_table_flash.py ;;
         flex)
-            run flex "${FLEX_S:-70}" "$PY" -m pytest -m cuda -k flex -v -p no:cacheprovider -rs -W default \
+            run flex "${FLEX_S:-60}" "$PY" -m pytest -m cuda -k flex -v -p no:cacheprovider -rs -W default \
                 -o log_level=WARNING tests ;;
         attention)
             # shellcheck disable=SC2086  # LENGTHS is a list
@@ -77,7 +78,7 @@ for stage in $stages; do
         hf)  # posbias's automatic choice (HF_BACKENDS="auto flex" adds a forced one), each against HF's SDPA path
             for backend in ${HF_BACKENDS:-auto}; do
                 # shellcheck disable=SC2086
-                run "hf-$backend" "${HF_S:-110}" "$PY" benchmarks/bench_hf.py --device "$DEVICE" --dtype "$DTYPE" \
+                run "hf-$backend" "${HF_S:-100}" "$PY" benchmarks/bench_hf.py --device "$DEVICE" --dtype "$DTYPE" \
                     --size base --train --lengths $HF_LENGTHS --backend "$backend"
             done ;;
         candidates)  # triton / banded / alibi against SDPA and blockwise at 8k-32k, then the triton tile and FlexAttention probes
@@ -85,7 +86,7 @@ for stage in $stages; do
         profile)  # where a training call's time goes at 32k (torch.profiler)
             # shellcheck disable=SC2086
             run profile "${PROFILE_S:-60}" "$PY" benchmarks/bench_cuda_candidates.py --device "$DEVICE" --dtype "$DTYPE" \
-                --reps 3 --profile ${PROFILE:-triton:t5:32768 banded:t5:32768} ;;
+                --reps 3 --profile ${PROFILE:-triton:t5:32768 banded:t5:32768 triton:fire:16384} ;;
         flexopts)  # posbias's flex backend with kernel_options (FLEX_OPTIONS, JSON) against SDPA at 8k, training included
             if [ -z "${FLEX_OPTIONS:-}" ]; then FLEX_OPTIONS='{"BLOCK_M": 64, "BLOCK_N": 64}'; fi
             run flexopts "${FLEXOPTS_S:-150}" "$PY" benchmarks/bench_cuda_candidates.py --device "$DEVICE" --dtype "$DTYPE" \

@@ -170,10 +170,8 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
 
     if name == "flex":
         return _flex_usable(scheme, q, contiguous)
-    if name == "triton":  # FIRE with every query below its threshold runs as its Toeplitz view (attention())
-        own = scheme if isinstance(scheme, ToeplitzScheme) or q.device.type != "cuda" else (
-            toeplitz_view(scheme, q_pos, k_pos) or scheme)
-        return table_flash_usable(own, q, q_pos, k_pos, causal, contiguous)
+    if name == "triton":  # (FIRE with every query below its threshold comes as its Toeplitz view: attention())
+        return table_flash_usable(scheme, q, q_pos, k_pos, causal, contiguous)
     if name == "banded":
         return _fused_device(q) or _banded_usable(scheme, q, q_pos, k_pos, contiguous)
     if name == "alibi":  # on CUDA the native extra-dimension path (issue 12 candidate)
@@ -260,8 +258,8 @@ CAUSAL_BANDED_FROM = 3072
 # (T5), 3,932 (offset) and 269 (ALiBi) at 8k (benchmarks/bench_cuda_candidates.py). ``flex`` is not
 # validated: on that machine its default kernel configuration failed to compile a table score_mod in
 # bf16 at head_dim 64 (shared memory 245,760 > 232,448 bytes) and FIRE's backward failed to lower.
-# ``triton`` (every Toeplitz scheme, written after that run) has not run on a GPU yet: its place, once
-# its tests pass there, is first, where it is faster than banded and alibi.
+# ``triton`` (every Toeplitz scheme and FIRE, written after that run) has not run on a GPU yet: its place,
+# once its tests pass there, is first, where it is faster than banded and alibi.
 CUDA_VALIDATED: tuple[str, ...] = ("banded", "alibi")
 
 

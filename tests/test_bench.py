@@ -168,7 +168,7 @@ def test_bench_cuda_candidates_times_each_path_where_it_runs_and_refuses_bad_nam
     lines, _ = _script("bench_cuda_candidates.py", "--device", "cpu", "--dtype", "float32", "--lengths", "64",
                        "--reps", "1", "--schemes", "t5", "--backends", "triton", "blockwise",
                        "--table-config", '{"backward": {"B": 32}}')
-    assert "'backward': {'B': 32, 'num_warps': 4, 'num_stages': 2}" in lines[0]  # merged into the defaults
+    assert "'backward': {'B': 32, 'num_warps': 8, 'num_stages': 2}" in lines[0]  # merged into the defaults
     assert [x.split("|")[3].strip() for x in lines if x.startswith("| t5")] == ["blockwise"]  # triton: CUDA only
 
 

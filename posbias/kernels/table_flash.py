@@ -1,6 +1,5 @@
-"""Exact flash attention on CUDA for every Toeplitz scheme (T5, offset, ALiBi, KERPLE, and FIRE below
-its threshold), in Triton: the ``triton`` backend, issue 12's CUDA candidate for a fused kernel with
-the bias inside it.
+"""Exact flash attention on CUDA for every additive scheme (T5, offset, ALiBi, KERPLE, FIRE), in Triton:
+the ``triton`` backend, issue 12's CUDA candidate for a fused kernel with the bias inside it.
 
 A Toeplitz bias is ``g_h(i − j)`` (SPEC: the per-offset bias), so one call needs ``g`` at the
 offsets its pairs have, at most ``Lq + Lk − 1`` of them, and for a scheme constant beyond a window
@@ -12,6 +11,13 @@ logit: no ``[N, N]`` bias, no rounding of the bias to the inputs' dtype, extra m
 (flash attention 2's two programs, one for dK/dV and one for dQ) and sums ``dS = P ∘ (dP − δ)`` along
 each tile's diagonals into the table's gradient, which autograd carries on to the scheme's
 parameters (T5's bucket table, KERPLE's r1/r2, …).
+
+FIRE is Toeplitz only below its threshold (there :func:`~posbias.attention.attention` hands over its
+Toeplitz view, a table as above). Past it the bias ``f(ψ(|i − j|) / ψ(max(L, i)))`` also depends on the
+query, so the kernels read two O(N) tables instead, ``ψ`` per offset and the denominator per query, and
+evaluate the MLP per pair from its linear pieces (:meth:`~posbias.schemes.fire.FIRE.pieces`; a tile spans
+few of them): the reference's MLP input bit for bit, its bias to float rounding, and gradients to the
+MLP, ``c`` and ``L`` through the pieces and the two tables (autograd from there).
 
 Lengths are runtime arguments, not compile-time constants, and not specialised on (Triton would
 otherwise compile anew for a length of 1 or one divisible by 16): a new length or a decoding step reuses
@@ -33,30 +39,52 @@ import torch
 from torch import Tensor
 
 from ..schemes.base import ToeplitzScheme, needs_grad
+from ..schemes.fire import FIRE, _psi
 
 # Tile sizes (queries × keys) of the forward and of the backward's square tiles on CUDA, with the
 # programs' warps and pipeline stages, largest first: each program runs with the first that fits the
 # device's shared memory (Triton refuses a launch that does not, before it starts), remembered per
-# device, dtype and head dim. First choices, not yet tuned on a GPU. Compiled ahead of time (Triton
-# 3.9; tests/test_table_flash.py compiles them without a GPU), the first's forward needs 49,152 bytes of
-# shared memory on sm_90 (H100/H200, 232,448 available) and 163,840 on sm_80 (A100, 166,912) in bf16 at
-# head_dim 64, 131,584 in float32 on both; at head_dim 128 an A100 takes the second (98,304).
+# device, dtype, head dim and bias kind. Not yet timed on a GPU; chosen so that the programs keep
+# their values in registers. Compiled ahead of time for sm_90 (H100/H200; Triton 3.9, bf16, head_dim
+# 64, tests/test_table_flash.py), every program of the first configurations spills nothing
+# (``table_programs.compile_for``: 0 bytes of stack); 4 warps on 128 × 64 tiles, the first choice
+# before, spilled 2,088 bytes per thread in the forward. On sm_80 (A100) the table's first backward
+# (dK/dV) spills 384 bytes, FIRE's first programs nothing. FIRE's MLP holds more values per pair, so its
+# tiles are smaller (128 × 64 with 8 warps spilled 504 bytes there). The first forward needs
+# 90,112 bytes of shared memory on sm_90 (232,448 available) and 106,496 on sm_80 (166,912).
 # benchmarks/bench_cuda_candidates.py --table-config JSON runs one configuration alone (:func:`use_cuda_configs`).
 CUDA_CONFIGS = [
-    {"forward": {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3},
-     "backward": {"B": 64, "num_warps": 4, "num_stages": 2}},
+    {"forward": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
+     "backward": {"B": 64, "num_warps": 8, "num_stages": 2}},
     {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
      "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
     {"forward": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1},
      "backward": {"B": 16, "num_warps": 2, "num_stages": 1}},
 ]
-_FITS: dict[tuple, int] = {}  # (program, device, dtype, head dim) → the first configuration that fits
+FIRE_CONFIGS = [  # FIRE past its threshold (the MLP per pair)
+    {"forward": {"BM": 128, "BN": 32, "num_warps": 8, "num_stages": 2},
+     "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
+    {"forward": {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
+     "backward": {"B": 32, "num_warps": 4, "num_stages": 1}},
+    {"forward": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1},
+     "backward": {"B": 16, "num_warps": 2, "num_stages": 1}},
+]
+_FITS: dict[tuple, int] = {}  # (program, device, dtype, head dim, FIRE) → the first configuration that fits
 
 
-def use_cuda_configs(configs: list[dict]) -> None:
-    """Run the CUDA programs with these configurations (:data:`CUDA_CONFIGS`' form), first that fits."""
-    global CUDA_CONFIGS
-    CUDA_CONFIGS = configs
+def ladder(fire: bool) -> list[dict]:
+    """The configurations a table's (or FIRE's) programs try, first that fits."""
+    return FIRE_CONFIGS if fire else CUDA_CONFIGS
+
+
+def use_cuda_configs(configs: list[dict], *, fire: bool = False) -> None:
+    """Run the CUDA programs of a table (or FIRE) with these configurations (:data:`CUDA_CONFIGS`' form),
+    first that fits."""
+    global CUDA_CONFIGS, FIRE_CONFIGS
+    if fire:
+        FIRE_CONFIGS = configs
+    else:
+        CUDA_CONFIGS = configs
     _FITS.clear()
 
 
@@ -87,7 +115,7 @@ def table_span(scheme: ToeplitzScheme, delta: int, lq: int, lk: int, causal: boo
     lo, hi = delta - (lk - 1), delta + lq - 1
     if causal:
         lo = max(lo, 0)
-    w = scheme.flat_beyond
+    w = getattr(scheme, "flat_beyond", None)  # (FIRE has none)
     if w is not None:
         lo, hi = max(lo, -w), min(hi, w)
     if lo > hi:  # (pairs all on one side of the window: one entry stands for them all)
@@ -95,12 +123,25 @@ def table_span(scheme: ToeplitzScheme, delta: int, lq: int, lk: int, causal: boo
     return lo, hi
 
 
-def constants(dtype: torch.dtype, head_dim: int, causal: bool) -> dict:
+def constants(dtype: torch.dtype, head_dim: int, causal: bool, kinks: int | None = None) -> dict:
     """The programs' compile-time constants for inputs of ``dtype``: causality, the head dim and its power
-    of two (at least 16, what ``tl.dot`` takes), and the dots' precision (float32 exact, no tf32;
-    bf16/fp16 dots are exact as they are)."""
+    of two (at least 16, what ``tl.dot`` takes), the dots' precision (float32 exact, no tf32; bf16/fp16
+    dots are exact as they are), and whether the bias is FIRE's MLP with ``kinks`` kinks (``KP``: a
+    power of two that holds them; a table: None)."""
     return {"CAUSAL": causal, "D": head_dim, "DP": max(16, 1 << (head_dim - 1).bit_length()),
-            "PREC": "ieee" if dtype == torch.float32 else None}
+            "PREC": "ieee" if dtype == torch.float32 else None, "FIRE": kinks is not None,
+            "KP": max(2, 1 << ((kinks or 1) - 1).bit_length())}
+
+
+def _bias_args(bias: tuple[Tensor, ...]) -> tuple[list[Tensor], list[int], int | None]:
+    """The programs' bias arguments from a call's bias tensors (a per-offset table ``[H, TLEN]``, or FIRE's
+    ``ψ`` table, denominators, kinks padded with one ``+∞``, slopes and offsets ``[H, NP]``): the pointers
+    ``TAB, DEN, KINK, SLOPE, OFFS`` (the table stands for those a table does not use), the sizes ``TLEN,
+    NK, NP``, and FIRE's kink count for :func:`constants` (None for a table)."""
+    if len(bias) == 1:
+        return [bias[0]] * 5, [bias[0].shape[-1], 0, 1], None
+    psi, _, kinks, slope, _ = bias
+    return list(bias), [psi.shape[0], kinks.numel() - 1, slope.shape[1]], kinks.numel() - 1
 
 
 PART = {"forward": "forward", "backward_keys": "backward", "backward_queries": "backward"}  # program → config part
@@ -115,7 +156,7 @@ def tiles(program: str, config: dict) -> dict:
     return kw
 
 
-def _launch(program: str, q: Tensor, interpret: bool, launch) -> None:
+def _launch(program: str, q: Tensor, interpret: bool, launch, fire: bool = False) -> None:
     """``launch(kwargs)`` (one program's :func:`tiles`) with the first configuration that fits the device.
     Triton checks a compiled program's shared memory against the device's when it loads it, before
     anything runs, so a refused one has written nothing (the table's gradient is accumulated by
@@ -124,13 +165,14 @@ def _launch(program: str, q: Tensor, interpret: bool, launch) -> None:
         return launch(tiles(program, INTERPRET_CONFIG))
     from triton.runtime.autotuner import OutOfResources  # (where Triton's own compiler imports it from)
 
-    key = (program, q.device.index, q.dtype, q.shape[-1])
+    configs = ladder(fire)
+    key = (program, q.device.index, q.dtype, q.shape[-1], fire)
     first, refused = _FITS.get(key, 0), []
-    for n in range(first, len(CUDA_CONFIGS)):
+    for n in range(first, len(configs)):
         try:
-            launch(tiles(program, CUDA_CONFIGS[n]))
+            launch(tiles(program, configs[n]))
         except OutOfResources as e:
-            refused.append(f"{CUDA_CONFIGS[n][PART[program]]}: {e}")
+            refused.append(f"{configs[n][PART[program]]}: {e}")
             continue
         _FITS[key] = n
         return None
@@ -142,22 +184,22 @@ def _strides(*tensors: Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()[:3]]
 
 
-def key_splits(q: Tensor, lk: int) -> int:
+def key_splits(q: Tensor, lk: int, fire: bool = False) -> int:
     """How many parts the keys of an inference call are split into (flash decoding): on CUDA, enough
     for about two programs per multiprocessor where the query blocks and heads alone leave them idle
     (one query against a long cache: ``batch · heads`` programs, each reading every key alone), with at
     least :data:`SPLIT_KEYS` keys a part. Not yet measured on a GPU."""
     if q.device.type != "cuda":
         return 1
-    programs = _cdiv(q.shape[2], CUDA_CONFIGS[0]["forward"]["BM"]) * q.shape[0] * q.shape[1]
+    programs = _cdiv(q.shape[2], ladder(fire)[0]["forward"]["BM"]) * q.shape[0] * q.shape[1]
     units = torch.cuda.get_device_properties(q.device).multi_processor_count
     if programs >= units:
         return 1
     return max(1, min(lk // SPLIT_KEYS, _cdiv(2 * units, programs)))
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, delta: int, lo: int, causal: bool, scale: float,
-             interpret: bool, splits: int = 1) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, bias: tuple[Tensor, ...], delta: int, lo: int, causal: bool,
+             scale: float, interpret: bool, splits: int = 1) -> tuple[Tensor, Tensor]:
     """(output in the inputs' dtype, log-sum-exp float32). With ``splits > 1`` the keys are cut into that
     many parts of whole key tiles, each part's output and log-sum-exp written apart (float32) and merged
     here: ``lse = logsumexp_s lse_s``, ``out = Σ_s exp(lse_s − lse) out_s`` (a part a row sees nothing of
@@ -167,6 +209,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, delta: int, lo: int
     b, h, lq, d = q.shape
     lk = k.shape[2]
     program, made = programs(interpret).forward, {}
+    pointers, (tlen, nk, np_), kinks = _bias_args(bias)
 
     def launch(cfg: dict) -> None:
         per = lk if splits <= 1 else _cdiv(_cdiv(lk, splits), cfg["BN"]) * cfg["BN"]  # keys per part
@@ -174,12 +217,12 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, delta: int, lo: int
         out = torch.empty_like(q) if n == 1 else q.new_empty(n, b, h, lq, d, dtype=torch.float32)
         lse = torch.empty(*out.shape[:-1], dtype=torch.float32, device=q.device)
         program[(_cdiv(lq, cfg["BM"]), b * h, n)](
-            q, k, v, table, out, lse, *_strides(q, k, v, out if n == 1 else out[0]), h, lq, lk, delta, lo,
-            table.shape[1], scale, per, 0 if n == 1 else out.stride(0), 0 if n == 1 else lse.stride(0),
-            **constants(q.dtype, d, causal), **cfg)
+            q, k, v, *pointers, out, lse, *_strides(q, k, v, out if n == 1 else out[0]), h, lq, lk, delta, lo,
+            tlen, nk, np_, scale, per, 0 if n == 1 else out.stride(0), 0 if n == 1 else lse.stride(0),
+            **constants(q.dtype, d, causal, kinks), **cfg)
         made.update(out=out, lse=lse)
 
-    _launch("forward", q, interpret, launch)
+    _launch("forward", q, interpret, launch, kinks is not None)
     out, lse = made["out"], made["lse"]
     if out.dim() == 5:
         total = torch.logsumexp(lse, 0)
@@ -188,43 +231,58 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, delta: int, lo: int
 
 
 class _TableFlash(torch.autograd.Function):
+    """``(q, k, v, (delta, lo, causal, scale, interpret), *bias)``: the bias tensors of :func:`_bias_args`."""
+
     @staticmethod
-    def forward(ctx, q, k, v, table, delta: int, lo: int, causal: bool, scale: float, interpret: bool):
-        out, lse = _forward(q, k, v, table, delta, lo, causal, scale, interpret)
-        ctx.save_for_backward(q, k, v, table, out, lse)
-        ctx.args = (delta, lo, causal, scale, interpret)
+    def forward(ctx, q, k, v, args: tuple, *bias):
+        out, lse = _forward(q, k, v, bias, *args)
+        ctx.save_for_backward(q, k, v, out, lse, *bias)
+        ctx.args = args
         return out
 
     @staticmethod
     def backward(ctx, dout):
         from .table_programs import programs
 
-        q, k, v, table, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, *bias = ctx.saved_tensors
         delta, lo, causal, scale, interpret = ctx.args
         b, h, lq, d = q.shape
         lk = k.shape[2]
         dout = dout.contiguous()
         dl = (dout.float() * out.float()).sum(-1)  # δ_i = dO_i · O_i
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        train = ctx.needs_input_grad[3]
-        dtab = torch.zeros_like(table) if train else table  # (not written where the table does not train)
-        fixed = constants(q.dtype, d, causal)
+        pointers, (tlen, nk, np_), kinks = _bias_args(bias)
+        train = any(ctx.needs_input_grad[4:])
+        fire = kinks is not None
+        # the bias's gradients, each a stand-in pointer (the table) where nothing is written to it: the
+        # table's (FIRE: ψ's, per head), FIRE's pieces' (per head) and denominators' (per batch·head)
+        dtab = torch.zeros(h, tlen, device=q.device) if train else pointers[0]
+        dslope, doffs = (torch.zeros_like(bias[3]), torch.zeros_like(bias[4])) if fire and train else (dtab, dtab)
+        dden = torch.empty(b * h, lq, device=q.device) if fire and train else dtab
+        fixed = {**constants(q.dtype, d, causal, kinks), "TABLE_GRAD": train}
         strides = _strides(q, k, v, dout)
-        sizes = (h, lq, lk, delta, lo, table.shape[1], scale)
+        sizes = (h, lq, lk, delta, lo, tlen, nk, np_, scale)
         run = programs(interpret)
         _launch("backward_keys", q, interpret, lambda kw: run.backward_keys[(_cdiv(lk, kw["B"]), b * h)](
-            q, k, v, table, dout, lse, dl, dk, dv, dtab, *strides, *sizes, TABLE_GRAD=train, **fixed, **kw))
+            q, k, v, *pointers, dout, lse, dl, dk, dv, dtab, dslope, doffs, *strides, *sizes, **fixed, **kw), fire)
         _launch("backward_queries", q, interpret, lambda kw: run.backward_queries[(_cdiv(lq, kw["BM"]), b * h)](
-            q, k, v, table, dout, lse, dl, dq, *strides, *sizes, **fixed, **kw))
-        return dq, dk, dv, dtab if train else None, None, None, None, None, None
+            q, k, v, *pointers, dout, lse, dl, dq, dden, *strides, *sizes, **fixed, **kw), fire)
+        if not train:
+            grads = [None] * len(bias)
+        elif not fire:
+            grads = [dtab]
+        else:
+            grads = [dtab.sum(0), dden.sum(0), None, dslope, doffs]
+        return dq, dk, dv, None, *grads
 
 
 def _cdiv(n: int, block: int) -> int:
     return -(-n // block)
 
 
-def table_flash_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, q_pos: Tensor, k_pos: Tensor,
-                       causal: bool, scale: float, interpret: bool = False, splits: int | None = None) -> Tensor:
+def table_flash_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme | FIRE, *, q_pos: Tensor,
+                       k_pos: Tensor, causal: bool, scale: float, interpret: bool = False,
+                       splits: int | None = None) -> Tensor:
     """Contiguous positions (causally, the first query's position at or past the first key's: every
     query sees a key); the dispatcher checks. Without autograd the keys may be split into ``splits``
     parts (default :func:`key_splits`). ``interpret=True`` runs Triton's interpreter on CPU tensors
@@ -232,12 +290,20 @@ def table_flash_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, 
     delta = int(q_pos[0]) - int(k_pos[0])
     lq, lk = q.shape[2], k.shape[2]
     lo, hi = table_span(scheme, delta, lq, lk, causal)
-    table = scheme.bias_at(torch.arange(lo, hi + 1, device=q.device)).float().contiguous()  # [H, hi − lo + 1]
+    offsets = torch.arange(lo, hi + 1, device=q.device)
+    if isinstance(scheme, FIRE):  # ψ per offset, the denominator per query, the MLP's pieces (module docstring)
+        kinks, slope, offset = scheme.pieces()
+        bias = (_psi(scheme.c.abs().float(), offsets), scheme.denominator(q_pos.to(q.device)),
+                torch.cat([kinks.detach(), kinks.new_full((1,), float("inf"))]), slope.T.contiguous(),
+                offset.T.contiguous())
+    else:
+        bias = (scheme.bias_at(offsets).float().contiguous(),)  # [H, hi − lo + 1]
     q, k, v = (t.contiguous() for t in (q, k, v))
+    args = (delta, lo, causal, float(scale), interpret)
     if not needs_grad(scheme, q, k, v):  # inference: no autograd node, the keys split where that helps
-        parts = key_splits(q, lk) if splits is None else splits
-        return _forward(q, k, v, table, delta, lo, causal, float(scale), interpret, parts)[0]
-    return _TableFlash.apply(q, k, v, table, delta, lo, causal, float(scale), interpret)
+        parts = key_splits(q, lk, len(bias) > 1) if splits is None else splits
+        return _forward(q, k, v, bias, *args, parts)[0]
+    return _TableFlash.apply(q, k, v, args, *bias)
 
 
 def table_flash_usable(scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor, causal: bool, contiguous) -> str | None:
@@ -248,8 +314,8 @@ def table_flash_usable(scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor, causal: 
     missing = triton_missing()
     if missing:
         return missing
-    if not isinstance(scheme, ToeplitzScheme):
-        return "needs a Toeplitz bias (T5, offset, ALiBi, KERPLE; FIRE below its threshold)"
+    if not isinstance(scheme, (ToeplitzScheme, FIRE)):
+        return "needs a Toeplitz bias (T5, offset, ALiBi, KERPLE) or FIRE"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"needs float16, bfloat16 or float32 inputs, not {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM:

@@ -11,6 +11,16 @@ clipped per-offset table) stores only its ``2w + 1`` entries, the clamp standing
 parts. The logit ``scale·q·k + bias`` is formed in float32 (the bias never rounds to the inputs'
 dtype) and handled in base 2 (``exp2``, ``LOG2E``) as flash attention does; the log-sum-exp
 ``LSE`` is stored in base e. Causal: a pair is visible where ``o ≥ 0``.
+
+FIRE (``FIRE``, past its threshold, where its bias is not a function of the offset alone): ``TAB`` is one
+table ``ψ(|o|) = log(c·|o| + 1)`` for all heads, ``DEN[i] = ψ(max(L, i)) + eps`` one value per query,
+and the MLP's input ``x = ψ(|o|) / DEN[i]`` is formed per pair. The MLP ``1 → width → ReLU → heads``
+is its pieces (:meth:`~posbias.schemes.fire.FIRE.pieces`): sorted kinks ``KINK[0 … NK − 1]`` and per
+head ``SLOPE``/``OFFS`` of its ``NP = NK + 1`` linear pieces. A tile's ``x`` spans few pieces (``x``
+moves slowly along rows and columns): the bias is the lowest one's line plus ``Δslope_k·max(x − t_k, 0)``
+for each kink ``t_k`` inside the tile's range, a handful of multiply-adds per pair instead of
+``width``; the backward sums ``dS`` onto the pieces the same way and carries ``∂x`` to ``ψ``'s table
+(by diagonal, as a Toeplitz table) and to ``DEN`` (by row).
 """
 
 from __future__ import annotations
@@ -36,35 +46,98 @@ def _program(H, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
-def _logits(qk, tab, r, c, r0, r1, c0, c1, DELTA, LO, TLEN, LQ, LK, scale, CAUSAL: tl.constexpr):
-    """A tile's logits in base 2: ``(scale·qk + bias)·log₂e``, −∞ where a pair is hidden. ``r``/``c``
-    are the tile's query and key indices, broadcastable to ``qk``'s shape (either orientation);
-    ``[r0, r1]`` and ``[c0, c1]`` their ranges. A tile whose offsets all lie at or past the table's last
-    entry (or at or before its first) adds that entry as a scalar: no index and no load per pair (T5's
-    far tiles, most of a long call). Only a tile that reaches past the last query or key, or across the
-    causal diagonal, computes a mask."""
-    x = qk * scale
-    if DELTA + r0 - c1 >= LO + TLEN - 1:
-        x = x + tl.load(tab + TLEN - 1)
-    elif DELTA + r1 - c0 <= LO:
-        x = x + tl.load(tab)
+def _tile(qk, r, c, r0, r1, c0, c1, TAB, DEN, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale,
+          CAUSAL: tl.constexpr, FIRE: tl.constexpr, KP: tl.constexpr):
+    """A tile's logits in base 2: ``(scale·qk + bias)·log₂e``, −∞ where a pair is hidden; with FIRE also
+    its MLP inputs ``x`` and the pieces ``[lo, hi]`` they span (:func:`_fire_input`). ``r``/``c`` are the
+    tile's query and key indices, broadcastable to ``qk``'s shape (either orientation); ``[r0, r1]`` and
+    ``[c0, c1]`` their ranges."""
+    if FIRE:
+        x, lo, hi = _fire_input(TAB, DEN, KINK, r, c, DELTA, LO, TLEN, NK, LQ, KP)
+        s = qk * scale + _fire_bias(x, lo, hi, KINK, SLOPE + h * NP, OFFS + h * NP)
     else:
-        x = x + tl.load(tab + tl.minimum(tl.maximum(DELTA + r - c - LO, 0), TLEN - 1))
-    x = x * LOG2E
-    edge = (r1 >= LQ) | (c1 >= LK)
+        x, lo, hi = qk, 0, 0  # (no MLP)
+        s = _table_bias(qk * scale, TAB + h * TLEN, r, c, DELTA, LO, TLEN)
+    s = s * LOG2E
+    edge = (r1 >= LQ) | (c1 >= LK)  # only a tile past the last query or key, or across the diagonal, masks
     if CAUSAL:
         edge = edge | (DELTA + r0 - c1 < 0)
     if edge:
         seen = (r < LQ) & (c < LK)
         if CAUSAL:
             seen = seen & (DELTA + r - c >= 0)
-        x = tl.where(seen, x, float("-inf"))
-    return x
+        s = tl.where(seen, s, float("-inf"))
+    return s, x, lo, hi
 
 
-def _forward(Q, K, V, TAB, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
-             H, LQ, LK, DELTA, LO, TLEN, scale, KPS, s_os, s_ls, CAUSAL: tl.constexpr, D: tl.constexpr,
-             DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+@triton.jit
+def _table_bias(x, tab, r, c, DELTA, LO, TLEN):
+    """``x`` plus each pair's entry of the per-offset table ``tab`` (its index clamped: a pair past either
+    end reads that end's entry, and a tile all past one end reads one address, which a warp's load
+    broadcasts). A branch that added a far tile's entry as a scalar instead cost registers: compiled
+    for sm_90 (bf16, head_dim 64, 128 × 64 tiles, 4 warps) the forward spilled 2,088 bytes per thread
+    with it, 416 without; with 8 warps 408 and none (``compile_for``'s ``spilled``)."""
+    return x + tl.load(tab + tl.minimum(tl.maximum(DELTA + r - c - LO, 0), TLEN - 1))
+
+
+@triton.jit
+def _fire_input(PSI, DEN, KINK, r, c, DELTA, LO, TLEN, NK, LQ, KP: tl.constexpr):
+    """FIRE's MLP input per pair, ``x = ψ(|o|) / DEN[i]`` (correctly rounded, as torch divides: the
+    reference's ``x`` bit for bit), and the pieces ``[lo, hi]`` the tile's ``x`` spans: the kinks below
+    its smallest and below its largest ``x`` counted (the hidden pairs' ``x`` counted too: a range that
+    is at worst a little wide)."""
+    psi = tl.load(PSI + tl.minimum(tl.maximum(DELTA + r - c - LO, 0), TLEN - 1))
+    x = tl.math.div_rn(psi, tl.load(DEN + tl.minimum(r, LQ - 1)))
+    ks = tl.arange(0, KP)
+    kink = tl.load(KINK + ks, mask=ks < NK, other=float("inf"))
+    lo = tl.sum((kink < tl.min(tl.min(x, 1), 0)).to(tl.int32), 0)
+    hi = tl.sum((kink < tl.max(tl.max(x, 1), 0)).to(tl.int32), 0)
+    return x, lo, hi
+
+
+@triton.jit
+def _fire_bias(x, lo, hi, KINK, SLOPE, OFFS):
+    """One head's MLP at ``x`` whose pieces lie in ``[lo, hi]``: piece ``lo``'s line, plus for each kink
+    ``t_k`` between (``lo ≤ k < hi``) the slope it adds, ``Δslope_k·max(x − t_k, 0)`` (the MLP is
+    continuous, so past ``t_k`` this is the next piece's line)."""
+    bias = tl.load(SLOPE + lo) * x + tl.load(OFFS + lo)
+    for k in range(lo, hi):
+        bias += (tl.load(SLOPE + k + 1) - tl.load(SLOPE + k)) * tl.maximum(x - tl.load(KINK + k), 0.0)
+    return bias
+
+
+@triton.jit
+def _fire_slope(x, lo, hi, KINK, SLOPE):
+    """One head's slope at each pair (``∂bias/∂x``): piece ``lo``'s, plus ``Δslope_k`` where ``x > t_k``."""
+    slope = tl.zeros_like(x) + tl.load(SLOPE + lo)
+    for k in range(lo, hi):
+        slope += tl.where(x > tl.load(KINK + k), tl.load(SLOPE + k + 1) - tl.load(SLOPE + k), 0.0)
+    return slope
+
+
+@triton.jit
+def _fire_pieces_grad(ds, x, lo, hi, KINK, DSLOPE, DOFFS):
+    """A tile's ``dS`` onto one head's pieces (float32 atomics): ``∂/∂offset[m] = Σ dS``, ``∂/∂slope[m] =
+    Σ dS·x`` over the pairs on piece ``m``. Every pair is first counted on piece ``lo``; then for each kink
+    ``t_k`` between, the pairs with ``x > t_k`` move from piece ``k`` to ``k + 1`` (a pair on piece ``m``
+    moves ``m − lo`` times and lands on ``m``)."""
+    dsx = ds * x
+    tl.atomic_add(DOFFS + lo, tl.sum(tl.sum(ds, 1), 0))
+    tl.atomic_add(DSLOPE + lo, tl.sum(tl.sum(dsx, 1), 0))
+    for k in range(lo, hi):
+        above = x > tl.load(KINK + k)
+        moved = tl.sum(tl.sum(tl.where(above, ds, 0.0), 1), 0)
+        moved_x = tl.sum(tl.sum(tl.where(above, dsx, 0.0), 1), 0)
+        tl.atomic_add(DOFFS + k + 1, moved)
+        tl.atomic_add(DOFFS + k, -moved)
+        tl.atomic_add(DSLOPE + k + 1, moved_x)
+        tl.atomic_add(DSLOPE + k, -moved_x)
+
+
+def _forward(Q, K, V, TAB, DEN, KINK, SLOPE, OFFS, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+             s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, NK, NP, scale, KPS, s_os, s_ls, CAUSAL: tl.constexpr,
+             D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+             FIRE: tl.constexpr, KP: tl.constexpr):
     """Program (query block, batch·head, key split): online softmax over the key blocks it can see among
     keys ``[split·KPS, (split + 1)·KPS)``. One split (``KPS ≥ LK``) is the whole call; several (few queries
     against a long cache: flash decoding) each write their own output and log-sum-exp, ``s_os`` and
@@ -76,7 +149,6 @@ def _forward(Q, K, V, TAB, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_v
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DP], tl.float32)
-    tab = TAB + h * TLEN
     hi = LK
     if CAUSAL:  # keys past the block's last query are hidden from all its rows
         hi = tl.minimum(LK, DELTA + (pid_m + 1) * BM)
@@ -85,8 +157,9 @@ def _forward(Q, K, V, TAB, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_v
         cols = start + tl.arange(0, BN)
         kt = tl.load(K + b * s_kb + h * s_kh + cols[None, :] * s_kn + dims[:, None],
                      mask=(cols[None, :] < LK) & dmask[:, None], other=0.0)
-        s = _logits(tl.dot(q, kt, input_precision=PREC), tab, rows[:, None], cols[None, :], pid_m * BM,
-                    pid_m * BM + BM - 1, start, start + BN - 1, DELTA, LO, TLEN, LQ, LK, scale, CAUSAL)
+        s, _, _, _ = _tile(tl.dot(q, kt, input_precision=PREC), rows[:, None], cols[None, :], pid_m * BM,
+                           pid_m * BM + BM - 1, start, start + BN - 1, TAB, DEN, KINK, SLOPE, OFFS, h, DELTA, LO,
+                           TLEN, NK, NP, LQ, LK, scale, CAUSAL, FIRE, KP)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
         p = tl.exp2(s - m_use[:, None])
@@ -115,18 +188,19 @@ def _query_rows(q_ptr, do_ptr, lse_ptr, dl_ptr, rows, dims, dmask, s_qm, s_om, L
     return q, do, tl.load(lse_ptr + rows, mask=keep, other=0.0), tl.load(dl_ptr + rows, mask=keep, other=0.0)
 
 
-def _backward_keys(Q, K, V, TAB, DO, LSE, DL, DK, DV, DTAB, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                   s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, scale, CAUSAL: tl.constexpr, D: tl.constexpr,
-                   DP: tl.constexpr, B: tl.constexpr, TABLE_GRAD: tl.constexpr, PREC: tl.constexpr):
+def _backward_keys(Q, K, V, TAB, DEN, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DTAB, DSLOPE, DOFFS, s_qb, s_qh, s_qm,
+                   s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, NK, NP, scale,
+                   CAUSAL: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, B: tl.constexpr,
+                   TABLE_GRAD: tl.constexpr, PREC: tl.constexpr, FIRE: tl.constexpr, KP: tl.constexpr):
     """Program (key block, batch·head): dK and dV over every query block that sees a key of it, and
-    (``TABLE_GRAD``) each square ``B × B`` tile's ``dS`` into the table's gradient (:func:`_table_grad`)."""
+    (``TABLE_GRAD``) each square ``B × B`` tile's ``dS`` into the table's gradient (:func:`_table_grad`);
+    with FIRE, into its pieces' gradients and, times each pair's slope over ``DEN``, into ``ψ``'s."""
     pid_n, bh, b, h, cols, dims, dmask = _program(H, B, D, DP)
     kmask = (cols[:, None] < LK) & dmask[None, :]
     k = tl.load(K + b * s_kb + h * s_kh + cols[:, None] * s_kn + dims[None, :], mask=kmask, other=0.0)
     v = tl.load(V + b * s_vb + h * s_vh + cols[:, None] * s_vn + dims[None, :], mask=kmask, other=0.0)
     dk = tl.zeros([B, DP], tl.float32)
     dv = tl.zeros([B, DP], tl.float32)
-    tab = TAB + h * TLEN
     dtab = DTAB + h * TLEN
     lo_q = 0
     if CAUSAL:  # the first query that sees this block's first key, rounded down to a block
@@ -135,14 +209,19 @@ def _backward_keys(Q, K, V, TAB, DO, LSE, DL, DK, DV, DTAB, s_qb, s_qh, s_qm, s_
         rows = start + tl.arange(0, B)
         q, do, lse, dl = _query_rows(Q + b * s_qb + h * s_qh, DO + b * s_ob + h * s_oh, LSE + bh * LQ, DL + bh * LQ,
                                      rows, dims, dmask, s_qm, s_om, LQ)
-        st = _logits(tl.dot(k, tl.trans(q), input_precision=PREC), tab, rows[None, :], cols[:, None], start,
-                     start + B - 1, pid_n * B, pid_n * B + B - 1, DELTA, LO, TLEN, LQ, LK, scale, CAUSAL)
+        st, xt, lo, hi = _tile(tl.dot(k, tl.trans(q), input_precision=PREC), rows[None, :], cols[:, None], start,
+                               start + B - 1, pid_n * B, pid_n * B + B - 1, TAB, DEN, KINK, SLOPE, OFFS, h, DELTA, LO,
+                               TLEN, NK, NP, LQ, LK, scale, CAUSAL, FIRE, KP)
         pt = tl.exp2(st - lse[None, :] * LOG2E)  # [keys, queries]; 0 where hidden
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
         dst = pt * (dpt - dl[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
         if TABLE_GRAD:
+            if FIRE:  # ∂x = dS·slope; x = ψ/DEN: ∂ψ = ∂x/DEN
+                _fire_pieces_grad(dst, xt, lo, hi, KINK, DSLOPE + h * NP, DOFFS + h * NP)
+                dst = dst * _fire_slope(xt, lo, hi, KINK, SLOPE + h * NP) / tl.load(
+                    DEN + tl.minimum(rows, LQ - 1))[None, :]
             _table_grad(dtab, dst, DELTA + start - pid_n * B, LO, TLEN, B)
     keep = (cols[:, None] < LK) & dmask[None, :]
     tl.store(DK + b * s_kb + h * s_kh + cols[:, None] * s_kn + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -173,15 +252,17 @@ def _table_grad(dtab, dst, base, LO, TLEN, B: tl.constexpr):
         tl.atomic_add(dtab + tl.minimum(tl.maximum(idx - B, 0), TLEN - 1), after, mask=lane > 0)
 
 
-def _backward_queries(Q, K, V, TAB, DO, LSE, DL, DQ, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                      s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, scale, CAUSAL: tl.constexpr, D: tl.constexpr,
-                      DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """Program (query block, batch·head): dQ over the key blocks it sees."""
+def _backward_queries(Q, K, V, TAB, DEN, KINK, SLOPE, OFFS, DO, LSE, DL, DQ, DDEN, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn,
+                      s_vb, s_vh, s_vn, s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, NK, NP, scale,
+                      CAUSAL: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      TABLE_GRAD: tl.constexpr, PREC: tl.constexpr, FIRE: tl.constexpr, KP: tl.constexpr):
+    """Program (query block, batch·head): dQ over the key blocks it sees; with FIRE (``TABLE_GRAD``) also
+    each query's ``∂DEN = −Σ_j dS·slope·x / DEN`` (``x = ψ/DEN``), this head's, stored to ``DDEN``."""
     pid_m, bh, b, h, rows, dims, dmask = _program(H, BM, D, DP)
     q, do, lse, dl = _query_rows(Q + b * s_qb + h * s_qh, DO + b * s_ob + h * s_oh, LSE + bh * LQ, DL + bh * LQ,
                                  rows, dims, dmask, s_qm, s_om, LQ)
     dq = tl.zeros([BM, DP], tl.float32)
-    tab = TAB + h * TLEN
+    dden = tl.zeros([BM], tl.float32)
     hi = LK
     if CAUSAL:
         hi = tl.minimum(LK, DELTA + (pid_m + 1) * BM)
@@ -190,16 +271,24 @@ def _backward_queries(Q, K, V, TAB, DO, LSE, DL, DQ, s_qb, s_qh, s_qm, s_kb, s_k
         kmask = (cols[None, :] < LK) & dmask[:, None]
         kt = tl.load(K + b * s_kb + h * s_kh + cols[None, :] * s_kn + dims[:, None], mask=kmask, other=0.0)
         vt = tl.load(V + b * s_vb + h * s_vh + cols[None, :] * s_vn + dims[:, None], mask=kmask, other=0.0)
-        s = _logits(tl.dot(q, kt, input_precision=PREC), tab, rows[:, None], cols[None, :], pid_m * BM,
-                    pid_m * BM + BM - 1, start, start + BN - 1, DELTA, LO, TLEN, LQ, LK, scale, CAUSAL)
+        s, x, lo, hi = _tile(tl.dot(q, kt, input_precision=PREC), rows[:, None], cols[None, :], pid_m * BM,
+                             pid_m * BM + BM - 1, start, start + BN - 1, TAB, DEN, KINK, SLOPE, OFFS, h, DELTA, LO,
+                             TLEN, NK, NP, LQ, LK, scale, CAUSAL, FIRE, KP)
         p = tl.exp2(s - lse[:, None] * LOG2E)  # 0 where hidden
         ds = p * (tl.dot(do, vt, input_precision=PREC) - dl[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+        if FIRE:
+            if TABLE_GRAD:
+                dden += tl.sum(ds * _fire_slope(x, lo, hi, KINK, SLOPE + h * NP) * x, 1)
+    keep = rows < LQ
     tl.store(DQ + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=(rows[:, None] < LQ) & dmask[None, :])
+             mask=keep[:, None] & dmask[None, :])
+    if FIRE:
+        if TABLE_GRAD:
+            tl.store(DDEN + bh * LQ + rows, -dden / tl.load(DEN + rows, mask=keep, other=1.0), mask=keep)
 
 
-_SIZES = ["H", "LQ", "LK", "DELTA", "LO", "TLEN", "KPS", "s_os", "s_ls"]  # (a program without one ignores it)
+_SIZES = ["H", "LQ", "LK", "DELTA", "LO", "TLEN", "NK", "NP", "KPS", "s_os", "s_ls"]  # (a program without one ignores it)
 
 
 def interpreting() -> bool:
@@ -228,18 +317,23 @@ def programs(interpret: bool) -> SimpleNamespace:
 
 # the largest shared memory one program may use (opt-in), bytes, by compute capability
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
-_TENSOR_ARGS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "TAB", "LSE", "DL", "DTAB"}
-_FP32_ARGS = {"TAB", "LSE", "DL", "DTAB"}  # float32 whatever the inputs' dtype
+_FP32_ARGS = {"TAB", "DEN", "KINK", "SLOPE", "OFFS", "LSE", "DL", "DTAB", "DSLOPE", "DOFFS", "DDEN"}  # whatever the inputs' dtype
+_TENSOR_ARGS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", *_FP32_ARGS}
 
 
-def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, table_grad: bool = True) -> dict:
+def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, table_grad: bool = True,
+                kinks: int | None = None) -> dict:
     """Compile the three programs for compute capability ``arch`` (90: H100/H200, 80: A100) without
     a GPU (Triton's ahead-of-time path: LLVM and ptxas, no driver), for inputs of ``dtype`` (torch's
     bfloat16, float16 or float32) and tiles ``config`` (one of ``table_flash.CUDA_CONFIGS``), with the
-    constants and tiles the backend launches them with: ``{program: shared memory bytes}``. A program
-    that does not compile raises Triton's ``CompilationError``; one that needs more shared memory than
-    the device has compiles here and fails at launch, which :data:`SHARED_LIMIT` lets a caller check.
-    Not where ``TRITON_INTERPRET=1``."""
+    constants and tiles the backend launches them with (``kinks``: FIRE's programs, an MLP with that many
+    kinks): ``{program: {"shared": bytes of shared memory, "registers": per thread, "spilled": bytes of
+    stack per thread}}``, the last two read from the binary (``cuobjdump``, shipped with Triton; None
+    where it is not). A program that does not compile raises Triton's ``CompilationError``; one that
+    needs more shared memory than the device has compiles here and fails at launch, which
+    :data:`SHARED_LIMIT` lets a caller check. Stack in a Triton program (which inlines every call) is
+    registers spilled to local memory, read and written inside the tile loop: what a GPU run would find
+    slow, found here without one. Not where ``TRITON_INTERPRET=1``."""
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -249,10 +343,12 @@ def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, 
     pointee = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     run = programs(False)
     shared = {}
-    for name, extra in (("forward", {}), ("backward_keys", {"TABLE_GRAD": table_grad}), ("backward_queries", {})):
+    grads = {"TABLE_GRAD": table_grad}
+    for name, extra in (("forward", {}), ("backward_keys", grads), ("backward_queries", grads)):
         fn, kw = getattr(run, name), tiles(name, config)
         options = {k: v for k, v in kw.items() if k.startswith("num_")}  # warps and stages: not arguments
-        fixed = {**constants(dtype, head_dim, causal), **extra, **{k: v for k, v in kw.items() if k not in options}}
+        fixed = {**constants(dtype, head_dim, causal, kinks), **extra,
+                 **{k: v for k, v in kw.items() if k not in options}}
         signature = {}
         for arg in fn.arg_names:
             if arg in fixed:
@@ -263,5 +359,24 @@ def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, 
                 signature[arg] = "fp32" if arg == "scale" else "i32"
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=fixed),
                                 target=GPUTarget("cuda", arch, 32), options=options)
-        shared[name] = kernel.metadata.shared
+        shared[name] = {"shared": kernel.metadata.shared, **_registers(kernel.asm["cubin"])}
     return shared
+
+
+def _registers(cubin: bytes) -> dict:
+    """``{"registers": …, "spilled": …}`` of a compiled program from ``cuobjdump -res-usage`` (its REG and
+    STACK), None each where Triton's bundled ``cuobjdump`` is missing."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {"registers": None, "spilled": None}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return {"registers": int(found[1]), "spilled": int(found[2])}
