@@ -2,7 +2,7 @@
 CUDA (``triton`` for every Toeplitz scheme and FIRE, ``banded`` for T5/offset, ``alibi`` for causal
 ALiBi, ``flex``) against unbiased fused causal SDPA and against ``blockwise`` (the fallback), forward and
 forward+backward, with the peak memory of one training call; then the ``triton`` backend's tile
-configurations (:data:`posbias.kernels.table_flash.CUDA_CONFIGS`, ``FIRE_CONFIGS``) at one length, and why
+configurations (:data:`posbias.kernels.table_flash.LADDERS`) at one length, and why
 FlexAttention fails to compile at a length, if it does, across ``kernel_options``.
 
     python benchmarks/bench_cuda_candidates.py                       # bf16, 8k 16k 32k, every scheme
@@ -126,7 +126,7 @@ def flex_probe(args, device, dtype) -> None:
 
 
 # The triton backend's tile configurations the probe tries, each alone (each part merged into the first of
-# the ladder, CUDA_CONFIGS for a table, FIRE_CONFIGS for FIRE). Comments: bytes of registers each program
+# the ladder at --head-dim, a table's or FIRE's: table_flash.ladder). Comments: bytes of registers each program
 # spills on sm_90 in bf16 at head_dim 64 (forward; dK/dV, dQ), compiled ahead of time (Triton 3.9,
 # ``table_programs.compile_for``): whether spills cost what they should is the second row's question.
 TABLE_VARIANTS = [
@@ -144,7 +144,7 @@ FIRE_VARIANTS = [
 
 
 def table_config(base: dict, change: dict) -> dict:
-    """``base`` (one of CUDA_CONFIGS) with each part updated from ``change``."""
+    """``base`` (a configuration of ``table_flash.LADDERS``) with each part updated from ``change``."""
     return {part: {**base[part], **change.get(part, {})} for part in base}
 
 
@@ -161,16 +161,16 @@ def table_probe(args, device, dtype) -> None:
     print(f"\n| triton at N={n} | scheme | config | first fwd s | fwd × SDPA | fwd+bwd × SDPA |")
     print("|---|---|---|---|---|---|", flush=True)
     for fire, names, variants in ((False, ("t5", "alibi"), TABLE_VARIANTS), (True, ("fire",), FIRE_VARIANTS)):
-        ladder = table_flash.ladder(fire)
+        base = table_flash.ladder(fire, args.head_dim)[0]
         for change in variants:
-            table_flash.use_cuda_configs([table_config(ladder[0], change)], fire=fire)  # alone: one that does not fit is a row
+            table_flash.use_cuda_configs([table_config(base, change)], fire=fire)  # alone: one that does not fit is a row
             for name in names:
                 scheme = make_scheme(name, args.heads, args.head_dim, device)
                 first, sf, st = probe_row(*posbias_steps(q, k, v, scheme, "triton"), base_f, base_t, device, args.reps)
                 q.grad = k.grad = v.grad = None
                 print(f"| | {name} | {json.dumps(change) if change else 'default'} | {first:.1f} | {sf} | {st} |",
                       flush=True)
-        table_flash.use_cuda_configs(ladder, fire=fire)
+    table_flash.restore_cuda_configs()  # (the probe runs last: --table-config is not needed after it)
 
 
 def profile(spec: str, args, device, dtype) -> None:
@@ -220,7 +220,7 @@ def main() -> None:
     p.add_argument("--no-probe", action="store_true",
                    help="leave out the triton tile probe and the FlexAttention kernel_options probe")
     p.add_argument("--table-config", type=json.loads, metavar="JSON",
-                   help='tiles of the triton backend on CUDA, merged into the first of posbias.kernels.table_flash.CUDA_CONFIGS '
+                   help='tiles of the triton backend on CUDA for a table, merged into the first of its ladder at --head-dim (posbias.kernels.table_flash.LADDERS) '
                         '(and run alone), '
                         'e.g. \'{"forward": {"BM": 64, "BN": 64}, "backward": {"B": 32}}\'')
     p.add_argument("--flex-options", type=json.loads, metavar="JSON",
@@ -251,13 +251,13 @@ def main() -> None:
     if args.table_config is not None:
         import posbias.kernels.table_flash as table_flash
 
-        base = table_flash.CUDA_CONFIGS[0]
+        base = table_flash.ladder(False, args.head_dim)[0]
         if not isinstance(args.table_config, dict) or not set(args.table_config) <= set(base) or not all(
                 isinstance(c, dict) for c in args.table_config.values()):
             p.error(f"--table-config must be a JSON object with parts {' and '.join(base)}, each an object, "
                     f"got {args.table_config!r}")
         table_flash.use_cuda_configs([table_config(base, args.table_config)])
-        print(f"# triton on CUDA with tiles {table_flash.CUDA_CONFIGS[0]}")
+        print(f"# triton on CUDA with tiles {table_flash.ladder(False, args.head_dim)[0]} (a table's)")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({name}), H={args.heads}, "
           f"head_dim={args.head_dim}, {args.dtype}, batch 1, causal; median of {args.reps} interleaved pairs")

@@ -120,6 +120,22 @@ def test_fire_with_a_query_at_its_threshold_and_a_random_mlp():
 
 
 @interpreted
+def test_positions_past_two_to_the_31_and_a_fire_without_kinks():
+    """Offsets and positions past int32 (Triton passes such an argument as int64, a compile of its own)
+    stay exact: T5 with one query 2^33 past its keys, FIRE at 2^33 (its denominator in float64, as the
+    reference's); and FIRE whose hidden units all have zero input weight (no kinks: one piece)."""
+    torch.manual_seed(8)
+    check(randomized("t5", num_buckets=8, max_distance=10, bidirectional=True), causal=False, lq=3, lk=50,
+          q0=2**33, k0=5)
+    fire = fire_with_kinks_inside(20.0)
+    check(fire, lq=3, lk=50, q0=2**33, k0=2**33 - 47, atol=1e-5)
+    with torch.no_grad():
+        fire.mlp[0].weight.zero_()
+    assert fire.pieces()[0].numel() == 0
+    check(fire, lq=40, lk=40)
+
+
+@interpreted
 @pytest.mark.parametrize("splits", [2, 5])
 def test_fire_with_the_keys_split_and_in_half_precision(splits):
     torch.manual_seed(7)
@@ -209,7 +225,7 @@ def test_each_program_takes_the_first_configuration_that_fits_and_remembers_it(m
     where that program starts next time; none fitting is an error naming each refusal."""
     from triton.runtime.autotuner import OutOfResources  # (where Triton's own compiler imports it from)
 
-    monkeypatch.setattr(table_flash, "CUDA_CONFIGS", [{"forward": {"BM": n}} for n in (128, 64, 32)])
+    monkeypatch.setattr(table_flash, "LADDERS", {("table", 256): [{"forward": {"BM": n}} for n in (128, 64, 32)]})
     monkeypatch.setattr(table_flash, "_FITS", {})
     q, tried = torch.zeros(1, 1, 1, 16), []
 
@@ -227,7 +243,7 @@ def test_each_program_takes_the_first_configuration_that_fits_and_remembers_it(m
     assert tried[4:] == [128, 64]
     q = q.float()
     monkeypatch.setattr(table_flash, "_FITS", {})
-    monkeypatch.setattr(table_flash, "CUDA_CONFIGS", [{"forward": {"BM": 128}}])
+    monkeypatch.setattr(table_flash, "LADDERS", {("table", 256): [{"forward": {"BM": 128}}]})
     with pytest.raises(RuntimeError, match=r"forward program fits none of its tile configurations on cpu "
                                            r"\(torch.float32, head_dim 16\): \{'BM': 128\}: out of resource: shared memory"):
         table_flash._launch("forward", q, False, launch)
@@ -250,12 +266,12 @@ def _compiled_ahead(code: str) -> dict:
 FIRST_FIT = """
 import json
 import torch
-from posbias.kernels.table_flash import CUDA_CONFIGS
+from posbias.kernels.table_flash import ladder
 from posbias.kernels.table_programs import SHARED_LIMIT, compile_for
 found = {}
 for arch in (80, 90):
-    for n, config in enumerate(CUDA_CONFIGS):
-        used = compile_for(arch, DTYPE, causal=CAUSAL, head_dim=D, config=config, table_grad=CAUSAL)
+    for n, config in enumerate(ladder(False, HEAD_DIM)):
+        used = compile_for(arch, DTYPE, causal=CAUSAL, head_dim=HEAD_DIM, config=config, table_grad=CAUSAL)
         if max(u["shared"] for u in used.values()) <= SHARED_LIMIT[arch]:
             found[arch] = [n, used]
             break
@@ -274,7 +290,7 @@ def test_the_programs_compile_for_a100_and_h100_without_a_gpu(dtype, d, causal):
     sm_90: what the interpreter cannot check (a global that is not a constexpr failed here first). For
     each, some configuration fits the shared memory (the one the backend then runs); in bf16 at
     head_dim 64, the training case of issue 12, the first and largest does on both."""
-    code = FIRST_FIT.replace("DTYPE", f"torch.{dtype}").replace("CAUSAL", str(causal)).replace("D,", f"{d},")
+    code = FIRST_FIT.replace("DTYPE", f"torch.{dtype}").replace("CAUSAL", str(causal)).replace("HEAD_DIM", str(d))
     found = _compiled_ahead(code)
     assert set(found) == {"80", "90"}, found
     if (dtype, d) == ("bfloat16", 64):
@@ -286,20 +302,22 @@ import json
 import torch
 from posbias.kernels.table_flash import ladder
 from posbias.kernels.table_programs import compile_for
-print(json.dumps({arch: compile_for(arch, torch.bfloat16, causal=True, head_dim=64, config=ladder(KINKS is not None)[0],
-                                    kinks=KINKS) for arch in (80, 90)}))
+print(json.dumps({arch: compile_for(arch, torch.bfloat16, causal=True, head_dim=HEAD_DIM,
+                                    config=ladder(KINKS is not None, HEAD_DIM)[0], kinks=KINKS) for arch in (80, 90)}))
 """
 
 
 @pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 4) or torch.cuda.is_available(),
                     reason="Triton's ahead-of-time API as of 3.4; a GPU compiles them for real (the cuda tests)")
-@pytest.mark.parametrize("kinks", [None, pytest.param(32, marks=pytest.mark.slow)])
-def test_the_first_tiles_keep_their_values_in_registers(kinks):
-    """Compiled for sm_90 (H100/H200) in bf16 at head_dim 64, training (issue 12's target), the first
-    configuration's three programs spill no register to local memory (no stack), for a table and for
-    FIRE's MLP (32 kinks); on sm_80 they compile and fit (the table's dK/dV program spills a little
-    there, recorded in ``table_flash``)."""
-    used = _compiled_ahead(SPILLS.replace("KINKS", str(kinks)))
+@pytest.mark.parametrize("kinks, d", [(None, 64), pytest.param(32, 64, marks=pytest.mark.slow),
+                                      pytest.param(None, 128, marks=pytest.mark.slow),
+                                      pytest.param(32, 128, marks=pytest.mark.slow)])
+def test_the_first_tiles_keep_their_values_in_registers(kinks, d):
+    """Compiled for sm_90 (H100/H200) in bf16 at head_dim 64 and 128, training (issue 12's target), the
+    first configuration of each ladder spills no register to local memory (no stack) in any of its three
+    programs, for a table and for FIRE's MLP (32 kinks); on sm_80 they compile (some spill there,
+    recorded in ``table_flash``)."""
+    used = _compiled_ahead(SPILLS.replace("KINKS", str(kinks)).replace("HEAD_DIM", str(d)))
     assert {program: u["spilled"] for program, u in used["90"].items()} == dict.fromkeys(used["90"], 0), used
     assert all(u["registers"] <= 255 for u in used["90"].values()), used
 

@@ -42,55 +42,79 @@ from ..schemes.base import ToeplitzScheme, needs_grad
 from ..schemes.fire import FIRE, _psi
 
 # Tile sizes (queries × keys) of the forward and of the backward's square tiles on CUDA, with the
-# programs' warps and pipeline stages, largest first: each program runs with the first that fits the
-# device's shared memory (Triton refuses a launch that does not, before it starts), remembered per
-# device, dtype, head dim and bias kind. Not yet timed on a GPU; chosen so that the programs keep
-# their values in registers. Compiled ahead of time for sm_90 (H100/H200; Triton 3.9, bf16, head_dim
-# 64, tests/test_table_flash.py), every program of the first configurations spills nothing
-# (``table_programs.compile_for``: 0 bytes of stack); 4 warps on 128 × 64 tiles, the first choice
-# before, spilled 2,088 bytes per thread in the forward. On sm_80 (A100) the table's first backward
-# (dK/dV) spills 384 bytes, FIRE's first programs nothing. FIRE's MLP holds more values per pair, so its
-# tiles are smaller (128 × 64 with 8 warps spilled 504 bytes there). The first forward needs
-# 90,112 bytes of shared memory on sm_90 (232,448 available) and 106,496 on sm_80 (166,912).
+# programs' warps and pipeline stages, largest first, by bias kind (a table, or FIRE's MLP) and head
+# dim (up to 64, up to 256): each program runs with the first that fits the device's shared memory
+# (Triton refuses a launch that does not, before it starts), remembered per device, dtype, head dim and
+# kind. Not yet timed on a GPU; chosen so that the programs keep their values in registers. Compiled
+# ahead of time for sm_90 (H100/H200; Triton 3.9, bf16, head_dim 64 and 128; tests/test_table_flash.py),
+# every program of each ladder's first configuration spills nothing (``table_programs.compile_for``:
+# 0 bytes of stack); 4 warps on 128 × 64 tiles, the first choice before, spilled 2,088 bytes per thread
+# in the forward at head_dim 64. FIRE's MLP holds more values per pair, so its tiles are smaller
+# (128 × 64 with 8 warps spilled 504 bytes), as are those of head_dim 128 (a table's 64 × 64 backward
+# with 8 warps spilled 440). Elsewhere some do spill: on sm_80 (A100) the table's dK/dV program, 384
+# bytes at head_dim 64; float32 (the exact tests' dtype) 168–736 on sm_90; head_dim 256, 56–136.
+# The first forward at head_dim 64 needs 90,112 bytes of shared memory on sm_90 (232,448 available)
+# and 106,496 on sm_80 (166,912).
 # benchmarks/bench_cuda_candidates.py --table-config JSON runs one configuration alone (:func:`use_cuda_configs`).
-CUDA_CONFIGS = [
-    {"forward": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
-     "backward": {"B": 64, "num_warps": 8, "num_stages": 2}},
-    {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
-     "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
-    {"forward": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1},
-     "backward": {"B": 16, "num_warps": 2, "num_stages": 1}},
-]
-FIRE_CONFIGS = [  # FIRE past its threshold (the MLP per pair)
-    {"forward": {"BM": 128, "BN": 32, "num_warps": 8, "num_stages": 2},
-     "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
-    {"forward": {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
-     "backward": {"B": 32, "num_warps": 4, "num_stages": 1}},
-    {"forward": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1},
-     "backward": {"B": 16, "num_warps": 2, "num_stages": 1}},
-]
+MAX_HEAD_DIM = 256
+_SMALLEST = {"forward": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1},
+             "backward": {"B": 16, "num_warps": 2, "num_stages": 1}}
+LADDERS = {  # (kind, the largest head dim served) → configurations
+    ("table", 64): [
+        {"forward": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
+         "backward": {"B": 64, "num_warps": 8, "num_stages": 2}},
+        {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+         "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
+        _SMALLEST],
+    ("table", MAX_HEAD_DIM): [
+        {"forward": {"BM": 128, "BN": 32, "num_warps": 8, "num_stages": 3},
+         "backward": {"B": 32, "num_warps": 8, "num_stages": 2}},
+        {"forward": {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
+         "backward": {"B": 16, "num_warps": 4, "num_stages": 1}},
+        _SMALLEST],
+    ("fire", 64): [  # FIRE past its threshold (the MLP per pair)
+        {"forward": {"BM": 128, "BN": 32, "num_warps": 8, "num_stages": 2},
+         "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
+        {"forward": {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
+         "backward": {"B": 32, "num_warps": 4, "num_stages": 1}},
+        _SMALLEST],
+    ("fire", MAX_HEAD_DIM): [
+        {"forward": {"BM": 64, "BN": 32, "num_warps": 8, "num_stages": 2},
+         "backward": {"B": 32, "num_warps": 8, "num_stages": 2}},
+        {"forward": {"BM": 64, "BN": 16, "num_warps": 4, "num_stages": 2},
+         "backward": {"B": 16, "num_warps": 4, "num_stages": 1}},
+        _SMALLEST],
+}
 _FITS: dict[tuple, int] = {}  # (program, device, dtype, head dim, FIRE) → the first configuration that fits
 
 
-def ladder(fire: bool) -> list[dict]:
-    """The configurations a table's (or FIRE's) programs try, first that fits."""
-    return FIRE_CONFIGS if fire else CUDA_CONFIGS
+def ladder(fire: bool, head_dim: int) -> list[dict]:
+    """The configurations a table's (or FIRE's) programs try at this head dim, first that fits."""
+    kind = "fire" if fire else "table"
+    return LADDERS[(kind, min(d for k, d in LADDERS if k == kind and d >= head_dim))]
 
 
 def use_cuda_configs(configs: list[dict], *, fire: bool = False) -> None:
-    """Run the CUDA programs of a table (or FIRE) with these configurations (:data:`CUDA_CONFIGS`' form),
-    first that fits."""
-    global CUDA_CONFIGS, FIRE_CONFIGS
-    if fire:
-        FIRE_CONFIGS = configs
-    else:
-        CUDA_CONFIGS = configs
+    """Run the CUDA programs of a table (or FIRE) at every head dim with these configurations (the form
+    of :data:`LADDERS`' lists), first that fits; :func:`restore_cuda_configs` undoes it."""
+    kind = "fire" if fire else "table"
+    for key in LADDERS:
+        if key[0] == kind:
+            LADDERS[key] = configs
+    _FITS.clear()
+
+
+_CHOSEN = {key: list(configs) for key, configs in LADDERS.items()}
+
+
+def restore_cuda_configs() -> None:
+    """The ladders as this module defines them."""
+    LADDERS.update({key: list(configs) for key, configs in _CHOSEN.items()})
     _FITS.clear()
 
 
 # In the interpreter (tests on CPU tensors): small tiles, so that small inputs span several of them.
 INTERPRET_CONFIG = {"forward": {"BM": 16, "BN": 16}, "backward": {"B": 16}}
-MAX_HEAD_DIM = 256
 SPLIT_KEYS = 1024  # keys per part, at least, where an inference call's keys are split (:func:`key_splits`)
 
 
@@ -148,7 +172,7 @@ PART = {"forward": "forward", "backward_keys": "backward", "backward_queries": "
 
 
 def tiles(program: str, config: dict) -> dict:
-    """One program's keyword arguments from a configuration (:data:`CUDA_CONFIGS`' form): its part's
+    """One program's keyword arguments from a configuration (one of :data:`LADDERS`' lists): its part's
     tiles, warps and stages, the dQ program's square tiles ``B`` as its ``BM`` and ``BN``."""
     kw = dict(config[PART[program]])
     if program == "backward_queries":
@@ -165,7 +189,7 @@ def _launch(program: str, q: Tensor, interpret: bool, launch, fire: bool = False
         return launch(tiles(program, INTERPRET_CONFIG))
     from triton.runtime.autotuner import OutOfResources  # (where Triton's own compiler imports it from)
 
-    configs = ladder(fire)
+    configs = ladder(fire, q.shape[-1])
     key = (program, q.device.index, q.dtype, q.shape[-1], fire)
     first, refused = _FITS.get(key, 0), []
     for n in range(first, len(configs)):
@@ -191,7 +215,7 @@ def key_splits(q: Tensor, lk: int, fire: bool = False) -> int:
     least :data:`SPLIT_KEYS` keys a part. Not yet measured on a GPU."""
     if q.device.type != "cuda":
         return 1
-    programs = _cdiv(q.shape[2], ladder(fire)[0]["forward"]["BM"]) * q.shape[0] * q.shape[1]
+    programs = _cdiv(q.shape[2], ladder(fire, q.shape[-1])[0]["forward"]["BM"]) * q.shape[0] * q.shape[1]
     units = torch.cuda.get_device_properties(q.device).multi_processor_count
     if programs >= units:
         return 1

@@ -325,7 +325,7 @@ def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, 
                 kinks: int | None = None) -> dict:
     """Compile the three programs for compute capability ``arch`` (90: H100/H200, 80: A100) without
     a GPU (Triton's ahead-of-time path: LLVM and ptxas, no driver), for inputs of ``dtype`` (torch's
-    bfloat16, float16 or float32) and tiles ``config`` (one of ``table_flash.CUDA_CONFIGS``), with the
+    bfloat16, float16 or float32) and tiles ``config`` (one of ``table_flash.LADDERS``' lists), with the
     constants and tiles the backend launches them with (``kinks``: FIRE's programs, an MLP with that many
     kinks): ``{program: {"shared": bytes of shared memory, "registers": per thread, "spilled": bytes of
     stack per thread}}``, the last two read from the binary (``cuobjdump``, shipped with Triton; None
