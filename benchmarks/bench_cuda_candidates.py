@@ -137,9 +137,9 @@ TABLE_VARIANTS = [
     {"forward": {"BM": 128, "BN": 128, "num_stages": 2}},  # 120; 0, 0
 ]
 FIRE_VARIANTS = [
-    {},  # 128 × 32, 8 warps / 32, 4 warps: 0; 0, 0
-    {"forward": {"BM": 64, "BN": 32, "num_warps": 4}},  # 0
-    {"forward": {"BM": 128, "BN": 64}, "backward": {"B": 64, "num_warps": 8}},  # 504; 40, 24
+    {},  # 128 × 64, 8 warps / 32, 4 warps: 0; 0, 0
+    {"forward": {"BM": 128, "BN": 32}},  # 0
+    {"backward": {"B": 64, "num_warps": 8}},  # 0; 296, 0
 ]
 
 

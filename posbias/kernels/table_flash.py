@@ -14,10 +14,10 @@ parameters (T5's bucket table, KERPLE's r1/r2, …).
 
 FIRE is Toeplitz only below its threshold (there :func:`~posbias.attention.attention` hands over its
 Toeplitz view, a table as above). Past it the bias ``f(ψ(|i − j|) / ψ(max(L, i)))`` also depends on the
-query, so the kernels read two O(N) tables instead, ``ψ`` per offset and the denominator per query, and
-evaluate the MLP per pair from its linear pieces (:meth:`~posbias.schemes.fire.FIRE.pieces`; a tile spans
-few of them): the reference's MLP input bit for bit, its bias to float rounding, and gradients to the
-MLP, ``c`` and ``L`` through the pieces and the two tables (autograd from there).
+query, so the kernels read the denominator's reciprocal per query (an O(N) table) and ``c``, form ``ψ(|o|) = log(1 + c·|o|)``
+per pair, and evaluate the MLP per pair from its linear pieces (:meth:`~posbias.schemes.fire.FIRE.pieces`; a tile spans
+few of them): the reference's bias to float rounding, and gradients to the MLP, ``c`` and ``L`` through
+the pieces, the reciprocals and ``c`` (autograd from there).
 
 Lengths are runtime arguments, not compile-time constants, and not specialised on (Triton would
 otherwise compile anew for a length of 1 or one divisible by 16): a new length or a decoding step reuses
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..schemes.base import ToeplitzScheme, needs_grad
-from ..schemes.fire import FIRE, _psi
+from ..schemes.fire import FIRE
 
 # Tile sizes (queries × keys) of the forward and of the backward's square tiles on CUDA, with the
 # programs' warps and pipeline stages, largest first, by bias kind (a table, or FIRE's MLP) and head
@@ -49,16 +49,22 @@ from ..schemes.fire import FIRE, _psi
 # ahead of time for sm_90 (H100/H200; Triton 3.9, bf16, head_dim 64 and 128; tests/test_table_flash.py),
 # every program of each ladder's first configuration spills nothing (``table_programs.compile_for``:
 # 0 bytes of stack); 4 warps on 128 × 64 tiles, the first choice before, spilled 2,088 bytes per thread
-# in the forward at head_dim 64. FIRE's MLP holds more values per pair, so its tiles are smaller
-# (128 × 64 with 8 warps spilled 504 bytes), as are those of head_dim 128 (a table's 64 × 64 backward
-# with 8 warps spilled 440). Elsewhere some do spill: on sm_80 (A100) the table's dK/dV program, 384
-# bytes at head_dim 64; float32 (the exact tests' dtype) 168–736 on sm_90; head_dim 256, 56–136.
-# The first forward at head_dim 64 needs 90,112 bytes of shared memory on sm_90 (232,448 available)
-# and 106,496 on sm_80 (166,912).
+# in the forward at head_dim 64. FIRE's backward holds more values per pair, so its tiles are smaller
+# there (64 × 64 with 8 warps spilled 296 bytes), as are all of head_dim 128 (a table's 64 × 64
+# backward with 8 warps spilled 440). Elsewhere some do spill: on sm_80 (A100) the table's dK/dV
+# program, 384 bytes at head_dim 64; float32 (the exact tests' dtype) up to 736 on sm_90; head_dim 256,
+# 56–136. The first forward at head_dim 64 needs 90,112 bytes of shared memory on sm_90 (232,448
+# available) and 106,496 on sm_80 (166,912).
 # benchmarks/bench_cuda_candidates.py --table-config JSON runs one configuration alone (:func:`use_cuda_configs`).
 MAX_HEAD_DIM = 256
 _SMALLEST = {"forward": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1},
              "backward": {"B": 16, "num_warps": 2, "num_stages": 1}}
+_WIDE = [  # head dims past 64, a table's or FIRE's
+    {"forward": {"BM": 128, "BN": 32, "num_warps": 8, "num_stages": 3},
+     "backward": {"B": 32, "num_warps": 8, "num_stages": 2}},
+    {"forward": {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
+     "backward": {"B": 16, "num_warps": 4, "num_stages": 1}},
+    _SMALLEST]
 LADDERS = {  # (kind, the largest head dim served) → configurations
     ("table", 64): [
         {"forward": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
@@ -66,24 +72,14 @@ LADDERS = {  # (kind, the largest head dim served) → configurations
         {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
          "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
         _SMALLEST],
-    ("table", MAX_HEAD_DIM): [
-        {"forward": {"BM": 128, "BN": 32, "num_warps": 8, "num_stages": 3},
-         "backward": {"B": 32, "num_warps": 8, "num_stages": 2}},
-        {"forward": {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
-         "backward": {"B": 16, "num_warps": 4, "num_stages": 1}},
-        _SMALLEST],
+    ("table", MAX_HEAD_DIM): _WIDE,
     ("fire", 64): [  # FIRE past its threshold (the MLP per pair)
-        {"forward": {"BM": 128, "BN": 32, "num_warps": 8, "num_stages": 2},
+        {"forward": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
          "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
-        {"forward": {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
+        {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
          "backward": {"B": 32, "num_warps": 4, "num_stages": 1}},
         _SMALLEST],
-    ("fire", MAX_HEAD_DIM): [
-        {"forward": {"BM": 64, "BN": 32, "num_warps": 8, "num_stages": 2},
-         "backward": {"B": 32, "num_warps": 8, "num_stages": 2}},
-        {"forward": {"BM": 64, "BN": 16, "num_warps": 4, "num_stages": 2},
-         "backward": {"B": 16, "num_warps": 4, "num_stages": 1}},
-        _SMALLEST],
+    ("fire", MAX_HEAD_DIM): _WIDE,
 }
 _FITS: dict[tuple, int] = {}  # (program, device, dtype, head dim, FIRE) → the first configuration that fits
 
@@ -150,17 +146,17 @@ def table_span(scheme: ToeplitzScheme, delta: int, lq: int, lk: int, causal: boo
 def constants(dtype: torch.dtype, head_dim: int, causal: bool, kinks: int | None = None) -> dict:
     """The programs' compile-time constants for inputs of ``dtype``: causality, the head dim and its power
     of two (at least 16, what ``tl.dot`` takes), the dots' precision (float32 exact, no tf32; bf16/fp16
-    dots are exact as they are), and whether the bias is FIRE's MLP with ``kinks`` kinks (``KP``: a
-    power of two that holds them; a table: None)."""
+    dots are exact as they are), and whether the bias is FIRE's MLP with ``kinks`` kinks (``KSTEPS``:
+    the binary search's steps among them, enough for ``kinks + 1`` answers; a table: None)."""
     return {"CAUSAL": causal, "D": head_dim, "DP": max(16, 1 << (head_dim - 1).bit_length()),
             "PREC": "ieee" if dtype == torch.float32 else None, "FIRE": kinks is not None,
-            "KP": max(2, 1 << ((kinks or 1) - 1).bit_length())}
+            "KSTEPS": max(1, (kinks or 0).bit_length())}
 
 
 def _bias_args(bias: tuple[Tensor, ...]) -> tuple[list[Tensor], list[int], int | None]:
     """The programs' bias arguments from a call's bias tensors (a per-offset table ``[H, TLEN]``, or FIRE's
-    ``ψ`` table, denominators, kinks padded with one ``+∞``, slopes and offsets ``[H, NP]``): the pointers
-    ``TAB, DEN, KINK, SLOPE, OFFS`` (the table stands for those a table does not use), the sizes ``TLEN,
+    ``c`` ``[1]``, the denominators' reciprocals, kinks padded with one ``+∞``, slopes and offsets
+    ``[H, NP]``): the pointers ``TAB, INV, KINK, SLOPE, OFFS`` (the table stands for those a table does not use), the sizes ``TLEN,
     NK, NP``, and FIRE's kink count for :func:`constants` (None for a table)."""
     if len(bias) == 1:
         return [bias[0]] * 5, [bias[0].shape[-1], 0, 1], None
@@ -279,10 +275,10 @@ class _TableFlash(torch.autograd.Function):
         train = any(ctx.needs_input_grad[4:])
         fire = kinks is not None
         # the bias's gradients, each a stand-in pointer (the table) where nothing is written to it: the
-        # table's (FIRE: ψ's, per head), FIRE's pieces' (per head) and denominators' (per batch·head)
+        # table's (FIRE: c's, per head), FIRE's pieces' (per head) and reciprocal denominators' (per batch·head)
         dtab = torch.zeros(h, tlen, device=q.device) if train else pointers[0]
         dslope, doffs = (torch.zeros_like(bias[3]), torch.zeros_like(bias[4])) if fire and train else (dtab, dtab)
-        dden = torch.empty(b * h, lq, device=q.device) if fire and train else dtab
+        dinv = torch.empty(b * h, lq, device=q.device) if fire and train else dtab
         fixed = {**constants(q.dtype, d, causal, kinks), "TABLE_GRAD": train}
         strides = _strides(q, k, v, dout)
         sizes = (h, lq, lk, delta, lo, tlen, nk, np_, scale)
@@ -290,13 +286,13 @@ class _TableFlash(torch.autograd.Function):
         _launch("backward_keys", q, interpret, lambda kw: run.backward_keys[(_cdiv(lk, kw["B"]), b * h)](
             q, k, v, *pointers, dout, lse, dl, dk, dv, dtab, dslope, doffs, *strides, *sizes, **fixed, **kw), fire)
         _launch("backward_queries", q, interpret, lambda kw: run.backward_queries[(_cdiv(lq, kw["BM"]), b * h)](
-            q, k, v, *pointers, dout, lse, dl, dq, dden, *strides, *sizes, **fixed, **kw), fire)
+            q, k, v, *pointers, dout, lse, dl, dq, dinv, *strides, *sizes, **fixed, **kw), fire)
         if not train:
             grads = [None] * len(bias)
         elif not fire:
             grads = [dtab]
         else:
-            grads = [dtab.sum(0), dden.sum(0), None, dslope, doffs]
+            grads = [dtab.sum(0), dinv.sum(0), None, dslope, doffs]
         return dq, dk, dv, None, *grads
 
 
@@ -313,15 +309,14 @@ def table_flash_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme |
     (tests)."""
     delta = int(q_pos[0]) - int(k_pos[0])
     lq, lk = q.shape[2], k.shape[2]
-    lo, hi = table_span(scheme, delta, lq, lk, causal)
-    offsets = torch.arange(lo, hi + 1, device=q.device)
-    if isinstance(scheme, FIRE):  # ψ per offset, the denominator per query, the MLP's pieces (module docstring)
+    if isinstance(scheme, FIRE):  # c, 1 / the denominator per query, the MLP's pieces (module docstring)
         kinks, slope, offset = scheme.pieces()
-        bias = (_psi(scheme.c.abs().float(), offsets), scheme.denominator(q_pos.to(q.device)),
-                torch.cat([kinks.detach(), kinks.new_full((1,), float("inf"))]), slope.T.contiguous(),
-                offset.T.contiguous())
+        lo, bias = 0, (scheme.c.abs().float().reshape(1), 1 / scheme.denominator(q_pos.to(q.device)),
+                       torch.cat([kinks.detach(), kinks.new_full((1,), float("inf"))]), slope.T.contiguous(),
+                       offset.T.contiguous())
     else:
-        bias = (scheme.bias_at(offsets).float().contiguous(),)  # [H, hi − lo + 1]
+        lo, hi = table_span(scheme, delta, lq, lk, causal)
+        bias = (scheme.bias_at(torch.arange(lo, hi + 1, device=q.device)).float().contiguous(),)  # [H, hi − lo + 1]
     q, k, v = (t.contiguous() for t in (q, k, v))
     args = (delta, lo, causal, float(scale), interpret)
     if not needs_grad(scheme, q, k, v):  # inference: no autograd node, the keys split where that helps

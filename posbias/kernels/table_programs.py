@@ -12,15 +12,16 @@ parts. The logit ``scale·q·k + bias`` is formed in float32 (the bias never rou
 dtype) and handled in base 2 (``exp2``, ``LOG2E``) as flash attention does; the log-sum-exp
 ``LSE`` is stored in base e. Causal: a pair is visible where ``o ≥ 0``.
 
-FIRE (``FIRE``, past its threshold, where its bias is not a function of the offset alone): ``TAB`` is one
-table ``ψ(|o|) = log(c·|o| + 1)`` for all heads, ``DEN[i] = ψ(max(L, i)) + eps`` one value per query,
-and the MLP's input ``x = ψ(|o|) / DEN[i]`` is formed per pair. The MLP ``1 → width → ReLU → heads``
+FIRE (``FIRE``, past its threshold, where its bias is not a function of the offset alone): ``TAB`` holds
+one value, ``c``, ``INV[i] = 1 / (ψ(max(L, i)) + eps)`` one value per query, and the MLP's input
+``x = ψ(|o|)·INV[i]`` with ``ψ(|o|) = log(1 + c·|o|)`` is formed per pair (a log and a multiply, where
+the reference takes ``log1p`` and divides: ``x`` to float rounding). The MLP ``1 → width → ReLU → heads``
 is its pieces (:meth:`~posbias.schemes.fire.FIRE.pieces`): sorted kinks ``KINK[0 … NK − 1]`` and per
 head ``SLOPE``/``OFFS`` of its ``NP = NK + 1`` linear pieces. A tile's ``x`` spans few pieces (``x``
 moves slowly along rows and columns): the bias is the lowest one's line plus ``Δslope_k·max(x − t_k, 0)``
 for each kink ``t_k`` inside the tile's range, a handful of multiply-adds per pair instead of
-``width``; the backward sums ``dS`` onto the pieces the same way and carries ``∂x`` to ``ψ``'s table
-(by diagonal, as a Toeplitz table) and to ``DEN`` (by row).
+``width``; the backward sums ``dS`` onto the pieces the same way and carries ``∂x`` to ``c`` (through
+``ψ``) and to ``INV`` (by row).
 """
 
 from __future__ import annotations
@@ -46,14 +47,14 @@ def _program(H, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
-def _tile(qk, r, c, r0, r1, c0, c1, TAB, DEN, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale,
-          CAUSAL: tl.constexpr, FIRE: tl.constexpr, KP: tl.constexpr):
+def _tile(qk, r, c, r0, r1, c0, c1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale,
+          CAUSAL: tl.constexpr, FIRE: tl.constexpr, KSTEPS: tl.constexpr):
     """A tile's logits in base 2: ``(scale·qk + bias)·log₂e``, −∞ where a pair is hidden; with FIRE also
     its MLP inputs ``x`` and the pieces ``[lo, hi]`` they span (:func:`_fire_input`). ``r``/``c`` are the
     tile's query and key indices, broadcastable to ``qk``'s shape (either orientation); ``[r0, r1]`` and
     ``[c0, c1]`` their ranges."""
     if FIRE:
-        x, lo, hi = _fire_input(TAB, DEN, KINK, r, c, DELTA, LO, TLEN, NK, LQ, KP)
+        x, lo, hi = _fire_input(TAB, INV, KINK, r, c, r0, r1, c0, c1, DELTA, NK, LQ, LK, CAUSAL, KSTEPS)
         s = qk * scale + _fire_bias(x, lo, hi, KINK, SLOPE + h * NP, OFFS + h * NP)
     else:
         x, lo, hi = qk, 0, 0  # (no MLP)
@@ -81,18 +82,42 @@ def _table_bias(x, tab, r, c, DELTA, LO, TLEN):
 
 
 @triton.jit
-def _fire_input(PSI, DEN, KINK, r, c, DELTA, LO, TLEN, NK, LQ, KP: tl.constexpr):
-    """FIRE's MLP input per pair, ``x = ψ(|o|) / DEN[i]`` (correctly rounded, as torch divides: the
-    reference's ``x`` bit for bit), and the pieces ``[lo, hi]`` the tile's ``x`` spans: the kinks below
-    its smallest and below its largest ``x`` counted (the hidden pairs' ``x`` counted too: a range that
-    is at worst a little wide)."""
-    psi = tl.load(PSI + tl.minimum(tl.maximum(DELTA + r - c - LO, 0), TLEN - 1))
-    x = tl.math.div_rn(psi, tl.load(DEN + tl.minimum(r, LQ - 1)))
-    ks = tl.arange(0, KP)
-    kink = tl.load(KINK + ks, mask=ks < NK, other=float("inf"))
-    lo = tl.sum((kink < tl.min(tl.min(x, 1), 0)).to(tl.int32), 0)
-    hi = tl.sum((kink < tl.max(tl.max(x, 1), 0)).to(tl.int32), 0)
-    return x, lo, hi
+def _fire_input(C, INV, KINK, r, c, r0, r1, c0, c1, DELTA, NK, LQ, LK, CAUSAL: tl.constexpr, KSTEPS: tl.constexpr):
+    """FIRE's MLP input per pair, ``x = ψ(|o|)·INV[i]`` with ``ψ(|o|) = log(1 + C·|o|)`` computed in place,
+    and the pieces ``[lo, hi]`` the tile's ``x`` spans, from its corners: ``ψ`` grows with ``|o|`` and
+    ``INV`` falls with ``i``, so the smallest ``x`` is the smallest ``|o|``'s ``ψ`` times the last row's
+    ``INV`` and the largest the largest's times the first row's (causally, of the visible offsets
+    ``o ≥ 0``). Compiled for sm_90 (bf16, head_dim 64, 128 × 32 tiles), the forward's alternatives
+    cost: reducing the tile's ``x`` to its smallest and largest, 314 warp shuffles and 18 barriers
+    (a table's forward: 8 and 8); ``ψ`` gathered from a per-offset table, 164 and 14 (the gather's
+    layout is not the dot's, and the kinks' loop carried it across); computed in place, 8 and 10."""
+    cc = tl.load(C)
+    o = DELTA + r - c
+    x = tl.log(1.0 + cc * tl.where(o < 0, -o, o).to(tl.float32)) * tl.load(INV + tl.minimum(r, LQ - 1))
+    last = tl.minimum(r1, LQ - 1)
+    o_lo = DELTA + r0 - tl.minimum(c1, LK - 1)  # the tile's offsets: o_lo … o_hi, every one a pair's
+    o_hi = DELTA + last - c0
+    if CAUSAL:
+        o_lo = tl.maximum(o_lo, 0)
+    near = tl.where(o_lo > 0, o_lo, tl.where(o_hi < 0, -o_hi, 0))  # the smallest |o|
+    far = tl.maximum(-o_lo, o_hi)  # the largest
+    x_lo = tl.log(1.0 + cc * near.to(tl.float32)) * tl.load(INV + last)
+    x_hi = tl.log(1.0 + cc * far.to(tl.float32)) * tl.load(INV + r0)
+    return x, _kinks_below(KINK, x_lo, NK, KSTEPS), _kinks_below(KINK, x_hi, NK, KSTEPS)
+
+
+@triton.jit
+def _kinks_below(KINK, x, NK, KSTEPS: tl.constexpr):
+    """How many of the sorted kinks ``KINK[0 … NK − 1]`` lie below ``x`` (``torch.bucketize``'s piece),
+    by binary search on scalars in ``KSTEPS`` steps, enough for ``NK + 1`` answers."""
+    lo = 0
+    hi = NK
+    for _ in tl.static_range(KSTEPS):
+        mid = (lo + hi) // 2
+        go = (mid < hi) & (tl.load(KINK + mid) < x)
+        lo = tl.where(go, mid + 1, lo)
+        hi = tl.where(go | (mid >= hi), hi, mid)
+    return lo
 
 
 @triton.jit
@@ -134,10 +159,10 @@ def _fire_pieces_grad(ds, x, lo, hi, KINK, DSLOPE, DOFFS):
         tl.atomic_add(DSLOPE + k, -moved_x)
 
 
-def _forward(Q, K, V, TAB, DEN, KINK, SLOPE, OFFS, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+def _forward(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
              s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, NK, NP, scale, KPS, s_os, s_ls, CAUSAL: tl.constexpr,
              D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-             FIRE: tl.constexpr, KP: tl.constexpr):
+             FIRE: tl.constexpr, KSTEPS: tl.constexpr):
     """Program (query block, batch·head, key split): online softmax over the key blocks it can see among
     keys ``[split·KPS, (split + 1)·KPS)``. One split (``KPS ≥ LK``) is the whole call; several (few queries
     against a long cache: flash decoding) each write their own output and log-sum-exp, ``s_os`` and
@@ -158,8 +183,8 @@ def _forward(Q, K, V, TAB, DEN, KINK, SLOPE, OFFS, O, LSE, s_qb, s_qh, s_qm, s_k
         kt = tl.load(K + b * s_kb + h * s_kh + cols[None, :] * s_kn + dims[:, None],
                      mask=(cols[None, :] < LK) & dmask[:, None], other=0.0)
         s, _, _, _ = _tile(tl.dot(q, kt, input_precision=PREC), rows[:, None], cols[None, :], pid_m * BM,
-                           pid_m * BM + BM - 1, start, start + BN - 1, TAB, DEN, KINK, SLOPE, OFFS, h, DELTA, LO,
-                           TLEN, NK, NP, LQ, LK, scale, CAUSAL, FIRE, KP)
+                           pid_m * BM + BM - 1, start, start + BN - 1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO,
+                           TLEN, NK, NP, LQ, LK, scale, CAUSAL, FIRE, KSTEPS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
         p = tl.exp2(s - m_use[:, None])
@@ -188,13 +213,14 @@ def _query_rows(q_ptr, do_ptr, lse_ptr, dl_ptr, rows, dims, dmask, s_qm, s_om, L
     return q, do, tl.load(lse_ptr + rows, mask=keep, other=0.0), tl.load(dl_ptr + rows, mask=keep, other=0.0)
 
 
-def _backward_keys(Q, K, V, TAB, DEN, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DTAB, DSLOPE, DOFFS, s_qb, s_qh, s_qm,
+def _backward_keys(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DTAB, DSLOPE, DOFFS, s_qb, s_qh, s_qm,
                    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, NK, NP, scale,
                    CAUSAL: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, B: tl.constexpr,
-                   TABLE_GRAD: tl.constexpr, PREC: tl.constexpr, FIRE: tl.constexpr, KP: tl.constexpr):
+                   TABLE_GRAD: tl.constexpr, PREC: tl.constexpr, FIRE: tl.constexpr, KSTEPS: tl.constexpr):
     """Program (key block, batch·head): dK and dV over every query block that sees a key of it, and
     (``TABLE_GRAD``) each square ``B × B`` tile's ``dS`` into the table's gradient (:func:`_table_grad`);
-    with FIRE, into its pieces' gradients and, times each pair's slope over ``DEN``, into ``ψ``'s."""
+    with FIRE, into its pieces' gradients and, times each pair's slope, ``INV`` and ``∂ψ/∂C = |o|/(1 +
+    C·|o|)``, into ``C``'s (summed over the program, one atomic add into ``DTAB[h]``)."""
     pid_n, bh, b, h, cols, dims, dmask = _program(H, B, D, DP)
     kmask = (cols[:, None] < LK) & dmask[None, :]
     k = tl.load(K + b * s_kb + h * s_kh + cols[:, None] * s_kn + dims[None, :], mask=kmask, other=0.0)
@@ -202,6 +228,7 @@ def _backward_keys(Q, K, V, TAB, DEN, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DT
     dk = tl.zeros([B, DP], tl.float32)
     dv = tl.zeros([B, DP], tl.float32)
     dtab = DTAB + h * TLEN
+    dc = tl.zeros([B], tl.float32)  # FIRE: C's gradient, per key
     lo_q = 0
     if CAUSAL:  # the first query that sees this block's first key, rounded down to a block
         lo_q = (tl.maximum(pid_n * B - DELTA, 0) // B) * B
@@ -210,19 +237,26 @@ def _backward_keys(Q, K, V, TAB, DEN, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DT
         q, do, lse, dl = _query_rows(Q + b * s_qb + h * s_qh, DO + b * s_ob + h * s_oh, LSE + bh * LQ, DL + bh * LQ,
                                      rows, dims, dmask, s_qm, s_om, LQ)
         st, xt, lo, hi = _tile(tl.dot(k, tl.trans(q), input_precision=PREC), rows[None, :], cols[:, None], start,
-                               start + B - 1, pid_n * B, pid_n * B + B - 1, TAB, DEN, KINK, SLOPE, OFFS, h, DELTA, LO,
-                               TLEN, NK, NP, LQ, LK, scale, CAUSAL, FIRE, KP)
+                               start + B - 1, pid_n * B, pid_n * B + B - 1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO,
+                               TLEN, NK, NP, LQ, LK, scale, CAUSAL, FIRE, KSTEPS)
         pt = tl.exp2(st - lse[None, :] * LOG2E)  # [keys, queries]; 0 where hidden
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
         dst = pt * (dpt - dl[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
         if TABLE_GRAD:
-            if FIRE:  # ∂x = dS·slope; x = ψ/DEN: ∂ψ = ∂x/DEN
+            if FIRE:  # ∂x = dS·slope; x = ψ·INV: ∂ψ = ∂x·INV, and ψ = log(1 + C·|o|)
                 _fire_pieces_grad(dst, xt, lo, hi, KINK, DSLOPE + h * NP, DOFFS + h * NP)
-                dst = dst * _fire_slope(xt, lo, hi, KINK, SLOPE + h * NP) / tl.load(
-                    DEN + tl.minimum(rows, LQ - 1))[None, :]
-            _table_grad(dtab, dst, DELTA + start - pid_n * B, LO, TLEN, B)
+                o = DELTA + rows[None, :] - cols[:, None]
+                a = tl.where(o < 0, -o, o).to(tl.float32)
+                dpsi = dst * _fire_slope(xt, lo, hi, KINK, SLOPE + h * NP) * tl.load(
+                    INV + tl.minimum(rows, LQ - 1))[None, :]
+                dc += tl.sum(dpsi * a / (1.0 + tl.load(TAB) * a), 1)
+            else:
+                _table_grad(dtab, dst, DELTA + start - pid_n * B, LO, TLEN, B)
+    if FIRE:
+        if TABLE_GRAD:
+            tl.atomic_add(dtab, tl.sum(dc, 0))
     keep = (cols[:, None] < LK) & dmask[None, :]
     tl.store(DK + b * s_kb + h * s_kh + cols[:, None] * s_kn + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=keep)
@@ -252,17 +286,18 @@ def _table_grad(dtab, dst, base, LO, TLEN, B: tl.constexpr):
         tl.atomic_add(dtab + tl.minimum(tl.maximum(idx - B, 0), TLEN - 1), after, mask=lane > 0)
 
 
-def _backward_queries(Q, K, V, TAB, DEN, KINK, SLOPE, OFFS, DO, LSE, DL, DQ, DDEN, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn,
+def _backward_queries(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DQ, DINV, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn,
                       s_vb, s_vh, s_vn, s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, NK, NP, scale,
                       CAUSAL: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      TABLE_GRAD: tl.constexpr, PREC: tl.constexpr, FIRE: tl.constexpr, KP: tl.constexpr):
+                      TABLE_GRAD: tl.constexpr, PREC: tl.constexpr, FIRE: tl.constexpr, KSTEPS: tl.constexpr):
     """Program (query block, batch·head): dQ over the key blocks it sees; with FIRE (``TABLE_GRAD``) also
-    each query's ``∂DEN = −Σ_j dS·slope·x / DEN`` (``x = ψ/DEN``), this head's, stored to ``DDEN``."""
+    each query's ``∂INV = Σ_j dS·slope·ψ = Σ_j dS·slope·x / INV`` (``x = ψ·INV``), this head's, stored to
+    ``DINV``."""
     pid_m, bh, b, h, rows, dims, dmask = _program(H, BM, D, DP)
     q, do, lse, dl = _query_rows(Q + b * s_qb + h * s_qh, DO + b * s_ob + h * s_oh, LSE + bh * LQ, DL + bh * LQ,
                                  rows, dims, dmask, s_qm, s_om, LQ)
     dq = tl.zeros([BM, DP], tl.float32)
-    dden = tl.zeros([BM], tl.float32)
+    dinv = tl.zeros([BM], tl.float32)
     hi = LK
     if CAUSAL:
         hi = tl.minimum(LK, DELTA + (pid_m + 1) * BM)
@@ -272,20 +307,20 @@ def _backward_queries(Q, K, V, TAB, DEN, KINK, SLOPE, OFFS, DO, LSE, DL, DQ, DDE
         kt = tl.load(K + b * s_kb + h * s_kh + cols[None, :] * s_kn + dims[:, None], mask=kmask, other=0.0)
         vt = tl.load(V + b * s_vb + h * s_vh + cols[None, :] * s_vn + dims[:, None], mask=kmask, other=0.0)
         s, x, lo, hi = _tile(tl.dot(q, kt, input_precision=PREC), rows[:, None], cols[None, :], pid_m * BM,
-                             pid_m * BM + BM - 1, start, start + BN - 1, TAB, DEN, KINK, SLOPE, OFFS, h, DELTA, LO,
-                             TLEN, NK, NP, LQ, LK, scale, CAUSAL, FIRE, KP)
+                             pid_m * BM + BM - 1, start, start + BN - 1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO,
+                             TLEN, NK, NP, LQ, LK, scale, CAUSAL, FIRE, KSTEPS)
         p = tl.exp2(s - lse[:, None] * LOG2E)  # 0 where hidden
         ds = p * (tl.dot(do, vt, input_precision=PREC) - dl[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
         if FIRE:
             if TABLE_GRAD:
-                dden += tl.sum(ds * _fire_slope(x, lo, hi, KINK, SLOPE + h * NP) * x, 1)
+                dinv += tl.sum(ds * _fire_slope(x, lo, hi, KINK, SLOPE + h * NP) * x, 1)
     keep = rows < LQ
     tl.store(DQ + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=keep[:, None] & dmask[None, :])
     if FIRE:
         if TABLE_GRAD:
-            tl.store(DDEN + bh * LQ + rows, -dden / tl.load(DEN + rows, mask=keep, other=1.0), mask=keep)
+            tl.store(DINV + bh * LQ + rows, dinv / tl.load(INV + rows, mask=keep, other=1.0), mask=keep)
 
 
 _SIZES = ["H", "LQ", "LK", "DELTA", "LO", "TLEN", "NK", "NP", "KPS", "s_os", "s_ls"]  # (a program without one ignores it)
@@ -317,7 +352,7 @@ def programs(interpret: bool) -> SimpleNamespace:
 
 # the largest shared memory one program may use (opt-in), bytes, by compute capability
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
-_FP32_ARGS = {"TAB", "DEN", "KINK", "SLOPE", "OFFS", "LSE", "DL", "DTAB", "DSLOPE", "DOFFS", "DDEN"}  # whatever the inputs' dtype
+_FP32_ARGS = {"TAB", "INV", "KINK", "SLOPE", "OFFS", "LSE", "DL", "DTAB", "DSLOPE", "DOFFS", "DINV"}  # whatever the inputs' dtype
 _TENSOR_ARGS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", *_FP32_ARGS}
 
 
