@@ -120,6 +120,19 @@ def test_fire_with_a_query_at_its_threshold_and_a_random_mlp():
 
 
 @interpreted
+def test_alibi_forms_its_line_in_place_exactly(monkeypatch):
+    """Causal ALiBi (fixed slopes) reaches the programs as its heads' ``−m`` alone (``LINEAR``: no table,
+    the bias formed per pair), symmetric ALiBi as a table; both match the reference, outputs bit-near."""
+    seen = []
+    forward = table_flash._forward
+    monkeypatch.setattr(table_flash, "_forward", lambda q, k, v, bias, *a: seen.append(bias) or forward(q, k, v, bias, *a))
+    check(randomized("alibi"), lq=50, lk=50)
+    check(randomized("alibi", symmetric=True), causal=False, lq=30, lk=50, q0=10)
+    assert [b[0].dim() for b in seen] == [1, 2]
+    torch.testing.assert_close(seen[0][0], -randomized("alibi").slopes)
+
+
+@interpreted
 def test_positions_past_two_to_the_31_and_a_fire_without_kinks():
     """Offsets and positions past int32 (Triton passes such an argument as int64, a compile of its own)
     stay exact: T5 with one query 2^33 past its keys, FIRE at 2^33 (its denominator in float64, as the
@@ -302,22 +315,24 @@ import json
 import torch
 from posbias.kernels.table_flash import ladder
 from posbias.kernels.table_programs import compile_for
-print(json.dumps({arch: compile_for(arch, torch.bfloat16, causal=True, head_dim=HEAD_DIM,
-                                    config=ladder(KINKS is not None, HEAD_DIM)[0], kinks=KINKS) for arch in (80, 90)}))
+print(json.dumps({arch: compile_for(arch, torch.bfloat16, causal=True, head_dim=HEAD_DIM, table_grad=not LINEAR,
+                                    config=ladder(KINKS is not None, HEAD_DIM)[0], kinks=KINKS, linear=LINEAR)
+                  for arch in (80, 90)}))
 """
 
 
 @pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 4) or torch.cuda.is_available(),
                     reason="Triton's ahead-of-time API as of 3.4; a GPU compiles them for real (the cuda tests)")
-@pytest.mark.parametrize("kinks, d", [(None, 64), pytest.param(32, 64, marks=pytest.mark.slow),
-                                      pytest.param(None, 128, marks=pytest.mark.slow),
-                                      pytest.param(32, 128, marks=pytest.mark.slow)])
-def test_the_first_tiles_keep_their_values_in_registers(kinks, d):
+@pytest.mark.parametrize("kinks, linear, d", [(None, False, 64), pytest.param(32, False, 64, marks=pytest.mark.slow),
+                                              pytest.param(None, True, 64, marks=pytest.mark.slow),
+                                              pytest.param(None, False, 128, marks=pytest.mark.slow),
+                                              pytest.param(32, False, 128, marks=pytest.mark.slow)])
+def test_the_first_tiles_keep_their_values_in_registers(kinks, linear, d):
     """Compiled for sm_90 (H100/H200) in bf16 at head_dim 64 and 128, training (issue 12's target), the
     first configuration of each ladder spills no register to local memory (no stack) in any of its three
-    programs, for a table and for FIRE's MLP (32 kinks); on sm_80 they compile (some spill there,
-    recorded in ``table_flash``)."""
-    used = _compiled_ahead(SPILLS.replace("KINKS", str(kinks)).replace("HEAD_DIM", str(d)))
+    programs, for a table, ALiBi's line (formed in place; its slopes are fixed) and FIRE's MLP (32
+    kinks); on sm_80 they compile (some spill there, recorded in ``table_flash``)."""
+    used = _compiled_ahead(SPILLS.replace("KINKS", str(kinks)).replace("LINEAR", str(linear)).replace("HEAD_DIM", str(d)))
     assert {program: u["spilled"] for program, u in used["90"].items()} == dict.fromkeys(used["90"], 0), used
     assert all(u["registers"] <= 255 for u in used["90"].values()), used
 

@@ -143,25 +143,31 @@ def table_span(scheme: ToeplitzScheme, delta: int, lq: int, lk: int, causal: boo
     return lo, hi
 
 
-def constants(dtype: torch.dtype, head_dim: int, causal: bool, kinks: int | None = None) -> dict:
+def constants(dtype: torch.dtype, head_dim: int, causal: bool) -> dict:
     """The programs' compile-time constants for inputs of ``dtype``: causality, the head dim and its power
-    of two (at least 16, what ``tl.dot`` takes), the dots' precision (float32 exact, no tf32; bf16/fp16
-    dots are exact as they are), and whether the bias is FIRE's MLP with ``kinks`` kinks (``KSTEPS``:
-    the binary search's steps among them, enough for ``kinks + 1`` answers; a table: None)."""
+    of two (at least 16, what ``tl.dot`` takes), and the dots' precision (float32 exact, no tf32;
+    bf16/fp16 dots are exact as they are)."""
     return {"CAUSAL": causal, "D": head_dim, "DP": max(16, 1 << (head_dim - 1).bit_length()),
-            "PREC": "ieee" if dtype == torch.float32 else None, "FIRE": kinks is not None,
-            "KSTEPS": max(1, (kinks or 0).bit_length())}
+            "PREC": "ieee" if dtype == torch.float32 else None}
 
 
-def _bias_args(bias: tuple[Tensor, ...]) -> tuple[list[Tensor], list[int], int | None]:
-    """The programs' bias arguments from a call's bias tensors (a per-offset table ``[H, TLEN]``, or FIRE's
-    ``c`` ``[1]``, the denominators' reciprocals, kinks padded with one ``+∞``, slopes and offsets
-    ``[H, NP]``): the pointers ``TAB, INV, KINK, SLOPE, OFFS`` (the table stands for those a table does not use), the sizes ``TLEN,
-    NK, NP``, and FIRE's kink count for :func:`constants` (None for a table)."""
+def bias_constants(kinks: int | None = None, linear: bool = False) -> dict:
+    """The programs' compile-time constants for the bias: a per-offset table (the default), ALiBi's line
+    (``linear``), or FIRE's MLP with ``kinks`` kinks (``KSTEPS``: the binary search's steps among them,
+    enough for ``kinks + 1`` answers)."""
+    return {"FIRE": kinks is not None, "LINEAR": linear, "KSTEPS": max(1, (kinks or 0).bit_length())}
+
+
+def _bias_args(bias: tuple[Tensor, ...]) -> tuple[list[Tensor], list[int], dict]:
+    """The programs' bias arguments from a call's bias tensors: a per-offset table ``[H, TLEN]``; ALiBi's
+    ``−m`` ``[H]`` (one dimension: the line); or FIRE's ``c`` ``[1]``, the denominators' reciprocals, its
+    kinks padded with one ``+∞``, slopes and offsets ``[H, NP]``. Returns the pointers ``TAB, INV, KINK,
+    SLOPE, OFFS`` (the first standing for those a bias does not use), the sizes ``TLEN, NK, NP`` and
+    :func:`bias_constants`."""
     if len(bias) == 1:
-        return [bias[0]] * 5, [bias[0].shape[-1], 0, 1], None
-    psi, _, kinks, slope, _ = bias
-    return list(bias), [psi.shape[0], kinks.numel() - 1, slope.shape[1]], kinks.numel() - 1
+        return [bias[0]] * 5, [bias[0].shape[-1], 0, 1], bias_constants(linear=bias[0].dim() == 1)
+    c, _, kinks, slope, _ = bias
+    return list(bias), [c.shape[0], kinks.numel() - 1, slope.shape[1]], bias_constants(kinks.numel() - 1)
 
 
 PART = {"forward": "forward", "backward_keys": "backward", "backward_queries": "backward"}  # program → config part
@@ -229,7 +235,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, bias: tuple[Tensor, ...], delta: i
     b, h, lq, d = q.shape
     lk = k.shape[2]
     program, made = programs(interpret).forward, {}
-    pointers, (tlen, nk, np_), kinks = _bias_args(bias)
+    pointers, (tlen, nk, np_), kind = _bias_args(bias)
 
     def launch(cfg: dict) -> None:
         per = lk if splits <= 1 else _cdiv(_cdiv(lk, splits), cfg["BN"]) * cfg["BN"]  # keys per part
@@ -239,10 +245,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, bias: tuple[Tensor, ...], delta: i
         program[(_cdiv(lq, cfg["BM"]), b * h, n)](
             q, k, v, *pointers, out, lse, *_strides(q, k, v, out if n == 1 else out[0]), h, lq, lk, delta, lo,
             tlen, nk, np_, scale, per, 0 if n == 1 else out.stride(0), 0 if n == 1 else lse.stride(0),
-            **constants(q.dtype, d, causal, kinks), **cfg)
+            **constants(q.dtype, d, causal), **kind, **cfg)
         made.update(out=out, lse=lse)
 
-    _launch("forward", q, interpret, launch, kinks is not None)
+    _launch("forward", q, interpret, launch, kind["FIRE"])
     out, lse = made["out"], made["lse"]
     if out.dim() == 5:
         total = torch.logsumexp(lse, 0)
@@ -271,15 +277,15 @@ class _TableFlash(torch.autograd.Function):
         dout = dout.contiguous()
         dl = (dout.float() * out.float()).sum(-1)  # δ_i = dO_i · O_i
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        pointers, (tlen, nk, np_), kinks = _bias_args(bias)
+        pointers, (tlen, nk, np_), kind = _bias_args(bias)
         train = any(ctx.needs_input_grad[4:])
-        fire = kinks is not None
+        fire = kind["FIRE"]
         # the bias's gradients, each a stand-in pointer (the table) where nothing is written to it: the
         # table's (FIRE: c's, per head), FIRE's pieces' (per head) and reciprocal denominators' (per batch·head)
         dtab = torch.zeros(h, tlen, device=q.device) if train else pointers[0]
         dslope, doffs = (torch.zeros_like(bias[3]), torch.zeros_like(bias[4])) if fire and train else (dtab, dtab)
         dinv = torch.empty(b * h, lq, device=q.device) if fire and train else dtab
-        fixed = {**constants(q.dtype, d, causal, kinks), "TABLE_GRAD": train}
+        fixed = {**constants(q.dtype, d, causal), **kind, "TABLE_GRAD": train}
         strides = _strides(q, k, v, dout)
         sizes = (h, lq, lk, delta, lo, tlen, nk, np_, scale)
         run = programs(interpret)
@@ -314,6 +320,8 @@ def table_flash_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme |
         lo, bias = 0, (scheme.c.abs().float().reshape(1), 1 / scheme.denominator(q_pos.to(q.device)),
                        torch.cat([kinks.detach(), kinks.new_full((1,), float("inf"))]), slope.T.contiguous(),
                        offset.T.contiguous())
+    elif scheme.linear_slopes is not None and not scheme.linear_slopes.requires_grad:  # ALiBi: −m·o in place
+        lo, bias = 0, (-scheme.linear_slopes.float().contiguous(),)
     else:
         lo, hi = table_span(scheme, delta, lq, lk, causal)
         bias = (scheme.bias_at(torch.arange(lo, hi + 1, device=q.device)).float().contiguous(),)  # [H, hi − lo + 1]
