@@ -131,7 +131,8 @@ def flex_probe(args, device, dtype) -> None:
 # ``table_programs.compile_for``): whether spills cost what they should is the second row's question.
 TABLE_VARIANTS = [
     {},  # 128 × 64, 8 warps / 64, 8 warps: 0; 0, 0
-    {"forward": {"BM": 128, "BN": 64, "num_warps": 4}, "backward": {"B": 64, "num_warps": 4}},  # 416; 448, 0 (old first)
+    # 416; 448, 0 (the first before 8 warps)
+    {"forward": {"BM": 128, "BN": 64, "num_warps": 4}, "backward": {"B": 64, "num_warps": 4}},
     {"forward": {"BM": 128, "BN": 32}, "backward": {"B": 32, "num_warps": 4}},  # 0; 0, 0
     {"forward": {"BM": 64, "BN": 64, "num_warps": 4}, "backward": {"B": 64, "num_stages": 1}},  # 16; 0, 0
     {"forward": {"BM": 128, "BN": 128, "num_stages": 2}},  # 120; 0, 0
@@ -163,7 +164,8 @@ def table_probe(args, device, dtype) -> None:
     for fire, names, variants in ((False, ("t5", "alibi"), TABLE_VARIANTS), (True, ("fire",), FIRE_VARIANTS)):
         base = table_flash.ladder(fire, args.head_dim)[0]
         for change in variants:
-            table_flash.use_cuda_configs([table_config(base, change)], fire=fire)  # alone: one that does not fit is a row
+            # alone: one that does not fit is a row
+            table_flash.use_cuda_configs([table_config(base, change)], fire=fire)
             for name in names:
                 scheme = make_scheme(name, args.heads, args.head_dim, device)
                 first, sf, st = probe_row(*posbias_steps(q, k, v, scheme, "triton"), base_f, base_t, device, args.reps)
@@ -220,7 +222,8 @@ def main() -> None:
     p.add_argument("--no-probe", action="store_true",
                    help="leave out the triton tile probe and the FlexAttention kernel_options probe")
     p.add_argument("--table-config", type=json.loads, metavar="JSON",
-                   help='tiles of the triton backend on CUDA for a table, merged into the first of its ladder at --head-dim (posbias.kernels.table_flash.LADDERS) '
+                   help='tiles of the triton backend on CUDA for a table, merged into the first of its ladder at '
+                        '--head-dim (posbias.kernels.table_flash.LADDERS) '
                         '(and run alone), '
                         'e.g. \'{"forward": {"BM": 64, "BN": 64}, "backward": {"B": 32}}\'')
     p.add_argument("--flex-options", type=json.loads, metavar="JSON",

@@ -125,7 +125,8 @@ def test_alibi_forms_its_line_in_place_exactly(monkeypatch):
     the bias formed per pair), symmetric ALiBi as a table; both match the reference, outputs bit-near."""
     seen = []
     forward = table_flash._forward
-    monkeypatch.setattr(table_flash, "_forward", lambda q, k, v, bias, *a: seen.append(bias) or forward(q, k, v, bias, *a))
+    monkeypatch.setattr(table_flash, "_forward",
+                        lambda q, k, v, bias, *a: seen.append(bias) or forward(q, k, v, bias, *a))
     check(randomized("alibi"), lq=50, lk=50)
     check(randomized("alibi", symmetric=True), causal=False, lq=30, lk=50, q0=10)
     assert [b[0].dim() for b in seen] == [1, 2]
@@ -332,7 +333,8 @@ def test_the_first_tiles_keep_their_values_in_registers(kinks, linear, d):
     first configuration of each ladder spills no register to local memory (no stack) in any of its three
     programs, for a table, ALiBi's line (formed in place; its slopes are fixed) and FIRE's MLP (32
     kinks); on sm_80 they compile (some spill there, recorded in ``table_flash``)."""
-    used = _compiled_ahead(SPILLS.replace("KINKS", str(kinks)).replace("LINEAR", str(linear)).replace("HEAD_DIM", str(d)))
+    code = SPILLS.replace("KINKS", str(kinks)).replace("LINEAR", str(linear)).replace("HEAD_DIM", str(d))
+    used = _compiled_ahead(code)
     assert {program: u["spilled"] for program, u in used["90"].items()} == dict.fromkeys(used["90"], 0), used
     assert all(u["registers"] <= 255 for u in used["90"].values()), used
 
@@ -358,8 +360,8 @@ def test_the_interpreter_is_refused_where_it_is_off_and_the_gpu_where_it_is_on()
 
 @pytest.mark.cuda
 @NO_CUDA
-@pytest.mark.parametrize("name, options, causal", CASES + [("fire", {"init_L": 1000}, True),
-                                                         ("fire", {"init_L": 40}, True), ("fire", {"init_L": 40}, False)])
+@pytest.mark.parametrize("name, options, causal", CASES + [
+    ("fire", {"init_L": 1000}, True), ("fire", {"init_L": 40}, True), ("fire", {"init_L": 40}, False)])
 def test_triton_backend_matches_the_reference_on_cuda(name, options, causal):
     """Compiled on the GPU: float32 (no tf32) against the reference, training shape and 37 queries at
     the end, gradients to the scheme's parameters included."""

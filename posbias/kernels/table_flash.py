@@ -14,10 +14,11 @@ parameters (T5's bucket table, KERPLE's r1/r2, …).
 
 FIRE is Toeplitz only below its threshold (there :func:`~posbias.attention.attention` hands over its
 Toeplitz view, a table as above). Past it the bias ``f(ψ(|i − j|) / ψ(max(L, i)))`` also depends on the
-query, so the kernels read the denominator's reciprocal per query (an O(N) table) and ``c``, form ``ψ(|o|) = log(1 + c·|o|)``
-per pair, and evaluate the MLP per pair from its linear pieces (:meth:`~posbias.schemes.fire.FIRE.pieces`; a tile spans
-few of them): the reference's bias to float rounding, and gradients to the MLP, ``c`` and ``L`` through
-the pieces, the reciprocals and ``c`` (autograd from there).
+query, so the kernels read the denominator's reciprocal per query (an O(N) table) and ``c``, form
+``ψ(|o|) = log(1 + c·|o|)`` per pair, and evaluate the MLP per pair from its linear pieces
+(:meth:`~posbias.schemes.fire.FIRE.pieces`; a tile spans few of them): the reference's bias to float
+rounding, and gradients to the MLP, ``c`` and ``L`` through the pieces, the reciprocals and ``c``
+(autograd from there). Causal ALiBi (fixed slopes) reads no table either: ``−m·o`` per pair.
 
 Lengths are runtime arguments, not compile-time constants, and not specialised on (Triton would
 otherwise compile anew for a length of 1 or one divisible by 16): a new length or a decoding step reuses

@@ -331,7 +331,8 @@ def _backward_queries(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DQ, DIN
             tl.store(DINV + bh * LQ + rows, dinv / tl.load(INV + rows, mask=keep, other=1.0), mask=keep)
 
 
-_SIZES = ["H", "LQ", "LK", "DELTA", "LO", "TLEN", "NK", "NP", "KPS", "s_os", "s_ls"]  # (a program without one ignores it)
+# (a program without one of them ignores it)
+_SIZES = ["H", "LQ", "LK", "DELTA", "LO", "TLEN", "NK", "NP", "KPS", "s_os", "s_ls"]
 
 
 def interpreting() -> bool:
@@ -360,7 +361,8 @@ def programs(interpret: bool) -> SimpleNamespace:
 
 # the largest shared memory one program may use (opt-in), bytes, by compute capability
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
-_FP32_ARGS = {"TAB", "INV", "KINK", "SLOPE", "OFFS", "LSE", "DL", "DTAB", "DSLOPE", "DOFFS", "DINV"}  # whatever the inputs' dtype
+# float32 whatever the inputs' dtype
+_FP32_ARGS = {"TAB", "INV", "KINK", "SLOPE", "OFFS", "LSE", "DL", "DTAB", "DSLOPE", "DOFFS", "DINV"}
 _TENSOR_ARGS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", *_FP32_ARGS}
 
 
@@ -370,11 +372,11 @@ def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, 
     a GPU (Triton's ahead-of-time path: LLVM and ptxas, no driver), for inputs of ``dtype`` (torch's
     bfloat16, float16 or float32) and tiles ``config`` (one of ``table_flash.LADDERS``' lists), with the
     constants and tiles the backend launches them with (``kinks``: FIRE's programs, an MLP with that many
-    kinks; ``linear``: ALiBi's): ``{program: {"shared": bytes of shared memory, "registers": per thread, "spilled": bytes of
-    stack per thread}}``, the last two read from the binary (``cuobjdump``, shipped with Triton; None
-    where it is not). A program that does not compile raises Triton's ``CompilationError``; one that
-    needs more shared memory than the device has compiles here and fails at launch, which
-    :data:`SHARED_LIMIT` lets a caller check. Stack in a Triton program (which inlines every call) is
+    kinks; ``linear``: ALiBi's): ``{program: {"shared": bytes of shared memory, "registers": per
+    thread, "spilled": bytes of stack per thread}}``, the last two read from the binary (``cuobjdump``,
+    shipped with Triton; None where it is not). A program that does not compile raises Triton's
+    ``CompilationError``; one that needs more shared memory than the device has compiles here and fails
+    at launch, which :data:`SHARED_LIMIT` lets a caller check. Stack in a Triton program (which inlines every call) is
     registers spilled to local memory, read and written inside the tile loop: what a GPU run would find
     slow, found here without one. Not where ``TRITON_INTERPRET=1``."""
     import torch
