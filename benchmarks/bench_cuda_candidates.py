@@ -126,21 +126,22 @@ def flex_probe(args, device, dtype) -> None:
 
 
 # The triton backend's tile configurations the probe tries, each alone (each part merged into the first of
-# the ladder at --head-dim, a table's or FIRE's: table_flash.ladder). Comments: bytes of registers each program
-# spills on sm_90 in bf16 at head_dim 64 (forward; dK/dV, dQ), compiled ahead of time (Triton 3.9,
-# ``table_programs.compile_for``): whether spills cost what they should is the second row's question.
+# the ladder at --head-dim, a table's or FIRE's: table_flash.ladder). Comments: local-memory loads and
+# stores inside each program's loops (registers spilled per tile) on sm_90 in bf16 at head_dim 64 (forward;
+# dK/dV, dQ), compiled ahead of time (Triton 3.9, ``table_programs.compile_for``'s ``loop_spills``):
+# whether spills cost what they should is the second row's question.
 TABLE_VARIANTS = [
     {},  # 128 × 64, 8 warps / 64, 8 warps: 0; 0, 0
-    # 416; 448, 0 (the first before 8 warps)
+    # 55; 177, 0 (the first before 8 warps)
     {"forward": {"BM": 128, "BN": 64, "num_warps": 4}, "backward": {"B": 64, "num_warps": 4}},
     {"forward": {"BM": 128, "BN": 32}, "backward": {"B": 32, "num_warps": 4}},  # 0; 0, 0
-    {"forward": {"BM": 64, "BN": 64, "num_warps": 4}, "backward": {"B": 64, "num_stages": 1}},  # 16; 0, 0
-    {"forward": {"BM": 128, "BN": 128, "num_stages": 2}},  # 120; 0, 0
+    {"forward": {"BM": 64, "BN": 64, "num_warps": 4}, "backward": {"B": 64, "num_stages": 1}},  # 7; 0, 0
+    {"forward": {"BM": 128, "BN": 128, "num_stages": 2}},  # 0; 0, 0
 ]
 FIRE_VARIANTS = [
     {},  # 128 × 64, 8 warps / 32, 4 warps: 0; 0, 0
     {"forward": {"BM": 128, "BN": 32}},  # 0
-    {"backward": {"B": 64, "num_warps": 8}},  # 0; 296, 0
+    {"backward": {"B": 64, "num_warps": 8}},  # 0; 40, 0
 ]
 
 

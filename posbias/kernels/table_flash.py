@@ -48,14 +48,15 @@ from ..schemes.fire import FIRE
 # (Triton refuses a launch that does not, before it starts), remembered per device, dtype, head dim and
 # kind. Not yet timed on a GPU; chosen so that the programs keep their values in registers. Compiled
 # ahead of time for sm_90 (H100/H200; Triton 3.9, bf16, head_dim 64 and 128; tests/test_table_flash.py),
-# every program of each ladder's first configuration spills nothing (``table_programs.compile_for``:
-# 0 bytes of stack); 4 warps on 128 × 64 tiles, the first choice before, spilled 2,088 bytes per thread
-# in the forward at head_dim 64. FIRE's backward holds more values per pair, so its tiles are smaller
-# there (64 × 64 with 8 warps spilled 296 bytes), as are all of head_dim 128 (a table's 64 × 64
-# backward with 8 warps spilled 440). Elsewhere some do spill: on sm_80 (A100) the table's dK/dV
-# program, 384 bytes at head_dim 64; float32 (the exact tests' dtype) up to 736 on sm_90; head_dim 256,
-# 56–136. The first forward at head_dim 64 needs 90,112 bytes of shared memory on sm_90 (232,448
-# available) and 106,496 on sm_80 (166,912).
+# no program of each ladder's first configuration, nor the decoding tiles, loads or stores a spilled
+# register inside its loops (``table_programs.compile_for``'s ``loop_spills``; the table's forward at
+# head_dim 64 keeps 16 bytes on the stack across its loops). 4 warps on 128 × 64 tiles, the first choice
+# before, did so 55 times in the forward's loops and 177 times in the dK/dV program's. FIRE's backward
+# holds more values per pair, so its tiles are smaller there (64 × 64 with 8 warps: 40 in its loops), as
+# are all of head_dim 128. Elsewhere some do spill: on sm_80 (A100) the table's dK/dV program at head_dim
+# 64 (26 in its loops); float32, the exact tests' dtype, and head_dim 256 were not tuned. The first
+# forward at head_dim 64 needs 90,112 bytes of shared memory on sm_90 (232,448 available) and 106,496 on
+# sm_80 (166,912).
 # benchmarks/bench_cuda_candidates.py --table-config JSON runs one configuration alone (:func:`use_cuda_configs`).
 MAX_HEAD_DIM = 256
 _SMALLEST = {"forward": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1},
@@ -84,10 +85,9 @@ LADDERS = {  # (kind, the largest head dim served) → configurations
 }
 # A forward with at most DECODE_ROWS queries (a decoding step, a short chunk) first tries 16-row tiles: a
 # 128-row tile would compute 128 rows for one, and a step reads the cache, so compute it need not do
-# is time. Compiled for sm_90 (bf16) they spill nothing at head_dim 64 (table and FIRE) and 128
-# (table; FIRE 48 bytes).
+# is time. Compiled for sm_90 (bf16) they spill nothing at head_dim 64 and 128, table and FIRE.
 DECODE_ROWS = 16
-DECODE_TILES = {"forward": {"BM": 16, "BN": 64, "num_warps": 4, "num_stages": 3}}
+DECODE_TILES = {"forward": {"BM": 16, "BN": 32, "num_warps": 4, "num_stages": 3}}
 _FITS: dict[tuple, int] = {}  # (program, device, dtype, head dim, FIRE, decoding) → the first configuration that fits
 
 

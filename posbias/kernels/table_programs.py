@@ -48,11 +48,13 @@ def _program(H, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
 
 @triton.jit
 def _tile(qk, r, c, r0, r1, c0, c1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale,
-          CAUSAL: tl.constexpr, FIRE: tl.constexpr, LINEAR: tl.constexpr, KSTEPS: tl.constexpr):
+          CAUSAL: tl.constexpr, FIRE: tl.constexpr, LINEAR: tl.constexpr, KSTEPS: tl.constexpr,
+          EDGE: tl.constexpr = 0):
     """A tile's logits in base 2: ``(scale·qk + bias)·log₂e``, −∞ where a pair is hidden; with FIRE also
     its MLP inputs ``x`` and the pieces ``[lo, hi]`` they span (:func:`_fire_input`). ``r``/``c`` are the
     tile's query and key indices, broadcastable to ``qk``'s shape (either orientation); ``[r0, r1]`` and
-    ``[c0, c1]`` their ranges. ``LINEAR`` (ALiBi, fixed slopes): ``TAB[h]`` is the head's ``−m_h`` and the
+    ``[c0, c1]`` their ranges; ``EDGE`` (a table's): 1 where every pair is at or past the table's last
+    offset, 2 where at or before its first (:func:`_table_bias`). ``LINEAR`` (ALiBi, fixed slopes): ``TAB[h]`` is the head's ``−m_h`` and the
     bias ``−m_h·o`` is formed in place, the reference's product exactly, with no table to read (compiled
     for sm_90, bf16, head_dim 64, 128 × 64 tiles: the forward's code 2,008 instructions against 2,592
     with the table's gather and 1,896 with no bias)."""
@@ -64,7 +66,7 @@ def _tile(qk, r, c, r0, r1, c0, c1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO, T
         if LINEAR:
             s = qk * scale + tl.load(TAB + h) * (DELTA + r - c).to(tl.float32)
         else:
-            s = _table_bias(qk * scale, TAB + h * TLEN, r, c, DELTA, LO, TLEN)
+            s = _table_bias(qk * scale, TAB + h * TLEN, r, c, DELTA, LO, TLEN, EDGE)
     s = s * LOG2E
     edge = (r1 >= LQ) | (c1 >= LK)  # only a tile past the last query or key, or across the diagonal, masks
     if CAUSAL:
@@ -78,13 +80,45 @@ def _tile(qk, r, c, r0, r1, c0, c1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO, T
 
 
 @triton.jit
-def _table_bias(x, tab, r, c, DELTA, LO, TLEN):
-    """``x`` plus each pair's entry of the per-offset table ``tab`` (its index clamped: a pair past either
-    end reads that end's entry, and a tile all past one end reads one address, which a warp's load
-    broadcasts). A branch that added a far tile's entry as a scalar instead cost registers: compiled
-    for sm_90 (bf16, head_dim 64, 128 × 64 tiles, 4 warps) the forward spilled 2,088 bytes per thread
-    with it, 416 without; with 8 warps 408 and none (``compile_for``'s ``spilled``)."""
-    return x + tl.load(tab + tl.minimum(tl.maximum(DELTA + r - c - LO, 0), TLEN - 1))
+def _table_bias(x, tab, r, c, DELTA, LO, TLEN, EDGE: tl.constexpr):
+    """``x`` plus each pair's entry of the per-offset table ``tab``, its index clamped (a pair past either
+    end reads that end's entry). ``EDGE`` 1 or 2: every pair of the tile is past the last entry or
+    before the first, and the tile adds that entry alone, with no index and no load per pair: the
+    programs split their loops so that the far tiles of a table constant beyond a window (T5, a clipped
+    table; most of a long call) run a body of their own, flash attention's plus one add. A runtime
+    branch between the two in one loop had cost registers instead: compiled for sm_90 (bf16, head_dim
+    64, 128 × 64 tiles, 4 warps) the forward spilled 2,088 bytes per thread with it, 416 without (8
+    warps: 408 and none; ``compile_for``'s ``spilled``)."""
+    if EDGE == 1:
+        return x + tl.load(tab + TLEN - 1)
+    elif EDGE == 2:
+        return x + tl.load(tab)
+    else:
+        return x + tl.load(tab + tl.minimum(tl.maximum(DELTA + r - c - LO, 0), TLEN - 1))
+
+
+@triton.jit
+def _far_keys(lo, hi, r0, r1, DELTA, LO, TLEN, BN: tl.constexpr):
+    """For query rows ``r0 … r1`` and key tiles starting at ``lo``, ``lo + BN``, … below ``hi``: ``(a, b)``
+    with the tiles in ``[lo, a)`` wholly at or past the table's last offset, those in ``[b, hi)`` wholly at
+    or before its first, and the rest between (``a ≤ b``)."""
+    last = DELTA + r0 - LO - TLEN + 2 - BN  # a tile starting at or before this: every pair past the last entry
+    a = tl.minimum(tl.where(last >= lo, lo + ((last - lo) // BN + 1) * BN, lo), hi)
+    first = DELTA + r1 - LO  # a tile starting at or after this: every pair at or before the first entry
+    b = tl.where(first > lo, lo + ((first - lo + BN - 1) // BN) * BN, lo)
+    return a, tl.minimum(tl.maximum(b, a), hi)
+
+
+@triton.jit
+def _far_queries(lo, hi, c0, c1, DELTA, LO, TLEN, B: tl.constexpr):
+    """For keys ``c0 … c1`` and query tiles starting at ``lo``, ``lo + B``, … below ``hi``: ``(a, b)`` with
+    the tiles in ``[lo, a)`` wholly at or before the table's first offset, those in ``[b, hi)`` wholly at
+    or past its last, and the rest between (``a ≤ b``)."""
+    first = c0 + LO - DELTA - B + 1  # a tile starting at or before this: every pair at or before the first entry
+    a = tl.minimum(tl.where(first >= lo, lo + ((first - lo) // B + 1) * B, lo), hi)
+    last = c1 + LO + TLEN - 1 - DELTA  # a tile starting at or after this: every pair past the last entry
+    b = tl.where(last > lo, lo + ((last - lo + B - 1) // B) * B, lo)
+    return a, tl.minimum(tl.maximum(b, a), hi)
 
 
 @triton.jit
@@ -184,28 +218,53 @@ def _forward(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, O, LSE, s_qb, s_qh, s_qm, s_k
     if CAUSAL:  # keys past the block's last query are hidden from all its rows
         hi = tl.minimum(LK, DELTA + (pid_m + 1) * BM)
     hi = tl.minimum(hi, (split + 1) * KPS)
-    for start in range(split * KPS, hi, BN):
-        cols = start + tl.arange(0, BN)
-        kt = tl.load(K + b * s_kb + h * s_kh + cols[None, :] * s_kn + dims[:, None],
-                     mask=(cols[None, :] < LK) & dmask[:, None], other=0.0)
-        s, _, _, _ = _tile(tl.dot(q, kt, input_precision=PREC), rows[:, None], cols[None, :], pid_m * BM,
-                           pid_m * BM + BM - 1, start, start + BN - 1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO,
-                           TLEN, NK, NP, LQ, LK, scale, CAUSAL, FIRE, LINEAR, KSTEPS)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        v = tl.load(V + b * s_vb + h * s_vh + cols[:, None] * s_vn + dims[None, :],
-                    mask=(cols[:, None] < LK) & dmask[None, :], other=0.0)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+    lo = split * KPS
+    r0 = pid_m * BM
+    near, far = lo, hi
+    if not FIRE:
+        if not LINEAR:
+            near, far = _far_keys(lo, hi, r0, r0 + BM - 1, DELTA, LO, TLEN, BN)
+    kb, vb = K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh
+    # the tiles past the table's last offset, those between, those before its first (FIRE, ALiBi: all between)
+    acc, m_i, l_i = _forward_keys(acc, m_i, l_i, q, rows, r0, lo, near, kb, vb, s_kn, s_vn, dims, dmask, TAB, INV,
+                                  KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL, BM, BN, PREC,
+                                  FIRE, LINEAR, KSTEPS, 1)
+    acc, m_i, l_i = _forward_keys(acc, m_i, l_i, q, rows, r0, near, far, kb, vb, s_kn, s_vn, dims, dmask, TAB, INV,
+                                  KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL, BM, BN, PREC,
+                                  FIRE, LINEAR, KSTEPS, 0)
+    acc, m_i, l_i = _forward_keys(acc, m_i, l_i, q, rows, r0, far, hi, kb, vb, s_kn, s_vn, dims, dmask, TAB, INV,
+                                  KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL, BM, BN, PREC,
+                                  FIRE, LINEAR, KSTEPS, 2)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw nothing here: output 0, log-sum-exp −∞ (m_i)
     out = acc / l_i[:, None]
     keep = rows < LQ
     tl.store(O + split * s_os + b * s_ob + h * s_oh + rows[:, None] * s_om + dims[None, :], out.to(O.dtype.element_ty),
              mask=keep[:, None] & dmask[None, :])
     tl.store(LSE + split * s_ls + bh * LQ + rows, (m_i + tl.log2(l_i)) / LOG2E, mask=keep)
+
+
+@triton.jit
+def _forward_keys(acc, m_i, l_i, q, rows, r0, lo, hi, K, V, s_kn, s_vn, dims, dmask, TAB, INV, KINK, SLOPE, OFFS, h,
+                  DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  PREC: tl.constexpr, FIRE: tl.constexpr, LINEAR: tl.constexpr, KSTEPS: tl.constexpr,
+                  EDGE: tl.constexpr):
+    """The forward's online softmax over the key tiles starting at ``lo``, ``lo + BN``, … below ``hi``, with
+    the bias of ``EDGE`` (:func:`_table_bias`); ``K``/``V``: this (batch, head)'s keys and values."""
+    for start in range(lo, hi, BN):
+        cols = start + tl.arange(0, BN)
+        kt = tl.load(K + cols[None, :] * s_kn + dims[:, None], mask=(cols[None, :] < LK) & dmask[:, None], other=0.0)
+        s, _, _, _ = _tile(tl.dot(q, kt, input_precision=PREC), rows[:, None], cols[None, :], r0, r0 + BM - 1, start,
+                           start + BN - 1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale,
+                           CAUSAL, FIRE, LINEAR, KSTEPS, EDGE)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        v = tl.load(V + cols[:, None] * s_vn + dims[None, :], mask=(cols[:, None] < LK) & dmask[None, :], other=0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -235,17 +294,55 @@ def _backward_keys(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DT
     dk = tl.zeros([B, DP], tl.float32)
     dv = tl.zeros([B, DP], tl.float32)
     dtab = DTAB + h * TLEN
-    dc = tl.zeros([B], tl.float32)  # FIRE: C's gradient, per key
     lo_q = 0
     if CAUSAL:  # the first query that sees this block's first key, rounded down to a block
         lo_q = (tl.maximum(pid_n * B - DELTA, 0) // B) * B
-    for start in range(lo_q, LQ, B):
+    c0 = pid_n * B
+    near, far = lo_q, LQ
+    if not FIRE:
+        if not LINEAR:
+            near, far = _far_queries(lo_q, LQ, c0, c0 + B - 1, DELTA, LO, TLEN, B)
+    qb, dob, lseb, dlb = Q + b * s_qb + h * s_qh, DO + b * s_ob + h * s_oh, LSE + bh * LQ, DL + bh * LQ
+    # the query tiles before the table's first offset, between, past its last (FIRE, ALiBi: all between);
+    # a far tile's dS goes to its end entry, summed per key here and added once at the end
+    first = tl.zeros([B], tl.float32)  # (FIRE: C's gradient, per key)
+    last = tl.zeros([B], tl.float32)
+    dk, dv, first = _backward_rows(dk, dv, first, k, v, cols, c0, lo_q, near, qb, dob, lseb, dlb, s_qm, s_om, dims,
+                                   dmask, TAB, INV, KINK, SLOPE, OFFS, DSLOPE, DOFFS, dtab, h, DELTA, LO, TLEN, NK, NP,
+                                   LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 2)
+    dk, dv, first = _backward_rows(dk, dv, first, k, v, cols, c0, near, far, qb, dob, lseb, dlb, s_qm, s_om, dims,
+                                   dmask, TAB, INV, KINK, SLOPE, OFFS, DSLOPE, DOFFS, dtab, h, DELTA, LO, TLEN, NK, NP,
+                                   LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 0)
+    dk, dv, last = _backward_rows(dk, dv, last, k, v, cols, c0, far, LQ, qb, dob, lseb, dlb, s_qm, s_om, dims,
+                                  dmask, TAB, INV, KINK, SLOPE, OFFS, DSLOPE, DOFFS, dtab, h, DELTA, LO, TLEN, NK, NP,
+                                  LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 1)
+    if TABLE_GRAD:
+        if FIRE:
+            tl.atomic_add(dtab, tl.sum(first, 0))
+        elif not LINEAR:
+            tl.atomic_add(dtab, tl.sum(first, 0))
+            tl.atomic_add(dtab + TLEN - 1, tl.sum(last, 0))
+    keep = (cols[:, None] < LK) & dmask[None, :]
+    tl.store(DK + b * s_kb + h * s_kh + cols[:, None] * s_kn + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=keep)
+    tl.store(DV + b * s_vb + h * s_vh + cols[:, None] * s_vn + dims[None, :], dv.to(DV.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def _backward_rows(dk, dv, far, k, v, cols, c0, lo, hi, Q, DO, LSE, DL, s_qm, s_om, dims, dmask, TAB, INV, KINK, SLOPE,
+                   OFFS, DSLOPE, DOFFS, dtab, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL: tl.constexpr,
+                   B: tl.constexpr, TABLE_GRAD: tl.constexpr, PREC: tl.constexpr, FIRE: tl.constexpr,
+                   LINEAR: tl.constexpr, KSTEPS: tl.constexpr, EDGE: tl.constexpr):
+    """The dK/dV program over the query tiles starting at ``lo``, ``lo + B``, … below ``hi``, with the bias
+    of ``EDGE`` (:func:`_table_bias`); ``Q``, ``DO``, ``LSE``, ``DL`` at this (batch, head). ``far``, per key,
+    collects what a far tile adds to its end entry's gradient (``EDGE`` 1 or 2: the row sums of ``dS``)
+    and, for FIRE, ``C``'s gradient."""
+    for start in range(lo, hi, B):
         rows = start + tl.arange(0, B)
-        q, do, lse, dl = _query_rows(Q + b * s_qb + h * s_qh, DO + b * s_ob + h * s_oh, LSE + bh * LQ, DL + bh * LQ,
-                                     rows, dims, dmask, s_qm, s_om, LQ)
-        st, xt, lo, hi = _tile(tl.dot(k, tl.trans(q), input_precision=PREC), rows[None, :], cols[:, None], start,
-                               start + B - 1, pid_n * B, pid_n * B + B - 1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO,
-                               TLEN, NK, NP, LQ, LK, scale, CAUSAL, FIRE, LINEAR, KSTEPS)
+        q, do, lse, dl = _query_rows(Q, DO, LSE, DL, rows, dims, dmask, s_qm, s_om, LQ)
+        st, xt, p_lo, p_hi = _tile(tl.dot(k, tl.trans(q), input_precision=PREC), rows[None, :], cols[:, None], start,
+                                   start + B - 1, c0, c0 + B - 1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK,
+                                   NP, LQ, LK, scale, CAUSAL, FIRE, LINEAR, KSTEPS, EDGE)
         pt = tl.exp2(st - lse[None, :] * LOG2E)  # [keys, queries]; 0 where hidden
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -253,21 +350,18 @@ def _backward_keys(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DT
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
         if TABLE_GRAD:
             if FIRE:  # ∂x = dS·slope; x = ψ·INV: ∂ψ = ∂x·INV, and ψ = log(1 + C·|o|)
-                _fire_pieces_grad(dst, xt, lo, hi, KINK, DSLOPE + h * NP, DOFFS + h * NP)
+                _fire_pieces_grad(dst, xt, p_lo, p_hi, KINK, DSLOPE + h * NP, DOFFS + h * NP)
                 o = DELTA + rows[None, :] - cols[:, None]
                 a = tl.where(o < 0, -o, o).to(tl.float32)
-                dpsi = dst * _fire_slope(xt, lo, hi, KINK, SLOPE + h * NP) * tl.load(
+                dpsi = dst * _fire_slope(xt, p_lo, p_hi, KINK, SLOPE + h * NP) * tl.load(
                     INV + tl.minimum(rows, LQ - 1))[None, :]
-                dc += tl.sum(dpsi * a / (1.0 + tl.load(TAB) * a), 1)
+                far += tl.sum(dpsi * a / (1.0 + tl.load(TAB) * a), 1)
+            elif EDGE == 0:
+                if not LINEAR:
+                    _table_grad(dtab, dst, DELTA + start - c0, LO, TLEN, B)
             else:
-                _table_grad(dtab, dst, DELTA + start - pid_n * B, LO, TLEN, B)
-    if FIRE:
-        if TABLE_GRAD:
-            tl.atomic_add(dtab, tl.sum(dc, 0))
-    keep = (cols[:, None] < LK) & dmask[None, :]
-    tl.store(DK + b * s_kb + h * s_kh + cols[:, None] * s_kn + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=keep)
-    tl.store(DV + b * s_vb + h * s_vh + cols[:, None] * s_vn + dims[None, :], dv.to(DV.dtype.element_ty), mask=keep)
+                far += tl.sum(dst, 1)
+    return dk, dv, far
 
 
 @triton.jit
@@ -276,21 +370,16 @@ def _table_grad(dtab, dst, base, LO, TLEN, B: tl.constexpr):
     into the table's gradient ``dtab`` by diagonal (float32 atomics). Row ``r`` rotated left by ``r``
     (``tl.gather``) puts each diagonal in one column, split in two at the wrap: column ``c`` holds query
     ``(r + c) mod B``, at offset ``base + c`` before the wrap and ``base + c − B`` after it, so a tile
-    costs ``2B`` atomic adds instead of ``B²``. A tile wholly past the table's last entry or before
-    its first (T5's far pairs) is one sum and one add."""
-    if base - (B - 1) >= LO + TLEN - 1:
-        tl.atomic_add(dtab + TLEN - 1, tl.sum(tl.sum(dst, 1), 0))
-    elif base + (B - 1) <= LO:
-        tl.atomic_add(dtab, tl.sum(tl.sum(dst, 1), 0))
-    else:
-        lane = tl.arange(0, B)
-        turned = tl.gather(dst, (lane[:, None] + lane[None, :]) % B, 1)
-        low = (lane[:, None] + lane[None, :]) < B  # before the wrap
-        before = tl.sum(tl.where(low, turned, 0.0), 0)
-        after = tl.sum(tl.where(low, 0.0, turned), 0)
-        idx = base + lane - LO
-        tl.atomic_add(dtab + tl.minimum(tl.maximum(idx, 0), TLEN - 1), before)
-        tl.atomic_add(dtab + tl.minimum(tl.maximum(idx - B, 0), TLEN - 1), after, mask=lane > 0)
+    costs ``2B`` atomic adds instead of ``B²`` (offsets past the table's ends add to its end entries). The
+    tiles wholly past an end are not brought here (:func:`_backward_rows`)."""
+    lane = tl.arange(0, B)
+    turned = tl.gather(dst, (lane[:, None] + lane[None, :]) % B, 1)
+    low = (lane[:, None] + lane[None, :]) < B  # before the wrap
+    before = tl.sum(tl.where(low, turned, 0.0), 0)
+    after = tl.sum(tl.where(low, 0.0, turned), 0)
+    idx = base + lane - LO
+    tl.atomic_add(dtab + tl.minimum(tl.maximum(idx, 0), TLEN - 1), before)
+    tl.atomic_add(dtab + tl.minimum(tl.maximum(idx - B, 0), TLEN - 1), after, mask=lane > 0)
 
 
 def _backward_queries(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DQ, DINV, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn,
@@ -309,26 +398,52 @@ def _backward_queries(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DQ, DIN
     hi = LK
     if CAUSAL:
         hi = tl.minimum(LK, DELTA + (pid_m + 1) * BM)
-    for start in range(0, hi, BN):
-        cols = start + tl.arange(0, BN)
-        kmask = (cols[None, :] < LK) & dmask[:, None]
-        kt = tl.load(K + b * s_kb + h * s_kh + cols[None, :] * s_kn + dims[:, None], mask=kmask, other=0.0)
-        vt = tl.load(V + b * s_vb + h * s_vh + cols[None, :] * s_vn + dims[:, None], mask=kmask, other=0.0)
-        s, x, lo, hi = _tile(tl.dot(q, kt, input_precision=PREC), rows[:, None], cols[None, :], pid_m * BM,
-                             pid_m * BM + BM - 1, start, start + BN - 1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO,
-                             TLEN, NK, NP, LQ, LK, scale, CAUSAL, FIRE, LINEAR, KSTEPS)
-        p = tl.exp2(s - lse[:, None] * LOG2E)  # 0 where hidden
-        ds = p * (tl.dot(do, vt, input_precision=PREC) - dl[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-        if FIRE:
-            if TABLE_GRAD:
-                dinv += tl.sum(ds * _fire_slope(x, lo, hi, KINK, SLOPE + h * NP) * x, 1)
+    r0 = pid_m * BM
+    near, far = 0, hi
+    if not FIRE:
+        if not LINEAR:
+            near, far = _far_keys(0, hi, r0, r0 + BM - 1, DELTA, LO, TLEN, BN)
+    kb, vb = K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh
+    # the key tiles past the table's last offset, between, before its first (FIRE, ALiBi: all between)
+    dq, dinv = _backward_keys_of(dq, dinv, q, do, lse, dl, rows, r0, 0, near, kb, vb, s_kn, s_vn, dims, dmask, TAB,
+                                 INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL, BM, BN,
+                                 TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 1)
+    dq, dinv = _backward_keys_of(dq, dinv, q, do, lse, dl, rows, r0, near, far, kb, vb, s_kn, s_vn, dims, dmask, TAB,
+                                 INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL, BM, BN,
+                                 TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 0)
+    dq, dinv = _backward_keys_of(dq, dinv, q, do, lse, dl, rows, r0, far, hi, kb, vb, s_kn, s_vn, dims, dmask, TAB,
+                                 INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL, BM, BN,
+                                 TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 2)
     keep = rows < LQ
     tl.store(DQ + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=keep[:, None] & dmask[None, :])
     if FIRE:
         if TABLE_GRAD:
             tl.store(DINV + bh * LQ + rows, dinv / tl.load(INV + rows, mask=keep, other=1.0), mask=keep)
+
+
+@triton.jit
+def _backward_keys_of(dq, dinv, q, do, lse, dl, rows, r0, lo, hi, K, V, s_kn, s_vn, dims, dmask, TAB, INV, KINK, SLOPE,
+                      OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr, TABLE_GRAD: tl.constexpr, PREC: tl.constexpr, FIRE: tl.constexpr,
+                      LINEAR: tl.constexpr, KSTEPS: tl.constexpr, EDGE: tl.constexpr):
+    """The dQ program over the key tiles starting at ``lo``, ``lo + BN``, … below ``hi``, with the bias of
+    ``EDGE`` (:func:`_table_bias`); ``K``/``V`` at this (batch, head)."""
+    for start in range(lo, hi, BN):
+        cols = start + tl.arange(0, BN)
+        kmask = (cols[None, :] < LK) & dmask[:, None]
+        kt = tl.load(K + cols[None, :] * s_kn + dims[:, None], mask=kmask, other=0.0)
+        vt = tl.load(V + cols[None, :] * s_vn + dims[:, None], mask=kmask, other=0.0)
+        s, x, p_lo, p_hi = _tile(tl.dot(q, kt, input_precision=PREC), rows[:, None], cols[None, :], r0, r0 + BM - 1,
+                                 start, start + BN - 1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ,
+                                 LK, scale, CAUSAL, FIRE, LINEAR, KSTEPS, EDGE)
+        p = tl.exp2(s - lse[:, None] * LOG2E)  # 0 where hidden
+        ds = p * (tl.dot(do, vt, input_precision=PREC) - dl[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+        if FIRE:
+            if TABLE_GRAD:
+                dinv += tl.sum(ds * _fire_slope(x, p_lo, p_hi, KINK, SLOPE + h * NP) * x, 1)
+    return dq, dinv
 
 
 # (a program without one of them ignores it)
@@ -373,8 +488,8 @@ def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, 
     bfloat16, float16 or float32) and tiles ``config`` (one of ``table_flash.LADDERS``' lists), with the
     constants and tiles the backend launches them with (``kinks``: FIRE's programs, an MLP with that many
     kinks; ``linear``: ALiBi's): ``{program: {"shared": bytes of shared memory, "registers": per
-    thread, "spilled": bytes of stack per thread}}``, the last two read from the binary (``cuobjdump``,
-    shipped with Triton; None where it is not). A program that does not compile raises Triton's
+    thread, "spilled": bytes of stack per thread, "loop_spills": local loads and stores inside its
+    loops}}``, the last three read from the binary (:func:`_registers`). A program that does not compile raises Triton's
     ``CompilationError``; one that needs more shared memory than the device has compiles here and fails
     at launch, which :data:`SHARED_LIMIT` lets a caller check. Stack in a Triton program (which inlines every call) is
     registers spilled to local memory, read and written inside the tile loop: what a GPU run would find
@@ -409,8 +524,11 @@ def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, 
 
 
 def _registers(cubin: bytes) -> dict:
-    """``{"registers": …, "spilled": …}`` of a compiled program from ``cuobjdump -res-usage`` (its REG and
-    STACK), None each where Triton's bundled ``cuobjdump`` is missing."""
+    """``{"registers", "spilled", "loop_spills"}`` of a compiled program from Triton's bundled ``cuobjdump``:
+    registers per thread and bytes of stack (its REG and STACK), and how many local-memory loads and stores
+    lie inside a loop (between a backward branch and its target), where they would run once per tile;
+    spills outside the loops (values kept across them) cost once per program. None each where the tool
+    is missing."""
     import re
     import subprocess
     import tempfile
@@ -418,10 +536,16 @@ def _registers(cubin: bytes) -> dict:
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.exists():
-        return {"registers": None, "spilled": None}
+        return {"registers": None, "spilled": None, "loop_spills": None}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    return {"registers": int(found[1]), "spilled": int(found[2])}
+    code = [(int(m[1], 16), m[2]) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(m[1], 16), at) for at, ins in code if (m := re.search(r"\bBRA\b.*0x([0-9a-f]+)", ins))
+             and int(m[1], 16) < at]
+    local = [at for at, ins in code if re.search(r"\b(STL|LDL)\b", ins)]
+    inside = sum(any(lo <= at <= hi for lo, hi in loops) for at in local)
+    return {"registers": int(found[1]), "spilled": int(found[2]), "loop_spills": inside}
