@@ -347,6 +347,27 @@ def test_the_first_tiles_keep_their_values_in_registers(kinks, linear, d):
     assert all(u["registers"] <= 255 for u in used["90"].values()), used
 
 
+OLD_FIRST = """
+import json
+import torch
+from posbias.kernels.table_programs import compile_for
+old = {"forward": {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3},
+       "backward": {"B": 64, "num_warps": 4, "num_stages": 2}}
+print(json.dumps(compile_for(90, torch.bfloat16, causal=True, head_dim=64, config=old)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 4) or torch.cuda.is_available(),
+                    reason="Triton's ahead-of-time API as of 3.4; a GPU compiles them for real (the cuda tests)")
+def test_spills_inside_the_loops_are_found_where_there_are_some():
+    """The count the register test relies on is not blind: the first tiles before 8 warps (128 × 64, 4
+    warps) load and store spilled registers inside the forward's and the dK/dV program's loops."""
+    used = _compiled_ahead(OLD_FIRST)
+    assert used["forward"]["loop_spills"] > 0 and used["backward_keys"]["loop_spills"] > 0, used
+    assert used["forward"]["spilled"] > 0 and used["forward"]["registers"] == 255, used
+
+
 def test_the_backend_runs_on_cuda_only_and_says_so():
     """On CPU tensors ``usable`` names the device; a forced ``triton`` refuses in one line, or gives
     way to the automatic choice with ``strict=False``."""
