@@ -54,10 +54,11 @@ def _tile(qk, r, c, r0, r1, c0, c1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO, T
     its MLP inputs ``x`` and the pieces ``[lo, hi]`` they span (:func:`_fire_input`). ``r``/``c`` are the
     tile's query and key indices, broadcastable to ``qk``'s shape (either orientation); ``[r0, r1]`` and
     ``[c0, c1]`` their ranges; ``EDGE`` (a table's): 1 where every pair is at or past the table's last
-    offset, 2 where at or before its first (:func:`_table_bias`). ``LINEAR`` (ALiBi, fixed slopes): ``TAB[h]`` is the head's ``−m_h`` and the
-    bias ``−m_h·o`` is formed in place, the reference's product exactly, with no table to read (compiled
-    for sm_90, bf16, head_dim 64, 128 × 64 tiles: the forward's code 2,008 instructions against 2,592
-    with the table's gather and 1,896 with no bias)."""
+    offset, 2 where at or before its first (:func:`_table_bias`). ``LINEAR`` (ALiBi, fixed slopes):
+    ``TAB[h]`` is the head's ``−m_h`` and the bias ``−m_h·o`` is formed in place, the reference's product
+    exactly, with no table to read (compiled for sm_90, bf16, head_dim 64, 128 × 64 tiles, before the far
+    tiles had loops of their own: the forward's code 2,008 instructions against 2,592 with the table's
+    gather and 1,896 with no bias)."""
     if FIRE:
         x, lo, hi = _fire_input(TAB, INV, KINK, r, c, r0, r1, c0, c1, DELTA, NK, LQ, LK, CAUSAL, KSTEPS)
         s = qk * scale + _fire_bias(x, lo, hi, KINK, SLOPE + h * NP, OFFS + h * NP)
@@ -98,27 +99,19 @@ def _table_bias(x, tab, r, c, DELTA, LO, TLEN, EDGE: tl.constexpr):
 
 
 @triton.jit
-def _far_keys(lo, hi, r0, r1, DELTA, LO, TLEN, BN: tl.constexpr):
-    """For query rows ``r0 … r1`` and key tiles starting at ``lo``, ``lo + BN``, … below ``hi``: ``(a, b)``
-    with the tiles in ``[lo, a)`` wholly at or past the table's last offset, those in ``[b, hi)`` wholly at
-    or before its first, and the rest between (``a ≤ b``)."""
-    last = DELTA + r0 - LO - TLEN + 2 - BN  # a tile starting at or before this: every pair past the last entry
-    a = tl.minimum(tl.where(last >= lo, lo + ((last - lo) // BN + 1) * BN, lo), hi)
-    first = DELTA + r1 - LO  # a tile starting at or after this: every pair at or before the first entry
-    b = tl.where(first > lo, lo + ((first - lo + BN - 1) // BN) * BN, lo)
-    return a, tl.minimum(tl.maximum(b, a), hi)
-
-
-@triton.jit
-def _far_queries(lo, hi, c0, c1, DELTA, LO, TLEN, B: tl.constexpr):
-    """For keys ``c0 … c1`` and query tiles starting at ``lo``, ``lo + B``, … below ``hi``: ``(a, b)`` with
-    the tiles in ``[lo, a)`` wholly at or before the table's first offset, those in ``[b, hi)`` wholly at
-    or past its last, and the rest between (``a ≤ b``)."""
-    first = c0 + LO - DELTA - B + 1  # a tile starting at or before this: every pair at or before the first entry
-    a = tl.minimum(tl.where(first >= lo, lo + ((first - lo) // B + 1) * B, lo), hi)
-    last = c1 + LO + TLEN - 1 - DELTA  # a tile starting at or after this: every pair past the last entry
-    b = tl.where(last > lo, lo + ((last - lo + B - 1) // B) * B, lo)
-    return a, tl.minimum(tl.maximum(b, a), hi)
+def _far_tiles(lo, hi, until, since, BLOCK: tl.constexpr, FIRE: tl.constexpr, LINEAR: tl.constexpr):
+    """Tiles starting at ``lo``, ``lo + BLOCK``, … below ``hi``: ``(a, b)`` with ``[lo, a)`` the tiles starting
+    at or before ``until`` and ``[b, hi)`` those starting at or after ``since`` (``a ≤ b``). A program's two
+    far runs of a table's tiles, each wholly past one end of the table; FIRE and ALiBi's line have no
+    table: every tile between (``(lo, hi)``)."""
+    if FIRE:
+        return lo, hi
+    elif LINEAR:
+        return lo, hi
+    else:
+        a = tl.minimum(tl.where(until >= lo, lo + ((until - lo) // BLOCK + 1) * BLOCK, lo), hi)
+        b = tl.where(since > lo, lo + ((since - lo + BLOCK - 1) // BLOCK) * BLOCK, lo)
+        return a, tl.minimum(tl.maximum(b, a), hi)
 
 
 @triton.jit
@@ -220,12 +213,10 @@ def _forward(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, O, LSE, s_qb, s_qh, s_qm, s_k
     hi = tl.minimum(hi, (split + 1) * KPS)
     lo = split * KPS
     r0 = pid_m * BM
-    near, far = lo, hi
-    if not FIRE:
-        if not LINEAR:
-            near, far = _far_keys(lo, hi, r0, r0 + BM - 1, DELTA, LO, TLEN, BN)
+    # the key tiles wholly past the table's last offset for every row (starting at or before `until`), those
+    # between, those wholly at or before its first (from `since`)
+    near, far = _far_tiles(lo, hi, DELTA + r0 - LO - TLEN + 2 - BN, DELTA + r0 + BM - 1 - LO, BN, FIRE, LINEAR)
     kb, vb = K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh
-    # the tiles past the table's last offset, those between, those before its first (FIRE, ALiBi: all between)
     acc, m_i, l_i = _forward_keys(acc, m_i, l_i, q, rows, r0, lo, near, kb, vb, s_kn, s_vn, dims, dmask, TAB, INV,
                                   KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL, BM, BN, PREC,
                                   FIRE, LINEAR, KSTEPS, 1)
@@ -298,13 +289,11 @@ def _backward_keys(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DT
     if CAUSAL:  # the first query that sees this block's first key, rounded down to a block
         lo_q = (tl.maximum(pid_n * B - DELTA, 0) // B) * B
     c0 = pid_n * B
-    near, far = lo_q, LQ
-    if not FIRE:
-        if not LINEAR:
-            near, far = _far_queries(lo_q, LQ, c0, c0 + B - 1, DELTA, LO, TLEN, B)
+    # the query tiles wholly at or before the table's first offset for every key (starting at or before
+    # `until`), those between, those wholly past its last (from `since`); a far tile's dS goes to its end
+    # entry, summed per key here and added once at the end
+    near, far = _far_tiles(lo_q, LQ, c0 + LO - DELTA - B + 1, c0 + B - 1 + LO + TLEN - 1 - DELTA, B, FIRE, LINEAR)
     qb, dob, lseb, dlb = Q + b * s_qb + h * s_qh, DO + b * s_ob + h * s_oh, LSE + bh * LQ, DL + bh * LQ
-    # the query tiles before the table's first offset, between, past its last (FIRE, ALiBi: all between);
-    # a far tile's dS goes to its end entry, summed per key here and added once at the end
     first = tl.zeros([B], tl.float32)  # (FIRE: C's gradient, per key)
     last = tl.zeros([B], tl.float32)
     dk, dv, first = _backward_rows(dk, dv, first, k, v, cols, c0, lo_q, near, qb, dob, lseb, dlb, s_qm, s_om, dims,
@@ -316,10 +305,8 @@ def _backward_keys(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DT
     dk, dv, last = _backward_rows(dk, dv, last, k, v, cols, c0, far, LQ, qb, dob, lseb, dlb, s_qm, s_om, dims,
                                   dmask, TAB, INV, KINK, SLOPE, OFFS, DSLOPE, DOFFS, dtab, h, DELTA, LO, TLEN, NK, NP,
                                   LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 1)
-    if TABLE_GRAD:
-        if FIRE:
-            tl.atomic_add(dtab, tl.sum(first, 0))
-        elif not LINEAR:
+    if TABLE_GRAD:  # (FIRE: C's gradient in `first`, `last` 0; TLEN is 1)
+        if not LINEAR:
             tl.atomic_add(dtab, tl.sum(first, 0))
             tl.atomic_add(dtab + TLEN - 1, tl.sum(last, 0))
     keep = (cols[:, None] < LK) & dmask[None, :]
@@ -399,12 +386,9 @@ def _backward_queries(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DQ, DIN
     if CAUSAL:
         hi = tl.minimum(LK, DELTA + (pid_m + 1) * BM)
     r0 = pid_m * BM
-    near, far = 0, hi
-    if not FIRE:
-        if not LINEAR:
-            near, far = _far_keys(0, hi, r0, r0 + BM - 1, DELTA, LO, TLEN, BN)
+    # the key tiles wholly past the table's last offset, between, wholly at or before its first (as the forward)
+    near, far = _far_tiles(0, hi, DELTA + r0 - LO - TLEN + 2 - BN, DELTA + r0 + BM - 1 - LO, BN, FIRE, LINEAR)
     kb, vb = K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh
-    # the key tiles past the table's last offset, between, before its first (FIRE, ALiBi: all between)
     dq, dinv = _backward_keys_of(dq, dinv, q, do, lse, dl, rows, r0, 0, near, kb, vb, s_kn, s_vn, dims, dmask, TAB,
                                  INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL, BM, BN,
                                  TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 1)
