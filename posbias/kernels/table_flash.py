@@ -67,20 +67,18 @@ _WIDE = [  # head dims past 64, a table's or FIRE's
     {"forward": {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
      "backward": {"B": 16, "num_warps": 4, "num_stages": 1}},
     _SMALLEST]
+_NARROW = [  # head dims up to 64, a table's
+    {"forward": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
+     "backward": {"B": 64, "num_warps": 8, "num_stages": 2}},
+    {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+     "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
+    _SMALLEST]
 LADDERS = {  # (kind, the largest head dim served) → configurations
-    ("table", 64): [
-        {"forward": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
-         "backward": {"B": 64, "num_warps": 8, "num_stages": 2}},
-        {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
-         "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
-        _SMALLEST],
+    ("table", 64): _NARROW,
     ("table", MAX_HEAD_DIM): _WIDE,
-    ("fire", 64): [  # FIRE past its threshold (the MLP per pair)
-        {"forward": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
-         "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
-        {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
-         "backward": {"B": 32, "num_warps": 4, "num_stages": 1}},
-        _SMALLEST],
+    # FIRE past its threshold (the MLP per pair): the table's forward tiles, smaller backward ones
+    ("fire", 64): [{**_NARROW[0], "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
+                   {**_NARROW[1], "backward": {"B": 32, "num_warps": 4, "num_stages": 1}}, _SMALLEST],
     ("fire", MAX_HEAD_DIM): _WIDE,
 }
 # A forward with at most DECODE_ROWS queries (a decoding step, a short chunk) first tries 16-row tiles: a
@@ -236,17 +234,18 @@ def key_splits(q: Tensor, lk: int, fire: bool = False) -> int:
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, bias: tuple[Tensor, ...], delta: int, lo: int, causal: bool,
-             scale: float, interpret: bool, splits: int = 1) -> tuple[Tensor, Tensor]:
+             scale: float, interpret: bool, splits: int | None = 1) -> tuple[Tensor, Tensor]:
     """(output in the inputs' dtype, log-sum-exp float32). With ``splits > 1`` the keys are cut into that
     many parts of whole key tiles, each part's output and log-sum-exp written apart (float32) and merged
     here: ``lse = logsumexp_s lse_s``, ``out = Σ_s exp(lse_s − lse) out_s`` (a part a row sees nothing of
-    has ``lse_s = −∞`` and weighs 0)."""
+    has ``lse_s = −∞`` and weighs 0); ``splits=None``: :func:`key_splits`'."""
     from .table_programs import programs
 
     b, h, lq, d = q.shape
     lk = k.shape[2]
     program, made = programs(interpret).forward, {}
     pointers, (tlen, nk, np_), kind = _bias_args(bias)
+    splits = key_splits(q, lk, kind["FIRE"]) if splits is None else splits
 
     def launch(cfg: dict) -> None:
         per = lk if splits <= 1 else _cdiv(_cdiv(lk, splits), cfg["BN"]) * cfg["BN"]  # keys per part
@@ -339,8 +338,7 @@ def table_flash_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme |
     q, k, v = (t.contiguous() for t in (q, k, v))
     args = (delta, lo, causal, float(scale), interpret)
     if not needs_grad(scheme, q, k, v):  # inference: no autograd node, the keys split where that helps
-        parts = key_splits(q, lk, len(bias) > 1) if splits is None else splits
-        return _forward(q, k, v, bias, *args, parts)[0]
+        return _forward(q, k, v, bias, *args, splits)[0]
     return _TableFlash.apply(q, k, v, args, *bias)
 
 
