@@ -344,12 +344,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
     ``dropout_p > 0`` drops each attention probability with that probability and scales the others by
     ``1/(1 − p)``, as ``scaled_dot_product_attention(..., dropout_p=p)`` does (and, like it, whatever
     the module's training mode: pass ``p if self.training else 0``). It runs on
-    :mod:`~posbias.kernels.dropout` (blocked, O(N) memory, every scheme, gradients to the bias too), or
-    on the dense reference with ``backend="reference"``; a pair's mask is a hash of ``dropout_seed`` and
-    its indices, so both give the same result for one seed. ``dropout_seed`` (an int in [0, 2³² − 1])
-    defaults to one drawn from torch's default CPU generator, which ``torch.manual_seed`` fixes (inside
-    ``torch.compile`` the compiled graph's own generator draws it: a fresh mask every call, reproducible,
-    not eager's draw).
+    :mod:`~posbias.kernels.dropout` (blocked, O(N) memory, every scheme, gradients to the bias too), on
+    CUDA inside the ``triton`` programs where ``backend="triton"`` is forced (or once a GPU run has
+    validated them, :func:`dropout_in_triton`), or on the dense reference with ``backend="reference"``;
+    a pair's mask is a hash of ``dropout_seed`` and its indices, so all give the same result for one
+    seed. ``dropout_seed`` (an int in [0, 2³² − 1]) defaults to one drawn from torch's default CPU
+    generator, which ``torch.manual_seed`` fixes (inside ``torch.compile`` the compiled graph's own
+    generator draws it: a fresh mask every call, reproducible, not eager's draw).
 
     ``backend="auto"`` picks the fastest exact path for the scheme and inputs (see
     :func:`choose_backend`); any name in :data:`BACKENDS` forces that path, and a forced path that
@@ -370,13 +371,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
                                            enable_gqa=enable_gqa, repeat=False)
     if q.shape[2] == 0 or k.shape[2] == 0:
         return _empty(q, k, v)
-    if dropout_p > 0:  # one kernel has dropout (the reference's dense form is the oracle)
-        if backend == "reference":
-            run = reference_dropout
-        else:  # FIRE with every query below its threshold: its Toeplitz view's blocks (0.83–0.88 of the time)
-            run, scheme = dropout_kernel, toeplitz_view(scheme, q_pos, k_pos) or scheme
-        return run(q, *ungrouped(q, k, v), scheme, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale,
-                   p=dropout_p, seed=dropout_seed)
+    if dropout_p > 0:
+        return _with_dropout(q, k, v, scheme, backend, strict, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale,
+                             p=dropout_p, seed=dropout_seed)
     # FIRE below its threshold is Toeplitz there: found once, before a forced path is checked (forced
     # blockwise, reference and flex keep FIRE itself; one that gives way becomes auto)
     rows, view = 0, None
@@ -463,13 +460,44 @@ def _below_and_past(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, view: Toepl
 
 
 def _dropout_args(backend: str, strict: bool, p: object, seed: object) -> tuple[float, int | None]:
-    """:func:`attention`'s dropout arguments checked (a forced backend other than the reference has no
-    dropout: refused when ``strict``), and the seed drawn where dropout is on and none was given."""
+    """:func:`attention`'s dropout arguments checked (a forced backend without dropout is refused when
+    ``strict``), and the seed drawn where dropout is on and none was given."""
     p, seed = check_dropout(p, seed)
-    if p > 0 and backend not in ("auto", "reference") and strict:
+    if p > 0 and backend not in ("auto", *DROPOUT_BACKENDS) and strict:
         raise ValueError(f"backend {backend!r} has no attention dropout; with dropout_p > 0 use backend='auto' "
-                         "(posbias.kernels.dropout) or 'reference'")
+                         "(posbias.kernels.dropout), 'triton' (CUDA) or 'reference'")
     return p, draw_seed() if p > 0 and seed is None else seed
+
+
+DROPOUT_BACKENDS = ("reference", "triton")  # the backends that may be forced with dropout_p > 0
+
+
+def dropout_in_triton(backend: str, device_type: str) -> bool:
+    """Whether attention dropout asked with this backend (forced, or a model-wide preference) goes to the
+    ``triton`` programs on this device, where they run the inputs: CUDA, with ``triton`` forced, or
+    ``auto`` once a GPU run has validated it (:data:`CUDA_VALIDATED`). Elsewhere dropout runs on
+    :mod:`~posbias.kernels.dropout`'s blocks (the same mask)."""
+    return device_type == "cuda" and (backend == "triton" or (backend == "auto" and "triton" in CUDA_VALIDATED))
+
+
+def _with_dropout(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, backend: str, strict: bool, *, q_pos: Tensor,
+                  k_pos: Tensor, causal: bool, scale: float, p: float, seed: int) -> Tensor:
+    """:func:`attention` with dropout: the dense reference (``backend="reference"``, the oracle), the
+    ``triton`` programs (:func:`dropout_in_triton`; a forced one that cannot run the inputs raises when
+    ``strict``), else the dropout kernel's blocks. Each draws the same mask for one seed. FIRE with every
+    query below its threshold goes as its Toeplitz view (its blocks: 0.83–0.88 of the time)."""
+    k, v = ungrouped(q, k, v)
+    kw = dict(q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale)
+    if backend == "reference":
+        return reference_dropout(q, k, v, scheme, p=p, seed=seed, **kw)
+    scheme = toeplitz_view(scheme, q_pos, k_pos) or scheme
+    if backend == "triton" or dropout_in_triton(backend, q.device.type):
+        why = usable("triton", scheme, q, q_pos=q_pos, k_pos=k_pos, causal=causal)
+        if why is None:
+            return table_flash_kernel(q, k, v, scheme, dropout_p=p, dropout_seed=seed, **kw)
+        if backend == "triton" and strict:
+            raise ValueError(f"backend 'triton' cannot run this input exactly: {why}")
+    return dropout_kernel(q, k, v, scheme, p=p, seed=seed, **kw)
 
 
 def _with_documents(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, document_ids: Tensor, *, q_pos: Tensor | None,

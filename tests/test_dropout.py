@@ -163,6 +163,23 @@ def test_forced_backends_with_dropout():
                                atol=2e-5, rtol=1e-4)
 
 
+def test_forced_triton_with_dropout_needs_cuda_and_says_so():
+    """``triton`` drops probabilities inside its programs (CUDA): forced on CPU tensors it refuses with the
+    reason, or gives way to the dropout kernel (the same mask) with ``strict=False``; ``auto`` takes
+    it on CUDA only once a GPU run has validated it."""
+    from posbias.attention import CUDA_VALIDATED, dropout_in_triton
+
+    s = randomized("t5", max_distance=40)
+    q, k, v = (torch.randn(1, 3, 64, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="backend 'triton' cannot run this input exactly: needs CUDA tensors"):
+        attention(q, k, v, s, backend="triton", dropout_p=0.1)
+    torch.testing.assert_close(attention(q, k, v, s, backend="triton", strict=False, dropout_p=0.1, dropout_seed=4),
+                               attention(q, k, v, s, dropout_p=0.1, dropout_seed=4))
+    assert dropout_in_triton("triton", "cuda") and not dropout_in_triton("triton", "cpu")
+    assert not dropout_in_triton("banded", "cuda") and not dropout_in_triton("auto", "cpu")
+    assert dropout_in_triton("auto", "cuda") == ("triton" in CUDA_VALIDATED)
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"dropout_p": 1.0}, r"dropout_p must be a number in \[0, 1\), got 1.0"),
     ({"dropout_p": -0.1}, r"got -0.1"),

@@ -553,12 +553,21 @@ def test_training_with_attention_dropout_runs_on_posbias(family, fast_calls, sam
 
 def test_dropout_runs_on_posbias_only_on_the_devices_listed():
     """Issue 12's rule for a path no GPU run has timed: dropout on other devices than
-    ``DROPOUT_DEVICES`` (the CPU) keeps transformers' path; without dropout every device goes on."""
+    ``DROPOUT_DEVICES`` (the CPU) keeps transformers' path, except on CUDA where the model asks for the
+    ``triton`` backend (its programs drop the probabilities themselves); without dropout every device
+    goes on."""
+    from types import SimpleNamespace
+
+    from posbias.attention import CUDA_VALIDATED
     from posbias.integrations.hf import DROPOUT_DEVICES, _takes_dropout
 
     assert DROPOUT_DEVICES == ("cpu",)
     cpu, elsewhere = torch.empty(1), torch.empty(1, device="meta")
     assert _takes_dropout(0.1, cpu) and _takes_dropout(0.0, elsewhere) and not _takes_dropout(0.1, elsewhere)
+    cuda = SimpleNamespace(device=torch.device("cuda", 0))  # (what _takes_dropout reads of a tensor)
+    assert _takes_dropout(0.1, cuda, "triton") and not _takes_dropout(0.1, elsewhere, "triton")
+    assert not _takes_dropout(0.1, cuda, "banded")
+    assert _takes_dropout(0.1, cuda) == ("triton" in CUDA_VALIDATED)
 
 
 def test_short_inference_keeps_transformers_path_and_training_does_not(fast_calls, monkeypatch):

@@ -25,17 +25,18 @@ INTERPRETED = interpreting()
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="Triton's interpreter is off (CUDA machine): see the cuda tests")
 
 
-def check(scheme, *, causal=True, lq=50, lk=50, q0=None, k0=0, d=16, heads=3, atol=2e-5):
+def check(scheme, *, causal=True, lq=50, lk=50, q0=None, k0=0, d=16, heads=3, atol=2e-5, dropout=None):
     """The interpreted programs against the reference: output, q/k/v gradients and the gradients of the
     scheme's parameters (through the table), float32. Keys at ``k0 …``, queries at ``q0 …`` (default:
-    the end of the keys)."""
+    the end of the keys). ``dropout=(p, seed)``: against the reference with that dropout."""
     q, k, v = (torch.randn(2, heads, n, d, requires_grad=True) for n in (lq, lk, lk))
     k_pos = torch.arange(k0, k0 + lk)
     q_pos = torch.arange(k0 + lk - lq, k0 + lk) if q0 is None else torch.arange(q0, q0 + lq)
     run = toeplitz_view(scheme, q_pos, k_pos) or scheme  # FIRE below its threshold: what attention() hands over
+    p, seed = dropout or (0.0, None)
     out = table_flash_kernel(q, k, v, run, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scheme.default_scale(),
-                             interpret=True)
-    ref = attention_reference(q, k, v, scheme, causal=causal, q_pos=q_pos, k_pos=k_pos)
+                             interpret=True, dropout_p=p, dropout_seed=seed)
+    ref = attention_reference(q, k, v, scheme, causal=causal, q_pos=q_pos, k_pos=k_pos, dropout_p=p, dropout_seed=seed)
     torch.testing.assert_close(out, ref, atol=atol, rtol=1e-4)
     g = torch.randn_like(ref)
     params = [p for p in scheme.parameters() if p.requires_grad]
@@ -147,6 +148,45 @@ def test_positions_past_two_to_the_31_and_a_fire_without_kinks():
         fire.mlp[0].weight.zero_()
     assert fire.pieces()[0].numel() == 0
     check(fire, lq=40, lk=40)
+
+
+@interpreted
+@pytest.mark.parametrize("name, options, causal, lq, q0, k0", [
+    ("t5", {"num_buckets": 8, "max_distance": 10}, True, 50, None, 0),
+    ("offset", {"max_distance": 9, "bidirectional": True}, False, 37, 5, 0),
+    ("alibi", {}, True, 37, None, 0),
+    ("kerple-log", {}, False, 20, 50, 40),
+    ("fire", {"init_L": 20.0}, True, 37, None, 0)])
+def test_dropout_matches_the_reference_with_the_same_mask(name, options, causal, lq, q0, k0):
+    """Attention dropout inside the programs (p = 0.3): the mask drawn per tile in the forward and again in
+    the backward is the reference's pair for pair, so output, q/k/v gradients and the scheme's
+    gradients agree: a table (T5 causal; offset bidirectional), ALiBi's line, KERPLE with queries amid
+    the keys, FIRE past its threshold; a seed past 2^31 (an int32 argument of its bits)."""
+    torch.manual_seed(9)
+    check(randomized(name, **options), causal=causal, lq=lq, lk=50, q0=q0, k0=k0, dropout=(0.3, 3_000_000_017))
+
+
+@interpreted
+@pytest.mark.parametrize("p, seed, splits", [(0.5, 0, 1), (0.1, 2**32 - 1, 3)])
+def test_the_programs_drop_exactly_the_pairs_the_reference_drops(p, seed, splits):
+    """With values the identity (one key per dimension) the output is each row's probabilities times
+    ``1/(1 − p)`` where kept: zero exactly at the pairs :func:`~posbias.kernels.dropout.dropped_reference`
+    (the mask's 64-bit definition) drops, for 4 batches × 3 heads (the hash's (batch, head) word), with
+    the keys split for inference too (flash decoding's parts merged)."""
+    from posbias.kernels.dropout import dropped_reference
+
+    s = randomized("t5", num_buckets=8, max_distance=10, bidirectional=True).requires_grad_(False)
+    q, k = torch.randn(4, 3, 40, 32), torch.randn(4, 3, 32, 32)
+    v = torch.eye(32).expand(4, 3, 32, 32)
+    q_pos, k_pos = torch.arange(40), torch.arange(32)
+    with torch.no_grad():
+        out = table_flash_kernel(q, k, v, s, q_pos=q_pos, k_pos=k_pos, causal=False, scale=0.25, interpret=True,
+                                 splits=splits, dropout_p=p, dropout_seed=seed)
+        probs = attention_reference(q, k, v, s, causal=False, scale=0.25, q_pos=q_pos, k_pos=k_pos)
+    drop = dropped_reference(seed, p, 4, 3, torch.arange(40), torch.arange(32))
+    assert 0.5 * p < drop.float().mean() < 1.5 * p
+    assert torch.equal(out == 0, drop)
+    torch.testing.assert_close(out, probs.masked_fill(drop, 0) / (1 - p), atol=1e-6, rtol=1e-5)
 
 
 @interpreted
@@ -323,25 +363,30 @@ from posbias.kernels.table_flash import DECODE_TILES, ladder
 from posbias.kernels.table_programs import compile_for
 first = ladder(KINKS is not None, HEAD_DIM)[0]
 used = {arch: compile_for(arch, torch.bfloat16, causal=True, head_dim=HEAD_DIM, table_grad=not LINEAR, config=first,
-                          kinks=KINKS, linear=LINEAR) for arch in (80, 90)}
+                          kinks=KINKS, linear=LINEAR, dropout=DROPOUT) for arch in (80, 90)}
 used[90]["decode"] = compile_for(90, torch.bfloat16, causal=True, head_dim=HEAD_DIM, table_grad=not LINEAR,
-                                   config={**first, **DECODE_TILES}, kinks=KINKS, linear=LINEAR)["forward"]
+                                   config={**first, **DECODE_TILES}, kinks=KINKS, linear=LINEAR,
+                                   dropout=DROPOUT)["forward"]
 print(json.dumps(used))
 """
 
 
 @pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 4) or torch.cuda.is_available(),
                     reason="Triton's ahead-of-time API as of 3.4; a GPU compiles them for real (the cuda tests)")
-@pytest.mark.parametrize("kinks, linear, d", [(None, False, 64), pytest.param(32, False, 64, marks=pytest.mark.slow),
-                                              pytest.param(None, True, 64, marks=pytest.mark.slow),
-                                              pytest.param(None, False, 128, marks=pytest.mark.slow),
-                                              pytest.param(32, False, 128, marks=pytest.mark.slow)])
-def test_the_first_tiles_keep_their_values_in_registers(kinks, linear, d):
+@pytest.mark.parametrize("kinks, linear, d, dropout", [
+    (None, False, 64, False), pytest.param(32, False, 64, False, marks=pytest.mark.slow),
+    pytest.param(None, True, 64, False, marks=pytest.mark.slow), pytest.param(None, False, 128, False, marks=pytest.mark.slow),
+    pytest.param(32, False, 128, False, marks=pytest.mark.slow), pytest.param(None, False, 64, True, marks=pytest.mark.slow),
+    pytest.param(32, False, 64, True, marks=pytest.mark.slow), pytest.param(None, False, 128, True, marks=pytest.mark.slow)])
+def test_the_first_tiles_keep_their_values_in_registers(kinks, linear, d, dropout):
     """Compiled for sm_90 (H100/H200) in bf16 at head_dim 64 and 128, training (issue 12's target), the
     first configuration of each ladder loads or stores no spilled register inside the loops of any of its
-    three programs (a few bytes kept across them cost once a program), nor do the decoding tiles, for a table, ALiBi's line (formed in place; its slopes are fixed) and FIRE's MLP (32
-    kinks); on sm_80 they compile (some spill there, recorded in ``table_flash``)."""
+    three programs (a few bytes kept across them cost once a program), nor do the decoding tiles, for a
+    table, ALiBi's line (formed in place; its slopes are fixed) and FIRE's MLP (32 kinks), with attention
+    dropout too (its mask hashed per pair); on sm_80 they compile (some spill there, recorded in
+    ``table_flash``)."""
     code = SPILLS.replace("KINKS", str(kinks)).replace("LINEAR", str(linear)).replace("HEAD_DIM", str(d))
+    code = code.replace("DROPOUT", str(dropout))
     used = _compiled_ahead(code)
     assert {program: u["loop_spills"] for program, u in used["90"].items()} == dict.fromkeys(used["90"], 0), used
     assert all(u["registers"] <= 255 for u in used["90"].values()), used
@@ -409,6 +454,16 @@ def test_triton_backend_within_the_references_own_rounding(name, dtype):
 
 @pytest.mark.cuda
 @NO_CUDA
+@pytest.mark.parametrize("name, options", [("t5", {}), ("alibi", {}), ("kerple-log", {}), ("fire", {"init_L": 40})])
+def test_triton_dropout_matches_the_reference_on_cuda(name, options):
+    """Dropout inside the compiled programs: the reference's mask pair for pair (the hash's 32-bit
+    arithmetic on the GPU), float32, outputs and every gradient, training and 37 queries at the end."""
+    for lq in (None, 37):
+        compare(randomized(name, **options), "triton", lq=lq, device="cuda", dropout_p=0.2, dropout_seed=2**31 + 5)
+
+
+@pytest.mark.cuda
+@NO_CUDA
 def test_triton_backend_with_grouped_heads_padding_and_packed_documents_on_cuda():
     """What attention() hands the backend around it: grouped keys and values (repeated first), a right
     padding mask (the kept keys as a slice) and packed documents (each from position 0), against the
@@ -432,8 +487,9 @@ def test_triton_backend_with_grouped_heads_padding_and_packed_documents_on_cuda(
 @NO_CUDA
 def test_a_new_length_reuses_the_compiled_programs():
     """Lengths are runtime arguments that Triton does not specialise on: after the first calls (a prefill
-    and a step of 3 queries, whose 16-row tiles compile apart), calls at 1,024 tokens (a multiple of 16,
-    1,001 not) and decoding steps (one query; split keys) compile nothing new."""
+    and a step of 3 queries, whose 16-row tiles compile apart, and one with dropout), calls at 1,024
+    tokens (a multiple of 16, 1,001 not), decoding steps (one query; split keys) and dropout with other
+    rates and seeds (a seed of 16 or past 2^31 included) compile nothing new."""
     from posbias.kernels.table_programs import programs
 
     s = randomized("t5").to("cuda")
@@ -443,15 +499,18 @@ def test_a_new_length_reuses_the_compiled_programs():
         caches = getattr(forward, "device_caches", None)
         return sum(len(c[0]) for c in caches.values()) if caches is not None else sum(map(len, forward.cache.values()))
 
-    def call(lq: int, lk: int) -> None:
+    def call(lq: int, lk: int, **dropout) -> None:
         q, k = torch.randn(1, 3, lq, 16, device="cuda"), torch.randn(1, 3, lk, 16, device="cuda")
         with torch.no_grad():
-            attention(q, k, k, s, backend="triton")
+            attention(q, k, k, s, backend="triton", **dropout)
 
     call(1001, 1001)
     call(3, 1001)  # (a decoding step's forward has tiles of its own: compiled once too)
+    call(1001, 1001, dropout_p=0.1, dropout_seed=1)  # (with dropout: compiled once, whatever the seed)
     before = compiled()
     call(1024, 1024)
     call(1, 1024)
     call(1, 5000)
+    call(1024, 1024, dropout_p=0.2, dropout_seed=2**32 - 1)
+    call(1001, 1001, dropout_p=0.1, dropout_seed=16)
     assert compiled() == before

@@ -18,9 +18,11 @@ Padding masks run on posbias too (as :func:`posbias.attention`'s ``key_mask``), 
 counts positions over the kept keys, only where each sequence keeps one run of keys (left or right
 padding). Attention dropout while training runs on posbias too on the CPU (``attention(...,
 dropout_p=...)``: the same dropout of the probabilities, from posbias' own per-pair mask, in O(N)
-memory; :data:`DROPOUT_DEVICES`). What stays on the original ``transformers`` code path (exact by
-construction): cross-attention, any other mask, ``output_attentions`` (for T5 the model's eager attention, which
-returns the weights, whatever implementation the model had), and dropout on other devices. For T5 in those cases the dense bias is still built
+memory; :data:`DROPOUT_DEVICES`), and on CUDA inside the ``triton`` programs where
+``accelerate(model, backend="triton")`` asks for them (:func:`~posbias.attention.dropout_in_triton`).
+What stays on the original ``transformers`` code path (exact by construction): cross-attention, any
+other mask, ``output_attentions`` (for T5 the model's eager attention, which returns the weights,
+whatever implementation the model had), and dropout elsewhere. For T5 in those cases the dense bias is still built
 from posbias' O(N) per-offset table and handed to SDPA, so it is cheaper than the original too.
 
 Usage with a real checkpoint (downloads happen in *your* code, never in posbias)::
@@ -47,7 +49,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..attention import BACKENDS, attention
+from ..attention import BACKENDS, attention, dropout_in_triton
 from ..schemes.alibi import ALiBi
 from ..schemes.rope import RoPE
 from ..schemes.t5 import T5Bias
@@ -418,14 +420,15 @@ def _few_keys_at_inference(lk: int) -> bool:
 # faster than transformers' path for a T5 and holds O(N) memory (docs/huggingface.md). On CUDA, transformers'
 # SDPA has a fused kernel with a dense bias and dropout, while posbias' dropout kernel is a Python loop of dense
 # blocks that no GPU run has timed yet (issue 12: until a GPU run validates a path, it is not taken);
-# there training with dropout keeps transformers' path, as before.
+# there training with dropout keeps transformers' path, as before, unless the model asks for the ``triton``
+# backend, whose programs drop the probabilities themselves (:func:`~posbias.attention.dropout_in_triton`).
 DROPOUT_DEVICES = ("cpu",)
 
 
-def _takes_dropout(p: float, t: Tensor) -> bool:
-    """Whether a call with attention dropout ``p`` may run on posbias: no dropout, or a device of
-    :data:`DROPOUT_DEVICES`."""
-    return p == 0 or t.device.type in DROPOUT_DEVICES
+def _takes_dropout(p: float, t: Tensor, backend: str = "auto") -> bool:
+    """Whether a call with attention dropout ``p`` may run on posbias with this backend preference: no
+    dropout, a device of :data:`DROPOUT_DEVICES`, or dropout inside the ``triton`` programs."""
+    return p == 0 or t.device.type in DROPOUT_DEVICES or dropout_in_triton(backend, t.device.type)
 
 
 # -- T5 family --------------------------------------------------------------------------------
@@ -472,7 +475,7 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         lq, lk = query.shape[2], key.shape[2]
         bias, batch = position_bias, query.shape[0]
         kw = None  # posbias.attention's arguments for what the mask asks, where posbias can run it
-        if not _few_keys_at_inference(lk) and _takes_dropout(dropout, query):
+        if not _few_keys_at_inference(lk) and _takes_dropout(dropout, query, bias.backend):
             kind = mask_kind(attention_mask, bias.q_start, lq, lk, causal_if_none=not bias.scheme.bidirectional)
             docs = mask_documents(attention_mask, lq) if kind is None and bias.q_start == 0 and lq == lk else None
             if kind is not None:  # these keys for every query (padding)
@@ -538,7 +541,7 @@ def _bloom_forward(module: nn.Module, original, hidden_states: Tensor, residual:
     if kind is not None and kind[1] is not None and not _runs(kind[1]):
         kind = None  # BLOOM counts key positions over the kept keys only: the same offsets for one run of them
     dropout = module.attention_dropout.p if module.training else 0.0
-    if kind is None or output_attentions or not _takes_dropout(dropout, hidden_states) or (
+    if kind is None or output_attentions or not _takes_dropout(dropout, hidden_states, posbias_backend) or (
             module.pretraining_tp > 1 and module.slow_but_exact):
         return original(hidden_states, residual, alibi, attention_mask, layer_past=layer_past, use_cache=use_cache,
                         output_attentions=output_attentions, **kwargs)
@@ -603,7 +606,8 @@ def _mpt_forward(module: nn.Module, original, hidden_states: Tensor, position_bi
     kind = None if _few_keys_at_inference(lk) else mask_kind(attention_mask, past, lq, lk, causal_if_none=True,
                                                              hides=True)
     dropout = module.attn_dropout_p if module.training else 0.0
-    if kind is None or getattr(module, "_posbias_weights_wanted", False) or not _takes_dropout(dropout, hidden_states):
+    if kind is None or getattr(module, "_posbias_weights_wanted", False) or not _takes_dropout(dropout, hidden_states,
+                                                                                               posbias_backend):
         return original(hidden_states, position_bias, attention_mask=attention_mask, **kwargs)
     mixed = module.Wqkv(hidden_states)
     if module.clip_qkv:

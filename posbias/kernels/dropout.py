@@ -96,14 +96,19 @@ def _fmix32_(x: Tensor, tmp: Tensor) -> Tensor:
     return x.bitwise_xor_(tmp)
 
 
+def seed_word(seed: int) -> int:
+    """``fmix(seed)``, the call's first word (every row's word starts from it)."""
+    return int(_fmix64(torch.tensor(seed, dtype=torch.int64)))
+
+
 def row_keys(seed: int, batch: int, heads: int, rows: Tensor) -> Tensor:
     """``r`` for every (b, h, i) with ``i`` in ``rows`` (int64 query rows): int64 ``[B, H, R]`` words."""
-    base = _fmix64(torch.tensor(seed, dtype=torch.int64))
+    base = torch.tensor(seed_word(seed), dtype=torch.int64)
     lanes = torch.arange(batch * heads, dtype=torch.int64, device=rows.device).view(batch, heads, 1)
     return _fmix64((_fmix64((base.to(rows.device) + lanes) & MASK32) + rows) & MASK32)
 
 
-def _threshold(p: float) -> int:
+def drop_threshold(p: float) -> int:
     """Dropped iff the signed word is below this: ``⌊p · 2³²⌉`` words of 2³² (−2³¹ ≤ x < −2³¹ + that)."""
     return -(1 << 31) + round(p * (1 << 32))
 
@@ -112,14 +117,14 @@ def dropped_reference(seed: int, p: float, batch: int, heads: int, rows: Tensor,
     """The mask in 64-bit arithmetic (the definition; slow): bool ``[B, H, R, K]``, True = dropped."""
     r = row_keys(seed, batch, heads, rows.long())
     x = _fmix64((r[..., None] + cols.long() * GOLDEN) & MASK32)
-    return _signed32(x) < _threshold(p)
+    return _signed32(x) < drop_threshold(p)
 
 
 def _dropped32(seed: int, p: float, batch: int, heads: int, rows: Tensor, cols: Tensor) -> Tensor:
     r = _signed32(row_keys(seed, batch, heads, rows.long()))
     c = _signed32((cols.long() * GOLDEN) & MASK32)
     x = torch.add(r[..., None], c)
-    return _fmix32_(x, torch.empty_like(x)) < _threshold(p)
+    return _fmix32_(x, torch.empty_like(x)) < drop_threshold(p)
 
 
 @functools.lru_cache(maxsize=None)

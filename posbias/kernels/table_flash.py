@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ..schemes.base import ToeplitzScheme, needs_grad
 from ..schemes.fire import FIRE
+from .dropout import drop_threshold, seed_word
 
 # Tile sizes (queries × keys) of the forward and of the backward's square tiles on CUDA, with the
 # programs' warps and pipeline stages, largest first, by bias kind (a table, or FIRE's MLP) and head
@@ -150,12 +151,24 @@ def table_span(scheme: ToeplitzScheme, delta: int, lq: int, lk: int, causal: boo
     return lo, hi
 
 
-def constants(dtype: torch.dtype, head_dim: int, causal: bool) -> dict:
+def constants(dtype: torch.dtype, head_dim: int, causal: bool, dropout: bool = False) -> dict:
     """The programs' compile-time constants for inputs of ``dtype``: causality, the head dim and its power
-    of two (at least 16, what ``tl.dot`` takes), and the dots' precision (float32 exact, no tf32;
-    bf16/fp16 dots are exact as they are)."""
+    of two (at least 16, what ``tl.dot`` takes), the dots' precision (float32 exact, no tf32;
+    bf16/fp16 dots are exact as they are), and whether they drop probabilities (attention dropout)."""
     return {"CAUSAL": causal, "D": head_dim, "DP": max(16, 1 << (head_dim - 1).bit_length()),
-            "PREC": "ieee" if dtype == torch.float32 else None}
+            "PREC": "ieee" if dtype == torch.float32 else None, "DROP": dropout}
+
+
+NO_DROPOUT = (0, 0, 1.0)
+
+
+def dropout_args(p: float, seed: int) -> tuple[int, int, float]:
+    """The programs' dropout arguments ``(SEED, TH, KEEP)`` for rate ``p`` and a 32-bit ``seed``
+    (:mod:`~posbias.kernels.dropout`'s mask, pair for pair): ``fmix(seed)`` as the int32 with its bits
+    (an int32 argument whatever the seed: no recompile per seed), the signed threshold a pair's word is
+    dropped below, and ``1/(1 − p)``; :data:`NO_DROPOUT` without dropout."""
+    word = seed_word(seed)
+    return word - (1 << 32) * (word >= 1 << 31), drop_threshold(p), 1.0 / (1.0 - p)
 
 
 def bias_constants(kinks: int | None = None, linear: bool = False) -> dict:
@@ -234,8 +247,8 @@ def key_splits(q: Tensor, lk: int, fire: bool = False) -> int:
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, bias: tuple[Tensor, ...], delta: int, lo: int, causal: bool,
-             scale: float, interpret: bool, splits: int | None = 1) -> tuple[Tensor, Tensor]:
-    """(output in the inputs' dtype, log-sum-exp float32). With ``splits > 1`` the keys are cut into that
+             scale: float, interpret: bool, drop: tuple | None, splits: int | None = 1) -> tuple[Tensor, Tensor]:
+    """(output in the inputs' dtype, log-sum-exp float32); ``drop``: :func:`dropout_args` or None. With ``splits > 1`` the keys are cut into that
     many parts of whole key tiles, each part's output and log-sum-exp written apart (float32) and merged
     here: ``lse = logsumexp_s lse_s``, ``out = Σ_s exp(lse_s − lse) out_s`` (a part a row sees nothing of
     has ``lse_s = −∞`` and weighs 0); ``splits=None``: :func:`key_splits`'."""
@@ -255,7 +268,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, bias: tuple[Tensor, ...], delta: i
         program[(_cdiv(lq, cfg["BM"]), b * h, n)](
             q, k, v, *pointers, out, lse, *_strides(q, k, v, out if n == 1 else out[0]), h, lq, lk, delta, lo,
             tlen, nk, np_, scale, per, 0 if n == 1 else out.stride(0), 0 if n == 1 else lse.stride(0),
-            **constants(q.dtype, d, causal), **kind, **cfg)
+            *(drop or NO_DROPOUT), **constants(q.dtype, d, causal, drop is not None), **kind, **cfg)
         made.update(out=out, lse=lse)
 
     _launch("forward", q, interpret, launch, kind["FIRE"])
@@ -267,7 +280,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, bias: tuple[Tensor, ...], delta: i
 
 
 class _TableFlash(torch.autograd.Function):
-    """``(q, k, v, (delta, lo, causal, scale, interpret), *bias)``: the bias tensors of :func:`_bias_args`."""
+    """``(q, k, v, (delta, lo, causal, scale, interpret, drop), *bias)``: the bias tensors of :func:`_bias_args`."""
 
     @staticmethod
     def forward(ctx, q, k, v, args: tuple, *bias):
@@ -281,7 +294,7 @@ class _TableFlash(torch.autograd.Function):
         from .table_programs import programs
 
         q, k, v, out, lse, *bias = ctx.saved_tensors
-        delta, lo, causal, scale, interpret = ctx.args
+        delta, lo, causal, scale, interpret, drop = ctx.args
         b, h, lq, d = q.shape
         lk = k.shape[2]
         dout = dout.contiguous()
@@ -295,9 +308,9 @@ class _TableFlash(torch.autograd.Function):
         dtab = torch.zeros(h, tlen, device=q.device) if train else pointers[0]
         dslope, doffs = (torch.zeros_like(bias[3]), torch.zeros_like(bias[4])) if fire and train else (dtab, dtab)
         dinv = torch.empty(b * h, lq, device=q.device) if fire and train else dtab
-        fixed = {**constants(q.dtype, d, causal), **kind, "TABLE_GRAD": train}
+        fixed = {**constants(q.dtype, d, causal, drop is not None), **kind, "TABLE_GRAD": train}
         strides = _strides(q, k, v, dout)
-        sizes = (h, lq, lk, delta, lo, tlen, nk, np_, scale)
+        sizes = (h, lq, lk, delta, lo, tlen, nk, np_, scale, *(drop or NO_DROPOUT))
         run = programs(interpret)
         _launch("backward_keys", q, interpret, lambda kw: run.backward_keys[(_cdiv(lk, kw["B"]), b * h)](
             q, k, v, *pointers, dout, lse, dl, dk, dv, dtab, dslope, doffs, *strides, *sizes, **fixed, **kw), fire)
@@ -318,11 +331,14 @@ def _cdiv(n: int, block: int) -> int:
 
 def table_flash_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme | FIRE, *, q_pos: Tensor,
                        k_pos: Tensor, causal: bool, scale: float, interpret: bool = False,
-                       splits: int | None = None) -> Tensor:
+                       splits: int | None = None, dropout_p: float = 0.0, dropout_seed: int | None = None) -> Tensor:
     """Contiguous positions (causally, the first query's position at or past the first key's: every
     query sees a key); the dispatcher checks. Without autograd the keys may be split into ``splits``
     parts (default :func:`key_splits`). ``interpret=True`` runs Triton's interpreter on CPU tensors
-    (tests)."""
+    (tests). ``dropout_p > 0`` (with ``dropout_seed``, an int in [0, 2³² − 1]) drops attention
+    probabilities inside the programs with the mask of :mod:`~posbias.kernels.dropout`, pair for pair
+    (the mask is a hash of the seed and the pair's indices, computed per tile in the forward and again
+    in the backward: nothing stored)."""
     delta = int(q_pos[0]) - int(k_pos[0])
     lq, lk = q.shape[2], k.shape[2]
     if isinstance(scheme, FIRE):  # c, 1 / the denominator per query, the MLP's pieces (module docstring)
@@ -336,7 +352,12 @@ def table_flash_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme |
         lo, hi = table_span(scheme, delta, lq, lk, causal)
         bias = (scheme.bias_at(torch.arange(lo, hi + 1, device=q.device)).float().contiguous(),)  # [H, hi − lo + 1]
     q, k, v = (t.contiguous() for t in (q, k, v))
-    args = (delta, lo, causal, float(scale), interpret)
+    drop = None
+    if dropout_p > 0:
+        if dropout_seed is None:
+            raise ValueError("dropout_p > 0 needs a dropout_seed (attention() draws one)")
+        drop = dropout_args(dropout_p, dropout_seed)
+    args = (delta, lo, causal, float(scale), interpret, drop)
     if not needs_grad(scheme, q, k, v):  # inference: no autograd node, the keys split where that helps
         return _forward(q, k, v, bias, *args, splits)[0]
     return _TableFlash.apply(q, k, v, args, *bias)

@@ -47,6 +47,32 @@ def _program(H, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
+def _fmix(x):
+    """The dropout hash's finaliser (:mod:`~posbias.kernels.dropout`) on uint32 words: wrapping multiplies,
+    logical shifts."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _row_keys(SEED, bh, rows):
+    """The dropout hash's word ``r = fmix(fmix(fmix(seed) + b·H + h) + i)`` of each query row ``i`` of this
+    (batch·head) ``bh``; ``SEED`` is ``fmix(seed)``'s bits as an int32 (:func:`~.table_flash.dropout_args`)."""
+    return _fmix(_fmix(SEED.to(tl.uint32, bitcast=True) + bh.to(tl.uint32)) + rows.to(tl.uint32))
+
+
+@triton.jit
+def _kept(rkey, cols, TH):
+    """Whether each pair (row word ``rkey``, key column ``cols``, broadcast together) keeps its probability:
+    ``x = fmix(r + j·0x9E3779B9)``, dropped where ``x`` read as a signed word is below ``TH``, the mask of
+    :func:`~posbias.kernels.dropout.dropped` pair for pair."""
+    return _fmix(rkey + cols.to(tl.uint32) * 0x9E3779B9).to(tl.int32, bitcast=True) >= TH
+
+
+@triton.jit
 def _tile(qk, r, c, r0, r1, c0, c1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale,
           CAUSAL: tl.constexpr, FIRE: tl.constexpr, LINEAR: tl.constexpr, KSTEPS: tl.constexpr,
           EDGE: tl.constexpr = 0):
@@ -193,14 +219,18 @@ def _fire_pieces_grad(ds, x, lo, hi, KINK, DSLOPE, DOFFS):
 
 
 def _forward(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, O, LSE, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-             s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, NK, NP, scale, KPS, s_os, s_ls, CAUSAL: tl.constexpr,
-             D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-             FIRE: tl.constexpr, LINEAR: tl.constexpr, KSTEPS: tl.constexpr):
+             s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, NK, NP, scale, KPS, s_os, s_ls, SEED, TH, KEEP,
+             CAUSAL: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+             PREC: tl.constexpr, FIRE: tl.constexpr, LINEAR: tl.constexpr, KSTEPS: tl.constexpr,
+             DROP: tl.constexpr):
     """Program (query block, batch·head, key split): online softmax over the key blocks it can see among
     keys ``[split·KPS, (split + 1)·KPS)``. One split (``KPS ≥ LK``) is the whole call; several (few queries
     against a long cache: flash decoding) each write their own output and log-sum-exp, ``s_os`` and
-    ``s_ls`` elements apart, merged afterwards; a split with no key visible to a row writes 0 and −∞."""
+    ``s_ls`` elements apart, merged afterwards; a split with no key visible to a row writes 0 and −∞.
+    ``DROP``: attention dropout, a pair's probability kept where :func:`_kept` (threshold ``TH``) and
+    multiplied by ``KEEP = 1/(1 − p)``; the softmax's sums and the log-sum-exp are the undropped ones."""
     pid_m, bh, b, h, rows, dims, dmask = _program(H, BM, D, DP)
+    rkey = _row_keys(SEED, bh, rows)  # (dropout; unused, and so not computed, without)
     split = tl.program_id(2)
     q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :],
                 mask=(rows[:, None] < LQ) & dmask[None, :], other=0.0)
@@ -219,15 +249,17 @@ def _forward(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, O, LSE, s_qb, s_qh, s_qm, s_k
     kb, vb = K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh
     acc, m_i, l_i = _forward_keys(acc, m_i, l_i, q, rows, r0, lo, near, kb, vb, s_kn, s_vn, dims, dmask, TAB, INV,
                                   KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL, BM, BN, PREC,
-                                  FIRE, LINEAR, KSTEPS, 1)
+                                  FIRE, LINEAR, KSTEPS, 1, rkey, TH, DROP)
     acc, m_i, l_i = _forward_keys(acc, m_i, l_i, q, rows, r0, near, far, kb, vb, s_kn, s_vn, dims, dmask, TAB, INV,
                                   KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL, BM, BN, PREC,
-                                  FIRE, LINEAR, KSTEPS, 0)
+                                  FIRE, LINEAR, KSTEPS, 0, rkey, TH, DROP)
     acc, m_i, l_i = _forward_keys(acc, m_i, l_i, q, rows, r0, far, hi, kb, vb, s_kn, s_vn, dims, dmask, TAB, INV,
                                   KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL, BM, BN, PREC,
-                                  FIRE, LINEAR, KSTEPS, 2)
+                                  FIRE, LINEAR, KSTEPS, 2, rkey, TH, DROP)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw nothing here: output 0, log-sum-exp −∞ (m_i)
     out = acc / l_i[:, None]
+    if DROP:
+        out = out * KEEP
     keep = rows < LQ
     tl.store(O + split * s_os + b * s_ob + h * s_oh + rows[:, None] * s_om + dims[None, :], out.to(O.dtype.element_ty),
              mask=keep[:, None] & dmask[None, :])
@@ -238,9 +270,10 @@ def _forward(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, O, LSE, s_qb, s_qh, s_qm, s_k
 def _forward_keys(acc, m_i, l_i, q, rows, r0, lo, hi, K, V, s_kn, s_vn, dims, dmask, TAB, INV, KINK, SLOPE, OFFS, h,
                   DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   PREC: tl.constexpr, FIRE: tl.constexpr, LINEAR: tl.constexpr, KSTEPS: tl.constexpr,
-                  EDGE: tl.constexpr):
+                  EDGE: tl.constexpr, rkey, TH, DROP: tl.constexpr):
     """The forward's online softmax over the key tiles starting at ``lo``, ``lo + BN``, … below ``hi``, with
-    the bias of ``EDGE`` (:func:`_table_bias`); ``K``/``V``: this (batch, head)'s keys and values."""
+    the bias of ``EDGE`` (:func:`_table_bias`); ``K``/``V``: this (batch, head)'s keys and values; ``DROP``:
+    the rows' dropout words ``rkey`` (:func:`_row_keys`)."""
     for start in range(lo, hi, BN):
         cols = start + tl.arange(0, BN)
         kt = tl.load(K + cols[None, :] * s_kn + dims[:, None], mask=(cols[None, :] < LK) & dmask[:, None], other=0.0)
@@ -253,6 +286,8 @@ def _forward_keys(acc, m_i, l_i, q, rows, r0, lo, hi, K, V, s_kn, s_vn, dims, dm
         alpha = tl.exp2(m_i - m_use)
         v = tl.load(V + cols[:, None] * s_vn + dims[None, :], mask=(cols[:, None] < LK) & dmask[None, :], other=0.0)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROP:
+            p = tl.where(_kept(rkey[:, None], cols[None, :], TH), p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, m_i, l_i
@@ -271,9 +306,9 @@ def _query_rows(q_ptr, do_ptr, lse_ptr, dl_ptr, rows, dims, dmask, s_qm, s_om, L
 
 def _backward_keys(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DTAB, DSLOPE, DOFFS, s_qb, s_qh, s_qm,
                    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, NK, NP, scale,
-                   CAUSAL: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, B: tl.constexpr,
+                   SEED, TH, KEEP, CAUSAL: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, B: tl.constexpr,
                    TABLE_GRAD: tl.constexpr, PREC: tl.constexpr, FIRE: tl.constexpr, LINEAR: tl.constexpr,
-                   KSTEPS: tl.constexpr):
+                   KSTEPS: tl.constexpr, DROP: tl.constexpr):
     """Program (key block, batch·head): dK and dV over every query block that sees a key of it, and
     (``TABLE_GRAD``) each square ``B × B`` tile's ``dS`` into the table's gradient (:func:`_table_grad`);
     with FIRE, into its pieces' gradients and, times each pair's slope, ``INV`` and ``∂ψ/∂C = |o|/(1 +
@@ -298,13 +333,16 @@ def _backward_keys(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DT
     last = tl.zeros([B], tl.float32)
     dk, dv, first = _backward_rows(dk, dv, first, k, v, cols, c0, lo_q, near, qb, dob, lseb, dlb, s_qm, s_om, dims,
                                    dmask, TAB, INV, KINK, SLOPE, OFFS, DSLOPE, DOFFS, dtab, h, DELTA, LO, TLEN, NK, NP,
-                                   LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 2)
+                                   LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 2, SEED, bh, TH, KEEP,
+                                   DROP)
     dk, dv, first = _backward_rows(dk, dv, first, k, v, cols, c0, near, far, qb, dob, lseb, dlb, s_qm, s_om, dims,
                                    dmask, TAB, INV, KINK, SLOPE, OFFS, DSLOPE, DOFFS, dtab, h, DELTA, LO, TLEN, NK, NP,
-                                   LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 0)
+                                   LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 0, SEED, bh, TH, KEEP,
+                                   DROP)
     dk, dv, last = _backward_rows(dk, dv, last, k, v, cols, c0, far, LQ, qb, dob, lseb, dlb, s_qm, s_om, dims,
                                   dmask, TAB, INV, KINK, SLOPE, OFFS, DSLOPE, DOFFS, dtab, h, DELTA, LO, TLEN, NK, NP,
-                                  LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 1)
+                                  LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 1, SEED, bh, TH, KEEP,
+                                  DROP)
     if TABLE_GRAD:  # (FIRE: C's gradient in `first`, `last` 0; TLEN is 1)
         if not LINEAR:
             tl.atomic_add(dtab, tl.sum(first, 0))
@@ -312,6 +350,8 @@ def _backward_keys(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DT
     keep = (cols[:, None] < LK) & dmask[None, :]
     tl.store(DK + b * s_kb + h * s_kh + cols[:, None] * s_kn + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=keep)
+    if DROP:
+        dv = dv * KEEP
     tl.store(DV + b * s_vb + h * s_vh + cols[:, None] * s_vn + dims[None, :], dv.to(DV.dtype.element_ty), mask=keep)
 
 
@@ -319,11 +359,13 @@ def _backward_keys(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DT
 def _backward_rows(dk, dv, far, k, v, cols, c0, lo, hi, Q, DO, LSE, DL, s_qm, s_om, dims, dmask, TAB, INV, KINK, SLOPE,
                    OFFS, DSLOPE, DOFFS, dtab, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL: tl.constexpr,
                    B: tl.constexpr, TABLE_GRAD: tl.constexpr, PREC: tl.constexpr, FIRE: tl.constexpr,
-                   LINEAR: tl.constexpr, KSTEPS: tl.constexpr, EDGE: tl.constexpr):
+                   LINEAR: tl.constexpr, KSTEPS: tl.constexpr, EDGE: tl.constexpr, SEED, bh, TH, KEEP,
+                   DROP: tl.constexpr):
     """The dK/dV program over the query tiles starting at ``lo``, ``lo + B``, … below ``hi``, with the bias
     of ``EDGE`` (:func:`_table_bias`); ``Q``, ``DO``, ``LSE``, ``DL`` at this (batch, head). ``far``, per key,
     collects what a far tile adds to its end entry's gradient (``EDGE`` 1 or 2: the row sums of ``dS``)
-    and, for FIRE, ``C``'s gradient."""
+    and, for FIRE, ``C``'s gradient. ``DROP``: dropout (``dV`` is summed unscaled, times ``KEEP`` at the
+    end)."""
     for start in range(lo, hi, B):
         rows = start + tl.arange(0, B)
         q, do, lse, dl = _query_rows(Q, DO, LSE, DL, rows, dims, dmask, s_qm, s_om, LQ)
@@ -331,8 +373,13 @@ def _backward_rows(dk, dv, far, k, v, cols, c0, lo, hi, Q, DO, LSE, DL, s_qm, s_
                                    start + B - 1, c0, c0 + B - 1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK,
                                    NP, LQ, LK, scale, CAUSAL, FIRE, LINEAR, KSTEPS, EDGE)
         pt = tl.exp2(st - lse[None, :] * LOG2E)  # [keys, queries]; 0 where hidden
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        if DROP:  # dV = (P ∘ Z)ᵀ dO, dS = P ∘ (dP ∘ Z − δ) (:func:`~posbias.kernels.flash.mask_backward`)
+            kept = _kept(_row_keys(SEED, bh, rows)[None, :], cols[:, None], TH)
+            dv += tl.dot(tl.where(kept, pt, 0.0).to(do.dtype), do, input_precision=PREC)
+            dpt = tl.where(kept, dpt * KEEP, 0.0)
+        else:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dst = pt * (dpt - dl[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
         if TABLE_GRAD:
@@ -370,16 +417,17 @@ def _table_grad(dtab, dst, base, LO, TLEN, B: tl.constexpr):
 
 
 def _backward_queries(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DQ, DINV, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn,
-                      s_vb, s_vh, s_vn, s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, NK, NP, scale,
-                      CAUSAL: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      TABLE_GRAD: tl.constexpr, PREC: tl.constexpr, FIRE: tl.constexpr, LINEAR: tl.constexpr,
-                   KSTEPS: tl.constexpr):
+                      s_vb, s_vh, s_vn, s_ob, s_oh, s_om, H, LQ, LK, DELTA, LO, TLEN, NK, NP, scale, SEED, TH,
+                      KEEP, CAUSAL: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr, TABLE_GRAD: tl.constexpr, PREC: tl.constexpr, FIRE: tl.constexpr,
+                      LINEAR: tl.constexpr, KSTEPS: tl.constexpr, DROP: tl.constexpr):
     """Program (query block, batch·head): dQ over the key blocks it sees; with FIRE (``TABLE_GRAD``) also
     each query's ``∂INV = Σ_j dS·slope·ψ = Σ_j dS·slope·x / INV`` (``x = ψ·INV``), this head's, stored to
     ``DINV``."""
     pid_m, bh, b, h, rows, dims, dmask = _program(H, BM, D, DP)
     q, do, lse, dl = _query_rows(Q + b * s_qb + h * s_qh, DO + b * s_ob + h * s_oh, LSE + bh * LQ, DL + bh * LQ,
                                  rows, dims, dmask, s_qm, s_om, LQ)
+    rkey = _row_keys(SEED, bh, rows)  # (dropout)
     dq = tl.zeros([BM, DP], tl.float32)
     dinv = tl.zeros([BM], tl.float32)
     hi = LK
@@ -391,13 +439,13 @@ def _backward_queries(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DQ, DIN
     kb, vb = K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh
     dq, dinv = _backward_keys_of(dq, dinv, q, do, lse, dl, rows, r0, 0, near, kb, vb, s_kn, s_vn, dims, dmask, TAB,
                                  INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL, BM, BN,
-                                 TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 1)
+                                 TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 1, rkey, TH, KEEP, DROP)
     dq, dinv = _backward_keys_of(dq, dinv, q, do, lse, dl, rows, r0, near, far, kb, vb, s_kn, s_vn, dims, dmask, TAB,
                                  INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL, BM, BN,
-                                 TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 0)
+                                 TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 0, rkey, TH, KEEP, DROP)
     dq, dinv = _backward_keys_of(dq, dinv, q, do, lse, dl, rows, r0, far, hi, kb, vb, s_kn, s_vn, dims, dmask, TAB,
                                  INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL, BM, BN,
-                                 TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 2)
+                                 TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 2, rkey, TH, KEEP, DROP)
     keep = rows < LQ
     tl.store(DQ + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=keep[:, None] & dmask[None, :])
@@ -410,9 +458,11 @@ def _backward_queries(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DQ, DIN
 def _backward_keys_of(dq, dinv, q, do, lse, dl, rows, r0, lo, hi, K, V, s_kn, s_vn, dims, dmask, TAB, INV, KINK, SLOPE,
                       OFFS, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL: tl.constexpr, BM: tl.constexpr,
                       BN: tl.constexpr, TABLE_GRAD: tl.constexpr, PREC: tl.constexpr, FIRE: tl.constexpr,
-                      LINEAR: tl.constexpr, KSTEPS: tl.constexpr, EDGE: tl.constexpr):
+                      LINEAR: tl.constexpr, KSTEPS: tl.constexpr, EDGE: tl.constexpr, rkey, TH, KEEP,
+                      DROP: tl.constexpr):
     """The dQ program over the key tiles starting at ``lo``, ``lo + BN``, … below ``hi``, with the bias of
-    ``EDGE`` (:func:`_table_bias`); ``K``/``V`` at this (batch, head)."""
+    ``EDGE`` (:func:`_table_bias`); ``K``/``V`` at this (batch, head); ``DROP``: the rows' dropout words
+    ``rkey``."""
     for start in range(lo, hi, BN):
         cols = start + tl.arange(0, BN)
         kmask = (cols[None, :] < LK) & dmask[:, None]
@@ -422,7 +472,10 @@ def _backward_keys_of(dq, dinv, q, do, lse, dl, rows, r0, lo, hi, K, V, s_kn, s_
                                  start, start + BN - 1, TAB, INV, KINK, SLOPE, OFFS, h, DELTA, LO, TLEN, NK, NP, LQ,
                                  LK, scale, CAUSAL, FIRE, LINEAR, KSTEPS, EDGE)
         p = tl.exp2(s - lse[:, None] * LOG2E)  # 0 where hidden
-        ds = p * (tl.dot(do, vt, input_precision=PREC) - dl[:, None])
+        dp = tl.dot(do, vt, input_precision=PREC)
+        if DROP:
+            dp = tl.where(_kept(rkey[:, None], cols[None, :], TH), dp * KEEP, 0.0)
+        ds = p * (dp - dl[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
         if FIRE:
             if TABLE_GRAD:
@@ -431,7 +484,7 @@ def _backward_keys_of(dq, dinv, q, do, lse, dl, rows, r0, lo, hi, K, V, s_kn, s_
 
 
 # (a program without one of them ignores it)
-_SIZES = ["H", "LQ", "LK", "DELTA", "LO", "TLEN", "NK", "NP", "KPS", "s_os", "s_ls"]
+_SIZES = ["H", "LQ", "LK", "DELTA", "LO", "TLEN", "NK", "NP", "KPS", "s_os", "s_ls", "SEED", "TH"]
 
 
 def interpreting() -> bool:
@@ -466,12 +519,12 @@ _TENSOR_ARGS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", *_FP32_ARGS}
 
 
 def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, table_grad: bool = True,
-                kinks: int | None = None, linear: bool = False) -> dict:
+                kinks: int | None = None, linear: bool = False, dropout: bool = False) -> dict:
     """Compile the three programs for compute capability ``arch`` (90: H100/H200, 80: A100) without
     a GPU (Triton's ahead-of-time path: LLVM and ptxas, no driver), for inputs of ``dtype`` (torch's
     bfloat16, float16 or float32) and tiles ``config`` (one of ``table_flash.LADDERS``' lists), with the
     constants and tiles the backend launches them with (``kinks``: FIRE's programs, an MLP with that many
-    kinks; ``linear``: ALiBi's): ``{program: {"shared": bytes of shared memory, "registers": per
+    kinks; ``linear``: ALiBi's; ``dropout``: with attention dropout): ``{program: {"shared": bytes of shared memory, "registers": per
     thread, "spilled": bytes of stack per thread, "loop_spills": local loads and stores inside its
     loops}}``, the last three read from the binary (:func:`_registers`). A program that does not compile raises Triton's
     ``CompilationError``; one that needs more shared memory than the device has compiles here and fails
@@ -491,7 +544,7 @@ def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, 
     for name, extra in (("forward", {}), ("backward_keys", grads), ("backward_queries", grads)):
         fn, kw = getattr(run, name), tiles(name, config)
         options = {k: v for k, v in kw.items() if k.startswith("num_")}  # warps and stages: not arguments
-        fixed = {**constants(dtype, head_dim, causal), **bias_constants(kinks, linear), **extra,
+        fixed = {**constants(dtype, head_dim, causal, dropout), **bias_constants(kinks, linear), **extra,
                  **{k: v for k, v in kw.items() if k not in options}}
         signature = {}
         for arg in fn.arg_names:
@@ -500,7 +553,7 @@ def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, 
             elif arg in _TENSOR_ARGS:
                 signature[arg] = "*fp32" if arg in _FP32_ARGS else f"*{pointee}"
             else:
-                signature[arg] = "fp32" if arg == "scale" else "i32"
+                signature[arg] = "fp32" if arg in ("scale", "KEEP") else "i32"
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=fixed),
                                 target=GPUTarget("cuda", arch, 32), options=options)
         shared[name] = {"shared": kernel.metadata.shared, **_registers(kernel.asm["cubin"])}
