@@ -167,14 +167,17 @@ def steps(call):
     return fwd, train
 
 
-def sdpa_steps(q, k, v):
-    """:func:`steps` of unbiased fused causal SDPA, the baseline of every ratio (grouped heads as given)."""
-    return steps(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]))
+def sdpa_steps(q, k, v, dropout_p: float = 0.0):
+    """:func:`steps` of unbiased fused causal SDPA, the baseline of every ratio (grouped heads as given;
+    with ``dropout_p``, SDPA's own dropout)."""
+    return steps(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1],
+                                                        dropout_p=dropout_p))
 
 
-def posbias_steps(q, k, v, scheme, backend):
-    """:func:`steps` of ``posbias.attention`` with ``backend`` (grouped heads as given)."""
-    return steps(lambda: posbias.attention(q, k, v, scheme, backend=backend, enable_gqa=k.shape[1] != q.shape[1]))
+def posbias_steps(q, k, v, scheme, backend, **kw):
+    """:func:`steps` of ``posbias.attention`` with ``backend`` (grouped heads as given; ``kw`` to it)."""
+    return steps(lambda: posbias.attention(q, k, v, scheme, backend=backend, enable_gqa=k.shape[1] != q.shape[1],
+                                           **kw))
 
 
 def error_text(e: Exception) -> str:

@@ -8,6 +8,12 @@ FlexAttention fails to compile at a length, if it does, across ``kernel_options`
     python benchmarks/bench_cuda_candidates.py                       # bf16, 8k 16k 32k, every scheme
     python benchmarks/bench_cuda_candidates.py --schemes t5 --lengths 8192 --no-probe
     python benchmarks/bench_cuda_candidates.py --backends triton --table-config '{"forward": {"BM": 64}}'
+    python benchmarks/bench_cuda_candidates.py --dropout 0.1 --lengths 8192 --no-probe   # training with dropout
+
+With ``--dropout P`` every call drops attention probabilities with rate P: the baseline is SDPA's own
+dropout (no bias), ``triton`` drops inside its programs, and ``blockwise`` stands for the dropout
+kernel's blocks (:mod:`posbias.kernels.dropout`, what ``auto`` runs on CUDA until ``triton`` is
+validated); the other paths have no dropout and are left out.
 
 Ratios: the median of ``--reps`` interleaved (candidate, SDPA) pairs, smallest–largest in brackets
 (``bench_attention.paired``). A case that fails (a compiler error, out of memory) is a row that says
@@ -46,16 +52,18 @@ def candidates(args, device, dtype) -> None:
         q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3))
         pos = torch.arange(n, device=device)
-        base_f, base_t = sdpa_steps(q, k, v)
+        base_f, base_t = sdpa_steps(q, k, v, args.dropout)
         base_mem = peak_mib(base_t, device)
+        # with dropout: the backends that have it (a forced blockwise gives way to the dropout kernel)
+        drop = {"dropout_p": args.dropout, "strict": False} if args.dropout else {}
         for name in args.schemes:
             scheme = make_scheme(name, args.heads, args.head_dim, device)
-            backends = [b for b in ("triton", "banded", "alibi", "flex")
-                        if b in args.backends and usable(b, scheme, q, q_pos=pos, k_pos=pos, causal=True) is None]
+            backends = [b for b in ("triton", "banded", "alibi", "flex") if b in args.backends and (
+                not args.dropout or b == "triton") and usable(b, scheme, q, q_pos=pos, k_pos=pos, causal=True) is None]
             if "blockwise" in args.backends and n <= args.blockwise_max:
                 backends.append("blockwise")
             for backend in backends:
-                fwd, train = posbias_steps(q, k, v, scheme, backend)
+                fwd, train = posbias_steps(q, k, v, scheme, backend, **drop)
                 try:
                     t0 = time.perf_counter()
                     fwd()
@@ -230,6 +238,9 @@ def main() -> None:
     p.add_argument("--flex-options", type=json.loads, metavar="JSON",
                    help='kernel_options for posbias\'s flex backend on CUDA (posbias.kernels.flex.CUDA_KERNEL_OPTIONS), '
                         'e.g. \'{"BLOCK_M": 64, "BLOCK_N": 64}\'; time it with --backends flex')
+    p.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="attention dropout rate of every call (default 0): triton and blockwise (the dropout "
+                        "kernel) against SDPA with its own dropout")
     p.add_argument("--probe-length", type=int, default=8192)
     p.add_argument("--profile", nargs="+", metavar="BACKEND:SCHEME:N",
                    help="only profile these training calls (torch.profiler), e.g. banded:t5:32768 alibi:alibi:32768")
@@ -237,6 +248,8 @@ def main() -> None:
     args = p.parse_args()
     if schemes_error(args.schemes):
         p.error(schemes_error(args.schemes))
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.blockwise_elems is not None:
         if args.blockwise_elems < 1:
@@ -264,7 +277,8 @@ def main() -> None:
         print(f"# triton on CUDA with tiles {table_flash.ladder(False, args.head_dim)[0]} (a table's)")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({name}), H={args.heads}, "
-          f"head_dim={args.head_dim}, {args.dtype}, batch 1, causal; median of {args.reps} interleaved pairs")
+          f"head_dim={args.head_dim}, {args.dtype}, batch 1, causal"
+          f"{f', attention dropout {args.dropout}' if args.dropout else ''}; median of {args.reps} interleaved pairs")
     if args.profile:
         for spec in args.profile:
             profile(spec, args, device, dtype)

@@ -11,6 +11,11 @@ same posbias call without dropout (what the dropout costs).
     python benchmarks/bench_dropout.py                                   # t5 alibi fire rope, 1k 2k 4k
     python benchmarks/bench_dropout.py --schemes t5 --lengths 8192 --memory
     python benchmarks/bench_dropout.py --device cuda --dtype bfloat16 --lengths 4096 8192 --memory   # a GPU
+    python benchmarks/bench_dropout.py --device cuda --dtype bfloat16 --backend triton --schemes t5 alibi fire
+
+``--backend`` is posbias' preference for both of its calls (default ``auto``; ``triton`` drops inside its
+programs on CUDA, where the automatic choice runs the dropout kernel's blocks until a GPU run has
+validated it; RoPE keeps ``auto``).
 
 On CUDA SDPA's fused memory-efficient kernel takes a dense bias with dropout, so there the dense-bias
 baseline is a fused kernel, and ``--memory`` reads ``torch.cuda.max_memory_allocated``.
@@ -32,12 +37,14 @@ from bench_attention import cell, fix_machine, machine, machine_args, make_schem
 LABELS = ("posbias with dropout", "dense-bias SDPA with dropout", "posbias without dropout")
 
 
-def step(label: str, scheme, q, k, v, p: float):
+def step(label: str, scheme, q, k, v, p: float, backend: str = "auto"):
     """One forward+backward of ``label`` as a function of no arguments."""
     n, device = q.shape[2], q.device
+    if scheme.family != "additive":
+        backend = "auto"  # (triton is for additive biases)
 
     def ours(drop=p):
-        posbias.attention(q, k, v, scheme, dropout_p=drop).sum().backward()
+        posbias.attention(q, k, v, scheme, dropout_p=drop, backend=backend).sum().backward()
 
     def dense():
         pos = torch.arange(n, device=device)
@@ -65,7 +72,7 @@ def memory_child(args) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     scheme = make_scheme(name, args.heads, args.head_dim, device)
-    fn = step(label, scheme, *inputs(args, int(n)), args.p)
+    fn = step(label, scheme, *inputs(args, int(n)), args.p, args.backend)
     fn()  # a first step loads code and fills caches (tens of MiB of RSS at any length): not the step's memory
     print(json.dumps(peak_growth_mib(fn, device)))
 
@@ -73,7 +80,7 @@ def memory_child(args) -> None:
 def measure_memory(name: str, label: str, n: int, args) -> float:
     cmd = [sys.executable, __file__, "--child", name, label, str(n), "--p", str(args.p), "--batch", str(args.batch),
            "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--threads", str(args.threads),
-           "--device", args.device, "--dtype", args.dtype]
+           "--device", args.device, "--dtype", args.dtype, "--backend", args.backend]
     r = subprocess.run(cmd, capture_output=True, text=True)
     try:
         return json.loads(r.stdout.strip().splitlines()[-1])
@@ -94,6 +101,8 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="peak memory of one training step, in child processes")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--backend", default="auto", choices=["auto", "triton"],
+                   help="posbias' backend for its calls (default auto; triton: CUDA, dropout inside its programs)")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     machine_args(p)
     args = p.parse_args()
@@ -110,10 +119,13 @@ def main() -> None:
         p.error("--lengths, --batch and --reps must be >= 1")
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         p.error(f"--device must be cpu, or cuda on a machine with CUDA; got {args.device!r}")
+    if args.backend == "triton" and args.device != "cuda":
+        p.error("--backend triton runs on CUDA only (--device cuda)")
     fix_machine(args)
     device = torch.device(args.device)
     print(f"# posbias {posbias.__version__}, torch {torch.__version__} ({machine(device, args.flush_denormal)}), "
-          f"batch {args.batch}, H={args.heads}, head_dim={args.head_dim}, {args.dtype}, causal, dropout_p={args.p}; "
+          f"batch {args.batch}, H={args.heads}, head_dim={args.head_dim}, {args.dtype}, causal, dropout_p={args.p}, "
+          f"posbias backend {args.backend}; "
           f"forward+backward, posbias with dropout as a ratio to each baseline, median of {args.reps} "
           f"interleaved pairs (smallest–largest)" + ("; peak extra MiB of one step" if args.memory else ""))
     mem_cols = " | MiB: posbias with dropout / dense-bias SDPA / posbias without" if args.memory else ""
@@ -123,7 +135,7 @@ def main() -> None:
         scheme = make_scheme(name, args.heads, args.head_dim, device)
         for n in args.lengths:
             torch.manual_seed(0)
-            fns = [step(label, scheme, *inputs(args, n), args.p) for label in LABELS]
+            fns = [step(label, scheme, *inputs(args, n), args.p, args.backend) for label in LABELS]
             a = paired(fns[0], fns[1], device, args.reps)
             b = paired(fns[0], fns[2], device, args.reps)
             mem = ""

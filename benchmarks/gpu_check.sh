@@ -12,11 +12,13 @@
 #   bash benchmarks/gpu_check.sh flexopts        # posbias's flex with FLEX_OPTIONS (default {"BLOCK_M": 64, "BLOCK_N": 64})
 #   bash benchmarks/gpu_check.sh attention       # the whole attention table with its anchors (a call of its own)
 #   bash benchmarks/gpu_check.sh decode          # decoding (not in the default run: a call of its own)
-#   bash benchmarks/gpu_check.sh dropout         # attention dropout against SDPA's fused dense-bias dropout (not default)
+#   bash benchmarks/gpu_check.sh dropout         # attention dropout against SDPA's fused dense-bias dropout (not default;
+#                                                # DROPOUT_BACKEND=triton: dropout inside the triton programs)
 #   PY=.venv/bin/python DEVICE=cpu LENGTHS=512 bash benchmarks/gpu_check.sh   # dry run of the plumbing
 #
-# Limits (seconds) and sizes can be set from the environment: TESTS_S, TRITON_S, FLEX_S, CANDIDATES_S, PROFILE_S, HF_S (each HF run),
-# FLEXOPTS_S, FLEX_OPTIONS, ATTENTION_S, DECODE_S, DECODE_BACKEND, DROPOUT_S, LENGTHS, HF_LENGTHS, HF_BACKENDS (default: auto), DTYPE; MEMORY=1 adds peak
+# Limits (seconds) and sizes can be set from the environment: TESTS_S, TRITON_S, FLEX_S, CANDIDATES_S, PROFILE_S,
+# HF_S (each HF run), FLEXOPTS_S, FLEX_OPTIONS, ATTENTION_S, DECODE_S, DECODE_BACKEND, DROPOUT_S, DROPOUT_BACKEND,
+# LENGTHS, HF_LENGTHS, HF_BACKENDS (default: auto), HF_DROPOUT (T5's dropout_rate, default 0), DTYPE; MEMORY=1 adds peak
 # memory to the attention table (one child process per case, so give it its own call). The defaults add up to
 # 590 s (50 + 180 + 200 + 60 + 100), inside one 600 s device command. Timings seen on an H200 (2026-12-04): the CUDA
 # tests 20-25 s, FlexAttention's 55-70 s (compiles), the candidates 135 s (before triton joined them), the
@@ -79,7 +81,7 @@ for stage in $stages; do
             for backend in ${HF_BACKENDS:-auto}; do
                 # shellcheck disable=SC2086
                 run "hf-$backend" "${HF_S:-100}" "$PY" benchmarks/bench_hf.py --device "$DEVICE" --dtype "$DTYPE" \
-                    --size base --train --lengths $HF_LENGTHS --backend "$backend"
+                    --size base --train --lengths $HF_LENGTHS --backend "$backend" ${HF_DROPOUT:+--dropout $HF_DROPOUT}
             done ;;
         candidates)  # triton / banded / alibi against SDPA and blockwise at 8k-32k, then the triton tile and FlexAttention probes
             run candidates "${CANDIDATES_S:-200}" "$PY" benchmarks/bench_cuda_candidates.py --device "$DEVICE" --dtype "$DTYPE" ;;
@@ -98,7 +100,7 @@ for stage in $stages; do
         dropout)  # training with dropout_p=0.1: posbias' dropout kernel against SDPA with the dense bias and dropout
             # shellcheck disable=SC2086
             run dropout "${DROPOUT_S:-240}" "$PY" benchmarks/bench_dropout.py --device "$DEVICE" --dtype "$DTYPE" \
-                --lengths $LENGTHS --reps 3 --memory ;;
+                --lengths $LENGTHS --reps 3 --memory --backend "${DROPOUT_BACKEND:-auto}" ;;
         *)
             echo "unknown stage '$stage': use tests, triton, flex, candidates, profile, hf, flexopts, attention, decode or dropout" >&2
             exit 2 ;;
