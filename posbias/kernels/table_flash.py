@@ -50,13 +50,13 @@ from .dropout import drop_threshold, seed_word
 # kind. Not yet timed on a GPU; chosen so that the programs keep their values in registers. Compiled
 # ahead of time for sm_90 (H100/H200; Triton 3.9, bf16, head_dim 64 and 128; tests/test_table_flash.py),
 # no program of each ladder's first configuration, nor the decoding tiles, loads or stores a spilled
-# register inside its loops (``table_programs.compile_for``'s ``loop_spills``; the table's forward at
-# head_dim 64 keeps 16 bytes on the stack across its loops). 4 warps on 128 × 64 tiles, the first choice
-# before, did so 55 times in the forward's loops and 177 times in the dK/dV program's. FIRE's backward
-# holds more values per pair, so its tiles are smaller there (64 × 64 with 8 warps: 40 in its loops), as
-# are all of head_dim 128. Elsewhere some do spill: on sm_80 (A100) the table's dK/dV program at head_dim
-# 64 (26 in its loops); float32, the exact tests' dtype, and head_dim 256 were not tuned. The first
-# forward at head_dim 64 needs 90,112 bytes of shared memory on sm_90 (232,448 available) and 106,496 on
+# register inside its loops, with attention dropout or without (``table_programs.compile_for``'s
+# ``loop_spills``; the table's forward at head_dim 64 keeps 16 bytes on the stack across its loops). 4
+# warps on 128 × 64 tiles, the first choice before, did so 55 times in the forward's loops and 177 times
+# in the dK/dV program's. FIRE's backward holds more values per pair, so its tiles are smaller there (64 ×
+# 64 with 8 warps: 40 in its loops), as are all of head_dim 128. Elsewhere some do spill: on sm_80 (A100)
+# the table's dK/dV program at head_dim 64 (15 in its loops, 36 with dropout; 2026-12-05); float32, the
+# exact tests' dtype, and head_dim 256 were not tuned. The first forward at head_dim 64 needs 90,112 bytes of shared memory on sm_90 (232,448 available) and 106,496 on
 # sm_80 (166,912).
 # benchmarks/bench_cuda_candidates.py --table-config JSON runs one configuration alone (:func:`use_cuda_configs`).
 MAX_HEAD_DIM = 256
