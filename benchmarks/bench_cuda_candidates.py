@@ -134,9 +134,9 @@ def flex_probe(args, device, dtype) -> None:
 
 
 # The triton backend's tile configurations the probe tries, each alone (each part merged into the first of
-# the ladder at --head-dim, a table's or FIRE's: table_flash.ladder). Comments: local-memory loads and
-# stores inside each program's loops (registers spilled per tile) on sm_90 in bf16 at head_dim 64 (forward;
-# dK/dV, dQ), compiled ahead of time (Triton 3.9, ``table_programs.compile_for``'s ``loop_spills``):
+# the ladder at --head-dim and --dtype, a table's or FIRE's: table_flash.ladder). Comments: local-memory
+# loads and stores inside each program's loops (registers spilled per tile) on sm_90 in bf16 at head_dim 64
+# (forward; dK/dV, dQ), compiled ahead of time (Triton 3.9, ``table_programs.compile_for``'s ``loop_spills``):
 # whether spills cost what they should is the second row's question.
 TABLE_VARIANTS = [
     {},  # 128 × 64, 8 warps / 64, 8 warps: 0; 0, 0
@@ -171,7 +171,7 @@ def table_probe(args, device, dtype) -> None:
     print(f"\n| triton at N={n} | scheme | config | first fwd s | fwd × SDPA | fwd+bwd × SDPA |")
     print("|---|---|---|---|---|---|", flush=True)
     for fire, names, variants in ((False, ("t5", "alibi"), TABLE_VARIANTS), (True, ("fire",), FIRE_VARIANTS)):
-        base = table_flash.ladder(fire, args.head_dim)[0]
+        base = table_flash.ladder(fire, args.head_dim, dtype=dtype)[0]
         for change in variants:
             # alone: one that does not fit is a row
             table_flash.use_cuda_configs([table_config(base, change)], fire=fire)
@@ -232,8 +232,7 @@ def main() -> None:
                    help="leave out the triton tile probe and the FlexAttention kernel_options probe")
     p.add_argument("--table-config", type=json.loads, metavar="JSON",
                    help='tiles of the triton backend on CUDA for a table, merged into the first of its ladder at '
-                        '--head-dim (posbias.kernels.table_flash.LADDERS) '
-                        '(and run alone), '
+                        '--head-dim and --dtype (posbias.kernels.table_flash.LADDERS) (and run alone), '
                         'e.g. \'{"forward": {"BM": 64, "BN": 64}, "backward": {"B": 32}}\'')
     p.add_argument("--flex-options", type=json.loads, metavar="JSON",
                    help='kernel_options for posbias\'s flex backend on CUDA (posbias.kernels.flex.CUDA_KERNEL_OPTIONS), '
@@ -268,13 +267,13 @@ def main() -> None:
     if args.table_config is not None:
         import posbias.kernels.table_flash as table_flash
 
-        base = table_flash.ladder(False, args.head_dim)[0]
+        base = table_flash.ladder(False, args.head_dim, dtype=dtype)[0]
         if not isinstance(args.table_config, dict) or not set(args.table_config) <= set(base) or not all(
                 isinstance(c, dict) for c in args.table_config.values()):
             p.error(f"--table-config must be a JSON object with parts {' and '.join(base)}, each an object, "
                     f"got {args.table_config!r}")
         table_flash.use_cuda_configs([table_config(base, args.table_config)])
-        print(f"# triton on CUDA with tiles {table_flash.ladder(False, args.head_dim)[0]} (a table's)")
+        print(f"# triton on CUDA with tiles {table_flash.ladder(False, args.head_dim, dtype=dtype)[0]} (a table's)")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# posbias {posbias.__version__}, torch {torch.__version__}, {device} ({name}), H={args.heads}, "
           f"head_dim={args.head_dim}, {args.dtype}, batch 1, causal"

@@ -23,6 +23,9 @@ from posbias.kernels.table_programs import interpreting  # noqa: E402 (after the
 
 INTERPRETED = interpreting()
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="Triton's interpreter is off (CUDA machine): see the cuda tests")
+ahead_of_time = pytest.mark.skipif(
+    tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 4) or torch.cuda.is_available(),
+    reason="Triton's ahead-of-time API as of 3.4; a GPU compiles them for real (the cuda tests)")
 
 
 def check(scheme, *, causal=True, lq=50, lk=50, q0=None, k0=0, d=16, heads=3, atol=2e-5, dropout=None):
@@ -329,7 +332,7 @@ from posbias.kernels.table_flash import ladder
 from posbias.kernels.table_programs import SHARED_LIMIT, compile_for
 found = {}
 for arch in (80, 90):
-    for n, config in enumerate(ladder(False, HEAD_DIM)):
+    for n, config in enumerate(ladder(False, HEAD_DIM, dtype=DTYPE)):
         used = compile_for(arch, DTYPE, causal=CAUSAL, head_dim=HEAD_DIM, config=config, table_grad=CAUSAL)
         if max(u["shared"] for u in used.values()) <= SHARED_LIMIT[arch]:
             found[arch] = [n, used]
@@ -338,8 +341,7 @@ print(json.dumps(found))
 """
 
 
-@pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 4) or torch.cuda.is_available(),
-                    reason="Triton's ahead-of-time API as of 3.4; a GPU compiles them for real (the cuda tests)")
+@ahead_of_time
 @pytest.mark.parametrize("dtype, d, causal", [
     ("bfloat16", 64, True), pytest.param("float32", 64, True, marks=pytest.mark.slow),
     pytest.param("bfloat16", 128, False, marks=pytest.mark.slow),
@@ -361,32 +363,38 @@ import json
 import torch
 from posbias.kernels.table_flash import DECODE_TILES, ladder
 from posbias.kernels.table_programs import compile_for
-first = ladder(KINKS is not None, HEAD_DIM)[0]
-used = {arch: compile_for(arch, torch.bfloat16, causal=True, head_dim=HEAD_DIM, table_grad=not LINEAR, config=first,
+first = ladder(KINKS is not None, HEAD_DIM, dtype=DTYPE)[0]
+used = {arch: compile_for(arch, DTYPE, causal=True, head_dim=HEAD_DIM, table_grad=not LINEAR, config=first,
                           kinks=KINKS, linear=LINEAR, dropout=DROPOUT) for arch in (80, 90)}
-used[90]["decode"] = compile_for(90, torch.bfloat16, causal=True, head_dim=HEAD_DIM, table_grad=not LINEAR,
+used[90]["decode"] = compile_for(90, DTYPE, causal=True, head_dim=HEAD_DIM, table_grad=not LINEAR,
                                    config={**first, **DECODE_TILES}, kinks=KINKS, linear=LINEAR,
                                    dropout=DROPOUT)["forward"]
 print(json.dumps(used))
 """
 
 
-@pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 4) or torch.cuda.is_available(),
-                    reason="Triton's ahead-of-time API as of 3.4; a GPU compiles them for real (the cuda tests)")
-@pytest.mark.parametrize("kinks, linear, d, dropout", [
-    (None, False, 64, False), pytest.param(32, False, 64, False, marks=pytest.mark.slow),
-    pytest.param(None, True, 64, False, marks=pytest.mark.slow), pytest.param(None, False, 128, False, marks=pytest.mark.slow),
-    pytest.param(32, False, 128, False, marks=pytest.mark.slow), pytest.param(None, False, 64, True, marks=pytest.mark.slow),
-    pytest.param(32, False, 64, True, marks=pytest.mark.slow), pytest.param(None, False, 128, True, marks=pytest.mark.slow)])
-def test_the_first_tiles_keep_their_values_in_registers(kinks, linear, d, dropout):
+def _slow(*case):
+    return pytest.param(*case, marks=pytest.mark.slow)
+
+
+@ahead_of_time
+@pytest.mark.parametrize("kinks, linear, d, dropout, dtype", [
+    (None, False, 64, False, "bfloat16"), _slow(32, False, 64, False, "bfloat16"), _slow(None, True, 64, False, "bfloat16"),
+    _slow(None, False, 128, False, "bfloat16"), _slow(32, False, 128, False, "bfloat16"),
+    _slow(None, False, 64, True, "bfloat16"), _slow(32, False, 64, True, "bfloat16"),
+    _slow(None, False, 256, False, "bfloat16"), _slow(32, False, 256, False, "bfloat16"),
+    _slow(None, False, 64, False, "float32"), _slow(32, False, 64, False, "float32"),
+    _slow(None, False, 128, False, "float32")])
+def test_the_first_tiles_keep_their_values_in_registers(kinks, linear, d, dropout, dtype):
     """Compiled for sm_90 (H100/H200) in bf16 at head_dim 64 and 128, training (issue 12's target), the
     first configuration of each ladder loads or stores no spilled register inside the loops of any of its
     three programs (a few bytes kept across them cost once a program), nor do the decoding tiles, for a
     table, ALiBi's line (formed in place; its slopes are fixed) and FIRE's MLP (32 kinks), with attention
-    dropout too (its mask hashed per pair); on sm_80 they compile (some spill there, recorded in
-    ``table_flash``)."""
+    dropout too (its mask hashed per pair); so at head_dim 256, and in float32 (its ladder that of a 16-bit
+    head dim twice as wide) at 64 and, for a table, 128. On sm_80 they compile (some spill there,
+    recorded in ``table_flash``)."""
     code = SPILLS.replace("KINKS", str(kinks)).replace("LINEAR", str(linear)).replace("HEAD_DIM", str(d))
-    code = code.replace("DROPOUT", str(dropout))
+    code = code.replace("DROPOUT", str(dropout)).replace("DTYPE", f"torch.{dtype}")
     used = _compiled_ahead(code)
     assert {program: u["loop_spills"] for program, u in used["90"].items()} == dict.fromkeys(used["90"], 0), used
     assert all(u["registers"] <= 255 for u in used["90"].values()), used
@@ -403,8 +411,7 @@ print(json.dumps(compile_for(90, torch.bfloat16, causal=True, head_dim=64, confi
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 4) or torch.cuda.is_available(),
-                    reason="Triton's ahead-of-time API as of 3.4; a GPU compiles them for real (the cuda tests)")
+@ahead_of_time
 def test_spills_inside_the_loops_are_found_where_there_are_some():
     """The count the register test relies on is not blind: the first tiles before 8 warps (128 × 64, 4
     warps) load and store spilled registers inside the forward's and the dK/dV program's loops."""

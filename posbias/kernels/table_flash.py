@@ -44,43 +44,51 @@ from ..schemes.fire import FIRE
 from .dropout import drop_threshold, seed_word
 
 # Tile sizes (queries × keys) of the forward and of the backward's square tiles on CUDA, with the
-# programs' warps and pipeline stages, largest first, by bias kind (a table, or FIRE's MLP) and head
-# dim (up to 64, up to 256): each program runs with the first that fits the device's shared memory
-# (Triton refuses a launch that does not, before it starts), remembered per device, dtype, head dim and
-# kind. Not yet timed on a GPU; chosen so that the programs keep their values in registers. Compiled
-# ahead of time for sm_90 (H100/H200; Triton 3.9, bf16, head_dim 64 and 128; tests/test_table_flash.py),
-# no program of each ladder's first configuration, nor the decoding tiles, loads or stores a spilled
-# register inside its loops, with attention dropout or without (``table_programs.compile_for``'s
-# ``loop_spills``; the table's forward at head_dim 64 keeps 16 bytes on the stack across its loops). 4
-# warps on 128 × 64 tiles, the first choice before, did so 55 times in the forward's loops and 177 times
-# in the dK/dV program's. FIRE's backward holds more values per pair, so its tiles are smaller there (64 ×
-# 64 with 8 warps: 40 in its loops), as are all of head_dim 128. Elsewhere some do spill: on sm_80 (A100)
-# the table's dK/dV program at head_dim 64 (15 in its loops, 36 with dropout; 2026-12-05); float32, the
-# exact tests' dtype, and head_dim 256 were not tuned. The first forward at head_dim 64 needs 90,112 bytes of shared memory on sm_90 (232,448 available) and 106,496 on
-# sm_80 (166,912).
+# programs' warps and pipeline stages, largest first, by bias kind (a table, or FIRE's MLP) and width
+# (head dim × bytes per element / 2: a float32 row weighs what a 16-bit row twice as wide does; up to
+# 64, 128, 256): each program runs with the first that fits the device's shared memory (Triton refuses
+# a launch that does not, before it starts), remembered per device, dtype, head dim and kind. Not yet
+# timed on a GPU; chosen so that the programs keep their values in registers. Compiled ahead of time for
+# sm_90 (H100/H200; tests/test_table_flash.py), no program of each ladder's first configuration, nor the
+# decoding tiles, loads or stores a spilled register inside its loops (``table_programs.compile_for``'s
+# ``loop_spills``), in bf16 at head_dim 64, 128 and 256, with attention dropout or without, and in
+# float32 at 64 (and a table's at 128): Triton 3.9, and 3.7 (torch 2.11's) but for the table's dK/dV
+# program with dropout at 64 (3). 4 warps on 128 × 64 tiles, the first choice before, did so 55 times in
+# the forward's loops and 177 times in the dK/dV program's; float32 at head_dim 64 with bf16's tiles,
+# 4,019 times in the dK/dV program's. FIRE's backward holds more values per pair, so its tiles are
+# smaller there (64 × 64 with 8 warps: 40 in its loops). Some do spill (2026-12-05, Triton 3.9): on sm_80
+# (A100) the table's dK/dV program at head_dim 64 in bf16 (15 in its loops, 36 with dropout) and its
+# forward in float32 (155); FIRE's float32 forward at head_dim 128 (133; 435 on sm_80) and float32 at
+# 256. The first forward at head_dim 64 needs 90,112 bytes of shared memory on sm_90 (232,448
+# available) and 106,496 on sm_80 (166,912).
 # benchmarks/bench_cuda_candidates.py --table-config JSON runs one configuration alone (:func:`use_cuda_configs`).
 MAX_HEAD_DIM = 256
 _SMALLEST = {"forward": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1},
              "backward": {"B": 16, "num_warps": 2, "num_stages": 1}}
-_WIDE = [  # head dims past 64, a table's or FIRE's
+_WIDE = [  # widths 65-128 (head dims up to 128 in 16 bits, up to 64 in float32), a table's or FIRE's
     {"forward": {"BM": 128, "BN": 32, "num_warps": 8, "num_stages": 3},
      "backward": {"B": 32, "num_warps": 8, "num_stages": 2}},
     {"forward": {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
      "backward": {"B": 16, "num_warps": 4, "num_stages": 1}},
     _SMALLEST]
+_WIDEST = [  # widths past 128 (head dim 256 in 16 bits, 128 and 256 in float32), a table's or FIRE's
+    {"forward": {"BM": 64, "BN": 32, "num_warps": 8, "num_stages": 2},
+     "backward": {"B": 16, "num_warps": 4, "num_stages": 1}}, _SMALLEST]
 _NARROW = [  # head dims up to 64, a table's
     {"forward": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
      "backward": {"B": 64, "num_warps": 8, "num_stages": 2}},
     {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
      "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
     _SMALLEST]
-LADDERS = {  # (kind, the largest head dim served) → configurations
+LADDERS = {  # (kind, the largest width served: head dim × bytes per element / 2) → configurations
     ("table", 64): _NARROW,
-    ("table", MAX_HEAD_DIM): _WIDE,
+    ("table", 128): _WIDE,
+    ("table", 256): _WIDEST,
     # FIRE past its threshold (the MLP per pair): the table's forward tiles, smaller backward ones
     ("fire", 64): [{**_NARROW[0], "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
                    {**_NARROW[1], "backward": {"B": 32, "num_warps": 4, "num_stages": 1}}, _SMALLEST],
-    ("fire", MAX_HEAD_DIM): _WIDE,
+    ("fire", 128): _WIDE,
+    ("fire", 256): _WIDEST,
 }
 # A forward with at most DECODE_ROWS queries (a decoding step, a short chunk) first tries 16-row tiles: a
 # 128-row tile would compute 128 rows for one, and a step reads the cache, so compute it need not do
@@ -90,11 +98,15 @@ DECODE_TILES = {"forward": {"BM": 16, "BN": 32, "num_warps": 4, "num_stages": 3}
 _FITS: dict[tuple, int] = {}  # (program, device, dtype, head dim, FIRE, decoding) → the first configuration that fits
 
 
-def ladder(fire: bool, head_dim: int, decoding: bool = False) -> list[dict]:
-    """The configurations a table's (or FIRE's) programs try at this head dim, first that fits; a
-    ``decoding`` forward (at most :data:`DECODE_ROWS` queries) tries :data:`DECODE_TILES` first."""
+def ladder(fire: bool, head_dim: int, decoding: bool = False, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """The configurations a table's (or FIRE's) programs try at this head dim and dtype, first that fits;
+    a ``decoding`` forward (at most :data:`DECODE_ROWS` queries) tries :data:`DECODE_TILES` first. A
+    float32 row holds the bytes of a 16-bit row twice as wide, so the ladders are by width, ``head_dim ×
+    bytes per element / 2`` (past the widest, the widest's)."""
     kind = "fire" if fire else "table"
-    configs = LADDERS[(kind, min(d for k, d in LADDERS if k == kind and d >= head_dim))]
+    width = head_dim * dtype.itemsize // 2
+    widths = [d for k, d in LADDERS if k == kind]
+    configs = LADDERS[(kind, min([d for d in widths if d >= width] or [max(widths)]))]
     return [DECODE_TILES, *configs] if decoding else configs
 
 
@@ -212,7 +224,7 @@ def _launch(program: str, q: Tensor, interpret: bool, launch, fire: bool = False
     from triton.runtime.autotuner import OutOfResources  # (where Triton's own compiler imports it from)
 
     decoding = program == "forward" and q.shape[2] <= DECODE_ROWS
-    configs = ladder(fire, q.shape[-1], decoding)
+    configs = ladder(fire, q.shape[-1], decoding, q.dtype)
     key = (program, q.device.index, q.dtype, q.shape[-1], fire, decoding)
     first, refused = _FITS.get(key, 0), []
     for n in range(first, len(configs)):
@@ -238,7 +250,7 @@ def key_splits(q: Tensor, lk: int, fire: bool = False) -> int:
     least :data:`SPLIT_KEYS` keys a part. Not yet measured on a GPU."""
     if q.device.type != "cuda":
         return 1
-    rows = ladder(fire, q.shape[-1], q.shape[2] <= DECODE_ROWS)[0]["forward"]["BM"]
+    rows = ladder(fire, q.shape[-1], q.shape[2] <= DECODE_ROWS, q.dtype)[0]["forward"]["BM"]
     programs = _cdiv(q.shape[2], rows) * q.shape[0] * q.shape[1]
     units = torch.cuda.get_device_properties(q.device).multi_processor_count
     if programs >= units:
