@@ -65,11 +65,12 @@ for stage in $stages; do
             # costs the session's few GPU minutes (CI, on the CPU, keeps warnings as errors). The
             # FlexAttention cases compile with Triton (tens of seconds each): a stage of their own, so
             # a slow compile cannot cut off the rest.
-            run tests "${TESTS_S:-50}" "$PY" -m pytest -m cuda -k "not flex and not table_flash" -q -p no:cacheprovider \
-                -rs -W default -o log_level=WARNING tests ;;
-        triton)  # the triton backend's CUDA tests (tests/test_table_flash.py): its programs compile here first
-            run triton "${TRITON_S:-180}" "$PY" -m pytest -m cuda -v -p no:cacheprovider -rs -W default \
-                -o log_level=WARNING tests/test_table_flash.py ;;
+            run tests "${TESTS_S:-50}" "$PY" -m pytest -m cuda -k "not flex and not triton and not table_flash" -q \
+                -p no:cacheprovider -rs -W default -o log_level=WARNING tests ;;
+        triton)  # the triton backend's CUDA tests (tests/test_table_flash.py, Hugging Face models on it): its
+            # programs compile here first
+            run triton "${TRITON_S:-180}" "$PY" -m pytest -m cuda -k "triton or table_flash" -v -p no:cacheprovider -rs \
+                -W default -o log_level=WARNING tests ;;
         flex)
             run flex "${FLEX_S:-60}" "$PY" -m pytest -m cuda -k flex -v -p no:cacheprovider -rs -W default \
                 -o log_level=WARNING tests ;;

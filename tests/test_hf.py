@@ -513,12 +513,8 @@ def same_attention_dropout(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "dropout", shared)
 
 
-@pytest.mark.parametrize("family", ["t5", "switch", "bloom", "mpt"])
-def test_training_with_attention_dropout_runs_on_posbias(family, fast_calls, same_attention_dropout):
-    """Attention dropout in training (T5's default ``dropout_rate=0.1``) no longer sends the model back to
-    transformers' O(N²) path: with the same dropout mask the accelerated model's outputs and weight
-    gradients equal the unpatched (eager) model's, and dropout did change the output."""
-    torch.manual_seed(0)
+def dropout_model(family: str):
+    """A small model of ``family`` with attention dropout, and the weight whose gradient is compared."""
     if family == "t5":
         model = randomize_bias(transformers.T5EncoderModel(t5_config(dropout_rate=0.1)))
         model.set_attn_implementation("eager")
@@ -536,8 +532,18 @@ def test_training_with_attention_dropout_runs_on_posbias(family, fast_calls, sam
         for block in model.transformer.blocks:  # (transformers 5.24's MptAttentionConfig takes an int attn_pdrop)
             block.attn.attn_dropout_p = 0.2
         weight = "transformer.blocks.0.attn.Wqkv.weight"
-    ref, fast = pair(model)
-    ids = torch.randint(2, 97, (2, 90))
+    return model, weight
+
+
+def train_with_dropout(family: str, fast_calls, device: str = "cpu", backend: str = "auto") -> None:
+    """With the same dropout mask (``same_attention_dropout``) the accelerated model's outputs and weight
+    gradients equal the unpatched model's, the accelerated one ran posbias' attention, and dropout did
+    change the output (against the same model evaluated)."""
+    torch.manual_seed(0)
+    model, weight = dropout_model(family)
+    ref = model.to(device).eval()
+    fast = accelerate(copy.deepcopy(ref), backend=backend)
+    ids = torch.randint(2, 97, (2, 90), device=device)
     results = []
     for m in (ref, fast, fast):
         m.train(m is not fast or len(results) < 2)
@@ -549,6 +555,30 @@ def test_training_with_attention_dropout_runs_on_posbias(family, fast_calls, sam
     torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(gb, ga, atol=2e-5, rtol=1e-4)
     assert fast_calls and not torch.allclose(b, evaluated, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["t5", "switch", "bloom", "mpt"])
+def test_training_with_attention_dropout_runs_on_posbias(family, fast_calls, same_attention_dropout):
+    """Attention dropout in training (T5's default ``dropout_rate=0.1``) no longer sends the model back to
+    transformers' O(N²) path on the CPU: the unpatched (eager) model's outputs and gradients, given the
+    same mask (:func:`train_with_dropout`)."""
+    train_with_dropout(family, fast_calls)
+
+
+@pytest.mark.cuda
+@NO_CUDA
+@pytest.mark.parametrize("family", ["t5", "bloom"])
+def test_training_with_attention_dropout_on_the_triton_backend_on_cuda(family, fast_calls, same_attention_dropout,
+                                                                       monkeypatch):
+    """On CUDA, ``accelerate(model, backend="triton")`` takes training with dropout too, the mask drawn
+    inside the triton programs: the unpatched model's outputs and gradients given the same mask."""
+    import posbias.attention as pa
+
+    rates = []  # the dropout rate of each call the triton programs ran
+    real = pa.table_flash_kernel
+    monkeypatch.setattr(pa, "table_flash_kernel", lambda *a, **kw: rates.append(kw.get("dropout_p", 0)) or real(*a, **kw))
+    train_with_dropout(family, fast_calls, "cuda", "triton")
+    assert set(fast_calls.backends) == {("triton", False)} and any(p > 0 for p in rates)
 
 
 def test_dropout_runs_on_posbias_only_on_the_devices_listed():
