@@ -20,6 +20,11 @@ query, so the kernels read the denominator's reciprocal per query (an O(N) table
 rounding, and gradients to the MLP, ``c`` and ``L`` through the pieces, the reciprocals and ``c``
 (autograd from there). Causal ALiBi (fixed slopes) reads no table either: ``−m·o`` per pair.
 
+Attention dropout runs inside the programs: each tile hashes its pairs' (batch·head, row, column) into
+the mask of :mod:`~posbias.kernels.dropout` in 32-bit integer arithmetic (the row's part once per row),
+the forward and the backward alike, so nothing is stored and every pair is dropped as the dropout
+kernel and the reference drop it; the softmax's sums and the log-sum-exp stay the undropped ones.
+
 Lengths are runtime arguments, not compile-time constants, and not specialised on (Triton would
 otherwise compile anew for a length of 1 or one divisible by 16): a new length or a decoding step reuses
 the compiled programs. Without autograd the keys
