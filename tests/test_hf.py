@@ -572,8 +572,9 @@ def test_training_with_attention_dropout_on_the_triton_backend_on_cuda(family, f
                                                                        monkeypatch):
     """On CUDA, ``accelerate(model, backend="triton")`` takes training with dropout too, the mask drawn
     inside the triton programs: the unpatched model's outputs and gradients given the same mask."""
-    import posbias.attention as pa
+    import importlib
 
+    pa = importlib.import_module("posbias.attention")  # (the package's attribute of that name is the function)
     rates = []  # the dropout rate of each call the triton programs ran
     real = pa.table_flash_kernel
     monkeypatch.setattr(pa, "table_flash_kernel", lambda *a, **kw: rates.append(kw.get("dropout_p", 0)) or real(*a, **kw))

@@ -265,10 +265,11 @@ def key_splits(q: Tensor, lk: int, fire: bool = False) -> int:
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, bias: tuple[Tensor, ...], delta: int, lo: int, causal: bool,
              scale: float, interpret: bool, drop: tuple | None, splits: int | None = 1) -> tuple[Tensor, Tensor]:
-    """(output in the inputs' dtype, log-sum-exp float32); ``drop``: :func:`dropout_args` or None. With ``splits > 1`` the keys are cut into that
-    many parts of whole key tiles, each part's output and log-sum-exp written apart (float32) and merged
-    here: ``lse = logsumexp_s lse_s``, ``out = Σ_s exp(lse_s − lse) out_s`` (a part a row sees nothing of
-    has ``lse_s = −∞`` and weighs 0); ``splits=None``: :func:`key_splits`'."""
+    """(output in the inputs' dtype, log-sum-exp float32); ``drop``: :func:`dropout_args` or None. With
+    ``splits > 1`` the keys are cut into that many parts of whole key tiles, each part's output and
+    log-sum-exp written apart (float32) and merged here: ``lse = logsumexp_s lse_s``, ``out = Σ_s
+    exp(lse_s − lse) out_s`` (a part a row sees nothing of has ``lse_s = −∞`` and weighs 0);
+    ``splits=None``: :func:`key_splits`'."""
     from .table_programs import programs
 
     b, h, lq, d = q.shape
