@@ -57,13 +57,12 @@ from .dropout import drop_threshold, seed_word
 # sm_90 (H100/H200; tests/test_table_flash.py), no program of each ladder's first configuration, nor the
 # decoding tiles, loads or stores a spilled register inside its loops (``table_programs.compile_for``'s
 # ``loop_spills``), in bf16 at head_dim 64, 128 and 256, with attention dropout or without, and in
-# float32 at 64 (and a table's at 128): Triton 3.9, and 3.7 (torch 2.11's) but for the table's dK/dV
-# program with dropout at 64 (3). 4 warps on 128 × 64 tiles, the first choice before, did so 55 times in
+# float32 at 64 (and a table's at 128): Triton 3.9 and 3.7 (torch 2.11's) alike. 4 warps on 128 × 64 tiles, the first choice before, did so 55 times in
 # the forward's loops and 177 times in the dK/dV program's; float32 at head_dim 64 with bf16's tiles,
 # 4,019 times in the dK/dV program's. FIRE's backward holds more values per pair, so its tiles are
 # smaller there (64 × 64 with 8 warps: 40 in its loops). Some do spill (2026-12-05, Triton 3.9): on sm_80
 # (A100) the table's dK/dV program at head_dim 64 in bf16 (15 in its loops, 36 with dropout) and its
-# forward in float32 (155); FIRE's float32 forward at head_dim 128 (133; 435 on sm_80) and float32 at
+# forward in float32 (155; Triton 3.7: 0); FIRE's float32 forward at head_dim 128 (133; 435 on sm_80) and float32 at
 # 256. The first forward at head_dim 64 needs 90,112 bytes of shared memory on sm_90 (232,448
 # available) and 106,496 on sm_80 (166,912).
 # benchmarks/bench_cuda_candidates.py --table-config JSON runs one configuration alone (:func:`use_cuda_configs`).
