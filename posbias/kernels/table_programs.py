@@ -58,10 +58,16 @@ def _fmix(x):
 
 
 @triton.jit
-def _row_keys(SEED, bh, rows):
-    """The dropout hash's word ``r = fmix(fmix(fmix(seed) + b·H + h) + i)`` of each query row ``i`` of this
-    (batch·head) ``bh``; ``SEED`` is ``fmix(seed)``'s bits as an int32 (:func:`~.table_flash.dropout_args`)."""
-    return _fmix(_fmix(SEED.to(tl.uint32, bitcast=True) + bh.to(tl.uint32)) + rows.to(tl.uint32))
+def _head_word(SEED, bh):
+    """The dropout hash's word ``fmix(fmix(seed) + b·H + h)`` of this (batch·head) ``bh``, once a program;
+    ``SEED`` is ``fmix(seed)``'s bits as an int32 (:func:`~.table_flash.dropout_args`)."""
+    return _fmix(SEED.to(tl.uint32, bitcast=True) + bh.to(tl.uint32))
+
+
+@triton.jit
+def _row_keys(hword, rows):
+    """The dropout hash's word ``r = fmix(hword + i)`` of each query row ``i`` (``hword``: :func:`_head_word`)."""
+    return _fmix(hword + rows.to(tl.uint32))
 
 
 @triton.jit
@@ -230,7 +236,7 @@ def _forward(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, O, LSE, s_qb, s_qh, s_qm, s_k
     ``DROP``: attention dropout, a pair's probability kept where :func:`_kept` (threshold ``TH``) and
     multiplied by ``KEEP = 1/(1 − p)``; the softmax's sums and the log-sum-exp are the undropped ones."""
     pid_m, bh, b, h, rows, dims, dmask = _program(H, BM, D, DP)
-    rkey = _row_keys(SEED, bh, rows)  # (dropout; unused, and so not computed, without)
+    rkey = _row_keys(_head_word(SEED, bh), rows)  # (dropout; unused, and so not computed, without)
     split = tl.program_id(2)
     q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + dims[None, :],
                 mask=(rows[:, None] < LQ) & dmask[None, :], other=0.0)
@@ -320,6 +326,7 @@ def _backward_keys(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DT
     dk = tl.zeros([B, DP], tl.float32)
     dv = tl.zeros([B, DP], tl.float32)
     dtab = DTAB + h * TLEN
+    hword = _head_word(SEED, bh)  # (dropout: each query tile's row words start from it)
     lo_q = 0
     if CAUSAL:  # the first query that sees this block's first key, rounded down to a block
         lo_q = (tl.maximum(pid_n * B - DELTA, 0) // B) * B
@@ -333,15 +340,15 @@ def _backward_keys(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DT
     last = tl.zeros([B], tl.float32)
     dk, dv, first = _backward_rows(dk, dv, first, k, v, cols, c0, lo_q, near, qb, dob, lseb, dlb, s_qm, s_om, dims,
                                    dmask, TAB, INV, KINK, SLOPE, OFFS, DSLOPE, DOFFS, dtab, h, DELTA, LO, TLEN, NK, NP,
-                                   LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 2, SEED, bh, TH,
+                                   LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 2, hword, TH,
                                    KEEP, DROP)
     dk, dv, first = _backward_rows(dk, dv, first, k, v, cols, c0, near, far, qb, dob, lseb, dlb, s_qm, s_om, dims,
                                    dmask, TAB, INV, KINK, SLOPE, OFFS, DSLOPE, DOFFS, dtab, h, DELTA, LO, TLEN, NK, NP,
-                                   LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 0, SEED, bh, TH,
+                                   LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 0, hword, TH,
                                    KEEP, DROP)
     dk, dv, last = _backward_rows(dk, dv, last, k, v, cols, c0, far, LQ, qb, dob, lseb, dlb, s_qm, s_om, dims,
                                   dmask, TAB, INV, KINK, SLOPE, OFFS, DSLOPE, DOFFS, dtab, h, DELTA, LO, TLEN, NK, NP,
-                                  LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 1, SEED, bh, TH,
+                                  LQ, LK, scale, CAUSAL, B, TABLE_GRAD, PREC, FIRE, LINEAR, KSTEPS, 1, hword, TH,
                                   KEEP, DROP)
     if TABLE_GRAD:  # (FIRE: C's gradient in `first`, `last` 0; TLEN is 1)
         if not LINEAR:
@@ -359,13 +366,13 @@ def _backward_keys(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DK, DV, DT
 def _backward_rows(dk, dv, far, k, v, cols, c0, lo, hi, Q, DO, LSE, DL, s_qm, s_om, dims, dmask, TAB, INV, KINK, SLOPE,
                    OFFS, DSLOPE, DOFFS, dtab, h, DELTA, LO, TLEN, NK, NP, LQ, LK, scale, CAUSAL: tl.constexpr,
                    B: tl.constexpr, TABLE_GRAD: tl.constexpr, PREC: tl.constexpr, FIRE: tl.constexpr,
-                   LINEAR: tl.constexpr, KSTEPS: tl.constexpr, EDGE: tl.constexpr, SEED, bh, TH, KEEP,
+                   LINEAR: tl.constexpr, KSTEPS: tl.constexpr, EDGE: tl.constexpr, hword, TH, KEEP,
                    DROP: tl.constexpr):
     """The dK/dV program over the query tiles starting at ``lo``, ``lo + B``, … below ``hi``, with the bias
     of ``EDGE`` (:func:`_table_bias`); ``Q``, ``DO``, ``LSE``, ``DL`` at this (batch, head). ``far``, per key,
     collects what a far tile adds to its end entry's gradient (``EDGE`` 1 or 2: the row sums of ``dS``)
-    and, for FIRE, ``C``'s gradient. ``DROP``: dropout (``dV`` is summed unscaled, times ``KEEP`` at the
-    end)."""
+    and, for FIRE, ``C``'s gradient. ``DROP``: dropout, the rows' words from this head's ``hword``
+    (:func:`_head_word`; ``dV`` is summed unscaled, times ``KEEP`` at the end)."""
     for start in range(lo, hi, B):
         rows = start + tl.arange(0, B)
         q, do, lse, dl = _query_rows(Q, DO, LSE, DL, rows, dims, dmask, s_qm, s_om, LQ)
@@ -378,7 +385,7 @@ def _backward_rows(dk, dv, far, k, v, cols, c0, lo, hi, Q, DO, LSE, DL, s_qm, s_
             # as (P ∘ Z) ∘ dP − P·δ: the mask selects once, on P (selecting on dP as well, its own layout,
             # took a far tile's loop body from 721 instructions without dropout to 1,559; so, 1,012;
             # sm_90, bf16, head_dim 64, counted in the binary, not timed)
-            pz = tl.where(_kept(_row_keys(SEED, bh, rows)[None, :], cols[:, None], TH), pt, 0.0)
+            pz = tl.where(_kept(_row_keys(hword, rows)[None, :], cols[:, None], TH), pt, 0.0)
             dv += tl.dot(pz.to(do.dtype), do, input_precision=PREC)
             dst = pz * (dpt * KEEP) - pt * dl[None, :]
         else:
@@ -430,7 +437,7 @@ def _backward_queries(Q, K, V, TAB, INV, KINK, SLOPE, OFFS, DO, LSE, DL, DQ, DIN
     pid_m, bh, b, h, rows, dims, dmask = _program(H, BM, D, DP)
     q, do, lse, dl = _query_rows(Q + b * s_qb + h * s_qh, DO + b * s_ob + h * s_oh, LSE + bh * LQ, DL + bh * LQ,
                                  rows, dims, dmask, s_qm, s_om, LQ)
-    rkey = _row_keys(SEED, bh, rows)  # (dropout)
+    rkey = _row_keys(_head_word(SEED, bh), rows)  # (dropout)
     dq = tl.zeros([BM, DP], tl.float32)
     dinv = tl.zeros([BM], tl.float32)
     hi = LK
