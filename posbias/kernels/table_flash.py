@@ -57,18 +57,24 @@ from .dropout import drop_threshold, seed_word
 # sm_90 (H100/H200; tests/test_table_flash.py), no program of each ladder's first configuration, nor the
 # decoding tiles, loads or stores a spilled register inside its loops (``table_programs.compile_for``'s
 # ``loop_spills``), in bf16 at head_dim 64, 128 and 256, with attention dropout or without, and in
-# float32 at 64 (and a table's at 128): Triton 3.9 and 3.7 (torch 2.11's) alike. 4 warps on 128 × 64 tiles, the first choice before, did so 55 times in
-# the forward's loops and 177 times in the dK/dV program's; float32 at head_dim 64 with bf16's tiles,
-# 4,019 times in the dK/dV program's. FIRE's backward holds more values per pair, so its tiles are
-# smaller there (64 × 64 with 8 warps: 40 in its loops). Some do spill (2026-12-05, Triton 3.9): on sm_80
-# (A100) the table's dK/dV program at head_dim 64 in bf16 (15 in its loops, 36 with dropout) and its
-# forward in float32 (155; Triton 3.7: 0); FIRE's float32 forward at head_dim 128 (133; 435 on sm_80) and float32 at
-# 256. The first forward at head_dim 64 needs 90,112 bytes of shared memory on sm_90 (232,448
-# available) and 106,496 on sm_80 (166,912).
+# float32 at 64 (and a table's at 128): Triton 3.9 and 3.7 (torch 2.11's) alike. 4 warps on 128 × 64
+# tiles, the first choice before, did so 55 times in the forward's loops and 177 times in the dK/dV
+# program's; float32 at head_dim 64 with bf16's tiles, 4,019 times in the dK/dV program's. FIRE's
+# backward holds more values per pair, so its tiles are smaller there (64 × 64 with 8 warps: 40 in its
+# loops). Some do spill (2026-12-05, Triton 3.9): on sm_80 (A100) the table's dK/dV program at head_dim
+# 64 in bf16 (15 in its loops, 38 with dropout) and its forward in float32 (155; Triton 3.7: 0); FIRE's
+# float32 forward at head_dim 128 (133; 435 on sm_80) and float32 at 256. The first forward at head_dim
+# 64 needs 90,112 bytes of shared memory on sm_90 (232,448 available) and 106,496 on sm_80 (166,912).
 # benchmarks/bench_cuda_candidates.py --table-config JSON runs one configuration alone (:func:`use_cuda_configs`).
 MAX_HEAD_DIM = 256
 _SMALLEST = {"forward": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1},
              "backward": {"B": 16, "num_warps": 2, "num_stages": 1}}
+_NARROW = [  # widths up to 64 (head dims up to 64 in 16 bits), a table's
+    {"forward": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
+     "backward": {"B": 64, "num_warps": 8, "num_stages": 2}},
+    {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+     "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
+    _SMALLEST]
 _WIDE = [  # widths 65-128 (head dims up to 128 in 16 bits, up to 64 in float32), a table's or FIRE's
     {"forward": {"BM": 128, "BN": 32, "num_warps": 8, "num_stages": 3},
      "backward": {"B": 32, "num_warps": 8, "num_stages": 2}},
@@ -78,12 +84,6 @@ _WIDE = [  # widths 65-128 (head dims up to 128 in 16 bits, up to 64 in float32)
 _WIDEST = [  # widths past 128 (head dim 256 in 16 bits, 128 and 256 in float32), a table's or FIRE's
     {"forward": {"BM": 64, "BN": 32, "num_warps": 8, "num_stages": 2},
      "backward": {"B": 16, "num_warps": 4, "num_stages": 1}}, _SMALLEST]
-_NARROW = [  # head dims up to 64, a table's
-    {"forward": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
-     "backward": {"B": 64, "num_warps": 8, "num_stages": 2}},
-    {"forward": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
-     "backward": {"B": 32, "num_warps": 4, "num_stages": 2}},
-    _SMALLEST]
 LADDERS = {  # (kind, the largest width served: head dim × bytes per element / 2) → configurations
     ("table", 64): _NARROW,
     ("table", 128): _WIDE,
