@@ -26,7 +26,8 @@ from .kernels.sdpa import sdpa_kernel
 from .kernels.table_flash import table_flash_kernel, table_flash_usable
 from .kernels.toeplitz import toeplitz_kernel
 from .kernels.windowed import windowed_kernel
-from .schemes.base import Scheme, ToeplitzScheme, as_positions, consecutive, needs_grad, trains_bias
+from .positions import consecutive, first, highest, piece, read_ahead, run, run_start, starts
+from .schemes.base import Scheme, ToeplitzScheme, as_positions, needs_grad, trains_bias
 
 Kernel = Callable[..., Tensor]
 
@@ -56,15 +57,34 @@ def resolve(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor | 
     default = q_pos is None and k_pos is None and lq <= lk
     k_pos = as_positions(k_pos, lk, q.device)
     q_pos = as_positions(q_pos, lq, q.device, start=lk - lq)
+    # the one read of a call's positions (none for positions posbias made): consecutive ones go on as
+    # runs, whose starts every later decision reads from the host (posbias.positions)
+    # (without a bias on the CPU they are not: SDPA needs no run, only their ends where causal, and
+    # there reading those costs less than checking for runs)
+    lazy = scheme.family == "none" and not read_ahead(q.device)
+    q0, k0 = (run_start(q_pos), run_start(k_pos)) if lazy else starts(q_pos, k_pos)
     rotary = scheme.family == "rotary"
     # dynamic-NTK's frequencies depend on the absolute context length: read it before re-referencing
-    context = (lk if default else int(max(int(k_pos.max()), int(q_pos.max())) + 1)) if rotary and lk and lq else 0
+    if rotary and lk and lq and not default:
+        context = max(k0 + lk - 1 if k0 is not None else highest(k_pos),
+                      q0 + lq - 1 if q0 is not None else highest(q_pos)) + 1
+    else:
+        context = lk if rotary and lk and lq else 0
+    ref = 0
     if lk and lq and not default and (scheme.toeplitz or rotary or scheme.family == "none"):
         # Everything these schemes compute depends on i − j only: subtract one integer reference
         # from every position (exact in int64) so that no kernel ever turns a position like 2^40
         # into float32, where it would lose its low bits. FIRE depends on i itself and keeps it.
-        ref = torch.minimum(k_pos.min(), q_pos.min())
-        q_pos, k_pos = q_pos - ref, k_pos - ref
+        if q0 is None or k0 is None:
+            ref_t = torch.minimum(k_pos.min(), q_pos.min())
+            q_pos, k_pos = q_pos - ref_t, k_pos - ref_t
+            q0 = k0 = None  # (a run beside other positions: taken as they are)
+        else:
+            ref = min(q0, k0)
+    if q0 is not None and (ref or run_start(q_pos) is None):
+        q_pos = run(q0 - ref, lq, q.device)
+    if k0 is not None and (ref or run_start(k_pos) is None):
+        k_pos = run(k0 - ref, lk, q.device)
     if rotary:
         q = scheme.rotate(q, q_pos, context_len=context)
         k = scheme.rotate(k, k_pos, context_len=context)
@@ -197,7 +217,7 @@ def usable(name: str, scheme: Scheme, q: Tensor, *, q_pos: Tensor, k_pos: Tensor
 
 def _queries_among_keys(q_pos: Tensor, k_pos: Tensor) -> bool:
     """Contiguous positions with every query's own position among the keys."""
-    q0, k0 = int(q_pos[0]), int(k_pos[0])
+    q0, k0 = first(q_pos), first(k_pos)
     return k0 <= q0 and q0 + q_pos.numel() <= k0 + k_pos.numel()
 
 
@@ -443,7 +463,7 @@ def toeplitz_prefix(scheme: Scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor) -> 
     if not rows or (rows < len(q_pos) and not flash_available(q)):
         return 0, None
     if rows < len(q_pos):  # the blockwise part then starts where its blocks read a multiple of 64 keys
-        rows = max(0, rows - (int(q_pos[0]) - int(k_pos[0]) + rows) % 64)
+        rows = max(0, rows - (first(q_pos) - first(k_pos) + rows) % 64)
     return rows, view
 
 
@@ -452,10 +472,11 @@ def _below_and_past(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, view: Toepl
     """The first ``rows`` queries on ``toeplitz`` with the scheme's Toeplitz ``view``, the others
     ``blockwise``, stacked. Causally the first ones see only the keys up to the last of them: the Toeplitz
     path's reversed copies of the keys and values, and their gradients, then cover those keys alone."""
-    seen = min(k.shape[2], max(1, int(q_pos[rows - 1]) - int(k_pos[0]) + 1)) if causal else k.shape[2]
-    below = toeplitz_kernel(q[:, :, :rows], k[:, :, :seen], v[:, :, :seen], view, q_pos=q_pos[:rows],
-                            k_pos=k_pos[:seen], causal=causal, scale=scale)
-    past = blockwise_kernel(q[:, :, rows:], k, v, scheme, q_pos=q_pos[rows:], k_pos=k_pos, causal=causal, scale=scale)
+    seen = min(k.shape[2], max(1, first(q_pos) + rows - 1 - first(k_pos) + 1)) if causal else k.shape[2]
+    below = toeplitz_kernel(q[:, :, :rows], k[:, :, :seen], v[:, :, :seen], view, q_pos=piece(q_pos, 0, rows),
+                            k_pos=piece(k_pos, 0, seen), causal=causal, scale=scale)
+    past = blockwise_kernel(q[:, :, rows:], k, v, scheme, q_pos=piece(q_pos, rows), k_pos=k_pos, causal=causal,
+                            scale=scale)
     return torch.cat([below, past], 2)
 
 
@@ -564,11 +585,13 @@ def _with_key_mask(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, key_mask: Te
         qg, kg, vg = (q, k, v) if whole else (q[rows], k[rows], v[rows])
         kept = mask.nonzero().squeeze(1)
         n = kept.numel()
-        if 0 < n < lk and int(kept[-1]) - int(kept[0]) + 1 == n:  # one run of keys: a view
-            kg, vg = kg[:, :, int(kept[0]):int(kept[-1]) + 1], vg[:, :, int(kept[0]):int(kept[-1]) + 1]
+        a, b = torch.stack([kept[0], kept[-1]]).tolist() if n else (0, -1)
+        kp = k_pos[kept]
+        if 0 < n < lk and b - a + 1 == n:  # one run of keys: a view
+            kg, vg, kp = kg[:, :, a:b + 1], vg[:, :, a:b + 1], piece(k_pos, a, b + 1)
         elif n < lk:
             kg, vg = kg[:, :, kept], vg[:, :, kept]
-        outs.append(attention(qg, kg, vg, scheme, q_pos=q_pos, k_pos=k_pos[kept], **kw))
+        outs.append(attention(qg, kg, vg, scheme, q_pos=q_pos, k_pos=kp, **kw))
         order.append(rows)
     if len(outs) == 1:
         return outs[0]

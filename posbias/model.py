@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from .attention import BACKENDS, attention, attention_probs
 from .config import check_count
+from .positions import piece, run, run_start
 from .schemes import Scheme, build, get_scheme_class
 
 
@@ -87,7 +88,7 @@ class Attention(nn.Module):
         y = attention(q, k, v, scheme, causal=True, q_pos=pos, k_pos=k_pos, backend=self.backend)
         if on_probs is not None:
             rows = n if probs_rows is None else min(probs_rows, n)
-            on_probs(attention_probs(q[:, :, n - rows:], k, scheme, causal=True, q_pos=pos[n - rows:], k_pos=k_pos))
+            on_probs(attention_probs(q[:, :, n - rows:], k, scheme, causal=True, q_pos=piece(pos, n - rows), k_pos=k_pos))
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -103,16 +104,21 @@ def _cache_append(cache: dict, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tenso
     its own tokens rather than the whole cache: concatenating every step copied the cache, 25 of
     60 ms per generated token at 8k keys (4 layers, d_model 256, 2 threads), measured. With autograd
     on, earlier steps may have saved views of the buffers: nothing is written into them, each step
-    concatenates instead."""
+    concatenates instead. While every step's positions continue a run from the first (generation), the
+    keys' positions come back as a run too (:mod:`posbias.positions`): a decoding step reads none."""
     n = cache.get("len", 0)
     need = n + k.shape[2]
+    step = run_start(pos)
+    cache["start"] = step if n == 0 else cache.get("start")
+    if step is None or cache["start"] is None or step != cache["start"] + n:
+        cache["start"] = None
     new = {"k": k, "v": v, "pos": pos}  # the sequence runs along dim −2 of k and v, dim 0 of pos
     seq = {"k": 2, "v": 2, "pos": 0}
     cache["len"] = need
     if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
         for name, t in new.items():
             cache[name] = torch.cat([cache[name].narrow(seq[name], 0, n), t], seq[name]) if n else t
-        return cache["k"], cache["v"], cache["pos"]
+        return cache["k"], cache["v"], _cached_positions(cache, cache["pos"])
     if "k" not in cache or need > cache["k"].shape[2]:
         room = need + max(256, need // 2)
         for name, t in new.items():
@@ -122,7 +128,13 @@ def _cache_append(cache: dict, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tenso
             cache[name] = grown
     for name, t in new.items():
         cache[name].narrow(seq[name], n, t.shape[seq[name]]).copy_(t)
-    return tuple(cache[name].narrow(seq[name], 0, need) for name in new)
+    k, v, k_pos = (cache[name].narrow(seq[name], 0, need) for name in new)
+    return k, v, _cached_positions(cache, k_pos)
+
+
+def _cached_positions(cache: dict, held: Tensor) -> Tensor:
+    """The cache's key positions: a run where they are one, else the positions it holds."""
+    return held if cache["start"] is None else run(cache["start"], cache["len"], held.device)
 
 
 class Block(nn.Module):
@@ -163,7 +175,7 @@ class TransformerLM(nn.Module):
         diagnosis that reads a few queries: 5 rows of 2,048 make a hooked forward cost about a plain one)."""
         if attention_rows is not None:
             check_count("attention_rows", attention_rows)
-        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
+        pos = run(start, idx.shape[1], idx.device)  # its start known: attention reads nothing of it
         x = self.embed(idx)
         absolute = self.scheme.embed(pos, self.cfg.d_model)
         if absolute is not None:

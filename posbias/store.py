@@ -45,7 +45,8 @@ except ImportError:  # Windows: no flock; the jobs that lock a folder say so in 
 _PACKAGE = Path(__file__).resolve().parent
 #: the code that makes a trained model: its architecture, every scheme and kernel, the data batches and
 #: the training loop (what :func:`posbias.study.model_key` carries)
-MODEL_CODE = ("model.py", "train.py", "data.py", "attention.py", "diagonals.py", "config.py", "schemes", "kernels")
+MODEL_CODE = ("model.py", "train.py", "data.py", "attention.py", "diagonals.py", "positions.py", "config.py", "schemes",
+              "kernels")
 #: the code behind each kind of result, in one place: what its key carries, and what ``posbias clean``
 #: compares a result's recorded fingerprint with (:mod:`posbias.clean`)
 JOB_CODE: dict[str, tuple[str, ...]] = {

@@ -16,7 +16,7 @@ ROOT = PKG.parent
 
 # Lower numbers sit lower. A module may import its own layer and any layer below it, never above.
 LAYERS = {
-    "_version": 0, "config": 0, "store": 0, "stopping": 0, "data": 0, "diagonals": 0, "schemes": 0,
+    "_version": 0, "config": 0, "store": 0, "stopping": 0, "data": 0, "diagonals": 0, "positions": 0, "schemes": 0,
     "kernels": 1,
     "attention": 2,
     "model": 3, "checkpoint": 3,

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import BACKENDS, attention, dropout_in_triton
+from ..positions import run
 from ..schemes.alibi import ALiBi
 from ..schemes.rope import RoPE
 from ..schemes.t5 import T5Bias
@@ -480,8 +481,7 @@ def _posbias_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
             docs = mask_documents(attention_mask, lq) if kind is None and bias.q_start == 0 and lq == lk else None
             if kind is not None:  # these keys for every query (padding)
                 kw = dict(causal=kind[0] == "causal", key_mask=_batch_rows(kind[1], batch),
-                          q_pos=torch.arange(bias.q_start, bias.q_start + lq, device=query.device),
-                          k_pos=torch.arange(lk, device=query.device))
+                          q_pos=run(bias.q_start, lq, query.device), k_pos=run(0, lk, query.device))
             elif docs is not None:  # packed sequences: a block-diagonal mask
                 kw = dict(causal=docs[0] == "causal", document_ids=_batch_rows(docs[1], batch))
         if kw is not None:

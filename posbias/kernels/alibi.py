@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..positions import first
 from . import fused
 from .flash import merge
 
@@ -146,5 +147,5 @@ def alibi_kernel(q: Tensor, k: Tensor, v: Tensor, scheme, *, q_pos: Tensor, k_po
         pieces, width = 1, q.shape[-1] + 1
         f = [t.float().contiguous() for t in (q, k, v)]
     block = block or (HALF_BLOCK if half else BLOCK)
-    out = _ALiBi.apply(*f, scheme.linear_slopes, int(q_pos[0]), int(k_pos[0]), scale, block, pieces, width)
+    out = _ALiBi.apply(*f, scheme.linear_slopes, first(q_pos), first(k_pos), scale, block, pieces, width)
     return out.to(dtype)

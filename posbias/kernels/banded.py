@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..diagonals import diagonal_sums
+from ..positions import first
 from ..schemes.base import ToeplitzScheme
 from . import fused
 from .flash import NEG, flash_available, flash_forward, mask_backward, merge
@@ -263,7 +264,7 @@ def banded_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, q_
     and ``scheme.flat_beyond``. Output in the inputs' dtype; the band in float32."""
     w = max(int(scheme.flat_beyond), 1)
     vals = scheme.bias_at(torch.arange(-w, w + 1, device=q.device))  # [H, 2w+1], differentiable
-    delta = int(q_pos[0]) - int(k_pos[0])
+    delta = first(q_pos) - first(k_pos)
     chunk = chunk_rows(w, causal, q.device.type) if chunk is None else chunk
     if chunk < 1:
         raise ValueError(f"chunk={chunk} must be a positive number of queries")

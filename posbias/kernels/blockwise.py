@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..positions import piece, run_start
 from ..schemes.base import Scheme, kept, needs_grad
 from .flash import (backward_rows, block_work, flash_available, flash_backward, flash_forward, fused_inputs,
                     mask_backward)
@@ -58,7 +59,7 @@ def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: 
     k, v = ungrouped(q, k, v)
     out = q.new_empty(q.shape[:3] + v.shape[3:])
     for s, e, hi in _Blocks(q_pos, k_pos, causal, block or max(16, min(512, MAX_BLOCK_ELEMS // per_row))):
-        qp, kp = q_pos[s:e], k_pos[:hi]
+        qp, kp = piece(q_pos, s, e), piece(k_pos, 0, hi)
 
         def run(qb: Tensor, kb: Tensor, vb: Tensor, qp: Tensor = qp, kp: Tensor = kp) -> Tensor:
             return dense_attention(qb, kb, vb, scheme.bias(qp, kp), visible(qp, kp, causal), scale)
@@ -76,7 +77,8 @@ class _Blocks:
     def __init__(self, q_pos: Tensor, k_pos: Tensor, causal: bool, block: int) -> None:
         causal = causal and not hides_nothing(q_pos, k_pos)  # (a decoding step: the call is bidirectional)
         self.q_pos, self.k_pos, self.causal, self.block = q_pos, k_pos, causal, block
-        self.sorted_keys = causal and (len(k_pos) < 2 or bool((k_pos[1:] > k_pos[:-1]).all()))
+        self.sorted_keys = causal and (len(k_pos) < 2 or run_start(k_pos) is not None
+                                       or bool((k_pos[1:] > k_pos[:-1]).all()))
 
     def __iter__(self):
         lq, lk = len(self.q_pos), len(self.k_pos)
@@ -84,8 +86,21 @@ class _Blocks:
             e = min(s + self.block, lq)
             hi = lk
             if self.causal and self.sorted_keys:  # keys after the block's last query are masked for every row
-                hi = int(torch.searchsorted(self.k_pos, self.q_pos[s:e].max(), right=True))
+                hi = self._keys_up_to(self.q_pos, s, e, lk, last=True)
             yield s, e, hi
+
+    def _keys_up_to(self, q_pos: Tensor, s: int, e: int, keys: int, *, last: bool) -> int:
+        """How many of the first ``keys`` (sorted) keys are at or before the last (or first) query of
+        rows ``s:e``: from the runs' starts where both are runs, else searched on the device."""
+        q0, k0 = run_start(q_pos), run_start(self.k_pos)
+        if q0 is not None and k0 is not None:
+            return min(max((q0 + (e - 1 if last else s)) - k0 + 1, 0), keys)
+        qs = q_pos[s:e]
+        return int(torch.searchsorted(self.k_pos[:keys], qs.max() if last else qs.min(), right=True))
+
+    def positions(self, s: int, e: int, hi: int) -> tuple[Tensor, Tensor]:
+        """Block ``s:e``'s query positions and the first ``hi`` keys' (runs where the call's are)."""
+        return piece(self.q_pos, s, e), piece(self.k_pos, 0, hi)
 
     def with_rows(self, block: int) -> "_Blocks":
         """The same call cut into blocks of ``block`` query rows."""
@@ -98,13 +113,13 @@ class _Blocks:
     def mask(self, scheme: Scheme, s: int, e: int, hi: int, buffers: Tensor, writer=None) -> Tensor:
         """Block ``s:e``'s ``[1, H, rows, hi]`` bias with −∞ at the pairs it may not see, in ``buffers[0]``,
         written by ``writer`` (a :class:`~posbias.schemes.base.BlockGrads`) or the scheme."""
-        qp, kp = self.q_pos[s:e], self.k_pos[:hi]
+        qp, kp = self.positions(s, e, hi)
         shape = (scheme.n_heads, e - s, hi)
         size = shape[0] * shape[1] * shape[2]
         mask = (writer or scheme).bias_into(qp, kp, buffers[0, :size].view(shape), buffers[1, :size].view(shape))
         if self.causal:
-            lo = int(torch.searchsorted(kp, qp.min(), right=True)) if self.sorted_keys else 0
-            vis = visible(qp, kp[lo:], True)
+            lo = self._keys_up_to(self.q_pos, s, e, hi, last=False) if self.sorted_keys else 0
+            vis = visible(qp, piece(kp, lo), True)
             if vis is not None:
                 mask[:, :, lo:].masked_fill_(~vis, float("-inf"))
         return mask.unsqueeze(0)
@@ -164,7 +179,7 @@ class _FusedBlocks(torch.autograd.Function):
                 gq, gk, gv = flash_backward(args[3], *args[:3], out[:, :, s:e], lse[:, :, s:e], scale, False, mask)
             else:
                 gq, gk, gv, ds = mask_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale, work)
-                bias_grads.add(blocks.q_pos[s:e], blocks.k_pos[:hi], ds)
+                bias_grads.add(*blocks.positions(s, e, hi), ds)
             dq[:, :, s:e] += gq
             dk[:, :, :hi] += gk
             dv[:, :, :hi] += gv

@@ -235,7 +235,7 @@ class _DroppedBlocks(torch.autograd.Function):
             gq, gk, gv, ds = mask_backward(q[:, :, s:e], k[:, :, :hi], v[:, :, :hi], dout[:, :, s:e], lse[:, :, s:e],
                                            delta[:, :, s:e], mask, scale, work, drop.block(s, e, hi), drop.keep_scale)
             if train_bias:
-                bias_grads.add(blocks.q_pos[s:e], blocks.k_pos[:hi], ds)
+                bias_grads.add(*blocks.positions(s, e, hi), ds)
             dq[:, :, s:e] += gq
             dk[:, :, :hi] += gk
             dv[:, :, :hi] += gv

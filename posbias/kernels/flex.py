@@ -21,6 +21,7 @@ import functools
 import torch
 from torch import Tensor
 
+from ..positions import first
 from ..schemes.base import Scheme
 
 
@@ -132,7 +133,7 @@ def flex_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tenso
     fa = require_flex()
     lq, lk = q.shape[2], k.shape[2]
     q_pad, k_pad = length_bucket(lq), length_bucket(lk)
-    q0, k0 = int(q_pos[0]), int(k_pos[0])
+    q0, k0 = first(q_pos), first(k_pos)
     mod = None
     if scheme.family == "additive":
         # no backward on CPU: keep autograd out of what the score_mod captures

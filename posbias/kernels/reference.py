@@ -10,17 +10,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..positions import highest, lowest
 from ..schemes.base import Scheme
 
 
 def hides_nothing(q_pos: Tensor, k_pos: Tensor) -> bool:
     """True when the causal mask hides no pair: no key comes after the first query (a decoding step)."""
-    return len(q_pos) == 0 or len(k_pos) == 0 or int(k_pos.max()) <= int(q_pos.min())
+    return len(q_pos) == 0 or len(k_pos) == 0 or highest(k_pos) <= lowest(q_pos)
 
 
 def every_row_sees_a_key(q_pos: Tensor, k_pos: Tensor, causal: bool) -> bool:
     """True when no query row is left without a visible key (the fused kernels would give it NaN)."""
-    return not causal or (k_pos.numel() > 0 and int(q_pos.min()) >= int(k_pos.min()))
+    return not causal or len(q_pos) == 0 or (len(k_pos) > 0 and lowest(q_pos) >= lowest(k_pos))
 
 
 def ungrouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

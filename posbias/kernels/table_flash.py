@@ -44,6 +44,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from ..positions import first
 from ..schemes.base import ToeplitzScheme, needs_grad
 from ..schemes.fire import FIRE
 from .dropout import drop_threshold, seed_word
@@ -356,7 +357,7 @@ def table_flash_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme |
     probabilities inside the programs with the mask of :mod:`~posbias.kernels.dropout`, pair for pair
     (the mask is a hash of the seed and the pair's indices, computed per tile in the forward and again
     in the backward: nothing stored)."""
-    delta = int(q_pos[0]) - int(k_pos[0])
+    delta = first(q_pos) - first(k_pos)
     lq, lk = q.shape[2], k.shape[2]
     if isinstance(scheme, FIRE):  # c, 1 / the denominator per query, the MLP's pieces (module docstring)
         kinks, slope, offset = scheme.pieces()
@@ -396,6 +397,6 @@ def table_flash_usable(scheme, q: Tensor, q_pos: Tensor, k_pos: Tensor, causal: 
         return f"needs head_dim at most {MAX_HEAD_DIM} (got {q.shape[-1]})"
     if not contiguous():
         return "needs contiguous positions"
-    if causal and int(q_pos[0]) < int(k_pos[0]):
+    if causal and first(q_pos) < first(k_pos):
         return "needs the first query at or past the first key (causal: every query sees a key)"
     return None

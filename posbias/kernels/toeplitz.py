@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..diagonals import antidiagonal_sums
+from ..positions import first
 from ..schemes.base import ToeplitzScheme, kept, needs_grad, trains_bias
 from .flash import backward_rows, block_work, flash_backward, flash_forward, fused_inputs, mask_backward
 from .reference import ungrouped
@@ -118,7 +119,7 @@ def toeplitz_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, 
     """Contiguous positions (checked by the dispatcher). The bias is evaluated once on the call's
     ``Lq + Lk − 1`` offsets, with autograd, so its parameters receive their gradients."""
     lq, lk = q.shape[2], k.shape[2]
-    q0, k0 = int(q_pos[0]), int(k_pos[0])
+    q0, k0 = first(q_pos), first(k_pos)
     o_min, o_max = q0 - (k0 + lk - 1), q0 + lq - 1 - k0
 
     def row() -> Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..diagonals import diagonal_sums
+from ..positions import first
 from ..schemes.base import ToeplitzScheme
 from .flash import flash_backward, flash_forward, mask_backward, merge
 
@@ -179,4 +180,4 @@ def windowed_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: ToeplitzScheme, *, 
     vals = scheme.bias_at(torch.arange(-w, w + 1, device=q.device))  # [H, 2w+1], differentiable
     # float32 throughout: the band mask carries the bias, and a bf16 mask would round it
     f = [t.float().contiguous() for t in (q, k, v)]
-    return _Windowed.apply(*f, vals, int(q_pos[0]), int(k_pos[0]), w, causal, scale, block).to(q.dtype)
+    return _Windowed.apply(*f, vals, first(q_pos), first(k_pos), w, causal, scale, block).to(q.dtype)

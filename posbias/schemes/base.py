@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..diagonals import diagonal_sums
+from ..positions import consecutive, run
 
 __all__ = ["Scheme", "ToeplitzScheme", "check_bool", "check_int", "check_positive"]
 
@@ -73,12 +74,6 @@ def flat_share(start: int, length: int) -> float:
     return far * (far + 1) / (length * (length + 1))
 
 
-def consecutive(pos: Tensor) -> bool:
-    """True for integer positions ``p, p + 1, …`` (and for fewer than two): the runs that kernels and
-    tables can treat as an offset range."""
-    return len(pos) < 2 or (not pos.is_floating_point() and bool((pos[1:] - pos[:-1] == 1).all()))
-
-
 def _check_query_pos(query_pos: int | None, offsets: Sequence[int] = ()) -> None:
     """ValueError for a query position below 0, or one that ``offsets`` would put keys before 0 from."""
     if query_pos is None:
@@ -108,8 +103,10 @@ def kept(scheme: nn.Module, slot: str, key: tuple, make: Callable[[], Any]) -> A
     which an optimizer step or a loaded state moves). Only without autograd: with it, ``make()`` runs
     every time and keeps its graph. Never for inference tensors, which keep no version. The storages
     are held with the value, so no later tensor can take one of their addresses."""
-    tensors = [*scheme.parameters(), *scheme.buffers()]
-    if torch.is_grad_enabled() or any(t.is_inference() for t in [*tensors, *key] if isinstance(t, Tensor)):
+    if torch.is_grad_enabled():
+        return make()
+    tensors = _state(scheme)
+    if any(t.is_inference() for t in [*tensors, *key] if isinstance(t, Tensor)):
         return make()
     versions = tuple((t.data_ptr(), t._version) for t in tensors)
     held = scheme.__dict__.get(slot)
@@ -118,6 +115,20 @@ def kept(scheme: nn.Module, slot: str, key: tuple, make: Callable[[], Any]) -> A
         held = (key, versions, make(), tensors)  # (the tensors themselves: no operator, the same storages)
         scheme.__dict__[slot] = held
     return held[2]
+
+
+def _state(module: nn.Module) -> list[Tensor]:
+    """Every parameter and buffer of ``module`` and its children (a shared one may come twice): what
+    ``[*parameters(), *buffers()]`` gives, without their generators' bookkeeping (a third of
+    :func:`kept`'s time in a decoding step)."""
+    found: list[Tensor] = []
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        found += [t for t in m._parameters.values() if t is not None]
+        found += [t for t in m._buffers.values() if t is not None]
+        stack += [c for c in m._modules.values() if c is not None]
+    return found
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
@@ -134,9 +145,10 @@ def _same_key(a: tuple, b: tuple) -> bool:
 
 
 def as_positions(pos: Tensor | None, length: int, device: torch.device, *, start: int = 0) -> Tensor:
-    """Positions as a 1-D int64 tensor; ``arange(start, start+length)`` when ``pos`` is None."""
+    """Positions as a 1-D int64 tensor; ``arange(start, start+length)`` when ``pos`` is None (a
+    :func:`~posbias.positions.run`, its start known without a read)."""
     if pos is None:
-        return torch.arange(start, start + length, device=device)
+        return run(start, length, device)
     pos = torch.as_tensor(pos, device=device)
     if pos.dim() != 1 or pos.numel() != length:
         raise ValueError(f"positions must be a 1-D tensor of length {length}, got shape {tuple(pos.shape)}")

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..diagonals import diagonal_sums
+from ..positions import first, run_start
 from .base import BlockGrads, Scheme, ToeplitzScheme, _add_grads, check_int, check_positive, kept
 
 
@@ -92,10 +93,11 @@ class FIRE(Scheme):
         ``max(L, i)`` splits its gradient between the two)."""
         if len(q_pos) == 0:
             return 0, None
-        t = float(self.threshold().detach())
+        # (kept while the parameters are unchanged: a decoding step's layers read L once, not once each)
+        t = kept(self, "_kept_threshold", (), lambda: float(self.threshold().detach()))
         if not math.isfinite(t):  # a diverged threshold: the general path (and its NaN) as before
             return 0, None
-        rows = min(len(q_pos), max(0, math.ceil(t) - int(q_pos[0])))  # the integers i < t from q_pos[0] on
+        rows = min(len(q_pos), max(0, math.ceil(t) - first(q_pos)))  # the integers i < t from q_pos[0] on
         view = self.__dict__.get("_below_threshold")
         if view is None:  # kept outside the module tree (the view holds this module, not the reverse)
             view = self.__dict__["_below_threshold"] = FireBelowThreshold(self)
@@ -294,7 +296,7 @@ def _log_distance(q_pos: Tensor, k_pos: Tensor, c: Tensor, out: Tensor | None = 
     # that j moves one entry forward and r moves ρ = −k_step·q_step entries; ``start`` puts the
     # smallest entry any pair reads at t = 0.
     rho = -k_step * q_step
-    start = int(q_pos[0]) - int(k_pos[0]) + (q_step * (rows - 1) if rho < 0 else 0)
+    start = first(q_pos) - first(k_pos) + (q_step * (rows - 1) if rho < 0 else 0)
     offsets = start - k_step * torch.arange(rows + keys - 1, device=q_pos.device)
     table = _psi(c, offsets)
     windows = table.unfold(0, keys, 1)  # windows[w, j] = table[w + j]; row r reads window ρ·(r − r_first)
@@ -313,7 +315,7 @@ def _unit_step(pos: Tensor) -> int | None:
     """+1 or −1 when ``pos`` is a run of consecutive integers in that direction, else None."""
     if pos.is_floating_point() or len(pos) == 0:
         return None
-    if len(pos) == 1:
+    if len(pos) == 1 or run_start(pos) is not None:
         return 1
     step = int(pos[1]) - int(pos[0])
     if step not in (1, -1) or int(pos[-1]) - int(pos[0]) != step * (len(pos) - 1):
@@ -470,8 +472,8 @@ class _FireBlockGrads(BlockGrads):
                 d_x, d_slope, d_offset = _grad_by_column(x, self.kinks, self.slope, grad, lo, runs)
             y = d_x.div_(fire.denominator(q_pos)[:, None])  # ∂/∂T of each pair
             self.rows.append((q_pos, torch.linalg.vecdot(y, x).neg_()))
-            first = int(q_pos[0]) - int(k_pos[0]) + rows - 1  # the offset of diagonal 0 (row rows − 1, key 0)
-            self.tables.append((first - torch.arange(rows + keys - 1, device=q_pos.device), diagonal_sums(y)))
+            top = first(q_pos) - first(k_pos) + rows - 1  # the offset of diagonal 0 (row rows − 1, key 0)
+            self.tables.append((top - torch.arange(rows + keys - 1, device=q_pos.device), diagonal_sums(y)))
             self.d_slope = d_slope if self.d_slope is None else self.d_slope.add_(d_slope)
             self.d_offset = d_offset if self.d_offset is None else self.d_offset.add_(d_offset)
 

@@ -30,7 +30,8 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Scheme, check_int, check_positive, consecutive
+from ..positions import consecutive, first
+from .base import Scheme, check_int, check_positive
 
 SCALINGS = (None, "pi", "ntk", "dynamic-ntk", "yarn")
 LAYOUTS = ("half", "interleaved")
@@ -214,17 +215,27 @@ class RoPE(Scheme):
             ang = self.angles(pos, context_len)
             return ang.cos().mul_(scale), ang.sin().mul_(scale)
         inv = self.inv_frequencies(context_len)
-        key = (pos.device, self.scaling == "pi" and self.factor, scale)
-        first = int(pos[0])
+        key = (pos.device, self.scaling == "pi" and self.factor, scale, self._frequency_source(inv, context_len))
+        start = first(pos)
         hit = self._table
-        if hit is not None and hit[0] == key and torch.equal(hit[1], inv) and hit[2] <= first \
-                and first + n <= hit[2] + hit[3].shape[0]:
-            a = first - hit[2]
+        if hit is not None and hit[0] == key and (key[-1] is not None or torch.equal(hit[1], inv)) \
+                and hit[2] <= start and start + n <= hit[2] + hit[3].shape[0]:
+            a = start - hit[2]
             return hit[3][a:a + n], hit[4][a:a + n]
-        run = torch.arange(first, first + n + max(256, n // 2), device=pos.device)
+        run = torch.arange(start, start + n + max(256, n // 2), device=pos.device)
         ang = self.angles(run, context_len)
-        self._table = (key, inv.clone(), first, ang.cos().mul_(scale), ang.sin().mul_(scale))
+        # (inv itself is held: the key names it by id, which no other tensor can take while it is held)
+        self._table = (key, inv if key[-1] is not None else inv.clone(), start, ang.cos().mul_(scale),
+                       ang.sin().mul_(scale))
         return self._table[3][:n], self._table[4][:n]
+
+    def _frequency_source(self, inv: Tensor, context_len: int | None) -> tuple | None:
+        """What made the frequencies ``inv``, without reading them (on a GPU a read waits for it): the
+        buffer and its in-place version, or the numbers dynamic NTK computes them from; None where only
+        their values can tell (a buffer made in inference mode keeps no version)."""
+        if inv is not self.inv_freq:
+            return ("dynamic-ntk", self.base, self.factor, self.train_len, self.head_dim, context_len)
+        return None if inv.is_inference() else (id(inv), inv._version)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, base={self.base}, layout={self.layout!r}, "
