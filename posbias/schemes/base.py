@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..diagonals import diagonal_sums
-from ..positions import consecutive, run
+from ..positions import consecutive, run, run_start
 
 __all__ = ["Scheme", "ToeplitzScheme", "check_bool", "check_int", "check_positive"]
 
@@ -99,12 +99,14 @@ def kept(scheme: nn.Module, slot: str, key: tuple, make: Callable[[], Any]) -> A
     """``make()``, computed from ``scheme``'s parameters and buffers, kept on the scheme under ``slot``
     and reused while nothing that made it changed: ``key`` (what the caller's value depends on besides
     the scheme; tensors in it are compared by value, and copied, so a caller writing into them later
-    cannot make a stale value match) and every parameter and buffer (storage and in-place version,
-    which an optimizer step or a loaded state moves). Only without autograd: with it, ``make()`` runs
-    every time and keeps its graph. Never for inference tensors, which keep no version. The storages
-    are held with the value, so no later tensor can take one of their addresses."""
+    cannot make a stale value match; runs of positions by their start and length, without a read) and
+    every parameter and buffer (storage and in-place version, which an optimizer step or a loaded state
+    moves). Only without autograd: with it, ``make()`` runs every time and keeps its graph. Never for
+    inference tensors, which keep no version. The storages are held with the value, so no later tensor
+    can take one of their addresses."""
     if torch.is_grad_enabled():
         return make()
+    key = tuple(_run_or_tensor(k) for k in key)
     tensors = _state(scheme)
     if any(t.is_inference() for t in [*tensors, *key] if isinstance(t, Tensor)):
         return make()
@@ -115,6 +117,13 @@ def kept(scheme: nn.Module, slot: str, key: tuple, make: Callable[[], Any]) -> A
         held = (key, versions, make(), tensors)  # (the tensors themselves: no operator, the same storages)
         scheme.__dict__[slot] = held
     return held[2]
+
+
+def _run_or_tensor(k: Any) -> Any:
+    """A key entry of :func:`kept`: a run of positions as what makes it (comparing two tensors by value
+    reads them, and on a GPU waits for it), anything else as it is."""
+    start = run_start(k) if isinstance(k, Tensor) else None
+    return k if start is None else ("run", start, k.shape[0], k.device)
 
 
 def _state(module: nn.Module) -> list[Tensor]:
