@@ -27,6 +27,7 @@ from bench_attention import (cell, default_schemes, fix_machine, machine, machin
                              schemes_error, sync)
 from posbias.attention import BACKENDS, choose_backend, usable
 from posbias.model import ModelConfig, TransformerLM
+from posbias.positions import run
 from posbias.schemes import parse_spec
 
 
@@ -40,7 +41,8 @@ def attention_rows(args, device, dtype):
             k, v = (torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype) for _ in range(2))
             for lq in args.queries:
                 q = torch.randn(1, args.heads, lq, args.head_dim, device=device, dtype=dtype)
-                q_pos, k_pos = torch.arange(n - lq, n, device=device), torch.arange(n, device=device)
+                # runs (posbias.positions), as the model and its KV cache pass them: no call reads them
+                q_pos, k_pos = run(n - lq, lq, device), run(0, n, device)
                 forced = args.backend != "auto" and usable(args.backend, scheme, q, q_pos=q_pos, k_pos=k_pos,
                                                            causal=True) is None
                 backend = args.backend if forced else choose_backend(scheme, q, q_pos=q_pos, k_pos=k_pos, causal=True)
