@@ -343,6 +343,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, causal: bool =
     """Exact attention with a positional scheme; ``[batch, heads, Lq, head_dim]`` out. Long because its
     docstring is the reference of every argument.
 
+    ``q_pos`` and ``k_pos``, 1-D integer tensors, give the queries' and keys' positions; by default the
+    keys sit at ``0 … Lk − 1`` and the queries at the end of them. Given positions are read once a call
+    (on a GPU a read waits for it), positions made by :func:`posbias.positions.run` not at all, nor
+    the defaults.
+
     ``key_mask``, a bool ``[batch, Lk]`` tensor, True where a key takes part (padding: False), hides keys
     per sequence; kept keys keep their positions, so offsets are those of the unpadded sequence.
     Sequences with the same mask run together on their kept keys only — a contiguous run of them (right
