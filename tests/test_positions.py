@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from _helpers import NO_CUDA
+from _helpers import CUDA_BUILD, NO_CUDA
 from posbias import build
-from posbias.attention import attention, attention_reference
+from posbias.attention import attention, attention_reference, choose_backend
 from posbias.model import ModelConfig, TransformerLM
 from posbias import positions
 from posbias.positions import consecutive, first, highest, last, lowest, piece, run, run_start, runs, starts
@@ -166,6 +166,29 @@ def test_a_decoding_model_reads_no_positions():
                 assert reads(lambda: steps.append(model(idx[:, t:t + 1], start=t, caches=caches))) == 0, (name, t)
             whole = model(idx)
         torch.testing.assert_close(torch.cat(steps, 1), whole[:, 8:], atol=1e-5, rtol=1e-4)
+
+
+@CUDA_BUILD
+@pytest.mark.parametrize("name, path", [("t5", "banded"), ("offset", "banded"), ("alibi", "alibi")])
+@pytest.mark.parametrize("lq, train", [(1, False), (300, False), (300, True)])
+def test_the_cuda_paths_read_nothing_checked_on_fake_tensors(name, path, lq, train):
+    """Under fake CUDA tensors (PyTorch's meta kernels: shapes, no values, and reading one raises) on any
+    CUDA build of torch, GPU or not, ``attention`` chooses the CUDA path ``auto`` takes (banded for T5
+    and offset, the native ALiBi path) and runs it, a decoding step, inference and a training forward,
+    without reading a value: the dispatch and the kernels' CUDA branches decide from runs alone. (The
+    code before runs failed here at its first ``int(q_pos[0])``.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from posbias.positions import run
+
+    scheme = build(name, n_heads=4, head_dim=64)  # (built on real tensors: T5 finds its last bucket by a search)
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.set_grad_enabled(train):
+        scheme = scheme.to("cuda")
+        q = torch.randn(1, 4, lq, 64, device="cuda", dtype=torch.bfloat16, requires_grad=train)
+        k, v = (torch.randn(1, 4, 600, 64, device="cuda", dtype=torch.bfloat16, requires_grad=train) for _ in range(2))
+        assert choose_backend(scheme, q, q_pos=run(600 - lq, lq, "cuda"), k_pos=run(0, 600, "cuda"), causal=True) == path
+        out = attention(q, k, v, scheme)
+        assert out.shape == q.shape and out.device.type == "cuda"
 
 
 @pytest.mark.cuda
