@@ -169,14 +169,16 @@ def test_a_decoding_model_reads_no_positions():
 
 
 @CUDA_BUILD
-@pytest.mark.parametrize("name, path", [("t5", "banded"), ("offset", "banded"), ("alibi", "alibi")])
+@pytest.mark.parametrize("name, path", [("t5", "banded"), ("offset", "banded"), ("alibi", "alibi"), ("rope", "sdpa"),
+                                        ("nope", "sdpa"), ("kerple-log", "blockwise")])
 @pytest.mark.parametrize("lq, train", [(1, False), (300, False), (300, True)])
 def test_the_cuda_paths_read_nothing_checked_on_fake_tensors(name, path, lq, train):
     """Under fake CUDA tensors (PyTorch's meta kernels: shapes, no values, and reading one raises) on any
     CUDA build of torch, GPU or not, ``attention`` chooses the CUDA path ``auto`` takes (banded for T5
-    and offset, the native ALiBi path) and runs it, a decoding step, inference and a training forward,
+    and offset, the native ALiBi path, SDPA for RoPE and NoPE, blocks for KERPLE) and runs it, a decoding step, inference and a training forward,
     without reading a value: the dispatch and the kernels' CUDA branches decide from runs alone. (The
-    code before runs failed here at its first ``int(q_pos[0])``.)"""
+    code before runs failed here at its first ``int(q_pos[0])``. FIRE is left out: it reads its learned
+    threshold, once while its parameters are unchanged without autograd, every call in training.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from posbias.positions import run
