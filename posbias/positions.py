@@ -53,8 +53,8 @@ def run_start(pos: Tensor) -> int | None:
 def piece(pos: Tensor, start: int, stop: int | None = None) -> Tensor:
     """``pos[start:stop]``, a run again where ``pos`` is one."""
     part = pos[start:stop]
-    first = run_start(pos)
-    return part if first is None else _mark(part, first + range(pos.shape[0])[start:stop].start)
+    begin = run_start(pos)
+    return part if begin is None else _mark(part, begin + range(pos.shape[0])[start:stop].start)
 
 
 def consecutive(pos: Tensor) -> bool:
@@ -110,11 +110,12 @@ def same(a: Tensor, b: Tensor) -> bool:
 
 def starts(*positions: Tensor) -> list[int | None]:
     """The first position of each of ``positions`` (1-D integer tensors) that is consecutive (a run, or
-    one that reads as one), else None (and None for an empty one). Runs answer without a read; on CUDA
+    one that reads as one), else None (None too for an empty tensor that is not a run, and for
+    floating-point positions). Runs answer without a read; on CUDA
     the others are read together, in one wait for the device, and on the CPU one by one (cheaper there
     than gathering them: 13 against 35 µs for a query and 1k keys, measured)."""
     found: list[int | None] = [run_start(p) for p in positions]
-    unknown = [n for n, p in enumerate(positions) if found[n] is None and p.shape[0]]
+    unknown = [n for n, p in enumerate(positions) if found[n] is None and p.shape[0] and not p.is_floating_point()]
     if not unknown:
         return found
     if all(_one_by_one(positions[n].device) for n in unknown):
@@ -134,6 +135,7 @@ def starts(*positions: Tensor) -> list[int | None]:
 
 
 def runs(*positions: Tensor) -> tuple[Tensor, ...]:
-    """Each of ``positions`` as a run where it is consecutive, else as it is (read as :func:`starts` reads)."""
+    """Each of ``positions`` as a run where it is consecutive, else as it is (read as :func:`starts`
+    reads): positions a caller hands to many calls (the layers of a model) are then read once."""
     return tuple(p if s is None or run_start(p) is not None else run(s, p.shape[0], p.device)
                  for p, s in zip(positions, starts(*positions)))

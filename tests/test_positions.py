@@ -119,7 +119,7 @@ def test_runs_reads_only_what_it_does_not_know_and_keeps_other_positions(togethe
     assert run_start(out[1]) == 20 and torch.equal(out[1], given) and run_start(out[3]) == 9
     assert run_start(given) is None  # the caller's tensor is left as it was (no record on it)
     assert reads(lambda: runs(*out[:2])) == 0
-    assert starts(made, given, scattered, one, empty) == [0, 20, None, 9, None]
+    assert starts(made, given, scattered, one, empty, torch.arange(3.0)) == [0, 20, None, 9, None, None]
 
 
 def test_a_run_made_in_inference_mode_is_one():
