@@ -26,7 +26,7 @@ from .kernels.sdpa import sdpa_kernel
 from .kernels.table_flash import table_flash_kernel, table_flash_usable
 from .kernels.toeplitz import toeplitz_kernel
 from .kernels.windowed import windowed_kernel
-from .positions import consecutive, first, highest, piece, read_ahead, run, run_start, starts
+from .positions import consecutive, first, highest, piece, read_ahead, run, run_start, runs
 from .schemes.base import Scheme, ToeplitzScheme, as_positions, needs_grad, trains_bias
 
 Kernel = Callable[..., Tensor]
@@ -61,30 +61,21 @@ def resolve(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor | 
     # runs, whose starts every later decision reads from the host (posbias.positions)
     # (without a bias on the CPU they are not: SDPA needs no run, only their ends where causal, and
     # there reading those costs less than checking for runs)
-    lazy = scheme.family == "none" and not read_ahead(q.device)
-    q0, k0 = (run_start(q_pos), run_start(k_pos)) if lazy else starts(q_pos, k_pos)
+    if scheme.family != "none" or read_ahead(q.device):
+        q_pos, k_pos = runs(q_pos, k_pos)
+    q0, k0 = run_start(q_pos), run_start(k_pos)
     rotary = scheme.family == "rotary"
     # dynamic-NTK's frequencies depend on the absolute context length: read it before re-referencing
-    if rotary and lk and lq and not default:
-        context = max(k0 + lk - 1 if k0 is not None else highest(k_pos),
-                      q0 + lq - 1 if q0 is not None else highest(q_pos)) + 1
-    else:
-        context = lk if rotary and lk and lq else 0
-    ref = 0
+    context = (lk if default else max(highest(k_pos), highest(q_pos)) + 1) if rotary and lk and lq else 0
     if lk and lq and not default and (scheme.toeplitz or rotary or scheme.family == "none"):
         # Everything these schemes compute depends on i − j only: subtract one integer reference
         # from every position (exact in int64) so that no kernel ever turns a position like 2^40
         # into float32, where it would lose its low bits. FIRE depends on i itself and keeps it.
         if q0 is None or k0 is None:
-            ref_t = torch.minimum(k_pos.min(), q_pos.min())
-            q_pos, k_pos = q_pos - ref_t, k_pos - ref_t
-            q0 = k0 = None  # (a run beside other positions: taken as they are)
-        else:
-            ref = min(q0, k0)
-    if q0 is not None and (ref or run_start(q_pos) is None):
-        q_pos = run(q0 - ref, lq, q.device)
-    if k0 is not None and (ref or run_start(k_pos) is None):
-        k_pos = run(k0 - ref, lk, q.device)
+            ref = torch.minimum(k_pos.min(), q_pos.min())
+            q_pos, k_pos = q_pos - ref, k_pos - ref
+        elif min(q0, k0):  # runs stay runs
+            q_pos, k_pos = run(q0 - min(q0, k0), lq, q.device), run(k0 - min(q0, k0), lk, q.device)
     if rotary:
         q = scheme.rotate(q, q_pos, context_len=context)
         k = scheme.rotate(k, k_pos, context_len=context)
@@ -591,11 +582,12 @@ def _with_key_mask(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, key_mask: Te
         kept = mask.nonzero().squeeze(1)
         n = kept.numel()
         a, b = torch.stack([kept[0], kept[-1]]).tolist() if n else (0, -1)
-        kp = k_pos[kept]
-        if 0 < n < lk and b - a + 1 == n:  # one run of keys: a view
+        if n == lk:  # every key (this group's mask hides none)
+            kp = k_pos
+        elif n and b - a + 1 == n:  # one run of keys: a view
             kg, vg, kp = kg[:, :, a:b + 1], vg[:, :, a:b + 1], piece(k_pos, a, b + 1)
-        elif n < lk:
-            kg, vg = kg[:, :, kept], vg[:, :, kept]
+        else:
+            kg, vg, kp = kg[:, :, kept], vg[:, :, kept], k_pos[kept]
         outs.append(attention(qg, kg, vg, scheme, q_pos=q_pos, k_pos=kp, **kw))
         order.append(rows)
     if len(outs) == 1:

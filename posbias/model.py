@@ -109,9 +109,8 @@ def _cache_append(cache: dict, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tenso
     n = cache.get("len", 0)
     need = n + k.shape[2]
     step = run_start(pos)
-    cache["start"] = step if n == 0 else cache.get("start")
-    if step is None or cache["start"] is None or step != cache["start"] + n:
-        cache["start"] = None
+    start = cache.get("start") if n else step
+    cache["start"] = start if step is not None and start is not None and step == start + n else None
     new = {"k": k, "v": v, "pos": pos}  # the sequence runs along dim −2 of k and v, dim 0 of pos
     seq = {"k": 2, "v": 2, "pos": 0}
     cache["len"] = need

@@ -62,19 +62,18 @@ def consecutive(pos: Tensor) -> bool:
     tables can treat as an offset range. A run answers without a read."""
     if pos.shape[0] < 2 or run_start(pos) is not None:
         return True
-    return not pos.is_floating_point() and bool((pos[1:] - pos[:-1] == 1).all())
+    return not pos.is_floating_point() and bool(_steps_by_one(pos))
+
+
+def _steps_by_one(pos: Tensor) -> Tensor:
+    """A 0-d bool tensor: every step of ``pos`` (two or more positions) is +1 (not read here)."""
+    return (torch.diff(pos) == 1).all()
 
 
 def first(pos: Tensor) -> int:
     """``int(pos[0])``; for a run, without reading the tensor."""
     start = run_start(pos)
     return int(pos[0]) if start is None else start
-
-
-def last(pos: Tensor) -> int:
-    """``int(pos[-1])``; for a run, without reading the tensor."""
-    start = run_start(pos)
-    return int(pos[-1]) if start is None else start + pos.shape[0] - 1
 
 
 def lowest(pos: Tensor) -> int:
@@ -121,12 +120,12 @@ def starts(*positions: Tensor) -> list[int | None]:
     if all(_one_by_one(positions[n].device) for n in unknown):
         for n in unknown:
             p = positions[n]
-            found[n] = int(p[0]) if p.shape[0] < 2 or bool((torch.diff(p) == 1).all()) else None
+            found[n] = int(p[0]) if p.shape[0] < 2 or bool(_steps_by_one(p)) else None
         return found
     facts = []  # per tensor: its first position, and whether every step is +1
     for n in unknown:
         p = positions[n]
-        steps = (torch.diff(p) == 1).all() if p.shape[0] > 1 else torch.ones((), dtype=torch.bool, device=p.device)
+        steps = _steps_by_one(p) if p.shape[0] > 1 else torch.ones((), dtype=torch.bool, device=p.device)
         facts += [p[0], steps.to(p.dtype)]
     read = torch.stack([f.to(facts[0].device) for f in facts]).tolist()
     for m, n in enumerate(unknown):

@@ -58,8 +58,9 @@ def blockwise_kernel(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: 
     # RSS then grows like N² although every block is freed)
     k, v = ungrouped(q, k, v)
     out = q.new_empty(q.shape[:3] + v.shape[3:])
-    for s, e, hi in _Blocks(q_pos, k_pos, causal, block or max(16, min(512, MAX_BLOCK_ELEMS // per_row))):
-        qp, kp = piece(q_pos, s, e), piece(k_pos, 0, hi)
+    blocks = _Blocks(q_pos, k_pos, causal, block or max(16, min(512, MAX_BLOCK_ELEMS // per_row)))
+    for s, e, hi in blocks:
+        qp, kp = blocks.positions(s, e, hi)
 
         def run(qb: Tensor, kb: Tensor, vb: Tensor, qp: Tensor = qp, kp: Tensor = kp) -> Tensor:
             return dense_attention(qb, kb, vb, scheme.bias(qp, kp), visible(qp, kp, causal), scale)
@@ -86,16 +87,16 @@ class _Blocks:
             e = min(s + self.block, lq)
             hi = lk
             if self.causal and self.sorted_keys:  # keys after the block's last query are masked for every row
-                hi = self._keys_up_to(self.q_pos, s, e, lk, last=True)
+                hi = self._keys_up_to(s, e, lk, last=True)
             yield s, e, hi
 
-    def _keys_up_to(self, q_pos: Tensor, s: int, e: int, keys: int, *, last: bool) -> int:
+    def _keys_up_to(self, s: int, e: int, keys: int, *, last: bool) -> int:
         """How many of the first ``keys`` (sorted) keys are at or before the last (or first) query of
         rows ``s:e``: from the runs' starts where both are runs, else searched on the device."""
-        q0, k0 = run_start(q_pos), run_start(self.k_pos)
+        q0, k0 = run_start(self.q_pos), run_start(self.k_pos)
         if q0 is not None and k0 is not None:
             return min(max((q0 + (e - 1 if last else s)) - k0 + 1, 0), keys)
-        qs = q_pos[s:e]
+        qs = self.q_pos[s:e]
         return int(torch.searchsorted(self.k_pos[:keys], qs.max() if last else qs.min(), right=True))
 
     def positions(self, s: int, e: int, hi: int) -> tuple[Tensor, Tensor]:
@@ -118,7 +119,7 @@ class _Blocks:
         size = shape[0] * shape[1] * shape[2]
         mask = (writer or scheme).bias_into(qp, kp, buffers[0, :size].view(shape), buffers[1, :size].view(shape))
         if self.causal:
-            lo = self._keys_up_to(self.q_pos, s, e, hi, last=False) if self.sorted_keys else 0
+            lo = self._keys_up_to(s, e, hi, last=False) if self.sorted_keys else 0
             vis = visible(qp, piece(kp, lo), True)
             if vis is not None:
                 mask[:, :, lo:].masked_fill_(~vis, float("-inf"))
