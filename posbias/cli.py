@@ -114,7 +114,7 @@ def add_show_parsers(sub: argparse._SubParsersAction) -> None:
         if cls.family == "additive" and not cls.toeplitz:
             p.add_argument("--query-pos", type=int, metavar="I",
                            help="the query position the tables are for (this bias reads it: FIRE's progressive "
-                                "interpolation; default the largest distance shown)")
+                                "interpolation; default the largest distance shown, 0 if none is positive)")
         for key, spec in option_specs(cls).items():
             kind = {"nargs": "?", "const": True} if spec.kind is bool else {}
             p.add_argument(_flag(key), dest=f"opt_{key}", metavar=key.upper(), default=None,
@@ -162,7 +162,7 @@ def cmd_show(args: argparse.Namespace) -> None:
         say("  " + line)
     if scheme.family == "additive" and not isinstance(scheme, ToeplitzScheme) and at is None:
         say("  (this bias reads the query's own position too: each row is for one query at the largest distance "
-            "shown; --query-pos moves it)")
+            "shown, 0 if none is positive; --query-pos moves it)")
 
 
 # -- plot -------------------------------------------------------------------------------------

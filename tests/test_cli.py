@@ -49,7 +49,11 @@ def test_bucket_table_worked_example():
     (["show", "t5@max_distance=8"], "--max-distance must be >= 17, got 8"),
     (["show", "t5@"], "has '@' but no KEY=VALUE"),
     (["show", "fire", "--query-pos", "5", "--offsets", "10"], "--offsets 10 puts the key before position 0"),
-    (["show", "fire", "--query-pos", "-1"], "--query-pos must be a position >= 0, got -1"),
+    (["show", "fire", "--query-pos", "-1"], "--query-pos must be a position in [0, 9223372036854775807], got -1"),
+    (["show", "fire", "--query-pos", str(2**64)], f"--query-pos must be a position in [0, 9223372036854775807], got {2**64}"),
+    # |−2⁶³| wraps to itself in int64: FIRE's bias there was NaN and ALiBi's of the wrong sign; 2⁶⁴ overflowed
+    (["show", "fire", "--offsets", str(-2**63)], f"--offsets {-2**63} is out of range; valid: -9223372036854775807 ... "),
+    (["show", "alibi", "--offsets", "3", str(2**64)], f"--offsets {2**64} is out of range; valid: -9223372036854775807"),
     (["show", "t5", "--query-pos", "5"], "'t5' depends on i − j alone"),
     (["extrapolate", "--scheme-option", "t5.max_distance=64", "--scheme-option", "t5.max_distance=32"],
      "--scheme-option: scheme 't5': option max_distance is given twice (64 and '32')"),
@@ -400,13 +404,31 @@ def test_show_fire_at_a_query_position_shows_progressive_interpolation(capsys):
     assert at(100) == at(400) != at(10000)
 
 
+def test_show_fire_at_offsets_all_negative_puts_the_query_at_position_0(capsys):
+    """Keys after the query only: the default query is at 0 (it was at the largest offset, a negative
+    position), and the largest offset whose magnitude is an int64 gives a finite bias (|−2⁶³| is refused:
+    it wrapped to itself and gave NaN)."""
+    big = -(2**63 - 1)
+    assert main(["show", "fire", "--heads", "2", "--offsets", str(big), "-5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(n for n, line in enumerate(lines) if "bias at the offsets" in line)
+    assert "for one query at position 0 " in lines[start]
+    rows = {int(line.split()[0]): [float(x) for x in line.split()[1:]] for line in lines[start + 2:start + 4]}
+    torch.manual_seed(0)
+    fire = build("fire", n_heads=2, head_dim=64)
+    with torch.no_grad():
+        want = fire.bias(torch.tensor([0]), torch.tensor([-big, 5]))[:, 0].T.tolist()
+    assert [rows[big], rows[-5]] == [[pytest.approx(x, abs=1e-3) for x in row] for row in want]
+    assert all(math.isfinite(x) for row in rows.values() for x in row)
+
+
 def test_show_says_which_query_a_position_dependent_bias_is_tabulated_for(capsys):
     """FIRE's bias reads the query's position: its table is for one query (at the largest distance), and
     says so; a Toeplitz bias's table holds for every query and says nothing of the kind."""
     assert main(["show", "fire", "--heads", "2"]) == 0
     fire = capsys.readouterr().out
-    assert "reads the query's own position too: each row is for one query at the largest distance shown; " \
-           "--query-pos moves it" in fire
+    assert "reads the query's own position too: each row is for one query at the largest distance shown, 0 if " \
+           "none is positive; --query-pos moves it" in fire
     from posbias import build
 
     torch.manual_seed(0)

@@ -74,12 +74,21 @@ def flat_share(start: int, length: int) -> float:
     return far * (far + 1) / (length * (length + 1))
 
 
+INT64_MAX = 2**63 - 1  # positions are int64; an offset's magnitude |i − j| must be one too
+
+
 def _check_query_pos(query_pos: int | None, offsets: Sequence[int] = ()) -> None:
-    """ValueError for a query position below 0, or one that ``offsets`` would put keys before 0 from."""
+    """ValueError for an offset whose magnitude is no int64 (|−2⁶³| is not: it would wrap to itself and
+    give a NaN or a bias of the wrong sign), a query position outside [0, 2⁶³ − 1], or one that
+    ``offsets`` would put keys before 0 from."""
+    for d in offsets:
+        if not -INT64_MAX <= d <= INT64_MAX:
+            raise ValueError(f"offsets {d} is out of range; valid: -{INT64_MAX} ... {INT64_MAX} (|i - j| of int64 "
+                             "positions)")
     if query_pos is None:
         return
-    if query_pos < 0:
-        raise ValueError(f"query_pos must be a position >= 0, got {query_pos}")
+    if not 0 <= query_pos <= INT64_MAX:
+        raise ValueError(f"query_pos must be a position in [0, {INT64_MAX}], got {query_pos}")
     if offsets and max(offsets) > query_pos:
         raise ValueError(f"offsets {max(offsets)} puts the key before position 0 for a query at query_pos "
                          f"{query_pos}; give offsets up to {query_pos}")
@@ -259,12 +268,12 @@ class Scheme(nn.Module):
     # -- what a user sees ---------------------------------------------------------------------
     def bias_by_distance(self, distances: Tensor, *, query_pos: int | None = None) -> Tensor | None:
         """``[heads, len(distances)]`` float32 bias at offsets ``i − j = distances`` for one query at
-        ``query_pos`` (default: the largest distance, so keys run down to position 0); None for a
-        scheme without a bias. Toeplitz schemes ignore ``query_pos``."""
+        ``query_pos`` (default: the largest distance, so keys run down to position 0, or 0 where every
+        distance is negative); None for a scheme without a bias. Toeplitz schemes ignore ``query_pos``."""
         if self.family != "additive":
             return None
         with torch.no_grad():
-            i = int(distances.max()) if query_pos is None else int(query_pos)
+            i = max(0, int(distances.max())) if query_pos is None else int(query_pos)
             return self.bias(torch.tensor([i]), i - distances)[:, 0, :].float()
 
     def describe(self, query_pos: int | None = None) -> list[str]:
@@ -296,7 +305,7 @@ class Scheme(nn.Module):
         _check_query_pos(query_pos, offsets)
         b = self.bias_by_distance(torch.tensor(offsets), query_pos=query_pos)
         heads = b.shape[0]
-        where = "" if self.toeplitz else f", for one query at position {max(offsets) if query_pos is None else query_pos}"
+        where = "" if self.toeplitz else f", for one query at position {max(0, *offsets) if query_pos is None else query_pos}"
         cells = [[f"{b[h, n].item() + 0.0:.3f}" for h in range(heads)] for n in range(len(offsets))]
         wide = max(10, 2 + max(len(c) for row in cells for c in row))  # columns apart at any magnitude
         first = max(8, 2 + max(len(str(d)) for d in offsets))
