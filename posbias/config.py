@@ -35,6 +35,18 @@ def check_count(field: str, value: Any, *, minimum: int = 1) -> int:
     return value
 
 
+#: the most intra-op threads a workflow takes: more than any CPU has cores (a count past what the system
+#: lets a process start aborted torch's OpenMP with no message: 20,000 did on the 2-core CI machine)
+MAX_THREADS = 1024
+
+
+def check_threads(field: str, value: Any) -> int:
+    """An ``int`` in ``[1, MAX_THREADS]``, else :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_THREADS:
+        raise ConfigError(field, f"must be an integer in [1, {MAX_THREADS}], got {value!r}")
+    return value
+
+
 #: the largest seed: ``seed · 1,000,003 + step`` (the training batches' generator seed) stays far inside
 #: torch's 64-bit seed range
 MAX_SEED = 2**32 - 1

@@ -38,7 +38,6 @@ Shape: :class:`DiagnoseConfig` → :func:`run_diagnose` → :class:`DiagnoseResu
 from __future__ import annotations
 
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,8 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import passkey, store
-from .config import ConfigError, Log, check_count, fixed_threads, quiet
+from .store import device_memory, free_memory
+from .config import ConfigError, Log, check_count, check_threads, fixed_threads, quiet
 from .data import Corpus
 from .evaluate import bootstrap_means, check_fits, eval_budget, interval, local_head, spread_starts, token_losses
 from .model import ModelConfig, TransformerLM
@@ -498,8 +498,9 @@ class DiagnoseConfig:
     def __post_init__(self) -> None:
         if self.length is not None:
             check_count("length", self.length, minimum=2)
-        for name in ("windows", "passkey_samples", "threads"):
+        for name in ("windows", "passkey_samples"):
             check_count(name, getattr(self, name))
+        check_threads("threads", self.threads)
         if self.eval_tokens is not None:
             check_count("eval_tokens", self.eval_tokens)
         check_count("passkey_steps", self.passkey_steps, minimum=0)
@@ -670,34 +671,6 @@ def memory_note(heads: int, n: int, device: str) -> str | None:
     return (f"note: the attention statistics at {n} tokens need about {need / 2**30:.1f} GiB at their peak and this "
             f"{device} has {free / 2**30:.1f} GiB free now; the run may swap or be killed (free memory, or a "
             f"shorter --length)")
-
-
-def free_memory(device: str) -> int | None:
-    """Bytes of memory ``device`` has free now: ``MemAvailable`` for ``cpu`` (Linux), the free memory
-    CUDA reports for ``cuda[:N]``; None where it cannot be read."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.mem_get_info(dev)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def device_memory(device: str) -> int | None:
-    """Bytes of memory ``device`` has in all: the machine's RAM for ``cpu``, the GPU's for ``cuda[:N]``;
-    None where it cannot be read."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_properties(dev).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _tensor(rows: list) -> Tensor:

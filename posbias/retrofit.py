@@ -33,13 +33,14 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from . import store
 from . import passkey
-from .config import ConfigError, Log, check_count, check_rate, check_seed, fixed_threads, quiet
+from .config import ConfigError, Log, check_count, check_rate, check_seed, check_threads, fixed_threads, quiet
 from .data import Corpus, batch_at
 from .diagnose import far_filler_scores
 from .evaluate import Paired, check_fits, eval_budget, evaluate_length, ratios_to_best
 from .finetune import finetune
 from .model import ModelConfig, TransformerLM
 from .schemes.t5 import t5_bucket
+from .train import check_training_fits
 
 Target = Callable[[ModelConfig, int, float], tuple[str, dict[str, Any]]]  # (cfg, L, factor) → scheme, options
 
@@ -195,8 +196,9 @@ class RetrofitConfig:
         twice = sorted({m for m in self.methods if self.methods.count(m) > 1})
         if twice:  # one method is one result: a second row of it would be the same numbers
             raise ConfigError("methods", f"names {twice[0]} twice; give each method once")
-        for name in ("to", "finetune_batch", "passkey_samples", "threads"):
+        for name in ("to", "finetune_batch", "passkey_samples"):
             check_count(name, getattr(self, name))
+        check_threads("threads", self.threads)
         if self.eval_tokens is not None:
             check_count("eval_tokens", self.eval_tokens)
         for name in ("finetune_steps", "passkey_steps"):
@@ -278,6 +280,8 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
         raise ConfigError("eval_lens", f"{' '.join(map(str, lens))} must include the training length {train_len} and "
                                        f"--to {cfg.to}; {' and '.join(map(str, missing))} missing")
     check_fits(corpus.val, max(lens), cfg.eval_tokens, "to" if max(lens) == cfg.to else "eval_lens")
+    if cfg.finetune_steps:
+        check_training_fits(base.cfg, cfg.finetune_batch, cfg.to, cfg.device)
     out = store.check_out_dir(out)
     result = RetrofitResult(str(path), train_len, cfg.to, lens, cfg, corpus.fingerprint, meta.get("corpus"))
     with store.FolderLock(out), fixed_threads(cfg.threads):

@@ -257,6 +257,38 @@ def check_device(device: str, name: str = "device") -> str:
     return device
 
 
+def free_memory(device: str) -> int | None:
+    """Bytes of memory ``device`` has free now: ``MemAvailable`` for ``cpu`` (Linux), the free memory
+    CUDA reports for ``cuda[:N]``; None where it cannot be read."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def device_memory(device: str) -> int | None:
+    """Bytes of memory ``device`` has in all: the machine's RAM for ``cpu``, the GPU's for ``cuda[:N]``;
+    None where it cannot be read."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def device_key(device: str) -> str:
     """``device`` as results keys name it: what it is, without an index. Results round differently on
     another processor (the math libraries pick their code by CPU and instruction set; docs/study.md, "Keyed

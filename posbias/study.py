@@ -47,7 +47,7 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from . import store
 from ._version import __version__
-from .config import ConfigError, Log, check_count, check_rate, check_seed, fixed_threads, quiet
+from .config import ConfigError, Log, check_count, check_rate, check_seed, check_threads, fixed_threads, quiet
 from .data import Corpus
 from .evaluate import (N_BOOT, Paired, bootstrap_means, check_fits, check_segments, check_study_lengths,
                        eval_budget, interval, length_study, ratios_to_best, spread_starts)
@@ -55,7 +55,7 @@ from .model import ModelConfig, TransformerLM
 from .schemes import (SCHEMES, Scheme, build, check_options, get_scheme_class, parse_spec, scheme_options,
                       spec_label)
 from .schemes.base import flat_share
-from .train import TrainConfig, train
+from .train import TrainConfig, check_training_fits, train
 
 
 
@@ -103,8 +103,9 @@ class StudyConfig:
             check_options(name, opts)
         for n in self.eval_lens:
             check_count("eval_lens", n)
-        for name in ("train_len", "steps", "batch_size", "d_model", "n_layers", "n_heads", "eval_batch", "threads"):
+        for name in ("train_len", "steps", "batch_size", "d_model", "n_layers", "n_heads", "eval_batch"):
             check_count(name, getattr(self, name))
+        check_threads("threads", self.threads)
         lens = check_study_lengths(self.eval_lens, self.train_len)
         object.__setattr__(self, "eval_tokens", eval_budget(self.eval_tokens, lens[-1]))
         check_count("eval_tokens", self.eval_tokens)
@@ -390,6 +391,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
     store.check_device(cfg.device)
     longest = max(cfg.lengths())
     check_fits(corpus.val, longest, cfg.eval_tokens, "eval_lens")  # found otherwise when the first model is scored
+    check_training_fits(model_config(cfg, arms(cfg)[0]), cfg.batch_size, cfg.train_len, cfg.device)
     if corpus.train.numel() <= cfg.train_len + 1:
         raise ConfigError("train_len", f"{cfg.train_len} needs more than {cfg.train_len + 1} training tokens, but the "
                           f"training split has {corpus.train.numel()}; use a shorter training length or more data")

@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import store
 from .config import check_count, check_rate, check_seed
 from .data import batch_at
 from .model import ModelConfig, TransformerLM
@@ -156,13 +157,48 @@ def _step(net: torch.nn.Module, model: TransformerLM, opt: torch.optim.Optimizer
     return loss
 
 
+def training_floor(model_cfg: ModelConfig, batch: int, length: int) -> tuple[int, int]:
+    """Bytes that training ``model_cfg`` on ``batch`` sequences of ``length`` tokens holds at least, as
+    ``(state, activations)``, in float32: the state is the weights, their gradients and Adam's two
+    moments (16 bytes a parameter; the parameters counted are the blocks' four ``d²`` attention
+    projections and two MLP matrices and the embedding, no bias, norm or scheme parameter); the
+    activations, those autograd must keep for the backward pass: each block's inputs to its first and
+    second MLP matrix, ``(1 + mlp_ratio)·d`` floats a token, and the logits, ``vocab`` floats a token.
+    A floor, not an estimate (a real step holds several times more): what exceeds a device's memory
+    can never train there."""
+    d, r, v = model_cfg.d_model, model_cfg.mlp_ratio, model_cfg.vocab_size
+    params = model_cfg.n_layers * (4 + 2 * r) * d * d + v * d
+    tokens = batch * length
+    return 16 * params, 4 * tokens * (model_cfg.n_layers * (1 + r) * d + v)
+
+
+def check_training_fits(model_cfg: ModelConfig, batch: int, length: int, device: str | torch.device) -> None:
+    """ValueError before any work where :func:`training_floor` (``batch`` sequences of ``length`` tokens) exceeds all the memory ``device`` has
+    (nothing is checked where that cannot be read), with the sizes that make it. A batch or a model far
+    too large otherwise overflowed a tensor's size (a traceback), was killed by the system with no
+    message, or spent minutes building layers first."""
+    have = store.device_memory(str(device))
+    state, acts = training_floor(model_cfg, batch, length)
+    if have is None or state + acts <= have:
+        return
+
+    def size(n: int) -> str:
+        return f"{n / 2**30:.3g} GiB" if n >= 2**50 else f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+    raise ValueError(f"training one model needs at least {size(state + acts)} ({size(acts)} of activations for "
+                     f"{batch} sequences of {length} tokens through {model_cfg.n_layers} "
+                     f"layer{'s' if model_cfg.n_layers > 1 else ''} of width {model_cfg.d_model}, and {size(state)} of weights, gradients and Adam's moments), more "
+                     f"than the {size(have)} this {torch.device(device).type} has; a smaller batch, training length, "
+                     "width or depth")
+
+
 def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_tokens: Tensor, out: str | Path,
           *, device: str | torch.device = "cpu", progress: bool = True, extra_meta: dict | None = None,
           stop_after: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train (or resume) a model in ``out``; returns the history. ``out/final`` holds the result and
     ``out/last`` the latest checkpoint. ``stop_after`` stops early (for tests of interruption)."""
-    out = Path(out)
-    device = torch.device(device)
+    out, device = Path(out), torch.device(device)
+    check_training_fits(model_cfg, cfg.batch_size, cfg.train_len, device)
     rank, world = _dist_info()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")

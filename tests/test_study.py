@@ -378,6 +378,102 @@ def test_study_defaults_follow_canonical_t5_proportions():
     assert T5Bias.study_defaults(64, {"max_distance": 50}) == {}  # the user's choice wins
 
 
+def test_the_final_bucket_and_the_canonical_distance_are_found_as_the_plain_searches_find_them():
+    """``t5_last_bucket_start`` (a guess from the logarithmic formula, checked around it) and
+    ``canonical_share_distance`` (bisection) give what a search over every distance gives, the code they
+    replaced: 16k tokens took 7 s there, 10M tokens never finished, and the study calls them before any
+    check of its memory."""
+    from posbias.schemes.base import flat_share
+    from posbias.schemes.t5 import (CANONICAL_FINAL_SHARE, canonical_share_distance, check_t5, t5_bucket,
+                                    t5_last_bucket_start)
+
+    def every_distance(num_buckets, max_distance, bidirectional):
+        n = num_buckets // 2 if bidirectional else num_buckets
+        b = t5_bucket(torch.arange(max_distance + 1), num_buckets=n, max_distance=max_distance)
+        return int(torch.nonzero(b == n - 1)[0])
+
+    def every_length(train_len, start, lowest):  # the loop of before: every D from lowest to train_len
+        best, best_err = lowest, float("inf")
+        for d in range(lowest, max(lowest, train_len) + 1):
+            err = abs(flat_share(start[d], train_len) - CANONICAL_FINAL_SHARE)
+            if err <= best_err:
+                best, best_err = d, err
+        return best
+
+    rng = random.Random(0)
+    for num_buckets, bi in [(2, False), (3, False), (4, False), (4, True), (8, False), (9, True), (32, False),
+                            (32, True), (64, False), (128, True), (320, False)]:
+        n = num_buckets // 2 if bi else num_buckets
+        lowest = n // 2 + 1
+        distances = [*range(lowest, 700), *rng.sample(range(700, 40_000), 25), 1_000_003]
+        for md in distances:
+            check_t5(num_buckets, md, bi)
+            assert t5_last_bucket_start(num_buckets, md, bi) == every_distance(num_buckets, md, bi), (num_buckets, bi, md)
+        start = {d: t5_last_bucket_start(num_buckets, d, bi) for d in range(lowest, 3001)}
+        for train_len in [*range(1, 300), *rng.sample(range(300, 3001), 30)]:
+            got = canonical_share_distance(train_len, start.get, lowest)
+            assert got == every_length(train_len, start, lowest), (num_buckets, bi, train_len)
+    ident = {d: d for d in range(1, 3001)}  # the clipped per-offset table's entry starts at D itself
+    for train_len in [*range(1, 300), 512, 1000, 2999, 3000]:
+        assert canonical_share_distance(train_len, ident.get, 1) == every_length(train_len, ident, 1)
+
+
+def test_a_study_too_large_for_the_machine_is_refused_in_one_line_before_any_work(tmp_path, text_file, capsys):
+    """A model or a batch whose training cannot fit the device's memory (its floor,
+    ``train.training_floor``) is refused with the sizes that make it so: before, 2⁶⁴ sequences a
+    batch ended in a traceback (a tensor size overflowed) and 10⁸ layers spent minutes building blocks.
+    A thread count beyond :data:`~posbias.config.MAX_THREADS` aborted torch's OpenMP without a message."""
+    for args, msg in [(["--layers", "100000000"], "training one model needs at least 22,125.2 GiB (3,814.7 GiB of activations for 4 sequences of 16 tokens through 100000000 layers"),
+                      (["--batch-size", str(2**64)], f"training one model needs at least 4.57e+14 GiB (4.57e+14 GiB of activations for {2**64} sequences of 16 "
+                                                 "tokens through 1 layer of width 32"),
+                      (["--d-model", str(2**40), "--heads", "1", "--schemes", "t5"], "1 layer of width 1099511627776, and 2.16e+17 GiB of weights"),
+                      (["--threads", "100000"], "--threads must be an integer in [1, 1024], got 100000")]:
+        assert main(["extrapolate", *STUDY, "--data", str(text_file), "--out", str(tmp_path), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err and "Traceback" not in err, err
+    assert not list(tmp_path.glob("models/*"))
+
+
+def test_the_training_floor_is_below_what_training_holds(monkeypatch):
+    """``training_floor`` never exceeds what a step holds: its state against the parameters counted
+    (16 bytes each), its activations against the tensors autograd saves for the backward pass
+    (measured with saved-tensor hooks, parameters left out). ``check_training_fits`` refuses past the
+    device's memory, with the sizes that make it, and checks nothing where the memory cannot be read."""
+    from posbias import store
+    from posbias.train import check_training_fits, training_floor
+
+    for cfg in (ModelConfig("t5", d_model=64, n_layers=2, n_heads=2), ModelConfig("nope", d_model=48, n_layers=3,
+                                                                                   n_heads=3, mlp_ratio=2)):
+        model = TransformerLM(cfg)
+        params = {p.data_ptr() for p in model.parameters()}
+        saved = {}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                saved[t.data_ptr()] = max(saved.get(t.data_ptr(), 0), t.untyped_storage().nbytes())
+            return t
+
+        idx = torch.randint(0, 256, (3, 40))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+        loss.backward()
+        state, acts = training_floor(cfg, 3, 40)
+        assert state <= 16 * sum(p.numel() for p in model.parameters())
+        assert 0 < acts <= sum(saved.values()), (acts, sum(saved.values()))
+    cfg = ModelConfig("t5")
+    need = sum(training_floor(cfg, 8, 64))
+    monkeypatch.setattr(store, "device_memory", lambda device: need)
+    check_training_fits(cfg, 8, 64, "cpu")  # exactly fits
+    monkeypatch.setattr(store, "device_memory", lambda device: need - 1)
+    with pytest.raises(ValueError, match=r"^training one model needs at least 18.0 MiB \(5.5 MiB of activations for "
+                                         r"8 sequences of 64 tokens through 4 layers of width 128, and 12.5 MiB of "
+                                         r"weights, gradients and Adam's moments\), more than the 18.0 MiB this cpu "
+                                         r"has; a smaller batch, training length, width or depth$"):
+        check_training_fits(cfg, 8, 64, "cpu")
+    monkeypatch.setattr(store, "device_memory", lambda device: None)
+    check_training_fits(dataclasses.replace(cfg, n_layers=10**9), 8, 64, "cpu")
+
+
 def test_study_is_bit_identical_at_a_fixed_thread_count(tmp_path, text_file):
     for name in ("a", "b"):
         assert main(["extrapolate", "--schemes", "t5", "kerple-log", *STUDY, "--data", str(text_file),

@@ -82,13 +82,23 @@ def t5_bucket(
 
 
 def t5_last_bucket_start(num_buckets: int, max_distance: int, bidirectional: bool = False) -> int:
-    """Smallest distance ``w`` from which every larger distance lands in the final bucket."""
+    """Smallest distance ``w`` from which every larger distance lands in the final bucket. Found where
+    the logarithmic formula puts it, ``exact · (max_distance / exact)^((n − 1 − exact) / (n − exact))``,
+    by :func:`t5_bucket` itself on the distances around that guess (its float32 rounding moves the
+    boundary by a distance or so), or on every distance up to ``max_distance`` if the guess is off; the
+    bucket never falls as the distance grows. O(1) instead of O(max_distance): a study's choice of
+    ``max_distance`` calls this once per candidate (16k tokens took 7 s; 10M never finished)."""
     check_t5(num_buckets, max_distance, bidirectional)
     n = num_buckets // 2 if bidirectional else num_buckets
-    # the bucket is monotone in distance: search in [0, max_distance]
+    exact = n // 2
+    guess = int(exact * (max_distance / exact) ** ((n - 1 - exact) / (n - exact)))
+    lo = max(0, min(guess - 8, max_distance))
+    d = torch.arange(lo, min(max_distance, guess + 8) + 1)
+    last = torch.nonzero(t5_bucket(d, num_buckets=n, max_distance=max_distance) == n - 1)
+    if len(last) and (int(last[0]) > 0 or lo == 0):  # the boundary is inside the window
+        return lo + int(last[0])
     d = torch.arange(0, max_distance + 1)
-    b = t5_bucket(d, num_buckets=n, max_distance=max_distance)
-    return int(torch.nonzero(b == n - 1)[0].item())
+    return int(torch.nonzero(t5_bucket(d, num_buckets=n, max_distance=max_distance) == n - 1)[0])
 
 
 #: Canonical T5 (32 buckets, max_distance 128, trained on 512 tokens): the final bucket starts at 113
@@ -97,14 +107,31 @@ CANONICAL_FINAL_SHARE = flat_share(113, 512)
 
 
 def canonical_share_distance(train_len: int, start_of: Callable[[int], int], lowest: int) -> int:
-    """The distance ``D ≥ lowest`` whose final entry (starting at ``start_of(D)``) sees the share of
-    training pairs closest to canonical T5's (ties: the larger D)."""
-    best, best_err = lowest, float("inf")
-    for d in range(lowest, max(lowest, train_len) + 1):
-        err = abs(flat_share(start_of(d), train_len) - CANONICAL_FINAL_SHARE)
-        if err <= best_err:
-            best, best_err = d, err
-    return best
+    """The distance ``D ≥ lowest`` (up to ``train_len``) whose final entry (starting at ``start_of(D)``,
+    which never falls as ``D`` grows) sees the share of training pairs closest to canonical T5's (ties:
+    the larger D). The share never grows with ``D``, so the closest is at the crossing of the canonical
+    share: the last ``D`` at or above it, or the last of the first ones below it (they share one
+    value); each found by bisection, O(log train_len) calls of ``start_of``."""
+    hi = max(lowest, train_len)
+    share = lambda d: flat_share(start_of(d), train_len)  # noqa: E731
+
+    def last(ok: Callable[[int], bool], a: int) -> int:
+        """The largest ``d`` in ``[a, hi]`` with ``ok(d)``, where ``ok`` holds up to some ``d`` and then no
+        more (``a − 1`` if it fails at ``a``)."""
+        b = hi
+        while a <= b:
+            m = (a + b) // 2
+            a, b = (m + 1, b) if ok(m) else (a, m - 1)
+        return b
+
+    above = last(lambda d: share(d) >= CANONICAL_FINAL_SHARE, lowest)
+    if above == hi:
+        return above
+    below = share(above + 1)
+    below_end = last(lambda d: share(d) >= below, above + 1)
+    if above < lowest or CANONICAL_FINAL_SHARE - below <= share(above) - CANONICAL_FINAL_SHARE:
+        return below_end
+    return above
 
 
 def bucket_table(num_buckets: int, max_distance: int, bidirectional: bool = False,
