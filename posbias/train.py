@@ -198,10 +198,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
     """Train (or resume) a model in ``out``; returns the history. ``out/final`` holds the result and
     ``out/last`` the latest checkpoint. ``stop_after`` stops early (for tests of interruption)."""
     out, device = Path(out), torch.device(device)
-    check_training_fits(model_cfg, cfg.batch_size, cfg.train_len, device)
     rank, world = _dist_info()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
+    check_training_fits(model_cfg, cfg.batch_size // world, cfg.train_len, device)  # (each process its share)
     torch.manual_seed(cfg.seed)
     model = TransformerLM(model_cfg).to(device)
     opt = make_optimizer(model, cfg)
