@@ -15,10 +15,11 @@
 #   bash benchmarks/gpu_check.sh decode          # decoding (not in the default run: a call of its own)
 #   bash benchmarks/gpu_check.sh dropout         # attention dropout against SDPA's fused dense-bias dropout (not default;
 #                                                # DROPOUT_BACKEND=triton: dropout inside the triton programs)
-#   PY=.venv/bin/python DEVICE=cpu LENGTHS=512 bash benchmarks/gpu_check.sh   # dry run of the plumbing
+#   PY=.venv/bin/python DEVICE=cpu LENGTHS=512 CANDIDATES_ARGS="--lengths 512 --probe-length 512 --reps 1" \
+#       bash benchmarks/gpu_check.sh            # dry run of the plumbing (a minute on the CPU)
 #
 # Limits (seconds) and sizes can be set from the environment: TESTS_S, TRITON_S, FLEX_S, CANDIDATES_S, PROFILE_S,
-# HF_S (each HF run), FLEXOPTS_S, FLEX_OPTIONS, ATTENTION_S, DECODE_S, DECODE_BACKEND, DROPOUT_S, DROPOUT_BACKEND,
+# HF_S (each HF run), FLEXOPTS_S, FLEX_OPTIONS, CANDIDATES_ARGS (added to the candidates' command), ATTENTION_S, DECODE_S, DECODE_BACKEND, DROPOUT_S, DROPOUT_BACKEND,
 # LENGTHS, HF_LENGTHS, HF_BACKENDS (default: auto), HF_DROPOUT (T5's dropout_rate, default 0), DTYPE; MEMORY=1 adds peak
 # memory to the attention table (one child process per case, so give it its own call). The default stages add
 # up to 590 s (50 + 240 + 300), inside one 600 s device command: a session's 15 device minutes hold one such
@@ -88,7 +89,9 @@ for stage in $stages; do
                     --size base --train --lengths $HF_LENGTHS --backend "$backend" ${HF_DROPOUT:+--dropout $HF_DROPOUT}
             done ;;
         candidates)  # triton / banded / alibi against SDPA and blockwise at 8k-32k, then the triton tile and FlexAttention probes
-            run candidates "${CANDIDATES_S:-300}" "$PY" benchmarks/bench_cuda_candidates.py --device "$DEVICE" --dtype "$DTYPE" ;;
+            # shellcheck disable=SC2086  # CANDIDATES_ARGS is a list
+            run candidates "${CANDIDATES_S:-300}" "$PY" benchmarks/bench_cuda_candidates.py --device "$DEVICE" --dtype "$DTYPE" \
+                ${CANDIDATES_ARGS:-} ;;
         profile)  # where a training call's time goes at 32k (torch.profiler)
             # shellcheck disable=SC2086
             run profile "${PROFILE_S:-60}" "$PY" benchmarks/bench_cuda_candidates.py --device "$DEVICE" --dtype "$DTYPE" \
