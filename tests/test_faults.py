@@ -232,7 +232,7 @@ def test_truncated_eval_cache_names_the_file(tmp_path, text_file, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["extrapolate", "--device", "bogus"], "--device 'bogus'"),
     (["extrapolate", "--eval-tokens", "0"], "--eval-tokens must be an integer >= 1"),
-    (["extrapolate", "--threads", "0"], "--threads must be an integer >= 1"),
+    (["extrapolate", "--threads", "0"], "--threads must be an integer in [1, 1024], got 0"),
 ])
 def test_cli_bad_flags(argv, needle, capsys, tmp_path):
     one_line_error(capsys, main(argv + ["--out", str(tmp_path / "o")]), needle)

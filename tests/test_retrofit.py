@@ -1305,10 +1305,10 @@ def test_checkpoint_jobs_run_at_a_fixed_thread_count(tmp_path, corpus, monkeypat
     real = store.code_fingerprint  # other code (a kernel whose rounding changed): another key too
     monkeypatch.setattr(store, "code_fingerprint", lambda *parts: "changed-" + real(*parts))
     assert source_key(path, RetrofitConfig(to=2 * L, methods=("swap-t5",), threads=1), corpus) not in keys
-    with pytest.raises(ConfigError, match="threads must be an integer >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"threads must be an integer in \[1, 1024\], got 0"):
         RetrofitConfig(to=2 * L, methods=("swap-t5",), threads=0)
-    with pytest.raises(ConfigError, match="threads must be an integer >= 1"):
-        DiagnoseConfig(threads=0)
+    with pytest.raises(ConfigError, match=r"threads must be an integer in \[1, 1024\], got 1025"):
+        DiagnoseConfig(threads=1025)
 
 
 def _tiny_finetune(model, corpus, *, steps=8, lr=3e-3, **kw):
