@@ -631,7 +631,7 @@ def examined_length(path: str | Path, cfg: "DiagnoseConfig", corpus: Corpus, nam
     * it exceeds L: every measurement is of what happens past L, and at or below it the context "cut
       at L" is the full one, so Δ would be rounding between two batch shapes, which an interval can
       still put on one side of 0 (a "helps" verdict on nothing, seen);
-    * it fits the validation split;
+    * it fits the validation split, and so do ``cfg.windows`` distinct windows of it (they may overlap);
     * the attention statistics fit the device: their peak, :data:`ATTENTION_PEAK` × one layer's float32
       ``[heads, N, N]``, within the memory it has in all (beyond it a run is killed, or thrashes, after
       the loss measurements, with no message).
@@ -646,6 +646,10 @@ def examined_length(path: str | Path, cfg: "DiagnoseConfig", corpus: Corpus, nam
         raise ConfigError("length", f"must exceed the training length L = {train_len} of {name} (a diagnosis "
                                     f"measures what happens past L), got {n}")
     check_fits(corpus.val, n, cfg.eval_tokens, "length")
+    distinct = corpus.val.numel() - n  # window starts 0 … (scoreable tokens − n): the attention windows may overlap
+    if cfg.windows > distinct:
+        raise ConfigError("windows", f"{cfg.windows} exceeds the {distinct:,} distinct windows of {n} tokens that the "
+                                     "validation split holds; give at most that many")
     heads = int(meta["model"].get("n_heads", ModelConfig.n_heads))
     need, have = attention_peak(heads, n), device_memory(cfg.device)
     if have is not None and need > have:

@@ -1181,6 +1181,14 @@ def test_diagnose_refuses_a_window_the_split_or_the_memory_cannot_hold(tmp_path,
                    f"{TINY['n_heads']} heads × 8192² float32 at their peak), more than the 1 GiB this cpu has")
     assert not (tmp_path / "o").exists()
     assert diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus) == 4096  # 0.4 GiB fits
+    # more attention windows than the split holds distinct ones (2⁶⁴ listed starts for minutes before)
+    distinct = n_val + 1 - 4096
+    for windows in (distinct + 1, 2**64):
+        one_line_error(capsys, main(["diagnose", str(path), "--length", "4096", "--windows", str(windows), "--out",
+                                     str(tmp_path / "o")]),
+                       f"--windows {windows} exceeds the {distinct:,} distinct windows of 4096 tokens that the "
+                       "validation split holds")
+    assert diagnose_mod.examined_length(path, DiagnoseConfig(length=4096, windows=distinct), corpus) == 4096
     monkeypatch.undo()
     assert diagnose_mod.device_memory("cpu") > 2**30  # this machine's RAM, read from the OS
 
