@@ -48,13 +48,13 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import passkey, store
-from .store import device_memory, free_memory
 from .config import ConfigError, Log, check_count, check_threads, fixed_threads, quiet
 from .data import Corpus
 from .evaluate import bootstrap_means, check_fits, eval_budget, interval, local_head, spread_starts, token_losses
 from .model import ModelConfig, TransformerLM
 from .schemes.base import Scheme, ToeplitzScheme, flat_share
 from .schemes.rope import RoPE, rope_frequencies
+from .store import device_memory, free_memory
 
 REACH_DROP = math.log(100.0)
 ANSWER_SEED = 5678  # answer_attention's passkey samples (the grid draws from 1234, the fine-tune's probe from 4321)

@@ -555,7 +555,7 @@ def test_retrofit_passkey_seeds_give_each_row_the_mean_of_its_copies(tmp_path, c
                    "--passkey-seeds list a seed twice ([1, 1])")
     # a fine-tune batch no machine holds: refused before the original is measured (it ended in a traceback)
     one_line_error(capsys, main(base + ["--finetune-steps", "2", "--finetune-batch", str(2**64)]),
-                   f"training one model needs at least", f"activations for {2**64} sequences of {2 * L} tokens")
+                   "training one model needs at least", f"activations for {2**64} sequences of {2 * L} tokens")
     assert not (tmp_path / "e").exists()
 
 
