@@ -40,11 +40,16 @@ def check_count(field: str, value: Any, *, minimum: int = 1) -> int:
 MAX_THREADS = 1024
 
 
+def check_between(field: str, value: Any, low: int, high: int) -> int:
+    """An ``int`` (not a bool) in ``[low, high]``, else :class:`ConfigError` naming the range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(field, f"must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
 def check_threads(field: str, value: Any) -> int:
     """An ``int`` in ``[1, MAX_THREADS]``, else :class:`ConfigError`."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_THREADS:
-        raise ConfigError(field, f"must be an integer in [1, {MAX_THREADS}], got {value!r}")
-    return value
+    return check_between(field, value, 1, MAX_THREADS)
 
 
 #: the largest seed: ``seed · 1,000,003 + step`` (the training batches' generator seed) stays far inside
@@ -55,9 +60,7 @@ MAX_SEED = 2**32 - 1
 def check_seed(field: str, value: Any) -> int:
     """An ``int`` in ``[0, MAX_SEED]``, else :class:`ConfigError` (torch would wrap a negative seed onto a
     large one, and reject one past 64 bits only when training starts)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
-        raise ConfigError(field, f"must be an integer in [0, {MAX_SEED}], got {value!r}")
-    return value
+    return check_between(field, value, 0, MAX_SEED)
 
 
 def check_rate(field: str, value: Any) -> float:

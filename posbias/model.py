@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from .attention import BACKENDS, attention, attention_probs
 from .config import check_count
-from .positions import piece, run, run_start
+from .positions import declare_run, piece, run, run_start
 from .schemes import Scheme, build, get_scheme_class
 
 
@@ -132,8 +132,9 @@ def _cache_append(cache: dict, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tenso
 
 
 def _cached_positions(cache: dict, held: Tensor) -> Tensor:
-    """The cache's key positions: a run where they are one, else the positions it holds."""
-    return held if cache["start"] is None else run(cache["start"], cache["len"], held.device)
+    """The positions the cache holds, marked as the run they are where every step continued one (no new
+    tensor: the next step's write into the buffer unmarks the view)."""
+    return held if cache["start"] is None else declare_run(held, cache["start"])
 
 
 class Block(nn.Module):

@@ -50,6 +50,12 @@ def run_start(pos: Tensor) -> int | None:
     return mark[0]
 
 
+def declare_run(pos: Tensor, start: int) -> Tensor:
+    """``pos`` marked as a run from ``start``, without a read: for a tensor its maker knows holds ``start,
+    start + 1, …`` (the KV cache's held key positions); a later in-place change unmarks it as for any run."""
+    return _mark(pos, int(start))
+
+
 def piece(pos: Tensor, start: int, stop: int | None = None) -> Tensor:
     """``pos[start:stop]``, a run again where ``pos`` is one."""
     part = pos[start:stop]
@@ -88,15 +94,11 @@ def highest(pos: Tensor) -> int:
     return int(pos.max()) if start is None else start + pos.shape[0] - 1
 
 
-def _one_by_one(device: torch.device) -> bool:
-    """Whether positions on ``device`` are read one value at a time (the CPU: a read is no wait there)."""
-    return device.type == "cpu"
-
-
 def read_ahead(device: torch.device) -> bool:
     """Whether positions on ``device`` are best read once, ahead of every decision that needs them
-    (CUDA: one wait instead of several), rather than value by value where a decision asks (the CPU)."""
-    return not _one_by_one(device)
+    (CUDA: one wait instead of several), rather than value by value where a decision asks (the CPU: a
+    read is no wait there)."""
+    return device.type != "cpu"
 
 
 def same(a: Tensor, b: Tensor) -> bool:
@@ -117,7 +119,7 @@ def starts(*positions: Tensor) -> list[int | None]:
     unknown = [n for n, p in enumerate(positions) if found[n] is None and p.shape[0] and not p.is_floating_point()]
     if not unknown:
         return found
-    if all(_one_by_one(positions[n].device) for n in unknown):
+    if not any(read_ahead(positions[n].device) for n in unknown):
         for n in unknown:
             p = positions[n]
             found[n] = int(p[0]) if p.shape[0] < 2 or bool(_steps_by_one(p)) else None

@@ -391,11 +391,12 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
     store.check_device(cfg.device)
     longest = max(cfg.lengths())
     check_fits(corpus.val, longest, cfg.eval_tokens, "eval_lens")  # found otherwise when the first model is scored
-    check_training_fits(model_config(cfg, arms(cfg)[0]), cfg.batch_size, cfg.train_len, cfg.device)
+    found = arms(cfg)
+    check_training_fits(model_config(cfg, found[0]), cfg.batch_size, cfg.train_len, cfg.device)
     if corpus.train.numel() <= cfg.train_len + 1:
         raise ConfigError("train_len", f"{cfg.train_len} needs more than {cfg.train_len + 1} training tokens, but the "
                           f"training split has {corpus.train.numel()}; use a shorter training length or more data")
-    result = StudyResult(cfg, [], {}, {}, corpus.fingerprint, arms(cfg))
+    result = StudyResult(cfg, [], {}, {}, corpus.fingerprint, found)
     unigram = unigram_segment_losses(corpus, longest, cfg.eval_tokens // longest)
     with store.FolderLock(out, shared=True), fixed_threads(cfg.threads):
         _run(result, out, corpus, progress, keep_last, log, unigram)

@@ -110,7 +110,7 @@ def test_runs_reads_only_what_it_does_not_know_and_keeps_other_positions(togethe
     """On the CPU each unknown value is read as it is needed (a read is no wait there); on CUDA they are
     read together, one wait for the device: that branch runs here on CPU tensors (``together``)."""
     if together:
-        monkeypatch.setattr(positions, "_one_by_one", lambda device: False)
+        monkeypatch.setattr(positions, "read_ahead", lambda device: True)
     made, given, scattered, one, empty = run(0, 6), torch.arange(20, 26), torch.tensor([3, 5, 6]), torch.tensor([9]), \
         torch.zeros(0, dtype=torch.int64)
     out = []
@@ -134,7 +134,11 @@ def test_attention_reads_no_positions_it_made_and_the_given_ones_once(name, monk
     (forward and backward) read no tensor value into Python for any scheme but FIRE, whose training
     reads its learned threshold and the MLP's kinks. Given positions are read once, in one wait for the
     device (here on CPU tensors, the CUDA way of reading them). The outputs are those of the reference."""
-    monkeypatch.setattr(positions, "_one_by_one", lambda device: False)
+    import sys
+
+    for where in (positions, sys.modules["posbias.attention"]):  # (attention's resolve holds the name too; the
+        # package's attribute posbias.attention is the function)
+        monkeypatch.setattr(where, "read_ahead", lambda device: True)
     scheme = build(name, n_heads=2, head_dim=16)
     torch.manual_seed(0)
     for lq, lk in [(1, 300), (1, 600), (300, 300)]:  # (FIRE's decoding query at 599: past its threshold 512)

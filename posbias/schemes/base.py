@@ -303,9 +303,10 @@ class Scheme(nn.Module):
         if self.family != "additive":
             raise ValueError(f"offsets need a scheme with an attention bias; {self.name!r} is {self.family!r}")
         _check_query_pos(query_pos, offsets)
-        b = self.bias_by_distance(torch.tensor(offsets), query_pos=query_pos)
+        at = max(0, *offsets) if query_pos is None else query_pos  # bias_by_distance's default, said below
+        b = self.bias_by_distance(torch.tensor(offsets), query_pos=at)
         heads = b.shape[0]
-        where = "" if self.toeplitz else f", for one query at position {max(0, *offsets) if query_pos is None else query_pos}"
+        where = "" if self.toeplitz else f", for one query at position {at}"
         cells = [[f"{b[h, n].item() + 0.0:.3f}" for h in range(heads)] for n in range(len(offsets))]
         wide = max(10, 2 + max(len(c) for row in cells for c in row))  # columns apart at any magnitude
         first = max(8, 2 + max(len(str(d)) for d in offsets))
