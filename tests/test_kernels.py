@@ -970,6 +970,81 @@ def test_toeplitz_parameter_gradients_are_as_close_to_float64_as_the_reference(n
     assert err <= 10 * ref_err + 2e-6, (err, ref_err)
 
 
+@pytest.mark.parametrize("backend", ["toeplitz", "blockwise"])
+def test_rows_whose_keys_all_lie_far_get_a_softmax_backward(backend):
+    """Queries 600 past their last key under a steep learned bias (KERPLE-power, r2 up to 1.1): every
+    logit a row sees is near −600, and so is its float32 log-sum-exp, off by up to 3e-5 there. ``exp(S −
+    lse)`` then carries that error over the whole row, and ``δ = dO · O`` from the forward no longer
+    cancels the row's ``dP``; the backward blocks renormalise such rows and take ``δ`` from their own
+    ``P`` (:func:`~posbias.kernels.flash.mask_backward`).
+
+    q/k/v's gradients against exact attention on the same (float32) bias values: within 3× SDPA's math
+    path on the dense bias (measured 0.6–1.0×; before, 3.6×, 7× and 60× for q, k and v, as torch's
+    fused flash backward still gives). The parameters' against a computation in float64 throughout,
+    the bias included (the float32 bias is itself off by its rounding near −600, for every path alike):
+    within 3× SDPA's (measured toeplitz 1.3–1.7×, blockwise 0.5–0.8×; before, 2.3–2.4×)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+
+    torch.manual_seed(0)
+    s = build("kerple-power", n_heads=4, head_dim=32)
+    with torch.no_grad():
+        s.r1.copy_(torch.tensor([0.5, 1.0, 1.5, 1.4]))
+        s.r2.copy_(torch.tensor([0.9, 1.0, 1.1, 0.8]))
+    q, k, v = (torch.randn(1, 4, n, 32) for n in (200, 300, 300))
+    q_pos, k_pos = torch.arange(100, 300) + 600, torch.arange(300)
+    g = torch.randn(1, 4, 200, 32, dtype=torch.float64)
+
+    def grads(run, scheme, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = run(*inputs, scheme)
+        return torch.autograd.grad((out.double() * g).sum(), inputs + list(scheme.parameters()))
+
+    def sdpa(q_, k_, v_, scheme):
+        with sdpa_kernel(SDPBackend.MATH):
+            return scaled_dot_product_attention(q_, k_, v_, attn_mask=scheme.bias(q_pos, k_pos)[None],
+                                                scale=scheme.default_scale())
+
+    def float64_throughout(q_, k_, v_, scheme):
+        dist = (q_pos[:, None] - k_pos[None, :]).double()
+        bias = -scheme.r1.view(-1, 1, 1) * dist.pow(scheme.r2.view(-1, 1, 1))
+        return torch.softmax(q_ @ k_.transpose(-1, -2) * 32 ** -0.5 + bias, -1) @ v_
+
+    on_the_bias = grads(lambda *a: attention_reference(*a, q_pos=q_pos, k_pos=k_pos), copy.deepcopy(s).double(),
+                        torch.float64)
+    exact = grads(float64_throughout, copy.deepcopy(s).double(), torch.float64)
+    mine = grads(lambda *a: attention(*a, q_pos=q_pos, k_pos=k_pos, backend=backend), s, torch.float32)
+    base = grads(sdpa, s, torch.float32)
+    for n, name in enumerate(["q", "k", "v", "r1", "r2"]):
+        truth = on_the_bias[n] if n < 3 else exact[n]
+        errors = [float((got[n].double() - truth).abs().max() / truth.abs().max()) for got in (mine, base)]
+        assert errors[0] <= 3 * errors[1], (name, errors)
+
+
+def test_rows_of_a_usual_log_sum_exp_take_the_backward_unchanged():
+    """Where every finite log-sum-exp of a block lies within ±32 (a row that sees its own key, unless its
+    logits are large) or is −∞ (a row that sees no key), the whole-rows backward is the usual one, bit
+    for bit; past it a row's ``P`` sums to 1."""
+    from posbias.kernels.flash import mask_backward
+
+    torch.manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 2, n, 16) for n in (8, 12, 12, 8))
+    mask = torch.zeros(2, 8, 12)
+    mask[:, 0] = float("-inf")  # a row that sees no key
+    lse = torch.logsumexp(q @ k.transpose(-1, -2) * 0.25 + mask, -1)
+    delta = torch.randn(1, 2, 8)
+    usual = mask_backward(q, k, v, dout, lse, delta, mask, 0.25)
+    whole = mask_backward(q, k, v, dout, lse, delta, mask, 0.25, whole_rows=True)
+    for a, b in zip(usual, whole):
+        assert torch.equal(a, b)
+    far = mask - 500.0
+    lse_far = torch.logsumexp(q @ k.transpose(-1, -2) * 0.25 + far, -1)
+    lse_far[:, :, 1:] += 3e-5 * 500  # the float32 rounding of a wide log-sum-exp, exaggerated
+    dq, dk, dv, ds = mask_backward(q, k, v, dout, lse_far, delta, far, 0.25, whole_rows=True)
+    torch.testing.assert_close(ds[:, 1:].sum(-1), torch.zeros(2, 7), atol=1e-5, rtol=0)  # Σ_j dS_ij = 0: a softmax's
+    assert not ds[:, 0].any()  # the row that sees no key: nothing
+
+
 def test_inputs_an_older_fused_op_misreads_are_handed_to_it_in_a_form_it_reads(monkeypatch):
     """torch 2.6's fused CPU op reads a mask as if its rows were contiguous and returns NaN for grouped
     keys and values (2.8: the grouped case), without an error. :func:`~posbias.kernels.flash.op_reads`

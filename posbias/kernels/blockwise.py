@@ -179,7 +179,8 @@ class _FusedBlocks(torch.autograd.Function):
             if not train_bias:
                 gq, gk, gv = flash_backward(args[3], *args[:3], out[:, :, s:e], lse[:, :, s:e], scale, False, mask)
             else:
-                gq, gk, gv, ds = mask_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale, work)
+                gq, gk, gv, ds = mask_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale, work,
+                                               whole_rows=True)
                 bias_grads.add(*blocks.positions(s, e, hi), ds)
             dq[:, :, s:e] += gq
             dk[:, :, :hi] += gk

@@ -233,7 +233,8 @@ class _DroppedBlocks(torch.autograd.Function):
                 continue
             mask = blocks.mask(scheme, s, e, hi, buffers, bias_grads)
             gq, gk, gv, ds = mask_backward(q[:, :, s:e], k[:, :, :hi], v[:, :, :hi], dout[:, :, s:e], lse[:, :, s:e],
-                                           delta[:, :, s:e], mask, scale, work, drop.block(s, e, hi), drop.keep_scale)
+                                           delta[:, :, s:e], mask, scale, work, drop.block(s, e, hi), drop.keep_scale,
+                                           whole_rows=True)
             if train_bias:
                 bias_grads.add(*blocks.positions(s, e, hi), ds)
             dq[:, :, s:e] += gq

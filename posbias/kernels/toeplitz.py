@@ -98,7 +98,8 @@ class _Toeplitz(torch.autograd.Function):
             if dtable is None:
                 gq, gk, gv = flash_backward(args[3], *args[:3], out[:, :, s:e], lse[:, :, s:e], scale, False, mask)
             else:  # the row's gradient needs dS itself: one dense pass gives it and q/k/v's gradients
-                gq, gk, gv, ds = mask_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale, work)
+                gq, gk, gv, ds = mask_backward(*args, lse[:, :, s:e], delta[:, :, s:e], mask, scale, work,
+                                               whole_rows=True)
                 lo = q0 + s - (k0 + hi - 1) - o_min
                 dtable[:, lo: lo + e - s + hi - 1] += antidiagonal_sums(ds)
             dq[:, :, s:e] += gq
