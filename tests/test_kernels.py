@@ -1022,9 +1022,9 @@ def test_rows_whose_keys_all_lie_far_get_a_softmax_backward(backend):
 
 
 def test_rows_of_a_usual_log_sum_exp_take_the_backward_unchanged():
-    """Where every finite log-sum-exp of a block lies within ±32 (a row that sees its own key, unless its
-    logits are large) or is −∞ (a row that sees no key), the whole-rows backward is the usual one, bit
-    for bit; past it a row's ``P`` sums to 1."""
+    """Where every finite log-sum-exp of a block lies within ±64 (:data:`~posbias.kernels.flash.WIDE_LSE`;
+    a row that sees its own key, unless its logits are large) or is −∞ (a row that sees no key), the
+    whole-rows backward is the usual one, bit for bit; past it a row's ``dS`` sums to 0."""
     from posbias.kernels.flash import mask_backward
 
     torch.manual_seed(0)
