@@ -854,8 +854,17 @@ def test_paired_table_sees_a_difference_the_overlapping_intervals_hide():
     assert one.paired == {} and one.paired_ratio == {} and _paired_section(one) == []
 
 
-# the scripts' last line: the process group closed before the interpreter exits, not torn down with it
-END_GROUP = "import torch.distributed as dist\nif dist.is_initialized():\n    dist.destroy_process_group()\n"
+# The end of a torchrun test script: it says it finished, then tears the group down and leaves without the
+# interpreter's finalisation. Gloo's teardown can abort a process that has finished everything: once in
+# a clean clone's `make test` (2026-12-05), rank 1 of a resumed run printed its last step, then "terminate
+# called without an active exception" (SIGABRT), and torchrun failed the run; PyTorch describes Gloo's
+# worker threads outliving the interpreter at exit (pytorch/pytorch#179291).
+FINISHED = "posbias-test: the script finished"
+END_GROUP = ("import os, torch.distributed as dist\n"
+             f"print({FINISHED!r}, flush=True)\n"
+             "if dist.is_initialized():\n    dist.destroy_process_group()\n"
+             "import sys\nsys.stdout.flush()\nsys.stderr.flush()\nos._exit(0)\n")
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 @pytest.mark.slow
@@ -911,10 +920,32 @@ def _torchrun(script: Path, *args: str, env: dict, start=subprocess.run, **kw):
             port = free.getsockname()[1]
         got = start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                      str(script), *args], env=env, text=True, **kw)
+        if start is subprocess.run and got.returncode and _only_the_teardown_failed(got):
+            got.returncode = 0  # (every check after this reads what the runs saved)
         if start is not subprocess.run or got.returncode == 0 or attempt:
             return got
         if not any(sign in (got.stderr or "") + (got.stdout or "") for sign in RENDEZVOUS_FAILED):
             return got
+
+
+def _only_the_teardown_failed(got: subprocess.CompletedProcess) -> bool:
+    """Whether both processes of a failed torchrun finished the script (:data:`FINISHED`) and one then
+    aborted in Gloo's teardown (:data:`TEARDOWN_ABORT`), and nothing else went wrong."""
+    out = (got.stdout or "") + (got.stderr or "")
+    return out.count(FINISHED) == 2 and TEARDOWN_ABORT in out and "Traceback (most recent call last)" not in (
+        out.split(TEARDOWN_ABORT)[0])
+
+
+def test_only_a_teardown_abort_after_both_processes_finished_is_forgiven():
+    def run(out: str, err: str) -> subprocess.CompletedProcess:
+        return subprocess.CompletedProcess([], 1, out, err)
+
+    both = f"step 400\n{FINISHED}\n{FINISHED}\n"
+    launcher = "Traceback (most recent call last):\n  ChildFailedError"
+    assert _only_the_teardown_failed(run(both, f"{TEARDOWN_ABORT}\n{launcher}"))
+    assert not _only_the_teardown_failed(run(f"step 400\n{FINISHED}\n", f"{TEARDOWN_ABORT}\n{launcher}"))
+    assert not _only_the_teardown_failed(run(both, launcher))  # another failure
+    assert not _only_the_teardown_failed(run(both, f"Traceback (most recent call last):\nValueError\n{TEARDOWN_ABORT}"))
 
 
 @pytest.mark.slow
