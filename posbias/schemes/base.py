@@ -77,6 +77,13 @@ def flat_share(start: int, length: int) -> float:
 INT64_MAX = 2**63 - 1  # positions are int64; an offset's magnitude |i − j| must be one too
 
 
+def bias_float(t: Tensor) -> Tensor:
+    """A scheme's parameter as its bias is computed from it: float32 (bf16/fp16 parameters too: the bias
+    stays exact for a low-precision model), float64 for a scheme in float64 — the reference the tests take
+    as exact, whose bias in float32 near −600 (KERPLE-power, a 3,100-token row) moved a gradient by 1e-3."""
+    return t.to(torch.promote_types(torch.float32, t.dtype))
+
+
 def _check_query_pos(query_pos: int | None, offsets: Sequence[int] = ()) -> None:
     """ValueError for an offset whose magnitude is no int64 (|−2⁶³| is not: it would wrap to itself and
     give a NaN or a bias of the wrong sign), a query position outside [0, 2⁶³ − 1], or one that

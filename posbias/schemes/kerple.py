@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import ToeplitzScheme
+from .base import ToeplitzScheme, bias_float
 
 _EPS = 1e-2  # reference code's clamp floor
 
@@ -35,13 +35,10 @@ class _Kerple(ToeplitzScheme):
         raise NotImplementedError
 
     def bias_at(self, offset: Tensor) -> Tensor:
-        # float32, or float64 for a scheme in float64 (the reference the tests take as exact: the bias of a
-        # 3,100-token row near −600 in float32 moved r1's gradient by 1e-3, more than posbias' own error)
-        r1, r2 = self.params()
-        dtype = torch.promote_types(torch.float32, r1.dtype)
+        r1, r2 = (bias_float(p) for p in self.params())
         shape = (-1,) + (1,) * offset.dim()
-        dist = offset.abs().to(dtype).unsqueeze(0)
-        return self.kernel(dist, r1.to(dtype).view(shape), r2.to(dtype).view(shape))
+        dist = offset.abs().to(r1.dtype).unsqueeze(0)
+        return self.kernel(dist, r1.view(shape), r2.view(shape))
 
 
 class KerpleLog(_Kerple):

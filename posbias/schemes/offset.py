@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import ToeplitzScheme, check_bool, check_int, illustrative_table_
+from .base import ToeplitzScheme, bias_float, check_bool, check_int, illustrative_table_
 
 
 class OffsetBias(ToeplitzScheme):
@@ -71,7 +71,7 @@ class OffsetBias(ToeplitzScheme):
 
     def bias_at(self, offset: Tensor) -> Tensor:
         idx, inside = self.index(offset)
-        out = self.table.float()[idx]  # [*shape, H]
+        out = bias_float(self.table)[idx]  # [*shape, H]
         if not self.clip:
             out = out * inside.unsqueeze(-1)
         return out.movedim(-1, 0)

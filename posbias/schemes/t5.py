@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .base import ToeplitzScheme, check_bool, check_int, flat_share, illustrative_table_
+from .base import ToeplitzScheme, bias_float, check_bool, check_int, flat_share, illustrative_table_
 
 __all__ = ["T5Bias", "t5_bucket", "check_t5", "t5_last_bucket_start", "CANONICAL_FINAL_SHARE", "canonical_share_distance"]
 
@@ -197,7 +197,7 @@ class T5Bias(ToeplitzScheme):
                          bidirectional=self.bidirectional)
 
     def bias_at(self, offset: Tensor) -> Tensor:
-        return self.table.float()[self.buckets(offset)].movedim(-1, 0)
+        return bias_float(self.table)[self.buckets(offset)].movedim(-1, 0)
 
     def illustrate_(self) -> str:
         return illustrative_table_(self.table)
