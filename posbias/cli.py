@@ -454,10 +454,18 @@ def _mib(n: int) -> str:
 
 
 def _stale_note(out: Path) -> None:
-    """After a run: a line where its folder also holds results no run will reuse (``posbias clean``)."""
+    """After a run: a line where its folder also holds results no run will reuse, found as ``posbias clean``
+    finds them (:func:`~posbias.clean.locked`, then :func:`~posbias.clean.find`). None while another run
+    works in the folder: its writes in flight are no leftovers, and one that finished during the search
+    (a file listed, then renamed) failed a study that had finished everything (exit 2, seen once in a
+    clean clone's `make test`); that run says the note when it ends."""
     from . import clean
 
-    found = clean.find(out)
+    try:
+        with clean.locked(out) as held:
+            found = clean.find(out, skip=held.busy)
+    except store.FolderBusy:
+        return
     if found.stale:
         say(f"{out} also holds {len(found.stale)} older result(s), {_mib(found.size)}, that no run will reuse: "
             f"`posbias clean {out}` lists them with the reasons")
