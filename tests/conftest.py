@@ -1,5 +1,6 @@
 import inspect
 import os
+import signal
 import sys
 
 import numpy
@@ -41,6 +42,18 @@ def _mend_triton_interpreter() -> None:
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _mend_triton_interpreter()
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (Ctrl-C raises KeyboardInterrupt) for the test, as a terminal's
+    foreground job has it. A job that a non-interactive shell starts in the background (``pytest … &``)
+    inherits SIGINT ignored, and Python then installs no handler: nothing can interrupt it, and posbias
+    rightly holds nothing (``stopping.between_steps``). Three Ctrl-C tests failed that way on
+    2026-12-05, and the 'returned instead of raising' once seen under coverage had that cause."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(autouse=True)

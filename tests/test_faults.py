@@ -524,7 +524,7 @@ def test_two_runs_in_one_folder_share_the_models_and_a_retrofit_there_refuses(tm
 
 
 @pytest.mark.slow
-def test_an_interruption_is_held_to_the_end_of_the_step():
+def test_an_interruption_is_held_to_the_end_of_the_step(python_sigint):
     """``stopping.between_steps`` holds the first SIGINT (Python's KeyboardInterrupt) and a SIGTERM that
     raises (``raise_terminated``, the CLI's) until the loop asks; a second signal raises at once; a SIGTERM
     with the system's action, or any signal outside the main thread, is not touched; the handlers come
@@ -567,7 +567,8 @@ def test_an_interruption_is_held_to_the_end_of_the_step():
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_ctrl_c_during_training_saves_that_step_and_resumes_bit_identically(tmp_path, text_file, monkeypatch):
+def test_ctrl_c_during_training_saves_that_step_and_resumes_bit_identically(tmp_path, text_file, monkeypatch,
+                                                                              python_sigint):
     """Ctrl-C mid-step (sent here as step 37's batch is drawn, far from the checkpoints every 100 steps)
     ends the step, saves it and raises; the run resumes from step 38 to the weights of one never stopped."""
     import posbias.train as training
@@ -586,8 +587,6 @@ def test_ctrl_c_during_training_saves_that_step_and_resumes_bit_identically(tmp_
 
     monkeypatch.setattr(training, "batch_at", interrupting)
     said = []
-    # (once, in a full run under coverage, this train() returned instead of raising; not reproduced in 8
-    # runs under load since: if it recurs, these say whether SIGINT's handler was Python's own)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         train(mcfg, tcfg, c.train, c.val, tmp_path / "stopped", progress=False, log=said.append)

@@ -1,5 +1,5 @@
 """Golden values with their provenance: SPEC §2 worked examples, the canonical T5 and ALiBi code,
-and the RoPE-scaling formulas."""
+KERPLE's kernels worked by hand, and the RoPE-scaling formulas."""
 
 import math
 
@@ -147,6 +147,57 @@ def test_alibi_bias_values():
     assert b[0, 3, 0].item() == -3 / 16 and b[1, 3, 1].item() == -2 / 256
     sym = posbias.build("alibi", n_heads=2, head_dim=8, symmetric=True).bias(p, p)
     assert sym[0, 0, 3].item() == -3 / 16 and b[0, 0, 3].item() == 3 / 16
+
+
+# --- KERPLE: the kernels of Chi et al. 2022 (SPEC §2.4) and their reference code's clamp and init --
+def _kerple(name, r1, r2):
+    s = posbias.build(name, n_heads=len(r1), head_dim=8)
+    with torch.no_grad():
+        s.r1.copy_(torch.tensor(r1))
+        s.r2.copy_(torch.tensor(r2))
+    return s
+
+
+def test_kerple_log_values():
+    # PE = −r1 · log(1 + r2 · |i − j|), worked by hand: head 0 r1 = 2, r2 = 0.5; head 1 r1 = 0.25, r2 = 3
+    s = _kerple("kerple-log", [2.0, 0.25], [0.5, 3.0])
+    p = torch.arange(5)
+    b = s.bias(p, p)
+    assert b[0, 3, 0].item() == pytest.approx(-2 * math.log(2.5), rel=1e-6)   # offset 3: −2·log 2.5
+    assert b[1, 4, 3].item() == pytest.approx(-0.25 * math.log(4.0), rel=1e-6)  # offset 1: −¼·log 4
+    assert b[:, 2, 2].tolist() == [0.0, 0.0]                                    # offset 0
+    assert torch.equal(b[:, 0, 3], b[:, 3, 0])                                  # |i − j|: both directions alike
+
+
+def test_kerple_power_values():
+    # PE = −r1 · |i − j|^r2: head 0 r1 = 0.5, r2 = 1.5; head 1 r1 = 3, r2 = 2 (the cap, kept)
+    s = _kerple("kerple-power", [0.5, 3.0], [1.5, 2.0])
+    p = torch.arange(5)
+    b = s.bias(p, p)
+    assert b[0, 4, 0].item() == pytest.approx(-0.5 * 4**1.5, rel=1e-6)  # −4
+    assert b[0, 1, 0].item() == pytest.approx(-0.5, rel=1e-6)           # offset 1: −r1 whatever r2
+    assert b[1, 3, 0].item() == pytest.approx(-27.0, rel=1e-6)
+    assert b[1, 0, 2].item() == pytest.approx(-12.0, rel=1e-6)
+    assert b[:, 1, 1].tolist() == [0.0, 0.0]
+
+
+def test_kerple_clamps_at_the_reference_floor_and_power_cap():
+    # the reference code clamps both parameters at eps = 1e-2, and the power kernel's r2 at 2
+    p = torch.arange(3)
+    log = _kerple("kerple-log", [-5.0], [0.0]).bias(p, p)
+    assert log[0, 1, 0].item() == pytest.approx(-0.01 * math.log1p(0.01), rel=1e-6)
+    power = _kerple("kerple-power", [0.0], [7.0]).bias(p, p)
+    assert power[0, 2, 0].item() == pytest.approx(-0.01 * 2**2, rel=1e-6)
+    tiny = _kerple("kerple-power", [1.0], [-1.0]).bias(p, p)
+    assert tiny[0, 2, 0].item() == pytest.approx(-(2**0.01), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["kerple-log", "kerple-power"])
+def test_kerple_initialisation_is_the_references(name):
+    # reference initialisation: r1 ~ U(0, 2), r2 ~ U(0, 1), per head
+    torch.manual_seed(0)
+    s = posbias.build(name, n_heads=256, head_dim=8)
+    assert 0 < s.r1.min() and 1.9 < s.r1.max() < 2 and 0 < s.r2.min() and 0.95 < s.r2.max() < 1
 
 
 # --- RoPE and its scalings (SPEC §2.6) -------------------------------------------------------------

@@ -1366,7 +1366,7 @@ def test_interrupted_finetune_resumes_bit_identically(tmp_path, corpus):
 
 
 @pytest.mark.parametrize("at", [5, 7])  # mid-way, and in the last step (then the resumed call only returns)
-def test_ctrl_c_during_a_finetune_saves_the_step_and_resumes_bit_identically(tmp_path, corpus, at):
+def test_ctrl_c_during_a_finetune_saves_the_step_and_resumes_bit_identically(tmp_path, corpus, at, python_sigint):
     """Ctrl-C in the middle of a fine-tune step (here sent by its batch function, as the step begins) is
     held to the step's end: the progress checkpoint then holds that step, however long ago the last
     timed save was, and the KeyboardInterrupt goes on. Resumed, the fine-tune ends at the weights and

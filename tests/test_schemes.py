@@ -26,6 +26,12 @@ def test_registry_entry(name):
     assert cls.name == name
     assert cls.family in ("additive", "rotary", "absolute", "none")
     assert cls.summary and cls.paper
+    # `learnable` (what `show` and the study's reports say of a scheme) is whether it has parameters
+    scheme = build(name, n_heads=2, head_dim=8)
+    assert cls.learnable == any(p.requires_grad for p in scheme.parameters())
+    # a checkpoint holds what was learned: a fixed scheme's tables (ALiBi's slopes, RoPE's frequencies)
+    # are rebuilt from its options, so its state dict is empty and loads into any head count's
+    assert cls.learnable or scheme.state_dict() == {}
 
 
 @pytest.mark.parametrize("name", ADDITIVE)

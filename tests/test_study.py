@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import TINY, perturb_, random_options
+from _helpers import TINY, perturb_, random_options, sigint_default
 
 from posbias import checkpoint as ckpt
 from posbias.cli import main
@@ -967,7 +967,7 @@ def test_ddp_processes_interrupted_together_save_one_step_and_resume_bit_identic
         " c.train, c.val, sys.argv[1], progress=False, log=lambda m: print(m, flush=True))\n" + END_GROUP)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = _torchrun(script, str(tmp_path / "cut"), env=env, start=subprocess.Popen, stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT)
+                    stderr=subprocess.STDOUT, preexec_fn=sigint_default)
     deadline = time.time() + 120
     while not ckpt.exists(tmp_path / "cut" / "last") and time.time() < deadline and run.poll() is None:
         time.sleep(0.05)

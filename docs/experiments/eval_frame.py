@@ -58,7 +58,8 @@ def plot(results: dict[str, list[tuple]], starts: list[int], path: str) -> None:
         *stretches, (_, r, lo, hi) = rows
         ax, color = axes[0 if r > 1.1 else 1], f"C{k}"
         ax.errorbar(range(len(stretches)), [x[1] for x in stretches],
-                    yerr=[[x[1] - x[2] for x in stretches], [x[3] - x[1] for x in stretches]],
+                    # max(0, …): a collapsed interval may miss its point by an ulp (summed in another order)
+                    yerr=[[max(0.0, x[1] - x[2]) for x in stretches], [max(0.0, x[3] - x[1]) for x in stretches]],
                     fmt="o-", color=color, capsize=3, label=name, lw=1)
         ax.axhspan(lo, hi, color=color, alpha=0.12)
         ax.axhline(r, color=color, ls="--", lw=0.8)
