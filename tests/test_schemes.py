@@ -149,9 +149,20 @@ def test_offset_clip_versus_untrained_entries():
     raw = build("offset", n_heads=1, head_dim=8, max_distance=4, clip=False)
     raw.load_state_dict(clipped.state_dict())
     o = torch.arange(0, 10)
+    assert torch.equal(clipped.bias_at(o)[0, :4], clipped.table[:4, 0])  # offset k reads entry k
     assert torch.equal(clipped.bias_at(o)[0, 4:], clipped.table[4, 0].expand(6))
     assert torch.equal(raw.bias_at(o)[0, 5:], torch.zeros(5))  # no trained parameter past the table
     assert torch.equal(raw.bias_at(o)[0, :5], clipped.bias_at(o)[0, :5])
+
+
+def test_offset_defaults_and_the_study_leaves_an_unclipped_table_alone():
+    # defaults (a change would change every model built without options): causal, D = 128, clipped
+    s = build("offset", n_heads=2, head_dim=8)
+    assert (s.max_distance, s.bidirectional, s.clip, s.table.shape) == (128, False, True, (129, 2))
+    from posbias.schemes import OffsetBias
+
+    assert OffsetBias.study_defaults(64, {}) == {"max_distance": 14}
+    assert OffsetBias.study_defaults(64, {"clip": False}) == {}  # unclipped: its D is the user's, or 128
 
 
 def test_offset_bidirectional_mirrors():
