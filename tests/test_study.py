@@ -365,6 +365,45 @@ def test_scheme_options_labels_and_study_defaults(tmp_path, text_file):
     assert "threshold" not in learned
 
 
+def test_every_setting_of_a_study_is_in_the_key_of_what_it_makes():
+    """Changing any one setting of a study changes the key of each model it affects, or of each
+    evaluation: no result made with other settings is reused. A new StudyConfig field fails here until
+    it is placed (its key, or why it needs none)."""
+    from dataclasses import fields, replace
+
+    from posbias import store
+    from posbias.data import local_corpus
+    from posbias.study import StudyConfig, arms, eval_key, model_key
+
+    corpus = local_corpus(__file__)
+    base = StudyConfig(schemes=("t5",), train_len=16, eval_lens=(16, 32), steps=4, batch_size=4, d_model=32,
+                       n_layers=1, n_heads=2, eval_tokens=512, threads=1)
+
+    def keys(cfg, seed=0):
+        arm = arms(cfg)[0]
+        mkey = model_key(cfg, arm, seed, corpus)
+        return store.config_key(mkey), store.config_key(eval_key(cfg, mkey))
+
+    model, evaluation = keys(base)
+    trains = {"train_len": dict(train_len=8, eval_lens=(8, 16, 32)), "steps": dict(steps=5), "batch_size": dict(batch_size=5),
+              "lr": dict(lr=1e-3), "pos_lr_mult": dict(pos_lr_mult=10.0), "d_model": dict(d_model=48),
+              "n_layers": dict(n_layers=2), "n_heads": dict(n_heads=4), "threads": dict(threads=2),
+              "scheme_options": dict(scheme_options={"t5": {"num_buckets": 8}}),
+              "schemes": dict(schemes=("t5@max_distance=64",))}
+    evaluates = {"eval_lens": dict(eval_lens=(16, 64)), "eval_tokens": dict(eval_tokens=768),
+                 "eval_batch": dict(eval_batch=4)}
+    # each seed is its own model (model_key's seed); the device: test_devices' key tests
+    elsewhere = {"seeds", "device"}
+    assert set(trains) | set(evaluates) | elsewhere == {f.name for f in fields(StudyConfig)}
+    for name, change in trains.items():
+        m, e = keys(replace(base, **change))
+        assert m != model and e != evaluation, name
+    for name, change in evaluates.items():  # the same model, evaluated otherwise
+        m, e = keys(replace(base, **change))
+        assert m == model and e != evaluation, name
+    assert keys(base, seed=1)[0] != model
+
+
 def test_study_defaults_follow_canonical_t5_proportions():
     from posbias.schemes import OffsetBias, T5Bias
     from posbias.schemes.base import flat_share
