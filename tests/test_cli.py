@@ -384,6 +384,15 @@ def test_show_offsets_gives_the_bucket_and_bias_of_each_offset(capsys):
         rows = {int(line.split()[0]): line.split()[1:-1] for line in capsys.readouterr().out.splitlines()
                 if line.split()[:1] in (["3"], ["16"], ["500"]) and len(line.split()) > 2}
         assert rows == want, (clip, rows)
+    # causal, a key after the query is masked (offset 0 is not); both directions, offsets <= -D share entry 2D
+    assert main(["show", "offset", "--heads", "1", "--max-distance", "16", "--offsets", "-2", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "-2      0  (masked)" in out and " 0      0  its own" in out and "clipped:" not in out
+    assert main(["show", "offset", "--heads", "1", "--max-distance", "16", "--bidirectional", "true",
+                 "--offsets", "-2", "-20", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "-2     18  its own" in out and "-20     32  clipped" in out and "16     16  clipped" in out
+    assert "clipped: entry 16 serves every offset >= 16" in out and "clipped: entry 32 serves every offset <= -16" in out
 
 
 def test_show_fire_at_a_query_position_shows_progressive_interpolation(capsys):

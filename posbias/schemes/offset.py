@@ -90,8 +90,10 @@ class OffsetBias(ToeplitzScheme):
         return f"{idx:>7}  {'clipped' if shared else 'its own':<17}"
 
     def _offset_notes(self, offsets: list[int]) -> list[str]:
-        notes = [f"clipped: entry {self.max_distance} serves every offset >= {self.max_distance}"] if self.clip and any(
-            abs(d) >= self.max_distance for d in offsets) else []
+        d = self.max_distance
+        notes = [f"clipped: entry {d} serves every offset >= {d}"] if self.clip and any(o >= d for o in offsets) else []
+        if self.clip and self.bidirectional and any(o <= -d for o in offsets):
+            notes.append(f"clipped: entry {2 * d} serves every offset <= -{d}")
         if not bool(self.table.detach().any()):
             notes.append("(the table starts at 0: training learns its values)")
         return notes
