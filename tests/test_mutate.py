@@ -1,0 +1,62 @@
+"""tools/mutate.py, the mutation-testing tool: each site gives one mutant, and each mutant changes what
+its site computes and nothing else."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = '''"""A module docstring, not mutated."""
+
+
+def f(x, y):
+    """Nor this one."""
+    if x < y and not x == 3:
+        return min(x, y) * 2 - 1
+    return -y / 4.0 + (x in (1,)) + True
+'''
+
+
+@pytest.fixture(scope="module")
+def mutate():
+    spec = importlib.util.spec_from_file_location("mutate", ROOT / "tools" / "mutate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mutate"] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _f(source):
+    scope = {}
+    exec(compile(source, "<mutant>", "exec"), scope)
+    return scope["f"]
+
+
+def test_every_site_gives_a_mutant_that_changes_one_thing(mutate):
+    sites = mutate.mutants(SOURCE)
+    assert sorted(m.what for m in sites) == sorted([
+        "And -> Or", "Lt -> LtE", "drop Not", "Eq -> NotEq", "3 -> 4", "Sub -> Add", "Mult -> Div", "min -> max",
+        "2 -> 3", "1 -> 2", "Add -> Sub", "Add -> Sub", "Div -> Mult", "drop USub", "4.0 -> 6.0", "In -> NotIn",
+        "1 -> 2", "True -> False"])
+    assert all(m.line in (6, 7, 8) for m in sites)
+    original = _f(SOURCE)
+    assert (original(1, 2), original(3, 5), original(5, 2)) == (1, -0.25, 0.5)
+    for m in sites:
+        text = mutate.mutated(SOURCE, m.index)
+        assert "A module docstring, not mutated." in text and "Nor this one." in text
+        changed = _f(text)
+        # every mutant of this function differs from it on one of these inputs (none is equivalent here)
+        assert any(changed(x, y) != original(x, y) for x, y in [(1, 2), (3, 5), (5, 2), (2, 2), (1, 1)]), m
+
+
+def test_the_tool_refuses_what_it_cannot_mutate(mutate, capsys):
+    with pytest.raises(SystemExit):
+        mutate.main(["posbias/nosuch.py", "tests/test_golden.py"])
+    assert "is not a Python file of the project" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mutate.main(["posbias/schemes/kerple.py", "tests/test_golden.py", "--only", "999"])
+    assert "--only 999 is not a mutant of posbias/schemes/kerple.py" in capsys.readouterr().err
+    assert mutate.main(["posbias/schemes/kerple.py", "tests/test_golden.py", "--list"]) == 0
+    assert "line   52  drop USub" in capsys.readouterr().out

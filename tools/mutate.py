@@ -1,0 +1,227 @@
+"""Mutation testing: does the test suite fail when the code is wrong?
+
+Each mutant is the module with one small change to its syntax tree: a comparison turned (``<`` ↔ ``<=``,
+``==`` ↔ ``!=``, ``in`` ↔ ``not in``), an arithmetic operator swapped (``+`` ↔ ``-``, ``*`` ↔ ``/``), an
+integer constant plus one, a float constant × 1.5, a boolean flipped, a unary minus or ``not`` dropped,
+``and`` ↔ ``or``, ``min`` ↔ ``max`` (and ``floor`` ↔ ``ceil``, ``clamp_min`` ↔ ``clamp_max``). The tests
+given run on each mutant (``pytest -x``, so a killed mutant costs the time to its first failure); a
+mutant they pass *survived*: either a change no test can see (an equivalent mutant, e.g. ``<`` → ``<=``
+where both sides agree at the boundary) or a behaviour no test pins down. Read each survivor and say
+which.
+
+The mutants run in a copy of the project's files (``git ls-files``, with uncommitted changes), made in a
+temporary folder with ``PYTHONPATH`` pointing there, so the working tree is never touched, whatever
+stops the run. Docstrings are not mutated.
+
+    python tools/mutate.py posbias/schemes/kerple.py tests/test_golden.py tests/test_schemes.py
+    python tools/mutate.py posbias/kernels/toeplitz.py tests/test_kernels.py --sample 20 --seed 1
+    python tools/mutate.py posbias/schemes/t5.py tests/test_cli.py --only 49 125   # the mutants numbered so
+
+Prints one line per mutant and a summary (killed, survived, timed out), and ``--log FILE`` writes one
+JSON record per mutant. Exit status 0 whatever survives: it is a measurement, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SWAP_COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
+                ast.NotEq: ast.Eq, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In}
+SWAP_BINARY = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
+               ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult}
+SWAP_CALL = {"min": "max", "max": "min", "minimum": "maximum", "maximum": "minimum", "amin": "amax", "amax": "amin",
+             "clamp_min": "clamp_max", "clamp_max": "clamp_min", "floor": "ceil", "ceil": "floor"}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    index: int  # its place in the walk of the module's tree (stable for one version of the file)
+    line: int
+    what: str  # e.g. "Lt -> LtE"
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def _sites(tree: ast.AST) -> list[tuple[ast.AST, str, str]]:
+    """``(node, kind, description)`` for every place a mutation applies, in ``ast.walk`` order."""
+    skip = _docstrings(tree)
+    sites = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sites += [(node, f"compare:{i}", f"{type(op).__name__} -> {SWAP_COMPARE[type(op)].__name__}")
+                      for i, op in enumerate(node.ops) if type(op) in SWAP_COMPARE]
+        elif isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in SWAP_BINARY:
+            sites.append((node, "binary", f"{type(node.op).__name__} -> {SWAP_BINARY[type(node.op)].__name__}"))
+        elif isinstance(node, ast.Constant) and id(node) not in skip:
+            value = node.value
+            if isinstance(value, bool):
+                sites.append((node, "constant", f"{value} -> {not value}"))
+            elif isinstance(value, int):
+                sites.append((node, "constant", f"{value} -> {value + 1}"))
+            elif isinstance(value, float):
+                sites.append((node, "constant", f"{value} -> {value * 1.5 if value else 1.0}"))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
+            sites.append((node, "drop", f"drop {type(node.op).__name__}"))
+        elif isinstance(node, ast.BoolOp):
+            sites.append((node, "boolop", f"{type(node.op).__name__} -> {'Or' if isinstance(node.op, ast.And) else 'And'}"))
+        elif isinstance(node, ast.Call):
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if name in SWAP_CALL:
+                sites.append((node, "call", f"{name} -> {SWAP_CALL[name]}"))
+    return sites
+
+
+class _Drop(ast.NodeTransformer):
+    def __init__(self, target: ast.AST) -> None:
+        self.target = target
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
+        self.generic_visit(node)
+        return node.operand if node is self.target else node
+
+
+def mutants(source: str) -> list[Mutant]:
+    return [Mutant(i, getattr(node, "lineno", 0), what) for i, (node, _, what) in enumerate(_sites(ast.parse(source)))]
+
+
+def mutated(source: str, index: int) -> str:
+    """The module's source with mutation ``index`` applied (re-printed by ``ast.unparse``)."""
+    tree = ast.parse(source)
+    node, kind, _ = _sites(tree)[index]
+    if kind.startswith("compare:"):
+        i = int(kind.split(":")[1])
+        node.ops[i] = SWAP_COMPARE[type(node.ops[i])]()
+    elif kind == "binary":
+        node.op = SWAP_BINARY[type(node.op)]()
+    elif kind == "constant":
+        value = node.value
+        node.value = (not value) if isinstance(value, bool) else value + 1 if isinstance(value, int) else (
+            value * 1.5 if value else 1.0)
+    elif kind == "drop":
+        tree = _Drop(node).visit(tree)
+    elif kind == "boolop":
+        node.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+    elif kind == "call":
+        if isinstance(node.func, ast.Name):
+            node.func.id = SWAP_CALL[node.func.id]
+        else:
+            node.func.attr = SWAP_CALL[node.func.attr]
+    return ast.unparse(ast.fix_missing_locations(tree))
+
+
+def _copy_project(into: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, (f.decode() for f in files)):
+        src = ROOT / name
+        if src.is_file():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, into / name)
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: float) -> tuple[str, str]:
+    try:
+        got = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", ""
+    last = got.stdout.strip().splitlines()[-1] if got.stdout.strip() else ""
+    return ("survived" if got.returncode == 0 else "killed"), last
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("module", help="the file to mutate, relative to the project root (e.g. posbias/schemes/t5.py)")
+    p.add_argument("tests", nargs="+", help="test files or node ids pytest runs on each mutant")
+    p.add_argument("--sample", type=int, default=0, help="mutants drawn at random (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
+    p.add_argument("--only", type=int, nargs="+", help="the mutants of these numbers (as printed) alone")
+    p.add_argument("--timeout", type=float, default=0, help="seconds per mutant (default: 3 × the unmutated run)")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the test runs (default 1)")
+    p.add_argument("--log", help="append one JSON record per mutant to this file")
+    p.add_argument("--list", action="store_true", help="print the mutants and exit")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `… --list | head` ends quietly
+
+    module = Path(args.module)
+    if not (ROOT / module).is_file() or module.suffix != ".py":
+        p.error(f"{args.module!r} is not a Python file of the project")
+    source = (ROOT / module).read_text()
+    every = mutants(source)
+    if not every:
+        p.error(f"{args.module} has no place a mutation applies")
+    if args.list:
+        for m in every:
+            print(f"{m.index:4d}  line {m.line:4d}  {m.what}")
+        return 0
+    if args.only:
+        bad = [i for i in args.only if not 0 <= i < len(every)]
+        if bad:
+            p.error(f"--only {bad[0]} is not a mutant of {args.module} (0 ... {len(every) - 1})")
+        chosen = [every[i] for i in args.only]
+    else:
+        chosen = list(every)
+        random.Random(args.seed).shuffle(chosen)
+        chosen = chosen[:args.sample] if args.sample > 0 else sorted(chosen, key=lambda m: m.index)
+
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *args.tests]
+    with tempfile.TemporaryDirectory(prefix="posbias-mutants-") as tmp:
+        work = Path(tmp)
+        _copy_project(work)
+        env = dict(os.environ, PYTHONPATH=str(work), OMP_NUM_THREADS=str(args.threads))
+        target = work / module
+        target.write_text(ast.unparse(ast.parse(source)))  # the unmutated module as the mutants print it
+        start = time.time()
+        status, last = _run(cmd, work, env, 3600)
+        took = time.time() - start
+        print(f"{module}: {len(every)} mutation sites; unmutated run {status} in {took:.0f} s ({last})", flush=True)
+        if status != "survived":
+            print("the tests fail (or hang) on the unmutated module: nothing to measure", file=sys.stderr)
+            return 1
+        timeout = args.timeout or max(30.0, 3 * took)
+        counts = {"killed": 0, "survived": 0, "timeout": 0}
+        survivors = []
+        for m in chosen:
+            target.write_text(mutated(source, m.index))
+            start = time.time()
+            status, last = _run(cmd, work, env, timeout)
+            counts[status] += 1
+            print(f"{m.index:4d}  line {m.line:4d}  {m.what:<18} {status:<9} {time.time() - start:4.0f} s", flush=True)
+            if status == "survived":
+                survivors.append(m)
+            if args.log:
+                with open(args.log, "a") as f:
+                    f.write(json.dumps({"module": str(module), "index": m.index, "line": m.line, "what": m.what,
+                                        "status": status, "seconds": round(time.time() - start, 1),
+                                        "pytest": last}) + "\n")
+    lines = source.splitlines()
+    print(f"{len(chosen)} mutants: {counts['killed']} killed, {counts['survived']} survived, "
+          f"{counts['timeout']} timed out")
+    for m in survivors:
+        print(f"  survived {m.index:4d}  line {m.line:4d}  {m.what:<18} {lines[m.line - 1].strip()[:90]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
