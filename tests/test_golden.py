@@ -200,6 +200,18 @@ def test_kerple_initialisation_is_the_references(name):
     assert 0 < s.r1.min() and 1.9 < s.r1.max() < 2 and 0 < s.r2.min() and 0.95 < s.r2.max() < 1
 
 
+# --- FIRE: its MLP and initial values (SPEC §2.5; Li et al. 2023) -------------------------------
+def test_fire_architecture_and_initial_values():
+    # f_θ: 1 → 32 → ReLU → heads; c learnable, init 0.1; threshold L = 512 · a learnable multiplier (init 1)
+    s = posbias.build("fire", n_heads=3, head_dim=8)
+    first, relu, last = s.mlp
+    assert (first.in_features, first.out_features, last.in_features, last.out_features) == (1, 32, 32, 3)
+    assert isinstance(relu, torch.nn.ReLU)
+    assert s.c.item() == pytest.approx(0.1) and s.c.requires_grad
+    assert s.init_L.item() == 512.0 and not s.init_L.requires_grad
+    assert s.L_multiplier.item() == 1.0 and s.L_multiplier.requires_grad
+
+
 # --- RoPE and its scalings (SPEC §2.6) -------------------------------------------------------------
 def test_rope_frequencies():
     f = rope_frequencies(8, 10000.0)
