@@ -301,6 +301,28 @@ def test_fire_piecewise_bias_equals_its_mlp(seed):
         torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3)
 
 
+@pytest.mark.parametrize("outside", [0, 2])
+def test_fire_piecewise_bias_equals_its_mlp_below_and_past_every_kink(outside):
+    """Kinks inside the inputs' range, units turning on and off, and a unit of input weight 0 that is
+    always on: the pieces below the first kink and past the last are used too (random weights put the
+    outer kinks far outside [0, 1], where no input reaches; a wrong first or last piece passed the test
+    above). ``outside`` kinks lie below every input."""
+    s = build("fire", n_heads=2, head_dim=8, init_L=32.0)
+    width = s.mlp[0].weight.shape[0]
+    kinks = torch.cat([torch.tensor([-3.0, -2.0])[:outside], torch.linspace(0.05, 0.75, width - 1 - outside)])
+    sign = torch.tensor([1.0, -1.0]).repeat(width)[:width - 1]
+    with torch.no_grad():
+        w1 = torch.cat([torch.zeros(1), sign * (1 + torch.rand(width - 1))])  # unit 0: no kink, relu(0.5)
+        s.mlp[0].weight[:, 0] = w1
+        s.mlp[0].bias.copy_(torch.cat([torch.tensor([0.5]), -kinks * w1[1:]]))
+        s.mlp[2].weight.normal_()
+    pos = torch.arange(0, 300)
+    x = s.normalized_distance(pos, pos)[torch.ones(300, 300).tril().bool()]
+    assert x.min() < kinks[outside] and x.max() > kinks[-1]
+    fast, slow = s.bias(pos, pos), s.mlp_bias(pos, pos)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
 def fire_at(init_L: float, seed: int = 0):
     """FIRE with its MLP and ``c`` moved from their initialisation and its threshold at ``init_L`` exactly."""
     torch.manual_seed(seed)

@@ -16,6 +16,7 @@ stops the run. Docstrings are not mutated.
     python tools/mutate.py posbias/schemes/kerple.py tests/test_golden.py tests/test_schemes.py
     python tools/mutate.py posbias/kernels/toeplitz.py tests/test_kernels.py --sample 20 --seed 1
     python tools/mutate.py posbias/schemes/t5.py tests/test_cli.py --only 49 125   # the mutants numbered so
+    python tools/mutate.py posbias/schemes/fire.py tests/test_kernels.py -k piecewise
 
 Prints one line per mutant and a summary (killed, survived, timed out), and ``--log FILE`` writes one
 JSON record per mutant. Exit status 0 whatever survives: it is a measurement, not a test.
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("module", help="the file to mutate, relative to the project root (e.g. posbias/schemes/t5.py)")
     p.add_argument("tests", nargs="+", help="test files or node ids pytest runs on each mutant")
+    p.add_argument("-k", dest="keyword", help="pytest's -k: only the tests this expression selects")
     p.add_argument("--sample", type=int, default=0, help="mutants drawn at random (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
     p.add_argument("--only", type=int, nargs="+", help="the mutants of these numbers (as printed) alone")
@@ -185,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         random.Random(args.seed).shuffle(chosen)
         chosen = chosen[:args.sample] if args.sample > 0 else sorted(chosen, key=lambda m: m.index)
 
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *args.tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *args.tests,
+           *(["-k", args.keyword] if args.keyword else [])]
     with tempfile.TemporaryDirectory(prefix="posbias-mutants-") as tmp:
         work = Path(tmp)
         _copy_project(work)
