@@ -164,6 +164,18 @@ def test_rows_without_visible_keys_are_zero_not_nan(name):
     assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
 
 
+@pytest.mark.parametrize("name, options", [("offset", {"max_distance": 17}), ("t5", {"max_distance": 40}),
+                                           ("t5", {"max_distance": 40, "bidirectional": True})])
+@pytest.mark.parametrize("far", [0, 1, 2])
+@pytest.mark.parametrize("backend", ["windowed", "banded"])
+def test_a_block_whose_first_query_sees_few_far_keys(name, options, far, backend):
+    """The far part's edge: the block's first query sees exactly ``far`` keys at offset >= w (a far part
+    of one key was dropped by a `windowed` mutant that every other case passed)."""
+    s = randomized(name, **options)
+    w = s.flat_beyond
+    compare(s, backend, lk=w - 1 + far + 50, lq=50, causal=not options.get("bidirectional", False))
+
+
 @pytest.mark.parametrize("lk", [1, 2, 255, 256, 257, 513, 1000])
 def test_odd_lengths_and_blocks(lk):
     compare(randomized("t5", max_distance=20), "windowed", lk=lk)
