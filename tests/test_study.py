@@ -612,6 +612,14 @@ def test_evaluation_segments_spread_over_the_whole_split():
         token_losses(model, tokens, 16, n_tokens=80, span=40)
 
 
+def test_the_local_head_is_an_eighth_of_L_and_at_least_one_token():
+    """The tokens at a window's start that the far-context measures leave out (study's far_delta,
+    diagnose's split): L/8, at least 1, so that short training lengths keep it."""
+    from posbias.evaluate import local_head
+
+    assert [local_head(n) for n in (1, 8, 15, 16, 64, 100)] == [1, 1, 1, 2, 8, 12]
+
+
 def test_length_study_intervals_and_tail_view(corpus):
     from posbias.evaluate import length_study
 
