@@ -142,6 +142,8 @@ def test_sliding_window_evaluation(corpus):
     full = evaluate_length(model, corpus.val, 32, max_tokens=200)
     slide = evaluate_length(model, corpus.val, 32, max_tokens=200, stride=8)
     assert slide["tokens"] >= full["tokens"] - 32 and slide["stride"] == 8
+    for r in (full, slide):  # bits per byte: nats per byte-token over ln 2
+        assert r["ppl"] == math.exp(r["loss"]) and r["bpb"] == pytest.approx(r["loss"] / math.log(2), rel=1e-15)
     with pytest.raises(ValueError, match="stride must be in"):
         evaluate_length(model, corpus.val, 32, stride=0)
     with pytest.raises(ValueError, match="evaluation lengths must be integers >= 1, got 0"):
@@ -629,6 +631,7 @@ def test_length_study_intervals_and_tail_view(corpus):
     for n, r in res.items():
         assert r["tokens"] == 640 and r["segments"] == 10 and r["windows"] == 640 // n
         assert r["ppl_lo"] <= r["ppl"] <= r["ppl_hi"] and r["tail_ppl_lo"] <= r["tail_ppl"] <= r["tail_ppl_hi"]
+        assert r["ppl"] == math.exp(r["loss"]) and r["bpb"] == pytest.approx(r["loss"] / math.log(2), rel=1e-15)
     # far_delta: the tail without its first L/8 = 2 tokens, against the same tokens in windows of 16
     from posbias.evaluate import token_losses
     pos = torch.arange(640)
