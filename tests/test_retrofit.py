@@ -686,6 +686,14 @@ def test_retrofit_far_filler_sentences_name_each_copy():
     assert _hidden_cell(row, 16 * L, 160).startswith("0.66 [")
     old = {k: v for k, v in row.items() if k != "passkey_hidden"}
     assert _hidden_cell(old, 16 * L, 160) == "—" and _hidden_sentences([old], L, 16 * L) == []
+    # a copy that hiding gives little back: its scheme is relative (a retrofit is RoPE, T5 or ALiBi), so
+    # what is left is the key's distance, not positions training never embedded
+    yarn = {"method": "yarn", "stage": "as is", "passkey_seeds": [0], "passkey_copies": {L: [1.0], 16 * L: [0.2]},
+            "passkey_hidden": {16 * L: [0.3]}}
+    assert _hidden_sentences([yarn], L, 16 * L) == [
+        f"yarn (as is) solved 1.00 at L and 0.20 at {16 * L}; with the far filler hidden 0.30: it lost 0.80 past L, "
+        "most of it not to the filler past L: to the key's distance itself, or what far positions do to it (hiding "
+        "gives back 0.10)."]
 
 
 def test_comparison_plot_lines_of_the_copies_that_learned():
