@@ -1011,6 +1011,9 @@ def test_attention_windows_start_at_exact_integer_positions():
         spread_starts(63, 64, 2, overlap=True)
     with pytest.raises(ValueError, match="fewer than 4 segments of 128"):
         spread_starts(299, 128, 4)  # without overlap they must fit side by side
+    for span, count in ((0, 3), (10, 0)):
+        with pytest.raises(ValueError, match=f"got span {span}, count {count}"):
+            spread_starts(100, span, count)
 
 
 def test_diagnose_report_names_the_rotary_pairs_past_training(tmp_path, corpus):
