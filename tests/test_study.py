@@ -142,6 +142,7 @@ def test_sliding_window_evaluation(corpus):
     full = evaluate_length(model, corpus.val, 32, max_tokens=200)
     slide = evaluate_length(model, corpus.val, 32, max_tokens=200, stride=8)
     assert slide["tokens"] >= full["tokens"] - 32 and slide["stride"] == 8
+    assert evaluate_length(model, corpus.val, 32, max_tokens=40, stride=1)["tokens"] == 40  # 9 windows: 32 + 8 · 1
     for r in (full, slide):  # bits per byte: nats per byte-token over ln 2
         assert r["ppl"] == math.exp(r["loss"]) and r["bpb"] == pytest.approx(r["loss"] / math.log(2), rel=1e-15)
     with pytest.raises(ValueError, match="stride must be in"):
@@ -612,6 +613,13 @@ def test_evaluation_segments_spread_over_the_whole_split():
         torch.testing.assert_close(n16[64 * k: 64 * k + 16], first, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="segment span 40 must be a positive multiple of the length 16"):
         token_losses(model, tokens, 16, n_tokens=80, span=40)
+
+
+def test_the_default_schemes_are_the_documented_eight():
+    """`posbias extrapolate`'s default (its --help and the README): KERPLE's log variant, not its power one."""
+    from posbias.study import StudyConfig
+
+    assert StudyConfig().schemes == ("sinusoidal", "rope", "nope", "offset", "t5", "alibi", "kerple-log", "fire")
 
 
 def test_the_local_head_is_an_eighth_of_L_and_at_least_one_token():
