@@ -622,6 +622,18 @@ def test_the_default_schemes_are_the_documented_eight():
     assert StudyConfig().schemes == ("sinusoidal", "rope", "nope", "offset", "t5", "alibi", "kerple-log", "fire")
 
 
+def test_a_ratio_whose_interval_or_a_seed_reaches_1_ties_the_best():
+    """"≈ best" in the tables and the summaries' ties: the paired interval reaches 1 (inclusive), or a
+    seed's own ratio does."""
+    from posbias.evaluate import Paired
+    from posbias.report import ties_best
+
+    assert ties_best(Paired(1.01, 1.0, 1.02)) and not ties_best(Paired(1.01, 1.0000001, 1.02))
+    assert ties_best(Paired(1.0, 1.0, 1.0, best=True))
+    assert ties_best(Paired(1.05, 1.01, 1.09, per_seed=(1.08, 1.0)))
+    assert not ties_best(Paired(1.05, 1.01, 1.09, per_seed=(1.08, 1.001)))
+
+
 def test_the_local_head_is_an_eighth_of_L_and_at_least_one_token():
     """The tokens at a window's start that the far-context measures leave out (study's far_delta,
     diagnose's split): L/8, at least 1, so that short training lengths keep it."""
