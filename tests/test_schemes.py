@@ -61,15 +61,26 @@ def test_translation_invariance(name):
     torch.testing.assert_close(s.bias(p, p), s.bias_at(p[:, None] - p[None, :]), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", TOEPLITZ)
-def test_flat_beyond_is_exact(name):
-    s = randomize(build(name, n_heads=2, head_dim=16))
+FLAT_OPTIONS = [(name, {}) for name in TOEPLITZ] + [
+    ("offset", {"clip": False}), ("offset", {"bidirectional": True, "max_distance": 9}),
+    ("offset", {"bidirectional": True, "clip": False, "max_distance": 9}), ("t5", {"bidirectional": True}),
+    ("t5", {"num_buckets": 8, "max_distance": 20})]
+
+
+@pytest.mark.parametrize("name, options", FLAT_OPTIONS)
+def test_flat_beyond_is_exact(name, options):
+    """Past ``w = flat_beyond`` the bias is one value per head (both directions for a bidirectional
+    table), and ``w`` is the first such distance: the kernels that add g(w) as a constant (windowed,
+    banded, toeplitz's short row) take exactly the offsets that have it."""
+    s = randomize(build(name, n_heads=2, head_dim=16, **options))
     w = s.flat_beyond
     if w is None:
         pytest.skip("no flat region")
     far = torch.arange(w, w + 5000)
-    vals = s.bias_at(far)
-    assert (vals == vals[:, :1]).all()
+    for sign in (1, -1) if options.get("bidirectional") else (1,):
+        vals = s.bias_at(sign * far)
+        assert (vals == vals[:, :1]).all()
+        assert (s.bias_at(torch.tensor([sign * (w - 1)])) != vals[:, :1]).any()  # the first: w − 1 differs
     neg = s.bias_at(-far)
     assert (neg == neg[:, :1]).all()
 
