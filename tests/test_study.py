@@ -634,6 +634,14 @@ def test_a_ratio_whose_interval_or_a_seed_reaches_1_ties_the_best():
     assert not ties_best(Paired(1.05, 1.01, 1.09, per_seed=(1.08, 1.001)))
 
 
+def test_the_warning_of_few_segments():
+    from posbias.evaluate import SEGMENTS
+    from posbias.report import few_segments
+
+    assert few_segments(SEGMENTS) == "" and few_segments(SEGMENTS - 1).startswith(f"Only {SEGMENTS - 1} segments scored")
+    assert few_segments(1, "window").startswith(f"Only 1 window scored (fewer than {SEGMENTS})")
+
+
 def test_the_local_head_is_an_eighth_of_L_and_at_least_one_token():
     """The tokens at a window's start that the far-context measures leave out (study's far_delta,
     diagnose's split): L/8, at least 1, so that short training lengths keep it."""
