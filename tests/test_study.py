@@ -407,6 +407,22 @@ def test_every_setting_of_a_study_is_in_the_key_of_what_it_makes():
     assert keys(base, seed=1)[0] != model
 
 
+def test_a_study_of_several_seeds_reports_each_seed(tmp_path, text_file):
+    """`--seeds 0 1` (the README's three-seed demo, smaller): one model per scheme and seed, and the
+    report gives each seed's ratio and bands of the spread over seeds."""
+    out = tmp_path / "run"
+    assert main(["extrapolate", "--schemes", "t5", "alibi", "--seeds", "0", "1", *STUDY, "--data", str(text_file),
+                 "--out", str(out)]) == 0
+    longest = max(r["eval_len"] for r in _records(out))
+    recs = [r for r in _records(out) if r["eval_len"] == longest]
+    assert sorted((r["label"], r["seed"]) for r in recs) == [("alibi", 0), ("alibi", 1), ("t5", 0), ("t5", 1)]
+    ratio = {(r["label"], r["seed"]): r["ratio"] for r in recs}
+    md = (out / "results.md").read_text()
+    assert (f"Per seed, ppl@{longest} / ppl@16: " + "; ".join(
+        f"{label} {ratio[label, 0]:.3f} / {ratio[label, 1]:.3f}" for label in ("t5", "alibi"))) in md
+    assert ratio["t5", 0] != ratio["t5", 1] and "± std over seeds" in md
+
+
 def test_study_defaults_follow_canonical_t5_proportions():
     from posbias.schemes import OffsetBias, T5Bias
     from posbias.schemes.base import flat_share
