@@ -421,6 +421,10 @@ def test_a_study_of_several_seeds_reports_each_seed(tmp_path, text_file):
     assert (f"Per seed, ppl@{longest} / ppl@16: " + "; ".join(
         f"{label} {ratio[label, 0]:.3f} / {ratio[label, 1]:.3f}" for label in ("t5", "alibi"))) in md
     assert ratio["t5", 0] != ratio["t5", 1] and "± std over seeds" in md
+    # the tables' columns: the ratio at the longest length; Δ at the lengths past L only
+    assert f"| scheme | @ 16 | @ 32 | @ 64 | ppl@{longest} / ppl@16 |" in md
+    assert f"last column: each scheme's ppl@{longest} / ppl@16 relative to the smallest such ratio" in md
+    assert md.count("| scheme | Δ @ 32 | Δ @ 64 |") == 2 and "Δ @ 16" not in md
 
 
 def test_study_defaults_follow_canonical_t5_proportions():
