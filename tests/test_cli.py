@@ -393,6 +393,9 @@ def test_show_offsets_gives_the_bucket_and_bias_of_each_offset(capsys):
     out = capsys.readouterr().out
     assert "-2     18  its own" in out and "-16     32  clipped" in out and " 16     16  clipped" in out
     assert "clipped: entry 16 serves every offset >= 16" in out and "clipped: entry 32 serves every offset <= -16" in out
+    assert main(["show", "offset", "--heads", "1", "--max-distance", "16", "--bidirectional", "true",
+                 "--offsets", "-2", "0"]) == 0
+    assert "clipped:" not in capsys.readouterr().out  # no offset reaches either clipped entry
 
 
 def test_show_fire_at_a_query_position_shows_progressive_interpolation(capsys):

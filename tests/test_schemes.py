@@ -173,6 +173,7 @@ def test_offset_defaults_and_the_study_leaves_an_unclipped_table_alone():
     from posbias.schemes import OffsetBias
 
     assert OffsetBias.study_defaults(64, {}) == {"max_distance": 14}
+    assert OffsetBias.study_defaults(4, {}) == {"max_distance": 1}  # D may be 1 (entry 1 sees 6 of 10 pairs)
     assert OffsetBias.study_defaults(64, {"clip": False}) == {}  # unclipped: its D is the user's, or 128
 
 

@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the mutants and exit")
     args = p.parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `… --list | head` ends quietly
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: the copy is removed, as on Ctrl-C
 
     module = Path(args.module)
     if not (ROOT / module).is_file() or module.suffix != ".py":
