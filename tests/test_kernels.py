@@ -176,6 +176,19 @@ def test_a_block_whose_first_query_sees_few_far_keys(name, options, far, backend
     compare(s, backend, lk=w - 1 + far + 50, lq=50, causal=not options.get("bidirectional", False))
 
 
+@pytest.mark.parametrize("name, options", [("fire", {}), ("t5", {"max_distance": 40, "bidirectional": True}),
+                                           ("alibi", {"symmetric": True})])
+@pytest.mark.parametrize("train", [False, True])
+def test_blockwise_over_several_blocks_reads_every_key_it_may(name, options, train):
+    """Without a causal mask every block reads every key, the keys after its last query included; and a
+    causal call whose keys are not in order reads them all too (the cut to the keys before a block's last
+    query holds for sorted keys only: a mutant that cut unsorted ones passed every other case)."""
+    s = randomized(name, **options).requires_grad_(train)
+    compare(s, "blockwise", causal=False, lk=700)  # blocks of 256 query rows: three
+    keys = torch.randperm(700)
+    compare(s, "blockwise", causal=True, lk=700, k_pos=keys, q_pos=torch.arange(700))
+
+
 @pytest.mark.parametrize("lk", [1, 2, 255, 256, 257, 513, 1000])
 def test_odd_lengths_and_blocks(lk):
     compare(randomized("t5", max_distance=20), "windowed", lk=lk)
