@@ -187,6 +187,7 @@ def test_blockwise_over_several_blocks_reads_every_key_it_may(name, options, tra
     compare(s, "blockwise", causal=False, lk=700)  # blocks of 256 query rows: three
     keys = torch.randperm(700)
     compare(s, "blockwise", causal=True, lk=700, k_pos=keys, q_pos=torch.arange(700))
+    compare(s, "blockwise", causal=True, lk=2, k_pos=torch.tensor([1, 0]), q_pos=torch.arange(2))  # the fewest
 
 
 @pytest.mark.parametrize("lk", [1, 2, 255, 256, 257, 513, 1000])
