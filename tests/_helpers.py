@@ -1,7 +1,5 @@
 """Helpers shared by the test files."""
 
-import signal
-
 import pytest
 import torch
 
@@ -14,12 +12,6 @@ TINY_L = 48  # the training length :func:`tiny_checkpoint` records
 #: a study of seconds (add --schemes …, --data and --out)
 STUDY = ["--train-len", "16", "--eval-lens", "16", "32", "--steps", "4", "--batch-size", "4", "--d-model", "32",
          "--layers", "1", "--heads", "2", "--eval-tokens", "256", "--quiet"]
-
-def sigint_default() -> None:
-    """``preexec_fn`` of a child that Ctrl-C must reach (SIGINT's default action), however this process
-    was started (``conftest.python_sigint``)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])  # ``pytest -m cuda`` runs these alone

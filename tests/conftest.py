@@ -50,7 +50,9 @@ def python_sigint():
     foreground job has it. A job that a non-interactive shell starts in the background (``pytest … &``)
     inherits SIGINT ignored, and Python then installs no handler: nothing can interrupt it, and posbias
     rightly holds nothing (``stopping.between_steps``). Three Ctrl-C tests failed that way on
-    2026-12-05, and the 'returned instead of raising' once seen under coverage had that cause."""
+    2026-12-05, and the 'returned instead of raising' once seen under coverage had that cause. A child
+    started meanwhile (a torchrun launcher) gets SIGINT's default action: exec resets a handled signal,
+    while an ignored one stays ignored."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)

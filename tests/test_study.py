@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import TINY, perturb_, random_options, sigint_default
+from _helpers import TINY, perturb_, random_options
 
 from posbias import checkpoint as ckpt
 from posbias.cli import main
@@ -1047,7 +1047,7 @@ def test_only_a_teardown_abort_after_both_processes_finished_is_forgiven():
 
 
 @pytest.mark.slow
-def test_ddp_processes_interrupted_together_save_one_step_and_resume_bit_identically(tmp_path):
+def test_ddp_processes_interrupted_together_save_one_step_and_resume_bit_identically(tmp_path, python_sigint):
     """Ctrl-C (or a scheduler's SIGTERM) reaches torchrun, which passes it to every process: they hold it
     to the end of the step, agree on that step (any one interrupted stops all), save it and stop, and
     the re-run resumes from it to the weights of an uninterrupted run, bit for bit. Before, processes
@@ -1065,7 +1065,7 @@ def test_ddp_processes_interrupted_together_save_one_step_and_resume_bit_identic
         " c.train, c.val, sys.argv[1], progress=False, log=lambda m: print(m, flush=True))\n" + END_GROUP)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = _torchrun(script, str(tmp_path / "cut"), env=env, start=subprocess.Popen, stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT, preexec_fn=sigint_default)
+                    stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while not ckpt.exists(tmp_path / "cut" / "last") and time.time() < deadline and run.poll() is None:
         time.sleep(0.05)
