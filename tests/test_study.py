@@ -388,8 +388,8 @@ def test_every_setting_of_a_study_is_in_the_key_of_what_it_makes():
         return store.config_key(mkey), store.config_key(eval_key(cfg, mkey))
 
     model, evaluation = keys(base)
-    trains = {"train_len": dict(train_len=8, eval_lens=(8, 16, 32)), "steps": dict(steps=5), "batch_size": dict(batch_size=5),
-              "lr": dict(lr=1e-3), "pos_lr_mult": dict(pos_lr_mult=10.0), "d_model": dict(d_model=48),
+    trains = {"train_len": dict(train_len=8, eval_lens=(8, 16, 32)), "steps": dict(steps=5),
+              "batch_size": dict(batch_size=5), "lr": dict(lr=1e-3), "pos_lr_mult": dict(pos_lr_mult=10.0), "d_model": dict(d_model=48),
               "n_layers": dict(n_layers=2), "n_heads": dict(n_heads=4), "threads": dict(threads=2),
               "scheme_options": dict(scheme_options={"t5": {"num_buckets": 8}}),
               "schemes": dict(schemes=("t5@max_distance=64",))}
@@ -413,8 +413,9 @@ def test_a_study_of_several_seeds_reports_each_seed(tmp_path, text_file):
     out = tmp_path / "run"
     assert main(["extrapolate", "--schemes", "t5", "alibi", "--seeds", "0", "1", *STUDY, "--data", str(text_file),
                  "--out", str(out)]) == 0
-    longest = max(r["eval_len"] for r in _records(out))
-    recs = [r for r in _records(out) if r["eval_len"] == longest]
+    records = _records(out)
+    longest = max(r["eval_len"] for r in records)
+    recs = [r for r in records if r["eval_len"] == longest]
     assert sorted((r["label"], r["seed"]) for r in recs) == [("alibi", 0), ("alibi", 1), ("t5", 0), ("t5", 1)]
     ratio = {(r["label"], r["seed"]): r["ratio"] for r in recs}
     md = (out / "results.md").read_text()
