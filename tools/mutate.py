@@ -55,6 +55,15 @@ class Mutant:
     what: str  # e.g. "Lt -> LtE"
 
 
+def _changed(value: bool | int | float) -> bool | int | float:
+    """A constant's mutant: a boolean flipped, an integer plus one, a float × 1.5 (0.0 → 1.0)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    return value * 1.5 if value else 1.0
+
+
 def _docstrings(tree: ast.AST) -> set[int]:
     found = set()
     for node in ast.walk(tree):
@@ -75,14 +84,8 @@ def _sites(tree: ast.AST) -> list[tuple[ast.AST, str, str]]:
                       for i, op in enumerate(node.ops) if type(op) in SWAP_COMPARE]
         elif isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in SWAP_BINARY:
             sites.append((node, "binary", f"{type(node.op).__name__} -> {SWAP_BINARY[type(node.op)].__name__}"))
-        elif isinstance(node, ast.Constant) and id(node) not in skip:
-            value = node.value
-            if isinstance(value, bool):
-                sites.append((node, "constant", f"{value} -> {not value}"))
-            elif isinstance(value, int):
-                sites.append((node, "constant", f"{value} -> {value + 1}"))
-            elif isinstance(value, float):
-                sites.append((node, "constant", f"{value} -> {value * 1.5 if value else 1.0}"))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and id(node) not in skip:
+            sites.append((node, "constant", f"{node.value} -> {_changed(node.value)}"))
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
             sites.append((node, "drop", f"drop {type(node.op).__name__}"))
         elif isinstance(node, ast.BoolOp):
@@ -117,9 +120,7 @@ def mutated(source: str, index: int) -> str:
     elif kind == "binary":
         node.op = SWAP_BINARY[type(node.op)]()
     elif kind == "constant":
-        value = node.value
-        node.value = (not value) if isinstance(value, bool) else value + 1 if isinstance(value, int) else (
-            value * 1.5 if value else 1.0)
+        node.value = _changed(node.value)
     elif kind == "drop":
         tree = _Drop(node).visit(tree)
     elif kind == "boolop":
@@ -210,14 +211,15 @@ def main(argv: list[str] | None = None) -> int:
             target.write_text(mutated(source, m.index))
             start = time.time()
             status, last = _run(cmd, work, env, timeout)
+            took = time.time() - start
             counts[status] += 1
-            print(f"{m.index:4d}  line {m.line:4d}  {m.what:<18} {status:<9} {time.time() - start:4.0f} s", flush=True)
+            print(f"{m.index:4d}  line {m.line:4d}  {m.what:<18} {status:<9} {took:4.0f} s", flush=True)
             if status == "survived":
                 survivors.append(m)
             if args.log:
                 with open(args.log, "a") as f:
                     f.write(json.dumps({"module": str(module), "index": m.index, "line": m.line, "what": m.what,
-                                        "status": status, "seconds": round(time.time() - start, 1),
+                                        "status": status, "seconds": round(took, 1),
                                         "pytest": last}) + "\n")
     lines = source.splitlines()
     print(f"{len(chosen)} mutants: {counts['killed']} killed, {counts['survived']} survived, "
