@@ -47,7 +47,8 @@ def _split_of(key: str) -> str:
 
 def _too_little(name: str, split: str, size: int) -> None:
     if size < 2:
-        raise ValueError(f"corpus {name!r} has too little text for a {split} split ({size} bytes); give more text")
+        raise ValueError(f"corpus {name!r} has too little text for a {split} split ({size} byte{'' if size == 1 else 's'}, "
+                         "fewer than the 2 a split needs); give more text")
 
 
 def _from_documents(name: str, docs: list[tuple[str, Callable[[], bytes | bytearray]]], *,
@@ -275,9 +276,14 @@ def load_corpus(data: str | None = None, hf_dataset: str | None = None) -> Corpu
 
 
 def batch_at(tokens: Tensor, step: int, *, batch_size: int, seq_len: int, seed: int) -> tuple[Tensor, Tensor]:
-    """The training batch of a given step: depends only on (seed, step), so resuming is exact."""
-    if tokens.numel() <= seq_len + 1:
-        raise ValueError(f"training split has {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    """The training batch of a given step, ``(x, y)`` of shape ``(batch_size, seq_len)``: windows of
+    ``seq_len + 1`` consecutive tokens, ``y`` the next token of each of ``x``'s. It depends only on
+    ``(seed, step)``, so resuming is exact. The windows start uniformly at 0 … n − seq_len − 2 of the
+    n tokens, so the split's last token is never a target; drawing that last start too would change
+    every batch, and so every trained model, for one window in n."""
+    if tokens.numel() < seq_len + 2:
+        raise ValueError(f"training split has {tokens.numel():,} tokens; training on sequences of {seq_len:,} "
+                         f"needs at least {seq_len + 2:,}")
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=g)
     idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]

@@ -266,3 +266,48 @@ def test_a_file_that_turns_binary_while_the_folder_is_read_is_refused(tmp_path, 
     monkeypatch.setattr(data, "_head", first_look)
     with pytest.raises(ValueError, match=r"'b.txt' changed while the corpus was read \(now binary\)"):
         local_corpus(tmp_path)
+
+
+def test_a_steps_batch_is_windows_of_the_text_that_depend_on_the_seed_and_step_only():
+    import torch
+
+    from posbias.data import batch_at
+
+    tokens = torch.arange(200, dtype=torch.uint8)  # a token is its own position: a window shows where it starts
+    x, y = batch_at(tokens, 7, batch_size=16, seq_len=12, seed=3)
+    assert x.shape == y.shape == (16, 12) and x.dtype == y.dtype == torch.long
+    for row_x, row_y in zip(x, y):
+        start = int(row_x[0])
+        assert row_x.tolist() == list(range(start, start + 12)) and row_y.tolist() == list(range(start + 1, start + 13))
+    again = batch_at(tokens, 7, batch_size=16, seq_len=12, seed=3)
+    assert torch.equal(again[0], x) and torch.equal(again[1], y)  # resuming at step 7 reads the same batch
+    assert not torch.equal(batch_at(tokens, 8, batch_size=16, seq_len=12, seed=3)[0], x)
+    assert not torch.equal(batch_at(tokens, 7, batch_size=16, seq_len=12, seed=4)[0], x)
+    # every start 0 … n - L - 2 is drawn, and none past it
+    short = torch.arange(12 + 6, dtype=torch.uint8)
+    starts = {int(s) for step in range(40) for s in batch_at(short, step, batch_size=8, seq_len=12, seed=0)[0][:, 0]}
+    assert starts == set(range(5))
+
+
+def test_a_split_too_short_for_a_training_window_is_refused_with_the_length_it_needs():
+    import torch
+
+    from posbias.data import batch_at
+
+    x, y = batch_at(torch.arange(14, dtype=torch.uint8), 0, batch_size=3, seq_len=12, seed=0)  # n = L + 2: one start
+    assert x[:, 0].tolist() == [0, 0, 0] and y[:, -1].tolist() == [12, 12, 12]
+    with pytest.raises(ValueError, match="training split has 13 tokens; training on sequences of 12 needs at least 14"):
+        batch_at(torch.arange(13, dtype=torch.uint8), 0, batch_size=3, seq_len=12, seed=0)
+
+
+def test_each_split_needs_two_bytes_and_a_split_is_named_by_its_name(tmp_path):
+    f = tmp_path / "few.txt"
+    f.write_bytes(b"x" * 40)  # split 90/5/5 by bytes: 36, 2 and 2
+    c = local_corpus(f)
+    assert (c.train.numel(), c.val.numel(), c.test.numel()) == (36, 2, 2)
+    assert c.split("val") is c.val and c.split("test") is c.test
+    with pytest.raises(ValueError, match=r"split must be one of \('train', 'val', 'test'\), got 'dev'"):
+        c.split("dev")
+    f.write_bytes(b"x" * 20)  # 18, 1 and 1
+    with pytest.raises(ValueError, match=r"too little text for a val split \(1 byte, fewer than the 2 a split needs\)"):
+        local_corpus(f)

@@ -191,6 +191,23 @@ def test_config_that_does_not_fit_is_refused(saved, edit, match):
         ckpt.load_model(saved)
 
 
+def test_a_config_without_a_model_or_a_training_length_is_refused(saved):
+    meta = json.loads((saved / ckpt.CONFIG_FILE).read_text())
+    assert ckpt.train_len(saved) == 16  # recorded as seq_len, the name before 0.1.0
+    for recorded, expected in [({"train_len": 32, "seq_len": 16}, 32), ({"seq_len": "16"}, None), ({"seq_len": 0}, None),
+                               ({"train_len": 16.0}, None), ({}, None)]:
+        (saved / ckpt.CONFIG_FILE).write_text(json.dumps({**meta, "train": recorded}))
+        if expected is None:
+            with pytest.raises(ValueError, match="records no training length"):
+                ckpt.train_len(saved)
+        else:
+            assert ckpt.train_len(saved) == expected
+    (saved / ckpt.CONFIG_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "model"}))
+    with pytest.raises(ValueError, match="is not a posbias checkpoint"):
+        ckpt.read_meta(saved)
+    assert not ckpt.is_posbias(saved)  # a config.json, but not of a posbias model (a Hugging Face folder has one)
+
+
 def test_resume_with_another_model_size_is_refused(tmp_path, text_file):
     from posbias.data import local_corpus
 

@@ -1,6 +1,7 @@
 """The study stack: data determinism, training/resume, evaluation, the extrapolate command, errors."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -605,6 +606,34 @@ def test_positional_parameters_get_their_own_learning_rate():
     # ALiBi has no positional parameters: no empty group
     assert all(g["params"] for g in make_optimizer(TransformerLM(ModelConfig(scheme="alibi", **TINY)),
                                                     TrainConfig()).param_groups)
+
+
+def test_the_learning_rate_schedule_and_the_optimizer_groups(tmp_path, text_file):
+    """Linear warm-up to the peak over ``warmup`` steps (step s: lr·(s + 1)/warmup), then a cosine
+    from the peak to ``min_lr_ratio``·lr at ``steps`` and flat past it; each group steps at the
+    schedule × its multiplier. Matrices decay, vectors and positional parameters do not."""
+    from posbias.train import lr_at, make_optimizer
+
+    at = functools.partial(lr_at, lr=1.0, steps=10, warmup=4, min_ratio=0.1)
+    assert [at(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert at(4) == 1.0 and at(10) == at(50) == pytest.approx(0.1)
+    assert at(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 6)))  # halfway: 0.55
+    assert lr_at(0, lr=2.0, steps=5, warmup=0, min_ratio=0.5) == 2.0  # no warm-up: the peak at once
+    assert lr_at(5, lr=2.0, steps=5, warmup=5, min_ratio=0.5) == 2.0  # warm-up as long as training
+
+    model = TransformerLM(ModelConfig(scheme="t5", **TINY))
+    groups = make_optimizer(model, TrainConfig(weight_decay=0.25)).param_groups
+    assert [(g["weight_decay"], g["lr_mult"], g["betas"]) for g in groups] == [(0.25, 1.0, (0.9, 0.95)),
+                                                                              (0.0, 1.0, (0.9, 0.95)),
+                                                                              (0.0, 1.0, (0.9, 0.95))]
+    assert all(p.dim() >= 2 for p in groups[0]["params"]) and all(p.dim() == 1 for p in groups[1]["params"])
+
+    c = local_corpus(text_file)
+    tcfg = TrainConfig(steps=3, batch_size=2, train_len=16, warmup=2, lr=1e-3, pos_lr_mult=4.0, eval_every=0,
+                       ckpt_every=1, eval_batches=1)
+    train(ModelConfig(scheme="t5", **TINY), tcfg, c.train, c.val, tmp_path, progress=False, stop_after=2)
+    saved = ckpt.load_trainer_state(tmp_path / "last")["optimizer"]["param_groups"]
+    assert [g["lr"] for g in saved] == pytest.approx([tcfg.lr_at(1), tcfg.lr_at(1), 4 * tcfg.lr_at(1)])  # step 2's
 
 
 def test_evaluation_segments_spread_over_the_whole_split():
