@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -198,9 +199,13 @@ def pos_lr_mult(meta: dict[str, Any]) -> float:
     """The positional parameters' learning-rate multiplier a checkpoint was trained with
     (``train.pos_lr_mult``; 1 where it records none). Fine-tunes of the checkpoint use it too: a learned
     bias moves about its learning rate per Adam step, so at 1× a fresh or trained table barely moves
-    in a short fine-tune (:func:`posbias.train.make_optimizer`)."""
+    in a short fine-tune (:func:`posbias.train.make_optimizer`). ValueError where the recorded value is
+    not a positive number: a fine-tune at a silently wrong rate would report a wrong verdict."""
     value = (meta.get("train") or {}).get("pos_lr_mult", 1.0)
-    return float(value) if isinstance(value, (int, float)) and value > 0 else 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"the checkpoint records train.pos_lr_mult {value!r}, not a positive number: its "
+                         "config.json is damaged")
+    return float(value)
 
 
 def train_len(path: str | Path, meta: dict[str, Any] | None = None) -> int:

@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -191,7 +192,7 @@ def test_config_that_does_not_fit_is_refused(saved, edit, match):
         ckpt.load_model(saved)
 
 
-def test_a_config_without_a_model_or_a_training_length_is_refused(saved):
+def test_a_config_without_a_model_a_training_length_or_a_valid_multiplier_is_refused(saved):
     meta = json.loads((saved / ckpt.CONFIG_FILE).read_text())
     assert ckpt.train_len(saved) == 16  # recorded as seq_len, the name before 0.1.0
     for recorded, expected in [({"train_len": 32, "seq_len": 16}, 32), ({"seq_len": "16"}, None), ({"seq_len": 0}, None),
@@ -202,6 +203,11 @@ def test_a_config_without_a_model_or_a_training_length_is_refused(saved):
                 ckpt.train_len(saved)
         else:
             assert ckpt.train_len(saved) == expected
+    assert ckpt.pos_lr_mult(meta) == 1.0  # trained before the multiplier existed
+    assert ckpt.pos_lr_mult({"train": {"pos_lr_mult": 30}}) == 30.0
+    for bad in (0, -2.0, float("nan"), float("inf"), "30", True, None):
+        with pytest.raises(ValueError, match=f"records train.pos_lr_mult {re.escape(repr(bad))}, not a positive"):
+            ckpt.pos_lr_mult({"train": {"pos_lr_mult": bad}})
     (saved / ckpt.CONFIG_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "model"}))
     with pytest.raises(ValueError, match="is not a posbias checkpoint"):
         ckpt.read_meta(saved)

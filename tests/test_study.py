@@ -9,6 +9,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -629,11 +630,22 @@ def test_the_learning_rate_schedule_and_the_optimizer_groups(tmp_path, text_file
     assert all(p.dim() >= 2 for p in groups[0]["params"]) and all(p.dim() == 1 for p in groups[1]["params"])
 
     c = local_corpus(text_file)
-    tcfg = TrainConfig(steps=3, batch_size=2, train_len=16, warmup=2, lr=1e-3, pos_lr_mult=4.0, eval_every=0,
+    tcfg = TrainConfig(steps=3, batch_size=2, train_len=16, warmup=2, lr=1e-3, pos_lr_mult=4.0, eval_every=2,
                        ckpt_every=1, eval_batches=1)
-    train(ModelConfig(scheme="t5", **TINY), tcfg, c.train, c.val, tmp_path, progress=False, stop_after=2)
+    t0 = time.perf_counter()
+    first = train(ModelConfig(scheme="t5", **TINY), tcfg, c.train, c.val, tmp_path, progress=False, stop_after=2)
+    took = time.perf_counter() - t0
     saved = ckpt.load_trainer_state(tmp_path / "last")["optimizer"]["param_groups"]
     assert [g["lr"] for g in saved] == pytest.approx([tcfg.lr_at(1), tcfg.lr_at(1), 4 * tcfg.lr_at(1)])  # step 2's
+    # the history a resumed run goes on with: losses, tokens and the training time (not the time resuming took)
+    assert len(first["train_loss"]) == 2 and first["tokens"] == 2 * 2 * 16
+    assert [s for s, _ in first["val_loss"]] == [2]  # every eval_every steps
+    assert 0 < first["wall_s"] <= took
+    wall = first["wall_s"]
+    done = train(ModelConfig(scheme="t5", **TINY), tcfg, c.train, c.val, tmp_path, progress=False)
+    assert done["train_loss"][:2] == first["train_loss"] and len(done["train_loss"]) == 3
+    assert done["tokens"] == 3 * 2 * 16 and [s for s, _ in done["val_loss"]] == [2, 3] and done["wall_s"] > wall
+    assert ckpt.read_meta(tmp_path / "final")["history"] == json.loads(json.dumps(done))
 
 
 def test_evaluation_segments_spread_over_the_whole_split():
