@@ -195,8 +195,8 @@ def test_config_that_does_not_fit_is_refused(saved, edit, match):
 def test_a_config_without_a_model_a_training_length_or_a_valid_multiplier_is_refused(saved):
     meta = json.loads((saved / ckpt.CONFIG_FILE).read_text())
     assert ckpt.train_len(saved) == 16  # recorded as seq_len, the name before 0.1.0
-    for recorded, expected in [({"train_len": 32, "seq_len": 16}, 32), ({"seq_len": "16"}, None), ({"seq_len": 0}, None),
-                               ({"train_len": 16.0}, None), ({}, None)]:
+    for recorded, expected in [({"train_len": 32, "seq_len": 16}, 32), ({"train_len": 1}, 1), ({"seq_len": "16"}, None),
+                               ({"seq_len": 0}, None), ({"train_len": 16.0}, None), ({}, None)]:
         (saved / ckpt.CONFIG_FILE).write_text(json.dumps({**meta, "train": recorded}))
         if expected is None:
             with pytest.raises(ValueError, match="records no training length"):
@@ -704,6 +704,9 @@ def test_resume_says_where_it_resumes(tmp_path, text_file):
     said = []
     train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, log=said.append)
     assert any("resuming from step 4 of 6" in s for s in said), said
+    said.clear()
+    train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, log=said.append)  # finished: nothing to resume
+    assert said == []
 
 
 def test_folder_lock_removes_only_the_empty_folder_it_created(tmp_path):

@@ -886,6 +886,12 @@ def test_discover_finds_every_model_a_path_names(tmp_path):
     assert ckpt.discover(models / "alibi-seed1-abcdef0123" / "last") == [
         ("alibi-seed1-abcdef0123", models / "alibi-seed1-abcdef0123" / "last")]
     assert ckpt.discover(models / "alibi-seed1-abcdef0123") == [] and ckpt.discover(tmp_path / "none") == []
+    # what an interrupted save leaves beside them, and a Hugging Face model folder, are no models
+    for sub in ("swap-alibi-ft5-0123456789.tmp", "swap-alibi-ft5-0123456789.old"):
+        ckpt.save_checkpoint(models / sub, model, extra={"train": {"seq_len": L}})
+    (models / "flan-t5").mkdir()
+    (models / "flan-t5" / ckpt.CONFIG_FILE).write_text('{"model_type": "t5"}')
+    assert ckpt.discover(tmp_path / "study") == want
 
 
 def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
