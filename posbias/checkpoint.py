@@ -109,12 +109,16 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
+    """What a progress checkpoint keeps besides the weights (the step, the optimizer's state, the
+    history), or None where it keeps none. Read with ``weights_only=True``: tensors, numbers, strings
+    and containers of them, never code, so that resuming from a checkpoint someone sent cannot run
+    what its pickle names. ValueError naming the file where it cannot be read."""
     p = _resolve(Path(path))
     f = p / TRAINER_FILE
     if not f.exists():
         return None
     try:
-        return torch.load(f, map_location="cpu", weights_only=False)
+        return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{str(f)!r} cannot be read ({type(exc).__name__}); the checkpoint is damaged: "
                          "delete its folder to restart from an earlier one") from None

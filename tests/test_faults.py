@@ -131,6 +131,25 @@ def test_truncated_trainer_state_is_refused(saved):
         ckpt.load_trainer_state(saved)
 
 
+class _Runs:
+    """A pickled object whose loading would create ``marker`` (as a hostile trainer.pt could run anything)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_trainer_state_that_names_code_is_refused_unrun(saved, tmp_path):
+    assert ckpt.load_trainer_state(saved) == {"step": 1}
+    marker = tmp_path / "ran"
+    torch.save({"step": 1, "history": _Runs(marker)}, saved / ckpt.TRAINER_FILE)
+    with pytest.raises(ValueError, match="trainer.pt.*cannot be read.*damaged"):
+        ckpt.load_trainer_state(saved)
+    assert not marker.exists()
+
+
 def test_without_posix_file_locks_the_library_works_and_the_commands_say_why_they_cannot(tmp_path, text_file):
     """Windows has no ``fcntl``: ``import posbias``, training and checkpoints (which need no lock) work;
     a command that locks its output folder stops with one line naming the lock file and what to use
