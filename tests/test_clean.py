@@ -164,3 +164,36 @@ def test_diagnose_of_a_study_folder_passes_over_stale_models_beside_current_ones
     # named one by one, a stale model is examined as asked
     assert [name for _, name, _ in _model_targets([str(mdir.with_name("t5-seed0-0123456789") / "final")])] == [
         "t5-seed0-0123456789"]
+
+
+def test_what_is_judged_and_freed_in_a_folder_of_caches_and_models(tmp_path, capsys):
+    """Built by hand, no run: a stale cache's models go with it and a fresh cache's stay; a stale model
+    folder is listed once, not its contents again; a JSON file that is no report is not judged as one;
+    the count of results checked and the bytes removed are the ones listed."""
+    now = store.made_by("diagnose", "cpu")
+    (tmp_path / "cache-aaaaaaaaaa.json").write_text(json.dumps({store.MADE_BY: {**now, "code": "000000000000"}}))
+    (tmp_path / "cache-bbbbbbbbbb.json").write_text(json.dumps({store.MADE_BY: now, "ppl": 3.0}))
+    for name in ("passkey-ft2-aaaaaaaaaa", "passkey-ft2-bbbbbbbbbb"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "model.safetensors").write_bytes(b"w" * 3000)
+    stale_model = tmp_path / "models" / "t5-seed0-cccccccccc"  # a study model of older code, with its own leftovers
+    (stale_model / "final.tmp").mkdir(parents=True)
+    (stale_model / "key.json").write_text(json.dumps({**store.made_by("model"), "code": "000000000000"}))
+    (stale_model / "eval-dddddddddd.json").write_text("{}")
+    (tmp_path / "notes.json").write_text(json.dumps({"rows": [1], "cache": 3}))  # the user's, not a report
+    found = clean.find(tmp_path)
+    assert _listed(found) == {("cache-aaaaaaaaaa.json", "diagnose cache"),
+                              ("models/passkey-ft2-aaaaaaaaaa", "model of a stale cache"),
+                              ("models/t5-seed0-cccccccccc", "trained model")}
+    assert found.checked == 3 and found.reports == []  # two caches and the model folder (not what is in it)
+    size = found.size
+    assert size == sum(store.disk_size(s.path) for s in found.stale) and size > 3000
+    assert main(["clean", str(tmp_path)]) == 0
+    assert f"{tmp_path}: 3 stale item(s) of 3 keyed result(s) checked" in capsys.readouterr().out
+    assert clean.remove(found) == size
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["passkey-ft2-bbbbbbbbbb"]
+    assert main(["clean", str(tmp_path), "--delete"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{tmp_path}: nothing stale (1 keyed result(s) checked)",
+                                                    "removed 0.0 MiB"]
+    (tmp_path / ".posbias.lock").write_text("")  # a lock file that names no holder
+    assert clean._holder(tmp_path) == "another process"
