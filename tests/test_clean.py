@@ -181,6 +181,10 @@ def test_what_is_judged_and_freed_in_a_folder_of_caches_and_models(tmp_path, cap
     (stale_model / "key.json").write_text(json.dumps({**store.made_by("model"), "code": "000000000000"}))
     (stale_model / "eval-dddddddddd.json").write_text("{}")
     (tmp_path / "notes.json").write_text(json.dumps({"rows": [1], "cache": 3}))  # the user's, not a report
+    # reports whose records or rows are not what a run writes: judged without a crash
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "results.json").write_text(json.dumps({"records": [1, {"label": "t5"}]}))
+    (tmp_path / "comparison.json").write_text(json.dumps({"rows": [3, {"model": 1}]}))
     found = clean.find(tmp_path)
     assert _listed(found) == {("cache-aaaaaaaaaa.json", "diagnose cache"),
                               ("models/passkey-ft2-aaaaaaaaaa", "model of a stale cache"),

@@ -977,6 +977,19 @@ def test_rotary_angles_mark_the_pairs_that_meet_angles_training_never_gave():
     assert rotary_angles(build("alibi", n_heads=2, head_dim=d), train_len=L, length=n) is None
 
 
+def test_a_retrofits_scored_tokens_are_those_of_its_longest_length():
+    """``RetrofitResult.eval_tokens``, which the report and results.json state: what the longest length
+    scored (a short split holds more windows of the shorter lengths), or the budget before any row."""
+    from posbias.evaluate import SEGMENTS
+    from posbias.retrofit import RetrofitResult
+
+    res = RetrofitResult(checkpoint="c", train_len=L, to=2 * L, eval_lens=[L, 2 * L],
+                         config=RetrofitConfig(to=2 * L, methods=("pi",)), corpus={})
+    assert res.eval_tokens == SEGMENTS * 2 * L
+    res.rows.append({"window_loss": {L: [1.0] * 5, 2 * L: [1.0] * 2}})  # the split held 5 windows of L, 2 of 2L
+    assert res.eval_tokens == 2 * 2 * L
+
+
 def test_retrofit_and_diagnose_score_sixty_four_units_unless_told(tmp_path, corpus):
     """Unless --eval-tokens says otherwise, retrofit scores evaluate.SEGMENTS segments of its longest
     length and diagnose as many windows (fewer gave intervals measurably too narrow: docs/study.md, "Do the
