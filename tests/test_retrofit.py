@@ -1583,9 +1583,20 @@ def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, m
     seen.clear()
     cfg = RetrofitConfig(to=2 * L, methods=("t5-distance",), compare=True, passkey_steps=3, passkey_samples=1,
                          eval_tokens=EVAL)
-    run_retrofit(path, cfg, tmp_path / "r", corpus=corpus, progress=False)
+    res = run_retrofit(path, cfg, tmp_path / "r", corpus=corpus, progress=False)
     assert seen and all(p.parent == tmp_path / "r" / "models" and p.name.startswith("passkey-") for p in seen)
     assert not any(p.exists() for p in seen)
+    # another fine-tune's progress where a retrofit's passkey copy keeps its own: replaced, as diagnose's is
+    where = seen[0]
+    ft.finetune(ckpt.load_model(tiny_checkpoint(tmp_path / "other", "alibi")),
+                lambda step: passkey.make_batch(2, L, generator=g), lambda m, b: passkey.answer_loss(m, b, 5),
+                steps=3, resume=where, generator=g)
+    (tmp_path / "r" / res.cache).unlink()  # measured afresh
+    seen.clear()
+    said = []
+    run_retrofit(path, cfg, tmp_path / "r", corpus=corpus, progress=False, log=said.append)
+    assert where in seen and not where.exists()
+    assert any(f"{str(where)!r} holds another fine-tune's progress; starting afresh" in line for line in said)
 
 
 def test_retrofit_finetune_keeps_progress_until_its_model_is_saved(tmp_path, corpus, monkeypatch):
