@@ -132,6 +132,10 @@ def test_t5_distance_remaps_buckets_as_the_bucket_function_says(tmp_path):
     torch.testing.assert_close(new.scheme.bias_at(d), want)  # … read through the new bucket map
     rows = bucket_remap(32, L, 4 * L, [1, 20, 40, 100, 400])
     assert rows[0] == (1, 1, 1) and rows[3][1] == 31 and rows[3][2] < 31 and rows[4][2] == 31
+    # a checkpoint that records no max_distance has T5's default, and the retrofit scales that one
+    default = TransformerLM(ModelConfig(scheme="t5", **TINY))
+    assert "max_distance" not in default.cfg.scheme_options
+    assert retrofit_model(default, "t5-distance", train_len=L, to=3 * L).scheme.max_distance == 3 * default.scheme.max_distance
 
 
 def test_swap_to_t5_keeps_the_logit_scale(tmp_path):
@@ -1597,6 +1601,7 @@ def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, m
     run_retrofit(path, cfg, tmp_path / "r", corpus=corpus, progress=False, log=said.append)
     assert where in seen and not where.exists()
     assert any(f"{str(where)!r} holds another fine-tune's progress; starting afresh" in line for line in said)
+    assert "method 1/1: t5-distance (no fine-tune, passkey)" in said
 
 
 def test_retrofit_finetune_keeps_progress_until_its_model_is_saved(tmp_path, corpus, monkeypatch):
