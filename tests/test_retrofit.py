@@ -360,6 +360,8 @@ def test_diagnose_rerun_measures_only_what_it_lacks(tmp_path, corpus, monkeypatc
     got = run_diagnose(path, longer, corpus=corpus, out=tmp_path / "d", log=said.append).to_json()
     assert calls == {"context_effect": 1, "window_effect": 1, "attention_distance": 1, "scores": 10}  # 4L's cells, as they are and far filler hidden
     assert got["passkey"][str(L)] == first["passkey"][str(L)]
+    grid = [m for line in said if (m := re.match(r"passkey grid: (\d+) of (\d+) cells \((\d+) lengths × 5 depths\)", line))]
+    assert [(int(m[1]), int(m[2]), int(m[3]) * 5) for m in grid[-1:]] == [(5, 15, 15)]  # 4L's 5 of L, 2L, 4L's
     monkeypatch.undo()
     assert got == run_diagnose(path, longer, corpus=corpus).to_json()  # nothing kept: the same numbers
     keys = {diagnose_mod.source_key(path, DiagnoseConfig(threads=t), corpus) for t in (1, 2)}
