@@ -1914,6 +1914,16 @@ def test_retrofit_evaluation_size_is_keyed_by_its_resolved_count(tmp_path, corpu
     monkeypatch.undo()
     fresh = run_retrofit(path, dataclasses.replace(cfg, eval_tokens=16 * L), tmp_path / "fresh", corpus=corpus)
     assert fresh.rows == fewer.rows
+    # a length past --to makes the segments longer: L's and 2L's windows are others, so are their entries
+    narrow = dataclasses.replace(cfg, eval_tokens=32 * L)  # lengths L and 2L
+    wider = dataclasses.replace(narrow, eval_lens=(L, 2 * L, 4 * L))
+    run_retrofit(path, narrow, tmp_path / "r", corpus=corpus)
+    calls.update(eval=0, finetune=0)
+    monkeypatch.setattr(retrofit_mod, "evaluate_length", counted("eval", retrofit_mod.evaluate_length))
+    spanned = run_retrofit(path, wider, tmp_path / "r", corpus=corpus)
+    assert spanned.cache == first.cache and calls["eval"] == 3 * 3  # 3 rows × (L, 2L, 4L): none reused
+    monkeypatch.undo()
+    assert spanned.rows == run_retrofit(path, wider, tmp_path / "fresh-wider", corpus=corpus).rows
 
 
 def test_retrofit_summary_says_whether_any_method_beats_the_model_as_it_was():
