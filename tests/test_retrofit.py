@@ -818,6 +818,29 @@ def test_far_tokens_reach_chunk_ends_only_through_layers(scheme, layers, same):
     assert lo <= d <= hi
 
 
+def test_bias_drift_reads_the_full_bias_at_the_last_query_of_training_and_of_the_window():
+    """``bias_drift``, from the scheme's full bias matrix: rows L − 1 and length − 1, the keys at
+    distances 0 … L − 1 from each, each row relative to its distance-0 entry."""
+    from _helpers import perturb_
+
+    from posbias.diagnose import delta_interval
+
+    torch.manual_seed(0)
+    fire = perturb_(build("fire", n_heads=2, head_dim=8, init_L=8.0))  # a threshold below L: learned (FIRE's L is)
+    n, big = 40, 16
+    with torch.no_grad():
+        full = fire.bias(torch.arange(n), torch.arange(n))  # [H, n, n]
+        rows = [full[:, q, q - torch.arange(big)] for q in (big - 1, n - 1)]
+    moved = (rows[1] - rows[1][:, :1]) - (rows[0] - rows[0][:, :1])
+    got = bias_drift(fire, train_len=big, length=n)
+    assert got == pytest.approx(moved.abs().amax(-1).tolist(), abs=1e-6) and min(got) > 1e-3
+    assert bias_drift(perturb_(build("t5", n_heads=2, head_dim=8)), train_len=big, length=n) == [0.0, 0.0]
+    # the interval of a Δ needs two windows, no more
+    assert delta_interval(torch.zeros(1, 5)) == (None, None)
+    lo, hi = delta_interval(torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+    assert 0.5 <= lo <= hi <= 2.5
+
+
 def test_a_one_layer_model_has_no_far_tokens_through_the_layers(tmp_path, corpus):
     """A one-layer T5 model: the report, the terminal lines and the comparison say the through-the-layers
     row is rounding, instead of reading a verdict from the interval of a difference of 1e-8."""
@@ -828,6 +851,7 @@ def test_a_one_layer_model_has_no_far_tokens_through_the_layers(tmp_path, corpus
     ckpt.save_checkpoint(tmp_path / "one", model, extra={"train": {"seq_len": L}})
     rep = run_diagnose(tmp_path / "one", DiagnoseConfig(length=2 * L, eval_tokens=EVAL, passkey_steps=0), corpus=corpus)
     assert len(rep.window_split) == 3 and abs(rep.window_split[2][1]) < 1e-5
+    assert rep.passkey is None and rep.passkey_copies == []  # --passkey-steps 0: no passkey test at all
     said = [line for line in diagnose_report.summary(rep) if "through the layers" in line]
     assert len(said) == 1 and "of a one-layer model" in said[0] and not said[0].endswith(("hurts", "helps"))
     diagnose_report.write(rep, tmp_path / "d")
