@@ -227,6 +227,9 @@ def test_a_config_without_a_model_a_training_length_or_a_valid_multiplier_is_ref
     for bad in (0, -2.0, float("nan"), float("inf"), "30", True, None):
         with pytest.raises(ValueError, match=f"records train.pos_lr_mult {re.escape(repr(bad))}, not a positive"):
             ckpt.pos_lr_mult({"train": {"pos_lr_mult": bad}})
+    (saved / ckpt.CONFIG_FILE).write_text(json.dumps(meta)[:-9])  # cut short
+    with pytest.raises(ValueError, match=r"config.json' is not valid JSON: "):
+        ckpt.read_meta(saved)
     (saved / ckpt.CONFIG_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "model"}))
     with pytest.raises(ValueError, match="is not a posbias checkpoint"):
         ckpt.read_meta(saved)
