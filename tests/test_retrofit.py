@@ -841,6 +841,13 @@ def test_bias_drift_reads_the_full_bias_at_the_last_query_of_training_and_of_the
     assert 0.5 <= lo <= hi <= 2.5
 
 
+def test_the_context_effects_position_ranges_double_past_L():
+    from posbias.diagnose import _ranges
+
+    assert _ranges(100, 10) == [(0, 10), (10, 20), (20, 40), (40, 80), (80, 100)]
+    assert _ranges(10, 10) == [(0, 10)] and _ranges(7, 10) == [(0, 7)]
+
+
 def test_a_one_layer_model_has_no_far_tokens_through_the_layers(tmp_path, corpus):
     """A one-layer T5 model: the report, the terminal lines and the comparison say the through-the-layers
     row is rounding, instead of reading a verdict from the interval of a difference of 1e-8."""
@@ -1113,6 +1120,13 @@ def test_attention_distance_matches_a_hand_computation():
     for layer, p in enumerate(probs):
         torch.testing.assert_close(far[layer], (p * (dist >= 5)).sum(-1))
     assert far[:, :, :5].abs().max() == 0 and (far <= 1 + 1e-6).all()
+    # each quantile: the smallest distance whose keys, nearest first, hold that share of the query's attention
+    for layer, p in enumerate(probs):
+        for h in range(p.shape[0]):
+            for i in range(12):
+                mass = p[h, i, i - torch.arange(i + 1)].cumsum(0)  # distances 0 … i
+                for q in (50, 90):
+                    assert ad[f"q{q}"][layer, h, i] == int(torch.nonzero(mass >= q / 100)[0]), (layer, h, i, q)
     with pytest.raises(ValueError, match="beyond"):
         attention_distance(model, idx, beyond=0)
     two = torch.cat([idx, torch.randint(0, 256, (1, 12))])  # rows one at a time: the mean of each alone
