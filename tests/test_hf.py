@@ -319,9 +319,11 @@ def test_bloom_logits_and_generate(heads, fast_calls, device):
     ids = torch.randint(0, 97, (2, 150), device=device)
     with torch.no_grad():
         torch.testing.assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
-        ga = ref.generate(input_ids=ids[:, :40], max_new_tokens=25, min_new_tokens=25, do_sample=False)
-        gb = fast.generate(input_ids=ids[:, :40], max_new_tokens=25, min_new_tokens=25, do_sample=False)
-    assert torch.equal(ga, gb)
+        ga, gb = (m.generate(input_ids=ids[:, :40], max_new_tokens=25, min_new_tokens=25, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True) for m in (ref, fast))
+    assert torch.equal(ga.sequences, gb.sequences)
+    # each decoding step's logits too, not only their argmax (a step that read no cached keys kept it here)
+    torch.testing.assert_close(torch.stack(gb.scores), torch.stack(ga.scores), atol=2e-5, rtol=1e-4)
     assert len(fast_calls) > 2 and any(shape[2] == 1 for shape in fast_calls)
 
 
@@ -353,9 +355,23 @@ def test_bloom_left_padding_runs_on_posbias_and_scattered_keys_fall_back(fast_ca
     assert not fast_calls
 
 
-def mpt_config(heads, bias_max=8, **kw):
+def mpt_config(heads, bias_max=8, clip_qkv=None, **kw):
     return transformers.MptConfig(vocab_size=97, d_model=8 * heads, n_heads=heads, n_layers=2, max_seq_len=128,
-                                  attn_config={"attn_pdrop": 0, "alibi": True, "alibi_bias_max": bias_max}, **kw)
+                                  attn_config={"attn_pdrop": 0, "alibi": True, "alibi_bias_max": bias_max,
+                                               "clip_qkv": clip_qkv}, **kw)
+
+
+def test_mpt_clips_its_queries_keys_and_values_as_the_unpatched_model(fast_calls):
+    torch.manual_seed(0)
+    ref, fast = pair(transformers.MptForCausalLM(mpt_config(4, clip_qkv=0.02)))
+    unclipped = transformers.MptForCausalLM(mpt_config(4))
+    unclipped.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 97, (2, 60))
+    with torch.no_grad():
+        a, b = ref(input_ids=ids).logits, fast(input_ids=ids).logits
+        assert not torch.allclose(unclipped(input_ids=ids).logits, a, atol=1e-4)  # the clip changes the model
+    torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+    assert fast_calls
 
 
 @pytest.mark.parametrize("version", ["4.57.6", "5.0.0", "5.14.1"])
