@@ -927,6 +927,11 @@ def test_mask_kind():
     kind, keys = mask_kind(torch.ones(2, 1, 5, 5, dtype=torch.bool).index_fill(-1, torch.tensor([3]), False), 0, 5, 5,
                            causal_if_none=False)
     assert kind == "full" and keys.tolist() == [[True, True, True, False, True]] * 2
+    # [batch, 1, 1, lk] (Switch Transformers' encoder mask), one padding per sequence: read as the full mask
+    rows = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    rows[1, ..., :2] = False
+    kind, keys = mask_kind(rows, 0, 5, 5, causal_if_none=False)
+    assert kind == "full" and keys.tolist() == [[True] * 5, [False, False, True, True, True]]
     odd = causal.clone()
     odd[4, 1] = False  # hidden from one query only: not a key mask
     assert mask_kind(odd[None, None], 0, 5, 5, causal_if_none=False) is None
