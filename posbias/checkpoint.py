@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from . import store
+from .config import ConfigError, check_rate
 from .model import ModelConfig, TransformerLM
 
 MODEL_FILE, CONFIG_FILE, TRAINER_FILE = "model.safetensors", "config.json", "trainer.pt"
@@ -205,11 +205,10 @@ def pos_lr_mult(meta: dict[str, Any]) -> float:
     bias moves about its learning rate per Adam step, so at 1× a fresh or trained table barely moves
     in a short fine-tune (:func:`posbias.train.make_optimizer`). ValueError where the recorded value is
     not a positive number: a fine-tune at a silently wrong rate would report a wrong verdict."""
-    value = (meta.get("train") or {}).get("pos_lr_mult", 1.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"the checkpoint records train.pos_lr_mult {value!r}, not a positive number: its "
-                         "config.json is damaged")
-    return float(value)
+    try:
+        return check_rate("train.pos_lr_mult", (meta.get("train") or {}).get("pos_lr_mult", 1.0))
+    except ConfigError as exc:
+        raise ValueError(f"the checkpoint's {exc} (its config.json is damaged)") from None
 
 
 def train_len(path: str | Path, meta: dict[str, Any] | None = None) -> int:

@@ -225,7 +225,8 @@ def test_a_config_without_a_model_a_training_length_or_a_valid_multiplier_is_ref
     assert ckpt.pos_lr_mult(meta) == 1.0  # trained before the multiplier existed
     assert ckpt.pos_lr_mult({"train": {"pos_lr_mult": 30}}) == 30.0
     for bad in (0, -2.0, float("nan"), float("inf"), "30", True, None):
-        with pytest.raises(ValueError, match=f"records train.pos_lr_mult {re.escape(repr(bad))}, not a positive"):
+        with pytest.raises(ValueError, match=rf"checkpoint's train.pos_lr_mult must be a finite number > 0, got "
+                                             rf"{re.escape(repr(bad))} \(its config.json is damaged\)"):
             ckpt.pos_lr_mult({"train": {"pos_lr_mult": bad}})
     (saved / ckpt.CONFIG_FILE).write_text(json.dumps(meta)[:-9])  # cut short
     with pytest.raises(ValueError, match=r"config.json' is not valid JSON: "):
