@@ -9,9 +9,10 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from posbias.cli import main
-from posbias.data import BINARY_PROBE, CARVED, hf_corpus, local_corpus, looks_binary
+from posbias.data import BINARY_PROBE, CARVED, batch_at, hf_corpus, local_corpus, looks_binary
 
 WORDS = "the of and a to in is you that it he was for on are as with his they at be this have from".split()
 
@@ -269,10 +270,6 @@ def test_a_file_that_turns_binary_while_the_folder_is_read_is_refused(tmp_path, 
 
 
 def test_a_steps_batch_is_windows_of_the_text_that_depend_on_the_seed_and_step_only():
-    import torch
-
-    from posbias.data import batch_at
-
     tokens = torch.arange(200, dtype=torch.uint8)  # a token is its own position: a window shows where it starts
     x, y = batch_at(tokens, 7, batch_size=16, seq_len=12, seed=3)
     assert x.shape == y.shape == (16, 12) and x.dtype == y.dtype == torch.long
@@ -290,10 +287,6 @@ def test_a_steps_batch_is_windows_of_the_text_that_depend_on_the_seed_and_step_o
 
 
 def test_a_split_too_short_for_a_training_window_is_refused_with_the_length_it_needs():
-    import torch
-
-    from posbias.data import batch_at
-
     x, y = batch_at(torch.arange(14, dtype=torch.uint8), 0, batch_size=3, seq_len=12, seed=0)  # n = L + 2: one start
     assert x[:, 0].tolist() == [0, 0, 0] and y[:, -1].tolist() == [12, 12, 12]
     with pytest.raises(ValueError, match="training split has 13 tokens; training on sequences of 12 needs at least 14"):

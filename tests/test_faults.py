@@ -718,15 +718,29 @@ def test_model_folder_suggests_final(capsys, tmp_path):
 
 
 def test_resume_says_where_it_resumes(tmp_path, text_file):
+    """A resumed training says where it resumes and goes on with the history so far (losses, tokens,
+    validation every ``eval_every`` steps, the training time, not the time resuming took); each group
+    stepped at the schedule × its multiplier; a finished one says nothing."""
     from posbias.data import local_corpus
 
     c = local_corpus(text_file)
-    mcfg = ModelConfig(scheme="alibi", **TINY)
-    tcfg = TrainConfig(steps=6, batch_size=2, train_len=16, warmup=1, eval_every=0, ckpt_every=2, eval_batches=1)
-    train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, stop_after=4)
+    mcfg = ModelConfig(scheme="t5", **TINY)
+    tcfg = TrainConfig(steps=6, batch_size=2, train_len=16, warmup=1, eval_every=2, ckpt_every=2, eval_batches=1,
+                       lr=1e-3, pos_lr_mult=4.0)
+    t0 = time.perf_counter()
+    first = train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, stop_after=4)
+    took = time.perf_counter() - t0
+    saved = ckpt.load_trainer_state(tmp_path / "last")["optimizer"]["param_groups"]
+    assert [g["lr"] for g in saved] == pytest.approx([tcfg.lr_at(3), tcfg.lr_at(3), 4 * tcfg.lr_at(3)])  # step 4's
+    assert len(first["train_loss"]) == 4 and first["tokens"] == 4 * 2 * 16 and [s for s, _ in first["val_loss"]] == [2, 4]
+    assert 0 < first["wall_s"] <= took
+    wall, losses = first["wall_s"], list(first["train_loss"])
     said = []
-    train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, log=said.append)
+    done = train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, log=said.append)
     assert any("resuming from step 4 of 6" in s for s in said), said
+    assert done["train_loss"][:4] == losses and len(done["train_loss"]) == 6 and done["tokens"] == 6 * 2 * 16
+    assert [s for s, _ in done["val_loss"]] == [2, 4, 6] and done["wall_s"] > wall
+    assert ckpt.read_meta(tmp_path / "final")["history"] == json.loads(json.dumps(done))
     said.clear()
     train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, log=said.append)  # finished: nothing to resume
     assert said == []

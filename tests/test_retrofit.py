@@ -2,6 +2,7 @@
 and bad input."""
 
 import dataclasses
+import itertools
 import json
 import math
 import re
@@ -9,7 +10,7 @@ import statistics
 
 import pytest
 import torch
-from _helpers import TINY, TINY_L, one_line_error, tiny_checkpoint
+from _helpers import TINY, TINY_L, one_line_error, perturb_, tiny_checkpoint
 
 from posbias import checkpoint as ckpt
 from posbias import ntk_lambda, passkey, rope_frequencies, t5_bucket
@@ -20,9 +21,9 @@ from posbias.cli import main
 from posbias.config import ConfigError
 from posbias.data import stdlib_corpus
 from posbias.evaluate import MIN_SEGMENTS
-from posbias.diagnose import (DiagnoseConfig, WithinWindow, attention_distance, bias_drift, chunk_ends, context_effect,
-                              context_split, effective_reach, final_bucket_share, run_diagnose, window_effect,
-                              window_split)
+from posbias.diagnose import (DiagnoseConfig, WithinWindow, _ranges, attention_distance, bias_drift, chunk_ends,
+                              context_effect, context_split, delta_interval, effective_reach, final_bucket_share,
+                              run_diagnose, window_effect, window_split)
 from posbias.report import diagnose as diagnose_report
 from posbias.report import retrofit as retrofit_report
 from posbias.model import ModelConfig, TransformerLM
@@ -821,10 +822,6 @@ def test_far_tokens_reach_chunk_ends_only_through_layers(scheme, layers, same):
 def test_bias_drift_reads_the_full_bias_at_the_last_query_of_training_and_of_the_window():
     """``bias_drift``, from the scheme's full bias matrix: rows L − 1 and length − 1, the keys at
     distances 0 … L − 1 from each, each row relative to its distance-0 entry."""
-    from _helpers import perturb_
-
-    from posbias.diagnose import delta_interval
-
     torch.manual_seed(0)
     fire = perturb_(build("fire", n_heads=2, head_dim=8, init_L=8.0))  # a threshold below L: learned (FIRE's L is)
     n, big = 40, 16
@@ -835,15 +832,13 @@ def test_bias_drift_reads_the_full_bias_at_the_last_query_of_training_and_of_the
     got = bias_drift(fire, train_len=big, length=n)
     assert got == pytest.approx(moved.abs().amax(-1).tolist(), abs=1e-6) and min(got) > 1e-3
     assert bias_drift(perturb_(build("t5", n_heads=2, head_dim=8)), train_len=big, length=n) == [0.0, 0.0]
-    # the interval of a Δ needs two windows, no more
+
+
+def test_the_context_effects_position_ranges_and_interval():
+    """Its rows: [0, L), then ranges doubling past L; a Δ's interval needs two windows, no more."""
     assert delta_interval(torch.zeros(1, 5)) == (None, None)
     lo, hi = delta_interval(torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
     assert 0.5 <= lo <= hi <= 2.5
-
-
-def test_the_context_effects_position_ranges_double_past_L():
-    from posbias.diagnose import _ranges
-
     assert _ranges(100, 10) == [(0, 10), (10, 20), (20, 40), (40, 80), (80, 100)]
     assert _ranges(10, 10) == [(0, 10)] and _ranges(7, 10) == [(0, 7)]
 
@@ -1121,12 +1116,9 @@ def test_attention_distance_matches_a_hand_computation():
         torch.testing.assert_close(far[layer], (p * (dist >= 5)).sum(-1))
     assert far[:, :, :5].abs().max() == 0 and (far <= 1 + 1e-6).all()
     # each quantile: the smallest distance whose keys, nearest first, hold that share of the query's attention
-    for layer, p in enumerate(probs):
-        for h in range(p.shape[0]):
-            for i in range(12):
-                mass = p[h, i, i - torch.arange(i + 1)].cumsum(0)  # distances 0 … i
-                for q in (50, 90):
-                    assert ad[f"q{q}"][layer, h, i] == int(torch.nonzero(mass >= q / 100)[0]), (layer, h, i, q)
+    for (layer, p), h, i, q in itertools.product(enumerate(probs), range(2), range(12), (50, 90)):
+        mass = p[h, i, i - torch.arange(i + 1)].cumsum(0)  # distances 0 … i
+        assert ad[f"q{q}"][layer, h, i] == int(torch.nonzero(mass >= q / 100)[0]), (layer, h, i, q)
     with pytest.raises(ValueError, match="beyond"):
         attention_distance(model, idx, beyond=0)
     two = torch.cat([idx, torch.randint(0, 256, (1, 12))])  # rows one at a time: the mean of each alone
@@ -1611,14 +1603,18 @@ def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, m
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
     from posbias import passkey
 
+    other = ckpt.load_model(tiny_checkpoint(tmp_path / "other", "alibi"))
+
+    def others_progress(folder):  # left by an interrupted fine-tune of other settings (an older posbias, say)
+        g = torch.Generator().manual_seed(0)
+        ft.finetune(other, lambda step: passkey.make_batch(2, L, generator=g), lambda m, b: passkey.answer_loss(m, b, 5),
+                    steps=3, resume=folder, generator=g)  # a finished finetune() leaves its progress to its caller
+        assert ckpt.exists(folder)
+
     dcfg = DiagnoseConfig(length=2 * L, windows=1, eval_tokens=EVAL, passkey_steps=3, passkey_samples=1)
     kept = tmp_path / "d" / "models" / f"passkey-ft3-{diagnose_mod.source_key(path, dcfg, corpus)}"
-    stale = kept / "last"  # left by an interrupted fine-tune of other settings (an older posbias, say)
-    g = torch.Generator().manual_seed(0)
-    ft.finetune(ckpt.load_model(tiny_checkpoint(tmp_path / "other", "alibi")),
-                lambda step: passkey.make_batch(2, L, generator=g), lambda m, b: passkey.answer_loss(m, b, 5),
-                steps=3, resume=stale, generator=g)  # a finished finetune() leaves its progress to its caller
-    assert ckpt.exists(stale)
+    stale = kept / "last"
+    others_progress(stale)
     seen.clear()
     said = []
     run_diagnose(path, dcfg, corpus=corpus, out=tmp_path / "d", log=said.append)
@@ -1632,9 +1628,7 @@ def test_diagnose_and_retrofit_remove_their_passkey_progress(tmp_path, corpus, m
     assert not any(p.exists() for p in seen)
     # another fine-tune's progress where a retrofit's passkey copy keeps its own: replaced, as diagnose's is
     where = seen[0]
-    ft.finetune(ckpt.load_model(tiny_checkpoint(tmp_path / "other", "alibi")),
-                lambda step: passkey.make_batch(2, L, generator=g), lambda m, b: passkey.answer_loss(m, b, 5),
-                steps=3, resume=where, generator=g)
+    others_progress(where)
     (tmp_path / "r" / res.cache).unlink()  # measured afresh
     seen.clear()
     said = []

@@ -9,7 +9,6 @@ import random
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -607,13 +606,18 @@ def test_positional_parameters_get_their_own_learning_rate():
     # ALiBi has no positional parameters: no empty group
     assert all(g["params"] for g in make_optimizer(TransformerLM(ModelConfig(scheme="alibi", **TINY)),
                                                     TrainConfig()).param_groups)
+    # matrices decay, vectors (norms, biases) and positional parameters do not; one pair of betas
+    groups = make_optimizer(model, TrainConfig(weight_decay=0.25, pos_lr_mult=30.0)).param_groups
+    assert [(g["weight_decay"], g["lr_mult"], g["betas"]) for g in groups] == [
+        (0.25, 1.0, (0.9, 0.95)), (0.0, 1.0, (0.9, 0.95)), (0.0, 30.0, (0.9, 0.95))]
+    assert all(p.dim() >= 2 for p in groups[0]["params"]) and all(p.dim() == 1 for p in groups[1]["params"])
 
 
-def test_the_learning_rate_schedule_and_the_optimizer_groups(tmp_path, text_file):
+def test_the_learning_rate_schedule():
     """Linear warm-up to the peak over ``warmup`` steps (step s: lr·(s + 1)/warmup), then a cosine
-    from the peak to ``min_lr_ratio``·lr at ``steps`` and flat past it; each group steps at the
-    schedule × its multiplier. Matrices decay, vectors and positional parameters do not."""
-    from posbias.train import lr_at, make_optimizer
+    from the peak to ``min_lr_ratio``·lr at ``steps`` and flat past it (what each group steps at, × its
+    multiplier: ``test_faults.py::test_resume_says_where_it_resumes``)."""
+    from posbias.train import lr_at
 
     at = functools.partial(lr_at, lr=1.0, steps=10, warmup=4, min_ratio=0.1)
     assert [at(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -621,31 +625,6 @@ def test_the_learning_rate_schedule_and_the_optimizer_groups(tmp_path, text_file
     assert at(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 6)))  # halfway: 0.55
     assert lr_at(0, lr=2.0, steps=5, warmup=0, min_ratio=0.5) == 2.0  # no warm-up: the peak at once
     assert lr_at(5, lr=2.0, steps=5, warmup=5, min_ratio=0.5) == 2.0  # warm-up as long as training
-
-    model = TransformerLM(ModelConfig(scheme="t5", **TINY))
-    groups = make_optimizer(model, TrainConfig(weight_decay=0.25)).param_groups
-    assert [(g["weight_decay"], g["lr_mult"], g["betas"]) for g in groups] == [(0.25, 1.0, (0.9, 0.95)),
-                                                                              (0.0, 1.0, (0.9, 0.95)),
-                                                                              (0.0, 1.0, (0.9, 0.95))]
-    assert all(p.dim() >= 2 for p in groups[0]["params"]) and all(p.dim() == 1 for p in groups[1]["params"])
-
-    c = local_corpus(text_file)
-    tcfg = TrainConfig(steps=3, batch_size=2, train_len=16, warmup=2, lr=1e-3, pos_lr_mult=4.0, eval_every=2,
-                       ckpt_every=1, eval_batches=1)
-    t0 = time.perf_counter()
-    first = train(ModelConfig(scheme="t5", **TINY), tcfg, c.train, c.val, tmp_path, progress=False, stop_after=2)
-    took = time.perf_counter() - t0
-    saved = ckpt.load_trainer_state(tmp_path / "last")["optimizer"]["param_groups"]
-    assert [g["lr"] for g in saved] == pytest.approx([tcfg.lr_at(1), tcfg.lr_at(1), 4 * tcfg.lr_at(1)])  # step 2's
-    # the history a resumed run goes on with: losses, tokens and the training time (not the time resuming took)
-    assert len(first["train_loss"]) == 2 and first["tokens"] == 2 * 2 * 16
-    assert [s for s, _ in first["val_loss"]] == [2]  # every eval_every steps
-    assert 0 < first["wall_s"] <= took
-    wall = first["wall_s"]
-    done = train(ModelConfig(scheme="t5", **TINY), tcfg, c.train, c.val, tmp_path, progress=False)
-    assert done["train_loss"][:2] == first["train_loss"] and len(done["train_loss"]) == 3
-    assert done["tokens"] == 3 * 2 * 16 and [s for s, _ in done["val_loss"]] == [2, 3] and done["wall_s"] > wall
-    assert ckpt.read_meta(tmp_path / "final")["history"] == json.loads(json.dumps(done))
 
 
 def test_evaluation_segments_spread_over_the_whole_split():
