@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from . import store
-from .config import ConfigError, check_rate
+from .config import ConfigError, check_count, check_rate
 from .model import ModelConfig, TransformerLM
 
 MODEL_FILE, CONFIG_FILE, TRAINER_FILE = "model.safetensors", "config.json", "trainer.pt"
@@ -213,10 +213,15 @@ def pos_lr_mult(meta: dict[str, Any]) -> float:
 
 def train_len(path: str | Path, meta: dict[str, Any] | None = None) -> int:
     """The training length a checkpoint records (``train.train_len``; ``train.seq_len`` in checkpoints
-    written before 0.1.0 renamed it), or ValueError when it records none."""
+    written before 0.1.0 renamed it), or ValueError when it records none or one that is no positive integer
+    (a boolean included)."""
     meta = read_meta(path) if meta is None else meta
     train = meta.get("train") or {}
-    value = train.get("train_len", train.get("seq_len"))
-    if not isinstance(value, int) or value < 1:
+    field = "train_len" if "train_len" in train or "seq_len" not in train else "seq_len"
+    if field not in train:
         raise ValueError(f"{str(path)!r} records no training length (meta 'train.train_len')")
-    return value
+    try:
+        return check_count(f"train.{field}", train[field])
+    except ConfigError as exc:
+        raise ValueError(f"{str(path)!r} records no valid training length: the checkpoint's {exc} (its "
+                         "config.json is damaged)") from None

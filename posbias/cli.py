@@ -334,11 +334,9 @@ def _checkpoint_schemes(path: str) -> list[tuple[str, Any, int | None]]:
     where none is known: a Hugging Face model's is not in its config)."""
     from . import checkpoint as ckpt
 
-    def trained(where: Path) -> int | None:
-        try:
-            return ckpt.train_len(where)
-        except ValueError:
-            return None
+    def trained(where: Path) -> int | None:  # none recorded: None; a damaged record: the ValueError
+        train = ckpt.read_meta(where).get("train") or {}
+        return ckpt.train_len(where) if {"train_len", "seq_len"} & set(train) else None
 
     p = Path(path)
     name = ckpt.model_folder(p).name

@@ -214,11 +214,19 @@ def test_config_that_does_not_fit_is_refused(saved, edit, match):
 def test_a_config_without_a_model_a_training_length_or_a_valid_multiplier_is_refused(saved):
     meta = json.loads((saved / ckpt.CONFIG_FILE).read_text())
     assert ckpt.train_len(saved) == 16  # recorded as seq_len, the name before 0.1.0
-    for recorded, expected in [({"train_len": 32, "seq_len": 16}, 32), ({"train_len": 1}, 1), ({"seq_len": "16"}, None),
-                               ({"seq_len": 0}, None), ({"train_len": 16.0}, None), ({}, None)]:
+    for recorded, expected in [({"train_len": 32, "seq_len": 16}, 32), ({"train_len": 1}, 1), ({}, None),
+                               ({"seq_len": "16"}, "train.seq_len must be an integer >= 1, got '16'"),
+                               ({"seq_len": 0}, "train.seq_len must be an integer >= 1, got 0"),
+                               ({"train_len": 16.0}, "train.train_len must be an integer >= 1, got 16.0"),
+                               ({"train_len": True}, "train.train_len must be an integer >= 1, got True"),
+                               ({"train_len": None, "seq_len": 16}, "train.train_len must be an integer >= 1, got None")]:
         (saved / ckpt.CONFIG_FILE).write_text(json.dumps({**meta, "train": recorded}))
         if expected is None:
-            with pytest.raises(ValueError, match="records no training length"):
+            with pytest.raises(ValueError, match=r"records no training length \(meta 'train.train_len'\)"):
+                ckpt.train_len(saved)
+        elif isinstance(expected, str):
+            with pytest.raises(ValueError, match=rf"records no valid training length: the checkpoint's "
+                                                 rf"{re.escape(expected)} \(its config.json is damaged\)"):
                 ckpt.train_len(saved)
         else:
             assert ckpt.train_len(saved) == expected

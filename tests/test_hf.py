@@ -4,6 +4,7 @@ Models are randomly initialised from small configs (no download). Skipped withou
 """
 
 import copy
+import json
 import random
 import re
 import shutil
@@ -765,6 +766,13 @@ def test_plot_checkpoint_draws_posbias_and_hf_models(tmp_path, capsys):
     assert (out / "3" / "rope_wavelengths.png").exists() and (out / "3" / "learned_bias_vs_distance.png").exists()
     assert main(["plot", "--checkpoint", str(tmp_path / "rope-seed0-abc" / "final"), "--out", str(out / "4")]) == 0
     assert {p.name for p in (out / "4").glob("*.png")} == {"rope_wavelengths.png"}
+    rope_config = tmp_path / "rope-seed0-abc" / "final" / ckpt.CONFIG_FILE
+    meta = json.loads(rope_config.read_text())
+    rope_config.write_text(json.dumps({**meta, "train": {"train_len": 0}}))  # a damaged record is said, not skipped
+    assert main(["plot", "--checkpoint", str(rope_config.parent), "--out", str(out / "4c")]) == 2
+    assert "records no valid training length: the checkpoint's train.train_len must be an integer >= 1, got 0" in \
+        capsys.readouterr().err and not (out / "4c").exists()
+    rope_config.write_text(json.dumps(meta))
     ckpt.save_checkpoint(tmp_path / "nope" / "final", TransformerLM(ModelConfig(scheme="nope", **tiny)))
     assert main(["plot", "--checkpoint", str(tmp_path / "nope" / "final"), "--out", str(out / "4b")]) == 2
     assert "none of these checkpoints has an attention bias or a rotation to draw" in capsys.readouterr().err
