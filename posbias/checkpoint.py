@@ -2,7 +2,9 @@
 
 A checkpoint is written to ``<dir>.tmp`` and swapped in by renames, so an interruption at any
 moment leaves either the previous checkpoint or the new one, never a half-written one; a write that
-fails (a full disk) removes ``<dir>.tmp`` and raises ``OSError`` naming the file.
+fails (a full disk) removes ``<dir>.tmp`` and raises ``OSError`` naming the file. Each file is
+fsynced, then the new folder, then (after the swap) the parent folder, before the previous checkpoint
+is removed: after a power loss too, one whole checkpoint is on disk.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def save_checkpoint(path: str | Path, model: TransformerLM, *, extra: dict[str, 
                     os.fsync(fh.fileno())  # durable before the rename makes it visible
                 except OSError as exc:  # a failed write(2) names no file
                     raise store.named(exc, path / name) from exc
+        store.fsync_dir(tmp)  # the files' names in the new folder, before it is swapped in
     except BaseException:  # a full disk, an interrupt: the previous checkpoint stays, no half-written folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -57,6 +60,7 @@ def save_checkpoint(path: str | Path, model: TransformerLM, *, extra: dict[str, 
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
     tmp.rename(path)
+    store.fsync_dir(path.parent)  # the swap is on disk before the previous checkpoint is removed
     shutil.rmtree(old, ignore_errors=True)
     return path
 

@@ -34,7 +34,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["folder_name", "replacing", "named", "write_text", "write_json", "read_json", "config_key", "code_fingerprint", "FolderLock", "check_out_dir",
+__all__ = ["folder_name", "replacing", "named", "fsync_dir", "write_text", "write_json", "read_json", "config_key", "code_fingerprint", "FolderLock", "check_out_dir",
            "FolderBusy", "item_lock", "check_device", "device_key", "JOB_CODE", "made_by", "JobCache", "disk_size"]
 
 try:
@@ -94,6 +94,24 @@ def replacing(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make ``path``'s entries (files created, renamed or removed in the folder) durable: a file's own
+    fsync does not write the folder entry that names it. Where a folder cannot be opened or synced
+    (Windows; a file system without it: ``EINVAL``), nothing is done: the rename stays atomic, only its
+    durability across a power loss is the system's."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise named(exc, path) from exc
+    finally:
+        os.close(fd)
 
 
 def named(exc: OSError, path: str | Path) -> OSError:

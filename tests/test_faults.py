@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -402,6 +403,46 @@ def test_a_full_disk_leaves_every_result_as_it_was(tmp_path, monkeypatch):
         with pytest.raises(OSError, match="No space left on device"):
             plot.save_figure(fig, tmp_path / "pics" / "a.png")
     assert os.listdir(tmp_path / "pics") == [] and not plt.get_fignums()  # no file, and the figure closed
+
+
+def test_a_checkpoint_swap_is_durable_before_the_previous_one_is_removed(tmp_path, monkeypatch):
+    """A file's fsync does not write the folder entry naming it: the new folder is synced before it is
+    swapped in, and the parent after the swap, before the previous checkpoint is removed (else a power
+    loss could leave neither). ``store.fsync_dir`` syncs a folder, passes over a file system that
+    cannot (EINVAL) and names the folder on a real error."""
+    from posbias import store
+
+    model = TransformerLM(ModelConfig(scheme="alibi", **TINY))
+    where = ckpt.save_checkpoint(tmp_path / "ck" / "last", model)
+    events = []
+    rename, rmtree = Path.rename, shutil.rmtree
+    monkeypatch.setattr(store, "fsync_dir", lambda p: events.append(("fsync", Path(p).name)))
+    monkeypatch.setattr(Path, "rename", lambda self, to: (events.append(("rename", self.name, Path(to).name)),
+                                                          rename(self, to))[1])
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: (events.append(("rmtree", Path(p).name)),
+                                                           rmtree(p, **kw))[1])
+    ckpt.save_checkpoint(where, model)
+    assert events == [("rmtree", "last.tmp"), ("fsync", "last.tmp"), ("rmtree", "last.old"),
+                      ("rename", "last", "last.old"), ("rename", "last.tmp", "last"), ("fsync", "ck"),
+                      ("rmtree", "last.old")]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["last"] and ckpt.load_model(where) is not None
+    monkeypatch.undo()
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.path.samestat(os.fstat(fd), os.stat(tmp_path))),
+                                                 real(fd))[1])
+    store.fsync_dir(tmp_path)
+    assert synced == [True]
+    for code, raised in [(errno.EINVAL, False), (errno.EIO, True)]:
+        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(code, os.strerror(code))))
+        if raised:
+            with pytest.raises(OSError) as err:
+                store.fsync_dir(tmp_path)
+            assert err.value.errno == code and err.value.filename == str(tmp_path)
+        else:
+            store.fsync_dir(tmp_path)
+    store.fsync_dir(tmp_path / "missing")  # a folder that cannot be opened: nothing to sync
 
 
 def test_a_full_disk_is_one_line_that_says_what_to_do(capsys, monkeypatch):
