@@ -205,7 +205,31 @@ def test_a_cpu_is_named_by_its_family_and_model_too(tmp_path):
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nmodel name\t: Neoverse-V2\nCPU part\t: 0xd4f\n")
     assert store.cpu_name(str(arm)) == "Neoverse-V2"
+    half = tmp_path / "half"  # a family without a model number (or the reverse) is no generation: the name alone
+    half.write_text("processor\t: 0\ncpu family\t: 6\nmodel name\t: Some CPU\n")
+    assert store.cpu_name(str(half)) == "Some CPU"
+    half.write_text("processor\t: 0\nmodel\t\t: 85\nmodel name\t: Some CPU\n")
+    assert store.cpu_name(str(half)) == "Some CPU"
     assert store.cpu_name(str(tmp_path / "missing")) != ""
+
+
+def test_devices_are_checked_and_keyed_as_on_a_machine_with_two_gpus(monkeypatch):
+    """Without a GPU, the CUDA branches run against a machine torch is told has two "Fake GPU"s:
+    ``cuda`` (no index) and ``cuda:1`` are devices, ``cuda:2`` is refused naming the count; a CPU is
+    keyed as a CPU there too, and a GPU by its model whatever its index."""
+    from posbias import store
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "Fake GPU")
+    assert store.check_device("cuda") == "cuda" and store.check_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match=r"^--device cuda:2: only 2 CUDA device\(s\) here$"):
+        store.check_device("cuda:2", "--device")
+    with pytest.raises(ValueError, match=r"^device 'mps': posbias runs on cpu or cuda$"):
+        store.check_device("mps")
+    assert store.check_device("cpu") == "cpu"
+    assert store.device_key("cuda") == store.device_key("cuda:1") == "cuda (Fake GPU)"
+    assert store.device_key("cpu") == f"cpu ({store.cpu_kind()})"
 
 
 @pytest.mark.cuda

@@ -636,9 +636,22 @@ def test_short_inference_keeps_transformers_path_and_training_does_not(fast_call
             ga = ref.generate(input_ids=ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
             gb = fast.generate(input_ids=ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
         assert torch.equal(ga, gb) and not fast_calls
+        with torch.no_grad():  # where posbias takes over: at POSBIAS_FROM keys
+            assert hf._few_keys_at_inference(POSBIAS_FROM - 1) and not hf._few_keys_at_inference(POSBIAS_FROM)
+        assert not hf._few_keys_at_inference(1)
         loss = fast(input_ids=ids, labels=ids).loss
         torch.testing.assert_close(loss, ref(input_ids=ids, labels=ids).loss, atol=1e-5, rtol=1e-5)
         assert fast_calls
+
+
+def test_the_oldest_transformers_release_the_integration_runs_on():
+    """``too_old`` compares a version's first two release numbers with ``TRANSFORMERS_FROM`` (5.15):
+    5.15.0 and its pre-releases and patch releases run, 5.14.x and 4.x do not."""
+    assert TRANSFORMERS_FROM == (5, 15)
+    for version, old in [("5.14.9", True), ("4.57.1", True), ("5.15.0", False), ("5.15.0.dev0", False),
+                         ("5.15.2", False), ("5.16.0rc1", False), ("6.0", False)]:
+        assert too_old(version) is old, version
+    assert _release("5.16.0.dev0") == (5, 16)
 
 
 def test_restore_and_conversion_round_trip():
@@ -842,6 +855,10 @@ def test_rotary_models_are_read_from_their_config_exactly_or_refused(tmp_path, c
     odd.rope_parameters = {"rope_type": "default"}  # laid out otherwise: said in one line, no traceback
     with pytest.raises(ValueError, match="rope parameters of model_type 'llama' cannot be read .KeyError: 'rope_theta'"):
         rope_from_hf(odd)
+    for missing in ({}, None):  # no rotary parameters to read
+        odd.rope_parameters = missing
+        with pytest.raises(ValueError, match="^model_type 'llama' has no rope parameters$"):
+            rope_from_hf(odd)
     # plot --checkpoint draws them (config.json alone: nothing else is read)
     assert main(["plot", "--checkpoint", str(tmp_path / "yarn"), str(tmp_path / "plain"), "--out",
                  str(tmp_path / "plots")]) == 0
