@@ -320,12 +320,32 @@ def test_bloom_logits_and_generate(heads, fast_calls, device):
     ids = torch.randint(0, 97, (2, 150), device=device)
     with torch.no_grad():
         torch.testing.assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
+        fast_calls.clear()  # no cache at all (layer_past None), as a training step may ask
+        torch.testing.assert_close(fast(input_ids=ids, use_cache=False).logits, ref(input_ids=ids).logits, atol=2e-5,
+                                   rtol=1e-4)
+        assert fast_calls
         ga, gb = (m.generate(input_ids=ids[:, :40], max_new_tokens=25, min_new_tokens=25, do_sample=False,
                              output_scores=True, return_dict_in_generate=True) for m in (ref, fast))
     assert torch.equal(ga.sequences, gb.sequences)
     # each decoding step's logits too, not only their argmax (a step that read no cached keys kept it here)
     torch.testing.assert_close(torch.stack(gb.scores), torch.stack(ga.scores), atol=2e-5, rtol=1e-4)
     assert len(fast_calls) > 2 and any(shape[2] == 1 for shape in fast_calls)
+
+
+def test_bloom_slow_but_exact_tensor_parallel_keeps_transformers_path(fast_calls):
+    """BLOOM's ``slow_but_exact`` with ``pretraining_tp > 1`` splits its output projection into slices
+    (other rounding, on purpose): that model keeps transformers' attention. Either setting alone is
+    BLOOM's usual computation, which runs on posbias, with the same logits."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 97, (2, 60))
+    for tp, exact, on_posbias in [(2, True, False), (1, True, True), (2, False, True)]:
+        cfg = transformers.BloomConfig(vocab_size=97, hidden_size=48, n_layer=2, n_head=4, hidden_dropout=0.0,
+                                       attention_dropout=0.0, pretraining_tp=tp, slow_but_exact=exact)
+        ref, fast = pair(transformers.BloomForCausalLM(cfg))
+        fast_calls.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
+        assert bool(fast_calls) is on_posbias, (tp, exact)
 
 
 def test_bloom_left_padding_runs_on_posbias_and_scattered_keys_fall_back(fast_calls):
@@ -473,19 +493,20 @@ def test_t5_attention_weights_asked_for_are_given(fast_calls, implementation):
     x, y = torch.randint(2, 97, (2, 70)), torch.randint(2, 97, (2, 9))
     pad = torch.ones(2, 70, dtype=torch.long)
     pad[1, 55:] = 0
-    with torch.no_grad():
-        a = eager(input_ids=x, attention_mask=pad, decoder_input_ids=y, output_attentions=True)
-        fast_calls.clear()
-        b = fast(input_ids=x, attention_mask=pad, decoder_input_ids=y, output_attentions=True)
-        assert not fast_calls
-        plain = fast(input_ids=x, attention_mask=pad, decoder_input_ids=y)
-    for name in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
-        assert len(getattr(b, name)) == 2, name
-        for u, v in zip(getattr(a, name), getattr(b, name)):
-            torch.testing.assert_close(v, u, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(b.logits, a.logits, atol=2e-5, rtol=1e-4)
-    assert fast_calls  # without the weights asked for, the self-attention runs on posbias again
-    torch.testing.assert_close(plain.logits, a.logits, atol=2e-5, rtol=1e-4)
+    for mask in (pad, None):  # without a mask, SDPA's None mask is read as causal or not by the module
+        with torch.no_grad():
+            a = eager(input_ids=x, attention_mask=mask, decoder_input_ids=y, output_attentions=True)
+            fast_calls.clear()
+            b = fast(input_ids=x, attention_mask=mask, decoder_input_ids=y, output_attentions=True)
+            assert not fast_calls
+            plain = fast(input_ids=x, attention_mask=mask, decoder_input_ids=y)
+        for name in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
+            assert len(getattr(b, name)) == 2, name
+            for u, v in zip(getattr(a, name), getattr(b, name)):
+                torch.testing.assert_close(v, u, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(b.logits, a.logits, atol=2e-5, rtol=1e-4)
+        assert fast_calls  # without the weights asked for, the self-attention runs on posbias again
+        torch.testing.assert_close(plain.logits, a.logits, atol=2e-5, rtol=1e-4)
 
 
 def test_mpt_slopes_conversion_and_restore():
@@ -665,6 +686,7 @@ def test_restore_and_conversion_round_trip():
     torch.testing.assert_close(scheme.bias(torch.arange(37), torch.arange(37)), hf_bias, atol=0, rtol=0)
     fields, weight = t5_to_hf(scheme)
     assert fields["relative_attention_num_buckets"] == 16 and torch.equal(weight, att.relative_attention_bias.weight)
+    assert fields["is_decoder"] is False and t5_to_hf(build("t5", n_heads=2, head_dim=4))[0]["is_decoder"] is True
     accelerate(model)
     assert "compute_bias" in att.__dict__ and model.config._attn_implementation == "posbias"
     restore(model)
