@@ -2,6 +2,7 @@
 lose nothing (kills, concurrent runs, damaged files, divergence, closed stdout, huge positions)."""
 
 import errno
+import fcntl
 import json
 import os
 import random
@@ -805,10 +806,23 @@ def test_folder_lock_removes_only_the_empty_folder_it_created(tmp_path):
         assert (fresh / ".posbias.lock").exists()
         raise RuntimeError("refused")
     assert not fresh.exists() and (tmp_path / "runs").is_dir()
+    def locked() -> bool:  # whether another open file of the lock is refused (flock: per open file)
+        with open(fresh / ".posbias.lock", "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
+
     with FolderLock(fresh):
         with FolderLock(fresh):  # re-entrant: the inner exit removes nothing
             (fresh / "results.md").write_text("x")
-    assert (fresh / "results.md").exists()
+            with FolderLock(fresh), FolderLock(fresh):  # and at any depth keeps the lock
+                assert locked()
+            assert locked()
+        assert locked()
+    assert (fresh / "results.md").exists() and not locked()
     before = tmp_path / "existing"
     before.mkdir()
     with FolderLock(before):
