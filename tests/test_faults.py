@@ -832,3 +832,10 @@ def test_folder_lock_removes_only_the_empty_folder_it_created(tmp_path):
     with pytest.raises(RuntimeError), FolderLock(study, shared=True):  # a study alone in it: the same
         raise RuntimeError("refused")
     assert not study.exists()
+    with FolderLock(study, shared=True):  # another study took it too (shared, another open file) and stays
+        other = open(study / ".posbias.lock", "a+")
+        fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    try:
+        assert (study / ".posbias.lock").exists()  # its lock file is kept for it
+    finally:
+        other.close()
