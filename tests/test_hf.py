@@ -507,6 +507,13 @@ def test_t5_attention_weights_asked_for_are_given(fast_calls, implementation):
         torch.testing.assert_close(b.logits, a.logits, atol=2e-5, rtol=1e-4)
         assert fast_calls  # without the weights asked for, the self-attention runs on posbias again
         torch.testing.assert_close(plain.logits, a.logits, atol=2e-5, rtol=1e-4)
+    with torch.no_grad():  # decoding: one query a step against the cache (its mask None: every key)
+        ga, gb = (m.generate(input_ids=x, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_attentions=True,
+                             return_dict_in_generate=True) for m in (eager, fast))
+    assert torch.equal(ga.sequences, gb.sequences) and len(gb.decoder_attentions) == 4
+    for step_a, step_b in zip(ga.decoder_attentions, gb.decoder_attentions):
+        for u, v in zip(step_a, step_b):
+            torch.testing.assert_close(v, u, atol=1e-6, rtol=1e-5)
 
 
 def test_mpt_slopes_conversion_and_restore():
