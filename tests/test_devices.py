@@ -7,6 +7,7 @@ a CUDA device (issue 12). Their CPU twins run everywhere, so the checks themselv
 every machine and a GPU session starts from tests that are known to be right."""
 
 import copy
+import types
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,9 @@ def test_devices_are_checked_and_keyed_as_on_a_machine_with_two_gpus(monkeypatch
         store.check_device("mps")
     assert store.check_device("cpu") == "cpu"
     assert store.device_key("cuda") == store.device_key("cuda:1") == "cuda (Fake GPU)"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (3 * 2**30, 80 * 2**30))  # (free, total)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev=None: types.SimpleNamespace(total_memory=80 * 2**30))
+    assert store.free_memory("cuda:1") == 3 * 2**30 and store.device_memory("cuda:1") == 80 * 2**30
     assert store.device_key("cpu") == f"cpu ({store.cpu_kind()})"
 
 

@@ -798,7 +798,8 @@ def test_resume_says_where_it_resumes(tmp_path, text_file):
 
 def test_folder_lock_removes_only_the_empty_folder_it_created(tmp_path):
     """A run refused after taking the lock (bad input found late) leaves no folder holding just a lock
-    file; a folder that existed before, or that got results, stays."""
+    file; a folder that existed before, or that got results, stays. The lock file names its holder
+    alone; the lock is re-entrant at any depth and free once the outermost holder exits."""
     from posbias.store import FolderLock
 
     fresh = tmp_path / "runs" / "fresh"
@@ -806,6 +807,7 @@ def test_folder_lock_removes_only_the_empty_folder_it_created(tmp_path):
         assert (fresh / ".posbias.lock").exists()
         raise RuntimeError("refused")
     assert not fresh.exists() and (tmp_path / "runs").is_dir()
+
     def locked() -> bool:  # whether another open file of the lock is refused (flock: per open file)
         with open(fresh / ".posbias.lock", "a+") as fh:
             try:
@@ -815,11 +817,16 @@ def test_folder_lock_removes_only_the_empty_folder_it_created(tmp_path):
             fcntl.flock(fh, fcntl.LOCK_UN)
             return False
 
+    fresh.mkdir()
+    (fresh / ".posbias.lock").write_text("posbias pid 1 (a study: an old holder's line, left behind)")
     with FolderLock(fresh):
+        assert (fresh / ".posbias.lock").read_text() == f"posbias pid {os.getpid()}"  # the holder, and it alone
         with FolderLock(fresh):  # re-entrant: the inner exit removes nothing
             (fresh / "results.md").write_text("x")
             with FolderLock(fresh), FolderLock(fresh):  # and at any depth keeps the lock
                 assert locked()
+            assert locked()
+        with FolderLock(fresh):  # taken again after an inner exit
             assert locked()
         assert locked()
     assert (fresh / "results.md").exists() and not locked()
@@ -833,6 +840,8 @@ def test_folder_lock_removes_only_the_empty_folder_it_created(tmp_path):
         raise RuntimeError("refused")
     assert not study.exists()
     with FolderLock(study, shared=True):  # another study took it too (shared, another open file) and stays
+        assert (study / ".posbias.lock").read_text() == f"posbias pid {os.getpid()} (a study: other studies may " \
+                                                         "work there with it)"
         other = open(study / ".posbias.lock", "a+")
         fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
     try:

@@ -368,6 +368,12 @@ def test_bloom_left_padding_runs_on_posbias_and_scattered_keys_fall_back(fast_ca
         ga = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=15, min_new_tokens=15, do_sample=False)
         gb = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=15, min_new_tokens=15, do_sample=False)
         assert torch.equal(ga, gb)
+        one = torch.ones_like(mask)
+        one[1, 0] = 0  # a single padding key: still one run
+        fast_calls.clear()
+        a, b = (m(input_ids=ids, attention_mask=one).logits for m in (ref, fast))
+        torch.testing.assert_close(b[one.bool()], a[one.bool()], atol=2e-5, rtol=1e-4)
+        assert fast_calls
         fast_calls.clear()
         mask[0, 30:40] = 0
         a = ref(input_ids=ids, attention_mask=mask).logits
@@ -493,7 +499,8 @@ def test_t5_attention_weights_asked_for_are_given(fast_calls, implementation):
     x, y = torch.randint(2, 97, (2, 70)), torch.randint(2, 97, (2, 9))
     pad = torch.ones(2, 70, dtype=torch.long)
     pad[1, 55:] = 0
-    for mask in (pad, None):  # without a mask, SDPA's None mask is read as causal or not by the module
+    # without a mask, SDPA's None mask is read as causal or not by the module (two decoder queries: causal)
+    for mask, y in ((pad, y), (None, y), (None, y[:, :2])):
         with torch.no_grad():
             a = eager(input_ids=x, attention_mask=mask, decoder_input_ids=y, output_attentions=True)
             fast_calls.clear()
