@@ -159,3 +159,14 @@ def tiny_checkpoint(path, scheme, **options):
             p.add_(torch.randn_like(p) * 0.5)
     ckpt.save_checkpoint(path, model, extra={"train": {"seq_len": TINY_L}})
     return path
+
+
+class RunsOnLoad:
+    """A pickled object whose loading would create ``marker`` (as a hostile ``trainer.pt`` or
+    ``pytorch_model.bin`` could run anything): reading it with ``weights_only=True`` must refuse it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import STUDY, TINY, one_line_error
+from _helpers import STUDY, TINY, RunsOnLoad, one_line_error
 from safetensors.torch import load_file, save_file
 
 import posbias
@@ -133,20 +133,11 @@ def test_truncated_trainer_state_is_refused(saved):
         ckpt.load_trainer_state(saved)
 
 
-class _Runs:
-    """A pickled object whose loading would create ``marker`` (as a hostile trainer.pt could run anything)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
-
 
 def test_a_trainer_state_that_names_code_is_refused_unrun(saved, tmp_path):
     assert ckpt.load_trainer_state(saved) == {"step": 1}
     marker = tmp_path / "ran"
-    torch.save({"step": 1, "history": _Runs(marker)}, saved / ckpt.TRAINER_FILE)
+    torch.save({"step": 1, "history": RunsOnLoad(marker)}, saved / ckpt.TRAINER_FILE)
     with pytest.raises(ValueError, match="trainer.pt.*cannot be read.*damaged"):
         ckpt.load_trainer_state(saved)
     assert not marker.exists()

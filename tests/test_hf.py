@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from _helpers import DEVICES, NO_CUDA, assert_grads_close
+from _helpers import DEVICES, NO_CUDA, RunsOnLoad, assert_grads_close
 
 from posbias.integrations.hf import TRANSFORMERS_FROM, too_old  # noqa: E402
 
@@ -772,6 +772,17 @@ def test_schemes_from_pretrained_bad_folders(tmp_path):
     torch.save({"shared.weight": torch.zeros(2, 2)}, tmp_path / "t5" / "pytorch_model.bin")
     (tmp_path / "t5" / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="hold no relative_attention_bias table"):
+        schemes_from_pretrained(tmp_path / "t5")
+    marker = tmp_path / "ran"  # a weights file that names code is refused unrun
+    torch.save({"shared.weight": RunsOnLoad(marker)}, tmp_path / "t5" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin' cannot be read \(UnpicklingError: "):
+        schemes_from_pretrained(tmp_path / "t5")
+    assert not marker.exists()
+    (tmp_path / "t5" / "model.safetensors.index.json").write_text('{"metadata": {}}')  # no weight_map
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json' is not a weight index \(KeyError\)$"):
+        schemes_from_pretrained(tmp_path / "t5")
+    (tmp_path / "t5" / "config.json").write_text('{"model_type": "t5", ')  # cut short
+    with pytest.raises(ValueError, match=r"t5/config.json' cannot be read as a transformers config: "):
         schemes_from_pretrained(tmp_path / "t5")
 
 
