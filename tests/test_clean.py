@@ -201,15 +201,3 @@ def test_what_is_judged_and_freed_in_a_folder_of_caches_and_models(tmp_path, cap
                                                     "removed 0.0 MiB"]
     (tmp_path / ".posbias.lock").write_text("")  # a lock file that names no holder
     assert clean._holder(tmp_path) == "another process"
-
-
-def test_disk_size_of_a_file_and_of_a_folder(tmp_path):
-    """What ``clean`` reports freeing: a file's bytes, or the bytes of every file under a folder (nested
-    folders included; a link is not counted, the file it names is)."""
-    (tmp_path / "a" / "b").mkdir(parents=True)
-    (tmp_path / "a" / "x.bin").write_bytes(b"0" * 1000)
-    (tmp_path / "a" / "b" / "y.bin").write_bytes(b"1" * 234)
-    (tmp_path / "a" / "link").symlink_to(tmp_path / "a" / "x.bin")
-    assert store.disk_size(tmp_path / "a" / "x.bin") == 1000
-    assert store.disk_size(tmp_path / "a") == 1234
-    assert store.disk_size(tmp_path / "a" / "b") == 234

@@ -1,0 +1,60 @@
+"""The results store's own rules (``posbias.store``): names, keys, atomic files, sizes.
+
+The locks, full disks and checkpoint swaps are tested where they bite (test_faults.py), the device
+keys with the devices (test_devices.py)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from posbias import store
+
+
+def test_a_label_is_one_path_component():
+    """Scheme labels and retrofit rows name folders: anything but letters, digits and ``-_.=`` becomes
+    ``_`` (a ``/`` would make a sub-folder, an ``@`` or a space is awkward in a shell)."""
+    assert store.folder_name("fire@init_L=128") == "fire_init_L=128"
+    assert store.folder_name("pi/tuned") == "pi_tuned"
+    assert store.folder_name("t5 (n=32).v2-x") == "t5__n=32_.v2-x"
+    assert store.folder_name("kerple-log") == "kerple-log"
+
+
+def test_a_result_is_written_whole_into_folders_it_creates(tmp_path):
+    """``write_text``/``write_json`` create the folders above the file, leave no temporary beside it,
+    and replace what the file held; JSON keeps one value per line (readable diffs) unless asked for
+    none, and a file that is not JSON is an error naming it and what to do."""
+    target = store.write_text(tmp_path / "a" / "b" / "results.md", "old")
+    assert target.read_text() == "old" and target == tmp_path / "a" / "b" / "results.md"
+    store.write_text(target, "new")
+    assert target.read_text() == "new" and [p.name for p in target.parent.iterdir()] == ["results.md"]
+    data = {"ppl": [1.5, 2.0], "label": "t5"}
+    f = store.write_json(tmp_path / "c" / "r.json", data)
+    assert f.read_text() == json.dumps(data, indent=1) and store.read_json(f) == data
+    assert store.write_json(f, data, indent=None).read_text() == json.dumps(data)
+    f.write_text('{"ppl": [1.5,')  # cut short
+    with pytest.raises(ValueError, match=rf"^{re.escape(repr(str(f)))} is not valid JSON \(.*\); delete it to recompute$"):
+        store.read_json(f)
+
+
+def test_a_results_key_is_its_settings_whatever_their_order():
+    """``config_key`` hashes a canonical dump: the same settings in another order (a dict built in another
+    order, nested too) give the same key; another value, another key."""
+    a = {"model": {"d_model": 64, "scheme": "t5"}, "train": {"lr": 1e-3, "steps": 10}, "threads": 2}
+    b = {"threads": 2, "train": {"steps": 10, "lr": 1e-3}, "model": {"scheme": "t5", "d_model": 64}}
+    assert store.config_key(a) == store.config_key(b) and len(store.config_key(a)) == 10
+    assert store.config_key({**a, "threads": 1}) != store.config_key(a)
+    assert store.config_key({"path": Path("x")}) == store.config_key({"path": "x"})  # what JSON cannot: as str
+
+
+def test_disk_size_of_a_file_and_of_a_folder(tmp_path):
+    """What ``clean`` reports freeing: a file's bytes, or the bytes of every file under a folder (nested
+    folders included; a link is not counted, the file it names is)."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "x.bin").write_bytes(b"0" * 1000)
+    (tmp_path / "a" / "b" / "y.bin").write_bytes(b"1" * 234)
+    (tmp_path / "a" / "link").symlink_to(tmp_path / "a" / "x.bin")
+    assert store.disk_size(tmp_path / "a" / "x.bin") == 1000
+    assert store.disk_size(tmp_path / "a") == 1234
+    assert store.disk_size(tmp_path / "a" / "b") == 234
