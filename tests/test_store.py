@@ -3,6 +3,7 @@
 The locks, full disks and checkpoint swaps are tested where they bite (test_faults.py), the device
 keys with the devices (test_devices.py)."""
 
+import errno
 import json
 import re
 from pathlib import Path
@@ -58,3 +59,17 @@ def test_disk_size_of_a_file_and_of_a_folder(tmp_path):
     assert store.disk_size(tmp_path / "a" / "x.bin") == 1000
     assert store.disk_size(tmp_path / "a") == 1234
     assert store.disk_size(tmp_path / "a" / "b") == 234
+
+
+def test_a_write_that_fails_before_its_file_exists_keeps_its_own_error(tmp_path):
+    """``replacing``'s clean-up after a failure must not raise one of its own where the temporary file
+    was never created (a picture whose drawing fails, a refused write): the original error goes on, an
+    OSError naming the target, and nothing is left."""
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        with store.replacing(tmp_path / "a.png"):
+            raise RuntimeError("drawing failed")
+    with pytest.raises(OSError) as err:
+        with store.replacing(tmp_path / "b.md"):
+            raise OSError(errno.EACCES, "Permission denied")
+    assert err.value.errno == errno.EACCES and err.value.filename == str(tmp_path / "b.md")
+    assert list(tmp_path.iterdir()) == []
