@@ -129,6 +129,9 @@ def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
 
 
 def exists(path: str | Path) -> bool:
+    """Whether ``path`` (or the ``.old`` copy an interrupted swap leaves) has a ``config.json``, unread:
+    for folders posbias itself writes (a model's ``last``/``final``); :func:`is_posbias` reads the file,
+    for folders a user names."""
     try:
         _resolve(Path(path))
         return True
