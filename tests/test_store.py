@@ -4,6 +4,7 @@ The locks, full disks and checkpoint swaps are tested where they bite (test_faul
 keys with the devices (test_devices.py)."""
 
 import errno
+import fcntl
 import json
 import re
 from pathlib import Path
@@ -73,3 +74,40 @@ def test_a_write_that_fails_before_its_file_exists_keeps_its_own_error(tmp_path)
             raise OSError(errno.EACCES, "Permission denied")
     assert err.value.errno == errno.EACCES and err.value.filename == str(tmp_path / "b.md")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_item_lock_says_whether_it_is_held(tmp_path):
+    """``item_lock`` (one study at a time makes a model) yields True where it took the lock and False at
+    once, without waiting, where another open file holds it (flock: another process, or another open
+    file of this one); the lock file stays for the next taker."""
+    lock = tmp_path / "locks" / "model.lock"
+    with store.item_lock(lock, wait=False) as held:
+        assert held
+        with store.item_lock(lock, wait=False) as again:  # another open file of it: refused at once
+            assert not again
+    with open(lock, "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with store.item_lock(lock, wait=False) as held:
+            assert not held
+        fcntl.flock(other, fcntl.LOCK_UN)
+        with store.item_lock(lock, wait=True) as held:
+            assert held
+            with pytest.raises(BlockingIOError):  # held for the block
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and free after it
+    assert lock.exists()
+
+
+def test_free_memory_is_the_memory_available_in_bytes(monkeypatch, tmp_path):
+    """On Linux the CPU's free memory is ``/proc/meminfo``'s ``MemAvailable`` (kB, what can be had without
+    swapping, not ``MemFree``), in bytes; None where it cannot be read."""
+    info = tmp_path / "meminfo"
+    real_open = open
+    monkeypatch.setattr(store, "open", lambda path, *a, **k: real_open(info if path == "/proc/meminfo" else path, *a, **k),
+                        raising=False)
+    info.write_text("MemTotal:       24000000 kB\nMemFree:          100000 kB\nMemAvailable:   12000000 kB\n")
+    assert store.free_memory("cpu") == 12000000 * 1024
+    info.write_text("MemTotal:       24000000 kB\nMemFree:          100000 kB\n")  # a kernel before 3.14
+    assert store.free_memory("cpu") is None
+    info.unlink()
+    assert store.free_memory("cpu") is None
