@@ -70,6 +70,15 @@ def check_rate(field: str, value: Any) -> float:
     return float(value)
 
 
+def check_number(field: str, value: Any, low: float, high: float = math.inf) -> float:
+    """A finite number (not a bool) in ``[low, high]``, else :class:`ConfigError` naming the range."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
+                                       and low <= value <= high):
+        where = f"in [{low}, {high}]" if math.isfinite(high) else f">= {low}"
+        raise ConfigError(field, f"must be a finite number {where}, got {value!r}")
+    return float(value)
+
+
 @contextmanager
 def fixed_threads(threads: int) -> Iterator[None]:
     """torch's intra-op thread count set to ``threads`` for the block, then restored. Float sums split

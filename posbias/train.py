@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import store
-from .config import check_count, check_rate, check_seed
+from .config import check_count, check_number, check_rate, check_seed
 from .data import batch_at
 from .model import ModelConfig, TransformerLM
 from .stopping import between_steps
@@ -44,10 +44,14 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "train_len"):
+        for name in ("steps", "batch_size", "train_len", "eval_batches", "ckpt_every"):
             check_count(name, getattr(self, name))
-        for name in ("lr", "pos_lr_mult"):
+        for name in ("warmup", "eval_every"):  # 0: no warm-up; validation at the end only
+            check_count(name, getattr(self, name), minimum=0)
+        for name in ("lr", "pos_lr_mult", "grad_clip"):
             check_rate(name, getattr(self, name))
+        check_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_number("weight_decay", self.weight_decay, 0.0)
         check_seed("seed", self.seed)
 
     def lr_at(self, step: int) -> float:

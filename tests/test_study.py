@@ -594,6 +594,30 @@ def test_runs_sharing_a_folder_pass_over_a_model_another_is_making(tmp_path, tex
     assert [(r["label"], r["loss"]) for r in shared.records] == [(r["label"], r["loss"]) for r in alone.records]
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 0, "steps must be an integer >= 1, got 0"),
+    ("ckpt_every", 0, "ckpt_every must be an integer >= 1, got 0"),  # was a ZeroDivisionError after a step
+    ("eval_batches", 0, "eval_batches must be an integer >= 1, got 0"),
+    ("eval_every", 2.5, "eval_every must be an integer >= 0, got 2.5"),
+    ("eval_every", -1, "eval_every must be an integer >= 0, got -1"),
+    ("warmup", -5, "warmup must be an integer >= 0, got -5"),
+    ("warmup", True, "warmup must be an integer >= 0, got True"),
+    ("grad_clip", 0, "grad_clip must be a finite number > 0, got 0"),
+    ("lr", float("nan"), "lr must be a finite number > 0, got nan"),
+    ("min_lr_ratio", 1.5, r"min_lr_ratio must be a finite number in \[0.0, 1.0\], got 1.5"),
+    ("weight_decay", -0.1, "weight_decay must be a finite number >= 0.0, got -0.1"),
+    ("weight_decay", float("inf"), "weight_decay must be a finite number >= 0.0, got inf"),
+    ("seed", -1, r"seed must be an integer in \[0, 4294967295\], got -1"),
+])
+def test_a_training_config_refuses_what_would_fail_or_mislead_later(field, value, message):
+    """Every field of ``TrainConfig`` is checked when it is made, naming the value and the valid range:
+    a zero ``ckpt_every`` failed only after the first step, a zero ``eval_batches`` or clip, a
+    fractional interval or a cosine floor above the peak trained without a word."""
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        TrainConfig(**{field: value})
+    assert TrainConfig(warmup=0, eval_every=0, min_lr_ratio=0.0, weight_decay=0.0).eval_every == 0  # the edges
+
+
 def test_positional_parameters_get_their_own_learning_rate():
     from posbias.train import make_optimizer
 
