@@ -594,6 +594,31 @@ def test_runs_sharing_a_folder_pass_over_a_model_another_is_making(tmp_path, tex
     assert [(r["label"], r["loss"]) for r in shared.records] == [(r["label"], r["loss"]) for r in alone.records]
 
 
+def test_what_the_positional_parameters_learned_is_summarised_exactly():
+    """The report's "learned" columns (``learned_summary``): each parameter's range; for an additive
+    scheme the bias a query at L − 1 gives keys at distances 0 … L − 1 and its contrast |bias(0) −
+    bias(L − 1)| on the largest head (ALiBi: its largest slope × (L − 1)); a learned T5 table's share of
+    pairs in its final bucket; FIRE's learned threshold."""
+    from posbias.schemes.base import flat_share
+    from posbias.study import learned_summary
+
+    L = 16
+    alibi = TransformerLM(ModelConfig(scheme="alibi", **TINY))  # 2 heads: slopes 1/16, 1/256
+    got = learned_summary(alibi, L)
+    assert got == {"params": {}, "bias_range": [-(L - 1) / 16, 0.0], "bias_contrast": (L - 1) / 16}
+    t5 = TransformerLM(ModelConfig(scheme="t5", scheme_options={"num_buckets": 8, "max_distance": 8}, **TINY))
+    with torch.no_grad():  # bucket r, head h: r · 2 + h
+        t5.scheme.table.copy_(torch.arange(16, dtype=torch.float32).view(8, 2))
+    got = learned_summary(t5, L)
+    assert got["params"] == {"table": [0.0, 15.0]} and got["final_share"] == flat_share(t5.scheme.flat_beyond, L) > 0
+    # distance 0: bucket 0 (0, 1); distance L − 1 = 15 > max_distance: the final bucket 7 (14, 15)
+    assert got["bias_range"] == [0.0, 15.0] and got["bias_contrast"] == 14.0
+    fire = TransformerLM(ModelConfig(scheme="fire", **TINY))
+    got = learned_summary(fire, L)
+    assert got["threshold"] == float(fire.scheme.threshold().detach()) and set(got["params"]) == {
+        n for n, _ in fire.scheme.named_parameters()}
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("steps", 0, "steps must be an integer >= 1, got 0"),
     ("ckpt_every", 0, "ckpt_every must be an integer >= 1, got 0"),  # was a ZeroDivisionError after a step
