@@ -1191,6 +1191,26 @@ def test_the_time_left_reads_in_units_a_person_reads():
     assert [_duration(t) for t in (16, 89.4, 100, 89 * 60, 4 * 3600)] == ["16 s", "89 s", "2 min", "89 min", "4.0 h"]
 
 
+def test_the_time_left_is_the_mean_training_time_times_the_models_left(tmp_path, text_file, monkeypatch):
+    """After each model trained, the study says its time and at most how long the rest take: the mean
+    time of the models trained so far × the models left; nothing after the last, nor for a reused one."""
+    from posbias import study
+    from posbias.data import local_corpus
+
+    real, took = study._train_one, iter([60.0, 120.0, 30.0])
+    monkeypatch.setattr(study, "_train_one", lambda *a, **k: (real(*a, **k), next(took))[1])
+    cfg = study.StudyConfig(schemes=("alibi", "nope", "t5"), train_len=16, eval_lens=(16,), steps=2, batch_size=4,
+                            d_model=32, n_layers=1, n_heads=2, eval_tokens=256, threads=1)
+    said = []
+    study.run_study(cfg, tmp_path / "s", corpus=local_corpus(text_file), log=said.append)
+    assert [line for line in said if "left for" in line] == [
+        "[1/3 alibi seed 0] trained in 60 s; at most about 2 min left for 2 model(s)",  # 60 s × 2
+        "[2/3 nope seed 0] trained in 120 s; at most about 2 min left for 1 model(s)"]  # (60 + 120) / 2 s × 1
+    said.clear()
+    study.run_study(cfg, tmp_path / "s", corpus=local_corpus(text_file), log=said.append)  # all reused
+    assert not [line for line in said if "left for" in line]
+
+
 def test_a_report_of_other_settings_is_replaced_with_a_note(tmp_path, text_file):
     """Two studies with other settings in one folder share its models (keyed) but not its report: the
     second one's ``results.md`` replaces the first's, and says so, naming what differs; a re-run of the same
