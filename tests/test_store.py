@@ -111,3 +111,21 @@ def test_free_memory_is_the_memory_available_in_bytes(monkeypatch, tmp_path):
     assert store.free_memory("cpu") is None
     info.unlink()
     assert store.free_memory("cpu") is None
+
+
+def test_a_busy_folder_names_its_holder(tmp_path):
+    """A second run into a folder another holds is refused at once, naming the holder the lock file
+    records ("another process" where it records none), and takes nothing from it."""
+    lock = tmp_path / ".posbias.lock"
+    for recorded, named in [("posbias pid 4242 (a study: other studies may work there with it)",
+                             "posbias pid 4242 (a study: other studies may work there with it)"),
+                            ("", "another process")]:
+        lock.write_text(recorded)
+        with open(lock, "a+") as other:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(store.FolderBusy, match=rf"^output folder {re.escape(repr(str(tmp_path)))} is in use by "
+                                                       rf"{re.escape(named)}; wait for it to finish or choose another "
+                                                       "output folder$"):
+                with store.FolderLock(tmp_path):
+                    pass
+        assert lock.read_text() == recorded
