@@ -129,3 +129,21 @@ def test_a_busy_folder_names_its_holder(tmp_path):
                 with store.FolderLock(tmp_path):
                     pass
         assert lock.read_text() == recorded
+
+
+def test_a_job_cache_keeps_each_measurement_as_it_is_made(tmp_path):
+    """``JobCache`` (diagnose's and retrofit's measurements): each ``put`` writes the whole file, so an
+    interrupted run keeps what it measured; a new cache on the file reads it back, with what made it
+    recorded afresh; without a file it lives in memory only."""
+    f = tmp_path / "cache-abc.json"
+    cache = store.JobCache(f, "diagnose", "cpu")
+    cache.put("ppl@64", 3.5)
+    on_disk = store.read_json(f)
+    assert on_disk["ppl@64"] == 3.5 and on_disk[store.MADE_BY] == store.made_by("diagnose", "cpu")
+    again = store.JobCache(f, "diagnose", "cpu")
+    assert again.data == on_disk
+    again.put("ppl@128", 4.0)
+    assert store.read_json(f) == {**on_disk, "ppl@128": 4.0}
+    memory = store.JobCache(None, "retrofit", "cpu")
+    memory.put("x", 1)
+    assert memory.data["x"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["cache-abc.json"]
