@@ -1192,6 +1192,24 @@ def test_the_time_left_reads_in_units_a_person_reads():
                                                                             "4.0 h"]
 
 
+def test_the_pictures_of_a_study_of_several_seeds_show_its_first_seed(tmp_path, text_file):
+    """The loss-by-position curve and the trained bias drawn for a scheme are its first seed's (those
+    of the other seeds are in their models' files)."""
+    from posbias.data import local_corpus
+    from posbias.study import StudyConfig, run_study
+
+    cfg = StudyConfig(schemes=("t5",), seeds=(0, 1), train_len=16, eval_lens=(16, 32), steps=2, batch_size=4,
+                      d_model=32, n_layers=1, n_heads=2, eval_tokens=256, threads=1)
+    res = run_study(cfg, tmp_path / "s", corpus=local_corpus(text_file))
+    model = {seed: next((tmp_path / "s" / "models").glob(f"t5-seed{seed}-*")) for seed in (0, 1)}
+    curve = {seed: json.loads(next(model[seed].glob("eval-*.json")).read_text())["scores"]["32"]["loss_by_position"]
+             for seed in (0, 1)}
+    assert res.positions["t5"] == curve[0] != curve[1]
+    first = ckpt.load_model(model[0] / "final").scheme.table
+    assert torch.equal(res.schemes["t5"].table, first) and not torch.equal(
+        first, ckpt.load_model(model[1] / "final").scheme.table)
+
+
 def test_the_time_left_is_the_mean_training_time_times_the_models_left(tmp_path, text_file, monkeypatch):
     """After each model trained, the study says its time and at most how long the rest take: the mean
     time of the models trained so far × the models left; nothing after the last, nor for a reused one."""
