@@ -59,3 +59,51 @@ def test_segments_of_no_tokens_or_none_at_all_are_refused(span, count):
     with pytest.raises(ValueError, match=rf"^segments need span >= 1 and count >= 1, got span {span}, count {count}$"):
         spread_starts(100, span, count)
     assert spread_starts(100, 1, 1) == [0]
+    with pytest.raises(ValueError, match="^split has 63 scoreable tokens, fewer than 1 segment of 64$"):
+        spread_starts(63, 64, 2, overlap=True)
+
+
+def _window_nll(model, tokens, n):
+    """Each token's loss in windows of ``n`` tiling ``tokens`` (its last token only a target), by hand."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, tokens.numel() - 1, n):
+            out.append(F.cross_entropy(model(tokens[None, s:s + n])[0], tokens[s + 1:s + n + 1], reduction="none"))
+    return torch.cat(out).double()
+
+
+def test_the_study_columns_are_the_losses_of_the_tokens_they_name(model):
+    """``length_study``'s views against a hand computation on a split that holds its segments exactly:
+    ``ppl`` over every token; ``tail_ppl`` over the last L tokens of each window of n; ``tail_delta``
+    those tokens' loss minus the same tokens' loss in windows of L; ``far_delta`` the same past the
+    tail's first L/8 tokens; ``segment_loss`` each segment's mean; ``loss_by_position`` at the longest
+    length the mean over windows per position."""
+    L, longest = 16, 32
+    tokens = torch.randint(0, 256, (2 * longest + 1,))  # two segments of 32, side by side
+    out = length_study(model, tokens, [L, longest], train_len=L, n_tokens=2 * longest, n_boot=20)
+    at_l, at_n = _window_nll(model, tokens, L), _window_nll(model, tokens, longest)
+    pos = torch.arange(2 * longest) % longest
+    tail, far = pos >= longest - L, pos >= longest - L + L // 8
+    r = out[longest]
+    assert r["ppl"] == pytest.approx(math.exp(at_n.mean()), rel=1e-6)
+    assert r["tail_ppl"] == pytest.approx(math.exp(at_n[tail].mean()), rel=1e-6)
+    assert r["tail_delta"] == pytest.approx(float(at_n[tail].mean() - at_l[tail].mean()), abs=1e-6)
+    assert r["far_delta"] == pytest.approx(float(at_n[far].mean() - at_l[far].mean()), abs=1e-6)
+    assert r["ratio"] == pytest.approx(math.exp(at_n.mean() - at_l.mean()), rel=1e-6)
+    assert r["segment_loss"] == pytest.approx(at_n.view(2, longest).mean(1).tolist(), rel=1e-6)
+    assert r["loss_by_position"] == pytest.approx(at_n.view(2, longest).mean(0).tolist(), rel=1e-6)
+    assert out[L]["tail_delta"] == 0.0 == out[L]["far_delta"] and out[L]["loss_by_position"] is None
+
+
+def test_sliding_windows_score_the_first_window_whole_and_then_each_stride(model):
+    """``stride=s``: the first window's every token, then the last ``s`` tokens of each window after it
+    (each scored with ``length − s`` tokens of context at least)."""
+    tokens = torch.randint(0, 256, (49,))
+    r = evaluate_length(model, tokens, 16, max_tokens=48, stride=8)
+    losses = []
+    with torch.no_grad():
+        for st in range(0, 48 - 16 + 1, 8):
+            row = F.cross_entropy(model(tokens[None, st:st + 16])[0], tokens[st + 1:st + 17], reduction="none")
+            losses.append(row if st == 0 else row[8:])
+    every = torch.cat(losses).double()
+    assert r["tokens"] == every.numel() == 48 and r["loss"] == pytest.approx(float(every.mean()), rel=1e-6)

@@ -1188,8 +1188,8 @@ def test_the_time_left_reads_in_units_a_person_reads():
     """The study's estimate of the time left ("at most about 0 min left" for a 16 s model, once)."""
     from posbias.study import _duration
 
-    assert [_duration(t) for t in (16, 89.4, 90, 100, 89 * 60, 4 * 3600)] == ["16 s", "89 s", "2 min", "2 min", "89 min",
-                                                                            "4.0 h"]
+    assert [_duration(t) for t in (16, 89.4, 90, 100, 89 * 60, 90 * 60, 4 * 3600)] == [
+        "16 s", "89 s", "2 min", "2 min", "89 min", "1.5 h", "4.0 h"]
 
 
 def test_the_pictures_of_a_study_of_several_seeds_show_its_first_seed(tmp_path, text_file):
