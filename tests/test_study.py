@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -1015,8 +1016,13 @@ def test_paired_table_sees_a_difference_the_overlapping_intervals_hide():
     assert b.per_seed == pytest.approx((math.exp(0.05), math.exp(0.01)), rel=1e-9)  # seed by seed against a
     section = "\n".join(_paired_section(two))
     assert "averaged over seeds" in section and "seeds 1.010–1.051" in section
-    with pytest.raises(ValueError, match="losses must be \\[units, models\\]"):
-        ratios_to_best(torch.zeros(5))
+    for shape in ((5,), (0, 2), (3, 0)):  # not a table, no units, no models
+        with pytest.raises(ValueError, match=rf"^losses must be \[units, models\] with at least one of each, got "
+                                             rf"{re.escape(str(shape))}$"):
+            ratios_to_best(torch.zeros(shape))
+    one_unit = ratios_to_best(torch.tensor([[2.0, 2.5]]))  # one unit, one model: a ratio, its interval a point
+    assert one_unit[1][:3] == pytest.approx((math.exp(0.5),) * 3) and one_unit[0].best and not one_unit[1].best
+    assert ratios_to_best(torch.tensor([[2.0], [3.0]]))[0][:3] == (1.0, 1.0, 1.0)
     # one scheme: nothing to compare, no table
     one = _fake_study({"a": [difficulty]})
     assert one.paired == {} and one.paired_ratio == {} and _paired_section(one) == []
