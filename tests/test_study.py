@@ -620,6 +620,18 @@ def test_what_the_positional_parameters_learned_is_summarised_exactly():
         n for n, _ in fire.scheme.named_parameters()}
 
 
+def test_a_study_model_is_trained_on_the_schedule_its_steps_give():
+    """A study's training: warm-up over steps/12, validation every steps/3, a checkpoint every steps/10
+    (whole steps, at least 1), the study's own rates and length, the model's seed."""
+    from posbias.study import StudyConfig, train_config
+
+    t = train_config(StudyConfig(steps=250, pos_lr_mult=4.0), 3)
+    assert (t.steps, t.warmup, t.eval_every, t.ckpt_every, t.seed, t.pos_lr_mult) == (250, 20, 83, 25, 3, 4.0)
+    assert (t.train_len, t.batch_size, t.lr) == (StudyConfig().train_len, StudyConfig().batch_size, StudyConfig().lr)
+    t = train_config(StudyConfig(steps=2), 0)
+    assert (t.warmup, t.eval_every, t.ckpt_every) == (1, 1, 1)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("steps", 0, "steps must be an integer >= 1, got 0"),
     ("ckpt_every", 0, "ckpt_every must be an integer >= 1, got 0"),  # was a ZeroDivisionError after a step
