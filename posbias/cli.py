@@ -335,8 +335,8 @@ def _checkpoint_schemes(path: str) -> list[tuple[str, Any, int | None]]:
     from . import checkpoint as ckpt
 
     def trained(where: Path) -> int | None:  # none recorded: None; a damaged record: the ValueError
-        train = ckpt.read_meta(where).get("train") or {}
-        return ckpt.train_len(where) if {"train_len", "seq_len"} & set(train) else None
+        meta = ckpt.read_meta(where)
+        return ckpt.train_len(where, meta) if {"train_len", "seq_len"} & set(meta.get("train") or {}) else None
 
     p = Path(path)
     name = ckpt.model_folder(p).name
