@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
@@ -212,23 +212,27 @@ def pos_lr_mult(meta: dict[str, Any]) -> float:
     bias moves about its learning rate per Adam step, so at 1× a fresh or trained table barely moves
     in a short fine-tune (:func:`posbias.train.make_optimizer`). ValueError where the recorded value is
     not a positive number: a fine-tune at a silently wrong rate would report a wrong verdict."""
+    return _recorded(check_rate, "pos_lr_mult", (meta.get("train") or {}).get("pos_lr_mult", 1.0))
+
+
+def _recorded(check: Callable[[str, Any], Any], field: str, value: Any, where: str = "") -> Any:
+    """``check("train.<field>", value)`` (a :mod:`posbias.config` rule) on a value a checkpoint records;
+    its ConfigError as a ValueError saying the checkpoint's config.json is damaged."""
     try:
-        return check_rate("train.pos_lr_mult", (meta.get("train") or {}).get("pos_lr_mult", 1.0))
+        return check(f"train.{field}", value)
     except ConfigError as exc:
-        raise ValueError(f"the checkpoint's {exc} (its config.json is damaged)") from None
+        raise ValueError(f"{where}the checkpoint's {exc} (its config.json is damaged)") from None
 
 
-def train_len(path: str | Path, meta: dict[str, Any] | None = None) -> int:
+def train_len(path: str | Path, meta: dict[str, Any] | None = None, *, missing_ok: bool = False) -> int | None:
     """The training length a checkpoint records (``train.train_len``; ``train.seq_len`` in checkpoints
-    written before 0.1.0 renamed it), or ValueError when it records none or one that is no positive integer
-    (a boolean included)."""
+    written before 0.1.0 renamed it). ValueError when it records one that is no positive integer (a
+    boolean included), and when it records none unless ``missing_ok`` (then None)."""
     meta = read_meta(path) if meta is None else meta
     train = meta.get("train") or {}
-    field = "train_len" if "train_len" in train or "seq_len" not in train else "seq_len"
-    if field not in train:
+    field = next((f for f in ("train_len", "seq_len") if f in train), None)
+    if field is None:
+        if missing_ok:
+            return None
         raise ValueError(f"{str(path)!r} records no training length (meta 'train.train_len')")
-    try:
-        return check_count(f"train.{field}", train[field])
-    except ConfigError as exc:
-        raise ValueError(f"{str(path)!r} records no valid training length: the checkpoint's {exc} (its "
-                         "config.json is damaged)") from None
+    return _recorded(check_count, field, train[field], f"{str(path)!r} records no valid training length: ")

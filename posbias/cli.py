@@ -334,21 +334,18 @@ def _checkpoint_schemes(path: str) -> list[tuple[str, Any, int | None]]:
     where none is known: a Hugging Face model's is not in its config)."""
     from . import checkpoint as ckpt
 
-    def trained(where: Path) -> int | None:  # none recorded: None; a damaged record: the ValueError
-        meta = ckpt.read_meta(where)
-        return ckpt.train_len(where, meta) if {"train_len", "seq_len"} & set(meta.get("train") or {}) else None
-
     p = Path(path)
     name = ckpt.model_folder(p).name
     if ckpt.is_posbias(p):
-        return [(name, ckpt.load_model(p).scheme, trained(p))]
+        return [(name, ckpt.load_model(p).scheme, ckpt.train_len(p, missing_ok=True))]
     if not (p / "config.json").is_file():
         try:  # a model folder (its final/), or a study's or retrofit's folder: as diagnose reads them
             targets = _model_targets([path])
         except CLIError:
             raise CLIError(f"{path!r} is neither a posbias checkpoint, a folder of them nor a Hugging Face model "
                            "folder (no config.json)") from None
-        return [(label, ckpt.load_model(where).scheme, trained(where)) for label, _, where in targets]
+        return [(label, ckpt.load_model(where).scheme, ckpt.train_len(where, missing_ok=True))
+                for label, _, where in targets]
     from .integrations.hf import schemes_from_pretrained
 
     return [(f"{name} {part}".rstrip(), s, None) for part, s in schemes_from_pretrained(p).items()]
