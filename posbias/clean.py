@@ -213,8 +213,8 @@ def _fresh_model(folder: Path, gone: set[Path]) -> bool:
 
 def _lock_folders(root: Path) -> list[Path]:
     """Every folder where a run keeps its lock: under ``root``, and ``root`` or any folder above it."""
-    below = {p.parent for p in root.rglob(".posbias.lock")}
-    above = {p for p in (root, *root.parents) if (p / ".posbias.lock").exists()}
+    below = {p.parent for p in root.rglob(store.LOCK_FILE)}
+    above = {p for p in (root, *root.parents) if (p / store.LOCK_FILE).exists()}
     return sorted(below | above)
 
 
@@ -224,13 +224,6 @@ class Locked:
 
     root: Path
     busy: dict[Path, str] = field(default_factory=dict)  # folder → who holds it
-
-
-def _holder(folder: Path) -> str:
-    try:
-        return (folder / ".posbias.lock").read_text().strip() or "another process"
-    except OSError:
-        return "another process"
 
 
 @contextlib.contextmanager
@@ -251,9 +244,9 @@ def locked(root: str | Path) -> Iterator[Locked]:
                 stack.enter_context(store.FolderLock(folder))
             except store.FolderBusy:
                 if folder == root or folder in root.parents:
-                    raise store.FolderBusy(f"{str(folder)!r} is in use by {_holder(folder)}; nothing was listed or "
+                    raise store.FolderBusy(f"{str(folder)!r} is in use by {store.lock_holder(folder)}; nothing was listed or "
                                            "removed: wait for it to finish") from None
-                held.busy[folder] = _holder(folder)
+                held.busy[folder] = store.lock_holder(folder)
         yield held
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["folder_name", "replacing", "named", "fsync_dir", "write_text", "write_json", "read_json", "config_key", "code_fingerprint", "FolderLock", "check_out_dir",
-           "FolderBusy", "item_lock", "check_device", "device_key", "JOB_CODE", "made_by", "JobCache", "disk_size"]
+           "FolderBusy", "LOCK_FILE", "lock_holder", "item_lock", "check_device", "device_key", "JOB_CODE", "made_by", "JobCache", "disk_size"]
 
 try:
     import fcntl
@@ -360,6 +360,19 @@ def item_lock(path: str | Path, *, wait: bool) -> Iterator[bool]:
             _flock(fh, LOCK_UN)
 
 
+#: the file in an output folder that its run locks and names itself in (:class:`FolderLock`)
+LOCK_FILE = ".posbias.lock"
+
+
+def lock_holder(folder: str | Path) -> str:
+    """The run a folder's lock file names (``posbias pid 123``), or "another process" where it names none
+    or cannot be read: what a refused run says it waits for."""
+    try:
+        return (Path(folder) / LOCK_FILE).read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
 class FolderBusy(ValueError):
     """Another run holds the output folder."""
 
@@ -388,16 +401,14 @@ class FolderLock:
             return self
         self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / ".posbias.lock"
+        path = self.folder / LOCK_FILE
         fh = open(path, "a+")
         try:
             _flock(fh, (LOCK_SH if self.shared else LOCK_EX) | LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
             fh.close()
-            raise FolderBusy(f"output folder {str(self.folder)!r} is in use by {holder}; wait for it to finish "
-                             "or choose another output folder") from None
+            raise FolderBusy(f"output folder {str(self.folder)!r} is in use by {lock_holder(self.folder)}; wait for it "
+                             "to finish or choose another output folder") from None
         except OSError:  # no file locks here (_flock): leave no folder behind either
             fh.close()
             if self._created:
@@ -432,10 +443,10 @@ class FolderLock:
             return
         _HELD.pop(key, None)
         if self._fh is not None:
-            if (self._created and [p.name for p in self.folder.iterdir()] == [".posbias.lock"]
+            if (self._created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]
                     and self._alone()):
                 # a run that stopped before writing anything (bad input found late) leaves no folder behind
-                (self.folder / ".posbias.lock").unlink()
+                (self.folder / LOCK_FILE).unlink()
                 try:
                     self.folder.rmdir()
                 except OSError:

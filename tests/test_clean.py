@@ -200,4 +200,4 @@ def test_what_is_judged_and_freed_in_a_folder_of_caches_and_models(tmp_path, cap
     assert capsys.readouterr().out.splitlines() == [f"{tmp_path}: nothing stale (1 keyed result(s) checked)",
                                                     "removed 0.0 MiB"]
     (tmp_path / ".posbias.lock").write_text("")  # a lock file that names no holder
-    assert clean._holder(tmp_path) == "another process"
+    assert store.lock_holder(tmp_path) == "another process"
