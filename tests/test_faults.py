@@ -2,7 +2,6 @@
 lose nothing (kills, concurrent runs, damaged files, divergence, closed stdout, huge positions)."""
 
 import errno
-import fcntl
 import json
 import os
 import random
@@ -131,7 +130,6 @@ def test_truncated_trainer_state_is_refused(saved):
     f.write_bytes(f.read_bytes()[:20])
     with pytest.raises(ValueError, match="trainer.pt.*cannot be read"):
         ckpt.load_trainer_state(saved)
-
 
 
 def test_a_trainer_state_that_names_code_is_refused_unrun(saved, tmp_path):
@@ -400,8 +398,7 @@ def test_a_full_disk_leaves_every_result_as_it_was(tmp_path, monkeypatch):
 def test_a_checkpoint_swap_is_durable_before_the_previous_one_is_removed(tmp_path, monkeypatch):
     """A file's fsync does not write the folder entry naming it: the new folder is synced before it is
     swapped in, and the parent after the swap, before the previous checkpoint is removed (else a power
-    loss could leave neither). ``store.fsync_dir`` syncs a folder, passes over a file system that
-    cannot (EINVAL) and names the folder on a real error."""
+    loss could leave neither)."""
     from posbias import store
 
     model = TransformerLM(ModelConfig(scheme="alibi", **TINY))
@@ -418,23 +415,6 @@ def test_a_checkpoint_swap_is_durable_before_the_previous_one_is_removed(tmp_pat
                       ("rename", "last", "last.old"), ("rename", "last.tmp", "last"), ("fsync", "ck"),
                       ("rmtree", "last.old")]
     assert sorted(os.listdir(tmp_path / "ck")) == ["last"] and ckpt.load_model(where) is not None
-    monkeypatch.undo()
-
-    synced = []
-    real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.path.samestat(os.fstat(fd), os.stat(tmp_path))),
-                                                 real(fd))[1])
-    store.fsync_dir(tmp_path)
-    assert synced == [True]
-    for code, raised in [(errno.EINVAL, False), (errno.EIO, True)]:
-        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(code, os.strerror(code))))
-        if raised:
-            with pytest.raises(OSError) as err:
-                store.fsync_dir(tmp_path)
-            assert err.value.errno == code and err.value.filename == str(tmp_path)
-        else:
-            store.fsync_dir(tmp_path)
-    store.fsync_dir(tmp_path / "missing")  # a folder that cannot be opened: nothing to sync
 
 
 def test_a_full_disk_is_one_line_that_says_what_to_do(capsys, monkeypatch):
@@ -785,57 +765,3 @@ def test_resume_says_where_it_resumes(tmp_path, text_file):
     said.clear()
     train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, log=said.append)  # finished: nothing to resume
     assert said == []
-
-
-def test_folder_lock_removes_only_the_empty_folder_it_created(tmp_path):
-    """A run refused after taking the lock (bad input found late) leaves no folder holding just a lock
-    file; a folder that existed before, or that got results, stays. The lock file names its holder
-    alone; the lock is re-entrant at any depth and free once the outermost holder exits."""
-    from posbias.store import FolderLock
-
-    fresh = tmp_path / "runs" / "fresh"
-    with pytest.raises(RuntimeError), FolderLock(fresh):
-        assert (fresh / ".posbias.lock").exists()
-        raise RuntimeError("refused")
-    assert not fresh.exists() and (tmp_path / "runs").is_dir()
-
-    def locked() -> bool:  # whether another open file of the lock is refused (flock: per open file)
-        with open(fresh / ".posbias.lock", "a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(fh, fcntl.LOCK_UN)
-            return False
-
-    fresh.mkdir()
-    (fresh / ".posbias.lock").write_text("posbias pid 1 (a study: an old holder's line, left behind)")
-    with FolderLock(fresh):
-        assert (fresh / ".posbias.lock").read_text() == f"posbias pid {os.getpid()}"  # the holder, and it alone
-        with FolderLock(fresh):  # re-entrant: the inner exit removes nothing
-            (fresh / "results.md").write_text("x")
-            with FolderLock(fresh), FolderLock(fresh):  # and at any depth keeps the lock
-                assert locked()
-            assert locked()
-        with FolderLock(fresh):  # taken again after an inner exit
-            assert locked()
-        assert locked()
-    assert (fresh / "results.md").exists() and not locked()
-    before = tmp_path / "existing"
-    before.mkdir()
-    with FolderLock(before):
-        pass
-    assert before.is_dir()
-    study = tmp_path / "runs" / "study"
-    with pytest.raises(RuntimeError), FolderLock(study, shared=True):  # a study alone in it: the same
-        raise RuntimeError("refused")
-    assert not study.exists()
-    with FolderLock(study, shared=True):  # another study took it too (shared, another open file) and stays
-        assert (study / ".posbias.lock").read_text() == f"posbias pid {os.getpid()} (a study: other studies may " \
-                                                         "work there with it)"
-        other = open(study / ".posbias.lock", "a+")
-        fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    try:
-        assert (study / ".posbias.lock").exists()  # its lock file is kept for it
-    finally:
-        other.close()

@@ -1,17 +1,38 @@
-"""The results store's own rules (``posbias.store``): names, keys, atomic files, sizes.
+"""The results store's own rules (``posbias.store``): names, keys, atomic files, folder syncs, locks,
+sizes.
 
-The locks, full disks and checkpoint swaps are tested where they bite (test_faults.py), the device
-keys with the devices (test_devices.py)."""
+Full disks, interrupted runs and checkpoint swaps are tested where they bite (test_faults.py), the
+device keys with the devices (test_devices.py). A lock another process holds is played by another open
+file of it: ``flock`` locks belong to an open file, so this process's own are refused too."""
 
+import contextlib
 import errno
 import fcntl
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 
 from posbias import store
+
+
+@contextlib.contextmanager
+def held_elsewhere(lock, *, shared=False):
+    """The lock file ``lock`` taken by another open file (as by another process), for the block."""
+    with open(lock, "a+") as fh:
+        fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        yield
+
+
+def taken(lock) -> bool:
+    """Whether another open file of ``lock`` is refused it."""
+    try:
+        with held_elsewhere(lock):
+            return False
+    except BlockingIOError:
+        return True
 
 
 def test_a_label_is_one_path_component():
@@ -85,17 +106,11 @@ def test_an_item_lock_says_whether_it_is_held(tmp_path):
         assert held
         with store.item_lock(lock, wait=False) as again:  # another open file of it: refused at once
             assert not again
-    with open(lock, "a+") as other:
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with store.item_lock(lock, wait=False) as held:
-            assert not held
-        fcntl.flock(other, fcntl.LOCK_UN)
-        with store.item_lock(lock, wait=True) as held:
-            assert held
-            with pytest.raises(BlockingIOError):  # held for the block
-                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and free after it
-    assert lock.exists()
+    with held_elsewhere(lock), store.item_lock(lock, wait=False) as held:
+        assert not held
+    with store.item_lock(lock, wait=True) as held:
+        assert held and taken(lock)  # held for the block
+    assert not taken(lock) and lock.exists()  # and free after it
 
 
 def test_free_memory_is_the_memory_available_in_bytes(monkeypatch, tmp_path):
@@ -121,13 +136,11 @@ def test_a_busy_folder_names_its_holder(tmp_path):
                              "posbias pid 4242 (a study: other studies may work there with it)"),
                             ("", "another process")]:
         lock.write_text(recorded)
-        with open(lock, "a+") as other:
-            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            with pytest.raises(store.FolderBusy, match=rf"^output folder {re.escape(repr(str(tmp_path)))} is in use by "
-                                                       rf"{re.escape(named)}; wait for it to finish or choose another "
-                                                       "output folder$"):
-                with store.FolderLock(tmp_path):
-                    pass
+        with held_elsewhere(lock), pytest.raises(store.FolderBusy, match=(
+                rf"^output folder {re.escape(repr(str(tmp_path)))} is in use by {re.escape(named)}; wait for it to "
+                "finish or choose another output folder$")):
+            with store.FolderLock(tmp_path):
+                pass
         assert lock.read_text() == recorded
 
 
@@ -147,3 +160,66 @@ def test_a_job_cache_keeps_each_measurement_as_it_is_made(tmp_path):
     memory = store.JobCache(None, "retrofit", "cpu")
     memory.put("x", 1)
     assert memory.data["x"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["cache-abc.json"]
+
+
+def test_a_folder_is_synced_or_passed_over_where_it_cannot_be(tmp_path, monkeypatch):
+    """``fsync_dir`` syncs the folder itself (its entries: what a file's own fsync leaves unwritten),
+    passes over a file system that cannot (EINVAL) and a folder that cannot be opened, and names the
+    folder on a real error."""
+    synced, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.path.samestat(os.fstat(fd), os.stat(tmp_path))),
+                                                 real(fd))[1])
+    store.fsync_dir(tmp_path)
+    assert synced == [True]
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EINVAL, "Invalid argument")))
+    store.fsync_dir(tmp_path)
+    store.fsync_dir(tmp_path / "missing")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError) as err:
+        store.fsync_dir(tmp_path)
+    assert err.value.errno == errno.EIO and err.value.filename == str(tmp_path)
+
+
+def test_folder_lock_removes_only_the_empty_folder_it_created(tmp_path):
+    """A run refused after taking the lock (bad input found late) leaves no folder holding just a lock
+    file; a folder that existed before, or that got results, stays. The lock file names its holder
+    alone; the lock is re-entrant at any depth and free once the outermost holder exits."""
+    fresh = tmp_path / "runs" / "fresh"
+    with pytest.raises(RuntimeError), store.FolderLock(fresh):
+        assert (fresh / ".posbias.lock").exists()
+        raise RuntimeError("refused")
+    assert not fresh.exists() and (tmp_path / "runs").is_dir()
+    fresh.mkdir()
+    lock = fresh / store.LOCK_FILE
+    lock.write_text("posbias pid 1 (a study: an old holder's line, left behind)")
+    with store.FolderLock(fresh):
+        assert lock.read_text() == f"posbias pid {os.getpid()}"  # the holder, and it alone
+        with store.FolderLock(fresh):  # re-entrant: the inner exit removes nothing
+            (fresh / "results.md").write_text("x")
+            with store.FolderLock(fresh), store.FolderLock(fresh):  # and at any depth keeps the lock
+                assert taken(lock)
+            assert taken(lock)
+        with store.FolderLock(fresh):  # taken again after an inner exit
+            assert taken(lock)
+        assert taken(lock)
+    assert (fresh / "results.md").exists() and not taken(lock)
+    with store.FolderLock(fresh):  # one level in and out, then in again: still this run's
+        with store.FolderLock(fresh):
+            pass
+        with store.FolderLock(fresh):
+            assert taken(lock)
+    before = tmp_path / "existing"
+    before.mkdir()
+    with store.FolderLock(before):
+        pass
+    assert before.is_dir()
+    study = tmp_path / "runs" / "study"
+    with pytest.raises(RuntimeError), store.FolderLock(study, shared=True):  # a study alone in it: the same
+        raise RuntimeError("refused")
+    assert not study.exists()
+    with contextlib.ExitStack() as other:
+        with store.FolderLock(study, shared=True):  # another study takes it too (shared) and stays
+            assert (study / store.LOCK_FILE).read_text() == f"posbias pid {os.getpid()} (a study: other studies " \
+                                                             "may work there with it)"
+            other.enter_context(held_elsewhere(study / store.LOCK_FILE, shared=True))
+        assert (study / store.LOCK_FILE).exists()  # its lock file is kept for it

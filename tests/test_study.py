@@ -653,7 +653,6 @@ def test_a_training_config_refuses_what_would_fail_or_mislead_later(field, value
     fractional interval or a cosine floor above the peak trained without a word."""
     with pytest.raises(ValueError, match=f"^{message}$"):
         TrainConfig(**{field: value})
-    assert TrainConfig(warmup=0, eval_every=0, min_lr_ratio=0.0, weight_decay=0.0).eval_every == 0  # the edges
 
 
 def test_positional_parameters_get_their_own_learning_rate():
@@ -686,6 +685,9 @@ def test_the_learning_rate_schedule():
     assert at(4) == 1.0 and at(10) == at(50) == pytest.approx(0.1)
     assert at(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 6)))  # halfway: 0.55
     assert lr_at(0, lr=2.0, steps=5, warmup=0, min_ratio=0.5) == 2.0  # no warm-up: the peak at once
+    # the edges a training config takes: no warm-up, validation at the end only, a floor of 0, no decay
+    flat = TrainConfig(steps=5, lr=2.0, warmup=0, eval_every=0, min_lr_ratio=0.0, weight_decay=0.0)
+    assert flat.lr_at(0) == 2.0 and flat.lr_at(5) == 0.0
     assert lr_at(5, lr=2.0, steps=5, warmup=5, min_ratio=0.5) == 2.0  # warm-up as long as training
 
 
@@ -1238,13 +1240,13 @@ def test_the_time_left_is_the_mean_training_time_times_the_models_left(tmp_path,
     monkeypatch.setattr(study, "_train_one", lambda *a, **k: (real(*a, **k), next(took))[1])
     cfg = study.StudyConfig(schemes=("alibi", "nope", "t5"), train_len=16, eval_lens=(16,), steps=2, batch_size=4,
                             d_model=32, n_layers=1, n_heads=2, eval_tokens=256, threads=1)
-    said = []
-    study.run_study(cfg, tmp_path / "s", corpus=local_corpus(text_file), log=said.append)
+    said, corpus = [], local_corpus(text_file)
+    study.run_study(cfg, tmp_path / "s", corpus=corpus, log=said.append)
     assert [line for line in said if "left for" in line] == [
         "[1/3 alibi seed 0] trained in 60 s; at most about 2 min left for 2 model(s)",  # 60 s × 2
         "[2/3 nope seed 0] trained in 120 s; at most about 2 min left for 1 model(s)"]  # (60 + 120) / 2 s × 1
     said.clear()
-    study.run_study(cfg, tmp_path / "s", corpus=local_corpus(text_file), log=said.append)  # all reused
+    study.run_study(cfg, tmp_path / "s", corpus=corpus, log=said.append)  # all reused
     assert not [line for line in said if "left for" in line]
 
 
