@@ -21,14 +21,21 @@ def model():
     return TransformerLM(ModelConfig(scheme="alibi", **TINY)).eval()
 
 
+def _window_nll(model, tokens, n):
+    """Each token's loss in windows of ``n`` tiling ``tokens`` (its last token only a target), by hand."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, tokens.numel() - 1, n):
+            out.append(F.cross_entropy(model(tokens[None, s:s + n])[0], tokens[s + 1:s + n + 1], reduction="none"))
+    return torch.cat(out).double()
+
+
 def test_a_split_of_exactly_one_window_is_scored_and_one_token_less_is_refused(model):
     """``length + 1`` tokens hold one window of ``length`` scored tokens (the first token is only
     context): it is scored, as the cross-entropy of that window; a token fewer is refused."""
     tokens = torch.randint(0, 256, (17,))
     r = evaluate_length(model, tokens, 16)
-    with torch.no_grad():
-        want = F.cross_entropy(model(tokens[None, :-1])[0], tokens[1:]).item()
-    assert r["ppl"] == pytest.approx(math.exp(want), rel=1e-6)
+    assert r["ppl"] == pytest.approx(math.exp(_window_nll(model, tokens, 16).mean()), rel=1e-6)
     with pytest.raises(ValueError, match="^split has 15 scoreable tokens, fewer than the evaluation length 16$"):
         evaluate_length(model, tokens[:16], 16)
 
@@ -37,9 +44,7 @@ def test_length_one_is_an_evaluation_length_and_zero_is_not(model):
     """Windows of one token (no context: the model's unigram guess) are a length like any other."""
     tokens = torch.randint(0, 256, (65,))
     r = evaluate_length(model, tokens, 1, max_tokens=64)
-    with torch.no_grad():
-        want = F.cross_entropy(model(tokens[:-1, None])[:, 0], tokens[1:]).item()
-    assert r["ppl"] == pytest.approx(math.exp(want), rel=1e-6)
+    assert r["ppl"] == pytest.approx(math.exp(_window_nll(model, tokens, 1).mean()), rel=1e-6)
     with pytest.raises(ValueError, match=r"^evaluation lengths must be integers >= 1, got 0$"):
         evaluate_length(model, tokens, 0)
 
@@ -61,15 +66,6 @@ def test_segments_of_no_tokens_or_none_at_all_are_refused(span, count):
     assert spread_starts(100, 1, 1) == [0]
     with pytest.raises(ValueError, match="^split has 63 scoreable tokens, fewer than 1 segment of 64$"):
         spread_starts(63, 64, 2, overlap=True)
-
-
-def _window_nll(model, tokens, n):
-    """Each token's loss in windows of ``n`` tiling ``tokens`` (its last token only a target), by hand."""
-    out = []
-    with torch.no_grad():
-        for s in range(0, tokens.numel() - 1, n):
-            out.append(F.cross_entropy(model(tokens[None, s:s + n])[0], tokens[s + 1:s + n + 1], reduction="none"))
-    return torch.cat(out).double()
 
 
 def test_the_study_columns_are_the_losses_of_the_tokens_they_name(model):
