@@ -39,6 +39,9 @@ class _Parser(argparse.ArgumentParser):
         choice = re.match(r"argument SCHEME: invalid choice: '([^']*)'", message)
         if choice:
             get_scheme_class(choice.group(1))  # raises the registry's own "unknown scheme" message
+        command = re.match(r"argument command: invalid choice: '([^']*)' \((choose from .*)\)$", message)
+        if command:
+            raise CLIError(f"unknown command {command.group(1)!r} ({command.group(2)})")
         raise CLIError(re.sub(r"^argument ([^:]+): ", r"\1 ", message))
 
 
@@ -861,9 +864,10 @@ def _flag_of(parser: argparse.ArgumentParser, argv: Sequence[str], field: str) -
 
 
 def _error(command: str, message: str, code: int) -> int:
-    """Print ``posbias COMMAND: error: MESSAGE`` on a line of its own; return the exit status ``code``."""
+    """Print ``posbias COMMAND: error: MESSAGE`` (``posbias: error: …`` before a command) on a line of its
+    own; return the exit status ``code``."""
     _close_bars()
-    print(f"posbias {command}: error: {message}", file=sys.stderr)
+    print(f"posbias{' ' + command if command else ''}: error: {message}", file=sys.stderr)
     return code
 
 
@@ -908,7 +912,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     parser = build_parser()
-    command = argv[0] if argv else "posbias"
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    command = argv[0] if argv and argv[0] in commands else ""  # (not `posbias --bogus: error`)
     try:
         label = argv[1] if command == "show" and len(argv) > 1 else ""  # a label, t5@max_distance=64: its name
         args, extra = parser.parse_known_args([command, label.partition("@")[0], *argv[2:]] if "@" in label else argv)

@@ -1,4 +1,6 @@
 import argparse
+import errno
+import os
 import math
 import subprocess
 import sys
@@ -469,3 +471,116 @@ def test_more_threads_than_cores_is_noted(capsys, monkeypatch, tmp_path):
     cli._threads_note(8, "cuda")
     assert capsys.readouterr().out == ""
     assert cli.usable_cores() >= 1
+
+
+# -- the command line's own rules: what a failure prints and the status it exits with ------------------
+@pytest.mark.parametrize("argv, msg", [
+    ([], "posbias: error: the following arguments are required: command"),
+    (["--bogus"], "posbias: error: the following arguments are required: command"),
+    (["foo"], "posbias: error: unknown command 'foo' (choose from 'list', 'show', 'plot', 'extrapolate', 'retrofit', "
+              "'diagnose', 'clean')"),
+    (["show"], "posbias show: error: the following arguments are required: SCHEME"),
+    (["list", "--bogus"], "posbias list: error: unrecognized arguments: --bogus"),
+    (["plot", "t5@max_distance=64"], "posbias plot: error: unrecognized arguments: t5@max_distance=64"),
+    (["show", "nope", "--foo", "1"], "posbias show: error: scheme 'nope' has no option --foo; valid: none"),
+])
+def test_an_error_names_the_command_only_where_there_is_one(argv, msg, capsys):
+    """``posbias: error: …`` before a command is known (it read ``posbias posbias:`` with none and
+    ``posbias foo:`` for an unknown one), ``posbias COMMAND: error: …`` after."""
+    assert main(argv) == 2
+    assert capsys.readouterr().err == msg + "\n"
+
+
+def _failing(monkeypatch, exc):
+    """``posbias list`` raising ``exc``."""
+    def fail(args):
+        raise exc
+    monkeypatch.setattr("posbias.cli.cmd_list", fail)
+
+
+@pytest.mark.parametrize("exc, code, said", [
+    (KeyboardInterrupt(), 130, "\nposbias list: interrupted (finished work is saved; re-run to resume)\n"),
+    (__import__("posbias.stopping", fromlist=["Terminated"]).Terminated(), 143,
+     "posbias list: terminated (SIGTERM; finished work is saved; re-run to resume)\n"),
+    (OSError(errno.EACCES, "Permission denied", "/x/y"), 1, "posbias list: error: '/x/y': Permission denied\n"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "z"), 2,
+     "posbias list: error: 'z': No such file or directory\n"),
+    (MemoryError(), 1, "posbias list: error: out of memory; what was finished is kept: a shorter length, a smaller "
+                       "batch or fewer evaluation tokens, then re-run to resume\n"),
+    (ValueError("bad value"), 2, "posbias list: error: bad value\n"),
+])
+def test_each_way_a_command_stops_has_its_status_and_one_message(monkeypatch, capsys, exc, code, said):
+    """Ctrl-C 130 and SIGTERM 128 + 15, as a shell reports them; a system error 1 naming the file; a
+    user error 2."""
+    _failing(monkeypatch, exc)
+    assert main(["list"]) == code
+    assert capsys.readouterr().err == said
+
+
+def test_a_broken_pipe_stops_quietly_and_a_bug_is_shown_whole(monkeypatch, capsys):
+    _failing(monkeypatch, BrokenPipeError())
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # (restored after: the handler sends stdout to devnull)
+    assert main(["list"]) == 0
+    assert sys.stdout.name == os.devnull
+    sys.stdout.close()
+    _failing(monkeypatch, RuntimeError("an index past the end"))  # not an allocation: a bug, with its traceback
+    with pytest.raises(RuntimeError, match="an index past the end"):
+        main(["list"])
+
+
+def test_out_of_memory_reads_the_allocation_torch_asked_for():
+    from posbias.cli import _memory_problem
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
+                       "to allocate 3221225472 bytes. Error code 12 (Cannot allocate memory)")
+    assert _memory_problem(cpu).startswith("out of memory (an allocation of 3.0 GiB); what was finished is kept")
+    assert _memory_problem(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")).startswith(
+        "out of memory; what was finished")
+    assert _memory_problem(MemoryError()).startswith("out of memory; what was finished")
+    assert _memory_problem(RuntimeError("shape mismatch")) is None
+    assert _memory_problem(ValueError("can't allocate memory: you tried to allocate 5 bytes")) is None
+
+
+@pytest.mark.parametrize("err, said", [
+    (OSError(errno.ENOSPC, "No space left on device", "/r/m.pt"),
+     "'/r/m.pt': No space left on device; what was finished is kept: free some space and re-run to resume"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"),
+     "Disk quota exceeded; what was finished is kept: free some space and re-run to resume"),
+    (OSError(errno.EROFS, "Read-only file system", "/r"), "'/r': Read-only file system"),
+    (OSError("no errno at all"), "no errno at all"),
+])
+def test_a_system_error_names_the_file_and_where_space_ran_out_what_to_do(err, said):
+    from posbias.cli import _os_problem
+
+    assert _os_problem(err) == said
+
+
+def test_list_aligns_its_columns(capsys):
+    from posbias.schemes import SCHEMES
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(SCHEMES)
+    width = max(map(len, SCHEMES))
+    for line, (name, cls) in zip(lines, SCHEMES.items()):  # name, family and summary each start in one column
+        assert line == f"{name}{' ' * (width - len(name))}  {cls.family:<8}  {cls.summary}"
+    assert {len(line) - len(line.lstrip(" ")) for line in lines} == {0}
+
+
+def test_show_takes_a_flag_for_a_true_option_and_tabulates_eight_heads_by_default(capsys):
+    """A yes/no scheme option given bare means yes (``--clip``), as ``--clip true``; ``show`` draws
+    8 heads unless told."""
+    assert main(["show", "offset", "--clip"]) == 0
+    bare = capsys.readouterr().out
+    assert "clip=True" in bare
+    assert main(["show", "offset", "--clip", "true"]) == 0 and capsys.readouterr().out == bare
+    assert main(["show", "alibi"]) == 0
+    out = capsys.readouterr().out
+    assert "AlibiBias(n_heads=8," in out or "n_heads=8" in out
+
+
+@pytest.mark.parametrize("command", ["clean", "list", "show"])
+def test_help_of_commands_with_positional_arguments_prints(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0 and "usage: posbias" in capsys.readouterr().out
