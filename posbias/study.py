@@ -138,10 +138,10 @@ class StudyConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~10 minutes on a 2-core CPU: 8 schemes, train at 64 tokens, evaluate up to 16x on 64 segments
+    # 8 schemes, train at 64 tokens, evaluate up to 16x on 64 segments (measured times: cli.PRESET_NOTES)
     "demo": dict(train_len=64, eval_lens=(64, 128, 256, 512, 1024), steps=250, batch_size=32, d_model=128,
                  n_layers=3, n_heads=4),
-    # the longer CPU protocol, ~1 hour on a 2-core CPU
+    # the longer CPU protocol
     "cpu": dict(train_len=128, eval_lens=(128, 256, 512, 1024, 2048), steps=1200, batch_size=32, d_model=128,
                 n_layers=4, n_heads=4),
     # for a GPU: larger model, longer training, 3 seeds

@@ -60,6 +60,9 @@ def test_bucket_table_worked_example():
     (["extrapolate", "--scheme-option", "t5.max_distance=64", "--scheme-option", "t5.max_distance=32"],
      "--scheme-option: scheme 't5': option max_distance is given twice (64 and '32')"),
     (["extrapolate", "--schemes", "t5@max_distance=64,max_distance=32"], "option max_distance is given twice"),
+    (["extrapolate", "--scheme-option", "t5max_distance=64"], "--scheme-option 't5max_distance=64' must look like "
+                                                               "SCHEME.KEY=VALUE, e.g. t5.max_distance=64"),
+    (["extrapolate", "--scheme-option", "t5.max_distance"], "--scheme-option 't5.max_distance' must look like"),
     (["plot", "--num-buckets", "1"], "--num-buckets must be >= 2, got 1"),
     (["plot", "--num-buckets", "2"], "--num-buckets must be >= 4, got 2 (the count n_b + 1; the bidirectional map needs"),
     (["plot", "--num-buckets", "8", "--max-distance", "3"], "--max-distance must be >= 5, got 3"),
@@ -584,3 +587,135 @@ def test_help_of_commands_with_positional_arguments_prints(command, capsys):
     with pytest.raises(SystemExit) as stop:
         main([command, "--help"])
     assert stop.value.code == 0 and "usage: posbias" in capsys.readouterr().out
+
+
+def test_each_figure_is_drawn_for_the_direction_of_its_scheme(tmp_path, monkeypatch):
+    """The bidirectional bucket map is drawn bidirectional, and a two-sided scheme's heatmap without the
+    causal mask (a file of the right name is not enough: what goes into it is recorded here)."""
+    from posbias import plot
+
+    drawn = {}
+
+    def keep(path, kwargs):
+        drawn[Path(path).name] = kwargs
+        return Path(path)
+
+    monkeypatch.setattr(plot, "plot_bucket_map", lambda path, **kw: keep(path, kw))
+    monkeypatch.setattr(plot, "plot_bias_heatmaps", lambda scheme, path, **kw: keep(path, kw))
+    monkeypatch.setattr(plot, "plot_bias_curves", lambda schemes, path, **kw: keep(path, kw))
+    assert main(["plot", "--schemes", "t5", "t5@bidirectional=true", "--heads", "2", "--out", str(tmp_path)]) == 0
+    assert drawn["t5_bucket_map.png"].get("bidirectional", False) is False
+    assert drawn["t5_bucket_map_bidirectional.png"]["bidirectional"] is True
+    assert drawn["heatmap_t5.png"]["causal"] is True
+    assert drawn["heatmap_t5_bidirectional_true.png"]["causal"] is False
+
+
+def test_a_checkpoints_figures_follow_its_direction_and_its_line_gives_the_range_drawn(tmp_path, monkeypatch, capsys):
+    """``plot --checkpoint`` of a two-sided T5 (an encoder's): its heatmap without the causal mask, the
+    curves on a log distance axis, and the printed range taken over the distances −N … N drawn (0 … N
+    for a causal one: ALiBi's lowest value is at N itself)."""
+    from _helpers import tiny_checkpoint
+
+    from posbias import checkpoint as ckpt
+    from posbias import plot
+
+    drawn = {}
+
+    def keep(path, kwargs):
+        drawn[Path(path).name] = kwargs
+        return Path(path)
+
+    monkeypatch.setattr(plot, "plot_bucket_map", lambda path, **kw: keep(path, kw))
+    monkeypatch.setattr(plot, "plot_bias_heatmaps", lambda scheme, path, **kw: keep(path, kw))
+    monkeypatch.setattr(plot, "plot_bias_curves", lambda schemes, path, **kw: keep(path, kw))
+    both = tiny_checkpoint(tmp_path / "enc", "t5", bidirectional=True)
+    one = tiny_checkpoint(tmp_path / "dec", "t5")
+    line = tiny_checkpoint(tmp_path / "lin", "alibi")  # its extreme at the largest distance drawn
+    assert main(["plot", "--checkpoint", str(both), str(one), str(line), "--max-plot-distance", "40",
+                 "--out", str(tmp_path / "p")]) == 0
+    said = capsys.readouterr().out
+    assert drawn["heatmap_enc.png"]["causal"] is False and drawn["heatmap_dec.png"]["causal"] is True
+    assert drawn["learned_bias_vs_distance.png"]["log_distance"] is True
+    assert drawn["t5_bucket_map_32_128_bidirectional.png"]["bidirectional"] is True
+    for name, path in (("enc", both), ("dec", one), ("lin", line)):
+        s = ckpt.load_model(path).scheme
+        b = s.bias_by_distance(torch.arange(-40 if name == "enc" else 0, 41))
+        span = "±40" if name == "enc" else "0–40"
+        assert f"bias from {float(b.min()) + 0.0:+.3f} to {float(b.max()) + 0.0:+.3f} over distances {span}" in said
+        assert float(b.min()) != float(b.max())
+
+
+def test_clean_prints_each_stale_item_the_reports_by_reason_and_the_bytes_it_frees(tmp_path, monkeypatch, capsys):
+    """``clean``'s lines from its findings (here handed to it): each stale item with its size, the
+    reports one line per reason (five named and "and N more" past six, up to six named; "report" for
+    one), and the total that ``--delete`` frees, or nothing to free where nothing is stale."""
+    from posbias import clean
+
+    for d in ("a", "b", "c"):
+        (tmp_path / d).mkdir()
+    mib = 2 ** 20
+    stale = [clean.Stale(tmp_path / "a" / "m1", "trained model", "made by other posbias code", 3 * mib),
+             clean.Stale(tmp_path / "a" / "e.json", "evaluation", "evaluation format 1 (installed 2)", mib // 2)]
+    reports = ([(tmp_path / "a" / f"r{k}" / "results.md", "made from a stale model") for k in range(7)]
+               + [(tmp_path / "a" / f"s{k}" / "report.md", "made from a stale cache") for k in range(6)]
+               + [(tmp_path / "a" / "t" / "report.md", "one of its own")]
+               + [(tmp_path / "a" / f"u{k}" / "report.md", "two of them") for k in range(2)])
+    findings = {tmp_path / "a": clean.Findings(tmp_path / "a", stale, reports, checked=9),
+                tmp_path / "b": clean.Findings(tmp_path / "b", [], [], checked=4),
+                tmp_path / "c": clean.Findings(tmp_path / "c", [clean.Stale(tmp_path / "c" / "x.tmp", "unfinished write",
+                                                                            "left by a write cut short", 3 * mib)],
+                                               [], checked=1)}
+    monkeypatch.setattr(clean, "find", lambda root, skip=(): findings[Path(root)])
+    freed = []
+    monkeypatch.setattr(clean, "remove", lambda found: freed.append(found.root) or found.size)
+    assert main(["clean", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    a = tmp_path / "a"
+    assert lines == [
+        f"{a}: 2 stale item(s) of 9 keyed result(s) checked, 3.5 MiB",
+        "  m1  [trained model, 3.0 MiB] made by other posbias code",
+        "  e.json  [evaluation, 0.5 MiB] evaluation format 1 (installed 2)",
+        "  reports " + ", ".join(f"r{k}/results.md" for k in range(5)) + " and 2 more: made from a stale model",
+        "  reports " + ", ".join(f"s{k}/report.md" for k in range(6)) + ": made from a stale cache",
+        "  report t/report.md: one of its own",
+        "  reports u0/report.md, u1/report.md: two of them",
+        f"{tmp_path / 'b'}: nothing stale (4 keyed result(s) checked)",
+        "nothing removed; add --delete to remove these (3.5 MiB)"]
+    assert freed == []
+    assert main(["clean", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{tmp_path / 'b'}: nothing stale (4 keyed result(s) checked)"]
+    assert main(["clean", str(tmp_path / "a"), str(tmp_path / "c"), "--delete"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "removed 6.5 MiB" and freed == [a, tmp_path / "c"]
+
+
+def test_models_named_on_the_command_line_are_each_taken_once_under_a_label_of_their_own(tmp_path, capsys):
+    """``diagnose``/``plot --checkpoint`` targets: a model given twice (by its folder and by a study folder
+    that holds it) is taken once; models of one name from two folders get ``-2``, ``-3``; the study's
+    key leaves the label (a stale model beside a current one of its name is passed over, said in a line)."""
+    from _helpers import tiny_checkpoint
+
+    from posbias.cli import _model_targets
+
+    for study in ("s1", "s2", "s3"):
+        tiny_checkpoint(tmp_path / study / "models" / "t5-seed0-0123456789" / "final", "t5")
+    tiny_checkpoint(tmp_path / "s1" / "models" / "alibi-seed0-abcdefabcd" / "final", "alibi")
+    got = _model_targets([str(tmp_path / "s1"), str(tmp_path / "s1" / "models" / "t5-seed0-0123456789"),
+                          str(tmp_path / "s2"), str(tmp_path / "s3" / "models" / "t5-seed0-0123456789" / "final")])
+    assert [(label, name, where.relative_to(tmp_path).as_posix()) for label, name, where in got] == [
+        ("alibi-seed0", "alibi-seed0-abcdefabcd", "s1/models/alibi-seed0-abcdefabcd/final"),
+        ("t5-seed0", "t5-seed0-0123456789", "s1/models/t5-seed0-0123456789/final"),
+        ("t5-seed0-2", "t5-seed0-0123456789", "s2/models/t5-seed0-0123456789/final"),
+        ("t5-seed0-3", "t5-seed0-0123456789", "s3/models/t5-seed0-0123456789/final")]
+    assert capsys.readouterr().out == ""  # nothing passed over: no stale model among them
+
+
+def test_a_retrofit_writes_beside_the_others_under_its_models_name_unless_told(tmp_path):
+    from _helpers import tiny_checkpoint
+
+    from posbias.cli import _prepare_checkpoint_job
+
+    final = tiny_checkpoint(tmp_path / "rope-seed0-0123456789" / "final", "rope")
+    args = argparse.Namespace(device="cpu", threads=1, checkpoint=str(final), out=None)
+    assert _prepare_checkpoint_job(args, "retrofit") == Path("runs/retrofit-rope-seed0-0123456789")
+    args.out = str(tmp_path / "here")
+    assert _prepare_checkpoint_job(args, "retrofit") == tmp_path / "here"

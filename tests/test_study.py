@@ -17,6 +17,7 @@ import torch
 from _helpers import TINY, perturb_, random_options
 
 from posbias import checkpoint as ckpt
+from posbias import store
 from posbias.cli import main
 from posbias.data import batch_at, local_corpus, stdlib_corpus
 from posbias.evaluate import evaluate_length
@@ -253,6 +254,18 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     base = [r for r in recs if r["eval_len"] == 16]
     assert all(r["ratio"] == 1.0 and r["tail_delta"] == 0.0 == r["far_delta"] for r in base)  # L against itself
     assert res["corpus"]["files"] == 1 and "torch" in res["versions"]
+    fp = res["corpus"]
+    assert f"corpus {fp['name']}: 1 file, {fp['bytes']:,} bytes, sha256 {fp['sha256']}\n" in announced
+    run = tmp_path / "run"
+    listed = announced[announced.index(f" s. Written to {run}/:\n"):].splitlines()[1:]
+    files = [line.split()[0] for line in listed if line.endswith(" MiB")]
+    assert files == ["results.md", "results.json", *sorted(p.name for p in run.glob("*.png"))]
+    models = next(line for line in listed if line.startswith("  models/"))
+    size = lambda path: f"{store.disk_size(path) / 2**20:,.1f} MiB"  # noqa: E731
+    assert models == (f"  {'models/':<30} {size(run / 'models')}, of which "
+                      f"{sum(store.disk_size(d) for d in (run / 'models').glob('*/last')) / 2**20:,.1f} MiB is last/ "
+                      "checkpoints (optimizer state; --no-keep-last prunes them)")
+    assert f"  {'results.json':<30} {size(run / 'results.json')}" in listed
     md = (tmp_path / "run" / "results.md").read_text()
     assert "| alibi |" in md and "95% bootstrap interval" in md and "512 validation tokens" in md
     assert "Which differences are real" in md and md.count("**best**") == 4  # per length, and for ppl@64 / ppl@16
