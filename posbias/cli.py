@@ -867,8 +867,13 @@ def _error(command: str, message: str, code: int) -> int:
     """Print ``posbias COMMAND: error: MESSAGE`` (``posbias: error: …`` before a command) on a line of its
     own; return the exit status ``code``."""
     _close_bars()
-    print(f"posbias{' ' + command if command else ''}: error: {message}", file=sys.stderr)
+    print(f"{_prog(command)}: error: {message}", file=sys.stderr)
     return code
+
+
+def _prog(command: str) -> str:
+    """``posbias COMMAND``, or ``posbias`` before a command is known."""
+    return f"posbias {command}" if command else "posbias"
 
 
 def _close_bars() -> None:
@@ -950,11 +955,11 @@ def _main(argv: list[str]) -> int:
         return _error(command, problem, 1)
     except KeyboardInterrupt:
         _close_bars()
-        print(f"\nposbias {command}: interrupted (finished work is saved; re-run to resume)", file=sys.stderr)
+        print(f"\n{_prog(command)}: interrupted (finished work is saved; re-run to resume)", file=sys.stderr)
         return 130
     except Terminated:
         _close_bars()
-        print(f"posbias {command}: terminated (SIGTERM; finished work is saved; re-run to resume)", file=sys.stderr)
+        print(f"{_prog(command)}: terminated (SIGTERM; finished work is saved; re-run to resume)", file=sys.stderr)
         return 128 + signal.SIGTERM
     return 0
 
