@@ -1217,6 +1217,24 @@ def test_run_study_refuses_a_device_this_machine_lacks_before_any_work(tmp_path)
         assert not (tmp_path / "o").exists()
 
 
+
+def test_a_training_split_one_token_short_of_a_sequence_is_refused_before_any_model(tmp_path):
+    """The training split needs L + 2 tokens (``batch_at`` draws a window's start from 0 … n − L − 2):
+    L + 1 is refused naming both counts, before any folder or model is made."""
+    from posbias.data import Corpus
+    from posbias.study import StudyConfig, run_study
+
+    val = torch.randint(0, 256, (4000,), dtype=torch.uint8)
+    cfg = StudyConfig(schemes=("t5",), train_len=16, eval_lens=(16, 32), steps=1, batch_size=2, d_model=32, n_layers=1,
+                      n_heads=2)
+    corpus = Corpus("t", train=val[:17], val=val, test=val[:10], fingerprint={})
+    with pytest.raises(ValueError, match=r"^train_len 16 needs more than 17 training tokens, but the training split "
+                                         r"has 17; use a shorter training length or more data$"):
+        run_study(cfg, tmp_path / "o", corpus=corpus)
+    assert not (tmp_path / "o").exists()
+    x, y = batch_at(val[:18], 0, batch_size=2, seq_len=16, seed=0)  # L + 2 tokens hold one: what the check passes trains
+    assert x.shape == y.shape == (2, 16)
+
 def test_the_time_left_reads_in_units_a_person_reads():
     """The study's estimate of the time left ("at most about 0 min left" for a 16 s model, once)."""
     from posbias.study import _duration
