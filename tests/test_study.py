@@ -606,6 +606,8 @@ def test_runs_sharing_a_folder_pass_over_a_model_another_is_making(tmp_path, tex
     assert waits < at("[1/3 alibi seed 0] training") < at("[1/3 alibi seed 0] ppl @ 16")
     alone = run_study(cfg, tmp_path / "alone", corpus=corpus)
     assert [(r["label"], r["loss"]) for r in shared.records] == [(r["label"], r["loss"]) for r in alone.records]
+    models = sorted((tmp_path / "alone" / "models").iterdir())  # the library keeps last/ (to resume) unless told
+    assert len(models) == 3 and all((d / "last").is_dir() and (d / "final").is_dir() for d in models)
 
 
 def test_what_the_positional_parameters_learned_is_summarised_exactly():
