@@ -93,3 +93,19 @@ def test_the_readmes_demo_numbers_are_those_of_docs_study():
     for i, scheme in enumerate(header[1:], 1):
         assert ratio[i] == by_scheme[scheme][-1], scheme
         assert ppl[i] == by_scheme[scheme][1].split(" ± ")[0], scheme
+
+
+def test_the_demo_settings_the_docs_state_are_the_presets():
+    """The published demo tables name the settings that made them: they must be the demo preset's (a
+    changed preset would make `make demo` disagree with every number the docs print)."""
+    from posbias.study import PRESETS
+
+    demo = PRESETS["demo"]
+    readme, study = (" ".join((ROOT / page).read_text(encoding="utf-8").split()) for page in ("README.md", "docs/study.md"))
+    said = re.search(r"The demo preset, three seeds \([^;]*; train at (\d+) bytes, (\d+) steps, (\d+) layers;", readme)
+    assert said and tuple(map(int, said.groups())) == (demo["train_len"], demo["steps"], demo["n_layers"])
+    said = re.search(r"Train at (\d+) bytes, (\d+) steps × (\d+) sequences, d_model (\d+), (\d+) layers, (\d+) heads",
+                     study)
+    assert said and tuple(map(int, said.groups())) == (demo["train_len"], demo["steps"], demo["batch_size"],
+                                                        demo["d_model"], demo["n_layers"], demo["n_heads"])
+    assert f"ppl@{max(demo['eval_lens'])} / ppl@{demo['train_len']}, mean ± std over seeds" in readme
