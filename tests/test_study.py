@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -577,10 +578,14 @@ def test_runs_sharing_a_folder_pass_over_a_model_another_is_making(tmp_path, tex
     lock = model_dir(tmp_path / "run", alibi, 0, model_key(cfg, alibi, 0, corpus)) / ".lock"
     held, release = threading.Event(), threading.Event()
 
+    freed, started = [], []
+
     def other_run():
         with store.item_lock(lock, wait=True):
             held.set()
             release.wait(60)
+            time.sleep(0.3)  # still making the model a while after the study said it waits
+            freed.append(time.monotonic())
 
     holder = threading.Thread(target=other_run)
     holder.start()
@@ -591,6 +596,8 @@ def test_runs_sharing_a_folder_pass_over_a_model_another_is_making(tmp_path, tex
         said.append(line)
         if "waiting for the run making this model" in line:
             release.set()
+        if line.startswith("[1/3 alibi seed 0] training"):
+            started.append(time.monotonic())
 
     try:
         shared = run_study(cfg, tmp_path / "run", corpus=corpus, log=log)
@@ -604,6 +611,7 @@ def test_runs_sharing_a_folder_pass_over_a_model_another_is_making(tmp_path, tex
     passed, waits = at("[1/3 alibi seed 0] another run is making this model"), at("[1/3 alibi seed 0] waiting")
     assert passed < at("[2/3 t5 seed 0] training") < at("[3/3 nope seed 0] training") < waits
     assert waits < at("[1/3 alibi seed 0] training") < at("[1/3 alibi seed 0] ppl @ 16")
+    assert freed[0] < started[0]  # it waited for the other run's lock, not only said so
     alone = run_study(cfg, tmp_path / "alone", corpus=corpus)
     assert [(r["label"], r["loss"]) for r in shared.records] == [(r["label"], r["loss"]) for r in alone.records]
     models = sorted((tmp_path / "alone" / "models").iterdir())  # the library keeps last/ (to resume) unless told
@@ -1222,7 +1230,7 @@ def test_run_study_refuses_a_device_this_machine_lacks_before_any_work(tmp_path)
 
 def test_a_training_split_one_token_short_of_a_sequence_is_refused_before_any_model(tmp_path):
     """The training split needs L + 2 tokens (``batch_at`` draws a window's start from 0 … n − L − 2):
-    L + 1 is refused naming both counts, before any folder or model is made."""
+    L + 1 is refused naming both counts, before any folder or model is made; L + 2 trains."""
     from posbias.data import Corpus
     from posbias.study import StudyConfig, run_study
 
@@ -1234,8 +1242,8 @@ def test_a_training_split_one_token_short_of_a_sequence_is_refused_before_any_mo
                                          r"has 17; use a shorter training length or more data$"):
         run_study(cfg, tmp_path / "o", corpus=corpus)
     assert not (tmp_path / "o").exists()
-    x, y = batch_at(val[:18], 0, batch_size=2, seq_len=16, seed=0)  # L + 2 tokens hold one: what the check passes trains
-    assert x.shape == y.shape == (2, 16)
+    enough = Corpus("t", train=val[:18], val=val, test=val[:10], fingerprint={})  # L + 2: one window, and it trains
+    assert len(run_study(cfg, tmp_path / "o2", corpus=enough).records) == 2
 
 def test_the_time_left_reads_in_units_a_person_reads():
     """The study's estimate of the time left ("at most about 0 min left" for a 16 s model, once)."""
