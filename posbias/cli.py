@@ -853,14 +853,20 @@ def _flag_of(parser: argparse.ArgumentParser, argv: Sequence[str], field: str) -
     """The flag of config field ``field`` in the subcommand's parser (the field itself if none)."""
     command, words = parser, list(argv)
     while words:  # down the subcommands the user typed (``show`` has one per scheme)
-        sub = next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None)
-        if sub is None or words[0] not in sub.choices:
+        subs = _subcommands(command)
+        if words[0] not in subs:
             break
-        command = sub.choices[words.pop(0)]
+        command = subs[words.pop(0)]
     for action in (command._actions if command is not parser else []):
         if action.dest == field and action.option_strings:
             return max(action.option_strings, key=len) if field != "methods" else "--method"
     return field
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's sub-parsers by name ({} where it has none)."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return {} if sub is None else sub.choices
 
 
 def _error(command: str, message: str, code: int) -> int:
@@ -917,8 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    command = argv[0] if argv and argv[0] in commands else ""  # (not `posbias --bogus: error`)
+    command = argv[0] if argv and argv[0] in _subcommands(parser) else ""  # (not `posbias --bogus: error`)
     try:
         label = argv[1] if command == "show" and len(argv) > 1 else ""  # a label, t5@max_distance=64: its name
         args, extra = parser.parse_known_args([command, label.partition("@")[0], *argv[2:]] if "@" in label else argv)
