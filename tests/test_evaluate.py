@@ -272,11 +272,14 @@ def test_ratios_to_the_best_are_paired_and_flag_the_best():
     assert out[0].ratio == pytest.approx(math.exp(0.1)) and out[0].lo == pytest.approx(math.exp(0.1))
     assert out[0].hi == pytest.approx(math.exp(0.1))
     assert 1 < out[2].lo < out[2].ratio < out[2].hi < math.exp(0.3)
-    for bad in (torch.zeros(3), torch.zeros(0, 2), torch.zeros(2, 0), torch.zeros(1, 1, 1)):
+    for bad in (torch.zeros(3), torch.zeros(0, 2), torch.zeros(2, 0), torch.zeros(1, 1, 1)):  # no table, units, models
         with pytest.raises(ValueError, match=rf"^losses must be \[units, models\] with at least one of each, got "
                                              rf"{re.escape(str(tuple(bad.shape)))}$"):
             ratios_to_best(bad)
     assert ratios_to_best(torch.tensor([[2.0]]))[0] == (1.0, 1.0, 1.0, (), True)
+    one_unit = ratios_to_best(torch.tensor([[2.0, 2.5]]))  # one unit: a ratio, its interval a point
+    assert one_unit[1][:3] == pytest.approx((math.exp(0.5),) * 3) and one_unit[0].best and not one_unit[1].best
+    assert ratios_to_best(torch.tensor([[2.0], [3.0]]))[0][:3] == (1.0, 1.0, 1.0)  # one model: the best
 
 
 def test_each_study_interval_holds_its_point(model):
