@@ -109,3 +109,30 @@ def test_the_demo_settings_the_docs_state_are_the_presets():
     assert said and tuple(map(int, said.groups())) == (demo["train_len"], demo["steps"], demo["batch_size"],
                                                         demo["d_model"], demo["n_layers"], demo["n_heads"])
     assert f"ppl@{max(demo['eval_lens'])} / ppl@{demo['train_len']}, mean ± std over seeds" in readme
+
+
+def test_the_published_cpu_preset_studies_and_the_preset_list_state_the_presets_settings():
+    """Each published `--preset cpu` report names the settings that made it (its "Trained at …" line,
+    written by the report from the config, the defaults the preset leaves to StudyConfig included), and
+    docs/study.md's list of presets states the cpu and gpu presets' lengths, steps and seeds: all must be
+    the presets' own, or the published numbers are not what the command makes."""
+    from posbias.study import PRESETS, StudyConfig
+
+    cpu = StudyConfig(**{**PRESETS["cpu"], "schemes": ("t5",)})
+    pages = sorted((ROOT / "docs").glob("study-cpu-preset-*.md"))
+    assert pages
+    for page in pages:
+        said = re.search(r"Trained at (\d+) tokens for (\d+) steps \(batch (\d+), lr ([\d.e-]+), positional parameters "
+                         r"at ([\d.]+)× lr without weight decay\); d_model (\d+), (\d+) layers, (\d+) heads;",
+                         page.read_text(encoding="utf-8"))
+        assert said, page.name
+        assert tuple(map(float, said.groups())) == (cpu.train_len, cpu.steps, cpu.batch_size, cpu.lr, cpu.pos_lr_mult,
+                                                    cpu.d_model, cpu.n_layers, cpu.n_heads), page.name
+    study = " ".join((ROOT / "docs" / "study.md").read_text(encoding="utf-8").split())
+    said = re.search(r"`cpu` \(train (\d+), evaluate to (\d+), ([\d,]+) steps, [^)]*\), `gpu` \((\d+) seeds, ([\d,]+) "
+                     r"steps, evaluate to (\d+)\)", study)
+    gpu = PRESETS["gpu"]
+    assert said and (int(said[1]), int(said[2]), int(said[3].replace(",", ""))) == (
+        cpu.train_len, max(cpu.eval_lens), cpu.steps)
+    assert (int(said[4]), int(said[5].replace(",", "")), int(said[6])) == (
+        len(gpu["seeds"]), gpu["steps"], max(gpu["eval_lens"]))

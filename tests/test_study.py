@@ -193,6 +193,7 @@ def test_sliding_window_evaluation(corpus):
     (["extrapolate", "--layers", "0"], "--layers must be an integer >= 1, got 0"),
     (["extrapolate", "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     (["extrapolate", "--seeds", "0", "1", "0"], "--seeds list 0 twice"),
+    (["extrapolate", "--seeds", "3", "0", "3"], "--seeds list 3 twice"),  # the repeated seed, not the smallest
     (["extrapolate", "--seeds", "-1"], "--seeds must be an integer in [0, 4294967295], got -1"),
     (["extrapolate", "--seeds", str(2**40)], f"--seeds must be an integer in [0, 4294967295], got {2**40}"),
     # an option's *value* is checked before the first model trains, not when its own turn comes
@@ -561,9 +562,10 @@ def test_study_is_bit_identical_at_a_fixed_thread_count(tmp_path, text_file):
 
 
 def test_runs_sharing_a_folder_pass_over_a_model_another_is_making(tmp_path, text_file):
-    """Another run holds alibi's lock (here a thread, as a run in another process would): this run
-    trains the other models first, comes back, waits for the lock, and — the holder having made
-    nothing, like a run that died — makes alibi itself. The records are those of a run alone."""
+    """Another run holds alibi's lock and the folder's shared lock (here a thread and a second open
+    file, as a run in another process would): this run shares the folder, trains the other models
+    first, comes back, waits for the lock, and — the holder having made nothing, like a run that died —
+    makes alibi itself. The records are those of a run alone."""
     import threading
 
     from posbias import store
@@ -586,6 +588,9 @@ def test_runs_sharing_a_folder_pass_over_a_model_another_is_making(tmp_path, tex
             time.sleep(0.3)  # still making the model a while after the study said it waits
             freed.append(time.monotonic())
 
+    (tmp_path / "run").mkdir()
+    folder = open(tmp_path / "run" / store.LOCK_FILE, "a+")  # the other run's hold on the folder: shared
+    store._flock(folder, store.LOCK_SH | store.LOCK_NB)
     holder = threading.Thread(target=other_run)
     holder.start()
     assert held.wait(10)
@@ -603,6 +608,7 @@ def test_runs_sharing_a_folder_pass_over_a_model_another_is_making(tmp_path, tex
     finally:
         release.set()
         holder.join()
+        folder.close()
 
     def at(start):
         return next(i for i, line in enumerate(said) if line.startswith(start))
@@ -1052,6 +1058,8 @@ def test_paired_table_sees_a_difference_the_overlapping_intervals_hide():
     assert b.per_seed == pytest.approx((math.exp(0.05), math.exp(0.01)), rel=1e-9)  # seed by seed against a
     section = "\n".join(_paired_section(two))
     assert "averaged over seeds" in section and "seeds 1.010–1.051" in section
+    # one seed: no seed-by-seed ratios to give
+    assert all(p.per_seed == () for p in table.values())
     # one scheme: nothing to compare, no table
     one = _fake_study({"a": [difficulty]})
     assert one.paired == {} and one.paired_ratio == {} and _paired_section(one) == []
@@ -1321,3 +1329,48 @@ def test_study_config_refuses_what_is_not_a_setting_with_a_value_error(kwargs, m
 
     with pytest.raises(ValueError, match=match):
         StudyConfig(**kwargs)
+
+
+def test_a_model_whose_interval_reaches_one_exactly_learned_little():
+    """``learned_little``: a ratio to byte frequencies whose interval *reaches* 1 does not lie below it
+    beyond the noise, even where it ends at exactly 1."""
+    from posbias.study import learned_little
+
+    assert learned_little({"ratio": 0.99, "lo": 0.98, "hi": 1.0})
+    assert not learned_little({"ratio": 0.99, "lo": 0.98, "hi": math.nextafter(1.0, 0.0)})
+
+
+def test_a_checked_study_config_cannot_be_changed_after_its_checks():
+    """StudyConfig and its arms are checked when made; a frozen dataclass keeps a later assignment (a
+    steps of 0, a label that is no longer its scheme's) from skipping those checks."""
+    from posbias.study import StudyConfig, arms
+
+    cfg = StudyConfig(schemes=("t5",), train_len=16, eval_lens=(16,), steps=2, batch_size=4, d_model=32, n_layers=1,
+                      n_heads=2, eval_tokens=256, threads=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.steps = 0
+    (arm,) = arms(cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        arm.label = "alibi"
+
+
+def test_a_record_holds_its_models_training_history_and_the_times_measured(tmp_path, text_file, monkeypatch):
+    """Each record's ``final_val_loss`` and ``train_wall_s`` are the model's own training history's last
+    validation loss and wall time; the time a model took to train (the ETA's input) and the time its
+    evaluation took (``wall_s`` of its evaluation file) are durations within the run's own."""
+    from posbias import study
+
+    real, took = study._train_one, []
+    monkeypatch.setattr(study, "_train_one", lambda *a, **k: took.append(real(*a, **k)) or took[-1])
+    cfg = study.StudyConfig(schemes=("alibi", "t5"), train_len=16, eval_lens=(16, 32), steps=3, batch_size=4,
+                            d_model=32, n_layers=1, n_heads=2, eval_tokens=256, threads=1)
+    t0 = time.perf_counter()
+    res = study.run_study(cfg, tmp_path / "s", corpus=local_corpus(text_file))
+    elapsed = time.perf_counter() - t0
+    assert len(took) == 2 and all(0 < t < elapsed for t in took)
+    for r in res.records:
+        hist = ckpt.read_meta(Path(r["model_dir"]) / "final")["history"]
+        assert r["final_val_loss"] == hist["val_loss"][-1][1] and math.isfinite(r["final_val_loss"])
+        assert r["train_wall_s"] == hist["wall_s"] and 0 < r["train_wall_s"] < elapsed
+        (efile,) = Path(r["model_dir"]).glob("eval-*.json")
+        assert 0 < json.loads(efile.read_text())["wall_s"] < elapsed
