@@ -8,6 +8,7 @@ import os
 import random
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -234,6 +235,7 @@ def test_a_study_at_L_alone_points_diagnose_at_its_default_window(tmp_path, text
     md = (tmp_path / "run" / "results.md").read_text()
     assert "`posbias diagnose models/<scheme>-seed<k>-<key>/final` (from this folder)" in md
     assert "`posbias diagnose <this folder>` does it for every model here" in md and "--length" not in md
+    assert "### Summary" not in md and "From L = " not in md  # nothing past L to sum up
 
 
 def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
@@ -268,9 +270,18 @@ def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
                       "checkpoints (optimizer state; --no-keep-last prunes them)")
     assert f"  {'results.json':<30} {_mib(store.disk_size(run / 'results.json'))}" in listed
     md = (tmp_path / "run" / "results.md").read_text()
-    assert "| alibi |" in md and "95% bootstrap interval" in md and "512 validation tokens" in md
+    assert "| alibi |" in md and "95% bootstrap interval" in md
+    assert "the same 512 validation tokens (8 segments of 64, spread evenly" in md  # segments of the longest length
+    assert "d_model 32, 1 layer, 2 heads; seed 0; 2 threads." in md
+    for label in ("alibi", "rope"):  # one seed: each cell is the value with its interval
+        rs = {r["eval_len"]: r for r in recs if r["label"] == label}
+        assert (f"| {label} | " + " | ".join(f"{rs[n]['ppl']:.2f} [{rs[n]['ppl_lo']:.2f}, {rs[n]['ppl_hi']:.2f}]"
+                                             for n in (16, 32, 64))
+                + f" | {rs[64]['ratio']:.3f} [{rs[64]['ratio_lo']:.3f}, {rs[64]['ratio_hi']:.3f}] |") in md
+    assert "Per seed" not in md and "averaged over seeds" not in md  # one seed has no spread over seeds to give
     assert "Which differences are real" in md and md.count("**best**") == 4  # per length, and for ppl@64 / ppl@16
     assert "What the distant keys do: the same Δ without the first 2 of those 16 tokens" in md
+    assert "the other 14 keep at least 2 tokens of it either way" in md
     # the footer's diagnose command points at checkpoints that are there
     assert "`posbias diagnose models/<scheme>-seed<k>-<key>/final --length 64`" in md
     assert "`posbias diagnose <this folder> --length 64` does it for every model here" in md
@@ -438,6 +449,21 @@ def test_a_study_of_several_seeds_reports_each_seed(tmp_path, text_file):
     assert (f"Per seed, ppl@{longest} / ppl@16: " + "; ".join(
         f"{label} {ratio[label, 0]:.3f} / {ratio[label, 1]:.3f}" for label in ("t5", "alibi"))) in md
     assert ratio["t5", 0] != ratio["t5", 1] and "± std over seeds" in md
+    assert "d_model 32, 1 layer, 2 heads; seeds 0, 1; 2 threads." in md
+    options = {r["label"]: r["model"]["scheme_options"] for r in records}
+    assert options["alibi"] == {} and options["t5"]  # t5 has the study's default for L
+    learned = next(r["learned"] for r in records if r["label"] == "alibi" and r["seed"] == 0)
+    lo, hi = learned["bias_range"]
+    assert lo < hi and f"| alibi | – | [{lo:.2f}, {hi:.2f}] | {learned['bias_contrast']:.2f} | – | none |" in md
+    assert f"| t5 | {', '.join(f'{k}={v}' for k, v in options['t5'].items())} | [" in md
+    lo, hi = next(r["learned"]["params"]["table"] for r in records if r["label"] == "t5" and r["seed"] == 0)
+    assert lo < hi and f" | table [{lo:.2f}, {hi:.2f}] |" in md  # each learned parameter's range
+    for label in ("t5", "alibi"):  # several seeds: each cell is the mean ± std over the seeds
+        ppl = {n: [r["ppl"] for r in records if r["label"] == label and r["eval_len"] == n] for n in (16, 32, 64)}
+        ratios = [ratio[label, 0], ratio[label, 1]]
+        assert (f"| {label} | " + " | ".join(f"{statistics.mean(ppl[n]):.2f} ± {statistics.stdev(ppl[n]):.2f}"
+                                             for n in (16, 32, 64))
+                + f" | {statistics.mean(ratios):.3f} ± {statistics.stdev(ratios):.3f} |") in md
     # the tables' columns: the ratio at the longest length; Δ at the lengths past L only
     assert f"| scheme | @ 16 | @ 32 | @ 64 | ppl@{longest} / ppl@16 |" in md
     assert f"last column: each scheme's ppl@{longest} / ppl@16 relative to the smallest such ratio" in md
@@ -869,6 +895,11 @@ def test_summary_says_what_the_tables_show():
     assert lines[5] == "* **Best at 64:** c; every other scheme is worse beyond the noise."
     assert lines[6].startswith("* **Best in length generalisation (the smallest ppl@longest / ppl@L):** a; ")
     assert lines[7].startswith("* **One seed (0):** every interval here is over the text scored")
+    # an interval that ends at exactly 1 reaches it: no change beyond the noise, either way
+    for r in study.records:
+        if r["eval_len"] == 64 and r["label"] in ("b", "c"):
+            r["ratio"], r["ratio_lo"], r["ratio_hi"] = {"b": (1.02, 1.0, 1.04), "c": (0.98, 0.96, 1.0)}[r["label"]]
+    assert "; does not change beyond the noise for b (1.02×), c (0.98×) (grows" in summary(study)[2]
     # two seeds: a ratio counts as growing only if it grows in each
     two = _fake_study({"a": [d, d], "b": [d + 0.005, d + 0.004]}, seeds=(0, 1), far={"a": [d, d], "b": [d, d]})
     for r in two.records:
@@ -951,6 +982,8 @@ def test_summary_flags_models_no_better_than_byte_frequencies_first():
     scale = next(line for line in lines if line.startswith("* **For scale:**"))
     a = next(e for e in study.unigram["at"] if e["label"] == "a" and e["eval_len"] == 16)
     assert f"from a {a['ratio']:.3f}× [{a['lo']:.3f}, {a['hi']:.3f}] to " in scale and a["ratio"] == pytest.approx(math.exp(-1))
+    top = max((e for e in study.unigram["at"] if e["eval_len"] == 16), key=lambda e: e["ratio"])  # to the highest
+    assert f" to {top['label']} {top['ratio']:.3f}× [{top['lo']:.3f}, {top['hi']:.3f}] of that; " in scale
     # at the longest length a is 0.5 nats above the reference on every segment: worse than no context
     assert scale.endswith(f"; at 64, a {math.exp(0.5):.3f}× [{math.exp(0.5):.3f}, {math.exp(0.5):.3f}] reads above it, "
                           "beyond the noise: worse there than no context at all.")
@@ -959,6 +992,23 @@ def test_summary_flags_models_no_better_than_byte_frequencies_first():
     for r in trained.records:
         r["ratio"], r["ratio_lo"], r["ratio_hi"] = 1.0, 0.99, 1.01
     assert not any("Learned little" in line for line in summary(trained))
+    one = _fake_study({"a": [u - 1]}, far={"a": [u - 1]})  # one model: its ratio, not a range
+    one.unigram = against_unigram(one.config, one.records, u)
+    for r in one.records:
+        r["ratio"], r["ratio_lo"], r["ratio_hi"] = 1.0, 0.99, 1.01
+    (e,) = [e for e in one.unigram["at"] if e["eval_len"] == 16]
+    assert next(line for line in summary(one) if line.startswith("* **For scale:**")).endswith(
+        f"at L = 16 the models read a {e['ratio']:.3f}× [{e['lo']:.3f}, {e['hi']:.3f}] of that.")
+    # two seeds, one of them no better than byte frequencies: that seed is named, in the singular
+    two = _fake_study({"a": [u - 1, u - 1], "b": [u + noise, u - 1]}, seeds=(0, 1), far={"a": [u, u], "b": [u, u]})
+    two.unigram = against_unigram(two.config, two.records, u)
+    for r in two.records:
+        r["ratio"], r["ratio_lo"], r["ratio_hi"] = 1.0, 0.99, 1.01
+    (e,) = [e for e in two.unigram["at"] if e["eval_len"] == 16 and e["label"] == "b" and e["seed"] == 0]
+    little = summary(two)[2]
+    assert little.startswith(f"* **Learned little: b (seed 0) {e['ratio']:.3f}× [{e['lo']:.3f}, {e['hi']:.3f}] ")
+    assert "(seed 1)" not in little and "it predicts each byte by how often it occurs" in little
+    assert "they predict each byte by how often it occurs" in lines[2]  # b and c above
     assert next(line for line in summary(trained) if line.startswith("* **For scale:**")).endswith("of that.")
     assert [times(x) for x in (3.879, 0.983, 1.003, 0.9996, 1.0, 1.00004)] == ["3.88", "0.983", "1.003", "0.9996", "1", "1.00004"]
 
@@ -1374,3 +1424,79 @@ def test_a_record_holds_its_models_training_history_and_the_times_measured(tmp_p
         assert r["train_wall_s"] == hist["wall_s"] and 0 < r["train_wall_s"] < elapsed
         (efile,) = Path(r["model_dir"]).glob("eval-*.json")
         assert 0 < json.loads(efile.read_text())["wall_s"] < elapsed
+
+
+def test_the_study_figures_draw_each_band_and_panel_they_name(tmp_path, monkeypatch, request):
+    """What the study's figures are asked to draw, where a file of the right name is not enough: with
+    several seeds each band is the mean ± std over the seeds (not one seed's interval) and the titles
+    say so; with one seed the band is that seed's interval, titled as such; the ratio figure's second
+    panel (its own title) holds the schemes near 1; the loss-by-position figure draws the schemes
+    whose curve was kept, and only those; the byte-frequency reference is drawn at its perplexity, or at
+    its loss where the axis is a loss; the learned biases are drawn to the longest length."""
+    from types import SimpleNamespace
+
+    from posbias import plot
+    from posbias.report.study import ZOOM, plots
+    from posbias.schemes import build
+    from posbias.study import Arm
+
+    figures = {}  # kept open to be read, closed at the end
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path: figures.setdefault(Path(path).name, fig) and Path(path))
+    request.addfinalizer(lambda: plot.pyplot().close("all"))
+
+    def study(seeds):
+        recs = []
+        for label, grows in (("far", 3.0), ("near", 1.01)):
+            for k, seed in enumerate(seeds):
+                for n in (16, 64):
+                    ppl, ratio = 5.0 + k + (grows - 1) * (n > 16), (1.0 if n == 16 else grows + 0.02 * k)
+                    recs.append({"label": label, "seed": seed, "eval_len": n, "ppl": ppl, "ppl_lo": ppl - 0.1 - k,
+                                 "ppl_hi": ppl + 0.3, "ratio": ratio, "ratio_lo": ratio - 0.001, "ratio_hi": ratio + 0.002})
+        cfg = SimpleNamespace(seeds=list(seeds), lengths=lambda: [16, 64], train_len=16)
+        return SimpleNamespace(config=cfg, records=recs, arms=[Arm("far", "t5", {}), Arm("near", "alibi", {})],
+                               positions={"near": curve}, schemes={"near": scheme}, unigram={"ppl": 40.0})
+
+    curve = [math.log(p + 1) for p in range(64)]  # the loss at position p: log(p + 1); the first and last marked
+    curve[0] += 100
+    curve[-1] += 100
+    scheme = build("alibi", n_heads=2, head_dim=8)
+    drawn = {}
+    monkeypatch.setattr(plot, "plot_bias_curves", lambda schemes, path, **kw: drawn.update(kw) or Path(path))
+
+    for seeds in ((0, 1), (3,)):
+        figures.clear()
+        result = study(seeds)
+        plots(result, tmp_path)
+        assert sorted(figures) == ["loss_vs_position.png", "ppl_vs_length.png", "ratio_vs_length.png"]
+        several = len(seeds) > 1
+        ppl_ax = figures["ppl_vs_length.png"].axes[0]
+        assert ppl_ax.get_title().endswith(f"(band: {'± std over seeds' if several else '95% bootstrap interval'})")
+        for label, band in zip(("far", "near"), ppl_ax.collections):  # fill_between, one per scheme in order
+            at = {n: [r for r in result.records if r["label"] == label and r["eval_len"] == n] for n in (16, 64)}
+            want = [(statistics.mean(r["ppl"] for r in rs) - statistics.stdev(r["ppl"] for r in rs),
+                     statistics.mean(r["ppl"] for r in rs) + statistics.stdev(r["ppl"] for r in rs)) if several
+                    else (rs[0]["ppl_lo"], rs[0]["ppl_hi"]) for rs in at.values()]
+            ys = band.get_paths()[0].vertices[:, 1]
+            assert min(ys) == pytest.approx(min(lo for lo, _ in want)) and max(ys) == pytest.approx(max(hi for _, hi in want))
+        ratio_fig = figures["ratio_vs_length.png"]
+        wanted = "± std over seeds" if several else "95% interval, paired over the same segments"
+        assert f"(band: {wanted}; below 1" in ratio_fig._suptitle.get_text()
+        full, zoom = ratio_fig.axes[:2]
+        assert [line.get_label() for line in zoom.get_lines() if not line.get_label().startswith("_")] == ["near"]
+        assert zoom.get_title() == f"the schemes that stay under {ZOOM:g}×, on their own scale"
+        assert drawn["max_distance"] == 64 and drawn["trained"] == 16 and drawn["names"] == ["near"]  # to the longest
+        assert drawn["log_distance"] is True  # distances 1 … 64 on a log axis, L among them
+        position_ax = figures["loss_vs_position.png"].axes[0]
+        assert position_ax.get_title() == f"Loss by position in 64-token windows (seed {seeds[0]})"
+        # binned over log-spaced bins of position + 1 from 1 to 64: each point at its bin's geometric middle,
+        # with its bin's mean (≈ log x here); the first bin starts at position 1, the last ends at 64
+        xs, ys = (list(map(float, v)) for v in position_ax.get_lines()[0].get_data())
+        assert xs[0] < 2 and xs == sorted(xs) and xs[-1] < 64
+        assert ys[0] == pytest.approx(100.0) and xs[0] == pytest.approx(math.sqrt(2))  # position 1 alone
+        assert all(abs(y - math.log(x)) < 0.4 for x, y in zip(xs[1:-1], ys[1:-1]))
+        assert ys[-1] - math.log(xs[-1]) > 1  # the last position's +100 is in the last bin's mean
+        for ax, y, text in ((ppl_ax, 40.0, "40.0"), (position_ax, math.log(40.0), f"{math.log(40.0):.2f}")):
+            (line,) = [x for x in ax.get_lines() if x.get_label().startswith("bytes by frequency")]  # for scale
+            assert tuple(line.get_ydata()) == (y, y) and line.get_label() == f"bytes by frequency, no context ({text})"
+        assert [line.get_label() for line in position_ax.get_lines()][0] == "near"
+        assert "far" not in [line.get_label() for line in position_ax.get_lines()]
