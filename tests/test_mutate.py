@@ -60,3 +60,13 @@ def test_the_tool_refuses_what_it_cannot_mutate(mutate, capsys):
     assert "--only 999 is not a mutant of posbias/schemes/kerple.py" in capsys.readouterr().err
     assert mutate.main(["posbias/schemes/kerple.py", "tests/test_golden.py", "--list"]) == 0
     assert "line   52  drop USub" in capsys.readouterr().out
+
+
+def test_the_tests_marked_slow_run_only_when_asked(mutate):
+    """By default a mutant runs the fast tests (``-m "not slow"``); ``--slow`` runs the end-to-end ones
+    too, for a mutant only they can catch (two processes sharing a study folder)."""
+    fast = mutate.pytest_command(["tests/test_faults.py"], "two_runs")
+    args = fast[fast.index("pytest") + 1:]  # after `python -m pytest`
+    assert args[args.index("-m") + 1] == "not slow" and args[-3:] == ["tests/test_faults.py", "-k", "two_runs"]
+    every = mutate.pytest_command(["tests/test_faults.py"], slow=True)
+    assert "-m" not in every[every.index("pytest") + 1:] and every[-1] == "tests/test_faults.py" and "-x" in every

@@ -151,6 +151,13 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: float) -> tuple[str, str
     return ("survived" if got.returncode == 0 else "killed"), last
 
 
+def pytest_command(tests: list[str], keyword: str | None = None, *, slow: bool = False) -> list[str]:
+    """The pytest run on each mutant: stop at the first failure; without ``slow``, leave out the tests
+    marked slow; ``keyword``: pytest's ``-k``."""
+    return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *([] if slow else ["-m", "not slow"]),
+            *tests, *(["-k", keyword] if keyword else [])]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=0, help="seconds per mutant (default: 3 × the unmutated run)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the test runs (default 1)")
     p.add_argument("--log", help="append one JSON record per mutant to this file")
+    p.add_argument("--slow", action="store_true",
+                   help="run the tests marked slow too (end-to-end runs; left out by default, so a mutant only they "
+                        "catch reads as a survivor)")
     p.add_argument("--list", action="store_true", help="print the mutants and exit")
     args = p.parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `… --list | head` ends quietly
@@ -189,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         random.Random(args.seed).shuffle(chosen)
         chosen = chosen[:args.sample] if args.sample > 0 else sorted(chosen, key=lambda m: m.index)
 
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *args.tests,
-           *(["-k", args.keyword] if args.keyword else [])]
+    cmd = pytest_command(args.tests, args.keyword, slow=args.slow)
     with tempfile.TemporaryDirectory(prefix="posbias-mutants-") as tmp:
         work = Path(tmp)
         _copy_project(work)
