@@ -1,5 +1,7 @@
 """Helpers shared by the test files."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -159,6 +161,23 @@ def tiny_checkpoint(path, scheme, **options):
             p.add_(torch.randn_like(p) * 0.5)
     ckpt.save_checkpoint(path, model, extra={"train": {"seq_len": TINY_L}})
     return path
+
+
+def figures_drawn(monkeypatch):
+    """``{file name: keyword arguments}`` of every bucket map, heatmap and curve figure a command then
+    asks for (none is drawn): what goes into a figure, where a file of the right name is not enough."""
+    from posbias import plot
+
+    drawn = {}
+
+    def keep(path, kwargs):
+        drawn[Path(path).name] = kwargs
+        return Path(path)
+
+    monkeypatch.setattr(plot, "plot_bucket_map", lambda path, **kw: keep(path, kw))
+    monkeypatch.setattr(plot, "plot_bias_heatmaps", lambda scheme, path, **kw: keep(path, kw))
+    monkeypatch.setattr(plot, "plot_bias_curves", lambda schemes, path, **kw: keep(path, kw))
+    return drawn
 
 
 class RunsOnLoad:

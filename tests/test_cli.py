@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import tiny_checkpoint
+from _helpers import figures_drawn, tiny_checkpoint
 
 from posbias import build
 from posbias.cli import build_parser, main
@@ -589,27 +589,10 @@ def test_help_of_commands_with_positional_arguments_prints(command, capsys):
     assert stop.value.code == 0 and "usage: posbias" in capsys.readouterr().out
 
 
-def _figures_drawn(monkeypatch):
-    """``{file name: keyword arguments}`` of every bucket map, heatmap and curve figure a command then
-    asks for (none is drawn): what goes into a figure, where a file of the right name is not enough."""
-    from posbias import plot
-
-    drawn = {}
-
-    def keep(path, kwargs):
-        drawn[Path(path).name] = kwargs
-        return Path(path)
-
-    monkeypatch.setattr(plot, "plot_bucket_map", lambda path, **kw: keep(path, kw))
-    monkeypatch.setattr(plot, "plot_bias_heatmaps", lambda scheme, path, **kw: keep(path, kw))
-    monkeypatch.setattr(plot, "plot_bias_curves", lambda schemes, path, **kw: keep(path, kw))
-    return drawn
-
-
 def test_each_figure_is_drawn_for_the_direction_of_its_scheme(tmp_path, monkeypatch):
     """The bidirectional bucket map is drawn bidirectional, and a two-sided scheme's heatmap without the
     causal mask."""
-    drawn = _figures_drawn(monkeypatch)
+    drawn = figures_drawn(monkeypatch)
     assert main(["plot", "--schemes", "t5", "t5@bidirectional=true", "--heads", "2", "--out", str(tmp_path)]) == 0
     assert drawn["t5_bucket_map.png"].get("bidirectional", False) is False
     assert drawn["t5_bucket_map_bidirectional.png"]["bidirectional"] is True
@@ -623,7 +606,7 @@ def test_a_checkpoints_figures_follow_its_direction_and_its_line_gives_the_range
     for a causal one: ALiBi's lowest value is at N itself)."""
     from posbias import checkpoint as ckpt
 
-    drawn = _figures_drawn(monkeypatch)
+    drawn = figures_drawn(monkeypatch)
     both = tiny_checkpoint(tmp_path / "enc", "t5", bidirectional=True)
     one = tiny_checkpoint(tmp_path / "dec", "t5")
     line = tiny_checkpoint(tmp_path / "lin", "alibi")  # its extreme at the largest distance drawn
