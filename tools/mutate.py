@@ -9,14 +9,20 @@ mutant they pass *survived*: either a change no test can see (an equivalent muta
 where both sides agree at the boundary) or a behaviour no test pins down. Read each survivor and say
 which.
 
-The mutants run in a copy of the project's files (``git ls-files``, with uncommitted changes), made in a
-temporary folder with ``PYTHONPATH`` pointing there, so the working tree is never touched, whatever
+The mutants run in a copy of the project's files (those git tracks or does not ignore, with uncommitted
+changes), made in a temporary folder with ``PYTHONPATH`` pointing there, so the working tree is never touched, whatever
 stops the run. Docstrings are not mutated.
 
     python tools/mutate.py posbias/schemes/kerple.py tests/test_golden.py tests/test_schemes.py
     python tools/mutate.py posbias/kernels/toeplitz.py tests/test_kernels.py --sample 20 --seed 1
     python tools/mutate.py posbias/schemes/t5.py tests/test_cli.py --only 49 125   # the mutants numbered so
     python tools/mutate.py posbias/schemes/fire.py tests/test_kernels.py -k piecewise
+    python tools/mutate.py posbias/report/diagnose.py tests/test_retrofit.py --per-line
+
+``--per-line`` runs each mutant against only the tests that execute its line: the unmutated run is
+measured by coverage.py with one context per test, and a mutant of a line no test reaches in this
+process (or reaches only at import or in a fixture) runs every test given. For a module behind
+end-to-end tests that is minutes saved a mutant: the tests that never reach a line cannot see it changed.
 
 Prints one line per mutant and a summary (killed, survived, timed out), and ``--log FILE`` writes one
 JSON record per mutant. Exit status 0 whatever survives: it is a measurement, not a test.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import json
 import os
 import random
@@ -133,9 +140,16 @@ def mutated(source: str, index: int) -> str:
     return ast.unparse(ast.fix_missing_locations(tree))
 
 
+def project_files(root: Path = ROOT) -> list[str]:
+    """The files a mutant's copy of the project holds: those git tracks and those it does not ignore
+    (a test file not yet added runs too; before, it was left out and "no tests ran")."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         capture_output=True, check=True).stdout
+    return sorted({f.decode() for f in out.split(b"\0") if f})
+
+
 def _copy_project(into: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
-    for name in filter(None, (f.decode() for f in files)):
+    for name in project_files():
         src = ROOT / name
         if src.is_file():
             (into / name).parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +172,52 @@ def pytest_command(tests: list[str], keyword: str | None = None, *, slow: bool =
             *tests, *(["-k", keyword] if keyword else [])]
 
 
+def statement_starts(source: str) -> dict[int, int]:
+    """Each line of ``source`` → the first line of the innermost statement holding it (coverage.py
+    reports a statement of several lines at its first)."""
+    starts: dict[int, int] = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.stmt):
+            for line in range(node.lineno, (node.end_lineno or node.lineno) + 1):
+                if starts.get(line, 0) <= node.lineno:
+                    starts[line] = node.lineno
+    return starts
+
+
+def tests_by_line(contexts: dict[int, list[str]], node_ids: list[str]) -> dict[int, list[str]]:
+    """coverage.py's ``test_function`` contexts of each line (``test_mod.test_f``, ``test_mod.Class.test_f``;
+    ``""`` for code run at import or in a fixture) as the pytest node ids they name among ``node_ids``
+    (every parametrisation of a test); a line with the empty context maps to every node id."""
+    def named(context: str) -> list[str]:
+        mod, *rest = context.split(".")
+        return [n for n in node_ids if Path(n.split("::")[0]).stem == mod and n.split("[")[0].split("::")[1:] == rest]
+
+    return {line: (list(node_ids) if "" in found else sorted({n for c in found for n in named(c)}))
+            for line, found in contexts.items()}
+
+
+def _covered(cmd: list[str], work: Path, env: dict, target: Path) -> tuple[str, str, list[str], dict[int, list[str]]]:
+    """The unmutated run under coverage.py, one context per test: its status and last line, the node
+    ids it collected, and the tests that ran each line of ``target`` (:func:`tests_by_line`)."""
+    from coverage import CoverageData
+
+    args = cmd[cmd.index("pytest") + 1:]
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *args], cwd=work, env=env,
+                               capture_output=True, text=True).stdout  # args hold one -q: a node id a line
+    node_ids = [line for line in collected.splitlines() if "::" in line]
+    if not node_ids:
+        raise SystemExit(f"mutate.py: the tests given collect nothing to run:\n{collected}")
+    rc = work / ".mutate-coveragerc"
+    rc.write_text(f"[run]\ndynamic_context = test_function\ninclude = {target}\ndata_file = {work / '.mutate-coverage'}\n")
+    status, last = _run([sys.executable, "-m", "coverage", "run", f"--rcfile={rc}", "-m", "pytest", *args], work, env,
+                        3600)
+    data = CoverageData(basename=str(work / ".mutate-coverage"))
+    data.read()
+    measured = next((f for f in data.measured_files() if Path(f).resolve() == target.resolve()), None)
+    contexts = {} if measured is None else data.contexts_by_lineno(measured)
+    return status, last, node_ids, tests_by_line(contexts, node_ids)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,11 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow", action="store_true",
                    help="run the tests marked slow too (end-to-end runs; left out by default, so a mutant only they "
                         "catch reads as a survivor)")
+    p.add_argument("--per-line", action="store_true",
+                   help="run each mutant against only the tests that execute its line (the unmutated run measured "
+                        "by coverage.py); a line no test reaches in this process runs them all")
     p.add_argument("--list", action="store_true", help="print the mutants and exit")
     args = p.parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `… --list | head` ends quietly
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: the copy is removed, as on Ctrl-C
 
+    if args.per_line and importlib.util.find_spec("coverage") is None:
+        p.error("--per-line needs coverage.py (pip install coverage; the project's test extra has it)")
     module = Path(args.module)
     if not (ROOT / module).is_file() or module.suffix != ".py":
         p.error(f"{args.module!r} is not a Python file of the project")
@@ -207,7 +272,14 @@ def main(argv: list[str] | None = None) -> int:
         target = work / module
         target.write_text(ast.unparse(ast.parse(source)))  # the unmutated module as the mutants print it
         start = time.time()
-        status, last = _run(cmd, work, env, 3600)
+        if args.per_line:
+            status, last, node_ids, by_line = _covered(cmd, work, env, target)
+            starts = statement_starts(target.read_text())
+            # the mutants' lines in the re-printed module coverage measured (same walk, other line numbers)
+            printed = mutants(target.read_text())
+            assert [m.what for m in printed] == [m.what for m in every], "ast.unparse changed the mutation sites"
+        else:
+            status, last = _run(cmd, work, env, 3600)
         took = time.time() - start
         print(f"{module}: {len(every)} mutation sites; unmutated run {status} in {took:.0f} s ({last})", flush=True)
         if status != "survived":
@@ -218,18 +290,24 @@ def main(argv: list[str] | None = None) -> int:
         survivors = []
         for m in chosen:
             target.write_text(mutated(source, m.index))
+            run = cmd
+            if args.per_line:
+                line = printed[m.index].line
+                tests = by_line.get(line) or by_line.get(starts.get(line, line)) or node_ids
+                run = pytest_command(tests, slow=args.slow)
             start = time.time()
-            status, last = _run(cmd, work, env, timeout)
+            status, last = _run(run, work, env, timeout)
             took = time.time() - start
             counts[status] += 1
-            print(f"{m.index:4d}  line {m.line:4d}  {m.what:<18} {status:<9} {took:4.0f} s", flush=True)
+            ran = f"  ({len(tests)} tests)" if args.per_line else ""
+            print(f"{m.index:4d}  line {m.line:4d}  {m.what:<18} {status:<9} {took:4.0f} s{ran}", flush=True)
             if status == "survived":
                 survivors.append(m)
             if args.log:
                 with open(args.log, "a") as f:
                     f.write(json.dumps({"module": str(module), "index": m.index, "line": m.line, "what": m.what,
-                                        "status": status, "seconds": round(took, 1),
-                                        "pytest": last}) + "\n")
+                                        "status": status, "seconds": round(took, 1), "pytest": last,
+                                        **({"tests": len(tests)} if args.per_line else {})}) + "\n")
     lines = source.splitlines()
     print(f"{len(chosen)} mutants: {counts['killed']} killed, {counts['survived']} survived, "
           f"{counts['timeout']} timed out")
