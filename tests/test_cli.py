@@ -480,8 +480,10 @@ def test_more_threads_than_cores_is_noted(capsys, monkeypatch, tmp_path):
 
 # -- the command line's own rules: what a failure prints and the status it exits with ------------------
 @pytest.mark.parametrize("argv, msg", [
-    ([], "posbias: error: the following arguments are required: command"),
-    (["--bogus"], "posbias: error: the following arguments are required: command"),
+    ([], "posbias: error: give a command (list, show, plot, extrapolate, retrofit, diagnose, clean); posbias --help "
+         "says what each does"),
+    (["--bogus"], "posbias: error: give a command (list, show, plot, extrapolate, retrofit, diagnose, clean); posbias "
+                  "--help says what each does"),
     (["foo"], "posbias: error: unknown command 'foo' (choose from 'list', 'show', 'plot', 'extrapolate', 'retrofit', "
               "'diagnose', 'clean')"),
     (["show"], "posbias show: error: the following arguments are required: SCHEME"),
