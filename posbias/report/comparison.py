@@ -22,7 +22,8 @@ from ..config import Log, quiet
 from ..diagnose import DiagnoseResult, kept_row
 from . import (copies_sentence, copy_names, corpus_name, digits_sentence, facing_end, kept_cell, kept_mean, kept_past_l,
                md_table, same_text)
-from .diagnose import DRIFT, delta_cell, far_attention, mean_losses, no_layers_between, smoothed, unseen_pairs
+from .diagnose import (DRIFT, delta_cell, far_attention, mean_losses, no_layers_between, run_length, smoothed,
+                       unseen_pairs)
 from .diagnose import verdict as interval_verdict
 
 Delta = tuple[float, float | None, float | None]  # mean Δ and its 95% interval (None with one window)
@@ -190,9 +191,10 @@ def sentences(rows: list[dict[str, Any]]) -> list[str]:
     if len(seen) > 1:
         most = max(seen, key=lambda r: r["attention_beyond_L"][0])
         least = min(seen, key=lambda r: r["attention_beyond_L"][0])
-        said.append(f"Attention on distances ≥ L (never seen in the training at L; last quarter of the window) is largest in "
-                    f"{most['model']} ({most['attention_beyond_L'][0]:.4f}) and smallest in {least['model']} "
-                    f"({least['attention_beyond_L'][0]:.4f}).")
+        high, low = (f"{r['attention_beyond_L'][0]:.4f}" for r in (most, least))
+        said.append("Attention on distances ≥ L (never seen in the training at L; last quarter of the window) is "
+                    + (f"{high} in every model." if high == low else  # a tie would name one model largest and smallest
+                       f"largest in {most['model']} ({high}) and smallest in {least['model']} ({low})."))
     moving = [r for r in rows if r["bias_drift"] is not None and r["bias_drift"] >= DRIFT]
     if moving:
         said.append("The bias moves with the query position past L in " + ", ".join(
@@ -382,7 +384,7 @@ def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
     axes = axes.flatten()
     left, right = axes[0], axes[1]
     for name, r in named:
-        k = max(1, r.length // 64)
+        k = run_length(r.length)
         delta = torch.tensor(r.loss_by_position) - torch.tensor(r.loss_by_position_cut_at_L)
         smooth = smoothed(delta, k)
         xs = (torch.arange(len(smooth)) * k + k / 2) / r.train_len

@@ -95,10 +95,12 @@ def summary(r: DiagnoseResult) -> list[str]:
 
 
 def markdown(r: DiagnoseResult) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in (r.options or {}).items())
+    opening = (f"Scheme **{r.scheme_name}**{f' ({options})' if options else ''}, trained at L = {r.train_len} tokens; "
+               f"examined at {r.length} tokens ({r.length / r.train_len:g} L).")
     lines = [f"# Diagnosis of `{r.checkpoint}`", "",
-             f"Scheme **{r.scheme_name}** {r.options or ''}, trained at L = {r.train_len} tokens; "
-             f"examined at {r.length} tokens ({r.length / r.train_len:g} L). "
-             f"{corpus_line(r.corpus, r.trained_corpus) if r.corpus else ''}{retrofit_line(r)}", ""]
+             " ".join(filter(None, [opening, corpus_line(r.corpus, r.trained_corpus) if r.corpus else "", retrofit_line(r)])),
+             ""]
     lines += _loss_section(r) + _distance_section(r) + _final_entry_section(r) + _reach_section(r)
     lines += _rotary_section(r) + _passkey_section(r)
     return "\n".join(lines)
@@ -109,7 +111,7 @@ def retrofit_line(r: DiagnoseResult) -> str:
     rf = r.retrofit
     if not rf or not rf.get("finetune_steps"):
         return ""
-    return (f" This checkpoint is a retrofit ({rf.get('method')}) fine-tuned for {rf['finetune_steps']} steps at "
+    return (f"This checkpoint is a retrofit ({rf.get('method')}) fine-tuned for {rf['finetune_steps']} steps at "
             f"{rf.get('to')} tokens: that fine-tune saw distances up to {rf.get('to', 1) - 1}, so below, 'never "
             f"seen in training' means in the original training at L = {r.train_len}.")
 
@@ -294,7 +296,7 @@ def _final_entry_section(r: DiagnoseResult) -> list[str]:
     verdict = (f"In head(s) {', '.join(map(str, diluted))} the {n_far} far keys together outweigh the nearest key on "
                "the bias alone: the final entry does not separate near from far, and attention mass can drift to the "
                "many far keys (dilution)." if diluted else
-               f"In every head the {n_far} far keys together weigh less than the nearest key on the bias alone: the "
+               f"In every head the {n_far} far keys together weigh no more than the nearest key on the bias alone: the "
                "final entry acts as a penalty, not as a source of dilution.")
     return (["## The final entry (T5: the final bucket)", "",
              f"{s.name} ({s.extra_repr()}): every distance from {s.flat_beyond} on reads one learned value. Share of "
@@ -525,10 +527,10 @@ def plots(r: DiagnoseResult, out: Path) -> list[Path]:
              _head_plot(r, out / "attention_distance.png", plt, "mean", "mean attention distance i − j",
                         "how far each head looks")]
     if "beyond" in r.attention_distance:
-        paths.append(_head_plot(r, out / "attention_beyond_L.png", plt, "beyond",
-                                f"attention at distance ≥ L = {r.train_len}",
-                                f"attention on unseen distances (mean of {max(1, r.length // 64)} queries)",
-                                smooth=max(1, r.length // 64)))
+        k = run_length(r.length)
+        runs = "query by query" if k == 1 else f"mean of {k} queries"
+        paths.append(_head_plot(r, out / "attention_beyond_L.png", plt, "beyond", f"attention at distance ≥ L = {r.train_len}",
+                                f"attention on unseen distances ({runs})", smooth=k))
     if r.scheme.family == "additive":
         paths.append(plot_bias_curves([r.scheme], out / "bias_vs_distance.png", max_distance=r.length, trained=r.train_len,
                                       title=f"learned/fixed bias per head ({r.scheme_name})"))
@@ -537,10 +539,16 @@ def plots(r: DiagnoseResult, out: Path) -> list[Path]:
     return paths
 
 
+def run_length(length: int) -> int:
+    """The query positions a figure of a window of ``length`` averages over: about 64 points a line
+    (each position alone under 128)."""
+    return max(1, length // 64)
+
+
 def _loss_plot(r: DiagnoseResult, path: Path, plt) -> Path:
     from ..plot import save_figure
 
-    k = max(1, r.length // 64)
+    k = run_length(r.length)
     fig, ax = plt.subplots(figsize=(7, 4))
     for losses, label in ((r.loss_by_position, "full context"),
                           (r.loss_by_position_cut_at_L, f"context cut at L = {r.train_len}")):
