@@ -585,6 +585,9 @@ def test_the_comparison_at_its_boundaries(figures):
     corners = {(round(float(x), 6), round(float(y), 6)) for x, y in band.get_paths()[0].vertices}
     assert corners == {(1.0, 0.95), (2.0, 0.45), (4.0, 0.05), (1.0, 1.0), (2.0, 0.5), (4.0, 0.25)}
 
+    perfect = {**comparison.row("t5", made("t5", copies=[(1.0, 1.0, 1.0)])), "model": "perfect"}
+    assert "best 1.00; models whose interval reaches it: perfect " in next(  # its interval ends at its mean
+        x for x in comparison.sentences([perfect, comparison.row("alibi", a)]) if x.startswith("Passkey retrieval at"))
     wide = made("fire", layers=1, heads=1, shift=2.5)  # one head: its mean is its largest, between t5's two
     said = comparison.sentences([comparison.row("t5", full()), comparison.row("fire", wide)])
     assert next(x for x in said if x.startswith("Attention on distances ≥ L")).endswith(
