@@ -281,7 +281,7 @@ def full(copies=((1.0, 0.5, 0.25), (0.95, 0.45, 0.05), (0.0, 0.0, 0.0))):
     r.context_split = [("the first 8 of each chunk past L", 0.125, -0.3, -0.4, -0.2), (f"{KEPT} (≥ 8 kept)", 0.625, 0.02, 0.01, 0.03)]
     r.window_split = [("keys beyond L", 0.015, 0.005, 0.025), ("window − cut", 0.005, -0.001, 0.011),
                       ("at chunk ends", 0.0002, 0.0001, 0.0003)]
-    r.final_entry_share, r.final_entry_gap, r.far_weight = {128: 0.25, 256: 0.6}, [1.5, -0.5], [0.4, 3.0]
+    r.final_entry_share, r.final_entry_gap, r.far_weight = {128: 0.25, 256: 0.6}, [1.5, -0.5], [0.4, 1.5]
     r.effective_reach, r.reach_at_L, r.bias_drift = [100, None], [90, None], [0.0, 0.3]
     r.passkey_digits = {n: {d: [0.9, 0.5, 0.4, 0.3, 0.2] for d in g} for n, g in r.passkey.items()}
     for s, c in enumerate(r.passkey_copies):
@@ -324,7 +324,7 @@ def test_the_diagnosis_report_shows_each_measurement_where_it_belongs():
             f"{2.5 * (119.5 - L + 1) / (10 * N):.4f} at queries just below 2L, {2.5 * (223.5 - L + 1) / (10 * N):.4f} over "
             f"the last {N // 4} (largest head {4 * (223.5 - L + 1) / (10 * N):.4f}). A share that grows with the query "
             "position is attention dilution: ever more unseen distances draw weight.",
-            row(128, "25.0%"), row(256, "60.0%"), row(0, "+1.50", "0.4"), row(1, "-0.50", "3"),
+            row(128, "25.0%"), row(256, "60.0%"), row(0, "+1.50", "0.4"), row(1, "-0.50", "1.5"),
             f"In head(s) 1 the {N - r.scheme.flat_beyond} far keys together outweigh the nearest key on the bias alone: the "
             "final entry does not separate near from far, and attention mass can drift to the many far keys (dilution).",
             row("head", f"reach, query at {N - 1}", f"reach, query at {L - 1}", "bias drift over distances < L, nats"),
@@ -345,6 +345,10 @@ def test_the_diagnosis_report_shows_each_measurement_where_it_belongs():
     r.far_weight = [0.4, 1.0]  # as much as the nearest key: no dilution
     assert (f"In every head the {N - r.scheme.flat_beyond} far keys together weigh no more than the nearest key on the "
             "bias alone: the final entry acts as a penalty, not as a source of dilution.") in report.markdown(r).splitlines()
+    near = made("t5", n=r.scheme.flat_beyond)  # a window whose farthest key (distance n − 1) is short of the final entry
+    near.final_entry_share, near.final_entry_gap, near.far_weight = {L: 0.0, near.length: 0.0}, [1.5, -0.5], [0.0, 0.0]
+    assert (f"No key of the {near.length}-token window is as far as the final entry: it plays no part here."
+            in report.markdown(near).splitlines())
     r.context_split[1] = (*r.context_split[1][:2], 0.01, -0.005, 0.03)  # an interval that spans 0
     assert ("For tokens that keep local context, the far context makes no difference this evaluation can see (the "
             "interval of Δ spans 0).") in report.markdown(r).splitlines()
@@ -407,6 +411,10 @@ def test_the_passkey_section_names_each_copy_and_what_it_solved():
     assert [x[:16] for x in alone if x.startswith("* ") and " solved " in x] == ["* The copy solve"]
     assert "mean over depths and over the 2 copies. The first byte" in next(
         x for x in pair if x.startswith("The same samples byte by byte"))
+    close = report.markdown(full(copies=[(1.0, 0.5, 0.3), (0.9, 0.2, 0.1)])).splitlines()
+    assert row(L, "1.00", "0.90", "0.95", "0.10", "0.95") in close  # the spread: highest − lowest copy
+    assert next(x for x in close if x.startswith("Where each copy's queries that predict the answer bytes attend (40 "
+                                                 "samples per length, of their own)"))
     two = full(copies=[(1.0, 0.5, 0.25), (0.0, 0.0, 0.0), (0.0, 0.1, 0.0)])
     assert ("No sample was solved at L = 64 by the copies of seeds 1, 2: those fine-tunes did not teach the task "
             "within the training length, so their rows past L say nothing about retrieval there. Raise "

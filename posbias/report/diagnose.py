@@ -296,6 +296,7 @@ def _final_entry_section(r: DiagnoseResult) -> list[str]:
     verdict = (f"In head(s) {', '.join(map(str, diluted))} the {n_far} far keys together outweigh the nearest key on "
                "the bias alone: the final entry does not separate near from far, and attention mass can drift to the "
                "many far keys (dilution)." if diluted else
+               f"No key of the {r.length}-token window is as far as the final entry: it plays no part here." if not n_far else
                f"In every head the {n_far} far keys together weigh no more than the nearest key on the bias alone: the "
                "final entry acts as a penalty, not as a source of dilution.")
     return (["## The final entry (T5: the final bucket)", "",
