@@ -43,8 +43,7 @@ class _Parser(argparse.ArgumentParser):
         if command:
             raise CLIError(f"unknown command {command.group(1)!r} ({command.group(2)})")
         if message == "the following arguments are required: command":  # `posbias`, `posbias --bogus`
-            names = next(a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction))
-            raise CLIError(f"give a command ({', '.join(names)}); posbias --help says what each does")
+            raise CLIError(f"give a command ({', '.join(_subcommands(self))}); posbias --help says what each does")
         raise CLIError(re.sub(r"^argument ([^:]+): ", r"\1 ", message))
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import figures_drawn
+from _helpers import figures_drawn, figures_saved
 
 from posbias import passkey
 from posbias.diagnose import DiagnoseResult
-from posbias.report import comparison
+from posbias.report import comparison, md_row
 from posbias.report import diagnose as report
 from posbias.schemes import build
 
@@ -54,13 +54,7 @@ def made(scheme="alibi", *, layers=2, heads=2, copies=None, hidden=True, shift=0
 
 @pytest.fixture
 def figures(monkeypatch, request):
-    """``{file name: figure}`` of every figure a report saves, kept open to be read (closed after)."""
-    from posbias import plot
-
-    kept = {}
-    monkeypatch.setattr(plot, "save_figure", lambda fig, path: kept.setdefault(Path(path).name, fig) and Path(path))
-    request.addfinalizer(lambda: plot.pyplot().close("all"))
-    return kept
+    return figures_saved(monkeypatch, request)
 
 
 def xy(line):
@@ -74,9 +68,10 @@ def same_line(line, xs, ys):
 
 
 def runs(values, k=K):
-    """``values`` averaged over runs of ``k``, and the runs' middles in units of L (as the figures draw)."""
+    """``values`` averaged over runs of ``k``, and each run's mean position in units of L (as the figures
+    draw)."""
     means = [sum(values[i:i + k]) / k for i in range(0, len(values), k)]
-    return [(i + k / 2) / L for i in range(0, len(values), k)], means
+    return [(i + (k - 1) / 2) / L for i in range(0, len(values), k)], means
 
 
 def copies_mean(r, n, chosen=None):
@@ -142,7 +137,7 @@ def test_the_comparison_figure_has_the_panels_its_diagnoses_fill(figures):
     comparison.plot([("alibi", made("alibi", copies=[(1.0, 0.5, 0.2)], hidden=False))], Path("three.png"))
     comparison.plot([("short", made("alibi", n=2 * L - 2))], Path("short.png"))  # under 128 positions: each drawn
     delta = figures["short.png"].axes[0].get_lines()[0]
-    assert len(delta.get_xdata()) == 2 * L - 2 and float(delta.get_xdata()[0]) == pytest.approx(0.5 / L)
+    assert len(delta.get_xdata()) == 2 * L - 2 and float(delta.get_xdata()[0]) == 0.0
     for name, panels in (("two.png", 2), ("three.png", 3)):
         fig = figures[name]
         assert len(fig.axes) == panels and {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(1, panels)}
@@ -150,7 +145,7 @@ def test_the_comparison_figure_has_the_panels_its_diagnoses_fill(figures):
 
 def test_the_diagnosis_figures_draw_its_measurements_by_position(figures, monkeypatch):
     """report.plots: the loss by position with the full context and cut at L, averaged over runs of
-    N / 64 positions at the runs' middles, L marked; the attention distance of each head in a panel per
+    N / 64 positions at each run's mean position, L marked; the attention distance of each head in a panel per
     layer against uniform attention over every earlier key (mean x / 2); the attention at distance ≥ L
     averaged the same way against uniform attention's share of keys that far; the bias to the whole
     window (additive schemes); the passkey grid, a cell per length and depth, its text dark on the
@@ -164,7 +159,7 @@ def test_the_diagnosis_figures_draw_its_measurements_by_position(figures, monkey
 
     ax, = figures["loss_by_position.png"].axes
     lines = {x.get_label(): x for x in ax.get_lines()}
-    middles = [i + K / 2 for i in range(0, N, K)]
+    middles = [i + (K - 1) / 2 for i in range(0, N, K)]  # each run's mean position
     assert same_line(lines["full context"], middles, runs(r.loss_by_position)[1])
     assert same_line(lines[f"context cut at L = {L}"], middles, runs(r.loss_by_position_cut_at_L)[1])
     assert xy(lines[f"training length {L}"]) == ([L, L], [0, 1])
@@ -212,7 +207,7 @@ def test_the_diagnosis_draws_the_figures_its_measurements_allow(figures, monkeyp
     del r.attention_distance["beyond"]
     assert [p.name for p in report.plots(r, Path("d"))] == ["loss_by_position.png", "attention_distance.png"]
     line = next(x for x in figures["loss_by_position.png"].axes[0].get_lines() if x.get_label() == "full context")
-    assert same_line(line, [p + 0.5 for p in range(2 * L - 2)], r.loss_by_position)
+    assert same_line(line, list(range(2 * L - 2)), r.loss_by_position)
     short = made("alibi", n=2 * L - 2)  # attention at distance ≥ L, query by query too
     report.plots(short, Path("s"))
     fig = figures["attention_beyond_L.png"]
@@ -263,8 +258,13 @@ def test_the_comparison_says_what_hiding_the_far_filler_gives_back_and_where_att
 
 
 def row(*cells):
-    """A Markdown table row as the reports write it."""
-    return "| " + " | ".join(map(str, cells)) + " |"
+    """A table row as the reports write it."""
+    return md_row(cells)
+
+
+def context_delta(r):
+    """Δ over all positions: the mean loss with the full context minus cut at L."""
+    return (sum(r.loss_by_position) - sum(r.loss_by_position_cut_at_L)) / len(r.loss_by_position)
 
 
 def full(copies=((1.0, 0.5, 0.25), (0.95, 0.45, 0.05), (0.0, 0.0, 0.0))):
@@ -303,7 +303,7 @@ def test_the_diagnosis_report_shows_each_measurement_where_it_belongs():
     for line in [
             row("0–63", "1.0000", "1.1000", "-0.1000 [-0.2000, +0.0500]"),
             row("64–255", "2.0000", "1.9000", "+0.1000 [+0.0100, +0.2000]"),
-            row("all", f"{full_mean:.4f}", f"{cut_mean:.4f}", f"{full_mean - cut_mean:+.4f} [+0.0040, +0.0200]"),
+            row("all", f"{full_mean:.4f}", f"{cut_mean:.4f}", f"{context_delta(r):+.4f} [+0.0040, +0.0200]"),
             f"Perplexity {math.exp(full_mean):.3f} with the full context vs {math.exp(cut_mean):.3f} cut at L: the extra "
             "context hurts (the whole interval of Δ is above 0).",
             row("the first 8 of each chunk past L", "12.5%", "-0.3000 [-0.4000, -0.2000]", "-0.0375"),
@@ -439,9 +439,8 @@ def test_the_summary_gives_each_verdict_with_its_delta():
     """The terminal's lines: each Δ with its interval and verdict, attention past L, the bias's move and
     passkey retrieval (each copy, the copies that learned at L, the far filler hidden)."""
     r = full()
-    delta = sum(r.loss_by_position) / N - sum(r.loss_by_position_cut_at_L) / N
     assert report.summary(r) == [
-        f"context past L = {L} (Δ {delta:+.4f} [+0.0040, +0.0200]): {HURTS}",
+        f"context past L = {L} (Δ {context_delta(r):+.4f} [+0.0040, +0.0200]): {HURTS}",
         f"distant keys, for tokens that keep local context (Δ +0.0200 [+0.0100, +0.0300]): {HURTS}",
         f"keys beyond L, against a sliding window of L (Δ +0.0150 [+0.0050, +0.0250]): {HURTS}",
         "far tokens through the layers and the bias's move with the query position, at chunk ends where a window of L "
@@ -484,13 +483,6 @@ def test_the_rotary_section_names_the_pairs_that_meet_angles_past_training():
             "in use keep the others within their trained range.") in report.markdown(r).splitlines()
 
 
-def interval(copies, trials=8):
-    """The passkey cell's interval over several copies: the lowest Wilson bound to the highest (2 depths
-    × 4 samples a copy)."""
-    bounds = [passkey.accuracy_interval(a, trials) for a in copies]
-    return min(lo for lo, _ in bounds), max(hi for _, hi in bounds)
-
-
 def test_the_comparison_table_holds_each_diagnosis_numbers():
     """One row per model: its lengths (a retrofit's fine-tune length), perplexity below L and over the
     window's last half, each Δ with its verdict (none (1 layer) through the layers of a one-layer model
@@ -507,20 +499,19 @@ def test_the_comparison_table_holds_each_diagnosis_numbers():
     ppl = lambda r, part: math.exp(sum(r.loss_by_position[part]) / len(r.loss_by_position[part]))  # noqa: E731
     far_a = (2.5 * (223.5 - L + 1) / (10 * N), 4 * (223.5 - L + 1) / (10 * N))
     far_b = (2.0 * (223.5 - L + 1) / (10 * N), 2.5 * (223.5 - L + 1) / (10 * N))  # one layer, slopes 1.5 and 2.5
-    ctx = sum(a.loss_by_position) / N - sum(a.loss_by_position_cut_at_L) / N
-    lo3, hi3 = interval([1.0, 0.95, 0.0])
+    def cell(mean, copies, tail=""):  # a passkey cell: the interval over the copies, 2 depths × 4 samples each
+        lo, hi = passkey.copies_interval(copies, 8)
+        return f"{mean:.2f} [{lo:.2f}, {hi:.2f}]{tail}"
+
     assert row("t5", f"{L} → {N}", f"{ppl(a, slice(0, L)):.3f}", f"{ppl(a, slice(N // 2, N)):.3f}",
-               f"{ctx:+.4f} [+0.0040, +0.0200] hurts", "+0.0200 [+0.0100, +0.0300] hurts",
+               f"{context_delta(a):+.4f} [+0.0040, +0.0200] hurts", "+0.0200 [+0.0100, +0.0300] hurts",
                "+0.0150 [+0.0050, +0.0250] hurts", "+2.0e-04 [+1.0e-04, +3.0e-04] hurts",
-               f"{far_a[0]:.4f} / {far_a[1]:.4f}", "0.30", f"0.65 [{lo3:.2f}, {hi3:.2f}] (3 copies)",
-               "0.10 [{:.2f}, {:.2f}] (3 copies)".format(*interval([0.25, 0.05, 0.0])),
-               "0.15 [{:.2f}, {:.2f}] (2 of 3)".format(*interval([0.25, 0.05]))) in md
-    ctx = sum(b.loss_by_position) / N - sum(b.loss_by_position_cut_at_L) / N
+               f"{far_a[0]:.4f} / {far_a[1]:.4f}", "0.30", cell(0.65, [1.0, 0.95, 0.0], " (3 copies)"),
+               cell(0.10, [0.25, 0.05, 0.0], " (3 copies)"), cell(0.15, [0.25, 0.05], " (2 of 3)")) in md
     assert row("swapped", f"{L} (fine-tuned at {2 * L}) → {N}", f"{ppl(b, slice(0, L)):.3f}",
-               f"{ppl(b, slice(N // 2, N)):.3f}", f"{ctx:+.4f} no interval", "—", "-0.0200 [-0.0300, -0.0100] helps",
-               "none (1 layer)", f"{far_b[0]:.4f} / {far_b[1]:.4f}", "—",
-               "1.00 [{:.2f}, 1.00]".format(*interval([1.0])), "0.50 [{:.2f}, {:.2f}]".format(*interval([0.5])),
-               "0.50 [{:.2f}, {:.2f}] (1 of 1)".format(*interval([0.5]))) in md
+               f"{ppl(b, slice(N // 2, N)):.3f}", f"{context_delta(b):+.4f} no interval", "—",
+               "-0.0200 [-0.0300, -0.0100] helps", "none (1 layer)", f"{far_b[0]:.4f} / {far_b[1]:.4f}", "—",
+               cell(1.0, [1.0]), cell(0.5, [0.5]), cell(0.5, [0.5], " (1 of 1)")) in md
     assert rows[1]["through_layers"] is None and rows[1]["one_layer_of_offsets"] and rows[0]["through_layers"] == (
         0.0002, 0.0001, 0.0003)
     assert rows[0]["passkey_trials"] == 8 and rows[0]["passkey_hidden"] == {
@@ -617,3 +608,13 @@ def test_a_delta_and_its_verdict_at_their_boundaries():
     assert [report.verdict(*ends) for ends in ((0.0, 0.1), (-0.1, 0.0), (1e-9, 0.1), (-0.1, -1e-9), (None, None))] == [
         "≈ 0", "≈ 0", "hurts", "helps", "no interval"]
 
+
+
+@pytest.mark.parametrize("n,k", [(10, 4), (12, 4), (5, 1)])
+def test_run_positions_are_the_mean_position_of_each_run_smoothed_keeps(n, k):
+    """Each figure point sits at the mean position of the run :func:`smoothed` averaged; a last run
+    short of ``k`` is dropped by both, so points and values always pair up."""
+    values = torch.arange(n, dtype=torch.float64)
+    xs = report.run_positions(n, k)
+    assert xs.tolist() == [i * k + (k - 1) / 2 for i in range(n // k)]
+    assert torch.equal(xs, report.smoothed(values, k))

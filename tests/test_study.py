@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import TINY, figures_drawn, perturb_, random_options
+from _helpers import TINY, figures_drawn, figures_saved, perturb_, random_options
 
 from posbias import checkpoint as ckpt
 from posbias import store
@@ -1434,14 +1434,11 @@ def test_the_study_figures_draw_each_band_and_panel_they_name(tmp_path, monkeypa
     its loss where the axis is a loss; the learned biases are drawn to the longest length."""
     from types import SimpleNamespace
 
-    from posbias import plot
     from posbias.report.study import ZOOM, plots
     from posbias.schemes import build
     from posbias.study import Arm
 
-    figures = {}  # kept open to be read, closed at the end
-    monkeypatch.setattr(plot, "save_figure", lambda fig, path: figures.setdefault(Path(path).name, fig) and Path(path))
-    request.addfinalizer(lambda: plot.pyplot().close("all"))
+    figures = figures_saved(monkeypatch, request)
     drawn = figures_drawn(monkeypatch)  # the learned biases' figure: what it is asked to draw
     curve = [math.log(p + 1) for p in range(64)]  # the loss at position p: log(p + 1); the first and last marked
     curve[0] += 100

@@ -188,11 +188,11 @@ def tests_by_line(contexts: dict[int, list[str]], node_ids: list[str]) -> dict[i
     """coverage.py's ``test_function`` contexts of each line (``test_mod.test_f``, ``test_mod.Class.test_f``;
     ``""`` for code run at import or in a fixture) as the pytest node ids they name among ``node_ids``
     (every parametrisation of a test); a line with the empty context maps to every node id."""
-    def named(context: str) -> list[str]:
-        mod, *rest = context.split(".")
-        return [n for n in node_ids if Path(n.split("::")[0]).stem == mod and n.split("[")[0].split("::")[1:] == rest]
-
-    return {line: (list(node_ids) if "" in found else sorted({n for c in found for n in named(c)}))
+    named: dict[str, list[str]] = {}  # context → its node ids: ``tests/test_mod.py::Class::test_f[p]`` → test_mod.Class.test_f
+    for n in node_ids:
+        path, *name = n.split("[")[0].split("::")
+        named.setdefault(".".join([Path(path).stem, *name]), []).append(n)
+    return {line: (list(node_ids) if "" in found else sorted({n for c in found for n in named.get(c, [])}))
             for line, found in contexts.items()}
 
 
@@ -270,13 +270,14 @@ def main(argv: list[str] | None = None) -> int:
         _copy_project(work)
         env = dict(os.environ, PYTHONPATH=str(work), OMP_NUM_THREADS=str(args.threads))
         target = work / module
-        target.write_text(ast.unparse(ast.parse(source)))  # the unmutated module as the mutants print it
+        printed_source = ast.unparse(ast.parse(source))
+        target.write_text(printed_source)  # the unmutated module as the mutants print it
         start = time.time()
         if args.per_line:
             status, last, node_ids, by_line = _covered(cmd, work, env, target)
-            starts = statement_starts(target.read_text())
+            starts = statement_starts(printed_source)
             # the mutants' lines in the re-printed module coverage measured (same walk, other line numbers)
-            printed = mutants(target.read_text())
+            printed = mutants(printed_source)
             assert [m.what for m in printed] == [m.what for m in every], "ast.unparse changed the mutation sites"
         else:
             status, last = _run(cmd, work, env, 3600)

@@ -44,10 +44,14 @@ def note_replaced(path: Path, new: dict[str, Any], fields: Sequence[str], what: 
             "replaces it (that run's models and caches stay: re-running its command rewrites its report)")
 
 
+def md_row(cells: Sequence[Any]) -> str:
+    """A Markdown table row: ``| a | b |`` (cells via ``str``)."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    """A Markdown table as lines: ``| a | b |``, ``|---|---|``, one line per row (cells via ``str``)."""
-    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"  # noqa: E731
-    return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
+    """A Markdown table as lines: the header, ``|---|---|``, one :func:`md_row` per row."""
+    return [md_row(header), "|" + "---|" * len(header)] + [md_row(r) for r in rows]
 
 
 def paired_cell(p: Paired) -> str:

@@ -22,8 +22,8 @@ from ..config import Log, quiet
 from ..diagnose import DiagnoseResult, kept_row
 from . import (copies_sentence, copy_names, corpus_name, digits_sentence, facing_end, kept_cell, kept_mean, kept_past_l,
                md_table, same_text)
-from .diagnose import (DRIFT, delta_cell, far_attention, mean_losses, no_layers_between, run_length, smoothed,
-                       unseen_pairs)
+from .diagnose import (DRIFT, delta_cell, far_attention, mean_losses, no_layers_between, run_length, run_positions,
+                       smoothed, unseen_pairs)
 from .diagnose import verdict as interval_verdict
 
 Delta = tuple[float, float | None, float | None]  # mean Δ and its 95% interval (None with one window)
@@ -387,7 +387,7 @@ def plot(named: list[tuple[str, DiagnoseResult]], path: Path) -> Path:
         k = run_length(r.length)
         delta = torch.tensor(r.loss_by_position) - torch.tensor(r.loss_by_position_cut_at_L)
         smooth = smoothed(delta, k)
-        xs = (torch.arange(len(smooth)) * k + k / 2) / r.train_len
+        xs = run_positions(len(delta), k) / r.train_len
         line, = left.plot(xs.numpy(), smooth.numpy(), lw=1.2, label=name)
         if "beyond" in r.attention_distance:
             far = torch.tensor(r.attention_distance["beyond"]).mean((0, 1))

@@ -293,12 +293,15 @@ def _final_entry_section(r: DiagnoseResult) -> list[str]:
     s = r.scheme
     n_far = max(0, r.length - s.flat_beyond)
     diluted = [h for h, w in enumerate(r.far_weight) if w > 1]
-    verdict = (f"In head(s) {', '.join(map(str, diluted))} the {n_far} far keys together outweigh the nearest key on "
-               "the bias alone: the final entry does not separate near from far, and attention mass can drift to the "
-               "many far keys (dilution)." if diluted else
-               f"No key of the {r.length}-token window is as far as the final entry: it plays no part here." if not n_far else
-               f"In every head the {n_far} far keys together weigh no more than the nearest key on the bias alone: the "
-               "final entry acts as a penalty, not as a source of dilution.")
+    if diluted:
+        verdict = (f"In head(s) {', '.join(map(str, diluted))} the {n_far} far keys together outweigh the nearest key on "
+                   "the bias alone: the final entry does not separate near from far, and attention mass can drift to "
+                   "the many far keys (dilution).")
+    elif not n_far:
+        verdict = f"No key of the {r.length}-token window is as far as the final entry: it plays no part here."
+    else:
+        verdict = (f"In every head the {n_far} far keys together weigh no more than the nearest key on the bias alone: "
+                   "the final entry acts as a penalty, not as a source of dilution.")
     return (["## The final entry (T5: the final bucket)", "",
              f"{s.name} ({s.extra_repr()}): every distance from {s.flat_beyond} on reads one learned value. Share of "
              "causal query–key pairs on that final entry:", ""]
@@ -546,6 +549,12 @@ def run_length(length: int) -> int:
     return max(1, length // 64)
 
 
+def run_positions(n: int, k: int) -> torch.Tensor:
+    """Where :func:`smoothed` puts its values of ``n`` positions in runs of ``k``: the mean position
+    of each run (the position itself for ``k`` = 1; a last run short of ``k`` is dropped, as there)."""
+    return torch.arange(n // k * k, dtype=torch.float64).view(-1, k).mean(-1)
+
+
 def _loss_plot(r: DiagnoseResult, path: Path, plt) -> Path:
     from ..plot import save_figure
 
@@ -553,9 +562,7 @@ def _loss_plot(r: DiagnoseResult, path: Path, plt) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for losses, label in ((r.loss_by_position, "full context"),
                           (r.loss_by_position_cut_at_L, f"context cut at L = {r.train_len}")):
-        t = torch.tensor(losses)
-        smooth = smoothed(t, k)
-        ax.plot((torch.arange(len(smooth)) * k + k / 2).numpy(), smooth.numpy(), label=label)
+        ax.plot(run_positions(len(losses), k).numpy(), smoothed(torch.tensor(losses), k).numpy(), label=label)
     ax.axvline(r.train_len, color="grey", ls="--", lw=1, label=f"training length {r.train_len}")
     ax.set_xlabel("position in the window")
     ax.set_ylabel("loss (nats/byte)")
@@ -577,8 +584,7 @@ def _head_plot(r: DiagnoseResult, path: Path, plt, key: str, ylabel: str, title:
     x = torch.arange(r.length)
     L = r.train_len
     uniform = x / 2 if key == "mean" else ((x - L + 1).clamp(min=0) / (x + 1))
-    values = smoothed(values, smooth)
-    xs = x[: values.shape[-1] * smooth].view(-1, smooth).float().mean(-1)
+    values, xs = smoothed(values, smooth), run_positions(r.length, smooth)
     for layer in range(layers):
         ax = axes[0, layer]
         for h in range(values.shape[1]):
