@@ -71,17 +71,20 @@ def summary(result: RetrofitResult) -> list[str]:
         return []
     lines = [_best(paired[to], rows, f"{to}", "improves on it")]
     if L in paired:
-        lines.append(_best(paired[L], rows, f"L = {L} (the near range)", "keeps its perplexity"))
+        lines.append(_best(paired[L], rows, f"L = {L} (the near range)", "keeps its perplexity", near=True))
     return lines + ["(Each row against the best, paired over the same windows: *Which differences are real*, below.)", ""]
 
 
-def _best(table: list[Paired], rows: list[dict[str, Any]], where: str, gain: str) -> str:
+def _best(table: list[Paired], rows: list[dict[str, Any]], where: str, gain: str, *, near: bool = False) -> str:
     """One summary sentence: the best row at ``where``, those not distinguishable from it, and the
-    original model's place among them."""
+    original model's place among them. ``near`` (at L): rows tied with the original there keep its
+    perplexity, so "no method keeps it" is said only when none is tied."""
     best, tied = best_and_tied(table)
     others = tied_clause([_row_name(rows[j]) for j in tied], "row")
     if rows[best]["method"] == "original":
-        return f"* **At {where} the model as it was, with no retrofit, is best**{others}: no method here {gain}."
+        said = (f"only {'that row keeps' if len(tied) == 1 else 'those rows keep'} its perplexity" if near and tied
+                else f"no method here {gain}")
+        return f"* **At {where} the model as it was, with no retrofit, is best**{others}: {said}."
     original = any(rows[j]["method"] == "original" for j in tied)
     return (f"* **Best at {where}: {_row_name(rows[best])}**{others}"
             + (". The model as it was is among them: no retrofit here gains anything beyond the noise." if original
@@ -168,10 +171,11 @@ def _decision_section(result: RetrofitResult) -> list[str]:
     untaught = [name for r in finals
                 for name, a in zip((n for n, _ in _row_copies(r)), r["passkey_copies"][L]) if a == 0]
     if untaught:
+        one = len(untaught) == 1
         lines += ["", f"No passkey sample was solved at L = {L} by: {', '.join(untaught)}. The passkey fine-tune "
-                  "did not teach those copies the task within their training length, so their passkey @ "
-                  f"{to} says nothing about retrieval at {to}" + (" (yet it counts in their row's mean)."
-                                                                   if len(seeds) > 1 else ".")]
+                  f"did not teach {'that copy' if one else 'those copies'} the task within {'its' if one else 'their'} "
+                  f"training length, so {'its' if one else 'their'} passkey @ {to} says nothing about retrieval at "
+                  f"{to}" + (f" (yet {'it' if one else 'each'} counts in its row's mean)." if len(seeds) > 1 else ".")]
     return lines
 
 
