@@ -236,8 +236,8 @@ def learned_sentence(named: list[tuple[str, dict | None]]) -> str:
                      key=lambda item: item[1]["learned_at"])
     missed = [(name, r) for name, r in probed if r["learned_at"] is None]
     target = probed[0][1]["target"]
-    return (f"The passkey copies had learned the task at L (≥ {target:g} of their probe) by step: "
-            + (", ".join(f"{name} {r['learned_at']}" for name, r in learned) or "none")
+    return (f"The passkey copies had learned the task at L (≥ {target:g} of their probe): "
+            + (", ".join(f"{name} by step {r['learned_at']}" for name, r in learned) or "none")
             + (f"; not within {max(r['steps'] for _, r in missed)} steps: " + ", ".join(name for name, _ in missed)
                if missed else "") + ".")
 

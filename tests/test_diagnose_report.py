@@ -528,8 +528,8 @@ def test_the_comparison_table_holds_each_diagnosis_numbers():
         f"({far_a[0]:.4f}) and smallest in swapped ({far_b[0]:.4f}).",
         "The bias moves with the query position past L in t5 (up to 0.30 nats); in the others it depends on i − j alone, "
         "or there is none.",
-        "The passkey copies had learned the task at L (≥ 0.9 of their probe) by step: t5 seed 0 10, t5 seed 1 10; not "
-        "within 10 steps: t5 seed 2.",
+        "The passkey copies had learned the task at L (≥ 0.9 of their probe): t5 seed 0 by step 10, t5 seed 1 by step "
+        "10; not within 10 steps: t5 seed 2.",
         "Each copy, solved at L → at the window's length: t5 1.00 → 0.25, 0.95 → 0.05, 0.00 → 0.00. Copies that solved "
         "no sample at L (past L they say nothing about retrieval, yet count in their model's mean): t5 seed 2.",
         "Of the copies that solved at least 0.9 at L, solved at the window's length (their mean; what a scheme keeps "

@@ -213,7 +213,7 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
     fits = [f for r in res.rows if r["passkey"] is not None for f in r["passkey_fits"]]
     assert fits and all(f["steps"] == 2 and f["probes"][0][0] == 0 and f["learned_at"] is None for f in fits)
     assert "passkey: a copy trained at L for 2 steps (batches of seed 0);" in md and "`--passkey-seeds 0 1 2`" in md
-    assert "The passkey copies had learned the task at L (≥ 0.9 of their probe) by step: none; " \
+    assert "The passkey copies had learned the task at L (≥ 0.9 of their probe): none; " \
            "not within 2 steps: original (before), pi (fine-tuned 2), yarn (fine-tuned 2), swap-alibi (fine-tuned 2)." in md
     # the cost of what each method ends with: the median of timed pairs, inside their lowest and highest
     for r in res.rows:
@@ -1788,7 +1788,7 @@ def test_diagnose_records_how_the_passkey_copy_was_taught(tmp_path, corpus, monk
     assert "it trained all 6 steps and its probe at L never reached 0.9 (the last, at step 4: 0.00)" in md["alibi"]
     assert "it trained all 6 steps and had learned the task (≥ 0.9 of the probe at L) by step 2" in md["rope"]
     said = comparison.sentences([comparison.row(s, r) for s, r in got.items()])
-    assert ("The passkey copies had learned the task at L (≥ 0.9 of their probe) by step: rope 2, t5 4; "
+    assert ("The passkey copies had learned the task at L (≥ 0.9 of their probe): rope by step 2, t5 by step 4; "
             "not within 6 steps: alibi.") in said
 
 

@@ -191,9 +191,9 @@ def test_the_decision_table_with_several_copies():
     rest = lines[head + 7:]
     assert rest == [
         "",
-        "The passkey copies had learned the task at L (≥ 0.9 of their probe) by step: pi (no fine-tune) seed 0 40, "
-        "pi (no fine-tune) seed 1 60, pi (no fine-tune) seed 2 80, original (before) seed 0 120, original (before) "
-        "seed 1 200; not within 300 steps: original (before) seed 2.",
+        "The passkey copies had learned the task at L (≥ 0.9 of their probe): pi (no fine-tune) seed 0 by step 40, "
+        "pi (no fine-tune) seed 1 by step 60, pi (no fine-tune) seed 2 by step 80, original (before) seed 0 by step "
+        "120, original (before) seed 1 by step 200; not within 300 steps: original (before) seed 2.",
         "",
         "With the far filler hidden, each copy that learned the task at L and lost some of it at 1024:",
         "",
@@ -327,6 +327,7 @@ def test_the_figure_has_a_line_per_row_a_colour_per_method_a_style_per_stage(fig
     assert len({colours[n] for n in ("original (before)", "pi (no fine-tune)", "ntk (no fine-tune)")}) == 3
     assert [float(x) for x in lines["training length"].get_xdata()] == [256.0, 256.0]
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert ax.xaxis.get_transform().base == 2  # the lengths are powers of two
     assert ax.get_xlabel() == "evaluation length (tokens)" and ax.get_ylabel() == "perplexity (bytes)"
     assert ax.get_title() == "Retrofit to 1024 tokens (dotted: before, dashed: no fine-tune, solid: fine-tuned)"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == list(lines)
@@ -379,3 +380,22 @@ def test_several_untaught_copies_are_named_in_the_plural():
         "No passkey sample was solved at L = 256 by: original (before) seed 2, ntk (no fine-tune) seed 0. The passkey "
         "fine-tune did not teach those copies the task within their training length, so their passkey @ 1024 says "
         "nothing about retrieval at 1024 (yet each counts in its row's mean).")
+
+
+def test_two_copies_are_several():
+    """Two passkey seeds: the cells count the copies, the kept column and the per-copy sentence appear, and an
+    untaught copy still counts in its row's mean."""
+    rows = [row("original", "before", [10.0, 14.0, 20.0], final=True, cost=(1.0, 1.0, 1.0),
+                key=key([1.0, 0.0], [0.3, 0.0], interval=((0.01, 0.99), (0.0, 0.52)))),
+            row("pi", "no fine-tune", [12.0, 12.5, 13.0], final=True, cost=(1.0, 1.0, 1.0),
+                key=key([1.0, 0.9], [0.5, 0.4], interval=((0.7, 1.0), (0.2, 0.7))))]
+    lines = lines_of(result(rows, seeds=(0, 1)))
+    head = next(i for i, line in enumerate(lines) if line.startswith("Decision table"))
+    assert lines[head].startswith("Decision table (passkey: 2 copies, of seeds 0, 1, each trained at L for 300 steps")
+    assert lines[head + 2].split(" | ")[7] == "passkey @ 1024, copies ≥ 0.9 at L"
+    assert lines[head + 4].split(" | ")[5:8] == ["0.50 [0.01, 0.99] (2 copies)", "0.15 [0.00, 0.52] (2 copies)",
+                                                 "0.30 [0.15, 0.52] (1 of 2)"]
+    assert "Each copy, solved at L → at 1024: original (before) 1.00 → 0.30, 0.00 → 0.00; pi (no fine-tune) " \
+           "1.00 → 0.50, 0.90 → 0.40." in lines
+    assert lines[-1].endswith("says nothing about retrieval at 1024 (yet it counts in its row's mean).")
+    assert lines[-1].startswith("No passkey sample was solved at L = 256 by: original (before) seed 1. ")

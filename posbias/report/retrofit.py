@@ -220,7 +220,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
-    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    cmap = plt.get_cmap("tab10")  # ten colours: the original and every method of METHODS (seven) fit
     colour = {m: cmap(k) for k, m in enumerate(methods)}
     for r in result["rows"]:
         xs = sorted(r["ppl"], key=int)
