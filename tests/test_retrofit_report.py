@@ -83,9 +83,14 @@ def lines_of(res):
     return report.markdown(res).splitlines()
 
 
+def at(lines, start):
+    """The index of the first line that starts with ``start``."""
+    return next(i for i, line in enumerate(lines) if line.startswith(start))
+
+
 def after(lines, start, count):
     """``count`` lines after the first that starts with ``start``."""
-    i = next(i for i, line in enumerate(lines) if line.startswith(start))
+    i = at(lines, start)
     return lines[i + 1:i + 1 + count]
 
 
@@ -140,7 +145,7 @@ def test_the_summary_names_the_best_row_its_ties_and_where_the_original_stands()
 
 def test_the_paired_table_counts_each_lengths_windows_and_warns_of_few():
     lines = lines_of(result(three_rows(), paired=three_paired()))
-    i = next(i for i, line in enumerate(lines) if line.startswith("Which differences are real"))
+    i = at(lines, "Which differences are real")
     assert lines[i] == (
         "Which differences are real: perplexity relative to the best row at each length, 95% interval paired over "
         "the same windows (12 at 256, 6 at 512, 3 at 1024); (≈ best): not distinguishable from the best at this "
@@ -159,7 +164,7 @@ def test_the_paired_table_counts_each_lengths_windows_and_warns_of_few():
     for r in rows:
         r["window_loss"] = {n: [0.0] * (64 * TO // n) for n in LENS}
     lines = lines_of(result(rows, paired=three_paired()))
-    i = next(i for i, line in enumerate(lines) if line.startswith("Which differences are real"))
+    i = at(lines, "Which differences are real")
     assert lines[i].endswith("(256 at 256, 128 at 512, 64 at 1024); (≈ best): not distinguishable from the best at "
                              "this evaluation size.")
     assert not any(line.startswith("Which differences") for line in lines_of(result(three_rows())))
@@ -167,7 +172,7 @@ def test_the_paired_table_counts_each_lengths_windows_and_warns_of_few():
 
 def test_the_decision_table_with_several_copies():
     lines = lines_of(result(three_rows(), paired=three_paired()))
-    head = next(i for i, line in enumerate(lines) if line.startswith("Decision table"))
+    head = at(lines, "Decision table")
     assert lines[head] == (
         "Decision table (passkey: 3 copies, of seeds 0, 1, 2, each trained at L for 300 steps, fewer once it solved "
         "0.9 of a probe there; mean accuracy over 5 depths and copies, with the 95% Wilson interval from the lowest "
@@ -234,7 +239,7 @@ def one_copy_rows():
 
 def test_the_decision_table_with_one_copy_holds_what_each_method_ends_with():
     lines = lines_of(result(one_copy_rows(), seeds=None, until=0.0, finetune_steps=50))
-    head = next(i for i, line in enumerate(lines) if line.startswith("Decision table"))
+    head = at(lines, "Decision table")
     assert lines[head].startswith(
         "Decision table (passkey: a copy trained at L for 300 steps (batches of seed 0); mean accuracy over 5 depths "
         "with its 95% Wilson interval over samples (one copy is one draw: copies of one model can read far apart; "
@@ -263,7 +268,7 @@ def test_the_decision_table_with_one_copy_holds_what_each_method_ends_with():
 
 def test_no_passkey_test_or_no_compare():
     lines = lines_of(result(one_copy_rows(), passkey_steps=0, finetune_steps=50))
-    head = next(i for i, line in enumerate(lines) if line.startswith("Decision table"))
+    head = at(lines, "Decision table")
     assert lines[head:] == [
         "Decision table (no passkey test: --passkey-steps 0; attention cost: a forward pass at 1024 tokens relative "
         "to the original model, the median of 6 pairs timed back to back in this run, with the lowest and highest "
@@ -390,7 +395,7 @@ def test_two_copies_are_several():
             row("pi", "no fine-tune", [12.0, 12.5, 13.0], final=True, cost=(1.0, 1.0, 1.0),
                 key=key([1.0, 0.9], [0.5, 0.4], interval=((0.7, 1.0), (0.2, 0.7))))]
     lines = lines_of(result(rows, seeds=(0, 1)))
-    head = next(i for i, line in enumerate(lines) if line.startswith("Decision table"))
+    head = at(lines, "Decision table")
     assert lines[head].startswith("Decision table (passkey: 2 copies, of seeds 0, 1, each trained at L for 300 steps")
     assert lines[head + 2].split(" | ")[7] == "passkey @ 1024, copies ≥ 0.9 at L"
     assert lines[head + 4].split(" | ")[5:8] == ["0.50 [0.01, 0.99] (2 copies)", "0.15 [0.00, 0.52] (2 copies)",
