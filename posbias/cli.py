@@ -529,9 +529,19 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
 
 
 # -- retrofit ---------------------------------------------------------------------------------
+def _defaults(config: type) -> dict[str, Any]:
+    """A config dataclass's field defaults by name: a command's flags take them from there, so
+    ``posbias retrofit`` runs what ``RetrofitConfig(...)`` runs, with no second copy of a number."""
+    import dataclasses
+
+    return {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+
+
 def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
     from .evaluate import MIN_SEGMENTS, SEGMENTS
-    from .retrofit import METHODS
+    from .retrofit import METHODS, RetrofitConfig
+
+    d = _defaults(RetrofitConfig)
 
     p = sub.add_parser("retrofit", help="extend a trained model to a longer context (RoPE scalings, T5 max_distance, "
                        "swap to ALiBi/T5), before/after table; --compare for the decision table",
@@ -542,9 +552,10 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"one or more of: {', '.join(METHODS)} (default with --compare: every method that fits)")
     p.add_argument("--compare", action="store_true",
                    help="the decision table: every fitting method, passkey accuracy, extra parameters, attention cost")
-    p.add_argument("--finetune-steps", type=int, default=0, help="language-model fine-tune at --to after each method")
-    p.add_argument("--finetune-batch", type=int, default=4, help="sequences per fine-tune step")
-    p.add_argument("--finetune-lr", type=float, default=3e-4, help="peak fine-tune learning rate")
+    p.add_argument("--finetune-steps", type=int, default=d["finetune_steps"],
+                   help="language-model fine-tune at --to after each method")
+    p.add_argument("--finetune-batch", type=int, default=d["finetune_batch"], help="sequences per fine-tune step")
+    p.add_argument("--finetune-lr", type=float, default=d["finetune_lr"], help="peak fine-tune learning rate")
     p.add_argument("--pos-lr-mult", type=float,
                    help="the positional parameters' multiple of every fine-tune's learning rate (default: the "
                         "checkpoint's training value, train.pos_lr_mult)")
@@ -552,17 +563,18 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-tokens", type=int,
                    help="validation tokens scored at each length, in segments spread evenly over the split (default: "
                         f"{SEGMENTS} segments of the longest length; fewer give too narrow intervals; at least {MIN_SEGMENTS})")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int, default=d["seed"],
                    help="seed of the fine-tunes' batches and the passkey copies' training: another seed is another "
                         "draw of every fine-tune (its own cache and models), to tell a method from one fine-tune's luck")
-    _add_passkey_fit_arguments(p, "with --compare; 0 skips the passkey test", "--seed")
-    _add_checkpoint_job_arguments(p, "retrofit", cmd_retrofit)
+    _add_passkey_fit_arguments(p, d, "with --compare; 0 skips the passkey test", "--seed")
+    _add_checkpoint_job_arguments(p, d, "retrofit", cmd_retrofit)
 
 
-def _add_checkpoint_job_arguments(p: argparse.ArgumentParser, kind: str, func: Callable) -> None:
-    """The flags every job on a checkpoint shares (device, data, output folder, quiet)."""
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=2, help="torch threads, fixed for reproducible results")
+def _add_checkpoint_job_arguments(p: argparse.ArgumentParser, d: dict[str, Any], kind: str, func: Callable) -> None:
+    """The flags every job on a checkpoint shares (device, data, output folder, quiet); ``d``: the job's
+    config defaults (:func:`_defaults`)."""
+    p.add_argument("--device", default=d["device"], help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=d["threads"], help="torch threads, fixed for reproducible results")
     _corpus_args(p, " (measure on the text the checkpoint was trained on: the report says whether it is)")
     p.add_argument("--out", help=f"default: runs/{kind}-<model folder's name>"
                    + (", or with several models runs/diagnose-<the first PATH's name>" if kind == "diagnose" else ""))
@@ -647,7 +659,10 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
 
 # -- diagnose ---------------------------------------------------------------------------------
 def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
+    from .diagnose import DiagnoseConfig
     from .evaluate import MIN_SEGMENTS, SEGMENTS
+
+    d = _defaults(DiagnoseConfig)
 
     p = sub.add_parser("diagnose", help="report why a checkpoint does (not) generalise: loss by position (local "
                        "context vs distant keys), attention distance and attention beyond L, buckets, reach and "
@@ -661,21 +676,23 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
                         "(every model in it)")
     p.add_argument("--length", type=int, help="window examined, longer than the training length L (default 8 L; "
                                               "at least 2 L to measure far tokens at chunk ends)")
-    p.add_argument("--windows", type=int, default=4, help="validation windows for the attention statistics")
+    p.add_argument("--windows", type=int, default=d["windows"], help="validation windows for the attention statistics")
     p.add_argument("--eval-tokens", type=int,
                    help=f"validation tokens for the loss by position (at least {MIN_SEGMENTS} windows; they are "
                         f"spread evenly over the split; default: {SEGMENTS} windows of --length)")
-    _add_passkey_fit_arguments(p, "0 skips the passkey test", "seed 0")
-    p.add_argument("--passkey-samples", type=int, default=24, help="passkey samples per (length, depth) cell")
-    _add_checkpoint_job_arguments(p, "diagnose", cmd_diagnose)
+    _add_passkey_fit_arguments(p, d, "0 skips the passkey test", f"seed {' '.join(map(str, d['passkey_seeds']))}")
+    p.add_argument("--passkey-samples", type=int, default=d["passkey_samples"],
+                   help="passkey samples per (length, depth) cell")
+    _add_checkpoint_job_arguments(p, d, "diagnose", cmd_diagnose)
 
 
-def _add_passkey_fit_arguments(p: argparse.ArgumentParser, steps_note: str, seed_note: str) -> None:
-    """--passkey-steps, --passkey-until and --passkey-seeds (:func:`posbias.passkey.teach`)."""
-    p.add_argument("--passkey-steps", type=int, default=2400,
+def _add_passkey_fit_arguments(p: argparse.ArgumentParser, d: dict[str, Any], steps_note: str, seed_note: str) -> None:
+    """--passkey-steps, --passkey-until and --passkey-seeds (:func:`posbias.passkey.teach`); ``d``: the job's
+    config defaults."""
+    p.add_argument("--passkey-steps", type=int, default=d["passkey_steps"],
                    help=f"steps of each passkey fine-tune ({steps_note}); a probe at the training length every 100 "
                         "steps records when each copy learned the task")
-    p.add_argument("--passkey-until", type=float, default=0.0,
+    p.add_argument("--passkey-until", type=float, default=d["passkey_until"],
                    help="end a passkey fine-tune once the copy solves this share of the probe (faster, but its "
                         "accuracy past L then compares only with copies stopped the same way); 0 trains every step")
     p.add_argument("--passkey-seeds", "--passkey-seed", type=int, nargs="+", metavar="K",
@@ -744,7 +761,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     out = Path(args.out or f"runs/diagnose-{named}")  # one model: its folder's full name, key included
     cfg = DiagnoseConfig(length=args.length, windows=args.windows, eval_tokens=args.eval_tokens,
                          passkey_steps=args.passkey_steps, passkey_until=args.passkey_until,
-                         passkey_samples=args.passkey_samples, passkey_seeds=tuple(args.passkey_seeds or (0,)),
+                         passkey_samples=args.passkey_samples, passkey_seeds=tuple(args.passkey_seeds or DiagnoseConfig.passkey_seeds),
                          device=args.device, threads=args.threads)
     corpus = _load_corpus(args)
     for name, _, path in targets:  # before any work: a bad --length for the last model would waste the others'

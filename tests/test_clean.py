@@ -152,11 +152,14 @@ def test_diagnose_of_a_study_folder_passes_over_stale_models_beside_current_ones
     from posbias.cli import _model_targets
 
     out, mdir = _study(tmp_path, text_file, capsys)
-    for name, scheme in (("t5-seed0-0123456789", "t5"), ("alibi-seed0-0123456789", "alibi")):
+    for k, (name, scheme) in enumerate((("t5-seed0-0123456789", "t5"), ("alibi-seed0-0123456789", "alibi"))):
         old = mdir.with_name(name)
         shutil.copytree(mdir, old)
         key = json.loads((old / "key.json").read_text())
         (old / "key.json").write_text(json.dumps({**key, "code": "000000000000", "scheme": scheme}))
+        if k == 0:  # two models in the folder, the current one and a stale one of its name
+            assert [name for _, name, _ in _model_targets([str(out)])] == [mdir.name]
+            assert "passing over 1 model folder(s)" in capsys.readouterr().out
     got = _model_targets([str(out)])
     assert [(label, name) for label, name, _ in got] == [("alibi-seed0", "alibi-seed0-0123456789"),
                                                          ("t5-seed0", mdir.name)]
