@@ -223,3 +223,27 @@ def test_a_call_on_cuda_waits_for_nothing(name, backend, train):
                 out.float().sum().backward()
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+def test_same_compares_runs_by_start_and_length_and_others_by_value():
+    """:func:`positions.same` is ``torch.equal`` for positions, two runs answering without a read: the
+    same start and length are the same positions; another start or another length are not."""
+    assert positions.same(run(3, 4), run(3, 4))
+    assert not positions.same(run(3, 4), run(4, 4))
+    assert not positions.same(run(3, 4), run(3, 5))
+    given = torch.tensor([3, 4, 5, 6])
+    assert positions.same(given, given.clone()) and positions.same(run(3, 4), given)
+    assert not positions.same(given, torch.tensor([3, 4, 5, 7]))  # same shape, another value
+    assert not positions.same(given, torch.tensor([3, 4, 5]))  # another shape
+    assert not positions.same(run(3, 3), given)
+
+
+@pytest.mark.parametrize("gathered", [False, True], ids=["one by one", "read together"])
+def test_two_positions_that_do_not_step_by_one_are_not_consecutive(gathered, monkeypatch):
+    """Two positions are the shortest case a step is checked in (one is consecutive by itself): 3, 7 is
+    not a run, 3, 4 is; the same where positions are read together, as on CUDA (forced here)."""
+    monkeypatch.setattr(positions, "read_ahead", lambda device: gathered)
+    gap, step, one = torch.tensor([3, 7]), torch.tensor([3, 4]), torch.tensor([9])
+    assert not consecutive(gap) and consecutive(step) and consecutive(one)
+    assert starts(gap, step, one) == [None, 3, 9]
+    assert starts(torch.tensor([3, 7, 8]), torch.tensor([5, 6, 7])) == [None, 5]
