@@ -198,6 +198,9 @@ def test_sinusoidal_embedding_values():
         ("rope", {"base": 1e-4}, "base must be > 1"),
         ("fire", {"init_c": -1.0}, "init_c must be a positive"),
         ("t5", {"buckets": 3}, "has no option"),
+        # a bool is an int to Python, not an integer or a number to an option
+        ("t5", {"num_buckets": True}, r"num_buckets must be an integer \(scheme 't5'\), got True"),
+        ("rope", {"scaling": "ntk", "factor": True}, r"factor must be a number \(scheme 'rope'\), got True"),
     ],
 )
 def test_bad_hyperparameters(name, options, match):
