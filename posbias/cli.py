@@ -566,7 +566,7 @@ def add_retrofit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d["seed"],
                    help="seed of the fine-tunes' batches and the passkey copies' training: another seed is another "
                         "draw of every fine-tune (its own cache and models), to tell a method from one fine-tune's luck")
-    _add_passkey_fit_arguments(p, d, "with --compare; 0 skips the passkey test", "--seed")
+    _add_passkey_fit_arguments(p, d, "with --compare; 0 skips the passkey test")
     _add_checkpoint_job_arguments(p, d, "retrofit", cmd_retrofit)
 
 
@@ -680,26 +680,27 @@ def add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-tokens", type=int,
                    help=f"validation tokens for the loss by position (at least {MIN_SEGMENTS} windows; they are "
                         f"spread evenly over the split; default: {SEGMENTS} windows of --length)")
-    _add_passkey_fit_arguments(p, d, "0 skips the passkey test", f"seed {' '.join(map(str, d['passkey_seeds']))}")
+    _add_passkey_fit_arguments(p, d, "0 skips the passkey test")
     p.add_argument("--passkey-samples", type=int, default=d["passkey_samples"],
                    help="passkey samples per (length, depth) cell")
     _add_checkpoint_job_arguments(p, d, "diagnose", cmd_diagnose)
 
 
-def _add_passkey_fit_arguments(p: argparse.ArgumentParser, d: dict[str, Any], steps_note: str, seed_note: str) -> None:
+def _add_passkey_fit_arguments(p: argparse.ArgumentParser, d: dict[str, Any], steps_note: str) -> None:
     """--passkey-steps, --passkey-until and --passkey-seeds (:func:`posbias.passkey.teach`); ``d``: the job's
-    config defaults."""
+    config defaults (a passkey seed of None: one copy, of --seed)."""
+    seeds = d["passkey_seeds"]
     p.add_argument("--passkey-steps", type=int, default=d["passkey_steps"],
                    help=f"steps of each passkey fine-tune ({steps_note}); a probe at the training length every 100 "
                         "steps records when each copy learned the task")
     p.add_argument("--passkey-until", type=float, default=d["passkey_until"],
                    help="end a passkey fine-tune once the copy solves this share of the probe (faster, but its "
                         "accuracy past L then compares only with copies stopped the same way); 0 trains every step")
-    p.add_argument("--passkey-seeds", "--passkey-seed", type=int, nargs="+", metavar="K",
+    p.add_argument("--passkey-seeds", "--passkey-seed", type=int, nargs="+", metavar="K", default=seeds,
                    help="seeds of the passkey fine-tunes' batches, one copy each (its folder, probe and cells named by "
                         "it; the test samples stay the same): several tell a copy's luck from the model's; the cells "
                         "are their mean, each copy and the spread reported (each copy ~3.5 min on a demo model, 2 CPU "
-                        f"cores; default: one copy, of {seed_note})")
+                        f"cores; default: one copy, of {'--seed' if seeds is None else 'seed ' + ' '.join(map(str, seeds))})")
 
 
 def _model_targets(paths: list[str]) -> list[tuple[str, str, Path]]:
@@ -761,7 +762,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     out = Path(args.out or f"runs/diagnose-{named}")  # one model: its folder's full name, key included
     cfg = DiagnoseConfig(length=args.length, windows=args.windows, eval_tokens=args.eval_tokens,
                          passkey_steps=args.passkey_steps, passkey_until=args.passkey_until,
-                         passkey_samples=args.passkey_samples, passkey_seeds=tuple(args.passkey_seeds or DiagnoseConfig.passkey_seeds),
+                         passkey_samples=args.passkey_samples, passkey_seeds=tuple(args.passkey_seeds),
                          device=args.device, threads=args.threads)
     corpus = _load_corpus(args)
     for name, _, path in targets:  # before any work: a bad --length for the last model would waste the others'

@@ -180,17 +180,6 @@ def figures_drawn(monkeypatch):
     return drawn
 
 
-def figures_saved(monkeypatch, request):
-    """``{file name: figure}`` of every figure a command then saves (none is written), kept open to be
-    read and closed when the test ends: what a figure draws, where a file of the right name is not enough."""
-    from posbias import plot
-
-    kept = {}
-    monkeypatch.setattr(plot, "save_figure", lambda fig, path: kept.setdefault(Path(path).name, fig) and Path(path))
-    request.addfinalizer(lambda: plot.pyplot().close("all"))
-    return kept
-
-
 class RunsOnLoad:
     """A pickled object whose loading would create ``marker`` (as a hostile ``trainer.pt`` or
     ``pytorch_model.bin`` could run anything): reading it with ``weights_only=True`` must refuse it."""

@@ -2,6 +2,7 @@ import inspect
 import os
 import signal
 import sys
+from pathlib import Path
 
 import numpy
 import pytest
@@ -69,3 +70,15 @@ def text_file(tmp_path_factory):
     f = tmp_path_factory.mktemp("corpus") / "data.txt"
     f.write_text("".join(f"row {i}: pack my box with {i % 17} dozen liquor jugs\n" for i in range(900)))
     return f
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """``{file name: figure}`` of every figure the test then has saved (none is written), kept open to be
+    read and closed when the test ends: what a figure draws, where a file of the right name is not enough."""
+    from posbias import plot
+
+    kept = {}
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path: kept.setdefault(Path(path).name, fig) and Path(path))
+    yield kept
+    plot.pyplot().close("all")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import figures_drawn, tiny_checkpoint
+from _helpers import TINY_L, figures_drawn, tiny_checkpoint
 
 from posbias import build
 from posbias.cli import build_parser, main
@@ -698,56 +698,56 @@ def test_a_retrofit_writes_beside_the_others_under_its_models_name_unless_told(t
     assert _prepare_checkpoint_job(args, "retrofit") == tmp_path / "here"
 
 
-def test_retrofit_and_diagnose_run_their_configs_defaults(tmp_path, monkeypatch, capsys):
+@pytest.fixture()
+def stopped_jobs(monkeypatch):
+    """``run_retrofit`` and ``run_diagnose`` replaced by a stop (ValueError, one line and exit 2) that
+    records what the command handed them: ``(config, keyword arguments)`` per call."""
+    from posbias import diagnose, retrofit
+
+    ran = []
+
+    def stop(_path, cfg, *args, **kwargs):
+        ran.append((cfg, kwargs))
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(retrofit, "run_retrofit", stop)
+    monkeypatch.setattr(diagnose, "run_diagnose", stop)
+    return ran
+
+
+def test_retrofit_and_diagnose_run_their_configs_defaults(tmp_path, stopped_jobs, capsys):
     """With no flag but the required ones, ``posbias retrofit`` and ``posbias diagnose`` run exactly
     ``RetrofitConfig(to, methods)`` and ``DiagnoseConfig()``: every flag's default is the config's
     (a second copy of those numbers in the parser once went unchecked: another default passed). A
     checkpoint that records no corpus gets no line about the text; retrofit without --to is refused
     by name."""
-    from _helpers import TINY_L
-
-    from posbias import diagnose, retrofit
+    from posbias.diagnose import DiagnoseConfig
+    from posbias.retrofit import RetrofitConfig
 
     path = tiny_checkpoint(tmp_path / "rope-seed0-0123456789" / "final", "rope")
-    ran = []
-
-    def stop(_path, cfg, *args, **kwargs):
-        ran.append(cfg)
-        assert kwargs["progress"]  # bars unless --quiet
-        raise ValueError("stopped by the test")
-
-    monkeypatch.setattr(retrofit, "run_retrofit", stop)
-    monkeypatch.setattr(diagnose, "run_diagnose", stop)
     main(["retrofit", str(path), "--to", str(4 * TINY_L), "--method", "pi", "--out", str(tmp_path / "r")])
     main(["diagnose", str(path), "--out", str(tmp_path / "d")])
-    assert ran == [retrofit.RetrofitConfig(to=4 * TINY_L, methods=("pi",)), diagnose.DiagnoseConfig()]
+    assert [cfg for cfg, _ in stopped_jobs] == [RetrofitConfig(to=4 * TINY_L, methods=("pi",)), DiagnoseConfig()]
+    assert all(kwargs["progress"] for _, kwargs in stopped_jobs)  # bars unless --quiet
     assert "trained on" not in capsys.readouterr().out  # tiny_checkpoint records no corpus: nothing to compare
     assert main(["retrofit", str(path), "--method", "pi"]) == 2
     assert capsys.readouterr().err.strip().endswith("the following arguments are required: --to")
 
 
-def test_diagnose_writes_where_its_help_says_and_retrofit_names_the_methods_that_fit(tmp_path, monkeypatch, capsys):
+def test_diagnose_writes_where_its_help_says_and_retrofit_names_the_methods_that_fit(tmp_path, monkeypatch,
+                                                                                      stopped_jobs, capsys):
     """Without --out, one model's diagnosis goes to ``runs/diagnose-<its folder>`` and several models' to
     ``runs/diagnose-<the first PATH's name>/<label>``, as ``--help`` says; a retrofit with neither
     --method nor --compare names the methods that fit the checkpoint's scheme."""
-    from _helpers import TINY_L
-
-    from posbias import diagnose
     from posbias.cli import _subcommands
 
     monkeypatch.chdir(tmp_path)
     one = tiny_checkpoint(tmp_path / "rope-seed0-0123456789" / "final", "rope")
     tiny_checkpoint(tmp_path / "s" / "models" / "t5-seed0-abcdefabcd" / "final", "t5")
-    outs = []
-
-    def stop(_path, cfg, **kwargs):
-        outs.append(kwargs["out"])
-        raise ValueError("stopped by the test")
-
-    monkeypatch.setattr(diagnose, "run_diagnose", stop)
     main(["diagnose", str(one)])
     main(["diagnose", "s", str(one)])
-    assert outs == [Path("runs/diagnose-rope-seed0-0123456789"), Path("runs/diagnose-s/t5-seed0")]
+    assert [kwargs["out"] for _, kwargs in stopped_jobs] == [Path("runs/diagnose-rope-seed0-0123456789"),
+                                                             Path("runs/diagnose-s/t5-seed0")]
     helps = {name: " ".join(p.format_help().split()) for name, p in _subcommands(build_parser()).items()}
     assert "--out OUT default: runs/diagnose-<model folder's name>, or with several models " \
            "runs/diagnose-<the first PATH's name>" in helps["diagnose"]

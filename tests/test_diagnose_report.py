@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import figures_drawn, figures_saved
+from _helpers import figures_drawn
 
 from posbias import passkey
 from posbias.diagnose import DiagnoseResult
@@ -52,11 +52,6 @@ def made(scheme="alibi", *, layers=2, heads=2, copies=None, hidden=True, shift=0
     return r
 
 
-@pytest.fixture
-def figures(monkeypatch, request):
-    return figures_saved(monkeypatch, request)
-
-
 def xy(line):
     return [float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()]
 
@@ -81,7 +76,7 @@ def copies_mean(r, n, chosen=None):
     return sum(each[i] for i in chosen) / len(chosen)
 
 
-def test_the_comparison_figure_draws_each_models_lines_in_units_of_L(figures):
+def test_the_comparison_figure_draws_each_models_lines_in_units_of_L(saved_figures):
     """comparison.png: Δ (full − cut) and the attention at distance ≥ L by position / L, averaged over
     runs of N / 64 positions, one line per model in one colour across the panels; passkey accuracy by
     length / L on a log₂ axis, solid where the model solved samples at L and dotted (named untaught)
@@ -90,7 +85,7 @@ def test_the_comparison_figure_draws_each_models_lines_in_units_of_L(figures):
     taught = made("alibi", copies=[(1.0, 0.5, 0.25), (0.95, 0.45, 0.05), (0.2, 0.0, 0.0)])
     untaught = made("t5", copies=[(0.0, 0.0, 0.0)], hidden=False, shift=0.5)
     comparison.plot([("alibi", taught), ("t5", untaught)], Path("comparison.png"))
-    fig = figures["comparison.png"]
+    fig = saved_figures["comparison.png"]
     assert len(fig.axes) == 4 and {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(2, 2)}
     delta, beyond, keyed, learned = fig.axes
     assert [ax.get_title() for ax in fig.axes] == [
@@ -130,20 +125,20 @@ def test_the_comparison_figure_draws_each_models_lines_in_units_of_L(figures):
     assert not [x for x in learned.get_lines() if x.get_color() == colour["t5"]]  # untaught: no copy learned
 
 
-def test_the_comparison_figure_has_the_panels_its_diagnoses_fill(figures):
+def test_the_comparison_figure_has_the_panels_its_diagnoses_fill(saved_figures):
     """Without a passkey test two panels side by side; with one but no far filler hidden, three; a
     window under 128 positions drawn position by position."""
     comparison.plot([("alibi", made("alibi")), ("t5", made("t5"))], Path("two.png"))
     comparison.plot([("alibi", made("alibi", copies=[(1.0, 0.5, 0.2)], hidden=False))], Path("three.png"))
     comparison.plot([("short", made("alibi", n=2 * L - 2))], Path("short.png"))  # under 128 positions: each drawn
-    delta = figures["short.png"].axes[0].get_lines()[0]
+    delta = saved_figures["short.png"].axes[0].get_lines()[0]
     assert len(delta.get_xdata()) == 2 * L - 2 and float(delta.get_xdata()[0]) == 0.0
     for name, panels in (("two.png", 2), ("three.png", 3)):
-        fig = figures[name]
+        fig = saved_figures[name]
         assert len(fig.axes) == panels and {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(1, panels)}
 
 
-def test_the_diagnosis_figures_draw_its_measurements_by_position(figures, monkeypatch):
+def test_the_diagnosis_figures_draw_its_measurements_by_position(saved_figures, monkeypatch):
     """report.plots: the loss by position with the full context and cut at L, averaged over runs of
     N / 64 positions at each run's mean position, L marked; the attention distance of each head in a panel per
     layer against uniform attention over every earlier key (mean x / 2); the attention at distance ≥ L
@@ -157,7 +152,7 @@ def test_the_diagnosis_figures_draw_its_measurements_by_position(figures, monkey
     assert names == ["loss_by_position.png", "attention_distance.png", "attention_beyond_L.png",
                      "bias_vs_distance.png", "passkey.png"]
 
-    ax, = figures["loss_by_position.png"].axes
+    ax, = saved_figures["loss_by_position.png"].axes
     lines = {x.get_label(): x for x in ax.get_lines()}
     middles = [i + (K - 1) / 2 for i in range(0, N, K)]  # each run's mean position
     assert same_line(lines["full context"], middles, runs(r.loss_by_position)[1])
@@ -165,7 +160,7 @@ def test_the_diagnosis_figures_draw_its_measurements_by_position(figures, monkey
     assert xy(lines[f"training length {L}"]) == ([L, L], [0, 1])
     assert ax.get_title() == "alibi: loss by position"
 
-    fig = figures["attention_distance.png"]
+    fig = saved_figures["attention_distance.png"]
     assert fig.get_suptitle() == "alibi: how far each head looks" and len(fig.axes) == 2
     for layer, ax in enumerate(fig.axes):
         lines = {x.get_label(): x for x in ax.get_lines()}
@@ -175,7 +170,7 @@ def test_the_diagnosis_figures_draw_its_measurements_by_position(figures, monkey
         assert same_line(lines["uniform"], list(range(N)), [x / 2 for x in range(N)])
         assert any(xy(x) == ([L, L], [0, 1]) for x in ax.get_lines())
 
-    fig = figures["attention_beyond_L.png"]
+    fig = saved_figures["attention_beyond_L.png"]
     assert fig.get_suptitle() == f"alibi: attention on unseen distances (mean of {K} queries)"
     assert fig.axes[0].get_ylabel() == f"attention at distance ≥ L = {L}"
     for layer, ax in enumerate(fig.axes):
@@ -187,7 +182,7 @@ def test_the_diagnosis_figures_draw_its_measurements_by_position(figures, monkey
 
     assert drawn["bias_vs_distance.png"] == {"max_distance": N, "trained": L, "title": "learned/fixed bias per head (alibi)"}
 
-    ax = figures["passkey.png"].axes[0]
+    ax = saved_figures["passkey.png"].axes[0]
     image, = ax.images
     assert image.get_array().tolist() == [[0.9, 0.55], [0.6, 0.3], [0.2, 0.0]] and image.get_clim() == (0, 1)
     assert [t.get_text() for t in ax.get_yticklabels()] == [str(L), str(2 * L), str(4 * L)]
@@ -198,7 +193,7 @@ def test_the_diagnosis_figures_draw_its_measurements_by_position(figures, monkey
     assert ax.get_title() == f"alibi: passkey retrieval (trained at {L}, mean of 2 copies)"
 
 
-def test_the_diagnosis_draws_the_figures_its_measurements_allow(figures, monkeypatch):
+def test_the_diagnosis_draws_the_figures_its_measurements_allow(saved_figures, monkeypatch):
     """No attention-beyond-L figure without the measurement, no bias figure for a scheme that adds
     none (RoPE), no passkey figure without the test; one copy's passkey title names no mean; a window
     shorter than 128 drawn position by position (runs of 1), a run of two averaged."""
@@ -206,18 +201,18 @@ def test_the_diagnosis_draws_the_figures_its_measurements_allow(figures, monkeyp
     r = made("rope", n=2 * L - 2)
     del r.attention_distance["beyond"]
     assert [p.name for p in report.plots(r, Path("d"))] == ["loss_by_position.png", "attention_distance.png"]
-    line = next(x for x in figures["loss_by_position.png"].axes[0].get_lines() if x.get_label() == "full context")
+    line = next(x for x in saved_figures["loss_by_position.png"].axes[0].get_lines() if x.get_label() == "full context")
     assert same_line(line, list(range(2 * L - 2)), r.loss_by_position)
     short = made("alibi", n=2 * L - 2)  # attention at distance ≥ L, query by query too
     report.plots(short, Path("s"))
-    fig = figures["attention_beyond_L.png"]
+    fig = saved_figures["attention_beyond_L.png"]
     assert fig.get_suptitle() == "alibi: attention on unseen distances (query by query)"
     assert same_line(fig.axes[0].get_lines()[0], list(range(2 * L - 2)), short.attention_distance["beyond"][0][0])
     values = torch.tensor([[1.0, 3.0, 5.0, 9.0]])
     assert report.smoothed(values, 2).tolist() == [[2.0, 7.0]] and report.smoothed(values, 1) is values
     one = made("alibi", copies=[(1.0, 0.5, 0.25)])
     assert "passkey.png" in [p.name for p in report.plots(one, Path("e"))]
-    assert figures["passkey.png"].axes[0].get_title() == f"alibi: passkey retrieval (trained at {L})"
+    assert saved_figures["passkey.png"].axes[0].get_title() == f"alibi: passkey retrieval (trained at {L})"
 
 
 def test_the_comparison_says_which_models_were_trained_on_another_text():
@@ -561,7 +556,7 @@ def test_the_report_opens_with_the_model_and_how_it_was_examined():
     assert report.retrofit_line(r) == ""
 
 
-def test_the_comparison_at_its_boundaries(figures):
+def test_the_comparison_at_its_boundaries(saved_figures):
     """Two copies are several (each copy said, counted in the cell, a column over the copies that
     learned, a band drawn); a drift of exactly DRIFT moves; with one model measured at distance ≥ L there
     is no largest and smallest to name, and with several they are ranked by the mean over heads, not by
@@ -579,8 +574,8 @@ def test_the_comparison_at_its_boundaries(figures):
     pair = comparison.row("alibi", a)
     assert comparison._passkey(pair, L).endswith(" (2 copies)") and comparison._several([pair])
     comparison.plot([("alibi", a), ("t5", b)], Path("pair.png"))
-    assert [x.get_label() for x in figures["pair.png"].axes[2].get_lines()][:1] == ["alibi, 2 copies"]
-    band, = figures["pair.png"].axes[2].collections
+    assert [x.get_label() for x in saved_figures["pair.png"].axes[2].get_lines()][:1] == ["alibi, 2 copies"]
+    band, = saved_figures["pair.png"].axes[2].collections
     corners = {(round(float(x), 6), round(float(y), 6)) for x, y in band.get_paths()[0].vertices}
     assert corners == {(1.0, 0.95), (2.0, 0.45), (4.0, 0.05), (1.0, 1.0), (2.0, 0.5), (4.0, 0.25)}
 
@@ -607,7 +602,6 @@ def test_a_delta_and_its_verdict_at_their_boundaries():
     assert report.delta_cell(-2e-4, -3e-4, -1e-4) == "-2.0e-04 [-3.0e-04, -1.0e-04]"
     assert [report.verdict(*ends) for ends in ((0.0, 0.1), (-0.1, 0.0), (1e-9, 0.1), (-0.1, -1e-9), (None, None))] == [
         "≈ 0", "≈ 0", "hurts", "helps", "no interval"]
-
 
 
 @pytest.mark.parametrize("n,k", [(10, 4), (12, 4), (5, 1)])

@@ -1967,7 +1967,7 @@ def test_retrofit_summary_says_whether_any_method_beats_the_model_as_it_was():
     rows = [{"method": "original", "stage": "before"}, {"method": "ntk", "stage": "fine-tuned 100"},
             {"method": "pi", "stage": "no fine-tune"}]
     best, tied, worse = Paired(1, 1, 1, best=True), Paired(1.01, 0.99, 1.03), Paired(1.5, 1.4, 1.6)
-    say = lambda *t: retrofit_report._best(list(t), rows, "1024", "improves on it")  # noqa: E731
+    say = lambda *t: retrofit_report._best(list(t), rows, "1024")  # noqa: E731
     assert say(best, tied, worse) == ("* **At 1024 the model as it was, with no retrofit, is best**; not distinguishable "
                                       "from it: ntk (fine-tuned 100): no method here improves on it.")
     assert say(tied, best, worse) == ("* **Best at 1024: ntk (fine-tuned 100)**; not distinguishable from it: original "

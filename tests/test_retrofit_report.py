@@ -5,9 +5,6 @@ line that shows another one fails."""
 
 import json
 
-import pytest
-from _helpers import figures_saved
-
 from posbias.evaluate import Paired
 from posbias.report import md_row
 from posbias.report import retrofit as report
@@ -306,16 +303,11 @@ def test_each_moved_tables_bucket_remap_follows_the_tables():
                           md_row((100, 20, 18)), md_row((500, 28, 24))]
 
 
-@pytest.fixture
-def figures(monkeypatch, request):
-    return figures_saved(monkeypatch, request)
-
-
-def test_the_figure_has_a_line_per_row_a_colour_per_method_a_style_per_stage(figures, tmp_path):
+def test_the_figure_has_a_line_per_row_a_colour_per_method_a_style_per_stage(saved_figures, tmp_path):
     rows = one_copy_rows() + [row("ntk", "no fine-tune", [10.5, 11.0, 12.0])]
     saved = json.loads(json.dumps(result(rows).to_json()))  # as read back: lengths are strings
     report.plot(saved, tmp_path / "p.png")
-    ax = figures["p.png"].axes[0]
+    ax = saved_figures["p.png"].axes[0]
     lines = {line.get_label(): line for line in ax.lines}
     assert list(lines) == ["original (before)", "pi (no fine-tune)", "pi (fine-tuned 50)", "ntk (no fine-tune)",
                            "training length"]
@@ -338,14 +330,14 @@ def test_the_figure_has_a_line_per_row_a_colour_per_method_a_style_per_stage(fig
     assert [t.get_text() for t in ax.get_legend().get_texts()] == list(lines)
 
 
-def test_write_saves_the_three_files_and_says_when_the_figure_is_skipped(figures, monkeypatch, tmp_path):
+def test_write_saves_the_three_files_and_says_when_the_figure_is_skipped(saved_figures, monkeypatch, tmp_path):
     res = result(three_rows(), paired=three_paired())
     said = []
     paths = report.write(res, tmp_path, log=said.append)
     assert [p.name for p in paths] == ["results.json", "results.md", "ppl_vs_length.png"]
     assert (tmp_path / "results.md").read_text() == report.markdown(res)
     assert json.loads((tmp_path / "results.json").read_text())["to"] == TO
-    assert said == [] and "ppl_vs_length.png" in figures
+    assert said == [] and "ppl_vs_length.png" in saved_figures
     from posbias import plot
 
     def missing():
@@ -366,7 +358,7 @@ def test_at_l_the_rows_tied_with_the_original_keep_its_perplexity():
     row is tied with it (it once said so of a row the same sentence named as not distinguishable)."""
     rows = three_rows()
     best, tied, worse = Paired(1, 1, 1, best=True), Paired(1.01, 0.99, 1.03), Paired(1.5, 1.4, 1.6)
-    say = lambda *t: report._best(list(t), rows, "L = 256", "keeps its perplexity", near=True)  # noqa: E731
+    say = lambda *t: report._best(list(t), rows, "L = 256", near=True)  # noqa: E731
     assert say(best, worse, worse) == ("* **At L = 256 the model as it was, with no retrofit, is best**; every other "
                                        "row is worse beyond the noise: no method here keeps its perplexity.")
     assert say(best, tied, worse).endswith("not distinguishable from it: pi (no fine-tune): only that row keeps its "
@@ -374,7 +366,7 @@ def test_at_l_the_rows_tied_with_the_original_keep_its_perplexity():
     assert say(best, tied, tied).endswith("not distinguishable from it: pi (no fine-tune), ntk (no fine-tune): only "
                                           "those rows keep its perplexity.")
     # at the target length a tie improves on nothing
-    assert report._best([best, tied, worse], rows, "1024", "improves on it").endswith(
+    assert report._best([best, tied, worse], rows, "1024").endswith(
         "not distinguishable from it: pi (no fine-tune): no method here improves on it.")
 
 

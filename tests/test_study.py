@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import TINY, figures_drawn, figures_saved, perturb_, random_options
+from _helpers import TINY, figures_drawn, perturb_, random_options
 
 from posbias import checkpoint as ckpt
 from posbias import store
@@ -1425,7 +1425,7 @@ def test_a_record_holds_its_models_training_history_and_the_times_measured(tmp_p
         assert 0 < json.loads(efile.read_text())["wall_s"] < elapsed
 
 
-def test_the_study_figures_draw_each_band_and_panel_they_name(tmp_path, monkeypatch, request):
+def test_the_study_figures_draw_each_band_and_panel_they_name(tmp_path, monkeypatch, saved_figures):
     """What the study's figures are asked to draw, where a file of the right name is not enough: with
     several seeds each band is the mean ± std over the seeds (not one seed's interval) and the titles
     say so; with one seed the band is that seed's interval, titled as such; the ratio figure's second
@@ -1438,7 +1438,6 @@ def test_the_study_figures_draw_each_band_and_panel_they_name(tmp_path, monkeypa
     from posbias.schemes import build
     from posbias.study import Arm
 
-    figures = figures_saved(monkeypatch, request)
     drawn = figures_drawn(monkeypatch)  # the learned biases' figure: what it is asked to draw
     curve = [math.log(p + 1) for p in range(64)]  # the loss at position p: log(p + 1); the first and last marked
     curve[0] += 100
@@ -1464,18 +1463,18 @@ def test_the_study_figures_draw_each_band_and_panel_they_name(tmp_path, monkeypa
         return m - sd, m + sd
 
     for seeds in ((0, 1), (3,)):
-        figures.clear()
+        saved_figures.clear()
         result = study(seeds)
         plots(result, tmp_path)
-        assert sorted(figures) == ["loss_vs_position.png", "ppl_vs_length.png", "ratio_vs_length.png"]
+        assert sorted(saved_figures) == ["loss_vs_position.png", "ppl_vs_length.png", "ratio_vs_length.png"]
         several = len(seeds) > 1
-        ppl_ax = figures["ppl_vs_length.png"].axes[0]
+        ppl_ax = saved_figures["ppl_vs_length.png"].axes[0]
         assert ppl_ax.get_title().endswith(f"(band: {'± std over seeds' if several else '95% bootstrap interval'})")
         for label, drawn_band in zip(("far", "near"), ppl_ax.collections):  # fill_between, one per scheme in order
             want = [band([r for r in result.records if r["label"] == label and r["eval_len"] == n]) for n in (16, 64)]
             ys = drawn_band.get_paths()[0].vertices[:, 1]
             assert min(ys) == pytest.approx(min(lo for lo, _ in want)) and max(ys) == pytest.approx(max(hi for _, hi in want))
-        ratio_fig = figures["ratio_vs_length.png"]
+        ratio_fig = saved_figures["ratio_vs_length.png"]
         wanted = "± std over seeds" if several else "95% interval, paired over the same segments"
         assert f"(band: {wanted}; below 1" in ratio_fig._suptitle.get_text()
         zoom = ratio_fig.axes[1]
@@ -1484,7 +1483,7 @@ def test_the_study_figures_draw_each_band_and_panel_they_name(tmp_path, monkeypa
         biases = drawn["learned_bias_vs_distance.png"]  # to the longest length, on a log axis with L among them
         assert biases["max_distance"] == 64 and biases["trained"] == 16 and biases["names"] == ["near"]
         assert biases["log_distance"] is True
-        position_ax = figures["loss_vs_position.png"].axes[0]
+        position_ax = saved_figures["loss_vs_position.png"].axes[0]
         assert position_ax.get_title() == f"Loss by position in 64-token windows (seed {seeds[0]})"
         labels = [line.get_label() for line in position_ax.get_lines()]
         assert labels[0] == "near" and "far" not in labels  # the kept curve, and only it

@@ -69,21 +69,26 @@ def summary(result: RetrofitResult) -> list[str]:
     rows, to, L, paired = result.rows, result.to, result.train_len, result.paired
     if to not in paired:
         return []
-    lines = [_best(paired[to], rows, f"{to}", "improves on it")]
+    lines = [_best(paired[to], rows, f"{to}")]
     if L in paired:
-        lines.append(_best(paired[L], rows, f"L = {L} (the near range)", "keeps its perplexity", near=True))
+        lines.append(_best(paired[L], rows, f"L = {L} (the near range)", near=True))
     return lines + ["(Each row against the best, paired over the same windows: *Which differences are real*, below.)", ""]
 
 
-def _best(table: list[Paired], rows: list[dict[str, Any]], where: str, gain: str, *, near: bool = False) -> str:
+def _best(table: list[Paired], rows: list[dict[str, Any]], where: str, *, near: bool = False) -> str:
     """One summary sentence: the best row at ``where``, those not distinguishable from it, and the
-    original model's place among them. ``near`` (at L): rows tied with the original there keep its
-    perplexity, so "no method keeps it" is said only when none is tied."""
+    original model's place among them. Where the original is best, no method improves on it at the
+    target length; ``near`` (at L), the rows tied with it keep its perplexity, and "no method keeps it"
+    is said only when none is tied."""
     best, tied = best_and_tied(table)
     others = tied_clause([_row_name(rows[j]) for j in tied], "row")
     if rows[best]["method"] == "original":
-        said = (f"only {'that row keeps' if len(tied) == 1 else 'those rows keep'} its perplexity" if near and tied
-                else f"no method here {gain}")
+        if not near:
+            said = "no method here improves on it"
+        elif tied:
+            said = f"only {'that row keeps' if len(tied) == 1 else 'those rows keep'} its perplexity"
+        else:
+            said = "no method here keeps its perplexity"
         return f"* **At {where} the model as it was, with no retrofit, is best**{others}: {said}."
     original = any(rows[j]["method"] == "original" for j in tied)
     return (f"* **Best at {where}: {_row_name(rows[best])}**{others}"
@@ -171,11 +176,11 @@ def _decision_section(result: RetrofitResult) -> list[str]:
     untaught = [name for r in finals
                 for name, a in zip((n for n, _ in _row_copies(r)), r["passkey_copies"][L]) if a == 0]
     if untaught:
-        one = len(untaught) == 1
+        copies, its, each = ("that copy", "its", "it") if len(untaught) == 1 else ("those copies", "their", "each")
         lines += ["", f"No passkey sample was solved at L = {L} by: {', '.join(untaught)}. The passkey fine-tune "
-                  f"did not teach {'that copy' if one else 'those copies'} the task within {'its' if one else 'their'} "
-                  f"training length, so {'its' if one else 'their'} passkey @ {to} says nothing about retrieval at "
-                  f"{to}" + (f" (yet {'it' if one else 'each'} counts in its row's mean)." if len(seeds) > 1 else ".")]
+                  f"did not teach {copies} the task within {its} training length, so {its} passkey @ {to} says "
+                  f"nothing about retrieval at {to}" + (f" (yet {each} counts in its row's mean)." if len(seeds) > 1
+                                                        else ".")]
     return lines
 
 
