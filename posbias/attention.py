@@ -49,8 +49,13 @@ def resolve(q: Tensor, k: Tensor, v: Tensor, scheme: Scheme, *, q_pos: Tensor | 
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if q.shape[1] != scheme.n_heads:
         raise ValueError(f"q has {q.shape[1]} heads but the scheme was built for n_heads={scheme.n_heads}")
-    if scheme.family == "rotary" and q.shape[-1] != scheme.head_dim:
-        raise ValueError(f"q has head_dim {q.shape[-1]} but the scheme was built for head_dim={scheme.head_dim}")
+    if q.shape[-1] != scheme.head_dim and (scheme.family == "rotary" or (scale is None and not scheme.unscaled)):
+        # a rotation is built for its head_dim, and the default scale is 1/√(the scheme's head_dim): with
+        # q of another head_dim it would silently be the wrong one (T5's is 1 and reads no head_dim)
+        raise ValueError(f"q has head_dim {q.shape[-1]} but the scheme was built for head_dim={scheme.head_dim}"
+                         + ("" if scheme.family == "rotary" else
+                            f", whose default scale 1/√{scheme.head_dim} is not q's; build it with "
+                            f"head_dim={q.shape[-1]} or pass scale"))
     lq, lk = q.shape[2], k.shape[2]
     # the default positions (keys 0 … Lk − 1, queries at their end) already start at 0: nothing to
     # re-reference below, and the context length is Lk (four tensor reductions less per call)

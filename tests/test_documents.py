@@ -4,6 +4,7 @@ other documents masked out and each token's bias at its position inside its docu
 
 import copy
 import random
+import re
 
 import pytest
 import torch
@@ -100,6 +101,17 @@ def test_bad_document_ids(kw, message):
     q = torch.randn(2, 3, 30, 16)
     with pytest.raises(ValueError, match=message):
         attention(q, q, q, s, **kw)
+
+
+def test_document_ids_need_self_attention_and_the_message_says_what_came():
+    """Packed documents are self-attention: keys of another length than the queries are refused, naming
+    the shape wanted, the keys' length and what came (whole message)."""
+    s = posbias.build("alibi", n_heads=3, head_dim=16)
+    q, k = torch.randn(2, 3, 30, 16), torch.randn(2, 3, 25, 16)
+    with pytest.raises(ValueError, match=re.escape(
+            "document_ids must be an integer tensor [batch, L] = [2, 30] for self-attention (q and k of L tokens; "
+            "k has 25), got torch.int64 of shape (2, 30)")):
+        attention(q, k, k, s, document_ids=torch.zeros(2, 30, dtype=torch.long))
 
 
 @pytest.mark.parametrize("seed", [pytest.param(s, id=f"case_{s}") for s in range(40)])
