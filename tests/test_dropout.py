@@ -2,6 +2,7 @@
 definition, the blocked kernel against the dense oracle with the same mask (outputs, q/k/v and
 scheme gradients), its statistics (rate, expectation), reproducibility, and bad input."""
 
+import importlib
 import math
 
 import pytest
@@ -178,6 +179,19 @@ def test_forced_triton_with_dropout_needs_cuda_and_says_so():
     assert dropout_in_triton("triton", "cuda") and not dropout_in_triton("triton", "cpu")
     assert not dropout_in_triton("banded", "cuda") and not dropout_in_triton("auto", "cpu")
     assert dropout_in_triton("auto", "cuda") == ("triton" in CUDA_VALIDATED)
+
+
+def test_once_triton_is_validated_auto_on_cuda_drops_inside_it_and_no_other_backend_does(monkeypatch):
+    """When a GPU run puts ``triton`` into ``CUDA_VALIDATED``, ``auto`` on CUDA hands dropout to its programs;
+    a preference for another backend, and every CPU call, still run the dropout kernel's blocks."""
+    module = importlib.import_module("posbias.attention")  # the module (``posbias.attention`` is also the function)
+    dropout_in_triton = module.dropout_in_triton
+    monkeypatch.setattr(module, "CUDA_VALIDATED", ("triton", "banded", "alibi"))
+    assert dropout_in_triton("auto", "cuda") and dropout_in_triton("triton", "cuda")
+    for backend in ("banded", "alibi", "blockwise", "reference"):
+        assert not dropout_in_triton(backend, "cuda"), backend
+    for backend in ("auto", "triton"):
+        assert not dropout_in_triton(backend, "cpu"), backend
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -217,6 +217,93 @@ def test_bad_heads_head_dim_and_names():
         build("xpos", n_heads=2, head_dim=16)
 
 
+def test_the_shared_checks_at_their_edges():
+    """A bool is no integer count (``n_heads=True`` was one head); a rate of exactly 0 is no positive number;
+    a query position runs from 0 to 2^63 − 1 inclusive (int64 positions), each with its whole message."""
+    from posbias.schemes.base import INT64_MAX, check_positive
+
+    with pytest.raises(ValueError, match=r"^n_heads must be an integer >= 1, got True$"):
+        build("alibi", n_heads=True, head_dim=16)
+    with pytest.raises(ValueError, match=r"^head_dim must be an integer >= 1, got False$"):
+        build("alibi", n_heads=2, head_dim=False)
+    with pytest.raises(ValueError, match=r"^init_c must be a positive finite number \(> 0\), got 0.0$"):
+        check_positive("init_c", 0.0)
+    assert check_positive("init_c", 5e-324) == 5e-324  # the smallest positive float is positive
+    t5 = build("t5", n_heads=1, head_dim=16)
+    for at in (0, INT64_MAX):  # a Toeplitz bias reads no query position; the bounds are still checked
+        assert t5.at_offsets([0], query_pos=at)[2].split()[0] == "0"
+    for at in (-1, INT64_MAX + 1):
+        with pytest.raises(ValueError, match=rf"^query_pos must be a position in \[0, {INT64_MAX}\], got {at}$"):
+            t5.at_offsets([0], query_pos=at)
+
+
+def test_a_kept_value_is_reused_for_an_equal_key_of_the_same_kind_only():
+    """``kept`` (a scheme's cache of values made from its parameters) reuses a value only for an equal
+    key: a tensor of positions, the run of the same positions (keyed by what makes it) and a plain int
+    are three keys, and a tensor is never taken as equal to something that is not one."""
+    from posbias.positions import run
+    from posbias.schemes.base import kept
+
+    s = build("t5", n_heads=1, head_dim=16)
+    made = []
+
+    def make():
+        made.append(len(made))
+        return made[-1]
+
+    with torch.no_grad():
+        keys = (torch.tensor([3]), run(3, 1, torch.device("cpu")), 3, 3, torch.tensor([3]), torch.tensor([3]))
+        assert [kept(s, "_probe", (key,), make) for key in keys] == [0, 1, 2, 2, 3, 3]
+
+
+def test_the_bias_table_names_the_query_only_for_a_bias_that_reads_it():
+    """``posbias show --query-pos``: FIRE's table says which query it is for; a Toeplitz bias's is the same
+    for every query, so its header names none (nor without a position); learnable schemes say their values
+    are the initial ones."""
+    header = "bias by distance i-j (rows: heads{})"
+    learnable = " — learnable, values at initialisation"
+    for name, at_100 in (("kerple-log", header.format("") + learnable), ("alibi", header.format("")),
+                         ("fire", header.format(", query at position 100") + learnable)):
+        s = build(name, n_heads=2, head_dim=16)
+        assert s.describe(query_pos=100)[0] == at_100, name
+        assert s.describe()[0] == header.format("") + (learnable if s.learnable else ""), name
+    assert build("fire", n_heads=2, head_dim=16).describe(query_pos=100)[1].split()[-1] == "64"  # distances up to 100
+
+
+def test_illustrative_tables_and_gradients_of_frozen_tables():
+    """A learned table drawn before training gets ``−log(1 + index) · f_h`` with head factors 0.5 … 2 (a
+    table of zeros draws as nothing); a frozen table's bias gradient is None, blockwise and per offset."""
+    t5 = build("t5", n_heads=4, head_dim=16)
+    assert t5.illustrate_() == "illustrative table"
+    idx = torch.arange(t5.table.shape[0], dtype=torch.float32)[:, None]
+    torch.testing.assert_close(t5.table.detach(), -torch.log1p(idx) * torch.tensor([[0.5, 1.0, 1.5, 2.0]]))
+    t5.table.requires_grad_(False)
+    pos = torch.arange(6)
+    grad = torch.ones(4, 6, 6)
+    assert t5.bias_grad(pos, pos, grad.clone()) == [None]
+    acc = t5.block_grads()
+    acc.add(pos, pos, grad.clone())
+    assert acc.result() == [None]
+    assert build("alibi", n_heads=4, head_dim=16).bias_grad(pos, pos, grad) == []
+
+
+def test_offsets_table_columns_line_up_at_any_width():
+    """``posbias show --offsets``: the offsets column is at least 8 wide (``offset`` and two spaces) and
+    wider for long offsets; each head's column at least 10 — the exact lines."""
+    alibi = build("alibi", n_heads=2, head_dim=16)
+    assert alibi.at_offsets([0, 3]) == [
+        "bias at the offsets asked for (rows: offsets i-j; columns: heads)",
+        "  offset    head 0    head 1",
+        "       0     0.000     0.000",
+        "       3    -0.188    -0.012",
+    ]
+    assert alibi.at_offsets([0, 123456789012])[1:] == [  # 2 + 12 digits; 2 + 15 characters of bias
+        "        offset           head 0           head 1",
+        "             0            0.000            0.000",
+        "  123456789012  -7716049408.000   -482253088.000",
+    ]
+
+
 def test_build_takes_a_label_as_the_study_names_schemes():
     """``build("t5@max_distance=64,bidirectional=true")`` is the scheme the study trains under that label;
     an option given twice (in the label twice, or in the label and as a keyword) is refused, not the last
