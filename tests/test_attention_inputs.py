@@ -224,3 +224,52 @@ def test_without_the_fused_cpu_op_fire_goes_whole_or_as_its_toeplitz_view(monkey
         for s in (some, every):
             assert att.choose_backend(s, q, q_pos=pos, k_pos=pos, causal=True) == "blockwise"
             torch.testing.assert_close(attention(q, q, v, s), attention_reference(q, q, v, s), atol=2e-5, rtol=1e-4)
+
+
+def test_positions_are_one_dimensional_and_one_per_token():
+    """A ``[1, L]`` tensor holds the right number of positions but is refused (it would broadcast), as is a
+    1-D tensor of another length."""
+    s = build("t5", n_heads=2, head_dim=8)
+    q = torch.randn(1, 2, 8, 8)
+    for bad in (torch.arange(8)[None], torch.arange(7)):
+        with pytest.raises(ValueError, match=re.escape(f"positions must be a 1-D tensor of length 8, got shape "
+                                                       f"{tuple(bad.shape)}")):
+            attention(q, q, q, s, k_pos=bad)
+
+
+def test_probabilities_keep_their_graph_to_q_and_k_under_a_fixed_bias():
+    """``attention_probs`` writes a bias in place only where no gradient is wanted: with q or k requiring one
+    and a bias with no parameters (ALiBi) the probabilities keep their graph, and their gradients are the
+    reference's."""
+    from posbias.kernels.reference import reference_probs
+
+    torch.manual_seed(0)
+    s = build("alibi", n_heads=2, head_dim=8)
+    q = torch.randn(1, 2, 7, 8, requires_grad=True)
+    k = torch.randn(1, 2, 7, 8)
+    probs = attention_probs(q, k, s)
+    assert probs.requires_grad
+    (g,) = torch.autograd.grad((probs * torch.arange(7.0)).sum(), q)
+    pos = torch.arange(7)
+    want = reference_probs(q, k, s, q_pos=pos, k_pos=pos, causal=True, scale=s.default_scale())
+    (w,) = torch.autograd.grad((want * torch.arange(7.0)).sum(), q)
+    torch.testing.assert_close(g, w)
+
+
+def test_flex_on_the_cpu_is_refused_only_where_a_gradient_is_wanted():
+    """FlexAttention has no CPU backward: ``flex`` is refused on the CPU where q, k, v or the scheme's
+    parameters want a gradient, not merely because autograd is on."""
+    from posbias.kernels.flex import flex_available
+
+    if not flex_available():
+        pytest.skip("this torch has no FlexAttention")
+    pos = torch.arange(8)
+    why = "FlexAttention has no backward pass on CPU (use torch.no_grad() or another backend)"
+    alibi, t5 = build("alibi", n_heads=2, head_dim=8), build("t5", n_heads=2, head_dim=8)
+    q = torch.randn(1, 2, 8, 8)
+    assert torch.is_grad_enabled()
+    assert usable("flex", alibi, q, q_pos=pos, k_pos=pos, causal=True) is None  # autograd on, nothing to train
+    assert usable("flex", alibi, q.requires_grad_(), q_pos=pos, k_pos=pos, causal=True) == why
+    assert usable("flex", t5, q.detach(), q_pos=pos, k_pos=pos, causal=True) == why  # its table trains
+    with torch.no_grad():
+        assert usable("flex", t5, q, q_pos=pos, k_pos=pos, causal=True) is None

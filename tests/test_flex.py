@@ -44,6 +44,18 @@ def test_score_mod_method_and_table_is_linear_in_length():
         assert got.item() == pytest.approx(want.item())
 
 
+def test_score_mod_keys_start_at_0_unless_placed():
+    """``score_mod(q_len, k_len, q_start=…)``: the keys sit at 0 … k_len − 1 by default, so a query placed
+    at q_start reads offset ``q_start + qi − ki``; placing the keys moves it by their start."""
+    s = randomized("t5", max_distance=50)
+    score, b, h = torch.zeros(()), torch.tensor(0), torch.tensor(1)
+    for kw, offset in (({"q_start": 40}, 40), ({"q_start": 40, "k_start": 7}, 33)):
+        mod = s.score_mod(10, 300, **kw)
+        for qi, ki in [(0, 0), (9, 30), (3, 2)]:
+            got = mod(score, b, h, torch.tensor(qi), torch.tensor(ki))
+            assert got.item() == pytest.approx(s.bias_at(torch.tensor([offset + qi - ki]))[1, 0].item()), (kw, qi, ki)
+
+
 def test_fire_score_mod_is_fire_with_its_gradients_on_the_cpu():
     """FIRE's score_mod evaluated eagerly over every (head, query, key): FIRE's bias, and the same
     gradients to c, L and the MLP (what FlexAttention's CUDA backward differentiates). What it

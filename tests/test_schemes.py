@@ -229,9 +229,18 @@ def test_the_shared_checks_at_their_edges():
     with pytest.raises(ValueError, match=r"^init_c must be a positive finite number \(> 0\), got 0.0$"):
         check_positive("init_c", 0.0)
     assert check_positive("init_c", 5e-324) == 5e-324  # the smallest positive float is positive
+    assert build("alibi", n_heads=1, head_dim=1).head_dim == 1  # the smallest head
     t5 = build("t5", n_heads=1, head_dim=16)
+    with pytest.raises(ValueError, match=r"^offsets 50 puts the key before position 0 for a query at query_pos 10; "
+                                         r"give offsets up to 10$"):
+        t5.at_offsets([1, 50, 3], query_pos=10)
     for at in (0, INT64_MAX):  # a Toeplitz bias reads no query position; the bounds are still checked
         assert t5.at_offsets([0], query_pos=at)[2].split()[0] == "0"
+    assert [line.split()[:2] for line in t5.at_offsets([INT64_MAX, -INT64_MAX])[2:4]] == [
+        [str(INT64_MAX), "31"], [str(-INT64_MAX), "0"]]  # |i − j| of int64 positions, both ends
+    with pytest.raises(ValueError, match=rf"^offsets {-INT64_MAX - 1} is out of range; valid: -{INT64_MAX} \.\.\. "
+                                         rf"{INT64_MAX} \(\|i - j\| of int64 positions\)$"):
+        t5.at_offsets([-INT64_MAX - 1])
     for at in (-1, INT64_MAX + 1):
         with pytest.raises(ValueError, match=rf"^query_pos must be a position in \[0, {INT64_MAX}\], got {at}$"):
             t5.at_offsets([0], query_pos=at)
@@ -254,6 +263,11 @@ def test_a_kept_value_is_reused_for_an_equal_key_of_the_same_kind_only():
     with torch.no_grad():
         keys = (torch.tensor([3]), run(3, 1, torch.device("cpu")), 3, 3, torch.tensor([3]), torch.tensor([3]))
         assert [kept(s, "_probe", (key,), make) for key in keys] == [0, 1, 2, 2, 3, 3]
+        assert kept(s, "_probe", (3, 4), make) == 4  # a longer key is another key
+        alibi = build("alibi", n_heads=2, head_dim=16)  # its slopes are a buffer, no parameter
+        assert [kept(alibi, "_probe", (), make) for _ in range(2)] == [5, 5]
+        alibi.slopes.mul_(2)  # a buffer changed in place: the value is made anew
+        assert kept(alibi, "_probe", (), make) == 6
 
 
 def test_the_bias_table_names_the_query_only_for_a_bias_that_reads_it():
@@ -267,7 +281,22 @@ def test_the_bias_table_names_the_query_only_for_a_bias_that_reads_it():
         s = build(name, n_heads=2, head_dim=16)
         assert s.describe(query_pos=100)[0] == at_100, name
         assert s.describe()[0] == header.format("") + (learnable if s.learnable else ""), name
-    assert build("fire", n_heads=2, head_dim=16).describe(query_pos=100)[1].split()[-1] == "64"  # distances up to 100
+    fire = build("fire", n_heads=2, head_dim=16)
+    assert fire.describe(query_pos=100)[1].split()[-1] == "64"  # the distances up to the query's position
+    assert fire.describe(query_pos=64)[1].split()[-1] == "64" and fire.describe(query_pos=63)[1].split()[-1] == "32"
+
+
+@pytest.mark.parametrize("name", ["kerple-log", "fire", "alibi", "t5"])
+def test_the_offsets_table_notes_keys_after_the_query_for_a_causal_bias_only(name):
+    """A negative offset is a key after the query, hidden in causal attention: said under the table of a
+    causal bias (schemes without a ``bidirectional`` or ``symmetric`` option included), not for offset 0
+    alone, and not for a two-sided bias."""
+    note = "offsets < 0: keys after the query (j > i), hidden in causal attention"
+    s = build(name, n_heads=2, head_dim=16)
+    assert not s.two_sided and note in s.at_offsets([-2, 0], query_pos=5) and note not in s.at_offsets([0, 5])
+    if name in ("alibi", "t5"):
+        both = build(name, n_heads=2, head_dim=16, **({"symmetric": True} if name == "alibi" else {"bidirectional": True}))
+        assert both.two_sided and note not in both.at_offsets([-2, 0], query_pos=5)
 
 
 def test_illustrative_tables_and_gradients_of_frozen_tables():
@@ -285,6 +314,46 @@ def test_illustrative_tables_and_gradients_of_frozen_tables():
     acc.add(pos, pos, grad.clone())
     assert acc.result() == [None]
     assert build("alibi", n_heads=4, head_dim=16).bias_grad(pos, pos, grad) == []
+
+
+@pytest.mark.parametrize("name", TOEPLITZ)
+def test_a_block_bias_from_its_offsets_is_the_per_pair_bias_bit_for_bit(name):
+    """A block of consecutive positions is biased from its ``rows + keys − 1`` offsets laid out as windows
+    (``bias``) or a strided view (``bias_into``): exactly what each pair's offset gives, for blocks wider
+    than tall, taller than wide, queries past or before the keys."""
+    s = randomize(build(name, n_heads=3, head_dim=16))
+    for q0, rows, k0, keys in [(0, 5, 0, 5), (40, 3, 0, 9), (0, 9, 2, 4), (7, 2, 30, 6), (100, 6, 90, 2)]:
+        q_pos, k_pos = torch.arange(q0, q0 + rows), torch.arange(k0, k0 + keys)
+        with torch.no_grad():
+            want = s.bias_at(q_pos[:, None] - k_pos[None, :]).float()
+            assert torch.equal(s.bias(q_pos, k_pos), want), (q0, rows, k0, keys)
+            got = s.bias_into(q_pos, k_pos, torch.empty(3, rows, keys), torch.empty(0))
+            assert torch.equal(got, want), (q0, rows, k0, keys)
+
+
+def test_tables_print_zero_unsigned_and_show_a_bias_from_the_query_at_the_largest_distance():
+    """``show``'s tables print an ALiBi bias of −m·0 = −0.0 as 0.000; the distances are the powers of two to
+    1024; a bias that reads the query's position is tabulated for one query at the largest distance, or
+    at 0 where every distance is negative."""
+    alibi = build("alibi", n_heads=2, head_dim=16)
+    assert alibi.describe()[1:3] == [
+        "head         0        1        2        4        8       16       32       64      128      256      512     1024",
+        "   0     0.000   -0.062   -0.125   -0.250   -0.500   -1.000   -2.000   -4.000   -8.000  -16.000  -32.000  -64.000"]
+    assert alibi.at_offsets([0])[2] == "       0     0.000     0.000"
+    fire = randomize(build("fire", n_heads=2, head_dim=16, init_L=0.5))  # a threshold below 1: position 0 ≠ 1
+    with torch.no_grad():
+        for distances, i in (([-3, -1], 0), ([2, 9, 5], 9)):
+            d = torch.tensor(distances)
+            assert torch.equal(fire.bias_by_distance(d), fire.bias(torch.tensor([i]), i - d)[:, 0, :]), distances
+
+
+def test_flat_share_counts_every_pair_from_a_start_at_or_below_zero_and_none_from_the_window_on():
+    """The share of a window's causal pairs at offsets ≥ start: all of them from 0 (or below), one pair in
+    L(L+1)/2 from L − 1, none from L on."""
+    from posbias.schemes.base import flat_share
+
+    assert flat_share(0, 64) == flat_share(-5, 64) == 1.0
+    assert flat_share(63, 64) == pytest.approx(1 / 2080) and flat_share(64, 64) == flat_share(65, 64) == 0.0
 
 
 def test_offsets_table_columns_line_up_at_any_width():
