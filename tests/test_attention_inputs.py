@@ -273,3 +273,35 @@ def test_flex_on_the_cpu_is_refused_only_where_a_gradient_is_wanted():
     assert usable("flex", t5, q.detach(), q_pos=pos, k_pos=pos, causal=True) == why  # its table trains
     with torch.no_grad():
         assert usable("flex", t5, q, q_pos=pos, k_pos=pos, causal=True) is None
+
+
+@pytest.mark.parametrize("name", ["nope", "rope", "alibi"])
+def test_queries_before_some_keys_see_only_the_keys_up_to_them(name):
+    """Causal attention where the keys run past the queries: one query at 5 over keys 0 … 9 sees keys 0 … 5,
+    and a query at 0 over keys 1 … 4 sees none (0, never NaN), on the automatic path and the reference
+    alike, against the keys it sees written out by hand."""
+    torch.manual_seed(0)
+    s = build(name, n_heads=2, head_dim=8)
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    want = attention(q, k[:, :, :6], v[:, :, :6], s, q_pos=torch.tensor([5]), k_pos=torch.arange(6), causal=False)
+    for fn in (attention, attention_reference):
+        torch.testing.assert_close(fn(q, k, v, s, q_pos=torch.tensor([5]), k_pos=torch.arange(10)), want)
+        q2 = torch.randn(1, 2, 2, 8)
+        out = fn(q2, k[:, :, :4], v[:, :, :4], s, q_pos=torch.tensor([0, 5]), k_pos=torch.arange(1, 5))
+        assert torch.equal(out[:, :, 0], torch.zeros(1, 2, 8))
+        torch.testing.assert_close(out[:, :, 1:], fn(q2[:, :, 1:], k[:, :, :4], v[:, :, :4], s, q_pos=torch.tensor([5]),
+                                                      k_pos=torch.arange(1, 5), causal=False))
+        one = fn(q2, k[:, :, :1], v[:, :, :1], s, q_pos=torch.tensor([0, 5]), k_pos=torch.tensor([3]))  # one key
+        assert torch.equal(one[:, :, 0], torch.zeros(1, 2, 8))
+        torch.testing.assert_close(one[:, :, 1], v[:, :, 0])  # the one key it sees takes all its weight
+
+
+def test_grouped_heads_on_sdpa_whatever_the_lengths():
+    """SDPA's own grouping is asked for by the head counts, whatever the lengths: here 2 queries over 4 keys
+    (each length equal to the other tensor's head count) and 6 over 6."""
+    torch.manual_seed(0)
+    s = build("nope", n_heads=4, head_dim=8)
+    for lq, lk in ((2, 4), (6, 6)):
+        q, k, v = torch.randn(1, 4, lq, 8), torch.randn(1, 2, lk, 8), torch.randn(1, 2, lk, 8)
+        want = attention_reference(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), s)
+        torch.testing.assert_close(attention(q, k, v, s, enable_gqa=True, backend="sdpa"), want, atol=2e-6, rtol=1e-5)

@@ -49,9 +49,10 @@ def test_score_mod_keys_start_at_0_unless_placed():
     at q_start reads offset ``q_start + qi − ki``; placing the keys moves it by their start."""
     s = randomized("t5", max_distance=50)
     score, b, h = torch.zeros(()), torch.tensor(0), torch.tensor(1)
-    for kw, offset in (({"q_start": 40}, 40), ({"q_start": 40, "k_start": 7}, 33)):
-        mod = s.score_mod(10, 300, **kw)
-        for qi, ki in [(0, 0), (9, 30), (3, 2)]:
+    for q_len, k_len, kw, offset in ((10, 300, {"q_start": 40}, 40), (10, 300, {"q_start": 40, "k_start": 7}, 33),
+                                     (1, 300, {}, 299), (1, 1, {}, 0)):  # one query: at the end of the keys
+        mod = s.score_mod(q_len, k_len, **kw)
+        for qi, ki in [(0, 0), (9, 30), (3, 2)] if q_len > 1 else [(0, 0), (0, k_len // 2)]:
             got = mod(score, b, h, torch.tensor(qi), torch.tensor(ki))
             assert got.item() == pytest.approx(s.bias_at(torch.tensor([offset + qi - ki]))[1, 0].item()), (kw, qi, ki)
 
