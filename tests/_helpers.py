@@ -1,5 +1,6 @@
 """Helpers shared by the test files."""
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,9 @@ import torch
 from posbias import build
 from posbias.attention import attention, attention_reference
 
+#: the module ``posbias.attention``, for monkeypatching what it holds (the package's attribute of that name,
+#: and so ``import posbias.attention as m``, is the function)
+ATTENTION_MODULE = importlib.import_module("posbias.attention")
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2)  # a model of about 40k weights, for workflows in seconds
 TINY_L = 48  # the training length :func:`tiny_checkpoint` records

@@ -12,9 +12,9 @@ from posbias.config import (MAX_SEED, MAX_THREADS, ConfigError, check_between, c
                             check_seed, check_threads, fixed_threads)
 
 
-def refused(check, *args, message):
+def refused(check, *args, message, **kwargs):
     with pytest.raises(ConfigError) as got:
-        check("field", *args)
+        check("field", *args, **kwargs)
     assert str(got.value) == f"field {message}" and got.value.field == "field"
     assert got.value.problem == message
 
@@ -24,7 +24,7 @@ def test_a_count_is_an_int_from_its_minimum():
     refused(check_count, 0, message="must be an integer >= 1, got 0")
     refused(check_count, True, message="must be an integer >= 1, got True")  # a bool is an int to Python
     refused(check_count, 2.0, message="must be an integer >= 1, got 2.0")
-    refused(lambda f, v: check_count(f, v, minimum=2), 1, message="must be an integer >= 2, got 1")
+    refused(check_count, 1, minimum=2, message="must be an integer >= 2, got 1")
 
 
 def test_between_includes_both_ends():

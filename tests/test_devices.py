@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from _helpers import DEVICES, NO_CUDA, compare, randomized, within_reference_rounding
+from _helpers import ATTENTION_MODULE, DEVICES, NO_CUDA, compare, randomized, within_reference_rounding
 
 from posbias import SCHEMES, ToeplitzScheme
 from posbias.attention import CUDA_VALIDATED, attention, attention_reference, choose_backend
@@ -113,9 +113,7 @@ def test_auto_does_not_pick_a_path_no_gpu_run_has_validated(name):
 
 def test_cuda_candidates_are_the_validated_paths_only(monkeypatch):
     """The CUDA order is plain SDPA, then exactly the paths listed as validated; the CPU order is untouched."""
-    import importlib
-
-    att = importlib.import_module("posbias.attention")  # the module (``posbias.attention`` is the function)
+    att = ATTENTION_MODULE
     # what a GPU run validated (an H200, 2026-12-04: benchmarks/results-cuda-2026-12-04-h200.md); a path
     # joins with the run that validates it, and this line changes with it
     assert att.CUDA_VALIDATED == ("banded", "alibi")

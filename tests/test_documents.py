@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from _helpers import assert_grads_close, perturb_, random_options, randomized
+from _helpers import ATTENTION_MODULE, assert_grads_close, perturb_, random_options, randomized
 
 import posbias
 from posbias.attention import attention
@@ -58,9 +58,7 @@ def test_documents_equal_the_masked_dense_oracle(name, options, causal):
 def test_documents_of_one_length_run_as_one_call(monkeypatch):
     """The five distinct lengths of :data:`IDS` (5, 17, 1, 40, 63): five calls, the three 17-token
     documents of two rows in one; grouped heads and dropout pass through (each call its own stream)."""
-    import sys
-
-    pa = sys.modules["posbias.attention"]  # (``import posbias.attention`` names the function)
+    pa = ATTENTION_MODULE
     calls = []
     real = pa.attention
 

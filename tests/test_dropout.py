@@ -2,12 +2,11 @@
 definition, the blocked kernel against the dense oracle with the same mask (outputs, q/k/v and
 scheme gradients), its statistics (rate, expectation), reproducibility, and bad input."""
 
-import importlib
 import math
 
 import pytest
 import torch
-from _helpers import DEVICES, compare, randomized
+from _helpers import ATTENTION_MODULE, DEVICES, compare, randomized
 
 import posbias
 from posbias.attention import attention, attention_reference
@@ -164,10 +163,10 @@ def test_forced_backends_with_dropout():
                                atol=2e-5, rtol=1e-4)
 
 
-def test_forced_triton_with_dropout_needs_cuda_and_says_so():
+def test_forced_triton_with_dropout_needs_cuda_and_says_so(monkeypatch):
     """``triton`` drops probabilities inside its programs (CUDA): forced on CPU tensors it refuses with the
     reason, or gives way to the dropout kernel (the same mask) with ``strict=False``; ``auto`` takes
-    it on CUDA only once a GPU run has validated it."""
+    it on CUDA only once a GPU run has validated it, and then no other preference and no CPU call does."""
     from posbias.attention import CUDA_VALIDATED, dropout_in_triton
 
     s = randomized("t5", max_distance=40)
@@ -179,14 +178,7 @@ def test_forced_triton_with_dropout_needs_cuda_and_says_so():
     assert dropout_in_triton("triton", "cuda") and not dropout_in_triton("triton", "cpu")
     assert not dropout_in_triton("banded", "cuda") and not dropout_in_triton("auto", "cpu")
     assert dropout_in_triton("auto", "cuda") == ("triton" in CUDA_VALIDATED)
-
-
-def test_once_triton_is_validated_auto_on_cuda_drops_inside_it_and_no_other_backend_does(monkeypatch):
-    """When a GPU run puts ``triton`` into ``CUDA_VALIDATED``, ``auto`` on CUDA hands dropout to its programs;
-    a preference for another backend, and every CPU call, still run the dropout kernel's blocks."""
-    module = importlib.import_module("posbias.attention")  # the module (``posbias.attention`` is also the function)
-    dropout_in_triton = module.dropout_in_triton
-    monkeypatch.setattr(module, "CUDA_VALIDATED", ("triton", "banded", "alibi"))
+    monkeypatch.setattr(ATTENTION_MODULE, "CUDA_VALIDATED", ("triton", "banded", "alibi"))  # as after a GPU run
     assert dropout_in_triton("auto", "cuda") and dropout_in_triton("triton", "cuda")
     for backend in ("banded", "alibi", "blockwise", "reference"):
         assert not dropout_in_triton(backend, "cuda"), backend

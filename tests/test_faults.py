@@ -100,7 +100,10 @@ def test_empty_sequences(name, lq, lk):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(v=torch.randn(1, 2, 8, 8)), "v has head_dim 8"),
     (dict(q=torch.ones(1, 2, 8, 16, dtype=torch.long)), "q must be a floating-point tensor"),
-    (dict(scale=float("nan")), "scale must be a finite number"),
+    (dict(scale=float("nan")), "scale must be a finite number, got nan"),
+    (dict(scale=float("inf")), "scale must be a finite number, got inf"),
+    (dict(scale=-float("inf")), "scale must be a finite number, got -inf"),
+    (dict(scale="0.5"), "scale must be a finite number, got '0.5'"),
 ])
 @pytest.mark.parametrize("name", ["t5", "offset", "alibi", "rope"])
 def test_bad_attention_inputs(name, kwargs, match):

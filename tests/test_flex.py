@@ -33,28 +33,20 @@ def test_flex_matches_reference(name, causal, lq, lk, q0):
 
 
 def test_score_mod_method_and_table_is_linear_in_length():
+    """``score_mod(q_len, k_len)`` reads a ``[heads, q_len + k_len − 1]`` table: by default the keys sit at
+    0 … k_len − 1 and the queries at their end, so query qi and key ki read offset ``q_start + qi − ki``;
+    ``q_start`` places the queries and ``k_start`` moves the keys (one query and one key included; pairs in
+    the one-to-one buckets too, where offsets one apart read different entries)."""
     s = randomized("t5", max_distance=50)
     table = offset_table(s, 10, 300)
     assert table.shape == (3, 309) and table.dtype == torch.float32
-    mod = s.score_mod(10, 300)  # queries 290..299 against keys 0..299
-    score = torch.zeros(())
-    for qi, ki in [(0, 0), (9, 299), (3, 100)]:
-        got = mod(score, torch.tensor(0), torch.tensor(2), torch.tensor(qi), torch.tensor(ki))
-        want = s.bias_at(torch.tensor([290 + qi - ki]))[2, 0]
-        assert got.item() == pytest.approx(want.item())
-
-
-def test_score_mod_keys_start_at_0_unless_placed():
-    """``score_mod(q_len, k_len, q_start=…)``: the keys sit at 0 … k_len − 1 by default, so a query placed
-    at q_start reads offset ``q_start + qi − ki``; placing the keys moves it by their start."""
-    s = randomized("t5", max_distance=50)
-    score, b, h = torch.zeros(()), torch.tensor(0), torch.tensor(1)
-    for q_len, k_len, kw, offset in ((10, 300, {"q_start": 40}, 40), (10, 300, {"q_start": 40, "k_start": 7}, 33),
-                                     (1, 300, {}, 299), (1, 1, {}, 0)):  # one query: at the end of the keys
+    score, b, h = torch.zeros(()), torch.tensor(0), torch.tensor(2)
+    for q_len, k_len, kw, offset in ((10, 300, {}, 290), (10, 300, {"q_start": 40}, 40),
+                                     (10, 300, {"q_start": 40, "k_start": 7}, 33), (1, 300, {}, 299), (1, 1, {}, 0)):
         mod = s.score_mod(q_len, k_len, **kw)
-        for qi, ki in [(0, 0), (9, 30), (3, 2)] if q_len > 1 else [(0, 0), (0, k_len // 2)]:
+        for qi, ki in [(0, 0), (9, 299), (3, 100), (9, 30), (0, 35)] if q_len > 1 else [(0, 0), (0, k_len // 2)]:
             got = mod(score, b, h, torch.tensor(qi), torch.tensor(ki))
-            assert got.item() == pytest.approx(s.bias_at(torch.tensor([offset + qi - ki]))[1, 0].item()), (kw, qi, ki)
+            assert got.item() == pytest.approx(s.bias_at(torch.tensor([offset + qi - ki]))[2, 0].item()), (kw, qi, ki)
 
 
 def test_fire_score_mod_is_fire_with_its_gradients_on_the_cpu():

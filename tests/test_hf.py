@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from _helpers import DEVICES, NO_CUDA, RunsOnLoad, assert_grads_close
+from _helpers import ATTENTION_MODULE, DEVICES, NO_CUDA, RunsOnLoad, assert_grads_close
 
 from posbias.integrations.hf import TRANSFORMERS_FROM, too_old  # noqa: E402
 
@@ -624,9 +624,7 @@ def test_training_with_attention_dropout_on_the_triton_backend_on_cuda(family, f
                                                                        monkeypatch):
     """On CUDA, ``accelerate(model, backend="triton")`` takes training with dropout too, the mask drawn
     inside the triton programs: the unpatched model's outputs and gradients given the same mask."""
-    import importlib
-
-    pa = importlib.import_module("posbias.attention")  # (the package's attribute of that name is the function)
+    pa = ATTENTION_MODULE
     rates = []  # the dropout rate of each call the triton programs ran
     real = pa.table_flash_kernel
     monkeypatch.setattr(pa, "table_flash_kernel", lambda *a, **kw: rates.append(kw.get("dropout_p", 0)) or real(*a, **kw))

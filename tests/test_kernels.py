@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from _helpers import DEVICES, assert_same_grads, compare, randomized
+from _helpers import ATTENTION_MODULE, DEVICES, assert_same_grads, compare, randomized
 
 import posbias
 from posbias import SCHEMES, build
@@ -276,9 +276,7 @@ def test_forced_backend_that_cannot_run_raises():
 def test_a_preferred_backend_gives_way_when_not_strict(monkeypatch):
     """``strict=False``: a backend that cannot run these inputs yields to the automatic choice (same
     numbers as ``auto``); one that can is taken as asked."""
-    import importlib
-
-    att = importlib.import_module("posbias.attention")
+    att = ATTENTION_MODULE
     s = randomized("kerple-log")
     q = torch.randn(1, 3, 40, 16)
     ran = []
@@ -1136,31 +1134,39 @@ TOEPLITZ_OPTIONS = [("t5", {"max_distance": 40}), ("t5", {"max_distance": 40, "b
 
 @pytest.mark.parametrize("name, options", TOEPLITZ_OPTIONS)
 def test_toeplitz_bias_from_its_offsets_is_the_per_pair_bias(name, options):
-    """A Toeplitz scheme's ``bias`` at consecutive positions (its offsets once, laid out as windows)
-    against ``bias_at`` on every pair's offset: equal values (bit for bit but KERPLE-power's pow) also
-    past 2^24 and with queries before, inside and after the keys, gradients equal to rounding; other
-    positions take the per-pair form itself."""
+    """A Toeplitz scheme's ``bias`` at consecutive positions (its offsets once, laid out as windows) and
+    ``bias_into`` (a strided view of them, copied out) against ``bias_at`` on every pair's offset: equal
+    values (bit for bit but KERPLE-power's pow) also past 2^24, with queries before, inside and after the
+    keys, blocks wider than tall and taller than wide; gradients equal to rounding; other positions take
+    the per-pair form itself."""
     s = randomized(name, **options)
 
     def per_pair(qp, kp):
         return s.bias_at(qp[:, None] - kp[None, :])
 
     for q0, k0, rows, keys in [(0, 0, 64, 64), (100, 0, 7, 130), (0, 50, 9, 20), (2**40, 2**40 - 300, 33, 301),
-                               (5, 5, 1, 40), (5, 5, 40, 1)]:
+                               (5, 5, 1, 40), (5, 5, 40, 1), (0, 2, 9, 4), (7, 30, 2, 6), (100, 90, 6, 2)]:
         qp, kp = torch.arange(q0, q0 + rows), torch.arange(k0, k0 + keys)
         got, want = s.bias(qp, kp), per_pair(qp, kp)
+        with torch.no_grad():
+            written = s.bias_into(qp, kp, torch.empty(s.n_heads, rows, keys), torch.empty(0))
         assert got.shape == want.shape == (s.n_heads, rows, keys)
-        if name == "kerple-power":  # pow's vectorised and scalar loops round its last bit apart
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-        else:
-            assert torch.equal(got, want), (q0, k0, rows, keys)
+        for values in (got, written):
+            if name == "kerple-power":  # pow's vectorised and scalar loops round its last bit apart
+                torch.testing.assert_close(values, want, atol=1e-6, rtol=1e-6)
+            else:
+                assert torch.equal(values, want), (q0, k0, rows, keys)
         g = torch.randn_like(want)
         params = [p for p in s.parameters() if p.requires_grad]
         if params:
             for a, b in zip(torch.autograd.grad((got * g).sum(), params), torch.autograd.grad((want * g).sum(), params)):
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
     scattered = torch.tensor([0, 3, 4, 9])
-    assert torch.equal(s.bias(scattered, scattered), per_pair(scattered, scattered))
+    for qp in (scattered, torch.arange(5, 9)):  # keys that are no run, queries that are one or not
+        assert torch.equal(s.bias(qp, scattered), per_pair(qp, scattered))
+        with torch.no_grad():
+            written = s.bias_into(qp, scattered, torch.empty(s.n_heads, 4, 4), torch.empty(s.n_heads, 4, 4))
+        assert torch.equal(written, per_pair(qp, scattered).detach())
 
 
 @pytest.mark.parametrize("name, options", TOEPLITZ_OPTIONS + [("fire", {"init_L": 32.0})])

@@ -316,21 +316,6 @@ def test_illustrative_tables_and_gradients_of_frozen_tables():
     assert build("alibi", n_heads=4, head_dim=16).bias_grad(pos, pos, grad) == []
 
 
-@pytest.mark.parametrize("name", TOEPLITZ)
-def test_a_block_bias_from_its_offsets_is_the_per_pair_bias_bit_for_bit(name):
-    """A block of consecutive positions is biased from its ``rows + keys − 1`` offsets laid out as windows
-    (``bias``) or a strided view (``bias_into``): exactly what each pair's offset gives, for blocks wider
-    than tall, taller than wide, queries past or before the keys."""
-    s = randomize(build(name, n_heads=3, head_dim=16))
-    for q0, rows, k0, keys in [(0, 5, 0, 5), (40, 3, 0, 9), (0, 9, 2, 4), (7, 2, 30, 6), (100, 6, 90, 2)]:
-        q_pos, k_pos = torch.arange(q0, q0 + rows), torch.arange(k0, k0 + keys)
-        with torch.no_grad():
-            want = s.bias_at(q_pos[:, None] - k_pos[None, :]).float()
-            assert torch.equal(s.bias(q_pos, k_pos), want), (q0, rows, k0, keys)
-            got = s.bias_into(q_pos, k_pos, torch.empty(3, rows, keys), torch.empty(0))
-            assert torch.equal(got, want), (q0, rows, k0, keys)
-
-
 def test_tables_print_zero_unsigned_and_show_a_bias_from_the_query_at_the_largest_distance():
     """``show``'s tables print an ALiBi bias of −m·0 = −0.0 as 0.000; the distances are the powers of two to
     1024; a bias that reads the query's position is tabulated for one query at the largest distance, or
