@@ -68,11 +68,13 @@ def test_toeplitz_backend_with_a_fixed_bias(name, options, causal, lq):
 @pytest.mark.parametrize("name, options, causal", [("t5", {"max_distance": 40}, True),
                                                    ("t5", {"max_distance": 40, "bidirectional": True}, False),
                                                    ("alibi", {}, True), ("kerple-log", {}, True)])
-@pytest.mark.parametrize("lq, q0", [(1, None), (37, None), (5, 100), (5, -2), (3, -5)])
+@pytest.mark.parametrize("lq, q0", [(1, None), (37, None), (5, 100), (5, -2), (3, -5), (3, -3)])
 def test_toeplitz_few_queries_at_inference(monkeypatch, name, options, causal, lq, q0):
     """Decoding and short chunks without gradients reverse the queries instead of the key cache: the
     same outputs as the reference, at the end of the keys, in their middle (causal: later keys
-    hidden), partly and wholly before them (rows with no visible key give 0)."""
+    hidden), partly and wholly before them (rows with no visible key give 0), the last one just before
+    the first key (no key to hand the fused op, which torch 2.13 answers with a floating point
+    exception that ends the process)."""
     from posbias.kernels import toeplitz
 
     few, calls = toeplitz._few_queries, []
@@ -162,6 +164,10 @@ def test_rows_without_visible_keys_are_zero_not_nan(name):
     k = torch.randn(1, 3, 20, 16)
     out = attention(q, k, k, s, q_pos=torch.arange(-3, 9))
     assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
+    if backend == "toeplitz":  # a whole block of queries before the keys, its last just before the first key
+        from posbias.kernels.toeplitz import forward_block
+
+        compare(s, "toeplitz", lq=300, lk=301, q0=-forward_block(301))
 
 
 @pytest.mark.parametrize("name, options", [("offset", {"max_distance": 17}), ("t5", {"max_distance": 40}),
@@ -574,13 +580,16 @@ def test_fire_block_grads_sum_autograd_over_blocks():
 
 
 @pytest.mark.parametrize("rows, keys", [(1, 1), (1, 7), (5, 3), (4, 7), (4, 8), (4, 9), (16, 300)])
-@pytest.mark.parametrize("layout", ["contiguous", "rows of a larger block", "transposed"])
+@pytest.mark.parametrize("layout", ["contiguous", "rows of a larger block", "keys of a wider block", "transposed",
+                                    "broadcast along keys"])
 def test_diagonal_and_antidiagonal_sums(rows, keys, layout):
     """The kernels' sums along a block's diagonals (offset tables, FIRE's log-distance table) and
     anti-diagonals (toeplitz's reversed keys), batched over heads, against ``diagonal()``: narrow
     blocks through the padded copy, wide ones (``keys ≥ 2·rows``) through strided views of the block
-    itself with the two corners apart; a view into a larger buffer (storage offset) and a transposed
-    block (rows not ``keys`` apart: the padded copy) give the same sums."""
+    itself with the two corners apart; a view into a larger buffer (storage offset) gives the same sums,
+    and so do the blocks whose rows are not stored ``keys`` apart or whose keys are not adjacent (the
+    padded copy): the keys of a wider block, a transposed block, and a row broadcast along the keys
+    (stride 0, as autograd hands the gradient of a sum), which the strided views would misread."""
     from posbias.diagonals import antidiagonal_sums, diagonal_sums
 
     torch.manual_seed(rows * 1000 + keys)
@@ -588,8 +597,12 @@ def test_diagonal_and_antidiagonal_sums(rows, keys, layout):
         y = torch.randn(3, rows, keys, dtype=torch.float64)
     elif layout == "rows of a larger block":
         y = torch.randn(2, 3, rows + 3, keys, dtype=torch.float64)[1, :, 2:rows + 2]
-    else:
+    elif layout == "keys of a wider block":
+        y = torch.randn(3, rows, keys + 5, dtype=torch.float64)[..., 2:keys + 2]
+    elif layout == "transposed":
         y = torch.randn(3, keys, rows, dtype=torch.float64).transpose(1, 2)
+    else:
+        y = torch.randn(3, rows, keys, dtype=torch.float64)[..., :1].expand(3, rows, keys)
     want = torch.stack([y.diagonal(u - (rows - 1), 1, 2).sum(-1) for u in range(rows + keys - 1)], -1)
     torch.testing.assert_close(diagonal_sums(y), want)
     torch.testing.assert_close(diagonal_sums(y[0]), want[0])
@@ -1091,13 +1104,80 @@ def test_rows_of_a_usual_log_sum_exp_take_the_backward_unchanged():
     assert not ds[:, 0].any()  # the row that sees no key: nothing
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.25, 2.0])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_blocks_backward_is_autograds_through_a_dense_softmax(scale, batch):
+    """:func:`~posbias.kernels.flash.mask_backward` on one block against autograd through
+    ``softmax(scale·q·kᵀ + mask)·v``: q, k and v's gradients, and ``dS`` (the gradient of the logits,
+    which the kernels turn into the bias's) summed over the batch. Scales 1 (T5: unscaled, the queries
+    taken as they are), the default 1/√d, and one a user passes above 1; a batch of one writes ``P`` and
+    ``dP`` into the reused scratch buffer, and its ``dS`` is a view of it."""
+    from posbias.kernels.flash import block_work, mask_backward
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, 2, n, 16, dtype=torch.float64).requires_grad_() for n in (6, 9, 9))
+    mask = torch.randn(2, 6, 9, dtype=torch.float64)
+    mask[:, 0, 4:] = float("-inf")
+    logits = q @ k.transpose(-1, -2) * scale + mask
+    logits.retain_grad()
+    out = torch.softmax(logits, -1) @ v
+    dout = torch.randn_like(out)
+    (out * dout).sum().backward()
+    lse = torch.logsumexp(logits.detach(), -1).float()
+    delta = (dout * out.detach()).sum(-1).float()
+    work = block_work(6 * 9 * 2 * batch, q.device) if batch == 1 else None
+    got = mask_backward(*(t.detach().float() for t in (q, k, v, dout)), lse, delta, mask.float(), scale, work=work)
+    for name, a, b in zip("qkvS", got, (q.grad, k.grad, v.grad, logits.grad.sum(0))):
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max(), name
+
+
+def test_wide_log_sum_exps_and_the_rows_per_block():
+    """Rules read by no output, each measured (their docstrings): a block takes the softmax backward when
+    a finite log-sum-exp lies beyond ±64 (−∞, a row without keys, does not count, nor its clamped value);
+    a backward block has at most 128 rows, at least 64, and otherwise ``P``'s 4M float32 elements (16 MB)
+    over batch × heads × keys; a forward block of ``toeplitz`` has an eighth of the keys, from 256 to 1024."""
+    from posbias.kernels.flash import WIDE_LSE, _wide, backward_rows
+    from posbias.kernels.toeplitz import forward_block
+
+    assert WIDE_LSE == 64.0
+    for values, wide in [([63.9, -63.9, 0.0], False), ([64.0], False), ([64.1], True), ([-64.1], True),
+                         ([float("-inf"), 10.0], False), ([float("-inf"), -70.0], True),
+                         ([torch.finfo(torch.float32).min], False)]:  # a −∞ clamped to float32's lowest
+        assert _wide(torch.tensor(values)) is wide, values
+    for (b, h, keys), rows in [((1, 8, 1024), 128), ((1, 8, 4096), 128), ((1, 8, 5000), 104), ((2, 8, 8192), 64),
+                               ((1, 1, 0), 128)]:
+        got = backward_rows(torch.empty(b, h, 1, 1), keys)
+        assert got == rows and isinstance(got, int), ((b, h, keys), got)
+    assert [forward_block(n) for n in (1, 2055, 2056, 4100, 8192, 8200, 9000, 65536)] == [256, 256, 257, 512, 1024,
+                                                                                            1024, 1024, 1024]
+
+
+def test_the_fused_ops_inputs_keep_half_precision_and_else_go_float32():
+    """:func:`~posbias.kernels.flash.fused_inputs`: bf16 or fp16 throughout stay as they are; anything
+    else (float64, or half precision mixed with another dtype) goes float32; a last dimension that is
+    not contiguous is copied, other strides are kept (a view of a decoding cache)."""
+    from posbias.kernels.flash import fused_inputs
+
+    for dtypes, want in [((torch.bfloat16,) * 3, torch.bfloat16), ((torch.float16,) * 3, torch.float16),
+                         ((torch.float64,) * 3, torch.float32), ((torch.bfloat16, torch.float32, torch.float32),
+                                                                 torch.float32),
+                         ((torch.float16, torch.float16, torch.bfloat16), torch.float32)]:
+        got = fused_inputs(*(torch.randn(1, 2, 3, 4, dtype=d) for d in dtypes))
+        assert [t.dtype for t in got] == [want] * 3, dtypes
+    cache = torch.randn(1, 2, 10, 4)
+    view, strided = fused_inputs(cache[:, :, :5], cache.transpose(-1, -2))
+    assert view.data_ptr() == cache.data_ptr() and not view.is_contiguous()
+    assert strided.stride(-1) == 1 and torch.equal(strided, cache.transpose(-1, -2))
+
+
 def test_inputs_an_older_fused_op_misreads_are_handed_to_it_in_a_form_it_reads(monkeypatch):
     """torch 2.6's fused CPU op reads a mask as if its rows were contiguous and returns NaN for grouped
     keys and values (2.8: the grouped case), without an error. :func:`~posbias.kernels.flash.op_reads`
     measures what the installed op reads; where a check fails, masks go in contiguous and heads repeated.
     Here the checks are made to fail: the paths that hand those inputs (windowed's band mask of two
-    blocks, grouped decoding on toeplitz and blockwise) still equal the reference, and the op sees no
-    strided mask and no grouped heads."""
+    blocks, toeplitz's masks whose rows overlap in memory, for a prompt and for a few queries against
+    a cache, grouped decoding on toeplitz and blockwise) still equal the reference, and the op sees no
+    strided or overlapping mask and no grouped heads."""
     from posbias.kernels import flash
 
     reads = flash.op_reads()
@@ -1119,12 +1199,55 @@ def test_inputs_an_older_fused_op_misreads_are_handed_to_it_in_a_form_it_reads(m
     with torch.no_grad():
         torch.testing.assert_close(attention(q, k, v, s, causal=False, backend="windowed"),
                                    attention_reference(q, k, v, s, causal=False), atol=2e-5, rtol=1e-4)
+        a = randomized("alibi")
+        for lq in (301, 3):  # a prompt, then three queries at the end of the cache
+            qa = torch.randn(1, a.n_heads, lq, 16)
+            torch.testing.assert_close(attention(qa, k[:1], v[:1], a, backend="toeplitz"),
+                                       attention_reference(qa, k[:1], v[:1], a), atol=2e-5, rtol=1e-4)
         for name in ("t5", "fire"):
             g = randomized(name)
             q1, k1, v1 = torch.randn(1, g.n_heads, 1, 16), *(torch.randn(1, 1, 90, 16) for _ in range(2))
             torch.testing.assert_close(attention(q1, k1, v1, g, enable_gqa=True),
                                        attention_reference(q1, k1, v1, g, enable_gqa=True), atol=2e-5, rtol=1e-4)
     assert seen and all(same_heads and contiguous for same_heads, contiguous in seen)
+
+
+def test_inputs_are_copied_only_where_the_op_would_misread_them(monkeypatch):
+    """:func:`~posbias.kernels.flash.readable` copies a mask only where this torch misreads its layout and
+    repeats grouped heads only where it misreads those: a copied ``[H, L, L]`` mask or repeated keys
+    would cost what the zero-copy views save. A mask whose last dimension is not contiguous (a
+    flipped view, every second key) is *strided*; one whose rows start less than a row apart (an
+    ``unfold`` window, a row broadcast over queries, stride 0) is *overlapping*; a single row, a
+    single key, a contiguous mask and one whose rows are further apart than a row are neither."""
+    from posbias.kernels import flash
+
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 4, 5, 8)
+    row = torch.randn(2, 7)
+    masks = {"strided": torch.randn(2, 5, 3).transpose(-1, -2), "strided 2-D": torch.randn(5, 3).t(),
+             "every second key": torch.randn(2, 3, 10)[..., ::2],
+             "overlapping": row.unfold(-1, 5, 1), "broadcast rows": row[:, None, :5].expand(2, 3, 5),
+             "contiguous": torch.randn(2, 3, 5), "rows further apart": torch.randn(2, 3, 9)[..., :5],
+             "one row": row.unfold(-1, 5, 1)[:, :1], "one key": torch.randn(2, 1, 3).transpose(-1, -2),
+             "two keys": torch.randn(2, 2, 3).transpose(-1, -2), "one strided row": torch.randn(2, 5, 3).mT[:, :1],
+             "two overlapping rows": row.unfold(-1, 5, 1)[:, :2],
+             "rows three apart": torch.randn(2, 11).unfold(-1, 5, 3)}
+    kinds = {"strided": "strided", "strided 2-D": "strided", "every second key": "strided", "two keys": "strided",
+             "one strided row": "strided", "overlapping": "overlapping", "broadcast rows": "overlapping",
+             "two overlapping rows": "overlapping", "rows three apart": "overlapping"}
+    for reads in [flash.OpReads(False, True, True), flash.OpReads(True, False, True), flash.OpReads(True, True, True)]:
+        monkeypatch.setattr(flash, "op_reads", lambda reads=reads: reads)
+        for name, mask in masks.items():
+            misread = {"strided": not reads.strided_masks, "overlapping": not reads.overlapping_masks}.get(
+                kinds.get(name), False)
+            k_out, v_out, got = flash.readable(q, k, k, mask)
+            assert k_out is k and v_out is k, name
+            assert torch.equal(got, mask) and (got.is_contiguous() if misread else got is mask), (reads, name)
+    k2 = torch.randn(1, 2, 5, 8)
+    for grouped in (True, False):
+        monkeypatch.setattr(flash, "op_reads", lambda grouped=grouped: flash.OpReads(True, True, grouped))
+        k_out, v_out, _ = flash.readable(q, k2, k2, None)
+        assert (k_out is k2) if grouped else torch.equal(k_out, k2.repeat_interleave(2, 1))
+        assert flash.readable(q, k, k, None)[0] is k  # the queries' head count: nothing to repeat
 
 
 TOEPLITZ_OPTIONS = [("t5", {"max_distance": 40}), ("t5", {"max_distance": 40, "bidirectional": True}),

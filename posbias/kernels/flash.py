@@ -77,7 +77,9 @@ def readable(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tens
 def flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
                   mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Fused attention (top-left causal when ``causal``; ``mask`` an additive float bias with −∞ for
-    hidden pairs) → (out, lse float32 ``[B, H, Lq]``)."""
+    hidden pairs) → (out, lse float32 ``[B, H, Lq]``). Never with zero keys: torch 2.13's op ends the
+    process with a floating point exception there (callers skip such blocks: their rows are 0, lse −∞).
+    Nor with keys longer than the values: the op reads as many keys as there are values, unchecked."""
     k, v, mask = readable(q, k, v, mask)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
                                                                           scale=scale)
