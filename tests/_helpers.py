@@ -75,12 +75,13 @@ def randomized(name, **options):
 
 
 def compare(scheme, backend, *, causal=True, lq=None, lk=301, q0=None, dtype=torch.float32, atol=2e-4, device="cpu",
-            **kw):
+            batch=2, **kw):
     """``backend`` against the dense reference on ``device``: outputs, q/k/v gradients and the
     scheme's parameter gradients (``scheme`` is moved to ``device``); ``kw`` goes to both calls."""
     lq = lq or lk
     scheme.to(device)
-    q, k, v = (torch.randn(2, 3, n, 16, dtype=dtype, device=device, requires_grad=True) for n in (lq, lk, lk))
+    q, k, v = (torch.randn(batch, scheme.n_heads, n, 16, dtype=dtype, device=device, requires_grad=True)
+               for n in (lq, lk, lk))
     if q0 is not None:
         kw["q_pos"] = torch.arange(q0, q0 + lq, device=device)
     out = attention(q, k, v, scheme, causal=causal, backend=backend, **kw)

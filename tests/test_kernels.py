@@ -65,6 +65,74 @@ def test_toeplitz_backend_with_a_fixed_bias(name, options, causal, lq):
     compare(s, "toeplitz", causal=causal, lk=1200)  # several blocks of 512
 
 
+@pytest.mark.parametrize("backend", ["windowed", "banded"])
+@pytest.mark.parametrize("name, options, causal", [("t5", {"max_distance": 40}, True),
+                                                   ("t5", {"max_distance": 40, "bidirectional": True}, False),
+                                                   ("offset", {"max_distance": 17}, True)])
+def test_a_frozen_table_trains_the_rest_through_the_band_kernels(backend, name, options, causal):
+    """A bias that does not train (a frozen table, as when fine-tuning the rest of a model) under the
+    windowed and banded kernels: the band's backward on the fused op with the table as its mask instead
+    of the dense pass a trained table needs; q/k/v gradients against the reference, over several blocks
+    with flat parts on both sides."""
+    compare(randomized(name, **options).requires_grad_(False), backend, causal=causal, lk=700)
+
+
+def test_blockwise_causal_blocks_read_the_keys_up_to_their_last_query():
+    """``blockwise``'s blocks ``(start, end, keys)``: a causal block reads only the keys up to its last
+    query where the keys are sorted (a run, or increasing positions; searched on the device there), all
+    of them where they are not sorted or the call hides nothing (queries after every key: a decoding
+    step); a bidirectional call reads them all."""
+    from posbias.kernels.blockwise import _Blocks
+    from posbias.positions import run
+
+    pos = torch.arange(10)
+    for runs in (False, True):  # positions made as runs (their starts known on the host) or plain tensors
+        at = (lambda start: run(start, 10)) if runs else (lambda start: pos + start)
+        assert list(_Blocks(at(0), at(0), True, 4)) == [(0, 4, 4), (4, 8, 8), (8, 10, 10)]
+        assert list(_Blocks(at(3), at(0), True, 4)) == [(0, 4, 7), (4, 8, 10), (8, 10, 10)]  # past the first keys
+        assert list(_Blocks(at(0), at(5), True, 4)) == [(0, 4, 0), (4, 8, 3), (8, 10, 5)]  # before them
+    assert list(_Blocks(pos, pos * 2, True, 4)) == [(0, 4, 2), (4, 8, 4), (8, 10, 5)]  # sorted, not a run
+    for keys, causal in [(torch.tensor([3, 1, 4, 0, 2, 9, 8, 7, 6, 5]), True), (pos, False), (pos - 20, True),
+                         (torch.tensor([0, 9, 1, 8, 2, 7, 3, 6, 4, 5]), True)]:  # the first key the lowest, no more
+        assert list(_Blocks(pos, keys, causal, 4)) == [(0, 4, 10), (4, 8, 10), (8, 10, 10)], (keys, causal)
+    assert list(_Blocks(pos[:1], pos[:1], True, 4)) == [(0, 1, 1)]
+
+
+def test_blockwise_trains_a_batch_larger_than_its_heads():
+    """The scratch buffers of a trained bias's backward blocks hold batch × heads rows of pairs: a batch
+    of 4 over one head (the buffer read as ``[B, H, rows, keys]``), against the reference."""
+    compare(build("kerple-log", n_heads=1, head_dim=16), "blockwise", causal=True, lk=300, batch=4)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_windowed_blocks_without_a_band_or_without_keys(frozen):
+    """``windowed``'s blocks where a part is empty, trained table or frozen: queries whose every key lies
+    beyond the window (the flat part alone, no band), and a whole block of queries before the first key
+    (no part at all: rows 0, no gradient), its last query just before that key."""
+    from posbias.kernels.windowed import BLOCK
+
+    s = randomized("t5", max_distance=40).requires_grad_(not frozen)
+    compare(s, "windowed", lq=37, q0=400)
+    compare(s, "windowed", lq=BLOCK + 44, lk=301, q0=-BLOCK)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_windowed_builds_one_band_mask_for_its_interior_blocks(monkeypatch, causal):
+    """The band's mask depends on the block's offsets only, so the blocks whose band lies inside the keys
+    share one, built once in the forward and once in the backward: the first block's (its band cut by
+    the first key), the interior blocks', and (bidirectional) the last block's, cut by the last key."""
+    from posbias.kernels import windowed
+
+    built, band = [], windowed._band
+    monkeypatch.setattr(windowed, "_band", lambda vals, qa, qb, ka, kb, *a: built.append((qa - ka, qb - qa, kb - ka))
+                        or band(vals, qa, qb, ka, kb, *a))
+    s = randomized("t5", max_distance=40, bidirectional=not causal)
+    q = torch.randn(1, s.n_heads, 6 * windowed.BLOCK, 16, requires_grad=True)
+    attention(q, q, q, s, causal=causal, backend="windowed").sum().backward()
+    once = built[:len(built) // 2]  # the forward's
+    assert len(once) == len(set(once)) == (2 if causal else 3) and built == once * 2, built
+
+
 @pytest.mark.parametrize("name, options, causal", [("t5", {"max_distance": 40}, True),
                                                    ("t5", {"max_distance": 40, "bidirectional": True}, False),
                                                    ("alibi", {}, True), ("kerple-log", {}, True)])
