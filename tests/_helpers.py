@@ -80,8 +80,8 @@ def compare(scheme, backend, *, causal=True, lq=None, lk=301, q0=None, dtype=tor
     scheme's parameter gradients (``scheme`` is moved to ``device``); ``kw`` goes to both calls."""
     lq = lq or lk
     scheme.to(device)
-    q, k, v = (torch.randn(batch, scheme.n_heads, n, 16, dtype=dtype, device=device, requires_grad=True)
-               for n in (lq, lk, lk))
+    q, k, v = (torch.randn(batch, scheme.n_heads, n, scheme.head_dim, dtype=dtype, device=device,
+                           requires_grad=True) for n in (lq, lk, lk))
     if q0 is not None:
         kw["q_pos"] = torch.arange(q0, q0 + lq, device=device)
     out = attention(q, k, v, scheme, causal=causal, backend=backend, **kw)

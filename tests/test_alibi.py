@@ -22,11 +22,31 @@ def native(monkeypatch):
 
 
 @pytest.mark.parametrize("lq, lk, q0", [(301, 301, None), (37, 301, None), (1, 301, None), (90, 301, 100),
-                                        (64, 64, None), (5, 5, None)])
+                                        (64, 64, None), (5, 5, None), (300, 301, 1)])
 def test_native_path_matches_the_reference(native, lq, lk, q0):
-    """Outputs and q/k/v gradients in float32: blocks with and without earlier keys, queries at the
-    end of the keys, in their middle, a single one (decoding)."""
+    """Outputs and q/k/v gradients in float32: blocks with and without earlier keys (a single one: the
+    queries from position 1), queries at the end of the keys, in their middle, a single one (decoding)."""
     compare(build("alibi", n_heads=3, head_dim=16), "alibi", lq=lq, lk=lk, q0=q0)
+
+
+@pytest.mark.parametrize("head_dim", [8, 24, 32])
+def test_native_path_with_a_scale_that_is_no_power_of_two(native, head_dim):
+    """The queries' extra columns hold ``c``, the power of two nearest ``1/scale`` (exact in every dtype),
+    and the keys' hold the slopes over ``scale·c``: 1 where the scale is a power of two (head_dim 16 or
+    64, as elsewhere in these tests), 0.71 or 1.41 at head_dim 8, 24 and 32."""
+    compare(build("alibi", n_heads=3, head_dim=head_dim), "alibi", lq=90, lk=301)
+
+
+@pytest.mark.parametrize("is_native", [False, True])
+def test_the_kernel_reads_positions_from_the_first_key(is_native):
+    """Handed positions that do not start at 0 (``attention`` re-references them first): keys from 1000,
+    queries among them, both paths, against the reference."""
+    s = build("alibi", n_heads=3, head_dim=16)
+    q, k, v = (torch.randn(1, 3, n, 16) for n in (150, 180, 180))
+    q_pos, k_pos = torch.arange(1030, 1180), torch.arange(1000, 1180)
+    got = alibi.alibi_kernel(q, k, v, s, q_pos=q_pos, k_pos=k_pos, causal=True, scale=0.25, native=is_native,
+                             block=64)
+    torch.testing.assert_close(got, attention_reference(q, k, v, s, q_pos=q_pos, k_pos=k_pos), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -188,3 +188,19 @@ def test_resolve_keeps_banded_inputs_exact():
     assert int(qp[0]) == 0
     torch.testing.assert_close(attention(q, q, q, s, backend="banded", q_pos=pos, k_pos=pos),
                                attention_reference(q, q, q, s, q_pos=pos, k_pos=pos))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_band_is_placed_by_the_queries_distance_from_the_first_key(causal):
+    """Keys from position 1000 on (a window of a longer cache) and queries among them, through
+    ``attention`` and handed to the kernel itself (``attention`` first re-references positions to 0):
+    the band follows the query's position minus the first key's, not the positions themselves; and
+    chunks of a single query, the smallest the kernel takes, give the reference too."""
+    s = randomized("t5", num_buckets=8, max_distance=10, bidirectional=not causal)
+    compare(s, "banded", causal=causal, lq=90, q0=1100, k_pos=torch.arange(1000, 1301))
+    q, k, v = (torch.randn(1, 3, n, 16) for n in (12, 15, 15))
+    q_pos, k_pos = torch.arange(1003, 1015), torch.arange(1000, 1015)
+    with torch.no_grad():
+        got = banded.banded_kernel(q, k, v, s, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=1.0, chunk=1)
+        want = attention_reference(q, k, v, s, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=1.0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
