@@ -1291,22 +1291,22 @@ def test_inputs_are_copied_only_where_the_op_would_misread_them(monkeypatch):
 
     q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 4, 5, 8)
     row = torch.randn(2, 7)
-    masks = {"strided": torch.randn(2, 5, 3).transpose(-1, -2), "strided 2-D": torch.randn(5, 3).t(),
-             "every second key": torch.randn(2, 3, 10)[..., ::2],
-             "overlapping": row.unfold(-1, 5, 1), "broadcast rows": row[:, None, :5].expand(2, 3, 5),
-             "contiguous": torch.randn(2, 3, 5), "rows further apart": torch.randn(2, 3, 9)[..., :5],
-             "one row": row.unfold(-1, 5, 1)[:, :1], "one key": torch.randn(2, 1, 3).transpose(-1, -2),
-             "two keys": torch.randn(2, 2, 3).transpose(-1, -2), "one strided row": torch.randn(2, 5, 3).mT[:, :1],
-             "two overlapping rows": row.unfold(-1, 5, 1)[:, :2],
-             "rows three apart": torch.randn(2, 11).unfold(-1, 5, 3)}
-    kinds = {"strided": "strided", "strided 2-D": "strided", "every second key": "strided", "two keys": "strided",
-             "one strided row": "strided", "overlapping": "overlapping", "broadcast rows": "overlapping",
-             "two overlapping rows": "overlapping", "rows three apart": "overlapping"}
+    strided, overlapping = "strided_masks", "overlapping_masks"  # what each mask is, by the OpReads field it needs
+    masks = {"strided": (torch.randn(2, 5, 3).transpose(-1, -2), strided),
+             "strided 2-D": (torch.randn(5, 3).t(), strided),
+             "every second key": (torch.randn(2, 3, 10)[..., ::2], strided),
+             "two keys": (torch.randn(2, 2, 3).transpose(-1, -2), strided),
+             "one strided row": (torch.randn(2, 5, 3).mT[:, :1], strided),
+             "overlapping": (row.unfold(-1, 5, 1), overlapping),
+             "broadcast rows": (row[:, None, :5].expand(2, 3, 5), overlapping),
+             "two overlapping rows": (row.unfold(-1, 5, 1)[:, :2], overlapping),
+             "rows three apart": (torch.randn(2, 11).unfold(-1, 5, 3), overlapping),
+             "contiguous": (torch.randn(2, 3, 5), None), "rows further apart": (torch.randn(2, 3, 9)[..., :5], None),
+             "one row": (row.unfold(-1, 5, 1)[:, :1], None), "one key": (torch.randn(2, 1, 3).transpose(-1, -2), None)}
     for reads in [flash.OpReads(False, True, True), flash.OpReads(True, False, True), flash.OpReads(True, True, True)]:
         monkeypatch.setattr(flash, "op_reads", lambda reads=reads: reads)
-        for name, mask in masks.items():
-            misread = {"strided": not reads.strided_masks, "overlapping": not reads.overlapping_masks}.get(
-                kinds.get(name), False)
+        for name, (mask, kind) in masks.items():
+            misread = kind is not None and not getattr(reads, kind)
             k_out, v_out, got = flash.readable(q, k, k, mask)
             assert k_out is k and v_out is k, name
             assert torch.equal(got, mask) and (got.is_contiguous() if misread else got is mask), (reads, name)
