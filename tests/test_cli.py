@@ -2,6 +2,7 @@ import argparse
 import errno
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -357,6 +358,15 @@ def test_show_sinusoidal_tabulates_the_similarity_of_positions_by_distance(capsy
     sim = [float(x) for x in lines[-1].split()]
     emb = build("sinusoidal", n_heads=2, head_dim=16).embed(torch.arange(1000, 1000 + max(dist) + 1), 32).double()
     assert sim[0] == 1.0 and sim == [pytest.approx(float(emb[0] @ emb[d]) / 16, abs=6e-4) for d in dist]
+    # the header: the pairs and their wavelengths, read back from the embedding itself (at position 1 the
+    # angle of pair k is its frequency ω_k ≤ 1 rad, so its wavelength is 2π / atan2(sin, cos))
+    header = next(line for line in lines if "sin/cos pairs" in line)
+    pairs, shortest, longest = re.search(r"(\d+) sin/cos pairs, .* from ([\d.]+) to ([\d,]+) tokens", header).groups()
+    at1 = build("sinusoidal", n_heads=2, head_dim=16).embed(torch.tensor([1]), 32).double()[0]
+    wave = (2 * math.pi / torch.atan2(at1[0::2], at1[1::2])).tolist()
+    assert "embedding of width 32 " in header and int(pairs) == 16 == len(wave)
+    assert float(shortest) == round(min(wave), 2) == 6.28
+    assert int(longest.replace(",", "")) == pytest.approx(max(wave), abs=1) and max(wave) > 35_000
 
 
 def test_show_offsets_gives_the_bucket_and_bias_of_each_offset(capsys):
