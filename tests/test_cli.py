@@ -185,6 +185,59 @@ def test_bias_curves_shade_the_distances_no_training_pair_had(figures, tmp_path)
     assert [ax.get_title() for ax in figures[-1].axes[:2]] == ["alibi", "fire (query at position 100)"]
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_bucket_map_draws_every_offsets_bucket_and_its_regions(figures, tmp_path, bidirectional):
+    """The bucket map's step line is ``t5_bucket`` at every offset up to ``span`` (both signs when
+    bidirectional); the shaded one-to-one region ends at the first offset that shares its bucket,
+    the dashed line sits at ±max_distance, and the title names the settings."""
+    from posbias import t5_bucket
+    from posbias.plot import plot_bucket_map
+
+    nb, md = 16, 40
+    plot_bucket_map(tmp_path / "b.png", num_buckets=nb, max_distance=md, bidirectional=bidirectional)
+    plot_bucket_map(tmp_path / "s.png", num_buckets=nb, max_distance=md, bidirectional=bidirectional, span=100)
+    for fig, span in zip(figures, (2 * md, 100)):
+        ax = fig.axes[0]
+        [line, *dashed] = ax.get_lines()
+        off = torch.arange(-span if bidirectional else 0, span + 1)
+        want = t5_bucket(off, num_buckets=nb, max_distance=md, bidirectional=bidirectional)
+        assert line.get_drawstyle() == "steps-post" and line.get_xdata().tolist() == off.tolist()
+        assert line.get_ydata().tolist() == want.tolist()
+        assert sorted(x for ln in dashed for x in ln.get_xdata()) == ([-md, -md, md, md] if bidirectional else [md, md])
+        forward = want[off >= 0]
+        exact = int((forward[1:] == forward[:-1]).nonzero()[0])  # the first offset sharing its bucket
+        spans = sorted((p.get_x(), p.get_x() + p.get_width()) for p in ax.patches)
+        assert spans == ([(-exact, 0), (0, exact)] if bidirectional else [(0, exact)])
+        assert f"one-to-one (offsets < {exact})" in [t.get_text() for t in ax.get_legend().get_texts()]
+        kind = "bidirectional" if bidirectional else "causal"
+        assert ax.get_title() == f"T5 bucket map ({kind}): num_buckets = {nb} (n_b + 1), max_distance = {md}"
+        assert ax.get_ylim()[1] >= int(want.max())
+
+
+def test_t5_vs_alibi_draws_each_pairs_bucket_and_penalty(figures, tmp_path):
+    """The textbook's side-by-side: left, the T5 bucket of every causal pair (labelled ``u_b``), right
+    ALiBi's ``−m·(i − j)``; pairs with a key after the query are blank on both."""
+    from posbias import t5_bucket
+    from posbias.plot import plot_t5_vs_alibi
+
+    n, nb, md, m = 12, 8, 10, 0.25
+    plot_t5_vs_alibi(tmp_path / "x.png", length=n, num_buckets=nb, max_distance=md, slope=m)
+    left, right = figures[0].axes[:2]
+    pos = torch.arange(n)
+    off = pos[:, None] - pos[None, :]
+    later = off < 0
+    buckets = torch.as_tensor(left.get_images()[0].get_array().filled(float("nan")))
+    penalty = torch.as_tensor(right.get_images()[0].get_array().filled(float("nan")))
+    for drawn, want in ((buckets, t5_bucket(off, num_buckets=nb, max_distance=md).float()), (penalty, -m * off.float())):
+        assert torch.equal(drawn.isnan(), later)
+        assert torch.equal(drawn[~later], want[~later])
+    labels = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in left.texts}
+    assert len(labels) == n * (n + 1) // 2 and labels[(11, 0)] == f"u{int(t5_bucket(torch.tensor(11), num_buckets=nb, max_distance=md))}"
+    values = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in right.texts}
+    assert values[(5, 5)] == "0" and values[(11, 0)] == f"{-m * 11:.1f}" and len(values) == len(labels)
+    assert f"num_buckets={nb}, max_distance={md}" in left.get_title() and f"m = {m}" in right.get_title()
+
+
 def test_heatmaps_share_one_colour_scale(figures, tmp_path):
     from posbias import build
     from posbias.plot import plot_bias_heatmaps
