@@ -98,6 +98,11 @@ def test_per_line_runs_a_mutant_against_the_tests_that_reach_its_line(mutate):
                    4: ["tests/test_a.py::test_f", "tests/test_b.py::TestC::test_f"], 5: ids, 6: ["tests/test_b.py::test_f"]}
     starts = mutate.statement_starts("x = 1\nif x:\n    y = f(1,\n          2)\n")
     assert starts == {1: 1, 2: 2, 3: 3, 4: 3}
+    # module statements, class bodies and a def's header (decorators, defaults over two lines) run at
+    # import, wherever the module was first imported: every test is theirs; function bodies are not
+    source = ("N = 512\n@dec(1)\ndef f(a=32,\n      b=N):\n    return a + b\n\n\nclass C:\n    k = 2\n\n"
+              "    def g(self, c=3):\n        return c\n")
+    assert mutate.run_at_import(source) == {1, 2, 3, 4, 6, 7, 8, 9, 10, 11}
 
 
 def test_per_line_measures_which_test_runs_each_line(mutate, tmp_path):

@@ -21,7 +21,8 @@ stops the run. Docstrings are not mutated.
 
 ``--per-line`` runs each mutant against only the tests that execute its line: the unmutated run is
 measured by coverage.py with one context per test, and a mutant of a line no test reaches in this
-process (or reaches only at import or in a fixture) runs every test given. For a module behind
+process (or reaches only at import or in a fixture), and a module-level statement or a ``def``'s header
+(its defaults) wherever the module was first imported, runs every test given. For a module behind
 end-to-end tests that is minutes saved a mutant: the tests that never reach a line cannot see it changed.
 
 Prints one line per mutant and a summary (killed, survived, timed out), and ``--log FILE`` writes one
@@ -184,6 +185,19 @@ def statement_starts(source: str) -> dict[int, int]:
     return starts
 
 
+def run_at_import(source: str) -> set[int]:
+    """The lines of ``source`` outside every function body: module and class statements, and a ``def``'s
+    header (its decorators and default values), all run when the module is imported. coverage.py gives
+    such a line the context of the test that first imported the module, which is every test's concern:
+    a module imported inside a test (``from posbias.plot import ...``) would otherwise send a changed
+    default or module constant to that one test alone."""
+    lines = set(range(1, len(source.splitlines()) + 1))
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.body[0].lineno > node.lineno:
+            lines -= set(range(node.body[0].lineno, (node.end_lineno or node.lineno) + 1))
+    return lines
+
+
 def tests_by_line(contexts: dict[int, list[str]], node_ids: list[str]) -> dict[int, list[str]]:
     """coverage.py's ``test_function`` contexts of each line (``test_mod.test_f``, ``test_mod.Class.test_f``;
     ``""`` for code run at import or in a fixture) as the pytest node ids they name among ``node_ids``
@@ -275,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.time()
         if args.per_line:
             status, last, node_ids, by_line = _covered(cmd, work, env, target)
-            starts = statement_starts(printed_source)
+            starts, at_import = statement_starts(printed_source), run_at_import(printed_source)
             # the mutants' lines in the re-printed module coverage measured (same walk, other line numbers)
             printed = mutants(printed_source)
             assert [m.what for m in printed] == [m.what for m in every], "ast.unparse changed the mutation sites"
@@ -294,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             run = cmd
             if args.per_line:
                 line = printed[m.index].line
-                tests = by_line.get(line) or by_line.get(starts.get(line, line)) or node_ids
+                tests = node_ids if line in at_import else (by_line.get(line) or by_line.get(starts.get(line, line))
+                                                             or node_ids)
                 run = pytest_command(tests, slow=args.slow)
             start = time.time()
             status, last = _run(run, work, env, timeout)
