@@ -236,6 +236,126 @@ def test_t5_vs_alibi_draws_each_pairs_bucket_and_penalty(figures, tmp_path):
     values = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in right.texts}
     assert values[(5, 5)] == "0" and values[(11, 0)] == f"{-m * 11:.1f}" and len(values) == len(labels)
     assert f"num_buckets={nb}, max_distance={md}" in left.get_title() and f"m = {m}" in right.get_title()
+    plot_t5_vs_alibi(tmp_path / "x.png")  # the textbook's figure: 16 tokens, each pair labelled
+    assert len(figures[1].axes[0].texts) == 16 * 17 // 2 and figures[1].axes[0].get_images()[0].get_array().shape == (16, 16)
+    plot_t5_vs_alibi(tmp_path / "x.png", length=17)  # more would not be readable: the colours alone
+    assert not figures[2].axes[0].texts and not figures[2].axes[1].texts
+
+
+def test_bucket_maps_default_is_the_default_t5s(figures, tmp_path):
+    """``plot_bucket_map()`` without settings draws the buckets of ``build("t5")`` (SPEC: 32 buckets,
+    max_distance 128, causal), up to twice max_distance."""
+    from posbias.plot import plot_bucket_map
+
+    t5 = build("t5", n_heads=1, head_dim=8)
+    plot_bucket_map(tmp_path / "b.png")
+    line = figures[0].axes[0].get_lines()[0]
+    off = torch.arange(0, 2 * t5.max_distance + 1)
+    assert line.get_xdata().tolist() == off.tolist()
+    assert line.get_ydata().tolist() == t5.buckets(off).tolist()
+
+
+def test_heatmap_panels_four_to_a_row_for_the_first_max_heads(figures, tmp_path):
+    """Up to ``max_heads`` heads (8 by default), four panels to a row, the unused ones of the last row
+    blank; each panel draws its own head's bias (head h's ALiBi slope), and the note ends the title."""
+    from posbias.plot import plot_bias_heatmaps
+
+    for heads, max_heads, drawn, grid in [(6, 8, 6, (2, 4)), (2, 8, 2, (1, 2)), (12, 8, 8, (2, 4)), (12, 5, 5, (2, 4))]:
+        s = build("alibi", n_heads=heads, head_dim=8)
+        plot_bias_heatmaps(s, tmp_path / "h.png", length=10, max_heads=max_heads, note=" [note]")
+        fig = figures[-1]
+        panels = [ax for ax in fig.axes if ax.get_images() and ax.get_title().startswith("head")]
+        assert [ax.get_title() for ax in panels] == [f"head {h}" for h in range(drawn)]
+        assert fig.axes[0].get_gridspec().get_geometry() == grid
+        assert sum(not ax.axison for ax in fig.axes) == grid[0] * grid[1] - drawn
+        with torch.no_grad():
+            bias = s.bias(torch.arange(10), torch.arange(10))
+        for h, ax in enumerate(panels):
+            assert float(ax.get_images()[0].get_array()[9, 0]) == pytest.approx(float(bias[h, 9, 0]))
+        assert fig._suptitle.get_text().endswith("(10 tokens) [note]")
+
+
+def test_long_heatmap_axes_count_in_thousands(figures, tmp_path):
+    """From 10,000 tokens the axes read 250k, not 250000 (which run into each other); below, plain."""
+    from posbias.plot import plot_bias_heatmaps
+
+    s = build("alibi", n_heads=1, head_dim=8)
+    for length, want in ((10**6, "250k"), (10_000, "2.5k"), (9_999, "2500")):
+        plot_bias_heatmaps(s, tmp_path / "h.png", length=length)
+        ax = figures[-1].axes[0]
+        assert ax.xaxis.get_major_formatter()(2500 if length < 10**6 else 250_000, 0) == want
+
+
+@pytest.mark.parametrize("axis", ["y", "x"])
+def test_log_ticks_by_range(figures, tmp_path, axis):
+    """Over less than a factor of 3 every integer mantissa gets a tick; over a wider range (or an axis
+    from 0) only 1, 2, 3 and 5 of each decade."""
+    from matplotlib.ticker import LogLocator
+
+    from posbias.plot import plain_log_ticks, pyplot
+
+    plt = pyplot()
+    for lo, hi, subs in ((6, 11, [1, 2, 3, 4, 5, 6, 7, 8, 9]), (2, 5.9, [1, 2, 3, 4, 5, 6, 7, 8, 9]), (2, 6, [1, 2, 3, 5]),
+                          (1, 300, [1, 2, 3, 5])):
+        fig, ax = plt.subplots()
+        (ax.set_ylim if axis == "y" else ax.set_xlim)(lo, hi)
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+        plain_log_ticks(ax, axis)
+        target = ax.yaxis if axis == "y" else ax.xaxis
+        locator = target.get_major_locator()
+        assert isinstance(locator, LogLocator) and list(locator._subs) == subs
+        assert target.get_major_formatter()(20, 0) == "20" and target.get_minor_formatter()(7, 0) == ""
+        other = ax.xaxis if axis == "y" else ax.yaxis
+        assert not isinstance(other.get_major_locator(), LogLocator)
+        plt.close(fig)
+
+
+def test_bias_curves_three_panels_to_a_row_with_one_legend(figures, tmp_path):
+    """Additive schemes only, three panels to a row (the rest blank), one line per head with each
+    panel's bias by distance; the head legend on the first panel alone, and none past 8 heads."""
+    from posbias.plot import plot_bias_curves
+
+    schemes = [build(n, n_heads=2, head_dim=8) for n in ("alibi", "rope", "t5", "offset", "kerple-log")]
+    plot_bias_curves(schemes, tmp_path / "c.png", max_distance=40)
+    fig = figures[-1]
+    assert fig.axes[0].get_gridspec().get_geometry() == (2, 3)
+    shown = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_title() for ax in shown] == ["alibi", "t5", "offset", "kerple-log"]
+    assert [ax.get_legend() is not None for ax in shown] == [True, False, False, False]
+    for ax, s in zip(shown, [schemes[0], *schemes[2:]]):
+        want = s.bias_by_distance(torch.arange(0, 41))
+        assert [ln.get_ydata().tolist() for ln in ax.get_lines()] == want.tolist()
+    plot_bias_curves(schemes[2:], tmp_path / "c.png", max_distance=40)  # three: one full row
+    assert figures[-1].axes[0].get_gridspec().get_geometry() == (1, 3) and all(ax.axison for ax in figures[-1].axes)
+    plot_bias_curves([build("alibi", n_heads=9, head_dim=8)], tmp_path / "c.png", max_distance=40)
+    assert figures[-1].axes[0].get_legend() is None and len(figures[-1].axes[0].get_lines()) == 9
+
+
+def test_rotary_wavelengths_draw_each_scalings_pairs(figures, tmp_path):
+    """Left: plain RoPE's wavelengths 2π/θ_k once per (base, head size), naming the unscaled schemes
+    it stands for, then each scaled scheme's 2π/θ′_k (dynamic NTK at factor · train_len) and its L as a
+    horizontal line; right: the stretch θ_k/θ′_k against a line at 1."""
+    from posbias.plot import plot_rotary_wavelengths
+    from posbias.schemes.rope import rope_frequencies
+
+    schemes = [build("rope", n_heads=2, head_dim=16), build("rope", n_heads=2, head_dim=16, scaling="pi", factor=4.0),
+               build("rope", n_heads=2, head_dim=16, scaling="dynamic-ntk", factor=2.0, train_len=64)]
+    plot_rotary_wavelengths(schemes, tmp_path / "w.png", names=["plain", "pi4", "dyn"], trained=[None, 128, None])
+    left, right = figures[0].axes[:2]
+    plain = rope_frequencies(16, 10000.0)
+    lines = {ln.get_label(): ln.get_ydata() for ln in left.get_lines() if not ln.get_label().startswith("_")}
+    assert list(lines) == ["plain RoPE (base 10000, 8 pairs): plain", "pi4", "dyn at 128 tokens"]
+    assert torch.allclose(torch.as_tensor(lines["plain RoPE (base 10000, 8 pairs): plain"]), 2 * torch.pi / plain)
+    assert torch.allclose(torch.as_tensor(lines["pi4"]), 4 * 2 * torch.pi / plain)
+    used = schemes[2].effective_frequencies(128)
+    assert torch.allclose(torch.as_tensor(lines["dyn at 128 tokens"]), 2 * torch.pi / used)
+    assert float(used[0]) == pytest.approx(float(plain[0])) and float(used[-1]) < float(plain[-1])
+    stretches = [ln.get_ydata() for ln in right.get_lines()]
+    assert torch.allclose(torch.as_tensor(stretches[0]), torch.full((8,), 4.0, dtype=torch.float64))
+    assert torch.allclose(torch.as_tensor(stretches[1]), (plain / used))
+    assert list(stretches[2]) == [1.0, 1.0]  # the unstretched line
+    flat = sorted(float(ln.get_ydata()[0]) for ln in left.get_lines() if ln.get_label().startswith("_"))
+    assert flat == [64.0, 128.0]  # the dynamic scheme's train_len and the PI scheme's given L
 
 
 def test_heatmaps_share_one_colour_scale(figures, tmp_path):
