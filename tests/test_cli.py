@@ -286,6 +286,19 @@ def test_long_heatmap_axes_count_in_thousands(figures, tmp_path):
         assert ax.xaxis.get_major_formatter()(2500 if length < 10**6 else 250_000, 0) == want
 
 
+def test_a_figure_is_written_in_the_format_its_name_says(tmp_path):
+    """``save_figure``: the file's suffix picks the format (PNG without one), its folders are created,
+    and the figure is closed."""
+    from posbias.plot import pyplot, save_figure
+
+    plt = pyplot()
+    for name, magic in (("a/b/f.png", b"\x89PNG"), ("f.svg", b"<?xml"), ("f", b"\x89PNG"), ("f.pdf", b"%PDF")):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        assert save_figure(fig, tmp_path / name) == tmp_path / name
+        assert (tmp_path / name).read_bytes().startswith(magic) and not plt.fignum_exists(fig.number)
+
+
 @pytest.mark.parametrize("axis", ["y", "x"])
 def test_log_ticks_by_range(figures, tmp_path, axis):
     """Over less than a factor of 3 every integer mantissa gets a tick; over a wider range (or an axis
@@ -295,7 +308,7 @@ def test_log_ticks_by_range(figures, tmp_path, axis):
     from posbias.plot import plain_log_ticks, pyplot
 
     plt = pyplot()
-    for lo, hi, subs in ((6, 11, [1, 2, 3, 4, 5, 6, 7, 8, 9]), (2, 5.9, [1, 2, 3, 4, 5, 6, 7, 8, 9]), (2, 6, [1, 2, 3, 5]),
+    for lo, hi, subs in ((6, 11, [1, 2, 3, 4, 5, 6, 7, 8, 9]), (0.5, 1.2, [1, 2, 3, 4, 5, 6, 7, 8, 9]), (2, 5.9, [1, 2, 3, 4, 5, 6, 7, 8, 9]), (2, 6, [1, 2, 3, 5]),
                           (1, 300, [1, 2, 3, 5])):
         fig, ax = plt.subplots()
         (ax.set_ylim if axis == "y" else ax.set_xlim)(lo, hi)
