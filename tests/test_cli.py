@@ -340,6 +340,8 @@ def test_bias_curves_three_panels_to_a_row_with_one_legend(figures, tmp_path):
         assert [ln.get_ydata().tolist() for ln in ax.get_lines()] == want.tolist()
     plot_bias_curves(schemes[2:], tmp_path / "c.png", max_distance=40)  # three: one full row
     assert figures[-1].axes[0].get_gridspec().get_geometry() == (1, 3) and all(ax.axison for ax in figures[-1].axes)
+    plot_bias_curves([build("alibi", n_heads=8, head_dim=8)], tmp_path / "c.png", max_distance=40)
+    assert [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()] == [f"head {h}" for h in range(8)]
     plot_bias_curves([build("alibi", n_heads=9, head_dim=8)], tmp_path / "c.png", max_distance=40)
     assert figures[-1].axes[0].get_legend() is None and len(figures[-1].axes[0].get_lines()) == 9
 
