@@ -175,6 +175,8 @@ def test_bias_curves_shade_the_distances_no_training_pair_had(figures, tmp_path)
     fig = figures[-1]
     spans = [[(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches] for ax in fig.axes[:3]]
     assert spans == [[(64, 256), (-256, -64)], [(128, 256)], []]
+    assert [ax.get_xlabel() for ax in fig.axes[:2]] == ["distance i − j (log scale); < 0: keys after the query",
+                                                       "distance i − j (log scale)"]
     assert "shaded: distances ≥ each model's L, which no training pair had" in fig._suptitle.get_text()
     plot_bias_curves(schemes[1:], tmp_path / "c.png", max_distance=100, trained=64)
     assert [len(ax.patches) for ax in figures[-1].axes[:2]] == [1, 1]
