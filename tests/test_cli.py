@@ -230,16 +230,18 @@ def test_t5_vs_alibi_draws_each_pairs_bucket_and_penalty(figures, tmp_path):
     later = off < 0
     buckets = torch.as_tensor(left.get_images()[0].get_array().filled(float("nan")))
     penalty = torch.as_tensor(right.get_images()[0].get_array().filled(float("nan")))
-    for drawn, want in ((buckets, t5_bucket(off, num_buckets=nb, max_distance=md).float()), (penalty, -m * off.float())):
+    want_buckets = t5_bucket(off, num_buckets=nb, max_distance=md).float()
+    for drawn, want in ((buckets, want_buckets), (penalty, -m * off.float())):
         assert torch.equal(drawn.isnan(), later)
         assert torch.equal(drawn[~later], want[~later])
     labels = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in left.texts}
-    assert len(labels) == n * (n + 1) // 2 and labels[(11, 0)] == f"u{int(t5_bucket(torch.tensor(11), num_buckets=nb, max_distance=md))}"
+    assert len(labels) == n * (n + 1) // 2 and labels[(11, 0)] == f"u{int(want_buckets[11, 0])}"
     values = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in right.texts}
     assert values[(5, 5)] == "0" and values[(11, 0)] == f"{-m * 11:.1f}" and len(values) == len(labels)
     assert f"num_buckets={nb}, max_distance={md}" in left.get_title() and f"m = {m}" in right.get_title()
     plot_t5_vs_alibi(tmp_path / "x.png")  # the textbook's figure: 16 tokens, each pair labelled
-    assert len(figures[1].axes[0].texts) == 16 * 17 // 2 and figures[1].axes[0].get_images()[0].get_array().shape == (16, 16)
+    left = figures[1].axes[0]
+    assert len(left.texts) == 16 * 17 // 2 and left.get_images()[0].get_array().shape == (16, 16)
     plot_t5_vs_alibi(tmp_path / "x.png", length=17)  # more would not be readable: the colours alone
     assert not figures[2].axes[0].texts and not figures[2].axes[1].texts
 
@@ -311,8 +313,8 @@ def test_log_ticks_by_range(figures, tmp_path, axis):
     from posbias.plot import plain_log_ticks, pyplot
 
     plt = pyplot()
-    for lo, hi, subs in ((6, 11, [1, 2, 3, 4, 5, 6, 7, 8, 9]), (0.5, 1.2, [1, 2, 3, 4, 5, 6, 7, 8, 9]), (2, 5.9, [1, 2, 3, 4, 5, 6, 7, 8, 9]), (2, 6, [1, 2, 3, 5]),
-                          (1, 300, [1, 2, 3, 5])):
+    every, some = [1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 5]
+    for lo, hi, subs in ((6, 11, every), (0.5, 1.2, every), (2, 5.9, every), (2, 6, some), (1, 300, some)):
         fig, ax = plt.subplots()
         (ax.set_ylim if axis == "y" else ax.set_xlim)(lo, hi)
         (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
