@@ -142,6 +142,20 @@ def within_reference_rounding(scheme, dtype, device="cpu", *, lq=300, lk=300, gr
         assert err(fast) <= 2 * err(ref) + unit * truth.detach().abs().max().item()
 
 
+def far_rows_case():
+    """Queries 600 past their last key under a steep learned bias (KERPLE-power, r2 up to 1.1): every logit
+    a row sees is near −600, and so is its float32 log-sum-exp. ``(scheme, q, k, v, q_pos, k_pos, g)``,
+    ``g`` a float64 weight for the output whose gradients the tests compare; seeded."""
+    torch.manual_seed(0)
+    s = build("kerple-power", n_heads=4, head_dim=32)
+    with torch.no_grad():
+        s.r1.copy_(torch.tensor([0.5, 1.0, 1.5, 1.4]))
+        s.r2.copy_(torch.tensor([0.9, 1.0, 1.1, 0.8]))
+    q, k, v = (torch.randn(1, 4, n, 32) for n in (200, 300, 300))
+    g = torch.randn(1, 4, 200, 32, dtype=torch.float64)
+    return s, q, k, v, torch.arange(700, 900), torch.arange(300), g
+
+
 def one_line_error(capsys, code, *needles):
     """The command failed the way users are promised: status 2, one line on stderr, no traceback,
     naming each of ``needles``."""

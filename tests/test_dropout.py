@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from _helpers import ATTENTION_MODULE, DEVICES, compare, randomized
+from _helpers import ATTENTION_MODULE, DEVICES, compare, far_rows_case, randomized
 
 import posbias
 from posbias.attention import attention, attention_reference
@@ -291,14 +291,8 @@ def test_rows_whose_keys_all_lie_far_keep_the_dense_oracles_accuracy():
     (:func:`~posbias.kernels.flash.mask_backward`, as on the other blockwise paths). Gradients of q, k, v
     and the scheme's r1, r2 against the dense oracle in float64: within 1.5× the float32 dense oracle's
     own error (measured 0.6–1.06×; without the renormalisation v 6×, r1 and r2 1.8–1.9×)."""
-    torch.manual_seed(0)
-    s = posbias.build("kerple-power", n_heads=4, head_dim=32)
-    with torch.no_grad():
-        s.r1.copy_(torch.tensor([0.5, 1.0, 1.5, 1.4]))
-        s.r2.copy_(torch.tensor([0.9, 1.0, 1.1, 0.8]))
-    q, k, v = (torch.randn(1, 4, n, 32) for n in (200, 300, 300))
-    g = torch.randn(1, 4, 200, 32, dtype=torch.float64)
-    kw = dict(q_pos=torch.arange(700, 900), k_pos=torch.arange(300), causal=True, scale=32 ** -0.5, p=0.2, seed=11)
+    s, q, k, v, q_pos, k_pos, g = far_rows_case()
+    kw = dict(q_pos=q_pos, k_pos=k_pos, causal=True, scale=32 ** -0.5, p=0.2, seed=11)
 
     def grads(run, scheme, dtype):
         inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]

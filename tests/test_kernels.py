@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from _helpers import ATTENTION_MODULE, DEVICES, assert_same_grads, compare, randomized
+from _helpers import ATTENTION_MODULE, DEVICES, assert_same_grads, compare, far_rows_case, randomized
 
 import posbias
 from posbias import SCHEMES, build
@@ -1113,14 +1113,7 @@ def test_rows_whose_keys_all_lie_far_get_a_softmax_backward(backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention
 
-    torch.manual_seed(0)
-    s = build("kerple-power", n_heads=4, head_dim=32)
-    with torch.no_grad():
-        s.r1.copy_(torch.tensor([0.5, 1.0, 1.5, 1.4]))
-        s.r2.copy_(torch.tensor([0.9, 1.0, 1.1, 0.8]))
-    q, k, v = (torch.randn(1, 4, n, 32) for n in (200, 300, 300))
-    q_pos, k_pos = torch.arange(100, 300) + 600, torch.arange(300)
-    g = torch.randn(1, 4, 200, 32, dtype=torch.float64)
+    s, q, k, v, q_pos, k_pos, g = far_rows_case()
 
     def grads(run, scheme, dtype):
         inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
