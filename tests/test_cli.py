@@ -32,6 +32,19 @@ def test_show_t5_table(capsys):
     assert "      31  >= 113" in out
 
 
+def test_show_bidirectional_t5_counts_the_buckets_of_each_direction(capsys):
+    """A bidirectional table of 32 splits into 16 buckets per direction, 8 of them one-to-one; the counts
+    are printed as integers."""
+    assert main(["show", "t5", "--num-buckets", "32", "--max-distance", "128", "--bidirectional"]) == 0
+    out = capsys.readouterr().out
+    assert "one-to-one for offsets < 8;" in out
+    assert "bidirectional: 16 buckets per direction; keys after the query (j > i) add 16" in out
+    from posbias.schemes.t5 import check_t5
+
+    with pytest.raises(ValueError, match=r"must exceed the one-to-one region of 8 buckets for num_buckets=32\)"):
+        check_t5(32, 8, True)
+
+
 def test_bucket_table_worked_example():
     assert bucket_table(4, 5) == [(0, 0, 0), (1, 1, 1), (2, 2, 3), (3, 4, None)]
 
@@ -531,7 +544,14 @@ def test_show_rope_tabulates_its_frequencies_and_what_a_scaling_does_to_them(cap
 
     out, table = rows([])
     assert [int(r[0]) for r in table] == list(range(8)) and float(table[0][2]) == pytest.approx(2 * math.pi, abs=1e-3)
-    assert "give --train-len" in out
+    assert "give --train-len" in out and "YaRN temperature" not in out  # no temperature without YaRN
+    assert main(["show", "rope", "--head-dim", "32"]) == 0  # 16 pairs: each one shown
+    wide = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in wide] == list(range(16))
+    assert main(["show", "rope", "--head-dim", "34"]) == 0  # 17 pairs: 8 of them, evenly spread
+    out = capsys.readouterr().out
+    assert [int(line.split()[0]) for line in out.splitlines() if line.strip()[:1].isdigit()] == [0, 2, 5, 7, 9, 11, 14, 16]
+    assert "(8 of 17 shown)" in out
     out, table = rows(["--scaling", "ntk", "--factor", "8", "--train-len", "128"])
     assert float(table[0][5]) == 1.0 and float(table[-1][5]) == pytest.approx(8.0, abs=1e-3)
     under = int((rope_frequencies(16) * 128 < 2 * math.pi).sum())
@@ -539,6 +559,22 @@ def test_show_rope_tabulates_its_frequencies_and_what_a_scaling_does_to_them(cap
     assert sum("< 1 turn" in line for line in out.splitlines()) == under
     out, table = rows(["--scaling", "yarn", "--factor", "4", "--train-len", "128"])
     assert float(table[0][5]) == 1.0 and float(table[-1][5]) == 4.0 and "YaRN temperature" in out
+    # every column of every row, against the frequencies: θ_k, its wavelength, θ'_k, its wavelength, the
+    # stretch, the turns within train_len (and the pairs under one turn)
+    plain, yarn = rope_frequencies(16), build("rope", n_heads=1, head_dim=16, scaling="yarn", factor=4.0,
+                                              train_len=128).effective_frequencies()
+    for k, row in enumerate(table):
+        want = [plain[k], 2 * math.pi / plain[k], yarn[k], 2 * math.pi / yarn[k], plain[k] / yarn[k],
+                plain[k] * 128 / (2 * math.pi)]
+        got = [float(x.replace(",", "")) for x in row[1:7]]
+        assert got == [pytest.approx(float(w), rel=2e-3, abs=1e-3) for w in want], k
+        assert ("< 1 turn" in " ".join(row)) == (float(want[-1]) < 1)
+    assert "k = 0 … 7 (all shown)" in out
+    t = 0.1 * math.log(4.0) + 1
+    assert f"q and k are each scaled by {t:.4f} (logits by {t * t:.4f})" in out
+    out, table = rows(["--train-len", "64"])  # pair 2 turns 1.02 times in 64 tokens: over once, just
+    assert "5 of 8 pairs turn less than once within 64 tokens" in out and float(table[2][3]) == pytest.approx(1.019, abs=1e-3)
+    assert [("< 1 turn" in " ".join(r)) for r in table] == [False] * 3 + [True] * 5
     out, _ = rows(["--scaling", "dynamic-ntk", "--factor", "4", "--train-len", "128"])
     assert "at a context of factor · train_len = 512 (plain RoPE up to 128)" in out
 
@@ -576,6 +612,11 @@ def test_show_offsets_gives_the_bucket_and_bias_of_each_offset(capsys):
     assert {d: int(r[0]) for d, r in rows.items()} == dict(zip([10, 20, 500, 510], want)) and want[2] == want[3] == 31
     assert [rows[d][1] for d in (10, 20, 500)] == ["one-to-one", "log", "final"]
     assert any("offsets 500, 510 share bucket 31" in line for line in lines)
+    assert any(line.strip() == "(the table starts at 0: training learns its values)" for line in lines)  # fresh
+    trained = build("t5", n_heads=2, head_dim=8)
+    with torch.no_grad():
+        trained.table[3, 1] = 0.5
+    assert not any("table starts at 0" in note for note in trained._offset_notes([10, 500, 510]))
     assert not any("share bucket 10" in line or "share bucket 17" in line for line in lines)
     assert main(["show", "alibi", "--heads", "2", "--offsets", "0", "100", "-4"]) == 0
     out = capsys.readouterr().out.splitlines()

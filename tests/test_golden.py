@@ -32,6 +32,19 @@ def test_t5_canonical_default_offset_64():
     assert int(t5_bucket(torch.tensor(64), num_buckets=32, max_distance=128)) == 26
 
 
+def test_t5_defaults_are_canonical_t5():
+    """Left to their defaults, the bucket function and the final bucket's start are canonical T5's (32
+    buckets, max_distance 128, causal): the final bucket starts at offset 113 and bucket 30 at offset 99
+    (max_distance 129 would move them to 114 and 100)."""
+    from posbias.schemes.t5 import t5_last_bucket_start
+
+    o = torch.arange(-50, 2000)
+    assert torch.equal(t5_bucket(o), t5_bucket(o, num_buckets=32, max_distance=128, bidirectional=False))
+    b = t5_bucket(torch.arange(0, 200))
+    assert int(torch.nonzero(b == 31)[0]) == 113 and int(torch.nonzero(b == 30)[0]) == 99
+    assert t5_last_bucket_start(32, 128) == 113
+
+
 def test_t5_accepts_any_shape_and_magnitude():
     o = torch.randint(-(10**12), 10**12, (3, 4, 5))
     b = t5_bucket(o, bidirectional=True)
@@ -251,22 +264,35 @@ def test_yarn_blend_and_temperature():
     assert inv[-1] == pytest.approx(plain[-1] / factor)  # slowest dims interpolate
     s = posbias.build("rope", n_heads=1, head_dim=d, scaling="yarn", factor=factor, train_len=L)
     assert s.attention_factor == pytest.approx(0.1 * math.log(4.0) + 1)
+    for f in (1.5, 2.0):  # any factor above 1 has the temperature, 1 has none
+        s = posbias.build("rope", n_heads=1, head_dim=d, scaling="yarn", factor=f, train_len=L)
+        assert s.attention_factor == pytest.approx(0.1 * math.log(f) + 1) and s.attention_factor > 1
+    assert posbias.build("rope", n_heads=1, head_dim=d, scaling="yarn", factor=1.0, train_len=L).attention_factor == 1.0
 
 
-def test_yarn_matches_transformers_when_installed():
+@pytest.mark.parametrize("head_dim, base, train_len", [
+    (64, 10000.0, 128),  # the usual case: a ramp of several pairs between the two correction dimensions
+    (64, 10000.0, 6),  # both correction dimensions clamp to 0: low == high, the ramp's width is 0.001
+    (8, 10.0, 400),  # beta_slow's dimension (7.2) past head_dim − 1: clamped to 7, a ramp over pairs 1 … 3
+])
+def test_yarn_matches_transformers_when_installed(head_dim, base, train_len):
+    """YaRN's blend is transformers' ``yarn`` rope, the two clamped edges of its ramp included."""
     rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=512,
-                      rope_theta=10000.0,
-                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})
+    cfg = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, max_position_embeddings=4 * train_len,
+                      rope_theta=base,
+                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": train_len})
     try:
         inv, attn_factor = rope_utils.ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
     except Exception as exc:  # pragma: no cover - API drift across transformers versions
         pytest.skip(f"transformers' yarn init has another signature here: {exc}")
-    s = posbias.build("rope", n_heads=4, head_dim=64, scaling="yarn", factor=4.0, train_len=128)
+    s = posbias.build("rope", n_heads=4, head_dim=head_dim, base=base, scaling="yarn", factor=4.0, train_len=train_len)
     torch.testing.assert_close(s.inv_freq, inv.float(), rtol=1e-5, atol=1e-8)
     assert s.attention_factor == pytest.approx(attn_factor)
+    plain = rope_frequencies(head_dim, base)
+    ramp = (plain / s.inv_freq.double() - 1) / 3  # 0 where a pair is kept, 1 where interpolated by the factor
+    assert 0 < int((ramp < 1e-6).sum()) < head_dim // 2  # a real blend: some pairs kept, some interpolated
 
 
 @pytest.mark.parametrize("n", [64, 128, 200, 512, 1000])
@@ -300,6 +326,11 @@ def test_every_scaling_at_factor_one_is_plain_rope(scaling):
     s = posbias.build("rope", n_heads=2, head_dim=16, scaling=scaling, factor=1.0, train_len=50)  # context 50 ≤ train_len
     x, pos = torch.randn(1, 2, 50, 16), torch.arange(50)
     torch.testing.assert_close(s.rotate(x, pos, context_len=50), plain.rotate(x, pos, context_len=50))
+    default = posbias.build("rope", n_heads=2, head_dim=16, scaling=scaling, train_len=50)  # factor left out: 1
+    assert default.factor == 1.0
+    for n in (50, 200):  # 200: dynamic NTK past train_len scales by n / train_len at factor 1
+        torch.testing.assert_close(default.inv_frequencies(n), s.inv_frequencies(n), rtol=0, atol=0)
+        torch.testing.assert_close(default.effective_frequencies(n), s.effective_frequencies(n), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["half", "interleaved"])

@@ -6,6 +6,7 @@ import torch
 import posbias
 from posbias import SCHEMES, build
 from posbias.schemes import ToeplitzScheme
+from posbias.schemes.rope import rope_frequencies
 
 ALL = list(SCHEMES)
 ADDITIVE = [n for n, c in SCHEMES.items() if c.family == "additive"]
@@ -382,6 +383,67 @@ def _rotated(s, x, pos, context_len=None):
     x1, x2 = (x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]) if s.layout == "half" else (x[..., 0::2], x[..., 1::2])
     a, b = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     return torch.cat([a, b], -1) if s.layout == "half" else torch.stack([a, b], -1).flatten(-2)
+
+
+def test_rope_table_follows_an_in_place_change_of_its_frequencies():
+    """The kept cos/sin table is keyed by the frequency buffer's in-place version and by PI's factor:
+    frequencies changed in place (a user's own scaling), or another factor, are not served from the
+    table made with the old ones."""
+    s = posbias.build("rope", n_heads=2, head_dim=16)
+    x, pos = torch.randn(1, 2, 100, 16), torch.arange(100)
+    torch.testing.assert_close(s.rotate(x, pos), _rotated(s, x, pos), atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        s.inv_freq.mul_(0.5)
+    torch.testing.assert_close(s.rotate(x, pos), _rotated(s, x, pos), atol=1e-6, rtol=1e-5)
+    with torch.inference_mode():  # a buffer made in inference mode keeps no version: its values are compared
+        frozen = posbias.build("rope", n_heads=2, head_dim=16)
+        frozen.rotate(x, pos)
+        frozen.inv_freq.mul_(0.5)
+        torch.testing.assert_close(frozen.rotate(x, pos), _rotated(frozen, x, pos), atol=1e-6, rtol=1e-5)
+    pi = posbias.build("rope", n_heads=2, head_dim=16, scaling="pi", factor=2.0)  # PI's factor is in the key too
+    pi.rotate(x, pos)
+    pi.factor = 4.0
+    torch.testing.assert_close(pi.rotate(x, pos), _rotated(pi, x, pos), atol=1e-6, rtol=1e-5)
+
+
+def test_rope_table_serves_a_decoding_loop_from_one_computation(monkeypatch):
+    """Decoding asks for the positions of the whole cache at every step: the first run's table has room
+    for 256 more positions, so the next 256 steps (each one longer, the last ending exactly at the
+    table's end) read it without computing an angle, and the step past it computes a new table."""
+    s = posbias.build("rope", n_heads=2, head_dim=16)
+    computed = []
+    real = s.angles
+    monkeypatch.setattr(s, "angles", lambda pos, context_len=None: computed.append(len(pos)) or real(pos, context_len))
+    x = torch.randn(1, 2, 400, 16)
+    for n in range(100, 357):
+        torch.testing.assert_close(s.rotate(x[:, :, :n], torch.arange(n)), _rotated(s, x[:, :, :n], torch.arange(n)),
+                                   atol=1e-6, rtol=1e-5)
+    assert computed == [356] + [n for n in range(100, 357)]  # one table, then _rotated's own angles each time
+    computed.clear()
+    s.rotate(x[:, :, :357], torch.arange(357))
+    assert computed == [357 + 256]
+
+
+def test_rope_rotates_a_long_run_at_a_huge_position_in_integers():
+    """A run of 600 positions from 2^40: the kept table's positions are integers (a float32 position
+    there would be off by up to 2^16), so the rotation equals its definition."""
+    s = posbias.build("rope", n_heads=2, head_dim=16)
+    x, pos = torch.randn(1, 2, 600, 16), torch.arange(2**40, 2**40 + 600)
+    torch.testing.assert_close(s.rotate(x, pos), _rotated(s, x, pos), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_accepts_its_smallest_head_dim_and_base():
+    """head_dim 4 (two pairs) and any base above 1 build; head_dim 2 and base 1 are refused."""
+    for head_dim, base in ((4, 10000.0), (16, 1.5)):
+        s = posbias.build("rope", n_heads=1, head_dim=head_dim, base=base)
+        assert torch.equal(s.inv_freq, rope_frequencies(head_dim, base).float())
+    assert posbias.build("rope", n_heads=1, head_dim=16, scaling="dynamic-ntk", factor=2.0, train_len=1).train_len == 1
+    with pytest.raises(ValueError, match="train_len must be >= 1, got 0"):
+        posbias.build("rope", n_heads=1, head_dim=16, scaling="yarn", factor=2.0, train_len=0)
+    with pytest.raises(ValueError, match="even head_dim >= 4, got 2"):
+        posbias.build("rope", n_heads=1, head_dim=2)
+    with pytest.raises(ValueError, match=r"base must be > 1 .*got 1\.0"):
+        posbias.build("rope", n_heads=1, head_dim=16, base=1.0)
 
 
 @pytest.mark.parametrize("options", [{}, {"layout": "interleaved"}, {"scaling": "yarn", "factor": 4.0, "train_len": 16},

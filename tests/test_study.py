@@ -523,6 +523,24 @@ def test_the_final_bucket_and_the_canonical_distance_are_found_as_the_plain_sear
         assert canonical_share_distance(train_len, ident.get, 1) == every_length(train_len, ident, 1)
 
 
+def test_the_final_bucket_is_found_from_at_most_17_distances(monkeypatch):
+    """``t5_last_bucket_start`` is O(1): the logarithmic formula's guess lands within 8 distances of the
+    boundary for every table tried, so it evaluates the bucket function on at most 17 distances, 10M
+    tokens included (a guess that missed would fall back to every distance up to max_distance)."""
+    import posbias.schemes.t5 as t5
+
+    evaluated = []
+    real = t5.t5_bucket
+    monkeypatch.setattr(t5, "t5_bucket", lambda d, **kw: evaluated.append(d.numel()) or real(d, **kw))
+    rng = random.Random(1)
+    for num_buckets, bi in [(2, False), (3, False), (4, True), (9, True), (32, False), (33, False), (128, True)]:
+        n = num_buckets // 2 if bi else num_buckets
+        for md in [*range(n // 2 + 1, 200), *rng.sample(range(200, 40_000), 10), 10**7]:
+            evaluated.clear()
+            t5.t5_last_bucket_start(num_buckets, md, bi)
+            assert 0 < sum(evaluated) <= 17, (num_buckets, bi, md, evaluated)
+
+
 def test_a_study_too_large_for_the_machine_is_refused_in_one_line_before_any_work(tmp_path, text_file, capsys):
     """A model or a batch whose training cannot fit the device's memory (its floor,
     ``train.training_floor``) is refused with the sizes that make it so: before, 2⁶⁴ sequences a
