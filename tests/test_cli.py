@@ -45,6 +45,29 @@ def test_show_bidirectional_t5_counts_the_buckets_of_each_direction(capsys):
         check_t5(32, 8, True)
 
 
+def test_show_t5_offsets_names_each_region_at_its_edges(capsys):
+    """The region of each offset at the edges of the one-to-one, log and final regions (16 one-to-one
+    buckets of 32; the final bucket from 113), a key after the query masked in a causal table, and the
+    same offsets read as their own direction in a bidirectional one (8 one-to-one per direction, the
+    final bucket from 91). A
+    masked offset reads no bucket, so it is not said to share one."""
+    def regions(*extra):
+        assert main(["show", "t5", "--heads", "1", *extra, "--offsets", "-3", "0", "7", "8", "15", "16", "112",
+                     "113"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        table = {int(line.split()[0]): line.split()[2] for line in lines
+                 if len(line.split()) == 4 and line.split()[0].lstrip("-").isdigit()}
+        return table, lines
+
+    table, lines = regions()
+    assert table == {-3: "(masked)", 0: "one-to-one", 7: "one-to-one", 8: "one-to-one", 15: "one-to-one", 16: "log",
+                     112: "log", 113: "final"}
+    assert not any("share bucket 0" in line for line in lines)  # -3 (masked) and 0: no shared scalar
+    table, lines = regions("--bidirectional")
+    assert table == {-3: "one-to-one", 0: "one-to-one", 7: "one-to-one", 8: "log", 15: "log", 16: "log", 112: "final",
+                     113: "final"}  # 16 buckets a direction: the final one from 91
+
+
 def test_bucket_table_worked_example():
     assert bucket_table(4, 5) == [(0, 0, 0), (1, 1, 1), (2, 2, 3), (3, 4, None)]
 

@@ -353,6 +353,18 @@ def test_model_config_refuses_bad_values_when_made(kwargs, match):
         ModelConfig(**kwargs)
 
 
+def test_model_config_defaults_are_the_documented_small_byte_model():
+    """Left out, the fields give the model the module documents: a byte vocabulary (256), d_model 128,
+    4 layers of 4 heads (head_dim 32), an MLP 4× as wide, the backend chosen per call; and the
+    parameter count is that architecture's."""
+    cfg = ModelConfig(scheme="nope")
+    assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.mlp_ratio, cfg.backend, cfg.head_dim) == \
+        (256, 128, 4, 4, 4, "auto", 32)
+    d = 128
+    block = 2 * 2 * d + 3 * d * d + d * d + (d * 4 * d + 4 * d) + (4 * d * d + d)  # two LayerNorms, qkv, proj, MLP
+    assert TransformerLM(cfg).num_parameters() == 256 * d + 4 * block + 2 * d + d * 256
+
+
 # -- a full disk --------------------------------------------------------------------------------
 def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")

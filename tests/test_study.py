@@ -72,6 +72,18 @@ def test_kv_cache_decoding_equals_full_forward(scheme):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
 
 
+def test_kv_cache_keeps_room_when_no_gradient_is_wanted_with_autograd_on():
+    """A frozen model decoding with autograd on (no ``torch.no_grad``): no step can need a gradient, so
+    the cache writes into buffers with room to grow, as under ``no_grad``, instead of concatenating."""
+    model = TransformerLM(ModelConfig(scheme="t5", **TINY)).eval().requires_grad_(False)
+    idx = torch.randint(0, 256, (1, 30))
+    caches = [{} for _ in model.blocks]
+    steps = torch.cat([model(idx[:, a:b], start=a, caches=caches) for a, b in [(0, 20), (20, 21), (21, 30)]], 1)
+    assert caches[0]["k"].shape[2] == 20 + 256 and caches[0]["len"] == 30
+    with torch.no_grad():
+        torch.testing.assert_close(steps, model(idx), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("seed", [pytest.param(s, id=f"case_{s}") for s in range(24)])
 def test_kv_cache_decoding_in_random_chunks(seed):
     """Random causal schemes and options, 1–2 layers and sequences, 5–700 tokens from position 0 or

@@ -231,7 +231,7 @@ class T5Bias(ToeplitzScheme):
 
     def _offset_notes(self, offsets: list[int]) -> list[str]:
         shared: dict[int, list[int]] = {}
-        for d in dict.fromkeys(offsets):
+        for d in dict.fromkeys(o for o in offsets if o >= 0 or self.bidirectional):  # (a masked key reads none)
             shared.setdefault(int(self.buckets(torch.tensor(d))), []).append(d)
         notes = [f"offsets {', '.join(map(str, ds))} share bucket {b}: one learned scalar per head for all of them"
                  for b, ds in shared.items() if len(ds) > 1]
