@@ -3,6 +3,7 @@ lose nothing (kills, concurrent runs, damaged files, divergence, closed stdout, 
 
 import errno
 import json
+import math
 import os
 import random
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import STUDY, TINY, RunsOnLoad, one_line_error
+from _helpers import STUDY, TINY, RunsOnLoad, one_line_error, perturb_
 from safetensors.torch import load_file, save_file
 
 import posbias
@@ -356,13 +357,48 @@ def test_model_config_refuses_bad_values_when_made(kwargs, match):
 def test_model_config_defaults_are_the_documented_small_byte_model():
     """Left out, the fields give the model the module documents: a byte vocabulary (256), d_model 128,
     4 layers of 4 heads (head_dim 32), an MLP 4× as wide, the backend chosen per call; and the
-    parameter count is that architecture's."""
+    parameter count is that architecture's. The config is frozen."""
     cfg = ModelConfig(scheme="nope")
     assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.mlp_ratio, cfg.backend, cfg.head_dim) == \
         (256, 128, 4, 4, 4, "auto", 32)
     d = 128
     block = 2 * 2 * d + 3 * d * d + d * d + (d * 4 * d + 4 * d) + (4 * d * d + d)  # two LayerNorms, qkv, proj, MLP
     assert TransformerLM(cfg).num_parameters() == 256 * d + 4 * block + 2 * d + d * 256
+    with pytest.raises(AttributeError, match="cannot assign to field 'd_model'"):  # frozen: a model's config is its key
+        cfg.d_model = 64
+
+
+def test_the_initialisation_the_model_documents():
+    """Embeddings drawn with std 0.02; for T5 (unscaled logits) the query rows of every block's qkv
+    start 1/√head_dim smaller than the same draw for a scaled scheme (Raffel et al. fold the attention
+    scale into the initialisation), the key and value rows unchanged."""
+    torch.manual_seed(0)
+    t5 = TransformerLM(ModelConfig(scheme="t5"))
+    torch.manual_seed(0)
+    nope = TransformerLM(ModelConfig(scheme="nope"))
+    assert float(t5.embed.weight.detach().std()) == pytest.approx(0.02, rel=0.03)  # 32,768 draws: std known to 0.4%
+    for a, b in zip(t5.blocks, nope.blocks):
+        torch.testing.assert_close(a.attn.qkv.weight[:128], b.attn.qkv.weight[:128] / math.sqrt(32), rtol=1e-6, atol=0)
+        assert torch.equal(a.attn.qkv.weight[128:], b.attn.qkv.weight[128:])
+
+
+@pytest.mark.parametrize("scheme", ["sinusoidal", "t5"])
+def test_the_model_is_the_pre_norm_stack_its_docstring_writes_out(scheme):
+    """The forward written out from the model's own parts: token embedding plus the absolute vectors
+    (sinusoidal only), then per block ``x + proj(attention(ln1(x)))`` and ``x + mlp(ln2(x))`` with the
+    reference attention, then the head on ``ln_f``; from position 5, two sequences."""
+    model = TransformerLM(ModelConfig(scheme=scheme, d_model=32, n_layers=2, n_heads=2))
+    perturb_(model.scheme)
+    idx, b, n, pos = torch.randint(0, 256, (2, 12)), 2, 12, torch.arange(5, 17)
+    x = model.embed(idx)
+    if scheme == "sinusoidal":
+        x = x + model.scheme.embed(pos, 32)
+    for block in model.blocks:
+        q, k, v = block.attn.qkv(block.ln1(x)).view(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        y = posbias.attention(q, k, v, model.scheme, causal=True, q_pos=pos, k_pos=pos, backend="reference")
+        x = x + block.attn.proj(y.transpose(1, 2).reshape(b, n, 32))
+        x = x + block.mlp(block.ln2(x))
+    torch.testing.assert_close(model(idx, start=5), model.head(model.ln_f(x)), atol=1e-5, rtol=1e-5)
 
 
 # -- a full disk --------------------------------------------------------------------------------
