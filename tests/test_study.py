@@ -84,6 +84,30 @@ def test_kv_cache_keeps_room_when_no_gradient_is_wanted_with_autograd_on():
         torch.testing.assert_close(steps, model(idx), atol=1e-4, rtol=1e-4)
 
 
+def test_kv_cache_positions_that_jump_are_not_read_as_one_run():
+    """A chunk at position 50 after 10 cached tokens at 0 … 9: the cache's keys sit at 0 … 9 and 50 … 59,
+    no run, and the step attends to them there (its T5 bias written out with those positions)."""
+    import posbias
+
+    model = TransformerLM(ModelConfig(scheme="t5", d_model=32, n_layers=1, n_heads=2)).eval()
+    perturb_(model.scheme)
+    idx = torch.randint(0, 256, (1, 20))
+    caches = [{}]
+    with torch.no_grad():
+        model(idx[:, :10], caches=caches)
+        got = model(idx[:, 10:], start=50, caches=caches)
+        block = model.blocks[0]
+        x = model.embed(idx)
+        q, k, v = block.attn.qkv(block.ln1(x)).view(1, 20, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        k_pos = torch.cat([torch.arange(10), torch.arange(50, 60)])
+        y = posbias.attention(q[:, :, 10:], k, v, model.scheme, causal=True, q_pos=torch.arange(50, 60), k_pos=k_pos,
+                              backend="reference")
+        h = x[:, 10:] + block.attn.proj(y.transpose(1, 2).reshape(1, 10, 32))
+        want = model.head(model.ln_f(h + block.mlp(block.ln2(h))))
+    assert caches[0]["start"] is None
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("seed", [pytest.param(s, id=f"case_{s}") for s in range(24)])
 def test_kv_cache_decoding_in_random_chunks(seed):
     """Random causal schemes and options, 1–2 layers and sequences, 5–700 tokens from position 0 or
