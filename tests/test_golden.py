@@ -76,7 +76,8 @@ def _canonical_bucket(relative_position, bidirectional, num_buckets, max_distanc
     return ret + torch.where(is_small, n, val_if_large)
 
 
-CONFIGS = [(32, 128), (33, 1024), (4, 5), (8, 12), (2, 2), (64, 256), (16, 17), (128, 4096), (7, 100)]
+CONFIGS = [(32, 128), (33, 1024), (4, 5), (8, 12), (2, 2), (3, 2), (64, 256), (16, 17), (128, 4096), (7, 100)]
+# (3, 2): one exact bucket, so offset 1 is the first log one, at log(1/1) = 0 exactly
 
 
 @pytest.mark.parametrize("num_buckets, max_distance", CONFIGS)
