@@ -208,3 +208,16 @@ class RunsOnLoad:
 
     def __reduce__(self):
         return open, (str(self.marker), "w")
+
+
+def block_written_out(block, x, scheme, q_pos, k_pos, rows=None):
+    """One of the model's pre-norm blocks from its parts, for the last ``rows`` of ``x`` (default all):
+    ``h = x + proj(attention(ln1(x)))`` with the reference attention at the positions given, then
+    ``h + mlp(ln2(h))``."""
+    b, n, d = x.shape
+    rows = n if rows is None else rows
+    heads = block.attn.n_heads
+    q, k, v = block.attn.qkv(block.ln1(x)).view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    y = attention(q[:, :, n - rows:], k, v, scheme, causal=True, q_pos=q_pos, k_pos=k_pos, backend="reference")
+    h = x[:, n - rows:] + block.attn.proj(y.transpose(1, 2).reshape(b, rows, d))
+    return h + block.mlp(block.ln2(h))

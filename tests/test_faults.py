@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import STUDY, TINY, RunsOnLoad, one_line_error, perturb_
+from _helpers import STUDY, TINY, RunsOnLoad, block_written_out, one_line_error, perturb_
 from safetensors.torch import load_file, save_file
 
 import posbias
@@ -389,15 +389,12 @@ def test_the_model_is_the_pre_norm_stack_its_docstring_writes_out(scheme):
     reference attention, then the head on ``ln_f``; from position 5, two sequences."""
     model = TransformerLM(ModelConfig(scheme=scheme, d_model=32, n_layers=2, n_heads=2))
     perturb_(model.scheme)
-    idx, b, n, pos = torch.randint(0, 256, (2, 12)), 2, 12, torch.arange(5, 17)
+    idx, pos = torch.randint(0, 256, (2, 12)), torch.arange(5, 17)
     x = model.embed(idx)
     if scheme == "sinusoidal":
         x = x + model.scheme.embed(pos, 32)
     for block in model.blocks:
-        q, k, v = block.attn.qkv(block.ln1(x)).view(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
-        y = posbias.attention(q, k, v, model.scheme, causal=True, q_pos=pos, k_pos=pos, backend="reference")
-        x = x + block.attn.proj(y.transpose(1, 2).reshape(b, n, 32))
-        x = x + block.mlp(block.ln2(x))
+        x = block_written_out(block, x, model.scheme, pos, pos)
     torch.testing.assert_close(model(idx, start=5), model.head(model.ln_f(x)), atol=1e-5, rtol=1e-5)
 
 

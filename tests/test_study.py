@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import TINY, figures_drawn, perturb_, random_options
+from _helpers import TINY, block_written_out, figures_drawn, perturb_, random_options
 
 from posbias import checkpoint as ckpt
 from posbias import store
@@ -87,8 +87,6 @@ def test_kv_cache_keeps_room_when_no_gradient_is_wanted_with_autograd_on():
 def test_kv_cache_positions_that_jump_are_not_read_as_one_run():
     """A chunk at position 50 after 10 cached tokens at 0 … 9: the cache's keys sit at 0 … 9 and 50 … 59,
     no run, and the step attends to them there (its T5 bias written out with those positions)."""
-    import posbias
-
     model = TransformerLM(ModelConfig(scheme="t5", d_model=32, n_layers=1, n_heads=2)).eval()
     perturb_(model.scheme)
     idx = torch.randint(0, 256, (1, 20))
@@ -96,14 +94,9 @@ def test_kv_cache_positions_that_jump_are_not_read_as_one_run():
     with torch.no_grad():
         model(idx[:, :10], caches=caches)
         got = model(idx[:, 10:], start=50, caches=caches)
-        block = model.blocks[0]
-        x = model.embed(idx)
-        q, k, v = block.attn.qkv(block.ln1(x)).view(1, 20, 3, 2, 16).permute(2, 0, 3, 1, 4)
         k_pos = torch.cat([torch.arange(10), torch.arange(50, 60)])
-        y = posbias.attention(q[:, :, 10:], k, v, model.scheme, causal=True, q_pos=torch.arange(50, 60), k_pos=k_pos,
-                              backend="reference")
-        h = x[:, 10:] + block.attn.proj(y.transpose(1, 2).reshape(1, 10, 32))
-        want = model.head(model.ln_f(h + block.mlp(block.ln2(h))))
+        h = block_written_out(model.blocks[0], model.embed(idx), model.scheme, torch.arange(50, 60), k_pos, rows=10)
+        want = model.head(model.ln_f(h))
     assert caches[0]["start"] is None
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
