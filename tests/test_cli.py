@@ -559,8 +559,8 @@ def test_show_rope_tabulates_its_frequencies_and_what_a_scaling_does_to_them(cap
     ones) and with train_len the pairs that turn less than once within it."""
     from posbias import rope_frequencies
 
-    def rows(argv):
-        assert main(["show", "rope", "--head-dim", "16", *argv]) == 0
+    def rows(argv, head_dim=16):
+        assert main(["show", "rope", "--head-dim", str(head_dim), *argv]) == 0
         out = capsys.readouterr().out
         table = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "pairs turn" not in line]
         return out, table
@@ -568,13 +568,10 @@ def test_show_rope_tabulates_its_frequencies_and_what_a_scaling_does_to_them(cap
     out, table = rows([])
     assert [int(r[0]) for r in table] == list(range(8)) and float(table[0][2]) == pytest.approx(2 * math.pi, abs=1e-3)
     assert "give --train-len" in out and "YaRN temperature" not in out  # no temperature without YaRN
-    assert main(["show", "rope", "--head-dim", "32"]) == 0  # 16 pairs: each one shown
-    wide = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    _, wide = rows([], head_dim=32)  # 16 pairs: each one shown
     assert [int(r[0]) for r in wide] == list(range(16))
-    assert main(["show", "rope", "--head-dim", "34"]) == 0  # 17 pairs: 8 of them, evenly spread
-    out = capsys.readouterr().out
-    assert [int(line.split()[0]) for line in out.splitlines() if line.strip()[:1].isdigit()] == [0, 2, 5, 7, 9, 11, 14, 16]
-    assert "(8 of 17 shown)" in out
+    out, wide = rows([], head_dim=34)  # 17 pairs: 8 of them, evenly spread
+    assert [int(r[0]) for r in wide] == [0, 2, 5, 7, 9, 11, 14, 16] and "(8 of 17 shown)" in out
     out, table = rows(["--scaling", "ntk", "--factor", "8", "--train-len", "128"])
     assert float(table[0][5]) == 1.0 and float(table[-1][5]) == pytest.approx(8.0, abs=1e-3)
     under = int((rope_frequencies(16) * 128 < 2 * math.pi).sum())
