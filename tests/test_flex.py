@@ -76,6 +76,22 @@ def test_fire_score_mod_is_fire_with_its_gradients_on_the_cpu():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kw, q0, k0, lq, lk", [({}, 28, 0, 12, 40), ({"q_start": 3, "k_start": 7}, 3, 7, 12, 40),
+                                                ({"k_start": 50}, 28, 50, 12, 40), ({}, 39, 0, 1, 40), ({}, 0, 0, 1, 1)])
+def test_fire_score_mod_places_its_queries_and_keys(kw, q0, k0, lq, lk):
+    """Where the score_mod's indices sit: queries default to the end of the keys (the last ``q_len`` of
+    ``k_len``), and keys start at ``k_start`` (the offset is taken from both starts, the
+    denominator from the query's own position); one query (decoding) and one key are valid sizes."""
+    torch.manual_seed(1)
+    s = randomized("fire", init_L=20.0)
+    mod = s.score_mod(lq, lk, **kw)
+    h, qi, ki = torch.meshgrid(torch.arange(s.n_heads), torch.arange(lq), torch.arange(lk), indexing="ij")
+    with torch.no_grad():
+        got = mod(torch.zeros(()), torch.tensor(0), h, qi, ki)
+        want = s.bias(torch.arange(q0, q0 + lq), torch.arange(k0, k0 + lk))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["alibi", "fire"])
 def test_flex_backend_compiled_matches_reference(name):

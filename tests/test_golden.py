@@ -224,6 +224,12 @@ def test_fire_architecture_and_initial_values():
     assert s.c.item() == pytest.approx(0.1) and s.c.requires_grad
     assert s.init_L.item() == 512.0 and not s.init_L.requires_grad
     assert s.L_multiplier.item() == 1.0 and s.L_multiplier.requires_grad
+    # the denominator ψ(max(L, i)) + eps, eps = 1e-6 (it keeps ψ away from 0 at i = 0 for any c, L):
+    # computed in float64 from the integer position, then rounded once to float32
+    assert s.eps == 1e-6
+    for i in (0, 1, 511, 512, 513, 100_000, 2**40):
+        want = torch.tensor(math.log1p(s.c.item() * max(i, 512)) + 1e-6, dtype=torch.float64).float()
+        assert s.denominator(torch.tensor([i])).item() == want.item(), i
 
 
 # --- RoPE and its scalings (SPEC §2.6) -------------------------------------------------------------

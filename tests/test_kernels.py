@@ -399,15 +399,17 @@ def test_fire_piecewise_bias_equals_its_mlp(seed):
         torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3)
 
 
-@pytest.mark.parametrize("outside", [0, 2])
-def test_fire_piecewise_bias_equals_its_mlp_below_and_past_every_kink(outside):
+@pytest.mark.parametrize("outside, inside", [(0, (0.05, 0.75)), (2, (0.05, 0.75)), (30, (0.4, 0.4))])
+def test_fire_piecewise_bias_equals_its_mlp_below_and_past_every_kink(outside, inside):
     """Kinks inside the inputs' range, units turning on and off, and a unit of input weight 0 that is
     always on: the pieces below the first kink and past the last are used too (random weights put the
     outer kinks far outside [0, 1], where no input reaches; a wrong first or last piece passed the test
-    above). ``outside`` kinks lie below every input."""
+    above). ``outside`` kinks lie below every input; with 30 of them (from −3 to −2) the one kink inside
+    (0.4) lies 2.4 past the one before it, so each piece's own interior point must decide which
+    units it turns on (one of a neighbour's within 1 of a kink would not)."""
     s = build("fire", n_heads=2, head_dim=8, init_L=32.0)
     width = s.mlp[0].weight.shape[0]
-    kinks = torch.cat([torch.tensor([-3.0, -2.0])[:outside], torch.linspace(0.05, 0.75, width - 1 - outside)])
+    kinks = torch.cat([torch.linspace(-3.0, -2.0, outside), torch.linspace(*inside, width - 1 - outside)])
     sign = torch.tensor([1.0, -1.0]).repeat(width)[:width - 1]
     with torch.no_grad():
         w1 = torch.cat([torch.zeros(1), sign * (1 + torch.rand(width - 1))])  # unit 0: no kink, relu(0.5)
@@ -552,13 +554,19 @@ def test_fire_bias_into_packed_gather_on_block_buffers(heads, odd_offset):
     """FIRE's ``bias_into`` on the kernels' flat buffers: the packed (offset, slope) gather, half the
     heads at a time, in the scratch where it is 8-byte aligned, in a fresh buffer where it is not (an
     odd storage offset) or too small (one head). Every case writes :meth:`bias`'s values."""
-    s = build("fire", n_heads=heads, head_dim=16)
+    from posbias.schemes.fire import _column_pieces
+
+    s = build("fire", n_heads=heads, head_dim=16, init_L=8.0)
+    torch.manual_seed(heads)
     with torch.no_grad():
         for p in s.parameters():
             p.add_(torch.randn_like(p) * 0.7)
-    qp, kp = torch.arange(300, 333), torch.arange(0, 333)
+        s.mlp[0].bias.copy_(-torch.linspace(0.02, 0.98, s.mlp[0].bias.numel()) * s.mlp[0].weight[:, 0])
+    g = torch.Generator().manual_seed(heads)
+    qp, kp = torch.randperm(400, generator=g)[:33], torch.randperm(400, generator=g)[:333]  # no runs: many kinks a column
+    assert _column_pieces(s.normalized_distance(qp, kp).detach(), s.pieces()[0].detach())[1] is None  # the gather
     shape = (heads, len(qp), len(kp))
-    size = heads * len(qp) * len(kp)
+    size = heads * len(qp) * len(kp)  # odd for 1 and 3 heads: the scratch after ``out`` starts at an odd offset
     flat = torch.full((2 * size + 2,), float("nan"))
     start = 1 if odd_offset else 0
     out, scratch = flat[start:start + size].view(shape), flat[start + size:start + 2 * size].view(shape)
@@ -571,6 +579,8 @@ def test_fire_bias_into_packed_gather_on_block_buffers(heads, odd_offset):
     (torch.arange(300, 364), torch.arange(0, 700)),          # keys past the queries (not causal)
     (torch.arange(363, 299, -1), torch.arange(363, -1, -1)),  # both runs reversed
     (torch.tensor([5000]), torch.arange(0, 5001)),           # one query (decoding)
+    (torch.arange(300, 302), torch.arange(0, 302)),          # two queries: their columns still cross kinks
+    (torch.arange(10, 40), torch.tensor([5])),                 # one key: its column crosses kinks
     (torch.arange(2**24 + 200, 2**24 + 230), torch.arange(2**24 - 400, 2**24 + 230)),  # past float32 integers
 ])
 def test_fire_bias_into_by_columns(heads, q_pos, k_pos):
@@ -601,14 +611,15 @@ def test_fire_bias_into_by_columns(heads, q_pos, k_pos):
         torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3, msg=name)
 
 
-def test_fire_bias_into_takes_the_gather_where_columns_cross_many_kinks():
+@pytest.mark.parametrize("rows, keys", [(50, 400), (400, 50)])
+def test_fire_bias_into_takes_the_gather_where_columns_cross_many_kinks(rows, keys):
     """Positions in no order: a column's pairs span many pieces, so ``bias_into`` gathers per pair and
-    ``bias_grad`` finds each pair's piece."""
+    ``bias_grad`` finds each pair's piece (more keys than queries, and more queries than keys)."""
     from posbias.schemes.fire import _column_pieces
 
     s = randomized("fire", init_L=8.0)
     g = torch.Generator().manual_seed(0)
-    q_pos, k_pos = torch.randperm(400, generator=g)[:50], torch.randperm(400, generator=g)
+    q_pos, k_pos = torch.randperm(400, generator=g)[:rows], torch.randperm(400, generator=g)[:keys]
     x = s.normalized_distance(q_pos, k_pos).detach()
     with torch.no_grad():
         s.mlp[0].bias.copy_(-torch.linspace(0.02, 0.98, s.mlp[0].bias.numel()) * s.mlp[0].weight[:, 0])
@@ -645,6 +656,70 @@ def test_fire_block_grads_sum_autograd_over_blocks():
         want = list(ref) if want is None else [a + b for a, b in zip(want, ref)]
     for name, a, b in zip([n for n, _ in s.named_parameters()], acc.result(), want):
         torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3, msg=name)
+
+
+def test_fire_block_grads_take_no_autograd_pass_per_block_of_consecutive_positions(monkeypatch):
+    """What the accumulator is for: a block of consecutive positions is reduced without a
+    vector-Jacobian product of its own (``bias_grad`` runs for the scattered block alone), a block
+    written through the accumulator just before reuses its ``x`` (no second ``normalized_distance``),
+    and an empty block adds nothing."""
+    from posbias.schemes.fire import FIRE
+
+    s = randomized("fire", init_L=40.0)
+    calls = {"bias_grad": 0, "normalized_distance": 0}
+    for name in calls:
+        method = getattr(FIRE, name)
+        def counted(self, *a, _method=method, _name=name, **kw):
+            calls[_name] += 1
+            return _method(self, *a, **kw)
+        monkeypatch.setattr(FIRE, name, counted)
+    acc = s.block_grads()
+    blocks = [(torch.arange(37, 101), torch.arange(0, 101)), (torch.arange(150, 153), torch.arange(20, 300)),
+              (torch.tensor([90, 5, 60]), torch.arange(0, 91)), (torch.arange(0), torch.arange(5))]
+    for n, (q_pos, k_pos) in enumerate(blocks):
+        grad = torch.randn(s.n_heads, len(q_pos), len(k_pos))
+        before = dict(calls)
+        if n == 0:
+            out = torch.empty_like(grad)
+            acc.bias_into(q_pos, k_pos, out, torch.empty_like(grad))
+            before = dict(calls)
+        acc.add(q_pos, k_pos, grad)
+        added = {k: calls[k] - before[k] for k in calls}
+        if n == 0:
+            assert added == {"bias_grad": 0, "normalized_distance": 0}  # x kept from bias_into
+        elif n == 1:
+            assert added == {"bias_grad": 0, "normalized_distance": 1}
+        else:  # scattered positions, and the empty block: the general path
+            assert added["bias_grad"] == 1
+    grads = acc.result()
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+
+
+def test_fire_pairs_exactly_on_a_kink_take_its_lower_piece_in_every_path():
+    """A pair whose ``x`` is a kink exactly (a hidden unit's ``−b1/w1``): the bias is continuous there,
+    but the gradient to the MLP depends on which piece the pair is counted on. ``bias`` (bucketize)
+    counts it on the lower piece; the by-columns gradient must too (only pairs strictly above a kink
+    move to the next piece), or it differs from autograd by that pair's ``grad · w2 · x``."""
+    s = randomized("fire", init_L=8.0)
+    q_pos, k_pos = torch.arange(300, 364), torch.arange(0, 364)
+    x = s.normalized_distance(q_pos, k_pos).detach()
+    r, j = 40, 150
+    with torch.no_grad():  # unit 0's kink at x[r, j], exactly: −b1/w1 with w1 = 1
+        s.mlp[0].weight[0, 0] = 1.0
+        s.mlp[0].bias[0] = -x[r, j]
+        s.mlp[2].weight[:, 0] = 3.0
+    kinks = s.pieces()[0].detach()
+    assert bool((kinks == x[r, j]).any()) and bool((x[:, j].amin() < x[r, j]) & (x[r, j] < x[:, j].amax()))
+    want = s.bias(q_pos, k_pos)
+    g = torch.zeros_like(want)
+    g[:, r, j] = 1.0  # the pair on the kink alone
+    ref = torch.autograd.grad((want * g).sum(), list(s.parameters()))
+    for name, a, b in zip([n for n, _ in s.named_parameters()], s.bias_grad(q_pos, k_pos, g.clone()), ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    acc = s.block_grads()
+    acc.add(q_pos, k_pos, g.clone())
+    for name, a, b in zip([n for n, _ in s.named_parameters()], acc.result(), ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("rows, keys", [(1, 1), (1, 7), (5, 3), (4, 7), (4, 8), (4, 9), (16, 300)])

@@ -133,6 +133,55 @@ def test_fire_log_distance_table_is_the_direct_formula(q_pos, k_pos):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pos, step", [
+    ([3, 4, 5], 1), ([5, 4, 3], -1), ([0, -1, -2, -3], -1), ([1, 0], -1), ([7], 1),  # runs either way
+    ([], None), ([0, 2, 4], None), ([3, 2, 0], None), ([4, 3, 1, 2, 0], None),  # not runs (the last: ends fit)
+    ([0, 1, 3, 2, 4], None), ([5, 4, 4, 3, 2], None),
+])
+def test_fire_unit_step_finds_runs_in_either_direction(pos, step):
+    """``_unit_step`` decides whether a block takes FIRE's sliding-window log table: +1 or −1 for a
+    run of consecutive integers (read from the values, positions not marked as runs), None for
+    anything else — gaps, a run whose ends fit but whose middle does not, floats."""
+    from posbias.schemes.fire import _unit_step
+
+    assert _unit_step(torch.tensor(pos, dtype=torch.long)) == step
+    if pos:
+        assert _unit_step(torch.tensor(pos, dtype=torch.float32)) is None
+
+
+@pytest.mark.parametrize("q_pos, k_pos, logs", [
+    (torch.arange(5, 40), torch.arange(0, 60), 35 + 60 - 1),
+    (torch.arange(5, 40), torch.arange(59, -1, -1), 35 + 60 - 1),
+    (torch.arange(39, 4, -1), torch.arange(0, 60), 35 + 60 - 1),
+    (torch.arange(39, 4, -1), torch.arange(59, -1, -1), 35 + 60 - 1),
+    (torch.arange(5, 7), torch.arange(0, 60), 2 + 60 - 1),           # two queries: a run already
+    (torch.tensor([70]), torch.arange(100, 20, -1), 80),            # one query: one log per pair
+    (torch.tensor([3, 7, 1, 9]), torch.arange(12), 4 * 12),         # not a run: one log per pair
+])
+def test_fire_log_distance_takes_one_log_per_offset_on_runs(monkeypatch, q_pos, k_pos, logs):
+    """On two runs of consecutive positions every pair's offset is one of ``rows + keys − 1`` values,
+    and the table takes the log of those alone (one per pair only where the positions are no runs, or
+    for a single query)."""
+    from posbias.schemes import fire
+
+    taken, psi = [], fire._psi
+    monkeypatch.setattr(fire, "_psi", lambda c, o: taken.append(o.numel()) or psi(c, o))
+    fire._log_distance(q_pos, k_pos, torch.tensor(0.37))
+    assert taken == [logs]
+
+
+def test_fire_smallest_mlp_and_no_queries():
+    """One hidden unit is a valid MLP (``mlp_width`` ≥ 1; 0 is refused, naming the value); a call
+    with no queries has no rows below the threshold."""
+    s = build("fire", n_heads=2, head_dim=8, mlp_width=1)
+    assert s.mlp[0].out_features == 1
+    p = torch.arange(20)
+    torch.testing.assert_close(s.bias(p, p), s.mlp_bias(p, p), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="mlp_width.*0"):
+        build("fire", n_heads=2, head_dim=8, mlp_width=0)
+    assert s.toeplitz_rows(torch.arange(0)) == (0, None)
+
+
 def test_fire_is_not_toeplitz():
     s = build("fire", n_heads=2, head_dim=16, init_L=4.0)
     p = torch.arange(30)
