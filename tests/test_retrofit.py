@@ -1393,6 +1393,85 @@ def _tiny_finetune(model, corpus, *, steps=8, lr=3e-3, **kw):
                     lambda m, b: m.loss(b[0].long(), b[1].long()), steps=steps, lr=lr, **kw)
 
 
+def test_finetune_schedule_and_defaults(tmp_path, corpus, monkeypatch, capsys):
+    """The defaults a caller gets: learning rate 5e-4 on the trainer's schedule (linear warm-up over
+    the first 10% of steps, at least one, then cosine decay to 10%), gradients clipped to norm 1, one
+    parameter group (positional parameters at 1×), no progress bar, a progress checkpoint at most every
+    60 s, ``stop`` asked every 100 steps; 0 steps is a valid fine-tune that does nothing."""
+    from posbias import finetune as ft
+    from posbias.data import batch_at
+    from posbias.train import lr_at
+
+    rates, groups, saved, real_update, real_opt = [], [], [], ft._update, ft._optimizer
+    def update(opt, params, loss, rate):
+        real_update(opt, params, loss, rate)
+        rates.append(rate)
+        assert [g["lr"] for g in opt.param_groups] == [rate]  # the schedule's rate itself, to every weight
+
+    monkeypatch.setattr(ft, "_update", update)
+    monkeypatch.setattr(ft, "_optimizer", lambda *a: groups.append(real_opt(*a).param_groups) or real_opt(*a))
+    batches = lambda step: batch_at(corpus.train, step, batch_size=1, seq_len=L // 2, seed=1)  # noqa: E731
+    loss = lambda m, b: m.embed.weight[b[0].long()].square().mean()  # noqa: E731  (the schedule is what counts)
+    src = tiny_checkpoint(tmp_path / "src", "t5", max_distance=20)
+    for steps, warm in ((10, 1), (25, 2), (30, 3)):
+        rates.clear()
+        ft.finetune(ckpt.load_model(src), batches, loss, steps=steps)
+        assert rates[:warm] == pytest.approx([5e-4 * (s + 1) / warm for s in range(warm)], rel=1e-12)
+        assert rates == pytest.approx([lr_at(s, lr=5e-4, steps=steps, warmup=warm, min_ratio=0.1) for s in range(steps)],
+                                      rel=1e-12)
+        assert rates[-1] == pytest.approx(5e-4 * (0.1 + 0.45 * (1 + math.cos(math.pi * (steps - 1 - warm) / (steps - warm)))))
+    assert all(len(g) == 1 for g in groups)  # positional parameters in the one group, at the same rate
+    assert all(g[0]["weight_decay"] == 0.0 and g[0]["betas"] == (0.9, 0.95) for g in groups)  # AdamW, no decay
+    model = ckpt.load_model(src)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert ft.finetune(model, batches, loss, steps=0) == [] and len(rates) == 30  # nothing to do: no step, no change
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    steep = lambda m, b: 1000 * loss(m, b)  # noqa: E731
+    ft.finetune(model, batches, steep, steps=1)  # the gradients it leaves are the last step's, clipped to norm 1
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert float(norm) == pytest.approx(1.0, rel=1e-4)
+    assert capsys.readouterr().err == ""  # no bar unless asked
+    # 30 s pass between any two readings of the clock (at the start, after each step, at each save)
+    clock = itertools.count(0, 30)
+    monkeypatch.setattr(ft, "time", type("Clock", (), {"monotonic": staticmethod(lambda: next(clock))}))
+    monkeypatch.setattr(ft, "_save_progress", lambda folder, model, opt, step, *a: saved.append(step))
+    ft.finetune(ckpt.load_model(src), batches, loss, steps=5)
+    assert saved == []  # no folder, no progress
+    for steps in (5, 6):  # a save due at the step before the last; a save due at the last step
+        clock, saved[:] = itertools.count(0, 30), []
+        ft.finetune(ckpt.load_model(src), batches, loss, steps=steps, resume=tmp_path / "progress")
+        assert saved == [2, 4]  # 60 s after the start, then 60 s after that save; never after the last step
+        # (the caller saves the result)
+    asked = []
+    ft.finetune(ckpt.load_model(src), batches, loss, steps=101, stop=lambda step: asked.append(step) or step >= 100)
+    assert asked == [0, 100]
+
+
+def test_a_finite_loss_that_leaves_non_finite_weights_stops_the_finetune(tmp_path, corpus):
+    """A loss whose value is finite but whose gradient is not (√x at 0) leaves NaN weights after its
+    step; the fine-tune raises, naming the first weights, and claims no progress kept."""
+    from posbias.finetune import finetune
+    from posbias.train import NonFiniteLoss
+
+    model = ckpt.load_model(tiny_checkpoint(tmp_path / "src", "t5", max_distance=20))
+    def root(m, b):  # value 0, gradient inf · 0 = NaN, in the first four weights (the message names three)
+        return sum(p.flatten()[:1].mul(0).sqrt().sum() for p in list(m.parameters())[:4])
+
+    names = ", ".join(n for n, _ in list(model.named_parameters())[:3])
+    with pytest.raises(NonFiniteLoss) as err:
+        finetune(model, lambda step: torch.zeros(1), root, steps=1, lr=1e-3)
+    assert str(err.value) == (f"fine-tune diverged: its last step left non-finite weights ({names}) (peak learning "
+                              "rate 0.001); nothing of it is saved — lower the learning rate")
+    # a loss that turns NaN at step 4, progress saved after every step: the message names the step kept
+    model, progress = ckpt.load_model(tmp_path / "src"), tmp_path / "progress"
+    square = lambda m, b: m.embed.weight[0].square().sum() * (float("nan") if b else 1.0)  # noqa: E731
+    with pytest.raises(NonFiniteLoss) as err:
+        finetune(model, lambda step: step == 3, square, steps=6, lr=1e-3, resume=progress, save_every_s=0)
+    assert str(err.value) == (f"fine-tune diverged: loss nan at step 4 of 6 (peak learning rate 0.001); nothing of it "
+                              f"is saved; progress up to step 3 is kept in {str(progress)!r} — lower the learning rate")
+    assert ckpt.load_trainer_state(progress)["step"] == 3
+
+
 def test_interrupted_finetune_resumes_bit_identically(tmp_path, corpus):
     """A fine-tune stopped mid-way (here by its batch function; a kill between saves works the same,
     from the last save) continues from its progress checkpoint to the weights and losses of an

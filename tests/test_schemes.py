@@ -247,7 +247,8 @@ def test_sinusoidal_embedding_values():
         ("rope", {"base": 1.0}, r"base must be > 1 \(only then does θ_k = b\^\(−2\(k−1\)/d\) fall with k; .*got 1.0"),
         ("rope", {"base": 1e-4}, "base must be > 1"),
         ("fire", {"init_c": -1.0}, "init_c must be a positive"),
-        ("t5", {"buckets": 3}, "has no option"),
+        ("t5", {"buckets": 3}, r"^scheme 't5' has no option\(s\) buckets; valid: num_buckets, max_distance, bidirectional$"),
+        ("nope", {"buckets": 3}, r"^scheme 'nope' has no option\(s\) buckets; valid: none$"),
         # a bool is an int to Python, not an integer or a number to an option
         ("t5", {"num_buckets": True}, r"num_buckets must be an integer \(scheme 't5'\), got True"),
         ("rope", {"scaling": "ntk", "factor": True}, r"factor must be a number \(scheme 'rope'\), got True"),
@@ -256,6 +257,17 @@ def test_sinusoidal_embedding_values():
 def test_bad_hyperparameters(name, options, match):
     with pytest.raises(ValueError, match=match):
         build(name, n_heads=2, head_dim=16, **options)
+
+
+@pytest.mark.parametrize("name, pairs, match", [
+    ("t5", ["buckets=3"], r"^scheme 't5' has no option buckets; valid: num_buckets, max_distance, bidirectional$"),
+    ("nope", ["x=3"], r"^scheme 'nope' has no option x; valid: none$"),
+])
+def test_parsed_options_name_the_valid_ones(name, pairs, match):
+    from posbias.schemes import parse_options
+
+    with pytest.raises(ValueError, match=match):
+        parse_options(name, pairs)
 
 
 def test_bad_heads_head_dim_and_names():
