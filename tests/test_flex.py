@@ -76,8 +76,10 @@ def test_fire_score_mod_is_fire_with_its_gradients_on_the_cpu():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kw, q0, k0, lq, lk", [({}, 28, 0, 12, 40), ({"q_start": 3, "k_start": 7}, 3, 7, 12, 40),
-                                                ({"k_start": 50}, 28, 50, 12, 40), ({}, 39, 0, 1, 40), ({}, 0, 0, 1, 1)])
+@pytest.mark.parametrize("kw, q0, k0, lq, lk", [
+    ({}, 28, 0, 12, 40), ({"q_start": 3, "k_start": 7}, 3, 7, 12, 40), ({"k_start": 50}, 28, 50, 12, 40),
+    ({}, 39, 0, 1, 40), ({}, 0, 0, 1, 1),
+])
 def test_fire_score_mod_places_its_queries_and_keys(kw, q0, k0, lq, lk):
     """Where the score_mod's indices sit: queries default to the end of the keys (the last ``q_len`` of
     ``k_len``), and keys start at ``k_start`` (the offset is taken from both starts, the

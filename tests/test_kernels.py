@@ -563,7 +563,7 @@ def test_fire_bias_into_packed_gather_on_block_buffers(heads, odd_offset):
             p.add_(torch.randn_like(p) * 0.7)
         s.mlp[0].bias.copy_(-torch.linspace(0.02, 0.98, s.mlp[0].bias.numel()) * s.mlp[0].weight[:, 0])
     g = torch.Generator().manual_seed(heads)
-    qp, kp = torch.randperm(400, generator=g)[:33], torch.randperm(400, generator=g)[:333]  # no runs: many kinks a column
+    qp, kp = torch.randperm(400, generator=g)[:33], torch.randperm(400, generator=g)[:333]  # no runs
     assert _column_pieces(s.normalized_distance(qp, kp).detach(), s.pieces()[0].detach())[1] is None  # the gather
     shape = (heads, len(qp), len(kp))
     size = heads * len(qp) * len(kp)  # odd for 1 and 3 heads: the scratch after ``out`` starts at an odd offset

@@ -103,6 +103,53 @@ def test_passkey_accuracy_of_an_oracle_and_of_a_guesser():
     assert shuffled_key_score(1) == 1.0
 
 
+def test_passkey_defaults(monkeypatch, capsys):
+    """What a caller gets without options: samples whose filler starts at the filler's first byte,
+    5-digit keys, ``scores`` over 32 samples in batches of 16, five depths from 0 to 1 (one: the
+    middle), no progress bar, and a passkey fine-tune on batches of 32 at learning rate 2e-3 with
+    positional parameters at 1× and no probe; ``teach`` without a target trains every step and counts
+    0.9 of the probe as learned."""
+    from posbias import finetune as ft
+
+    class Recorder(torch.nn.Module):  # answers "0" everywhere, records every batch it reads
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def forward(self, x):
+            self.batches.append(x.clone())
+            return torch.zeros(*x.shape, 256)
+
+    sample = bytes(passkey.make_sample(100, 1.0, "48213").tolist())
+    assert sample.startswith(passkey.FILLER[:50])
+    m = Recorder()
+    passkey.scores(m, 64, 0.5)
+    assert [len(b) for b in m.batches] == [16, 16]
+    assert passkey.default_depths() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert passkey.default_depths(2) == [0.0, 1.0] and passkey.default_depths(1) == [0.5]
+    m = Recorder()
+    passkey.probe(m, 64)
+    tails = {bytes(b[r, -(len(passkey.QUESTION) + 4):].tolist()) for b in m.batches for r in range(len(b))}
+    assert all(t.startswith(passkey.QUESTION) for t in tails)  # the input ends " ?key=" and 4 of the 5 digits
+    assert sum(len(b) for b in m.batches) == 5 * passkey.PROBE_SAMPLES
+    passkey.accuracy_grid(Recorder(), [64], [0.5], samples=2)
+    assert capsys.readouterr().err == ""
+    seen = {}
+
+    def fake(model, batch_fn, loss_fn, **kw):
+        seen.update(kw, batch=batch_fn(0))
+        return []
+
+    monkeypatch.setattr(ft, "finetune", fake)
+    passkey.train_passkey(Recorder(), length=64, steps=3)
+    assert seen["batch"].shape == (32, 64) and seen["lr"] == 2e-3 and seen["pos_lr_mult"] == 1.0
+    assert seen["stop"] is None and seen["check_every"] == passkey.PROBE_EVERY == 100 and seen["progress"] is False
+    assert seen["identity"] == {"task": "passkey", "length": 64, "batch_size": 32, "digits": 5, "seed": 0}
+    assert all(bytes(r[-len(passkey.QUESTION) - 5:-5].tolist()) == passkey.QUESTION for r in seen["batch"])
+    record = passkey.teach(Recorder(), length=64, steps=3)  # no target given: every step, learned at 0.9
+    assert record["target"] == passkey.LEARNED == 0.9 and "until" not in seen["identity"]
+
+
 @pytest.mark.parametrize("method", ["pi", "ntk", "dynamic-ntk", "yarn"])
 def test_rope_scalings_at_factor_one_equal_plain_rope(method):
     plain = build("rope", n_heads=2, head_dim=16)
@@ -1350,6 +1397,7 @@ def test_passkey_accuracy_interval_is_wilson():
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
     assert accuracy_interval(0.0, 160) == (0.0, pytest.approx(0.02344, abs=1e-4))  # never below 0
     assert accuracy_interval(1.0, 10)[1] == 1.0 and accuracy_interval(1.0, 10)[0] == pytest.approx(0.7225, abs=1e-4)
+    assert accuracy_interval(1.0, 1) == (pytest.approx(0.2065, abs=1e-4), 1.0)  # one trial is a measurement too
     for bad in [(0.5, 0), (1.5, 10), (-0.1, 10)]:
         with pytest.raises(ValueError, match="need trials >= 1 and an accuracy in \\[0, 1\\]"):
             accuracy_interval(*bad)
@@ -1417,9 +1465,10 @@ def test_finetune_schedule_and_defaults(tmp_path, corpus, monkeypatch, capsys):
         rates.clear()
         ft.finetune(ckpt.load_model(src), batches, loss, steps=steps)
         assert rates[:warm] == pytest.approx([5e-4 * (s + 1) / warm for s in range(warm)], rel=1e-12)
-        assert rates == pytest.approx([lr_at(s, lr=5e-4, steps=steps, warmup=warm, min_ratio=0.1) for s in range(steps)],
-                                      rel=1e-12)
-        assert rates[-1] == pytest.approx(5e-4 * (0.1 + 0.45 * (1 + math.cos(math.pi * (steps - 1 - warm) / (steps - warm)))))
+        schedule = [lr_at(s, lr=5e-4, steps=steps, warmup=warm, min_ratio=0.1) for s in range(steps)]
+        assert rates == pytest.approx(schedule, rel=1e-12)
+        last = (steps - 1 - warm) / (steps - warm)  # the cosine's progress at the last step
+        assert rates[-1] == pytest.approx(5e-4 * (0.1 + 0.45 * (1 + math.cos(math.pi * last))))
     assert all(len(g) == 1 for g in groups)  # positional parameters in the one group, at the same rate
     assert all(g[0]["weight_decay"] == 0.0 and g[0]["betas"] == (0.9, 0.95) for g in groups)  # AdamW, no decay
     model = ckpt.load_model(src)

@@ -247,7 +247,8 @@ def test_sinusoidal_embedding_values():
         ("rope", {"base": 1.0}, r"base must be > 1 \(only then does θ_k = b\^\(−2\(k−1\)/d\) fall with k; .*got 1.0"),
         ("rope", {"base": 1e-4}, "base must be > 1"),
         ("fire", {"init_c": -1.0}, "init_c must be a positive"),
-        ("t5", {"buckets": 3}, r"^scheme 't5' has no option\(s\) buckets; valid: num_buckets, max_distance, bidirectional$"),
+        ("t5", {"buckets": 3},
+         r"^scheme 't5' has no option\(s\) buckets; valid: num_buckets, max_distance, bidirectional$"),
         ("nope", {"buckets": 3}, r"^scheme 'nope' has no option\(s\) buckets; valid: none$"),
         # a bool is an int to Python, not an integer or a number to an option
         ("t5", {"num_buckets": True}, r"num_buckets must be an integer \(scheme 't5'\), got True"),
