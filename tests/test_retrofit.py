@@ -127,6 +127,18 @@ def test_passkey_defaults(monkeypatch, capsys):
     assert [len(b) for b in m.batches] == [16, 16]
     assert passkey.default_depths() == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert passkey.default_depths(2) == [0.0, 1.0] and passkey.default_depths(1) == [0.5]
+    assert passkey.default_depths(7) == [0.0, 0.167, 0.333, 0.5, 0.667, 0.833, 1.0]  # 3 decimals: short keys
+    for depth in (0.25, 1.0):  # each cell's samples: drawn from seed + length · 7919 + depth in thousandths
+        m = Recorder()
+        passkey.scores(m, 64, depth, samples=4)
+        want = passkey.make_batch(4, 64, generator=torch.Generator().manual_seed(1234 + 64 * 7919 + int(depth * 1000)),
+                                  depths=[depth])
+        assert torch.equal(m.batches[0], want[:, :-1])
+    for ok in (0, 0.0, 0.5, 1, 1.0):
+        assert passkey.check_until("until", ok) == ok
+    for bad in (1.0001, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match=r"until must be an accuracy in \[0, 1\]"):
+            passkey.check_until("until", bad)
     m = Recorder()
     passkey.probe(m, 64)
     tails = {bytes(b[r, -(len(passkey.QUESTION) + 4):].tolist()) for b in m.batches for r in range(len(b))}
@@ -146,8 +158,26 @@ def test_passkey_defaults(monkeypatch, capsys):
     assert seen["stop"] is None and seen["check_every"] == passkey.PROBE_EVERY == 100 and seen["progress"] is False
     assert seen["identity"] == {"task": "passkey", "length": 64, "batch_size": 32, "digits": 5, "seed": 0}
     assert all(bytes(r[-len(passkey.QUESTION) - 5:-5].tolist()) == passkey.QUESTION for r in seen["batch"])
+    passkey.train_passkey(Recorder(), length=64, steps=3, until=0.5)  # a target: the probe keys the progress too
+    assert seen["identity"] == {"task": "passkey", "length": 64, "batch_size": 32, "digits": 5, "seed": 0,
+                                "until": 0.5, "check_every": 100, "probe_samples": passkey.PROBE_SAMPLES}
     record = passkey.teach(Recorder(), length=64, steps=3)  # no target given: every step, learned at 0.9
     assert record["target"] == passkey.LEARNED == 0.9 and "until" not in seen["identity"]
+
+
+def test_passkey_learned_sentence_orders_the_copies_by_the_step_they_learned_at():
+    """Which copies learned the task by which step (earliest first), which did not within how many
+    steps; copies without a record are left out, and no record at all says nothing."""
+    def rec(at, steps=300):
+        return {"learned_at": at, "target": 0.9, "steps": steps}
+
+    opening = "The passkey copies had learned the task at L (≥ 0.9 of their probe): "
+    assert passkey.learned_sentence([("a", rec(100))]) == opening + "a by step 100."
+    assert passkey.learned_sentence([("b", rec(200)), ("a", rec(100)), ("c", rec(None, 250)), ("d", None),
+                                     ("e", {"steps": 5}), ("f", rec(None))]) == \
+        opening + "a by step 100, b by step 200; not within 300 steps: c, f."
+    assert passkey.learned_sentence([("c", rec(None))]) == opening + "none; not within 300 steps: c."
+    assert passkey.learned_sentence([("d", None)]) == passkey.learned_sentence([]) == ""
 
 
 @pytest.mark.parametrize("method", ["pi", "ntk", "dynamic-ntk", "yarn"])
@@ -1398,6 +1428,7 @@ def test_passkey_accuracy_interval_is_wilson():
     assert accuracy_interval(0.0, 160) == (0.0, pytest.approx(0.02344, abs=1e-4))  # never below 0
     assert accuracy_interval(1.0, 10)[1] == 1.0 and accuracy_interval(1.0, 10)[0] == pytest.approx(0.7225, abs=1e-4)
     assert accuracy_interval(1.0, 1) == (pytest.approx(0.2065, abs=1e-4), 1.0)  # one trial is a measurement too
+    assert accuracy_interval(1 - 1e-12, 8)[1] == 1.0  # the formula's float rounding gives 1 + 2^-52: capped
     for bad in [(0.5, 0), (1.5, 10), (-0.1, 10)]:
         with pytest.raises(ValueError, match="need trials >= 1 and an accuracy in \\[0, 1\\]"):
             accuracy_interval(*bad)
