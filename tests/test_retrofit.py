@@ -10,6 +10,7 @@ import statistics
 
 import pytest
 import torch
+from torch.nn import functional as F
 from _helpers import TINY, TINY_L, one_line_error, perturb_, tiny_checkpoint
 
 from posbias import checkpoint as ckpt
@@ -114,7 +115,7 @@ def test_passkey_defaults(monkeypatch, capsys):
     class Recorder(torch.nn.Module):  # answers "0" everywhere, records every batch it reads
         def __init__(self):
             super().__init__()
-            self.batches = []
+            self.batches, self.w = [], torch.nn.Parameter(torch.zeros(()))
 
         def forward(self, x):
             self.batches.append(x.clone())
@@ -146,6 +147,14 @@ def test_passkey_defaults(monkeypatch, capsys):
     assert sum(len(b) for b in m.batches) == 5 * passkey.PROBE_SAMPLES
     passkey.accuracy_grid(Recorder(), [64], [0.5], samples=2)
     assert capsys.readouterr().err == ""
+    assert torch.equal(passkey.make_batch(3, 64), passkey.make_batch(3, 64, generator=torch.Generator().manual_seed(0)))
+    batch = passkey.make_batch(3, 40, generator=torch.Generator().manual_seed(2))
+    echo = lambda x: 3 * F.one_hot(x, 256).float()  # noqa: E731  (predicts each byte again as the next)
+    want = F.cross_entropy(echo(batch[:, -6:-1].long()).flatten(0, 1), batch[:, -5:].long().flatten())
+    assert passkey.answer_loss(echo, batch, 5).item() == pytest.approx(want.item(), rel=1e-6)  # byte t predicts t + 1
+    monkeypatch.setattr(passkey, "probe", lambda *a, **kw: 0.5)
+    assert passkey.train_passkey(Recorder(), length=64, steps=3, until=0.5) == []  # a probe at the target: stop
+    monkeypatch.undo()
     seen = {}
 
     def fake(model, batch_fn, loss_fn, **kw):
@@ -163,6 +172,10 @@ def test_passkey_defaults(monkeypatch, capsys):
                                 "until": 0.5, "check_every": 100, "probe_samples": passkey.PROBE_SAMPLES}
     record = passkey.teach(Recorder(), length=64, steps=3)  # no target given: every step, learned at 0.9
     assert record["target"] == passkey.LEARNED == 0.9 and "until" not in seen["identity"]
+    monkeypatch.setattr(ft, "finetune", lambda *a, **kw: [1.0] * 200)  # stopped after 200 of 300 steps
+    record = passkey.teach(Recorder(), length=64, steps=300, probes={"0": 0.1, "100": 0.9, "200": 1.0, "300": 1.0})
+    assert record == {"steps": 200, "probes": [[0, 0.1], [100, 0.9], [200, 1.0]], "target": 0.9, "learned_at": 100,
+                      "stopped": True}  # learned at the probe that reaches 0.9 exactly
 
 
 def test_passkey_learned_sentence_orders_the_copies_by_the_step_they_learned_at():
