@@ -700,6 +700,9 @@ def test_fire_pairs_exactly_on_a_kink_take_its_lower_piece_in_every_path():
     but the gradient to the MLP depends on which piece the pair is counted on. ``bias`` (bucketize)
     counts it on the lower piece; the by-columns gradient must too (only pairs strictly above a kink
     move to the next piece), or it differs from autograd by that pair's ``grad · w2 · x``."""
+    from posbias.schemes.fire import _column_pieces
+
+    torch.manual_seed(0)
     s = randomized("fire", init_L=8.0)
     q_pos, k_pos = torch.arange(300, 364), torch.arange(0, 364)
     x = s.normalized_distance(q_pos, k_pos).detach()
@@ -710,6 +713,7 @@ def test_fire_pairs_exactly_on_a_kink_take_its_lower_piece_in_every_path():
         s.mlp[2].weight[:, 0] = 3.0
     kinks = s.pieces()[0].detach()
     assert bool((kinks == x[r, j]).any()) and bool((x[:, j].amin() < x[r, j]) & (x[r, j] < x[:, j].amax()))
+    assert _column_pieces(x, kinks)[1] is not None  # by columns, where the pair could be moved past its kink
     want = s.bias(q_pos, k_pos)
     g = torch.zeros_like(want)
     g[:, r, j] = 1.0  # the pair on the kink alone

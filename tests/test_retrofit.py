@@ -1500,8 +1500,13 @@ def test_finetune_schedule_and_defaults(tmp_path, corpus, monkeypatch, capsys):
         rates.append(rate)
         assert [g["lr"] for g in opt.param_groups] == [rate]  # the schedule's rate itself, to every weight
 
+    def optimizer(*args):  # the optimizer the fine-tune steps, its groups recorded
+        opt = real_opt(*args)
+        groups.append(opt.param_groups)
+        return opt
+
     monkeypatch.setattr(ft, "_update", update)
-    monkeypatch.setattr(ft, "_optimizer", lambda *a: groups.append(real_opt(*a).param_groups) or real_opt(*a))
+    monkeypatch.setattr(ft, "_optimizer", optimizer)
     batches = lambda step: batch_at(corpus.train, step, batch_size=1, seq_len=L // 2, seed=1)  # noqa: E731
     loss = lambda m, b: m.embed.weight[b[0].long()].square().mean()  # noqa: E731  (the schedule is what counts)
     src = tiny_checkpoint(tmp_path / "src", "t5", max_distance=20)
