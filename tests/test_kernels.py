@@ -548,6 +548,12 @@ def test_bias_into_and_bias_grad_agree_with_bias(name, options):
             torch.testing.assert_close(a, b, atol=float(1e-4 * b.abs().max()) + 1e-6, rtol=1e-3)
 
 
+def kinks_across_the_unit_interval(s):
+    """FIRE ``s`` with its hidden units' kinks ``−b1/w1`` spread evenly over [0.02, 0.98], where its inputs lie."""
+    with torch.no_grad():
+        s.mlp[0].bias.copy_(-torch.linspace(0.02, 0.98, s.mlp[0].bias.numel()) * s.mlp[0].weight[:, 0])
+
+
 @pytest.mark.parametrize("heads", [1, 3, 8])
 @pytest.mark.parametrize("odd_offset", [False, True])
 def test_fire_bias_into_packed_gather_on_block_buffers(heads, odd_offset):
@@ -561,7 +567,7 @@ def test_fire_bias_into_packed_gather_on_block_buffers(heads, odd_offset):
     with torch.no_grad():
         for p in s.parameters():
             p.add_(torch.randn_like(p) * 0.7)
-        s.mlp[0].bias.copy_(-torch.linspace(0.02, 0.98, s.mlp[0].bias.numel()) * s.mlp[0].weight[:, 0])
+    kinks_across_the_unit_interval(s)
     g = torch.Generator().manual_seed(heads)
     qp, kp = torch.randperm(400, generator=g)[:33], torch.randperm(400, generator=g)[:333]  # no runs
     assert _column_pieces(s.normalized_distance(qp, kp).detach(), s.pieces()[0].detach())[1] is None  # the gather
@@ -621,8 +627,7 @@ def test_fire_bias_into_takes_the_gather_where_columns_cross_many_kinks(rows, ke
     g = torch.Generator().manual_seed(0)
     q_pos, k_pos = torch.randperm(400, generator=g)[:rows], torch.randperm(400, generator=g)[:keys]
     x = s.normalized_distance(q_pos, k_pos).detach()
-    with torch.no_grad():
-        s.mlp[0].bias.copy_(-torch.linspace(0.02, 0.98, s.mlp[0].bias.numel()) * s.mlp[0].weight[:, 0])
+    kinks_across_the_unit_interval(s)
     assert _column_pieces(x, s.pieces()[0].detach())[1] is None
     out, scratch = (torch.empty(s.n_heads, len(q_pos), len(k_pos)) for _ in range(2))
     want = s.bias(q_pos, k_pos)
