@@ -19,11 +19,48 @@ def _run(tmp_path, *extra):
 
 def _script(name, *args, ok=True):
     """Runs ``benchmarks/<name>`` with ``args``: (its stdout lines, the completed process); ``ok``: it must
-    succeed."""
+    succeed, in a process of its own; otherwise (a run refused at its arguments) in this one
+    (:func:`_in_this_process`)."""
+    if not ok:
+        r = _in_this_process(name, *args)
+        return r.stdout.splitlines(), r
     r = subprocess.run([sys.executable, str(SCRIPT.parent / name), *args], capture_output=True, text=True, timeout=300)
-    if ok:
-        assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stderr
     return r.stdout.splitlines(), r
+
+
+def _in_this_process(name, *args):
+    """``python benchmarks/<name> args`` run in this process, as the interpreter would run it (its folder
+    first on the path, ``sys.exit``'s message to stderr with status 1): the completed process it gives.
+    For the runs refused at their arguments, which would spend ~3 s each starting a second interpreter
+    and importing torch to print one line. An exception the script lets escape (a traceback, in a
+    process of its own) fails the test that ran it. Torch's thread count and denormal mode, which a
+    script may set, are put back."""
+    import contextlib
+    import io
+    import runpy
+
+    import torch
+
+    script, out, err = SCRIPT.parent / name, io.StringIO(), io.StringIO()
+    argv, path, threads = sys.argv, list(sys.path), torch.get_num_threads()
+    sys.argv, sys.path[:0] = [str(script), *args], [str(script.parent)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+            except SystemExit as stop:
+                code = stop.code
+                if isinstance(code, str):
+                    print(code, file=sys.stderr)
+                    code = 1
+                code = code or 0
+    finally:
+        sys.argv, sys.path[:] = argv, path
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+    return subprocess.CompletedProcess([sys.executable, str(script), *args], code, out.getvalue(), err.getvalue())
 
 
 def _bench_attention(name="bench_attention"):

@@ -793,6 +793,25 @@ def test_the_learning_rate_schedule():
     assert lr_at(5, lr=2.0, steps=5, warmup=5, min_ratio=0.5) == 2.0  # warm-up as long as training
 
 
+def test_training_defaults_and_what_the_demo_trains_with():
+    """``TrainConfig``'s defaults (what ``train`` gives a user who sets nothing), and the demo's
+    training settings: the study sets steps, batch, length, rates, the warm-up (1/12 of the steps),
+    the validation and checkpoint intervals (1/3 and 1/10) and the seed, and inherits the cosine
+    floor (10%), weight decay (0.1), clipping (norm 1) and 4 validation batches from these defaults.
+    A moved default changed every study model with no test failing."""
+    from posbias.study import PRESETS, StudyConfig, train_config
+
+    assert dataclasses.asdict(TrainConfig()) == dict(
+        steps=600, batch_size=32, train_len=128, lr=2e-3, pos_lr_mult=1.0, warmup=50, min_lr_ratio=0.1,
+        weight_decay=0.1, grad_clip=1.0, eval_every=200, eval_batches=4, ckpt_every=100, seed=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # checked once, when made: never changed after
+        TrainConfig().steps = 0
+    demo = train_config(StudyConfig(**PRESETS["demo"]), seed=3)
+    assert dataclasses.asdict(demo) == dict(
+        steps=250, batch_size=32, train_len=64, lr=2e-3, pos_lr_mult=100.0, warmup=20, min_lr_ratio=0.1,
+        weight_decay=0.1, grad_clip=1.0, eval_every=83, eval_batches=4, ckpt_every=25, seed=3)
+
+
 def test_evaluation_segments_spread_over_the_whole_split():
     """Scored segments run from the split's start to its end (an interval over them speaks for the
     split, not its first stretch), at exact integer positions, and every length tiles the same ones."""

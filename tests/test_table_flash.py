@@ -311,18 +311,51 @@ def test_each_program_takes_the_first_configuration_that_fits_and_remembers_it(m
         table_flash._launch("forward", q, False, launch)
 
 
-def _compiled_ahead(code: str) -> dict:
-    """Run ``code`` (which prints JSON) where Triton compiles rather than interprets: a process of its
-    own, without ``TRITON_INTERPRET``."""
+COMPILER = """
+import contextlib, io, json, os, sys, traceback
+channel = os.fdopen(os.dup(1), "w")  # the answers; anything else written to stdout (a tool's output) goes to stderr
+os.dup2(2, 1)
+for line in sys.stdin:
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(json.loads(line), {})
+        answer = {"printed": printed.getvalue()}
+    except BaseException:
+        answer = {"error": traceback.format_exc()}
+    channel.write(json.dumps(answer) + "\\n")
+    channel.flush()
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled_ahead():
+    """Run code (which prints JSON) where Triton compiles rather than interprets: a process of its own,
+    without ``TRITON_INTERPRET``, started once for the module (each start imports torch and Triton,
+    ~2 s) and given each test's code in a fresh namespace."""
     import json
     import os
     import subprocess
     import sys
+    import tempfile
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryFile("w+") as errors, subprocess.Popen(
+            [sys.executable, "-c", COMPILER], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+            text=True) as proc:  # (leaving: stdin closed, which ends it, and waited for)
+
+        def run(code: str) -> dict:
+            proc.stdin.write(json.dumps(code) + "\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            if not line:
+                errors.seek(0)
+                raise AssertionError(f"the compiling process ended: {errors.read()[-3000:]}")
+            answer = json.loads(line)
+            assert "error" not in answer, answer["error"][-3000:]
+            return json.loads(answer["printed"].strip().splitlines()[-1])
+
+        yield run
 
 
 FIRST_FIT = """
@@ -346,13 +379,13 @@ print(json.dumps(found))
     ("bfloat16", 64, True), pytest.param("float32", 64, True, marks=pytest.mark.slow),
     pytest.param("bfloat16", 128, False, marks=pytest.mark.slow),
     pytest.param("float16", 256, True, marks=pytest.mark.slow)])
-def test_the_programs_compile_for_a100_and_h100_without_a_gpu(dtype, d, causal):
+def test_the_programs_compile_for_a100_and_h100_without_a_gpu(compiled_ahead, dtype, d, causal):
     """Triton's ahead-of-time path (LLVM and ptxas, no driver) compiles the three programs for sm_80 and
     sm_90: what the interpreter cannot check (a global that is not a constexpr failed here first). For
     each, some configuration fits the shared memory (the one the backend then runs); in bf16 at
     head_dim 64, the training case of issue 12, the first and largest does on both."""
     code = FIRST_FIT.replace("DTYPE", f"torch.{dtype}").replace("CAUSAL", str(causal)).replace("HEAD_DIM", str(d))
-    found = _compiled_ahead(code)
+    found = compiled_ahead(code)
     assert set(found) == {"80", "90"}, found
     if (dtype, d) == ("bfloat16", 64):
         assert found["80"][0] == found["90"][0] == 0, found
@@ -385,7 +418,7 @@ def _slow(*case):
     _slow(None, False, 256, False, "bfloat16"), _slow(32, False, 256, False, "bfloat16"),
     _slow(None, False, 64, False, "float32"), _slow(32, False, 64, False, "float32"),
     _slow(None, False, 128, False, "float32")])
-def test_the_first_tiles_keep_their_values_in_registers(kinks, linear, d, dropout, dtype):
+def test_the_first_tiles_keep_their_values_in_registers(compiled_ahead, kinks, linear, d, dropout, dtype):
     """Compiled for sm_90 (H100/H200) in bf16 at head_dim 64 and 128, training (issue 12's target), the
     first configuration of each ladder loads or stores no spilled register inside the loops of any of its
     three programs (a few bytes kept across them cost once a program), nor do the decoding tiles, for a
@@ -397,7 +430,7 @@ def test_the_first_tiles_keep_their_values_in_registers(kinks, linear, d, dropou
     code = code.replace("DROPOUT", str(dropout)).replace("DTYPE", f"torch.{dtype}")
     code = code.replace("ARCHS", "(80, 90)" if (kinks, linear, d, dropout, dtype) == (None, False, 64, False,
                                                                                          "bfloat16") else "(90,)")
-    used = _compiled_ahead(code)
+    used = compiled_ahead(code)
     assert {program: u["loop_spills"] for program, u in used["90"].items()} == dict.fromkeys(used["90"], 0), used
     assert all(u["registers"] <= 255 for u in used["90"].values()), used
 
@@ -414,10 +447,10 @@ print(json.dumps(compile_for(90, torch.bfloat16, causal=True, head_dim=64, confi
 
 @pytest.mark.slow
 @ahead_of_time
-def test_spills_inside_the_loops_are_found_where_there_are_some():
+def test_spills_inside_the_loops_are_found_where_there_are_some(compiled_ahead):
     """The count the register test relies on is not blind: the first tiles before 8 warps (128 × 64, 4
     warps) load and store spilled registers inside the forward's and the dK/dV program's loops."""
-    used = _compiled_ahead(OLD_FIRST)
+    used = compiled_ahead(OLD_FIRST)
     assert used["forward"]["loop_spills"] > 0 and used["backward_keys"]["loop_spills"] > 0, used
     assert used["forward"]["spilled"] > 0 and used["forward"]["registers"] == 255, used
 
