@@ -612,3 +612,35 @@ def test_run_positions_are_the_mean_position_of_each_run_smoothed_keeps(n, k):
     xs = report.run_positions(n, k)
     assert xs.tolist() == [i * k + (k - 1) / 2 for i in range(n // k)]
     assert torch.equal(xs, report.smoothed(values, k))
+
+
+def test_the_shared_report_sentences_at_their_edges(tmp_path):
+    """The pieces every report shares (``posbias.report``), each at its edges: a copy judged by the
+    far-filler sentences once it solved exactly :data:`passkey.LEARNED` at L and lost at least ``LOST``
+    past L (a copy below L's bar, or that lost less, is not); the filler named where hiding it gives back
+    half the loss or more, exactly half included; a verdict's end that sits on the null is not beyond it;
+    the shuffled-key score of five digits; the sentence of a checkpoint that records no text; and a
+    replaced report whose field was a dict and is now a plain value."""
+    from posbias.report import corpus_line, facing_end, far_filler_sentences, note_replaced, shuffled_key_score
+
+    lost = lambda a, b, h: (f"c solved {a:.2f} at L and {b:.2f} at 4096; with the far filler hidden {h:.2f}: it lost "
+                            f"{a - b:.2f} past L, ")
+    filler = "most of it to the filler past L, not to the key's distance"
+    said = far_filler_sentences([("c", passkey.LEARNED, 0.4, 0.9), ("c", 1.0, 0.75, 0.875), ("c", 1.0, 0.75, 0.85),
+                                 ("c", 1.0, 0.875, 0.875), ("c", 1.0, 0.9375, 1.0), ("c", 0.5, 0.0, 0.5)], "at 4096")
+    assert said == [lost(0.9, 0.4, 0.9) + filler + " (hiding gives back 0.50).",  # solved exactly LEARNED at L
+                    lost(1.0, 0.75, 0.875) + filler + " (hiding gives back 0.12).",  # 0.125 of 0.25: half
+                    lost(1.0, 0.75, 0.85) + "most of it not to the filler past L: to the key's distance itself, or "
+                    "what far positions do to it (hiding gives back 0.10).",  # 0.1 of 0.25: less than half
+                    lost(1.0, 0.875, 0.875) + "most of it not to the filler past L: to the key's distance itself, or "
+                    "what far positions do to it (hiding gives back 0.00)."]  # lost 0.125 ≥ 0.1: judged
+    assert facing_end(1.0, 2.0, 0.0) == 1.0 and facing_end(-2.0, -1.0, 0.0) == -1.0
+    assert facing_end(0.0, 0.5, 0.0) == 0.5  # an end on the null is not above it
+    assert shuffled_key_score() == shuffled_key_score(5) == pytest.approx((1 + 4 * passkey.GUESS) / 5) == pytest.approx(0.28)
+    assert corpus_line({"name": "tiny", "sha256": "ab"}, None) == (
+        "Measured on the validation split of tiny (sha256 ab); the checkpoint does not record the text it was trained on.")
+    said = []
+    (tmp_path / "results.json").write_text('{"study": {"steps": 2}, "corpus": "x"}')
+    note_replaced(tmp_path / "results.json", {"study": 5, "corpus": "x"}, ("study", "corpus"), "another study", said.append)
+    assert said == [f"note: {tmp_path} held the report of another study with other study; this run's report replaces it "
+                    "(that run's models and caches stay: re-running its command rewrites its report)"]

@@ -4,6 +4,7 @@ lose nothing (kills, concurrent runs, damaged files, divergence, closed stdout, 
 import errno
 import json
 import math
+import dataclasses
 import os
 import random
 import re
@@ -248,6 +249,46 @@ def test_resume_with_another_model_size_is_refused(tmp_path, text_file):
     train(ModelConfig(scheme="alibi", **TINY), tcfg, c.train, c.val, tmp_path, progress=False, stop_after=2)
     with pytest.raises(ValueError, match="other settings \\(model.d_model: 32 → 64\\)"):
         train(ModelConfig(scheme="alibi", **{**TINY, "d_model": 64}), tcfg, c.train, c.val, tmp_path, progress=False)
+
+
+def test_config_diff_names_each_changed_setting():
+    """What a refused resume names: each setting that differs, nested keys dotted, one that is set on
+    one side only as ``<unset>``, and a dict against a plain value as the two values (not a recursion into
+    a value that is no dict)."""
+    from posbias.train import config_diff
+
+    assert config_diff({"a": {"x": 1, "y": 2}, "b": 3}, {"a": {"x": 1, "y": 5}, "b": 3, "c": 1}) == \
+        "a.y: 2 → 5; c: '<unset>' → 1"
+    assert config_diff({"a": {"x": 1}}, {"a": 5}) == "a: {'x': 1} → 5"
+    assert config_diff({"a": None}, {"a": {"x": 1}}) == "a: None → {'x': 1}"
+    assert config_diff({"a": {"b": {"c": 1}}}, {"a": {"b": {"c": 1}}}) == ""
+
+
+def test_training_shows_its_progress_unless_told_not_to(tmp_path, text_file, capsys):
+    from posbias.data import local_corpus
+
+    c = local_corpus(text_file)
+    tcfg = TrainConfig(steps=2, batch_size=2, train_len=16, warmup=1, eval_every=0, ckpt_every=1, eval_batches=1)
+    train(ModelConfig(scheme="alibi", **TINY), tcfg, c.train, c.val, tmp_path / "shown")
+    err = capsys.readouterr().err
+    assert "train alibi" in err and "2/2" in err and "3/2" not in err and "4/2" not in err  # one a step
+    train(ModelConfig(scheme="alibi", **TINY), tcfg, c.train, c.val, tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_non_finite_loss_names_its_step_and_updates_nothing():
+    """The step a NaN loss stops at is counted from 1, as the progress and the checkpoints count; the
+    optimizer has not stepped (no weight, no moment changed)."""
+    from posbias.train import NonFiniteLoss, _step, make_optimizer
+
+    model = TransformerLM(ModelConfig(scheme="t5", **TINY))
+    cfg = TrainConfig(lr=0.002)
+    opt = make_optimizer(model, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(NonFiniteLoss, match=r"^loss nan at step 5 \(lr 0\.002\)$"):
+        _step(lambda idx: torch.full((1, 4, 7), float("nan")), model, opt, cfg, x, x, 4)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()) and not opt.state
 
 
 def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, text_file, capsys):
@@ -784,6 +825,46 @@ def test_model_folder_suggests_final(capsys, tmp_path):
     ckpt.save_checkpoint(tmp_path / "m" / "final", model, extra={"train": {"seq_len": 16}})
     one_line_error(capsys, main(["retrofit", str(tmp_path / "m"), "--to", "64", "--method", "swap-alibi"]),
                     "did you mean", "final")
+
+
+def test_a_resume_after_one_step_says_so_and_validation_reads_its_own_batches(tmp_path, text_file, monkeypatch,
+                                                                                  python_sigint):
+    """Stopped after its first step, a run resumes from step 1 and says so (a fresh start says nothing);
+    its validation loss is the mean of the final model's losses on validation batches ``10⁹ + n`` for
+    ``n < eval_batches``, drawn from the validation split with the run's seed, apart from every training
+    batch's index, and said through ``log``. The last step is saved where the checkpoint interval does
+    not divide the steps; a run interrupted with no ``log`` stops as asked (nothing to say it through)."""
+    import posbias.train as training
+    from posbias.data import batch_at, local_corpus
+
+    c = local_corpus(text_file)
+    mcfg = ModelConfig(scheme="alibi", **TINY)
+    tcfg = TrainConfig(steps=2, batch_size=2, train_len=16, warmup=1, eval_every=0, ckpt_every=1, eval_batches=2,
+                       seed=3)
+    said = []
+    train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, log=said.append, stop_after=1)
+    assert said == []
+    hist = train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, log=said.append)
+    assert said[0] == f"alibi: resuming from step 1 of 2 ({str(tmp_path / 'last')!r})"
+    model = ckpt.load_model(tmp_path / "final")
+    with torch.no_grad():
+        want = torch.stack([model.loss(*batch_at(c.val, 10**9 + n, batch_size=2, seq_len=16, seed=3))
+                            for n in range(2)]).mean()
+    assert [s for s, _ in hist["val_loss"]] == [2] and hist["val_loss"][0][1] == pytest.approx(float(want), rel=1e-6)
+    assert said[1:] == [f"alibi step 2: val loss {hist['val_loss'][0][1]:.4f}"]
+    odd = dataclasses.replace(tcfg, steps=3, ckpt_every=2)
+    train(mcfg, odd, c.train, c.val, tmp_path / "odd", progress=False)
+    assert ckpt.load_trainer_state(tmp_path / "odd" / "last")["step"] == 3  # off the interval, the end is saved
+
+    def interrupting(tokens, step, **kw):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return batch_at(tokens, step, **kw)
+
+    monkeypatch.setattr(training, "batch_at", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(mcfg, odd, c.train, c.val, tmp_path / "stopped", progress=False)
+    assert ckpt.load_trainer_state(tmp_path / "stopped" / "last")["step"] == 2
 
 
 def test_resume_says_where_it_resumes(tmp_path, text_file):

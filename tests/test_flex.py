@@ -9,7 +9,10 @@ from posbias import SCHEMES, ToeplitzScheme, attention, attention_reference, bui
 from posbias.attention import resolve
 from posbias.integrations.flex import causal_block_mask, flex_available, flex_kernel, offset_table
 
-pytestmark = pytest.mark.skipif(not flex_available(), reason="this torch has no FlexAttention")
+# (by torch's version, not by flex_available, which a test below checks: a flex_available that wrongly
+# said no would otherwise skip every test here and pass)
+pytestmark = pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5),
+                                reason="FlexAttention came with torch 2.5")
 
 TOEPLITZ = [n for n, c in SCHEMES.items() if issubclass(c, ToeplitzScheme)]
 
@@ -94,11 +97,19 @@ def test_fire_score_mod_places_its_queries_and_keys(kw, q0, k0, lq, lk):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_flex_is_found_where_torch_has_it():
+    assert flex_available()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["alibi", "fire"])
-def test_flex_backend_compiled_matches_reference(name):
-    """Compiled (CPU inductor): FIRE's forward failed to lower until its score_mod captured each weight
-    as a tensor of its own."""
+def test_flex_backend_compiled_matches_reference(name, monkeypatch):
+    """Compiled (CPU inductor) by default: FIRE's forward failed to lower until its score_mod captured
+    each weight as a tensor of its own."""
+    from posbias.kernels import flex
+
+    compiled, real = [], flex._compiled_flex
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: compiled.append(1) or real())
     torch.manual_seed(0)
     s = randomized(name)
     q, k, v = (torch.randn(1, 3, 256, 16) for _ in range(3))
@@ -106,6 +117,7 @@ def test_flex_backend_compiled_matches_reference(name):
         out = attention(q, k, v, s, backend="flex")
         ref = attention_reference(q, k, v, s)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert compiled == [1]
 
 
 def test_flex_backend_refuses_what_it_cannot_do_exactly():

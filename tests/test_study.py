@@ -586,7 +586,7 @@ def test_a_study_too_large_for_the_machine_is_refused_in_one_line_before_any_wor
     assert not list(tmp_path.glob("models/*"))
 
 
-def test_the_training_floor_is_below_what_training_holds(monkeypatch):
+def test_the_training_floor_is_below_what_training_holds(monkeypatch, tmp_path):
     """``training_floor`` never exceeds what a step holds: its state against the parameters counted
     (16 bytes each), its activations against the tensors autograd saves for the backward pass
     (measured with saved-tensor hooks, parameters left out). ``check_training_fits`` refuses past the
@@ -622,8 +622,26 @@ def test_the_training_floor_is_below_what_training_holds(monkeypatch):
                                          r"weights, gradients and Adam's moments\), more than the 18.0 MiB this cpu "
                                          r"has; a smaller batch, training length, width or depth$"):
         check_training_fits(cfg, 8, 64, "cpu")
+    for have, said in ((2**30, "1.0 GiB"), (2**30 - 2**19, "1,023.5 MiB"), (2**50, "1.05e+06 GiB"),
+                       (2**50 - 2**29, "1,048,575.5 GiB")):  # sizes from a GiB in GiB, from 2^50 bytes in 3 digits
+        monkeypatch.setattr(store, "device_memory", lambda device: have)
+        with pytest.raises(ValueError, match=re.escape(f"more than the {said} this cpu has")):
+            check_training_fits(dataclasses.replace(cfg, n_layers=10**9), 8, 64, "cpu")
+    monkeypatch.setattr(store, "device_memory", lambda device: 1)
+    for layers, said in ((1, "1 layer of"), (2, "2 layers of")):
+        with pytest.raises(ValueError, match=f"through {said} width 128"):
+            check_training_fits(dataclasses.replace(cfg, n_layers=layers), 8, 64, "cpu")
     monkeypatch.setattr(store, "device_memory", lambda device: None)
     check_training_fits(dataclasses.replace(cfg, n_layers=10**9), 8, 64, "cpu")
+    # several processes training together: each checks its own share of the batch, before any work
+    import posbias.train as training
+
+    monkeypatch.setattr(training, "_dist_info", lambda: (0, 4))
+    monkeypatch.setattr(store, "device_memory", lambda device: 1)
+    tcfg = TrainConfig(steps=2, batch_size=8, train_len=64)
+    with pytest.raises(ValueError, match=r"of activations for 2 sequences of 64 tokens through 4 layers"):
+        train(cfg, tcfg, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_study_is_bit_identical_at_a_fixed_thread_count(tmp_path, text_file):
@@ -791,6 +809,8 @@ def test_the_learning_rate_schedule():
     flat = TrainConfig(steps=5, lr=2.0, warmup=0, eval_every=0, min_lr_ratio=0.0, weight_decay=0.0)
     assert flat.lr_at(0) == 2.0 and flat.lr_at(5) == 0.0
     assert lr_at(5, lr=2.0, steps=5, warmup=5, min_ratio=0.5) == 2.0  # warm-up as long as training
+    # one step of cosine: the peak at its start, the floor at its end
+    assert [lr_at(s, lr=2.0, steps=5, warmup=4, min_ratio=0.5) for s in (3, 4, 5)] == [2.0, 2.0, 1.0]
 
 
 def test_training_defaults_and_what_the_demo_trains_with():
