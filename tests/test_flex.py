@@ -243,3 +243,47 @@ def test_kernel_options_reach_flex_on_cuda_only(monkeypatch):
         out = flex_kernel(qq, kk, v, s, q_pos=qpos, k_pos=kpos, causal=True, scale=scale, compile=False)
         torch.testing.assert_close(out, attention_reference(q, k, v, s), atol=2e-5, rtol=1e-4)
 
+
+
+def test_the_causal_block_mask_places_queries_and_keys():
+    """``causal_block_mask``'s rule in absolute positions: query ``i`` (from ``q_start``, by default the
+    end of the keys) sees key ``j`` (from ``k_start``) when ``j ≤ i``; cached per shape and offset."""
+    qi, kj = torch.arange(4)[:, None], torch.arange(6)[None, :]
+    zero = torch.tensor(0)
+    for kw, q0, k0 in (({}, 2, 0), ({"q_start": 3, "k_start": 1}, 3, 1), ({"q_start": 0, "k_start": 2}, 0, 2)):
+        mask = causal_block_mask(4, 6, **kw)
+        assert torch.equal(mask.mask_mod(zero, zero, qi, kj), kj + k0 <= qi + q0), kw
+    assert causal_block_mask(4, 6, q_start=3, k_start=1) is causal_block_mask(4, 6, q_start=2, k_start=0)
+
+
+def test_the_compiled_kernel_has_room_for_its_length_buckets(monkeypatch):
+    """Each compiled call runs with dynamo's recompile limit raised to ``RECOMPILE_LIMIT`` (64 shapes:
+    below it torch falls back to eager FlexAttention silently, ~10× slower), and the limit is back after.
+    (The compiled function is replaced by eager FlexAttention here: nothing compiles.)"""
+    from posbias.kernels import flex
+
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    before, seen = getattr(torch._dynamo.config, name), []
+
+    def eager(*a, **kw):
+        seen.append(getattr(torch._dynamo.config, name))
+        return flex.require_flex().flex_attention(*a, **kw)
+
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: eager)
+    s, q = build("alibi", n_heads=2, head_dim=16), torch.randn(1, 2, 8, 16)
+    with torch.no_grad():
+        out = attention(q, q, q, s, backend="flex")
+    torch.testing.assert_close(out, attention_reference(q, q, q, s), atol=2e-5, rtol=1e-4)
+    assert flex.RECOMPILE_LIMIT == 64 and seen == [max(before, 64)] and getattr(torch._dynamo.config, name) == before
+
+
+def test_inputs_that_require_grad_run_under_no_grad_on_the_cpu():
+    """FlexAttention on CPU refuses inputs that require grad even under ``torch.no_grad()`` (it has no
+    backward there): the kernel hands it detached copies, and the values are the reference's."""
+    s = randomized("t5")
+    q, k, v = (torch.randn(1, s.n_heads, 8, 16, requires_grad=True) for _ in range(3))
+    pos = torch.arange(8)
+    with torch.no_grad():
+        out = flex_kernel(q, k, v, s, q_pos=pos, k_pos=pos, causal=True, scale=1.0, compile=False)
+        ref = attention_reference(q, k, v, s)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
