@@ -1,10 +1,10 @@
 """Fault injection and strict inputs: nothing silently wrong, bad input gets one clear line, faults
 lose nothing (kills, concurrent runs, damaged files, divergence, closed stdout, huge positions)."""
 
+import dataclasses
 import errno
 import json
 import math
-import dataclasses
 import os
 import random
 import re
@@ -265,6 +265,7 @@ def test_config_diff_names_each_changed_setting():
 
 
 def test_training_shows_its_progress_unless_told_not_to(tmp_path, text_file, capsys):
+    """A bar on stderr by default; none with ``progress=False``."""
     from posbias.data import local_corpus
 
     c = local_corpus(text_file)
