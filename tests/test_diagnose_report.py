@@ -636,11 +636,13 @@ def test_the_shared_report_sentences_at_their_edges(tmp_path):
                     "what far positions do to it (hiding gives back 0.00)."]  # lost 0.125 ≥ 0.1: judged
     assert facing_end(1.0, 2.0, 0.0) == 1.0 and facing_end(-2.0, -1.0, 0.0) == -1.0
     assert facing_end(0.0, 0.5, 0.0) == 0.5  # an end on the null is not above it
-    assert shuffled_key_score() == shuffled_key_score(5) == pytest.approx((1 + 4 * passkey.GUESS) / 5) == pytest.approx(0.28)
-    assert corpus_line({"name": "tiny", "sha256": "ab"}, None) == (
-        "Measured on the validation split of tiny (sha256 ab); the checkpoint does not record the text it was trained on.")
+    assert shuffled_key_score() == shuffled_key_score(5) == pytest.approx((1 + 4 * passkey.GUESS) / 5)
+    assert shuffled_key_score() == pytest.approx(0.28)
+    assert corpus_line({"name": "tiny", "sha256": "ab"}, None) == ("Measured on the validation split of tiny (sha256 ab); "
+                                                                   "the checkpoint does not record the text it was trained on.")
     said = []
     (tmp_path / "results.json").write_text('{"study": {"steps": 2}, "corpus": "x"}')
-    note_replaced(tmp_path / "results.json", {"study": 5, "corpus": "x"}, ("study", "corpus"), "another study", said.append)
+    note_replaced(tmp_path / "results.json", {"study": 5, "corpus": "x"}, ("study", "corpus"), "another study",
+                  said.append)
     assert said == [f"note: {tmp_path} held the report of another study with other study; this run's report replaces it "
                     "(that run's models and caches stay: re-running its command rewrites its report)"]

@@ -34,6 +34,12 @@ POSBIAS = [sys.executable, "-m", "posbias.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
+def quick_training(**settings) -> TrainConfig:
+    """A few steps on 2 sequences of 16 tokens (warm-up 1, validation at the end on 1 batch), with
+    ``settings`` over it: the runs the resume and stop tests train."""
+    return TrainConfig(**{"batch_size": 2, "train_len": 16, "warmup": 1, "eval_every": 0, "eval_batches": 1, **settings})
+
+
 # -- exact at any integer position ------------------------------------------------------------
 @pytest.mark.parametrize("name", ["alibi", "t5", "offset", "kerple-log", "rope", "nope"])
 @pytest.mark.parametrize("start", [2**24, 2**31, 2**40])
@@ -245,7 +251,7 @@ def test_resume_with_another_model_size_is_refused(tmp_path, text_file):
     from posbias.data import local_corpus
 
     c = local_corpus(text_file)
-    tcfg = TrainConfig(steps=4, batch_size=2, train_len=16, warmup=1, eval_every=0, ckpt_every=1, eval_batches=1)
+    tcfg = quick_training(steps=4, ckpt_every=1)
     train(ModelConfig(scheme="alibi", **TINY), tcfg, c.train, c.val, tmp_path, progress=False, stop_after=2)
     with pytest.raises(ValueError, match="other settings \\(model.d_model: 32 → 64\\)"):
         train(ModelConfig(scheme="alibi", **{**TINY, "d_model": 64}), tcfg, c.train, c.val, tmp_path, progress=False)
@@ -269,7 +275,7 @@ def test_training_shows_its_progress_unless_told_not_to(tmp_path, text_file, cap
     from posbias.data import local_corpus
 
     c = local_corpus(text_file)
-    tcfg = TrainConfig(steps=2, batch_size=2, train_len=16, warmup=1, eval_every=0, ckpt_every=1, eval_batches=1)
+    tcfg = quick_training(steps=2, ckpt_every=1)
     train(ModelConfig(scheme="alibi", **TINY), tcfg, c.train, c.val, tmp_path / "shown")
     assert "train alibi" in capsys.readouterr().err
     train(ModelConfig(scheme="alibi", **TINY), tcfg, c.train, c.val, tmp_path / "quiet", progress=False)
@@ -286,8 +292,9 @@ def test_a_process_stops_with_the_others_when_another_was_interrupted(tmp_path, 
 
     c = local_corpus(text_file)
     asked = []
-    monkeypatch.setattr(training, "_agreed", lambda requested, world, device: asked.append(requested) or len(asked) == 2)
-    tcfg = TrainConfig(steps=4, batch_size=2, train_len=16, warmup=1, eval_every=0, ckpt_every=10, eval_batches=1)
+    monkeypatch.setattr(training, "_agreed",
+                        lambda requested, world, device: asked.append(requested) or len(asked) == 2)
+    tcfg = quick_training(steps=4, ckpt_every=10)
     with pytest.raises(KeyboardInterrupt, match="stopped with the other processes, one of which was interrupted"):
         train(ModelConfig(scheme="alibi", **TINY), tcfg, c.train, c.val, tmp_path, progress=False)
     assert asked == [False, False] and ckpt.load_trainer_state(tmp_path / "last")["step"] == 2
@@ -856,8 +863,7 @@ def test_a_resume_after_one_step_says_so_and_validation_reads_its_own_batches(tm
 
     c = local_corpus(text_file)
     mcfg = ModelConfig(scheme="alibi", **TINY)
-    tcfg = TrainConfig(steps=2, batch_size=2, train_len=16, warmup=1, eval_every=0, ckpt_every=1, eval_batches=2,
-                       seed=3)
+    tcfg = quick_training(steps=2, ckpt_every=1, eval_batches=2, seed=3)
     said = []
     train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, log=said.append, stop_after=1)
     assert said == []
@@ -892,8 +898,7 @@ def test_resume_says_where_it_resumes(tmp_path, text_file):
 
     c = local_corpus(text_file)
     mcfg = ModelConfig(scheme="t5", **TINY)
-    tcfg = TrainConfig(steps=6, batch_size=2, train_len=16, warmup=1, eval_every=2, ckpt_every=2, eval_batches=1,
-                       lr=1e-3, pos_lr_mult=4.0)
+    tcfg = quick_training(steps=6, eval_every=2, ckpt_every=2, lr=1e-3, pos_lr_mult=4.0)
     t0 = time.perf_counter()
     first = train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False, stop_after=4)
     took = time.perf_counter() - t0

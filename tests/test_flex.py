@@ -244,7 +244,6 @@ def test_kernel_options_reach_flex_on_cuda_only(monkeypatch):
         torch.testing.assert_close(out, attention_reference(q, k, v, s), atol=2e-5, rtol=1e-4)
 
 
-
 def test_the_causal_block_mask_places_queries_and_keys():
     """``causal_block_mask``'s rule in absolute positions: query ``i`` (from ``q_start``, by default the
     end of the keys) sees key ``j`` (from ``k_start``) when ``j ≤ i``; cached per shape and offset."""
