@@ -223,6 +223,11 @@ def test_t5_distance_remaps_buckets_as_the_bucket_function_says(tmp_path):
     torch.testing.assert_close(new.scheme.bias_at(d), want)  # … read through the new bucket map
     rows = bucket_remap(32, L, 4 * L, [1, 20, 40, 100, 400])
     assert rows[0] == (1, 1, 1) and rows[3][1] == 31 and rows[3][2] < 31 and rows[4][2] == 31
+    # the report's table of moves: distances 1, 8, 16, 32, L/2, L, 2L, to/2 and to, each once, in order
+    moves = METHODS["t5-distance"].explain(base, new, L, 4 * L)
+    assert L == 48 and moves == bucket_remap(32, L, 4 * L, [1, 8, 16, 24, 32, 48, 96, 192])
+    odd = METHODS["t5-distance"].explain(base, retrofit_model(base, "t5-distance", train_len=L, to=3 * L + 1), L, 3 * L + 1)
+    assert [d for d, _, _ in odd] == [1, 8, 16, 24, 32, 48, 72, 96, 145]  # (3 L + 1) // 2 = 72: whole distances
     # a checkpoint that records no max_distance has T5's default, and the retrofit scales that one
     default = TransformerLM(ModelConfig(scheme="t5", **TINY))
     assert "max_distance" not in default.cfg.scheme_options
@@ -313,6 +318,12 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
         else:
             assert r["attention_cost"] is None
     assert re.search(r"\| \+0 \| \d\.\d\d× \(\d\.\d\d–\d\.\d\d\) \|", md) and "the median of 6 pairs" in md
+    # each method's row names the scheme options it ran with; the model as it was has none to name
+    assert "options" not in res.rows[0] and res.rows[0]["scheme"] == "rope"
+    assert [r["extra_params"] for r in res.rows] == [0] * 7  # RoPE, PI, YaRN and ALiBi: no learned position
+    for r in res.rows[1:]:
+        want = retrofit_model(ckpt.load_model(path), r["method"], train_len=L, to=2 * L).cfg.scheme_options
+        assert r["options"] == want and r["scheme"] == ("alibi" if r["method"] == "swap-alibi" else "rope")
     # at 2L, each copy once more with the far filler hidden (far_filler_scores: rotary and ALiBi rows alike)
     for r in res.rows:
         if r["passkey"] is not None:
@@ -622,6 +633,9 @@ def test_retrofit_passkey_seeds_give_each_row_the_mean_of_its_copies(tmp_path, c
     assert both.cache == first.cache  # one cache: the copies' entries name their seed
     assert sum(line.startswith("[pi/no fine-tune] reusing") or "reusing fine-tuned model" in line for line in said) == 1
     assert sum("passkey (copy of seed 1)" in line for line in said) == 2  # the original row and pi's tuned row
+    # the copy of --seed under the name it always had (reused, not trained again), seed 1's named by its seed
+    copies = sorted(k for k in json.loads((tmp_path / "r" / both.cache).read_text()) if re.fullmatch(r"passkey:[^:]+:.*\d", k))
+    assert copies == [f"passkey:{row}:2:0:2{own}" for row in ("original", "pi/fine-tuned 1") for own in ("", ":seed1")]
     for r0, r in zip(first.rows, both.rows):
         if r["passkey"] is None:
             continue
@@ -1127,11 +1141,35 @@ def test_retrofit_and_diagnose_score_sixty_four_units_unless_told(tmp_path, corp
     rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, passkey_steps=0), corpus=corpus)
     diagnose_report.write(rep, tmp_path / "d")
     assert rep.loss_windows == SEGMENTS and "windows scored (fewer than" not in (tmp_path / "d" / "report.md").read_text()
+    # without the passkey test, diagnose.json records none: no copy, no steps, samples or seeds
+    saved = rep.to_json()
+    assert {k: saved[k] for k in ("passkey", "passkey_digits", "passkey_copies", "passkey_max_steps", "passkey_until",
+                                  "passkey_samples", "passkey_seeds", "passkey_skipped", "passkey_lr_mult")} == dict(
+        passkey=None, passkey_digits=None, passkey_copies=[], passkey_max_steps=0, passkey_until=0.0, passkey_samples=0,
+        passkey_seeds=[], passkey_skipped="", passkey_lr_mult=1.0)
     for bad in (0, -8):
         with pytest.raises(ValueError, match="eval_tokens"):
             RetrofitConfig(to=2 * L, methods=("pi",), eval_tokens=bad)
         with pytest.raises(ValueError, match="eval_tokens"):
             DiagnoseConfig(eval_tokens=bad)
+
+
+def test_retrofit_and_diagnose_defaults():
+    """What ``posbias retrofit`` and ``posbias diagnose`` run for a user who sets nothing (the command
+    line takes every default from these configs: test_cli's defaults test). The measurements in
+    docs/retrofit-and-diagnose.md were made at them: a 2,400-step passkey copy of batches of seed 0,
+    24 samples per cell in a diagnosis and 32 in a retrofit's decision table, 4 attention windows,
+    fine-tunes of 4 sequences at 3e-4, and 2 threads. A moved default changed them with no test failing."""
+    assert dataclasses.asdict(RetrofitConfig(to=4 * L, methods=("pi",))) == dict(
+        to=4 * L, methods=("pi",), finetune_steps=0, finetune_batch=4, finetune_lr=3e-4, pos_lr_mult=None,
+        eval_lens=None, eval_tokens=None, compare=False, passkey_steps=2400, passkey_until=0.0, passkey_samples=32,
+        device="cpu", seed=0, passkey_seeds=None, threads=2)
+    assert dataclasses.asdict(DiagnoseConfig()) == dict(
+        length=None, windows=4, eval_tokens=None, passkey_steps=2400, passkey_until=0.0, passkey_samples=24,
+        passkey_seeds=(0,), device="cpu", threads=2)
+    for cfg, name in ((RetrofitConfig(to=4 * L, methods=("pi",)), "to"), (DiagnoseConfig(), "windows")):
+        with pytest.raises(dataclasses.FrozenInstanceError):  # checked once, when made: never changed after
+            setattr(cfg, name, 1)
 
 
 def test_attention_windows_start_at_exact_integer_positions():
@@ -1682,6 +1720,9 @@ def test_finetunes_train_positional_parameters_at_the_checkpoints_multiplier(tmp
                          passkey_steps=2, passkey_samples=1)
     res = run_retrofit(path, cfg, tmp_path / "r", corpus=corpus)
     assert seen == [50.0, 50.0, 50.0] and res.pos_lr_mult == 50.0  # the original's passkey, the swap, its passkey
+    table = 32 * TINY["n_heads"]  # the fresh T5 table: 32 buckets per head, the rows' extra parameters
+    assert [(r["stage"], r["extra_params"]) for r in res.rows] == [("before", 0), ("no fine-tune", table),
+                                                                    ("fine-tuned 2", table)]
     md = retrofit_report.markdown(res)
     assert "positional parameters at 50× their learning rate (as the checkpoint was trained)" in md
     untaught = [r for r in res.rows if r.get("passkey") and r["passkey"][L] == 0]
@@ -2191,3 +2232,90 @@ def test_diagnose_notes_when_the_attention_statistics_exceed_the_free_memory(tmp
     said.clear()
     run_diagnose(path, cfg, corpus=corpus, out=tmp_path / "d", log=said.append)  # cached: nothing to measure
     assert not any(s.startswith("note: the attention statistics") for s in said)
+
+
+def test_relative_cost_times_each_pair_back_to_back_in_alternating_order(monkeypatch):
+    """`_relative_cost` on a fake clock. Each model's forward advances the clock by its cost, and
+    whichever of a pair runs second is 1 unit cheaper (warm caches); the first call of each (the
+    warm-up) costs 100 and must not be timed. The model costs 4, the base 2: model first reads
+    4 / 1 = 4, base first reads 3 / 2 = 1.5. So the median of six alternating pairs is 2.75,
+    and the spread runs from 1.5 to 4."""
+    import types
+
+    from posbias import retrofit as retrofit_mod
+
+    now = [0.0]
+    monkeypatch.setattr(retrofit_mod.time, "perf_counter", lambda: now[0])
+    seen = []
+
+    class Timed:
+        def __init__(self, name, cost):
+            self.name, self.cost, self.calls = name, cost, 0
+            self.cfg = types.SimpleNamespace(vocab_size=7)
+
+        def __call__(self, x):
+            assert not torch.is_grad_enabled()
+            seen.append((self.name, tuple(x.shape), int(x.min()) >= 0 and int(x.max()) < 7))
+            self.calls += 1
+            second = len(seen) % 2 == 0
+            now[0] += 100.0 if self.calls == 1 else self.cost - (1.0 if second else 0.0)
+
+    model, base = Timed("model", 4.0), Timed("base", 2.0)
+    median, lo, hi = retrofit_mod._relative_cost(model, base, 33, "cpu")
+    assert (median, lo, hi) == (2.75, 1.5, 4.0)
+    assert [name for name, _, _ in seen] == ["model", "base"] + ["model", "base", "base", "model"] * 3
+    assert all(shape == (1, 33) and ok for _, shape, ok in seen)
+    # the pairs asked for, and the order starts over with the model first
+    seen.clear()
+    model.calls = base.calls = 0
+    assert retrofit_mod._relative_cost(model, base, 5, "cpu", pairs=3) == (4.0, 1.5, 4.0)
+    assert len(seen) == 2 + 2 * 3
+
+
+def test_a_retrofit_to_its_training_length_is_refused_before_any_work(tmp_path, corpus):
+    """--to equal to L is refused by name before a model is scored or the output folder is made (past
+    that check, the first method refused it only after the original model's evaluation)."""
+    path = tiny_checkpoint(tmp_path / "r", "rope")
+    with pytest.raises(ConfigError, match=f"must exceed the training length {L}, got {L}"):
+        run_retrofit(path, RetrofitConfig(to=L, methods=("pi",)), tmp_path / "out", corpus=corpus)
+    assert not (tmp_path / "out").exists()
+
+
+def test_context_effect_scores_a_split_of_exactly_one_window():
+    """A split that holds one window and no more is scored as one window (fewer than one is refused,
+    naming the count)."""
+    model = TransformerLM(ModelConfig(scheme="alibi", **TINY)).eval()
+    tokens = torch.randint(0, 256, (2 * L + 1,), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    long, short = context_effect(model, tokens, 2 * L, L, windows=4)
+    assert long.shape == short.shape == (1, 2 * L)
+    torch.testing.assert_close(long[0, :L], short[0, :L], atol=1e-5, rtol=0)  # the first L see the same keys
+    with pytest.raises(ValueError, match=f"the split has {2 * L - 1} tokens, fewer than one window of {2 * L}"):
+        context_effect(model, tokens[:-1], 2 * L, L, windows=4)
+
+
+def test_effective_reach_counts_a_drop_of_exactly_ln_100():
+    """The reach is the first distance whose bias has dropped by at least ln 100 from distance 0: a
+    drop of exactly ln 100 counts; a head that never drops that far has none."""
+    from posbias.diagnose import REACH_DROP
+
+    class Curve:
+        n_heads = 2
+
+        def bias_by_distance(self, d, *, query_pos):
+            assert query_pos == 9 and d.tolist() == list(range(6))
+            return -torch.tensor([[0.0, 1.0, 2.0, 3.0, REACH_DROP, 5.0], [0.0] * 6], dtype=torch.float64)
+
+    assert effective_reach(Curve(), query_pos=9, max_distance=5) == [4, None]
+
+
+def test_retrofit_and_diagnose_are_silent_as_a_library_unless_asked(tmp_path, corpus, capsys):
+    """Called from Python, ``run_retrofit`` and ``run_diagnose`` draw no progress bar and print nothing
+    unless given ``progress=True`` or a ``log`` (the command line passes both)."""
+    path = tiny_checkpoint(tmp_path / "r", "rope")
+    cfg = RetrofitConfig(to=2 * L, methods=("pi",), finetune_steps=1, finetune_batch=1, eval_tokens=EVAL)
+    run_retrofit(path, cfg, tmp_path / "out", corpus=corpus)
+    run_diagnose(path, DiagnoseConfig(length=2 * L, windows=1, eval_tokens=EVAL, passkey_steps=1, passkey_samples=1),
+                 corpus=corpus, out=tmp_path / "d")
+    assert capsys.readouterr() == ("", "")
+    run_retrofit(path, dataclasses.replace(cfg, finetune_steps=2), tmp_path / "out2", corpus=corpus, progress=True)
+    assert "fine-tune pi" in capsys.readouterr().err  # the bar, when asked for
