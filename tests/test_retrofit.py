@@ -254,10 +254,16 @@ def test_applicability_and_errors(tmp_path):
     assert set(METHODS) == {"pi", "ntk", "dynamic-ntk", "yarn", "t5-distance", "swap-alibi", "swap-t5"}
 
 
-def test_compare_without_a_passkey_test_keeps_the_rest_of_the_decision_table(tmp_path, corpus):
+def test_compare_without_a_passkey_test_keeps_the_rest_of_the_decision_table(tmp_path, corpus, monkeypatch):
     """``--compare --passkey-steps 0`` (as ``diagnose``'s 0: no passkey test) trains no copy and tests no
     untrained one (their columns read 0.00, minutes each); the decision table keeps what each method ends
-    with, its extra parameters and attention cost."""
+    with, its extra parameters and attention cost: the timer's median and range (here a stand-in's),
+    each row's against the original at --to, and the original's 1 by definition."""
+    import posbias.retrofit as retrofit_mod
+
+    timed = []
+    monkeypatch.setattr(retrofit_mod, "_relative_cost",
+                        lambda model, base, length, device: timed.append((model.cfg.scheme, length)) or (1.25, 0.5, 2.0))
     path = tiny_checkpoint(tmp_path / "r", "rope")
     cfg = RetrofitConfig(to=2 * L, methods=("pi", "swap-t5"), finetune_steps=1, finetune_batch=2, eval_tokens=EVAL,
                          compare=True, passkey_steps=0)
@@ -269,6 +275,9 @@ def test_compare_without_a_passkey_test_keeps_the_rest_of_the_decision_table(tmp
     table = md[md.index("Decision table (no passkey test: --passkey-steps 0"):]
     assert "passkey @" not in table and "| original | before |" in table
     assert "| pi | fine-tuned 1 |" in table and "| pi | no fine-tune |" not in table and "| +64 |" in table
+    assert timed == [("rope", 2 * L), ("t5", 2 * L)]
+    assert [(r["attention_cost"], r.get("attention_cost_range")) for r in res.rows] == [
+        (1.0, [1.0, 1.0]), (None, None), (1.25, [0.5, 2.0]), (None, None), (1.25, [0.5, 2.0])]
 
 
 def test_run_retrofit_compare_tiny(tmp_path, corpus):
@@ -626,7 +635,10 @@ def test_retrofit_passkey_seeds_give_each_row_the_mean_of_its_copies(tmp_path, c
     path = tiny_checkpoint(tmp_path / "t", "rope")
     cfg = RetrofitConfig(to=2 * L, methods=("pi",), finetune_steps=1, eval_tokens=EVAL, compare=True,
                          passkey_steps=2, passkey_samples=2)
-    first = run_retrofit(path, cfg, tmp_path / "r", corpus=corpus)
+    alone = []
+    first = run_retrofit(path, cfg, tmp_path / "r", corpus=corpus, log=alone.append)
+    assert sum(line.startswith("[original] passkey: it trained") for line in alone) == 1  # one copy: no seed named
+    assert not any("copy of seed" in line for line in alone)
     said = []
     both = run_retrofit(path, dataclasses.replace(cfg, passkey_seeds=(0, 1)), tmp_path / "r", corpus=corpus,
                         log=said.append)
@@ -1439,6 +1451,7 @@ def test_final_bucket_verdict_is_measured_not_assumed():
     with torch.no_grad():
         t5.table.zero_()
         t5.table[-1] = torch.tensor([-0.3, -20.0])  # head 0: capped far value; head 1: a strong penalty
+        t5.table[1] = 5.0  # distance 1, not the nearest key: the gap is read from distance 0
     gap, weight = final_bucket_weight(t5, 1024)
     n_far = 1024 - t5.flat_beyond
     assert weight[0] == pytest.approx(n_far * math.exp(-0.3)) and gap[0] == pytest.approx(0.3)
@@ -2099,6 +2112,10 @@ def test_retrofit_names_the_tokens_it_scored_where_the_split_cuts_its_default(tm
     retrofit_report.write(res, tmp_path / "r")
     assert json.loads((tmp_path / "r" / "results.json").read_text())["eval_tokens"] == held * 2 * L
     assert f"Only {held} windows scored (fewer than 64)" in (tmp_path / "r" / "results.md").read_text()
+    # a split of exactly ten windows and the one token each window's last prediction needs: ten windows
+    exact = dataclasses.replace(small, val=small.val[:10 * 2 * L + 1])
+    res = run_retrofit(path, RetrofitConfig(to=2 * L, methods=("t5-distance",)), tmp_path / "x", corpus=exact)
+    assert res.eval_tokens == 10 * 2 * L
 
 
 def test_default_lengths_divide_the_target_so_every_length_scores_the_same_text():
@@ -2319,3 +2336,84 @@ def test_retrofit_and_diagnose_are_silent_as_a_library_unless_asked(tmp_path, co
     assert capsys.readouterr() == ("", "")
     run_retrofit(path, dataclasses.replace(cfg, finetune_steps=2), tmp_path / "out2", corpus=corpus, progress=True)
     assert "fine-tune pi" in capsys.readouterr().err  # the bar, when asked for
+
+
+def test_a_retrofit_finetune_replaces_another_finetunes_progress_in_its_folder(tmp_path, corpus):
+    """The fine-tune's progress folder belongs to the retrofit (its name holds the job's key): progress
+    another fine-tune left there (here one of other starting weights, stopped after a step) is
+    replaced, said in the log, and the result is that of a run that never met it."""
+    from posbias.retrofit import source_key
+
+    path = tiny_checkpoint(tmp_path / "r", "rope")
+    cfg = RetrofitConfig(to=2 * L, methods=("pi",), finetune_steps=3, eval_tokens=EVAL)
+    folder = tmp_path / "out" / "models" / f"pi-ft3-{source_key(path, cfg, corpus)}" / "last"
+    torch.manual_seed(1)
+    other = TransformerLM(ModelConfig(scheme="rope", **TINY))
+    _tiny_finetune(other, corpus, steps=3, resume=folder, save_every_s=0, stop=lambda step: step >= 1, check_every=1)
+    assert ckpt.exists(folder)
+    said = []
+    got = run_retrofit(path, cfg, tmp_path / "out", corpus=corpus, log=said.append)
+    assert any(line.endswith("holds another fine-tune's progress; starting afresh (it is replaced)") for line in said)
+    clean = run_retrofit(path, cfg, tmp_path / "clean", corpus=corpus)
+    assert [r["ppl"] for r in got.rows] == [r["ppl"] for r in clean.rows]
+
+
+def test_diagnose_attention_statistics_are_of_the_windows_spread_over_the_split(tmp_path, corpus):
+    """The attention statistics of a diagnosis are those of ``--windows`` windows of the examined length
+    spread from the split's start to its end (``spread_starts`` with overlap), as computed directly."""
+    from posbias.evaluate import spread_starts
+
+    path = tiny_checkpoint(tmp_path / "t", "alibi")
+    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=3, eval_tokens=EVAL, passkey_steps=0), corpus=corpus)
+    starts = spread_starts(corpus.val.numel() - 1, 2 * L, 3, overlap=True)
+    assert starts[-1] + 2 * L == corpus.val.numel() - 1  # the last window's next token is the split's last
+    idx = torch.stack([corpus.val[s:s + 2 * L] for s in starts]).long()
+    want = attention_distance(ckpt.load_model(path), idx, beyond=L)
+    assert set(rep.attention_distance) == set(want) == {"mean", "q50", "q90", "beyond"}
+    for k, v in want.items():
+        torch.testing.assert_close(torch.tensor(rep.attention_distance[k]), v, rtol=1e-6, atol=1e-6)
+
+
+def test_a_retrofit_finetune_is_language_modelling_on_batches_of_the_next_seed(tmp_path, corpus):
+    """The fine-tune after a method: next-token loss on training batches of ``--to`` tokens drawn with
+    seed ``--seed`` + 1, at the checkpoint's positional multiplier. The saved model is the one a hand-run
+    fine-tune of the retrofitted model gives, and the log says the plan (no passkey without --compare)."""
+    from posbias.config import fixed_threads
+    from posbias.data import batch_at
+    from posbias.finetune import finetune
+    from posbias.retrofit import source_key
+
+    path = tiny_checkpoint(tmp_path / "r", "rope")
+    cfg = RetrofitConfig(to=2 * L, methods=("pi",), finetune_steps=2, finetune_batch=2, eval_tokens=EVAL, seed=3)
+    said = []
+    run_retrofit(path, cfg, tmp_path / "out", corpus=corpus, log=said.append)
+    assert "method 1/1: pi (no fine-tune, then a 2-step fine-tune at 96)" in said
+    saved = ckpt.load_model(tmp_path / "out" / "models" / f"pi-ft2-{source_key(path, cfg, corpus)}")
+    hand = retrofit_model(ckpt.load_model(path), "pi", train_len=L, to=2 * L)
+    with fixed_threads(cfg.threads):
+        finetune(hand, lambda step: batch_at(corpus.train, step, batch_size=2, seq_len=2 * L, seed=4),
+                 lambda m, b: m.loss(b[0].long(), b[1].long()), steps=2, lr=3e-4)
+    for (name, got), want in zip(saved.state_dict().items(), hand.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_bias_measurements_ask_for_the_query_positions_they_name():
+    """``effective_reach`` for a query at the window's end (length − 1) and at L − 1, both up to 16 ×
+    the window, and ``bias_drift`` between L − 1 and length − 1: read from a bias that moves with the
+    query position (``−d · i / 10``), so each answer names the position it was read at."""
+    from posbias.diagnose import DiagnoseResult, _measure_bias
+
+    asked = []
+
+    class Moving:
+        family, n_heads = "additive", 1
+
+        def bias_by_distance(self, d, *, query_pos):
+            asked.append((query_pos, d.numel()))
+            return -(d.double() * query_pos / 10)[None]
+
+    r = DiagnoseResult("ck", "moving", {}, 8, 32, Moving(), 1, [0.0], [0.0], [], {})
+    _measure_bias(r)
+    assert asked == [(31, 16 * 32 + 1), (7, 16 * 32 + 1), (7, 8), (31, 8)]
+    assert r.effective_reach == [2] and r.reach_at_L == [7]  # the first d with d · i / 10 ≥ ln 100
+    assert r.bias_drift == [pytest.approx(7 * 2.4)] and r.rotary is None and r.final_entry_share == {}
