@@ -1387,6 +1387,13 @@ def test_diagnose_refuses_a_window_the_split_or_the_memory_cannot_hold(tmp_path,
                    f"{TINY['n_heads']} heads × 8192² float32 at their peak), more than the 1 GiB this cpu has")
     assert not (tmp_path / "o").exists()
     assert diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus) == 4096  # 0.4 GiB fits
+    exact = diagnose_mod.attention_peak(TINY["n_heads"], 4096)  # a peak of exactly the memory there is fits
+    monkeypatch.setattr(diagnose_mod, "device_memory", lambda device: exact)
+    assert diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus) == 4096
+    monkeypatch.setattr(diagnose_mod, "device_memory", lambda device: exact - 1)
+    with pytest.raises(ConfigError, match="4096 needs about 0 GiB for the attention statistics"):
+        diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus)
+    monkeypatch.setattr(diagnose_mod, "device_memory", lambda device: 2**30)
     # more attention windows than the split holds distinct ones (2⁶⁴ listed starts for minutes before)
     distinct = n_val + 1 - 4096
     for windows in (distinct + 1, 2**64):
@@ -2401,7 +2408,7 @@ def test_the_bias_measurements_ask_for_the_query_positions_they_name():
     """``effective_reach`` for a query at the window's end (length − 1) and at L − 1, both up to 16 ×
     the window, and ``bias_drift`` between L − 1 and length − 1: read from a bias that moves with the
     query position (``−d · i / 10``), so each answer names the position it was read at."""
-    from posbias.diagnose import DiagnoseResult, _measure_bias
+    from posbias.diagnose import DiagnoseResult, _measure_bias, final_bucket_weight
 
     asked = []
 
@@ -2417,3 +2424,28 @@ def test_the_bias_measurements_ask_for_the_query_positions_they_name():
     assert asked == [(31, 16 * 32 + 1), (7, 16 * 32 + 1), (7, 8), (31, 8)]
     assert r.effective_reach == [2] and r.reach_at_L == [7]  # the first d with d · i / 10 ≥ ln 100
     assert r.bias_drift == [pytest.approx(7 * 2.4)] and r.rotary is None and r.final_entry_share == {}
+    # a learned bias flat past an offset (T5's final bucket): its share at L, 2 L, 4 L, 8 L, 16 L and the window
+    t5 = perturb_(build("t5", n_heads=2, head_dim=8, num_buckets=8, max_distance=16))
+    r = DiagnoseResult("ck", "t5", {}, 8, 200, t5, 1, [0.0], [0.0], [], {})
+    _measure_bias(r)
+    assert r.final_entry_share == {n: final_bucket_share(t5, n) for n in (8, 16, 32, 64, 128, 200)}
+    assert (r.final_entry_gap, r.far_weight) == final_bucket_weight(t5, 200)
+
+
+def test_diagnose_skips_the_passkey_test_only_below_one_sample_of_five_digits(tmp_path, corpus):
+    """A passkey sample of a 5-digit key is ``passkey.overhead(5)`` bytes: a checkpoint trained at
+    that length gets the test, one trained a byte shorter does not, and the report says why."""
+    shortest = passkey.overhead(5)
+    model = TransformerLM(ModelConfig(scheme="alibi", **TINY))
+    got = {}
+    for n in (shortest - 1, shortest):
+        path = ckpt.save_checkpoint(tmp_path / f"L{n}", model, extra={"train": {"seq_len": n}})
+        got[n] = run_diagnose(path, DiagnoseConfig(length=2 * n, windows=1, eval_tokens=MIN_SEGMENTS * 2 * n,
+                                                   passkey_steps=1, passkey_samples=1), corpus=corpus)
+    skipped = got[shortest - 1]
+    assert skipped.passkey is None and skipped.passkey_copies == []
+    assert skipped.passkey_skipped == f"the training length {shortest - 1} is shorter than a passkey sample ({shortest} bytes)"
+    assert f"Skipped: {skipped.passkey_skipped}." in diagnose_report.markdown(skipped)
+    ran = got[shortest]
+    assert ran.passkey_skipped == "" and set(ran.passkey) == {str(shortest), str(2 * shortest)}
+    assert len(ran.passkey_copies) == 1 and ran.passkey_max_steps == 1
