@@ -1387,6 +1387,7 @@ def test_diagnose_refuses_a_window_the_split_or_the_memory_cannot_hold(tmp_path,
                    f"{TINY['n_heads']} heads × 8192² float32 at their peak), more than the 1 GiB this cpu has")
     assert not (tmp_path / "o").exists()
     assert diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus) == 4096  # 0.4 GiB fits
+    assert diagnose_mod.examined_length(path, DiagnoseConfig(), corpus) == 8 * L  # by default, 8 × L
     exact = diagnose_mod.attention_peak(TINY["n_heads"], 4096)  # a peak of exactly the memory there is fits
     monkeypatch.setattr(diagnose_mod, "device_memory", lambda device: exact)
     assert diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus) == 4096
@@ -1468,6 +1469,8 @@ def test_final_bucket_verdict_is_measured_not_assumed():
     with torch.no_grad():
         t5.table[-1] = -20.0
     assert "acts as a penalty" in _final_entry_verdict(t5, *final_bucket_weight(t5, 1024))
+    # a window that ends before the final bucket has no far keys: they weigh nothing
+    assert final_bucket_weight(t5, t5.flat_beyond)[1] == [0.0, 0.0]
 
 
 def _final_entry_verdict(t5, gap, weight):
@@ -2449,3 +2452,17 @@ def test_diagnose_skips_the_passkey_test_only_below_one_sample_of_five_digits(tm
     ran = got[shortest]
     assert ran.passkey_skipped == "" and set(ran.passkey) == {str(shortest), str(2 * shortest)}
     assert len(ran.passkey_copies) == 1 and ran.passkey_max_steps == 1
+
+
+def test_context_split_counts_the_first_eighth_of_each_cut_chunk_after_the_first():
+    """Past L, the first L/8 positions of every L-chunk lose their local context to the cut (at L = 48:
+    6 positions in each of the 3 chunks after the first of a 4 L window), the others keep it."""
+    from posbias.evaluate import local_head
+
+    assert local_head(L) == 6
+    long_w, short_w = torch.zeros(2, 4 * L), torch.zeros(2, 4 * L)
+    robbed = torch.tensor([p >= L and p % L < 6 for p in range(4 * L)])
+    long_w[:, robbed] = -1.0  # the cut costs those positions 1 nat, and no other
+    (first, share1, d1, _, _), (rest, share2, d2, _, _) = context_split(long_w, short_w, L)
+    assert first.startswith("first 6 of each cut chunk") and rest.startswith("the rest past L")
+    assert (share1, d1, share2, d2) == (18 / (4 * L), -1.0, (3 * L - 18) / (4 * L), 0.0)
