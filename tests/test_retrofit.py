@@ -2251,6 +2251,10 @@ def test_diagnose_notes_when_the_attention_statistics_exceed_the_free_memory(tmp
     assert note == ("note: the attention statistics at 2048 tokens need about 0.2 GiB at their peak and this cpu has "
                     "0.0 GiB free now; the run may swap or be killed (free memory, or a shorter --length)")
     assert diagnose.memory_note(4, 64, "cpu") is None  # 0.2 MiB fits
+    monkeypatch.setattr(diagnose, "free_memory", lambda device: 3 * 2**29)  # 1.5 GiB free
+    assert "need about 3.5 GiB at their peak and this cpu has 1.5 GiB free now" in diagnose.memory_note(4, 8192, "cpu")
+    monkeypatch.setattr(diagnose, "free_memory", lambda device: diagnose.attention_peak(4, 8192))
+    assert diagnose.memory_note(4, 8192, "cpu") is None  # exactly what is free fits
     path = tiny_checkpoint(tmp_path / "t", "t5", max_distance=L)
     monkeypatch.setattr(diagnose, "free_memory", lambda device: 1)
     cfg, said = DiagnoseConfig(length=2 * L, windows=2, eval_tokens=EVAL, passkey_steps=0), []
@@ -2382,6 +2386,14 @@ def test_diagnose_attention_statistics_are_of_the_windows_spread_over_the_split(
     assert set(rep.attention_distance) == set(want) == {"mean", "q50", "q90", "beyond"}
     for k, v in want.items():
         torch.testing.assert_close(torch.tensor(rep.attention_distance[k]), v, rtol=1e-6, atol=1e-6)
+    # a split too short for 10 windows side by side: they overlap, still spread from its start to its end
+    short = dataclasses.replace(corpus, val=corpus.val[:EVAL + 32])
+    rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=10, eval_tokens=EVAL, passkey_steps=0), corpus=short)
+    starts = spread_starts(EVAL + 31, 2 * L, 10, overlap=True)
+    assert 10 * 2 * L > EVAL + 31 and starts[-1] == EVAL + 31 - 2 * L
+    idx = torch.stack([short.val[s:s + 2 * L] for s in starts]).long()
+    torch.testing.assert_close(torch.tensor(rep.attention_distance["mean"]),
+                               attention_distance(ckpt.load_model(path), idx, beyond=L)["mean"], rtol=1e-6, atol=1e-6)
 
 
 def test_a_retrofit_finetune_is_language_modelling_on_batches_of_the_next_seed(tmp_path, corpus):
@@ -2440,16 +2452,17 @@ def test_diagnose_skips_the_passkey_test_only_below_one_sample_of_five_digits(tm
     that length gets the test, one trained a byte shorter does not, and the report says why."""
     shortest = passkey.overhead(5)
     model = TransformerLM(ModelConfig(scheme="alibi", **TINY))
-    got = {}
+    got, said = {}, []
     for n in (shortest - 1, shortest):
         path = ckpt.save_checkpoint(tmp_path / f"L{n}", model, extra={"train": {"seq_len": n}})
         got[n] = run_diagnose(path, DiagnoseConfig(length=2 * n, windows=1, eval_tokens=MIN_SEGMENTS * 2 * n,
-                                                   passkey_steps=1, passkey_samples=1), corpus=corpus)
+                                                   passkey_steps=1, passkey_samples=1), corpus=corpus, log=said.append)
     skipped = got[shortest - 1]
     assert skipped.passkey is None and skipped.passkey_copies == []
     assert skipped.passkey_skipped == f"the training length {shortest - 1} is shorter than a passkey sample ({shortest} bytes)"
     assert f"Skipped: {skipped.passkey_skipped}." in diagnose_report.markdown(skipped)
     ran = got[shortest]
+    assert not any(line.startswith("passkey copy") for line in said)  # one copy: no "copy 1/1" line
     assert ran.passkey_skipped == "" and set(ran.passkey) == {str(shortest), str(2 * shortest)}
     assert len(ran.passkey_copies) == 1 and ran.passkey_max_steps == 1
 
