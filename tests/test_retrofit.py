@@ -226,7 +226,8 @@ def test_t5_distance_remaps_buckets_as_the_bucket_function_says(tmp_path):
     # the report's table of moves: distances 1, 8, 16, 32, L/2, L, 2L, to/2 and to, each once, in order
     moves = METHODS["t5-distance"].explain(base, new, L, 4 * L)
     assert L == 48 and moves == bucket_remap(32, L, 4 * L, [1, 8, 16, 24, 32, 48, 96, 192])
-    odd = METHODS["t5-distance"].explain(base, retrofit_model(base, "t5-distance", train_len=L, to=3 * L + 1), L, 3 * L + 1)
+    odd_to = retrofit_model(base, "t5-distance", train_len=L, to=3 * L + 1)
+    odd = METHODS["t5-distance"].explain(base, odd_to, L, 3 * L + 1)
     assert [d for d, _, _ in odd] == [1, 8, 16, 24, 32, 48, 72, 96, 145]  # (3 L + 1) // 2 = 72: whole distances
     # a checkpoint that records no max_distance has T5's default, and the retrofit scales that one
     default = TransformerLM(ModelConfig(scheme="t5", **TINY))
@@ -330,8 +331,9 @@ def test_run_retrofit_compare_tiny(tmp_path, corpus):
     # each method's row names the scheme options it ran with; the model as it was has none to name
     assert "options" not in res.rows[0] and res.rows[0]["scheme"] == "rope"
     assert [r["extra_params"] for r in res.rows] == [0] * 7  # RoPE, PI, YaRN and ALiBi: no learned position
+    base = ckpt.load_model(path)
     for r in res.rows[1:]:
-        want = retrofit_model(ckpt.load_model(path), r["method"], train_len=L, to=2 * L).cfg.scheme_options
+        want = retrofit_model(base, r["method"], train_len=L, to=2 * L).cfg.scheme_options
         assert r["options"] == want and r["scheme"] == ("alibi" if r["method"] == "swap-alibi" else "rope")
     # at 2L, each copy once more with the far filler hidden (far_filler_scores: rotary and ALiBi rows alike)
     for r in res.rows:
@@ -646,7 +648,8 @@ def test_retrofit_passkey_seeds_give_each_row_the_mean_of_its_copies(tmp_path, c
     assert sum(line.startswith("[pi/no fine-tune] reusing") or "reusing fine-tuned model" in line for line in said) == 1
     assert sum("passkey (copy of seed 1)" in line for line in said) == 2  # the original row and pi's tuned row
     # the copy of --seed under the name it always had (reused, not trained again), seed 1's named by its seed
-    copies = sorted(k for k in json.loads((tmp_path / "r" / both.cache).read_text()) if re.fullmatch(r"passkey:[^:]+:.*\d", k))
+    cached = json.loads((tmp_path / "r" / both.cache).read_text())
+    copies = sorted(k for k in cached if re.fullmatch(r"passkey:[^:]+:.*\d", k))
     assert copies == [f"passkey:{row}:2:0:2{own}" for row in ("original", "pi/fine-tuned 1") for own in ("", ":seed1")]
     for r0, r in zip(first.rows, both.rows):
         if r["passkey"] is None:
@@ -1388,13 +1391,6 @@ def test_diagnose_refuses_a_window_the_split_or_the_memory_cannot_hold(tmp_path,
     assert not (tmp_path / "o").exists()
     assert diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus) == 4096  # 0.4 GiB fits
     assert diagnose_mod.examined_length(path, DiagnoseConfig(), corpus) == 8 * L  # by default, 8 × L
-    exact = diagnose_mod.attention_peak(TINY["n_heads"], 4096)  # a peak of exactly the memory there is fits
-    monkeypatch.setattr(diagnose_mod, "device_memory", lambda device: exact)
-    assert diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus) == 4096
-    monkeypatch.setattr(diagnose_mod, "device_memory", lambda device: exact - 1)
-    with pytest.raises(ConfigError, match="4096 needs about 0 GiB for the attention statistics"):
-        diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus)
-    monkeypatch.setattr(diagnose_mod, "device_memory", lambda device: 2**30)
     # more attention windows than the split holds distinct ones (2⁶⁴ listed starts for minutes before)
     distinct = n_val + 1 - 4096
     for windows in (distinct + 1, 2**64):
@@ -1403,6 +1399,12 @@ def test_diagnose_refuses_a_window_the_split_or_the_memory_cannot_hold(tmp_path,
                        f"--windows {windows} exceeds the {distinct:,} distinct windows of 4096 tokens that the "
                        "validation split holds")
     assert diagnose_mod.examined_length(path, DiagnoseConfig(length=4096, windows=distinct), corpus) == 4096
+    exact = diagnose_mod.attention_peak(TINY["n_heads"], 4096)  # a peak of exactly the memory there is fits
+    monkeypatch.setattr(diagnose_mod, "device_memory", lambda device: exact)
+    assert diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus) == 4096
+    monkeypatch.setattr(diagnose_mod, "device_memory", lambda device: exact - 1)
+    with pytest.raises(ConfigError, match="4096 needs about 0 GiB for the attention statistics"):
+        diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus)
     monkeypatch.undo()
     assert diagnose_mod.device_memory("cpu") > 2**30  # this machine's RAM, read from the OS
 
@@ -1538,11 +1540,11 @@ def test_checkpoint_jobs_run_at_a_fixed_thread_count(tmp_path, corpus, monkeypat
         DiagnoseConfig(threads=1025)
 
 
-def _tiny_finetune(model, corpus, *, steps=8, lr=3e-3, **kw):
+def _tiny_finetune(model, corpus, *, steps=8, lr=3e-3, seed=1, **kw):
     from posbias.data import batch_at
     from posbias.finetune import finetune
 
-    return finetune(model, lambda step: batch_at(corpus.train, step, batch_size=2, seq_len=2 * L, seed=1),
+    return finetune(model, lambda step: batch_at(corpus.train, step, batch_size=2, seq_len=2 * L, seed=seed),
                     lambda m, b: m.loss(b[0].long(), b[1].long()), steps=steps, lr=lr, **kw)
 
 
@@ -2271,7 +2273,7 @@ def test_relative_cost_times_each_pair_back_to_back_in_alternating_order(monkeyp
     warm-up) costs 100 and must not be timed. The model costs 4, the base 2: model first reads
     4 / 1 = 4, base first reads 3 / 2 = 1.5. So the median of six alternating pairs is 2.75,
     and the spread runs from 1.5 to 4."""
-    import types
+    from types import SimpleNamespace
 
     from posbias import retrofit as retrofit_mod
 
@@ -2282,7 +2284,7 @@ def test_relative_cost_times_each_pair_back_to_back_in_alternating_order(monkeyp
     class Timed:
         def __init__(self, name, cost):
             self.name, self.cost, self.calls = name, cost, 0
-            self.cfg = types.SimpleNamespace(vocab_size=7)
+            self.cfg = SimpleNamespace(vocab_size=7)
 
         def __call__(self, x):
             assert not torch.is_grad_enabled()
@@ -2378,11 +2380,15 @@ def test_diagnose_attention_statistics_are_of_the_windows_spread_over_the_split(
     from posbias.evaluate import spread_starts
 
     path = tiny_checkpoint(tmp_path / "t", "alibi")
+    model = ckpt.load_model(path)
+
+    def at(val, starts):  # the statistics of the windows of 2 L at these starts, computed directly
+        return attention_distance(model, torch.stack([val[s:s + 2 * L] for s in starts]).long(), beyond=L)
+
     rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=3, eval_tokens=EVAL, passkey_steps=0), corpus=corpus)
     starts = spread_starts(corpus.val.numel() - 1, 2 * L, 3, overlap=True)
     assert starts[-1] + 2 * L == corpus.val.numel() - 1  # the last window's next token is the split's last
-    idx = torch.stack([corpus.val[s:s + 2 * L] for s in starts]).long()
-    want = attention_distance(ckpt.load_model(path), idx, beyond=L)
+    want = at(corpus.val, starts)
     assert set(rep.attention_distance) == set(want) == {"mean", "q50", "q90", "beyond"}
     for k, v in want.items():
         torch.testing.assert_close(torch.tensor(rep.attention_distance[k]), v, rtol=1e-6, atol=1e-6)
@@ -2391,9 +2397,8 @@ def test_diagnose_attention_statistics_are_of_the_windows_spread_over_the_split(
     rep = run_diagnose(path, DiagnoseConfig(length=2 * L, windows=10, eval_tokens=EVAL, passkey_steps=0), corpus=short)
     starts = spread_starts(EVAL + 31, 2 * L, 10, overlap=True)
     assert 10 * 2 * L > EVAL + 31 and starts[-1] == EVAL + 31 - 2 * L
-    idx = torch.stack([short.val[s:s + 2 * L] for s in starts]).long()
-    torch.testing.assert_close(torch.tensor(rep.attention_distance["mean"]),
-                               attention_distance(ckpt.load_model(path), idx, beyond=L)["mean"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(rep.attention_distance["mean"]), at(short.val, starts)["mean"],
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_a_retrofit_finetune_is_language_modelling_on_batches_of_the_next_seed(tmp_path, corpus):
@@ -2401,8 +2406,6 @@ def test_a_retrofit_finetune_is_language_modelling_on_batches_of_the_next_seed(t
     seed ``--seed`` + 1, at the checkpoint's positional multiplier. The saved model is the one a hand-run
     fine-tune of the retrofitted model gives, and the log says the plan (no passkey without --compare)."""
     from posbias.config import fixed_threads
-    from posbias.data import batch_at
-    from posbias.finetune import finetune
     from posbias.retrofit import source_key
 
     path = tiny_checkpoint(tmp_path / "r", "rope")
@@ -2412,9 +2415,8 @@ def test_a_retrofit_finetune_is_language_modelling_on_batches_of_the_next_seed(t
     assert "method 1/1: pi (no fine-tune, then a 2-step fine-tune at 96)" in said
     saved = ckpt.load_model(tmp_path / "out" / "models" / f"pi-ft2-{source_key(path, cfg, corpus)}")
     hand = retrofit_model(ckpt.load_model(path), "pi", train_len=L, to=2 * L)
-    with fixed_threads(cfg.threads):
-        finetune(hand, lambda step: batch_at(corpus.train, step, batch_size=2, seq_len=2 * L, seed=4),
-                 lambda m, b: m.loss(b[0].long(), b[1].long()), steps=2, lr=3e-4)
+    with fixed_threads(cfg.threads):  # next-token loss on 2 sequences of 2 L a step, as the helper trains
+        _tiny_finetune(hand, corpus, steps=2, lr=3e-4, seed=cfg.seed + 1)
     for (name, got), want in zip(saved.state_dict().items(), hand.state_dict().values()):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
 
