@@ -54,7 +54,7 @@ from .evaluate import bootstrap_means, check_fits, eval_budget, interval, local_
 from .model import ModelConfig, TransformerLM
 from .schemes.base import Scheme, ToeplitzScheme, flat_share
 from .schemes.rope import RoPE, rope_frequencies
-from .store import device_memory, free_memory
+from .store import device_memory, free_memory, memory_text
 
 REACH_DROP = math.log(100.0)
 ANSWER_SEED = 5678  # answer_attention's passkey samples (the grid draws from 1234, the fine-tune's probe from 4321)
@@ -449,7 +449,9 @@ def rotary_angles(scheme: Scheme, *, train_len: int, length: int) -> dict[str, l
     the circle than any distance of training put them. None for a scheme that does not rotate."""
     if not isinstance(scheme, RoPE):
         return None
-    base = rope_frequencies(scheme.head_dim, scheme.base).double()
+    # the float32 frequencies a model turns by (its inv_freq), so that an unscaled window's angles are
+    # training's to the last bit: against float64 ones a window of L + 1 put a pair past θ·L by rounding
+    base = rope_frequencies(scheme.head_dim, scheme.base).float().double()
     used = scheme.effective_frequencies(length)
     trained, end = base * (train_len - 1), used * (length - 1)
     unseen = (base * train_len < 2 * math.pi) & (end > base * train_len)
@@ -653,9 +655,9 @@ def examined_length(path: str | Path, cfg: "DiagnoseConfig", corpus: Corpus, nam
     heads = int(meta["model"].get("n_heads", ModelConfig.n_heads))
     need, have = attention_peak(heads, n), device_memory(cfg.device)
     if have is not None and need > have:
-        raise ConfigError("length", f"{n} needs about {need / 2**30:.0f} GiB for the attention statistics of {name} "
+        raise ConfigError("length", f"{n} needs about {memory_text(need)} for the attention statistics of {name} "
                                     f"({ATTENTION_PEAK:g} × {heads} heads × {n}² float32 at their peak), more than "
-                                    f"the {have / 2**30:.0f} GiB this {cfg.device} has; a shorter --length")
+                                    f"the {memory_text(have)} this {cfg.device} has; a shorter --length")
     return n
 
 
@@ -672,8 +674,8 @@ def memory_note(heads: int, n: int, device: str) -> str | None:
     need, free = attention_peak(heads, n), free_memory(device)
     if free is None or need <= free:
         return None
-    return (f"note: the attention statistics at {n} tokens need about {need / 2**30:.1f} GiB at their peak and this "
-            f"{device} has {free / 2**30:.1f} GiB free now; the run may swap or be killed (free memory, or a "
+    return (f"note: the attention statistics at {n} tokens need about {memory_text(need)} at their peak and this "
+            f"{device} has {memory_text(free)} free now; the run may swap or be killed (free memory, or a "
             f"shorter --length)")
 
 

@@ -293,6 +293,12 @@ def free_memory(device: str) -> int | None:
     return None
 
 
+def memory_text(n: float) -> str:
+    """Bytes as a message gives them: ``512.0 MiB`` below 1 GiB (a GiB figure rounded 0.4 to 0 and a
+    refusal read "needs about 0 GiB … more than the 0 GiB"), ``3.5 GiB`` above, three figures past 2^50."""
+    return f"{n / 2**30:.3g} GiB" if n >= 2**50 else f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
 def device_memory(device: str) -> int | None:
     """Bytes of memory ``device`` has in all: the machine's RAM for ``cpu``, the GPU's for ``cuda[:N]``;
     None where it cannot be read."""

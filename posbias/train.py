@@ -185,10 +185,7 @@ def check_training_fits(model_cfg: ModelConfig, batch: int, length: int, device:
     state, acts = training_floor(model_cfg, batch, length)
     if have is None or state + acts <= have:
         return
-
-    def size(n: int) -> str:
-        return f"{n / 2**30:.3g} GiB" if n >= 2**50 else f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
-
+    size = store.memory_text
     raise ValueError(f"training one model needs at least {size(state + acts)} ({size(acts)} of activations for "
                      f"{batch} sequences of {length} tokens through {model_cfg.n_layers} "
                      f"layer{'s' if model_cfg.n_layers > 1 else ''} of width {model_cfg.d_model}, and {size(state)} of weights, gradients and Adam's moments), more "

@@ -1126,6 +1126,14 @@ def test_rotary_angles_mark_the_pairs_that_meet_angles_training_never_gave():
     assert ntk["end_angle"][-1] == pytest.approx(float(theta[-1]) * (n - 1) / 8) and not ntk["unseen"][-1]
     assert any(ntk["unseen"]) and ntk["wavelength"] == plain["wavelength"]  # trained with the base frequencies
     assert rotary_angles(build("alibi", n_heads=2, head_dim=d), train_len=L, length=n) is None
+    # "past θ·L" is strict: a window of L + 1 ends at distance L, angle θ·L, which is not past it (the
+    # convention of the wavelength test, λ > L, as YaRN's r = L/λ); one token more is
+    edge = [rotary_angles(build("rope", n_heads=2, head_dim=d), train_len=L, length=L + k)["unseen"] for k in (1, 2)]
+    assert not any(edge[0]) and edge[1] == plain["unseen"]
+    # a training length with a wavelength just under it (198.7 of 250, pair 3): a turn is 2π, not 3π
+    wide = rotary_angles(build("rope", n_heads=2, head_dim=d), train_len=250, length=2000)
+    assert wide["wavelength"] == pytest.approx((2 * math.pi / theta).tolist())
+    assert wide["unseen"] == [w > 250 for w in wide["wavelength"]] and 180 < wide["wavelength"][3] < 250
 
 
 def test_a_retrofits_scored_tokens_are_those_of_its_longest_length():
@@ -1386,8 +1394,8 @@ def test_diagnose_refuses_a_window_the_split_or_the_memory_cannot_hold(tmp_path,
     monkeypatch.setattr(diagnose_mod, "device_memory", lambda device: 2**30)
     need = 3.5 * TINY["n_heads"] * 8192**2 * 4 / 2**30
     one_line_error(capsys, main(["diagnose", str(path), "--length", "8192", "--out", str(tmp_path / "o")]),
-                   f"--length 8192 needs about {need:.0f} GiB for the attention statistics of t (3.5 × "
-                   f"{TINY['n_heads']} heads × 8192² float32 at their peak), more than the 1 GiB this cpu has")
+                   f"--length 8192 needs about {need:.1f} GiB for the attention statistics of t (3.5 × "
+                   f"{TINY['n_heads']} heads × 8192² float32 at their peak), more than the 1.0 GiB this cpu has")
     assert not (tmp_path / "o").exists()
     assert diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus) == 4096  # 0.4 GiB fits
     assert diagnose_mod.examined_length(path, DiagnoseConfig(), corpus) == 8 * L  # by default, 8 × L
@@ -1403,7 +1411,10 @@ def test_diagnose_refuses_a_window_the_split_or_the_memory_cannot_hold(tmp_path,
     monkeypatch.setattr(diagnose_mod, "device_memory", lambda device: exact)
     assert diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus) == 4096
     monkeypatch.setattr(diagnose_mod, "device_memory", lambda device: exact - 1)
-    with pytest.raises(ConfigError, match="4096 needs about 0 GiB for the attention statistics"):
+    # under 1 GiB in MiB, not "needs about 0 GiB … more than the 0 GiB"
+    need = exact / 2**20
+    with pytest.raises(ConfigError, match=rf"4096 needs about {need:.1f} MiB for the attention statistics .* more than "
+                                          rf"the {need:.1f} MiB this cpu has"):
         diagnose_mod.examined_length(path, DiagnoseConfig(length=4096), corpus)
     monkeypatch.undo()
     assert diagnose_mod.device_memory("cpu") > 2**30  # this machine's RAM, read from the OS
@@ -2250,8 +2261,8 @@ def test_diagnose_notes_when_the_attention_statistics_exceed_the_free_memory(tmp
     assert diagnose.attention_peak(4, 1000) == 3.5 * 4 * 1000 ** 2 * 4
     monkeypatch.setattr(diagnose, "free_memory", lambda device: 10 * 2**20)
     note = diagnose.memory_note(4, 2048, "cpu")
-    assert note == ("note: the attention statistics at 2048 tokens need about 0.2 GiB at their peak and this cpu has "
-                    "0.0 GiB free now; the run may swap or be killed (free memory, or a shorter --length)")
+    assert note == ("note: the attention statistics at 2048 tokens need about 224.0 MiB at their peak and this cpu "
+                    "has 10.0 MiB free now; the run may swap or be killed (free memory, or a shorter --length)")
     assert diagnose.memory_note(4, 64, "cpu") is None  # 0.2 MiB fits
     monkeypatch.setattr(diagnose, "free_memory", lambda device: 3 * 2**29)  # 1.5 GiB free
     assert "need about 3.5 GiB at their peak and this cpu has 1.5 GiB free now" in diagnose.memory_note(4, 8192, "cpu")

@@ -128,6 +128,13 @@ def test_free_memory_is_the_memory_available_in_bytes(monkeypatch, tmp_path):
     assert store.free_memory("cpu") is None
 
 
+def test_memory_in_messages_is_mib_below_a_gib_and_three_figures_past_a_pib():
+    """Sizes in the memory refusals and notes: MiB below 1 GiB (where a GiB figure read 0), GiB with one
+    decimal and thousands separators from 1 GiB, three significant figures from 2^50 bytes."""
+    assert [store.memory_text(n) for n in (10 * 2**20, 2**30 - 2**19, 2**30, 3.5 * 2**30, 1536 * 2**30, 2**50, 2**64)] \
+        == ["10.0 MiB", "1,023.5 MiB", "1.0 GiB", "3.5 GiB", "1,536.0 GiB", "1.05e+06 GiB", "1.72e+10 GiB"]
+
+
 def test_a_busy_folder_names_its_holder(tmp_path):
     """A second run into a folder another holds is refused at once, naming the holder the lock file
     records ("another process" where it records none), and takes nothing from it."""
