@@ -377,6 +377,11 @@ def test_diagnose_report_tiny(tmp_path, corpus):
     assert rep.loss_windows == MIN_SEGMENTS
     for name, full, cut, lo, hi in saved["loss_by_range"][1:]:
         assert lo <= full - cut <= hi
+    # each range named by its first and last position, its losses the means over exactly those positions
+    assert [row[0] for row in saved["loss_by_range"]] == [f"0–{L - 1}", f"{L}–{2 * L - 1}"]
+    for (_, full, cut, _, _), (a, b) in zip(saved["loss_by_range"], [(0, L), (L, 2 * L)]):
+        assert (full, cut) == pytest.approx((statistics.fmean(rep.loss_by_position[a:b]),
+                                             statistics.fmean(rep.loss_by_position_cut_at_L[a:b])), rel=1e-6)
     lo, hi = rep.loss_delta_interval
     delta = statistics.fmean(rep.loss_by_position) - statistics.fmean(rep.loss_by_position_cut_at_L)
     assert lo <= delta <= hi and "interval of Δ" in md and "95% bootstrap over the 8 windows" in md
@@ -1193,6 +1198,10 @@ def test_retrofit_and_diagnose_defaults():
     for cfg, name in ((RetrofitConfig(to=4 * L, methods=("pi",)), "to"), (DiagnoseConfig(), "windows")):
         with pytest.raises(dataclasses.FrozenInstanceError):  # checked once, when made: never changed after
             setattr(cfg, name, 1)
+    # a window of 2 is the shortest there is (one query past a training length of 1); 1 is refused when made
+    assert DiagnoseConfig(length=2).length == 2
+    with pytest.raises(ValueError, match="length must be an integer >= 2, got 1"):
+        DiagnoseConfig(length=1)
 
 
 def test_attention_windows_start_at_exact_integer_positions():
