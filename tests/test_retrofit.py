@@ -2359,6 +2359,23 @@ def test_effective_reach_counts_a_drop_of_exactly_ln_100():
             return -torch.tensor([[0.0, 1.0, 2.0, 3.0, REACH_DROP, 5.0], [0.0] * 6], dtype=torch.float64)
 
     assert effective_reach(Curve(), query_pos=9, max_distance=5) == [4, None]
+    # a scheme without a bias (rotary) has no reach in any head
+    assert effective_reach(build("rope", n_heads=3, head_dim=8), query_pos=9, max_distance=5) == [None] * 3
+
+
+def test_far_filler_scores_keep_the_five_digit_key_statement_visible(monkeypatch):
+    """What stays visible past the window is the passkey statement of the samples scored: five digits
+    unless the caller asks for others (a longer span kept a filler byte, a shorter one a digit hidden)."""
+    from posbias import diagnose as diagnose_mod
+
+    model = TransformerLM(ModelConfig(scheme="alibi", **TINY)).eval()
+    kept = []
+    monkeypatch.setattr(diagnose_mod.passkey, "scores", lambda m, n, d, **kw: kept.append((m.scheme.keep, kw)))
+    diagnose_mod.far_filler_scores(model, 4 * L, 0.5, L, samples=2)
+    diagnose_mod.far_filler_scores(model, 4 * L, 0.5, L, samples=2, digits=3)
+    assert kept == [(passkey.statement_span(4 * L, 0.5, 5), {"samples": 2}),
+                    (passkey.statement_span(4 * L, 0.5, 3), {"samples": 2, "digits": 3})]
+    assert len(kept[0][0]) == len(kept[1][0]) + 2
 
 
 def test_retrofit_and_diagnose_are_silent_as_a_library_unless_asked(tmp_path, corpus, capsys):
