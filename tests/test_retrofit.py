@@ -2359,6 +2359,7 @@ def test_effective_reach_counts_a_drop_of_exactly_ln_100():
             return -torch.tensor([[0.0, 1.0, 2.0, 3.0, REACH_DROP, 5.0], [0.0] * 6], dtype=torch.float64)
 
     assert effective_reach(Curve(), query_pos=9, max_distance=5) == [4, None]
+    assert REACH_DROP == math.log(100)  # the drop the report names: a key weighed 100 times less on the bias alone
     # a scheme without a bias (rotary) has no reach in any head
     assert effective_reach(build("rope", n_heads=3, head_dim=8), query_pos=9, max_distance=5) == [None] * 3
 
