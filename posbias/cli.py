@@ -921,7 +921,7 @@ def _memory_problem(exc: BaseException) -> str | None:
     found = _NO_MEMORY.search(str(exc)) if isinstance(exc, RuntimeError) else None
     if not isinstance(exc, MemoryError) and found is None:
         return None
-    asked = f" (an allocation of {int(found.group(1)) / 2**30:.1f} GiB)" if found and found.group(1) else ""
+    asked = f" (an allocation of {store.memory_text(int(found.group(1)))})" if found and found.group(1) else ""
     return (f"out of memory{asked}; what was finished is kept: a shorter length, a smaller batch or "
             f"fewer evaluation tokens, then re-run to resume")
 

@@ -805,6 +805,8 @@ def test_out_of_memory_reads_the_allocation_torch_asked_for():
     cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
                        "to allocate 3221225472 bytes. Error code 12 (Cannot allocate memory)")
     assert _memory_problem(cpu).startswith("out of memory (an allocation of 3.0 GiB); what was finished is kept")
+    small = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 41943040 bytes.")
+    assert _memory_problem(small).startswith("out of memory (an allocation of 40.0 MiB);")  # not "0.0 GiB"
     assert _memory_problem(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")).startswith(
         "out of memory; what was finished")
     assert _memory_problem(MemoryError()).startswith("out of memory; what was finished")

@@ -560,7 +560,7 @@ def test_out_of_memory_is_one_line_and_other_runtime_errors_stay_whole(capsys, m
         torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: refused at once, nothing allocated
     except RuntimeError as exc:
         cpu = exc
-    cases = [(cpu, "out of memory (an allocation of 1048576.0 GiB); what was finished is kept"),
+    cases = [(cpu, "out of memory (an allocation of 1.05e+06 GiB); what was finished is kept"),
              (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of memory; what"),
              (MemoryError(), "out of memory; what")]
     for exc, said in cases:

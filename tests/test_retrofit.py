@@ -1120,7 +1120,8 @@ def test_rotary_angles_mark_the_pairs_that_meet_angles_training_never_gave():
     from posbias.diagnose import rotary_angles
 
     n, d = 8 * L, 16
-    plain = rotary_angles(build("rope", n_heads=2, head_dim=d), train_len=L, length=n)
+    rope = build("rope", n_heads=2, head_dim=d)
+    plain = rotary_angles(rope, train_len=L, length=n)
     assert plain["unseen"] == [w > L for w in plain["wavelength"]] and 0 < sum(plain["unseen"]) < d // 2
     theta = rope_frequencies(d)
     assert plain["train_angle"] == pytest.approx((theta * (L - 1)).tolist())
@@ -1133,10 +1134,10 @@ def test_rotary_angles_mark_the_pairs_that_meet_angles_training_never_gave():
     assert rotary_angles(build("alibi", n_heads=2, head_dim=d), train_len=L, length=n) is None
     # "past θ·L" is strict: a window of L + 1 ends at distance L, angle θ·L, which is not past it (the
     # convention of the wavelength test, λ > L, as YaRN's r = L/λ); one token more is
-    edge = [rotary_angles(build("rope", n_heads=2, head_dim=d), train_len=L, length=L + k)["unseen"] for k in (1, 2)]
+    edge = [rotary_angles(rope, train_len=L, length=L + k)["unseen"] for k in (1, 2)]
     assert not any(edge[0]) and edge[1] == plain["unseen"]
     # a training length with a wavelength just under it (198.7 of 250, pair 3): a turn is 2π, not 3π
-    wide = rotary_angles(build("rope", n_heads=2, head_dim=d), train_len=250, length=2000)
+    wide = rotary_angles(rope, train_len=250, length=2000)
     assert wide["wavelength"] == pytest.approx((2 * math.pi / theta).tolist())
     assert wide["unseen"] == [w > 250 for w in wide["wavelength"]] and 180 < wide["wavelength"][3] < 250
 
