@@ -38,6 +38,22 @@ def test_every_band_group_and_far_part_matches_the_reference(small_chunks, causa
 
 
 @pytest.mark.parametrize("causal", [True, False])
+def test_far_parts_of_a_single_query_and_a_single_key(causal):
+    """One key past the window: the last query's far-left part and, bidirectionally, the first query's
+    far-right part hold one query against one key each (``_far_parts``' edges: a part is kept where it
+    has a query, however few)."""
+    for name, options in (("t5", {"num_buckets": 8, "max_distance": 10, "bidirectional": not causal}),
+                          ("offset", {"max_distance": 9, "bidirectional": not causal})):
+        scheme = randomized(name, **options)
+        w = scheme.flat_beyond
+        parts = banded._far_parts(w + 1, w + 1, 0, w, causal)
+        assert [(p.rows, p.keys) for p in parts] == [(slice(w, w + 1), slice(0, 1))] + (
+            [] if causal else [(slice(0, 1), slice(w, w + 1))])
+        compare(scheme, "banded", causal=causal, lk=w + 1)
+        assert banded._far_parts(w, w, 0, w, causal) == []  # no key past the window: no far part
+
+
+@pytest.mark.parametrize("causal", [True, False])
 def test_the_dense_band_of_cuda_matches_the_reference_too(small_chunks, monkeypatch, causal):
     """On the CPU the band runs on the fused flash op with its bias as the mask; the dense float32
     form that CUDA runs (its flash kernel takes no mask) is checked here on the CPU as well."""
