@@ -82,6 +82,17 @@ def test_queries_anywhere_bidirectionally(name, options, lq, q0):
 
 
 @interpreted
+@pytest.mark.parametrize("name, options", [("t5", {"num_buckets": 8, "max_distance": 10, "bidirectional": True}),
+                                           ("alibi", {"symmetric": True})])
+def test_lengths_one_short_of_a_whole_tile(name, options):
+    """31 queries against 47 keys (tiles of 16): the last tile of each reaches exactly one row and one
+    key past the end, the one case where ``r1 ≥ LQ`` and ``c1 ≥ LK`` are equalities. Bidirectionally no
+    causal mask hides that key: unmasked, its zero key would weigh ``exp(bias)`` in every row's softmax."""
+    check(randomized(name, **options), causal=False, lq=31, lk=47)
+    check(randomized(name, **options), causal=False, lq=47, lk=31, q0=0)
+
+
+@interpreted
 def test_fire_below_its_threshold_runs_as_its_toeplitz_view():
     """Every query below FIRE's threshold L: the call is Toeplitz, and FIRE's MLP, c and L receive
     their gradients through the table."""
@@ -455,6 +466,31 @@ def test_spills_inside_the_loops_are_found_where_there_are_some(compiled_ahead):
     assert used["forward"]["spilled"] > 0 and used["forward"]["registers"] == 255, used
 
 
+def test_loop_spills_count_the_local_loads_and_stores_between_a_backward_branch_and_its_target(monkeypatch):
+    """``_registers`` read from a made-up ``cuobjdump`` listing: a loop runs from a backward branch's target
+    to the branch, both included; the local loads and stores (``LDL``/``STL``) in there count, the ones
+    before or after it, and those of a forward branch's span, do not."""
+    import subprocess
+    from pathlib import Path
+
+    from posbias.kernels import table_programs
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton has no bundled cuobjdump")
+    sass = "\n".join(f"        /*{at:04x}*/                   {ins} ;" for at, ins in [
+        (0x00, "STL [R1], R2"),  # before the loop
+        (0x10, "LDL R3, [R1]"),  # the loop's first instruction: the branch's target
+        (0x20, "FFMA R4, R5, R6, R4"),
+        (0x30, "STL [R1+0x4], R4"),
+        (0x40, "@P0 BRA 0x10"),  # the backward branch: 0x10 … 0x40 is the loop
+        (0x50, "BRA 0x70"),  # forward: no loop
+        (0x60, "LDL R7, [R1+0x4]"),  # after the loop
+        (0x70, "EXIT")])
+    outputs = {"-res-usage": "Function _forward:\n REG:168 STACK:16 SHARED:0", "-sass": sass}
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, outputs[cmd[1]], ""))
+    assert table_programs._registers(b"") == {"registers": 168, "spilled": 16, "loop_spills": 2}
+
+
 def test_the_backend_runs_on_cuda_only_and_says_so():
     """On CPU tensors ``usable`` names the device; a forced ``triton`` refuses in one line, or gives
     way to the automatic choice with ``strict=False``."""
@@ -472,6 +508,22 @@ def test_the_interpreter_is_refused_where_it_is_off_and_the_gpu_where_it_is_on()
 
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1" if not INTERPRETED else "none runs on the GPU"):
         programs(not INTERPRETED)
+
+
+def test_the_interpreter_is_read_from_tritons_knobs_where_it_has_them(monkeypatch):
+    """Triton 3.4 on reads ``TRITON_INTERPRET`` once, into ``triton.knobs``, and a program runs as the knob
+    says, whatever the variable says later: ``interpreting`` follows the knob (the variable only on
+    older releases, which have none)."""
+    from posbias.kernels.table_programs import interpreting
+
+    if getattr(triton, "knobs", None) is None:
+        monkeypatch.setenv("TRITON_INTERPRET", "0" if INTERPRETED else "1")
+        assert interpreting() is not INTERPRETED
+        return
+    for knob in (True, False):
+        monkeypatch.setattr(triton.knobs.runtime, "interpret", knob)
+        monkeypatch.setenv("TRITON_INTERPRET", "0" if knob else "1")
+        assert interpreting() is knob
 
 
 @pytest.mark.cuda
