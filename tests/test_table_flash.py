@@ -93,6 +93,16 @@ def test_lengths_one_short_of_a_whole_tile(name, options):
 
 
 @interpreted
+@pytest.mark.parametrize("causal", [True, False])
+def test_far_tiles_end_exactly_where_the_table_does(causal):
+    """A per-offset table clipped at 18 (tiles of 16): for every query tile from row 32 on, the key tile
+    just past the far run (starting at ``until + 1``) holds a pair at offset 17, and bidirectionally the
+    one just before the run from ``since`` holds one at −17; a far run one tile too long would give each
+    the end entry, g(±18). The forward's and both backward programs' tile splits are checked."""
+    check(randomized("offset", max_distance=18, bidirectional=not causal), causal=causal, lq=80, lk=80)
+
+
+@interpreted
 def test_fire_below_its_threshold_runs_as_its_toeplitz_view():
     """Every query below FIRE's threshold L: the call is Toeplitz, and FIRE's MLP, c and L receive
     their gradients through the table."""
