@@ -521,9 +521,10 @@ def test_the_interpreter_is_refused_where_it_is_off_and_the_gpu_where_it_is_on()
 
 
 def test_the_interpreter_is_read_from_tritons_knobs_where_it_has_them(monkeypatch):
-    """Triton 3.4 on reads ``TRITON_INTERPRET`` once, into ``triton.knobs``, and a program runs as the knob
-    says, whatever the variable says later: ``interpreting`` follows the knob (the variable only on
-    older releases, which have none)."""
+    """From Triton 3.4 a program runs as ``triton.knobs.runtime.interpret`` says, and the knob reads
+    ``TRITON_INTERPRET`` only where nobody set it: ``interpreting`` follows the knob, here set against the
+    variable both ways (the variable alone on older releases, which have no knobs). The knob is set in
+    its object's ``__dict__``, as its setter keeps it, without the setter's own change to the variable."""
     from posbias.kernels.table_programs import interpreting
 
     if getattr(triton, "knobs", None) is None:
@@ -531,7 +532,7 @@ def test_the_interpreter_is_read_from_tritons_knobs_where_it_has_them(monkeypatc
         assert interpreting() is not INTERPRETED
         return
     for knob in (True, False):
-        monkeypatch.setattr(triton.knobs.runtime, "interpret", knob)
+        monkeypatch.setitem(vars(triton.knobs.runtime), "interpret", knob)
         monkeypatch.setenv("TRITON_INTERPRET", "0" if knob else "1")
         assert interpreting() is knob
 
