@@ -297,6 +297,21 @@ def test_the_table_holds_the_offsets_of_the_pairs_cut_to_the_window():
     assert table_span(t5, -100, 1, 50, False) == (-w, -w)
 
 
+def test_each_head_dim_and_dtype_climbs_the_ladder_of_its_width():
+    """``ladder`` by width, ``head_dim × bytes per element / 2``: up to 64 the narrow tiles, up to 128 the
+    wide, past that the widest (float32 counts twice a 16-bit width), past 256 the widest still; FIRE's
+    own ladders; a decoding forward tries the 16-row tiles first."""
+    ladders = table_flash.LADDERS
+    for d, dtype, width in [(16, torch.bfloat16, 64), (64, torch.float16, 64), (32, torch.float32, 64),
+                            (96, torch.bfloat16, 128), (128, torch.bfloat16, 128), (64, torch.float32, 128),
+                            (256, torch.bfloat16, 256), (128, torch.float32, 256), (256, torch.float32, 256)]:
+        for fire in (False, True):
+            kind = "fire" if fire else "table"
+            assert table_flash.ladder(fire, d, dtype=dtype) is ladders[(kind, width)], (d, dtype, kind)
+            assert table_flash.ladder(fire, d, True, dtype) == [table_flash.DECODE_TILES, *ladders[(kind, width)]]
+    assert table_flash.ladder(True, 64)[0]["backward"] != table_flash.ladder(False, 64)[0]["backward"]
+
+
 def test_each_program_takes_the_first_configuration_that_fits_and_remembers_it(monkeypatch):
     """Triton refuses to load a program that needs more shared memory than the device has
     (``OutOfResources``, before it runs): the next configuration is tried, and the one that ran is
