@@ -297,6 +297,33 @@ def test_the_table_holds_the_offsets_of_the_pairs_cut_to_the_window():
     assert table_span(t5, -100, 1, 50, False) == (-w, -w)
 
 
+def test_keys_are_split_where_the_query_blocks_and_heads_leave_multiprocessors_idle(monkeypatch):
+    """``key_splits``' rule on a CUDA device of 132 multiprocessors (an H100), read through a stand-in for
+    the query tensor: no split once the programs (query blocks × batch × heads) fill the device; else
+    enough parts for about two programs per multiprocessor, each of at least SPLIT_KEYS keys."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+
+    def splits(batch, heads, lq, lk, d=64):
+        q = SimpleNamespace(device=SimpleNamespace(type="cuda"), shape=(batch, heads, lq, d), dtype=torch.bfloat16)
+        n = table_flash.key_splits(q, lk)
+        assert type(n) is int  # (a part count: the programs' grid and the outputs' first dimension)
+        return n
+
+    assert table_flash.SPLIT_KEYS == 1024
+    assert splits(1, 8, 1, 32_768) == 32  # 8 decoding programs: min(32 parts of 1,024 keys, ⌈264 / 8⌉ = 33)
+    assert splits(1, 8, 1, 1 << 20) == 33  # two programs per multiprocessor
+    assert splits(1, 8, 1, 4_096) == 4
+    assert splits(1, 8, 1, 1_000) == 1  # under one part's keys
+    assert splits(2, 4, 17, 65_536) == 33  # 17 queries (past DECODE_ROWS): one 128-row tile, 8 programs
+    assert splits(1, 66, 16, 65_536) == 4  # 16 queries, one 16-row tile: 66 programs, ⌈264 / 66⌉
+    assert splits(1, 8, 200, 65_536) == 17  # two 128-row tiles (the ladder's first): 16 programs
+    assert splits(1, 4, 200, 65_536, d=256) == 17  # head dim 256: the widest ladder's 64-row tiles, 4 of them
+    assert splits(1, 132, 1, 65_536) == 1  # the heads alone fill every multiprocessor
+    assert splits(1, 131, 1, 65_536) == 3  # one short: ⌈264 / 131⌉
+
+
 def test_each_head_dim_and_dtype_climbs_the_ladder_of_its_width():
     """``ladder`` by width, ``head_dim × bytes per element / 2``: up to 64 the narrow tiles, up to 128 the
     wide, past that the widest (float32 counts twice a 16-bit width), past 256 the widest still; FIRE's
