@@ -297,6 +297,28 @@ def test_the_table_holds_the_offsets_of_the_pairs_cut_to_the_window():
     assert table_span(t5, -100, 1, 50, False) == (-w, -w)
 
 
+def test_one_configuration_for_every_head_dim_of_a_kind_and_back(monkeypatch):
+    """``use_cuda_configs`` (the candidates benchmark's ``--table-config``) puts one ladder at every width
+    of its kind, leaves the other kind's, and forgets which configuration fitted; ``restore_cuda_configs``
+    gives back the module's ladders."""
+    before = {key: list(configs) for key, configs in table_flash.LADDERS.items()}
+    monkeypatch.setattr(table_flash, "_FITS", {("forward", 0, torch.bfloat16, 64, False, False): 1})
+    mine = [{"forward": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1},
+             "backward": {"B": 16, "num_warps": 2, "num_stages": 1}}]
+    try:
+        for fire in (False, True):
+            table_flash.use_cuda_configs(mine, fire=True) if fire else table_flash.use_cuda_configs(mine)
+            kind = "fire" if fire else "table"
+            for key, configs in table_flash.LADDERS.items():
+                assert configs == (mine if key[0] == kind or (fire and key[0] == "table") else before[key]), key
+            assert table_flash._FITS == {}
+            table_flash._FITS[("forward", 0, torch.bfloat16, 64, fire, False)] = 1
+        table_flash.restore_cuda_configs()
+        assert table_flash.LADDERS == before and table_flash._FITS == {}
+    finally:
+        table_flash.LADDERS.update(before)
+
+
 def test_keys_are_split_where_the_query_blocks_and_heads_leave_multiprocessors_idle(monkeypatch):
     """``key_splits``' rule on a CUDA device of 132 multiprocessors (an H100), read through a stand-in for
     the query tensor: no split once the programs (query blocks × batch × heads) fill the device; else
