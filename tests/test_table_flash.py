@@ -368,7 +368,8 @@ def test_each_program_takes_the_first_configuration_that_fits_and_remembers_it(m
     apart); none fitting is an error naming each refusal."""
     from triton.runtime.autotuner import OutOfResources  # (where Triton's own compiler imports it from)
 
-    monkeypatch.setattr(table_flash, "LADDERS", {("table", 256): [{"forward": {"BM": n}} for n in (128, 64, 32)]})
+    monkeypatch.setattr(table_flash, "LADDERS", {("table", 256): [{"forward": {"BM": n}} for n in (128, 64, 32)],
+                                                 ("table", 8): [{"forward": {"BM": 8}}]})  # (head dims up to 8)
     monkeypatch.setattr(table_flash, "_FITS", {})
     q, tried = torch.zeros(1, 1, 17, 16), []  # more queries than DECODE_ROWS: the ladder alone
 
@@ -381,10 +382,16 @@ def test_each_program_takes_the_first_configuration_that_fits_and_remembers_it(m
     assert tried == [128, 64, 32]
     table_flash._launch("forward", q, False, launch)
     assert tried == [128, 64, 32, 32]  # remembered
+    table_flash._launch("forward", torch.zeros(1, 1, 40, 16), False, launch)  # another length: the same program
+    assert tried == [128, 64, 32, 32, 32]
+    table_flash._launch("forward", torch.zeros(1, 1, 17, 32), False, launch)  # another head dim: its own search
+    assert tried == [128, 64, 32, 32, 32, 128, 64, 32]
+    del tried[4:]
     q = q.half()  # another dtype: its own search
     table_flash._launch("forward", q, False, launch)
     assert tried[4:] == [128, 64]
-    q, tried = torch.zeros(1, 1, 1, 16), []  # a decoding step: the decoding tiles first, remembered apart
+    q, tried = torch.zeros(1, 1, table_flash.DECODE_ROWS, 16), []  # a decoding step (up to 16 queries): the
+    # decoding tiles first, remembered apart
     table_flash._launch("forward", q, False, launch)
     table_flash._launch("forward", torch.zeros(1, 1, 17, 16), False, launch)
     assert tried == [table_flash.DECODE_TILES["forward"]["BM"], 32]
