@@ -190,8 +190,21 @@ def test_dropout_matches_the_reference_with_the_same_mask(name, options, causal,
     check(randomized(name, **options), causal=causal, lq=lq, lk=50, q0=q0, k0=k0, dropout=(0.3, 3_000_000_017))
 
 
+def test_the_seeds_word_reaches_the_programs_as_the_int32_of_its_bits():
+    """``dropout_args``: ``fmix(seed)`` as the signed 32-bit integer with its bits (a word from 2³¹ on is
+    negative), the threshold a pair's signed word is dropped below, and ``1/(1 − p)``."""
+    from posbias.kernels.dropout import drop_threshold, seed_word
+
+    assert seed_word(1) < 2**31 <= seed_word(2)  # (the seeds below: one word each side)
+    for seed in (0, 1, 2, 12_345, 2**32 - 1):
+        word, th, keep = table_flash.dropout_args(0.3, seed)
+        assert -(2**31) <= word < 2**31 and (word - seed_word(seed)) % 2**32 == 0, seed
+        assert (th, keep) == (drop_threshold(0.3), 1 / 0.7)
+    assert table_flash.dropout_args(0.3, 2)[0] == seed_word(2) - 2**32 < 0
+
+
 @interpreted
-@pytest.mark.parametrize("p, seed, splits", [(0.5, 0, 1), (0.1, 2**32 - 1, 3)])
+@pytest.mark.parametrize("p, seed, splits", [(0.5, 0, 1), (0.1, 2**32 - 1, 3), (0.3, 2, 1)])
 def test_the_programs_drop_exactly_the_pairs_the_reference_drops(p, seed, splits):
     """With values the identity (one key per dimension) the output is each row's probabilities times
     ``1/(1 − p)`` where kept: zero exactly at the pairs :func:`~posbias.kernels.dropout.dropped_reference`
