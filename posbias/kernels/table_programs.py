@@ -573,12 +573,8 @@ def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, 
 
 
 def _registers(cubin: bytes) -> dict:
-    """``{"registers", "spilled", "loop_spills"}`` of a compiled program from Triton's bundled ``cuobjdump``:
-    registers per thread and bytes of stack (its REG and STACK), and how many local-memory loads and stores
-    lie inside a loop (between a backward branch and its target), where they would run once per tile;
-    spills outside the loops (values kept across them) cost once per program. None each where the tool
-    is missing."""
-    import re
+    """:func:`register_usage` of a compiled program, read with Triton's bundled ``cuobjdump``; None each
+    where the tool is missing."""
     import subprocess
     import tempfile
     from pathlib import Path
@@ -591,6 +587,16 @@ def _registers(cubin: bytes) -> dict:
         f.flush()
         usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return register_usage(usage, sass)
+
+
+def register_usage(usage: str, sass: str) -> dict:
+    """``{"registers", "spilled", "loop_spills"}`` from ``cuobjdump``'s ``-res-usage`` and ``-sass`` listings:
+    registers per thread and bytes of stack (its REG and STACK), and how many local-memory loads and stores
+    lie inside a loop (from a backward branch's target to the branch, both included), where they would run
+    once per tile; spills outside the loops (values kept across them) cost once per program."""
+    import re
+
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     code = [(int(m[1], 16), m[2]) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = [(int(m[1], 16), at) for at, ins in code if (m := re.search(r"\bBRA\b.*0x([0-9a-f]+)", ins))
