@@ -9,6 +9,11 @@ to a power of two. The interpreter computes what the programs say, so this check
 and indexing against the dense reference; whether they compile and how fast they run needs a GPU
 (``pytest -m cuda``, benchmarks/gpu_check.sh)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from _helpers import NO_CUDA, compare, randomized, within_reference_rounding
@@ -130,6 +135,42 @@ def test_fire_past_its_threshold_matches_the_reference(causal, lq, lk, q0, k0):
     one decoding query, queries amid the keys and past them."""
     torch.manual_seed(5)
     check(fire_with_kinks_inside(20.0), causal=causal, lq=lq, lk=lk, q0=q0, k0=k0, atol=1e-5)
+
+
+@interpreted
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="guard pages by mprotect (Linux)")
+@pytest.mark.parametrize("side", ["after", "before"])
+def test_the_programs_touch_nothing_past_either_end_of_their_tensors(side):
+    """A masked load one element too wide reads a value the next mask hides, so no output shows it; on a
+    GPU it may fault. tests/_guard_pages.py runs the three programs with every tensor they get ending
+    (or starting) at a page no one may touch, so such a read is a segmentation fault there: in a
+    subprocess, whose faulthandler traceback names the program's line."""
+    run = subprocess.run([sys.executable, "-X", "faulthandler", str(Path(__file__).with_name("_guard_pages.py")), side],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    what = "a segmentation fault: a program touched memory " + ("past a tensor's end" if side == "after" else
+                                                                 "before a tensor's start")
+    assert run.returncode == 0, f"{what if run.returncode == -11 else f'exit {run.returncode}'}\n{run.stderr[-4000:]}"
+
+
+@interpreted
+@pytest.mark.parametrize("kinks", [31, 30])
+def test_fire_whose_kink_count_is_one_or_two_short_of_a_power_of_two(kinks):
+    """The programs find the piece of a tile's smallest and largest ``x`` by a binary search over the
+    ``NK + 1`` answers in ``KSTEPS`` steps (``NK``'s bit length). At 32 kinks the steps have room to
+    spare; at 31 and 30 (a unit with zero input weight has no kink) a range one or two answers longer
+    would need one more step, and the search would stop one short on piece 1 (between the first two
+    kinks). So here the first kink is at ``x = 0.01`` and the others past 0.95: the tiles near the
+    diagonal have their largest ``x`` on piece 1. Past the threshold."""
+    torch.manual_seed(7)
+    fire = randomized("fire", init_L=20.0)
+    at = torch.cat([torch.tensor([0.01]), torch.linspace(0.95, 0.999, kinks - 1)])
+    with torch.no_grad():
+        w = fire.mlp[0].weight[:, 0]
+        w[:32 - kinks] = 0.0
+        fire.mlp[0].bias[32 - kinks:] = -w[32 - kinks:] * at
+        fire.L_multiplier.fill_(0.5)  # L = 10: the queries from 10 on past it
+    assert fire.pieces()[0].numel() == kinks
+    check(fire, lq=40, lk=40, atol=1e-5)
 
 
 @interpreted
