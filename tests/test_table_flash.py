@@ -108,6 +108,18 @@ def test_far_tiles_end_exactly_where_the_table_does(causal):
 
 
 @interpreted
+@pytest.mark.parametrize("causal", [True, False])
+def test_far_runs_of_many_tiles(causal):
+    """A query at the end of 300 keys, a T5 table of 10: the far run holds 17 whole key tiles (tiles of
+    16), where the other tests' runs hold at most 2. A run's end counted wrong by a fraction of a tile
+    per tile (``// BLOCK`` read as ``/ BLOCK``) shows only once the run is that long: the near tiles
+    after it start off the tile grid and count keys twice. Bidirectionally, the query amid the keys,
+    with a far run on each side."""
+    t5 = randomized("t5", num_buckets=8, max_distance=10, bidirectional=not causal)
+    check(t5, causal=causal, lq=1, lk=300, q0=None if causal else 140)
+
+
+@interpreted
 def test_fire_below_its_threshold_runs_as_its_toeplitz_view():
     """Every query below FIRE's threshold L: the call is Toeplitz, and FIRE's MLP, c and L receive
     their gradients through the table."""
@@ -600,7 +612,7 @@ def test_spills_inside_the_loops_are_found_where_there_are_some(compiled_ahead):
 def test_loop_spills_count_the_local_loads_and_stores_between_a_backward_branch_and_its_target():
     """``register_usage`` of a made-up ``cuobjdump`` listing: a loop runs from a backward branch's target to
     the branch, both included; the local loads and stores (``LDL``/``STL``) in there count, the ones
-    before or after it, and those of a forward branch's span, do not."""
+    before or after it, and those of a forward branch's span, do not. The branches' targets are hex."""
     from posbias.kernels.table_programs import register_usage
 
     sass = "\n".join(f"        /*{at:04x}*/                   {ins} ;" for at, ins in [
@@ -611,9 +623,12 @@ def test_loop_spills_count_the_local_loads_and_stores_between_a_backward_branch_
         (0x40, "@P0 BRA 0x10"),  # the backward branch: 0x10 … 0x40 is the loop
         (0x50, "BRA 0x70"),  # forward: no loop
         (0x60, "LDL R7, [R1+0x4]"),  # after the loop
-        (0x70, "EXIT")])
+        (0x70, "EXIT"),
+        (0x190, "LDL R8, [R1+0x8]"),  # a loop of two instructions, whose target read in base 17 (442) would
+        (0x1a0, "@P1 BRA 0x190"),  # lie past its branch (416)
+        (0x1b0, "EXIT")])
     usage = "Function _forward:\n REG:168 STACK:16 SHARED:0"
-    assert register_usage(usage, sass) == {"registers": 168, "spilled": 16, "loop_spills": 2}
+    assert register_usage(usage, sass) == {"registers": 168, "spilled": 16, "loop_spills": 3}
 
 
 def test_the_backend_runs_on_cuda_only_and_says_so():
@@ -638,18 +653,24 @@ def test_the_interpreter_is_refused_where_it_is_off_and_the_gpu_where_it_is_on()
 def test_the_interpreter_is_read_from_tritons_knobs_where_it_has_them(monkeypatch):
     """From Triton 3.4 a program runs as ``triton.knobs.runtime.interpret`` says, and the knob reads
     ``TRITON_INTERPRET`` only where nobody set it: ``interpreting`` follows the knob, here set against the
-    variable both ways (the variable alone on older releases, which have no knobs). The knob is set in
-    its object's ``__dict__``, as its setter keeps it, without the setter's own change to the variable."""
+    variable both ways. The knob is set in its object's ``__dict__``, as its setter keeps it, without the
+    setter's own change to the variable. Before 3.4 (no knobs, here removed) the variable alone, read as
+    those releases read it: 1, true, on or yes in any case; anything else or nothing is off."""
     from posbias.kernels.table_programs import interpreting
 
-    if getattr(triton, "knobs", None) is None:
-        monkeypatch.setenv("TRITON_INTERPRET", "0" if INTERPRETED else "1")
-        assert interpreting() is not INTERPRETED
-        return
-    for knob in (True, False):
-        monkeypatch.setitem(vars(triton.knobs.runtime), "interpret", knob)
-        monkeypatch.setenv("TRITON_INTERPRET", "0" if knob else "1")
-        assert interpreting() is knob
+    if getattr(triton, "knobs", None) is not None:
+        for knob in (True, False):
+            monkeypatch.setitem(vars(triton.knobs.runtime), "interpret", knob)
+            monkeypatch.setenv("TRITON_INTERPRET", "0" if knob else "1")
+            assert interpreting() is knob
+        monkeypatch.delattr(triton, "knobs")
+    for value, on in [("1", True), ("true", True), ("On", True), ("YES", True), ("0", False), ("", False),
+                      ("no", False), (None, False)]:
+        if value is None:
+            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert interpreting() is on, value
 
 
 @pytest.mark.cuda
