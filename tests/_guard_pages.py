@@ -13,8 +13,8 @@ faulthandler`` and the fault's Python traceback names the program's line. After 
 the program wrote is copied back into the original tensors, so the calls compute exactly as they would
 without the guard.
 
-Run as a script (``python -X faulthandler tests/_guard_pages.py after``), it runs the cases of
-:data:`CASES` under the guard; ``tests/test_table_flash.py`` does this in a subprocess. Linux only."""
+Run as a script (``python -X faulthandler tests/_guard_pages.py after``), it runs :func:`run_cases` under
+the guard; ``tests/test_table_flash.py`` does this in a subprocess. Linux only."""
 
 import ctypes
 import mmap
@@ -96,7 +96,7 @@ def run_cases(side: str) -> None:
     tile and one short of one, a decoding query, queries past and before the keys, each kind of bias
     (a table, one clipped at a tile's edge, ALiBi's line, FIRE's MLP past its threshold), dropout, and
     the keys split for inference."""
-    from test_table_flash import check, fire_with_kinks_inside
+    from test_table_flash import check, fire_with_kinks_at, fire_with_kinks_inside
 
     from _helpers import perturb_, randomized
     from posbias import build
@@ -114,13 +114,8 @@ def run_cases(side: str) -> None:
     check(randomized("alibi"), lq=1, lk=50)
     check(randomized("alibi", symmetric=True), causal=False, lq=31, lk=47, dropout=(0.3, 2))
     check(perturb_(build("kerple-log", n_heads=3, head_dim=12)), lq=21, lk=34, d=12)  # head dim padded to 16
-    fire = randomized("fire", init_L=20.0)
-    with torch.no_grad():  # three kinks inside x ∈ (0, 1): the far tiles reach the last piece
-        w = fire.mlp[0].weight[:, 0]
-        w[:-3] = 0.0
-        fire.mlp[0].bias[-3:] = -w[-3:] * torch.tensor([0.2, 0.5, 0.8])
-        fire.L_multiplier.fill_(0.25)  # L = 5: every query past it, the MLP per pair
-    check(fire, causal=False, lq=17, lk=33, q0=20, k0=5, atol=1e-5)
+    # three kinks inside x ∈ (0, 1), so the far tiles reach the last piece; L = 5: every query past it
+    check(fire_with_kinks_at(torch.tensor([0.2, 0.5, 0.8]), L=5.0), causal=False, lq=17, lk=33, q0=20, k0=5, atol=1e-5)
     fire = fire_with_kinks_inside(20.0).requires_grad_(False)
     q, k, v = (torch.randn(1, 3, n, 16) for n in (3, 70, 70))
     q_pos, k_pos = torch.arange(67, 70), torch.arange(70)

@@ -10,6 +10,7 @@ and indexing against the dense reference; whether they compile and how fast they
 (``pytest -m cuda``, benchmarks/gpu_check.sh)."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,18 @@ def fire_with_kinks_inside(init_L: float):
     return fire
 
 
+def fire_with_kinks_at(at: torch.Tensor, L: float):
+    """FIRE (3 heads) with random weights, its kinks exactly at ``x = at`` (the last ``len(at)`` of its 32
+    hidden units; the others get zero input weight, so no kink) and its threshold at ``L``."""
+    fire = randomized("fire", init_L=20.0)
+    with torch.no_grad():
+        w = fire.mlp[0].weight[:, 0]
+        w[:-len(at)] = 0.0
+        fire.mlp[0].bias[-len(at):] = -w[-len(at):] * at
+        fire.L_multiplier.fill_(L / float(fire.init_L))
+    return fire
+
+
 @interpreted
 @pytest.mark.parametrize("causal, lq, lk, q0, k0", [
     (True, 50, 50, None, 0), (True, 37, 50, None, 0), (True, 1, 50, None, 0), (False, 40, 50, 30, 5),
@@ -159,9 +172,10 @@ def test_the_programs_touch_nothing_past_either_end_of_their_tensors(side):
     subprocess, whose faulthandler traceback names the program's line."""
     run = subprocess.run([sys.executable, "-X", "faulthandler", str(Path(__file__).with_name("_guard_pages.py")), side],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
-    what = "a segmentation fault: a program touched memory " + ("past a tensor's end" if side == "after" else
-                                                                 "before a tensor's start")
-    assert run.returncode == 0, f"{what if run.returncode == -11 else f'exit {run.returncode}'}\n{run.stderr[-4000:]}"
+    where = "past a tensor's end" if side == "after" else "before a tensor's start"
+    what = f"a segmentation fault: a program touched memory {where}" if run.returncode == -signal.SIGSEGV else (
+        f"exit {run.returncode}")
+    assert run.returncode == 0, f"{what}\n{run.stderr[-4000:]}"
 
 
 @interpreted
@@ -174,14 +188,8 @@ def test_fire_whose_kink_count_is_one_or_two_short_of_a_power_of_two(kinks):
     kinks). So here the first kink is at ``x = 0.01`` and the others past 0.95: the tiles near the
     diagonal have their largest ``x`` on piece 1. Past the threshold."""
     torch.manual_seed(7)
-    fire = randomized("fire", init_L=20.0)
-    at = torch.cat([torch.tensor([0.01]), torch.linspace(0.95, 0.999, kinks - 1)])
-    with torch.no_grad():
-        w = fire.mlp[0].weight[:, 0]
-        w[:32 - kinks] = 0.0
-        fire.mlp[0].bias[32 - kinks:] = -w[32 - kinks:] * at
-        fire.L_multiplier.fill_(0.5)  # L = 10: the queries from 10 on past it
-    assert fire.pieces()[0].numel() == kinks
+    fire = fire_with_kinks_at(torch.cat([torch.tensor([0.01]), torch.linspace(0.95, 0.999, kinks - 1)]), L=10.0)
+    assert fire.pieces()[0].numel() == kinks  # (the queries from 10 on are past the threshold)
     check(fire, lq=40, lk=40, atol=1e-5)
 
 
