@@ -121,6 +121,19 @@ def test_fused_op_forward_and_backward(device, dtype, causal, lq, lk):
         torch.testing.assert_close(a.double(), b, atol=tol * 10, rtol=tol * 10)
 
 
+def test_the_cuda_flash_kernel_takes_half_precision_at_head_dims_of_multiples_of_8_up_to_256():
+    """``fused.flash_fits``, read on CUDA alone (elsewhere the CPU op runs), so no CPU test reached it: its
+    rule reads q's dtype and shape only. fp16 and bf16 at head_dim 8, 64, 72, 128, 256 go to the flash
+    kernel; float32, and head dims not a multiple of 8 or past 256, to the memory-efficient one."""
+    def fits(d, dtype=torch.bfloat16):
+        return fused.flash_fits(torch.empty(1, 1, 1, d, dtype=dtype))
+
+    for dtype in (torch.float16, torch.bfloat16):
+        assert all(fits(d, dtype) for d in (8, 64, 72, 128, 256)), dtype
+        assert not any(fits(d, dtype) for d in (4, 12, 100, 260, 264, 512)), dtype
+    assert not fits(64, torch.float32) and not fits(64, torch.float64)
+
+
 @CUDA_BUILD
 def test_cuda_calls_have_the_right_signatures_and_shapes_on_fake_tensors():
     """The banded kernel's CUDA calls run under fake CUDA tensors (PyTorch's meta kernels: argument

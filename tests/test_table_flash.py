@@ -262,6 +262,9 @@ def test_the_seeds_word_reaches_the_programs_as_the_int32_of_its_bits():
         assert -(2**31) <= word < 2**31 and (word - seed_word(seed)) % 2**32 == 0, seed
         assert (th, keep) == (drop_threshold(0.3), 1 / 0.7)
     assert table_flash.dropout_args(0.3, 2)[0] == seed_word(2) - 2**32 < 0
+    # the edge, from fmix inverted: the seeds whose words are 2³¹ − 1 (the largest int32) and 2³¹ (its least)
+    assert seed_word(3_695_671_179) == 2**31 - 1 and table_flash.dropout_args(0.3, 3_695_671_179)[0] == 2**31 - 1
+    assert seed_word(3_906_290_832) == 2**31 and table_flash.dropout_args(0.3, 3_906_290_832)[0] == -(2**31)
 
 
 @interpreted
@@ -303,9 +306,23 @@ def test_fire_with_the_keys_split_and_in_half_precision(splits):
 
 
 @interpreted
-@pytest.mark.parametrize("d", [8, 24, 64])
+@pytest.mark.parametrize("d", [8, 17, 64])
 def test_head_dims_padded_to_a_power_of_two(d):
+    """8 to tl.dot's least (16); 17, a power of two and one, to 32."""
     check(randomized("t5", num_buckets=8, max_distance=10), lq=40, lk=40, d=d)
+
+
+def test_the_programs_constants_pad_the_head_dim_no_wider_than_needed_and_keep_float32_exact():
+    """``constants``: ``DP``, the head dim padded to the next power of two and at least 16 (``tl.dot``'s
+    least), no wider: a padded column is loaded and multiplied for nothing, which no output shows. Dots in
+    float32 at IEEE precision (tf32 would round their inputs on a GPU), 16-bit ones as they are."""
+    for d, dp in [(1, 16), (8, 16), (16, 16), (17, 32), (32, 32), (33, 64), (64, 64), (65, 128), (128, 128),
+                  (129, 256), (256, 256)]:
+        assert table_flash.constants(torch.bfloat16, d, True)["DP"] == dp, d
+    assert [table_flash.constants(t, 64, False)["PREC"] for t in (torch.float32, torch.bfloat16, torch.float16)] == [
+        "ieee", None, None]
+    assert table_flash.constants(torch.float32, 24, False, dropout=True) == {
+        "CAUSAL": False, "D": 24, "DP": 32, "PREC": "ieee", "DROP": True}
 
 
 @interpreted
@@ -355,6 +372,51 @@ def test_inference_with_the_keys_split_matches_the_reference(causal, lq, q0, spl
         ref = attention_reference(q, k, v, s, causal=causal, q_pos=q_pos, k_pos=k_pos)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     assert table_flash.key_splits(q, 100_000) == 1  # (off CUDA the keys are never split by default)
+
+
+@interpreted
+def test_the_forward_program_is_launched_over_as_many_parts_as_asked_and_training_over_one(monkeypatch):
+    """The parts the split test's outputs cannot show (an unsplit call gives the same output): the
+    forward's grid, read at each launch. 100 keys in 2, 3 and 7 parts are made as 2, 3 and 7 (parts of
+    64, 48 and 16 keys: whole tiles of 16); an inference call that names no split takes ``key_splits``'
+    (1 off CUDA); a call that autograd records runs unsplit whatever it asks (its backward reads one
+    log-sum-exp per row, and the parts' buffers would only cost memory)."""
+    from types import SimpleNamespace
+
+    from posbias.kernels import table_programs
+
+    grids, unspied = [], table_programs.programs
+
+    class Spy:
+        def __init__(self, program):
+            self.program = program
+
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return self.program[grid]
+
+    monkeypatch.setattr(table_programs, "programs",
+                        lambda interpret: SimpleNamespace(**{n: Spy(p) for n, p in vars(unspied(interpret)).items()}))
+    s = randomized("t5")
+    q, k, v = torch.randn(2, 3, 1, 16), torch.randn(2, 3, 100, 16), torch.randn(2, 3, 100, 16)
+    q_pos, k_pos = torch.tensor([99]), torch.arange(100)
+
+    def run(*splits, **kw):
+        return table_flash_kernel(q, k, v, s, q_pos=q_pos, k_pos=k_pos, causal=True, scale=s.default_scale(),
+                                  interpret=True, **kw, **({"splits": splits[0]} if splits else {}))
+
+    with torch.no_grad():
+        for n in (2, 3, 7):
+            grids.clear()
+            run(n)
+            assert grids == [(1, 6, n)]
+        grids.clear()
+        run()
+        assert grids == [(1, 6, 1)]
+    grids.clear()
+    q.requires_grad_(True)
+    run(3).sum().backward()
+    assert grids[0] == (1, 6, 1) and len(grids) == 3  # the forward unsplit, then the two backward programs
 
 
 def test_the_table_holds_the_offsets_of_the_pairs_cut_to_the_window():
@@ -432,6 +494,33 @@ def test_each_head_dim_and_dtype_climbs_the_ladder_of_its_width():
     assert table_flash.ladder(True, 64)[0]["backward"] != table_flash.ladder(False, 64)[0]["backward"]
 
 
+def test_every_configuration_of_the_ladders_is_one_triton_can_compile():
+    """The compile tests build each ladder's first configuration only; the others are reached on a GPU
+    whose shared memory the first overflows, so a tile Triton cannot build would fail there and then.
+    Every configuration, the decoding tiles and the smallest included: tiles powers of two of at least 16
+    (``tl.arange`` takes powers of two, ``tl.dot`` at least 16), warps a power of two, at least one stage;
+    a forward and a backward part each; within a ladder none larger than the one before (first that
+    fits), and the smallest tiles last in each."""
+    def power_of_two(n, least=1):
+        return isinstance(n, int) and n >= least and n & (n - 1) == 0
+
+    def area(part):
+        return part.get("BM", part.get("B")) * part.get("BN", part.get("B"))
+
+    ladders = [*table_flash.LADDERS.values(), [table_flash.DECODE_TILES]]
+    for configs in ladders:
+        for config in configs:
+            assert set(config) == ({"forward"} if config is table_flash.DECODE_TILES else {"forward", "backward"})
+            for part, tiles in config.items():
+                sizes = [tiles[k] for k in ("BM", "BN", "B") if k in tiles]
+                assert sizes and all(power_of_two(n, 16) for n in sizes), (part, tiles)
+                assert power_of_two(tiles["num_warps"]) and tiles["num_stages"] >= 1, (part, tiles)
+        for part in ("forward", "backward"):
+            areas = [area(c[part]) for c in configs if part in c]
+            assert areas == sorted(areas, reverse=True), (part, configs)
+    assert all(configs[-1] is table_flash._SMALLEST for configs in table_flash.LADDERS.values())
+
+
 def test_each_program_takes_the_first_configuration_that_fits_and_remembers_it(monkeypatch):
     """Triton refuses to load a program that needs more shared memory than the device has
     (``OutOfResources``, before it runs): the next configuration is tried, and the one that ran is
@@ -457,9 +546,11 @@ def test_each_program_takes_the_first_configuration_that_fits_and_remembers_it(m
     assert tried == [128, 64, 32, 32, 32]
     table_flash._launch("forward", torch.zeros(1, 1, 17, 32), False, launch)  # another head dim: its own search
     assert tried == [128, 64, 32, 32, 32, 128, 64, 32]
+    table_flash._launch("forward", torch.zeros(1, 1, 17, 4), False, launch)  # head dim 4 in float32, width 8:
+    assert tried[8:] == [8]  # the narrow ladder (read from the head dim, not from the 17 queries)
     q = q.half()  # another dtype: its own search
     table_flash._launch("forward", q, False, launch)
-    assert tried[8:] == [128, 64]
+    assert tried[9:] == [128, 64]
     q, tried = torch.zeros(1, 1, table_flash.DECODE_ROWS, 16), []  # a decoding step (up to 16 queries): the
     # decoding tiles first, remembered apart
     table_flash._launch("forward", q, False, launch)
@@ -587,7 +678,9 @@ def test_the_first_tiles_keep_their_values_in_registers(compiled_ahead, kinks, l
     table, ALiBi's line (formed in place; its slopes are fixed) and FIRE's MLP (32 kinks), with attention
     dropout too (its mask hashed per pair); so at head_dim 256, and in float32 (its ladder that of a 16-bit
     head dim twice as wide) at 64 and, for a table, 128. The first case compiles them for sm_80 too (some
-    spill there, recorded in ``table_flash``); the slow ones for sm_90 alone, to keep the suite short."""
+    spill there, recorded in ``table_flash``); the slow ones for sm_90 alone, to keep the suite short. No
+    dot rounds its inputs to tf32: in float32 they are exact, which the interpreter cannot show (its dots
+    are numpy's)."""
     code = SPILLS.replace("KINKS", str(kinks)).replace("LINEAR", str(linear)).replace("HEAD_DIM", str(d))
     code = code.replace("DROPOUT", str(dropout)).replace("DTYPE", f"torch.{dtype}")
     code = code.replace("ARCHS", "(80, 90)" if (kinks, linear, d, dropout, dtype) == (None, False, 64, False,
@@ -595,6 +688,7 @@ def test_the_first_tiles_keep_their_values_in_registers(compiled_ahead, kinks, l
     used = compiled_ahead(code)
     assert {program: u["loop_spills"] for program, u in used["90"].items()} == dict.fromkeys(used["90"], 0), used
     assert all(u["registers"] <= 255 for u in used["90"].values()), used
+    assert not any(u["tf32"] for arch in used.values() for u in arch.values()), used  # float32 stays exact
 
 
 OLD_FIRST = """
@@ -649,6 +743,61 @@ def test_the_backend_runs_on_cuda_only_and_says_so():
     with pytest.raises(ValueError, match="backend 'triton' cannot run this input exactly: needs CUDA tensors"):
         attention(q, q, q, s, backend="triton")
     torch.testing.assert_close(attention(q, q, q, s, backend="triton", strict=False), attention_reference(q, q, q, s))
+
+
+def test_the_rules_past_the_device_check_read_through_a_stand_in_cuda_query(monkeypatch):
+    """``table_flash_usable`` on a CUDA device, without a GPU: a stand-in for the query tensor (its device,
+    shape and dtype are all the rules read). Each rule refuses in its own words, naming the bad value;
+    every input on the right side of all of them runs, at each rule's edge."""
+    from types import SimpleNamespace
+
+    t5 = build("t5", n_heads=2, head_dim=16)
+    pos = torch.arange(8)
+
+    def why(scheme=t5, dtype=torch.bfloat16, d=64, q_pos=pos, k_pos=pos, causal=True, contiguous=True):
+        q = SimpleNamespace(device=SimpleNamespace(type="cuda"), shape=(1, 2, len(q_pos), d), dtype=dtype)
+        return table_flash.table_flash_usable(scheme, q, q_pos, k_pos, causal, lambda: contiguous)
+
+    assert why() is None
+    for scheme in (build("alibi", n_heads=2, head_dim=16), build("fire", n_heads=2, head_dim=16)):
+        assert why(scheme) is None
+    assert why(build("rope", n_heads=2, head_dim=16)) == "needs a Toeplitz bias (T5, offset, ALiBi, KERPLE) or FIRE"
+    assert why(dtype=torch.float16) is None and why(dtype=torch.float32) is None
+    assert why(dtype=torch.float64) == "needs float16, bfloat16 or float32 inputs, not torch.float64"
+    assert why(d=table_flash.MAX_HEAD_DIM) is None and table_flash.MAX_HEAD_DIM == 256
+    assert why(d=257) == "needs head_dim at most 256 (got 257)"
+    assert why(contiguous=False) == "needs contiguous positions"
+    late_keys = torch.arange(4, 12)
+    assert why(q_pos=torch.arange(3, 8), k_pos=late_keys) == (
+        "needs the first query at or past the first key (causal: every query sees a key)")
+    assert why(q_pos=torch.arange(4, 8), k_pos=late_keys) is None  # the first query at the first key
+    assert why(q_pos=torch.arange(3, 8), k_pos=late_keys, causal=False) is None
+    monkeypatch.setattr(table_flash, "triton_missing", lambda: "needs the triton package")
+    assert why() == "needs the triton package"
+
+
+def test_a_missing_triton_or_one_without_gather_is_named(monkeypatch):
+    """``triton_missing`` (cached per process): None here; without the package, or with one older than
+    ``tl.gather`` (3.2), the reason, with the version found."""
+    import importlib.util
+
+    import triton.language as tl
+
+    find_spec = importlib.util.find_spec
+    table_flash.triton_missing.cache_clear()
+    try:
+        assert table_flash.triton_missing() is None
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+        table_flash.triton_missing.cache_clear()
+        assert table_flash.triton_missing() == "needs the triton package (shipped with CUDA builds of torch)"
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+        monkeypatch.delattr(tl, "gather")
+        table_flash.triton_missing.cache_clear()
+        assert table_flash.triton_missing() == f"needs triton 3.2 or newer (tl.gather; this is {triton.__version__})"
+    finally:
+        monkeypatch.undo()
+        table_flash.triton_missing.cache_clear()
+    assert table_flash.triton_missing() is None
 
 
 def test_the_interpreter_is_refused_where_it_is_off_and_the_gpu_where_it_is_on():

@@ -536,8 +536,9 @@ def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, 
     bfloat16, float16 or float32) and tiles ``config`` (one of ``table_flash.LADDERS``' lists), with the
     constants and tiles the backend launches them with (``kinks``: FIRE's programs, an MLP with that many
     kinks; ``linear``: ALiBi's; ``dropout``: with attention dropout): ``{program: {"shared": bytes of
-    shared memory, "registers": per thread, "spilled": bytes of stack per thread, "loop_spills": local
-    loads and stores inside its loops}}``, the last three read from the binary (:func:`_registers`). A
+    shared memory, "tf32": whether a dot rounds its inputs to tf32 (it must not in float32: ``PREC``),
+    "registers": per thread, "spilled": bytes of stack per thread, "loop_spills": local loads and stores
+    inside its loops}}``, the last three read from the binary (:func:`_registers`). A
     program that does not compile raises Triton's ``CompilationError``; one that needs more shared memory
     than the device has compiles here and fails at launch, which :data:`SHARED_LIMIT` lets a caller
     check. Stack in a Triton program (which inlines every call) is registers spilled to local memory,
@@ -568,7 +569,8 @@ def compile_for(arch: int, dtype, *, causal: bool, head_dim: int, config: dict, 
                 signature[arg] = "fp32" if arg in ("scale", "KEEP") else "i32"
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=fixed),
                                 target=GPUTarget("cuda", arch, 32), options=options)
-        shared[name] = {"shared": kernel.metadata.shared, **_registers(kernel.asm["cubin"])}
+        shared[name] = {"shared": kernel.metadata.shared, "tf32": "tf32" in kernel.asm["ptx"],
+                        **_registers(kernel.asm["cubin"])}
     return shared
 
 
