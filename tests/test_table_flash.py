@@ -401,9 +401,9 @@ def test_the_forward_program_is_launched_over_as_many_parts_as_asked_and_trainin
     q, k, v = torch.randn(2, 3, 1, 16), torch.randn(2, 3, 100, 16), torch.randn(2, 3, 100, 16)
     q_pos, k_pos = torch.tensor([99]), torch.arange(100)
 
-    def run(*splits, **kw):
+    def run(splits=None):  # (None: the default, key_splits')
         return table_flash_kernel(q, k, v, s, q_pos=q_pos, k_pos=k_pos, causal=True, scale=s.default_scale(),
-                                  interpret=True, **kw, **({"splits": splits[0]} if splits else {}))
+                                  interpret=True, splits=splits)
 
     with torch.no_grad():
         for n in (2, 3, 7):
