@@ -801,10 +801,16 @@ def test_a_missing_triton_or_one_without_gather_is_named(monkeypatch):
 
 
 def test_the_interpreter_is_refused_where_it_is_off_and_the_gpu_where_it_is_on():
+    """And ``table_flash_kernel`` runs the GPU's programs unless told to interpret (every other test here
+    says ``interpret=True``): under the interpreter its default is refused."""
     from posbias.kernels.table_programs import programs
 
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1" if not INTERPRETED else "none runs on the GPU"):
         programs(not INTERPRETED)
+    if INTERPRETED:
+        s, q, pos = build("t5", n_heads=2, head_dim=16), torch.randn(1, 2, 8, 16), torch.arange(8)
+        with pytest.raises(RuntimeError, match="none runs on the GPU"):
+            table_flash_kernel(q, q, q, s, q_pos=pos, k_pos=pos, causal=True, scale=1.0)
 
 
 def test_the_interpreter_is_read_from_tritons_knobs_where_it_has_them(monkeypatch):
