@@ -15,11 +15,12 @@
 #   bash benchmarks/gpu_check.sh decode          # decoding (not in the default run: a call of its own)
 #   bash benchmarks/gpu_check.sh dropout         # attention dropout against SDPA's fused dense-bias dropout (not default;
 #                                                # DROPOUT_BACKEND=triton: dropout inside the triton programs)
+#   bash benchmarks/gpu_check.sh sanitize        # the triton tests under compute-sanitizer's memcheck (SANITIZER=path)
 #   PY=.venv/bin/python DEVICE=cpu LENGTHS=512 CANDIDATES_ARGS="--lengths 512 --probe-length 512 --reps 1" \
 #       bash benchmarks/gpu_check.sh            # dry run of the plumbing (a minute on the CPU)
 #
 # Limits (seconds) and sizes can be set from the environment: TESTS_S, TRITON_S, FLEX_S, CANDIDATES_S, PROFILE_S,
-# HF_S (each HF run), FLEXOPTS_S, FLEX_OPTIONS, CANDIDATES_ARGS (added to the candidates' command), ATTENTION_S, DECODE_S, DECODE_BACKEND, DROPOUT_S, DROPOUT_BACKEND,
+# HF_S (each HF run), FLEXOPTS_S, SANITIZE_S, FLEX_OPTIONS, CANDIDATES_ARGS (added to the candidates' command), ATTENTION_S, DECODE_S, DECODE_BACKEND, DROPOUT_S, DROPOUT_BACKEND,
 # LENGTHS, HF_LENGTHS, HF_BACKENDS (default: auto), HF_DROPOUT (T5's dropout_rate, default 0), DTYPE; MEMORY=1 adds peak
 # memory to the attention table (one child process per case, so give it its own call). The default stages add
 # up to 590 s (50 + 240 + 300), inside one 600 s device command: a session's 15 device minutes hold one such
@@ -108,8 +109,20 @@ for stage in $stages; do
             # shellcheck disable=SC2086
             run dropout "${DROPOUT_S:-240}" "$PY" benchmarks/bench_dropout.py --device "$DEVICE" --dtype "$DTYPE" \
                 --lengths $LENGTHS --reps 3 --memory --backend "${DROPOUT_BACKEND:-auto}" ;;
+        sanitize)  # the triton backend's CUDA tests under compute-sanitizer's memcheck: a read or write past an
+            # allocation in the compiled programs (the CPU's guard pages check the interpreted ones). PyTorch's caching
+            # allocator is off, so that each tensor is an allocation of its own and the tool sees past its end.
+            tool=${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
+            if [ ! -x "$tool" ]; then
+                echo "== sanitize: no compute-sanitizer at $tool (it comes with the CUDA toolkit; SANITIZER=path): skipped" \
+                    | tee "$OUT/sanitize.log"
+            else
+                PYTORCH_NO_CUDA_MEMORY_CACHING=1 run sanitize "${SANITIZE_S:-300}" "$tool" --tool memcheck --error-exitcode 1 \
+                    "$PY" -m pytest -m cuda -k "table_flash or triton" -x -q -p no:cacheprovider -rs -W default \
+                    tests/test_table_flash.py
+            fi ;;
         *)
-            echo "unknown stage '$stage': use tests, triton, flex, candidates, profile, hf, flexopts, attention, decode or dropout" >&2
+            echo "unknown stage '$stage': use tests, triton, flex, candidates, profile, hf, flexopts, attention, decode, dropout or sanitize" >&2
             exit 2 ;;
     esac
 done

@@ -165,7 +165,32 @@ def test_the_gpu_session_script_runs_its_stages_and_keeps_their_logs(tmp_path):
     assert "skipped" in log and "failed" not in log
     assert "torch " + torch.__version__ in (tmp_path / "environment.log").read_text()
     bad = subprocess.run(["bash", str(script), "bogus"], env=env, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "unknown stage 'bogus'" in bad.stderr and "decode or dropout" in bad.stderr
+    assert bad.returncode == 2 and "unknown stage 'bogus'" in bad.stderr and "dropout or sanitize" in bad.stderr
+
+
+def test_the_gpu_session_script_runs_the_triton_tests_under_compute_sanitizer_where_it_has_one(tmp_path):
+    """The ``sanitize`` stage: without the tool it says where it looked and skips (exit 0); with one (here a
+    stand-in that prints what it was given) it runs the triton backend's CUDA tests under memcheck, failing
+    on any error it finds, with PyTorch's caching allocator off (each tensor an allocation of its own)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "OUT": str(tmp_path)}
+    r = subprocess.run(["bash", str(script), "sanitize"], env={**env, "SANITIZER": str(tmp_path / "none")},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and f"no compute-sanitizer at {tmp_path / 'none'}" in (tmp_path / "sanitize.log").read_text()
+    tool = tmp_path / "compute-sanitizer"
+    tool.write_text('#!/bin/sh\necho "given: $*"\necho "caching off: $PYTORCH_NO_CUDA_MEMORY_CACHING"\n')
+    tool.chmod(0o755)
+    r = subprocess.run(["bash", str(script), "sanitize"], env={**env, "SANITIZER": str(tool)}, capture_output=True,
+                       text=True, timeout=60)
+    log = (tmp_path / "sanitize.log").read_text()
+    assert r.returncode == 0 and "== sanitize: exit 0" in log, log
+    assert f"given: --tool memcheck --error-exitcode 1 {sys.executable} -m pytest -m cuda" in log
+    assert "tests/test_table_flash.py" in log and "caching off: 1" in log
 
 
 def test_results_keys_name_the_device_by_kind(monkeypatch):
