@@ -118,8 +118,7 @@ for stage in $stages; do
                     | tee "$OUT/sanitize.log"
             else
                 PYTORCH_NO_CUDA_MEMORY_CACHING=1 run sanitize "${SANITIZE_S:-300}" "$tool" --tool memcheck --error-exitcode 1 \
-                    "$PY" -m pytest -m cuda -k "table_flash or triton" -x -q -p no:cacheprovider -rs -W default \
-                    tests/test_table_flash.py
+                    "$PY" -m pytest -m cuda -x -q -p no:cacheprovider -rs -W default tests/test_table_flash.py
             fi ;;
         *)
             echo "unknown stage '$stage': use tests, triton, flex, candidates, profile, hf, flexopts, attention, decode, dropout or sanitize" >&2

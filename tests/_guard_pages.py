@@ -19,7 +19,6 @@ the guard; ``tests/test_table_flash.py`` does this in a subprocess. Linux only."
 import ctypes
 import mmap
 import sys
-from types import SimpleNamespace
 
 import torch
 
@@ -81,14 +80,10 @@ class _Guarded:
 
 def install(side: str) -> None:
     """Every program :func:`posbias.kernels.table_programs.programs` returns from now on runs guarded."""
+    from _helpers import wrapping_programs
     from posbias.kernels import table_programs
 
-    unguarded = table_programs.programs
-
-    def programs(interpret: bool) -> SimpleNamespace:
-        return SimpleNamespace(**{name: _Guarded(p, side) for name, p in vars(unguarded(interpret)).items()})
-
-    table_programs.programs = programs
+    table_programs.programs = wrapping_programs(lambda program: _Guarded(program, side))
 
 
 def run_cases(side: str) -> None:

@@ -221,3 +221,14 @@ def block_written_out(block, x, scheme, q_pos, k_pos, rows=None):
     y = attention(q[:, :, n - rows:], k, v, scheme, causal=True, q_pos=q_pos, k_pos=k_pos, backend="reference")
     h = x[:, n - rows:] + block.attn.proj(y.transpose(1, 2).reshape(b, rows, d))
     return h + block.mlp(block.ln2(h))
+
+
+def wrapping_programs(wrap):
+    """A stand-in for :func:`posbias.kernels.table_programs.programs` whose every program is ``wrap(program)``
+    (``program[grid](*args)`` is how the backend launches one): for a test to spy on or guard each launch."""
+    from types import SimpleNamespace
+
+    from posbias.kernels import table_programs
+
+    unwrapped = table_programs.programs
+    return lambda interpret: SimpleNamespace(**{name: wrap(p) for name, p in vars(unwrapped(interpret)).items()})

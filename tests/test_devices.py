@@ -146,25 +146,30 @@ def test_the_gpu_preset_study_runs_end_to_end(device, tmp_path, text_file):
     assert all(torch.isfinite(torch.tensor(r["ppl"])) and r["train_wall_s"] > 0 for r in records)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script itself runs the CUDA tests")
-def test_the_gpu_session_script_runs_its_stages_and_keeps_their_logs(tmp_path):
-    """``benchmarks/gpu_check.sh`` is what a GPU session runs (README, docs/attention.md): its plumbing, checked on any
-    machine. The tests stage (``pytest -m cuda``; every case skips without CUDA) writes its log and the
-    environment's; an unknown stage is refused with exit 2."""
+def gpu_check(out, *stages, **env):
+    """``bash benchmarks/gpu_check.sh STAGES`` on this machine's CPU, its logs under ``out``."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-    env = {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "OUT": str(tmp_path)}
-    r = subprocess.run(["bash", str(script), "tests"], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(["bash", str(script), *stages], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PY": sys.executable, "DEVICE": "cpu", "OUT": str(out), **env})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script itself runs the CUDA tests")
+def test_the_gpu_session_script_runs_its_stages_and_keeps_their_logs(tmp_path):
+    """``benchmarks/gpu_check.sh`` is what a GPU session runs (README, docs/attention.md): its plumbing, checked on any
+    machine. The tests stage (``pytest -m cuda``; every case skips without CUDA) writes its log and the
+    environment's; an unknown stage is refused with exit 2."""
+    r = gpu_check(tmp_path, "tests")
     assert r.returncode == 0, r.stdout + r.stderr
     log = (tmp_path / "tests.log").read_text()
     assert "-m cuda" in log and "== tests: exit 0" in log
     assert "skipped" in log and "failed" not in log
     assert "torch " + torch.__version__ in (tmp_path / "environment.log").read_text()
-    bad = subprocess.run(["bash", str(script), "bogus"], env=env, capture_output=True, text=True, timeout=60)
+    bad = gpu_check(tmp_path, "bogus")
     assert bad.returncode == 2 and "unknown stage 'bogus'" in bad.stderr and "dropout or sanitize" in bad.stderr
 
 
@@ -172,21 +177,14 @@ def test_the_gpu_session_script_runs_the_triton_tests_under_compute_sanitizer_wh
     """The ``sanitize`` stage: without the tool it says where it looked and skips (exit 0); with one (here a
     stand-in that prints what it was given) it runs the triton backend's CUDA tests under memcheck, failing
     on any error it finds, with PyTorch's caching allocator off (each tensor an allocation of its own)."""
-    import os
-    import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-    env = {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "OUT": str(tmp_path)}
-    r = subprocess.run(["bash", str(script), "sanitize"], env={**env, "SANITIZER": str(tmp_path / "none")},
-                       capture_output=True, text=True, timeout=60)
+    r = gpu_check(tmp_path, "sanitize", SANITIZER=str(tmp_path / "none"))
     assert r.returncode == 0 and f"no compute-sanitizer at {tmp_path / 'none'}" in (tmp_path / "sanitize.log").read_text()
     tool = tmp_path / "compute-sanitizer"
     tool.write_text('#!/bin/sh\necho "given: $*"\necho "caching off: $PYTORCH_NO_CUDA_MEMORY_CACHING"\n')
     tool.chmod(0o755)
-    r = subprocess.run(["bash", str(script), "sanitize"], env={**env, "SANITIZER": str(tool)}, capture_output=True,
-                       text=True, timeout=60)
+    r = gpu_check(tmp_path, "sanitize", SANITIZER=str(tool))
     log = (tmp_path / "sanitize.log").read_text()
     assert r.returncode == 0 and "== sanitize: exit 0" in log, log
     assert f"given: --tool memcheck --error-exitcode 1 {sys.executable} -m pytest -m cuda" in log

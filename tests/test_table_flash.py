@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import NO_CUDA, compare, randomized, within_reference_rounding
+from _helpers import NO_CUDA, compare, randomized, within_reference_rounding, wrapping_programs
 
 from posbias import build
 from posbias.attention import attention, attention_reference, toeplitz_view, usable
@@ -381,11 +381,9 @@ def test_the_forward_program_is_launched_over_as_many_parts_as_asked_and_trainin
     64, 48 and 16 keys: whole tiles of 16); an inference call that names no split takes ``key_splits``'
     (1 off CUDA); a call that autograd records runs unsplit whatever it asks (its backward reads one
     log-sum-exp per row, and the parts' buffers would only cost memory)."""
-    from types import SimpleNamespace
-
     from posbias.kernels import table_programs
 
-    grids, unspied = [], table_programs.programs
+    grids = []
 
     class Spy:
         def __init__(self, program):
@@ -395,25 +393,22 @@ def test_the_forward_program_is_launched_over_as_many_parts_as_asked_and_trainin
             grids.append(tuple(grid))
             return self.program[grid]
 
-    monkeypatch.setattr(table_programs, "programs",
-                        lambda interpret: SimpleNamespace(**{n: Spy(p) for n, p in vars(unspied(interpret)).items()}))
+    monkeypatch.setattr(table_programs, "programs", wrapping_programs(Spy))
     s = randomized("t5")
     q, k, v = torch.randn(2, 3, 1, 16), torch.randn(2, 3, 100, 16), torch.randn(2, 3, 100, 16)
     q_pos, k_pos = torch.tensor([99]), torch.arange(100)
 
-    def run(splits=None):  # (None: the default, key_splits')
+    def run(splits=None):  # (None: the default, key_splits'); the grids of this call's launches alone
+        grids.clear()
         return table_flash_kernel(q, k, v, s, q_pos=q_pos, k_pos=k_pos, causal=True, scale=s.default_scale(),
                                   interpret=True, splits=splits)
 
     with torch.no_grad():
         for n in (2, 3, 7):
-            grids.clear()
             run(n)
             assert grids == [(1, 6, n)]
-        grids.clear()
         run()
         assert grids == [(1, 6, 1)]
-    grids.clear()
     q.requires_grad_(True)
     run(3).sum().backward()
     assert grids[0] == (1, 6, 1) and len(grids) == 3  # the forward unsplit, then the two backward programs
@@ -452,6 +447,14 @@ def test_one_configuration_for_every_head_dim_of_a_kind_and_back(monkeypatch):
     assert table_flash.LADDERS == before and table_flash._FITS == {}
 
 
+def cuda_query(shape, dtype=torch.bfloat16):
+    """A stand-in for a query tensor on a CUDA device: the device, shape and dtype, all the host side's
+    rules read of it, so they run without a GPU."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(device=torch.device("cuda"), shape=shape, dtype=dtype)
+
+
 def test_keys_are_split_where_the_query_blocks_and_heads_leave_multiprocessors_idle(monkeypatch):
     """``key_splits``' rule on a CUDA device of 132 multiprocessors (an H100), read through a stand-in for
     the query tensor: no split once the programs (query blocks × batch × heads) fill the device; else
@@ -461,8 +464,7 @@ def test_keys_are_split_where_the_query_blocks_and_heads_leave_multiprocessors_i
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
 
     def splits(batch, heads, lq, lk, d=64):
-        q = SimpleNamespace(device=SimpleNamespace(type="cuda"), shape=(batch, heads, lq, d), dtype=torch.bfloat16)
-        n = table_flash.key_splits(q, lk)
+        n = table_flash.key_splits(cuda_query((batch, heads, lq, d)), lk)
         assert type(n) is int  # (a part count: the programs' grid and the outputs' first dimension)
         return n
 
@@ -749,13 +751,11 @@ def test_the_rules_past_the_device_check_read_through_a_stand_in_cuda_query(monk
     """``table_flash_usable`` on a CUDA device, without a GPU: a stand-in for the query tensor (its device,
     shape and dtype are all the rules read). Each rule refuses in its own words, naming the bad value;
     every input on the right side of all of them runs, at each rule's edge."""
-    from types import SimpleNamespace
-
     t5 = build("t5", n_heads=2, head_dim=16)
     pos = torch.arange(8)
 
     def why(scheme=t5, dtype=torch.bfloat16, d=64, q_pos=pos, k_pos=pos, causal=True, contiguous=True):
-        q = SimpleNamespace(device=SimpleNamespace(type="cuda"), shape=(1, 2, len(q_pos), d), dtype=dtype)
+        q = cuda_query((1, 2, len(q_pos), d), dtype)
         return table_flash.table_flash_usable(scheme, q, q_pos, k_pos, causal, lambda: contiguous)
 
     assert why() is None
@@ -783,21 +783,21 @@ def test_a_missing_triton_or_one_without_gather_is_named(monkeypatch):
 
     import triton.language as tl
 
-    find_spec = importlib.util.find_spec
-    table_flash.triton_missing.cache_clear()
+    find_spec, missing = importlib.util.find_spec, table_flash.triton_missing
+    missing.cache_clear()
     try:
-        assert table_flash.triton_missing() is None
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
-        table_flash.triton_missing.cache_clear()
-        assert table_flash.triton_missing() == "needs the triton package (shipped with CUDA builds of torch)"
-        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-        monkeypatch.delattr(tl, "gather")
-        table_flash.triton_missing.cache_clear()
-        assert table_flash.triton_missing() == f"needs triton 3.2 or newer (tl.gather; this is {triton.__version__})"
+        assert missing() is None
+        with monkeypatch.context() as m:
+            m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+            missing.cache_clear()
+            assert missing() == "needs the triton package (shipped with CUDA builds of torch)"
+        with monkeypatch.context() as m:
+            m.delattr(tl, "gather")
+            missing.cache_clear()
+            assert missing() == f"needs triton 3.2 or newer (tl.gather; this is {triton.__version__})"
     finally:
-        monkeypatch.undo()
-        table_flash.triton_missing.cache_clear()
-    assert table_flash.triton_missing() is None
+        missing.cache_clear()
+    assert missing() is None
 
 
 def test_the_interpreter_is_refused_where_it_is_off_and_the_gpu_where_it_is_on():
