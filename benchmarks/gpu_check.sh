@@ -8,7 +8,7 @@
 #
 #   bash benchmarks/gpu_check.sh                 # tests, triton, candidates; logs under $OUT (or ./gpu-check)
 #   bash benchmarks/gpu_check.sh flex hf         # the second call: FlexAttention's tests, the Hugging Face benchmark
-#   bash benchmarks/gpu_check.sh tests           # one stage: tests | triton | flex | candidates | profile | hf | flexopts | attention | decode | dropout
+#   bash benchmarks/gpu_check.sh tests           # one stage: tests | triton | flex | candidates | profile | hf | flexopts | attention | decode | dropout | sanitize | precision
 #   bash benchmarks/gpu_check.sh profile         # where a training call's time goes (PROFILE, default triton:t5:32768 banded:t5:32768 triton:fire:16384)
 #   bash benchmarks/gpu_check.sh flexopts        # posbias's flex with FLEX_OPTIONS (default {"BLOCK_M": 64, "BLOCK_N": 64})
 #   bash benchmarks/gpu_check.sh attention       # the whole attention table with its anchors (a call of its own)
@@ -16,11 +16,13 @@
 #   bash benchmarks/gpu_check.sh dropout         # attention dropout against SDPA's fused dense-bias dropout (not default;
 #                                                # DROPOUT_BACKEND=triton: dropout inside the triton programs)
 #   bash benchmarks/gpu_check.sh sanitize        # the triton tests under compute-sanitizer's memcheck (SANITIZER=path)
+#   bash benchmarks/gpu_check.sh precision       # half-precision training's error against the reference's, per path and
+#                                                # query count (PRECISION_ARGS; compare: bench_precision.py --device stand-in)
 #   PY=.venv/bin/python DEVICE=cpu LENGTHS=512 CANDIDATES_ARGS="--lengths 512 --probe-length 512 --reps 1" \
 #       bash benchmarks/gpu_check.sh            # dry run of the plumbing (a minute on the CPU)
 #
 # Limits (seconds) and sizes can be set from the environment: TESTS_S, TRITON_S, FLEX_S, CANDIDATES_S, PROFILE_S,
-# HF_S (each HF run), FLEXOPTS_S, SANITIZE_S, FLEX_OPTIONS, CANDIDATES_ARGS (added to the candidates' command), ATTENTION_S, DECODE_S, DECODE_BACKEND, DROPOUT_S, DROPOUT_BACKEND,
+# HF_S (each HF run), FLEXOPTS_S, SANITIZE_S, PRECISION_S, PRECISION_ARGS, FLEX_OPTIONS, CANDIDATES_ARGS (added to the candidates' command), ATTENTION_S, DECODE_S, DECODE_BACKEND, DROPOUT_S, DROPOUT_BACKEND,
 # LENGTHS, HF_LENGTHS, HF_BACKENDS (default: auto), HF_DROPOUT (T5's dropout_rate, default 0), DTYPE; MEMORY=1 adds peak
 # memory to the attention table (one child process per case, so give it its own call). The default stages add
 # up to 590 s (50 + 240 + 300), inside one 600 s device command: a session's 15 device minutes hold one such
@@ -120,8 +122,13 @@ for stage in $stages; do
                 PYTORCH_NO_CUDA_MEMORY_CACHING=1 run sanitize "${SANITIZE_S:-300}" "$tool" --tool memcheck --error-exitcode 1 \
                     "$PY" -m pytest -m cuda -x -q -p no:cacheprovider -rs -W default tests/test_table_flash.py
             fi ;;
+        precision)  # bf16 training: each path's error over the reference's in the same precision (the tests' rule,
+            # over seeds and query counts), at H=8, d=64, 1,200 keys; the stand-in run on the CPU gave its floor
+            # shellcheck disable=SC2086  # PRECISION_ARGS is a list
+            run precision "${PRECISION_S:-120}" "$PY" benchmarks/bench_precision.py --device "$DEVICE" --dtype "$DTYPE" \
+                ${PRECISION_ARGS:---heads 8 --head-dim 64 --keys 1200 --queries 1 37 64 65 1200 --seeds 4 --cases t5:banded offset:banded alibi:alibi t5:triton kerple-log:triton} ;;
         *)
-            echo "unknown stage '$stage': use tests, triton, flex, candidates, profile, hf, flexopts, attention, decode, dropout or sanitize" >&2
+            echo "unknown stage '$stage': use tests, triton, flex, candidates, profile, hf, flexopts, attention, decode, dropout, sanitize or precision" >&2
             exit 2 ;;
     esac
 done

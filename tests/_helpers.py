@@ -22,6 +22,11 @@ STUDY = ["--train-len", "16", "--eval-lens", "16", "32", "--steps", "4", "--batc
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])  # ``pytest -m cuda`` runs these alone
 DEVICES = ["cpu", CUDA]  # a CUDA case and its CPU twin
+#: the CUDA case rehearsed on the CPU: ``device`` is "cuda", run under :func:`_stand_in_cuda.pretend_cuda`
+#: (conftest), so the CUDA branches run, on the stand-in CUDA ops, wherever there is no GPU
+STAND_IN = pytest.param("cuda", id="stand-in", marks=[pytest.mark.stand_in_cuda, pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a GPU runs the CUDA case itself")])
+REHEARSED = [*DEVICES, STAND_IN]
 # fake CUDA tensors (PyTorch's meta kernels) run on any CUDA build of torch, GPU or not, from torch 2.11 (2.11-2.15
 # ran them without a GPU; 2.6's and 2.8's fake mode reach the CUDA runtime and fail without a driver)
 CUDA_BUILD = pytest.mark.skipif(

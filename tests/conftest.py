@@ -82,3 +82,16 @@ def saved_figures(monkeypatch):
     monkeypatch.setattr(plot, "save_figure", lambda fig, path: kept.setdefault(Path(path).name, fig) and Path(path))
     yield kept
     plot.pyplot().close("all")
+
+
+@pytest.fixture(autouse=True)
+def _stand_in_cuda(request, monkeypatch):
+    """A test (case) marked ``stand_in_cuda`` runs with CPU tensors reading as CUDA and the CUDA ops
+    replaced by stand-ins (``tests/_stand_in_cuda.py``): its CUDA branches, rehearsed without a GPU."""
+    if request.node.get_closest_marker("stand_in_cuda") is None:
+        yield
+        return
+    from _stand_in_cuda import pretend_cuda
+
+    with pretend_cuda(monkeypatch):
+        yield

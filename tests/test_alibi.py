@@ -6,9 +6,10 @@ GPU (``pytest -m cuda``)."""
 
 import functools
 
+import _stand_in_cuda
 import pytest
 import torch
-from _helpers import CUDA_BUILD, DEVICES, NO_CUDA, FakeCtx, compare, randomized, within_reference_rounding
+from _helpers import CUDA_BUILD, NO_CUDA, REHEARSED, FakeCtx, compare, randomized, within_reference_rounding
 
 import posbias.kernels.alibi as alibi
 from posbias import build
@@ -49,7 +50,7 @@ def test_the_kernel_reads_positions_from_the_first_key(is_native):
     torch.testing.assert_close(got, attention_reference(q, k, v, s, q_pos=q_pos, k_pos=k_pos), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", REHEARSED)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_native_path_in_low_precision_within_the_references_own_rounding(native, dtype, device):
     within_reference_rounding(build("alibi", n_heads=3, head_dim=16), dtype, device, backend="alibi")
@@ -102,6 +103,24 @@ def test_usable_names_what_it_needs():
     assert "causal linear bias" in usable("alibi", build("t5", n_heads=3, head_dim=16), q, q_pos=pos,
                                               k_pos=pos, causal=True)
     assert "among the keys" in usable("alibi", s, q, q_pos=pos + 5, k_pos=pos, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_path_is_cudas_default_rehearsed_on_the_stand_in_ops(monkeypatch, dtype):
+    """``backend="alibi"`` on pretended CUDA (:func:`_stand_in_cuda.pretend_cuda`) takes the native
+    path without being asked: float32 in 512-query blocks on the memory-efficient op, with its padded
+    log-sum-exp (queries over two blocks, in one, and one query), exact against the reference with every
+    gradient; bf16 in one 4,096-query block on the flash op, head_dim 16 + 3 bias columns padded to 24,
+    within the reference's own rounding."""
+    s = build("alibi", n_heads=3, head_dim=16)
+    with _stand_in_cuda.pretend_cuda(monkeypatch) as ops:
+        if dtype == torch.float32:
+            for lq in (600, 37, 1):
+                compare(s, "alibi", device="cuda", lq=lq, lk=600)
+        else:
+            within_reference_rounding(s, dtype, device="cuda", lq=300, lk=600, backend="alibi")
+    kernel = "efficient" if dtype == torch.float32 else "flash"
+    assert set(ops.calls) == {kernel, f"{kernel} backward"}
 
 
 @CUDA_BUILD

@@ -7,7 +7,8 @@ tensors; their numbers only on a GPU (``pytest -m cuda``)."""
 
 import pytest
 import torch
-from _helpers import CUDA, CUDA_BUILD, DEVICES, NO_CUDA, FakeCtx, compare, randomized, within_reference_rounding
+import _stand_in_cuda
+from _helpers import CUDA, CUDA_BUILD, NO_CUDA, REHEARSED, FakeCtx, compare, randomized, within_reference_rounding
 
 import posbias.kernels.banded as banded
 from posbias import build
@@ -77,11 +78,16 @@ def test_groups_cover_every_query_once(small_chunks):
                 assert g.k0 >= 0 and g.k0 + (g.n - 1) * g.rows + g.keys <= lk
 
 
-def test_usable_names_what_it_needs():
+def test_usable_names_what_it_needs(monkeypatch):
     q = torch.randn(1, 3, 8, 16)
     pos = torch.arange(8)
     t5 = build("t5", n_heads=3, head_dim=16)
     assert usable("banded", t5, q, q_pos=pos, k_pos=pos, causal=True) is None
+    odd = build("t5", n_heads=3, head_dim=12)
+    assert usable("banded", odd, q[..., :12], q_pos=pos, k_pos=pos, causal=True) is None  # the CPU op takes any
+    with _stand_in_cuda.pretend_cuda(monkeypatch):  # CUDA's fused kernels want a multiple of 8
+        assert usable("banded", odd, _stand_in_cuda.looks_cuda(q[..., :12]), q_pos=pos, k_pos=pos,
+                      causal=True) == "needs head_dim a multiple of 8 on CUDA (got 12)"
     assert "constant beyond a window" in usable("banded", build("alibi", n_heads=3, head_dim=16), q, q_pos=pos,
                                                 k_pos=pos, causal=True)
     assert "among the keys" in usable("banded", t5, q, q_pos=pos + 5, k_pos=pos, causal=True)
@@ -101,24 +107,59 @@ def _dense(q, k, v, scale, causal):
 
 
 @pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), pytest.param("cuda", torch.float32, marks=CUDA.marks),
-                                           pytest.param("cuda", torch.bfloat16, marks=CUDA.marks)])
+                                           pytest.param("cuda", torch.bfloat16, marks=CUDA.marks),
+                                           ("stand-in", torch.float32), ("stand-in", torch.bfloat16)])
 @pytest.mark.parametrize("causal, lq, lk", [(True, 64, 64), (True, 37, 100), (True, 1, 100), (False, 37, 100)])
-def test_fused_op_forward_and_backward(device, dtype, causal, lq, lk):
+def test_fused_op_forward_and_backward(monkeypatch, device, dtype, causal, lq, lk):
     """Out and lse against float64; the backward given (out, lse − c) returns the gradients of
-    softmax with that lse (what the banded merge relies on), checked against autograd of the dense form."""
-    q, k, v = (torch.randn(2, 3, n, 16, device=device).to(dtype) for n in (lq, lk, lk))
-    out, lse, aux = fused.forward(q, k, v, 0.3, causal)
+    softmax with that lse (what the banded merge relies on), checked against autograd of the dense form.
+    ``stand-in``: the CUDA branches on the CPU, with the CUDA ops replaced by :mod:`_stand_in_cuda`'s
+    (the calls bound to the ops' schemas, their meta kernels' shapes, the documented masks and
+    layouts): bf16 to the flash op, float32 to the memory-efficient one with its padded log-sum-exp."""
+    q, k, v = (torch.randn(2, 3, n, 16, device="cpu" if device == "stand-in" else device).to(dtype)
+               for n in (lq, lk, lk))
+    inputs = (q, k, v)
+    if device == "stand-in":
+        ops = _stand_in_cuda.install(monkeypatch)
+        inputs = tuple(map(_stand_in_cuda.looks_cuda, inputs))
+    out, lse, aux = fused.forward(*inputs, 0.3, causal)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 3, lq) and out.dtype == dtype
     want_o, want_l = _dense(q, k, v, 0.3, causal)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), want_o, atol=tol, rtol=tol)
     torch.testing.assert_close(lse.double(), want_l, atol=tol, rtol=tol)
     do = torch.randn_like(out)
-    grads = fused.backward(do, q, k, v, out, lse, aux, 0.3, causal)
+    grads = fused.backward(do, *inputs, out, lse, aux, 0.3, causal)
+    if device == "stand-in":
+        kernel = "flash" if dtype == torch.bfloat16 else "efficient"
+        assert ops.calls == [kernel, f"{kernel} backward"]
     qq, kk, vv = (t.double().requires_grad_() for t in (q, k, v))
     o, _ = _dense(qq, kk, vv, 0.3, causal)
     want = torch.autograd.grad((o * do.double()).sum(), [qq, kk, vv])
     for a, b in zip(grads, want):
         torch.testing.assert_close(a.double(), b, atol=tol * 10, rtol=tol * 10)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lq", [600, 37, 1])
+def test_the_kernel_as_it_runs_on_cuda_rehearsed_on_the_stand_in_ops(monkeypatch, causal, lq):
+    """``banded`` with every CUDA branch taken, on the CPU (:func:`_stand_in_cuda.pretend_cuda`): chunks
+    of 256 queries, the CUDA band budget, far parts in the inputs' dtype — float32 on the
+    memory-efficient op with its padded log-sum-exp, exact against the reference with every gradient
+    (table included); bf16 within the reference's own rounding, its far parts on the flash op, but those
+    of at most ``FLOAT32_FAR_ROWS`` queries on the memory-efficient one in float32 in training (on the
+    CPU they all go float32 to the CPU op), and on the flash op again without autograd."""
+    with _stand_in_cuda.pretend_cuda(monkeypatch) as ops:
+        for name, options in (("t5", {"num_buckets": 8, "max_distance": 10, "bidirectional": not causal}),
+                              ("offset", {"max_distance": 9, "bidirectional": not causal})):
+            compare(randomized(name, **options), "banded", device="cuda", causal=causal, lq=lq, lk=600)
+        assert set(ops.calls) == {"efficient", "efficient backward"}
+        t5 = randomized("t5", num_buckets=8, max_distance=10, bidirectional=not causal)
+        for grad in (True, False):
+            ops.calls.clear()
+            within_reference_rounding(t5, torch.bfloat16, device="cuda", lq=lq, lk=600, grad=grad, backend="banded")
+            kernel = "efficient" if grad and lq <= banded.FLOAT32_FAR_ROWS else "flash"
+            assert set(ops.calls) == ({kernel, f"{kernel} backward"} if grad else {kernel})
 
 
 def test_the_cuda_flash_kernel_takes_half_precision_at_head_dims_of_multiples_of_8_up_to_256():
@@ -170,12 +211,14 @@ def test_banded_on_cuda_matches_the_reference(name, causal):
     compare(randomized(name, **options), "banded", causal=causal, lq=37, device="cuda")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", REHEARSED)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_banded_in_low_precision_within_the_references_own_rounding(dtype, device):
-    """The far parts on CUDA's flash kernel in bf16/fp16 (on the CPU in float32), the band in
-    float32: as close to the float32 truth as the reference in the same precision."""
-    within_reference_rounding(randomized("t5", max_distance=20), dtype, device, backend="banded")
+@pytest.mark.parametrize("lq", [300, 1])
+def test_banded_in_low_precision_within_the_references_own_rounding(dtype, device, lq):
+    """The far parts on CUDA's flash kernel in bf16/fp16 (on the CPU in float32; in training a far part
+    of few queries in float32 on CUDA too), the band in float32: as close to the float32 truth as the
+    reference in the same precision, for every query of 300 keys and for the last alone."""
+    within_reference_rounding(randomized("t5", max_distance=20), dtype, device, lq=lq, backend="banded")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

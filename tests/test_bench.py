@@ -265,3 +265,25 @@ def test_bench_cuda_candidates_profiles_a_training_call():
     _, r = _script("bench_cuda_candidates.py", "--device", "cpu", "--profile", "banded-t5", ok=False)
     assert r.returncode != 0 and "--profile wants BACKEND:SCHEME:N" in r.stderr and "Traceback" not in r.stderr
 
+
+
+def test_bench_precision_holds_each_path_to_the_tests_rule_on_the_cpu_and_on_the_stand_in_cuda_ops():
+    """``bench_precision.py``: per scheme, path and query count, how many seeds keep the rule of
+    ``within_reference_rounding`` and the path's error over the reference's. On the CPU banded's far
+    parts run in float32 (the reference's error exactly); on the stand-in CUDA ops a single query's far
+    part runs in float32 in training too, so every seed keeps the rule there as well."""
+    for device, where in (("cpu", "cpu ("), ("stand-in", "stand-in CUDA ops on the CPU (")):
+        r = _in_this_process("bench_precision.py", "--cases", "t5:banded", "--queries", "1", "16", "--keys", "200",
+                             "--seeds", "2", "--device", device)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert where in lines[0] and "bfloat16 training" in lines[0] and "2 threads" in lines[0], lines[0]
+        rows = [x.split("|")[1:-1] for x in lines if x.startswith("| t5 | banded |")]
+        assert [row[2].strip() for row in rows] == ["1", "16"] and all(row[3].strip() == "2 of 2" for row in rows)
+        if device == "cpu":
+            assert all(row[4].strip() == "1.00" for row in rows)
+    for args, says in ((["--cases", "t5:fast"], "--cases: 't5:fast' is not SCHEME:BACKEND"),
+                       (["--queries", "300", "--keys", "200"], "--queries at most --keys (200)"),
+                       (["--device", "tpu"], "--device must be cpu, cuda or stand-in, got 'tpu'")):
+        r = _in_this_process("bench_precision.py", *args)
+        assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from _helpers import ATTENTION_MODULE, DEVICES, NO_CUDA, compare, randomized, within_reference_rounding
+from _helpers import ATTENTION_MODULE, CUDA, NO_CUDA, REHEARSED, STAND_IN, compare, randomized, within_reference_rounding
 
 from posbias import SCHEMES, ToeplitzScheme
 from posbias.attention import CUDA_VALIDATED, attention, attention_reference, choose_backend
@@ -21,7 +21,7 @@ STUDY = [n for n, c in SCHEMES.items() if c.family in ("additive", "rotary") and
 WITH_SCORE_MOD = [n for n in STUDY if issubclass(SCHEMES[n], ToeplitzScheme)] + ["fire"]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", REHEARSED)
 @pytest.mark.parametrize("name", STUDY)
 def test_auto_backend_matches_reference_on_device(name, device):
     """Training shape (gradients to q, k, v and the scheme's parameters), then 37 queries at the end."""
@@ -29,7 +29,7 @@ def test_auto_backend_matches_reference_on_device(name, device):
     compare(randomized(name), "auto", lq=37, device=device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", REHEARSED)
 @pytest.mark.parametrize("name", STUDY)
 def test_decoding_one_query_against_a_long_cache(name, device):
     s = randomized(name).to(device)
@@ -42,7 +42,7 @@ def test_decoding_one_query_against_a_long_cache(name, device):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", REHEARSED)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["t5", "alibi", "kerple-log", "fire"])
 def test_low_precision_within_the_references_own_rounding(name, dtype, device):
@@ -51,7 +51,7 @@ def test_low_precision_within_the_references_own_rounding(name, dtype, device):
     within_reference_rounding(randomized(name), dtype, device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", REHEARSED)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["t5", "alibi", "kerple-log", "fire"])
 @pytest.mark.parametrize("lq, lk", [(300, 300), (16, 300), (1, 3000)])
@@ -97,18 +97,20 @@ def test_flex_backend_trains_on_cuda(name):
     compare(randomized(name), "flex", lq=37, device="cuda")
 
 
-@pytest.mark.cuda
-@NO_CUDA
+@pytest.mark.parametrize("device", [CUDA, STAND_IN])
 @pytest.mark.parametrize("name", STUDY)
-def test_auto_does_not_pick_a_path_no_gpu_run_has_validated(name):
+def test_auto_does_not_pick_a_path_no_gpu_run_has_validated(name, device):
     """Issue 12's rule: until a GPU run validates a CUDA fast path (``CUDA_VALIDATED``: banded and alibi
     since 2026-12-04, an H200), ``auto`` keeps to the reference blocks (``blockwise``) or plain SDPA
-    on CUDA."""
-    s = randomized(name).to("cuda")
-    q, pos = torch.randn(1, 3, 64, 16, device="cuda"), torch.arange(64, device="cuda")
+    on CUDA, and takes a validated path for each scheme it runs exactly (the CUDA order, not the CPU's:
+    no ``toeplitz`` or ``windowed``, which stand on the CPU's fused op)."""
+    s = randomized(name).to(device)
+    q, pos = torch.randn(1, 3, 64, 16, device=device), torch.arange(64, device=device)
+    takes = {"rope": "sdpa", "t5": "banded", "offset": "banded", "alibi": "alibi"}.get(name, "blockwise")
+    assert CUDA_VALIDATED == ("banded", "alibi")  # (the choices above change with this list)
     for trains in (False, True):
         with torch.set_grad_enabled(trains):
-            assert choose_backend(s, q, q_pos=pos, k_pos=pos, causal=True) in ("blockwise", "sdpa", *CUDA_VALIDATED)
+            assert choose_backend(s, q, q_pos=pos, k_pos=pos, causal=True) == takes
 
 
 def test_cuda_candidates_are_the_validated_paths_only(monkeypatch):
@@ -124,7 +126,7 @@ def test_cuda_candidates_are_the_validated_paths_only(monkeypatch):
     assert att._candidates("cpu", False, 4096, True) == ("sdpa", "toeplitz", "windowed", "alibi")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", REHEARSED)
 def test_the_gpu_preset_study_runs_end_to_end(device, tmp_path, text_file):
     """``posbias extrapolate --preset gpu`` on the device, shrunk to seconds (one seed, 3 steps, a tiny
     model): every scheme of the study trains and is scored, the results name the device, and every
@@ -162,15 +164,20 @@ def gpu_check(out, *stages, **env):
 def test_the_gpu_session_script_runs_its_stages_and_keeps_their_logs(tmp_path):
     """``benchmarks/gpu_check.sh`` is what a GPU session runs (README, docs/attention.md): its plumbing, checked on any
     machine. The tests stage (``pytest -m cuda``; every case skips without CUDA) writes its log and the
-    environment's; an unknown stage is refused with exit 2."""
+    environment's; the precision stage runs ``bench_precision.py`` with ``PRECISION_ARGS``, a path that
+    cannot run on the device named in its row; an unknown stage is refused with exit 2."""
     r = gpu_check(tmp_path, "tests")
     assert r.returncode == 0, r.stdout + r.stderr
     log = (tmp_path / "tests.log").read_text()
     assert "-m cuda" in log and "== tests: exit 0" in log
     assert "skipped" in log and "failed" not in log
     assert "torch " + torch.__version__ in (tmp_path / "environment.log").read_text()
+    r = gpu_check(tmp_path, "precision", PRECISION_ARGS="--cases t5:banded t5:triton --queries 1 --keys 200 --seeds 1")
+    log = (tmp_path / "precision.log").read_text()
+    assert r.returncode == 0 and "== precision: exit 0" in log and "| t5 | banded | 1 | 1 of 1 | 1.00 |" in log, log
+    assert "| t5 | triton | 1 | cannot run: needs CUDA tensors" in log
     bad = gpu_check(tmp_path, "bogus")
-    assert bad.returncode == 2 and "unknown stage 'bogus'" in bad.stderr and "dropout or sanitize" in bad.stderr
+    assert bad.returncode == 2 and "unknown stage 'bogus'" in bad.stderr and "sanitize or precision" in bad.stderr
 
 
 def test_the_gpu_session_script_runs_the_triton_tests_under_compute_sanitizer_where_it_has_one(tmp_path):

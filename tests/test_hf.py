@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from _helpers import ATTENTION_MODULE, DEVICES, NO_CUDA, RunsOnLoad, assert_grads_close
+from _helpers import ATTENTION_MODULE, NO_CUDA, REHEARSED, RunsOnLoad, assert_grads_close
 
 from posbias.integrations.hf import TRANSFORMERS_FROM, too_old  # noqa: E402
 
@@ -93,7 +93,7 @@ def test_t5_encoder_equal(buckets, max_distance, fast_calls):
     assert len(fast_calls) == 2  # both layers' self-attention on posbias
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", REHEARSED)
 def test_t5_seq2seq_logits_and_generate_with_cache(fast_calls, device):
     torch.manual_seed(0)
     ref, fast = pair(randomize_bias(transformers.T5ForConditionalGeneration(t5_config())).to(device))
@@ -247,7 +247,7 @@ def test_t5_padded_seq2seq_generate_and_training(fast_calls):
     torch.testing.assert_close(gb_, ga_, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", REHEARSED)
 def test_t5_training_gradients_reach_the_hf_weight(device):
     torch.manual_seed(0)
     ref, fast = pair(randomize_bias(transformers.T5EncoderModel(t5_config())).to(device))
@@ -310,7 +310,7 @@ def test_umt5_per_layer_bias_equal():
                                    atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", REHEARSED)
 @pytest.mark.parametrize("heads", [4, 6])
 def test_bloom_logits_and_generate(heads, fast_calls, device):
     torch.manual_seed(0)

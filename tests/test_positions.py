@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import _stand_in_cuda
 from _helpers import CUDA_BUILD, NO_CUDA
 from posbias import build
 from posbias.attention import attention, attention_reference, choose_backend
@@ -223,6 +224,51 @@ def test_a_call_on_cuda_waits_for_nothing(name, backend, train):
                 out.float().sum().backward()
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("name, train, dropout", [
+    ("t5", False, 0.0), ("alibi", False, 0.0), ("kerple-log", False, 0.0), ("t5", True, 0.0), ("offset", True, 0.0),
+    ("alibi", True, 0.0), ("kerple-log", True, 0.0), ("t5", True, 0.1)])
+def test_a_call_on_the_cuda_paths_reads_nothing_rehearsed_on_the_stand_in_ops(name, train, dropout, monkeypatch):
+    """``test_a_call_on_cuda_waits_for_nothing`` without a GPU: under :func:`_stand_in_cuda.pretend_cuda`
+    the paths ``auto`` takes on CUDA (banded, the native ALiBi path, blocks for KERPLE) run their CUDA
+    branches (training with attention dropout: the dropout kernel), and no value of a CUDA tensor is read
+    into Python (``item``, ``tolist``, ``bool``, ``int``, ``float``, ``index``; counted on the class, so the
+    backward's reads count too; a CPU tensor's, a dropout seed's, is no wait) in a decoding step after a
+    first call, or in a training step's forward and backward; positions given as tensors are read once,
+    all together. It found the dropout kernel's table
+    gradient reading its offsets' ends from the device, two waits a backward on a GPU."""
+    read, inside = [], []
+    for method in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__"):
+        def counted(t, *args, _real=getattr(torch.Tensor, method), _name=method, **kwargs):
+            # a read of a CUDA tensor waits for the device; the stand-in ops' own checks read, a kernel does not;
+            # a read passes through the mode and comes back here once more (counted once)
+            if isinstance(t, _stand_in_cuda.CudaLooking) and not _stand_in_cuda.standing_in() and not inside:
+                read.append(_name)
+            inside.append(1)
+            try:
+                return _real(t, *args, **kwargs)
+            finally:
+                inside.pop()
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    with _stand_in_cuda.pretend_cuda(monkeypatch):
+        scheme = build(name, n_heads=4, head_dim=16).to("cuda").requires_grad_(train)
+        lq = 300 if train else 1
+        q, k, v = (torch.randn(1, 4, n, 16, device="cuda", dtype=torch.bfloat16, requires_grad=train)
+                   for n in (lq, 600, 600))
+        with torch.set_grad_enabled(train):
+            attention(q, k, v, scheme, dropout_p=dropout)  # (a first call: what a step reuses)
+            read.clear()
+            out = attention(q, k, v, scheme, dropout_p=dropout)
+            if train:
+                torch.autograd.grad(out.float().sum(), [q, k, v])
+        assert choose_backend(scheme, q, q_pos=run(600 - lq, lq), k_pos=run(0, 600), causal=True) == {
+            "t5": "banded", "offset": "banded", "alibi": "alibi"}.get(name, "blockwise")
+        assert read == []
+        with torch.no_grad():  # positions given as tensors: read once, together (one wait)
+            attention(q, k, v, scheme, q_pos=torch.arange(600 - lq, 600, device="cuda"),
+                      k_pos=torch.arange(600, device="cuda"))
+        assert len(read) == 1, read
 
 
 def test_same_compares_runs_by_start_and_length_and_others_by_value():

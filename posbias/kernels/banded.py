@@ -44,6 +44,7 @@ from .flash import NEG, flash_available, flash_forward, mask_backward, merge
 
 BAND_ELEMENTS = 1 << 25  # floats per band group's [B, H, chunks, C, W] score tensor on CUDA (128 MiB)
 CPU_BAND_ELEMENTS = 1 << 22  # on the CPU (16 MiB; 2^20 and 2^25 measured the same speed)
+FLOAT32_FAR_ROWS = 64  # CUDA: far parts of at most this many query rows run in float32 (see _far)
 CPU_CHUNK = 128  # queries per band chunk on the CPU (measured, below)
 
 
@@ -177,7 +178,7 @@ def _take(x: Tensor, s: slice, flip: bool) -> Tensor:
     return x.flip(2) if flip else x
 
 
-def _far(x: Tensor, s: slice, flip: bool) -> Tensor:
+def _far(x: Tensor, s: slice, flip: bool, wide: bool) -> Tensor:
     """A far part's queries, keys or values: :func:`_take`, and on the CPU in float32. In bf16/fp16 the
     CPU's fused op gives a log-sum-exp and an output rounded otherwise than the float32 band they are
     merged with, and its backward takes ``δ = dO · O`` from the merged output rounded to the inputs'
@@ -187,9 +188,24 @@ def _far(x: Tensor, s: slice, flip: bool) -> Tensor:
     bias, same precision) had a 90th percentile of 5.6, now 1.3; in float32 they are the reference's.
     It costs bf16 training on ``banded`` 1.16–1.23× (t5, 2k–4k, H=8, d=64, 2 threads, median of 5
     alternating runs; float32 training is unchanged). A CUDA GPU runs the far part on its bf16/fp16
-    flash kernel, which takes nothing else, as flash attention training does."""
+    flash kernel, which takes nothing else, as flash attention training does: rehearsed on the CPU with
+    stand-ins of the CUDA ops (float64 arithmetic, outputs rounded to the inputs' dtype; a real kernel
+    can only add error), q/k's gradients then come out 2–3.5× further from the truth than the
+    reference's in the same precision (medians; ``benchmarks/bench_precision.py --device stand-in``,
+    H=8, d=64, 1,200 keys), within the tests' rule, but 11× (up to 30×) for a single query, where the
+    true gradient is small and ``δ``'s rounding is not. So in training a far part of at most
+    :data:`FLOAT32_FAR_ROWS` queries runs in float32 on CUDA too, on the memory-efficient kernel (the
+    reference's error then, as on the CPU; its cost grows with the queries only, a few hundred
+    microseconds at most at 32k keys); inference keeps the half-precision kernel (no copy of the keys
+    per decoding step)."""
     x = _take(x, s, flip)
-    return x.float() if x.device.type == "cpu" else x
+    return x.float() if wide else x
+
+
+def _wide_far(x: Tensor, p: _Far, train: bool) -> bool:
+    """Whether far part ``p`` runs in float32 (:func:`_far`): always on the CPU; on CUDA in training when
+    it has at most :data:`FLOAT32_FAR_ROWS` queries."""
+    return x.device.type == "cpu" or (train and p.rows.stop - p.rows.start <= FLOAT32_FAR_ROWS)
 
 
 class _Banded(torch.autograd.Function):
@@ -207,8 +223,10 @@ class _Banded(torch.autograd.Function):
             out[:, :, rows] = o.reshape(bsz, h, -1, d)
             lse[:, :, rows] = l.reshape(bsz, h, -1)
         far_parts, far_saved, keep = _far_parts(lq, lk, delta, w, causal), [], []
+        train = any(ctx.needs_input_grad[:4])
         for n, p in enumerate(far_parts):  # each merged into its own rows: no full-length part held
-            qq, kk, vv = (_far(t, s, p.flip) for t, s in ((q, p.rows), (k, p.keys), (v, p.keys)))
+            wide = _wide_far(q, p, train)
+            qq, kk, vv = (_far(t, s, p.flip, wide) for t, s in ((q, p.rows), (k, p.keys), (v, p.keys)))
             o, l, aux = fused.forward(qq, kk, vv, scale, True)
             o, l = (o.flip(2), l.flip(2)) if p.flip else (o, l)
             l = l + consts[:, p.col].view(1, h, 1)
@@ -236,7 +254,8 @@ class _Banded(torch.autograd.Function):
         far_parts = _far_parts(lq, lk, delta, w, causal)
         rest = torch.zeros(h, device=q.device)  # Σ dS over the band and every far part but the last, per head
         for n, p in enumerate(far_parts):
-            qq, kk, vv = (_far(t, s, p.flip) for t, s in ((q, p.rows), (k, p.keys), (v, p.keys)))
+            wide = _wide_far(q, p, True)
+            qq, kk, vv = (_far(t, s, p.flip, wide) for t, s in ((q, p.rows), (k, p.keys), (v, p.keys)))
             do, o = (_take(t, p.rows, p.flip).to(qq.dtype) for t in (dout, out))
             l_part = _take(lse, p.rows, p.flip) - consts[:, p.col].view(1, h, 1)
             gq, gk, gv = fused.backward(do, qq, kk, vv, o, l_part, ctx.aux[n], scale, True)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..diagonals import diagonal_sums
-from ..positions import consecutive, run, run_start
+from ..positions import consecutive, first, run, run_start
 
 __all__ = ["Scheme", "ToeplitzScheme", "check_bool", "check_int", "check_positive"]
 
@@ -375,25 +375,29 @@ class ToeplitzBlockGrads(BlockGrads):
 
     def __init__(self, scheme: "ToeplitzScheme") -> None:
         super().__init__(scheme)
-        self.offsets: list[Tensor] = []
+        self.tops: list[tuple[int, int]] = []  # per block: its largest offset and how many it has
         self.sums: list[Tensor] = []
 
     def add(self, q_pos: Tensor, k_pos: Tensor, grad: Tensor) -> None:
         if len(q_pos) < 1 or len(k_pos) < 1 or not (consecutive(q_pos) and consecutive(k_pos)):
             return super().add(q_pos, k_pos, grad)
-        self.offsets.append(_diagonal_offsets(q_pos, k_pos))
+        # the block's offsets run down by one from its largest (:func:`_diagonal_offsets`), kept as numbers:
+        # posbias's own positions are runs, whose first values are known without reading them, so on CUDA
+        # neither this nor result() waits for the device (the offsets as a tensor cost two waits a backward)
+        self.tops.append((first(q_pos) - first(k_pos) + len(q_pos) - 1, len(q_pos) + len(k_pos) - 1))
         self.sums.append(diagonal_sums(grad))
 
     def result(self) -> list[Tensor | None]:
-        if self.offsets:
-            offsets = torch.cat(self.offsets)
-            lo = offsets.min()
-            span = torch.arange(int(lo), int(offsets.max()) + 1, device=offsets.device)
-            grad = self.sums[0].new_zeros(self.sums[0].shape[0], len(span)).index_add_(
-                1, offsets - lo, torch.cat(self.sums, dim=1))
+        if self.sums:
+            lo, hi = min(top - n + 1 for top, n in self.tops), max(top for top, _ in self.tops)
+            device = self.sums[0].device
+            at = torch.cat([torch.arange(top - lo, top - lo - n, -1, device=device) for top, n in self.tops])
+            grad = self.sums[0].new_zeros(self.sums[0].shape[0], hi - lo + 1).index_add_(
+                1, at, torch.cat(self.sums, dim=1))
+            span = torch.arange(lo, hi + 1, device=device)
             with torch.enable_grad():
                 self.grads = _add_grads(self.grads, self.scheme._parameter_vjp([(self.scheme.bias_at(span), grad)]))
-            self.offsets, self.sums = [], []
+            self.tops, self.sums = [], []
         return self.grads
 
 
