@@ -22,15 +22,20 @@ memory-efficient ops (forward and backward) by functions that
 The philox seed and offset of each forward carry a call number that the backward checks, with the
 lengths and mask that call had. The real kernels' numbers are checked on a GPU alone
 (``pytest -m cuda``); these stand-ins check what posbias does with them.
+
+:class:`PretendCuda`, a torch function mode, carries the pretence through a whole computation: what is
+asked for on CUDA is made on the CPU and reads as CUDA. :func:`pretend_cuda` puts the two together
+for a block (the backward pass and checkpoint's recomputation included); ``tests/conftest.py`` runs
+every test case marked ``stand_in_cuda`` (``_helpers.STAND_IN``, the third case of ``REHEARSED``) in it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from copy import deepcopy
 import functools
 import inspect
 import math
+from copy import deepcopy
 
 import torch
 from torch import Tensor
@@ -135,7 +140,7 @@ class PretendCuda(TorchFunctionMode):
         if func is torch._C._nn._parse_to:  # (Module.to's parsing: it makes nothing, and its CUDA is the tensors')
             return func(*args, **kwargs)
         # (a mode is off while its __torch_function__ runs: a function handed on, checkpoint's, is put back under it)
-        args = tuple(_pretended(a) if inspect.isfunction(a) else _cpu_device(a) for a in _each(_cpu_device, args))
+        args = tuple(_pretended(a) if inspect.isfunction(a) else a for a in _each(_cpu_device, args))
         out = func(*args, **_each(_cpu_device, kwargs))
         if cuda:  # (a parameter: what .to gives back unchanged, which Module.to makes a parameter again)
             return _each(lambda x: looks_cuda(x) if type(x) in (torch.Tensor, torch.nn.Parameter) else x, out)
