@@ -10,32 +10,34 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.p
 
 def _run(tmp_path, *extra):
     out = tmp_path / "rows.json"
-    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--lengths", "64", "--schemes", "alibi",
-                        "--no-flex", "--reps", "1", "--no-backward", "--json", str(out), *extra],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.splitlines()[0], json.loads(out.read_text())
+    lines, _ = _script("bench_attention.py", "--device", "cpu", "--lengths", "64", "--schemes", "alibi", "--no-flex",
+                       "--reps", "1", "--no-backward", "--json", str(out), *extra)
+    return lines[0], json.loads(out.read_text())
 
 
-def _script(name, *args, ok=True):
-    """Runs ``benchmarks/<name>`` with ``args``: (its stdout lines, the completed process); ``ok``: it must
-    succeed, in a process of its own; otherwise (a run refused at its arguments) in this one
-    (:func:`_in_this_process`)."""
-    if not ok:
+def _script(name, *args, ok=True, alone=False):
+    """Runs ``benchmarks/<name>`` with ``args`` in this process (:func:`_in_this_process`), or with
+    ``alone`` in a process of its own (a benchmark that patches the library for its run, as
+    ``bench_dense_blocks.py`` forces blockwise's dense branch): (its stdout lines, the completed
+    process); ``ok``: it must succeed (otherwise: a run refused at its arguments)."""
+    if alone:
+        r = subprocess.run([sys.executable, str(SCRIPT.parent / name), *args], capture_output=True, text=True,
+                           timeout=300)
+    else:
         r = _in_this_process(name, *args)
-        return r.stdout.splitlines(), r
-    r = subprocess.run([sys.executable, str(SCRIPT.parent / name), *args], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    if ok:
+        assert r.returncode == 0, r.stderr
     return r.stdout.splitlines(), r
 
 
 def _in_this_process(name, *args):
     """``python benchmarks/<name> args`` run in this process, as the interpreter would run it (its folder
     first on the path, ``sys.exit``'s message to stderr with status 1): the completed process it gives.
-    For the runs refused at their arguments, which would spend ~3 s each starting a second interpreter
-    and importing torch to print one line. An exception the script lets escape (a traceback, in a
-    process of its own) fails the test that ran it. Torch's thread count and denormal mode, which a
-    script may set, are put back."""
+    A second interpreter would spend ~3 s starting and importing torch for each run (test_bench.py took
+    53 s with its successful runs in processes of their own, 24 s in this one; 2026-12-07). An exception
+    the script lets escape (a traceback, in a process of its own) fails the test that ran it. Torch's
+    thread count and denormal mode, which a script may set, are put back; a benchmark's own child
+    processes (``--memory``) are still processes of their own."""
     import contextlib
     import io
     import runpy
@@ -252,7 +254,7 @@ def test_a_slow_case_is_timed_with_one_pair():
 
 
 def test_bench_dense_blocks_compares_the_two_layouts():
-    lines, _ = _script("bench_dense_blocks.py", "t5,alibi", "64", "1")
+    lines, _ = _script("bench_dense_blocks.py", "t5,alibi", "64", "1", alone=True)
     assert "2 threads" in lines[0] and len(lines) == 3
     assert lines[1].startswith("t5 64: new ") and "new/old" in lines[1] and lines[2].startswith("alibi 64: new ")
 

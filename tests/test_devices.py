@@ -166,13 +166,13 @@ def test_the_gpu_session_script_runs_its_stages_and_keeps_their_logs(tmp_path):
     machine. The tests stage (``pytest -m cuda``; every case skips without CUDA) writes its log and the
     environment's; the precision stage runs ``bench_precision.py`` with ``PRECISION_ARGS``, a path that
     cannot run on the device named in its row; an unknown stage is refused with exit 2."""
-    r = gpu_check(tmp_path, "tests")
+    r = gpu_check(tmp_path, "tests", "precision",
+                  PRECISION_ARGS="--cases t5:banded t5:triton --queries 1 --keys 200 --seeds 1")
     assert r.returncode == 0, r.stdout + r.stderr
     log = (tmp_path / "tests.log").read_text()
     assert "-m cuda" in log and "== tests: exit 0" in log
     assert "skipped" in log and "failed" not in log
     assert "torch " + torch.__version__ in (tmp_path / "environment.log").read_text()
-    r = gpu_check(tmp_path, "precision", PRECISION_ARGS="--cases t5:banded t5:triton --queries 1 --keys 200 --seeds 1")
     log = (tmp_path / "precision.log").read_text()
     assert r.returncode == 0 and "== precision: exit 0" in log and "| t5 | banded | 1 | 1 of 1 | 1.00 |" in log, log
     assert "| t5 | triton | 1 | cannot run: needs CUDA tensors" in log
