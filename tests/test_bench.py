@@ -17,9 +17,10 @@ def _run(tmp_path, *extra):
 
 def _script(name, *args, ok=True, alone=False):
     """Runs ``benchmarks/<name>`` with ``args`` in this process (:func:`_in_this_process`), or with
-    ``alone`` in a process of its own (a benchmark that patches the library for its run, as
-    ``bench_dense_blocks.py`` forces blockwise's dense branch): (its stdout lines, the completed
-    process); ``ok``: it must succeed (otherwise: a run refused at its arguments)."""
+    ``alone`` in a process of its own (a run that patches the library for itself: ``bench_dense_blocks.py``
+    forces blockwise's dense branch, ``--table-config`` sets the triton backend's tiles; in this process
+    they reached the tests after it): (its stdout lines, the completed process); ``ok``: it must succeed
+    (otherwise: a run refused at its arguments)."""
     if alone:
         r = subprocess.run([sys.executable, str(SCRIPT.parent / name), *args], capture_output=True, text=True,
                            timeout=300)
@@ -206,7 +207,7 @@ def test_bench_cuda_candidates_times_each_path_where_it_runs_and_refuses_bad_nam
     assert r.returncode != 0 and "--table-config must be a JSON object with parts forward and backward" in r.stderr
     lines, _ = _script("bench_cuda_candidates.py", "--device", "cpu", "--dtype", "float32", "--lengths", "64",
                        "--reps", "1", "--schemes", "t5", "--backends", "triton", "blockwise",
-                       "--table-config", '{"backward": {"B": 32}}')
+                       "--table-config", '{"backward": {"B": 32}}', alone=True)  # (it sets the triton tiles)
     assert "'backward': {'B': 32, 'num_warps': 8, 'num_stages': 2}" in lines[0]  # merged into the defaults
     assert [x.split("|")[3].strip() for x in lines if x.startswith("| t5")] == ["blockwise"]  # triton: CUDA only
 
