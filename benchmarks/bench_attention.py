@@ -114,11 +114,12 @@ def default_schemes():
     return [name for name, cls in posbias.SCHEMES.items() if cls.family in ("additive", "rotary") and cls.in_study]
 
 
-def make_scheme(name, heads, head_dim, device, **options):
+def make_scheme(name, heads, head_dim, device, spread=0.1, **options):
+    """The scheme with its learned values moved from their initialisation by ``spread`` standard deviations."""
     s = posbias.build(name, n_heads=heads, head_dim=head_dim, **options).to(device)
     with torch.no_grad():
         for p in s.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+            p.add_(torch.randn_like(p) * spread)
     return s
 
 

@@ -13,8 +13,9 @@ their outputs rounded to the inputs' dtype as the kernels' are): a real kernel c
 what it shows. It needs pytest (``pip install -e '.[test]'``).
 
 Each case (scheme and backend, queries at the end of the keys, seed) draws q, k, v of std 2 in the
-dtype, and a learned table moved from its initialisation. The path, the reference in the same dtype
-and the reference in float32 on the same rounded inputs (the truth) each give an output and q/k/v
+dtype, and a learned table moved from its initialisation by 0.7 (as the tests' schemes are). The path,
+the reference in the same dtype and the reference in float32 on the same rounded inputs (the truth)
+each give an output and q/k/v
 gradients under one random output gradient; a tensor's error is its largest distance to the truth's.
 Per row: in how many cases the tests' rule holds for all four tensors (error ≤ 2 × the reference's +
 one unit of the dtype × the largest |truth|), and the path's error over the reference's, the worst of
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 import posbias
-from bench_attention import fix_machine, machine, machine_args
+from bench_attention import fix_machine, machine, machine_args, make_scheme
 from posbias.attention import BACKENDS, attention, attention_reference, usable
 from posbias.schemes import SCHEMES
 
@@ -57,14 +58,6 @@ def stand_in():
         finally:
             patch.undo()
     return run
-
-
-def scheme_for(name: str, heads: int, head_dim: int):
-    scheme = posbias.build(name, n_heads=heads, head_dim=head_dim)
-    with torch.no_grad():  # a learned table, KERPLE or FIRE moved from its initialisation, as the tests do
-        for p in scheme.parameters():
-            p.add_(torch.randn_like(p) * 0.7)
-    return scheme
 
 
 def one_case(scheme, backend: str, dtype, device: str, heads: int, head_dim: int, lq: int, lk: int):
@@ -130,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             if backend != "auto":  # a path that cannot take this case exactly says why, as attention() would refuse it
                 with context():
                     q, pos = torch.empty(1, args.heads, lq, args.head_dim, device=device, dtype=dtype), torch.arange(args.keys)
-                    why = usable(backend, scheme_for(name, args.heads, args.head_dim).to(device), q,
+                    why = usable(backend, make_scheme(name, args.heads, args.head_dim, device, spread=0.7), q,
                                  q_pos=pos[args.keys - lq:].to(device), k_pos=pos.to(device), causal=True)
                 if why is not None:
                     print(f"| {name} | {backend} | {lq} | cannot run: {why} | | |", flush=True)
@@ -139,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             for seed in range(args.seeds):
                 torch.manual_seed(seed)
                 with context():
-                    scheme = scheme_for(name, args.heads, args.head_dim).to(device)
+                    scheme = make_scheme(name, args.heads, args.head_dim, device, spread=0.7)
                     ok, ratios = one_case(scheme, backend, dtype, device, args.heads, args.head_dim, lq, args.keys)
                 holds += ok
                 worst.append((max(ratios), TENSORS[ratios.index(max(ratios))]))

@@ -27,6 +27,11 @@ DEVICES = ["cpu", CUDA]  # a CUDA case and its CPU twin
 STAND_IN = pytest.param("cuda", id="stand-in", marks=[pytest.mark.stand_in_cuda, pytest.mark.skipif(
     torch.cuda.is_available(), reason="a GPU runs the CUDA case itself")])
 REHEARSED = [*DEVICES, STAND_IN]
+#: the path ``auto`` takes on CUDA for each scheme while ``CUDA_VALIDATED`` is ("banded", "alibi") (what a GPU run
+#: validated on 2026-12-04): plain SDPA for the rotary and unbiased ones, banded for a table, the native ALiBi
+#: path, the reference's blocks for the rest
+CUDA_PATHS = {"sinusoidal": "sdpa", "nope": "sdpa", "rope": "sdpa", "t5": "banded", "offset": "banded",
+              "alibi": "alibi", "kerple-log": "blockwise", "kerple-power": "blockwise", "fire": "blockwise"}
 # fake CUDA tensors (PyTorch's meta kernels) run on any CUDA build of torch, GPU or not, from torch 2.11 (2.11-2.15
 # ran them without a GPU; 2.6's and 2.8's fake mode reach the CUDA runtime and fail without a driver)
 CUDA_BUILD = pytest.mark.skipif(

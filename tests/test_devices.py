@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from _helpers import ATTENTION_MODULE, CUDA, NO_CUDA, REHEARSED, STAND_IN, compare, randomized, within_reference_rounding
+from _helpers import ATTENTION_MODULE, CUDA, CUDA_PATHS, NO_CUDA, REHEARSED, STAND_IN, compare, randomized, within_reference_rounding
 
 from posbias import SCHEMES, ToeplitzScheme
 from posbias.attention import CUDA_VALIDATED, attention, attention_reference, choose_backend
@@ -106,11 +106,10 @@ def test_auto_does_not_pick_a_path_no_gpu_run_has_validated(name, device):
     no ``toeplitz`` or ``windowed``, which stand on the CPU's fused op)."""
     s = randomized(name).to(device)
     q, pos = torch.randn(1, 3, 64, 16, device=device), torch.arange(64, device=device)
-    takes = {"rope": "sdpa", "t5": "banded", "offset": "banded", "alibi": "alibi"}.get(name, "blockwise")
-    assert CUDA_VALIDATED == ("banded", "alibi")  # (the choices above change with this list)
+    assert CUDA_VALIDATED == ("banded", "alibi")  # (CUDA_PATHS changes with this list)
     for trains in (False, True):
         with torch.set_grad_enabled(trains):
-            assert choose_backend(s, q, q_pos=pos, k_pos=pos, causal=True) == takes
+            assert choose_backend(s, q, q_pos=pos, k_pos=pos, causal=True) == CUDA_PATHS[name]
 
 
 def test_cuda_candidates_are_the_validated_paths_only(monkeypatch):
