@@ -120,5 +120,8 @@ def run_cases(side: str) -> None:
 
 
 if __name__ == "__main__":
+    import _triton_interpreter
+
+    _triton_interpreter.mend()  # as under pytest (tests/conftest.py)
     run_cases(sys.argv[1])
     print("no access past a tensor's ends")

@@ -1,10 +1,8 @@
-import inspect
 import os
 import signal
 import sys
 from pathlib import Path
 
-import numpy
 import pytest
 import torch
 
@@ -14,35 +12,10 @@ import torch
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-def _mend_triton_interpreter() -> None:
-    """Triton 3.6's interpreter (the one torch 2.11's CUDA builds ship) turns a loop bound computed in a
-    program, a 1-element array there, into an int with ``int(array)``, which NumPy 2.4 refuses ("only
-    0-dimensional arrays can be converted to Python scalars"): every program of the ``triton`` backend
-    then fails in it. Triton 3.7 squeezes the array first; this gives the older interpreter the same
-    (only its Python glue: what the programs compute is untouched)."""
-    try:
-        int(numpy.zeros(1))
-        return  # NumPy before 2.4: the old conversion still works
-    except TypeError:
-        pass
-    try:
-        import triton.runtime.interpreter as interpreter
-    except ImportError:
-        return
-    patch = getattr(interpreter, "_patch_lang_tensor", None)
-    if patch is None or "int(self.handle.data))" not in inspect.getsource(patch):
-        return  # another Triton: nothing to mend
-
-    def mended(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    interpreter._patch_lang_tensor = mended
-
-
 if os.environ.get("TRITON_INTERPRET") == "1":
-    _mend_triton_interpreter()
+    import _triton_interpreter
+
+    _triton_interpreter.mend()  # (its glue only: what the programs compute is untouched)
 
 
 @pytest.fixture

@@ -800,6 +800,55 @@ def test_a_missing_triton_or_one_without_gather_is_named(monkeypatch):
     assert missing() is None
 
 
+@interpreted
+def test_the_interpreters_mend_patches_the_language_once_a_launch_and_computes_bit_for_bit_the_same(monkeypatch):
+    """tests/_triton_interpreter.py's speed mend (conftest applies it): Triton's own ``_patch_lang`` runs
+    once per launch (and once for the helpers of ``triton.language`` itself, whose module sees the language
+    another way) instead of once more per helper call (here 7-10 modules patched a launch against 616-1054);
+    the language is Triton's again after each launch; the programs' outputs and gradients are bit for bit
+    those of the unmended interpreter."""
+    import triton.language as tl
+    import triton.runtime.interpreter as interpreter
+
+    mended = interpreter._patch_lang
+    assert getattr(mended, "once_per_launch", False), "the mend no longer applies to this Triton"
+    counts = []
+    builtin = interpreter._patch_builtin  # what every patch of the language calls, per module patched
+    monkeypatch.setattr(interpreter, "_patch_builtin", lambda *a: (counts.append(a[0]), builtin(*a))[1])
+    per_launch = []  # how many modules each launch patched, helpers included
+    launch = interpreter.GridExecutor.__call__
+
+    def counted(self, *args, **kwargs):
+        before = len(counts)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            per_launch.append(len(counts) - before)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", counted)
+
+    def run():
+        torch.manual_seed(3)
+        scheme = randomized("t5", num_buckets=8, max_distance=10)
+        q, k, v = (torch.randn(1, 3, 40, 16, requires_grad=True) for _ in range(3))
+        pos = torch.arange(40)
+        out = table_flash_kernel(q, k, v, scheme, q_pos=pos, k_pos=pos, causal=True,
+                                 scale=scheme.default_scale(), interpret=True)
+        return [out, *torch.autograd.grad(out.square().sum(), [q, k, v, *scheme.parameters()])]
+
+    got = run()
+    once = per_launch[:]
+    # forward, dK/dV, dQ: each patched the language for itself and once for triton.language's own helpers
+    assert len(once) == 3 and max(once) <= 2 * min(once), once
+    assert tl.core.is_builtin(tl.program_id) and tl.core.is_builtin(tl.tensor.__add__)  # Triton's again
+    per_launch.clear()
+    monkeypatch.setattr(interpreter, "_patch_lang", mended.original)
+    want = run()
+    assert min(per_launch) > 20 * max(once), (per_launch, once)  # unmended: once more for every helper call
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_the_interpreter_is_refused_where_it_is_off_and_the_gpu_where_it_is_on():
     """And ``table_flash_kernel`` runs the GPU's programs unless told to interpret (every other test here
     says ``interpret=True``): under the interpreter its default is refused."""
