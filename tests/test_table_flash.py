@@ -811,7 +811,9 @@ def test_the_interpreters_mend_patches_the_language_once_a_launch_and_computes_b
     import triton.runtime.interpreter as interpreter
 
     mended = interpreter._patch_lang
-    assert getattr(mended, "once_per_launch", False), "the mend no longer applies to this Triton"
+    if not getattr(mended, "once_per_launch", False):  # (Triton 3.9's shape, which the mend checks for)
+        assert not triton.__version__.startswith("3.9."), "the mend no longer applies to Triton 3.9"
+        pytest.skip(f"the mend leaves Triton {triton.__version__}'s interpreter alone (another shape)")
     counts = []
     builtin = interpreter._patch_builtin  # what every patch of the language calls, per module patched
     monkeypatch.setattr(interpreter, "_patch_builtin", lambda *a: (counts.append(a[0]), builtin(*a))[1])
