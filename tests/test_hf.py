@@ -889,7 +889,8 @@ def test_rotary_models_are_read_from_their_config_exactly_or_refused(tmp_path, c
                                           num_hidden_layers=2, intermediate_size=64, vocab_size=100)
     assert {k: v.base for k, v in rope_from_hf(gemma).items()} == {"full_attention": 1e6, "sliding_attention": 1e4}
     for bad, why in (({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 1024}, "rope_type 'llama3' has no exact equivalent"),
+                       "original_max_position_embeddings": 1024}, "^rope_type 'llama3' has no exact equivalent in posbias "
+                      r"\(it has default → plain, linear → pi, dynamic → dynamic-ntk, yarn → yarn\)$"),
                      ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "beta_fast": 16},
                       "gives other frequencies or attention factor in transformers"),
                      ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "truncate": False},
@@ -1111,6 +1112,67 @@ def test_hf_benchmark_in_bf16_compares_each_side_with_float32(capsys, monkeypatc
     assert lines[-3].split("|")[-3:-1] == [" HF err vs fp32 ", " posbias err vs fp32 "]
     hf_err, posbias_err = (float(c) for c in lines[-1].split("|")[-3:-1])
     assert 0 < posbias_err < hf_err
+
+
+@pytest.mark.parametrize("model_type, builder", [("t5", False), ("bloom", False), ("mpt", False), ("mpt", True)])
+def test_accelerate_refuses_a_model_of_a_supported_type_with_no_layer_it_patches(model_type, builder):
+    """A model whose config names a supported family but which holds none of that family's positional
+    attention (a custom stack under a copied config) is refused in one ValueError naming its class
+    (an MPT one without MPT's bias builder was a StopIteration traceback), and is left as it was:
+    unmarked, its configs' attention implementation unchanged."""
+    import types
+
+    from transformers.models.mpt.modeling_mpt import MptModel
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    if builder:  # MPT's slopes are read, but no MptBlock takes them
+        model.build_mpt_alibi_tensor = MptModel.build_mpt_alibi_tensor.__get__(model)
+    model.config = types.SimpleNamespace(model_type=model_type, attn_config=types.SimpleNamespace(alibi=True),
+                                         n_heads=2, _attn_implementation="sdpa")
+    model[0].config = model.config
+    with pytest.raises(ValueError, match="^found no positional self-attention to accelerate in Sequential$"):
+        accelerate(model)
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model, "_posbias_accelerated")
+
+
+def test_the_patched_compute_bias_starts_at_query_0_unless_told_and_densifies_to_the_unpatched_bias():
+    """``compute_bias(lq, lk)`` called as transformers' own is (``past_seen_tokens`` 0 by default) on an
+    accelerated T5 attention: a lazy bias whose dense form is the unpatched method's tensor, at the first
+    query and at a later one."""
+    torch.manual_seed(0)
+    model = randomize_bias(transformers.T5ForConditionalGeneration(t5_config()))
+    layer = model.decoder.block[0].layer[0].SelfAttention
+    want = layer.compute_bias(5, 9)
+    later = layer.compute_bias(1, 9, past_seen_tokens=8)
+    accelerate(model)
+    lazy = layer.compute_bias(5, 9)
+    assert lazy.q_start == 0
+    torch.testing.assert_close(lazy.dense(5, 9, torch.float32), want, atol=0, rtol=0)
+    torch.testing.assert_close(layer.compute_bias(1, 9, past_seen_tokens=8).dense(1, 9, torch.float32), later,
+                               atol=0, rtol=0)
+
+
+def test_a_dynamic_scaling_is_compared_with_posbias_past_the_length_it_was_trained_at(monkeypatch):
+    """Dynamic NTK is plain RoPE up to the trained length, so ``rope_from_hf`` compares transformers'
+    frequencies with posbias's at twice that length: a dynamic scaling that parts from posbias's only
+    past it (here transformers' own, moved by 1% beyond ``max_position_embeddings``) is refused."""
+    from transformers import modeling_rope_utils
+
+    from posbias.integrations.hf import rope_from_hf
+
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
+                                      intermediate_size=64, vocab_size=100, max_position_embeddings=4096,
+                                      rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert rope_from_hf(config)[""].scaling == "dynamic-ntk"
+    real = modeling_rope_utils.ROPE_INIT_FUNCTIONS["dynamic"]
+
+    def parted(config, device, seq_len=None, **kw):
+        inv, factor = real(config, device, seq_len, **kw)
+        return (inv * 1.01 if seq_len is not None and seq_len > config.max_position_embeddings else inv), factor
+
+    monkeypatch.setitem(modeling_rope_utils.ROPE_INIT_FUNCTIONS, "dynamic", parted)
+    with pytest.raises(ValueError, match="rope_type 'dynamic' .* gives other frequencies or attention factor"):
+        rope_from_hf(config)
 
 
 def test_a_preferred_backend_is_taken_where_it_runs_exactly(fast_calls):

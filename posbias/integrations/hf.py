@@ -648,6 +648,8 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     patch = _patch_t5 if kind in T5_FAMILY else _patch_mpt if kind == "mpt" else _patch_bloom
     patched, undo = patch(model, backend)
     if patched == 0:
+        for cfg, impl in undo:  # the configs a T5 patch set, as they were
+            cfg._attn_implementation = impl
         raise ValueError(f"found no positional self-attention to accelerate in {type(model).__name__}")
     object.__setattr__(model, _MARK, undo)
     return model
@@ -681,7 +683,9 @@ def _patch_mpt(model: nn.Module, backend: str) -> tuple[int, list]:
     if not model.config.attn_config.alibi:
         raise ValueError("this MPT model has attn_config.alibi = False: no positional bias to accelerate")
     # the slopes the model itself builds its bias with (transformers 5 ignores attn_config.alibi_bias_max)
-    builder = next(m for m in model.modules() if hasattr(m, "build_mpt_alibi_tensor"))
+    builder = next((m for m in model.modules() if hasattr(m, "build_mpt_alibi_tensor")), None)
+    if builder is None:  # no MPT model inside: nothing to patch (accelerate says so)
+        return 0, []
     slopes = _mpt_slopes(builder.build_mpt_alibi_tensor, model.config.n_heads)
     patched = 0
     for m in model.modules():
