@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -296,6 +297,12 @@ def test_accelerated_umt5_decoder_is_causal_and_warns_where_transformers_is_not(
                  for name, m in (("unpatched", ref), ("accelerated", fast))}
     assert moved["accelerated"] == 0
     assert (moved["unpatched"] > 0) == UMT5_LEAKS
+    leaking = copy.deepcopy(ref)  # as 5.15-5.17 build it, on whichever release runs this: warned once
+    for block in leaking.decoder.block:
+        block.layer[0].SelfAttention.is_causal = False
+    recwarn.clear()
+    accelerate(leaking)
+    assert len([w for w in recwarn.list if "decoder self-attention has is_causal = False" in str(w.message)]) == 1
 
 
 def test_umt5_per_layer_bias_equal():
@@ -1193,6 +1200,28 @@ def test_a_preferred_backend_is_taken_where_it_runs_exactly(fast_calls):
             assert set(fast_calls.backends) == {(backend, False)}
     with pytest.raises(ValueError, match="backend 'fast' is not a posbias backend; valid: auto, reference"):
         accelerate(copy.deepcopy(model), backend="fast")
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_a_preferred_backend_that_cannot_run_gives_way_in_the_alibi_models_too(family, fast_calls):
+    """BLOOM's and MPT's calls ask for the preferred path not strictly either: ``triton`` (CUDA only)
+    gives way on the CPU, and the logits are the unpatched model's."""
+    torch.manual_seed(0)
+    model = (transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=97, hidden_size=48, n_layer=2, n_head=4))
+             if family == "bloom" else transformers.MptForCausalLM(mpt_config(4))).eval()
+    ids = torch.randint(3, 97, (2, 40))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        torch.testing.assert_close(accelerate(copy.deepcopy(model), backend="triton")(input_ids=ids).logits, want,
+                                   atol=2e-5, rtol=1e-4)
+    assert set(fast_calls.backends) == {("triton", False)}
+
+
+def test_the_guide_states_the_key_count_from_which_inference_runs_on_posbias():
+    """``POSBIAS_FROM``, the break-even measured for generation, is the number docs/huggingface.md gives."""
+    guide = " ".join((Path(__file__).parents[1] / "docs" / "huggingface.md").read_text().split())
+    assert f"Inference on fewer than {POSBIAS_FROM} keys (`posbias.integrations.hf.POSBIAS_FROM`" in guide
+    assert f"Below {POSBIAS_FROM} keys inference keeps transformers' path" in guide
 
 
 def _random_model(rng: random.Random):
