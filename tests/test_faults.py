@@ -329,6 +329,10 @@ def test_non_finite_results_are_never_written(tmp_path):
 
     with pytest.raises(ValueError, match="non-finite number \\(nan\\) at records\\[0\\].ppl"):
         write_json(tmp_path / "r.json", {"records": [{"ppl": float("nan")}]})
+    with pytest.raises(ValueError, match="^refusing to write a non-finite number \\(-inf\\) at top level$"):
+        write_json(tmp_path / "r.json", float("-inf"))
+    with pytest.raises(ValueError, match="non-finite number \\(inf\\) at \\[1\\]\\[0\\]$"):
+        write_json(tmp_path / "r.json", [1.0, (float("inf"),)])
     assert not (tmp_path / "r.json").exists()
 
 
