@@ -648,8 +648,7 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     patch = _patch_t5 if kind in T5_FAMILY else _patch_mpt if kind == "mpt" else _patch_bloom
     patched, undo = patch(model, backend)
     if patched == 0:
-        for cfg, impl in undo:  # the configs a T5 patch set, as they were
-            cfg._attn_implementation = impl
+        _put_back(undo)  # the configs a T5 patch set, as they were
         raise ValueError(f"found no positional self-attention to accelerate in {type(model).__name__}")
     object.__setattr__(model, _MARK, undo)
     return model
@@ -720,7 +719,12 @@ def restore(model: nn.Module) -> nn.Module:
                 del m.__dict__[name]
         for name in ("_posbias_slopes", "_posbias_weights_wanted"):
             m.__dict__.pop(name, None)
-    for cfg, impl in undo:
-        cfg._attn_implementation = impl
+    _put_back(undo)
     object.__delattr__(model, _MARK)
     return model
+
+
+def _put_back(undo: list) -> None:
+    """The configs' attention implementations as they were before :func:`accelerate`."""
+    for cfg, impl in undo:
+        cfg._attn_implementation = impl
