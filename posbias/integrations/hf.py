@@ -648,7 +648,6 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     patch = _patch_t5 if kind in T5_FAMILY else _patch_mpt if kind == "mpt" else _patch_bloom
     patched, undo = patch(model, backend)
     if patched == 0:
-        _put_back(undo)  # the configs a T5 patch set, as they were
         raise ValueError(f"found no positional self-attention to accelerate in {type(model).__name__}")
     object.__setattr__(model, _MARK, undo)
     return model
@@ -667,6 +666,8 @@ def _patch_t5(model: nn.Module, backend: str) -> tuple[int, list]:
         cfg = getattr(m, "config", None)
         if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in previous:
             previous[id(cfg)] = (cfg, cfg._attn_implementation)
+    if not patched:  # nothing to accelerate: the configs are left as they are (accelerate refuses)
+        return 0, []
     for cfg, _ in previous.values():
         cfg._attn_implementation = ATTN_IMPLEMENTATION
     if leaky:  # transformers 5.15-5.17 build UMT5 so (5.18 sets is_causal): its decoder then sees later tokens
@@ -719,12 +720,7 @@ def restore(model: nn.Module) -> nn.Module:
                 del m.__dict__[name]
         for name in ("_posbias_slopes", "_posbias_weights_wanted"):
             m.__dict__.pop(name, None)
-    _put_back(undo)
-    object.__delattr__(model, _MARK)
-    return model
-
-
-def _put_back(undo: list) -> None:
-    """The configs' attention implementations as they were before :func:`accelerate`."""
     for cfg, impl in undo:
         cfg._attn_implementation = impl
+    object.__delattr__(model, _MARK)
+    return model
