@@ -1,6 +1,8 @@
 """Helpers shared by the test files."""
 
 import importlib
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -175,6 +177,20 @@ def one_line_error(capsys, code, *needles):
     for n in needles:
         assert n in err, err
     return err
+
+
+def main_timed(capsys, argv):
+    """Run ``posbias ARGV`` (it must succeed) and return what it printed, having checked its closing
+    ``done in N s``: said once, and N no more than the seconds measured around the call."""
+    from posbias.cli import main
+
+    t0 = time.perf_counter()
+    assert main(argv) == 0
+    wall = time.perf_counter() - t0
+    said = "".join(capsys.readouterr())
+    took = [int(n) for n in re.findall(r"done in (\d+) s", said)]
+    assert len(took) == 1 and took[0] <= wall + 0.5, (took, wall)
+    return said
 
 
 def tiny_checkpoint(path, scheme, **options):

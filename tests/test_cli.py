@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import TINY_L, figures_drawn, tiny_checkpoint
+from _helpers import TINY_L, figures_drawn, one_line_error, tiny_checkpoint
 
 from posbias import build
 from posbias.cli import build_parser, main
@@ -164,11 +164,13 @@ def test_help_shows_defaults_presets_and_scheme_options(capsys):
 @pytest.mark.parametrize("command", ["list", "show", "plot", "extrapolate", "retrofit", "diagnose"])
 def test_every_help_text_reads_as_written(capsys, command):
     """No escaped percent sign left in a help text (argparse formats ``help=`` strings with ``%`` but
-    not descriptions: ``95%%`` there reached the user as written) and no unfilled ``%(default)s``."""
+    not descriptions: ``95%%`` there reached the user as written), no unfilled ``%(default)s``, and no
+    default that says nothing (a yes/no flag off, an option with none)."""
     with pytest.raises(SystemExit):
         main([command, "--help"])
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     assert "%%" not in out and "%(" not in out
+    assert "(default: False)" not in out and "(default: None)" not in out
 
 
 def test_every_option_says_what_it_does():
@@ -529,10 +531,11 @@ def test_plot_draws_what_a_rope_scaling_does_to_each_pair(tmp_path, capsys):
 
 def test_show_is_deterministic_and_prints_options(capsys):
     outs = []
-    for seed in ("0", "0", "1"):
-        assert main(["show", "kerple-log", "--heads", "2", "--seed", seed]) == 0
+    for seed in (["--seed", "0"], ["--seed", "0"], ["--seed", "1"], []):
+        assert main(["show", "kerple-log", "--heads", "2", *seed]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] != outs[2]
+    assert outs[3] == outs[0]  # seed 0 unless told
     assert main(["show", "t5", "--max-distance", "64"]) == 0
     assert "options in use: num_buckets=32, max_distance=64, bidirectional=False" in capsys.readouterr().out
 
@@ -847,7 +850,17 @@ def test_show_takes_a_flag_for_a_true_option_and_tabulates_eight_heads_by_defaul
     assert "clip=True" in bare
     assert main(["show", "offset", "--clip", "true"]) == 0 and capsys.readouterr().out == bare
     assert main(["show", "alibi"]) == 0
-    assert "  ALiBi(n_heads=8, " in capsys.readouterr().out
+    assert "  ALiBi(n_heads=8, head_dim=64, " in capsys.readouterr().out
+
+
+def test_plot_draws_the_schemes_show_tabulates_unless_told():
+    """``plot`` and ``show`` build their schemes at one shape and seed by default (8 heads of 64
+    dimensions, seed 0): a learnable scheme's heatmap is of the initial values ``show`` lists."""
+    from posbias.cli import build_parser
+
+    shape = ("heads", "head_dim", "seed")
+    plot, show = build_parser().parse_args(["plot"]), build_parser().parse_args(["show", "kerple-log"])
+    assert [getattr(plot, k) for k in shape] == [getattr(show, k) for k in shape] == [8, 64, 0]
 
 
 @pytest.mark.parametrize("command", ["clean", "list", "show"])
@@ -890,6 +903,22 @@ def test_a_checkpoints_figures_follow_its_direction_and_its_line_gives_the_range
         span = "±40" if name == "enc" else "0–40"
         assert f"bias from {float(b.min()) + 0.0:+.3f} to {float(b.max()) + 0.0:+.3f} over distances {span}" in said
         assert float(b.min()) != float(b.max())
+
+
+def test_plot_draws_a_checkpoint_that_records_no_training_length_without_one(tmp_path, monkeypatch):
+    """A checkpoint with no training length in its record (one saved by the library, not by a
+    study) is drawn, given itself or the folder of a study it sits in, with no L marked; a
+    checkpoint that records L has it marked."""
+    from posbias import checkpoint as ckpt
+
+    drawn = figures_drawn(monkeypatch)
+    model = ckpt.load_model(tiny_checkpoint(tmp_path / "t", "alibi"))
+    alone = ckpt.save_checkpoint(tmp_path / "alone", model, extra={})
+    ckpt.save_checkpoint(tmp_path / "study" / "models" / "t5-seed0-0123456789" / "final",
+                         ckpt.load_model(tiny_checkpoint(tmp_path / "u", "t5")), extra={})
+    assert main(["plot", "--checkpoint", str(alone), str(tmp_path / "study"), str(tmp_path / "t"),
+                 "--out", str(tmp_path / "p")]) == 0
+    assert drawn["learned_bias_vs_distance.png"]["trained"] == [None, None, TINY_L]
 
 
 def test_clean_prints_each_stale_item_the_reports_by_reason_and_the_bytes_it_frees(tmp_path, monkeypatch, capsys):
@@ -981,6 +1010,24 @@ def stopped_jobs(monkeypatch):
     return ran
 
 
+def test_extrapolate_shows_progress_unless_quiet_and_keeps_last_unless_told(tmp_path, monkeypatch, capsys):
+    """What ``posbias extrapolate`` hands the study: progress bars unless --quiet, each model's last/
+    kept unless --no-keep-last."""
+    from posbias import study
+
+    handed = []
+
+    def stop(cfg, out, **kwargs):
+        handed.append(kwargs)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(study, "run_study", stop)
+    for extra in ([], ["--quiet"], ["--no-keep-last"]):
+        one_line_error(capsys, main(["extrapolate", "--schemes", "alibi", "--out", str(tmp_path), *extra]),
+                       "stopped by the test")
+    assert [(k["progress"], k["keep_last"]) for k in handed] == [(True, True), (False, True), (True, False)]
+
+
 def test_retrofit_and_diagnose_run_their_configs_defaults(tmp_path, stopped_jobs, capsys):
     """With no flag but the required ones, ``posbias retrofit`` and ``posbias diagnose`` run exactly
     ``RetrofitConfig(to, methods)`` and ``DiagnoseConfig()``: every flag's default is the config's
@@ -995,7 +1042,8 @@ def test_retrofit_and_diagnose_run_their_configs_defaults(tmp_path, stopped_jobs
     main(["diagnose", str(path), "--out", str(tmp_path / "d")])
     assert [cfg for cfg, _ in stopped_jobs] == [RetrofitConfig(to=4 * TINY_L, methods=("pi",)), DiagnoseConfig()]
     assert all(kwargs["progress"] for _, kwargs in stopped_jobs)  # bars unless --quiet
-    assert "trained on" not in capsys.readouterr().out  # tiny_checkpoint records no corpus: nothing to compare
+    said = capsys.readouterr().out  # tiny_checkpoint records no corpus: nothing to compare, no line on the text
+    assert "trained on" not in said and "corpus" not in said
     assert main(["retrofit", str(path), "--method", "pi"]) == 2
     assert capsys.readouterr().err.strip().endswith("the following arguments are required: --to")
 

@@ -11,7 +11,7 @@ import statistics
 import pytest
 import torch
 from torch.nn import functional as F
-from _helpers import TINY, TINY_L, one_line_error, perturb_, tiny_checkpoint
+from _helpers import TINY, TINY_L, main_timed, one_line_error, perturb_, tiny_checkpoint
 
 from posbias import checkpoint as ckpt
 from posbias import ntk_lambda, passkey, rope_frequencies, t5_bucket
@@ -1014,8 +1014,7 @@ def test_checkpoint_jobs_say_whether_they_measure_on_the_training_text(tmp_path,
                          (["retrofit", str(path), "--to", str(2 * L), "--method", "swap-t5", *common], "results.md")):
         for data, same in ((["--data", str(text_file)], False), ([], True)):
             out = tmp_path / f"{argv[0]}-{same}"
-            assert main([*argv, *data, "--out", str(out)]) == 0
-            said = "".join(capsys.readouterr())
+            said = main_timed(capsys, [*argv, *data, "--out", str(out)])
             md = (out / report).read_text()
             if same:
                 assert "not** the text" not in md and "the text the checkpoint was trained on." in md
@@ -1063,8 +1062,7 @@ def test_diagnose_compares_the_models_of_a_folder(tmp_path, capsys, text_file):
     argv = ["diagnose", str(tmp_path / "study"), str(study / "fire-seed0-abcdef0123"), "--length", str(2 * L),
             "--passkey-steps", "2", "--passkey-samples", "2", "--eval-tokens", str(EVAL), "--data", str(text_file),
             "--out", str(out), "--quiet"]
-    assert main(argv) == 0
-    said = "".join(capsys.readouterr())
+    said = main_timed(capsys, argv)
     assert "[1/2] fire-seed0 (" in said and "[2/2] t5-seed0 (" in said and "[3/" not in said
     assert "* The context past L:" in said and "comparison.md" in said
     rows = json.loads((out / "comparison.json").read_text())["rows"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import TINY, block_written_out, figures_drawn, perturb_, random_options
+from _helpers import TINY, block_written_out, figures_drawn, main_timed, perturb_, random_options
 
 from posbias import checkpoint as ckpt
 from posbias import store
@@ -269,8 +269,7 @@ def test_a_study_at_L_alone_points_diagnose_at_its_default_window(tmp_path, text
 
 def test_extrapolate_end_to_end_and_reuse(tmp_path, capsys, text_file):
     argv = ["extrapolate", "--schemes", "alibi", "rope", *STUDY, "--data", str(text_file), "--out", str(tmp_path / "run")]
-    assert main(argv) == 0
-    announced = capsys.readouterr().out
+    announced = main_timed(capsys, argv)
     assert "2 scheme(s) x 1 seed(s) = 2 models of 3 steps" in announced and "about 40 s per model" in announced
     assert "at most about" in announced  # the ETA after the first trained model
     assert f"side by side: posbias diagnose {tmp_path / 'run'}" in announced  # the next step, with its folder
