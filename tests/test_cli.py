@@ -150,6 +150,7 @@ def test_help_shows_defaults_presets_and_scheme_options(capsys):
         (["extrapolate", "--help"], ["default runs/study", "presets (flags override them)", "about 6 min",
                                      "results.md", "--scheme-option", "default 100"]),
         (["show", "--help"], ["scheme options:", "--max-distance (an integer, default 128)", "--clip (true/false"]),
+        (["show", "t5", "--help"], ["and the bucket each falls in"]),
         (["plot", "--help"], ["(default: plots)"]),
         (["--version"], ["posbias 0.1.0"]),
     ]:
@@ -158,7 +159,10 @@ def test_help_shows_defaults_presets_and_scheme_options(capsys):
         assert exc.value.code == 0
         out = capsys.readouterr().out
         for n in needles:
-            assert n in out, (argv, n)
+            assert n in " ".join(out.split()), (argv, n)
+    with pytest.raises(SystemExit):
+        main(["show", "alibi", "--help"])
+    assert "bucket" not in capsys.readouterr().out  # buckets are T5's
 
 
 @pytest.mark.parametrize("command", ["list", "show", "plot", "extrapolate", "retrofit", "diagnose"])
@@ -872,13 +876,16 @@ def test_help_of_commands_with_positional_arguments_prints(command, capsys):
 
 def test_each_figure_is_drawn_for_the_direction_of_its_scheme(tmp_path, monkeypatch):
     """The bidirectional bucket map is drawn bidirectional, and a two-sided scheme's heatmap without the
-    causal mask."""
+    causal mask and with its label in the title."""
     drawn = figures_drawn(monkeypatch)
     assert main(["plot", "--schemes", "t5", "t5@bidirectional=true", "--heads", "2", "--out", str(tmp_path)]) == 0
     assert drawn["t5_bucket_map.png"].get("bidirectional", False) is False
     assert drawn["t5_bucket_map_bidirectional.png"]["bidirectional"] is True
     assert drawn["heatmap_t5.png"]["causal"] is True
     assert drawn["heatmap_t5_bidirectional_true.png"]["causal"] is False
+    # each title names what is drawn, and the label where it is not the scheme's bare name
+    assert "(t5" not in drawn["heatmap_t5.png"]["note"]
+    assert drawn["heatmap_t5_bidirectional_true.png"]["note"].endswith(" (t5@bidirectional=true)")
 
 
 def test_a_checkpoints_figures_follow_its_direction_and_its_line_gives_the_range_drawn(tmp_path, monkeypatch, capsys):
