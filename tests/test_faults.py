@@ -184,6 +184,17 @@ def test_nan_weights_are_refused(saved, capsys):
     with pytest.raises(ValueError, match="non-finite weights \\(head.weight\\)"):
         ckpt.load_model(saved)
     one_line_error(capsys, main(["diagnose", str(saved), "--out", str(saved.parent / "d")]), "non-finite")
+    # several: the first three named, in the file's order, and "…" only where there are more
+    floats = [k for k, t in state.items() if t.is_floating_point() and k != "head.weight"]
+    for n in (2, 3):
+        for k in floats[:n]:
+            state[k].view(-1)[0] = float("inf")
+        save_file(state, str(saved / ckpt.MODEL_FILE))
+        named = [k for k in state if k in {"head.weight", *floats[:n]}]
+        with pytest.raises(ValueError) as err:
+            ckpt.load_model(saved)
+        listed = ", ".join(named[:3]) + (" …" if n == 3 else "")
+        assert f"holds non-finite weights ({listed}); refusing" in str(err.value)
 
 
 @pytest.mark.parametrize("stride", [None, 8])
@@ -209,8 +220,11 @@ def test_config_that_does_not_fit_is_refused(saved, edit, match):
     meta = json.loads((saved / ckpt.CONFIG_FILE).read_text())
     edit(meta)
     (saved / ckpt.CONFIG_FILE).write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as err:
         ckpt.load_model(saved)
+    # torch's own account of the mismatch (dozens of lines here) cut to its first lines, 300 characters
+    detail = str(err.value).partition("(")[2]
+    assert "\n" not in str(err.value) and 0 < len(detail.removesuffix(")")) <= 300
 
 
 def test_a_config_without_a_model_a_training_length_or_a_valid_multiplier_is_refused(saved):
