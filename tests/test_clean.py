@@ -204,3 +204,45 @@ def test_what_is_judged_and_freed_in_a_folder_of_caches_and_models(tmp_path, cap
                                                     "removed 0.0 MiB"]
     (tmp_path / ".posbias.lock").write_text("")  # a lock file that names no holder
     assert store.lock_holder(tmp_path) == "another process"
+
+
+def test_a_report_names_the_first_three_of_its_stale_models(tmp_path):
+    """A study's report and a comparison of diagnoses whose models are gone are named with the first
+    three of those models, and "…" only where there are more."""
+    for n in (3, 4):
+        study, compared = tmp_path / f"study{n}", tmp_path / f"compared{n}"
+        study.mkdir()
+        compared.mkdir()
+        names = [f"t5-seed{k}" for k in range(n)]
+        (study / "results.json").write_text(json.dumps({"records": [{"model_dir": f"models/{m}"} for m in names]}))
+        (compared / "comparison.json").write_text(json.dumps({"rows": [{"model": m} for m in names]}))
+        listed = ", ".join(names[:3]) + (", …" if n > 3 else "")
+        assert clean.find(study).reports == [(study / "results.json", f"{n} of its {n} models' results are stale "
+                                              f"or gone ({listed}): re-run the study to refresh it")]
+        assert clean.find(compared).reports == [(compared / "comparison.json", f"{n} of its {n} models' reports are "
+                                                 f"stale or gone ({listed}): re-run the diagnosis to refresh it")]
+
+
+def test_clean_holds_every_free_run_folder_beside_a_busy_one(tmp_path):
+    """While ``clean`` works it holds the lock of every run folder it may list, those sorted after a
+    busy one too, and leaves alone what lies below the busy one."""
+    for sub in ("a", "a/inner", "b"):
+        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub / store.LOCK_FILE).touch()
+
+    def free(sub):  # another open file of the lock: flock refuses it while the folder is held
+        with open(tmp_path / sub / store.LOCK_FILE) as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            return True
+
+    with open(tmp_path / "a" / store.LOCK_FILE) as busy:
+        fcntl.flock(busy.fileno(), fcntl.LOCK_SH)  # a run works in a/
+        with clean.locked(tmp_path) as held:
+            assert list(held.busy) == [tmp_path / "a"]
+            assert not free("b") and free("a/inner")
+    assert free("b")
+
