@@ -48,11 +48,13 @@ def test_a_folder_passes_over_hidden_and_binary_files_and_names_them(tmp_path):
 
 
 def test_many_passed_over_files_are_counted_and_a_few_named(tmp_path):
+    """Three passed-over files of a kind are named, all; past three, the first three and a count."""
     (tmp_path / "a.txt").write_text(_text(3000))
-    for i in range(5):
-        (tmp_path / f"img{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
-    assert local_corpus(tmp_path).notes == (f"passed over 5 binary files (a NUL byte in the first {BINARY_PROBE:,} "
-                                            "bytes): img0.png, img1.png, img2.png and 2 more",)
+    for n, named in ((3, "img0.png, img1.png, img2.png"), (5, "img0.png, img1.png, img2.png and 2 more")):
+        for i in range(n):
+            (tmp_path / f"img{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+        assert local_corpus(tmp_path).notes == (f"passed over {n} binary files (a NUL byte in the first "
+                                                f"{BINARY_PROBE:,} bytes): {named}",)
 
 
 def test_a_file_named_by_the_user_is_read_as_given_with_a_note_when_binary(tmp_path):
