@@ -85,12 +85,12 @@ def _flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
-def _shape_args(p: argparse.ArgumentParser, seed_help: str) -> None:
+def _shape_args(p: argparse.ArgumentParser) -> None:
     """--heads, --head-dim and --seed of the schemes ``show`` tabulates and ``plot`` draws: one default
     each, so both commands describe the same schemes unless told otherwise."""
     p.add_argument("--heads", type=int, default=8, help="attention heads")
     p.add_argument("--head-dim", type=int, default=64, help="head dimension")
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--seed", type=int, default=0, help="seed of the learnable schemes' initial values")
 
 
 # -- list -------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def add_show_parsers(sub: argparse._SubParsersAction) -> None:
                                   help="a registered scheme name (see `posbias list`)")
     for name, cls in SCHEMES.items():
         p = per_scheme.add_parser(name, help=cls.summary, formatter_class=_Help)
-        _shape_args(p, "seed of a learnable scheme's initial values")
+        _shape_args(p)
         if cls.family == "additive":
             p.add_argument("--offsets", type=int, nargs="+", metavar="I-J",
                            help="the bias each head adds at these offsets i − j" + (
@@ -191,7 +191,7 @@ def add_plot_parser(sub: argparse._SubParsersAction) -> None:
                            "(runs/…/models/<label>/final), model folders, a study's or retrofit's folder (every "
                            "model in it, as diagnose reads them) or local Hugging Face T5/mT5/UMT5/Switch/BLOOM/MPT folders, or the rotation of any with rope parameters (Llama, Qwen, …) "
                            "(read without building the model; nothing is downloaded)")
-    _shape_args(p, "seed of the learnable schemes' initialisation")
+    _shape_args(p)
     p.add_argument("--length", type=int, default=64,
                    help="tokens in the heatmaps (past 512, 512 evenly spread positions per axis are drawn)")
     p.add_argument("--num-buckets", type=int, default=None,

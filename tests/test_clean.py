@@ -230,14 +230,9 @@ def test_clean_holds_every_free_run_folder_beside_a_busy_one(tmp_path):
         (tmp_path / sub).mkdir(parents=True, exist_ok=True)
         (tmp_path / sub / store.LOCK_FILE).touch()
 
-    def free(sub):  # another open file of the lock: flock refuses it while the folder is held
-        with open(tmp_path / sub / store.LOCK_FILE) as fh:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-            return True
+    def free(sub):  # another open file of the lock: refused at once while the folder is held
+        with store.item_lock(tmp_path / sub / store.LOCK_FILE, wait=False) as held:
+            return held
 
     with open(tmp_path / "a" / store.LOCK_FILE) as busy:
         fcntl.flock(busy.fileno(), fcntl.LOCK_SH)  # a run works in a/

@@ -860,8 +860,6 @@ def test_show_takes_a_flag_for_a_true_option_and_tabulates_eight_heads_by_defaul
 def test_plot_draws_the_schemes_show_tabulates_unless_told():
     """``plot`` and ``show`` build their schemes at one shape and seed by default (8 heads of 64
     dimensions, seed 0): a learnable scheme's heatmap is of the initial values ``show`` lists."""
-    from posbias.cli import build_parser
-
     shape = ("heads", "head_dim", "seed")
     plot, show = build_parser().parse_args(["plot"]), build_parser().parse_args(["show", "kerple-log"])
     assert [getattr(plot, k) for k in shape] == [getattr(show, k) for k in shape] == [8, 64, 0]
@@ -1002,9 +1000,9 @@ def test_a_retrofit_writes_beside_the_others_under_its_models_name_unless_told(t
 
 @pytest.fixture()
 def stopped_jobs(monkeypatch):
-    """``run_retrofit`` and ``run_diagnose`` replaced by a stop (ValueError, one line and exit 2) that
-    records what the command handed them: ``(config, keyword arguments)`` per call."""
-    from posbias import diagnose, retrofit
+    """``run_study``, ``run_retrofit`` and ``run_diagnose`` replaced by a stop (ValueError, one line and
+    exit 2) that records what the command handed them: ``(config, keyword arguments)`` per call."""
+    from posbias import diagnose, retrofit, study
 
     ran = []
 
@@ -1012,27 +1010,19 @@ def stopped_jobs(monkeypatch):
         ran.append((cfg, kwargs))
         raise ValueError("stopped by the test")
 
+    monkeypatch.setattr(study, "run_study", lambda cfg, out, **kwargs: stop(out, cfg, **kwargs))
     monkeypatch.setattr(retrofit, "run_retrofit", stop)
     monkeypatch.setattr(diagnose, "run_diagnose", stop)
     return ran
 
 
-def test_extrapolate_shows_progress_unless_quiet_and_keeps_last_unless_told(tmp_path, monkeypatch, capsys):
+def test_extrapolate_shows_progress_unless_quiet_and_keeps_last_unless_told(tmp_path, stopped_jobs, capsys):
     """What ``posbias extrapolate`` hands the study: progress bars unless --quiet, each model's last/
     kept unless --no-keep-last."""
-    from posbias import study
-
-    handed = []
-
-    def stop(cfg, out, **kwargs):
-        handed.append(kwargs)
-        raise ValueError("stopped by the test")
-
-    monkeypatch.setattr(study, "run_study", stop)
     for extra in ([], ["--quiet"], ["--no-keep-last"]):
         one_line_error(capsys, main(["extrapolate", "--schemes", "alibi", "--out", str(tmp_path), *extra]),
                        "stopped by the test")
-    assert [(k["progress"], k["keep_last"]) for k in handed] == [(True, True), (False, True), (True, False)]
+    assert [(k["progress"], k["keep_last"]) for _, k in stopped_jobs] == [(True, True), (False, True), (True, False)]
 
 
 def test_retrofit_and_diagnose_run_their_configs_defaults(tmp_path, stopped_jobs, capsys):

@@ -193,7 +193,7 @@ def test_nan_weights_are_refused(saved, capsys):
         named = [k for k in state if k in {"head.weight", *floats[:n]}]
         with pytest.raises(ValueError) as err:
             ckpt.load_model(saved)
-        listed = ", ".join(named[:3]) + (" …" if n == 3 else "")
+        listed = ", ".join(named[:3]) + (" …" if len(named) > 3 else "")
         assert f"holds non-finite weights ({listed}); refusing" in str(err.value)
 
 
