@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 #   make TORCH_SPEC='torch>=2.6' test
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# make test runs the suite in this many pytest-xdist workers (auto: one per core; 0: in this process),
+# each with its share of the cores as torch threads (tests/conftest.py)
+TEST_WORKERS ?= auto
 
 .PHONY: venv demo test test-fast bench bench-quick clean
 
@@ -22,10 +25,10 @@ demo: $(STAMP)
 	$(VENV)/bin/posbias extrapolate --preset demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_attention.py
