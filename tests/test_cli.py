@@ -145,6 +145,28 @@ def test_output_piped_into_head_stops_quietly():
     assert "Traceback" not in r.stderr and r.stdout.startswith("alibi")
 
 
+def test_a_line_reaches_a_pipe_when_it_is_said(tmp_path):
+    """A job piped into ``tee`` shows each line as it is said, not when the job ends or 8 KB have
+    gathered in Python's buffer: here a child says one line, then waits until a file appears, and the
+    line must reach the pipe while it waits (the one flush=True no in-process test can see). The child
+    runs without PYTHONUNBUFFERED, which some machines set and which would hide the fault."""
+    import select
+
+    go = tmp_path / "go"
+    code = ("import os, time; from posbias.cli import say; say('first')\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
+            "say('last')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (as a user's shell has it)
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env) as p:
+        try:
+            assert select.select([p.stdout], [], [], 60)[0], "nothing reached the pipe while the job ran"
+            assert p.stdout.readline() == "first\n"
+        finally:
+            go.touch()
+            p.wait(60)
+        assert p.stdout.read() == "last\n" and p.returncode == 0
+
+
 def test_help_shows_defaults_presets_and_scheme_options(capsys):
     for argv, needles in [
         (["extrapolate", "--help"], ["default runs/study", "presets (flags override them)", "about 6 min",
