@@ -120,3 +120,70 @@ def test_per_line_measures_which_test_runs_each_line(mutate, tmp_path):
     assert status == "survived" and "2 passed" in last
     assert ids == ["tests/test_m.py::test_one", "tests/test_m.py::test_two"]
     assert by_line == {1: ids, 2: ids, 3: ids[:1], 4: ids[1:]}
+
+
+def test_changed_since_takes_the_lines_git_diff_shows_added_or_changed(mutate, tmp_path):
+    """``--changed-since REV``: the working tree's lines in the hunks of ``git diff REV`` (committed since
+    or not; a changed line, added ones, none for a pure deletion); a revision git does not know is a
+    ValueError in git's words."""
+    import subprocess
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "root")
+    m = tmp_path / "m.py"
+    m.write_text("a = 1\nb = 2\nc = 3\nd = 4\ne = 5\n")
+    git("add", "m.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "m")
+    assert mutate.changed_lines("m.py", "HEAD", tmp_path) == set()
+    m.write_text("a = 1\nb = 20\nc = 3\nd = 4\nx = 0\ny = 0\n")  # b changed; e deleted, x and y added
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "changed")
+    m.write_text("a = 1\nb = 20\nc = 3\nx = 0\ny = 0\n")  # and d deleted, uncommitted
+    assert mutate.changed_lines("m.py", "HEAD", tmp_path) == set()  # (a deletion alone leaves no line)
+    assert mutate.changed_lines("m.py", "HEAD~1", tmp_path) == {2, 4, 5}
+    with pytest.raises(ValueError, match="git diff nosuch: fatal: bad revision 'nosuch'"):
+        mutate.changed_lines("m.py", "nosuch", tmp_path)
+
+
+def test_jobs_run_each_mutant_once_in_a_copy_no_other_run_is_using(mutate, monkeypatch, capsys, tmp_path):
+    """``--jobs 2``: two mutants at a time, each run in a copy of the project of its own that holds that
+    mutant and no other while it runs; every mutant is run and reported once, and logged with its status
+    (here a stand-in for pytest that sees the copy's module and kills every other mutant)."""
+    import threading
+    import time
+
+    module = "posbias/schemes/kerple.py"
+    source = (ROOT / module).read_text()
+    chosen = list(range(6))
+    which = {mutate.mutated(source, i): i for i in chosen}
+    lock, busy, seen = threading.Lock(), set(), []
+    at_once = [0]
+
+    def run(cmd, cwd, env, timeout):
+        text = (Path(cwd) / module).read_text()
+        with lock:
+            assert cwd not in busy, "two runs in one copy"
+            busy.add(cwd)
+            at_once[0] = max(at_once[0], len(busy))
+        time.sleep(0.2)
+        try:
+            assert (Path(cwd) / module).read_text() == text and env["PYTHONPATH"] == str(cwd)
+            if text not in which:  # the unmutated run
+                return "survived", "1 passed"
+            seen.append((which[text], cwd))
+            return ("killed" if which[text] % 2 else "survived"), "1 failed"
+        finally:
+            with lock:
+                busy.discard(cwd)
+
+    monkeypatch.setattr(mutate, "_run", run)
+    log = tmp_path / "log.jsonl"
+    assert mutate.main([module, "tests/test_golden.py", "--only", *map(str, chosen), "--jobs", "2", "--log", str(log)]) == 0
+    assert sorted(i for i, _ in seen) == chosen and len({cwd for _, cwd in seen}) == 2 and at_once[0] == 2
+    out = capsys.readouterr().out
+    import json
+
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted((r["index"], r["status"]) for r in records) == [(i, "killed" if i % 2 else "survived") for i in chosen]
+    assert "6 mutants: 3 killed, 3 survived, 0 timed out" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("  survived")] == ["0", "2", "4"]

@@ -18,6 +18,11 @@ stops the run. Docstrings are not mutated.
     python tools/mutate.py posbias/schemes/t5.py tests/test_cli.py --only 49 125   # the mutants numbered so
     python tools/mutate.py posbias/schemes/fire.py tests/test_kernels.py -k piecewise
     python tools/mutate.py posbias/report/diagnose.py tests/test_retrofit.py --per-line
+    python tools/mutate.py posbias/cli.py tests/test_cli.py --changed-since main --jobs 2   # what a change touched
+
+``--changed-since REV`` takes only the mutants on the lines ``git diff REV`` shows added or changed in the
+working tree (committed since REV or not): after a module's campaign, its later changes alone.
+``--jobs N`` runs N mutants at a time, each in a copy of its own.
 
 ``--per-line`` runs each mutant against only the tests that execute its line: the unmutated run is
 measured by coverage.py with one context per test, and a mutant of a line no test reaches in this
@@ -33,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import queue
+import re
 import importlib.util
 import json
 import os
@@ -43,6 +50,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +158,19 @@ def project_files(root: Path = ROOT) -> list[str]:
     return sorted({f.decode() for f in out.split(b"\0") if f})
 
 
+def changed_lines(module: str, rev: str, root: Path = ROOT) -> set[int]:
+    """The lines of ``module`` in the working tree that ``git diff REV`` shows added or changed (hunks of
+    new lines; a pure deletion leaves no line to mutate). A revision git does not know is a
+    ``ValueError`` with git's own words."""
+    got = subprocess.run(["git", "diff", "-U0", "--no-color", rev, "--", module], cwd=root, capture_output=True, text=True)
+    if got.returncode:
+        raise ValueError(f"git diff {rev}: {got.stderr.strip().splitlines()[0] if got.stderr.strip() else 'failed'}")
+    lines: set[int] = set()
+    for start, count in re.findall(r"^@@ -\S+ \+(\d+)(?:,(\d+))? @@", got.stdout, re.M):
+        lines.update(range(int(start), int(start) + (1 if count == "" else int(count))))
+    return lines
+
+
 def _copy_project(into: Path) -> None:
     for name in project_files():
         src = ROOT / name
@@ -250,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-line", action="store_true",
                    help="run each mutant against only the tests that execute its line (the unmutated run measured "
                         "by coverage.py); a line no test reaches in this process runs them all")
+    p.add_argument("--changed-since", metavar="REV",
+                   help="only the mutants on lines `git diff REV` shows added or changed (committed or not)")
+    p.add_argument("--jobs", type=int, default=1, help="mutants run at a time, each in its own copy (default 1)")
     p.add_argument("--list", action="store_true", help="print the mutants and exit")
     args = p.parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `… --list | head` ends quietly
@@ -264,8 +289,22 @@ def main(argv: list[str] | None = None) -> int:
     every = mutants(source)
     if not every:
         p.error(f"{args.module} has no place a mutation applies")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: give 1 or more")
+    if args.only and args.changed_since:
+        p.error("--only and --changed-since choose the mutants two ways: give one")
+    candidates = every
+    if args.changed_since:
+        try:
+            changed = changed_lines(args.module, args.changed_since)
+        except ValueError as e:
+            p.error(str(e))
+        candidates = [m for m in every if m.line in changed]
+        if not candidates:
+            print(f"{module}: no mutation site on the {len(changed)} lines changed since {args.changed_since}")
+            return 0
     if args.list:
-        for m in every:
+        for m in candidates:
             print(f"{m.index:4d}  line {m.line:4d}  {m.what}")
         return 0
     if args.only:
@@ -274,27 +313,29 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--only {bad[0]} is not a mutant of {args.module} (0 ... {len(every) - 1})")
         chosen = [every[i] for i in args.only]
     else:
-        chosen = list(every)
+        chosen = list(candidates)
         random.Random(args.seed).shuffle(chosen)
         chosen = chosen[:args.sample] if args.sample > 0 else sorted(chosen, key=lambda m: m.index)
 
     cmd = pytest_command(args.tests, args.keyword, slow=args.slow)
-    with tempfile.TemporaryDirectory(prefix="posbias-mutants-") as tmp:
-        work = Path(tmp)
-        _copy_project(work)
-        env = dict(os.environ, PYTHONPATH=str(work), OMP_NUM_THREADS=str(args.threads))
-        target = work / module
+    with ExitStack() as stack:
+        works = [Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="posbias-mutants-")))
+                 for _ in range(min(args.jobs, len(chosen)) or 1)]
         printed_source = ast.unparse(ast.parse(source))
-        target.write_text(printed_source)  # the unmutated module as the mutants print it
+        for work in works:
+            _copy_project(work)
+            (work / module).write_text(printed_source)  # the unmutated module as the mutants print it
+        work = works[0]
+        env_of = {w: dict(os.environ, PYTHONPATH=str(w), OMP_NUM_THREADS=str(args.threads)) for w in works}
         start = time.time()
         if args.per_line:
-            status, last, node_ids, by_line = _covered(cmd, work, env, target)
+            status, last, node_ids, by_line = _covered(cmd, work, env_of[work], work / module)
             starts, at_import = statement_starts(printed_source), run_at_import(printed_source)
             # the mutants' lines in the re-printed module coverage measured (same walk, other line numbers)
             printed = mutants(printed_source)
             assert [m.what for m in printed] == [m.what for m in every], "ast.unparse changed the mutation sites"
         else:
-            status, last = _run(cmd, work, env, 3600)
+            status, last = _run(cmd, work, env_of[work], 3600)
         took = time.time() - start
         print(f"{module}: {len(every)} mutation sites; unmutated run {status} in {took:.0f} s ({last})", flush=True)
         if status != "survived":
@@ -303,31 +344,52 @@ def main(argv: list[str] | None = None) -> int:
         timeout = args.timeout or max(30.0, 3 * took)
         counts = {"killed": 0, "survived": 0, "timeout": 0}
         survivors = []
-        for m in chosen:
-            target.write_text(mutated(source, m.index))
-            run = cmd
-            if args.per_line:
-                line = printed[m.index].line
-                tests = node_ids if line in at_import else (by_line.get(line) or by_line.get(starts.get(line, line))
-                                                             or node_ids)
-                run = pytest_command(tests, slow=args.slow)
-            start = time.time()
-            status, last = _run(run, work, env, timeout)
-            took = time.time() - start
-            counts[status] += 1
-            ran = f"  ({len(tests)} tests)" if args.per_line else ""
-            print(f"{m.index:4d}  line {m.line:4d}  {m.what:<18} {status:<9} {took:4.0f} s{ran}", flush=True)
-            if status == "survived":
-                survivors.append(m)
-            if args.log:
-                with open(args.log, "a") as f:
-                    f.write(json.dumps({"module": str(module), "index": m.index, "line": m.line, "what": m.what,
-                                        "status": status, "seconds": round(took, 1), "pytest": last,
-                                        **({"tests": len(tests)} if args.per_line else {})}) + "\n")
+        free: queue.Queue = queue.Queue()
+        for w in works:
+            free.put(w)
+
+        def tests_of(m: Mutant) -> list[str] | None:
+            if not args.per_line:
+                return None
+            line = printed[m.index].line
+            return node_ids if line in at_import else (by_line.get(line) or by_line.get(starts.get(line, line)) or node_ids)
+
+        def one(m: Mutant) -> tuple[str, str, float]:
+            """The mutant in a copy no other mutant is using: (status, pytest's last line, seconds)."""
+            w = free.get()
+            try:
+                (w / module).write_text(mutated(source, m.index))
+                tests = tests_of(m)
+                t0 = time.time()
+                status, last = _run(cmd if tests is None else pytest_command(tests, slow=args.slow), w, env_of[w], timeout)
+                return status, last, time.time() - t0
+            finally:
+                free.put(w)
+
+        with ThreadPoolExecutor(len(works)) as pool:
+            running = {pool.submit(one, m): m for m in chosen}
+            try:
+                for done in as_completed(running):
+                    m = running[done]
+                    status, last, took = done.result()
+                    tests = tests_of(m)
+                    counts[status] += 1
+                    ran = f"  ({len(tests)} tests)" if tests is not None else ""
+                    print(f"{m.index:4d}  line {m.line:4d}  {m.what:<18} {status:<9} {took:4.0f} s{ran}", flush=True)
+                    if status == "survived":
+                        survivors.append(m)
+                    if args.log:
+                        with open(args.log, "a") as f:
+                            f.write(json.dumps({"module": str(module), "index": m.index, "line": m.line, "what": m.what,
+                                                "status": status, "seconds": round(took, 1), "pytest": last,
+                                                **({"tests": len(tests)} if tests is not None else {})}) + "\n")
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # (the copies are removed once no run uses them)
+                raise
     lines = source.splitlines()
     print(f"{len(chosen)} mutants: {counts['killed']} killed, {counts['survived']} survived, "
           f"{counts['timeout']} timed out")
-    for m in survivors:
+    for m in sorted(survivors, key=lambda m: m.index):
         print(f"  survived {m.index:4d}  line {m.line:4d}  {m.what:<18} {lines[m.line - 1].strip()[:90]}")
     return 0
 
