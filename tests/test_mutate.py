@@ -145,45 +145,120 @@ def test_changed_since_takes_the_lines_git_diff_shows_added_or_changed(mutate, t
         mutate.changed_lines("m.py", "nosuch", tmp_path)
 
 
-def test_jobs_run_each_mutant_once_in_a_copy_no_other_run_is_using(mutate, monkeypatch, capsys, tmp_path):
-    """``--jobs 2``: two mutants at a time, each run in a copy of the project of its own that holds that
-    mutant and no other while it runs; every mutant is run and reported once, and logged with its status
-    (here a stand-in for pytest that sees the copy's module and kills every other mutant)."""
+MODULE = "posbias/schemes/kerple.py"
+
+
+@pytest.fixture
+def stand_in_runs(mutate, monkeypatch):
+    """``main`` with its pytest runs and its copy of the project stood in: each copy holds the module
+    alone, and a run reads the module its copy holds, records (mutant, copy, pytest command, seconds
+    asleep), and calls even mutants survivors and odd ones killed (the unmutated module survives);
+    two runs in one copy at once fail the test. ``state["fail"]``: a mutant whose run raises."""
     import threading
     import time
 
-    module = "posbias/schemes/kerple.py"
-    source = (ROOT / module).read_text()
-    chosen = list(range(6))
-    which = {mutate.mutated(source, i): i for i in chosen}
-    lock, busy, seen = threading.Lock(), set(), []
-    at_once = [0]
+    source = (ROOT / MODULE).read_text()
+    which = {mutate.mutated(source, i): i for i in range(len(mutate.mutants(source)))}
+    lock, busy = threading.Lock(), set()
+    state = {"seen": [], "at_once": 0, "fail": None}
 
     def run(cmd, cwd, env, timeout):
-        text = (Path(cwd) / module).read_text()
+        text = (Path(cwd) / MODULE).read_text()
         with lock:
             assert cwd not in busy, "two runs in one copy"
             busy.add(cwd)
-            at_once[0] = max(at_once[0], len(busy))
-        time.sleep(0.2)
+            state["at_once"] = max(state["at_once"], len(busy))
         try:
-            assert (Path(cwd) / module).read_text() == text and env["PYTHONPATH"] == str(cwd)
+            time.sleep(0.2)
+            assert (Path(cwd) / MODULE).read_text() == text and env["PYTHONPATH"] == str(cwd)
             if text not in which:  # the unmutated run
                 return "survived", "1 passed"
-            seen.append((which[text], cwd))
+            if which[text] == state["fail"]:
+                raise RuntimeError("a run that fails")
+            state["seen"].append((which[text], cwd, cmd))
             return ("killed" if which[text] % 2 else "survived"), "1 failed"
         finally:
             with lock:
                 busy.discard(cwd)
 
+    def copy(into):  # (the module alone: the runs here read nothing else)
+        (into / MODULE).parent.mkdir(parents=True)
+        (into / MODULE).write_text(source)
+
     monkeypatch.setattr(mutate, "_run", run)
-    log = tmp_path / "log.jsonl"
-    assert mutate.main([module, "tests/test_golden.py", "--only", *map(str, chosen), "--jobs", "2", "--log", str(log)]) == 0
-    assert sorted(i for i, _ in seen) == chosen and len({cwd for _, cwd in seen}) == 2 and at_once[0] == 2
-    out = capsys.readouterr().out
+    monkeypatch.setattr(mutate, "_copy_project", copy)
+    return state
+
+
+def _logged(path):
     import json
 
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert sorted((r["index"], r["status"]) for r in records) == [(i, "killed" if i % 2 else "survived") for i in chosen]
+    return sorted((r["index"], r["status"], r["seconds"], r.get("tests")) for r in map(json.loads, path.read_text().splitlines()))
+
+
+def test_jobs_run_each_mutant_once_in_a_copy_no_other_run_is_using(mutate, stand_in_runs, capsys, tmp_path):
+    """``--jobs 2``: two mutants at a time, each run in a copy of the project of its own that holds that
+    mutant and no other while it runs; every mutant is run, reported and logged once, with its status
+    and the seconds its run took. Without ``--jobs``, one at a time in one copy."""
+    chosen = list(range(6))
+    log = tmp_path / "log.jsonl"
+    assert mutate.main([MODULE, "tests/test_golden.py", "--only", *map(str, chosen), "--jobs", "2", "--log", str(log)]) == 0
+    seen = stand_in_runs["seen"]
+    assert sorted(i for i, *_ in seen) == chosen and len({cwd for _, cwd, _ in seen}) == 2 and stand_in_runs["at_once"] == 2
+    out = capsys.readouterr().out
+    logged = _logged(log)
+    assert [(i, status) for i, status, *_ in logged] == [(i, "killed" if i % 2 else "survived") for i in chosen]
+    assert all(0.2 <= seconds < 5 for _, _, seconds, _ in logged)
     assert "6 mutants: 3 killed, 3 survived, 0 timed out" in out
     assert [line.split()[1] for line in out.splitlines() if line.startswith("  survived")] == ["0", "2", "4"]
+    seen.clear()
+    stand_in_runs["at_once"] = 0
+    assert mutate.main([MODULE, "tests/test_golden.py", "--only", "0", "1", "2"]) == 0
+    assert [i for i, *_ in seen] == [0, 1, 2] and len({cwd for _, cwd, _ in seen}) == 1 and stand_in_runs["at_once"] == 1
+
+
+def test_per_line_hands_each_mutant_the_tests_of_its_line(mutate, stand_in_runs, monkeypatch, tmp_path):
+    """Through ``main``, ``--per-line`` runs a mutant on a line that coverage saw one test reach with that
+    test alone, and one on a line no test reached with every test; the log counts them."""
+    import ast
+
+    source = (ROOT / MODULE).read_text()
+    printed = mutate.mutants(ast.unparse(ast.parse(source)))
+    at_import = mutate.run_at_import(ast.unparse(ast.parse(source)))
+    inside = [m.index for m in printed if m.line not in at_import]
+    one, other = inside[0], next(i for i in inside if printed[i].line != printed[inside[0]].line)
+    ids = ["tests/test_golden.py::test_a", "tests/test_golden.py::test_b"]
+    covered = []
+    monkeypatch.setattr(mutate, "_covered", lambda cmd, work, env, target: covered.append((target.name, target.read_text())) or (
+        "survived", "2 passed", ids, {printed[one].line: ids[:1]}))
+    log = tmp_path / "log.jsonl"
+    assert mutate.main([MODULE, "tests/test_golden.py", "--per-line", "--only", str(one), str(other), "--log", str(log)]) == 0
+    assert covered == [("kerple.py", ast.unparse(ast.parse(source)))]  # coverage measured the module as printed
+    cmds = {i: cmd for i, _, cmd in stand_in_runs["seen"]}
+    assert ids[0] in cmds[one] and ids[1] not in cmds[one] and set(ids) <= set(cmds[other])
+    assert [tests for *_, tests in _logged(log)] == ([1, 2] if one < other else [2, 1])
+
+
+def test_a_run_that_fails_stops_the_mutants_not_yet_started(mutate, stand_in_runs):
+    """An error in one run (the tool's, not a test's) ends the whole run: the mutants queued behind it
+    are cancelled, not run (the one the freed worker took meanwhile may finish)."""
+    stand_in_runs["fail"] = 0
+    with pytest.raises(RuntimeError, match="a run that fails"):
+        mutate.main([MODULE, "tests/test_golden.py", "--only", "0", "1", "2", "3"])
+    assert [i for i, *_ in stand_in_runs["seen"]] in ([], [1])
+
+
+def test_changed_since_chooses_the_mutants_through_main(mutate, monkeypatch, capsys):
+    """``--changed-since``: only the mutants on the changed lines are listed (or run); none on them is
+    said in one line, exit 0; with ``--only`` it is refused."""
+    every = mutate.mutants((ROOT / MODULE).read_text())
+    line = every[0].line
+    monkeypatch.setattr(mutate, "changed_lines", lambda module, rev: {line} if rev == "some" else set())
+    assert mutate.main([MODULE, "tests/test_golden.py", "--changed-since", "some", "--list"]) == 0
+    listed = [int(row.split()[0]) for row in capsys.readouterr().out.splitlines()]
+    assert listed == [m.index for m in every if m.line == line] and listed
+    assert mutate.main([MODULE, "tests/test_golden.py", "--changed-since", "none"]) == 0
+    assert capsys.readouterr().out == f"{MODULE}: no mutation site on the 0 lines changed since none\n"
+    with pytest.raises(SystemExit):
+        mutate.main([MODULE, "tests/test_golden.py", "--changed-since", "some", "--only", "1"])
+    assert "--only and --changed-since choose the mutants two ways: give one" in capsys.readouterr().err

@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = pytest_command(args.tests, args.keyword, slow=args.slow)
     with ExitStack() as stack:
         works = [Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="posbias-mutants-")))
-                 for _ in range(min(args.jobs, len(chosen)) or 1)]
+                 for _ in range(min(args.jobs, len(chosen)))]
         printed_source = ast.unparse(ast.parse(source))
         for work in works:
             _copy_project(work)
