@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import queue
-import re
 import importlib.util
 import json
 import os
+import queue
 import random
+import re
 import shutil
 import signal
 import subprocess
