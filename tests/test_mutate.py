@@ -262,3 +262,40 @@ def test_changed_since_chooses_the_mutants_through_main(mutate, monkeypatch, cap
     with pytest.raises(SystemExit):
         mutate.main([MODULE, "tests/test_golden.py", "--changed-since", "some", "--only", "1"])
     assert "--only and --changed-since choose the mutants two ways: give one" in capsys.readouterr().err
+
+
+def test_a_stopping_tool_kills_the_runs_going_on(mutate, monkeypatch):
+    """When the tool stops early (here one run's error; Ctrl-C and `kill` take the same path) a test run
+    still going on in another copy is killed at once, not waited for, and no run starts after it."""
+    import ast
+    import time
+
+    source = (ROOT / MODULE).read_text()
+    first, unmutated = mutate.mutated(source, 0), ast.unparse(ast.parse(source))
+    real, ended = mutate._run, []
+
+    def run(cmd, cwd, env, timeout):
+        text = (Path(cwd) / MODULE).read_text()
+        if text == first:
+            deadline = time.time() + 30
+            while not mutate.RUNNING and time.time() < deadline:  # until the other copy's run is going
+                time.sleep(0.02)
+            raise RuntimeError("a run that fails")
+        if text == unmutated:
+            return "survived", "1 passed"
+        ended.append(real([sys.executable, "-c", "import time; time.sleep(60)"], cwd, env, timeout)[0])
+        return ended[-1], ""
+
+    def copy(into):
+        (into / MODULE).parent.mkdir(parents=True)
+        (into / MODULE).write_text(source)
+
+    monkeypatch.setattr(mutate, "_run", run)
+    monkeypatch.setattr(mutate, "_copy_project", copy)
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="a run that fails"):
+        mutate.main([MODULE, "tests/test_golden.py", "--only", "0", "1", "2", "--jobs", "2"])
+    # the sleeping run was killed (a run the freed worker took meanwhile was killed too, or never started)
+    assert time.time() - t0 < 30 and "killed" in ended and set(ended) <= {"killed", "stopped"}
+    assert not mutate.RUNNING and mutate.STOPPING.is_set()
+    assert mutate._run is run and real([sys.executable, "-c", "pass"], Path.cwd(), {}, 10) == ("stopped", "")

@@ -49,6 +49,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
@@ -179,13 +180,30 @@ def _copy_project(into: Path) -> None:
             shutil.copy2(src, into / name)
 
 
+# The test runs going on, and whether the tool is stopping (Ctrl-C, `kill`, an error): then each run
+# is killed and none starts, under one lock so that no run starts between the two
+RUNNING: set[subprocess.Popen] = set()
+STOPPING = threading.Event()
+_LOCK = threading.Lock()
+
+
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: float) -> tuple[str, str]:
-    try:
-        got = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return "timeout", ""
-    last = got.stdout.strip().splitlines()[-1] if got.stdout.strip() else ""
-    return ("survived" if got.returncode == 0 else "killed"), last
+    with _LOCK:
+        if STOPPING.is_set():
+            return "stopped", ""
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        RUNNING.add(proc)
+    with proc:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return "timeout", ""
+        finally:
+            RUNNING.discard(proc)
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    return ("survived" if proc.returncode == 0 else "killed"), last
 
 
 def pytest_command(tests: list[str], keyword: str | None = None, *, slow: bool = False) -> list[str]:
@@ -277,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="mutants run at a time, each in its own copy (default 1)")
     p.add_argument("--list", action="store_true", help="print the mutants and exit")
     args = p.parse_args(argv)
+    STOPPING.clear()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `… --list | head` ends quietly
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: the copy is removed, as on Ctrl-C
 
@@ -383,8 +402,13 @@ def main(argv: list[str] | None = None) -> int:
                             f.write(json.dumps({"module": str(module), "index": m.index, "line": m.line, "what": m.what,
                                                 "status": status, "seconds": round(took, 1), "pytest": last,
                                                 **({"tests": len(tests)} if tests is not None else {})}) + "\n")
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)  # (the copies are removed once no run uses them)
+            except BaseException:  # (Ctrl-C, `kill`, an error): no mutant starts, none goes on running
+                pool.shutdown(wait=False, cancel_futures=True)
+                with _LOCK:
+                    STOPPING.set()
+                    for proc in RUNNING:
+                        proc.kill()
+                pool.shutdown(wait=True)  # (the copies are removed once no run uses them)
                 raise
     lines = source.splitlines()
     print(f"{len(chosen)} mutants: {counts['killed']} killed, {counts['survived']} survived, "
