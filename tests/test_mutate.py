@@ -149,11 +149,21 @@ MODULE = "posbias/schemes/kerple.py"
 
 
 @pytest.fixture
-def stand_in_runs(mutate, monkeypatch):
-    """``main`` with its pytest runs and its copy of the project stood in: each copy holds the module
-    alone, and a run reads the module its copy holds, records (mutant, copy, pytest command, seconds
-    asleep), and calls even mutants survivors and odd ones killed (the unmutated module survives);
-    two runs in one copy at once fail the test. ``state["fail"]``: a mutant whose run raises."""
+def module_copies(mutate, monkeypatch):
+    """``main``'s copies of the project hold :data:`MODULE` alone (the runs here read nothing else)."""
+    def copy(into):
+        (into / MODULE).parent.mkdir(parents=True)
+        (into / MODULE).write_text((ROOT / MODULE).read_text())
+
+    monkeypatch.setattr(mutate, "_copy_project", copy)
+
+
+@pytest.fixture
+def stand_in_runs(mutate, monkeypatch, module_copies):
+    """``main`` with its pytest runs stood in, in copies of the module alone: a run reads the module its
+    copy holds, sleeps 0.2 s, records (mutant, copy, pytest command) in ``state["seen"]``, and calls even
+    mutants survivors and odd ones killed (the unmutated module survives); two runs in one copy at once
+    fail the test. ``state["fail"]``: a mutant whose run raises."""
     import threading
     import time
 
@@ -181,12 +191,7 @@ def stand_in_runs(mutate, monkeypatch):
             with lock:
                 busy.discard(cwd)
 
-    def copy(into):  # (the module alone: the runs here read nothing else)
-        (into / MODULE).parent.mkdir(parents=True)
-        (into / MODULE).write_text(source)
-
     monkeypatch.setattr(mutate, "_run", run)
-    monkeypatch.setattr(mutate, "_copy_project", copy)
     return state
 
 
@@ -222,9 +227,8 @@ def test_per_line_hands_each_mutant_the_tests_of_its_line(mutate, stand_in_runs,
     test alone, and one on a line no test reached with every test; the log counts them."""
     import ast
 
-    source = (ROOT / MODULE).read_text()
-    printed = mutate.mutants(ast.unparse(ast.parse(source)))
-    at_import = mutate.run_at_import(ast.unparse(ast.parse(source)))
+    printed_source = ast.unparse(ast.parse((ROOT / MODULE).read_text()))
+    printed, at_import = mutate.mutants(printed_source), mutate.run_at_import(printed_source)
     inside = [m.index for m in printed if m.line not in at_import]
     one, other = inside[0], next(i for i in inside if printed[i].line != printed[inside[0]].line)
     ids = ["tests/test_golden.py::test_a", "tests/test_golden.py::test_b"]
@@ -233,7 +237,7 @@ def test_per_line_hands_each_mutant_the_tests_of_its_line(mutate, stand_in_runs,
         "survived", "2 passed", ids, {printed[one].line: ids[:1]}))
     log = tmp_path / "log.jsonl"
     assert mutate.main([MODULE, "tests/test_golden.py", "--per-line", "--only", str(one), str(other), "--log", str(log)]) == 0
-    assert covered == [("kerple.py", ast.unparse(ast.parse(source)))]  # coverage measured the module as printed
+    assert covered == [("kerple.py", printed_source)]  # coverage measured the module as printed
     cmds = {i: cmd for i, _, cmd in stand_in_runs["seen"]}
     assert ids[0] in cmds[one] and ids[1] not in cmds[one] and set(ids) <= set(cmds[other])
     assert [tests for *_, tests in _logged(log)] == ([1, 2] if one < other else [2, 1])
@@ -264,7 +268,7 @@ def test_changed_since_chooses_the_mutants_through_main(mutate, monkeypatch, cap
     assert "--only and --changed-since choose the mutants two ways: give one" in capsys.readouterr().err
 
 
-def test_a_stopping_tool_kills_the_runs_going_on(mutate, monkeypatch):
+def test_a_stopping_tool_kills_the_runs_going_on(mutate, monkeypatch, module_copies):
     """When the tool stops early (here one run's error; Ctrl-C and `kill` take the same path) a test run
     still going on in another copy is killed at once, not waited for, and no run starts after it."""
     import ast
@@ -286,12 +290,7 @@ def test_a_stopping_tool_kills_the_runs_going_on(mutate, monkeypatch):
         ended.append(real([sys.executable, "-c", "import time; time.sleep(60)"], cwd, env, timeout)[0])
         return ended[-1], ""
 
-    def copy(into):
-        (into / MODULE).parent.mkdir(parents=True)
-        (into / MODULE).write_text(source)
-
     monkeypatch.setattr(mutate, "_run", run)
-    monkeypatch.setattr(mutate, "_copy_project", copy)
     t0 = time.time()
     with pytest.raises(RuntimeError, match="a run that fails"):
         mutate.main([MODULE, "tests/test_golden.py", "--only", "0", "1", "2", "--jobs", "2"])

@@ -373,15 +373,16 @@ def main(argv: list[str] | None = None) -> int:
             line = printed[m.index].line
             return node_ids if line in at_import else (by_line.get(line) or by_line.get(starts.get(line, line)) or node_ids)
 
-        def one(m: Mutant) -> tuple[str, str, float]:
-            """The mutant in a copy no other mutant is using: (status, pytest's last line, seconds)."""
+        def one(m: Mutant) -> tuple[str, str, float, list[str] | None]:
+            """The mutant in a copy no other mutant is using: (status, pytest's last line, seconds, the
+            tests its line selected under --per-line)."""
             w = free.get()
             try:
                 (w / module).write_text(mutated(source, m.index))
                 tests = tests_of(m)
                 t0 = time.time()
                 status, last = _run(cmd if tests is None else pytest_command(tests, slow=args.slow), w, env_of[w], timeout)
-                return status, last, time.time() - t0
+                return status, last, time.time() - t0, tests
             finally:
                 free.put(w)
 
@@ -390,8 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for done in as_completed(running):
                     m = running[done]
-                    status, last, took = done.result()
-                    tests = tests_of(m)
+                    status, last, took, tests = done.result()
                     counts[status] += 1
                     ran = f"  ({len(tests)} tests)" if tests is not None else ""
                     print(f"{m.index:4d}  line {m.line:4d}  {m.what:<18} {status:<9} {took:4.0f} s{ran}", flush=True)
@@ -402,13 +402,13 @@ def main(argv: list[str] | None = None) -> int:
                             f.write(json.dumps({"module": str(module), "index": m.index, "line": m.line, "what": m.what,
                                                 "status": status, "seconds": round(took, 1), "pytest": last,
                                                 **({"tests": len(tests)} if tests is not None else {})}) + "\n")
-            except BaseException:  # (Ctrl-C, `kill`, an error): no mutant starts, none goes on running
+            except BaseException:  # (Ctrl-C, `kill`, an error): no mutant starts, none goes on running; leaving
+                # the pool waits for its threads, so the copies are removed once no run uses them
                 pool.shutdown(wait=False, cancel_futures=True)
                 with _LOCK:
                     STOPPING.set()
                     for proc in RUNNING:
                         proc.kill()
-                pool.shutdown(wait=True)  # (the copies are removed once no run uses them)
                 raise
     lines = source.splitlines()
     print(f"{len(chosen)} mutants: {counts['killed']} killed, {counts['survived']} survived, "
