@@ -1,6 +1,9 @@
 """The README and the pages under docs/ link to each other: every relative link names a file that
-exists, and every ``#anchor`` a heading of that file (as GitHub makes anchors from headings)."""
+exists, and every ``#anchor`` a heading of that file (as GitHub makes anchors from headings); every test,
+project file and ``posbias.…`` name a page cites exists."""
+import ast
 import functools
+import importlib
 import re
 from pathlib import Path
 
@@ -140,3 +143,66 @@ def test_the_published_cpu_preset_studies_and_the_preset_list_state_the_presets_
         cpu.train_len, max(cpu.eval_lens), cpu.steps)
     assert (int(said[4]), int(said[5].replace(",", "")), int(said[6])) == (
         len(gpu["seeds"]), gpu["steps"], max(gpu["eval_lens"]))
+
+
+def _defined_in_tests() -> dict[str, set[str]]:
+    """Each function and class name under tests/, with the files (``tests/x.py``) that define it."""
+    names: dict[str, set[str]] = {}
+    for file in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.setdefault(node.name, set()).add(f"tests/{file.name}")
+    return names
+
+
+CITED_TEST = re.compile(r"`(?:(tests/[\w/]+\.py)::)?(\w+)`")
+CITED_PATH = re.compile(r"`((?:posbias|tests|benchmarks|tools|docs|\.ci)/[\w/.\-]+)`")
+CITED_NAME = re.compile(r"(?<![\w./-])posbias(?:\.\w+)+")
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``posbias.a.b`` names something: the longest importable module, then attributes."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def broken_citations(text: str, defined: dict[str, set[str]]) -> list[str]:
+    """What a page cites that is not there: a test (``tests/x.py::name`` must be defined in that file;
+    a bare ``test_…`` in some test file, or be a test module's name), a file of the project, or a
+    ``posbias.…`` name. A guarantee that points at a renamed test is a claim nothing checks."""
+    broken = []
+    for m in CITED_TEST.finditer(text):
+        file, name = m.groups()
+        if file:
+            if file not in defined.get(name, set()):
+                broken.append(f"{file}::{name}")
+        elif name.startswith("test_") and name not in defined and not (ROOT / "tests" / f"{name}.py").exists():
+            broken.append(name)
+    broken += [path for path in CITED_PATH.findall(text) if not (ROOT / path).exists()]
+    broken += [name for name in CITED_NAME.findall(text) if not _resolves(name)]
+    return broken
+
+
+def test_the_citing_rule_catches_what_is_not_there():
+    defined = {"test_a": {"tests/test_x.py"}}
+    assert broken_citations("`test_a`, `tests/test_x.py::test_a`, `tests/test_docs.py`, `posbias.build`, "
+                            "`.posbias.lock`, `posbias.attention.attention_probs`", defined) == []
+    assert broken_citations("`test_b` `tests/test_y.py::test_a` `tools/nothing.py` `posbias.attention_probs`",
+                            defined) == ["test_b", "tests/test_y.py::test_a", "tools/nothing.py",
+                                         "posbias.attention_probs"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_test_file_and_name_a_page_cites_exists(page):
+    broken = broken_citations(page.read_text(encoding="utf-8"), _defined_in_tests())
+    assert not broken, f"{page.relative_to(ROOT)} cites what is not there: " + ", ".join(broken)
