@@ -82,7 +82,7 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> s
 
 
 class NonFiniteLoss(ValueError):
-    """Training produced a NaN/inf loss; nothing past the last good checkpoint is written."""
+    """Training produced a NaN/inf loss; nothing past the last good checkpoint (if any was written) is written."""
 
 
 def make_optimizer(model: TransformerLM, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -219,7 +219,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
     t0 = time.perf_counter()
     wall0 = history["wall_s"]
     model.train()
-    step = start
+    step = saved = start  # saved: the step `last` holds (0: none)
     with between_steps() as held:  # Ctrl-C / SIGTERM: held to the end of its step, in every process
         for step in range(start, cfg.steps):
             if stop_after is not None and step >= stop_after:
@@ -229,8 +229,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
                 loss = _step(net, model, opt, cfg, x[rank::world].to(device), y[rank::world].to(device), step)
             except NonFiniteLoss as exc:
                 bar.close()
-                raise NonFiniteLoss(f"training {model_cfg.scheme} diverged: {exc}; the last good checkpoint is kept "
-                                    f"in {str(last)!r}") from None
+                kept = (f"the last good checkpoint, after step {saved}, is kept in {str(last)!r}" if saved else
+                        f"no checkpoint had been written (the first was due after step {min(cfg.ckpt_every, cfg.steps)})")
+                raise NonFiniteLoss(f"training {model_cfg.scheme} diverged: {exc}; {kept} — lower the learning "
+                                    "rate") from None
             history["train_loss"].append(value := loss.item())
             history["tokens"] += cfg.batch_size * cfg.train_len
             history["wall_s"] = wall0 + time.perf_counter() - t0
@@ -243,6 +245,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
             bar.update(1)
             if (stop := _agreed(held.requested, world, device)) or done % cfg.ckpt_every == 0 or done == cfg.steps:
                 _save(last, model, meta, world, rank, trainer_state=_progress(done, opt, history, cfg, model_cfg))
+                saved = done
             if stop:  # an interruption came during this step (to any process): saved above, raised now
                 bar.close()
                 if log and rank == 0:

@@ -329,13 +329,47 @@ def test_a_non_finite_loss_names_its_step_and_updates_nothing():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()) and not opt.state
 
 
-def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, text_file, capsys):
+def test_divergence_stops_at_once_and_names_no_checkpoint_before_the_first(tmp_path, text_file, capsys):
     out = tmp_path / "run"
-    code = main(["extrapolate", "--schemes", "t5", *STUDY, "--lr", "1e30", "--data", str(text_file), "--out", str(out)])
-    one_line_error(capsys, code, "diverged", "step")
+    code = main(["extrapolate", "--schemes", "t5", *STUDY, "--steps", "20", "--lr", "1e30", "--data", str(text_file),
+                 "--out", str(out)])  # 20 steps: a checkpoint every 2 (study.py)
+    err = one_line_error(capsys, code, "diverged", "at step 2 (lr 1e+30)")
+    # It diverged before the first checkpoint: it must not point at one (it said "the last good
+    # checkpoint is kept in …/last", a folder that did not exist).
+    assert re.search(r"; no checkpoint had been written \(the first was due after step \d+\) — lower the learning "
+                     r"rate$", err), err
+    assert not list(out.glob("models/*/last"))
     assert not (out / "results.json").exists()
     assert not list(out.glob("models/*/final"))
     assert not list(out.glob("models/*/eval-*.json"))
+
+
+def test_divergence_after_a_checkpoint_names_the_step_it_keeps(tmp_path, text_file, monkeypatch):
+    """A run that diverges at step 5 with checkpoints every 2 steps keeps the one after step 4, and says so;
+    resumed from it and diverging at once, it names the step it resumed from."""
+    import posbias.train as training
+    from posbias.data import local_corpus
+
+    c = local_corpus(text_file)
+    real = training._step
+
+    def diverging_at(n):
+        def step(net, model, opt, cfg, x, y, i):
+            if i + 1 == n:
+                raise training.NonFiniteLoss(f"loss nan at step {n} (lr {cfg.lr:g})")
+            return real(net, model, opt, cfg, x, y, i)
+        return step
+
+    tcfg, mcfg = quick_training(steps=8, ckpt_every=2), ModelConfig(scheme="alibi", **TINY)
+    monkeypatch.setattr(training, "_step", diverging_at(5))
+    with pytest.raises(training.NonFiniteLoss) as err:
+        train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False)
+    assert str(err.value) == (f"training alibi diverged: loss nan at step 5 (lr {tcfg.lr:g}); the last good checkpoint, "
+                              f"after step 4, is kept in {str(tmp_path / 'last')!r} — lower the learning rate")
+    assert ckpt.load_trainer_state(tmp_path / "last")["step"] == 4
+    monkeypatch.setattr(training, "_step", diverging_at(5))  # resumed at step 4: diverges at its first step
+    with pytest.raises(training.NonFiniteLoss, match=r"after step 4, is kept in"):
+        train(mcfg, tcfg, c.train, c.val, tmp_path, progress=False)
 
 
 def test_non_finite_results_are_never_written(tmp_path):
