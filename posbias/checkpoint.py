@@ -101,8 +101,8 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
                          "the checkpoint is damaged") from None
     bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        raise ValueError(f"{str(p / MODEL_FILE)!r} holds non-finite weights ({', '.join(bad[:3])}"
-                         f"{' …' if len(bad) > 3 else ''}); refusing to load a diverged model")
+        raise ValueError(f"{str(p / MODEL_FILE)!r} holds non-finite weights ({store.listed(bad)}); "
+                         "refusing to load a diverged model")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -187,9 +187,15 @@ def discover(path: str | Path) -> list[tuple[str, Path]]:
 
 
 def subfolder_hint(path: str | Path) -> str:
-    """``"; did you mean 'run/final'?"`` where a model folder was given instead of its checkpoint."""
-    return next((f"; did you mean {str(Path(path) / sub)!r}?" for sub in ("final", "last")
-                 if exists(Path(path) / sub)), "")
+    """``"; did you mean 'run/final'?"`` where a model folder was given instead of its checkpoint, and
+    ``"; it holds 3 models: 'run/models/a/final', …"`` where a study's or retrofit's folder was (a job
+    that takes one checkpoint)."""
+    if hint := next((f"; did you mean {str(Path(path) / sub)!r}?" for sub in ("final", "last")
+                     if exists(Path(path) / sub)), ""):
+        return hint
+    found = discover(path) if Path(path).is_dir() else []
+    models = f"{len(found)} models" if len(found) > 1 else "a model"
+    return f"; it holds {models}: {store.listed(repr(str(p)) for _, p in found)}" if found else ""
 
 
 def job_key(path: str | Path, *, corpus: str, settings: dict[str, Any], job: str, device: str) -> str:

@@ -172,8 +172,8 @@ def _judge_reports(found: Findings, skip: set[Path]) -> None:
             models = {Path(r["model_dir"]).name for r in data["records"] if isinstance(r, dict) and "model_dir" in r}
             bad = sorted(m for m in models if not _fresh_model(f.parent / "models" / m, gone))
             if bad:
-                why = (f"{len(bad)} of its {len(models)} models' results are stale or gone ({', '.join(bad[:3])}"
-                       f"{', …' if len(bad) > 3 else ''}): re-run the study to refresh it")
+                why = (f"{len(bad)} of its {len(models)} models' results are stale or gone ({store.listed(bad)}): "
+                       "re-run the study to refresh it")
         elif "rows" in data or f.name == "diagnose.json":  # a retrofit, a diagnosis
             cache = data.get("cache")
             if not isinstance(cache, str):
@@ -200,7 +200,7 @@ def _judge_comparisons(found: Findings, comparisons: list[Path]) -> None:
         if bad:
             shown = f.with_name("comparison.md")
             found.reports.append((shown if shown.exists() else f, f"{len(bad)} of its {len(models)} models' reports "
-                                  f"are stale or gone ({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}): re-run "
+                                  f"are stale or gone ({store.listed(bad)}): re-run "
                                   "the diagnosis to refresh it"))
 
 

@@ -833,8 +833,7 @@ def cmd_clean(args: argparse.Namespace) -> None:
                     say(f"  {item.path.relative_to(root)}  [{item.what}, {_mib(item.size)}] {item.why}")
             for why in dict.fromkeys(why for _, why in found.reports):  # one line per reason, in order
                 reports = [str(r.relative_to(root)) for r, w in found.reports if w == why]
-                more = f" and {len(reports) - 5} more" if len(reports) > 6 else ""
-                say(f"  report{'s' if len(reports) > 1 else ''} {', '.join(reports[:5] if more else reports)}{more}: {why}")
+                say(f"  report{'s' if len(reports) > 1 else ''} {store.listed(reports, 5)}: {why}")
             total += clean.remove(found) if args.delete else found.size
     if args.delete:
         say(f"removed {_mib(total)}")

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .store import listed
+
 SPLITS = ("train", "val", "test")
 _EXCLUDE_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
@@ -204,8 +206,7 @@ def _skipped_note(skipped: dict[str, list[str]]) -> str:
     for kind, paths in skipped.items():
         if paths:
             one, many, why = kinds[kind]
-            named = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-            parts.append(f"{len(paths)} {one if len(paths) == 1 else many} ({why}): {named}")
+            parts.append(f"{len(paths)} {one if len(paths) == 1 else many} ({why}): {listed(paths)}")
     return "passed over " + "; ".join(parts)
 
 

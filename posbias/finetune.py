@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import store
 from .schemes.base import check_int
 from .stopping import between_steps
 from .train import NonFiniteLoss, lr_at
@@ -96,7 +97,7 @@ def finetune(model: nn.Module, batch_fn: Callable[[int], Tensor], loss_fn: Calla
 def _check_finite(model: nn.Module, desc: str, lr: float, resume: str | Path | None) -> None:
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
-        _diverged(f"its last step left non-finite weights ({', '.join(bad[:3])})", desc, lr, 0, resume)
+        _diverged(f"its last step left non-finite weights ({store.listed(bad)})", desc, lr, 0, resume)
 
 
 def _done(stop: Callable[[int], bool], step: int, model: nn.Module) -> bool:

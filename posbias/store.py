@@ -32,10 +32,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 __all__ = ["folder_name", "replacing", "named", "fsync_dir", "write_text", "write_json", "read_json", "config_key", "code_fingerprint", "FolderLock", "check_out_dir",
-           "FolderBusy", "LOCK_FILE", "lock_holder", "item_lock", "check_device", "device_key", "JOB_CODE", "made_by", "JobCache", "disk_size"]
+           "FolderBusy", "LOCK_FILE", "lock_holder", "item_lock", "check_device", "device_key", "JOB_CODE", "made_by", "JobCache", "disk_size",
+           "memory_text", "listed"]
 
 try:
     import fcntl
@@ -297,6 +298,16 @@ def memory_text(n: float) -> str:
     """Bytes as a message gives them: ``512.0 MiB`` below 1 GiB (a GiB figure rounded 0.4 to 0 and a
     refusal read "needs about 0 GiB … more than the 0 GiB"), ``3.5 GiB`` above, three figures past 2^50."""
     return f"{n / 2**30:.3g} GiB" if n >= 2**50 else f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def listed(names: Iterable[Any], shown: int = 3) -> str:
+    """Names as a message lists them: all of them up to ``shown + 1``, else the first ``shown`` and
+    "and N more" (never "and 1 more": the one more is named). One form for every message that names
+    a few of many: bad weights, stale models, skipped files, reports."""
+    names = [str(n) for n in names]
+    if len(names) <= shown + 1:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])} and {len(names) - shown} more"
 
 
 def device_memory(device: str) -> int | None:

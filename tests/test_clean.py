@@ -208,15 +208,15 @@ def test_what_is_judged_and_freed_in_a_folder_of_caches_and_models(tmp_path, cap
 
 def test_a_report_names_the_first_three_of_its_stale_models(tmp_path):
     """A study's report and a comparison of diagnoses whose models are gone are named with the first
-    three of those models, and "…" only where there are more."""
-    for n in (3, 4):
+    three of those models and how many more, every one where there are four or fewer."""
+    for n in (3, 4, 5):
         study, compared = tmp_path / f"study{n}", tmp_path / f"compared{n}"
         study.mkdir()
         compared.mkdir()
         names = [f"t5-seed{k}" for k in range(n)]
         (study / "results.json").write_text(json.dumps({"records": [{"model_dir": f"models/{m}"} for m in names]}))
         (compared / "comparison.json").write_text(json.dumps({"rows": [{"model": m} for m in names]}))
-        listed = ", ".join(names[:3]) + (", …" if n > 3 else "")
+        listed = ", ".join(names) if n <= 4 else ", ".join(names[:3]) + f" and {n - 3} more"
         assert clean.find(study).reports == [(study / "results.json", f"{n} of its {n} models' results are stale "
                                               f"or gone ({listed}): re-run the study to refresh it")]
         assert clean.find(compared).reports == [(compared / "comparison.json", f"{n} of its {n} models' reports are "

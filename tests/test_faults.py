@@ -184,16 +184,16 @@ def test_nan_weights_are_refused(saved, capsys):
     with pytest.raises(ValueError, match="non-finite weights \\(head.weight\\)"):
         ckpt.load_model(saved)
     one_line_error(capsys, main(["diagnose", str(saved), "--out", str(saved.parent / "d")]), "non-finite")
-    # several: the first three named, in the file's order, and "…" only where there are more
+    # several: all named up to four, in the file's order, else the first three and "and N more"
     floats = [k for k, t in state.items() if t.is_floating_point() and k != "head.weight"]
-    for n in (2, 3):
+    for n in (2, 3, 4):
         for k in floats[:n]:
             state[k].view(-1)[0] = float("inf")
         save_file(state, str(saved / ckpt.MODEL_FILE))
         named = [k for k in state if k in {"head.weight", *floats[:n]}]
         with pytest.raises(ValueError) as err:
             ckpt.load_model(saved)
-        listed = ", ".join(named[:3]) + (" …" if len(named) > 3 else "")
+        listed = ", ".join(named) if len(named) <= 4 else ", ".join(named[:3]) + f" and {len(named) - 3} more"
         assert f"holds non-finite weights ({listed}); refusing" in str(err.value)
 
 
@@ -901,6 +901,29 @@ def test_model_folder_suggests_final(capsys, tmp_path):
     ckpt.save_checkpoint(tmp_path / "m" / "final", model, extra={"train": {"seq_len": 16}})
     one_line_error(capsys, main(["retrofit", str(tmp_path / "m"), "--to", "64", "--method", "swap-alibi"]),
                     "did you mean", "final")
+
+
+def test_a_study_folder_given_for_one_checkpoint_names_its_models(capsys, tmp_path):
+    """``retrofit`` takes one checkpoint: given a study's folder (or its ``models/``), its error names the
+    models' checkpoints, all up to four, else three and how many more; a folder with none names none."""
+    model = TransformerLM(ModelConfig(scheme="alibi", **TINY))
+    names = [f"alibi-seed{k}-0123456789" for k in range(5)]
+    for n in names:
+        ckpt.save_checkpoint(tmp_path / "study" / "models" / n / "final", model, extra={"train": {"seq_len": 16}})
+    finals = [repr(str(tmp_path / "study" / "models" / n / "final")) for n in names]
+    for given in (tmp_path / "study", tmp_path / "study" / "models"):
+        err = one_line_error(capsys, main(["retrofit", str(given), "--to", "64", "--method", "swap-alibi"]))
+        assert err.endswith(f"is not a posbias checkpoint (no config.json with a model config); it holds 5 models: "
+                            f"{', '.join(finals[:3])} and 2 more"), err
+    shutil.rmtree(tmp_path / "study" / "models" / names[0])
+    err = one_line_error(capsys, main(["retrofit", str(tmp_path / "study"), "--to", "64", "--method", "swap-alibi"]))
+    assert err.endswith(f"it holds 4 models: {', '.join(finals[1:])}"), err
+    for n in names[2:]:
+        shutil.rmtree(tmp_path / "study" / "models" / n)
+    err = one_line_error(capsys, main(["retrofit", str(tmp_path / "study"), "--to", "64", "--method", "swap-alibi"]))
+    assert err.endswith(f"it holds a model: {finals[1]}"), err
+    err = one_line_error(capsys, main(["retrofit", str(tmp_path), "--to", "64", "--method", "swap-alibi"]))
+    assert err.endswith("(no config.json with a model config)"), err
 
 
 def test_a_resume_after_one_step_says_so_and_validation_reads_its_own_batches(tmp_path, text_file, monkeypatch,

@@ -1634,10 +1634,10 @@ def test_a_finite_loss_that_leaves_non_finite_weights_stops_the_finetune(tmp_pat
     from posbias.train import NonFiniteLoss
 
     model = ckpt.load_model(tiny_checkpoint(tmp_path / "src", "t5", max_distance=20))
-    def root(m, b):  # value 0, gradient inf · 0 = NaN, in the first four weights (the message names three)
-        return sum(p.flatten()[:1].mul(0).sqrt().sum() for p in list(m.parameters())[:4])
+    def root(m, b):  # value 0, gradient inf · 0 = NaN, in the first five weights (the message names three)
+        return sum(p.flatten()[:1].mul(0).sqrt().sum() for p in list(m.parameters())[:5])
 
-    names = ", ".join(n for n, _ in list(model.named_parameters())[:3])
+    names = ", ".join(n for n, _ in list(model.named_parameters())[:3]) + " and 2 more"
     with pytest.raises(NonFiniteLoss) as err:
         finetune(model, lambda step: torch.zeros(1), root, steps=1, lr=1e-3)
     assert str(err.value) == (f"fine-tune diverged: its last step left non-finite weights ({names}) (peak learning "

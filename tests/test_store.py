@@ -135,6 +135,17 @@ def test_memory_in_messages_is_mib_below_a_gib_and_three_figures_past_a_pib():
         == ["10.0 MiB", "1,023.5 MiB", "1.0 GiB", "3.5 GiB", "1,536.0 GiB", "1.05e+06 GiB", "1.72e+10 GiB"]
 
 
+def test_a_message_names_a_few_of_many_and_counts_the_rest():
+    """One form for every list a message gives: all the names up to one past ``shown`` (an "and 1 more"
+    would take the room of the name), else the first ``shown`` and how many more, in the given order."""
+    names = [f"w{k}" for k in range(8)]
+    assert [store.listed(names[:n]) for n in (0, 1, 2, 4, 5, 8)] == [
+        "", "w0", "w0, w1", "w0, w1, w2, w3", "w0, w1, w2 and 2 more", "w0, w1, w2 and 5 more"]
+    assert store.listed(iter(names), 5) == "w0, w1, w2, w3, w4 and 3 more"
+    assert store.listed(names[:6], 5) == "w0, w1, w2, w3, w4, w5"
+    assert store.listed([3, Path("a")], 1) == "3, a"
+
+
 def test_a_busy_folder_names_its_holder(tmp_path):
     """A second run into a folder another holds is refused at once, naming the holder the lock file
     records ("another process" where it records none), and takes nothing from it."""
