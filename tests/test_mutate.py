@@ -268,6 +268,15 @@ def test_changed_since_chooses_the_mutants_through_main(mutate, monkeypatch, cap
     assert "--only and --changed-since choose the mutants two ways: give one" in capsys.readouterr().err
 
 
+def test_a_log_that_cannot_be_written_is_refused_before_any_run(mutate, monkeypatch, capsys, tmp_path):
+    """``--log`` in a folder that does not exist was a traceback after the first mutant had run, its
+    result lost; it is a usage error before the unmutated run."""
+    monkeypatch.setattr(mutate, "_run", lambda *a: pytest.fail("a run started"))
+    with pytest.raises(SystemExit):
+        mutate.main([MODULE, "tests/test_golden.py", "--only", "0", "--log", str(tmp_path / "no" / "log.jsonl")])
+    assert f"--log {tmp_path / 'no' / 'log.jsonl'}: No such file or directory" in capsys.readouterr().err
+
+
 def test_a_stopping_tool_kills_the_runs_going_on(mutate, monkeypatch, module_copies):
     """When the tool stops early (here one run's error; Ctrl-C and `kill` take the same path) a test run
     still going on in another copy is killed at once, not waited for, and no run starts after it."""
@@ -298,3 +307,34 @@ def test_a_stopping_tool_kills_the_runs_going_on(mutate, monkeypatch, module_cop
     assert time.time() - t0 < 30 and "killed" in ended and set(ended) <= {"killed", "stopped"}
     assert not mutate.RUNNING and mutate.STOPPING.is_set()
     assert mutate._run is run and real([sys.executable, "-c", "pass"], Path.cwd(), {}, 10) == ("stopped", "")
+
+
+def test_a_run_in_the_main_thread_is_killed_when_the_tool_stops(mutate, tmp_path):
+    """The unmutated run (and ``--per-line``'s coverage run) goes on in the tool's own thread: a Ctrl-C
+    or `kill` there (here a signal handler's exception) kills it; leaving ``with proc`` used to wait
+    for the run to end, and a run that outlived its tool was left behind."""
+    import os
+    import signal
+    import time
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_):
+        raise Stop
+
+    pid = tmp_path / "pid"
+    child = f"import os, time; open({str(pid)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    mutate.STOPPING.clear()
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    t0 = time.time()
+    try:
+        with pytest.raises(Stop):
+            mutate._run([sys.executable, "-c", child], tmp_path, dict(os.environ), 120)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert time.time() - t0 < 30 and not mutate.RUNNING
+    with pytest.raises(ProcessLookupError):  # gone, and reaped
+        os.kill(int(pid.read_text()), 0)

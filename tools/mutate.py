@@ -200,6 +200,9 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: float) -> tuple[str, str
             proc.kill()
             proc.communicate()
             return "timeout", ""
+        except BaseException:  # the tool stops (Ctrl-C, `kill`) during a run in its main thread, the unmutated
+            proc.kill()  # one: leaving `with proc` would wait for the run to end
+            raise
         finally:
             RUNNING.discard(proc)
     last = out.strip().splitlines()[-1] if out.strip() else ""
@@ -310,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.module} has no place a mutation applies")
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: give 1 or more")
+    if args.log:  # refused now, not after the first mutant has run
+        try:
+            open(args.log, "a").close()
+        except OSError as e:
+            p.error(f"--log {args.log}: {e.strerror}")
     if args.only and args.changed_since:
         p.error("--only and --changed-since choose the mutants two ways: give one")
     candidates = every
