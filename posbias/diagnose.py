@@ -647,7 +647,7 @@ def examined_length(path: str | Path, cfg: "DiagnoseConfig", corpus: Corpus, nam
     if n <= train_len:
         raise ConfigError("length", f"must exceed the training length L = {train_len} of {name} (a diagnosis "
                                     f"measures what happens past L), got {n}")
-    check_fits(corpus.val, n, cfg.eval_tokens, "length")
+    check_fits(corpus.val, n, cfg.eval_tokens, "length", least=train_len + 1)
     distinct = corpus.val.numel() - n  # window starts 0 … (scoreable tokens − n): the attention windows may overlap
     if cfg.windows > distinct:
         raise ConfigError("windows", f"{cfg.windows} exceeds the {distinct:,} distinct windows of {n} tokens that the "

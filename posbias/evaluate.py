@@ -46,22 +46,27 @@ _TOO_FEW = ("with 2 or 4 a nominal 95% interval held the text's value in 43-84% 
             "docs/study.md")
 
 
-def check_fits(split: Tensor, longest: int, tokens: int | None, field: str) -> None:
+def check_fits(split: Tensor, longest: int, tokens: int | None, field: str, *, unit: int = 1, least: int = 1) -> None:
     """Before any work: :class:`ConfigError` on ``field`` (the setting that made ``longest``, the
     longest evaluation length) when the validation ``split`` cannot hold :data:`MIN_SEGMENTS` segments
     of it, and on ``eval_tokens`` when the budget ``tokens`` (None: the default, cut to what the split
     holds) scores fewer or exceeds the split (found otherwise only when that length comes up, after the shorter ones and
-    any fine-tune were done; and an interval over fewer is no measure of the noise)."""
+    any fine-tune were done; and an interval over fewer is no measure of the noise). The first refusal
+    names the longest length that would fit among those the job takes, multiples of ``unit`` from
+    ``least`` (a study's lengths are multiples of L; a diagnosis' and a retrofit's exceed L), or says
+    that none does."""
     n_avail = split.numel() - 1
     if longest > n_avail:
         raise ConfigError(field, f"{longest} exceeds the validation split's {n_avail:,} scoreable tokens "
                                  "(a shorter length, or more data)")
     held = n_avail // longest
     if held < MIN_SEGMENTS:
-        most = n_avail // MIN_SEGMENTS
+        most = n_avail // MIN_SEGMENTS // unit * unit
+        fix = (f"a length of at most {most:,}, or more validation text" if most >= least else
+               f"more validation text: the shortest length this takes, {least:,}, needs {MIN_SEGMENTS * least:,} scoreable tokens")
         raise ConfigError(field, f"{longest}: the validation split's {n_avail:,} scoreable tokens hold {held} segment"
                                  f"{'' if held == 1 else 's'} of it, fewer than the {MIN_SEGMENTS} an interval needs "
-                                 f"({_TOO_FEW}); a length of at most {most:,}, or more validation text")
+                                 f"({_TOO_FEW}); {fix}")
     if tokens is None:  # the default: as many of SEGMENTS segments as the split holds (at least MIN_SEGMENTS)
         return
     if tokens > n_avail:  # scored as what fits, while its results named the count asked for

@@ -279,7 +279,7 @@ def run_retrofit(path: str | Path, cfg: RetrofitConfig, out: str | Path, *, corp
     if missing:  # the table's last column is ppl@to / ppl@L: without either it was a KeyError or a NaN
         raise ConfigError("eval_lens", f"{' '.join(map(str, lens))} must include the training length {train_len} and "
                                        f"--to {cfg.to}; {' and '.join(map(str, missing))} missing")
-    check_fits(corpus.val, max(lens), cfg.eval_tokens, "to" if max(lens) == cfg.to else "eval_lens")
+    check_fits(corpus.val, max(lens), cfg.eval_tokens, "to" if max(lens) == cfg.to else "eval_lens", least=train_len + 1)
     if cfg.finetune_steps:
         check_training_fits(base.cfg, cfg.finetune_batch, cfg.to, cfg.device)
     out = store.check_out_dir(out)

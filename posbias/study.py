@@ -390,7 +390,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, corpus: Corpus, progress: bo
     out = store.check_out_dir(out)
     store.check_device(cfg.device)
     longest = max(cfg.lengths())
-    check_fits(corpus.val, longest, cfg.eval_tokens, "eval_lens")  # found otherwise when the first model is scored
+    # found otherwise when the first model is scored; the lengths are multiples of L
+    check_fits(corpus.val, longest, cfg.eval_tokens, "eval_lens", unit=cfg.train_len, least=cfg.train_len)
     found = arms(cfg)
     check_training_fits(model_config(cfg, found[0]), cfg.batch_size, cfg.train_len, cfg.device)
     if corpus.train.numel() <= cfg.train_len + 1:

@@ -128,6 +128,18 @@ def test_a_split_holds_a_length_when_it_holds_eight_segments_of_it():
     with pytest.raises(ConfigError, match=r"^train_len 32: .* hold 1 segment of it, fewer than the 8"):
         check_fits(_split(32), 32, None, "train_len")  # the whole split is one segment: not too long, too few
     check_fits(_split(32), 4, None, "x")  # a length of exactly a split's eighth
+    # the longest that fits among the lengths the job takes: multiples of `unit`, from `least`; or none
+    with pytest.raises(ConfigError, match=r"; a length of at most 24, or more validation text$"):
+        check_fits(_split(8 * 31), 32, None, "eval_lens", unit=8, least=8)  # 31 fits, 24 is the multiple of 8
+    with pytest.raises(ConfigError, match=r"; a length of at most 31, or more validation text$"):
+        check_fits(_split(8 * 31), 32, None, "length", least=31)
+    with pytest.raises(ConfigError, match=r"; more validation text: the shortest length this takes, 32, needs 256 "
+                                          r"scoreable tokens$"):
+        check_fits(_split(8 * 31), 32, None, "length", least=32)
+    with pytest.raises(ConfigError, match=r"; more validation text: the shortest length this takes, 32, needs"):
+        check_fits(_split(8 * 31), 64, None, "eval_lens", unit=32, least=32)
+    with pytest.raises(ConfigError, match=r"; a length of at most 1, or more validation text$"):
+        check_fits(_split(15), 2, None, "x")  # by default any length from 1 is one the job takes
     with pytest.raises(ConfigError, match=r"^eval_lens 33 exceeds the validation split's 32 scoreable tokens "
                                           r"\(a shorter length, or more data\)$"):
         check_fits(_split(32), 33, None, "eval_lens")

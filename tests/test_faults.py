@@ -423,7 +423,8 @@ def test_tiny_data_fails_before_training(tmp_path, capsys):
     one_line_error(capsys, main(["extrapolate", *STUDY, "--eval-lens", "16", "32", "64", "--eval-tokens", "512",
                                  "--data", str(f), "--out", str(tmp_path / "o")]),
                    "--eval-lens 64: the validation split's 99 scoreable tokens hold 1 segment of it, fewer than the 8 "
-                   "an interval needs", "a length of at most 12, or more validation text")
+                   "an interval needs", "; more validation text: the shortest length this takes, 16, needs 128 "
+                   "scoreable tokens")  # it said "a length of at most 12": no study length (multiples of L = 16) is
     # the lengths fit the split, the tokens to score do not: refused before training, with a count that fits
     # (it used to fail after the first model trained)
     f.write_text("x" * 15000)  # 749 scoreable validation tokens: 11 segments of 64
@@ -436,6 +437,11 @@ def test_tiny_data_fails_before_training(tmp_path, capsys):
                                  "--out", str(tmp_path / "o")]),
                    "--eval-tokens 4,096 (64 segments of 64 unless given) exceed the validation split's 749",
                    "give 704 or fewer (11 segments of 64)")
+    # 749 tokens hold 8 segments of 93, but a study's lengths are multiples of L: 80 is the longest that fits
+    one_line_error(capsys, main(["extrapolate", *STUDY, "--eval-lens", "16", "128", "--eval-tokens", "1024",
+                                 "--data", str(f), "--out", str(tmp_path / "o")]),
+                   "--eval-lens 128: the validation split's 749 scoreable tokens hold 5 segments of it",
+                   "; a length of at most 80, or more validation text")
     assert not (tmp_path / "o" / "models").exists()
 
 

@@ -1462,6 +1462,16 @@ def test_retrofit_refuses_lengths_the_split_or_the_budget_cannot_hold(tmp_path, 
     one_line_error(capsys, main(["retrofit", str(path), "--to", str(n_val // 3), "--method", "pi", "--out", str(out)]),
                    f"--to {n_val // 3}: the validation split's {n_val:,} scoreable tokens hold 3 segments of it, fewer "
                    f"than the 8 an interval needs", f"a length of at most {n_val // 8:,}, or more validation text")
+    # a split too short for 8 segments of any length past L: they said "at most" a length below L, which
+    # neither command takes
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 6000)  # 299 scoreable validation tokens: 8 segments of 37, of no length past L = 48
+    for argv, field in ((["retrofit", str(path), "--to", str(L + 2), "--method", "pi"], "--to"),
+                        (["diagnose", str(path), "--length", str(L + 2)], "--length")):
+        one_line_error(capsys, main([*argv, "--data", str(short), "--out", str(out)]),
+                       f"{field} {L + 2}: the validation split's 299 scoreable tokens hold 5 segments of it",
+                       f"; more validation text: the shortest length this takes, {L + 1}, needs {8 * (L + 1)} "
+                       "scoreable tokens")
     # the table reads ppl@to / ppl@L: --eval-lens without either was a KeyError traceback (or a NaN) after the work
     one_line_error(capsys, main(["retrofit", str(path), "--to", str(4 * L), "--eval-lens", str(L // 2), "--method", "pi",
                                  "--out", str(out)]),
