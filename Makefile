@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 # make test runs the suite in this many pytest-xdist workers (auto: one per core; 0: in this process),
-# each with its share of the cores as torch threads (tests/conftest.py)
+# each with its share of the cores as torch threads, and the CUDA tests all in one of them (tests/conftest.py)
 TEST_WORKERS ?= auto
 
 .PHONY: venv demo test test-fast bench bench-quick clean
@@ -25,10 +25,10 @@ demo: $(STAMP)
 	$(VENV)/bin/posbias extrapolate --preset demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_attention.py

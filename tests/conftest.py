@@ -29,6 +29,16 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
     os.environ["OMP_NUM_THREADS"] = str(share)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test marked ``cuda`` in one xdist group: `make test` (``--dist loadgroup``) runs them all in
+    one worker, one at a time, as ``gpu_check.sh`` does, rather than one per core all at once on one GPU
+    (each a CUDA context and its own share of the memory, where some tests reach for tens of GiB). Where
+    there is no GPU they skip wherever they run."""
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(pytest.mark.xdist_group("cuda"))
+
+
 @pytest.fixture
 def python_sigint():
     """Python's own SIGINT handler (Ctrl-C raises KeyboardInterrupt) for the test, as a terminal's

@@ -197,6 +197,36 @@ def test_the_gpu_session_script_runs_the_triton_tests_under_compute_sanitizer_wh
     assert "tests/test_table_flash.py" in log and "caching off: 1" in log
 
 
+def test_make_test_runs_every_cuda_test_in_one_worker(request):
+    """Every test marked ``cuda`` this session collected is in xdist's group "cuda" (tests/conftest.py),
+    and `make test` distributes by group: on a GPU machine those tests run in one worker, one at a time,
+    not one per core on the one GPU. The hook on stand-in items, then on the items this session runs."""
+    from pathlib import Path
+
+    import conftest
+
+    class Item:
+        def __init__(self, *marks):
+            self.marks = [m.mark for m in marks]
+
+        def get_closest_marker(self, name):
+            return next((m for m in self.marks if m.name == name), None)
+
+        def add_marker(self, decorator):
+            self.marks.append(decorator.mark)
+
+    items = [Item(pytest.mark.cuda), Item(), Item(pytest.mark.slow, pytest.mark.cuda), Item(pytest.mark.slow)]
+    conftest.pytest_collection_modifyitems(request.config, items)
+    assert [[(m.name, m.args) for m in item.marks if m.name == "xdist_group"] for item in items] == [
+        [("xdist_group", ("cuda",))], [], [("xdist_group", ("cuda",))], []]
+    cuda = [item for item in request.session.items if item.get_closest_marker("cuda") is not None]
+    assert all([m.args for m in item.iter_markers("xdist_group")] == [("cuda",)] for item in cuda)
+    assert not any(item.get_closest_marker("xdist_group") for item in request.session.items
+                   if item.get_closest_marker("cuda") is None)
+    recipes = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert recipes.count("-m pytest -q -n $(TEST_WORKERS) --dist loadgroup") == 2
+
+
 def test_results_keys_name_the_device_by_kind(monkeypatch):
     """Keys carry what a device is, not its index: runs on cuda:0 and cuda:1 share results. A CPU is
     named by its model and the instruction set torch uses, so a model trained on another kind of
