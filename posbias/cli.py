@@ -26,6 +26,7 @@ from ._version import __version__
 from .config import ConfigError, check_seed
 from .schemes import (SCHEMES, ToeplitzScheme, build, get_scheme_class, option_specs, parse_option, parse_options,
                       parse_spec, with_label)
+from .schemes.options import options_text
 
 
 class CLIError(Exception):
@@ -166,7 +167,7 @@ def cmd_show(args: argparse.Namespace) -> None:
     used = {**{k: s.default for k, s in specs.items()}, **options}
     say(f"{scheme.name}: {scheme.summary}")
     say(f"  {scheme.__class__.__name__}({scheme.extra_repr()})")
-    say("  options in use: " + (", ".join(f"{k}={v}" for k, v in used.items()) or "none")
+    say("  options in use: " + options_text(used, "none")
         + (f"; initialised with --seed {args.seed}" if scheme.learnable else ""))
     say(f"  paper: {scheme.paper}")
     for line in tables:

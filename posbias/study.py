@@ -55,6 +55,7 @@ from .model import ModelConfig, TransformerLM
 from .schemes import (SCHEMES, Scheme, build, check_options, get_scheme_class, parse_spec, scheme_options,
                       spec_label)
 from .schemes.base import flat_share
+from .schemes.options import options_text
 from .train import TrainConfig, check_training_fits, train
 
 
@@ -179,7 +180,7 @@ def _check_distinct(found: list[Arm], train_len: int) -> None:
         full = {**scheme_options(arm.scheme), **arm.options}  # an option given at its default is the same model as one left out
         same = seen.setdefault(json.dumps([arm.scheme, full], sort_keys=True, default=str), arm)
         if same is not arm:
-            shown = ", ".join(f"{k}={v}" for k, v in sorted(full.items())) or "no options"
+            shown = options_text(dict(sorted(full.items())), "no options")
             raise ValueError(f"schemes {same.label!r} and {arm.label!r} are one model ({arm.scheme} with {shown}: "
                              f"defaults and the study's at L = {train_len} included); list it once")
 
@@ -486,7 +487,7 @@ def _make_one(cfg: StudyConfig, arm: Arm, seed: int, mkey: dict[str, Any], mdir:
 def _train_one(cfg: StudyConfig, arm: Arm, seed: int, mkey: dict[str, Any], mdir: Path, corpus: Corpus,
                progress: bool, log: Log, tag: str) -> float:
     """Train one model into ``mdir`` (resuming its ``last/`` checkpoint); returns the wall time."""
-    log(f"{tag} training {cfg.steps} steps at length {cfg.train_len} ({arm.options or 'no options'})")
+    log(f"{tag} training {cfg.steps} steps at length {cfg.train_len} ({options_text(arm.options, 'no options')})")
     store.write_json(mdir / "key.json", mkey)
     t0 = time.perf_counter()
     train(model_config(cfg, arm), train_config(cfg, seed), corpus.train, corpus.val, mdir, device=cfg.device,

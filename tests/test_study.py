@@ -1418,6 +1418,12 @@ def test_the_time_left_is_the_mean_training_time_times_the_models_left(tmp_path,
     assert [line for line in said if "left for" in line] == [
         "[1/3 alibi seed 0] trained in 60 s; at most about 2 min left for 2 model(s)",  # 60 s × 2
         "[2/3 nope seed 0] trained in 120 s; at most about 2 min left for 1 model(s)"]  # (60 + 120) / 2 s × 1
+    # each model's first line names its options as the reports write them (a Python dict was printed)
+    assert [line for line in said if " training 2 steps" in line] == [
+        "[1/3 alibi seed 0] training 2 steps at length 16 (no options)",
+        "[2/3 nope seed 0] training 2 steps at length 16 (no options)",
+        f"[3/3 t5 seed 0] training 2 steps at length 16 (max_distance="
+        f"{study.get_scheme_class('t5').study_defaults(16, {})['max_distance']})"]
     said.clear()
     study.run_study(cfg, tmp_path / "s", corpus=corpus, log=said.append)  # all reused
     assert not [line for line in said if "left for" in line]

@@ -11,6 +11,7 @@ import torch
 from .. import passkey, store
 from ..config import Log, quiet
 from ..diagnose import ANSWER_SAMPLES, DiagnoseResult, kept_row
+from ..schemes.options import options_text
 from . import corpus_line, far_filler_sentences, few_segments, kept_mean, kept_past_l, md_table, shuffled_key_score
 
 
@@ -95,7 +96,7 @@ def summary(r: DiagnoseResult) -> list[str]:
 
 
 def markdown(r: DiagnoseResult) -> str:
-    options = ", ".join(f"{k}={v}" for k, v in (r.options or {}).items())
+    options = options_text(r.options or {}, "")
     opening = (f"Scheme **{r.scheme_name}**{f' ({options})' if options else ''}, trained at L = {r.train_len} tokens; "
                f"examined at {r.length} tokens ({r.length / r.train_len:g} L).")
     lines = [f"# Diagnosis of `{r.checkpoint}`", "",

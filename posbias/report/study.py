@@ -13,6 +13,7 @@ import torch
 from .. import store
 from ..config import Log, quiet
 from ..evaluate import N_BOOT, local_head
+from ..schemes.options import options_text
 from ..study import StudyResult, learned_little, records_at
 from . import best_and_tied, facing_end, few_segments, md_table, note_replaced, paired_cell, tied_clause
 
@@ -221,7 +222,7 @@ def _learned_section(result: StudyResult) -> list[str]:
             continue
         lr = rs[0]["learned"]
         rows.append([
-            a.label, ", ".join(f"{k}={v}" for k, v in a.options.items()) or "–",
+            a.label, options_text(a.options, "–"),
             f"[{lr['bias_range'][0]:.2f}, {lr['bias_range'][1]:.2f}]" if "bias_range" in lr else "–",
             f"{lr['bias_contrast']:.2f}" if "bias_contrast" in lr else "–",
             f"{lr['final_share']:.0%}" if "final_share" in lr else "–",

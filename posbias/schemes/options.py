@@ -12,9 +12,10 @@ from __future__ import annotations
 import inspect
 import math
 import typing
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["OptionSpec", "option_specs", "check_option", "parse_option"]
+__all__ = ["OptionSpec", "option_specs", "check_option", "parse_option", "options_text"]
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -88,3 +89,11 @@ def parse_option(scheme: str, spec: OptionSpec, text: str) -> Any:
     except ValueError:
         raise ValueError(f"{spec.name} must be {spec.describe()} (scheme {scheme!r}), got {text!r}") from None
     return text
+
+
+def options_text(options: Mapping[str, Any], empty: str) -> str:
+    """Scheme options as every message, log line and report writes them, ``max_distance=17, bidirectional=False``
+    in the given order, or ``empty`` where there are none (a Python dict was printed in the study's
+    training line)."""
+    return ", ".join(f"{k}={v}" for k, v in options.items()) or empty
+
