@@ -1,6 +1,7 @@
 """How close each fast path's half-precision training comes to exact attention, beside the reference in
 the same precision: the measure behind the tests' rule "within the reference's own rounding"
-(``tests/_helpers.within_reference_rounding``), over many seeds and query counts instead of one case.
+(``posbias.testing``, which ``tests/_helpers.within_reference_rounding`` applies), over many seeds and
+query counts instead of one case.
 
     python benchmarks/bench_precision.py                        # the CPU paths: t5 and offset on banded, alibi on alibi
     python benchmarks/bench_precision.py --device cuda          # the CUDA kernels (issue 12's GPU session)
@@ -34,8 +35,9 @@ import torch
 
 import posbias
 from bench_attention import fix_machine, machine, machine_args, make_scheme
-from posbias.attention import BACKENDS, attention, attention_reference, usable
+from posbias.attention import BACKENDS, usable
 from posbias.schemes import SCHEMES
+from posbias.testing import rounding_errors, rule_holds
 
 TENSORS = ("out", "dq", "dk", "dv")
 
@@ -61,22 +63,10 @@ def stand_in():
 
 
 def one_case(scheme, backend: str, dtype, device: str, heads: int, head_dim: int, lq: int, lk: int):
-    """(the rule holds, path error / reference error for each tensor)."""
-    low = [(torch.randn(1, heads, n, head_dim, device=device) * 2).to(dtype).requires_grad_() for n in (lq, lk, lk)]
-    exact = [t.detach().float().requires_grad_() for t in low]
-    g = torch.randn(1, heads, lq, head_dim, device=device)
-    results = []
-    for fn, inputs, kw in ((attention, low, {"backend": backend}), (attention_reference, low, {}),
-                           (attention_reference, exact, {})):
-        out = fn(*inputs, scheme, **kw)
-        results.append([out, *torch.autograd.grad((out.float() * g).sum(), inputs)])
-    holds, ratios = True, []
-    for fast, ref, truth in zip(*results):
-        err = lambda x: (x.detach().double() - truth.detach().double()).abs().max().item()  # noqa: E731
-        unit = torch.finfo(dtype).eps * truth.detach().abs().max().item()
-        holds &= err(fast) <= 2 * err(ref) + unit
-        ratios.append(err(fast) / max(err(ref), 1e-30))
-    return holds, ratios
+    """(the rule holds, path error / reference error for each tensor): :mod:`posbias.testing`'s rule."""
+    errors = rounding_errors(scheme, dtype, device=device, heads=heads, head_dim=head_dim, lq=lq, lk=lk,
+                             backend=backend)
+    return rule_holds(errors), [fast / max(ref, 1e-30) for fast, ref, _ in errors]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -229,10 +229,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
                 loss = _step(net, model, opt, cfg, x[rank::world].to(device), y[rank::world].to(device), step)
             except NonFiniteLoss as exc:
                 bar.close()
-                kept = (f"the last good checkpoint, after step {saved}, is kept in {str(last)!r}" if saved else
-                        f"no checkpoint had been written (the first was due after step {min(cfg.ckpt_every, cfg.steps)})")
-                raise NonFiniteLoss(f"training {model_cfg.scheme} diverged: {exc}; {kept} — lower the learning "
-                                    "rate") from None
+                raise _diverged(exc, model_cfg.scheme, cfg, last, saved) from None
             history["train_loss"].append(value := loss.item())
             history["tokens"] += cfg.batch_size * cfg.train_len
             history["wall_s"] = wall0 + time.perf_counter() - t0
@@ -256,6 +253,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_tokens: Tensor, val_to
     if step >= cfg.steps and not ckpt.exists(out / "final"):
         _save(out / "final", model, {"train": asdict(cfg), "history": history, **(extra_meta or {})}, world, rank)
     return history
+
+
+def _diverged(exc: NonFiniteLoss, scheme: str, cfg: TrainConfig, last: Path, saved: int) -> NonFiniteLoss:
+    """The error of a run that diverged: what went wrong, and the checkpoint it keeps, after step ``saved``
+    (0: none was written yet, where the message had named a ``last/`` folder that did not exist)."""
+    kept = (f"the last good checkpoint, after step {saved}, is kept in {str(last)!r}" if saved else
+            f"no checkpoint had been written (the first was due after step {min(cfg.ckpt_every, cfg.steps)})")
+    return NonFiniteLoss(f"training {scheme} diverged: {exc}; {kept} — lower the learning rate")
 
 
 def _progress(step: int, opt: torch.optim.Optimizer, history: dict[str, Any], cfg: TrainConfig,

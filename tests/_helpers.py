@@ -10,6 +10,7 @@ import torch
 
 from posbias import build
 from posbias.attention import attention, attention_reference
+from posbias.testing import rounding_errors, rule_holds
 
 #: the module ``posbias.attention``, for monkeypatching what it holds (the package's attribute of that name,
 #: and so ``import posbias.attention as m``, is the function)
@@ -132,26 +133,14 @@ def assert_same_grads(out, ref, inputs, *, atol=2e-4, rtol=1e-3):
 
 
 def within_reference_rounding(scheme, dtype, device="cpu", *, lq=300, lk=300, grad=True, run=attention, **kw):
-    """In bf16/fp16 a fast path is judged by the reference run in the same precision: against the
-    float32 truth (the same rounded inputs, computed in float32), its output and q/k/v gradients may
-    be at most twice as far off as the reference's own, plus one unit of the format's precision.
-    ``lq`` queries at the end of ``lk`` keys; ``grad=False`` judges the output alone, computed without
-    autograd (the inference paths). ``kw`` goes to :func:`posbias.attention` (a forced backend, say), or to
-    ``run(q, k, v, scheme, **kw)`` in its place."""
-    scheme = scheme.to(device)
-    low = [(torch.randn(1, 3, n, 16, device=device) * 2).to(dtype).requires_grad_(grad) for n in (lq, lk, lk)]
-    exact = [t.detach().float().requires_grad_(grad) for t in low]
-    g = torch.randn(1, 3, lq, 16, device=device)
-    results = []
-    for fn, inputs, extra in [(run, low, kw), (attention_reference, low, {}), (attention_reference, exact, {})]:
-        with torch.set_grad_enabled(grad):
-            out = fn(*inputs, scheme, **extra)
-        results.append([out, *(torch.autograd.grad((out.float() * g).sum(), inputs) if grad else [])])
-    unit = torch.finfo(dtype).eps
-    for fast, ref, truth in zip(*results):
-        assert fast.dtype == dtype
-        err = lambda x: (x.detach().double() - truth.detach().double()).abs().max().item()  # noqa: E731
-        assert err(fast) <= 2 * err(ref) + unit * truth.detach().abs().max().item()
+    """In bf16/fp16 a fast path is judged by the reference run in the same precision
+    (:mod:`posbias.testing`, the rule the precision benchmark applies too): against the float32 truth,
+    its output and q/k/v gradients may be at most twice as far off as the reference's own, plus one
+    unit of the format's precision. ``lq`` queries at the end of ``lk`` keys; ``grad=False`` judges the
+    output alone, computed without autograd (the inference paths). ``kw`` goes to
+    :func:`posbias.attention` (a forced backend, say), or to ``run(q, k, v, scheme, **kw)`` in its place."""
+    errors = rounding_errors(scheme, dtype, device=device, lq=lq, lk=lk, grad=grad, run=run, **kw)
+    assert rule_holds(errors), errors
 
 
 def far_rows_case():

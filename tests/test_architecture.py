@@ -18,7 +18,7 @@ ROOT = PKG.parent
 LAYERS = {
     "_version": 0, "config": 0, "store": 0, "stopping": 0, "data": 0, "diagonals": 0, "positions": 0, "schemes": 0,
     "kernels": 1,
-    "attention": 2,
+    "attention": 2, "testing": 2,
     "model": 3, "checkpoint": 3,
     "train": 4, "finetune": 4, "evaluate": 4, "passkey": 4, "study": 4, "retrofit": 4, "diagnose": 4,
     "plot": 4, "report": 4, "clean": 4,

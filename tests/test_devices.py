@@ -42,6 +42,37 @@ def test_decoding_one_query_against_a_long_cache(name, device):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
+def test_the_half_precision_rule_measures_each_tensor_against_the_float32_truth():
+    """``posbias.testing`` (the tests' and the precision benchmark's rule): the reference itself passes
+    with room to spare; a path off by a few units of bfloat16 in its output fails, and one whose output
+    is a float32 copy is refused; ``grad=False`` judges the output alone; the rule is twice the
+    reference's error plus the allowance, equality included."""
+    from posbias.testing import rounding_errors, rule_holds
+
+    s = randomized("alibi")
+    torch.manual_seed(0)
+    errors = rounding_errors(s, torch.bfloat16, lq=8, lk=64, run=attention_reference)
+    assert len(errors) == 4 and rule_holds(errors) and all(f == r for f, r, _ in errors)
+    assert all(a == torch.finfo(torch.bfloat16).eps * m for (_, _, a), m in zip(errors, [
+        t.abs().max().item() for t in _truth(s, 8, 64)]))
+    off = lambda q, k, v, scheme: attention_reference(q, k, v, scheme) + 0.1  # noqa: E731
+    bad = rounding_errors(s, torch.bfloat16, lq=8, lk=64, grad=False, run=off)
+    assert len(bad) == 1 and not rule_holds(bad) and bad[0][0] > 0.09
+    with pytest.raises(ValueError, match="the path returned torch.float32 for torch.bfloat16 inputs"):
+        rounding_errors(s, torch.bfloat16, lq=8, lk=64, run=lambda q, k, v, sc: attention_reference(q, k, v, sc).float())
+    assert rule_holds([(3.0, 1.0, 1.0)]) and not rule_holds([(3.0, 1.0, 1.0), (3.0001, 1.0, 1.0)])
+
+
+def _truth(scheme, lq, lk):
+    """The float32 truth's output and q/k/v gradients as ``rounding_errors`` draws them (from seed 0)."""
+    torch.manual_seed(0)
+    low = [(torch.randn(1, 3, n, 16) * 2).to(torch.bfloat16) for n in (lq, lk, lk)]
+    exact = [t.float().requires_grad_() for t in low]
+    g = torch.randn(1, 3, lq, 16)
+    out = attention_reference(*exact, scheme)
+    return [out.detach(), *torch.autograd.grad((out * g).sum(), exact)]
+
+
 @pytest.mark.parametrize("device", REHEARSED)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["t5", "alibi", "kerple-log", "fire"])
