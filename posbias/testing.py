@@ -26,8 +26,8 @@ from .schemes import Scheme
 __all__ = ["rounding_errors", "rule_holds"]
 
 
-def rounding_errors(scheme: Scheme, dtype: torch.dtype, *, device: str | torch.device = "cpu", heads: int = 3,
-                    head_dim: int = 16, lq: int = 300, lk: int = 300, grad: bool = True,
+def rounding_errors(scheme: Scheme, dtype: torch.dtype, *, lq: int, lk: int, device: str | torch.device = "cpu",
+                    heads: int = 3, head_dim: int = 16, grad: bool = True,
                     run: Callable[..., Tensor] = attention, **kw) -> list[tuple[float, float, float]]:
     """``(path error, reference error, allowance)`` for the output and, with ``grad``, the q, k and v
     gradients (under one random output gradient): each error is the largest distance to the truth, the
