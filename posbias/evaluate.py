@@ -63,7 +63,8 @@ def check_fits(split: Tensor, longest: int, tokens: int | None, field: str, *, u
     if held < MIN_SEGMENTS:
         most = n_avail // MIN_SEGMENTS // unit * unit
         fix = (f"a length of at most {most:,}, or more validation text" if most >= least else
-               f"more validation text: the shortest length this takes, {least:,}, needs {MIN_SEGMENTS * least:,} scoreable tokens")
+               f"more validation text: the shortest length this takes, {least:,}, needs {MIN_SEGMENTS * least:,} "
+               "scoreable tokens")
         raise ConfigError(field, f"{longest}: the validation split's {n_avail:,} scoreable tokens hold {held} segment"
                                  f"{'' if held == 1 else 's'} of it, fewer than the {MIN_SEGMENTS} an interval needs "
                                  f"({_TOO_FEW}); {fix}")

@@ -96,4 +96,3 @@ def options_text(options: Mapping[str, Any], empty: str) -> str:
     in the given order, or ``empty`` where there are none (a Python dict was printed in the study's
     training line)."""
     return ", ".join(f"{k}={v}" for k, v in options.items()) or empty
-
