@@ -30,13 +30,23 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test marked ``cuda`` in one xdist group: `make test` (``--dist loadgroup``) runs them all in
-    one worker, one at a time, as ``gpu_check.sh`` does, rather than one per core all at once on one GPU
-    (each a CUDA context and its own share of the memory, where some tests reach for tens of GiB). Where
-    there is no GPU they skip wherever they run."""
+    """Every test marked ``cuda`` in one xdist group, which :func:`pytest_xdist_make_scheduler` keeps
+    together on a machine with CUDA."""
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(pytest.mark.xdist_group("cuda"))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Where CUDA is, `make test`'s workers (xdist's default ``--dist load``) schedule by group: the tests
+    marked ``cuda`` run in one worker, one at a time, as ``gpu_check.sh`` runs them, rather than one per
+    core all at once on one GPU (each a CUDA context and its own share of the memory, where some tests
+    reach for tens of GiB). Elsewhere, and under any other ``--dist``, xdist's own choice (None)."""
+    if torch.cuda.is_available() and config.getvalue("dist") == "load":
+        from xdist.scheduler import LoadGroupScheduling
+
+        return LoadGroupScheduling(config, log)
+    return None
 
 
 @pytest.fixture
