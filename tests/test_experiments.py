@@ -178,3 +178,26 @@ def test_interval_coverage_counts_each_design_over_its_samples():
     with torch.no_grad():
         want = length_study(model, tokens, [16, 64], train_len=16, n_tokens=512)[64]["ratio"]
     assert float(seg.mean().exp()) == pytest.approx(want, rel=1e-9)
+
+
+def test_the_retrofit_control_is_the_checkpoint_fine_tuned_alone(tmp_path, monkeypatch):
+    """``retrofit_control.py``: the row "alone" keeps the checkpoint's scheme; before its fine-tune it scores
+    what the original scores, to the last digit, and after the fine-tune every method gets it scores
+    otherwise; the table prints each row's ratio to the best."""
+    from posbias import retrofit
+    from posbias.data import local_corpus
+
+    monkeypatch.setattr(retrofit, "METHODS", dict(retrofit.METHODS))  # the control's registration stays here
+    script = _load("retrofit_control")
+    f = tmp_path / "text.txt"
+    f.write_text("".join(f"line {i}: the quick brown fox {i % 13} jumps\n" for i in range(3000)))
+    path = tiny_checkpoint(tmp_path / "rope", "rope")
+    res = script.run(str(path), 2 * TINY_L, 2, ["pi"], str(tmp_path / "out"), corpus=local_corpus(f), log=lambda s: None)
+    rows = {(r["method"], r["stage"]): r for r in res.rows}
+    assert list(rows) == [("original", "before"), ("alone", "no fine-tune"), ("alone", "fine-tuned 2"),
+                          ("pi", "no fine-tune"), ("pi", "fine-tuned 2")]
+    assert rows["alone", "no fine-tune"]["ppl"] == rows["original", "before"]["ppl"]
+    assert rows["alone", "fine-tuned 2"]["ppl"] != rows["original", "before"]["ppl"]
+    assert rows["alone", "fine-tuned 2"]["options"] == {} and rows["pi", "fine-tuned 2"]["options"]["scaling"] == "pi"
+    lines = script.table(res)
+    assert len(lines) == 5 and all(f"@{2 * TINY_L} " in line for line in lines) and "(1.000 [1.000, 1.000])" in "".join(lines)
