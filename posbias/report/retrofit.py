@@ -205,7 +205,11 @@ def markdown(result: RetrofitResult) -> str:
              f"{corpus_line(result.corpus, result.trained_corpus)} Perplexity: up to {result.eval_tokens:,} "
              "validation tokens in segments spread evenly over the split." + _own_segments(result)
              + (f" Fine-tunes train the positional parameters at {result.pos_lr_mult:g}× their learning rate"
-                f"{' (as the checkpoint was trained)' if result.config.pos_lr_mult is None else ''}." if tuned else ""),
+                f"{' (as the checkpoint was trained)' if result.config.pos_lr_mult is None else ''}." if tuned else "")
+             + (f" The rows fine-tuned {result.config.finetune_steps} steps at {to} are set against the model before "
+                "any fine-tune, not against the same fine-tune without a retrofit, which can do most of their gain "
+                "(docs/retrofit-and-diagnose.md, \"The control the fine-tuned table lacks\", measures that row)."
+                if result.config.finetune_steps else ""),
              ""] + summary(result) + md_table(
         ["method", "stage", *(f"ppl @ {n}" for n in lens), f"ppl@{to} / ppl@{L} (before)"],
         [[r["method"], r["stage"], *(f"{r['ppl'][n]:.3f}" for n in lens), f"{r['ppl'][to] / ref:.2f}"] for r in rows])
