@@ -145,6 +145,7 @@ def test_the_published_cpu_preset_studies_and_the_preset_list_state_the_presets_
         len(gpu["seeds"]), gpu["steps"], max(gpu["eval_lens"]))
 
 
+@functools.lru_cache(maxsize=None)  # the same for every page: parsed once
 def _defined_in_tests() -> dict[str, set[str]]:
     """Each function and class name under tests/, with the files (``tests/x.py``) that define it."""
     names: dict[str, set[str]] = {}
@@ -233,7 +234,7 @@ def test_every_command_a_page_gives_parses():
 
     from posbias.cli import build_parser
 
-    checked, bad = 0, []
+    parser, checked, bad = build_parser(), 0, []
     for page in PAGES:
         for command in _commands(page.read_text(encoding="utf-8")):
             argv = shlex.split(command)
@@ -244,7 +245,7 @@ def test_every_command_a_page_gives_parses():
             said = io.StringIO()
             try:
                 with contextlib.redirect_stderr(said):
-                    _, extra = build_parser().parse_known_args(argv)
+                    _, extra = parser.parse_known_args(argv)
             except (SystemExit, Exception) as exc:  # the parser's own errors are exceptions of the CLI's
                 why = str(exc) if not isinstance(exc, SystemExit) else said.getvalue().strip()
                 if "arguments are required" not in why and "expected at least one argument" not in why:

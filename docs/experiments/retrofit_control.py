@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from posbias import checkpoint as ckpt
 from posbias import retrofit
 from posbias.data import load_corpus
 
@@ -29,8 +30,6 @@ def add_control(scheme: str) -> None:
 
 def run(path: str, to: int, steps: int, methods: list[str], out: str, *, corpus=None, log=print):
     """The retrofit of ``path`` with the control first; returns its RetrofitResult."""
-    from posbias import checkpoint as ckpt
-
     add_control(ckpt.read_meta(path)["model"]["scheme"])
     cfg = retrofit.RetrofitConfig(to=to, methods=(ALONE, *methods), finetune_steps=steps)
     return retrofit.run_retrofit(path, cfg, out, corpus=load_corpus(None) if corpus is None else corpus, log=log)
