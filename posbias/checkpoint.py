@@ -193,7 +193,7 @@ def subfolder_hint(path: str | Path) -> str:
     if hint := next((f"; did you mean {str(Path(path) / sub)!r}?" for sub in ("final", "last")
                      if exists(Path(path) / sub)), ""):
         return hint
-    found = discover(path) if Path(path).is_dir() else []
+    found = discover(path)  # (a path that is no folder holds none)
     models = f"{len(found)} models" if len(found) > 1 else "a model"
     return f"; it holds {models}: {store.listed(repr(str(p)) for _, p in found)}" if found else ""
 
